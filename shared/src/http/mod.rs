@@ -1,0 +1,40 @@
+//! HTTP plumbing every HTTP function shares: identity from JWT claims, RFC 9457 problem
+//! details, a JSON extractor whose refusals are problem details, and request fingerprints.
+
+pub mod auth;
+pub mod problem;
+
+pub use auth::{AuthMode, Identity, Role};
+pub use problem::{ApiJson, Problem};
+
+use axum::Router;
+use axum::http::HeaderMap;
+
+use crate::ids::IdempotencyKey;
+
+/// Largest request body accepted by any route.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The `Idempotency-Key` header as a route-scoped key, if the client sent one.
+pub fn idempotency_key(
+    headers: &HeaderMap,
+    scope: &str,
+) -> Result<Option<IdempotencyKey>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| Problem::validation("Idempotency-Key", "must be visible ASCII"))?;
+    IdempotencyKey::client(scope, text)
+        .map(Some)
+        .map_err(|e| Problem::validation("Idempotency-Key", &e.to_string()))
+}
+
+/// Adds what every HTTP function answers the same way: body-size limit and problem+json
+/// for unknown routes.
+pub fn finish(router: Router) -> Router {
+    router
+        .fallback(|| async { Problem::not_found("no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+}

@@ -1,0 +1,232 @@
+//! Validated identifiers, parsed once at the boundary so the rest of the code can trust them.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use thiserror::Error;
+
+/// Why an identifier was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum IdError {
+    #[error("{kind} must not be empty")]
+    Empty { kind: &'static str },
+    #[error("{kind} is longer than {max} characters")]
+    TooLong { kind: &'static str, max: usize },
+    #[error("{kind} may only contain letters, digits, '-', '_', '.' and ':'")]
+    BadCharacter { kind: &'static str },
+    #[error("{kind} is not a valid id: {reason}")]
+    Malformed { kind: &'static str, reason: String },
+}
+
+fn check_token(kind: &'static str, value: &str, max: usize) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if value.len() > max {
+        return Err(IdError::TooLong { kind, max });
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(IdError::BadCharacter { kind });
+    }
+    Ok(())
+}
+
+/// A workspace (the `org_id` claim). Every balance, lot and generation belongs to exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        check_token("workspace id", value, 128)?;
+        Ok(Self(value.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for AccountId {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+impl From<AccountId> for String {
+    fn from(value: AccountId) -> Self {
+        value.0
+    }
+}
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A generation (one run of a model), `gen_` followed by a ULID so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GenerationId(ulid::Ulid);
+
+impl GenerationId {
+    pub const PREFIX: &'static str = "gen_";
+
+    pub fn new() -> Self {
+        Self(ulid::Ulid::new())
+    }
+    pub fn from_ulid(ulid: ulid::Ulid) -> Self {
+        Self(ulid)
+    }
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        let raw = value
+            .strip_prefix(Self::PREFIX)
+            .ok_or_else(|| IdError::Malformed {
+                kind: "generation id",
+                reason: format!("must start with {:?}", Self::PREFIX),
+            })?;
+        ulid::Ulid::from_string(raw)
+            .map(Self)
+            .map_err(|e| IdError::Malformed {
+                kind: "generation id",
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl Default for GenerationId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+impl fmt::Display for GenerationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", Self::PREFIX, self.0)
+    }
+}
+impl FromStr for GenerationId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+impl TryFrom<String> for GenerationId {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+impl From<GenerationId> for String {
+    fn from(value: GenerationId) -> Self {
+        value.to_string()
+    }
+}
+
+/// The key that makes an operation happen at most once. Derived keys (`gen:<id>:complete`,
+/// `stripe:<event>`) are permanent; client keys (`Idempotency-Key`) live at least 24 hours.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 255;
+
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        check_token("idempotency key", value, Self::MAX_LEN)?;
+        Ok(Self(value.to_owned()))
+    }
+    /// A key chosen by a client, namespaced by the route so one key cannot collide across
+    /// different kinds of request.
+    pub fn client(scope: &str, header_value: &str) -> Result<Self, IdError> {
+        check_token("Idempotency-Key", header_value, 200)?;
+        Self::parse(&format!("client:{scope}:{header_value}"))
+    }
+    pub fn derived(value: String) -> Self {
+        Self(value)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_client(&self) -> bool {
+        self.0.starts_with("client:")
+    }
+}
+impl TryFrom<String> for IdempotencyKey {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+impl From<IdempotencyKey> for String {
+    fn from(value: IdempotencyKey) -> Self {
+        value.0
+    }
+}
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Ids appear in the OpenAPI document as plain strings.
+macro_rules! string_schema {
+    ($t:ty, $desc:literal) => {
+        impl utoipa::PartialSchema for $t {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some($desc))
+                    .into()
+            }
+        }
+        impl utoipa::ToSchema for $t {}
+    };
+}
+string_schema!(AccountId, "Workspace id (the org_id claim)");
+string_schema!(GenerationId, "Generation id: gen_ followed by a ULID");
+string_schema!(IdempotencyKey, "Idempotency key");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_ids_refuse_empty_long_and_odd_characters() {
+        assert!(AccountId::parse("org_123").is_ok());
+        assert_eq!(
+            AccountId::parse(""),
+            Err(IdError::Empty {
+                kind: "workspace id"
+            })
+        );
+        assert!(matches!(
+            AccountId::parse(&"a".repeat(129)),
+            Err(IdError::TooLong { .. })
+        ));
+        assert!(matches!(
+            AccountId::parse("org#1"),
+            Err(IdError::BadCharacter { .. })
+        ));
+    }
+
+    #[test]
+    fn generation_ids_round_trip_through_their_text_form() {
+        let id = GenerationId::new();
+        let text = id.to_string();
+        assert!(text.starts_with("gen_"));
+        assert_eq!(GenerationId::parse(&text).unwrap(), id);
+        assert!(GenerationId::parse("gen_notaulid").is_err());
+        assert!(GenerationId::parse("01ARZ3NDEKTSV4RRFFQ69G5FAV").is_err());
+    }
+
+    #[test]
+    fn client_idempotency_keys_are_namespaced_by_route() {
+        let a = IdempotencyKey::client("generations", "abc").unwrap();
+        let b = IdempotencyKey::client("adjustments", "abc").unwrap();
+        assert_ne!(a, b);
+        assert!(a.is_client());
+        assert!(IdempotencyKey::client("generations", "has space").is_err());
+    }
+}

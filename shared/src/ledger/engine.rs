@@ -1,0 +1,712 @@
+//! The pure ledger engine: given a state and a command, decide the journal entries.
+//!
+//! Every command first settles the account lazily (overdue holds released, lapsed lots
+//! expired) so correctness never waits for a schedule, then performs its operation, then
+//! settles again (credits released back onto an already-lapsed lot expire at once).
+
+use super::*;
+use crate::catalog::Catalog;
+use crate::ids::IdempotencyKey;
+use crate::money::Credits;
+use std::collections::BTreeMap;
+
+/// At most this many overdue holds are released by one operation, which keeps one
+/// operation inside a single store transaction. Unreleased overdue holds only make the
+/// balance look lower until the next operation, never negative.
+pub const MAX_HOLDS_SETTLED_PER_OPERATION: usize = 25;
+
+/// One ledger operation, with everything needed to make it exactly-once and auditable.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub key: IdempotencyKey,
+    pub at: DateTime<Utc>,
+    pub actor: Actor,
+    pub refs: Refs,
+    pub op: Operation,
+}
+
+#[derive(Debug, Clone)]
+pub enum Operation {
+    /// Adds a lot of credits.
+    Grant {
+        source: LotSource,
+        credits: Credits,
+        expires_at: Option<DateTime<Utc>>,
+        note: Option<String>,
+    },
+    /// Support staff's signed correction: positive grants a never-expiring lot, negative
+    /// takes credits from available lots in burn order (never below zero).
+    Adjust {
+        credits: i64,
+        note: String,
+    },
+    SetPlan {
+        plan: Option<PlanState>,
+    },
+    /// Reserves the estimate of a generation.
+    Hold {
+        generation: GenerationId,
+        estimate: Estimate,
+        deadline: DateTime<Utc>,
+    },
+    /// Charges the exact cost (default: the held estimate) and closes the hold. `record`
+    /// is the stored generation, needed when the hold is already gone.
+    Complete {
+        generation: GenerationId,
+        credits: Option<Credits>,
+        record: Option<Generation>,
+    },
+    /// Releases the hold without charge.
+    Fail {
+        generation: GenerationId,
+        reason: String,
+        record: Option<Generation>,
+    },
+}
+
+/// What a command did, in the form the first caller saw it; replays return this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub entries: Vec<u64>,
+    pub balance: Balance,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<Generation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lot: Option<String>,
+}
+
+/// The result of a command: new state, the entries to append, generation records to
+/// write, and the outcome to hand back (and remember under the idempotency key).
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub state: AccountState,
+    pub entries: Vec<Entry>,
+    pub generations: Vec<Generation>,
+    pub outcome: Outcome,
+}
+
+struct Tx<'a> {
+    state: AccountState,
+    cmd: &'a Command,
+    entries: Vec<Entry>,
+    generations: BTreeMap<GenerationId, Generation>,
+}
+
+struct Draft {
+    reason: Reason,
+    credits: i64,
+    lots: Vec<LotChange>,
+    hold: Option<HoldChange>,
+    totals: Totals,
+    plan: Option<Option<PlanState>>,
+    custom_model_slot: Option<bool>,
+    actor: Actor,
+    generation: Option<GenerationId>,
+    note: Option<String>,
+}
+
+impl Draft {
+    fn new(reason: Reason, actor: Actor) -> Self {
+        Self {
+            reason,
+            credits: 0,
+            lots: Vec::new(),
+            hold: None,
+            totals: Totals::default(),
+            plan: None,
+            custom_model_slot: None,
+            actor,
+            generation: None,
+            note: None,
+        }
+    }
+}
+
+/// Runs one command against a state. Pure: no I/O, no clock but `cmd.at`.
+pub fn execute(
+    state: &AccountState,
+    cmd: &Command,
+    catalog: &Catalog,
+) -> Result<Applied, LedgerError> {
+    let mut tx = Tx {
+        state: state.clone(),
+        cmd,
+        entries: Vec::new(),
+        generations: BTreeMap::new(),
+    };
+    tx.settle()?;
+    let (generation, lot) = tx.operate(catalog)?;
+    tx.settle()?;
+    let outcome = Outcome {
+        entries: tx.entries.iter().map(|e| e.seq).collect(),
+        balance: tx.state.balance(),
+        generation: generation.map(|id| tx.generations[&id].clone()),
+        lot,
+    };
+    Ok(Applied {
+        state: tx.state,
+        entries: tx.entries,
+        generations: tx.generations.into_values().collect(),
+        outcome,
+    })
+}
+
+/// The state settled at `now`, for reads. Nothing is written.
+pub(super) fn settle_view(
+    state: &AccountState,
+    now: DateTime<Utc>,
+) -> Result<AccountState, LedgerError> {
+    let cmd = Command {
+        key: IdempotencyKey::derived("view".into()),
+        at: now,
+        actor: Actor::system(),
+        refs: Refs::default(),
+        op: Operation::SetPlan { plan: None },
+    };
+    let mut tx = Tx {
+        state: state.clone(),
+        cmd: &cmd,
+        entries: Vec::new(),
+        generations: BTreeMap::new(),
+    };
+    // Release every overdue hold, not just one transaction's worth.
+    while tx.state.holds.iter().any(|h| h.deadline <= now) {
+        tx.settle()?;
+    }
+    tx.settle()?;
+    Ok(tx.state)
+}
+
+impl Tx<'_> {
+    fn now(&self) -> DateTime<Utc> {
+        self.cmd.at
+    }
+
+    fn push(&mut self, d: Draft) -> Result<u64, LedgerError> {
+        let seq = self.state.next_seq;
+        let mut refs = self.cmd.refs.clone();
+        if d.generation.is_some() {
+            refs.generation = d.generation;
+        }
+        refs.idempotency_key = Some(self.cmd.key.to_string());
+        let mut entry = Entry {
+            seq,
+            id: format!("{}/{}", self.cmd.key, self.entries.len()),
+            at: self.now(),
+            reason: d.reason,
+            credits: d.credits,
+            lots: d.lots,
+            hold: d.hold,
+            totals: d.totals,
+            plan: d.plan,
+            custom_model_slot: d.custom_model_slot,
+            balance_after: Balance::default(),
+            actor: d.actor,
+            refs,
+            note: d.note,
+        };
+        self.state.apply(&entry)?;
+        entry.balance_after = self.state.balance();
+        self.entries.push(entry);
+        Ok(seq)
+    }
+
+    fn lot(&self, seq: u64) -> Option<&Lot> {
+        self.state.lots.iter().find(|l| l.seq == seq)
+    }
+
+    /// Free credits on usable lots, in burn order.
+    fn spendable(&self) -> Vec<(u64, u64)> {
+        let now = self.now();
+        let mut lots: Vec<&Lot> = self
+            .state
+            .lots
+            .iter()
+            .filter(|l| l.usable_at(now) && l.free() > 0)
+            .collect();
+        lots.sort_by_key(|l| l.burn_key());
+        lots.iter().map(|l| (l.seq, l.free())).collect()
+    }
+
+    fn available(&self) -> u64 {
+        self.spendable().iter().map(|(_, f)| f).sum()
+    }
+
+    /// Takes up to `amount` from free credits in burn order.
+    fn take(&self, amount: u64) -> Vec<(u64, u64)> {
+        let mut left = amount;
+        let mut taken = Vec::new();
+        for (lot, free) in self.spendable() {
+            if left == 0 {
+                break;
+            }
+            let t = free.min(left);
+            taken.push((lot, t));
+            left -= t;
+        }
+        taken
+    }
+
+    fn settle(&mut self) -> Result<(), LedgerError> {
+        let now = self.now();
+        let overdue: Vec<Hold> = self
+            .state
+            .holds
+            .iter()
+            .filter(|h| h.deadline <= now)
+            .take(MAX_HOLDS_SETTLED_PER_OPERATION)
+            .cloned()
+            .collect();
+        for hold in overdue {
+            let mut d = Draft::new(Reason::HoldExpired, Actor::system());
+            d.credits = hold.amount as i64;
+            d.lots = release(&hold);
+            d.hold = Some(HoldChange::Closed {
+                generation: hold.generation,
+            });
+            d.generation = Some(hold.generation);
+            d.custom_model_slot = is_training(&hold).then_some(false);
+            d.note = Some("hold passed its deadline without completing".into());
+            let seq = self.push(d)?;
+            let mut g = record_from_hold(&self.state.account, &hold);
+            g.status = GenerationStatus::Expired;
+            g.settled_at = Some(now);
+            g.entries.push(seq);
+            self.generations.insert(g.id, g);
+        }
+        let lapsed: Vec<(u64, u64)> = self
+            .state
+            .lots
+            .iter()
+            .filter(|l| !l.usable_at(now) && l.free() > 0)
+            .map(|l| (l.seq, l.free()))
+            .collect();
+        if !lapsed.is_empty() {
+            let total: u64 = lapsed.iter().map(|(_, f)| f).sum();
+            let mut d = Draft::new(Reason::LotsExpired, Actor::system());
+            d.credits = -(total as i64);
+            d.lots = lapsed
+                .iter()
+                .map(|&(lot, free)| LotChange::Changed {
+                    lot,
+                    remaining: -(free as i64),
+                    held: 0,
+                })
+                .collect();
+            d.totals.expired = total;
+            self.push(d)?;
+        }
+        Ok(())
+    }
+
+    fn operate(
+        &mut self,
+        catalog: &Catalog,
+    ) -> Result<(Option<GenerationId>, Option<String>), LedgerError> {
+        let actor = self.cmd.actor.clone();
+        match &self.cmd.op {
+            Operation::Grant {
+                source,
+                credits,
+                expires_at,
+                note,
+            } => {
+                let lot = self.grant(*source, credits.get(), *expires_at, note.clone(), actor)?;
+                Ok((None, Some(lot)))
+            }
+            Operation::Adjust { credits, note } => {
+                let credits = *credits;
+                if credits == 0 || credits.unsigned_abs() > crate::money::MAX_CREDITS_PER_REQUEST {
+                    return Err(LedgerError::Invalid(
+                        "an adjustment must be a non-zero number of credits within limits".into(),
+                    ));
+                }
+                if credits > 0 {
+                    let lot = self.grant(
+                        LotSource::Adjustment,
+                        credits as u64,
+                        None,
+                        Some(note.clone()),
+                        actor,
+                    )?;
+                    return Ok((None, Some(lot)));
+                }
+                let amount = credits.unsigned_abs();
+                let available = self.available();
+                if available < amount {
+                    return Err(LedgerError::InsufficientCredits {
+                        needed: amount,
+                        available,
+                    });
+                }
+                let mut d = Draft::new(Reason::AdjustmentDebit, actor);
+                d.credits = credits;
+                d.lots = self
+                    .take(amount)
+                    .into_iter()
+                    .map(|(lot, t)| LotChange::Changed {
+                        lot,
+                        remaining: -(t as i64),
+                        held: 0,
+                    })
+                    .collect();
+                d.totals.adjusted_out = amount;
+                d.note = Some(note.clone());
+                self.push(d)?;
+                Ok((None, None))
+            }
+            Operation::SetPlan { plan } => {
+                let mut d = Draft::new(Reason::PlanChanged, actor);
+                d.plan = Some(plan.clone());
+                self.push(d)?;
+                Ok((None, None))
+            }
+            Operation::Hold {
+                generation,
+                estimate,
+                deadline,
+            } => {
+                self.hold(catalog, *generation, estimate, *deadline, actor)?;
+                Ok((Some(*generation), None))
+            }
+            Operation::Complete {
+                generation,
+                credits,
+                record,
+            } => {
+                self.complete(*generation, *credits, record.as_ref(), actor)?;
+                Ok((Some(*generation), None))
+            }
+            Operation::Fail {
+                generation,
+                reason,
+                record,
+            } => {
+                self.fail(*generation, reason, record.as_ref(), actor)?;
+                Ok((Some(*generation), None))
+            }
+        }
+    }
+
+    fn grant(
+        &mut self,
+        source: LotSource,
+        credits: u64,
+        expires_at: Option<DateTime<Utc>>,
+        note: Option<String>,
+        actor: Actor,
+    ) -> Result<String, LedgerError> {
+        if credits == 0 || credits > crate::money::MAX_CREDITS_PER_REQUEST {
+            return Err(LedgerError::Invalid(
+                "a grant must be a positive number of credits within limits".into(),
+            ));
+        }
+        if expires_at.is_some_and(|t| t <= self.now()) {
+            return Err(LedgerError::Invalid(
+                "a grant cannot expire in the past".into(),
+            ));
+        }
+        let seq = self.state.next_seq;
+        let mut d = Draft::new(
+            match source {
+                LotSource::PlanPeriod => Reason::PlanCredits,
+                LotSource::Addon => Reason::AddonCredits,
+                LotSource::Pack => Reason::PackPurchase,
+                LotSource::Promo => Reason::PromoCredits,
+                LotSource::Adjustment => Reason::AdjustmentCredit,
+                LotSource::Reversal => Reason::Reversal,
+            },
+            actor,
+        );
+        d.credits = credits as i64;
+        d.lots = vec![LotChange::Created {
+            lot: Lot {
+                seq,
+                source,
+                original: credits,
+                remaining: credits,
+                held: 0,
+                granted_at: self.now(),
+                expires_at,
+            },
+        }];
+        d.totals.issued = credits;
+        d.note = note;
+        self.push(d)?;
+        Ok(format!("lot_{seq}"))
+    }
+
+    fn hold(
+        &mut self,
+        catalog: &Catalog,
+        generation: GenerationId,
+        estimate: &Estimate,
+        deadline: DateTime<Utc>,
+        actor: Actor,
+    ) -> Result<(), LedgerError> {
+        if self.state.holds.iter().any(|h| h.generation == generation) {
+            return Err(LedgerError::GenerationExists(generation));
+        }
+        let training = estimate.workflow == crate::catalog::Workflow::Training;
+        if training {
+            let slots = self
+                .state
+                .plan
+                .as_ref()
+                .filter(|p| matches!(p.status, PlanStatus::Active | PlanStatus::PastDue))
+                .and_then(|p| catalog.plan(&p.plan))
+                .map_or(0, |p| p.custom_model_slots);
+            if self.state.custom_models.len() as u64 >= slots as u64 {
+                return Err(LedgerError::NoCustomModelSlot { slots });
+            }
+        }
+        let amount = estimate.credits.get();
+        if amount == 0 {
+            return Err(LedgerError::Invalid(
+                "a hold must be for at least 1 credit".into(),
+            ));
+        }
+        if deadline <= self.now() {
+            return Err(LedgerError::Invalid(
+                "a hold deadline must be in the future".into(),
+            ));
+        }
+        let available = self.available();
+        if available < amount {
+            return Err(LedgerError::InsufficientCredits {
+                needed: amount,
+                available,
+            });
+        }
+        let allocations: Vec<Allocation> = self
+            .take(amount)
+            .into_iter()
+            .map(|(lot, amount)| Allocation { lot, amount })
+            .collect();
+        let placed_seq = self.state.next_seq;
+        let hold = Hold {
+            generation,
+            amount,
+            allocations: allocations.clone(),
+            placed_seq,
+            created_at: self.now(),
+            deadline,
+            started_by: actor.id.clone(),
+            estimate: estimate.clone(),
+        };
+        let mut d = Draft::new(Reason::HoldPlaced, actor);
+        d.credits = -(amount as i64);
+        d.lots = allocations
+            .iter()
+            .map(|a| LotChange::Changed {
+                lot: a.lot,
+                remaining: 0,
+                held: a.amount as i64,
+            })
+            .collect();
+        d.hold = Some(HoldChange::Placed { hold: hold.clone() });
+        d.generation = Some(generation);
+        d.custom_model_slot = training.then_some(true);
+        self.push(d)?;
+        self.generations
+            .insert(generation, record_from_hold(&self.state.account, &hold));
+        Ok(())
+    }
+
+    /// The generation as this transaction or the store last saw it.
+    fn known_record(&self, id: GenerationId, record: Option<&Generation>) -> Option<Generation> {
+        self.generations
+            .get(&id)
+            .cloned()
+            .or_else(|| record.cloned())
+    }
+
+    fn complete(
+        &mut self,
+        generation: GenerationId,
+        credits: Option<Credits>,
+        record: Option<&Generation>,
+        actor: Actor,
+    ) -> Result<(), LedgerError> {
+        let now = self.now();
+        if let Some(hold) = self
+            .state
+            .holds
+            .iter()
+            .find(|h| h.generation == generation)
+            .cloned()
+        {
+            let cost = credits.map_or(hold.amount, Credits::get);
+            // Burn the hold's own allocations first (in burn order), release the rest,
+            // then take any excess over the estimate from free credits.
+            let mut allocations = hold.allocations.clone();
+            allocations.sort_by_key(|a| self.lot(a.lot).map(Lot::burn_key));
+            let mut deltas: BTreeMap<u64, (i64, i64)> = BTreeMap::new();
+            let mut left = cost;
+            for a in &allocations {
+                let burn = a.amount.min(left);
+                left -= burn;
+                let e = deltas.entry(a.lot).or_default();
+                e.0 -= burn as i64;
+                e.1 -= a.amount as i64;
+            }
+            // Credits this hold releases are free again once the entry applies; anything
+            // beyond the hold comes from lots that are free now.
+            let extra = self.take(left);
+            let extra_total: u64 = extra.iter().map(|(_, t)| t).sum();
+            for (lot, t) in extra {
+                deltas.entry(lot).or_default().0 -= t as i64;
+            }
+            let charged = cost - left + extra_total;
+            let mut d = Draft::new(Reason::GenerationCharged, actor);
+            d.credits = hold.amount as i64 - charged as i64;
+            d.lots = deltas
+                .into_iter()
+                .map(|(lot, (remaining, held))| LotChange::Changed {
+                    lot,
+                    remaining,
+                    held,
+                })
+                .collect();
+            d.hold = Some(HoldChange::Closed { generation });
+            d.totals.spent = charged;
+            d.generation = Some(generation);
+            let seq = self.push(d)?;
+            let mut g = record_from_hold(&self.state.account, &hold);
+            g.status = GenerationStatus::Completed;
+            g.charged = charged;
+            g.shortfall = cost - charged;
+            g.settled_at = Some(now);
+            g.entries.push(seq);
+            self.generations.insert(generation, g);
+            return Ok(());
+        }
+        let mut g = self
+            .known_record(generation, record)
+            .ok_or(LedgerError::GenerationNotFound(generation))?;
+        match g.status {
+            GenerationStatus::Completed => Ok(()),
+            GenerationStatus::Failed => Err(LedgerError::AlreadySettled {
+                id: generation,
+                status: "failed",
+            }),
+            GenerationStatus::Held => Err(LedgerError::Corrupt(format!(
+                "generation {generation} is held but has no hold"
+            ))),
+            GenerationStatus::Expired => {
+                // The work finished after its hold lapsed: the debit is still owed, so
+                // collect what the balance allows and record the rest as shortfall.
+                let cost = credits.map_or(g.estimate.credits.get(), Credits::get);
+                let taken = self.take(cost);
+                let charged: u64 = taken.iter().map(|(_, t)| t).sum();
+                let mut d = Draft::new(Reason::GenerationCharged, actor);
+                d.credits = -(charged as i64);
+                d.lots = taken
+                    .into_iter()
+                    .map(|(lot, t)| LotChange::Changed {
+                        lot,
+                        remaining: -(t as i64),
+                        held: 0,
+                    })
+                    .collect();
+                d.totals.spent = charged;
+                d.generation = Some(generation);
+                d.note = Some("completed after the hold had expired".into());
+                let seq = self.push(d)?;
+                g.status = GenerationStatus::Completed;
+                g.charged = charged;
+                g.shortfall = cost - charged;
+                g.settled_at = Some(now);
+                g.entries.push(seq);
+                self.generations.insert(generation, g);
+                Ok(())
+            }
+        }
+    }
+
+    fn fail(
+        &mut self,
+        generation: GenerationId,
+        reason: &str,
+        record: Option<&Generation>,
+        actor: Actor,
+    ) -> Result<(), LedgerError> {
+        let now = self.now();
+        if let Some(hold) = self
+            .state
+            .holds
+            .iter()
+            .find(|h| h.generation == generation)
+            .cloned()
+        {
+            let mut d = Draft::new(Reason::HoldReleased, actor);
+            d.credits = hold.amount as i64;
+            d.lots = release(&hold);
+            d.hold = Some(HoldChange::Closed { generation });
+            d.generation = Some(generation);
+            d.custom_model_slot = is_training(&hold).then_some(false);
+            d.note = Some(reason.to_owned());
+            let seq = self.push(d)?;
+            let mut g = record_from_hold(&self.state.account, &hold);
+            g.status = GenerationStatus::Failed;
+            g.failure_reason = Some(reason.to_owned());
+            g.settled_at = Some(now);
+            g.entries.push(seq);
+            self.generations.insert(generation, g);
+            return Ok(());
+        }
+        let mut g = self
+            .known_record(generation, record)
+            .ok_or(LedgerError::GenerationNotFound(generation))?;
+        match g.status {
+            GenerationStatus::Failed => Ok(()),
+            GenerationStatus::Completed => Err(LedgerError::AlreadySettled {
+                id: generation,
+                status: "completed",
+            }),
+            GenerationStatus::Held => Err(LedgerError::Corrupt(format!(
+                "generation {generation} is held but has no hold"
+            ))),
+            GenerationStatus::Expired => {
+                // Already released without charge; record why it ended.
+                g.status = GenerationStatus::Failed;
+                g.failure_reason = Some(reason.to_owned());
+                self.generations.insert(generation, g);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn release(hold: &Hold) -> Vec<LotChange> {
+    hold.allocations
+        .iter()
+        .map(|a| LotChange::Changed {
+            lot: a.lot,
+            remaining: 0,
+            held: -(a.amount as i64),
+        })
+        .collect()
+}
+
+fn is_training(hold: &Hold) -> bool {
+    hold.estimate.workflow == crate::catalog::Workflow::Training
+}
+
+fn record_from_hold(account: &AccountId, hold: &Hold) -> Generation {
+    Generation {
+        id: hold.generation,
+        account: account.clone(),
+        started_by: hold.started_by.clone(),
+        estimate: hold.estimate.clone(),
+        held: hold.amount,
+        status: GenerationStatus::Held,
+        charged: 0,
+        shortfall: 0,
+        failure_reason: None,
+        created_at: hold.created_at,
+        deadline: hold.deadline,
+        settled_at: None,
+        entries: vec![hold.placed_seq],
+    }
+}

@@ -1,0 +1,487 @@
+//! The ledger: lots of credits, holds on them, and the append-only journal that moves them.
+//!
+//! State is event-sourced: the engine ([`engine`]) decides which [`Entry`]s an operation
+//! produces, and [`AccountState::apply`] is the only code that changes state. Applying the
+//! journal from the first entry therefore rebuilds exactly the stored state.
+
+pub mod engine;
+
+use crate::catalog::Estimate;
+use crate::ids::{AccountId, GenerationId};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use utoipa::ToSchema;
+
+pub use engine::{Applied, Command, Operation, Outcome, execute};
+
+/// Where a lot of credits came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LotSource {
+    /// A plan's allowance for one billing period.
+    PlanPeriod,
+    /// Recurring add-on units for one billing period.
+    Addon,
+    /// A one-off credit pack.
+    Pack,
+    Promo,
+    /// A goodwill grant or correction by support staff.
+    Adjustment,
+    /// Credits given back by reversing an earlier debit.
+    Reversal,
+}
+
+/// A grant of credits that is spent down over time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Lot {
+    /// Sequence number of the journal entry that created the lot; shown as `lot_<seq>`.
+    pub seq: u64,
+    pub source: LotSource,
+    pub original: u64,
+    /// Credits not yet spent, expired or taken back; includes the `held` part.
+    pub remaining: u64,
+    /// Part of `remaining` reserved by open holds.
+    pub held: u64,
+    pub granted_at: DateTime<Utc>,
+    /// `None` for credits that never expire while the account is active.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl Lot {
+    pub fn id(&self) -> String {
+        format!("lot_{}", self.seq)
+    }
+    pub fn free(&self) -> u64 {
+        self.remaining - self.held
+    }
+    /// Burn order: earliest expiry first, never-expiring last, then oldest first.
+    pub fn burn_key(&self) -> (bool, Option<DateTime<Utc>>, u64) {
+        (self.expires_at.is_none(), self.expires_at, self.seq)
+    }
+    pub fn usable_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
+/// Part of a hold reserved on one lot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Allocation {
+    pub lot: u64,
+    pub amount: u64,
+}
+
+/// Credits reserved for a running generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Hold {
+    pub generation: GenerationId,
+    pub amount: u64,
+    pub allocations: Vec<Allocation>,
+    pub placed_seq: u64,
+    pub created_at: DateTime<Utc>,
+    /// After this the hold is released without charge by the next operation on the account.
+    pub deadline: DateTime<Utc>,
+    /// The `sub` of the member who started the generation.
+    pub started_by: String,
+    pub estimate: Estimate,
+}
+
+/// Running totals that make conservation checkable:
+/// `issued = Σ lot.remaining + spent + expired + clawed_back + adjusted_out`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Totals {
+    pub issued: u64,
+    pub spent: u64,
+    pub expired: u64,
+    pub clawed_back: u64,
+    pub adjusted_out: u64,
+}
+
+impl Totals {
+    fn add(&mut self, d: &Totals) -> Result<(), LedgerError> {
+        let add = |a: &mut u64, b: u64| {
+            *a = a
+                .checked_add(b)
+                .ok_or_else(|| LedgerError::Corrupt("totals overflow".into()))?;
+            Ok::<_, LedgerError>(())
+        };
+        add(&mut self.issued, d.issued)?;
+        add(&mut self.spent, d.spent)?;
+        add(&mut self.expired, d.expired)?;
+        add(&mut self.clawed_back, d.clawed_back)?;
+        add(&mut self.adjusted_out, d.adjusted_out)
+    }
+    fn is_zero(&self) -> bool {
+        *self == Totals::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Interval {
+    Monthly,
+    Yearly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanStatus {
+    Active,
+    PastDue,
+    Paused,
+    Canceled,
+}
+
+/// The workspace's subscription as the ledger knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlanState {
+    pub plan: String,
+    pub interval: Interval,
+    pub status: PlanStatus,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    #[serde(default)]
+    pub cancel_at_period_end: bool,
+}
+
+/// Everything the ledger holds for one workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountState {
+    pub account: AccountId,
+    /// Store version for optimistic concurrency: 0 means never written.
+    pub version: u64,
+    /// Sequence number the next journal entry gets; entries start at 1.
+    pub next_seq: u64,
+    pub plan: Option<PlanState>,
+    pub lots: Vec<Lot>,
+    pub holds: Vec<Hold>,
+    pub totals: Totals,
+    /// Training generations (held or completed) occupying custom-model slots.
+    pub custom_models: Vec<GenerationId>,
+}
+
+/// What a workspace can spend right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Balance {
+    pub available: u64,
+    pub held: u64,
+}
+
+/// Why a journal entry was written. Stable codes: finance reports key on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    PlanCredits,
+    AddonCredits,
+    PackPurchase,
+    PromoCredits,
+    AdjustmentCredit,
+    AdjustmentDebit,
+    Reversal,
+    HoldPlaced,
+    GenerationCharged,
+    HoldReleased,
+    HoldExpired,
+    LotsExpired,
+    PlanChanged,
+}
+
+/// Who caused an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Actor {
+    pub kind: ActorKind,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ActorKind {
+    Member,
+    Service,
+    Admin,
+    Stripe,
+    System,
+}
+
+impl Actor {
+    pub fn new(kind: ActorKind, id: impl Into<String>) -> Self {
+        Self {
+            kind,
+            id: id.into(),
+        }
+    }
+    pub fn system() -> Self {
+        Self::new(ActorKind::System, "tally")
+    }
+}
+
+/// Links from an entry to the things that caused it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Refs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub generation: Option<GenerationId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoice: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// A change to one lot inside an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum LotChange {
+    Created { lot: Lot },
+    Changed { lot: u64, remaining: i64, held: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum HoldChange {
+    Placed {
+        hold: Hold,
+    },
+    Closed {
+        #[schema(value_type = String)]
+        generation: GenerationId,
+    },
+}
+
+/// An immutable journal entry. Corrections are new entries, never edits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Entry {
+    pub seq: u64,
+    /// Deterministic: the operation's idempotency key and the entry's position in it.
+    pub id: String,
+    pub at: DateTime<Utc>,
+    pub reason: Reason,
+    /// Net change to the available balance.
+    pub credits: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lots: Vec<LotChange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldChange>,
+    #[serde(default, skip_serializing_if = "Totals::is_zero")]
+    pub totals: Totals,
+    /// `Some(new plan)` when the entry changes the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Option<PlanState>>,
+    /// A custom-model slot taken (`true`) or given back (`false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_model_slot: Option<bool>,
+    pub balance_after: Balance,
+    pub actor: Actor,
+    #[serde(default)]
+    pub refs: Refs,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The lifecycle of a generation's charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GenerationStatus {
+    Held,
+    Completed,
+    Failed,
+    /// Neither completed nor failed before its deadline: released without charge.
+    Expired,
+}
+
+impl GenerationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GenerationStatus::Held => "held",
+            GenerationStatus::Completed => "completed",
+            GenerationStatus::Failed => "failed",
+            GenerationStatus::Expired => "expired",
+        }
+    }
+}
+
+/// A generation as creation history shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Generation {
+    #[schema(value_type = String)]
+    pub id: GenerationId,
+    #[schema(value_type = String)]
+    pub account: AccountId,
+    pub started_by: String,
+    pub estimate: Estimate,
+    pub held: u64,
+    pub status: GenerationStatus,
+    pub charged: u64,
+    /// Credits of the exact cost that could not be collected because the balance ran out.
+    pub shortfall: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<DateTime<Utc>>,
+    /// Journal entries (by sequence number) that moved this generation's credits.
+    pub entries: Vec<u64>,
+}
+
+/// Ways an operation can be refused. Refusals change nothing.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum LedgerError {
+    #[error("this needs {needed} credits but only {available} are available")]
+    InsufficientCredits { needed: u64, available: u64 },
+    #[error("all {slots} custom-model slots of the plan are in use")]
+    NoCustomModelSlot { slots: u32 },
+    #[error("generation {0} does not exist")]
+    GenerationNotFound(GenerationId),
+    #[error("generation {0} already exists")]
+    GenerationExists(GenerationId),
+    #[error("generation {id} is already {status}")]
+    AlreadySettled {
+        id: GenerationId,
+        status: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("journal is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl AccountState {
+    pub fn new(account: AccountId) -> Self {
+        Self {
+            account,
+            version: 0,
+            next_seq: 1,
+            plan: None,
+            lots: Vec::new(),
+            holds: Vec::new(),
+            totals: Totals::default(),
+            custom_models: Vec::new(),
+        }
+    }
+
+    /// Rebuilds state from the journal alone.
+    pub fn from_journal<'a>(
+        account: AccountId,
+        entries: impl IntoIterator<Item = &'a Entry>,
+    ) -> Result<Self, LedgerError> {
+        let mut state = Self::new(account);
+        for e in entries {
+            state.apply(e)?;
+        }
+        Ok(state)
+    }
+
+    /// Applies one entry. This is the only place state changes.
+    pub fn apply(&mut self, e: &Entry) -> Result<(), LedgerError> {
+        if e.seq != self.next_seq {
+            return Err(LedgerError::Corrupt(format!(
+                "entry {} applied when {} was expected",
+                e.seq, self.next_seq
+            )));
+        }
+        for change in &e.lots {
+            match change {
+                LotChange::Created { lot } => self.lots.push(lot.clone()),
+                LotChange::Changed {
+                    lot,
+                    remaining,
+                    held,
+                } => {
+                    let l = self
+                        .lots
+                        .iter_mut()
+                        .find(|l| l.seq == *lot)
+                        .ok_or_else(|| LedgerError::Corrupt(format!("unknown lot {lot}")))?;
+                    let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
+                    l.remaining = l
+                        .remaining
+                        .checked_add_signed(*remaining)
+                        .ok_or_else(corrupt)?;
+                    l.held = l.held.checked_add_signed(*held).ok_or_else(corrupt)?;
+                    if l.held > l.remaining {
+                        return Err(corrupt());
+                    }
+                }
+            }
+        }
+        match &e.hold {
+            Some(HoldChange::Placed { hold }) => self.holds.push(hold.clone()),
+            Some(HoldChange::Closed { generation }) => {
+                let before = self.holds.len();
+                self.holds.retain(|h| h.generation != *generation);
+                if self.holds.len() == before {
+                    return Err(LedgerError::Corrupt(format!("no hold for {generation}")));
+                }
+            }
+            None => {}
+        }
+        self.totals.add(&e.totals)?;
+        if let Some(plan) = &e.plan {
+            self.plan = plan.clone();
+        }
+        if let (Some(taken), Some(generation)) = (e.custom_model_slot, e.refs.generation) {
+            if taken {
+                self.custom_models.push(generation);
+            } else {
+                self.custom_models.retain(|g| *g != generation);
+            }
+        }
+        // Spent-out lots leave the state (the journal keeps their history) so the state
+        // item stays small however long the account lives.
+        self.lots.retain(|l| l.remaining > 0);
+        self.next_seq = e.seq + 1;
+        Ok(())
+    }
+
+    /// Balance from the stored state, without settling anything.
+    pub fn balance(&self) -> Balance {
+        let held: u64 = self.holds.iter().map(|h| h.amount).sum();
+        let remaining: u64 = self.lots.iter().map(|l| l.remaining).sum();
+        Balance {
+            available: remaining - held,
+            held,
+        }
+    }
+
+    /// The state as it is at `now`: overdue holds released, lapsed lots expired. Used by
+    /// reads so they are right even before the next write settles the account.
+    pub fn settled_at(&self, now: DateTime<Utc>) -> Result<AccountState, LedgerError> {
+        engine::settle_view(self, now)
+    }
+
+    /// Checks every invariant the ledger promises; returns the first one broken.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let remaining: u64 = self.lots.iter().map(|l| l.remaining).sum();
+        let t = &self.totals;
+        let out = remaining + t.spent + t.expired + t.clawed_back + t.adjusted_out;
+        if t.issued != out {
+            return Err(format!(
+                "conservation: issued {} != accounted {out}",
+                t.issued
+            ));
+        }
+        let lot_held: u64 = self.lots.iter().map(|l| l.held).sum();
+        let hold_sum: u64 = self.holds.iter().map(|h| h.amount).sum();
+        if lot_held != hold_sum {
+            return Err(format!("lots hold {lot_held} but holds total {hold_sum}"));
+        }
+        for h in &self.holds {
+            let alloc: u64 = h.allocations.iter().map(|a| a.amount).sum();
+            if alloc != h.amount {
+                return Err(format!("hold {} allocations do not add up", h.generation));
+            }
+        }
+        if self.lots.iter().any(|l| l.held > l.remaining) {
+            return Err("a lot holds more than it has".into());
+        }
+        Ok(())
+    }
+}

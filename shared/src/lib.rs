@@ -1,0 +1,16 @@
+//! Tally: the credits and billing backend of a generative-media studio.
+//!
+//! This crate holds everything the Lambda functions share: the domain (ids, money, the
+//! catalog), the pure ledger engine, the ports (`LedgerStore`, `Clock`) with their adapters,
+//! the service that runs ledger operations exactly once, and the HTTP plumbing (identity,
+//! problem details) every HTTP function uses.
+
+pub mod catalog;
+pub mod clock;
+pub mod http;
+pub mod ids;
+pub mod ledger;
+pub mod money;
+pub mod service;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,216 @@
+//! Runs ledger operations exactly once over any [`LedgerStore`].
+//!
+//! Each attempt reads the idempotency record, then the account, runs the pure engine and
+//! commits everything in one transaction. A commit that finds the idempotency record
+//! already written returns the first result; one that finds the account changed retries
+//! on fresh state with jittered backoff, a bounded number of times.
+
+use crate::catalog::Catalog;
+use crate::clock::Clock;
+use crate::ids::{AccountId, IdempotencyKey};
+use crate::ledger::{AccountState, Actor, Command, LedgerError, Operation, Outcome, Refs, execute};
+use crate::store::{Commit, CommitError, IdempotencyRecord, LedgerStore, StoreError};
+use chrono::Duration;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// How long a client-supplied `Idempotency-Key` is remembered (at least; TTL deletes later).
+pub const CLIENT_KEY_RETENTION_HOURS: i64 = 72;
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Refused(#[from] LedgerError),
+    #[error("the idempotency key was already used for a different request")]
+    KeyReused,
+    #[error("the workspace is too busy right now; retry shortly")]
+    Contention,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError {
+    /// Whether trying the same thing again later can succeed (queue consumers retry these).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ServiceError::Contention | ServiceError::Store(_))
+    }
+}
+
+/// Bounded retries with full jitter for optimistic-concurrency conflicts.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_ms: u64,
+    pub cap_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 80,
+            base_ms: 2,
+            cap_ms: 120,
+        }
+    }
+}
+
+/// A ledger operation as a caller asks for it.
+#[derive(Debug, Clone)]
+pub struct LedgerRequest {
+    pub account: AccountId,
+    pub key: IdempotencyKey,
+    /// Identifies the request content; see [`fingerprint`].
+    pub fingerprint: String,
+    pub actor: Actor,
+    pub refs: Refs,
+    pub op: Operation,
+}
+
+/// A stable hash of a request body, so a reused key with a different body is caught.
+pub fn fingerprint(value: &impl Serialize) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ledger service shared by every function.
+#[derive(Clone)]
+pub struct Ledger {
+    pub store: Arc<dyn LedgerStore>,
+    pub clock: Arc<dyn Clock>,
+    pub catalog: Arc<Catalog>,
+    pub retry: RetryPolicy,
+}
+
+impl Ledger {
+    pub fn new(store: Arc<dyn LedgerStore>, clock: Arc<dyn Clock>, catalog: Arc<Catalog>) -> Self {
+        Self {
+            store,
+            clock,
+            catalog,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Applies an operation at most once and returns its (first) outcome.
+    #[tracing::instrument(skip_all, fields(workspace = %req.account, key = %req.key))]
+    pub async fn execute(&self, req: LedgerRequest) -> Result<Outcome, ServiceError> {
+        let mut conflicts = 0u32;
+        loop {
+            if let Some(done) = self.replay(&req).await? {
+                return Ok(done);
+            }
+            let state = self
+                .store
+                .load(&req.account)
+                .await?
+                .unwrap_or_else(|| AccountState::new(req.account.clone()));
+            let op = self.with_records(&req).await?;
+            let now = self.clock.now();
+            let cmd = Command {
+                key: req.key.clone(),
+                at: now,
+                actor: req.actor.clone(),
+                refs: req.refs.clone(),
+                op,
+            };
+            let applied = match execute(&state, &cmd, &self.catalog) {
+                Ok(applied) => applied,
+                Err(refusal) => {
+                    // A concurrent twin of this request may have succeeded in between;
+                    // its result, not this refusal, is the answer.
+                    if let Some(done) = self.replay(&req).await? {
+                        return Ok(done);
+                    }
+                    tracing::info!(error = %refusal, "operation refused");
+                    return Err(refusal.into());
+                }
+            };
+            let mut new_state = applied.state;
+            new_state.version = state.version + 1;
+            let new_generations = match &cmd.op {
+                Operation::Hold { generation, .. } => vec![*generation],
+                _ => Vec::new(),
+            };
+            let commit = Commit {
+                state: new_state,
+                entries: applied.entries,
+                idempotency: IdempotencyRecord {
+                    key: req.key.clone(),
+                    fingerprint: req.fingerprint.clone(),
+                    outcome: applied.outcome.clone(),
+                    created_at: now,
+                    expires_at: req
+                        .key
+                        .is_client()
+                        .then(|| now + Duration::hours(CLIENT_KEY_RETENTION_HOURS)),
+                },
+                generations: applied.generations,
+                new_generations,
+            };
+            match self.store.commit(commit).await {
+                Ok(()) => {
+                    tracing::info!(entries = ?applied.outcome.entries, "operation applied");
+                    return Ok(applied.outcome);
+                }
+                Err(CommitError::Duplicate) => continue,
+                Err(CommitError::Conflict) => {
+                    conflicts += 1;
+                    if conflicts >= self.retry.max_attempts {
+                        tracing::warn!(conflicts, "giving up after repeated conflicts");
+                        return Err(ServiceError::Contention);
+                    }
+                    self.backoff(conflicts).await;
+                }
+                Err(CommitError::Store(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn replay(&self, req: &LedgerRequest) -> Result<Option<Outcome>, ServiceError> {
+        match self.store.idempotency(&req.account, &req.key).await? {
+            Some(record) if record.fingerprint == req.fingerprint => Ok(Some(record.outcome)),
+            Some(_) => Err(ServiceError::KeyReused),
+            None => Ok(None),
+        }
+    }
+
+    /// Settling operations need the stored generation when its hold is already gone.
+    async fn with_records(&self, req: &LedgerRequest) -> Result<Operation, StoreError> {
+        let mut op = req.op.clone();
+        match &mut op {
+            Operation::Complete {
+                generation, record, ..
+            }
+            | Operation::Fail {
+                generation, record, ..
+            } => {
+                *record = self.store.generation(&req.account, *generation).await?;
+            }
+            _ => {}
+        }
+        Ok(op)
+    }
+
+    async fn backoff(&self, attempt: u32) {
+        let ceiling = self
+            .retry
+            .base_ms
+            .saturating_mul(1u64 << attempt.min(16))
+            .min(self.retry.cap_ms);
+        let wait = fastrand::u64(0..=ceiling);
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    }
+
+    /// The account as it stands now, with overdue holds and lapsed lots settled in the view.
+    pub async fn account_now(&self, account: &AccountId) -> Result<AccountState, ServiceError> {
+        let state = self
+            .store
+            .load(account)
+            .await?
+            .unwrap_or_else(|| AccountState::new(account.clone()));
+        Ok(state.settled_at(self.clock.now())?)
+    }
+}

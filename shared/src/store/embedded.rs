@@ -1,0 +1,270 @@
+//! Embedded store on redb: a file under `TALLY_DATA_DIR` for the local runner, or memory for
+//! tests. One redb write transaction per commit gives the same all-or-nothing guarantee as a
+//! DynamoDB `TransactWriteItems`.
+
+use super::*;
+use redb::{Database, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+
+/// `account` -> state JSON.
+const ACCOUNTS: TableDefinition<&str, &str> = TableDefinition::new("accounts");
+/// `account`, seq -> entry JSON.
+const ENTRIES: TableDefinition<(&str, u64), &str> = TableDefinition::new("entries");
+/// `account`, key -> idempotency record JSON.
+const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("idempotency");
+/// `account`, generation id -> generation JSON (ULID text sorts by time).
+const GENERATIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("generations");
+/// generation id -> account.
+const GENERATION_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("generation_owners");
+
+/// The redb-backed store.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `tally.redb` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(backend)?;
+        let db = Database::create(dir.join("tally.redb")).map_err(backend)?;
+        Self::init(db)
+    }
+
+    /// A store that lives only as long as the process.
+    pub fn in_memory() -> Self {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("in-memory redb");
+        Self::init(db).expect("in-memory redb tables")
+    }
+
+    fn init(db: Database) -> Result<Self, StoreError> {
+        let tx = db.begin_write().map_err(backend)?;
+        tx.open_table(ACCOUNTS).map_err(backend)?;
+        tx.open_table(ENTRIES).map_err(backend)?;
+        tx.open_table(IDEMPOTENCY).map_err(backend)?;
+        tx.open_table(GENERATIONS).map_err(backend)?;
+        tx.open_table(GENERATION_OWNERS).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// redb calls block; keep them off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, CommitError> + Send + 'static,
+    ) -> Result<T, CommitError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| CommitError::Store(backend(e)))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.blocking(move |db| f(db).map_err(CommitError::Store))
+            .await
+            .map_err(|e| match e {
+                CommitError::Store(s) => s,
+                other => StoreError::Backend(other.to_string()),
+            })
+    }
+}
+
+#[async_trait]
+impl LedgerStore for EmbeddedStore {
+    async fn load(&self, account: &AccountId) -> Result<Option<AccountState>, StoreError> {
+        let account = account.to_string();
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(ACCOUNTS).map_err(backend)?;
+            let v = t.get(account.as_str()).map_err(backend)?;
+            v.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        self.blocking(move |db| {
+            let account = c.state.account.to_string();
+            let tx = db.begin_write().map_err(backend)?;
+            {
+                let mut idem = tx.open_table(IDEMPOTENCY).map_err(backend)?;
+                let key = (account.as_str(), c.idempotency.key.as_str());
+                if idem.get(key).map_err(backend)?.is_some() {
+                    return Err(CommitError::Duplicate);
+                }
+                let mut accounts = tx.open_table(ACCOUNTS).map_err(backend)?;
+                let stored_version = match accounts.get(account.as_str()).map_err(backend)? {
+                    Some(v) => decode::<AccountState>(v.value())?.version,
+                    None => 0,
+                };
+                if stored_version != c.expected_version() {
+                    return Err(CommitError::Conflict);
+                }
+                accounts
+                    .insert(account.as_str(), encode(&c.state)?.as_str())
+                    .map_err(backend)?;
+                let mut entries = tx.open_table(ENTRIES).map_err(backend)?;
+                for e in &c.entries {
+                    let k = (account.as_str(), e.seq);
+                    if entries.get(k).map_err(backend)?.is_some() {
+                        return Err(CommitError::Conflict);
+                    }
+                    entries.insert(k, encode(e)?.as_str()).map_err(backend)?;
+                }
+                idem.insert(key, encode(&c.idempotency)?.as_str())
+                    .map_err(backend)?;
+                let mut gens = tx.open_table(GENERATIONS).map_err(backend)?;
+                for g in &c.generations {
+                    let id = g.id.to_string();
+                    gens.insert((account.as_str(), id.as_str()), encode(g)?.as_str())
+                        .map_err(backend)?;
+                }
+                let mut owners = tx.open_table(GENERATION_OWNERS).map_err(backend)?;
+                for id in &c.new_generations {
+                    let id = id.to_string();
+                    if owners.get(id.as_str()).map_err(backend)?.is_some() {
+                        return Err(CommitError::Conflict);
+                    }
+                    owners
+                        .insert(id.as_str(), account.as_str())
+                        .map_err(backend)?;
+                }
+            }
+            // Dropping `tx` without commit (the early returns above) aborts everything.
+            tx.commit().map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn idempotency(
+        &self,
+        account: &AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let (account, key) = (account.to_string(), key.to_string());
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(IDEMPOTENCY).map_err(backend)?;
+            let v = t.get((account.as_str(), key.as_str())).map_err(backend)?;
+            v.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn generation(
+        &self,
+        account: &AccountId,
+        id: GenerationId,
+    ) -> Result<Option<Generation>, StoreError> {
+        let (account, id) = (account.to_string(), id.to_string());
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(GENERATIONS).map_err(backend)?;
+            let v = t.get((account.as_str(), id.as_str())).map_err(backend)?;
+            v.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<AccountId>, StoreError> {
+        let id = id.to_string();
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(GENERATION_OWNERS).map_err(backend)?;
+            let v = t.get(id.as_str()).map_err(backend)?;
+            v.map(|v| AccountId::parse(v.value()).map_err(|e| StoreError::Decode(e.to_string())))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn generations(
+        &self,
+        account: &AccountId,
+        query: &GenerationQuery,
+    ) -> Result<Vec<Generation>, StoreError> {
+        let account = account.to_string();
+        let query = query.clone();
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(GENERATIONS).map_err(backend)?;
+            let upper = query.before.map(|b| b.to_string());
+            let range = match &upper {
+                Some(b) => t.range((account.as_str(), "")..(account.as_str(), b.as_str())),
+                None => t.range((account.as_str(), "")..=(account.as_str(), "\u{10FFFF}")),
+            }
+            .map_err(backend)?;
+            let mut out = Vec::new();
+            for item in range.rev() {
+                let (_, v) = item.map_err(backend)?;
+                let g: Generation = decode(v.value())?;
+                if matches_query(&g, &query) {
+                    out.push(g);
+                    if out.len() >= query.limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn entries(
+        &self,
+        account: &AccountId,
+        query: &EntryQuery,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let account = account.to_string();
+        let query = query.clone();
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(ENTRIES).map_err(backend)?;
+            let upper = query.before.unwrap_or(u64::MAX);
+            let mut out = Vec::new();
+            for item in t
+                .range((account.as_str(), 0)..(account.as_str(), upper))
+                .map_err(backend)?
+                .rev()
+                .take(query.limit)
+            {
+                let (_, v) = item.map_err(backend)?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn entries_by_seq(
+        &self,
+        account: &AccountId,
+        seqs: &[u64],
+    ) -> Result<Vec<Entry>, StoreError> {
+        let account = account.to_string();
+        let seqs = seqs.to_vec();
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(ENTRIES).map_err(backend)?;
+            let mut out = Vec::new();
+            for seq in seqs {
+                if let Some(v) = t.get((account.as_str(), seq)).map_err(backend)? {
+                    out.push(decode(v.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -1,0 +1,137 @@
+//! The `LedgerStore` port and its adapters: DynamoDB in production, redb embedded locally.
+//!
+//! A commit is all-or-nothing: the new account state (guarded by its version), the journal
+//! entries (each written only if absent), the idempotency record (written only if absent)
+//! and the generation records. A commit that loses a race reports which guard failed so the
+//! caller can tell "someone already did exactly this" from "try again on fresh state".
+
+pub mod dynamo;
+pub mod embedded;
+
+use crate::ids::{AccountId, GenerationId, IdempotencyKey};
+use crate::ledger::{AccountState, Entry, Generation, GenerationStatus, Outcome};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A failure of the storage itself (not a business refusal).
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("storage backend error: {0}")]
+    Backend(String),
+    #[error("stored data could not be decoded: {0}")]
+    Decode(String),
+}
+
+/// Why a commit did not happen.
+#[derive(Debug, Error)]
+pub enum CommitError {
+    /// The idempotency record already exists: the operation happened before.
+    #[error("operation already applied")]
+    Duplicate,
+    /// The account changed since it was read: reload and retry.
+    #[error("account changed concurrently")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The remembered result of an operation, stored under its idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub key: IdempotencyKey,
+    /// Hash of the request that first used the key; a different request with the same key
+    /// is refused instead of silently answered with the wrong result.
+    pub fingerprint: String,
+    pub outcome: Outcome,
+    pub created_at: DateTime<Utc>,
+    /// When the record may be garbage-collected; `None` keeps it forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Everything one ledger operation writes.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// The new state; its `version` is the stored version plus one.
+    pub state: AccountState,
+    pub entries: Vec<Entry>,
+    pub idempotency: IdempotencyRecord,
+    pub generations: Vec<Generation>,
+    /// Generations created by this commit, indexed globally so the generation service can
+    /// settle them by id alone.
+    pub new_generations: Vec<GenerationId>,
+}
+
+impl Commit {
+    pub fn expected_version(&self) -> u64 {
+        self.state.version - 1
+    }
+}
+
+/// Filters for creation history, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationQuery {
+    /// Only generations older than this one (the cursor).
+    pub before: Option<GenerationId>,
+    pub status: Option<GenerationStatus>,
+    pub model: Option<String>,
+    pub limit: usize,
+}
+
+/// A page of journal entries, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct EntryQuery {
+    /// Only entries with a sequence number below this (the cursor).
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
+/// Persistence for ledger accounts, journals, idempotency records and generations.
+#[async_trait]
+pub trait LedgerStore: Send + Sync {
+    async fn load(&self, account: &AccountId) -> Result<Option<AccountState>, StoreError>;
+    async fn commit(&self, commit: Commit) -> Result<(), CommitError>;
+    async fn idempotency(
+        &self,
+        account: &AccountId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+    async fn generation(
+        &self,
+        account: &AccountId,
+        id: GenerationId,
+    ) -> Result<Option<Generation>, StoreError>;
+    /// Which workspace a generation belongs to.
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<AccountId>, StoreError>;
+    async fn generations(
+        &self,
+        account: &AccountId,
+        query: &GenerationQuery,
+    ) -> Result<Vec<Generation>, StoreError>;
+    async fn entries(
+        &self,
+        account: &AccountId,
+        query: &EntryQuery,
+    ) -> Result<Vec<Entry>, StoreError>;
+    /// Specific entries by sequence number (missing ones are skipped).
+    async fn entries_by_seq(
+        &self,
+        account: &AccountId,
+        seqs: &[u64],
+    ) -> Result<Vec<Entry>, StoreError>;
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Decode(e.to_string()))
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Decode(e.to_string()))
+}
+
+pub(crate) fn matches_query(g: &Generation, q: &GenerationQuery) -> bool {
+    q.status.is_none_or(|s| g.status == s)
+        && q.model.as_ref().is_none_or(|m| &g.estimate.model == m)
+}
