@@ -156,6 +156,7 @@ pub struct Catalog {
 
 /// A request to price a generation, already shaped (not yet validated against the catalog).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GenerationSpec {
     pub workflow: Workflow,
     pub model: String,

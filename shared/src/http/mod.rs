@@ -5,7 +5,7 @@ pub mod auth;
 pub mod problem;
 
 pub use auth::{AuthMode, Identity, Role};
-pub use problem::{ApiJson, Problem};
+pub use problem::{ApiJson, ApiQuery, Problem, optional_json};
 
 use axum::Router;
 use axum::http::HeaderMap;
@@ -36,5 +36,12 @@ pub fn idempotency_key(
 pub fn finish(router: Router) -> Router {
     router
         .fallback(|| async { Problem::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not accept that method",
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
