@@ -1,1 +1,206 @@
+//! Helpers shared by the integration tests: stores (embedded and DynamoDB on loopback), a
+//! controllable clock, dev tokens and an in-process HTTP client for the local app.
 
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use chrono::{DateTime, TimeZone, Utc};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tally::catalog::Catalog;
+use tally::clock::ManualClock;
+use tally::ids::{AccountId, IdempotencyKey};
+use tally::ledger::{Actor, LotSource, Operation, Refs};
+use tally::money::Credits;
+use tally::service::{Ledger, LedgerRequest};
+use tally::store::LedgerStore;
+use tally::store::dynamo::DynamoStore;
+use tally::store::embedded::EmbeddedStore;
+use tower::ServiceExt;
+
+pub const SECRET: &str = "test-secret";
+
+pub fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).unwrap()
+}
+
+pub fn embedded_store() -> Arc<dyn LedgerStore> {
+    Arc::new(EmbeddedStore::in_memory())
+}
+
+/// A fresh table on the DynamoDB-compatible server named by `DYNAMODB_ENDPOINT`
+/// (`make test` starts one). Fails loudly when there is none.
+pub async fn dynamo_store() -> Arc<dyn LedgerStore> {
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").expect(
+        "DYNAMODB_ENDPOINT is not set: run the suite with `make test`, which starts a local DynamoDB-compatible server",
+    );
+    let client = DynamoStore::local_client(&endpoint);
+    let table = format!(
+        "tally-test-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    DynamoStore::create_table(&client, &table)
+        .await
+        .expect("create test table");
+    Arc::new(DynamoStore::new(client, table))
+}
+
+pub fn ledger_over(store: Arc<dyn LedgerStore>) -> (Ledger, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(t0()));
+    let ledger = Ledger::new(store, clock.clone(), Arc::new(Catalog::builtin()));
+    (ledger, clock)
+}
+
+pub fn account(id: &str) -> AccountId {
+    AccountId::parse(id).unwrap()
+}
+
+/// Grants credits to a workspace the way a purchase would (never expiring pack).
+pub async fn grant(ledger: &Ledger, org: &str, credits: u64) {
+    ledger
+        .execute(LedgerRequest {
+            account: account(org),
+            key: IdempotencyKey::derived(format!("test-grant:{}", ulid::Ulid::new())),
+            fingerprint: "grant".into(),
+            actor: Actor::system(),
+            refs: Refs::default(),
+            op: Operation::Grant {
+                source: LotSource::Pack,
+                credits: Credits::new(credits),
+                expires_at: None,
+                note: None,
+            },
+        })
+        .await
+        .expect("grant");
+}
+
+pub fn token(claims: Value) -> String {
+    let mut claims = claims;
+    claims["exp"] = json!(Utc::now().timestamp() + 3600);
+    tally::http::auth::dev_token(SECRET.as_bytes(), &claims)
+}
+
+pub fn member(org: &str, sub: &str) -> String {
+    token(json!({"sub": sub, "org_id": org, "role": "member"}))
+}
+
+pub fn owner(org: &str) -> String {
+    token(json!({"sub": format!("{org}-owner"), "org_id": org, "role": "owner"}))
+}
+
+pub fn service() -> String {
+    token(json!({"sub": "generation-service", "scope": "credits:settle"}))
+}
+
+pub fn support() -> String {
+    token(json!({"sub": "support-1", "scope": "credits:admin"}))
+}
+
+/// The local app over an in-memory store and a manual clock.
+pub struct TestApp {
+    pub router: Router,
+    pub ledger: Ledger,
+    pub clock: Arc<ManualClock>,
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Answer {
+    /// Asserts a problem+json answer with this status and code.
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "{:#}", self.body);
+        assert_eq!(self.content_type, "application/problem+json");
+        assert_eq!(self.body["code"], code, "{:#}", self.body);
+        assert_eq!(self.body["status"], status);
+    }
+}
+
+impl TestApp {
+    pub fn new() -> Self {
+        let (ledger, clock) = ledger_over(embedded_store());
+        Self {
+            router: tally_local::app(ledger.clone(), SECRET),
+            ledger,
+            clock,
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Body::from(body.unwrap_or("").to_owned())).unwrap();
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let content_type = res
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Answer {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Answer {
+        self.send(Method::GET, path, Some(token), None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
+        self.send(
+            Method::POST,
+            path,
+            Some(token),
+            Some(&body.to_string()),
+            &[],
+        )
+        .await
+    }
+
+    /// How many journal entries a workspace has (to prove refusals wrote nothing).
+    pub async fn entry_count(&self, org: &str) -> u64 {
+        self.ledger
+            .store
+            .load(&account(org))
+            .await
+            .unwrap()
+            .map_or(0, |s| s.next_seq - 1)
+    }
+}
+
+impl Default for TestApp {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -99,6 +99,9 @@ impl Ledger {
     pub async fn execute(&self, req: LedgerRequest) -> Result<Outcome, ServiceError> {
         let mut conflicts = 0u32;
         loop {
+            if conflicts > 0 {
+                self.backoff(conflicts).await;
+            }
             if let Some(done) = self.replay(&req).await? {
                 return Ok(done);
             }
@@ -156,13 +159,15 @@ impl Ledger {
                     return Ok(applied.outcome);
                 }
                 Err(CommitError::Duplicate) => continue,
-                Err(CommitError::Conflict) => {
+                // A transient failure may or may not have committed: the next attempt
+                // re-reads the idempotency record first, so retrying cannot apply twice.
+                Err(CommitError::Conflict)
+                | Err(CommitError::Store(StoreError::Unavailable(_))) => {
                     conflicts += 1;
                     if conflicts >= self.retry.max_attempts {
                         tracing::warn!(conflicts, "giving up after repeated conflicts");
                         return Err(ServiceError::Contention);
                     }
-                    self.backoff(conflicts).await;
                 }
                 Err(CommitError::Store(e)) => return Err(e.into()),
             }
@@ -177,10 +182,16 @@ impl Ledger {
         }
     }
 
-    /// Settling operations need the stored generation when its hold is already gone.
-    async fn with_records(&self, req: &LedgerRequest) -> Result<Operation, StoreError> {
+    /// Settling operations need the stored generation when its hold is already gone; a new
+    /// hold must not reuse the id of any generation ever stored.
+    async fn with_records(&self, req: &LedgerRequest) -> Result<Operation, ServiceError> {
         let mut op = req.op.clone();
         match &mut op {
+            Operation::Hold { generation, .. } => {
+                if self.store.generation_owner(*generation).await?.is_some() {
+                    return Err(LedgerError::GenerationExists(*generation).into());
+                }
+            }
             Operation::Complete {
                 generation, record, ..
             }

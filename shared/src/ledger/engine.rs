@@ -140,7 +140,7 @@ pub fn execute(
     let outcome = Outcome {
         entries: tx.entries.iter().map(|e| e.seq).collect(),
         balance: tx.state.balance(),
-        generation: generation.map(|id| tx.generations[&id].clone()),
+        generation,
         lot,
     };
     Ok(Applied {
@@ -302,7 +302,7 @@ impl Tx<'_> {
     fn operate(
         &mut self,
         catalog: &Catalog,
-    ) -> Result<(Option<GenerationId>, Option<String>), LedgerError> {
+    ) -> Result<(Option<Generation>, Option<String>), LedgerError> {
         let actor = self.cmd.actor.clone();
         match &self.cmd.op {
             Operation::Grant {
@@ -366,24 +366,24 @@ impl Tx<'_> {
                 estimate,
                 deadline,
             } => {
-                self.hold(catalog, *generation, estimate, *deadline, actor)?;
-                Ok((Some(*generation), None))
+                let g = self.hold(catalog, *generation, estimate, *deadline, actor)?;
+                Ok((Some(g), None))
             }
             Operation::Complete {
                 generation,
                 credits,
                 record,
             } => {
-                self.complete(*generation, *credits, record.as_ref(), actor)?;
-                Ok((Some(*generation), None))
+                let g = self.complete(*generation, *credits, record.as_ref(), actor)?;
+                Ok((Some(g), None))
             }
             Operation::Fail {
                 generation,
                 reason,
                 record,
             } => {
-                self.fail(*generation, reason, record.as_ref(), actor)?;
-                Ok((Some(*generation), None))
+                let g = self.fail(*generation, reason, record.as_ref(), actor)?;
+                Ok((Some(g), None))
             }
         }
     }
@@ -443,7 +443,7 @@ impl Tx<'_> {
         estimate: &Estimate,
         deadline: DateTime<Utc>,
         actor: Actor,
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Generation, LedgerError> {
         if self.state.holds.iter().any(|h| h.generation == generation) {
             return Err(LedgerError::GenerationExists(generation));
         }
@@ -508,9 +508,9 @@ impl Tx<'_> {
         d.generation = Some(generation);
         d.custom_model_slot = training.then_some(true);
         self.push(d)?;
-        self.generations
-            .insert(generation, record_from_hold(&self.state.account, &hold));
-        Ok(())
+        let g = record_from_hold(&self.state.account, &hold);
+        self.generations.insert(generation, g.clone());
+        Ok(g)
     }
 
     /// The generation as this transaction or the store last saw it.
@@ -527,7 +527,7 @@ impl Tx<'_> {
         credits: Option<Credits>,
         record: Option<&Generation>,
         actor: Actor,
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Generation, LedgerError> {
         let now = self.now();
         if let Some(hold) = self
             .state
@@ -578,14 +578,14 @@ impl Tx<'_> {
             g.shortfall = cost - charged;
             g.settled_at = Some(now);
             g.entries.push(seq);
-            self.generations.insert(generation, g);
-            return Ok(());
+            self.generations.insert(generation, g.clone());
+            return Ok(g);
         }
         let mut g = self
             .known_record(generation, record)
             .ok_or(LedgerError::GenerationNotFound(generation))?;
         match g.status {
-            GenerationStatus::Completed => Ok(()),
+            GenerationStatus::Completed => Ok(g),
             GenerationStatus::Failed => Err(LedgerError::AlreadySettled {
                 id: generation,
                 status: "failed",
@@ -618,8 +618,8 @@ impl Tx<'_> {
                 g.shortfall = cost - charged;
                 g.settled_at = Some(now);
                 g.entries.push(seq);
-                self.generations.insert(generation, g);
-                Ok(())
+                self.generations.insert(generation, g.clone());
+                Ok(g)
             }
         }
     }
@@ -630,7 +630,7 @@ impl Tx<'_> {
         reason: &str,
         record: Option<&Generation>,
         actor: Actor,
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Generation, LedgerError> {
         let now = self.now();
         if let Some(hold) = self
             .state
@@ -652,14 +652,14 @@ impl Tx<'_> {
             g.failure_reason = Some(reason.to_owned());
             g.settled_at = Some(now);
             g.entries.push(seq);
-            self.generations.insert(generation, g);
-            return Ok(());
+            self.generations.insert(generation, g.clone());
+            return Ok(g);
         }
         let mut g = self
             .known_record(generation, record)
             .ok_or(LedgerError::GenerationNotFound(generation))?;
         match g.status {
-            GenerationStatus::Failed => Ok(()),
+            GenerationStatus::Failed => Ok(g),
             GenerationStatus::Completed => Err(LedgerError::AlreadySettled {
                 id: generation,
                 status: "completed",
@@ -671,8 +671,8 @@ impl Tx<'_> {
                 // Already released without charge; record why it ended.
                 g.status = GenerationStatus::Failed;
                 g.failure_reason = Some(reason.to_owned());
-                self.generations.insert(generation, g);
-                Ok(())
+                self.generations.insert(generation, g.clone());
+                Ok(g)
             }
         }
     }

@@ -485,3 +485,6 @@ impl AccountState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -49,6 +49,30 @@ fn entry_sk(seq: u64) -> String {
 fn backend<E: std::fmt::Debug>(e: E) -> StoreError {
     StoreError::Backend(format!("{e:?}"))
 }
+/// Sorts SDK failures into transient (retry) and permanent ones.
+fn classify<E: std::fmt::Debug>(
+    err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+) -> StoreError {
+    let transient = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(e) => {
+            e.raw().status().is_server_error() || e.raw().status().as_u16() == 429
+        }
+        _ => false,
+    };
+    let text = format!("{err:?}");
+    let throttled = text.contains("Throttl")
+        || text.contains("ThroughputExceeded")
+        || text.contains("RequestLimitExceeded");
+    if transient || throttled {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Backend(text)
+    }
+}
+
 fn body(item: &HashMap<String, AttributeValue>) -> Result<&str, StoreError> {
     item.get("body")
         .and_then(|v| v.as_s().ok())
@@ -169,7 +193,7 @@ impl DynamoStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(backend)?;
+            .map_err(classify)?;
         Ok(out.item)
     }
 
@@ -205,7 +229,7 @@ impl DynamoStore {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(backend)?;
+                .map_err(classify)?;
             for item in page.items() {
                 if let Some(v) = keep(decode(body(item)?)?) {
                     out.push(v);
@@ -335,7 +359,7 @@ impl LedgerStore for DynamoStore {
                 }
                 other => Err(CommitError::Store(backend(other))),
             },
-            Err(other) => Err(CommitError::Store(backend(other))),
+            Err(other) => Err(CommitError::Store(classify(other))),
         }
     }
 

@@ -20,6 +20,10 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("storage backend error: {0}")]
     Backend(String),
+    /// Throttling, timeouts and server errors: the outcome of a write is unknown, and trying
+    /// again (after re-reading the idempotency record) is safe.
+    #[error("storage temporarily unavailable: {0}")]
+    Unavailable(String),
     #[error("stored data could not be decoded: {0}")]
     Decode(String),
 }

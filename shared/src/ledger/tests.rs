@@ -1,0 +1,607 @@
+//! Engine behaviour, one rule per test, and property tests over random operation sequences.
+
+use super::*;
+use crate::catalog::{Catalog, GenerationSpec, Workflow};
+use crate::ids::IdempotencyKey;
+use crate::money::Credits;
+use chrono::{Duration, TimeZone};
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+struct World {
+    state: AccountState,
+    journal: Vec<Entry>,
+    now: DateTime<Utc>,
+    catalog: Catalog,
+    n: u64,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            state: AccountState::new(AccountId::parse("org_t").unwrap()),
+            journal: Vec::new(),
+            now: t0(),
+            catalog: Catalog::builtin(),
+            n: 0,
+        }
+    }
+
+    fn run(&mut self, op: Operation) -> Result<Outcome, LedgerError> {
+        self.n += 1;
+        let cmd = Command {
+            key: IdempotencyKey::derived(format!("k{}", self.n)),
+            at: self.now,
+            actor: Actor::new(ActorKind::Member, "u1"),
+            refs: Refs::default(),
+            op,
+        };
+        let before = self.state.clone();
+        match execute(&self.state, &cmd, &self.catalog) {
+            Ok(applied) => {
+                self.state = applied.state;
+                self.journal.extend(applied.entries);
+                self.state.check_invariants().unwrap();
+                Ok(applied.outcome)
+            }
+            Err(e) => {
+                assert_eq!(self.state, before);
+                Err(e)
+            }
+        }
+    }
+
+    fn grant(&mut self, source: LotSource, credits: u64, expires_in_h: Option<i64>) -> String {
+        let expires_at = expires_in_h.map(|h| self.now + Duration::hours(h));
+        self.run(Operation::Grant {
+            source,
+            credits: Credits::new(credits),
+            expires_at,
+            note: None,
+        })
+        .unwrap()
+        .lot
+        .unwrap()
+    }
+
+    fn estimate(&self, credits: u64) -> Estimate {
+        Estimate {
+            credits: Credits::new(credits),
+            workflow: Workflow::Image,
+            model: "imagen-3".into(),
+            resolution: None,
+            multiplier: 1,
+            duration_s: None,
+            count: 1,
+            per_item: credits,
+        }
+    }
+
+    fn hold(&mut self, credits: u64) -> Result<GenerationId, LedgerError> {
+        let generation = GenerationId::new();
+        let estimate = self.estimate(credits);
+        self.run(Operation::Hold {
+            generation,
+            estimate,
+            deadline: self.now + Duration::hours(1),
+        })
+        .map(|_| generation)
+    }
+
+    fn complete(
+        &mut self,
+        g: GenerationId,
+        credits: Option<u64>,
+        record: Option<Generation>,
+    ) -> Generation {
+        self.run(Operation::Complete {
+            generation: g,
+            credits: credits.map(Credits::new),
+            record,
+        })
+        .unwrap()
+        .generation
+        .unwrap()
+    }
+
+    fn available(&self) -> u64 {
+        self.state.balance().available
+    }
+
+    fn lot(&self, id: &str) -> &Lot {
+        self.state.lots.iter().find(|l| l.id() == id).unwrap()
+    }
+}
+
+#[test]
+fn a_hold_burns_the_earliest_expiring_lot_first_and_packs_last() {
+    let mut w = World::new();
+    let pack = w.grant(LotSource::Pack, 100, None);
+    let late = w.grant(LotSource::PlanPeriod, 50, Some(48));
+    let soon = w.grant(LotSource::Addon, 30, Some(24));
+    let g = w.hold(60).unwrap();
+    assert_eq!(w.lot(&soon).held, 30);
+    assert_eq!(w.lot(&late).held, 30);
+    assert_eq!(w.lot(&pack).held, 0);
+    w.complete(g, None, None);
+    assert!(
+        w.state.lots.iter().all(|l| l.id() != soon),
+        "spent lot leaves state"
+    );
+    assert_eq!(w.lot(&late).remaining, 20);
+    assert_eq!(w.available(), 120);
+}
+
+#[test]
+fn completing_below_the_estimate_charges_the_exact_cost_and_releases_the_rest() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 100, None);
+    let g = w.hold(24).unwrap();
+    assert_eq!(
+        w.state.balance(),
+        Balance {
+            available: 76,
+            held: 24
+        }
+    );
+    let done = w.complete(g, Some(20), None);
+    assert_eq!(
+        (done.status, done.charged, done.shortfall),
+        (GenerationStatus::Completed, 20, 0)
+    );
+    assert_eq!(
+        w.state.balance(),
+        Balance {
+            available: 80,
+            held: 0
+        }
+    );
+    assert_eq!(w.state.totals.spent, 20);
+}
+
+#[test]
+fn completing_above_the_estimate_takes_the_excess_but_never_goes_below_zero() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 30, None);
+    let g = w.hold(20).unwrap();
+    let done = w.complete(g, Some(45), None);
+    assert_eq!((done.charged, done.shortfall), (30, 15));
+    assert_eq!(
+        w.state.balance(),
+        Balance {
+            available: 0,
+            held: 0
+        }
+    );
+}
+
+#[test]
+fn a_failed_generation_is_never_charged() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 50, None);
+    let g = w.hold(40).unwrap();
+    let out = w
+        .run(Operation::Fail {
+            generation: g,
+            reason: "model crashed".into(),
+            record: None,
+        })
+        .unwrap();
+    let rec = out.generation.unwrap();
+    assert_eq!((rec.status, rec.charged), (GenerationStatus::Failed, 0));
+    assert_eq!(
+        w.state.balance(),
+        Balance {
+            available: 50,
+            held: 0
+        }
+    );
+    assert_eq!(w.state.totals.spent, 0);
+    // Completing a failed generation is a conflict, not a charge.
+    let err = w
+        .run(Operation::Complete {
+            generation: g,
+            credits: None,
+            record: Some(rec),
+        })
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        LedgerError::AlreadySettled {
+            status: "failed",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn holds_beyond_the_balance_are_refused_and_change_nothing() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 10, None);
+    w.hold(8).unwrap();
+    assert_eq!(
+        w.hold(3).unwrap_err(),
+        LedgerError::InsufficientCredits {
+            needed: 3,
+            available: 2
+        }
+    );
+    assert_eq!(w.available(), 2);
+}
+
+#[test]
+fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still_pays() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 50, None);
+    let g = w.hold(20).unwrap();
+    let view = w.state.settled_at(w.now + Duration::hours(2)).unwrap();
+    assert_eq!(
+        view.balance(),
+        Balance {
+            available: 50,
+            held: 0
+        },
+        "reads see the release at once"
+    );
+    w.now += Duration::hours(2);
+    let out = w.run(Operation::SetPlan { plan: None }).unwrap();
+    assert_eq!(
+        out.entries.len(),
+        2,
+        "hold_expired entry plus the operation's own"
+    );
+    assert_eq!(
+        w.journal[out.entries[0] as usize - 1].reason,
+        Reason::HoldExpired
+    );
+    assert_eq!(
+        w.state.balance(),
+        Balance {
+            available: 50,
+            held: 0
+        }
+    );
+    let expired = Generation {
+        status: GenerationStatus::Expired,
+        ..record_for(&w, g, 20)
+    };
+    let done = w.complete(g, Some(15), Some(expired));
+    assert_eq!(
+        (done.status, done.charged),
+        (GenerationStatus::Completed, 15)
+    );
+    assert_eq!(w.available(), 35);
+}
+
+fn record_for(w: &World, g: GenerationId, held: u64) -> Generation {
+    Generation {
+        id: g,
+        account: w.state.account.clone(),
+        started_by: "u1".into(),
+        estimate: w.estimate(held),
+        held,
+        status: GenerationStatus::Held,
+        charged: 0,
+        shortfall: 0,
+        failure_reason: None,
+        created_at: t0(),
+        deadline: t0() + Duration::hours(1),
+        settled_at: None,
+        entries: vec![],
+    }
+}
+
+#[test]
+fn lapsed_lots_expire_lazily_but_credits_held_on_them_stay_spendable_by_that_hold() {
+    let mut w = World::new();
+    let lot = w.grant(LotSource::PlanPeriod, 100, Some(2));
+    let gid = GenerationId::new();
+    let e = w.estimate(40);
+    w.run(Operation::Hold {
+        generation: gid,
+        estimate: e,
+        deadline: w.now + Duration::hours(5),
+    })
+    .unwrap();
+    w.now += Duration::hours(3);
+    w.run(Operation::SetPlan { plan: None }).unwrap();
+    assert_eq!(w.lot(&lot).remaining, 40, "only the free part expired");
+    assert_eq!(w.state.totals.expired, 60);
+    assert_eq!(
+        w.state.balance(),
+        Balance {
+            available: 0,
+            held: 40
+        }
+    );
+    let done = w.complete(gid, Some(30), None);
+    assert_eq!((done.charged, done.shortfall), (30, 0));
+    // The 10 credits released back onto the lapsed lot expire in the same operation.
+    assert_eq!(w.state.totals.expired, 70);
+    assert!(w.state.lots.is_empty());
+}
+
+#[test]
+fn credits_released_onto_a_lapsed_lot_expire_in_the_same_operation() {
+    let mut w = World::new();
+    let short = w.grant(LotSource::PlanPeriod, 100, Some(1));
+    let gid = GenerationId::new();
+    let e = w.estimate(40);
+    w.run(Operation::Hold {
+        generation: gid,
+        estimate: e,
+        deadline: w.now + Duration::hours(5),
+    })
+    .unwrap();
+    w.now += Duration::hours(2);
+    w.run(Operation::Fail {
+        generation: gid,
+        reason: "gpu lost".into(),
+        record: None,
+    })
+    .unwrap();
+    assert!(w.state.lots.iter().all(|l| l.id() != short));
+    assert_eq!(w.state.totals.expired, 100);
+    assert_eq!(w.state.totals.spent, 0);
+    assert_eq!(w.available(), 0);
+}
+
+#[test]
+fn training_needs_a_free_custom_model_slot() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 5000, None);
+    let training = |w: &World| Estimate {
+        workflow: Workflow::Training,
+        model: "custom-model".into(),
+        ..w.estimate(400)
+    };
+    let e = training(&w);
+    let err = w
+        .run(Operation::Hold {
+            generation: GenerationId::new(),
+            estimate: e,
+            deadline: w.now + Duration::hours(1),
+        })
+        .unwrap_err();
+    assert_eq!(err, LedgerError::NoCustomModelSlot { slots: 0 });
+    w.run(Operation::SetPlan {
+        plan: Some(PlanState {
+            plan: "plus".into(),
+            interval: Interval::Monthly,
+            status: PlanStatus::Active,
+            period_start: w.now,
+            period_end: w.now + Duration::days(30),
+            cancel_at_period_end: false,
+        }),
+    })
+    .unwrap();
+    let first = GenerationId::new();
+    let e = training(&w);
+    w.run(Operation::Hold {
+        generation: first,
+        estimate: e,
+        deadline: w.now + Duration::hours(1),
+    })
+    .unwrap();
+    let e = training(&w);
+    assert!(matches!(
+        w.run(Operation::Hold {
+            generation: GenerationId::new(),
+            estimate: e,
+            deadline: w.now + Duration::hours(1)
+        }),
+        Err(LedgerError::NoCustomModelSlot { slots: 1 })
+    ));
+    // A failed training gives its slot back.
+    w.run(Operation::Fail {
+        generation: first,
+        reason: "bad data".into(),
+        record: None,
+    })
+    .unwrap();
+    assert!(w.state.custom_models.is_empty());
+}
+
+#[test]
+fn a_negative_adjustment_cannot_take_more_than_is_available() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 10, None);
+    w.hold(6).unwrap();
+    assert_eq!(
+        w.run(Operation::Adjust {
+            credits: -5,
+            note: "fix".into()
+        })
+        .unwrap_err(),
+        LedgerError::InsufficientCredits {
+            needed: 5,
+            available: 4
+        }
+    );
+    w.run(Operation::Adjust {
+        credits: -4,
+        note: "fix".into(),
+    })
+    .unwrap();
+    assert_eq!(w.state.totals.adjusted_out, 4);
+    w.run(Operation::Adjust {
+        credits: 7,
+        note: "goodwill".into(),
+    })
+    .unwrap();
+    assert_eq!(w.available(), 7);
+}
+
+#[test]
+fn the_journal_alone_rebuilds_the_state() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 100, None);
+    w.grant(LotSource::PlanPeriod, 40, Some(5));
+    let g = w.hold(70).unwrap();
+    w.complete(g, Some(65), None);
+    w.now += Duration::hours(6);
+    w.run(Operation::Adjust {
+        credits: 3,
+        note: "x".into(),
+    })
+    .unwrap();
+    let rebuilt = AccountState::from_journal(w.state.account.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt, w.state);
+}
+
+#[test]
+fn grant_specs_from_the_catalog_flow_through_a_hold() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 100, None);
+    let spec = GenerationSpec {
+        workflow: Workflow::Video,
+        model: "video-ultra".into(),
+        resolution: Some(crate::catalog::Resolution::K4),
+        duration_s: Some(10),
+        count: None,
+    };
+    let estimate = w.catalog.estimate(&spec).unwrap();
+    assert_eq!(estimate.credits.get(), 60);
+    let generation = GenerationId::new();
+    w.run(Operation::Hold {
+        generation,
+        estimate,
+        deadline: w.now + Duration::hours(1),
+    })
+    .unwrap();
+    assert_eq!(
+        w.state.balance(),
+        Balance {
+            available: 40,
+            held: 60
+        }
+    );
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Grant {
+            pack: bool,
+            credits: u64,
+            expires_in_h: Option<i64>,
+        },
+        Hold {
+            slot: usize,
+            credits: u64,
+            deadline_h: i64,
+        },
+        Complete {
+            slot: usize,
+            credits: Option<u64>,
+        },
+        Fail {
+            slot: usize,
+        },
+        Adjust {
+            credits: i64,
+        },
+        Advance {
+            hours: i64,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (any::<bool>(), 1u64..300, proptest::option::of(1i64..72)).prop_map(
+                |(pack, credits, expires_in_h)| Step::Grant {
+                    pack,
+                    credits,
+                    expires_in_h
+                }
+            ),
+            (0usize..6, 1u64..150, 1i64..24).prop_map(|(slot, credits, deadline_h)| Step::Hold {
+                slot,
+                credits,
+                deadline_h
+            }),
+            (0usize..6, proptest::option::of(1u64..200))
+                .prop_map(|(slot, credits)| Step::Complete { slot, credits }),
+            (0usize..6).prop_map(|slot| Step::Fail { slot }),
+            (-200i64..200)
+                .prop_filter("non-zero", |c| *c != 0)
+                .prop_map(|credits| Step::Adjust { credits }),
+            (1i64..30).prop_map(|hours| Step::Advance { hours }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn no_sequence_of_operations_breaks_the_ledger(steps in proptest::collection::vec(step(), 1..60)) {
+            let mut w = World::new();
+            let slots: Vec<GenerationId> = (0..6).map(|_| GenerationId::new()).collect();
+            let mut records: std::collections::HashMap<GenerationId, Generation> = Default::default();
+            for s in steps {
+                let op = match s {
+                    Step::Grant { pack, credits, expires_in_h } => Operation::Grant {
+                        source: if pack { LotSource::Pack } else { LotSource::PlanPeriod },
+                        credits: Credits::new(credits),
+                        expires_at: expires_in_h.map(|h| w.now + Duration::hours(h)),
+                        note: None,
+                    },
+                    Step::Hold { slot, credits, deadline_h } => Operation::Hold {
+                        generation: slots[slot],
+                        estimate: w.estimate(credits),
+                        deadline: w.now + Duration::hours(deadline_h),
+                    },
+                    Step::Complete { slot, credits } => Operation::Complete {
+                        generation: slots[slot],
+                        credits: credits.map(Credits::new),
+                        record: records.get(&slots[slot]).cloned(),
+                    },
+                    Step::Fail { slot } => Operation::Fail {
+                        generation: slots[slot],
+                        reason: "failed".into(),
+                        record: records.get(&slots[slot]).cloned(),
+                    },
+                    Step::Adjust { credits } => Operation::Adjust { credits, note: "p".into() },
+                    Step::Advance { hours } => {
+                        w.now += Duration::hours(hours);
+                        continue;
+                    }
+                };
+                let before = w.state.clone();
+                let cmd = Command {
+                    key: IdempotencyKey::derived(format!("p{}", w.journal.len())),
+                    at: w.now,
+                    actor: Actor::system(),
+                    refs: Refs::default(),
+                    op,
+                };
+                match execute(&w.state, &cmd, &w.catalog) {
+                    Ok(applied) => {
+                        for g in &applied.generations {
+                            records.insert(g.id, g.clone());
+                        }
+                        // Balance after each entry is never negative (u64 and consistent).
+                        for e in &applied.entries {
+                            prop_assert!(e.balance_after.available as i128 >= 0);
+                        }
+                        w.state = applied.state;
+                        w.journal.extend(applied.entries);
+                    }
+                    Err(LedgerError::Corrupt(m)) => prop_assert!(false, "corrupt: {m}"),
+                    Err(_) => prop_assert_eq!(&w.state, &before),
+                }
+                prop_assert_eq!(w.state.check_invariants(), Ok(()));
+                let remaining: i128 = w.state.lots.iter().map(|l| l.remaining as i128).sum();
+                let held: i128 = w.state.holds.iter().map(|h| h.amount as i128).sum();
+                prop_assert!(remaining - held >= 0, "available went negative");
+            }
+            let rebuilt = AccountState::from_journal(w.state.account.clone(), &w.journal).unwrap();
+            prop_assert_eq!(rebuilt, w.state);
+        }
+    }
+}

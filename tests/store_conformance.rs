@@ -1,0 +1,483 @@
+//! One conformance suite, run against every `LedgerStore` adapter: the embedded redb store
+//! and the DynamoDB store on a DynamoDB-compatible server on loopback.
+
+use chrono::Duration;
+use std::sync::Arc;
+use tally::catalog::Catalog;
+use tally::ids::{GenerationId, IdempotencyKey};
+use tally::ledger::{
+    AccountState, Actor, Applied, Command, GenerationStatus, LotSource, Operation, Refs, execute,
+};
+use tally::money::Credits;
+use tally::store::{
+    Commit, CommitError, EntryQuery, GenerationQuery, IdempotencyRecord, LedgerStore,
+};
+use tally_tests::{account, t0};
+
+/// Runs an operation on `state` with the engine and turns it into a commit.
+fn prepare(state: &AccountState, key: &str, op: Operation, minutes: i64) -> (Commit, Applied) {
+    let cmd = Command {
+        key: IdempotencyKey::derived(key.into()),
+        at: t0() + Duration::minutes(minutes),
+        actor: Actor::system(),
+        refs: Refs::default(),
+        op: op.clone(),
+    };
+    let applied = execute(state, &cmd, &Catalog::builtin()).expect("engine accepts");
+    let mut next = applied.state.clone();
+    next.version = state.version + 1;
+    let new_generations = match op {
+        Operation::Hold { generation, .. } => vec![generation],
+        _ => vec![],
+    };
+    let commit = Commit {
+        state: next,
+        entries: applied.entries.clone(),
+        idempotency: IdempotencyRecord {
+            key: cmd.key.clone(),
+            fingerprint: key.into(),
+            outcome: applied.outcome.clone(),
+            created_at: cmd.at,
+            expires_at: Some(cmd.at + Duration::hours(72)),
+        },
+        generations: applied.generations.clone(),
+        new_generations,
+    };
+    (commit, applied)
+}
+
+fn grant(credits: u64) -> Operation {
+    Operation::Grant {
+        source: LotSource::Pack,
+        credits: Credits::new(credits),
+        expires_at: None,
+        note: None,
+    }
+}
+
+fn hold(g: GenerationId, model: &str, credits: u64) -> Operation {
+    let catalog = Catalog::builtin();
+    let mut estimate = catalog
+        .estimate(&tally::catalog::GenerationSpec {
+            workflow: tally::catalog::Workflow::Image,
+            model: model.into(),
+            resolution: None,
+            duration_s: None,
+            count: None,
+        })
+        .unwrap();
+    estimate.credits = Credits::new(credits);
+    Operation::Hold {
+        generation: g,
+        estimate,
+        deadline: t0() + Duration::hours(10),
+    }
+}
+
+/// Commits an operation and returns the new stored state.
+async fn apply(
+    store: &dyn LedgerStore,
+    state: &AccountState,
+    key: &str,
+    op: Operation,
+) -> AccountState {
+    let (commit, _) = prepare(state, key, op, 0);
+    let next = commit.state.clone();
+    store.commit(commit).await.expect("commit");
+    next
+}
+
+pub async fn an_unknown_account_has_no_state_entries_or_records(store: Arc<dyn LedgerStore>) {
+    let a = account("org_nobody");
+    assert!(store.load(&a).await.unwrap().is_none());
+    assert!(
+        store
+            .entries(
+                &a,
+                &EntryQuery {
+                    before: None,
+                    limit: 10
+                }
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .idempotency(&a, &IdempotencyKey::derived("x".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .generation(&a, GenerationId::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .generation_owner(GenerationId::new())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn a_commit_stores_state_entries_and_the_idempotency_record_together(
+    store: Arc<dyn LedgerStore>,
+) {
+    let a = account("org_a");
+    let s0 = AccountState::new(a.clone());
+    let (commit, applied) = prepare(&s0, "k1", grant(100), 0);
+    store.commit(commit.clone()).await.unwrap();
+    let loaded = store.load(&a).await.unwrap().unwrap();
+    assert_eq!(loaded, commit.state);
+    assert_eq!(loaded.version, 1);
+    let rec = store
+        .idempotency(&a, &IdempotencyKey::derived("k1".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.outcome, applied.outcome);
+    assert_eq!(rec.expires_at, commit.idempotency.expires_at);
+    let entries = store
+        .entries(
+            &a,
+            &EntryQuery {
+                before: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries, applied.entries);
+}
+
+pub async fn a_commit_on_a_stale_version_is_a_conflict_and_writes_nothing(
+    store: Arc<dyn LedgerStore>,
+) {
+    let a = account("org_b");
+    let s0 = AccountState::new(a.clone());
+    let s1 = apply(store.as_ref(), &s0, "k1", grant(100)).await;
+    // A second writer that also read version 0.
+    let (stale, _) = prepare(&s0, "k2", grant(5), 1);
+    assert!(matches!(
+        store.commit(stale).await,
+        Err(CommitError::Conflict)
+    ));
+    assert_eq!(store.load(&a).await.unwrap().unwrap(), s1);
+    assert!(
+        store
+            .idempotency(&a, &IdempotencyKey::derived("k2".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .entries(
+                &a,
+                &EntryQuery {
+                    before: None,
+                    limit: 10
+                }
+            )
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Same for an existing account read at an old version.
+    let _s2 = apply(store.as_ref(), &s1, "k3", grant(7)).await;
+    let (stale, _) = prepare(&s1, "k4", grant(9), 2);
+    assert!(matches!(
+        store.commit(stale).await,
+        Err(CommitError::Conflict)
+    ));
+    assert_eq!(store.load(&a).await.unwrap().unwrap().version, 2);
+}
+
+pub async fn a_repeated_idempotency_key_is_reported_as_duplicate_and_writes_nothing(
+    store: Arc<dyn LedgerStore>,
+) {
+    let a = account("org_c");
+    let s0 = AccountState::new(a.clone());
+    let s1 = apply(store.as_ref(), &s0, "same", grant(100)).await;
+    // The same operation again, prepared on fresh state: the key already exists.
+    let (again, _) = prepare(&s1, "same", grant(100), 1);
+    assert!(matches!(
+        store.commit(again).await,
+        Err(CommitError::Duplicate)
+    ));
+    assert_eq!(store.load(&a).await.unwrap().unwrap(), s1);
+    assert_eq!(
+        store
+            .entries(
+                &a,
+                &EntryQuery {
+                    before: None,
+                    limit: 10
+                }
+            )
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+pub async fn journal_pages_run_newest_first_and_fetch_by_sequence(store: Arc<dyn LedgerStore>) {
+    let a = account("org_d");
+    let mut s = AccountState::new(a.clone());
+    for i in 0..7 {
+        s = apply(store.as_ref(), &s, &format!("g{i}"), grant(10 + i)).await;
+    }
+    let first = store
+        .entries(
+            &a,
+            &EntryQuery {
+                before: None,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![7, 6, 5]
+    );
+    let next = store
+        .entries(
+            &a,
+            &EntryQuery {
+                before: Some(5),
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![4, 3, 2]
+    );
+    let last = store
+        .entries(
+            &a,
+            &EntryQuery {
+                before: Some(2),
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(last.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
+    let picked = store.entries_by_seq(&a, &[2, 6, 99]).await.unwrap();
+    assert_eq!(picked.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 6]);
+    // The journal alone rebuilds the stored state.
+    let mut all = store
+        .entries(
+            &a,
+            &EntryQuery {
+                before: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
+    all.reverse();
+    let mut rebuilt = AccountState::from_journal(a.clone(), &all).unwrap();
+    rebuilt.version = s.version;
+    assert_eq!(rebuilt, store.load(&a).await.unwrap().unwrap());
+}
+
+pub async fn generations_list_newest_first_with_filters_and_cursor(store: Arc<dyn LedgerStore>) {
+    let a = account("org_e");
+    let mut s = apply(
+        store.as_ref(),
+        &AccountState::new(a.clone()),
+        "grant",
+        grant(1000),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        let g = GenerationId::from_ulid(ulid::Ulid::from_parts(1_000 + i, 7));
+        let model = if i % 2 == 0 {
+            "imagen-3"
+        } else {
+            "flux-schnell"
+        };
+        s = apply(store.as_ref(), &s, &format!("h{i}"), hold(g, model, 10)).await;
+        ids.push(g);
+    }
+    s = apply(
+        store.as_ref(),
+        &s,
+        "c0",
+        Operation::Complete {
+            generation: ids[0],
+            credits: None,
+            record: None,
+        },
+    )
+    .await;
+    let _ = s;
+    let all = store
+        .generations(
+            &a,
+            &GenerationQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|g| g.id).collect::<Vec<_>>(),
+        ids.iter().rev().copied().collect::<Vec<_>>()
+    );
+    let page = store
+        .generations(
+            &a,
+            &GenerationQuery {
+                before: Some(ids[3]),
+                limit: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|g| g.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[1]]
+    );
+    let imagen = store
+        .generations(
+            &a,
+            &GenerationQuery {
+                model: Some("imagen-3".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        imagen.iter().map(|g| g.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[2], ids[0]]
+    );
+    let done = store
+        .generations(
+            &a,
+            &GenerationQuery {
+                status: Some(GenerationStatus::Completed),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].id, ids[0]);
+    assert_eq!(done[0].charged, 10);
+    assert_eq!(
+        store.generation(&a, ids[0]).await.unwrap().unwrap().status,
+        GenerationStatus::Completed
+    );
+    assert_eq!(
+        store.generation_owner(ids[3]).await.unwrap(),
+        Some(a.clone())
+    );
+    // Another workspace sees none of it.
+    let other = account("org_e2");
+    assert!(store.generation(&other, ids[0]).await.unwrap().is_none());
+    assert!(
+        store
+            .generations(
+                &other,
+                &GenerationQuery {
+                    limit: 10,
+                    ..Default::default()
+                }
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn a_generation_id_cannot_be_claimed_by_two_workspaces(store: Arc<dyn LedgerStore>) {
+    let g = GenerationId::new();
+    let a = account("org_f");
+    let b = account("org_g");
+    let sa = apply(
+        store.as_ref(),
+        &AccountState::new(a.clone()),
+        "ga",
+        grant(100),
+    )
+    .await;
+    let sb = apply(
+        store.as_ref(),
+        &AccountState::new(b.clone()),
+        "gb",
+        grant(100),
+    )
+    .await;
+    let _ = apply(store.as_ref(), &sa, "ha", hold(g, "imagen-3", 5)).await;
+    let (twin, _) = prepare(&sb, "hb", hold(g, "imagen-3", 5), 1);
+    assert!(matches!(
+        store.commit(twin).await,
+        Err(CommitError::Conflict)
+    ));
+    assert_eq!(store.load(&b).await.unwrap().unwrap(), sb);
+    assert_eq!(store.generation_owner(g).await.unwrap(), Some(a));
+}
+
+macro_rules! conformance {
+    ($adapter:ident, $make:expr) => {
+        mod $adapter {
+            #[allow(unused_imports)]
+            use tally_tests::{dynamo_store, embedded_store};
+
+            #[tokio::test]
+            async fn an_unknown_account_has_no_state_entries_or_records() {
+                super::an_unknown_account_has_no_state_entries_or_records($make).await;
+            }
+            #[tokio::test]
+            async fn a_commit_stores_state_entries_and_the_idempotency_record_together() {
+                super::a_commit_stores_state_entries_and_the_idempotency_record_together($make)
+                    .await;
+            }
+            #[tokio::test]
+            async fn a_commit_on_a_stale_version_is_a_conflict_and_writes_nothing() {
+                super::a_commit_on_a_stale_version_is_a_conflict_and_writes_nothing($make).await;
+            }
+            #[tokio::test]
+            async fn a_repeated_idempotency_key_is_reported_as_duplicate_and_writes_nothing() {
+                super::a_repeated_idempotency_key_is_reported_as_duplicate_and_writes_nothing(
+                    $make,
+                )
+                .await;
+            }
+            #[tokio::test]
+            async fn journal_pages_run_newest_first_and_fetch_by_sequence() {
+                super::journal_pages_run_newest_first_and_fetch_by_sequence($make).await;
+            }
+            #[tokio::test]
+            async fn generations_list_newest_first_with_filters_and_cursor() {
+                super::generations_list_newest_first_with_filters_and_cursor($make).await;
+            }
+            #[tokio::test]
+            async fn a_generation_id_cannot_be_claimed_by_two_workspaces() {
+                super::a_generation_id_cannot_be_claimed_by_two_workspaces($make).await;
+            }
+        }
+    };
+}
+
+conformance!(embedded, embedded_store());
+conformance!(dynamodb, dynamo_store().await);
