@@ -1,1 +1,761 @@
-//! HTTP API tests (placeholder)
+//! The credits API as a client sees it, through the same router `make run` serves.
+
+use axum::http::Method;
+use chrono::Duration;
+use serde_json::{Value, json};
+use tally_tests::{TestApp, grant, member, owner, service, support, token};
+
+fn video() -> Value {
+    json!({"workflow": "video", "model": "video-pro", "duration_s": 10, "resolution": "2k"})
+}
+
+async fn start(app: &TestApp, tok: &str, body: Value) -> Value {
+    let a = app.post("/v1/generations", tok, body).await;
+    assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
+    a.body
+}
+
+async fn available(app: &TestApp, tok: &str) -> u64 {
+    app.get("/v1/balance", tok).await.body["available"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn health_openapi_and_catalog_need_no_token() {
+    let app = TestApp::new();
+    let h = app.send(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(h.body["status"], "ok");
+    let doc = app
+        .send(Method::GET, "/openapi.json", None, None, &[])
+        .await;
+    assert_eq!(doc.body["openapi"], "3.1.0");
+    for path in [
+        "/v1/balance",
+        "/v1/generations",
+        "/v1/generations/{id}/complete",
+        "/v1/ledger",
+    ] {
+        assert!(doc.body["paths"][path].is_object(), "{path} documented");
+    }
+    let c = app.send(Method::GET, "/v1/catalog", None, None, &[]).await;
+    assert_eq!(c.status.as_u16(), 200);
+    let max = c.body["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "max")
+        .unwrap();
+    assert_eq!(max["monthly_credits"], 400);
+    assert_eq!(max["yearly_price_cents"], 20880);
+    let workflows: Vec<&str> = c.body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["workflow"].as_str().unwrap())
+        .collect();
+    for w in ["image", "video", "avatar", "training"] {
+        assert!(workflows.contains(&w), "{w}");
+    }
+    let res: Vec<&str> = c.body["resolutions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(res, vec!["1080p", "2k", "4k"]);
+}
+
+#[tokio::test]
+async fn missing_forged_and_expired_tokens_get_401_problems() {
+    let app = TestApp::new();
+    app.send(Method::GET, "/v1/balance", None, None, &[])
+        .await
+        .assert_problem(401, "unauthorized");
+    let forged = tally::http::auth::dev_token(
+        b"not-the-secret",
+        &json!({"sub": "x", "org_id": "a", "role": "owner", "exp": chrono::Utc::now().timestamp() + 60}),
+    );
+    app.get("/v1/balance", &forged)
+        .await
+        .assert_problem(401, "unauthorized");
+    let expired = tally::http::auth::dev_token(
+        tally_tests::SECRET.as_bytes(),
+        &json!({"sub": "x", "org_id": "a", "role": "owner", "exp": 1}),
+    );
+    app.get("/v1/balance", &expired)
+        .await
+        .assert_problem(401, "unauthorized");
+    // A staff token without a workspace cannot read balances.
+    app.get("/v1/balance", &service())
+        .await
+        .assert_problem(403, "forbidden");
+}
+
+#[tokio::test]
+async fn estimates_price_by_model_resolution_duration_and_count() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 20).await;
+    let tok = member("org_a", "m1");
+    let e = app.post("/v1/estimates", &tok, video()).await;
+    assert_eq!(e.body["credits"], 24);
+    assert_eq!(e.body["multiplier"], 2);
+    assert_eq!(e.body["sufficient"], false);
+    assert_eq!(e.body["available"], 20);
+    let img = app
+        .post(
+            "/v1/estimates",
+            &tok,
+            json!({"workflow": "image", "model": "flux-schnell", "count": 4, "resolution": "4k"}),
+        )
+        .await;
+    assert_eq!(img.body["credits"], 24);
+    let train = app
+        .post(
+            "/v1/estimates",
+            &tok,
+            json!({"workflow": "training", "model": "custom-model"}),
+        )
+        .await;
+    assert_eq!(train.body["credits"], 400);
+}
+
+#[tokio::test]
+async fn a_generation_holds_its_estimate_then_charges_the_exact_cost_once() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 100).await;
+    let m = member("org_a", "m1");
+    let g = start(&app, &m, video()).await;
+    assert_eq!(
+        (g["status"].as_str(), g["held"].as_u64()),
+        (Some("held"), Some(24))
+    );
+    let bal = app.get("/v1/balance", &m).await.body;
+    assert_eq!(
+        (bal["available"].as_u64(), bal["held"].as_u64()),
+        (Some(76), Some(24))
+    );
+    let id = g["id"].as_str().unwrap();
+    let done = app
+        .post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({"credits": 18}),
+        )
+        .await;
+    assert_eq!(done.status.as_u16(), 200, "{:#}", done.body);
+    assert_eq!(
+        (done.body["status"].as_str(), done.body["charged"].as_u64()),
+        (Some("completed"), Some(18))
+    );
+    // Repeats (even with another amount) return the first result and charge nothing more.
+    let again = app
+        .post(
+            &format!("/v1/generations/{id}/complete"),
+            &m,
+            json!({"credits": 5}),
+        )
+        .await;
+    assert_eq!(again.body, done.body);
+    assert_eq!(available(&app, &m).await, 82);
+    app.post(
+        &format!("/v1/generations/{id}/fail"),
+        &m,
+        json!({"reason": "late"}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    let detail = app.get(&format!("/v1/generations/{id}"), &m).await.body;
+    let reasons: Vec<&str> = detail["ledger_entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, vec!["hold_placed", "generation_charged"]);
+    assert_eq!(detail["estimate"]["model"], "video-pro");
+}
+
+#[tokio::test]
+async fn a_failed_generation_costs_nothing_and_cannot_be_completed_afterwards() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 50).await;
+    let m = member("org_a", "m1");
+    let g = start(
+        &app,
+        &m,
+        json!({"workflow": "image", "model": "imagen-3", "count": 2}),
+    )
+    .await;
+    let id = g["id"].as_str().unwrap();
+    let f = app
+        .post(
+            &format!("/v1/generations/{id}/fail"),
+            &m,
+            json!({"reason": "provider timeout"}),
+        )
+        .await;
+    assert_eq!(
+        (f.body["status"].as_str(), f.body["charged"].as_u64()),
+        (Some("failed"), Some(0))
+    );
+    assert_eq!(f.body["failure_reason"], "provider timeout");
+    let again = app
+        .post(
+            &format!("/v1/generations/{id}/fail"),
+            &service(),
+            json!({"reason": "other"}),
+        )
+        .await;
+    assert_eq!(again.body, f.body);
+    app.post(&format!("/v1/generations/{id}/complete"), &m, json!({}))
+        .await
+        .assert_problem(409, "conflict");
+    assert_eq!(available(&app, &m).await, 50);
+}
+
+#[tokio::test]
+async fn a_generation_beyond_the_balance_is_refused_with_402_and_nothing_changes() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 10).await;
+    let m = member("org_a", "m1");
+    let before = app.entry_count("org_a").await;
+    let a = app.post("/v1/generations", &m, video()).await;
+    a.assert_problem(402, "insufficient_credits");
+    assert_eq!(a.body["facts"], json!({"needed": 24, "available": 10}));
+    assert_eq!(app.entry_count("org_a").await, before);
+    assert!(
+        app.get("/v1/generations", &m).await.body["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn only_the_starter_or_the_generation_service_may_settle() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 100).await;
+    let g = start(&app, &member("org_a", "m1"), video()).await;
+    let id = g["id"].as_str().unwrap();
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &member("org_a", "m2"),
+        json!({}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &owner("org_a"),
+        json!({}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    let done = app
+        .post(
+            &format!("/v1/generations/{id}/complete"),
+            &member("org_a", "m1"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(done.body["charged"], 24);
+}
+
+#[tokio::test]
+async fn no_request_reaches_another_workspaces_data() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 100).await;
+    grant(&app.ledger, "org_b", 7).await;
+    let a = member("org_a", "m1");
+    let b = member("org_b", "intruder");
+    let g = start(&app, &a, video()).await;
+    let id = g["id"].as_str().unwrap();
+    app.get(&format!("/v1/generations/{id}"), &b)
+        .await
+        .assert_problem(404, "not_found");
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &b,
+        json!({"credits": 1}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    app.post(
+        &format!("/v1/generations/{id}/fail"),
+        &b,
+        json!({"reason": "x"}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    // A settle token bound to another workspace cannot reach it either.
+    let bound = token(json!({"sub": "svc", "org_id": "org_b", "scope": "credits:settle"}));
+    app.post(&format!("/v1/generations/{id}/complete"), &bound, json!({}))
+        .await
+        .assert_problem(404, "not_found");
+    assert!(
+        app.get("/v1/generations", &b).await.body["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let b_ledger = app.get("/v1/ledger", &b).await.body;
+    assert_eq!(b_ledger["items"].as_array().unwrap().len(), 1);
+    assert_eq!(available(&app, &b).await, 7);
+    let a_view = app.get(&format!("/v1/generations/{id}"), &a).await;
+    assert_eq!(a_view.body["status"], "held");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_problem_details_and_changes_nothing() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 100).await;
+    let m = member("org_a", "m1");
+    let before = app.entry_count("org_a").await;
+    let cases: Vec<(&str, u16, &str)> = vec![
+        ("{not json", 400, "malformed_request"),
+        (
+            r#"{"workflow":"video","model":"video-pro","duration_s":"ten"}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"video","model":"video-pro","duration_s":-5}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"video","model":"video-pro","duration_s":99999999999}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"video","model":"video-pro"}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"image","model":"nope"}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"image","model":"imagen-3","count":0}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"image","model":"imagen-3","count":1000}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"image","model":"imagen-3","resolution":"8k"}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"image","model":"imagen-3","credits":1}"#,
+            422,
+            "validation_failed",
+        ),
+        (
+            r#"{"workflow":"music","model":"imagen-3"}"#,
+            422,
+            "validation_failed",
+        ),
+        (r#"[]"#, 422, "validation_failed"),
+    ];
+    for (body, status, code) in cases {
+        let a = app
+            .send(Method::POST, "/v1/generations", Some(&m), Some(body), &[])
+            .await;
+        a.assert_problem(status, code);
+    }
+    let no_type = app
+        .send(Method::POST, "/v1/generations", Some(&m), None, &[])
+        .await;
+    no_type.assert_problem(415, "unsupported_media_type");
+    let big = format!(
+        r#"{{"workflow":"image","model":"{}"}}"#,
+        "x".repeat(100_000)
+    );
+    app.send(Method::POST, "/v1/generations", Some(&m), Some(&big), &[])
+        .await
+        .assert_problem(413, "payload_too_large");
+
+    let g = start(&app, &m, video()).await;
+    let id = g["id"].as_str().unwrap();
+    let held = app.entry_count("org_a").await;
+    for (body, status) in [
+        (json!({"credits": -1}), 422),
+        (json!({"credits": 0}), 422),
+        (json!({"credits": 1e12}), 422),
+        (json!({"credits": "5"}), 422),
+        (json!({"credits": 10_000_001}), 422),
+    ] {
+        let a = app
+            .post(&format!("/v1/generations/{id}/complete"), &m, body)
+            .await;
+        assert_eq!(a.status.as_u16(), status, "{:#}", a.body);
+        assert_eq!(a.content_type, "application/problem+json");
+    }
+    app.post("/v1/generations/not-an-id/complete", &m, json!({}))
+        .await
+        .assert_problem(422, "validation_failed");
+    app.post(
+        &format!(
+            "/v1/generations/{}/complete",
+            tally::ids::GenerationId::new()
+        ),
+        &m,
+        json!({}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    app.post(
+        &format!("/v1/generations/{id}/fail"),
+        &m,
+        json!({"reason": ""}),
+    )
+    .await
+    .assert_problem(422, "validation_failed");
+    app.get("/v1/generations?limit=0", &m)
+        .await
+        .assert_problem(422, "validation_failed");
+    app.get("/v1/generations?status=lost", &m)
+        .await
+        .assert_problem(422, "validation_failed");
+    app.get("/v1/generations?cursor=zzz", &m)
+        .await
+        .assert_problem(422, "validation_failed");
+    app.get("/v1/ledger?cursor=-4", &m)
+        .await
+        .assert_problem(422, "validation_failed");
+    app.get("/v1/ledger?limit=abc", &m)
+        .await
+        .assert_problem(422, "validation_failed");
+    app.send(Method::DELETE, "/v1/balance", Some(&m), None, &[])
+        .await
+        .assert_problem(405, "method_not_allowed");
+    app.get("/v1/nowhere", &m)
+        .await
+        .assert_problem(404, "not_found");
+    assert_eq!(app.entry_count("org_a").await, held);
+    assert_eq!(held, before + 1, "only the one valid hold was written");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_first_generation_and_refuses_a_different_body() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 30).await;
+    let m = member("org_a", "m1");
+    let send = |body: Value| {
+        let m = m.clone();
+        let app = &app;
+        async move {
+            app.send(
+                Method::POST,
+                "/v1/generations",
+                Some(&m),
+                Some(&body.to_string()),
+                &[("idempotency-key", "retry-1")],
+            )
+            .await
+        }
+    };
+    let first = send(video()).await;
+    assert_eq!(first.status.as_u16(), 201);
+    // The balance (6) no longer covers a second hold, yet the retry gets the first answer.
+    let second = send(video()).await;
+    assert_eq!(second.status.as_u16(), 201);
+    assert_eq!(second.body["id"], first.body["id"]);
+    assert_eq!(available(&app, &m).await, 6);
+    let other = send(json!({"workflow": "image", "model": "imagen-3"})).await;
+    other.assert_problem(409, "conflict");
+    let bad_key = app
+        .send(
+            Method::POST,
+            "/v1/generations",
+            Some(&m),
+            Some(&video().to_string()),
+            &[("idempotency-key", "has spaces")],
+        )
+        .await;
+    bad_key.assert_problem(422, "validation_failed");
+}
+
+#[tokio::test]
+async fn an_abandoned_hold_is_released_at_its_deadline_and_shown_as_expired() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 40).await;
+    let m = member("org_a", "m1");
+    let g = start(
+        &app,
+        &m,
+        json!({"workflow": "image", "model": "imagen-3", "count": 10}),
+    )
+    .await;
+    let id = g["id"].as_str().unwrap();
+    assert_eq!(available(&app, &m).await, 10);
+    app.clock.advance(Duration::minutes(16));
+    // Reads see the release before any write happens.
+    assert_eq!(available(&app, &m).await, 40);
+    assert_eq!(
+        app.get(&format!("/v1/generations/{id}"), &m).await.body["status"],
+        "expired"
+    );
+    let expired = app.get("/v1/generations?status=expired", &m).await.body;
+    assert_eq!(expired["items"].as_array().unwrap().len(), 1);
+    // The next write settles it in the journal.
+    start(
+        &app,
+        &m,
+        json!({"workflow": "image", "model": "flux-schnell"}),
+    )
+    .await;
+    let reasons: Vec<String> = app.get("/v1/ledger", &m).await.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        reasons[..2],
+        ["hold_placed".to_string(), "hold_expired".to_string()]
+    );
+    // A completion arriving after the deadline is still charged, from what is available.
+    let late = app
+        .post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (late.body["status"].as_str(), late.body["charged"].as_u64()),
+        (Some("completed"), Some(30))
+    );
+    assert_eq!(available(&app, &m).await, 8);
+}
+
+#[tokio::test]
+async fn creation_history_pages_newest_first_and_filters_by_status_and_model() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 1000).await;
+    let m = member("org_a", "m1");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let model = if i % 2 == 0 {
+            "imagen-3"
+        } else {
+            "flux-schnell"
+        };
+        let g = start(&app, &m, json!({"workflow": "image", "model": model})).await;
+        ids.push(g["id"].as_str().unwrap().to_owned());
+    }
+    app.post(
+        &format!("/v1/generations/{}/complete", ids[1]),
+        &m,
+        json!({}),
+    )
+    .await;
+    let p1 = app.get("/v1/generations?limit=2", &m).await.body;
+    let got: Vec<&str> = p1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[4].as_str(), ids[3].as_str()]);
+    let cursor = p1["next_cursor"].as_str().unwrap();
+    let p2 = app
+        .get(&format!("/v1/generations?limit=2&cursor={cursor}"), &m)
+        .await
+        .body;
+    let got: Vec<&str> = p2["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
+    let p3 = app
+        .get(
+            &format!(
+                "/v1/generations?limit=2&cursor={}",
+                p2["next_cursor"].as_str().unwrap()
+            ),
+            &m,
+        )
+        .await
+        .body;
+    assert_eq!(p3["items"].as_array().unwrap().len(), 1);
+    assert!(p3["next_cursor"].is_null());
+    let done = app.get("/v1/generations?status=completed", &m).await.body;
+    assert_eq!(done["items"][0]["id"], ids[1].as_str());
+    assert_eq!(done["items"].as_array().unwrap().len(), 1);
+    let imagen = app
+        .get("/v1/generations?model=imagen-3&status=held", &m)
+        .await
+        .body;
+    assert_eq!(imagen["items"].as_array().unwrap().len(), 3);
+    // The ledger pages too.
+    let l1 = app.get("/v1/ledger?limit=3", &m).await.body;
+    assert_eq!(l1["items"].as_array().unwrap().len(), 3);
+    let l2 = app
+        .get(
+            &format!(
+                "/v1/ledger?limit=10&cursor={}",
+                l1["next_cursor"].as_str().unwrap()
+            ),
+            &m,
+        )
+        .await
+        .body;
+    assert_eq!(l2["items"].as_array().unwrap().len(), 4);
+    assert!(l2["next_cursor"].is_null());
+}
+
+#[tokio::test]
+async fn training_a_custom_model_needs_a_free_slot_on_the_plan() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 5000).await;
+    let m = member("org_a", "m1");
+    let ent = app.get("/v1/entitlements", &m).await.body;
+    assert_eq!(
+        (ent["custom_model_slots"].as_u64(), ent["plan"].is_null()),
+        (Some(0), true)
+    );
+    let train = json!({"workflow": "training", "model": "custom-model"});
+    app.post("/v1/generations", &m, train.clone())
+        .await
+        .assert_problem(403, "no_custom_model_slot");
+    tally_local::seed_demo(&app.ledger).await.unwrap();
+    grant(&app.ledger, "demo", 2000).await;
+    let d = owner("demo");
+    let ent = app.get("/v1/entitlements", &d).await.body;
+    assert_eq!(
+        (
+            ent["custom_model_slots"].as_u64(),
+            ent["pack_discount_pct"].as_u64(),
+            ent["support"].as_str()
+        ),
+        (Some(3), Some(20), Some("priority"))
+    );
+    for _ in 0..3 {
+        start(&app, &d, train.clone()).await;
+    }
+    let fourth = app.post("/v1/generations", &d, train).await;
+    fourth.assert_problem(403, "no_custom_model_slot");
+    assert_eq!(
+        app.get("/v1/entitlements", &d).await.body["custom_models_used"],
+        3
+    );
+}
+
+#[tokio::test]
+async fn support_adjustments_need_the_admin_scope_and_an_idempotency_key() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 10).await;
+    let path = "/v1/admin/workspaces/org_a/adjustments";
+    let body = json!({"credits": 25, "reason": "goodwill for ticket T-1"}).to_string();
+    app.send(
+        Method::POST,
+        path,
+        Some(&member("org_a", "m1")),
+        Some(&body),
+        &[("idempotency-key", "a1")],
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    app.send(Method::POST, path, Some(&support()), Some(&body), &[])
+        .await
+        .assert_problem(422, "validation_failed");
+    let first = app
+        .send(
+            Method::POST,
+            path,
+            Some(&support()),
+            Some(&body),
+            &[("idempotency-key", "a1")],
+        )
+        .await;
+    assert_eq!(first.status.as_u16(), 201, "{:#}", first.body);
+    assert_eq!(first.body["balance"]["available"], 35);
+    let again = app
+        .send(
+            Method::POST,
+            path,
+            Some(&support()),
+            Some(&body),
+            &[("idempotency-key", "a1")],
+        )
+        .await;
+    assert_eq!(again.body, first.body);
+    let m = member("org_a", "m1");
+    assert_eq!(available(&app, &m).await, 35);
+    let entry = &app.get("/v1/ledger?limit=1", &m).await.body["items"][0];
+    assert_eq!(entry["reason"], "adjustment_credit");
+    assert_eq!(entry["actor"], json!({"kind": "admin", "id": "support-1"}));
+    assert_eq!(entry["note"], "goodwill for ticket T-1");
+    let take = json!({"credits": -36, "reason": "correction"}).to_string();
+    app.send(
+        Method::POST,
+        path,
+        Some(&support()),
+        Some(&take),
+        &[("idempotency-key", "a2")],
+    )
+    .await
+    .assert_problem(402, "insufficient_credits");
+    for bad in [
+        json!({"credits": 0, "reason": "x"}),
+        json!({"credits": 5, "reason": " "}),
+        json!({"credits": 99_999_999_999i64, "reason": "x"}),
+        json!({"credits": 1.5, "reason": "x"}),
+    ] {
+        app.send(
+            Method::POST,
+            path,
+            Some(&support()),
+            Some(&bad.to_string()),
+            &[("idempotency-key", "a3")],
+        )
+        .await
+        .assert_problem(422, "validation_failed");
+    }
+    app.send(
+        Method::POST,
+        "/v1/admin/workspaces/bad%23id/adjustments",
+        Some(&support()),
+        Some(&body),
+        &[("idempotency-key", "a4")],
+    )
+    .await
+    .assert_problem(422, "validation_failed");
+    assert_eq!(available(&app, &m).await, 35);
+}
+
+#[tokio::test]
+async fn the_balance_lists_lots_in_burn_order() {
+    let app = TestApp::new();
+    tally_local::seed_demo(&app.ledger).await.unwrap();
+    grant(&app.ledger, "demo", 100).await;
+    let b = app.get("/v1/balance", &owner("demo")).await.body;
+    let sources: Vec<&str> = b["lots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, vec!["plan_period", "pack"]);
+    assert!(b["lots"][1]["expires_at"].is_null());
+    assert_eq!(b["available"], 500);
+    // Seeding again changes nothing.
+    tally_local::seed_demo(&app.ledger).await.unwrap();
+    assert_eq!(
+        app.get("/v1/balance", &owner("demo")).await.body["available"],
+        500
+    );
+}

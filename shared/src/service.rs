@@ -187,10 +187,10 @@ impl Ledger {
     async fn with_records(&self, req: &LedgerRequest) -> Result<Operation, ServiceError> {
         let mut op = req.op.clone();
         match &mut op {
-            Operation::Hold { generation, .. } => {
-                if self.store.generation_owner(*generation).await?.is_some() {
-                    return Err(LedgerError::GenerationExists(*generation).into());
-                }
+            Operation::Hold { generation, .. }
+                if self.store.generation_owner(*generation).await?.is_some() =>
+            {
+                return Err(LedgerError::GenerationExists(*generation).into());
             }
             Operation::Complete {
                 generation, record, ..

@@ -9,7 +9,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use tally::catalog::GenerationSpec;
 use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE};
-use tally::http::{ApiJson, ApiQuery, Identity, Problem, idempotency_key, optional_json};
+use tally::http::{
+    ApiJson, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key, optional_json,
+};
 use tally::ids::{AccountId, GenerationId, IdempotencyKey};
 use tally::ledger::{Generation, GenerationStatus, Lot, Operation, Refs};
 use tally::money::Credits;
@@ -66,7 +68,7 @@ pub async fn catalog(State(app): State<AppState>) -> Json<CatalogView> {
 }
 
 #[utoipa::path(get, path = "/v1/balance", tag = "credits", security(("bearer" = [])),
-    responses((status = 200, body = BalanceView), (status = 401, body = Problem)))]
+    responses((status = 200, body = BalanceView), (status = 401, body = ProblemDetails)))]
 /// Available and held credits, and the lots behind them in burn order.
 pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Json<BalanceView>> {
     let account = who.member_workspace()?;
@@ -94,7 +96,7 @@ pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Js
 
 #[utoipa::path(post, path = "/v1/estimates", tag = "credits", security(("bearer" = [])),
     request_body = GenerationSpec,
-    responses((status = 200, body = EstimateView), (status = 422, body = Problem)))]
+    responses((status = 200, body = EstimateView), (status = 422, body = ProblemDetails)))]
 /// What a generation would cost, and whether the workspace can afford it now.
 pub async fn estimate(
     State(app): State<AppState>,
@@ -118,8 +120,8 @@ pub async fn estimate(
 #[utoipa::path(post, path = "/v1/generations", tag = "credits", security(("bearer" = [])),
     request_body = GenerationSpec,
     params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key return the first result")),
-    responses((status = 201, body = Generation), (status = 402, body = Problem),
-        (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = Generation), (status = 402, body = ProblemDetails),
+        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
 /// Starts a generation: reserves its estimated cost as a hold.
 pub async fn start_generation(
     State(app): State<AppState>,
@@ -194,7 +196,7 @@ async fn settle_target(
 
 #[utoipa::path(post, path = "/v1/generations/{id}/complete", tag = "credits", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = CompleteRequest,
-    responses((status = 200, body = Generation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = Generation), (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails)))]
 /// Charges the exact cost (default: the estimate) and closes the hold. Repeats return the
 /// first result.
 pub async fn complete_generation(
@@ -233,7 +235,7 @@ pub async fn complete_generation(
 
 #[utoipa::path(post, path = "/v1/generations/{id}/fail", tag = "credits", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = FailRequest,
-    responses((status = 200, body = Generation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = Generation), (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails)))]
 /// Releases the hold without charge. Repeats return the first result.
 pub async fn fail_generation(
     State(app): State<AppState>,
@@ -282,7 +284,7 @@ fn as_of_now(mut g: Generation, now: chrono::DateTime<chrono::Utc>) -> Generatio
 
 #[utoipa::path(get, path = "/v1/generations", tag = "credits", security(("bearer" = [])),
     params(GenerationListQuery),
-    responses((status = 200, body = GenerationPage), (status = 422, body = Problem)))]
+    responses((status = 200, body = GenerationPage), (status = 422, body = ProblemDetails)))]
 /// Creation history, newest first.
 pub async fn list_generations(
     State(app): State<AppState>,
@@ -365,7 +367,7 @@ pub async fn list_generations(
 
 #[utoipa::path(get, path = "/v1/generations/{id}", tag = "credits", security(("bearer" = [])),
     params(("id" = String, Path)),
-    responses((status = 200, body = GenerationView), (status = 404, body = Problem)))]
+    responses((status = 200, body = GenerationView), (status = 404, body = ProblemDetails)))]
 /// One generation: model, estimate, charge, times and the journal entries behind it.
 pub async fn get_generation(
     State(app): State<AppState>,
@@ -389,7 +391,7 @@ pub async fn get_generation(
 
 #[utoipa::path(get, path = "/v1/ledger", tag = "credits", security(("bearer" = [])),
     params(PageQuery),
-    responses((status = 200, body = EntryPage), (status = 422, body = Problem)))]
+    responses((status = 200, body = EntryPage), (status = 422, body = ProblemDetails)))]
 /// Journal entries, newest first.
 pub async fn ledger(
     State(app): State<AppState>,
@@ -461,8 +463,8 @@ pub async fn entitlements(
     security(("bearer" = [])), params(("org_id" = String, Path),
         ("Idempotency-Key" = String, Header, description = "Required: adjustments move money")),
     request_body = AdjustmentRequest,
-    responses((status = 201, body = AdjustmentView), (status = 402, body = Problem),
-        (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = AdjustmentView), (status = 402, body = ProblemDetails),
+        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
 /// A goodwill grant (positive) or correction (negative) by support staff.
 pub async fn adjust(
     State(app): State<AppState>,

@@ -5,7 +5,7 @@ pub mod auth;
 pub mod problem;
 
 pub use auth::{AuthMode, Identity, Role};
-pub use problem::{ApiJson, ApiQuery, Problem, optional_json};
+pub use problem::{ApiJson, ApiQuery, Problem, ProblemDetails, optional_json};
 
 use axum::Router;
 use axum::http::HeaderMap;

@@ -11,9 +11,20 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A problem+json body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// An error answer: what went wrong, as a status and a stable code.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    pub status: StatusCode,
+    /// Stable machine-readable code (see [`ProblemDetails::code`]).
+    pub code: &'static str,
+    pub detail: String,
+    pub field: Option<String>,
+    pub facts: Option<Box<serde_json::Value>>,
+}
+
+/// The problem+json body (RFC 9457) every error answer carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ProblemDetails {
     #[serde(rename = "type")]
     pub kind: String,
     pub title: String,
@@ -31,12 +42,10 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         Self {
-            kind: format!("urn:tally:problem:{code}"),
-            title: status.canonical_reason().unwrap_or("Error").to_string(),
-            status: status.as_u16(),
-            code: code.to_string(),
+            status,
+            code,
             detail: detail.into(),
             field: None,
             facts: None,
@@ -74,17 +83,32 @@ impl Problem {
         )
     }
     pub fn with_facts(mut self, facts: serde_json::Value) -> Self {
-        self.facts = Some(facts);
+        self.facts = Some(Box::new(facts));
         self
+    }
+
+    pub fn details(&self) -> ProblemDetails {
+        ProblemDetails {
+            kind: format!("urn:tally:problem:{}", self.code),
+            title: self
+                .status
+                .canonical_reason()
+                .unwrap_or("Error")
+                .to_string(),
+            status: self.status.as_u16(),
+            code: self.code.to_string(),
+            detail: self.detail.clone(),
+            field: self.field.clone(),
+            facts: self.facts.as_deref().cloned(),
+        }
     }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let body = serde_json::to_vec(&self.details()).unwrap_or_default();
         (
-            status,
+            self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body,
         )

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, then every test against a DynamoDB-compatible emulator that
+# this script starts on a free loopback port and always stops again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+log_dir=.tmp
+mkdir -p "$log_dir"
+
+echo "==> formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+port=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+echo "==> starting the DynamoDB/SQS emulator on 127.0.0.1:$port"
+"$VENV/bin/python" scripts/emulator.py "$port" >"$log_dir/emulator.log" 2>&1 &
+emulator=$!
+trap 'kill "$emulator" 2>/dev/null || true; wait "$emulator" 2>/dev/null || true' EXIT
+
+for _ in $(seq 1 100); do
+  if curl -fsS -o /dev/null "http://127.0.0.1:$port/moto-api/" 2>/dev/null; then
+    break
+  fi
+  if ! kill -0 "$emulator" 2>/dev/null; then
+    echo "the emulator exited; its log:" >&2
+    cat "$log_dir/emulator.log" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+curl -fsS -o /dev/null "http://127.0.0.1:$port/moto-api/" || {
+  echo "the emulator did not become ready; its log:" >&2
+  cat "$log_dir/emulator.log" >&2
+  exit 1
+}
+
+echo "==> tests"
+DYNAMODB_ENDPOINT="http://127.0.0.1:$port" cargo test --workspace --locked
+echo "==> all tests passed"
