@@ -118,3 +118,6 @@ impl utoipa::Modify for BearerAuth {
         );
     }
 }
+
+#[cfg(test)]
+mod lambda_events;
