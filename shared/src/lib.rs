@@ -5,12 +5,14 @@
 //! the service that runs ledger operations exactly once, and the HTTP plumbing (identity,
 //! problem details) every HTTP function uses.
 
+pub mod billing;
 pub mod catalog;
 pub mod clock;
 pub mod http;
 pub mod ids;
 pub mod ledger;
 pub mod money;
+pub mod queue;
 pub mod service;
 pub mod store;
 pub mod telemetry;

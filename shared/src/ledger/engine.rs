@@ -356,6 +356,9 @@ impl Tx<'_> {
                 Ok((None, None))
             }
             Operation::SetPlan { plan } => {
+                if &self.state.plan == plan {
+                    return Ok((None, None));
+                }
                 let mut d = Draft::new(Reason::PlanChanged, actor);
                 d.plan = Some(plan.clone());
                 self.push(d)?;

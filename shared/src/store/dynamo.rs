@@ -461,3 +461,95 @@ pub async fn from_env() -> Result<DynamoStore, StoreError> {
     };
     Ok(DynamoStore::new(client, table))
 }
+
+#[async_trait]
+impl DocStore for DynamoStore {
+    async fn get_doc(&self, pk: &str, sk: &str) -> Result<Option<Doc>, StoreError> {
+        let Some(item) = self.get(pk.to_owned(), sk.to_owned()).await? else {
+            return Ok(None);
+        };
+        let version = item
+            .get("version")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| StoreError::Decode("document has no version".into()))?;
+        Ok(Some(Doc {
+            pk: pk.to_owned(),
+            sk: sk.to_owned(),
+            body: body(&item)?.to_owned(),
+            version,
+        }))
+    }
+
+    async fn put_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+        doc: &str,
+        expected: u64,
+    ) -> Result<bool, StoreError> {
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(PK, s(pk))
+            .item(SK, s(sk))
+            .item("version", n(expected + 1))
+            .item("body", s(doc));
+        put = if expected == 0 {
+            put.condition_expression("attribute_not_exists(PK)")
+        } else {
+            put.condition_expression("version = :expected")
+                .expression_attribute_values(":expected", n(expected))
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Ok(false)
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn list_docs(
+        &self,
+        pk: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<Doc>, StoreError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#sk", SK)
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":prefix", s(prefix))
+            .scan_index_forward(false)
+            .consistent_read(true)
+            .limit(limit.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(classify)?;
+        out.items()
+            .iter()
+            .map(|item| {
+                Ok(Doc {
+                    pk: pk.to_owned(),
+                    sk: item
+                        .get(SK)
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .unwrap_or_default(),
+                    body: body(item)?.to_owned(),
+                    version: item
+                        .get("version")
+                        .and_then(|v| v.as_n().ok())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}

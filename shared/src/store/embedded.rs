@@ -17,6 +17,8 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("i
 const GENERATIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("generations");
 /// generation id -> account.
 const GENERATION_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("generation_owners");
+/// pk, sk -> (version, body).
+const DOCS: TableDefinition<(&str, &str), (u64, &str)> = TableDefinition::new("docs");
 
 /// The redb-backed store.
 #[derive(Clone)]
@@ -51,6 +53,7 @@ impl EmbeddedStore {
         tx.open_table(IDEMPOTENCY).map_err(backend)?;
         tx.open_table(GENERATIONS).map_err(backend)?;
         tx.open_table(GENERATION_OWNERS).map_err(backend)?;
+        tx.open_table(DOCS).map_err(backend)?;
         tx.commit().map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -261,6 +264,95 @@ impl LedgerStore for EmbeddedStore {
             for seq in seqs {
                 if let Some(v) = t.get((account.as_str(), seq)).map_err(backend)? {
                     out.push(decode(v.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl DocStore for EmbeddedStore {
+    async fn get_doc(&self, pk: &str, sk: &str) -> Result<Option<Doc>, StoreError> {
+        let (pk, sk) = (pk.to_owned(), sk.to_owned());
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(DOCS).map_err(backend)?;
+            let v = t.get((pk.as_str(), sk.as_str())).map_err(backend)?;
+            Ok(v.map(|v| {
+                let (version, body) = v.value();
+                Doc {
+                    pk: pk.clone(),
+                    sk: sk.clone(),
+                    body: body.to_owned(),
+                    version,
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn put_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+    ) -> Result<bool, StoreError> {
+        let (pk, sk, body) = (pk.to_owned(), sk.to_owned(), body.to_owned());
+        self.read(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            {
+                let mut t = tx.open_table(DOCS).map_err(backend)?;
+                let key = (pk.as_str(), sk.as_str());
+                let stored = t
+                    .get(key)
+                    .map_err(backend)?
+                    .map(|v| v.value().0)
+                    .unwrap_or(0);
+                if stored != expected {
+                    return Ok(false);
+                }
+                t.insert(key, (expected + 1, body.as_str()))
+                    .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn list_docs(
+        &self,
+        pk: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<Doc>, StoreError> {
+        let (pk, prefix) = (pk.to_owned(), prefix.to_owned());
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(DOCS).map_err(backend)?;
+            let mut out = Vec::new();
+            for item in t
+                .range((pk.as_str(), prefix.as_str())..=(pk.as_str(), "\u{10FFFF}"))
+                .map_err(backend)?
+                .rev()
+            {
+                let (k, v) = item.map_err(backend)?;
+                let (_, sk) = k.value();
+                if !sk.starts_with(prefix.as_str()) {
+                    continue;
+                }
+                let (version, body) = v.value();
+                out.push(Doc {
+                    pk: pk.clone(),
+                    sk: sk.to_owned(),
+                    body: body.to_owned(),
+                    version,
+                });
+                if out.len() >= limit {
+                    break;
                 }
             }
             Ok(out)

@@ -5,8 +5,11 @@
 //! and the generation records. A commit that loses a race reports which guard failed so the
 //! caller can tell "someone already did exactly this" from "try again on fresh state".
 
+pub mod docs;
 pub mod dynamo;
 pub mod embedded;
+
+pub use docs::{Doc, DocStore};
 
 use crate::ids::{AccountId, GenerationId, IdempotencyKey};
 use crate::ledger::{AccountState, Entry, Generation, GenerationStatus, Outcome};

@@ -1,0 +1,202 @@
+//! Billing documents and where they live. Every merge picks a winner by a total order on
+//! the facts (status rank, Stripe's `created` time, event id), so any delivery order of the
+//! same events ends in the same document.
+
+use crate::ids::AccountId;
+use crate::ledger::{Interval, PlanState, PlanStatus};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub fn account_pk(account: &AccountId) -> String {
+    format!("ACCOUNT#{account}")
+}
+pub fn customer_pk(customer: &str) -> String {
+    format!("CUSTOMER#{customer}")
+}
+pub fn charge_pk(charge: &str) -> String {
+    format!("CHARGE#{charge}")
+}
+pub const PROFILE_SK: &str = "BILLING";
+pub const SUBSCRIPTION_SK: &str = "SUBSCRIPTION";
+pub const LINK_SK: &str = "LINK";
+pub const PAYMENT_SK: &str = "PAYMENT";
+pub const INVOICE_PREFIX: &str = "INVOICE#";
+
+/// Invoices sort by creation time, so listing the prefix newest first is billing history.
+pub fn invoice_sk(created: i64, id: &str) -> String {
+    format!("{INVOICE_PREFIX}{created:012}#{id}")
+}
+
+/// A workspace's Stripe identities.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillingProfile {
+    pub customer: Option<String>,
+    pub subscription: Option<String>,
+}
+
+/// Which workspace a Stripe customer (or charge) belongs to. Written once; never moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    pub account: AccountId,
+}
+
+/// The subscription as the latest Stripe facts describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SubscriptionRecord {
+    pub id: String,
+    pub customer: Option<String>,
+    pub plan: String,
+    pub interval: Interval,
+    pub status: PlanStatus,
+    pub stripe_status: String,
+    pub cancel_at_period_end: bool,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub addon_units: u32,
+    /// Stripe `created` time of the event these facts came from, and its id.
+    pub as_of: i64,
+    pub as_of_event: String,
+}
+
+impl SubscriptionRecord {
+    fn order(&self) -> (i64, u8, &str) {
+        let terminal = u8::from(self.status == PlanStatus::Canceled);
+        (self.as_of, terminal, self.as_of_event.as_str())
+    }
+
+    /// The newer of two descriptions of the same subscription; a different (newer)
+    /// subscription id replaces the old one only when its facts are newer.
+    pub fn merge(current: Option<Self>, incoming: Self) -> Option<Self> {
+        match current {
+            Some(c) if c.order() >= incoming.order() => None,
+            _ => Some(incoming),
+        }
+    }
+
+    pub fn plan_state(&self) -> PlanState {
+        PlanState {
+            plan: self.plan.clone(),
+            interval: self.interval,
+            status: self.status,
+            period_start: self.period_start,
+            period_end: self.period_end,
+            cancel_at_period_end: self.cancel_at_period_end,
+        }
+    }
+}
+
+/// An invoice line of billing history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InvoiceRecord {
+    pub id: String,
+    pub number: Option<String>,
+    pub status: String,
+    pub billing_reason: Option<String>,
+    /// Integer cents.
+    pub amount_due: i64,
+    pub amount_paid: i64,
+    pub amount_remaining: i64,
+    pub total: i64,
+    pub currency: String,
+    pub hosted_invoice_url: Option<String>,
+    pub invoice_pdf: Option<String>,
+    pub created: DateTime<Utc>,
+    pub paid_at: Option<DateTime<Utc>>,
+    pub subscription: Option<String>,
+    pub as_of: i64,
+    pub as_of_event: String,
+}
+
+impl InvoiceRecord {
+    fn rank(status: &str) -> u8 {
+        match status {
+            "draft" => 0,
+            "open" => 1,
+            _ => 2, // paid, void, uncollectible: final
+        }
+    }
+    fn order(&self) -> (u8, i64, &str) {
+        (
+            Self::rank(&self.status),
+            self.as_of,
+            self.as_of_event.as_str(),
+        )
+    }
+    pub fn merge(current: Option<Self>, incoming: Self) -> Option<Self> {
+        match current {
+            Some(c) if c.order() >= incoming.order() => None,
+            _ => Some(incoming),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RefundFact {
+    pub id: String,
+    pub amount: i64,
+    pub status: Option<String>,
+    pub reason: Option<String>,
+    pub created: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DisputeFact {
+    pub id: String,
+    pub amount: i64,
+    pub reason: Option<String>,
+    pub status: Option<String>,
+    pub created: DateTime<Utc>,
+    pub as_of: i64,
+}
+
+/// A payment (Stripe charge) with what happened to it afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PaymentRecord {
+    pub charge: String,
+    pub account: Option<AccountId>,
+    pub amount: i64,
+    pub amount_refunded: i64,
+    pub currency: Option<String>,
+    pub payment_intent: Option<String>,
+    pub created: Option<DateTime<Utc>>,
+    pub refunds: Vec<RefundFact>,
+    pub disputes: Vec<DisputeFact>,
+}
+
+impl PaymentRecord {
+    /// Union of facts: amounts only grow, refunds and disputes are merged by id (a
+    /// dispute's newest state wins). Returns `None` when nothing changes.
+    pub fn merge(current: Option<Self>, incoming: Self) -> Option<Self> {
+        let Some(mut merged) = current.clone() else {
+            return Some(incoming);
+        };
+        merged.account = merged.account.or(incoming.account);
+        merged.amount = merged.amount.max(incoming.amount);
+        merged.amount_refunded = merged.amount_refunded.max(incoming.amount_refunded);
+        merged.currency = merged.currency.or(incoming.currency);
+        merged.payment_intent = merged.payment_intent.or(incoming.payment_intent);
+        merged.created = merged.created.or(incoming.created);
+        for r in incoming.refunds {
+            match merged.refunds.iter_mut().find(|x| x.id == r.id) {
+                Some(x) if r.status.is_some() && x.status.as_deref() != Some("succeeded") => *x = r,
+                Some(_) => {}
+                None => merged.refunds.push(r),
+            }
+        }
+        for d in incoming.disputes {
+            match merged.disputes.iter_mut().find(|x| x.id == d.id) {
+                Some(x) if (d.as_of, &d.status) > (x.as_of, &x.status) => *x = d,
+                Some(_) => {}
+                None => merged.disputes.push(d),
+            }
+        }
+        merged
+            .refunds
+            .sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        merged
+            .disputes
+            .sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        (Some(&merged) != current.as_ref()).then_some(merged)
+    }
+}

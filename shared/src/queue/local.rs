@@ -1,0 +1,208 @@
+//! In-process queue for the local runner and tests, with SQS's rules: a failed message is
+//! delivered again up to `max_receives` times, then moved to the dead-letter list; FIFO
+//! queues drop a repeated deduplication id seen in the last five minutes and deliver in
+//! order (one message at a time, a failing message retried before the next).
+
+use super::{Consumer, Delivery, Message, Queue, QueueError};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, mpsc};
+
+const DEDUP_WINDOW: Duration = Duration::from_secs(300);
+
+pub struct LocalQueue {
+    name: String,
+    fifo: bool,
+    max_receives: u32,
+    retry_delay: Duration,
+    tx: mpsc::UnboundedSender<(String, Message)>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<(String, Message)>>>,
+    dedup: Mutex<HashMap<String, Instant>>,
+    dead: Mutex<Vec<Delivery>>,
+    pending: AtomicUsize,
+    idle: Notify,
+    next_id: AtomicUsize,
+}
+
+impl LocalQueue {
+    pub fn new(name: &str, fifo: bool, max_receives: u32) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            name: name.to_owned(),
+            fifo,
+            max_receives: max_receives.max(1),
+            retry_delay: Duration::from_millis(20),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            dedup: Mutex::new(HashMap::new()),
+            dead: Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(0),
+            idle: Notify::new(),
+            next_id: AtomicUsize::new(1),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts delivering to `consumer` on a background task (once per queue).
+    pub fn start(self: &Arc<Self>, consumer: Arc<dyn Consumer>) {
+        let mut rx = self
+            .rx
+            .lock()
+            .expect("queue lock")
+            .take()
+            .expect("a local queue has one consumer");
+        let queue = self.clone();
+        tokio::spawn(async move {
+            while let Some((message_id, message)) = rx.recv().await {
+                queue.deliver(consumer.as_ref(), message_id, message).await;
+                if queue.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    queue.idle.notify_waiters();
+                }
+            }
+        });
+    }
+
+    async fn deliver(&self, consumer: &dyn Consumer, message_id: String, message: Message) {
+        for receive_count in 1..=self.max_receives {
+            let delivery = Delivery {
+                message_id: message_id.clone(),
+                body: message.body.clone(),
+                group_id: message.group_id.clone(),
+                receive_count,
+            };
+            match consumer.consume(&delivery).await {
+                Ok(()) => return,
+                Err(e) if receive_count == self.max_receives => {
+                    tracing::error!(queue = %self.name, message_id = %message_id, error = %e,
+                        "message moved to the dead-letter queue");
+                    self.dead.lock().expect("queue lock").push(delivery);
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.name, message_id = %message_id, receive_count,
+                        error = %e, "message failed; redelivering");
+                    tokio::time::sleep(self.retry_delay * receive_count).await;
+                }
+            }
+        }
+    }
+
+    /// Waits until every message sent so far has been consumed or dead-lettered.
+    pub async fn until_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn dead_letters(&self) -> Vec<Delivery> {
+        self.dead.lock().expect("queue lock").clone()
+    }
+}
+
+#[async_trait]
+impl Queue for LocalQueue {
+    async fn send(&self, message: Message) -> Result<(), QueueError> {
+        if self.fifo {
+            let dedup_id = message.dedup_id.clone().ok_or_else(|| {
+                QueueError::Unavailable("FIFO messages need a deduplication id".into())
+            })?;
+            let mut seen = self.dedup.lock().expect("queue lock");
+            let now = Instant::now();
+            seen.retain(|_, at| now.duration_since(*at) < DEDUP_WINDOW);
+            if seen.contains_key(&dedup_id) {
+                return Ok(());
+            }
+            seen.insert(dedup_id, now);
+        }
+        let id = format!(
+            "{}-{}",
+            self.name,
+            self.next_id.fetch_add(1, Ordering::SeqCst)
+        );
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.tx
+            .send((id, message))
+            .map_err(|_| QueueError::Unavailable(format!("queue {} is closed", self.name)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::ConsumeError;
+
+    struct Flaky {
+        seen: Mutex<Vec<(String, u32)>>,
+    }
+
+    #[async_trait]
+    impl Consumer for Flaky {
+        async fn consume(&self, d: &Delivery) -> Result<(), ConsumeError> {
+            self.seen
+                .lock()
+                .unwrap()
+                .push((d.body.clone(), d.receive_count));
+            match d.body.as_str() {
+                "poison" => Err(ConsumeError::Poison("unreadable".into())),
+                "twice" if d.receive_count < 2 => Err(ConsumeError::Retry("not yet".into())),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn msg(body: &str, dedup: &str) -> Message {
+        Message {
+            body: body.into(),
+            group_id: Some("g".into()),
+            dedup_id: Some(dedup.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_are_redelivered_then_dead_lettered_and_duplicates_dropped_in_order() {
+        let q = LocalQueue::new("t.fifo", true, 3);
+        let c = Arc::new(Flaky {
+            seen: Mutex::new(Vec::new()),
+        });
+        q.start(c.clone());
+        for (b, d) in [
+            ("a", "1"),
+            ("twice", "2"),
+            ("a-again", "1"),
+            ("poison", "3"),
+            ("z", "4"),
+        ] {
+            q.send(msg(b, d)).await.unwrap();
+        }
+        q.until_idle().await;
+        let seen = c.seen.lock().unwrap().clone();
+        let expected: Vec<(String, u32)> = [
+            ("a", 1),
+            ("twice", 1),
+            ("twice", 2),
+            ("poison", 1),
+            ("poison", 2),
+            ("poison", 3),
+            ("z", 1),
+        ]
+        .iter()
+        .map(|(b, n)| (b.to_string(), *n))
+        .collect();
+        assert_eq!(seen, expected);
+        let dead = q.dead_letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].body.as_str(), dead[0].receive_count),
+            ("poison", 3)
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! Queues between functions. Producers depend on [`Queue`]; consumers implement
+//! [`Consumer`] once and run under SQS in Lambda ([`lambda::process_batch`]) or on an
+//! in-process queue locally ([`local::LocalQueue`]) with the same rules: bounded
+//! redelivery, then the dead-letter queue; FIFO queues keep each group in order and drop
+//! duplicate deduplication ids.
+
+pub mod lambda;
+pub mod local;
+pub mod sqs;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub body: String,
+    /// FIFO: messages of one group are delivered in order.
+    pub group_id: Option<String>,
+    /// FIFO: a second message with the same id within five minutes is dropped.
+    pub dedup_id: Option<String>,
+}
+
+/// A message as a consumer receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub message_id: String,
+    pub body: String,
+    pub group_id: Option<String>,
+    /// 1 on first delivery.
+    pub receive_count: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync {
+    async fn send(&self, message: Message) -> Result<(), QueueError>;
+}
+
+/// Why a message was not processed. Every failure is redelivered until the queue's receive
+/// limit moves it to the dead-letter queue; the distinction is for logs and alarms.
+#[derive(Debug, Error)]
+pub enum ConsumeError {
+    /// Might succeed later (a store hiccup, a fact that has not arrived yet).
+    #[error("retry later: {0}")]
+    Retry(String),
+    /// Will never succeed (unreadable message); it ends in the dead-letter queue.
+    #[error("cannot process: {0}")]
+    Poison(String),
+}
+
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    async fn consume(&self, delivery: &Delivery) -> Result<(), ConsumeError>;
+}

@@ -1,0 +1,62 @@
+//! SQS producer.
+
+use super::{Message, Queue, QueueError};
+use async_trait::async_trait;
+
+pub struct SqsQueue {
+    client: aws_sdk_sqs::Client,
+    url: String,
+}
+
+impl SqsQueue {
+    pub fn new(client: aws_sdk_sqs::Client, url: impl Into<String>) -> Self {
+        Self {
+            client,
+            url: url.into(),
+        }
+    }
+
+    /// A client for an SQS-compatible server on a local endpoint, with dummy credentials.
+    pub fn local_client(endpoint: &str) -> aws_sdk_sqs::Client {
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "local",
+                "local",
+                None,
+                None,
+                "tally-local",
+            ))
+            .endpoint_url(endpoint)
+            .build();
+        aws_sdk_sqs::Client::from_conf(config)
+    }
+
+    /// A client from the Lambda environment (`SQS_ENDPOINT` overrides the endpoint).
+    pub async fn client_from_env() -> aws_sdk_sqs::Client {
+        match std::env::var("SQS_ENDPOINT") {
+            Ok(endpoint) if !endpoint.is_empty() => Self::local_client(&endpoint),
+            _ => {
+                let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                aws_sdk_sqs::Client::new(&config)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for SqsQueue {
+    async fn send(&self, message: Message) -> Result<(), QueueError> {
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(message.body)
+            .set_message_group_id(message.group_id)
+            .set_message_deduplication_id(message.dedup_id)
+            .send()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("{e:?}")))?;
+        Ok(())
+    }
+}
