@@ -46,6 +46,26 @@ pub async fn dynamo_store() -> Arc<dyn LedgerStore> {
     Arc::new(DynamoStore::new(client, table))
 }
 
+pub fn embedded_docs() -> Arc<dyn tally::store::DocStore> {
+    Arc::new(EmbeddedStore::in_memory())
+}
+
+/// A fresh DynamoDB table as a document store.
+pub async fn dynamo_docs() -> Arc<dyn tally::store::DocStore> {
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").expect(
+        "DYNAMODB_ENDPOINT is not set: run the suite with `make test`, which starts a local DynamoDB-compatible server",
+    );
+    let client = DynamoStore::local_client(&endpoint);
+    let table = format!(
+        "tally-docs-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    DynamoStore::create_table(&client, &table)
+        .await
+        .expect("create test table");
+    Arc::new(DynamoStore::new(client, table))
+}
+
 pub fn ledger_over(store: Arc<dyn LedgerStore>) -> (Ledger, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(t0()));
     let ledger = Ledger::new(store, clock.clone(), Arc::new(Catalog::builtin()));
@@ -203,4 +223,20 @@ impl Default for TestApp {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// One of Stripe's example objects from `tests/fixtures/stripe/`.
+pub fn fixture(name: &str) -> Value {
+    let path = format!("{}/fixtures/stripe/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("fixture JSON")
+}
+
+/// A Stripe event around `object`, shaped like Stripe's example event.
+pub fn stripe_event(id: &str, kind: &str, created: i64, object: Value) -> Value {
+    let mut e = fixture("event");
+    e["id"] = json!(id);
+    e["type"] = json!(kind);
+    e["created"] = json!(created);
+    e["data"] = json!({"object": object});
+    e
 }

@@ -1,6 +1,8 @@
 //! The workspace test binary: declares the modules only.
 
 mod api;
+mod billing;
 mod concurrency;
+mod queues;
 mod service_properties;
 mod store_conformance;

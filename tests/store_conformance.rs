@@ -10,7 +10,7 @@ use tally::ledger::{
 };
 use tally::money::Credits;
 use tally::store::{
-    Commit, CommitError, EntryQuery, GenerationQuery, IdempotencyRecord, LedgerStore,
+    Commit, CommitError, DocStore, EntryQuery, GenerationQuery, IdempotencyRecord, LedgerStore,
 };
 use tally_tests::{account, t0};
 
@@ -437,8 +437,80 @@ pub async fn a_generation_id_cannot_be_claimed_by_two_workspaces(store: Arc<dyn 
     assert_eq!(store.generation_owner(g).await.unwrap(), Some(a));
 }
 
+pub async fn documents_are_versioned_and_list_by_prefix_newest_first(store: Arc<dyn DocStore>) {
+    let pk = "ACCOUNT#org_docs";
+    assert!(store.get_doc(pk, "BILLING").await.unwrap().is_none());
+    assert!(store.put_doc(pk, "BILLING", "{\"a\":1}", 0).await.unwrap());
+    assert!(
+        !store.put_doc(pk, "BILLING", "{\"a\":2}", 0).await.unwrap(),
+        "create twice"
+    );
+    assert!(
+        !store.put_doc(pk, "BILLING", "{\"a\":2}", 7).await.unwrap(),
+        "stale version"
+    );
+    assert!(store.put_doc(pk, "BILLING", "{\"a\":3}", 1).await.unwrap());
+    let d = store.get_doc(pk, "BILLING").await.unwrap().unwrap();
+    assert_eq!((d.body.as_str(), d.version), ("{\"a\":3}", 2));
+    for (sk, body) in [
+        ("INVOICE#000000000002#in_b", "2"),
+        ("INVOICE#000000000001#in_a", "1"),
+        ("INVOICE#000000000003#in_c", "3"),
+        ("PAYMENT", "x"),
+    ] {
+        assert!(store.put_doc(pk, sk, body, 0).await.unwrap());
+    }
+    let listed: Vec<String> = store
+        .list_docs(pk, "INVOICE#", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.body)
+        .collect();
+    assert_eq!(listed, vec!["3", "2", "1"]);
+    assert_eq!(store.list_docs(pk, "INVOICE#", 2).await.unwrap().len(), 2);
+    assert!(
+        store
+            .list_docs("ACCOUNT#other", "INVOICE#", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn concurrent_document_updates_all_land(store: Arc<dyn DocStore>) {
+    let tasks: Vec<_> = (0..16u64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                tally::store::docs::update(
+                    store.as_ref(),
+                    "ACCOUNT#org_count",
+                    "COUNTER",
+                    |cur: Option<Vec<u64>>| {
+                        let mut v = cur.unwrap_or_default();
+                        v.push(i);
+                        Some(v)
+                    },
+                )
+                .await
+                .unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut all: Vec<u64> = tally::store::docs::get(store.as_ref(), "ACCOUNT#org_count", "COUNTER")
+        .await
+        .unwrap()
+        .unwrap();
+    all.sort();
+    assert_eq!(all, (0..16).collect::<Vec<_>>());
+}
+
 macro_rules! conformance {
-    ($adapter:ident, $make:expr) => {
+    ($adapter:ident, $make:expr, $docs:expr) => {
         mod $adapter {
             #[allow(unused_imports)]
             use tally_tests::{dynamo_store, embedded_store};
@@ -475,9 +547,21 @@ macro_rules! conformance {
             async fn a_generation_id_cannot_be_claimed_by_two_workspaces() {
                 super::a_generation_id_cannot_be_claimed_by_two_workspaces($make).await;
             }
+            #[tokio::test]
+            async fn documents_are_versioned_and_list_by_prefix_newest_first() {
+                super::documents_are_versioned_and_list_by_prefix_newest_first($docs).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_document_updates_all_land() {
+                super::concurrent_document_updates_all_land($docs).await;
+            }
         }
     };
 }
 
-conformance!(embedded, embedded_store());
-conformance!(dynamodb, dynamo_store().await);
+conformance!(embedded, embedded_store(), tally_tests::embedded_docs());
+conformance!(
+    dynamodb,
+    dynamo_store().await,
+    tally_tests::dynamo_docs().await
+);

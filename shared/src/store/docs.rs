@@ -81,3 +81,18 @@ where
         "document {pk}/{sk} kept changing; gave up"
     )))
 }
+
+/// Typed documents under `pk` with sort keys starting with `prefix`, highest first.
+pub async fn list<T: DeserializeOwned>(
+    store: &dyn DocStore,
+    pk: &str,
+    prefix: &str,
+    limit: usize,
+) -> Result<Vec<T>, StoreError> {
+    store
+        .list_docs(pk, prefix, limit)
+        .await?
+        .iter()
+        .map(|d| super::decode(&d.body))
+        .collect()
+}

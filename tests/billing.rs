@@ -1,0 +1,366 @@
+//! Stripe events applied in any order, any number of times, give one final state.
+
+use chrono::{DateTime, Duration, Utc};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tally::billing::BillingEvents;
+use tally::billing::records::*;
+use tally::ledger::{Interval, PlanStatus};
+use tally::queue::{ConsumeError, Consumer, Delivery};
+use tally::store::docs;
+use tally::store::embedded::EmbeddedStore;
+use tally_tests::{account, fixture, ledger_over, stripe_event, t0};
+
+const ORG: &str = "acme";
+const CUS: &str = "cus_Acme";
+const SUB: &str = "sub_Acme";
+
+fn at(days: i64) -> i64 {
+    (t0() + Duration::days(days)).timestamp()
+}
+
+fn sub_meta(units: u32) -> Value {
+    json!({"org_id": ORG, "plan": "max", "interval": "monthly", "addon_units": units.to_string()})
+}
+
+fn subscription_checkout() -> Value {
+    let mut s = fixture("checkout.session");
+    s["id"] = json!("cs_sub_1");
+    s["mode"] = json!("subscription");
+    s["status"] = json!("complete");
+    s["payment_status"] = json!("paid");
+    s["customer"] = json!(CUS);
+    s["subscription"] = json!(SUB);
+    s["client_reference_id"] = json!(ORG);
+    s["metadata"] = json!({"org_id": ORG, "kind": "plan", "plan": "max", "interval": "monthly"});
+    stripe_event("evt_checkout_sub", "checkout.session.completed", at(0), s)
+}
+
+fn pack_checkout() -> Value {
+    let mut s = fixture("checkout.session");
+    s["id"] = json!("cs_pack_1");
+    s["mode"] = json!("payment");
+    s["status"] = json!("complete");
+    s["payment_status"] = json!("paid");
+    s["customer"] = json!(CUS);
+    s["metadata"] = json!({"org_id": ORG, "kind": "pack", "pack": "pack_500", "quantity": "2"});
+    stripe_event("evt_checkout_pack", "checkout.session.completed", at(1), s)
+}
+
+fn subscription(id: &str, kind: &str, created: i64, status: &str, cancel: bool) -> Value {
+    let mut s = fixture("subscription");
+    s["id"] = json!(SUB);
+    s["customer"] = json!(CUS);
+    s["status"] = json!(status);
+    s["cancel_at_period_end"] = json!(cancel);
+    s["pause_collection"] = Value::Null;
+    s["metadata"] = sub_meta(2);
+    s["items"]["data"][0]["current_period_start"] = json!(at(0));
+    s["items"]["data"][0]["current_period_end"] = json!(at(30));
+    stripe_event(id, kind, created, s)
+}
+
+fn invoice(id: &str, kind: &str, created: i64, status: &str) -> Value {
+    let mut i = fixture("invoice");
+    i["id"] = json!("in_first");
+    i["customer"] = json!(CUS);
+    i["status"] = json!(status);
+    i["billing_reason"] = json!("subscription_create");
+    i["collection_method"] = json!("charge_automatically");
+    i["created"] = json!(at(0));
+    i["amount_due"] = json!(2900 + 2000);
+    i["amount_paid"] = json!(if status == "paid" { 4900 } else { 0 });
+    i["amount_remaining"] = json!(if status == "paid" { 0 } else { 4900 });
+    i["total"] = json!(4900);
+    i["hosted_invoice_url"] = json!("https://invoice.stripe.com/i/acct_1/in_first");
+    i["invoice_pdf"] = json!("https://pay.stripe.com/invoice/acct_1/in_first/pdf");
+    i["metadata"] = json!({});
+    i["parent"] = json!({"type": "subscription_details", "quote_details": null,
+        "subscription_details": {"subscription": SUB, "metadata": sub_meta(2)}});
+    i["lines"]["data"][0]["period"] = json!({"start": at(0), "end": at(30)});
+    i["status_transitions"]["paid_at"] = if status == "paid" {
+        json!(at(0))
+    } else {
+        Value::Null
+    };
+    stripe_event(id, kind, created, i)
+}
+
+fn charge(id: &str, kind: &str, created: i64, refunded: i64) -> Value {
+    let mut c = fixture("charge");
+    c["id"] = json!("ch_first");
+    c["customer"] = json!(CUS);
+    c["amount"] = json!(4900);
+    c["amount_refunded"] = json!(refunded);
+    c["created"] = json!(at(0));
+    c["metadata"] = json!({});
+    let mut r = fixture("refund");
+    r["id"] = json!("re_1");
+    r["amount"] = json!(refunded);
+    r["status"] = json!("succeeded");
+    r["created"] = json!(at(3));
+    c["refunds"] = json!({"object": "list", "data": if refunded > 0 { vec![r] } else { vec![] }, "has_more": false, "url": "/v1/charges/ch_first/refunds"});
+    stripe_event(id, kind, created, c)
+}
+
+fn dispute() -> Value {
+    let mut d = fixture("dispute");
+    d["id"] = json!("dp_1");
+    d["charge"] = json!("ch_first");
+    d["amount"] = json!(1000);
+    d["reason"] = json!("duplicate");
+    d["status"] = json!("needs_response");
+    d["created"] = json!(at(4));
+    stripe_event("evt_dispute", "charge.dispute.created", at(4), d)
+}
+
+/// Everything that happens to one workspace in its first days.
+fn history() -> Vec<Value> {
+    vec![
+        subscription_checkout(),
+        subscription(
+            "evt_sub_created",
+            "customer.subscription.created",
+            at(0),
+            "active",
+            false,
+        ),
+        invoice("evt_inv_finalized", "invoice.finalized", at(0), "open"),
+        invoice("evt_inv_paid", "invoice.paid", at(0) + 5, "paid"),
+        pack_checkout(),
+        charge("evt_charge_ok", "charge.succeeded", at(0), 0),
+        charge("evt_charge_refunded", "charge.refunded", at(3), 1500),
+        dispute(),
+        subscription(
+            "evt_sub_cancel",
+            "customer.subscription.updated",
+            at(5),
+            "active",
+            true,
+        ),
+    ]
+}
+
+/// What a workspace ends up with, in comparable form.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    available: u64,
+    lots: Vec<(String, u64, Option<DateTime<Utc>>)>,
+    plan: Option<tally::ledger::PlanState>,
+    invoices: Vec<InvoiceRecord>,
+    payment: Option<PaymentRecord>,
+    subscription: Option<SubscriptionRecord>,
+}
+
+async fn run(order: &[Value]) -> Outcome {
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let (ledger, _) = ledger_over(store.clone());
+    let worker = BillingEvents::new(ledger.clone(), store.clone());
+    // A delivery whose workspace is not known yet is redelivered, as SQS would.
+    let mut pending: Vec<Value> = order.to_vec();
+    for _round in 0..5 {
+        let mut again = Vec::new();
+        for e in pending {
+            let d = Delivery {
+                message_id: "m".into(),
+                body: e.to_string(),
+                group_id: Some(CUS.into()),
+                receive_count: 1,
+            };
+            match worker.consume(&d).await {
+                Ok(()) => {}
+                Err(ConsumeError::Retry(_)) => again.push(e),
+                Err(ConsumeError::Poison(p)) => panic!("poison: {p}"),
+            }
+        }
+        pending = again;
+    }
+    assert!(pending.is_empty(), "every event eventually applies");
+    let a = account(ORG);
+    let state = ledger.account_now(&a).await.unwrap();
+    state.check_invariants().unwrap();
+    let mut lots: Vec<_> = state
+        .lots
+        .iter()
+        .map(|l| (format!("{:?}", l.source), l.original, l.expires_at))
+        .collect();
+    lots.sort();
+    let invoices: Vec<InvoiceRecord> =
+        docs::list(store.as_ref(), &account_pk(&a), INVOICE_PREFIX, 100)
+            .await
+            .unwrap();
+    Outcome {
+        available: state.balance().available,
+        lots,
+        plan: state.plan.clone(),
+        invoices,
+        payment: docs::get(store.as_ref(), &charge_pk("ch_first"), PAYMENT_SK)
+            .await
+            .unwrap(),
+        subscription: docs::get(store.as_ref(), &account_pk(&a), SUBSCRIPTION_SK)
+            .await
+            .unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_history() {
+    let o = run(&history()).await;
+    // Max plan 400 + 2 add-on units of 60 + two 500-credit packs.
+    assert_eq!(o.available, 400 + 120 + 1000);
+    let period_end = t0() + Duration::days(30);
+    assert_eq!(
+        o.lots,
+        vec![
+            ("Addon".to_string(), 120, Some(period_end)),
+            ("Pack".to_string(), 1000, None),
+            (
+                "PlanPeriod".to_string(),
+                400,
+                Some(period_end + Duration::days(30))
+            ),
+        ]
+    );
+    let plan = o.plan.unwrap();
+    assert_eq!(
+        (
+            plan.plan.as_str(),
+            plan.interval,
+            plan.status,
+            plan.cancel_at_period_end
+        ),
+        ("max", Interval::Monthly, PlanStatus::Active, true)
+    );
+    assert_eq!(o.invoices.len(), 1);
+    assert_eq!(o.invoices[0].status, "paid");
+    assert_eq!(
+        o.invoices[0].invoice_pdf.as_deref(),
+        Some("https://pay.stripe.com/invoice/acct_1/in_first/pdf")
+    );
+    let payment = o.payment.unwrap();
+    assert_eq!((payment.amount, payment.amount_refunded), (4900, 1500));
+    assert_eq!(payment.account, Some(account(ORG)));
+    assert_eq!(payment.refunds.len(), 1);
+    assert_eq!(payment.disputes.len(), 1);
+    assert_eq!(payment.disputes[0].reason.as_deref(), Some("duplicate"));
+    assert_eq!(o.subscription.unwrap().addon_units, 2);
+}
+
+#[tokio::test]
+async fn an_invoice_arriving_before_the_checkout_still_credits_the_right_workspace() {
+    let mut order = history();
+    order.reverse();
+    let o = run(&order).await;
+    assert_eq!(o.available, 1520);
+}
+
+#[tokio::test]
+async fn a_stale_subscription_update_does_not_undo_a_newer_one() {
+    let newer = subscription(
+        "evt_b",
+        "customer.subscription.updated",
+        at(6),
+        "past_due",
+        false,
+    );
+    let older = subscription(
+        "evt_a",
+        "customer.subscription.updated",
+        at(2),
+        "active",
+        true,
+    );
+    let o = run(&[newer.clone(), older.clone()]).await;
+    let p = run(&[older, newer]).await;
+    assert_eq!(o.plan, p.plan);
+    assert_eq!(o.plan.unwrap().status, PlanStatus::PastDue);
+}
+
+#[tokio::test]
+async fn a_cancelled_subscription_leaves_the_plan_cancelled() {
+    let mut events = history();
+    events.push(subscription(
+        "evt_deleted",
+        "customer.subscription.deleted",
+        at(30),
+        "canceled",
+        false,
+    ));
+    let o = run(&events).await;
+    assert_eq!(o.plan.unwrap().status, PlanStatus::Canceled);
+    // Credits already granted stay: cancellation keeps access until the period ends.
+    assert_eq!(o.available, 1520);
+}
+
+#[tokio::test]
+async fn events_that_name_no_known_workspace_or_unknown_things_are_refused_loudly() {
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let (ledger, _) = ledger_over(store.clone());
+    let worker = BillingEvents::new(ledger, store);
+    let deliver = |body: String| Delivery {
+        message_id: "m".into(),
+        body,
+        group_id: None,
+        receive_count: 1,
+    };
+    let mut orphan = fixture("charge");
+    orphan["customer"] = json!("cus_nobody");
+    orphan["metadata"] = json!({});
+    let mut i = invoice("evt_x", "invoice.paid", at(0), "paid");
+    i["data"]["object"]["parent"] = Value::Null;
+    // An invoice for a customer nobody linked yet: retried (it may be linked later).
+    assert!(matches!(
+        worker.consume(&deliver(i.to_string())).await,
+        Err(ConsumeError::Retry(_))
+    ));
+    let mut bad_pack = pack_checkout();
+    bad_pack["data"]["object"]["metadata"]["pack"] = json!("pack_9999");
+    assert!(matches!(
+        worker.consume(&deliver(bad_pack.to_string())).await,
+        Err(ConsumeError::Poison(_))
+    ));
+    let mut huge = pack_checkout();
+    huge["data"]["object"]["metadata"]["quantity"] = json!("100000");
+    assert!(matches!(
+        worker.consume(&deliver(huge.to_string())).await,
+        Err(ConsumeError::Poison(_))
+    ));
+    assert!(matches!(
+        worker.consume(&deliver("{not json".into())).await,
+        Err(ConsumeError::Poison(_))
+    ));
+    // Unrelated event types are acknowledged.
+    let other = stripe_event("evt_plan", "plan.created", at(0), fixture("price"));
+    assert!(worker.consume(&deliver(other.to_string())).await.is_ok());
+    assert_eq!(
+        worker
+            .ledger
+            .account_now(&account(ORG))
+            .await
+            .unwrap()
+            .balance()
+            .available,
+        0
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn any_order_with_any_duplicates_ends_in_the_same_state(
+        order in Just((0..9usize).collect::<Vec<_>>()).prop_shuffle(),
+        dups in proptest::collection::vec(0..9usize, 0..6),
+    ) {
+        let events = history();
+        let mut deliveries: Vec<Value> = order.iter().map(|&i| events[i].clone()).collect();
+        for (n, d) in dups.iter().enumerate() {
+            let at = (n * 3) % (deliveries.len() + 1);
+            deliveries.insert(at, events[*d].clone());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (reference, shuffled) = rt.block_on(async { (run(&history()).await, run(&deliveries).await) });
+        prop_assert_eq!(shuffled, reference);
+    }
+}

@@ -1,0 +1,154 @@
+//! Queues: the SQS adapter against the emulator (FIFO deduplication, group ordering,
+//! dead-letter redrive) and the partial-batch runner used by every SQS Lambda.
+
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use tally::queue::lambda::process_batch;
+use tally::queue::sqs::SqsQueue;
+use tally::queue::{ConsumeError, Consumer, Delivery, Message, Queue};
+
+fn client() -> aws_sdk_sqs::Client {
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").expect("run the suite with `make test`");
+    SqsQueue::local_client(&endpoint)
+}
+
+async fn fifo_with_dlq(c: &aws_sdk_sqs::Client, name: &str, max_receives: u32) -> (String, String) {
+    let dlq = c
+        .create_queue()
+        .queue_name(format!("{name}-dlq.fifo"))
+        .attributes(QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let dlq_arn = c
+        .get_queue_attributes()
+        .queue_url(&dlq)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    let url = c
+        .create_queue()
+        .queue_name(format!("{name}.fifo"))
+        .attributes(QueueAttributeName::FifoQueue, "true")
+        .attributes(QueueAttributeName::VisibilityTimeout, "0")
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receives}"}}"#),
+        )
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    (url, dlq)
+}
+
+fn msg(body: &str, group: &str, dedup: &str) -> Message {
+    Message {
+        body: body.into(),
+        group_id: Some(group.into()),
+        dedup_id: Some(dedup.into()),
+    }
+}
+
+#[tokio::test]
+async fn the_sqs_adapter_drops_duplicate_events_and_keeps_the_customer_group() {
+    let c = client();
+    let (url, _) = fifo_with_dlq(&c, &format!("dedup-{}", ulid::Ulid::new()), 3).await;
+    let q = SqsQueue::new(c.clone(), url.clone());
+    q.send(msg("first", "cus_1", "evt_1")).await.unwrap();
+    q.send(msg("first again", "cus_1", "evt_1")).await.unwrap();
+    q.send(msg("second", "cus_1", "evt_2")).await.unwrap();
+    let got = c
+        .receive_message()
+        .queue_url(&url)
+        .max_number_of_messages(10)
+        .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+        .send()
+        .await
+        .unwrap()
+        .messages
+        .unwrap_or_default();
+    let bodies: Vec<&str> = got.iter().map(|m| m.body().unwrap()).collect();
+    assert_eq!(bodies, vec!["first", "second"]);
+    let group = got[0].attributes().unwrap()[&MessageSystemAttributeName::MessageGroupId].clone();
+    assert_eq!(group, "cus_1");
+}
+
+#[tokio::test]
+async fn a_message_received_too_often_lands_in_the_dead_letter_queue() {
+    let c = client();
+    let (url, dlq) = fifo_with_dlq(&c, &format!("redrive-{}", ulid::Ulid::new()), 2).await;
+    SqsQueue::new(c.clone(), url.clone())
+        .send(msg("poison", "cus_1", "evt_poison"))
+        .await
+        .unwrap();
+    // Received and never deleted (the consumer failed): after two receives it moves.
+    for _ in 0..3 {
+        c.receive_message().queue_url(&url).send().await.unwrap();
+    }
+    let dead = c
+        .receive_message()
+        .queue_url(&dlq)
+        .send()
+        .await
+        .unwrap()
+        .messages
+        .unwrap_or_default();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body(), Some("poison"));
+}
+
+struct FailOn(&'static str, Mutex<Vec<String>>);
+
+#[async_trait]
+impl Consumer for FailOn {
+    async fn consume(&self, d: &Delivery) -> Result<(), ConsumeError> {
+        self.1.lock().unwrap().push(d.body.clone());
+        if d.body == self.0 {
+            Err(ConsumeError::Poison("bad".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn record(id: &str, body: &str, group: &str) -> SqsMessage {
+    let mut m = SqsMessage::default();
+    m.message_id = Some(id.into());
+    m.body = Some(body.into());
+    m.attributes = HashMap::from([
+        ("MessageGroupId".to_string(), group.to_string()),
+        ("ApproximateReceiveCount".to_string(), "1".to_string()),
+    ]);
+    m
+}
+
+#[tokio::test]
+async fn a_failed_message_is_reported_alone_and_holds_back_only_its_own_group() {
+    let consumer = FailOn("bad", Mutex::new(Vec::new()));
+    let mut event = SqsEvent::default();
+    event.records = vec![
+        record("1", "ok-a", "cus_a"),
+        record("2", "bad", "cus_a"),
+        record("3", "after-bad", "cus_a"),
+        record("4", "ok-b", "cus_b"),
+    ];
+    let response = process_batch(&consumer, event).await;
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(failed, vec!["2", "3"]);
+    assert_eq!(*consumer.1.lock().unwrap(), vec!["ok-a", "bad", "ok-b"]);
+}
