@@ -118,11 +118,17 @@ pub fn support() -> String {
     token(json!({"sub": "support-1", "scope": "credits:admin"}))
 }
 
-/// The local app over an in-memory store and a manual clock.
+/// Webhook secret of the test app's simulator.
+pub const WEBHOOK_SECRET: &str = "whsec_test_local";
+
+/// The whole local system (every route, the billing queue and worker, the payments
+/// simulator) over an in-memory store and a manual clock.
 pub struct TestApp {
     pub router: Router,
     pub ledger: Ledger,
     pub clock: Arc<ManualClock>,
+    pub docs: Arc<dyn tally::store::DocStore>,
+    pub local: tally_local::Local,
 }
 
 /// An HTTP answer.
@@ -145,12 +151,29 @@ impl Answer {
 
 impl TestApp {
     pub fn new() -> Self {
-        let (ledger, clock) = ledger_over(embedded_store());
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let (ledger, clock) = ledger_over(store.clone());
+        let local = tally_local::build(tally_local::LocalConfig {
+            ledger: ledger.clone(),
+            docs: store.clone(),
+            dev_secret: SECRET.into(),
+            webhook_secrets: vec![WEBHOOK_SECRET.into()],
+            base_url: "http://tally.test".into(),
+            stripe_secret_key: None,
+        })
+        .expect("local system");
         Self {
-            router: tally_local::app(ledger.clone(), SECRET),
+            router: local.router.clone(),
             ledger,
             clock,
+            docs: store,
+            local,
         }
+    }
+
+    /// Waits until every queued Stripe event has been applied (or dead-lettered).
+    pub async fn settle_billing(&self) {
+        self.local.billing_queue.until_idle().await;
     }
 
     pub async fn send(
@@ -162,10 +185,11 @@ impl TestApp {
         headers: &[(&str, &str)],
     ) -> Answer {
         let mut req = Request::builder().method(method).uri(path);
+        let form = headers.iter().any(|(k, _)| *k == "content-type");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        if body.is_some() {
+        if body.is_some() && !form {
             req = req.header("content-type", "application/json");
         }
         for (k, v) in headers {

@@ -3,6 +3,7 @@
 mod api;
 mod billing;
 mod concurrency;
+mod purchases;
 mod queues;
 mod service_properties;
 mod store_conformance;

@@ -12,6 +12,7 @@ pub mod http;
 pub mod ids;
 pub mod ledger;
 pub mod money;
+pub mod payments;
 pub mod queue;
 pub mod service;
 pub mod store;

@@ -5,12 +5,19 @@ use axum::Router;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use std::sync::Arc;
+use tally::billing::BillingEvents;
 use tally::http::AuthMode;
 use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE, authenticate, dev_token};
 use tally::ids::{AccountId, IdempotencyKey};
 use tally::ledger::{Actor, Interval, LotSource, Operation, PlanState, PlanStatus, Refs};
 use tally::money::Credits;
+use tally::payments::Payments;
+use tally::payments::simulator::Simulator;
+use tally::payments::stripe::StripePayments;
+use tally::queue::local::LocalQueue;
 use tally::service::{Ledger, LedgerRequest, ServiceError};
+use tally::store::DocStore;
+use tally_stripe_webhook::WebhookState;
 use utoipa::OpenApi;
 
 /// The workspace `make run` prepares for trying things out.
@@ -18,20 +25,82 @@ pub const DEMO_WORKSPACE: &str = "demo";
 
 /// The merged OpenAPI document of every function served locally.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    credits_api::ApiDoc::openapi()
+    let mut doc = credits_api::ApiDoc::openapi();
+    doc.merge(purchases::ApiDoc::openapi());
+    doc.merge(tally_stripe_webhook::ApiDoc::openapi());
+    doc
 }
 
-/// The whole local HTTP surface.
-pub fn app(ledger: Ledger, dev_secret: &str) -> Router {
-    let credits = credits_api::AppState { ledger };
-    let protected = credits_api::protected_routes(credits.clone()).route_layer(
-        axum::middleware::from_fn_with_state(AuthMode::dev(dev_secret), authenticate),
-    );
-    tally::http::finish(
-        credits_api::public_routes(credits)
-            .merge(protected)
-            .merge(credits_api::service_routes(openapi())),
-    )
+/// What the local system is made of.
+pub struct LocalConfig {
+    pub ledger: Ledger,
+    pub docs: Arc<dyn DocStore>,
+    pub dev_secret: String,
+    /// Webhook signing secrets; the first signs simulated events.
+    pub webhook_secrets: Vec<String>,
+    /// Where this server is reachable (checkout and return URLs point here).
+    pub base_url: String,
+    /// A real Stripe test key, or `None` for the offline simulator.
+    pub stripe_secret_key: Option<String>,
+}
+
+/// The running local system: one router, and the in-process queue behind the webhook.
+pub struct Local {
+    pub router: Router,
+    pub billing_queue: Arc<LocalQueue>,
+    pub simulator: Option<Arc<Simulator>>,
+}
+
+/// Builds every function's routes over shared in-process parts and starts the billing
+/// worker on the in-process FIFO queue. Must run inside a Tokio runtime.
+pub fn build(cfg: LocalConfig) -> anyhow::Result<Local> {
+    let billing_queue = LocalQueue::new("billing-events.fifo", true, 5);
+    billing_queue.start(Arc::new(BillingEvents::new(
+        cfg.ledger.clone(),
+        cfg.docs.clone(),
+    )));
+    let webhook = tally_stripe_webhook::routes(WebhookState {
+        secrets: Arc::new(cfg.webhook_secrets.clone()),
+        queue: billing_queue.clone(),
+    });
+    let (payments, simulator): (Arc<dyn Payments>, Option<Arc<Simulator>>) =
+        match &cfg.stripe_secret_key {
+            Some(key) => (Arc::new(StripePayments::new(key, None)?), None),
+            None => {
+                let secret = cfg
+                    .webhook_secrets
+                    .first()
+                    .ok_or_else(|| anyhow::anyhow!("the simulator needs a webhook secret"))?;
+                let sim = Simulator::new(&cfg.base_url, secret, webhook.clone());
+                (sim.clone(), Some(sim))
+            }
+        };
+    let credits = credits_api::AppState {
+        ledger: cfg.ledger.clone(),
+    };
+    let buying = purchases::PurchasesState {
+        ledger: cfg.ledger.clone(),
+        docs: cfg.docs.clone(),
+        payments,
+        urls: purchases::ReturnUrls::from_env(&cfg.base_url),
+    };
+    let protected = credits_api::protected_routes(credits.clone())
+        .merge(purchases::protected_routes(buying))
+        .route_layer(axum::middleware::from_fn_with_state(
+            AuthMode::dev(&cfg.dev_secret),
+            authenticate,
+        ));
+    let mut public = credits_api::public_routes(credits)
+        .merge(webhook)
+        .merge(credits_api::service_routes(openapi()));
+    if let Some(sim) = &simulator {
+        public = public.merge(sim.routes());
+    }
+    Ok(Local {
+        router: tally::http::finish(public.merge(protected)),
+        billing_queue,
+        simulator,
+    })
 }
 
 /// Gives the demo workspace a Max plan and its monthly credits, once (replays are no-ops).
@@ -107,11 +176,16 @@ pub fn demo_tokens(secret: &str, now: DateTime<Utc>) -> DemoTokens {
     }
 }
 
+/// Default local webhook signing secret.
+pub const DEFAULT_WEBHOOK_SECRET: &str = "whsec_tally_dev";
+
 /// Settings read from the environment.
 pub struct Settings {
     pub port: u16,
     pub data_dir: std::path::PathBuf,
     pub dev_secret: String,
+    pub webhook_secrets: Vec<String>,
+    pub stripe_secret_key: Option<String>,
 }
 
 impl Settings {
@@ -129,17 +203,21 @@ impl Settings {
                 .into(),
             dev_secret: std::env::var("TALLY_DEV_JWT_SECRET")
                 .unwrap_or_else(|_| tally::http::auth::DEFAULT_DEV_SECRET.into()),
+            webhook_secrets: WebhookState::parse_secrets(
+                &std::env::var("STRIPE_WEBHOOK_SECRET")
+                    .unwrap_or_else(|_| DEFAULT_WEBHOOK_SECRET.into()),
+            ),
+            stripe_secret_key: std::env::var("STRIPE_SECRET_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
         })
     }
 }
 
-/// Builds the ledger over the embedded store in `data_dir`.
-pub fn ledger(data_dir: &std::path::Path) -> anyhow::Result<Ledger> {
+/// The ledger and documents over the embedded store in `data_dir`.
+pub fn stores(data_dir: &std::path::Path) -> anyhow::Result<(Ledger, Arc<dyn DocStore>)> {
     let catalog = Arc::new(tally::catalog::Catalog::from_env()?);
-    let store = tally::store::embedded::EmbeddedStore::open(data_dir)?;
-    Ok(Ledger::new(
-        Arc::new(store),
-        Arc::new(tally::clock::SystemClock),
-        catalog,
-    ))
+    let store = Arc::new(tally::store::embedded::EmbeddedStore::open(data_dir)?);
+    let ledger = Ledger::new(store.clone(), Arc::new(tally::clock::SystemClock), catalog);
+    Ok((ledger, store))
 }

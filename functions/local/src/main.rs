@@ -1,14 +1,23 @@
 //! `make run`: the whole system on one port with a persistent embedded store.
 
-use tally_local::{Settings, app, demo_tokens, ledger, seed_demo};
+use tally_local::{LocalConfig, Settings, build, demo_tokens, seed_demo, stores};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tally::telemetry::init_local();
     let settings = Settings::from_env()?;
-    let ledger = ledger(&settings.data_dir)?;
+    let (ledger, docs) = stores(&settings.data_dir)?;
     seed_demo(&ledger).await?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], settings.port));
+    let simulated = settings.stripe_secret_key.is_none();
+    let local = build(LocalConfig {
+        ledger,
+        docs,
+        dev_secret: settings.dev_secret.clone(),
+        webhook_secrets: settings.webhook_secrets.clone(),
+        base_url: format!("http://{addr}"),
+        stripe_secret_key: settings.stripe_secret_key.clone(),
+    })?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr}: {e} (set PORT to use another port)")
     })?;
@@ -24,14 +33,22 @@ async fn main() -> anyhow::Result<()> {
          curl -s http://{addr}/v1/balance -H \"Authorization: Bearer $OWNER\"\n\
          curl -s http://{addr}/v1/generations -H \"Authorization: Bearer $OWNER\" -H 'Content-Type: application/json' \\\n  \
          -d '{{\"workflow\":\"video\",\"model\":\"video-pro\",\"duration_s\":10,\"resolution\":\"2k\"}}'\n\
+         Buy 500 credits (then open the returned url and press Pay{}):\n\
+         curl -s http://{addr}/v1/checkout/sessions -H \"Authorization: Bearer $OWNER\" -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"kind\":\"pack\",\"pack\":\"pack_500\"}}'\n\
          API reference: http://{addr}/openapi.json\n",
         settings.data_dir.display(),
         tokens.owner,
         tokens.member,
         tokens.generation_service,
         tokens.support,
+        if simulated {
+            "; payments are simulated, see /sim/events"
+        } else {
+            ""
+        },
     );
-    axum::serve(listener, app(ledger, &settings.dev_secret))
+    axum::serve(listener, local.router)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

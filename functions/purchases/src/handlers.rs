@@ -1,0 +1,288 @@
+//! Handlers of the purchases API.
+
+use crate::PurchasesState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use tally::billing::MAX_PACK_QUANTITY;
+use tally::billing::records::*;
+use tally::http::{ApiJson, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key};
+use tally::ids::AccountId;
+use tally::ledger::{Interval, PlanStatus};
+use tally::money::Cents;
+use tally::payments::{CheckoutLink, CheckoutRequest, PaymentsError, Purchase};
+use tally::store::docs;
+use utoipa::{IntoParams, ToSchema};
+
+type ApiResult<T> = Result<T, Problem>;
+
+/// Owners and billing admins buy; members are refused.
+fn buyer(who: &Identity) -> ApiResult<AccountId> {
+    let account = who.member_workspace()?.clone();
+    if !who.can_manage_billing() {
+        return Err(Problem::forbidden(
+            "only the workspace owner or a billing admin can manage billing",
+        ));
+    }
+    Ok(account)
+}
+
+fn provider(e: PaymentsError) -> Problem {
+    match e {
+        PaymentsError::Refused(m) => {
+            tracing::error!(error = %m, "payment provider refused a request");
+            Problem::new(StatusCode::BAD_GATEWAY, "payment_provider_error", m)
+        }
+        PaymentsError::Unavailable(m) => {
+            tracing::warn!(error = %m, "payment provider unavailable");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the payment provider is unavailable; retry with the same Idempotency-Key",
+            )
+        }
+    }
+}
+
+/// What to buy.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CheckoutBody {
+    Plan { plan: String, interval: Interval },
+    Pack { pack: String, quantity: Option<u64> },
+}
+
+/// The workspace's Stripe customer, created on first purchase (exactly once: the Stripe
+/// idempotency key is the workspace, and the first stored id wins).
+async fn customer(
+    st: &PurchasesState,
+    account: &AccountId,
+    email: Option<&str>,
+) -> ApiResult<String> {
+    let pk = account_pk(account);
+    if let Some(c) = docs::get::<BillingProfile>(st.docs.as_ref(), &pk, PROFILE_SK)
+        .await?
+        .and_then(|p| p.customer)
+    {
+        return Ok(c);
+    }
+    let created = st
+        .payments
+        .create_customer(account, email, &format!("tally-customer-{account}"))
+        .await
+        .map_err(provider)?;
+    let profile = docs::update(
+        st.docs.as_ref(),
+        &pk,
+        PROFILE_SK,
+        |cur: Option<BillingProfile>| {
+            let mut p = cur.unwrap_or_default();
+            if p.customer.is_some() {
+                return None;
+            }
+            p.customer = Some(created.clone());
+            Some(p)
+        },
+    )
+    .await?
+    .unwrap_or_default();
+    let customer = profile.customer.unwrap_or(created);
+    docs::update(
+        st.docs.as_ref(),
+        &customer_pk(&customer),
+        LINK_SK,
+        |cur: Option<Link>| {
+            cur.is_none().then(|| Link {
+                account: account.clone(),
+            })
+        },
+    )
+    .await?;
+    Ok(customer)
+}
+
+#[utoipa::path(post, path = "/v1/checkout/sessions", tag = "billing", security(("bearer" = [])),
+    request_body = CheckoutBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries return the same session")),
+    responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
+        (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
+pub async fn create_checkout(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CheckoutBody>,
+) -> ApiResult<(StatusCode, Json<CheckoutLinkView>)> {
+    let account = buyer(&who)?;
+    let catalog = &st.ledger.catalog;
+    let state = st.ledger.account_now(&account).await?;
+    let current = state.plan.as_ref().filter(|p| {
+        matches!(
+            p.status,
+            PlanStatus::Active | PlanStatus::PastDue | PlanStatus::Paused
+        )
+    });
+    let purchase = match &body {
+        CheckoutBody::Plan { plan, interval } => {
+            let def = catalog
+                .plan(plan)
+                .ok_or_else(|| Problem::validation("plan", &format!("unknown plan {plan:?}")))?;
+            if current.is_some() {
+                return Err(Problem::conflict(
+                    "the workspace already has a subscription; change it with POST /v1/subscription/change",
+                ));
+            }
+            Purchase::Plan {
+                plan: def.id.clone(),
+                name: def.name.clone(),
+                interval: *interval,
+                unit_amount: match interval {
+                    Interval::Monthly => def.monthly_price_cents,
+                    Interval::Yearly => catalog.yearly_price(def).get(),
+                },
+            }
+        }
+        CheckoutBody::Pack { pack, quantity } => {
+            let def = catalog
+                .pack(pack)
+                .ok_or_else(|| Problem::validation("pack", &format!("unknown pack {pack:?}")))?;
+            let quantity = quantity.unwrap_or(1);
+            if quantity == 0 || quantity > MAX_PACK_QUANTITY {
+                return Err(Problem::validation(
+                    "quantity",
+                    &format!("must be between 1 and {MAX_PACK_QUANTITY}"),
+                ));
+            }
+            let discount = current
+                .and_then(|p| catalog.plan(&p.plan))
+                .map_or(0, |p| p.pack_discount_pct);
+            Purchase::Pack {
+                pack: def.id.clone(),
+                name: format!("{} credits", def.credits),
+                quantity,
+                unit_amount: Cents::new(def.price_cents).discounted(discount).get(),
+                credits: def.credits,
+            }
+        }
+    };
+    let key = match idempotency_key(&headers, "checkout")? {
+        Some(k) => format!("tally-checkout-{account}-{}", k.as_str()),
+        None => format!("tally-checkout-{account}-{}", ulid::Ulid::new()),
+    };
+    let customer = customer(&st, &account, who.email.as_deref()).await?;
+    let link: CheckoutLink = st
+        .payments
+        .create_checkout(&CheckoutRequest {
+            account: account.clone(),
+            customer,
+            purchase,
+            success_url: st.urls.success.clone(),
+            cancel_url: st.urls.cancel.clone(),
+            idempotency_key: key,
+        })
+        .await
+        .map_err(provider)?;
+    tracing::info!(workspace = %account, session = %link.id, "checkout session created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CheckoutLinkView {
+            id: link.id,
+            url: link.url,
+        }),
+    ))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckoutLinkView {
+    pub id: String,
+    /// Send the customer's browser here.
+    pub url: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubscriptionView {
+    pub subscription: Option<SubscriptionRecord>,
+    pub customer: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/subscription", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = SubscriptionView), (status = 403, body = ProblemDetails)))]
+/// The subscription as Stripe last described it (`null` before the first purchase).
+pub async fn subscription(
+    State(st): State<PurchasesState>,
+    who: Identity,
+) -> ApiResult<Json<SubscriptionView>> {
+    let account = buyer(&who)?;
+    let pk = account_pk(&account);
+    Ok(Json(SubscriptionView {
+        subscription: docs::get(st.docs.as_ref(), &pk, SUBSCRIPTION_SK).await?,
+        customer: docs::get::<BillingProfile>(st.docs.as_ref(), &pk, PROFILE_SK)
+            .await?
+            .and_then(|p| p.customer),
+    }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PortalView {
+    pub url: String,
+}
+
+#[utoipa::path(post, path = "/v1/billing-portal", tag = "billing", security(("bearer" = [])),
+    responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails)))]
+/// A Stripe customer-portal session: payment methods, invoices, plan and frequency.
+pub async fn billing_portal(
+    State(st): State<PurchasesState>,
+    who: Identity,
+) -> ApiResult<(StatusCode, Json<PortalView>)> {
+    let account = buyer(&who)?;
+    let customer = docs::get::<BillingProfile>(st.docs.as_ref(), &account_pk(&account), PROFILE_SK)
+        .await?
+        .and_then(|p| p.customer)
+        .ok_or_else(|| Problem::not_found("the workspace has not bought anything yet"))?;
+    let url = st
+        .payments
+        .billing_portal(
+            &customer,
+            &st.urls.portal_return,
+            &format!("tally-portal-{account}-{}", ulid::Ulid::new()),
+        )
+        .await
+        .map_err(provider)?;
+    Ok((StatusCode::CREATED, Json(PortalView { url })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct InvoiceQuery {
+    /// 1-100, default 20.
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvoicePage {
+    pub items: Vec<InvoiceRecord>,
+}
+
+#[utoipa::path(get, path = "/v1/invoices", tag = "billing", security(("bearer" = [])),
+    params(InvoiceQuery),
+    responses((status = 200, body = InvoicePage), (status = 403, body = ProblemDetails)))]
+/// Billing history: open and paid invoices (and voided ones), newest first, with links to
+/// the hosted invoice and its PDF.
+pub async fn invoices(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<InvoiceQuery>,
+) -> ApiResult<Json<InvoicePage>> {
+    let account = buyer(&who)?;
+    let limit = match q.limit {
+        None => 20,
+        Some(n) if (1..=100).contains(&n) => n as usize,
+        Some(_) => return Err(Problem::validation("limit", "must be between 1 and 100")),
+    };
+    let mut items: Vec<InvoiceRecord> =
+        docs::list(st.docs.as_ref(), &account_pk(&account), INVOICE_PREFIX, 200).await?;
+    items.retain(|i| i.status != "draft");
+    items.truncate(limit);
+    Ok(Json(InvoicePage { items }))
+}

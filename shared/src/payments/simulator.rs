@@ -1,0 +1,435 @@
+//! Offline stand-in for Stripe, used by the local runner when no `STRIPE_SECRET_KEY` is set.
+//!
+//! Checkout URLs point to `GET /sim/checkout/{id}`, a page with a Pay button. Paying builds
+//! the events Stripe would send (from Stripe's own example objects), signs them with the
+//! webhook secret exactly as Stripe does, and delivers them to `POST /webhooks/stripe`, so
+//! they take the same path as real deliveries: signature check, billing queue, worker.
+//! `GET /sim/events` lists every delivered event; `POST /sim/events/{id}/redeliver` sends
+//! one again (with a fresh signature) to see duplicates handled.
+
+use super::*;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{Request, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use chrono::{Duration, Utc};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tower::ServiceExt;
+
+const FIXTURES: [(&str, &str); 5] = [
+    (
+        "checkout.session",
+        include_str!("../../../tests/fixtures/stripe/checkout.session.json"),
+    ),
+    (
+        "subscription",
+        include_str!("../../../tests/fixtures/stripe/subscription.json"),
+    ),
+    (
+        "invoice",
+        include_str!("../../../tests/fixtures/stripe/invoice.json"),
+    ),
+    (
+        "charge",
+        include_str!("../../../tests/fixtures/stripe/charge.json"),
+    ),
+    (
+        "event",
+        include_str!("../../../tests/fixtures/stripe/event.json"),
+    ),
+];
+
+fn fixture(name: &str) -> Value {
+    let text = FIXTURES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .expect("known fixture");
+    serde_json::from_str(text).expect("fixture JSON")
+}
+
+fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}_sim{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    )
+}
+
+/// Signs a payload the way Stripe does: `t=<unix>,v1=<hex HMAC-SHA256("<t>.<payload>")>`.
+pub fn stripe_signature(payload: &str, secret: &str, timestamp: i64) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{timestamp}.{payload}").as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={timestamp},v1={hex}")
+}
+
+#[derive(Debug, Clone)]
+struct SimSession {
+    request: CheckoutRequest,
+    paid: bool,
+}
+
+/// A delivered event, as `GET /sim/events` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimEvent {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub created: i64,
+    /// Status the webhook answered with.
+    pub delivered_status: u16,
+    pub payload: Value,
+}
+
+pub struct Simulator {
+    base_url: String,
+    secret: String,
+    webhook: Router,
+    sessions: Mutex<HashMap<String, SimSession>>,
+    events: Mutex<Vec<SimEvent>>,
+}
+
+impl Simulator {
+    /// `base_url` is where the local runner serves `/sim`; `webhook` is the router that
+    /// serves `POST /webhooks/stripe`.
+    pub fn new(base_url: &str, secret: &str, webhook: Router) -> Arc<Self> {
+        Arc::new(Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            secret: secret.to_owned(),
+            webhook,
+            sessions: Mutex::new(HashMap::new()),
+            events: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn routes(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/sim/checkout/{id}", get(page))
+            .route("/sim/checkout/{id}/pay", post(pay))
+            .route("/sim/events", get(list_events))
+            .route("/sim/events/{id}/redeliver", post(redeliver))
+            .route("/sim/done", get(done))
+            .with_state(self.clone())
+    }
+
+    pub fn events(&self) -> Vec<SimEvent> {
+        self.events.lock().expect("sim lock").clone()
+    }
+
+    async fn deliver(&self, kind: &str, object: Value) -> SimEvent {
+        let created = Utc::now().timestamp();
+        let mut e = fixture("event");
+        e["id"] = json!(new_id("evt"));
+        e["type"] = json!(kind);
+        e["created"] = json!(created);
+        e["livemode"] = json!(false);
+        e["data"] = json!({"object": object});
+        let status = self.post_signed(&e).await;
+        let event = SimEvent {
+            id: e["id"].as_str().unwrap_or_default().to_owned(),
+            kind: kind.to_owned(),
+            created,
+            delivered_status: status,
+            payload: e,
+        };
+        self.events.lock().expect("sim lock").push(event.clone());
+        event
+    }
+
+    async fn post_signed(&self, event: &Value) -> u16 {
+        let payload = event.to_string();
+        let signature = stripe_signature(&payload, &self.secret, Utc::now().timestamp());
+        let req = Request::post("/webhooks/stripe")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("stripe-signature", signature)
+            .body(Body::from(payload))
+            .expect("valid request");
+        match self.webhook.clone().oneshot(req).await {
+            Ok(res) => res.status().as_u16(),
+            Err(never) => match never {},
+        }
+    }
+
+    /// Plays Stripe's side of a completed checkout. Paying twice delivers nothing new.
+    pub async fn complete(&self, session_id: &str) -> Option<String> {
+        let request = {
+            let mut sessions = self.sessions.lock().expect("sim lock");
+            let s = sessions.get_mut(session_id)?;
+            if s.paid {
+                return Some(s.request.success_url.clone());
+            }
+            s.paid = true;
+            s.request.clone()
+        };
+        let now = Utc::now().timestamp();
+        let org = request.account.to_string();
+        let customer = request.customer.clone();
+        let meta = super::stripe::checkout_metadata(&request);
+        let mut session = fixture("checkout.session");
+        session["id"] = json!(session_id);
+        session["customer"] = json!(customer);
+        session["client_reference_id"] = json!(org);
+        session["status"] = json!("complete");
+        session["payment_status"] = json!("paid");
+        session["metadata"] = json!(meta);
+        session["success_url"] = json!(request.success_url);
+        session["cancel_url"] = json!(request.cancel_url);
+        session["url"] = Value::Null;
+        let mut charge = fixture("charge");
+        charge["id"] = json!(new_id("ch"));
+        charge["customer"] = json!(customer);
+        charge["created"] = json!(now);
+        charge["metadata"] = json!({"org_id": org});
+        charge["amount_refunded"] = json!(0);
+        charge["refunded"] = json!(false);
+        charge["refunds"] =
+            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
+        match &request.purchase {
+            Purchase::Pack {
+                quantity,
+                unit_amount,
+                ..
+            } => {
+                let amount = quantity * unit_amount;
+                session["mode"] = json!("payment");
+                session["amount_total"] = json!(amount);
+                session["amount_subtotal"] = json!(amount);
+                session["subscription"] = Value::Null;
+                charge["amount"] = json!(amount);
+                charge["amount_captured"] = json!(amount);
+                self.deliver("charge.succeeded", charge).await;
+                self.deliver("checkout.session.completed", session).await;
+            }
+            Purchase::Plan {
+                interval,
+                unit_amount,
+                ..
+            } => {
+                let days = match interval {
+                    crate::ledger::Interval::Monthly => 30,
+                    crate::ledger::Interval::Yearly => 365,
+                };
+                let end = (Utc::now() + Duration::days(days)).timestamp();
+                let sub_id = new_id("sub");
+                let mut sub_meta = meta.clone();
+                sub_meta.remove("kind");
+                sub_meta.insert("addon_units", "0".into());
+                let mut sub = fixture("subscription");
+                sub["id"] = json!(sub_id);
+                sub["customer"] = json!(customer);
+                sub["status"] = json!("active");
+                sub["cancel_at_period_end"] = json!(false);
+                sub["pause_collection"] = Value::Null;
+                sub["metadata"] = json!(sub_meta);
+                sub["items"]["data"][0]["current_period_start"] = json!(now);
+                sub["items"]["data"][0]["current_period_end"] = json!(end);
+                sub["items"]["data"][0]["price"]["recurring"]["interval"] =
+                    json!(if days == 30 { "month" } else { "year" });
+                sub["items"]["data"][0]["price"]["unit_amount"] = json!(unit_amount);
+                let inv_id = new_id("in");
+                let mut inv = fixture("invoice");
+                inv["id"] = json!(inv_id);
+                inv["customer"] = json!(customer);
+                inv["billing_reason"] = json!("subscription_create");
+                inv["collection_method"] = json!("charge_automatically");
+                inv["created"] = json!(now);
+                inv["currency"] = json!("usd");
+                inv["metadata"] = json!({});
+                inv["number"] = json!(format!("SIM-{}", &inv_id[inv_id.len() - 6..]));
+                inv["hosted_invoice_url"] =
+                    json!(format!("{}/sim/invoices/{inv_id}", self.base_url));
+                inv["invoice_pdf"] = json!(format!("{}/sim/invoices/{inv_id}.pdf", self.base_url));
+                inv["parent"] = json!({"type": "subscription_details", "quote_details": null,
+                    "subscription_details": {"subscription": sub_id, "metadata": sub_meta}});
+                inv["lines"]["data"][0]["period"] = json!({"start": now, "end": end});
+                inv["lines"]["data"][0]["amount"] = json!(unit_amount);
+                for (k, v) in [
+                    ("amount_due", *unit_amount),
+                    ("total", *unit_amount),
+                    ("subtotal", *unit_amount),
+                ] {
+                    inv[k] = json!(v);
+                }
+                let mut open = inv.clone();
+                open["status"] = json!("open");
+                open["amount_paid"] = json!(0);
+                open["amount_remaining"] = json!(unit_amount);
+                open["status_transitions"]["paid_at"] = Value::Null;
+                let mut paid = inv;
+                paid["status"] = json!("paid");
+                paid["amount_paid"] = json!(unit_amount);
+                paid["amount_remaining"] = json!(0);
+                paid["status_transitions"]["paid_at"] = json!(now);
+                session["mode"] = json!("subscription");
+                session["subscription"] = json!(sub_id);
+                session["invoice"] = json!(inv_id);
+                session["amount_total"] = json!(unit_amount);
+                charge["amount"] = json!(unit_amount);
+                charge["amount_captured"] = json!(unit_amount);
+                self.deliver("customer.subscription.created", sub).await;
+                self.deliver("invoice.finalized", open).await;
+                self.deliver("invoice.paid", paid).await;
+                self.deliver("charge.succeeded", charge).await;
+                self.deliver("checkout.session.completed", session).await;
+            }
+        }
+        Some(request.success_url)
+    }
+}
+
+#[async_trait]
+impl Payments for Simulator {
+    async fn create_customer(
+        &self,
+        _account: &AccountId,
+        _email: Option<&str>,
+        _key: &str,
+    ) -> Result<String, PaymentsError> {
+        Ok(new_id("cus"))
+    }
+
+    async fn create_checkout(&self, req: &CheckoutRequest) -> Result<CheckoutLink, PaymentsError> {
+        let mut sessions = self.sessions.lock().expect("sim lock");
+        // Same idempotency key, same session, as with Stripe.
+        if let Some((id, _)) = sessions
+            .iter()
+            .find(|(_, s)| s.request.idempotency_key == req.idempotency_key)
+        {
+            return Ok(CheckoutLink {
+                id: id.clone(),
+                url: format!("{}/sim/checkout/{id}", self.base_url),
+            });
+        }
+        let id = new_id("cs");
+        sessions.insert(
+            id.clone(),
+            SimSession {
+                request: req.clone(),
+                paid: false,
+            },
+        );
+        Ok(CheckoutLink {
+            url: format!("{}/sim/checkout/{id}", self.base_url),
+            id,
+        })
+    }
+
+    async fn billing_portal(
+        &self,
+        customer: &str,
+        return_url: &str,
+        _key: &str,
+    ) -> Result<String, PaymentsError> {
+        Ok(format!(
+            "{}/sim/done?portal={customer}&return={}",
+            self.base_url,
+            return_url.replace('&', "%26")
+        ))
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+async fn page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    let session = sim.sessions.lock().expect("sim lock").get(&id).cloned();
+    let Some(s) = session else {
+        return (
+            StatusCode::NOT_FOUND,
+            Html("<h1>No such checkout session</h1>".to_owned()),
+        )
+            .into_response();
+    };
+    let (what, amount) = match &s.request.purchase {
+        Purchase::Plan {
+            name,
+            interval,
+            unit_amount,
+            ..
+        } => (
+            format!(
+                "{name} plan, billed {}",
+                match interval {
+                    crate::ledger::Interval::Monthly => "monthly",
+                    crate::ledger::Interval::Yearly => "yearly",
+                }
+            ),
+            *unit_amount,
+        ),
+        Purchase::Pack {
+            name,
+            quantity,
+            unit_amount,
+            credits,
+            ..
+        } => (
+            format!("{quantity} x {name} ({credits} credits each)"),
+            quantity * unit_amount,
+        ),
+    };
+    let status = if s.paid {
+        "<p id=\"status\">Paid</p>"
+    } else {
+        ""
+    };
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Tally checkout (simulated)</title></head>\
+         <body><h1>Checkout</h1><p>Simulated payment: no money moves.</p>\
+         <p id=\"item\">{}</p><p id=\"amount\">${}.{:02}</p>{status}\
+         <form method=\"post\" action=\"/sim/checkout/{}/pay\"><button id=\"pay\" type=\"submit\">Pay</button></form>\
+         <p><a href=\"{}\">Cancel</a></p></body></html>",
+        escape(&what),
+        amount / 100,
+        amount % 100,
+        escape(&id),
+        escape(&s.request.cancel_url),
+    ))
+    .into_response()
+}
+
+async fn pay(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    match sim.complete(&id).await {
+        Some(success) => Redirect::to(&success).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Html("<h1>No such checkout session</h1>".to_owned()),
+        )
+            .into_response(),
+    }
+}
+
+async fn list_events(State(sim): State<Arc<Simulator>>) -> axum::Json<Vec<SimEvent>> {
+    axum::Json(sim.events())
+}
+
+async fn redeliver(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    let event = sim.events().into_iter().find(|e| e.id == id);
+    match event {
+        Some(e) => {
+            let status = sim.post_signed(&e.payload).await;
+            axum::Json(json!({"id": id, "delivered_status": status})).into_response()
+        }
+        None => crate::http::Problem::not_found(format!("no simulated event {id}")).into_response(),
+    }
+}
+
+async fn done() -> Html<&'static str> {
+    Html(
+        "<!doctype html><html><body><h1 id=\"done\">Payment complete</h1><p>Your credits are on their way to your balance.</p></body></html>",
+    )
+}

@@ -1,0 +1,313 @@
+//! Buying through the local system: checkout, the simulated Stripe page, signed events
+//! through the webhook and billing queue, credits at once and exactly once.
+
+use axum::http::Method;
+use serde_json::{Value, json};
+use tally_tests::{TestApp, member, owner};
+
+async fn checkout(app: &TestApp, tok: &str, body: Value) -> Value {
+    let a = app.post("/v1/checkout/sessions", tok, body).await;
+    assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
+    a.body
+}
+
+/// Presses Pay on the simulated checkout page.
+async fn pay(app: &TestApp, url: &str) -> u16 {
+    let path = url
+        .strip_prefix("http://tally.test")
+        .expect("local checkout url");
+    let page = app.send(Method::GET, path, None, None, &[]).await;
+    assert_eq!(page.status.as_u16(), 200);
+    assert!(page.body.as_str().unwrap().contains("id=\"pay\""));
+    let res = app
+        .send(
+            Method::POST,
+            &format!("{path}/pay"),
+            None,
+            Some(""),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    app.settle_billing().await;
+    res.status.as_u16()
+}
+
+async fn available(app: &TestApp, org: &str) -> u64 {
+    app.get("/v1/balance", &owner(org)).await.body["available"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn buying_packs_credits_them_at_once_and_only_once() {
+    let app = TestApp::new();
+    let o = owner("org_p");
+    let s = checkout(
+        &app,
+        &o,
+        json!({"kind": "pack", "pack": "pack_500", "quantity": 2}),
+    )
+    .await;
+    assert!(
+        s["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://tally.test/sim/checkout/cs_")
+    );
+    assert_eq!(available(&app, "org_p").await, 0, "nothing before payment");
+    assert_eq!(pay(&app, s["url"].as_str().unwrap()).await, 303);
+    assert_eq!(available(&app, "org_p").await, 1000);
+    let sim = app.local.simulator.as_ref().unwrap();
+    let kinds: Vec<String> = sim.events().iter().map(|e| e.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        vec!["charge.succeeded", "checkout.session.completed"]
+    );
+    assert!(sim.events().iter().all(|e| e.delivered_status == 200));
+    // Paying again and redelivering every event change nothing.
+    pay(&app, s["url"].as_str().unwrap()).await;
+    for e in sim.events() {
+        let r = app
+            .send(
+                Method::POST,
+                &format!("/sim/events/{}/redeliver", e.id),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(r.body["delivered_status"], 200);
+    }
+    app.settle_billing().await;
+    assert_eq!(available(&app, "org_p").await, 1000);
+    let listed = app.send(Method::GET, "/sim/events", None, None, &[]).await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 2);
+    assert_eq!(
+        listed.body[1]["payload"]["data"]["object"]["metadata"]["pack"],
+        "pack_500"
+    );
+    let lots = app.get("/v1/balance", &o).await.body["lots"].clone();
+    assert_eq!(lots[0]["source"], "pack");
+    assert!(lots[0]["expires_at"].is_null(), "packs never expire");
+    assert!(app.local.billing_queue.dead_letters().is_empty());
+}
+
+#[tokio::test]
+async fn subscribing_grants_the_plan_credits_records_the_invoice_and_discounts_packs() {
+    let app = TestApp::new();
+    let o = owner("org_s");
+    let s = checkout(
+        &app,
+        &o,
+        json!({"kind": "plan", "plan": "max", "interval": "monthly"}),
+    )
+    .await;
+    pay(&app, s["url"].as_str().unwrap()).await;
+    assert_eq!(available(&app, "org_s").await, 400);
+    let ent = app.get("/v1/entitlements", &o).await.body;
+    assert_eq!(
+        (ent["plan"]["plan"].as_str(), ent["plan"]["status"].as_str()),
+        (Some("max"), Some("active"))
+    );
+    let sub = app.get("/v1/subscription", &o).await.body;
+    assert_eq!(sub["subscription"]["plan"], "max");
+    assert!(sub["customer"].as_str().unwrap().starts_with("cus_"));
+    let inv = app.get("/v1/invoices", &o).await.body;
+    assert_eq!(inv["items"].as_array().unwrap().len(), 1);
+    assert_eq!(inv["items"][0]["status"], "paid");
+    assert_eq!(inv["items"][0]["amount_paid"], 2900);
+    assert!(
+        inv["items"][0]["invoice_pdf"]
+            .as_str()
+            .unwrap()
+            .ends_with(".pdf")
+    );
+    // A second plan checkout is refused: plan changes go through the subscription.
+    app.post(
+        "/v1/checkout/sessions",
+        &o,
+        json!({"kind": "plan", "plan": "team", "interval": "yearly"}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    // Max members get 20% off packs: 4100 -> 3280 cents.
+    let p = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
+    let path = p["url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("http://tally.test")
+        .unwrap()
+        .to_owned();
+    let page = app.send(Method::GET, &path, None, None, &[]).await;
+    assert!(
+        page.body.as_str().unwrap().contains("$32.80"),
+        "{}",
+        page.body
+    );
+    pay(&app, p["url"].as_str().unwrap()).await;
+    assert_eq!(available(&app, "org_s").await, 900);
+    let portal = app.post("/v1/billing-portal", &o, json!({})).await;
+    assert_eq!(portal.status.as_u16(), 201);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_returns_the_same_checkout_session() {
+    let app = TestApp::new();
+    let o = owner("org_i");
+    let body = json!({"kind": "pack", "pack": "pack_100"}).to_string();
+    let a = app
+        .send(
+            Method::POST,
+            "/v1/checkout/sessions",
+            Some(&o),
+            Some(&body),
+            &[("idempotency-key", "buy-1")],
+        )
+        .await;
+    let b = app
+        .send(
+            Method::POST,
+            "/v1/checkout/sessions",
+            Some(&o),
+            Some(&body),
+            &[("idempotency-key", "buy-1")],
+        )
+        .await;
+    assert_eq!(a.body["id"], b.body["id"]);
+    let c = app
+        .send(
+            Method::POST,
+            "/v1/checkout/sessions",
+            Some(&o),
+            Some(&body),
+            &[("idempotency-key", "buy-2")],
+        )
+        .await;
+    assert_ne!(a.body["id"], c.body["id"]);
+}
+
+#[tokio::test]
+async fn only_owners_and_billing_admins_buy_and_bad_orders_are_refused() {
+    let app = TestApp::new();
+    let m = member("org_b", "m1");
+    app.post(
+        "/v1/checkout/sessions",
+        &m,
+        json!({"kind": "pack", "pack": "pack_100"}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    app.get("/v1/invoices", &m)
+        .await
+        .assert_problem(403, "forbidden");
+    app.get("/v1/subscription", &m)
+        .await
+        .assert_problem(403, "forbidden");
+    let admin =
+        tally_tests::token(json!({"sub": "fin", "org_id": "org_b", "role": "billing_admin"}));
+    let o = owner("org_b");
+    for (body, status) in [
+        (json!({"kind": "pack", "pack": "pack_7"}), 422),
+        (
+            json!({"kind": "pack", "pack": "pack_100", "quantity": 0}),
+            422,
+        ),
+        (
+            json!({"kind": "pack", "pack": "pack_100", "quantity": 101}),
+            422,
+        ),
+        (
+            json!({"kind": "pack", "pack": "pack_100", "quantity": -1}),
+            422,
+        ),
+        (
+            json!({"kind": "plan", "plan": "max", "interval": "weekly"}),
+            422,
+        ),
+        (
+            json!({"kind": "plan", "plan": "ultra", "interval": "monthly"}),
+            422,
+        ),
+        (json!({"kind": "gift", "pack": "pack_100"}), 422),
+        (json!({"kind": "pack", "pack": "pack_100", "price": 1}), 422),
+    ] {
+        let a = app
+            .post("/v1/checkout/sessions", &admin, body.clone())
+            .await;
+        assert_eq!(a.status.as_u16(), status, "{body} -> {:#}", a.body);
+        assert_eq!(a.content_type, "application/problem+json");
+    }
+    app.send(
+        Method::POST,
+        "/v1/checkout/sessions",
+        Some(&o),
+        Some("{oops"),
+        &[],
+    )
+    .await
+    .assert_problem(400, "malformed_request");
+    app.post("/v1/billing-portal", &o, json!({}))
+        .await
+        .assert_problem(404, "not_found");
+    assert!(app.local.simulator.as_ref().unwrap().events().is_empty());
+    assert_eq!(available(&app, "org_b").await, 0);
+    let ok = app
+        .post(
+            "/v1/checkout/sessions",
+            &admin,
+            json!({"kind": "pack", "pack": "pack_100"}),
+        )
+        .await;
+    assert_eq!(ok.status.as_u16(), 201);
+}
+
+#[tokio::test]
+async fn forged_and_stale_deliveries_to_the_local_webhook_change_nothing() {
+    let app = TestApp::new();
+    let o = owner("org_f");
+    let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
+    pay(&app, s["url"].as_str().unwrap()).await;
+    let sim = app.local.simulator.as_ref().unwrap();
+    let completed = sim
+        .events()
+        .into_iter()
+        .find(|e| e.kind == "checkout.session.completed")
+        .unwrap();
+    // The same event re-sent with a new id and another session: forged, then stale.
+    let mut forged = completed.payload.clone();
+    forged["id"] = json!("evt_forged");
+    forged["data"]["object"]["id"] = json!("cs_forged");
+    let body = forged.to_string();
+    let now = chrono::Utc::now().timestamp();
+    for sig in [
+        tally::payments::simulator::stripe_signature(&body, "whsec_wrong", now),
+        tally::payments::simulator::stripe_signature(&body, tally_tests::WEBHOOK_SECRET, now - 600),
+        "t=1,v1=00".to_string(),
+    ] {
+        let a = app
+            .send(
+                Method::POST,
+                "/webhooks/stripe",
+                None,
+                Some(&body),
+                &[
+                    ("stripe-signature", &sig),
+                    ("content-type", "application/json"),
+                ],
+            )
+            .await;
+        a.assert_problem(400, "invalid_signature");
+    }
+    let unsigned = app
+        .send(
+            Method::POST,
+            "/webhooks/stripe",
+            None,
+            Some(&body),
+            &[("content-type", "application/json")],
+        )
+        .await;
+    unsigned.assert_problem(400, "invalid_signature");
+    app.settle_billing().await;
+    assert_eq!(available(&app, "org_f").await, 500);
+}
