@@ -7,3 +7,4 @@ mod purchases;
 mod queues;
 mod service_properties;
 mod store_conformance;
+mod stripe_api;

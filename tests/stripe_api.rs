@@ -1,0 +1,236 @@
+//! The Stripe adapter against a local fake of Stripe's API: the exact form parameters and
+//! headers it sends, Stripe's own response objects, and how Stripe's errors are read.
+
+use serde_json::json;
+use std::collections::BTreeMap;
+use tally::ids::AccountId;
+use tally::ledger::Interval;
+use tally::payments::stripe::StripePayments;
+use tally::payments::{CheckoutRequest, Payments, PaymentsError, Purchase};
+use tally_tests::fixture;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+const KEY: &str = "sk_test_tally";
+
+fn form(req: &Request) -> BTreeMap<String, String> {
+    url::form_urlencoded::parse(&req.body)
+        .into_owned()
+        .collect()
+}
+
+fn header<'a>(req: &'a Request, name: &str) -> &'a str {
+    req.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+async fn client(server: &MockServer) -> StripePayments {
+    StripePayments::new(KEY, Some(&format!("{}/", server.uri()))).unwrap()
+}
+
+fn expected(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn creating_a_customer_sends_its_workspace_and_an_idempotency_key() {
+    let server = MockServer::start().await;
+    let mut customer = fixture("customer");
+    customer["id"] = json!("cus_New");
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let id = client(&server)
+        .await
+        .create_customer(
+            &AccountId::parse("org_a").unwrap(),
+            Some("owner@a.example"),
+            "tally-customer-org_a",
+        )
+        .await
+        .unwrap();
+    assert_eq!(id, "cus_New");
+    let req = &server.received_requests().await.unwrap()[0];
+    assert_eq!(
+        form(req),
+        expected(&[("email", "owner@a.example"), ("metadata[org_id]", "org_a")])
+    );
+    assert_eq!(header(req, "authorization"), format!("Bearer {KEY}"));
+    assert_eq!(header(req, "idempotency-key"), "tally-customer-org_a");
+    assert_eq!(
+        header(req, "content-type"),
+        "application/x-www-form-urlencoded"
+    );
+    assert!(!header(req, "stripe-version").is_empty());
+}
+
+fn session_response(id: &str) -> serde_json::Value {
+    let mut s = fixture("checkout.session");
+    s["id"] = json!(id);
+    s["url"] = json!(format!("https://checkout.stripe.com/c/pay/{id}"));
+    s
+}
+
+#[tokio::test]
+async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(session_response("cs_pack")))
+        .mount(&server)
+        .await;
+    let link = client(&server)
+        .await
+        .create_checkout(&CheckoutRequest {
+            account: AccountId::parse("org_a").unwrap(),
+            customer: "cus_A".into(),
+            purchase: Purchase::Pack {
+                pack: "pack_500".into(),
+                name: "500 credits".into(),
+                quantity: 2,
+                unit_amount: 3280,
+                credits: 500,
+            },
+            success_url: "https://studio.example/billing?done=1".into(),
+            cancel_url: "https://studio.example/billing".into(),
+            idempotency_key: "tally-checkout-org_a-k1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(link.id, "cs_pack");
+    assert_eq!(link.url, "https://checkout.stripe.com/c/pay/cs_pack");
+    let req = &server.received_requests().await.unwrap()[0];
+    assert_eq!(header(req, "idempotency-key"), "tally-checkout-org_a-k1");
+    assert_eq!(
+        form(req),
+        expected(&[
+            ("mode", "payment"),
+            ("customer", "cus_A"),
+            ("client_reference_id", "org_a"),
+            ("success_url", "https://studio.example/billing?done=1"),
+            ("cancel_url", "https://studio.example/billing"),
+            ("line_items[0][price_data][currency]", "usd"),
+            ("line_items[0][price_data][unit_amount]", "3280"),
+            (
+                "line_items[0][price_data][product_data][name]",
+                "500 credits"
+            ),
+            ("line_items[0][quantity]", "2"),
+            ("metadata[kind]", "pack"),
+            ("metadata[org_id]", "org_a"),
+            ("metadata[pack]", "pack_500"),
+            ("metadata[quantity]", "2"),
+            ("automatic_tax[enabled]", "true"),
+            ("customer_update[address]", "auto"),
+            ("payment_intent_data[metadata][kind]", "pack"),
+            ("payment_intent_data[metadata][org_id]", "org_a"),
+            ("payment_intent_data[metadata][pack]", "pack_500"),
+            ("payment_intent_data[metadata][quantity]", "2"),
+            ("payment_intent_data[setup_future_usage]", "off_session"),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interval() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(session_response("cs_plan")))
+        .mount(&server)
+        .await;
+    client(&server)
+        .await
+        .create_checkout(&CheckoutRequest {
+            account: AccountId::parse("org_a").unwrap(),
+            customer: "cus_A".into(),
+            purchase: Purchase::Plan {
+                plan: "generative".into(),
+                name: "Generative".into(),
+                interval: Interval::Yearly,
+                unit_amount: 42480,
+            },
+            success_url: "https://s.example/ok".into(),
+            cancel_url: "https://s.example/no".into(),
+            idempotency_key: "tally-checkout-org_a-k2".into(),
+        })
+        .await
+        .unwrap();
+    let req = &server.received_requests().await.unwrap()[0];
+    let f = form(req);
+    assert_eq!(f["mode"], "subscription");
+    assert_eq!(f["line_items[0][price_data][recurring][interval]"], "year");
+    assert_eq!(f["line_items[0][price_data][unit_amount]"], "42480");
+    assert_eq!(f["subscription_data[metadata][plan]"], "generative");
+    assert_eq!(f["subscription_data[metadata][interval]"], "yearly");
+    assert_eq!(f["subscription_data[metadata][org_id]"], "org_a");
+    assert_eq!(f["subscription_data[metadata][addon_units]"], "0");
+    assert!(!f.contains_key("payment_intent_data[setup_future_usage]"));
+    assert!(!f.contains_key("subscription_data[metadata][kind]"));
+}
+
+#[tokio::test]
+async fn stripe_refusals_and_outages_are_told_apart() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/billing_portal/sessions"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "type": "invalid_request_error", "code": "resource_missing",
+            "message": "No such customer: 'cus_gone'", "param": "customer"}})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
+        .mount(&server)
+        .await;
+    let c = client(&server).await;
+    let refused = c
+        .billing_portal("cus_gone", "https://s.example", "k")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, PaymentsError::Refused(m) if m.contains("No such customer")),
+        "{refused}"
+    );
+    let down = c
+        .create_customer(&AccountId::parse("org_a").unwrap(), None, "k2")
+        .await
+        .unwrap_err();
+    assert!(matches!(down, PaymentsError::Unavailable(_)), "{down}");
+}
+
+#[tokio::test]
+async fn the_billing_portal_returns_stripes_url() {
+    let server = MockServer::start().await;
+    let mut portal = fixture("billing_portal.session");
+    portal["url"] = json!("https://billing.stripe.com/p/session/test_123");
+    Mock::given(method("POST"))
+        .and(path("/v1/billing_portal/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(portal))
+        .mount(&server)
+        .await;
+    let url = client(&server)
+        .await
+        .billing_portal("cus_A", "https://s.example/back", "k3")
+        .await
+        .unwrap();
+    assert_eq!(url, "https://billing.stripe.com/p/session/test_123");
+    let req = &server.received_requests().await.unwrap()[0];
+    assert_eq!(
+        form(req),
+        expected(&[
+            ("customer", "cus_A"),
+            ("return_url", "https://s.example/back")
+        ])
+    );
+    assert_eq!(header(req, "idempotency-key"), "k3");
+}
