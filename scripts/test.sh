@@ -37,4 +37,9 @@ curl -fsS -o /dev/null "http://127.0.0.1:$port/moto-api/" || {
 
 echo "==> tests"
 DYNAMODB_ENDPOINT="http://127.0.0.1:$port" cargo test --workspace --locked
+
+echo "==> browser test of the simulated checkout page"
+scripts/install-browser.sh
+cargo build --locked -p tally-local
+"$VENV/bin/python" scripts/browser_test.py target/debug/tally-local
 echo "==> all tests passed"
