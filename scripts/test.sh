@@ -12,6 +12,10 @@ echo "==> formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "==> SAM template lint"
+"$VENV/bin/cfn-lint" infra/template.yaml
+SAM_CLI_TELEMETRY=0 "$VENV/bin/sam" validate --lint --template-file infra/template.yaml --region us-east-1
+
 port=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 echo "==> starting the DynamoDB/SQS emulator on 127.0.0.1:$port"
 "$VENV/bin/python" scripts/emulator.py "$port" >"$log_dir/emulator.log" 2>&1 &

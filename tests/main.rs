@@ -3,6 +3,7 @@
 mod api;
 mod billing;
 mod concurrency;
+mod infra;
 mod purchases;
 mod queues;
 mod service_properties;

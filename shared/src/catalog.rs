@@ -200,7 +200,7 @@ fn spec_err(field: &'static str, message: impl Into<String>) -> SpecError {
 impl Catalog {
     /// The catalog named by `TALLY_CATALOG`, or the one shipped with the build.
     pub fn from_env() -> Result<Self, CatalogError> {
-        match std::env::var("TALLY_CATALOG") {
+        match std::env::var(crate::env::CATALOG) {
             Ok(path) if !path.is_empty() => Self::from_file(Path::new(&path)),
             _ => Self::from_json(DEFAULT_CATALOG),
         }

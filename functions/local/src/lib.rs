@@ -54,7 +54,11 @@ pub struct Local {
 /// Builds every function's routes over shared in-process parts and starts the billing
 /// worker on the in-process FIFO queue. Must run inside a Tokio runtime.
 pub fn build(cfg: LocalConfig) -> anyhow::Result<Local> {
-    let billing_queue = LocalQueue::new("billing-events.fifo", true, 5);
+    let billing_queue = LocalQueue::new(
+        tally::queue::BILLING_EVENTS_QUEUE,
+        true,
+        tally::queue::BILLING_EVENTS_MAX_RECEIVES,
+    );
     billing_queue.start(Arc::new(BillingEvents::new(
         cfg.ledger.clone(),
         cfg.docs.clone(),

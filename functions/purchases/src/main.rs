@@ -4,6 +4,7 @@ use purchases::{PurchasesState, ReturnUrls, router};
 use std::sync::Arc;
 use tally::catalog::Catalog;
 use tally::clock::SystemClock;
+use tally::env;
 use tally::http::AuthMode;
 use tally::payments::stripe::StripePayments;
 use tally::service::Ledger;
@@ -14,8 +15,8 @@ async fn main() -> Result<(), lambda_http::Error> {
     let catalog = Arc::new(Catalog::from_env()?);
     let store = Arc::new(tally::store::dynamo::from_env().await?);
     let ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
-    let payments = StripePayments::new(&std::env::var("STRIPE_SECRET_KEY")?, None)?;
-    let base = std::env::var("TALLY_APP_URL")?;
+    let payments = StripePayments::new(&std::env::var(env::STRIPE_SECRET_KEY)?, None)?;
+    let base = std::env::var(env::APP_URL)?;
     let state = PurchasesState {
         ledger,
         docs: store,

@@ -11,6 +11,13 @@ pub mod sqs;
 use async_trait::async_trait;
 use thiserror::Error;
 
+/// Name (suffix, in AWS after the stack name) of the FIFO queue of Stripe events.
+pub const BILLING_EVENTS_QUEUE: &str = "billing-events.fifo";
+/// Its dead-letter queue.
+pub const BILLING_EVENTS_DLQ: &str = "billing-events-dlq.fifo";
+/// Deliveries of one message before it moves to the dead-letter queue.
+pub const BILLING_EVENTS_MAX_RECEIVES: u32 = 5;
+
 /// A message to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {

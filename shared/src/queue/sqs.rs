@@ -35,7 +35,7 @@ impl SqsQueue {
 
     /// A client from the Lambda environment (`SQS_ENDPOINT` overrides the endpoint).
     pub async fn client_from_env() -> aws_sdk_sqs::Client {
-        match std::env::var("SQS_ENDPOINT") {
+        match std::env::var(crate::env::SQS_ENDPOINT) {
             Ok(endpoint) if !endpoint.is_empty() => Self::local_client(&endpoint),
             _ => {
                 let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;

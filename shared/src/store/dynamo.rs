@@ -450,9 +450,9 @@ impl LedgerStore for DynamoStore {
 /// The production store: table from `TALLY_TABLE`, AWS configuration from the environment,
 /// endpoint overridable with `DYNAMODB_ENDPOINT` (local servers).
 pub async fn from_env() -> Result<DynamoStore, StoreError> {
-    let table = std::env::var("TALLY_TABLE")
-        .map_err(|_| StoreError::Backend("TALLY_TABLE is not set".into()))?;
-    let client = match std::env::var("DYNAMODB_ENDPOINT") {
+    let table = std::env::var(crate::env::TABLE)
+        .map_err(|_| StoreError::Backend(format!("{} is not set", crate::env::TABLE)))?;
+    let client = match std::env::var(crate::env::DYNAMODB_ENDPOINT) {
         Ok(endpoint) if !endpoint.is_empty() => DynamoStore::local_client(&endpoint),
         _ => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;

@@ -1,0 +1,306 @@
+//! The SAM template and the code must describe the same system: table keys and TTL,
+//! queues and their redrive, one binary per function with the environment it reads, every
+//! HTTP route (and which are public), batch-failure reporting and alarms.
+
+use serde_yaml::Value;
+use std::collections::BTreeSet;
+use tally::queue::{BILLING_EVENTS_DLQ, BILLING_EVENTS_MAX_RECEIVES, BILLING_EVENTS_QUEUE};
+use tally::store::dynamo::{PK, SK, TTL};
+use utoipa::OpenApi;
+
+fn template() -> Value {
+    let path = format!("{}/../infra/template.yaml", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn resource<'a>(t: &'a Value, name: &str) -> &'a Value {
+    &t["Resources"][name]
+}
+
+/// The text of a scalar or of an intrinsic (`!Sub "..."`, `!Ref X`).
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Tagged(t) => text(&t.value),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn functions(t: &Value) -> Vec<(String, &Value)> {
+    t["Resources"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| r["Type"] == "AWS::Serverless::Function")
+        .map(|(k, r)| (k.as_str().unwrap().to_owned(), r))
+        .collect()
+}
+
+fn function_for_binary<'a>(t: &'a Value, binary: &str) -> (String, &'a Value) {
+    functions(t)
+        .into_iter()
+        .find(|(_, f)| f["Metadata"]["BuildProperties"]["Binary"] == binary)
+        .unwrap_or_else(|| panic!("no function builds binary {binary}"))
+}
+
+#[test]
+fn the_table_has_the_keys_ttl_and_protection_the_store_relies_on() {
+    let t = template();
+    let table = &resource(&t, "Table")["Properties"];
+    let keys: Vec<(String, String)> = table["KeySchema"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            (PK.to_owned(), "HASH".to_owned()),
+            (SK.to_owned(), "RANGE".to_owned())
+        ]
+    );
+    for a in table["AttributeDefinitions"].as_sequence().unwrap() {
+        assert_eq!(a["AttributeType"], "S");
+    }
+    assert_eq!(
+        text(&table["TimeToLiveSpecification"]["AttributeName"]),
+        TTL
+    );
+    assert_eq!(table["TimeToLiveSpecification"]["Enabled"], true);
+    assert_eq!(
+        table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
+        true
+    );
+    assert_eq!(table["DeletionProtectionEnabled"], true);
+    assert_eq!(resource(&t, "Table")["DeletionPolicy"], "Retain");
+}
+
+#[test]
+fn the_billing_queue_is_fifo_with_the_redrive_the_consumers_expect() {
+    let t = template();
+    let q = &resource(&t, "BillingEventsQueue")["Properties"];
+    assert!(text(&q["QueueName"]).ends_with(&format!("-{BILLING_EVENTS_QUEUE}")));
+    assert_eq!(q["FifoQueue"], true);
+    assert_eq!(
+        q["ContentBasedDeduplication"], false,
+        "dedup by Stripe event id, not body"
+    );
+    let redrive = &q["RedrivePolicy"];
+    assert_eq!(
+        redrive["maxReceiveCount"].as_u64(),
+        Some(BILLING_EVENTS_MAX_RECEIVES as u64)
+    );
+    assert!(text(&redrive["deadLetterTargetArn"]).starts_with("BillingEventsDeadLetterQueue"));
+    let dlq = &resource(&t, "BillingEventsDeadLetterQueue")["Properties"];
+    assert!(text(&dlq["QueueName"]).ends_with(&format!("-{BILLING_EVENTS_DLQ}")));
+    assert_eq!(dlq["FifoQueue"], true);
+    // SQS-triggered Lambdas need a visibility timeout of at least six function timeouts.
+    let timeout = t["Globals"]["Function"]["Timeout"].as_u64().unwrap();
+    assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
+}
+
+#[test]
+fn every_function_is_one_binary_with_the_environment_it_reads() {
+    let t = template();
+    let global: BTreeSet<String> = t["Globals"]["Function"]["Environment"]["Variables"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(functions(&t).len(), tally::env::REQUIRED.len());
+    for (binary, vars) in tally::env::REQUIRED {
+        let (_, f) = function_for_binary(&t, binary);
+        assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda");
+        let main = format!(
+            "{}/../functions/{binary}/src/main.rs",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        assert!(std::path::Path::new(&main).exists(), "{main}");
+        let mut set = global.clone();
+        if let Some(m) = f["Properties"]["Environment"]["Variables"].as_mapping() {
+            set.extend(m.keys().map(|k| k.as_str().unwrap().to_owned()));
+        }
+        for v in vars.iter() {
+            assert!(set.contains(*v), "{binary} needs {v}");
+        }
+    }
+    let g = &t["Globals"]["Function"];
+    assert_eq!(g["Runtime"], "provided.al2023");
+    assert_eq!(g["Architectures"][0], "arm64");
+    assert_eq!(g["LoggingConfig"]["LogFormat"], "JSON");
+}
+
+fn routes(f: &Value) -> BTreeSet<(String, String, bool)> {
+    f["Properties"]["Events"]
+        .as_mapping()
+        .unwrap()
+        .values()
+        .filter(|e| e["Type"] == "HttpApi")
+        .map(|e| {
+            let p = &e["Properties"];
+            let public = p["Auth"]["Authorizer"] == "NONE";
+            (text(&p["Method"]).to_uppercase(), text(&p["Path"]), public)
+        })
+        .collect()
+}
+
+fn documented(doc: utoipa::openapi::OpenApi) -> BTreeSet<(String, String)> {
+    let v = serde_json::to_value(doc).unwrap();
+    v["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.to_uppercase(), path.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_route_in_the_code_is_routed_by_the_api_and_only_public_ones_skip_the_authorizer() {
+    let t = template();
+    let public: BTreeSet<(String, String)> = [
+        ("GET", "/health"),
+        ("GET", "/openapi.json"),
+        ("GET", "/v1/catalog"),
+        ("POST", "/webhooks/stripe"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    let mut seen_public = BTreeSet::new();
+    for (binary, mut doc) in [
+        ("credits-api", documented(credits_api::ApiDoc::openapi())),
+        ("purchases", documented(purchases::ApiDoc::openapi())),
+        (
+            "stripe-webhook",
+            documented(tally_stripe_webhook::ApiDoc::openapi()),
+        ),
+    ] {
+        if binary == "credits-api" {
+            doc.insert(("GET".into(), "/health".into()));
+            doc.insert(("GET".into(), "/openapi.json".into()));
+        }
+        let (_, f) = function_for_binary(&t, binary);
+        let r = routes(f);
+        let in_template: BTreeSet<(String, String)> =
+            r.iter().map(|(m, p, _)| (m.clone(), p.clone())).collect();
+        assert_eq!(
+            in_template, doc,
+            "{binary}: template routes differ from the code's"
+        );
+        for (m, p, is_public) in r {
+            assert_eq!(
+                is_public,
+                public.contains(&(m.clone(), p.clone())),
+                "{m} {p}"
+            );
+            if is_public {
+                seen_public.insert((m, p));
+            }
+        }
+    }
+    assert_eq!(seen_public, public);
+    let auth = &resource(&t, "HttpApi")["Properties"]["Auth"];
+    assert_eq!(auth["DefaultAuthorizer"], "StudioJwt");
+    assert!(auth["Authorizers"]["StudioJwt"]["JwtConfiguration"]["issuer"].is_tagged());
+}
+
+trait Tagged {
+    fn is_tagged(&self) -> bool;
+}
+impl Tagged for Value {
+    fn is_tagged(&self) -> bool {
+        matches!(self, Value::Tagged(_))
+    }
+}
+
+#[test]
+fn the_billing_worker_reports_partial_batch_failures_and_everything_has_an_alarm() {
+    let t = template();
+    let (_, f) = function_for_binary(&t, "billing-events");
+    let sqs = &f["Properties"]["Events"]["Billing"];
+    assert_eq!(sqs["Type"], "SQS");
+    assert_eq!(
+        sqs["Properties"]["FunctionResponseTypes"][0],
+        "ReportBatchItemFailures"
+    );
+    assert!(text(&sqs["Properties"]["Queue"]).starts_with("BillingEventsQueue"));
+    let alarms: Vec<&Value> = t["Resources"]
+        .as_mapping()
+        .unwrap()
+        .values()
+        .filter(|r| r["Type"] == "AWS::CloudWatch::Alarm")
+        .collect();
+    for (fname, _) in functions(&t) {
+        assert!(
+            alarms
+                .iter()
+                .any(|a| a["Properties"]["MetricName"] == "Errors"
+                    && text(&a["Properties"]["Dimensions"][0]["Value"]) == fname),
+            "no error alarm for {fname}"
+        );
+    }
+    assert!(alarms.iter().any(|a| {
+        a["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+            && text(&a["Properties"]["Dimensions"][0]["Value"])
+                .starts_with("BillingEventsDeadLetterQueue")
+    }));
+}
+
+#[tokio::test]
+async fn the_table_the_code_creates_locally_matches_the_templates() {
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").expect("run the suite with `make test`");
+    let client = tally::store::dynamo::DynamoStore::local_client(&endpoint);
+    let table = format!(
+        "tally-infra-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    tally::store::dynamo::DynamoStore::create_table(&client, &table)
+        .await
+        .unwrap();
+    let described = client
+        .describe_table()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<(String, String)> = described
+        .table()
+        .unwrap()
+        .key_schema()
+        .iter()
+        .map(|k| {
+            (
+                k.attribute_name().to_owned(),
+                k.key_type().as_str().to_owned(),
+            )
+        })
+        .collect();
+    let t = template();
+    let expected: Vec<(String, String)> = resource(&t, "Table")["Properties"]["KeySchema"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
+        .collect();
+    assert_eq!(keys, expected);
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ttl.time_to_live_description()
+            .and_then(|d| d.attribute_name()),
+        Some(TTL)
+    );
+}
