@@ -364,3 +364,70 @@ proptest! {
         prop_assert_eq!(shuffled, reference);
     }
 }
+
+mod sqs_batches {
+    //! The checked-in SQS batches of `events/billing-events/`, through the same
+    //! partial-batch runner the Lambda uses.
+    use super::*;
+    use aws_lambda_events::event::sqs::SqsEvent;
+    use tally::queue::lambda::process_batch;
+
+    fn batch(file: &str) -> SqsEvent {
+        let path = format!(
+            "{}/../events/billing-events/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pack_checkout_batch_credits_the_workspace_once_even_when_redelivered() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let (ledger, _) = ledger_over(store.clone());
+        let worker = BillingEvents::new(ledger.clone(), store);
+        for _ in 0..2 {
+            let r = process_batch(&worker, batch("pack-checkout.json")).await;
+            assert!(r.batch_item_failures.is_empty());
+        }
+        let state = ledger.account_now(&account("acme")).await.unwrap();
+        assert_eq!(state.balance().available, 500);
+    }
+
+    #[tokio::test]
+    async fn a_poison_message_fails_alone_and_holds_back_only_its_customers_later_events() {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let (ledger, _) = ledger_over(store.clone());
+        let worker = BillingEvents::new(ledger.clone(), store);
+        let r = process_batch(&worker, batch("poison-then-valid.json")).await;
+        let failed: Vec<&str> = r
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect();
+        assert_eq!(
+            failed,
+            vec![
+                "6f5e4d3c-2b1a-4c0e-9f8e-7d6c5b4a3f2e",
+                "7a6b5c4d-3e2f-4a1b-8c9d-0e1f2a3b4c5d"
+            ]
+        );
+        assert_eq!(
+            ledger
+                .account_now(&account("acme"))
+                .await
+                .unwrap()
+                .balance()
+                .available,
+            0
+        );
+        assert_eq!(
+            ledger
+                .account_now(&account("other"))
+                .await
+                .unwrap()
+                .balance()
+                .available,
+            500
+        );
+    }
+}

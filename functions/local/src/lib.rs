@@ -66,6 +66,7 @@ pub fn build(cfg: LocalConfig) -> anyhow::Result<Local> {
     let webhook = tally_stripe_webhook::routes(WebhookState {
         secrets: Arc::new(cfg.webhook_secrets.clone()),
         queue: billing_queue.clone(),
+        clock: Arc::new(tally::clock::SystemClock),
     });
     let (payments, simulator): (Arc<dyn Payments>, Option<Arc<Simulator>>) =
         match &cfg.stripe_secret_key {

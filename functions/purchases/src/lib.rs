@@ -73,3 +73,6 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     tags((name = "billing", description = "Buying credits and managing the subscription"))
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod lambda_events;

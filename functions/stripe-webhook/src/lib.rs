@@ -12,6 +12,7 @@ use axum::routing::post;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use stripe_webhook::{Webhook, WebhookError};
+use tally::clock::Clock;
 use tally::http::{Problem, ProblemDetails};
 use tally::queue::{Message, Queue};
 use utoipa::OpenApi;
@@ -24,6 +25,8 @@ pub struct WebhookState {
     /// Signing secrets (`whsec_...`); more than one while a secret is being rotated.
     pub secrets: Arc<Vec<String>>,
     pub queue: Arc<dyn Queue>,
+    /// Signature timestamps are checked against this clock.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl WebhookState {
@@ -58,10 +61,10 @@ fn invalid(detail: &str) -> Problem {
 }
 
 /// Checks the signature against every secret; `Ok` means the body is authentic.
-pub fn verify(payload: &str, header: &str, secrets: &[String]) -> Result<(), Problem> {
+pub fn verify(payload: &str, header: &str, secrets: &[String], now: i64) -> Result<(), Problem> {
     let mut stale = false;
     for secret in secrets {
-        match Webhook::construct_event(payload, header, secret) {
+        match Webhook::construct_event_with_timestamp(payload, header, secret, now) {
             // A parse failure comes after a matching signature: the body is Stripe's, just
             // not a shape this SDK build types; the worker reads it as JSON.
             Ok(_) | Err(WebhookError::BadParse(_)) => return Ok(()),
@@ -93,7 +96,12 @@ pub async fn receive(
         .ok_or_else(|| invalid("missing Stripe-Signature header"))?;
     let payload =
         std::str::from_utf8(&body).map_err(|_| invalid("the payload is not UTF-8 text"))?;
-    verify(payload, header, &state.secrets)?;
+    verify(
+        payload,
+        header,
+        &state.secrets,
+        state.clock.now().timestamp(),
+    )?;
     let event: Value = serde_json::from_str(payload)
         .map_err(|e| Problem::malformed(format!("signed payload is not JSON: {e}")))?;
     let id = event["id"]

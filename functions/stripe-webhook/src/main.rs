@@ -17,6 +17,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let state = WebhookState {
         secrets: Arc::new(secrets),
         queue: Arc::new(SqsQueue::new(client, queue_url)),
+        clock: Arc::new(tally::clock::SystemClock),
     };
     lambda_http::run(router(state)).await
 }

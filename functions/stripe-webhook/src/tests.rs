@@ -66,6 +66,7 @@ fn setup() -> Setup {
     let state = WebhookState {
         secrets: Arc::new(vec![SECRET.into(), OLD_SECRET.into()]),
         queue: queue.clone(),
+        clock: Arc::new(tally::clock::SystemClock),
     };
     Setup {
         app: router(state),
@@ -184,4 +185,81 @@ async fn a_signed_body_that_is_not_an_event_is_refused() {
     );
     s.queue.until_idle().await;
     assert!(s.received.0.lock().unwrap().is_empty());
+}
+
+mod lambda_events {
+    //! The checked-in API Gateway events, decoded by `lambda_http` as in AWS. Their
+    //! signatures were made at 2026-11-21T12:00:00Z, so the clock is set there.
+    use super::*;
+    use chrono::TimeZone;
+    use tally::clock::ManualClock;
+
+    const SIGNED_AT: i64 = 1_795_262_400;
+
+    async fn invoke(file: &str, at: i64) -> (u16, Value, Arc<LocalQueue>, Arc<Received>) {
+        let queue = LocalQueue::new("billing-events.fifo", true, 3);
+        let received = Arc::new(Received(Mutex::new(Vec::new())));
+        queue.start(received.clone());
+        let clock = ManualClock::new(chrono::Utc.timestamp_opt(at, 0).unwrap());
+        let app = router(WebhookState {
+            secrets: Arc::new(vec!["whsec_tally_dev".into()]),
+            queue: queue.clone(),
+            clock: Arc::new(clock),
+        });
+        let path = format!(
+            "{}/../../events/stripe-webhook/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let req = lambda_http::request::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let res = app
+            .oneshot(req.map(|b| Body::from(b.as_ref().to_vec())))
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        queue.until_idle().await;
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            queue,
+            received,
+        )
+    }
+
+    #[tokio::test]
+    async fn the_signed_pack_delivery_is_queued_for_its_customer() {
+        let (status, body, _q, got) =
+            invoke("checkout-session-completed-pack.json", SIGNED_AT + 5).await;
+        assert_eq!(
+            (status, body["id"].as_str()),
+            (200, Some("evt_test_pack_acme"))
+        );
+        let got = got.0.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].group_id.as_deref(), Some("cus_Acme"));
+    }
+
+    #[tokio::test]
+    async fn the_same_delivery_six_minutes_later_is_stale() {
+        let (status, body, _q, got) =
+            invoke("checkout-session-completed-pack.json", SIGNED_AT + 360).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid_signature"))
+        );
+        assert!(got.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn forged_and_unsigned_deliveries_are_refused() {
+        for file in ["forged-signature.json", "unsigned.json"] {
+            let (status, body, _q, got) = invoke(file, SIGNED_AT).await;
+            assert_eq!(
+                (status, body["code"].as_str()),
+                (400, Some("invalid_signature")),
+                "{file}"
+            );
+            assert!(got.0.lock().unwrap().is_empty());
+        }
+    }
 }
