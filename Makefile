@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
 
-.PHONY: run test lint bench fmt clean tools
+.PHONY: run test lint bench fmt clean tools build deploy measure
 
 ## Build and start every HTTP route on 127.0.0.1:8080 (PORT overrides), embedded store in .tally/.
 run:
@@ -20,6 +20,20 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
+
+## Lambda bundles for arm64 (needs the aarch64-unknown-linux-gnu Rust target) in target/lambda/.
+build: tools
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --locked
+
+## Build with SAM and deploy the stack; the first run asks for parameters and saves them.
+deploy: tools
+	cd infra && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 sam build
+	cd infra && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 sam deploy --guided
+
+## Release binary sizes and cold start to the first runtime API poll (docs/performance.md).
+measure:
+	cargo build --release --locked -p credits-api -p purchases -p stripe-webhook -p billing-events
+	$(PYTHON) scripts/coldstart.py target/release
 
 lint:
 	cargo fmt --all -- --check

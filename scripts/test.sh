@@ -42,6 +42,9 @@ curl -fsS -o /dev/null "http://127.0.0.1:$port/moto-api/" || {
 echo "==> tests"
 DYNAMODB_ENDPOINT="http://127.0.0.1:$port" cargo test --workspace --locked
 
+echo "==> end to end: the real function binaries under cargo lambda watch"
+PATH="$PWD/$VENV/bin:$PATH" DYNAMODB_ENDPOINT="http://127.0.0.1:$port" "$VENV/bin/python" scripts/e2e.py
+
 echo "==> browser test of the simulated checkout page"
 scripts/install-browser.sh
 cargo build --locked -p tally-local
