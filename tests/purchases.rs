@@ -311,3 +311,279 @@ async fn forged_and_stale_deliveries_to_the_local_webhook_change_nothing() {
     app.settle_billing().await;
     assert_eq!(available(&app, "org_f").await, 500);
 }
+
+mod subscription {
+    //! Plan changes, add-on units, cancel, resume and pause, through the simulator.
+    use super::*;
+
+    async fn subscribed(app: &TestApp, org: &str, plan: &str) -> String {
+        let o = owner(org);
+        let s = checkout(
+            app,
+            &o,
+            json!({"kind": "plan", "plan": plan, "interval": "monthly"}),
+        )
+        .await;
+        pay(app, s["url"].as_str().unwrap()).await;
+        app.get("/v1/subscription", &o).await.body["subscription"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn plan_of(app: &TestApp, org: &str) -> Value {
+        app.get("/v1/entitlements", &owner(org)).await.body["plan"].clone()
+    }
+
+    async fn renew(app: &TestApp, sub: &str) {
+        let r = app
+            .send(
+                Method::POST,
+                &format!("/sim/subscriptions/{sub}/renew"),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        app.settle_billing().await;
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_applies_now_and_grants_the_difference_at_once() {
+        let app = TestApp::new();
+        subscribed(&app, "org_u", "max").await;
+        let o = owner("org_u");
+        let r = app
+            .post(
+                "/v1/subscription/change",
+                &o,
+                json!({"plan": "generative", "interval": "monthly"}),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        assert_eq!(r.body["effective"], "now");
+        // Upgraded at the start of the period: the whole difference, 900 - 400.
+        let granted = r.body["credits_granted"].as_u64().unwrap();
+        assert!((499..=500).contains(&granted), "{granted}");
+        app.settle_billing().await;
+        assert_eq!(available(&app, "org_u").await, 400 + granted);
+        assert_eq!(plan_of(&app, "org_u").await["plan"], "generative");
+        // Asking again changes nothing and grants nothing more.
+        let again = app
+            .post(
+                "/v1/subscription/change",
+                &o,
+                json!({"plan": "generative", "interval": "monthly"}),
+            )
+            .await;
+        assert_eq!(again.body["credits_granted"], 0);
+        app.settle_billing().await;
+        assert_eq!(available(&app, "org_u").await, 400 + granted);
+        let invoices = app.get("/v1/invoices", &o).await.body;
+        assert!(
+            invoices["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["billing_reason"] == "subscription_update")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_downgrade_keeps_the_current_plan_until_renewal_then_grants_the_new_allowance() {
+        let app = TestApp::new();
+        let sub = subscribed(&app, "org_d", "generative").await;
+        let o = owner("org_d");
+        let r = app
+            .post(
+                "/v1/subscription/change",
+                &o,
+                json!({"plan": "plus", "interval": "monthly"}),
+            )
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.body["effective"].as_str()),
+            (200, Some("at_renewal"))
+        );
+        app.settle_billing().await;
+        assert_eq!(
+            plan_of(&app, "org_d").await["plan"],
+            "generative",
+            "benefits kept"
+        );
+        let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
+        assert_eq!(s["scheduled"]["plan"], "plus");
+        assert_eq!(available(&app, "org_d").await, 900);
+        renew(&app, &sub).await;
+        assert_eq!(plan_of(&app, "org_d").await["plan"], "plus");
+        // The renewal grants Plus's allowance; Generative's credits roll over.
+        assert_eq!(available(&app, "org_d").await, 900 + 150);
+        assert!(app.get("/v1/subscription", &o).await.body["subscription"]["scheduled"].is_null());
+        assert!(app.local.billing_queue.dead_letters().is_empty());
+    }
+
+    #[tokio::test]
+    async fn more_add_on_units_credit_now_fewer_wait_for_renewal_and_back_again_costs_nothing() {
+        let app = TestApp::new();
+        let sub = subscribed(&app, "org_a", "max").await;
+        let o = owner("org_a");
+        let more = app
+            .send(
+                Method::PUT,
+                "/v1/subscription/addons",
+                Some(&o),
+                Some(&json!({"units": 2}).to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            (more.status.as_u16(), more.body["credits_granted"].as_u64()),
+            (200, Some(120))
+        );
+        app.settle_billing().await;
+        assert_eq!(available(&app, "org_a").await, 520);
+        let fewer = app
+            .send(
+                Method::PUT,
+                "/v1/subscription/addons",
+                Some(&o),
+                Some(&json!({"units": 1}).to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(fewer.body["effective"], "at_renewal");
+        let back = app
+            .send(
+                Method::PUT,
+                "/v1/subscription/addons",
+                Some(&o),
+                Some(&json!({"units": 2}).to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            (
+                back.body["effective"].as_str(),
+                back.body["credits_granted"].as_u64()
+            ),
+            (Some("now"), Some(0))
+        );
+        app.settle_billing().await;
+        assert_eq!(available(&app, "org_a").await, 520);
+        app.send(
+            Method::PUT,
+            "/v1/subscription/addons",
+            Some(&o),
+            Some(&json!({"units": 1}).to_string()),
+            &[],
+        )
+        .await;
+        app.settle_billing().await;
+        renew(&app, &sub).await;
+        // Next period: 400 plan credits and one unit (60); the old add-on credits lapsed at period end.
+        let lots = app.get("/v1/balance", &o).await.body["lots"].clone();
+        let addon_now: u64 = lots
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["source"] == "addon")
+            .map(|l| l["remaining"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            addon_now,
+            120 + 60,
+            "current period's units still valid until their period ends"
+        );
+        for bad in [
+            json!({"units": 101}),
+            json!({"units": -1}),
+            json!({"units": "2"}),
+            json!({}),
+        ] {
+            let a = app
+                .send(
+                    Method::PUT,
+                    "/v1/subscription/addons",
+                    Some(&o),
+                    Some(&bad.to_string()),
+                    &[],
+                )
+                .await;
+            a.assert_problem(422, "validation_failed");
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_keeps_access_until_period_end_resume_undoes_it_and_pause_pauses() {
+        let app = TestApp::new();
+        subscribed(&app, "org_c", "max").await;
+        let o = owner("org_c");
+        let c = app.post("/v1/subscription/cancel", &o, json!({})).await;
+        assert_eq!(c.body["cancel_at_period_end"], true);
+        app.settle_billing().await;
+        let p = plan_of(&app, "org_c").await;
+        assert_eq!(
+            (p["status"].as_str(), p["cancel_at_period_end"].as_bool()),
+            (Some("active"), Some(true))
+        );
+        app.post("/v1/subscription/resume", &o, json!({})).await;
+        app.settle_billing().await;
+        assert_eq!(plan_of(&app, "org_c").await["cancel_at_period_end"], false);
+        app.post("/v1/subscription/pause", &o, json!({})).await;
+        app.settle_billing().await;
+        assert_eq!(plan_of(&app, "org_c").await["status"], "paused");
+        app.send(
+            Method::PUT,
+            "/v1/subscription/addons",
+            Some(&o),
+            Some(&json!({"units": 1}).to_string()),
+            &[],
+        )
+        .await
+        .assert_problem(409, "conflict");
+        app.post("/v1/subscription/resume", &o, json!({})).await;
+        app.settle_billing().await;
+        assert_eq!(plan_of(&app, "org_c").await["status"], "active");
+        assert_eq!(available(&app, "org_c").await, 400, "no credits moved");
+    }
+
+    #[tokio::test]
+    async fn subscription_changes_need_a_subscription_and_billing_rights() {
+        let app = TestApp::new();
+        let o = owner("org_n");
+        app.post("/v1/subscription/cancel", &o, json!({}))
+            .await
+            .assert_problem(404, "not_found");
+        app.post(
+            "/v1/subscription/change",
+            &o,
+            json!({"plan": "max", "interval": "monthly"}),
+        )
+        .await
+        .assert_problem(404, "not_found");
+        subscribed(&app, "org_n", "max").await;
+        app.post(
+            "/v1/subscription/change",
+            &member("org_n", "m"),
+            json!({"plan": "team", "interval": "monthly"}),
+        )
+        .await
+        .assert_problem(403, "forbidden");
+        app.post(
+            "/v1/subscription/change",
+            &o,
+            json!({"plan": "mega", "interval": "monthly"}),
+        )
+        .await
+        .assert_problem(422, "validation_failed");
+        app.post(
+            "/v1/subscription/change",
+            &o,
+            json!({"plan": "team", "interval": "daily"}),
+        )
+        .await
+        .assert_problem(422, "validation_failed");
+        assert_eq!(available(&app, "org_n").await, 400);
+    }
+}

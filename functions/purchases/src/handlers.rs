@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 type ApiResult<T> = Result<T, Problem>;
 
 /// Owners and billing admins buy; members are refused.
-fn buyer(who: &Identity) -> ApiResult<AccountId> {
+pub(crate) fn buyer(who: &Identity) -> ApiResult<AccountId> {
     let account = who.member_workspace()?.clone();
     if !who.can_manage_billing() {
         return Err(Problem::forbidden(
@@ -28,7 +28,7 @@ fn buyer(who: &Identity) -> ApiResult<AccountId> {
     Ok(account)
 }
 
-fn provider(e: PaymentsError) -> Problem {
+pub(crate) fn provider(e: PaymentsError) -> Problem {
     match e {
         PaymentsError::Refused(m) => {
             tracing::error!(error = %m, "payment provider refused a request");

@@ -4,6 +4,7 @@
 //! billing queue, so a purchase is credited exactly once whatever the browser does.
 
 mod handlers;
+pub mod subscription;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -56,6 +57,14 @@ pub fn protected_routes(state: PurchasesState) -> Router {
         .route("/v1/subscription", get(handlers::subscription))
         .route("/v1/billing-portal", post(handlers::billing_portal))
         .route("/v1/invoices", get(handlers::invoices))
+        .route("/v1/subscription/change", post(subscription::change))
+        .route(
+            "/v1/subscription/addons",
+            axum::routing::put(subscription::addons),
+        )
+        .route("/v1/subscription/cancel", post(subscription::cancel))
+        .route("/v1/subscription/resume", post(subscription::resume))
+        .route("/v1/subscription/pause", post(subscription::pause))
         .with_state(state)
 }
 
@@ -69,7 +78,8 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tally purchases API", version = "1", description = "Plans, packs, subscription, billing portal and invoices."),
-    paths(handlers::create_checkout, handlers::subscription, handlers::billing_portal, handlers::invoices),
+    paths(handlers::create_checkout, handlers::subscription, handlers::billing_portal, handlers::invoices,
+        subscription::change, subscription::addons, subscription::cancel, subscription::resume, subscription::pause),
     tags((name = "billing", description = "Buying credits and managing the subscription"))
 )]
 pub struct ApiDoc;

@@ -412,18 +412,15 @@ impl BillingEvents {
                 i.id
             )));
         };
-        let plan_id = details
-            .metadata
-            .get("plan")
-            .ok_or_else(|| poison(format!("subscription of invoice {} names no plan", i.id)))?;
-        let plan = self
-            .catalog()
-            .plan(plan_id)
-            .ok_or_else(|| poison(format!("unknown plan {plan_id:?}")))?
-            .clone();
         let (start, end) = i
             .service_period()
             .ok_or_else(|| poison(format!("invoice {} has no service period", i.id)))?;
+        let (plan_id, _, units, _) = terms(&details.metadata, start)?;
+        let plan = self
+            .catalog()
+            .plan(&plan_id)
+            .ok_or_else(|| poison(format!("unknown plan {plan_id:?}")))?
+            .clone();
         let (start, end) = (ts(start), ts(end));
         // Yearly plans get a month's allowance per month; this invoice carries the first.
         let month_end = end.min(start + Duration::days(31));
@@ -440,11 +437,7 @@ impl BillingEvents {
             },
         )
         .await?;
-        let units: u64 = details
-            .metadata
-            .get("addon_units")
-            .map_or(Ok(0), |u| u.parse())
-            .map_err(|_| poison("addon_units is not a number"))?;
+        let units = units as u64;
         if units > 0 {
             let addon = self
                 .catalog()
@@ -477,21 +470,20 @@ impl BillingEvents {
         let Some(d) = i.subscription_details() else {
             return Ok(());
         };
-        let (Some(sub), Some(plan), Some((start, end))) = (
-            d.subscription.id(),
-            d.metadata.get("plan"),
-            i.service_period(),
-        ) else {
+        let (Some(sub), Some((start, end))) = (d.subscription.id(), i.service_period()) else {
             return Ok(());
         };
-        if i.billing_reason.as_deref() == Some("subscription_update") {
+        if i.billing_reason.as_deref() == Some("subscription_update")
+            || !d.metadata.contains_key(meta::PLAN)
+        {
             return Ok(());
         }
+        let (plan, interval, addon_units, scheduled) = terms(&d.metadata, start)?;
         let record = SubscriptionRecord {
             id: sub.to_owned(),
             customer: i.customer.id().map(str::to_owned),
-            plan: plan.clone(),
-            interval: interval_of(d.metadata.get("interval").map(String::as_str)),
+            plan,
+            interval,
             status,
             stripe_status: if status == PlanStatus::Active {
                 "active"
@@ -502,11 +494,8 @@ impl BillingEvents {
             cancel_at_period_end: false,
             period_start: ts(start),
             period_end: ts(end),
-            addon_units: d
-                .metadata
-                .get("addon_units")
-                .and_then(|u| u.parse().ok())
-                .unwrap_or(0),
+            addon_units,
+            scheduled,
             as_of: event.created,
             as_of_event: event.id.clone(),
         };
@@ -527,16 +516,13 @@ impl BillingEvents {
                     ConsumeError::Retry(format!("no workspace known for subscription {}", s.id))
                 })?,
         };
-        let plan = s
-            .metadata
-            .get("plan")
-            .ok_or_else(|| poison(format!("subscription {} names no plan", s.id)))?;
-        if self.catalog().plan(plan).is_none() {
-            return Err(poison(format!("unknown plan {plan:?}")));
-        }
         let (start, end) = s
             .period()
             .ok_or_else(|| poison(format!("subscription {} has no period", s.id)))?;
+        let (plan, interval, addon_units, scheduled) = terms(&s.metadata, start)?;
+        if self.catalog().plan(&plan).is_none() {
+            return Err(poison(format!("unknown plan {plan:?}")));
+        }
         let deleted = event.kind == "customer.subscription.deleted";
         let status = match s.status.as_str() {
             _ if deleted => PlanStatus::Canceled,
@@ -549,21 +535,15 @@ impl BillingEvents {
         let record = SubscriptionRecord {
             id: s.id.clone(),
             customer: s.customer.id().map(str::to_owned),
-            plan: plan.clone(),
-            interval: interval_of(
-                s.interval()
-                    .or(s.metadata.get("interval").map(String::as_str)),
-            ),
+            plan,
+            interval,
             status,
             stripe_status: s.status.clone(),
             cancel_at_period_end: s.cancel_at_period_end,
             period_start: ts(start),
             period_end: ts(end),
-            addon_units: s
-                .metadata
-                .get("addon_units")
-                .and_then(|u| u.parse().ok())
-                .unwrap_or(0),
+            addon_units,
+            scheduled,
             as_of: event.created,
             as_of_event: event.id.clone(),
         };
@@ -674,6 +654,69 @@ impl BillingEvents {
         .await?;
         tracing::warn!(charge = %charge, dispute = %d.id, amount = d.amount, "dispute recorded");
         Ok(())
+    }
+}
+
+/// Metadata keys Tally keeps on a Stripe subscription.
+pub mod meta {
+    pub const ORG: &str = "org_id";
+    pub const PLAN: &str = "plan";
+    pub const INTERVAL: &str = "interval";
+    pub const ADDON_UNITS: &str = "addon_units";
+    pub const SCHEDULED_PLAN: &str = "scheduled_plan";
+    pub const SCHEDULED_INTERVAL: &str = "scheduled_interval";
+    pub const SCHEDULED_ADDON_UNITS: &str = "scheduled_addon_units";
+    /// Unix time (the renewal) from which the scheduled terms apply.
+    pub const SCHEDULED_FROM: &str = "scheduled_from";
+}
+
+/// What a subscription's metadata says applies to the period starting at `period_start`:
+/// scheduled terms once their time has come, the current ones before (and what is
+/// scheduled, for display).
+pub fn terms(
+    m: &std::collections::HashMap<String, String>,
+    period_start: i64,
+) -> Result<(String, Interval, u32, Option<ScheduledChange>), ConsumeError> {
+    let plan = m
+        .get(meta::PLAN)
+        .cloned()
+        .ok_or_else(|| poison("subscription metadata names no plan"))?;
+    let interval = interval_of(m.get(meta::INTERVAL).map(String::as_str));
+    let units: u32 = m
+        .get(meta::ADDON_UNITS)
+        .map_or(Ok(0), |u| u.parse())
+        .map_err(|_| poison("addon_units is not a number"))?;
+    let Some(from) = m
+        .get(meta::SCHEDULED_FROM)
+        .and_then(|f| f.parse::<i64>().ok())
+    else {
+        return Ok((plan, interval, units, None));
+    };
+    let next_plan = m
+        .get(meta::SCHEDULED_PLAN)
+        .cloned()
+        .unwrap_or_else(|| plan.clone());
+    let next_interval = m
+        .get(meta::SCHEDULED_INTERVAL)
+        .map_or(interval, |i| interval_of(Some(i)));
+    let next_units = m
+        .get(meta::SCHEDULED_ADDON_UNITS)
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(units);
+    if period_start >= from {
+        Ok((next_plan, next_interval, next_units, None))
+    } else {
+        Ok((
+            plan,
+            interval,
+            units,
+            Some(ScheduledChange {
+                plan: next_plan,
+                interval: next_interval,
+                addon_units: next_units,
+                from: ts(from),
+            }),
+        ))
     }
 }
 

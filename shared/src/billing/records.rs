@@ -54,6 +54,9 @@ pub struct SubscriptionRecord {
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
     pub addon_units: u32,
+    /// A downgrade or add-on reduction waiting for the next renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<ScheduledChange>,
     /// Stripe `created` time of the event these facts came from, and its id.
     pub as_of: i64,
     pub as_of_event: String,
@@ -84,6 +87,15 @@ impl SubscriptionRecord {
             cancel_at_period_end: self.cancel_at_period_end,
         }
     }
+}
+
+/// Terms that take effect at the start of the next period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ScheduledChange {
+    pub plan: String,
+    pub interval: Interval,
+    pub addon_units: u32,
+    pub from: DateTime<Utc>,
 }
 
 /// An invoice line of billing history.

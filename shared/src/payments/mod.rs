@@ -59,8 +59,40 @@ pub struct CheckoutLink {
     pub url: String,
 }
 
+/// A recurring price for a subscription item, on a product Tally owns (`tally_<id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemPrice {
+    pub product: String,
+    pub product_name: String,
+    /// Integer cents per interval.
+    pub unit_amount: u64,
+    pub interval: Interval,
+}
+
+/// The desired state of a subscription after a change. Unset fields stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubscriptionChange {
+    pub subscription: String,
+    /// A new price for the plan item.
+    pub plan: Option<ItemPrice>,
+    /// The add-on item's quantity (0 removes it) and price.
+    pub addons: Option<(u64, ItemPrice)>,
+    /// Invoice the prorated difference now (upgrades, more units) rather than from the
+    /// next renewal on (downgrades, fewer units).
+    pub prorate_now: bool,
+    /// Metadata to set on the subscription (keys with an empty value are removed).
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub cancel_at_period_end: Option<bool>,
+    /// `Some(true)` pauses collection (invoices voided), `Some(false)` resumes.
+    pub pause: Option<bool>,
+    pub idempotency_key: String,
+}
+
 #[async_trait]
 pub trait Payments: Send + Sync {
+    /// Changes a subscription's items, metadata, cancellation or pause.
+    async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError>;
+
     /// Creates the Stripe customer of a workspace.
     async fn create_customer(
         &self,

@@ -92,11 +92,90 @@ pub struct SimEvent {
     pub payload: Value,
 }
 
+/// A subscription as the simulator keeps it.
+#[derive(Debug, Clone)]
+struct SimSubscription {
+    id: String,
+    customer: String,
+    metadata: std::collections::BTreeMap<String, String>,
+    interval: crate::ledger::Interval,
+    unit_amount: u64,
+    addon_units: u64,
+    addon_unit_amount: u64,
+    period_start: i64,
+    period_end: i64,
+    cancel_at_period_end: bool,
+    paused: bool,
+}
+
+impl SimSubscription {
+    fn days(&self) -> i64 {
+        match self.interval {
+            crate::ledger::Interval::Monthly => 30,
+            crate::ledger::Interval::Yearly => 365,
+        }
+    }
+
+    fn object(&self) -> Value {
+        let mut sub = fixture("subscription");
+        sub["id"] = json!(self.id);
+        sub["customer"] = json!(self.customer);
+        sub["status"] = json!(if self.paused { "paused" } else { "active" });
+        sub["cancel_at_period_end"] = json!(self.cancel_at_period_end);
+        sub["pause_collection"] = if self.paused {
+            json!({"behavior": "void", "resumes_at": null})
+        } else {
+            Value::Null
+        };
+        sub["metadata"] = json!(self.metadata);
+        let item = &mut sub["items"]["data"][0];
+        item["current_period_start"] = json!(self.period_start);
+        item["current_period_end"] = json!(self.period_end);
+        item["price"]["recurring"]["interval"] =
+            json!(if self.days() == 30 { "month" } else { "year" });
+        item["price"]["unit_amount"] = json!(self.unit_amount);
+        sub
+    }
+
+    fn invoice(&self, base_url: &str, reason: &str, amount: u64, paid: bool) -> Value {
+        let id = new_id("in");
+        let mut inv = fixture("invoice");
+        inv["id"] = json!(id);
+        inv["customer"] = json!(self.customer);
+        inv["billing_reason"] = json!(reason);
+        inv["collection_method"] = json!("charge_automatically");
+        inv["created"] = json!(Utc::now().timestamp());
+        inv["currency"] = json!("usd");
+        inv["metadata"] = json!({});
+        inv["number"] = json!(format!("SIM-{}", &id[id.len() - 6..]));
+        inv["hosted_invoice_url"] = json!(format!("{base_url}/sim/invoices/{id}"));
+        inv["invoice_pdf"] = json!(format!("{base_url}/sim/invoices/{id}.pdf"));
+        inv["parent"] = json!({"type": "subscription_details", "quote_details": null,
+            "subscription_details": {"subscription": self.id, "metadata": self.metadata}});
+        inv["lines"]["data"][0]["period"] =
+            json!({"start": self.period_start, "end": self.period_end});
+        inv["lines"]["data"][0]["amount"] = json!(amount);
+        for k in ["amount_due", "total", "subtotal"] {
+            inv[k] = json!(amount);
+        }
+        inv["status"] = json!(if paid { "paid" } else { "open" });
+        inv["amount_paid"] = json!(if paid { amount } else { 0 });
+        inv["amount_remaining"] = json!(if paid { 0 } else { amount });
+        inv["status_transitions"]["paid_at"] = if paid {
+            json!(Utc::now().timestamp())
+        } else {
+            Value::Null
+        };
+        inv
+    }
+}
+
 pub struct Simulator {
     base_url: String,
     secret: String,
     webhook: Router,
     sessions: Mutex<HashMap<String, SimSession>>,
+    subscriptions: Mutex<HashMap<String, SimSubscription>>,
     events: Mutex<Vec<SimEvent>>,
 }
 
@@ -109,6 +188,7 @@ impl Simulator {
             secret: secret.to_owned(),
             webhook,
             sessions: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
         })
     }
@@ -119,6 +199,7 @@ impl Simulator {
             .route("/sim/checkout/{id}/pay", post(pay))
             .route("/sim/events", get(list_events))
             .route("/sim/events/{id}/redeliver", post(redeliver))
+            .route("/sim/subscriptions/{id}/renew", post(renew))
             .route("/sim/done", get(done))
             .with_state(self.clone())
     }
@@ -216,68 +297,44 @@ impl Simulator {
                 unit_amount,
                 ..
             } => {
-                let days = match interval {
-                    crate::ledger::Interval::Monthly => 30,
-                    crate::ledger::Interval::Yearly => 365,
+                let mut metadata = meta.clone();
+                metadata.remove("kind");
+                metadata.insert("addon_units", "0".into());
+                let mut sub = SimSubscription {
+                    id: new_id("sub"),
+                    customer: customer.clone(),
+                    metadata: metadata
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                    interval: *interval,
+                    unit_amount: *unit_amount,
+                    addon_units: 0,
+                    addon_unit_amount: 0,
+                    period_start: now,
+                    period_end: now,
+                    cancel_at_period_end: false,
+                    paused: false,
                 };
-                let end = (Utc::now() + Duration::days(days)).timestamp();
-                let sub_id = new_id("sub");
-                let mut sub_meta = meta.clone();
-                sub_meta.remove("kind");
-                sub_meta.insert("addon_units", "0".into());
-                let mut sub = fixture("subscription");
-                sub["id"] = json!(sub_id);
-                sub["customer"] = json!(customer);
-                sub["status"] = json!("active");
-                sub["cancel_at_period_end"] = json!(false);
-                sub["pause_collection"] = Value::Null;
-                sub["metadata"] = json!(sub_meta);
-                sub["items"]["data"][0]["current_period_start"] = json!(now);
-                sub["items"]["data"][0]["current_period_end"] = json!(end);
-                sub["items"]["data"][0]["price"]["recurring"]["interval"] =
-                    json!(if days == 30 { "month" } else { "year" });
-                sub["items"]["data"][0]["price"]["unit_amount"] = json!(unit_amount);
-                let inv_id = new_id("in");
-                let mut inv = fixture("invoice");
-                inv["id"] = json!(inv_id);
-                inv["customer"] = json!(customer);
-                inv["billing_reason"] = json!("subscription_create");
-                inv["collection_method"] = json!("charge_automatically");
-                inv["created"] = json!(now);
-                inv["currency"] = json!("usd");
-                inv["metadata"] = json!({});
-                inv["number"] = json!(format!("SIM-{}", &inv_id[inv_id.len() - 6..]));
-                inv["hosted_invoice_url"] =
-                    json!(format!("{}/sim/invoices/{inv_id}", self.base_url));
-                inv["invoice_pdf"] = json!(format!("{}/sim/invoices/{inv_id}.pdf", self.base_url));
-                inv["parent"] = json!({"type": "subscription_details", "quote_details": null,
-                    "subscription_details": {"subscription": sub_id, "metadata": sub_meta}});
-                inv["lines"]["data"][0]["period"] = json!({"start": now, "end": end});
-                inv["lines"]["data"][0]["amount"] = json!(unit_amount);
-                for (k, v) in [
-                    ("amount_due", *unit_amount),
-                    ("total", *unit_amount),
-                    ("subtotal", *unit_amount),
-                ] {
-                    inv[k] = json!(v);
-                }
-                let mut open = inv.clone();
-                open["status"] = json!("open");
-                open["amount_paid"] = json!(0);
-                open["amount_remaining"] = json!(unit_amount);
-                open["status_transitions"]["paid_at"] = Value::Null;
-                let mut paid = inv;
+                sub.period_end = now + Duration::days(sub.days()).num_seconds();
+                self.subscriptions
+                    .lock()
+                    .expect("sim lock")
+                    .insert(sub.id.clone(), sub.clone());
+                let open = sub.invoice(&self.base_url, "subscription_create", *unit_amount, false);
+                let mut paid = open.clone();
                 paid["status"] = json!("paid");
                 paid["amount_paid"] = json!(unit_amount);
                 paid["amount_remaining"] = json!(0);
                 paid["status_transitions"]["paid_at"] = json!(now);
                 session["mode"] = json!("subscription");
-                session["subscription"] = json!(sub_id);
-                session["invoice"] = json!(inv_id);
+                session["subscription"] = json!(sub.id);
+                session["invoice"] = paid["id"].clone();
                 session["amount_total"] = json!(unit_amount);
                 charge["amount"] = json!(unit_amount);
                 charge["amount_captured"] = json!(unit_amount);
-                self.deliver("customer.subscription.created", sub).await;
+                self.deliver("customer.subscription.created", sub.object())
+                    .await;
                 self.deliver("invoice.finalized", open).await;
                 self.deliver("invoice.paid", paid).await;
                 self.deliver("charge.succeeded", charge).await;
@@ -288,8 +345,73 @@ impl Simulator {
     }
 }
 
+impl Simulator {
+    /// Plays a renewal: the next period starts and its invoice is paid.
+    pub async fn renew(&self, subscription: &str) -> bool {
+        let sub = {
+            let mut subs = self.subscriptions.lock().expect("sim lock");
+            let Some(sub) = subs.get_mut(subscription) else {
+                return false;
+            };
+            let length = sub.period_end - sub.period_start;
+            sub.period_start = sub.period_end;
+            sub.period_end += length;
+            sub.clone()
+        };
+        let amount = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
+        let invoice = sub.invoice(&self.base_url, "subscription_cycle", amount, true);
+        self.deliver("customer.subscription.updated", sub.object())
+            .await;
+        self.deliver("invoice.paid", invoice).await;
+        true
+    }
+}
+
 #[async_trait]
 impl Payments for Simulator {
+    async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError> {
+        let (sub, prorated) = {
+            let mut subs = self.subscriptions.lock().expect("sim lock");
+            let sub = subs.get_mut(&change.subscription).ok_or_else(|| {
+                PaymentsError::Refused(format!("No such subscription: '{}'", change.subscription))
+            })?;
+            let before = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
+            if let Some(p) = &change.plan {
+                sub.unit_amount = p.unit_amount;
+                sub.interval = p.interval;
+            }
+            if let Some((units, p)) = &change.addons {
+                sub.addon_units = *units;
+                sub.addon_unit_amount = p.unit_amount;
+            }
+            for (k, v) in &change.metadata {
+                if v.is_empty() {
+                    sub.metadata.remove(k);
+                } else {
+                    sub.metadata.insert(k.clone(), v.clone());
+                }
+            }
+            if let Some(c) = change.cancel_at_period_end {
+                sub.cancel_at_period_end = c;
+            }
+            if let Some(p) = change.pause {
+                sub.paused = p;
+            }
+            let after = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
+            let remaining = (sub.period_end - Utc::now().timestamp()).max(0) as u64;
+            let length = (sub.period_end - sub.period_start).max(1) as u64;
+            let prorated = after.saturating_sub(before) * remaining / length;
+            (sub.clone(), prorated)
+        };
+        self.deliver("customer.subscription.updated", sub.object())
+            .await;
+        if change.prorate_now && prorated > 0 {
+            let invoice = sub.invoice(&self.base_url, "subscription_update", prorated, true);
+            self.deliver("invoice.paid", invoice).await;
+        }
+        Ok(())
+    }
+
     async fn create_customer(
         &self,
         _account: &AccountId,
@@ -425,6 +547,14 @@ async fn redeliver(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) ->
             axum::Json(json!({"id": id, "delivered_status": status})).into_response()
         }
         None => crate::http::Problem::not_found(format!("no simulated event {id}")).into_response(),
+    }
+}
+
+async fn renew(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    if sim.renew(&id).await {
+        axum::Json(json!({"renewed": id})).into_response()
+    } else {
+        crate::http::Problem::not_found(format!("no simulated subscription {id}")).into_response()
     }
 }
 

@@ -143,8 +143,186 @@ pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String
     m
 }
 
+/// The id of the Stripe product Tally keeps for a catalog item.
+pub fn product_id(kind: &str, id: &str) -> String {
+    format!("tally_{kind}_{id}")
+}
+
+impl StripePayments {
+    async fn get<T: miniserde::Deserialize>(&self, path: &str) -> Result<T, PaymentsError> {
+        RequestBuilder::new(StripeMethod::Get, path)
+            .customize::<T>()
+            .send(&self.client)
+            .await
+            .map_err(classify)
+    }
+
+    /// Creates Tally's product for a price once; "already exists" is success.
+    async fn ensure_product(&self, price: &ItemPrice) -> Result<(), PaymentsError> {
+        #[derive(Serialize)]
+        struct ProductForm<'a> {
+            id: &'a str,
+            name: &'a str,
+        }
+        let created: Result<stripe_shared::Product, _> = self
+            .post(
+                "/products",
+                &ProductForm {
+                    id: &price.product,
+                    name: &price.product_name,
+                },
+                &format!("tally-product-{}", price.product),
+            )
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(PaymentsError::Refused(m)) if m.contains("already exists") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ItemPriceData<'a> {
+    currency: &'static str,
+    product: &'a str,
+    unit_amount: u64,
+    recurring: RecurringForm,
+}
+
+#[derive(Serialize, Default)]
+struct ItemForm<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price_data: Option<ItemPriceData<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quantity: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deleted: Option<bool>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PauseForm {
+    Pause { behavior: &'static str },
+    Resume(&'static str),
+}
+
+#[derive(Serialize)]
+struct SubscriptionForm<'a> {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    items: Vec<ItemForm<'a>>,
+    proration_behavior: &'static str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancel_at_period_end: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pause_collection: Option<PauseForm>,
+}
+
+fn interval_form(i: Interval) -> RecurringForm {
+    RecurringForm {
+        interval: match i {
+            Interval::Monthly => "month",
+            Interval::Yearly => "year",
+        },
+    }
+}
+
+fn price_data(p: &ItemPrice) -> ItemPriceData<'_> {
+    ItemPriceData {
+        currency: "usd",
+        product: &p.product,
+        unit_amount: p.unit_amount,
+        recurring: interval_form(p.interval),
+    }
+}
+
 #[async_trait]
 impl Payments for StripePayments {
+    async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError> {
+        let current: stripe_shared::Subscription = self
+            .get(&format!("/subscriptions/{}", change.subscription))
+            .await?;
+        let product_of =
+            |item: &stripe_shared::SubscriptionItem| item.price.product.id().to_string();
+        let addon_item = change.addons.as_ref().and_then(|(_, price)| {
+            current
+                .items
+                .data
+                .iter()
+                .find(|i| product_of(i) == price.product)
+                .map(|i| i.id.to_string())
+        });
+        let plan_item = current
+            .items
+            .data
+            .iter()
+            .find(|i| !product_of(i).starts_with("tally_addon_"))
+            .map(|i| i.id.to_string());
+        let mut items = Vec::new();
+        if let Some(price) = &change.plan {
+            self.ensure_product(price).await?;
+            items.push(ItemForm {
+                id: Some(plan_item.ok_or_else(|| {
+                    PaymentsError::Refused("the subscription has no plan item".into())
+                })?),
+                price_data: Some(price_data(price)),
+                ..ItemForm::default()
+            });
+        }
+        if let Some((quantity, price)) = &change.addons {
+            match (addon_item, quantity) {
+                (Some(id), 0) => items.push(ItemForm {
+                    id: Some(id),
+                    deleted: Some(true),
+                    ..ItemForm::default()
+                }),
+                (None, 0) => {}
+                (id, q) => {
+                    self.ensure_product(price).await?;
+                    items.push(ItemForm {
+                        id,
+                        price_data: Some(price_data(price)),
+                        quantity: Some(*q),
+                        ..ItemForm::default()
+                    });
+                }
+            }
+        }
+        let form = SubscriptionForm {
+            items,
+            proration_behavior: if change.prorate_now {
+                "always_invoice"
+            } else {
+                "none"
+            },
+            metadata: change
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            cancel_at_period_end: change.cancel_at_period_end,
+            pause_collection: change.pause.map(|p| {
+                if p {
+                    PauseForm::Pause { behavior: "void" }
+                } else {
+                    PauseForm::Resume("")
+                }
+            }),
+        };
+        let _: stripe_shared::Subscription = self
+            .post(
+                &format!("/subscriptions/{}", change.subscription),
+                &form,
+                &change.idempotency_key,
+            )
+            .await?;
+        Ok(())
+    }
+
     async fn create_customer(
         &self,
         account: &AccountId,

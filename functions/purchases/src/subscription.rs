@@ -1,0 +1,545 @@
+//! Changing the subscription: plan and interval, add-on units, cancel, resume, pause.
+//!
+//! Upgrades and more add-on units apply now: Stripe invoices the prorated difference and
+//! the extra credits are granted at once. Downgrades and fewer units wait for the renewal:
+//! the Stripe price changes without proration (the next invoice bills the new amount) and
+//! the subscription's metadata schedules the new terms from the renewal on, so the current
+//! benefits are kept until then.
+//!
+//! Credits granted now for an upgrade: the difference between the two plans' monthly
+//! allowances, prorated over what is left of the current month of the period, rounded up.
+//! Add-on units: the full credits of each new unit (they expire at the end of the period
+//! and do not roll over).
+
+use crate::PurchasesState;
+use crate::handlers::{buyer, provider};
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tally::billing::meta;
+use tally::billing::records::*;
+use tally::catalog::Plan;
+use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
+use tally::ids::{AccountId, IdempotencyKey};
+use tally::ledger::{Actor, Interval, LotSource, Operation, PlanStatus, Refs};
+use tally::money::Credits;
+use tally::payments::stripe::product_id;
+use tally::payments::{ItemPrice, SubscriptionChange};
+use tally::service::LedgerRequest;
+use tally::store::docs;
+use utoipa::ToSchema;
+
+type ApiResult<T> = Result<T, Problem>;
+
+/// Most add-on units a workspace may hold.
+pub const MAX_ADDON_UNITS: u32 = 100;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeBody {
+    pub plan: String,
+    pub interval: Interval,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddonsBody {
+    pub units: u32,
+}
+
+/// The outcome of a change.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChangeView {
+    /// `now` or `at_renewal`.
+    pub effective: &'static str,
+    pub effective_at: DateTime<Utc>,
+    /// Credits granted right away (upgrades, more add-on units).
+    pub credits_granted: u64,
+    pub plan: String,
+    pub interval: Interval,
+    pub addon_units: u32,
+}
+
+/// The workspace's live subscription, or 404 / 409.
+async fn live(st: &PurchasesState, account: &AccountId) -> ApiResult<SubscriptionRecord> {
+    let sub: SubscriptionRecord =
+        docs::get(st.docs.as_ref(), &account_pk(account), SUBSCRIPTION_SK)
+            .await?
+            .ok_or_else(|| {
+                Problem::not_found(
+                    "the workspace has no subscription; start one with POST /v1/checkout/sessions",
+                )
+            })?;
+    if sub.status == PlanStatus::Canceled {
+        return Err(Problem::conflict(
+            "the subscription has ended; start a new one with POST /v1/checkout/sessions",
+        ));
+    }
+    Ok(sub)
+}
+
+fn plan_price(st: &PurchasesState, plan: &Plan, interval: Interval) -> ItemPrice {
+    ItemPrice {
+        product: product_id("plan", &plan.id),
+        product_name: format!("{} plan", plan.name),
+        unit_amount: match interval {
+            Interval::Monthly => plan.monthly_price_cents,
+            Interval::Yearly => st.ledger.catalog.yearly_price(plan).get(),
+        },
+        interval,
+    }
+}
+
+fn addon_price(st: &PurchasesState, plan: &Plan, interval: Interval) -> ApiResult<ItemPrice> {
+    let addon = st
+        .ledger
+        .catalog
+        .addon(&plan.addon)
+        .ok_or_else(Problem::internal)?;
+    Ok(ItemPrice {
+        product: product_id("addon", &addon.id),
+        product_name: format!("{} add-on credits", addon.credits_per_unit),
+        unit_amount: match interval {
+            Interval::Monthly => addon.unit_price_cents,
+            Interval::Yearly => addon.unit_price_cents * 12,
+        },
+        interval,
+    })
+}
+
+/// The metadata describing the terms, with any schedule set or cleared.
+fn metadata(
+    account: &AccountId,
+    plan: &str,
+    interval: Interval,
+    units: u32,
+    scheduled: Option<&ScheduledChange>,
+) -> BTreeMap<String, String> {
+    let iv = |i: Interval| match i {
+        Interval::Monthly => "monthly".to_string(),
+        Interval::Yearly => "yearly".to_string(),
+    };
+    let mut m = BTreeMap::from([
+        (meta::ORG.to_string(), account.to_string()),
+        (meta::PLAN.to_string(), plan.to_string()),
+        (meta::INTERVAL.to_string(), iv(interval)),
+        (meta::ADDON_UNITS.to_string(), units.to_string()),
+    ]);
+    let (sp, si, su, sf) = match scheduled {
+        Some(s) => (
+            s.plan.clone(),
+            iv(s.interval),
+            s.addon_units.to_string(),
+            s.from.timestamp().to_string(),
+        ),
+        None => (String::new(), String::new(), String::new(), String::new()),
+    };
+    m.insert(meta::SCHEDULED_PLAN.into(), sp);
+    m.insert(meta::SCHEDULED_INTERVAL.into(), si);
+    m.insert(meta::SCHEDULED_ADDON_UNITS.into(), su);
+    m.insert(meta::SCHEDULED_FROM.into(), sf);
+    m
+}
+
+fn stripe_key(headers: &HeaderMap, scope: &str, account: &AccountId) -> ApiResult<String> {
+    Ok(match idempotency_key(headers, scope)? {
+        Some(k) => format!("tally-{scope}-{account}-{}", k.as_str()),
+        None => format!("tally-{scope}-{account}-{}", ulid::Ulid::new()),
+    })
+}
+
+/// The end of the current month of the period: when credits granted now lapse.
+fn month_end(sub: &SubscriptionRecord) -> DateTime<Utc> {
+    sub.period_end.min(sub.period_start + Duration::days(31))
+}
+
+/// Credits granted by a subscription change, under a key naming the change.
+struct ChangeGrant {
+    key: String,
+    source: LotSource,
+    credits: u64,
+    expires_at: DateTime<Utc>,
+    note: String,
+}
+
+async fn grant(
+    st: &PurchasesState,
+    account: &AccountId,
+    who: &Identity,
+    g: ChangeGrant,
+) -> ApiResult<()> {
+    if g.credits == 0 {
+        return Ok(());
+    }
+    st.ledger
+        .execute(LedgerRequest {
+            account: account.clone(),
+            key: IdempotencyKey::derived(g.key.clone()),
+            fingerprint: g.key,
+            actor: Actor::new(who.actor().kind, who.sub.clone()),
+            refs: Refs::default(),
+            op: Operation::Grant {
+                source: g.source,
+                credits: Credits::new(g.credits),
+                expires_at: Some(g.expires_at),
+                note: Some(g.note),
+            },
+        })
+        .await?;
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/v1/subscription/change", tag = "billing", security(("bearer" = [])),
+    request_body = ChangeBody,
+    responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Changes plan or billing interval: upgrades now (prorated, credits at once), downgrades at
+/// the next renewal (benefits kept until then).
+pub async fn change(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ChangeBody>,
+) -> ApiResult<Json<ChangeView>> {
+    let account = buyer(&who)?;
+    let catalog = &st.ledger.catalog;
+    let target = catalog
+        .plan(&body.plan)
+        .ok_or_else(|| Problem::validation("plan", &format!("unknown plan {:?}", body.plan)))?
+        .clone();
+    let sub = live(&st, &account).await?;
+    let current = catalog
+        .plan(&sub.plan)
+        .ok_or_else(Problem::internal)?
+        .clone();
+    let now = st.ledger.clock.now();
+    if target.id == current.id && body.interval == sub.interval {
+        // Asking for the current terms cancels a scheduled downgrade, if any.
+        if sub
+            .scheduled
+            .as_ref()
+            .is_some_and(|s| s.plan != sub.plan || s.interval != sub.interval)
+        {
+            let units = sub
+                .scheduled
+                .as_ref()
+                .map_or(sub.addon_units, |s| s.addon_units);
+            let keep = (units != sub.addon_units).then(|| ScheduledChange {
+                plan: sub.plan.clone(),
+                interval: sub.interval,
+                addon_units: units,
+                from: sub.period_end,
+            });
+            st.payments
+                .update_subscription(&SubscriptionChange {
+                    subscription: sub.id.clone(),
+                    plan: Some(plan_price(&st, &current, sub.interval)),
+                    prorate_now: false,
+                    metadata: metadata(
+                        &account,
+                        &sub.plan,
+                        sub.interval,
+                        sub.addon_units,
+                        keep.as_ref(),
+                    ),
+                    idempotency_key: stripe_key(&headers, "change", &account)?,
+                    ..SubscriptionChange::default()
+                })
+                .await
+                .map_err(provider)?;
+        }
+        return Ok(Json(ChangeView {
+            effective: "now",
+            effective_at: now,
+            credits_granted: 0,
+            plan: sub.plan,
+            interval: sub.interval,
+            addon_units: sub.addon_units,
+        }));
+    }
+    let upgrade = target.monthly_credits > current.monthly_credits
+        || (target.id == current.id && body.interval != sub.interval);
+    let key = stripe_key(&headers, "change", &account)?;
+    if upgrade {
+        let units = sub
+            .scheduled
+            .as_ref()
+            .map_or(sub.addon_units, |s| s.addon_units);
+        st.payments
+            .update_subscription(&SubscriptionChange {
+                subscription: sub.id.clone(),
+                plan: Some(plan_price(&st, &target, body.interval)),
+                prorate_now: true,
+                metadata: metadata(&account, &target.id, body.interval, sub.addon_units, None),
+                addons: (sub.addon_units > 0 && body.interval != sub.interval)
+                    .then(|| addon_price(&st, &target, body.interval).map(|p| (units as u64, p)))
+                    .transpose()?,
+                idempotency_key: key,
+                ..SubscriptionChange::default()
+            })
+            .await
+            .map_err(provider)?;
+        let window_end = month_end(&sub);
+        let diff = target
+            .monthly_credits
+            .saturating_sub(current.monthly_credits);
+        let total = (window_end - sub.period_start).num_seconds().max(1) as u64;
+        let left = (window_end - now).num_seconds().clamp(0, total as i64) as u64;
+        let credits = (diff * left).div_ceil(total);
+        grant(
+            &st,
+            &account,
+            &who,
+            ChangeGrant {
+                key: format!(
+                    "upgrade:{}:{}:{}",
+                    sub.id,
+                    sub.period_start.timestamp(),
+                    target.id
+                ),
+                source: LotSource::PlanPeriod,
+                credits,
+                expires_at: window_end + Duration::days(target.rollover_days as i64),
+                note: format!("upgrade from {} to {}", current.name, target.name),
+            },
+        )
+        .await?;
+        tracing::info!(workspace = %account, from = %current.id, to = %target.id, credits, "plan upgraded");
+        return Ok(Json(ChangeView {
+            effective: "now",
+            effective_at: now,
+            credits_granted: credits,
+            plan: target.id,
+            interval: body.interval,
+            addon_units: sub.addon_units,
+        }));
+    }
+    let scheduled = ScheduledChange {
+        plan: target.id.clone(),
+        interval: body.interval,
+        addon_units: sub
+            .scheduled
+            .as_ref()
+            .map_or(sub.addon_units, |s| s.addon_units),
+        from: sub.period_end,
+    };
+    st.payments
+        .update_subscription(&SubscriptionChange {
+            subscription: sub.id.clone(),
+            plan: Some(plan_price(&st, &target, body.interval)),
+            prorate_now: false,
+            metadata: metadata(
+                &account,
+                &sub.plan,
+                sub.interval,
+                sub.addon_units,
+                Some(&scheduled),
+            ),
+            idempotency_key: key,
+            ..SubscriptionChange::default()
+        })
+        .await
+        .map_err(provider)?;
+    tracing::info!(workspace = %account, from = %current.id, to = %target.id, at = %sub.period_end, "downgrade scheduled");
+    Ok(Json(ChangeView {
+        effective: "at_renewal",
+        effective_at: sub.period_end,
+        credits_granted: 0,
+        plan: target.id,
+        interval: body.interval,
+        addon_units: scheduled.addon_units,
+    }))
+}
+
+#[utoipa::path(put, path = "/v1/subscription/addons", tag = "billing", security(("bearer" = [])),
+    request_body = AddonsBody,
+    responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Sets the number of add-on credit units: more apply now (prorated charge, credits at
+/// once), fewer from the next renewal.
+pub async fn addons(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<AddonsBody>,
+) -> ApiResult<Json<ChangeView>> {
+    let account = buyer(&who)?;
+    if body.units > MAX_ADDON_UNITS {
+        return Err(Problem::validation(
+            "units",
+            &format!("must be between 0 and {MAX_ADDON_UNITS}"),
+        ));
+    }
+    let sub = live(&st, &account).await?;
+    if sub.status != PlanStatus::Active {
+        return Err(Problem::conflict("add-ons need an active subscription"));
+    }
+    let plan = st
+        .ledger
+        .catalog
+        .plan(&sub.plan)
+        .ok_or_else(Problem::internal)?
+        .clone();
+    let addon = st
+        .ledger
+        .catalog
+        .addon(&plan.addon)
+        .ok_or_else(Problem::internal)?
+        .clone();
+    let price = addon_price(&st, &plan, sub.interval)?;
+    let now = st.ledger.clock.now();
+    let key = stripe_key(&headers, "addons", &account)?;
+    let next_plan = sub.scheduled.clone();
+    if body.units > sub.addon_units {
+        let keep = next_plan.map(|s| ScheduledChange {
+            addon_units: body.units,
+            ..s
+        });
+        st.payments
+            .update_subscription(&SubscriptionChange {
+                subscription: sub.id.clone(),
+                addons: Some((body.units as u64, price)),
+                prorate_now: true,
+                metadata: metadata(&account, &sub.plan, sub.interval, body.units, keep.as_ref()),
+                idempotency_key: key,
+                ..SubscriptionChange::default()
+            })
+            .await
+            .map_err(provider)?;
+        let credits = (body.units - sub.addon_units) as u64 * addon.credits_per_unit;
+        grant(
+            &st,
+            &account,
+            &who,
+            ChangeGrant {
+                key: format!(
+                    "addons:{}:{}:to{}",
+                    sub.id,
+                    sub.period_start.timestamp(),
+                    body.units
+                ),
+                source: LotSource::Addon,
+                credits,
+                expires_at: month_end(&sub),
+                note: format!("add-on units {} -> {}", sub.addon_units, body.units),
+            },
+        )
+        .await?;
+        return Ok(Json(ChangeView {
+            effective: "now",
+            effective_at: now,
+            credits_granted: credits,
+            plan: sub.plan,
+            interval: sub.interval,
+            addon_units: body.units,
+        }));
+    }
+    // Fewer (or the same) units: keep this period's, bill and grant the new count from the
+    // renewal on. The same count as now cancels a scheduled reduction.
+    let schedule = ScheduledChange {
+        plan: next_plan
+            .as_ref()
+            .map_or(sub.plan.clone(), |s| s.plan.clone()),
+        interval: next_plan.as_ref().map_or(sub.interval, |s| s.interval),
+        addon_units: body.units,
+        from: sub.period_end,
+    };
+    let unchanged = schedule.plan == sub.plan
+        && schedule.interval == sub.interval
+        && body.units == sub.addon_units;
+    st.payments
+        .update_subscription(&SubscriptionChange {
+            subscription: sub.id.clone(),
+            addons: Some((body.units as u64, price)),
+            prorate_now: false,
+            metadata: metadata(
+                &account,
+                &sub.plan,
+                sub.interval,
+                sub.addon_units,
+                (!unchanged).then_some(&schedule),
+            ),
+            idempotency_key: key,
+            ..SubscriptionChange::default()
+        })
+        .await
+        .map_err(provider)?;
+    Ok(Json(ChangeView {
+        effective: if unchanged { "now" } else { "at_renewal" },
+        effective_at: if unchanged { now } else { sub.period_end },
+        credits_granted: 0,
+        plan: sub.plan,
+        interval: sub.interval,
+        addon_units: body.units,
+    }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusView {
+    pub cancel_at_period_end: bool,
+    pub paused: bool,
+    pub period_end: DateTime<Utc>,
+}
+
+async fn set_status(
+    st: &PurchasesState,
+    who: &Identity,
+    headers: &HeaderMap,
+    cancel: Option<bool>,
+    pause: Option<bool>,
+) -> ApiResult<Json<StatusView>> {
+    let account = buyer(who)?;
+    let sub = live(st, &account).await?;
+    st.payments
+        .update_subscription(&SubscriptionChange {
+            subscription: sub.id.clone(),
+            cancel_at_period_end: cancel,
+            pause,
+            idempotency_key: stripe_key(headers, "status", &account)?,
+            ..SubscriptionChange::default()
+        })
+        .await
+        .map_err(provider)?;
+    Ok(Json(StatusView {
+        cancel_at_period_end: cancel.unwrap_or(sub.cancel_at_period_end),
+        paused: pause.unwrap_or(sub.status == PlanStatus::Paused),
+        period_end: sub.period_end,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/subscription/cancel", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+/// Cancels renewal at the end of the period; the workspace keeps its plan until then. Add-on
+/// units end with the subscription.
+pub async fn cancel(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    headers: HeaderMap,
+) -> ApiResult<Json<StatusView>> {
+    set_status(&st, &who, &headers, Some(true), None).await
+}
+
+#[utoipa::path(post, path = "/v1/subscription/resume", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+/// Undoes a cancellation or a pause.
+pub async fn resume(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    headers: HeaderMap,
+) -> ApiResult<Json<StatusView>> {
+    set_status(&st, &who, &headers, Some(false), Some(false)).await
+}
+
+#[utoipa::path(post, path = "/v1/subscription/pause", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+/// Pauses collection: renewals are not charged (and grant nothing) until resumed.
+pub async fn pause(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    headers: HeaderMap,
+) -> ApiResult<Json<StatusView>> {
+    set_status(&st, &who, &headers, None, Some(true)).await
+}
