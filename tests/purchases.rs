@@ -587,3 +587,90 @@ mod subscription {
         assert_eq!(available(&app, "org_n").await, 400);
     }
 }
+
+#[tokio::test]
+async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
+    let app = TestApp::new();
+    let path = "/v1/admin/workspaces/org_e/custom-payments";
+    let body =
+        json!({"amount_cents": 250000, "credits": 30000, "description": "Enterprise credits, Q1"})
+            .to_string();
+    let support = tally_tests::support();
+    app.send(
+        Method::POST,
+        path,
+        Some(&owner("org_e")),
+        Some(&body),
+        &[("idempotency-key", "po-1")],
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    app.send(Method::POST, path, Some(&support), Some(&body), &[])
+        .await
+        .assert_problem(422, "validation_failed");
+    for bad in [
+        json!({"amount_cents": 0, "credits": 1, "description": "x"}),
+        json!({"amount_cents": 100, "credits": 0, "description": "x"}),
+        json!({"amount_cents": 100, "credits": 5, "description": " "}),
+        json!({"amount_cents": 100, "credits": 5, "description": "x", "days_until_due": 365}),
+        json!({"amount_cents": -5, "credits": 5, "description": "x"}),
+    ] {
+        app.send(
+            Method::POST,
+            path,
+            Some(&support),
+            Some(&bad.to_string()),
+            &[("idempotency-key", "po-bad")],
+        )
+        .await
+        .assert_problem(422, "validation_failed");
+    }
+    let first = app
+        .send(
+            Method::POST,
+            path,
+            Some(&support),
+            Some(&body),
+            &[("idempotency-key", "po-1")],
+        )
+        .await;
+    assert_eq!(first.status.as_u16(), 201, "{:#}", first.body);
+    let again = app
+        .send(
+            Method::POST,
+            path,
+            Some(&support),
+            Some(&body),
+            &[("idempotency-key", "po-1")],
+        )
+        .await;
+    assert_eq!(
+        again.body["invoice"], first.body["invoice"],
+        "one invoice per key"
+    );
+    app.settle_billing().await;
+    let invoices = app.get("/v1/invoices", &owner("org_e")).await.body;
+    assert_eq!(invoices["items"][0]["status"], "open");
+    assert_eq!(available(&app, "org_e").await, 0, "nothing before payment");
+    let page = first.body["hosted_invoice_url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("http://tally.test")
+        .unwrap()
+        .to_owned();
+    for _ in 0..2 {
+        app.send(
+            Method::POST,
+            &format!("{page}/pay"),
+            None,
+            Some(""),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    }
+    app.settle_billing().await;
+    assert_eq!(available(&app, "org_e").await, 30000);
+    let invoices = app.get("/v1/invoices", &owner("org_e")).await.body;
+    assert_eq!(invoices["items"][0]["status"], "paid");
+    assert_eq!(invoices["items"][0]["amount_paid"], 250000);
+}

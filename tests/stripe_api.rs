@@ -234,3 +234,234 @@ async fn the_billing_portal_returns_stripes_url() {
     );
     assert_eq!(header(req, "idempotency-key"), "k3");
 }
+
+fn subscription_response() -> serde_json::Value {
+    let mut s = fixture("subscription");
+    s["id"] = json!("sub_A");
+    let plan_item = s["items"]["data"][0].clone();
+    let mut addon_item = plan_item.clone();
+    addon_item["id"] = json!("si_addon");
+    addon_item["price"]["product"] = json!("tally_addon_individual");
+    s["items"]["data"] = json!([plan_item, addon_item]);
+    s
+}
+
+#[tokio::test]
+async fn an_upgrade_replaces_the_plan_price_prorated_now_and_rewrites_the_metadata() {
+    use tally::payments::{ItemPrice, SubscriptionChange};
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(subscription_response()))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/products"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "type": "invalid_request_error", "code": "resource_already_exists",
+            "message": "Product already exists."}})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(subscription_response()))
+        .mount(&server)
+        .await;
+    let price = |product: &str, amount| ItemPrice {
+        product: product.into(),
+        product_name: "n".into(),
+        unit_amount: amount,
+        interval: Interval::Monthly,
+    };
+    client(&server)
+        .await
+        .update_subscription(&SubscriptionChange {
+            subscription: "sub_A".into(),
+            plan: Some(price("tally_plan_generative", 5900)),
+            addons: Some((0, price("tally_addon_individual", 1000))),
+            prorate_now: true,
+            metadata: [("plan", "generative"), ("scheduled_plan", "")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            idempotency_key: "tally-change-org_a-k".into(),
+            ..SubscriptionChange::default()
+        })
+        .await
+        .unwrap();
+    let requests = server.received_requests().await.unwrap();
+    let update = requests
+        .iter()
+        .find(|r| r.method.as_str() == "POST" && r.url.path() == "/v1/subscriptions/sub_A")
+        .unwrap();
+    assert_eq!(header(update, "idempotency-key"), "tally-change-org_a-k");
+    assert_eq!(
+        form(update),
+        expected(&[
+            ("items[0][id]", "si_QXhVnC2h0Jczwc"),
+            ("items[0][price_data][currency]", "usd"),
+            ("items[0][price_data][product]", "tally_plan_generative"),
+            ("items[0][price_data][unit_amount]", "5900"),
+            ("items[0][price_data][recurring][interval]", "month"),
+            ("items[1][id]", "si_addon"),
+            ("items[1][deleted]", "true"),
+            ("proration_behavior", "always_invoice"),
+            ("metadata[plan]", "generative"),
+            ("metadata[scheduled_plan]", ""),
+        ])
+    );
+    let product = requests
+        .iter()
+        .find(|r| r.url.path() == "/v1/products")
+        .unwrap();
+    assert_eq!(form(product)["id"], "tally_plan_generative");
+}
+
+#[tokio::test]
+async fn cancel_and_pause_send_only_their_flags() {
+    use tally::payments::SubscriptionChange;
+    let server = MockServer::start().await;
+    for m in ["GET", "POST"] {
+        Mock::given(method(m))
+            .and(path("/v1/subscriptions/sub_A"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(subscription_response()))
+            .mount(&server)
+            .await;
+    }
+    let c = client(&server).await;
+    let send = |cancel, pause| SubscriptionChange {
+        subscription: "sub_A".into(),
+        cancel_at_period_end: cancel,
+        pause,
+        idempotency_key: "k".into(),
+        ..SubscriptionChange::default()
+    };
+    c.update_subscription(&send(Some(true), None))
+        .await
+        .unwrap();
+    c.update_subscription(&send(None, Some(true)))
+        .await
+        .unwrap();
+    c.update_subscription(&send(Some(false), Some(false)))
+        .await
+        .unwrap();
+    let posts: Vec<BTreeMap<String, String>> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == "POST")
+        .map(form)
+        .collect();
+    assert_eq!(
+        posts[0],
+        expected(&[
+            ("proration_behavior", "none"),
+            ("cancel_at_period_end", "true")
+        ])
+    );
+    assert_eq!(
+        posts[1],
+        expected(&[
+            ("proration_behavior", "none"),
+            ("pause_collection[behavior]", "void")
+        ])
+    );
+    assert_eq!(
+        posts[2],
+        expected(&[
+            ("proration_behavior", "none"),
+            ("cancel_at_period_end", "false"),
+            ("pause_collection", "")
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_metadata() {
+    use tally::payments::CustomInvoice;
+    let server = MockServer::start().await;
+    let mut invoice = fixture("invoice");
+    invoice["id"] = json!("in_custom");
+    invoice["hosted_invoice_url"] = json!("https://invoice.stripe.com/i/in_custom");
+    for p in [
+        "/v1/invoices",
+        "/v1/invoices/in_custom/finalize",
+        "/v1/invoices/in_custom/send",
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(invoice.clone()))
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/v1/invoiceitems"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "ii_1", "object": "invoiceitem"})),
+        )
+        .mount(&server)
+        .await;
+    let link = client(&server)
+        .await
+        .create_custom_invoice(&CustomInvoice {
+            account: AccountId::parse("org_e").unwrap(),
+            customer: "cus_E".into(),
+            amount: 250000,
+            credits: 30000,
+            description: "Enterprise credits".into(),
+            days_until_due: 30,
+            idempotency_key: "tally-custom-org_e-po-1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        link.hosted_invoice_url,
+        "https://invoice.stripe.com/i/in_custom"
+    );
+    let reqs = server.received_requests().await.unwrap();
+    let paths: Vec<&str> = reqs.iter().map(|r| r.url.path()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "/v1/invoices",
+            "/v1/invoiceitems",
+            "/v1/invoices/in_custom/finalize",
+            "/v1/invoices/in_custom/send"
+        ]
+    );
+    assert_eq!(
+        form(&reqs[0]),
+        expected(&[
+            ("customer", "cus_E"),
+            ("collection_method", "send_invoice"),
+            ("days_until_due", "30"),
+            ("description", "Enterprise credits"),
+            ("auto_advance", "true"),
+            ("metadata[org_id]", "org_e"),
+            ("metadata[kind]", "custom_payment"),
+            ("metadata[credits]", "30000"),
+        ])
+    );
+    assert_eq!(
+        form(&reqs[1]),
+        expected(&[
+            ("customer", "cus_E"),
+            ("invoice", "in_custom"),
+            ("amount", "250000"),
+            ("currency", "usd"),
+            ("description", "Enterprise credits")
+        ])
+    );
+    let keys: Vec<&str> = reqs.iter().map(|r| header(r, "idempotency-key")).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "tally-custom-org_e-po-1-invoice",
+            "tally-custom-org_e-po-1-item",
+            "tally-custom-org_e-po-1-finalize",
+            "tally-custom-org_e-po-1-send"
+        ]
+    );
+}

@@ -65,6 +65,10 @@ pub fn protected_routes(state: PurchasesState) -> Router {
         .route("/v1/subscription/cancel", post(subscription::cancel))
         .route("/v1/subscription/resume", post(subscription::resume))
         .route("/v1/subscription/pause", post(subscription::pause))
+        .route(
+            "/v1/admin/workspaces/{org_id}/custom-payments",
+            post(handlers::custom_payment),
+        )
         .with_state(state)
 }
 
@@ -79,8 +83,9 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
 #[openapi(
     info(title = "Tally purchases API", version = "1", description = "Plans, packs, subscription, billing portal and invoices."),
     paths(handlers::create_checkout, handlers::subscription, handlers::billing_portal, handlers::invoices,
-        subscription::change, subscription::addons, subscription::cancel, subscription::resume, subscription::pause),
-    tags((name = "billing", description = "Buying credits and managing the subscription"))
+        subscription::change, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
+        handlers::custom_payment),
+    tags((name = "billing", description = "Buying credits and managing the subscription"), (name = "admin", description = "Support staff"))
 )]
 pub struct ApiDoc;
 

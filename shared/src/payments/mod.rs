@@ -88,8 +88,34 @@ pub struct SubscriptionChange {
     pub idempotency_key: String,
 }
 
+/// An invoice for an agreed amount, paid by bank transfer or card through Stripe's hosted
+/// invoice page; its credits are granted when Stripe reports it paid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomInvoice {
+    pub account: AccountId,
+    pub customer: String,
+    /// Integer cents.
+    pub amount: u64,
+    pub credits: u64,
+    pub description: String,
+    pub days_until_due: u32,
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceLink {
+    pub id: String,
+    pub hosted_invoice_url: String,
+}
+
 #[async_trait]
 pub trait Payments: Send + Sync {
+    /// Creates, finalizes and sends a custom-payment invoice.
+    async fn create_custom_invoice(
+        &self,
+        req: &CustomInvoice,
+    ) -> Result<InvoiceLink, PaymentsError>;
+
     /// Changes a subscription's items, metadata, cancellation or pause.
     async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError>;
 

@@ -176,6 +176,7 @@ pub struct Simulator {
     webhook: Router,
     sessions: Mutex<HashMap<String, SimSession>>,
     subscriptions: Mutex<HashMap<String, SimSubscription>>,
+    invoices: Mutex<HashMap<String, (CustomInvoice, Value)>>,
     events: Mutex<Vec<SimEvent>>,
 }
 
@@ -189,6 +190,7 @@ impl Simulator {
             webhook,
             sessions: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
+            invoices: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
         })
     }
@@ -200,6 +202,8 @@ impl Simulator {
             .route("/sim/events", get(list_events))
             .route("/sim/events/{id}/redeliver", post(redeliver))
             .route("/sim/subscriptions/{id}/renew", post(renew))
+            .route("/sim/invoices/{id}", get(invoice_page))
+            .route("/sim/invoices/{id}/pay", post(pay_invoice))
             .route("/sim/done", get(done))
             .with_state(self.clone())
     }
@@ -367,8 +371,81 @@ impl Simulator {
     }
 }
 
+impl Simulator {
+    /// Pays a custom-payment invoice (once; paying again delivers nothing new).
+    pub async fn pay_invoice(&self, id: &str) -> bool {
+        let invoice = {
+            let mut invoices = self.invoices.lock().expect("sim lock");
+            let Some((_, inv)) = invoices.get_mut(id) else {
+                return false;
+            };
+            if inv["status"] == "paid" {
+                return true;
+            }
+            let now = Utc::now().timestamp();
+            inv["status"] = json!("paid");
+            inv["amount_paid"] = inv["amount_due"].clone();
+            inv["amount_remaining"] = json!(0);
+            inv["status_transitions"]["paid_at"] = json!(now);
+            inv.clone()
+        };
+        self.deliver("invoice.paid", invoice).await;
+        true
+    }
+}
+
 #[async_trait]
 impl Payments for Simulator {
+    async fn create_custom_invoice(
+        &self,
+        req: &CustomInvoice,
+    ) -> Result<InvoiceLink, PaymentsError> {
+        if let Some((id, _)) = self
+            .invoices
+            .lock()
+            .expect("sim lock")
+            .iter()
+            .find(|(_, (r, _))| r.idempotency_key == req.idempotency_key)
+        {
+            return Ok(InvoiceLink {
+                id: id.clone(),
+                hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
+            });
+        }
+        let id = new_id("in");
+        let mut inv = fixture("invoice");
+        inv["id"] = json!(id);
+        inv["customer"] = json!(req.customer);
+        inv["billing_reason"] = json!("manual");
+        inv["collection_method"] = json!("send_invoice");
+        inv["created"] = json!(Utc::now().timestamp());
+        inv["currency"] = json!("usd");
+        inv["description"] = json!(req.description);
+        inv["metadata"] = json!({"org_id": req.account.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
+        inv["number"] = json!(format!("SIM-{}", &id[id.len() - 6..]));
+        inv["hosted_invoice_url"] = json!(format!("{}/sim/invoices/{id}", self.base_url));
+        inv["invoice_pdf"] = json!(format!("{}/sim/invoices/{id}.pdf", self.base_url));
+        inv["parent"] = Value::Null;
+        inv["lines"]["data"][0]["amount"] = json!(req.amount);
+        inv["lines"]["data"][0]["period"] =
+            json!({"start": Utc::now().timestamp(), "end": Utc::now().timestamp()});
+        for k in ["amount_due", "total", "subtotal", "amount_remaining"] {
+            inv[k] = json!(req.amount);
+        }
+        inv["amount_paid"] = json!(0);
+        inv["status"] = json!("open");
+        inv["status_transitions"]["paid_at"] = Value::Null;
+        self.invoices
+            .lock()
+            .expect("sim lock")
+            .insert(id.clone(), (req.clone(), inv.clone()));
+        self.deliver("invoice.finalized", inv).await;
+        Ok(InvoiceLink {
+            hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
+            id,
+        })
+    }
+
     async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError> {
         let (sub, prorated) = {
             let mut subs = self.subscriptions.lock().expect("sim lock");
@@ -555,6 +632,43 @@ async fn renew(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Res
         axum::Json(json!({"renewed": id})).into_response()
     } else {
         crate::http::Problem::not_found(format!("no simulated subscription {id}")).into_response()
+    }
+}
+
+async fn invoice_page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    let found = sim.invoices.lock().expect("sim lock").get(&id).cloned();
+    let Some((req, inv)) = found else {
+        return (
+            StatusCode::NOT_FOUND,
+            Html("<h1>No such invoice</h1>".to_owned()),
+        )
+            .into_response();
+    };
+    let status = inv["status"].as_str().unwrap_or("open").to_owned();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Invoice (simulated)</title></head>\
+         <body><h1>Invoice {}</h1><p id=\"description\">{}</p><p id=\"amount\">${}.{:02}</p>\
+         <p id=\"status\">{}</p><form method=\"post\" action=\"/sim/invoices/{}/pay\">\
+         <button id=\"pay\" type=\"submit\">Pay invoice</button></form></body></html>",
+        escape(&id),
+        escape(&req.description),
+        req.amount / 100,
+        req.amount % 100,
+        escape(&status),
+        escape(&id),
+    ))
+    .into_response()
+}
+
+async fn pay_invoice(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    if sim.pay_invoice(&id).await {
+        Redirect::to(&format!("/sim/invoices/{id}")).into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Html("<h1>No such invoice</h1>".to_owned()),
+        )
+            .into_response()
     }
 }
 

@@ -240,8 +240,96 @@ fn price_data(p: &ItemPrice) -> ItemPriceData<'_> {
     }
 }
 
+#[derive(Serialize)]
+struct InvoiceForm<'a> {
+    customer: &'a str,
+    collection_method: &'static str,
+    days_until_due: u32,
+    description: &'a str,
+    auto_advance: bool,
+    metadata: BTreeMap<&'static str, String>,
+}
+
+#[derive(Serialize)]
+struct InvoiceItemForm<'a> {
+    customer: &'a str,
+    invoice: &'a str,
+    amount: u64,
+    currency: &'static str,
+    description: &'a str,
+}
+
+#[derive(Serialize)]
+struct NoForm {}
+
 #[async_trait]
 impl Payments for StripePayments {
+    async fn create_custom_invoice(
+        &self,
+        req: &CustomInvoice,
+    ) -> Result<InvoiceLink, PaymentsError> {
+        let key = &req.idempotency_key;
+        let invoice: stripe_shared::Invoice = self
+            .post(
+                "/invoices",
+                &InvoiceForm {
+                    customer: &req.customer,
+                    collection_method: "send_invoice",
+                    days_until_due: req.days_until_due,
+                    description: &req.description,
+                    auto_advance: true,
+                    metadata: BTreeMap::from([
+                        ("org_id", req.account.to_string()),
+                        ("kind", "custom_payment".to_string()),
+                        ("credits", req.credits.to_string()),
+                    ]),
+                },
+                &format!("{key}-invoice"),
+            )
+            .await?;
+        let id = invoice
+            .id
+            .as_ref()
+            .map(|i| i.to_string())
+            .ok_or_else(|| PaymentsError::Unavailable("invoice without an id".into()))?;
+        #[derive(miniserde::Deserialize)]
+        struct Created {
+            #[allow(dead_code)]
+            id: String,
+        }
+        let _: Created = self
+            .post(
+                "/invoiceitems",
+                &InvoiceItemForm {
+                    customer: &req.customer,
+                    invoice: &id,
+                    amount: req.amount,
+                    currency: "usd",
+                    description: &req.description,
+                },
+                &format!("{key}-item"),
+            )
+            .await?;
+        let _: stripe_shared::Invoice = self
+            .post(
+                &format!("/invoices/{id}/finalize"),
+                &NoForm {},
+                &format!("{key}-finalize"),
+            )
+            .await?;
+        let sent: stripe_shared::Invoice = self
+            .post(
+                &format!("/invoices/{id}/send"),
+                &NoForm {},
+                &format!("{key}-send"),
+            )
+            .await?;
+        Ok(InvoiceLink {
+            id,
+            hosted_invoice_url: sent.hosted_invoice_url.unwrap_or_default(),
+        })
+    }
+
     async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError> {
         let current: stripe_shared::Subscription = self
             .get(&format!("/subscriptions/{}", change.subscription))
