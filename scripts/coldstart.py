@@ -16,6 +16,7 @@ import time
 FUNCTIONS = ["credits-api", "purchases", "stripe-webhook", "billing-events"]
 ENV = {
     "TALLY_TABLE": "tally", "BILLING_EVENTS_QUEUE_URL": "http://127.0.0.1:9/queue",
+    "NOTIFICATIONS_QUEUE_URL": "http://127.0.0.1:9/notifications",
     "STRIPE_WEBHOOK_SECRET": "whsec_x", "STRIPE_SECRET_KEY": "sk_test_x",
     "TALLY_APP_URL": "https://studio.example", "AWS_REGION": "us-east-1",
     "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",

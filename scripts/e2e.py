@@ -129,7 +129,10 @@ def main():
         "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receives}),
     })["QueueUrl"]
 
-    env = {"TALLY_TABLE": table, "DYNAMODB_ENDPOINT": ENDPOINT, "SQS_ENDPOINT": ENDPOINT,
+    n_props = resources["NotificationsQueue"]["Properties"]
+    notifications = sqs.create_queue(QueueName=name(n_props))["QueueUrl"]
+
+    env = {"TALLY_TABLE": table, "NOTIFICATIONS_QUEUE_URL": notifications, "DYNAMODB_ENDPOINT": ENDPOINT, "SQS_ENDPOINT": ENDPOINT,
            "BILLING_EVENTS_QUEUE_URL": queue, "STRIPE_WEBHOOK_SECRET": SECRET,
            "STRIPE_SECRET_KEY": "sk_test_e2e", "TALLY_APP_URL": "https://studio.example",
            "AWS_REGION": REGION, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",

@@ -346,7 +346,7 @@ async fn events_that_name_no_known_workspace_or_unknown_things_are_refused_loudl
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn any_order_with_any_duplicates_ends_in_the_same_state(

@@ -674,3 +674,147 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
     assert_eq!(invoices["items"][0]["status"], "paid");
     assert_eq!(invoices["items"][0]["amount_paid"], 250000);
 }
+
+mod alerts {
+    //! Credit alerts once per crossing, and auto top-up with the saved card.
+    use super::*;
+
+    fn video() -> Value {
+        json!({"workflow": "video", "model": "video-pro", "duration_s": 10, "resolution": "2k"})
+    }
+
+    async fn notifications(app: &TestApp) -> Vec<Value> {
+        app.local.notifications_queue.until_idle().await;
+        app.settle_billing().await;
+        app.local.notifications.all()
+    }
+
+    #[tokio::test]
+    async fn alerts_fire_once_per_crossing_and_auto_top_up_buys_the_pack_once() {
+        let app = TestApp::new();
+        let o = owner("org_al");
+        let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
+        pay(&app, s["url"].as_str().unwrap()).await;
+        let set = app
+            .send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [80, 50, 80], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[])
+            .await;
+        assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
+        assert_eq!(set.body["below_credits"], json!([50, 80]));
+        assert_eq!(app.get("/v1/alerts", &o).await.body, set.body);
+        let m = member("org_al", "m1");
+        app.post("/v1/generations", &m, video()).await; // 100 -> 76: below 80
+        assert_eq!(notifications(&app).await.len(), 1);
+        let replay = app
+            .send(
+                Method::POST,
+                "/v1/generations",
+                Some(&m),
+                Some(&video().to_string()),
+                &[("idempotency-key", "r1")],
+            )
+            .await;
+        assert_eq!(replay.status.as_u16(), 201); // 76 -> 52: nothing crossed
+        app.send(
+            Method::POST,
+            "/v1/generations",
+            Some(&m),
+            Some(&video().to_string()),
+            &[("idempotency-key", "r1")],
+        )
+        .await;
+        assert_eq!(
+            notifications(&app).await.len(),
+            1,
+            "a replay crosses nothing"
+        );
+        app.post("/v1/generations", &m, video()).await; // 52 -> 28: below 50 and below 30
+        let all = notifications(&app).await;
+        let kinds: Vec<(String, Option<u64>)> = all
+            .iter()
+            .map(|n| {
+                (
+                    n["type"].as_str().unwrap().to_owned(),
+                    n["threshold"].as_u64(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("credits.below_threshold".to_string(), Some(80)),
+                ("credits.below_threshold".to_string(), Some(50)),
+                ("topup.charged".to_string(), None),
+            ]
+        );
+        // The top-up's 100 credits arrived through Stripe's events, once.
+        assert_eq!(available(&app, "org_al").await, 128);
+        let sim = app.local.simulator.as_ref().unwrap();
+        assert_eq!(
+            sim.events()
+                .iter()
+                .filter(|e| e.kind == "payment_intent.succeeded")
+                .count(),
+            1
+        );
+        let lots = app.get("/v1/balance", &o).await.body["lots"].clone();
+        assert_eq!(
+            lots.as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| l["source"] == "pack")
+                .count(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_saved_card_the_top_up_is_reported_not_charged() {
+        let app = TestApp::new();
+        tally_tests::grant(&app.ledger, "org_nc", 40).await;
+        let o = owner("org_nc");
+        app.send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[]).await;
+        app.post("/v1/generations", &member("org_nc", "m"), video())
+            .await;
+        let all = notifications(&app).await;
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0]["type"], "topup.failed");
+        assert_eq!(available(&app, "org_nc").await, 16);
+    }
+
+    #[tokio::test]
+    async fn alert_settings_are_validated_and_only_for_billing_roles() {
+        let app = TestApp::new();
+        let o = owner("org_av");
+        for bad in [
+            json!({"below_credits": [0]}),
+            json!({"below_credits": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}),
+            json!({"below_credits": [-5]}),
+            json!({"below_credits": [10], "auto_topup": {"pack": "pack_9", "below_credits": 5}}),
+            json!({"below_credits": [10], "auto_topup": {"pack": "pack_100", "below_credits": 0}}),
+            json!({"below_credits": [10], "extra": true}),
+        ] {
+            app.send(
+                Method::PUT,
+                "/v1/alerts",
+                Some(&o),
+                Some(&bad.to_string()),
+                &[],
+            )
+            .await
+            .assert_problem(422, "validation_failed");
+        }
+        app.send(
+            Method::PUT,
+            "/v1/alerts",
+            Some(&member("org_av", "m")),
+            Some(&json!({"below_credits": [5]}).to_string()),
+            &[],
+        )
+        .await
+        .assert_problem(403, "forbidden");
+        assert_eq!(
+            app.get("/v1/alerts", &o).await.body,
+            json!({"below_credits": [], "auto_topup": null})
+        );
+    }
+}

@@ -465,3 +465,48 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
         ]
     );
 }
+
+#[tokio::test]
+async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
+    use tally::payments::TopUp;
+    let server = MockServer::start().await;
+    let mut pi = fixture("payment_intent");
+    pi["id"] = json!("pi_topup");
+    Mock::given(method("POST"))
+        .and(path("/v1/payment_intents"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(pi))
+        .mount(&server)
+        .await;
+    let id = client(&server)
+        .await
+        .charge_saved_method(&TopUp {
+            account: AccountId::parse("org_t").unwrap(),
+            customer: "cus_T".into(),
+            payment_method: "pm_card".into(),
+            pack: "pack_100".into(),
+            amount: 800,
+            idempotency_key: "tally-topup-org_t-42".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(id, "pi_topup");
+    let req = &server.received_requests().await.unwrap()[0];
+    assert_eq!(header(req, "idempotency-key"), "tally-topup-org_t-42");
+    assert_eq!(
+        form(req),
+        expected(&[
+            ("amount", "800"),
+            ("currency", "usd"),
+            ("customer", "cus_T"),
+            ("payment_method", "pm_card"),
+            ("off_session", "true"),
+            ("confirm", "true"),
+            ("description", "Auto top-up: pack_100"),
+            ("metadata[org_id]", "org_t"),
+            ("metadata[kind]", "pack"),
+            ("metadata[pack]", "pack_100"),
+            ("metadata[quantity]", "1"),
+            ("metadata[topup]", "true"),
+        ])
+    );
+}

@@ -5,6 +5,7 @@
 //! the service that runs ledger operations exactly once, and the HTTP plumbing (identity,
 //! problem details) every HTTP function uses.
 
+pub mod alerts;
 pub mod billing;
 pub mod catalog;
 pub mod clock;

@@ -82,6 +82,8 @@ pub struct Ledger {
     pub clock: Arc<dyn Clock>,
     pub catalog: Arc<Catalog>,
     pub retry: RetryPolicy,
+    /// Told about each committed operation (credit alerts, auto top-up).
+    pub observer: Option<Arc<dyn crate::alerts::CommitObserver>>,
 }
 
 impl Ledger {
@@ -91,6 +93,7 @@ impl Ledger {
             clock,
             catalog,
             retry: RetryPolicy::default(),
+            observer: None,
         }
     }
 
@@ -137,6 +140,8 @@ impl Ledger {
                 Operation::Hold { generation, .. } => vec![*generation],
                 _ => Vec::new(),
             };
+            let before = state.balance();
+            let after = new_state.clone();
             let commit = Commit {
                 state: new_state,
                 entries: applied.entries,
@@ -156,6 +161,11 @@ impl Ledger {
             match self.store.commit(commit).await {
                 Ok(()) => {
                     tracing::info!(entries = ?applied.outcome.entries, "operation applied");
+                    if let Some(observer) = &self.observer {
+                        observer
+                            .committed(&req.account, before, &after, &applied.outcome)
+                            .await;
+                    }
                     return Ok(applied.outcome);
                 }
                 Err(CommitError::Duplicate) => continue,

@@ -15,7 +15,8 @@ async fn main() -> Result<(), Error> {
     tally::telemetry::init_lambda();
     let catalog = Arc::new(Catalog::from_env()?);
     let store = Arc::new(tally::store::dynamo::from_env().await?);
-    let ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
+    ledger.observer = Some(tally::alerts::from_env(store.clone(), catalog).await?);
     let consumer = BillingEvents::new(ledger, store);
     let consumer = &consumer;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {

@@ -13,6 +13,8 @@ async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
     let catalog = Arc::new(Catalog::from_env()?);
     let store = tally::store::dynamo::from_env().await?;
-    let ledger = Ledger::new(Arc::new(store), Arc::new(SystemClock), catalog);
+    let store = Arc::new(store);
+    let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
+    ledger.observer = Some(tally::alerts::from_env(store, catalog).await?);
     lambda_http::run(router(AppState { ledger }, AuthMode::ApiGateway)).await
 }

@@ -48,21 +48,41 @@ pub struct LocalConfig {
 pub struct Local {
     pub router: Router,
     pub billing_queue: Arc<LocalQueue>,
+    pub notifications: Arc<NotificationLog>,
+    pub notifications_queue: Arc<LocalQueue>,
     pub simulator: Option<Arc<Simulator>>,
+}
+
+/// Stands in for the studio's notification service: keeps what Tally sent, for
+/// `GET /sim/notifications`.
+#[derive(Default)]
+pub struct NotificationLog(std::sync::Mutex<Vec<serde_json::Value>>);
+
+impl NotificationLog {
+    pub fn all(&self) -> Vec<serde_json::Value> {
+        self.0.lock().expect("log lock").clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl tally::queue::Consumer for NotificationLog {
+    async fn consume(&self, d: &tally::queue::Delivery) -> Result<(), tally::queue::ConsumeError> {
+        let v: serde_json::Value = serde_json::from_str(&d.body)
+            .map_err(|e| tally::queue::ConsumeError::Poison(e.to_string()))?;
+        tracing::info!(notification = %v, "notification");
+        self.0.lock().expect("log lock").push(v);
+        Ok(())
+    }
 }
 
 /// Builds every function's routes over shared in-process parts and starts the billing
 /// worker on the in-process FIFO queue. Must run inside a Tokio runtime.
-pub fn build(cfg: LocalConfig) -> anyhow::Result<Local> {
+pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let billing_queue = LocalQueue::new(
         tally::queue::BILLING_EVENTS_QUEUE,
         true,
         tally::queue::BILLING_EVENTS_MAX_RECEIVES,
     );
-    billing_queue.start(Arc::new(BillingEvents::new(
-        cfg.ledger.clone(),
-        cfg.docs.clone(),
-    )));
     let webhook = tally_stripe_webhook::routes(WebhookState {
         secrets: Arc::new(cfg.webhook_secrets.clone()),
         queue: billing_queue.clone(),
@@ -80,6 +100,20 @@ pub fn build(cfg: LocalConfig) -> anyhow::Result<Local> {
                 (sim.clone(), Some(sim))
             }
         };
+    let notifications_queue = LocalQueue::new("notifications", false, 3);
+    let notifications = Arc::new(NotificationLog::default());
+    notifications_queue.start(notifications.clone());
+    cfg.ledger.observer = Some(Arc::new(tally::alerts::CreditAlerts {
+        docs: cfg.docs.clone(),
+        notifications: notifications_queue.clone(),
+        payments: Some(payments.clone()),
+        catalog: cfg.ledger.catalog.clone(),
+    }));
+    // Started once the ledger has its observer; deliveries wait in the queue until then.
+    billing_queue.start(Arc::new(BillingEvents::new(
+        cfg.ledger.clone(),
+        cfg.docs.clone(),
+    )));
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),
     };
@@ -99,11 +133,20 @@ pub fn build(cfg: LocalConfig) -> anyhow::Result<Local> {
         .merge(webhook)
         .merge(credits_api::service_routes(openapi()));
     if let Some(sim) = &simulator {
-        public = public.merge(sim.routes());
+        let log = notifications.clone();
+        public = public.merge(sim.routes()).route(
+            "/sim/notifications",
+            axum::routing::get(move || {
+                let log = log.clone();
+                async move { axum::Json(log.all()) }
+            }),
+        );
     }
     Ok(Local {
         router: tally::http::finish(public.merge(protected)),
         billing_queue,
+        notifications,
+        notifications_queue,
         simulator,
     })
 }

@@ -66,6 +66,10 @@ pub fn protected_routes(state: PurchasesState) -> Router {
         .route("/v1/subscription/resume", post(subscription::resume))
         .route("/v1/subscription/pause", post(subscription::pause))
         .route(
+            "/v1/alerts",
+            get(handlers::get_alerts).put(handlers::put_alerts),
+        )
+        .route(
             "/v1/admin/workspaces/{org_id}/custom-payments",
             post(handlers::custom_payment),
         )
@@ -84,7 +88,7 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     info(title = "Tally purchases API", version = "1", description = "Plans, packs, subscription, billing portal and invoices."),
     paths(handlers::create_checkout, handlers::subscription, handlers::billing_portal, handlers::invoices,
         subscription::change, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
-        handlers::custom_payment),
+        handlers::custom_payment, handlers::put_alerts, handlers::get_alerts),
     tags((name = "billing", description = "Buying credits and managing the subscription"), (name = "admin", description = "Support staff"))
 )]
 pub struct ApiDoc;

@@ -14,7 +14,8 @@ async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
     let catalog = Arc::new(Catalog::from_env()?);
     let store = Arc::new(tally::store::dynamo::from_env().await?);
-    let ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
+    ledger.observer = Some(tally::alerts::from_env(store.clone(), catalog).await?);
     let payments = StripePayments::new(&std::env::var(env::STRIPE_SECRET_KEY)?, None)?;
     let base = std::env::var(env::APP_URL)?;
     let state = PurchasesState {

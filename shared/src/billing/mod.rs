@@ -126,6 +126,7 @@ impl BillingEvents {
             | "customer.subscription.deleted"
             | "customer.subscription.paused"
             | "customer.subscription.resumed" => self.subscription(event, parse(event)?).await,
+            "payment_intent.succeeded" => self.top_up(event, parse(event)?).await,
             "charge.succeeded" | "charge.refunded" | "charge.updated" => {
                 self.charge(event, parse(event)?).await
             }
@@ -590,7 +591,17 @@ impl BillingEvents {
     async fn charge(&self, event: &stripe::Event, c: stripe::Charge) -> Result<(), ConsumeError> {
         let account = match Self::metadata_account(&c.metadata)? {
             Some(a) => Some(a),
-            None => self.customer_account(c.customer.id()).await?,
+            None => match self.customer_account(c.customer.id()).await? {
+                Some(a) => Some(a),
+                // The checkout that links this customer may not have been applied yet.
+                None if c.customer.id().is_some() => {
+                    return Err(ConsumeError::Retry(format!(
+                        "no workspace known yet for the customer of charge {}",
+                        c.id
+                    )));
+                }
+                None => None,
+            },
         };
         let refunds = c
             .refunds
@@ -623,10 +634,68 @@ impl BillingEvents {
             PaymentRecord::merge(cur, record.clone())
         })
         .await?;
+        // The card of the latest successful payment is the one auto top-up uses.
+        if let (Some(a), Some(pm), "charge.succeeded") =
+            (&record.account, c.payment_method.id(), event.kind.as_str())
+        {
+            docs::update(
+                self.docs.as_ref(),
+                &account_pk(a),
+                PROFILE_SK,
+                |cur: Option<BillingProfile>| {
+                    let mut p = cur.unwrap_or_default();
+                    (p.payment_method.as_deref() != Some(pm)).then(|| {
+                        p.payment_method = Some(pm.to_owned());
+                        p
+                    })
+                },
+            )
+            .await?;
+        }
         if event.kind == "charge.refunded" {
             tracing::info!(charge = %c.id, refunded = c.amount_refunded, "refund recorded");
         }
         Ok(())
+    }
+
+    /// An auto top-up paid off-session: its pack, once per payment intent. (Checkout's own
+    /// payment intents carry no `topup` flag; their credits come with the checkout session.)
+    async fn top_up(
+        &self,
+        event: &stripe::Event,
+        pi: stripe::PaymentIntent,
+    ) -> Result<(), ConsumeError> {
+        if pi.metadata.get("topup").map(String::as_str) != Some("true")
+            || pi.metadata.get("kind").map(String::as_str) != Some("pack")
+        {
+            return Ok(());
+        }
+        let account = Self::metadata_account(&pi.metadata)?
+            .ok_or_else(|| poison(format!("top-up {} names no workspace", pi.id)))?;
+        let pack_id = pi
+            .metadata
+            .get("pack")
+            .ok_or_else(|| poison("top-up without pack"))?;
+        let pack = self
+            .catalog()
+            .pack(pack_id)
+            .ok_or_else(|| poison(format!("unknown pack {pack_id:?}")))?;
+        self.grant(
+            event,
+            &account,
+            CreditGrant {
+                key: format!("stripe:payment_intent:{}", pi.id),
+                source: LotSource::Pack,
+                credits: pack.credits,
+                expires_at: None,
+                refs: Refs {
+                    charge: Some(pi.id.clone()),
+                    ..Refs::default()
+                },
+                note: format!("auto top-up: {} ({} credits)", pack.id, pack.credits),
+            },
+        )
+        .await
     }
 
     async fn dispute(&self, event: &stripe::Event, d: stripe::Dispute) -> Result<(), ConsumeError> {

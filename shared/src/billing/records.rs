@@ -33,6 +33,9 @@ pub fn invoice_sk(created: i64, id: &str) -> String {
 pub struct BillingProfile {
     pub customer: Option<String>,
     pub subscription: Option<String>,
+    /// The card saved by the last checkout, for auto top-up.
+    #[serde(default)]
+    pub payment_method: Option<String>,
 }
 
 /// Which workspace a Stripe customer (or charge) belongs to. Written once; never moved.

@@ -233,6 +233,18 @@ pub struct Charge {
     #[serde(default, deserialize_with = "nullable_map")]
     pub metadata: HashMap<String, String>,
     pub refunds: Option<List<Refund>>,
+    #[serde(default)]
+    pub payment_method: Expandable,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaymentIntent {
+    pub id: String,
+    pub status: Option<String>,
+    #[serde(default)]
+    pub customer: Expandable,
+    #[serde(default, deserialize_with = "nullable_map")]
+    pub metadata: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

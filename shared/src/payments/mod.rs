@@ -108,8 +108,24 @@ pub struct InvoiceLink {
     pub hosted_invoice_url: String,
 }
 
+/// An off-session purchase of a pack with the customer's saved card (auto top-up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopUp {
+    pub account: AccountId,
+    pub customer: String,
+    pub payment_method: String,
+    pub pack: String,
+    /// Integer cents, after the plan's pack discount.
+    pub amount: u64,
+    pub idempotency_key: String,
+}
+
 #[async_trait]
 pub trait Payments: Send + Sync {
+    /// Charges a saved card off-session; returns the payment intent id. Credits follow from
+    /// its `payment_intent.succeeded` event.
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<String, PaymentsError>;
+
     /// Creates, finalizes and sends a custom-payment invoice.
     async fn create_custom_invoice(
         &self,

@@ -22,7 +22,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tower::ServiceExt;
 
-const FIXTURES: [(&str, &str); 5] = [
+const FIXTURES: [(&str, &str); 6] = [
+    (
+        "payment_intent",
+        include_str!("../../../tests/fixtures/stripe/payment_intent.json"),
+    ),
     (
         "checkout.session",
         include_str!("../../../tests/fixtures/stripe/checkout.session.json"),
@@ -277,6 +281,7 @@ impl Simulator {
         charge["created"] = json!(now);
         charge["metadata"] = json!({"org_id": org});
         charge["amount_refunded"] = json!(0);
+        charge["payment_method"] = json!(format!("pm_sim_{}", request.account));
         charge["refunded"] = json!(false);
         charge["refunds"] =
             json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
@@ -396,6 +401,35 @@ impl Simulator {
 
 #[async_trait]
 impl Payments for Simulator {
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<String, PaymentsError> {
+        let id = new_id("pi");
+        let metadata = json!({"org_id": req.account.to_string(), "kind": "pack", "pack": req.pack,
+            "quantity": "1", "topup": "true"});
+        let mut intent = fixture("payment_intent");
+        intent["id"] = json!(id);
+        intent["amount"] = json!(req.amount);
+        intent["amount_received"] = json!(req.amount);
+        intent["customer"] = json!(req.customer);
+        intent["payment_method"] = json!(req.payment_method);
+        intent["status"] = json!("succeeded");
+        intent["metadata"] = metadata.clone();
+        let mut charge = fixture("charge");
+        charge["id"] = json!(new_id("ch"));
+        charge["customer"] = json!(req.customer);
+        charge["amount"] = json!(req.amount);
+        charge["amount_captured"] = json!(req.amount);
+        charge["amount_refunded"] = json!(0);
+        charge["payment_intent"] = json!(id);
+        charge["payment_method"] = json!(req.payment_method);
+        charge["created"] = json!(Utc::now().timestamp());
+        charge["metadata"] = metadata;
+        charge["refunds"] =
+            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
+        self.deliver("payment_intent.succeeded", intent).await;
+        self.deliver("charge.succeeded", charge).await;
+        Ok(id)
+    }
+
     async fn create_custom_invoice(
         &self,
         req: &CustomInvoice,

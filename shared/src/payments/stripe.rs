@@ -262,8 +262,46 @@ struct InvoiceItemForm<'a> {
 #[derive(Serialize)]
 struct NoForm {}
 
+#[derive(Serialize)]
+struct PaymentIntentForm<'a> {
+    amount: u64,
+    currency: &'static str,
+    customer: &'a str,
+    payment_method: &'a str,
+    off_session: bool,
+    confirm: bool,
+    description: String,
+    metadata: BTreeMap<&'static str, String>,
+}
+
 #[async_trait]
 impl Payments for StripePayments {
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<String, PaymentsError> {
+        let intent: stripe_shared::PaymentIntent = self
+            .post(
+                "/payment_intents",
+                &PaymentIntentForm {
+                    amount: req.amount,
+                    currency: "usd",
+                    customer: &req.customer,
+                    payment_method: &req.payment_method,
+                    off_session: true,
+                    confirm: true,
+                    description: format!("Auto top-up: {}", req.pack),
+                    metadata: BTreeMap::from([
+                        ("org_id", req.account.to_string()),
+                        ("kind", "pack".to_string()),
+                        ("pack", req.pack.clone()),
+                        ("quantity", "1".to_string()),
+                        ("topup", "true".to_string()),
+                    ]),
+                },
+                &req.idempotency_key,
+            )
+            .await?;
+        Ok(intent.id.to_string())
+    }
+
     async fn create_custom_invoice(
         &self,
         req: &CustomInvoice,

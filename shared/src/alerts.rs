@@ -1,0 +1,235 @@
+//! Credit alerts and auto top-up. After an operation commits, a fall of the available
+//! balance below a workspace's threshold emits one alert on the `notifications` queue per
+//! crossing (the balance must rise above the threshold again to re-arm it), and a crossing
+//! of the auto top-up threshold buys the chosen pack off-session with the saved card.
+//!
+//! The top-up's Stripe idempotency key is derived from the journal entry that crossed the
+//! threshold, so a retried request cannot charge twice; the credits arrive like any other
+//! purchase, through the webhook (`payment_intent.succeeded`), once per payment.
+
+use crate::billing::records::{BillingProfile, PROFILE_SK, account_pk};
+use crate::catalog::Catalog;
+use crate::ids::AccountId;
+use crate::ledger::{AccountState, Balance, Outcome, PlanStatus};
+use crate::money::Cents;
+use crate::payments::{Payments, TopUp};
+use crate::queue::{Message, Queue};
+use crate::store::DocStore;
+use crate::store::docs;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+pub const ALERTS_SK: &str = "ALERTS";
+/// Most thresholds a workspace may set.
+pub const MAX_THRESHOLDS: usize = 10;
+
+/// A workspace's alert settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AlertSettings {
+    /// Alert when the available balance falls below each of these.
+    pub below_credits: Vec<u64>,
+    pub auto_topup: Option<AutoTopUp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AutoTopUp {
+    /// Which pack to buy.
+    pub pack: String,
+    /// Buy it when the available balance falls below this.
+    pub below_credits: u64,
+}
+
+/// Told about every committed ledger operation (not about replays).
+#[async_trait]
+pub trait CommitObserver: Send + Sync {
+    async fn committed(
+        &self,
+        account: &AccountId,
+        before: Balance,
+        after: &AccountState,
+        outcome: &Outcome,
+    );
+}
+
+pub struct CreditAlerts {
+    pub docs: Arc<dyn DocStore>,
+    pub notifications: Arc<dyn Queue>,
+    pub payments: Option<Arc<dyn Payments>>,
+    pub catalog: Arc<Catalog>,
+}
+
+fn crossed(before: u64, after: u64, threshold: u64) -> bool {
+    before >= threshold && after < threshold
+}
+
+#[async_trait]
+impl CommitObserver for CreditAlerts {
+    async fn committed(
+        &self,
+        account: &AccountId,
+        before: Balance,
+        after: &AccountState,
+        outcome: &Outcome,
+    ) {
+        let now = outcome.balance.available;
+        if now >= before.available {
+            return;
+        }
+        let settings: AlertSettings = match docs::get(
+            self.docs.as_ref(),
+            &account_pk(account),
+            ALERTS_SK,
+        )
+        .await
+        {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(workspace = %account, error = %e, "could not read alert settings");
+                return;
+            }
+        };
+        let entry = outcome.entries.last().copied().unwrap_or_default();
+        for t in settings
+            .below_credits
+            .iter()
+            .filter(|t| crossed(before.available, now, **t))
+        {
+            self.notify(json!({
+                "type": "credits.below_threshold",
+                "workspace": account,
+                "threshold": t,
+                "available": now,
+                "entry": entry,
+            }))
+            .await;
+        }
+        if let Some(topup) = settings
+            .auto_topup
+            .filter(|a| crossed(before.available, now, a.below_credits))
+        {
+            self.top_up(account, after, &topup, entry).await;
+        }
+    }
+}
+
+impl CreditAlerts {
+    async fn notify(&self, body: serde_json::Value) {
+        let message = Message {
+            body: body.to_string(),
+            group_id: None,
+            dedup_id: None,
+        };
+        if let Err(e) = self.notifications.send(message).await {
+            tracing::error!(error = %e, notification = %body, "could not queue a notification");
+        }
+    }
+
+    async fn top_up(
+        &self,
+        account: &AccountId,
+        state: &AccountState,
+        topup: &AutoTopUp,
+        entry: u64,
+    ) {
+        let outcome = self.try_top_up(account, state, topup, entry).await;
+        let body = match &outcome {
+            Ok(payment) => {
+                json!({"type": "topup.charged", "workspace": account, "pack": topup.pack, "payment": payment, "entry": entry})
+            }
+            Err(why) => {
+                json!({"type": "topup.failed", "workspace": account, "pack": topup.pack, "reason": why, "entry": entry})
+            }
+        };
+        match &outcome {
+            Ok(payment) => {
+                tracing::info!(workspace = %account, payment = %payment, "auto top-up charged")
+            }
+            Err(why) => {
+                tracing::warn!(workspace = %account, reason = %why, "auto top-up not charged")
+            }
+        }
+        self.notify(body).await;
+    }
+
+    async fn try_top_up(
+        &self,
+        account: &AccountId,
+        state: &AccountState,
+        topup: &AutoTopUp,
+        entry: u64,
+    ) -> Result<String, String> {
+        let payments = self
+            .payments
+            .as_ref()
+            .ok_or("payments are not configured here")?;
+        let pack = self
+            .catalog
+            .pack(&topup.pack)
+            .ok_or("the pack no longer exists")?;
+        let profile: BillingProfile =
+            docs::get(self.docs.as_ref(), &account_pk(account), PROFILE_SK)
+                .await
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+        let customer = profile.customer.ok_or("the workspace has never paid")?;
+        let payment_method = profile.payment_method.ok_or("no saved card")?;
+        let discount = state
+            .plan
+            .as_ref()
+            .filter(|p| matches!(p.status, PlanStatus::Active | PlanStatus::PastDue))
+            .and_then(|p| self.catalog.plan(&p.plan))
+            .map_or(0, |p| p.pack_discount_pct);
+        payments
+            .charge_saved_method(&TopUp {
+                account: account.clone(),
+                customer,
+                payment_method,
+                pack: pack.id.clone(),
+                amount: Cents::new(pack.price_cents).discounted(discount).get(),
+                idempotency_key: format!("tally-topup-{account}-{entry}"),
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The observer for a Lambda function: alerts to `NOTIFICATIONS_QUEUE_URL`, top-ups through
+/// Stripe when `STRIPE_SECRET_KEY` is set.
+pub async fn from_env(
+    docs: Arc<dyn DocStore>,
+    catalog: Arc<Catalog>,
+) -> Result<Arc<dyn CommitObserver>, String> {
+    let url = std::env::var(crate::env::NOTIFICATIONS_QUEUE_URL)
+        .map_err(|_| format!("{} is not set", crate::env::NOTIFICATIONS_QUEUE_URL))?;
+    let client = crate::queue::sqs::SqsQueue::client_from_env().await;
+    let payments: Option<Arc<dyn Payments>> = match std::env::var(crate::env::STRIPE_SECRET_KEY) {
+        Ok(key) if !key.is_empty() => Some(Arc::new(
+            crate::payments::stripe::StripePayments::new(&key, None).map_err(|e| e.to_string())?,
+        )),
+        _ => None,
+    };
+    Ok(Arc::new(CreditAlerts {
+        docs,
+        notifications: Arc::new(crate::queue::sqs::SqsQueue::new(client, url)),
+        payments,
+        catalog,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crossed;
+
+    #[test]
+    fn a_threshold_is_crossed_only_on_the_way_down_through_it() {
+        assert!(crossed(100, 99, 100));
+        assert!(crossed(150, 20, 100));
+        assert!(!crossed(99, 50, 100), "already below: no second alert");
+        assert!(!crossed(100, 100, 100));
+        assert!(!crossed(50, 150, 100));
+    }
+}
