@@ -152,9 +152,13 @@ async fn a_generation_holds_its_estimate_then_charges_the_exact_cost_once() {
     let again = app
         .post(
             &format!("/v1/generations/{id}/complete"),
-            &m,
+            &service(),
             json!({"credits": 5}),
         )
+        .await;
+    assert_eq!(again.body, done.body);
+    let again = app
+        .post(&format!("/v1/generations/{id}/complete"), &m, json!({}))
         .await;
     assert_eq!(again.body, done.body);
     assert_eq!(available(&app, &m).await, 82);
@@ -233,11 +237,20 @@ async fn a_generation_beyond_the_balance_is_refused_with_402_and_nothing_changes
 }
 
 #[tokio::test]
-async fn only_the_starter_or_the_generation_service_may_settle() {
+async fn only_the_starter_or_the_generation_service_may_settle_and_only_the_service_sets_the_cost()
+{
     let app = TestApp::new();
     grant(&app.ledger, "org_a", 100).await;
     let g = start(&app, &member("org_a", "m1"), video()).await;
     let id = g["id"].as_str().unwrap();
+    // The starter may complete at the estimate, not name a price.
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &member("org_a", "m1"),
+        json!({"credits": 1}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
     app.post(
         &format!("/v1/generations/{id}/complete"),
         &member("org_a", "m2"),
@@ -274,13 +287,9 @@ async fn no_request_reaches_another_workspaces_data() {
     app.get(&format!("/v1/generations/{id}"), &b)
         .await
         .assert_problem(404, "not_found");
-    app.post(
-        &format!("/v1/generations/{id}/complete"),
-        &b,
-        json!({"credits": 1}),
-    )
-    .await
-    .assert_problem(404, "not_found");
+    app.post(&format!("/v1/generations/{id}/complete"), &b, json!({}))
+        .await
+        .assert_problem(404, "not_found");
     app.post(
         &format!("/v1/generations/{id}/fail"),
         &b,

@@ -533,6 +533,14 @@ mod subscription {
         app.post("/v1/subscription/pause", &o, json!({})).await;
         app.settle_billing().await;
         assert_eq!(plan_of(&app, "org_c").await["status"], "paused");
+        // No upgrade (and no upgrade credits) while nothing is being collected.
+        app.post(
+            "/v1/subscription/change",
+            &o,
+            json!({"plan": "team", "interval": "monthly"}),
+        )
+        .await
+        .assert_problem(409, "conflict");
         app.send(
             Method::PUT,
             "/v1/subscription/addons",
@@ -765,6 +773,38 @@ mod alerts {
                 .count(),
             2
         );
+        // Back above every threshold, then down again at once: alerts re-arm, but a second
+        // top-up within the cooldown is refused rather than charged.
+        for _ in 0..5 {
+            app.post("/v1/generations", &m, video()).await; // 128 -> 8
+        }
+        let all = notifications(&app).await;
+        let later: Vec<&str> = all[3..]
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            later,
+            vec![
+                "credits.below_threshold",
+                "credits.below_threshold",
+                "topup.failed"
+            ]
+        );
+        assert!(
+            all[5]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("less than 10 minutes ago")
+        );
+        assert_eq!(available(&app, "org_al").await, 8);
+        assert_eq!(
+            sim.events()
+                .iter()
+                .filter(|e| e.kind == "payment_intent.succeeded")
+                .count(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -814,7 +854,7 @@ mod alerts {
         .assert_problem(403, "forbidden");
         assert_eq!(
             app.get("/v1/alerts", &o).await.body,
-            json!({"below_credits": [], "auto_topup": null})
+            json!({"below_credits": [], "auto_topup": null, "last_topup_at": null})
         );
     }
 }

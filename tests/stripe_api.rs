@@ -306,6 +306,7 @@ async fn an_upgrade_replaces_the_plan_price_prorated_now_and_rewrites_the_metada
             ("items[1][id]", "si_addon"),
             ("items[1][deleted]", "true"),
             ("proration_behavior", "always_invoice"),
+            ("payment_behavior", "error_if_incomplete"),
             ("metadata[plan]", "generative"),
             ("metadata[scheduled_plan]", ""),
         ])

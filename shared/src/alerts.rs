@@ -32,7 +32,14 @@ pub struct AlertSettings {
     /// Alert when the available balance falls below each of these.
     pub below_credits: Vec<u64>,
     pub auto_topup: Option<AutoTopUp>,
+    /// When auto top-up last charged: at most one charge per [`TOPUP_COOLDOWN_MINUTES`],
+    /// so a burst of crossings before the first pack's credits arrive cannot stack charges.
+    #[serde(default)]
+    pub last_topup_at: Option<chrono::DateTime<chrono::Utc>>,
 }
+
+/// Minimum time between two auto top-up charges of one workspace.
+pub const TOPUP_COOLDOWN_MINUTES: i64 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AutoTopUp {
@@ -177,6 +184,33 @@ impl CreditAlerts {
                 .unwrap_or_default();
         let customer = profile.customer.ok_or("the workspace has never paid")?;
         let payment_method = profile.payment_method.ok_or("no saved card")?;
+        // Claim the charge with a versioned write: concurrent crossings race for one claim.
+        let now = chrono::Utc::now();
+        let mut claimed = false;
+        docs::update(
+            self.docs.as_ref(),
+            &account_pk(account),
+            ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                let mut s = cur?;
+                if s.last_topup_at
+                    .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
+                {
+                    claimed = false;
+                    return None;
+                }
+                s.last_topup_at = Some(now);
+                claimed = true;
+                Some(s)
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if !claimed {
+            return Err(format!(
+                "a top-up was charged less than {TOPUP_COOLDOWN_MINUTES} minutes ago"
+            ));
+        }
         let discount = state
             .plan
             .as_ref()

@@ -212,6 +212,11 @@ pub async fn complete_generation(
         .map(|c| Credits::parse_request_amount(c as i128))
         .transpose()
         .map_err(|m| Problem::validation("credits", &m))?;
+    if credits.is_some() && !who.has_scope(SCOPE_SETTLE) {
+        return Err(Problem::forbidden(
+            "only the generation service sets the exact cost; complete without credits to charge the estimate",
+        ));
+    }
     let (account, _) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("complete_generation", workspace = %account, generation = %id);
     let _enter = span.enter();

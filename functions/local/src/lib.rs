@@ -201,6 +201,8 @@ pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
 /// Ready-made dev tokens for the demo workspace and the two staff roles.
 pub struct DemoTokens {
     pub owner: String,
+    /// Owner of `studio`, a workspace with no plan yet (to try subscribing).
+    pub studio_owner: String,
     pub member: String,
     pub generation_service: String,
     pub support: String,
@@ -212,6 +214,10 @@ pub fn demo_tokens(secret: &str, now: DateTime<Utc>) -> DemoTokens {
     DemoTokens {
         owner: sign(json!({"sub": "demo-owner", "email": "owner@demo.example",
             "org_id": DEMO_WORKSPACE, "role": "owner", "exp": exp})),
+        studio_owner: sign(
+            json!({"sub": "studio-owner", "email": "owner@studio.example",
+            "org_id": "studio", "role": "owner", "exp": exp}),
+        ),
         member: sign(json!({"sub": "demo-member", "email": "member@demo.example",
             "org_id": DEMO_WORKSPACE, "role": "member", "exp": exp})),
         generation_service: sign(

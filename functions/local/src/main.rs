@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
         "\nTally is running at http://{addr}  (data in {})\n\n\
          Demo workspace \"demo\" (Max plan, 400 credits). Tokens, valid 30 days:\n\
          export OWNER={}\n\
+         export STUDIO={}   # owner of \"studio\", a workspace with no plan yet\n\
          export MEMBER={}\n\
          export GENSVC={}\n\
          export SUPPORT={}\n\n\
@@ -39,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
          API reference: http://{addr}/openapi.json\n",
         settings.data_dir.display(),
         tokens.owner,
+        tokens.studio_owner,
         tokens.member,
         tokens.generation_service,
         tokens.support,

@@ -432,15 +432,18 @@ pub async fn put_alerts(
     let mut below = body.below_credits;
     below.sort_unstable();
     below.dedup();
-    let settings = tally::alerts::AlertSettings {
-        below_credits: below,
-        auto_topup: body.auto_topup,
-    };
     let stored = docs::update(
         st.docs.as_ref(),
         &account_pk(&account),
         tally::alerts::ALERTS_SK,
-        |cur| (cur.as_ref() != Some(&settings)).then(|| settings.clone()),
+        |cur: Option<tally::alerts::AlertSettings>| {
+            let next = tally::alerts::AlertSettings {
+                below_credits: below.clone(),
+                auto_topup: body.auto_topup.clone(),
+                last_topup_at: cur.as_ref().and_then(|c| c.last_topup_at),
+            };
+            (cur.as_ref() != Some(&next)).then_some(next)
+        },
     )
     .await?
     .unwrap_or_default();

@@ -151,9 +151,15 @@ fn stripe_key(headers: &HeaderMap, scope: &str, account: &AccountId) -> ApiResul
     })
 }
 
-/// The end of the current month of the period: when credits granted now lapse.
-fn month_end(sub: &SubscriptionRecord) -> DateTime<Utc> {
-    sub.period_end.min(sub.period_start + Duration::days(31))
+/// Length of one monthly allowance window.
+const MONTH: i64 = 30;
+
+/// The allowance window (a month of the period) that contains `now`: credits granted now
+/// are prorated over it and lapse at its end.
+fn month_window(sub: &SubscriptionRecord, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let elapsed = (now - sub.period_start).num_days().max(0);
+    let start = sub.period_start + Duration::days(elapsed / MONTH * MONTH);
+    (start, (start + Duration::days(MONTH)).min(sub.period_end))
 }
 
 /// Credits granted by a subscription change, under a key naming the change.
@@ -216,6 +222,11 @@ pub async fn change(
         .ok_or_else(Problem::internal)?
         .clone();
     let now = st.ledger.clock.now();
+    if sub.status != PlanStatus::Active {
+        return Err(Problem::conflict(
+            "the subscription is paused or past due; resume it or settle the open invoice first",
+        ));
+    }
     if target.id == current.id && body.interval == sub.interval {
         // Asking for the current terms cancels a scheduled downgrade, if any.
         if sub
@@ -268,12 +279,25 @@ pub async fn change(
             .scheduled
             .as_ref()
             .map_or(sub.addon_units, |s| s.addon_units);
+        // A pending add-on reduction stays pending: Stripe already bills `units`.
+        let keep = (units != sub.addon_units).then(|| ScheduledChange {
+            plan: target.id.clone(),
+            interval: body.interval,
+            addon_units: units,
+            from: sub.period_end,
+        });
         st.payments
             .update_subscription(&SubscriptionChange {
                 subscription: sub.id.clone(),
                 plan: Some(plan_price(&st, &target, body.interval)),
                 prorate_now: true,
-                metadata: metadata(&account, &target.id, body.interval, sub.addon_units, None),
+                metadata: metadata(
+                    &account,
+                    &target.id,
+                    body.interval,
+                    sub.addon_units,
+                    keep.as_ref(),
+                ),
                 addons: (sub.addon_units > 0 && body.interval != sub.interval)
                     .then(|| addon_price(&st, &target, body.interval).map(|p| (units as u64, p)))
                     .transpose()?,
@@ -282,11 +306,11 @@ pub async fn change(
             })
             .await
             .map_err(provider)?;
-        let window_end = month_end(&sub);
+        let (window_start, window_end) = month_window(&sub, now);
         let diff = target
             .monthly_credits
             .saturating_sub(current.monthly_credits);
-        let total = (window_end - sub.period_start).num_seconds().max(1) as u64;
+        let total = (window_end - window_start).num_seconds().max(1) as u64;
         let left = (window_end - now).num_seconds().clamp(0, total as i64) as u64;
         let credits = (diff * left).div_ceil(total);
         grant(
@@ -423,7 +447,7 @@ pub async fn addons(
                 ),
                 source: LotSource::Addon,
                 credits,
-                expires_at: month_end(&sub),
+                expires_at: month_window(&sub, now).1,
                 note: format!("add-on units {} -> {}", sub.addon_units, body.units),
             },
         )

@@ -500,7 +500,13 @@ impl BillingEvents {
             as_of: event.created,
             as_of_event: event.id.clone(),
         };
-        self.merge_subscription(event, account, record).await
+        self.merge_subscription(
+            event,
+            account,
+            record,
+            SubscriptionRecord::merge_invoice_facts,
+        )
+        .await
     }
 
     async fn subscription(
@@ -551,7 +557,8 @@ impl BillingEvents {
         if let Some(c) = s.customer.id() {
             self.link_customer(c, &account).await?;
         }
-        self.merge_subscription(event, &account, record).await
+        self.merge_subscription(event, &account, record, SubscriptionRecord::merge)
+            .await
     }
 
     /// Merges facts into the subscription document, then makes the ledger's plan match it.
@@ -560,12 +567,13 @@ impl BillingEvents {
         event: &stripe::Event,
         account: &AccountId,
         record: SubscriptionRecord,
+        merge: fn(Option<SubscriptionRecord>, SubscriptionRecord) -> Option<SubscriptionRecord>,
     ) -> Result<(), ConsumeError> {
         let merged = docs::update(
             self.docs.as_ref(),
             &account_pk(account),
             SUBSCRIPTION_SK,
-            |cur| SubscriptionRecord::merge(cur, record.clone()),
+            |cur| merge(cur, record.clone()),
         )
         .await?
         .expect("a merge always leaves a document");

@@ -75,9 +75,23 @@ impl SubscriptionRecord {
     /// subscription id replaces the old one only when its facts are newer.
     pub fn merge(current: Option<Self>, incoming: Self) -> Option<Self> {
         match current {
+            // Another subscription only takes over once the current one has ended: a late
+            // event about an old subscription must not bring it back.
+            Some(c) if c.id != incoming.id && c.status != PlanStatus::Canceled => None,
             Some(c) if c.order() >= incoming.order() => None,
             _ => Some(incoming),
         }
+    }
+
+    /// Like [`merge`](Self::merge) for facts read off an invoice, which say nothing about
+    /// cancellation: the known `cancel_at_period_end` is kept.
+    pub fn merge_invoice_facts(current: Option<Self>, mut incoming: Self) -> Option<Self> {
+        if let Some(c) = &current
+            && c.id == incoming.id
+        {
+            incoming.cancel_at_period_end = c.cancel_at_period_end;
+        }
+        Self::merge(current, incoming)
     }
 
     pub fn plan_state(&self) -> PlanState {
@@ -213,5 +227,52 @@ impl PaymentRecord {
             .disputes
             .sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         (Some(&merged) != current.as_ref()).then_some(merged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, status: PlanStatus, as_of: i64, cancel: bool) -> SubscriptionRecord {
+        SubscriptionRecord {
+            id: id.into(),
+            customer: None,
+            plan: "max".into(),
+            interval: Interval::Monthly,
+            status,
+            stripe_status: "active".into(),
+            cancel_at_period_end: cancel,
+            period_start: DateTime::from_timestamp(0, 0).unwrap(),
+            period_end: DateTime::from_timestamp(100, 0).unwrap(),
+            addon_units: 0,
+            scheduled: None,
+            as_of,
+            as_of_event: format!("evt_{as_of}"),
+        }
+    }
+
+    #[test]
+    fn a_late_event_about_an_old_subscription_does_not_replace_the_live_one() {
+        let live = record("sub_new", PlanStatus::Active, 10, false);
+        let late = record("sub_old", PlanStatus::PastDue, 20, false);
+        assert_eq!(SubscriptionRecord::merge(Some(live), late), None);
+        // Once the current one has ended, a newer subscription takes over.
+        let ended = record("sub_old", PlanStatus::Canceled, 10, false);
+        let next = record("sub_new", PlanStatus::Active, 20, false);
+        assert_eq!(
+            SubscriptionRecord::merge(Some(ended), next.clone()),
+            Some(next)
+        );
+    }
+
+    #[test]
+    fn invoice_facts_keep_a_known_cancellation() {
+        let cancelling = record("sub_a", PlanStatus::Active, 10, true);
+        let from_invoice = record("sub_a", PlanStatus::Active, 20, false);
+        let merged =
+            SubscriptionRecord::merge_invoice_facts(Some(cancelling), from_invoice).unwrap();
+        assert!(merged.cancel_at_period_end);
+        assert_eq!(merged.as_of, 20);
     }
 }

@@ -214,6 +214,10 @@ struct SubscriptionForm<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     items: Vec<ItemForm<'a>>,
     proration_behavior: &'static str,
+    /// With prorations invoiced now: refuse the update unless the invoice is paid, so no
+    /// credits are granted for an unpaid upgrade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payment_behavior: Option<&'static str>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     metadata: BTreeMap<&'a str, &'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -425,6 +429,7 @@ impl Payments for StripePayments {
             } else {
                 "none"
             },
+            payment_behavior: change.prorate_now.then_some("error_if_incomplete"),
             metadata: change
                 .metadata
                 .iter()
