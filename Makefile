@@ -23,6 +23,8 @@ $(VENV)/.installed: requirements-dev.txt
 
 ## Lambda bundles for arm64 (needs the aarch64-unknown-linux-gnu Rust target) in target/lambda/.
 build: tools
+	@rustup target list --installed | grep -qx aarch64-unknown-linux-gnu || { \
+	  echo "make build needs the arm64 Rust target: rustup target add aarch64-unknown-linux-gnu"; exit 1; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --locked
 
 ## Build with SAM and deploy the stack; the first run asks for parameters and saves them.

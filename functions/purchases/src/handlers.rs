@@ -72,34 +72,7 @@ async fn customer(
         .create_customer(account, email, &format!("tally-customer-{account}"))
         .await
         .map_err(provider)?;
-    let profile = docs::update(
-        st.docs.as_ref(),
-        &pk,
-        PROFILE_SK,
-        |cur: Option<BillingProfile>| {
-            let mut p = cur.unwrap_or_default();
-            if p.customer.is_some() {
-                return None;
-            }
-            p.customer = Some(created.clone());
-            Some(p)
-        },
-    )
-    .await?
-    .unwrap_or_default();
-    let customer = profile.customer.unwrap_or(created);
-    docs::update(
-        st.docs.as_ref(),
-        &customer_pk(&customer),
-        LINK_SK,
-        |cur: Option<Link>| {
-            cur.is_none().then(|| Link {
-                account: account.clone(),
-            })
-        },
-    )
-    .await?;
-    Ok(customer)
+    Ok(tally::billing::link_customer(st.docs.as_ref(), &created, account).await?)
 }
 
 #[utoipa::path(post, path = "/v1/checkout/sessions", tag = "billing", security(("bearer" = [])),

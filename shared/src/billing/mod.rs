@@ -143,38 +143,7 @@ impl BillingEvents {
     /// Links a Stripe customer to a workspace (first link wins; a conflicting one is
     /// refused loudly and left alone).
     async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<(), ConsumeError> {
-        let linked = docs::update(
-            self.docs.as_ref(),
-            &customer_pk(customer),
-            LINK_SK,
-            |cur: Option<Link>| match cur {
-                None => Some(Link {
-                    account: account.clone(),
-                }),
-                Some(_) => None,
-            },
-        )
-        .await?;
-        if let Some(l) = linked
-            && &l.account != account
-        {
-            tracing::error!(customer, linked = %l.account, claimed = %account,
-                "Stripe customer already belongs to another workspace; ignoring the new claim");
-        }
-        docs::update(
-            self.docs.as_ref(),
-            &account_pk(account),
-            PROFILE_SK,
-            |cur: Option<BillingProfile>| {
-                let mut p = cur.unwrap_or_default();
-                if p.customer.is_some() {
-                    return None;
-                }
-                p.customer = Some(customer.to_owned());
-                Some(p)
-            },
-        )
-        .await?;
+        link_customer(self.docs.as_ref(), customer, account).await?;
         Ok(())
     }
 
@@ -732,6 +701,50 @@ impl BillingEvents {
         tracing::warn!(charge = %charge, dispute = %d.id, amount = d.amount, "dispute recorded");
         Ok(())
     }
+}
+
+/// Links a Stripe customer to a workspace and records it on the workspace's billing
+/// profile. The first link wins; a conflicting later claim is refused loudly and left
+/// alone. Returns the customer the profile names afterwards.
+pub async fn link_customer(
+    docs_store: &dyn DocStore,
+    customer: &str,
+    account: &AccountId,
+) -> Result<String, StoreError> {
+    let linked = docs::update(
+        docs_store,
+        &customer_pk(customer),
+        LINK_SK,
+        |cur: Option<Link>| {
+            cur.is_none().then(|| Link {
+                account: account.clone(),
+            })
+        },
+    )
+    .await?;
+    if let Some(l) = linked
+        && &l.account != account
+    {
+        tracing::error!(customer, linked = %l.account, claimed = %account,
+            "Stripe customer already belongs to another workspace; ignoring the new claim");
+    }
+    let profile = docs::update(
+        docs_store,
+        &account_pk(account),
+        PROFILE_SK,
+        |cur: Option<BillingProfile>| {
+            let mut p = cur.unwrap_or_default();
+            if p.customer.is_some() {
+                return None;
+            }
+            p.customer = Some(customer.to_owned());
+            Some(p)
+        },
+    )
+    .await?;
+    Ok(profile
+        .and_then(|p| p.customer)
+        .unwrap_or_else(|| customer.to_owned()))
 }
 
 /// Metadata keys Tally keeps on a Stripe subscription.
