@@ -21,10 +21,9 @@ $(VENV)/.installed: requirements-dev.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-## Lambda bundles for arm64 (needs the aarch64-unknown-linux-gnu Rust target) in target/lambda/.
+## Lambda bundles for arm64 in target/lambda/ (adds the aarch64 Rust target; zig comes with cargo-lambda).
 build: tools
-	@rustup target list --installed | grep -qx aarch64-unknown-linux-gnu || { \
-	  echo "make build needs the arm64 Rust target: rustup target add aarch64-unknown-linux-gnu"; exit 1; }
+	rustup target add aarch64-unknown-linux-gnu
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --locked
 
 ## Build with SAM and deploy the stack; the first run asks for parameters and saves them.
