@@ -391,6 +391,60 @@ mod subscription {
     }
 
     #[tokio::test]
+    async fn quick_successive_upgrades_grant_the_total_difference_once() {
+        let app = TestApp::new();
+        subscribed(&app, "org_q", "plus").await;
+        let o = owner("org_q");
+        // No waiting for Stripe's events between the two changes.
+        let a = app
+            .post(
+                "/v1/subscription/change",
+                &o,
+                json!({"plan": "max", "interval": "monthly"}),
+            )
+            .await;
+        let b = app
+            .post(
+                "/v1/subscription/change",
+                &o,
+                json!({"plan": "generative", "interval": "monthly"}),
+            )
+            .await;
+        let granted = a.body["credits_granted"].as_u64().unwrap()
+            + b.body["credits_granted"].as_u64().unwrap();
+        assert!(
+            (749..=750).contains(&granted),
+            "900 - 150, not (400 - 150) + (900 - 150): {granted}"
+        );
+        // Units the same way: 0 -> 3 -> 5 grants five units, not eight.
+        let u3 = app
+            .send(
+                Method::PUT,
+                "/v1/subscription/addons",
+                Some(&o),
+                Some(&json!({"units": 3}).to_string()),
+                &[],
+            )
+            .await;
+        let u5 = app
+            .send(
+                Method::PUT,
+                "/v1/subscription/addons",
+                Some(&o),
+                Some(&json!({"units": 5}).to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            u3.body["credits_granted"].as_u64().unwrap()
+                + u5.body["credits_granted"].as_u64().unwrap(),
+            5 * 60
+        );
+        app.settle_billing().await;
+        assert_eq!(available(&app, "org_q").await, 150 + granted + 300);
+    }
+
+    #[tokio::test]
     async fn a_downgrade_keeps_the_current_plan_until_renewal_then_grants_the_new_allowance() {
         let app = TestApp::new();
         let sub = subscribed(&app, "org_d", "generative").await;

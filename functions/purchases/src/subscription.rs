@@ -162,6 +162,65 @@ fn month_window(sub: &SubscriptionRecord, now: DateTime<Utc>) -> (DateTime<Utc>,
     (start, (start + Duration::days(MONTH)).min(sub.period_end))
 }
 
+/// What an allowance window has been granted so far: credits for a change are the increase
+/// above it, so quick successive changes grant the right total even before Stripe's events
+/// have updated the subscription document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WindowGrants {
+    /// Monthly allowance of the best plan granted in the window.
+    plan_credits: u64,
+    /// Most add-on units granted in the window.
+    addon_units: u32,
+}
+
+fn window_sk(sub: &SubscriptionRecord, window_start: DateTime<Utc>) -> String {
+    format!("GRANTS#{}#{}", sub.id, window_start.timestamp())
+}
+
+/// The window's grants so far (what the period's invoice granted, if nothing since).
+async fn window_grants(
+    st: &PurchasesState,
+    account: &AccountId,
+    sub: &SubscriptionRecord,
+    window_start: DateTime<Utc>,
+    plan_credits: u64,
+) -> ApiResult<WindowGrants> {
+    Ok(docs::get(
+        st.docs.as_ref(),
+        &account_pk(account),
+        &window_sk(sub, window_start),
+    )
+    .await?
+    .unwrap_or(WindowGrants {
+        plan_credits,
+        addon_units: sub.addon_units,
+    }))
+}
+
+/// Records a raised level once its credits are granted (levels only go up).
+async fn raise_window(
+    st: &PurchasesState,
+    account: &AccountId,
+    sub: &SubscriptionRecord,
+    window_start: DateTime<Utc>,
+    base: WindowGrants,
+    raise: impl Fn(&mut WindowGrants),
+) -> ApiResult<()> {
+    docs::update(
+        st.docs.as_ref(),
+        &account_pk(account),
+        &window_sk(sub, window_start),
+        |cur: Option<WindowGrants>| {
+            let mut g = cur.unwrap_or_else(|| base.clone());
+            let before = (g.plan_credits, g.addon_units);
+            raise(&mut g);
+            (before != (g.plan_credits, g.addon_units)).then_some(g)
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// Credits granted by a subscription change, under a key naming the change.
 struct ChangeGrant {
     key: String,
@@ -307,9 +366,9 @@ pub async fn change(
             .await
             .map_err(provider)?;
         let (window_start, window_end) = month_window(&sub, now);
-        let diff = target
-            .monthly_credits
-            .saturating_sub(current.monthly_credits);
+        let level =
+            window_grants(&st, &account, &sub, window_start, current.monthly_credits).await?;
+        let diff = target.monthly_credits.saturating_sub(level.plan_credits);
         let total = (window_end - window_start).num_seconds().max(1) as u64;
         let left = (window_end - now).num_seconds().clamp(0, total as i64) as u64;
         let credits = (diff * left).div_ceil(total);
@@ -321,7 +380,7 @@ pub async fn change(
                 key: format!(
                     "upgrade:{}:{}:{}",
                     sub.id,
-                    sub.period_start.timestamp(),
+                    window_start.timestamp(),
                     target.id
                 ),
                 source: LotSource::PlanPeriod,
@@ -330,6 +389,11 @@ pub async fn change(
                 note: format!("upgrade from {} to {}", current.name, target.name),
             },
         )
+        .await?;
+        let to = target.monthly_credits;
+        raise_window(&st, &account, &sub, window_start, level, |g| {
+            g.plan_credits = g.plan_credits.max(to)
+        })
         .await?;
         tracing::info!(workspace = %account, from = %current.id, to = %target.id, credits, "plan upgraded");
         return Ok(Json(ChangeView {
@@ -433,7 +497,9 @@ pub async fn addons(
             })
             .await
             .map_err(provider)?;
-        let credits = (body.units - sub.addon_units) as u64 * addon.credits_per_unit;
+        let (window_start, window_end) = month_window(&sub, now);
+        let level = window_grants(&st, &account, &sub, window_start, plan.monthly_credits).await?;
+        let credits = body.units.saturating_sub(level.addon_units) as u64 * addon.credits_per_unit;
         grant(
             &st,
             &account,
@@ -442,15 +508,20 @@ pub async fn addons(
                 key: format!(
                     "addons:{}:{}:to{}",
                     sub.id,
-                    sub.period_start.timestamp(),
+                    window_start.timestamp(),
                     body.units
                 ),
                 source: LotSource::Addon,
                 credits,
-                expires_at: month_window(&sub, now).1,
-                note: format!("add-on units {} -> {}", sub.addon_units, body.units),
+                expires_at: window_end,
+                note: format!("add-on units {} -> {}", level.addon_units, body.units),
             },
         )
+        .await?;
+        let units = body.units;
+        raise_window(&st, &account, &sub, window_start, level, |g| {
+            g.addon_units = g.addon_units.max(units)
+        })
         .await?;
         return Ok(Json(ChangeView {
             effective: "now",
