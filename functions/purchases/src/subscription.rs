@@ -293,16 +293,7 @@ pub async fn change(
             .as_ref()
             .is_some_and(|s| s.plan != sub.plan || s.interval != sub.interval)
         {
-            let units = sub
-                .scheduled
-                .as_ref()
-                .map_or(sub.addon_units, |s| s.addon_units);
-            let keep = (units != sub.addon_units).then(|| ScheduledChange {
-                plan: sub.plan.clone(),
-                interval: sub.interval,
-                addon_units: units,
-                from: sub.period_end,
-            });
+            let keep = sub.pending_addon_reduction(&sub.plan, sub.interval);
             st.payments
                 .update_subscription(&SubscriptionChange {
                     subscription: sub.id.clone(),
@@ -334,17 +325,9 @@ pub async fn change(
         || (target.id == current.id && body.interval != sub.interval);
     let key = stripe_key(&headers, "change", &account)?;
     if upgrade {
-        let units = sub
-            .scheduled
-            .as_ref()
-            .map_or(sub.addon_units, |s| s.addon_units);
+        let units = sub.billed_addon_units();
         // A pending add-on reduction stays pending: Stripe already bills `units`.
-        let keep = (units != sub.addon_units).then(|| ScheduledChange {
-            plan: target.id.clone(),
-            interval: body.interval,
-            addon_units: units,
-            from: sub.period_end,
-        });
+        let keep = sub.pending_addon_reduction(&target.id, body.interval);
         st.payments
             .update_subscription(&SubscriptionChange {
                 subscription: sub.id.clone(),
@@ -408,10 +391,7 @@ pub async fn change(
     let scheduled = ScheduledChange {
         plan: target.id.clone(),
         interval: body.interval,
-        addon_units: sub
-            .scheduled
-            .as_ref()
-            .map_or(sub.addon_units, |s| s.addon_units),
+        addon_units: sub.billed_addon_units(),
         from: sub.period_end,
     };
     st.payments

@@ -94,6 +94,29 @@ impl SubscriptionRecord {
         Self::merge(current, incoming)
     }
 
+    /// The add-on units Stripe bills from the next renewal (a scheduled reduction already
+    /// changed the quantity there).
+    pub fn billed_addon_units(&self) -> u32 {
+        self.scheduled
+            .as_ref()
+            .map_or(self.addon_units, |s| s.addon_units)
+    }
+
+    /// A pending add-on reduction, carried over to new terms; `None` when there is none.
+    pub fn pending_addon_reduction(
+        &self,
+        plan: &str,
+        interval: Interval,
+    ) -> Option<ScheduledChange> {
+        let units = self.billed_addon_units();
+        (units != self.addon_units).then(|| ScheduledChange {
+            plan: plan.to_owned(),
+            interval,
+            addon_units: units,
+            from: self.period_end,
+        })
+    }
+
     pub fn plan_state(&self) -> PlanState {
         PlanState {
             plan: self.plan.clone(),
