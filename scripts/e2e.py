@@ -150,7 +150,7 @@ def main():
         result = watch.invoke("billing-events", sqs_event(got))
         assert result == {"batchItemFailures": []}, result
         sqs.delete_message(QueueUrl=queue, ReceiptHandle=got[0]["ReceiptHandle"])
-        item = dynamo.get_item(TableName=table, Key={"PK": {"S": "ACCOUNT#acme"}, "SK": {"S": "STATE"}},
+        item = dynamo.get_item(TableName=table, Key={"PK": {"S": "WORKSPACE#acme"}, "SK": {"S": "STATE"}},
                                ConsistentRead=True)["Item"]
         state = json.loads(item["body"]["S"])
         assert sum(l["remaining"] for l in state["lots"]) == 500, state

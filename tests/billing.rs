@@ -10,9 +10,9 @@ use tally::ledger::{Interval, PlanStatus};
 use tally::queue::{ConsumeError, Consumer, Delivery};
 use tally::store::docs;
 use tally::store::embedded::EmbeddedStore;
-use tally_tests::{account, fixture, ledger_over, stripe_event, t0};
+use tally_tests::{fixture, ledger_over, stripe_event, t0, workspace};
 
-const ORG: &str = "acme";
+const WS: &str = "acme";
 const CUS: &str = "cus_Acme";
 const SUB: &str = "sub_Acme";
 
@@ -21,7 +21,7 @@ fn at(days: i64) -> i64 {
 }
 
 fn sub_meta(units: u32) -> Value {
-    json!({"org_id": ORG, "plan": "max", "interval": "monthly", "addon_units": units.to_string()})
+    json!({"org_id": WS, "plan": "max", "interval": "monthly", "addon_units": units.to_string()})
 }
 
 fn subscription_checkout() -> Value {
@@ -32,8 +32,8 @@ fn subscription_checkout() -> Value {
     s["payment_status"] = json!("paid");
     s["customer"] = json!(CUS);
     s["subscription"] = json!(SUB);
-    s["client_reference_id"] = json!(ORG);
-    s["metadata"] = json!({"org_id": ORG, "kind": "plan", "plan": "max", "interval": "monthly"});
+    s["client_reference_id"] = json!(WS);
+    s["metadata"] = json!({"org_id": WS, "kind": "plan", "plan": "max", "interval": "monthly"});
     stripe_event("evt_checkout_sub", "checkout.session.completed", at(0), s)
 }
 
@@ -44,7 +44,7 @@ fn pack_checkout() -> Value {
     s["status"] = json!("complete");
     s["payment_status"] = json!("paid");
     s["customer"] = json!(CUS);
-    s["metadata"] = json!({"org_id": ORG, "kind": "pack", "pack": "pack_500", "quantity": "2"});
+    s["metadata"] = json!({"org_id": WS, "kind": "pack", "pack": "pack_500", "quantity": "2"});
     stripe_event("evt_checkout_pack", "checkout.session.completed", at(1), s)
 }
 
@@ -177,8 +177,8 @@ async fn run(order: &[Value]) -> Outcome {
         pending = again;
     }
     assert!(pending.is_empty(), "every event eventually applies");
-    let a = account(ORG);
-    let state = ledger.account_now(&a).await.unwrap();
+    let a = workspace(WS);
+    let state = ledger.workspace_now(&a).await.unwrap();
     state.check_invariants().unwrap();
     let mut lots: Vec<_> = state
         .lots
@@ -187,7 +187,7 @@ async fn run(order: &[Value]) -> Outcome {
         .collect();
     lots.sort();
     let invoices: Vec<InvoiceRecord> =
-        docs::list(store.as_ref(), &account_pk(&a), INVOICE_PREFIX, 100)
+        docs::list(store.as_ref(), &workspace_pk(&a), INVOICE_PREFIX, 100)
             .await
             .unwrap();
     Outcome {
@@ -198,7 +198,7 @@ async fn run(order: &[Value]) -> Outcome {
         payment: docs::get(store.as_ref(), &charge_pk("ch_first"), PAYMENT_SK)
             .await
             .unwrap(),
-        subscription: docs::get(store.as_ref(), &account_pk(&a), SUBSCRIPTION_SK)
+        subscription: docs::get(store.as_ref(), &workspace_pk(&a), SUBSCRIPTION_SK)
             .await
             .unwrap(),
     }
@@ -240,7 +240,7 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
     );
     let payment = o.payment.unwrap();
     assert_eq!((payment.amount, payment.amount_refunded), (4900, 1500));
-    assert_eq!(payment.account, Some(account(ORG)));
+    assert_eq!(payment.workspace, Some(workspace(WS)));
     assert_eq!(payment.refunds.len(), 1);
     assert_eq!(payment.disputes.len(), 1);
     assert_eq!(payment.disputes[0].reason.as_deref(), Some("duplicate"));
@@ -336,7 +336,7 @@ async fn events_that_name_no_known_workspace_or_unknown_things_are_refused_loudl
     assert_eq!(
         worker
             .ledger
-            .account_now(&account(ORG))
+            .workspace_now(&workspace(WS))
             .await
             .unwrap()
             .balance()
@@ -389,7 +389,7 @@ mod sqs_batches {
             let r = process_batch(&worker, batch("pack-checkout.json")).await;
             assert!(r.batch_item_failures.is_empty());
         }
-        let state = ledger.account_now(&account("acme")).await.unwrap();
+        let state = ledger.workspace_now(&workspace("acme")).await.unwrap();
         assert_eq!(state.balance().available, 500);
     }
 
@@ -413,7 +413,7 @@ mod sqs_batches {
         );
         assert_eq!(
             ledger
-                .account_now(&account("acme"))
+                .workspace_now(&workspace("acme"))
                 .await
                 .unwrap()
                 .balance()
@@ -422,7 +422,7 @@ mod sqs_batches {
         );
         assert_eq!(
             ledger
-                .account_now(&account("other"))
+                .workspace_now(&workspace("other"))
                 .await
                 .unwrap()
                 .balance()

@@ -7,7 +7,7 @@ use tally::ids::{GenerationId, IdempotencyKey};
 use tally::ledger::{Actor, ActorKind, LedgerError, Operation, Refs};
 use tally::service::{Ledger, LedgerRequest, ServiceError};
 use tally::store::LedgerStore;
-use tally_tests::{account, grant, ledger_over};
+use tally_tests::{grant, ledger_over, workspace};
 
 async fn race(store: Arc<dyn LedgerStore>, holds: usize, balance: u64) {
     let (ledger, _) = ledger_over(store);
@@ -29,7 +29,7 @@ async fn race(store: Arc<dyn LedgerStore>, holds: usize, balance: u64) {
                 let generation = GenerationId::new();
                 ledger
                     .execute(LedgerRequest {
-                        account: account("org_race"),
+                        workspace: workspace("org_race"),
                         key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
                         fingerprint: format!("race-{i}"),
                         actor: Actor::new(ActorKind::Member, format!("m{i}")),
@@ -58,7 +58,7 @@ async fn race(store: Arc<dyn LedgerStore>, holds: usize, balance: u64) {
     assert_eq!(refused, holds as u64 - covered);
     let state = ledger
         .store
-        .load(&account("org_race"))
+        .load(&workspace("org_race"))
         .await
         .unwrap()
         .unwrap();

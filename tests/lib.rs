@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tally::catalog::Catalog;
 use tally::clock::ManualClock;
-use tally::ids::{AccountId, IdempotencyKey};
+use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::ledger::{Actor, LotSource, Operation, Refs};
 use tally::money::Credits;
 use tally::service::{Ledger, LedgerRequest};
@@ -72,15 +72,15 @@ pub fn ledger_over(store: Arc<dyn LedgerStore>) -> (Ledger, Arc<ManualClock>) {
     (ledger, clock)
 }
 
-pub fn account(id: &str) -> AccountId {
-    AccountId::parse(id).unwrap()
+pub fn workspace(id: &str) -> WorkspaceId {
+    WorkspaceId::parse(id).unwrap()
 }
 
 /// Grants credits to a workspace the way a purchase would (never expiring pack).
-pub async fn grant(ledger: &Ledger, org: &str, credits: u64) {
+pub async fn grant(ledger: &Ledger, ws: &str, credits: u64) {
     ledger
         .execute(LedgerRequest {
-            account: account(org),
+            workspace: workspace(ws),
             key: IdempotencyKey::derived(format!("test-grant:{}", ulid::Ulid::new())),
             fingerprint: "grant".into(),
             actor: Actor::system(),
@@ -102,12 +102,12 @@ pub fn token(claims: Value) -> String {
     tally::http::auth::dev_token(SECRET.as_bytes(), &claims)
 }
 
-pub fn member(org: &str, sub: &str) -> String {
-    token(json!({"sub": sub, "org_id": org, "role": "member"}))
+pub fn member(ws: &str, sub: &str) -> String {
+    token(json!({"sub": sub, "org_id": ws, "role": "member"}))
 }
 
-pub fn owner(org: &str) -> String {
-    token(json!({"sub": format!("{org}-owner"), "org_id": org, "role": "owner"}))
+pub fn owner(ws: &str) -> String {
+    token(json!({"sub": format!("{ws}-owner"), "org_id": ws, "role": "owner"}))
 }
 
 pub fn service() -> String {
@@ -233,10 +233,10 @@ impl TestApp {
     }
 
     /// How many journal entries a workspace has (to prove refusals wrote nothing).
-    pub async fn entry_count(&self, org: &str) -> u64 {
+    pub async fn entry_count(&self, ws: &str) -> u64 {
         self.ledger
             .store
-            .load(&account(org))
+            .load(&workspace(ws))
             .await
             .unwrap()
             .map_or(0, |s| s.next_seq - 1)

@@ -32,8 +32,8 @@ async fn pay(app: &TestApp, url: &str) -> u16 {
     res.status.as_u16()
 }
 
-async fn available(app: &TestApp, org: &str) -> u64 {
-    app.get("/v1/balance", &owner(org)).await.body["available"]
+async fn available(app: &TestApp, ws: &str) -> u64 {
+    app.get("/v1/balance", &owner(ws)).await.body["available"]
         .as_u64()
         .unwrap()
 }
@@ -316,8 +316,8 @@ mod subscription {
     //! Plan changes, add-on units, cancel, resume and pause, through the simulator.
     use super::*;
 
-    async fn subscribed(app: &TestApp, org: &str, plan: &str) -> String {
-        let o = owner(org);
+    async fn subscribed(app: &TestApp, ws: &str, plan: &str) -> String {
+        let o = owner(ws);
         let s = checkout(
             app,
             &o,
@@ -331,8 +331,8 @@ mod subscription {
             .to_owned()
     }
 
-    async fn plan_of(app: &TestApp, org: &str) -> Value {
-        app.get("/v1/entitlements", &owner(org)).await.body["plan"].clone()
+    async fn plan_of(app: &TestApp, ws: &str) -> Value {
+        app.get("/v1/entitlements", &owner(ws)).await.body["plan"].clone()
     }
 
     async fn renew(app: &TestApp, sub: &str) {

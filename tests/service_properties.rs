@@ -7,11 +7,11 @@ use chrono::Duration;
 use proptest::prelude::*;
 use tally::catalog::{Estimate, Workflow};
 use tally::ids::{GenerationId, IdempotencyKey};
-use tally::ledger::{AccountState, Actor, LotSource, Operation, Outcome, Refs};
+use tally::ledger::{Actor, LotSource, Operation, Outcome, Refs, WorkspaceState};
 use tally::money::Credits;
 use tally::service::{LedgerRequest, ServiceError};
 use tally::store::EntryQuery;
-use tally_tests::{account, embedded_store, ledger_over};
+use tally_tests::{embedded_store, ledger_over, workspace};
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -59,7 +59,7 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let (ledger, clock) = ledger_over(embedded_store());
-            let org = account("org_prop");
+            let ws = workspace("org_prop");
             let gens: Vec<GenerationId> = (0..5).map(|_| GenerationId::new()).collect();
             let mut held_once = [false; 5];
             let mut done: Vec<(LedgerRequest, Outcome)> = Vec::new();
@@ -83,16 +83,16 @@ proptest! {
                     Step::Replay(n) => {
                         if done.is_empty() { continue; }
                         let (req, first) = done[n % done.len()].clone();
-                        let before = ledger.store.load(&org).await.unwrap();
+                        let before = ledger.store.load(&ws).await.unwrap();
                         let again = ledger.execute(req).await.expect("a replay succeeds");
                         prop_assert_eq!(again, first);
-                        prop_assert_eq!(ledger.store.load(&org).await.unwrap(), before);
+                        prop_assert_eq!(ledger.store.load(&ws).await.unwrap(), before);
                         continue;
                     }
                 };
                 let slot_of = |g: GenerationId| gens.iter().position(|x| *x == g);
                 let req = LedgerRequest {
-                    account: org.clone(),
+                    workspace: ws.clone(),
                     key,
                     fingerprint: format!("{op:?}").chars().take(64).collect(),
                     actor: Actor::system(),
@@ -110,7 +110,7 @@ proptest! {
                     Err(ServiceError::Refused(_)) => {}
                     Err(other) => prop_assert!(false, "unexpected: {}", other),
                 }
-                if let Some(state) = ledger.store.load(&org).await.unwrap() {
+                if let Some(state) = ledger.store.load(&ws).await.unwrap() {
                     prop_assert_eq!(state.check_invariants(), Ok(()));
                 }
             }
@@ -120,10 +120,10 @@ proptest! {
                 other.fingerprint = "something else".into();
                 prop_assert!(matches!(ledger.execute(other).await, Err(ServiceError::KeyReused)));
             }
-            if let Some(state) = ledger.store.load(&org).await.unwrap() {
-                let mut journal = ledger.store.entries(&org, &EntryQuery { before: None, limit: 10_000 }).await.unwrap();
+            if let Some(state) = ledger.store.load(&ws).await.unwrap() {
+                let mut journal = ledger.store.entries(&ws, &EntryQuery { before: None, limit: 10_000 }).await.unwrap();
                 journal.reverse();
-                let mut rebuilt = AccountState::from_journal(org.clone(), &journal).unwrap();
+                let mut rebuilt = WorkspaceState::from_journal(ws.clone(), &journal).unwrap();
                 rebuilt.version = state.version;
                 prop_assert_eq!(rebuilt, state);
             }

@@ -6,16 +6,16 @@ use std::sync::Arc;
 use tally::catalog::Catalog;
 use tally::ids::{GenerationId, IdempotencyKey};
 use tally::ledger::{
-    AccountState, Actor, Applied, Command, GenerationStatus, LotSource, Operation, Refs, execute,
+    Actor, Applied, Command, GenerationStatus, LotSource, Operation, Refs, WorkspaceState, execute,
 };
 use tally::money::Credits;
 use tally::store::{
     Commit, CommitError, DocStore, EntryQuery, GenerationQuery, IdempotencyRecord, LedgerStore,
 };
-use tally_tests::{account, t0};
+use tally_tests::{t0, workspace};
 
 /// Runs an operation on `state` with the engine and turns it into a commit.
-fn prepare(state: &AccountState, key: &str, op: Operation, minutes: i64) -> (Commit, Applied) {
+fn prepare(state: &WorkspaceState, key: &str, op: Operation, minutes: i64) -> (Commit, Applied) {
     let cmd = Command {
         key: IdempotencyKey::derived(key.into()),
         at: t0() + Duration::minutes(minutes),
@@ -77,18 +77,18 @@ fn hold(g: GenerationId, model: &str, credits: u64) -> Operation {
 /// Commits an operation and returns the new stored state.
 async fn apply(
     store: &dyn LedgerStore,
-    state: &AccountState,
+    state: &WorkspaceState,
     key: &str,
     op: Operation,
-) -> AccountState {
+) -> WorkspaceState {
     let (commit, _) = prepare(state, key, op, 0);
     let next = commit.state.clone();
     store.commit(commit).await.expect("commit");
     next
 }
 
-pub async fn an_unknown_account_has_no_state_entries_or_records(store: Arc<dyn LedgerStore>) {
-    let a = account("org_nobody");
+pub async fn an_unknown_workspace_has_no_state_entries_or_records(store: Arc<dyn LedgerStore>) {
+    let a = workspace("org_nobody");
     assert!(store.load(&a).await.unwrap().is_none());
     assert!(
         store
@@ -129,8 +129,8 @@ pub async fn an_unknown_account_has_no_state_entries_or_records(store: Arc<dyn L
 pub async fn a_commit_stores_state_entries_and_the_idempotency_record_together(
     store: Arc<dyn LedgerStore>,
 ) {
-    let a = account("org_a");
-    let s0 = AccountState::new(a.clone());
+    let a = workspace("org_a");
+    let s0 = WorkspaceState::new(a.clone());
     let (commit, applied) = prepare(&s0, "k1", grant(100), 0);
     store.commit(commit.clone()).await.unwrap();
     let loaded = store.load(&a).await.unwrap().unwrap();
@@ -159,8 +159,8 @@ pub async fn a_commit_stores_state_entries_and_the_idempotency_record_together(
 pub async fn a_commit_on_a_stale_version_is_a_conflict_and_writes_nothing(
     store: Arc<dyn LedgerStore>,
 ) {
-    let a = account("org_b");
-    let s0 = AccountState::new(a.clone());
+    let a = workspace("org_b");
+    let s0 = WorkspaceState::new(a.clone());
     let s1 = apply(store.as_ref(), &s0, "k1", grant(100)).await;
     // A second writer that also read version 0.
     let (stale, _) = prepare(&s0, "k2", grant(5), 1);
@@ -190,7 +190,7 @@ pub async fn a_commit_on_a_stale_version_is_a_conflict_and_writes_nothing(
             .len(),
         1
     );
-    // Same for an existing account read at an old version.
+    // Same for an existing workspace read at an old version.
     let _s2 = apply(store.as_ref(), &s1, "k3", grant(7)).await;
     let (stale, _) = prepare(&s1, "k4", grant(9), 2);
     assert!(matches!(
@@ -203,8 +203,8 @@ pub async fn a_commit_on_a_stale_version_is_a_conflict_and_writes_nothing(
 pub async fn a_repeated_idempotency_key_is_reported_as_duplicate_and_writes_nothing(
     store: Arc<dyn LedgerStore>,
 ) {
-    let a = account("org_c");
-    let s0 = AccountState::new(a.clone());
+    let a = workspace("org_c");
+    let s0 = WorkspaceState::new(a.clone());
     let s1 = apply(store.as_ref(), &s0, "same", grant(100)).await;
     // The same operation again, prepared on fresh state: the key already exists.
     let (again, _) = prepare(&s1, "same", grant(100), 1);
@@ -230,8 +230,8 @@ pub async fn a_repeated_idempotency_key_is_reported_as_duplicate_and_writes_noth
 }
 
 pub async fn journal_pages_run_newest_first_and_fetch_by_sequence(store: Arc<dyn LedgerStore>) {
-    let a = account("org_d");
-    let mut s = AccountState::new(a.clone());
+    let a = workspace("org_d");
+    let mut s = WorkspaceState::new(a.clone());
     for i in 0..7 {
         s = apply(store.as_ref(), &s, &format!("g{i}"), grant(10 + i)).await;
     }
@@ -288,16 +288,16 @@ pub async fn journal_pages_run_newest_first_and_fetch_by_sequence(store: Arc<dyn
         .await
         .unwrap();
     all.reverse();
-    let mut rebuilt = AccountState::from_journal(a.clone(), &all).unwrap();
+    let mut rebuilt = WorkspaceState::from_journal(a.clone(), &all).unwrap();
     rebuilt.version = s.version;
     assert_eq!(rebuilt, store.load(&a).await.unwrap().unwrap());
 }
 
 pub async fn generations_list_newest_first_with_filters_and_cursor(store: Arc<dyn LedgerStore>) {
-    let a = account("org_e");
+    let a = workspace("org_e");
     let mut s = apply(
         store.as_ref(),
-        &AccountState::new(a.clone()),
+        &WorkspaceState::new(a.clone()),
         "grant",
         grant(1000),
     )
@@ -392,7 +392,7 @@ pub async fn generations_list_newest_first_with_filters_and_cursor(store: Arc<dy
         Some(a.clone())
     );
     // Another workspace sees none of it.
-    let other = account("org_e2");
+    let other = workspace("org_e2");
     assert!(store.generation(&other, ids[0]).await.unwrap().is_none());
     assert!(
         store
@@ -411,18 +411,18 @@ pub async fn generations_list_newest_first_with_filters_and_cursor(store: Arc<dy
 
 pub async fn a_generation_id_cannot_be_claimed_by_two_workspaces(store: Arc<dyn LedgerStore>) {
     let g = GenerationId::new();
-    let a = account("org_f");
-    let b = account("org_g");
+    let a = workspace("org_f");
+    let b = workspace("org_g");
     let sa = apply(
         store.as_ref(),
-        &AccountState::new(a.clone()),
+        &WorkspaceState::new(a.clone()),
         "ga",
         grant(100),
     )
     .await;
     let sb = apply(
         store.as_ref(),
-        &AccountState::new(b.clone()),
+        &WorkspaceState::new(b.clone()),
         "gb",
         grant(100),
     )
@@ -438,7 +438,7 @@ pub async fn a_generation_id_cannot_be_claimed_by_two_workspaces(store: Arc<dyn 
 }
 
 pub async fn documents_are_versioned_and_list_by_prefix_newest_first(store: Arc<dyn DocStore>) {
-    let pk = "ACCOUNT#org_docs";
+    let pk = "WORKSPACE#org_docs";
     assert!(store.get_doc(pk, "BILLING").await.unwrap().is_none());
     assert!(store.put_doc(pk, "BILLING", "{\"a\":1}", 0).await.unwrap());
     assert!(
@@ -471,7 +471,7 @@ pub async fn documents_are_versioned_and_list_by_prefix_newest_first(store: Arc<
     assert_eq!(store.list_docs(pk, "INVOICE#", 2).await.unwrap().len(), 2);
     assert!(
         store
-            .list_docs("ACCOUNT#other", "INVOICE#", 10)
+            .list_docs("WORKSPACE#other", "INVOICE#", 10)
             .await
             .unwrap()
             .is_empty()
@@ -485,7 +485,7 @@ pub async fn concurrent_document_updates_all_land(store: Arc<dyn DocStore>) {
             tokio::spawn(async move {
                 tally::store::docs::update(
                     store.as_ref(),
-                    "ACCOUNT#org_count",
+                    "WORKSPACE#org_count",
                     "COUNTER",
                     |cur: Option<Vec<u64>>| {
                         let mut v = cur.unwrap_or_default();
@@ -501,10 +501,11 @@ pub async fn concurrent_document_updates_all_land(store: Arc<dyn DocStore>) {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut all: Vec<u64> = tally::store::docs::get(store.as_ref(), "ACCOUNT#org_count", "COUNTER")
-        .await
-        .unwrap()
-        .unwrap();
+    let mut all: Vec<u64> =
+        tally::store::docs::get(store.as_ref(), "WORKSPACE#org_count", "COUNTER")
+            .await
+            .unwrap()
+            .unwrap();
     all.sort();
     assert_eq!(all, (0..16).collect::<Vec<_>>());
 }
@@ -516,8 +517,8 @@ macro_rules! conformance {
             use tally_tests::{dynamo_store, embedded_store};
 
             #[tokio::test]
-            async fn an_unknown_account_has_no_state_entries_or_records() {
-                super::an_unknown_account_has_no_state_entries_or_records($make).await;
+            async fn an_unknown_workspace_has_no_state_entries_or_records() {
+                super::an_unknown_workspace_has_no_state_entries_or_records($make).await;
             }
             #[tokio::test]
             async fn a_commit_stores_state_entries_and_the_idempotency_record_together() {

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use std::collections::BTreeMap;
-use tally::ids::AccountId;
+use tally::ids::WorkspaceId;
 use tally::ledger::Interval;
 use tally::payments::stripe::StripePayments;
 use tally::payments::{CheckoutRequest, Payments, PaymentsError, Purchase};
@@ -51,7 +51,7 @@ async fn creating_a_customer_sends_its_workspace_and_an_idempotency_key() {
     let id = client(&server)
         .await
         .create_customer(
-            &AccountId::parse("org_a").unwrap(),
+            &WorkspaceId::parse("org_a").unwrap(),
             Some("owner@a.example"),
             "tally-customer-org_a",
         )
@@ -90,7 +90,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
     let link = client(&server)
         .await
         .create_checkout(&CheckoutRequest {
-            account: AccountId::parse("org_a").unwrap(),
+            workspace: WorkspaceId::parse("org_a").unwrap(),
             customer: "cus_A".into(),
             purchase: Purchase::Pack {
                 pack: "pack_500".into(),
@@ -150,7 +150,7 @@ async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interva
     client(&server)
         .await
         .create_checkout(&CheckoutRequest {
-            account: AccountId::parse("org_a").unwrap(),
+            workspace: WorkspaceId::parse("org_a").unwrap(),
             customer: "cus_A".into(),
             purchase: Purchase::Plan {
                 plan: "generative".into(),
@@ -202,7 +202,7 @@ async fn stripe_refusals_and_outages_are_told_apart() {
         "{refused}"
     );
     let down = c
-        .create_customer(&AccountId::parse("org_a").unwrap(), None, "k2")
+        .create_customer(&WorkspaceId::parse("org_a").unwrap(), None, "k2")
         .await
         .unwrap_err();
     assert!(matches!(down, PaymentsError::Unavailable(_)), "{down}");
@@ -407,7 +407,7 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
     let link = client(&server)
         .await
         .create_custom_invoice(&CustomInvoice {
-            account: AccountId::parse("org_e").unwrap(),
+            workspace: WorkspaceId::parse("org_e").unwrap(),
             customer: "cus_E".into(),
             amount: 250000,
             credits: 30000,
@@ -481,7 +481,7 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
     let id = client(&server)
         .await
         .charge_saved_method(&TopUp {
-            account: AccountId::parse("org_t").unwrap(),
+            workspace: WorkspaceId::parse("org_t").unwrap(),
             customer: "cus_T".into(),
             payment_method: "pm_card".into(),
             pack: "pack_100".into(),

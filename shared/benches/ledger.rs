@@ -6,8 +6,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::sync::Arc;
 use tally::catalog::{Catalog, GenerationSpec, Workflow};
 use tally::clock::SystemClock;
-use tally::ids::{AccountId, GenerationId, IdempotencyKey};
-use tally::ledger::{AccountState, Actor, Command, LotSource, Operation, Refs, execute};
+use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
+use tally::ledger::{Actor, Command, LotSource, Operation, Refs, WorkspaceState, execute};
 use tally::money::Credits;
 use tally::service::{Ledger, LedgerRequest};
 use tally::store::LedgerStore;
@@ -26,8 +26,8 @@ fn spec() -> GenerationSpec {
 fn engine(c: &mut Criterion) {
     let catalog = Catalog::builtin();
     let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-    let mut state = AccountState::new(AccountId::parse("bench").unwrap());
-    // A realistic account: a plan lot, an add-on lot and two packs.
+    let mut state = WorkspaceState::new(WorkspaceId::parse("bench").unwrap());
+    // A realistic workspace: a plan lot, an add-on lot and two packs.
     for (i, (source, credits, days)) in [
         (LotSource::PlanPeriod, 900u64, Some(60)),
         (LotSource::Addon, 120, Some(30)),
@@ -90,9 +90,9 @@ fn through_store(c: &mut Criterion, name: &str, store: Arc<dyn LedgerStore>) {
     let catalog = Arc::new(Catalog::builtin());
     let estimate = catalog.estimate(&spec()).unwrap();
     let ledger = Ledger::new(store, Arc::new(SystemClock), catalog);
-    let account = AccountId::parse("bench").unwrap();
+    let workspace = WorkspaceId::parse("bench").unwrap();
     let request = |key: String, op: Operation| LedgerRequest {
-        account: account.clone(),
+        workspace: workspace.clone(),
         key: IdempotencyKey::derived(key),
         fingerprint: String::new(),
         actor: Actor::system(),

@@ -7,10 +7,10 @@
 //! threshold, so a retried request cannot charge twice; the credits arrive like any other
 //! purchase, through the webhook (`payment_intent.succeeded`), once per payment.
 
-use crate::billing::records::{BillingProfile, PROFILE_SK, account_pk};
+use crate::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
 use crate::catalog::Catalog;
-use crate::ids::AccountId;
-use crate::ledger::{AccountState, Balance, Outcome, PlanStatus};
+use crate::ids::WorkspaceId;
+use crate::ledger::{Balance, Outcome, PlanStatus, WorkspaceState};
 use crate::money::Cents;
 use crate::payments::{Payments, TopUp};
 use crate::queue::{Message, Queue};
@@ -54,9 +54,9 @@ pub struct AutoTopUp {
 pub trait CommitObserver: Send + Sync {
     async fn committed(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         before: Balance,
-        after: &AccountState,
+        after: &WorkspaceState,
         outcome: &Outcome,
     );
 }
@@ -76,9 +76,9 @@ fn crossed(before: u64, after: u64, threshold: u64) -> bool {
 impl CommitObserver for CreditAlerts {
     async fn committed(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         before: Balance,
-        after: &AccountState,
+        after: &WorkspaceState,
         outcome: &Outcome,
     ) {
         let now = outcome.balance.available;
@@ -87,7 +87,7 @@ impl CommitObserver for CreditAlerts {
         }
         let settings: AlertSettings = match docs::get(
             self.docs.as_ref(),
-            &account_pk(account),
+            &workspace_pk(workspace),
             ALERTS_SK,
         )
         .await
@@ -95,7 +95,7 @@ impl CommitObserver for CreditAlerts {
             Ok(Some(s)) => s,
             Ok(None) => return,
             Err(e) => {
-                tracing::error!(workspace = %account, error = %e, "could not read alert settings");
+                tracing::error!(workspace = %workspace, error = %e, "could not read alert settings");
                 return;
             }
         };
@@ -107,7 +107,7 @@ impl CommitObserver for CreditAlerts {
         {
             self.notify(json!({
                 "type": "credits.below_threshold",
-                "workspace": account,
+                "workspace": workspace,
                 "threshold": t,
                 "available": now,
                 "entry": entry,
@@ -118,7 +118,7 @@ impl CommitObserver for CreditAlerts {
             .auto_topup
             .filter(|a| crossed(before.available, now, a.below_credits))
         {
-            self.top_up(account, after, &topup, entry).await;
+            self.top_up(workspace, after, &topup, entry).await;
         }
     }
 }
@@ -137,26 +137,26 @@ impl CreditAlerts {
 
     async fn top_up(
         &self,
-        account: &AccountId,
-        state: &AccountState,
+        workspace: &WorkspaceId,
+        state: &WorkspaceState,
         topup: &AutoTopUp,
         entry: u64,
     ) {
-        let outcome = self.try_top_up(account, state, topup, entry).await;
+        let outcome = self.try_top_up(workspace, state, topup, entry).await;
         let body = match &outcome {
             Ok(payment) => {
-                json!({"type": "topup.charged", "workspace": account, "pack": topup.pack, "payment": payment, "entry": entry})
+                json!({"type": "topup.charged", "workspace": workspace, "pack": topup.pack, "payment": payment, "entry": entry})
             }
             Err(why) => {
-                json!({"type": "topup.failed", "workspace": account, "pack": topup.pack, "reason": why, "entry": entry})
+                json!({"type": "topup.failed", "workspace": workspace, "pack": topup.pack, "reason": why, "entry": entry})
             }
         };
         match &outcome {
             Ok(payment) => {
-                tracing::info!(workspace = %account, payment = %payment, "auto top-up charged")
+                tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged")
             }
             Err(why) => {
-                tracing::warn!(workspace = %account, reason = %why, "auto top-up not charged")
+                tracing::warn!(workspace = %workspace, reason = %why, "auto top-up not charged")
             }
         }
         self.notify(body).await;
@@ -164,8 +164,8 @@ impl CreditAlerts {
 
     async fn try_top_up(
         &self,
-        account: &AccountId,
-        state: &AccountState,
+        workspace: &WorkspaceId,
+        state: &WorkspaceState,
         topup: &AutoTopUp,
         entry: u64,
     ) -> Result<String, String> {
@@ -178,7 +178,7 @@ impl CreditAlerts {
             .pack(&topup.pack)
             .ok_or("the pack no longer exists")?;
         let profile: BillingProfile =
-            docs::get(self.docs.as_ref(), &account_pk(account), PROFILE_SK)
+            docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
                 .await
                 .map_err(|e| e.to_string())?
                 .unwrap_or_default();
@@ -189,7 +189,7 @@ impl CreditAlerts {
         let mut claimed = false;
         docs::update(
             self.docs.as_ref(),
-            &account_pk(account),
+            &workspace_pk(workspace),
             ALERTS_SK,
             |cur: Option<AlertSettings>| {
                 let mut s = cur?;
@@ -219,12 +219,12 @@ impl CreditAlerts {
             .map_or(0, |p| p.pack_discount_pct);
         payments
             .charge_saved_method(&TopUp {
-                account: account.clone(),
+                workspace: workspace.clone(),
                 customer,
                 payment_method,
                 pack: pack.id.clone(),
                 amount: Cents::new(pack.price_cents).discounted(discount).get(),
-                idempotency_key: format!("tally-topup-{account}-{entry}"),
+                idempotency_key: format!("tally-topup-{workspace}-{entry}"),
             })
             .await
             .map_err(|e| e.to_string())

@@ -37,9 +37,9 @@ fn check_token(kind: &'static str, value: &str, max: usize) -> Result<(), IdErro
 /// A workspace (the `org_id` claim). Every balance, lot and generation belongs to exactly one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct AccountId(String);
+pub struct WorkspaceId(String);
 
-impl AccountId {
+impl WorkspaceId {
     pub fn parse(value: &str) -> Result<Self, IdError> {
         check_token("workspace id", value, 128)?;
         Ok(Self(value.to_owned()))
@@ -49,18 +49,18 @@ impl AccountId {
     }
 }
 
-impl TryFrom<String> for AccountId {
+impl TryFrom<String> for WorkspaceId {
     type Error = IdError;
     fn try_from(value: String) -> Result<Self, Self::Error> {
         Self::parse(&value)
     }
 }
-impl From<AccountId> for String {
-    fn from(value: AccountId) -> Self {
+impl From<WorkspaceId> for String {
+    fn from(value: WorkspaceId) -> Self {
         value.0
     }
 }
-impl fmt::Display for AccountId {
+impl fmt::Display for WorkspaceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -184,7 +184,7 @@ macro_rules! string_schema {
         impl utoipa::ToSchema for $t {}
     };
 }
-string_schema!(AccountId, "Workspace id (the org_id claim)");
+string_schema!(WorkspaceId, "Workspace id (the org_id claim)");
 string_schema!(GenerationId, "Generation id: gen_ followed by a ULID");
 string_schema!(IdempotencyKey, "Idempotency key");
 
@@ -194,19 +194,19 @@ mod tests {
 
     #[test]
     fn workspace_ids_refuse_empty_long_and_odd_characters() {
-        assert!(AccountId::parse("org_123").is_ok());
+        assert!(WorkspaceId::parse("org_123").is_ok());
         assert_eq!(
-            AccountId::parse(""),
+            WorkspaceId::parse(""),
             Err(IdError::Empty {
                 kind: "workspace id"
             })
         );
         assert!(matches!(
-            AccountId::parse(&"a".repeat(129)),
+            WorkspaceId::parse(&"a".repeat(129)),
             Err(IdError::TooLong { .. })
         ));
         assert!(matches!(
-            AccountId::parse("org#1"),
+            WorkspaceId::parse("org#1"),
             Err(IdError::BadCharacter { .. })
         ));
     }

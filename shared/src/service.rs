@@ -1,14 +1,16 @@
 //! Runs ledger operations exactly once over any [`LedgerStore`].
 //!
-//! Each attempt reads the idempotency record, then the account, runs the pure engine and
+//! Each attempt reads the idempotency record, then the workspace, runs the pure engine and
 //! commits everything in one transaction. A commit that finds the idempotency record
-//! already written returns the first result; one that finds the account changed retries
+//! already written returns the first result; one that finds the workspace changed retries
 //! on fresh state with jittered backoff, a bounded number of times.
 
 use crate::catalog::Catalog;
 use crate::clock::Clock;
-use crate::ids::{AccountId, IdempotencyKey};
-use crate::ledger::{AccountState, Actor, Command, LedgerError, Operation, Outcome, Refs, execute};
+use crate::ids::{IdempotencyKey, WorkspaceId};
+use crate::ledger::{
+    Actor, Command, LedgerError, Operation, Outcome, Refs, WorkspaceState, execute,
+};
 use crate::store::{Commit, CommitError, IdempotencyRecord, LedgerStore, StoreError};
 use chrono::Duration;
 use serde::Serialize;
@@ -59,7 +61,7 @@ impl Default for RetryPolicy {
 /// A ledger operation as a caller asks for it.
 #[derive(Debug, Clone)]
 pub struct LedgerRequest {
-    pub account: AccountId,
+    pub workspace: WorkspaceId,
     pub key: IdempotencyKey,
     /// Identifies the request content; see [`fingerprint`].
     pub fingerprint: String,
@@ -98,7 +100,7 @@ impl Ledger {
     }
 
     /// Applies an operation at most once and returns its (first) outcome.
-    #[tracing::instrument(skip_all, fields(workspace = %req.account, key = %req.key))]
+    #[tracing::instrument(skip_all, fields(workspace = %req.workspace, key = %req.key))]
     pub async fn execute(&self, req: LedgerRequest) -> Result<Outcome, ServiceError> {
         let mut conflicts = 0u32;
         loop {
@@ -110,9 +112,9 @@ impl Ledger {
             }
             let state = self
                 .store
-                .load(&req.account)
+                .load(&req.workspace)
                 .await?
-                .unwrap_or_else(|| AccountState::new(req.account.clone()));
+                .unwrap_or_else(|| WorkspaceState::new(req.workspace.clone()));
             let op = self.with_records(&req).await?;
             let now = self.clock.now();
             let cmd = Command {
@@ -163,7 +165,7 @@ impl Ledger {
                     tracing::info!(entries = ?applied.outcome.entries, "operation applied");
                     if let Some(observer) = &self.observer {
                         observer
-                            .committed(&req.account, before, &after, &applied.outcome)
+                            .committed(&req.workspace, before, &after, &applied.outcome)
                             .await;
                     }
                     return Ok(applied.outcome);
@@ -185,7 +187,7 @@ impl Ledger {
     }
 
     async fn replay(&self, req: &LedgerRequest) -> Result<Option<Outcome>, ServiceError> {
-        match self.store.idempotency(&req.account, &req.key).await? {
+        match self.store.idempotency(&req.workspace, &req.key).await? {
             Some(record) if record.fingerprint == req.fingerprint => Ok(Some(record.outcome)),
             Some(_) => Err(ServiceError::KeyReused),
             None => Ok(None),
@@ -208,7 +210,7 @@ impl Ledger {
             | Operation::Fail {
                 generation, record, ..
             } => {
-                *record = self.store.generation(&req.account, *generation).await?;
+                *record = self.store.generation(&req.workspace, *generation).await?;
             }
             _ => {}
         }
@@ -225,13 +227,16 @@ impl Ledger {
         tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
     }
 
-    /// The account as it stands now, with overdue holds and lapsed lots settled in the view.
-    pub async fn account_now(&self, account: &AccountId) -> Result<AccountState, ServiceError> {
+    /// The workspace as it stands now, with overdue holds and lapsed lots settled in the view.
+    pub async fn workspace_now(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<WorkspaceState, ServiceError> {
         let state = self
             .store
-            .load(account)
+            .load(workspace)
             .await?
-            .unwrap_or_else(|| AccountState::new(account.clone()));
+            .unwrap_or_else(|| WorkspaceState::new(workspace.clone()));
         Ok(state.settled_at(self.clock.now())?)
     }
 }

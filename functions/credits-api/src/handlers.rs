@@ -12,7 +12,7 @@ use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE};
 use tally::http::{
     ApiJson, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key, optional_json,
 };
-use tally::ids::{AccountId, GenerationId, IdempotencyKey};
+use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
 use tally::ledger::{Generation, GenerationStatus, Lot, Operation, Refs};
 use tally::money::Credits;
 use tally::service::{LedgerRequest, fingerprint};
@@ -71,8 +71,8 @@ pub async fn catalog(State(app): State<AppState>) -> Json<CatalogView> {
     responses((status = 200, body = BalanceView), (status = 401, body = ProblemDetails)))]
 /// Available and held credits, and the lots behind them in burn order.
 pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Json<BalanceView>> {
-    let account = who.member_workspace()?;
-    let state = app.ledger.account_now(account).await?;
+    let workspace = who.member_workspace()?;
+    let state = app.ledger.workspace_now(workspace).await?;
     let b = state.balance();
     let mut lots: Vec<&Lot> = state.lots.iter().collect();
     lots.sort_by_key(|l| l.burn_key());
@@ -103,13 +103,18 @@ pub async fn estimate(
     who: Identity,
     ApiJson(spec): ApiJson<GenerationSpec>,
 ) -> ApiResult<Json<EstimateView>> {
-    let account = who.member_workspace()?;
+    let workspace = who.member_workspace()?;
     let estimate = app
         .ledger
         .catalog
         .estimate(&spec)
         .map_err(|e| Problem::validation(e.field, &e.message))?;
-    let available = app.ledger.account_now(account).await?.balance().available;
+    let available = app
+        .ledger
+        .workspace_now(workspace)
+        .await?
+        .balance()
+        .available;
     Ok(Json(EstimateView {
         sufficient: available >= estimate.credits.get(),
         available,
@@ -129,7 +134,7 @@ pub async fn start_generation(
     headers: HeaderMap,
     ApiJson(spec): ApiJson<GenerationSpec>,
 ) -> ApiResult<(StatusCode, Json<Generation>)> {
-    let account = who.member_workspace()?.clone();
+    let workspace = who.member_workspace()?.clone();
     let estimate = app
         .ledger
         .catalog
@@ -141,13 +146,13 @@ pub async fn start_generation(
         None => IdempotencyKey::derived(format!("gen:{generation}:hold")),
     };
     let span =
-        tracing::info_span!("start_generation", workspace = %account, generation = %generation);
+        tracing::info_span!("start_generation", workspace = %workspace, generation = %generation);
     let _enter = span.enter();
     let deadline = app.ledger.clock.now() + app.ledger.catalog.hold_lifetime(estimate.workflow);
     let outcome = app
         .ledger
         .execute(LedgerRequest {
-            account,
+            workspace,
             key,
             fingerprint: fingerprint(&(&who.sub, &spec)),
             actor: who.actor(),
@@ -168,9 +173,9 @@ async fn settle_target(
     app: &AppState,
     who: &Identity,
     id: GenerationId,
-) -> ApiResult<(AccountId, Generation)> {
+) -> ApiResult<(WorkspaceId, Generation)> {
     let service = who.has_scope(SCOPE_SETTLE);
-    let account = match (&who.workspace, service) {
+    let workspace = match (&who.workspace, service) {
         (Some(ws), _) => ws.clone(),
         (None, true) => app
             .ledger
@@ -183,7 +188,7 @@ async fn settle_target(
     let record = app
         .ledger
         .store
-        .generation(&account, id)
+        .generation(&workspace, id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?;
     if !service && (who.role.is_none() || record.started_by != who.sub) {
@@ -191,7 +196,7 @@ async fn settle_target(
             "only the member who started a generation, or the generation service, may settle it",
         ));
     }
-    Ok((account, record))
+    Ok((workspace, record))
 }
 
 #[utoipa::path(post, path = "/v1/generations/{id}/complete", tag = "credits", security(("bearer" = [])),
@@ -217,13 +222,13 @@ pub async fn complete_generation(
             "only the generation service sets the exact cost; complete without credits to charge the estimate",
         ));
     }
-    let (account, _) = settle_target(&app, &who, id).await?;
-    let span = tracing::info_span!("complete_generation", workspace = %account, generation = %id);
+    let (workspace, _) = settle_target(&app, &who, id).await?;
+    let span = tracing::info_span!("complete_generation", workspace = %workspace, generation = %id);
     let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
-            account,
+            workspace,
             key: IdempotencyKey::derived(format!("gen:{id}:complete")),
             fingerprint: "complete".into(),
             actor: who.actor(),
@@ -257,13 +262,13 @@ pub async fn fail_generation(
             &format!("must be 1 to {MAX_REASON_CHARS} characters"),
         ));
     }
-    let (account, _) = settle_target(&app, &who, id).await?;
-    let span = tracing::info_span!("fail_generation", workspace = %account, generation = %id);
+    let (workspace, _) = settle_target(&app, &who, id).await?;
+    let span = tracing::info_span!("fail_generation", workspace = %workspace, generation = %id);
     let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
-            account,
+            workspace,
             key: IdempotencyKey::derived(format!("gen:{id}:fail")),
             fingerprint: "fail".into(),
             actor: who.actor(),
@@ -279,7 +284,7 @@ pub async fn fail_generation(
 }
 
 /// A stored generation as of now: a hold past its deadline is shown as expired even before
-/// the next write on the account settles it.
+/// the next write on the workspace settles it.
 fn as_of_now(mut g: Generation, now: chrono::DateTime<chrono::Utc>) -> Generation {
     if g.status == GenerationStatus::Held && g.deadline <= now {
         g.status = GenerationStatus::Expired;
@@ -296,7 +301,7 @@ pub async fn list_generations(
     who: Identity,
     ApiQuery(q): ApiQuery<GenerationListQuery>,
 ) -> ApiResult<Json<GenerationPage>> {
-    let account = who.member_workspace()?;
+    let workspace = who.member_workspace()?;
     let limit = page_limit(q.limit, 20)?;
     let status = q
         .status
@@ -314,7 +319,7 @@ pub async fn list_generations(
             GenerationId::parse(c).map_err(|_| Problem::validation("cursor", "unknown cursor"))
         })
         .transpose()?;
-    // Overdue holds are still stored as held until the account is next written; they are
+    // Overdue holds are still stored as held until the workspace is next written; they are
     // shown (and filtered) as expired.
     let stored_status = match status {
         Some(GenerationStatus::Expired) | Some(GenerationStatus::Held) => None,
@@ -328,7 +333,7 @@ pub async fn list_generations(
             .ledger
             .store
             .generations(
-                account,
+                workspace,
                 &GenerationQuery {
                     before: cursor,
                     status: stored_status,
@@ -379,15 +384,19 @@ pub async fn get_generation(
     who: Identity,
     Path(id): Path<String>,
 ) -> ApiResult<Json<GenerationView>> {
-    let account = who.member_workspace()?;
+    let workspace = who.member_workspace()?;
     let id = parse_generation_id(&id)?;
     let g = app
         .ledger
         .store
-        .generation(account, id)
+        .generation(workspace, id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?;
-    let entries = app.ledger.store.entries_by_seq(account, &g.entries).await?;
+    let entries = app
+        .ledger
+        .store
+        .entries_by_seq(workspace, &g.entries)
+        .await?;
     Ok(Json(GenerationView {
         generation: as_of_now(g, app.ledger.clock.now()),
         ledger_entries: Some(entries),
@@ -403,7 +412,7 @@ pub async fn ledger(
     who: Identity,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<EntryPage>> {
-    let account = who.member_workspace()?;
+    let workspace = who.member_workspace()?;
     let limit = page_limit(q.limit, 50)?;
     let before = q
         .cursor
@@ -417,7 +426,7 @@ pub async fn ledger(
         .ledger
         .store
         .entries(
-            account,
+            workspace,
             &EntryQuery {
                 before,
                 limit: limit + 1,
@@ -440,8 +449,8 @@ pub async fn entitlements(
     State(app): State<AppState>,
     who: Identity,
 ) -> ApiResult<Json<EntitlementsView>> {
-    let account = who.member_workspace()?;
-    let state = app.ledger.account_now(account).await?;
+    let workspace = who.member_workspace()?;
+    let state = app.ledger.workspace_now(workspace).await?;
     let catalog = &app.ledger.catalog;
     let plan = state
         .plan
@@ -464,8 +473,8 @@ pub async fn entitlements(
     }))
 }
 
-#[utoipa::path(post, path = "/v1/admin/workspaces/{org_id}/adjustments", tag = "admin",
-    security(("bearer" = [])), params(("org_id" = String, Path),
+#[utoipa::path(post, path = "/v1/admin/workspaces/{workspace_id}/adjustments", tag = "admin",
+    security(("bearer" = [])), params(("workspace_id" = String, Path),
         ("Idempotency-Key" = String, Header, description = "Required: adjustments move money")),
     request_body = AdjustmentRequest,
     responses((status = 201, body = AdjustmentView), (status = 402, body = ProblemDetails),
@@ -474,13 +483,13 @@ pub async fn entitlements(
 pub async fn adjust(
     State(app): State<AppState>,
     who: Identity,
-    Path(org_id): Path<String>,
+    Path(workspace_id): Path<String>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<AdjustmentRequest>,
 ) -> ApiResult<(StatusCode, Json<AdjustmentView>)> {
     who.require_scope(SCOPE_ADMIN)?;
-    let account =
-        AccountId::parse(&org_id).map_err(|e| Problem::validation("org_id", &e.to_string()))?;
+    let workspace = WorkspaceId::parse(&workspace_id)
+        .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
     let key = idempotency_key(&headers, "adjustments")?
         .ok_or_else(|| Problem::validation("Idempotency-Key", "required for adjustments"))?;
     if req.credits == 0 || req.credits.unsigned_abs() > tally::money::MAX_CREDITS_PER_REQUEST {
@@ -499,14 +508,14 @@ pub async fn adjust(
             &format!("must be 1 to {MAX_REASON_CHARS} characters"),
         ));
     }
-    let span = tracing::info_span!("adjust", workspace = %account, admin = %who.sub);
+    let span = tracing::info_span!("adjust", workspace = %workspace, admin = %who.sub);
     let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
-            account: account.clone(),
+            workspace: workspace.clone(),
             key,
-            fingerprint: fingerprint(&(&account, &req)),
+            fingerprint: fingerprint(&(&workspace, &req)),
             actor: who.actor(),
             refs: Refs::default(),
             op: Operation::Adjust {

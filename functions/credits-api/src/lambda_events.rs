@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tally::catalog::{Catalog, GenerationSpec, Workflow};
 use tally::clock::ManualClock;
 use tally::http::AuthMode;
-use tally::ids::{AccountId, GenerationId, IdempotencyKey};
+use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
 use tally::ledger::{Actor, ActorKind, LotSource, Operation, Refs};
 use tally::money::Credits;
 use tally::service::{Ledger, LedgerRequest};
@@ -55,7 +55,7 @@ async fn invoke(ledger: &Ledger, event: &str) -> (u16, Value) {
 async fn grant(ledger: &Ledger, credits: u64) {
     ledger
         .execute(LedgerRequest {
-            account: AccountId::parse("acme").unwrap(),
+            workspace: WorkspaceId::parse("acme").unwrap(),
             key: IdempotencyKey::derived(format!("grant:{credits}")),
             fingerprint: String::new(),
             actor: Actor::system(),
@@ -86,7 +86,7 @@ async fn hold_the_event_generation(ledger: &Ledger) -> GenerationId {
         .unwrap();
     ledger
         .execute(LedgerRequest {
-            account: AccountId::parse("acme").unwrap(),
+            workspace: WorkspaceId::parse("acme").unwrap(),
             key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
             fingerprint: String::new(),
             actor: Actor::new(ActorKind::Member, "user-member-7"),

@@ -45,7 +45,7 @@ pub fn protected_routes(state: AppState) -> Router {
         .route("/v1/ledger", get(handlers::ledger))
         .route("/v1/entitlements", get(handlers::entitlements))
         .route(
-            "/v1/admin/workspaces/{org_id}/adjustments",
+            "/v1/admin/workspaces/{workspace_id}/adjustments",
             post(handlers::adjust),
         )
         .with_state(state)

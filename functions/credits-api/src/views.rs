@@ -44,7 +44,7 @@ pub struct LotView {
     pub remaining: u64,
     pub held: u64,
     pub granted_at: DateTime<Utc>,
-    /// Absent for credits that never expire while the account is active.
+    /// Absent for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
 }
 

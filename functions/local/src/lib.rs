@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tally::billing::BillingEvents;
 use tally::http::AuthMode;
 use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE, authenticate, dev_token};
-use tally::ids::{AccountId, IdempotencyKey};
+use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::ledger::{Actor, Interval, LotSource, Operation, PlanState, PlanStatus, Refs};
 use tally::money::Credits;
 use tally::payments::Payments;
@@ -153,7 +153,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
 
 /// Gives the demo workspace a Max plan and its monthly credits, once (replays are no-ops).
 pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
-    let account = AccountId::parse(DEMO_WORKSPACE).expect("valid demo id");
+    let workspace = WorkspaceId::parse(DEMO_WORKSPACE).expect("valid demo id");
     let now = ledger.clock.now();
     let plan = ledger
         .catalog
@@ -162,7 +162,7 @@ pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
         .clone();
     let period_end = now + Duration::days(30);
     let seed = |key: &str, op: Operation| LedgerRequest {
-        account: account.clone(),
+        workspace: workspace.clone(),
         key: IdempotencyKey::derived(format!("demo-seed:{key}")),
         fingerprint: format!("demo-seed:{key}"),
         actor: Actor::system(),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tally::billing::MAX_PACK_QUANTITY;
 use tally::billing::records::*;
 use tally::http::{ApiJson, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key};
-use tally::ids::AccountId;
+use tally::ids::WorkspaceId;
 use tally::ledger::{Interval, PlanStatus};
 use tally::money::Cents;
 use tally::payments::{CheckoutLink, CheckoutRequest, PaymentsError, Purchase};
@@ -18,14 +18,14 @@ use utoipa::{IntoParams, ToSchema};
 type ApiResult<T> = Result<T, Problem>;
 
 /// Owners and billing admins buy; members are refused.
-pub(crate) fn buyer(who: &Identity) -> ApiResult<AccountId> {
-    let account = who.member_workspace()?.clone();
+pub(crate) fn buyer(who: &Identity) -> ApiResult<WorkspaceId> {
+    let workspace = who.member_workspace()?.clone();
     if !who.can_manage_billing() {
         return Err(Problem::forbidden(
             "only the workspace owner or a billing admin can manage billing",
         ));
     }
-    Ok(account)
+    Ok(workspace)
 }
 
 pub(crate) fn provider(e: PaymentsError) -> Problem {
@@ -57,10 +57,10 @@ pub enum CheckoutBody {
 /// idempotency key is the workspace, and the first stored id wins).
 async fn customer(
     st: &PurchasesState,
-    account: &AccountId,
+    workspace: &WorkspaceId,
     email: Option<&str>,
 ) -> ApiResult<String> {
-    let pk = account_pk(account);
+    let pk = workspace_pk(workspace);
     if let Some(c) = docs::get::<BillingProfile>(st.docs.as_ref(), &pk, PROFILE_SK)
         .await?
         .and_then(|p| p.customer)
@@ -69,10 +69,10 @@ async fn customer(
     }
     let created = st
         .payments
-        .create_customer(account, email, &format!("tally-customer-{account}"))
+        .create_customer(workspace, email, &format!("tally-customer-{workspace}"))
         .await
         .map_err(provider)?;
-    Ok(tally::billing::link_customer(st.docs.as_ref(), &created, account).await?)
+    Ok(tally::billing::link_customer(st.docs.as_ref(), &created, workspace).await?)
 }
 
 #[utoipa::path(post, path = "/v1/checkout/sessions", tag = "billing", security(("bearer" = [])),
@@ -87,9 +87,9 @@ pub async fn create_checkout(
     headers: HeaderMap,
     ApiJson(body): ApiJson<CheckoutBody>,
 ) -> ApiResult<(StatusCode, Json<CheckoutLinkView>)> {
-    let account = buyer(&who)?;
+    let workspace = buyer(&who)?;
     let catalog = &st.ledger.catalog;
-    let state = st.ledger.account_now(&account).await?;
+    let state = st.ledger.workspace_now(&workspace).await?;
     let current = state.plan.as_ref().filter(|p| {
         matches!(
             p.status,
@@ -140,14 +140,14 @@ pub async fn create_checkout(
         }
     };
     let key = match idempotency_key(&headers, "checkout")? {
-        Some(k) => format!("tally-checkout-{account}-{}", k.as_str()),
-        None => format!("tally-checkout-{account}-{}", ulid::Ulid::new()),
+        Some(k) => format!("tally-checkout-{workspace}-{}", k.as_str()),
+        None => format!("tally-checkout-{workspace}-{}", ulid::Ulid::new()),
     };
-    let customer = customer(&st, &account, who.email.as_deref()).await?;
+    let customer = customer(&st, &workspace, who.email.as_deref()).await?;
     let link: CheckoutLink = st
         .payments
         .create_checkout(&CheckoutRequest {
-            account: account.clone(),
+            workspace: workspace.clone(),
             customer,
             purchase,
             success_url: st.urls.success.clone(),
@@ -156,7 +156,7 @@ pub async fn create_checkout(
         })
         .await
         .map_err(provider)?;
-    tracing::info!(workspace = %account, session = %link.id, "checkout session created");
+    tracing::info!(workspace = %workspace, session = %link.id, "checkout session created");
     Ok((
         StatusCode::CREATED,
         Json(CheckoutLinkView {
@@ -186,8 +186,8 @@ pub async fn subscription(
     State(st): State<PurchasesState>,
     who: Identity,
 ) -> ApiResult<Json<SubscriptionView>> {
-    let account = buyer(&who)?;
-    let pk = account_pk(&account);
+    let workspace = buyer(&who)?;
+    let pk = workspace_pk(&workspace);
     Ok(Json(SubscriptionView {
         subscription: docs::get(st.docs.as_ref(), &pk, SUBSCRIPTION_SK).await?,
         customer: docs::get::<BillingProfile>(st.docs.as_ref(), &pk, PROFILE_SK)
@@ -208,17 +208,18 @@ pub async fn billing_portal(
     State(st): State<PurchasesState>,
     who: Identity,
 ) -> ApiResult<(StatusCode, Json<PortalView>)> {
-    let account = buyer(&who)?;
-    let customer = docs::get::<BillingProfile>(st.docs.as_ref(), &account_pk(&account), PROFILE_SK)
-        .await?
-        .and_then(|p| p.customer)
-        .ok_or_else(|| Problem::not_found("the workspace has not bought anything yet"))?;
+    let workspace = buyer(&who)?;
+    let customer =
+        docs::get::<BillingProfile>(st.docs.as_ref(), &workspace_pk(&workspace), PROFILE_SK)
+            .await?
+            .and_then(|p| p.customer)
+            .ok_or_else(|| Problem::not_found("the workspace has not bought anything yet"))?;
     let url = st
         .payments
         .billing_portal(
             &customer,
             &st.urls.portal_return,
-            &format!("tally-portal-{account}-{}", ulid::Ulid::new()),
+            &format!("tally-portal-{workspace}-{}", ulid::Ulid::new()),
         )
         .await
         .map_err(provider)?;
@@ -247,14 +248,19 @@ pub async fn invoices(
     who: Identity,
     ApiQuery(q): ApiQuery<InvoiceQuery>,
 ) -> ApiResult<Json<InvoicePage>> {
-    let account = buyer(&who)?;
+    let workspace = buyer(&who)?;
     let limit = match q.limit {
         None => 20,
         Some(n) if (1..=100).contains(&n) => n as usize,
         Some(_) => return Err(Problem::validation("limit", "must be between 1 and 100")),
     };
-    let mut items: Vec<InvoiceRecord> =
-        docs::list(st.docs.as_ref(), &account_pk(&account), INVOICE_PREFIX, 200).await?;
+    let mut items: Vec<InvoiceRecord> = docs::list(
+        st.docs.as_ref(),
+        &workspace_pk(&workspace),
+        INVOICE_PREFIX,
+        200,
+    )
+    .await?;
     items.retain(|i| i.status != "draft");
     items.truncate(limit);
     Ok(Json(InvoicePage { items }))
@@ -282,8 +288,8 @@ pub struct CustomPaymentView {
 /// Largest custom payment: $1,000,000.
 pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 100_000_000;
 
-#[utoipa::path(post, path = "/v1/admin/workspaces/{org_id}/custom-payments", tag = "admin",
-    security(("bearer" = [])), params(("org_id" = String, Path),
+#[utoipa::path(post, path = "/v1/admin/workspaces/{workspace_id}/custom-payments", tag = "admin",
+    security(("bearer" = [])), params(("workspace_id" = String, Path),
         ("Idempotency-Key" = String, Header, description = "Required: one invoice per key")),
     request_body = CustomPaymentBody,
     responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
@@ -292,13 +298,13 @@ pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 100_000_000;
 pub async fn custom_payment(
     State(st): State<PurchasesState>,
     who: Identity,
-    axum::extract::Path(org_id): axum::extract::Path<String>,
+    axum::extract::Path(workspace_id): axum::extract::Path<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CustomPaymentBody>,
 ) -> ApiResult<(StatusCode, Json<CustomPaymentView>)> {
     who.require_scope(tally::http::auth::SCOPE_ADMIN)?;
-    let account =
-        AccountId::parse(&org_id).map_err(|e| Problem::validation("org_id", &e.to_string()))?;
+    let workspace = WorkspaceId::parse(&workspace_id)
+        .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
     let key = idempotency_key(&headers, "custom-payment")?
         .ok_or_else(|| Problem::validation("Idempotency-Key", "required for custom payments"))?;
     if body.amount_cents == 0 || body.amount_cents > MAX_CUSTOM_PAYMENT_CENTS {
@@ -330,21 +336,21 @@ pub async fn custom_payment(
             "must be between 1 and 90",
         ));
     }
-    let customer = customer(&st, &account, None).await?;
+    let customer = customer(&st, &workspace, None).await?;
     let link = st
         .payments
         .create_custom_invoice(&tally::payments::CustomInvoice {
-            account: account.clone(),
+            workspace: workspace.clone(),
             customer,
             amount: body.amount_cents,
             credits: body.credits,
             description: description.to_owned(),
             days_until_due: days,
-            idempotency_key: format!("tally-custom-{account}-{}", key.as_str()),
+            idempotency_key: format!("tally-custom-{workspace}-{}", key.as_str()),
         })
         .await
         .map_err(provider)?;
-    tracing::info!(workspace = %account, invoice = %link.id, admin = %who.sub, "custom payment invoice sent");
+    tracing::info!(workspace = %workspace, invoice = %link.id, admin = %who.sub, "custom payment invoice sent");
     Ok((
         StatusCode::CREATED,
         Json(CustomPaymentView {
@@ -374,7 +380,7 @@ pub async fn put_alerts(
     who: Identity,
     ApiJson(body): ApiJson<AlertsBody>,
 ) -> ApiResult<Json<tally::alerts::AlertSettings>> {
-    let account = buyer(&who)?;
+    let workspace = buyer(&who)?;
     let limit = tally::money::MAX_CREDITS_PER_REQUEST;
     if body.below_credits.len() > tally::alerts::MAX_THRESHOLDS {
         return Err(Problem::validation(
@@ -407,7 +413,7 @@ pub async fn put_alerts(
     below.dedup();
     let stored = docs::update(
         st.docs.as_ref(),
-        &account_pk(&account),
+        &workspace_pk(&workspace),
         tally::alerts::ALERTS_SK,
         |cur: Option<tally::alerts::AlertSettings>| {
             let next = tally::alerts::AlertSettings {
@@ -430,11 +436,11 @@ pub async fn get_alerts(
     State(st): State<PurchasesState>,
     who: Identity,
 ) -> ApiResult<Json<tally::alerts::AlertSettings>> {
-    let account = buyer(&who)?;
+    let workspace = buyer(&who)?;
     Ok(Json(
         docs::get(
             st.docs.as_ref(),
-            &account_pk(&account),
+            &workspace_pk(&workspace),
             tally::alerts::ALERTS_SK,
         )
         .await?

@@ -70,7 +70,7 @@ pub fn protected_routes(state: PurchasesState) -> Router {
             get(handlers::get_alerts).put(handlers::put_alerts),
         )
         .route(
-            "/v1/admin/workspaces/{org_id}/custom-payments",
+            "/v1/admin/workspaces/{workspace_id}/custom-payments",
             post(handlers::custom_payment),
         )
         .with_state(state)

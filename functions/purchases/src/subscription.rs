@@ -23,7 +23,7 @@ use tally::billing::meta;
 use tally::billing::records::*;
 use tally::catalog::Plan;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
-use tally::ids::{AccountId, IdempotencyKey};
+use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::ledger::{Actor, Interval, LotSource, Operation, PlanStatus, Refs};
 use tally::money::Credits;
 use tally::payments::stripe::product_id;
@@ -64,9 +64,9 @@ pub struct ChangeView {
 }
 
 /// The workspace's live subscription, or 404 / 409.
-async fn live(st: &PurchasesState, account: &AccountId) -> ApiResult<SubscriptionRecord> {
+async fn live(st: &PurchasesState, workspace: &WorkspaceId) -> ApiResult<SubscriptionRecord> {
     let sub: SubscriptionRecord =
-        docs::get(st.docs.as_ref(), &account_pk(account), SUBSCRIPTION_SK)
+        docs::get(st.docs.as_ref(), &workspace_pk(workspace), SUBSCRIPTION_SK)
             .await?
             .ok_or_else(|| {
                 Problem::not_found(
@@ -112,7 +112,7 @@ fn addon_price(st: &PurchasesState, plan: &Plan, interval: Interval) -> ApiResul
 
 /// The metadata describing the terms, with any schedule set or cleared.
 fn metadata(
-    account: &AccountId,
+    workspace: &WorkspaceId,
     plan: &str,
     interval: Interval,
     units: u32,
@@ -123,7 +123,7 @@ fn metadata(
         Interval::Yearly => "yearly".to_string(),
     };
     let mut m = BTreeMap::from([
-        (meta::ORG.to_string(), account.to_string()),
+        (meta::WORKSPACE.to_string(), workspace.to_string()),
         (meta::PLAN.to_string(), plan.to_string()),
         (meta::INTERVAL.to_string(), iv(interval)),
         (meta::ADDON_UNITS.to_string(), units.to_string()),
@@ -144,10 +144,10 @@ fn metadata(
     m
 }
 
-fn stripe_key(headers: &HeaderMap, scope: &str, account: &AccountId) -> ApiResult<String> {
+fn stripe_key(headers: &HeaderMap, scope: &str, workspace: &WorkspaceId) -> ApiResult<String> {
     Ok(match idempotency_key(headers, scope)? {
-        Some(k) => format!("tally-{scope}-{account}-{}", k.as_str()),
-        None => format!("tally-{scope}-{account}-{}", ulid::Ulid::new()),
+        Some(k) => format!("tally-{scope}-{workspace}-{}", k.as_str()),
+        None => format!("tally-{scope}-{workspace}-{}", ulid::Ulid::new()),
     })
 }
 
@@ -180,14 +180,14 @@ fn window_sk(sub: &SubscriptionRecord, window_start: DateTime<Utc>) -> String {
 /// The window's grants so far (what the period's invoice granted, if nothing since).
 async fn window_grants(
     st: &PurchasesState,
-    account: &AccountId,
+    workspace: &WorkspaceId,
     sub: &SubscriptionRecord,
     window_start: DateTime<Utc>,
     plan_credits: u64,
 ) -> ApiResult<WindowGrants> {
     Ok(docs::get(
         st.docs.as_ref(),
-        &account_pk(account),
+        &workspace_pk(workspace),
         &window_sk(sub, window_start),
     )
     .await?
@@ -200,7 +200,7 @@ async fn window_grants(
 /// Records a raised level once its credits are granted (levels only go up).
 async fn raise_window(
     st: &PurchasesState,
-    account: &AccountId,
+    workspace: &WorkspaceId,
     sub: &SubscriptionRecord,
     window_start: DateTime<Utc>,
     base: WindowGrants,
@@ -208,7 +208,7 @@ async fn raise_window(
 ) -> ApiResult<()> {
     docs::update(
         st.docs.as_ref(),
-        &account_pk(account),
+        &workspace_pk(workspace),
         &window_sk(sub, window_start),
         |cur: Option<WindowGrants>| {
             let mut g = cur.unwrap_or_else(|| base.clone());
@@ -232,7 +232,7 @@ struct ChangeGrant {
 
 async fn grant(
     st: &PurchasesState,
-    account: &AccountId,
+    workspace: &WorkspaceId,
     who: &Identity,
     g: ChangeGrant,
 ) -> ApiResult<()> {
@@ -241,7 +241,7 @@ async fn grant(
     }
     st.ledger
         .execute(LedgerRequest {
-            account: account.clone(),
+            workspace: workspace.clone(),
             key: IdempotencyKey::derived(g.key.clone()),
             fingerprint: g.key,
             actor: Actor::new(who.actor().kind, who.sub.clone()),
@@ -269,13 +269,13 @@ pub async fn change(
     headers: HeaderMap,
     ApiJson(body): ApiJson<ChangeBody>,
 ) -> ApiResult<Json<ChangeView>> {
-    let account = buyer(&who)?;
+    let workspace = buyer(&who)?;
     let catalog = &st.ledger.catalog;
     let target = catalog
         .plan(&body.plan)
         .ok_or_else(|| Problem::validation("plan", &format!("unknown plan {:?}", body.plan)))?
         .clone();
-    let sub = live(&st, &account).await?;
+    let sub = live(&st, &workspace).await?;
     let current = catalog
         .plan(&sub.plan)
         .ok_or_else(Problem::internal)?
@@ -300,13 +300,13 @@ pub async fn change(
                     plan: Some(plan_price(&st, &current, sub.interval)),
                     prorate_now: false,
                     metadata: metadata(
-                        &account,
+                        &workspace,
                         &sub.plan,
                         sub.interval,
                         sub.addon_units,
                         keep.as_ref(),
                     ),
-                    idempotency_key: stripe_key(&headers, "change", &account)?,
+                    idempotency_key: stripe_key(&headers, "change", &workspace)?,
                     ..SubscriptionChange::default()
                 })
                 .await
@@ -323,7 +323,7 @@ pub async fn change(
     }
     let upgrade = target.monthly_credits > current.monthly_credits
         || (target.id == current.id && body.interval != sub.interval);
-    let key = stripe_key(&headers, "change", &account)?;
+    let key = stripe_key(&headers, "change", &workspace)?;
     if upgrade {
         let units = sub.billed_addon_units();
         // A pending add-on reduction stays pending: Stripe already bills `units`.
@@ -334,7 +334,7 @@ pub async fn change(
                 plan: Some(plan_price(&st, &target, body.interval)),
                 prorate_now: true,
                 metadata: metadata(
-                    &account,
+                    &workspace,
                     &target.id,
                     body.interval,
                     sub.addon_units,
@@ -350,14 +350,14 @@ pub async fn change(
             .map_err(provider)?;
         let (window_start, window_end) = month_window(&sub, now);
         let level =
-            window_grants(&st, &account, &sub, window_start, current.monthly_credits).await?;
+            window_grants(&st, &workspace, &sub, window_start, current.monthly_credits).await?;
         let diff = target.monthly_credits.saturating_sub(level.plan_credits);
         let total = (window_end - window_start).num_seconds().max(1) as u64;
         let left = (window_end - now).num_seconds().clamp(0, total as i64) as u64;
         let credits = (diff * left).div_ceil(total);
         grant(
             &st,
-            &account,
+            &workspace,
             &who,
             ChangeGrant {
                 key: format!(
@@ -374,11 +374,11 @@ pub async fn change(
         )
         .await?;
         let to = target.monthly_credits;
-        raise_window(&st, &account, &sub, window_start, level, |g| {
+        raise_window(&st, &workspace, &sub, window_start, level, |g| {
             g.plan_credits = g.plan_credits.max(to)
         })
         .await?;
-        tracing::info!(workspace = %account, from = %current.id, to = %target.id, credits, "plan upgraded");
+        tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, credits, "plan upgraded");
         return Ok(Json(ChangeView {
             effective: "now",
             effective_at: now,
@@ -400,7 +400,7 @@ pub async fn change(
             plan: Some(plan_price(&st, &target, body.interval)),
             prorate_now: false,
             metadata: metadata(
-                &account,
+                &workspace,
                 &sub.plan,
                 sub.interval,
                 sub.addon_units,
@@ -411,7 +411,7 @@ pub async fn change(
         })
         .await
         .map_err(provider)?;
-    tracing::info!(workspace = %account, from = %current.id, to = %target.id, at = %sub.period_end, "downgrade scheduled");
+    tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, at = %sub.period_end, "downgrade scheduled");
     Ok(Json(ChangeView {
         effective: "at_renewal",
         effective_at: sub.period_end,
@@ -434,14 +434,14 @@ pub async fn addons(
     headers: HeaderMap,
     ApiJson(body): ApiJson<AddonsBody>,
 ) -> ApiResult<Json<ChangeView>> {
-    let account = buyer(&who)?;
+    let workspace = buyer(&who)?;
     if body.units > MAX_ADDON_UNITS {
         return Err(Problem::validation(
             "units",
             &format!("must be between 0 and {MAX_ADDON_UNITS}"),
         ));
     }
-    let sub = live(&st, &account).await?;
+    let sub = live(&st, &workspace).await?;
     if sub.status != PlanStatus::Active {
         return Err(Problem::conflict("add-ons need an active subscription"));
     }
@@ -459,7 +459,7 @@ pub async fn addons(
         .clone();
     let price = addon_price(&st, &plan, sub.interval)?;
     let now = st.ledger.clock.now();
-    let key = stripe_key(&headers, "addons", &account)?;
+    let key = stripe_key(&headers, "addons", &workspace)?;
     let next_plan = sub.scheduled.clone();
     if body.units > sub.addon_units {
         let keep = next_plan.map(|s| ScheduledChange {
@@ -471,18 +471,25 @@ pub async fn addons(
                 subscription: sub.id.clone(),
                 addons: Some((body.units as u64, price)),
                 prorate_now: true,
-                metadata: metadata(&account, &sub.plan, sub.interval, body.units, keep.as_ref()),
+                metadata: metadata(
+                    &workspace,
+                    &sub.plan,
+                    sub.interval,
+                    body.units,
+                    keep.as_ref(),
+                ),
                 idempotency_key: key,
                 ..SubscriptionChange::default()
             })
             .await
             .map_err(provider)?;
         let (window_start, window_end) = month_window(&sub, now);
-        let level = window_grants(&st, &account, &sub, window_start, plan.monthly_credits).await?;
+        let level =
+            window_grants(&st, &workspace, &sub, window_start, plan.monthly_credits).await?;
         let credits = body.units.saturating_sub(level.addon_units) as u64 * addon.credits_per_unit;
         grant(
             &st,
-            &account,
+            &workspace,
             &who,
             ChangeGrant {
                 key: format!(
@@ -499,7 +506,7 @@ pub async fn addons(
         )
         .await?;
         let units = body.units;
-        raise_window(&st, &account, &sub, window_start, level, |g| {
+        raise_window(&st, &workspace, &sub, window_start, level, |g| {
             g.addon_units = g.addon_units.max(units)
         })
         .await?;
@@ -531,7 +538,7 @@ pub async fn addons(
             addons: Some((body.units as u64, price)),
             prorate_now: false,
             metadata: metadata(
-                &account,
+                &workspace,
                 &sub.plan,
                 sub.interval,
                 sub.addon_units,
@@ -566,14 +573,14 @@ async fn set_status(
     cancel: Option<bool>,
     pause: Option<bool>,
 ) -> ApiResult<Json<StatusView>> {
-    let account = buyer(who)?;
-    let sub = live(st, &account).await?;
+    let workspace = buyer(who)?;
+    let sub = live(st, &workspace).await?;
     st.payments
         .update_subscription(&SubscriptionChange {
             subscription: sub.id.clone(),
             cancel_at_period_end: cancel,
             pause,
-            idempotency_key: stripe_key(headers, "status", &account)?,
+            idempotency_key: stripe_key(headers, "status", &workspace)?,
             ..SubscriptionChange::default()
         })
         .await

@@ -9,7 +9,7 @@ pub mod records;
 pub mod stripe;
 
 use crate::catalog::Catalog;
-use crate::ids::{AccountId, IdempotencyKey};
+use crate::ids::{IdempotencyKey, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Interval, LotSource, Operation, PlanStatus, Refs};
 use crate::money::Credits;
 use crate::queue::{ConsumeError, Consumer, Delivery};
@@ -98,17 +98,18 @@ impl BillingEvents {
             }
             "invoice.paid" => {
                 let invoice: stripe::Invoice = parse(event)?;
-                let account = self.invoice_account(&invoice).await?;
-                self.record_invoice(event, &account, &invoice).await?;
-                self.subscription_from_invoice(event, &account, &invoice, PlanStatus::Active)
+                let workspace = self.invoice_workspace(&invoice).await?;
+                self.record_invoice(event, &workspace, &invoice).await?;
+                self.subscription_from_invoice(event, &workspace, &invoice, PlanStatus::Active)
                     .await?;
-                self.grant_invoice_credits(event, &account, &invoice).await
+                self.grant_invoice_credits(event, &workspace, &invoice)
+                    .await
             }
             "invoice.payment_failed" => {
                 let invoice: stripe::Invoice = parse(event)?;
-                let account = self.invoice_account(&invoice).await?;
-                self.record_invoice(event, &account, &invoice).await?;
-                self.subscription_from_invoice(event, &account, &invoice, PlanStatus::PastDue)
+                let workspace = self.invoice_workspace(&invoice).await?;
+                self.record_invoice(event, &workspace, &invoice).await?;
+                self.subscription_from_invoice(event, &workspace, &invoice, PlanStatus::PastDue)
                     .await
             }
             "invoice.created"
@@ -118,8 +119,8 @@ impl BillingEvents {
             | "invoice.marked_uncollectible"
             | "invoice.payment_succeeded" => {
                 let invoice: stripe::Invoice = parse(event)?;
-                let account = self.invoice_account(&invoice).await?;
-                self.record_invoice(event, &account, &invoice).await
+                let workspace = self.invoice_workspace(&invoice).await?;
+                self.record_invoice(event, &workspace, &invoice).await
             }
             "customer.subscription.created"
             | "customer.subscription.updated"
@@ -142,41 +143,48 @@ impl BillingEvents {
 
     /// Links a Stripe customer to a workspace (first link wins; a conflicting one is
     /// refused loudly and left alone).
-    async fn link_customer(&self, customer: &str, account: &AccountId) -> Result<(), ConsumeError> {
-        link_customer(self.docs.as_ref(), customer, account).await?;
+    async fn link_customer(
+        &self,
+        customer: &str,
+        workspace: &WorkspaceId,
+    ) -> Result<(), ConsumeError> {
+        link_customer(self.docs.as_ref(), customer, workspace).await?;
         Ok(())
     }
 
-    async fn customer_account(
+    async fn customer_workspace(
         &self,
         customer: Option<&str>,
-    ) -> Result<Option<AccountId>, ConsumeError> {
+    ) -> Result<Option<WorkspaceId>, ConsumeError> {
         let Some(c) = customer else { return Ok(None) };
         Ok(
             docs::get::<Link>(self.docs.as_ref(), &customer_pk(c), LINK_SK)
                 .await?
-                .map(|l| l.account),
+                .map(|l| l.workspace),
         )
     }
 
-    fn metadata_account(
+    fn metadata_workspace(
         meta: &std::collections::HashMap<String, String>,
-    ) -> Result<Option<AccountId>, ConsumeError> {
+    ) -> Result<Option<WorkspaceId>, ConsumeError> {
         meta.get("org_id")
-            .map(|o| AccountId::parse(o).map_err(|e| poison(format!("metadata org_id: {e}"))))
+            .map(|o| WorkspaceId::parse(o).map_err(|e| poison(format!("metadata org_id: {e}"))))
             .transpose()
     }
 
-    async fn invoice_account(&self, invoice: &stripe::Invoice) -> Result<AccountId, ConsumeError> {
-        if let Some(a) = Self::metadata_account(&invoice.metadata)? {
+    async fn invoice_workspace(
+        &self,
+        invoice: &stripe::Invoice,
+    ) -> Result<WorkspaceId, ConsumeError> {
+        if let Some(a) = Self::metadata_workspace(&invoice.metadata)? {
             return Ok(a);
         }
         if let Some(d) = invoice.subscription_details()
-            && let Some(a) = Self::metadata_account(&d.metadata)?
+            && let Some(a) = Self::metadata_workspace(&d.metadata)?
         {
             return Ok(a);
         }
-        self.customer_account(invoice.customer.id())
+        self.customer_workspace(invoice.customer.id())
             .await?
             .ok_or_else(|| {
                 ConsumeError::Retry(format!("no workspace known for invoice {}", invoice.id))
@@ -186,7 +194,7 @@ impl BillingEvents {
     async fn grant(
         &self,
         event: &stripe::Event,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         g: CreditGrant,
     ) -> Result<(), ConsumeError> {
         let mut refs = g.refs;
@@ -194,11 +202,11 @@ impl BillingEvents {
         if g.expires_at.is_some_and(|t| t <= self.ledger.clock.now()) {
             // Credits for a period that is already over would lapse at once; the payment
             // stays recorded on its invoice, the ledger gets nothing unusable.
-            tracing::warn!(account = %account, key = %g.key, "credits for an ended period not granted");
+            tracing::warn!(workspace = %workspace, key = %g.key, "credits for an ended period not granted");
             return Ok(());
         }
         let req = LedgerRequest {
-            account: account.clone(),
+            workspace: workspace.clone(),
             key: IdempotencyKey::derived(g.key.clone()),
             fingerprint: g.key,
             actor: Actor::new(ActorKind::Stripe, event.id.clone()),
@@ -219,9 +227,9 @@ impl BillingEvents {
         event: &stripe::Event,
         s: stripe::CheckoutSession,
     ) -> Result<(), ConsumeError> {
-        let account = match Self::metadata_account(&s.metadata)? {
+        let workspace = match Self::metadata_workspace(&s.metadata)? {
             Some(a) => a,
-            None => match s.client_reference_id.as_deref().map(AccountId::parse) {
+            None => match s.client_reference_id.as_deref().map(WorkspaceId::parse) {
                 Some(Ok(a)) => a,
                 _ => {
                     tracing::warn!(session = %s.id, "checkout session without a workspace; not ours");
@@ -230,12 +238,12 @@ impl BillingEvents {
             },
         };
         if let Some(c) = s.customer.id() {
-            self.link_customer(c, &account).await?;
+            self.link_customer(c, &workspace).await?;
         }
         if let Some(sub) = s.subscription.id() {
             docs::update(
                 self.docs.as_ref(),
-                &account_pk(&account),
+                &workspace_pk(&workspace),
                 PROFILE_SK,
                 |cur: Option<BillingProfile>| {
                     let mut p = cur.unwrap_or_default();
@@ -282,7 +290,7 @@ impl BillingEvents {
             };
             self.grant(
                 event,
-                &account,
+                &workspace,
                 CreditGrant {
                     key: format!("stripe:checkout:{}", s.id),
                     source: LotSource::Pack,
@@ -300,7 +308,7 @@ impl BillingEvents {
     async fn record_invoice(
         &self,
         event: &stripe::Event,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         i: &stripe::Invoice,
     ) -> Result<(), ConsumeError> {
         let record = InvoiceRecord {
@@ -329,7 +337,7 @@ impl BillingEvents {
         };
         docs::update(
             self.docs.as_ref(),
-            &account_pk(account),
+            &workspace_pk(workspace),
             &invoice_sk(i.created, &i.id),
             |cur| InvoiceRecord::merge(cur, record.clone()),
         )
@@ -341,7 +349,7 @@ impl BillingEvents {
     async fn grant_invoice_credits(
         &self,
         event: &stripe::Event,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         i: &stripe::Invoice,
     ) -> Result<(), ConsumeError> {
         let refs = Refs {
@@ -362,7 +370,7 @@ impl BillingEvents {
                 return self
                     .grant(
                         event,
-                        account,
+                        workspace,
                         CreditGrant {
                             key: format!("stripe:invoice:{}:custom", i.id),
                             source: LotSource::Pack,
@@ -396,7 +404,7 @@ impl BillingEvents {
         let month_end = end.min(start + Duration::days(31));
         self.grant(
             event,
-            account,
+            workspace,
             CreditGrant {
                 key: format!("stripe:invoice:{}:plan", i.id),
                 source: LotSource::PlanPeriod,
@@ -415,7 +423,7 @@ impl BillingEvents {
                 .ok_or_else(|| poison("plan add-on missing from catalog"))?;
             self.grant(
                 event,
-                account,
+                workspace,
                 CreditGrant {
                     key: format!("stripe:invoice:{}:addon", i.id),
                     source: LotSource::Addon,
@@ -433,7 +441,7 @@ impl BillingEvents {
     async fn subscription_from_invoice(
         &self,
         event: &stripe::Event,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         i: &stripe::Invoice,
         status: PlanStatus,
     ) -> Result<(), ConsumeError> {
@@ -471,7 +479,7 @@ impl BillingEvents {
         };
         self.merge_subscription(
             event,
-            account,
+            workspace,
             record,
             SubscriptionRecord::merge_invoice_facts,
         )
@@ -483,10 +491,10 @@ impl BillingEvents {
         event: &stripe::Event,
         s: stripe::Subscription,
     ) -> Result<(), ConsumeError> {
-        let account = match Self::metadata_account(&s.metadata)? {
+        let workspace = match Self::metadata_workspace(&s.metadata)? {
             Some(a) => a,
             None => self
-                .customer_account(s.customer.id())
+                .customer_workspace(s.customer.id())
                 .await?
                 .ok_or_else(|| {
                     ConsumeError::Retry(format!("no workspace known for subscription {}", s.id))
@@ -524,9 +532,9 @@ impl BillingEvents {
             as_of_event: event.id.clone(),
         };
         if let Some(c) = s.customer.id() {
-            self.link_customer(c, &account).await?;
+            self.link_customer(c, &workspace).await?;
         }
-        self.merge_subscription(event, &account, record, SubscriptionRecord::merge)
+        self.merge_subscription(event, &workspace, record, SubscriptionRecord::merge)
             .await
     }
 
@@ -534,13 +542,13 @@ impl BillingEvents {
     async fn merge_subscription(
         &self,
         event: &stripe::Event,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         record: SubscriptionRecord,
         merge: fn(Option<SubscriptionRecord>, SubscriptionRecord) -> Option<SubscriptionRecord>,
     ) -> Result<(), ConsumeError> {
         let merged = docs::update(
             self.docs.as_ref(),
-            &account_pk(account),
+            &workspace_pk(workspace),
             SUBSCRIPTION_SK,
             |cur| merge(cur, record.clone()),
         )
@@ -549,7 +557,7 @@ impl BillingEvents {
         let key = format!("stripe:{}:plan", event.id);
         self.ledger
             .execute(LedgerRequest {
-                account: account.clone(),
+                workspace: workspace.clone(),
                 key: IdempotencyKey::derived(key.clone()),
                 fingerprint: key,
                 actor: Actor::new(ActorKind::Stripe, event.id.clone()),
@@ -566,9 +574,9 @@ impl BillingEvents {
     }
 
     async fn charge(&self, event: &stripe::Event, c: stripe::Charge) -> Result<(), ConsumeError> {
-        let account = match Self::metadata_account(&c.metadata)? {
+        let workspace = match Self::metadata_workspace(&c.metadata)? {
             Some(a) => Some(a),
-            None => match self.customer_account(c.customer.id()).await? {
+            None => match self.customer_workspace(c.customer.id()).await? {
                 Some(a) => Some(a),
                 // The checkout that links this customer may not have been applied yet.
                 None if c.customer.id().is_some() => {
@@ -598,7 +606,7 @@ impl BillingEvents {
             .unwrap_or_default();
         let record = PaymentRecord {
             charge: c.id.clone(),
-            account,
+            workspace,
             amount: c.amount,
             amount_refunded: c.amount_refunded,
             currency: c.currency.clone(),
@@ -612,12 +620,14 @@ impl BillingEvents {
         })
         .await?;
         // The card of the latest successful payment is the one auto top-up uses.
-        if let (Some(a), Some(pm), "charge.succeeded") =
-            (&record.account, c.payment_method.id(), event.kind.as_str())
-        {
+        if let (Some(a), Some(pm), "charge.succeeded") = (
+            &record.workspace,
+            c.payment_method.id(),
+            event.kind.as_str(),
+        ) {
             docs::update(
                 self.docs.as_ref(),
-                &account_pk(a),
+                &workspace_pk(a),
                 PROFILE_SK,
                 |cur: Option<BillingProfile>| {
                     let mut p = cur.unwrap_or_default();
@@ -647,7 +657,7 @@ impl BillingEvents {
         {
             return Ok(());
         }
-        let account = Self::metadata_account(&pi.metadata)?
+        let workspace = Self::metadata_workspace(&pi.metadata)?
             .ok_or_else(|| poison(format!("top-up {} names no workspace", pi.id)))?;
         let pack_id = pi
             .metadata
@@ -659,7 +669,7 @@ impl BillingEvents {
             .ok_or_else(|| poison(format!("unknown pack {pack_id:?}")))?;
         self.grant(
             event,
-            &account,
+            &workspace,
             CreditGrant {
                 key: format!("stripe:payment_intent:{}", pi.id),
                 source: LotSource::Pack,
@@ -709,7 +719,7 @@ impl BillingEvents {
 pub async fn link_customer(
     docs_store: &dyn DocStore,
     customer: &str,
-    account: &AccountId,
+    workspace: &WorkspaceId,
 ) -> Result<String, StoreError> {
     let linked = docs::update(
         docs_store,
@@ -717,20 +727,20 @@ pub async fn link_customer(
         LINK_SK,
         |cur: Option<Link>| {
             cur.is_none().then(|| Link {
-                account: account.clone(),
+                workspace: workspace.clone(),
             })
         },
     )
     .await?;
     if let Some(l) = linked
-        && &l.account != account
+        && &l.workspace != workspace
     {
-        tracing::error!(customer, linked = %l.account, claimed = %account,
+        tracing::error!(customer, linked = %l.workspace, claimed = %workspace,
             "Stripe customer already belongs to another workspace; ignoring the new claim");
     }
     let profile = docs::update(
         docs_store,
-        &account_pk(account),
+        &workspace_pk(workspace),
         PROFILE_SK,
         |cur: Option<BillingProfile>| {
             let mut p = cur.unwrap_or_default();
@@ -749,7 +759,7 @@ pub async fn link_customer(
 
 /// Metadata keys Tally keeps on a Stripe subscription.
 pub mod meta {
-    pub const ORG: &str = "org_id";
+    pub const WORKSPACE: &str = "org_id";
     pub const PLAN: &str = "plan";
     pub const INTERVAL: &str = "interval";
     pub const ADDON_UNITS: &str = "addon_units";

@@ -2,14 +2,14 @@
 //! the facts (status rank, Stripe's `created` time, event id), so any delivery order of the
 //! same events ends in the same document.
 
-use crate::ids::AccountId;
+use crate::ids::WorkspaceId;
 use crate::ledger::{Interval, PlanState, PlanStatus};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub fn account_pk(account: &AccountId) -> String {
-    format!("ACCOUNT#{account}")
+pub fn workspace_pk(workspace: &WorkspaceId) -> String {
+    format!("WORKSPACE#{workspace}")
 }
 pub fn customer_pk(customer: &str) -> String {
     format!("CUSTOMER#{customer}")
@@ -41,7 +41,7 @@ pub struct BillingProfile {
 /// Which workspace a Stripe customer (or charge) belongs to. Written once; never moved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
-    pub account: AccountId,
+    pub workspace: WorkspaceId,
 }
 
 /// The subscription as the latest Stripe facts describe it.
@@ -206,7 +206,7 @@ pub struct DisputeFact {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PaymentRecord {
     pub charge: String,
-    pub account: Option<AccountId>,
+    pub workspace: Option<WorkspaceId>,
     pub amount: i64,
     pub amount_refunded: i64,
     pub currency: Option<String>,
@@ -223,7 +223,7 @@ impl PaymentRecord {
         let Some(mut merged) = current.clone() else {
             return Some(incoming);
         };
-        merged.account = merged.account.or(incoming.account);
+        merged.workspace = merged.workspace.or(incoming.workspace);
         merged.amount = merged.amount.max(incoming.amount);
         merged.amount_refunded = merged.amount_refunded.max(incoming.amount_refunded);
         merged.currency = merged.currency.or(incoming.currency);

@@ -4,7 +4,7 @@
 //! see an [`Identity`].
 
 use super::problem::Problem;
-use crate::ids::AccountId;
+use crate::ids::WorkspaceId;
 use crate::ledger::{Actor, ActorKind};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -47,7 +47,7 @@ impl Role {
 pub struct Identity {
     pub sub: String,
     pub email: Option<String>,
-    pub workspace: Option<AccountId>,
+    pub workspace: Option<WorkspaceId>,
     pub role: Option<Role>,
     pub scopes: Vec<String>,
 }
@@ -62,7 +62,7 @@ impl Identity {
             .clone();
         let workspace = match claims.get("org_id").filter(|s| !s.is_empty()) {
             Some(org) => Some(
-                AccountId::parse(org)
+                WorkspaceId::parse(org)
                     .map_err(|e| Problem::unauthorized(format!("token org_id: {e}")))?,
             ),
             None => None,
@@ -97,7 +97,7 @@ impl Identity {
     }
 
     /// The caller's own workspace; members of a workspace must carry both org and role.
-    pub fn member_workspace(&self) -> Result<&AccountId, Problem> {
+    pub fn member_workspace(&self) -> Result<&WorkspaceId, Problem> {
         match (&self.workspace, self.role) {
             (Some(ws), Some(_)) => Ok(ws),
             _ => Err(Problem::forbidden(

@@ -1,6 +1,6 @@
 //! The pure ledger engine: given a state and a command, decide the journal entries.
 //!
-//! Every command first settles the account lazily (overdue holds released, lapsed lots
+//! Every command first settles the workspace lazily (overdue holds released, lapsed lots
 //! expired) so correctness never waits for a schedule, then performs its operation, then
 //! settles again (credits released back onto an already-lapsed lot expire at once).
 
@@ -79,14 +79,14 @@ pub struct Outcome {
 /// write, and the outcome to hand back (and remember under the idempotency key).
 #[derive(Debug, Clone)]
 pub struct Applied {
-    pub state: AccountState,
+    pub state: WorkspaceState,
     pub entries: Vec<Entry>,
     pub generations: Vec<Generation>,
     pub outcome: Outcome,
 }
 
 struct Tx<'a> {
-    state: AccountState,
+    state: WorkspaceState,
     cmd: &'a Command,
     entries: Vec<Entry>,
     generations: BTreeMap<GenerationId, Generation>,
@@ -124,7 +124,7 @@ impl Draft {
 
 /// Runs one command against a state. Pure: no I/O, no clock but `cmd.at`.
 pub fn execute(
-    state: &AccountState,
+    state: &WorkspaceState,
     cmd: &Command,
     catalog: &Catalog,
 ) -> Result<Applied, LedgerError> {
@@ -153,9 +153,9 @@ pub fn execute(
 
 /// The state settled at `now`, for reads. Nothing is written.
 pub(super) fn settle_view(
-    state: &AccountState,
+    state: &WorkspaceState,
     now: DateTime<Utc>,
-) -> Result<AccountState, LedgerError> {
+) -> Result<WorkspaceState, LedgerError> {
     let cmd = Command {
         key: IdempotencyKey::derived("view".into()),
         at: now,
@@ -268,7 +268,7 @@ impl Tx<'_> {
             d.custom_model_slot = is_training(&hold).then_some(false);
             d.note = Some("hold passed its deadline without completing".into());
             let seq = self.push(d)?;
-            let mut g = record_from_hold(&self.state.account, &hold);
+            let mut g = record_from_hold(&self.state.workspace, &hold);
             g.status = GenerationStatus::Expired;
             g.settled_at = Some(now);
             g.entries.push(seq);
@@ -511,7 +511,7 @@ impl Tx<'_> {
         d.generation = Some(generation);
         d.custom_model_slot = training.then_some(true);
         self.push(d)?;
-        let g = record_from_hold(&self.state.account, &hold);
+        let g = record_from_hold(&self.state.workspace, &hold);
         self.generations.insert(generation, g.clone());
         Ok(g)
     }
@@ -575,7 +575,7 @@ impl Tx<'_> {
             d.totals.spent = charged;
             d.generation = Some(generation);
             let seq = self.push(d)?;
-            let mut g = record_from_hold(&self.state.account, &hold);
+            let mut g = record_from_hold(&self.state.workspace, &hold);
             g.status = GenerationStatus::Completed;
             g.charged = charged;
             g.shortfall = cost - charged;
@@ -650,7 +650,7 @@ impl Tx<'_> {
             d.custom_model_slot = is_training(&hold).then_some(false);
             d.note = Some(reason.to_owned());
             let seq = self.push(d)?;
-            let mut g = record_from_hold(&self.state.account, &hold);
+            let mut g = record_from_hold(&self.state.workspace, &hold);
             g.status = GenerationStatus::Failed;
             g.failure_reason = Some(reason.to_owned());
             g.settled_at = Some(now);
@@ -696,10 +696,10 @@ fn is_training(hold: &Hold) -> bool {
     hold.estimate.workflow == crate::catalog::Workflow::Training
 }
 
-fn record_from_hold(account: &AccountId, hold: &Hold) -> Generation {
+fn record_from_hold(workspace: &WorkspaceId, hold: &Hold) -> Generation {
     Generation {
         id: hold.generation,
-        account: account.clone(),
+        workspace: workspace.clone(),
         started_by: hold.started_by.clone(),
         estimate: hold.estimate.clone(),
         held: hold.amount,

@@ -1,13 +1,13 @@
 //! The ledger: lots of credits, holds on them, and the append-only journal that moves them.
 //!
 //! State is event-sourced: the engine ([`engine`]) decides which [`Entry`]s an operation
-//! produces, and [`AccountState::apply`] is the only code that changes state. Applying the
+//! produces, and [`WorkspaceState::apply`] is the only code that changes state. Applying the
 //! journal from the first entry therefore rebuilds exactly the stored state.
 
 pub mod engine;
 
 use crate::catalog::Estimate;
-use crate::ids::{AccountId, GenerationId};
+use crate::ids::{GenerationId, WorkspaceId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -44,7 +44,7 @@ pub struct Lot {
     /// Part of `remaining` reserved by open holds.
     pub held: u64,
     pub granted_at: DateTime<Utc>,
-    /// `None` for credits that never expire while the account is active.
+    /// `None` for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -79,7 +79,7 @@ pub struct Hold {
     pub allocations: Vec<Allocation>,
     pub placed_seq: u64,
     pub created_at: DateTime<Utc>,
-    /// After this the hold is released without charge by the next operation on the account.
+    /// After this the hold is released without charge by the next operation on the workspace.
     pub deadline: DateTime<Utc>,
     /// The `sub` of the member who started the generation.
     pub started_by: String,
@@ -146,8 +146,8 @@ pub struct PlanState {
 
 /// Everything the ledger holds for one workspace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccountState {
-    pub account: AccountId,
+pub struct WorkspaceState {
+    pub workspace: WorkspaceId,
     /// Store version for optimistic concurrency: 0 means never written.
     pub version: u64,
     /// Sequence number the next journal entry gets; entries start at 1.
@@ -313,7 +313,7 @@ pub struct Generation {
     #[schema(value_type = String)]
     pub id: GenerationId,
     #[schema(value_type = String)]
-    pub account: AccountId,
+    pub workspace: WorkspaceId,
     pub started_by: String,
     pub estimate: Estimate,
     pub held: u64,
@@ -353,10 +353,10 @@ pub enum LedgerError {
     Corrupt(String),
 }
 
-impl AccountState {
-    pub fn new(account: AccountId) -> Self {
+impl WorkspaceState {
+    pub fn new(workspace: WorkspaceId) -> Self {
         Self {
-            account,
+            workspace,
             version: 0,
             next_seq: 1,
             plan: None,
@@ -369,10 +369,10 @@ impl AccountState {
 
     /// Rebuilds state from the journal alone.
     pub fn from_journal<'a>(
-        account: AccountId,
+        workspace: WorkspaceId,
         entries: impl IntoIterator<Item = &'a Entry>,
     ) -> Result<Self, LedgerError> {
-        let mut state = Self::new(account);
+        let mut state = Self::new(workspace);
         for e in entries {
             state.apply(e)?;
         }
@@ -435,7 +435,7 @@ impl AccountState {
             }
         }
         // Spent-out lots leave the state (the journal keeps their history) so the state
-        // item stays small however long the account lives.
+        // item stays small however long the workspace lives.
         self.lots.retain(|l| l.remaining > 0);
         self.next_seq = e.seq + 1;
         Ok(())
@@ -452,8 +452,8 @@ impl AccountState {
     }
 
     /// The state as it is at `now`: overdue holds released, lapsed lots expired. Used by
-    /// reads so they are right even before the next write settles the account.
-    pub fn settled_at(&self, now: DateTime<Utc>) -> Result<AccountState, LedgerError> {
+    /// reads so they are right even before the next write settles the workspace.
+    pub fn settled_at(&self, now: DateTime<Utc>) -> Result<WorkspaceState, LedgerError> {
         engine::settle_view(self, now)
     }
 

@@ -11,7 +11,7 @@ fn t0() -> DateTime<Utc> {
 }
 
 struct World {
-    state: AccountState,
+    state: WorkspaceState,
     journal: Vec<Entry>,
     now: DateTime<Utc>,
     catalog: Catalog,
@@ -21,7 +21,7 @@ struct World {
 impl World {
     fn new() -> Self {
         Self {
-            state: AccountState::new(AccountId::parse("org_t").unwrap()),
+            state: WorkspaceState::new(WorkspaceId::parse("org_t").unwrap()),
             journal: Vec::new(),
             now: t0(),
             catalog: Catalog::builtin(),
@@ -278,7 +278,7 @@ fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still
 fn record_for(w: &World, g: GenerationId, held: u64) -> Generation {
     Generation {
         id: g,
-        account: w.state.account.clone(),
+        workspace: w.state.workspace.clone(),
         started_by: "u1".into(),
         estimate: w.estimate(held),
         held,
@@ -447,7 +447,7 @@ fn the_journal_alone_rebuilds_the_state() {
         note: "x".into(),
     })
     .unwrap();
-    let rebuilt = AccountState::from_journal(w.state.account.clone(), &w.journal).unwrap();
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
     assert_eq!(rebuilt, w.state);
 }
 
@@ -600,7 +600,7 @@ mod properties {
                 let held: i128 = w.state.holds.iter().map(|h| h.amount as i128).sum();
                 prop_assert!(remaining - held >= 0, "available went negative");
             }
-            let rebuilt = AccountState::from_journal(w.state.account.clone(), &w.journal).unwrap();
+            let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
             prop_assert_eq!(rebuilt, w.state);
         }
     }

@@ -5,7 +5,7 @@
 pub mod simulator;
 pub mod stripe;
 
-use crate::ids::AccountId;
+use crate::ids::WorkspaceId;
 use crate::ledger::Interval;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -44,7 +44,7 @@ pub enum Purchase {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutRequest {
-    pub account: AccountId,
+    pub workspace: WorkspaceId,
     pub customer: String,
     pub purchase: Purchase,
     pub success_url: String,
@@ -92,7 +92,7 @@ pub struct SubscriptionChange {
 /// invoice page; its credits are granted when Stripe reports it paid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomInvoice {
-    pub account: AccountId,
+    pub workspace: WorkspaceId,
     pub customer: String,
     /// Integer cents.
     pub amount: u64,
@@ -111,7 +111,7 @@ pub struct InvoiceLink {
 /// An off-session purchase of a pack with the customer's saved card (auto top-up).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopUp {
-    pub account: AccountId,
+    pub workspace: WorkspaceId,
     pub customer: String,
     pub payment_method: String,
     pub pack: String,
@@ -138,7 +138,7 @@ pub trait Payments: Send + Sync {
     /// Creates the Stripe customer of a workspace.
     async fn create_customer(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         email: Option<&str>,
         idempotency_key: &str,
     ) -> Result<String, PaymentsError>;

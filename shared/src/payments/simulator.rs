@@ -262,13 +262,13 @@ impl Simulator {
             s.request.clone()
         };
         let now = Utc::now().timestamp();
-        let org = request.account.to_string();
+        let ws = request.workspace.to_string();
         let customer = request.customer.clone();
         let meta = super::stripe::checkout_metadata(&request);
         let mut session = fixture("checkout.session");
         session["id"] = json!(session_id);
         session["customer"] = json!(customer);
-        session["client_reference_id"] = json!(org);
+        session["client_reference_id"] = json!(ws);
         session["status"] = json!("complete");
         session["payment_status"] = json!("paid");
         session["metadata"] = json!(meta);
@@ -279,9 +279,9 @@ impl Simulator {
         charge["id"] = json!(new_id("ch"));
         charge["customer"] = json!(customer);
         charge["created"] = json!(now);
-        charge["metadata"] = json!({"org_id": org});
+        charge["metadata"] = json!({"org_id": ws});
         charge["amount_refunded"] = json!(0);
-        charge["payment_method"] = json!(format!("pm_sim_{}", request.account));
+        charge["payment_method"] = json!(format!("pm_sim_{}", request.workspace));
         charge["refunded"] = json!(false);
         charge["refunds"] =
             json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
@@ -403,7 +403,7 @@ impl Simulator {
 impl Payments for Simulator {
     async fn charge_saved_method(&self, req: &TopUp) -> Result<String, PaymentsError> {
         let id = new_id("pi");
-        let metadata = json!({"org_id": req.account.to_string(), "kind": "pack", "pack": req.pack,
+        let metadata = json!({"org_id": req.workspace.to_string(), "kind": "pack", "pack": req.pack,
             "quantity": "1", "topup": "true"});
         let mut intent = fixture("payment_intent");
         intent["id"] = json!(id);
@@ -455,7 +455,7 @@ impl Payments for Simulator {
         inv["created"] = json!(Utc::now().timestamp());
         inv["currency"] = json!("usd");
         inv["description"] = json!(req.description);
-        inv["metadata"] = json!({"org_id": req.account.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
+        inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
         inv["number"] = json!(format!("SIM-{}", &id[id.len() - 6..]));
         inv["hosted_invoice_url"] = json!(format!("{}/sim/invoices/{id}", self.base_url));
         inv["invoice_pdf"] = json!(format!("{}/sim/invoices/{id}.pdf", self.base_url));
@@ -525,7 +525,7 @@ impl Payments for Simulator {
 
     async fn create_customer(
         &self,
-        _account: &AccountId,
+        _workspace: &WorkspaceId,
         _email: Option<&str>,
         _key: &str,
     ) -> Result<String, PaymentsError> {

@@ -120,7 +120,7 @@ struct CheckoutForm<'a> {
 /// The metadata every checkout carries so Stripe's events name the workspace and the
 /// purchase without any lookup.
 pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String> {
-    let mut m = BTreeMap::from([("org_id", req.account.to_string())]);
+    let mut m = BTreeMap::from([("org_id", req.workspace.to_string())]);
     match &req.purchase {
         Purchase::Plan { plan, interval, .. } => {
             m.insert("kind", "plan".into());
@@ -293,7 +293,7 @@ impl Payments for StripePayments {
                     confirm: true,
                     description: format!("Auto top-up: {}", req.pack),
                     metadata: BTreeMap::from([
-                        ("org_id", req.account.to_string()),
+                        ("org_id", req.workspace.to_string()),
                         ("kind", "pack".to_string()),
                         ("pack", req.pack.clone()),
                         ("quantity", "1".to_string()),
@@ -321,7 +321,7 @@ impl Payments for StripePayments {
                     description: &req.description,
                     auto_advance: true,
                     metadata: BTreeMap::from([
-                        ("org_id", req.account.to_string()),
+                        ("org_id", req.workspace.to_string()),
                         ("kind", "custom_payment".to_string()),
                         ("credits", req.credits.to_string()),
                     ]),
@@ -456,13 +456,13 @@ impl Payments for StripePayments {
 
     async fn create_customer(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         email: Option<&str>,
         idempotency_key: &str,
     ) -> Result<String, PaymentsError> {
         let form = CustomerForm {
             email,
-            metadata: BTreeMap::from([("org_id", account.as_str())]),
+            metadata: BTreeMap::from([("org_id", workspace.as_str())]),
         };
         let customer: stripe_shared::Customer =
             self.post("/customers", &form, idempotency_key).await?;
@@ -516,7 +516,7 @@ impl Payments for StripePayments {
         let form = CheckoutForm {
             mode,
             customer: &req.customer,
-            client_reference_id: req.account.as_str(),
+            client_reference_id: req.workspace.as_str(),
             success_url: &req.success_url,
             cancel_url: &req.cancel_url,
             line_items: vec![line],

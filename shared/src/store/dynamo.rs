@@ -2,11 +2,11 @@
 //!
 //! | PK | SK | holds |
 //! |---|---|---|
-//! | `ACCOUNT#<id>` | `STATE` | account state JSON, `version` (optimistic concurrency) |
-//! | `ACCOUNT#<id>` | `ENTRY#<seq, 20 digits>` | journal entry JSON (append-only) |
-//! | `ACCOUNT#<id>` | `IDEM#<key>` | idempotency record JSON, optional `ttl` |
-//! | `ACCOUNT#<id>` | `GEN#<gen id>` | generation JSON, `status` and `model` for filtering |
-//! | `GENERATION#<gen id>` | `OWNER` | `account`: which workspace a generation belongs to |
+//! | `WORKSPACE#<id>` | `STATE` | workspace state JSON, `version` (optimistic concurrency) |
+//! | `WORKSPACE#<id>` | `ENTRY#<seq, 20 digits>` | journal entry JSON (append-only) |
+//! | `WORKSPACE#<id>` | `IDEM#<key>` | idempotency record JSON, optional `ttl` |
+//! | `WORKSPACE#<id>` | `GEN#<gen id>` | generation JSON, `status` and `model` for filtering |
+//! | `GENERATION#<gen id>` | `OWNER` | `workspace`: which workspace a generation belongs to |
 //!
 //! Every commit is one `TransactWriteItems`. Idempotency rests on `attribute_not_exists`
 //! conditions, never on `ClientRequestToken` (which expires after ten minutes anyway).
@@ -40,8 +40,8 @@ fn s(v: impl Into<String>) -> AttributeValue {
 fn n(v: u64) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
-fn account_pk(a: &AccountId) -> String {
-    format!("ACCOUNT#{a}")
+fn workspace_pk(a: &WorkspaceId) -> String {
+    format!("WORKSPACE#{a}")
 }
 fn entry_sk(seq: u64) -> String {
     format!("ENTRY#{seq:020}")
@@ -197,11 +197,11 @@ impl DynamoStore {
         Ok(out.item)
     }
 
-    /// Queries one account's items with a sort-key range, newest first, page by page, until
+    /// Queries one workspace's items with a sort-key range, newest first, page by page, until
     /// `limit` items pass `keep`.
     async fn query_desc<T>(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         low: String,
         high: String,
         limit: usize,
@@ -220,7 +220,7 @@ impl DynamoStore {
                 .key_condition_expression("#pk = :pk AND #sk BETWEEN :lo AND :hi")
                 .expression_attribute_names("#pk", PK)
                 .expression_attribute_names("#sk", SK)
-                .expression_attribute_values(":pk", s(account_pk(account)))
+                .expression_attribute_values(":pk", s(workspace_pk(workspace)))
                 .expression_attribute_values(":lo", s(low.clone()))
                 .expression_attribute_values(":hi", s(high.clone()))
                 .scan_index_forward(false)
@@ -249,15 +249,15 @@ impl DynamoStore {
 
 #[async_trait]
 impl LedgerStore for DynamoStore {
-    async fn load(&self, account: &AccountId) -> Result<Option<AccountState>, StoreError> {
-        match self.get(account_pk(account), "STATE".into()).await? {
+    async fn load(&self, workspace: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
+        match self.get(workspace_pk(workspace), "STATE".into()).await? {
             Some(item) => Ok(Some(decode(body(&item)?)?)),
             None => Ok(None),
         }
     }
 
     async fn commit(&self, c: Commit) -> Result<(), CommitError> {
-        let pk = account_pk(&c.state.account);
+        let pk = workspace_pk(&c.state.workspace);
         let mut items = Vec::new();
 
         let idem = &c.idempotency;
@@ -314,7 +314,7 @@ impl LedgerStore for DynamoStore {
             let item = HashMap::from([
                 (PK.to_string(), s(format!("GENERATION#{id}"))),
                 (SK.to_string(), s("OWNER")),
-                ("account".to_string(), s(c.state.account.as_str())),
+                ("workspace".to_string(), s(c.state.workspace.as_str())),
             ]);
             items.push(self.put(item, Some("attribute_not_exists(PK)")));
         }
@@ -365,10 +365,13 @@ impl LedgerStore for DynamoStore {
 
     async fn idempotency(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         key: &IdempotencyKey,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        match self.get(account_pk(account), format!("IDEM#{key}")).await? {
+        match self
+            .get(workspace_pk(workspace), format!("IDEM#{key}"))
+            .await?
+        {
             Some(item) => Ok(Some(decode(body(&item)?)?)),
             None => Ok(None),
         }
@@ -376,31 +379,34 @@ impl LedgerStore for DynamoStore {
 
     async fn generation(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         id: GenerationId,
     ) -> Result<Option<Generation>, StoreError> {
-        match self.get(account_pk(account), format!("GEN#{id}")).await? {
+        match self
+            .get(workspace_pk(workspace), format!("GEN#{id}"))
+            .await?
+        {
             Some(item) => Ok(Some(decode(body(&item)?)?)),
             None => Ok(None),
         }
     }
 
-    async fn generation_owner(&self, id: GenerationId) -> Result<Option<AccountId>, StoreError> {
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError> {
         let Some(item) = self.get(format!("GENERATION#{id}"), "OWNER".into()).await? else {
             return Ok(None);
         };
-        let account = item
-            .get("account")
+        let workspace = item
+            .get("workspace")
             .and_then(|v| v.as_s().ok())
-            .ok_or_else(|| StoreError::Decode("owner item has no account".into()))?;
-        AccountId::parse(account)
+            .ok_or_else(|| StoreError::Decode("owner item has no workspace".into()))?;
+        WorkspaceId::parse(workspace)
             .map(Some)
             .map_err(|e| StoreError::Decode(e.to_string()))
     }
 
     async fn generations(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         query: &GenerationQuery,
     ) -> Result<Vec<Generation>, StoreError> {
         let high = match query.before {
@@ -409,7 +415,7 @@ impl LedgerStore for DynamoStore {
         };
         let before = query.before;
         self.query_desc(
-            account,
+            workspace,
             "GEN#".into(),
             high,
             query.limit,
@@ -420,7 +426,7 @@ impl LedgerStore for DynamoStore {
 
     async fn entries(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         query: &EntryQuery,
     ) -> Result<Vec<Entry>, StoreError> {
         let high = match query.before {
@@ -428,18 +434,18 @@ impl LedgerStore for DynamoStore {
             Some(b) => entry_sk(b - 1),
             None => "ENTRY#~".into(),
         };
-        self.query_desc(account, "ENTRY#".into(), high, query.limit, Some)
+        self.query_desc(workspace, "ENTRY#".into(), high, query.limit, Some)
             .await
     }
 
     async fn entries_by_seq(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         seqs: &[u64],
     ) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::with_capacity(seqs.len());
         for &seq in seqs {
-            if let Some(item) = self.get(account_pk(account), entry_sk(seq)).await? {
+            if let Some(item) = self.get(workspace_pk(workspace), entry_sk(seq)).await? {
                 out.push(decode(body(&item)?)?);
             }
         }

@@ -7,15 +7,15 @@ use redb::{Database, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
 
-/// `account` -> state JSON.
-const ACCOUNTS: TableDefinition<&str, &str> = TableDefinition::new("accounts");
-/// `account`, seq -> entry JSON.
+/// `workspace` -> state JSON.
+const ACCOUNTS: TableDefinition<&str, &str> = TableDefinition::new("workspaces");
+/// `workspace`, seq -> entry JSON.
 const ENTRIES: TableDefinition<(&str, u64), &str> = TableDefinition::new("entries");
-/// `account`, key -> idempotency record JSON.
+/// `workspace`, key -> idempotency record JSON.
 const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("idempotency");
-/// `account`, generation id -> generation JSON (ULID text sorts by time).
+/// `workspace`, generation id -> generation JSON (ULID text sorts by time).
 const GENERATIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("generations");
-/// generation id -> account.
+/// generation id -> workspace.
 const GENERATION_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("generation_owners");
 /// pk, sk -> (version, body).
 const DOCS: TableDefinition<(&str, &str), (u64, &str)> = TableDefinition::new("docs");
@@ -84,12 +84,12 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl LedgerStore for EmbeddedStore {
-    async fn load(&self, account: &AccountId) -> Result<Option<AccountState>, StoreError> {
-        let account = account.to_string();
+    async fn load(&self, workspace: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
+        let workspace = workspace.to_string();
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(ACCOUNTS).map_err(backend)?;
-            let v = t.get(account.as_str()).map_err(backend)?;
+            let v = t.get(workspace.as_str()).map_err(backend)?;
             v.map(|v| decode(v.value())).transpose()
         })
         .await
@@ -97,28 +97,28 @@ impl LedgerStore for EmbeddedStore {
 
     async fn commit(&self, c: Commit) -> Result<(), CommitError> {
         self.blocking(move |db| {
-            let account = c.state.account.to_string();
+            let workspace = c.state.workspace.to_string();
             let tx = db.begin_write().map_err(backend)?;
             {
                 let mut idem = tx.open_table(IDEMPOTENCY).map_err(backend)?;
-                let key = (account.as_str(), c.idempotency.key.as_str());
+                let key = (workspace.as_str(), c.idempotency.key.as_str());
                 if idem.get(key).map_err(backend)?.is_some() {
                     return Err(CommitError::Duplicate);
                 }
-                let mut accounts = tx.open_table(ACCOUNTS).map_err(backend)?;
-                let stored_version = match accounts.get(account.as_str()).map_err(backend)? {
-                    Some(v) => decode::<AccountState>(v.value())?.version,
+                let mut workspaces = tx.open_table(ACCOUNTS).map_err(backend)?;
+                let stored_version = match workspaces.get(workspace.as_str()).map_err(backend)? {
+                    Some(v) => decode::<WorkspaceState>(v.value())?.version,
                     None => 0,
                 };
                 if stored_version != c.expected_version() {
                     return Err(CommitError::Conflict);
                 }
-                accounts
-                    .insert(account.as_str(), encode(&c.state)?.as_str())
+                workspaces
+                    .insert(workspace.as_str(), encode(&c.state)?.as_str())
                     .map_err(backend)?;
                 let mut entries = tx.open_table(ENTRIES).map_err(backend)?;
                 for e in &c.entries {
-                    let k = (account.as_str(), e.seq);
+                    let k = (workspace.as_str(), e.seq);
                     if entries.get(k).map_err(backend)?.is_some() {
                         return Err(CommitError::Conflict);
                     }
@@ -129,7 +129,7 @@ impl LedgerStore for EmbeddedStore {
                 let mut gens = tx.open_table(GENERATIONS).map_err(backend)?;
                 for g in &c.generations {
                     let id = g.id.to_string();
-                    gens.insert((account.as_str(), id.as_str()), encode(g)?.as_str())
+                    gens.insert((workspace.as_str(), id.as_str()), encode(g)?.as_str())
                         .map_err(backend)?;
                 }
                 let mut owners = tx.open_table(GENERATION_OWNERS).map_err(backend)?;
@@ -139,7 +139,7 @@ impl LedgerStore for EmbeddedStore {
                         return Err(CommitError::Conflict);
                     }
                     owners
-                        .insert(id.as_str(), account.as_str())
+                        .insert(id.as_str(), workspace.as_str())
                         .map_err(backend)?;
                 }
             }
@@ -152,14 +152,14 @@ impl LedgerStore for EmbeddedStore {
 
     async fn idempotency(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         key: &IdempotencyKey,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let (account, key) = (account.to_string(), key.to_string());
+        let (workspace, key) = (workspace.to_string(), key.to_string());
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(IDEMPOTENCY).map_err(backend)?;
-            let v = t.get((account.as_str(), key.as_str())).map_err(backend)?;
+            let v = t.get((workspace.as_str(), key.as_str())).map_err(backend)?;
             v.map(|v| decode(v.value())).transpose()
         })
         .await
@@ -167,26 +167,26 @@ impl LedgerStore for EmbeddedStore {
 
     async fn generation(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         id: GenerationId,
     ) -> Result<Option<Generation>, StoreError> {
-        let (account, id) = (account.to_string(), id.to_string());
+        let (workspace, id) = (workspace.to_string(), id.to_string());
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(GENERATIONS).map_err(backend)?;
-            let v = t.get((account.as_str(), id.as_str())).map_err(backend)?;
+            let v = t.get((workspace.as_str(), id.as_str())).map_err(backend)?;
             v.map(|v| decode(v.value())).transpose()
         })
         .await
     }
 
-    async fn generation_owner(&self, id: GenerationId) -> Result<Option<AccountId>, StoreError> {
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError> {
         let id = id.to_string();
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(GENERATION_OWNERS).map_err(backend)?;
             let v = t.get(id.as_str()).map_err(backend)?;
-            v.map(|v| AccountId::parse(v.value()).map_err(|e| StoreError::Decode(e.to_string())))
+            v.map(|v| WorkspaceId::parse(v.value()).map_err(|e| StoreError::Decode(e.to_string())))
                 .transpose()
         })
         .await
@@ -194,18 +194,18 @@ impl LedgerStore for EmbeddedStore {
 
     async fn generations(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         query: &GenerationQuery,
     ) -> Result<Vec<Generation>, StoreError> {
-        let account = account.to_string();
+        let workspace = workspace.to_string();
         let query = query.clone();
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(GENERATIONS).map_err(backend)?;
             let upper = query.before.map(|b| b.to_string());
             let range = match &upper {
-                Some(b) => t.range((account.as_str(), "")..(account.as_str(), b.as_str())),
-                None => t.range((account.as_str(), "")..=(account.as_str(), "\u{10FFFF}")),
+                Some(b) => t.range((workspace.as_str(), "")..(workspace.as_str(), b.as_str())),
+                None => t.range((workspace.as_str(), "")..=(workspace.as_str(), "\u{10FFFF}")),
             }
             .map_err(backend)?;
             let mut out = Vec::new();
@@ -226,10 +226,10 @@ impl LedgerStore for EmbeddedStore {
 
     async fn entries(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         query: &EntryQuery,
     ) -> Result<Vec<Entry>, StoreError> {
-        let account = account.to_string();
+        let workspace = workspace.to_string();
         let query = query.clone();
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
@@ -237,7 +237,7 @@ impl LedgerStore for EmbeddedStore {
             let upper = query.before.unwrap_or(u64::MAX);
             let mut out = Vec::new();
             for item in t
-                .range((account.as_str(), 0)..(account.as_str(), upper))
+                .range((workspace.as_str(), 0)..(workspace.as_str(), upper))
                 .map_err(backend)?
                 .rev()
                 .take(query.limit)
@@ -252,17 +252,17 @@ impl LedgerStore for EmbeddedStore {
 
     async fn entries_by_seq(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         seqs: &[u64],
     ) -> Result<Vec<Entry>, StoreError> {
-        let account = account.to_string();
+        let workspace = workspace.to_string();
         let seqs = seqs.to_vec();
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(ENTRIES).map_err(backend)?;
             let mut out = Vec::new();
             for seq in seqs {
-                if let Some(v) = t.get((account.as_str(), seq)).map_err(backend)? {
+                if let Some(v) = t.get((workspace.as_str(), seq)).map_err(backend)? {
                     out.push(decode(v.value())?);
                 }
             }

@@ -1,6 +1,6 @@
 //! The `LedgerStore` port and its adapters: DynamoDB in production, redb embedded locally.
 //!
-//! A commit is all-or-nothing: the new account state (guarded by its version), the journal
+//! A commit is all-or-nothing: the new workspace state (guarded by its version), the journal
 //! entries (each written only if absent), the idempotency record (written only if absent)
 //! and the generation records. A commit that loses a race reports which guard failed so the
 //! caller can tell "someone already did exactly this" from "try again on fresh state".
@@ -11,8 +11,8 @@ pub mod embedded;
 
 pub use docs::{Doc, DocStore};
 
-use crate::ids::{AccountId, GenerationId, IdempotencyKey};
-use crate::ledger::{AccountState, Entry, Generation, GenerationStatus, Outcome};
+use crate::ids::{GenerationId, IdempotencyKey, WorkspaceId};
+use crate::ledger::{Entry, Generation, GenerationStatus, Outcome, WorkspaceState};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -37,8 +37,8 @@ pub enum CommitError {
     /// The idempotency record already exists: the operation happened before.
     #[error("operation already applied")]
     Duplicate,
-    /// The account changed since it was read: reload and retry.
-    #[error("account changed concurrently")]
+    /// The workspace changed since it was read: reload and retry.
+    #[error("workspace changed concurrently")]
     Conflict,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -62,7 +62,7 @@ pub struct IdempotencyRecord {
 #[derive(Debug, Clone)]
 pub struct Commit {
     /// The new state; its `version` is the stored version plus one.
-    pub state: AccountState,
+    pub state: WorkspaceState,
     pub entries: Vec<Entry>,
     pub idempotency: IdempotencyRecord,
     pub generations: Vec<Generation>,
@@ -95,37 +95,37 @@ pub struct EntryQuery {
     pub limit: usize,
 }
 
-/// Persistence for ledger accounts, journals, idempotency records and generations.
+/// Persistence for ledger workspaces, journals, idempotency records and generations.
 #[async_trait]
 pub trait LedgerStore: Send + Sync {
-    async fn load(&self, account: &AccountId) -> Result<Option<AccountState>, StoreError>;
+    async fn load(&self, workspace: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError>;
     async fn commit(&self, commit: Commit) -> Result<(), CommitError>;
     async fn idempotency(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         key: &IdempotencyKey,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     async fn generation(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         id: GenerationId,
     ) -> Result<Option<Generation>, StoreError>;
     /// Which workspace a generation belongs to.
-    async fn generation_owner(&self, id: GenerationId) -> Result<Option<AccountId>, StoreError>;
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError>;
     async fn generations(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         query: &GenerationQuery,
     ) -> Result<Vec<Generation>, StoreError>;
     async fn entries(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         query: &EntryQuery,
     ) -> Result<Vec<Entry>, StoreError>;
     /// Specific entries by sequence number (missing ones are skipped).
     async fn entries_by_seq(
         &self,
-        account: &AccountId,
+        workspace: &WorkspaceId,
         seqs: &[u64],
     ) -> Result<Vec<Entry>, StoreError>;
 }
