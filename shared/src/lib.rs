@@ -18,4 +18,5 @@ pub mod payments;
 pub mod queue;
 pub mod service;
 pub mod store;
+pub mod subscriptions;
 pub mod telemetry;

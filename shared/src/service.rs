@@ -9,7 +9,7 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::ids::{IdempotencyKey, WorkspaceId};
 use crate::ledger::{
-    Actor, Command, LedgerError, Operation, Outcome, Refs, WorkspaceState, execute,
+    Actor, Balance, Command, LedgerError, Operation, Outcome, Refs, WorkspaceState, execute,
 };
 use crate::store::{Commit, CommitError, IdempotencyRecord, LedgerStore, StoreError};
 use chrono::Duration;
@@ -77,6 +77,18 @@ pub fn fingerprint(value: &impl Serialize) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Told about every committed ledger operation (not about replays).
+#[async_trait::async_trait]
+pub trait CommitObserver: Send + Sync {
+    async fn committed(
+        &self,
+        workspace: &WorkspaceId,
+        before: Balance,
+        after: &WorkspaceState,
+        outcome: &Outcome,
+    );
+}
+
 /// The ledger service shared by every function.
 #[derive(Clone)]
 pub struct Ledger {
@@ -85,7 +97,7 @@ pub struct Ledger {
     pub catalog: Arc<Catalog>,
     pub retry: RetryPolicy,
     /// Told about each committed operation (credit alerts, auto top-up).
-    pub observer: Option<Arc<dyn crate::alerts::CommitObserver>>,
+    pub observer: Option<Arc<dyn CommitObserver>>,
 }
 
 impl Ledger {

@@ -19,7 +19,6 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use tally::billing::meta;
 use tally::billing::records::*;
 use tally::catalog::Plan;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
@@ -30,6 +29,7 @@ use tally::payments::stripe::product_id;
 use tally::payments::{ItemPrice, SubscriptionChange};
 use tally::service::LedgerRequest;
 use tally::store::docs;
+use tally::subscriptions::meta;
 use utoipa::ToSchema;
 
 type ApiResult<T> = Result<T, Problem>;

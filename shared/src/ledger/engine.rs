@@ -452,13 +452,8 @@ impl Tx<'_> {
         }
         let training = estimate.workflow == crate::catalog::Workflow::Training;
         if training {
-            let slots = self
-                .state
-                .plan
-                .as_ref()
-                .filter(|p| matches!(p.status, PlanStatus::Active | PlanStatus::PastDue))
-                .and_then(|p| catalog.plan(&p.plan))
-                .map_or(0, |p| p.custom_model_slots);
+            let slots = crate::subscriptions::Entitlements::of(self.state.plan.as_ref(), catalog)
+                .custom_model_slots;
             if self.state.custom_models.len() as u64 >= slots as u64 {
                 return Err(LedgerError::NoCustomModelSlot { slots });
             }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use utoipa::ToSchema;
 
+pub use crate::subscriptions::{Interval, PlanState, PlanStatus};
 pub use engine::{Applied, Command, Operation, Outcome, execute};
 
 /// Where a lot of credits came from.
@@ -114,34 +115,6 @@ impl Totals {
     fn is_zero(&self) -> bool {
         *self == Totals::default()
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Interval {
-    Monthly,
-    Yearly,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PlanStatus {
-    Active,
-    PastDue,
-    Paused,
-    Canceled,
-}
-
-/// The workspace's subscription as the ledger knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct PlanState {
-    pub plan: String,
-    pub interval: Interval,
-    pub status: PlanStatus,
-    pub period_start: DateTime<Utc>,
-    pub period_end: DateTime<Utc>,
-    #[serde(default)]
-    pub cancel_at_period_end: bool,
 }
 
 /// Everything the ledger holds for one workspace.

@@ -1,0 +1,105 @@
+//! Watches committed ledger operations for threshold crossings.
+
+use super::ALERTS_SK;
+use super::AlertSettings;
+use crate::billing::records::workspace_pk;
+use crate::catalog::Catalog;
+use crate::ids::WorkspaceId;
+use crate::ledger::{Balance, Outcome, WorkspaceState};
+use crate::payments::Payments;
+use crate::queue::{Message, Queue};
+use crate::service::CommitObserver;
+use crate::store::DocStore;
+use crate::store::docs;
+use async_trait::async_trait;
+use serde_json::json;
+use std::sync::Arc;
+
+pub struct CreditAlerts {
+    pub docs: Arc<dyn DocStore>,
+    pub notifications: Arc<dyn Queue>,
+    pub payments: Option<Arc<dyn Payments>>,
+    pub catalog: Arc<Catalog>,
+}
+
+fn crossed(before: u64, after: u64, threshold: u64) -> bool {
+    before >= threshold && after < threshold
+}
+
+#[async_trait]
+impl CommitObserver for CreditAlerts {
+    async fn committed(
+        &self,
+        workspace: &WorkspaceId,
+        before: Balance,
+        after: &WorkspaceState,
+        outcome: &Outcome,
+    ) {
+        let now = outcome.balance.available;
+        if now >= before.available {
+            return;
+        }
+        let settings: AlertSettings = match docs::get(
+            self.docs.as_ref(),
+            &workspace_pk(workspace),
+            ALERTS_SK,
+        )
+        .await
+        {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(workspace = %workspace, error = %e, "could not read alert settings");
+                return;
+            }
+        };
+        let entry = outcome.entries.last().copied().unwrap_or_default();
+        for t in settings
+            .below_credits
+            .iter()
+            .filter(|t| crossed(before.available, now, **t))
+        {
+            self.notify(json!({
+                "type": "credits.below_threshold",
+                "workspace": workspace,
+                "threshold": t,
+                "available": now,
+                "entry": entry,
+            }))
+            .await;
+        }
+        if let Some(topup) = settings
+            .auto_topup
+            .filter(|a| crossed(before.available, now, a.below_credits))
+        {
+            self.top_up(workspace, after, &topup, entry).await;
+        }
+    }
+}
+
+impl CreditAlerts {
+    pub(super) async fn notify(&self, body: serde_json::Value) {
+        let message = Message {
+            body: body.to_string(),
+            group_id: None,
+            dedup_id: None,
+        };
+        if let Err(e) = self.notifications.send(message).await {
+            tracing::error!(error = %e, notification = %body, "could not queue a notification");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crossed;
+
+    #[test]
+    fn a_threshold_is_crossed_only_on_the_way_down_through_it() {
+        assert!(crossed(100, 99, 100));
+        assert!(crossed(150, 20, 100));
+        assert!(!crossed(99, 50, 100), "already below: no second alert");
+        assert!(!crossed(100, 100, 100));
+        assert!(!crossed(50, 150, 100));
+    }
+}

@@ -1,0 +1,105 @@
+//! Auto top-up: buys the chosen pack off-session with the workspace's saved card, at most
+//! once per cooldown, at the price the plan in effect gives.
+
+use super::observer::CreditAlerts;
+use super::{ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES};
+use crate::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
+use crate::ids::WorkspaceId;
+use crate::ledger::WorkspaceState;
+use crate::money::Cents;
+use crate::payments::TopUp;
+use crate::store::docs;
+use crate::subscriptions::Entitlements;
+use serde_json::json;
+
+impl CreditAlerts {
+    pub(super) async fn top_up(
+        &self,
+        workspace: &WorkspaceId,
+        state: &WorkspaceState,
+        topup: &AutoTopUp,
+        entry: u64,
+    ) {
+        let outcome = self.try_top_up(workspace, state, topup, entry).await;
+        let body = match &outcome {
+            Ok(payment) => {
+                json!({"type": "topup.charged", "workspace": workspace, "pack": topup.pack, "payment": payment, "entry": entry})
+            }
+            Err(why) => {
+                json!({"type": "topup.failed", "workspace": workspace, "pack": topup.pack, "reason": why, "entry": entry})
+            }
+        };
+        match &outcome {
+            Ok(payment) => {
+                tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged")
+            }
+            Err(why) => {
+                tracing::warn!(workspace = %workspace, reason = %why, "auto top-up not charged")
+            }
+        }
+        self.notify(body).await;
+    }
+
+    async fn try_top_up(
+        &self,
+        workspace: &WorkspaceId,
+        state: &WorkspaceState,
+        topup: &AutoTopUp,
+        entry: u64,
+    ) -> Result<String, String> {
+        let payments = self
+            .payments
+            .as_ref()
+            .ok_or("payments are not configured here")?;
+        let pack = self
+            .catalog
+            .pack(&topup.pack)
+            .ok_or("the pack no longer exists")?;
+        let profile: BillingProfile =
+            docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
+                .await
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+        let customer = profile.customer.ok_or("the workspace has never paid")?;
+        let payment_method = profile.payment_method.ok_or("no saved card")?;
+        // Claim the charge with a versioned write: concurrent crossings race for one claim.
+        let now = chrono::Utc::now();
+        let mut claimed = false;
+        docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(workspace),
+            ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                let mut s = cur?;
+                if s.last_topup_at
+                    .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
+                {
+                    claimed = false;
+                    return None;
+                }
+                s.last_topup_at = Some(now);
+                claimed = true;
+                Some(s)
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if !claimed {
+            return Err(format!(
+                "a top-up was charged less than {TOPUP_COOLDOWN_MINUTES} minutes ago"
+            ));
+        }
+        let discount = Entitlements::of(state.plan.as_ref(), &self.catalog).pack_discount_pct;
+        payments
+            .charge_saved_method(&TopUp {
+                workspace: workspace.clone(),
+                customer,
+                payment_method,
+                pack: pack.id.clone(),
+                amount: Cents::new(pack.price_cents).discounted(discount).get(),
+                idempotency_key: format!("tally-topup-{workspace}-{entry}"),
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

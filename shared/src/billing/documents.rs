@@ -1,0 +1,307 @@
+//! Billing documents kept from Stripe's facts: invoices, the subscription (and the plan
+//! the ledger derives from it), payments with their refunds and disputes. Each merges by a
+//! total order on its facts, so any delivery order ends in the same document.
+
+use super::objects;
+use super::records::*;
+use super::{BillingEvents, poison, read_terms, ts};
+use crate::ids::{IdempotencyKey, WorkspaceId};
+use crate::ledger::{Actor, ActorKind, Operation, PlanStatus, Refs};
+use crate::queue::ConsumeError;
+use crate::service::LedgerRequest;
+use crate::store::docs;
+use crate::subscriptions::{Terms, meta};
+
+impl BillingEvents {
+    pub(super) async fn record_invoice(
+        &self,
+        event: &objects::Event,
+        workspace: &WorkspaceId,
+        i: &objects::Invoice,
+    ) -> Result<(), ConsumeError> {
+        let record = InvoiceRecord {
+            id: i.id.clone(),
+            number: i.number.clone(),
+            status: i.status.clone().unwrap_or_else(|| "draft".into()),
+            billing_reason: i.billing_reason.clone(),
+            amount_due: i.amount_due,
+            amount_paid: i.amount_paid,
+            amount_remaining: i.amount_remaining,
+            total: i.total,
+            currency: i.currency.clone().unwrap_or_else(|| "usd".into()),
+            hosted_invoice_url: i.hosted_invoice_url.clone(),
+            invoice_pdf: i.invoice_pdf.clone(),
+            created: ts(i.created),
+            paid_at: i
+                .status_transitions
+                .as_ref()
+                .and_then(|t| t.paid_at)
+                .map(ts),
+            subscription: i
+                .subscription_details()
+                .and_then(|d| d.subscription.id().map(str::to_owned)),
+            as_of: event.created,
+            as_of_event: event.id.clone(),
+        };
+        docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(workspace),
+            &invoice_sk(i.created, &i.id),
+            |cur| InvoiceRecord::merge(cur, record.clone()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn subscription_from_invoice(
+        &self,
+        event: &objects::Event,
+        workspace: &WorkspaceId,
+        i: &objects::Invoice,
+        status: PlanStatus,
+    ) -> Result<(), ConsumeError> {
+        let Some(d) = i.subscription_details() else {
+            return Ok(());
+        };
+        let (Some(sub), Some((start, end))) = (d.subscription.id(), i.service_period()) else {
+            return Ok(());
+        };
+        if i.billing_reason.as_deref() == Some("subscription_update")
+            || !d.metadata.contains_key(meta::PLAN)
+        {
+            return Ok(());
+        }
+        let Terms {
+            plan,
+            interval,
+            addon_units,
+            scheduled,
+        } = read_terms(&d.metadata, start)?;
+        let record = SubscriptionRecord {
+            id: sub.to_owned(),
+            customer: i.customer.id().map(str::to_owned),
+            plan,
+            interval,
+            status,
+            stripe_status: if status == PlanStatus::Active {
+                "active"
+            } else {
+                "past_due"
+            }
+            .into(),
+            cancel_at_period_end: false,
+            period_start: ts(start),
+            period_end: ts(end),
+            addon_units,
+            scheduled,
+            as_of: event.created,
+            as_of_event: event.id.clone(),
+        };
+        self.merge_subscription(
+            event,
+            workspace,
+            record,
+            SubscriptionRecord::merge_invoice_facts,
+        )
+        .await
+    }
+
+    pub(super) async fn subscription(
+        &self,
+        event: &objects::Event,
+        s: objects::Subscription,
+    ) -> Result<(), ConsumeError> {
+        let workspace = match Self::metadata_workspace(&s.metadata)? {
+            Some(a) => a,
+            None => self
+                .customer_workspace(s.customer.id())
+                .await?
+                .ok_or_else(|| {
+                    ConsumeError::Retry(format!("no workspace known for subscription {}", s.id))
+                })?,
+        };
+        let (start, end) = s
+            .period()
+            .ok_or_else(|| poison(format!("subscription {} has no period", s.id)))?;
+        let Terms {
+            plan,
+            interval,
+            addon_units,
+            scheduled,
+        } = read_terms(&s.metadata, start)?;
+        if self.catalog().plan(&plan).is_none() {
+            return Err(poison(format!("unknown plan {plan:?}")));
+        }
+        let deleted = event.kind == "customer.subscription.deleted";
+        let status = match s.status.as_str() {
+            _ if deleted => PlanStatus::Canceled,
+            "canceled" | "incomplete_expired" => PlanStatus::Canceled,
+            "paused" => PlanStatus::Paused,
+            _ if s.pause_collection.as_ref().is_some_and(|p| !p.is_null()) => PlanStatus::Paused,
+            "past_due" | "unpaid" | "incomplete" => PlanStatus::PastDue,
+            _ => PlanStatus::Active,
+        };
+        let record = SubscriptionRecord {
+            id: s.id.clone(),
+            customer: s.customer.id().map(str::to_owned),
+            plan,
+            interval,
+            status,
+            stripe_status: s.status.clone(),
+            cancel_at_period_end: s.cancel_at_period_end,
+            period_start: ts(start),
+            period_end: ts(end),
+            addon_units,
+            scheduled,
+            as_of: event.created,
+            as_of_event: event.id.clone(),
+        };
+        if let Some(c) = s.customer.id() {
+            self.link_customer(c, &workspace).await?;
+        }
+        self.merge_subscription(event, &workspace, record, SubscriptionRecord::merge)
+            .await
+    }
+
+    /// Merges facts into the subscription document, then makes the ledger's plan match it.
+    async fn merge_subscription(
+        &self,
+        event: &objects::Event,
+        workspace: &WorkspaceId,
+        record: SubscriptionRecord,
+        merge: fn(Option<SubscriptionRecord>, SubscriptionRecord) -> Option<SubscriptionRecord>,
+    ) -> Result<(), ConsumeError> {
+        let merged = docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(workspace),
+            SUBSCRIPTION_SK,
+            |cur| merge(cur, record.clone()),
+        )
+        .await?
+        .expect("a merge always leaves a document");
+        let key = format!("stripe:{}:plan", event.id);
+        self.ledger
+            .execute(LedgerRequest {
+                workspace: workspace.clone(),
+                key: IdempotencyKey::derived(key.clone()),
+                fingerprint: key,
+                actor: Actor::new(ActorKind::Stripe, event.id.clone()),
+                refs: Refs {
+                    stripe_event: Some(event.id.clone()),
+                    ..Refs::default()
+                },
+                op: Operation::SetPlan {
+                    plan: Some(merged.plan_state()),
+                },
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn charge(
+        &self,
+        event: &objects::Event,
+        c: objects::Charge,
+    ) -> Result<(), ConsumeError> {
+        let workspace = match Self::metadata_workspace(&c.metadata)? {
+            Some(a) => Some(a),
+            None => match self.customer_workspace(c.customer.id()).await? {
+                Some(a) => Some(a),
+                // The checkout that links this customer may not have been applied yet.
+                None if c.customer.id().is_some() => {
+                    return Err(ConsumeError::Retry(format!(
+                        "no workspace known yet for the customer of charge {}",
+                        c.id
+                    )));
+                }
+                None => None,
+            },
+        };
+        let refunds = c
+            .refunds
+            .as_ref()
+            .map(|l| {
+                l.data
+                    .iter()
+                    .map(|r| RefundFact {
+                        id: r.id.clone(),
+                        amount: r.amount,
+                        status: r.status.clone(),
+                        reason: r.reason.clone(),
+                        created: ts(r.created),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let record = PaymentRecord {
+            charge: c.id.clone(),
+            workspace,
+            amount: c.amount,
+            amount_refunded: c.amount_refunded,
+            currency: c.currency.clone(),
+            payment_intent: c.payment_intent.id().map(str::to_owned),
+            created: Some(ts(c.created)),
+            refunds,
+            disputes: Vec::new(),
+        };
+        docs::update(self.docs.as_ref(), &charge_pk(&c.id), PAYMENT_SK, |cur| {
+            PaymentRecord::merge(cur, record.clone())
+        })
+        .await?;
+        // The card of the latest successful payment is the one auto top-up uses.
+        if let (Some(a), Some(pm), "charge.succeeded") = (
+            &record.workspace,
+            c.payment_method.id(),
+            event.kind.as_str(),
+        ) {
+            docs::update(
+                self.docs.as_ref(),
+                &workspace_pk(a),
+                PROFILE_SK,
+                |cur: Option<BillingProfile>| {
+                    let mut p = cur.unwrap_or_default();
+                    (p.payment_method.as_deref() != Some(pm)).then(|| {
+                        p.payment_method = Some(pm.to_owned());
+                        p
+                    })
+                },
+            )
+            .await?;
+        }
+        if event.kind == "charge.refunded" {
+            tracing::info!(charge = %c.id, refunded = c.amount_refunded, "refund recorded");
+        }
+        Ok(())
+    }
+
+    pub(super) async fn dispute(
+        &self,
+        event: &objects::Event,
+        d: objects::Dispute,
+    ) -> Result<(), ConsumeError> {
+        let charge = d
+            .charge
+            .id()
+            .ok_or_else(|| poison(format!("dispute {} names no charge", d.id)))?
+            .to_owned();
+        let record = PaymentRecord {
+            charge: charge.clone(),
+            currency: d.currency.clone(),
+            disputes: vec![DisputeFact {
+                id: d.id.clone(),
+                amount: d.amount,
+                reason: d.reason.clone(),
+                status: d.status.clone(),
+                created: ts(d.created),
+                as_of: event.created,
+            }],
+            ..PaymentRecord::default()
+        };
+        docs::update(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK, |cur| {
+            PaymentRecord::merge(cur, record.clone())
+        })
+        .await?;
+        tracing::warn!(charge = %charge, dispute = %d.id, amount = d.amount, "dispute recorded");
+        Ok(())
+    }
+}
