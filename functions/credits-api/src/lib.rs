@@ -10,7 +10,7 @@ pub mod views;
 
 use axum::Router;
 use axum::routing::{get, post};
-use tally::http::{AuthMode, auth::authenticate};
+use tally::http::{AuthMode, BearerAuth, auth::authenticate, service_routes};
 use tally::service::Ledger;
 use utoipa::OpenApi;
 
@@ -51,23 +51,6 @@ pub fn protected_routes(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Routes every HTTP function serves the same way.
-pub fn service_routes(doc: utoipa::openapi::OpenApi) -> Router {
-    let doc = std::sync::Arc::new(doc);
-    Router::new()
-        .route(
-            "/health",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route(
-            "/openapi.json",
-            get(move || {
-                let doc = doc.clone();
-                async move { axum::Json(doc.as_ref().clone()) }
-            }),
-        )
-}
-
 /// The whole function as Lambda serves it.
 pub fn router(state: AppState, auth: AuthMode) -> Router {
     let protected = protected_routes(state.clone())
@@ -100,24 +83,6 @@ pub fn router(state: AppState, auth: AuthMode) -> Router {
     tags((name = "credits", description = "Spending and reading credits"), (name = "admin", description = "Support staff"))
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
-}
 
 #[cfg(test)]
 mod lambda_events;

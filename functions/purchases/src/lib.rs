@@ -80,7 +80,7 @@ pub fn protected_routes(state: PurchasesState) -> Router {
 pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     let protected = protected_routes(state)
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
-    tally::http::finish(protected.merge(credits_api::service_routes(ApiDoc::openapi())))
+    tally::http::finish(protected.merge(tally::http::service_routes(ApiDoc::openapi())))
 }
 
 #[derive(OpenApi)]
