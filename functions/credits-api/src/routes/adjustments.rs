@@ -12,6 +12,7 @@ use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
 use tally::ids::WorkspaceId;
 use tally::ledger::{Balance, Operation, Refs};
 use tally::service::{LedgerRequest, fingerprint};
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -65,8 +66,8 @@ pub async fn adjust(
             &format!("must be 1 to {MAX_REASON_CHARS} characters"),
         ));
     }
+    // Instrumented, not entered: the span is current only while this request's future runs.
     let span = tracing::info_span!("adjust", workspace = %workspace, admin = %who.sub);
-    let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
@@ -80,6 +81,7 @@ pub async fn adjust(
                 note: reason.to_owned(),
             },
         })
+        .instrument(span)
         .await?;
     Ok((
         StatusCode::CREATED,

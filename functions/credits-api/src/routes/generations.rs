@@ -1,6 +1,10 @@
 //! `/v1/generations`: start a generation (a hold on its estimate), complete or fail it,
 //! and read the creation history. Each handler parses and checks its input completely
 //! before it asks the ledger to change anything.
+//!
+//! The ledger call of each request runs instrumented with the request's span rather than
+//! inside an entered one: a guard held across `.await` would leave the span current while
+//! other requests on the thread run, and their log lines would land under it.
 
 use super::{ApiResult, MAX_REASON_CHARS, page_limit};
 use crate::AppState;
@@ -19,6 +23,7 @@ use tally::ledger::{Entry, Generation, GenerationStatus, Operation, Refs};
 use tally::money::Credits;
 use tally::service::{LedgerRequest, fingerprint};
 use tally::store::GenerationQuery;
+use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 
 fn parse_generation_id(raw: &str) -> ApiResult<GenerationId> {
@@ -90,7 +95,6 @@ pub async fn start_generation(
     };
     let span =
         tracing::info_span!("start_generation", workspace = %workspace, generation = %generation);
-    let _enter = span.enter();
     let deadline = app.ledger.clock.now() + app.ledger.catalog.hold_lifetime(estimate.workflow);
     let outcome = app
         .ledger
@@ -106,6 +110,7 @@ pub async fn start_generation(
                 deadline,
             },
         })
+        .instrument(span)
         .await?;
     let generation = outcome.generation.ok_or_else(Problem::internal)?;
     Ok((StatusCode::CREATED, Json(generation)))
@@ -167,7 +172,6 @@ pub async fn complete_generation(
     }
     let (workspace, _) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("complete_generation", workspace = %workspace, generation = %id);
-    let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
@@ -182,6 +186,7 @@ pub async fn complete_generation(
                 record: None,
             },
         })
+        .instrument(span)
         .await?;
     outcome.generation.map(Json).ok_or_else(Problem::internal)
 }
@@ -207,7 +212,6 @@ pub async fn fail_generation(
     }
     let (workspace, _) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("fail_generation", workspace = %workspace, generation = %id);
-    let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
@@ -222,6 +226,7 @@ pub async fn fail_generation(
                 record: None,
             },
         })
+        .instrument(span)
         .await?;
     outcome.generation.map(Json).ok_or_else(Problem::internal)
 }
