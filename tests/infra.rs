@@ -1,6 +1,7 @@
 //! The SAM template and the code must describe the same system: table keys and TTL,
 //! queues and their redrive, one binary per function with the environment it reads, every
-//! HTTP route (and which are public), batch-failure reporting and alarms.
+//! HTTP route (and which are public), batch-failure reporting and alarms. And the function
+//! crates stay independent of each other: what they share lives in `tally`.
 
 use serde_yaml::Value;
 use std::collections::BTreeSet;
@@ -303,4 +304,154 @@ async fn the_table_the_code_creates_locally_matches_the_templates() {
             .and_then(|d| d.attribute_name()),
         Some(TTL)
     );
+}
+
+/// The crates a manifest depends on, from its `[dependencies]`, `[build-dependencies]` and
+/// `[target.'...'.dependencies]` sections (inline and `[dependencies.name]` forms): each as
+/// the name it is declared under, its `package = "..."` rename if any, and its `path` if
+/// any. A line-based reading, enough for the manifests of this workspace.
+fn normal_dependencies(manifest: &str) -> Vec<(String, Option<String>, Option<String>)> {
+    fn quoted_after(line: &str, key: &str) -> Option<String> {
+        let at = line.find(key)?;
+        let rest = line[at + key.len()..].trim_start().strip_prefix('=')?;
+        let rest = rest.trim_start().strip_prefix('"')?;
+        Some(rest[..rest.find('"')?].to_owned())
+    }
+    fn is_dependency_table(header: &str) -> bool {
+        header == "dependencies"
+            || header == "build-dependencies"
+            || (header.starts_with("target.") && header.ends_with(".dependencies"))
+    }
+    let mut deps: Vec<(String, Option<String>, Option<String>)> = Vec::new();
+    // Inside a dependency table, or inside `[dependencies.<name>]` (then its index).
+    let mut in_table = false;
+    let mut in_single: Option<usize> = None;
+    for raw in manifest.lines() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            let header = header.trim();
+            in_table = is_dependency_table(header);
+            in_single = None;
+            if let Some((table, name)) = header.rsplit_once('.')
+                && is_dependency_table(table)
+            {
+                deps.push((name.trim_matches('"').to_owned(), None, None));
+                in_single = Some(deps.len() - 1);
+            }
+            continue;
+        }
+        if let Some(i) = in_single {
+            if line.starts_with("package") {
+                deps[i].1 = quoted_after(line, "package");
+            }
+            if line.starts_with("path") {
+                deps[i].2 = quoted_after(line, "path");
+            }
+        } else if in_table {
+            let key = line
+                .split(['=', '.'])
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"');
+            deps.push((
+                key.to_owned(),
+                quoted_after(line, "package"),
+                quoted_after(line, "path"),
+            ));
+        }
+    }
+    deps
+}
+
+#[test]
+fn no_function_crate_depends_on_another() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Every crate under functions/, by package name and by folder.
+    let mut crates: Vec<(String, String)> = Vec::new();
+    for dir in std::fs::read_dir(root.join("functions")).unwrap() {
+        let dir = dir.unwrap().path();
+        let Ok(manifest) = std::fs::read_to_string(dir.join("Cargo.toml")) else {
+            continue;
+        };
+        let package = manifest
+            .lines()
+            .skip_while(|l| l.trim() != "[package]")
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "name").then(|| v.trim().trim_matches('"').to_owned())
+            })
+            .unwrap_or_else(|| panic!("{} has no package name", dir.display()));
+        let folder = dir.file_name().unwrap().to_str().unwrap().to_owned();
+        crates.push((folder, package));
+    }
+    let folders: BTreeSet<&str> = crates.iter().map(|(f, _)| f.as_str()).collect();
+    for expected in [
+        "credits-api",
+        "purchases",
+        "stripe-webhook",
+        "billing-events",
+    ] {
+        assert!(folders.contains(expected), "functions/{expected} not found");
+    }
+    // Workspace dependencies resolve to paths in the root manifest.
+    let workspace_manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let workspace_paths: Vec<(String, String)> = workspace_manifest
+        .lines()
+        .skip_while(|l| l.trim() != "[workspace.dependencies]")
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .filter_map(|l| {
+            let name = l.split(['=', '.']).next()?.trim().trim_matches('"');
+            let path = l.split_once("path")?.1.split('"').nth(1)?;
+            Some((name.to_owned(), path.to_owned()))
+        })
+        .collect();
+    let is_function = |name: &str, package: Option<&str>, path: Option<&str>| {
+        let path = path.map(str::to_owned).or_else(|| {
+            workspace_paths
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, p)| format!("../../{p}"))
+        });
+        crates.iter().any(|(folder, pkg)| {
+            let named = [name, package.unwrap_or(name)].contains(&pkg.as_str());
+            let under = path.as_deref().is_some_and(|p| {
+                let p = p.trim_end_matches('/');
+                p.ends_with(&format!("functions/{folder}")) || p == format!("../{folder}")
+            });
+            named || under
+        })
+    };
+    // The reading catches each way a manifest can name a function crate.
+    let sample = "[package]\nname = \"x\"\n[dependencies]\ntally.workspace = true\n\
+        credits-api.workspace = true\nwebhook = { package = \"stripe-webhook\", version = \"0.1\" }\n\
+        sibling = { path = \"../purchases\" }\n[dev-dependencies]\nbilling-events = { path = \"../billing-events\" }\n\
+        [dependencies.tally-local]\npath = \"../local\"\n";
+    let caught: Vec<String> = normal_dependencies(sample)
+        .into_iter()
+        .filter(|(n, p, path)| is_function(n, p.as_deref(), path.as_deref()))
+        .map(|(n, _, _)| n)
+        .collect();
+    assert_eq!(caught, ["credits-api", "webhook", "sibling", "tally-local"]);
+    // The local runner is the one crate meant to assemble every function.
+    for (folder, package) in crates.iter().filter(|(f, _)| f != "local") {
+        let manifest =
+            std::fs::read_to_string(root.join("functions").join(folder).join("Cargo.toml"))
+                .unwrap();
+        let deps = normal_dependencies(&manifest);
+        assert!(
+            deps.iter().any(|(n, _, _)| n == "tally"),
+            "{package}: the manifest reading found no dependency on tally"
+        );
+        for (name, renamed, path) in deps {
+            assert!(
+                !is_function(&name, renamed.as_deref(), path.as_deref()),
+                "{package} depends on the function crate {name}; move what they share into tally"
+            );
+        }
+    }
 }

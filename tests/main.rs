@@ -4,6 +4,7 @@ mod api;
 mod billing;
 mod concurrency;
 mod infra;
+mod logging;
 mod purchases;
 mod queues;
 mod service_properties;

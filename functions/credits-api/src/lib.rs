@@ -1,16 +1,18 @@
 //! credits-api: balance, cost estimates, generation holds (reserve, complete, fail),
 //! creation history, the ledger journal, entitlements and support adjustments.
 //!
-//! [`routes`] is the function's routes without authentication; [`router`] is what the
-//! Lambda serves (routes behind the identity layer, plus `/health` and `/openapi.json`).
-//! The local runner merges [`routes`] of every function behind one identity layer.
+//! [`public_routes`] and [`protected_routes`] are the function's routes without
+//! authentication; [`router`] is what the Lambda serves (protected routes behind the
+//! identity layer, plus `/health` and `/openapi.json`). The local runner merges the routes
+//! of every function behind one identity layer. The handlers and their request and
+//! response bodies live in [`routes`], one file per resource.
 
-mod handlers;
-pub mod views;
+pub mod routes;
 
 use axum::Router;
 use axum::routing::{get, post};
-use tally::http::{AuthMode, auth::authenticate};
+use routes::{adjustments, balance, catalog, entitlements, estimates, generations, ledger};
+use tally::http::{AuthMode, BearerAuth, auth::authenticate, service_routes};
 use tally::service::Ledger;
 use utoipa::OpenApi;
 
@@ -23,49 +25,35 @@ pub struct AppState {
 /// Routes anyone may call.
 pub fn public_routes(state: AppState) -> Router {
     Router::new()
-        .route("/v1/catalog", get(handlers::catalog))
+        .route("/v1/catalog", get(catalog::catalog))
         .with_state(state)
 }
 
 /// Routes that need an identity (added by the layer in [`router`] or the local runner).
 pub fn protected_routes(state: AppState) -> Router {
     Router::new()
-        .route("/v1/balance", get(handlers::balance))
-        .route("/v1/estimates", post(handlers::estimate))
+        .route("/v1/balance", get(balance::balance))
+        .route("/v1/estimates", post(estimates::estimate))
         .route(
             "/v1/generations",
-            post(handlers::start_generation).get(handlers::list_generations),
+            post(generations::start_generation).get(generations::list_generations),
         )
-        .route("/v1/generations/{id}", get(handlers::get_generation))
+        .route("/v1/generations/{id}", get(generations::get_generation))
         .route(
             "/v1/generations/{id}/complete",
-            post(handlers::complete_generation),
+            post(generations::complete_generation),
         )
-        .route("/v1/generations/{id}/fail", post(handlers::fail_generation))
-        .route("/v1/ledger", get(handlers::ledger))
-        .route("/v1/entitlements", get(handlers::entitlements))
+        .route(
+            "/v1/generations/{id}/fail",
+            post(generations::fail_generation),
+        )
+        .route("/v1/ledger", get(ledger::ledger))
+        .route("/v1/entitlements", get(entitlements::entitlements))
         .route(
             "/v1/admin/workspaces/{workspace_id}/adjustments",
-            post(handlers::adjust),
+            post(adjustments::adjust),
         )
         .with_state(state)
-}
-
-/// Routes every HTTP function serves the same way.
-pub fn service_routes(doc: utoipa::openapi::OpenApi) -> Router {
-    let doc = std::sync::Arc::new(doc);
-    Router::new()
-        .route(
-            "/health",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route(
-            "/openapi.json",
-            get(move || {
-                let doc = doc.clone();
-                async move { axum::Json(doc.as_ref().clone()) }
-            }),
-        )
 }
 
 /// The whole function as Lambda serves it.
@@ -84,40 +72,22 @@ pub fn router(state: AppState, auth: AuthMode) -> Router {
 #[openapi(
     info(title = "Tally credits API", version = "1", description = "Credits: balance, estimates, generation charges, history and ledger."),
     paths(
-        handlers::catalog,
-        handlers::balance,
-        handlers::estimate,
-        handlers::start_generation,
-        handlers::list_generations,
-        handlers::get_generation,
-        handlers::complete_generation,
-        handlers::fail_generation,
-        handlers::ledger,
-        handlers::entitlements,
-        handlers::adjust,
+        catalog::catalog,
+        balance::balance,
+        estimates::estimate,
+        generations::start_generation,
+        generations::list_generations,
+        generations::get_generation,
+        generations::complete_generation,
+        generations::fail_generation,
+        ledger::ledger,
+        entitlements::entitlements,
+        adjustments::adjust,
     ),
     modifiers(&BearerAuth),
     tags((name = "credits", description = "Spending and reading credits"), (name = "admin", description = "Support staff"))
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
-}
 
 #[cfg(test)]
 mod lambda_events;

@@ -131,7 +131,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         ));
     let mut public = credits_api::public_routes(credits)
         .merge(webhook)
-        .merge(credits_api::service_routes(openapi()));
+        .merge(tally::http::service_routes(openapi()));
     if let Some(sim) = &simulator {
         let log = notifications.clone();
         public = public.merge(sim.routes()).route(

@@ -2,12 +2,15 @@
 //! described it, the Stripe customer portal and billing history. Owners and billing
 //! admins only. Credits are never granted here: they follow Stripe's events through the
 //! billing queue, so a purchase is credited exactly once whatever the browser does.
+//!
+//! The handlers and their request and response bodies live in [`routes`], one file per
+//! resource.
 
-mod handlers;
-pub mod subscription;
+pub mod routes;
 
 use axum::Router;
 use axum::routing::{get, post};
+use routes::{alerts, billing_portal, checkout, custom_payments, invoices, subscription};
 use std::sync::Arc;
 use tally::http::{AuthMode, auth::authenticate};
 use tally::payments::Payments;
@@ -53,10 +56,10 @@ pub struct PurchasesState {
 /// Routes that need an identity.
 pub fn protected_routes(state: PurchasesState) -> Router {
     Router::new()
-        .route("/v1/checkout/sessions", post(handlers::create_checkout))
-        .route("/v1/subscription", get(handlers::subscription))
-        .route("/v1/billing-portal", post(handlers::billing_portal))
-        .route("/v1/invoices", get(handlers::invoices))
+        .route("/v1/checkout/sessions", post(checkout::create_checkout))
+        .route("/v1/subscription", get(subscription::subscription))
+        .route("/v1/billing-portal", post(billing_portal::billing_portal))
+        .route("/v1/invoices", get(invoices::invoices))
         .route("/v1/subscription/change", post(subscription::change))
         .route(
             "/v1/subscription/addons",
@@ -67,11 +70,11 @@ pub fn protected_routes(state: PurchasesState) -> Router {
         .route("/v1/subscription/pause", post(subscription::pause))
         .route(
             "/v1/alerts",
-            get(handlers::get_alerts).put(handlers::put_alerts),
+            get(alerts::get_alerts).put(alerts::put_alerts),
         )
         .route(
             "/v1/admin/workspaces/{workspace_id}/custom-payments",
-            post(handlers::custom_payment),
+            post(custom_payments::custom_payment),
         )
         .with_state(state)
 }
@@ -80,15 +83,15 @@ pub fn protected_routes(state: PurchasesState) -> Router {
 pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     let protected = protected_routes(state)
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
-    tally::http::finish(protected.merge(credits_api::service_routes(ApiDoc::openapi())))
+    tally::http::finish(protected.merge(tally::http::service_routes(ApiDoc::openapi())))
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tally purchases API", version = "1", description = "Plans, packs, subscription, billing portal and invoices."),
-    paths(handlers::create_checkout, handlers::subscription, handlers::billing_portal, handlers::invoices,
+    paths(checkout::create_checkout, subscription::subscription, billing_portal::billing_portal, invoices::invoices,
         subscription::change, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
-        handlers::custom_payment, handlers::put_alerts, handlers::get_alerts),
+        custom_payments::custom_payment, alerts::put_alerts, alerts::get_alerts),
     tags((name = "billing", description = "Buying credits and managing the subscription"), (name = "admin", description = "Support staff"))
 )]
 pub struct ApiDoc;

@@ -49,7 +49,7 @@ pub fn routes(state: WebhookState) -> Router {
 
 /// The function as Lambda serves it.
 pub fn router(state: WebhookState) -> Router {
-    tally::http::finish(routes(state).merge(credits_api::service_routes(ApiDoc::openapi())))
+    tally::http::finish(routes(state).merge(tally::http::service_routes(ApiDoc::openapi())))
 }
 
 #[derive(OpenApi)]

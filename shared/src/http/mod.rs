@@ -1,11 +1,14 @@
 //! HTTP plumbing every HTTP function shares: identity from JWT claims, RFC 9457 problem
-//! details, a JSON extractor whose refusals are problem details, and request fingerprints.
+//! details, a JSON extractor whose refusals are problem details, request fingerprints, and
+//! the `/health` and `/openapi.json` routes.
 
 pub mod auth;
 pub mod problem;
+pub mod service;
 
 pub use auth::{AuthMode, Identity, Role};
 pub use problem::{ApiJson, ApiQuery, Problem, ProblemDetails, optional_json};
+pub use service::{BearerAuth, service_routes};
 
 use axum::Router;
 use axum::http::HeaderMap;

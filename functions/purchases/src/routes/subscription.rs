@@ -1,4 +1,5 @@
-//! Changing the subscription: plan and interval, add-on units, cancel, resume, pause.
+//! `/v1/subscription`: the subscription as Stripe last described it, and changing it: plan
+//! and interval, add-on units, cancel, resume, pause.
 //!
 //! Upgrades and more add-on units apply now: Stripe invoices the prorated difference and
 //! the extra credits are granted at once. Downgrades and fewer units wait for the renewal:
@@ -11,8 +12,8 @@
 //! Add-on units: the full credits of each new unit (they expire at the end of the period
 //! and do not roll over).
 
+use super::{ApiResult, buyer, provider};
 use crate::PurchasesState;
-use crate::handlers::{buyer, provider};
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -31,8 +32,6 @@ use tally::service::LedgerRequest;
 use tally::store::docs;
 use tally::subscriptions::meta;
 use utoipa::ToSchema;
-
-type ApiResult<T> = Result<T, Problem>;
 
 /// Most add-on units a workspace may hold.
 pub const MAX_ADDON_UNITS: u32 = 100;
@@ -255,6 +254,29 @@ async fn grant(
         })
         .await?;
     Ok(())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubscriptionView {
+    pub subscription: Option<SubscriptionRecord>,
+    pub customer: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/subscription", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = SubscriptionView), (status = 403, body = ProblemDetails)))]
+/// The subscription as Stripe last described it (`null` before the first purchase).
+pub async fn subscription(
+    State(st): State<PurchasesState>,
+    who: Identity,
+) -> ApiResult<Json<SubscriptionView>> {
+    let workspace = buyer(&who)?;
+    let pk = workspace_pk(&workspace);
+    Ok(Json(SubscriptionView {
+        subscription: docs::get(st.docs.as_ref(), &pk, SUBSCRIPTION_SK).await?,
+        customer: docs::get::<BillingProfile>(st.docs.as_ref(), &pk, PROFILE_SK)
+            .await?
+            .and_then(|p| p.customer),
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/subscription/change", tag = "billing", security(("bearer" = [])),

@@ -1,125 +1,73 @@
-//! Handlers of the credits API. Each parses and checks its input completely before it asks
-//! the ledger to change anything.
+//! `/v1/generations`: start a generation (a hold on its estimate), complete or fail it,
+//! and read the creation history. Each handler parses and checks its input completely
+//! before it asks the ledger to change anything.
+//!
+//! The ledger call of each request runs instrumented with the request's span rather than
+//! inside an entered one: a guard held across `.await` would leave the span current while
+//! other requests on the thread run, and their log lines would land under it.
 
+use super::{ApiResult, MAX_REASON_CHARS, page_limit};
 use crate::AppState;
-use crate::views::*;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
 use tally::catalog::GenerationSpec;
-use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE};
+use tally::http::auth::SCOPE_SETTLE;
 use tally::http::{
     ApiJson, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key, optional_json,
 };
 use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
-use tally::ledger::{Generation, GenerationStatus, Lot, Operation, Refs};
+use tally::ledger::{Entry, Generation, GenerationStatus, Operation, Refs};
 use tally::money::Credits;
 use tally::service::{LedgerRequest, fingerprint};
-use tally::store::{EntryQuery, GenerationQuery};
-
-type ApiResult<T> = Result<T, Problem>;
-
-const MAX_REASON_CHARS: usize = 500;
-
-fn page_limit(limit: Option<i64>, default: usize) -> ApiResult<usize> {
-    match limit {
-        None => Ok(default),
-        Some(n) if (1..=100).contains(&n) => Ok(n as usize),
-        Some(_) => Err(Problem::validation("limit", "must be between 1 and 100")),
-    }
-}
+use tally::store::GenerationQuery;
+use tracing::Instrument;
+use utoipa::{IntoParams, ToSchema};
 
 fn parse_generation_id(raw: &str) -> ApiResult<GenerationId> {
     GenerationId::parse(raw).map_err(|e| Problem::validation("id", &e.to_string()))
 }
 
-#[utoipa::path(get, path = "/v1/catalog", tag = "credits",
-    responses((status = 200, body = CatalogView)))]
-/// Plans, packs, add-on units, models and resolutions, for the pricing page.
-pub async fn catalog(State(app): State<AppState>) -> Json<CatalogView> {
-    let c = &app.ledger.catalog;
-    Json(CatalogView {
-        currency: c.currency.clone(),
-        yearly_discount_pct: c.yearly_discount_pct,
-        plans: c
-            .plans
-            .iter()
-            .map(|p| PlanView {
-                plan: p.clone(),
-                yearly_price_cents: c.yearly_price(p).get(),
-            })
-            .collect(),
-        packs: c.packs.clone(),
-        addons: c.addons.clone(),
-        models: c
-            .models
-            .iter()
-            .map(|m| ModelView {
-                id: m.id.clone(),
-                name: m.name.clone(),
-                workflow: m.workflow,
-                pricing: m.pricing,
-                max_duration_s: m.max_duration_s,
-            })
-            .collect(),
-        resolutions: c.resolutions.clone(),
-    })
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    /// The exact cost; defaults to the held estimate.
+    pub credits: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/balance", tag = "credits", security(("bearer" = [])),
-    responses((status = 200, body = BalanceView), (status = 401, body = ProblemDetails)))]
-/// Available and held credits, and the lots behind them in burn order.
-pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Json<BalanceView>> {
-    let workspace = who.member_workspace()?;
-    let state = app.ledger.workspace_now(workspace).await?;
-    let b = state.balance();
-    let mut lots: Vec<&Lot> = state.lots.iter().collect();
-    lots.sort_by_key(|l| l.burn_key());
-    Ok(Json(BalanceView {
-        available: b.available,
-        held: b.held,
-        lots: lots
-            .into_iter()
-            .map(|l| LotView {
-                id: l.id(),
-                source: l.source,
-                original: l.original,
-                remaining: l.remaining,
-                held: l.held,
-                granted_at: l.granted_at,
-                expires_at: l.expires_at,
-            })
-            .collect(),
-    }))
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailRequest {
+    pub reason: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/estimates", tag = "credits", security(("bearer" = [])),
-    request_body = GenerationSpec,
-    responses((status = 200, body = EstimateView), (status = 422, body = ProblemDetails)))]
-/// What a generation would cost, and whether the workspace can afford it now.
-pub async fn estimate(
-    State(app): State<AppState>,
-    who: Identity,
-    ApiJson(spec): ApiJson<GenerationSpec>,
-) -> ApiResult<Json<EstimateView>> {
-    let workspace = who.member_workspace()?;
-    let estimate = app
-        .ledger
-        .catalog
-        .estimate(&spec)
-        .map_err(|e| Problem::validation(e.field, &e.message))?;
-    let available = app
-        .ledger
-        .workspace_now(workspace)
-        .await?
-        .balance()
-        .available;
-    Ok(Json(EstimateView {
-        sufficient: available >= estimate.credits.get(),
-        available,
-        estimate,
-    }))
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GenerationView {
+    #[serde(flatten)]
+    pub generation: Generation,
+    /// The journal entries that moved this generation's credits (detail view only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger_entries: Option<Vec<Entry>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GenerationPage {
+    pub items: Vec<GenerationView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationListQuery {
+    /// held | completed | failed | expired
+    pub status: Option<String>,
+    pub model: Option<String>,
+    pub cursor: Option<String>,
+    /// 1-100, default 20.
+    pub limit: Option<i64>,
 }
 
 #[utoipa::path(post, path = "/v1/generations", tag = "credits", security(("bearer" = [])),
@@ -147,7 +95,6 @@ pub async fn start_generation(
     };
     let span =
         tracing::info_span!("start_generation", workspace = %workspace, generation = %generation);
-    let _enter = span.enter();
     let deadline = app.ledger.clock.now() + app.ledger.catalog.hold_lifetime(estimate.workflow);
     let outcome = app
         .ledger
@@ -163,6 +110,7 @@ pub async fn start_generation(
                 deadline,
             },
         })
+        .instrument(span)
         .await?;
     let generation = outcome.generation.ok_or_else(Problem::internal)?;
     Ok((StatusCode::CREATED, Json(generation)))
@@ -224,7 +172,6 @@ pub async fn complete_generation(
     }
     let (workspace, _) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("complete_generation", workspace = %workspace, generation = %id);
-    let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
@@ -239,6 +186,7 @@ pub async fn complete_generation(
                 record: None,
             },
         })
+        .instrument(span)
         .await?;
     outcome.generation.map(Json).ok_or_else(Problem::internal)
 }
@@ -264,7 +212,6 @@ pub async fn fail_generation(
     }
     let (workspace, _) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("fail_generation", workspace = %workspace, generation = %id);
-    let _enter = span.enter();
     let outcome = app
         .ledger
         .execute(LedgerRequest {
@@ -279,6 +226,7 @@ pub async fn fail_generation(
                 record: None,
             },
         })
+        .instrument(span)
         .await?;
     outcome.generation.map(Json).ok_or_else(Problem::internal)
 }
@@ -401,135 +349,4 @@ pub async fn get_generation(
         generation: as_of_now(g, app.ledger.clock.now()),
         ledger_entries: Some(entries),
     }))
-}
-
-#[utoipa::path(get, path = "/v1/ledger", tag = "credits", security(("bearer" = [])),
-    params(PageQuery),
-    responses((status = 200, body = EntryPage), (status = 422, body = ProblemDetails)))]
-/// Journal entries, newest first.
-pub async fn ledger(
-    State(app): State<AppState>,
-    who: Identity,
-    ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<EntryPage>> {
-    let workspace = who.member_workspace()?;
-    let limit = page_limit(q.limit, 50)?;
-    let before = q
-        .cursor
-        .as_deref()
-        .map(|c| {
-            c.parse::<u64>()
-                .map_err(|_| Problem::validation("cursor", "unknown cursor"))
-        })
-        .transpose()?;
-    let mut items = app
-        .ledger
-        .store
-        .entries(
-            workspace,
-            &EntryQuery {
-                before,
-                limit: limit + 1,
-            },
-        )
-        .await?;
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|e| e.seq.to_string())
-    } else {
-        None
-    };
-    Ok(Json(EntryPage { items, next_cursor }))
-}
-
-#[utoipa::path(get, path = "/v1/entitlements", tag = "credits", security(("bearer" = [])),
-    responses((status = 200, body = EntitlementsView)))]
-/// What the plan includes and how much of it is used.
-pub async fn entitlements(
-    State(app): State<AppState>,
-    who: Identity,
-) -> ApiResult<Json<EntitlementsView>> {
-    let workspace = who.member_workspace()?;
-    let state = app.ledger.workspace_now(workspace).await?;
-    let catalog = &app.ledger.catalog;
-    let plan = state
-        .plan
-        .as_ref()
-        .and_then(|p| catalog.plan(&p.plan).map(|def| (p, def)));
-    Ok(Json(EntitlementsView {
-        plan: plan.map(|(p, def)| SubscriptionView {
-            plan: def.id.clone(),
-            name: def.name.clone(),
-            interval: p.interval,
-            status: p.status,
-            period_end: p.period_end,
-            cancel_at_period_end: p.cancel_at_period_end,
-        }),
-        custom_model_slots: plan.map_or(0, |(_, d)| d.custom_model_slots),
-        custom_models_used: state.custom_models.len() as u32,
-        support: plan.map_or_else(|| "community".into(), |(_, d)| d.support.clone()),
-        pack_discount_pct: plan.map_or(0, |(_, d)| d.pack_discount_pct),
-        rollover_days: plan.map_or(0, |(_, d)| d.rollover_days),
-    }))
-}
-
-#[utoipa::path(post, path = "/v1/admin/workspaces/{workspace_id}/adjustments", tag = "admin",
-    security(("bearer" = [])), params(("workspace_id" = String, Path),
-        ("Idempotency-Key" = String, Header, description = "Required: adjustments move money")),
-    request_body = AdjustmentRequest,
-    responses((status = 201, body = AdjustmentView), (status = 402, body = ProblemDetails),
-        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
-/// A goodwill grant (positive) or correction (negative) by support staff.
-pub async fn adjust(
-    State(app): State<AppState>,
-    who: Identity,
-    Path(workspace_id): Path<String>,
-    headers: HeaderMap,
-    ApiJson(req): ApiJson<AdjustmentRequest>,
-) -> ApiResult<(StatusCode, Json<AdjustmentView>)> {
-    who.require_scope(SCOPE_ADMIN)?;
-    let workspace = WorkspaceId::parse(&workspace_id)
-        .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
-    let key = idempotency_key(&headers, "adjustments")?
-        .ok_or_else(|| Problem::validation("Idempotency-Key", "required for adjustments"))?;
-    if req.credits == 0 || req.credits.unsigned_abs() > tally::money::MAX_CREDITS_PER_REQUEST {
-        return Err(Problem::validation(
-            "credits",
-            &format!(
-                "must be non-zero and at most {} either way",
-                tally::money::MAX_CREDITS_PER_REQUEST
-            ),
-        ));
-    }
-    let reason = req.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
-        return Err(Problem::validation(
-            "reason",
-            &format!("must be 1 to {MAX_REASON_CHARS} characters"),
-        ));
-    }
-    let span = tracing::info_span!("adjust", workspace = %workspace, admin = %who.sub);
-    let _enter = span.enter();
-    let outcome = app
-        .ledger
-        .execute(LedgerRequest {
-            workspace: workspace.clone(),
-            key,
-            fingerprint: fingerprint(&(&workspace, &req)),
-            actor: who.actor(),
-            refs: Refs::default(),
-            op: Operation::Adjust {
-                credits: req.credits,
-                note: reason.to_owned(),
-            },
-        })
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(AdjustmentView {
-            entries: outcome.entries,
-            balance: outcome.balance,
-            lot: outcome.lot,
-        }),
-    ))
 }

@@ -1,0 +1,58 @@
+//! `GET /v1/balance`: available and held credits, and the lots behind them.
+
+use super::ApiResult;
+use crate::AppState;
+use axum::Json;
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tally::http::{Identity, ProblemDetails};
+use tally::ledger::{Lot, LotSource};
+use utoipa::ToSchema;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LotView {
+    pub id: String,
+    pub source: LotSource,
+    pub original: u64,
+    pub remaining: u64,
+    pub held: u64,
+    pub granted_at: DateTime<Utc>,
+    /// Absent for credits that never expire while the workspace is active.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BalanceView {
+    pub available: u64,
+    pub held: u64,
+    /// Lots in burn order (spent first at the top).
+    pub lots: Vec<LotView>,
+}
+
+#[utoipa::path(get, path = "/v1/balance", tag = "credits", security(("bearer" = [])),
+    responses((status = 200, body = BalanceView), (status = 401, body = ProblemDetails)))]
+/// Available and held credits, and the lots behind them in burn order.
+pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Json<BalanceView>> {
+    let workspace = who.member_workspace()?;
+    let state = app.ledger.workspace_now(workspace).await?;
+    let b = state.balance();
+    let mut lots: Vec<&Lot> = state.lots.iter().collect();
+    lots.sort_by_key(|l| l.burn_key());
+    Ok(Json(BalanceView {
+        available: b.available,
+        held: b.held,
+        lots: lots
+            .into_iter()
+            .map(|l| LotView {
+                id: l.id(),
+                source: l.source,
+                original: l.original,
+                remaining: l.remaining,
+                held: l.held,
+                granted_at: l.granted_at,
+                expires_at: l.expires_at,
+            })
+            .collect(),
+    }))
+}

@@ -1,0 +1,64 @@
+//! `GET /v1/ledger`: the workspace's journal, newest first.
+
+use super::{ApiResult, page_limit};
+use crate::AppState;
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use tally::http::{ApiQuery, Identity, Problem, ProblemDetails};
+use tally::ledger::Entry;
+use tally::store::EntryQuery;
+use utoipa::{IntoParams, ToSchema};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub cursor: Option<String>,
+    /// 1-100, default 50.
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryPage {
+    pub items: Vec<Entry>,
+    pub next_cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/ledger", tag = "credits", security(("bearer" = [])),
+    params(PageQuery),
+    responses((status = 200, body = EntryPage), (status = 422, body = ProblemDetails)))]
+/// Journal entries, newest first.
+pub async fn ledger(
+    State(app): State<AppState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<EntryPage>> {
+    let workspace = who.member_workspace()?;
+    let limit = page_limit(q.limit, 50)?;
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<u64>()
+                .map_err(|_| Problem::validation("cursor", "unknown cursor"))
+        })
+        .transpose()?;
+    let mut items = app
+        .ledger
+        .store
+        .entries(
+            workspace,
+            &EntryQuery {
+                before,
+                limit: limit + 1,
+            },
+        )
+        .await?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|e| e.seq.to_string())
+    } else {
+        None
+    };
+    Ok(Json(EntryPage { items, next_cursor }))
+}

@@ -1,0 +1,27 @@
+//! The credits API's routes, one file per resource: each holds its handlers and the
+//! request and response bodies they read and write. Helpers more than one resource uses
+//! live here.
+
+pub mod adjustments;
+pub mod balance;
+pub mod catalog;
+pub mod entitlements;
+pub mod estimates;
+pub mod generations;
+pub mod ledger;
+
+use tally::http::Problem;
+
+pub(crate) type ApiResult<T> = Result<T, Problem>;
+
+/// Longest free-text reason (a failure, an adjustment) accepted.
+pub(crate) const MAX_REASON_CHARS: usize = 500;
+
+/// A page size from the `limit` query parameter: 1 to 100, `default` when absent.
+pub(crate) fn page_limit(limit: Option<i64>, default: usize) -> ApiResult<usize> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=100).contains(&n) => Ok(n as usize),
+        Some(_) => Err(Problem::validation("limit", "must be between 1 and 100")),
+    }
+}

@@ -1,0 +1,98 @@
+//! `/v1/alerts`: credit alert thresholds and the optional auto top-up.
+
+use super::{ApiResult, buyer};
+use crate::PurchasesState;
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+use tally::billing::records::*;
+use tally::http::{ApiJson, Identity, Problem, ProblemDetails};
+use tally::store::docs;
+use utoipa::ToSchema;
+
+/// Alert settings as sent by the client.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsBody {
+    /// Up to 10 thresholds, each 1 to 10,000,000 credits.
+    pub below_credits: Vec<u64>,
+    /// Buy this pack with the saved card when the balance falls below the threshold.
+    pub auto_topup: Option<tally::alerts::AutoTopUp>,
+}
+
+#[utoipa::path(put, path = "/v1/alerts", tag = "billing", security(("bearer" = [])),
+    request_body = AlertsBody,
+    responses((status = 200, body = tally::alerts::AlertSettings), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Sets credit alert thresholds and the optional auto top-up.
+pub async fn put_alerts(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    ApiJson(body): ApiJson<AlertsBody>,
+) -> ApiResult<Json<tally::alerts::AlertSettings>> {
+    let workspace = buyer(&who)?;
+    let limit = tally::money::MAX_CREDITS_PER_REQUEST;
+    if body.below_credits.len() > tally::alerts::MAX_THRESHOLDS {
+        return Err(Problem::validation(
+            "below_credits",
+            "at most 10 thresholds",
+        ));
+    }
+    if body.below_credits.iter().any(|t| *t == 0 || *t > limit) {
+        return Err(Problem::validation(
+            "below_credits",
+            &format!("each must be between 1 and {limit}"),
+        ));
+    }
+    if let Some(t) = &body.auto_topup {
+        if st.ledger.catalog.pack(&t.pack).is_none() {
+            return Err(Problem::validation(
+                "auto_topup.pack",
+                &format!("unknown pack {:?}", t.pack),
+            ));
+        }
+        if t.below_credits == 0 || t.below_credits > limit {
+            return Err(Problem::validation(
+                "auto_topup.below_credits",
+                &format!("must be between 1 and {limit}"),
+            ));
+        }
+    }
+    let mut below = body.below_credits;
+    below.sort_unstable();
+    below.dedup();
+    let stored = docs::update(
+        st.docs.as_ref(),
+        &workspace_pk(&workspace),
+        tally::alerts::ALERTS_SK,
+        |cur: Option<tally::alerts::AlertSettings>| {
+            let next = tally::alerts::AlertSettings {
+                below_credits: below.clone(),
+                auto_topup: body.auto_topup.clone(),
+                last_topup_at: cur.as_ref().and_then(|c| c.last_topup_at),
+            };
+            (cur.as_ref() != Some(&next)).then_some(next)
+        },
+    )
+    .await?
+    .unwrap_or_default();
+    Ok(Json(stored))
+}
+
+#[utoipa::path(get, path = "/v1/alerts", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = tally::alerts::AlertSettings), (status = 403, body = ProblemDetails)))]
+/// The workspace's credit alert settings.
+pub async fn get_alerts(
+    State(st): State<PurchasesState>,
+    who: Identity,
+) -> ApiResult<Json<tally::alerts::AlertSettings>> {
+    let workspace = buyer(&who)?;
+    Ok(Json(
+        docs::get(
+            st.docs.as_ref(),
+            &workspace_pk(&workspace),
+            tally::alerts::ALERTS_SK,
+        )
+        .await?
+        .unwrap_or_default(),
+    ))
+}

@@ -1,0 +1,42 @@
+//! `POST /v1/billing-portal`: a Stripe customer-portal session.
+
+use super::{ApiResult, buyer, provider};
+use crate::PurchasesState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+use tally::billing::records::*;
+use tally::http::{Identity, Problem, ProblemDetails};
+use tally::store::docs;
+use utoipa::ToSchema;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PortalView {
+    pub url: String,
+}
+
+#[utoipa::path(post, path = "/v1/billing-portal", tag = "billing", security(("bearer" = [])),
+    responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails)))]
+/// A Stripe customer-portal session: payment methods, invoices, plan and frequency.
+pub async fn billing_portal(
+    State(st): State<PurchasesState>,
+    who: Identity,
+) -> ApiResult<(StatusCode, Json<PortalView>)> {
+    let workspace = buyer(&who)?;
+    let customer =
+        docs::get::<BillingProfile>(st.docs.as_ref(), &workspace_pk(&workspace), PROFILE_SK)
+            .await?
+            .and_then(|p| p.customer)
+            .ok_or_else(|| Problem::not_found("the workspace has not bought anything yet"))?;
+    let url = st
+        .payments
+        .billing_portal(
+            &customer,
+            &st.urls.portal_return,
+            &format!("tally-portal-{workspace}-{}", ulid::Ulid::new()),
+        )
+        .await
+        .map_err(provider)?;
+    Ok((StatusCode::CREATED, Json(PortalView { url })))
+}

@@ -1,0 +1,121 @@
+//! `POST /v1/checkout/sessions`: Stripe Checkout for a plan (subscription) or credit packs
+//! (one-off payment).
+
+use super::{ApiResult, buyer, customer, provider};
+use crate::PurchasesState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use tally::billing::MAX_PACK_QUANTITY;
+use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
+use tally::ledger::{Interval, PlanStatus};
+use tally::money::Cents;
+use tally::payments::{CheckoutLink, CheckoutRequest, Purchase};
+use utoipa::ToSchema;
+
+/// What to buy.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CheckoutBody {
+    Plan { plan: String, interval: Interval },
+    Pack { pack: String, quantity: Option<u64> },
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckoutLinkView {
+    pub id: String,
+    /// Send the customer's browser here.
+    pub url: String,
+}
+
+#[utoipa::path(post, path = "/v1/checkout/sessions", tag = "billing", security(("bearer" = [])),
+    request_body = CheckoutBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries return the same session")),
+    responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
+        (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
+pub async fn create_checkout(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CheckoutBody>,
+) -> ApiResult<(StatusCode, Json<CheckoutLinkView>)> {
+    let workspace = buyer(&who)?;
+    let catalog = &st.ledger.catalog;
+    let state = st.ledger.workspace_now(&workspace).await?;
+    let current = state.plan.as_ref().filter(|p| {
+        matches!(
+            p.status,
+            PlanStatus::Active | PlanStatus::PastDue | PlanStatus::Paused
+        )
+    });
+    let purchase = match &body {
+        CheckoutBody::Plan { plan, interval } => {
+            let def = catalog
+                .plan(plan)
+                .ok_or_else(|| Problem::validation("plan", &format!("unknown plan {plan:?}")))?;
+            if current.is_some() {
+                return Err(Problem::conflict(
+                    "the workspace already has a subscription; change it with POST /v1/subscription/change",
+                ));
+            }
+            Purchase::Plan {
+                plan: def.id.clone(),
+                name: def.name.clone(),
+                interval: *interval,
+                unit_amount: match interval {
+                    Interval::Monthly => def.monthly_price_cents,
+                    Interval::Yearly => catalog.yearly_price(def).get(),
+                },
+            }
+        }
+        CheckoutBody::Pack { pack, quantity } => {
+            let def = catalog
+                .pack(pack)
+                .ok_or_else(|| Problem::validation("pack", &format!("unknown pack {pack:?}")))?;
+            let quantity = quantity.unwrap_or(1);
+            if quantity == 0 || quantity > MAX_PACK_QUANTITY {
+                return Err(Problem::validation(
+                    "quantity",
+                    &format!("must be between 1 and {MAX_PACK_QUANTITY}"),
+                ));
+            }
+            let discount = current
+                .and_then(|p| catalog.plan(&p.plan))
+                .map_or(0, |p| p.pack_discount_pct);
+            Purchase::Pack {
+                pack: def.id.clone(),
+                name: format!("{} credits", def.credits),
+                quantity,
+                unit_amount: Cents::new(def.price_cents).discounted(discount).get(),
+                credits: def.credits,
+            }
+        }
+    };
+    let key = match idempotency_key(&headers, "checkout")? {
+        Some(k) => format!("tally-checkout-{workspace}-{}", k.as_str()),
+        None => format!("tally-checkout-{workspace}-{}", ulid::Ulid::new()),
+    };
+    let customer = customer(&st, &workspace, who.email.as_deref()).await?;
+    let link: CheckoutLink = st
+        .payments
+        .create_checkout(&CheckoutRequest {
+            workspace: workspace.clone(),
+            customer,
+            purchase,
+            success_url: st.urls.success.clone(),
+            cancel_url: st.urls.cancel.clone(),
+            idempotency_key: key,
+        })
+        .await
+        .map_err(provider)?;
+    tracing::info!(workspace = %workspace, session = %link.id, "checkout session created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CheckoutLinkView {
+            id: link.id,
+            url: link.url,
+        }),
+    ))
+}

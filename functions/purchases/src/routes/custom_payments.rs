@@ -1,0 +1,107 @@
+//! `POST /v1/admin/workspaces/{workspace_id}/custom-payments`: support staff bill an
+//! agreed amount for agreed credits.
+
+use super::{ApiResult, customer, provider};
+use crate::PurchasesState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
+use tally::ids::WorkspaceId;
+use utoipa::ToSchema;
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CustomPaymentBody {
+    /// The agreed amount, integer cents.
+    pub amount_cents: u64,
+    /// Credits granted when the invoice is paid.
+    pub credits: u64,
+    pub description: String,
+    /// 1-90, default 30.
+    pub days_until_due: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CustomPaymentView {
+    pub invoice: String,
+    pub hosted_invoice_url: String,
+    pub credits: u64,
+}
+
+/// Largest custom payment: $1,000,000.
+pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 100_000_000;
+
+#[utoipa::path(post, path = "/v1/admin/workspaces/{workspace_id}/custom-payments", tag = "admin",
+    security(("bearer" = [])), params(("workspace_id" = String, Path),
+        ("Idempotency-Key" = String, Header, description = "Required: one invoice per key")),
+    request_body = CustomPaymentBody,
+    responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff bill an agreed amount for agreed credits: Stripe sends the invoice, and the
+/// credits are granted when it is paid.
+pub async fn custom_payment(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    axum::extract::Path(workspace_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CustomPaymentBody>,
+) -> ApiResult<(StatusCode, Json<CustomPaymentView>)> {
+    who.require_scope(tally::http::auth::SCOPE_ADMIN)?;
+    let workspace = WorkspaceId::parse(&workspace_id)
+        .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
+    let key = idempotency_key(&headers, "custom-payment")?
+        .ok_or_else(|| Problem::validation("Idempotency-Key", "required for custom payments"))?;
+    if body.amount_cents == 0 || body.amount_cents > MAX_CUSTOM_PAYMENT_CENTS {
+        return Err(Problem::validation(
+            "amount_cents",
+            &format!("must be between 1 and {MAX_CUSTOM_PAYMENT_CENTS}"),
+        ));
+    }
+    if body.credits == 0 || body.credits > tally::money::MAX_CREDITS_PER_REQUEST {
+        return Err(Problem::validation(
+            "credits",
+            &format!(
+                "must be between 1 and {}",
+                tally::money::MAX_CREDITS_PER_REQUEST
+            ),
+        ));
+    }
+    let description = body.description.trim();
+    if description.is_empty() || description.chars().count() > 500 {
+        return Err(Problem::validation(
+            "description",
+            "must be 1 to 500 characters",
+        ));
+    }
+    let days = body.days_until_due.unwrap_or(30);
+    if !(1..=90).contains(&days) {
+        return Err(Problem::validation(
+            "days_until_due",
+            "must be between 1 and 90",
+        ));
+    }
+    let customer = customer(&st, &workspace, None).await?;
+    let link = st
+        .payments
+        .create_custom_invoice(&tally::payments::CustomInvoice {
+            workspace: workspace.clone(),
+            customer,
+            amount: body.amount_cents,
+            credits: body.credits,
+            description: description.to_owned(),
+            days_until_due: days,
+            idempotency_key: format!("tally-custom-{workspace}-{}", key.as_str()),
+        })
+        .await
+        .map_err(provider)?;
+    tracing::info!(workspace = %workspace, invoice = %link.id, admin = %who.sub, "custom payment invoice sent");
+    Ok((
+        StatusCode::CREATED,
+        Json(CustomPaymentView {
+            invoice: link.id,
+            hosted_invoice_url: link.hosted_invoice_url,
+            credits: body.credits,
+        }),
+    ))
+}

@@ -1,0 +1,73 @@
+//! The purchases API's routes, one file per resource: each holds its handlers and the
+//! request and response bodies they read and write. Helpers more than one resource uses
+//! live here: who may buy, how payment-provider failures answer, and the workspace's Stripe
+//! customer.
+
+pub mod alerts;
+pub mod billing_portal;
+pub mod checkout;
+pub mod custom_payments;
+pub mod invoices;
+pub mod subscription;
+
+use crate::PurchasesState;
+use axum::http::StatusCode;
+use tally::billing::records::*;
+use tally::http::{Identity, Problem};
+use tally::ids::WorkspaceId;
+use tally::payments::PaymentsError;
+use tally::store::docs;
+
+pub(crate) type ApiResult<T> = Result<T, Problem>;
+
+/// Owners and billing admins buy; members are refused.
+pub(crate) fn buyer(who: &Identity) -> ApiResult<WorkspaceId> {
+    let workspace = who.member_workspace()?.clone();
+    if !who.can_manage_billing() {
+        return Err(Problem::forbidden(
+            "only the workspace owner or a billing admin can manage billing",
+        ));
+    }
+    Ok(workspace)
+}
+
+/// A payment-provider failure as the client sees it: a refusal is the provider's answer
+/// (502, logged as an error); unavailability is worth retrying with the same key (503).
+pub(crate) fn provider(e: PaymentsError) -> Problem {
+    match e {
+        PaymentsError::Refused(m) => {
+            tracing::error!(error = %m, "payment provider refused a request");
+            Problem::new(StatusCode::BAD_GATEWAY, "payment_provider_error", m)
+        }
+        PaymentsError::Unavailable(m) => {
+            tracing::warn!(error = %m, "payment provider unavailable");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the payment provider is unavailable; retry with the same Idempotency-Key",
+            )
+        }
+    }
+}
+
+/// The workspace's Stripe customer, created on first purchase (exactly once: the Stripe
+/// idempotency key is the workspace, and the first stored id wins).
+async fn customer(
+    st: &PurchasesState,
+    workspace: &WorkspaceId,
+    email: Option<&str>,
+) -> ApiResult<String> {
+    let pk = workspace_pk(workspace);
+    if let Some(c) = docs::get::<BillingProfile>(st.docs.as_ref(), &pk, PROFILE_SK)
+        .await?
+        .and_then(|p| p.customer)
+    {
+        return Ok(c);
+    }
+    let created = st
+        .payments
+        .create_customer(workspace, email, &format!("tally-customer-{workspace}"))
+        .await
+        .map_err(provider)?;
+    Ok(tally::billing::link_customer(st.docs.as_ref(), &created, workspace).await?)
+}
