@@ -148,23 +148,30 @@ async fn a_generation_holds_its_estimate_then_charges_the_exact_cost_once() {
         (done.body["status"].as_str(), done.body["charged"].as_u64()),
         (Some("completed"), Some(18))
     );
-    // Repeats (even with another amount) return the first result and charge nothing more.
+    // A repeat returns the first result and charges nothing more; another amount under
+    // the same completion is a conflict, not the first result.
     let again = app
         .post(
             &format!("/v1/generations/{id}/complete"),
             &service(),
-            json!({"credits": 5}),
+            json!({"credits": 18}),
         )
         .await;
     assert_eq!(again.body, done.body);
-    let again = app
-        .post(&format!("/v1/generations/{id}/complete"), &m, json!({}))
-        .await;
-    assert_eq!(again.body, done.body);
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &service(),
+        json!({"credits": 5}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    app.post(&format!("/v1/generations/{id}/complete"), &m, json!({}))
+        .await
+        .assert_problem(403, "forbidden");
     assert_eq!(available(&app, &m).await, 82);
     app.post(
         &format!("/v1/generations/{id}/fail"),
-        &m,
+        &service(),
         json!({"reason": "late"}),
     )
     .await
@@ -195,7 +202,7 @@ async fn a_failed_generation_costs_nothing_and_cannot_be_completed_afterwards() 
     let f = app
         .post(
             &format!("/v1/generations/{id}/fail"),
-            &m,
+            &service(),
             json!({"reason": "provider timeout"}),
         )
         .await;
@@ -212,9 +219,13 @@ async fn a_failed_generation_costs_nothing_and_cannot_be_completed_afterwards() 
         )
         .await;
     assert_eq!(again.body, f.body);
-    app.post(&format!("/v1/generations/{id}/complete"), &m, json!({}))
-        .await
-        .assert_problem(409, "conflict");
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &service(),
+        json!({}),
+    )
+    .await
+    .assert_problem(409, "conflict");
     assert_eq!(available(&app, &m).await, 50);
 }
 
@@ -237,38 +248,36 @@ async fn a_generation_beyond_the_balance_is_refused_with_402_and_nothing_changes
 }
 
 #[tokio::test]
-async fn only_the_starter_or_the_generation_service_may_settle_and_only_the_service_sets_the_cost()
-{
+async fn only_the_generation_service_settles_even_the_starter_cannot() {
     let app = TestApp::new();
     grant(&app.ledger, "org_a", 100).await;
     let g = start(&app, &member("org_a", "m1"), video()).await;
     let id = g["id"].as_str().unwrap();
-    // The starter may complete at the estimate, not name a price.
-    app.post(
-        &format!("/v1/generations/{id}/complete"),
-        &member("org_a", "m1"),
-        json!({"credits": 1}),
-    )
-    .await
-    .assert_problem(403, "forbidden");
-    app.post(
-        &format!("/v1/generations/{id}/complete"),
-        &member("org_a", "m2"),
-        json!({}),
-    )
-    .await
-    .assert_problem(403, "forbidden");
-    app.post(
-        &format!("/v1/generations/{id}/complete"),
-        &owner("org_a"),
-        json!({}),
-    )
-    .await
-    .assert_problem(403, "forbidden");
+    let before = app.entry_count("org_a").await;
+    // Neither the starter (at the estimate or at a price), another member nor the owner
+    // may settle: the work is still running and only the service knows how it ended.
+    for (who, body) in [
+        (member("org_a", "m1"), json!({"credits": 1})),
+        (member("org_a", "m1"), json!({})),
+        (member("org_a", "m2"), json!({})),
+        (owner("org_a"), json!({})),
+    ] {
+        app.post(&format!("/v1/generations/{id}/complete"), &who, body)
+            .await
+            .assert_problem(403, "forbidden");
+        app.post(
+            &format!("/v1/generations/{id}/fail"),
+            &who,
+            json!({"reason": "x"}),
+        )
+        .await
+        .assert_problem(403, "forbidden");
+    }
+    assert_eq!(app.entry_count("org_a").await, before);
     let done = app
         .post(
             &format!("/v1/generations/{id}/complete"),
-            &member("org_a", "m1"),
+            &service(),
             json!({}),
         )
         .await;
@@ -287,16 +296,20 @@ async fn no_request_reaches_another_workspaces_data() {
     app.get(&format!("/v1/generations/{id}"), &b)
         .await
         .assert_problem(404, "not_found");
-    app.post(&format!("/v1/generations/{id}/complete"), &b, json!({}))
+    // Members settle nothing, theirs or not: the same 403 for an existing generation of
+    // another workspace as for one that does not exist.
+    for target in [id.to_owned(), tally::ids::GenerationId::new().to_string()] {
+        app.post(&format!("/v1/generations/{target}/complete"), &b, json!({}))
+            .await
+            .assert_problem(403, "forbidden");
+        app.post(
+            &format!("/v1/generations/{target}/fail"),
+            &b,
+            json!({"reason": "x"}),
+        )
         .await
-        .assert_problem(404, "not_found");
-    app.post(
-        &format!("/v1/generations/{id}/fail"),
-        &b,
-        json!({"reason": "x"}),
-    )
-    .await
-    .assert_problem(404, "not_found");
+        .assert_problem(403, "forbidden");
+    }
     // A settle token bound to another workspace cannot reach it either.
     let bound = token(json!({"sub": "svc", "org_id": "org_b", "scope": "credits:settle"}));
     app.post(&format!("/v1/generations/{id}/complete"), &bound, json!({}))
@@ -404,12 +417,12 @@ async fn bad_input_is_refused_with_problem_details_and_changes_nothing() {
         (json!({"credits": 10_000_001}), 422),
     ] {
         let a = app
-            .post(&format!("/v1/generations/{id}/complete"), &m, body)
+            .post(&format!("/v1/generations/{id}/complete"), &service(), body)
             .await;
         assert_eq!(a.status.as_u16(), status, "{:#}", a.body);
         assert_eq!(a.content_type, "application/problem+json");
     }
-    app.post("/v1/generations/not-an-id/complete", &m, json!({}))
+    app.post("/v1/generations/not-an-id/complete", &service(), json!({}))
         .await
         .assert_problem(422, "validation_failed");
     app.post(
@@ -417,14 +430,14 @@ async fn bad_input_is_refused_with_problem_details_and_changes_nothing() {
             "/v1/generations/{}/complete",
             tally::ids::GenerationId::new()
         ),
-        &m,
+        &service(),
         json!({}),
     )
     .await
     .assert_problem(404, "not_found");
     app.post(
         &format!("/v1/generations/{id}/fail"),
-        &m,
+        &service(),
         json!({"reason": ""}),
     )
     .await
@@ -565,7 +578,7 @@ async fn creation_history_pages_newest_first_and_filters_by_status_and_model() {
     }
     app.post(
         &format!("/v1/generations/{}/complete", ids[1]),
-        &m,
+        &service(),
         json!({}),
     )
     .await;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tally_tests::{TestApp, grant, member, support};
+use tally_tests::{TestApp, grant, member, service, support};
 use tokio::task::JoinSet;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
@@ -269,9 +269,10 @@ fn concurrent_requests_log_under_their_own_request() {
 
         // Half complete, half fail, all at once.
         let (completing, failing) = ids.split_at(REQUESTS / 2);
+        let settler = service();
         let settle = |path: String, body: Value| Call {
             path,
-            token: token.clone(),
+            token: settler.clone(),
             body,
             idempotency_key: None,
         };

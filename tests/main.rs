@@ -7,6 +7,7 @@ mod infra;
 mod logging;
 mod purchases;
 mod queues;
+mod rules;
 mod service_properties;
 mod store_conformance;
 mod stripe_api;

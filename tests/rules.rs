@@ -87,7 +87,10 @@ async fn entitlements_estimates_training_slots_and_pack_discounts_agree_on_the_p
         // $10.00 at list price; $8.00 with the plan's 20% off.
         let page = pack_page(&app, ws).await;
         let price = if in_effect { "$8.00" } else { "$10.00" };
-        assert!(page.contains(price), "{status:?}: expected {price} in {page}");
+        assert!(
+            page.contains(price),
+            "{status:?}: expected {price} in {page}"
+        );
     }
 }
 
@@ -104,7 +107,9 @@ async fn an_estimate_for_a_training_without_a_free_slot_says_why_it_would_be_ref
             .await;
         assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
     }
-    let estimate = app.post("/v1/estimates", &member(ws, "m1"), train.clone()).await;
+    let estimate = app
+        .post("/v1/estimates", &member(ws, "m1"), train.clone())
+        .await;
     assert_eq!(estimate.body["sufficient"], false, "{:#}", estimate.body);
     assert_eq!(estimate.body["refusal"]["code"], "no_custom_model_slot");
     app.post("/v1/generations", &member(ws, "m1"), train)
@@ -173,7 +178,13 @@ async fn the_first_allowance_and_an_upgrade_in_the_same_billing_month_lapse_toge
     );
 }
 
-async fn send_keyed(app: &TestApp, method: Method, path: &str, key: &str, body: Value) -> tally_tests::Answer {
+async fn send_keyed(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    key: &str,
+    body: Value,
+) -> tally_tests::Answer {
     app.send(
         method,
         path,
@@ -213,17 +224,33 @@ async fn every_mutating_billing_route_answers_a_reused_key_the_same_way() {
         ),
     ];
     for (method, path, body, other) in routes {
-        let key = format!("key-{path}");
+        let key = format!("key{}", path.replace('/', "-"));
         let first = send_keyed(&app, method.clone(), path, &key, body.clone()).await;
         assert!(first.status.is_success(), "{path}: {:#}", first.body);
         app.settle_billing().await;
-        let events_before = app.get("/sim/events", "").await.body.as_array().map(Vec::len);
+        let events_before = app
+            .get("/sim/events", "")
+            .await
+            .body
+            .as_array()
+            .map(Vec::len);
         let again = send_keyed(&app, method.clone(), path, &key, body.clone()).await;
         assert_eq!(again.status, first.status, "{path}");
-        assert_eq!(again.body, first.body, "{path}: same key, same body: the first answer");
+        assert_eq!(
+            again.body, first.body,
+            "{path}: same key, same body: the first answer"
+        );
         app.settle_billing().await;
-        let events_after = app.get("/sim/events", "").await.body.as_array().map(Vec::len);
-        assert_eq!(events_before, events_after, "{path}: a replay calls Stripe for nothing new");
+        let events_after = app
+            .get("/sim/events", "")
+            .await
+            .body
+            .as_array()
+            .map(Vec::len);
+        assert_eq!(
+            events_before, events_after,
+            "{path}: a replay calls Stripe for nothing new"
+        );
         send_keyed(&app, method.clone(), path, &key, other)
             .await
             .assert_problem(409, "conflict");
@@ -235,33 +262,54 @@ async fn only_the_generation_service_settles_and_a_different_amount_is_a_conflic
     let app = TestApp::new();
     let ws = "org_settle";
     grant(&app.ledger, ws, 1_000).await;
-    let video = json!({"workflow": "video", "model": "video-pro", "duration_s": 10, "resolution": "2k"});
+    let video =
+        json!({"workflow": "video", "model": "video-pro", "duration_s": 10, "resolution": "2k"});
     let g = app.post("/v1/generations", &member(ws, "m1"), video).await;
     assert_eq!(g.status.as_u16(), 201, "{:#}", g.body);
     let id = g.body["id"].as_str().unwrap().to_owned();
     let entries = app.entry_count(ws).await;
     for who in [member(ws, "m1"), owner(ws)] {
-        app.post(&format!("/v1/generations/{id}/fail"), &who, json!({"reason": "bored"}))
-            .await
-            .assert_problem(403, "forbidden");
+        app.post(
+            &format!("/v1/generations/{id}/fail"),
+            &who,
+            json!({"reason": "bored"}),
+        )
+        .await
+        .assert_problem(403, "forbidden");
         app.post(&format!("/v1/generations/{id}/complete"), &who, json!({}))
             .await
             .assert_problem(403, "forbidden");
     }
     assert_eq!(app.entry_count(ws).await, entries, "refusals wrote nothing");
     let done = app
-        .post(&format!("/v1/generations/{id}/complete"), &service(), json!({"credits": 22}))
+        .post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({"credits": 22}),
+        )
         .await;
     assert_eq!(done.status.as_u16(), 200, "{:#}", done.body);
     assert_eq!(done.body["charged"], 22);
     let replay = app
-        .post(&format!("/v1/generations/{id}/complete"), &service(), json!({"credits": 22}))
+        .post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({"credits": 22}),
+        )
         .await;
     assert_eq!(replay.body, done.body);
-    app.post(&format!("/v1/generations/{id}/complete"), &service(), json!({"credits": 23}))
-        .await
-        .assert_problem(409, "conflict");
-    app.post(&format!("/v1/generations/{id}/fail"), &service(), json!({"reason": "late"}))
-        .await
-        .assert_problem(409, "conflict");
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &service(),
+        json!({"credits": 23}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    app.post(
+        &format!("/v1/generations/{id}/fail"),
+        &service(),
+        json!({"reason": "late"}),
+    )
+    .await
+    .assert_problem(409, "conflict");
 }

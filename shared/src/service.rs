@@ -239,6 +239,30 @@ impl Ledger {
         tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
     }
 
+    /// What an operation would do if it were asked now, without doing it: the refusal the
+    /// real request would get, or its outcome. Nothing is written; estimates use it so they
+    /// say exactly what starting the generation would say.
+    pub async fn preview(
+        &self,
+        workspace: &WorkspaceId,
+        actor: Actor,
+        op: Operation,
+    ) -> Result<Result<Outcome, LedgerError>, ServiceError> {
+        let state = self
+            .store
+            .load(workspace)
+            .await?
+            .unwrap_or_else(|| WorkspaceState::new(workspace.clone()));
+        let cmd = Command {
+            key: IdempotencyKey::derived("preview".into()),
+            at: self.clock.now(),
+            actor,
+            refs: Refs::default(),
+            op,
+        };
+        Ok(execute(&state, &cmd, &self.catalog).map(|applied| applied.outcome))
+    }
+
     /// The workspace as it stands now, with overdue holds and lapsed lots settled in the view.
     pub async fn workspace_now(
         &self,

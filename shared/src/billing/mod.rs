@@ -5,6 +5,7 @@
 //! `stripe:invoice:<invoice>:plan`, ...), documents merge by a total order on their facts,
 //! and the ledger's plan is re-derived from the merged subscription document each time.
 
+pub mod changes;
 pub mod documents;
 pub mod grants;
 pub mod linking;

@@ -3,6 +3,7 @@
 //! the `/health` and `/openapi.json` routes.
 
 pub mod auth;
+pub mod idempotency;
 pub mod problem;
 pub mod service;
 

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tally::http::Identity;
 use tally::ledger::{Interval, PlanStatus};
+use tally::subscriptions::Entitlements;
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -40,23 +41,24 @@ pub async fn entitlements(
     let workspace = who.member_workspace()?;
     let state = app.ledger.workspace_now(workspace).await?;
     let catalog = &app.ledger.catalog;
-    let plan = state
-        .plan
-        .as_ref()
-        .and_then(|p| catalog.plan(&p.plan).map(|def| (p, def)));
+    // The plan is shown whatever its status; what it gives comes from the one rule for
+    // the plan in effect, so a paused or canceled plan shows no slots or discounts.
+    let given = Entitlements::of(state.plan.as_ref(), catalog);
     Ok(Json(EntitlementsView {
-        plan: plan.map(|(p, def)| SubscriptionView {
-            plan: def.id.clone(),
-            name: def.name.clone(),
+        plan: state.plan.as_ref().map(|p| SubscriptionView {
+            plan: p.plan.clone(),
+            name: catalog
+                .plan(&p.plan)
+                .map_or_else(|| p.plan.clone(), |d| d.name.clone()),
             interval: p.interval,
             status: p.status,
             period_end: p.period_end,
             cancel_at_period_end: p.cancel_at_period_end,
         }),
-        custom_model_slots: plan.map_or(0, |(_, d)| d.custom_model_slots),
+        custom_model_slots: given.custom_model_slots,
         custom_models_used: state.custom_models.len() as u32,
-        support: plan.map_or_else(|| "community".into(), |(_, d)| d.support.clone()),
-        pack_discount_pct: plan.map_or(0, |(_, d)| d.pack_discount_pct),
-        rollover_days: plan.map_or(0, |(_, d)| d.rollover_days),
+        support: given.support.to_owned(),
+        pack_discount_pct: given.pack_discount_pct,
+        rollover_days: given.rollover_days,
     }))
 }

@@ -7,6 +7,8 @@ use axum::extract::State;
 use serde::Serialize;
 use tally::catalog::{Estimate, GenerationSpec};
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails};
+use tally::ids::GenerationId;
+use tally::ledger::Operation;
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -16,6 +18,18 @@ pub struct EstimateView {
     pub available: u64,
     /// Whether the workspace can start this generation now.
     pub sufficient: bool,
+    /// Why starting it now would be refused (the same code and detail `POST
+    /// /v1/generations` would answer); absent when it would start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<RefusalView>,
+}
+
+/// A refusal the start of a generation would meet.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RefusalView {
+    /// The problem code, e.g. `insufficient_credits` or `no_custom_model_slot`.
+    pub code: String,
+    pub detail: String,
 }
 
 #[utoipa::path(post, path = "/v1/estimates", tag = "credits", security(("bearer" = [])),
@@ -33,14 +47,36 @@ pub async fn estimate(
         .catalog
         .estimate(&spec)
         .map_err(|e| Problem::validation(e.field, &e.message))?;
+    // Ask the ledger exactly what the start would ask it, and keep its answer.
+    let deadline = app.ledger.clock.now() + app.ledger.catalog.hold_lifetime(estimate.workflow);
+    let preview = app
+        .ledger
+        .preview(
+            workspace,
+            who.actor(),
+            Operation::Hold {
+                generation: GenerationId::new(),
+                estimate: estimate.clone(),
+                deadline,
+            },
+        )
+        .await?;
     let available = app
         .ledger
         .workspace_now(workspace)
         .await?
         .balance()
         .available;
+    let refusal = preview.err().map(|e| {
+        let p = Problem::from(e);
+        RefusalView {
+            code: p.code.to_owned(),
+            detail: p.detail,
+        }
+    });
     Ok(Json(EstimateView {
-        sufficient: available >= estimate.credits.get(),
+        sufficient: refusal.is_none(),
+        refusal,
         available,
         estimate,
     }))

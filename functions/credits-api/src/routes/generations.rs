@@ -116,22 +116,32 @@ pub async fn start_generation(
     Ok((StatusCode::CREATED, Json(generation)))
 }
 
-/// Finds the workspace of a generation the caller may settle.
+/// Finds the workspace of a generation to settle. Settling belongs to the generation
+/// service (scope `credits:settle`): it alone knows whether the work succeeded and what it
+/// cost, so members (even the one who started it) cannot fail it while it runs or complete
+/// it at the estimate.
+fn require_settler(who: &Identity) -> ApiResult<()> {
+    if !who.has_scope(SCOPE_SETTLE) {
+        return Err(Problem::forbidden(
+            "only the generation service (scope credits:settle) settles generations",
+        ));
+    }
+    Ok(())
+}
+
 async fn settle_target(
     app: &AppState,
     who: &Identity,
     id: GenerationId,
 ) -> ApiResult<(WorkspaceId, Generation)> {
-    let service = who.has_scope(SCOPE_SETTLE);
-    let workspace = match (&who.workspace, service) {
-        (Some(ws), _) => ws.clone(),
-        (None, true) => app
+    let workspace = match &who.workspace {
+        Some(ws) => ws.clone(),
+        None => app
             .ledger
             .store
             .generation_owner(id)
             .await?
             .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?,
-        (None, false) => return Err(Problem::forbidden("no workspace in the token")),
     };
     let record = app
         .ledger
@@ -139,25 +149,22 @@ async fn settle_target(
         .generation(&workspace, id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?;
-    if !service && (who.role.is_none() || record.started_by != who.sub) {
-        return Err(Problem::forbidden(
-            "only the member who started a generation, or the generation service, may settle it",
-        ));
-    }
     Ok((workspace, record))
 }
 
 #[utoipa::path(post, path = "/v1/generations/{id}/complete", tag = "credits", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = CompleteRequest,
     responses((status = 200, body = Generation), (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails)))]
-/// Charges the exact cost (default: the estimate) and closes the hold. Repeats return the
-/// first result.
+/// The generation service charges the exact cost (default: the estimate) and closes the
+/// hold. A repeat with the same amount returns the first result; another amount is a 409.
 pub async fn complete_generation(
     State(app): State<AppState>,
     who: Identity,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Generation>> {
+    // Who may settle is decided before the request is read: others learn nothing.
+    require_settler(&who)?;
     let id = parse_generation_id(&id)?;
     let req: CompleteRequest = optional_json(&body)?;
     let credits = req
@@ -165,11 +172,6 @@ pub async fn complete_generation(
         .map(|c| Credits::parse_request_amount(c as i128))
         .transpose()
         .map_err(|m| Problem::validation("credits", &m))?;
-    if credits.is_some() && !who.has_scope(SCOPE_SETTLE) {
-        return Err(Problem::forbidden(
-            "only the generation service sets the exact cost; complete without credits to charge the estimate",
-        ));
-    }
     let (workspace, _) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("complete_generation", workspace = %workspace, generation = %id);
     let outcome = app
@@ -177,7 +179,9 @@ pub async fn complete_generation(
         .execute(LedgerRequest {
             workspace,
             key: IdempotencyKey::derived(format!("gen:{id}:complete")),
-            fingerprint: "complete".into(),
+            // The amount is part of the request: a replay with another amount is a
+            // conflict, not the first result.
+            fingerprint: fingerprint(&("complete", credits.map(Credits::get))),
             actor: who.actor(),
             refs: Refs::default(),
             op: Operation::Complete {
@@ -194,13 +198,16 @@ pub async fn complete_generation(
 #[utoipa::path(post, path = "/v1/generations/{id}/fail", tag = "credits", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = FailRequest,
     responses((status = 200, body = Generation), (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails)))]
-/// Releases the hold without charge. Repeats return the first result.
+/// The generation service releases the hold without charge. Repeats return the first
+/// result.
 pub async fn fail_generation(
     State(app): State<AppState>,
     who: Identity,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Generation>> {
+    // Who may settle is decided before the request is read: others learn nothing.
+    require_settler(&who)?;
     let id = parse_generation_id(&id)?;
     let req: FailRequest = optional_json(&body)?;
     let reason = req.reason.unwrap_or_else(|| "failed".into());

@@ -4,14 +4,15 @@ use super::{ApiResult, buyer, provider};
 use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
-use serde::Serialize;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
 use tally::billing::records::*;
-use tally::http::{Identity, Problem, ProblemDetails};
+use tally::http::{Identity, Problem, ProblemDetails, idempotency, idempotency_key};
+use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::store::docs;
 use utoipa::ToSchema;
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PortalView {
     pub url: String,
 }
@@ -22,10 +23,25 @@ pub struct PortalView {
 pub async fn billing_portal(
     State(st): State<PurchasesState>,
     who: Identity,
+    headers: HeaderMap,
 ) -> ApiResult<(StatusCode, Json<PortalView>)> {
     let workspace = buyer(&who)?;
+    let key = idempotency_key(&headers, "billing-portal")?;
+    let now = st.ledger.clock.now();
+    let view = idempotency::once(st.docs.as_ref(), &workspace, key.as_ref(), &(), now, || {
+        portal(&st, &workspace, key.as_ref())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn portal(
+    st: &PurchasesState,
+    workspace: &WorkspaceId,
+    key: Option<&IdempotencyKey>,
+) -> ApiResult<PortalView> {
     let customer =
-        docs::get::<BillingProfile>(st.docs.as_ref(), &workspace_pk(&workspace), PROFILE_SK)
+        docs::get::<BillingProfile>(st.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
             .await?
             .and_then(|p| p.customer)
             .ok_or_else(|| Problem::not_found("the workspace has not bought anything yet"))?;
@@ -34,9 +50,12 @@ pub async fn billing_portal(
         .billing_portal(
             &customer,
             &st.urls.portal_return,
-            &format!("tally-portal-{workspace}-{}", ulid::Ulid::new()),
+            &match key {
+                Some(k) => format!("tally-portal-{workspace}-{}", k.as_str()),
+                None => format!("tally-portal-{workspace}-{}", ulid::Ulid::new()),
+            },
         )
         .await
         .map_err(provider)?;
-    Ok((StatusCode::CREATED, Json(PortalView { url })))
+    Ok(PortalView { url })
 }

@@ -8,10 +8,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::billing::MAX_PACK_QUANTITY;
-use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
-use tally::ledger::{Interval, PlanStatus};
+use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
+use tally::ids::{IdempotencyKey, WorkspaceId};
+use tally::ledger::Interval;
 use tally::money::Cents;
 use tally::payments::{CheckoutLink, CheckoutRequest, Purchase};
+use tally::subscriptions::Entitlements;
+use tally::subscriptions::change::plan_unit_price;
 use utoipa::ToSchema;
 
 /// What to buy.
@@ -22,7 +25,7 @@ pub enum CheckoutBody {
     Pack { pack: String, quantity: Option<u64> },
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CheckoutLinkView {
     pub id: String,
     /// Send the customer's browser here.
@@ -31,7 +34,7 @@ pub struct CheckoutLinkView {
 
 #[utoipa::path(post, path = "/v1/checkout/sessions", tag = "billing", security(("bearer" = [])),
     request_body = CheckoutBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retries return the same session")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same body return the same session; another body under the same key is a 409")),
     responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
         (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
 /// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
@@ -42,20 +45,35 @@ pub async fn create_checkout(
     ApiJson(body): ApiJson<CheckoutBody>,
 ) -> ApiResult<(StatusCode, Json<CheckoutLinkView>)> {
     let workspace = buyer(&who)?;
+    let key = idempotency_key(&headers, "checkout")?;
+    let now = st.ledger.clock.now();
+    let view = idempotency::once(
+        st.docs.as_ref(),
+        &workspace,
+        key.as_ref(),
+        &body,
+        now,
+        || checkout(&st, &who, &workspace, &body, key.as_ref()),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn checkout(
+    st: &PurchasesState,
+    who: &Identity,
+    workspace: &WorkspaceId,
+    body: &CheckoutBody,
+    key: Option<&IdempotencyKey>,
+) -> ApiResult<CheckoutLinkView> {
     let catalog = &st.ledger.catalog;
-    let state = st.ledger.workspace_now(&workspace).await?;
-    let current = state.plan.as_ref().filter(|p| {
-        matches!(
-            p.status,
-            PlanStatus::Active | PlanStatus::PastDue | PlanStatus::Paused
-        )
-    });
-    let purchase = match &body {
+    let state = st.ledger.workspace_now(workspace).await?;
+    let purchase = match body {
         CheckoutBody::Plan { plan, interval } => {
             let def = catalog
                 .plan(plan)
                 .ok_or_else(|| Problem::validation("plan", &format!("unknown plan {plan:?}")))?;
-            if current.is_some() {
+            if state.plan.as_ref().is_some_and(|p| p.status.is_live()) {
                 return Err(Problem::conflict(
                     "the workspace already has a subscription; change it with POST /v1/subscription/change",
                 ));
@@ -64,10 +82,7 @@ pub async fn create_checkout(
                 plan: def.id.clone(),
                 name: def.name.clone(),
                 interval: *interval,
-                unit_amount: match interval {
-                    Interval::Monthly => def.monthly_price_cents,
-                    Interval::Yearly => catalog.yearly_price(def).get(),
-                },
+                unit_amount: plan_unit_price(catalog, def, *interval).get(),
             }
         }
         CheckoutBody::Pack { pack, quantity } => {
@@ -81,9 +96,7 @@ pub async fn create_checkout(
                     &format!("must be between 1 and {MAX_PACK_QUANTITY}"),
                 ));
             }
-            let discount = current
-                .and_then(|p| catalog.plan(&p.plan))
-                .map_or(0, |p| p.pack_discount_pct);
+            let discount = Entitlements::of(state.plan.as_ref(), catalog).pack_discount_pct;
             Purchase::Pack {
                 pack: def.id.clone(),
                 name: format!("{} credits", def.credits),
@@ -93,11 +106,11 @@ pub async fn create_checkout(
             }
         }
     };
-    let key = match idempotency_key(&headers, "checkout")? {
+    let stripe_key = match key {
         Some(k) => format!("tally-checkout-{workspace}-{}", k.as_str()),
         None => format!("tally-checkout-{workspace}-{}", ulid::Ulid::new()),
     };
-    let customer = customer(&st, &workspace, who.email.as_deref()).await?;
+    let customer = customer(st, workspace, who.email.as_deref()).await?;
     let link: CheckoutLink = st
         .payments
         .create_checkout(&CheckoutRequest {
@@ -106,16 +119,13 @@ pub async fn create_checkout(
             purchase,
             success_url: st.urls.success.clone(),
             cancel_url: st.urls.cancel.clone(),
-            idempotency_key: key,
+            idempotency_key: stripe_key,
         })
         .await
         .map_err(provider)?;
     tracing::info!(workspace = %workspace, session = %link.id, "checkout session created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CheckoutLinkView {
-            id: link.id,
-            url: link.url,
-        }),
-    ))
+    Ok(CheckoutLinkView {
+        id: link.id,
+        url: link.url,
+    })
 }

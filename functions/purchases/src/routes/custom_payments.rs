@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
-use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
+use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::WorkspaceId;
 use utoipa::ToSchema;
 
@@ -23,7 +23,7 @@ pub struct CustomPaymentBody {
     pub days_until_due: Option<u32>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CustomPaymentView {
     pub invoice: String,
     pub hosted_invoice_url: String,
@@ -81,27 +81,29 @@ pub async fn custom_payment(
             "must be between 1 and 90",
         ));
     }
-    let customer = customer(&st, &workspace, None).await?;
-    let link = st
-        .payments
-        .create_custom_invoice(&tally::payments::CustomInvoice {
-            workspace: workspace.clone(),
-            customer,
-            amount: body.amount_cents,
-            credits: body.credits,
-            description: description.to_owned(),
-            days_until_due: days,
-            idempotency_key: format!("tally-custom-{workspace}-{}", key.as_str()),
-        })
-        .await
-        .map_err(provider)?;
-    tracing::info!(workspace = %workspace, invoice = %link.id, admin = %who.sub, "custom payment invoice sent");
-    Ok((
-        StatusCode::CREATED,
-        Json(CustomPaymentView {
+    let now = st.ledger.clock.now();
+    let view = idempotency::once(st.docs.as_ref(), &workspace, Some(&key), &body, now, || async {
+        let customer = customer(&st, &workspace, None).await?;
+        let link = st
+            .payments
+            .create_custom_invoice(&tally::payments::CustomInvoice {
+                workspace: workspace.clone(),
+                customer,
+                amount: body.amount_cents,
+                credits: body.credits,
+                description: description.to_owned(),
+                days_until_due: days,
+                idempotency_key: format!("tally-custom-{workspace}-{}", key.as_str()),
+            })
+            .await
+            .map_err(provider)?;
+        tracing::info!(workspace = %workspace, invoice = %link.id, admin = %who.sub, "custom payment invoice sent");
+        Ok(CustomPaymentView {
             invoice: link.id,
             hosted_invoice_url: link.hosted_invoice_url,
             credits: body.credits,
-        }),
-    ))
+        })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
 }
