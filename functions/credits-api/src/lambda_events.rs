@@ -151,8 +151,11 @@ async fn the_generation_service_settles_with_its_scope_from_the_authorizer() {
         (done["status"].as_str(), done["charged"].as_u64()),
         (Some("completed"), Some(15))
     );
-    // The member's fail event now conflicts: the generation is already completed.
+    // A member may not settle at all; the service's own fail event now conflicts: the
+    // generation is already completed.
     let (status, body) = invoke(&l, "post-generation-fail-member.json").await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    let (status, body) = invoke(&l, "post-generation-fail-service.json").await;
     assert_eq!((status, body["code"].as_str()), (409, Some("conflict")));
     let (_, history) = invoke(&l, "get-generations.json").await;
     assert_eq!(history["items"].as_array().unwrap().len(), 1);
@@ -161,11 +164,13 @@ async fn the_generation_service_settles_with_its_scope_from_the_authorizer() {
 }
 
 #[tokio::test]
-async fn the_starter_fails_a_generation_without_charge() {
+async fn the_generation_service_fails_a_generation_without_charge_and_the_starter_cannot() {
     let l = ledger();
     grant(&l, 100).await;
     hold_the_event_generation(&l).await;
-    let (status, failed) = invoke(&l, "post-generation-fail-member.json").await;
+    let (status, refused) = invoke(&l, "post-generation-fail-member.json").await;
+    assert_eq!((status, refused["code"].as_str()), (403, Some("forbidden")));
+    let (status, failed) = invoke(&l, "post-generation-fail-service.json").await;
     assert_eq!(status, 200, "{failed}");
     assert_eq!(
         (failed["status"].as_str(), failed["charged"].as_u64()),
