@@ -10,6 +10,7 @@ pub mod billing;
 pub mod catalog;
 pub mod clock;
 pub mod env;
+pub mod error;
 pub mod http;
 pub mod ids;
 pub mod ledger;

@@ -67,8 +67,8 @@ impl NotificationLog {
 #[async_trait::async_trait]
 impl tally::queue::Consumer for NotificationLog {
     async fn consume(&self, d: &tally::queue::Delivery) -> Result<(), tally::queue::ConsumeError> {
-        let v: serde_json::Value = serde_json::from_str(&d.body)
-            .map_err(|e| tally::queue::ConsumeError::Poison(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&d.body).map_err(tally::queue::ConsumeError::poison)?;
         tracing::info!(notification = %v, "notification");
         self.0.lock().expect("log lock").push(v);
         Ok(())

@@ -43,22 +43,22 @@ pub struct BillingEvents {
 
 impl From<StoreError> for ConsumeError {
     fn from(e: StoreError) -> Self {
-        ConsumeError::Retry(e.to_string())
+        ConsumeError::retry(e)
     }
 }
 
 impl From<ServiceError> for ConsumeError {
     fn from(e: ServiceError) -> Self {
         if e.is_retryable() {
-            ConsumeError::Retry(e.to_string())
+            ConsumeError::retry(e)
         } else {
-            ConsumeError::Poison(e.to_string())
+            ConsumeError::poison(e)
         }
     }
 }
 
 fn poison(what: impl Into<String>) -> ConsumeError {
-    ConsumeError::Poison(what.into())
+    ConsumeError::poison(Into::<String>::into(what))
 }
 
 fn ts(secs: i64) -> DateTime<Utc> {
@@ -187,7 +187,7 @@ impl BillingEvents {
         self.customer_workspace(invoice.customer.id())
             .await?
             .ok_or_else(|| {
-                ConsumeError::Retry(format!("no workspace known for invoice {}", invoice.id))
+                ConsumeError::retry(format!("no workspace known for invoice {}", invoice.id))
             })
     }
 
@@ -497,7 +497,7 @@ impl BillingEvents {
                 .customer_workspace(s.customer.id())
                 .await?
                 .ok_or_else(|| {
-                    ConsumeError::Retry(format!("no workspace known for subscription {}", s.id))
+                    ConsumeError::retry(format!("no workspace known for subscription {}", s.id))
                 })?,
         };
         let (start, end) = s
@@ -580,7 +580,7 @@ impl BillingEvents {
                 Some(a) => Some(a),
                 // The checkout that links this customer may not have been applied yet.
                 None if c.customer.id().is_some() => {
-                    return Err(ConsumeError::Retry(format!(
+                    return Err(ConsumeError::retry(format!(
                         "no workspace known yet for the customer of charge {}",
                         c.id
                     )));

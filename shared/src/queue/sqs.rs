@@ -1,6 +1,7 @@
 //! SQS producer.
 
 use super::{Message, Queue, QueueError};
+use crate::error::Context;
 use async_trait::async_trait;
 
 pub struct SqsQueue {
@@ -56,7 +57,7 @@ impl Queue for SqsQueue {
             .set_message_deduplication_id(message.dedup_id)
             .send()
             .await
-            .map_err(|e| QueueError::Unavailable(format!("{e:?}")))?;
+            .map_err(|e| QueueError::unavailable(Context::new("SendMessage", e)))?;
         Ok(())
     }
 }

@@ -46,11 +46,11 @@ fn workspace_pk(a: &WorkspaceId) -> String {
 fn entry_sk(seq: u64) -> String {
     format!("ENTRY#{seq:020}")
 }
-fn backend<E: std::fmt::Debug>(e: E) -> StoreError {
-    StoreError::Backend(format!("{e:?}"))
+fn backend(e: impl Into<BoxError>) -> StoreError {
+    StoreError::backend(e)
 }
 /// Sorts SDK failures into transient (retry) and permanent ones.
-fn classify<E: std::fmt::Debug>(
+fn classify<E: std::error::Error + Send + Sync + 'static>(
     err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
 ) -> StoreError {
     let transient = match &err {
@@ -67,9 +67,9 @@ fn classify<E: std::fmt::Debug>(
         || text.contains("ThroughputExceeded")
         || text.contains("RequestLimitExceeded");
     if transient || throttled {
-        StoreError::Unavailable(text)
+        StoreError::unavailable(Context::new("DynamoDB", err))
     } else {
-        StoreError::Backend(text)
+        StoreError::backend(Context::new("DynamoDB", err))
     }
 }
 
@@ -77,7 +77,7 @@ fn body(item: &HashMap<String, AttributeValue>) -> Result<&str, StoreError> {
     item.get("body")
         .and_then(|v| v.as_s().ok())
         .map(String::as_str)
-        .ok_or_else(|| StoreError::Decode("item has no body".into()))
+        .ok_or_else(|| StoreError::decode("item has no body"))
 }
 
 impl DynamoStore {
@@ -398,10 +398,10 @@ impl LedgerStore for DynamoStore {
         let workspace = item
             .get("workspace")
             .and_then(|v| v.as_s().ok())
-            .ok_or_else(|| StoreError::Decode("owner item has no workspace".into()))?;
+            .ok_or_else(|| StoreError::decode("owner item has no workspace"))?;
         WorkspaceId::parse(workspace)
             .map(Some)
-            .map_err(|e| StoreError::Decode(e.to_string()))
+            .map_err(StoreError::decode)
     }
 
     async fn generations(
@@ -457,7 +457,7 @@ impl LedgerStore for DynamoStore {
 /// endpoint overridable with `DYNAMODB_ENDPOINT` (local servers).
 pub async fn from_env() -> Result<DynamoStore, StoreError> {
     let table = std::env::var(crate::env::TABLE)
-        .map_err(|_| StoreError::Backend(format!("{} is not set", crate::env::TABLE)))?;
+        .map_err(|_| StoreError::backend(format!("{} is not set", crate::env::TABLE)))?;
     let client = match std::env::var(crate::env::DYNAMODB_ENDPOINT) {
         Ok(endpoint) if !endpoint.is_empty() => DynamoStore::local_client(&endpoint),
         _ => {
@@ -478,7 +478,7 @@ impl DocStore for DynamoStore {
             .get("version")
             .and_then(|v| v.as_n().ok())
             .and_then(|n| n.parse().ok())
-            .ok_or_else(|| StoreError::Decode("document has no version".into()))?;
+            .ok_or_else(|| StoreError::decode("document has no version"))?;
         Ok(Some(Doc {
             pk: pk.to_owned(),
             sk: sk.to_owned(),
