@@ -9,7 +9,7 @@ pub mod alerts;
 pub mod billing;
 pub mod catalog;
 pub mod clock;
-pub mod env;
+pub mod config;
 pub mod error;
 pub mod http;
 pub mod ids;

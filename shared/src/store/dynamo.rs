@@ -12,6 +12,7 @@
 //! conditions, never on `ClientRequestToken` (which expires after ten minutes anyway).
 
 use super::*;
+use crate::config::StoreConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -545,19 +546,17 @@ impl LedgerStore for DynamoStore {
     }
 }
 
-/// The production store: table from `TALLY_TABLE`, AWS configuration from the environment,
-/// endpoint overridable with `DYNAMODB_ENDPOINT` (local servers).
-pub async fn from_env() -> Result<DynamoStore, StoreError> {
-    let table = std::env::var(crate::env::TABLE)
-        .map_err(|_| StoreError::backend(format!("{} is not set", crate::env::TABLE)))?;
-    let client = match std::env::var(crate::env::DYNAMODB_ENDPOINT) {
-        Ok(endpoint) if !endpoint.is_empty() => DynamoStore::local_client(&endpoint),
-        _ => {
+/// The production store: the configured table, AWS configuration from the environment
+/// (region, credentials), or a local server when an endpoint is configured.
+pub async fn from_config(cfg: &StoreConfig) -> DynamoStore {
+    let client = match &cfg.endpoint {
+        Some(endpoint) => DynamoStore::local_client(endpoint.as_str()),
+        None => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             Client::new(&config)
         }
     };
-    Ok(DynamoStore::new(client, table))
+    DynamoStore::new(client, cfg.table.clone())
 }
 
 #[async_trait]
