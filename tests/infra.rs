@@ -112,8 +112,8 @@ fn every_function_is_one_binary_with_the_environment_it_reads() {
         .keys()
         .map(|k| k.as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(functions(&t).len(), tally::env::REQUIRED.len());
-    for (binary, vars) in tally::env::REQUIRED {
+    assert_eq!(functions(&t).len(), tally::config::FUNCTIONS.len());
+    for (binary, vars) in tally::config::FUNCTIONS {
         let (_, f) = function_for_binary(&t, binary);
         assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda");
         let main = format!(

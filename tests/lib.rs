@@ -160,6 +160,7 @@ impl TestApp {
             webhook_secrets: vec![WEBHOOK_SECRET.into()],
             base_url: "http://tally.test".into(),
             stripe_secret_key: None,
+            return_urls: Default::default(),
         })
         .expect("local system");
         Self {

@@ -198,11 +198,12 @@ fn spec_err(field: &'static str, message: impl Into<String>) -> SpecError {
 }
 
 impl Catalog {
-    /// The catalog named by `TALLY_CATALOG`, or the one shipped with the build.
-    pub fn from_env() -> Result<Self, CatalogError> {
-        match std::env::var(crate::env::CATALOG) {
-            Ok(path) if !path.is_empty() => Self::from_file(Path::new(&path)),
-            _ => Self::from_json(DEFAULT_CATALOG),
+    /// The catalog in the file at `path` (`TALLY_CATALOG`), or the one shipped with the
+    /// build.
+    pub fn load(path: Option<&Path>) -> Result<Self, CatalogError> {
+        match path {
+            Some(path) => Self::from_file(path),
+            None => Self::from_json(DEFAULT_CATALOG),
         }
     }
 

@@ -7,16 +7,18 @@ use std::sync::Arc;
 use tally::billing::BillingEvents;
 use tally::catalog::Catalog;
 use tally::clock::SystemClock;
+use tally::config::WorkerConfig;
 use tally::queue::lambda::process_batch;
 use tally::service::Ledger;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tally::telemetry::init_lambda();
-    let catalog = Arc::new(Catalog::from_env()?);
-    let store = Arc::new(tally::store::dynamo::from_env().await?);
+    let cfg = WorkerConfig::from_env()?;
+    let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
+    let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
-    ledger.observer = Some(tally::alerts::from_env(store.clone(), catalog).await?);
+    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await?);
     let consumer = BillingEvents::new(ledger, store);
     let consumer = &consumer;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {

@@ -1,20 +1,21 @@
-//! credits-api Lambda: wires the DynamoDB store, the system clock and the catalog into the
-//! router and serves it with `lambda_http`.
+//! credits-api Lambda: reads its configuration once, wires the DynamoDB store, the system
+//! clock and the catalog into the router and serves it with `lambda_http`.
 
 use credits_api::{AppState, router};
 use std::sync::Arc;
 use tally::catalog::Catalog;
 use tally::clock::SystemClock;
+use tally::config::ApiConfig;
 use tally::http::AuthMode;
 use tally::service::Ledger;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
-    let catalog = Arc::new(Catalog::from_env()?);
-    let store = tally::store::dynamo::from_env().await?;
-    let store = Arc::new(store);
+    let cfg = ApiConfig::from_env()?;
+    let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
+    let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
-    ledger.observer = Some(tally::alerts::from_env(store, catalog).await?);
+    ledger.observer = Some(tally::alerts::from_config(store, catalog, &cfg.alerts).await?);
     lambda_http::run(router(AppState { ledger }, AuthMode::ApiGateway)).await
 }

@@ -6,6 +6,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use std::sync::Arc;
 use tally::billing::BillingEvents;
+use tally::config::{self, ReturnUrlOverrides};
 use tally::http::AuthMode;
 use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE, authenticate, dev_token};
 use tally::ids::{IdempotencyKey, WorkspaceId};
@@ -42,6 +43,8 @@ pub struct LocalConfig {
     pub base_url: String,
     /// A real Stripe test key, or `None` for the offline simulator.
     pub stripe_secret_key: Option<String>,
+    /// Return pages for Stripe other than the simulator's pages under `base_url`.
+    pub return_urls: ReturnUrlOverrides,
 }
 
 /// The running local system: one router, and the in-process queue behind the webhook.
@@ -67,8 +70,8 @@ impl NotificationLog {
 #[async_trait::async_trait]
 impl tally::queue::Consumer for NotificationLog {
     async fn consume(&self, d: &tally::queue::Delivery) -> Result<(), tally::queue::ConsumeError> {
-        let v: serde_json::Value = serde_json::from_str(&d.body)
-            .map_err(|e| tally::queue::ConsumeError::Poison(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&d.body).map_err(tally::queue::ConsumeError::poison)?;
         tracing::info!(notification = %v, "notification");
         self.0.lock().expect("log lock").push(v);
         Ok(())
@@ -121,7 +124,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         ledger: cfg.ledger.clone(),
         docs: cfg.docs.clone(),
         payments,
-        urls: purchases::ReturnUrls::from_env(&cfg.base_url),
+        urls: purchases::ReturnUrls::new(&cfg.base_url, &cfg.return_urls),
     };
     let protected = credits_api::protected_routes(credits.clone())
         .merge(purchases::protected_routes(buying))
@@ -233,44 +236,66 @@ pub fn demo_tokens(secret: &str, now: DateTime<Utc>) -> DemoTokens {
 /// Default local webhook signing secret.
 pub const DEFAULT_WEBHOOK_SECRET: &str = "whsec_tally_dev";
 
-/// Settings read from the environment.
+/// Settings read from the environment. The variables the Lambda functions read too are
+/// parsed as they parse them ([`tally::config`]).
 pub struct Settings {
     pub port: u16,
     pub data_dir: std::path::PathBuf,
     pub dev_secret: String,
     pub webhook_secrets: Vec<String>,
     pub stripe_secret_key: Option<String>,
+    /// A catalog file replacing the shipped one.
+    pub catalog_path: Option<std::path::PathBuf>,
+    pub return_urls: ReturnUrlOverrides,
 }
 
 impl Settings {
     pub fn from_env() -> anyhow::Result<Self> {
-        let port = match std::env::var("PORT") {
-            Ok(p) => p
+        Self::from_lookup(config::process_env)
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let vars = config::Vars::new(lookup);
+        let port = match vars.optional("PORT") {
+            Some(p) => p
                 .parse()
                 .map_err(|_| anyhow::anyhow!("PORT must be a port number, not {p:?}"))?,
-            Err(_) => 8080,
+            None => 8080,
         };
         Ok(Self {
             port,
-            data_dir: std::env::var("TALLY_DATA_DIR")
-                .unwrap_or_else(|_| ".tally".into())
+            data_dir: vars
+                .optional("TALLY_DATA_DIR")
+                .unwrap_or_else(|| ".tally".into())
                 .into(),
-            dev_secret: std::env::var("TALLY_DEV_JWT_SECRET")
-                .unwrap_or_else(|_| tally::http::auth::DEFAULT_DEV_SECRET.into()),
-            webhook_secrets: WebhookState::parse_secrets(
-                &std::env::var("STRIPE_WEBHOOK_SECRET")
-                    .unwrap_or_else(|_| DEFAULT_WEBHOOK_SECRET.into()),
-            ),
-            stripe_secret_key: std::env::var("STRIPE_SECRET_KEY")
-                .ok()
+            dev_secret: vars
+                .optional("TALLY_DEV_JWT_SECRET")
+                .unwrap_or_else(|| tally::http::auth::DEFAULT_DEV_SECRET.into()),
+            webhook_secrets: config::parse_secret_list(
+                &vars
+                    .optional(config::STRIPE_WEBHOOK_SECRET)
+                    .unwrap_or_else(|| DEFAULT_WEBHOOK_SECRET.into()),
+            )
+            .iter()
+            .map(|s| s.expose().to_owned())
+            .collect(),
+            stripe_secret_key: vars
+                .optional(config::STRIPE_SECRET_KEY)
+                .map(|k| k.trim().to_owned())
                 .filter(|k| !k.is_empty()),
+            catalog_path: vars.optional(config::CATALOG).map(Into::into),
+            return_urls: ReturnUrlOverrides::from_vars(&vars)?,
         })
     }
 }
 
-/// The ledger and documents over the embedded store in `data_dir`.
-pub fn stores(data_dir: &std::path::Path) -> anyhow::Result<(Ledger, Arc<dyn DocStore>)> {
-    let catalog = Arc::new(tally::catalog::Catalog::from_env()?);
+/// The ledger and documents over the embedded store in `data_dir`, with the catalog from
+/// `catalog_path` or the shipped one.
+pub fn stores(
+    data_dir: &std::path::Path,
+    catalog_path: Option<&std::path::Path>,
+) -> anyhow::Result<(Ledger, Arc<dyn DocStore>)> {
+    let catalog = Arc::new(tally::catalog::Catalog::load(catalog_path)?);
     let store = Arc::new(tally::store::embedded::EmbeddedStore::open(data_dir)?);
     let ledger = Ledger::new(store.clone(), Arc::new(tally::clock::SystemClock), catalog);
     Ok((ledger, store))

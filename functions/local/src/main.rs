@@ -6,7 +6,7 @@ use tally_local::{LocalConfig, Settings, build, demo_tokens, seed_demo, stores};
 async fn main() -> anyhow::Result<()> {
     tally::telemetry::init_local();
     let settings = Settings::from_env()?;
-    let (ledger, docs) = stores(&settings.data_dir)?;
+    let (ledger, docs) = stores(&settings.data_dir, settings.catalog_path.as_deref())?;
     seed_demo(&ledger).await?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], settings.port));
     let simulated = settings.stripe_secret_key.is_none();
@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
         webhook_secrets: settings.webhook_secrets.clone(),
         base_url: format!("http://{addr}"),
         stripe_secret_key: settings.stripe_secret_key.clone(),
+        return_urls: settings.return_urls.clone(),
     })?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr}: {e} (set PORT to use another port)")

@@ -25,7 +25,7 @@ fn app() -> Router {
         ledger,
         docs: store,
         payments: Simulator::new("https://pay.example", "whsec_x", Router::new()),
-        urls: ReturnUrls::from_env("https://studio.example"),
+        urls: ReturnUrls::new("https://studio.example", &Default::default()),
     };
     router(state, AuthMode::ApiGateway)
 }

@@ -12,6 +12,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use routes::{alerts, billing_portal, checkout, custom_payments, invoices, subscription};
 use std::sync::Arc;
+use tally::config::{HttpUrl, ReturnUrlOverrides};
 use tally::http::{AuthMode, auth::authenticate};
 use tally::payments::Payments;
 use tally::service::Ledger;
@@ -27,20 +28,22 @@ pub struct ReturnUrls {
 }
 
 impl ReturnUrls {
-    /// From `TALLY_CHECKOUT_SUCCESS_URL`, `TALLY_CHECKOUT_CANCEL_URL` and
-    /// `TALLY_PORTAL_RETURN_URL`, with defaults under `base`.
-    pub fn from_env(base: &str) -> Self {
-        let var = |k: &str, d: String| std::env::var(k).unwrap_or(d);
+    /// The configured pages (`TALLY_CHECKOUT_SUCCESS_URL`, `TALLY_CHECKOUT_CANCEL_URL`,
+    /// `TALLY_PORTAL_RETURN_URL`), with defaults under `base` for those not set.
+    pub fn new(base: &str, overrides: &ReturnUrlOverrides) -> Self {
+        let or = |url: &Option<HttpUrl>, default: String| {
+            url.as_ref().map_or(default, |u| u.as_str().to_owned())
+        };
         Self {
-            success: var(
-                "TALLY_CHECKOUT_SUCCESS_URL",
+            success: or(
+                &overrides.checkout_success,
                 format!("{base}/sim/done?session={{CHECKOUT_SESSION_ID}}"),
             ),
-            cancel: var(
-                "TALLY_CHECKOUT_CANCEL_URL",
+            cancel: or(
+                &overrides.checkout_cancel,
                 format!("{base}/sim/done?cancelled=1"),
             ),
-            portal_return: var("TALLY_PORTAL_RETURN_URL", format!("{base}/sim/done")),
+            portal_return: or(&overrides.portal_return, format!("{base}/sim/done")),
         }
     }
 }

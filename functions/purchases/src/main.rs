@@ -1,10 +1,11 @@
-//! purchases Lambda: Stripe client, store and catalog from the environment, then serve.
+//! purchases Lambda: reads its configuration once, then the Stripe client, store and
+//! catalog from it, then serve.
 
 use purchases::{PurchasesState, ReturnUrls, router};
 use std::sync::Arc;
 use tally::catalog::Catalog;
 use tally::clock::SystemClock;
-use tally::env;
+use tally::config::PurchasesConfig;
 use tally::http::AuthMode;
 use tally::payments::stripe::StripePayments;
 use tally::service::Ledger;
@@ -12,17 +13,17 @@ use tally::service::Ledger;
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
-    let catalog = Arc::new(Catalog::from_env()?);
-    let store = Arc::new(tally::store::dynamo::from_env().await?);
+    let cfg = PurchasesConfig::from_env()?;
+    let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
+    let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
-    ledger.observer = Some(tally::alerts::from_env(store.clone(), catalog).await?);
-    let payments = StripePayments::new(&std::env::var(env::STRIPE_SECRET_KEY)?, None)?;
-    let base = std::env::var(env::APP_URL)?;
+    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await?);
+    let payments = StripePayments::new(cfg.stripe_secret_key.expose(), None)?;
     let state = PurchasesState {
         ledger,
         docs: store,
         payments: Arc::new(payments),
-        urls: ReturnUrls::from_env(&base),
+        urls: ReturnUrls::new(cfg.app_url.as_str(), &cfg.return_urls),
     };
     lambda_http::run(router(state, AuthMode::ApiGateway)).await
 }

@@ -1,22 +1,23 @@
-//! stripe-webhook Lambda: secrets and queue from the environment, then serve.
+//! stripe-webhook Lambda: reads its configuration once (secrets and queue), then serve.
 
 use std::sync::Arc;
-use tally::env;
+use tally::config::WebhookConfig;
 use tally::queue::sqs::SqsQueue;
 use tally_stripe_webhook::{WebhookState, router};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
-    let secrets = WebhookState::parse_secrets(&std::env::var(env::STRIPE_WEBHOOK_SECRET)?);
-    if secrets.is_empty() {
-        return Err("STRIPE_WEBHOOK_SECRET holds no secret".into());
-    }
-    let queue_url = std::env::var(env::BILLING_EVENTS_QUEUE_URL)?;
-    let client = SqsQueue::client_from_env().await;
+    let cfg = WebhookConfig::from_env()?;
+    let secrets = cfg
+        .webhook_secrets
+        .iter()
+        .map(|s| s.expose().to_owned())
+        .collect();
+    let client = SqsQueue::client(cfg.sqs_endpoint.as_ref()).await;
     let state = WebhookState {
         secrets: Arc::new(secrets),
-        queue: Arc::new(SqsQueue::new(client, queue_url)),
+        queue: Arc::new(SqsQueue::new(client, cfg.billing_events_queue_url.as_str())),
         clock: Arc::new(tally::clock::SystemClock),
     };
     lambda_http::run(router(state)).await

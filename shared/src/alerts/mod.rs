@@ -51,24 +51,27 @@ pub struct AutoTopUp {
     pub below_credits: u64,
 }
 
-/// The observer for a Lambda function: alerts to `NOTIFICATIONS_QUEUE_URL`, top-ups through
-/// Stripe when `STRIPE_SECRET_KEY` is set.
-pub async fn from_env(
+/// The observer for a Lambda function: alerts to the notifications queue, top-ups through
+/// Stripe when a Stripe key is configured.
+pub async fn from_config(
     docs: Arc<dyn DocStore>,
     catalog: Arc<Catalog>,
-) -> Result<Arc<dyn CommitObserver>, String> {
-    let url = std::env::var(crate::env::NOTIFICATIONS_QUEUE_URL)
-        .map_err(|_| format!("{} is not set", crate::env::NOTIFICATIONS_QUEUE_URL))?;
-    let client = crate::queue::sqs::SqsQueue::client_from_env().await;
-    let payments: Option<Arc<dyn Payments>> = match std::env::var(crate::env::STRIPE_SECRET_KEY) {
-        Ok(key) if !key.is_empty() => Some(Arc::new(
-            crate::payments::stripe::StripePayments::new(&key, None).map_err(|e| e.to_string())?,
-        )),
-        _ => None,
+    cfg: &crate::config::AlertsConfig,
+) -> Result<Arc<dyn CommitObserver>, crate::payments::PaymentsError> {
+    let client = crate::queue::sqs::SqsQueue::client(cfg.sqs_endpoint.as_ref()).await;
+    let payments: Option<Arc<dyn Payments>> = match &cfg.stripe_secret_key {
+        Some(key) => Some(Arc::new(crate::payments::stripe::StripePayments::new(
+            key.expose(),
+            None,
+        )?)),
+        None => None,
     };
     Ok(Arc::new(CreditAlerts {
         docs,
-        notifications: Arc::new(crate::queue::sqs::SqsQueue::new(client, url)),
+        notifications: Arc::new(crate::queue::sqs::SqsQueue::new(
+            client,
+            cfg.notifications_queue_url.as_str(),
+        )),
         payments,
         catalog,
     }))

@@ -117,7 +117,7 @@ impl BillingEvents {
                 .customer_workspace(s.customer.id())
                 .await?
                 .ok_or_else(|| {
-                    ConsumeError::Retry(format!("no workspace known for subscription {}", s.id))
+                    ConsumeError::retry(format!("no workspace known for subscription {}", s.id))
                 })?,
         };
         let (start, end) = s
@@ -209,7 +209,7 @@ impl BillingEvents {
                 Some(a) => Some(a),
                 // The checkout that links this customer may not have been applied yet.
                 None if c.customer.id().is_some() => {
-                    return Err(ConsumeError::Retry(format!(
+                    return Err(ConsumeError::retry(format!(
                         "no workspace known yet for the customer of charge {}",
                         c.id
                     )));

@@ -57,7 +57,7 @@ impl BillingEvents {
         self.customer_workspace(invoice.customer.id())
             .await?
             .ok_or_else(|| {
-                ConsumeError::Retry(format!("no workspace known for invoice {}", invoice.id))
+                ConsumeError::retry(format!("no workspace known for invoice {}", invoice.id))
             })
     }
 }

@@ -39,22 +39,22 @@ pub struct BillingEvents {
 
 impl From<StoreError> for ConsumeError {
     fn from(e: StoreError) -> Self {
-        ConsumeError::Retry(e.to_string())
+        ConsumeError::retry(e)
     }
 }
 
 impl From<ServiceError> for ConsumeError {
     fn from(e: ServiceError) -> Self {
         if e.is_retryable() {
-            ConsumeError::Retry(e.to_string())
+            ConsumeError::retry(e)
         } else {
-            ConsumeError::Poison(e.to_string())
+            ConsumeError::poison(e)
         }
     }
 }
 
 fn poison(what: impl Into<String>) -> ConsumeError {
-    ConsumeError::Poison(what.into())
+    ConsumeError::poison(Into::<String>::into(what))
 }
 
 fn ts(secs: i64) -> DateTime<Utc> {

@@ -5,20 +5,68 @@
 pub mod simulator;
 pub mod stripe;
 
+use crate::error::BoxError;
 use crate::ids::WorkspaceId;
 use crate::ledger::Interval;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// Why Stripe did not do what was asked. `message` says it for people (it may be shown as
+/// a problem's detail); `source` keeps the provider's error when there is one.
 #[derive(Debug, Error)]
 pub enum PaymentsError {
     /// Stripe refused the request (card declined, invalid parameter...). Not retryable.
-    #[error("payment provider refused the request: {0}")]
-    Refused(String),
+    #[error("payment provider refused the request: {message}")]
+    Refused {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
     /// Network, timeout or 5xx: retry with the same idempotency key.
-    #[error("payment provider unavailable: {0}")]
-    Unavailable(String),
+    #[error("payment provider unavailable: {message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl PaymentsError {
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self::Refused {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The same error, with the provider's error that caused it.
+    pub fn caused_by(self, cause: impl Into<BoxError>) -> Self {
+        let source = Some(cause.into());
+        match self {
+            Self::Refused { message, .. } => Self::Refused { message, source },
+            Self::Unavailable { message, .. } => Self::Unavailable { message, source },
+        }
+    }
+
+    /// What happened, in words.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Refused { message, .. } | Self::Unavailable { message, .. } => message,
+        }
+    }
+
+    /// Whether the same request (same idempotency key) may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
 }
 
 /// What a checkout sells.

@@ -484,7 +484,7 @@ impl Payments for Simulator {
         let (sub, prorated) = {
             let mut subs = self.subscriptions.lock().expect("sim lock");
             let sub = subs.get_mut(&change.subscription).ok_or_else(|| {
-                PaymentsError::Refused(format!("No such subscription: '{}'", change.subscription))
+                PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
             })?;
             let before = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
             if let Some(p) = &change.plan {

@@ -18,9 +18,9 @@ impl StripePayments {
         if let Some(url) = base_url {
             builder = builder.url(url);
         }
-        let client = builder
-            .build()
-            .map_err(|e| PaymentsError::Refused(format!("Stripe client configuration: {e}")))?;
+        let client = builder.build().map_err(|e| {
+            PaymentsError::refused(format!("Stripe client configuration: {e}")).caused_by(e)
+        })?;
         Ok(Self { client })
     }
 
@@ -31,7 +31,7 @@ impl StripePayments {
         key: &str,
     ) -> Result<T, PaymentsError> {
         let key = IdempotencyKey::new(key)
-            .map_err(|e| PaymentsError::Refused(format!("idempotency key: {e}")))?;
+            .map_err(|e| PaymentsError::refused(format!("idempotency key: {e}")).caused_by(e))?;
         RequestBuilder::new(StripeMethod::Post, path)
             .form(form)
             .customize::<T>()
@@ -42,12 +42,15 @@ impl StripePayments {
     }
 }
 
+/// Client errors (4xx but 429) are refusals: the same request will be refused again.
+/// Rate limits, server errors and failures to reach Stripe or read its answer may pass.
 fn classify(e: StripeError) -> PaymentsError {
-    match e {
-        StripeError::Stripe(err, status) if status < 500 && status != 429 => {
-            PaymentsError::Refused(format!("{status}: {}", err.message.unwrap_or_default()))
+    match &e {
+        StripeError::Stripe(err, status) if *status < 500 && *status != 429 => {
+            let message = format!("{status}: {}", err.message.as_deref().unwrap_or_default());
+            PaymentsError::refused(message).caused_by(e)
         }
-        other => PaymentsError::Unavailable(other.to_string()),
+        other => PaymentsError::unavailable(other.to_string()).caused_by(e),
     }
 }
 
@@ -176,7 +179,9 @@ impl StripePayments {
             .await;
         match created {
             Ok(_) => Ok(()),
-            Err(PaymentsError::Refused(m)) if m.contains("already exists") => Ok(()),
+            Err(PaymentsError::Refused { message, .. }) if message.contains("already exists") => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -333,7 +338,7 @@ impl Payments for StripePayments {
             .id
             .as_ref()
             .map(|i| i.to_string())
-            .ok_or_else(|| PaymentsError::Unavailable("invoice without an id".into()))?;
+            .ok_or_else(|| PaymentsError::unavailable("invoice without an id"))?;
         #[derive(miniserde::Deserialize)]
         struct Created {
             #[allow(dead_code)]
@@ -396,9 +401,11 @@ impl Payments for StripePayments {
         if let Some(price) = &change.plan {
             self.ensure_product(price).await?;
             items.push(ItemForm {
-                id: Some(plan_item.ok_or_else(|| {
-                    PaymentsError::Refused("the subscription has no plan item".into())
-                })?),
+                id: Some(
+                    plan_item.ok_or_else(|| {
+                        PaymentsError::refused("the subscription has no plan item")
+                    })?,
+                ),
                 price_data: Some(price_data(price)),
                 ..ItemForm::default()
             });
@@ -543,7 +550,7 @@ impl Payments for StripePayments {
             .await?;
         let url = session
             .url
-            .ok_or_else(|| PaymentsError::Unavailable("checkout session without a URL".into()))?;
+            .ok_or_else(|| PaymentsError::unavailable("checkout session without a URL"))?;
         Ok(CheckoutLink {
             id: session.id.to_string(),
             url,

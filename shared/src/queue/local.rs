@@ -112,9 +112,10 @@ impl LocalQueue {
 impl Queue for LocalQueue {
     async fn send(&self, message: Message) -> Result<(), QueueError> {
         if self.fifo {
-            let dedup_id = message.dedup_id.clone().ok_or_else(|| {
-                QueueError::Unavailable("FIFO messages need a deduplication id".into())
-            })?;
+            let dedup_id = message
+                .dedup_id
+                .clone()
+                .ok_or_else(|| QueueError::unavailable("FIFO messages need a deduplication id"))?;
             let mut seen = self.dedup.lock().expect("queue lock");
             let now = Instant::now();
             seen.retain(|_, at| now.duration_since(*at) < DEDUP_WINDOW);
@@ -131,7 +132,7 @@ impl Queue for LocalQueue {
         self.pending.fetch_add(1, Ordering::SeqCst);
         self.tx
             .send((id, message))
-            .map_err(|_| QueueError::Unavailable(format!("queue {} is closed", self.name)))
+            .map_err(|_| QueueError::unavailable(format!("queue {} is closed", self.name)))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod lambda;
 pub mod local;
 pub mod sqs;
 
+use crate::error::BoxError;
 use async_trait::async_trait;
 use thiserror::Error;
 
@@ -38,10 +39,18 @@ pub struct Delivery {
     pub receive_count: u32,
 }
 
+/// A message could not be sent. Keeps its cause.
 #[derive(Debug, Error)]
 pub enum QueueError {
     #[error("queue unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BoxError),
+}
+
+impl QueueError {
+    /// `cause` is an error or a message.
+    pub fn unavailable(cause: impl Into<BoxError>) -> Self {
+        Self::Unavailable(cause.into())
+    }
 }
 
 #[async_trait]
@@ -50,15 +59,26 @@ pub trait Queue: Send + Sync {
 }
 
 /// Why a message was not processed. Every failure is redelivered until the queue's receive
-/// limit moves it to the dead-letter queue; the distinction is for logs and alarms.
+/// limit moves it to the dead-letter queue; the distinction is for logs and alarms. Each
+/// keeps its cause (an error, or a message saying what is wrong).
 #[derive(Debug, Error)]
 pub enum ConsumeError {
     /// Might succeed later (a store hiccup, a fact that has not arrived yet).
     #[error("retry later: {0}")]
-    Retry(String),
+    Retry(#[source] BoxError),
     /// Will never succeed (unreadable message); it ends in the dead-letter queue.
     #[error("cannot process: {0}")]
-    Poison(String),
+    Poison(#[source] BoxError),
+}
+
+impl ConsumeError {
+    pub fn retry(cause: impl Into<BoxError>) -> Self {
+        Self::Retry(cause.into())
+    }
+
+    pub fn poison(cause: impl Into<BoxError>) -> Self {
+        Self::Poison(cause.into())
+    }
 }
 
 #[async_trait]

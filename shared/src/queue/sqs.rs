@@ -1,6 +1,8 @@
 //! SQS producer.
 
 use super::{Message, Queue, QueueError};
+use crate::config::HttpUrl;
+use crate::error::Context;
 use async_trait::async_trait;
 
 pub struct SqsQueue {
@@ -33,11 +35,12 @@ impl SqsQueue {
         aws_sdk_sqs::Client::from_conf(config)
     }
 
-    /// A client from the Lambda environment (`SQS_ENDPOINT` overrides the endpoint).
-    pub async fn client_from_env() -> aws_sdk_sqs::Client {
-        match std::env::var(crate::env::SQS_ENDPOINT) {
-            Ok(endpoint) if !endpoint.is_empty() => Self::local_client(&endpoint),
-            _ => {
+    /// A client for AWS (region and credentials from the Lambda environment), or for a
+    /// local server when `endpoint` is set.
+    pub async fn client(endpoint: Option<&HttpUrl>) -> aws_sdk_sqs::Client {
+        match endpoint {
+            Some(endpoint) => Self::local_client(endpoint.as_str()),
+            None => {
                 let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
                 aws_sdk_sqs::Client::new(&config)
             }
@@ -56,7 +59,7 @@ impl Queue for SqsQueue {
             .set_message_deduplication_id(message.dedup_id)
             .send()
             .await
-            .map_err(|e| QueueError::Unavailable(format!("{e:?}")))?;
+            .map_err(|e| QueueError::unavailable(Context::new("SendMessage", e)))?;
         Ok(())
     }
 }

@@ -77,7 +77,7 @@ where
         let wait = fastrand::u64(0..=(2u64 << attempt.min(6)));
         tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
     }
-    Err(StoreError::Unavailable(format!(
+    Err(StoreError::unavailable(format!(
         "document {pk}/{sk} kept changing; gave up"
     )))
 }

@@ -12,12 +12,14 @@
 //! conditions, never on `ClientRequestToken` (which expires after ten minutes anyway).
 
 use super::*;
+use crate::config::StoreConfig;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, Put,
-    ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem,
+    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, KeySchemaElement,
+    KeyType, Put, ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem,
 };
 use std::collections::HashMap;
 
@@ -46,30 +48,149 @@ fn workspace_pk(a: &WorkspaceId) -> String {
 fn entry_sk(seq: u64) -> String {
     format!("ENTRY#{seq:020}")
 }
-fn backend<E: std::fmt::Debug>(e: E) -> StoreError {
-    StoreError::Backend(format!("{e:?}"))
+fn backend(e: impl Into<BoxError>) -> StoreError {
+    StoreError::backend(e)
 }
-/// Sorts SDK failures into transient (retry) and permanent ones.
-fn classify<E: std::fmt::Debug>(
-    err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
-) -> StoreError {
-    let transient = match &err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
+
+/// Error codes (the `__type` of DynamoDB's answer) after which the same request may succeed
+/// later, as AWS's "Error handling with DynamoDB" lists them ("OK to retry? Yes"):
+/// throttling of the table, the account or the control plane, server-side errors, and
+/// items held by a transaction in flight. Everything else (`ValidationException`,
+/// `ConditionalCheckFailedException`, `ResourceNotFoundException`, access errors...) needs
+/// a different request and is permanent.
+const TRANSIENT_CODES: &[&str] = &[
+    "ThrottlingException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    // Too many concurrent control-plane operations; clears as they finish.
+    "LimitExceededException",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "TransactionConflictException",
+    "TransactionInProgressException",
+];
+
+/// Whether a failed call may succeed if made again: no answer (timeouts, connections
+/// lost, unreadable answers), a 5xx or 429 status, or one of [`TRANSIENT_CODES`].
+fn is_transient<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    match err {
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => true,
+        // A request the connector refused as malformed fails the same way every time.
+        SdkError::DispatchFailure(e) => !e.is_user(),
         SdkError::ServiceError(e) => {
-            e.raw().status().is_server_error() || e.raw().status().as_u16() == 429
+            let status = e.raw().status();
+            status.is_server_error()
+                || status.as_u16() == 429
+                || e.err().code().is_some_and(|c| TRANSIENT_CODES.contains(&c))
         }
         _ => false,
-    };
-    let text = format!("{err:?}");
-    let throttled = text.contains("Throttl")
-        || text.contains("ThroughputExceeded")
-        || text.contains("RequestLimitExceeded");
-    if transient || throttled {
-        StoreError::Unavailable(text)
+    }
+}
+
+/// Sorts an SDK failure of operation `op` into transient (retry) and permanent, keeping the
+/// whole SDK error as the cause.
+fn classify<E>(op: &'static str, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    if is_transient(&err) {
+        StoreError::unavailable(Context::new(op, err))
     } else {
-        StoreError::Backend(text)
+        StoreError::backend(Context::new(op, err))
+    }
+}
+
+/// `CancellationReason` codes of a cancelled transaction after which running the whole
+/// operation again may succeed: capacity ran out for one of its items.
+const TRANSIENT_CANCELLATIONS: &[&str] = &[
+    "ThrottlingError",
+    "ProvisionedThroughputExceeded",
+    "RequestLimitExceeded",
+];
+
+/// What a `TransactionCanceledException` means for a commit, from the per-item reasons
+/// (in the order of the items; `None` for an item that was fine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancellation {
+    /// The idempotency record exists already: the operation happened before.
+    Duplicate,
+    /// Another writer got there first (a failed version or absence condition) or holds an
+    /// item in its own transaction: reload and retry.
+    Conflict,
+    /// DynamoDB throttled one of the items: retry later.
+    Transient,
+    /// A request that can never succeed (`ValidationError`,
+    /// `ItemCollectionSizeLimitExceeded`, or a code this store does not know).
+    Permanent,
+}
+
+/// A reason's code; DynamoDB sends the literal `None` for items that were fine.
+fn code(reason: &CancellationReason) -> &str {
+    reason.code().unwrap_or("None")
+}
+
+fn cancellation(reasons: &[CancellationReason], idempotency: usize) -> Cancellation {
+    if reasons
+        .get(idempotency)
+        .is_some_and(|r| code(r) == "ConditionalCheckFailed")
+    {
+        return Cancellation::Duplicate;
+    }
+    let codes: Vec<&str> = reasons.iter().map(code).filter(|c| *c != "None").collect();
+    let known = |c: &&str| {
+        matches!(*c, "ConditionalCheckFailed" | "TransactionConflict")
+            || TRANSIENT_CANCELLATIONS.contains(c)
+    };
+    // A bad request stays bad however often it is retried, so it wins over a conflict or
+    // throttling reported for another item of the same transaction.
+    if codes.is_empty() || !codes.iter().all(known) {
+        Cancellation::Permanent
+    } else if codes
+        .iter()
+        .any(|c| matches!(*c, "ConditionalCheckFailed" | "TransactionConflict"))
+    {
+        Cancellation::Conflict
+    } else {
+        Cancellation::Transient
+    }
+}
+
+/// How a failed commit transaction is reported. `idempotency` is the index of the
+/// idempotency record's `Put` among the transaction's items: its failed
+/// `attribute_not_exists` condition means the operation was already applied, any other
+/// failed condition (the state's version, an entry or a generation that exists already)
+/// that the workspace moved on.
+fn classify_commit(
+    err: SdkError<TransactWriteItemsError, HttpResponse>,
+    idempotency: usize,
+) -> CommitError {
+    const OP: &str = "TransactWriteItems";
+    let SdkError::ServiceError(service) = &err else {
+        return CommitError::Store(classify(OP, err));
+    };
+    match service.err() {
+        TransactWriteItemsError::TransactionCanceledException(cancel) => {
+            let reasons = cancel.cancellation_reasons();
+            let what = || {
+                let codes: Vec<&str> = reasons.iter().map(code).collect();
+                format!("{OP} cancelled [{}]", codes.join(", "))
+            };
+            match cancellation(reasons, idempotency) {
+                Cancellation::Duplicate => CommitError::Duplicate,
+                Cancellation::Conflict => CommitError::Conflict,
+                Cancellation::Transient => {
+                    CommitError::Store(StoreError::unavailable(Context::new(what(), err)))
+                }
+                Cancellation::Permanent => {
+                    CommitError::Store(StoreError::backend(Context::new(what(), err)))
+                }
+            }
+        }
+        // The same client token is still being worked on: Tally sets none, but the SDK fills
+        // one in per call and its own retries reuse it, so a retry can meet its earlier
+        // attempt. Reloading and trying again is right, as for a conflict.
+        TransactWriteItemsError::TransactionInProgressException(_) => CommitError::Conflict,
+        _ => CommitError::Store(classify(OP, err)),
     }
 }
 
@@ -77,7 +198,7 @@ fn body(item: &HashMap<String, AttributeValue>) -> Result<&str, StoreError> {
     item.get("body")
         .and_then(|v| v.as_s().ok())
         .map(String::as_str)
-        .ok_or_else(|| StoreError::Decode("item has no body".into()))
+        .ok_or_else(|| StoreError::decode("item has no body"))
 }
 
 impl DynamoStore {
@@ -153,7 +274,7 @@ impl DynamoStore {
                 )
                 .send()
                 .await
-                .map_err(backend)?;
+                .map_err(|e| classify("CreateTable", e))?;
             client
                 .update_time_to_live()
                 .table_name(table)
@@ -166,7 +287,7 @@ impl DynamoStore {
                 )
                 .send()
                 .await
-                .map_err(backend)?;
+                .map_err(|e| classify("UpdateTimeToLive", e))?;
         }
         Ok(())
     }
@@ -193,7 +314,7 @@ impl DynamoStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| classify("GetItem", e))?;
         Ok(out.item)
     }
 
@@ -229,7 +350,7 @@ impl DynamoStore {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(classify)?;
+                .map_err(|e| classify("Query", e))?;
             for item in page.items() {
                 if let Some(v) = keep(decode(body(item)?)?) {
                     out.push(v);
@@ -330,37 +451,9 @@ impl LedgerStore for DynamoStore {
             ))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(SdkError::ServiceError(err)) => match err.into_err() {
-                TransactWriteItemsError::TransactionCanceledException(cancel) => {
-                    let reasons = cancel.cancellation_reasons();
-                    let failed = |i: usize| {
-                        reasons
-                            .get(i)
-                            .and_then(|r| r.code())
-                            .is_some_and(|c| c == "ConditionalCheckFailed")
-                    };
-                    if failed(idem_index) {
-                        Err(CommitError::Duplicate)
-                    } else if reasons.iter().any(|r| {
-                        matches!(
-                            r.code(),
-                            Some("ConditionalCheckFailed" | "TransactionConflict")
-                        )
-                    }) {
-                        Err(CommitError::Conflict)
-                    } else {
-                        Err(CommitError::Store(backend(cancel)))
-                    }
-                }
-                TransactWriteItemsError::TransactionInProgressException(_) => {
-                    Err(CommitError::Conflict)
-                }
-                other => Err(CommitError::Store(backend(other))),
-            },
-            Err(other) => Err(CommitError::Store(classify(other))),
-        }
+        result
+            .map(|_| ())
+            .map_err(|e| classify_commit(e, idem_index))
     }
 
     async fn idempotency(
@@ -398,10 +491,10 @@ impl LedgerStore for DynamoStore {
         let workspace = item
             .get("workspace")
             .and_then(|v| v.as_s().ok())
-            .ok_or_else(|| StoreError::Decode("owner item has no workspace".into()))?;
+            .ok_or_else(|| StoreError::decode("owner item has no workspace"))?;
         WorkspaceId::parse(workspace)
             .map(Some)
-            .map_err(|e| StoreError::Decode(e.to_string()))
+            .map_err(StoreError::decode)
     }
 
     async fn generations(
@@ -453,19 +546,17 @@ impl LedgerStore for DynamoStore {
     }
 }
 
-/// The production store: table from `TALLY_TABLE`, AWS configuration from the environment,
-/// endpoint overridable with `DYNAMODB_ENDPOINT` (local servers).
-pub async fn from_env() -> Result<DynamoStore, StoreError> {
-    let table = std::env::var(crate::env::TABLE)
-        .map_err(|_| StoreError::Backend(format!("{} is not set", crate::env::TABLE)))?;
-    let client = match std::env::var(crate::env::DYNAMODB_ENDPOINT) {
-        Ok(endpoint) if !endpoint.is_empty() => DynamoStore::local_client(&endpoint),
-        _ => {
+/// The production store: the configured table, AWS configuration from the environment
+/// (region, credentials), or a local server when an endpoint is configured.
+pub async fn from_config(cfg: &StoreConfig) -> DynamoStore {
+    let client = match &cfg.endpoint {
+        Some(endpoint) => DynamoStore::local_client(endpoint.as_str()),
+        None => {
             let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             Client::new(&config)
         }
     };
-    Ok(DynamoStore::new(client, table))
+    DynamoStore::new(client, cfg.table.clone())
 }
 
 #[async_trait]
@@ -478,7 +569,7 @@ impl DocStore for DynamoStore {
             .get("version")
             .and_then(|v| v.as_n().ok())
             .and_then(|n| n.parse().ok())
-            .ok_or_else(|| StoreError::Decode("document has no version".into()))?;
+            .ok_or_else(|| StoreError::decode("document has no version"))?;
         Ok(Some(Doc {
             pk: pk.to_owned(),
             sk: sk.to_owned(),
@@ -513,7 +604,7 @@ impl DocStore for DynamoStore {
             Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
                 Ok(false)
             }
-            Err(e) => Err(classify(e)),
+            Err(e) => Err(classify("PutItem", e)),
         }
     }
 
@@ -537,7 +628,7 @@ impl DocStore for DynamoStore {
             .limit(limit.clamp(1, 1000) as i32)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|e| classify("Query", e))?;
         out.items()
             .iter()
             .map(|item| {
@@ -557,5 +648,378 @@ impl DocStore for DynamoStore {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_dynamodb::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_dynamodb::operation::get_item::GetItemError;
+    use aws_sdk_dynamodb::types::error::{
+        ProvisionedThroughputExceededException, ThrottlingException, TransactionCanceledException,
+        TransactionInProgressException,
+    };
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+
+    /// The transaction's items as `commit` orders them: idempotency record, state, entries.
+    const IDEM: usize = 0;
+
+    fn response(status: u16) -> HttpResponse {
+        HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::empty())
+    }
+
+    /// Metadata as the SDK fills it from DynamoDB's answer.
+    fn meta(code: &str) -> ErrorMetadata {
+        ErrorMetadata::builder()
+            .code(code)
+            .message("from the service")
+            .build()
+    }
+
+    fn cancelled(codes: &[&str]) -> SdkError<TransactWriteItemsError, HttpResponse> {
+        let reasons = codes
+            .iter()
+            .map(|c| CancellationReason::builder().code(*c).build())
+            .collect();
+        let cancel = TransactionCanceledException::builder()
+            .message(format!(
+                "Transaction cancelled, please refer cancellation reasons for specific reasons [{}]",
+                codes.join(", ")
+            ))
+            .set_cancellation_reasons(Some(reasons))
+            .meta(meta("TransactionCanceledException"))
+            .build();
+        SdkError::service_error(
+            TransactWriteItemsError::TransactionCanceledException(cancel),
+            response(400),
+        )
+    }
+
+    fn transact(
+        err: TransactWriteItemsError,
+        status: u16,
+    ) -> SdkError<TransactWriteItemsError, HttpResponse> {
+        SdkError::service_error(err, response(status))
+    }
+
+    /// What `Ledger::execute` does with a failed commit.
+    fn retried_by_service(e: &CommitError) -> bool {
+        matches!(
+            e,
+            CommitError::Conflict | CommitError::Store(StoreError::Unavailable(_))
+        )
+    }
+
+    #[test]
+    fn throttling_inside_a_cancelled_transaction_is_transient() {
+        for code in [
+            "ThrottlingError",
+            "ProvisionedThroughputExceeded",
+            "RequestLimitExceeded",
+        ] {
+            let e = classify_commit(cancelled(&["None", code, "None"]), IDEM);
+            assert!(
+                matches!(&e, CommitError::Store(StoreError::Unavailable(_))),
+                "{code}: {e:?}"
+            );
+            assert!(retried_by_service(&e));
+            // The reasons are in the message and the SDK error is kept as the cause.
+            let text = e.to_string();
+            assert!(text.contains(code), "{text}");
+            let CommitError::Store(store) = &e else {
+                unreachable!()
+            };
+            let context = std::error::Error::source(store)
+                .and_then(|c| c.downcast_ref::<Context>())
+                .expect("context");
+            let sdk = std::error::Error::source(context)
+                .and_then(|c| c.downcast_ref::<SdkError<TransactWriteItemsError, HttpResponse>>())
+                .expect("the SDK error is the cause");
+            assert!(matches!(
+                sdk.as_service_error(),
+                Some(TransactWriteItemsError::TransactionCanceledException(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_transaction_conflict_is_a_conflict_even_when_no_condition_failed() {
+        let e = classify_commit(cancelled(&["None", "TransactionConflict", "None"]), IDEM);
+        assert!(matches!(e, CommitError::Conflict), "{e:?}");
+        let e = classify_commit(
+            transact(
+                TransactWriteItemsError::TransactionInProgressException(
+                    TransactionInProgressException::builder()
+                        .meta(meta("TransactionInProgressException"))
+                        .build(),
+                ),
+                400,
+            ),
+            IDEM,
+        );
+        assert!(matches!(e, CommitError::Conflict), "{e:?}");
+    }
+
+    #[test]
+    fn failed_conditions_tell_a_duplicate_from_a_version_conflict() {
+        // The idempotency record exists: the operation happened, whatever else failed.
+        for codes in [
+            &["ConditionalCheckFailed", "None", "None"][..],
+            &["ConditionalCheckFailed", "ConditionalCheckFailed", "None"][..],
+            &["ConditionalCheckFailed", "None", "ThrottlingError"][..],
+        ] {
+            let e = classify_commit(cancelled(codes), IDEM);
+            assert!(matches!(e, CommitError::Duplicate), "{codes:?}: {e:?}");
+        }
+        // The state's version (or an entry, or a generation owner) moved on.
+        for codes in [
+            &["None", "ConditionalCheckFailed", "None"][..],
+            &["None", "None", "ConditionalCheckFailed"][..],
+            &["None", "ConditionalCheckFailed", "ThrottlingError"][..],
+        ] {
+            let e = classify_commit(cancelled(codes), IDEM);
+            assert!(matches!(e, CommitError::Conflict), "{codes:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_requests_are_permanent() {
+        for codes in [
+            &["None", "ValidationError", "None"][..],
+            &["None", "ItemCollectionSizeLimitExceeded"][..],
+            &["None", "ConditionalCheckFailed", "ValidationError"][..],
+            &["None", "SomethingNew"][..],
+            &["None", "None"][..],
+            &[][..],
+        ] {
+            let e = classify_commit(cancelled(codes), IDEM);
+            assert!(
+                matches!(&e, CommitError::Store(StoreError::Backend(_))),
+                "{codes:?}: {e:?}"
+            );
+            assert!(!retried_by_service(&e));
+        }
+        // ValidationException is not modelled for TransactWriteItems: only its code says it.
+        let e = classify_commit(
+            transact(
+                TransactWriteItemsError::generic(meta("ValidationException")),
+                400,
+            ),
+            IDEM,
+        );
+        assert!(
+            matches!(&e, CommitError::Store(StoreError::Backend(_))),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("ValidationException"), "{e}");
+    }
+
+    #[test]
+    fn throttling_and_server_errors_outside_a_cancellation_are_transient() {
+        let throttled = transact(
+            TransactWriteItemsError::ThrottlingException(
+                ThrottlingException::builder()
+                    .message("Rate of requests exceeds the allowed throughput.")
+                    .meta(meta("ThrottlingException"))
+                    .build(),
+            ),
+            400,
+        );
+        let e = classify_commit(throttled, IDEM);
+        assert!(
+            matches!(&e, CommitError::Store(StoreError::Unavailable(_))),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("Rate of requests"), "{e}");
+        for (code, status) in [
+            ("RequestLimitExceeded", 400),
+            ("InternalServerError", 500),
+            ("ServiceUnavailable", 503),
+            ("SomethingNew", 502),
+            ("SomethingNew", 429),
+        ] {
+            let e = classify_commit(
+                transact(TransactWriteItemsError::generic(meta(code)), status),
+                IDEM,
+            );
+            assert!(
+                matches!(&e, CommitError::Store(StoreError::Unavailable(_))),
+                "{code} {status}: {e:?}"
+            );
+        }
+        let e = classify_commit(
+            transact(
+                TransactWriteItemsError::generic(meta("ResourceNotFoundException")),
+                400,
+            ),
+            IDEM,
+        );
+        assert!(
+            matches!(&e, CommitError::Store(StoreError::Backend(_))),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn reads_are_classified_by_error_code_and_failure_kind() {
+        let get = |err: GetItemError, status: u16| {
+            classify("GetItem", SdkError::service_error(err, response(status)))
+        };
+        let e = get(
+            GetItemError::ProvisionedThroughputExceededException(
+                ProvisionedThroughputExceededException::builder()
+                    .meta(meta("ProvisionedThroughputExceededException"))
+                    .build(),
+            ),
+            400,
+        );
+        assert!(e.is_transient(), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("storage temporarily unavailable: GetItem: ")
+        );
+        for code in [
+            "ThrottlingException",
+            "LimitExceededException",
+            "TransactionConflictException",
+        ] {
+            assert!(
+                get(GetItemError::generic(meta(code)), 400).is_transient(),
+                "{code}"
+            );
+        }
+        for code in [
+            "ValidationException",
+            "ResourceNotFoundException",
+            "AccessDeniedException",
+            "ConditionalCheckFailedException",
+        ] {
+            let e = get(GetItemError::generic(meta(code)), 400);
+            assert!(matches!(e, StoreError::Backend(_)), "{code}: {e:?}");
+        }
+
+        let timeout: SdkError<GetItemError, HttpResponse> =
+            SdkError::timeout_error("no answer within the attempt timeout");
+        assert!(classify("GetItem", timeout).is_transient());
+        let io: SdkError<GetItemError, HttpResponse> = SdkError::dispatch_failure(
+            ConnectorError::io(std::io::Error::other("connection reset").into()),
+        );
+        let e = classify("GetItem", io);
+        assert!(e.is_transient());
+        assert!(e.to_string().contains("connection reset"), "{e}");
+        let unreadable: SdkError<GetItemError, HttpResponse> =
+            SdkError::response_error("truncated body", response(200));
+        assert!(classify("GetItem", unreadable).is_transient());
+        let user: SdkError<GetItemError, HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::user("invalid endpoint".into()));
+        assert!(matches!(classify("GetItem", user), StoreError::Backend(_)));
+        let unbuilt: SdkError<GetItemError, HttpResponse> =
+            SdkError::construction_failure("missing table name");
+        assert!(matches!(
+            classify("GetItem", unbuilt),
+            StoreError::Backend(_)
+        ));
+    }
+
+    /// An embedded store whose first commits fail the way DynamoDB fails a throttled
+    /// transaction, to see the service retry them.
+    struct Throttled {
+        inner: super::super::embedded::EmbeddedStore,
+        failures: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait]
+    impl LedgerStore for Throttled {
+        async fn load(&self, w: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
+            self.inner.load(w).await
+        }
+        async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+            use std::sync::atomic::Ordering;
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(classify_commit(
+                    cancelled(&["None", "ThrottlingError"]),
+                    IDEM,
+                ));
+            }
+            self.inner.commit(c).await
+        }
+        async fn idempotency(
+            &self,
+            w: &WorkspaceId,
+            k: &IdempotencyKey,
+        ) -> Result<Option<IdempotencyRecord>, StoreError> {
+            self.inner.idempotency(w, k).await
+        }
+        async fn generation(
+            &self,
+            w: &WorkspaceId,
+            id: GenerationId,
+        ) -> Result<Option<Generation>, StoreError> {
+            self.inner.generation(w, id).await
+        }
+        async fn generation_owner(
+            &self,
+            id: GenerationId,
+        ) -> Result<Option<WorkspaceId>, StoreError> {
+            self.inner.generation_owner(id).await
+        }
+        async fn generations(
+            &self,
+            w: &WorkspaceId,
+            q: &GenerationQuery,
+        ) -> Result<Vec<Generation>, StoreError> {
+            self.inner.generations(w, q).await
+        }
+        async fn entries(&self, w: &WorkspaceId, q: &EntryQuery) -> Result<Vec<Entry>, StoreError> {
+            self.inner.entries(w, q).await
+        }
+        async fn entries_by_seq(
+            &self,
+            w: &WorkspaceId,
+            seqs: &[u64],
+        ) -> Result<Vec<Entry>, StoreError> {
+            self.inner.entries_by_seq(w, seqs).await
+        }
+    }
+
+    #[tokio::test]
+    async fn the_service_retries_a_throttled_transaction_until_it_commits() {
+        use crate::ledger::{Actor, LotSource, Operation, Refs};
+        use crate::service::{Ledger, LedgerRequest};
+        let store = std::sync::Arc::new(Throttled {
+            inner: super::super::embedded::EmbeddedStore::in_memory(),
+            failures: std::sync::atomic::AtomicU32::new(3),
+        });
+        let ledger = Ledger::new(
+            store.clone(),
+            std::sync::Arc::new(crate::clock::SystemClock),
+            std::sync::Arc::new(crate::catalog::Catalog::builtin()),
+        );
+        let workspace = WorkspaceId::parse("org_throttled").unwrap();
+        ledger
+            .execute(LedgerRequest {
+                workspace: workspace.clone(),
+                key: IdempotencyKey::derived("grant-1".into()),
+                fingerprint: "grant-1".into(),
+                actor: Actor::system(),
+                refs: Refs::default(),
+                op: Operation::Grant {
+                    source: LotSource::Pack,
+                    credits: crate::money::Credits::new(100),
+                    expires_at: None,
+                    note: None,
+                },
+            })
+            .await
+            .expect("committed after the throttling passed");
+        assert_eq!(store.failures.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let state = store.load(&workspace).await.unwrap().expect("state");
+        assert_eq!(state.version, 1);
     }
 }

@@ -26,8 +26,8 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
 }
 
-fn backend<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend(e: impl Into<BoxError>) -> StoreError {
+    StoreError::backend(e)
 }
 
 impl EmbeddedStore {
@@ -77,7 +77,7 @@ impl EmbeddedStore {
             .await
             .map_err(|e| match e {
                 CommitError::Store(s) => s,
-                other => StoreError::Backend(other.to_string()),
+                other => StoreError::backend(other),
             })
     }
 }
@@ -186,7 +186,7 @@ impl LedgerStore for EmbeddedStore {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(GENERATION_OWNERS).map_err(backend)?;
             let v = t.get(id.as_str()).map_err(backend)?;
-            v.map(|v| WorkspaceId::parse(v.value()).map_err(|e| StoreError::Decode(e.to_string())))
+            v.map(|v| WorkspaceId::parse(v.value()).map_err(StoreError::decode))
                 .transpose()
         })
         .await

@@ -11,6 +11,7 @@ pub mod embedded;
 
 pub use docs::{Doc, DocStore};
 
+use crate::error::{BoxError, Context};
 use crate::ids::{GenerationId, IdempotencyKey, WorkspaceId};
 use crate::ledger::{Entry, Generation, GenerationStatus, Outcome, WorkspaceState};
 use async_trait::async_trait;
@@ -18,17 +19,40 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// A failure of the storage itself (not a business refusal).
+/// A failure of the storage itself (not a business refusal). Each keeps its cause.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// A failure that trying again will not fix (a refused request, a broken file).
     #[error("storage backend error: {0}")]
-    Backend(String),
+    Backend(#[source] BoxError),
     /// Throttling, timeouts and server errors: the outcome of a write is unknown, and trying
     /// again (after re-reading the idempotency record) is safe.
     #[error("storage temporarily unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BoxError),
     #[error("stored data could not be decoded: {0}")]
-    Decode(String),
+    Decode(#[source] BoxError),
+}
+
+impl StoreError {
+    /// A permanent failure; `cause` is an error or a message.
+    pub fn backend(cause: impl Into<BoxError>) -> Self {
+        Self::Backend(cause.into())
+    }
+
+    /// A transient failure; `cause` is an error or a message.
+    pub fn unavailable(cause: impl Into<BoxError>) -> Self {
+        Self::Unavailable(cause.into())
+    }
+
+    /// Stored data that does not read back; `cause` is an error or a message.
+    pub fn decode(cause: impl Into<BoxError>) -> Self {
+        Self::Decode(cause.into())
+    }
+
+    /// Whether the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// Why a commit did not happen.
@@ -131,11 +155,21 @@ pub trait LedgerStore: Send + Sync {
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Decode(e.to_string()))
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::decode(Context::new(format!("encoding {}", type_name::<T>()), e)))
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Decode(e.to_string()))
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::decode(Context::new(format!("decoding {}", type_name::<T>()), e)))
+}
+
+/// The last path segment of a type's name (`WorkspaceState`, not `tally::ledger::...`), to
+/// say what failed to encode or decode.
+fn type_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    let base = full.split('<').next().unwrap_or(full);
+    base.rsplit("::").next().unwrap_or(base)
 }
 
 pub(crate) fn matches_query(g: &Generation, q: &GenerationQuery) -> bool {

@@ -35,11 +35,11 @@ pub(crate) fn buyer(who: &Identity) -> ApiResult<WorkspaceId> {
 /// (502, logged as an error); unavailability is worth retrying with the same key (503).
 pub(crate) fn provider(e: PaymentsError) -> Problem {
     match e {
-        PaymentsError::Refused(m) => {
+        PaymentsError::Refused { message: m, .. } => {
             tracing::error!(error = %m, "payment provider refused a request");
             Problem::new(StatusCode::BAD_GATEWAY, "payment_provider_error", m)
         }
-        PaymentsError::Unavailable(m) => {
+        PaymentsError::Unavailable { message: m, .. } => {
             tracing::warn!(error = %m, "payment provider unavailable");
             Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
