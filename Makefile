@@ -45,7 +45,7 @@ fmt:
 
 ## Criterion benchmarks of the ledger engine and the embedded store.
 bench:
-	cargo bench --locked -p tally --bench ledger
+	cargo bench --locked -p tally --features local --bench ledger
 
 clean:
 	cargo clean

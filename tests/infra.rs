@@ -1,7 +1,8 @@
 //! The SAM template and the code must describe the same system: table keys and TTL,
 //! queues and their redrive, one binary per function with the environment it reads, every
 //! HTTP route (and which are public), batch-failure reporting and alarms. And the function
-//! crates stay independent of each other: what they share lives in `tally`.
+//! crates stay independent of each other (what they share lives in `tally`), with none of
+//! the local runner's stand-ins in the Lambda binaries.
 
 use serde_yaml::Value;
 use std::collections::BTreeSet;
@@ -454,4 +455,86 @@ fn no_function_crate_depends_on_another() {
             );
         }
     }
+}
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// The `tally` and `tally-local` entries of a manifest's normal dependency tables
+/// (`[dependencies]`, `[target.'..'.dependencies]`, `[dependencies.<name>]`), which are the
+/// ones linked into its binary; `[dev-dependencies]` only reach its tests.
+fn linked_dependency_lines(manifest: &str) -> Vec<String> {
+    let mut section = String::new();
+    let mut lines = Vec::new();
+    for line in manifest.lines().map(str::trim) {
+        if let Some(header) = line.strip_prefix('[') {
+            section = header.trim_end_matches(']').trim().to_owned();
+            continue;
+        }
+        let normal = section == "dependencies" || section.ends_with(".dependencies");
+        let whole_table = ["dependencies.tally", "dependencies.tally-local"]
+            .iter()
+            .any(|t| section == *t || section.ends_with(&format!(".{t}")));
+        let names_ours = ["tally", "tally-local"].iter().any(|name| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '=', '.']))
+        });
+        if whole_table || (normal && names_ours) {
+            lines.push(line.to_owned());
+        }
+    }
+    lines
+}
+
+#[test]
+fn the_lambda_functions_link_neither_the_local_feature_nor_the_local_runner() {
+    for (binary, _) in tally::config::FUNCTIONS {
+        let path = repo(&format!("functions/{binary}/Cargo.toml"));
+        let manifest = std::fs::read_to_string(&path).unwrap();
+        let linked = linked_dependency_lines(&manifest);
+        assert!(
+            linked.iter().any(|l| l.starts_with("tally")),
+            "{binary} depends on tally: {linked:?}"
+        );
+        for line in &linked {
+            assert!(!line.contains("\"local\""), "{binary}: {line}");
+            assert!(!line.starts_with("tally-local"), "{binary}: {line}");
+        }
+        // A feature of the function's own that switches tally's on would link it too.
+        assert!(!manifest.contains("tally/local"), "{binary}");
+        assert!(!manifest.contains("tally?/local"), "{binary}");
+    }
+}
+
+#[test]
+fn the_library_includes_no_file_from_the_tests() {
+    let tests = repo("tests").canonicalize().unwrap();
+    let mut dirs = vec![repo("shared/src")];
+    let mut checked = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for mac in ["include_str!(", "include_bytes!("] {
+                for (at, _) in text.match_indices(mac) {
+                    let rest = &text[at + mac.len()..];
+                    let literal = rest.split('"').nth(1).unwrap_or_default();
+                    assert!(!literal.contains("tests/"), "{}: {literal}", path.display());
+                    let target = path.parent().unwrap().join(literal).canonicalize();
+                    let target = target.unwrap_or_else(|e| panic!("{literal}: {e}"));
+                    assert!(!target.starts_with(&tests), "{}: {literal}", path.display());
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // The catalog is included; if nothing were found the search itself would be broken.
+    assert!(checked > 0);
 }

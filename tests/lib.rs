@@ -250,9 +250,12 @@ impl Default for TestApp {
     }
 }
 
-/// One of Stripe's example objects from `tests/fixtures/stripe/`.
+/// One of Stripe's example objects from `fixtures/stripe/`.
 pub fn fixture(name: &str) -> Value {
-    let path = format!("{}/fixtures/stripe/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../fixtures/stripe/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("fixture JSON")
 }
 

@@ -5,6 +5,8 @@ use axum::http::Method;
 use serde_json::{Value, json};
 use tally_tests::{TestApp, member, owner};
 
+mod lambda_events;
+
 async fn checkout(app: &TestApp, tok: &str, body: Value) -> Value {
     let a = app.post("/v1/checkout/sessions", tok, body).await;
     assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
@@ -280,8 +282,8 @@ async fn forged_and_stale_deliveries_to_the_local_webhook_change_nothing() {
     let body = forged.to_string();
     let now = chrono::Utc::now().timestamp();
     for sig in [
-        tally::payments::simulator::stripe_signature(&body, "whsec_wrong", now),
-        tally::payments::simulator::stripe_signature(&body, tally_tests::WEBHOOK_SECRET, now - 600),
+        tally_local::simulator::stripe_signature(&body, "whsec_wrong", now),
+        tally_local::simulator::stripe_signature(&body, tally_tests::WEBHOOK_SECRET, now - 600),
         "t=1,v1=00".to_string(),
     ] {
         let a = app

@@ -1,7 +1,7 @@
-//! Time as a port: the system clock in production, a clock tests can move by hand.
+//! Time as a port: the system clock in production, a clock tests can move by hand (behind
+//! the `local` feature, which the Lambda binaries leave off).
 
-use chrono::{DateTime, Duration, Utc};
-use std::sync::Mutex;
+use chrono::{DateTime, Utc};
 
 /// Where "now" comes from.
 pub trait Clock: Send + Sync {
@@ -19,14 +19,16 @@ impl Clock for SystemClock {
 }
 
 /// A clock that only moves when told to.
+#[cfg(feature = "local")]
 #[derive(Debug)]
-pub struct ManualClock(Mutex<DateTime<Utc>>);
+pub struct ManualClock(std::sync::Mutex<DateTime<Utc>>);
 
+#[cfg(feature = "local")]
 impl ManualClock {
     pub fn new(start: DateTime<Utc>) -> Self {
-        Self(Mutex::new(start))
+        Self(std::sync::Mutex::new(start))
     }
-    pub fn advance(&self, by: Duration) {
+    pub fn advance(&self, by: chrono::Duration) {
         let mut now = self.0.lock().expect("clock lock");
         *now += by;
     }
@@ -35,6 +37,7 @@ impl ManualClock {
     }
 }
 
+#[cfg(feature = "local")]
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         *self.0.lock().expect("clock lock")

@@ -1,9 +1,13 @@
 //! The local runner: every HTTP route of every function in one axum server, over the
-//! embedded store, with HS256 dev tokens standing in for API Gateway's JWT authorizer.
+//! embedded store, with HS256 dev tokens standing in for API Gateway's JWT authorizer, and
+//! the offline Stripe [`simulator`] when no Stripe key is set.
+
+pub mod simulator;
 
 use axum::Router;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
+use simulator::Simulator;
 use std::sync::Arc;
 use tally::billing::BillingEvents;
 use tally::config::{self, ReturnUrlOverrides};
@@ -13,7 +17,6 @@ use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::ledger::{Actor, Interval, LotSource, Operation, PlanState, PlanStatus, Refs};
 use tally::money::Credits;
 use tally::payments::Payments;
-use tally::payments::simulator::Simulator;
 use tally::payments::stripe::StripePayments;
 use tally::queue::local::LocalQueue;
 use tally::service::{Ledger, LedgerRequest, ServiceError};

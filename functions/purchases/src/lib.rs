@@ -98,6 +98,3 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     tags((name = "billing", description = "Buying credits and managing the subscription"), (name = "admin", description = "Support staff"))
 )]
 pub struct ApiDoc;
-
-#[cfg(test)]
-mod lambda_events;

@@ -24,7 +24,7 @@ impl Consumer for Received {
 
 fn fixture(name: &str) -> Value {
     let path = format!(
-        "{}/../../tests/fixtures/stripe/{name}",
+        "{}/../../fixtures/stripe/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&path).expect("fixture");

@@ -1,7 +1,8 @@
 //! Who is calling. In AWS, API Gateway's JWT authorizer has already verified the token and
 //! the claims arrive in the request context; locally, HS256 dev tokens signed with
 //! `TALLY_DEV_JWT_SECRET` are verified here and yield the same claims. Handlers only ever
-//! see an [`Identity`].
+//! see an [`Identity`]. Dev tokens are behind the `local` feature: a Lambda binary has no
+//! way to accept a token API Gateway did not verify.
 
 use super::problem::Problem;
 use crate::ids::WorkspaceId;
@@ -10,11 +11,14 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+#[cfg(feature = "local")]
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+#[cfg(feature = "local")]
 use hmac::{Hmac, Mac};
+#[cfg(feature = "local")]
 use sha2::Sha256;
 use std::collections::HashMap;
+#[cfg(feature = "local")]
 use std::sync::Arc;
 
 /// Scope of the generation service: may settle any generation.
@@ -22,6 +26,7 @@ pub const SCOPE_SETTLE: &str = "credits:settle";
 /// Scope of support staff: adjustments and other admin actions on any workspace.
 pub const SCOPE_ADMIN: &str = "credits:admin";
 /// Default local signing secret for dev tokens.
+#[cfg(feature = "local")]
 pub const DEFAULT_DEV_SECRET: &str = "tally-dev-secret";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,9 +157,11 @@ pub enum AuthMode {
     /// Claims verified by API Gateway's JWT authorizer, read from the request context.
     ApiGateway,
     /// HS256 bearer tokens verified in process (local runner and tests).
+    #[cfg(feature = "local")]
     DevToken { secret: Arc<Vec<u8>> },
 }
 
+#[cfg(feature = "local")]
 impl AuthMode {
     pub fn dev(secret: &str) -> Self {
         AuthMode::DevToken {
@@ -167,6 +174,7 @@ impl AuthMode {
 pub async fn authenticate(State(mode): State<AuthMode>, mut req: Request, next: Next) -> Response {
     let claims = match &mode {
         AuthMode::ApiGateway => api_gateway_claims(&req),
+        #[cfg(feature = "local")]
         AuthMode::DevToken { secret } => {
             bearer(&req).and_then(|t| verify_dev_token(t, secret, chrono::Utc::now().timestamp()))
         }
@@ -201,6 +209,7 @@ fn api_gateway_claims(req: &Request) -> Result<HashMap<String, String>, Problem>
     }
 }
 
+#[cfg(feature = "local")]
 fn bearer(req: &Request) -> Result<&str, Problem> {
     req.headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -209,9 +218,11 @@ fn bearer(req: &Request) -> Result<&str, Problem> {
         .ok_or_else(|| Problem::unauthorized("send Authorization: Bearer <token>"))
 }
 
+#[cfg(feature = "local")]
 type HmacSha256 = Hmac<Sha256>;
 
 /// Signs a dev token (HS256) over the given claims.
+#[cfg(feature = "local")]
 pub fn dev_token(secret: &[u8], claims: &serde_json::Value) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
     let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
@@ -224,6 +235,7 @@ pub fn dev_token(secret: &[u8], claims: &serde_json::Value) -> String {
 
 /// Verifies an HS256 dev token (signature in constant time, `exp` required) and returns its
 /// claims as strings, the way API Gateway presents them.
+#[cfg(feature = "local")]
 pub fn verify_dev_token(
     token: &str,
     secret: &[u8],
@@ -283,14 +295,18 @@ pub fn verify_dev_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(feature = "local")]
     use serde_json::json;
 
+    #[cfg(feature = "local")]
     const NOW: i64 = 1_800_000_000;
 
+    #[cfg(feature = "local")]
     fn claims() -> serde_json::Value {
         json!({"sub": "u1", "org_id": "org_a", "role": "member", "scope": "a b", "exp": NOW + 60})
     }
 
+    #[cfg(feature = "local")]
     #[test]
     fn a_dev_token_round_trips_into_the_same_claims_api_gateway_would_give() {
         let t = dev_token(b"s3cret", &claims());
@@ -302,6 +318,7 @@ mod tests {
         assert_eq!(id.scopes, vec!["a", "b"]);
     }
 
+    #[cfg(feature = "local")]
     #[test]
     fn tokens_with_a_wrong_key_tampered_claims_or_past_expiry_are_refused() {
         let t = dev_token(b"s3cret", &claims());
@@ -317,6 +334,7 @@ mod tests {
         assert!(verify_dev_token(&dev_token(b"s3cret", &no_exp), b"s3cret", NOW).is_err());
     }
 
+    #[cfg(feature = "local")]
     #[test]
     fn unsigned_tokens_are_refused() {
         let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);

@@ -1,8 +1,7 @@
 //! The Payments port: what Tally asks of Stripe. [`stripe::StripePayments`] talks to the
-//! Stripe API; [`simulator::Simulator`] stands in for it locally, completing checkouts by
-//! delivering signed Stripe-shaped events to the webhook.
+//! Stripe API; the local runner's simulator (`tally-local`) stands in for it offline,
+//! completing checkouts by delivering signed Stripe-shaped events to the webhook.
 
-pub mod simulator;
 pub mod stripe;
 
 use crate::error::BoxError;

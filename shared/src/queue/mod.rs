@@ -1,10 +1,12 @@
 //! Queues between functions. Producers depend on [`Queue`]; consumers implement
 //! [`Consumer`] once and run under SQS in Lambda ([`lambda::process_batch`]) or on an
-//! in-process queue locally ([`local::LocalQueue`]) with the same rules: bounded
+//! in-process queue locally (`local::LocalQueue`) with the same rules: bounded
 //! redelivery, then the dead-letter queue; FIFO queues keep each group in order and drop
-//! duplicate deduplication ids.
+//! duplicate deduplication ids. The in-process queue is behind the `local` feature, so the
+//! Lambda binaries do not carry it.
 
 pub mod lambda;
+#[cfg(feature = "local")]
 pub mod local;
 pub mod sqs;
 

@@ -1,4 +1,5 @@
-//! The `LedgerStore` port and its adapters: DynamoDB in production, redb embedded locally.
+//! The `LedgerStore` port and its adapters: DynamoDB in production, redb embedded locally
+//! (behind the `local` feature, so the Lambda binaries carry neither it nor redb).
 //!
 //! A commit is all-or-nothing: the new workspace state (guarded by its version), the journal
 //! entries (each written only if absent), the idempotency record (written only if absent)
@@ -7,6 +8,7 @@
 
 pub mod docs;
 pub mod dynamo;
+#[cfg(feature = "local")]
 pub mod embedded;
 
 pub use docs::{Doc, DocStore};

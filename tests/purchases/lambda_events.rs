@@ -1,17 +1,19 @@
-//! The function as Lambda runs it, fed the API Gateway events of `events/purchases/`.
+//! The purchases function as Lambda runs it, fed the API Gateway events of
+//! `events/purchases/`. It pays through the local runner's simulator, which is why these
+//! tests live here rather than in the function's own crate.
 
-use crate::{PurchasesState, ReturnUrls, router};
 use axum::Router;
 use axum::body::Body;
 use http_body_util::BodyExt;
+use purchases::{PurchasesState, ReturnUrls, router};
 use serde_json::Value;
 use std::sync::Arc;
 use tally::catalog::Catalog;
 use tally::clock::SystemClock;
 use tally::http::AuthMode;
-use tally::payments::simulator::Simulator;
 use tally::service::Ledger;
 use tally::store::embedded::EmbeddedStore;
+use tally_local::simulator::Simulator;
 use tower::ServiceExt;
 
 fn app() -> Router {
@@ -31,10 +33,7 @@ fn app() -> Router {
 }
 
 async fn invoke(app: &Router, file: &str) -> (u16, Value) {
-    let path = format!(
-        "{}/../../events/purchases/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/../events/purchases/{file}", env!("CARGO_MANIFEST_DIR"));
     let req = lambda_http::request::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let res = app
         .clone()

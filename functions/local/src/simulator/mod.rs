@@ -6,77 +6,31 @@
 //! they take the same path as real deliveries: signature check, billing queue, worker.
 //! `GET /sim/events` lists every delivered event; `POST /sim/events/{id}/redeliver` sends
 //! one again (with a fresh signature) to see duplicates handled.
+//!
+//! It lives in the local runner rather than in `tally` so that no Lambda binary carries it.
+//! The Stripe-shaped objects it sends are built in `objects`, its pages served by `pages`.
 
-use super::*;
+mod objects;
+mod pages;
+
+pub use objects::stripe_signature;
+
+use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{Request, StatusCode, header};
-use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::http::{Request, header};
 use chrono::{Duration, Utc};
-use hmac::{Hmac, Mac};
+use objects::{SimSubscription, fixture, new_id};
+use serde::Serialize;
 use serde_json::{Value, json};
-use sha2::Sha256;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tally::ids::WorkspaceId;
+use tally::payments::{
+    CheckoutLink, CheckoutRequest, CustomInvoice, InvoiceLink, Payments, PaymentsError, Purchase,
+    SubscriptionChange, TopUp,
+};
 use tower::ServiceExt;
-
-const FIXTURES: [(&str, &str); 6] = [
-    (
-        "payment_intent",
-        include_str!("../../../tests/fixtures/stripe/payment_intent.json"),
-    ),
-    (
-        "checkout.session",
-        include_str!("../../../tests/fixtures/stripe/checkout.session.json"),
-    ),
-    (
-        "subscription",
-        include_str!("../../../tests/fixtures/stripe/subscription.json"),
-    ),
-    (
-        "invoice",
-        include_str!("../../../tests/fixtures/stripe/invoice.json"),
-    ),
-    (
-        "charge",
-        include_str!("../../../tests/fixtures/stripe/charge.json"),
-    ),
-    (
-        "event",
-        include_str!("../../../tests/fixtures/stripe/event.json"),
-    ),
-];
-
-fn fixture(name: &str) -> Value {
-    let text = FIXTURES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, t)| *t)
-        .expect("known fixture");
-    serde_json::from_str(text).expect("fixture JSON")
-}
-
-fn new_id(prefix: &str) -> String {
-    format!(
-        "{prefix}_sim{}",
-        ulid::Ulid::new().to_string().to_lowercase()
-    )
-}
-
-/// Signs a payload the way Stripe does: `t=<unix>,v1=<hex HMAC-SHA256("<t>.<payload>")>`.
-pub fn stripe_signature(payload: &str, secret: &str, timestamp: i64) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(format!("{timestamp}.{payload}").as_bytes());
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("t={timestamp},v1={hex}")
-}
 
 #[derive(Debug, Clone)]
 struct SimSession {
@@ -94,84 +48,6 @@ pub struct SimEvent {
     /// Status the webhook answered with.
     pub delivered_status: u16,
     pub payload: Value,
-}
-
-/// A subscription as the simulator keeps it.
-#[derive(Debug, Clone)]
-struct SimSubscription {
-    id: String,
-    customer: String,
-    metadata: std::collections::BTreeMap<String, String>,
-    interval: crate::ledger::Interval,
-    unit_amount: u64,
-    addon_units: u64,
-    addon_unit_amount: u64,
-    period_start: i64,
-    period_end: i64,
-    cancel_at_period_end: bool,
-    paused: bool,
-}
-
-impl SimSubscription {
-    fn days(&self) -> i64 {
-        match self.interval {
-            crate::ledger::Interval::Monthly => 30,
-            crate::ledger::Interval::Yearly => 365,
-        }
-    }
-
-    fn object(&self) -> Value {
-        let mut sub = fixture("subscription");
-        sub["id"] = json!(self.id);
-        sub["customer"] = json!(self.customer);
-        sub["status"] = json!(if self.paused { "paused" } else { "active" });
-        sub["cancel_at_period_end"] = json!(self.cancel_at_period_end);
-        sub["pause_collection"] = if self.paused {
-            json!({"behavior": "void", "resumes_at": null})
-        } else {
-            Value::Null
-        };
-        sub["metadata"] = json!(self.metadata);
-        let item = &mut sub["items"]["data"][0];
-        item["current_period_start"] = json!(self.period_start);
-        item["current_period_end"] = json!(self.period_end);
-        item["price"]["recurring"]["interval"] =
-            json!(if self.days() == 30 { "month" } else { "year" });
-        item["price"]["unit_amount"] = json!(self.unit_amount);
-        sub
-    }
-
-    fn invoice(&self, base_url: &str, reason: &str, amount: u64, paid: bool) -> Value {
-        let id = new_id("in");
-        let mut inv = fixture("invoice");
-        inv["id"] = json!(id);
-        inv["customer"] = json!(self.customer);
-        inv["billing_reason"] = json!(reason);
-        inv["collection_method"] = json!("charge_automatically");
-        inv["created"] = json!(Utc::now().timestamp());
-        inv["currency"] = json!("usd");
-        inv["metadata"] = json!({});
-        inv["number"] = json!(format!("SIM-{}", &id[id.len() - 6..]));
-        inv["hosted_invoice_url"] = json!(format!("{base_url}/sim/invoices/{id}"));
-        inv["invoice_pdf"] = json!(format!("{base_url}/sim/invoices/{id}.pdf"));
-        inv["parent"] = json!({"type": "subscription_details", "quote_details": null,
-            "subscription_details": {"subscription": self.id, "metadata": self.metadata}});
-        inv["lines"]["data"][0]["period"] =
-            json!({"start": self.period_start, "end": self.period_end});
-        inv["lines"]["data"][0]["amount"] = json!(amount);
-        for k in ["amount_due", "total", "subtotal"] {
-            inv[k] = json!(amount);
-        }
-        inv["status"] = json!(if paid { "paid" } else { "open" });
-        inv["amount_paid"] = json!(if paid { amount } else { 0 });
-        inv["amount_remaining"] = json!(if paid { 0 } else { amount });
-        inv["status_transitions"]["paid_at"] = if paid {
-            json!(Utc::now().timestamp())
-        } else {
-            Value::Null
-        };
-        inv
-    }
 }
 
 pub struct Simulator {
@@ -197,19 +73,6 @@ impl Simulator {
             invoices: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
         })
-    }
-
-    pub fn routes(self: &Arc<Self>) -> Router {
-        Router::new()
-            .route("/sim/checkout/{id}", get(page))
-            .route("/sim/checkout/{id}/pay", post(pay))
-            .route("/sim/events", get(list_events))
-            .route("/sim/events/{id}/redeliver", post(redeliver))
-            .route("/sim/subscriptions/{id}/renew", post(renew))
-            .route("/sim/invoices/{id}", get(invoice_page))
-            .route("/sim/invoices/{id}/pay", post(pay_invoice))
-            .route("/sim/done", get(done))
-            .with_state(self.clone())
     }
 
     pub fn events(&self) -> Vec<SimEvent> {
@@ -264,7 +127,7 @@ impl Simulator {
         let now = Utc::now().timestamp();
         let ws = request.workspace.to_string();
         let customer = request.customer.clone();
-        let meta = super::stripe::checkout_metadata(&request);
+        let meta = tally::payments::stripe::checkout_metadata(&request);
         let mut session = fixture("checkout.session");
         session["id"] = json!(session_id);
         session["customer"] = json!(customer);
@@ -570,144 +433,4 @@ impl Payments for Simulator {
             return_url.replace('&', "%26")
         ))
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-async fn page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    let session = sim.sessions.lock().expect("sim lock").get(&id).cloned();
-    let Some(s) = session else {
-        return (
-            StatusCode::NOT_FOUND,
-            Html("<h1>No such checkout session</h1>".to_owned()),
-        )
-            .into_response();
-    };
-    let (what, amount) = match &s.request.purchase {
-        Purchase::Plan {
-            name,
-            interval,
-            unit_amount,
-            ..
-        } => (
-            format!(
-                "{name} plan, billed {}",
-                match interval {
-                    crate::ledger::Interval::Monthly => "monthly",
-                    crate::ledger::Interval::Yearly => "yearly",
-                }
-            ),
-            *unit_amount,
-        ),
-        Purchase::Pack {
-            name,
-            quantity,
-            unit_amount,
-            credits,
-            ..
-        } => (
-            format!("{quantity} x {name} ({credits} credits each)"),
-            quantity * unit_amount,
-        ),
-    };
-    let status = if s.paid {
-        "<p id=\"status\">Paid</p>"
-    } else {
-        ""
-    };
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Tally checkout (simulated)</title></head>\
-         <body><h1>Checkout</h1><p>Simulated payment: no money moves.</p>\
-         <p id=\"item\">{}</p><p id=\"amount\">${}.{:02}</p>{status}\
-         <form method=\"post\" action=\"/sim/checkout/{}/pay\"><button id=\"pay\" type=\"submit\">Pay</button></form>\
-         <p><a href=\"{}\">Cancel</a></p></body></html>",
-        escape(&what),
-        amount / 100,
-        amount % 100,
-        escape(&id),
-        escape(&s.request.cancel_url),
-    ))
-    .into_response()
-}
-
-async fn pay(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    match sim.complete(&id).await {
-        Some(success) => Redirect::to(&success).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Html("<h1>No such checkout session</h1>".to_owned()),
-        )
-            .into_response(),
-    }
-}
-
-async fn list_events(State(sim): State<Arc<Simulator>>) -> axum::Json<Vec<SimEvent>> {
-    axum::Json(sim.events())
-}
-
-async fn redeliver(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    let event = sim.events().into_iter().find(|e| e.id == id);
-    match event {
-        Some(e) => {
-            let status = sim.post_signed(&e.payload).await;
-            axum::Json(json!({"id": id, "delivered_status": status})).into_response()
-        }
-        None => crate::http::Problem::not_found(format!("no simulated event {id}")).into_response(),
-    }
-}
-
-async fn renew(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    if sim.renew(&id).await {
-        axum::Json(json!({"renewed": id})).into_response()
-    } else {
-        crate::http::Problem::not_found(format!("no simulated subscription {id}")).into_response()
-    }
-}
-
-async fn invoice_page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    let found = sim.invoices.lock().expect("sim lock").get(&id).cloned();
-    let Some((req, inv)) = found else {
-        return (
-            StatusCode::NOT_FOUND,
-            Html("<h1>No such invoice</h1>".to_owned()),
-        )
-            .into_response();
-    };
-    let status = inv["status"].as_str().unwrap_or("open").to_owned();
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Invoice (simulated)</title></head>\
-         <body><h1>Invoice {}</h1><p id=\"description\">{}</p><p id=\"amount\">${}.{:02}</p>\
-         <p id=\"status\">{}</p><form method=\"post\" action=\"/sim/invoices/{}/pay\">\
-         <button id=\"pay\" type=\"submit\">Pay invoice</button></form></body></html>",
-        escape(&id),
-        escape(&req.description),
-        req.amount / 100,
-        req.amount % 100,
-        escape(&status),
-        escape(&id),
-    ))
-    .into_response()
-}
-
-async fn pay_invoice(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    if sim.pay_invoice(&id).await {
-        Redirect::to(&format!("/sim/invoices/{id}")).into_response()
-    } else {
-        (
-            StatusCode::NOT_FOUND,
-            Html("<h1>No such invoice</h1>".to_owned()),
-        )
-            .into_response()
-    }
-}
-
-async fn done() -> Html<&'static str> {
-    Html(
-        "<!doctype html><html><body><h1 id=\"done\">Payment complete</h1><p>Your credits are on their way to your balance.</p></body></html>",
-    )
 }
