@@ -71,8 +71,8 @@ pub struct Plan {
     pub id: String,
     pub name: String,
     pub audience: String,
-    pub monthly_credits: u64,
-    pub monthly_price_cents: u64,
+    pub monthly_credits: Credits,
+    pub monthly_price_cents: Cents,
     pub custom_model_slots: u32,
     pub support: String,
     pub pack_discount_pct: u8,
@@ -85,16 +85,16 @@ pub struct Plan {
 #[serde(deny_unknown_fields)]
 pub struct Pack {
     pub id: String,
-    pub credits: u64,
-    pub price_cents: u64,
+    pub credits: Credits,
+    pub price_cents: Cents,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Addon {
     pub id: String,
-    pub credits_per_unit: u64,
-    pub unit_price_cents: u64,
+    pub credits_per_unit: Credits,
+    pub unit_price_cents: Cents,
     /// Charged per seat (individual plans) rather than once for the workspace (team).
     pub per_user: bool,
 }
@@ -111,11 +111,11 @@ pub struct ResolutionOption {
 #[serde(rename_all = "snake_case")]
 pub enum Pricing {
     /// Credits per produced item (images).
-    PerItem(u64),
+    PerItem(Credits),
     /// Thousandths of a credit per second of output (video, avatar).
     PerSecondMilli(u64),
     /// One price for the whole job (training).
-    Flat(u64),
+    Flat(Credits),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -179,7 +179,7 @@ pub struct Estimate {
     pub duration_s: Option<u32>,
     pub count: u32,
     /// Credits for one item before the count is applied (already rounded up).
-    pub per_item: u64,
+    pub per_item: Credits,
 }
 
 /// Why a generation request cannot be priced. Each names the offending field.
@@ -246,8 +246,11 @@ impl Catalog {
             return bad("at least one plan is required".into());
         }
         for p in &self.plans {
-            if p.monthly_credits == 0 || p.monthly_price_cents == 0 {
+            if p.monthly_credits == Credits::ZERO || p.monthly_price_cents == Cents::ZERO {
                 return bad(format!("plan {}: credits and price must be positive", p.id));
+            }
+            if p.monthly_price_cents.checked_mul(12).is_none() {
+                return bad(format!("plan {}: the yearly price is too large", p.id));
             }
             if p.pack_discount_pct >= 100 {
                 return bad(format!(
@@ -260,16 +263,19 @@ impl Catalog {
             }
         }
         for p in &self.packs {
-            if p.credits == 0 || p.price_cents == 0 {
+            if p.credits == Credits::ZERO || p.price_cents == Cents::ZERO {
                 return bad(format!("pack {}: credits and price must be positive", p.id));
             }
         }
         for a in &self.addons {
-            if a.credits_per_unit == 0 || a.unit_price_cents == 0 {
+            if a.credits_per_unit == Credits::ZERO || a.unit_price_cents == Cents::ZERO {
                 return bad(format!(
                     "add-on {}: credits and price must be positive",
                     a.id
                 ));
+            }
+            if a.unit_price_cents.checked_mul(12).is_none() {
+                return bad(format!("add-on {}: the yearly price is too large", a.id));
             }
         }
         for r in [Resolution::P1080, Resolution::K2, Resolution::K4] {
@@ -282,12 +288,13 @@ impl Catalog {
             return bad("resolution multipliers must be at least 1".into());
         }
         for m in &self.models {
-            let ok = matches!(
-                (m.workflow, m.pricing),
-                (Workflow::Image, Pricing::PerItem(n))
-                    | (Workflow::Video | Workflow::Avatar, Pricing::PerSecondMilli(n))
-                    | (Workflow::Training, Pricing::Flat(n)) if n > 0
-            );
+            let ok = match (m.workflow, m.pricing) {
+                (Workflow::Image, Pricing::PerItem(c)) | (Workflow::Training, Pricing::Flat(c)) => {
+                    c > Credits::ZERO
+                }
+                (Workflow::Video | Workflow::Avatar, Pricing::PerSecondMilli(n)) => n > 0,
+                _ => false,
+            };
             if !ok {
                 return bad(format!(
                     "model {}: a {} model needs a positive {} price",
@@ -322,7 +329,10 @@ impl Catalog {
 
     /// The yearly price of a plan: twelve months less the yearly discount, rounded down.
     pub fn yearly_price(&self, plan: &Plan) -> Cents {
-        Cents::new(plan.monthly_price_cents * 12).discounted(self.yearly_discount_pct)
+        plan.monthly_price_cents
+            .checked_mul(12)
+            .expect("catalog validation bounds monthly prices")
+            .discounted(self.yearly_discount_pct)
     }
 
     /// How long a hold on this workflow may stay open before it is released.
@@ -377,12 +387,14 @@ impl Catalog {
                 (Some(r), self.multiplier(r))
             }
         };
+        // Overflow needs absurd catalog prices; it is refused like any unpriceable request.
+        let too_large = || spec_err("model", "the price of this request is out of range");
         let per_item = match model.pricing {
             Pricing::PerItem(credits) => {
                 if spec.duration_s.is_some() {
                     return Err(spec_err("duration_s", "image models take no duration"));
                 }
-                credits * multiplier
+                credits.checked_mul(multiplier).ok_or_else(too_large)?
             }
             Pricing::PerSecondMilli(milli) => {
                 let seconds = spec
@@ -395,7 +407,11 @@ impl Catalog {
                         format!("must be between 1 and {max} seconds for {}", model.id),
                     ));
                 }
-                (milli * seconds as u64 * multiplier).div_ceil(1000)
+                let milli = milli
+                    .checked_mul(seconds as u64)
+                    .and_then(|m| m.checked_mul(multiplier))
+                    .ok_or_else(too_large)?;
+                Credits::new(milli.div_ceil(1000))
             }
             Pricing::Flat(credits) => {
                 if spec.duration_s.is_some() {
@@ -408,7 +424,7 @@ impl Catalog {
             }
         };
         Ok(Estimate {
-            credits: Credits::new(per_item * count as u64),
+            credits: per_item.checked_mul(count as u64).ok_or_else(too_large)?,
             workflow: model.workflow,
             model: model.id.clone(),
             resolution,
@@ -452,9 +468,12 @@ mod tests {
     #[test]
     fn the_shipped_catalog_is_valid_and_keeps_the_promised_numbers() {
         let c = Catalog::builtin();
-        assert_eq!(c.plan("max").unwrap().monthly_credits, 400);
-        assert_eq!(c.plan("generative").unwrap().monthly_credits, 900);
-        assert_eq!(c.plan("team").unwrap().monthly_credits, 6000);
+        assert_eq!(c.plan("max").unwrap().monthly_credits, Credits::new(400));
+        assert_eq!(
+            c.plan("generative").unwrap().monthly_credits,
+            Credits::new(900)
+        );
+        assert_eq!(c.plan("team").unwrap().monthly_credits, Credits::new(6000));
         for p in ["max", "generative", "team"] {
             assert_eq!(c.plan(p).unwrap().pack_discount_pct, 20, "{p}");
         }
@@ -462,18 +481,18 @@ mod tests {
         let (small, big) = (c.pack("pack_100").unwrap(), c.pack("pack_500").unwrap());
         // 500-pack per-credit price is 18% below the 100-pack's: 4100/500 = 0.82 * 1000/100.
         assert_eq!(
-            big.price_cents * small.credits * 100,
-            small.price_cents * big.credits * 82
+            big.price_cents.get() * small.credits.get() * 100,
+            small.price_cents.get() * big.credits.get() * 82
         );
         let ind = c.addon("individual").unwrap();
         assert_eq!(
             (ind.credits_per_unit, ind.unit_price_cents, ind.per_user),
-            (60, 1000, true)
+            (Credits::new(60), Cents::new(1000), true)
         );
         let team = c.addon("team").unwrap();
         assert_eq!(
             (team.credits_per_unit, team.unit_price_cents, team.per_user),
-            (200, 3000, false)
+            (Credits::new(200), Cents::new(3000), false)
         );
         assert_eq!(c.yearly_price(c.plan("max").unwrap()), Cents::new(20880));
     }
@@ -516,7 +535,7 @@ mod tests {
         s.duration_s = Some(3); // 2.4 credits -> 3
         s.count = Some(2);
         let e = c.estimate(&s).unwrap();
-        assert_eq!((e.per_item, e.credits.get()), (3, 6));
+        assert_eq!((e.per_item.get(), e.credits.get()), (3, 6));
     }
 
     #[test]
@@ -562,6 +581,17 @@ mod tests {
     }
 
     #[test]
+    fn a_price_that_overflows_is_refused_rather_than_wrapped() {
+        let mut c: serde_json::Value = serde_json::from_str(DEFAULT_CATALOG).unwrap();
+        c["models"][0]["pricing"] = serde_json::json!({"per_item": u64::MAX / 2});
+        let c = Catalog::from_json(&c.to_string()).unwrap();
+        let mut s = spec("flux-schnell", Workflow::Image);
+        assert_eq!(c.estimate(&s).unwrap().credits, Credits::new(u64::MAX / 2));
+        s.count = Some(3);
+        assert_eq!(c.estimate(&s).unwrap_err().field, "model");
+    }
+
+    #[test]
     fn a_broken_catalog_is_refused_with_a_clear_reason() {
         let mut c: serde_json::Value = serde_json::from_str(DEFAULT_CATALOG).unwrap();
         c["plans"][1]["id"] = "plus".into();
@@ -572,6 +602,11 @@ mod tests {
         c["models"][0]["pricing"] = serde_json::json!({"flat": 3});
         let err = Catalog::from_json(&c.to_string()).unwrap_err().to_string();
         assert!(err.contains("needs a positive per_item price"), "{err}");
+
+        let mut c: serde_json::Value = serde_json::from_str(DEFAULT_CATALOG).unwrap();
+        c["plans"][0]["monthly_price_cents"] = u64::MAX.into();
+        let err = Catalog::from_json(&c.to_string()).unwrap_err().to_string();
+        assert!(err.contains("the yearly price is too large"), "{err}");
 
         let err = Catalog::from_json("{\"currency\": 5}")
             .unwrap_err()

@@ -17,6 +17,7 @@ pub mod topup;
 pub use observer::CreditAlerts;
 
 use crate::catalog::Catalog;
+use crate::money::Credits;
 use crate::payments::Payments;
 use crate::service::CommitObserver;
 use crate::store::DocStore;
@@ -32,7 +33,7 @@ pub const MAX_THRESHOLDS: usize = 10;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AlertSettings {
     /// Alert when the available balance falls below each of these.
-    pub below_credits: Vec<u64>,
+    pub below_credits: Vec<Credits>,
     pub auto_topup: Option<AutoTopUp>,
     /// When auto top-up last charged: at most one charge per [`TOPUP_COOLDOWN_MINUTES`],
     /// so a burst of crossings before the first pack's credits arrive cannot stack charges.
@@ -48,7 +49,7 @@ pub struct AutoTopUp {
     /// Which pack to buy.
     pub pack: String,
     /// Buy it when the available balance falls below this.
-    pub below_credits: u64,
+    pub below_credits: Credits,
 }
 
 /// The observer for a Lambda function: alerts to the notifications queue, top-ups through

@@ -6,6 +6,7 @@ use crate::billing::records::workspace_pk;
 use crate::catalog::Catalog;
 use crate::ids::WorkspaceId;
 use crate::ledger::{Balance, Outcome, WorkspaceState};
+use crate::money::Credits;
 use crate::payments::Payments;
 use crate::queue::{Message, Queue};
 use crate::service::CommitObserver;
@@ -22,7 +23,7 @@ pub struct CreditAlerts {
     pub catalog: Arc<Catalog>,
 }
 
-fn crossed(before: u64, after: u64, threshold: u64) -> bool {
+fn crossed(before: Credits, after: Credits, threshold: Credits) -> bool {
     before >= threshold && after < threshold
 }
 
@@ -93,9 +94,11 @@ impl CreditAlerts {
 #[cfg(test)]
 mod tests {
     use super::crossed;
+    use crate::money::Credits;
 
     #[test]
     fn a_threshold_is_crossed_only_on_the_way_down_through_it() {
+        let crossed = |b, a, t| crossed(Credits::new(b), Credits::new(a), Credits::new(t));
         assert!(crossed(100, 99, 100));
         assert!(crossed(150, 20, 100));
         assert!(!crossed(99, 50, 100), "already below: no second alert");

@@ -6,7 +6,6 @@ use super::{ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES};
 use crate::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
 use crate::ids::WorkspaceId;
 use crate::ledger::WorkspaceState;
-use crate::money::Cents;
 use crate::payments::TopUp;
 use crate::store::docs;
 use crate::subscriptions::Entitlements;
@@ -96,7 +95,7 @@ impl CreditAlerts {
                 customer,
                 payment_method,
                 pack: pack.id.clone(),
-                amount: Cents::new(pack.price_cents).discounted(discount).get(),
+                amount: pack.price_cents.discounted(discount).get(),
                 idempotency_key: format!("tally-topup-{workspace}-{entry}"),
             })
             .await

@@ -7,10 +7,18 @@ use super::records::*;
 use super::{BillingEvents, poison, read_terms, ts};
 use crate::ids::{IdempotencyKey, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Operation, PlanStatus, Refs};
+use crate::money::{Cents, SignedCents};
 use crate::queue::ConsumeError;
 use crate::service::LedgerRequest;
 use crate::store::docs;
 use crate::subscriptions::{Terms, meta};
+
+/// A Stripe amount that is never negative. A negative one means the object is not what
+/// the records assume, so the event is poisoned rather than stored.
+fn cents(amount: i64, field: &str, object: &str) -> Result<Cents, ConsumeError> {
+    Cents::try_from(amount)
+        .map_err(|_| poison(format!("{field} of {object} is negative ({amount})")))
+}
 
 impl BillingEvents {
     pub(super) async fn record_invoice(
@@ -24,10 +32,10 @@ impl BillingEvents {
             number: i.number.clone(),
             status: i.status.clone().unwrap_or_else(|| "draft".into()),
             billing_reason: i.billing_reason.clone(),
-            amount_due: i.amount_due,
-            amount_paid: i.amount_paid,
-            amount_remaining: i.amount_remaining,
-            total: i.total,
+            amount_due: cents(i.amount_due, "amount_due", &i.id)?,
+            amount_paid: cents(i.amount_paid, "amount_paid", &i.id)?,
+            amount_remaining: cents(i.amount_remaining, "amount_remaining", &i.id)?,
+            total: SignedCents::new(i.total),
             currency: i.currency.clone().unwrap_or_else(|| "usd".into()),
             hosted_invoice_url: i.hosted_invoice_url.clone(),
             invoice_pdf: i.invoice_pdf.clone(),
@@ -223,21 +231,24 @@ impl BillingEvents {
             .map(|l| {
                 l.data
                     .iter()
-                    .map(|r| RefundFact {
-                        id: r.id.clone(),
-                        amount: r.amount,
-                        status: r.status.clone(),
-                        reason: r.reason.clone(),
-                        created: ts(r.created),
+                    .map(|r| {
+                        Ok(RefundFact {
+                            id: r.id.clone(),
+                            amount: cents(r.amount, "amount", &r.id)?,
+                            status: r.status.clone(),
+                            reason: r.reason.clone(),
+                            created: ts(r.created),
+                        })
                     })
-                    .collect()
+                    .collect::<Result<Vec<_>, ConsumeError>>()
             })
+            .transpose()?
             .unwrap_or_default();
         let record = PaymentRecord {
             charge: c.id.clone(),
             workspace,
-            amount: c.amount,
-            amount_refunded: c.amount_refunded,
+            amount: cents(c.amount, "amount", &c.id)?,
+            amount_refunded: cents(c.amount_refunded, "amount_refunded", &c.id)?,
             currency: c.currency.clone(),
             payment_intent: c.payment_intent.id().map(str::to_owned),
             created: Some(ts(c.created)),
@@ -289,7 +300,7 @@ impl BillingEvents {
             currency: d.currency.clone(),
             disputes: vec![DisputeFact {
                 id: d.id.clone(),
-                amount: d.amount,
+                amount: cents(d.amount, "amount", &d.id)?,
                 reason: d.reason.clone(),
                 status: d.status.clone(),
                 created: ts(d.created),
@@ -303,5 +314,21 @@ impl BillingEvents {
         .await?;
         tracing::warn!(charge = %charge, dispute = %d.id, amount = d.amount, "dispute recorded");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_stripe_amounts_poison_the_event() {
+        assert_eq!(cents(4900, "amount", "ch_1").ok(), Some(Cents::new(4900)));
+        match cents(-1, "amount_refunded", "ch_1") {
+            Err(ConsumeError::Poison(m)) => {
+                assert_eq!(m, "amount_refunded of ch_1 is negative (-1)")
+            }
+            other => panic!("expected poison, got {other:?}"),
+        }
     }
 }

@@ -7,6 +7,7 @@ use super::objects::{CheckoutSession, Invoice, PaymentIntent};
 use super::{poison, read_terms, ts};
 use crate::catalog::Catalog;
 use crate::ledger::{LotSource, Refs};
+use crate::money::Credits;
 use crate::queue::ConsumeError;
 use crate::subscriptions::Terms;
 use crate::subscriptions::change::allowance_window;
@@ -20,7 +21,7 @@ pub const MAX_PACK_QUANTITY: u64 = 100;
 pub struct CreditGrant {
     pub key: String,
     pub source: LotSource,
-    pub credits: u64,
+    pub credits: Credits,
     pub expires_at: Option<DateTime<Utc>>,
     pub refs: Refs,
     pub note: String,
@@ -60,10 +61,14 @@ pub fn checkout_grant(
     if quantity == 0 || quantity > MAX_PACK_QUANTITY {
         return Err(poison(format!("pack quantity {quantity} out of range")));
     }
+    let credits = pack
+        .credits
+        .checked_mul(quantity)
+        .ok_or_else(|| poison(format!("{quantity} x {} overflows the credits", pack.id)))?;
     Ok(Some(CreditGrant {
         key: format!("stripe:checkout:{}", s.id),
         source: LotSource::Pack,
-        credits: pack.credits * quantity,
+        credits,
         expires_at: None,
         refs: Refs {
             invoice: s.invoice.id().map(str::to_owned),
@@ -84,11 +89,11 @@ pub fn invoice_grants(i: &Invoice, catalog: &Catalog) -> Result<Vec<CreditGrant>
     match i.billing_reason.as_deref() {
         Some("subscription_create" | "subscription_cycle") => {}
         Some("manual") if i.metadata.get("kind").map(String::as_str) == Some("custom_payment") => {
-            let credits: u64 = i
+            let credits = i
                 .metadata
                 .get("credits")
-                .and_then(|c| c.parse().ok())
-                .filter(|c| *c > 0 && *c <= crate::money::MAX_CREDITS_PER_REQUEST)
+                .and_then(|c| c.parse::<i128>().ok())
+                .and_then(|c| Credits::parse_request_amount(c).ok())
                 .ok_or_else(|| poison("custom payment invoice without valid credits"))?;
             return Ok(vec![CreditGrant {
                 key: format!("stripe:invoice:{}:custom", i.id),
@@ -135,10 +140,14 @@ pub fn invoice_grants(i: &Invoice, catalog: &Catalog) -> Result<Vec<CreditGrant>
         let addon = catalog
             .addon(&plan.addon)
             .ok_or_else(|| poison("plan add-on missing from catalog"))?;
+        let credits = addon
+            .credits_per_unit
+            .checked_mul(units)
+            .ok_or_else(|| poison(format!("{units} add-on units overflow the credits")))?;
         grants.push(CreditGrant {
             key: format!("stripe:invoice:{}:addon", i.id),
             source: LotSource::Addon,
-            credits: units * addon.credits_per_unit,
+            credits,
             expires_at: Some(month_end),
             refs,
             note: format!("{units} add-on unit(s)"),

@@ -18,7 +18,6 @@ pub use linking::link_customer;
 use crate::catalog::Catalog;
 use crate::ids::{IdempotencyKey, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Operation, PlanStatus};
-use crate::money::Credits;
 use crate::queue::{ConsumeError, Consumer, Delivery};
 use crate::service::{Ledger, LedgerRequest, ServiceError};
 use crate::store::StoreError;
@@ -167,7 +166,7 @@ impl BillingEvents {
             refs,
             op: Operation::Grant {
                 source: g.source,
-                credits: Credits::new(g.credits),
+                credits: g.credits,
                 expires_at: g.expires_at,
                 note: Some(g.note),
             },

@@ -6,6 +6,7 @@
 pub use crate::subscriptions::{ScheduledChange, SubscriptionRecord};
 
 use crate::ids::WorkspaceId;
+use crate::money::{Cents, SignedCents};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -53,11 +54,11 @@ pub struct InvoiceRecord {
     pub number: Option<String>,
     pub status: String,
     pub billing_reason: Option<String>,
-    /// Integer cents.
-    pub amount_due: i64,
-    pub amount_paid: i64,
-    pub amount_remaining: i64,
-    pub total: i64,
+    pub amount_due: Cents,
+    pub amount_paid: Cents,
+    pub amount_remaining: Cents,
+    /// Below zero when credit notes and prorations exceed the invoice's charges.
+    pub total: SignedCents,
     pub currency: String,
     pub hosted_invoice_url: Option<String>,
     pub invoice_pdf: Option<String>,
@@ -94,7 +95,7 @@ impl InvoiceRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RefundFact {
     pub id: String,
-    pub amount: i64,
+    pub amount: Cents,
     pub status: Option<String>,
     pub reason: Option<String>,
     pub created: DateTime<Utc>,
@@ -103,7 +104,7 @@ pub struct RefundFact {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DisputeFact {
     pub id: String,
-    pub amount: i64,
+    pub amount: Cents,
     pub reason: Option<String>,
     pub status: Option<String>,
     pub created: DateTime<Utc>,
@@ -115,8 +116,8 @@ pub struct DisputeFact {
 pub struct PaymentRecord {
     pub charge: String,
     pub workspace: Option<WorkspaceId>,
-    pub amount: i64,
-    pub amount_refunded: i64,
+    pub amount: Cents,
+    pub amount_refunded: Cents,
     pub currency: Option<String>,
     pub payment_intent: Option<String>,
     pub created: Option<DateTime<Utc>>,

@@ -7,7 +7,7 @@
 use super::*;
 use crate::catalog::Catalog;
 use crate::ids::IdempotencyKey;
-use crate::money::Credits;
+use crate::money::{CreditDelta, Credits};
 use std::collections::BTreeMap;
 
 /// At most this many overdue holds are released by one operation, which keeps one
@@ -37,7 +37,7 @@ pub enum Operation {
     /// Support staff's signed correction: positive grants a never-expiring lot, negative
     /// takes credits from available lots in burn order (never below zero).
     Adjust {
-        credits: i64,
+        credits: CreditDelta,
         note: String,
     },
     SetPlan {
@@ -94,7 +94,7 @@ struct Tx<'a> {
 
 struct Draft {
     reason: Reason,
-    credits: i64,
+    credits: CreditDelta,
     lots: Vec<LotChange>,
     hold: Option<HoldChange>,
     totals: Totals,
@@ -109,7 +109,7 @@ impl Draft {
     fn new(reason: Reason, actor: Actor) -> Self {
         Self {
             reason,
-            credits: 0,
+            credits: CreditDelta::ZERO,
             lots: Vec::new(),
             hold: None,
             totals: Totals::default(),
@@ -216,28 +216,28 @@ impl Tx<'_> {
     }
 
     /// Free credits on usable lots, in burn order.
-    fn spendable(&self) -> Vec<(u64, u64)> {
+    fn spendable(&self) -> Vec<(u64, Credits)> {
         let now = self.now();
         let mut lots: Vec<&Lot> = self
             .state
             .lots
             .iter()
-            .filter(|l| l.usable_at(now) && l.free() > 0)
+            .filter(|l| l.usable_at(now) && l.free() > Credits::ZERO)
             .collect();
         lots.sort_by_key(|l| l.burn_key());
         lots.iter().map(|l| (l.seq, l.free())).collect()
     }
 
-    fn available(&self) -> u64 {
-        self.spendable().iter().map(|(_, f)| f).sum()
+    fn available(&self) -> Credits {
+        self.spendable().iter().map(|&(_, f)| f).sum()
     }
 
     /// Takes up to `amount` from free credits in burn order.
-    fn take(&self, amount: u64) -> Vec<(u64, u64)> {
+    fn take(&self, amount: Credits) -> Vec<(u64, Credits)> {
         let mut left = amount;
         let mut taken = Vec::new();
         for (lot, free) in self.spendable() {
-            if left == 0 {
+            if left == Credits::ZERO {
                 break;
             }
             let t = free.min(left);
@@ -259,7 +259,7 @@ impl Tx<'_> {
             .collect();
         for hold in overdue {
             let mut d = Draft::new(Reason::HoldExpired, Actor::system());
-            d.credits = hold.amount as i64;
+            d.credits = CreditDelta::increase(hold.amount);
             d.lots = release(&hold);
             d.hold = Some(HoldChange::Closed {
                 generation: hold.generation,
@@ -274,23 +274,23 @@ impl Tx<'_> {
             g.entries.push(seq);
             self.generations.insert(g.id, g);
         }
-        let lapsed: Vec<(u64, u64)> = self
+        let lapsed: Vec<(u64, Credits)> = self
             .state
             .lots
             .iter()
-            .filter(|l| !l.usable_at(now) && l.free() > 0)
+            .filter(|l| !l.usable_at(now) && l.free() > Credits::ZERO)
             .map(|l| (l.seq, l.free()))
             .collect();
         if !lapsed.is_empty() {
-            let total: u64 = lapsed.iter().map(|(_, f)| f).sum();
+            let total: Credits = lapsed.iter().map(|&(_, f)| f).sum();
             let mut d = Draft::new(Reason::LotsExpired, Actor::system());
-            d.credits = -(total as i64);
+            d.credits = CreditDelta::decrease(total);
             d.lots = lapsed
                 .iter()
                 .map(|&(lot, free)| LotChange::Changed {
                     lot,
-                    remaining: -(free as i64),
-                    held: 0,
+                    remaining: CreditDelta::decrease(free),
+                    held: CreditDelta::ZERO,
                 })
                 .collect();
             d.totals.expired = total;
@@ -311,27 +311,27 @@ impl Tx<'_> {
                 expires_at,
                 note,
             } => {
-                let lot = self.grant(*source, credits.get(), *expires_at, note.clone(), actor)?;
+                let lot = self.grant(*source, *credits, *expires_at, note.clone(), actor)?;
                 Ok((None, Some(lot)))
             }
             Operation::Adjust { credits, note } => {
                 let credits = *credits;
-                if credits == 0 || credits.unsigned_abs() > crate::money::MAX_CREDITS_PER_REQUEST {
+                let amount = credits.unsigned_abs();
+                if amount == Credits::ZERO || amount.get() > crate::money::MAX_CREDITS_PER_REQUEST {
                     return Err(LedgerError::Invalid(
                         "an adjustment must be a non-zero number of credits within limits".into(),
                     ));
                 }
-                if credits > 0 {
+                if credits > CreditDelta::ZERO {
                     let lot = self.grant(
                         LotSource::Adjustment,
-                        credits as u64,
+                        amount,
                         None,
                         Some(note.clone()),
                         actor,
                     )?;
                     return Ok((None, Some(lot)));
                 }
-                let amount = credits.unsigned_abs();
                 let available = self.available();
                 if available < amount {
                     return Err(LedgerError::InsufficientCredits {
@@ -346,8 +346,8 @@ impl Tx<'_> {
                     .into_iter()
                     .map(|(lot, t)| LotChange::Changed {
                         lot,
-                        remaining: -(t as i64),
-                        held: 0,
+                        remaining: CreditDelta::decrease(t),
+                        held: CreditDelta::ZERO,
                     })
                     .collect();
                 d.totals.adjusted_out = amount;
@@ -394,12 +394,12 @@ impl Tx<'_> {
     fn grant(
         &mut self,
         source: LotSource,
-        credits: u64,
+        credits: Credits,
         expires_at: Option<DateTime<Utc>>,
         note: Option<String>,
         actor: Actor,
     ) -> Result<String, LedgerError> {
-        if credits == 0 || credits > crate::money::MAX_CREDITS_PER_REQUEST {
+        if credits == Credits::ZERO || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
             return Err(LedgerError::Invalid(
                 "a grant must be a positive number of credits within limits".into(),
             ));
@@ -421,14 +421,14 @@ impl Tx<'_> {
             },
             actor,
         );
-        d.credits = credits as i64;
+        d.credits = CreditDelta::increase(credits);
         d.lots = vec![LotChange::Created {
             lot: Lot {
                 seq,
                 source,
                 original: credits,
                 remaining: credits,
-                held: 0,
+                held: Credits::ZERO,
                 granted_at: self.now(),
                 expires_at,
             },
@@ -458,8 +458,8 @@ impl Tx<'_> {
                 return Err(LedgerError::NoCustomModelSlot { slots });
             }
         }
-        let amount = estimate.credits.get();
-        if amount == 0 {
+        let amount = estimate.credits;
+        if amount == Credits::ZERO {
             return Err(LedgerError::Invalid(
                 "a hold must be for at least 1 credit".into(),
             ));
@@ -493,13 +493,13 @@ impl Tx<'_> {
             estimate: estimate.clone(),
         };
         let mut d = Draft::new(Reason::HoldPlaced, actor);
-        d.credits = -(amount as i64);
+        d.credits = CreditDelta::decrease(amount);
         d.lots = allocations
             .iter()
             .map(|a| LotChange::Changed {
                 lot: a.lot,
-                remaining: 0,
-                held: a.amount as i64,
+                remaining: CreditDelta::ZERO,
+                held: CreditDelta::increase(a.amount),
             })
             .collect();
         d.hold = Some(HoldChange::Placed { hold: hold.clone() });
@@ -534,36 +534,38 @@ impl Tx<'_> {
             .find(|h| h.generation == generation)
             .cloned()
         {
-            let cost = credits.map_or(hold.amount, Credits::get);
+            let cost = credits.unwrap_or(hold.amount);
             // Burn the hold's own allocations first (in burn order), release the rest,
             // then take any excess over the estimate from free credits.
             let mut allocations = hold.allocations.clone();
             allocations.sort_by_key(|a| self.lot(a.lot).map(Lot::burn_key));
-            let mut deltas: BTreeMap<u64, (i64, i64)> = BTreeMap::new();
+            // Per lot: credits burnt (off `remaining`) and released (off `held`); both
+            // only ever fall here.
+            let mut deltas: BTreeMap<u64, (Credits, Credits)> = BTreeMap::new();
             let mut left = cost;
             for a in &allocations {
                 let burn = a.amount.min(left);
                 left -= burn;
                 let e = deltas.entry(a.lot).or_default();
-                e.0 -= burn as i64;
-                e.1 -= a.amount as i64;
+                e.0 += burn;
+                e.1 += a.amount;
             }
             // Credits this hold releases are free again once the entry applies; anything
             // beyond the hold comes from lots that are free now.
             let extra = self.take(left);
-            let extra_total: u64 = extra.iter().map(|(_, t)| t).sum();
+            let extra_total: Credits = extra.iter().map(|&(_, t)| t).sum();
             for (lot, t) in extra {
-                deltas.entry(lot).or_default().0 -= t as i64;
+                deltas.entry(lot).or_default().0 += t;
             }
             let charged = cost - left + extra_total;
             let mut d = Draft::new(Reason::GenerationCharged, actor);
-            d.credits = hold.amount as i64 - charged as i64;
+            d.credits = CreditDelta::net(hold.amount, charged);
             d.lots = deltas
                 .into_iter()
-                .map(|(lot, (remaining, held))| LotChange::Changed {
+                .map(|(lot, (burnt, released))| LotChange::Changed {
                     lot,
-                    remaining,
-                    held,
+                    remaining: CreditDelta::decrease(burnt),
+                    held: CreditDelta::decrease(released),
                 })
                 .collect();
             d.hold = Some(HoldChange::Closed { generation });
@@ -594,17 +596,17 @@ impl Tx<'_> {
             GenerationStatus::Expired => {
                 // The work finished after its hold lapsed: the debit is still owed, so
                 // collect what the balance allows and record the rest as shortfall.
-                let cost = credits.map_or(g.estimate.credits.get(), Credits::get);
+                let cost = credits.unwrap_or(g.estimate.credits);
                 let taken = self.take(cost);
-                let charged: u64 = taken.iter().map(|(_, t)| t).sum();
+                let charged: Credits = taken.iter().map(|&(_, t)| t).sum();
                 let mut d = Draft::new(Reason::GenerationCharged, actor);
-                d.credits = -(charged as i64);
+                d.credits = CreditDelta::decrease(charged);
                 d.lots = taken
                     .into_iter()
                     .map(|(lot, t)| LotChange::Changed {
                         lot,
-                        remaining: -(t as i64),
-                        held: 0,
+                        remaining: CreditDelta::decrease(t),
+                        held: CreditDelta::ZERO,
                     })
                     .collect();
                 d.totals.spent = charged;
@@ -638,7 +640,7 @@ impl Tx<'_> {
             .cloned()
         {
             let mut d = Draft::new(Reason::HoldReleased, actor);
-            d.credits = hold.amount as i64;
+            d.credits = CreditDelta::increase(hold.amount);
             d.lots = release(&hold);
             d.hold = Some(HoldChange::Closed { generation });
             d.generation = Some(generation);
@@ -681,8 +683,8 @@ fn release(hold: &Hold) -> Vec<LotChange> {
         .iter()
         .map(|a| LotChange::Changed {
             lot: a.lot,
-            remaining: 0,
-            held: -(a.amount as i64),
+            remaining: CreditDelta::ZERO,
+            held: CreditDelta::decrease(a.amount),
         })
         .collect()
 }
@@ -699,8 +701,8 @@ fn record_from_hold(workspace: &WorkspaceId, hold: &Hold) -> Generation {
         estimate: hold.estimate.clone(),
         held: hold.amount,
         status: GenerationStatus::Held,
-        charged: 0,
-        shortfall: 0,
+        charged: Credits::ZERO,
+        shortfall: Credits::ZERO,
         failure_reason: None,
         created_at: hold.created_at,
         deadline: hold.deadline,

@@ -8,6 +8,7 @@ pub mod engine;
 
 use crate::catalog::Estimate;
 use crate::ids::{GenerationId, WorkspaceId};
+use crate::money::{CreditDelta, Credits};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -39,11 +40,11 @@ pub struct Lot {
     /// Sequence number of the journal entry that created the lot; shown as `lot_<seq>`.
     pub seq: u64,
     pub source: LotSource,
-    pub original: u64,
+    pub original: Credits,
     /// Credits not yet spent, expired or taken back; includes the `held` part.
-    pub remaining: u64,
+    pub remaining: Credits,
     /// Part of `remaining` reserved by open holds.
-    pub held: u64,
+    pub held: Credits,
     pub granted_at: DateTime<Utc>,
     /// `None` for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
@@ -53,7 +54,8 @@ impl Lot {
     pub fn id(&self) -> String {
         format!("lot_{}", self.seq)
     }
-    pub fn free(&self) -> u64 {
+    pub fn free(&self) -> Credits {
+        // `apply` refuses any entry that would leave `held` above `remaining`.
         self.remaining - self.held
     }
     /// Burn order: earliest expiry first, never-expiring last, then oldest first.
@@ -69,14 +71,14 @@ impl Lot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Allocation {
     pub lot: u64,
-    pub amount: u64,
+    pub amount: Credits,
 }
 
 /// Credits reserved for a running generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Hold {
     pub generation: GenerationId,
-    pub amount: u64,
+    pub amount: Credits,
     pub allocations: Vec<Allocation>,
     pub placed_seq: u64,
     pub created_at: DateTime<Utc>,
@@ -91,16 +93,16 @@ pub struct Hold {
 /// `issued = Σ lot.remaining + spent + expired + clawed_back + adjusted_out`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Totals {
-    pub issued: u64,
-    pub spent: u64,
-    pub expired: u64,
-    pub clawed_back: u64,
-    pub adjusted_out: u64,
+    pub issued: Credits,
+    pub spent: Credits,
+    pub expired: Credits,
+    pub clawed_back: Credits,
+    pub adjusted_out: Credits,
 }
 
 impl Totals {
     fn add(&mut self, d: &Totals) -> Result<(), LedgerError> {
-        let add = |a: &mut u64, b: u64| {
+        let add = |a: &mut Credits, b: Credits| {
             *a = a
                 .checked_add(b)
                 .ok_or_else(|| LedgerError::Corrupt("totals overflow".into()))?;
@@ -136,8 +138,8 @@ pub struct WorkspaceState {
 /// What a workspace can spend right now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Balance {
-    pub available: u64,
-    pub held: u64,
+    pub available: Credits,
+    pub held: Credits,
 }
 
 /// Why a journal entry was written. Stable codes: finance reports key on them.
@@ -212,8 +214,14 @@ pub struct Refs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum LotChange {
-    Created { lot: Lot },
-    Changed { lot: u64, remaining: i64, held: i64 },
+    Created {
+        lot: Lot,
+    },
+    Changed {
+        lot: u64,
+        remaining: CreditDelta,
+        held: CreditDelta,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -237,7 +245,7 @@ pub struct Entry {
     pub at: DateTime<Utc>,
     pub reason: Reason,
     /// Net change to the available balance.
-    pub credits: i64,
+    pub credits: CreditDelta,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lots: Vec<LotChange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -289,11 +297,11 @@ pub struct Generation {
     pub workspace: WorkspaceId,
     pub started_by: String,
     pub estimate: Estimate,
-    pub held: u64,
+    pub held: Credits,
     pub status: GenerationStatus,
-    pub charged: u64,
+    pub charged: Credits,
     /// Credits of the exact cost that could not be collected because the balance ran out.
-    pub shortfall: u64,
+    pub shortfall: Credits,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -308,7 +316,7 @@ pub struct Generation {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LedgerError {
     #[error("this needs {needed} credits but only {available} are available")]
-    InsufficientCredits { needed: u64, available: u64 },
+    InsufficientCredits { needed: Credits, available: Credits },
     #[error("all {slots} custom-model slots of the plan are in use")]
     NoCustomModelSlot { slots: u32 },
     #[error("generation {0} does not exist")]
@@ -376,9 +384,9 @@ impl WorkspaceState {
                     let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
                     l.remaining = l
                         .remaining
-                        .checked_add_signed(*remaining)
+                        .checked_add_delta(*remaining)
                         .ok_or_else(corrupt)?;
-                    l.held = l.held.checked_add_signed(*held).ok_or_else(corrupt)?;
+                    l.held = l.held.checked_add_delta(*held).ok_or_else(corrupt)?;
                     if l.held > l.remaining {
                         return Err(corrupt());
                     }
@@ -409,16 +417,17 @@ impl WorkspaceState {
         }
         // Spent-out lots leave the state (the journal keeps their history) so the state
         // item stays small however long the workspace lives.
-        self.lots.retain(|l| l.remaining > 0);
+        self.lots.retain(|l| l.remaining > Credits::ZERO);
         self.next_seq = e.seq + 1;
         Ok(())
     }
 
     /// Balance from the stored state, without settling anything.
     pub fn balance(&self) -> Balance {
-        let held: u64 = self.holds.iter().map(|h| h.amount).sum();
-        let remaining: u64 = self.lots.iter().map(|l| l.remaining).sum();
+        let held: Credits = self.holds.iter().map(|h| h.amount).sum();
+        let remaining: Credits = self.lots.iter().map(|l| l.remaining).sum();
         Balance {
+            // Holds are backed by lot credits (`check_invariants`), so never below zero.
             available: remaining - held,
             held,
         }
@@ -432,7 +441,7 @@ impl WorkspaceState {
 
     /// Checks every invariant the ledger promises; returns the first one broken.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let remaining: u64 = self.lots.iter().map(|l| l.remaining).sum();
+        let remaining: Credits = self.lots.iter().map(|l| l.remaining).sum();
         let t = &self.totals;
         let out = remaining + t.spent + t.expired + t.clawed_back + t.adjusted_out;
         if t.issued != out {
@@ -441,13 +450,13 @@ impl WorkspaceState {
                 t.issued
             ));
         }
-        let lot_held: u64 = self.lots.iter().map(|l| l.held).sum();
-        let hold_sum: u64 = self.holds.iter().map(|h| h.amount).sum();
+        let lot_held: Credits = self.lots.iter().map(|l| l.held).sum();
+        let hold_sum: Credits = self.holds.iter().map(|h| h.amount).sum();
         if lot_held != hold_sum {
             return Err(format!("lots hold {lot_held} but holds total {hold_sum}"));
         }
         for h in &self.holds {
-            let alloc: u64 = h.allocations.iter().map(|a| a.amount).sum();
+            let alloc: Credits = h.allocations.iter().map(|a| a.amount).sum();
             if alloc != h.amount {
                 return Err(format!("hold {} allocations do not add up", h.generation));
             }

@@ -3,7 +3,7 @@
 use super::*;
 use crate::catalog::{Catalog, GenerationSpec, Workflow};
 use crate::ids::IdempotencyKey;
-use crate::money::Credits;
+use crate::money::{CreditDelta, Credits};
 use chrono::{Duration, TimeZone};
 
 fn t0() -> DateTime<Utc> {
@@ -75,7 +75,7 @@ impl World {
             multiplier: 1,
             duration_s: None,
             count: 1,
-            per_item: credits,
+            per_item: Credits::new(credits),
         }
     }
 
@@ -106,7 +106,7 @@ impl World {
         .unwrap()
     }
 
-    fn available(&self) -> u64 {
+    fn available(&self) -> Credits {
         self.state.balance().available
     }
 
@@ -122,16 +122,16 @@ fn a_hold_burns_the_earliest_expiring_lot_first_and_packs_last() {
     let late = w.grant(LotSource::PlanPeriod, 50, Some(48));
     let soon = w.grant(LotSource::Addon, 30, Some(24));
     let g = w.hold(60).unwrap();
-    assert_eq!(w.lot(&soon).held, 30);
-    assert_eq!(w.lot(&late).held, 30);
-    assert_eq!(w.lot(&pack).held, 0);
+    assert_eq!(w.lot(&soon).held, Credits::new(30));
+    assert_eq!(w.lot(&late).held, Credits::new(30));
+    assert_eq!(w.lot(&pack).held, Credits::ZERO);
     w.complete(g, None, None);
     assert!(
         w.state.lots.iter().all(|l| l.id() != soon),
         "spent lot leaves state"
     );
-    assert_eq!(w.lot(&late).remaining, 20);
-    assert_eq!(w.available(), 120);
+    assert_eq!(w.lot(&late).remaining, Credits::new(20));
+    assert_eq!(w.available(), Credits::new(120));
 }
 
 #[test]
@@ -142,23 +142,23 @@ fn completing_below_the_estimate_charges_the_exact_cost_and_releases_the_rest() 
     assert_eq!(
         w.state.balance(),
         Balance {
-            available: 76,
-            held: 24
+            available: Credits::new(76),
+            held: Credits::new(24)
         }
     );
     let done = w.complete(g, Some(20), None);
     assert_eq!(
         (done.status, done.charged, done.shortfall),
-        (GenerationStatus::Completed, 20, 0)
+        (GenerationStatus::Completed, Credits::new(20), Credits::ZERO)
     );
     assert_eq!(
         w.state.balance(),
         Balance {
-            available: 80,
-            held: 0
+            available: Credits::new(80),
+            held: Credits::ZERO
         }
     );
-    assert_eq!(w.state.totals.spent, 20);
+    assert_eq!(w.state.totals.spent, Credits::new(20));
 }
 
 #[test]
@@ -167,12 +167,15 @@ fn completing_above_the_estimate_takes_the_excess_but_never_goes_below_zero() {
     w.grant(LotSource::Pack, 30, None);
     let g = w.hold(20).unwrap();
     let done = w.complete(g, Some(45), None);
-    assert_eq!((done.charged, done.shortfall), (30, 15));
+    assert_eq!(
+        (done.charged, done.shortfall),
+        (Credits::new(30), Credits::new(15))
+    );
     assert_eq!(
         w.state.balance(),
         Balance {
-            available: 0,
-            held: 0
+            available: Credits::ZERO,
+            held: Credits::ZERO
         }
     );
 }
@@ -190,15 +193,18 @@ fn a_failed_generation_is_never_charged() {
         })
         .unwrap();
     let rec = out.generation.unwrap();
-    assert_eq!((rec.status, rec.charged), (GenerationStatus::Failed, 0));
+    assert_eq!(
+        (rec.status, rec.charged),
+        (GenerationStatus::Failed, Credits::ZERO)
+    );
     assert_eq!(
         w.state.balance(),
         Balance {
-            available: 50,
-            held: 0
+            available: Credits::new(50),
+            held: Credits::ZERO
         }
     );
-    assert_eq!(w.state.totals.spent, 0);
+    assert_eq!(w.state.totals.spent, Credits::ZERO);
     // Completing a failed generation is a conflict, not a charge.
     let err = w
         .run(Operation::Complete {
@@ -224,11 +230,11 @@ fn holds_beyond_the_balance_are_refused_and_change_nothing() {
     assert_eq!(
         w.hold(3).unwrap_err(),
         LedgerError::InsufficientCredits {
-            needed: 3,
-            available: 2
+            needed: Credits::new(3),
+            available: Credits::new(2)
         }
     );
-    assert_eq!(w.available(), 2);
+    assert_eq!(w.available(), Credits::new(2));
 }
 
 #[test]
@@ -240,8 +246,8 @@ fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still
     assert_eq!(
         view.balance(),
         Balance {
-            available: 50,
-            held: 0
+            available: Credits::new(50),
+            held: Credits::ZERO
         },
         "reads see the release at once"
     );
@@ -259,8 +265,8 @@ fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still
     assert_eq!(
         w.state.balance(),
         Balance {
-            available: 50,
-            held: 0
+            available: Credits::new(50),
+            held: Credits::ZERO
         }
     );
     let expired = Generation {
@@ -270,9 +276,9 @@ fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still
     let done = w.complete(g, Some(15), Some(expired));
     assert_eq!(
         (done.status, done.charged),
-        (GenerationStatus::Completed, 15)
+        (GenerationStatus::Completed, Credits::new(15))
     );
-    assert_eq!(w.available(), 35);
+    assert_eq!(w.available(), Credits::new(35));
 }
 
 fn record_for(w: &World, g: GenerationId, held: u64) -> Generation {
@@ -281,10 +287,10 @@ fn record_for(w: &World, g: GenerationId, held: u64) -> Generation {
         workspace: w.state.workspace.clone(),
         started_by: "u1".into(),
         estimate: w.estimate(held),
-        held,
+        held: Credits::new(held),
         status: GenerationStatus::Held,
-        charged: 0,
-        shortfall: 0,
+        charged: Credits::ZERO,
+        shortfall: Credits::ZERO,
         failure_reason: None,
         created_at: t0(),
         deadline: t0() + Duration::hours(1),
@@ -307,19 +313,26 @@ fn lapsed_lots_expire_lazily_but_credits_held_on_them_stay_spendable_by_that_hol
     .unwrap();
     w.now += Duration::hours(3);
     w.run(Operation::SetPlan { plan: None }).unwrap();
-    assert_eq!(w.lot(&lot).remaining, 40, "only the free part expired");
-    assert_eq!(w.state.totals.expired, 60);
+    assert_eq!(
+        w.lot(&lot).remaining,
+        Credits::new(40),
+        "only the free part expired"
+    );
+    assert_eq!(w.state.totals.expired, Credits::new(60));
     assert_eq!(
         w.state.balance(),
         Balance {
-            available: 0,
-            held: 40
+            available: Credits::ZERO,
+            held: Credits::new(40)
         }
     );
     let done = w.complete(gid, Some(30), None);
-    assert_eq!((done.charged, done.shortfall), (30, 0));
+    assert_eq!(
+        (done.charged, done.shortfall),
+        (Credits::new(30), Credits::ZERO)
+    );
     // The 10 credits released back onto the lapsed lot expire in the same operation.
-    assert_eq!(w.state.totals.expired, 70);
+    assert_eq!(w.state.totals.expired, Credits::new(70));
     assert!(w.state.lots.is_empty());
 }
 
@@ -343,9 +356,9 @@ fn credits_released_onto_a_lapsed_lot_expire_in_the_same_operation() {
     })
     .unwrap();
     assert!(w.state.lots.iter().all(|l| l.id() != short));
-    assert_eq!(w.state.totals.expired, 100);
-    assert_eq!(w.state.totals.spent, 0);
-    assert_eq!(w.available(), 0);
+    assert_eq!(w.state.totals.expired, Credits::new(100));
+    assert_eq!(w.state.totals.spent, Credits::ZERO);
+    assert_eq!(w.available(), Credits::ZERO);
 }
 
 #[test]
@@ -411,27 +424,27 @@ fn a_negative_adjustment_cannot_take_more_than_is_available() {
     w.hold(6).unwrap();
     assert_eq!(
         w.run(Operation::Adjust {
-            credits: -5,
+            credits: CreditDelta::new(-5),
             note: "fix".into()
         })
         .unwrap_err(),
         LedgerError::InsufficientCredits {
-            needed: 5,
-            available: 4
+            needed: Credits::new(5),
+            available: Credits::new(4)
         }
     );
     w.run(Operation::Adjust {
-        credits: -4,
+        credits: CreditDelta::new(-4),
         note: "fix".into(),
     })
     .unwrap();
-    assert_eq!(w.state.totals.adjusted_out, 4);
+    assert_eq!(w.state.totals.adjusted_out, Credits::new(4));
     w.run(Operation::Adjust {
-        credits: 7,
+        credits: CreditDelta::new(7),
         note: "goodwill".into(),
     })
     .unwrap();
-    assert_eq!(w.available(), 7);
+    assert_eq!(w.available(), Credits::new(7));
 }
 
 #[test]
@@ -443,7 +456,7 @@ fn the_journal_alone_rebuilds_the_state() {
     w.complete(g, Some(65), None);
     w.now += Duration::hours(6);
     w.run(Operation::Adjust {
-        credits: 3,
+        credits: CreditDelta::new(3),
         note: "x".into(),
     })
     .unwrap();
@@ -474,8 +487,8 @@ fn grant_specs_from_the_catalog_flow_through_a_hold() {
     assert_eq!(
         w.state.balance(),
         Balance {
-            available: 40,
-            held: 60
+            available: Credits::new(40),
+            held: Credits::new(60)
         }
     );
 }
@@ -566,7 +579,7 @@ mod properties {
                         reason: "failed".into(),
                         record: records.get(&slots[slot]).cloned(),
                     },
-                    Step::Adjust { credits } => Operation::Adjust { credits, note: "p".into() },
+                    Step::Adjust { credits } => Operation::Adjust { credits: CreditDelta::new(credits), note: "p".into() },
                     Step::Advance { hours } => {
                         w.now += Duration::hours(hours);
                         continue;
@@ -587,7 +600,7 @@ mod properties {
                         }
                         // Balance after each entry is never negative (u64 and consistent).
                         for e in &applied.entries {
-                            prop_assert!(e.balance_after.available as i128 >= 0);
+                            prop_assert!(e.balance_after.available.get() as i128 >= 0);
                         }
                         w.state = applied.state;
                         w.journal.extend(applied.entries);
@@ -596,8 +609,8 @@ mod properties {
                     Err(_) => prop_assert_eq!(&w.state, &before),
                 }
                 prop_assert_eq!(w.state.check_invariants(), Ok(()));
-                let remaining: i128 = w.state.lots.iter().map(|l| l.remaining as i128).sum();
-                let held: i128 = w.state.holds.iter().map(|h| h.amount as i128).sum();
+                let remaining: i128 = w.state.lots.iter().map(|l| l.remaining.get() as i128).sum();
+                let held: i128 = w.state.holds.iter().map(|h| h.amount.get() as i128).sum();
                 prop_assert!(remaining - held >= 0, "available went negative");
             }
             let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();

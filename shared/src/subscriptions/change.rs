@@ -12,7 +12,7 @@
 
 use super::{Interval, calendar};
 use crate::catalog::{Catalog, Plan};
-use crate::money::Cents;
+use crate::money::{Cents, Credits};
 use chrono::{DateTime, Utc};
 
 /// How a requested change relates to the current terms.
@@ -42,7 +42,7 @@ impl ChangeKind {
 /// What Stripe bills for a plan per interval.
 pub fn plan_unit_price(catalog: &Catalog, plan: &Plan, interval: Interval) -> Cents {
     match interval {
-        Interval::Monthly => Cents::new(plan.monthly_price_cents),
+        Interval::Monthly => plan.monthly_price_cents,
         Interval::Yearly => catalog.yearly_price(plan),
     }
 }
@@ -52,8 +52,11 @@ pub fn plan_unit_price(catalog: &Catalog, plan: &Plan, interval: Interval) -> Ce
 pub fn addon_unit_price(catalog: &Catalog, plan: &Plan, interval: Interval) -> Option<Cents> {
     let addon = catalog.addon(&plan.addon)?;
     Some(match interval {
-        Interval::Monthly => Cents::new(addon.unit_price_cents),
-        Interval::Yearly => Cents::new(addon.unit_price_cents * 12),
+        Interval::Monthly => addon.unit_price_cents,
+        Interval::Yearly => addon
+            .unit_price_cents
+            .checked_mul(12)
+            .expect("catalog validation bounds add-on prices"),
     })
 }
 
@@ -69,11 +72,17 @@ pub fn allowance_window(
 }
 
 /// `credits` prorated over what is left of `window` at `now`, rounded up.
-pub fn prorate(credits: u64, window: (DateTime<Utc>, DateTime<Utc>), now: DateTime<Utc>) -> u64 {
+pub fn prorate(
+    credits: Credits,
+    window: (DateTime<Utc>, DateTime<Utc>),
+    now: DateTime<Utc>,
+) -> Credits {
     let (start, end) = window;
     let total = (end - start).num_seconds().max(1) as u64;
     let left = (end - now).num_seconds().clamp(0, total as i64) as u64;
-    (credits * left).div_ceil(total)
+    // In u128 the product cannot overflow; `left <= total`, so the share fits back in u64.
+    let share = (u128::from(credits.get()) * u128::from(left)).div_ceil(u128::from(total));
+    Credits::new(share as u64)
 }
 
 #[cfg(test)]
@@ -112,19 +121,34 @@ mod tests {
     fn proration_rounds_up_and_never_exceeds_the_whole() {
         let start = Utc.with_ymd_and_hms(2027, 3, 1, 0, 0, 0).unwrap();
         let end = Utc.with_ymd_and_hms(2027, 3, 31, 0, 0, 0).unwrap();
-        assert_eq!(prorate(300, (start, end), start), 300);
         assert_eq!(
-            prorate(300, (start, end), start + chrono::Duration::days(15)),
-            150
-        );
-        assert_eq!(prorate(300, (start, end), end), 0);
-        assert_eq!(
-            prorate(300, (start, end), end - chrono::Duration::seconds(1)),
-            1
+            prorate(Credits::new(300), (start, end), start),
+            Credits::new(300)
         );
         assert_eq!(
-            prorate(300, (start, end), start - chrono::Duration::days(1)),
-            300
+            prorate(
+                Credits::new(300),
+                (start, end),
+                start + chrono::Duration::days(15)
+            ),
+            Credits::new(150)
+        );
+        assert_eq!(prorate(Credits::new(300), (start, end), end), Credits::ZERO);
+        assert_eq!(
+            prorate(
+                Credits::new(300),
+                (start, end),
+                end - chrono::Duration::seconds(1)
+            ),
+            Credits::new(1)
+        );
+        assert_eq!(
+            prorate(
+                Credits::new(300),
+                (start, end),
+                start - chrono::Duration::days(1)
+            ),
+            Credits::new(300)
         );
     }
 }
