@@ -183,7 +183,7 @@ async fn run(order: &[Value]) -> Outcome {
     let mut lots: Vec<_> = state
         .lots
         .iter()
-        .map(|l| (format!("{:?}", l.source), l.original, l.expires_at))
+        .map(|l| (format!("{:?}", l.source), l.original.get(), l.expires_at))
         .collect();
     lots.sort();
     let invoices: Vec<InvoiceRecord> =
@@ -191,7 +191,7 @@ async fn run(order: &[Value]) -> Outcome {
             .await
             .unwrap();
     Outcome {
-        available: state.balance().available,
+        available: state.balance().available.get(),
         lots,
         plan: state.plan.clone(),
         invoices,
@@ -239,7 +239,10 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
         Some("https://pay.stripe.com/invoice/acct_1/in_first/pdf")
     );
     let payment = o.payment.unwrap();
-    assert_eq!((payment.amount, payment.amount_refunded), (4900, 1500));
+    assert_eq!(
+        (payment.amount.get(), payment.amount_refunded.get()),
+        (4900, 1500)
+    );
     assert_eq!(payment.workspace, Some(workspace(WS)));
     assert_eq!(payment.refunds.len(), 1);
     assert_eq!(payment.disputes.len(), 1);
@@ -340,7 +343,8 @@ async fn events_that_name_no_known_workspace_or_unknown_things_are_refused_loudl
             .await
             .unwrap()
             .balance()
-            .available,
+            .available
+            .get(),
         0
     );
 }
@@ -390,7 +394,7 @@ mod sqs_batches {
             assert!(r.batch_item_failures.is_empty());
         }
         let state = ledger.workspace_now(&workspace("acme")).await.unwrap();
-        assert_eq!(state.balance().available, 500);
+        assert_eq!(state.balance().available.get(), 500);
     }
 
     #[tokio::test]
@@ -417,7 +421,8 @@ mod sqs_batches {
                 .await
                 .unwrap()
                 .balance()
-                .available,
+                .available
+                .get(),
             0
         );
         assert_eq!(
@@ -426,7 +431,8 @@ mod sqs_batches {
                 .await
                 .unwrap()
                 .balance()
-                .available,
+                .available
+                .get(),
             500
         );
     }

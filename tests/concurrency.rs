@@ -62,8 +62,8 @@ async fn race(store: Arc<dyn LedgerStore>, holds: usize, balance: u64) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(state.balance().held, covered * 9);
-    assert_eq!(state.balance().available, balance - covered * 9);
+    assert_eq!(state.balance().held.get(), covered * 9);
+    assert_eq!(state.balance().available.get(), balance - covered * 9);
     assert_eq!(state.holds.len() as u64, covered);
     state.check_invariants().unwrap();
 }

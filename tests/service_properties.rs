@@ -47,7 +47,7 @@ fn estimate(credits: u64) -> Estimate {
         multiplier: 1,
         duration_s: None,
         count: 1,
-        per_item: credits,
+        per_item: Credits::new(credits),
     }
 }
 
@@ -78,7 +78,7 @@ proptest! {
                     }
                     Step::Complete(slot, c) => Operation::Complete { generation: gens[slot], credits: c.map(Credits::new), record: None },
                     Step::Fail(slot) => Operation::Fail { generation: gens[slot], reason: "failed".into(), record: None },
-                    Step::Adjust(c) => Operation::Adjust { credits: c, note: "prop".into() },
+                    Step::Adjust(c) => Operation::Adjust { credits: tally::money::CreditDelta::new(c), note: "prop".into() },
                     Step::Advance(h) => { clock.advance(Duration::hours(h)); continue; }
                     Step::Replay(n) => {
                         if done.is_empty() { continue; }

@@ -382,7 +382,7 @@ pub async fn generations_list_newest_first_with_filters_and_cursor(store: Arc<dy
         .unwrap();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].id, ids[0]);
-    assert_eq!(done[0].charged, 10);
+    assert_eq!(done[0].charged.get(), 10);
     assert_eq!(
         store.generation(&a, ids[0]).await.unwrap().unwrap().status,
         GenerationStatus::Completed

@@ -15,7 +15,6 @@ use tally::http::AuthMode;
 use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE, authenticate, dev_token};
 use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::ledger::{Actor, Interval, LotSource, Operation, PlanState, PlanStatus, Refs};
-use tally::money::Credits;
 use tally::payments::Payments;
 use tally::payments::stripe::StripePayments;
 use tally::queue::local::LocalQueue;
@@ -195,7 +194,7 @@ pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
             "plan-credits",
             Operation::Grant {
                 source: LotSource::PlanPeriod,
-                credits: Credits::new(plan.monthly_credits),
+                credits: plan.monthly_credits,
                 expires_at: Some(period_end + Duration::days(plan.rollover_days as i64)),
                 note: Some("demo workspace: first month of the Max plan".into()),
             },

@@ -63,7 +63,7 @@ pub struct ChangeView {
     pub effective: String,
     pub effective_at: DateTime<Utc>,
     /// Credits granted right away (upgrades, more add-on units).
-    pub credits_granted: u64,
+    pub credits_granted: Credits,
     pub plan: String,
     pub interval: Interval,
     pub addon_units: u32,
@@ -81,7 +81,7 @@ pub struct StatusView {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct WindowGrants {
     /// Monthly allowance of the best plan granted in the month.
-    plan_credits: u64,
+    plan_credits: Credits,
     /// Most add-on units granted in the month.
     addon_units: u32,
 }
@@ -90,7 +90,7 @@ struct WindowGrants {
 struct ChangeGrant {
     key: String,
     source: LotSource,
-    credits: u64,
+    credits: Credits,
     expires_at: DateTime<Utc>,
     note: String,
 }
@@ -161,7 +161,7 @@ impl SubscriptionChanges {
         workspace: &WorkspaceId,
         sub: &SubscriptionRecord,
         window_start: DateTime<Utc>,
-        plan_credits: u64,
+        plan_credits: Credits,
     ) -> Result<WindowGrants, ChangeError> {
         Ok(docs::get(
             self.docs.as_ref(),
@@ -205,7 +205,7 @@ impl SubscriptionChanges {
         actor: &Actor,
         g: ChangeGrant,
     ) -> Result<(), ChangeError> {
-        if g.credits == 0 {
+        if g.credits == Credits::ZERO {
             return Ok(());
         }
         self.ledger
@@ -217,7 +217,7 @@ impl SubscriptionChanges {
                 refs: Refs::default(),
                 op: Operation::Grant {
                     source: g.source,
-                    credits: Credits::new(g.credits),
+                    credits: g.credits,
                     expires_at: Some(g.expires_at),
                     note: Some(g.note),
                 },
@@ -273,7 +273,7 @@ impl SubscriptionChanges {
             return Ok(ChangeView {
                 effective: "now".into(),
                 effective_at: now,
-                credits_granted: 0,
+                credits_granted: Credits::ZERO,
                 plan: sub.plan,
                 interval: sub.interval,
                 addon_units: sub.addon_units,
@@ -337,19 +337,19 @@ impl SubscriptionChanges {
                 g.plan_credits = g.plan_credits.max(to)
             })
             .await?;
-            tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, credits, "plan upgraded");
+            tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, credits = credits.get(), "plan upgraded");
             return Ok(ChangeView {
                 effective: "now".into(),
                 effective_at: now,
                 credits_granted: credits,
                 plan: target.id,
-                interval: interval,
+                interval,
                 addon_units: sub.addon_units,
             });
         }
         let scheduled = ScheduledChange {
             plan: target.id.clone(),
-            interval: interval,
+            interval,
             addon_units: sub.billed_addon_units(),
             from: sub.period_end,
         };
@@ -373,9 +373,9 @@ impl SubscriptionChanges {
         Ok(ChangeView {
             effective: "at_renewal".into(),
             effective_at: sub.period_end,
-            credits_granted: 0,
+            credits_granted: Credits::ZERO,
             plan: target.id,
-            interval: interval,
+            interval,
             addon_units: scheduled.addon_units,
         })
     }
@@ -429,7 +429,11 @@ impl SubscriptionChanges {
             let level = self
                 .window_grants(workspace, &sub, window_start, plan.monthly_credits)
                 .await?;
-            let credits = units.saturating_sub(level.addon_units) as u64 * addon.credits_per_unit;
+            // Within MAX_ADDON_UNITS units of a catalog amount: far from overflowing.
+            let credits = addon
+                .credits_per_unit
+                .checked_mul(units.saturating_sub(level.addon_units) as u64)
+                .unwrap_or(Credits::ZERO);
             self.grant(
                 workspace,
                 actor,
@@ -442,7 +446,6 @@ impl SubscriptionChanges {
                 },
             )
             .await?;
-            let units = units;
             self.raise_window(workspace, &sub, window_start, level, |g| {
                 g.addon_units = g.addon_units.max(units)
             })
@@ -488,7 +491,7 @@ impl SubscriptionChanges {
         Ok(ChangeView {
             effective: if unchanged { "now" } else { "at_renewal" }.into(),
             effective_at: if unchanged { now } else { sub.period_end },
-            credits_granted: 0,
+            credits_granted: Credits::ZERO,
             plan: sub.plan,
             interval: sub.interval,
             addon_units: units,

@@ -326,7 +326,7 @@ mod tests {
         assert_eq!(cents(4900, "amount", "ch_1").ok(), Some(Cents::new(4900)));
         match cents(-1, "amount_refunded", "ch_1") {
             Err(ConsumeError::Poison(m)) => {
-                assert_eq!(m, "amount_refunded of ch_1 is negative (-1)")
+                assert_eq!(m.to_string(), "amount_refunded of ch_1 is negative (-1)")
             }
             other => panic!("expected poison, got {other:?}"),
         }

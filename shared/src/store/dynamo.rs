@@ -925,11 +925,13 @@ mod tests {
 
     /// An embedded store whose first commits fail the way DynamoDB fails a throttled
     /// transaction, to see the service retry them.
+    #[cfg(feature = "local")]
     struct Throttled {
         inner: super::super::embedded::EmbeddedStore,
         failures: std::sync::atomic::AtomicU32,
     }
 
+    #[cfg(feature = "local")]
     #[async_trait]
     impl LedgerStore for Throttled {
         async fn load(&self, w: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
@@ -988,6 +990,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "local")]
     #[tokio::test]
     async fn the_service_retries_a_throttled_transaction_until_it_commits() {
         use crate::ledger::{Actor, LotSource, Operation, Refs};

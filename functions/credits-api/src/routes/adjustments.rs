@@ -11,6 +11,7 @@ use tally::http::auth::SCOPE_ADMIN;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
 use tally::ids::WorkspaceId;
 use tally::ledger::{Balance, Operation, Refs};
+use tally::money::CreditDelta;
 use tally::service::{LedgerRequest, fingerprint};
 use tracing::Instrument;
 use utoipa::ToSchema;
@@ -77,7 +78,7 @@ pub async fn adjust(
             actor: who.actor(),
             refs: Refs::default(),
             op: Operation::Adjust {
-                credits: req.credits,
+                credits: CreditDelta::new(req.credits),
                 note: reason.to_owned(),
             },
         })

@@ -8,15 +8,16 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tally::http::{Identity, ProblemDetails};
 use tally::ledger::{Lot, LotSource};
+use tally::money::Credits;
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LotView {
     pub id: String,
     pub source: LotSource,
-    pub original: u64,
-    pub remaining: u64,
-    pub held: u64,
+    pub original: Credits,
+    pub remaining: Credits,
+    pub held: Credits,
     pub granted_at: DateTime<Utc>,
     /// Absent for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
@@ -24,8 +25,8 @@ pub struct LotView {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BalanceView {
-    pub available: u64,
-    pub held: u64,
+    pub available: Credits,
+    pub held: Credits,
     /// Lots in burn order (spent first at the top).
     pub lots: Vec<LotView>,
 }

@@ -6,13 +6,14 @@ use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 use tally::catalog::{Addon, Pack, Plan, ResolutionOption, Workflow};
+use tally::money::Cents;
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlanView {
     #[serde(flatten)]
     pub plan: Plan,
-    pub yearly_price_cents: u64,
+    pub yearly_price_cents: Cents,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -51,7 +52,7 @@ pub async fn catalog(State(app): State<AppState>) -> Json<CatalogView> {
             .iter()
             .map(|p| PlanView {
                 plan: p.clone(),
-                yearly_price_cents: c.yearly_price(p).get(),
+                yearly_price_cents: c.yearly_price(p),
             })
             .collect(),
         packs: c.packs.clone(),

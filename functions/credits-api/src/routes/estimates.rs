@@ -9,13 +9,14 @@ use tally::catalog::{Estimate, GenerationSpec};
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails};
 use tally::ids::GenerationId;
 use tally::ledger::Operation;
+use tally::money::Credits;
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EstimateView {
     #[serde(flatten)]
     pub estimate: Estimate,
-    pub available: u64,
+    pub available: Credits,
     /// Whether the workspace can start this generation now.
     pub sufficient: bool,
     /// Why starting it now would be refused (the same code and detail `POST

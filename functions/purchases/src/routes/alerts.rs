@@ -7,6 +7,7 @@ use axum::extract::State;
 use serde::Deserialize;
 use tally::billing::records::*;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails};
+use tally::money::Credits;
 use tally::store::docs;
 use utoipa::ToSchema;
 
@@ -50,14 +51,14 @@ pub async fn put_alerts(
                 &format!("unknown pack {:?}", t.pack),
             ));
         }
-        if t.below_credits == 0 || t.below_credits > limit {
+        if t.below_credits.get() == 0 || t.below_credits.get() > limit {
             return Err(Problem::validation(
                 "auto_topup.below_credits",
                 &format!("must be between 1 and {limit}"),
             ));
         }
     }
-    let mut below = body.below_credits;
+    let mut below: Vec<Credits> = body.below_credits.into_iter().map(Credits::new).collect();
     below.sort_unstable();
     below.dedup();
     let stored = docs::update(

@@ -11,7 +11,6 @@ use tally::billing::MAX_PACK_QUANTITY;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::ledger::Interval;
-use tally::money::Cents;
 use tally::payments::{CheckoutLink, CheckoutRequest, Purchase};
 use tally::subscriptions::Entitlements;
 use tally::subscriptions::change::plan_unit_price;
@@ -101,8 +100,8 @@ async fn checkout(
                 pack: def.id.clone(),
                 name: format!("{} credits", def.credits),
                 quantity,
-                unit_amount: Cents::new(def.price_cents).discounted(discount).get(),
-                credits: def.credits,
+                unit_amount: def.price_cents.discounted(discount).get(),
+                credits: def.credits.get(),
             }
         }
     };
