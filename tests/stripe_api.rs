@@ -5,7 +5,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use tally::ids::WorkspaceId;
 use tally::ledger::Interval;
-use tally::payments::stripe::StripePayments;
+use tally::payments::stripe_api::StripePayments;
 use tally::payments::{CheckoutRequest, Payments, PaymentsError, Purchase};
 use tally_tests::fixture;
 use wiremock::matchers::{method, path};

@@ -16,7 +16,7 @@ use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE, authenticate, dev_token};
 use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::ledger::{Actor, Interval, LotSource, Operation, PlanState, PlanStatus, Refs};
 use tally::payments::Payments;
-use tally::payments::stripe::StripePayments;
+use tally::payments::stripe_api::StripePayments;
 use tally::queue::local::LocalQueue;
 use tally::service::{Ledger, LedgerRequest, ServiceError};
 use tally::store::DocStore;

@@ -7,7 +7,7 @@ use tally::catalog::Catalog;
 use tally::clock::SystemClock;
 use tally::config::PurchasesConfig;
 use tally::http::AuthMode;
-use tally::payments::stripe::StripePayments;
+use tally::payments::stripe_api::StripePayments;
 use tally::service::Ledger;
 
 #[tokio::main]

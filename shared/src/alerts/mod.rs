@@ -61,7 +61,7 @@ pub async fn from_config(
 ) -> Result<Arc<dyn CommitObserver>, crate::payments::PaymentsError> {
     let client = crate::queue::sqs::SqsQueue::client(cfg.sqs_endpoint.as_ref()).await;
     let payments: Option<Arc<dyn Payments>> = match &cfg.stripe_secret_key {
-        Some(key) => Some(Arc::new(crate::payments::stripe::StripePayments::new(
+        Some(key) => Some(Arc::new(crate::payments::stripe_api::StripePayments::new(
             key.expose(),
             None,
         )?)),

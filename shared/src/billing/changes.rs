@@ -14,7 +14,7 @@ use crate::catalog::Plan;
 use crate::ids::{IdempotencyKey, WorkspaceId};
 use crate::ledger::{Actor, Interval, LotSource, Operation, PlanStatus, Refs};
 use crate::money::Credits;
-use crate::payments::stripe::product_id;
+use crate::payments::stripe_api::product_id;
 use crate::payments::{ItemPrice, Payments, PaymentsError, SubscriptionChange};
 use crate::service::{Ledger, LedgerRequest, ServiceError};
 use crate::store::StoreError;

@@ -1,8 +1,8 @@
-//! The Payments port: what Tally asks of Stripe. [`stripe::StripePayments`] talks to the
+//! The Payments port: what Tally asks of Stripe. [`stripe_api::StripePayments`] talks to the
 //! Stripe API; the local runner's simulator (`tally-local`) stands in for it offline,
 //! completing checkouts by delivering signed Stripe-shaped events to the webhook.
 
-pub mod stripe;
+pub mod stripe_api;
 
 use crate::error::BoxError;
 use crate::ids::WorkspaceId;

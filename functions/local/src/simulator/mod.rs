@@ -127,7 +127,7 @@ impl Simulator {
         let now = Utc::now().timestamp();
         let ws = request.workspace.to_string();
         let customer = request.customer.clone();
-        let meta = tally::payments::stripe::checkout_metadata(&request);
+        let meta = tally::payments::stripe_api::checkout_metadata(&request);
         let mut session = fixture("checkout.session");
         session["id"] = json!(session_id);
         session["customer"] = json!(customer);
