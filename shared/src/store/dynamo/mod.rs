@@ -1,0 +1,513 @@
+//! DynamoDB single-table store.
+//!
+//! | PK | SK | holds |
+//! |---|---|---|
+//! | `WORKSPACE#<id>` | `STATE` | workspace state JSON, `version` (optimistic concurrency) |
+//! | `WORKSPACE#<id>` | `ENTRY#<seq, 20 digits>` | journal entry JSON (append-only) |
+//! | `WORKSPACE#<id>` | `IDEM#<key>` | idempotency record JSON, optional `ttl` |
+//! | `WORKSPACE#<id>` | `GEN#<gen id>` | generation JSON, `status` and `model` for filtering |
+//! | `GENERATION#<gen id>` | `OWNER` | `workspace`: which workspace a generation belongs to |
+//!
+//! Every commit is one `TransactWriteItems`. Idempotency rests on `attribute_not_exists`
+//! conditions, never on `ClientRequestToken` (which expires after ten minutes anyway).
+
+mod errors;
+
+use super::*;
+use crate::config::StoreConfig;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, KeySchemaElement,
+    KeyType, Put, ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem,
+};
+use errors::{classify, classify_commit};
+use std::collections::HashMap;
+
+/// Partition key attribute name.
+pub const PK: &str = "PK";
+/// Sort key attribute name.
+pub const SK: &str = "SK";
+/// TTL attribute: epoch seconds after which DynamoDB may delete garbage.
+pub const TTL: &str = "ttl";
+
+#[derive(Clone)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+fn workspace_pk(a: &WorkspaceId) -> String {
+    format!("WORKSPACE#{a}")
+}
+fn entry_sk(seq: u64) -> String {
+    format!("ENTRY#{seq:020}")
+}
+fn backend(e: impl Into<BoxError>) -> StoreError {
+    StoreError::backend(e)
+}
+
+fn body(item: &HashMap<String, AttributeValue>) -> Result<&str, StoreError> {
+    item.get("body")
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+        .ok_or_else(|| StoreError::decode("item has no body"))
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// A client for a DynamoDB-compatible server on a local endpoint, with dummy credentials.
+    pub fn local_client(endpoint: &str) -> Client {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "local",
+                "local",
+                None,
+                None,
+                "tally-local",
+            ))
+            .endpoint_url(endpoint)
+            .build();
+        Client::from_conf(config)
+    }
+
+    /// Creates the table (keys and TTL) if it does not exist. For local use and tests; in
+    /// AWS the SAM template owns the table.
+    pub async fn create_table(client: &Client, table: &str) -> Result<(), StoreError> {
+        let exists = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .is_ok();
+        if !exists {
+            client
+                .create_table()
+                .table_name(table)
+                .billing_mode(BillingMode::PayPerRequest)
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(PK)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(SK)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(PK)
+                        .key_type(KeyType::Hash)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(SK)
+                        .key_type(KeyType::Range)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .send()
+                .await
+                .map_err(|e| classify("CreateTable", e))?;
+            client
+                .update_time_to_live()
+                .table_name(table)
+                .time_to_live_specification(
+                    TimeToLiveSpecification::builder()
+                        .attribute_name(TTL)
+                        .enabled(true)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .send()
+                .await
+                .map_err(|e| classify("UpdateTimeToLive", e))?;
+        }
+        Ok(())
+    }
+
+    fn put(&self, item: HashMap<String, AttributeValue>, condition: Option<&str>) -> Put {
+        let mut p = Put::builder().table_name(&self.table).set_item(Some(item));
+        if let Some(c) = condition {
+            p = p.condition_expression(c);
+        }
+        p.build().expect("table and item are set")
+    }
+
+    async fn get(
+        &self,
+        pk: String,
+        sk: String,
+    ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(PK, s(pk))
+            .key(SK, s(sk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem", e))?;
+        Ok(out.item)
+    }
+
+    /// Queries one workspace's items with a sort-key range, newest first, page by page, until
+    /// `limit` items pass `keep`.
+    async fn query_desc<T>(
+        &self,
+        workspace: &WorkspaceId,
+        low: String,
+        high: String,
+        limit: usize,
+        mut keep: impl FnMut(T) -> Option<T>,
+    ) -> Result<Vec<T>, StoreError>
+    where
+        T: serde::de::DeserializeOwned,
+    {
+        let mut out = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        while out.len() < limit {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk AND #sk BETWEEN :lo AND :hi")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_values(":pk", s(workspace_pk(workspace)))
+                .expression_attribute_values(":lo", s(low.clone()))
+                .expression_attribute_values(":hi", s(high.clone()))
+                .scan_index_forward(false)
+                .consistent_read(true)
+                .limit(((limit - out.len()) as i32).clamp(1, 100))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("Query", e))?;
+            for item in page.items() {
+                if let Some(v) = keep(decode(body(item)?)?) {
+                    out.push(v);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            match page.last_evaluated_key {
+                Some(k) if out.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl LedgerStore for DynamoStore {
+    async fn load(&self, workspace: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
+        match self.get(workspace_pk(workspace), "STATE".into()).await? {
+            Some(item) => Ok(Some(decode(body(&item)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        let pk = workspace_pk(&c.state.workspace);
+        let mut items = Vec::new();
+
+        let idem = &c.idempotency;
+        let mut idem_item = HashMap::from([
+            (PK.to_string(), s(&pk)),
+            (SK.to_string(), s(format!("IDEM#{}", idem.key))),
+            ("body".to_string(), s(encode(idem)?)),
+        ]);
+        if let Some(t) = idem.expires_at {
+            idem_item.insert(TTL.into(), n(t.timestamp().max(0) as u64));
+        }
+        let idem_index = items.len();
+        items.push(self.put(idem_item, Some("attribute_not_exists(PK)")));
+
+        let state_item = HashMap::from([
+            (PK.to_string(), s(&pk)),
+            (SK.to_string(), s("STATE")),
+            ("version".to_string(), n(c.state.version)),
+            ("body".to_string(), s(encode(&c.state)?)),
+        ]);
+        let expected = c.expected_version();
+        let state_put = if expected == 0 {
+            self.put(state_item, Some("attribute_not_exists(PK)"))
+        } else {
+            Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(state_item))
+                .condition_expression("version = :expected")
+                .expression_attribute_values(":expected", n(expected))
+                .build()
+                .expect("table and item are set")
+        };
+        items.push(state_put);
+
+        for e in &c.entries {
+            let item = HashMap::from([
+                (PK.to_string(), s(&pk)),
+                (SK.to_string(), s(entry_sk(e.seq))),
+                ("body".to_string(), s(encode(e)?)),
+            ]);
+            items.push(self.put(item, Some("attribute_not_exists(PK)")));
+        }
+        for g in &c.generations {
+            let item = HashMap::from([
+                (PK.to_string(), s(&pk)),
+                (SK.to_string(), s(format!("GEN#{}", g.id))),
+                ("status".to_string(), s(g.status.as_str())),
+                ("model".to_string(), s(&g.estimate.model)),
+                ("body".to_string(), s(encode(g)?)),
+            ]);
+            items.push(self.put(item, None));
+        }
+        for id in &c.new_generations {
+            let item = HashMap::from([
+                (PK.to_string(), s(format!("GENERATION#{id}"))),
+                (SK.to_string(), s("OWNER")),
+                ("workspace".to_string(), s(c.state.workspace.as_str())),
+            ]);
+            items.push(self.put(item, Some("attribute_not_exists(PK)")));
+        }
+
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(
+                items
+                    .into_iter()
+                    .map(|p| TransactWriteItem::builder().put(p).build())
+                    .collect(),
+            ))
+            .send()
+            .await;
+        result
+            .map(|_| ())
+            .map_err(|e| classify_commit(e, idem_index))
+    }
+
+    async fn idempotency(
+        &self,
+        workspace: &WorkspaceId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        match self
+            .get(workspace_pk(workspace), format!("IDEM#{key}"))
+            .await?
+        {
+            Some(item) => Ok(Some(decode(body(&item)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn generation(
+        &self,
+        workspace: &WorkspaceId,
+        id: GenerationId,
+    ) -> Result<Option<Generation>, StoreError> {
+        match self
+            .get(workspace_pk(workspace), format!("GEN#{id}"))
+            .await?
+        {
+            Some(item) => Ok(Some(decode(body(&item)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError> {
+        let Some(item) = self.get(format!("GENERATION#{id}"), "OWNER".into()).await? else {
+            return Ok(None);
+        };
+        let workspace = item
+            .get("workspace")
+            .and_then(|v| v.as_s().ok())
+            .ok_or_else(|| StoreError::decode("owner item has no workspace"))?;
+        WorkspaceId::parse(workspace)
+            .map(Some)
+            .map_err(StoreError::decode)
+    }
+
+    async fn generations(
+        &self,
+        workspace: &WorkspaceId,
+        query: &GenerationQuery,
+    ) -> Result<Vec<Generation>, StoreError> {
+        let high = match query.before {
+            Some(b) => format!("GEN#{b}"),
+            None => "GEN#~".into(),
+        };
+        let before = query.before;
+        self.query_desc(
+            workspace,
+            "GEN#".into(),
+            high,
+            query.limit,
+            |g: Generation| (Some(g.id) != before && matches_query(&g, query)).then_some(g),
+        )
+        .await
+    }
+
+    async fn entries(
+        &self,
+        workspace: &WorkspaceId,
+        query: &EntryQuery,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let high = match query.before {
+            Some(0) | Some(1) => return Ok(Vec::new()),
+            Some(b) => entry_sk(b - 1),
+            None => "ENTRY#~".into(),
+        };
+        self.query_desc(workspace, "ENTRY#".into(), high, query.limit, Some)
+            .await
+    }
+
+    async fn entries_by_seq(
+        &self,
+        workspace: &WorkspaceId,
+        seqs: &[u64],
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            if let Some(item) = self.get(workspace_pk(workspace), entry_sk(seq)).await? {
+                out.push(decode(body(&item)?)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The production store: the configured table, AWS configuration from the environment
+/// (region, credentials), or a local server when an endpoint is configured.
+pub async fn from_config(cfg: &StoreConfig) -> DynamoStore {
+    let client = match &cfg.endpoint {
+        Some(endpoint) => DynamoStore::local_client(endpoint.as_str()),
+        None => {
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            Client::new(&config)
+        }
+    };
+    DynamoStore::new(client, cfg.table.clone())
+}
+
+#[async_trait]
+impl DocStore for DynamoStore {
+    async fn get_doc(&self, pk: &str, sk: &str) -> Result<Option<Doc>, StoreError> {
+        let Some(item) = self.get(pk.to_owned(), sk.to_owned()).await? else {
+            return Ok(None);
+        };
+        let version = item
+            .get("version")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| StoreError::decode("document has no version"))?;
+        Ok(Some(Doc {
+            pk: pk.to_owned(),
+            sk: sk.to_owned(),
+            body: body(&item)?.to_owned(),
+            version,
+        }))
+    }
+
+    async fn put_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+        doc: &str,
+        expected: u64,
+    ) -> Result<bool, StoreError> {
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(PK, s(pk))
+            .item(SK, s(sk))
+            .item("version", n(expected + 1))
+            .item("body", s(doc));
+        put = if expected == 0 {
+            put.condition_expression("attribute_not_exists(PK)")
+        } else {
+            put.condition_expression("version = :expected")
+                .expression_attribute_values(":expected", n(expected))
+        };
+        match put.send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Ok(false)
+            }
+            Err(e) => Err(classify("PutItem", e)),
+        }
+    }
+
+    async fn list_docs(
+        &self,
+        pk: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<Doc>, StoreError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#sk", SK)
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":prefix", s(prefix))
+            .scan_index_forward(false)
+            .consistent_read(true)
+            .limit(limit.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| classify("Query", e))?;
+        out.items()
+            .iter()
+            .map(|item| {
+                Ok(Doc {
+                    pk: pk.to_owned(),
+                    sk: item
+                        .get(SK)
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .unwrap_or_default(),
+                    body: body(item)?.to_owned(),
+                    version: item
+                        .get("version")
+                        .and_then(|v| v.as_n().ok())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
