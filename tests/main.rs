@@ -4,7 +4,6 @@ mod api;
 mod billing;
 mod concurrency;
 mod infra;
-mod logging;
 mod purchases;
 mod queues;
 mod rules;

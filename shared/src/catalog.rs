@@ -252,6 +252,14 @@ impl Catalog {
             if p.monthly_price_cents.checked_mul(12).is_none() {
                 return bad(format!("plan {}: the yearly price is too large", p.id));
             }
+            // Every grant is bounded by the ledger's request limit; a plan whose allowance
+            // could not be granted would be charged for nothing.
+            if p.monthly_credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
+                return bad(format!(
+                    "plan {}: monthly_credits is above the grant limit",
+                    p.id
+                ));
+            }
             if p.pack_discount_pct >= 100 {
                 return bad(format!(
                     "plan {}: pack_discount_pct must be below 100",
@@ -266,6 +274,10 @@ impl Catalog {
             if p.credits == Credits::ZERO || p.price_cents == Cents::ZERO {
                 return bad(format!("pack {}: credits and price must be positive", p.id));
             }
+            // Checkout buys up to 100 packs in one grant.
+            if p.credits.get().saturating_mul(100) > crate::money::MAX_CREDITS_PER_REQUEST {
+                return bad(format!("pack {}: credits are above the grant limit", p.id));
+            }
         }
         for a in &self.addons {
             if a.credits_per_unit == Credits::ZERO || a.unit_price_cents == Cents::ZERO {
@@ -276,6 +288,14 @@ impl Catalog {
             }
             if a.unit_price_cents.checked_mul(12).is_none() {
                 return bad(format!("add-on {}: the yearly price is too large", a.id));
+            }
+            // A workspace holds up to 100 units, granted at once.
+            if a.credits_per_unit.get().saturating_mul(100) > crate::money::MAX_CREDITS_PER_REQUEST
+            {
+                return bad(format!(
+                    "add-on {}: credits_per_unit is above the grant limit",
+                    a.id
+                ));
             }
         }
         for r in [Resolution::P1080, Resolution::K2, Resolution::K4] {

@@ -29,6 +29,10 @@ use std::sync::Arc;
 use thiserror::Error;
 use utoipa::ToSchema;
 
+/// The period has ended and Stripe's renewal has not been recorded yet: a change now would
+/// be prorated over nothing and the new month's level recorded without its credits.
+const RENEWING: &str = "the subscription is renewing right now; retry in a minute";
+
 /// Most add-on units a workspace may hold.
 pub const MAX_ADDON_UNITS: u32 = 100;
 
@@ -245,6 +249,9 @@ impl SubscriptionChanges {
                 "the subscription is paused or past due; resume it or settle the open invoice first",
             ));
         }
+        if now >= sub.period_end {
+            return Err(ChangeError::NotActive(RENEWING));
+        }
         if target.id == current.id && interval == sub.interval {
             // Asking for the current terms cancels a scheduled downgrade, if any.
             if sub
@@ -429,11 +436,12 @@ impl SubscriptionChanges {
             let level = self
                 .window_grants(workspace, &sub, window_start, plan.monthly_credits)
                 .await?;
-            // Within MAX_ADDON_UNITS units of a catalog amount: far from overflowing.
+            // The catalog bounds credits_per_unit so that MAX_ADDON_UNITS units stay within
+            // the grant limit; this cannot fail for a catalog that loaded.
             let credits = addon
                 .credits_per_unit
                 .checked_mul(units.saturating_sub(level.addon_units) as u64)
-                .unwrap_or(Credits::ZERO);
+                .ok_or_else(|| ChangeError::NoAddon(plan.id.clone()))?;
             self.grant(
                 workspace,
                 actor,

@@ -95,6 +95,14 @@ pub fn invoice_grants(i: &Invoice, catalog: &Catalog) -> Result<Vec<CreditGrant>
                 .and_then(|c| c.parse::<i128>().ok())
                 .and_then(|c| Credits::parse_request_amount(c).ok())
                 .ok_or_else(|| poison("custom payment invoice without valid credits"))?;
+            // An invoice finalized without its line (the item call failed after the draft
+            // was created) is paid at $0: nothing was paid for, so nothing is granted.
+            if i.amount_paid <= 0 {
+                return Err(poison(format!(
+                    "custom payment invoice {} was paid nothing; no credits granted",
+                    i.id
+                )));
+            }
             return Ok(vec![CreditGrant {
                 key: format!("stripe:invoice:{}:custom", i.id),
                 source: LotSource::Pack,

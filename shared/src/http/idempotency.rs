@@ -4,28 +4,73 @@
 //! key with a different body is a 409 `conflict`. Ledger routes get the same behaviour from
 //! the ledger's own idempotency records.
 //!
-//! The answer is remembered only after the work succeeded, so a retry after an error does
-//! the work again; that is safe because every call to Stripe carries a Stripe idempotency
-//! key derived from the client's key, and every grant a ledger key derived from its cause.
+//! The key is claimed (a conditional write of the request's fingerprint) before any work,
+//! so two requests under one key never both reach Stripe: while the first runs, a twin with
+//! the same body is told to retry shortly and one with another body gets its 409 at once.
+//! The answer is kept only once the work succeeded; a failure releases the claim, so a
+//! retry does the work again, with the same Stripe idempotency key (derived from the
+//! client's key). A claim left by a process that died is taken over after
+//! [`CLAIM_SECONDS`].
 
 use super::Problem;
 use crate::billing::records::workspace_pk;
 use crate::ids::{IdempotencyKey, WorkspaceId};
 use crate::service::fingerprint;
 use crate::store::docs::{self, DocStore};
-use chrono::{DateTime, Utc};
+use axum::http::StatusCode;
+use chrono::{DateTime, Duration, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Sort-key prefix of remembered answers, under the workspace's partition.
 pub const ANSWER_PREFIX: &str = "ANSWER#";
 
-/// A remembered answer.
+/// How long a claim without an answer blocks its key: longer than any request may run
+/// (the API's own timeout is 30 s).
+pub const CLAIM_SECONDS: i64 = 60;
+
+/// A claimed key, and its answer once the work succeeded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Answer {
     fingerprint: String,
-    answer: serde_json::Value,
+    #[serde(default)]
+    answer: Option<serde_json::Value>,
+    /// When the claim was made (or released: then it is already stale).
     at: DateTime<Utc>,
+    /// Tells this request's claim from a twin's.
+    claim: String,
+}
+
+enum Seen<T> {
+    Replay(T),
+    Free,
+}
+
+fn judge<T: DeserializeOwned>(
+    seen: &Answer,
+    print: &str,
+    now: DateTime<Utc>,
+) -> Result<Seen<T>, Problem> {
+    if seen.fingerprint != print && (seen.answer.is_some() || !stale(seen, now)) {
+        return Err(Problem::conflict(
+            "this Idempotency-Key was already used for a different request",
+        ));
+    }
+    match &seen.answer {
+        Some(a) => serde_json::from_value(a.clone())
+            .map(Seen::Replay)
+            .map_err(|_| Problem::internal()),
+        None if stale(seen, now) => Ok(Seen::Free),
+        None => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "a request with this Idempotency-Key is still in progress; retry shortly",
+        )),
+    }
+}
+
+fn stale(seen: &Answer, now: DateTime<Utc>) -> bool {
+    seen.answer.is_none() && now - seen.at >= Duration::seconds(CLAIM_SECONDS)
 }
 
 /// Runs `work` once per `key` (when the client sent one) and remembers its answer.
@@ -50,32 +95,127 @@ where
     let pk = workspace_pk(workspace);
     let sk = format!("{ANSWER_PREFIX}{key}");
     let print = fingerprint(request);
-    if let Some(seen) = docs::get::<Answer>(store, &pk, &sk).await? {
-        return replay(seen, &print);
-    }
-    let out = work().await?;
+    let claim = ulid::Ulid::new().to_string();
     let mine = Answer {
         fingerprint: print.clone(),
-        answer: serde_json::to_value(&out).map_err(|_| Problem::internal())?,
+        answer: None,
         at: now,
+        claim: claim.clone(),
     };
-    // First writer wins: a concurrent twin that finished first decides the answer.
-    let stored = docs::update(store, &pk, &sk, |cur: Option<Answer>| {
-        cur.is_none().then(|| mine.clone())
+    // Claim the key, unless it is answered, taken by another live request, or used for
+    // another body; the versioned write makes one of two racing claims win.
+    let after = docs::update(store, &pk, &sk, |cur: Option<Answer>| match &cur {
+        None => Some(mine.clone()),
+        Some(seen) if seen.answer.is_none() && stale(seen, now) => Some(mine.clone()),
+        Some(_) => None,
     })
     .await?
     .ok_or_else(Problem::internal)?;
-    if stored.fingerprint == mine.fingerprint && stored.at == mine.at {
-        return Ok(out);
+    if after.claim != claim {
+        return match judge(&after, &print, now)? {
+            Seen::Replay(t) => Ok(t),
+            // Free again already (a twin released it between our read and write).
+            Seen::Free => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "a request with this Idempotency-Key is still in progress; retry shortly",
+            )),
+        };
     }
-    replay(stored, &print)
+    let outcome = work().await;
+    let value = match &outcome {
+        Ok(out) => Some(serde_json::to_value(out).map_err(|_| Problem::internal())?),
+        Err(_) => None,
+    };
+    // Keep the answer, or release the claim (dated in the past, so it is stale at once).
+    docs::update(store, &pk, &sk, |cur: Option<Answer>| {
+        let cur = cur?;
+        (cur.claim == claim).then(|| Answer {
+            answer: value.clone(),
+            at: if value.is_some() {
+                cur.at
+            } else {
+                cur.at - Duration::seconds(CLAIM_SECONDS)
+            },
+            ..cur
+        })
+    })
+    .await?;
+    outcome
 }
 
-fn replay<T: DeserializeOwned>(seen: Answer, print: &str) -> Result<T, Problem> {
-    if seen.fingerprint != print {
-        return Err(Problem::conflict(
-            "this Idempotency-Key was already used for a different request",
-        ));
+#[cfg(all(test, feature = "local"))]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use chrono::TimeZone;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap() + Duration::seconds(s)
     }
-    serde_json::from_value(seen.answer).map_err(|_| Problem::internal())
+
+    #[tokio::test]
+    async fn a_failure_releases_the_key_and_a_success_is_replayed() {
+        let store = EmbeddedStore::in_memory();
+        let ws = WorkspaceId::parse("acme").unwrap();
+        let key = IdempotencyKey::client("test", "k1").unwrap();
+        let failed: Result<u32, Problem> = once(&store, &ws, Some(&key), &"body", t(0), || async {
+            Err(Problem::internal())
+        })
+        .await;
+        assert!(failed.is_err());
+        let first = once(&store, &ws, Some(&key), &"body", t(1), || async {
+            Ok(7u32)
+        })
+        .await;
+        assert_eq!(first.unwrap(), 7);
+        let again: Result<u32, Problem> = once(&store, &ws, Some(&key), &"body", t(2), || async {
+            panic!("a replay does no work")
+        })
+        .await;
+        assert_eq!(again.unwrap(), 7);
+        let other: Result<u32, Problem> = once(&store, &ws, Some(&key), &"other", t(3), || async {
+            panic!("another body does no work")
+        })
+        .await;
+        assert_eq!(other.unwrap_err().code, "conflict");
+    }
+
+    #[tokio::test]
+    async fn a_key_in_use_refuses_twins_until_its_claim_goes_stale() {
+        let store = EmbeddedStore::in_memory();
+        let ws = WorkspaceId::parse("acme").unwrap();
+        let key = IdempotencyKey::client("test", "k2").unwrap();
+        // A claim left by a request that never finished (its process died).
+        let pk = workspace_pk(&ws);
+        let sk = format!("{ANSWER_PREFIX}{key}");
+        docs::update(&store, &pk, &sk, |_: Option<Answer>| {
+            Some(Answer {
+                fingerprint: fingerprint(&"body"),
+                answer: None,
+                at: t(0),
+                claim: "dead".into(),
+            })
+        })
+        .await
+        .unwrap();
+        for body in ["body", "other"] {
+            let twin: Result<u32, Problem> =
+                once(&store, &ws, Some(&key), &body, t(10), || async {
+                    panic!("no work while the key is claimed")
+                })
+                .await;
+            assert_eq!(twin.unwrap_err().code, "conflict");
+        }
+        let later = once(
+            &store,
+            &ws,
+            Some(&key),
+            &"body",
+            t(CLAIM_SECONDS + 1),
+            || async { Ok(9u32) },
+        )
+        .await;
+        assert_eq!(later.unwrap(), 9);
+    }
 }

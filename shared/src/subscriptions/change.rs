@@ -61,12 +61,19 @@ pub fn addon_unit_price(catalog: &Catalog, plan: &Plan, interval: Interval) -> O
 }
 
 /// The billing month of a period that contains `now`, cut at the period's end: credits
-/// granted now are prorated over it and lapse at its end.
+/// granted now are prorated over it and lapse at its end. A period of one month or less
+/// is its own billing month: its start may already be clamped to a short month's end (an
+/// anchor on the 31st renews on Feb 28), so months counted from it would end early. Longer
+/// (yearly) periods start on the anchor's own day, and their months are counted from it.
 pub fn allowance_window(
     period_start: DateTime<Utc>,
     period_end: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> (DateTime<Utc>, DateTime<Utc>) {
+    // No calendar month is longer than 31 days; anything longer is a multi-month period.
+    if period_end - period_start <= chrono::Duration::days(31) {
+        return (period_start, period_end);
+    }
     let (start, end) = calendar::month_containing(period_start, now);
     (start, end.min(period_end))
 }
@@ -115,6 +122,18 @@ mod tests {
         );
         let short_end = Utc.with_ymd_and_hms(2027, 2, 10, 0, 0, 0).unwrap();
         assert_eq!(allowance_window(start, short_end, start).1, short_end);
+    }
+
+    #[test]
+    fn a_monthly_period_starting_on_a_clamped_month_end_is_one_window() {
+        // Anchored on Jan 31: the period after February runs Feb 28 -> Mar 31.
+        let start = Utc.with_ymd_and_hms(2027, 2, 28, 9, 30, 0).unwrap();
+        let end = Utc.with_ymd_and_hms(2027, 3, 31, 9, 30, 0).unwrap();
+        let late = Utc.with_ymd_and_hms(2027, 3, 29, 9, 30, 0).unwrap();
+        assert_eq!(allowance_window(start, end, late), (start, end));
+        // Two days of 31 left: about 2/31 of the difference, not 2/3 of it.
+        let credits = prorate(Credits::new(250), allowance_window(start, end, late), late);
+        assert_eq!(credits, Credits::new(17));
     }
 
     #[test]

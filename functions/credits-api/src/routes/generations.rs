@@ -172,7 +172,7 @@ pub async fn complete_generation(
         .map(|c| Credits::parse_request_amount(c as i128))
         .transpose()
         .map_err(|m| Problem::validation("credits", &m))?;
-    let (workspace, _) = settle_target(&app, &who, id).await?;
+    let (workspace, record) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("complete_generation", workspace = %workspace, generation = %id);
     let outcome = app
         .ledger
@@ -180,8 +180,12 @@ pub async fn complete_generation(
             workspace,
             key: IdempotencyKey::derived(format!("gen:{id}:complete")),
             // The amount is part of the request: a replay with another amount is a
-            // conflict, not the first result.
-            fingerprint: fingerprint(&("complete", credits.map(Credits::get))),
+            // conflict, not the first result. No amount means the estimate, so both
+            // spellings of the same completion are the same request.
+            fingerprint: fingerprint(&(
+                "complete",
+                credits.unwrap_or(record.estimate.credits).get(),
+            )),
             actor: who.actor(),
             refs: Refs::default(),
             op: Operation::Complete {
