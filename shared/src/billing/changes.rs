@@ -255,7 +255,6 @@ impl SubscriptionChanges {
                 let keep = sub.pending_addon_reduction(&sub.plan, sub.interval);
                 self.payments
                     .update_subscription(&SubscriptionChange {
-                        subscription: sub.id.clone(),
                         plan: Some(self.plan_price(&current, sub.interval)),
                         prorate_now: false,
                         metadata: metadata(
@@ -266,7 +265,7 @@ impl SubscriptionChanges {
                             keep.as_ref(),
                         ),
                         idempotency_key: stripe_key.to_owned(),
-                        ..SubscriptionChange::default()
+                        ..SubscriptionChange::to(sub.id.clone())
                     })
                     .await?;
             }
@@ -288,7 +287,6 @@ impl SubscriptionChanges {
             let keep = sub.pending_addon_reduction(&target.id, interval);
             self.payments
                 .update_subscription(&SubscriptionChange {
-                    subscription: sub.id.clone(),
                     plan: Some(self.plan_price(&target, interval)),
                     prorate_now: true,
                     metadata: metadata(
@@ -305,7 +303,7 @@ impl SubscriptionChanges {
                         })
                         .transpose()?,
                     idempotency_key: key,
-                    ..SubscriptionChange::default()
+                    ..SubscriptionChange::to(sub.id.clone())
                 })
                 .await?;
             let (window_start, window_end) =
@@ -355,7 +353,6 @@ impl SubscriptionChanges {
         };
         self.payments
             .update_subscription(&SubscriptionChange {
-                subscription: sub.id.clone(),
                 plan: Some(self.plan_price(&target, interval)),
                 prorate_now: false,
                 metadata: metadata(
@@ -366,7 +363,7 @@ impl SubscriptionChanges {
                     Some(&scheduled),
                 ),
                 idempotency_key: key,
-                ..SubscriptionChange::default()
+                ..SubscriptionChange::to(sub.id.clone())
             })
             .await?;
         tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, at = %sub.period_end, "downgrade scheduled");
@@ -416,12 +413,11 @@ impl SubscriptionChanges {
             });
             self.payments
                 .update_subscription(&SubscriptionChange {
-                    subscription: sub.id.clone(),
                     addons: Some((units as u64, price)),
                     prorate_now: true,
                     metadata: metadata(workspace, &sub.plan, sub.interval, units, keep.as_ref()),
                     idempotency_key: key,
-                    ..SubscriptionChange::default()
+                    ..SubscriptionChange::to(sub.id.clone())
                 })
                 .await?;
             let (window_start, window_end) =
@@ -474,7 +470,6 @@ impl SubscriptionChanges {
             && units == sub.addon_units;
         self.payments
             .update_subscription(&SubscriptionChange {
-                subscription: sub.id.clone(),
                 addons: Some((units as u64, price)),
                 prorate_now: false,
                 metadata: metadata(
@@ -485,7 +480,7 @@ impl SubscriptionChanges {
                     (!unchanged).then_some(&schedule),
                 ),
                 idempotency_key: key,
-                ..SubscriptionChange::default()
+                ..SubscriptionChange::to(sub.id.clone())
             })
             .await?;
         Ok(ChangeView {
@@ -509,11 +504,10 @@ impl SubscriptionChanges {
         let sub = self.live(workspace).await?;
         self.payments
             .update_subscription(&SubscriptionChange {
-                subscription: sub.id.clone(),
                 cancel_at_period_end: cancel,
                 pause,
                 idempotency_key: stripe_key.to_owned(),
-                ..SubscriptionChange::default()
+                ..SubscriptionChange::to(sub.id.clone())
             })
             .await?;
         Ok(StatusView {
