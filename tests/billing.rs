@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tally::billing::BillingEvents;
 use tally::billing::records::*;
+use tally::ids::ChargeId;
 use tally::ledger::{Interval, PlanStatus};
 use tally::queue::{ConsumeError, Consumer, Delivery};
 use tally::store::docs;
@@ -195,9 +196,13 @@ async fn run(order: &[Value]) -> Outcome {
         lots,
         plan: state.plan.clone(),
         invoices,
-        payment: docs::get(store.as_ref(), &charge_pk("ch_first"), PAYMENT_SK)
-            .await
-            .unwrap(),
+        payment: docs::get(
+            store.as_ref(),
+            &charge_pk(&ChargeId::parse("ch_first").unwrap()),
+            PAYMENT_SK,
+        )
+        .await
+        .unwrap(),
         subscription: docs::get(store.as_ref(), &workspace_pk(&a), SUBSCRIPTION_SK)
             .await
             .unwrap(),

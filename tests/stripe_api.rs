@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use std::collections::BTreeMap;
-use tally::ids::WorkspaceId;
+use tally::ids::{CustomerId, PaymentMethodId, SubscriptionId, WorkspaceId};
 use tally::ledger::Interval;
 use tally::payments::stripe_api::StripePayments;
 use tally::payments::{CheckoutRequest, Payments, PaymentsError, Purchase};
@@ -57,7 +57,7 @@ async fn creating_a_customer_sends_its_workspace_and_an_idempotency_key() {
         )
         .await
         .unwrap();
-    assert_eq!(id, "cus_New");
+    assert_eq!(id.as_str(), "cus_New");
     let req = &server.received_requests().await.unwrap()[0];
     assert_eq!(
         form(req),
@@ -91,7 +91,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
         .await
         .create_checkout(&CheckoutRequest {
             workspace: WorkspaceId::parse("org_a").unwrap(),
-            customer: "cus_A".into(),
+            customer: CustomerId::parse("cus_A").unwrap(),
             purchase: Purchase::Pack {
                 pack: "pack_500".into(),
                 name: "500 credits".into(),
@@ -105,7 +105,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
         })
         .await
         .unwrap();
-    assert_eq!(link.id, "cs_pack");
+    assert_eq!(link.id.as_str(), "cs_pack");
     assert_eq!(link.url, "https://checkout.stripe.com/c/pay/cs_pack");
     let req = &server.received_requests().await.unwrap()[0];
     assert_eq!(header(req, "idempotency-key"), "tally-checkout-org_a-k1");
@@ -151,7 +151,7 @@ async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interva
         .await
         .create_checkout(&CheckoutRequest {
             workspace: WorkspaceId::parse("org_a").unwrap(),
-            customer: "cus_A".into(),
+            customer: CustomerId::parse("cus_A").unwrap(),
             purchase: Purchase::Plan {
                 plan: "generative".into(),
                 name: "Generative".into(),
@@ -194,7 +194,11 @@ async fn stripe_refusals_and_outages_are_told_apart() {
         .await;
     let c = client(&server).await;
     let refused = c
-        .billing_portal("cus_gone", "https://s.example", "k")
+        .billing_portal(
+            &CustomerId::parse("cus_gone").unwrap(),
+            "https://s.example",
+            "k",
+        )
         .await
         .unwrap_err();
     assert!(
@@ -220,7 +224,11 @@ async fn the_billing_portal_returns_stripes_url() {
         .await;
     let url = client(&server)
         .await
-        .billing_portal("cus_A", "https://s.example/back", "k3")
+        .billing_portal(
+            &CustomerId::parse("cus_A").unwrap(),
+            "https://s.example/back",
+            "k3",
+        )
         .await
         .unwrap();
     assert_eq!(url, "https://billing.stripe.com/p/session/test_123");
@@ -276,7 +284,6 @@ async fn an_upgrade_replaces_the_plan_price_prorated_now_and_rewrites_the_metada
     client(&server)
         .await
         .update_subscription(&SubscriptionChange {
-            subscription: "sub_A".into(),
             plan: Some(price("tally_plan_generative", 5900)),
             addons: Some((0, price("tally_addon_individual", 1000))),
             prorate_now: true,
@@ -285,7 +292,7 @@ async fn an_upgrade_replaces_the_plan_price_prorated_now_and_rewrites_the_metada
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             idempotency_key: "tally-change-org_a-k".into(),
-            ..SubscriptionChange::default()
+            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
         })
         .await
         .unwrap();
@@ -331,11 +338,10 @@ async fn cancel_and_pause_send_only_their_flags() {
     }
     let c = client(&server).await;
     let send = |cancel, pause| SubscriptionChange {
-        subscription: "sub_A".into(),
         cancel_at_period_end: cancel,
         pause,
         idempotency_key: "k".into(),
-        ..SubscriptionChange::default()
+        ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
     };
     c.update_subscription(&send(Some(true), None))
         .await
@@ -408,7 +414,7 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
         .await
         .create_custom_invoice(&CustomInvoice {
             workspace: WorkspaceId::parse("org_e").unwrap(),
-            customer: "cus_E".into(),
+            customer: CustomerId::parse("cus_E").unwrap(),
             amount: 250000,
             credits: 30000,
             description: "Enterprise credits".into(),
@@ -482,15 +488,15 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
         .await
         .charge_saved_method(&TopUp {
             workspace: WorkspaceId::parse("org_t").unwrap(),
-            customer: "cus_T".into(),
-            payment_method: "pm_card".into(),
+            customer: CustomerId::parse("cus_T").unwrap(),
+            payment_method: PaymentMethodId::parse("pm_card").unwrap(),
             pack: "pack_100".into(),
             amount: 800,
             idempotency_key: "tally-topup-org_t-42".into(),
         })
         .await
         .unwrap();
-    assert_eq!(id, "pi_topup");
+    assert_eq!(id.as_str(), "pi_topup");
     let req = &server.received_requests().await.unwrap()[0];
     assert_eq!(header(req, "idempotency-key"), "tally-topup-org_t-42");
     assert_eq!(

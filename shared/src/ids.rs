@@ -172,7 +172,7 @@ impl fmt::Display for IdempotencyKey {
 
 /// Ids appear in the OpenAPI document as plain strings.
 macro_rules! string_schema {
-    ($t:ty, $desc:literal) => {
+    ($t:ty, $desc:expr) => {
         impl utoipa::PartialSchema for $t {
             fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
                 utoipa::openapi::ObjectBuilder::new()
@@ -187,6 +187,135 @@ macro_rules! string_schema {
 string_schema!(WorkspaceId, "Workspace id (the org_id claim)");
 string_schema!(GenerationId, "Generation id: gen_ followed by a ULID");
 string_schema!(IdempotencyKey, "Idempotency key");
+
+/// Stripe ids are opaque: Stripe documents no format beyond its object prefixes, test fixtures
+/// and the local simulator use shapes of their own, and ids already stored must keep loading.
+/// So only what every Stripe id has in common is checked, not the prefix.
+fn check_stripe_id(kind: &'static str, value: &str) -> Result<(), IdError> {
+    const MAX: usize = 255;
+    if value.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if value.len() > MAX {
+        return Err(IdError::TooLong { kind, max: MAX });
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(IdError::Malformed {
+            kind,
+            reason: "only ASCII letters, digits and '_' are allowed".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A Stripe id newtype: parsed once, serialized as the same plain string Stripe sent.
+macro_rules! stripe_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(value: &str) -> Result<Self, IdError> {
+                check_stripe_id($kind, value)?;
+                Ok(Self(value.to_owned()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                check_stripe_id($kind, &value)?;
+                Ok(Self(value))
+            }
+        }
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse(s)
+            }
+        }
+        impl From<$name> for String {
+            fn from(value: $name) -> Self {
+                value.0
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        // Hash, Eq and Ord are the string's, so maps keyed by the id can be searched by text.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        string_schema!($name, $kind);
+    };
+}
+
+stripe_id!(
+    /// A Stripe event (`evt_...`).
+    StripeEventId,
+    "Stripe event id"
+);
+stripe_id!(
+    /// A Stripe customer (`cus_...`); one per workspace.
+    CustomerId,
+    "Stripe customer id"
+);
+stripe_id!(
+    /// A Stripe subscription (`sub_...`).
+    SubscriptionId,
+    "Stripe subscription id"
+);
+stripe_id!(
+    /// A Stripe invoice (`in_...`).
+    InvoiceId,
+    "Stripe invoice id"
+);
+stripe_id!(
+    /// A Stripe charge (`ch_...`, or `py_...` for some payment methods).
+    ChargeId,
+    "Stripe charge id"
+);
+stripe_id!(
+    /// A Stripe payment intent (`pi_...`).
+    PaymentIntentId,
+    "Stripe payment intent id"
+);
+stripe_id!(
+    /// A Stripe Checkout session (`cs_...`).
+    CheckoutSessionId,
+    "Stripe checkout session id"
+);
+stripe_id!(
+    /// A saved Stripe payment method (`pm_...`, or a legacy `card_...`).
+    PaymentMethodId,
+    "Stripe payment method id"
+);
+stripe_id!(
+    /// A Stripe refund (`re_...`).
+    RefundId,
+    "Stripe refund id"
+);
+stripe_id!(
+    /// A Stripe dispute (`dp_...` or `du_...`).
+    DisputeId,
+    "Stripe dispute id"
+);
 
 #[cfg(test)]
 mod tests {
@@ -228,5 +357,83 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.is_client());
         assert!(IdempotencyKey::client("generations", "has space").is_err());
+    }
+
+    #[test]
+    fn stripe_ids_accept_the_ids_of_stripes_example_objects() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/stripe");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let id = v["id"].as_str().unwrap();
+            assert!(CustomerId::parse(id).is_ok(), "{id} from {path:?}");
+            seen += 1;
+        }
+        assert!(seen > 5);
+        let fixture = |name: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/{name}.json")).unwrap())
+                .unwrap()
+        };
+        let charge = fixture("charge");
+        ChargeId::parse(charge["id"].as_str().unwrap()).unwrap();
+        CustomerId::parse(charge["customer"].as_str().unwrap()).unwrap();
+        PaymentIntentId::parse(charge["payment_intent"].as_str().unwrap()).unwrap();
+        PaymentMethodId::parse(charge["payment_method"].as_str().unwrap()).unwrap();
+        StripeEventId::parse(fixture("event")["id"].as_str().unwrap()).unwrap();
+        SubscriptionId::parse(fixture("subscription")["id"].as_str().unwrap()).unwrap();
+        InvoiceId::parse(fixture("invoice")["id"].as_str().unwrap()).unwrap();
+        CheckoutSessionId::parse(fixture("checkout.session")["id"].as_str().unwrap()).unwrap();
+        RefundId::parse(fixture("refund")["id"].as_str().unwrap()).unwrap();
+        DisputeId::parse(fixture("dispute")["id"].as_str().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn stripe_ids_refuse_empty_long_and_odd_characters() {
+        assert_eq!(
+            CustomerId::parse(""),
+            Err(IdError::Empty {
+                kind: "Stripe customer id"
+            })
+        );
+        assert!(CustomerId::parse(&format!("cus_{}", "a".repeat(251))).is_ok());
+        assert_eq!(
+            CustomerId::parse(&format!("cus_{}", "a".repeat(252))),
+            Err(IdError::TooLong {
+                kind: "Stripe customer id",
+                max: 255
+            })
+        );
+        for bad in [
+            "cus_1\n",
+            "cus\t1",
+            "cus_\u{0}",
+            "cus 1",
+            "cus-1",
+            "cus_1/../x",
+            "cus_é",
+        ] {
+            assert!(
+                matches!(CustomerId::parse(bad), Err(IdError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+        // The prefix is not checked: other shapes are used by fixtures and the simulator.
+        assert!(InvoiceId::parse("invoice_sim01").is_ok());
+    }
+
+    #[test]
+    fn stripe_ids_serialize_as_the_plain_string() {
+        let id = SubscriptionId::parse("sub_1Pgc6rB7WZ01zgkWNy0Cn5nw").unwrap();
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, "\"sub_1Pgc6rB7WZ01zgkWNy0Cn5nw\"");
+        assert_eq!(serde_json::from_str::<SubscriptionId>(&json).unwrap(), id);
+        assert_eq!(id.to_string(), id.as_str());
+        assert!(serde_json::from_str::<SubscriptionId>("\"\"").is_err());
+        assert!(serde_json::from_str::<SubscriptionId>("\"sub 1\"").is_err());
     }
 }

@@ -4,7 +4,7 @@
 use super::observer::CreditAlerts;
 use super::{ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES};
 use crate::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
-use crate::ids::WorkspaceId;
+use crate::ids::{PaymentIntentId, WorkspaceId};
 use crate::ledger::WorkspaceState;
 use crate::payments::TopUp;
 use crate::store::docs;
@@ -45,7 +45,7 @@ impl CreditAlerts {
         state: &WorkspaceState,
         topup: &AutoTopUp,
         entry: u64,
-    ) -> Result<String, String> {
+    ) -> Result<PaymentIntentId, String> {
         let payments = self
             .payments
             .as_ref()

@@ -262,7 +262,6 @@ impl SubscriptionChanges {
                 let keep = sub.pending_addon_reduction(&sub.plan, sub.interval);
                 self.payments
                     .update_subscription(&SubscriptionChange {
-                        subscription: sub.id.clone(),
                         plan: Some(self.plan_price(&current, sub.interval)),
                         prorate_now: false,
                         metadata: metadata(
@@ -273,7 +272,7 @@ impl SubscriptionChanges {
                             keep.as_ref(),
                         ),
                         idempotency_key: stripe_key.to_owned(),
-                        ..SubscriptionChange::default()
+                        ..SubscriptionChange::to(sub.id.clone())
                     })
                     .await?;
             }
@@ -295,7 +294,6 @@ impl SubscriptionChanges {
             let keep = sub.pending_addon_reduction(&target.id, interval);
             self.payments
                 .update_subscription(&SubscriptionChange {
-                    subscription: sub.id.clone(),
                     plan: Some(self.plan_price(&target, interval)),
                     prorate_now: true,
                     metadata: metadata(
@@ -312,7 +310,7 @@ impl SubscriptionChanges {
                         })
                         .transpose()?,
                     idempotency_key: key,
-                    ..SubscriptionChange::default()
+                    ..SubscriptionChange::to(sub.id.clone())
                 })
                 .await?;
             let (window_start, window_end) =
@@ -362,7 +360,6 @@ impl SubscriptionChanges {
         };
         self.payments
             .update_subscription(&SubscriptionChange {
-                subscription: sub.id.clone(),
                 plan: Some(self.plan_price(&target, interval)),
                 prorate_now: false,
                 metadata: metadata(
@@ -373,7 +370,7 @@ impl SubscriptionChanges {
                     Some(&scheduled),
                 ),
                 idempotency_key: key,
-                ..SubscriptionChange::default()
+                ..SubscriptionChange::to(sub.id.clone())
             })
             .await?;
         tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, at = %sub.period_end, "downgrade scheduled");
@@ -423,12 +420,11 @@ impl SubscriptionChanges {
             });
             self.payments
                 .update_subscription(&SubscriptionChange {
-                    subscription: sub.id.clone(),
                     addons: Some((units as u64, price)),
                     prorate_now: true,
                     metadata: metadata(workspace, &sub.plan, sub.interval, units, keep.as_ref()),
                     idempotency_key: key,
-                    ..SubscriptionChange::default()
+                    ..SubscriptionChange::to(sub.id.clone())
                 })
                 .await?;
             let (window_start, window_end) =
@@ -482,7 +478,6 @@ impl SubscriptionChanges {
             && units == sub.addon_units;
         self.payments
             .update_subscription(&SubscriptionChange {
-                subscription: sub.id.clone(),
                 addons: Some((units as u64, price)),
                 prorate_now: false,
                 metadata: metadata(
@@ -493,7 +488,7 @@ impl SubscriptionChanges {
                     (!unchanged).then_some(&schedule),
                 ),
                 idempotency_key: key,
-                ..SubscriptionChange::default()
+                ..SubscriptionChange::to(sub.id.clone())
             })
             .await?;
         Ok(ChangeView {
@@ -517,11 +512,10 @@ impl SubscriptionChanges {
         let sub = self.live(workspace).await?;
         self.payments
             .update_subscription(&SubscriptionChange {
-                subscription: sub.id.clone(),
                 cancel_at_period_end: cancel,
                 pause,
                 idempotency_key: stripe_key.to_owned(),
-                ..SubscriptionChange::default()
+                ..SubscriptionChange::to(sub.id.clone())
             })
             .await?;
         Ok(StatusView {

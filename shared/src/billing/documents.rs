@@ -15,7 +15,7 @@ use crate::subscriptions::{Terms, meta};
 
 /// A Stripe amount that is never negative. A negative one means the object is not what
 /// the records assume, so the event is poisoned rather than stored.
-fn cents(amount: i64, field: &str, object: &str) -> Result<Cents, ConsumeError> {
+fn cents(amount: i64, field: &str, object: &dyn std::fmt::Display) -> Result<Cents, ConsumeError> {
     Cents::try_from(amount)
         .map_err(|_| poison(format!("{field} of {object} is negative ({amount})")))
 }
@@ -47,7 +47,7 @@ impl BillingEvents {
                 .map(ts),
             subscription: i
                 .subscription_details()
-                .and_then(|d| d.subscription.id().map(str::to_owned)),
+                .and_then(|d| d.subscription.id().cloned()),
             as_of: event.created,
             as_of_event: event.id.clone(),
         };
@@ -86,8 +86,8 @@ impl BillingEvents {
             scheduled,
         } = read_terms(&d.metadata, start)?;
         let record = SubscriptionRecord {
-            id: sub.to_owned(),
-            customer: i.customer.id().map(str::to_owned),
+            id: sub.clone(),
+            customer: i.customer.id().cloned(),
             plan,
             interval,
             status,
@@ -151,7 +151,7 @@ impl BillingEvents {
         };
         let record = SubscriptionRecord {
             id: s.id.clone(),
-            customer: s.customer.id().map(str::to_owned),
+            customer: s.customer.id().cloned(),
             plan,
             interval,
             status,
@@ -250,7 +250,7 @@ impl BillingEvents {
             amount: cents(c.amount, "amount", &c.id)?,
             amount_refunded: cents(c.amount_refunded, "amount_refunded", &c.id)?,
             currency: c.currency.clone(),
-            payment_intent: c.payment_intent.id().map(str::to_owned),
+            payment_intent: c.payment_intent.id().cloned(),
             created: Some(ts(c.created)),
             refunds,
             disputes: Vec::new(),
@@ -271,8 +271,8 @@ impl BillingEvents {
                 PROFILE_SK,
                 |cur: Option<BillingProfile>| {
                     let mut p = cur.unwrap_or_default();
-                    (p.payment_method.as_deref() != Some(pm)).then(|| {
-                        p.payment_method = Some(pm.to_owned());
+                    (p.payment_method.as_ref() != Some(pm)).then(|| {
+                        p.payment_method = Some(pm.clone());
                         p
                     })
                 },
@@ -294,9 +294,8 @@ impl BillingEvents {
             .charge
             .id()
             .ok_or_else(|| poison(format!("dispute {} names no charge", d.id)))?
-            .to_owned();
+            .clone();
         let record = PaymentRecord {
-            charge: charge.clone(),
             currency: d.currency.clone(),
             disputes: vec![DisputeFact {
                 id: d.id.clone(),
@@ -306,7 +305,7 @@ impl BillingEvents {
                 created: ts(d.created),
                 as_of: event.created,
             }],
-            ..PaymentRecord::default()
+            ..PaymentRecord::new(charge.clone())
         };
         docs::update(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK, |cur| {
             PaymentRecord::merge(cur, record.clone())
@@ -323,8 +322,8 @@ mod tests {
 
     #[test]
     fn negative_stripe_amounts_poison_the_event() {
-        assert_eq!(cents(4900, "amount", "ch_1").ok(), Some(Cents::new(4900)));
-        match cents(-1, "amount_refunded", "ch_1") {
+        assert_eq!(cents(4900, "amount", &"ch_1").ok(), Some(Cents::new(4900)));
+        match cents(-1, "amount_refunded", &"ch_1") {
             Err(ConsumeError::Poison(m)) => {
                 assert_eq!(m.to_string(), "amount_refunded of ch_1 is negative (-1)")
             }

@@ -71,8 +71,8 @@ pub fn checkout_grant(
         credits,
         expires_at: None,
         refs: Refs {
-            invoice: s.invoice.id().map(str::to_owned),
-            charge: s.payment_intent.id().map(str::to_owned),
+            invoice: s.invoice.id().cloned(),
+            charge: s.payment_intent.id().map(ToString::to_string),
             ..Refs::default()
         },
         note: format!("{quantity} x {} ({} credits)", pack.id, pack.credits),
@@ -186,7 +186,7 @@ pub fn top_up_grant(pi: &PaymentIntent, catalog: &Catalog) -> Result<CreditGrant
         credits: pack.credits,
         expires_at: None,
         refs: Refs {
-            charge: Some(pi.id.clone()),
+            charge: Some(pi.id.to_string()),
             ..Refs::default()
         },
         note: format!("auto top-up: {} ({} credits)", pack.id, pack.credits),

@@ -4,7 +4,7 @@
 use super::objects;
 use super::records::*;
 use super::{BillingEvents, poison};
-use crate::ids::WorkspaceId;
+use crate::ids::{CustomerId, WorkspaceId};
 use crate::queue::ConsumeError;
 use crate::store::StoreError;
 use crate::store::docs::{self, DocStore};
@@ -15,7 +15,7 @@ impl BillingEvents {
     /// refused loudly and left alone).
     pub(super) async fn link_customer(
         &self,
-        customer: &str,
+        customer: &CustomerId,
         workspace: &WorkspaceId,
     ) -> Result<(), ConsumeError> {
         link_customer(self.docs.as_ref(), customer, workspace).await?;
@@ -24,7 +24,7 @@ impl BillingEvents {
 
     pub(super) async fn customer_workspace(
         &self,
-        customer: Option<&str>,
+        customer: Option<&CustomerId>,
     ) -> Result<Option<WorkspaceId>, ConsumeError> {
         let Some(c) = customer else { return Ok(None) };
         Ok(
@@ -67,9 +67,9 @@ impl BillingEvents {
 /// alone. Returns the customer the profile names afterwards.
 pub async fn link_customer(
     docs_store: &dyn DocStore,
-    customer: &str,
+    customer: &CustomerId,
     workspace: &WorkspaceId,
-) -> Result<String, StoreError> {
+) -> Result<CustomerId, StoreError> {
     let linked = docs::update(
         docs_store,
         &customer_pk(customer),
@@ -84,7 +84,7 @@ pub async fn link_customer(
     if let Some(l) = linked
         && &l.workspace != workspace
     {
-        tracing::error!(customer, linked = %l.workspace, claimed = %workspace,
+        tracing::error!(customer = %customer, linked = %l.workspace, claimed = %workspace,
             "Stripe customer already belongs to another workspace; ignoring the new claim");
     }
     let profile = docs::update(
@@ -96,12 +96,12 @@ pub async fn link_customer(
             if p.customer.is_some() {
                 return None;
             }
-            p.customer = Some(customer.to_owned());
+            p.customer = Some(customer.clone());
             Some(p)
         },
     )
     .await?;
     Ok(profile
         .and_then(|p| p.customer)
-        .unwrap_or_else(|| customer.to_owned()))
+        .unwrap_or_else(|| customer.clone()))
 }

@@ -200,10 +200,10 @@ impl BillingEvents {
                 PROFILE_SK,
                 |cur: Option<BillingProfile>| {
                     let mut p = cur.unwrap_or_default();
-                    if p.subscription.as_deref() == Some(sub) {
+                    if p.subscription.as_ref() == Some(sub) {
                         return None;
                     }
-                    p.subscription = Some(sub.to_owned());
+                    p.subscription = Some(sub.clone());
                     Some(p)
                 },
             )

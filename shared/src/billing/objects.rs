@@ -1,28 +1,44 @@
 //! The parts of Stripe's objects that billing reads, as tolerant serde views: unknown
 //! fields are ignored, missing optional ones default, expandable ids accept an id or an
-//! expanded object.
+//! expanded object. Ids are parsed here, so a malformed one fails the whole object (and
+//! the event carrying it is poisoned) instead of reaching the documents.
 
+use crate::ids::{
+    ChargeId, CheckoutSessionId, CustomerId, DisputeId, IdError, InvoiceId, PaymentIntentId,
+    PaymentMethodId, RefundId, StripeEventId, SubscriptionId,
+};
+use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use std::collections::HashMap;
 
 /// An id that Stripe may send as a string or, when expanded, as an object with an `id`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Expandable(pub Option<String>);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expandable<T>(pub Option<T>);
 
-impl<'de> Deserialize<'de> for Expandable {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = serde_json::Value::deserialize(d)?;
-        Ok(Expandable(match v {
-            serde_json::Value::String(s) => Some(s),
-            serde_json::Value::Object(o) => o.get("id").and_then(|i| i.as_str()).map(str::to_owned),
-            _ => None,
-        }))
+impl<T> Default for Expandable<T> {
+    fn default() -> Self {
+        Self(None)
     }
 }
 
-impl Expandable {
-    pub fn id(&self) -> Option<&str> {
-        self.0.as_deref()
+impl<'de, T: TryFrom<String, Error = IdError>> Deserialize<'de> for Expandable<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let id = match v {
+            serde_json::Value::String(s) => Some(s),
+            serde_json::Value::Object(o) => o.get("id").and_then(|i| i.as_str()).map(str::to_owned),
+            _ => None,
+        };
+        id.map(T::try_from)
+            .transpose()
+            .map(Expandable)
+            .map_err(D::Error::custom)
+    }
+}
+
+impl<T> Expandable<T> {
+    pub fn id(&self) -> Option<&T> {
+        self.0.as_ref()
     }
 }
 
@@ -32,7 +48,7 @@ fn nullable_map<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<String, Strin
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Event {
-    pub id: String,
+    pub id: StripeEventId,
     #[serde(rename = "type")]
     pub kind: String,
     pub created: i64,
@@ -46,17 +62,17 @@ pub struct EventData {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CheckoutSession {
-    pub id: String,
+    pub id: CheckoutSessionId,
     pub mode: Option<String>,
     pub payment_status: Option<String>,
     #[serde(default)]
-    pub customer: Expandable,
+    pub customer: Expandable<CustomerId>,
     #[serde(default)]
-    pub subscription: Expandable,
+    pub subscription: Expandable<SubscriptionId>,
     #[serde(default)]
-    pub invoice: Expandable,
+    pub invoice: Expandable<InvoiceId>,
     #[serde(default)]
-    pub payment_intent: Expandable,
+    pub payment_intent: Expandable<PaymentIntentId>,
     pub client_reference_id: Option<String>,
     #[serde(default, deserialize_with = "nullable_map")]
     pub metadata: HashMap<String, String>,
@@ -72,7 +88,7 @@ pub struct Period {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct SubscriptionDetails {
     #[serde(default)]
-    pub subscription: Expandable,
+    pub subscription: Expandable<SubscriptionId>,
     #[serde(default, deserialize_with = "nullable_map")]
     pub metadata: HashMap<String, String>,
 }
@@ -100,9 +116,9 @@ pub struct StatusTransitions {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Invoice {
-    pub id: String,
+    pub id: InvoiceId,
     #[serde(default)]
-    pub customer: Expandable,
+    pub customer: Expandable<CustomerId>,
     pub status: Option<String>,
     pub billing_reason: Option<String>,
     pub collection_method: Option<String>,
@@ -168,9 +184,9 @@ pub struct SubscriptionItem {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Subscription {
-    pub id: String,
+    pub id: SubscriptionId,
     #[serde(default)]
-    pub customer: Expandable,
+    pub customer: Expandable<CustomerId>,
     pub status: String,
     #[serde(default)]
     pub cancel_at_period_end: bool,
@@ -209,7 +225,7 @@ impl Subscription {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Refund {
-    pub id: String,
+    pub id: RefundId,
     #[serde(default)]
     pub amount: i64,
     pub status: Option<String>,
@@ -219,43 +235,75 @@ pub struct Refund {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Charge {
-    pub id: String,
+    pub id: ChargeId,
     #[serde(default)]
-    pub customer: Expandable,
+    pub customer: Expandable<CustomerId>,
     #[serde(default)]
     pub amount: i64,
     #[serde(default)]
     pub amount_refunded: i64,
     pub currency: Option<String>,
     #[serde(default)]
-    pub payment_intent: Expandable,
+    pub payment_intent: Expandable<PaymentIntentId>,
     pub created: i64,
     #[serde(default, deserialize_with = "nullable_map")]
     pub metadata: HashMap<String, String>,
     pub refunds: Option<List<Refund>>,
     #[serde(default)]
-    pub payment_method: Expandable,
+    pub payment_method: Expandable<PaymentMethodId>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct PaymentIntent {
-    pub id: String,
+    pub id: PaymentIntentId,
     pub status: Option<String>,
     #[serde(default)]
-    pub customer: Expandable,
+    pub customer: Expandable<CustomerId>,
     #[serde(default, deserialize_with = "nullable_map")]
     pub metadata: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Dispute {
-    pub id: String,
+    pub id: DisputeId,
     #[serde(default)]
-    pub charge: Expandable,
+    pub charge: Expandable<ChargeId>,
     #[serde(default)]
     pub amount: i64,
     pub currency: Option<String>,
     pub reason: Option<String>,
     pub status: Option<String>,
     pub created: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expandable_ids_accept_an_id_or_an_expanded_object() {
+        let plain: Expandable<CustomerId> = serde_json::from_str(r#""cus_1""#).unwrap();
+        let expanded: Expandable<CustomerId> =
+            serde_json::from_str(r#"{"id": "cus_1", "object": "customer"}"#).unwrap();
+        let absent: Expandable<CustomerId> = serde_json::from_str("null").unwrap();
+        assert_eq!(plain.id().map(CustomerId::as_str), Some("cus_1"));
+        assert_eq!(expanded, plain);
+        assert_eq!(absent.id(), None);
+    }
+
+    #[test]
+    fn a_malformed_id_fails_the_object_with_a_message() {
+        let err = serde_json::from_str::<Dispute>(
+            r#"{"id": "dp_1", "charge": "ch 1", "amount": 5, "created": 1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("Stripe charge id"), "{err}");
+        let err = serde_json::from_str::<Event>(
+            r#"{"id": "", "type": "charge.succeeded", "created": 1, "data": {"object": {}}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("Stripe event id must not be empty"), "{err}");
+    }
 }

@@ -5,7 +5,10 @@
 
 pub use crate::subscriptions::{ScheduledChange, SubscriptionRecord};
 
-use crate::ids::WorkspaceId;
+use crate::ids::{
+    ChargeId, CustomerId, DisputeId, InvoiceId, PaymentIntentId, PaymentMethodId, RefundId,
+    StripeEventId, SubscriptionId, WorkspaceId,
+};
 use crate::money::{Cents, SignedCents};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,10 +17,10 @@ use utoipa::ToSchema;
 pub fn workspace_pk(workspace: &WorkspaceId) -> String {
     format!("WORKSPACE#{workspace}")
 }
-pub fn customer_pk(customer: &str) -> String {
+pub fn customer_pk(customer: &CustomerId) -> String {
     format!("CUSTOMER#{customer}")
 }
-pub fn charge_pk(charge: &str) -> String {
+pub fn charge_pk(charge: &ChargeId) -> String {
     format!("CHARGE#{charge}")
 }
 pub const PROFILE_SK: &str = "BILLING";
@@ -27,18 +30,18 @@ pub const PAYMENT_SK: &str = "PAYMENT";
 pub const INVOICE_PREFIX: &str = "INVOICE#";
 
 /// Invoices sort by creation time, so listing the prefix newest first is billing history.
-pub fn invoice_sk(created: i64, id: &str) -> String {
+pub fn invoice_sk(created: i64, id: &InvoiceId) -> String {
     format!("{INVOICE_PREFIX}{created:012}#{id}")
 }
 
 /// A workspace's Stripe identities.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BillingProfile {
-    pub customer: Option<String>,
-    pub subscription: Option<String>,
+    pub customer: Option<CustomerId>,
+    pub subscription: Option<SubscriptionId>,
     /// The card saved by the last checkout, for auto top-up.
     #[serde(default)]
-    pub payment_method: Option<String>,
+    pub payment_method: Option<PaymentMethodId>,
 }
 
 /// Which workspace a Stripe customer (or charge) belongs to. Written once; never moved.
@@ -50,7 +53,7 @@ pub struct Link {
 /// An invoice line of billing history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct InvoiceRecord {
-    pub id: String,
+    pub id: InvoiceId,
     pub number: Option<String>,
     pub status: String,
     pub billing_reason: Option<String>,
@@ -64,9 +67,9 @@ pub struct InvoiceRecord {
     pub invoice_pdf: Option<String>,
     pub created: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
-    pub subscription: Option<String>,
+    pub subscription: Option<SubscriptionId>,
     pub as_of: i64,
-    pub as_of_event: String,
+    pub as_of_event: StripeEventId,
 }
 
 impl InvoiceRecord {
@@ -94,7 +97,7 @@ impl InvoiceRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RefundFact {
-    pub id: String,
+    pub id: RefundId,
     pub amount: Cents,
     pub status: Option<String>,
     pub reason: Option<String>,
@@ -103,7 +106,7 @@ pub struct RefundFact {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DisputeFact {
-    pub id: String,
+    pub id: DisputeId,
     pub amount: Cents,
     pub reason: Option<String>,
     pub status: Option<String>,
@@ -112,20 +115,35 @@ pub struct DisputeFact {
 }
 
 /// A payment (Stripe charge) with what happened to it afterwards.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PaymentRecord {
-    pub charge: String,
+    pub charge: ChargeId,
     pub workspace: Option<WorkspaceId>,
     pub amount: Cents,
     pub amount_refunded: Cents,
     pub currency: Option<String>,
-    pub payment_intent: Option<String>,
+    pub payment_intent: Option<PaymentIntentId>,
     pub created: Option<DateTime<Utc>>,
     pub refunds: Vec<RefundFact>,
     pub disputes: Vec<DisputeFact>,
 }
 
 impl PaymentRecord {
+    /// A payment known so far only by its charge; other facts merge in as they arrive.
+    pub fn new(charge: ChargeId) -> Self {
+        Self {
+            charge,
+            workspace: None,
+            amount: Cents::default(),
+            amount_refunded: Cents::default(),
+            currency: None,
+            payment_intent: None,
+            created: None,
+            refunds: Vec::new(),
+            disputes: Vec::new(),
+        }
+    }
+
     /// Union of facts: amounts only grow, refunds and disputes are merged by id (a
     /// dispute's newest state wins). Returns `None` when nothing changes.
     pub fn merge(current: Option<Self>, incoming: Self) -> Option<Self> {

@@ -7,7 +7,7 @@
 pub mod engine;
 
 use crate::catalog::Estimate;
-use crate::ids::{GenerationId, WorkspaceId};
+use crate::ids::{GenerationId, InvoiceId, RefundId, StripeEventId, WorkspaceId};
 use crate::money::{CreditDelta, Credits};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -197,13 +197,15 @@ pub struct Refs {
     #[schema(value_type = Option<String>)]
     pub generation: Option<GenerationId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stripe_event: Option<String>,
+    pub stripe_event: Option<StripeEventId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub invoice: Option<String>,
+    pub invoice: Option<InvoiceId>,
+    /// The Stripe payment behind a pack. Checkouts and top-ups record the payment intent
+    /// (`pi_...`) here, not a charge, so it stays a plain string rather than a `ChargeId`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub charge: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refund: Option<String>,
+    pub refund: Option<RefundId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ticket: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

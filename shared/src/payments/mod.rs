@@ -5,7 +5,10 @@
 pub mod stripe_api;
 
 use crate::error::BoxError;
-use crate::ids::WorkspaceId;
+use crate::ids::{
+    CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, PaymentMethodId, SubscriptionId,
+    WorkspaceId,
+};
 use crate::ledger::Interval;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -92,7 +95,7 @@ pub enum Purchase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutRequest {
     pub workspace: WorkspaceId,
-    pub customer: String,
+    pub customer: CustomerId,
     pub purchase: Purchase,
     pub success_url: String,
     pub cancel_url: String,
@@ -102,7 +105,7 @@ pub struct CheckoutRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckoutLink {
-    pub id: String,
+    pub id: CheckoutSessionId,
     pub url: String,
 }
 
@@ -117,9 +120,9 @@ pub struct ItemPrice {
 }
 
 /// The desired state of a subscription after a change. Unset fields stay as they are.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionChange {
-    pub subscription: String,
+    pub subscription: SubscriptionId,
     /// A new price for the plan item.
     pub plan: Option<ItemPrice>,
     /// The add-on item's quantity (0 removes it) and price.
@@ -135,12 +138,28 @@ pub struct SubscriptionChange {
     pub idempotency_key: String,
 }
 
+impl SubscriptionChange {
+    /// A change to `subscription` that changes nothing yet; set the fields that change.
+    pub fn to(subscription: SubscriptionId) -> Self {
+        Self {
+            subscription,
+            plan: None,
+            addons: None,
+            prorate_now: false,
+            metadata: Default::default(),
+            cancel_at_period_end: None,
+            pause: None,
+            idempotency_key: String::new(),
+        }
+    }
+}
+
 /// An invoice for an agreed amount, paid by bank transfer or card through Stripe's hosted
 /// invoice page; its credits are granted when Stripe reports it paid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomInvoice {
     pub workspace: WorkspaceId,
-    pub customer: String,
+    pub customer: CustomerId,
     /// Integer cents.
     pub amount: u64,
     pub credits: u64,
@@ -151,7 +170,7 @@ pub struct CustomInvoice {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvoiceLink {
-    pub id: String,
+    pub id: InvoiceId,
     pub hosted_invoice_url: String,
 }
 
@@ -159,8 +178,8 @@ pub struct InvoiceLink {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopUp {
     pub workspace: WorkspaceId,
-    pub customer: String,
-    pub payment_method: String,
+    pub customer: CustomerId,
+    pub payment_method: PaymentMethodId,
     pub pack: String,
     /// Integer cents, after the plan's pack discount.
     pub amount: u64,
@@ -171,7 +190,7 @@ pub struct TopUp {
 pub trait Payments: Send + Sync {
     /// Charges a saved card off-session; returns the payment intent id. Credits follow from
     /// its `payment_intent.succeeded` event.
-    async fn charge_saved_method(&self, req: &TopUp) -> Result<String, PaymentsError>;
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError>;
 
     /// Creates, finalizes and sends a custom-payment invoice.
     async fn create_custom_invoice(
@@ -188,14 +207,14 @@ pub trait Payments: Send + Sync {
         workspace: &WorkspaceId,
         email: Option<&str>,
         idempotency_key: &str,
-    ) -> Result<String, PaymentsError>;
+    ) -> Result<CustomerId, PaymentsError>;
 
     async fn create_checkout(&self, req: &CheckoutRequest) -> Result<CheckoutLink, PaymentsError>;
 
     /// A customer-portal URL (plans, invoices, payment methods).
     async fn billing_portal(
         &self,
-        customer: &str,
+        customer: &CustomerId,
         return_url: &str,
         idempotency_key: &str,
     ) -> Result<String, PaymentsError>;

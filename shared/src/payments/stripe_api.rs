@@ -2,10 +2,20 @@
 //! response types, and a Stripe idempotency key on every mutating call.
 
 use super::*;
+use crate::ids::IdError;
 use ::stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use stripe_client_core::{RequestBuilder, StripeMethod};
+
+/// An id Stripe answered with, checked like any Stripe id Tally keeps. One that does not
+/// parse means the answer is not what Stripe sends, treated like an answer without an id.
+fn returned<T: FromStr<Err = IdError>>(id: &str) -> Result<T, PaymentsError> {
+    id.parse().map_err(|e: IdError| {
+        PaymentsError::unavailable(format!("Stripe answered with a bad id: {e}"))
+    })
+}
 
 pub struct StripePayments {
     client: Client,
@@ -285,15 +295,15 @@ struct PaymentIntentForm<'a> {
 
 #[async_trait]
 impl Payments for StripePayments {
-    async fn charge_saved_method(&self, req: &TopUp) -> Result<String, PaymentsError> {
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
         let intent: stripe_shared::PaymentIntent = self
             .post(
                 "/payment_intents",
                 &PaymentIntentForm {
                     amount: req.amount,
                     currency: "usd",
-                    customer: &req.customer,
-                    payment_method: &req.payment_method,
+                    customer: req.customer.as_str(),
+                    payment_method: req.payment_method.as_str(),
                     off_session: true,
                     confirm: true,
                     description: format!("Auto top-up: {}", req.pack),
@@ -308,7 +318,7 @@ impl Payments for StripePayments {
                 &req.idempotency_key,
             )
             .await?;
-        Ok(intent.id.to_string())
+        returned(intent.id.as_str())
     }
 
     async fn create_custom_invoice(
@@ -320,7 +330,7 @@ impl Payments for StripePayments {
             .post(
                 "/invoices",
                 &InvoiceForm {
-                    customer: &req.customer,
+                    customer: req.customer.as_str(),
                     collection_method: "send_invoice",
                     days_until_due: req.days_until_due,
                     description: &req.description,
@@ -334,11 +344,13 @@ impl Payments for StripePayments {
                 &format!("{key}-invoice"),
             )
             .await?;
-        let id = invoice
-            .id
-            .as_ref()
-            .map(|i| i.to_string())
-            .ok_or_else(|| PaymentsError::unavailable("invoice without an id"))?;
+        let id: InvoiceId = returned(
+            invoice
+                .id
+                .as_ref()
+                .ok_or_else(|| PaymentsError::unavailable("invoice without an id"))?
+                .as_str(),
+        )?;
         #[derive(miniserde::Deserialize)]
         struct Created {
             #[allow(dead_code)]
@@ -348,8 +360,8 @@ impl Payments for StripePayments {
             .post(
                 "/invoiceitems",
                 &InvoiceItemForm {
-                    customer: &req.customer,
-                    invoice: &id,
+                    customer: req.customer.as_str(),
+                    invoice: id.as_str(),
                     amount: req.amount,
                     currency: "usd",
                     description: &req.description,
@@ -466,14 +478,14 @@ impl Payments for StripePayments {
         workspace: &WorkspaceId,
         email: Option<&str>,
         idempotency_key: &str,
-    ) -> Result<String, PaymentsError> {
+    ) -> Result<CustomerId, PaymentsError> {
         let form = CustomerForm {
             email,
             metadata: BTreeMap::from([("org_id", workspace.as_str())]),
         };
         let customer: stripe_shared::Customer =
             self.post("/customers", &form, idempotency_key).await?;
-        Ok(customer.id.to_string())
+        returned(customer.id.as_str())
     }
 
     async fn create_checkout(&self, req: &CheckoutRequest) -> Result<CheckoutLink, PaymentsError> {
@@ -522,7 +534,7 @@ impl Payments for StripePayments {
         let subscription = mode == "subscription";
         let form = CheckoutForm {
             mode,
-            customer: &req.customer,
+            customer: req.customer.as_str(),
             client_reference_id: req.workspace.as_str(),
             success_url: &req.success_url,
             cancel_url: &req.cancel_url,
@@ -552,14 +564,14 @@ impl Payments for StripePayments {
             .url
             .ok_or_else(|| PaymentsError::unavailable("checkout session without a URL"))?;
         Ok(CheckoutLink {
-            id: session.id.to_string(),
+            id: returned(session.id.as_str())?,
             url,
         })
     }
 
     async fn billing_portal(
         &self,
-        customer: &str,
+        customer: &CustomerId,
         return_url: &str,
         idempotency_key: &str,
     ) -> Result<String, PaymentsError> {
@@ -576,7 +588,7 @@ impl Payments for StripePayments {
             .post(
                 "/billing_portal/sessions",
                 &PortalForm {
-                    customer,
+                    customer: customer.as_str(),
                     return_url,
                 },
                 idempotency_key,

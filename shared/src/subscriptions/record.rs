@@ -2,6 +2,7 @@
 //! any order merge into one document.
 
 use super::{Interval, PlanState, PlanStatus};
+use crate::ids::{CustomerId, StripeEventId, SubscriptionId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -9,8 +10,8 @@ use utoipa::ToSchema;
 /// The subscription as the latest Stripe facts describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SubscriptionRecord {
-    pub id: String,
-    pub customer: Option<String>,
+    pub id: SubscriptionId,
+    pub customer: Option<CustomerId>,
     pub plan: String,
     pub interval: Interval,
     pub status: PlanStatus,
@@ -24,7 +25,7 @@ pub struct SubscriptionRecord {
     pub scheduled: Option<ScheduledChange>,
     /// Stripe `created` time of the event these facts came from, and its id.
     pub as_of: i64,
-    pub as_of_event: String,
+    pub as_of_event: StripeEventId,
 }
 
 impl SubscriptionRecord {
@@ -106,7 +107,7 @@ mod tests {
 
     fn record(id: &str, status: PlanStatus, as_of: i64, cancel: bool) -> SubscriptionRecord {
         SubscriptionRecord {
-            id: id.into(),
+            id: SubscriptionId::parse(id).unwrap(),
             customer: None,
             plan: "max".into(),
             interval: Interval::Monthly,
@@ -118,7 +119,7 @@ mod tests {
             addon_units: 0,
             scheduled: None,
             as_of,
-            as_of_event: format!("evt_{as_of}"),
+            as_of_event: StripeEventId::parse(&format!("evt_{as_of}")).unwrap(),
         }
     }
 

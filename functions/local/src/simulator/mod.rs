@@ -20,12 +20,14 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, header};
 use chrono::{Duration, Utc};
-use objects::{SimSubscription, fixture, new_id};
+use objects::{SimSubscription, fixture, new_id, new_stripe_id};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tally::ids::WorkspaceId;
+use tally::ids::{
+    CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, SubscriptionId, WorkspaceId,
+};
 use tally::payments::{
     CheckoutLink, CheckoutRequest, CustomInvoice, InvoiceLink, Payments, PaymentsError, Purchase,
     SubscriptionChange, TopUp,
@@ -54,9 +56,9 @@ pub struct Simulator {
     base_url: String,
     secret: String,
     webhook: Router,
-    sessions: Mutex<HashMap<String, SimSession>>,
-    subscriptions: Mutex<HashMap<String, SimSubscription>>,
-    invoices: Mutex<HashMap<String, (CustomInvoice, Value)>>,
+    sessions: Mutex<HashMap<CheckoutSessionId, SimSession>>,
+    subscriptions: Mutex<HashMap<SubscriptionId, SimSubscription>>,
+    invoices: Mutex<HashMap<InvoiceId, (CustomInvoice, Value)>>,
     events: Mutex<Vec<SimEvent>>,
 }
 
@@ -144,7 +146,14 @@ impl Simulator {
         charge["created"] = json!(now);
         charge["metadata"] = json!({"org_id": ws});
         charge["amount_refunded"] = json!(0);
-        charge["payment_method"] = json!(format!("pm_sim_{}", request.workspace));
+        // A workspace id may hold characters a Stripe id may not ('-', '.', ':').
+        let workspace_part: String = request
+            .workspace
+            .as_str()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        charge["payment_method"] = json!(format!("pm_sim_{workspace_part}"));
         charge["refunded"] = json!(false);
         charge["refunds"] =
             json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
@@ -173,7 +182,7 @@ impl Simulator {
                 metadata.remove("kind");
                 metadata.insert("addon_units", "0".into());
                 let mut sub = SimSubscription {
-                    id: new_id("sub"),
+                    id: new_stripe_id("sub"),
                     customer: customer.clone(),
                     metadata: metadata
                         .into_iter()
@@ -264,8 +273,8 @@ impl Simulator {
 
 #[async_trait]
 impl Payments for Simulator {
-    async fn charge_saved_method(&self, req: &TopUp) -> Result<String, PaymentsError> {
-        let id = new_id("pi");
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
+        let id: PaymentIntentId = new_stripe_id("pi");
         let metadata = json!({"org_id": req.workspace.to_string(), "kind": "pack", "pack": req.pack,
             "quantity": "1", "topup": "true"});
         let mut intent = fixture("payment_intent");
@@ -309,7 +318,7 @@ impl Payments for Simulator {
                 hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
             });
         }
-        let id = new_id("in");
+        let id: InvoiceId = new_stripe_id("in");
         let mut inv = fixture("invoice");
         inv["id"] = json!(id);
         inv["customer"] = json!(req.customer);
@@ -319,7 +328,8 @@ impl Payments for Simulator {
         inv["currency"] = json!("usd");
         inv["description"] = json!(req.description);
         inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
-        inv["number"] = json!(format!("SIM-{}", &id[id.len() - 6..]));
+        let text = id.as_str();
+        inv["number"] = json!(format!("SIM-{}", &text[text.len() - 6..]));
         inv["hosted_invoice_url"] = json!(format!("{}/sim/invoices/{id}", self.base_url));
         inv["invoice_pdf"] = json!(format!("{}/sim/invoices/{id}.pdf", self.base_url));
         inv["parent"] = Value::Null;
@@ -391,8 +401,8 @@ impl Payments for Simulator {
         _workspace: &WorkspaceId,
         _email: Option<&str>,
         _key: &str,
-    ) -> Result<String, PaymentsError> {
-        Ok(new_id("cus"))
+    ) -> Result<CustomerId, PaymentsError> {
+        Ok(new_stripe_id("cus"))
     }
 
     async fn create_checkout(&self, req: &CheckoutRequest) -> Result<CheckoutLink, PaymentsError> {
@@ -407,7 +417,7 @@ impl Payments for Simulator {
                 url: format!("{}/sim/checkout/{id}", self.base_url),
             });
         }
-        let id = new_id("cs");
+        let id: CheckoutSessionId = new_stripe_id("cs");
         sessions.insert(
             id.clone(),
             SimSession {
@@ -423,7 +433,7 @@ impl Payments for Simulator {
 
     async fn billing_portal(
         &self,
-        customer: &str,
+        customer: &CustomerId,
         return_url: &str,
         _key: &str,
     ) -> Result<String, PaymentsError> {

@@ -6,6 +6,8 @@ use chrono::Utc;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
+use std::str::FromStr;
+use tally::ids::{CustomerId, IdError, SubscriptionId};
 use tally::ledger::Interval;
 
 const FIXTURES: [(&str, &str); 6] = [
@@ -51,6 +53,13 @@ pub(super) fn new_id(prefix: &str) -> String {
     )
 }
 
+/// A fresh id of one of the Stripe id types.
+pub(super) fn new_stripe_id<T: FromStr<Err = IdError>>(prefix: &str) -> T {
+    new_id(prefix)
+        .parse()
+        .expect("simulated ids are ASCII letters, digits and '_'")
+}
+
 /// Signs a payload the way Stripe does: `t=<unix>,v1=<hex HMAC-SHA256("<t>.<payload>")>`.
 pub fn stripe_signature(payload: &str, secret: &str, timestamp: i64) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
@@ -67,8 +76,8 @@ pub fn stripe_signature(payload: &str, secret: &str, timestamp: i64) -> String {
 /// A subscription as the simulator keeps it.
 #[derive(Debug, Clone)]
 pub(super) struct SimSubscription {
-    pub(super) id: String,
-    pub(super) customer: String,
+    pub(super) id: SubscriptionId,
+    pub(super) customer: CustomerId,
     pub(super) metadata: std::collections::BTreeMap<String, String>,
     pub(super) interval: Interval,
     pub(super) unit_amount: u64,

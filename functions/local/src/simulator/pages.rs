@@ -37,7 +37,12 @@ fn escape(s: &str) -> String {
 }
 
 async fn page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    let session = sim.sessions.lock().expect("sim lock").get(&id).cloned();
+    let session = sim
+        .sessions
+        .lock()
+        .expect("sim lock")
+        .get(id.as_str())
+        .cloned();
     let Some(s) = session else {
         return (
             StatusCode::NOT_FOUND,
@@ -127,7 +132,12 @@ async fn renew(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Res
 }
 
 async fn invoice_page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
-    let found = sim.invoices.lock().expect("sim lock").get(&id).cloned();
+    let found = sim
+        .invoices
+        .lock()
+        .expect("sim lock")
+        .get(id.as_str())
+        .cloned();
     let Some((req, inv)) = found else {
         return (
             StatusCode::NOT_FOUND,

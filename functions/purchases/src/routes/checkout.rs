@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::billing::MAX_PACK_QUANTITY;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
-use tally::ids::{IdempotencyKey, WorkspaceId};
+use tally::ids::{CheckoutSessionId, IdempotencyKey, WorkspaceId};
 use tally::ledger::Interval;
 use tally::payments::{CheckoutLink, CheckoutRequest, Purchase};
 use tally::subscriptions::Entitlements;
@@ -26,7 +26,7 @@ pub enum CheckoutBody {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CheckoutLinkView {
-    pub id: String,
+    pub id: CheckoutSessionId,
     /// Send the customer's browser here.
     pub url: String,
 }

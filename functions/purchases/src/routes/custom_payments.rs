@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
-use tally::ids::WorkspaceId;
+use tally::ids::{InvoiceId, WorkspaceId};
 use utoipa::ToSchema;
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -25,7 +25,7 @@ pub struct CustomPaymentBody {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CustomPaymentView {
-    pub invoice: String,
+    pub invoice: InvoiceId,
     pub hosted_invoice_url: String,
     pub credits: u64,
 }

@@ -14,7 +14,7 @@ use crate::PurchasesState;
 use axum::http::StatusCode;
 use tally::billing::records::*;
 use tally::http::{Identity, Problem};
-use tally::ids::WorkspaceId;
+use tally::ids::{CustomerId, WorkspaceId};
 use tally::payments::PaymentsError;
 use tally::store::docs;
 
@@ -56,7 +56,7 @@ async fn customer(
     st: &PurchasesState,
     workspace: &WorkspaceId,
     email: Option<&str>,
-) -> ApiResult<String> {
+) -> ApiResult<CustomerId> {
     let pk = workspace_pk(workspace);
     if let Some(c) = docs::get::<BillingProfile>(st.docs.as_ref(), &pk, PROFILE_SK)
         .await?

@@ -14,7 +14,7 @@ use tally::billing::changes::{
 };
 use tally::billing::records::*;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
-use tally::ids::{IdempotencyKey, WorkspaceId};
+use tally::ids::{CustomerId, IdempotencyKey, WorkspaceId};
 use tally::ledger::Interval;
 use tally::store::docs;
 use utoipa::ToSchema;
@@ -68,7 +68,7 @@ fn stripe_key(scope: &str, workspace: &WorkspaceId, key: Option<&IdempotencyKey>
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SubscriptionView {
     pub subscription: Option<SubscriptionRecord>,
-    pub customer: Option<String>,
+    pub customer: Option<CustomerId>,
 }
 
 #[utoipa::path(get, path = "/v1/subscription", tag = "billing", security(("bearer" = [])),
