@@ -381,8 +381,8 @@ mod tests {
         };
         let charge = fixture("charge");
         ChargeId::parse(charge["id"].as_str().unwrap()).unwrap();
-        CustomerId::parse(charge["customer"].as_str().unwrap()).unwrap();
-        PaymentIntentId::parse(charge["payment_intent"].as_str().unwrap()).unwrap();
+        CustomerId::parse(fixture("customer")["id"].as_str().unwrap()).unwrap();
+        PaymentIntentId::parse(fixture("payment_intent")["id"].as_str().unwrap()).unwrap();
         PaymentMethodId::parse(charge["payment_method"].as_str().unwrap()).unwrap();
         StripeEventId::parse(fixture("event")["id"].as_str().unwrap()).unwrap();
         SubscriptionId::parse(fixture("subscription")["id"].as_str().unwrap()).unwrap();
