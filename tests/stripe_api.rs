@@ -5,6 +5,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use tally::ids::{CustomerId, PaymentMethodId, SubscriptionId, WorkspaceId};
 use tally::ledger::Interval;
+use tally::money::{Cents, Credits};
 use tally::payments::stripe_api::StripePayments;
 use tally::payments::{CheckoutRequest, Payments, PaymentsError, Purchase};
 use tally_tests::fixture;
@@ -96,8 +97,8 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
                 pack: "pack_500".into(),
                 name: "500 credits".into(),
                 quantity: 2,
-                unit_amount: 3280,
-                credits: 500,
+                unit_amount: Cents::new(3280),
+                credits: Credits::new(500),
             },
             success_url: "https://studio.example/billing?done=1".into(),
             cancel_url: "https://studio.example/billing".into(),
@@ -156,7 +157,7 @@ async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interva
                 plan: "generative".into(),
                 name: "Generative".into(),
                 interval: Interval::Yearly,
-                unit_amount: 42480,
+                unit_amount: Cents::new(42480),
             },
             success_url: "https://s.example/ok".into(),
             cancel_url: "https://s.example/no".into(),
@@ -284,8 +285,8 @@ async fn an_upgrade_replaces_the_plan_price_prorated_now_and_rewrites_the_metada
     client(&server)
         .await
         .update_subscription(&SubscriptionChange {
-            plan: Some(price("tally_plan_generative", 5900)),
-            addons: Some((0, price("tally_addon_individual", 1000))),
+            plan: Some(price("tally_plan_generative", Cents::new(5900))),
+            addons: Some((0, price("tally_addon_individual", Cents::new(1000)))),
             prorate_now: true,
             metadata: [("plan", "generative"), ("scheduled_plan", "")]
                 .iter()
@@ -415,8 +416,8 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
         .create_custom_invoice(&CustomInvoice {
             workspace: WorkspaceId::parse("org_e").unwrap(),
             customer: CustomerId::parse("cus_E").unwrap(),
-            amount: 250000,
-            credits: 30000,
+            amount: Cents::new(250000),
+            credits: Credits::new(30000),
             description: "Enterprise credits".into(),
             days_until_due: 30,
             idempotency_key: "tally-custom-org_e-po-1".into(),
@@ -491,7 +492,7 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
             customer: CustomerId::parse("cus_T").unwrap(),
             payment_method: PaymentMethodId::parse("pm_card").unwrap(),
             pack: "pack_100".into(),
-            amount: 800,
+            amount: Cents::new(800),
             idempotency_key: "tally-topup-org_t-42".into(),
         })
         .await

@@ -95,7 +95,7 @@ impl CreditAlerts {
                 customer,
                 payment_method,
                 pack: pack.id.clone(),
-                amount: pack.price_cents.discounted(discount).get(),
+                amount: pack.price_cents.discounted(discount),
                 idempotency_key: format!("tally-topup-{workspace}-{entry}"),
             })
             .await

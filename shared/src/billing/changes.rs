@@ -131,7 +131,7 @@ impl SubscriptionChanges {
         ItemPrice {
             product: product_id("plan", &plan.id),
             product_name: format!("{} plan", plan.name),
-            unit_amount: plan_unit_price(&self.ledger.catalog, plan, interval).get(),
+            unit_amount: plan_unit_price(&self.ledger.catalog, plan, interval),
             interval,
         }
     }
@@ -146,7 +146,7 @@ impl SubscriptionChanges {
         Ok(ItemPrice {
             product: product_id("addon", &addon.id),
             product_name: format!("{} add-on credits", addon.credits_per_unit),
-            unit_amount: unit.get(),
+            unit_amount: unit,
             interval,
         })
     }

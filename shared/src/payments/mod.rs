@@ -10,6 +10,7 @@ use crate::ids::{
     WorkspaceId,
 };
 use crate::ledger::Interval;
+use crate::money::{Cents, Credits};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -80,15 +81,15 @@ pub enum Purchase {
         name: String,
         interval: Interval,
         /// Price per interval, integer cents.
-        unit_amount: u64,
+        unit_amount: Cents,
     },
     Pack {
         pack: String,
         name: String,
         quantity: u64,
         /// Price per pack after the plan's pack discount, integer cents.
-        unit_amount: u64,
-        credits: u64,
+        unit_amount: Cents,
+        credits: Credits,
     },
 }
 
@@ -115,7 +116,7 @@ pub struct ItemPrice {
     pub product: String,
     pub product_name: String,
     /// Integer cents per interval.
-    pub unit_amount: u64,
+    pub unit_amount: Cents,
     pub interval: Interval,
 }
 
@@ -161,8 +162,8 @@ pub struct CustomInvoice {
     pub workspace: WorkspaceId,
     pub customer: CustomerId,
     /// Integer cents.
-    pub amount: u64,
-    pub credits: u64,
+    pub amount: Cents,
+    pub credits: Credits,
     pub description: String,
     pub days_until_due: u32,
     pub idempotency_key: String,
@@ -182,7 +183,7 @@ pub struct TopUp {
     pub payment_method: PaymentMethodId,
     pub pack: String,
     /// Integer cents, after the plan's pack discount.
-    pub amount: u64,
+    pub amount: Cents,
     pub idempotency_key: String,
 }
 

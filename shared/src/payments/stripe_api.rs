@@ -254,7 +254,7 @@ fn price_data(p: &ItemPrice) -> ItemPriceData<'_> {
     ItemPriceData {
         currency: "usd",
         product: &p.product,
-        unit_amount: p.unit_amount,
+        unit_amount: p.unit_amount.get(),
         recurring: interval_form(p.interval),
     }
 }
@@ -300,7 +300,7 @@ impl Payments for StripePayments {
             .post(
                 "/payment_intents",
                 &PaymentIntentForm {
-                    amount: req.amount,
+                    amount: req.amount.get(),
                     currency: "usd",
                     customer: req.customer.as_str(),
                     payment_method: req.payment_method.as_str(),
@@ -362,7 +362,7 @@ impl Payments for StripePayments {
                 &InvoiceItemForm {
                     customer: req.customer.as_str(),
                     invoice: id.as_str(),
-                    amount: req.amount,
+                    amount: req.amount.get(),
                     currency: "usd",
                     description: &req.description,
                 },
@@ -501,7 +501,7 @@ impl Payments for StripePayments {
                 LineItem {
                     price_data: PriceData {
                         currency: "usd",
-                        unit_amount: *unit_amount,
+                        unit_amount: unit_amount.get(),
                         product_data: ProductData { name },
                         recurring: Some(RecurringForm {
                             interval: match interval {
@@ -523,7 +523,7 @@ impl Payments for StripePayments {
                 LineItem {
                     price_data: PriceData {
                         currency: "usd",
-                        unit_amount: *unit_amount,
+                        unit_amount: unit_amount.get(),
                         product_data: ProductData { name },
                         recurring: None,
                     },

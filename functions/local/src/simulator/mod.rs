@@ -163,7 +163,7 @@ impl Simulator {
                 unit_amount,
                 ..
             } => {
-                let amount = quantity * unit_amount;
+                let amount = quantity * unit_amount.get();
                 session["mode"] = json!("payment");
                 session["amount_total"] = json!(amount);
                 session["amount_subtotal"] = json!(amount);
@@ -189,7 +189,7 @@ impl Simulator {
                         .map(|(k, v)| (k.to_owned(), v))
                         .collect(),
                     interval: *interval,
-                    unit_amount: *unit_amount,
+                    unit_amount: unit_amount.get(),
                     addon_units: 0,
                     addon_unit_amount: 0,
                     period_start: now,
@@ -202,7 +202,12 @@ impl Simulator {
                     .lock()
                     .expect("sim lock")
                     .insert(sub.id.clone(), sub.clone());
-                let open = sub.invoice(&self.base_url, "subscription_create", *unit_amount, false);
+                let open = sub.invoice(
+                    &self.base_url,
+                    "subscription_create",
+                    unit_amount.get(),
+                    false,
+                );
                 let mut paid = open.clone();
                 paid["status"] = json!("paid");
                 paid["amount_paid"] = json!(unit_amount);
@@ -361,12 +366,12 @@ impl Payments for Simulator {
             })?;
             let before = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
             if let Some(p) = &change.plan {
-                sub.unit_amount = p.unit_amount;
+                sub.unit_amount = p.unit_amount.get();
                 sub.interval = p.interval;
             }
             if let Some((units, p)) = &change.addons {
                 sub.addon_units = *units;
-                sub.addon_unit_amount = p.unit_amount;
+                sub.addon_unit_amount = p.unit_amount.get();
             }
             for (k, v) in &change.metadata {
                 if v.is_empty() {

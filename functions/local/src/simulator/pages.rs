@@ -64,7 +64,7 @@ async fn page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Resp
                     Interval::Yearly => "yearly",
                 }
             ),
-            *unit_amount,
+            unit_amount.get(),
         ),
         Purchase::Pack {
             name,
@@ -74,7 +74,7 @@ async fn page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Resp
             ..
         } => (
             format!("{quantity} x {name} ({credits} credits each)"),
-            quantity * unit_amount,
+            quantity * unit_amount.get(),
         ),
     };
     let status = if s.paid {
@@ -153,8 +153,8 @@ async fn invoice_page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>)
          <button id=\"pay\" type=\"submit\">Pay invoice</button></form></body></html>",
         escape(&id),
         escape(&req.description),
-        req.amount / 100,
-        req.amount % 100,
+        req.amount.get() / 100,
+        req.amount.get() % 100,
         escape(&status),
         escape(&id),
     ))

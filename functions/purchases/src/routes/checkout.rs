@@ -81,7 +81,7 @@ async fn checkout(
                 plan: def.id.clone(),
                 name: def.name.clone(),
                 interval: *interval,
-                unit_amount: plan_unit_price(catalog, def, *interval).get(),
+                unit_amount: plan_unit_price(catalog, def, *interval),
             }
         }
         CheckoutBody::Pack { pack, quantity } => {
@@ -100,8 +100,8 @@ async fn checkout(
                 pack: def.id.clone(),
                 name: format!("{} credits", def.credits),
                 quantity,
-                unit_amount: def.price_cents.discounted(discount).get(),
-                credits: def.credits.get(),
+                unit_amount: def.price_cents.discounted(discount),
+                credits: def.credits,
             }
         }
     };

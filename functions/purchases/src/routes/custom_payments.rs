@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::{InvoiceId, WorkspaceId};
+use tally::money::{Cents, Credits};
 use utoipa::ToSchema;
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -89,8 +90,8 @@ pub async fn custom_payment(
             .create_custom_invoice(&tally::payments::CustomInvoice {
                 workspace: workspace.clone(),
                 customer,
-                amount: body.amount_cents,
-                credits: body.credits,
+                amount: Cents::new(body.amount_cents),
+                credits: Credits::new(body.credits),
                 description: description.to_owned(),
                 days_until_due: days,
                 idempotency_key: format!("tally-custom-{workspace}-{}", key.as_str()),
