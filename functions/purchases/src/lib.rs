@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use routes::{alerts, billing_portal, checkout, custom_payments, invoices, subscription};
 use std::sync::Arc;
 use tally::config::{HttpUrl, ReturnUrlOverrides};
+use tally::http::BearerAuth;
 use tally::http::{AuthMode, auth::authenticate};
 use tally::payments::Payments;
 use tally::service::Ledger;
@@ -95,6 +96,8 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     paths(checkout::create_checkout, subscription::subscription, billing_portal::billing_portal, invoices::invoices,
         subscription::change, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
         custom_payments::custom_payment, alerts::put_alerts, alerts::get_alerts),
+    // Its operations name the `bearer` scheme; the document served alone must define it.
+    modifiers(&BearerAuth),
     tags((name = "billing", description = "Buying credits and managing the subscription"), (name = "admin", description = "Support staff"))
 )]
 pub struct ApiDoc;
