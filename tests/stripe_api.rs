@@ -148,6 +148,11 @@ async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interva
         .respond_with(ResponseTemplate::new(200).set_body_json(session_response("cs_plan")))
         .mount(&server)
         .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/products"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fixture("product")))
+        .mount(&server)
+        .await;
     client(&server)
         .await
         .create_checkout(&CheckoutRequest {
@@ -165,9 +170,18 @@ async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interva
         })
         .await
         .unwrap();
-    let req = &server.received_requests().await.unwrap()[0];
-    let f = form(req);
+    let requests = server.received_requests().await.unwrap();
+    // The plan is Tally's own product, created once (whatever door changes the
+    // subscription later names the same catalog item).
+    assert_eq!(requests[0].url.path(), "/v1/products");
+    assert_eq!(form(&requests[0])["id"], "tally_plan_generative");
+    let f = form(&requests[1]);
     assert_eq!(f["mode"], "subscription");
+    assert_eq!(
+        f["line_items[0][price_data][product]"],
+        "tally_plan_generative"
+    );
+    assert!(!f.contains_key("line_items[0][price_data][product_data][name]"));
     assert_eq!(f["line_items[0][price_data][recurring][interval]"], "year");
     assert_eq!(f["line_items[0][price_data][unit_amount]"], "42480");
     assert_eq!(f["subscription_data[metadata][plan]"], "generative");
@@ -315,6 +329,7 @@ async fn an_upgrade_replaces_the_plan_price_prorated_now_and_rewrites_the_metada
             ("items[1][deleted]", "true"),
             ("proration_behavior", "always_invoice"),
             ("payment_behavior", "error_if_incomplete"),
+            ("expand[0]", "latest_invoice"),
             ("metadata[plan]", "generative"),
             ("metadata[scheduled_plan]", ""),
         ])
@@ -516,5 +531,293 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
             ("metadata[quantity]", "1"),
             ("metadata[topup]", "true"),
         ])
+    );
+}
+
+/// A subscription_update invoice as Stripe returns it expanded on the update: one credit
+/// line for the old plan, one charge for the new.
+fn change_invoice(id: &str) -> serde_json::Value {
+    let mut inv = fixture("invoice");
+    inv["id"] = json!(id);
+    inv["billing_reason"] = json!("subscription_update");
+    let template = inv["lines"]["data"][0].clone();
+    let line = |product: &str, amount: i64, q: u64| {
+        let mut l = template.clone();
+        l["amount"] = json!(amount);
+        l["quantity"] = json!(q);
+        l["period"] = json!({"start": 1_900_000_000, "end": 1_901_000_000});
+        l["pricing"] = json!({"type": "price_details", "unit_amount_decimal": null,
+            "price_details": {"price": "price_x", "product": product}});
+        l["parent"] = json!({"type": "subscription_item_details", "invoice_item_details": null,
+            "subscription_item_details": {"invoice_item": null, "proration": true,
+            "proration_details": {"credited_items": null}, "subscription": "sub_A",
+            "subscription_item": "si_1"}});
+        l
+    };
+    inv["lines"]["data"] = json!([
+        line("tally_plan_plus", -600, 1),
+        line("tally_plan_generative", 2950, 1)
+    ]);
+    inv["amount_paid"] = json!(2350);
+    inv["subtotal"] = json!(2350);
+    inv["total"] = json!(2350);
+    inv
+}
+
+#[tokio::test]
+async fn the_live_subscription_is_read_from_stripes_items() {
+    let server = MockServer::start().await;
+    let mut sub = subscription_response();
+    sub["items"]["data"][0]["price"]["product"] = json!("tally_plan_max");
+    sub["items"]["data"][1]["quantity"] = json!(4);
+    sub["items"]["data"][0]["current_period_start"] = json!(1_900_000_000);
+    sub["items"]["data"][0]["current_period_end"] = json!(1_902_592_000);
+    sub["schedule"] = json!("sub_sched_1");
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(sub))
+        .mount(&server)
+        .await;
+    let live = client(&server)
+        .await
+        .subscription(&SubscriptionId::parse("sub_A").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(live.item("plan").unwrap().product, "tally_plan_max");
+    assert_eq!(live.item("addon").unwrap().quantity, 4);
+    assert_eq!(live.period_start.timestamp(), 1_900_000_000);
+    assert_eq!(live.period_end.timestamp(), 1_902_592_000);
+    assert_eq!(live.schedule.as_deref(), Some("sub_sched_1"));
+    assert_eq!(live.status, "active");
+}
+
+#[tokio::test]
+async fn an_update_returns_the_invoice_stripe_created_for_it() {
+    use tally::payments::SubscriptionChange;
+    let server = MockServer::start().await;
+    let mut before = subscription_response();
+    before["latest_invoice"] = json!("in_old");
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(before))
+        .mount(&server)
+        .await;
+    let mut after = subscription_response();
+    after["latest_invoice"] = change_invoice("in_change");
+    Mock::given(method("POST"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(after))
+        .mount(&server)
+        .await;
+    let billed = client(&server)
+        .await
+        .update_subscription(&SubscriptionChange {
+            prorate_now: true,
+            idempotency_key: "k".into(),
+            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
+        })
+        .await
+        .unwrap()
+        .expect("the change's invoice");
+    assert_eq!(billed.id.unwrap().as_str(), "in_change");
+    assert_eq!(billed.amount_paid, Cents::new(2350));
+    let lines: Vec<(String, i64, bool)> = billed
+        .lines
+        .iter()
+        .map(|l| (l.product.clone(), l.amount, l.proration))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            ("tally_plan_plus".into(), -600, true),
+            ("tally_plan_generative".into(), 2950, true)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_change_at_renewal_is_a_two_phase_schedule_and_cancelling_it_releases_it() {
+    use tally::payments::{ItemPrice, RenewalChange};
+    let server = MockServer::start().await;
+    let mut sub = subscription_response();
+    sub["items"]["data"][0]["current_period_start"] = json!(1_900_000_000);
+    sub["items"]["data"][0]["current_period_end"] = json!(1_902_592_000);
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(sub.clone()))
+        .mount(&server)
+        .await;
+    let mut schedule = fixture("subscription_schedule");
+    schedule["id"] = json!("sub_sched_1");
+    Mock::given(method("POST"))
+        .and(path("/v1/subscription_schedules"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(schedule.clone()))
+        .mount(&server)
+        .await;
+    for p in [
+        "/v1/subscription_schedules/sub_sched_1",
+        "/v1/subscription_schedules/sub_sched_1/release",
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(schedule.clone()))
+            .mount(&server)
+            .await;
+    }
+    for p in ["/v1/products", "/v1/subscriptions/sub_A"] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(if p.contains("products") {
+                    fixture("product")
+                } else {
+                    sub.clone()
+                }),
+            )
+            .mount(&server)
+            .await;
+    }
+    let price = |product: &str, amount| ItemPrice {
+        product: product.into(),
+        product_name: "n".into(),
+        unit_amount: Cents::new(amount),
+        interval: Interval::Monthly,
+    };
+    let c = client(&server).await;
+    c.schedule_renewal_change(&RenewalChange {
+        subscription: SubscriptionId::parse("sub_A").unwrap(),
+        plan: price("tally_plan_plus", 1200),
+        addons: (2, price("tally_addon_individual", 1000)),
+        metadata: [("scheduled_plan", "plus")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        idempotency_key: "k".into(),
+    })
+    .await
+    .unwrap();
+    let requests = server.received_requests().await.unwrap();
+    let phases = requests
+        .iter()
+        .find(|r| r.url.path() == "/v1/subscription_schedules/sub_sched_1")
+        .unwrap();
+    let f = form(phases);
+    assert_eq!(f["end_behavior"], "release");
+    assert_eq!(f["proration_behavior"], "none");
+    // Today's items stay on their prices until the period ends.
+    assert_eq!(
+        f["phases[0][items][0][price]"],
+        "price_1PgafmB7WZ01zgkW6dKueIc5"
+    );
+    assert_eq!(f["phases[0][start_date]"], "1900000000");
+    assert_eq!(f["phases[0][end_date]"], "1902592000");
+    assert_eq!(
+        f["phases[1][items][0][price_data][product]"],
+        "tally_plan_plus"
+    );
+    assert_eq!(f["phases[1][items][0][price_data][unit_amount]"], "1200");
+    assert_eq!(
+        f["phases[1][items][1][price_data][product]"],
+        "tally_addon_individual"
+    );
+    assert_eq!(f["phases[1][items][1][quantity]"], "2");
+    let created = requests
+        .iter()
+        .find(|r| r.url.path() == "/v1/subscription_schedules")
+        .unwrap();
+    assert_eq!(form(created)["from_subscription"], "sub_A");
+
+    // With the schedule in place, cancelling the change releases it.
+    let mut scheduled = sub.clone();
+    scheduled["schedule"] = json!("sub_sched_1");
+    server.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(scheduled.clone()))
+        .mount(&server)
+        .await;
+    for (p, body) in [
+        ("/v1/subscription_schedules/sub_sched_1/release", schedule),
+        ("/v1/subscriptions/sub_A", scheduled),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .mount(&server)
+            .await;
+    }
+    c.cancel_renewal_change(&SubscriptionId::parse("sub_A").unwrap(), "k2")
+        .await
+        .unwrap();
+    let requests = server.received_requests().await.unwrap();
+    let release = requests
+        .iter()
+        .find(|r| r.url.path().ends_with("/release"))
+        .expect("released");
+    assert_eq!(header(release, "idempotency-key"), "k2");
+    let cleared = requests
+        .iter()
+        .find(|r| r.method.as_str() == "POST" && r.url.path() == "/v1/subscriptions/sub_A")
+        .unwrap();
+    assert_eq!(form(cleared)["metadata[scheduled_plan]"], "");
+}
+
+#[tokio::test]
+async fn a_preview_asks_stripe_for_the_invoice_the_change_would_create() {
+    use tally::payments::{ItemPrice, SubscriptionChange};
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(subscription_response()))
+        .mount(&server)
+        .await;
+    let mut preview = change_invoice("in_x");
+    preview["id"] = serde_json::Value::Null;
+    Mock::given(method("POST"))
+        .and(path("/v1/invoices/create_preview"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(preview))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/products"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fixture("product")))
+        .mount(&server)
+        .await;
+    let billed = client(&server)
+        .await
+        .preview_change(&SubscriptionChange {
+            plan: Some(ItemPrice {
+                product: "tally_plan_generative".into(),
+                product_name: "n".into(),
+                unit_amount: Cents::new(5900),
+                interval: Interval::Monthly,
+            }),
+            prorate_now: true,
+            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
+        })
+        .await
+        .unwrap();
+    assert_eq!(billed.id, None);
+    assert_eq!(billed.total, 2350);
+    let requests = server.received_requests().await.unwrap();
+    let p = requests
+        .iter()
+        .find(|r| r.url.path() == "/v1/invoices/create_preview")
+        .unwrap();
+    let f = form(p);
+    assert_eq!(f["subscription"], "sub_A");
+    assert_eq!(
+        f["subscription_details[proration_behavior]"],
+        "always_invoice"
+    );
+    assert_eq!(
+        f["subscription_details[items][0][price_data][product]"],
+        "tally_plan_generative"
+    );
+    // Nothing changes: no subscription update was sent.
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.method.as_str() == "POST" && r.url.path() == "/v1/subscriptions/sub_A")
     );
 }

@@ -196,6 +196,10 @@ impl Cents {
         self.0
     }
     /// `factor` times this price (e.g. twelve months).
+    pub fn checked_add(self, rhs: Cents) -> Option<Cents> {
+        self.0.checked_add(rhs.0).map(Cents)
+    }
+
     pub fn checked_mul(self, factor: u64) -> Option<Cents> {
         self.0.checked_mul(factor).map(Cents)
     }

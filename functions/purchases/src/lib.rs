@@ -65,6 +65,7 @@ pub fn protected_routes(state: PurchasesState) -> Router {
         .route("/v1/billing-portal", post(billing_portal::billing_portal))
         .route("/v1/invoices", get(invoices::invoices))
         .route("/v1/subscription/change", post(subscription::change))
+        .route("/v1/subscription/preview", post(subscription::preview))
         .route(
             "/v1/subscription/addons",
             axum::routing::put(subscription::addons),
@@ -94,7 +95,7 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
 #[openapi(
     info(title = "Tally purchases API", version = "1", description = "Plans, packs, subscription, billing portal and invoices."),
     paths(checkout::create_checkout, subscription::subscription, billing_portal::billing_portal, invoices::invoices,
-        subscription::change, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
+        subscription::change, subscription::preview, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
         custom_payments::custom_payment, alerts::put_alerts, alerts::get_alerts),
     // Its operations name the `bearer` scheme; the document served alone must define it.
     modifiers(&BearerAuth),

@@ -1,27 +1,35 @@
 //! Changing a subscription through Stripe: plan and interval, add-on units, cancel,
-//! resume and pause. The rules (what is an upgrade, which billing month a change falls
-//! in, how credits are prorated, how terms are written into Stripe's metadata) are in
-//! [`crate::subscriptions`]; this applies them through the payments port, the document
-//! store and the ledger. Handlers only parse, call this and map its errors.
+//! resume and pause. Every decision is made against the subscription as Stripe has it now
+//! (retrieved, never a local record that may be stale), one change at a time per
+//! subscription (a lease in the document store), and credits follow what Stripe charged:
+//! upgrades and more add-on units are invoiced and collected at once, and the credits are
+//! the paid invoice's lines valued by [`crate::subscriptions::paid`], granted under the
+//! invoice's own keys (so the webhook's copy of the same invoice grants nothing more).
+//! Downgrades, fewer units and a yearly-to-monthly switch wait for the renewal in a Stripe
+//! subscription schedule: today's price stays as it is, so a later upgrade is prorated
+//! from what was actually paid.
 //!
-//! Credits granted now are recorded per billing month (`GRANTS#<sub>#<month start>`): a
-//! change grants only the increase above what the month already received, so quick
-//! successive changes grant the right total even before Stripe's events have updated the
-//! subscription document.
+//! Add-on units follow the plan: moving between plans with different add-on kinds
+//! converts the units so they are worth no more credits than before (rounded down; see
+//! [`convert_units`]); there is never more than one add-on item.
 
+use super::grants::{self, CreditGrant};
 use super::records::*;
 use crate::catalog::Plan;
-use crate::ids::{IdempotencyKey, WorkspaceId};
-use crate::ledger::{Actor, Interval, LotSource, Operation, PlanStatus, Refs};
-use crate::money::Credits;
+use crate::ids::{IdempotencyKey, InvoiceId, SubscriptionId, WorkspaceId};
+use crate::ledger::{Actor, Interval, Operation, PlanStatus, Refs};
+use crate::money::{Cents, Credits};
 use crate::payments::stripe_api::product_id;
-use crate::payments::{ItemPrice, Payments, PaymentsError, SubscriptionChange};
+use crate::payments::{
+    BilledInvoice, ItemPrice, LiveSubscription, Payments, PaymentsError, RenewalChange,
+    SubscriptionChange,
+};
 use crate::service::{Ledger, LedgerRequest, ServiceError};
 use crate::store::StoreError;
 use crate::store::docs::{self, DocStore};
-use crate::subscriptions::change::{
-    ChangeKind, addon_unit_price, allowance_window, plan_unit_price, prorate,
-};
+use crate::subscriptions::ScheduledChange;
+use crate::subscriptions::change::{ChangeKind, addon_unit_price, plan_unit_price};
+use crate::subscriptions::paid::{Item, Level, PaidLine};
 use crate::subscriptions::terms::metadata;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -29,12 +37,15 @@ use std::sync::Arc;
 use thiserror::Error;
 use utoipa::ToSchema;
 
-/// The period has ended and Stripe's renewal has not been recorded yet: a change now would
-/// be prorated over nothing and the new month's level recorded without its credits.
+/// The period has ended and Stripe's renewal has not happened yet: a change now would be
+/// prorated over nothing.
 const RENEWING: &str = "the subscription is renewing right now; retry in a minute";
 
 /// Most add-on units a workspace may hold.
 pub const MAX_ADDON_UNITS: u32 = 100;
+
+/// How long one change may hold a subscription before another may start.
+const LEASE: i64 = 60;
 
 /// Why a change was not made. Nothing was changed in any of these cases except
 /// `Provider`, `Store` and `Ledger`, which are safe to retry with the same key.
@@ -46,12 +57,16 @@ pub enum ChangeError {
     Ended,
     #[error("{0}")]
     NotActive(&'static str),
+    #[error("another change to this subscription is in progress; retry shortly")]
+    Busy,
     #[error("unknown plan {0:?}")]
     UnknownPlan(String),
     #[error("add-on units must be between 0 and {MAX_ADDON_UNITS}")]
     TooManyUnits,
     #[error("the catalog has no add-on for plan {0}")]
     NoAddon(String),
+    #[error("the subscription's items name no plan of the catalog")]
+    Unrecognised,
     #[error(transparent)]
     Provider(#[from] PaymentsError),
     #[error(transparent)]
@@ -66,8 +81,14 @@ pub struct ChangeView {
     /// `now` or `at_renewal`.
     pub effective: String,
     pub effective_at: DateTime<Utc>,
-    /// Credits granted right away (upgrades, more add-on units).
+    /// Credits the change's paid invoice granted (upgrades, more add-on units).
     pub credits_granted: Credits,
+    /// What Stripe charged for the change now, in cents (0 for changes at renewal).
+    pub charged_cents: Cents,
+    /// The invoice Stripe created for the change, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub invoice: Option<InvoiceId>,
     pub plan: String,
     pub interval: Interval,
     pub addon_units: u32,
@@ -81,22 +102,72 @@ pub struct StatusView {
     pub period_end: DateTime<Utc>,
 }
 
-/// What a billing month has been granted so far.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct WindowGrants {
-    /// Monthly allowance of the best plan granted in the month.
-    plan_credits: Credits,
-    /// Most add-on units granted in the month.
-    addon_units: u32,
+/// What a change would cost and grant, from Stripe's invoice preview; nothing changes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PreviewView {
+    /// `now` or `at_renewal`.
+    pub effective: String,
+    pub effective_at: DateTime<Utc>,
+    /// The invoice lines Stripe would charge now (empty for changes at renewal).
+    pub lines: Vec<PreviewLine>,
+    /// Charged now, before and after tax, in cents (may be below zero: a credit).
+    pub subtotal_cents: i64,
+    pub tax_cents: i64,
+    pub total_cents: i64,
+    /// Credits granted now, if the invoice is paid.
+    pub credits_now: Credits,
+    /// The recurring charge from the next renewal on, before tax, in cents.
+    pub next_renewal_cents: Cents,
+    pub next_renewal_at: DateTime<Utc>,
+    /// Credits per billing month from the next renewal on (plan allowance plus add-ons).
+    pub credits_per_month: Credits,
+    pub plan: String,
+    pub interval: Interval,
+    pub addon_units: u32,
 }
 
-/// Credits granted by a subscription change, under a key naming the change.
-struct ChangeGrant {
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PreviewLine {
+    pub description: String,
+    pub amount_cents: i64,
+    pub quantity: u64,
+    pub proration: bool,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+}
+
+/// Who is changing a subscription, until when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Lease {
     key: String,
-    source: LotSource,
-    credits: Credits,
-    expires_at: DateTime<Utc>,
-    note: String,
+    until: DateTime<Utc>,
+}
+
+fn lease_sk(sub: &SubscriptionId) -> String {
+    format!("CHANGE#{sub}")
+}
+
+/// Add-on units converted to another add-on kind: as many whole new units as the old ones
+/// were worth in credits, rounded down (so the credits never grow by the conversion), at
+/// most [`MAX_ADDON_UNITS`]. 10 individual units (600 credits) become 3 team units (600);
+/// 3 team units (600) become 10 individual ones.
+pub fn convert_units(units: u32, from_credits: Credits, to_credits: Credits) -> u32 {
+    if to_credits == Credits::ZERO {
+        return 0;
+    }
+    let worth = u128::from(units) * u128::from(from_credits.get());
+    let converted = worth / u128::from(to_credits.get());
+    u32::try_from(converted)
+        .unwrap_or(u32::MAX)
+        .min(MAX_ADDON_UNITS)
+}
+
+/// Where a subscription is now, as read from Stripe's items.
+struct Now {
+    live: LiveSubscription,
+    plan: Plan,
+    interval: Interval,
+    units: u32,
 }
 
 /// Subscription changes over the ports.
@@ -107,12 +178,16 @@ pub struct SubscriptionChanges {
     pub payments: Arc<dyn Payments>,
 }
 
-fn window_sk(sub: &SubscriptionRecord, window_start: DateTime<Utc>) -> String {
-    format!("GRANTS#{}#{}", sub.id, window_start.timestamp())
+/// What a requested change amounts to against Stripe's current subscription.
+enum Plan2 {
+    Same,
+    Now(SubscriptionChange),
+    AtRenewal(RenewalChange),
 }
 
 impl SubscriptionChanges {
-    /// The workspace's live subscription.
+    /// The workspace's live subscription, as the documents know it (its id, and whether it
+    /// has ended).
     pub async fn live(&self, workspace: &WorkspaceId) -> Result<SubscriptionRecord, ChangeError> {
         let sub: SubscriptionRecord = docs::get(
             self.docs.as_ref(),
@@ -159,57 +234,306 @@ impl SubscriptionChanges {
             .ok_or_else(|| ChangeError::UnknownPlan(id.to_owned()))
     }
 
-    /// The month's grants so far (what the period's invoice granted, if nothing since).
-    async fn window_grants(
-        &self,
-        workspace: &WorkspaceId,
-        sub: &SubscriptionRecord,
-        window_start: DateTime<Utc>,
-        plan_credits: Credits,
-    ) -> Result<WindowGrants, ChangeError> {
-        Ok(docs::get(
-            self.docs.as_ref(),
-            &workspace_pk(workspace),
-            &window_sk(sub, window_start),
-        )
-        .await?
-        .unwrap_or(WindowGrants {
-            plan_credits,
-            addon_units: sub.addon_units,
-        }))
+    fn addon_credits(&self, plan: &Plan) -> Credits {
+        self.ledger
+            .catalog
+            .addon(&plan.addon)
+            .map_or(Credits::ZERO, |a| a.credits_per_unit)
     }
 
-    /// Records a raised level once its credits are granted (levels only go up).
-    async fn raise_window(
+    /// Takes the subscription's change lease for `key` (the same key may take it again:
+    /// a retry of the same request).
+    async fn lease(
         &self,
         workspace: &WorkspaceId,
-        sub: &SubscriptionRecord,
-        window_start: DateTime<Utc>,
-        base: WindowGrants,
-        raise: impl Fn(&mut WindowGrants),
+        sub: &SubscriptionId,
+        key: &str,
     ) -> Result<(), ChangeError> {
+        let now = self.ledger.clock.now();
+        let mut busy = false;
         docs::update(
             self.docs.as_ref(),
             &workspace_pk(workspace),
-            &window_sk(sub, window_start),
-            |cur: Option<WindowGrants>| {
-                let mut g = cur.unwrap_or_else(|| base.clone());
-                let before = (g.plan_credits, g.addon_units);
-                raise(&mut g);
-                (before != (g.plan_credits, g.addon_units)).then_some(g)
+            &lease_sk(sub),
+            |cur: Option<Lease>| {
+                busy = cur.as_ref().is_some_and(|l| l.until > now && l.key != key);
+                (!busy).then(|| Lease {
+                    key: key.to_owned(),
+                    until: now + Duration::seconds(LEASE),
+                })
             },
         )
         .await?;
+        if busy {
+            return Err(ChangeError::Busy);
+        }
         Ok(())
+    }
+
+    async fn release(&self, workspace: &WorkspaceId, sub: &SubscriptionId, key: &str) {
+        let now = self.ledger.clock.now();
+        let released = docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(workspace),
+            &lease_sk(sub),
+            |cur: Option<Lease>| {
+                cur.filter(|l| l.key == key && l.until > now)
+                    .map(|l| Lease { until: now, ..l })
+            },
+        )
+        .await;
+        if let Err(e) = released {
+            // The lease lapses on its own.
+            tracing::warn!(error = %e, subscription = %sub, "change lease not released");
+        }
+    }
+
+    /// Runs `f` holding the subscription's change lease.
+    async fn exclusively<T, F, Fut>(
+        &self,
+        workspace: &WorkspaceId,
+        key: &str,
+        f: F,
+    ) -> Result<T, ChangeError>
+    where
+        F: FnOnce(SubscriptionRecord) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ChangeError>>,
+    {
+        let record = self.live(workspace).await?;
+        let sub = record.id.clone();
+        self.lease(workspace, &sub, key).await?;
+        let result = f(record).await;
+        self.release(workspace, &sub, key).await;
+        result
+    }
+
+    /// Stripe's subscription now, read as catalog terms.
+    async fn now(&self, sub: &SubscriptionId) -> Result<Now, ChangeError> {
+        let live = self.payments.subscription(sub).await?;
+        if matches!(live.status.as_str(), "canceled" | "incomplete_expired") {
+            return Err(ChangeError::Ended);
+        }
+        let item = live.item("plan").ok_or(ChangeError::Unrecognised)?;
+        let plan = match Item::of_product(&item.product, &self.ledger.catalog) {
+            Some(Item::Plan(p)) => self.plan(&p)?,
+            _ => return Err(ChangeError::Unrecognised),
+        };
+        let interval = item.interval;
+        let units = live
+            .item("addon")
+            .map_or(0, |i| u32::try_from(i.quantity).unwrap_or(u32::MAX));
+        Ok(Now {
+            live,
+            plan,
+            interval,
+            units,
+        })
+    }
+
+    fn require_active(&self, now: &Now) -> Result<(), ChangeError> {
+        if now.live.status != "active" || now.live.paused {
+            return Err(ChangeError::NotActive(
+                "the subscription is paused or past due; resume it or settle the open invoice first",
+            ));
+        }
+        if self.ledger.clock.now() >= now.live.period_end {
+            return Err(ChangeError::NotActive(RENEWING));
+        }
+        Ok(())
+    }
+
+    /// What moving to `target` with `units` add-on units means against Stripe's current
+    /// subscription.
+    fn decide(
+        &self,
+        workspace: &WorkspaceId,
+        now: &Now,
+        target: &Plan,
+        interval: Interval,
+        units: u32,
+        key: &str,
+    ) -> Result<Plan2, ChangeError> {
+        let same_plan = target.id == now.plan.id && interval == now.interval;
+        if same_plan && units == now.units {
+            return Ok(Plan2::Same);
+        }
+        let kind = ChangeKind::of((&now.plan, now.interval), (target, interval));
+        let now_units = if target.addon == now.plan.addon {
+            now.units
+        } else {
+            convert_units(
+                now.units,
+                self.addon_credits(&now.plan),
+                self.addon_credits(target),
+            )
+        };
+        // Upgrades (and interval switches to yearly) apply now; so do more add-on units.
+        // Everything that lowers what is billed waits for the renewal.
+        let plan_now = kind == ChangeKind::Upgrade
+            && !(interval == Interval::Monthly && now.interval == Interval::Yearly);
+        let units_now = units >= now_units;
+        if (same_plan || plan_now) && units_now {
+            let addons = if units > 0 || now.units > 0 {
+                Some((u64::from(units), self.addon_price(target, interval)?))
+            } else {
+                None
+            };
+            return Ok(Plan2::Now(SubscriptionChange {
+                plan: (!same_plan).then(|| self.plan_price(target, interval)),
+                addons,
+                prorate_now: true,
+                metadata: metadata(workspace, &target.id, interval, units, None),
+                idempotency_key: key.to_owned(),
+                ..SubscriptionChange::to(now.live.id.clone())
+            }));
+        }
+        let scheduled = ScheduledChange {
+            plan: target.id.clone(),
+            interval,
+            addon_units: units,
+            from: now.live.period_end,
+        };
+        Ok(Plan2::AtRenewal(RenewalChange {
+            subscription: now.live.id.clone(),
+            plan: self.plan_price(target, interval),
+            addons: (u64::from(units), self.addon_price(target, interval)?),
+            metadata: metadata(
+                workspace,
+                &now.plan.id,
+                now.interval,
+                now.units,
+                Some(&scheduled),
+            ),
+            idempotency_key: key.to_owned(),
+        }))
+    }
+
+    /// Applies a decision: Stripe first, then the credits its paid invoice carries.
+    async fn apply(
+        &self,
+        workspace: &WorkspaceId,
+        actor: &Actor,
+        now: &Now,
+        decision: Plan2,
+        view: (String, Interval, u32),
+    ) -> Result<ChangeView, ChangeError> {
+        let (plan, interval, addon_units) = view;
+        let at = self.ledger.clock.now();
+        match decision {
+            Plan2::Same => {
+                if now.live.schedule.is_some() {
+                    self.payments
+                        .cancel_renewal_change(&now.live.id, &format!("{}-release", actor.id))
+                        .await?;
+                }
+                Ok(ChangeView {
+                    effective: "now".into(),
+                    effective_at: at,
+                    credits_granted: Credits::ZERO,
+                    charged_cents: Cents::ZERO,
+                    invoice: None,
+                    plan,
+                    interval,
+                    addon_units,
+                })
+            }
+            Plan2::Now(change) => {
+                if now.live.schedule.is_some() {
+                    // A change billed now replaces one waiting for the renewal.
+                    self.payments
+                        .cancel_renewal_change(
+                            &now.live.id,
+                            &format!("{}-release", change.idempotency_key),
+                        )
+                        .await?;
+                }
+                let invoice = self.payments.update_subscription(&change).await?;
+                let credits = match &invoice {
+                    Some(inv) => self.grant_invoice(workspace, actor, now, inv).await?,
+                    None => Credits::ZERO,
+                };
+                tracing::info!(workspace = %workspace, plan = %plan, units = addon_units, credits = credits.get(), "subscription changed now");
+                Ok(ChangeView {
+                    effective: "now".into(),
+                    effective_at: at,
+                    credits_granted: credits,
+                    charged_cents: invoice.as_ref().map_or(Cents::ZERO, |i| i.amount_paid),
+                    invoice: invoice.and_then(|i| i.id),
+                    plan,
+                    interval,
+                    addon_units,
+                })
+            }
+            Plan2::AtRenewal(change) => {
+                self.payments.schedule_renewal_change(&change).await?;
+                tracing::info!(workspace = %workspace, plan = %plan, units = addon_units, at = %now.live.period_end, "change scheduled for the renewal");
+                Ok(ChangeView {
+                    effective: "at_renewal".into(),
+                    effective_at: now.live.period_end,
+                    credits_granted: Credits::ZERO,
+                    charged_cents: Cents::ZERO,
+                    invoice: None,
+                    plan,
+                    interval,
+                    addon_units,
+                })
+            }
+        }
+    }
+
+    /// Grants what a change's paid invoice pays for, under the invoice's own keys: the same
+    /// grants the invoice's `invoice.paid` event makes, so whichever comes first grants and
+    /// the other finds them done. A failure here loses nothing: the event grants later.
+    async fn grant_invoice(
+        &self,
+        workspace: &WorkspaceId,
+        actor: &Actor,
+        now: &Now,
+        invoice: &BilledInvoice,
+    ) -> Result<Credits, ChangeError> {
+        let Some(id) = &invoice.id else {
+            return Ok(Credits::ZERO);
+        };
+        let period = Level {
+            plan: now.plan.id.clone(),
+            interval: now.interval,
+            addon_units: now.units,
+            period_start: now.live.period_start,
+            period_end: now.live.period_end,
+        };
+        let lines = paid_lines(&invoice.lines, &self.ledger.catalog);
+        let credits = match grants::line_grants(
+            id,
+            "subscription_update",
+            &lines,
+            &[period],
+            &self.ledger.catalog,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, invoice = %id, "change invoice not valued here; its event will grant");
+                return Ok(Credits::ZERO);
+            }
+        };
+        let mut total = Credits::ZERO;
+        for g in credits.grants {
+            total = total.checked_add(g.credits).unwrap_or(total);
+            if let Err(e) = self.grant(workspace, actor, id, g).await {
+                tracing::warn!(error = %e, invoice = %id, "change credits not granted yet; the invoice's event will grant them");
+            }
+        }
+        Ok(total)
     }
 
     async fn grant(
         &self,
         workspace: &WorkspaceId,
         actor: &Actor,
-        g: ChangeGrant,
+        invoice: &InvoiceId,
+        g: CreditGrant,
     ) -> Result<(), ChangeError> {
-        if g.credits == Credits::ZERO {
+        if g.credits == Credits::ZERO || g.expires_at.is_some_and(|t| t <= self.ledger.clock.now())
+        {
             return Ok(());
         }
         self.ledger
@@ -218,11 +542,14 @@ impl SubscriptionChanges {
                 key: IdempotencyKey::derived(g.key.clone()),
                 fingerprint: g.key,
                 actor: actor.clone(),
-                refs: Refs::default(),
+                refs: Refs {
+                    invoice: Some(invoice.clone()),
+                    ..Refs::default()
+                },
                 op: Operation::Grant {
                     source: g.source,
                     credits: g.credits,
-                    expires_at: Some(g.expires_at),
+                    expires_at: g.expires_at,
                     note: Some(g.note),
                 },
             })
@@ -230,8 +557,9 @@ impl SubscriptionChanges {
         Ok(())
     }
 
-    /// Changes plan or billing interval: upgrades now (prorated, credits at once),
-    /// downgrades at the next renewal (benefits kept until then).
+    /// Changes plan or billing interval: upgrades now (prorated, credits from the paid
+    /// invoice), downgrades and yearly-to-monthly at the renewal (benefits kept until then).
+    /// Add-on units are kept (converted when the add-on kind changes).
     pub async fn change(
         &self,
         workspace: &WorkspaceId,
@@ -241,151 +569,33 @@ impl SubscriptionChanges {
         stripe_key: &str,
     ) -> Result<ChangeView, ChangeError> {
         let target = self.plan(plan)?;
-        let sub = self.live(workspace).await?;
-        let current = self.plan(&sub.plan)?;
-        let now = self.ledger.clock.now();
-        if sub.status != PlanStatus::Active {
-            return Err(ChangeError::NotActive(
-                "the subscription is paused or past due; resume it or settle the open invoice first",
-            ));
-        }
-        if now >= sub.period_end {
-            return Err(ChangeError::NotActive(RENEWING));
-        }
-        if target.id == current.id && interval == sub.interval {
-            // Asking for the current terms cancels a scheduled downgrade, if any.
-            if sub
-                .scheduled
-                .as_ref()
-                .is_some_and(|s| s.plan != sub.plan || s.interval != sub.interval)
-            {
-                let keep = sub.pending_addon_reduction(&sub.plan, sub.interval);
-                self.payments
-                    .update_subscription(&SubscriptionChange {
-                        plan: Some(self.plan_price(&current, sub.interval)),
-                        prorate_now: false,
-                        metadata: metadata(
-                            workspace,
-                            &sub.plan,
-                            sub.interval,
-                            sub.addon_units,
-                            keep.as_ref(),
-                        ),
-                        idempotency_key: stripe_key.to_owned(),
-                        ..SubscriptionChange::to(sub.id.clone())
-                    })
-                    .await?;
-            }
-            return Ok(ChangeView {
-                effective: "now".into(),
-                effective_at: now,
-                credits_granted: Credits::ZERO,
-                plan: sub.plan,
-                interval: sub.interval,
-                addon_units: sub.addon_units,
-            });
-        }
-        let upgrade =
-            ChangeKind::of((&current, sub.interval), (&target, interval)) == ChangeKind::Upgrade;
-        let key = stripe_key.to_owned();
-        if upgrade {
-            let units = sub.billed_addon_units();
-            // A pending add-on reduction stays pending: Stripe already bills `units`.
-            let keep = sub.pending_addon_reduction(&target.id, interval);
-            self.payments
-                .update_subscription(&SubscriptionChange {
-                    plan: Some(self.plan_price(&target, interval)),
-                    prorate_now: true,
-                    metadata: metadata(
-                        workspace,
-                        &target.id,
-                        interval,
-                        sub.addon_units,
-                        keep.as_ref(),
-                    ),
-                    addons: (sub.addon_units > 0 && interval != sub.interval)
-                        .then(|| {
-                            self.addon_price(&target, interval)
-                                .map(|p| (units as u64, p))
-                        })
-                        .transpose()?,
-                    idempotency_key: key,
-                    ..SubscriptionChange::to(sub.id.clone())
-                })
-                .await?;
-            let (window_start, window_end) =
-                allowance_window(sub.period_start, sub.period_end, now);
-            let level = self
-                .window_grants(workspace, &sub, window_start, current.monthly_credits)
-                .await?;
-            let diff = target.monthly_credits.saturating_sub(level.plan_credits);
-            let credits = prorate(diff, (window_start, window_end), now);
-            self.grant(
+        self.exclusively(workspace, stripe_key, |record| async move {
+            let now = self.now(&record.id).await?;
+            self.require_active(&now)?;
+            let units = if target.addon == now.plan.addon {
+                now.units
+            } else {
+                convert_units(
+                    now.units,
+                    self.addon_credits(&now.plan),
+                    self.addon_credits(&target),
+                )
+            };
+            let decision = self.decide(workspace, &now, &target, interval, units, stripe_key)?;
+            self.apply(
                 workspace,
                 actor,
-                ChangeGrant {
-                    key: format!(
-                        "upgrade:{}:{}:{}",
-                        sub.id,
-                        window_start.timestamp(),
-                        target.id
-                    ),
-                    source: LotSource::PlanPeriod,
-                    credits,
-                    expires_at: window_end + Duration::days(target.rollover_days as i64),
-                    note: format!("upgrade from {} to {}", current.name, target.name),
-                },
+                &now,
+                decision,
+                (target.id.clone(), interval, units),
             )
-            .await?;
-            let to = target.monthly_credits;
-            self.raise_window(workspace, &sub, window_start, level, |g| {
-                g.plan_credits = g.plan_credits.max(to)
-            })
-            .await?;
-            tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, credits = credits.get(), "plan upgraded");
-            return Ok(ChangeView {
-                effective: "now".into(),
-                effective_at: now,
-                credits_granted: credits,
-                plan: target.id,
-                interval,
-                addon_units: sub.addon_units,
-            });
-        }
-        let scheduled = ScheduledChange {
-            plan: target.id.clone(),
-            interval,
-            addon_units: sub.billed_addon_units(),
-            from: sub.period_end,
-        };
-        self.payments
-            .update_subscription(&SubscriptionChange {
-                plan: Some(self.plan_price(&target, interval)),
-                prorate_now: false,
-                metadata: metadata(
-                    workspace,
-                    &sub.plan,
-                    sub.interval,
-                    sub.addon_units,
-                    Some(&scheduled),
-                ),
-                idempotency_key: key,
-                ..SubscriptionChange::to(sub.id.clone())
-            })
-            .await?;
-        tracing::info!(workspace = %workspace, from = %current.id, to = %target.id, at = %sub.period_end, "downgrade scheduled");
-        Ok(ChangeView {
-            effective: "at_renewal".into(),
-            effective_at: sub.period_end,
-            credits_granted: Credits::ZERO,
-            plan: target.id,
-            interval,
-            addon_units: scheduled.addon_units,
+            .await
         })
+        .await
     }
 
-    /// Sets the number of add-on credit units: more apply now (prorated charge, credits at
-    /// once), fewer from the next renewal.
+    /// Sets the number of add-on credit units: more apply now (prorated charge, prorated
+    /// credits), fewer from the next renewal.
     pub async fn set_addons(
         &self,
         workspace: &WorkspaceId,
@@ -396,109 +606,138 @@ impl SubscriptionChanges {
         if units > MAX_ADDON_UNITS {
             return Err(ChangeError::TooManyUnits);
         }
-        let sub = self.live(workspace).await?;
-        if sub.status != PlanStatus::Active {
-            return Err(ChangeError::NotActive(
-                "add-ons need an active subscription",
-            ));
-        }
-        let plan = self.plan(&sub.plan)?;
-        let addon = self
-            .ledger
-            .catalog
-            .addon(&plan.addon)
-            .ok_or_else(|| ChangeError::NoAddon(plan.id.clone()))?
-            .clone();
-        let price = self.addon_price(&plan, sub.interval)?;
-        let now = self.ledger.clock.now();
-        let key = stripe_key.to_owned();
-        let next_plan = sub.scheduled.clone();
-        if units > sub.addon_units {
-            let keep = next_plan.map(|s| ScheduledChange {
-                addon_units: units,
-                ..s
-            });
-            self.payments
-                .update_subscription(&SubscriptionChange {
-                    addons: Some((units as u64, price)),
-                    prorate_now: true,
-                    metadata: metadata(workspace, &sub.plan, sub.interval, units, keep.as_ref()),
-                    idempotency_key: key,
-                    ..SubscriptionChange::to(sub.id.clone())
-                })
-                .await?;
-            let (window_start, window_end) =
-                allowance_window(sub.period_start, sub.period_end, now);
-            let level = self
-                .window_grants(workspace, &sub, window_start, plan.monthly_credits)
-                .await?;
-            // The catalog bounds credits_per_unit so that MAX_ADDON_UNITS units stay within
-            // the grant limit; this cannot fail for a catalog that loaded.
-            let credits = addon
-                .credits_per_unit
-                .checked_mul(units.saturating_sub(level.addon_units) as u64)
-                .ok_or_else(|| ChangeError::NoAddon(plan.id.clone()))?;
-            self.grant(
+        self.exclusively(workspace, stripe_key, |record| async move {
+            let now = self.now(&record.id).await?;
+            if now.live.status != "active" || now.live.paused {
+                return Err(ChangeError::NotActive(
+                    "add-ons need an active subscription",
+                ));
+            }
+            self.require_active(&now)?;
+            let plan = now.plan.clone();
+            let decision = self.decide(workspace, &now, &plan, now.interval, units, stripe_key)?;
+            self.apply(
                 workspace,
                 actor,
-                ChangeGrant {
-                    key: format!("addons:{}:{}:to{}", sub.id, window_start.timestamp(), units),
-                    source: LotSource::Addon,
-                    credits,
-                    expires_at: window_end,
-                    note: format!("add-on units {} -> {}", level.addon_units, units),
-                },
+                &now,
+                decision,
+                (plan.id.clone(), now.interval, units),
             )
-            .await?;
-            self.raise_window(workspace, &sub, window_start, level, |g| {
-                g.addon_units = g.addon_units.max(units)
-            })
-            .await?;
-            return Ok(ChangeView {
-                effective: "now".into(),
-                effective_at: now,
-                credits_granted: credits,
-                plan: sub.plan,
-                interval: sub.interval,
-                addon_units: units,
-            });
-        }
-        // Fewer (or the same) units: keep this period's, bill and grant the new count from the
-        // renewal on. The same count as now cancels a scheduled reduction.
-        let schedule = ScheduledChange {
-            plan: next_plan
-                .as_ref()
-                .map_or(sub.plan.clone(), |s| s.plan.clone()),
-            interval: next_plan.as_ref().map_or(sub.interval, |s| s.interval),
-            addon_units: units,
-            from: sub.period_end,
-        };
-        let unchanged = schedule.plan == sub.plan
-            && schedule.interval == sub.interval
-            && units == sub.addon_units;
-        self.payments
-            .update_subscription(&SubscriptionChange {
-                addons: Some((units as u64, price)),
-                prorate_now: false,
-                metadata: metadata(
-                    workspace,
-                    &sub.plan,
-                    sub.interval,
-                    sub.addon_units,
-                    (!unchanged).then_some(&schedule),
-                ),
-                idempotency_key: key,
-                ..SubscriptionChange::to(sub.id.clone())
-            })
-            .await?;
-        Ok(ChangeView {
-            effective: if unchanged { "now" } else { "at_renewal" }.into(),
-            effective_at: if unchanged { now } else { sub.period_end },
-            credits_granted: Credits::ZERO,
-            plan: sub.plan,
-            interval: sub.interval,
-            addon_units: units,
+            .await
         })
+        .await
+    }
+
+    /// What a change would charge now and grant, from Stripe's invoice preview; nothing
+    /// changes. Unset fields keep their current value.
+    pub async fn preview(
+        &self,
+        workspace: &WorkspaceId,
+        plan: Option<&str>,
+        interval: Option<Interval>,
+        units: Option<u32>,
+    ) -> Result<PreviewView, ChangeError> {
+        if units.is_some_and(|u| u > MAX_ADDON_UNITS) {
+            return Err(ChangeError::TooManyUnits);
+        }
+        let record = self.live(workspace).await?;
+        let now = self.now(&record.id).await?;
+        self.require_active(&now)?;
+        let target = match plan {
+            Some(p) => self.plan(p)?,
+            None => now.plan.clone(),
+        };
+        let interval = interval.unwrap_or(now.interval);
+        let units = units.unwrap_or(if target.addon == now.plan.addon {
+            now.units
+        } else {
+            convert_units(
+                now.units,
+                self.addon_credits(&now.plan),
+                self.addon_credits(&target),
+            )
+        });
+        let catalog = &self.ledger.catalog;
+        let per_month = target
+            .monthly_credits
+            .checked_add(
+                self.addon_credits(&target)
+                    .checked_mul(u64::from(units))
+                    .unwrap_or(Credits::ZERO),
+            )
+            .unwrap_or(target.monthly_credits);
+        let renewal = plan_unit_price(catalog, &target, interval)
+            .checked_add(
+                addon_unit_price(catalog, &target, interval)
+                    .unwrap_or(Cents::ZERO)
+                    .checked_mul(u64::from(units))
+                    .unwrap_or(Cents::ZERO),
+            )
+            .unwrap_or(Cents::ZERO);
+        let decision = self.decide(workspace, &now, &target, interval, units, "preview")?;
+        let mut view = PreviewView {
+            effective: "now".into(),
+            effective_at: self.ledger.clock.now(),
+            lines: Vec::new(),
+            subtotal_cents: 0,
+            tax_cents: 0,
+            total_cents: 0,
+            credits_now: Credits::ZERO,
+            next_renewal_cents: renewal,
+            next_renewal_at: now.live.period_end,
+            credits_per_month: per_month,
+            plan: target.id.clone(),
+            interval,
+            addon_units: units,
+        };
+        match decision {
+            Plan2::Same => {}
+            Plan2::AtRenewal(_) => {
+                view.effective = "at_renewal".into();
+                view.effective_at = now.live.period_end;
+            }
+            Plan2::Now(change) => {
+                let inv = self.payments.preview_change(&change).await?;
+                let period = Level {
+                    plan: now.plan.id.clone(),
+                    interval: now.interval,
+                    addon_units: now.units,
+                    period_start: now.live.period_start,
+                    period_end: now.live.period_end,
+                };
+                let lines = paid_lines(&inv.lines, catalog);
+                let id: InvoiceId = "in_preview".parse().expect("a valid invoice id");
+                if let Ok(g) =
+                    grants::line_grants(&id, "subscription_update", &lines, &[period], catalog)
+                {
+                    view.credits_now = g
+                        .grants
+                        .iter()
+                        .fold(Credits::ZERO, |a, g| a.checked_add(g.credits).unwrap_or(a));
+                }
+                if let Some(l) = lines.iter().find(|l| !l.proration) {
+                    // An interval switch starts a new period now.
+                    view.next_renewal_at =
+                        crate::subscriptions::calendar::period_end(l.start, interval);
+                }
+                view.subtotal_cents = inv.subtotal;
+                view.tax_cents = inv.tax;
+                view.total_cents = inv.total;
+                view.lines = inv
+                    .lines
+                    .iter()
+                    .map(|l| PreviewLine {
+                        description: l.description.clone(),
+                        amount_cents: l.amount,
+                        quantity: l.quantity,
+                        proration: l.proration,
+                        period_start: l.period_start,
+                        period_end: l.period_end,
+                    })
+                    .collect();
+            }
+        }
+        Ok(view)
     }
 
     /// Cancels renewal at period end (`cancel`), or pauses/resumes collection (`pause`).
@@ -509,19 +748,67 @@ impl SubscriptionChanges {
         pause: Option<bool>,
         stripe_key: &str,
     ) -> Result<StatusView, ChangeError> {
-        let sub = self.live(workspace).await?;
-        self.payments
-            .update_subscription(&SubscriptionChange {
-                cancel_at_period_end: cancel,
-                pause,
-                idempotency_key: stripe_key.to_owned(),
-                ..SubscriptionChange::to(sub.id.clone())
+        self.exclusively(workspace, stripe_key, |record| async move {
+            let now = self.now(&record.id).await?;
+            if cancel == Some(true) && now.live.schedule.is_some() {
+                // A canceled subscription does not renew; the change waiting for the
+                // renewal goes with it (Stripe refuses to cancel a scheduled subscription).
+                self.payments
+                    .cancel_renewal_change(&now.live.id, &format!("{stripe_key}-release"))
+                    .await?;
+            }
+            self.payments
+                .update_subscription(&SubscriptionChange {
+                    cancel_at_period_end: cancel,
+                    pause,
+                    idempotency_key: stripe_key.to_owned(),
+                    ..SubscriptionChange::to(now.live.id.clone())
+                })
+                .await?;
+            Ok(StatusView {
+                cancel_at_period_end: cancel.unwrap_or(now.live.cancel_at_period_end),
+                paused: pause.unwrap_or(now.live.paused),
+                period_end: now.live.period_end,
             })
-            .await?;
-        Ok(StatusView {
-            cancel_at_period_end: cancel.unwrap_or(sub.cancel_at_period_end),
-            paused: pause.unwrap_or(sub.status == PlanStatus::Paused),
-            period_end: sub.period_end,
         })
+        .await
+    }
+}
+
+/// Billed lines naming Tally's catalog items, as paid lines.
+fn paid_lines(
+    lines: &[crate::payments::BilledLine],
+    catalog: &crate::catalog::Catalog,
+) -> Vec<PaidLine> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            Some(PaidLine {
+                item: Item::of_product(&l.product, catalog)?,
+                quantity: l.quantity,
+                amount: l.amount,
+                start: l.period_start,
+                end: l.period_end,
+                proration: l.proration,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_convert_without_growing_their_credits() {
+        let (individual, team) = (Credits::new(60), Credits::new(200));
+        assert_eq!(convert_units(10, individual, team), 3);
+        assert_eq!(convert_units(3, team, individual), 10);
+        assert_eq!(convert_units(1, individual, team), 0);
+        assert_eq!(convert_units(100, team, individual), MAX_ADDON_UNITS);
+        for u in 0..=MAX_ADDON_UNITS {
+            let c = convert_units(u, individual, team);
+            assert!(u64::from(c) * 200 <= u64::from(u) * 60);
+        }
     }
 }

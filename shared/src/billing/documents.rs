@@ -11,6 +11,7 @@ use crate::money::{Cents, SignedCents};
 use crate::queue::ConsumeError;
 use crate::service::LedgerRequest;
 use crate::store::docs;
+use crate::subscriptions::paid::{Item, Level};
 use crate::subscriptions::{Terms, meta};
 
 /// A Stripe amount that is never negative. A negative one means the object is not what
@@ -18,6 +19,31 @@ use crate::subscriptions::{Terms, meta};
 fn cents(amount: i64, field: &str, object: &dyn std::fmt::Display) -> Result<Cents, ConsumeError> {
     Cents::try_from(amount)
         .map_err(|_| poison(format!("{field} of {object} is negative ({amount})")))
+}
+
+/// Plan, interval and add-on units from a subscription's items, when they name Tally's
+/// products.
+fn items_terms(
+    s: &objects::Subscription,
+    catalog: &crate::catalog::Catalog,
+) -> Option<(String, crate::ledger::Interval, u32)> {
+    let mut plan = None;
+    let mut units = 0u64;
+    for item in &s.items.data {
+        let price = item.price.as_ref()?;
+        match Item::of_product(price.product_id()?, catalog) {
+            Some(Item::Plan(p)) => {
+                let interval = crate::subscriptions::terms::interval_of(
+                    price.recurring.as_ref().and_then(|r| r.interval.as_deref()),
+                );
+                plan = Some((p, interval));
+            }
+            Some(Item::Addon(_)) => units += item.quantity.unwrap_or(1),
+            None => {}
+        }
+    }
+    let (plan, interval) = plan?;
+    Some((plan, interval, u32::try_from(units).unwrap_or(u32::MAX)))
 }
 
 impl BillingEvents {
@@ -61,30 +87,49 @@ impl BillingEvents {
         Ok(())
     }
 
+    /// The subscription facts a paid (or failed) sign-up or renewal invoice carries: the
+    /// period and, from its lines, the level it pays for (else the subscription metadata).
     pub(super) async fn subscription_from_invoice(
         &self,
         event: &objects::Event,
         workspace: &WorkspaceId,
         i: &objects::Invoice,
+        opens: Option<&Level>,
         status: PlanStatus,
     ) -> Result<(), ConsumeError> {
         let Some(d) = i.subscription_details() else {
             return Ok(());
         };
-        let (Some(sub), Some((start, end))) = (d.subscription.id(), i.service_period()) else {
+        let Some(sub) = d.subscription.id() else {
             return Ok(());
         };
-        if i.billing_reason.as_deref() == Some("subscription_update")
-            || !d.metadata.contains_key(meta::PLAN)
-        {
-            return Ok(());
-        }
-        let Terms {
-            plan,
-            interval,
-            addon_units,
-            scheduled,
-        } = read_terms(&d.metadata, start)?;
+        let (plan, interval, addon_units, scheduled, start, end) = match opens {
+            Some(l) => (
+                l.plan.clone(),
+                l.interval,
+                l.addon_units,
+                None,
+                l.period_start.timestamp(),
+                l.period_end.timestamp(),
+            ),
+            None => {
+                let Some((start, end)) = i.service_period() else {
+                    return Ok(());
+                };
+                if i.billing_reason.as_deref() == Some("subscription_update")
+                    || !d.metadata.contains_key(meta::PLAN)
+                {
+                    return Ok(());
+                }
+                let Terms {
+                    plan,
+                    interval,
+                    addon_units,
+                    scheduled,
+                } = read_terms(&d.metadata, start)?;
+                (plan, interval, addon_units, scheduled, start, end)
+            }
+        };
         let record = SubscriptionRecord {
             id: sub.clone(),
             customer: i.customer.id().cloned(),
@@ -131,12 +176,22 @@ impl BillingEvents {
         let (start, end) = s
             .period()
             .ok_or_else(|| poison(format!("subscription {} has no period", s.id)))?;
-        let Terms {
-            plan,
-            interval,
-            addon_units,
-            scheduled,
-        } = read_terms(&s.metadata, start)?;
+        // The items are what Stripe bills (whichever door changed them: our API, the
+        // customer portal, the dashboard); the metadata is the fallback for subscriptions
+        // whose items name no Tally product.
+        let (plan, interval, addon_units, scheduled) = match items_terms(&s, self.catalog()) {
+            Some((plan, interval, units)) => {
+                let scheduled = read_terms(&s.metadata, start)
+                    .ok()
+                    .and_then(|t| t.scheduled)
+                    .filter(|_| s.schedule.as_ref().is_some_and(|v| !v.is_null()));
+                (plan, interval, units, scheduled)
+            }
+            None => {
+                let t = read_terms(&s.metadata, start)?;
+                (t.plan, t.interval, t.addon_units, t.scheduled)
+            }
+        };
         if self.catalog().plan(&plan).is_none() {
             return Err(poison(format!("unknown plan {plan:?}")));
         }

@@ -6,11 +6,15 @@
 use super::objects::{CheckoutSession, Invoice, PaymentIntent};
 use super::{poison, read_terms, ts};
 use crate::catalog::Catalog;
+use crate::ids::InvoiceId;
 use crate::ledger::{LotSource, Refs};
 use crate::money::Credits;
 use crate::queue::ConsumeError;
 use crate::subscriptions::Terms;
-use crate::subscriptions::change::allowance_window;
+use crate::subscriptions::paid::{
+    Item, Level, PaidLine, billing_month, change_credits, first_month_credits, interval_of_period,
+    level_after_change, new_period,
+};
 use chrono::{DateTime, Duration, Utc};
 
 /// Most packs one checkout may buy.
@@ -79,41 +83,210 @@ pub fn checkout_grant(
     }))
 }
 
-/// Plan and add-on credits for the period a paid subscription invoice starts (the first
-/// billing month of it), or the agreed credits of a paid custom payment.
-pub fn invoice_grants(i: &Invoice, catalog: &Catalog) -> Result<Vec<CreditGrant>, ConsumeError> {
+/// The lines of a paid invoice that bill Tally's catalog items; other lines are ignored.
+pub fn paid_lines(i: &Invoice, catalog: &Catalog) -> Vec<PaidLine> {
+    i.lines
+        .data
+        .iter()
+        .filter_map(|l| {
+            let item = Item::of_product(l.product()?, catalog)?;
+            let period = l.period.as_ref()?;
+            Some(PaidLine {
+                item,
+                quantity: l.quantity.unwrap_or(1),
+                amount: l.amount,
+                start: ts(period.start),
+                end: ts(period.end),
+                proration: l.proration(),
+            })
+        })
+        .collect()
+}
+
+/// The period an invoice opens (sign-up, renewal, interval switch), from its lines.
+pub fn opened_period(i: &Invoice, catalog: &Catalog) -> Option<Level> {
+    new_period(&paid_lines(i, catalog))
+}
+
+/// What a paid invoice means for credits: its grants, the period it opens (sign-up,
+/// renewal, interval switch) and the level a change inside a period leads to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvoiceCredits {
+    pub grants: Vec<CreditGrant>,
+    pub opens: Option<Level>,
+    pub changes: Option<(Level, DateTime<Utc>)>,
+}
+
+/// Credits of a paid invoice. `known` are the subscription's paid periods (newest first);
+/// a change's proration lines are valued against the one they bill. Lines of a period not
+/// known yet (its own invoice not applied yet) make the event wait and retry.
+pub fn invoice_grants(
+    i: &Invoice,
+    catalog: &Catalog,
+    known: &[Level],
+) -> Result<InvoiceCredits, ConsumeError> {
     let refs = Refs {
         invoice: Some(i.id.clone()),
         ..Refs::default()
     };
-    match i.billing_reason.as_deref() {
-        Some("subscription_create" | "subscription_cycle") => {}
-        Some("manual") if i.metadata.get("kind").map(String::as_str) == Some("custom_payment") => {
-            let credits = i
-                .metadata
-                .get("credits")
-                .and_then(|c| c.parse::<i128>().ok())
-                .and_then(|c| Credits::parse_request_amount(c).ok())
-                .ok_or_else(|| poison("custom payment invoice without valid credits"))?;
-            // An invoice finalized without its line (the item call failed after the draft
-            // was created) is paid at $0: nothing was paid for, so nothing is granted.
-            if i.amount_paid <= 0 {
-                return Err(poison(format!(
-                    "custom payment invoice {} was paid nothing; no credits granted",
-                    i.id
-                )));
-            }
-            return Ok(vec![CreditGrant {
+    let reason = i.billing_reason.as_deref();
+    if reason == Some("manual")
+        && i.metadata.get("kind").map(String::as_str) == Some("custom_payment")
+    {
+        let credits = i
+            .metadata
+            .get("credits")
+            .and_then(|c| c.parse::<i128>().ok())
+            .and_then(|c| Credits::parse_request_amount(c).ok())
+            .ok_or_else(|| poison("custom payment invoice without valid credits"))?;
+        // An invoice finalized without its line (the item call failed after the draft
+        // was created) is paid at $0: nothing was paid for, so nothing is granted.
+        if i.amount_paid <= 0 {
+            return Err(poison(format!(
+                "custom payment invoice {} was paid nothing; no credits granted",
+                i.id
+            )));
+        }
+        return Ok(InvoiceCredits {
+            grants: vec![CreditGrant {
                 key: format!("stripe:invoice:{}:custom", i.id),
                 source: LotSource::Pack,
                 credits,
                 expires_at: None,
                 refs,
                 note: "custom payment".into(),
-            }]);
-        }
-        _ => return Ok(Vec::new()),
+            }],
+            ..InvoiceCredits::default()
+        });
     }
+    if !matches!(
+        reason,
+        Some("subscription_create" | "subscription_cycle" | "subscription_update")
+    ) {
+        return Ok(InvoiceCredits::default());
+    }
+    let lines = paid_lines(i, catalog);
+    if new_period(&lines).is_none() && reason != Some("subscription_update") {
+        // A subscription created before Tally named its products: its terms are in the
+        // subscription's metadata.
+        let level = metadata_level(i, catalog)?;
+        return Ok(InvoiceCredits {
+            grants: first_month_grants(&i.id, &level, catalog, &refs),
+            opens: Some(level),
+            changes: None,
+        });
+    }
+    line_grants(&i.id, reason.unwrap_or_default(), &lines, known, catalog)
+}
+
+/// Credits of a paid subscription invoice's lines (see [`crate::subscriptions::paid`]):
+/// a new period's first month, and a change's proration lines valued against the known
+/// period they bill.
+pub fn line_grants(
+    id: &InvoiceId,
+    reason: &str,
+    lines: &[PaidLine],
+    known: &[Level],
+    catalog: &Catalog,
+) -> Result<InvoiceCredits, ConsumeError> {
+    let refs = Refs {
+        invoice: Some(id.clone()),
+        ..Refs::default()
+    };
+    let mut out = InvoiceCredits::default();
+    if let Some(level) = new_period(lines) {
+        out.grants
+            .extend(first_month_grants(id, &level, catalog, &refs));
+        out.opens = Some(level);
+    }
+    if reason != "subscription_update" {
+        return Ok(out);
+    }
+    let prorations: Vec<&PaidLine> = lines.iter().filter(|l| l.proration).collect();
+    let Some(first) = prorations.first() else {
+        return Ok(out);
+    };
+    let period = known
+        .iter()
+        .find(|p| p.period_end == first.end && p.period_start <= first.start)
+        .cloned()
+        .ok_or_else(|| {
+            ConsumeError::retry(format!(
+                "invoice {id} bills a change in a period not recorded yet (ending {})",
+                first.end
+            ))
+        })?;
+    let lines_of_period: Vec<PaidLine> = prorations
+        .iter()
+        .filter(|l| l.end == period.period_end)
+        .map(|l| (*l).clone())
+        .collect();
+    let (plan_credits, addon_credits) = change_credits(&lines_of_period, &period, catalog);
+    let (_, month_end) = billing_month(&period, first.start);
+    let after = level_after_change(&lines_of_period, &period);
+    let rollover = catalog.plan(&after.plan).map_or(0, |p| p.rollover_days);
+    if plan_credits > Credits::ZERO {
+        out.grants.push(CreditGrant {
+            key: format!("stripe:invoice:{id}:change:plan"),
+            source: LotSource::PlanPeriod,
+            credits: plan_credits,
+            expires_at: Some(month_end + Duration::days(rollover as i64)),
+            refs: refs.clone(),
+            note: "plan change, rest of the billing month".into(),
+        });
+    }
+    if addon_credits > Credits::ZERO {
+        out.grants.push(CreditGrant {
+            key: format!("stripe:invoice:{id}:change:addon"),
+            source: LotSource::Addon,
+            credits: addon_credits,
+            expires_at: Some(month_end),
+            refs,
+            note: "add-on units, rest of the billing month".into(),
+        });
+    }
+    if out.opens.is_none() {
+        out.changes = Some((after, first.start));
+    }
+    Ok(out)
+}
+
+/// The grants of a new period's first billing month.
+fn first_month_grants(
+    id: &InvoiceId,
+    level: &Level,
+    catalog: &Catalog,
+    refs: &Refs,
+) -> Vec<CreditGrant> {
+    let (plan_credits, addon_credits) = first_month_credits(level, catalog);
+    let (_, month_end) = billing_month(level, level.period_start);
+    let rollover = catalog.plan(&level.plan).map_or(0, |p| p.rollover_days);
+    let name = catalog
+        .plan(&level.plan)
+        .map_or(level.plan.as_str(), |p| p.name.as_str());
+    let mut grants = vec![CreditGrant {
+        key: format!("stripe:invoice:{id}:plan"),
+        source: LotSource::PlanPeriod,
+        credits: plan_credits,
+        expires_at: Some(month_end + Duration::days(rollover as i64)),
+        refs: refs.clone(),
+        note: format!("{name} plan credits"),
+    }];
+    if addon_credits > Credits::ZERO {
+        grants.push(CreditGrant {
+            key: format!("stripe:invoice:{id}:addon"),
+            source: LotSource::Addon,
+            credits: addon_credits,
+            expires_at: Some(month_end),
+            refs: refs.clone(),
+            note: format!("{} add-on unit(s)", level.addon_units),
+        });
+    }
+    grants
+}
+
+/// The level of a sign-up or renewal invoice whose lines name no Tally product.
+fn metadata_level(i: &Invoice, catalog: &Catalog) -> Result<Level, ConsumeError> {
     let Some(details) = i.subscription_details() else {
         return Err(poison(format!(
             "subscription invoice {} has no subscription details",
@@ -124,44 +297,18 @@ pub fn invoice_grants(i: &Invoice, catalog: &Catalog) -> Result<Vec<CreditGrant>
         .service_period()
         .ok_or_else(|| poison(format!("invoice {} has no service period", i.id)))?;
     let Terms {
-        plan: plan_id,
-        addon_units: units,
-        ..
+        plan, addon_units, ..
     } = read_terms(&details.metadata, start)?;
-    let plan = catalog
-        .plan(&plan_id)
-        .ok_or_else(|| poison(format!("unknown plan {plan_id:?}")))?;
-    let (start, end) = (ts(start), ts(end));
-    // Yearly plans get a month's allowance per billing month; this invoice carries the
-    // first.
-    let (_, month_end) = allowance_window(start, end, start);
-    let mut grants = vec![CreditGrant {
-        key: format!("stripe:invoice:{}:plan", i.id),
-        source: LotSource::PlanPeriod,
-        credits: plan.monthly_credits,
-        expires_at: Some(month_end + Duration::days(plan.rollover_days as i64)),
-        refs: refs.clone(),
-        note: format!("{} plan credits", plan.name),
-    }];
-    let units = units as u64;
-    if units > 0 {
-        let addon = catalog
-            .addon(&plan.addon)
-            .ok_or_else(|| poison("plan add-on missing from catalog"))?;
-        let credits = addon
-            .credits_per_unit
-            .checked_mul(units)
-            .ok_or_else(|| poison(format!("{units} add-on units overflow the credits")))?;
-        grants.push(CreditGrant {
-            key: format!("stripe:invoice:{}:addon", i.id),
-            source: LotSource::Addon,
-            credits,
-            expires_at: Some(month_end),
-            refs,
-            note: format!("{units} add-on unit(s)"),
-        });
+    if catalog.plan(&plan).is_none() {
+        return Err(poison(format!("unknown plan {plan:?}")));
     }
-    Ok(grants)
+    Ok(Level {
+        plan,
+        interval: interval_of_period(ts(start), ts(end)),
+        addon_units,
+        period_start: ts(start),
+        period_end: ts(end),
+    })
 }
 
 /// Whether a payment intent is an auto top-up (Checkout's own payment intents carry no

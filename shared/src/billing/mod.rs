@@ -10,6 +10,7 @@ pub mod documents;
 pub mod grants;
 pub mod linking;
 pub mod objects;
+pub mod periods;
 pub mod records;
 
 pub use grants::{CreditGrant, MAX_PACK_QUANTITY};
@@ -101,19 +102,21 @@ impl BillingEvents {
                 let invoice: objects::Invoice = parse(event)?;
                 let workspace = self.invoice_workspace(&invoice).await?;
                 self.record_invoice(event, &workspace, &invoice).await?;
-                self.subscription_from_invoice(event, &workspace, &invoice, PlanStatus::Active)
-                    .await?;
-                for grant in grants::invoice_grants(&invoice, self.catalog())? {
-                    self.grant(event, &workspace, grant).await?;
-                }
-                Ok(())
+                self.invoice_paid(event, &workspace, &invoice).await
             }
             "invoice.payment_failed" => {
                 let invoice: objects::Invoice = parse(event)?;
                 let workspace = self.invoice_workspace(&invoice).await?;
                 self.record_invoice(event, &workspace, &invoice).await?;
-                self.subscription_from_invoice(event, &workspace, &invoice, PlanStatus::PastDue)
-                    .await
+                let opens = grants::opened_period(&invoice, self.catalog());
+                self.subscription_from_invoice(
+                    event,
+                    &workspace,
+                    &invoice,
+                    opens.as_ref(),
+                    PlanStatus::PastDue,
+                )
+                .await
             }
             "invoice.created"
             | "invoice.finalized"
@@ -173,6 +176,73 @@ impl BillingEvents {
         };
         self.ledger.execute(req).await?;
         Ok(())
+    }
+
+    /// A paid invoice: its credits (valued against the paid periods it bills), then the
+    /// period it opens or the level a change leads to, then the subscription document.
+    /// Grants come first so a retry after a crash still sees the period a change billed.
+    async fn invoice_paid(
+        &self,
+        event: &objects::Event,
+        workspace: &WorkspaceId,
+        invoice: &objects::Invoice,
+    ) -> Result<(), ConsumeError> {
+        let sub = invoice
+            .subscription_details()
+            .and_then(|d| d.subscription.id().cloned());
+        let mut known = Vec::new();
+        if let Some(sub) = &sub {
+            if let Some(doc) = periods::get(self.docs.as_ref(), workspace, sub).await? {
+                known = doc.levels();
+            }
+            // Periods paid before paid periods were recorded: the subscription document.
+            if let Some(rec) = docs::get::<SubscriptionRecord>(
+                self.docs.as_ref(),
+                &workspace_pk(workspace),
+                SUBSCRIPTION_SK,
+            )
+            .await?
+            .filter(|r| &r.id == sub)
+            {
+                known.push(crate::subscriptions::paid::Level {
+                    plan: rec.plan.clone(),
+                    interval: rec.interval,
+                    addon_units: rec.addon_units,
+                    period_start: rec.period_start,
+                    period_end: rec.period_end,
+                });
+            }
+        }
+        let credits = grants::invoice_grants(invoice, self.catalog(), &known)?;
+        for grant in credits.grants {
+            self.grant(event, workspace, grant).await?;
+        }
+        if let Some(sub) = &sub {
+            if let Some(level) = &credits.opens {
+                periods::open(
+                    self.docs.as_ref(),
+                    workspace,
+                    sub,
+                    periods::PaidPeriod {
+                        level: level.clone(),
+                        invoice: invoice.id.clone(),
+                        level_as_of: level.period_start,
+                    },
+                )
+                .await?;
+            }
+            if let Some((level, at)) = &credits.changes {
+                periods::change(self.docs.as_ref(), workspace, sub, level, *at).await?;
+            }
+        }
+        self.subscription_from_invoice(
+            event,
+            workspace,
+            invoice,
+            credits.opens.as_ref(),
+            PlanStatus::Active,
+        )
+        .await
     }
 
     async fn checkout(

@@ -98,9 +98,61 @@ pub struct InvoiceParent {
     pub subscription_details: Option<SubscriptionDetails>,
 }
 
+/// Which price and product a line bills (Stripe's `pricing.price_details`).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct PriceDetails {
+    pub price: Option<serde_json::Value>,
+    pub product: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct LinePricing {
+    pub price_details: Option<PriceDetails>,
+}
+
+/// What a line belongs to (Stripe's `parent.subscription_item_details`).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct SubscriptionItemDetails {
+    #[serde(default)]
+    pub proration: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct LineParent {
+    pub subscription_item_details: Option<SubscriptionItemDetails>,
+    pub invoice_item_details: Option<SubscriptionItemDetails>,
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct InvoiceLine {
     pub period: Option<Period>,
+    #[serde(default)]
+    pub amount: i64,
+    pub quantity: Option<u64>,
+    pub pricing: Option<LinePricing>,
+    pub parent: Option<LineParent>,
+}
+
+impl InvoiceLine {
+    /// The product the line bills, whether Stripe sent the id or expanded the product.
+    pub fn product(&self) -> Option<&str> {
+        self.pricing
+            .as_ref()?
+            .price_details
+            .as_ref()?
+            .product
+            .as_deref()
+    }
+
+    /// Whether the line is a proration (a change inside a period).
+    pub fn proration(&self) -> bool {
+        self.parent.as_ref().is_some_and(|p| {
+            p.subscription_item_details
+                .as_ref()
+                .or(p.invoice_item_details.as_ref())
+                .is_some_and(|d| d.proration)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -173,10 +225,23 @@ pub struct Recurring {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct Price {
     pub recurring: Option<Recurring>,
+    /// The product id, or the expanded product.
+    pub product: Option<serde_json::Value>,
+}
+
+impl Price {
+    pub fn product_id(&self) -> Option<&str> {
+        match self.product.as_ref()? {
+            serde_json::Value::String(s) => Some(s),
+            serde_json::Value::Object(o) => o.get("id")?.as_str(),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct SubscriptionItem {
+    pub quantity: Option<u64>,
     pub current_period_start: Option<i64>,
     pub current_period_end: Option<i64>,
     pub price: Option<Price>,
@@ -197,6 +262,9 @@ pub struct Subscription {
     pub items: List<SubscriptionItem>,
     pub current_period_start: Option<i64>,
     pub current_period_end: Option<i64>,
+    /// The subscription schedule managing future phases (a change at renewal), if any.
+    #[serde(default)]
+    pub schedule: Option<serde_json::Value>,
 }
 
 impl Subscription {

@@ -155,6 +155,84 @@ impl SubscriptionChange {
     }
 }
 
+/// An item of a subscription as Stripe bills it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveItem {
+    /// The subscription item's id (`si_...`).
+    pub id: String,
+    /// The price's id (`price_...`), needed to keep the item unchanged in a schedule.
+    pub price: String,
+    pub product: String,
+    pub unit_amount: Cents,
+    pub interval: Interval,
+    pub quantity: u64,
+}
+
+/// A subscription as Stripe has it now: what changes are decided against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSubscription {
+    pub id: SubscriptionId,
+    pub customer: CustomerId,
+    /// Stripe's status (`active`, `past_due`, `canceled`, ...).
+    pub status: String,
+    /// Collection paused (`pause_collection` set).
+    pub paused: bool,
+    pub cancel_at_period_end: bool,
+    pub period_start: chrono::DateTime<chrono::Utc>,
+    pub period_end: chrono::DateTime<chrono::Utc>,
+    pub items: Vec<LiveItem>,
+    /// The subscription schedule holding a change at renewal, if any.
+    pub schedule: Option<String>,
+}
+
+impl LiveSubscription {
+    /// The item of one of Tally's products of this kind (`plan` or `addon`).
+    pub fn item(&self, kind: &str) -> Option<&LiveItem> {
+        let prefix = format!("tally_{kind}_");
+        self.items.iter().find(|i| i.product.starts_with(&prefix))
+    }
+}
+
+/// A line of an invoice Stripe created for a change, as it bills it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BilledLine {
+    pub product: String,
+    pub quantity: u64,
+    /// Signed cents: a credit for unused time is negative.
+    pub amount: i64,
+    pub period_start: chrono::DateTime<chrono::Utc>,
+    pub period_end: chrono::DateTime<chrono::Utc>,
+    pub proration: bool,
+    pub description: String,
+}
+
+/// An invoice Stripe created (or would create) for a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BilledInvoice {
+    /// `None` for a preview.
+    pub id: Option<InvoiceId>,
+    pub lines: Vec<BilledLine>,
+    /// Signed cents before tax.
+    pub subtotal: i64,
+    pub tax: i64,
+    pub total: i64,
+    pub amount_paid: Cents,
+}
+
+/// The items a subscription has from its next renewal on, kept in a subscription schedule
+/// so that today's prices stay as they are until then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewalChange {
+    pub subscription: SubscriptionId,
+    /// The plan item's price from the renewal on.
+    pub plan: ItemPrice,
+    /// Add-on units (0: none) and their price from the renewal on.
+    pub addons: (u64, ItemPrice),
+    /// Metadata to set on the subscription (the change, for display).
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub idempotency_key: String,
+}
+
 /// An invoice for an agreed amount, paid by bank transfer or card through Stripe's hosted
 /// invoice page; its credits are granted when Stripe reports it paid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,8 +277,33 @@ pub trait Payments: Send + Sync {
         req: &CustomInvoice,
     ) -> Result<InvoiceLink, PaymentsError>;
 
-    /// Changes a subscription's items, metadata, cancellation or pause.
-    async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError>;
+    /// The subscription as Stripe has it now.
+    async fn subscription(&self, id: &SubscriptionId) -> Result<LiveSubscription, PaymentsError>;
+
+    /// Changes a subscription's items, metadata, cancellation or pause; returns the invoice
+    /// Stripe created and collected for it, if any (prorations invoiced now).
+    async fn update_subscription(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<Option<BilledInvoice>, PaymentsError>;
+
+    /// What a change would invoice now, without making it.
+    async fn preview_change(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<BilledInvoice, PaymentsError>;
+
+    /// Keeps today's items until the period ends and bills `change` from the renewal on
+    /// (a subscription schedule with two phases), replacing any change already scheduled.
+    async fn schedule_renewal_change(&self, change: &RenewalChange) -> Result<(), PaymentsError>;
+
+    /// Drops a change scheduled for the renewal (releases the schedule); the subscription
+    /// renews as it is.
+    async fn cancel_renewal_change(
+        &self,
+        subscription: &SubscriptionId,
+        idempotency_key: &str,
+    ) -> Result<(), PaymentsError>;
 
     /// Creates the Stripe customer of a workspace.
     async fn create_customer(

@@ -85,7 +85,12 @@ struct RecurringForm {
 struct PriceData<'a> {
     currency: &'static str,
     unit_amount: u64,
-    product_data: ProductData<'a>,
+    /// Tally's own product (plans: so every door that changes the subscription later
+    /// names the same catalog item).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    product: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    product_data: Option<ProductData<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     recurring: Option<RecurringForm>,
 }
@@ -156,10 +161,7 @@ pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String
     m
 }
 
-/// The id of the Stripe product Tally keeps for a catalog item.
-pub fn product_id(kind: &str, id: &str) -> String {
-    format!("tally_{kind}_{id}")
-}
+pub use crate::subscriptions::paid::product_id;
 
 impl StripePayments {
     async fn get<T: miniserde::Deserialize>(&self, path: &str) -> Result<T, PaymentsError> {
@@ -168,6 +170,106 @@ impl StripePayments {
             .send(&self.client)
             .await
             .map_err(classify)
+    }
+
+    /// A POST that changes nothing (previews): no idempotency key needed.
+    async fn post_unkeyed<F: Serialize, T: miniserde::Deserialize>(
+        &self,
+        path: &str,
+        form: &F,
+    ) -> Result<T, PaymentsError> {
+        RequestBuilder::new(StripeMethod::Post, path)
+            .form(form)
+            .customize::<T>()
+            .send(&self.client)
+            .await
+            .map_err(classify)
+    }
+
+    /// Sets (or, with empty values, removes) subscription metadata.
+    async fn set_metadata(
+        &self,
+        sub: &SubscriptionId,
+        metadata: &BTreeMap<String, String>,
+        key: &str,
+    ) -> Result<(), PaymentsError> {
+        #[derive(Serialize)]
+        struct MetadataForm<'a> {
+            metadata: BTreeMap<&'a str, &'a str>,
+        }
+        if metadata.is_empty() {
+            return Ok(());
+        }
+        let _: stripe_shared::Subscription = self
+            .post(
+                &format!("/subscriptions/{sub}"),
+                &MetadataForm {
+                    metadata: metadata
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect(),
+                },
+                key,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The item parameters of a change: the plan item re-priced, the one add-on item
+    /// re-priced (whatever add-on it was: moving between individual and team plans swaps
+    /// it), added or removed.
+    async fn item_forms(
+        &self,
+        current: &stripe_shared::Subscription,
+        change: &SubscriptionChange,
+    ) -> Result<Vec<ItemForm>, PaymentsError> {
+        let product_of =
+            |item: &stripe_shared::SubscriptionItem| item.price.product.id().to_string();
+        let addon_item = current
+            .items
+            .data
+            .iter()
+            .find(|i| product_of(i).starts_with(crate::subscriptions::paid::ADDON_PRODUCT))
+            .map(|i| i.id.to_string());
+        let plan_item = current
+            .items
+            .data
+            .iter()
+            .find(|i| !product_of(i).starts_with(crate::subscriptions::paid::ADDON_PRODUCT))
+            .map(|i| i.id.to_string());
+        let mut items = Vec::new();
+        if let Some(price) = &change.plan {
+            self.ensure_product(price).await?;
+            items.push(ItemForm {
+                id: Some(
+                    plan_item.ok_or_else(|| {
+                        PaymentsError::refused("the subscription has no plan item")
+                    })?,
+                ),
+                price_data: Some(price_data(price)),
+                ..ItemForm::default()
+            });
+        }
+        if let Some((quantity, price)) = &change.addons {
+            match (addon_item, quantity) {
+                (Some(id), 0) => items.push(ItemForm {
+                    id: Some(id),
+                    deleted: Some(true),
+                    ..ItemForm::default()
+                }),
+                (None, 0) => {}
+                (id, q) => {
+                    self.ensure_product(price).await?;
+                    items.push(ItemForm {
+                        id,
+                        price_data: Some(price_data(price)),
+                        quantity: Some(*q),
+                        ..ItemForm::default()
+                    });
+                }
+            }
+        }
+        Ok(items)
     }
 
     /// Creates Tally's product for a price once; "already exists" is success.
@@ -198,19 +300,19 @@ impl StripePayments {
 }
 
 #[derive(Serialize)]
-struct ItemPriceData<'a> {
+struct ItemPriceData {
     currency: &'static str,
-    product: &'a str,
+    product: String,
     unit_amount: u64,
     recurring: RecurringForm,
 }
 
 #[derive(Serialize, Default)]
-struct ItemForm<'a> {
+struct ItemForm {
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    price_data: Option<ItemPriceData<'a>>,
+    price_data: Option<ItemPriceData>,
     #[serde(skip_serializing_if = "Option::is_none")]
     quantity: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -227,7 +329,7 @@ enum PauseForm {
 #[derive(Serialize)]
 struct SubscriptionForm<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    items: Vec<ItemForm<'a>>,
+    items: Vec<ItemForm>,
     proration_behavior: &'static str,
     /// With prorations invoiced now: refuse the update unless the invoice is paid, so no
     /// credits are granted for an unpaid upgrade.
@@ -239,6 +341,8 @@ struct SubscriptionForm<'a> {
     cancel_at_period_end: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pause_collection: Option<PauseForm>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    expand: Vec<&'static str>,
 }
 
 fn interval_form(i: Interval) -> RecurringForm {
@@ -250,13 +354,123 @@ fn interval_form(i: Interval) -> RecurringForm {
     }
 }
 
-fn price_data(p: &ItemPrice) -> ItemPriceData<'_> {
+fn price_data(p: &ItemPrice) -> ItemPriceData {
     ItemPriceData {
         currency: "usd",
-        product: &p.product,
+        product: p.product.clone(),
         unit_amount: p.unit_amount.get(),
         recurring: interval_form(p.interval),
     }
+}
+
+/// The part of a subscription schedule the adapter reads back: its id.
+#[derive(miniserde::Deserialize)]
+struct ScheduleRef {
+    id: String,
+}
+
+#[derive(Serialize)]
+struct PhaseItem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price_data: Option<ItemPriceData>,
+    quantity: u64,
+}
+
+fn ts(secs: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default()
+}
+
+/// The current period, from the items (where Stripe keeps it since 2025).
+fn item_period(sub: &stripe_shared::Subscription) -> Result<(i64, i64), PaymentsError> {
+    let item = sub
+        .items
+        .data
+        .first()
+        .ok_or_else(|| PaymentsError::unavailable("subscription without items"))?;
+    Ok((item.current_period_start, item.current_period_end))
+}
+
+fn interval_of(recurring: Option<&stripe_shared::Recurring>) -> Interval {
+    match recurring.map(|r| r.interval.as_str()) {
+        Some("year") => Interval::Yearly,
+        _ => Interval::Monthly,
+    }
+}
+
+/// A subscription as the port describes it.
+fn live(sub: &stripe_shared::Subscription) -> Result<LiveSubscription, PaymentsError> {
+    let (start, end) = item_period(sub)?;
+    let items = sub
+        .items
+        .data
+        .iter()
+        .map(|i| {
+            Ok(LiveItem {
+                id: i.id.to_string(),
+                price: i.price.id.to_string(),
+                product: i.price.product.id().to_string(),
+                unit_amount: Cents::try_from(i.price.unit_amount.unwrap_or(0)).map_err(|_| {
+                    PaymentsError::unavailable("Stripe answered with a negative price")
+                })?,
+                interval: interval_of(i.price.recurring.as_ref()),
+                quantity: i.quantity.unwrap_or(1),
+            })
+        })
+        .collect::<Result<Vec<_>, PaymentsError>>()?;
+    Ok(LiveSubscription {
+        id: returned(sub.id.as_str())?,
+        customer: returned(sub.customer.id().as_str())?,
+        status: sub.status.as_str().to_owned(),
+        paused: sub.pause_collection.is_some(),
+        cancel_at_period_end: sub.cancel_at_period_end,
+        period_start: ts(start),
+        period_end: ts(end),
+        items,
+        schedule: sub.schedule.as_ref().map(|s| s.id().to_string()),
+    })
+}
+
+/// An invoice as the port describes it.
+fn billed(inv: &stripe_shared::Invoice) -> Result<BilledInvoice, PaymentsError> {
+    let lines = inv
+        .lines
+        .data
+        .iter()
+        .filter_map(|l| {
+            let product = l.pricing.as_ref()?.price_details.as_ref()?.product.clone();
+            let proration = l.parent.as_ref().is_some_and(|p| {
+                p.subscription_item_details
+                    .as_ref()
+                    .map(|d| d.proration)
+                    .or(p.invoice_item_details.as_ref().map(|d| d.proration))
+                    .unwrap_or(false)
+            });
+            Some(BilledLine {
+                product,
+                quantity: l.quantity.unwrap_or(1),
+                amount: l.amount,
+                period_start: ts(l.period.start),
+                period_end: ts(l.period.end),
+                proration,
+                description: l.description.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    let tax = inv
+        .total_taxes
+        .as_ref()
+        .map_or(0, |t| t.iter().map(|t| t.amount).sum());
+    Ok(BilledInvoice {
+        id: inv.id.as_ref().map(|i| returned(i.as_str())).transpose()?,
+        lines,
+        subtotal: inv.subtotal,
+        tax,
+        total: inv.total,
+        amount_paid: Cents::try_from(inv.amount_paid)
+            .map_err(|_| PaymentsError::unavailable("Stripe answered with a negative payment"))?,
+    })
 }
 
 #[derive(Serialize)]
@@ -389,58 +603,23 @@ impl Payments for StripePayments {
         })
     }
 
-    async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError> {
+    async fn subscription(&self, id: &SubscriptionId) -> Result<LiveSubscription, PaymentsError> {
+        let sub: stripe_shared::Subscription = self.get(&format!("/subscriptions/{id}")).await?;
+        live(&sub)
+    }
+
+    async fn update_subscription(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<Option<BilledInvoice>, PaymentsError> {
         let current: stripe_shared::Subscription = self
             .get(&format!("/subscriptions/{}", change.subscription))
             .await?;
-        let product_of =
-            |item: &stripe_shared::SubscriptionItem| item.price.product.id().to_string();
-        let addon_item = change.addons.as_ref().and_then(|(_, price)| {
-            current
-                .items
-                .data
-                .iter()
-                .find(|i| product_of(i) == price.product)
-                .map(|i| i.id.to_string())
-        });
-        let plan_item = current
-            .items
-            .data
-            .iter()
-            .find(|i| !product_of(i).starts_with("tally_addon_"))
-            .map(|i| i.id.to_string());
-        let mut items = Vec::new();
-        if let Some(price) = &change.plan {
-            self.ensure_product(price).await?;
-            items.push(ItemForm {
-                id: Some(
-                    plan_item.ok_or_else(|| {
-                        PaymentsError::refused("the subscription has no plan item")
-                    })?,
-                ),
-                price_data: Some(price_data(price)),
-                ..ItemForm::default()
-            });
-        }
-        if let Some((quantity, price)) = &change.addons {
-            match (addon_item, quantity) {
-                (Some(id), 0) => items.push(ItemForm {
-                    id: Some(id),
-                    deleted: Some(true),
-                    ..ItemForm::default()
-                }),
-                (None, 0) => {}
-                (id, q) => {
-                    self.ensure_product(price).await?;
-                    items.push(ItemForm {
-                        id,
-                        price_data: Some(price_data(price)),
-                        quantity: Some(*q),
-                        ..ItemForm::default()
-                    });
-                }
-            }
-        }
+        let before = current
+            .latest_invoice
+            .as_ref()
+            .and_then(|i| i.id().as_ref().map(ToString::to_string));
+        let items = self.item_forms(&current, change).await?;
         let form = SubscriptionForm {
             items,
             proration_behavior: if change.prorate_now {
@@ -462,15 +641,199 @@ impl Payments for StripePayments {
                     PauseForm::Resume("")
                 }
             }),
+            expand: if change.prorate_now {
+                vec!["latest_invoice"]
+            } else {
+                Vec::new()
+            },
         };
-        let _: stripe_shared::Subscription = self
+        let updated: stripe_shared::Subscription = self
             .post(
                 &format!("/subscriptions/{}", change.subscription),
                 &form,
                 &change.idempotency_key,
             )
             .await?;
-        Ok(())
+        // The invoice this update created, if any: a new latest invoice for the update.
+        let invoice = match updated.latest_invoice.as_ref().and_then(|i| i.as_object()) {
+            Some(inv)
+                if inv.id.as_ref().map(|i| i.to_string()) != before
+                    && inv.billing_reason.as_ref().map(|r| r.as_str())
+                        == Some("subscription_update") =>
+            {
+                Some(billed(inv)?)
+            }
+            _ => None,
+        };
+        Ok(invoice)
+    }
+
+    async fn preview_change(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<BilledInvoice, PaymentsError> {
+        let current: stripe_shared::Subscription = self
+            .get(&format!("/subscriptions/{}", change.subscription))
+            .await?;
+        let items = self.item_forms(&current, change).await?;
+        #[derive(Serialize)]
+        struct Details {
+            items: Vec<ItemForm>,
+            proration_behavior: &'static str,
+        }
+        #[derive(Serialize)]
+        struct PreviewForm<'a> {
+            customer: String,
+            subscription: &'a str,
+            subscription_details: Details,
+            automatic_tax: Enabled,
+        }
+        let preview: stripe_shared::Invoice = self
+            .post_unkeyed(
+                "/invoices/create_preview",
+                &PreviewForm {
+                    customer: current.customer.id().to_string(),
+                    subscription: change.subscription.as_str(),
+                    subscription_details: Details {
+                        items,
+                        proration_behavior: if change.prorate_now {
+                            "always_invoice"
+                        } else {
+                            "none"
+                        },
+                    },
+                    automatic_tax: Enabled { enabled: true },
+                },
+            )
+            .await?;
+        billed(&preview)
+    }
+
+    async fn schedule_renewal_change(&self, change: &RenewalChange) -> Result<(), PaymentsError> {
+        let current: stripe_shared::Subscription = self
+            .get(&format!("/subscriptions/{}", change.subscription))
+            .await?;
+        let key = &change.idempotency_key;
+        let schedule = match current.schedule.as_ref() {
+            Some(s) => s.id().to_string(),
+            None => {
+                #[derive(Serialize)]
+                struct FromSubscription<'a> {
+                    from_subscription: &'a str,
+                }
+                let created: ScheduleRef = self
+                    .post(
+                        "/subscription_schedules",
+                        &FromSubscription {
+                            from_subscription: change.subscription.as_str(),
+                        },
+                        &format!("{key}-schedule"),
+                    )
+                    .await?;
+                created.id
+            }
+        };
+        self.ensure_product(&change.plan).await?;
+        let (units, addon) = &change.addons;
+        if *units > 0 {
+            self.ensure_product(addon).await?;
+        }
+        let today: Vec<PhaseItem> = current
+            .items
+            .data
+            .iter()
+            .map(|i| PhaseItem {
+                price: Some(i.price.id.to_string()),
+                price_data: None,
+                quantity: i.quantity.unwrap_or(1),
+            })
+            .collect();
+        let mut next = vec![PhaseItem {
+            price: None,
+            price_data: Some(price_data(&change.plan)),
+            quantity: 1,
+        }];
+        if *units > 0 {
+            next.push(PhaseItem {
+                price: None,
+                price_data: Some(price_data(addon)),
+                quantity: *units,
+            });
+        }
+        let (start, end) = item_period(&current)?;
+        let mut form = BTreeMap::from([
+            ("end_behavior".to_string(), "release".to_string()),
+            ("proration_behavior".to_string(), "none".to_string()),
+            ("phases[0][start_date]".to_string(), start.to_string()),
+            ("phases[0][end_date]".to_string(), end.to_string()),
+        ]);
+        for (phase, items) in [(0, &today), (1, &next)] {
+            for (n, item) in items.iter().enumerate() {
+                let at = format!("phases[{phase}][items][{n}]");
+                form.insert(format!("{at}[quantity]"), item.quantity.to_string());
+                if let Some(price) = &item.price {
+                    form.insert(format!("{at}[price]"), price.clone());
+                }
+                if let Some(p) = &item.price_data {
+                    form.insert(format!("{at}[price_data][currency]"), p.currency.into());
+                    form.insert(format!("{at}[price_data][product]"), p.product.clone());
+                    form.insert(
+                        format!("{at}[price_data][unit_amount]"),
+                        p.unit_amount.to_string(),
+                    );
+                    form.insert(
+                        format!("{at}[price_data][recurring][interval]"),
+                        p.recurring.interval.into(),
+                    );
+                }
+            }
+        }
+        for (k, v) in &change.metadata {
+            if !v.is_empty() && !k.starts_with("scheduled_") {
+                form.insert(format!("phases[1][metadata][{k}]"), v.clone());
+            }
+        }
+        let _: ScheduleRef = self
+            .post(
+                &format!("/subscription_schedules/{schedule}"),
+                &form,
+                &format!("{key}-phases"),
+            )
+            .await?;
+        self.set_metadata(
+            &change.subscription,
+            &change.metadata,
+            &format!("{key}-metadata"),
+        )
+        .await
+    }
+
+    async fn cancel_renewal_change(
+        &self,
+        subscription: &SubscriptionId,
+        idempotency_key: &str,
+    ) -> Result<(), PaymentsError> {
+        let current: stripe_shared::Subscription =
+            self.get(&format!("/subscriptions/{subscription}")).await?;
+        if let Some(schedule) = current.schedule.as_ref() {
+            let _: ScheduleRef = self
+                .post(
+                    &format!("/subscription_schedules/{}/release", schedule.id()),
+                    &NoForm {},
+                    idempotency_key,
+                )
+                .await?;
+        }
+        let cleared = crate::subscriptions::meta::SCHEDULED_KEYS
+            .iter()
+            .map(|k| (k.to_string(), String::new()))
+            .collect();
+        self.set_metadata(
+            subscription,
+            &cleared,
+            &format!("{idempotency_key}-metadata"),
+        )
+        .await
     }
 
     async fn create_customer(
@@ -492,27 +855,32 @@ impl Payments for StripePayments {
         let metadata = checkout_metadata(req);
         let (mode, line) = match &req.purchase {
             Purchase::Plan {
+                plan,
                 name,
                 interval,
                 unit_amount,
-                ..
-            } => (
-                "subscription",
-                LineItem {
-                    price_data: PriceData {
-                        currency: "usd",
-                        unit_amount: unit_amount.get(),
-                        product_data: ProductData { name },
-                        recurring: Some(RecurringForm {
-                            interval: match interval {
-                                Interval::Monthly => "month",
-                                Interval::Yearly => "year",
-                            },
-                        }),
+            } => {
+                let price = ItemPrice {
+                    product: product_id("plan", plan),
+                    product_name: name.clone(),
+                    unit_amount: *unit_amount,
+                    interval: *interval,
+                };
+                self.ensure_product(&price).await?;
+                (
+                    "subscription",
+                    LineItem {
+                        price_data: PriceData {
+                            currency: "usd",
+                            unit_amount: unit_amount.get(),
+                            product: Some(price.product),
+                            product_data: None,
+                            recurring: Some(interval_form(*interval)),
+                        },
+                        quantity: 1,
                     },
-                    quantity: 1,
-                },
-            ),
+                )
+            }
             Purchase::Pack {
                 name,
                 quantity,
@@ -524,7 +892,8 @@ impl Payments for StripePayments {
                     price_data: PriceData {
                         currency: "usd",
                         unit_amount: unit_amount.get(),
-                        product_data: ProductData { name },
+                        product: None,
+                        product_data: Some(ProductData { name }),
                         recurring: None,
                     },
                     quantity: *quantity,

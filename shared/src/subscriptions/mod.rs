@@ -4,6 +4,7 @@
 
 pub mod calendar;
 pub mod change;
+pub mod paid;
 pub mod plan;
 pub mod record;
 pub mod terms;

@@ -20,6 +20,13 @@ pub mod meta {
     pub const SCHEDULED_ADDON_UNITS: &str = "scheduled_addon_units";
     /// Unix time (the renewal) from which the scheduled terms apply.
     pub const SCHEDULED_FROM: &str = "scheduled_from";
+    /// Every key of a scheduled change (cleared together).
+    pub const SCHEDULED_KEYS: [&str; 4] = [
+        SCHEDULED_PLAN,
+        SCHEDULED_INTERVAL,
+        SCHEDULED_ADDON_UNITS,
+        SCHEDULED_FROM,
+    ];
 }
 
 /// Metadata that does not describe terms: the event cannot be applied, ever.

@@ -28,9 +28,10 @@ use std::sync::{Arc, Mutex};
 use tally::ids::{
     CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, SubscriptionId, WorkspaceId,
 };
+use tally::money::Cents;
 use tally::payments::{
-    CheckoutLink, CheckoutRequest, CustomInvoice, InvoiceLink, Payments, PaymentsError, Purchase,
-    SubscriptionChange, TopUp,
+    BilledInvoice, CheckoutLink, CheckoutRequest, CustomInvoice, InvoiceLink, LiveSubscription,
+    Payments, PaymentsError, Purchase, RenewalChange, SubscriptionChange, TopUp,
 };
 use tower::ServiceExt;
 
@@ -174,6 +175,7 @@ impl Simulator {
                 self.deliver("checkout.session.completed", session).await;
             }
             Purchase::Plan {
+                plan,
                 interval,
                 unit_amount,
                 ..
@@ -196,6 +198,10 @@ impl Simulator {
                     period_end: now,
                     cancel_at_period_end: false,
                     paused: false,
+                    plan_product: tally::payments::stripe_api::product_id("plan", plan),
+                    addon_product: None,
+                    next: None,
+                    latest_invoice: None,
                 };
                 sub.period_end = now + Duration::days(sub.days()).num_seconds();
                 self.subscriptions
@@ -208,6 +214,11 @@ impl Simulator {
                     unit_amount.get(),
                     false,
                 );
+                sub.latest_invoice = open["id"].as_str().map(str::to_owned);
+                self.subscriptions
+                    .lock()
+                    .expect("sim lock")
+                    .insert(sub.id.clone(), sub.clone());
                 let mut paid = open.clone();
                 paid["status"] = json!("paid");
                 paid["amount_paid"] = json!(unit_amount);
@@ -239,7 +250,31 @@ impl Simulator {
             let Some(sub) = subs.get_mut(subscription) else {
                 return false;
             };
-            let length = sub.period_end - sub.period_start;
+            if let Some(next) = sub.next.take() {
+                // The schedule's next phase starts: its prices from this renewal on.
+                sub.unit_amount = next.plan.unit_amount.get();
+                sub.interval = next.plan.interval;
+                sub.plan_product = next.plan.product.clone();
+                sub.addon_units = next.addons.0;
+                sub.addon_unit_amount = next.addons.1.unit_amount.get();
+                sub.addon_product = (next.addons.0 > 0).then(|| next.addons.1.product.clone());
+                for (k, v) in &next.metadata {
+                    if !k.starts_with("scheduled_") {
+                        sub.metadata.insert(k.clone(), v.clone());
+                    }
+                }
+                for k in tally::subscriptions::meta::SCHEDULED_KEYS {
+                    sub.metadata.remove(k);
+                }
+                if let Some(plan) = next.plan.product.strip_prefix("tally_plan_") {
+                    sub.metadata.insert("plan".into(), plan.into());
+                }
+                sub.metadata
+                    .insert("interval".into(), next.plan.interval.as_str().into());
+                sub.metadata
+                    .insert("addon_units".into(), next.addons.0.to_string());
+            }
+            let length = Duration::days(sub.days()).num_seconds();
             sub.period_start = sub.period_end;
             sub.period_end += length;
             sub.clone()
@@ -358,21 +393,89 @@ impl Payments for Simulator {
         })
     }
 
-    async fn update_subscription(&self, change: &SubscriptionChange) -> Result<(), PaymentsError> {
-        let (sub, prorated) = {
+    async fn subscription(&self, id: &SubscriptionId) -> Result<LiveSubscription, PaymentsError> {
+        let subs = self.subscriptions.lock().expect("sim lock");
+        let sub = subs
+            .get(id)
+            .ok_or_else(|| PaymentsError::refused(format!("No such subscription: '{id}'")))?;
+        Ok(sub.live())
+    }
+
+    async fn update_subscription(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<Option<BilledInvoice>, PaymentsError> {
+        let now = Utc::now().timestamp();
+        let (sub, lines) = {
             let mut subs = self.subscriptions.lock().expect("sim lock");
             let sub = subs.get_mut(&change.subscription).ok_or_else(|| {
                 PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
             })?;
-            let before = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
-            if let Some(p) = &change.plan {
-                sub.unit_amount = p.unit_amount.get();
-                sub.interval = p.interval;
+            let lines = sub.apply(change, now);
+            (sub.clone(), lines)
+        };
+        let mut billed = None;
+        let invoice = (change.prorate_now && !lines.is_empty())
+            .then(|| sub.change_invoice(&self.base_url, &lines));
+        if let Some(inv) = &invoice {
+            let id = inv["id"].as_str().unwrap_or_default().to_owned();
+            if let Some(s) = self
+                .subscriptions
+                .lock()
+                .expect("sim lock")
+                .get_mut(&change.subscription)
+            {
+                s.latest_invoice = Some(id.clone());
             }
-            if let Some((units, p)) = &change.addons {
-                sub.addon_units = *units;
-                sub.addon_unit_amount = p.unit_amount.get();
-            }
+            billed = Some(BilledInvoice {
+                id: id.parse().ok(),
+                lines: lines.iter().map(|l| l.billed()).collect(),
+                subtotal: inv["subtotal"].as_i64().unwrap_or_default(),
+                tax: 0,
+                total: inv["total"].as_i64().unwrap_or_default(),
+                amount_paid: Cents::new(inv["amount_paid"].as_u64().unwrap_or_default()),
+            });
+        }
+        self.deliver("customer.subscription.updated", sub.object())
+            .await;
+        if let Some(inv) = invoice {
+            self.deliver("invoice.paid", inv).await;
+        }
+        Ok(billed)
+    }
+
+    async fn preview_change(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<BilledInvoice, PaymentsError> {
+        let mut sub = self
+            .subscriptions
+            .lock()
+            .expect("sim lock")
+            .get(&change.subscription)
+            .cloned()
+            .ok_or_else(|| {
+                PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
+            })?;
+        let lines = sub.apply(change, Utc::now().timestamp());
+        let total: i64 = lines.iter().map(|l| l.amount).sum();
+        Ok(BilledInvoice {
+            id: None,
+            lines: lines.iter().map(|l| l.billed()).collect(),
+            subtotal: total,
+            tax: 0,
+            total,
+            amount_paid: Cents::ZERO,
+        })
+    }
+
+    async fn schedule_renewal_change(&self, change: &RenewalChange) -> Result<(), PaymentsError> {
+        let sub = {
+            let mut subs = self.subscriptions.lock().expect("sim lock");
+            let sub = subs.get_mut(&change.subscription).ok_or_else(|| {
+                PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
+            })?;
+            sub.next = Some(change.clone());
             for (k, v) in &change.metadata {
                 if v.is_empty() {
                     sub.metadata.remove(k);
@@ -380,24 +483,33 @@ impl Payments for Simulator {
                     sub.metadata.insert(k.clone(), v.clone());
                 }
             }
-            if let Some(c) = change.cancel_at_period_end {
-                sub.cancel_at_period_end = c;
-            }
-            if let Some(p) = change.pause {
-                sub.paused = p;
-            }
-            let after = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
-            let remaining = (sub.period_end - Utc::now().timestamp()).max(0) as u64;
-            let length = (sub.period_end - sub.period_start).max(1) as u64;
-            let prorated = after.saturating_sub(before) * remaining / length;
-            (sub.clone(), prorated)
+            sub.clone()
         };
         self.deliver("customer.subscription.updated", sub.object())
             .await;
-        if change.prorate_now && prorated > 0 {
-            let invoice = sub.invoice(&self.base_url, "subscription_update", prorated, true);
-            self.deliver("invoice.paid", invoice).await;
-        }
+        Ok(())
+    }
+
+    async fn cancel_renewal_change(
+        &self,
+        subscription: &SubscriptionId,
+        _key: &str,
+    ) -> Result<(), PaymentsError> {
+        let sub = {
+            let mut subs = self.subscriptions.lock().expect("sim lock");
+            let sub = subs.get_mut(subscription).ok_or_else(|| {
+                PaymentsError::refused(format!("No such subscription: '{subscription}'"))
+            })?;
+            if sub.next.take().is_none() {
+                return Ok(());
+            }
+            for k in tally::subscriptions::meta::SCHEDULED_KEYS {
+                sub.metadata.remove(k);
+            }
+            sub.clone()
+        };
+        self.deliver("customer.subscription.updated", sub.object())
+            .await;
         Ok(())
     }
 

@@ -87,6 +87,79 @@ pub(super) struct SimSubscription {
     pub(super) period_end: i64,
     pub(super) cancel_at_period_end: bool,
     pub(super) paused: bool,
+    /// Product of the plan item (`tally_plan_<id>`).
+    pub(super) plan_product: String,
+    /// Product of the add-on item, when there is one.
+    pub(super) addon_product: Option<String>,
+    /// The change a subscription schedule applies at the renewal, if any.
+    pub(super) next: Option<tally::payments::RenewalChange>,
+    /// The invoice last created for the subscription.
+    pub(super) latest_invoice: Option<String>,
+}
+
+/// A line of a simulated invoice, in Stripe's shape.
+#[derive(Debug, Clone)]
+pub(super) struct SimLine {
+    pub(super) product: String,
+    pub(super) quantity: u64,
+    pub(super) amount: i64,
+    pub(super) start: i64,
+    pub(super) end: i64,
+    pub(super) proration: bool,
+    pub(super) description: String,
+}
+
+impl SimLine {
+    pub(super) fn json(&self, sub: &SubscriptionId, invoice: &str) -> Value {
+        json!({
+            "id": new_id("il"),
+            "object": "line_item",
+            "amount": self.amount,
+            "subtotal": self.amount,
+            "currency": "usd",
+            "description": self.description,
+            "discount_amounts": [],
+            "discountable": true,
+            "discounts": [],
+            "invoice": invoice,
+            "livemode": false,
+            "metadata": {},
+            "parent": {
+                "type": "subscription_item_details",
+                "invoice_item_details": null,
+                "subscription_item_details": {
+                    "invoice_item": null,
+                    "proration": self.proration,
+                    "proration_details": {"credited_items": null},
+                    "subscription": sub,
+                    "subscription_item": new_id("si"),
+                }
+            },
+            "period": {"start": self.start, "end": self.end},
+            "pretax_credit_amounts": [],
+            "pricing": {
+                "type": "price_details",
+                "price_details": {"price": new_id("price"), "product": self.product},
+                "unit_amount_decimal": null
+            },
+            "quantity": self.quantity,
+            "quantity_decimal": null,
+            "taxes": []
+        })
+    }
+
+    pub(super) fn billed(&self) -> tally::payments::BilledLine {
+        let ts = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap_or_default();
+        tally::payments::BilledLine {
+            product: self.product.clone(),
+            quantity: self.quantity,
+            amount: self.amount,
+            period_start: ts(self.start),
+            period_end: ts(self.end),
+            proration: self.proration,
+            description: self.description.clone(),
+        }
+    }
 }
 
 impl SimSubscription {
@@ -95,6 +168,166 @@ impl SimSubscription {
             Interval::Monthly => 30,
             Interval::Yearly => 365,
         }
+    }
+
+    /// The subscription as the payments port describes it.
+    pub(super) fn live(&self) -> tally::payments::LiveSubscription {
+        let ts = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap_or_default();
+        let item = |product: &str, unit: u64, quantity: u64| tally::payments::LiveItem {
+            id: format!("si_{}", product),
+            price: format!("price_{}", product),
+            product: product.to_owned(),
+            unit_amount: tally::money::Cents::new(unit),
+            interval: self.interval,
+            quantity,
+        };
+        let mut items = vec![item(&self.plan_product, self.unit_amount, 1)];
+        if let Some(p) = &self.addon_product
+            && self.addon_units > 0
+        {
+            items.push(item(p, self.addon_unit_amount, self.addon_units));
+        }
+        tally::payments::LiveSubscription {
+            id: self.id.clone(),
+            customer: self.customer.clone(),
+            status: "active".into(),
+            paused: self.paused,
+            cancel_at_period_end: self.cancel_at_period_end,
+            period_start: ts(self.period_start),
+            period_end: ts(self.period_end),
+            items,
+            schedule: self
+                .next
+                .as_ref()
+                .map(|_| format!("sub_sched_{}", &self.id.as_str()[4..])),
+        }
+    }
+
+    /// Applies a change as Stripe does with these parameters; returns the invoice lines it
+    /// bills now (prorations of changed items; an interval switch restarts the period and
+    /// bills it whole).
+    pub(super) fn apply(
+        &mut self,
+        change: &tally::payments::SubscriptionChange,
+        now: i64,
+    ) -> Vec<SimLine> {
+        let before = self.clone();
+        if let Some(p) = &change.plan {
+            self.unit_amount = p.unit_amount.get();
+            self.interval = p.interval;
+            self.plan_product = p.product.clone();
+        }
+        if let Some((units, p)) = &change.addons {
+            self.addon_units = *units;
+            self.addon_unit_amount = p.unit_amount.get();
+            self.addon_product = (*units > 0).then(|| p.product.clone());
+        }
+        for (k, v) in &change.metadata {
+            if v.is_empty() {
+                self.metadata.remove(k);
+            } else {
+                self.metadata.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(c) = change.cancel_at_period_end {
+            self.cancel_at_period_end = c;
+        }
+        if let Some(p) = change.pause {
+            self.paused = p;
+        }
+        let mut lines = Vec::new();
+        let remaining = (self.period_end - now).max(0) as i128;
+        let length = (self.period_end - self.period_start).max(1) as i128;
+        let prorate = |amount: u64| -> i64 {
+            ((amount as i128 * remaining * 2 + length) / (2 * length)) as i64
+        };
+        let switched = before.interval != self.interval;
+        let plan_changed =
+            before.plan_product != self.plan_product || before.unit_amount != self.unit_amount;
+        let addon_changed = before.addon_units != self.addon_units
+            || before.addon_product != self.addon_product
+            || before.addon_unit_amount != self.addon_unit_amount;
+        if (plan_changed || switched) && change.prorate_now {
+            lines.push(SimLine {
+                product: before.plan_product.clone(),
+                quantity: 1,
+                amount: -prorate(before.unit_amount),
+                start: now,
+                end: before.period_end,
+                proration: true,
+                description: "Unused time on plan".into(),
+            });
+            if !switched {
+                lines.push(SimLine {
+                    product: self.plan_product.clone(),
+                    quantity: 1,
+                    amount: prorate(self.unit_amount),
+                    start: now,
+                    end: self.period_end,
+                    proration: true,
+                    description: "Remaining time on plan".into(),
+                });
+            }
+        }
+        if (addon_changed || switched) && change.prorate_now {
+            if let Some(p) = &before.addon_product
+                && before.addon_units > 0
+            {
+                lines.push(SimLine {
+                    product: p.clone(),
+                    quantity: before.addon_units,
+                    amount: -prorate(before.addon_units * before.addon_unit_amount),
+                    start: now,
+                    end: before.period_end,
+                    proration: true,
+                    description: "Unused time on add-on units".into(),
+                });
+            }
+            if let Some(p) = &self.addon_product
+                && self.addon_units > 0
+                && !switched
+            {
+                lines.push(SimLine {
+                    product: p.clone(),
+                    quantity: self.addon_units,
+                    amount: prorate(self.addon_units * self.addon_unit_amount),
+                    start: now,
+                    end: self.period_end,
+                    proration: true,
+                    description: "Remaining time on add-on units".into(),
+                });
+            }
+        }
+        if switched {
+            // Stripe resets the billing anchor to now and bills the new period whole.
+            let start = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
+            self.period_start = now;
+            self.period_end =
+                tally::subscriptions::calendar::period_end(start, self.interval).timestamp();
+            lines.push(SimLine {
+                product: self.plan_product.clone(),
+                quantity: 1,
+                amount: self.unit_amount as i64,
+                start: self.period_start,
+                end: self.period_end,
+                proration: false,
+                description: "plan".into(),
+            });
+            if let Some(p) = &self.addon_product
+                && self.addon_units > 0
+            {
+                lines.push(SimLine {
+                    product: p.clone(),
+                    quantity: self.addon_units,
+                    amount: (self.addon_units * self.addon_unit_amount) as i64,
+                    start: self.period_start,
+                    end: self.period_end,
+                    proration: false,
+                    description: "add-on units".into(),
+                });
+            }
+        }
+        lines
     }
 
     pub(super) fn object(&self) -> Value {
@@ -109,13 +342,52 @@ impl SimSubscription {
             Value::Null
         };
         sub["metadata"] = json!(self.metadata);
-        let item = &mut sub["items"]["data"][0];
-        item["current_period_start"] = json!(self.period_start);
-        item["current_period_end"] = json!(self.period_end);
-        item["price"]["recurring"]["interval"] =
-            json!(if self.days() == 30 { "month" } else { "year" });
-        item["price"]["unit_amount"] = json!(self.unit_amount);
+        sub["schedule"] = match &self.next {
+            Some(_) => json!(format!("sub_sched_{}", &self.id.as_str()[4..])),
+            None => Value::Null,
+        };
+        sub["latest_invoice"] = json!(self.latest_invoice);
+        let interval = if self.days() == 30 { "month" } else { "year" };
+        let template = sub["items"]["data"][0].clone();
+        let item = |product: &str, unit: u64, quantity: u64| {
+            let mut item = template.clone();
+            item["id"] = json!(new_id("si"));
+            item["subscription"] = json!(self.id);
+            item["current_period_start"] = json!(self.period_start);
+            item["current_period_end"] = json!(self.period_end);
+            item["quantity"] = json!(quantity);
+            item["price"]["id"] = json!(new_id("price"));
+            item["price"]["product"] = json!(product);
+            item["price"]["recurring"]["interval"] = json!(interval);
+            item["price"]["unit_amount"] = json!(unit);
+            item["price"]["unit_amount_decimal"] = json!(unit.to_string());
+            item["plan"]["interval"] = json!(interval);
+            item
+        };
+        let mut items = vec![item(&self.plan_product, self.unit_amount, 1)];
+        if let Some(p) = &self.addon_product
+            && self.addon_units > 0
+        {
+            items.push(item(p, self.addon_unit_amount, self.addon_units));
+        }
+        sub["items"]["data"] = json!(items);
         sub
+    }
+
+    /// An invoice of the given lines (a change's prorations).
+    pub(super) fn change_invoice(&self, base_url: &str, lines: &[SimLine]) -> Value {
+        let total: i64 = lines.iter().map(|l| l.amount).sum();
+        let mut inv = self.invoice(base_url, "subscription_update", total.max(0) as u64, true);
+        let id = inv["id"].as_str().unwrap_or_default().to_owned();
+        inv["lines"]["data"] = json!(
+            lines
+                .iter()
+                .map(|l| l.json(&self.id, &id))
+                .collect::<Vec<_>>()
+        );
+        inv["subtotal"] = json!(total);
+        inv["total"] = json!(total);
+        inv
     }
 
     pub(super) fn invoice(&self, base_url: &str, reason: &str, amount: u64, paid: bool) -> Value {
@@ -133,9 +405,34 @@ impl SimSubscription {
         inv["invoice_pdf"] = json!(format!("{base_url}/sim/invoices/{id}.pdf"));
         inv["parent"] = json!({"type": "subscription_details", "quote_details": null,
             "subscription_details": {"subscription": self.id, "metadata": self.metadata}});
-        inv["lines"]["data"][0]["period"] =
-            json!({"start": self.period_start, "end": self.period_end});
-        inv["lines"]["data"][0]["amount"] = json!(amount);
+        let mut lines = vec![SimLine {
+            product: self.plan_product.clone(),
+            quantity: 1,
+            amount: self.unit_amount as i64,
+            start: self.period_start,
+            end: self.period_end,
+            proration: false,
+            description: "plan".into(),
+        }];
+        if let Some(p) = &self.addon_product
+            && self.addon_units > 0
+        {
+            lines.push(SimLine {
+                product: p.clone(),
+                quantity: self.addon_units,
+                amount: (self.addon_units * self.addon_unit_amount) as i64,
+                start: self.period_start,
+                end: self.period_end,
+                proration: false,
+                description: "add-on units".into(),
+            });
+        }
+        inv["lines"]["data"] = json!(
+            lines
+                .iter()
+                .map(|l| l.json(&self.id, &id))
+                .collect::<Vec<_>>()
+        );
         for k in ["amount_due", "total", "subtotal"] {
             inv[k] = json!(amount);
         }

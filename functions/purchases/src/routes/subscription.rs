@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use tally::billing::changes::{
-    ChangeError, ChangeView, MAX_ADDON_UNITS, StatusView, SubscriptionChanges,
+    ChangeError, ChangeView, MAX_ADDON_UNITS, PreviewView, StatusView, SubscriptionChanges,
 };
 use tally::billing::records::*;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
@@ -24,6 +24,19 @@ use utoipa::ToSchema;
 pub struct ChangeBody {
     pub plan: String,
     pub interval: Interval,
+}
+
+/// A change to preview; unset fields keep their current value.
+#[derive(Debug, Deserialize, Serialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewBody {
+    #[serde(default)]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub interval: Option<Interval>,
+    #[serde(default)]
+    #[schema(maximum = 100)]
+    pub addon_units: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -45,6 +58,14 @@ fn refused(e: ChangeError) -> Problem {
     match e {
         ChangeError::NoSubscription => Problem::not_found(e.to_string()),
         ChangeError::Ended | ChangeError::NotActive(_) => Problem::conflict(e.to_string()),
+        ChangeError::Busy => Problem::new(
+            axum::http::StatusCode::CONFLICT,
+            "change_in_progress",
+            e.to_string(),
+        ),
+        ChangeError::Unrecognised => Problem::conflict(format!(
+            "{e}; change it in the billing portal or contact support"
+        )),
         ChangeError::UnknownPlan(_) => Problem::validation("plan", &e.to_string()),
         ChangeError::TooManyUnits => {
             Problem::validation("units", &format!("must be between 0 and {MAX_ADDON_UNITS}"))
@@ -129,6 +150,39 @@ pub async fn change(
         },
     )
     .await?;
+    Ok(Json(view))
+}
+
+#[utoipa::path(post, path = "/v1/subscription/preview", tag = "billing", security(("bearer" = [])),
+    request_body = PreviewBody,
+    responses((status = 200, body = PreviewView), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// What a change of plan, interval or add-on units would charge now (Stripe's invoice
+/// preview: the upgrade and the credit for unused time, tax), what the renewal would
+/// charge, and the credits granted now and per month. Nothing changes.
+pub async fn preview(
+    State(st): State<PurchasesState>,
+    who: Identity,
+    ApiJson(body): ApiJson<PreviewBody>,
+) -> ApiResult<Json<PreviewView>> {
+    let workspace = buyer(&who)?;
+    if let Some(p) = &body.plan
+        && st.ledger.catalog.plan(p).is_none()
+    {
+        return Err(Problem::validation("plan", &format!("unknown plan {p:?}")));
+    }
+    if body.addon_units.is_some_and(|u| u > MAX_ADDON_UNITS) {
+        return Err(refused(ChangeError::TooManyUnits));
+    }
+    let view = changes(&st)
+        .preview(
+            &workspace,
+            body.plan.as_deref(),
+            body.interval,
+            body.addon_units,
+        )
+        .await
+        .map_err(refused)?;
     Ok(Json(view))
 }
 

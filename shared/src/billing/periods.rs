@@ -1,0 +1,197 @@
+//! The paid periods of a subscription, as its paid invoices say: the period Stripe was paid
+//! for and the level (plan, add-on units) in force, kept for the current period and the one
+//! before it. A change's proration lines are valued against the period they bill (the one
+//! before, after an interval switch), and the credit refresh grants a yearly plan's months
+//! from it. One document per subscription, two periods at most: it never grows.
+
+use super::records::workspace_pk;
+use crate::ids::{InvoiceId, SubscriptionId, WorkspaceId};
+use crate::store::StoreError;
+use crate::store::docs::{self, DocStore};
+use crate::subscriptions::paid::Level;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A paid period and where its level came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaidPeriod {
+    pub level: Level,
+    /// The invoice that opened the period.
+    pub invoice: InvoiceId,
+    /// When the level was last set (the period start, or the time of a paid change), so a
+    /// late change never overwrites a newer one.
+    pub level_as_of: DateTime<Utc>,
+}
+
+/// The current paid period of a subscription and the one before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaidPeriods {
+    pub subscription: SubscriptionId,
+    pub current: PaidPeriod,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PaidPeriod>,
+}
+
+impl PaidPeriods {
+    /// The periods known, newest first.
+    pub fn levels(&self) -> Vec<Level> {
+        std::iter::once(&self.current)
+            .chain(self.previous.as_ref())
+            .map(|p| p.level.clone())
+            .collect()
+    }
+
+    /// Merges a newly paid period: a later start becomes current (the old current becomes
+    /// previous); the same start is a replay; an earlier one is kept only as previous.
+    pub fn open(current: Option<Self>, sub: &SubscriptionId, period: PaidPeriod) -> Option<Self> {
+        let Some(mut doc) = current else {
+            return Some(Self {
+                subscription: sub.clone(),
+                current: period,
+                previous: None,
+            });
+        };
+        let start = period.level.period_start;
+        if start == doc.current.level.period_start
+            || doc
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.level.period_start == start)
+        {
+            return None;
+        }
+        if start > doc.current.level.period_start {
+            doc.previous = Some(std::mem::replace(&mut doc.current, period));
+        } else if doc
+            .previous
+            .as_ref()
+            .is_none_or(|p| p.level.period_start < start)
+        {
+            doc.previous = Some(period);
+        } else {
+            return None;
+        }
+        Some(doc)
+    }
+
+    /// Sets the level a paid change leads to, in the period it belongs to, unless a later
+    /// change already set it.
+    pub fn change(current: Option<Self>, level: &Level, at: DateTime<Utc>) -> Option<Self> {
+        let mut doc = current?;
+        for p in std::iter::once(&mut doc.current).chain(doc.previous.as_mut()) {
+            if p.level.period_start == level.period_start && p.level.period_end == level.period_end
+            {
+                if p.level_as_of >= at || p.level == *level {
+                    return None;
+                }
+                p.level = level.clone();
+                p.level_as_of = at;
+                return Some(doc);
+            }
+        }
+        None
+    }
+}
+
+fn sk(sub: &SubscriptionId) -> String {
+    format!("PAID#{sub}")
+}
+
+pub async fn get(
+    docs: &dyn DocStore,
+    workspace: &WorkspaceId,
+    sub: &SubscriptionId,
+) -> Result<Option<PaidPeriods>, StoreError> {
+    docs::get(docs, &workspace_pk(workspace), &sk(sub)).await
+}
+
+/// Records a paid period (idempotent; any order).
+pub async fn open(
+    docs: &dyn DocStore,
+    workspace: &WorkspaceId,
+    sub: &SubscriptionId,
+    period: PaidPeriod,
+) -> Result<Option<PaidPeriods>, StoreError> {
+    docs::update(docs, &workspace_pk(workspace), &sk(sub), |cur| {
+        PaidPeriods::open(cur, sub, period.clone())
+    })
+    .await
+}
+
+/// Records the level a paid change leads to (idempotent; a late one never wins).
+pub async fn change(
+    docs: &dyn DocStore,
+    workspace: &WorkspaceId,
+    sub: &SubscriptionId,
+    level: &Level,
+    at: DateTime<Utc>,
+) -> Result<Option<PaidPeriods>, StoreError> {
+    docs::update(docs, &workspace_pk(workspace), &sk(sub), |cur| {
+        PaidPeriods::change(cur, level, at)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::subscriptions::Interval;
+    use chrono::TimeZone;
+
+    fn period(start_day: u32, plan: &str) -> PaidPeriod {
+        let start = Utc.with_ymd_and_hms(2027, 1, start_day, 0, 0, 0).unwrap();
+        PaidPeriod {
+            level: Level {
+                plan: plan.into(),
+                interval: Interval::Monthly,
+                addon_units: 0,
+                period_start: start,
+                period_end: start + chrono::Duration::days(28),
+            },
+            invoice: format!("in_{start_day}").parse().unwrap(),
+            level_as_of: start,
+        }
+    }
+
+    #[test]
+    fn periods_merge_in_any_order_and_keep_two() {
+        let sub: SubscriptionId = "sub_1".parse().unwrap();
+        let (a, b, c) = (period(1, "plus"), period(2, "max"), period(3, "team"));
+        let orders = [
+            [a.clone(), b.clone(), c.clone()],
+            [c.clone(), a.clone(), b.clone()],
+            [b.clone(), c.clone(), a.clone()],
+        ];
+        for order in orders {
+            let mut doc = None;
+            for p in order.iter().chain(order.iter()) {
+                if let Some(d) = PaidPeriods::open(doc.clone(), &sub, p.clone()) {
+                    doc = Some(d);
+                }
+            }
+            let doc = doc.unwrap();
+            assert_eq!(doc.current, c);
+            assert_eq!(doc.previous, Some(b.clone()));
+        }
+    }
+
+    #[test]
+    fn the_latest_change_sets_the_level() {
+        let sub: SubscriptionId = "sub_1".parse().unwrap();
+        let p = period(1, "plus");
+        let doc = PaidPeriods::open(None, &sub, p.clone()).unwrap();
+        let t1 = p.level_as_of + chrono::Duration::days(3);
+        let t2 = t1 + chrono::Duration::days(1);
+        let max = Level {
+            plan: "max".into(),
+            ..p.level.clone()
+        };
+        let gen_ = Level {
+            plan: "generative".into(),
+            ..p.level.clone()
+        };
+        let later = PaidPeriods::change(Some(doc.clone()), &gen_, t2).unwrap();
+        assert_eq!(PaidPeriods::change(Some(later.clone()), &max, t1), None);
+        assert_eq!(later.current.level.plan, "generative");
+    }
+}
