@@ -268,6 +268,23 @@ mod tests {
     }
 
     #[test]
+    fn a_monthly_period_starting_on_a_clamped_month_end_is_its_own_billing_month() {
+        let c = Catalog::builtin();
+        // Anchored on Jan 31: the period after February runs Feb 28 -> Mar 31.
+        let (start, end) = (t(2027, 2, 28), t(2027, 3, 31));
+        let period = monthly("plus", start, end);
+        let late = t(2027, 3, 29);
+        assert_eq!(billing_month(&period, late), (start, end));
+        // Two days of 31 left: about 2/31 of the difference, not 2/3 of it.
+        let lines = [
+            line(Item::Plan("plus".into()), 1, -77, late, end),
+            line(Item::Plan("max".into()), 1, 187, late, end),
+        ];
+        let (plan, _) = change_credits(&lines, &period, &c);
+        assert_eq!(plan.get(), 400 * 2 / 31 - (150 * 2_u64).div_ceil(31));
+    }
+
+    #[test]
     fn a_yearly_change_counts_only_the_current_billing_month() {
         let c = Catalog::builtin();
         // Anchored on Jan 31 of a leap year: the month of Feb 10 is Jan 31 -> Feb 29.
