@@ -7,7 +7,7 @@
 
 use super::Interval;
 use crate::catalog::{Catalog, Plan};
-use crate::money::{Cents, Credits};
+use crate::money::Cents;
 
 /// How a requested change relates to the current terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +59,6 @@ pub fn addon_unit_price(catalog: &Catalog, plan: &Plan, interval: Interval) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
 
     #[test]
     fn yearly_add_on_units_get_the_yearly_discount() {
