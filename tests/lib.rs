@@ -268,3 +268,111 @@ pub fn stripe_event(id: &str, kind: &str, created: i64, object: Value) -> Value 
     e["data"] = json!({"object": object});
     e
 }
+
+/// Buying and changing through the simulated Stripe, for tests of what follows.
+impl TestApp {
+    /// Checks out a plan and pays on the simulated page; returns the subscription id.
+    pub async fn subscribe(&self, ws: &str, plan: &str, interval: &str) -> String {
+        let o = owner(ws);
+        let s = self
+            .post(
+                "/v1/checkout/sessions",
+                &o,
+                json!({"kind": "plan", "plan": plan, "interval": interval}),
+            )
+            .await;
+        assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+        self.pay(s.body["url"].as_str().unwrap()).await;
+        self.get("/v1/subscription", &o).await.body["subscription"]["id"]
+            .as_str()
+            .expect("subscribed")
+            .to_owned()
+    }
+
+    /// Presses Pay on a simulated checkout page and waits for Stripe's events.
+    pub async fn pay(&self, url: &str) -> u16 {
+        let path = url
+            .strip_prefix("http://tally.test")
+            .expect("local checkout url");
+        let page = self.send(Method::GET, path, None, None, &[]).await;
+        assert_eq!(page.status.as_u16(), 200);
+        assert!(page.body.as_str().unwrap().contains("id=\"pay\""));
+        let res = self
+            .send(
+                Method::POST,
+                &format!("{path}/pay"),
+                None,
+                Some(""),
+                &[("content-type", "application/x-www-form-urlencoded")],
+            )
+            .await;
+        self.settle_billing().await;
+        res.status.as_u16()
+    }
+
+    /// The workspace's available credits.
+    pub async fn available(&self, ws: &str) -> u64 {
+        let b = self.get("/v1/balance", &owner(ws)).await.body;
+        b["available"].as_u64().expect("a balance")
+    }
+
+    /// Asks for a plan change as the owner.
+    pub async fn change_plan(&self, ws: &str, plan: &str, interval: &str) -> Answer {
+        self.post(
+            "/v1/subscription/change",
+            &owner(ws),
+            json!({"plan": plan, "interval": interval}),
+        )
+        .await
+    }
+
+    /// Sets the add-on units as the owner.
+    pub async fn set_units(&self, ws: &str, units: u32) -> Answer {
+        self.send(
+            Method::PUT,
+            "/v1/subscription/addons",
+            Some(&owner(ws)),
+            Some(&json!({"units": units}).to_string()),
+            &[],
+        )
+        .await
+    }
+
+    /// Every event the simulator delivered of one type, oldest first.
+    pub fn sim_events(&self, kind: &str) -> Vec<Value> {
+        self.local
+            .simulator
+            .as_ref()
+            .expect("the simulator")
+            .events()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.payload["data"]["object"].clone())
+            .collect()
+    }
+}
+
+impl TestApp {
+    /// Delivers a Stripe event to the webhook, signed now with the test secret.
+    pub async fn deliver_signed(&self, event: &Value) -> u16 {
+        let payload = event.to_string();
+        let sig = tally_local::simulator::stripe_signature(
+            &payload,
+            WEBHOOK_SECRET,
+            chrono::Utc::now().timestamp(),
+        );
+        self.send(
+            Method::POST,
+            "/webhooks/stripe",
+            None,
+            Some(&payload),
+            &[
+                ("content-type", "application/json"),
+                ("stripe-signature", &sig),
+            ],
+        )
+        .await
+        .status
+        .as_u16()
+    }
+}

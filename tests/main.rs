@@ -4,6 +4,7 @@ mod api;
 mod billing;
 mod concurrency;
 mod infra;
+mod lifecycle;
 mod purchases;
 mod queues;
 mod rules;

@@ -13,33 +13,6 @@ async fn checkout(app: &TestApp, tok: &str, body: Value) -> Value {
     a.body
 }
 
-/// Presses Pay on the simulated checkout page.
-async fn pay(app: &TestApp, url: &str) -> u16 {
-    let path = url
-        .strip_prefix("http://tally.test")
-        .expect("local checkout url");
-    let page = app.send(Method::GET, path, None, None, &[]).await;
-    assert_eq!(page.status.as_u16(), 200);
-    assert!(page.body.as_str().unwrap().contains("id=\"pay\""));
-    let res = app
-        .send(
-            Method::POST,
-            &format!("{path}/pay"),
-            None,
-            Some(""),
-            &[("content-type", "application/x-www-form-urlencoded")],
-        )
-        .await;
-    app.settle_billing().await;
-    res.status.as_u16()
-}
-
-async fn available(app: &TestApp, ws: &str) -> u64 {
-    app.get("/v1/balance", &owner(ws)).await.body["available"]
-        .as_u64()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn buying_packs_credits_them_at_once_and_only_once() {
     let app = TestApp::new();
@@ -56,9 +29,9 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
             .unwrap()
             .starts_with("http://tally.test/sim/checkout/cs_")
     );
-    assert_eq!(available(&app, "org_p").await, 0, "nothing before payment");
-    assert_eq!(pay(&app, s["url"].as_str().unwrap()).await, 303);
-    assert_eq!(available(&app, "org_p").await, 1000);
+    assert_eq!(app.available("org_p").await, 0, "nothing before payment");
+    assert_eq!(app.pay(s["url"].as_str().unwrap()).await, 303);
+    assert_eq!(app.available("org_p").await, 1000);
     let sim = app.local.simulator.as_ref().unwrap();
     let kinds: Vec<String> = sim.events().iter().map(|e| e.kind.clone()).collect();
     assert_eq!(
@@ -67,7 +40,7 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
     );
     assert!(sim.events().iter().all(|e| e.delivered_status == 200));
     // Paying again and redelivering every event change nothing.
-    pay(&app, s["url"].as_str().unwrap()).await;
+    app.pay(s["url"].as_str().unwrap()).await;
     for e in sim.events() {
         let r = app
             .send(
@@ -81,7 +54,7 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
         assert_eq!(r.body["delivered_status"], 200);
     }
     app.settle_billing().await;
-    assert_eq!(available(&app, "org_p").await, 1000);
+    assert_eq!(app.available("org_p").await, 1000);
     let listed = app.send(Method::GET, "/sim/events", None, None, &[]).await;
     assert_eq!(listed.body.as_array().unwrap().len(), 2);
     assert_eq!(
@@ -104,8 +77,8 @@ async fn subscribing_grants_the_plan_credits_records_the_invoice_and_discounts_p
         json!({"kind": "plan", "plan": "max", "interval": "monthly"}),
     )
     .await;
-    pay(&app, s["url"].as_str().unwrap()).await;
-    assert_eq!(available(&app, "org_s").await, 400);
+    app.pay(s["url"].as_str().unwrap()).await;
+    assert_eq!(app.available("org_s").await, 400);
     let ent = app.get("/v1/entitlements", &o).await.body;
     assert_eq!(
         (ent["plan"]["plan"].as_str(), ent["plan"]["status"].as_str()),
@@ -146,8 +119,8 @@ async fn subscribing_grants_the_plan_credits_records_the_invoice_and_discounts_p
         "{}",
         page.body
     );
-    pay(&app, p["url"].as_str().unwrap()).await;
-    assert_eq!(available(&app, "org_s").await, 900);
+    app.pay(p["url"].as_str().unwrap()).await;
+    assert_eq!(app.available("org_s").await, 900);
     let portal = app.post("/v1/billing-portal", &o, json!({})).await;
     assert_eq!(portal.status.as_u16(), 201);
 }
@@ -252,7 +225,7 @@ async fn only_owners_and_billing_admins_buy_and_bad_orders_are_refused() {
         .await
         .assert_problem(404, "not_found");
     assert!(app.local.simulator.as_ref().unwrap().events().is_empty());
-    assert_eq!(available(&app, "org_b").await, 0);
+    assert_eq!(app.available("org_b").await, 0);
     let ok = app
         .post(
             "/v1/checkout/sessions",
@@ -268,7 +241,7 @@ async fn forged_and_stale_deliveries_to_the_local_webhook_change_nothing() {
     let app = TestApp::new();
     let o = owner("org_f");
     let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
-    pay(&app, s["url"].as_str().unwrap()).await;
+    app.pay(s["url"].as_str().unwrap()).await;
     let sim = app.local.simulator.as_ref().unwrap();
     let completed = sim
         .events()
@@ -311,27 +284,12 @@ async fn forged_and_stale_deliveries_to_the_local_webhook_change_nothing() {
         .await;
     unsigned.assert_problem(400, "invalid_signature");
     app.settle_billing().await;
-    assert_eq!(available(&app, "org_f").await, 500);
+    assert_eq!(app.available("org_f").await, 500);
 }
 
 mod subscription {
     //! Plan changes, add-on units, cancel, resume and pause, through the simulator.
     use super::*;
-
-    async fn subscribed(app: &TestApp, ws: &str, plan: &str) -> String {
-        let o = owner(ws);
-        let s = checkout(
-            app,
-            &o,
-            json!({"kind": "plan", "plan": plan, "interval": "monthly"}),
-        )
-        .await;
-        pay(app, s["url"].as_str().unwrap()).await;
-        app.get("/v1/subscription", &o).await.body["subscription"]["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
 
     async fn plan_of(app: &TestApp, ws: &str) -> Value {
         app.get("/v1/entitlements", &owner(ws)).await.body["plan"].clone()
@@ -354,7 +312,7 @@ mod subscription {
     #[tokio::test]
     async fn an_upgrade_applies_now_and_grants_the_difference_at_once() {
         let app = TestApp::new();
-        subscribed(&app, "org_u", "max").await;
+        app.subscribe("org_u", "max", "monthly").await;
         let o = owner("org_u");
         let r = app
             .post(
@@ -369,7 +327,7 @@ mod subscription {
         let granted = r.body["credits_granted"].as_u64().unwrap();
         assert!((499..=500).contains(&granted), "{granted}");
         app.settle_billing().await;
-        assert_eq!(available(&app, "org_u").await, 400 + granted);
+        assert_eq!(app.available("org_u").await, 400 + granted);
         assert_eq!(plan_of(&app, "org_u").await["plan"], "generative");
         // Asking again changes nothing and grants nothing more.
         let again = app
@@ -381,7 +339,7 @@ mod subscription {
             .await;
         assert_eq!(again.body["credits_granted"], 0);
         app.settle_billing().await;
-        assert_eq!(available(&app, "org_u").await, 400 + granted);
+        assert_eq!(app.available("org_u").await, 400 + granted);
         let invoices = app.get("/v1/invoices", &o).await.body;
         assert!(
             invoices["items"]
@@ -395,7 +353,7 @@ mod subscription {
     #[tokio::test]
     async fn quick_successive_upgrades_grant_the_total_difference_once() {
         let app = TestApp::new();
-        subscribed(&app, "org_q", "plus").await;
+        app.subscribe("org_q", "plus", "monthly").await;
         let o = owner("org_q");
         // No waiting for Stripe's events between the two changes.
         let a = app
@@ -443,13 +401,13 @@ mod subscription {
             5 * 60
         );
         app.settle_billing().await;
-        assert_eq!(available(&app, "org_q").await, 150 + granted + 300);
+        assert_eq!(app.available("org_q").await, 150 + granted + 300);
     }
 
     #[tokio::test]
     async fn a_downgrade_keeps_the_current_plan_until_renewal_then_grants_the_new_allowance() {
         let app = TestApp::new();
-        let sub = subscribed(&app, "org_d", "generative").await;
+        let sub = app.subscribe("org_d", "generative", "monthly").await;
         let o = owner("org_d");
         let r = app
             .post(
@@ -470,11 +428,11 @@ mod subscription {
         );
         let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
         assert_eq!(s["scheduled"]["plan"], "plus");
-        assert_eq!(available(&app, "org_d").await, 900);
+        assert_eq!(app.available("org_d").await, 900);
         renew(&app, &sub).await;
         assert_eq!(plan_of(&app, "org_d").await["plan"], "plus");
         // The renewal grants Plus's allowance; Generative's credits roll over.
-        assert_eq!(available(&app, "org_d").await, 900 + 150);
+        assert_eq!(app.available("org_d").await, 900 + 150);
         assert!(app.get("/v1/subscription", &o).await.body["subscription"]["scheduled"].is_null());
         assert!(app.local.billing_queue.dead_letters().is_empty());
     }
@@ -482,7 +440,7 @@ mod subscription {
     #[tokio::test]
     async fn more_add_on_units_credit_now_fewer_wait_for_renewal_and_back_again_costs_nothing() {
         let app = TestApp::new();
-        let sub = subscribed(&app, "org_a", "max").await;
+        let sub = app.subscribe("org_a", "max", "monthly").await;
         let o = owner("org_a");
         let more = app
             .send(
@@ -498,7 +456,7 @@ mod subscription {
             (200, Some(120))
         );
         app.settle_billing().await;
-        assert_eq!(available(&app, "org_a").await, 520);
+        assert_eq!(app.available("org_a").await, 520);
         let fewer = app
             .send(
                 Method::PUT,
@@ -526,7 +484,7 @@ mod subscription {
             (Some("now"), Some(0))
         );
         app.settle_billing().await;
-        assert_eq!(available(&app, "org_a").await, 520);
+        assert_eq!(app.available("org_a").await, 520);
         app.send(
             Method::PUT,
             "/v1/subscription/addons",
@@ -573,7 +531,7 @@ mod subscription {
     #[tokio::test]
     async fn cancel_keeps_access_until_period_end_resume_undoes_it_and_pause_pauses() {
         let app = TestApp::new();
-        subscribed(&app, "org_c", "max").await;
+        app.subscribe("org_c", "max", "monthly").await;
         let o = owner("org_c");
         let c = app.post("/v1/subscription/cancel", &o, json!({})).await;
         assert_eq!(c.body["cancel_at_period_end"], true);
@@ -609,7 +567,7 @@ mod subscription {
         app.post("/v1/subscription/resume", &o, json!({})).await;
         app.settle_billing().await;
         assert_eq!(plan_of(&app, "org_c").await["status"], "active");
-        assert_eq!(available(&app, "org_c").await, 400, "no credits moved");
+        assert_eq!(app.available("org_c").await, 400, "no credits moved");
     }
 
     #[tokio::test]
@@ -626,7 +584,7 @@ mod subscription {
         )
         .await
         .assert_problem(404, "not_found");
-        subscribed(&app, "org_n", "max").await;
+        app.subscribe("org_n", "max", "monthly").await;
         app.post(
             "/v1/subscription/change",
             &member("org_n", "m"),
@@ -648,7 +606,7 @@ mod subscription {
         )
         .await
         .assert_problem(422, "validation_failed");
-        assert_eq!(available(&app, "org_n").await, 400);
+        assert_eq!(app.available("org_n").await, 400);
     }
 }
 
@@ -715,7 +673,7 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
     app.settle_billing().await;
     let invoices = app.get("/v1/invoices", &owner("org_e")).await.body;
     assert_eq!(invoices["items"][0]["status"], "open");
-    assert_eq!(available(&app, "org_e").await, 0, "nothing before payment");
+    assert_eq!(app.available("org_e").await, 0, "nothing before payment");
     let page = first.body["hosted_invoice_url"]
         .as_str()
         .unwrap()
@@ -733,7 +691,7 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
         .await;
     }
     app.settle_billing().await;
-    assert_eq!(available(&app, "org_e").await, 30000);
+    assert_eq!(app.available("org_e").await, 30000);
     let invoices = app.get("/v1/invoices", &owner("org_e")).await.body;
     assert_eq!(invoices["items"][0]["status"], "paid");
     assert_eq!(invoices["items"][0]["amount_paid"], 250000);
@@ -758,7 +716,7 @@ mod alerts {
         let app = TestApp::new();
         let o = owner("org_al");
         let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
-        pay(&app, s["url"].as_str().unwrap()).await;
+        app.pay(s["url"].as_str().unwrap()).await;
         let set = app
             .send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [80, 50, 80], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[])
             .await;
@@ -811,7 +769,7 @@ mod alerts {
             ]
         );
         // The top-up's 100 credits arrived through Stripe's events, once.
-        assert_eq!(available(&app, "org_al").await, 128);
+        assert_eq!(app.available("org_al").await, 128);
         let sim = app.local.simulator.as_ref().unwrap();
         assert_eq!(
             sim.events()
@@ -853,7 +811,7 @@ mod alerts {
                 .unwrap()
                 .contains("less than 10 minutes ago")
         );
-        assert_eq!(available(&app, "org_al").await, 8);
+        assert_eq!(app.available("org_al").await, 8);
         assert_eq!(
             sim.events()
                 .iter()
@@ -874,7 +832,7 @@ mod alerts {
         let all = notifications(&app).await;
         assert_eq!(all.len(), 1);
         assert_eq!(all[0]["type"], "topup.failed");
-        assert_eq!(available(&app, "org_nc").await, 16);
+        assert_eq!(app.available("org_nc").await, 16);
     }
 
     #[tokio::test]

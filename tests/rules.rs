@@ -117,34 +117,6 @@ async fn an_estimate_for_a_training_without_a_free_slot_says_why_it_would_be_ref
         .assert_problem(403, "no_custom_model_slot");
 }
 
-async fn subscribe(app: &TestApp, ws: &str, plan: &str, interval: &str) {
-    let s = app
-        .post(
-            "/v1/checkout/sessions",
-            &owner(ws),
-            json!({"kind": "plan", "plan": plan, "interval": interval}),
-        )
-        .await;
-    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
-    let path = s.body["url"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("http://tally.test")
-        .unwrap()
-        .to_owned();
-    let paid = app
-        .send(
-            Method::POST,
-            &format!("{path}/pay"),
-            None,
-            Some(""),
-            &[("content-type", "application/x-www-form-urlencoded")],
-        )
-        .await;
-    assert!(paid.status.is_success() || paid.status.is_redirection());
-    app.settle_billing().await;
-}
-
 fn plan_lot_expiries(balance: &Value) -> Vec<String> {
     balance["lots"]
         .as_array()
@@ -159,7 +131,7 @@ fn plan_lot_expiries(balance: &Value) -> Vec<String> {
 async fn the_first_allowance_and_an_upgrade_in_the_same_billing_month_lapse_together() {
     let app = TestApp::new();
     let ws = "org_month";
-    subscribe(&app, ws, "max", "yearly").await;
+    app.subscribe(ws, "max", "yearly").await;
     let r = app
         .post(
             "/v1/subscription/change",
@@ -202,7 +174,7 @@ fn owner_of(_path: &str) -> String {
 #[tokio::test]
 async fn every_mutating_billing_route_answers_a_reused_key_the_same_way() {
     let app = TestApp::new();
-    subscribe(&app, "org_keys", "max", "monthly").await;
+    app.subscribe("org_keys", "max", "monthly").await;
     let routes = [
         (
             Method::POST,

@@ -1,0 +1,279 @@
+//! Credits follow paid money over a subscription's life: each observation that once gave
+//! credits without payment (or took a payment without credits) is a named test here,
+//! driven through the API and the simulated Stripe.
+
+use serde_json::Value;
+use tally_tests::{TestApp, owner};
+
+/// The paid `subscription_update` invoices, oldest first.
+fn change_invoices(app: &TestApp) -> Vec<Value> {
+    app.sim_events("invoice.paid")
+        .into_iter()
+        .filter(|i| i["billing_reason"] == "subscription_update")
+        .collect()
+}
+
+fn lines(invoice: &Value) -> Vec<(String, i64, u64)> {
+    invoice["lines"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["pricing"]["price_details"]["product"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                l["amount"].as_i64().unwrap(),
+                l["quantity"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The items of the subscription as Stripe last described it.
+fn items(app: &TestApp) -> Vec<(String, u64)> {
+    let sub = app
+        .sim_events("customer.subscription.updated")
+        .pop()
+        .expect("an update");
+    sub["items"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["price"]["product"].as_str().unwrap().to_owned(),
+                i["quantity"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn undoing_an_upgrade_before_its_event_is_a_downgrade_at_renewal_not_a_second_upgrade() {
+    let app = TestApp::new();
+    app.subscribe("org_undo", "plus", "monthly").await;
+    // No waiting for Stripe's events between the two requests.
+    let up = app.change_plan("org_undo", "generative", "monthly").await;
+    assert_eq!(up.body["effective"], "now", "{:#}", up.body);
+    let back = app.change_plan("org_undo", "max", "monthly").await;
+    assert_eq!(
+        back.body["effective"], "at_renewal",
+        "Stripe already bills Generative: Max is a downgrade"
+    );
+    assert_eq!(back.body["credits_granted"], 0);
+    app.settle_billing().await;
+    assert_eq!(change_invoices(&app).len(), 1, "one change was billed");
+    let granted = up.body["credits_granted"].as_u64().unwrap();
+    assert!(granted <= 750, "{granted}");
+    assert_eq!(app.available("org_undo").await, 150 + granted);
+    // Generative stays billed and in effect until the renewal.
+    assert_eq!(items(&app)[0].0, "tally_plan_generative");
+
+    // The same with add-on units: 100 now, then 1 is a reduction at renewal, no refund.
+    let more = app.set_units("org_undo", 100).await;
+    assert_eq!(more.body["effective"], "now", "{:#}", more.body);
+    let fewer = app.set_units("org_undo", 1).await;
+    assert_eq!(fewer.body["effective"], "at_renewal", "{:#}", fewer.body);
+    assert_eq!(fewer.body["credits_granted"], 0);
+    app.settle_billing().await;
+    let units = more.body["credits_granted"].as_u64().unwrap();
+    assert!(units <= 100 * 60);
+    assert_eq!(app.available("org_undo").await, 150 + granted + units);
+    assert_eq!(change_invoices(&app).len(), 2);
+}
+
+#[tokio::test]
+async fn moving_to_team_swaps_the_add_on_item_and_converts_units_without_gaining_credits() {
+    let app = TestApp::new();
+    app.subscribe("org_swap", "max", "monthly").await;
+    let ten = app.set_units("org_swap", 10).await;
+    assert_eq!(ten.status.as_u16(), 200, "{:#}", ten.body);
+    let team = app.change_plan("org_swap", "team", "monthly").await;
+    assert_eq!(team.status.as_u16(), 200, "{:#}", team.body);
+    // 10 individual units (600 credits) are 3 team units (600 credits).
+    assert_eq!(team.body["addon_units"], 3);
+    assert_eq!(
+        items(&app),
+        vec![
+            ("tally_plan_team".to_owned(), 1),
+            ("tally_addon_team".to_owned(), 3)
+        ],
+        "one plan item and one add-on item"
+    );
+    let inv = change_invoices(&app).pop().unwrap();
+    let l = lines(&inv);
+    assert!(
+        l.iter()
+            .any(|(p, a, q)| p == "tally_addon_individual" && *a < 0 && *q == 10)
+    );
+    assert!(
+        l.iter()
+            .any(|(p, a, q)| p == "tally_addon_team" && *a > 0 && *q == 3)
+    );
+    // A later add-on change re-prices the same item: still one add-on item.
+    let four = app.set_units("org_swap", 4).await;
+    assert_eq!(four.body["effective"], "now", "{:#}", four.body);
+    let addons: Vec<_> = items(&app)
+        .into_iter()
+        .filter(|(p, _)| p.starts_with("tally_addon_"))
+        .collect();
+    assert_eq!(addons, vec![("tally_addon_team".to_owned(), 4)]);
+}
+
+#[tokio::test]
+async fn two_changes_at_once_never_grant_more_than_was_paid() {
+    let app = TestApp::new();
+    app.subscribe("org_race", "plus", "monthly").await;
+    let (a, b) = tokio::join!(
+        app.change_plan("org_race", "max", "monthly"),
+        app.change_plan("org_race", "generative", "monthly"),
+    );
+    app.settle_billing().await;
+    let statuses = [a.status.as_u16(), b.status.as_u16()];
+    assert!(statuses.contains(&200), "{statuses:?}");
+    for r in [&a, &b] {
+        if r.status.as_u16() == 409 {
+            r.assert_problem(409, "change_in_progress");
+        }
+    }
+    let granted: u64 = [&a, &b]
+        .iter()
+        .filter_map(|r| r.body["credits_granted"].as_u64())
+        .sum();
+    // Plus -> Generative at most: 900 - 150, never 250 + 750.
+    assert!(granted <= 750, "{granted}");
+    assert_eq!(app.available("org_race").await, 150 + granted);
+}
+
+#[tokio::test]
+async fn credits_come_from_stripes_events_alone_so_a_lost_grant_is_granted_by_the_event() {
+    // Everything a workspace went through, replayed as Stripe's events into a system that
+    // never saw the requests (as if every request's own grant had failed after Stripe
+    // succeeded), ends with the same credits.
+    let app = TestApp::new();
+    app.subscribe("org_replay", "plus", "monthly").await;
+    app.change_plan("org_replay", "max", "monthly").await;
+    app.set_units("org_replay", 3).await;
+    app.change_plan("org_replay", "generative", "monthly").await;
+    app.settle_billing().await;
+    let expected = app.available("org_replay").await;
+    assert!(expected > 150);
+
+    let fresh = TestApp::new();
+    let sim = app.local.simulator.as_ref().unwrap();
+    for e in sim.events() {
+        let status = fresh.deliver_signed(&e.payload).await;
+        assert_eq!(status, 200);
+    }
+    fresh.settle_billing().await;
+    assert_eq!(fresh.available("org_replay").await, expected);
+    assert!(fresh.local.billing_queue.dead_letters().is_empty());
+}
+
+#[tokio::test]
+async fn a_scheduled_downgrade_keeps_todays_price_so_a_later_upgrade_credits_what_was_paid() {
+    let app = TestApp::new();
+    app.subscribe("org_sched", "generative", "monthly").await;
+    let down = app.change_plan("org_sched", "plus", "monthly").await;
+    assert_eq!(down.body["effective"], "at_renewal", "{:#}", down.body);
+    assert_eq!(
+        items(&app)[0].0,
+        "tally_plan_generative",
+        "still billed at Generative"
+    );
+    let up = app.change_plan("org_sched", "team", "monthly").await;
+    assert_eq!(up.body["effective"], "now", "{:#}", up.body);
+    let inv = change_invoices(&app).pop().unwrap();
+    let credit = lines(&inv)
+        .into_iter()
+        .find(|(_, a, _)| *a < 0)
+        .expect("a credit for unused time");
+    assert_eq!(
+        credit.0, "tally_plan_generative",
+        "the unused time is credited at the price actually paid"
+    );
+    // The upgrade replaced the scheduled downgrade.
+    app.settle_billing().await;
+    let s = app.get("/v1/subscription", &owner("org_sched")).await.body;
+    assert_eq!(s["subscription"]["plan"], "team");
+    assert!(s["subscription"]["scheduled"].is_null(), "{s:#}");
+}
+
+#[tokio::test]
+async fn yearly_to_monthly_waits_for_the_renewal_and_monthly_to_yearly_restarts_the_period() {
+    let app = TestApp::new();
+    app.subscribe("org_iv", "max", "monthly").await;
+    let yearly = app.change_plan("org_iv", "max", "yearly").await;
+    assert_eq!(yearly.body["effective"], "now", "{:#}", yearly.body);
+    app.settle_billing().await;
+    let inv = change_invoices(&app).pop().unwrap();
+    let full: Vec<_> = inv["lines"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["parent"]["subscription_item_details"]["proration"] == false)
+        .collect();
+    assert_eq!(full.len(), 1, "the new yearly period billed whole, once");
+    let (start, end) = (
+        full[0]["period"]["start"].as_i64().unwrap(),
+        full[0]["period"]["end"].as_i64().unwrap(),
+    );
+    assert!(end - start >= 365 * 86_400, "a year from now");
+    let sub = app.get("/v1/subscription", &owner("org_iv")).await.body;
+    assert_eq!(sub["subscription"]["interval"], "yearly");
+    let monthly = app.change_plan("org_iv", "max", "monthly").await;
+    assert_eq!(
+        monthly.body["effective"], "at_renewal",
+        "{:#}",
+        monthly.body
+    );
+}
+
+#[tokio::test]
+async fn a_preview_says_what_a_change_costs_and_grants_and_changes_nothing() {
+    let app = TestApp::new();
+    app.subscribe("org_prev", "plus", "monthly").await;
+    let before = app.sim_events("customer.subscription.updated").len();
+    let p = app
+        .post(
+            "/v1/subscription/preview",
+            &owner("org_prev"),
+            serde_json::json!({"plan": "max"}),
+        )
+        .await;
+    assert_eq!(p.status.as_u16(), 200, "{:#}", p.body);
+    assert_eq!(p.body["effective"], "now");
+    assert!(p.body["total_cents"].as_i64().unwrap() > 0);
+    assert!(p.body["lines"].as_array().unwrap().len() >= 2);
+    assert_eq!(p.body["credits_per_month"], 400);
+    assert_eq!(p.body["next_renewal_cents"], 2900);
+    assert_eq!(
+        app.sim_events("customer.subscription.updated").len(),
+        before
+    );
+    let credits_now = p.body["credits_now"].as_u64().unwrap();
+    let done = app.change_plan("org_prev", "max", "monthly").await;
+    assert_eq!(done.body["credits_granted"].as_u64().unwrap(), credits_now);
+    let down = app
+        .post(
+            "/v1/subscription/preview",
+            &owner("org_prev"),
+            serde_json::json!({"plan": "plus", "addon_units": 2}),
+        )
+        .await;
+    assert_eq!(down.body["effective"], "at_renewal");
+    assert_eq!(down.body["total_cents"], 0);
+    assert_eq!(down.body["credits_per_month"], 150 + 120);
+    for bad in [
+        serde_json::json!({"plan": "gold"}),
+        serde_json::json!({"addon_units": 101}),
+        serde_json::json!({"color": "red"}),
+    ] {
+        let r = app
+            .post("/v1/subscription/preview", &owner("org_prev"), bad)
+            .await;
+        r.assert_problem(422, "validation_failed");
+    }
+}
