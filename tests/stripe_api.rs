@@ -692,6 +692,10 @@ async fn a_change_at_renewal_is_a_two_phase_schedule_and_cancelling_it_releases_
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        next_metadata: [("plan", "plus")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         idempotency_key: "k".into(),
     })
     .await
@@ -704,11 +708,9 @@ async fn a_change_at_renewal_is_a_two_phase_schedule_and_cancelling_it_releases_
     let f = form(phases);
     assert_eq!(f["end_behavior"], "release");
     assert_eq!(f["proration_behavior"], "none");
-    // Today's items stay on their prices until the period ends.
-    assert_eq!(
-        f["phases[0][items][0][price]"],
-        "price_1PgafmB7WZ01zgkW6dKueIc5"
-    );
+    // Today's items stay at today's amounts until the period ends.
+    assert_eq!(f["phases[0][items][0][price_data][unit_amount]"], "2000");
+    assert_eq!(f["phases[1][metadata][plan]"], "plus");
     assert_eq!(f["phases[0][start_date]"], "1900000000");
     assert_eq!(f["phases[0][end_date]"], "1902592000");
     assert_eq!(

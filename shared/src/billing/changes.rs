@@ -178,11 +178,33 @@ pub struct SubscriptionChanges {
     pub payments: Arc<dyn Payments>,
 }
 
-/// What a requested change amounts to against Stripe's current subscription.
+/// What a requested change amounts to against Stripe's current subscription. `keep` is
+/// the change that waits for the renewal afterwards (a pending downgrade or unit reduction
+/// the request did not replace), re-installed after the change.
 enum Plan2 {
-    Same,
-    Now(SubscriptionChange),
+    Same {
+        keep: Option<RenewalChange>,
+    },
+    Now {
+        change: SubscriptionChange,
+        keep: Option<RenewalChange>,
+    },
     AtRenewal(RenewalChange),
+}
+
+/// Terms a subscription has or will have: plan, interval, add-on units.
+#[derive(Debug, Clone)]
+struct Terms3 {
+    plan: Plan,
+    interval: Interval,
+    units: u32,
+}
+
+impl PartialEq for Terms3 {
+    fn eq(&self, other: &Self) -> bool {
+        (self.plan.id.as_str(), self.interval, self.units)
+            == (other.plan.id.as_str(), other.interval, other.units)
+    }
 }
 
 impl SubscriptionChanges {
@@ -342,61 +364,54 @@ impl SubscriptionChanges {
         Ok(())
     }
 
-    /// What moving to `target` with `units` add-on units means against Stripe's current
-    /// subscription.
-    fn decide(
+    /// The change waiting for the renewal, as Tally scheduled it (its terms are kept in the
+    /// subscription's metadata while the schedule exists). A schedule Tally did not make
+    /// (the dashboard) reads as none and is released by the next change.
+    fn pending(&self, now: &Now) -> Option<Terms3> {
+        now.live.schedule.as_ref()?;
+        let t = crate::subscriptions::terms::terms(
+            &now.live.metadata.clone().into_iter().collect(),
+            now.live.period_start.timestamp(),
+        )
+        .ok()?;
+        let s = t.scheduled?;
+        Some(Terms3 {
+            plan: self.plan(&s.plan).ok()?,
+            interval: s.interval,
+            units: s.addon_units,
+        })
+    }
+
+    /// Units of `from`'s add-on kind expressed in `to`'s.
+    fn units_for(&self, units: u32, from: &Plan, to: &Plan) -> u32 {
+        if from.addon == to.addon {
+            units
+        } else {
+            convert_units(units, self.addon_credits(from), self.addon_credits(to))
+        }
+    }
+
+    /// A change from the renewal on, to `next`.
+    fn renewal(
         &self,
         workspace: &WorkspaceId,
         now: &Now,
-        target: &Plan,
-        interval: Interval,
-        units: u32,
+        next: &Terms3,
         key: &str,
-    ) -> Result<Plan2, ChangeError> {
-        let same_plan = target.id == now.plan.id && interval == now.interval;
-        if same_plan && units == now.units {
-            return Ok(Plan2::Same);
-        }
-        let kind = ChangeKind::of((&now.plan, now.interval), (target, interval));
-        let now_units = if target.addon == now.plan.addon {
-            now.units
-        } else {
-            convert_units(
-                now.units,
-                self.addon_credits(&now.plan),
-                self.addon_credits(target),
-            )
-        };
-        // Upgrades (and interval switches to yearly) apply now; so do more add-on units.
-        // Everything that lowers what is billed waits for the renewal.
-        let plan_now = kind == ChangeKind::Upgrade
-            && !(interval == Interval::Monthly && now.interval == Interval::Yearly);
-        let units_now = units >= now_units;
-        if (same_plan || plan_now) && units_now {
-            let addons = if units > 0 || now.units > 0 {
-                Some((u64::from(units), self.addon_price(target, interval)?))
-            } else {
-                None
-            };
-            return Ok(Plan2::Now(SubscriptionChange {
-                plan: (!same_plan).then(|| self.plan_price(target, interval)),
-                addons,
-                prorate_now: true,
-                metadata: metadata(workspace, &target.id, interval, units, None),
-                idempotency_key: key.to_owned(),
-                ..SubscriptionChange::to(now.live.id.clone())
-            }));
-        }
+    ) -> Result<RenewalChange, ChangeError> {
         let scheduled = ScheduledChange {
-            plan: target.id.clone(),
-            interval,
-            addon_units: units,
+            plan: next.plan.id.clone(),
+            interval: next.interval,
+            addon_units: next.units,
             from: now.live.period_end,
         };
-        Ok(Plan2::AtRenewal(RenewalChange {
+        Ok(RenewalChange {
             subscription: now.live.id.clone(),
-            plan: self.plan_price(target, interval),
-            addons: (u64::from(units), self.addon_price(target, interval)?),
+            plan: self.plan_price(&next.plan, next.interval),
+            addons: (
+                u64::from(next.units),
+                self.addon_price(&next.plan, next.interval)?,
+            ),
             metadata: metadata(
                 workspace,
                 &now.plan.id,
@@ -404,81 +419,161 @@ impl SubscriptionChanges {
                 now.units,
                 Some(&scheduled),
             ),
+            next_metadata: metadata(workspace, &next.plan.id, next.interval, next.units, None),
             idempotency_key: key.to_owned(),
-        }))
+        })
     }
 
-    /// Applies a decision: Stripe first, then the credits its paid invoice carries.
+    /// What moving to `target` means against Stripe's current subscription and the change
+    /// already waiting for the renewal (`pending`). `then` is what should wait for the
+    /// renewal after a change applied now.
+    fn decide(
+        &self,
+        workspace: &WorkspaceId,
+        now: &Now,
+        target: Terms3,
+        then: Terms3,
+        key: &str,
+    ) -> Result<Plan2, ChangeError> {
+        let current = Terms3 {
+            plan: now.plan.clone(),
+            interval: now.interval,
+            units: now.units,
+        };
+        let keep = |t: &Terms3| -> Result<Option<RenewalChange>, ChangeError> {
+            if *t == target {
+                Ok(None)
+            } else {
+                self.renewal(workspace, now, t, key).map(Some)
+            }
+        };
+        if target == current {
+            return Ok(Plan2::Same { keep: keep(&then)? });
+        }
+        let kind = ChangeKind::of((&now.plan, now.interval), (&target.plan, target.interval));
+        let same_plan = target.plan.id == now.plan.id && target.interval == now.interval;
+        // Upgrades (and interval switches to yearly) apply now; so do more add-on units.
+        // Everything that lowers what is billed waits for the renewal.
+        let plan_now = kind == ChangeKind::Upgrade
+            && !(target.interval == Interval::Monthly && now.interval == Interval::Yearly);
+        let converted = self.units_for(now.units, &now.plan, &target.plan);
+        if (same_plan || plan_now) && target.units >= converted {
+            // The add-on item is re-priced only when its kind, interval or count changes
+            // (a new price for the same terms would bill a pointless pair of lines).
+            let reprice = target.plan.addon != now.plan.addon || target.interval != now.interval;
+            let addons =
+                if target.units != now.units || (reprice && (now.units > 0 || target.units > 0)) {
+                    Some((
+                        u64::from(target.units),
+                        self.addon_price(&target.plan, target.interval)?,
+                    ))
+                } else {
+                    None
+                };
+            let keep = keep(&then)?;
+            let scheduled = keep.as_ref().map(|_| ScheduledChange {
+                plan: then.plan.id.clone(),
+                interval: then.interval,
+                addon_units: then.units,
+                from: now.live.period_end,
+            });
+            return Ok(Plan2::Now {
+                change: SubscriptionChange {
+                    plan: (!same_plan).then(|| self.plan_price(&target.plan, target.interval)),
+                    addons,
+                    prorate_now: true,
+                    metadata: metadata(
+                        workspace,
+                        &target.plan.id,
+                        target.interval,
+                        target.units,
+                        scheduled.as_ref(),
+                    ),
+                    expect: Some(now.live.items.clone()),
+                    idempotency_key: key.to_owned(),
+                    ..SubscriptionChange::to(now.live.id.clone())
+                },
+                keep,
+            });
+        }
+        Ok(Plan2::AtRenewal(self.renewal(workspace, now, &then, key)?))
+    }
+
+    /// Applies a decision: Stripe first, then the credits its paid invoice carries, then
+    /// the change that still waits for the renewal.
     async fn apply(
         &self,
         workspace: &WorkspaceId,
         actor: &Actor,
         now: &Now,
         decision: Plan2,
+        key: &str,
         view: (String, Interval, u32),
     ) -> Result<ChangeView, ChangeError> {
         let (plan, interval, addon_units) = view;
         let at = self.ledger.clock.now();
+        let release = format!("{key}-release");
+        let mut out = ChangeView {
+            effective: "now".into(),
+            effective_at: at,
+            credits_granted: Credits::ZERO,
+            charged_cents: Cents::ZERO,
+            invoice: None,
+            plan,
+            interval,
+            addon_units,
+        };
         match decision {
-            Plan2::Same => {
-                if now.live.schedule.is_some() {
+            Plan2::Same { keep } => match keep {
+                Some(k) => self.payments.schedule_renewal_change(&k).await?,
+                None if now.live.schedule.is_some() => {
                     self.payments
-                        .cancel_renewal_change(&now.live.id, &format!("{}-release", actor.id))
+                        .cancel_renewal_change(&now.live.id, &release)
+                        .await?
+                }
+                None => {}
+            },
+            Plan2::Now { change, keep } => {
+                if now.live.schedule.is_some() {
+                    // Stripe bills the change now; what waits for the renewal is installed
+                    // again afterwards.
+                    self.payments
+                        .cancel_renewal_change(&now.live.id, &release)
                         .await?;
                 }
-                Ok(ChangeView {
-                    effective: "now".into(),
-                    effective_at: at,
-                    credits_granted: Credits::ZERO,
-                    charged_cents: Cents::ZERO,
-                    invoice: None,
-                    plan,
-                    interval,
-                    addon_units,
-                })
-            }
-            Plan2::Now(change) => {
-                if now.live.schedule.is_some() {
-                    // A change billed now replaces one waiting for the renewal.
-                    self.payments
-                        .cancel_renewal_change(
-                            &now.live.id,
-                            &format!("{}-release", change.idempotency_key),
-                        )
-                        .await?;
-                }
-                let invoice = self.payments.update_subscription(&change).await?;
-                let credits = match &invoice {
-                    Some(inv) => self.grant_invoice(workspace, actor, now, inv).await?,
-                    None => Credits::ZERO,
+                let invoice = match self.payments.update_subscription(&change).await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        if now.live.schedule.is_some()
+                            && let Some(p) = self.pending(now)
+                            && let Ok(back) =
+                                self.renewal(workspace, now, &p, &format!("{key}-restore"))
+                            && let Err(r) = self.payments.schedule_renewal_change(&back).await
+                        {
+                            tracing::error!(error = %r, subscription = %now.live.id, "the change waiting for the renewal could not be restored");
+                        }
+                        return Err(e.into());
+                    }
                 };
-                tracing::info!(workspace = %workspace, plan = %plan, units = addon_units, credits = credits.get(), "subscription changed now");
-                Ok(ChangeView {
-                    effective: "now".into(),
-                    effective_at: at,
-                    credits_granted: credits,
-                    charged_cents: invoice.as_ref().map_or(Cents::ZERO, |i| i.amount_paid),
-                    invoice: invoice.and_then(|i| i.id),
-                    plan,
-                    interval,
-                    addon_units,
-                })
+                if let Some(k) = keep {
+                    self.payments.schedule_renewal_change(&k).await?;
+                }
+                if let Some(inv) = &invoice {
+                    out.credits_granted = self.grant_invoice(workspace, actor, now, inv).await?;
+                    out.charged_cents = inv.amount_paid;
+                    out.invoice = inv.id.clone();
+                }
+                tracing::info!(workspace = %workspace, plan = %out.plan, units = out.addon_units, credits = out.credits_granted.get(), "subscription changed now");
             }
             Plan2::AtRenewal(change) => {
                 self.payments.schedule_renewal_change(&change).await?;
-                tracing::info!(workspace = %workspace, plan = %plan, units = addon_units, at = %now.live.period_end, "change scheduled for the renewal");
-                Ok(ChangeView {
-                    effective: "at_renewal".into(),
-                    effective_at: now.live.period_end,
-                    credits_granted: Credits::ZERO,
-                    charged_cents: Cents::ZERO,
-                    invoice: None,
-                    plan,
-                    interval,
-                    addon_units,
-                })
+                out.addon_units = u32::try_from(change.addons.0).unwrap_or(u32::MAX);
+                tracing::info!(workspace = %workspace, plan = %out.plan, units = out.addon_units, at = %now.live.period_end, "change scheduled for the renewal");
+                out.effective = "at_renewal".into();
+                out.effective_at = now.live.period_end;
             }
         }
+        Ok(out)
     }
 
     /// Grants what a change's paid invoice pays for, under the invoice's own keys: the same
@@ -491,7 +586,9 @@ impl SubscriptionChanges {
         now: &Now,
         invoice: &BilledInvoice,
     ) -> Result<Credits, ChangeError> {
-        let Some(id) = &invoice.id else {
+        let (Some(id), true) = (&invoice.id, invoice.paid) else {
+            // Not collected yet (a bank debit still processing): the invoice's paid event
+            // grants when the money arrives.
             return Ok(Credits::ZERO);
         };
         let period = Level {
@@ -559,7 +656,8 @@ impl SubscriptionChanges {
 
     /// Changes plan or billing interval: upgrades now (prorated, credits from the paid
     /// invoice), downgrades and yearly-to-monthly at the renewal (benefits kept until then).
-    /// Add-on units are kept (converted when the add-on kind changes).
+    /// Add-on units are kept (converted when the add-on kind changes); a unit reduction
+    /// waiting for the renewal still waits.
     pub async fn change(
         &self,
         workspace: &WorkspaceId,
@@ -572,30 +670,40 @@ impl SubscriptionChanges {
         self.exclusively(workspace, stripe_key, |record| async move {
             let now = self.now(&record.id).await?;
             self.require_active(&now)?;
-            let units = if target.addon == now.plan.addon {
-                now.units
-            } else {
-                convert_units(
-                    now.units,
-                    self.addon_credits(&now.plan),
-                    self.addon_credits(&target),
-                )
-            };
-            let decision = self.decide(workspace, &now, &target, interval, units, stripe_key)?;
-            self.apply(
-                workspace,
-                actor,
-                &now,
-                decision,
-                (target.id.clone(), interval, units),
-            )
-            .await
+            let (target, then) = self.plan_terms(&now, target, interval);
+            let view = (target.plan.id.clone(), target.interval, target.units);
+            let decision = self.decide(workspace, &now, target, then, stripe_key)?;
+            self.apply(workspace, actor, &now, decision, stripe_key, view)
+                .await
         })
         .await
     }
 
+    /// The terms a plan change asks for now, and what should wait for the renewal after it.
+    fn plan_terms(&self, now: &Now, target: Plan, interval: Interval) -> (Terms3, Terms3) {
+        let pending = self.pending(now);
+        let units = self.units_for(now.units, &now.plan, &target);
+        let pending_units = pending.as_ref().map_or(now.units, |p| p.units);
+        let pending_from = pending.as_ref().map_or(&now.plan, |p| &p.plan);
+        let then_units = self
+            .units_for(pending_units, pending_from, &target)
+            .min(units);
+        let target3 = Terms3 {
+            plan: target.clone(),
+            interval,
+            units,
+        };
+        let then = Terms3 {
+            plan: target,
+            interval,
+            units: then_units,
+        };
+        (target3, then)
+    }
+
     /// Sets the number of add-on credit units: more apply now (prorated charge, prorated
-    /// credits), fewer from the next renewal.
+    /// credits), fewer from the next renewal. A plan change waiting for the renewal still
+    /// waits, with the new count.
     pub async fn set_addons(
         &self,
         workspace: &WorkspaceId,
@@ -614,18 +722,41 @@ impl SubscriptionChanges {
                 ));
             }
             self.require_active(&now)?;
-            let plan = now.plan.clone();
-            let decision = self.decide(workspace, &now, &plan, now.interval, units, stripe_key)?;
-            self.apply(
-                workspace,
-                actor,
-                &now,
-                decision,
-                (plan.id.clone(), now.interval, units),
-            )
-            .await
+            let (target, then) = self.unit_terms(&now, units);
+            let view = (target.plan.id.clone(), target.interval, target.units);
+            let decision = self.decide(workspace, &now, target, then, stripe_key)?;
+            self.apply(workspace, actor, &now, decision, stripe_key, view)
+                .await
         })
         .await
+    }
+
+    /// The terms a unit change asks for, and what should wait for the renewal after it.
+    /// Fewer units than now only wait for the renewal.
+    fn unit_terms(&self, now: &Now, units: u32) -> (Terms3, Terms3) {
+        let pending = self.pending(now);
+        let (plan, interval) = pending
+            .as_ref()
+            .map_or((now.plan.clone(), now.interval), |p| {
+                (p.plan.clone(), p.interval)
+            });
+        let then = Terms3 {
+            units: self.units_for(units, &now.plan, &plan),
+            plan,
+            interval,
+        };
+        if units < now.units {
+            // Nothing changes now: the reduction (with any pending plan change) waits.
+            return (then.clone(), then);
+        }
+        (
+            Terms3 {
+                plan: now.plan.clone(),
+                interval: now.interval,
+                units,
+            },
+            then,
+        )
     }
 
     /// What a change would charge now and grant, from Stripe's invoice preview; nothing
@@ -643,38 +774,44 @@ impl SubscriptionChanges {
         let record = self.live(workspace).await?;
         let now = self.now(&record.id).await?;
         self.require_active(&now)?;
-        let target = match plan {
-            Some(p) => self.plan(p)?,
-            None => now.plan.clone(),
+        let (target, then) = match (plan, interval) {
+            (None, None) => self.unit_terms(&now, units.unwrap_or(now.units)),
+            _ => {
+                let p = match plan {
+                    Some(p) => self.plan(p)?,
+                    None => now.plan.clone(),
+                };
+                let (mut target, mut then) =
+                    self.plan_terms(&now, p, interval.unwrap_or(now.interval));
+                if let Some(u) = units {
+                    if u >= target.units {
+                        target.units = u;
+                    }
+                    then.units = u;
+                }
+                (target, then)
+            }
         };
-        let interval = interval.unwrap_or(now.interval);
-        let units = units.unwrap_or(if target.addon == now.plan.addon {
-            now.units
-        } else {
-            convert_units(
-                now.units,
-                self.addon_credits(&now.plan),
-                self.addon_credits(&target),
-            )
-        });
         let catalog = &self.ledger.catalog;
-        let per_month = target
+        let per_month = then
+            .plan
             .monthly_credits
             .checked_add(
-                self.addon_credits(&target)
-                    .checked_mul(u64::from(units))
+                self.addon_credits(&then.plan)
+                    .checked_mul(u64::from(then.units))
                     .unwrap_or(Credits::ZERO),
             )
-            .unwrap_or(target.monthly_credits);
-        let renewal = plan_unit_price(catalog, &target, interval)
+            .unwrap_or(then.plan.monthly_credits);
+        let renewal = plan_unit_price(catalog, &then.plan, then.interval)
             .checked_add(
-                addon_unit_price(catalog, &target, interval)
+                addon_unit_price(catalog, &then.plan, then.interval)
                     .unwrap_or(Cents::ZERO)
-                    .checked_mul(u64::from(units))
+                    .checked_mul(u64::from(then.units))
                     .unwrap_or(Cents::ZERO),
             )
             .unwrap_or(Cents::ZERO);
-        let decision = self.decide(workspace, &now, &target, interval, units, "preview")?;
+        let (plan_id, interval, units) = (then.plan.id.clone(), then.interval, then.units);
+        let decision = self.decide(workspace, &now, target, then, "preview")?;
         let mut view = PreviewView {
             effective: "now".into(),
             effective_at: self.ledger.clock.now(),
@@ -686,17 +823,17 @@ impl SubscriptionChanges {
             next_renewal_cents: renewal,
             next_renewal_at: now.live.period_end,
             credits_per_month: per_month,
-            plan: target.id.clone(),
+            plan: plan_id,
             interval,
             addon_units: units,
         };
         match decision {
-            Plan2::Same => {}
+            Plan2::Same { .. } => {}
             Plan2::AtRenewal(_) => {
                 view.effective = "at_renewal".into();
                 view.effective_at = now.live.period_end;
             }
-            Plan2::Now(change) => {
+            Plan2::Now { change, .. } => {
                 let inv = self.payments.preview_change(&change).await?;
                 let period = Level {
                     plan: now.plan.id.clone(),

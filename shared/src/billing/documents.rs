@@ -39,7 +39,7 @@ fn items_terms(
                 plan = Some((p, interval));
             }
             Some(Item::Addon(_)) => units += item.quantity.unwrap_or(1),
-            None => {}
+            Some(Item::Other) | None => {}
         }
     }
     let (plan, interval) = plan?;

@@ -12,8 +12,9 @@ use crate::money::Credits;
 use crate::queue::ConsumeError;
 use crate::subscriptions::Terms;
 use crate::subscriptions::paid::{
-    Item, Level, PaidLine, billing_month, change_credits, first_month_credits, interval_of_period,
-    level_after_change, new_period,
+    Item, Level, PaidLine, billing_month, change_credits, change_value,
+    credit_value_unknown_period, first_month_credits, first_month_of_lines, interval_of_period,
+    level_after_change, net, new_period,
 };
 use chrono::{DateTime, Duration, Utc};
 
@@ -89,7 +90,12 @@ pub fn paid_lines(i: &Invoice, catalog: &Catalog) -> Vec<PaidLine> {
         .data
         .iter()
         .filter_map(|l| {
-            let item = Item::of_product(l.product()?, catalog)?;
+            let item = match l.product().and_then(|p| Item::of_product(p, catalog)) {
+                Some(item) => item,
+                // A subscription item on a product that is not Tally's (older subscriptions).
+                None if l.subscription_item() => Item::Other,
+                None => return None,
+            };
             let period = l.period.as_ref()?;
             Some(PaidLine {
                 item,
@@ -170,8 +176,9 @@ pub fn invoice_grants(
         // A subscription created before Tally named its products: its terms are in the
         // subscription's metadata.
         let level = metadata_level(i, catalog)?;
+        let credits = first_month_credits(&level, catalog);
         return Ok(InvoiceCredits {
-            grants: first_month_grants(&i.id, &level, catalog, &refs),
+            grants: first_month_grants(&i.id, &level, credits, catalog, &refs),
             opens: Some(level),
             changes: None,
         });
@@ -194,15 +201,43 @@ pub fn line_grants(
         ..Refs::default()
     };
     let mut out = InvoiceCredits::default();
+    let prorations: Vec<PaidLine> = lines.iter().filter(|l| l.proration).cloned().collect();
     if let Some(level) = new_period(lines) {
-        out.grants
-            .extend(first_month_grants(id, &level, catalog, &refs));
+        // An interval switch: the new period's first month, less what the unused rest of
+        // the old month was worth (already granted with the old period).
+        let old: Vec<PaidLine> = prorations
+            .iter()
+            .filter(|l| l.end != level.period_end)
+            .cloned()
+            .collect();
+        let unused = match old.first() {
+            None => 0,
+            Some(first) => match known
+                .iter()
+                .find(|p| p.period_end == first.end && p.period_start <= first.start)
+            {
+                Some(period) => {
+                    let (plan, addon) = change_value(&old, period, catalog);
+                    plan.min(0) + addon.min(0)
+                }
+                None => credit_value_unknown_period(&old, &level.plan, catalog),
+            },
+        };
+        let (plan, addon) = first_month_of_lines(lines, &level, catalog);
+        let (plan, addon) = net(i128::from(plan.get()) + unused, i128::from(addon.get()));
+        out.grants.extend(first_month_grants(
+            id,
+            &level,
+            (plan, addon),
+            catalog,
+            &refs,
+        ));
         out.opens = Some(level);
+        return Ok(out);
     }
     if reason != "subscription_update" {
         return Ok(out);
     }
-    let prorations: Vec<&PaidLine> = lines.iter().filter(|l| l.proration).collect();
     let Some(first) = prorations.first() else {
         return Ok(out);
     };
@@ -219,7 +254,7 @@ pub fn line_grants(
     let lines_of_period: Vec<PaidLine> = prorations
         .iter()
         .filter(|l| l.end == period.period_end)
-        .map(|l| (*l).clone())
+        .cloned()
         .collect();
     let (plan_credits, addon_credits) = change_credits(&lines_of_period, &period, catalog);
     let (_, month_end) = billing_month(&period, first.start);
@@ -245,9 +280,7 @@ pub fn line_grants(
             note: "add-on units, rest of the billing month".into(),
         });
     }
-    if out.opens.is_none() {
-        out.changes = Some((after, first.start));
-    }
+    out.changes = Some((after, first.start));
     Ok(out)
 }
 
@@ -255,23 +288,26 @@ pub fn line_grants(
 fn first_month_grants(
     id: &InvoiceId,
     level: &Level,
+    (plan_credits, addon_credits): (Credits, Credits),
     catalog: &Catalog,
     refs: &Refs,
 ) -> Vec<CreditGrant> {
-    let (plan_credits, addon_credits) = first_month_credits(level, catalog);
     let (_, month_end) = billing_month(level, level.period_start);
     let rollover = catalog.plan(&level.plan).map_or(0, |p| p.rollover_days);
     let name = catalog
         .plan(&level.plan)
         .map_or(level.plan.as_str(), |p| p.name.as_str());
-    let mut grants = vec![CreditGrant {
-        key: format!("stripe:invoice:{id}:plan"),
-        source: LotSource::PlanPeriod,
-        credits: plan_credits,
-        expires_at: Some(month_end + Duration::days(rollover as i64)),
-        refs: refs.clone(),
-        note: format!("{name} plan credits"),
-    }];
+    let mut grants = Vec::new();
+    if plan_credits > Credits::ZERO {
+        grants.push(CreditGrant {
+            key: format!("stripe:invoice:{id}:plan"),
+            source: LotSource::PlanPeriod,
+            credits: plan_credits,
+            expires_at: Some(month_end + Duration::days(rollover as i64)),
+            refs: refs.clone(),
+            note: format!("{name} plan credits"),
+        });
+    }
     if addon_credits > Credits::ZERO {
         grants.push(CreditGrant {
             key: format!("stripe:invoice:{id}:addon"),

@@ -232,7 +232,8 @@ impl BillingEvents {
                 .await?;
             }
             if let Some((level, at)) = &credits.changes {
-                periods::change(self.docs.as_ref(), workspace, sub, level, *at).await?;
+                periods::change(self.docs.as_ref(), workspace, sub, &invoice.id, level, *at)
+                    .await?;
             }
         }
         self.subscription_from_invoice(

@@ -144,6 +144,13 @@ impl InvoiceLine {
             .as_deref()
     }
 
+    /// Whether the line bills a subscription item (not a one-off invoice item).
+    pub fn subscription_item(&self) -> bool {
+        self.parent
+            .as_ref()
+            .is_some_and(|p| p.subscription_item_details.is_some())
+    }
+
     /// Whether the line is a proration (a change inside a period).
     pub fn proration(&self) -> bool {
         self.parent.as_ref().is_some_and(|p| {

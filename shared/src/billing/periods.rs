@@ -76,8 +76,26 @@ impl PaidPeriods {
 
     /// Sets the level a paid change leads to, in the period it belongs to, unless a later
     /// change already set it.
-    pub fn change(current: Option<Self>, level: &Level, at: DateTime<Utc>) -> Option<Self> {
-        let mut doc = current?;
+    /// With no document yet (the change's invoice applied before the period's own), the
+    /// period is recorded at the changed level, opened by `invoice`.
+    pub fn change(
+        current: Option<Self>,
+        sub: &SubscriptionId,
+        invoice: &InvoiceId,
+        level: &Level,
+        at: DateTime<Utc>,
+    ) -> Option<Self> {
+        let Some(mut doc) = current else {
+            return Some(Self {
+                subscription: sub.clone(),
+                current: PaidPeriod {
+                    level: level.clone(),
+                    invoice: invoice.clone(),
+                    level_as_of: at,
+                },
+                previous: None,
+            });
+        };
         for p in std::iter::once(&mut doc.current).chain(doc.previous.as_mut()) {
             if p.level.period_start == level.period_start && p.level.period_end == level.period_end
             {
@@ -123,11 +141,12 @@ pub async fn change(
     docs: &dyn DocStore,
     workspace: &WorkspaceId,
     sub: &SubscriptionId,
+    invoice: &InvoiceId,
     level: &Level,
     at: DateTime<Utc>,
 ) -> Result<Option<PaidPeriods>, StoreError> {
     docs::update(docs, &workspace_pk(workspace), &sk(sub), |cur| {
-        PaidPeriods::change(cur, level, at)
+        PaidPeriods::change(cur, sub, invoice, level, at)
     })
     .await
 }
@@ -190,8 +209,17 @@ mod tests {
             plan: "generative".into(),
             ..p.level.clone()
         };
-        let later = PaidPeriods::change(Some(doc.clone()), &gen_, t2).unwrap();
-        assert_eq!(PaidPeriods::change(Some(later.clone()), &max, t1), None);
+        let inv = p.invoice.clone();
+        let later = PaidPeriods::change(Some(doc.clone()), &sub, &inv, &gen_, t2).unwrap();
+        assert_eq!(
+            PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t1),
+            None
+        );
         assert_eq!(later.current.level.plan, "generative");
+        // A change applied before its period's own invoice records the period at the level.
+        let first = PaidPeriods::change(None, &sub, &inv, &max, t1).unwrap();
+        assert_eq!(first.current.level.plan, "max");
+        // The period's own invoice then finds it recorded and keeps the changed level.
+        assert_eq!(PaidPeriods::open(Some(first), &sub, p.clone()), None);
     }
 }

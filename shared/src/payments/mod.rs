@@ -33,6 +33,10 @@ pub enum PaymentsError {
         #[source]
         source: Option<BoxError>,
     },
+    /// The subscription changed (elsewhere: the portal, the dashboard) after the change was
+    /// decided; nothing was sent. Decide again.
+    #[error("the subscription changed meanwhile: {message}")]
+    Changed { message: String },
 }
 
 impl PaymentsError {
@@ -56,13 +60,16 @@ impl PaymentsError {
         match self {
             Self::Refused { message, .. } => Self::Refused { message, source },
             Self::Unavailable { message, .. } => Self::Unavailable { message, source },
+            changed @ Self::Changed { .. } => changed,
         }
     }
 
     /// What happened, in words.
     pub fn message(&self) -> &str {
         match self {
-            Self::Refused { message, .. } | Self::Unavailable { message, .. } => message,
+            Self::Refused { message, .. }
+            | Self::Unavailable { message, .. }
+            | Self::Changed { message } => message,
         }
     }
 
@@ -136,6 +143,9 @@ pub struct SubscriptionChange {
     pub cancel_at_period_end: Option<bool>,
     /// `Some(true)` pauses collection (invoices voided), `Some(false)` resumes.
     pub pause: Option<bool>,
+    /// The items the change was decided against: if Stripe's differ (a change made
+    /// elsewhere meanwhile), nothing is sent and [`PaymentsError::Changed`] is returned.
+    pub expect: Option<Vec<LiveItem>>,
     pub idempotency_key: String,
 }
 
@@ -150,6 +160,7 @@ impl SubscriptionChange {
             metadata: Default::default(),
             cancel_at_period_end: None,
             pause: None,
+            expect: None,
             idempotency_key: String::new(),
         }
     }
@@ -183,6 +194,7 @@ pub struct LiveSubscription {
     pub items: Vec<LiveItem>,
     /// The subscription schedule holding a change at renewal, if any.
     pub schedule: Option<String>,
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl LiveSubscription {
@@ -217,6 +229,8 @@ pub struct BilledInvoice {
     pub tax: i64,
     pub total: i64,
     pub amount_paid: Cents,
+    /// Stripe collected it (`status: paid`); a debit still processing is not paid yet.
+    pub paid: bool,
 }
 
 /// The items a subscription has from its next renewal on, kept in a subscription schedule
@@ -228,8 +242,10 @@ pub struct RenewalChange {
     pub plan: ItemPrice,
     /// Add-on units (0: none) and their price from the renewal on.
     pub addons: (u64, ItemPrice),
-    /// Metadata to set on the subscription (the change, for display).
+    /// Metadata to set on the subscription now (today's terms and the change, for display).
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// The subscription's metadata from the renewal on (the new terms).
+    pub next_metadata: std::collections::BTreeMap<String, String>,
     pub idempotency_key: String,
 }
 

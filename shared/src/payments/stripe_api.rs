@@ -429,6 +429,11 @@ fn live(sub: &stripe_shared::Subscription) -> Result<LiveSubscription, PaymentsE
         period_end: ts(end),
         items,
         schedule: sub.schedule.as_ref().map(|s| s.id().to_string()),
+        metadata: sub
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -470,6 +475,7 @@ fn billed(inv: &stripe_shared::Invoice) -> Result<BilledInvoice, PaymentsError> 
         total: inv.total,
         amount_paid: Cents::try_from(inv.amount_paid)
             .map_err(|_| PaymentsError::unavailable("Stripe answered with a negative payment"))?,
+        paid: inv.status.as_ref().map(|s| s.as_str()) == Some("paid"),
     })
 }
 
@@ -615,6 +621,25 @@ impl Payments for StripePayments {
         let current: stripe_shared::Subscription = self
             .get(&format!("/subscriptions/{}", change.subscription))
             .await?;
+        if let Some(expected) = &change.expect {
+            let key = |i: &LiveItem| {
+                (
+                    i.product.clone(),
+                    i.quantity,
+                    i.unit_amount,
+                    i.interval.as_str(),
+                )
+            };
+            let mut now: Vec<_> = live(&current)?.items.iter().map(key).collect();
+            let mut then: Vec<_> = expected.iter().map(key).collect();
+            now.sort();
+            then.sort();
+            if now != then {
+                return Err(PaymentsError::Changed {
+                    message: "its items are not the ones the change was decided against".into(),
+                });
+            }
+        }
         let before = current
             .latest_invoice
             .as_ref()
@@ -738,14 +763,20 @@ impl Payments for StripePayments {
         if *units > 0 {
             self.ensure_product(addon).await?;
         }
-        let today: Vec<PhaseItem> = current
+        // Today's items at today's amounts: price data rather than the price ids, since
+        // prices created inline by earlier updates are inactive and schedules refuse them.
+        let today: Vec<PhaseItem> = live(&current)?
             .items
-            .data
             .iter()
             .map(|i| PhaseItem {
-                price: Some(i.price.id.to_string()),
-                price_data: None,
-                quantity: i.quantity.unwrap_or(1),
+                price: None,
+                price_data: Some(ItemPriceData {
+                    currency: "usd",
+                    product: i.product.clone(),
+                    unit_amount: i.unit_amount.get(),
+                    recurring: interval_form(i.interval),
+                }),
+                quantity: i.quantity,
             })
             .collect();
         let mut next = vec![PhaseItem {
@@ -788,8 +819,8 @@ impl Payments for StripePayments {
                 }
             }
         }
-        for (k, v) in &change.metadata {
-            if !v.is_empty() && !k.starts_with("scheduled_") {
+        for (k, v) in &change.next_metadata {
+            if !v.is_empty() {
                 form.insert(format!("phases[1][metadata][{k}]"), v.clone());
             }
         }

@@ -37,6 +37,10 @@ pub fn product_id(kind: &str, id: &str) -> String {
 pub enum Item {
     Plan(String),
     Addon(String),
+    /// A subscription item on a product that names no catalog item (a subscription created
+    /// before Tally named its products). Worth nothing when charged; a credit for it is
+    /// valued as the plan in force (see [`change_value`]).
+    Other,
 }
 
 impl Item {
@@ -58,6 +62,7 @@ impl Item {
             Item::Addon(id) => catalog
                 .addon(id)
                 .map_or(Credits::ZERO, |a| a.credits_per_unit),
+            Item::Other => Credits::ZERO,
         }
     }
 }
@@ -126,6 +131,7 @@ pub fn level_after_change(lines: &[PaidLine], current: &Level) -> Level {
         match &l.item {
             Item::Plan(p) => level.plan = p.clone(),
             Item::Addon(_) => *units.get_or_insert(0) += l.quantity,
+            Item::Other => {}
         }
     }
     // Add-on lines only appear when the add-on item changed; a removed item leaves only its
@@ -141,16 +147,21 @@ pub fn level_after_change(lines: &[PaidLine], current: &Level) -> Level {
     level
 }
 
-/// Credits a change's proration lines pay for in the current billing month of `period`,
-/// split into plan and add-on credits. Never below zero in total; a negative add-on part
-/// is taken from the plan part and the other way round.
-pub fn change_credits(lines: &[PaidLine], period: &Level, catalog: &Catalog) -> (Credits, Credits) {
+/// What a change's proration lines are worth in credits in the current billing month of
+/// `period`, signed, as (plan, add-on) parts. A credit line for an item that names no
+/// catalog product is valued as the period's plan (what was in force), so an old
+/// subscription's unused time is never left out.
+pub fn change_value(lines: &[PaidLine], period: &Level, catalog: &Catalog) -> (i128, i128) {
     let (mut plan, mut addon) = (0i128, 0i128);
     for l in lines
         .iter()
         .filter(|l| l.proration && l.end == period.period_end)
     {
-        let per_month = i128::from(l.item.monthly_credits(catalog).get()) * i128::from(l.quantity);
+        let item = match (&l.item, l.amount < 0) {
+            (Item::Other, true) => Item::Plan(period.plan.clone()),
+            (item, _) => item.clone(),
+        };
+        let per_month = i128::from(item.monthly_credits(catalog).get()) * i128::from(l.quantity);
         let (m0, m1) = billing_month(period, l.start);
         let month = (m1 - m0).num_seconds().max(1) as i128;
         let from = l.start.max(m0);
@@ -161,11 +172,44 @@ pub fn change_credits(lines: &[PaidLine], period: &Level, catalog: &Catalog) -> 
         } else {
             -(worth + month - 1) / month
         };
-        match l.item {
-            Item::Plan(_) => plan += signed,
+        match item {
             Item::Addon(_) => addon += signed,
+            _ => plan += signed,
         }
     }
+    (plan, addon)
+}
+
+/// What credit lines are worth when the period they bill is not known (an interval switch
+/// applied before the old period was recorded): each line as if its time were part of a
+/// 28-day month, at most a whole month, valued as `fallback_plan` when its product names
+/// nothing. Never less than the exact value, so nothing is granted that was not paid for.
+pub fn credit_value_unknown_period(
+    lines: &[PaidLine],
+    fallback_plan: &str,
+    catalog: &Catalog,
+) -> i128 {
+    let month = Duration::days(28).num_seconds() as i128;
+    lines
+        .iter()
+        .filter(|l| l.proration && l.amount < 0)
+        .map(|l| {
+            let item = match &l.item {
+                Item::Other => Item::Plan(fallback_plan.to_owned()),
+                other => other.clone(),
+            };
+            let per_month =
+                i128::from(item.monthly_credits(catalog).get()) * i128::from(l.quantity);
+            let secs = ((l.end - l.start).num_seconds() as i128).clamp(0, month);
+            -((per_month * secs + month - 1) / month)
+        })
+        .sum()
+}
+
+/// Signed (plan, add-on) credits netted: a negative part is taken from the other one, and
+/// nothing below zero remains.
+pub fn net(plan: i128, addon: i128) -> (Credits, Credits) {
+    let (mut plan, mut addon) = (plan, addon);
     if addon < 0 {
         plan += addon;
         addon = 0;
@@ -178,6 +222,13 @@ pub fn change_credits(lines: &[PaidLine], period: &Level, catalog: &Catalog) -> 
     (clamp(plan), clamp(addon))
 }
 
+/// Credits a change's proration lines pay for in the current billing month of `period`,
+/// split into plan and add-on credits. Never below zero in total.
+pub fn change_credits(lines: &[PaidLine], period: &Level, catalog: &Catalog) -> (Credits, Credits) {
+    let (plan, addon) = change_value(lines, period, catalog);
+    net(plan, addon)
+}
+
 /// The billing month of a period that contains `at`: the period itself for a monthly plan,
 /// the calendar month counted from the period start for a yearly one.
 pub fn billing_month(period: &Level, at: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
@@ -186,6 +237,33 @@ pub fn billing_month(period: &Level, at: DateTime<Utc>) -> (DateTime<Utc>, DateT
     }
     let (start, end) = calendar::month_containing(period.period_start, at);
     (start, end.min(period.period_end))
+}
+
+/// Credits of a new period's first billing month from its full-period lines: the plan
+/// line's allowance, and each add-on line valued as its own add-on (whatever the plan).
+pub fn first_month_of_lines(
+    lines: &[PaidLine],
+    level: &Level,
+    catalog: &Catalog,
+) -> (Credits, Credits) {
+    let full = lines
+        .iter()
+        .filter(|l| !l.proration && l.start == level.period_start && l.end == level.period_end);
+    let mut addon = Credits::ZERO;
+    for l in full {
+        if let Item::Addon(_) = l.item {
+            addon = l
+                .item
+                .monthly_credits(catalog)
+                .checked_mul(l.quantity)
+                .and_then(|c| addon.checked_add(c))
+                .unwrap_or(addon);
+        }
+    }
+    (
+        Item::Plan(level.plan.clone()).monthly_credits(catalog),
+        addon,
+    )
 }
 
 /// Credits of the first billing month of a new period: plan allowance and add-on units.

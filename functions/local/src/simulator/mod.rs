@@ -258,10 +258,8 @@ impl Simulator {
                 sub.addon_units = next.addons.0;
                 sub.addon_unit_amount = next.addons.1.unit_amount.get();
                 sub.addon_product = (next.addons.0 > 0).then(|| next.addons.1.product.clone());
-                for (k, v) in &next.metadata {
-                    if !k.starts_with("scheduled_") {
-                        sub.metadata.insert(k.clone(), v.clone());
-                    }
+                for (k, v) in &next.next_metadata {
+                    sub.metadata.insert(k.clone(), v.clone());
                 }
                 for k in tally::subscriptions::meta::SCHEDULED_KEYS {
                     sub.metadata.remove(k);
@@ -434,6 +432,7 @@ impl Payments for Simulator {
                 tax: 0,
                 total: inv["total"].as_i64().unwrap_or_default(),
                 amount_paid: Cents::new(inv["amount_paid"].as_u64().unwrap_or_default()),
+                paid: inv["status"] == "paid",
             });
         }
         self.deliver("customer.subscription.updated", sub.object())
@@ -466,6 +465,7 @@ impl Payments for Simulator {
             tax: 0,
             total,
             amount_paid: Cents::ZERO,
+            paid: false,
         })
     }
 

@@ -200,6 +200,7 @@ impl SimSubscription {
                 .next
                 .as_ref()
                 .map(|_| format!("sub_sched_{}", &self.id.as_str()[4..])),
+            metadata: self.metadata.clone(),
         }
     }
 

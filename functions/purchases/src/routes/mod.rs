@@ -47,6 +47,11 @@ pub(crate) fn provider(e: PaymentsError) -> Problem {
                 "the payment provider is unavailable; retry with the same Idempotency-Key",
             )
         }
+        PaymentsError::Changed { message: m } => Problem::new(
+            StatusCode::CONFLICT,
+            "subscription_changed",
+            format!("the subscription changed meanwhile ({m}); nothing was changed, retry"),
+        ),
     }
 }
 
