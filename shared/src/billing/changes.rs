@@ -181,12 +181,12 @@ pub struct SubscriptionChanges {
 /// What a requested change amounts to against Stripe's current subscription. `keep` is
 /// the change that waits for the renewal afterwards (a pending downgrade or unit reduction
 /// the request did not replace), re-installed after the change.
-enum Plan2 {
+enum Decision {
     Same {
         keep: Option<RenewalChange>,
     },
     Now {
-        change: SubscriptionChange,
+        change: Box<SubscriptionChange>,
         keep: Option<RenewalChange>,
     },
     AtRenewal(RenewalChange),
@@ -434,7 +434,7 @@ impl SubscriptionChanges {
         target: Terms3,
         then: Terms3,
         key: &str,
-    ) -> Result<Plan2, ChangeError> {
+    ) -> Result<Decision, ChangeError> {
         let current = Terms3 {
             plan: now.plan.clone(),
             interval: now.interval,
@@ -448,7 +448,7 @@ impl SubscriptionChanges {
             }
         };
         if target == current {
-            return Ok(Plan2::Same { keep: keep(&then)? });
+            return Ok(Decision::Same { keep: keep(&then)? });
         }
         let kind = ChangeKind::of((&now.plan, now.interval), (&target.plan, target.interval));
         let same_plan = target.plan.id == now.plan.id && target.interval == now.interval;
@@ -477,8 +477,8 @@ impl SubscriptionChanges {
                 addon_units: then.units,
                 from: now.live.period_end,
             });
-            return Ok(Plan2::Now {
-                change: SubscriptionChange {
+            return Ok(Decision::Now {
+                change: Box::new(SubscriptionChange {
                     plan: (!same_plan).then(|| self.plan_price(&target.plan, target.interval)),
                     addons,
                     prorate_now: true,
@@ -492,11 +492,13 @@ impl SubscriptionChanges {
                     expect: Some(now.live.items.clone()),
                     idempotency_key: key.to_owned(),
                     ..SubscriptionChange::to(now.live.id.clone())
-                },
+                }),
                 keep,
             });
         }
-        Ok(Plan2::AtRenewal(self.renewal(workspace, now, &then, key)?))
+        Ok(Decision::AtRenewal(
+            self.renewal(workspace, now, &then, key)?,
+        ))
     }
 
     /// Applies a decision: Stripe first, then the credits its paid invoice carries, then
@@ -506,7 +508,7 @@ impl SubscriptionChanges {
         workspace: &WorkspaceId,
         actor: &Actor,
         now: &Now,
-        decision: Plan2,
+        decision: Decision,
         key: &str,
         view: (String, Interval, u32),
     ) -> Result<ChangeView, ChangeError> {
@@ -524,7 +526,7 @@ impl SubscriptionChanges {
             addon_units,
         };
         match decision {
-            Plan2::Same { keep } => match keep {
+            Decision::Same { keep } => match keep {
                 Some(k) => self.payments.schedule_renewal_change(&k).await?,
                 None if now.live.schedule.is_some() => {
                     self.payments
@@ -533,7 +535,7 @@ impl SubscriptionChanges {
                 }
                 None => {}
             },
-            Plan2::Now { change, keep } => {
+            Decision::Now { change, keep } => {
                 if now.live.schedule.is_some() {
                     // Stripe bills the change now; what waits for the renewal is installed
                     // again afterwards.
@@ -565,7 +567,7 @@ impl SubscriptionChanges {
                 }
                 tracing::info!(workspace = %workspace, plan = %out.plan, units = out.addon_units, credits = out.credits_granted.get(), "subscription changed now");
             }
-            Plan2::AtRenewal(change) => {
+            Decision::AtRenewal(change) => {
                 self.payments.schedule_renewal_change(&change).await?;
                 out.addon_units = u32::try_from(change.addons.0).unwrap_or(u32::MAX);
                 tracing::info!(workspace = %workspace, plan = %out.plan, units = out.addon_units, at = %now.live.period_end, "change scheduled for the renewal");
@@ -828,12 +830,12 @@ impl SubscriptionChanges {
             addon_units: units,
         };
         match decision {
-            Plan2::Same { .. } => {}
-            Plan2::AtRenewal(_) => {
+            Decision::Same { .. } => {}
+            Decision::AtRenewal(_) => {
                 view.effective = "at_renewal".into();
                 view.effective_at = now.live.period_end;
             }
-            Plan2::Now { change, .. } => {
+            Decision::Now { change, .. } => {
                 let inv = self.payments.preview_change(&change).await?;
                 let period = Level {
                     plan: now.plan.id.clone(),
