@@ -6,6 +6,7 @@ mod concurrency;
 mod infra;
 mod purchases;
 mod queues;
+mod refresh;
 mod rules;
 mod service_properties;
 mod store_conformance;
