@@ -868,11 +868,14 @@ async fn the_sqs_worker_handles_duplicates_and_reports_only_the_bad_message() {
     )
     .await
     .unwrap();
-    let path = format!(
-        "{}/../events/credit-refresh/jobs-with-duplicate.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let batch: SqsEvent = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let sample = |name: &str| -> serde_json::Value {
+        let path = format!(
+            "{}/../events/credit-refresh/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let batch: SqsEvent = serde_json::from_value(sample("jobs-with-duplicate.json")).unwrap();
     let due: Job = serde_json::from_str(batch.records[0].body.as_deref().unwrap()).unwrap();
     assert_eq!(due.workspace, WorkspaceId::parse(ws).unwrap());
     assert_eq!(
@@ -883,14 +886,24 @@ async fn the_sqs_worker_handles_duplicates_and_reports_only_the_bad_message() {
     p.clock.set(due.due + Duration::minutes(5));
     let sent = Sent::default();
     let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
-    assert_eq!(refresher.schedule(&sent).await.unwrap(), 1);
+    // The schedule's tick, as the Lambda receives it: one job for the due workspace.
+    let answer = refresher
+        .handle_event(&sent, sample("scheduled-tick.json"))
+        .await
+        .unwrap();
+    assert_eq!(answer["jobs"], 1);
     assert_eq!(sent.0.lock().unwrap()[0].workspace, due.workspace);
 
-    let response = process_batch(&refresher, batch.clone()).await;
-    let failed: Vec<String> = response
-        .batch_item_failures
+    // The jobs batch: the unreadable message alone is reported for redelivery.
+    let answer = refresher
+        .handle_event(&sent, sample("jobs-with-duplicate.json"))
+        .await
+        .unwrap();
+    let failed: Vec<String> = answer["batchItemFailures"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|f| f.item_identifier.clone())
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(failed, [batch.records[1].message_id.clone().unwrap()]);
     // And the whole batch redelivered: still one grant.

@@ -4,14 +4,12 @@
 //! - the `refresh-jobs` SQS queue: runs each job and reports the ones that failed, so only
 //!   they are redelivered.
 
-use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use serde_json::Value;
 use std::sync::Arc;
 use tally::catalog::Catalog;
 use tally::clock::SystemClock;
 use tally::config::RefreshConfig;
-use tally::queue::lambda::process_batch;
 use tally::queue::sqs::SqsQueue;
 use tally::refresh::{Refresher, Settings, SqsJobs};
 use tally::service::Ledger;
@@ -34,17 +32,7 @@ async fn main() -> Result<(), Error> {
     );
     let (refresher, sink) = (&refresher, &sink);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        handle(refresher, sink, event.payload).await
+        Ok::<Value, Error>(refresher.handle_event(sink, event.payload).await?)
     }))
     .await
-}
-
-/// An SQS batch has `Records`; anything else is the schedule's tick.
-async fn handle(refresher: &Refresher, sink: &SqsJobs, payload: Value) -> Result<Value, Error> {
-    if payload.get("Records").is_some() {
-        let batch: SqsEvent = serde_json::from_value(payload)?;
-        return Ok(serde_json::to_value(process_batch(refresher, batch).await)?);
-    }
-    let sent = refresher.schedule(sink).await?;
-    Ok(serde_json::json!({ "jobs": sent }))
 }

@@ -30,6 +30,9 @@ pub enum RefreshError {
     Ledger(#[from] ServiceError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The Lambda was invoked with something that is neither an SQS batch nor a tick.
+    #[error("not an event this function handles: {0}")]
+    Event(String),
     /// The recorded period names something the catalog does not have.
     #[error("refresh of {workspace} cannot proceed: {reason}")]
     Invalid {
@@ -42,7 +45,7 @@ impl From<RefreshError> for ConsumeError {
     fn from(e: RefreshError) -> Self {
         match e {
             RefreshError::Ledger(e) if !e.is_retryable() => ConsumeError::poison(e),
-            RefreshError::Invalid { .. } => ConsumeError::poison(e),
+            RefreshError::Invalid { .. } | RefreshError::Event(_) => ConsumeError::poison(e),
             other => ConsumeError::retry(other),
         }
     }
@@ -150,6 +153,25 @@ impl Refresher {
         sink.send(&jobs).await?;
         tracing::info!(jobs = jobs.len(), "refresh jobs sent");
         Ok(jobs.len())
+    }
+
+    /// The credit-refresh Lambda's one entry point for both of its triggers: an SQS batch
+    /// (it has `Records`) runs each job and answers the failed ones for redelivery; anything
+    /// else is the schedule's tick, which sends the due jobs to `sink`.
+    pub async fn handle_event(
+        &self,
+        sink: &dyn JobSink,
+        payload: serde_json::Value,
+    ) -> Result<serde_json::Value, RefreshError> {
+        let unreadable = |e: serde_json::Error| RefreshError::Event(e.to_string());
+        if payload.get("Records").is_some() {
+            let batch: aws_lambda_events::event::sqs::SqsEvent =
+                serde_json::from_value(payload).map_err(unreadable)?;
+            let response = crate::queue::lambda::process_batch(self, batch).await;
+            return serde_json::to_value(response).map_err(unreadable);
+        }
+        let sent = self.schedule(sink).await?;
+        Ok(serde_json::json!({ "jobs": sent }))
     }
 
     /// Does one workspace's due work. Safe to repeat: every grant and settlement is keyed.
