@@ -220,7 +220,13 @@ impl Refresher {
             .await?;
 
         let state = self.settle(job, &mut report).await?;
-        let settle_at = state.next_settlement_after(self.ledger.clock.now());
+        let settled_at = self.ledger.clock.now();
+        // More overdue holds than one job settles: due again at once (the next tick).
+        let settle_at = if state.needs_settling(settled_at) {
+            Some(settled_at)
+        } else {
+            state.next_settlement_after(settled_at)
+        };
 
         let (shards, grace) = (self.settings.shards, self.settings.grace);
         let stored = docs::update_due(
