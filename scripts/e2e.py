@@ -113,7 +113,8 @@ def main():
     t = resources["Table"]["Properties"]
     table = f"{stack}-table"
     dynamo.create_table(TableName=table, BillingMode=t["BillingMode"],
-                        AttributeDefinitions=t["AttributeDefinitions"], KeySchema=t["KeySchema"])
+                        AttributeDefinitions=t["AttributeDefinitions"], KeySchema=t["KeySchema"],
+                        GlobalSecondaryIndexes=t.get("GlobalSecondaryIndexes", []))
     dynamo.update_time_to_live(TableName=table, TimeToLiveSpecification={
         "AttributeName": t["TimeToLiveSpecification"]["AttributeName"], "Enabled": True})
     dlq_props = resources["BillingEventsDeadLetterQueue"]["Properties"]

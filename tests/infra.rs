@@ -7,7 +7,8 @@
 use serde_yaml::Value;
 use std::collections::BTreeSet;
 use tally::queue::{BILLING_EVENTS_DLQ, BILLING_EVENTS_MAX_RECEIVES, BILLING_EVENTS_QUEUE};
-use tally::store::dynamo::{PK, SK, TTL};
+use tally::refresh::jobs::{REFRESH_JOBS_DLQ, REFRESH_JOBS_MAX_RECEIVES, REFRESH_JOBS_QUEUE};
+use tally::store::dynamo::{DUE_AT, DUE_INDEX, DUE_SHARD, PK, SK, TTL};
 use utoipa::OpenApi;
 
 fn template() -> Value {
@@ -65,7 +66,13 @@ fn the_table_has_the_keys_ttl_and_protection_the_store_relies_on() {
         ]
     );
     for a in table["AttributeDefinitions"].as_sequence().unwrap() {
-        assert_eq!(a["AttributeType"], "S");
+        // Keys are strings; only the due index sorts by a number (the due time).
+        let expected = if a["AttributeName"] == DUE_AT {
+            "N"
+        } else {
+            "S"
+        };
+        assert_eq!(a["AttributeType"], expected);
     }
     assert_eq!(
         text(&table["TimeToLiveSpecification"]["AttributeName"]),
@@ -294,6 +301,39 @@ async fn the_table_the_code_creates_locally_matches_the_templates() {
         .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
         .collect();
     assert_eq!(keys, expected);
+    let index = described
+        .table()
+        .unwrap()
+        .global_secondary_indexes()
+        .iter()
+        .find(|i| i.index_name() == Some(DUE_INDEX))
+        .expect("the due index");
+    let index_keys: Vec<(String, String)> = index
+        .key_schema()
+        .iter()
+        .map(|k| {
+            (
+                k.attribute_name().to_owned(),
+                k.key_type().as_str().to_owned(),
+            )
+        })
+        .collect();
+    let gsi = &resource(&t, "Table")["Properties"]["GlobalSecondaryIndexes"][0];
+    assert_eq!(text(&gsi["IndexName"]), DUE_INDEX);
+    let expected: Vec<(String, String)> = gsi["KeySchema"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
+        .collect();
+    assert_eq!(index_keys, expected);
+    assert_eq!(
+        index
+            .projection()
+            .and_then(|p| p.projection_type())
+            .map(|p| p.as_str()),
+        Some(text(&gsi["Projection"]["ProjectionType"]).as_str())
+    );
     let ttl = client
         .describe_time_to_live()
         .table_name(&table)
@@ -395,6 +435,7 @@ fn no_function_crate_depends_on_another() {
         "purchases",
         "stripe-webhook",
         "billing-events",
+        "credit-refresh",
     ] {
         assert!(folders.contains(expected), "functions/{expected} not found");
     }
@@ -537,4 +578,97 @@ fn the_library_includes_no_file_from_the_tests() {
     }
     // The catalog is included; if nothing were found the search itself would be broken.
     assert!(checked > 0);
+}
+
+#[test]
+fn the_refresh_schedule_has_its_index_queue_redrive_alarm_and_least_privilege() {
+    let t = template();
+    // The sparse due index: keyed by shard and due time, keys only.
+    let table = &resource(&t, "Table")["Properties"];
+    let gsi = &table["GlobalSecondaryIndexes"][0];
+    assert_eq!(text(&gsi["IndexName"]), DUE_INDEX);
+    let keys: Vec<(String, String)> = gsi["KeySchema"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            (DUE_SHARD.to_owned(), "HASH".to_owned()),
+            (DUE_AT.to_owned(), "RANGE".to_owned())
+        ]
+    );
+    assert_eq!(gsi["Projection"]["ProjectionType"], "KEYS_ONLY");
+    let types: Vec<(String, String)> = table["AttributeDefinitions"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| (text(&a["AttributeName"]), text(&a["AttributeType"])))
+        .collect();
+    assert!(types.contains(&(DUE_SHARD.to_owned(), "S".to_owned())));
+    assert!(types.contains(&(DUE_AT.to_owned(), "N".to_owned())));
+
+    // The jobs queue, its redrive and the alarm on its dead letters.
+    let q = &resource(&t, "RefreshJobsQueue")["Properties"];
+    assert!(text(&q["QueueName"]).ends_with(&format!("-{REFRESH_JOBS_QUEUE}")));
+    assert_eq!(
+        q["RedrivePolicy"]["maxReceiveCount"].as_u64(),
+        Some(REFRESH_JOBS_MAX_RECEIVES as u64)
+    );
+    assert!(
+        text(&q["RedrivePolicy"]["deadLetterTargetArn"]).starts_with("RefreshJobsDeadLetterQueue")
+    );
+    let dlq = &resource(&t, "RefreshJobsDeadLetterQueue")["Properties"];
+    assert!(text(&dlq["QueueName"]).ends_with(&format!("-{REFRESH_JOBS_DLQ}")));
+    let (_, f) = function_for_binary(&t, "credit-refresh");
+    let timeout = f["Properties"]["Timeout"]
+        .as_u64()
+        .or_else(|| t["Globals"]["Function"]["Timeout"].as_u64())
+        .unwrap();
+    assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
+    assert!(t["Resources"].as_mapping().unwrap().values().any(|r| {
+        r["Type"] == "AWS::CloudWatch::Alarm"
+            && r["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+            && text(&r["Properties"]["Dimensions"][0]["Value"])
+                .starts_with("RefreshJobsDeadLetterQueue")
+    }));
+
+    // Its two triggers: the 15-minute schedule and the jobs queue with partial batches.
+    let events = &f["Properties"]["Events"];
+    let tick = events
+        .as_mapping()
+        .unwrap()
+        .values()
+        .find(|e| e["Type"] == "Schedule")
+        .expect("a schedule");
+    assert_eq!(text(&tick["Properties"]["Schedule"]), "rate(15 minutes)");
+    let jobs = events
+        .as_mapping()
+        .unwrap()
+        .values()
+        .find(|e| e["Type"] == "SQS")
+        .expect("the jobs queue trigger");
+    assert!(text(&jobs["Properties"]["Queue"]).starts_with("RefreshJobsQueue"));
+    assert_eq!(
+        jobs["Properties"]["FunctionResponseTypes"][0],
+        "ReportBatchItemFailures"
+    );
+
+    // Least privilege: named resources only, no wildcard actions, no scans or deletes.
+    let policies = serde_yaml::to_string(&f["Properties"]["Policies"]).unwrap();
+    for forbidden in [
+        "dynamodb:*",
+        "sqs:*",
+        "Scan",
+        "DeleteItem",
+        "Resource: '*'",
+        "Resource: \"*\"",
+    ] {
+        assert!(!policies.contains(forbidden), "{forbidden} in {policies}");
+    }
+    assert!(policies.contains("/index/due"), "{policies}");
+    assert!(policies.contains("RefreshJobsQueue"), "{policies}");
+    assert!(!policies.contains("BillingEventsQueue") && !policies.contains("NotificationsQueue"));
 }

@@ -7,6 +7,7 @@ mod infra;
 mod lifecycle;
 mod purchases;
 mod queues;
+mod refresh;
 mod rules;
 mod service_properties;
 mod store_conformance;

@@ -3,7 +3,7 @@
 //! function before it serves anything, with an error that names the variable.
 //!
 //! Each function has its own struct ([`ApiConfig`], [`PurchasesConfig`], [`WebhookConfig`],
-//! [`WorkerConfig`]) made of shared parts, and lists the variables its deployment must set
+//! [`WorkerConfig`], [`RefreshConfig`]) made of shared parts, and lists the variables its deployment must set
 //! ([`required_vars`]); a test holds the template to that list.
 
 use std::fmt;
@@ -34,6 +34,10 @@ pub const PORTAL_RETURN_URL: &str = "TALLY_PORTAL_RETURN_URL";
 pub const NOTIFICATIONS_QUEUE_URL: &str = "NOTIFICATIONS_QUEUE_URL";
 /// Path of a catalog JSON replacing the shipped one (all, optional).
 pub const CATALOG: &str = "TALLY_CATALOG";
+/// URL of the refresh jobs queue (credit-refresh).
+pub const REFRESH_JOBS_QUEUE_URL: &str = "REFRESH_JOBS_QUEUE_URL";
+/// Shards of the due index (credit-refresh, optional; default 16).
+pub const DUE_SHARDS: &str = "TALLY_DUE_SHARDS";
 
 /// Why the configuration could not be read.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -335,12 +339,53 @@ impl WorkerConfig {
     }
 }
 
+/// credit-refresh: the scheduler (due shards to jobs) and the worker (one job each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshConfig {
+    pub store: StoreConfig,
+    pub catalog_path: Option<PathBuf>,
+    pub jobs_queue_url: HttpUrl,
+    /// An SQS-compatible server instead of AWS (local and tests).
+    pub sqs_endpoint: Option<HttpUrl>,
+    /// Shards of the due index, 1 to 1000.
+    pub due_shards: u32,
+}
+
+impl RefreshConfig {
+    pub const REQUIRED: &[&str] = &[TABLE, REFRESH_JOBS_QUEUE_URL];
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(process_env)
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let v = Vars::new(lookup);
+        let due_shards = match v.optional(DUE_SHARDS) {
+            None => crate::refresh::DEFAULT_DUE_SHARDS,
+            Some(text) => text
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| invalid(DUE_SHARDS, format!("{text:?} is not 1 to 1000")))?,
+        };
+        Ok(Self {
+            store: StoreConfig::from_vars(&v)?,
+            catalog_path: catalog_path(&v),
+            jobs_queue_url: v.required_url(REFRESH_JOBS_QUEUE_URL)?,
+            sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
+            due_shards,
+        })
+    }
+}
+
 /// Every Lambda function by binary name, with the variables its deployment must set.
-pub const FUNCTIONS: [(&str, &[&str]); 4] = [
+pub const FUNCTIONS: [(&str, &[&str]); 5] = [
     ("credits-api", ApiConfig::REQUIRED),
     ("purchases", PurchasesConfig::REQUIRED),
     ("stripe-webhook", WebhookConfig::REQUIRED),
     ("billing-events", WorkerConfig::REQUIRED),
+    ("credit-refresh", RefreshConfig::REQUIRED),
 ];
 
 /// The variables the deployment of the function built as `binary` must set.
@@ -375,6 +420,7 @@ mod tests {
             STRIPE_SECRET_KEY => "sk_test_123",
             STRIPE_WEBHOOK_SECRET => "whsec_old, whsec_new",
             APP_URL => "https://studio.example",
+            REFRESH_JOBS_QUEUE_URL => "https://sqs.eu-west-1.amazonaws.com/1/tally-refresh-jobs",
             other => panic!("no sample value for {other}"),
         }
     }
@@ -385,6 +431,7 @@ mod tests {
             "purchases" => PurchasesConfig::from_lookup(lookup).map(drop),
             "stripe-webhook" => WebhookConfig::from_lookup(lookup).map(drop),
             "billing-events" => WorkerConfig::from_lookup(lookup).map(drop),
+            "credit-refresh" => RefreshConfig::from_lookup(lookup).map(drop),
             other => panic!("unknown function {other}"),
         }
     }
@@ -519,5 +566,31 @@ mod tests {
             ConfigError::Missing(TABLE).to_string(),
             "TALLY_TABLE is not set"
         );
+
+        let refresh = |shards: &'static str| {
+            RefreshConfig::from_lookup(env(&[
+                (TABLE, "tally-prod"),
+                (REFRESH_JOBS_QUEUE_URL, sample(REFRESH_JOBS_QUEUE_URL)),
+                (DUE_SHARDS, shards),
+            ]))
+        };
+        assert_eq!(
+            refresh("").unwrap().due_shards,
+            16,
+            "empty means the default"
+        );
+        assert_eq!(refresh(" 64 ").unwrap().due_shards, 64);
+        for bad in ["0", "1001", "many"] {
+            assert!(
+                matches!(
+                    refresh(bad),
+                    Err(ConfigError::Invalid {
+                        var: DUE_SHARDS,
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod money;
 pub mod payments;
 pub mod queue;
+pub mod refresh;
 pub mod service;
 pub mod store;
 pub mod subscriptions;

@@ -62,6 +62,11 @@ pub enum Operation {
         reason: String,
         record: Option<Generation>,
     },
+    /// Only settles: releases overdue holds (at most [`MAX_HOLDS_SETTLED_PER_OPERATION`])
+    /// and expires lapsed lots, which every operation does first anyway. The credit-refresh
+    /// worker repeats it until the workspace is settled, so holds nobody touches again are
+    /// still released on time. With nothing due it produces no entry.
+    Settle,
 }
 
 /// What a command did, in the form the first caller saw it; replays return this.
@@ -90,6 +95,9 @@ struct Tx<'a> {
     cmd: &'a Command,
     entries: Vec<Entry>,
     generations: BTreeMap<GenerationId, Generation>,
+    /// Overdue holds released so far by this operation (bounded by
+    /// [`MAX_HOLDS_SETTLED_PER_OPERATION`] across both of its settlements).
+    released: usize,
 }
 
 struct Draft {
@@ -133,6 +141,7 @@ pub fn execute(
         cmd,
         entries: Vec::new(),
         generations: BTreeMap::new(),
+        released: 0,
     };
     tx.settle()?;
     let (generation, lot) = tx.operate(catalog)?;
@@ -168,9 +177,11 @@ pub(super) fn settle_view(
         cmd: &cmd,
         entries: Vec::new(),
         generations: BTreeMap::new(),
+        released: 0,
     };
     // Release every overdue hold, not just one transaction's worth.
     while tx.state.holds.iter().any(|h| h.deadline <= now) {
+        tx.released = 0;
         tx.settle()?;
     }
     tx.settle()?;
@@ -254,9 +265,10 @@ impl Tx<'_> {
             .holds
             .iter()
             .filter(|h| h.deadline <= now)
-            .take(MAX_HOLDS_SETTLED_PER_OPERATION)
+            .take(MAX_HOLDS_SETTLED_PER_OPERATION.saturating_sub(self.released))
             .cloned()
             .collect();
+        self.released += overdue.len();
         for hold in overdue {
             let mut d = Draft::new(Reason::HoldExpired, Actor::system());
             d.credits = CreditDelta::increase(hold.amount);
@@ -355,6 +367,8 @@ impl Tx<'_> {
                 self.push(d)?;
                 Ok((None, None))
             }
+            // The settlement around every operation is all it does.
+            Operation::Settle => Ok((None, None)),
             Operation::SetPlan { plan } => {
                 if &self.state.plan == plan {
                     return Ok((None, None));

@@ -441,6 +441,29 @@ impl WorkspaceState {
         engine::settle_view(self, now)
     }
 
+    /// Whether settling at `now` would change anything: an overdue hold to release or a
+    /// lapsed lot with free credits to expire.
+    pub fn needs_settling(&self, now: DateTime<Utc>) -> bool {
+        self.holds.iter().any(|h| h.deadline <= now)
+            || self
+                .lots
+                .iter()
+                .any(|l| !l.usable_at(now) && l.free() > Credits::ZERO)
+    }
+
+    /// The first time after `now` at which settling will have something to do: a hold
+    /// deadline or the expiry of a lot that still has credits. (Credits held on a lot that
+    /// has already lapsed expire when their hold ends, so the hold's deadline covers them.)
+    pub fn next_settlement_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let holds = self.holds.iter().map(|h| h.deadline);
+        let lots = self
+            .lots
+            .iter()
+            .filter(|l| l.remaining > Credits::ZERO)
+            .filter_map(|l| l.expires_at);
+        holds.chain(lots).filter(|t| *t > now).min()
+    }
+
     /// Checks every invariant the ledger promises; returns the first one broken.
     pub fn check_invariants(&self) -> Result<(), String> {
         let remaining: Credits = self.lots.iter().map(|l| l.remaining).sum();

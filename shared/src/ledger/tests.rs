@@ -618,3 +618,28 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn settling_releases_at_most_one_transaction_of_overdue_holds_and_does_nothing_when_nothing_is_due()
+{
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 100, None);
+    let nothing = w.run(Operation::Settle).unwrap();
+    assert!(nothing.entries.is_empty(), "nothing due: no entry");
+    for _ in 0..60 {
+        w.hold(1).unwrap();
+    }
+    w.now += Duration::hours(2);
+    assert!(w.state.needs_settling(w.now));
+    let mut rounds = Vec::new();
+    while w.state.needs_settling(w.now) {
+        let out = w.run(Operation::Settle).unwrap();
+        assert!(out.entries.len() <= engine::MAX_HOLDS_SETTLED_PER_OPERATION);
+        rounds.push(out.entries.len());
+    }
+    assert_eq!(rounds, [25, 25, 10]);
+    assert_eq!(w.available(), Credits::new(100));
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.balance(), w.state.balance());
+    assert_eq!(w.state.next_settlement_after(w.now), None);
+}

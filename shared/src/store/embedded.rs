@@ -19,11 +19,68 @@ const GENERATIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("g
 const GENERATION_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("generation_owners");
 /// pk, sk -> (version, body).
 const DOCS: TableDefinition<(&str, &str), (u64, &str)> = TableDefinition::new("docs");
+/// The due index: shard, due time (ms), pk, sk -> nothing.
+const DUE: TableDefinition<(u32, i64, &str, &str), ()> = TableDefinition::new("due");
+/// Where each document is filed in the due index: pk, sk -> (shard, due time in ms).
+const DUE_OF: TableDefinition<(&str, &str), (u32, i64)> = TableDefinition::new("due_of");
 
 /// The redb-backed store.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+}
+
+impl EmbeddedStore {
+    /// Writes a document under its version guard; `due` is `None` to leave its due mark
+    /// alone, `Some(mark)` to file it anew (or take it out with `Some(None)`), in the same
+    /// transaction.
+    async fn write_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+        due: Option<Option<DueMark>>,
+    ) -> Result<bool, StoreError> {
+        let (pk, sk, body) = (pk.to_owned(), sk.to_owned(), body.to_owned());
+        self.read(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            {
+                let mut t = tx.open_table(DOCS).map_err(backend)?;
+                let key = (pk.as_str(), sk.as_str());
+                let stored = t
+                    .get(key)
+                    .map_err(backend)?
+                    .map(|v| v.value().0)
+                    .unwrap_or(0);
+                if stored != expected {
+                    return Ok(false);
+                }
+                t.insert(key, (expected + 1, body.as_str()))
+                    .map_err(backend)?;
+                // A plain put replaces the whole item, as DynamoDB's PutItem does: the
+                // document leaves the index unless the write files it again.
+                let mut index = tx.open_table(DUE).map_err(backend)?;
+                let mut filed = tx.open_table(DUE_OF).map_err(backend)?;
+                let old = filed.remove(key).map_err(backend)?.map(|v| v.value());
+                if let Some((shard, at)) = old {
+                    index
+                        .remove((shard, at, pk.as_str(), sk.as_str()))
+                        .map_err(backend)?;
+                }
+                if let Some(Some(mark)) = due {
+                    let at = docs::due_millis(mark.at);
+                    index
+                        .insert((mark.shard, at, pk.as_str(), sk.as_str()), ())
+                        .map_err(backend)?;
+                    filed.insert(key, (mark.shard, at)).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
 }
 
 fn backend(e: impl Into<BoxError>) -> StoreError {
@@ -54,6 +111,8 @@ impl EmbeddedStore {
         tx.open_table(GENERATIONS).map_err(backend)?;
         tx.open_table(GENERATION_OWNERS).map_err(backend)?;
         tx.open_table(DOCS).map_err(backend)?;
+        tx.open_table(DUE).map_err(backend)?;
+        tx.open_table(DUE_OF).map_err(backend)?;
         tx.commit().map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -300,25 +359,45 @@ impl DocStore for EmbeddedStore {
         body: &str,
         expected: u64,
     ) -> Result<bool, StoreError> {
-        let (pk, sk, body) = (pk.to_owned(), sk.to_owned(), body.to_owned());
+        self.write_doc(pk, sk, body, expected, None).await
+    }
+
+    async fn put_doc_due(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+        due: Option<DueMark>,
+    ) -> Result<bool, StoreError> {
+        self.write_doc(pk, sk, body, expected, Some(due)).await
+    }
+
+    async fn due_docs(
+        &self,
+        shard: u32,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueDoc>, StoreError> {
+        let until = docs::due_millis(until);
         self.read(move |db| {
-            let tx = db.begin_write().map_err(backend)?;
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(DUE).map_err(backend)?;
+            let mut out = Vec::new();
+            for item in t
+                .range((shard, i64::MIN, "", "")..=(shard, until, "\u{10FFFF}", "\u{10FFFF}"))
+                .map_err(backend)?
+                .take(limit)
             {
-                let mut t = tx.open_table(DOCS).map_err(backend)?;
-                let key = (pk.as_str(), sk.as_str());
-                let stored = t
-                    .get(key)
-                    .map_err(backend)?
-                    .map(|v| v.value().0)
-                    .unwrap_or(0);
-                if stored != expected {
-                    return Ok(false);
-                }
-                t.insert(key, (expected + 1, body.as_str()))
-                    .map_err(backend)?;
+                let (k, _) = item.map_err(backend)?;
+                let (_, at, pk, sk) = k.value();
+                out.push(DueDoc {
+                    pk: pk.to_owned(),
+                    sk: sk.to_owned(),
+                    due: docs::from_millis(at)?,
+                });
             }
-            tx.commit().map_err(backend)?;
-            Ok(true)
+            Ok(out)
         })
         .await
     }

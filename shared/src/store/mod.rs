@@ -11,7 +11,7 @@ pub mod dynamo;
 #[cfg(feature = "local")]
 pub mod embedded;
 
-pub use docs::{Doc, DocStore};
+pub use docs::{Doc, DocStore, DueDoc, DueMark};
 
 use crate::error::{BoxError, Context};
 use crate::ids::{GenerationId, IdempotencyKey, WorkspaceId};

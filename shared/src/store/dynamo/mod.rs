@@ -8,6 +8,10 @@
 //! | `WORKSPACE#<id>` | `GEN#<gen id>` | generation JSON, `status` and `model` for filtering |
 //! | `GENERATION#<gen id>` | `OWNER` | `workspace`: which workspace a generation belongs to |
 //!
+//! Documents (`store::docs`) share the table. One filed in the due index also carries
+//! `due_shard` (`DUE#<n>`) and `due_at` (epoch milliseconds), the keys of the sparse
+//! global secondary index [`DUE_INDEX`]: items without them are not in the index at all.
+//!
 //! Every commit is one `TransactWriteItems`. Idempotency rests on `attribute_not_exists`
 //! conditions, never on `ClientRequestToken` (which expires after ten minutes anyway).
 
@@ -20,8 +24,9 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, KeySchemaElement,
-    KeyType, Put, ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem,
+    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, GlobalSecondaryIndex,
+    KeySchemaElement, KeyType, Projection, ProjectionType, Put, ScalarAttributeType,
+    TimeToLiveSpecification, TransactWriteItem,
 };
 use errors::{classify, classify_commit};
 use std::collections::HashMap;
@@ -32,6 +37,12 @@ pub const PK: &str = "PK";
 pub const SK: &str = "SK";
 /// TTL attribute: epoch seconds after which DynamoDB may delete garbage.
 pub const TTL: &str = "ttl";
+/// The sparse due index (global secondary index): partition `DUE_SHARD`, sort `DUE_AT`.
+pub const DUE_INDEX: &str = "due";
+/// The due index's partition key: `DUE#<n>`.
+pub const DUE_SHARD: &str = "due_shard";
+/// The due index's sort key: when the document falls due, in epoch milliseconds.
+pub const DUE_AT: &str = "due_at";
 
 #[derive(Clone)]
 pub struct DynamoStore {
@@ -91,8 +102,8 @@ impl DynamoStore {
         Client::from_conf(config)
     }
 
-    /// Creates the table (keys and TTL) if it does not exist. For local use and tests; in
-    /// AWS the SAM template owns the table.
+    /// Creates the table (keys, the due index and TTL) if it does not exist. For local use
+    /// and tests; in AWS the SAM template owns the table.
     pub async fn create_table(client: &Client, table: &str) -> Result<(), StoreError> {
         let exists = client
             .describe_table()
@@ -130,6 +141,45 @@ impl DynamoStore {
                     KeySchemaElement::builder()
                         .attribute_name(SK)
                         .key_type(KeyType::Range)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(DUE_SHARD)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(DUE_AT)
+                        .attribute_type(ScalarAttributeType::N)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .global_secondary_indexes(
+                    GlobalSecondaryIndex::builder()
+                        .index_name(DUE_INDEX)
+                        .key_schema(
+                            KeySchemaElement::builder()
+                                .attribute_name(DUE_SHARD)
+                                .key_type(KeyType::Hash)
+                                .build()
+                                .map_err(backend)?,
+                        )
+                        .key_schema(
+                            KeySchemaElement::builder()
+                                .attribute_name(DUE_AT)
+                                .key_type(KeyType::Range)
+                                .build()
+                                .map_err(backend)?,
+                        )
+                        .projection(
+                            Projection::builder()
+                                .projection_type(ProjectionType::KeysOnly)
+                                .build(),
+                        )
                         .build()
                         .map_err(backend)?,
                 )
@@ -446,6 +496,17 @@ impl DocStore for DynamoStore {
         doc: &str,
         expected: u64,
     ) -> Result<bool, StoreError> {
+        self.put_doc_due(pk, sk, doc, expected, None).await
+    }
+
+    async fn put_doc_due(
+        &self,
+        pk: &str,
+        sk: &str,
+        doc: &str,
+        expected: u64,
+        due: Option<DueMark>,
+    ) -> Result<bool, StoreError> {
         let mut put = self
             .client
             .put_item()
@@ -454,6 +515,12 @@ impl DocStore for DynamoStore {
             .item(SK, s(sk))
             .item("version", n(expected + 1))
             .item("body", s(doc));
+        if let Some(mark) = due {
+            put = put.item(DUE_SHARD, s(DueMark::shard_key(mark.shard))).item(
+                DUE_AT,
+                AttributeValue::N(docs::due_millis(mark.at).to_string()),
+            );
+        }
         put = if expected == 0 {
             put.condition_expression("attribute_not_exists(PK)")
         } else {
@@ -467,6 +534,62 @@ impl DocStore for DynamoStore {
             }
             Err(e) => Err(classify("PutItem", e)),
         }
+    }
+
+    async fn due_docs(
+        &self,
+        shard: u32,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueDoc>, StoreError> {
+        let mut out = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        while out.len() < limit {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(DUE_INDEX)
+                .key_condition_expression("#shard = :shard AND #at <= :until")
+                .expression_attribute_names("#shard", DUE_SHARD)
+                .expression_attribute_names("#at", DUE_AT)
+                .expression_attribute_values(":shard", s(DueMark::shard_key(shard)))
+                .expression_attribute_values(
+                    ":until",
+                    AttributeValue::N(docs::due_millis(until).to_string()),
+                )
+                .limit(((limit - out.len()) as i32).clamp(1, 1000))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("Query", e))?;
+            for item in page.items() {
+                let key = |name: &str| {
+                    item.get(name)
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .ok_or_else(|| StoreError::decode(format!("due item without {name}")))
+                };
+                let at = item
+                    .get(DUE_AT)
+                    .and_then(|v| v.as_n().ok())
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .ok_or_else(|| StoreError::decode("due item without a due time"))?;
+                out.push(DueDoc {
+                    pk: key(PK)?,
+                    sk: key(SK)?,
+                    due: docs::from_millis(at)?,
+                });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            match page.last_evaluated_key {
+                Some(k) if out.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(out)
     }
 
     async fn list_docs(

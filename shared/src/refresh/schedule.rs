@@ -1,0 +1,236 @@
+//! The pure schedule of a paid period: which monthly allotments it owes and when, what
+//! each grants, and when the workspace next needs the worker. No I/O, no clock: every
+//! function takes the time it reasons about.
+
+use super::RefreshDoc;
+use crate::catalog::{Catalog, Plan};
+use crate::ledger::LotSource;
+use crate::money::Credits;
+use crate::subscriptions::calendar::add_months;
+use chrono::{DateTime, Duration, Utc};
+
+/// One monthly allotment of a paid period. Allotment 0 is the invoice's own grant (made
+/// when Stripe reports the invoice paid); the worker grants 1..=11 of a yearly period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allotment {
+    pub k: u32,
+    /// The k-th monthly anniversary of the period start (clamped to month end).
+    pub at: DateTime<Utc>,
+    /// The end of that billing month: add-on credits expire here, plan credits roll
+    /// over from here.
+    pub month_end: DateTime<Utc>,
+}
+
+/// The allotments the worker owes for a period, in order: one on each monthly anniversary
+/// of `start` before `end`, counted from `start` itself so dates never drift. A monthly
+/// period owes none (its renewal invoice grants).
+pub fn allotments(start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<Allotment> {
+    (1..12)
+        .map(|k| Allotment {
+            k,
+            at: add_months(start, k),
+            month_end: add_months(start, k + 1),
+        })
+        .take_while(|a| a.at < end)
+        .collect()
+}
+
+/// One ledger grant of an allotment, under a key derived from the subscription, the
+/// period start and the allotment number, so it is granted at most once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllotmentGrant {
+    pub key: String,
+    pub source: LotSource,
+    pub credits: Credits,
+    pub expires_at: DateTime<Utc>,
+    pub note: String,
+}
+
+/// The plan the remaining allotments follow: the period's own plan or a plan a paid
+/// upgrade raised it to, whichever gives the most monthly credits (never lower), and the
+/// most add-on units paid for.
+pub fn level<'c>(doc: &RefreshDoc, catalog: &'c Catalog) -> Result<(&'c Plan, u32), String> {
+    let mut best: Option<&Plan> = None;
+    for id in std::iter::once(&doc.plan).chain(doc.raised_plans.iter()) {
+        let plan = catalog
+            .plan(id)
+            .ok_or_else(|| format!("unknown plan {id:?}"))?;
+        if best.is_none_or(|b| plan.monthly_credits > b.monthly_credits) {
+            best = Some(plan);
+        }
+    }
+    let plan = best.ok_or("no plan")?;
+    Ok((plan, doc.addon_units.max(doc.raised_addon_units)))
+}
+
+/// What allotment `a` of the period grants: the plan's monthly credits, rolling over
+/// `rollover_days` past the month's end, and the add-on units' credits, expiring at the
+/// month's end (as the invoice's own first month does).
+pub fn grants(
+    doc: &RefreshDoc,
+    a: &Allotment,
+    catalog: &Catalog,
+) -> Result<Vec<AllotmentGrant>, String> {
+    let (plan, units) = level(doc, catalog)?;
+    let base = format!(
+        "refresh:{}:{}:{}",
+        doc.subscription,
+        doc.period_start.timestamp(),
+        a.k
+    );
+    let mut out = vec![AllotmentGrant {
+        key: format!("{base}:plan"),
+        source: LotSource::PlanPeriod,
+        credits: plan.monthly_credits,
+        expires_at: a.month_end + Duration::days(i64::from(plan.rollover_days)),
+        note: format!("{} plan credits, month {} of 12", plan.name, a.k + 1),
+    }];
+    if units > 0 {
+        let addon = catalog
+            .addon(&plan.addon)
+            .ok_or("plan add-on missing from catalog")?;
+        let credits = addon
+            .credits_per_unit
+            .checked_mul(u64::from(units))
+            .ok_or("add-on credits overflow")?;
+        out.push(AllotmentGrant {
+            key: format!("{base}:addon"),
+            source: LotSource::Addon,
+            credits,
+            expires_at: a.month_end,
+            note: format!("{units} add-on unit(s), month {} of 12", a.k + 1),
+        });
+    }
+    Ok(out)
+}
+
+/// The allotments whose time has come at `now` and that the worker has not dealt with yet.
+pub fn due_allotments(doc: &RefreshDoc, now: DateTime<Utc>) -> Vec<Allotment> {
+    allotments(doc.period_start, doc.period_end)
+        .into_iter()
+        .filter(|a| a.k >= doc.next_allotment && a.at <= now)
+        .collect()
+}
+
+/// When the renewal of the period is checked, unless it has been already.
+pub fn renewal_check_at(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Utc>> {
+    if doc.renewal_checked {
+        return None;
+    }
+    Some(doc.renewal_retry_at.unwrap_or(doc.period_end + grace))
+}
+
+/// When the workspace next needs the worker: the next allotment, the renewal check, or
+/// the ledger's next settlement (as the worker last saw it), whichever comes first.
+pub fn next_due(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Utc>> {
+    let allotment = allotments(doc.period_start, doc.period_end)
+        .into_iter()
+        .find(|a| a.k >= doc.next_allotment)
+        .map(|a| a.at);
+    [allotment, renewal_check_at(doc, grace), doc.settle_at]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{InvoiceId, SubscriptionId, WorkspaceId};
+    use crate::subscriptions::Interval;
+    use chrono::TimeZone;
+
+    fn t(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, 10, 0, 0).unwrap()
+    }
+
+    fn doc(start: DateTime<Utc>, interval: Interval) -> RefreshDoc {
+        RefreshDoc {
+            workspace: WorkspaceId::parse("ws").unwrap(),
+            subscription: SubscriptionId::parse("sub_1").unwrap(),
+            invoice: InvoiceId::parse("in_1").unwrap(),
+            interval,
+            plan: "max".into(),
+            addon_units: 2,
+            period_start: start,
+            period_end: add_months(start, interval.months()),
+            raised_plans: Vec::new(),
+            raised_addon_units: 0,
+            next_allotment: 1,
+            renewal_checked: false,
+            renewal_retry_at: None,
+            settle_at: None,
+        }
+    }
+
+    #[test]
+    fn a_yearly_period_from_jan_31_of_a_leap_year_owes_eleven_clamped_allotments() {
+        let a = allotments(t(2028, 1, 31), t(2029, 1, 31));
+        let days: Vec<(u32, u32)> = a
+            .iter()
+            .map(|a| (chrono::Datelike::month(&a.at), chrono::Datelike::day(&a.at)))
+            .collect();
+        assert_eq!(
+            days,
+            [
+                (2, 29),
+                (3, 31),
+                (4, 30),
+                (5, 31),
+                (6, 30),
+                (7, 31),
+                (8, 31),
+                (9, 30),
+                (10, 31),
+                (11, 30),
+                (12, 31)
+            ]
+        );
+        assert_eq!(a[10].month_end, t(2029, 1, 31));
+        assert!(allotments(t(2028, 1, 31), t(2028, 2, 29)).is_empty());
+    }
+
+    #[test]
+    fn grants_follow_the_catalog_and_the_raised_level_never_lowers() {
+        let catalog = Catalog::builtin();
+        let mut d = doc(t(2028, 1, 31), Interval::Yearly);
+        let a = allotments(d.period_start, d.period_end)[0];
+        let g = grants(&d, &a, &catalog).unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(
+            g[0].key,
+            format!("refresh:sub_1:{}:1:plan", t(2028, 1, 31).timestamp())
+        );
+        assert_eq!(g[0].credits, Credits::new(400));
+        assert_eq!(g[0].expires_at, t(2028, 3, 31) + Duration::days(30));
+        assert_eq!(g[1].credits, Credits::new(120));
+        assert_eq!(g[1].expires_at, t(2028, 3, 31));
+        d.raised_plans.push("plus".into());
+        assert_eq!(
+            grants(&d, &a, &catalog).unwrap()[0].credits,
+            Credits::new(400)
+        );
+        d.raised_plans.push("generative".into());
+        d.raised_addon_units = 1;
+        let g = grants(&d, &a, &catalog).unwrap();
+        assert_eq!(g[0].credits, Credits::new(900));
+        assert_eq!(g[1].credits, Credits::new(120), "units never lower either");
+    }
+
+    #[test]
+    fn the_next_due_time_is_the_earliest_of_allotment_renewal_check_and_settlement() {
+        let grace = Duration::hours(6);
+        let mut d = doc(t(2027, 1, 31), Interval::Yearly);
+        assert_eq!(next_due(&d, grace), Some(t(2027, 2, 28)));
+        d.settle_at = Some(t(2027, 2, 10));
+        assert_eq!(next_due(&d, grace), Some(t(2027, 2, 10)));
+        d.settle_at = None;
+        d.next_allotment = 12;
+        assert_eq!(next_due(&d, grace), Some(t(2028, 1, 31) + grace));
+        d.renewal_checked = true;
+        assert_eq!(next_due(&d, grace), None);
+        let m = doc(t(2027, 1, 31), Interval::Monthly);
+        assert!(due_allotments(&m, t(2027, 6, 1)).is_empty());
+        assert_eq!(next_due(&m, grace), Some(t(2027, 2, 28) + grace));
+    }
+}

@@ -1,0 +1,407 @@
+//! The scheduler's tick (due shards to jobs) and the worker's job (one workspace): grants
+//! the allotments that have come, checks renewals, settles the ledger and files the
+//! workspace under its next due time.
+
+use super::jobs::{Job, JobSink};
+use super::schedule::{self, AllotmentGrant};
+use super::{REFRESH_SK, Reconciliation, RefreshDoc, Settings, reconcile_sk, refresh_doc};
+use crate::billing::records::{SUBSCRIPTION_SK, SubscriptionRecord, workspace_pk};
+use crate::ids::{IdempotencyKey, WorkspaceId};
+use crate::ledger::{Actor, ActorKind, Operation, PlanStatus, Refs, WorkspaceState};
+use crate::queue::{ConsumeError, Consumer, Delivery, QueueError};
+use crate::service::{Ledger, LedgerRequest, ServiceError};
+use crate::store::StoreError;
+use crate::store::docs::{self, DocStore};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Settle operations one job runs at most (each releases up to 25 overdue holds); what is
+/// left is settled by the next job, which the next due time brings at once.
+pub const MAX_SETTLE_ROUNDS: u32 = 400;
+
+#[derive(Debug, Error)]
+pub enum RefreshError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ledger(#[from] ServiceError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The Lambda was invoked with something that is neither an SQS batch nor a tick.
+    #[error("not an event this function handles: {0}")]
+    Event(String),
+    /// The recorded period names something the catalog does not have.
+    #[error("refresh of {workspace} cannot proceed: {reason}")]
+    Invalid {
+        workspace: WorkspaceId,
+        reason: String,
+    },
+}
+
+impl From<RefreshError> for ConsumeError {
+    fn from(e: RefreshError) -> Self {
+        match e {
+            RefreshError::Ledger(e) if !e.is_retryable() => ConsumeError::poison(e),
+            RefreshError::Invalid { .. } | RefreshError::Event(_) => ConsumeError::poison(e),
+            other => ConsumeError::retry(other),
+        }
+    }
+}
+
+/// What one job did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct JobReport {
+    pub workspace: Option<WorkspaceId>,
+    /// Ledger keys of the allotment grants made (or found already made).
+    pub granted: Vec<String>,
+    /// Grants not made because their credits would already have expired.
+    pub skipped_expired: Vec<String>,
+    /// Allotments that came while the subscription was not in effect: never granted.
+    pub forfeited: Vec<u32>,
+    /// Settle operations run (each at most one transaction).
+    pub settle_operations: u32,
+    /// The reconciliation item recorded, if a renewal had no paid period.
+    pub reconciliation: Option<String>,
+    /// When the workspace is next due, if it still is.
+    pub next_due: Option<DateTime<Utc>>,
+}
+
+/// What one pass over the due index did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunReport {
+    pub jobs: Vec<JobReport>,
+}
+
+impl RunReport {
+    /// Every allotment grant made (or found made) by the pass.
+    pub fn granted(&self) -> usize {
+        self.jobs.iter().map(|j| j.granted.len()).sum()
+    }
+}
+
+/// The credit-refresh scheduler and worker.
+#[derive(Clone)]
+pub struct Refresher {
+    pub ledger: Ledger,
+    pub docs: Arc<dyn DocStore>,
+    pub settings: Settings,
+}
+
+impl Refresher {
+    pub fn new(ledger: Ledger, docs: Arc<dyn DocStore>) -> Self {
+        Self {
+            ledger,
+            docs,
+            settings: Settings::default(),
+        }
+    }
+
+    /// The workspaces due at `now`, shard by shard (at most
+    /// [`Settings::max_jobs_per_shard`] from each; the rest wait for the next tick).
+    pub async fn due_jobs(&self, now: DateTime<Utc>) -> Result<Vec<Job>, RefreshError> {
+        let mut jobs = Vec::new();
+        for shard in 0..self.settings.shards_to_read() {
+            for d in self
+                .docs
+                .due_docs(shard, now, self.settings.max_jobs_per_shard)
+                .await?
+            {
+                if d.sk != REFRESH_SK {
+                    continue;
+                }
+                let Some(workspace) =
+                    d.pk.strip_prefix("WORKSPACE#")
+                        .and_then(|w| WorkspaceId::parse(w).ok())
+                else {
+                    tracing::warn!(pk = %d.pk, "due item that is not a workspace's; skipped");
+                    continue;
+                };
+                jobs.push(Job {
+                    workspace,
+                    due: d.due,
+                });
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// The earliest due time in the index, if any: how far a caller moving a clock can
+    /// jump before the schedule has something to do.
+    pub async fn earliest_due(&self) -> Result<Option<DateTime<Utc>>, RefreshError> {
+        let mut earliest = None;
+        for shard in 0..self.settings.shards_to_read() {
+            if let Some(d) = self
+                .docs
+                .due_docs(shard, DateTime::<Utc>::MAX_UTC, 1)
+                .await?
+                .into_iter()
+                .next()
+            {
+                earliest = Some(earliest.map_or(d.due, |e: DateTime<Utc>| e.min(d.due)));
+            }
+        }
+        Ok(earliest)
+    }
+
+    /// One scheduler tick: sends a job for every due workspace. Returns how many.
+    pub async fn schedule(&self, sink: &dyn JobSink) -> Result<usize, RefreshError> {
+        let now = self.ledger.clock.now();
+        let jobs = self.due_jobs(now).await?;
+        sink.send(&jobs).await?;
+        tracing::info!(jobs = jobs.len(), "refresh jobs sent");
+        Ok(jobs.len())
+    }
+
+    /// The credit-refresh Lambda's one entry point for both of its triggers: an SQS batch
+    /// (it has `Records`) runs each job and answers the failed ones for redelivery; anything
+    /// else is the schedule's tick, which sends the due jobs to `sink`.
+    pub async fn handle_event(
+        &self,
+        sink: &dyn JobSink,
+        payload: serde_json::Value,
+    ) -> Result<serde_json::Value, RefreshError> {
+        let unreadable = |e: serde_json::Error| RefreshError::Event(e.to_string());
+        if payload.get("Records").is_some() {
+            let batch: aws_lambda_events::event::sqs::SqsEvent =
+                serde_json::from_value(payload).map_err(unreadable)?;
+            let response = crate::queue::lambda::process_batch(self, batch).await;
+            return serde_json::to_value(response).map_err(unreadable);
+        }
+        let sent = self.schedule(sink).await?;
+        Ok(serde_json::json!({ "jobs": sent }))
+    }
+
+    /// Does one workspace's due work. Safe to repeat: every grant and settlement is keyed.
+    #[tracing::instrument(skip_all, fields(workspace = %job.workspace))]
+    pub async fn run(&self, job: &Job) -> Result<JobReport, RefreshError> {
+        let ws = &job.workspace;
+        let mut report = JobReport {
+            workspace: Some(ws.clone()),
+            ..JobReport::default()
+        };
+        let Some(doc) = refresh_doc(self.docs.as_ref(), ws).await? else {
+            return Ok(report);
+        };
+        let now = self.ledger.clock.now();
+        let record: Option<SubscriptionRecord> =
+            docs::get(self.docs.as_ref(), &workspace_pk(ws), SUBSCRIPTION_SK).await?;
+        let in_effect = record
+            .as_ref()
+            .is_some_and(|r| r.id == doc.subscription && r.status == PlanStatus::Active);
+
+        let mut next_allotment = doc.next_allotment;
+        for a in schedule::due_allotments(&doc, now) {
+            if in_effect {
+                let grants =
+                    schedule::grants(&doc, &a, &self.ledger.catalog).map_err(|reason| {
+                        RefreshError::Invalid {
+                            workspace: ws.clone(),
+                            reason,
+                        }
+                    })?;
+                for g in grants {
+                    self.grant(&doc, g, now, &mut report).await?;
+                }
+            } else {
+                tracing::info!(
+                    allotment = a.k,
+                    "subscription not in effect; allotment not granted"
+                );
+                report.forfeited.push(a.k);
+            }
+            next_allotment = a.k + 1;
+        }
+
+        let (renewal_checked, renewal_retry_at) = self
+            .check_renewal(&doc, record.as_ref(), now, &mut report)
+            .await?;
+
+        let state = self.settle(job, &mut report).await?;
+        let settled_at = self.ledger.clock.now();
+        // More overdue holds than one job settles: due again at once (the next tick).
+        let settle_at = if state.needs_settling(settled_at) {
+            Some(settled_at)
+        } else {
+            state.next_settlement_after(settled_at)
+        };
+
+        let (shards, grace) = (self.settings.shards, self.settings.grace);
+        let stored = docs::update_due(
+            self.docs.as_ref(),
+            &workspace_pk(ws),
+            REFRESH_SK,
+            |current: Option<RefreshDoc>| {
+                let current = current?;
+                let mut next = current.clone();
+                if next.same_period(&doc.subscription, doc.period_start) {
+                    next.next_allotment = next.next_allotment.max(next_allotment);
+                    next.renewal_checked |= renewal_checked;
+                    if !next.renewal_checked && renewal_retry_at.is_some() {
+                        next.renewal_retry_at = renewal_retry_at;
+                    }
+                }
+                next.settle_at = settle_at;
+                if next == current {
+                    return None;
+                }
+                let due = next.due_mark(shards, grace);
+                Some((next, due))
+            },
+        )
+        .await?;
+        report.next_due = stored.and_then(|d| schedule::next_due(&d, grace));
+        Ok(report)
+    }
+
+    async fn grant(
+        &self,
+        doc: &RefreshDoc,
+        g: AllotmentGrant,
+        now: DateTime<Utc>,
+        report: &mut JobReport,
+    ) -> Result<(), RefreshError> {
+        if g.expires_at <= now {
+            // A tick this late would grant credits that lapse at once.
+            tracing::warn!(key = %g.key, "allotment already expired; not granted");
+            report.skipped_expired.push(g.key);
+            return Ok(());
+        }
+        self.ledger
+            .execute(LedgerRequest {
+                workspace: doc.workspace.clone(),
+                key: IdempotencyKey::derived(g.key.clone()),
+                // The key alone identifies the allotment: a replay after a raised level
+                // returns the first grant instead of refusing.
+                fingerprint: g.key.clone(),
+                actor: Actor::new(ActorKind::System, "credit-refresh"),
+                refs: Refs {
+                    invoice: Some(doc.invoice.clone()),
+                    ..Refs::default()
+                },
+                op: Operation::Grant {
+                    source: g.source,
+                    credits: g.credits,
+                    expires_at: Some(g.expires_at),
+                    note: Some(g.note),
+                },
+            })
+            .await?;
+        report.granted.push(g.key);
+        Ok(())
+    }
+
+    /// After the period (and the grace time), Stripe should have reported the renewal with
+    /// a paid period, which replaces this document. Returns (checked, look again at).
+    async fn check_renewal(
+        &self,
+        doc: &RefreshDoc,
+        record: Option<&SubscriptionRecord>,
+        now: DateTime<Utc>,
+        report: &mut JobReport,
+    ) -> Result<(bool, Option<DateTime<Utc>>), RefreshError> {
+        match schedule::renewal_check_at(doc, self.settings.grace) {
+            Some(at) if at <= now => {}
+            _ => return Ok((false, None)),
+        }
+        let Some(r) = record.filter(|r| r.id == doc.subscription) else {
+            // Replaced by another subscription, or unknown: no renewal of this one.
+            return Ok((true, None));
+        };
+        if r.period_start > doc.period_start {
+            if r.status == PlanStatus::Active {
+                let sk = reconcile_sk(&r.id, r.period_start);
+                let item = Reconciliation {
+                    workspace: doc.workspace.clone(),
+                    subscription: r.id.clone(),
+                    period_start: r.period_start,
+                    period_end: r.period_end,
+                    recorded_period_start: doc.period_start,
+                    noticed_at: now,
+                };
+                let body = serde_json::to_string(&item)
+                    .map_err(|e| RefreshError::Store(StoreError::decode(e)))?;
+                self.docs
+                    .put_doc(&workspace_pk(&doc.workspace), &sk, &body, 0)
+                    .await?;
+                tracing::warn!(
+                    subscription = %r.id,
+                    period_start = %r.period_start,
+                    "Stripe renewed the subscription but no paid period was recorded; \
+                     recorded for reconciliation, nothing granted"
+                );
+                report.reconciliation = Some(sk);
+            }
+            return Ok((true, None));
+        }
+        if r.status.in_effect() {
+            // Stripe has not reported the renewal yet (it may still be retrying).
+            return Ok((false, Some(now + self.settings.recheck)));
+        }
+        Ok((true, None))
+    }
+
+    /// Settles the workspace in bounded operations until nothing is overdue. Each is keyed
+    /// by the job's due time and its round, so a duplicate job replays instead of writing.
+    async fn settle(
+        &self,
+        job: &Job,
+        report: &mut JobReport,
+    ) -> Result<WorkspaceState, RefreshError> {
+        let ws = &job.workspace;
+        let mut round = 0u32;
+        loop {
+            let state = self
+                .ledger
+                .store
+                .load(ws)
+                .await?
+                .unwrap_or_else(|| WorkspaceState::new(ws.clone()));
+            // Nothing due: nothing is written at all.
+            if !state.needs_settling(self.ledger.clock.now()) || round >= MAX_SETTLE_ROUNDS {
+                return Ok(state);
+            }
+            let key = format!("refresh:settle:{}:{round}", job.due.timestamp_millis());
+            self.ledger
+                .execute(LedgerRequest {
+                    workspace: ws.clone(),
+                    key: IdempotencyKey::derived(key.clone()),
+                    fingerprint: "settle".into(),
+                    actor: Actor::new(ActorKind::System, "credit-refresh"),
+                    refs: Refs::default(),
+                    op: Operation::Settle,
+                })
+                .await?;
+            report.settle_operations += 1;
+            round += 1;
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for Refresher {
+    async fn consume(&self, delivery: &Delivery) -> Result<(), ConsumeError> {
+        let job: Job = serde_json::from_str(&delivery.body)
+            .map_err(|e| ConsumeError::poison(format!("not a refresh job: {e}")))?;
+        self.run(&job).await?;
+        Ok(())
+    }
+}
+
+/// One scheduler tick with its jobs run in-process, for the local system: every workspace
+/// due by `now` (the ledger's clock, which every decision inside reads too). To play a
+/// span of time in order, call it at each [`Refresher::earliest_due`] up to the target.
+pub async fn run_due(
+    ledger: &Ledger,
+    docs: &Arc<dyn DocStore>,
+    now: DateTime<Utc>,
+) -> Result<RunReport, RefreshError> {
+    let refresher = Refresher::new(ledger.clone(), docs.clone());
+    let mut report = RunReport::default();
+    for job in refresher.due_jobs(now).await? {
+        report.jobs.push(refresher.run(&job).await?);
+    }
+    Ok(report)
+}

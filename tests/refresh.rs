@@ -1,0 +1,929 @@
+//! Credit refresh: the monthly allotments of yearly plans (clamped anniversaries, each
+//! exactly once under repeated, late and missed ticks, nothing for subscriptions not in
+//! effect, raised levels for later months only), renewal reconciliation, settlement of
+//! lapsed lots and many overdue holds in bounded transactions, the sharded due index, and
+//! the SQS worker and job sender. Over the embedded store and the DynamoDB emulator.
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tally::billing::records::{SUBSCRIPTION_SK, SubscriptionRecord, workspace_pk};
+use tally::catalog::{GenerationSpec, Workflow};
+use tally::clock::{Clock, ManualClock};
+use tally::ids::{
+    GenerationId, IdempotencyKey, InvoiceId, StripeEventId, SubscriptionId, WorkspaceId,
+};
+use tally::ledger::{
+    Actor, ActorKind, Entry, Interval, LotSource, Operation, PlanStatus, Reason, Refs,
+    WorkspaceState,
+};
+use tally::money::Credits;
+use tally::queue::lambda::process_batch;
+use tally::refresh::{
+    self, Job, JobSink, PaidPeriod, RECONCILE_PREFIX, Refresher, SqsJobs, run_due,
+};
+use tally::service::{Ledger, LedgerRequest};
+use tally::store::docs::{self, DocStore, DueMark, shard_of};
+use tally::store::dynamo::DynamoStore;
+use tally::store::embedded::EmbeddedStore;
+use tally::store::{EntryQuery, LedgerStore};
+use tally::subscriptions::calendar::add_months;
+use tally_tests::workspace;
+
+/// Both ports over one store, as the functions use them.
+struct Parts {
+    ledger: Ledger,
+    docs: Arc<dyn DocStore>,
+    clock: Arc<ManualClock>,
+}
+
+fn parts_over(store: Arc<dyn LedgerStore>, docs: Arc<dyn DocStore>) -> Parts {
+    let clock = Arc::new(ManualClock::new(start()));
+    let ledger = Ledger::new(
+        store,
+        clock.clone(),
+        Arc::new(tally::catalog::Catalog::builtin()),
+    );
+    Parts {
+        ledger,
+        docs,
+        clock,
+    }
+}
+
+fn embedded() -> Parts {
+    let s = Arc::new(EmbeddedStore::in_memory());
+    parts_over(s.clone(), s)
+}
+
+async fn dynamo() -> Parts {
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").expect("run the suite with `make test`");
+    let client = DynamoStore::local_client(&endpoint);
+    let table = format!(
+        "tally-refresh-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    DynamoStore::create_table(&client, &table).await.unwrap();
+    let s = Arc::new(DynamoStore::new(client, table));
+    parts_over(s.clone(), s)
+}
+
+/// Jan 31 of a leap year: the anniversaries clamp to Feb 29, Apr 30, ...
+fn start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2028, 1, 31, 10, 0, 0).unwrap()
+}
+
+fn sub(ws: &str) -> SubscriptionId {
+    SubscriptionId::parse(&format!("sub_{ws}")).unwrap()
+}
+
+fn period(ws: &str, interval: Interval, plan: &str, units: u32) -> PaidPeriod {
+    PaidPeriod {
+        workspace: workspace(ws),
+        subscription: sub(ws),
+        invoice: InvoiceId::parse(&format!("in_{ws}")).unwrap(),
+        interval,
+        plan: plan.into(),
+        addon_units: units,
+        period_start: start(),
+        period_end: add_months(start(), interval.months()),
+    }
+}
+
+/// Stripe's subscription record as billing-events keeps it.
+async fn set_subscription(
+    p: &Parts,
+    ws: &str,
+    status: PlanStatus,
+    interval: Interval,
+    period_start: DateTime<Utc>,
+) {
+    let record = SubscriptionRecord {
+        id: sub(ws),
+        customer: None,
+        plan: "max".into(),
+        interval,
+        status,
+        stripe_status: "active".into(),
+        cancel_at_period_end: false,
+        period_start,
+        period_end: add_months(period_start, interval.months()),
+        addon_units: 0,
+        scheduled: None,
+        as_of: period_start.timestamp(),
+        as_of_event: StripeEventId::parse("evt_test").unwrap(),
+    };
+    let pk = workspace_pk(&workspace(ws));
+    docs::update(
+        p.docs.as_ref(),
+        &pk,
+        SUBSCRIPTION_SK,
+        |_: Option<SubscriptionRecord>| Some(record.clone()),
+    )
+    .await
+    .unwrap();
+}
+
+/// The invoice's own grant (allotment 0), as billing-events makes it.
+async fn invoice_grant(p: &Parts, ws: &str, credits: u64) {
+    p.ledger
+        .execute(LedgerRequest {
+            workspace: workspace(ws),
+            key: IdempotencyKey::derived(format!("stripe:invoice:in_{ws}:plan")),
+            fingerprint: "invoice".into(),
+            actor: Actor::new(ActorKind::Stripe, "evt_paid"),
+            refs: Refs::default(),
+            op: Operation::Grant {
+                source: LotSource::PlanPeriod,
+                credits: Credits::new(credits),
+                expires_at: Some(add_months(start(), 1) + Duration::days(30)),
+                note: None,
+            },
+        })
+        .await
+        .unwrap();
+}
+
+async fn journal(p: &Parts, ws: &str) -> Vec<Entry> {
+    let mut all = p
+        .ledger
+        .store
+        .entries(
+            &workspace(ws),
+            &EntryQuery {
+                before: None,
+                limit: 100_000,
+            },
+        )
+        .await
+        .unwrap();
+    all.reverse();
+    all
+}
+
+/// Plan credit grants by (month, day) of the grant, with their amounts.
+async fn plan_grants(p: &Parts, ws: &str) -> Vec<((u32, u32), u64)> {
+    journal(p, ws)
+        .await
+        .iter()
+        .filter(|e| e.reason == Reason::PlanCredits)
+        .map(|e| ((e.at.month(), e.at.day()), e.credits.unsigned_abs().get()))
+        .collect()
+}
+
+/// Moves the clock through `until`, stopping at every due time the index names, and
+/// runs the schedule there (twice: a repeated tick must change nothing). Returns the
+/// reports of every pass.
+async fn play_until(p: &Parts, until: DateTime<Utc>) -> Vec<refresh::RunReport> {
+    let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
+    let mut reports = Vec::new();
+    for _ in 0..500 {
+        let Some(next) = refresher.earliest_due().await.unwrap() else {
+            break;
+        };
+        if next > until {
+            break;
+        }
+        if next > p.clock.now() {
+            p.clock.set(next);
+        }
+        let first = run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+        let again = run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+        assert!(
+            again.jobs.is_empty() || again.jobs.iter().all(|j| j.settle_operations == 0),
+            "a repeated tick settles nothing more: {again:?}"
+        );
+        reports.push(first);
+        reports.push(again);
+    }
+    p.clock.set(until.max(p.clock.now()));
+    reports
+}
+
+const EXPECTED_ANNIVERSARIES: [(u32, u32); 12] = [
+    (1, 31),
+    (2, 29),
+    (3, 31),
+    (4, 30),
+    (5, 31),
+    (6, 30),
+    (7, 31),
+    (8, 31),
+    (9, 30),
+    (10, 31),
+    (11, 30),
+    (12, 31),
+];
+
+async fn a_max_yearly_workspace_gets_twelve_allotments_at_the_clamped_anniversaries(p: Parts) {
+    let ws = "yearly";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    invoice_grant(&p, ws, 400).await;
+    let paid = period(ws, Interval::Yearly, "max", 1);
+    refresh::record_paid_period(p.docs.as_ref(), &paid, p.clock.now())
+        .await
+        .unwrap();
+    // The same paid period reported again (a redelivered event) changes nothing.
+    refresh::record_paid_period(p.docs.as_ref(), &paid, p.clock.now())
+        .await
+        .unwrap();
+    play_until(&p, start() + Duration::days(400)).await;
+    let grants = plan_grants(&p, ws).await;
+    let days: Vec<(u32, u32)> = grants.iter().map(|(d, _)| *d).collect();
+    assert_eq!(days, EXPECTED_ANNIVERSARIES);
+    assert!(grants.iter().all(|(_, c)| *c == 400));
+    let addons = journal(&p, ws)
+        .await
+        .iter()
+        .filter(|e| e.reason == Reason::AddonCredits)
+        .count();
+    assert_eq!(addons, 11, "one add-on grant per worker allotment");
+    // Every lot lapsed in its turn; the journal alone rebuilds the state.
+    let state = p.ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    let rebuilt = WorkspaceState::from_journal(workspace(ws), &journal(&p, ws).await).unwrap();
+    assert_eq!(rebuilt.balance(), state.balance());
+    assert_eq!(rebuilt.totals, state.totals);
+    state.check_invariants().unwrap();
+    assert_eq!(
+        state.balance().available,
+        Credits::ZERO,
+        "all lapsed by day 400"
+    );
+    assert_eq!(state.totals.issued, Credits::new(12 * 400 + 11 * 60));
+    assert_eq!(state.totals.expired, state.totals.issued);
+}
+
+#[tokio::test]
+async fn yearly_allotments_embedded() {
+    a_max_yearly_workspace_gets_twelve_allotments_at_the_clamped_anniversaries(embedded()).await;
+}
+
+#[tokio::test]
+async fn yearly_allotments_dynamo() {
+    a_max_yearly_workspace_gets_twelve_allotments_at_the_clamped_anniversaries(dynamo().await)
+        .await;
+}
+
+#[tokio::test]
+async fn daily_and_hourly_ticks_grant_each_allotment_exactly_once() {
+    let p = embedded();
+    let ws = "ticks";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    invoice_grant(&p, ws, 400).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Yearly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+    // Every 7 hours for a year and a bit: ticks fall at odd times after each anniversary.
+    while p.clock.now() < start() + Duration::days(370) {
+        p.clock.advance(Duration::hours(7));
+        run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+    }
+    let days: Vec<(u32, u32)> = plan_grants(&p, ws).await.iter().map(|g| g.0).collect();
+    assert_eq!(days, EXPECTED_ANNIVERSARIES);
+}
+
+#[tokio::test]
+async fn a_late_tick_grants_every_missed_allotment_still_unexpired_and_nothing_twice() {
+    let p = embedded();
+    let ws = "late";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Yearly, "max", 1),
+        start(),
+    )
+    .await
+    .unwrap();
+    // No tick at all from Jan 31 to May 5.
+    p.clock
+        .set(Utc.with_ymd_and_hms(2028, 5, 5, 0, 0, 0).unwrap());
+    let report = run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+    let job = &report.jobs[0];
+    let ts = start().timestamp();
+    let key = |k: u32, what: &str| format!("refresh:sub_{ws}:{ts}:{k}:{what}");
+    // Month 1 (Feb 29) lapsed on Apr 30 with its rollover; month 2's add-on ended Apr 30.
+    assert_eq!(
+        job.granted,
+        [key(2, "plan"), key(3, "plan"), key(3, "addon")]
+    );
+    assert_eq!(
+        job.skipped_expired,
+        [key(1, "plan"), key(1, "addon"), key(2, "addon")]
+    );
+    let again = run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+    assert!(
+        again.jobs.is_empty(),
+        "nothing is due until the next anniversary"
+    );
+    // The job delivered twice (an SQS duplicate) grants nothing new.
+    let before = journal(&p, ws).await.len();
+    let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
+    refresher.run(&job_for(ws, p.clock.now())).await.unwrap();
+    assert_eq!(journal(&p, ws).await.len(), before);
+    assert_eq!(
+        p.ledger
+            .workspace_now(&workspace(ws))
+            .await
+            .unwrap()
+            .balance()
+            .available,
+        Credits::new(400 + 400 + 60)
+    );
+}
+
+fn job_for(ws: &str, due: DateTime<Utc>) -> Job {
+    Job {
+        workspace: workspace(ws),
+        due,
+    }
+}
+
+#[tokio::test]
+async fn canceled_paused_and_past_due_subscriptions_get_nothing() {
+    let p = embedded();
+    for (ws, status) in [
+        ("canceled", PlanStatus::Canceled),
+        ("paused", PlanStatus::Paused),
+        ("pastdue", PlanStatus::PastDue),
+    ] {
+        set_subscription(&p, ws, status, Interval::Yearly, start()).await;
+        refresh::record_paid_period(
+            p.docs.as_ref(),
+            &period(ws, Interval::Yearly, "max", 2),
+            start(),
+        )
+        .await
+        .unwrap();
+    }
+    // A subscription replaced by another gets nothing for the old one either.
+    set_subscription(
+        &p,
+        "replaced",
+        PlanStatus::Active,
+        Interval::Yearly,
+        start(),
+    )
+    .await;
+    let mut old = period("replaced", Interval::Yearly, "max", 0);
+    old.subscription = SubscriptionId::parse("sub_old").unwrap();
+    refresh::record_paid_period(p.docs.as_ref(), &old, start())
+        .await
+        .unwrap();
+    let reports = play_until(&p, start() + Duration::days(400)).await;
+    for ws in ["canceled", "paused", "pastdue", "replaced"] {
+        assert!(
+            journal(&p, ws).await.is_empty(),
+            "{ws}: no ledger entry at all"
+        );
+        let forfeited: Vec<u32> = reports
+            .iter()
+            .flat_map(|r| &r.jobs)
+            .filter(|j| j.workspace.as_ref() == Some(&workspace(ws)))
+            .flat_map(|j| j.forfeited.clone())
+            .collect();
+        assert_eq!(forfeited, (1..12).collect::<Vec<_>>(), "{ws}");
+    }
+    // Paused, then resumed: the months while paused stay forfeited, later ones come.
+    let ws = "resumed";
+    set_subscription(&p, ws, PlanStatus::Paused, Interval::Yearly, start()).await;
+    let mut resumed = period(ws, Interval::Yearly, "max", 0);
+    resumed.period_start = p.clock.now();
+    resumed.period_end = add_months(resumed.period_start, 12);
+    refresh::record_paid_period(p.docs.as_ref(), &resumed, p.clock.now())
+        .await
+        .unwrap();
+    let base = p.clock.now();
+    play_until(&p, add_months(base, 2)).await;
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    play_until(&p, add_months(base, 4)).await;
+    let granted = plan_grants(&p, ws).await;
+    assert_eq!(granted.len(), 2, "months 3 and 4 only: {granted:?}");
+}
+
+#[tokio::test]
+async fn a_raised_level_applies_to_later_allotments_only_and_never_lowers() {
+    let p = embedded();
+    let ws = "raised";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    let paid = period(ws, Interval::Yearly, "max", 0);
+    refresh::record_paid_period(p.docs.as_ref(), &paid, start())
+        .await
+        .unwrap();
+    play_until(&p, add_months(start(), 2) + Duration::days(1)).await;
+    // A paid upgrade to Generative with 2 add-on units mid-month 3.
+    refresh::raise_level(
+        p.docs.as_ref(),
+        &workspace(ws),
+        &sub(ws),
+        start(),
+        "generative",
+        2,
+    )
+    .await
+    .unwrap();
+    // Neither a lower plan nor another period's raise changes anything.
+    refresh::raise_level(
+        p.docs.as_ref(),
+        &workspace(ws),
+        &sub(ws),
+        start(),
+        "plus",
+        1,
+    )
+    .await
+    .unwrap();
+    refresh::raise_level(
+        p.docs.as_ref(),
+        &workspace(ws),
+        &sub(ws),
+        start() - Duration::days(365),
+        "team",
+        50,
+    )
+    .await
+    .unwrap();
+    // A redelivered paid period of the same period keeps the raised level.
+    refresh::record_paid_period(p.docs.as_ref(), &paid, p.clock.now())
+        .await
+        .unwrap();
+    play_until(&p, add_months(start(), 4) + Duration::days(1)).await;
+    let amounts: Vec<u64> = plan_grants(&p, ws).await.iter().map(|g| g.1).collect();
+    assert_eq!(
+        amounts,
+        [400, 400, 900, 900],
+        "months 2 and 3 at Max, then Generative"
+    );
+    let addons: Vec<u64> = journal(&p, ws)
+        .await
+        .iter()
+        .filter(|e| e.reason == Reason::AddonCredits)
+        .map(|e| e.credits.unsigned_abs().get())
+        .collect();
+    assert_eq!(addons, [120, 120]);
+}
+
+#[tokio::test]
+async fn a_later_period_replaces_an_earlier_one_and_an_earlier_one_arriving_late_is_ignored() {
+    let p = embedded();
+    let ws = "order";
+    let first = period(ws, Interval::Yearly, "max", 0);
+    let mut second = first.clone();
+    second.period_start = first.period_end;
+    second.period_end = add_months(second.period_start, 12);
+    second.plan = "plus".into();
+    refresh::record_paid_period(p.docs.as_ref(), &second, start())
+        .await
+        .unwrap();
+    refresh::record_paid_period(p.docs.as_ref(), &first, start())
+        .await
+        .unwrap();
+    let doc = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (doc.period_start, doc.plan.as_str()),
+        (second.period_start, "plus")
+    );
+}
+
+async fn monthly_renewals_without_a_paid_period_are_recorded_for_reconciliation(p: Parts) {
+    let ws = "monthly";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
+    invoice_grant(&p, ws, 400).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Monthly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+    let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
+    // Stripe renews (its record moves on) but the renewal's paid period never arrives.
+    let renewed = add_months(start(), 1);
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, renewed).await;
+    play_until(&p, renewed + Duration::days(3)).await;
+    let items = p
+        .docs
+        .list_docs(&workspace_pk(&workspace(ws)), RECONCILE_PREFIX, 10)
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 1, "one reconciliation item for the period");
+    assert!(items[0].sk.contains(&renewed.timestamp().to_string()));
+    assert_eq!(
+        plan_grants(&p, ws).await.len(),
+        1,
+        "the worker never grants a monthly plan's renewal"
+    );
+    // Checked once: the same job again records nothing more.
+    refresher.run(&job_for(ws, p.clock.now())).await.unwrap();
+    assert_eq!(
+        p.docs
+            .list_docs(&workspace_pk(&workspace(ws)), RECONCILE_PREFIX, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn monthly_reconciliation_embedded() {
+    monthly_renewals_without_a_paid_period_are_recorded_for_reconciliation(embedded()).await;
+}
+
+#[tokio::test]
+async fn monthly_reconciliation_dynamo() {
+    monthly_renewals_without_a_paid_period_are_recorded_for_reconciliation(dynamo().await).await;
+}
+
+#[tokio::test]
+async fn a_renewal_that_arrives_in_time_is_not_reconciled() {
+    let p = embedded();
+    let ws = "renewed";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
+    let first = period(ws, Interval::Monthly, "max", 0);
+    refresh::record_paid_period(p.docs.as_ref(), &first, start())
+        .await
+        .unwrap();
+    let mut next = first.clone();
+    next.period_start = first.period_end;
+    next.period_end = add_months(next.period_start, 1);
+    p.clock.set(next.period_start + Duration::hours(1));
+    set_subscription(
+        &p,
+        ws,
+        PlanStatus::Active,
+        Interval::Monthly,
+        next.period_start,
+    )
+    .await;
+    refresh::record_paid_period(p.docs.as_ref(), &next, p.clock.now())
+        .await
+        .unwrap();
+    play_until(&p, next.period_start + Duration::days(5)).await;
+    let items = p
+        .docs
+        .list_docs(&workspace_pk(&workspace(ws)), RECONCILE_PREFIX, 10)
+        .await
+        .unwrap();
+    assert!(items.is_empty());
+}
+
+async fn lapsed_lots_and_200_overdue_holds_are_settled_in_bounded_operations(p: Parts) {
+    let ws = "holds";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Monthly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+    tally_tests::grant(&p.ledger, ws, 2_000).await;
+    invoice_grant(&p, ws, 400).await;
+    let spec = GenerationSpec {
+        workflow: Workflow::Image,
+        model: "imagen-3".into(),
+        resolution: None,
+        duration_s: None,
+        count: None,
+    };
+    let estimate = p.ledger.catalog.estimate(&spec).unwrap();
+    for _ in 0..200 {
+        let generation = GenerationId::new();
+        p.ledger
+            .execute(LedgerRequest {
+                workspace: workspace(ws),
+                key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
+                fingerprint: "hold".into(),
+                actor: Actor::new(ActorKind::Member, "m1"),
+                refs: Refs::default(),
+                op: Operation::Hold {
+                    generation,
+                    estimate: estimate.clone(),
+                    deadline: start() + Duration::hours(1),
+                },
+            })
+            .await
+            .unwrap();
+    }
+    let held = p.ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    assert_eq!(held.holds.len(), 200);
+    let entries_before = journal(&p, ws).await.len();
+    // Past every hold's deadline and past the plan lot's rollover.
+    p.clock.set(add_months(start(), 2) + Duration::days(1));
+    let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
+    let job = job_for(ws, p.clock.now());
+    let report = refresher.run(&job).await.unwrap();
+    assert_eq!(report.settle_operations, 8, "200 holds, 25 per operation");
+    let entries = journal(&p, ws).await;
+    let new = &entries[entries_before..];
+    assert_eq!(
+        new.iter()
+            .filter(|e| e.reason == Reason::HoldExpired)
+            .count(),
+        200
+    );
+    assert!(new.iter().any(|e| e.reason == Reason::LotsExpired));
+    let mut per_operation: BTreeMap<String, usize> = BTreeMap::new();
+    for e in new {
+        let key = e.refs.idempotency_key.clone().unwrap();
+        *per_operation.entry(key).or_default() += 1;
+    }
+    assert!(
+        per_operation.values().all(|n| *n <= 26),
+        "{per_operation:?}"
+    );
+    let state = p.ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    assert!(state.holds.is_empty());
+    assert!(!state.needs_settling(p.clock.now()));
+    assert_eq!(state.balance().available, Credits::new(2_000));
+    assert_eq!(
+        state.totals.expired,
+        Credits::new(400),
+        "the lapsed plan lot, all of it"
+    );
+    let rebuilt = WorkspaceState::from_journal(workspace(ws), &entries).unwrap();
+    assert_eq!(
+        (rebuilt.balance(), rebuilt.totals, rebuilt.lots.clone()),
+        (state.balance(), state.totals, state.lots.clone())
+    );
+    state.check_invariants().unwrap();
+    // The same job again (a duplicate delivery) writes nothing.
+    let again = refresher.run(&job).await.unwrap();
+    assert_eq!(again.settle_operations, 0);
+    assert_eq!(journal(&p, ws).await.len(), entries.len());
+}
+
+#[tokio::test]
+async fn settlement_embedded() {
+    lapsed_lots_and_200_overdue_holds_are_settled_in_bounded_operations(embedded()).await;
+}
+
+#[tokio::test]
+async fn settlement_dynamo() {
+    lapsed_lots_and_200_overdue_holds_are_settled_in_bounded_operations(dynamo().await).await;
+}
+
+async fn the_due_index_returns_only_due_documents_per_shard(docs: Arc<dyn DocStore>) {
+    let t = start();
+    let mark = |shard, hours| {
+        Some(DueMark {
+            shard,
+            at: t + Duration::hours(hours),
+        })
+    };
+    let put = |pk: &'static str, expected: u64, due: Option<DueMark>| {
+        let docs = docs.clone();
+        async move {
+            assert!(
+                docs.put_doc_due(pk, "REFRESH", "{}", expected, due)
+                    .await
+                    .unwrap()
+            );
+        }
+    };
+    put("WORKSPACE#a", 0, mark(0, 1)).await;
+    put("WORKSPACE#b", 0, mark(0, -2)).await;
+    put("WORKSPACE#c", 0, mark(1, 0)).await;
+    put("WORKSPACE#d", 0, mark(0, 5)).await;
+    put("WORKSPACE#e", 0, None).await;
+    let found = |shard, hours, limit| {
+        let docs = docs.clone();
+        async move {
+            docs.due_docs(shard, t + Duration::hours(hours), limit)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.pk, d.due))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        found(0, 1, 10).await,
+        [
+            ("WORKSPACE#b".to_owned(), t - Duration::hours(2)),
+            ("WORKSPACE#a".to_owned(), t + Duration::hours(1)),
+        ],
+        "due ones of shard 0, earliest first"
+    );
+    assert_eq!(found(0, 1, 1).await.len(), 1, "the limit holds");
+    assert_eq!(found(1, 1, 10).await, [("WORKSPACE#c".to_owned(), t)]);
+    assert!(found(2, 100, 10).await.is_empty());
+    // Re-filed later: no longer due now.
+    put("WORKSPACE#b", 1, mark(0, 3)).await;
+    assert_eq!(found(0, 1, 10).await.len(), 1);
+    // Taken out of the index, and a stale version changes nothing.
+    put("WORKSPACE#a", 1, None).await;
+    assert!(
+        !docs
+            .put_doc_due("WORKSPACE#a", "REFRESH", "{}", 1, mark(0, 0))
+            .await
+            .unwrap()
+    );
+    assert!(found(0, 1, 10).await.is_empty());
+    // A plain write replaces the whole document, mark included.
+    assert!(
+        docs.put_doc("WORKSPACE#d", "REFRESH", "{}", 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        found(0, 100, 10)
+            .await
+            .into_iter()
+            .map(|d| d.0)
+            .collect::<Vec<_>>(),
+        ["WORKSPACE#b"]
+    );
+    assert_eq!(
+        docs.get_doc("WORKSPACE#b", "REFRESH")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+}
+
+#[tokio::test]
+async fn due_index_embedded() {
+    the_due_index_returns_only_due_documents_per_shard(tally_tests::embedded_docs()).await;
+}
+
+#[tokio::test]
+async fn due_index_dynamo() {
+    the_due_index_returns_only_due_documents_per_shard(tally_tests::dynamo_docs().await).await;
+}
+
+#[test]
+fn shards_are_stable_and_spread() {
+    assert_eq!(shard_of("acme", 16), shard_of("acme", 16));
+    let mut counts = [0u32; 16];
+    for i in 0..16_000 {
+        counts[shard_of(&format!("ws_{i}"), 16) as usize] += 1;
+    }
+    assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+    assert_eq!(shard_of("anything", 1), 0);
+}
+
+#[tokio::test]
+async fn the_scheduler_finds_due_workspaces_across_shards_and_sends_them_in_batches() {
+    let p = dynamo().await;
+    let names: Vec<String> = (0..23).map(|i| format!("ws{i}")).collect();
+    for ws in &names {
+        set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+        refresh::record_paid_period(
+            p.docs.as_ref(),
+            &period(ws, Interval::Yearly, "max", 0),
+            start(),
+        )
+        .await
+        .unwrap();
+    }
+    let shards: std::collections::BTreeSet<u32> = names.iter().map(|w| shard_of(w, 16)).collect();
+    assert!(shards.len() > 5, "spread over shards");
+    let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
+    assert!(refresher.due_jobs(p.clock.now()).await.unwrap().is_empty());
+    p.clock.set(add_months(start(), 1));
+    let jobs = refresher.due_jobs(p.clock.now()).await.unwrap();
+    assert_eq!(jobs.len(), 23);
+
+    let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap();
+    let sqs = tally::queue::sqs::SqsQueue::local_client(&endpoint);
+    let url = sqs
+        .create_queue()
+        .queue_name(format!("refresh-jobs-{}", ulid::Ulid::new()))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let sink = SqsJobs::new(sqs.clone(), &url);
+    assert_eq!(refresher.schedule(&sink).await.unwrap(), 23);
+    let mut received: Vec<Job> = Vec::new();
+    for _ in 0..20 {
+        let out = sqs
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .unwrap();
+        let msgs = out.messages();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            received.push(serde_json::from_str(m.body().unwrap()).unwrap());
+            sqs.delete_message()
+                .queue_url(&url)
+                .receipt_handle(m.receipt_handle().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    let mut got: Vec<String> = received.iter().map(|j| j.workspace.to_string()).collect();
+    got.sort();
+    let mut want = names.clone();
+    want.sort();
+    assert_eq!(got, want);
+    // The jobs run through the SQS worker grant month 2 once each.
+    for job in &received {
+        refresher.run(job).await.unwrap();
+    }
+    for ws in &names {
+        assert_eq!(plan_grants(&p, ws).await.len(), 1, "{ws}");
+    }
+}
+
+/// A sink that keeps what it was sent.
+#[derive(Default)]
+struct Sent(std::sync::Mutex<Vec<Job>>);
+
+#[async_trait::async_trait]
+impl JobSink for Sent {
+    async fn send(&self, jobs: &[Job]) -> Result<(), tally::queue::QueueError> {
+        self.0.lock().unwrap().extend_from_slice(jobs);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_sqs_worker_handles_duplicates_and_reports_only_the_bad_message() {
+    let p = embedded();
+    let ws = "acme";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Yearly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+    let sample = |name: &str| -> serde_json::Value {
+        let path = format!(
+            "{}/../events/credit-refresh/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let batch: SqsEvent = serde_json::from_value(sample("jobs-with-duplicate.json")).unwrap();
+    let due: Job = serde_json::from_str(batch.records[0].body.as_deref().unwrap()).unwrap();
+    assert_eq!(due.workspace, WorkspaceId::parse(ws).unwrap());
+    assert_eq!(
+        due.due,
+        add_months(start(), 1),
+        "the sample names the Feb 29 allotment"
+    );
+    p.clock.set(due.due + Duration::minutes(5));
+    let sent = Sent::default();
+    let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
+    // The schedule's tick, as the Lambda receives it: one job for the due workspace.
+    let answer = refresher
+        .handle_event(&sent, sample("scheduled-tick.json"))
+        .await
+        .unwrap();
+    assert_eq!(answer["jobs"], 1);
+    assert_eq!(sent.0.lock().unwrap()[0].workspace, due.workspace);
+
+    // The jobs batch: the unreadable message alone is reported for redelivery.
+    let answer = refresher
+        .handle_event(&sent, sample("jobs-with-duplicate.json"))
+        .await
+        .unwrap();
+    let failed: Vec<String> = answer["batchItemFailures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(failed, [batch.records[1].message_id.clone().unwrap()]);
+    // And the whole batch redelivered: still one grant.
+    process_batch(&refresher, batch).await;
+    assert_eq!(plan_grants(&p, ws).await, [((2, 29), 400)]);
+}
+
+#[test]
+fn the_sample_tick_is_an_eventbridge_scheduled_event() {
+    let path = format!(
+        "{}/../events/credit-refresh/scheduled-tick.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let event: aws_lambda_events::event::eventbridge::EventBridgeEvent =
+        serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(event.detail_type, "Scheduled Event");
+    assert!(
+        v.get("Records").is_none(),
+        "the handler tells the two triggers apart by Records"
+    );
+}
