@@ -8,5 +8,6 @@ mod purchases;
 mod queues;
 mod rules;
 mod service_properties;
+mod simulator;
 mod store_conformance;
 mod stripe_api;
