@@ -754,3 +754,85 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
     assert!(std::panic::catch_unwind(|| assert_typed(&[broken])).is_err());
     assert!(app.local.billing_queue.dead_letters().is_empty());
 }
+
+#[tokio::test]
+async fn changes_without_proration_invoice_nothing_now_and_bill_the_new_items_at_renewal() {
+    let app = TestApp::new();
+    let (sub, _) = subscribe(&app, "org_np", "generative", "monthly").await;
+    let o = owner("org_np");
+    let units = |n: u64| {
+        let app = &app;
+        let o = o.clone();
+        async move {
+            let r = app
+                .send(
+                    Method::PUT,
+                    "/v1/subscription/addons",
+                    Some(&o),
+                    Some(&json!({"units": n}).to_string()),
+                    &[],
+                )
+                .await;
+            assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+            app.settle_billing().await;
+            r.body
+        }
+    };
+    units(2).await;
+    let with_units = of_subscription(&events(&app), &sub)
+        .into_iter()
+        .rfind(|e| e.kind == "invoice.paid")
+        .map(|e| object(e).clone())
+        .unwrap();
+    assert_eq!(with_units["billing_reason"], "subscription_update");
+    let added = lines(&with_units);
+    assert_eq!(added.len(), 1, "a new item has no unused time: {added:#?}");
+    assert!(
+        added[0].0.starts_with("Remaining time on 2 × "),
+        "{}",
+        added[0].0
+    );
+    assert_eq!(
+        added[0].1,
+        2 * 1000,
+        "added at the very start of the period"
+    );
+    let before = events(&app).len();
+    let down = app
+        .post(
+            "/v1/subscription/change",
+            &o,
+            json!({"plan": "plus", "interval": "monthly"}),
+        )
+        .await;
+    assert_eq!(down.body["effective"], "at_renewal", "{:#}", down.body);
+    app.settle_billing().await;
+    assert_eq!(units(0).await["effective"], "at_renewal");
+    let now: Vec<String> = events(&app)[before..]
+        .iter()
+        .map(|e| e.kind.clone())
+        .collect();
+    assert!(
+        now.iter().all(|k| k == "customer.subscription.updated"),
+        "no invoice without proration: {now:?}"
+    );
+    let updated = events(&app).last().cloned().unwrap();
+    let items = object(&updated)["items"]["data"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(items.len(), 1, "the add-on item is deleted");
+    advance_days(&app, 30).await;
+    let renewal = of_subscription(&events(&app), &sub)
+        .into_iter()
+        .find(|e| e.kind == "invoice.paid" && object(e)["billing_reason"] == "subscription_cycle")
+        .map(|e| object(e).clone())
+        .unwrap();
+    let got = lines(&renewal);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1, got[0].2),
+        ("1 × Plus plan (at $12.00 / month)", 1200, false)
+    );
+    assert_eq!(renewal["amount_paid"], 1200);
+}
