@@ -836,3 +836,58 @@ async fn changes_without_proration_invoice_nothing_now_and_bill_the_new_items_at
     );
     assert_eq!(renewal["amount_paid"], 1200);
 }
+
+#[tokio::test]
+async fn a_switch_to_a_shorter_interval_credits_the_unused_year_and_bills_the_new_month() {
+    let app = TestApp::new();
+    let (sub, _) = subscribe(&app, "org_ym", "max", "yearly").await;
+    advance_days(&app, 10).await;
+    let before = events(&app).len();
+    let r = app
+        .post(
+            "/v1/subscription/change",
+            &owner("org_ym"),
+            json!({"plan": "max", "interval": "monthly"}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+    let all = events(&app);
+    let later = of_subscription(&all[before..], &sub);
+    let paid: Vec<_> = later.iter().filter(|e| e.kind == "invoice.paid").collect();
+    assert_eq!(paid.len(), 1, "{:?}", kinds(&later));
+    let now = ts(utc(2026, 11, 11, 12));
+    let (start, year_end) = (ts(utc(2026, 11, 1, 12)), ts(utc(2027, 11, 1, 12)));
+    let inv = object(paid[0]);
+    let got = lines(inv);
+    let yearly = 12 * 2900 * 60 / 100; // Max yearly: twelve months less 40%
+    let credit = -prorated(yearly, year_end - now, year_end - start);
+    assert!(got[0].0.starts_with("Unused time on Max plan after"));
+    assert_eq!(
+        got.iter().map(|l| (l.1, l.2, l.3)).collect::<Vec<_>>(),
+        vec![
+            (credit, true, (now, year_end)),
+            (2900, false, (now, ts(utc(2026, 12, 11, 12))))
+        ],
+        "Stripe resets the anchor, credits the unused year and bills the new month"
+    );
+    // The credit exceeds the charge: it goes to the customer's balance, nothing is charged.
+    assert_eq!(inv["total"], credit + 2900);
+    assert!(credit + 2900 < 0);
+    assert_eq!(
+        (inv["amount_due"].as_i64(), inv["amount_paid"].as_i64()),
+        (Some(0), Some(0))
+    );
+    assert!(!later.iter().any(|e| e.kind == "charge.succeeded"));
+    let s = object(
+        later
+            .iter()
+            .find(|e| e.kind == "customer.subscription.updated")
+            .unwrap(),
+    );
+    assert_eq!(s["billing_cycle_anchor"], now);
+    assert_eq!(
+        s["items"]["data"][0]["price"]["recurring"]["interval"],
+        "month"
+    );
+}
