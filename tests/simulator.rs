@@ -724,6 +724,40 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
         app.settle_billing().await;
     }
     let sim = app.local.simulator.as_ref().unwrap();
+    // A pack bought at checkout and an off-session top-up with the saved card.
+    let pack = app
+        .post(
+            "/v1/checkout/sessions",
+            &o,
+            json!({"kind": "pack", "pack": "pack_100"}),
+        )
+        .await;
+    let path = pack.body["url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("http://tally.test")
+        .unwrap()
+        .to_owned();
+    app.send(
+        Method::POST,
+        &format!("{path}/pay"),
+        None,
+        Some(""),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+    use tally::payments::Payments;
+    sim.charge_saved_method(&tally::payments::TopUp {
+        workspace: tally_tests::workspace(ws),
+        customer: customer.parse().unwrap(),
+        payment_method: "pm_sim_lifecycle".parse().unwrap(),
+        pack: "pack_100".into(),
+        amount: tally::money::Cents::new(900),
+        idempotency_key: "topup-lifecycle".into(),
+    })
+    .await
+    .unwrap();
+    app.settle_billing().await;
     assert!(sim.set_card_declines(&customer, true));
     advance_days(&app, 380).await;
     let all = events(&app);
@@ -739,6 +773,7 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
         "invoice.payment_failed",
         "charge.succeeded",
         "charge.failed",
+        "payment_intent.succeeded",
     ] {
         assert!(seen.contains(k), "{k} not seen in {seen:?}");
     }
