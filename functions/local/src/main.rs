@@ -51,7 +51,8 @@ async fn main() -> anyhow::Result<()> {
         tokens.generation_service,
         tokens.support,
         if simulated {
-            "; payments are simulated, see /sim/events"
+            "; payments are simulated, see /sim/events;\n\
+             move the clock with POST /sim/clock/advance {\"days\":30}"
         } else {
             ""
         },
