@@ -519,7 +519,7 @@ impl Simulator {
             // A new interval resets the billing cycle anchor to now and bills the new
             // period in full; the old period's unused time is credited when prorating.
             if change.prorate_now {
-                for item in &current.items {
+                for item in current.items.iter().filter(|i| i.quantity > 0) {
                     lines.push(Line::prorated(item, old_period, now, true));
                 }
             }
