@@ -122,7 +122,7 @@ pub fn support() -> String {
 pub const WEBHOOK_SECRET: &str = "whsec_test_local";
 
 /// The whole local system (every route, the billing queue and worker, the payments
-/// simulator) over an in-memory store and a manual clock.
+/// simulator) over an in-memory store and one manual clock, which the simulator advances.
 pub struct TestApp {
     pub router: Router,
     pub ledger: Ledger,
@@ -155,6 +155,7 @@ impl TestApp {
         let (ledger, clock) = ledger_over(store.clone());
         let local = tally_local::build(tally_local::LocalConfig {
             ledger: ledger.clone(),
+            clock: clock.clone(),
             docs: store.clone(),
             dev_secret: SECRET.into(),
             webhook_secrets: vec![WEBHOOK_SECRET.into()],
@@ -359,7 +360,7 @@ impl TestApp {
         let sig = tally_local::simulator::stripe_signature(
             &payload,
             WEBHOOK_SECRET,
-            chrono::Utc::now().timestamp(),
+            tally::clock::Clock::now(self.clock.as_ref()).timestamp(),
         );
         self.send(
             Method::POST,

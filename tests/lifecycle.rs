@@ -277,3 +277,147 @@ async fn a_preview_says_what_a_change_costs_and_grants_and_changes_nothing() {
         r.assert_problem(422, "validation_failed");
     }
 }
+
+/// Plan-allowance grants in the workspace's journal, oldest first: (entry id, credits).
+async fn plan_grants(app: &TestApp, ws: &str) -> Vec<(String, u64)> {
+    use tally::ledger::{LotChange, LotSource};
+    let mut journal = app
+        .ledger
+        .store
+        .entries(
+            &tally_tests::workspace(ws),
+            &tally::store::EntryQuery {
+                before: None,
+                limit: 10_000,
+            },
+        )
+        .await
+        .unwrap();
+    journal.reverse();
+    journal
+        .iter()
+        .flat_map(|e| {
+            e.lots.iter().filter_map(move |c| match c {
+                LotChange::Created { lot } if lot.source == LotSource::PlanPeriod => {
+                    Some((e.id.clone(), lot.original.get()))
+                }
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+async fn advance_days(app: &TestApp, days: i64) {
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&serde_json::json!({ "days": days }).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+}
+
+#[tokio::test]
+async fn a_yearly_plan_gets_twelve_monthly_allotments_as_the_clock_moves() {
+    let app = TestApp::new();
+    app.subscribe("org_year", "max", "yearly").await;
+    assert_eq!(plan_grants(&app, "org_year").await.len(), 1);
+    // Day 61: three allotments, never zero.
+    advance_days(&app, 61).await;
+    assert_eq!(plan_grants(&app, "org_year").await.len(), 3);
+    assert!(app.available("org_year").await > 0);
+    // Just before the anniversary: twelve, each 400 credits, once.
+    advance_days(&app, 363 - 61).await;
+    let grants = plan_grants(&app, "org_year").await;
+    assert_eq!(grants.len(), 12, "{grants:#?}");
+    assert!(grants.iter().all(|(_, c)| *c == 400));
+    // Moving the clock again within the year grants nothing more.
+    advance_days(&app, 1).await;
+    assert_eq!(plan_grants(&app, "org_year").await.len(), 12);
+}
+
+#[tokio::test]
+async fn a_canceled_plan_does_not_renew_and_a_paused_yearly_plan_gets_no_allotments() {
+    let app = TestApp::new();
+    app.subscribe("org_stop", "max", "monthly").await;
+    let r = app
+        .post(
+            "/v1/subscription/cancel",
+            &owner("org_stop"),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    advance_days(&app, 70).await;
+    assert_eq!(
+        plan_grants(&app, "org_stop").await.len(),
+        1,
+        "no renewal after cancel"
+    );
+    assert!(
+        app.sim_events("invoice.paid")
+            .iter()
+            .all(|i| i["billing_reason"] != "subscription_cycle")
+    );
+
+    app.subscribe("org_pause", "max", "yearly").await;
+    let p = app
+        .post(
+            "/v1/subscription/pause",
+            &owner("org_pause"),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(p.status.as_u16(), 200, "{:#}", p.body);
+    advance_days(&app, 95).await;
+    assert_eq!(
+        plan_grants(&app, "org_pause").await.len(),
+        1,
+        "a paused subscription gets no allotments"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_on_the_last_day_of_a_31_day_period_grants_a_day_not_a_month() {
+    let app = TestApp::new();
+    // The test clock starts on Nov 1: advance to Dec 1, a 31-day period to Jan 1.
+    app.subscribe("org_d31", "max", "monthly").await;
+    advance_days(&app, 30).await;
+    let before = app.available("org_d31").await;
+    advance_days(&app, 30).await;
+    let up = app.change_plan("org_d31", "team", "monthly").await;
+    assert_eq!(up.body["effective"], "now", "{:#}", up.body);
+    app.settle_billing().await;
+    let granted = up.body["credits_granted"].as_u64().unwrap();
+    // One day of 31: (6000 - 400) / 31 is about 180; never the month's 5,600.
+    assert!((150..=181).contains(&granted), "{granted}");
+    assert!(app.available("org_d31").await <= before + 400 + granted);
+}
+
+#[tokio::test]
+async fn add_on_units_an_hour_before_renewal_cost_and_grant_an_hour() {
+    let app = TestApp::new();
+    app.subscribe("org_hour", "max", "monthly").await;
+    // The period runs Nov 1 12:00 -> Dec 1 12:00; stop an hour before its end.
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&serde_json::json!({"until": "2026-12-01T11:00:00Z"}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    let more = app.set_units("org_hour", 100).await;
+    assert_eq!(more.body["effective"], "now", "{:#}", more.body);
+    let charged = more.body["charged_cents"].as_u64().unwrap();
+    let granted = more.body["credits_granted"].as_u64().unwrap();
+    // 100 units are $1,000 and 6,000 credits a month; an hour of 720 is about $1.39 and 8.
+    assert!(charged <= 140, "{charged}");
+    assert!(granted <= 6000 / 720, "{granted}");
+}

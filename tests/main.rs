@@ -10,5 +10,7 @@ mod queues;
 mod refresh;
 mod rules;
 mod service_properties;
+mod simulation;
+mod simulator;
 mod store_conformance;
 mod stripe_api;

@@ -9,7 +9,7 @@ use purchases::{PurchasesState, ReturnUrls, router};
 use serde_json::Value;
 use std::sync::Arc;
 use tally::catalog::Catalog;
-use tally::clock::SystemClock;
+use tally::clock::OffsetClock;
 use tally::http::AuthMode;
 use tally::service::Ledger;
 use tally::store::embedded::EmbeddedStore;
@@ -18,15 +18,12 @@ use tower::ServiceExt;
 
 fn app() -> Router {
     let store = Arc::new(EmbeddedStore::in_memory());
-    let ledger = Ledger::new(
-        store.clone(),
-        Arc::new(SystemClock),
-        Arc::new(Catalog::builtin()),
-    );
+    let clock = Arc::new(OffsetClock::new());
+    let ledger = Ledger::new(store.clone(), clock.clone(), Arc::new(Catalog::builtin()));
     let state = PurchasesState {
         ledger,
         docs: store,
-        payments: Simulator::new("https://pay.example", "whsec_x", Router::new()),
+        payments: Simulator::new("https://pay.example", "whsec_x", Router::new(), clock, None),
         urls: ReturnUrls::new("https://studio.example", &Default::default()),
     };
     router(state, AuthMode::ApiGateway)

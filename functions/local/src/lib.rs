@@ -10,6 +10,7 @@ use serde_json::json;
 use simulator::Simulator;
 use std::sync::Arc;
 use tally::billing::BillingEvents;
+use tally::clock::{AdvanceableClock, OffsetClock};
 use tally::config::{self, ReturnUrlOverrides};
 use tally::http::AuthMode;
 use tally::http::auth::{SCOPE_ADMIN, SCOPE_SETTLE, authenticate, dev_token};
@@ -36,7 +37,11 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// What the local system is made of.
 pub struct LocalConfig {
+    /// Its clock must be `clock`: the local system runs on one clock.
     pub ledger: Ledger,
+    /// The one clock of the local system: the ledger's, the webhook's signature check's
+    /// and the simulator's, which moves it forward (`POST /sim/clock/advance`).
+    pub clock: Arc<dyn AdvanceableClock>,
     pub docs: Arc<dyn DocStore>,
     pub dev_secret: String,
     /// Webhook signing secrets; the first signs simulated events.
@@ -83,6 +88,10 @@ impl tally::queue::Consumer for NotificationLog {
 /// Builds every function's routes over shared in-process parts and starts the billing
 /// worker on the in-process FIFO queue. Must run inside a Tokio runtime.
 pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
+    let same_clock = std::ptr::addr_eq(Arc::as_ptr(&cfg.ledger.clock), Arc::as_ptr(&cfg.clock));
+    if !same_clock {
+        anyhow::bail!("the ledger must run on the local system's clock");
+    }
     let billing_queue = LocalQueue::new(
         tally::queue::BILLING_EVENTS_QUEUE,
         true,
@@ -91,7 +100,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let webhook = tally_stripe_webhook::routes(WebhookState {
         secrets: Arc::new(cfg.webhook_secrets.clone()),
         queue: billing_queue.clone(),
-        clock: Arc::new(tally::clock::SystemClock),
+        clock: cfg.clock.clone(),
     });
     let (payments, simulator): (Arc<dyn Payments>, Option<Arc<Simulator>>) =
         match &cfg.stripe_secret_key {
@@ -101,7 +110,13 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
                     .webhook_secrets
                     .first()
                     .ok_or_else(|| anyhow::anyhow!("the simulator needs a webhook secret"))?;
-                let sim = Simulator::new(&cfg.base_url, secret, webhook.clone());
+                let sim = Simulator::new(
+                    &cfg.base_url,
+                    secret,
+                    webhook.clone(),
+                    cfg.clock.clone(),
+                    Some(billing_queue.clone()),
+                );
                 (sim.clone(), Some(sim))
             }
         };
@@ -138,6 +153,12 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         .merge(webhook)
         .merge(tally::http::service_routes(openapi()));
     if let Some(sim) = &simulator {
+        // Tally's own schedule (yearly allotments, lapsed lots, overdue holds) runs as the
+        // simulated clock moves, as the credit-refresh function runs every 15 minutes.
+        sim.set_schedule(Arc::new(CreditRefresh {
+            ledger: cfg.ledger.clone(),
+            docs: cfg.docs.clone(),
+        }));
         let log = notifications.clone();
         public = public.merge(sim.routes()).route(
             "/sim/notifications",
@@ -156,6 +177,26 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     })
 }
 
+/// The credit refresh run in-process by the simulator's clock.
+struct CreditRefresh {
+    ledger: Ledger,
+    docs: Arc<dyn DocStore>,
+}
+
+#[async_trait::async_trait]
+impl simulator::ScheduleHook for CreditRefresh {
+    async fn run(&self, now: DateTime<Utc>) {
+        match tally::refresh::run_due(&self.ledger, &self.docs, now).await {
+            Ok(report) => {
+                if report.granted() > 0 {
+                    tracing::info!(at = %now, granted = report.granted(), "credit refresh ran");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, at = %now, "credit refresh failed"),
+        }
+    }
+}
+
 /// Gives the demo workspace a Max plan and its monthly credits, once (replays are no-ops).
 pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
     let workspace = WorkspaceId::parse(DEMO_WORKSPACE).expect("valid demo id");
@@ -165,7 +206,8 @@ pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
         .plan("max")
         .expect("the catalog has a max plan")
         .clone();
-    let period_end = now + Duration::days(30);
+    let period_end = DateTime::from_timestamp(simulator::add_months(now.timestamp(), 1), 0)
+        .expect("a month later is a valid instant");
     let seed = |key: &str, op: Operation| LedgerRequest {
         workspace: workspace.clone(),
         key: IdempotencyKey::derived(format!("demo-seed:{key}")),
@@ -292,13 +334,26 @@ impl Settings {
 }
 
 /// The ledger and documents over the embedded store in `data_dir`, with the catalog from
-/// `catalog_path` or the shipped one.
+/// `catalog_path` or the shipped one, on a clock that follows wall time plus whatever the
+/// simulator has advanced it by (the offset starts at zero on every start).
 pub fn stores(
     data_dir: &std::path::Path,
     catalog_path: Option<&std::path::Path>,
-) -> anyhow::Result<(Ledger, Arc<dyn DocStore>)> {
+) -> anyhow::Result<Stores> {
     let catalog = Arc::new(tally::catalog::Catalog::load(catalog_path)?);
     let store = Arc::new(tally::store::embedded::EmbeddedStore::open(data_dir)?);
-    let ledger = Ledger::new(store.clone(), Arc::new(tally::clock::SystemClock), catalog);
-    Ok((ledger, store))
+    let clock = Arc::new(OffsetClock::new());
+    let ledger = Ledger::new(store.clone(), clock.clone(), catalog);
+    Ok(Stores {
+        ledger,
+        docs: store,
+        clock,
+    })
+}
+
+/// What [`stores`] opens: the ledger, the documents and the clock they run on.
+pub struct Stores {
+    pub ledger: Ledger,
+    pub docs: Arc<dyn DocStore>,
+    pub clock: Arc<dyn AdvanceableClock>,
 }

@@ -6,12 +6,17 @@ use tally_local::{LocalConfig, Settings, build, demo_tokens, seed_demo, stores};
 async fn main() -> anyhow::Result<()> {
     tally::telemetry::init_local();
     let settings = Settings::from_env()?;
-    let (ledger, docs) = stores(&settings.data_dir, settings.catalog_path.as_deref())?;
+    let tally_local::Stores {
+        ledger,
+        docs,
+        clock,
+    } = stores(&settings.data_dir, settings.catalog_path.as_deref())?;
     seed_demo(&ledger).await?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], settings.port));
     let simulated = settings.stripe_secret_key.is_none();
     let local = build(LocalConfig {
         ledger,
+        clock,
         docs,
         dev_secret: settings.dev_secret.clone(),
         webhook_secrets: settings.webhook_secrets.clone(),
@@ -46,7 +51,8 @@ async fn main() -> anyhow::Result<()> {
         tokens.generation_service,
         tokens.support,
         if simulated {
-            "; payments are simulated, see /sim/events"
+            "; payments are simulated, see /sim/events;\n\
+             move the clock with POST /sim/clock/advance {\"days\":30}"
         } else {
             ""
         },

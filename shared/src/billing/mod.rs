@@ -219,6 +219,22 @@ impl BillingEvents {
         }
         if let Some(sub) = &sub {
             if let Some(level) = &credits.opens {
+                // The credit refresh grants a yearly period's later months from it.
+                crate::refresh::record_paid_period(
+                    self.docs.as_ref(),
+                    &crate::refresh::PaidPeriod {
+                        workspace: workspace.clone(),
+                        subscription: sub.clone(),
+                        invoice: invoice.id.clone(),
+                        interval: level.interval,
+                        plan: level.plan.clone(),
+                        addon_units: level.addon_units,
+                        period_start: level.period_start,
+                        period_end: level.period_end,
+                    },
+                    self.ledger.clock.now(),
+                )
+                .await?;
                 periods::open(
                     self.docs.as_ref(),
                     workspace,
@@ -232,6 +248,15 @@ impl BillingEvents {
                 .await?;
             }
             if let Some((level, at)) = &credits.changes {
+                crate::refresh::raise_level(
+                    self.docs.as_ref(),
+                    workspace,
+                    sub,
+                    level.period_start,
+                    &level.plan,
+                    level.addon_units,
+                )
+                .await?;
                 periods::change(self.docs.as_ref(), workspace, sub, &invoice.id, level, *at)
                     .await?;
             }

@@ -7,38 +7,62 @@
 //! `GET /sim/events` lists every delivered event; `POST /sim/events/{id}/redeliver` sends
 //! one again (with a fresh signature) to see duplicates handled.
 //!
+//! Time is the local system's one clock, shared with the ledger and the webhook: like a
+//! Stripe test clock, `POST /sim/clock/advance` moves it forward and plays, in time order,
+//! everything Stripe does in between (renewals on calendar anchors, cancellations at period
+//! end, voided invoices while collection is paused, failed payments and their retries), see
+//! `cycle`. Subscription updates follow Stripe's rules for the parameters Tally's adapter
+//! sends: proration invoices with "Unused time" and "Remaining time" lines, interval
+//! switches resetting the billing anchor, refusals when the card declines.
+//!
 //! It lives in the local runner rather than in `tally` so that no Lambda binary carries it.
 //! The Stripe-shaped objects it sends are built in `objects`, its pages served by `pages`.
 
+mod cycle;
 mod objects;
 mod pages;
+mod pdf;
 
-pub use objects::stripe_signature;
+pub use cycle::{AdvanceError, ClockView, NoSchedule, RETRY_DAYS, ScheduleHook};
+pub use objects::{add_months, stripe_signature};
 
 use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, header};
-use chrono::{Duration, Utc};
-use objects::{SimSubscription, fixture, new_id, new_stripe_id};
+use chrono::{DateTime, Utc};
+use objects::{
+    Dunning, Line, SimItem, SimSubscription, SubStatus, card_of, charge_object, finalize, fixture,
+    invoice_object, mark_failed, mark_paid, mark_void, new_id, new_stripe_id,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use tally::clock::AdvanceableClock;
 use tally::ids::{
     CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, SubscriptionId, WorkspaceId,
 };
-use tally::money::Cents;
+use tally::payments::stripe_api::product_id;
 use tally::payments::{
     BilledInvoice, CheckoutLink, CheckoutRequest, CustomInvoice, InvoiceLink, LiveSubscription,
     Payments, PaymentsError, Purchase, RenewalChange, SubscriptionChange, TopUp,
 };
+use tally::queue::local::LocalQueue;
 use tower::ServiceExt;
 
 #[derive(Debug, Clone)]
 struct SimSession {
     request: CheckoutRequest,
     paid: bool,
+}
+
+/// An invoice as Stripe shows it now, with the idempotency key of the request that made
+/// it (custom invoices).
+#[derive(Debug, Clone)]
+struct StoredInvoice {
+    key: Option<String>,
+    object: Value,
 }
 
 /// A delivered event, as `GET /sim/events` lists it.
@@ -53,28 +77,58 @@ pub struct SimEvent {
     pub payload: Value,
 }
 
+/// Events to deliver, in order.
+type Events = Vec<(&'static str, Value)>;
+
+const DECLINED: &str = "Your card was declined.";
+
 pub struct Simulator {
     base_url: String,
     secret: String,
     webhook: Router,
+    clock: Arc<dyn AdvanceableClock>,
+    /// The billing queue: advancing the clock waits for it to apply each instant's events
+    /// before moving on, as Tally would have by then.
+    billing_queue: Option<Arc<LocalQueue>>,
+    schedule: Mutex<Arc<dyn ScheduleHook>>,
+    advancing: tokio::sync::Mutex<()>,
     sessions: Mutex<HashMap<CheckoutSessionId, SimSession>>,
     subscriptions: Mutex<HashMap<SubscriptionId, SimSubscription>>,
-    invoices: Mutex<HashMap<InvoiceId, (CustomInvoice, Value)>>,
+    invoices: Mutex<HashMap<InvoiceId, StoredInvoice>>,
+    customers: Mutex<HashSet<CustomerId>>,
+    declining: Mutex<HashSet<CustomerId>>,
+    /// Idempotency keys of subscription updates already made.
+    updates: Mutex<HashMap<String, Option<BilledInvoice>>>,
     events: Mutex<Vec<SimEvent>>,
+    event_ids: Mutex<ulid::Generator>,
 }
 
 impl Simulator {
     /// `base_url` is where the local runner serves `/sim`; `webhook` is the router that
-    /// serves `POST /webhooks/stripe`.
-    pub fn new(base_url: &str, secret: &str, webhook: Router) -> Arc<Self> {
+    /// serves `POST /webhooks/stripe`; `clock` is the local system's one clock.
+    pub fn new(
+        base_url: &str,
+        secret: &str,
+        webhook: Router,
+        clock: Arc<dyn AdvanceableClock>,
+        billing_queue: Option<Arc<LocalQueue>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             base_url: base_url.trim_end_matches('/').to_owned(),
             secret: secret.to_owned(),
             webhook,
+            clock,
+            billing_queue,
+            schedule: Mutex::new(Arc::new(NoSchedule)),
+            advancing: tokio::sync::Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             invoices: Mutex::new(HashMap::new()),
+            customers: Mutex::new(HashSet::new()),
+            declining: Mutex::new(HashSet::new()),
+            updates: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
+            event_ids: Mutex::new(ulid::Generator::new()),
         })
     }
 
@@ -82,10 +136,72 @@ impl Simulator {
         self.events.lock().expect("sim lock").clone()
     }
 
+    /// The current object of a simulated invoice, as Stripe would answer it.
+    pub fn invoice(&self, id: &str) -> Option<Value> {
+        self.invoices
+            .lock()
+            .expect("sim lock")
+            .get(id)
+            .map(|i| i.object.clone())
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now().timestamp()
+    }
+
+    /// Makes every later charge of a customer's saved card decline (`true`) or succeed.
+    /// Returns `false` for a customer the simulator does not know.
+    pub fn set_card_declines(&self, customer: &str, declines: bool) -> bool {
+        let Some(c) = self
+            .customers
+            .lock()
+            .expect("sim lock")
+            .iter()
+            .find(|c| c.as_str() == customer)
+            .cloned()
+        else {
+            return false;
+        };
+        let mut declining = self.declining.lock().expect("sim lock");
+        if declines {
+            declining.insert(c);
+        } else {
+            declining.remove(&c);
+        }
+        true
+    }
+
+    fn declines(&self, customer: &CustomerId) -> bool {
+        self.declining.lock().expect("sim lock").contains(customer)
+    }
+
+    fn store_invoice(&self, object: &Value, key: Option<String>) {
+        let id: InvoiceId = object["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("simulated invoice id");
+        let mut invoices = self.invoices.lock().expect("sim lock");
+        let key = key.or_else(|| invoices.get(&id).and_then(|i| i.key.clone()));
+        invoices.insert(
+            id,
+            StoredInvoice {
+                key,
+                object: object.clone(),
+            },
+        );
+    }
+
+    fn event_id(&self) -> String {
+        let mut ids = self.event_ids.lock().expect("sim lock");
+        // Monotonic within one millisecond, so ids sort in delivery order.
+        let id = ids.generate().unwrap_or_else(|_| ulid::Ulid::new());
+        format!("evt_sim{}", id.to_string().to_lowercase())
+    }
+
     async fn deliver(&self, kind: &str, object: Value) -> SimEvent {
-        let created = Utc::now().timestamp();
+        let created = self.now();
         let mut e = fixture("event");
-        e["id"] = json!(new_id("evt"));
+        e["id"] = json!(self.event_id());
         e["type"] = json!(kind);
         e["created"] = json!(created);
         e["livemode"] = json!(false);
@@ -102,9 +218,15 @@ impl Simulator {
         event
     }
 
+    async fn deliver_all(&self, events: Events) {
+        for (kind, object) in events {
+            self.deliver(kind, object).await;
+        }
+    }
+
     async fn post_signed(&self, event: &Value) -> u16 {
         let payload = event.to_string();
-        let signature = stripe_signature(&payload, &self.secret, Utc::now().timestamp());
+        let signature = stripe_signature(&payload, &self.secret, self.now());
         let req = Request::post("/webhooks/stripe")
             .header(header::CONTENT_TYPE, "application/json")
             .header("stripe-signature", signature)
@@ -114,6 +236,55 @@ impl Simulator {
             Ok(res) => res.status().as_u16(),
             Err(never) => match never {},
         }
+    }
+
+    /// Finalizes and collects a new subscription invoice as Stripe does: voided while
+    /// collection is paused, paid at once when nothing is due, else charged to the saved
+    /// card (a decline leaves it open, the subscription past due, and retries scheduled).
+    /// Returns the events from `invoice.created` on; the caller delivers them.
+    fn collect(&self, sub: &mut SimSubscription, mut inv: Value, now: i64) -> Events {
+        let mut out: Events = vec![("invoice.created", inv.clone())];
+        let id: InvoiceId = inv["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("simulated invoice id");
+        sub.latest_invoice = Some(id.clone());
+        if sub.paused {
+            finalize(&mut inv, now);
+            mark_void(&mut inv, now);
+            out.push(("invoice.voided", inv.clone()));
+        } else {
+            finalize(&mut inv, now);
+            out.push(("invoice.finalized", inv.clone()));
+            let due = inv["amount_due"].as_i64().unwrap_or_default();
+            let meta = json!({"org_id": sub.metadata.get("org_id")});
+            if due == 0 {
+                mark_paid(&mut inv, now);
+                out.push(("invoice.paid", inv.clone()));
+            } else if self.declines(&sub.customer) {
+                let card = card_of(&sub.customer);
+                let charge = charge_object(&sub.customer, due, now, meta, &card, true);
+                out.push(("charge.failed", charge));
+                mark_failed(&mut inv, Some(now + RETRY_DAYS[0] * 86_400));
+                out.push(("invoice.payment_failed", inv.clone()));
+                sub.status = SubStatus::PastDue;
+                if sub.dunning.is_none() {
+                    sub.dunning = Some(Dunning {
+                        invoice: id,
+                        first_failed: now,
+                        retries: 0,
+                    });
+                }
+            } else {
+                let card = card_of(&sub.customer);
+                let charge = charge_object(&sub.customer, due, now, meta, &card, false);
+                out.push(("charge.succeeded", charge));
+                mark_paid(&mut inv, now);
+                out.push(("invoice.paid", inv.clone()));
+            }
+        }
+        self.store_invoice(&inv, None);
+        out
     }
 
     /// Plays Stripe's side of a completed checkout. Paying twice delivers nothing new.
@@ -127,12 +298,13 @@ impl Simulator {
             s.paid = true;
             s.request.clone()
         };
-        let now = Utc::now().timestamp();
+        let now = self.now();
         let ws = request.workspace.to_string();
         let customer = request.customer.clone();
         let meta = tally::payments::stripe_api::checkout_metadata(&request);
         let mut session = fixture("checkout.session");
         session["id"] = json!(session_id);
+        session["created"] = json!(now);
         session["customer"] = json!(customer);
         session["client_reference_id"] = json!(ws);
         session["status"] = json!("complete");
@@ -141,44 +313,29 @@ impl Simulator {
         session["success_url"] = json!(request.success_url);
         session["cancel_url"] = json!(request.cancel_url);
         session["url"] = Value::Null;
-        let mut charge = fixture("charge");
-        charge["id"] = json!(new_id("ch"));
-        charge["customer"] = json!(customer);
-        charge["created"] = json!(now);
-        charge["metadata"] = json!({"org_id": ws});
-        charge["amount_refunded"] = json!(0);
-        // A workspace id may hold characters a Stripe id may not ('-', '.', ':').
-        let workspace_part: String = request
-            .workspace
-            .as_str()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        charge["payment_method"] = json!(format!("pm_sim_{workspace_part}"));
-        charge["refunded"] = json!(false);
-        charge["refunds"] =
-            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
+        let card = card_of(&customer);
         match &request.purchase {
             Purchase::Pack {
                 quantity,
                 unit_amount,
                 ..
             } => {
-                let amount = quantity * unit_amount.get();
+                let amount = (quantity * unit_amount.get()) as i64;
                 session["mode"] = json!("payment");
                 session["amount_total"] = json!(amount);
                 session["amount_subtotal"] = json!(amount);
                 session["subscription"] = Value::Null;
-                charge["amount"] = json!(amount);
-                charge["amount_captured"] = json!(amount);
+                session["invoice"] = Value::Null;
+                let charge =
+                    charge_object(&customer, amount, now, json!({"org_id": ws}), &card, false);
                 self.deliver("charge.succeeded", charge).await;
                 self.deliver("checkout.session.completed", session).await;
             }
             Purchase::Plan {
                 plan,
+                name,
                 interval,
                 unit_amount,
-                ..
             } => {
                 let mut metadata = meta.clone();
                 metadata.remove("kind");
@@ -190,151 +347,333 @@ impl Simulator {
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))
                         .collect(),
-                    interval: *interval,
-                    unit_amount: unit_amount.get(),
-                    addon_units: 0,
-                    addon_unit_amount: 0,
+                    items: vec![SimItem {
+                        id: new_id("si"),
+                        price: new_id("price"),
+                        product: product_id("plan", plan),
+                        name: format!("{name} plan"),
+                        unit_amount: unit_amount.get(),
+                        interval: *interval,
+                        quantity: 1,
+                        created: now,
+                    }],
+                    created: now,
+                    anchor: now,
+                    cycle: 0,
                     period_start: now,
                     period_end: now,
                     cancel_at_period_end: false,
                     paused: false,
-                    plan_product: tally::payments::stripe_api::product_id("plan", plan),
-                    addon_product: None,
-                    next: None,
+                    status: SubStatus::Active,
+                    ended_at: None,
+                    dunning: None,
                     latest_invoice: None,
+                    schedule: None,
                 };
-                sub.period_end = now + Duration::days(sub.days()).num_seconds();
-                self.subscriptions
-                    .lock()
-                    .expect("sim lock")
-                    .insert(sub.id.clone(), sub.clone());
-                let open = sub.invoice(
+                sub.set_cycle(now, 0);
+                let id: InvoiceId = new_stripe_id("in");
+                let lines: Vec<Line> = sub
+                    .items
+                    .iter()
+                    .map(|i| Line::full(i, (sub.period_start, sub.period_end)))
+                    .collect();
+                let mut inv = invoice_object(
                     &self.base_url,
+                    &id,
+                    &customer,
+                    now,
                     "subscription_create",
-                    unit_amount.get(),
-                    false,
+                    &lines,
+                    Some(&sub),
                 );
-                sub.latest_invoice = open["id"].as_str().map(str::to_owned);
-                self.subscriptions
-                    .lock()
-                    .expect("sim lock")
-                    .insert(sub.id.clone(), sub.clone());
-                let mut paid = open.clone();
-                paid["status"] = json!("paid");
-                paid["amount_paid"] = json!(unit_amount);
-                paid["amount_remaining"] = json!(0);
-                paid["status_transitions"]["paid_at"] = json!(now);
+                sub.latest_invoice = Some(id.clone());
+                // The card was just entered on the checkout page: the first invoice is paid.
+                let mut events: Events = vec![("invoice.created", inv.clone())];
+                finalize(&mut inv, now);
+                events.push(("invoice.finalized", inv.clone()));
+                let amount = unit_amount.get() as i64;
+                let charge =
+                    charge_object(&customer, amount, now, json!({"org_id": ws}), &card, false);
+                events.push(("charge.succeeded", charge));
+                mark_paid(&mut inv, now);
+                events.push(("invoice.paid", inv.clone()));
+                self.store_invoice(&inv, None);
                 session["mode"] = json!("subscription");
                 session["subscription"] = json!(sub.id);
-                session["invoice"] = paid["id"].clone();
-                session["amount_total"] = json!(unit_amount);
-                charge["amount"] = json!(unit_amount);
-                charge["amount_captured"] = json!(unit_amount);
-                self.deliver("customer.subscription.created", sub.object())
-                    .await;
-                self.deliver("invoice.finalized", open).await;
-                self.deliver("invoice.paid", paid).await;
-                self.deliver("charge.succeeded", charge).await;
-                self.deliver("checkout.session.completed", session).await;
+                session["invoice"] = json!(id);
+                session["amount_total"] = json!(amount);
+                session["amount_subtotal"] = json!(amount);
+                events.insert(0, ("customer.subscription.created", sub.object()));
+                events.push(("checkout.session.completed", session));
+                self.subscriptions
+                    .lock()
+                    .expect("sim lock")
+                    .insert(sub.id.clone(), sub);
+                self.deliver_all(events).await;
             }
         }
         Some(request.success_url)
     }
-}
 
-impl Simulator {
-    /// Plays a renewal: the next period starts and its invoice is paid.
-    pub async fn renew(&self, subscription: &str) -> bool {
-        let sub = {
-            let mut subs = self.subscriptions.lock().expect("sim lock");
-            let Some(sub) = subs.get_mut(subscription) else {
-                return false;
-            };
-            if let Some(next) = sub.next.take() {
-                // The schedule's next phase starts: its prices from this renewal on.
-                sub.unit_amount = next.plan.unit_amount.get();
-                sub.interval = next.plan.interval;
-                sub.plan_product = next.plan.product.clone();
-                sub.addon_units = next.addons.0;
-                sub.addon_unit_amount = next.addons.1.unit_amount.get();
-                sub.addon_product = (next.addons.0 > 0).then(|| next.addons.1.product.clone());
-                for (k, v) in &next.next_metadata {
-                    sub.metadata.insert(k.clone(), v.clone());
-                }
-                for k in tally::subscriptions::meta::SCHEDULED_KEYS {
-                    sub.metadata.remove(k);
-                }
-                if let Some(plan) = next.plan.product.strip_prefix("tally_plan_") {
-                    sub.metadata.insert("plan".into(), plan.into());
-                }
-                sub.metadata
-                    .insert("interval".into(), next.plan.interval.as_str().into());
-                sub.metadata
-                    .insert("addon_units".into(), next.addons.0.to_string());
-            }
-            let length = Duration::days(sub.days()).num_seconds();
-            sub.period_start = sub.period_end;
-            sub.period_end += length;
-            sub.clone()
-        };
-        let amount = sub.unit_amount + sub.addon_units * sub.addon_unit_amount;
-        let invoice = sub.invoice(&self.base_url, "subscription_cycle", amount, true);
-        self.deliver("customer.subscription.updated", sub.object())
-            .await;
-        self.deliver("invoice.paid", invoice).await;
-        true
-    }
-}
-
-impl Simulator {
-    /// Pays a custom-payment invoice (once; paying again delivers nothing new).
+    /// Pays an open custom-payment invoice (once; paying again delivers nothing new).
     pub async fn pay_invoice(&self, id: &str) -> bool {
         let invoice = {
             let mut invoices = self.invoices.lock().expect("sim lock");
-            let Some((_, inv)) = invoices.get_mut(id) else {
+            let Some(stored) = invoices.get_mut(id) else {
                 return false;
             };
-            if inv["status"] == "paid" {
+            let inv = &mut stored.object;
+            if inv["status"] != "open" || inv["billing_reason"] != "manual" {
                 return true;
             }
-            let now = Utc::now().timestamp();
-            inv["status"] = json!("paid");
-            inv["amount_paid"] = inv["amount_due"].clone();
-            inv["amount_remaining"] = json!(0);
-            inv["status_transitions"]["paid_at"] = json!(now);
+            mark_paid(inv, self.now());
             inv.clone()
         };
         self.deliver("invoice.paid", invoice).await;
         true
+    }
+
+    /// Applies a subscription update under Stripe's rules; returns the events to deliver.
+    /// The subscription after `change`, and the invoice lines Stripe bills for it now.
+    fn plan_update(
+        &self,
+        current: &SimSubscription,
+        change: &SubscriptionChange,
+        now: i64,
+    ) -> Result<(SimSubscription, Vec<Line>), PaymentsError> {
+        if current.status == SubStatus::Canceled {
+            return Err(PaymentsError::refused(
+                "A canceled subscription can only update its cancellation_details and metadata.",
+            ));
+        }
+        if current.schedule.is_some() && change.cancel_at_period_end == Some(true) {
+            return Err(PaymentsError::refused(
+                "The subscription is managed by a subscription schedule; release it before cancelling.",
+            ));
+        }
+        if let Some(expected) = &change.expect {
+            let key = |i: &tally::payments::LiveItem| {
+                (
+                    i.product.clone(),
+                    i.quantity,
+                    i.unit_amount,
+                    i.interval.as_str(),
+                )
+            };
+            let mut now_items: Vec<_> = current.live().items.iter().map(key).collect();
+            let mut then: Vec<_> = expected.iter().map(key).collect();
+            now_items.sort();
+            then.sort();
+            if now_items != then {
+                return Err(PaymentsError::Changed {
+                    message: "its items are not the ones the change was decided against".into(),
+                });
+            }
+        }
+        let mut next = current.clone();
+        // (before, after) of each item the update touches.
+        let mut touched: Vec<(Option<SimItem>, Option<SimItem>)> = Vec::new();
+        if let Some(p) = &change.plan {
+            let i = next
+                .items
+                .iter()
+                .position(|i| !i.product.starts_with("tally_addon_"))
+                .ok_or_else(|| PaymentsError::refused("the subscription has no plan item"))?;
+            let old = next.items[i].clone();
+            next.items[i] = SimItem {
+                price: new_id("price"),
+                product: p.product.clone(),
+                name: p.product_name.clone(),
+                unit_amount: p.unit_amount.get(),
+                interval: p.interval,
+                ..old.clone()
+            };
+            touched.push((Some(old), Some(next.items[i].clone())));
+        }
+        if let Some((quantity, p)) = &change.addons {
+            // The adapter names the existing add-on item (whatever its add-on) by its id.
+            let found = next
+                .items
+                .iter()
+                .position(|i| i.product.starts_with("tally_addon_"));
+            match (found, *quantity) {
+                (Some(i), 0) => touched.push((Some(next.items.remove(i)), None)),
+                (None, 0) => {}
+                (found, q) => {
+                    let item = SimItem {
+                        id: found.map_or_else(|| new_id("si"), |i| next.items[i].id.clone()),
+                        price: new_id("price"),
+                        product: p.product.clone(),
+                        name: p.product_name.clone(),
+                        unit_amount: p.unit_amount.get(),
+                        interval: p.interval,
+                        quantity: q,
+                        created: found.map_or(now, |i| next.items[i].created),
+                    };
+                    match found {
+                        Some(i) => {
+                            touched.push((Some(next.items[i].clone()), Some(item.clone())));
+                            next.items[i] = item;
+                        }
+                        None => {
+                            touched.push((None, Some(item.clone())));
+                            next.items.push(item);
+                        }
+                    }
+                }
+            }
+        }
+        let interval = next.interval();
+        if next.items.iter().any(|i| i.interval != interval) {
+            return Err(PaymentsError::refused(
+                "Currently all prices on a subscription must have the same `recurring.interval` and `recurring.interval_count`.",
+            ));
+        }
+        for (k, v) in &change.metadata {
+            if v.is_empty() {
+                next.metadata.remove(k);
+            } else {
+                next.metadata.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(c) = change.cancel_at_period_end {
+            next.cancel_at_period_end = c;
+        }
+        if let Some(p) = change.pause {
+            next.paused = p;
+        }
+        let old_period = (current.period_start, current.period_end);
+        let mut lines = Vec::new();
+        let switch = interval != current.interval();
+        if switch {
+            // A new interval resets the billing cycle anchor to now and bills the new
+            // period in full; the old period's unused time is credited when prorating.
+            if change.prorate_now {
+                for item in current.items.iter().filter(|i| i.quantity > 0) {
+                    lines.push(Line::prorated(item, old_period, now, true));
+                }
+            }
+            next.set_cycle(now, 0);
+            for item in &next.items {
+                lines.push(Line::full(item, (next.period_start, next.period_end)));
+            }
+        } else if change.prorate_now {
+            for (before, after) in &touched {
+                if let Some(b) = before.as_ref().filter(|b| b.quantity > 0) {
+                    lines.push(Line::prorated(b, old_period, now, true));
+                }
+                if let Some(a) = after.as_ref().filter(|a| a.quantity > 0) {
+                    lines.push(Line::prorated(a, old_period, now, false));
+                }
+            }
+        }
+        Ok((next, lines))
+    }
+
+    fn apply_update(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<(Events, Option<BilledInvoice>), PaymentsError> {
+        let now = self.now();
+        let mut subs = self.subscriptions.lock().expect("sim lock");
+        let current = subs.get(&change.subscription).ok_or_else(|| {
+            PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
+        })?;
+        let (mut next, lines) = self.plan_update(current, change, now)?;
+        let mut events: Events = Vec::new();
+        let mut billed = None;
+        if !lines.is_empty() {
+            let total: i64 = lines.iter().map(|l| l.amount).sum();
+            let strict = change.prorate_now; // payment_behavior=error_if_incomplete
+            if strict && total > 0 && !next.paused && self.declines(&next.customer) {
+                return Err(PaymentsError::refused(DECLINED));
+            }
+            let id: InvoiceId = new_stripe_id("in");
+            let inv = invoice_object(
+                &self.base_url,
+                &id,
+                &next.customer,
+                now,
+                "subscription_update",
+                &lines,
+                Some(&next),
+            );
+            events = self.collect(&mut next, inv, now);
+            billed = events
+                .iter()
+                .rev()
+                .find(|(_, o)| o["id"] == json!(id))
+                .map(|(_, o)| billed_invoice(o));
+        }
+        let before = current.object();
+        let after = next.object();
+        if before != after {
+            events.insert(0, ("customer.subscription.updated", after));
+        }
+        subs.insert(next.id.clone(), next);
+        Ok((events, billed))
+    }
+}
+
+/// An invoice object as the payments port describes it.
+fn billed_invoice(inv: &Value) -> BilledInvoice {
+    let lines = inv["lines"]["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            Some(tally::payments::BilledLine {
+                product: l["pricing"]["price_details"]["product"]
+                    .as_str()?
+                    .to_owned(),
+                quantity: l["quantity"].as_u64().unwrap_or(1),
+                amount: l["amount"].as_i64().unwrap_or_default(),
+                period_start: at(l["period"]["start"].as_i64().unwrap_or_default()),
+                period_end: at(l["period"]["end"].as_i64().unwrap_or_default()),
+                proration: l["parent"]["subscription_item_details"]["proration"] == json!(true),
+                description: l["description"].as_str().unwrap_or_default().to_owned(),
+            })
+        })
+        .collect();
+    BilledInvoice {
+        id: inv["id"].as_str().and_then(|i| i.parse().ok()),
+        lines,
+        subtotal: inv["subtotal"].as_i64().unwrap_or_default(),
+        tax: 0,
+        total: inv["total"].as_i64().unwrap_or_default(),
+        amount_paid: tally::money::Cents::new(inv["amount_paid"].as_u64().unwrap_or_default()),
+        paid: inv["status"] == "paid",
     }
 }
 
 #[async_trait]
 impl Payments for Simulator {
     async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
+        if self.declines(&req.customer) {
+            return Err(PaymentsError::refused(DECLINED));
+        }
+        let now = self.now();
         let id: PaymentIntentId = new_stripe_id("pi");
         let metadata = json!({"org_id": req.workspace.to_string(), "kind": "pack", "pack": req.pack,
             "quantity": "1", "topup": "true"});
         let mut intent = fixture("payment_intent");
         intent["id"] = json!(id);
+        intent["created"] = json!(now);
         intent["amount"] = json!(req.amount);
         intent["amount_received"] = json!(req.amount);
         intent["customer"] = json!(req.customer);
         intent["payment_method"] = json!(req.payment_method);
         intent["status"] = json!("succeeded");
         intent["metadata"] = metadata.clone();
-        let mut charge = fixture("charge");
-        charge["id"] = json!(new_id("ch"));
-        charge["customer"] = json!(req.customer);
-        charge["amount"] = json!(req.amount);
-        charge["amount_captured"] = json!(req.amount);
-        charge["amount_refunded"] = json!(0);
+        let mut charge = charge_object(
+            &req.customer,
+            req.amount.get() as i64,
+            now,
+            metadata,
+            req.payment_method.as_str(),
+            false,
+        );
         charge["payment_intent"] = json!(id);
-        charge["payment_method"] = json!(req.payment_method);
-        charge["created"] = json!(Utc::now().timestamp());
-        charge["metadata"] = metadata;
-        charge["refunds"] =
-            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
         self.deliver("payment_intent.succeeded", intent).await;
         self.deliver("charge.succeeded", charge).await;
         Ok(id)
@@ -344,102 +683,96 @@ impl Payments for Simulator {
         &self,
         req: &CustomInvoice,
     ) -> Result<InvoiceLink, PaymentsError> {
+        let link = |id: &InvoiceId| InvoiceLink {
+            id: id.clone(),
+            hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
+        };
         if let Some((id, _)) = self
             .invoices
             .lock()
             .expect("sim lock")
             .iter()
-            .find(|(_, (r, _))| r.idempotency_key == req.idempotency_key)
+            .find(|(_, i)| i.key.as_deref() == Some(req.idempotency_key.as_str()))
         {
-            return Ok(InvoiceLink {
-                id: id.clone(),
-                hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
-            });
+            return Ok(link(id));
         }
-        let id: InvoiceId = new_stripe_id("in");
-        let mut inv = fixture("invoice");
-        inv["id"] = json!(id);
-        inv["customer"] = json!(req.customer);
-        inv["billing_reason"] = json!("manual");
-        inv["collection_method"] = json!("send_invoice");
-        inv["created"] = json!(Utc::now().timestamp());
-        inv["currency"] = json!("usd");
-        inv["description"] = json!(req.description);
-        inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
-        let text = id.as_str();
-        inv["number"] = json!(format!("SIM-{}", &text[text.len() - 6..]));
-        inv["hosted_invoice_url"] = json!(format!("{}/sim/invoices/{id}", self.base_url));
-        inv["invoice_pdf"] = json!(format!("{}/sim/invoices/{id}.pdf", self.base_url));
-        inv["parent"] = Value::Null;
-        inv["lines"]["data"][0]["amount"] = json!(req.amount);
-        inv["lines"]["data"][0]["period"] =
-            json!({"start": Utc::now().timestamp(), "end": Utc::now().timestamp()});
-        for k in ["amount_due", "total", "subtotal", "amount_remaining"] {
-            inv[k] = json!(req.amount);
-        }
-        inv["amount_paid"] = json!(0);
-        inv["status"] = json!("open");
-        inv["status_transitions"]["paid_at"] = Value::Null;
-        self.invoices
+        self.customers
             .lock()
             .expect("sim lock")
-            .insert(id.clone(), (req.clone(), inv.clone()));
+            .insert(req.customer.clone());
+        let now = self.now();
+        let id: InvoiceId = new_stripe_id("in");
+        let item = SimItem {
+            id: new_id("ii"),
+            price: new_id("price"),
+            product: "tally_custom_payment".into(),
+            name: req.description.clone(),
+            unit_amount: req.amount.get(),
+            interval: tally::ledger::Interval::Monthly,
+            quantity: 1,
+            created: now,
+        };
+        let line = Line {
+            description: req.description.clone(),
+            amount: req.amount.get() as i64,
+            quantity: 1,
+            period: (now, now),
+            item,
+            proration: false,
+        };
+        let mut inv = invoice_object(
+            &self.base_url,
+            &id,
+            &req.customer,
+            now,
+            "manual",
+            &[line],
+            None,
+        );
+        inv["lines"]["data"][0]["parent"] = json!({"type": "invoice_item_details",
+            "subscription_item_details": null,
+            "invoice_item_details": {"invoice_item": new_id("ii"), "proration": false,
+                "proration_details": {"credited_items": null}, "subscription": null}});
+        inv["lines"]["data"][0]["pricing"]["price_details"]["price"] = Value::Null;
+        inv["lines"]["data"][0]["subscription"] = Value::Null;
+        inv["collection_method"] = json!("send_invoice");
+        inv["description"] = json!(req.description);
+        inv["due_date"] = json!(now + req.days_until_due as i64 * 86_400);
+        inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
+        finalize(&mut inv, now);
+        self.store_invoice(&inv, Some(req.idempotency_key.clone()));
         self.deliver("invoice.finalized", inv).await;
-        Ok(InvoiceLink {
-            hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
-            id,
-        })
+        Ok(link(&id))
     }
 
     async fn subscription(&self, id: &SubscriptionId) -> Result<LiveSubscription, PaymentsError> {
-        let subs = self.subscriptions.lock().expect("sim lock");
-        let sub = subs
+        self.subscriptions
+            .lock()
+            .expect("sim lock")
             .get(id)
-            .ok_or_else(|| PaymentsError::refused(format!("No such subscription: '{id}'")))?;
-        Ok(sub.live())
+            .map(SimSubscription::live)
+            .ok_or_else(|| PaymentsError::refused(format!("No such subscription: '{id}'")))
     }
 
     async fn update_subscription(
         &self,
         change: &SubscriptionChange,
     ) -> Result<Option<BilledInvoice>, PaymentsError> {
-        let now = Utc::now().timestamp();
-        let (sub, lines) = {
-            let mut subs = self.subscriptions.lock().expect("sim lock");
-            let sub = subs.get_mut(&change.subscription).ok_or_else(|| {
-                PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
-            })?;
-            let lines = sub.apply(change, now);
-            (sub.clone(), lines)
-        };
-        let mut billed = None;
-        let invoice = (change.prorate_now && !lines.is_empty())
-            .then(|| sub.change_invoice(&self.base_url, &lines));
-        if let Some(inv) = &invoice {
-            let id = inv["id"].as_str().unwrap_or_default().to_owned();
-            if let Some(s) = self
-                .subscriptions
+        let key = &change.idempotency_key;
+        // The same key answers as the first time, as Stripe does.
+        if let Some(first) = self.updates.lock().expect("sim lock").get(key).cloned()
+            && !key.is_empty()
+        {
+            return Ok(first);
+        }
+        let (events, billed) = self.apply_update(change)?;
+        if !key.is_empty() {
+            self.updates
                 .lock()
                 .expect("sim lock")
-                .get_mut(&change.subscription)
-            {
-                s.latest_invoice = Some(id.clone());
-            }
-            billed = Some(BilledInvoice {
-                id: id.parse().ok(),
-                lines: lines.iter().map(|l| l.billed()).collect(),
-                subtotal: inv["subtotal"].as_i64().unwrap_or_default(),
-                tax: 0,
-                total: inv["total"].as_i64().unwrap_or_default(),
-                amount_paid: Cents::new(inv["amount_paid"].as_u64().unwrap_or_default()),
-                paid: inv["status"] == "paid",
-            });
+                .insert(key.clone(), billed.clone());
         }
-        self.deliver("customer.subscription.updated", sub.object())
-            .await;
-        if let Some(inv) = invoice {
-            self.deliver("invoice.paid", inv).await;
-        }
+        self.deliver_all(events).await;
         Ok(billed)
     }
 
@@ -447,7 +780,8 @@ impl Payments for Simulator {
         &self,
         change: &SubscriptionChange,
     ) -> Result<BilledInvoice, PaymentsError> {
-        let mut sub = self
+        let now = self.now();
+        let current = self
             .subscriptions
             .lock()
             .expect("sim lock")
@@ -456,26 +790,43 @@ impl Payments for Simulator {
             .ok_or_else(|| {
                 PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
             })?;
-        let lines = sub.apply(change, Utc::now().timestamp());
+        let (_, lines) = self.plan_update(&current, change, now)?;
         let total: i64 = lines.iter().map(|l| l.amount).sum();
-        Ok(BilledInvoice {
-            id: None,
-            lines: lines.iter().map(|l| l.billed()).collect(),
-            subtotal: total,
-            tax: 0,
-            total,
-            amount_paid: Cents::ZERO,
-            paid: false,
-        })
+        let id: InvoiceId = new_stripe_id("in");
+        let mut preview = billed_invoice(&invoice_object(
+            &self.base_url,
+            &id,
+            &current.customer,
+            now,
+            "subscription_update",
+            &lines,
+            Some(&current),
+        ));
+        preview.id = None;
+        preview.subtotal = total;
+        preview.total = total;
+        preview.amount_paid = tally::money::Cents::ZERO;
+        preview.paid = false;
+        Ok(preview)
     }
 
     async fn schedule_renewal_change(&self, change: &RenewalChange) -> Result<(), PaymentsError> {
-        let sub = {
+        let events = {
             let mut subs = self.subscriptions.lock().expect("sim lock");
             let sub = subs.get_mut(&change.subscription).ok_or_else(|| {
                 PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
             })?;
-            sub.next = Some(change.clone());
+            if sub.status == SubStatus::Canceled {
+                return Err(PaymentsError::refused(
+                    "A canceled subscription cannot be scheduled.",
+                ));
+            }
+            let before = sub.object();
+            let id = sub
+                .schedule
+                .as_ref()
+                .map_or_else(|| new_id("sub_sched"), |(id, _)| id.clone());
+            sub.schedule = Some((id, change.clone()));
             for (k, v) in &change.metadata {
                 if v.is_empty() {
                     sub.metadata.remove(k);
@@ -483,10 +834,14 @@ impl Payments for Simulator {
                     sub.metadata.insert(k.clone(), v.clone());
                 }
             }
-            sub.clone()
+            let after = sub.object();
+            if before == after {
+                Vec::new()
+            } else {
+                vec![("customer.subscription.updated", after)]
+            }
         };
-        self.deliver("customer.subscription.updated", sub.object())
-            .await;
+        self.deliver_all(events).await;
         Ok(())
     }
 
@@ -495,21 +850,20 @@ impl Payments for Simulator {
         subscription: &SubscriptionId,
         _key: &str,
     ) -> Result<(), PaymentsError> {
-        let sub = {
+        let events = {
             let mut subs = self.subscriptions.lock().expect("sim lock");
             let sub = subs.get_mut(subscription).ok_or_else(|| {
                 PaymentsError::refused(format!("No such subscription: '{subscription}'"))
             })?;
-            if sub.next.take().is_none() {
+            if sub.schedule.take().is_none() {
                 return Ok(());
             }
             for k in tally::subscriptions::meta::SCHEDULED_KEYS {
                 sub.metadata.remove(k);
             }
-            sub.clone()
+            vec![("customer.subscription.updated", sub.object())]
         };
-        self.deliver("customer.subscription.updated", sub.object())
-            .await;
+        self.deliver_all(events).await;
         Ok(())
     }
 
@@ -519,10 +873,16 @@ impl Payments for Simulator {
         _email: Option<&str>,
         _key: &str,
     ) -> Result<CustomerId, PaymentsError> {
-        Ok(new_stripe_id("cus"))
+        let id: CustomerId = new_stripe_id("cus");
+        self.customers.lock().expect("sim lock").insert(id.clone());
+        Ok(id)
     }
 
     async fn create_checkout(&self, req: &CheckoutRequest) -> Result<CheckoutLink, PaymentsError> {
+        self.customers
+            .lock()
+            .expect("sim lock")
+            .insert(req.customer.clone());
         let mut sessions = self.sessions.lock().expect("sim lock");
         // Same idempotency key, same session, as with Stripe.
         if let Some((id, _)) = sessions
@@ -560,4 +920,9 @@ impl Payments for Simulator {
             return_url.replace('&', "%26")
         ))
     }
+}
+
+/// The instant of a Unix timestamp.
+fn at(ts: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(ts, 0).unwrap_or_default()
 }

@@ -1,13 +1,14 @@
 //! The Stripe-shaped objects the simulator sends: Stripe's own example objects (from
 //! `fixtures/stripe/`, compiled in so the runner needs no files at run time) with the fields
-//! of one simulated purchase filled in, and the signature Stripe puts on a delivery.
+//! of one simulated purchase filled in, the calendar Stripe bills on, and the signature
+//! Stripe puts on a delivery.
 
-use chrono::Utc;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use std::str::FromStr;
-use tally::ids::{CustomerId, IdError, SubscriptionId};
+use tally::ids::{CustomerId, IdError, InvoiceId, SubscriptionId};
 use tally::ledger::Interval;
 
 const FIXTURES: [(&str, &str); 6] = [
@@ -73,378 +74,554 @@ pub fn stripe_signature(payload: &str, secret: &str, timestamp: i64) -> String {
     format!("t={timestamp},v1={hex}")
 }
 
+fn at(ts: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(ts, 0).unwrap_or_default()
+}
+
+/// `anchor` plus `months` calendar months, on the anchor's day clamped to the month's last
+/// day and at the anchor's time of day, as Stripe bills `interval=month|year` prices:
+/// anchored on Jan 31, periods end Feb 28 (29 in leap years), Mar 31, Apr 30...
+pub fn add_months(anchor: i64, months: u32) -> i64 {
+    let a = at(anchor);
+    let index = a.year() * 12 + a.month0() as i32 + months as i32;
+    let (year, month) = (index.div_euclid(12), index.rem_euclid(12) as u32 + 1);
+    let first = NaiveDate::from_ymd_opt(year, month, 1).expect("valid month");
+    let next = first
+        .checked_add_months(chrono::Months::new(1))
+        .expect("valid month");
+    let last_day = (next - first).num_days() as u32;
+    first
+        .with_day(a.day().min(last_day))
+        .expect("clamped day")
+        .and_time(a.time())
+        .and_utc()
+        .timestamp()
+}
+
+pub(super) fn months(interval: Interval) -> u32 {
+    match interval {
+        Interval::Monthly => 1,
+        Interval::Yearly => 12,
+    }
+}
+
+pub(super) fn stripe_interval(interval: Interval) -> &'static str {
+    match interval {
+        Interval::Monthly => "month",
+        Interval::Yearly => "year",
+    }
+}
+
+pub(super) fn dollars(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let c = cents.unsigned_abs();
+    format!("{sign}${}.{:02}", c / 100, c % 100)
+}
+
+/// One item of a subscription: a price (Stripe makes a new one for every `price_data`) on
+/// one of Tally's products, and a quantity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SimItem {
+    pub(super) id: String,
+    pub(super) price: String,
+    pub(super) product: String,
+    pub(super) name: String,
+    pub(super) unit_amount: u64,
+    pub(super) interval: Interval,
+    pub(super) quantity: u64,
+    pub(super) created: i64,
+}
+
+impl SimItem {
+    pub(super) fn amount(&self) -> i64 {
+        (self.unit_amount * self.quantity) as i64
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SubStatus {
+    Active,
+    PastDue,
+    Canceled,
+}
+
+/// An unpaid subscription invoice being retried.
+#[derive(Debug, Clone)]
+pub(super) struct Dunning {
+    pub(super) invoice: InvoiceId,
+    pub(super) first_failed: i64,
+    /// Retries made so far.
+    pub(super) retries: usize,
+}
+
 /// A subscription as the simulator keeps it.
 #[derive(Debug, Clone)]
 pub(super) struct SimSubscription {
     pub(super) id: SubscriptionId,
     pub(super) customer: CustomerId,
     pub(super) metadata: std::collections::BTreeMap<String, String>,
-    pub(super) interval: Interval,
-    pub(super) unit_amount: u64,
-    pub(super) addon_units: u64,
-    pub(super) addon_unit_amount: u64,
+    /// The plan item first, then the add-on item if any.
+    pub(super) items: Vec<SimItem>,
+    pub(super) created: i64,
+    /// Billing cycle anchor: periods end whole calendar intervals after it.
+    pub(super) anchor: i64,
+    /// Periods since the anchor.
+    pub(super) cycle: u32,
     pub(super) period_start: i64,
     pub(super) period_end: i64,
     pub(super) cancel_at_period_end: bool,
+    /// `pause_collection` with `behavior: void`.
     pub(super) paused: bool,
-    /// Product of the plan item (`tally_plan_<id>`).
-    pub(super) plan_product: String,
-    /// Product of the add-on item, when there is one.
-    pub(super) addon_product: Option<String>,
-    /// The change a subscription schedule applies at the renewal, if any.
-    pub(super) next: Option<tally::payments::RenewalChange>,
-    /// The invoice last created for the subscription.
-    pub(super) latest_invoice: Option<String>,
-}
-
-/// A line of a simulated invoice, in Stripe's shape.
-#[derive(Debug, Clone)]
-pub(super) struct SimLine {
-    pub(super) product: String,
-    pub(super) quantity: u64,
-    pub(super) amount: i64,
-    pub(super) start: i64,
-    pub(super) end: i64,
-    pub(super) proration: bool,
-    pub(super) description: String,
-}
-
-impl SimLine {
-    pub(super) fn json(&self, sub: &SubscriptionId, invoice: &str) -> Value {
-        json!({
-            "id": new_id("il"),
-            "object": "line_item",
-            "amount": self.amount,
-            "subtotal": self.amount,
-            "currency": "usd",
-            "description": self.description,
-            "discount_amounts": [],
-            "discountable": true,
-            "discounts": [],
-            "invoice": invoice,
-            "livemode": false,
-            "metadata": {},
-            "parent": {
-                "type": "subscription_item_details",
-                "invoice_item_details": null,
-                "subscription_item_details": {
-                    "invoice_item": null,
-                    "proration": self.proration,
-                    "proration_details": {"credited_items": null},
-                    "subscription": sub,
-                    "subscription_item": new_id("si"),
-                }
-            },
-            "period": {"start": self.start, "end": self.end},
-            "pretax_credit_amounts": [],
-            "pricing": {
-                "type": "price_details",
-                "price_details": {"price": new_id("price"), "product": self.product},
-                "unit_amount_decimal": null
-            },
-            "quantity": self.quantity,
-            "quantity_decimal": null,
-            "taxes": []
-        })
-    }
-
-    pub(super) fn billed(&self) -> tally::payments::BilledLine {
-        let ts = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap_or_default();
-        tally::payments::BilledLine {
-            product: self.product.clone(),
-            quantity: self.quantity,
-            amount: self.amount,
-            period_start: ts(self.start),
-            period_end: ts(self.end),
-            proration: self.proration,
-            description: self.description.clone(),
-        }
-    }
+    pub(super) status: SubStatus,
+    pub(super) ended_at: Option<i64>,
+    pub(super) dunning: Option<Dunning>,
+    pub(super) latest_invoice: Option<InvoiceId>,
+    /// A subscription schedule's next phase: the change it applies at the renewal.
+    pub(super) schedule: Option<(String, tally::payments::RenewalChange)>,
 }
 
 impl SimSubscription {
-    pub(super) fn days(&self) -> i64 {
-        match self.interval {
-            Interval::Monthly => 30,
-            Interval::Yearly => 365,
-        }
-    }
-
     /// The subscription as the payments port describes it.
     pub(super) fn live(&self) -> tally::payments::LiveSubscription {
-        let ts = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap_or_default();
-        let item = |product: &str, unit: u64, quantity: u64| tally::payments::LiveItem {
-            id: format!("si_{}", product),
-            price: format!("price_{}", product),
-            product: product.to_owned(),
-            unit_amount: tally::money::Cents::new(unit),
-            interval: self.interval,
-            quantity,
-        };
-        let mut items = vec![item(&self.plan_product, self.unit_amount, 1)];
-        if let Some(p) = &self.addon_product
-            && self.addon_units > 0
-        {
-            items.push(item(p, self.addon_unit_amount, self.addon_units));
-        }
         tally::payments::LiveSubscription {
             id: self.id.clone(),
             customer: self.customer.clone(),
-            status: "active".into(),
+            status: match self.status {
+                SubStatus::Active => "active",
+                SubStatus::PastDue => "past_due",
+                SubStatus::Canceled => "canceled",
+            }
+            .into(),
             paused: self.paused,
             cancel_at_period_end: self.cancel_at_period_end,
-            period_start: ts(self.period_start),
-            period_end: ts(self.period_end),
-            items,
-            schedule: self
-                .next
-                .as_ref()
-                .map(|_| format!("sub_sched_{}", &self.id.as_str()[4..])),
+            period_start: at(self.period_start),
+            period_end: at(self.period_end),
+            items: self
+                .items
+                .iter()
+                .map(|i| tally::payments::LiveItem {
+                    id: i.id.clone(),
+                    price: i.price.clone(),
+                    product: i.product.clone(),
+                    unit_amount: tally::money::Cents::new(i.unit_amount),
+                    interval: i.interval,
+                    quantity: i.quantity,
+                })
+                .collect(),
+            schedule: self.schedule.as_ref().map(|(id, _)| id.clone()),
             metadata: self.metadata.clone(),
         }
     }
 
-    /// Applies a change as Stripe does with these parameters; returns the invoice lines it
-    /// bills now (prorations of changed items; an interval switch restarts the period and
-    /// bills it whole).
-    pub(super) fn apply(
-        &mut self,
-        change: &tally::payments::SubscriptionChange,
-        now: i64,
-    ) -> Vec<SimLine> {
-        let before = self.clone();
-        if let Some(p) = &change.plan {
-            self.unit_amount = p.unit_amount.get();
-            self.interval = p.interval;
-            self.plan_product = p.product.clone();
+    /// The schedule's next phase starts (at a renewal): its items and metadata from now
+    /// on, and the schedule is released (`end_behavior: release`). Returns whether the
+    /// interval changed (the billing cycle then restarts at the phase start).
+    pub(super) fn enter_next_phase(&mut self, now: i64) -> bool {
+        let Some((_, next)) = self.schedule.take() else {
+            return false;
+        };
+        let before = self.interval();
+        let mut items = Vec::new();
+        let plan_item = self.items.first().cloned();
+        let price_item =
+            |p: &tally::payments::ItemPrice, quantity: u64, old: Option<&SimItem>| SimItem {
+                id: old.map_or_else(|| new_id("si"), |o| o.id.clone()),
+                price: new_id("price"),
+                product: p.product.clone(),
+                name: p.product_name.clone(),
+                unit_amount: p.unit_amount.get(),
+                interval: p.interval,
+                quantity,
+                created: old.map_or(now, |o| o.created),
+            };
+        items.push(price_item(&next.plan, 1, plan_item.as_ref()));
+        let (units, addon) = &next.addons;
+        if *units > 0 {
+            let old = self
+                .items
+                .iter()
+                .find(|i| i.product.starts_with("tally_addon_"));
+            items.push(price_item(addon, *units, old));
         }
-        if let Some((units, p)) = &change.addons {
-            self.addon_units = *units;
-            self.addon_unit_amount = p.unit_amount.get();
-            self.addon_product = (*units > 0).then(|| p.product.clone());
+        self.items = items;
+        for k in tally::subscriptions::meta::SCHEDULED_KEYS {
+            self.metadata.remove(k);
         }
-        for (k, v) in &change.metadata {
-            if v.is_empty() {
-                self.metadata.remove(k);
-            } else {
+        for (k, v) in &next.next_metadata {
+            if !v.is_empty() {
                 self.metadata.insert(k.clone(), v.clone());
             }
         }
-        if let Some(c) = change.cancel_at_period_end {
-            self.cancel_at_period_end = c;
-        }
-        if let Some(p) = change.pause {
-            self.paused = p;
-        }
-        let mut lines = Vec::new();
-        let remaining = (self.period_end - now).max(0) as i128;
-        let length = (self.period_end - self.period_start).max(1) as i128;
-        let prorate = |amount: u64| -> i64 {
-            ((amount as i128 * remaining * 2 + length) / (2 * length)) as i64
-        };
-        let switched = before.interval != self.interval;
-        let plan_changed =
-            before.plan_product != self.plan_product || before.unit_amount != self.unit_amount;
-        let addon_changed = before.addon_units != self.addon_units
-            || before.addon_product != self.addon_product
-            || before.addon_unit_amount != self.addon_unit_amount;
-        if (plan_changed || switched) && change.prorate_now {
-            lines.push(SimLine {
-                product: before.plan_product.clone(),
-                quantity: 1,
-                amount: -prorate(before.unit_amount),
-                start: now,
-                end: before.period_end,
-                proration: true,
-                description: "Unused time on plan".into(),
-            });
-            if !switched {
-                lines.push(SimLine {
-                    product: self.plan_product.clone(),
-                    quantity: 1,
-                    amount: prorate(self.unit_amount),
-                    start: now,
-                    end: self.period_end,
-                    proration: true,
-                    description: "Remaining time on plan".into(),
-                });
-            }
-        }
-        if (addon_changed || switched) && change.prorate_now {
-            if let Some(p) = &before.addon_product
-                && before.addon_units > 0
-            {
-                lines.push(SimLine {
-                    product: p.clone(),
-                    quantity: before.addon_units,
-                    amount: -prorate(before.addon_units * before.addon_unit_amount),
-                    start: now,
-                    end: before.period_end,
-                    proration: true,
-                    description: "Unused time on add-on units".into(),
-                });
-            }
-            if let Some(p) = &self.addon_product
-                && self.addon_units > 0
-                && !switched
-            {
-                lines.push(SimLine {
-                    product: p.clone(),
-                    quantity: self.addon_units,
-                    amount: prorate(self.addon_units * self.addon_unit_amount),
-                    start: now,
-                    end: self.period_end,
-                    proration: true,
-                    description: "Remaining time on add-on units".into(),
-                });
-            }
-        }
-        if switched {
-            // Stripe resets the billing anchor to now and bills the new period whole.
-            let start = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
-            self.period_start = now;
-            self.period_end =
-                tally::subscriptions::calendar::period_end(start, self.interval).timestamp();
-            lines.push(SimLine {
-                product: self.plan_product.clone(),
-                quantity: 1,
-                amount: self.unit_amount as i64,
-                start: self.period_start,
-                end: self.period_end,
-                proration: false,
-                description: "plan".into(),
-            });
-            if let Some(p) = &self.addon_product
-                && self.addon_units > 0
-            {
-                lines.push(SimLine {
-                    product: p.clone(),
-                    quantity: self.addon_units,
-                    amount: (self.addon_units * self.addon_unit_amount) as i64,
-                    start: self.period_start,
-                    end: self.period_end,
-                    proration: false,
-                    description: "add-on units".into(),
-                });
-            }
-        }
-        lines
+        before != self.interval()
+    }
+
+    pub(super) fn interval(&self) -> Interval {
+        self.items.first().map_or(Interval::Monthly, |i| i.interval)
+    }
+
+    /// Starts period `cycle` counted from `anchor`.
+    pub(super) fn set_cycle(&mut self, anchor: i64, cycle: u32) {
+        let k = months(self.interval());
+        self.anchor = anchor;
+        self.cycle = cycle;
+        self.period_start = add_months(anchor, cycle * k);
+        self.period_end = add_months(anchor, (cycle + 1) * k);
     }
 
     pub(super) fn object(&self) -> Value {
         let mut sub = fixture("subscription");
+        let template = sub["items"]["data"][0].clone();
         sub["id"] = json!(self.id);
         sub["customer"] = json!(self.customer);
-        sub["status"] = json!(if self.paused { "paused" } else { "active" });
+        sub["status"] = json!(match self.status {
+            SubStatus::Active => "active",
+            SubStatus::PastDue => "past_due",
+            SubStatus::Canceled => "canceled",
+        });
+        sub["created"] = json!(self.created);
+        sub["start_date"] = json!(self.created);
+        sub["billing_cycle_anchor"] = json!(self.anchor);
+        sub["billing_cycle_anchor_config"] = Value::Null;
+        sub["billing_schedules"] = json!([]);
+        sub["billing_thresholds"] = Value::Null;
         sub["cancel_at_period_end"] = json!(self.cancel_at_period_end);
+        sub["cancel_at"] = if self.cancel_at_period_end {
+            json!(self.period_end)
+        } else {
+            Value::Null
+        };
+        sub["canceled_at"] = json!(self.ended_at);
+        sub["ended_at"] = json!(self.ended_at);
         sub["pause_collection"] = if self.paused {
             json!({"behavior": "void", "resumes_at": null})
         } else {
             Value::Null
         };
         sub["metadata"] = json!(self.metadata);
-        sub["schedule"] = match &self.next {
-            Some(_) => json!(format!("sub_sched_{}", &self.id.as_str()[4..])),
-            None => Value::Null,
-        };
         sub["latest_invoice"] = json!(self.latest_invoice);
-        let interval = if self.days() == 30 { "month" } else { "year" };
-        let template = sub["items"]["data"][0].clone();
-        let item = |product: &str, unit: u64, quantity: u64| {
-            let mut item = template.clone();
-            item["id"] = json!(new_id("si"));
-            item["subscription"] = json!(self.id);
-            item["current_period_start"] = json!(self.period_start);
-            item["current_period_end"] = json!(self.period_end);
-            item["quantity"] = json!(quantity);
-            item["price"]["id"] = json!(new_id("price"));
-            item["price"]["product"] = json!(product);
-            item["price"]["recurring"]["interval"] = json!(interval);
-            item["price"]["unit_amount"] = json!(unit);
-            item["price"]["unit_amount_decimal"] = json!(unit.to_string());
-            item["plan"]["interval"] = json!(interval);
-            item
-        };
-        let mut items = vec![item(&self.plan_product, self.unit_amount, 1)];
-        if let Some(p) = &self.addon_product
-            && self.addon_units > 0
-        {
-            items.push(item(p, self.addon_unit_amount, self.addon_units));
-        }
-        sub["items"]["data"] = json!(items);
+        sub["schedule"] = json!(self.schedule.as_ref().map(|(id, _)| id));
+        sub["test_clock"] = Value::Null;
+        sub["items"]["url"] = json!(format!("/v1/subscription_items?subscription={}", self.id));
+        sub["items"]["data"] = self
+            .items
+            .iter()
+            .map(|i| {
+                let mut item = template.clone();
+                item["id"] = json!(i.id);
+                item["created"] = json!(i.created);
+                item["subscription"] = json!(self.id);
+                item["quantity"] = json!(i.quantity);
+                item["current_period_start"] = json!(self.period_start);
+                item["current_period_end"] = json!(self.period_end);
+                item["billing_thresholds"] = Value::Null;
+                let interval = stripe_interval(i.interval);
+                let price = &mut item["price"];
+                price["id"] = json!(i.price);
+                price["product"] = json!(i.product);
+                price["created"] = json!(i.created);
+                price["custom_unit_amount"] = Value::Null;
+                price["transform_quantity"] = Value::Null;
+                price["unit_amount"] = json!(i.unit_amount);
+                price["unit_amount_decimal"] = json!(i.unit_amount.to_string());
+                price["recurring"]["interval"] = json!(interval);
+                let plan = &mut item["plan"];
+                plan["id"] = json!(i.price);
+                plan["amount"] = json!(i.unit_amount);
+                plan["amount_decimal"] = json!(i.unit_amount.to_string());
+                plan["billing_scheme"] = json!("per_unit");
+                plan["created"] = json!(i.created);
+                plan["currency"] = json!("usd");
+                plan["interval"] = json!(interval);
+                plan["interval_count"] = json!(1);
+                plan["livemode"] = json!(false);
+                plan["product"] = json!(i.product);
+                plan["transform_usage"] = Value::Null;
+                item
+            })
+            .collect();
         sub
     }
+}
 
-    /// An invoice of the given lines (a change's prorations).
-    pub(super) fn change_invoice(&self, base_url: &str, lines: &[SimLine]) -> Value {
-        let total: i64 = lines.iter().map(|l| l.amount).sum();
-        let mut inv = self.invoice(base_url, "subscription_update", total.max(0) as u64, true);
-        let id = inv["id"].as_str().unwrap_or_default().to_owned();
-        inv["lines"]["data"] = json!(
-            lines
-                .iter()
-                .map(|l| l.json(&self.id, &id))
-                .collect::<Vec<_>>()
-        );
-        inv["subtotal"] = json!(total);
-        inv["total"] = json!(total);
-        inv
+/// One line of an invoice: a subscription item's price for a period.
+#[derive(Debug, Clone)]
+pub(super) struct Line {
+    pub(super) description: String,
+    /// Signed cents: credits for unused time are negative.
+    pub(super) amount: i64,
+    pub(super) quantity: u64,
+    pub(super) period: (i64, i64),
+    pub(super) item: SimItem,
+    pub(super) proration: bool,
+}
+
+fn day(ts: i64) -> String {
+    at(ts).format("%-d %b %Y").to_string()
+}
+
+impl Line {
+    /// A whole period of an item at its price.
+    pub(super) fn full(item: &SimItem, period: (i64, i64)) -> Self {
+        Self {
+            description: format!(
+                "{} × {} (at {} / {})",
+                item.quantity,
+                item.name,
+                dollars(item.unit_amount as i64),
+                stripe_interval(item.interval)
+            ),
+            amount: item.amount(),
+            quantity: item.quantity,
+            period,
+            item: item.clone(),
+            proration: false,
+        }
     }
 
-    pub(super) fn invoice(&self, base_url: &str, reason: &str, amount: u64, paid: bool) -> Value {
-        let id = new_id("in");
-        let mut inv = fixture("invoice");
-        inv["id"] = json!(id);
-        inv["customer"] = json!(self.customer);
-        inv["billing_reason"] = json!(reason);
-        inv["collection_method"] = json!("charge_automatically");
-        inv["created"] = json!(Utc::now().timestamp());
-        inv["currency"] = json!("usd");
-        inv["metadata"] = json!({});
-        inv["number"] = json!(format!("SIM-{}", &id[id.len() - 6..]));
-        inv["hosted_invoice_url"] = json!(format!("{base_url}/sim/invoices/{id}"));
-        inv["invoice_pdf"] = json!(format!("{base_url}/sim/invoices/{id}.pdf"));
-        inv["parent"] = json!({"type": "subscription_details", "quote_details": null,
-            "subscription_details": {"subscription": self.id, "metadata": self.metadata}});
-        let mut lines = vec![SimLine {
-            product: self.plan_product.clone(),
-            quantity: 1,
-            amount: self.unit_amount as i64,
-            start: self.period_start,
-            end: self.period_end,
-            proration: false,
-            description: "plan".into(),
-        }];
-        if let Some(p) = &self.addon_product
-            && self.addon_units > 0
-        {
-            lines.push(SimLine {
-                product: p.clone(),
-                quantity: self.addon_units,
-                amount: (self.addon_units * self.addon_unit_amount) as i64,
-                start: self.period_start,
-                end: self.period_end,
-                proration: false,
-                description: "add-on units".into(),
-            });
-        }
-        inv["lines"]["data"] = json!(
-            lines
-                .iter()
-                .map(|l| l.json(&self.id, &id))
-                .collect::<Vec<_>>()
-        );
-        for k in ["amount_due", "total", "subtotal"] {
-            inv[k] = json!(amount);
-        }
-        inv["status"] = json!(if paid { "paid" } else { "open" });
-        inv["amount_paid"] = json!(if paid { amount } else { 0 });
-        inv["amount_remaining"] = json!(if paid { 0 } else { amount });
-        inv["status_transitions"]["paid_at"] = if paid {
-            json!(Utc::now().timestamp())
+    /// The prorated share of `item` for `[now, period.1)` out of `period`: Stripe's
+    /// "Unused time" credit (`unused`) or "Remaining time" charge, rounded to the cent.
+    pub(super) fn prorated(item: &SimItem, period: (i64, i64), now: i64, unused: bool) -> Self {
+        let remaining = (period.1 - now).max(0) as i128;
+        let length = (period.1 - period.0).max(1) as i128;
+        let full = item.amount() as i128;
+        let share = ((2 * full * remaining + length) / (2 * length)) as i64;
+        let (description, amount) = if unused {
+            (
+                format!("Unused time on {} after {}", item.name, day(now)),
+                -share,
+            )
         } else {
-            Value::Null
+            (
+                format!(
+                    "Remaining time on {} × {} after {}",
+                    item.quantity,
+                    item.name,
+                    day(now)
+                ),
+                share,
+            )
         };
-        inv
+        Self {
+            description,
+            amount,
+            quantity: item.quantity,
+            period: (now, period.1),
+            item: item.clone(),
+            proration: true,
+        }
+    }
+
+    fn object(&self, invoice: &str, subscription: &str, template: &Value) -> Value {
+        let mut l = template.clone();
+        l["id"] = json!(new_id("il"));
+        l["invoice"] = json!(invoice);
+        l["amount"] = json!(self.amount);
+        l["subtotal"] = json!(self.amount);
+        l["currency"] = json!("usd");
+        l["description"] = json!(self.description);
+        l["quantity"] = json!(self.quantity);
+        l["period"] = json!({"start": self.period.0, "end": self.period.1});
+        l["pricing"] = json!({"type": "price_details",
+            "price_details": {"price": self.item.price, "product": self.item.product},
+            "unit_amount_decimal": self.item.unit_amount.to_string()});
+        l["parent"] = json!({"type": "subscription_item_details", "invoice_item_details": null,
+            "subscription_item_details": {"invoice_item": null, "proration": self.proration,
+                "proration_details": {"credited_items": null},
+                "subscription": subscription, "subscription_item": self.item.id}});
+        l["subscription"] = json!(subscription);
+        l["taxes"] = json!([]);
+        l["pretax_credit_amounts"] = json!([]);
+        l
+    }
+}
+
+/// A draft invoice: Stripe's example invoice with these lines and amounts, its hosted page
+/// and PDF under `base_url`.
+pub(super) fn invoice_object(
+    base_url: &str,
+    id: &InvoiceId,
+    customer: &CustomerId,
+    created: i64,
+    reason: &str,
+    lines: &[Line],
+    sub: Option<&SimSubscription>,
+) -> Value {
+    let mut inv = fixture("invoice");
+    let template = inv["lines"]["data"][0].clone();
+    let sub_id = sub.map(|s| s.id.to_string()).unwrap_or_default();
+    inv["id"] = json!(id);
+    inv["customer"] = json!(customer);
+    inv["billing_reason"] = json!(reason);
+    inv["collection_method"] = json!("charge_automatically");
+    inv["created"] = json!(created);
+    inv["currency"] = json!("usd");
+    inv["metadata"] = json!({});
+    inv["account_name"] = json!("Tally (simulated)");
+    let text = id.as_str();
+    inv["number"] = json!(format!("SIM-{}", &text[text.len() - 8..].to_uppercase()));
+    inv["hosted_invoice_url"] = json!(format!("{base_url}/sim/invoices/{id}"));
+    inv["invoice_pdf"] = json!(format!("{base_url}/sim/invoices/{id}.pdf"));
+    inv["parent"] = match sub {
+        Some(s) => json!({"type": "subscription_details", "quote_details": null,
+            "subscription_details": {"subscription": s.id, "metadata": s.metadata}}),
+        None => Value::Null,
+    };
+    inv["lines"]["data"] = lines
+        .iter()
+        .map(|l| l.object(id.as_str(), &sub_id, &template))
+        .collect();
+    inv["lines"]["url"] = json!(format!("/v1/invoices/{id}/lines"));
+    let total: i64 = lines.iter().map(|l| l.amount).sum();
+    for k in [
+        "subtotal",
+        "subtotal_excluding_tax",
+        "total",
+        "total_excluding_tax",
+    ] {
+        inv[k] = json!(total);
+    }
+    // A negative total goes to the customer's credit balance; nothing is due.
+    inv["amount_due"] = json!(total.max(0));
+    inv["amount_remaining"] = json!(total.max(0));
+    inv["amount_paid"] = json!(0);
+    inv["amount_overpaid"] = json!(0);
+    inv["attempt_count"] = json!(0);
+    inv["attempted"] = json!(false);
+    inv["auto_advance"] = json!(true);
+    inv["automatic_tax"]["enabled"] = json!(false);
+    inv["total_taxes"] = json!([]);
+    inv["period_start"] = json!(created);
+    inv["period_end"] = json!(created);
+    inv["due_date"] = Value::Null;
+    inv["effective_at"] = Value::Null;
+    inv["ending_balance"] = Value::Null;
+    inv["from_invoice"] = Value::Null;
+    inv["last_finalization_error"] = Value::Null;
+    inv["next_payment_attempt"] = Value::Null;
+    inv["shipping_cost"] = Value::Null;
+    inv["webhooks_delivered_at"] = Value::Null;
+    inv["automatically_finalizes_at"] = Value::Null;
+    inv["status"] = json!("draft");
+    inv["status_transitions"] = json!({"finalized_at": null, "marked_uncollectible_at": null, "paid_at": null, "voided_at": null});
+    inv
+}
+
+pub(super) fn finalize(inv: &mut Value, now: i64) {
+    inv["status"] = json!("open");
+    inv["status_transitions"]["finalized_at"] = json!(now);
+    inv["effective_at"] = json!(now);
+    inv["ending_balance"] = json!(0);
+}
+
+pub(super) fn mark_paid(inv: &mut Value, now: i64) {
+    let due = inv["amount_due"].as_i64().unwrap_or_default();
+    inv["status"] = json!("paid");
+    inv["amount_paid"] = json!(due);
+    inv["amount_remaining"] = json!(0);
+    inv["status_transitions"]["paid_at"] = json!(now);
+    inv["next_payment_attempt"] = Value::Null;
+    if due > 0 {
+        inv["attempted"] = json!(true);
+        inv["attempt_count"] = json!(inv["attempt_count"].as_i64().unwrap_or_default() + 1);
+    }
+}
+
+pub(super) fn mark_failed(inv: &mut Value, next_attempt: Option<i64>) {
+    inv["attempted"] = json!(true);
+    inv["attempt_count"] = json!(inv["attempt_count"].as_i64().unwrap_or_default() + 1);
+    inv["next_payment_attempt"] = json!(next_attempt);
+}
+
+pub(super) fn mark_void(inv: &mut Value, now: i64) {
+    inv["status"] = json!("void");
+    inv["amount_remaining"] = json!(0);
+    inv["status_transitions"]["voided_at"] = json!(now);
+    inv["next_payment_attempt"] = Value::Null;
+}
+
+/// A card payment of `amount` by `customer`, succeeded or declined.
+pub(super) fn charge_object(
+    customer: &CustomerId,
+    amount: i64,
+    created: i64,
+    metadata: Value,
+    payment_method: &str,
+    declined: bool,
+) -> Value {
+    let mut charge = fixture("charge");
+    charge["id"] = json!(new_id("ch"));
+    charge["customer"] = json!(customer);
+    charge["created"] = json!(created);
+    charge["metadata"] = metadata;
+    charge["amount"] = json!(amount);
+    charge["amount_captured"] = json!(if declined { 0 } else { amount });
+    charge["amount_refunded"] = json!(0);
+    charge["captured"] = json!(!declined);
+    charge["paid"] = json!(!declined);
+    charge["payment_intent"] = json!(new_id("pi"));
+    charge["payment_method"] = json!(payment_method);
+    charge["refunded"] = json!(false);
+    charge["status"] = json!(if declined { "failed" } else { "succeeded" });
+    if declined {
+        charge["failure_code"] = json!("card_declined");
+        charge["failure_message"] = json!("Your card was declined.");
+    }
+    charge["refunds"] =
+        json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
+    charge
+}
+
+/// The saved card's id for a customer (one card per simulated customer).
+pub(super) fn card_of(customer: &CustomerId) -> String {
+    let part: String = customer
+        .as_str()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("pm_sim_{part}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn ts(y: i32, m: u32, d: u32) -> i64 {
+        Utc.with_ymd_and_hms(y, m, d, 9, 30, 0).unwrap().timestamp()
+    }
+
+    #[test]
+    fn months_are_calendar_months_clamped_to_the_month_end_from_the_anchor() {
+        let jan31 = ts(2028, 1, 31);
+        assert_eq!(add_months(jan31, 1), ts(2028, 2, 29));
+        assert_eq!(add_months(jan31, 2), ts(2028, 3, 31));
+        assert_eq!(add_months(jan31, 3), ts(2028, 4, 30));
+        assert_eq!(add_months(ts(2027, 1, 31), 1), ts(2027, 2, 28));
+        assert_eq!(add_months(ts(2028, 2, 29), 12), ts(2029, 2, 28));
+        assert_eq!(add_months(ts(2028, 2, 29), 48), ts(2032, 2, 29));
+        assert_eq!(add_months(ts(2026, 11, 15), 2), ts(2027, 1, 15));
+    }
+
+    #[test]
+    fn prorations_round_to_the_nearest_cent() {
+        let item = SimItem {
+            id: "si_1".into(),
+            price: "price_1".into(),
+            product: "tally_plan_max".into(),
+            name: "Max plan".into(),
+            unit_amount: 2900,
+            interval: Interval::Monthly,
+            quantity: 1,
+            created: 0,
+        };
+        let unused = Line::prorated(&item, (0, 30), 20, true);
+        assert_eq!((unused.amount, unused.period), (-967, (20, 30)));
+        let remaining = Line::prorated(&item, (0, 30), 20, false);
+        assert_eq!(remaining.amount, 967);
+        assert!(
+            unused
+                .description
+                .starts_with("Unused time on Max plan after")
+        );
     }
 }
