@@ -11,17 +11,32 @@ use utoipa::OpenApi;
 /// The document `GET /openapi.json` serves for this catalog.
 pub fn openapi(catalog: &Catalog) -> Value {
     let mut doc = tally::http::contract::document(ApiDoc::openapi());
-    apply_catalog(&mut doc, catalog);
+    complete(&mut doc, catalog);
     doc
 }
 
-/// Replaces the catalog-dependent schemas of `doc` (the local runner's merged document too).
-pub fn apply_catalog(doc: &mut Value, catalog: &Catalog) {
+/// Adds what the annotations cannot say to `doc` (the local runner's merged document too):
+/// the catalog-dependent request schemas, and the link from a started generation to
+/// reading it.
+pub fn complete(doc: &mut Value, catalog: &Catalog) {
     if let Some(schemas) = doc
         .pointer_mut("/components/schemas")
         .and_then(Value::as_object_mut)
     {
         schemas.insert("GenerationSpec".into(), generation_spec(catalog));
+    }
+    if let Some(created) = doc
+        .pointer_mut("/paths/~1v1~1generations/post/responses/201")
+        .and_then(Value::as_object_mut)
+    {
+        created.insert(
+            "links".into(),
+            json!({"GetGeneration": {
+                "operationId": "get_generation",
+                "parameters": {"id": "$response.body#/id"},
+                "description": "The generation just started",
+            }}),
+        );
     }
 }
 

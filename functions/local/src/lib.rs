@@ -37,8 +37,8 @@ pub fn openapi(catalog: &tally::catalog::Catalog, simulated: bool) -> serde_json
     merged.info.description =
         Some("Every HTTP route of every function, as the local runner serves them.".into());
     let mut doc = tally::http::contract::document(merged);
-    credits_api::contract::apply_catalog(&mut doc, catalog);
-    purchases::contract::apply_catalog(&mut doc, catalog);
+    credits_api::contract::complete(&mut doc, catalog);
+    purchases::contract::complete(&mut doc, catalog);
     if simulated
         && let (Some(paths), serde_json::Value::Object(sim)) = (
             doc.get_mut("paths").and_then(|p| p.as_object_mut()),

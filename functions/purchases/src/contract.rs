@@ -10,13 +10,13 @@ use utoipa::OpenApi;
 /// The document `GET /openapi.json` serves for this catalog.
 pub fn openapi(catalog: &Catalog) -> Value {
     let mut doc = tally::http::contract::document(ApiDoc::openapi());
-    apply_catalog(&mut doc, catalog);
+    complete(&mut doc, catalog);
     doc
 }
 
 /// Names the catalog's plan and pack ids in the schemas that take them (the local runner's
 /// merged document too).
-pub fn apply_catalog(doc: &mut Value, catalog: &Catalog) {
+pub fn complete(doc: &mut Value, catalog: &Catalog) {
     let plans: Vec<&str> = catalog.plans.iter().map(|p| p.id.as_str()).collect();
     let packs: Vec<&str> = catalog.packs.iter().map(|p| p.id.as_str()).collect();
     let Some(schemas) = doc

@@ -19,7 +19,8 @@ pub struct PortalView {
 
 #[utoipa::path(post, path = "/v1/billing-portal", tag = "billing", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key return the same session")),
-    responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails)))]
+    responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// A Stripe customer-portal session: payment methods, invoices, plan and frequency.
 pub async fn billing_portal(
     State(st): State<PurchasesState>,

@@ -43,7 +43,8 @@ pub struct CheckoutLinkView {
     request_body = CheckoutBody,
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same body return the same session; another body under the same key is a 409")),
     responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
-        (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
 pub async fn create_checkout(
     State(st): State<PurchasesState>,

@@ -54,7 +54,8 @@ pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 100_000_000;
     security(("bearer" = [])), params(WorkspacePath,
         ("Idempotency-Key" = String, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Required: one invoice per key")),
     request_body = CustomPaymentBody,
-    responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+    responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Support staff bill an agreed amount for agreed credits: Stripe sends the invoice, and the
 /// credits are granted when it is paid.
 pub async fn custom_payment(

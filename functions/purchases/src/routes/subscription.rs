@@ -95,7 +95,8 @@ pub async fn subscription(
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     request_body = ChangeBody,
     responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Changes plan or billing interval: upgrades now (prorated, credits at once), downgrades at
 /// the next renewal (benefits kept until then).
 pub async fn change(
@@ -139,7 +140,8 @@ pub async fn change(
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     request_body = AddonsBody,
     responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Sets the number of add-on credit units: more apply now (prorated charge, credits at
 /// once), fewer from the next renewal.
 pub async fn addons(
@@ -210,7 +212,8 @@ async fn set_status(
 
 #[utoipa::path(post, path = "/v1/subscription/cancel", tag = "billing", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
-    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Cancels renewal at the end of the period; the workspace keeps its plan until then. Add-on
 /// units end with the subscription.
 pub async fn cancel(
@@ -223,7 +226,8 @@ pub async fn cancel(
 
 #[utoipa::path(post, path = "/v1/subscription/resume", tag = "billing", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
-    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Undoes a cancellation or a pause.
 pub async fn resume(
     State(st): State<PurchasesState>,
@@ -235,7 +239,8 @@ pub async fn resume(
 
 #[utoipa::path(post, path = "/v1/subscription/pause", tag = "billing", security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
-    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Pauses collection: renewals are not charged (and grant nothing) until resumed.
 pub async fn pause(
     State(st): State<PurchasesState>,
