@@ -185,6 +185,13 @@ async fn request_schemas_state_the_bounds_the_server_enforces() {
             .contains(&json!("duration_s"))
     );
     assert_eq!(pro["additionalProperties"], false);
+    // Settling takes an empty body (the defaults).
+    for settle in ["complete", "fail"] {
+        assert_eq!(
+            doc["paths"][format!("/v1/generations/{{id}}/{settle}")]["post"]["requestBody"]["required"],
+            false
+        );
+    }
     // Text fields: one line, bounded.
     for (name, field) in [
         ("AdjustmentRequest", "reason"),

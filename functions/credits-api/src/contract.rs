@@ -16,9 +16,19 @@ pub fn openapi(catalog: &Catalog) -> Value {
 }
 
 /// Adds what the annotations cannot say to `doc` (the local runner's merged document too):
-/// the catalog-dependent request schemas, and the link from a started generation to
-/// reading it.
+/// the catalog-dependent request schemas, that settling takes an empty body, and the link
+/// from a started generation to reading it.
 pub fn complete(doc: &mut Value, catalog: &Catalog) {
+    for settle in ["complete", "fail"] {
+        if let Some(body) = doc
+            .pointer_mut(&format!(
+                "/paths/~1v1~1generations~1{{id}}~1{settle}/post/requestBody"
+            ))
+            .and_then(Value::as_object_mut)
+        {
+            body.insert("required".into(), Value::Bool(false));
+        }
+    }
     if let Some(schemas) = doc
         .pointer_mut("/components/schemas")
         .and_then(Value::as_object_mut)

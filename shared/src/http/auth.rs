@@ -294,8 +294,7 @@ pub fn dev_token(secret: &[u8], claims: &serde_json::Value) -> String {
 }
 
 /// Verifies an HS256 dev token (signature in constant time, `exp` required, `nbf` honoured)
-/// and returns its
-/// claims as strings, the way API Gateway presents them.
+/// and returns its claims as strings, the way API Gateway presents them.
 #[cfg(feature = "local")]
 pub fn verify_dev_token(
     token: &str,
