@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The API contract: starts the local system (tally-local) on a free loopback port over a
 # fresh data folder and runs schemathesis against its /openapi.json with every kind of
-# caller (workspace owner, member, the generation service, support staff), all checks on.
+# caller (workspace owners with and without a paid subscription, a member, the generation
+# service, support staff), all checks on.
 # Any failure fails the run. MAX_EXAMPLES bounds the cases per operation (and caller).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,14 @@ token() { sed -n "s/^export $1=\([^ ]*\).*/\1/p" "$log_dir/contract-local.log" |
 common=(--max-examples "$MAX_EXAMPLES" --workers 1 --generation-database none --no-color)
 if [ -n "$SEED" ]; then common+=(--seed "$SEED"); fi
 
+# Give "studio" a paid subscription through the simulator, so the subscription, invoice
+# and change routes answer with real records too.
+studio=$(token STUDIO)
+session=$(curl -fsS "$base/v1/checkout/sessions" -H "Authorization: Bearer $studio" \
+  -H 'Content-Type: application/json' -d '{"kind":"plan","plan":"generative","interval":"monthly"}' |
+  "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+curl -fsS -o /dev/null -X POST "$base/sim/checkout/$session/pay"
+
 status=0
 # A Stripe delivery is accepted only with a valid signature over its body, which no schema
 # can describe: every generated delivery is refused, so the webhook runs every check but
@@ -47,7 +56,7 @@ echo "==> schemathesis on the Stripe webhook"
   --phases examples,coverage,fuzzing \
   --checks all --exclude-checks positive_data_acceptance "${common[@]}" || status=1
 
-for who in OWNER MEMBER GENSVC SUPPORT; do
+for who in OWNER STUDIO MEMBER GENSVC SUPPORT; do
   tok=$(token "$who")
   if [ -z "$tok" ]; then
     echo "no $who token in the runner's output" >&2
