@@ -185,6 +185,41 @@ async fn request_schemas_state_the_bounds_the_server_enforces() {
             .contains(&json!("duration_s"))
     );
     assert_eq!(pro["additionalProperties"], false);
+    // Path parameters carry the rules their ids are parsed with.
+    let param = |path: &str, method: &str, name: &str| {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{method} {path} {name}"))["schema"]["pattern"]
+            .clone()
+    };
+    for (path, method) in [
+        ("/v1/generations/{id}", "get"),
+        ("/v1/generations/{id}/complete", "post"),
+        ("/v1/generations/{id}/fail", "post"),
+    ] {
+        assert_eq!(
+            param(path, method, "id"),
+            tally::ids::GenerationId::PATTERN,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        param("/v1/generations", "get", "cursor"),
+        tally::ids::GenerationId::PATTERN
+    );
+    for path in [
+        "/v1/admin/workspaces/{workspace_id}/adjustments",
+        "/v1/admin/workspaces/{workspace_id}/custom-payments",
+    ] {
+        assert_eq!(
+            param(path, "post", "workspace_id"),
+            tally::ids::WorkspaceId::PATTERN,
+            "{path}"
+        );
+    }
     // Settling takes an empty body (the defaults).
     for settle in ["complete", "fail"] {
         assert_eq!(
