@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= python3
 
-.PHONY: run test lint bench fmt clean tools build deploy measure
+.PHONY: run test soak contract lint bench fmt clean tools build deploy measure
 
 ## Build and start every HTTP route on 127.0.0.1:8080 (PORT overrides), embedded store in .tally/.
 run:
@@ -13,7 +13,16 @@ run:
 test: tools
 	VENV=$(VENV) scripts/test.sh
 
-## Python tools (emulator) in a local virtualenv, reinstalled when requirements change.
+## The API contract only: the local system under schemathesis (every check, every kind of caller).
+contract: tools
+	VENV=$(VENV) scripts/contract.sh
+
+## Longer runs than `make test` has time for; one command a line.
+soak: tools
+	VENV=$(VENV) MAX_EXAMPLES=300 scripts/contract.sh
+	PROPTEST_CASES=2000 cargo test --locked -p tally-tests --test suite -- contract::
+
+## Python tools (emulator, schemathesis) in a local virtualenv, reinstalled when requirements change.
 tools: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-dev.txt

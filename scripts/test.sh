@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: lint, then every test against a DynamoDB-compatible emulator that
-# this script starts on a free loopback port and always stops again.
+# this script starts on a free loopback port and always stops again, the end-to-end and
+# browser tests, and the API contract (scripts/contract.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,9 @@ DYNAMODB_ENDPOINT="http://127.0.0.1:$port" cargo test --workspace --locked
 
 echo "==> end to end: the real function binaries under cargo lambda watch"
 PATH="$PWD/$VENV/bin:$PATH" DYNAMODB_ENDPOINT="http://127.0.0.1:$port" "$VENV/bin/python" scripts/e2e.py
+
+echo "==> the API contract: schemathesis against the local system"
+VENV="$VENV" scripts/contract.sh
 
 echo "==> browser test of the simulated checkout page"
 scripts/install-browser.sh

@@ -3,6 +3,7 @@
 mod api;
 mod billing;
 mod concurrency;
+mod contract;
 mod infra;
 mod lifecycle;
 mod purchases;

@@ -40,8 +40,20 @@ fn check_token(kind: &'static str, value: &str, max: usize) -> Result<(), IdErro
 pub struct WorkspaceId(String);
 
 impl WorkspaceId {
+    /// The rule [`WorkspaceId::parse`] applies, as a JSON Schema pattern.
+    pub const PATTERN: &'static str = "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$";
+
+    /// Letters, digits, `-`, `_`, `.` and `:`, at most 128, starting with a letter or digit:
+    /// an id also names a path segment and a key prefix, so `.`, `..` and other
+    /// punctuation-only ids are refused.
     pub fn parse(value: &str) -> Result<Self, IdError> {
         check_token("workspace id", value, 128)?;
+        if !value.as_bytes()[0].is_ascii_alphanumeric() {
+            return Err(IdError::Malformed {
+                kind: "workspace id",
+                reason: "must start with a letter or digit".into(),
+            });
+        }
         Ok(Self(value.to_owned()))
     }
     pub fn as_str(&self) -> &str {
@@ -80,6 +92,13 @@ impl GenerationId {
     pub fn from_ulid(ulid: ulid::Ulid) -> Self {
         Self(ulid)
     }
+    /// The canonical form, as a JSON Schema pattern: `gen_` and 26 upper-case Crockford
+    /// base32 digits, the first at most 7 (a ULID is 128 bits).
+    pub const PATTERN: &'static str = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$";
+
+    /// Only the canonical spelling is accepted: one generation has one id, so lower case,
+    /// Crockford's aliases (`I`, `L`, `O`) and values beyond 128 bits are refused rather
+    /// than read as (or wrapped into) another spelling of some id.
     pub fn parse(value: &str) -> Result<Self, IdError> {
         let raw = value
             .strip_prefix(Self::PREFIX)
@@ -87,12 +106,19 @@ impl GenerationId {
                 kind: "generation id",
                 reason: format!("must start with {:?}", Self::PREFIX),
             })?;
-        ulid::Ulid::from_string(raw)
-            .map(Self)
-            .map_err(|e| IdError::Malformed {
+        let ulid = ulid::Ulid::from_string(raw).map_err(|e| IdError::Malformed {
+            kind: "generation id",
+            reason: e.to_string(),
+        })?;
+        if ulid.to_string() != raw {
+            return Err(IdError::Malformed {
                 kind: "generation id",
-                reason: e.to_string(),
-            })
+                reason:
+                    "not in canonical form (26 upper-case Crockford base32 digits, the first 0-7)"
+                        .into(),
+            });
+        }
+        Ok(Self(ulid))
     }
 }
 
@@ -173,19 +199,31 @@ impl fmt::Display for IdempotencyKey {
 /// Ids appear in the OpenAPI document as plain strings.
 macro_rules! string_schema {
     ($t:ty, $desc:expr) => {
+        string_schema!($t, $desc, None::<&str>);
+    };
+    ($t:ty, $desc:expr, $pattern:expr) => {
         impl utoipa::PartialSchema for $t {
             fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
                 utoipa::openapi::ObjectBuilder::new()
                     .schema_type(utoipa::openapi::schema::Type::String)
                     .description(Some($desc))
+                    .pattern($pattern)
                     .into()
             }
         }
         impl utoipa::ToSchema for $t {}
     };
 }
-string_schema!(WorkspaceId, "Workspace id (the org_id claim)");
-string_schema!(GenerationId, "Generation id: gen_ followed by a ULID");
+string_schema!(
+    WorkspaceId,
+    "Workspace id (the org_id claim)",
+    Some(WorkspaceId::PATTERN)
+);
+string_schema!(
+    GenerationId,
+    "Generation id: gen_ followed by a ULID",
+    Some(GenerationId::PATTERN)
+);
 string_schema!(IdempotencyKey, "Idempotency key");
 
 /// Stripe ids are opaque: Stripe documents no format beyond its object prefixes, test fixtures

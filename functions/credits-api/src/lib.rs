@@ -7,6 +7,7 @@
 //! of every function behind one identity layer. The handlers and their request and
 //! response bodies live in [`routes`], one file per resource.
 
+pub mod contract;
 pub mod routes;
 
 use axum::Router;
@@ -60,10 +61,11 @@ pub fn protected_routes(state: AppState) -> Router {
 pub fn router(state: AppState, auth: AuthMode) -> Router {
     let protected = protected_routes(state.clone())
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
+    let doc = contract::openapi(&state.ledger.catalog);
     tally::http::finish(
         public_routes(state)
             .merge(protected)
-            .merge(service_routes(ApiDoc::openapi())),
+            .merge(service_routes(doc)),
     )
 }
 

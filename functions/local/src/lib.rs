@@ -2,6 +2,7 @@
 //! embedded store, with HS256 dev tokens standing in for API Gateway's JWT authorizer, and
 //! the offline Stripe [`simulator`] when no Stripe key is set.
 
+mod sim_doc;
 pub mod simulator;
 
 use axum::Router;
@@ -27,11 +28,26 @@ use utoipa::OpenApi;
 /// The workspace `make run` prepares for trying things out.
 pub const DEMO_WORKSPACE: &str = "demo";
 
-/// The merged OpenAPI document of every function served locally.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut doc = credits_api::ApiDoc::openapi();
-    doc.merge(purchases::ApiDoc::openapi());
-    doc.merge(tally_stripe_webhook::ApiDoc::openapi());
+/// The merged OpenAPI document of every function served locally, for this catalog; with
+/// the simulator's `/sim` routes when it runs.
+pub fn openapi(catalog: &tally::catalog::Catalog, simulated: bool) -> serde_json::Value {
+    let mut merged = credits_api::ApiDoc::openapi();
+    merged.merge(purchases::ApiDoc::openapi());
+    merged.merge(tally_stripe_webhook::ApiDoc::openapi());
+    merged.info.title = "Tally (local)".into();
+    merged.info.description =
+        Some("Every HTTP route of every function, as the local runner serves them.".into());
+    let mut doc = tally::http::contract::document(merged);
+    credits_api::contract::complete(&mut doc, catalog);
+    purchases::contract::complete(&mut doc, catalog);
+    if simulated
+        && let (Some(paths), serde_json::Value::Object(sim)) = (
+            doc.get_mut("paths").and_then(|p| p.as_object_mut()),
+            sim_doc::sim_paths(),
+        )
+    {
+        paths.extend(sim);
+    }
     doc
 }
 
@@ -149,9 +165,10 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
             AuthMode::dev(&cfg.dev_secret),
             authenticate,
         ));
+    let doc = openapi(&cfg.ledger.catalog, simulator.is_some());
     let mut public = credits_api::public_routes(credits)
         .merge(webhook)
-        .merge(tally::http::service_routes(openapi()));
+        .merge(tally::http::service_routes(doc));
     if let Some(sim) = &simulator {
         // Tally's own schedule (yearly allotments, lapsed lots, overdue holds) runs as the
         // simulated clock moves, as the credit-refresh function runs every 15 minutes.

@@ -6,6 +6,7 @@
 //! The handlers and their request and response bodies live in [`routes`], one file per
 //! resource.
 
+pub mod contract;
 pub mod routes;
 
 use axum::Router;
@@ -86,9 +87,10 @@ pub fn protected_routes(state: PurchasesState) -> Router {
 
 /// The function as Lambda serves it.
 pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
+    let doc = contract::openapi(&state.ledger.catalog);
     let protected = protected_routes(state)
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
-    tally::http::finish(protected.merge(tally::http::service_routes(ApiDoc::openapi())))
+    tally::http::finish(protected.merge(tally::http::service_routes(doc)))
 }
 
 #[derive(OpenApi)]

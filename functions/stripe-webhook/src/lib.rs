@@ -4,16 +4,18 @@
 //! the billing FIFO queue (group: the Stripe customer, deduplication: the event id) and
 //! answers at once. It writes nothing to the ledger.
 
+pub mod signature;
+
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde_json::{Value, json};
+use signature::{HeaderError, SignatureHeader};
 use std::sync::Arc;
 use stripe_webhook::{Webhook, WebhookError};
 use tally::clock::Clock;
-use tally::http::{Problem, ProblemDetails};
+use tally::http::{ApiBytes, Problem, ProblemDetails};
 use tally::queue::{Message, Queue};
 use utoipa::OpenApi;
 
@@ -49,19 +51,30 @@ pub fn routes(state: WebhookState) -> Router {
 
 /// The function as Lambda serves it.
 pub fn router(state: WebhookState) -> Router {
-    tally::http::finish(routes(state).merge(tally::http::service_routes(ApiDoc::openapi())))
+    tally::http::finish(routes(state).merge(tally::http::service_routes(openapi())))
 }
 
 #[derive(OpenApi)]
 #[openapi(info(title = "Tally Stripe webhook", version = "1"), paths(receive))]
 pub struct ApiDoc;
 
+/// The document `GET /openapi.json` serves.
+pub fn openapi() -> Value {
+    tally::http::contract::document(ApiDoc::openapi())
+}
+
 fn invalid(detail: &str) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, "invalid_signature", detail)
 }
 
-/// Checks the signature against every secret; `Ok` means the body is authentic.
+/// Checks the signature against every secret; `Ok` means the body is authentic. The header
+/// is read first: a timestamp that is missing, unreadable or outside the tolerance is
+/// refused before any signature is computed.
 pub fn verify(payload: &str, header: &str, secrets: &[String], now: i64) -> Result<(), Problem> {
+    let parsed = SignatureHeader::parse(header).map_err(|e| invalid(&e.to_string()))?;
+    if !parsed.is_fresh(now) {
+        return Err(invalid(&HeaderError::Stale.to_string()));
+    }
     let mut stale = false;
     for secret in secrets {
         match Webhook::construct_event_with_timestamp(payload, header, secret, now) {
@@ -79,17 +92,31 @@ pub fn verify(payload: &str, header: &str, secrets: &[String], now: i64) -> Resu
     }))
 }
 
+/// What the webhook answers a queued delivery.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // documents the answer `receive` builds with `json!`
+pub struct Received {
+    pub received: bool,
+    /// The Stripe event id.
+    pub id: String,
+}
+
 #[utoipa::path(post, path = "/webhooks/stripe", tag = "webhooks",
-    params(("Stripe-Signature" = String, Header)),
-    request_body(content = String, content_type = "application/json", description = "A Stripe event, exactly as Stripe sent it"),
-    responses((status = 200, description = "Queued"), (status = 400, body = ProblemDetails),
+    params(("Stripe-Signature" = String, Header, description = "Stripe's signature: t=<unix seconds>,v1=<hex HMAC-SHA256>")),
+    request_body(content = serde_json::Value, content_type = "application/json", description = "A Stripe event, exactly as Stripe sent it (at most 256 KiB)"),
+    responses((status = 200, description = "Queued", body = Received),
+        (status = 400, description = "Signature missing, stale or not matching; or the signed body is not an event", body = ProblemDetails),
+        (status = 413, body = ProblemDetails), (status = 415, body = ProblemDetails),
         (status = 503, body = ProblemDetails)))]
 /// Receives a Stripe event delivery.
 pub async fn receive(
     State(state): State<WebhookState>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<axum::Json<Value>, Problem> {
+    if !tally::http::problem::is_json(&headers) {
+        return Err(tally::http::problem::unsupported_media_type());
+    }
     let header = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())

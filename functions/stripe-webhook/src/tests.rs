@@ -153,11 +153,11 @@ async fn forged_stale_tampered_and_unsigned_deliveries_are_refused_and_queue_not
         ),
         (
             Some("t=123".to_owned()),
-            "no signature matches this payload",
+            "the Stripe-Signature header has no v1 signature",
         ),
         (
             Some("garbage".to_owned()),
-            "no signature matches this payload",
+            "the Stripe-Signature header is not a list of key=value pairs",
         ),
         (None, "missing Stripe-Signature header"),
     ];

@@ -25,6 +25,8 @@ use std::sync::Arc;
 pub const SCOPE_SETTLE: &str = "credits:settle";
 /// Scope of support staff: adjustments and other admin actions on any workspace.
 pub const SCOPE_ADMIN: &str = "credits:admin";
+/// Scopes of callers who act for Tally rather than for a workspace.
+pub const STAFF_SCOPES: [&str; 2] = [SCOPE_SETTLE, SCOPE_ADMIN];
 /// Default local signing secret for dev tokens.
 #[cfg(feature = "local")]
 pub const DEFAULT_DEV_SECRET: &str = "tally-dev-secret";
@@ -78,7 +80,7 @@ impl Identity {
             ),
             None => None,
         };
-        let scopes = claims
+        let scopes: Vec<String> = claims
             .get("scope")
             .map(|s| {
                 s.trim_matches(|c| c == '[' || c == ']')
@@ -88,6 +90,13 @@ impl Identity {
                     .collect()
             })
             .unwrap_or_default();
+        // A workspace member acts for the workspace, staff and services for Tally: one
+        // token is never both, or the journal would record staff actions as the member's.
+        if role.is_some() && scopes.iter().any(|s| STAFF_SCOPES.contains(&s.as_str())) {
+            return Err(Problem::forbidden(
+                "a token carries either a workspace role or a staff scope, not both",
+            ));
+        }
         Ok(Self {
             sub,
             email: claims.get("email").cloned(),
@@ -148,6 +157,57 @@ impl<S: Send + Sync> FromRequestParts<S> for Identity {
             .get::<Identity>()
             .cloned()
             .ok_or_else(|| Problem::unauthorized("missing or invalid credentials"))
+    }
+}
+
+/// A member of a workspace (org and role claims), read before the body: who may call a
+/// route is decided before what they sent is looked at.
+#[derive(Debug, Clone)]
+pub struct WorkspaceMember {
+    pub who: Identity,
+    pub workspace: WorkspaceId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WorkspaceMember {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let who = Identity::from_request_parts(parts, state).await?;
+        let workspace = who.member_workspace()?.clone();
+        Ok(Self { who, workspace })
+    }
+}
+
+/// Support staff (scope `credits:admin`), read before the body.
+#[derive(Debug, Clone)]
+pub struct Staff(pub Identity);
+
+impl<S: Send + Sync> FromRequestParts<S> for Staff {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let who = Identity::from_request_parts(parts, state).await?;
+        who.require_scope(SCOPE_ADMIN)?;
+        Ok(Self(who))
+    }
+}
+
+/// The generation service (scope `credits:settle`), read before the body. It alone knows
+/// whether a generation succeeded and what it cost.
+#[derive(Debug, Clone)]
+pub struct Settler(pub Identity);
+
+impl<S: Send + Sync> FromRequestParts<S> for Settler {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let who = Identity::from_request_parts(parts, state).await?;
+        if !who.has_scope(SCOPE_SETTLE) {
+            return Err(Problem::forbidden(
+                "only the generation service (scope credits:settle) settles generations",
+            ));
+        }
+        Ok(Self(who))
     }
 }
 
@@ -233,8 +293,8 @@ pub fn dev_token(secret: &[u8], claims: &serde_json::Value) -> String {
     format!("{signing_input}.{sig}")
 }
 
-/// Verifies an HS256 dev token (signature in constant time, `exp` required) and returns its
-/// claims as strings, the way API Gateway presents them.
+/// Verifies an HS256 dev token (signature in constant time, `exp` required, `nbf` honoured)
+/// and returns its claims as strings, the way API Gateway presents them.
 #[cfg(feature = "local")]
 pub fn verify_dev_token(
     token: &str,
@@ -274,6 +334,12 @@ pub fn verify_dev_token(
         .ok_or_else(|| bad("no exp claim"))?;
     if exp <= now {
         return Err(bad("expired"));
+    }
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = nbf.as_i64().ok_or_else(|| bad("nbf is not a number"))?;
+        if nbf > now {
+            return Err(bad("not valid yet (nbf)"));
+        }
     }
     Ok(claims
         .into_iter()

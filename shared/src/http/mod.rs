@@ -3,12 +3,14 @@
 //! the `/health` and `/openapi.json` routes.
 
 pub mod auth;
+pub mod contract;
 pub mod idempotency;
 pub mod problem;
 pub mod service;
+pub mod text;
 
 pub use auth::{AuthMode, Identity, Role};
-pub use problem::{ApiJson, ApiQuery, Problem, ProblemDetails, optional_json};
+pub use problem::{ApiBytes, ApiJson, ApiPath, ApiQuery, Problem, ProblemDetails, optional_json};
 pub use service::{BearerAuth, service_routes};
 
 use axum::Router;

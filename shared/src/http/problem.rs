@@ -3,7 +3,6 @@
 
 use crate::ledger::LedgerError;
 use crate::service::ServiceError;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -172,8 +171,48 @@ impl From<crate::store::StoreError> for Problem {
     }
 }
 
-/// `Json<T>` whose refusals are problem details: malformed JSON is a 400
-/// `malformed_request`, well-formed JSON of the wrong shape is a 422 `validation_failed`.
+/// The one media type request bodies are read as.
+pub const JSON: &str = "application/json";
+
+/// Whether the request says its body is JSON (`application/json`, with parameters or not,
+/// or an `application/*+json` type).
+pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == JSON || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// 415 naming the accepted type.
+pub fn unsupported_media_type() -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("send the body as JSON with Content-Type: {JSON}"),
+    )
+}
+
+/// 413 for a body over the route's limit.
+pub fn payload_too_large() -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "the request body is larger than this route accepts",
+    )
+}
+
+/// `Json<T>` whose refusals are problem details: a missing or wrong `Content-Type` is a 415,
+/// a body over the limit a 413, malformed JSON a 400 `malformed_request`, and well-formed
+/// JSON of the wrong shape a 422 `validation_failed`.
 pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
@@ -184,24 +223,58 @@ where
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::JsonDataError(e)) => Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
-                e.body_text(),
-            )),
-            Err(JsonRejection::JsonSyntaxError(e)) => Err(Problem::malformed(e.body_text())),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send the body as JSON with Content-Type: application/json",
-            )),
-            Err(JsonRejection::BytesRejection(e)) => Err(Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                e.body_text(),
-            )),
+        if !is_json(req.headers()) {
+            return Err(unsupported_media_type());
+        }
+        let ApiBytes(body) = ApiBytes::from_request(req, state).await?;
+        parse_json(&body).map(ApiJson)
+    }
+}
+
+/// JSON from bytes: malformed is a 400, the wrong shape a 422. Numbers are read by value,
+/// as JSON Schema reads them: `2.0` is the integer 2.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| Problem::malformed(e.to_string()))?;
+    integral_numbers(&mut value);
+    serde_json::from_value(value).map_err(|e| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            e.to_string(),
+        )
+    })
+}
+
+/// Rewrites floats with no fractional part (and exactly representable) as integers.
+fn integral_numbers(v: &mut serde_json::Value) {
+    /// 2^53: every integer up to here is exact as a float.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && f.abs() <= EXACT
+            {
+                *v = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
+/// The raw body, refused with a 413 problem when it is over the route's limit.
+pub struct ApiBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(ApiBytes(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(payload_too_large()),
             Err(e) => Err(Problem::malformed(e.body_text())),
         }
     }
@@ -234,18 +307,39 @@ where
     }
 }
 
-/// Parses an optional JSON body: empty means `T::default()`; malformed JSON is a 400,
-/// JSON of the wrong shape a 422.
-pub fn optional_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Problem> {
+/// Parses an optional JSON body: empty means `T::default()`; otherwise it must say it is
+/// JSON (415), and malformed JSON is a 400, JSON of the wrong shape a 422.
+pub fn optional_json<T: DeserializeOwned + Default>(
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Result<T, Problem> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            e.to_string(),
-        ),
-        _ => Problem::malformed(e.to_string()),
-    })
+    if !is_json(headers) {
+        return Err(unsupported_media_type());
+    }
+    parse_json(body)
+}
+
+/// `Path<T>` whose refusals (a segment that is not valid UTF-8 once decoded, say) are 400
+/// problem details.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| Problem::malformed(e.body_text()))
+    }
 }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-/// `GET /health` and `GET /openapi.json` (serving `doc`).
-pub fn service_routes(doc: OpenApi) -> Router {
+/// `GET /health` and `GET /openapi.json` (serving `doc`, the document as
+/// [`super::contract::document`] completes it).
+pub fn service_routes(doc: serde_json::Value) -> Router {
     let doc = Arc::new(doc);
     Router::new()
         .route(

@@ -4,11 +4,11 @@
 use super::{ApiResult, MAX_REASON_CHARS};
 use crate::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
-use tally::http::auth::SCOPE_ADMIN;
-use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency_key};
+use tally::http::auth::Staff;
+use tally::http::{ApiJson, ApiPath, Problem, ProblemDetails, idempotency_key};
 use tally::ids::WorkspaceId;
 use tally::ledger::{Balance, Operation, Refs};
 use tally::money::CreditDelta;
@@ -19,9 +19,39 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdjustmentRequest {
-    /// Signed: positive grants credits (never expiring), negative takes them back.
+    /// Signed: positive grants credits (never expiring), negative takes them back; never
+    /// zero, at most 10,000,000 either way.
+    #[schema(schema_with = adjustment_credits_schema)]
     pub credits: i64,
+    #[schema(schema_with = tally::http::text::text_schema)]
     pub reason: String,
+}
+
+/// Credits taken back (-10,000,000 to -1) or granted (1 to 10,000,000).
+fn adjustment_credits_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+    let max = tally::money::MAX_CREDITS_PER_REQUEST as f64;
+    let range = |lo: f64, hi: f64| {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(lo))
+            .maximum(Some(hi))
+    };
+    OneOfBuilder::new()
+        .item(range(-max, -1.0))
+        .item(range(1.0, max))
+        .build()
+        .into()
+}
+
+/// The `{workspace_id}` of an admin route.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct WorkspacePath {
+    /// A workspace id: letters, digits, `-`, `_`, `.` and `:`, starting with a letter or digit.
+    #[param(pattern = "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+    pub workspace_id: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -33,20 +63,20 @@ pub struct AdjustmentView {
 }
 
 #[utoipa::path(post, path = "/v1/admin/workspaces/{workspace_id}/adjustments", tag = "admin",
-    security(("bearer" = [])), params(("workspace_id" = String, Path),
-        ("Idempotency-Key" = String, Header, description = "Required: adjustments move money")),
+    security(("bearer" = [])), params(WorkspacePath,
+        ("Idempotency-Key" = String, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Required: adjustments move money")),
     request_body = AdjustmentRequest,
     responses((status = 201, body = AdjustmentView), (status = 402, body = ProblemDetails),
         (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
 /// A goodwill grant (positive) or correction (negative) by support staff.
 pub async fn adjust(
     State(app): State<AppState>,
-    who: Identity,
-    Path(workspace_id): Path<String>,
+    // Who may adjust is decided before the request is read.
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<AdjustmentRequest>,
 ) -> ApiResult<(StatusCode, Json<AdjustmentView>)> {
-    who.require_scope(SCOPE_ADMIN)?;
     let workspace = WorkspaceId::parse(&workspace_id)
         .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
     let key = idempotency_key(&headers, "adjustments")?
@@ -60,13 +90,7 @@ pub async fn adjust(
             ),
         ));
     }
-    let reason = req.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
-        return Err(Problem::validation(
-            "reason",
-            &format!("must be 1 to {MAX_REASON_CHARS} characters"),
-        ));
-    }
+    let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
     // Instrumented, not entered: the span is current only while this request's future runs.
     let span = tracing::info_span!("adjust", workspace = %workspace, admin = %who.sub);
     let outcome = app

@@ -6,14 +6,56 @@ use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 use tally::catalog::{Addon, Pack, Plan, ResolutionOption, Workflow};
-use tally::money::Cents;
+use tally::money::{Cents, Credits};
 use utoipa::ToSchema;
 
+/// A plan as the pricing page shows it: the catalog's plan and its yearly price. The
+/// fields are spelled out (not the catalog's `Plan` flattened) so the schema describes
+/// the whole object.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlanView {
-    #[serde(flatten)]
-    pub plan: Plan,
+    pub id: String,
+    pub name: String,
+    pub audience: String,
+    pub monthly_credits: Credits,
+    pub monthly_price_cents: Cents,
+    pub custom_model_slots: u32,
+    pub support: String,
+    pub pack_discount_pct: u8,
+    pub rollover_days: u32,
+    /// Which add-on unit this plan can buy.
+    pub addon: String,
     pub yearly_price_cents: Cents,
+}
+
+impl PlanView {
+    fn of(plan: &Plan, yearly_price_cents: Cents) -> Self {
+        let Plan {
+            id,
+            name,
+            audience,
+            monthly_credits,
+            monthly_price_cents,
+            custom_model_slots,
+            support,
+            pack_discount_pct,
+            rollover_days,
+            addon,
+        } = plan.clone();
+        Self {
+            id,
+            name,
+            audience,
+            monthly_credits,
+            monthly_price_cents,
+            custom_model_slots,
+            support,
+            pack_discount_pct,
+            rollover_days,
+            addon,
+            yearly_price_cents,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -50,10 +92,7 @@ pub async fn catalog(State(app): State<AppState>) -> Json<CatalogView> {
         plans: c
             .plans
             .iter()
-            .map(|p| PlanView {
-                plan: p.clone(),
-                yearly_price_cents: c.yearly_price(p),
-            })
+            .map(|p| PlanView::of(p, c.yearly_price(p)))
             .collect(),
         packs: c.packs.clone(),
         addons: c.addons.clone(),

@@ -6,13 +6,14 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tally::http::Identity;
+use tally::http::{Identity, ProblemDetails};
 use tally::ledger::{Interval, PlanStatus};
 use tally::subscriptions::Entitlements;
 use utoipa::ToSchema;
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SubscriptionView {
+/// The plan in effect as the ledger knows it (the payment side is `GET /v1/subscription`).
+pub struct PlanInEffect {
     pub plan: String,
     pub name: String,
     pub interval: Interval,
@@ -23,7 +24,7 @@ pub struct SubscriptionView {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EntitlementsView {
-    pub plan: Option<SubscriptionView>,
+    pub plan: Option<PlanInEffect>,
     pub custom_model_slots: u32,
     pub custom_models_used: u32,
     pub support: String,
@@ -32,7 +33,7 @@ pub struct EntitlementsView {
 }
 
 #[utoipa::path(get, path = "/v1/entitlements", tag = "credits", security(("bearer" = [])),
-    responses((status = 200, body = EntitlementsView)))]
+    responses((status = 200, body = EntitlementsView), (status = 403, body = ProblemDetails)))]
 /// What the plan includes and how much of it is used.
 pub async fn entitlements(
     State(app): State<AppState>,
@@ -45,7 +46,7 @@ pub async fn entitlements(
     // the plan in effect, so a paused or canceled plan shows no slots or discounts.
     let given = Entitlements::of(state.plan.as_ref(), catalog);
     Ok(Json(EntitlementsView {
-        plan: state.plan.as_ref().map(|p| SubscriptionView {
+        plan: state.plan.as_ref().map(|p| PlanInEffect {
             plan: p.plan.clone(),
             name: catalog
                 .plan(&p.plan)

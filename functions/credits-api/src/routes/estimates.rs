@@ -6,7 +6,8 @@ use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 use tally::catalog::{Estimate, GenerationSpec};
-use tally::http::{ApiJson, Identity, Problem, ProblemDetails};
+use tally::http::auth::WorkspaceMember;
+use tally::http::{ApiJson, Problem, ProblemDetails};
 use tally::ids::GenerationId;
 use tally::ledger::Operation;
 use tally::money::Credits;
@@ -39,10 +40,10 @@ pub struct RefusalView {
 /// What a generation would cost, and whether the workspace can afford it now.
 pub async fn estimate(
     State(app): State<AppState>,
-    who: Identity,
+    WorkspaceMember { who, workspace }: WorkspaceMember,
     ApiJson(spec): ApiJson<GenerationSpec>,
 ) -> ApiResult<Json<EstimateView>> {
-    let workspace = who.member_workspace()?;
+    let workspace = &workspace;
     let estimate = app
         .ledger
         .catalog

@@ -9,14 +9,14 @@
 use super::{ApiResult, MAX_REASON_CHARS, page_limit};
 use crate::AppState;
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::catalog::GenerationSpec;
-use tally::http::auth::SCOPE_SETTLE;
+use tally::http::auth::{Settler, WorkspaceMember};
 use tally::http::{
-    ApiJson, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key, optional_json,
+    ApiBytes, ApiJson, ApiPath, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key,
+    optional_json,
 };
 use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
 use tally::ledger::{Entry, Generation, GenerationStatus, Operation, Refs};
@@ -34,12 +34,15 @@ fn parse_generation_id(raw: &str) -> ApiResult<GenerationId> {
 #[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
     /// The exact cost; defaults to the held estimate.
+    #[schema(minimum = 1, maximum = 10_000_000)]
     pub credits: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FailRequest {
+    /// Defaults to `failed`.
+    #[schema(schema_with = tally::http::text::optional_text_schema)]
     pub reason: Option<String>,
 }
 
@@ -60,29 +63,43 @@ pub struct GenerationPage {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationListQuery {
-    /// held | completed | failed | expired
-    pub status: Option<String>,
+    /// Only generations in this state.
+    #[param(inline)]
+    pub status: Option<GenerationStatus>,
+    /// Only generations of this model.
     pub model: Option<String>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
     pub cursor: Option<String>,
     /// 1-100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
+}
+
+/// The `{id}` of a generation route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct GenerationPath {
+    /// `gen_` and a ULID in canonical form.
+    #[param(pattern = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
+    pub id: String,
 }
 
 #[utoipa::path(post, path = "/v1/generations", tag = "credits", security(("bearer" = [])),
     request_body = GenerationSpec,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key return the first result")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key return the first result")),
     responses((status = 201, body = Generation), (status = 402, body = ProblemDetails),
         (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
 /// Starts a generation: reserves its estimated cost as a hold.
 pub async fn start_generation(
     State(app): State<AppState>,
-    who: Identity,
+    WorkspaceMember { who, workspace }: WorkspaceMember,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<GenerationSpec>,
 ) -> ApiResult<(StatusCode, Json<Generation>)> {
-    let workspace = who.member_workspace()?.clone();
     let estimate = app
         .ledger
         .catalog
@@ -117,18 +134,9 @@ pub async fn start_generation(
 }
 
 /// Finds the workspace of a generation to settle. Settling belongs to the generation
-/// service (scope `credits:settle`): it alone knows whether the work succeeded and what it
-/// cost, so members (even the one who started it) cannot fail it while it runs or complete
-/// it at the estimate.
-fn require_settler(who: &Identity) -> ApiResult<()> {
-    if !who.has_scope(SCOPE_SETTLE) {
-        return Err(Problem::forbidden(
-            "only the generation service (scope credits:settle) settles generations",
-        ));
-    }
-    Ok(())
-}
-
+/// service (the [`Settler`] extractor): it alone knows whether the work succeeded and what
+/// it cost, so members (even the one who started it) cannot fail it while it runs or
+/// complete it at the estimate.
 async fn settle_target(
     app: &AppState,
     who: &Identity,
@@ -153,20 +161,20 @@ async fn settle_target(
 }
 
 #[utoipa::path(post, path = "/v1/generations/{id}/complete", tag = "credits", security(("bearer" = [])),
-    params(("id" = String, Path)), request_body = CompleteRequest,
+    params(GenerationPath), request_body(content = CompleteRequest, description = "Optional: an empty body means the defaults"),
     responses((status = 200, body = Generation), (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails)))]
 /// The generation service charges the exact cost (default: the estimate) and closes the
 /// hold. A repeat with the same amount returns the first result; another amount is a 409.
 pub async fn complete_generation(
     State(app): State<AppState>,
-    who: Identity,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Json<Generation>> {
     // Who may settle is decided before the request is read: others learn nothing.
-    require_settler(&who)?;
+    Settler(who): Settler,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<Json<Generation>> {
     let id = parse_generation_id(&id)?;
-    let req: CompleteRequest = optional_json(&body)?;
+    let req: CompleteRequest = optional_json(&headers, &body)?;
     let credits = req
         .credits
         .map(|c| Credits::parse_request_amount(c as i128))
@@ -200,27 +208,24 @@ pub async fn complete_generation(
 }
 
 #[utoipa::path(post, path = "/v1/generations/{id}/fail", tag = "credits", security(("bearer" = [])),
-    params(("id" = String, Path)), request_body = FailRequest,
+    params(GenerationPath), request_body(content = FailRequest, description = "Optional: an empty body means the defaults"),
     responses((status = 200, body = Generation), (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails)))]
 /// The generation service releases the hold without charge. Repeats return the first
 /// result.
 pub async fn fail_generation(
     State(app): State<AppState>,
-    who: Identity,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Json<Generation>> {
     // Who may settle is decided before the request is read: others learn nothing.
-    require_settler(&who)?;
+    Settler(who): Settler,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<Json<Generation>> {
     let id = parse_generation_id(&id)?;
-    let req: FailRequest = optional_json(&body)?;
-    let reason = req.reason.unwrap_or_else(|| "failed".into());
-    if reason.trim().is_empty() || reason.chars().count() > MAX_REASON_CHARS {
-        return Err(Problem::validation(
-            "reason",
-            &format!("must be 1 to {MAX_REASON_CHARS} characters"),
-        ));
-    }
+    let req: FailRequest = optional_json(&headers, &body)?;
+    let reason = match &req.reason {
+        Some(r) => tally::http::text::one_line("reason", r, MAX_REASON_CHARS)?.to_owned(),
+        None => "failed".to_owned(),
+    };
     let (workspace, _) = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("fail_generation", workspace = %workspace, generation = %id);
     let outcome = app
@@ -262,15 +267,7 @@ pub async fn list_generations(
 ) -> ApiResult<Json<GenerationPage>> {
     let workspace = who.member_workspace()?;
     let limit = page_limit(q.limit, 20)?;
-    let status = q
-        .status
-        .as_deref()
-        .map(|s| {
-            serde_json::from_value::<GenerationStatus>(serde_json::Value::String(s.into())).map_err(
-                |_| Problem::validation("status", "must be held, completed, failed or expired"),
-            )
-        })
-        .transpose()?;
+    let status = q.status;
     let before = q
         .cursor
         .as_deref()
@@ -335,13 +332,13 @@ pub async fn list_generations(
 }
 
 #[utoipa::path(get, path = "/v1/generations/{id}", tag = "credits", security(("bearer" = [])),
-    params(("id" = String, Path)),
+    params(GenerationPath),
     responses((status = 200, body = GenerationView), (status = 404, body = ProblemDetails)))]
 /// One generation: model, estimate, charge, times and the journal entries behind it.
 pub async fn get_generation(
     State(app): State<AppState>,
     who: Identity,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<GenerationView>> {
     let workspace = who.member_workspace()?;
     let id = parse_generation_id(&id)?;

@@ -11,10 +11,14 @@ use tally::store::EntryQuery;
 use utoipa::{IntoParams, ToSchema};
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
     /// 1-100, default 50.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
 }
 
@@ -39,8 +43,11 @@ pub async fn ledger(
         .cursor
         .as_deref()
         .map(|c| {
-            c.parse::<u64>()
-                .map_err(|_| Problem::validation("cursor", "unknown cursor"))
+            // Digits only: `u64::from_str` would also take a sign.
+            (!c.is_empty() && c.len() <= 19 && c.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| c.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| Problem::validation("cursor", "unknown cursor"))
         })
         .transpose()?;
     let mut items = app

@@ -15,7 +15,7 @@ use tally::http::Problem;
 pub(crate) type ApiResult<T> = Result<T, Problem>;
 
 /// Longest free-text reason (a failure, an adjustment) accepted.
-pub(crate) const MAX_REASON_CHARS: usize = 500;
+pub(crate) const MAX_REASON_CHARS: usize = tally::http::text::MAX_TEXT_CHARS;
 
 /// A page size from the `limit` query parameter: 1 to 100, `default` when absent.
 pub(crate) fn page_limit(limit: Option<i64>, default: usize) -> ApiResult<usize> {

@@ -1,13 +1,13 @@
 //! `POST /v1/billing-portal`: a Stripe customer-portal session.
 
-use super::{ApiResult, buyer, provider};
+use super::{ApiResult, Buyer, provider};
 use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::billing::records::*;
-use tally::http::{Identity, Problem, ProblemDetails, idempotency, idempotency_key};
+use tally::http::{Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::store::docs;
 use utoipa::ToSchema;
@@ -18,14 +18,15 @@ pub struct PortalView {
 }
 
 #[utoipa::path(post, path = "/v1/billing-portal", tag = "billing", security(("bearer" = [])),
-    responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails)))]
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key return the same session")),
+    responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// A Stripe customer-portal session: payment methods, invoices, plan and frequency.
 pub async fn billing_portal(
     State(st): State<PurchasesState>,
-    who: Identity,
+    Buyer { workspace, .. }: Buyer,
     headers: HeaderMap,
 ) -> ApiResult<(StatusCode, Json<PortalView>)> {
-    let workspace = buyer(&who)?;
     let key = idempotency_key(&headers, "billing-portal")?;
     let now = st.ledger.clock.now();
     let view = idempotency::once(st.docs.as_ref(), &workspace, key.as_ref(), &(), now, || {

@@ -1,7 +1,7 @@
 //! `POST /v1/checkout/sessions`: Stripe Checkout for a plan (subscription) or credit packs
 //! (one-off payment).
 
-use super::{ApiResult, buyer, customer, provider};
+use super::{ApiResult, Buyer, customer, provider};
 use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
@@ -20,8 +20,16 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CheckoutBody {
-    Plan { plan: String, interval: Interval },
-    Pack { pack: String, quantity: Option<u64> },
+    Plan {
+        plan: String,
+        interval: Interval,
+    },
+    Pack {
+        pack: String,
+        /// 1-100, default 1.
+        #[schema(minimum = 1, maximum = 100)]
+        quantity: Option<u64>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -33,17 +41,17 @@ pub struct CheckoutLinkView {
 
 #[utoipa::path(post, path = "/v1/checkout/sessions", tag = "billing", security(("bearer" = [])),
     request_body = CheckoutBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same body return the same session; another body under the same key is a 409")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same body return the same session; another body under the same key is a 409")),
     responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
-        (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
 pub async fn create_checkout(
     State(st): State<PurchasesState>,
-    who: Identity,
+    Buyer { who, workspace }: Buyer,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CheckoutBody>,
 ) -> ApiResult<(StatusCode, Json<CheckoutLinkView>)> {
-    let workspace = buyer(&who)?;
     let key = idempotency_key(&headers, "checkout")?;
     let now = st.ledger.clock.now();
     let view = idempotency::once(

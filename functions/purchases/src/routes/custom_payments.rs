@@ -7,7 +7,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
-use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
+use tally::http::auth::Staff;
+use tally::http::text::MAX_TEXT_CHARS;
+use tally::http::{ApiJson, ApiPath, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::{InvoiceId, WorkspaceId};
 use tally::money::{Cents, Credits};
 use utoipa::ToSchema;
@@ -15,13 +17,27 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CustomPaymentBody {
-    /// The agreed amount, integer cents.
+    /// The agreed amount, integer cents: 1 to 100,000,000.
+    #[schema(minimum = 1, maximum = 100_000_000)]
     pub amount_cents: u64,
-    /// Credits granted when the invoice is paid.
+    /// Credits granted when the invoice is paid: 1 to 10,000,000.
+    #[schema(minimum = 1, maximum = 10_000_000)]
     pub credits: u64,
+    /// Printed on the invoice.
+    #[schema(schema_with = tally::http::text::text_schema)]
     pub description: String,
     /// 1-90, default 30.
+    #[schema(minimum = 1, maximum = 90)]
     pub days_until_due: Option<u32>,
+}
+
+/// The `{workspace_id}` of an admin route.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct WorkspacePath {
+    /// A workspace id: letters, digits, `-`, `_`, `.` and `:`, starting with a letter or digit.
+    #[param(pattern = "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+    pub workspace_id: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -35,20 +51,21 @@ pub struct CustomPaymentView {
 pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 100_000_000;
 
 #[utoipa::path(post, path = "/v1/admin/workspaces/{workspace_id}/custom-payments", tag = "admin",
-    security(("bearer" = [])), params(("workspace_id" = String, Path),
-        ("Idempotency-Key" = String, Header, description = "Required: one invoice per key")),
+    security(("bearer" = [])), params(WorkspacePath,
+        ("Idempotency-Key" = String, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Required: one invoice per key")),
     request_body = CustomPaymentBody,
-    responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+    responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Support staff bill an agreed amount for agreed credits: Stripe sends the invoice, and the
 /// credits are granted when it is paid.
 pub async fn custom_payment(
     State(st): State<PurchasesState>,
-    who: Identity,
-    axum::extract::Path(workspace_id): axum::extract::Path<String>,
+    // Who may bill is decided before the request is read.
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CustomPaymentBody>,
 ) -> ApiResult<(StatusCode, Json<CustomPaymentView>)> {
-    who.require_scope(tally::http::auth::SCOPE_ADMIN)?;
     let workspace = WorkspaceId::parse(&workspace_id)
         .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
     let key = idempotency_key(&headers, "custom-payment")?
@@ -68,13 +85,8 @@ pub async fn custom_payment(
             ),
         ));
     }
-    let description = body.description.trim();
-    if description.is_empty() || description.chars().count() > 500 {
-        return Err(Problem::validation(
-            "description",
-            "must be 1 to 500 characters",
-        ));
-    }
+    let description =
+        tally::http::text::one_line("description", &body.description, MAX_TEXT_CHARS)?;
     let days = body.days_until_due.unwrap_or(30);
     if !(1..=90).contains(&days) {
         return Err(Problem::validation(

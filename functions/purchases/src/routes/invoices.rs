@@ -1,19 +1,21 @@
 //! `GET /v1/invoices`: billing history.
 
-use super::{ApiResult, buyer};
+use super::{ApiResult, Buyer};
 use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use tally::billing::records::*;
-use tally::http::{ApiQuery, Identity, Problem, ProblemDetails};
+use tally::http::{ApiQuery, Problem, ProblemDetails};
 use tally::store::docs;
 use utoipa::{IntoParams, ToSchema};
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InvoiceQuery {
     /// 1-100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
 }
 
@@ -29,10 +31,9 @@ pub struct InvoicePage {
 /// the hosted invoice and its PDF.
 pub async fn invoices(
     State(st): State<PurchasesState>,
-    who: Identity,
+    Buyer { workspace, .. }: Buyer,
     ApiQuery(q): ApiQuery<InvoiceQuery>,
 ) -> ApiResult<Json<InvoicePage>> {
-    let workspace = buyer(&who)?;
     let limit = match q.limit {
         None => 20,
         Some(n) if (1..=100).contains(&n) => n as usize,

@@ -31,6 +31,28 @@ pub(crate) fn buyer(who: &Identity) -> ApiResult<WorkspaceId> {
     Ok(workspace)
 }
 
+/// An owner or billing admin of a workspace, read before the body: a member learns only
+/// that they may not buy, whatever they sent.
+pub struct Buyer {
+    pub who: Identity,
+    pub workspace: WorkspaceId,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Buyer {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let who =
+            <Identity as axum::extract::FromRequestParts<S>>::from_request_parts(parts, state)
+                .await?;
+        let workspace = buyer(&who)?;
+        Ok(Self { who, workspace })
+    }
+}
+
 /// A payment-provider failure as the client sees it: a refusal is the provider's answer
 /// (502, logged as an error); unavailability is worth retrying with the same key (503).
 pub(crate) fn provider(e: PaymentsError) -> Problem {

@@ -3,7 +3,7 @@
 //! in `tally::subscriptions` and `tally::billing::changes`; these handlers parse, check
 //! who asks, apply the `Idempotency-Key`, call and map.
 
-use super::{ApiResult, buyer, provider};
+use super::{ApiResult, Buyer, buyer, provider};
 use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
@@ -42,6 +42,8 @@ pub struct PreviewBody {
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddonsBody {
+    /// 0-100.
+    #[schema(maximum = 100)]
     pub units: u32,
 }
 
@@ -86,6 +88,8 @@ fn stripe_key(scope: &str, workspace: &WorkspaceId, key: Option<&IdempotencyKey>
     }
 }
 
+/// The subscription as Stripe last described it, and the workspace's Stripe customer; both
+/// `null` before the first purchase.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SubscriptionView {
     pub subscription: Option<SubscriptionRecord>,
@@ -97,9 +101,8 @@ pub struct SubscriptionView {
 /// The subscription as Stripe last described it (`null` before the first purchase).
 pub async fn subscription(
     State(st): State<PurchasesState>,
-    who: Identity,
+    Buyer { workspace, .. }: Buyer,
 ) -> ApiResult<Json<SubscriptionView>> {
-    let workspace = buyer(&who)?;
     let pk = workspace_pk(&workspace);
     Ok(Json(SubscriptionView {
         subscription: docs::get(st.docs.as_ref(), &pk, SUBSCRIPTION_SK).await?,
@@ -110,18 +113,19 @@ pub async fn subscription(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/change", tag = "billing", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     request_body = ChangeBody,
     responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Changes plan or billing interval: upgrades now (prorated, credits at once), downgrades at
 /// the next renewal (benefits kept until then).
 pub async fn change(
     State(st): State<PurchasesState>,
-    who: Identity,
+    Buyer { who, workspace }: Buyer,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ChangeBody>,
 ) -> ApiResult<Json<ChangeView>> {
-    let workspace = buyer(&who)?;
     if st.ledger.catalog.plan(&body.plan).is_none() {
         return Err(Problem::validation(
             "plan",
@@ -187,18 +191,19 @@ pub async fn preview(
 }
 
 #[utoipa::path(put, path = "/v1/subscription/addons", tag = "billing", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     request_body = AddonsBody,
     responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Sets the number of add-on credit units: more apply now (prorated charge, credits at
 /// once), fewer from the next renewal.
 pub async fn addons(
     State(st): State<PurchasesState>,
-    who: Identity,
+    Buyer { who, workspace }: Buyer,
     headers: HeaderMap,
     ApiJson(body): ApiJson<AddonsBody>,
 ) -> ApiResult<Json<ChangeView>> {
-    let workspace = buyer(&who)?;
     if body.units > MAX_ADDON_UNITS {
         return Err(refused(ChangeError::TooManyUnits));
     }
@@ -260,7 +265,9 @@ async fn set_status(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/cancel", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Cancels renewal at the end of the period; the workspace keeps its plan until then. Add-on
 /// units end with the subscription.
 pub async fn cancel(
@@ -272,7 +279,9 @@ pub async fn cancel(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/resume", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Undoes a cancellation or a pause.
 pub async fn resume(
     State(st): State<PurchasesState>,
@@ -283,7 +292,9 @@ pub async fn resume(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/pause", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails)))]
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
+    responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Pauses collection: renewals are not charged (and grant nothing) until resumed.
 pub async fn pause(
     State(st): State<PurchasesState>,

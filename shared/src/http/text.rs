@@ -1,0 +1,119 @@
+//! Free text a client sends that ends up in journals, invoices and support tickets
+//! (adjustment reasons, failure reasons, custom payment descriptions): one line of visible
+//! text. Control characters (NUL, ANSI escapes, newlines, tabs), line and paragraph
+//! separators and bidirectional overrides are refused, so what staff read in a journal or
+//! on an invoice is what was sent, and a log line stays one line.
+//!
+//! [`ONE_LINE_PATTERN`] says the same in the OpenAPI document.
+
+use super::Problem;
+
+/// Characters refused anywhere in one line of text: C0 and C1 controls, the Arabic letter
+/// mark, left-to-right and right-to-left marks, line and paragraph separators, bidi
+/// embeddings, overrides and isolates.
+pub fn is_forbidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// JSON Schema `pattern` of one line of text: no forbidden character (the first class; the
+/// syntax is one ECMA-262 and Python agree on) and at least one that is not blank either
+/// (the second class adds the whitespace trimming removes).
+pub const ONE_LINE_PATTERN: &str = concat!(
+    r"^[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
+    r"\u0020\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000]",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
+);
+
+/// Longest free text (a reason, a description) accepted.
+pub const MAX_TEXT_CHARS: usize = 500;
+
+/// The schema of a required free-text field: one line, at most [`MAX_TEXT_CHARS`].
+pub fn text_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .max_length(Some(MAX_TEXT_CHARS))
+        .pattern(Some(ONE_LINE_PATTERN))
+        .description(Some("One line of visible text: no control characters, line separators or bidirectional overrides"))
+        .build()
+}
+
+/// The schema of an optional free-text field (`null` or absent means the default).
+pub fn optional_text_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            utoipa::openapi::schema::Type::String,
+            utoipa::openapi::schema::Type::Null,
+        ]))
+        .max_length(Some(MAX_TEXT_CHARS))
+        .pattern(Some(ONE_LINE_PATTERN))
+        .description(Some("One line of visible text: no control characters, line separators or bidirectional overrides"))
+        .build()
+}
+
+/// Checks one line of text of at most `max` characters and returns it trimmed.
+pub fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, Problem> {
+    if value.chars().count() > max {
+        return Err(Problem::validation(
+            field,
+            &format!("must be at most {max} characters"),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| is_forbidden(*c)) {
+        return Err(Problem::validation(
+            field,
+            &format!(
+                "must be one line of visible text; U+{:04X} is not allowed",
+                c as u32
+            ),
+        ));
+    }
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(Problem::validation(field, "must not be blank"));
+    }
+    Ok(trimmed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visible_text_passes_trimmed() {
+        assert_eq!(
+            one_line("r", "  goodwill für T-1042 ✓ ", 50).unwrap(),
+            "goodwill für T-1042 ✓"
+        );
+    }
+
+    #[test]
+    fn controls_separators_and_bidi_overrides_are_refused() {
+        for bad in [
+            "a\u{0}b",
+            "red \u{1b}[31m",
+            "two\nlines",
+            "tab\there",
+            "x\u{85}",
+            "evil\u{202e}gnp.exe",
+            "iso\u{2066}late",
+            "line\u{2028}sep",
+            "mark\u{200f}",
+        ] {
+            assert_eq!(
+                one_line("r", bad, 50).unwrap_err().code,
+                "validation_failed",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn blank_and_overlong_text_is_refused() {
+        assert!(one_line("r", " \u{a0}\u{3000} ", 50).is_err());
+        assert!(one_line("r", "", 50).is_err());
+        assert!(one_line("r", &"é".repeat(51), 50).is_err());
+        assert!(one_line("r", &"é".repeat(50), 50).is_ok());
+    }
+}
