@@ -21,6 +21,7 @@ contract: tools
 soak: tools
 	VENV=$(VENV) MAX_EXAMPLES=300 scripts/contract.sh
 	PROPTEST_CASES=2000 cargo test --locked -p tally-tests --test suite -- contract::
+	TALLY_SIM_SEEDS=20000 TALLY_SIM_STEPS=40 cargo test --locked -p tally-tests --test suite -- simulation
 
 ## Python tools (emulator, schemathesis) in a local virtualenv, reinstalled when requirements change.
 tools: $(VENV)/.installed
