@@ -31,6 +31,9 @@ pub fn sim_paths() -> Value {
             "id": {"type": "string"}, "type": {"type": "string"}, "created": {"type": "integer"},
             "delivered_status": {"type": "integer", "description": "What the webhook answered"},
             "payload": {"type": "object", "description": "The Stripe event as delivered"}}});
+    let clock_view = json!({"type": "object", "required": ["now", "offset"], "properties": {
+        "now": {"type": "string", "format": "date-time"},
+        "offset": {"type": "integer", "description": "Seconds moved forward in total"}}});
     json!({
         "/sim/checkout/{id}": {"get": {
             "tags": ["simulator"], "operationId": "sim_checkout_page",
@@ -59,17 +62,58 @@ pub fn sim_paths() -> Value {
                 "404": problem("No such event")}}},
         "/sim/subscriptions/{id}/renew": {"post": {
             "tags": ["simulator"], "operationId": "sim_renew",
-            "summary": "Plays the next renewal of a simulated subscription.",
+            "summary": "Moves the clock to the subscription's period end, playing its renewal and everything due before.",
             "parameters": id_param("Subscription id"),
             "responses": {
                 "200": {"description": "Renewed", "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["renewed"], "properties": {"renewed": {"type": "string"}}}}}},
-                "404": problem("No such subscription")}}},
+                    "type": "object", "required": ["renewed", "clock"], "properties": {
+                        "renewed": {"type": "string"}, "clock": clock_view.clone()}}}}},
+                "404": problem("No such subscription"),
+                "409": problem("The clock cannot move there")}}},
+        "/sim/clock": {"get": {
+            "tags": ["simulator"], "operationId": "sim_clock",
+            "summary": "The local system's one clock (shared by the simulator, the ledger and the credit refresh).",
+            "responses": {"200": {"description": "The clock", "content": {"application/json": {
+                "schema": clock_view.clone()}}}}}},
+        "/sim/clock/advance": {"post": {
+            "tags": ["simulator"], "operationId": "sim_clock_advance",
+            "summary": "Moves the clock forward, playing in time order everything Stripe and Tally's schedule do in that span (renewals, failed payments and retries, cancellations, paused invoices, allotments, expiry).",
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false, "minProperties": 1, "maxProperties": 1,
+                "description": "Exactly one of days, hours or until; never backwards, at most ten years.",
+                "properties": {
+                    "days": {"type": "integer", "minimum": 0, "maximum": 3660},
+                    "hours": {"type": "integer", "minimum": 0, "maximum": 87840},
+                    "until": {"type": "string", "format": "date-time"}}}}}},
+            "responses": {"200": {"description": "The clock after the move", "content": {"application/json": {
+                    "schema": clock_view.clone()}}},
+                "400": problem("Malformed JSON"),
+                "413": problem("Body too large"),
+                "415": problem("Not JSON"),
+                "422": problem("Not exactly one of days, hours or until, or backwards")}}},
+        "/sim/customers/{id}/card": {"post": {
+            "tags": ["simulator"], "operationId": "sim_customer_card",
+            "summary": "Makes a simulated customer's card decline (or pay again) from now on.",
+            "parameters": id_param("Customer id"),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false, "required": ["declines"],
+                "properties": {"declines": {"type": "boolean"}}}}}},
+            "responses": {"200": {"description": "Set", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["customer", "declines"], "properties": {
+                        "customer": {"type": "string"}, "declines": {"type": "boolean"}}}}}},
+                "400": problem("Malformed JSON"),
+                "404": problem("No such customer"),
+                "413": problem("Body too large"),
+                "415": problem("Not JSON"),
+                "422": problem("Not a boolean")}}},
         "/sim/invoices/{id}": {"get": {
             "tags": ["simulator"], "operationId": "sim_invoice_page",
-            "summary": "The simulated hosted page of an invoice, with its Pay button.",
-            "parameters": id_param("Invoice id"),
-            "responses": {"200": html("The page"), "404": html("No such invoice")}}},
+            "summary": "The simulated hosted page of an invoice, with its Pay button; `<id>.pdf` is the invoice as a PDF.",
+            "parameters": id_param("Invoice id, or the id followed by `.pdf`"),
+            "responses": {"200": {"description": "The page, or the PDF", "content": {
+                    "text/html": {"schema": {"type": "string"}},
+                    "application/pdf": {"schema": {"type": "string", "format": "binary"}}}},
+                "404": html("No such invoice")}}},
         "/sim/invoices/{id}/pay": {"post": {
             "tags": ["simulator"], "operationId": "sim_invoice_pay",
             "summary": "Pays a simulated invoice: Stripe's events are signed and delivered to the webhook.",

@@ -32,6 +32,14 @@ pub fn complete(doc: &mut Value, catalog: &Catalog) {
     };
     set("ChangeBody", "/properties/plan", &plans);
     set("AutoTopUpBody", "/properties/pack", &packs);
+    if let Some(field) = schemas
+        .get_mut("PreviewBody")
+        .and_then(|s| s.pointer_mut("/properties/plan"))
+    {
+        let mut ids: Vec<Value> = plans.iter().map(|p| json!(p)).collect();
+        ids.push(Value::Null);
+        *field = json!({"type": ["string", "null"], "enum": ids});
+    }
     if let Some(variants) = schemas
         .get_mut("CheckoutBody")
         .and_then(|s| s.get_mut("oneOf"))
