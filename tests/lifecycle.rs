@@ -421,3 +421,122 @@ async fn add_on_units_an_hour_before_renewal_cost_and_grant_an_hour() {
     assert!(charged <= 140, "{charged}");
     assert!(granted <= 6000 / 720, "{granted}");
 }
+
+/// A change made in Stripe's customer portal (or dashboard): Stripe changes the
+/// subscription with the portal's settings and sends its events; Tally gets no request.
+async fn portal_change(app: &TestApp, ws: &str, plan: &str, interval: tally::ledger::Interval) {
+    use tally::payments::{ItemPrice, Payments, SubscriptionChange};
+    let sub = app.get("/v1/subscription", &owner(ws)).await.body["subscription"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let catalog = app.ledger.catalog.clone();
+    let p = catalog.plan(plan).unwrap();
+    let sim = app.local.simulator.as_ref().unwrap();
+    sim.update_subscription(&SubscriptionChange {
+        plan: Some(ItemPrice {
+            product: tally::payments::stripe_api::product_id("plan", plan),
+            product_name: format!("{} plan", p.name),
+            unit_amount: tally::subscriptions::change::plan_unit_price(&catalog, p, interval),
+            interval,
+        }),
+        // The portal's "invoice immediately" for upgrades.
+        prorate_now: true,
+        idempotency_key: format!("portal-{ws}-{plan}-{}", interval.as_str()),
+        ..SubscriptionChange::to(sub.parse().unwrap())
+    })
+    .await
+    .unwrap();
+    app.settle_billing().await;
+}
+
+#[tokio::test]
+async fn a_change_made_in_the_portal_grants_exactly_as_the_same_change_through_the_api() {
+    use tally::ledger::Interval;
+    let app = TestApp::new();
+    app.subscribe("org_api", "plus", "monthly").await;
+    app.subscribe("org_portal", "plus", "monthly").await;
+    advance_days(&app, 9).await;
+    let api = app.change_plan("org_api", "generative", "monthly").await;
+    assert_eq!(api.body["effective"], "now", "{:#}", api.body);
+    portal_change(&app, "org_portal", "generative", Interval::Monthly).await;
+    app.settle_billing().await;
+    assert_eq!(
+        app.available("org_portal").await,
+        app.available("org_api").await
+    );
+    let s = app.get("/v1/subscription", &owner("org_portal")).await.body;
+    assert_eq!(s["subscription"]["plan"], "generative");
+    // An interval switch made in the portal: the same as through the API.
+    let api = app.change_plan("org_api", "generative", "yearly").await;
+    assert_eq!(api.body["effective"], "now", "{:#}", api.body);
+    portal_change(&app, "org_portal", "generative", Interval::Yearly).await;
+    app.settle_billing().await;
+    assert!(app.local.billing_queue.dead_letters().is_empty());
+    assert_eq!(
+        app.available("org_portal").await,
+        app.available("org_api").await
+    );
+    // And cancelling there: no renewal, no more credits.
+    use tally::payments::{Payments, SubscriptionChange};
+    let sub = s["subscription"]["id"].as_str().unwrap();
+    let sim = app.local.simulator.as_ref().unwrap();
+    sim.update_subscription(&SubscriptionChange {
+        cancel_at_period_end: Some(true),
+        idempotency_key: "portal-cancel".into(),
+        ..SubscriptionChange::to(sub.parse().unwrap())
+    })
+    .await
+    .unwrap();
+    app.settle_billing().await;
+    let before = plan_grants(&app, "org_portal").await.len();
+    advance_days(&app, 400).await;
+    let s = app.get("/v1/subscription", &owner("org_portal")).await.body;
+    assert_eq!(s["subscription"]["status"], "canceled");
+    assert!(plan_grants(&app, "org_portal").await.len() <= before + 11);
+    assert!(
+        app.sim_events("invoice.paid")
+            .iter()
+            .filter(|i| i["parent"]["subscription_details"]["subscription"] == sub)
+            .all(|i| i["billing_reason"] != "subscription_cycle"),
+        "no renewal after a cancel in the portal"
+    );
+}
+
+#[tokio::test]
+async fn yearly_add_on_units_are_granted_monthly_like_the_plan() {
+    use tally::ledger::{LotChange, LotSource};
+    let app = TestApp::new();
+    app.subscribe("org_yunits", "max", "yearly").await;
+    let two = app.set_units("org_yunits", 2).await;
+    assert_eq!(two.body["effective"], "now", "{:#}", two.body);
+    advance_days(&app, 363).await;
+    let mut journal = app
+        .ledger
+        .store
+        .entries(
+            &tally_tests::workspace("org_yunits"),
+            &tally::store::EntryQuery {
+                before: None,
+                limit: 10_000,
+            },
+        )
+        .await
+        .unwrap();
+    journal.reverse();
+    let addon: Vec<u64> = journal
+        .iter()
+        .flat_map(|e| {
+            e.lots.iter().filter_map(|c| match c {
+                LotChange::Created { lot } if lot.source == LotSource::Addon => {
+                    Some(lot.original.get())
+                }
+                _ => None,
+            })
+        })
+        .collect();
+    // The first month prorated with the charge, then eleven monthly allotments of 2 x 60.
+    assert_eq!(addon.len(), 12, "{addon:?}");
+    assert!(addon[1..].iter().all(|c| *c == 120), "{addon:?}");
+    assert!(addon[0] <= 120);
+}
