@@ -278,9 +278,13 @@ async fn a_preview_says_what_a_change_costs_and_grants_and_changes_nothing() {
     }
 }
 
-/// Plan-allowance grants in the workspace's journal, oldest first: (entry id, credits).
-async fn plan_grants(app: &TestApp, ws: &str) -> Vec<(String, u64)> {
-    use tally::ledger::{LotChange, LotSource};
+/// Lots of one source created in the workspace's journal, oldest first: (entry id, credits).
+async fn grants_of(
+    app: &TestApp,
+    ws: &str,
+    source: tally::ledger::LotSource,
+) -> Vec<(String, u64)> {
+    use tally::ledger::LotChange;
     let mut journal = app
         .ledger
         .store
@@ -298,13 +302,18 @@ async fn plan_grants(app: &TestApp, ws: &str) -> Vec<(String, u64)> {
         .iter()
         .flat_map(|e| {
             e.lots.iter().filter_map(move |c| match c {
-                LotChange::Created { lot } if lot.source == LotSource::PlanPeriod => {
+                LotChange::Created { lot } if lot.source == source => {
                     Some((e.id.clone(), lot.original.get()))
                 }
                 _ => None,
             })
         })
         .collect()
+}
+
+/// Plan-allowance grants in the workspace's journal, oldest first.
+async fn plan_grants(app: &TestApp, ws: &str) -> Vec<(String, u64)> {
+    grants_of(app, ws, tally::ledger::LotSource::PlanPeriod).await
 }
 
 async fn advance_days(app: &TestApp, days: i64) {
@@ -505,38 +514,115 @@ async fn a_change_made_in_the_portal_grants_exactly_as_the_same_change_through_t
 
 #[tokio::test]
 async fn yearly_add_on_units_are_granted_monthly_like_the_plan() {
-    use tally::ledger::{LotChange, LotSource};
     let app = TestApp::new();
     app.subscribe("org_yunits", "max", "yearly").await;
     let two = app.set_units("org_yunits", 2).await;
     assert_eq!(two.body["effective"], "now", "{:#}", two.body);
     advance_days(&app, 363).await;
-    let mut journal = app
-        .ledger
-        .store
-        .entries(
-            &tally_tests::workspace("org_yunits"),
-            &tally::store::EntryQuery {
-                before: None,
-                limit: 10_000,
-            },
-        )
+    let addon: Vec<u64> = grants_of(&app, "org_yunits", tally::ledger::LotSource::Addon)
         .await
-        .unwrap();
-    journal.reverse();
-    let addon: Vec<u64> = journal
-        .iter()
-        .flat_map(|e| {
-            e.lots.iter().filter_map(|c| match c {
-                LotChange::Created { lot } if lot.source == LotSource::Addon => {
-                    Some(lot.original.get())
-                }
-                _ => None,
-            })
-        })
+        .into_iter()
+        .map(|(_, c)| c)
         .collect();
     // The first month prorated with the charge, then eleven monthly allotments of 2 x 60.
     assert_eq!(addon.len(), 12, "{addon:?}");
     assert!(addon[1..].iter().all(|c| *c == 120), "{addon:?}");
     assert!(addon[0] <= 120);
+}
+
+#[tokio::test]
+async fn a_switch_to_yearly_applies_a_pending_unit_reduction_with_the_new_period() {
+    let app = TestApp::new();
+    app.subscribe("org_swred", "max", "monthly").await;
+    assert_eq!(
+        app.set_units("org_swred", 10).await.body["effective"],
+        "now"
+    );
+    assert_eq!(
+        app.set_units("org_swred", 3).await.body["effective"],
+        "at_renewal"
+    );
+    let y = app.change_plan("org_swred", "max", "yearly").await;
+    assert_eq!(y.body["effective"], "now", "{:#}", y.body);
+    assert_eq!(y.body["addon_units"], 3);
+    let inv = change_invoices(&app).pop().unwrap();
+    let full: Vec<_> = inv["lines"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["parent"]["subscription_item_details"]["proration"] == false)
+        .filter(|l| {
+            l["pricing"]["price_details"]["product"]
+                .as_str()
+                .unwrap()
+                .starts_with("tally_addon_")
+        })
+        .map(|l| l["quantity"].as_u64().unwrap())
+        .collect();
+    assert_eq!(full, vec![3], "the new year bills the reduced count");
+}
+
+#[tokio::test]
+async fn going_back_to_the_current_plan_keeps_its_add_on_units() {
+    let app = TestApp::new();
+    app.subscribe("org_back", "team", "monthly").await;
+    assert_eq!(app.set_units("org_back", 1).await.body["effective"], "now");
+    let down = app.change_plan("org_back", "plus", "monthly").await;
+    assert_eq!(down.body["effective"], "at_renewal", "{:#}", down.body);
+    let back = app.change_plan("org_back", "team", "monthly").await;
+    assert_eq!(back.body["effective"], "now", "{:#}", back.body);
+    assert_eq!(back.body["addon_units"], 1);
+    app.settle_billing().await;
+    let s = app.get("/v1/subscription", &owner("org_back")).await.body;
+    assert!(s["subscription"]["scheduled"].is_null(), "{s:#}");
+    assert_eq!(s["subscription"]["addon_units"], 1);
+}
+
+#[tokio::test]
+async fn a_change_scheduled_in_the_portal_is_not_dropped_by_an_api_change() {
+    use tally::payments::{ItemPrice, Payments, RenewalChange};
+    let app = TestApp::new();
+    let sub = app.subscribe("org_pschd", "generative", "monthly").await;
+    let catalog = app.ledger.catalog.clone();
+    let max = catalog.plan("max").unwrap();
+    let addon = catalog.addon(&max.addon).unwrap();
+    let price = |product: String, cents| ItemPrice {
+        product,
+        product_name: "portal".into(),
+        unit_amount: tally::money::Cents::new(cents),
+        interval: tally::ledger::Interval::Monthly,
+    };
+    // The portal schedules a downgrade at period end (no Tally metadata).
+    app.local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .schedule_renewal_change(&RenewalChange {
+            subscription: sub.parse().unwrap(),
+            plan: price(
+                tally::payments::stripe_api::product_id("plan", "max"),
+                max.monthly_price_cents.get(),
+            ),
+            addons: (
+                0,
+                price(
+                    tally::payments::stripe_api::product_id("addon", &addon.id),
+                    addon.unit_price_cents.get(),
+                ),
+            ),
+            metadata: Default::default(),
+            next_metadata: Default::default(),
+            idempotency_key: "portal-schedule".into(),
+        })
+        .await
+        .unwrap();
+    app.settle_billing().await;
+    let r = app.set_units("org_pschd", 2).await;
+    r.assert_problem(409, "conflict");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("billing portal")
+    );
 }

@@ -86,6 +86,7 @@ fn period(ws: &str, interval: Interval, plan: &str, units: u32) -> PaidPeriod {
         interval,
         plan: plan.into(),
         addon_units: units,
+        addon_credits: None,
         period_start: start(),
         period_end: add_months(start(), interval.months()),
     }
@@ -406,7 +407,7 @@ async fn canceled_paused_and_past_due_subscriptions_get_nothing() {
 }
 
 #[tokio::test]
-async fn a_raised_level_applies_to_later_allotments_only_and_never_lowers() {
+async fn a_changed_level_applies_to_later_allotments_only_and_the_latest_change_wins() {
     let p = embedded();
     let ws = "raised";
     set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
@@ -416,38 +417,39 @@ async fn a_raised_level_applies_to_later_allotments_only_and_never_lowers() {
         .unwrap();
     play_until(&p, add_months(start(), 2) + Duration::days(1)).await;
     // A paid upgrade to Generative with 2 add-on units mid-month 3.
-    refresh::raise_level(
-        p.docs.as_ref(),
-        &workspace(ws),
-        &sub(ws),
-        start(),
-        "generative",
-        2,
-    )
-    .await
-    .unwrap();
-    // Neither a lower plan nor another period's raise changes anything.
-    refresh::raise_level(
-        p.docs.as_ref(),
-        &workspace(ws),
-        &sub(ws),
-        start(),
-        "plus",
-        1,
-    )
-    .await
-    .unwrap();
-    refresh::raise_level(
-        p.docs.as_ref(),
-        &workspace(ws),
-        &sub(ws),
-        start() - Duration::days(365),
-        "team",
-        50,
-    )
-    .await
-    .unwrap();
-    // A redelivered paid period of the same period keeps the raised level.
+    let at = p.clock.now();
+    let upgraded = PaidPeriod {
+        plan: "generative".into(),
+        addon_units: 2,
+        ..paid.clone()
+    };
+    refresh::set_level(p.docs.as_ref(), &upgraded, at, 2)
+        .await
+        .unwrap();
+    // A change older than the one applied, or of another period, changes nothing.
+    let older = PaidPeriod {
+        plan: "plus".into(),
+        addon_units: 1,
+        ..paid.clone()
+    };
+    refresh::set_level(p.docs.as_ref(), &older, at - Duration::hours(1), 9)
+        .await
+        .unwrap();
+    // At the same instant, the lower of two levels does not replace the higher.
+    refresh::set_level(p.docs.as_ref(), &older, at, 1)
+        .await
+        .unwrap();
+    let earlier_period = PaidPeriod {
+        plan: "team".into(),
+        addon_units: 50,
+        period_start: start() - Duration::days(366),
+        period_end: start(),
+        ..paid.clone()
+    };
+    refresh::set_level(p.docs.as_ref(), &earlier_period, at, 9)
+        .await
+        .unwrap();
+    // A redelivered paid period of the same period keeps the changed level.
     refresh::record_paid_period(p.docs.as_ref(), &paid, p.clock.now())
         .await
         .unwrap();

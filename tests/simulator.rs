@@ -20,37 +20,12 @@ fn ts(t: DateTime<Utc>) -> i64 {
 /// Subscribes `ws` through checkout and the simulated Pay button; returns the Stripe
 /// subscription and customer ids.
 async fn subscribe(app: &TestApp, ws: &str, plan: &str, interval: &str) -> (String, String) {
-    let o = owner(ws);
-    let s = app
-        .post(
-            "/v1/checkout/sessions",
-            &o,
-            json!({"kind": "plan", "plan": plan, "interval": interval}),
-        )
-        .await;
-    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
-    let path = s.body["url"]
+    let sub = app.subscribe(ws, plan, interval).await;
+    let customer = app.get("/v1/subscription", &owner(ws)).await.body["customer"]
         .as_str()
         .unwrap()
-        .strip_prefix("http://tally.test")
-        .unwrap()
         .to_owned();
-    let paid = app
-        .send(
-            Method::POST,
-            &format!("{path}/pay"),
-            None,
-            Some(""),
-            &[("content-type", "application/x-www-form-urlencoded")],
-        )
-        .await;
-    assert_eq!(paid.status.as_u16(), 303);
-    app.settle_billing().await;
-    let sub = app.get("/v1/subscription", &o).await.body;
-    (
-        sub["subscription"]["id"].as_str().unwrap().to_owned(),
-        sub["customer"].as_str().unwrap().to_owned(),
-    )
+    (sub, customer)
 }
 
 async fn advance(app: &TestApp, body: Value) -> tally_tests::Answer {

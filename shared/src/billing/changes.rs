@@ -170,6 +170,28 @@ struct Now {
     units: u32,
 }
 
+impl Now {
+    /// Today's terms.
+    fn terms(&self) -> Terms3 {
+        Terms3 {
+            plan: self.plan.clone(),
+            interval: self.interval,
+            units: self.units,
+        }
+    }
+
+    /// The current period and its level: what a change's lines are valued against.
+    fn level(&self) -> Level {
+        Level {
+            plan: self.plan.id.clone(),
+            interval: self.interval,
+            addon_units: self.units,
+            period_start: self.live.period_start,
+            period_end: self.live.period_end,
+        }
+    }
+}
+
 /// Subscription changes over the ports.
 #[derive(Clone)]
 pub struct SubscriptionChanges {
@@ -396,6 +418,7 @@ impl SubscriptionChanges {
         &self,
         workspace: &WorkspaceId,
         now: &Now,
+        current: &Terms3,
         next: &Terms3,
         key: &str,
     ) -> Result<RenewalChange, ChangeError> {
@@ -414,9 +437,9 @@ impl SubscriptionChanges {
             ),
             metadata: metadata(
                 workspace,
-                &now.plan.id,
-                now.interval,
-                now.units,
+                &current.plan.id,
+                current.interval,
+                current.units,
                 Some(&scheduled),
             ),
             next_metadata: metadata(workspace, &next.plan.id, next.interval, next.units, None),
@@ -440,15 +463,24 @@ impl SubscriptionChanges {
             interval: now.interval,
             units: now.units,
         };
-        let keep = |t: &Terms3| -> Result<Option<RenewalChange>, ChangeError> {
-            if *t == target {
+        // What waits for the renewal after the change: nothing if it is what the change
+        // leads to anyway.
+        let keep = |after: &Terms3| -> Result<Option<RenewalChange>, ChangeError> {
+            if then == *after {
                 Ok(None)
             } else {
-                self.renewal(workspace, now, t, key).map(Some)
+                self.renewal(workspace, now, after, &then, key).map(Some)
             }
         };
+        if now.live.schedule.is_some() && self.pending(now).is_none() {
+            return Err(ChangeError::NotActive(
+                "a change made in the billing portal is waiting for the renewal; change or cancel it there first",
+            ));
+        }
         if target == current {
-            return Ok(Decision::Same { keep: keep(&then)? });
+            return Ok(Decision::Same {
+                keep: keep(&current)?,
+            });
         }
         let kind = ChangeKind::of((&now.plan, now.interval), (&target.plan, target.interval));
         let same_plan = target.plan.id == now.plan.id && target.interval == now.interval;
@@ -457,7 +489,9 @@ impl SubscriptionChanges {
         let plan_now = kind == ChangeKind::Upgrade
             && !(target.interval == Interval::Monthly && now.interval == Interval::Yearly);
         let converted = self.units_for(now.units, &now.plan, &target.plan);
-        if (same_plan || plan_now) && target.units >= converted {
+        // A switch to yearly starts a new period now, so fewer units can start with it.
+        let switch = target.interval != now.interval;
+        if (same_plan || plan_now) && (target.units >= converted || switch) {
             // The add-on item is re-priced only when its kind, interval or count changes
             // (a new price for the same terms would bill a pointless pair of lines).
             let reprice = target.plan.addon != now.plan.addon || target.interval != now.interval;
@@ -470,7 +504,7 @@ impl SubscriptionChanges {
                 } else {
                     None
                 };
-            let keep = keep(&then)?;
+            let keep = keep(&target)?;
             let scheduled = keep.as_ref().map(|_| ScheduledChange {
                 plan: then.plan.id.clone(),
                 interval: then.interval,
@@ -497,7 +531,7 @@ impl SubscriptionChanges {
             });
         }
         Ok(Decision::AtRenewal(
-            self.renewal(workspace, now, &then, key)?,
+            self.renewal(workspace, now, &current, &then, key)?,
         ))
     }
 
@@ -548,8 +582,13 @@ impl SubscriptionChanges {
                     Err(e) => {
                         if now.live.schedule.is_some()
                             && let Some(p) = self.pending(now)
-                            && let Ok(back) =
-                                self.renewal(workspace, now, &p, &format!("{key}-restore"))
+                            && let Ok(back) = self.renewal(
+                                workspace,
+                                now,
+                                &now.terms(),
+                                &p,
+                                &format!("{key}-restore"),
+                            )
                             && let Err(r) = self.payments.schedule_renewal_change(&back).await
                         {
                             tracing::error!(error = %r, subscription = %now.live.id, "the change waiting for the renewal could not be restored");
@@ -558,7 +597,20 @@ impl SubscriptionChanges {
                     }
                 };
                 if let Some(k) = keep {
-                    self.payments.schedule_renewal_change(&k).await?;
+                    // The change is billed; what waits for the renewal is installed after
+                    // it, tried twice. A failure is logged loudly (it would renew at the
+                    // terms billed now) but does not undo or hide the change.
+                    let mut installed = self.payments.schedule_renewal_change(&k).await;
+                    if installed.is_err() {
+                        let again = RenewalChange {
+                            idempotency_key: format!("{}-again", k.idempotency_key),
+                            ..k.clone()
+                        };
+                        installed = self.payments.schedule_renewal_change(&again).await;
+                    }
+                    if let Err(e) = installed {
+                        tracing::error!(error = %e, subscription = %now.live.id, "the change waiting for the renewal was not kept");
+                    }
                 }
                 if let Some(inv) = &invoice {
                     out.credits_granted = self.grant_invoice(workspace, actor, now, inv).await?;
@@ -593,13 +645,7 @@ impl SubscriptionChanges {
             // grants when the money arrives.
             return Ok(Credits::ZERO);
         };
-        let period = Level {
-            plan: now.plan.id.clone(),
-            interval: now.interval,
-            addon_units: now.units,
-            period_start: now.live.period_start,
-            period_end: now.live.period_end,
-        };
+        let period = now.level();
         let lines = paid_lines(&invoice.lines, &self.ledger.catalog);
         let credits = match grants::line_grants(
             id,
@@ -685,15 +731,20 @@ impl SubscriptionChanges {
     fn plan_terms(&self, now: &Now, target: Plan, interval: Interval) -> (Terms3, Terms3) {
         let pending = self.pending(now);
         let units = self.units_for(now.units, &now.plan, &target);
-        let pending_units = pending.as_ref().map_or(now.units, |p| p.units);
-        let pending_from = pending.as_ref().map_or(&now.plan, |p| &p.plan);
-        let then_units = self
-            .units_for(pending_units, pending_from, &target)
-            .min(units);
+        // A pending change whose units are only today's units converted to its plan's
+        // add-on kind reduces nothing.
+        let pending_units = pending
+            .as_ref()
+            .filter(|p| p.units != self.units_for(now.units, &now.plan, &p.plan))
+            .map(|p| self.units_for(p.units, &p.plan, &target));
+        let then_units = pending_units.map_or(units, |u| u.min(units));
+        // An interval switch starts a new period now: a reduction waiting for the end of
+        // the old one applies with it.
+        let switch = interval != now.interval;
         let target3 = Terms3 {
             plan: target.clone(),
             interval,
-            units,
+            units: if switch { then_units } else { units },
         };
         let then = Terms3 {
             plan: target,
@@ -837,13 +888,7 @@ impl SubscriptionChanges {
             }
             Decision::Now { change, .. } => {
                 let inv = self.payments.preview_change(&change).await?;
-                let period = Level {
-                    plan: now.plan.id.clone(),
-                    interval: now.interval,
-                    addon_units: now.units,
-                    period_start: now.live.period_start,
-                    period_end: now.live.period_end,
-                };
+                let period = now.level();
                 let lines = paid_lines(&inv.lines, catalog);
                 let id: InvoiceId = "in_preview".parse().expect("a valid invoice id");
                 if let Ok(g) =
@@ -921,15 +966,15 @@ fn paid_lines(
 ) -> Vec<PaidLine> {
     lines
         .iter()
-        .filter_map(|l| {
-            Some(PaidLine {
-                item: Item::of_product(&l.product, catalog)?,
-                quantity: l.quantity,
-                amount: l.amount,
-                start: l.period_start,
-                end: l.period_end,
-                proration: l.proration,
-            })
+        .map(|l| PaidLine {
+            // Lines of a subscription update bill subscription items: one that names
+            // no Tally product is an older item, valued as the plan in force.
+            item: Item::of_product(&l.product, catalog).unwrap_or(Item::Other),
+            quantity: l.quantity,
+            amount: l.amount,
+            start: l.period_start,
+            end: l.period_end,
+            proration: l.proration,
         })
         .collect()
 }

@@ -19,6 +19,7 @@ pub use linking::link_customer;
 use crate::catalog::Catalog;
 use crate::ids::{IdempotencyKey, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Operation, PlanStatus};
+use crate::money::Credits;
 use crate::queue::{ConsumeError, Consumer, Delivery};
 use crate::service::{Ledger, LedgerRequest, ServiceError};
 use crate::store::StoreError;
@@ -71,6 +72,27 @@ fn read_terms(
 fn parse<T: serde::de::DeserializeOwned>(event: &objects::Event) -> Result<T, ConsumeError> {
     serde_json::from_value(event.data.object.clone())
         .map_err(|e| poison(format!("{} object of {}: {e}", event.kind, event.id)))
+}
+
+/// A paid period as the credit refresh records it.
+fn paid_period(
+    workspace: &WorkspaceId,
+    sub: &crate::ids::SubscriptionId,
+    invoice: &crate::ids::InvoiceId,
+    level: &crate::subscriptions::paid::Level,
+    addon_credits: Option<Credits>,
+) -> crate::refresh::PaidPeriod {
+    crate::refresh::PaidPeriod {
+        workspace: workspace.clone(),
+        subscription: sub.clone(),
+        invoice: invoice.clone(),
+        interval: level.interval,
+        plan: level.plan.clone(),
+        addon_units: level.addon_units,
+        addon_credits,
+        period_start: level.period_start,
+        period_end: level.period_end,
+    }
 }
 
 #[async_trait]
@@ -220,18 +242,21 @@ impl BillingEvents {
         if let Some(sub) = &sub {
             if let Some(level) = &credits.opens {
                 // The credit refresh grants a yearly period's later months from it.
+                let (_, addon_credits) = crate::subscriptions::paid::first_month_of_lines(
+                    &grants::paid_lines(invoice, self.catalog()),
+                    level,
+                    self.catalog(),
+                );
+                let addon_credits = if level.addon_units > 0 && addon_credits == Credits::ZERO {
+                    // Units billed on products that are not Tally's (older subscriptions):
+                    // as the plan's add-on.
+                    crate::subscriptions::paid::first_month_credits(level, self.catalog()).1
+                } else {
+                    addon_credits
+                };
                 crate::refresh::record_paid_period(
                     self.docs.as_ref(),
-                    &crate::refresh::PaidPeriod {
-                        workspace: workspace.clone(),
-                        subscription: sub.clone(),
-                        invoice: invoice.id.clone(),
-                        interval: level.interval,
-                        plan: level.plan.clone(),
-                        addon_units: level.addon_units,
-                        period_start: level.period_start,
-                        period_end: level.period_end,
-                    },
+                    &paid_period(workspace, sub, &invoice.id, level, Some(addon_credits)),
                     self.ledger.clock.now(),
                 )
                 .await?;
@@ -248,13 +273,35 @@ impl BillingEvents {
                 .await?;
             }
             if let Some((level, at)) = &credits.changes {
-                crate::refresh::raise_level(
+                let lines = grants::paid_lines(invoice, self.catalog());
+                let billed_addons = lines.iter().any(|l| {
+                    l.proration && matches!(l.item, crate::subscriptions::paid::Item::Addon(_))
+                });
+                let addon_credits = billed_addons.then(|| {
+                    lines
+                        .iter()
+                        .filter(|l| l.proration && l.amount > 0)
+                        .filter(|l| matches!(l.item, crate::subscriptions::paid::Item::Addon(_)))
+                        .fold(Credits::ZERO, |acc, l| {
+                            l.item
+                                .monthly_credits(self.catalog())
+                                .checked_mul(l.quantity)
+                                .and_then(|c| acc.checked_add(c))
+                                .unwrap_or(acc)
+                        })
+                });
+                let plan_credits = self
+                    .catalog()
+                    .plan(&level.plan)
+                    .map_or(0, |p| p.monthly_credits.get());
+                let rank = plan_credits.saturating_mul(1_000_000).saturating_add(
+                    addon_credits.map_or(u64::from(level.addon_units), |c| c.get()),
+                );
+                crate::refresh::set_level(
                     self.docs.as_ref(),
-                    workspace,
-                    sub,
-                    level.period_start,
-                    &level.plan,
-                    level.addon_units,
+                    &paid_period(workspace, sub, &invoice.id, level, addon_credits),
+                    *at,
+                    rank,
                 )
                 .await?;
                 periods::change(self.docs.as_ref(), workspace, sub, &invoice.id, level, *at)

@@ -99,7 +99,7 @@ impl PaidPeriods {
         for p in std::iter::once(&mut doc.current).chain(doc.previous.as_mut()) {
             if p.level.period_start == level.period_start && p.level.period_end == level.period_end
             {
-                if p.level_as_of >= at || p.level == *level {
+                if p.level_as_of > at || p.level == *level {
                     return None;
                 }
                 p.level = level.clone();

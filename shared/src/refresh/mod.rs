@@ -32,6 +32,7 @@ pub use worker::{JobReport, Refresher, RunReport, run_due};
 
 use crate::billing::records::workspace_pk;
 use crate::ids::{InvoiceId, SubscriptionId, WorkspaceId};
+use crate::money::Credits;
 use crate::store::StoreError;
 use crate::store::docs::{self, DocStore, DueMark, shard_of};
 use crate::subscriptions::Interval;
@@ -44,8 +45,6 @@ pub const REFRESH_SK: &str = "REFRESH";
 pub const RECONCILE_PREFIX: &str = "RECONCILE#";
 /// Shards of the due index unless configured otherwise.
 pub const DEFAULT_DUE_SHARDS: u32 = 16;
-/// Most raised plans a period remembers (the catalog has far fewer).
-const MAX_RAISED_PLANS: usize = 8;
 
 /// How the schedule runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +89,10 @@ pub struct PaidPeriod {
     pub interval: Interval,
     pub plan: String,
     pub addon_units: u32,
+    /// What the add-on units are worth a month, each valued as the add-on it was billed
+    /// as (`None`: as the plan's add-on).
+    #[serde(default)]
+    pub addon_credits: Option<Credits>,
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
 }
@@ -107,12 +110,16 @@ pub struct RefreshDoc {
     pub addon_units: u32,
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
-    /// Plans paid mid-period upgrades raised the remaining allotments to.
+    /// What the add-on units are worth a month as billed (`None`: as the plan's add-on).
     #[serde(default)]
-    pub raised_plans: Vec<String>,
-    /// Add-on units paid mid-period for the remaining allotments.
+    pub addon_credits: Option<Credits>,
+    /// When the level (plan, add-on units) was last set: the period start, or the time of
+    /// a paid change. A late change never overwrites a newer one.
     #[serde(default)]
-    pub raised_addon_units: u32,
+    pub level_as_of: Option<DateTime<Utc>>,
+    /// How the level compares with another set at the same instant (higher wins).
+    #[serde(default)]
+    pub level_rank: Option<u64>,
     /// The first allotment the worker has not dealt with yet (granted, or forfeited
     /// because the subscription was not in effect when it came).
     pub next_allotment: u32,
@@ -138,8 +145,9 @@ impl RefreshDoc {
             addon_units: p.addon_units,
             period_start: p.period_start,
             period_end: p.period_end,
-            raised_plans: Vec::new(),
-            raised_addon_units: 0,
+            addon_credits: p.addon_credits,
+            level_as_of: Some(p.period_start),
+            level_rank: None,
             next_allotment: 1,
             renewal_checked: false,
             renewal_retry_at: None,
@@ -159,20 +167,38 @@ impl RefreshDoc {
         })
     }
 
-    fn raise(&mut self, plan: &str, addon_units: u32) -> bool {
-        let mut changed = false;
-        if plan != self.plan
-            && !self.raised_plans.iter().any(|p| p == plan)
-            && self.raised_plans.len() < MAX_RAISED_PLANS
+    /// Sets the level the remaining allotments follow, as of `at`, unless a later change
+    /// already set it. A paid change sets it both ways (an upgrade raises it; a prorated
+    /// downgrade made elsewhere lowers it), so allotments follow what was last paid for.
+    fn set_level(&mut self, p: &PaidPeriod, at: DateTime<Utc>, rank: u64) -> bool {
+        // Two changes in the same second: the higher level (changes billed at once only
+        // raise it; lowering waits for the renewal), whatever order they arrive in.
+        if self.level_as_of.is_some_and(|t| t > at)
+            || (self.level_as_of == Some(at) && self.level_rank.unwrap_or(0) >= rank)
         {
-            self.raised_plans.push(plan.to_owned());
-            changed = true;
+            return false;
         }
-        if addon_units > self.raised_addon_units.max(self.addon_units) {
-            self.raised_addon_units = addon_units;
-            changed = true;
+        self.level_rank = Some(rank);
+        let before = (
+            self.plan.clone(),
+            self.addon_units,
+            self.addon_credits,
+            self.level_as_of,
+        );
+        self.plan = p.plan.clone();
+        // A change that did not bill the add-on item leaves its value as it was.
+        if p.addon_credits.is_some() || p.addon_units != self.addon_units {
+            self.addon_credits = p.addon_credits;
         }
-        changed
+        self.addon_units = p.addon_units;
+        self.level_as_of = Some(at);
+        before
+            != (
+                self.plan.clone(),
+                self.addon_units,
+                self.addon_credits,
+                self.level_as_of,
+            )
     }
 }
 
@@ -191,14 +217,9 @@ pub async fn record_paid_period(
         REFRESH_SK,
         |current: Option<RefreshDoc>| {
             let next = match current {
-                Some(c) if c.same_period(&p.subscription, p.period_start) => {
-                    let mut merged = c.clone();
-                    merged.raise(&p.plan, p.addon_units);
-                    if merged == c {
-                        return None;
-                    }
-                    merged
-                }
+                // The period's own invoice again: its level is the one it opened with, or a
+                // paid change's since.
+                Some(c) if c.same_period(&p.subscription, p.period_start) => return None,
                 Some(c) if c.period_start >= p.period_start => return None,
                 current => {
                     let mut fresh = RefreshDoc::from_period(p);
@@ -222,26 +243,38 @@ pub async fn record_paid_period(
     Ok(())
 }
 
-/// A paid mid-period upgrade or add-on increase: the remaining allotments of that period
-/// follow the higher level. Never lowers; ignored for any other period.
-pub async fn raise_level(
+/// A paid change inside a period (at `at`): the remaining allotments of that period follow
+/// the level it paid for, unless a later change already set one. A change applied before
+/// its period's own invoice records the period at that level (the period's invoice then
+/// leaves it as it is).
+pub async fn set_level(
     docs: &dyn DocStore,
-    workspace: &WorkspaceId,
-    subscription: &SubscriptionId,
-    period_start: DateTime<Utc>,
-    plan: &str,
-    addon_units: u32,
+    p: &PaidPeriod,
+    at: DateTime<Utc>,
+    rank: u64,
 ) -> Result<(), StoreError> {
     let settings = Settings::default();
     docs::update_due(
         docs,
-        &workspace_pk(workspace),
+        &workspace_pk(&p.workspace),
         REFRESH_SK,
         |current: Option<RefreshDoc>| {
-            let mut doc = current.filter(|c| c.same_period(subscription, period_start))?;
-            if !doc.raise(plan, addon_units) {
-                return None;
-            }
+            let doc = match current {
+                Some(mut c) if c.same_period(&p.subscription, p.period_start) => {
+                    if !c.set_level(p, at, rank) {
+                        return None;
+                    }
+                    c
+                }
+                Some(c) if c.period_start > p.period_start => return None,
+                current => {
+                    let mut fresh = RefreshDoc::from_period(p);
+                    fresh.level_as_of = Some(at);
+                    fresh.level_rank = Some(rank);
+                    fresh.settle_at = current.and_then(|c| c.settle_at);
+                    fresh
+                }
+            };
             let due = doc.due_mark(settings.shards, settings.grace);
             Some((doc, due))
         },

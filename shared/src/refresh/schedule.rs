@@ -46,21 +46,12 @@ pub struct AllotmentGrant {
     pub note: String,
 }
 
-/// The plan the remaining allotments follow: the period's own plan or a plan a paid
-/// upgrade raised it to, whichever gives the most monthly credits (never lower), and the
-/// most add-on units paid for.
+/// The plan the remaining allotments follow (the level last paid for) and its add-on units.
 pub fn level<'c>(doc: &RefreshDoc, catalog: &'c Catalog) -> Result<(&'c Plan, u32), String> {
-    let mut best: Option<&Plan> = None;
-    for id in std::iter::once(&doc.plan).chain(doc.raised_plans.iter()) {
-        let plan = catalog
-            .plan(id)
-            .ok_or_else(|| format!("unknown plan {id:?}"))?;
-        if best.is_none_or(|b| plan.monthly_credits > b.monthly_credits) {
-            best = Some(plan);
-        }
-    }
-    let plan = best.ok_or("no plan")?;
-    Ok((plan, doc.addon_units.max(doc.raised_addon_units)))
+    let plan = catalog
+        .plan(&doc.plan)
+        .ok_or_else(|| format!("unknown plan {:?}", doc.plan))?;
+    Ok((plan, doc.addon_units))
 }
 
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
@@ -86,13 +77,17 @@ pub fn grants(
         note: format!("{} plan credits, month {} of 12", plan.name, a.k + 1),
     }];
     if units > 0 {
-        let addon = catalog
-            .addon(&plan.addon)
-            .ok_or("plan add-on missing from catalog")?;
-        let credits = addon
-            .credits_per_unit
-            .checked_mul(u64::from(units))
-            .ok_or("add-on credits overflow")?;
+        // Units are worth what they were billed as; a level recorded without that value
+        // counts them as the plan's add-on.
+        let credits = match doc.addon_credits {
+            Some(c) => c,
+            None => catalog
+                .addon(&plan.addon)
+                .ok_or("plan add-on missing from catalog")?
+                .credits_per_unit
+                .checked_mul(u64::from(units))
+                .ok_or("add-on credits overflow")?,
+        };
         out.push(AllotmentGrant {
             key: format!("{base}:addon"),
             source: LotSource::Addon,
@@ -154,8 +149,9 @@ mod tests {
             addon_units: 2,
             period_start: start,
             period_end: add_months(start, interval.months()),
-            raised_plans: Vec::new(),
-            raised_addon_units: 0,
+            addon_credits: None,
+            level_as_of: None,
+            level_rank: None,
             next_allotment: 1,
             renewal_checked: false,
             renewal_retry_at: None,
@@ -205,16 +201,17 @@ mod tests {
         assert_eq!(g[0].expires_at, t(2028, 3, 31) + Duration::days(30));
         assert_eq!(g[1].credits, Credits::new(120));
         assert_eq!(g[1].expires_at, t(2028, 3, 31));
-        d.raised_plans.push("plus".into());
-        assert_eq!(
-            grants(&d, &a, &catalog).unwrap()[0].credits,
-            Credits::new(400)
-        );
-        d.raised_plans.push("generative".into());
-        d.raised_addon_units = 1;
+        d.plan = "generative".into();
+        d.addon_units = 1;
         let g = grants(&d, &a, &catalog).unwrap();
         assert_eq!(g[0].credits, Credits::new(900));
-        assert_eq!(g[1].credits, Credits::new(120), "units never lower either");
+        assert_eq!(g[1].credits, Credits::new(60));
+        // Units billed as another add-on are worth what they were billed as.
+        d.addon_credits = Some(Credits::new(600));
+        assert_eq!(
+            grants(&d, &a, &catalog).unwrap()[1].credits,
+            Credits::new(600)
+        );
     }
 
     #[test]

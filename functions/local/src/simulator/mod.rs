@@ -98,7 +98,9 @@ pub struct Simulator {
     customers: Mutex<HashSet<CustomerId>>,
     declining: Mutex<HashSet<CustomerId>>,
     /// Idempotency keys of subscription updates already made.
-    updates: Mutex<HashMap<String, Option<BilledInvoice>>>,
+    /// Answers of subscription updates by idempotency key (refusals too, as Stripe
+    /// replays a failed request's answer for the same key).
+    updates: Mutex<HashMap<String, Result<Option<BilledInvoice>, String>>>,
     events: Mutex<Vec<SimEvent>>,
     event_ids: Mutex<ulid::Generator>,
 }
@@ -763,15 +765,22 @@ impl Payments for Simulator {
         if let Some(first) = self.updates.lock().expect("sim lock").get(key).cloned()
             && !key.is_empty()
         {
-            return Ok(first);
+            return first.map_err(PaymentsError::refused);
         }
-        let (events, billed) = self.apply_update(change)?;
-        if !key.is_empty() {
+        let result = self.apply_update(change);
+        if !key.is_empty()
+            && let Ok(_) | Err(PaymentsError::Refused { .. }) = &result
+        {
+            let answer = match &result {
+                Ok((_, billed)) => Ok(billed.clone()),
+                Err(e) => Err(e.message().to_owned()),
+            };
             self.updates
                 .lock()
                 .expect("sim lock")
-                .insert(key.clone(), billed.clone());
+                .insert(key.clone(), answer);
         }
+        let (events, billed) = result?;
         self.deliver_all(events).await;
         Ok(billed)
     }
