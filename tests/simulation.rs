@@ -13,7 +13,7 @@
 //! Crashes between the Stripe call and the ledger write are changes made at Stripe with no
 //! grant of their own: their credits come from the paid invoice's event alone.
 //!
-//! `TALLY_SIM_SEEDS` (default 1000) seeds of `TALLY_SIM_STEPS` (default 20) steps run in
+//! `TALLY_SIM_SEEDS` (default 2000) seeds of `TALLY_SIM_STEPS` (default 20) steps run in
 //! `make test`; `make soak` runs more. A failing seed prints how to replay it alone:
 //! `TALLY_SIM_SEED=<n> cargo test -p tally-tests --test suite simulation` (add
 //! `TALLY_SIM_TRACE=1` to see each step and the subscription after it).
@@ -449,7 +449,7 @@ async fn credits_follow_paid_money_through_random_lifecycles() {
     let steps = env_or("TALLY_SIM_STEPS", 20);
     let seeds: Vec<u64> = match std::env::var("TALLY_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("TALLY_SIM_SEED is a number")],
-        Err(_) => (0..env_or("TALLY_SIM_SEEDS", 1000)).collect(),
+        Err(_) => (0..env_or("TALLY_SIM_SEEDS", 2000)).collect(),
     };
     let mut set = tokio::task::JoinSet::new();
     let mut running = std::collections::HashMap::new();
