@@ -9,6 +9,7 @@ mod lifecycle;
 mod purchases;
 mod queues;
 mod refresh;
+mod refunds;
 mod rules;
 mod service_properties;
 mod simulation;

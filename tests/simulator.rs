@@ -627,7 +627,13 @@ fn assert_typed(events: &[SimEvent]) {
     for e in events {
         let text = object(e).to_string();
         let kind = e.kind.as_str();
-        let parsed = if kind.starts_with("customer.subscription.") {
+        let parsed = if kind.starts_with("charge.dispute.") {
+            miniserde::json::from_str::<stripe_shared::Dispute>(&text).map(|_| ())
+        } else if kind.starts_with("refund.") {
+            miniserde::json::from_str::<stripe_shared::Refund>(&text).map(|_| ())
+        } else if kind.starts_with("invoice_payment.") {
+            miniserde::json::from_str::<stripe_shared::InvoicePayment>(&text).map(|_| ())
+        } else if kind.starts_with("customer.subscription.") {
             miniserde::json::from_str::<stripe_shared::Subscription>(&text).map(|_| ())
         } else if kind.starts_with("invoice.") {
             miniserde::json::from_str::<stripe_shared::Invoice>(&text).map(|_| ())
@@ -733,6 +739,18 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
     .await
     .unwrap();
     app.settle_billing().await;
+    // Money going back: a renewal refunded in part, the top-up's charge disputed and lost.
+    let charges: Vec<String> = events(&app)
+        .iter()
+        .filter(|e| e.kind == "charge.succeeded")
+        .map(|e| object(e)["id"].as_str().unwrap().to_owned())
+        .collect();
+    sim.refund_charge(&charges[1], Some(100)).await.unwrap();
+    let dispute = sim.dispute_charge(charges.last().unwrap()).await.unwrap();
+    sim.close_dispute(dispute["id"].as_str().unwrap(), false)
+        .await
+        .unwrap();
+    app.settle_billing().await;
     assert!(sim.set_card_declines(&customer, true));
     advance_days(&app, 380).await;
     let all = events(&app);
@@ -749,6 +767,11 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
         "charge.succeeded",
         "charge.failed",
         "payment_intent.succeeded",
+        "invoice_payment.paid",
+        "charge.refunded",
+        "refund.created",
+        "charge.dispute.created",
+        "charge.dispute.closed",
     ] {
         assert!(seen.contains(k), "{k} not seen in {seen:?}");
     }

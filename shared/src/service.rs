@@ -221,6 +221,9 @@ impl Ledger {
             }
             | Operation::Fail {
                 generation, record, ..
+            }
+            | Operation::Reverse {
+                generation, record, ..
             } => {
                 *record = self.store.generation(&req.workspace, *generation).await?;
             }
@@ -275,4 +278,35 @@ impl Ledger {
             .unwrap_or_else(|| WorkspaceState::new(workspace.clone()));
         Ok(state.settled_at(self.clock.now())?)
     }
+}
+
+/// Gives back the charge of a completed generation whose output was faulty, once: every
+/// caller (support staff, the generation service, support intake's remediation) uses the
+/// key derived from the generation alone, so a second request, whatever its reason,
+/// answers with the first result and never credits twice.
+pub async fn reverse_generation(
+    ledger: &Ledger,
+    workspace: WorkspaceId,
+    generation: crate::ids::GenerationId,
+    actor: Actor,
+    reason: String,
+    ticket: Option<String>,
+) -> Result<Outcome, ServiceError> {
+    ledger
+        .execute(LedgerRequest {
+            workspace,
+            key: IdempotencyKey::derived(format!("gen:{generation}:reverse")),
+            fingerprint: "reverse".into(),
+            actor,
+            refs: Refs {
+                ticket,
+                ..Refs::default()
+            },
+            op: Operation::Reverse {
+                generation,
+                record: None,
+                reason,
+            },
+        })
+        .await
 }

@@ -48,6 +48,10 @@ pub fn protected_routes(state: AppState) -> Router {
             "/v1/generations/{id}/fail",
             post(generations::fail_generation),
         )
+        .route(
+            "/v1/generations/{id}/reverse",
+            post(generations::reverse_generation),
+        )
         .route("/v1/ledger", get(ledger::ledger))
         .route("/v1/entitlements", get(entitlements::entitlements))
         .route(
@@ -82,6 +86,7 @@ pub fn router(state: AppState, auth: AuthMode) -> Router {
         generations::get_generation,
         generations::complete_generation,
         generations::fail_generation,
+        generations::reverse_generation,
         ledger::ledger,
         entitlements::entitlements,
         adjustments::adjust,

@@ -106,6 +106,45 @@ pub fn sim_paths() -> Value {
                 "413": problem("Body too large"),
                 "415": problem("Not JSON"),
                 "422": problem("Not a boolean")}}},
+        "/sim/charges/{id}/refund": {"post": {
+            "tags": ["simulator"], "operationId": "sim_charge_refund",
+            "summary": "Refunds a succeeded charge as the dashboard would: `charge.refunded` and `refund.created` are delivered; the credits it bought follow.",
+            "parameters": id_param("Charge id"),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false,
+                "properties": {"amount": {"type": ["integer", "null"],
+                    "description": "Cents; all that is not yet refunded when absent"}}}}}},
+            "responses": {"200": {"description": "The refund", "content": {"application/json": {
+                    "schema": {"type": "object"}}}},
+                "400": problem("Malformed JSON"),
+                "404": problem("No such charge"),
+                "409": problem("More than is left to refund, or the charge is disputed"),
+                "413": problem("Body too large"),
+                "415": problem("Not JSON"),
+                "422": problem("Not an integer")}}},
+        "/sim/charges/{id}/dispute": {"post": {
+            "tags": ["simulator"], "operationId": "sim_charge_dispute",
+            "summary": "The cardholder disputes a succeeded charge: `charge.dispute.created` is delivered and the credits it bought are frozen.",
+            "parameters": id_param("Charge id"),
+            "responses": {"200": {"description": "The dispute", "content": {"application/json": {
+                    "schema": {"type": "object"}}}},
+                "404": problem("No such charge"),
+                "409": problem("Already disputed or fully refunded")}}},
+        "/sim/disputes/{id}/close": {"post": {
+            "tags": ["simulator"], "operationId": "sim_dispute_close",
+            "summary": "The card network decides a dispute: `charge.dispute.closed` with `won` (credits unfrozen) or `lost` (credits taken back).",
+            "parameters": id_param("Dispute id"),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false, "required": ["outcome"],
+                "properties": {"outcome": {"enum": ["won", "lost"]}}}}}},
+            "responses": {"200": {"description": "The closed dispute", "content": {"application/json": {
+                    "schema": {"type": "object"}}}},
+                "400": problem("Malformed JSON"),
+                "404": problem("No such dispute"),
+                "409": problem("Already closed"),
+                "413": problem("Body too large"),
+                "415": problem("Not JSON"),
+                "422": problem("Not won or lost")}}},
         "/sim/invoices/{id}": {"get": {
             "tags": ["simulator"], "operationId": "sim_invoice_page",
             "summary": "The simulated hosted page of an invoice, with its Pay button; `<id>.pdf` is the invoice as a PDF.",

@@ -337,6 +337,13 @@ impl BillingEvents {
         if event.kind == "charge.refunded" {
             tracing::info!(charge = %c.id, refunded = c.amount_refunded, "refund recorded");
         }
+        // A failed attempt is not the payment; the successful charge of the intent is.
+        if let (true, Some(pi)) = (
+            c.status.as_deref().is_none_or(|s| s == "succeeded"),
+            c.payment_intent.id(),
+        ) {
+            self.link_charge(pi, &c.id).await?;
+        }
         Ok(())
     }
 
@@ -367,6 +374,16 @@ impl BillingEvents {
         })
         .await?;
         tracing::warn!(charge = %charge, dispute = %d.id, amount = d.amount, "dispute recorded");
+        let pi = match d.payment_intent.id() {
+            Some(pi) => Some(pi.clone()),
+            None => docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK)
+                .await?
+                .and_then(|p| p.payment_intent),
+        };
+        if let Some(pi) = pi {
+            // Only a succeeded charge can be disputed, so it is the payment of its intent.
+            self.link_charge(&pi, &charge).await?;
+        }
         Ok(())
     }
 }

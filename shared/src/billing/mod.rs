@@ -12,6 +12,7 @@ pub mod linking;
 pub mod objects;
 pub mod periods;
 pub mod records;
+pub mod refunds;
 
 pub use grants::{CreditGrant, MAX_PACK_QUANTITY};
 pub use linking::link_customer;
@@ -156,6 +157,7 @@ impl BillingEvents {
             | "customer.subscription.paused"
             | "customer.subscription.resumed" => self.subscription(event, parse(event)?).await,
             "payment_intent.succeeded" => self.top_up(event, parse(event)?).await,
+            "invoice_payment.paid" => self.invoice_payment(parse(event)?).await,
             "charge.succeeded" | "charge.refunded" | "charge.updated" => {
                 self.charge(event, parse(event)?).await
             }
@@ -175,13 +177,41 @@ impl BillingEvents {
         workspace: &WorkspaceId,
         g: CreditGrant,
     ) -> Result<(), ConsumeError> {
+        let paid_by = g.refs.charge.clone();
+        let invoice = g.refs.invoice.clone();
+        let key = g.key.clone();
+        let credits = g.credits;
+        let Some(outcome) = self.grant_once(event, workspace, g).await? else {
+            return Ok(());
+        };
+        // Packs and top-ups name the payment intent that bought them: refunds and disputes
+        // of that payment follow the lot.
+        let pi = paid_by.and_then(|p| crate::ids::PaymentIntentId::parse(&p).ok());
+        if let (Some(pi), Some(lot)) = (pi, outcome.lot.as_deref()) {
+            self.link_lot(&pi, workspace, refunds::lot_seq(lot)?, credits)
+                .await?;
+        }
+        // Subscription invoices are tied to their payment by `invoice_payment.paid`.
+        if let (Some(invoice), Some(lot)) = (invoice, outcome.lot.as_deref()) {
+            self.link_invoice_lot(&invoice, workspace, &key, refunds::lot_seq(lot)?, credits)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn grant_once(
+        &self,
+        event: &objects::Event,
+        workspace: &WorkspaceId,
+        g: CreditGrant,
+    ) -> Result<Option<crate::ledger::Outcome>, ConsumeError> {
         let mut refs = g.refs;
         refs.stripe_event = Some(event.id.clone());
         if g.expires_at.is_some_and(|t| t <= self.ledger.clock.now()) {
             // Credits for a period that is already over would lapse at once; the payment
             // stays recorded on its invoice, the ledger gets nothing unusable.
             tracing::warn!(workspace = %workspace, key = %g.key, "credits for an ended period not granted");
-            return Ok(());
+            return Ok(None);
         }
         let req = LedgerRequest {
             workspace: workspace.clone(),
@@ -196,8 +226,7 @@ impl BillingEvents {
                 note: Some(g.note),
             },
         };
-        self.ledger.execute(req).await?;
-        Ok(())
+        Ok(Some(self.ledger.execute(req).await?))
     }
 
     /// A paid invoice: its credits (valued against the paid periods it bills), then the

@@ -326,6 +326,25 @@ pub struct Charge {
     pub refunds: Option<List<Refund>>,
     #[serde(default)]
     pub payment_method: Expandable<PaymentMethodId>,
+    /// `succeeded`, `pending` or `failed`.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+/// Which payment paid an invoice (`invoice_payment.paid`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct InvoicePayment {
+    pub id: String,
+    #[serde(default)]
+    pub invoice: Expandable<InvoiceId>,
+    pub payment: InvoicePaymentRef,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InvoicePaymentRef {
+    #[serde(default)]
+    pub payment_intent: Expandable<PaymentIntentId>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -343,6 +362,8 @@ pub struct Dispute {
     pub id: DisputeId,
     #[serde(default)]
     pub charge: Expandable<ChargeId>,
+    #[serde(default)]
+    pub payment_intent: Expandable<PaymentIntentId>,
     #[serde(default)]
     pub amount: i64,
     pub currency: Option<String>,

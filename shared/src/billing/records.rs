@@ -114,6 +114,18 @@ pub struct DisputeFact {
     pub as_of: i64,
 }
 
+impl DisputeFact {
+    /// A closed dispute never reopens, so its outcome wins over any open state, even one
+    /// delivered later or stamped the same second.
+    fn order(&self) -> (bool, i64, Option<&str>) {
+        let closed = matches!(
+            self.status.as_deref(),
+            Some("won" | "lost" | "warning_closed" | "prevented")
+        );
+        (closed, self.as_of, self.status.as_deref())
+    }
+}
+
 /// A payment (Stripe charge) with what happened to it afterwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PaymentRecord {
@@ -165,7 +177,7 @@ impl PaymentRecord {
         }
         for d in incoming.disputes {
             match merged.disputes.iter_mut().find(|x| x.id == d.id) {
-                Some(x) if (d.as_of, &d.status) > (x.as_of, &x.status) => *x = d,
+                Some(x) if d.order() > x.order() => *x = d,
                 Some(_) => {}
                 None => merged.disputes.push(d),
             }

@@ -129,9 +129,10 @@ impl From<LedgerError> for Problem {
                     .with_facts(serde_json::json!({"slots": slots}))
             }
             LedgerError::GenerationNotFound(_) => Problem::not_found(e.to_string()),
-            LedgerError::GenerationExists(_) | LedgerError::AlreadySettled { .. } => {
-                Problem::conflict(e.to_string())
-            }
+            LedgerError::GenerationExists(_)
+            | LedgerError::AlreadySettled { .. }
+            | LedgerError::AlreadyReversed(_)
+            | LedgerError::NotReversible { .. } => Problem::conflict(e.to_string()),
             LedgerError::Invalid(m) => Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "validation_failed",

@@ -67,6 +67,52 @@ pub enum Operation {
     /// worker repeats it until the workspace is settled, so holds nobody touches again are
     /// still released on time. With nothing due it produces no entry.
     Settle,
+    /// A refund: takes `share` of the lot's free credits (rounded down), never more than
+    /// it has. A lot already spent out takes nothing; the entry still records the refund.
+    TakeBack {
+        lot: u64,
+        share: Share,
+        note: String,
+    },
+    /// A dispute opened: freezes `share` of the lot's free credits (rounded down).
+    Freeze {
+        lot: u64,
+        share: Share,
+        note: String,
+    },
+    /// A dispute closed: the lot's frozen credits become spendable again (won) or are
+    /// taken back (lost).
+    Unfreeze {
+        lot: u64,
+        take_back: bool,
+        note: String,
+    },
+    /// Gives back the charge of a completed generation whose output was faulty, once.
+    Reverse {
+        generation: GenerationId,
+        record: Option<Generation>,
+        reason: String,
+    },
+}
+
+/// A fraction of a lot, from money: the refunded (or disputed) amount over the amount not
+/// yet refunded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub numerator: u64,
+    pub denominator: u64,
+}
+
+impl Share {
+    /// `credits × numerator / denominator`, rounded down, never more than `credits`.
+    pub fn of(self, credits: Credits) -> Credits {
+        if self.denominator == 0 {
+            return Credits::ZERO;
+        }
+        let n = self.numerator.min(self.denominator);
+        let v = u128::from(credits.get()) * u128::from(n) / u128::from(self.denominator);
+        Credits::new(u64::try_from(v).unwrap_or(u64::MAX)).min(credits)
+    }
 }
 
 /// What a command did, in the form the first caller saw it; replays return this.
@@ -369,6 +415,77 @@ impl Tx<'_> {
             }
             // The settlement around every operation is all it does.
             Operation::Settle => Ok((None, None)),
+            Operation::TakeBack { lot, share, note } => {
+                let taken = self.lot(*lot).map_or(Credits::ZERO, |l| share.of(l.free()));
+                let mut d = Draft::new(Reason::RefundTakeBack, actor);
+                d.credits = CreditDelta::decrease(taken);
+                if taken > Credits::ZERO {
+                    d.lots = vec![LotChange::Changed {
+                        lot: *lot,
+                        remaining: CreditDelta::decrease(taken),
+                        held: CreditDelta::ZERO,
+                    }];
+                }
+                d.totals.clawed_back = taken;
+                d.note = Some(note.clone());
+                self.push(d)?;
+                Ok((None, Some(format!("lot_{lot}"))))
+            }
+            Operation::Freeze { lot, share, note } => {
+                let frozen = self.lot(*lot).map_or(Credits::ZERO, |l| share.of(l.free()));
+                let mut d = Draft::new(Reason::DisputeFreeze, actor);
+                d.credits = CreditDelta::decrease(frozen);
+                if frozen > Credits::ZERO {
+                    d.lots = vec![LotChange::Frozen {
+                        lot: *lot,
+                        frozen: CreditDelta::increase(frozen),
+                    }];
+                }
+                d.note = Some(note.clone());
+                self.push(d)?;
+                Ok((None, Some(format!("lot_{lot}"))))
+            }
+            Operation::Unfreeze {
+                lot,
+                take_back,
+                note,
+            } => {
+                let frozen = self.lot(*lot).map_or(Credits::ZERO, |l| l.frozen);
+                let reason = if *take_back {
+                    Reason::DisputeLost
+                } else {
+                    Reason::DisputeWon
+                };
+                let mut d = Draft::new(reason, actor);
+                if frozen > Credits::ZERO {
+                    // Unfreeze first so the lot never holds and freezes more than it has.
+                    d.lots.push(LotChange::Frozen {
+                        lot: *lot,
+                        frozen: CreditDelta::decrease(frozen),
+                    });
+                    if *take_back {
+                        d.lots.push(LotChange::Changed {
+                            lot: *lot,
+                            remaining: CreditDelta::decrease(frozen),
+                            held: CreditDelta::ZERO,
+                        });
+                        d.totals.clawed_back = frozen;
+                    } else {
+                        d.credits = CreditDelta::increase(frozen);
+                    }
+                }
+                d.note = Some(note.clone());
+                self.push(d)?;
+                Ok((None, Some(format!("lot_{lot}"))))
+            }
+            Operation::Reverse {
+                generation,
+                record,
+                reason,
+            } => {
+                let g = self.reverse(*generation, record.as_ref(), reason, actor)?;
+                Ok((Some(g), None))
+            }
             Operation::SetPlan { plan } => {
                 if &self.state.plan == plan {
                     return Ok((None, None));
@@ -443,6 +560,7 @@ impl Tx<'_> {
                 original: credits,
                 remaining: credits,
                 held: Credits::ZERO,
+                frozen: Credits::ZERO,
                 granted_at: self.now(),
                 expires_at,
             },
@@ -692,6 +810,57 @@ impl Tx<'_> {
     }
 }
 
+impl Tx<'_> {
+    fn reverse(
+        &mut self,
+        generation: GenerationId,
+        record: Option<&Generation>,
+        reason: &str,
+        actor: Actor,
+    ) -> Result<Generation, LedgerError> {
+        let mut g = self
+            .known_record(generation, record)
+            .ok_or(LedgerError::GenerationNotFound(generation))?;
+        if g.status != GenerationStatus::Completed || g.charged == Credits::ZERO {
+            return Err(LedgerError::NotReversible {
+                id: generation,
+                status: if g.status == GenerationStatus::Completed {
+                    "completed without a charge"
+                } else {
+                    g.status.as_str()
+                },
+            });
+        }
+        if g.reversed > Credits::ZERO {
+            return Err(LedgerError::AlreadyReversed(generation));
+        }
+        let credits = g.charged;
+        let seq = self.state.next_seq;
+        let mut d = Draft::new(Reason::Reversal, actor);
+        d.credits = CreditDelta::increase(credits);
+        d.lots = vec![LotChange::Created {
+            lot: Lot {
+                seq,
+                source: LotSource::Reversal,
+                original: credits,
+                remaining: credits,
+                held: Credits::ZERO,
+                frozen: Credits::ZERO,
+                granted_at: self.now(),
+                expires_at: None,
+            },
+        }];
+        d.totals.issued = credits;
+        d.generation = Some(generation);
+        d.note = Some(reason.to_owned());
+        self.push(d)?;
+        g.reversed = credits;
+        g.entries.push(seq);
+        self.generations.insert(generation, g.clone());
+        Ok(g)
+    }
+}
+
 fn release(hold: &Hold) -> Vec<LotChange> {
     hold.allocations
         .iter()
@@ -722,5 +891,6 @@ fn record_from_hold(workspace: &WorkspaceId, hold: &Hold) -> Generation {
         deadline: hold.deadline,
         settled_at: None,
         entries: vec![hold.placed_seq],
+        reversed: Credits::ZERO,
     }
 }

@@ -15,7 +15,7 @@ use thiserror::Error;
 use utoipa::ToSchema;
 
 pub use crate::subscriptions::{Interval, PlanState, PlanStatus};
-pub use engine::{Applied, Command, Operation, Outcome, execute};
+pub use engine::{Applied, Command, Operation, Outcome, Share, execute};
 
 /// Where a lot of credits came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -45,6 +45,10 @@ pub struct Lot {
     pub remaining: Credits,
     /// Part of `remaining` reserved by open holds.
     pub held: Credits,
+    /// Part of `remaining` that cannot be spent while the payment that bought it is
+    /// disputed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub frozen: Credits,
     pub granted_at: DateTime<Utc>,
     /// `None` for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
@@ -55,8 +59,8 @@ impl Lot {
         format!("lot_{}", self.seq)
     }
     pub fn free(&self) -> Credits {
-        // `apply` refuses any entry that would leave `held` above `remaining`.
-        self.remaining - self.held
+        // `apply` refuses any entry that would leave `held + frozen` above `remaining`.
+        self.remaining - self.held - self.frozen
     }
     /// Burn order: earliest expiry first, never-expiring last, then oldest first.
     pub fn burn_key(&self) -> (bool, Option<DateTime<Utc>>, u64) {
@@ -65,6 +69,10 @@ impl Lot {
     pub fn usable_at(&self, now: DateTime<Utc>) -> bool {
         self.expires_at.is_none_or(|t| t > now)
     }
+}
+
+fn is_zero(c: &Credits) -> bool {
+    *c == Credits::ZERO
 }
 
 /// Part of a hold reserved on one lot.
@@ -140,6 +148,9 @@ pub struct WorkspaceState {
 pub struct Balance {
     pub available: Credits,
     pub held: Credits,
+    /// Credits of disputed payments: not spendable until the dispute closes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub frozen: Credits,
 }
 
 /// Why a journal entry was written. Stable codes: finance reports key on them.
@@ -159,6 +170,14 @@ pub enum Reason {
     HoldExpired,
     LotsExpired,
     PlanChanged,
+    /// Unspent credits of a lot taken back because the payment that bought it was refunded.
+    RefundTakeBack,
+    /// Unspent credits of a lot frozen while its payment is disputed.
+    DisputeFreeze,
+    /// A dispute won: the lot's frozen credits are spendable again.
+    DisputeWon,
+    /// A dispute lost: the lot's frozen credits are taken back.
+    DisputeLost,
 }
 
 /// Who caused an entry.
@@ -223,6 +242,11 @@ pub enum LotChange {
         lot: u64,
         remaining: CreditDelta,
         held: CreditDelta,
+    },
+    /// Credits of the lot frozen (positive) or unfrozen (negative) by a dispute.
+    Frozen {
+        lot: u64,
+        frozen: CreditDelta,
     },
 }
 
@@ -312,6 +336,9 @@ pub struct Generation {
     pub settled_at: Option<DateTime<Utc>>,
     /// Journal entries (by sequence number) that moved this generation's credits.
     pub entries: Vec<u64>,
+    /// Credits given back by reversing the charge (a faulty output); at most `charged`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reversed: Credits,
 }
 
 /// Ways an operation can be refused. Refusals change nothing.
@@ -325,6 +352,15 @@ pub enum LedgerError {
     GenerationNotFound(GenerationId),
     #[error("generation {0} already exists")]
     GenerationExists(GenerationId),
+    #[error("generation {0} was already reversed")]
+    AlreadyReversed(GenerationId),
+    #[error(
+        "generation {id} is {status}; only a completed generation with a charge can be reversed"
+    )]
+    NotReversible {
+        id: GenerationId,
+        status: &'static str,
+    },
     #[error("generation {id} is already {status}")]
     AlreadySettled {
         id: GenerationId,
@@ -389,7 +425,19 @@ impl WorkspaceState {
                         .checked_add_delta(*remaining)
                         .ok_or_else(corrupt)?;
                     l.held = l.held.checked_add_delta(*held).ok_or_else(corrupt)?;
-                    if l.held > l.remaining {
+                    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
+                        return Err(corrupt());
+                    }
+                }
+                LotChange::Frozen { lot, frozen } => {
+                    let l = self
+                        .lots
+                        .iter_mut()
+                        .find(|l| l.seq == *lot)
+                        .ok_or_else(|| LedgerError::Corrupt(format!("unknown lot {lot}")))?;
+                    let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
+                    l.frozen = l.frozen.checked_add_delta(*frozen).ok_or_else(corrupt)?;
+                    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
                         return Err(corrupt());
                     }
                 }
@@ -428,10 +476,13 @@ impl WorkspaceState {
     pub fn balance(&self) -> Balance {
         let held: Credits = self.holds.iter().map(|h| h.amount).sum();
         let remaining: Credits = self.lots.iter().map(|l| l.remaining).sum();
+        let frozen: Credits = self.lots.iter().map(|l| l.frozen).sum();
         Balance {
-            // Holds are backed by lot credits (`check_invariants`), so never below zero.
-            available: remaining - held,
+            // Holds and freezes are backed by lot credits (`check_invariants`), so never
+            // below zero.
+            available: remaining - held - frozen,
             held,
+            frozen,
         }
     }
 
@@ -486,8 +537,12 @@ impl WorkspaceState {
                 return Err(format!("hold {} allocations do not add up", h.generation));
             }
         }
-        if self.lots.iter().any(|l| l.held > l.remaining) {
-            return Err("a lot holds more than it has".into());
+        if self
+            .lots
+            .iter()
+            .any(|l| l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining))
+        {
+            return Err("a lot holds or freezes more than it has".into());
         }
         Ok(())
     }

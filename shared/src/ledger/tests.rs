@@ -143,7 +143,8 @@ fn completing_below_the_estimate_charges_the_exact_cost_and_releases_the_rest() 
         w.state.balance(),
         Balance {
             available: Credits::new(76),
-            held: Credits::new(24)
+            held: Credits::new(24),
+            frozen: Credits::ZERO
         }
     );
     let done = w.complete(g, Some(20), None);
@@ -155,7 +156,8 @@ fn completing_below_the_estimate_charges_the_exact_cost_and_releases_the_rest() 
         w.state.balance(),
         Balance {
             available: Credits::new(80),
-            held: Credits::ZERO
+            held: Credits::ZERO,
+            frozen: Credits::ZERO
         }
     );
     assert_eq!(w.state.totals.spent, Credits::new(20));
@@ -175,7 +177,8 @@ fn completing_above_the_estimate_takes_the_excess_but_never_goes_below_zero() {
         w.state.balance(),
         Balance {
             available: Credits::ZERO,
-            held: Credits::ZERO
+            held: Credits::ZERO,
+            frozen: Credits::ZERO
         }
     );
 }
@@ -201,7 +204,8 @@ fn a_failed_generation_is_never_charged() {
         w.state.balance(),
         Balance {
             available: Credits::new(50),
-            held: Credits::ZERO
+            held: Credits::ZERO,
+            frozen: Credits::ZERO
         }
     );
     assert_eq!(w.state.totals.spent, Credits::ZERO);
@@ -247,7 +251,8 @@ fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still
         view.balance(),
         Balance {
             available: Credits::new(50),
-            held: Credits::ZERO
+            held: Credits::ZERO,
+            frozen: Credits::ZERO
         },
         "reads see the release at once"
     );
@@ -266,7 +271,8 @@ fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still
         w.state.balance(),
         Balance {
             available: Credits::new(50),
-            held: Credits::ZERO
+            held: Credits::ZERO,
+            frozen: Credits::ZERO
         }
     );
     let expired = Generation {
@@ -296,6 +302,7 @@ fn record_for(w: &World, g: GenerationId, held: u64) -> Generation {
         deadline: t0() + Duration::hours(1),
         settled_at: None,
         entries: vec![],
+        reversed: Credits::ZERO,
     }
 }
 
@@ -323,7 +330,8 @@ fn lapsed_lots_expire_lazily_but_credits_held_on_them_stay_spendable_by_that_hol
         w.state.balance(),
         Balance {
             available: Credits::ZERO,
-            held: Credits::new(40)
+            held: Credits::new(40),
+            frozen: Credits::ZERO
         }
     );
     let done = w.complete(gid, Some(30), None);
@@ -488,7 +496,8 @@ fn grant_specs_from_the_catalog_flow_through_a_hold() {
         w.state.balance(),
         Balance {
             available: Credits::new(40),
-            held: Credits::new(60)
+            held: Credits::new(60),
+            frozen: Credits::ZERO
         }
     );
 }

@@ -18,6 +18,8 @@ pub struct LotView {
     pub original: Credits,
     pub remaining: Credits,
     pub held: Credits,
+    /// Credits of a disputed payment: not spendable until the dispute closes.
+    pub frozen: Credits,
     pub granted_at: DateTime<Utc>,
     /// Absent for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
@@ -27,6 +29,8 @@ pub struct LotView {
 pub struct BalanceView {
     pub available: Credits,
     pub held: Credits,
+    /// Credits of disputed payments: not spendable until their disputes close.
+    pub frozen: Credits,
     /// Lots in burn order (spent first at the top).
     pub lots: Vec<LotView>,
 }
@@ -43,6 +47,7 @@ pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Js
     Ok(Json(BalanceView {
         available: b.available,
         held: b.held,
+        frozen: b.frozen,
         lots: lots
             .into_iter()
             .map(|l| LotView {
@@ -51,6 +56,7 @@ pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Js
                 original: l.original,
                 remaining: l.remaining,
                 held: l.held,
+                frozen: l.frozen,
                 granted_at: l.granted_at,
                 expires_at: l.expires_at,
             })

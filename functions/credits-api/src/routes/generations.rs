@@ -247,6 +247,66 @@ pub async fn fail_generation(
     outcome.generation.map(Json).ok_or_else(Problem::internal)
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseRequest {
+    /// Why the charge is given back (the faulty output), kept on the journal entry.
+    #[schema(schema_with = tally::http::text::text_schema)]
+    pub reason: String,
+    /// The support ticket that asked for it.
+    #[schema(schema_with = tally::http::text::optional_text_schema)]
+    pub ticket: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/generations/{id}/reverse", tag = "credits", security(("bearer" = [])),
+    params(GenerationPath), request_body = ReverseRequest,
+    responses((status = 200, body = Generation), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails),
+        (status = 422, body = ProblemDetails)))]
+/// Support staff (scope `credits:admin`) or the generation service (scope
+/// `credits:settle`) give back the charge of a completed generation whose output was
+/// faulty. Once per generation: a repeat answers with the first result.
+pub async fn reverse_generation(
+    State(app): State<AppState>,
+    who: Identity,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ReverseRequest>,
+) -> ApiResult<Json<Generation>> {
+    let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
+    if !staff && !who.has_scope(tally::http::auth::SCOPE_SETTLE) {
+        return Err(Problem::forbidden(
+            "only support staff (credits:admin) or the generation service (credits:settle) reverse a charge",
+        ));
+    }
+    let id = parse_generation_id(&id)?;
+    let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
+    let ticket = req
+        .ticket
+        .as_deref()
+        .map(|t| tally::http::text::one_line("ticket", t, MAX_REASON_CHARS).map(str::to_owned))
+        .transpose()?;
+    // Staff act on any workspace: the generation says which.
+    let (workspace, _) = if staff {
+        let mut anyone = who.clone();
+        anyone.workspace = None;
+        settle_target(&app, &anyone, id).await?
+    } else {
+        settle_target(&app, &who, id).await?
+    };
+    let span = tracing::info_span!("reverse_generation", workspace = %workspace, generation = %id);
+    let outcome = tally::service::reverse_generation(
+        &app.ledger,
+        workspace,
+        id,
+        who.actor(),
+        reason.to_owned(),
+        ticket,
+    )
+    .instrument(span)
+    .await?;
+    outcome.generation.map(Json).ok_or_else(Problem::internal)
+}
+
 /// A stored generation as of now: a hold past its deadline is shown as expired even before
 /// the next write on the workspace settles it.
 fn as_of_now(mut g: Generation, now: chrono::DateTime<chrono::Utc>) -> Generation {

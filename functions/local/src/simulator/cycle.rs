@@ -18,8 +18,8 @@
 //! runs through the [`ScheduleHook`].
 
 use super::objects::{
-    Line, SimSubscription, SubStatus, card_of, charge_object, invoice_object, mark_failed,
-    mark_paid,
+    Line, SimSubscription, SubStatus, card_of, charge_object, invoice_object, invoice_payment,
+    mark_failed, mark_paid,
 };
 use super::{Events, Simulator, at};
 use async_trait::async_trait;
@@ -239,12 +239,12 @@ impl Simulator {
                 events.push(("customer.subscription.deleted", sub.object()));
             }
         } else {
-            events.push((
-                "charge.succeeded",
-                charge_object(&sub.customer, due, now, meta, &card, false),
-            ));
+            let charge = charge_object(&sub.customer, due, now, meta, &card, false);
+            let paid_by = invoice_payment(&inv, &charge, now);
+            events.push(("charge.succeeded", charge));
             mark_paid(&mut inv, now);
             events.push(("invoice.paid", inv.clone()));
+            events.push(("invoice_payment.paid", paid_by));
             sub.status = SubStatus::Active;
             events.push(("customer.subscription.updated", sub.object()));
         }

@@ -19,6 +19,7 @@
 //! The Stripe-shaped objects it sends are built in `objects`, its pages served by `pages`.
 
 mod cycle;
+mod disputes;
 mod objects;
 mod pages;
 mod pdf;
@@ -33,7 +34,7 @@ use axum::http::{Request, header};
 use chrono::{DateTime, Utc};
 use objects::{
     Dunning, Line, SimItem, SimSubscription, SubStatus, card_of, charge_object, finalize, fixture,
-    invoice_object, mark_failed, mark_paid, mark_void, new_id, new_stripe_id,
+    invoice_object, invoice_payment, mark_failed, mark_paid, mark_void, new_id, new_stripe_id,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -103,6 +104,9 @@ pub struct Simulator {
     updates: Mutex<HashMap<String, Result<Option<BilledInvoice>, String>>>,
     events: Mutex<Vec<SimEvent>>,
     event_ids: Mutex<ulid::Generator>,
+    /// Succeeded charges as last delivered (refunds and disputes change them).
+    charges: Mutex<HashMap<String, Value>>,
+    disputes: Mutex<HashMap<String, Value>>,
 }
 
 impl Simulator {
@@ -131,6 +135,8 @@ impl Simulator {
             updates: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
             event_ids: Mutex::new(ulid::Generator::new()),
+            charges: Mutex::new(HashMap::new()),
+            disputes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -201,6 +207,12 @@ impl Simulator {
     }
 
     async fn deliver(&self, kind: &str, object: Value) -> SimEvent {
+        if let ("charge.succeeded", Some(id)) = (kind, object["id"].as_str()) {
+            self.charges
+                .lock()
+                .expect("sim lock")
+                .insert(id.to_owned(), object.clone());
+        }
         let created = self.now();
         let mut e = fixture("event");
         e["id"] = json!(self.event_id());
@@ -280,9 +292,11 @@ impl Simulator {
             } else {
                 let card = card_of(&sub.customer);
                 let charge = charge_object(&sub.customer, due, now, meta, &card, false);
+                let paid_by = invoice_payment(&inv, &charge, now);
                 out.push(("charge.succeeded", charge));
                 mark_paid(&mut inv, now);
                 out.push(("invoice.paid", inv.clone()));
+                out.push(("invoice_payment.paid", paid_by));
             }
         }
         self.store_invoice(&inv, None);
@@ -328,9 +342,11 @@ impl Simulator {
                 session["amount_subtotal"] = json!(amount);
                 session["subscription"] = Value::Null;
                 session["invoice"] = Value::Null;
-                let charge =
+                let mut charge =
                     charge_object(&customer, amount, now, json!({"org_id": ws}), &card, false);
-                self.deliver("charge.succeeded", charge).await;
+                // The session's payment intent is the one its charge paid.
+                session["payment_intent"] = charge["payment_intent"].clone();
+                self.deliver("charge.succeeded", charge.take()).await;
                 self.deliver("checkout.session.completed", session).await;
             }
             Purchase::Plan {
@@ -396,9 +412,11 @@ impl Simulator {
                 let amount = unit_amount.get() as i64;
                 let charge =
                     charge_object(&customer, amount, now, json!({"org_id": ws}), &card, false);
+                let paid_by = invoice_payment(&inv, &charge, now);
                 events.push(("charge.succeeded", charge));
                 mark_paid(&mut inv, now);
                 events.push(("invoice.paid", inv.clone()));
+                events.push(("invoice_payment.paid", paid_by));
                 self.store_invoice(&inv, None);
                 session["mode"] = json!("subscription");
                 session["subscription"] = json!(sub.id);

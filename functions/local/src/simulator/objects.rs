@@ -11,7 +11,19 @@ use std::str::FromStr;
 use tally::ids::{CustomerId, IdError, InvoiceId, SubscriptionId};
 use tally::ledger::Interval;
 
-const FIXTURES: [(&str, &str); 6] = [
+const FIXTURES: [(&str, &str); 9] = [
+    (
+        "invoice_payment",
+        include_str!("../../../../fixtures/stripe/invoice_payment.json"),
+    ),
+    (
+        "refund",
+        include_str!("../../../../fixtures/stripe/refund.json"),
+    ),
+    (
+        "dispute",
+        include_str!("../../../../fixtures/stripe/dispute.json"),
+    ),
     (
         "payment_intent",
         include_str!("../../../../fixtures/stripe/payment_intent.json"),
@@ -569,6 +581,24 @@ pub(super) fn charge_object(
     charge["refunds"] =
         json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"});
     charge
+}
+
+/// The record that `charge` paid invoice `inv` (Stripe's `invoice_payment`, delivered as
+/// `invoice_payment.paid`): how a payment intent is tied to the invoice it paid.
+pub(super) fn invoice_payment(inv: &Value, charge: &Value, now: i64) -> Value {
+    let mut p = fixture("invoice_payment");
+    p["id"] = json!(new_id("inpay"));
+    p["invoice"] = inv["id"].clone();
+    p["amount_paid"] = charge["amount"].clone();
+    p["amount_requested"] = charge["amount"].clone();
+    p["currency"] = charge["currency"].clone();
+    p["created"] = json!(now);
+    p["livemode"] = json!(false);
+    p["is_default"] = json!(true);
+    p["payment"] = json!({"type": "payment_intent", "payment_intent": charge["payment_intent"]});
+    p["status"] = json!("paid");
+    p["status_transitions"] = json!({"canceled_at": null, "paid_at": now});
+    p
 }
 
 /// The saved card's id for a customer (one card per simulated customer).

@@ -31,6 +31,9 @@ impl Simulator {
             .route("/sim/clock", get(clock))
             .route("/sim/clock/advance", post(advance))
             .route("/sim/customers/{id}/card", post(card))
+            .route("/sim/charges/{id}/refund", post(refund))
+            .route("/sim/charges/{id}/dispute", post(dispute))
+            .route("/sim/disputes/{id}/close", post(close_dispute))
             .route("/sim/invoices/{id}", get(invoice_page))
             .route("/sim/invoices/{id}/pay", post(pay_invoice))
             .route("/sim/done", get(done))
@@ -207,6 +210,59 @@ async fn card(
     } else {
         Problem::not_found(format!("no simulated customer {id}")).into_response()
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    /// Cents; all that is not yet refunded when absent.
+    #[serde(default)]
+    amount: Option<i64>,
+}
+
+fn money_back(r: Result<Value, super::disputes::MoneyBackError>) -> Response {
+    use super::disputes::MoneyBackError;
+    match r {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(MoneyBackError::NotFound(m)) => Problem::not_found(m).into_response(),
+        Err(MoneyBackError::Invalid(m)) => Problem::conflict(m).into_response(),
+    }
+}
+
+async fn refund(
+    State(sim): State<Arc<Simulator>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RefundBody>,
+) -> Response {
+    money_back(sim.refund_charge(&id, body.amount).await)
+}
+
+async fn dispute(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    money_back(sim.dispute_charge(&id).await)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum DisputeOutcome {
+    Won,
+    Lost,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    outcome: DisputeOutcome,
+}
+
+async fn close_dispute(
+    State(sim): State<Arc<Simulator>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CloseBody>,
+) -> Response {
+    money_back(
+        sim.close_dispute(&id, matches!(body.outcome, DisputeOutcome::Won))
+            .await,
+    )
 }
 
 /// Labelled values: (description, amount) of each line, or (name, value) of each total.

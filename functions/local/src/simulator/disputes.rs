@@ -1,0 +1,132 @@
+//! Money going back: refunds of a succeeded charge (as made in the dashboard or through
+//! the API) and card disputes, with the objects and events Stripe sends for them.
+//!
+//! A refund updates the charge (`amount_refunded`, `refunded` once all of it is back) and
+//! delivers `charge.refunded` with the charge, then `refund.created` with the refund. A
+//! dispute delivers `charge.dispute.created` (status `needs_response`, for what was not
+//! refunded) and, when closed, `charge.dispute.closed` with `won` or `lost`.
+
+use super::Simulator;
+use super::objects::{fixture, new_id};
+use serde_json::{Value, json};
+
+/// Why a refund or dispute was not made.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MoneyBackError {
+    NotFound(String),
+    /// What Stripe answers 400 for: more than is left, nothing left, a dispute twice.
+    Invalid(String),
+}
+
+impl Simulator {
+    /// Refunds `amount` cents (default: all that is not yet refunded) of a succeeded charge.
+    pub async fn refund_charge(
+        &self,
+        charge: &str,
+        amount: Option<i64>,
+    ) -> Result<Value, MoneyBackError> {
+        let now = self.now();
+        let (charge_obj, refund) = {
+            let mut charges = self.charges.lock().expect("sim lock");
+            let c = charges
+                .get_mut(charge)
+                .ok_or_else(|| MoneyBackError::NotFound(format!("no such charge: {charge}")))?;
+            if c["disputed"].as_bool() == Some(true) {
+                return Err(MoneyBackError::Invalid(format!(
+                    "charge {charge} is disputed and cannot be refunded"
+                )));
+            }
+            let paid = c["amount"].as_i64().unwrap_or_default();
+            let refunded = c["amount_refunded"].as_i64().unwrap_or_default();
+            let left = paid - refunded;
+            let amount = amount.unwrap_or(left);
+            if amount <= 0 || amount > left {
+                return Err(MoneyBackError::Invalid(format!(
+                    "refund amount ({amount}) must be between 1 and the {left} cents not yet refunded"
+                )));
+            }
+            let mut refund = fixture("refund");
+            refund["id"] = json!(new_id("re"));
+            refund["amount"] = json!(amount);
+            refund["charge"] = json!(charge);
+            refund["created"] = json!(now);
+            refund["currency"] = c["currency"].clone();
+            refund["payment_intent"] = c["payment_intent"].clone();
+            refund["status"] = json!("succeeded");
+            refund["reason"] = json!("requested_by_customer");
+            c["amount_refunded"] = json!(refunded + amount);
+            c["refunded"] = json!(refunded + amount == paid);
+            let mut data = c["refunds"]["data"].as_array().cloned().unwrap_or_default();
+            data.insert(0, refund.clone());
+            c["refunds"] = json!({"object": "list", "data": data, "has_more": false,
+                "url": format!("/v1/charges/{charge}/refunds")});
+            (c.clone(), refund)
+        };
+        self.deliver("charge.refunded", charge_obj).await;
+        self.deliver("refund.created", refund.clone()).await;
+        Ok(refund)
+    }
+
+    /// The cardholder disputes a succeeded charge (for what was not refunded).
+    pub async fn dispute_charge(&self, charge: &str) -> Result<Value, MoneyBackError> {
+        let now = self.now();
+        let (charge_obj, dispute) = {
+            let mut charges = self.charges.lock().expect("sim lock");
+            let c = charges
+                .get_mut(charge)
+                .ok_or_else(|| MoneyBackError::NotFound(format!("no such charge: {charge}")))?;
+            let left = c["amount"].as_i64().unwrap_or_default()
+                - c["amount_refunded"].as_i64().unwrap_or_default();
+            if c["disputed"].as_bool() == Some(true) || left <= 0 {
+                return Err(MoneyBackError::Invalid(format!(
+                    "charge {charge} is already disputed or fully refunded"
+                )));
+            }
+            c["disputed"] = json!(true);
+            let mut d = fixture("dispute");
+            d["id"] = json!(new_id("dp"));
+            d["amount"] = json!(left);
+            d["charge"] = json!(charge);
+            d["payment_intent"] = c["payment_intent"].clone();
+            d["currency"] = c["currency"].clone();
+            d["created"] = json!(now);
+            d["reason"] = json!("fraudulent");
+            d["status"] = json!("needs_response");
+            d["is_charge_refundable"] = json!(false);
+            (c.clone(), d)
+        };
+        self.disputes.lock().expect("sim lock").insert(
+            dispute["id"].as_str().unwrap_or_default().to_owned(),
+            dispute.clone(),
+        );
+        self.deliver("charge.dispute.created", dispute.clone())
+            .await;
+        self.deliver("charge.updated", charge_obj).await;
+        Ok(dispute)
+    }
+
+    /// The card network decides an open dispute: `won` keeps the money, `lost` gives it to
+    /// the cardholder.
+    pub async fn close_dispute(&self, dispute: &str, won: bool) -> Result<Value, MoneyBackError> {
+        let closed = {
+            let mut disputes = self.disputes.lock().expect("sim lock");
+            let d = disputes
+                .get_mut(dispute)
+                .ok_or_else(|| MoneyBackError::NotFound(format!("no such dispute: {dispute}")))?;
+            if matches!(d["status"].as_str(), Some("won" | "lost")) {
+                return Err(MoneyBackError::Invalid(format!(
+                    "dispute {dispute} is already closed"
+                )));
+            }
+            d["status"] = json!(if won { "won" } else { "lost" });
+            d.clone()
+        };
+        self.deliver("charge.dispute.closed", closed.clone()).await;
+        Ok(closed)
+    }
+
+    /// A succeeded charge as it stands now.
+    pub fn charge(&self, id: &str) -> Option<Value> {
+        self.charges.lock().expect("sim lock").get(id).cloned()
+    }
+}

@@ -1,0 +1,376 @@
+//! Credits follow money back out: a refunded payment takes back the unspent part of the lot
+//! it bought, a disputed one freezes it until the dispute closes.
+//!
+//! Three facts arrive in any order: the grant of the lot (keyed by the payment intent that
+//! paid for it), the charge (which names its payment intent and carries the cumulative
+//! `amount_refunded`), and the dispute. Each is written to the payment's link document and
+//! then [`BillingEvents::follow_payment`] runs; it acts only once all it needs is known, and
+//! every ledger effect is keyed by what caused it, so redeliveries change nothing.
+//!
+//! A refund of `r` cents when `u` cents of the payment were not yet refunded takes `r / u`
+//! of the lot's free credits (rounded down): the unspent credits are attributed evenly to the
+//! money not yet given back, so refunds add up to at most everything unspent, and the part
+//! of the refunded money whose credits were already spent is written on the journal entry.
+//! Credits reserved by running generations are not touched (they may be spent).
+
+use super::records::{PAYMENT_SK, PaymentRecord, charge_pk};
+use super::{BillingEvents, poison};
+use crate::ids::{ChargeId, IdempotencyKey, InvoiceId, PaymentIntentId, WorkspaceId};
+use crate::ledger::{Actor, ActorKind, Operation, Refs, Share};
+use crate::money::{Cents, Credits};
+use crate::queue::ConsumeError;
+use crate::service::LedgerRequest;
+use crate::store::docs;
+use serde::{Deserialize, Serialize};
+
+/// What a payment intent paid for and how far its refunds have been followed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentLink {
+    pub workspace: Option<WorkspaceId>,
+    /// The lot its grant created (`lot_<seq>`), with the credits it started with.
+    pub lot: Option<u64>,
+    #[serde(default)]
+    pub credits: Credits,
+    /// The successful charge of the payment intent.
+    pub charge: Option<ChargeId>,
+    /// Per lot, the cumulative refunded amount already taken back from it.
+    #[serde(default)]
+    pub refunded_applied: Vec<(u64, Cents)>,
+    /// The invoice the payment intent paid (subscription sign-ups, renewals, changes).
+    #[serde(default)]
+    pub invoice: Option<InvoiceId>,
+}
+
+/// The lots an invoice's grants created (a plan's month, add-on units, a change), at most
+/// a handful, and the payment intent that paid it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceLots {
+    pub workspace: Option<WorkspaceId>,
+    /// (grant key, lot sequence number, credits granted)
+    pub lots: Vec<(String, u64, Credits)>,
+    pub payment_intent: Option<PaymentIntentId>,
+}
+
+pub fn invoice_lots_pk(invoice: &InvoiceId) -> String {
+    format!("INVOICE_LOTS#{invoice}")
+}
+
+pub fn payment_pk(pi: &PaymentIntentId) -> String {
+    format!("PI#{pi}")
+}
+pub const LINK_SK: &str = "LINK";
+
+/// Dispute states in which the money is still contested.
+fn dispute_open(status: &str) -> bool {
+    matches!(
+        status,
+        "needs_response" | "under_review" | "warning_needs_response" | "warning_under_review"
+    )
+}
+
+impl BillingEvents {
+    /// Records that the lot `lot` (of `credits`) was bought by `pi`, then follows the payment.
+    pub(super) async fn link_lot(
+        &self,
+        pi: &PaymentIntentId,
+        workspace: &WorkspaceId,
+        lot: u64,
+        credits: Credits,
+    ) -> Result<(), ConsumeError> {
+        docs::update(
+            self.docs.as_ref(),
+            &payment_pk(pi),
+            LINK_SK,
+            |cur: Option<PaymentLink>| {
+                let mut l = cur.unwrap_or_default();
+                if l.lot.is_some() {
+                    return None;
+                }
+                l.workspace = Some(workspace.clone());
+                l.lot = Some(lot);
+                l.credits = credits;
+                Some(l)
+            },
+        )
+        .await?;
+        self.follow_payment(pi).await
+    }
+
+    /// Records a lot an invoice's grant created, then follows the invoice's payment.
+    pub(super) async fn link_invoice_lot(
+        &self,
+        invoice: &InvoiceId,
+        workspace: &WorkspaceId,
+        key: &str,
+        lot: u64,
+        credits: Credits,
+    ) -> Result<(), ConsumeError> {
+        let doc = docs::update(
+            self.docs.as_ref(),
+            &invoice_lots_pk(invoice),
+            LINK_SK,
+            |cur: Option<InvoiceLots>| {
+                let mut l = cur.unwrap_or_default();
+                if l.lots.iter().any(|(k, _, _)| k == key) {
+                    return None;
+                }
+                l.workspace = Some(workspace.clone());
+                l.lots.push((key.to_owned(), lot, credits));
+                Some(l)
+            },
+        )
+        .await?;
+        let pi = match doc {
+            Some(d) => d.payment_intent,
+            None => {
+                docs::get::<InvoiceLots>(self.docs.as_ref(), &invoice_lots_pk(invoice), LINK_SK)
+                    .await?
+                    .and_then(|d| d.payment_intent)
+            }
+        };
+        match pi {
+            Some(pi) => self.follow_payment(&pi).await,
+            None => Ok(()),
+        }
+    }
+
+    /// `invoice_payment.paid`: which payment intent paid which invoice.
+    pub(super) async fn invoice_payment(
+        &self,
+        p: super::objects::InvoicePayment,
+    ) -> Result<(), ConsumeError> {
+        let (Some(invoice), Some(pi)) = (p.invoice.id(), p.payment.payment_intent.id()) else {
+            return Ok(());
+        };
+        if p.status.as_deref() != Some("paid") {
+            return Ok(());
+        }
+        docs::update(
+            self.docs.as_ref(),
+            &invoice_lots_pk(invoice),
+            LINK_SK,
+            |cur: Option<InvoiceLots>| {
+                let mut l = cur.unwrap_or_default();
+                if l.payment_intent.is_some() {
+                    return None;
+                }
+                l.payment_intent = Some(pi.clone());
+                Some(l)
+            },
+        )
+        .await?;
+        docs::update(
+            self.docs.as_ref(),
+            &payment_pk(pi),
+            LINK_SK,
+            |cur: Option<PaymentLink>| {
+                let mut l = cur.unwrap_or_default();
+                if l.invoice.is_some() {
+                    return None;
+                }
+                l.invoice = Some(invoice.clone());
+                Some(l)
+            },
+        )
+        .await?;
+        self.follow_payment(pi).await
+    }
+
+    /// Records which charge paid `pi`, then follows the payment.
+    pub(super) async fn link_charge(
+        &self,
+        pi: &PaymentIntentId,
+        charge: &ChargeId,
+    ) -> Result<(), ConsumeError> {
+        docs::update(
+            self.docs.as_ref(),
+            &payment_pk(pi),
+            LINK_SK,
+            |cur: Option<PaymentLink>| {
+                let mut l = cur.unwrap_or_default();
+                if l.charge.is_some() {
+                    return None;
+                }
+                l.charge = Some(charge.clone());
+                Some(l)
+            },
+        )
+        .await?;
+        self.follow_payment(pi).await
+    }
+
+    /// Brings the lot bought by `pi` in line with what happened to the payment: refunds
+    /// taken back, a dispute frozen, won (unfrozen) or lost (taken back).
+    pub(super) async fn follow_payment(&self, pi: &PaymentIntentId) -> Result<(), ConsumeError> {
+        let Some(link) =
+            docs::get::<PaymentLink>(self.docs.as_ref(), &payment_pk(pi), LINK_SK).await?
+        else {
+            return Ok(());
+        };
+        let Some(charge) = &link.charge else {
+            return Ok(());
+        };
+        // The lots the payment bought: a pack's one, or those of the invoice it paid.
+        let (workspace, lots) = match (&link.workspace, link.lot, &link.invoice) {
+            (Some(w), Some(lot), _) => (w.clone(), vec![(lot, link.credits)]),
+            (_, _, Some(invoice)) => {
+                let Some(doc) = docs::get::<InvoiceLots>(
+                    self.docs.as_ref(),
+                    &invoice_lots_pk(invoice),
+                    LINK_SK,
+                )
+                .await?
+                else {
+                    return Ok(());
+                };
+                let Some(w) = doc.workspace else {
+                    return Ok(());
+                };
+                (w, doc.lots.iter().map(|&(_, l, c)| (l, c)).collect())
+            }
+            _ => return Ok(()),
+        };
+        if lots.is_empty() {
+            return Ok(());
+        }
+        let Some(payment) =
+            docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK).await?
+        else {
+            return Ok(());
+        };
+        let paid = payment.amount.get();
+        if paid == 0 {
+            return Ok(());
+        }
+        let refunded = payment.amount_refunded.get().min(paid);
+        for &(lot, credits) in &lots {
+            let applied = link
+                .refunded_applied
+                .iter()
+                .find(|(l, _)| *l == lot)
+                .map_or(0, |(_, c)| c.get());
+            if refunded <= applied {
+                continue;
+            }
+            let share = Share {
+                numerator: refunded - applied,
+                denominator: paid - applied,
+            };
+            let bought = Share {
+                numerator: refunded - applied,
+                denominator: paid,
+            }
+            .of(credits);
+            let note = format!(
+                "refund of {} of {paid} cents paid by {charge}; the refunded money bought {bought} credits of lot_{lot}",
+                refunded - applied
+            );
+            let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
+            self.follow(
+                &workspace,
+                &key,
+                pi,
+                charge,
+                Operation::TakeBack { lot, share, note },
+            )
+            .await?;
+            docs::update(
+                self.docs.as_ref(),
+                &payment_pk(pi),
+                LINK_SK,
+                |cur: Option<PaymentLink>| {
+                    let mut l = cur?;
+                    match l.refunded_applied.iter_mut().find(|(x, _)| *x == lot) {
+                        Some((_, c)) if c.get() >= refunded => return None,
+                        Some((_, c)) => *c = Cents::new(refunded),
+                        None => l.refunded_applied.push((lot, Cents::new(refunded))),
+                    }
+                    Some(l)
+                },
+            )
+            .await?;
+        }
+        let unrefunded = paid - refunded;
+        for d in &payment.disputes {
+            let status = d.status.as_deref().unwrap_or("needs_response");
+            for &(lot, _) in &lots {
+                let freeze = || {
+                    let share = Share {
+                        numerator: d.amount.get().min(unrefunded),
+                        denominator: unrefunded,
+                    };
+                    let note = format!("payment {charge} disputed ({})", d.id);
+                    (
+                        format!("stripe:dispute:{}:open:lot_{lot}", d.id),
+                        Operation::Freeze { lot, share, note },
+                    )
+                };
+                let mut steps = Vec::new();
+                match status {
+                    s if dispute_open(s) => steps.push(freeze()),
+                    "lost" => {
+                        steps.push(freeze());
+                        steps.push((
+                            format!("stripe:dispute:{}:lost:lot_{lot}", d.id),
+                            Operation::Unfreeze {
+                                lot,
+                                take_back: true,
+                                note: format!("dispute {} of payment {charge} lost", d.id),
+                            },
+                        ));
+                    }
+                    // won, warning_closed, prevented: the money stays; a freeze (if one
+                    // was made) is lifted.
+                    _ => steps.push((
+                        format!("stripe:dispute:{}:closed:lot_{lot}", d.id),
+                        Operation::Unfreeze {
+                            lot,
+                            take_back: false,
+                            note: format!("dispute {} of payment {charge} closed ({status})", d.id),
+                        },
+                    )),
+                }
+                for (key, op) in steps {
+                    self.follow(&workspace, &key, pi, charge, op).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn follow(
+        &self,
+        workspace: &WorkspaceId,
+        key: &str,
+        pi: &PaymentIntentId,
+        charge: &ChargeId,
+        op: Operation,
+    ) -> Result<(), ConsumeError> {
+        let fingerprint = format!("{key}:{}", crate::service::fingerprint(&format!("{op:?}")));
+        let req = LedgerRequest {
+            workspace: workspace.clone(),
+            key: IdempotencyKey::derived(key.to_owned()),
+            fingerprint,
+            actor: Actor::new(ActorKind::Stripe, charge.to_string()),
+            refs: Refs {
+                charge: Some(pi.to_string()),
+                ..Refs::default()
+            },
+            op,
+        };
+        match self.ledger.execute(req).await {
+            Ok(_) => Ok(()),
+            // The same key with a different share: the facts moved between two attempts.
+            // What was first applied stands.
+            Err(crate::service::ServiceError::KeyReused) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The lot id `lot_<seq>` a grant answers with, as its sequence number.
+pub(super) fn lot_seq(lot: &str) -> Result<u64, ConsumeError> {
+    lot.strip_prefix("lot_")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| poison(format!("grant answered with an unknown lot id {lot:?}")))
+}

@@ -1,0 +1,403 @@
+//! Credits follow money back out: refunds take back what the refunded money bought and is
+//! still unspent, disputes freeze it until they close, and a faulty generation's charge is
+//! given back once. Every case runs through the simulated Stripe, signed events, the
+//! webhook and the billing queue.
+
+use axum::http::Method;
+use serde_json::{Value, json};
+use tally_tests::{TestApp, member, owner, service, support};
+
+/// Buys `quantity` × pack_500 for `ws`; returns the charge id that paid.
+async fn buy_packs(app: &TestApp, ws: &str, quantity: u32) -> String {
+    let s = app
+        .post(
+            "/v1/checkout/sessions",
+            &owner(ws),
+            json!({"kind": "pack", "pack": "pack_500", "quantity": quantity}),
+        )
+        .await;
+    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+    app.pay(s.body["url"].as_str().unwrap()).await;
+    let charges = app.sim_events("charge.succeeded");
+    charges.last().unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+/// Starts and completes a generation that costs `credits` (held at the estimate, charged
+/// exactly); returns its id.
+async fn spend(app: &TestApp, ws: &str, credits: u64) -> String {
+    let g = app
+        .post(
+            "/v1/generations",
+            &member(ws, "u1"),
+            json!({"workflow": "image", "model": "flux-schnell", "count": 1}),
+        )
+        .await;
+    assert_eq!(g.status.as_u16(), 201, "{:#}", g.body);
+    let id = g.body["id"].as_str().unwrap().to_owned();
+    let done = app
+        .post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({"credits": credits}),
+        )
+        .await;
+    assert_eq!(done.status.as_u16(), 200, "{:#}", done.body);
+    id
+}
+
+async fn sim_post(app: &TestApp, path: &str, body: Option<Value>) -> tally_tests::Answer {
+    let body = body.map(|b| b.to_string());
+    let a = app
+        .send(
+            Method::POST,
+            path,
+            None,
+            body.as_deref(),
+            if body.is_some() {
+                &[]
+            } else {
+                &[("content-length", "0")]
+            },
+        )
+        .await;
+    app.settle_billing().await;
+    a
+}
+
+async fn balance(app: &TestApp, ws: &str) -> Value {
+    app.get("/v1/balance", &owner(ws)).await.body
+}
+
+/// Journal entries of one reason, newest first.
+async fn entries(app: &TestApp, ws: &str, reason: &str) -> Vec<Value> {
+    let j = app.get("/v1/ledger?limit=100", &owner(ws)).await.body;
+    j["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_half_spent_pack_refunded_in_full_loses_only_its_unspent_credits() {
+    let app = TestApp::new();
+    let charge = buy_packs(&app, "org_rf1", 2).await;
+    assert_eq!(app.available("org_rf1").await, 1000);
+    spend(&app, "org_rf1", 400).await;
+    assert_eq!(app.available("org_rf1").await, 600);
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    assert_eq!(app.available("org_rf1").await, 0, "the unspent 600 go back");
+    let taken = entries(&app, "org_rf1", "refund_take_back").await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0]["credits"], -600);
+    assert!(
+        taken[0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("bought 1000 credits"),
+        "the spent part is on the record: {:#}",
+        taken[0]
+    );
+    // Redelivering every event changes nothing.
+    for e in app.local.simulator.as_ref().unwrap().events() {
+        assert_eq!(app.deliver_signed(&e.payload).await, 200);
+    }
+    app.settle_billing().await;
+    assert_eq!(app.available("org_rf1").await, 0);
+    assert_eq!(entries(&app, "org_rf1", "refund_take_back").await.len(), 1);
+    // Nothing more can be refunded, and the balance never went below zero.
+    let again = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(again.status.as_u16(), 409);
+}
+
+#[tokio::test]
+async fn partial_refunds_add_up_to_everything_unspent_and_no_more() {
+    let app = TestApp::new();
+    let charge = buy_packs(&app, "org_rf2", 2).await;
+    let paid = app
+        .local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .charge(&charge)
+        .unwrap()["amount"]
+        .as_i64()
+        .unwrap();
+    let quarter = paid / 4;
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({"amount": quarter})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    assert_eq!(
+        app.available("org_rf2").await,
+        750,
+        "a quarter of the money"
+    );
+    spend(&app, "org_rf2", 150).await;
+    assert_eq!(app.available("org_rf2").await, 600);
+    // A third of what is left of the money: a third of what is left unspent.
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({"amount": (paid - quarter) / 3})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200);
+    assert_eq!(app.available("org_rf2").await, 400);
+    let rest = paid - quarter - (paid - quarter) / 3;
+    sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({"amount": rest})),
+    )
+    .await;
+    assert_eq!(app.available("org_rf2").await, 0);
+    let taken: i64 = entries(&app, "org_rf2", "refund_take_back")
+        .await
+        .iter()
+        .map(|e| -e["credits"].as_i64().unwrap())
+        .sum();
+    assert_eq!(taken, 850, "never more than was unspent");
+}
+
+#[tokio::test]
+async fn a_refund_takes_back_only_the_refunded_payments_lot() {
+    let app = TestApp::new();
+    let first = buy_packs(&app, "org_rf3", 1).await;
+    buy_packs(&app, "org_rf3", 1).await;
+    assert_eq!(app.available("org_rf3").await, 1000);
+    sim_post(
+        &app,
+        &format!("/sim/charges/{first}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(app.available("org_rf3").await, 500);
+}
+
+#[tokio::test]
+async fn a_dispute_freezes_the_credits_until_it_is_won() {
+    let app = TestApp::new();
+    let charge = buy_packs(&app, "org_dp1", 2).await;
+    spend(&app, "org_dp1", 200).await;
+    let d = sim_post(&app, &format!("/sim/charges/{charge}/dispute"), None).await;
+    assert_eq!(d.status.as_u16(), 200, "{:#}", d.body);
+    let b = balance(&app, "org_dp1").await;
+    assert_eq!(
+        (b["available"].as_u64(), b["frozen"].as_u64()),
+        (Some(0), Some(800))
+    );
+    // Frozen credits cannot be spent.
+    let g = app
+        .post(
+            "/v1/generations",
+            &member("org_dp1", "u1"),
+            json!({"workflow": "image", "model": "flux-schnell", "count": 1}),
+        )
+        .await;
+    g.assert_problem(402, "insufficient_credits");
+    let id = d.body["id"].as_str().unwrap();
+    let won = sim_post(
+        &app,
+        &format!("/sim/disputes/{id}/close"),
+        Some(json!({"outcome": "won"})),
+    )
+    .await;
+    assert_eq!(won.status.as_u16(), 200);
+    let b = balance(&app, "org_dp1").await;
+    assert_eq!(b["available"], 800);
+    assert_eq!(b["frozen"], 0, "{b:#}");
+    assert_eq!(entries(&app, "org_dp1", "dispute_won").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_dispute_takes_the_frozen_credits_back_even_when_events_arrive_out_of_order() {
+    let app = TestApp::new();
+    let charge = buy_packs(&app, "org_dp2", 2).await;
+    spend(&app, "org_dp2", 300).await;
+    let d = sim_post(&app, &format!("/sim/charges/{charge}/dispute"), None).await;
+    let id = d.body["id"].as_str().unwrap();
+    sim_post(
+        &app,
+        &format!("/sim/disputes/{id}/close"),
+        Some(json!({"outcome": "lost"})),
+    )
+    .await;
+    assert_eq!(app.available("org_dp2").await, 0);
+    assert_eq!(balance(&app, "org_dp2").await["held"], 0);
+    let lost = entries(&app, "org_dp2", "dispute_lost").await;
+    assert_eq!(lost.len(), 1);
+
+    // The same events, newest first and each twice, into a fresh system: same outcome.
+    let fresh = TestApp::new();
+    let events = app.local.simulator.as_ref().unwrap().events();
+    for e in events.iter().rev() {
+        fresh.deliver_signed(&e.payload).await;
+        fresh.deliver_signed(&e.payload).await;
+    }
+    fresh.settle_billing().await;
+    assert!(fresh.local.billing_queue.dead_letters().is_empty());
+    // The fresh system never saw the generation, so everything bought is taken back.
+    assert_eq!(fresh.available("org_dp2").await, 0);
+    let b = balance(&fresh, "org_dp2").await;
+    assert_eq!(b["frozen"], 0, "{b:#}");
+}
+
+#[tokio::test]
+async fn a_refund_before_the_purchase_is_applied_still_takes_the_credits_back() {
+    let app = TestApp::new();
+    let charge = buy_packs(&app, "org_rf4", 2).await;
+    sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(app.available("org_rf4").await, 0);
+    let events = app.local.simulator.as_ref().unwrap().events();
+    let fresh = TestApp::new();
+    // Refund first, then the charge, then the checkout that grants.
+    let order = [
+        "charge.refunded",
+        "refund.created",
+        "charge.succeeded",
+        "checkout.session.completed",
+    ];
+    for kind in order {
+        for e in events.iter().filter(|e| e.kind == kind) {
+            assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+        }
+    }
+    fresh.settle_billing().await;
+    assert!(fresh.local.billing_queue.dead_letters().is_empty());
+    assert_eq!(fresh.available("org_rf4").await, 0);
+    let granted = entries(&fresh, "org_rf4", "pack_purchase").await;
+    assert_eq!(granted.len(), 1, "the purchase is in the journal");
+    assert_eq!(
+        entries(&fresh, "org_rf4", "refund_take_back").await.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_faulty_generation_is_reversed_once_by_staff_or_the_generation_service() {
+    let app = TestApp::new();
+    buy_packs(&app, "org_rv", 1).await;
+    let id = spend(&app, "org_rv", 120).await;
+    assert_eq!(app.available("org_rv").await, 380);
+    let path = format!("/v1/generations/{id}/reverse");
+    // Members cannot give themselves credits back.
+    app.post(&path, &member("org_rv", "u1"), json!({"reason": "blurry"}))
+        .await
+        .assert_problem(403, "forbidden");
+    app.post(&path, &support(), json!({"reason": "blank\u{0007}"}))
+        .await
+        .assert_problem(422, "validation_failed");
+    let r = app
+        .post(
+            &path,
+            &support(),
+            json!({"reason": "output was blank", "ticket": "tkt_1"}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    assert_eq!(r.body["reversed"], 120);
+    assert_eq!(app.available("org_rv").await, 500);
+    // Again, by anyone allowed, with any reason: the first answer, no second credit.
+    let again = app
+        .post(&path, &service(), json!({"reason": "retry"}))
+        .await;
+    assert_eq!(again.status.as_u16(), 200);
+    assert_eq!(again.body["reversed"], 120);
+    assert_eq!(app.available("org_rv").await, 500);
+    let rev = entries(&app, "org_rv", "reversal").await;
+    assert_eq!(rev.len(), 1);
+    assert_eq!(rev[0]["refs"]["generation"], id.as_str());
+    assert_eq!(rev[0]["refs"]["ticket"], "tkt_1");
+    assert_eq!(rev[0]["note"], "output was blank");
+    // A generation still running or failed has nothing to give back.
+    let g = app
+        .post(
+            "/v1/generations",
+            &member("org_rv", "u1"),
+            json!({"workflow": "image", "model": "flux-schnell", "count": 1}),
+        )
+        .await;
+    let held = g.body["id"].as_str().unwrap();
+    app.post(
+        &format!("/v1/generations/{held}/reverse"),
+        &support(),
+        json!({"reason": "x"}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    // Unknown generations are 404.
+    app.post(
+        "/v1/generations/gen_01HZZZZZZZZZZZZZZZZZZZZZZZ/reverse",
+        &support(),
+        json!({"reason": "x"}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+}
+
+#[tokio::test]
+async fn a_refunded_renewal_takes_back_the_unspent_part_of_that_periods_allowance() {
+    let app = TestApp::new();
+    app.subscribe("org_rn", "plus", "monthly").await;
+    let first = app.available("org_rn").await;
+    assert!(first > 0);
+    // The renewal a month later grants the next month; then it is refunded in full.
+    let sim = app.local.simulator.as_ref().unwrap();
+    let sub = app.get("/v1/subscription", &owner("org_rn")).await.body["subscription"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = sim_post(&app, &format!("/sim/subscriptions/{sub}/renew"), None).await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    let renewed = app.available("org_rn").await;
+    assert_eq!(renewed, 2 * first, "the renewal grants another month");
+    // Spending burns the earlier month first.
+    spend(&app, "org_rn", first / 2).await;
+    let paid_by = app.sim_events("invoice_payment.paid");
+    assert_eq!(paid_by.len(), 2, "sign-up and renewal");
+    let renewal_charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        sim.charge(&renewal_charge).unwrap()["payment_intent"],
+        paid_by[1]["payment"]["payment_intent"]
+    );
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{renewal_charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    assert_eq!(
+        app.available("org_rn").await,
+        first - first / 2,
+        "the renewal's month goes back; what is left of the earlier one stays"
+    );
+    let taken = entries(&app, "org_rn", "refund_take_back").await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0]["credits"], -(first as i64));
+}
