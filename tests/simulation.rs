@@ -8,7 +8,9 @@
 //! - every paid period's first month is granted exactly once, every allotment at most once;
 //! - a canceled subscription is never charged again and never granted again, a paused one
 //!   is never charged for a renewal;
-//! - the balance is never negative, conservation holds, the journal rebuilds the state.
+//! - the balance is never negative, conservation holds, the journal rebuilds the state;
+//! - credits taken back for refunds and lost disputes never exceed what the money given
+//!   back bought (the lot's credits times the share of its payment given back).
 //!
 //! Crashes between the Stripe call and the ledger write are changes made at Stripe with no
 //! grant of their own: their credits come from the paid invoice's event alone.
@@ -52,6 +54,12 @@ enum Step {
     Redeliver(usize),
     /// A change whose request died after Stripe made it (before any grant of its own).
     Crash(usize),
+    /// Refunds a percentage of what is left of one of the charges so far.
+    Refund(usize, i64),
+    /// Disputes one of the charges so far.
+    Dispute(usize),
+    /// Closes one of the open disputes, won or lost.
+    CloseDispute(usize, bool),
 }
 
 fn random_step(rng: &mut fastrand::Rng) -> Step {
@@ -68,6 +76,9 @@ fn random_step(rng: &mut fastrand::Rng) -> Step {
         72..=76 => Step::Pack(rng.u64(1..=3)),
         77..=86 => Step::Generate(rng.u64(1..=60), rng.bool()),
         87..=90 => Step::Crash(rng.usize(0..PLANS.len())),
+        91..=93 => Step::Refund(rng.usize(0..10_000), [25, 50, 100][rng.usize(0..3)]),
+        94 => Step::Dispute(rng.usize(0..10_000)),
+        95 => Step::CloseDispute(rng.usize(0..10_000), rng.bool()),
         _ => Step::Redeliver(rng.usize(0..10_000)),
     }
 }
@@ -202,6 +213,43 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                 })
                 .await;
         }
+        Step::Refund(n, pct) => {
+            let sim = app.local.simulator.as_ref().unwrap();
+            let charges = succeeded_charges(app);
+            if !charges.is_empty() {
+                let c = sim.charge(&charges[n % charges.len()]).unwrap();
+                let left = c["amount"].as_i64().unwrap() - c["amount_refunded"].as_i64().unwrap();
+                let amount = (left * pct / 100).max(1);
+                // Refused when nothing is left or the charge is disputed, as Stripe would.
+                let _ = sim
+                    .refund_charge(c["id"].as_str().unwrap(), Some(amount))
+                    .await;
+            }
+        }
+        Step::Dispute(n) => {
+            let sim = app.local.simulator.as_ref().unwrap();
+            let charges = succeeded_charges(app);
+            if !charges.is_empty() {
+                let _ = sim.dispute_charge(&charges[n % charges.len()]).await;
+            }
+        }
+        Step::CloseDispute(n, won) => {
+            let sim = app.local.simulator.as_ref().unwrap();
+            let open: Vec<String> = sim
+                .events()
+                .iter()
+                .filter(|e| e.kind == "charge.dispute.created")
+                .map(|e| {
+                    e.payload["data"]["object"]["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect();
+            if !open.is_empty() {
+                let _ = sim.close_dispute(&open[n % open.len()], *won).await;
+            }
+        }
         Step::Redeliver(n) => {
             let events = app.local.simulator.as_ref().unwrap().events();
             if !events.is_empty() {
@@ -244,6 +292,76 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
             m.ended.entry(id).or_insert(e.created);
         }
     }
+}
+
+/// Ids of every charge that succeeded so far, oldest first.
+fn succeeded_charges(app: &TestApp) -> Vec<String> {
+    app.sim_events("charge.succeeded")
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Credits taken back never exceed what the money given back bought: per lot, the lot's
+/// credits times the share of its payment refunded or lost in a dispute (plus one credit
+/// of rounding per take-back).
+fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(), String> {
+    use tally::ledger::Reason;
+    let sim = app.local.simulator.as_ref().unwrap();
+    let mut originals: BTreeMap<u64, u64> = BTreeMap::new();
+    // lot -> (credits taken back, take-backs, payment intent)
+    let mut taken: BTreeMap<u64, (u64, u64, String)> = BTreeMap::new();
+    for e in journal {
+        for change in &e.lots {
+            match change {
+                LotChange::Created { lot } => {
+                    originals.insert(lot.seq, lot.original.get());
+                }
+                LotChange::Changed { lot, remaining, .. }
+                    if matches!(e.reason, Reason::RefundTakeBack | Reason::DisputeLost) =>
+                {
+                    let pi = e.refs.charge.clone().unwrap_or_default();
+                    let t = taken.entry(*lot).or_insert((0, 0, pi));
+                    t.0 += remaining.unsigned_abs().get();
+                    t.1 += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    let lost: BTreeMap<String, i64> = sim
+        .events()
+        .iter()
+        .filter(|e| e.kind == "charge.dispute.closed")
+        .map(|e| &e.payload["data"]["object"])
+        .filter(|d| d["status"] == "lost")
+        .map(|d| {
+            (
+                d["charge"].as_str().unwrap().to_owned(),
+                d["amount"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for (lot, (credits, takes, pi)) in taken {
+        let charge = succeeded_charges(app)
+            .into_iter()
+            .filter_map(|id| sim.charge(&id))
+            .find(|c| c["payment_intent"] == pi.as_str())
+            .ok_or_else(|| format!("lot_{lot} taken back for an unknown payment {pi}"))?;
+        let paid = charge["amount"].as_i64().unwrap() as u128;
+        let back = (charge["amount_refunded"].as_i64().unwrap()
+            + lost
+                .get(charge["id"].as_str().unwrap())
+                .copied()
+                .unwrap_or(0)) as u128;
+        let bought = u128::from(originals[&lot]) * back / paid.max(1);
+        if u128::from(credits) > bought + u128::from(takes) {
+            return Err(format!(
+                "lot_{lot}: {credits} credits taken back, but the {back} of {paid} cents given back bought {bought}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Credits per cent of one catalog item at its best rate (yearly prices are discounted, so
@@ -297,6 +415,7 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
         return Err("the journal does not rebuild the state".into());
     }
 
+    check_take_backs(app, &journal)?;
     // Subscription credits granted, per operation key.
     let mut granted: u128 = 0;
     let mut keys: BTreeMap<String, u32> = BTreeMap::new();
