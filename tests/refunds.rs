@@ -401,3 +401,83 @@ async fn a_refunded_renewal_takes_back_the_unspent_part_of_that_periods_allowanc
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0]["credits"], -(first as i64));
 }
+
+#[tokio::test]
+async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year() {
+    let app = TestApp::new();
+    app.subscribe("org_yr", "plus", "yearly").await;
+    let month = app.available("org_yr").await;
+    assert!(month > 0);
+    let advance = |days: i64| {
+        let app = &app;
+        async move {
+            let r = app
+                .send(
+                    Method::POST,
+                    "/sim/clock/advance",
+                    None,
+                    Some(&json!({"days": days}).to_string()),
+                    &[],
+                )
+                .await;
+            assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+            app.settle_billing().await;
+        }
+    };
+    advance(32).await;
+    assert_eq!(
+        plan_allotments(&app, "org_yr").await,
+        vec![month as i64; 2],
+        "month 2 as paid"
+    );
+    let charge = app.sim_events("charge.succeeded")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let paid = app
+        .local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .charge(&charge)
+        .unwrap()["amount"]
+        .as_i64()
+        .unwrap();
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({"amount": paid / 2})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    advance(31).await;
+    let got = plan_allotments(&app, "org_yr").await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(
+        got[0],
+        month as i64 / 2,
+        "month 3 is paid for by half the money"
+    );
+    // A full refund stops the rest of the year.
+    sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    advance(62).await;
+    assert_eq!(
+        plan_allotments(&app, "org_yr").await.len(),
+        3,
+        "nothing paid for, nothing granted"
+    );
+}
+
+/// Plan credits granted so far (sign-up months and allotments), newest first.
+async fn plan_allotments(app: &TestApp, ws: &str) -> Vec<i64> {
+    entries(app, ws, "plan_credits")
+        .await
+        .iter()
+        .map(|e| e["credits"].as_i64().unwrap())
+        .collect()
+}

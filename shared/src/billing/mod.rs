@@ -300,6 +300,9 @@ impl BillingEvents {
                     },
                 )
                 .await?;
+                // A refund of this invoice that arrived first shrinks the period's later
+                // months now that the period is recorded.
+                self.follow_invoice(&invoice.id).await?;
             }
             if let Some((level, at)) = &credits.changes {
                 let lines = grants::paid_lines(invoice, self.catalog());

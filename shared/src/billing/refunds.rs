@@ -134,6 +134,17 @@ impl BillingEvents {
         }
     }
 
+    /// Follows the payment of `invoice`, if it is known yet.
+    pub(super) async fn follow_invoice(&self, invoice: &InvoiceId) -> Result<(), ConsumeError> {
+        let pi = docs::get::<InvoiceLots>(self.docs.as_ref(), &invoice_lots_pk(invoice), LINK_SK)
+            .await?
+            .and_then(|d| d.payment_intent);
+        match pi {
+            Some(pi) => self.follow_payment(&pi).await,
+            None => Ok(()),
+        }
+    }
+
     /// `invoice_payment.paid`: which payment intent paid which invoice.
     pub(super) async fn invoice_payment(
         &self,
@@ -289,6 +300,26 @@ impl BillingEvents {
                 },
             )
             .await?;
+        }
+        // A yearly period's later months are paid by the same invoice.
+        if let Some(invoice) = &link.invoice {
+            let lost: u64 = payment
+                .disputes
+                .iter()
+                .filter(|d| d.status.as_deref() == Some("lost"))
+                .map(|d| d.amount.get())
+                .sum();
+            let back = refunded.saturating_add(lost).min(paid);
+            if back > 0 {
+                crate::refresh::record_given_back(
+                    self.docs.as_ref(),
+                    &workspace,
+                    invoice,
+                    back,
+                    paid,
+                )
+                .await?;
+            }
         }
         let unrefunded = paid - refunded;
         for d in &payment.disputes {

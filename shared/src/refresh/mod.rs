@@ -132,6 +132,10 @@ pub struct RefreshDoc {
     /// The ledger's next settlement (hold deadline, lot expiry) as the worker last saw it.
     #[serde(default)]
     pub settle_at: Option<DateTime<Utc>>,
+    /// Cents of the period's invoice given back (refunded, or lost in a dispute), of the
+    /// cents paid: the remaining allotments shrink by that share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub given_back: Option<(u64, u64)>,
 }
 
 impl RefreshDoc {
@@ -152,6 +156,7 @@ impl RefreshDoc {
             renewal_checked: false,
             renewal_retry_at: None,
             settle_at: None,
+            given_back: None,
         }
     }
 
@@ -240,6 +245,34 @@ pub async fn record_paid_period(
         at = %now,
         "paid period recorded"
     );
+    Ok(())
+}
+
+/// Money given back for `invoice` (`back` of `paid` cents): if it paid the current period,
+/// the period's remaining allotments shrink by that share. Only ever grows.
+pub async fn record_given_back(
+    docs: &dyn DocStore,
+    workspace: &WorkspaceId,
+    invoice: &InvoiceId,
+    back: u64,
+    paid: u64,
+) -> Result<(), StoreError> {
+    let settings = Settings::default();
+    docs::update_due(
+        docs,
+        &workspace_pk(workspace),
+        REFRESH_SK,
+        |current: Option<RefreshDoc>| {
+            let mut next = current?;
+            if &next.invoice != invoice || next.given_back.is_some_and(|(b, _)| b >= back) {
+                return None;
+            }
+            next.given_back = Some((back.min(paid), paid));
+            let due = next.due_mark(settings.shards, settings.grace);
+            Some((next, due))
+        },
+    )
+    .await?;
     Ok(())
 }
 

@@ -96,6 +96,18 @@ pub fn grants(
             note: format!("{units} add-on unit(s), month {} of 12", a.k + 1),
         });
     }
+    // Money given back for the period's invoice (refunds, a lost dispute) no longer pays
+    // for the rest of it: the later months shrink by the same share.
+    if let Some((back, paid)) = doc.given_back {
+        let kept = crate::ledger::Share {
+            numerator: paid.saturating_sub(back),
+            denominator: paid,
+        };
+        for g in &mut out {
+            g.credits = kept.of(g.credits);
+        }
+        out.retain(|g| g.credits > crate::money::Credits::ZERO);
+    }
     Ok(out)
 }
 
@@ -156,6 +168,7 @@ mod tests {
             renewal_checked: false,
             renewal_retry_at: None,
             settle_at: None,
+            given_back: None,
         }
     }
 
