@@ -430,19 +430,13 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
         vec![month as i64; 2],
         "month 2 as paid"
     );
+    let before = app.available("org_yr").await;
     let charge = app.sim_events("charge.succeeded")[0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let paid = app
-        .local
-        .simulator
-        .as_ref()
-        .unwrap()
-        .charge(&charge)
-        .unwrap()["amount"]
-        .as_i64()
-        .unwrap();
+    let sim = app.local.simulator.as_ref().unwrap();
+    let paid = sim.charge(&charge).unwrap()["amount"].as_i64().unwrap();
     let r = sim_post(
         &app,
         &format!("/sim/charges/{charge}/refund"),
@@ -450,14 +444,16 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
     )
     .await;
     assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    // Half of each unspent month the year's invoice bought (the first, still in its
+    // rollover, and the second) goes back.
+    assert_eq!(app.available("org_yr").await, before - month);
+    assert_eq!(taken_back(&app, "org_yr").await, vec![month as i64 / 2; 2]);
+    // Month 3 is granted and loses the refunded half at once: half the money, half a month.
     advance(31).await;
-    let got = plan_allotments(&app, "org_yr").await;
-    assert_eq!(got.len(), 3, "{got:?}");
-    assert_eq!(
-        got[0],
-        month as i64 / 2,
-        "month 3 is paid for by half the money"
-    );
+    assert_eq!(plan_allotments(&app, "org_yr").await.len(), 3);
+    let taken = taken_back(&app, "org_yr").await;
+    assert_eq!(taken.len(), 3, "{taken:?}");
+    assert_eq!(taken[0], month as i64 / 2);
     // A full refund stops the rest of the year.
     sim_post(
         &app,
@@ -471,6 +467,15 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
         3,
         "nothing paid for, nothing granted"
     );
+}
+
+/// Credits taken back for refunds, newest first.
+async fn taken_back(app: &TestApp, ws: &str) -> Vec<i64> {
+    entries(app, ws, "refund_take_back")
+        .await
+        .iter()
+        .map(|e| -e["credits"].as_i64().unwrap())
+        .collect()
 }
 
 /// Plan credits granted so far (sign-up months and allotments), newest first.

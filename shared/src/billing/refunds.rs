@@ -17,7 +17,7 @@ use super::records::{PAYMENT_SK, PaymentRecord, charge_pk};
 use super::{BillingEvents, poison};
 use crate::ids::{ChargeId, IdempotencyKey, InvoiceId, PaymentIntentId, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Operation, Refs, Share};
-use crate::money::{Cents, Credits};
+use crate::money::Credits;
 use crate::queue::ConsumeError;
 use crate::service::LedgerRequest;
 use crate::store::docs;
@@ -33,9 +33,6 @@ pub struct PaymentLink {
     pub credits: Credits,
     /// The successful charge of the payment intent.
     pub charge: Option<ChargeId>,
-    /// Per lot, the cumulative refunded amount already taken back from it.
-    #[serde(default)]
-    pub refunded_applied: Vec<(u64, Cents)>,
     /// The invoice the payment intent paid (subscription sign-ups, renewals, changes).
     #[serde(default)]
     pub invoice: Option<InvoiceId>,
@@ -97,7 +94,7 @@ impl BillingEvents {
     }
 
     /// Records a lot an invoice's grant created, then follows the invoice's payment.
-    pub(super) async fn link_invoice_lot(
+    pub(crate) async fn link_invoice_lot(
         &self,
         invoice: &InvoiceId,
         workspace: &WorkspaceId,
@@ -254,52 +251,33 @@ impl BillingEvents {
             return Ok(());
         }
         let refunded = payment.amount_refunded.get().min(paid);
-        for &(lot, credits) in &lots {
-            let applied = link
-                .refunded_applied
-                .iter()
-                .find(|(l, _)| *l == lot)
-                .map_or(0, |(_, c)| c.get());
-            if refunded <= applied {
-                continue;
+        if refunded > 0 {
+            for &(lot, credits) in &lots {
+                // The ledger keeps how much of the payment each lot has followed, so this
+                // is exact under retries, reordering and a concurrent follower.
+                let bought = Share {
+                    numerator: refunded,
+                    denominator: paid,
+                }
+                .of(credits);
+                let note = format!(
+                    "{refunded} of {paid} cents paid by {charge} refunded; that money bought {bought} credits of lot_{lot}"
+                );
+                let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
+                self.follow(
+                    &workspace,
+                    &key,
+                    pi,
+                    charge,
+                    Operation::TakeBack {
+                        lot,
+                        refunded,
+                        paid,
+                        note,
+                    },
+                )
+                .await?;
             }
-            let share = Share {
-                numerator: refunded - applied,
-                denominator: paid - applied,
-            };
-            let bought = Share {
-                numerator: refunded - applied,
-                denominator: paid,
-            }
-            .of(credits);
-            let note = format!(
-                "refund of {} of {paid} cents paid by {charge}; the refunded money bought {bought} credits of lot_{lot}",
-                refunded - applied
-            );
-            let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
-            self.follow(
-                &workspace,
-                &key,
-                pi,
-                charge,
-                Operation::TakeBack { lot, share, note },
-            )
-            .await?;
-            docs::update(
-                self.docs.as_ref(),
-                &payment_pk(pi),
-                LINK_SK,
-                |cur: Option<PaymentLink>| {
-                    let mut l = cur?;
-                    match l.refunded_applied.iter_mut().find(|(x, _)| *x == lot) {
-                        Some((_, c)) if c.get() >= refunded => return None,
-                        Some((_, c)) => *c = Cents::new(refunded),
-                        None => l.refunded_applied.push((lot, Cents::new(refunded))),
-                    }
-                    Some(l)
-                },
-            )
-            .await?;
         }
         // A yearly period's later months are paid by the same invoice.
         if let Some(invoice) = &link.invoice {

@@ -67,11 +67,15 @@ pub enum Operation {
     /// worker repeats it until the workspace is settled, so holds nobody touches again are
     /// still released on time. With nothing due it produces no entry.
     Settle,
-    /// A refund: takes `share` of the lot's free credits (rounded down), never more than
-    /// it has. A lot already spent out takes nothing; the entry still records the refund.
+    /// A refund: `refunded` of the `paid` cents of the lot's payment are back with the
+    /// customer. The cents not yet taken back from this lot take their share of its free
+    /// credits (rounded down): `(refunded - already) / (paid - already)`. Nothing more when
+    /// the lot already followed that much; a lot spent out takes nothing (the entry still
+    /// records the refund).
     TakeBack {
         lot: u64,
-        share: Share,
+        refunded: u64,
+        paid: u64,
         note: String,
     },
     /// A dispute opened: freezes `share` of the lot's free credits (rounded down).
@@ -415,16 +419,41 @@ impl Tx<'_> {
             }
             // The settlement around every operation is all it does.
             Operation::Settle => Ok((None, None)),
-            Operation::TakeBack { lot, share, note } => {
-                let taken = self.lot(*lot).map_or(Credits::ZERO, |l| share.of(l.free()));
+            Operation::TakeBack {
+                lot,
+                refunded,
+                paid,
+                note,
+            } => {
+                let Some(l) = self.lot(*lot) else {
+                    // Spent out: nothing left to take; the refund is still on the record.
+                    let mut d = Draft::new(Reason::RefundTakeBack, actor);
+                    d.note = Some(format!("{note}; nothing of the lot was left unspent"));
+                    self.push(d)?;
+                    return Ok((None, Some(format!("lot_{lot}"))));
+                };
+                let already = l.refunded_cents;
+                let refunded = (*refunded).min(*paid);
+                if refunded <= already {
+                    return Ok((None, Some(format!("lot_{lot}"))));
+                }
+                let taken = Share {
+                    numerator: refunded - already,
+                    denominator: paid - already,
+                }
+                .of(l.free());
                 let mut d = Draft::new(Reason::RefundTakeBack, actor);
                 d.credits = CreditDelta::decrease(taken);
+                d.lots = vec![LotChange::Refunded {
+                    lot: *lot,
+                    cents: refunded,
+                }];
                 if taken > Credits::ZERO {
-                    d.lots = vec![LotChange::Changed {
+                    d.lots.push(LotChange::Changed {
                         lot: *lot,
                         remaining: CreditDelta::decrease(taken),
                         held: CreditDelta::ZERO,
-                    }];
+                    });
                 }
                 d.totals.clawed_back = taken;
                 d.note = Some(note.clone());
@@ -561,6 +590,7 @@ impl Tx<'_> {
                 remaining: credits,
                 held: Credits::ZERO,
                 frozen: Credits::ZERO,
+                refunded_cents: 0,
                 granted_at: self.now(),
                 expires_at,
             },
@@ -846,6 +876,7 @@ impl Tx<'_> {
                 remaining: credits,
                 held: Credits::ZERO,
                 frozen: Credits::ZERO,
+                refunded_cents: 0,
                 granted_at: self.now(),
                 expires_at: None,
             },

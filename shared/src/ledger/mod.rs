@@ -49,6 +49,10 @@ pub struct Lot {
     /// disputed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub frozen: Credits,
+    /// Cents of the payment that bought the lot already refunded and taken back from it
+    /// (so each refunded cent takes its share once, whatever order refunds are seen in).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub refunded_cents: u64,
     pub granted_at: DateTime<Utc>,
     /// `None` for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
@@ -73,6 +77,10 @@ impl Lot {
 
 fn is_zero(c: &Credits) -> bool {
     *c == Credits::ZERO
+}
+
+fn is_zero_u64(c: &u64) -> bool {
+    *c == 0
 }
 
 /// Part of a hold reserved on one lot.
@@ -247,6 +255,11 @@ pub enum LotChange {
     Frozen {
         lot: u64,
         frozen: CreditDelta,
+    },
+    /// How much of the lot's payment has been refunded and taken back from it (only grows).
+    Refunded {
+        lot: u64,
+        cents: u64,
     },
 }
 
@@ -428,6 +441,19 @@ impl WorkspaceState {
                     if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
                         return Err(corrupt());
                     }
+                }
+                LotChange::Refunded { lot, cents } => {
+                    let l = self
+                        .lots
+                        .iter_mut()
+                        .find(|l| l.seq == *lot)
+                        .ok_or_else(|| LedgerError::Corrupt(format!("unknown lot {lot}")))?;
+                    if *cents < l.refunded_cents {
+                        return Err(LedgerError::Corrupt(format!(
+                            "lot {lot} refunded cents would fall"
+                        )));
+                    }
+                    l.refunded_cents = *cents;
                 }
                 LotChange::Frozen { lot, frozen } => {
                     let l = self

@@ -652,3 +652,79 @@ fn settling_releases_at_most_one_transaction_of_overdue_holds_and_does_nothing_w
     assert_eq!(rebuilt.balance(), w.state.balance());
     assert_eq!(w.state.next_settlement_after(w.now), None);
 }
+
+fn lot_seq(id: &str) -> u64 {
+    id.strip_prefix("lot_").unwrap().parse().unwrap()
+}
+
+#[test]
+fn refunds_take_each_refunded_cent_once_whatever_order_and_however_often_they_are_seen() {
+    let take = |w: &mut World, lot: u64, refunded: u64| {
+        w.run(Operation::TakeBack {
+            lot,
+            refunded,
+            paid: 1000,
+            note: "refund".into(),
+        })
+        .unwrap();
+    };
+    // In order: a quarter, the same quarter seen again under another key, then the rest.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    take(&mut w, lot, 250);
+    assert_eq!(w.available(), Credits::new(750));
+    take(&mut w, lot, 250);
+    assert_eq!(
+        w.available(),
+        Credits::new(750),
+        "the same refund takes nothing twice"
+    );
+    take(&mut w, lot, 1000);
+    assert_eq!(w.available(), Credits::ZERO);
+    // A stale, smaller total after a larger one takes nothing.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    take(&mut w, lot, 600);
+    take(&mut w, lot, 250);
+    assert_eq!(w.available(), Credits::new(400));
+    assert_eq!(w.state.totals.clawed_back, Credits::new(600));
+    // Spent credits are not taken: half spent, then all refunded, takes the unspent half.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(500).unwrap();
+    w.complete(g, None, None);
+    take(&mut w, lot, 1000);
+    assert_eq!(w.available(), Credits::ZERO);
+    assert_eq!(w.state.totals.clawed_back, Credits::new(500));
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.lots, w.state.lots);
+}
+
+#[test]
+fn a_dispute_freezes_free_credits_and_a_lost_one_takes_exactly_them_back() {
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(300).unwrap();
+    w.run(Operation::Freeze {
+        lot,
+        share: Share {
+            numerator: 1,
+            denominator: 1,
+        },
+        note: "disputed".into(),
+    })
+    .unwrap();
+    assert_eq!(w.state.balance().frozen, Credits::new(700));
+    assert_eq!(w.available(), Credits::ZERO);
+    // The running generation completes from its hold; frozen credits stay frozen.
+    w.complete(g, None, None);
+    assert_eq!(w.state.balance().frozen, Credits::new(700));
+    w.run(Operation::Unfreeze {
+        lot,
+        take_back: true,
+        note: "lost".into(),
+    })
+    .unwrap();
+    assert_eq!(w.state.balance(), Balance::default());
+    assert_eq!(w.state.totals.clawed_back, Credits::new(700));
+}

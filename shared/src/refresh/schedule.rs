@@ -96,17 +96,11 @@ pub fn grants(
             note: format!("{units} add-on unit(s), month {} of 12", a.k + 1),
         });
     }
-    // Money given back for the period's invoice (refunds, a lost dispute) no longer pays
-    // for the rest of it: the later months shrink by the same share.
-    if let Some((back, paid)) = doc.given_back {
-        let kept = crate::ledger::Share {
-            numerator: paid.saturating_sub(back),
-            denominator: paid,
-        };
-        for g in &mut out {
-            g.credits = kept.of(g.credits);
-        }
-        out.retain(|g| g.credits > crate::money::Credits::ZERO);
+    // All the money of the period's invoice given back (refunded, or lost in a dispute):
+    // nothing pays for the rest of the year. A partial refund takes its share back from
+    // each allotment as it is granted (the allotment's lot is one the invoice bought).
+    if doc.given_back.is_some_and(|(back, paid)| back >= paid) {
+        out.clear();
     }
     Ok(out)
 }

@@ -33,6 +33,9 @@ pub enum RefreshError {
     /// The Lambda was invoked with something that is neither an SQS batch nor a tick.
     #[error("not an event this function handles: {0}")]
     Event(String),
+    /// Applying the period invoice's refunds or disputes to a new allotment failed.
+    #[error("following the payment of the period's invoice: {0}")]
+    Payment(String),
     /// The recorded period names something the catalog does not have.
     #[error("refresh of {workspace} cannot proceed: {reason}")]
     Invalid {
@@ -269,7 +272,8 @@ impl Refresher {
             report.skipped_expired.push(g.key);
             return Ok(());
         }
-        self.ledger
+        let outcome = self
+            .ledger
             .execute(LedgerRequest {
                 workspace: doc.workspace.clone(),
                 key: IdempotencyKey::derived(g.key.clone()),
@@ -289,6 +293,19 @@ impl Refresher {
                 },
             })
             .await?;
+        // The allotment was bought by the period's invoice: its refunds and disputes
+        // follow this lot too.
+        if let Some(seq) = outcome
+            .lot
+            .as_deref()
+            .and_then(|l| l.strip_prefix("lot_"))
+            .and_then(|s| s.parse().ok())
+        {
+            crate::billing::BillingEvents::new(self.ledger.clone(), self.docs.clone())
+                .link_invoice_lot(&doc.invoice, &doc.workspace, &g.key, seq, g.credits)
+                .await
+                .map_err(|e| RefreshError::Payment(e.to_string()))?;
+        }
         report.granted.push(g.key);
         Ok(())
     }
