@@ -57,6 +57,23 @@ pub fn payment_pk(pi: &PaymentIntentId) -> String {
 }
 pub const LINK_SK: &str = "LINK";
 
+/// Sets something on a link document once (`set` answers whether it changed anything).
+async fn link<T>(
+    docs: &dyn docs::DocStore,
+    pk: &str,
+    set: impl Fn(&mut T) -> bool,
+) -> Result<(), ConsumeError>
+where
+    T: Default + Clone + Serialize + serde::de::DeserializeOwned,
+{
+    docs::update(docs, pk, LINK_SK, |cur: Option<T>| {
+        let mut l = cur.unwrap_or_default();
+        set(&mut l).then_some(l)
+    })
+    .await?;
+    Ok(())
+}
+
 /// Dispute states in which the money is still contested.
 fn dispute_open(status: &str) -> bool {
     matches!(
@@ -74,19 +91,16 @@ impl BillingEvents {
         lot: u64,
         credits: Credits,
     ) -> Result<(), ConsumeError> {
-        docs::update(
+        link(
             self.docs.as_ref(),
             &payment_pk(pi),
-            LINK_SK,
-            |cur: Option<PaymentLink>| {
-                let mut l = cur.unwrap_or_default();
-                if l.lot.is_some() {
-                    return None;
+            |l: &mut PaymentLink| {
+                l.lot.is_none() && {
+                    l.workspace = Some(workspace.clone());
+                    l.lot = Some(lot);
+                    l.credits = credits;
+                    true
                 }
-                l.workspace = Some(workspace.clone());
-                l.lot = Some(lot);
-                l.credits = credits;
-                Some(l)
             },
         )
         .await?;
@@ -102,33 +116,19 @@ impl BillingEvents {
         lot: u64,
         credits: Credits,
     ) -> Result<(), ConsumeError> {
-        let doc = docs::update(
+        link(
             self.docs.as_ref(),
             &invoice_lots_pk(invoice),
-            LINK_SK,
-            |cur: Option<InvoiceLots>| {
-                let mut l = cur.unwrap_or_default();
-                if l.lots.iter().any(|(k, _, _)| k == key) {
-                    return None;
+            |l: &mut InvoiceLots| {
+                !l.lots.iter().any(|(k, _, _)| k == key) && {
+                    l.workspace = Some(workspace.clone());
+                    l.lots.push((key.to_owned(), lot, credits));
+                    true
                 }
-                l.workspace = Some(workspace.clone());
-                l.lots.push((key.to_owned(), lot, credits));
-                Some(l)
             },
         )
         .await?;
-        let pi = match doc {
-            Some(d) => d.payment_intent,
-            None => {
-                docs::get::<InvoiceLots>(self.docs.as_ref(), &invoice_lots_pk(invoice), LINK_SK)
-                    .await?
-                    .and_then(|d| d.payment_intent)
-            }
-        };
-        match pi {
-            Some(pi) => self.follow_payment(&pi).await,
-            None => Ok(()),
-        }
+        self.follow_invoice(invoice).await
     }
 
     /// Follows the payment of `invoice`, if it is known yet.
@@ -153,31 +153,25 @@ impl BillingEvents {
         if p.status.as_deref() != Some("paid") {
             return Ok(());
         }
-        docs::update(
+        link(
             self.docs.as_ref(),
             &invoice_lots_pk(invoice),
-            LINK_SK,
-            |cur: Option<InvoiceLots>| {
-                let mut l = cur.unwrap_or_default();
-                if l.payment_intent.is_some() {
-                    return None;
+            |l: &mut InvoiceLots| {
+                l.payment_intent.is_none() && {
+                    l.payment_intent = Some(pi.clone());
+                    true
                 }
-                l.payment_intent = Some(pi.clone());
-                Some(l)
             },
         )
         .await?;
-        docs::update(
+        link(
             self.docs.as_ref(),
             &payment_pk(pi),
-            LINK_SK,
-            |cur: Option<PaymentLink>| {
-                let mut l = cur.unwrap_or_default();
-                if l.invoice.is_some() {
-                    return None;
+            |l: &mut PaymentLink| {
+                l.invoice.is_none() && {
+                    l.invoice = Some(invoice.clone());
+                    true
                 }
-                l.invoice = Some(invoice.clone());
-                Some(l)
             },
         )
         .await?;
@@ -190,17 +184,14 @@ impl BillingEvents {
         pi: &PaymentIntentId,
         charge: &ChargeId,
     ) -> Result<(), ConsumeError> {
-        docs::update(
+        link(
             self.docs.as_ref(),
             &payment_pk(pi),
-            LINK_SK,
-            |cur: Option<PaymentLink>| {
-                let mut l = cur.unwrap_or_default();
-                if l.charge.is_some() {
-                    return None;
+            |l: &mut PaymentLink| {
+                l.charge.is_none() && {
+                    l.charge = Some(charge.clone());
+                    true
                 }
-                l.charge = Some(charge.clone());
-                Some(l)
             },
         )
         .await?;

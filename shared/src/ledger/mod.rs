@@ -385,6 +385,21 @@ pub enum LedgerError {
     Corrupt(String),
 }
 
+/// The lot an entry changes; an unknown one means the journal is inconsistent.
+fn lot_mut(lots: &mut [Lot], lot: u64) -> Result<&mut Lot, LedgerError> {
+    lots.iter_mut()
+        .find(|l| l.seq == lot)
+        .ok_or_else(|| LedgerError::Corrupt(format!("unknown lot {lot}")))
+}
+
+/// Holds and freezes are backed by the lot's remaining credits.
+fn backed(l: &Lot) -> Result<(), LedgerError> {
+    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
+        return Err(LedgerError::Corrupt(format!("lot {} out of range", l.seq)));
+    }
+    Ok(())
+}
+
 impl WorkspaceState {
     pub fn new(workspace: WorkspaceId) -> Self {
         Self {
@@ -427,27 +442,17 @@ impl WorkspaceState {
                     remaining,
                     held,
                 } => {
-                    let l = self
-                        .lots
-                        .iter_mut()
-                        .find(|l| l.seq == *lot)
-                        .ok_or_else(|| LedgerError::Corrupt(format!("unknown lot {lot}")))?;
+                    let l = lot_mut(&mut self.lots, *lot)?;
                     let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
                     l.remaining = l
                         .remaining
                         .checked_add_delta(*remaining)
                         .ok_or_else(corrupt)?;
                     l.held = l.held.checked_add_delta(*held).ok_or_else(corrupt)?;
-                    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
-                        return Err(corrupt());
-                    }
+                    backed(l)?;
                 }
                 LotChange::Refunded { lot, cents } => {
-                    let l = self
-                        .lots
-                        .iter_mut()
-                        .find(|l| l.seq == *lot)
-                        .ok_or_else(|| LedgerError::Corrupt(format!("unknown lot {lot}")))?;
+                    let l = lot_mut(&mut self.lots, *lot)?;
                     if *cents < l.refunded_cents {
                         return Err(LedgerError::Corrupt(format!(
                             "lot {lot} refunded cents would fall"
@@ -456,16 +461,12 @@ impl WorkspaceState {
                     l.refunded_cents = *cents;
                 }
                 LotChange::Frozen { lot, frozen } => {
-                    let l = self
-                        .lots
-                        .iter_mut()
-                        .find(|l| l.seq == *lot)
-                        .ok_or_else(|| LedgerError::Corrupt(format!("unknown lot {lot}")))?;
-                    let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
-                    l.frozen = l.frozen.checked_add_delta(*frozen).ok_or_else(corrupt)?;
-                    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
-                        return Err(corrupt());
-                    }
+                    let l = lot_mut(&mut self.lots, *lot)?;
+                    l.frozen = l
+                        .frozen
+                        .checked_add_delta(*frozen)
+                        .ok_or_else(|| LedgerError::Corrupt(format!("lot {lot} out of range")))?;
+                    backed(l)?;
                 }
             }
         }
