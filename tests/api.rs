@@ -781,3 +781,69 @@ async fn the_balance_lists_lots_in_burn_order() {
         500
     );
 }
+
+#[tokio::test]
+async fn an_adjustment_to_a_workspace_that_does_not_exist_is_refused_and_links_its_ticket() {
+    let app = TestApp::new();
+    let body = json!({"credits": 50, "reason": "goodwill"}).to_string();
+    let adjust = |ws: &'static str, body: String, key: &'static str| {
+        let app = &app;
+        async move {
+            app.send(
+                Method::POST,
+                &format!("/v1/admin/workspaces/{ws}/adjustments"),
+                Some(&support()),
+                Some(&body),
+                &[("idempotency-key", key)],
+            )
+            .await
+        }
+    };
+    // A mistyped id: no journal, no billing profile, nothing written.
+    adjust("org_typo", body.clone(), "p1")
+        .await
+        .assert_problem(404, "not_found");
+    assert_eq!(app.entry_count("org_typo").await, 0);
+    assert!(
+        app.ledger
+            .store
+            .load(&tally_tests::workspace("org_typo"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A workspace with a billing profile but no credits yet may be adjusted.
+    tally::store::docs::update(
+        app.docs.as_ref(),
+        &tally::billing::records::workspace_pk(&tally_tests::workspace("org_new")),
+        tally::billing::records::PROFILE_SK,
+        |_: Option<tally::billing::records::BillingProfile>| {
+            Some(tally::billing::records::BillingProfile::default())
+        },
+    )
+    .await
+    .unwrap();
+    let ok = adjust("org_new", body.clone(), "p2").await;
+    assert_eq!(ok.status.as_u16(), 201, "{:#}", ok.body);
+    // Links to the ticket and to a generation of the workspace; another's is refused.
+    grant(&app.ledger, "org_gen", 100).await;
+    let g = start(
+        &app,
+        &member("org_gen", "u1"),
+        json!({"workflow": "image", "model": "flux-schnell", "count": 1}),
+    )
+    .await;
+    let id = g["id"].as_str().unwrap();
+    let linked = json!({"credits": 5, "reason": "slow job", "ticket": "T-9", "generation": id});
+    adjust("org_new", linked.to_string(), "p3")
+        .await
+        .assert_problem(404, "not_found");
+    let r = adjust("org_gen", linked.to_string(), "p4").await;
+    assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
+    let entry = &app
+        .get("/v1/ledger?limit=1", &member("org_gen", "u1"))
+        .await
+        .body["items"][0];
+    assert_eq!(entry["refs"]["ticket"], "T-9");
+    assert_eq!(entry["refs"]["generation"], id);
+}

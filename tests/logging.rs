@@ -295,7 +295,11 @@ fn concurrent_requests_log_under_their_own_request() {
         assert_own_lines(&recorder, &settled);
 
         // Support staff adjust many workspaces at once.
+        // Only workspaces that exist are adjusted.
         let workspaces: Vec<String> = (0..REQUESTS).map(|i| format!("org_adj{i}")).collect();
+        for ws in &workspaces {
+            grant(&app.ledger, ws, 1).await;
+        }
         let calls = workspaces
             .iter()
             .map(|ws| Call {

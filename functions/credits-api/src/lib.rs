@@ -21,6 +21,8 @@ use utoipa::OpenApi;
 #[derive(Clone)]
 pub struct AppState {
     pub ledger: Ledger,
+    /// Billing documents: whether a workspace has a billing profile.
+    pub docs: std::sync::Arc<dyn tally::store::DocStore>,
 }
 
 /// Routes anyone may call.

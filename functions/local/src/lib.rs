@@ -152,6 +152,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     )));
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),
+        docs: cfg.docs.clone(),
     };
     let buying = purchases::PurchasesState {
         ledger: cfg.ledger.clone(),

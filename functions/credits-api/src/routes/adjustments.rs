@@ -25,6 +25,14 @@ pub struct AdjustmentRequest {
     pub credits: i64,
     #[schema(schema_with = tally::http::text::text_schema)]
     pub reason: String,
+    /// The support ticket this adjustment answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = tally::http::text::optional_text_schema)]
+    pub ticket: Option<String>,
+    /// The generation it concerns, if any (it must belong to the workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
+    pub generation: Option<String>,
 }
 
 /// Credits taken back (-10,000,000 to -1) or granted (1 to 10,000,000).
@@ -67,7 +75,8 @@ pub struct AdjustmentView {
         ("Idempotency-Key" = String, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Required: adjustments move money")),
     request_body = AdjustmentRequest,
     responses((status = 201, body = AdjustmentView), (status = 402, body = ProblemDetails),
-        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails),
+        (status = 422, body = ProblemDetails)))]
 /// A goodwill grant (positive) or correction (negative) by support staff.
 pub async fn adjust(
     State(app): State<AppState>,
@@ -91,6 +100,42 @@ pub async fn adjust(
         ));
     }
     let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
+    let ticket = req
+        .ticket
+        .as_deref()
+        .map(|t| tally::http::text::one_line("ticket", t, MAX_REASON_CHARS).map(str::to_owned))
+        .transpose()?;
+    let generation = req
+        .generation
+        .as_deref()
+        .map(|g| {
+            tally::ids::GenerationId::parse(g)
+                .map_err(|e| Problem::validation("generation", &e.to_string()))
+        })
+        .transpose()?;
+    // A mistyped id must not create a workspace with credits nobody can reach: only a
+    // workspace with a journal or a billing profile is adjusted.
+    let exists = app.ledger.store.load(&workspace).await?.is_some()
+        || tally::store::docs::get::<tally::billing::records::BillingProfile>(
+            app.docs.as_ref(),
+            &tally::billing::records::workspace_pk(&workspace),
+            tally::billing::records::PROFILE_SK,
+        )
+        .await?
+        .is_some();
+    if !exists {
+        return Err(Problem::not_found(format!(
+            "workspace {workspace} has no journal and no billing profile; check the id"
+        )));
+    }
+    if let Some(g) = generation {
+        let owned = app.ledger.store.generation(&workspace, g).await?.is_some();
+        if !owned {
+            return Err(Problem::not_found(format!(
+                "generation {g} does not belong to workspace {workspace}"
+            )));
+        }
+    }
     // Instrumented, not entered: the span is current only while this request's future runs.
     let span = tracing::info_span!("adjust", workspace = %workspace, admin = %who.sub);
     let outcome = app
@@ -100,7 +145,11 @@ pub async fn adjust(
             key,
             fingerprint: fingerprint(&(&workspace, &req)),
             actor: who.actor(),
-            refs: Refs::default(),
+            refs: Refs {
+                ticket,
+                generation,
+                ..Refs::default()
+            },
             op: Operation::Adjust {
                 credits: CreditDelta::new(req.credits),
                 note: reason.to_owned(),
