@@ -184,12 +184,14 @@ async fn the_generation_service_fails_a_generation_without_charge_and_the_starte
 #[tokio::test]
 async fn the_admin_adjustment_event_grants_once() {
     let l = ledger();
+    // Only a workspace that exists is adjusted.
+    grant(&l, 1).await;
     let (status, first) = invoke(&l, "post-adjustment-admin.json").await;
     assert_eq!(status, 201, "{first}");
     let (_, again) = invoke(&l, "post-adjustment-admin.json").await;
     assert_eq!(again, first);
     let (_, bal) = invoke(&l, "get-balance.json").await;
-    assert_eq!(bal["available"], 25);
+    assert_eq!(bal["available"], 26);
     let (_, ent) = invoke(&l, "get-entitlements.json").await;
     assert_eq!(ent["custom_model_slots"], 0);
 }
