@@ -80,7 +80,11 @@ async fn list_parameters_are_optional_query_parameters() {
             vec!["status", "model", "cursor", "limit"],
         ),
         ("/v1/ledger", vec!["cursor", "limit"]),
-        ("/v1/invoices", vec!["limit"]),
+        ("/v1/invoices", vec!["cursor", "limit"]),
+        (
+            "/v1/billing/history",
+            vec!["kind", "from", "to", "cursor", "limit"],
+        ),
     ] {
         let params = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
         for name in names {

@@ -486,3 +486,222 @@ async fn plan_allotments(app: &TestApp, ws: &str) -> Vec<i64> {
         .map(|e| e["credits"].as_i64().unwrap())
         .collect()
 }
+
+// ---------------------------------------------------------------- billing history
+
+/// Every movement of the billing history, newest first, read a page of `limit` at a time.
+async fn history(app: &TestApp, ws: &str, query: &str, limit: usize) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/billing/history?limit={limit}{query}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page = app.get(&path, &owner(ws)).await;
+        assert_eq!(page.status.as_u16(), 200, "{:#}", page.body);
+        let got = page.body["items"].as_array().unwrap();
+        assert!(got.len() <= limit);
+        items.extend(got.iter().cloned());
+        match page.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return items,
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_billing_history_shows_a_pack_its_partial_refund_and_the_credits_each_moved() {
+    let app = TestApp::new();
+    let charge = buy_packs(&app, "org_hi1", 2).await;
+    spend(&app, "org_hi1", 200).await;
+    // A quarter of the money back: a quarter of the 800 unspent credits go with it.
+    let paid = app
+        .local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .charge(&charge)
+        .unwrap()["amount"]
+        .as_i64()
+        .unwrap();
+    sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({"amount": paid / 4})),
+    )
+    .await;
+    let items = history(&app, "org_hi1", "", 20).await;
+    assert_eq!(items.len(), 2, "{items:#?}");
+    let (refund, pack) = (&items[0], &items[1]);
+    assert_eq!(pack["kind"], "pack");
+    assert_eq!(pack["status"], "succeeded");
+    assert_eq!(pack["amount"], paid);
+    assert_eq!(pack["amount_refunded"], paid / 4);
+    assert_eq!(pack["credits_granted"], 1000);
+    assert_eq!(pack["credits_taken_back"], 200);
+    assert_eq!(pack["charge"], charge.as_str());
+    assert!(pack["payment_intent"].as_str().unwrap().starts_with("pi_"));
+    assert_eq!(refund["kind"], "refund");
+    assert_eq!(refund["status"], "succeeded");
+    assert_eq!(refund["amount"], paid / 4);
+    assert_eq!(refund["credits_taken_back"], 200);
+    assert_eq!(refund["charge"], charge.as_str());
+    assert_eq!(refund["payment_intent"], pack["payment_intent"]);
+    assert!(
+        refund["created"].as_str().unwrap() >= pack["created"].as_str().unwrap(),
+        "newest first"
+    );
+    // The receipt link resolves locally and shows the refund.
+    let receipt = pack["receipt_url"].as_str().unwrap();
+    let path = &receipt[receipt.find("/sim/receipts/").unwrap()..];
+    let page = app.send(Method::GET, path, None, None, &[]).await;
+    assert_eq!(page.status.as_u16(), 200);
+    let html = page.body.as_str().unwrap();
+    assert!(
+        html.contains(&format!("{}.{:02}", (paid / 4) / 100, (paid / 4) % 100)),
+        "{html}"
+    );
+
+    // The same events, newest first and each twice, into a fresh system: the same history
+    // (the fresh one never saw the generation, so the refund takes back a quarter of 1000).
+    let fresh = TestApp::new();
+    let events = app.local.simulator.as_ref().unwrap().events();
+    for e in events.iter().rev() {
+        fresh.deliver_signed(&e.payload).await;
+        fresh.deliver_signed(&e.payload).await;
+    }
+    fresh.settle_billing().await;
+    assert!(fresh.local.billing_queue.dead_letters().is_empty());
+    let again = history(&fresh, "org_hi1", "", 20).await;
+    let strip = |v: &[Value]| {
+        v.iter()
+            .map(|m| {
+                let mut m = m.clone();
+                let o = m.as_object_mut().unwrap();
+                o.remove("updated");
+                o.remove("credits_taken_back");
+                m
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&again), strip(&items));
+    assert_eq!(again[0]["credits_taken_back"], 250);
+}
+
+#[tokio::test]
+async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuses_bad_input() {
+    let app = TestApp::new();
+    let ws = "org_hi2";
+    app.subscribe(ws, "plus", "monthly").await;
+    let first = buy_packs(&app, ws, 1).await;
+    buy_packs(&app, ws, 1).await;
+    sim_post(
+        &app,
+        &format!("/sim/charges/{first}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    let third = buy_packs(&app, ws, 1).await;
+    let d = sim_post(&app, &format!("/sim/charges/{third}/dispute"), None).await;
+    let dispute = d.body["id"].as_str().unwrap().to_owned();
+    sim_post(
+        &app,
+        &format!("/sim/disputes/{dispute}/close"),
+        Some(json!({"outcome": "lost"})),
+    )
+    .await;
+
+    let all = history(&app, ws, "", 100).await;
+    let kinds: Vec<&str> = all.iter().map(|m| m["kind"].as_str().unwrap()).collect();
+    let count = |k: &str| kinds.iter().filter(|x| **x == k).count();
+    assert_eq!(
+        (
+            count("subscription"),
+            count("pack"),
+            count("refund"),
+            count("dispute")
+        ),
+        (1, 3, 1, 1),
+        "{kinds:?}"
+    );
+    let sub = all.iter().find(|m| m["kind"] == "subscription").unwrap();
+    assert_eq!(sub["status"], "paid");
+    assert!(sub["credits_granted"].as_u64().unwrap() > 0);
+    assert!(sub["invoice"].as_str().unwrap().starts_with("in_"));
+    assert!(sub["invoice_pdf"].as_str().unwrap().ends_with(".pdf"));
+    assert!(sub["charge"].as_str().unwrap().starts_with("ch_"));
+    let lost = all.iter().find(|m| m["kind"] == "dispute").unwrap();
+    assert_eq!(lost["status"], "lost");
+    assert_eq!(lost["credits_taken_back"], 500);
+    assert_eq!(lost["charge"], third.as_str());
+    // Newest first, and a page at a time gives the same list without repeats.
+    let times: Vec<&str> = all.iter().map(|m| m["created"].as_str().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    assert_eq!(history(&app, ws, "", 1).await, all);
+    assert_eq!(history(&app, ws, "", 4).await, all);
+    // By kind.
+    let packs = history(&app, ws, "&kind=pack,refund", 2).await;
+    assert_eq!(packs.len(), 4);
+    assert!(
+        packs
+            .iter()
+            .all(|m| m["kind"] == "pack" || m["kind"] == "refund")
+    );
+    // By date: `from` is inclusive, `to` exclusive.
+    let oldest = all.last().unwrap()["created"].as_str().unwrap().to_owned();
+    let since = history(
+        &app,
+        ws,
+        &format!("&from={}", oldest.replace('+', "%2B")),
+        3,
+    )
+    .await;
+    assert_eq!(since, all);
+    let before = history(&app, ws, &format!("&to={}", oldest.replace('+', "%2B")), 3).await;
+    assert!(before.is_empty());
+    // Invoices alone keep their own list, with a cursor too.
+    let invoices = app.get("/v1/invoices?limit=1", &owner(ws)).await;
+    assert_eq!(invoices.body["items"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        invoices.body["next_cursor"],
+        Value::Null,
+        "one invoice: one page"
+    );
+
+    // Bad input is a 422 problem; members may not read billing; another workspace's owner
+    // sees only their own (empty) history; staff read any workspace's.
+    for bad in [
+        "kind=pack,nope",
+        "cursor=zzz",
+        "cursor=1-a%23b",
+        "limit=0",
+        "limit=101",
+        "from=yesterday",
+        "from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z",
+        "other=1",
+    ] {
+        app.get(&format!("/v1/billing/history?{bad}"), &owner(ws))
+            .await
+            .assert_problem(422, "validation_failed");
+    }
+    app.get("/v1/billing/history", &member(ws, "u1"))
+        .await
+        .assert_problem(403, "forbidden");
+    let other = app.get("/v1/billing/history", &owner("org_hi_other")).await;
+    assert_eq!(other.body["items"], json!([]));
+    let staff = app
+        .get(
+            &format!("/v1/admin/workspaces/{ws}/billing/history?limit=100"),
+            &support(),
+        )
+        .await;
+    assert_eq!(staff.status.as_u16(), 200);
+    assert_eq!(staff.body["items"].as_array().unwrap(), &all);
+    app.get(
+        &format!("/v1/admin/workspaces/{ws}/billing/history"),
+        &owner(ws),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+}

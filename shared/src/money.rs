@@ -47,6 +47,9 @@ impl Credits {
     pub const fn get(self) -> u64 {
         self.0
     }
+    pub const fn is_zero(&self) -> bool {
+        self.0 == 0
+    }
     /// Parses a request amount: positive and at most [`MAX_CREDITS_PER_REQUEST`].
     pub fn parse_request_amount(value: i128) -> Result<Self, String> {
         if value <= 0 {

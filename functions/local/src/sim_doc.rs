@@ -153,6 +153,11 @@ pub fn sim_paths() -> Value {
                     "text/html": {"schema": {"type": "string"}},
                     "application/pdf": {"schema": {"type": "string", "format": "binary"}}}},
                 "404": html("No such invoice")}}},
+        "/sim/receipts/{id}": {"get": {
+            "tags": ["simulator"], "operationId": "sim_receipt_page",
+            "summary": "The simulated receipt of a charge (its `receipt_url`): paid and refunded amounts.",
+            "parameters": id_param("Charge id"),
+            "responses": {"200": html("The receipt"), "404": html("No such receipt")}}},
         "/sim/invoices/{id}/pay": {"post": {
             "tags": ["simulator"], "operationId": "sim_invoice_pay",
             "summary": "Pays a simulated invoice: Stripe's events are signed and delivered to the webhook.",

@@ -11,7 +11,7 @@ pub mod routes;
 
 use axum::Router;
 use axum::routing::{get, post};
-use routes::{alerts, billing_portal, checkout, custom_payments, invoices, subscription};
+use routes::{alerts, billing_portal, checkout, custom_payments, history, invoices, subscription};
 use std::sync::Arc;
 use tally::config::{HttpUrl, ReturnUrlOverrides};
 use tally::http::BearerAuth;
@@ -65,6 +65,11 @@ pub fn protected_routes(state: PurchasesState) -> Router {
         .route("/v1/subscription", get(subscription::subscription))
         .route("/v1/billing-portal", post(billing_portal::billing_portal))
         .route("/v1/invoices", get(invoices::invoices))
+        .route("/v1/billing/history", get(history::history))
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/billing/history",
+            get(history::admin_history),
+        )
         .route("/v1/subscription/change", post(subscription::change))
         .route("/v1/subscription/preview", post(subscription::preview))
         .route(
@@ -97,6 +102,7 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
 #[openapi(
     info(title = "Tally purchases API", version = "1", description = "Plans, packs, subscription, billing portal and invoices."),
     paths(checkout::create_checkout, subscription::subscription, billing_portal::billing_portal, invoices::invoices,
+        history::history, history::admin_history,
         subscription::change, subscription::preview, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
         custom_payments::custom_payment, alerts::put_alerts, alerts::get_alerts),
     // Its operations name the `bearer` scheme; the document served alone must define it.

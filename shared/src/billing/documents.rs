@@ -84,7 +84,101 @@ impl BillingEvents {
             |cur| InvoiceRecord::merge(cur, record.clone()),
         )
         .await?;
+        if record.status != "draft" {
+            self.invoice_history(workspace, i, &record).await?;
+        }
         Ok(())
+    }
+
+    /// The invoice's line in the billing history.
+    async fn invoice_history(
+        &self,
+        workspace: &WorkspaceId,
+        i: &objects::Invoice,
+        record: &InvoiceRecord,
+    ) -> Result<(), ConsumeError> {
+        use super::history::{HistoryEntry, MovementKind};
+        let kind = match i.metadata.get("kind").map(String::as_str) {
+            Some("custom_payment") => Some(MovementKind::CustomPayment),
+            Some("pack") => Some(MovementKind::Pack),
+            Some("top_up") => Some(MovementKind::TopUp),
+            _ if i.subscription_details().is_some() => Some(MovementKind::Subscription),
+            _ => None,
+        };
+        let description = i
+            .description
+            .clone()
+            .or_else(|| i.lines.data.iter().find_map(|l| l.description.clone()));
+        let tax = i.tax_amount().map(|t| cents(t, "tax", &i.id)).transpose()?;
+        let order = (InvoiceRecord::rank(&record.status), record.as_of);
+        let amount = if record.status == "paid" {
+            record.amount_paid
+        } else {
+            record.amount_due
+        };
+        super::history::record(
+            self.docs.as_ref(),
+            workspace,
+            i.id.as_str(),
+            record.created,
+            self.ledger.clock.now(),
+            |e: &mut HistoryEntry| {
+                let before = e.clone();
+                match kind {
+                    Some(k) => e.kind = Some(k),
+                    None => HistoryEntry::fill(&mut e.kind, Some(&MovementKind::Invoice)),
+                }
+                if order >= e.status_order {
+                    e.set_status(&record.status, order);
+                    e.amount = amount;
+                    e.tax = tax.or(e.tax);
+                    e.hosted_invoice_url = record
+                        .hosted_invoice_url
+                        .clone()
+                        .or(e.hosted_invoice_url.take());
+                    e.invoice_pdf = record.invoice_pdf.clone().or(e.invoice_pdf.take());
+                }
+                e.invoice = Some(i.id.clone());
+                HistoryEntry::fill(&mut e.currency, Some(&record.currency));
+                HistoryEntry::fill(&mut e.description, description.as_ref());
+                HistoryEntry::fill(&mut e.billing_reason, record.billing_reason.as_ref());
+                *e != before
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `refund.created`, `refund.updated`, `refund.failed`: the refund's status on its
+    /// payment, then the payment followed (its history, its credits).
+    pub(super) async fn refund(&self, r: objects::Refund) -> Result<(), ConsumeError> {
+        let Some(charge) = r.charge.id() else {
+            tracing::warn!(refund = %r.id, "refund names no charge; not recorded");
+            return Ok(());
+        };
+        let record = PaymentRecord {
+            currency: r.currency.clone(),
+            payment_intent: r.payment_intent.id().cloned(),
+            refunds: vec![RefundFact {
+                id: r.id.clone(),
+                amount: cents(r.amount, "amount", &r.id)?,
+                status: r.status.clone(),
+                reason: r.reason.clone(),
+                created: ts(r.created),
+            }],
+            ..PaymentRecord::new(charge.clone())
+        };
+        let merged = docs::update(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK, |cur| {
+            PaymentRecord::merge(cur, record.clone())
+        })
+        .await?;
+        let pi = merged
+            .and_then(|p| p.payment_intent)
+            .or_else(|| r.payment_intent.id().cloned());
+        match pi {
+            Some(pi) => self.follow_payment(&pi).await,
+            None => Ok(()),
+        }
     }
 
     /// The subscription facts a paid (or failed) sign-up or renewal invoice carries: the
@@ -309,6 +403,7 @@ impl BillingEvents {
             created: Some(ts(c.created)),
             refunds,
             disputes: Vec::new(),
+            receipt_url: c.receipt_url.clone(),
         };
         docs::update(self.docs.as_ref(), &charge_pk(&c.id), PAYMENT_SK, |cur| {
             PaymentRecord::merge(cur, record.clone())

@@ -8,6 +8,7 @@
 pub mod changes;
 pub mod documents;
 pub mod grants;
+pub mod history;
 pub mod linking;
 pub mod objects;
 pub mod periods;
@@ -161,6 +162,9 @@ impl BillingEvents {
             "charge.succeeded" | "charge.refunded" | "charge.updated" => {
                 self.charge(event, parse(event)?).await
             }
+            "refund.created" | "refund.updated" | "refund.failed" => {
+                self.refund(parse(event)?).await
+            }
             "charge.dispute.created" | "charge.dispute.updated" | "charge.dispute.closed" => {
                 self.dispute(event, parse(event)?).await
             }
@@ -181,21 +185,97 @@ impl BillingEvents {
         let invoice = g.refs.invoice.clone();
         let key = g.key.clone();
         let credits = g.credits;
+        let source = g.source;
         let Some(outcome) = self.grant_once(event, workspace, g).await? else {
             return Ok(());
         };
+        let pi = paid_by.and_then(|p| crate::ids::PaymentIntentId::parse(&p).ok());
+        self.grant_history(
+            event,
+            workspace,
+            &key,
+            credits,
+            source,
+            invoice.as_ref(),
+            pi.as_ref(),
+        )
+        .await?;
         // Packs and top-ups name the payment intent that bought them: refunds and disputes
         // of that payment follow the lot.
-        let pi = paid_by.and_then(|p| crate::ids::PaymentIntentId::parse(&p).ok());
-        if let (Some(pi), Some(lot)) = (pi, outcome.lot.as_deref()) {
-            self.link_lot(&pi, workspace, refunds::lot_seq(lot)?, credits)
-                .await?;
+        if let (Some(pi), Some(lot)) = (&pi, outcome.lot.as_deref()) {
+            self.link_lot(
+                pi,
+                workspace,
+                refunds::lot_seq(lot)?,
+                credits,
+                invoice.as_ref(),
+            )
+            .await?;
         }
         // Subscription invoices are tied to their payment by `invoice_payment.paid`.
         if let (Some(invoice), Some(lot)) = (invoice, outcome.lot.as_deref()) {
             self.link_invoice_lot(&invoice, workspace, &key, refunds::lot_seq(lot)?, credits)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// The credits a grant gave, on the billing history's line of what paid for them: the
+    /// invoice, else the payment intent.
+    #[allow(clippy::too_many_arguments)]
+    async fn grant_history(
+        &self,
+        event: &objects::Event,
+        workspace: &WorkspaceId,
+        key: &str,
+        credits: Credits,
+        source: crate::ledger::LotSource,
+        invoice: Option<&crate::ids::InvoiceId>,
+        pi: Option<&crate::ids::PaymentIntentId>,
+    ) -> Result<(), ConsumeError> {
+        use history::{HistoryEntry, MovementKind};
+        let id = match (invoice, pi) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(p)) => p.to_string(),
+            (None, None) => return Ok(()),
+        };
+        let kind = match source {
+            crate::ledger::LotSource::Pack if key.starts_with("stripe:checkout:") => {
+                Some(MovementKind::Pack)
+            }
+            crate::ledger::LotSource::Pack => Some(MovementKind::TopUp),
+            _ => None,
+        };
+        let created = event
+            .data
+            .object
+            .get("created")
+            .and_then(serde_json::Value::as_i64)
+            .map_or(self.ledger.clock.now(), ts);
+        history::record(
+            self.docs.as_ref(),
+            workspace,
+            &id,
+            created,
+            self.ledger.clock.now(),
+            |e: &mut HistoryEntry| {
+                let before = e.clone();
+                if let Some(k) = kind
+                    && matches!(e.kind, None | Some(MovementKind::Invoice))
+                {
+                    e.kind = Some(k);
+                }
+                if invoice.is_none() {
+                    // A payment without an invoice: paid, as its grant shows.
+                    e.set_status("succeeded", (2, event.created));
+                }
+                HistoryEntry::fill(&mut e.invoice, invoice);
+                HistoryEntry::fill(&mut e.payment_intent, pi);
+                e.granted.insert(key.to_owned(), credits);
+                *e != before
+            },
+        )
+        .await?;
         Ok(())
     }
 

@@ -126,6 +126,7 @@ pub struct LineParent {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct InvoiceLine {
     pub period: Option<Period>,
+    pub description: Option<String>,
     #[serde(default)]
     pub amount: i64,
     pub quantity: Option<u64>,
@@ -193,6 +194,11 @@ pub struct Invoice {
     pub currency: Option<String>,
     pub hosted_invoice_url: Option<String>,
     pub invoice_pdf: Option<String>,
+    pub description: Option<String>,
+    /// Tax in integer cents (older API versions).
+    pub tax: Option<i64>,
+    /// Tax amounts (newer API versions).
+    pub total_taxes: Option<Vec<TaxAmount>>,
     pub created: i64,
     pub period_start: Option<i64>,
     pub period_end: Option<i64>,
@@ -204,7 +210,21 @@ pub struct Invoice {
     pub status_transitions: Option<StatusTransitions>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct TaxAmount {
+    #[serde(default)]
+    pub amount: i64,
+}
+
 impl Invoice {
+    /// Integer cents of tax, where Stripe reported any.
+    pub fn tax_amount(&self) -> Option<i64> {
+        match &self.total_taxes {
+            Some(t) => Some(t.iter().map(|x| x.amount).sum()),
+            None => self.tax,
+        }
+    }
+
     pub fn subscription_details(&self) -> Option<&SubscriptionDetails> {
         self.parent.as_ref()?.subscription_details.as_ref()
     }
@@ -306,6 +326,11 @@ pub struct Refund {
     pub status: Option<String>,
     pub reason: Option<String>,
     pub created: i64,
+    #[serde(default)]
+    pub charge: Expandable<ChargeId>,
+    #[serde(default)]
+    pub payment_intent: Expandable<PaymentIntentId>,
+    pub currency: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -326,6 +351,7 @@ pub struct Charge {
     pub refunds: Option<List<Refund>>,
     #[serde(default)]
     pub payment_method: Expandable<PaymentMethodId>,
+    pub receipt_url: Option<String>,
     /// `succeeded`, `pending` or `failed`.
     #[serde(default)]
     pub status: Option<String>,

@@ -73,7 +73,7 @@ pub struct InvoiceRecord {
 }
 
 impl InvoiceRecord {
-    fn rank(status: &str) -> u8 {
+    pub fn rank(status: &str) -> u8 {
         match status {
             "draft" => 0,
             "open" => 1,
@@ -104,6 +104,23 @@ pub struct RefundFact {
     pub created: DateTime<Utc>,
 }
 
+impl RefundFact {
+    /// Refunds move from pending to succeeded, and may still fail (or be canceled) after.
+    pub fn rank(&self) -> u8 {
+        refund_rank(self.status.as_deref())
+    }
+}
+
+/// The order of a refund's statuses.
+pub fn refund_rank(status: Option<&str>) -> u8 {
+    match status {
+        None => 0,
+        Some("pending" | "requires_action") => 1,
+        Some("succeeded") => 2,
+        Some(_) => 3, // failed, canceled
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DisputeFact {
     pub id: DisputeId,
@@ -117,7 +134,7 @@ pub struct DisputeFact {
 impl DisputeFact {
     /// A closed dispute never reopens, so its outcome wins over any open state, even one
     /// delivered later or stamped the same second.
-    fn order(&self) -> (bool, i64, Option<&str>) {
+    pub fn order(&self) -> (bool, i64, Option<&str>) {
         let closed = matches!(
             self.status.as_deref(),
             Some("won" | "lost" | "warning_closed" | "prevented")
@@ -138,6 +155,8 @@ pub struct PaymentRecord {
     pub created: Option<DateTime<Utc>>,
     pub refunds: Vec<RefundFact>,
     pub disputes: Vec<DisputeFact>,
+    #[serde(default)]
+    pub receipt_url: Option<String>,
 }
 
 impl PaymentRecord {
@@ -153,6 +172,7 @@ impl PaymentRecord {
             created: None,
             refunds: Vec::new(),
             disputes: Vec::new(),
+            receipt_url: None,
         }
     }
 
@@ -168,9 +188,10 @@ impl PaymentRecord {
         merged.currency = merged.currency.or(incoming.currency);
         merged.payment_intent = merged.payment_intent.or(incoming.payment_intent);
         merged.created = merged.created.or(incoming.created);
+        merged.receipt_url = merged.receipt_url.or(incoming.receipt_url);
         for r in incoming.refunds {
             match merged.refunds.iter_mut().find(|x| x.id == r.id) {
-                Some(x) if r.status.is_some() && x.status.as_deref() != Some("succeeded") => *x = r,
+                Some(x) if r.rank() > x.rank() => *x = r,
                 Some(_) => {}
                 None => merged.refunds.push(r),
             }

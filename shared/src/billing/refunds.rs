@@ -13,7 +13,8 @@
 //! of the refunded money whose credits were already spent is written on the journal entry.
 //! Credits reserved by running generations are not touched (they may be spent).
 
-use super::records::{PAYMENT_SK, PaymentRecord, charge_pk};
+use super::history::{self, HistoryEntry, MovementKind};
+use super::records::{PAYMENT_SK, PaymentRecord, charge_pk, refund_rank};
 use super::{BillingEvents, poison};
 use crate::ids::{ChargeId, IdempotencyKey, InvoiceId, PaymentIntentId, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Operation, Refs, Share};
@@ -90,17 +91,24 @@ impl BillingEvents {
         workspace: &WorkspaceId,
         lot: u64,
         credits: Credits,
+        invoice: Option<&InvoiceId>,
     ) -> Result<(), ConsumeError> {
         link(
             self.docs.as_ref(),
             &payment_pk(pi),
             |l: &mut PaymentLink| {
-                l.lot.is_none() && {
+                let named = l.invoice.is_none() && invoice.is_some();
+                if named {
+                    // A checkout that created an invoice: its history line is the invoice's.
+                    l.invoice = invoice.cloned();
+                }
+                let lot_set = l.lot.is_none();
+                if lot_set {
                     l.workspace = Some(workspace.clone());
                     l.lot = Some(lot);
                     l.credits = credits;
-                    true
                 }
+                named || lot_set
             },
         )
         .await?;
@@ -241,6 +249,20 @@ impl BillingEvents {
         if paid == 0 {
             return Ok(());
         }
+        // The purchase's line in the billing history: the invoice, else the payment intent.
+        let row = link
+            .invoice
+            .as_ref()
+            .map_or_else(|| pi.to_string(), ToString::to_string);
+        self.payment_history(
+            &workspace,
+            &row,
+            pi,
+            charge,
+            &payment,
+            link.invoice.as_ref(),
+        )
+        .await?;
         let refunded = payment.amount_refunded.get().min(paid);
         if refunded > 0 {
             for &(lot, credits) in &lots {
@@ -255,19 +277,25 @@ impl BillingEvents {
                     "{refunded} of {paid} cents paid by {charge} refunded; that money bought {bought} credits of lot_{lot}"
                 );
                 let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
-                self.follow(
-                    &workspace,
-                    &key,
-                    pi,
-                    charge,
-                    Operation::TakeBack {
-                        lot,
-                        refunded,
-                        paid,
-                        note,
-                    },
-                )
-                .await?;
+                let outcome = self
+                    .follow(
+                        &workspace,
+                        &key,
+                        pi,
+                        charge,
+                        Operation::TakeBack {
+                            lot,
+                            refunded,
+                            paid,
+                            note,
+                        },
+                    )
+                    .await?;
+                if let Some(o) = outcome {
+                    let by = refund_reaching(&payment, refunded).map(|r| r.id.to_string());
+                    self.taken_back_history(&workspace, &row, by.as_deref(), &key, o.clawed_back)
+                        .await?;
+                }
             }
         }
         // A yearly period's later months are paid by the same invoice.
@@ -331,7 +359,17 @@ impl BillingEvents {
                     )),
                 }
                 for (key, op) in steps {
-                    self.follow(&workspace, &key, pi, charge, op).await?;
+                    if let Some(o) = self.follow(&workspace, &key, pi, charge, op).await? {
+                        let dispute = d.id.to_string();
+                        self.taken_back_history(
+                            &workspace,
+                            &row,
+                            Some(&dispute),
+                            &key,
+                            o.clawed_back,
+                        )
+                        .await?;
+                    }
                 }
             }
         }
@@ -345,7 +383,7 @@ impl BillingEvents {
         pi: &PaymentIntentId,
         charge: &ChargeId,
         op: Operation,
-    ) -> Result<(), ConsumeError> {
+    ) -> Result<Option<crate::ledger::Outcome>, ConsumeError> {
         let fingerprint = format!("{key}:{}", crate::service::fingerprint(&format!("{op:?}")));
         let req = LedgerRequest {
             workspace: workspace.clone(),
@@ -359,13 +397,130 @@ impl BillingEvents {
             op,
         };
         match self.ledger.execute(req).await {
-            Ok(_) => Ok(()),
+            Ok(o) => Ok(Some(o)),
             // The same key with a different share: the facts moved between two attempts.
             // What was first applied stands.
-            Err(crate::service::ServiceError::KeyReused) => Ok(()),
+            Err(crate::service::ServiceError::KeyReused) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
+
+    /// A payment's facts on the billing history: the purchase's line (`row`) gets the
+    /// payment, its receipt and how much was refunded; each refund and dispute has a line.
+    async fn payment_history(
+        &self,
+        workspace: &WorkspaceId,
+        row: &str,
+        pi: &PaymentIntentId,
+        charge: &ChargeId,
+        payment: &PaymentRecord,
+        invoice: Option<&InvoiceId>,
+    ) -> Result<(), ConsumeError> {
+        let now = self.ledger.clock.now();
+        let created = payment.created.unwrap_or(now);
+        history::record(self.docs.as_ref(), workspace, row, created, now, |e| {
+            let before = e.clone();
+            HistoryEntry::fill(&mut e.payment_intent, Some(pi));
+            HistoryEntry::fill(&mut e.charge, Some(charge));
+            HistoryEntry::fill(&mut e.receipt_url, payment.receipt_url.as_ref());
+            HistoryEntry::fill(&mut e.currency, payment.currency.as_ref());
+            if invoice.is_none() {
+                e.amount = e.amount.max(payment.amount);
+            }
+            e.amount_refunded = e.amount_refunded.max(payment.amount_refunded);
+            *e != before
+        })
+        .await?;
+        for r in &payment.refunds {
+            let status = r.status.as_deref().unwrap_or("pending");
+            history::record(
+                self.docs.as_ref(),
+                workspace,
+                r.id.as_str(),
+                r.created,
+                now,
+                |e| {
+                    let before = e.clone();
+                    e.kind = Some(MovementKind::Refund);
+                    e.set_status(status, (refund_rank(r.status.as_deref()), 0));
+                    e.amount = r.amount;
+                    HistoryEntry::fill(&mut e.description, r.reason.as_ref());
+                    HistoryEntry::fill(&mut e.currency, payment.currency.as_ref());
+                    HistoryEntry::fill(&mut e.payment_intent, Some(pi));
+                    HistoryEntry::fill(&mut e.charge, Some(charge));
+                    HistoryEntry::fill(&mut e.invoice, invoice);
+                    *e != before
+                },
+            )
+            .await?;
+        }
+        for d in &payment.disputes {
+            let status = d.status.as_deref().unwrap_or("needs_response");
+            let (closed, as_of, _) = d.order();
+            history::record(
+                self.docs.as_ref(),
+                workspace,
+                d.id.as_str(),
+                d.created,
+                now,
+                |e| {
+                    let before = e.clone();
+                    e.kind = Some(MovementKind::Dispute);
+                    e.set_status(status, (u8::from(closed), as_of));
+                    e.amount = d.amount;
+                    HistoryEntry::fill(&mut e.description, d.reason.as_ref());
+                    HistoryEntry::fill(&mut e.currency, payment.currency.as_ref());
+                    HistoryEntry::fill(&mut e.payment_intent, Some(pi));
+                    HistoryEntry::fill(&mut e.charge, Some(charge));
+                    HistoryEntry::fill(&mut e.invoice, invoice);
+                    *e != before
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Credits a take-back (ledger key `key`) took, on the purchase's line and on the
+    /// refund or dispute that caused it.
+    async fn taken_back_history(
+        &self,
+        workspace: &WorkspaceId,
+        row: &str,
+        cause: Option<&str>,
+        key: &str,
+        credits: Credits,
+    ) -> Result<(), ConsumeError> {
+        let now = self.ledger.clock.now();
+        for id in std::iter::once(row).chain(cause) {
+            history::record(self.docs.as_ref(), workspace, id, now, now, |e| {
+                (e.taken_back.get(key) != Some(&credits)) && {
+                    e.taken_back.insert(key.to_owned(), credits);
+                    true
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The refund that brought the payment's refunded total to `refunded` (refunds in the
+/// order Stripe made them; failed and canceled ones gave nothing back), else the latest.
+fn refund_reaching(payment: &PaymentRecord, refunded: u64) -> Option<&super::records::RefundFact> {
+    let mut total = 0u64;
+    let live: Vec<_> = payment
+        .refunds
+        .iter()
+        .filter(|r| r.rank() <= refund_rank(Some("succeeded")))
+        .collect();
+    for r in &live {
+        total = total.saturating_add(r.amount.get());
+        if total >= refunded {
+            return Some(r);
+        }
+    }
+    live.last().copied()
 }
 
 /// The lot id `lot_<seq>` a grant answers with, as its sequence number.

@@ -128,6 +128,9 @@ pub struct Outcome {
     pub generation: Option<Generation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lot: Option<String>,
+    /// Credits this operation took back (refunds, lost disputes).
+    #[serde(default, skip_serializing_if = "Credits::is_zero")]
+    pub clawed_back: Credits,
 }
 
 /// The result of a command: new state, the entries to append, generation records to
@@ -201,6 +204,13 @@ pub fn execute(
         balance: tx.state.balance(),
         generation,
         lot,
+        clawed_back: tx
+            .entries
+            .iter()
+            .try_fold(Credits::ZERO, |acc, e| {
+                acc.checked_add(e.totals.clawed_back)
+            })
+            .ok_or_else(|| LedgerError::Corrupt("clawed-back credits overflow".into()))?,
     };
     Ok(Applied {
         state: tx.state,

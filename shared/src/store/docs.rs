@@ -79,8 +79,23 @@ pub trait DocStore: Send + Sync {
         expected: u64,
     ) -> Result<bool, StoreError>;
     /// Documents under `pk` whose sort key starts with `prefix`, highest sort key first.
-    async fn list_docs(&self, pk: &str, prefix: &str, limit: usize)
-    -> Result<Vec<Doc>, StoreError>;
+    async fn list_docs(
+        &self,
+        pk: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<Doc>, StoreError> {
+        self.list_docs_before(pk, prefix, None, limit).await
+    }
+    /// Like [`list_docs`](Self::list_docs), starting below the sort key `before` (not
+    /// included) when it is given: the next page after a page that ended at `before`.
+    async fn list_docs_before(
+        &self,
+        pk: &str,
+        prefix: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Doc>, StoreError>;
     /// Like [`put_doc`](Self::put_doc), and files the document in the due index under
     /// `due`, or takes it out of the index with `None`.
     async fn put_doc_due(
@@ -184,6 +199,23 @@ where
     Err(StoreError::unavailable(format!(
         "document {pk}/{sk} kept changing; gave up"
     )))
+}
+
+/// Typed documents under `pk` with sort keys starting with `prefix` and below `before`
+/// (when given), highest first, with their sort keys.
+pub async fn page<T: DeserializeOwned>(
+    store: &dyn DocStore,
+    pk: &str,
+    prefix: &str,
+    before: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, T)>, StoreError> {
+    store
+        .list_docs_before(pk, prefix, before, limit)
+        .await?
+        .into_iter()
+        .map(|d| Ok((d.sk.clone(), super::decode(&d.body)?)))
+        .collect()
 }
 
 /// Typed documents under `pk` with sort keys starting with `prefix`, highest first.

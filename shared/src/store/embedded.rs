@@ -402,22 +402,31 @@ impl DocStore for EmbeddedStore {
         .await
     }
 
-    async fn list_docs(
+    async fn list_docs_before(
         &self,
         pk: &str,
         prefix: &str,
+        before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Doc>, StoreError> {
         let (pk, prefix) = (pk.to_owned(), prefix.to_owned());
+        let before = before.map(str::to_owned);
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(DOCS).map_err(backend)?;
             let mut out = Vec::new();
-            for item in t
-                .range((pk.as_str(), prefix.as_str())..=(pk.as_str(), "\u{10FFFF}"))
-                .map_err(backend)?
-                .rev()
-            {
+            let end = format!("{prefix}\u{10FFFF}");
+            let items = match &before {
+                // A key at or below the prefix has nothing of the prefix below it.
+                Some(b) if b.as_str() <= prefix.as_str() => return Ok(out),
+                Some(b) if b.as_str() > end.as_str() => {
+                    t.range((pk.as_str(), prefix.as_str())..=(pk.as_str(), end.as_str()))
+                }
+                Some(b) => t.range((pk.as_str(), prefix.as_str())..(pk.as_str(), b.as_str())),
+                None => t.range((pk.as_str(), prefix.as_str())..=(pk.as_str(), end.as_str())),
+            }
+            .map_err(backend)?;
+            for item in items.rev() {
                 let (k, v) = item.map_err(backend)?;
                 let (_, sk) = k.value();
                 if !sk.starts_with(prefix.as_str()) {

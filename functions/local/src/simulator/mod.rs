@@ -206,7 +206,14 @@ impl Simulator {
         format!("evt_sim{}", id.to_string().to_lowercase())
     }
 
-    async fn deliver(&self, kind: &str, object: Value) -> SimEvent {
+    async fn deliver(&self, kind: &str, mut object: Value) -> SimEvent {
+        // A charge's receipt is a page of the simulator, as Stripe hosts its own.
+        if let Some(id) = object["id"].as_str().filter(|id| id.starts_with("ch_"))
+            && object["object"] == "charge"
+        {
+            let url = format!("{}/sim/receipts/{id}", self.base_url);
+            object["receipt_url"] = json!(url);
+        }
         if let ("charge.succeeded", Some(id)) = (kind, object["id"].as_str()) {
             self.charges
                 .lock()

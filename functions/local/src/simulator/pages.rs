@@ -35,6 +35,7 @@ impl Simulator {
             .route("/sim/charges/{id}/dispute", post(dispute))
             .route("/sim/disputes/{id}/close", post(close_dispute))
             .route("/sim/invoices/{id}", get(invoice_page))
+            .route("/sim/receipts/{id}", get(receipt_page))
             .route("/sim/invoices/{id}/pay", post(pay_invoice))
             .route("/sim/done", get(done))
             .with_state(self.clone())
@@ -325,6 +326,34 @@ fn invoice_facts(inv: &Value) -> (String, Rows, Rows) {
         ("Amount remaining".to_owned(), cents("amount_remaining")),
     ];
     (title, lines, totals)
+}
+
+/// A charge's receipt: what was paid, and what was refunded since.
+async fn receipt_page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    let Some(c) = sim.charge(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Html("<h1>No such receipt</h1>".to_owned()),
+        )
+            .into_response();
+    };
+    let cents = |v: &serde_json::Value| {
+        let n = v.as_i64().unwrap_or_default();
+        format!("{}.{:02}", n / 100, n % 100)
+    };
+    let currency = c["currency"].as_str().unwrap_or("usd").to_uppercase();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Receipt {id}</title></head>\
+         <body><h1>Receipt</h1><p>Simulated receipt: no money moves.</p><table>\
+         <tr><th>Payment</th><td id=\"payment\">{}</td></tr>\
+         <tr><th>Amount paid</th><td id=\"amount_paid\">{} {currency}</td></tr>\
+         <tr><th>Refunded</th><td id=\"refunded\">{} {currency}</td></tr>\
+         </table></body></html>",
+        escape(&id),
+        cents(&c["amount"]),
+        cents(&c["amount_refunded"]),
+    ))
+    .into_response()
 }
 
 async fn invoice_page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {

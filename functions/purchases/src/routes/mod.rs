@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod billing_portal;
 pub mod checkout;
 pub mod custom_payments;
+pub mod history;
 pub mod invoices;
 pub mod subscription;
 
@@ -19,6 +20,15 @@ use tally::payments::PaymentsError;
 use tally::store::docs;
 
 pub(crate) type ApiResult<T> = Result<T, Problem>;
+
+/// A page size: 1-100, `None` for the default of 20.
+pub(crate) fn page_limit(limit: Option<i64>) -> ApiResult<usize> {
+    match limit {
+        None => Ok(20),
+        Some(n) if (1..=100).contains(&n) => Ok(n as usize),
+        Some(_) => Err(Problem::validation("limit", "must be between 1 and 100")),
+    }
+}
 
 /// Owners and billing admins buy; members are refused.
 pub(crate) fn buyer(who: &Identity) -> ApiResult<WorkspaceId> {

@@ -592,15 +592,21 @@ impl DocStore for DynamoStore {
         Ok(out)
     }
 
-    async fn list_docs(
+    async fn list_docs_before(
         &self,
         pk: &str,
         prefix: &str,
+        before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Doc>, StoreError> {
+        // The next page starts below `before`: DynamoDB's own pagination from that key.
+        let start = before.map(|b| {
+            std::collections::HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), s(b))])
+        });
         let out = self
             .client
             .query()
+            .set_exclusive_start_key(start)
             .table_name(&self.table)
             .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
             .expression_attribute_names("#pk", PK)
