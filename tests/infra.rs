@@ -192,6 +192,7 @@ fn every_route_in_the_code_is_routed_by_the_api_and_only_public_ones_skip_the_au
             "stripe-webhook",
             documented(tally_stripe_webhook::ApiDoc::openapi()),
         ),
+        ("refunds", documented(refunds::ApiDoc::openapi())),
     ] {
         if binary == "credits-api" {
             doc.insert(("GET".into(), "/health".into()));
@@ -232,16 +233,23 @@ impl Tagged for Value {
 }
 
 #[test]
-fn the_billing_worker_reports_partial_batch_failures_and_everything_has_an_alarm() {
+fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm() {
     let t = template();
-    let (_, f) = function_for_binary(&t, "billing-events");
-    let sqs = &f["Properties"]["Events"]["Billing"];
-    assert_eq!(sqs["Type"], "SQS");
-    assert_eq!(
-        sqs["Properties"]["FunctionResponseTypes"][0],
-        "ReportBatchItemFailures"
-    );
-    assert!(text(&sqs["Properties"]["Queue"]).starts_with("BillingEventsQueue"));
+    for (binary, event, queue) in [
+        ("billing-events", "Billing", "BillingEventsQueue"),
+        ("refunds-worker", "Refunds", "RefundsQueue"),
+    ] {
+        let (_, f) = function_for_binary(&t, binary);
+        let sqs = &f["Properties"]["Events"][event];
+        assert_eq!(sqs["Type"], "SQS", "{binary}");
+        assert_eq!(
+            sqs["Properties"]["FunctionResponseTypes"][0],
+            "ReportBatchItemFailures"
+        );
+        assert!(text(&sqs["Properties"]["Queue"]).starts_with(queue));
+        let q = resource(&t, queue);
+        assert_eq!(q["Properties"]["FifoQueue"], true, "{queue}");
+    }
     let alarms: Vec<&Value> = t["Resources"]
         .as_mapping()
         .unwrap()
@@ -257,11 +265,15 @@ fn the_billing_worker_reports_partial_batch_failures_and_everything_has_an_alarm
             "no error alarm for {fname}"
         );
     }
-    assert!(alarms.iter().any(|a| {
-        a["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
-            && text(&a["Properties"]["Dimensions"][0]["Value"])
-                .starts_with("BillingEventsDeadLetterQueue")
-    }));
+    for dlq in ["BillingEventsDeadLetterQueue", "RefundsDeadLetterQueue"] {
+        assert!(
+            alarms.iter().any(|a| {
+                a["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+                    && text(&a["Properties"]["Dimensions"][0]["Value"]).starts_with(dlq)
+            }),
+            "no alarm on {dlq}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ mod lifecycle;
 mod purchases;
 mod queues;
 mod refresh;
+mod refund_requests;
 mod refunds;
 mod rules;
 mod service_properties;

@@ -38,6 +38,11 @@ pub const CATALOG: &str = "TALLY_CATALOG";
 pub const REFRESH_JOBS_QUEUE_URL: &str = "REFRESH_JOBS_QUEUE_URL";
 /// Shards of the due index (credit-refresh, optional; default 16).
 pub const DUE_SHARDS: &str = "TALLY_DUE_SHARDS";
+/// URL of the refunds FIFO queue (refunds).
+pub const REFUNDS_QUEUE_URL: &str = "REFUNDS_QUEUE_URL";
+/// Minutes within which a second identical payment is a duplicate charge (refunds,
+/// optional; default 30, at most 10080).
+pub const DUPLICATE_CHARGE_MINUTES: &str = "TALLY_DUPLICATE_CHARGE_MINUTES";
 
 /// Why the configuration could not be read.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -379,13 +384,85 @@ impl RefreshConfig {
     }
 }
 
+/// refunds: refund requests over HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundsConfig {
+    pub store: StoreConfig,
+    pub refunds_queue_url: HttpUrl,
+    /// An SQS-compatible server instead of AWS (local and tests).
+    pub sqs_endpoint: Option<HttpUrl>,
+    pub duplicate_charge_minutes: u32,
+}
+
+impl RefundsConfig {
+    pub const REQUIRED: &[&str] = &[TABLE, REFUNDS_QUEUE_URL];
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(process_env)
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let v = Vars::new(lookup);
+        let duplicate_charge_minutes = match v.optional(DUPLICATE_CHARGE_MINUTES) {
+            None => 30,
+            Some(text) => text
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=10_080).contains(n))
+                .ok_or_else(|| {
+                    invalid(
+                        DUPLICATE_CHARGE_MINUTES,
+                        format!("{text:?} is not 1 to 10080 minutes"),
+                    )
+                })?,
+        };
+        Ok(Self {
+            store: StoreConfig::from_vars(&v)?,
+            refunds_queue_url: v.required_url(REFUNDS_QUEUE_URL)?,
+            sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
+            duplicate_charge_minutes,
+        })
+    }
+}
+
+/// refunds-worker: makes approved refunds through Stripe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundsWorkerConfig {
+    pub store: StoreConfig,
+    pub stripe_secret_key: Secret,
+    pub notifications_queue_url: HttpUrl,
+    /// An SQS-compatible server instead of AWS (local and tests).
+    pub sqs_endpoint: Option<HttpUrl>,
+}
+
+impl RefundsWorkerConfig {
+    pub const REQUIRED: &[&str] = &[TABLE, STRIPE_SECRET_KEY, NOTIFICATIONS_QUEUE_URL];
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(process_env)
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let v = Vars::new(lookup);
+        Ok(Self {
+            store: StoreConfig::from_vars(&v)?,
+            stripe_secret_key: Secret::new(v.required(STRIPE_SECRET_KEY)?.trim()),
+            notifications_queue_url: v.required_url(NOTIFICATIONS_QUEUE_URL)?,
+            sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
+        })
+    }
+}
+
 /// Every Lambda function by binary name, with the variables its deployment must set.
-pub const FUNCTIONS: [(&str, &[&str]); 5] = [
+pub const FUNCTIONS: [(&str, &[&str]); 7] = [
     ("credits-api", ApiConfig::REQUIRED),
     ("purchases", PurchasesConfig::REQUIRED),
     ("stripe-webhook", WebhookConfig::REQUIRED),
     ("billing-events", WorkerConfig::REQUIRED),
     ("credit-refresh", RefreshConfig::REQUIRED),
+    ("refunds", RefundsConfig::REQUIRED),
+    ("refunds-worker", RefundsWorkerConfig::REQUIRED),
 ];
 
 /// The variables the deployment of the function built as `binary` must set.

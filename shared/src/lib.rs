@@ -18,6 +18,7 @@ pub mod money;
 pub mod payments;
 pub mod queue;
 pub mod refresh;
+pub mod refund_requests;
 pub mod service;
 pub mod store;
 pub mod subscriptions;

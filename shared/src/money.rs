@@ -199,6 +199,9 @@ impl Cents {
         self.0
     }
     /// `factor` times this price (e.g. twelve months).
+    pub fn saturating_sub(self, rhs: Cents) -> Cents {
+        Cents(self.0.saturating_sub(rhs.0))
+    }
     pub fn checked_add(self, rhs: Cents) -> Option<Cents> {
         self.0.checked_add(rhs.0).map(Cents)
     }

@@ -33,6 +33,7 @@ pub const DEMO_WORKSPACE: &str = "demo";
 pub fn openapi(catalog: &tally::catalog::Catalog, simulated: bool) -> serde_json::Value {
     let mut merged = credits_api::ApiDoc::openapi();
     merged.merge(purchases::ApiDoc::openapi());
+    merged.merge(refunds::ApiDoc::openapi());
     merged.merge(tally_stripe_webhook::ApiDoc::openapi());
     merged.info.title = "Tally (local)".into();
     merged.info.description =
@@ -76,6 +77,8 @@ pub struct Local {
     pub billing_queue: Arc<LocalQueue>,
     pub notifications: Arc<NotificationLog>,
     pub notifications_queue: Arc<LocalQueue>,
+    /// Approved refunds, for the refunds worker.
+    pub refunds_queue: Arc<LocalQueue>,
     pub simulator: Option<Arc<Simulator>>,
 }
 
@@ -154,6 +157,25 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         ledger: cfg.ledger.clone(),
         docs: cfg.docs.clone(),
     };
+    let refunds_queue = LocalQueue::new(
+        tally::refund_requests::REFUNDS_QUEUE,
+        true,
+        tally::refund_requests::REFUNDS_MAX_RECEIVES,
+    );
+    refunds_queue.start(Arc::new(tally::refund_requests::worker::RefundWorker {
+        docs: cfg.docs.clone(),
+        payments: payments.clone(),
+        notifications: notifications_queue.clone(),
+        clock: cfg.clock.clone(),
+    }));
+    let refunding = refunds::RefundsState {
+        requests: tally::refund_requests::RefundRequests {
+            docs: cfg.docs.clone(),
+            queue: refunds_queue.clone(),
+            duplicate_window: tally::refund_requests::rules::DEFAULT_DUPLICATE_WINDOW,
+        },
+        clock: cfg.clock.clone(),
+    };
     let buying = purchases::PurchasesState {
         ledger: cfg.ledger.clone(),
         docs: cfg.docs.clone(),
@@ -162,6 +184,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     };
     let protected = credits_api::protected_routes(credits.clone())
         .merge(purchases::protected_routes(buying))
+        .merge(refunds::protected_routes(refunding))
         .route_layer(axum::middleware::from_fn_with_state(
             AuthMode::dev(&cfg.dev_secret),
             authenticate,
@@ -191,6 +214,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         billing_queue,
         notifications,
         notifications_queue,
+        refunds_queue,
         simulator,
     })
 }

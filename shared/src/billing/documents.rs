@@ -110,6 +110,23 @@ impl BillingEvents {
             .clone()
             .or_else(|| i.lines.data.iter().find_map(|l| l.description.clone()));
         let tax = i.tax_amount().map(|t| cents(t, "tax", &i.id)).transpose()?;
+        // Add-on units are non-refundable (the help pages): their charged lines.
+        let addons: i64 = i
+            .lines
+            .data
+            .iter()
+            .filter(|l| l.amount > 0)
+            .filter(|l| {
+                l.product()
+                    .and_then(|p| Item::of_product(p, self.catalog()))
+                    .is_some_and(|it| matches!(it, Item::Addon(_)))
+            })
+            .map(|l| l.amount)
+            .sum();
+        let non_refundable = Cents::try_from(addons.min(i.amount_paid.max(0))).unwrap_or_default();
+        let subscription = i
+            .subscription_details()
+            .and_then(|d| d.subscription.id().cloned());
         let order = (InvoiceRecord::rank(&record.status), record.as_of);
         let amount = if record.status == "paid" {
             record.amount_paid
@@ -139,6 +156,8 @@ impl BillingEvents {
                     e.invoice_pdf = record.invoice_pdf.clone().or(e.invoice_pdf.take());
                 }
                 e.invoice = Some(i.id.clone());
+                e.non_refundable = e.non_refundable.max(non_refundable);
+                HistoryEntry::fill(&mut e.subscription, subscription.as_ref());
                 HistoryEntry::fill(&mut e.currency, Some(&record.currency));
                 HistoryEntry::fill(&mut e.description, description.as_ref());
                 HistoryEntry::fill(&mut e.billing_reason, record.billing_reason.as_ref());
@@ -172,6 +191,28 @@ impl BillingEvents {
             PaymentRecord::merge(cur, record.clone())
         })
         .await?;
+        // A refund a refund request asked for: its status on the request.
+        if let (Some(request), Some(workspace), Some(status)) = (
+            r.metadata.get("refund_request"),
+            Self::metadata_workspace(&r.metadata)?,
+            r.status.as_deref(),
+        ) {
+            let attempt = r
+                .metadata
+                .get("refund_attempt")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1);
+            crate::refund_requests::stripe_refund_status(
+                self.docs.as_ref(),
+                &workspace,
+                request,
+                attempt,
+                &r.id,
+                status,
+                self.ledger.clock.now(),
+            )
+            .await?;
+        }
         let pi = merged
             .and_then(|p| p.payment_intent)
             .or_else(|| r.payment_intent.id().cloned());
@@ -316,6 +357,24 @@ impl BillingEvents {
         if let Some(c) = s.customer.id() {
             self.link_customer(c, &workspace).await?;
         }
+        // When a cancellation takes effect, for refunds of renewals charged after it.
+        let canceled = status == PlanStatus::Canceled;
+        docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(&workspace),
+            crate::refund_requests::rules::CANCELLATION_SK,
+            |cur| {
+                crate::refund_requests::Cancellation::merge(
+                    cur,
+                    &s.id,
+                    canceled,
+                    s.cancel_at_period_end,
+                    ts(end),
+                    event.created,
+                )
+            },
+        )
+        .await?;
         self.merge_subscription(event, &workspace, record, SubscriptionRecord::merge)
             .await
     }

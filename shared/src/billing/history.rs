@@ -8,7 +8,7 @@
 //! write is a merge: statuses only move forward, credits granted and taken back are kept
 //! per ledger key, so repeated deliveries change nothing.
 
-use crate::ids::{ChargeId, InvoiceId, PaymentIntentId, WorkspaceId};
+use crate::ids::{ChargeId, InvoiceId, PaymentIntentId, SubscriptionId, WorkspaceId};
 use crate::money::{Cents, Credits};
 use crate::store::StoreError;
 use crate::store::docs::{self, DocStore};
@@ -70,6 +70,12 @@ pub struct HistoryEntry {
     /// Of a purchase: how much of it was refunded so far.
     #[serde(default)]
     pub amount_refunded: Cents,
+    /// Of a purchase: the cents that are not refundable (add-on units).
+    #[serde(default)]
+    pub non_refundable: Cents,
+    /// Of a subscription invoice: the subscription.
+    #[serde(default)]
+    pub subscription: Option<SubscriptionId>,
     pub currency: Option<String>,
     pub tax: Option<Cents>,
     /// Credits granted, per ledger operation key.
@@ -99,6 +105,8 @@ impl HistoryEntry {
             description: None,
             amount: Cents::ZERO,
             amount_refunded: Cents::ZERO,
+            non_refundable: Cents::ZERO,
+            subscription: None,
             currency: None,
             tax: None,
             granted: BTreeMap::new(),
@@ -234,6 +242,42 @@ pub async fn record(
     })
     .await?;
     Ok(())
+}
+
+/// The movement `id` of `workspace`, if it has one.
+pub async fn get(
+    store: &dyn DocStore,
+    workspace: &WorkspaceId,
+    id: &str,
+) -> Result<Option<HistoryEntry>, StoreError> {
+    let pk = workspace_pk(workspace);
+    let Some(p) = docs::get::<Pointer>(store, &pk, &format!("{POINTER_PREFIX}{id}")).await? else {
+        return Ok(None);
+    };
+    docs::get(store, &pk, &p.sk).await
+}
+
+/// Most movements [`around`] reads.
+const MAX_AROUND: usize = 200;
+
+/// The movements created from `from` up to (not including) `to`, newest first, at most
+/// a couple of hundred.
+pub async fn around(
+    store: &dyn DocStore,
+    workspace: &WorkspaceId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<HistoryEntry>, StoreError> {
+    let pk = workspace_pk(workspace);
+    let upper = format!("{HISTORY_PREFIX}{:012}", to.timestamp().max(0));
+    let lower = format!("{HISTORY_PREFIX}{:012}", from.timestamp().max(0));
+    let rows: Vec<(String, HistoryEntry)> =
+        docs::page(store, &pk, HISTORY_PREFIX, Some(&upper), MAX_AROUND).await?;
+    Ok(rows
+        .into_iter()
+        .take_while(|(sk, _)| sk >= &lower)
+        .map(|(_, e)| e)
+        .collect())
 }
 
 /// What a page of history is asked for.

@@ -33,6 +33,17 @@ use records::*;
 use std::sync::Arc;
 use tracing::Instrument;
 
+/// A grant and what paid for it, for the billing history.
+#[derive(Clone, Copy)]
+struct Paid<'a> {
+    key: &'a str,
+    credits: Credits,
+    source: crate::ledger::LotSource,
+    note: &'a str,
+    invoice: Option<&'a crate::ids::InvoiceId>,
+    pi: Option<&'a crate::ids::PaymentIntentId>,
+}
+
 /// Applies Stripe events from the billing queue.
 #[derive(Clone)]
 pub struct BillingEvents {
@@ -186,20 +197,20 @@ impl BillingEvents {
         let key = g.key.clone();
         let credits = g.credits;
         let source = g.source;
+        let note = g.note.clone();
         let Some(outcome) = self.grant_once(event, workspace, g).await? else {
             return Ok(());
         };
         let pi = paid_by.and_then(|p| crate::ids::PaymentIntentId::parse(&p).ok());
-        self.grant_history(
-            event,
-            workspace,
-            &key,
+        let paid = Paid {
+            key: &key,
             credits,
             source,
-            invoice.as_ref(),
-            pi.as_ref(),
-        )
-        .await?;
+            note: &note,
+            invoice: invoice.as_ref(),
+            pi: pi.as_ref(),
+        };
+        self.grant_history(event, workspace, &paid).await?;
         // Packs and top-ups name the payment intent that bought them: refunds and disputes
         // of that payment follow the lot.
         if let (Some(pi), Some(lot)) = (&pi, outcome.lot.as_deref()) {
@@ -222,18 +233,21 @@ impl BillingEvents {
 
     /// The credits a grant gave, on the billing history's line of what paid for them: the
     /// invoice, else the payment intent.
-    #[allow(clippy::too_many_arguments)]
     async fn grant_history(
         &self,
         event: &objects::Event,
         workspace: &WorkspaceId,
-        key: &str,
-        credits: Credits,
-        source: crate::ledger::LotSource,
-        invoice: Option<&crate::ids::InvoiceId>,
-        pi: Option<&crate::ids::PaymentIntentId>,
+        paid: &Paid<'_>,
     ) -> Result<(), ConsumeError> {
         use history::{HistoryEntry, MovementKind};
+        let Paid {
+            key,
+            credits,
+            source,
+            note,
+            invoice,
+            pi,
+        } = *paid;
         let id = match (invoice, pi) {
             (Some(i), _) => i.to_string(),
             (None, Some(p)) => p.to_string(),
@@ -271,6 +285,9 @@ impl BillingEvents {
                 }
                 HistoryEntry::fill(&mut e.invoice, invoice);
                 HistoryEntry::fill(&mut e.payment_intent, pi);
+                if invoice.is_none() {
+                    HistoryEntry::fill(&mut e.description, Some(&note.to_owned()));
+                }
                 e.granted.insert(key.to_owned(), credits);
                 *e != before
             },

@@ -331,6 +331,8 @@ pub struct Refund {
     #[serde(default)]
     pub payment_intent: Expandable<PaymentIntentId>,
     pub currency: Option<String>,
+    #[serde(default, deserialize_with = "nullable_map")]
+    pub metadata: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

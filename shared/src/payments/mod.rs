@@ -6,8 +6,8 @@ pub mod stripe_api;
 
 use crate::error::BoxError;
 use crate::ids::{
-    CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, PaymentMethodId, SubscriptionId,
-    WorkspaceId,
+    ChargeId, CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, PaymentMethodId, RefundId,
+    SubscriptionId, WorkspaceId,
 };
 use crate::ledger::Interval;
 use crate::money::{Cents, Credits};
@@ -281,8 +281,36 @@ pub struct TopUp {
     pub idempotency_key: String,
 }
 
+/// Money given back on a charge, for a refund request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundOrder {
+    pub workspace: WorkspaceId,
+    pub charge: ChargeId,
+    /// Integer cents, at most what is left of the charge.
+    pub amount: Cents,
+    /// The refund request it carries out (Stripe metadata `refund_request`), and which
+    /// approval of it (`refund_attempt`).
+    pub request: String,
+    pub attempt: u32,
+    /// Stripe's reason: `duplicate` for duplicate charges, else `requested_by_customer`.
+    pub duplicate: bool,
+    pub idempotency_key: String,
+}
+
+/// A refund as Stripe made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundMade {
+    pub id: RefundId,
+    /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled`.
+    pub status: String,
+}
+
 #[async_trait]
 pub trait Payments: Send + Sync {
+    /// Refunds part or all of a charge to the original payment method. Credits follow from
+    /// Stripe's refund events.
+    async fn refund(&self, order: &RefundOrder) -> Result<RefundMade, PaymentsError>;
+
     /// Charges a saved card off-session; returns the payment intent id. Credits follow from
     /// its `payment_intent.succeeded` event.
     async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError>;

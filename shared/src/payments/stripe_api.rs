@@ -65,6 +65,14 @@ fn classify(e: StripeError) -> PaymentsError {
 }
 
 #[derive(Serialize)]
+struct RefundForm<'a> {
+    charge: &'a str,
+    amount: u64,
+    reason: &'a str,
+    metadata: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Serialize)]
 struct CustomerForm<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<&'a str>,
@@ -865,6 +873,30 @@ impl Payments for StripePayments {
             &format!("{idempotency_key}-metadata"),
         )
         .await
+    }
+
+    async fn refund(&self, order: &RefundOrder) -> Result<RefundMade, PaymentsError> {
+        let attempt = order.attempt.to_string();
+        let form = RefundForm {
+            charge: order.charge.as_str(),
+            amount: order.amount.get(),
+            reason: if order.duplicate {
+                "duplicate"
+            } else {
+                "requested_by_customer"
+            },
+            metadata: BTreeMap::from([
+                ("org_id", order.workspace.as_str()),
+                ("refund_request", order.request.as_str()),
+                ("refund_attempt", attempt.as_str()),
+            ]),
+        };
+        let refund: stripe_shared::Refund =
+            self.post("/refunds", &form, &order.idempotency_key).await?;
+        Ok(RefundMade {
+            id: returned(refund.id.as_str())?,
+            status: refund.status.unwrap_or_else(|| "pending".into()),
+        })
     }
 
     async fn create_customer(

@@ -25,6 +25,18 @@ impl Simulator {
         charge: &str,
         amount: Option<i64>,
     ) -> Result<Value, MoneyBackError> {
+        self.refund_with(charge, amount, json!({}), "requested_by_customer")
+            .await
+    }
+
+    /// A refund with its metadata and Stripe reason (as made through the API).
+    pub(super) async fn refund_with(
+        &self,
+        charge: &str,
+        amount: Option<i64>,
+        metadata: Value,
+        reason: &str,
+    ) -> Result<Value, MoneyBackError> {
         let now = self.now();
         let (charge_obj, refund) = {
             let mut charges = self.charges.lock().expect("sim lock");
@@ -53,7 +65,8 @@ impl Simulator {
             refund["currency"] = c["currency"].clone();
             refund["payment_intent"] = c["payment_intent"].clone();
             refund["status"] = json!("succeeded");
-            refund["reason"] = json!("requested_by_customer");
+            refund["reason"] = json!(reason);
+            refund["metadata"] = metadata;
             c["amount_refunded"] = json!(refunded + amount);
             c["refunded"] = json!(refunded + amount == paid);
             let mut data = c["refunds"]["data"].as_array().cloned().unwrap_or_default();

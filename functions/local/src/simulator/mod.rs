@@ -107,6 +107,9 @@ pub struct Simulator {
     /// Succeeded charges as last delivered (refunds and disputes change them).
     charges: Mutex<HashMap<String, Value>>,
     disputes: Mutex<HashMap<String, Value>>,
+    /// Refunds made through the API, by idempotency key (the same key answers the same
+    /// refund, or the same refusal); held while a refund is made.
+    refunds: tokio::sync::Mutex<HashMap<String, Result<Value, String>>>,
 }
 
 impl Simulator {
@@ -137,6 +140,7 @@ impl Simulator {
             event_ids: Mutex::new(ulid::Generator::new()),
             charges: Mutex::new(HashMap::new()),
             disputes: Mutex::new(HashMap::new()),
+            refunds: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -675,6 +679,48 @@ fn billed_invoice(inv: &Value) -> BilledInvoice {
 
 #[async_trait]
 impl Payments for Simulator {
+    async fn refund(
+        &self,
+        order: &tally::payments::RefundOrder,
+    ) -> Result<tally::payments::RefundMade, PaymentsError> {
+        let mut made = self.refunds.lock().await;
+        let answer = match made.get(&order.idempotency_key) {
+            Some(a) => a.clone(),
+            None => {
+                let metadata = json!({"org_id": order.workspace.to_string(),
+                    "refund_request": order.request, "refund_attempt": order.attempt.to_string()});
+                let reason = if order.duplicate {
+                    "duplicate"
+                } else {
+                    "requested_by_customer"
+                };
+                let a = self
+                    .refund_with(
+                        order.charge.as_str(),
+                        Some(order.amount.get() as i64),
+                        metadata,
+                        reason,
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        disputes::MoneyBackError::NotFound(m)
+                        | disputes::MoneyBackError::Invalid(m) => m,
+                    });
+                made.insert(order.idempotency_key.clone(), a.clone());
+                a
+            }
+        };
+        let refund = answer.map_err(PaymentsError::refused)?;
+        Ok(tally::payments::RefundMade {
+            id: refund["id"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|_| PaymentsError::unavailable("refund without an id"))?,
+            status: refund["status"].as_str().unwrap_or("pending").to_owned(),
+        })
+    }
+
     async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
         if self.declines(&req.customer) {
             return Err(PaymentsError::refused(DECLINED));

@@ -1,0 +1,156 @@
+//! The refunds worker: makes the refund of each approval through Stripe, once (the Stripe
+//! idempotency key is the request and its approval), records what Stripe answered on the
+//! request and tells the customer.
+
+use super::{RefundJob, RefundReason, RequestStatus, release, request_sk, stripe_refund_status};
+use crate::billing::records::workspace_pk;
+use crate::clock::Clock;
+use crate::payments::{Payments, RefundOrder};
+use crate::queue::{ConsumeError, Consumer, Delivery, Message, Queue};
+use crate::store::docs::{self, DocStore};
+use async_trait::async_trait;
+use serde_json::json;
+use std::sync::Arc;
+
+pub struct RefundWorker {
+    pub docs: Arc<dyn DocStore>,
+    pub payments: Arc<dyn Payments>,
+    pub notifications: Arc<dyn Queue>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl RefundWorker {
+    /// The confirmation to the customer; `id` lets the notification service drop a repeat.
+    async fn confirm(&self, r: &super::RefundRequest, refund: &crate::ids::RefundId) {
+        self.notify(json!({
+            "type": "refund.confirmed",
+            "id": format!("refund.confirmed:{}:{}", r.id, r.attempt),
+            "workspace": r.workspace,
+            "user": r.requested_by,
+            "request": r.id,
+            "refund": refund,
+            "amount_cents": r.amount,
+            "currency": r.currency,
+            "message": "Your refund is on its way to your original payment method; it usually arrives within 5-10 business days.",
+        }))
+        .await;
+    }
+
+    async fn notify(&self, body: serde_json::Value) {
+        // Best effort: a lost message does not undo the refund; it is logged.
+        if let Err(e) = self
+            .notifications
+            .send(Message {
+                body: body.to_string(),
+                group_id: None,
+                dedup_id: None,
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "refund notification not sent");
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for RefundWorker {
+    async fn consume(&self, delivery: &Delivery) -> Result<(), ConsumeError> {
+        let job: RefundJob = serde_json::from_str(&delivery.body)
+            .map_err(|e| ConsumeError::poison(format!("not a refund job: {e}")))?;
+        let Some(r) = docs::get::<super::RefundRequest>(
+            self.docs.as_ref(),
+            &workspace_pk(&job.workspace),
+            &request_sk(&job.request),
+        )
+        .await?
+        else {
+            return Err(ConsumeError::poison(format!(
+                "refund request {} not found",
+                job.request
+            )));
+        };
+        // Another approval, or one that failed or was decided otherwise: nothing to do.
+        if r.attempt != job.attempt
+            || !matches!(
+                r.status,
+                RequestStatus::Approved | RequestStatus::Pending | RequestStatus::Succeeded
+            )
+        {
+            return Ok(());
+        }
+        if let Some(refund) = &r.refund {
+            // Made already (Stripe's event was here first, or this is a redelivery): never
+            // ask Stripe again, whose idempotency keys expire; just confirm.
+            self.confirm(&r, refund).await;
+            return Ok(());
+        }
+        let order = RefundOrder {
+            workspace: r.workspace.clone(),
+            charge: r.charge.clone(),
+            amount: r.amount,
+            request: r.id.clone(),
+            attempt: r.attempt,
+            duplicate: r.reason == RefundReason::DuplicateCharge,
+            idempotency_key: format!("tally-refund-{}-{}", r.id, r.attempt),
+        };
+        let now = self.clock.now();
+        match self.payments.refund(&order).await {
+            Ok(made) => {
+                let updated = stripe_refund_status(
+                    self.docs.as_ref(),
+                    &r.workspace,
+                    &r.id,
+                    r.attempt,
+                    &made.id,
+                    &made.status,
+                    now,
+                )
+                .await?;
+                tracing::info!(request = %r.id, refund = %made.id, status = %made.status, "refund made");
+                let failed = updated.is_some_and(|u| u.status == RequestStatus::Failed)
+                    || matches!(made.status.as_str(), "failed" | "canceled");
+                if !failed {
+                    self.confirm(&r, &made.id).await;
+                }
+                Ok(())
+            }
+            Err(e) if e.is_retryable() => Err(ConsumeError::retry(e)),
+            Err(e) => {
+                let why = e.message().to_owned();
+                tracing::warn!(request = %r.id, error = %why, "refund refused by Stripe");
+                let failed = docs::update(
+                    self.docs.as_ref(),
+                    &workspace_pk(&r.workspace),
+                    &request_sk(&r.id),
+                    |cur: Option<super::RefundRequest>| {
+                        let mut cur = cur?;
+                        if cur.attempt != r.attempt || cur.status != RequestStatus::Approved {
+                            return None;
+                        }
+                        cur.step(
+                            now,
+                            RequestStatus::Failed,
+                            "stripe",
+                            Some(format!("refund refused: {why}")),
+                        );
+                        Some(cur)
+                    },
+                )
+                .await?;
+                if failed.is_some() {
+                    release(self.docs.as_ref(), &r.charge, &r.id, None).await?;
+                    self.notify(json!({
+                        "type": "refund.failed",
+                        "id": format!("refund.failed:{}:{}", r.id, r.attempt),
+                        "workspace": r.workspace,
+                        "user": r.requested_by,
+                        "request": r.id,
+                        "reason": why,
+                    }))
+                    .await;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! Refund requests end to end: asked over HTTP, decided from Tally's records or by staff,
+//! refunded through the simulated Stripe by the refunds worker, and the credits following
+//! Stripe's refund events. The worker's retries run against a fake of Stripe's API.
+
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tally::clock::Clock;
+use tally::ids::WorkspaceId;
+use tally::queue::{ConsumeError, Consumer, Delivery};
+use tally::refund_requests::worker::RefundWorker;
+use tally::refund_requests::{NewRequest, RefundReason, RefundRequests, RequestStatus};
+use tally_tests::{TestApp, fixture, member, owner, support};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Buys `quantity` × pack_500 for `ws`; returns the charge id that paid.
+async fn buy_packs(app: &TestApp, ws: &str, quantity: u32) -> String {
+    let s = app
+        .post(
+            "/v1/checkout/sessions",
+            &owner(ws),
+            json!({"kind": "pack", "pack": "pack_500", "quantity": quantity}),
+        )
+        .await;
+    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+    app.pay(s.body["url"].as_str().unwrap()).await;
+    let charges = app.sim_events("charge.succeeded");
+    charges.last().unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until approved refunds are made and Stripe's events about them applied.
+async fn settle(app: &TestApp) {
+    app.local.refunds_queue.until_idle().await;
+    app.settle_billing().await;
+    app.local.notifications_queue.until_idle().await;
+}
+
+async fn ask(app: &TestApp, ws: &str, body: Value, key: Option<&str>) -> tally_tests::Answer {
+    let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+    let a = app
+        .send(
+            axum::http::Method::POST,
+            "/v1/refund-requests",
+            Some(&owner(ws)),
+            Some(&body.to_string()),
+            &headers,
+        )
+        .await;
+    settle(app).await;
+    a
+}
+
+fn charge_of(app: &TestApp, charge: &str) -> Value {
+    app.local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .charge(charge)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_verified_duplicate_charge_is_refunded_at_once_and_takes_its_unspent_credits_back() {
+    let app = TestApp::new();
+    let ws = "org_rr1";
+    let first = buy_packs(&app, ws, 1).await;
+    let second = buy_packs(&app, ws, 1).await;
+    assert_eq!(app.available(ws).await, 1000);
+    let price = charge_of(&app, &second)["amount"].as_i64().unwrap();
+
+    // The first of the two is not the duplicate: it waits for staff.
+    let r1 = ask(
+        &app,
+        ws,
+        json!({"payment": first, "reason": "duplicate_charge", "details": "charged twice"}),
+        None,
+    )
+    .await;
+    assert_eq!(r1.status.as_u16(), 201, "{:#}", r1.body);
+    assert_eq!(r1.body["status"], "in_review");
+    app.post(
+        &format!(
+            "/v1/admin/refund-requests/{}/deny",
+            r1.body["id"].as_str().unwrap()
+        ),
+        &support(),
+        json!({"note": "the second one is the duplicate"}),
+    )
+    .await;
+
+    let body = json!({"payment": second, "reason": "duplicate_charge", "details": "charged twice"});
+    let r = ask(&app, ws, body.clone(), Some("dup-1")).await;
+    assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
+    assert_eq!(r.body["status"], "approved", "{:#}", r.body);
+    assert_eq!(r.body["amount"], price);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let steps: Vec<&str> = r.body["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps[1], "tally", "approved from the records: {steps:?}");
+
+    // The worker refunded it through Stripe; Stripe's events took the credits back.
+    let done = app
+        .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
+        .await;
+    assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
+    assert!(done.body["refund"].as_str().unwrap().starts_with("re_"));
+    assert_eq!(done.body["credits_taken_back"], 500);
+    assert_eq!(charge_of(&app, &second)["amount_refunded"], price);
+    assert_eq!(app.available(ws).await, 500);
+    let confirmations: Vec<Value> = app
+        .local
+        .notifications
+        .all()
+        .into_iter()
+        .filter(|n| n["type"] == "refund.confirmed" && n["request"] == id.as_str())
+        .collect();
+    assert_eq!(confirmations.len(), 1, "one confirmation");
+    assert!(
+        confirmations[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("5-10 business days")
+    );
+    let times: Vec<&str> = done.body["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["at"].as_str().unwrap())
+        .collect();
+    assert!(times.iter().all(|t| t.ends_with('Z')), "UTC: {times:?}");
+
+    // The same request again: the same answer, no second refund.
+    let again = ask(&app, ws, body, Some("dup-1")).await;
+    assert_eq!(again.body["id"], id.as_str());
+    assert_eq!(charge_of(&app, &second)["amount_refunded"], price);
+    // Nothing is left to refund of that payment.
+    ask(
+        &app,
+        ws,
+        json!({"payment": second, "reason": "other", "details": "again"}),
+        None,
+    )
+    .await
+    .assert_problem(409, "not_refundable");
+    // The billing history shows the refund with the credits it took back.
+    let h = app.get("/v1/billing/history?kind=refund", &owner(ws)).await;
+    assert_eq!(h.body["items"][0]["credits_taken_back"], 500);
+    assert_eq!(h.body["items"][0]["charge"], second.as_str());
+}
+
+#[tokio::test]
+async fn staff_decide_other_reasons_and_partial_refunds_never_add_up_to_more_than_was_paid() {
+    let app = TestApp::new();
+    let ws = "org_rr2";
+    let charge = buy_packs(&app, ws, 2).await;
+    let price = charge_of(&app, &charge)["amount"].as_u64().unwrap();
+    let pi = charge_of(&app, &charge)["payment_intent"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Named by its payment intent this time.
+    let r = ask(
+        &app,
+        ws,
+        json!({"payment": pi, "reason": "technical_issue", "details": "videos never rendered"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["status"], "in_review", "{:#}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    // One open request per payment.
+    ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "x"}),
+        None,
+    )
+    .await
+    .assert_problem(409, "already_requested");
+    // Members cannot ask; another workspace cannot name this payment; a customer cannot
+    // approve their own request.
+    app.post(
+        "/v1/refund-requests",
+        &member(ws, "u1"),
+        json!({"payment": charge, "reason": "other", "details": "x"}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    ask(
+        &app,
+        "org_rr_other",
+        json!({"payment": charge, "reason": "other", "details": "x"}),
+        None,
+    )
+    .await
+    .assert_problem(404, "not_found");
+    app.get(&format!("/v1/refund-requests/{id}"), &owner("org_rr_other"))
+        .await
+        .assert_problem(404, "not_found");
+    app.post(
+        &format!("/v1/admin/refund-requests/{id}/approve"),
+        &owner(ws),
+        json!({}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    // More than was paid is refused, and changes nothing.
+    let over = app
+        .post(
+            &format!("/v1/admin/refund-requests/{id}/approve"),
+            &support(),
+            json!({"amount_cents": price + 1}),
+        )
+        .await;
+    over.assert_problem(422, "validation_failed");
+    assert_eq!(charge_of(&app, &charge)["amount_refunded"], 0);
+    // A quarter now.
+    let ok = app
+        .post(
+            &format!("/v1/admin/refund-requests/{id}/approve"),
+            &support(),
+            json!({"amount_cents": price / 4, "note": "partial, as agreed"}),
+        )
+        .await;
+    assert_eq!(ok.status.as_u16(), 200, "{:#}", ok.body);
+    settle(&app).await;
+    let done = app
+        .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
+        .await;
+    assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
+    assert_eq!(done.body["credits_taken_back"], 250);
+    assert_eq!(app.available(ws).await, 750);
+    // Approving a finished request again is refused.
+    app.post(
+        &format!("/v1/admin/refund-requests/{id}/approve"),
+        &support(),
+        json!({}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    // A second request for the rest, denied first, then another approved for all that is left.
+    let r2 = ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "the rest"}),
+        None,
+    )
+    .await;
+    assert_eq!(r2.body["amount"], price - price / 4, "{:#}", r2.body);
+    let id2 = r2.body["id"].as_str().unwrap();
+    let denied = app
+        .post(
+            &format!("/v1/admin/refund-requests/{id2}/deny"),
+            &support(),
+            json!({"note": "outside policy"}),
+        )
+        .await;
+    assert_eq!(denied.body["status"], "denied");
+    let r3 = ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "please"}),
+        None,
+    )
+    .await;
+    let id3 = r3.body["id"].as_str().unwrap();
+    app.post(
+        &format!("/v1/admin/refund-requests/{id3}/approve"),
+        &support(),
+        json!({}),
+    )
+    .await;
+    settle(&app).await;
+    assert_eq!(charge_of(&app, &charge)["amount_refunded"], price);
+    assert_eq!(app.available(ws).await, 0);
+    // Everything is back: no further request.
+    ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "x"}),
+        None,
+    )
+    .await
+    .assert_problem(409, "not_refundable");
+    // The workspace's list, newest first; staff see the same.
+    let list = app.get("/v1/refund-requests", &owner(ws)).await;
+    let ids: Vec<&str> = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id3, id2, id.as_str()]);
+    let staff = app
+        .get(
+            &format!("/v1/admin/workspaces/{ws}/refund-requests"),
+            &support(),
+        )
+        .await;
+    assert_eq!(staff.body["items"], list.body["items"]);
+    let one = app.get("/v1/refund-requests?limit=1", &owner(ws)).await;
+    assert_eq!(one.body["next_cursor"], id3);
+    let rest = app
+        .get(
+            &format!("/v1/refund-requests?limit=5&cursor={id3}"),
+            &owner(ws),
+        )
+        .await;
+    assert_eq!(rest.body["items"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn add_ons_disputed_payments_and_bad_input_are_refused_with_clear_reasons() {
+    let app = TestApp::new();
+    let ws = "org_rr3";
+    app.subscribe(ws, "plus", "monthly").await;
+    let units = app.set_units(ws, 2).await;
+    assert!(units.status.is_success(), "{:#}", units.body);
+    app.settle_billing().await;
+    // The add-on change's invoice is add-ons only: nothing of it is refundable.
+    let h = app
+        .get("/v1/billing/history?kind=subscription", &owner(ws))
+        .await;
+    let addon = h.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["billing_reason"] == "subscription_update")
+        .unwrap_or_else(|| panic!("an add-on invoice: {:#}", h.body))
+        .clone();
+    let a = ask(
+        &app,
+        ws,
+        json!({"payment": addon["invoice"], "reason": "other", "details": "changed my mind"}),
+        None,
+    )
+    .await;
+    a.assert_problem(409, "not_refundable");
+    assert!(
+        a.body["detail"].as_str().unwrap().contains("add-on"),
+        "{:#}",
+        a.body
+    );
+    // A disputed payment: the dispute decides.
+    let charge = buy_packs(&app, ws, 1).await;
+    app.send(
+        axum::http::Method::POST,
+        &format!("/sim/charges/{charge}/dispute"),
+        None,
+        None,
+        &[("content-length", "0")],
+    )
+    .await;
+    app.settle_billing().await;
+    let d = ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "x"}),
+        None,
+    )
+    .await;
+    d.assert_problem(409, "not_refundable");
+    assert!(d.body["detail"].as_str().unwrap().contains("disputed"));
+    // Bad input is a 422 and files nothing.
+    for bad in [
+        json!({"payment": "cus_1", "reason": "other", "details": "x"}),
+        json!({"payment": charge, "reason": "because", "details": "x"}),
+        json!({"payment": charge, "reason": "other", "details": "bell\u{0007}"}),
+        json!({"payment": charge, "reason": "other", "details": "x".repeat(501)}),
+        json!({"payment": charge, "reason": "other", "details": "x", "amount": 5}),
+        json!({"payment": 12, "reason": "other", "details": "x"}),
+    ] {
+        let a = ask(&app, ws, bad.clone(), None).await;
+        assert_eq!(a.status.as_u16(), 422, "{bad} -> {:#}", a.body);
+    }
+    let list = app.get("/v1/refund-requests", &owner(ws)).await;
+    assert_eq!(list.body["items"], json!([]));
+    for (path, body) in [
+        ("/v1/admin/refund-requests/rr_nope/approve", json!({})),
+        ("/v1/admin/refund-requests/rr_nope/deny", json!({})),
+    ] {
+        app.post(path, &support(), body)
+            .await
+            .assert_problem(404, "not_found");
+    }
+    app.get("/v1/refund-requests/not-an-id", &owner(ws))
+        .await
+        .assert_problem(422, "validation_failed");
+}
+
+/// Stripe's refund of a request, as the fake answers it.
+fn stripe_refund(id: &str, charge: &str, amount: i64) -> Value {
+    let mut r = fixture("refund");
+    r["id"] = json!(id);
+    r["charge"] = json!(charge);
+    r["amount"] = json!(amount);
+    r["status"] = json!("succeeded");
+    r
+}
+
+#[tokio::test]
+async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_request_for_staff() {
+    let app = TestApp::new();
+    let ws = "org_rr4";
+    let charge = buy_packs(&app, ws, 1).await;
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    // Requests filed directly, their approvals parked in a queue nobody consumes, so the
+    // worker under test is the only one that sees them.
+    let parked = tally::queue::local::LocalQueue::new("parked.fifo", true, 5);
+    let requests = RefundRequests {
+        docs: app.docs.clone(),
+        queue: parked,
+        duplicate_window: chrono::Duration::minutes(30),
+    };
+    let now = app.clock.now();
+    let r = requests
+        .create(
+            &workspace,
+            NewRequest {
+                payment: charge.clone(),
+                reason: RefundReason::Other,
+                details: "x".into(),
+                requested_by: "u1".into(),
+                id: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let r = requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(r.status, RequestStatus::Approved);
+
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(
+            ResponseTemplate::new(500)
+                .set_body_json(json!({"error": {"type": "api_error", "message": "try again"}})),
+        )
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(stripe_refund("re_Made", &charge, 1)),
+        )
+        .mount(&server)
+        .await;
+    let worker = RefundWorker {
+        docs: app.docs.clone(),
+        payments: Arc::new(
+            tally::payments::stripe_api::StripePayments::new(
+                "sk_test_tally",
+                Some(&format!("{}/", server.uri())),
+            )
+            .unwrap(),
+        ),
+        notifications: app.local.notifications_queue.clone(),
+        clock: app.clock.clone(),
+    };
+    let job = json!({"workspace": ws, "request": r.id, "attempt": 1}).to_string();
+    let delivery = |n| Delivery {
+        message_id: format!("m{n}"),
+        body: job.clone(),
+        group_id: Some(r.id.clone()),
+        receive_count: n,
+    };
+    // Stripe's client retries a 500 itself; whatever reaches the worker is a retry.
+    let mut outcome = worker.consume(&delivery(1)).await;
+    let mut n = 1;
+    while matches!(outcome, Err(ConsumeError::Retry(_))) && n < 5 {
+        n += 1;
+        outcome = worker.consume(&delivery(n)).await;
+    }
+    outcome.expect("made on a retry");
+    // Every attempt carried the same idempotency key, so Stripe made one refund.
+    let sent = server.received_requests().await.unwrap();
+    let keys: std::collections::BTreeSet<String> = sent
+        .iter()
+        .map(|q| {
+            q.headers
+                .get("idempotency-key")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(sent.len() >= 2, "{} calls", sent.len());
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let form: std::collections::BTreeMap<String, String> =
+        url::form_urlencoded::parse(&sent[0].body)
+            .into_owned()
+            .collect();
+    assert_eq!(form["charge"], charge);
+    assert_eq!(form["reason"], "requested_by_customer");
+    assert_eq!(form["metadata[org_id]"], ws);
+    assert_eq!(form["metadata[refund_request]"], r.id);
+    assert_eq!(form["metadata[refund_attempt]"], "1");
+    let made = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(made.status, RequestStatus::Succeeded);
+    assert_eq!(made.refund.as_ref().map(|r| r.as_str()), Some("re_Made"));
+    // A redelivery of the same job asks Stripe nothing more.
+    let calls = sent.len();
+    worker.consume(&delivery(9)).await.unwrap();
+    assert_eq!(server.received_requests().await.unwrap().len(), calls);
+
+    // A refusal: the request fails, its claim is freed, and staff may approve it again.
+    let c2 = buy_packs(&app, ws, 1).await;
+    let r2 = requests
+        .create(
+            &workspace,
+            NewRequest {
+                payment: c2.clone(),
+                reason: RefundReason::Other,
+                details: "x".into(),
+                requested_by: "u1".into(),
+                id: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    requests
+        .approve(&r2.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    let refusing = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "type": "invalid_request_error", "code": "charge_disputed",
+            "message": "Charge has been disputed"}})))
+        .mount(&refusing)
+        .await;
+    let refused = RefundWorker {
+        payments: Arc::new(
+            tally::payments::stripe_api::StripePayments::new(
+                "sk_test_tally",
+                Some(&format!("{}/", refusing.uri())),
+            )
+            .unwrap(),
+        ),
+        ..worker
+    };
+    let job2 = json!({"workspace": ws, "request": r2.id, "attempt": 1}).to_string();
+    refused
+        .consume(&Delivery {
+            message_id: "x".into(),
+            body: job2,
+            group_id: None,
+            receive_count: 1,
+        })
+        .await
+        .unwrap();
+    let failed = requests.get(&workspace, &r2.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, RequestStatus::Failed);
+    assert!(
+        failed
+            .steps
+            .last()
+            .unwrap()
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("disputed"),
+        "{failed:?}"
+    );
+    let again = requests
+        .approve(&r2.id, "staff1", Some("card fixed".into()), None, now)
+        .await
+        .unwrap();
+    assert_eq!((again.status, again.attempt), (RequestStatus::Approved, 2));
+}
