@@ -34,9 +34,16 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
     assert_eq!(app.available("org_p").await, 1000);
     let sim = app.local.simulator.as_ref().unwrap();
     let kinds: Vec<String> = sim.events().iter().map(|e| e.kind.clone()).collect();
+    // Checkout's post-payment invoice documents the purchase; it grants nothing itself.
     assert_eq!(
         kinds,
-        vec!["charge.succeeded", "checkout.session.completed"]
+        vec![
+            "charge.succeeded",
+            "invoice.finalized",
+            "invoice.paid",
+            "invoice_payment.paid",
+            "checkout.session.completed"
+        ]
     );
     assert!(sim.events().iter().all(|e| e.delivered_status == 200));
     // Paying again and redelivering every event change nothing.
@@ -56,11 +63,28 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
     app.settle_billing().await;
     assert_eq!(app.available("org_p").await, 1000);
     let listed = app.send(Method::GET, "/sim/events", None, None, &[]).await;
-    assert_eq!(listed.body.as_array().unwrap().len(), 2);
+    assert_eq!(listed.body.as_array().unwrap().len(), 5);
     assert_eq!(
-        listed.body[1]["payload"]["data"]["object"]["metadata"]["pack"],
+        listed.body[4]["payload"]["data"]["object"]["metadata"]["pack"],
         "pack_500"
     );
+    // The purchase has a paid invoice with a PDF that resolves locally.
+    let inv = app.get("/v1/invoices", &o).await.body;
+    assert_eq!(inv["items"].as_array().unwrap().len(), 1, "{inv:#}");
+    assert_eq!(inv["items"][0]["status"], "paid");
+    assert_eq!(inv["items"][0]["amount_paid"], 2 * 4100);
+    let pdf = inv["items"][0]["invoice_pdf"].as_str().unwrap();
+    let pdf = app
+        .send(
+            Method::GET,
+            pdf.strip_prefix("http://tally.test").unwrap(),
+            None,
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(pdf.status.as_u16(), 200);
+    assert_eq!(pdf.content_type, "application/pdf");
     let lots = app.get("/v1/balance", &o).await.body["lots"].clone();
     assert_eq!(lots[0]["source"], "pack");
     assert!(lots[0]["expires_at"].is_null(), "packs never expire");

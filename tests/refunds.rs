@@ -535,7 +535,11 @@ async fn the_billing_history_shows_a_pack_its_partial_refund_and_the_credits_eac
     assert_eq!(items.len(), 2, "{items:#?}");
     let (refund, pack) = (&items[0], &items[1]);
     assert_eq!(pack["kind"], "pack");
-    assert_eq!(pack["status"], "succeeded");
+    assert_eq!(pack["status"], "paid");
+    // Its line is its invoice's, with the PDF.
+    assert!(pack["id"].as_str().unwrap().starts_with("in_"));
+    assert_eq!(pack["invoice"], pack["id"]);
+    assert!(pack["invoice_pdf"].as_str().unwrap().ends_with(".pdf"));
     assert_eq!(pack["amount"], paid);
     assert_eq!(pack["amount_refunded"], paid / 4);
     assert_eq!(pack["credits_granted"], 1000);
@@ -661,13 +665,27 @@ async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuse
     let before = history(&app, ws, &format!("&to={}", oldest.replace('+', "%2B")), 3).await;
     assert!(before.is_empty());
     // Invoices alone keep their own list, with a cursor too.
-    let invoices = app.get("/v1/invoices?limit=1", &owner(ws)).await;
-    assert_eq!(invoices.body["items"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        invoices.body["next_cursor"],
-        Value::Null,
-        "one invoice: one page"
-    );
+    let mut invoices = Vec::new();
+    let mut path = "/v1/invoices?limit=1".to_owned();
+    loop {
+        let page = app.get(&path, &owner(ws)).await;
+        assert_eq!(page.status.as_u16(), 200, "{:#}", page.body);
+        let items = page.body["items"].as_array().unwrap();
+        assert!(items.len() <= 1);
+        invoices.extend(items.iter().map(|i| i["id"].as_str().unwrap().to_owned()));
+        match page.body["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/invoices?limit=1&cursor={c}"),
+            None => break,
+        }
+    }
+    // The sign-up and the three pack purchases, each once, newest first.
+    let expected: Vec<String> = all
+        .iter()
+        .filter(|m| m["kind"] == "subscription" || m["kind"] == "pack")
+        .map(|m| m["invoice"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(invoices.len(), 4);
+    assert_eq!(invoices, expected);
 
     // Bad input is a 422 problem; members may not read billing; another workspace's owner
     // sees only their own (empty) history; staff read any workspace's.

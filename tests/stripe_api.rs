@@ -136,6 +136,12 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
             ("payment_intent_data[metadata][pack]", "pack_500"),
             ("payment_intent_data[metadata][quantity]", "2"),
             ("payment_intent_data[setup_future_usage]", "off_session"),
+            // Every purchase has an invoice with a PDF.
+            ("invoice_creation[enabled]", "true"),
+            ("invoice_creation[invoice_data][metadata][kind]", "pack"),
+            ("invoice_creation[invoice_data][metadata][org_id]", "org_a"),
+            ("invoice_creation[invoice_data][metadata][pack]", "pack_500"),
+            ("invoice_creation[invoice_data][metadata][quantity]", "2"),
         ])
     );
 }

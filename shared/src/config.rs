@@ -498,6 +498,7 @@ mod tests {
             STRIPE_WEBHOOK_SECRET => "whsec_old, whsec_new",
             APP_URL => "https://studio.example",
             REFRESH_JOBS_QUEUE_URL => "https://sqs.eu-west-1.amazonaws.com/1/tally-refresh-jobs",
+            REFUNDS_QUEUE_URL => "https://sqs.eu-west-1.amazonaws.com/1/tally-refunds.fifo",
             other => panic!("no sample value for {other}"),
         }
     }
@@ -509,6 +510,8 @@ mod tests {
             "stripe-webhook" => WebhookConfig::from_lookup(lookup).map(drop),
             "billing-events" => WorkerConfig::from_lookup(lookup).map(drop),
             "credit-refresh" => RefreshConfig::from_lookup(lookup).map(drop),
+            "refunds" => RefundsConfig::from_lookup(lookup).map(drop),
+            "refunds-worker" => RefundsWorkerConfig::from_lookup(lookup).map(drop),
             other => panic!("unknown function {other}"),
         }
     }
@@ -522,8 +525,10 @@ mod tests {
                 let rest: Vec<(&str, &str)> =
                     all.iter().copied().filter(|(k, _)| k != missing).collect();
                 let result = parse(binary, env(&rest));
-                // Only auto top-up needs the Stripe key outside purchases; it stays off.
-                if *missing == STRIPE_SECRET_KEY && binary != "purchases" {
+                // Only auto top-up needs the Stripe key outside purchases and the refunds
+                // worker; it stays off.
+                if *missing == STRIPE_SECRET_KEY && !["purchases", "refunds-worker"].contains(&binary)
+                {
                     assert_eq!(result, Ok(()), "{binary} without {missing}");
                 } else {
                     assert_eq!(result, Err(ConfigError::Missing(missing)), "{binary}");

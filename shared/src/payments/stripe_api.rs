@@ -141,6 +141,20 @@ struct CheckoutForm<'a> {
     subscription_data: Option<WithMetadata<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     payment_intent_data: Option<WithMetadata<'a>>,
+    /// One-off payments get an invoice (with its PDF) once paid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invoice_creation: Option<InvoiceCreation<'a>>,
+}
+
+#[derive(Serialize)]
+struct InvoiceCreation<'a> {
+    enabled: bool,
+    invoice_data: InvoiceData<'a>,
+}
+
+#[derive(Serialize)]
+struct InvoiceData<'a> {
+    metadata: BTreeMap<&'a str, String>,
 }
 
 /// The metadata every checkout carries so Stripe's events name the workspace and the
@@ -987,6 +1001,13 @@ impl Payments for StripePayments {
                 metadata: metadata.clone(),
                 // Saves the card so an opted-in auto top-up can charge it later.
                 setup_future_usage: Some("off_session"),
+            }),
+            // The invoice documents the payment; its credits come from the session.
+            invoice_creation: (!subscription).then(|| InvoiceCreation {
+                enabled: true,
+                invoice_data: InvoiceData {
+                    metadata: metadata.clone(),
+                },
             }),
         };
         let session: stripe_shared::CheckoutSession = self

@@ -343,6 +343,7 @@ impl Simulator {
         let card = card_of(&customer);
         match &request.purchase {
             Purchase::Pack {
+                name,
                 quantity,
                 unit_amount,
                 ..
@@ -352,12 +353,48 @@ impl Simulator {
                 session["amount_total"] = json!(amount);
                 session["amount_subtotal"] = json!(amount);
                 session["subscription"] = Value::Null;
-                session["invoice"] = Value::Null;
-                let mut charge =
+                let charge =
                     charge_object(&customer, amount, now, json!({"org_id": ws}), &card, false);
                 // The session's payment intent is the one its charge paid.
                 session["payment_intent"] = charge["payment_intent"].clone();
-                self.deliver("charge.succeeded", charge.take()).await;
+                // Checkout's post-payment invoice (`invoice_creation`), paid by the charge.
+                let item = SimItem {
+                    id: new_id("ii"),
+                    price: new_id("price"),
+                    product: new_id("prod"),
+                    name: name.clone(),
+                    unit_amount: unit_amount.get(),
+                    interval: tally::ledger::Interval::Monthly,
+                    quantity: *quantity,
+                    created: now,
+                };
+                let line = Line {
+                    description: format!("{quantity} × {name}"),
+                    amount,
+                    quantity: *quantity,
+                    period: (now, now),
+                    item,
+                    proration: false,
+                };
+                let id: InvoiceId = new_stripe_id("in");
+                let mut inv =
+                    invoice_object(&self.base_url, &id, &customer, now, "manual", &[line], None);
+                inv["lines"]["data"][0]["parent"] = json!({"type": "invoice_item_details",
+                    "subscription_item_details": null,
+                    "invoice_item_details": {"invoice_item": new_id("ii"), "proration": false,
+                        "proration_details": {"credited_items": null}, "subscription": null}});
+                inv["lines"]["data"][0]["subscription"] = Value::Null;
+                inv["metadata"] = json!(meta);
+                finalize(&mut inv, now);
+                let finalized = inv.clone();
+                mark_paid(&mut inv, now);
+                let paid_by = invoice_payment(&inv, &charge, now);
+                self.store_invoice(&inv, None);
+                session["invoice"] = json!(id);
+                self.deliver("charge.succeeded", charge).await;
+                self.deliver("invoice.finalized", finalized).await;
+                self.deliver("invoice.paid", inv).await;
+                self.deliver("invoice_payment.paid", paid_by).await;
                 self.deliver("checkout.session.completed", session).await;
             }
             Purchase::Plan {
