@@ -413,6 +413,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     let parked = tally::queue::local::LocalQueue::new("parked.fifo", true, 5);
     let requests = RefundRequests {
         docs: app.docs.clone(),
+        ledger: app.ledger.store.clone(),
         queue: parked,
         duplicate_window: chrono::Duration::minutes(30),
     };
@@ -579,4 +580,212 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
         .await
         .unwrap();
     assert_eq!((again.status, again.attempt), (RequestStatus::Approved, 2));
+    // A late event about the first approval's refund changes nothing of the second.
+    let stale = tally::refund_requests::stripe_refund_status(
+        app.docs.as_ref(),
+        &workspace,
+        &r2.id,
+        1,
+        &"re_Old".parse().unwrap(),
+        "failed",
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale, None);
+    assert_eq!(
+        requests
+            .get(&workspace, &r2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        RequestStatus::Approved
+    );
+
+    // Stripe keeps idempotency keys a day: an approval sent more than 23 hours ago whose
+    // outcome never arrived is not sent again (it could make a second refund).
+    let silent = MockServer::start().await;
+    let waiting = RefundWorker {
+        payments: Arc::new(
+            tally::payments::stripe_api::StripePayments::new(
+                "sk_test_tally",
+                Some(&format!("{}/", silent.uri())),
+            )
+            .unwrap(),
+        ),
+        ..refused
+    };
+    let job3 = json!({"workspace": ws, "request": r2.id, "attempt": 2}).to_string();
+    let stuck = |n| Delivery {
+        message_id: format!("s{n}"),
+        body: job3.clone(),
+        group_id: None,
+        receive_count: n,
+    };
+    // The first try marks when it was sent, then Stripe is unreachable.
+    assert!(matches!(
+        waiting.consume(&stuck(1)).await,
+        Err(ConsumeError::Retry(_))
+    ));
+    let asked = silent.received_requests().await.unwrap().len();
+    assert!(asked >= 1);
+    app.clock.advance(chrono::Duration::hours(24));
+    waiting.consume(&stuck(2)).await.unwrap();
+    assert_eq!(silent.received_requests().await.unwrap().len(), asked);
+    let r2 = requests.get(&workspace, &r2.id).await.unwrap().unwrap();
+    assert_eq!(r2.status, RequestStatus::Approved, "waits for a person");
+    assert!(r2.sent_at.is_some());
+}
+
+#[tokio::test]
+async fn concurrent_requests_and_staff_decisions_never_claim_more_than_one_refund() {
+    let app = TestApp::new();
+    let ws = "org_rr5";
+    let charge = buy_packs(&app, ws, 2).await;
+    let price = charge_of(&app, &charge)["amount"].as_i64().unwrap();
+    // Two requests for the same payment at once: one is filed, the other told it is open.
+    let body = json!({"payment": charge, "reason": "technical_issue", "details": "broken"});
+    let o = owner(ws);
+    let (a, b) = tokio::join!(
+        app.post("/v1/refund-requests", &o, body.clone()),
+        app.post("/v1/refund-requests", &o, body.clone()),
+    );
+    let mut codes = vec![a.status.as_u16(), b.status.as_u16()];
+    codes.sort();
+    assert_eq!(codes, vec![201, 409], "{:#} {:#}", a.body, b.body);
+    let filed = if a.status.as_u16() == 201 { &a } else { &b };
+    let id = filed.body["id"].as_str().unwrap().to_owned();
+    // Two staff approve different amounts at once: one decision stands, and the refund
+    // made is exactly the amount on the request.
+    let path = format!("/v1/admin/refund-requests/{id}/approve");
+    let staff = support();
+    let (x, y) = tokio::join!(
+        app.post(&path, &staff, json!({"amount_cents": price / 4})),
+        app.post(&path, &staff, json!({"amount_cents": price / 2})),
+    );
+    assert!(
+        x.status.is_success() && y.status.is_success(),
+        "{:#} {:#}",
+        x.body,
+        y.body
+    );
+    settle(&app).await;
+    let done = app
+        .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
+        .await;
+    assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
+    assert_eq!(done.body["attempt"], 1);
+    let refunded = charge_of(&app, &charge)["amount_refunded"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(refunded, done.body["amount"].as_i64().unwrap());
+    assert!(refunded == price / 4 || refunded == price / 2);
+    // Deny racing approve on a new request: exactly one wins, and money moves only if it
+    // was the approval.
+    let r = ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "the rest"}),
+        None,
+    )
+    .await;
+    let id2 = r.body["id"].as_str().unwrap().to_owned();
+    let (approve, deny) = (
+        format!("/v1/admin/refund-requests/{id2}/approve"),
+        format!("/v1/admin/refund-requests/{id2}/deny"),
+    );
+    let (ap, de) = tokio::join!(
+        app.post(&approve, &staff, json!({})),
+        app.post(&deny, &staff, json!({})),
+    );
+    settle(&app).await;
+    let final_ = app
+        .get(&format!("/v1/refund-requests/{id2}"), &owner(ws))
+        .await;
+    let after = charge_of(&app, &charge)["amount_refunded"]
+        .as_i64()
+        .unwrap();
+    match final_.body["status"].as_str().unwrap() {
+        "succeeded" => {
+            assert!(ap.status.is_success());
+            de.assert_problem(409, "conflict");
+            assert_eq!(after, price);
+        }
+        "denied" => {
+            assert!(de.status.is_success());
+            assert_eq!(after, refunded, "no money moved");
+            // The payment is free for another request.
+            let again = ask(
+                &app,
+                ws,
+                json!({"payment": charge, "reason": "other", "details": "again"}),
+                None,
+            )
+            .await;
+            assert_eq!(again.status.as_u16(), 201, "{:#}", again.body);
+        }
+        other => panic!("{other}: {:#}", final_.body),
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_whose_credits_were_used_or_whose_twin_is_disputed_waits_for_staff() {
+    let app = TestApp::new();
+    let ws = "org_rr6";
+    let _first = buy_packs(&app, ws, 1).await;
+    let second = buy_packs(&app, ws, 1).await;
+    // Spend into the second pack's credits (everything of the first, and some more).
+    let g = app
+        .post(
+            "/v1/generations",
+            &member(ws, "u1"),
+            json!({"workflow": "image", "model": "flux-schnell", "count": 1}),
+        )
+        .await;
+    let gid = g.body["id"].as_str().unwrap().to_owned();
+    app.post(
+        &format!("/v1/generations/{gid}/complete"),
+        &tally_tests::service(),
+        json!({"credits": 600}),
+    )
+    .await;
+    let r = ask(
+        &app,
+        ws,
+        json!({"payment": second, "reason": "duplicate_charge", "details": "twice"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["status"], "in_review", "{:#}", r.body);
+    assert!(
+        r.body["steps"][0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("were used"),
+        "{:#}",
+        r.body
+    );
+
+    let ws = "org_rr7";
+    let first = buy_packs(&app, ws, 1).await;
+    let second = buy_packs(&app, ws, 1).await;
+    app.send(
+        axum::http::Method::POST,
+        &format!("/sim/charges/{first}/dispute"),
+        None,
+        None,
+        &[("content-length", "0")],
+    )
+    .await;
+    app.settle_billing().await;
+    let r = ask(
+        &app,
+        ws,
+        json!({"payment": second, "reason": "duplicate_charge", "details": "twice"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["status"], "in_review", "{:#}", r.body);
+    assert_eq!(charge_of(&app, &second)["amount_refunded"], 0);
 }

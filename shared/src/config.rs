@@ -527,7 +527,8 @@ mod tests {
                 let result = parse(binary, env(&rest));
                 // Only auto top-up needs the Stripe key outside purchases and the refunds
                 // worker; it stays off.
-                if *missing == STRIPE_SECRET_KEY && !["purchases", "refunds-worker"].contains(&binary)
+                if *missing == STRIPE_SECRET_KEY
+                    && !["purchases", "refunds-worker"].contains(&binary)
                 {
                     assert_eq!(result, Ok(()), "{binary} without {missing}");
                 } else {

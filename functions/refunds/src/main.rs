@@ -20,7 +20,8 @@ async fn main() -> Result<(), lambda_http::Error> {
     );
     let state = RefundsState {
         requests: RefundRequests {
-            docs: store,
+            docs: store.clone(),
+            ledger: store,
             queue: Arc::new(queue),
             duplicate_window: chrono::Duration::minutes(i64::from(cfg.duplicate_charge_minutes)),
         },

@@ -168,6 +168,33 @@ impl BillingEvents {
         Ok(())
     }
 
+    /// A refund a refund request asked for (its metadata names the request and approval):
+    /// its status on the request.
+    async fn request_refund_status(&self, r: &objects::Refund) -> Result<(), ConsumeError> {
+        if let (Some(request), Some(workspace), Some(status)) = (
+            r.metadata.get("refund_request"),
+            Self::metadata_workspace(&r.metadata)?,
+            r.status.as_deref(),
+        ) {
+            let attempt = r
+                .metadata
+                .get("refund_attempt")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1);
+            crate::refund_requests::stripe_refund_status(
+                self.docs.as_ref(),
+                &workspace,
+                request,
+                attempt,
+                &r.id,
+                status,
+                self.ledger.clock.now(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// `refund.created`, `refund.updated`, `refund.failed`: the refund's status on its
     /// payment, then the payment followed (its history, its credits).
     pub(super) async fn refund(&self, r: objects::Refund) -> Result<(), ConsumeError> {
@@ -191,28 +218,7 @@ impl BillingEvents {
             PaymentRecord::merge(cur, record.clone())
         })
         .await?;
-        // A refund a refund request asked for: its status on the request.
-        if let (Some(request), Some(workspace), Some(status)) = (
-            r.metadata.get("refund_request"),
-            Self::metadata_workspace(&r.metadata)?,
-            r.status.as_deref(),
-        ) {
-            let attempt = r
-                .metadata
-                .get("refund_attempt")
-                .and_then(|a| a.parse().ok())
-                .unwrap_or(1);
-            crate::refund_requests::stripe_refund_status(
-                self.docs.as_ref(),
-                &workspace,
-                request,
-                attempt,
-                &r.id,
-                status,
-                self.ledger.clock.now(),
-            )
-            .await?;
-        }
+        self.request_refund_status(&r).await?;
         let pi = merged
             .and_then(|p| p.payment_intent)
             .or_else(|| r.payment_intent.id().cloned());
@@ -487,6 +493,11 @@ impl BillingEvents {
                 },
             )
             .await?;
+        }
+        // Refunds refund requests asked for: their status on the request (as with
+        // `refund.*` events, whichever arrives first).
+        for r in c.refunds.as_ref().map_or(&[][..], |l| &l.data[..]) {
+            self.request_refund_status(r).await?;
         }
         if event.kind == "charge.refunded" {
             tracing::info!(charge = %c.id, refunded = c.amount_refunded, "refund recorded");

@@ -24,7 +24,7 @@ use crate::billing::records::{PAYMENT_SK, PaymentRecord, charge_pk, workspace_pk
 use crate::billing::refunds::{LINK_SK, PaymentLink, payment_pk};
 use crate::http::Problem;
 use crate::ids::{ChargeId, InvoiceId, PaymentIntentId, RefundId, WorkspaceId};
-use crate::money::Cents;
+use crate::money::{Cents, Credits};
 use crate::queue::{Message, Queue};
 use crate::store::docs::{self, DocStore};
 use axum::http::StatusCode;
@@ -110,6 +110,9 @@ pub struct RefundRequest {
     pub refund: Option<RefundId>,
     /// Stripe's status of that refund.
     pub refund_status: Option<String>,
+    /// When the worker first asked Stripe for this approval's refund.
+    #[serde(default)]
+    pub sent_at: Option<DateTime<Utc>>,
     pub created: DateTime<Utc>,
     pub updated: DateTime<Utc>,
     pub steps: Vec<Step>,
@@ -136,7 +139,11 @@ struct RequestLink {
     workspace: WorkspaceId,
 }
 
-/// The requests made for one payment and the cents each claims.
+/// The requests made for one payment, each with its state: the money side of every
+/// request's life. Every transition of every request of a payment is one versioned write
+/// of this document, so they are serialized: two staff decisions, a decision and a Stripe
+/// event, or two requests can never both pass on a stale view. The request documents are
+/// projections of it (with the steps for people) and follow it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub requests: Vec<Claim>,
@@ -145,21 +152,62 @@ pub struct Claims {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
     pub request: String,
-    /// Cents claimed: the approved amount while the refund is open or made; 0 otherwise.
+    /// Approvals so far.
+    #[serde(default)]
+    pub attempt: u32,
+    pub status: RequestStatus,
+    /// Cents claimed: the approved amount while its refund is open or made; 0 otherwise.
     pub cents: Cents,
-    pub open: bool,
     /// The Stripe refund made for it.
     pub refund: Option<RefundId>,
 }
 
+impl RequestStatus {
+    /// Order within one approval: a status only moves up.
+    fn rank(self) -> u8 {
+        match self {
+            Self::InReview => 0,
+            Self::Approved => 1,
+            Self::Pending => 2,
+            Self::Succeeded => 3,
+            Self::Failed => 4,
+            Self::Denied => 5,
+        }
+    }
+}
+
+impl Claim {
+    fn order(&self) -> (u32, u8) {
+        (self.attempt, self.status.rank())
+    }
+    /// Cents this claim holds: approved, being made or made.
+    fn holds(&self) -> Cents {
+        match self.status {
+            RequestStatus::Approved | RequestStatus::Pending | RequestStatus::Succeeded => {
+                self.cents
+            }
+            _ => Cents::ZERO,
+        }
+    }
+}
+
 impl Claims {
-    fn claimed(&self) -> Cents {
-        Cents::new(self.requests.iter().map(|c| c.cents.get()).sum())
+    fn claimed_except(&self, request: &str) -> Cents {
+        Cents::new(
+            self.requests
+                .iter()
+                .filter(|c| c.request != request)
+                .map(|c| c.holds().get())
+                .sum(),
+        )
     }
     fn ours(&self, refund: &RefundId) -> bool {
         self.requests
             .iter()
             .any(|c| c.refund.as_ref() == Some(refund))
+    }
+    fn get(&self, request: &str) -> Option<&Claim> {
+        self.requests.iter().find(|c| c.request == request)
     }
 }
 
@@ -187,6 +235,8 @@ pub struct NewRequest {
 #[derive(Clone)]
 pub struct RefundRequests {
     pub docs: Arc<dyn DocStore>,
+    /// The ledger's store: whether a payment's credits are still unused.
+    pub ledger: Arc<dyn crate::store::LedgerStore>,
     pub queue: Arc<dyn Queue>,
     pub duplicate_window: Duration,
 }
@@ -354,43 +404,48 @@ impl RefundRequests {
             cancellation.as_ref(),
             self.duplicate_window,
         );
+        let verdict = match verdict {
+            Verdict::Approve(why) => {
+                self.confirm_approval(workspace, &entry, &around, req.reason, why)
+                    .await?
+            }
+            review => review,
+        };
         // Claim under the payment's version guard: concurrent requests cannot both pass.
         let claims_pk = charge_pk(&charge);
-        let mut refused: Option<Problem> = None;
-        let mut amount = Cents::ZERO;
+        let approve = matches!(verdict, Verdict::Approve(_));
+        let mut claimed = None;
         for _ in 0..8 {
             let doc = self.docs.get_doc(&claims_pk, CLAIMS_SK).await?;
             let (claims, version): (Claims, u64) = match &doc {
                 Some(d) => (crate::store::decode(&d.body)?, d.version),
                 None => (Claims::default(), 0),
             };
-            if claims.requests.iter().any(|c| c.request == id) {
-                break; // claimed by an earlier attempt of this request
-            }
-            if let Some(open) = claims.requests.iter().find(|c| c.open) {
-                refused = Some(
-                    Problem::new(
-                        StatusCode::CONFLICT,
-                        "already_requested",
-                        format!(
-                            "refund request {} for this payment is still open",
-                            open.request
-                        ),
-                    )
-                    .with_facts(serde_json::json!({"request": open.request})),
-                );
+            if let Some(c) = claims.get(&id) {
+                // Claimed by an earlier attempt of this very request.
+                claimed = Some(c.clone());
                 break;
+            }
+            if let Some(open) = claims.requests.iter().find(|c| c.status.is_open()) {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "already_requested",
+                    format!(
+                        "refund request {} for this payment is still open",
+                        open.request
+                    ),
+                )
+                .with_facts(serde_json::json!({"request": open.request})));
             }
             if claims.requests.len() >= MAX_REQUESTS_PER_PAYMENT {
-                refused = Some(not_refundable(
+                return Err(not_refundable(
                     "this payment has had as many refund requests as one payment may; contact support",
                 ));
-                break;
             }
             let elsewhere = self.refunded_elsewhere(&charge, &claims).await?;
-            amount = rules::refundable(&entry, elsewhere, claims.claimed());
+            let amount = rules::refundable(&entry, elsewhere, claims.claimed_except(&id));
             if amount == Cents::ZERO {
-                refused = Some(
+                return Err(
                     if entry.non_refundable > Cents::ZERO
                         && entry.non_refundable >= entry.amount.saturating_sub(elsewhere)
                     {
@@ -403,31 +458,32 @@ impl RefundRequests {
                         )
                     },
                 );
-                break;
             }
-            let mut next = claims.clone();
-            next.requests.push(Claim {
+            let claim = Claim {
                 request: id.clone(),
-                cents: if matches!(verdict, Verdict::Approve(_)) {
-                    amount
+                attempt: u32::from(approve),
+                status: if approve {
+                    RequestStatus::Approved
                 } else {
-                    Cents::ZERO
+                    RequestStatus::InReview
                 },
-                open: true,
+                cents: amount,
                 refund: None,
-            });
+            };
+            let mut next = claims.clone();
+            next.requests.push(claim.clone());
             let body = serde_json::to_string(&next).map_err(|_| Problem::internal())?;
             if self
                 .docs
                 .put_doc(&claims_pk, CLAIMS_SK, &body, version)
                 .await?
             {
+                claimed = Some(claim);
                 break;
             }
         }
-        if let Some(p) = refused {
-            return Err(p);
-        }
+        let claim = claimed.ok_or_else(busy)?;
+        let amount = claim.cents;
         let by = format!("customer:{}", req.requested_by);
         let mut request = RefundRequest {
             id: id.clone(),
@@ -447,17 +503,18 @@ impl RefundRequests {
             attempt: 0,
             refund: None,
             refund_status: None,
+            sent_at: None,
             created: now,
             updated: now,
             steps: Vec::new(),
         };
         request.step(now, RequestStatus::InReview, &by, None);
         match &verdict {
-            Verdict::Approve(why) => {
-                request.attempt = 1;
+            Verdict::Approve(why) if claim.status == RequestStatus::Approved => {
+                request.attempt = claim.attempt;
                 request.step(now, RequestStatus::Approved, "tally", Some(why.clone()));
             }
-            Verdict::Review(why) => {
+            Verdict::Approve(why) | Verdict::Review(why) => {
                 if let Some(s) = request.steps.last_mut() {
                     s.note = Some(why.clone());
                 }
@@ -487,6 +544,82 @@ impl RefundRequests {
             self.send(&stored).await?;
         }
         Ok(stored)
+    }
+
+    /// What the records say beyond the rule itself before money goes back without a person:
+    /// top-ups are bought on purpose, again and again, so never automatic; the credits the
+    /// payment bought must all be unused (a refund takes back only unused credits); and the
+    /// first of a duplicate pair must be neither disputed nor being refunded.
+    async fn confirm_approval(
+        &self,
+        workspace: &WorkspaceId,
+        entry: &HistoryEntry,
+        around: &[HistoryEntry],
+        reason: RefundReason,
+        why: String,
+    ) -> Result<Verdict, Problem> {
+        if entry.kind == Some(MovementKind::TopUp) {
+            return Ok(Verdict::Review(
+                "auto top-ups are bought on purpose; support staff decide".into(),
+            ));
+        }
+        if reason == RefundReason::DuplicateCharge
+            && let Some(first) = rules::duplicate_of(entry, around, self.duplicate_window)
+            && let Some(first_charge) = &first.charge
+        {
+            let disputed = self.open_dispute(first_charge).await?;
+            let claims: Claims = docs::get(self.docs.as_ref(), &charge_pk(first_charge), CLAIMS_SK)
+                .await?
+                .unwrap_or_default();
+            if disputed
+                || claims
+                    .requests
+                    .iter()
+                    .any(|c| c.status.is_open() || c.holds() > Cents::ZERO)
+            {
+                return Ok(Verdict::Review(format!(
+                    "the first payment {} is disputed or being refunded; support staff decide",
+                    first.id
+                )));
+            }
+        }
+        // Every lot the payment bought, whole.
+        let mut lots = Vec::new();
+        if let Some(pi) = &entry.payment_intent
+            && let Some(l) =
+                docs::get::<PaymentLink>(self.docs.as_ref(), &payment_pk(pi), LINK_SK).await?
+            && let Some(lot) = l.lot
+        {
+            lots.push(lot);
+        }
+        if let Some(invoice) = &entry.invoice
+            && let Some(l) = docs::get::<crate::billing::refunds::InvoiceLots>(
+                self.docs.as_ref(),
+                &crate::billing::refunds::invoice_lots_pk(invoice),
+                LINK_SK,
+            )
+            .await?
+        {
+            lots.extend(l.lots.iter().map(|(_, seq, _)| *seq));
+        }
+        let state = self.ledger.load(workspace).await?;
+        let unused = !lots.is_empty()
+            && lots.iter().all(|seq| {
+                state
+                    .as_ref()
+                    .and_then(|s| s.lots.iter().find(|l| l.seq == *seq))
+                    .is_some_and(|l| {
+                        l.remaining == l.original
+                            && l.held == Credits::ZERO
+                            && l.frozen == Credits::ZERO
+                    })
+            });
+        if !unused {
+            return Ok(Verdict::Review(format!(
+                "{why}; some of the credits it bought were used, so support staff decide"
+            )));
+        }
+        Ok(Verdict::Approve(why))
     }
 
     async fn send(&self, r: &RefundRequest) -> Result<(), Problem> {
@@ -561,7 +694,8 @@ impl RefundRequests {
     }
 
     /// Staff approve a request in review (or approve again one whose refund failed), for
-    /// `amount` cents or everything refundable.
+    /// `amount` cents or everything refundable. Approving an approved request sends it to
+    /// the worker again and changes nothing else.
     pub async fn approve(
         &self,
         id: &str,
@@ -574,23 +708,6 @@ impl RefundRequests {
             .find(id)
             .await?
             .ok_or_else(|| Problem::not_found(format!("no refund request {id}")))?;
-        match r.status {
-            RequestStatus::InReview | RequestStatus::Failed => {}
-            RequestStatus::Approved => {
-                // Approved already (perhaps its message was lost): send it again.
-                self.send(&r).await?;
-                return Ok(r);
-            }
-            s => {
-                return Err(Problem::conflict(format!(
-                    "refund request {id} is {} and cannot be approved",
-                    serde_json::to_value(s)
-                        .unwrap_or_default()
-                        .as_str()
-                        .unwrap_or("closed")
-                )));
-            }
-        }
         if r.steps.len() + 2 > MAX_STEPS {
             return Err(Problem::conflict(format!(
                 "refund request {id} has been retried as often as one request may; file a new one"
@@ -599,77 +716,90 @@ impl RefundRequests {
         let entry = crate::billing::history::get(self.docs.as_ref(), &r.workspace, &r.movement)
             .await?
             .ok_or_else(Problem::internal)?;
-        // Claim the approved amount under the payment's version guard.
+        let mut refusal: Option<Problem> = None;
+        // The transition, under the payment's version guard.
         let claims_pk = charge_pk(&r.charge);
-        let mut granted = None;
+        let mut outcome = None;
         for _ in 0..8 {
             let doc = self.docs.get_doc(&claims_pk, CLAIMS_SK).await?;
             let (claims, version): (Claims, u64) = match &doc {
                 Some(d) => (crate::store::decode(&d.body)?, d.version),
                 None => (Claims::default(), 0),
             };
-            let mut others = claims.clone();
-            others.requests.retain(|c| c.request != id);
-            let elsewhere = self.refunded_elsewhere(&r.charge, &claims).await?;
-            let left = rules::refundable(&entry, elsewhere, others.claimed());
-            let want = amount.unwrap_or(left);
-            if want == Cents::ZERO || want > left {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "validation_failed",
-                    format!(
-                        "amount: at most {} cents of this payment can be refunded",
-                        left.get()
-                    ),
-                )
-                .with_facts(serde_json::json!({"refundable": left.get()})));
-            }
-            let mut next = others;
-            next.requests.push(Claim {
+            let current = claims.get(id).cloned().unwrap_or(Claim {
                 request: id.to_owned(),
-                cents: want,
-                open: true,
+                attempt: r.attempt,
+                status: RequestStatus::InReview,
+                cents: Cents::ZERO,
                 refund: None,
             });
+            match current.status {
+                RequestStatus::InReview | RequestStatus::Failed => {}
+                RequestStatus::Approved => {
+                    outcome = Some((current, false));
+                    break;
+                }
+                s => {
+                    refusal = Some(Problem::conflict(format!(
+                        "refund request {id} is {} and cannot be approved",
+                        serde_json::to_value(s)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("closed")
+                    )));
+                    break;
+                }
+            }
+            let elsewhere = self.refunded_elsewhere(&r.charge, &claims).await?;
+            let left = rules::refundable(&entry, elsewhere, claims.claimed_except(id));
+            let want = amount.unwrap_or(left);
+            if want == Cents::ZERO || want > left {
+                refusal = Some(
+                    Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "validation_failed",
+                        format!(
+                            "amount: at most {} cents of this payment can be refunded",
+                            left.get()
+                        ),
+                    )
+                    .with_facts(serde_json::json!({"refundable": left.get()})),
+                );
+                break;
+            }
+            let next_claim = Claim {
+                request: id.to_owned(),
+                attempt: current.attempt + 1,
+                status: RequestStatus::Approved,
+                cents: want,
+                refund: None,
+            };
+            let mut next = claims.clone();
+            next.requests.retain(|c| c.request != id);
+            next.requests.push(next_claim.clone());
             let body = serde_json::to_string(&next).map_err(|_| Problem::internal())?;
             if self
                 .docs
                 .put_doc(&claims_pk, CLAIMS_SK, &body, version)
                 .await?
             {
-                granted = Some(want);
+                outcome = Some((next_claim, true));
                 break;
             }
         }
-        let want = granted.ok_or_else(|| {
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                "the payment kept changing; retry",
-            )
-        })?;
+        if let Some(p) = refusal {
+            return Err(p);
+        }
+        let (claim, mine) = outcome.ok_or_else(busy)?;
         let by = format!("staff:{staff}");
-        let updated = docs::update(
-            self.docs.as_ref(),
-            &workspace_pk(&r.workspace),
-            &request_sk(id),
-            |cur: Option<RefundRequest>| {
-                let mut cur = cur?;
-                if !matches!(cur.status, RequestStatus::InReview | RequestStatus::Failed) {
-                    return None;
-                }
-                cur.amount = want;
-                cur.attempt += 1;
-                cur.refund = None;
-                cur.refund_status = None;
-                cur.step(now, RequestStatus::Approved, &by, note.clone());
-                Some(cur)
-            },
-        )
-        .await?
-        .ok_or_else(Problem::internal)?;
-        tracing::info!(request = %id, staff = %staff, cents = want.get(), "refund request approved");
-        if updated.status == RequestStatus::Approved {
+        let note = if mine { note } else { None };
+        let updated = project(self.docs.as_ref(), &r.workspace, &claim, now, &by, note)
+            .await?
+            .ok_or_else(Problem::internal)?;
+        if mine {
+            tracing::info!(request = %id, staff = %staff, cents = claim.cents.get(), "refund request approved");
+        }
+        if updated.status == RequestStatus::Approved && updated.attempt == claim.attempt {
             self.send(&updated).await?;
         }
         Ok(updated)
@@ -687,96 +817,122 @@ impl RefundRequests {
             .find(id)
             .await?
             .ok_or_else(|| Problem::not_found(format!("no refund request {id}")))?;
-        if r.status == RequestStatus::Denied {
-            return Ok(r);
-        }
-        if !matches!(r.status, RequestStatus::InReview | RequestStatus::Failed) {
-            return Err(Problem::conflict(format!(
+        let claim = transition(self.docs.as_ref(), &r.charge, id, |c| match c.status {
+            RequestStatus::InReview | RequestStatus::Failed => Ok(Some(Claim {
+                status: RequestStatus::Denied,
+                cents: Cents::ZERO,
+                ..c.clone()
+            })),
+            RequestStatus::Denied => Ok(None),
+            _ => Err(Problem::conflict(format!(
                 "refund request {id} is already approved; it cannot be denied"
-            )));
+            ))),
+        })
+        .await?;
+        match claim {
+            Some(c) => Ok(project(
+                self.docs.as_ref(),
+                &r.workspace,
+                &c,
+                now,
+                &format!("staff:{staff}"),
+                note,
+            )
+            .await?
+            .ok_or_else(Problem::internal)?),
+            None => Ok(r),
         }
-        let by = format!("staff:{staff}");
-        let updated = docs::update(
-            self.docs.as_ref(),
-            &workspace_pk(&r.workspace),
-            &request_sk(id),
-            |cur: Option<RefundRequest>| {
-                let mut cur = cur?;
-                if !matches!(cur.status, RequestStatus::InReview | RequestStatus::Failed) {
-                    return None;
-                }
-                cur.step(now, RequestStatus::Denied, &by, note.clone());
-                Some(cur)
-            },
-        )
-        .await?
-        .ok_or_else(|| {
-            Problem::conflict(format!("refund request {id} changed meanwhile; retry"))
-        })?;
-        release(self.docs.as_ref(), &r.charge, id, None).await?;
-        Ok(updated)
     }
 }
 
-/// Frees a request's claim (denied, or its refund failed): its cents are refundable again.
-async fn release(
-    store: &dyn DocStore,
-    charge: &ChargeId,
-    request: &str,
-    refund: Option<&RefundId>,
-) -> Result<(), crate::store::StoreError> {
-    docs::update(
-        store,
-        &charge_pk(charge),
-        CLAIMS_SK,
-        |cur: Option<Claims>| {
-            let mut c = cur?;
-            let claim = c.requests.iter_mut().find(|x| x.request == request)?;
-            if !claim.open && claim.cents == Cents::ZERO {
-                return None;
-            }
-            claim.open = false;
-            claim.cents = Cents::ZERO;
-            if let Some(r) = refund {
-                claim.refund = Some(r.clone());
-            }
-            Some(c)
-        },
+fn busy() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        "the payment's refunds kept changing; retry",
     )
-    .await?;
-    Ok(())
 }
 
-/// Records the Stripe refund made for a request's claim (the claim stays: the money went).
-async fn made(
+/// One transition of request `id` on the claims of `charge`, under the document's version:
+/// `step` gets the request's current claim and answers the next one, `None` to change
+/// nothing, or a refusal. Answers the claim written by this call, if any.
+async fn transition<E: From<crate::store::StoreError>>(
     store: &dyn DocStore,
     charge: &ChargeId,
-    request: &str,
-    refund: &RefundId,
-    closed: bool,
-) -> Result<(), crate::store::StoreError> {
+    id: &str,
+    step: impl Fn(&Claim) -> Result<Option<Claim>, E>,
+) -> Result<Option<Claim>, E> {
+    let pk = charge_pk(charge);
+    for _ in 0..16 {
+        let doc = store.get_doc(&pk, CLAIMS_SK).await?;
+        let (claims, version): (Claims, u64) = match &doc {
+            Some(d) => (crate::store::decode(&d.body)?, d.version),
+            None => (Claims::default(), 0),
+        };
+        let Some(current) = claims.get(id) else {
+            return Ok(None);
+        };
+        let Some(next) = step(current)? else {
+            return Ok(None);
+        };
+        let mut all = claims.clone();
+        if let Some(c) = all.requests.iter_mut().find(|c| c.request == id) {
+            *c = next.clone();
+        }
+        let body = crate::store::encode(&all)?;
+        if store.put_doc(&pk, CLAIMS_SK, &body, version).await? {
+            return Ok(Some(next));
+        }
+    }
+    Err(crate::store::StoreError::unavailable(format!(
+        "the refund claims of {charge} kept changing"
+    ))
+    .into())
+}
+
+/// Brings the request document to the state of its claim (never backwards), with a step
+/// for people. Answers the request as stored.
+async fn project(
+    store: &dyn DocStore,
+    workspace: &WorkspaceId,
+    claim: &Claim,
+    at: DateTime<Utc>,
+    by: &str,
+    note: Option<String>,
+) -> Result<Option<RefundRequest>, crate::store::StoreError> {
     docs::update(
         store,
-        &charge_pk(charge),
-        CLAIMS_SK,
-        |cur: Option<Claims>| {
-            let mut c = cur?;
-            let claim = c.requests.iter_mut().find(|x| x.request == request)?;
-            if claim.refund.as_ref() == Some(refund) && claim.open != closed {
+        &workspace_pk(workspace),
+        &request_sk(&claim.request),
+        |cur: Option<RefundRequest>| {
+            let mut cur = cur?;
+            if (cur.attempt, cur.status.rank()) >= claim.order() {
                 return None;
             }
-            claim.refund = Some(refund.clone());
-            claim.open = !closed;
-            Some(c)
+            if claim.attempt > cur.attempt {
+                cur.refund = None;
+                cur.refund_status = None;
+                cur.sent_at = None;
+            }
+            cur.attempt = claim.attempt;
+            if claim.status == RequestStatus::Approved {
+                cur.amount = claim.cents;
+            }
+            if claim.refund.is_some() {
+                cur.refund = claim.refund.clone();
+            }
+            cur.step(at, claim.status, by, note.clone());
+            Some(cur)
         },
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// A Stripe refund's status on the request that asked for it (the billing events call
-/// this for refunds whose metadata names a request). Statuses only move forward: pending,
-/// succeeded, then possibly failed.
+/// this for refunds whose metadata names a request, the worker with Stripe's answer).
+/// Only the current approval's refund counts; statuses only move forward: pending,
+/// succeeded, then possibly failed. Answers the request if this call moved it.
+#[allow(clippy::too_many_arguments)]
 pub async fn stripe_refund_status(
     store: &dyn DocStore,
     workspace: &WorkspaceId,
@@ -786,48 +942,89 @@ pub async fn stripe_refund_status(
     status: &str,
     at: DateTime<Utc>,
 ) -> Result<Option<RefundRequest>, crate::store::StoreError> {
-    use crate::billing::records::refund_rank;
     let next = match status {
         "succeeded" => RequestStatus::Succeeded,
         "failed" | "canceled" => RequestStatus::Failed,
         _ => RequestStatus::Pending,
     };
-    let updated = docs::update(
+    let Some(r) =
+        docs::get::<RefundRequest>(store, &workspace_pk(workspace), &request_sk(request)).await?
+    else {
+        return Ok(None);
+    };
+    let moved = transition(store, &r.charge, request, |c| {
+        let live = matches!(
+            c.status,
+            RequestStatus::Approved | RequestStatus::Pending | RequestStatus::Succeeded
+        );
+        let same = c.attempt == attempt && c.refund.as_ref().is_none_or(|x| x == refund);
+        Ok::<_, crate::store::StoreError>((live && same && next.rank() > c.status.rank()).then(
+            || Claim {
+                status: next,
+                cents: if next == RequestStatus::Failed {
+                    Cents::ZERO
+                } else {
+                    c.cents
+                },
+                refund: Some(refund.clone()),
+                ..c.clone()
+            },
+        ))
+    })
+    .await?;
+    let Some(claim) = moved else {
+        return Ok(None);
+    };
+    let note = (next == RequestStatus::Failed)
+        .then(|| format!("Stripe reported refund {refund} {status}"));
+    let updated = project(store, workspace, &claim, at, "stripe", note).await?;
+    // The refund's own status, for the request's readers.
+    docs::update(
         store,
         &workspace_pk(workspace),
         &request_sk(request),
         |cur: Option<RefundRequest>| {
             let mut cur = cur?;
-            // Only this request's current refund; an older attempt's news is history.
-            if cur.attempt != attempt || cur.refund.as_ref().is_some_and(|r| r != refund) {
-                return None;
-            }
-            if !matches!(
-                cur.status,
-                RequestStatus::Approved | RequestStatus::Pending | RequestStatus::Succeeded
-            ) {
-                return None;
-            }
-            if refund_rank(cur.refund_status.as_deref()) >= refund_rank(Some(status)) {
-                return None;
-            }
-            cur.refund = Some(refund.clone());
-            cur.refund_status = Some(status.to_owned());
-            let note = match next {
-                RequestStatus::Failed => Some(format!("Stripe reported refund {refund} {status}")),
-                _ => None,
-            };
-            cur.step(at, next, "stripe", note);
-            Some(cur)
+            (cur.attempt == attempt && cur.refund_status.as_deref() != Some(status)).then(|| {
+                cur.refund_status = Some(status.to_owned());
+                cur
+            })
         },
     )
     .await?;
-    if let Some(r) = &updated {
-        match r.status {
-            RequestStatus::Failed => release(store, &r.charge, request, Some(refund)).await?,
-            RequestStatus::Succeeded => made(store, &r.charge, request, refund, true).await?,
-            _ => made(store, &r.charge, request, refund, false).await?,
-        }
-    }
     Ok(updated)
+}
+
+/// The worker's record that Stripe refused an approval's refund: the request fails and its
+/// cents are free again. Answers the request if this call failed it.
+pub async fn refused(
+    store: &dyn DocStore,
+    r: &RefundRequest,
+    why: &str,
+    at: DateTime<Utc>,
+) -> Result<Option<RefundRequest>, crate::store::StoreError> {
+    let moved = transition(store, &r.charge, &r.id, |c| {
+        Ok::<_, crate::store::StoreError>(
+            (c.attempt == r.attempt && c.status == RequestStatus::Approved).then(|| Claim {
+                status: RequestStatus::Failed,
+                cents: Cents::ZERO,
+                ..c.clone()
+            }),
+        )
+    })
+    .await?;
+    match moved {
+        Some(claim) => {
+            project(
+                store,
+                &r.workspace,
+                &claim,
+                at,
+                "stripe",
+                Some(format!("refund refused: {why}")),
+            )
+            .await
+        }
+        None => Ok(None),
+    }
 }

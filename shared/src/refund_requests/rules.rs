@@ -45,7 +45,12 @@ impl Cancellation {
         at: i64,
     ) -> Option<Self> {
         let now = DateTime::from_timestamp(at, 0).unwrap_or_default();
-        if current.as_ref().is_some_and(|c| c.as_of > at) {
+        // Older facts change nothing; of two in the same second, a resumption stands (a
+        // refund must never rest on a cancellation that may have been undone).
+        if current.as_ref().is_some_and(|c| {
+            c.as_of > at
+                || (c.as_of == at && c.resumed_at.is_some() && (canceled || cancel_at_period_end))
+        }) {
             return None;
         }
         let same = current
@@ -314,6 +319,16 @@ mod tests {
         signup.billing_reason = Some("subscription_create".into());
         assert!(!after_cancellation(&signup, Some(&c)));
         assert!(!after_cancellation(&renewal, None));
+        // A cancellation and a resumption stamped the same second: the resumption stands,
+        // whatever the delivery order.
+        let tie = at(50).timestamp();
+        let resumed_first =
+            Cancellation::merge(Some(c.clone()), &sub, false, false, at(30), tie).unwrap();
+        assert_eq!(
+            Cancellation::merge(Some(resumed_first.clone()), &sub, false, true, at(30), tie),
+            None
+        );
+        assert!(!after_cancellation(&renewal, Some(&resumed_first)));
         // Canceled outright at minute 40: effective then.
         let now =
             Cancellation::merge(Some(c), &sub, true, false, at(30), at(40).timestamp()).unwrap();

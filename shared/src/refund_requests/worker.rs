@@ -2,7 +2,7 @@
 //! idempotency key is the request and its approval), records what Stripe answered on the
 //! request and tells the customer.
 
-use super::{RefundJob, RefundReason, RequestStatus, release, request_sk, stripe_refund_status};
+use super::{RefundJob, RefundReason, RequestStatus, request_sk, stripe_refund_status};
 use crate::billing::records::workspace_pk;
 use crate::clock::Clock;
 use crate::payments::{Payments, RefundOrder};
@@ -84,6 +84,33 @@ impl Consumer for RefundWorker {
             self.confirm(&r, refund).await;
             return Ok(());
         }
+        let now = self.clock.now();
+        // Stripe keeps an idempotency key for 24 hours: past that, asking again could make a
+        // second refund. An approval whose outcome is still unknown then waits for a person
+        // (Stripe's refund events, once they arrive, settle it).
+        match r.sent_at {
+            Some(t) if now - t > chrono::Duration::hours(23) => {
+                tracing::error!(request = %r.id, attempt = r.attempt, sent_at = %t,
+                    "refund outcome unknown for a day: check the charge's refunds in Stripe; not asking again");
+                return Ok(());
+            }
+            Some(_) => {}
+            None => {
+                docs::update(
+                    self.docs.as_ref(),
+                    &workspace_pk(&r.workspace),
+                    &request_sk(&r.id),
+                    |cur: Option<super::RefundRequest>| {
+                        let mut cur = cur?;
+                        (cur.attempt == r.attempt && cur.sent_at.is_none()).then(|| {
+                            cur.sent_at = Some(now);
+                            cur
+                        })
+                    },
+                )
+                .await?;
+            }
+        }
         let order = RefundOrder {
             workspace: r.workspace.clone(),
             charge: r.charge.clone(),
@@ -93,7 +120,6 @@ impl Consumer for RefundWorker {
             duplicate: r.reason == RefundReason::DuplicateCharge,
             idempotency_key: format!("tally-refund-{}-{}", r.id, r.attempt),
         };
-        let now = self.clock.now();
         match self.payments.refund(&order).await {
             Ok(made) => {
                 let updated = stripe_refund_status(
@@ -118,27 +144,8 @@ impl Consumer for RefundWorker {
             Err(e) => {
                 let why = e.message().to_owned();
                 tracing::warn!(request = %r.id, error = %why, "refund refused by Stripe");
-                let failed = docs::update(
-                    self.docs.as_ref(),
-                    &workspace_pk(&r.workspace),
-                    &request_sk(&r.id),
-                    |cur: Option<super::RefundRequest>| {
-                        let mut cur = cur?;
-                        if cur.attempt != r.attempt || cur.status != RequestStatus::Approved {
-                            return None;
-                        }
-                        cur.step(
-                            now,
-                            RequestStatus::Failed,
-                            "stripe",
-                            Some(format!("refund refused: {why}")),
-                        );
-                        Some(cur)
-                    },
-                )
-                .await?;
+                let failed = super::refused(self.docs.as_ref(), &r, &why, now).await?;
                 if failed.is_some() {
-                    release(self.docs.as_ref(), &r.charge, &r.id, None).await?;
                     self.notify(json!({
                         "type": "refund.failed",
                         "id": format!("refund.failed:{}:{}", r.id, r.attempt),

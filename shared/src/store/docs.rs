@@ -201,6 +201,28 @@ where
     )))
 }
 
+/// Like [`update`], but answers the stored value only when this call wrote it: `None` when
+/// `merge` left the document as it is (so callers act only on their own change).
+pub async fn update_changed<T, F>(
+    store: &dyn DocStore,
+    pk: &str,
+    sk: &str,
+    mut merge: F,
+) -> Result<Option<T>, StoreError>
+where
+    T: Serialize + DeserializeOwned + Clone,
+    F: FnMut(Option<T>) -> Option<T>,
+{
+    let mut wrote = false;
+    let stored = update(store, pk, sk, |cur| {
+        let next = merge(cur);
+        wrote = next.is_some();
+        next
+    })
+    .await?;
+    Ok(stored.filter(|_| wrote))
+}
+
 /// Typed documents under `pk` with sort keys starting with `prefix` and below `before`
 /// (when given), highest first, with their sort keys.
 pub async fn page<T: DeserializeOwned>(
