@@ -789,3 +789,71 @@ async fn a_duplicate_whose_credits_were_used_or_whose_twin_is_disputed_waits_for
     assert_eq!(r.body["status"], "in_review", "{:#}", r.body);
     assert_eq!(charge_of(&app, &second)["amount_refunded"], 0);
 }
+
+/// The refunds function as Lambda runs it, fed the API Gateway events of `events/refunds/`.
+async fn invoke_refunds(app: &TestApp, file: &str) -> (u16, Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let state = refunds::RefundsState {
+        requests: RefundRequests {
+            docs: app.docs.clone(),
+            ledger: app.ledger.store.clone(),
+            queue: app.local.refunds_queue.clone(),
+            duplicate_window: chrono::Duration::minutes(30),
+        },
+        clock: app.clock.clone(),
+    };
+    let router = refunds::router(state, tally::http::AuthMode::ApiGateway);
+    let path = format!("{}/../events/refunds/{file}", env!("CARGO_MANIFEST_DIR"));
+    let req = lambda_http::request::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let res = router
+        .oneshot(req.map(|b| axum::body::Body::from(b.as_ref().to_vec())))
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn the_sample_events_reach_the_refunds_function_and_worker_as_lambda_delivers_them() {
+    let app = TestApp::new();
+    // The claims API Gateway's authorizer passed: an owner of "acme" with no such invoice.
+    let (status, body) = invoke_refunds(&app, "post-refund-request.json").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("in_acme_renewal"));
+    let (status, body) = invoke_refunds(&app, "post-refund-request-member-forbidden.json").await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    let (status, body) = invoke_refunds(&app, "get-refund-requests.json").await;
+    assert_eq!((status, &body["items"]), (200, &json!([])));
+
+    // The worker's SQS batch: an unreadable message and a job for an unknown request are
+    // reported as failures, each alone.
+    let path = format!(
+        "{}/../events/refunds-worker/poison-and-job.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let event: aws_lambda_events::event::sqs::SqsEvent =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids: Vec<String> = event
+        .records
+        .iter()
+        .map(|r| r.message_id.clone().unwrap())
+        .collect();
+    let worker = RefundWorker {
+        docs: app.docs.clone(),
+        payments: app.local.simulator.clone().unwrap(),
+        notifications: app.local.notifications_queue.clone(),
+        clock: app.clock.clone(),
+    };
+    let answer = tally::queue::lambda::process_batch(&worker, event).await;
+    let failed: Vec<String> = answer
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    assert_eq!(failed, ids);
+}
