@@ -812,6 +812,43 @@ mod alerts {
                 .count(),
             2
         );
+        // The top-up has its invoice, paid by its own payment (no second charge), on its line
+        // of the billing history; the invoice granted nothing more.
+        let topups = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        assert_eq!(topups.as_array().unwrap().len(), 1, "{topups:#}");
+        let line = &topups[0];
+        assert_eq!(line["credits_granted"], 100);
+        assert!(line["payment_intent"].as_str().unwrap().starts_with("pi_"));
+        let invoice = line["invoice"].as_str().unwrap();
+        let invoices = app.get("/v1/invoices", &o).await.body["items"].clone();
+        let listed = invoices
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == invoice)
+            .expect("the top-up's invoice is listed");
+        assert_eq!(listed["status"], "paid");
+        assert_eq!(listed["amount_paid"], line["amount"]);
+        let pdf = line["invoice_pdf"].as_str().unwrap();
+        let pdf = app
+            .send(
+                Method::GET,
+                pdf.strip_prefix("http://tally.test").unwrap(),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(pdf.content_type, "application/pdf");
+        assert_eq!(
+            sim.events()
+                .iter()
+                .filter(|e| e.kind == "charge.succeeded")
+                .count(),
+            2,
+            "the pack and the top-up: no charge for the invoice"
+        );
+        assert_eq!(app.available("org_al").await, 128);
         // Back above every threshold, then down again at once: alerts re-arm, but a second
         // top-up within the cooldown is refused rather than charged.
         for _ in 0..5 {

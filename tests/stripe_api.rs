@@ -829,3 +829,93 @@ async fn a_preview_asks_stripe_for_the_invoice_the_change_would_create() {
             .any(|r| r.method.as_str() == "POST" && r.url.path() == "/v1/subscriptions/sub_A")
     );
 }
+
+#[tokio::test]
+async fn a_receipt_invoice_is_paid_out_of_band_and_never_charges() {
+    use tally::payments::PaidInvoice;
+    let server = MockServer::start().await;
+    let mut invoice = fixture("invoice");
+    invoice["id"] = json!("in_receipt");
+    invoice["hosted_invoice_url"] = json!("https://invoice.stripe.com/i/in_receipt");
+    for p in [
+        "/v1/invoices",
+        "/v1/invoices/in_receipt/finalize",
+        "/v1/invoices/in_receipt/pay",
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(invoice.clone()))
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/v1/invoiceitems"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "ii_1", "object": "invoiceitem"})),
+        )
+        .mount(&server)
+        .await;
+    let link = client(&server)
+        .await
+        .paid_invoice(&PaidInvoice {
+            workspace: WorkspaceId::parse("org_t").unwrap(),
+            customer: CustomerId::parse("cus_T").unwrap(),
+            lines: vec![("Auto top-up: pack_100".into(), 1100)],
+            description: "Auto top-up, paid by pi_T".into(),
+            metadata: BTreeMap::from([
+                ("kind".to_owned(), "top_up".to_owned()),
+                ("payment_intent".to_owned(), "pi_T".to_owned()),
+            ]),
+            idempotency_key: "tally-topup-org_t-7-receipt".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(link.id.as_str(), "in_receipt");
+    let reqs = server.received_requests().await.unwrap();
+    let paths: Vec<&str> = reqs.iter().map(|r| r.url.path()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "/v1/invoices",
+            "/v1/invoiceitems",
+            "/v1/invoices/in_receipt/finalize",
+            "/v1/invoices/in_receipt/pay"
+        ],
+        "no payment intent, no charge"
+    );
+    assert_eq!(
+        form(&reqs[0]),
+        expected(&[
+            ("customer", "cus_T"),
+            ("collection_method", "charge_automatically"),
+            ("auto_advance", "false"),
+            ("pending_invoice_items_behavior", "exclude"),
+            ("description", "Auto top-up, paid by pi_T"),
+            ("metadata[org_id]", "org_t"),
+            ("metadata[kind]", "top_up"),
+            ("metadata[payment_intent]", "pi_T"),
+        ])
+    );
+    assert_eq!(
+        form(&reqs[1]),
+        expected(&[
+            ("customer", "cus_T"),
+            ("invoice", "in_receipt"),
+            ("amount", "1100"),
+            ("currency", "usd"),
+            ("description", "Auto top-up: pack_100")
+        ])
+    );
+    assert_eq!(form(&reqs[3]), expected(&[("paid_out_of_band", "true")]));
+    let keys: Vec<&str> = reqs.iter().map(|r| header(r, "idempotency-key")).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "tally-topup-org_t-7-receipt-invoice",
+            "tally-topup-org_t-7-receipt-item-0",
+            "tally-topup-org_t-7-receipt-finalize",
+            "tally-topup-org_t-7-receipt-pay"
+        ]
+    );
+}

@@ -89,16 +89,39 @@ impl CreditAlerts {
             ));
         }
         let discount = Entitlements::of(state.plan.as_ref(), &self.catalog).pack_discount_pct;
-        payments
+        let amount = pack.price_cents.discounted(discount);
+        let key = format!("tally-topup-{workspace}-{entry}");
+        let paid = payments
             .charge_saved_method(&TopUp {
                 workspace: workspace.clone(),
-                customer,
+                customer: customer.clone(),
                 payment_method,
                 pack: pack.id.clone(),
-                amount: pack.price_cents.discounted(discount),
-                idempotency_key: format!("tally-topup-{workspace}-{entry}"),
+                amount,
+                idempotency_key: key.clone(),
             })
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // Its invoice, paid by the payment just made (never a second charge). Without one
+        // the payment still stands; support can issue it (the help pages' "the transaction
+        // exists but no invoice").
+        let invoice = crate::payments::PaidInvoice {
+            workspace: workspace.clone(),
+            customer,
+            lines: vec![(
+                format!("Auto top-up: {} ({} credits)", pack.id, pack.credits),
+                amount.get() as i64,
+            )],
+            description: format!("Auto top-up, paid by {paid}"),
+            metadata: std::collections::BTreeMap::from([
+                ("kind".to_owned(), "top_up".to_owned()),
+                ("payment_intent".to_owned(), paid.to_string()),
+            ]),
+            idempotency_key: format!("{key}-receipt"),
+        };
+        if let Err(e) = payments.paid_invoice(&invoice).await {
+            tracing::error!(workspace = %workspace, payment = %paid, error = %e, "auto top-up paid but its invoice was not created");
+        }
+        Ok(paid)
     }
 }

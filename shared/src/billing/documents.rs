@@ -133,6 +133,37 @@ impl BillingEvents {
         } else {
             record.amount_due
         };
+        // An invoice documenting a payment already on the history (an auto top-up, paid
+        // out of band) adds its links to that payment's line.
+        if kind == Some(MovementKind::TopUp)
+            && let Some(pi) = i
+                .metadata
+                .get("payment_intent")
+                .and_then(|p| crate::ids::PaymentIntentId::parse(p).ok())
+        {
+            super::history::record(
+                self.docs.as_ref(),
+                workspace,
+                pi.as_str(),
+                record.created,
+                self.ledger.clock.now(),
+                |e: &mut HistoryEntry| {
+                    let before = e.clone();
+                    HistoryEntry::fill(&mut e.kind, Some(&MovementKind::TopUp));
+                    HistoryEntry::fill(&mut e.payment_intent, Some(&pi));
+                    HistoryEntry::fill(&mut e.invoice, Some(&i.id));
+                    HistoryEntry::fill(
+                        &mut e.hosted_invoice_url,
+                        record.hosted_invoice_url.as_ref(),
+                    );
+                    HistoryEntry::fill(&mut e.invoice_pdf, record.invoice_pdf.as_ref());
+                    HistoryEntry::fill(&mut e.tax, tax.as_ref());
+                    *e != before
+                },
+            )
+            .await?;
+            return Ok(());
+        }
         super::history::record(
             self.docs.as_ref(),
             workspace,

@@ -281,6 +281,20 @@ pub struct TopUp {
     pub idempotency_key: String,
 }
 
+/// An invoice documenting money already received (an auto top-up's payment): created,
+/// finalized and marked paid out of band, so it never charges anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaidInvoice {
+    pub workspace: WorkspaceId,
+    pub customer: CustomerId,
+    /// (description, signed integer cents) per line.
+    pub lines: Vec<(String, i64)>,
+    pub description: String,
+    /// Metadata of the invoice (`org_id` is added).
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub idempotency_key: String,
+}
+
 /// Money given back on a charge, for a refund request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundOrder {
@@ -307,6 +321,9 @@ pub struct RefundMade {
 
 #[async_trait]
 pub trait Payments: Send + Sync {
+    /// Creates an invoice for money already received, marked paid out of band (no charge).
+    async fn paid_invoice(&self, req: &PaidInvoice) -> Result<InvoiceLink, PaymentsError>;
+
     /// Refunds part or all of a charge to the original payment method. Credits follow from
     /// Stripe's refund events.
     async fn refund(&self, order: &RefundOrder) -> Result<RefundMade, PaymentsError>;

@@ -524,6 +524,30 @@ struct InvoiceItemForm<'a> {
 struct NoForm {}
 
 #[derive(Serialize)]
+struct PaidInvoiceForm<'a> {
+    customer: &'a str,
+    collection_method: &'static str,
+    auto_advance: bool,
+    pending_invoice_items_behavior: &'static str,
+    description: &'a str,
+    metadata: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Serialize)]
+struct LineItemForm<'a> {
+    customer: &'a str,
+    invoice: &'a str,
+    amount: i64,
+    currency: &'static str,
+    description: &'a str,
+}
+
+#[derive(Serialize)]
+struct PayForm {
+    paid_out_of_band: bool,
+}
+
+#[derive(Serialize)]
 struct PaymentIntentForm<'a> {
     amount: u64,
     currency: &'static str,
@@ -887,6 +911,77 @@ impl Payments for StripePayments {
             &format!("{idempotency_key}-metadata"),
         )
         .await
+    }
+
+    async fn paid_invoice(&self, req: &PaidInvoice) -> Result<InvoiceLink, PaymentsError> {
+        let key = &req.idempotency_key;
+        let mut metadata: BTreeMap<&str, &str> = req
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        metadata.insert("org_id", req.workspace.as_str());
+        let invoice: stripe_shared::Invoice = self
+            .post(
+                "/invoices",
+                &PaidInvoiceForm {
+                    customer: req.customer.as_str(),
+                    collection_method: "charge_automatically",
+                    auto_advance: false,
+                    pending_invoice_items_behavior: "exclude",
+                    description: &req.description,
+                    metadata,
+                },
+                &format!("{key}-invoice"),
+            )
+            .await?;
+        let id: InvoiceId = returned(
+            invoice
+                .id
+                .as_ref()
+                .ok_or_else(|| PaymentsError::unavailable("invoice without an id"))?
+                .as_str(),
+        )?;
+        #[derive(miniserde::Deserialize)]
+        struct Created {
+            #[allow(dead_code)]
+            id: String,
+        }
+        for (n, (description, amount)) in req.lines.iter().enumerate() {
+            let _: Created = self
+                .post(
+                    "/invoiceitems",
+                    &LineItemForm {
+                        customer: req.customer.as_str(),
+                        invoice: id.as_str(),
+                        amount: *amount,
+                        currency: "usd",
+                        description,
+                    },
+                    &format!("{key}-item-{n}"),
+                )
+                .await?;
+        }
+        let _: stripe_shared::Invoice = self
+            .post(
+                &format!("/invoices/{id}/finalize"),
+                &NoForm {},
+                &format!("{key}-finalize"),
+            )
+            .await?;
+        let paid: stripe_shared::Invoice = self
+            .post(
+                &format!("/invoices/{id}/pay"),
+                &PayForm {
+                    paid_out_of_band: true,
+                },
+                &format!("{key}-pay"),
+            )
+            .await?;
+        Ok(InvoiceLink {
+            id,
+            hosted_invoice_url: paid.hosted_invoice_url.unwrap_or_default(),
+        })
     }
 
     async fn refund(&self, order: &RefundOrder) -> Result<RefundMade, PaymentsError> {

@@ -716,6 +716,78 @@ fn billed_invoice(inv: &Value) -> BilledInvoice {
 
 #[async_trait]
 impl Payments for Simulator {
+    async fn paid_invoice(
+        &self,
+        req: &tally::payments::PaidInvoice,
+    ) -> Result<InvoiceLink, PaymentsError> {
+        let link = |id: &InvoiceId| InvoiceLink {
+            id: id.clone(),
+            hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
+        };
+        if let Some((id, _)) = self
+            .invoices
+            .lock()
+            .expect("sim lock")
+            .iter()
+            .find(|(_, i)| i.key.as_deref() == Some(req.idempotency_key.as_str()))
+        {
+            return Ok(link(id));
+        }
+        let now = self.now();
+        let id: InvoiceId = new_stripe_id("in");
+        let lines: Vec<Line> = req
+            .lines
+            .iter()
+            .map(|(description, amount)| Line {
+                description: description.clone(),
+                amount: *amount,
+                quantity: 1,
+                period: (now, now),
+                item: SimItem {
+                    id: new_id("ii"),
+                    price: new_id("price"),
+                    product: new_id("prod"),
+                    name: description.clone(),
+                    unit_amount: amount.unsigned_abs(),
+                    interval: tally::ledger::Interval::Monthly,
+                    quantity: 1,
+                    created: now,
+                },
+                proration: false,
+            })
+            .collect();
+        let mut inv = invoice_object(
+            &self.base_url,
+            &id,
+            &req.customer,
+            now,
+            "manual",
+            &lines,
+            None,
+        );
+        for line in inv["lines"]["data"].as_array_mut().into_iter().flatten() {
+            line["parent"] = json!({"type": "invoice_item_details",
+                "subscription_item_details": null,
+                "invoice_item_details": {"invoice_item": new_id("ii"), "proration": false,
+                    "proration_details": {"credited_items": null}, "subscription": null}});
+            line["subscription"] = Value::Null;
+        }
+        let mut metadata = json!(req.metadata);
+        metadata["org_id"] = json!(req.workspace.to_string());
+        inv["metadata"] = metadata;
+        inv["description"] = json!(req.description);
+        inv["auto_advance"] = json!(false);
+        finalize(&mut inv, now);
+        let finalized = inv.clone();
+        // Paid out of band: marked paid, no charge.
+        mark_paid(&mut inv, now);
+        inv["paid_out_of_band"] = json!(true);
+        self.store_invoice(&inv, Some(req.idempotency_key.clone()));
+        self.deliver("invoice.finalized", finalized).await;
+        self.deliver("invoice.paid", inv).await;
+        Ok(link(&id))
+    }
+
     async fn refund(
         &self,
         order: &tally::payments::RefundOrder,

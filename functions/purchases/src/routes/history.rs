@@ -21,7 +21,9 @@ use utoipa::{IntoParams, ToSchema};
 pub struct HistoryParams {
     /// Only these kinds, comma-separated: `subscription`, `pack`, `top_up`,
     /// `custom_payment`, `invoice`, `refund`, `dispute`.
-    #[param(pattern = "^[a-z_]+(,[a-z_]+)*$")]
+    #[param(
+        pattern = "^(subscription|pack|top_up|custom_payment|invoice|refund|dispute)(,(subscription|pack|top_up|custom_payment|invoice|refund|dispute))*$"
+    )]
     pub kind: Option<String>,
     /// Movements created at or after this time (RFC 3339).
     pub from: Option<DateTime<Utc>>,
