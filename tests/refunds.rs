@@ -723,3 +723,131 @@ async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuse
     .await
     .assert_problem(403, "forbidden");
 }
+
+// ---------------------------------------------------------------- corrected reissue
+
+#[tokio::test]
+async fn staff_reissue_a_paid_invoice_with_corrected_details_without_a_second_charge() {
+    let app = TestApp::new();
+    let ws = "org_ri";
+    buy_packs(&app, ws, 1).await;
+    let before = history(&app, ws, "", 20).await;
+    let original = before[0]["invoice"].as_str().unwrap().to_owned();
+    let balance = app.available(ws).await;
+    let charges = app.sim_events("charge.succeeded").len();
+    let path = format!("/v1/admin/invoices/{original}/reissue");
+    let body = json!({"name": "Acme GmbH", "email": "billing@acme.example",
+        "address": {"line1": "Hauptstr. 1", "city": "Berlin", "postal_code": "10115", "country": "DE"}});
+    let send = |token: String, body: Value, key: Option<&'static str>| {
+        let app = &app;
+        let path = path.clone();
+        async move {
+            let headers: Vec<(&str, &str)> =
+                key.map(|k| ("idempotency-key", k)).into_iter().collect();
+            let a = app
+                .send(
+                    Method::POST,
+                    &path,
+                    Some(&token),
+                    Some(&body.to_string()),
+                    &headers,
+                )
+                .await;
+            app.settle_billing().await;
+            a
+        }
+    };
+    // Members and owners cannot; a key is required; bad details are refused.
+    send(owner(ws), body.clone(), Some("r1"))
+        .await
+        .assert_problem(403, "forbidden");
+    send(support(), body.clone(), None)
+        .await
+        .assert_problem(422, "validation_failed");
+    send(
+        support(),
+        json!({"address": {"line1": "x", "country": "Germany"}}),
+        Some("r0"),
+    )
+    .await
+    .assert_problem(422, "validation_failed");
+    let done = send(support(), body.clone(), Some("r1")).await;
+    assert_eq!(done.status.as_u16(), 201, "{:#}", done.body);
+    let replacement = done.body["replacement"].as_str().unwrap().to_owned();
+    assert_ne!(replacement, original);
+    assert!(
+        done.body["credit_note"]
+            .as_str()
+            .unwrap()
+            .starts_with("cn_")
+    );
+    // The same key: the same answer, nothing made twice.
+    let again = send(support(), body.clone(), Some("r1")).await;
+    assert_eq!(again.body, done.body);
+    // No second charge, credits untouched.
+    assert_eq!(app.sim_events("charge.succeeded").len(), charges);
+    assert_eq!(app.sim_events("credit_note.created").len(), 1);
+    assert_eq!(app.available(ws).await, balance);
+    // Both in the history: the replacement names the original and the other way round.
+    let after = history(&app, ws, "", 20).await;
+    assert_eq!(after.len(), before.len() + 1);
+    let new = after
+        .iter()
+        .find(|m| m["id"] == replacement.as_str())
+        .unwrap();
+    assert_eq!(new["replaces"], original.as_str());
+    assert_eq!(new["status"], "paid");
+    assert_eq!(new["credits_granted"], 0);
+    let old = after.iter().find(|m| m["id"] == original.as_str()).unwrap();
+    assert_eq!(old["replaced_by"], replacement.as_str());
+    assert_eq!(old["credits_granted"], 500);
+    // The corrected invoice carries the details and the original's lines and amount.
+    let sim = app.local.simulator.as_ref().unwrap();
+    let inv = sim.invoice(&replacement).unwrap();
+    assert_eq!(inv["customer_name"], "Acme GmbH");
+    assert_eq!(inv["customer_address"]["country"], "DE");
+    assert_eq!(
+        inv["amount_paid"],
+        sim.invoice(&original).unwrap()["amount_paid"]
+    );
+    // A refund request names the original payment, not the replacement.
+    app.post(
+        "/v1/refund-requests",
+        &owner(ws),
+        json!({"payment": replacement, "reason": "other", "details": "x"}),
+    )
+    .await
+    .assert_problem(409, "not_refundable");
+    // Reissued once: the replacement is what is reissued next.
+    let twice = send(support(), body.clone(), Some("r2")).await;
+    twice.assert_problem(409, "not_reissuable");
+    assert!(
+        twice.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&replacement)
+    );
+    let next = app
+        .send(
+            Method::POST,
+            &format!("/v1/admin/invoices/{replacement}/reissue"),
+            Some(&support()),
+            Some(&json!({"name": "Acme Holding GmbH"}).to_string()),
+            &[("idempotency-key", "r4")],
+        )
+        .await;
+    assert_eq!(next.status.as_u16(), 201, "{:#}", next.body);
+    app.settle_billing().await;
+    assert_eq!(app.available(ws).await, balance);
+    // Unknown invoices are 404.
+    let unknown = app
+        .send(
+            Method::POST,
+            "/v1/admin/invoices/in_unknown1/reissue",
+            Some(&support()),
+            Some(&body.to_string()),
+            &[("idempotency-key", "r3")],
+        )
+        .await;
+    unknown.assert_problem(404, "not_found");
+}

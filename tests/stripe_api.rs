@@ -919,3 +919,107 @@ async fn a_receipt_invoice_is_paid_out_of_band_and_never_charges() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_and_replaces_it() {
+    use tally::payments::{Address, BillingDetails, Reissue};
+    let server = MockServer::start().await;
+    let mut original = fixture("invoice");
+    original["id"] = json!("in_orig");
+    original["status"] = json!("paid");
+    original["number"] = json!("A-0001");
+    original["amount_paid"] = json!(4100);
+    original["lines"]["data"][0]["amount"] = json!(4100);
+    original["lines"]["data"][0]["description"] = json!("1 × 500 credits");
+    let mut replacement = fixture("invoice");
+    replacement["id"] = json!("in_new");
+    replacement["hosted_invoice_url"] = json!("https://invoice.stripe.com/i/in_new");
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_orig"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(original))
+        .mount(&server)
+        .await;
+    for (p, body) in [
+        ("/v1/customers/cus_R", fixture("customer")),
+        (
+            "/v1/credit_notes",
+            json!({"id": "cn_1", "object": "credit_note"}),
+        ),
+        ("/v1/invoices", replacement.clone()),
+        (
+            "/v1/invoiceitems",
+            json!({"id": "ii_1", "object": "invoiceitem"}),
+        ),
+        ("/v1/invoices/in_new/finalize", replacement.clone()),
+        ("/v1/invoices/in_new/pay", replacement.clone()),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .mount(&server)
+            .await;
+    }
+    let made = client(&server)
+        .await
+        .reissue_invoice(&Reissue {
+            workspace: WorkspaceId::parse("org_r").unwrap(),
+            customer: CustomerId::parse("cus_R").unwrap(),
+            invoice: "in_orig".parse().unwrap(),
+            details: BillingDetails {
+                name: Some("Acme GmbH".into()),
+                email: None,
+                address: Some(Address {
+                    line1: "Hauptstr. 1".into(),
+                    country: "DE".into(),
+                    ..Address::default()
+                }),
+            },
+            idempotency_key: "tally-reissue-in_orig-k".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(made.replacement.id.as_str(), "in_new");
+    assert_eq!(made.credit_note, "cn_1");
+    let reqs = server.received_requests().await.unwrap();
+    let calls: Vec<(String, &str)> = reqs
+        .iter()
+        .map(|r| (r.method.to_string(), r.url.path()))
+        .collect();
+    assert_eq!(
+        calls,
+        vec![
+            ("POST".to_string(), "/v1/customers/cus_R"),
+            ("GET".to_string(), "/v1/invoices/in_orig"),
+            ("POST".to_string(), "/v1/credit_notes"),
+            ("POST".to_string(), "/v1/invoices"),
+            ("POST".to_string(), "/v1/invoiceitems"),
+            ("POST".to_string(), "/v1/invoices/in_new/finalize"),
+            ("POST".to_string(), "/v1/invoices/in_new/pay"),
+        ],
+        "no charge anywhere"
+    );
+    // The corrected address replaces the old one whole: the parts not given are emptied.
+    assert_eq!(
+        form(&reqs[0]),
+        expected(&[
+            ("name", "Acme GmbH"),
+            ("address[line1]", "Hauptstr. 1"),
+            ("address[line2]", ""),
+            ("address[city]", ""),
+            ("address[postal_code]", ""),
+            ("address[state]", ""),
+            ("address[country]", "DE"),
+        ])
+    );
+    let note = form(&reqs[2]);
+    assert_eq!(note["invoice"], "in_orig");
+    assert_eq!(note["out_of_band_amount"], "4100");
+    assert_eq!(note["lines[0][type]"], "custom_line_item");
+    assert_eq!(note["lines[0][unit_amount]"], "4100");
+    let inv = form(&reqs[3]);
+    assert_eq!(inv["metadata[kind]"], "reissue");
+    assert_eq!(inv["metadata[reissue_of]"], "in_orig");
+    assert_eq!(inv["description"], "Corrected invoice replacing A-0001");
+    assert_eq!(form(&reqs[4])["amount"], "4100");
+    assert_eq!(form(&reqs[6]), expected(&[("paid_out_of_band", "true")]));
+}

@@ -11,7 +11,9 @@ pub mod routes;
 
 use axum::Router;
 use axum::routing::{get, post};
-use routes::{alerts, billing_portal, checkout, custom_payments, history, invoices, subscription};
+use routes::{
+    alerts, billing_portal, checkout, custom_payments, history, invoices, reissue, subscription,
+};
 use std::sync::Arc;
 use tally::config::{HttpUrl, ReturnUrlOverrides};
 use tally::http::BearerAuth;
@@ -87,6 +89,7 @@ pub fn protected_routes(state: PurchasesState) -> Router {
             "/v1/admin/workspaces/{workspace_id}/custom-payments",
             post(custom_payments::custom_payment),
         )
+        .route("/v1/admin/invoices/{id}/reissue", post(reissue::reissue))
         .with_state(state)
 }
 
@@ -104,7 +107,7 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     paths(checkout::create_checkout, subscription::subscription, billing_portal::billing_portal, invoices::invoices,
         history::history, history::admin_history,
         subscription::change, subscription::preview, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
-        custom_payments::custom_payment, alerts::put_alerts, alerts::get_alerts),
+        custom_payments::custom_payment, reissue::reissue, alerts::put_alerts, alerts::get_alerts),
     // Its operations name the `bearer` scheme; the document served alone must define it.
     modifiers(&BearerAuth),
     tags((name = "billing", description = "Buying credits and managing the subscription"), (name = "admin", description = "Support staff"))

@@ -84,6 +84,19 @@ impl BillingEvents {
             |cur| InvoiceRecord::merge(cur, record.clone()),
         )
         .await?;
+        // Where the invoice lives, for staff routes that name an invoice alone.
+        docs::update(
+            self.docs.as_ref(),
+            &invoice_link_pk(&i.id),
+            LINK_SK,
+            |cur: Option<InvoiceLink>| {
+                cur.is_none().then(|| InvoiceLink {
+                    workspace: workspace.clone(),
+                    created: i.created,
+                })
+            },
+        )
+        .await?;
         if record.status != "draft" {
             self.invoice_history(workspace, i, &record).await?;
         }
@@ -102,6 +115,7 @@ impl BillingEvents {
             Some("custom_payment") => Some(MovementKind::CustomPayment),
             Some("pack") => Some(MovementKind::Pack),
             Some("top_up") => Some(MovementKind::TopUp),
+            Some("reissue") => Some(MovementKind::Invoice),
             _ if i.subscription_details().is_some() => Some(MovementKind::Subscription),
             _ => None,
         };
@@ -133,6 +147,29 @@ impl BillingEvents {
         } else {
             record.amount_due
         };
+        let replaces = i
+            .metadata
+            .get("reissue_of")
+            .filter(|_| i.metadata.get("kind").map(String::as_str) == Some("reissue"))
+            .and_then(|o| crate::ids::InvoiceId::parse(o).ok());
+        if let Some(original) = &replaces {
+            // The original's line names its replacement.
+            let now = self.ledger.clock.now();
+            super::history::record(
+                self.docs.as_ref(),
+                workspace,
+                original.as_str(),
+                now,
+                now,
+                |e| {
+                    (e.replaced_by.as_ref() != Some(&i.id)) && {
+                        e.replaced_by = Some(i.id.clone());
+                        true
+                    }
+                },
+            )
+            .await?;
+        }
         // An invoice documenting a payment already on the history (an auto top-up, paid
         // out of band) adds its links to that payment's line.
         if kind == Some(MovementKind::TopUp)
@@ -187,6 +224,7 @@ impl BillingEvents {
                     e.invoice_pdf = record.invoice_pdf.clone().or(e.invoice_pdf.take());
                 }
                 e.invoice = Some(i.id.clone());
+                HistoryEntry::fill(&mut e.replaces, replaces.as_ref());
                 e.non_refundable = e.non_refundable.max(non_refundable);
                 HistoryEntry::fill(&mut e.subscription, subscription.as_ref());
                 HistoryEntry::fill(&mut e.currency, Some(&record.currency));

@@ -91,6 +91,11 @@ pub struct HistoryEntry {
     pub payment_intent: Option<PaymentIntentId>,
     pub charge: Option<ChargeId>,
     pub billing_reason: Option<String>,
+    /// Of a corrected invoice: the invoice it replaces; of the original: its replacement.
+    #[serde(default)]
+    pub replaces: Option<InvoiceId>,
+    #[serde(default)]
+    pub replaced_by: Option<InvoiceId>,
     pub created: DateTime<Utc>,
     pub updated: DateTime<Utc>,
 }
@@ -118,6 +123,8 @@ impl HistoryEntry {
             payment_intent: None,
             charge: None,
             billing_reason: None,
+            replaces: None,
+            replaced_by: None,
             created,
             updated: created,
         }
@@ -173,6 +180,10 @@ pub struct Movement {
     pub payment_intent: Option<PaymentIntentId>,
     pub charge: Option<ChargeId>,
     pub billing_reason: Option<String>,
+    /// A corrected invoice names the invoice it replaces (same payment, no new charge);
+    /// the original names its replacement.
+    pub replaces: Option<InvoiceId>,
+    pub replaced_by: Option<InvoiceId>,
     pub created: DateTime<Utc>,
     pub updated: DateTime<Utc>,
 }
@@ -199,6 +210,8 @@ impl Movement {
             payment_intent: e.payment_intent,
             charge: e.charge,
             billing_reason: e.billing_reason,
+            replaces: e.replaces,
+            replaced_by: e.replaced_by,
             created: e.created,
             updated: e.updated,
         })

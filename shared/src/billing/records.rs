@@ -29,6 +29,17 @@ pub const LINK_SK: &str = "LINK";
 pub const PAYMENT_SK: &str = "PAYMENT";
 pub const INVOICE_PREFIX: &str = "INVOICE#";
 
+/// Where an invoice is filed: its workspace and creation time (`INVOICE#<id>` / `LINK`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvoiceLink {
+    pub workspace: WorkspaceId,
+    pub created: i64,
+}
+
+pub fn invoice_link_pk(invoice: &InvoiceId) -> String {
+    format!("{INVOICE_PREFIX}{invoice}")
+}
+
 /// Invoices sort by creation time, so listing the prefix newest first is billing history.
 pub fn invoice_sk(created: i64, id: &InvoiceId) -> String {
     format!("{INVOICE_PREFIX}{created:012}#{id}")

@@ -295,6 +295,44 @@ pub struct PaidInvoice {
     pub idempotency_key: String,
 }
 
+/// Corrected billing details for a customer's invoices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BillingDetails {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub address: Option<Address>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    pub line1: String,
+    pub line2: Option<String>,
+    pub city: Option<String>,
+    pub postal_code: Option<String>,
+    pub state: Option<String>,
+    /// Two-letter country code (ISO 3166-1 alpha-2).
+    pub country: String,
+}
+
+/// A paid invoice reissued with corrected billing details: the customer's details are
+/// corrected, the original gets a credit note settled out of band (no money moves) and a
+/// replacement with the same lines is issued, paid by the original payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reissue {
+    pub workspace: WorkspaceId,
+    pub customer: CustomerId,
+    pub invoice: InvoiceId,
+    pub details: BillingDetails,
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reissued {
+    pub replacement: InvoiceLink,
+    pub credit_note: String,
+}
+
 /// Money given back on a charge, for a refund request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundOrder {
@@ -321,6 +359,9 @@ pub struct RefundMade {
 
 #[async_trait]
 pub trait Payments: Send + Sync {
+    /// Reissues a paid invoice with corrected billing details (see [`Reissue`]).
+    async fn reissue_invoice(&self, req: &Reissue) -> Result<Reissued, PaymentsError>;
+
     /// Creates an invoice for money already received, marked paid out of band (no charge).
     async fn paid_invoice(&self, req: &PaidInvoice) -> Result<InvoiceLink, PaymentsError>;
 

@@ -548,6 +548,33 @@ struct PayForm {
 }
 
 #[derive(Serialize)]
+struct CustomerDetailsForm<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<&'a Address>,
+}
+
+#[derive(Serialize)]
+struct CreditNoteLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    unit_amount: u64,
+    quantity: u64,
+    description: &'a str,
+}
+
+#[derive(Serialize)]
+struct CreditNoteForm<'a> {
+    invoice: &'a str,
+    lines: Vec<CreditNoteLine<'a>>,
+    out_of_band_amount: u64,
+    memo: &'a str,
+}
+
+#[derive(Serialize)]
 struct PaymentIntentForm<'a> {
     amount: u64,
     currency: &'static str,
@@ -911,6 +938,80 @@ impl Payments for StripePayments {
             &format!("{idempotency_key}-metadata"),
         )
         .await
+    }
+
+    async fn reissue_invoice(&self, req: &Reissue) -> Result<Reissued, PaymentsError> {
+        let key = &req.idempotency_key;
+        #[derive(miniserde::Deserialize)]
+        struct Created {
+            id: String,
+        }
+        let d = &req.details;
+        let _: Created = self
+            .post(
+                &format!("/customers/{}", req.customer),
+                &CustomerDetailsForm {
+                    name: d.name.as_deref(),
+                    email: d.email.as_deref(),
+                    address: d.address.as_ref(),
+                },
+                &format!("{key}-customer"),
+            )
+            .await?;
+        let original: stripe_shared::Invoice =
+            self.get(&format!("/invoices/{}", req.invoice)).await?;
+        if original.status != Some(stripe_shared::InvoiceStatus::Paid) {
+            return Err(PaymentsError::refused(format!(
+                "invoice {} is not paid; only paid invoices are reissued",
+                req.invoice
+            )));
+        }
+        let paid = u64::try_from(original.amount_paid).unwrap_or(0);
+        let number = original
+            .number
+            .clone()
+            .unwrap_or_else(|| req.invoice.to_string());
+        let memo = "Reissued with corrected billing details; replaced by a new invoice";
+        let note: Created = self
+            .post(
+                "/credit_notes",
+                &CreditNoteForm {
+                    invoice: req.invoice.as_str(),
+                    lines: vec![CreditNoteLine {
+                        kind: "custom_line_item",
+                        unit_amount: paid,
+                        quantity: 1,
+                        description: "Reissued with corrected billing details",
+                    }],
+                    out_of_band_amount: paid,
+                    memo,
+                },
+                &format!("{key}-credit-note"),
+            )
+            .await?;
+        let lines = original
+            .lines
+            .data
+            .iter()
+            .map(|l| (l.description.clone().unwrap_or_default(), l.amount))
+            .collect();
+        let replacement = self
+            .paid_invoice(&PaidInvoice {
+                workspace: req.workspace.clone(),
+                customer: req.customer.clone(),
+                lines,
+                description: format!("Corrected invoice replacing {number}"),
+                metadata: std::collections::BTreeMap::from([
+                    ("kind".to_owned(), "reissue".to_owned()),
+                    ("reissue_of".to_owned(), req.invoice.to_string()),
+                ]),
+                idempotency_key: format!("{key}-replacement"),
+            })
+            .await?;
+        Ok(Reissued {
+            replacement,
+            credit_note: note.id,
+        })
     }
 
     async fn paid_invoice(&self, req: &PaidInvoice) -> Result<InvoiceLink, PaymentsError> {

@@ -110,6 +110,10 @@ pub struct Simulator {
     /// Refunds made through the API, by idempotency key (the same key answers the same
     /// refund, or the same refusal); held while a refund is made.
     refunds: tokio::sync::Mutex<HashMap<String, Result<Value, String>>>,
+    /// Billing details set on customers (printed on their later invoices).
+    customer_details: Mutex<HashMap<CustomerId, tally::payments::BillingDetails>>,
+    /// Reissues made, by idempotency key; held while one is made.
+    reissues: tokio::sync::Mutex<HashMap<String, tally::payments::Reissued>>,
 }
 
 impl Simulator {
@@ -141,6 +145,8 @@ impl Simulator {
             charges: Mutex::new(HashMap::new()),
             disputes: Mutex::new(HashMap::new()),
             refunds: tokio::sync::Mutex::new(HashMap::new()),
+            customer_details: Mutex::new(HashMap::new()),
+            reissues: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -716,6 +722,112 @@ fn billed_invoice(inv: &Value) -> BilledInvoice {
 
 #[async_trait]
 impl Payments for Simulator {
+    async fn reissue_invoice(
+        &self,
+        req: &tally::payments::Reissue,
+    ) -> Result<tally::payments::Reissued, PaymentsError> {
+        let mut made = self.reissues.lock().await;
+        if let Some(r) = made.get(&req.idempotency_key) {
+            return Ok(r.clone());
+        }
+        let original = self
+            .invoice(req.invoice.as_str())
+            .ok_or_else(|| PaymentsError::refused(format!("No such invoice: '{}'", req.invoice)))?;
+        if original["status"] != "paid" {
+            return Err(PaymentsError::refused(format!(
+                "invoice {} is not paid; only paid invoices are reissued",
+                req.invoice
+            )));
+        }
+        if original["post_payment_credit_notes_amount"]
+            .as_i64()
+            .unwrap_or_default()
+            > 0
+        {
+            return Err(PaymentsError::refused(format!(
+                "the credit notes of invoice {} would exceed its amount paid",
+                req.invoice
+            )));
+        }
+        {
+            let mut details = self.customer_details.lock().expect("sim lock");
+            let d = details.entry(req.customer.clone()).or_default();
+            if req.details.name.is_some() {
+                d.name = req.details.name.clone();
+            }
+            if req.details.email.is_some() {
+                d.email = req.details.email.clone();
+            }
+            if req.details.address.is_some() {
+                d.address = req.details.address.clone();
+            }
+        }
+        let now = self.now();
+        let paid = original["amount_paid"].as_i64().unwrap_or_default();
+        // As Stripe: credit notes never exceed what the invoice was paid.
+        let credited = original["post_payment_credit_notes_amount"]
+            .as_i64()
+            .unwrap_or_default();
+        if credited + paid > paid || paid <= 0 {
+            return Err(PaymentsError::refused(format!(
+                "the credit notes of invoice {} would exceed its amount paid",
+                req.invoice
+            )));
+        }
+        let mut credited_invoice = original.clone();
+        credited_invoice["post_payment_credit_notes_amount"] = json!(credited + paid);
+        self.store_invoice(&credited_invoice, None);
+        let mut note = fixture("credit_note");
+        let note_id = new_id("cn");
+        note["id"] = json!(note_id);
+        note["invoice"] = json!(req.invoice);
+        note["customer"] = json!(req.customer);
+        note["created"] = json!(now);
+        note["effective_at"] = json!(now);
+        note["amount"] = json!(paid);
+        note["total"] = json!(paid);
+        note["subtotal"] = json!(paid);
+        note["out_of_band_amount"] = json!(paid);
+        note["post_payment_amount"] = json!(paid);
+        note["pre_payment_amount"] = json!(0);
+        note["type"] = json!("post_payment");
+        note["status"] = json!("issued");
+        note["memo"] = json!("Reissued with corrected billing details; replaced by a new invoice");
+        note["refunds"] = json!([]);
+        self.deliver("credit_note.created", note).await;
+        let lines = original["lines"]["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                (
+                    l["description"].as_str().unwrap_or_default().to_owned(),
+                    l["amount"].as_i64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let number = original["number"].as_str().unwrap_or(req.invoice.as_str());
+        let replacement = self
+            .paid_invoice(&tally::payments::PaidInvoice {
+                workspace: req.workspace.clone(),
+                customer: req.customer.clone(),
+                lines,
+                description: format!("Corrected invoice replacing {number}"),
+                metadata: std::collections::BTreeMap::from([
+                    ("kind".to_owned(), "reissue".to_owned()),
+                    ("reissue_of".to_owned(), req.invoice.to_string()),
+                ]),
+                idempotency_key: format!("{}-replacement", req.idempotency_key),
+            })
+            .await?;
+        let r = tally::payments::Reissued {
+            replacement,
+            credit_note: note_id,
+        };
+        made.insert(req.idempotency_key.clone(), r.clone());
+        Ok(r)
+    }
+
     async fn paid_invoice(
         &self,
         req: &tally::payments::PaidInvoice,
@@ -777,6 +889,16 @@ impl Payments for Simulator {
         inv["metadata"] = metadata;
         inv["description"] = json!(req.description);
         inv["auto_advance"] = json!(false);
+        if let Some(d) = self
+            .customer_details
+            .lock()
+            .expect("sim lock")
+            .get(&req.customer)
+        {
+            inv["customer_name"] = json!(d.name);
+            inv["customer_email"] = json!(d.email);
+            inv["customer_address"] = json!(d.address);
+        }
         finalize(&mut inv, now);
         let finalized = inv.clone();
         // Paid out of band: marked paid, no charge.

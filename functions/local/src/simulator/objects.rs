@@ -11,7 +11,7 @@ use std::str::FromStr;
 use tally::ids::{CustomerId, IdError, InvoiceId, SubscriptionId};
 use tally::ledger::Interval;
 
-const FIXTURES: [(&str, &str); 9] = [
+const FIXTURES: [(&str, &str); 10] = [
     (
         "invoice_payment",
         include_str!("../../../../fixtures/stripe/invoice_payment.json"),
@@ -47,6 +47,10 @@ const FIXTURES: [(&str, &str); 9] = [
     (
         "event",
         include_str!("../../../../fixtures/stripe/event.json"),
+    ),
+    (
+        "credit_note",
+        include_str!("../../../../fixtures/stripe/credit_note.json"),
     ),
 ];
 
