@@ -233,6 +233,8 @@ async fn staff_decide_other_reasons_and_partial_refunds_never_add_up_to_more_tha
         .await;
     assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
     assert_eq!(done.body["credits_taken_back"], 250);
+    assert_eq!(done.body["credits_bought"], 250);
+    assert_eq!(done.body["credits_already_spent"], 0);
     assert_eq!(app.available(ws).await, 750);
     // Approving a finished request again is refused.
     app.post(
@@ -856,4 +858,114 @@ async fn the_sample_events_reach_the_refunds_function_and_worker_as_lambda_deliv
         .map(|f| f.item_identifier.clone())
         .collect();
     assert_eq!(failed, ids);
+}
+
+#[tokio::test]
+async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_request_once() {
+    let app = TestApp::new();
+    let ws = "org_rr8";
+    let charge = buy_packs(&app, ws, 1).await;
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let parked = tally::queue::local::LocalQueue::new("parked.fifo", true, 5);
+    let requests = RefundRequests {
+        docs: app.docs.clone(),
+        ledger: app.ledger.store.clone(),
+        queue: parked,
+        duplicate_window: chrono::Duration::minutes(30),
+    };
+    let now = app.clock.now();
+    let r = requests
+        .create(
+            &workspace,
+            NewRequest {
+                payment: charge.clone(),
+                reason: RefundReason::TechnicalIssue,
+                details: "x".into(),
+                requested_by: "u1".into(),
+                id: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    // Stripe's events arrive before the worker recorded anything (it crashed after asking
+    // Stripe, say): succeeded, then a late pending, then succeeded again.
+    let refund: tally::ids::RefundId = "re_Early".parse().unwrap();
+    for status in ["succeeded", "pending", "succeeded"] {
+        tally::refund_requests::stripe_refund_status(
+            app.docs.as_ref(),
+            &workspace,
+            &r.id,
+            1,
+            &refund,
+            status,
+            now,
+        )
+        .await
+        .unwrap();
+    }
+    let got = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(got.status, RequestStatus::Succeeded);
+    assert_eq!(got.refund.as_ref(), Some(&refund));
+    let settled: Vec<RequestStatus> = got.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        settled,
+        vec![
+            RequestStatus::InReview,
+            RequestStatus::Approved,
+            RequestStatus::Succeeded
+        ],
+        "one step per change, none for repeats"
+    );
+    // The worker's delivery then asks Stripe nothing and only confirms.
+    let server = MockServer::start().await;
+    let worker = RefundWorker {
+        docs: app.docs.clone(),
+        payments: Arc::new(
+            tally::payments::stripe_api::StripePayments::new(
+                "sk_test_tally",
+                Some(&format!("{}/", server.uri())),
+            )
+            .unwrap(),
+        ),
+        notifications: app.local.notifications_queue.clone(),
+        clock: app.clock.clone(),
+    };
+    worker
+        .consume(&Delivery {
+            message_id: "m1".into(),
+            body: json!({"workspace": ws, "request": r.id, "attempt": 1}).to_string(),
+            group_id: None,
+            receive_count: 1,
+        })
+        .await
+        .unwrap();
+    assert!(server.received_requests().await.unwrap().is_empty());
+    app.local.notifications_queue.until_idle().await;
+    assert!(
+        app.local
+            .notifications
+            .all()
+            .iter()
+            .any(|n| n["type"] == "refund.confirmed" && n["request"] == r.id.as_str())
+    );
+    // The payment is fully claimed by the refund: no further request.
+    let again = requests
+        .create(
+            &workspace,
+            NewRequest {
+                payment: charge,
+                reason: RefundReason::Other,
+                details: "x".into(),
+                requested_by: "u1".into(),
+                id: None,
+            },
+            now,
+        )
+        .await;
+    assert_eq!(again.unwrap_err().details().code, "not_refundable");
 }

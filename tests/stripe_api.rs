@@ -856,23 +856,34 @@ async fn a_receipt_invoice_is_paid_out_of_band_and_never_charges() {
         )
         .mount(&server)
         .await;
-    let link = client(&server)
-        .await
-        .paid_invoice(&PaidInvoice {
-            workspace: WorkspaceId::parse("org_t").unwrap(),
-            customer: CustomerId::parse("cus_T").unwrap(),
-            lines: vec![("Auto top-up: pack_100".into(), 1100)],
-            description: "Auto top-up, paid by pi_T".into(),
-            metadata: BTreeMap::from([
-                ("kind".to_owned(), "top_up".to_owned()),
-                ("payment_intent".to_owned(), "pi_T".to_owned()),
-            ]),
-            idempotency_key: "tally-topup-org_t-7-receipt".into(),
-        })
-        .await
-        .unwrap();
+    let mut customer = fixture("customer");
+    customer["id"] = json!("cus_T");
+    customer["balance"] = json!(0);
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_T"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer.clone()))
+        .mount(&server)
+        .await;
+    let receipt = PaidInvoice {
+        workspace: WorkspaceId::parse("org_t").unwrap(),
+        customer: CustomerId::parse("cus_T").unwrap(),
+        lines: vec![("Auto top-up: pack_100".into(), 1100)],
+        description: "Auto top-up, paid by pi_T".into(),
+        metadata: BTreeMap::from([
+            ("kind".to_owned(), "top_up".to_owned()),
+            ("payment_intent".to_owned(), "pi_T".to_owned()),
+        ]),
+        idempotency_key: "tally-topup-org_t-7-receipt".into(),
+    };
+    let link = client(&server).await.paid_invoice(&receipt).await.unwrap();
     assert_eq!(link.id.as_str(), "in_receipt");
-    let reqs = server.received_requests().await.unwrap();
+    let all = server.received_requests().await.unwrap();
+    assert_eq!(
+        all[0].url.path(),
+        "/v1/customers/cus_T",
+        "the balance is read first"
+    );
+    let reqs = &all[1..];
     let paths: Vec<&str> = reqs.iter().map(|r| r.url.path()).collect();
     assert_eq!(
         paths,
@@ -918,6 +929,20 @@ async fn a_receipt_invoice_is_paid_out_of_band_and_never_charges() {
             "tally-topup-org_t-7-receipt-pay"
         ]
     );
+    // A customer with a balance: an invoice would apply it, so none is made.
+    let owed = MockServer::start().await;
+    customer["balance"] = json!(-500);
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_T"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer))
+        .mount(&owed)
+        .await;
+    let refused = client(&owed).await.paid_invoice(&receipt).await;
+    assert!(
+        matches!(&refused, Err(PaymentsError::Refused { message, .. }) if message.contains("balance")),
+        "{refused:?}"
+    );
+    assert_eq!(owed.received_requests().await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -937,6 +962,13 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
     Mock::given(method("GET"))
         .and(path("/v1/invoices/in_orig"))
         .respond_with(ResponseTemplate::new(200).set_body_json(original))
+        .mount(&server)
+        .await;
+    let mut customer = fixture("customer");
+    customer["balance"] = json!(0);
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_R"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer))
         .mount(&server)
         .await;
     for (p, body) in [
@@ -988,9 +1020,11 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
     assert_eq!(
         calls,
         vec![
+            ("GET".to_string(), "/v1/customers/cus_R"),
             ("POST".to_string(), "/v1/customers/cus_R"),
             ("GET".to_string(), "/v1/invoices/in_orig"),
             ("POST".to_string(), "/v1/credit_notes"),
+            ("GET".to_string(), "/v1/customers/cus_R"),
             ("POST".to_string(), "/v1/invoices"),
             ("POST".to_string(), "/v1/invoiceitems"),
             ("POST".to_string(), "/v1/invoices/in_new/finalize"),
@@ -1000,7 +1034,7 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
     );
     // The corrected address replaces the old one whole: the parts not given are emptied.
     assert_eq!(
-        form(&reqs[0]),
+        form(&reqs[1]),
         expected(&[
             ("name", "Acme GmbH"),
             ("address[line1]", "Hauptstr. 1"),
@@ -1011,15 +1045,15 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
             ("address[country]", "DE"),
         ])
     );
-    let note = form(&reqs[2]);
+    let note = form(&reqs[3]);
     assert_eq!(note["invoice"], "in_orig");
     assert_eq!(note["out_of_band_amount"], "4100");
     assert_eq!(note["lines[0][type]"], "custom_line_item");
     assert_eq!(note["lines[0][unit_amount]"], "4100");
-    let inv = form(&reqs[3]);
+    let inv = form(&reqs[5]);
     assert_eq!(inv["metadata[kind]"], "reissue");
     assert_eq!(inv["metadata[reissue_of]"], "in_orig");
     assert_eq!(inv["description"], "Corrected invoice replacing A-0001");
-    assert_eq!(form(&reqs[4])["amount"], "4100");
-    assert_eq!(form(&reqs[6]), expected(&[("paid_out_of_band", "true")]));
+    assert_eq!(form(&reqs[6])["amount"], "4100");
+    assert_eq!(form(&reqs[8]), expected(&[("paid_out_of_band", "true")]));
 }

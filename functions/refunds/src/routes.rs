@@ -53,6 +53,10 @@ pub struct RefundRequestView {
     /// Credits the refund took back (the unspent part of what the money bought), once
     /// Stripe reported it.
     pub credits_taken_back: Option<Credits>,
+    /// Credits the refunded money bought, and the part of them already spent (not taken
+    /// back), once Stripe reported the refund.
+    pub credits_bought: Option<Credits>,
+    pub credits_already_spent: Option<Credits>,
 }
 
 async fn view(st: &RefundsState, request: RefundRequest) -> ApiResult<RefundRequestView> {
@@ -66,9 +70,37 @@ async fn view(st: &RefundsState, request: RefundRequest) -> ApiResult<RefundRequ
             }),
         None => None,
     };
+    // What the refunded money bought: its share of the purchase's credits.
+    let credits_bought = match credits_taken_back {
+        Some(_) => history::get(
+            st.requests.docs.as_ref(),
+            &request.workspace,
+            &request.movement,
+        )
+        .await?
+        .filter(|e| e.amount > Cents::ZERO)
+        .map(|e| {
+            let granted = e
+                .granted
+                .values()
+                .fold(Credits::ZERO, |a, c| a.checked_add(*c).unwrap_or(a));
+            tally::ledger::Share {
+                numerator: request.amount.get().min(e.amount.get()),
+                denominator: e.amount.get(),
+            }
+            .of(granted)
+        }),
+        None => None,
+    };
+    let credits_already_spent = match (credits_bought, credits_taken_back) {
+        (Some(b), Some(t)) => Some(Credits::new(b.get().saturating_sub(t.get()))),
+        _ => None,
+    };
     Ok(RefundRequestView {
         request,
         credits_taken_back,
+        credits_bought,
+        credits_already_spent,
     })
 }
 

@@ -178,6 +178,11 @@ impl BillingEvents {
                 .get("payment_intent")
                 .and_then(|p| crate::ids::PaymentIntentId::parse(p).ok())
         {
+            // Its links go on the payment's line once it is paid (an open one could be
+            // paid again from its page, so it is never shown).
+            if record.status != "paid" {
+                return Ok(());
+            }
             super::history::record(
                 self.docs.as_ref(),
                 workspace,

@@ -52,11 +52,12 @@ impl StripePayments {
     }
 }
 
-/// Client errors (4xx but 429) are refusals: the same request will be refused again.
-/// Rate limits, server errors and failures to reach Stripe or read its answer may pass.
+/// Client errors (4xx but 409 and 429) are refusals: the same request will be refused
+/// again. Rate limits, a request with the same idempotency key still in progress (409),
+/// server errors and failures to reach Stripe or read its answer may pass.
 fn classify(e: StripeError) -> PaymentsError {
     match &e {
-        StripeError::Stripe(err, status) if *status < 500 && *status != 429 => {
+        StripeError::Stripe(err, status) if *status < 500 && *status != 429 && *status != 409 => {
             let message = format!("{status}: {}", err.message.as_deref().unwrap_or_default());
             PaymentsError::refused(message).caused_by(e)
         }
@@ -946,6 +947,15 @@ impl Payments for StripePayments {
         struct Created {
             id: String,
         }
+        // A balance would be applied to the replacement: refused before anything is made.
+        let customer: stripe_shared::Customer =
+            self.get(&format!("/customers/{}", req.customer)).await?;
+        if let Some(balance) = customer.balance.filter(|b| *b != 0) {
+            return Err(PaymentsError::refused(format!(
+                "customer {} has a balance of {balance} cents, which a replacement invoice would apply; reissue it by hand",
+                req.customer
+            )));
+        }
         let d = &req.details;
         let _: Created = self
             .post(
@@ -1016,6 +1026,17 @@ impl Payments for StripePayments {
 
     async fn paid_invoice(&self, req: &PaidInvoice) -> Result<InvoiceLink, PaymentsError> {
         let key = &req.idempotency_key;
+        // Finalizing applies the customer's balance to an invoice: a credit the customer
+        // is owed would be used up by a payment already made. Such an invoice is left to a
+        // person.
+        let customer: stripe_shared::Customer =
+            self.get(&format!("/customers/{}", req.customer)).await?;
+        if let Some(balance) = customer.balance.filter(|b| *b != 0) {
+            return Err(PaymentsError::refused(format!(
+                "customer {} has a balance of {balance} cents, which an invoice would apply; issue this one by hand",
+                req.customer
+            )));
+        }
         let mut metadata: BTreeMap<&str, &str> = req
             .metadata
             .iter()
@@ -1070,7 +1091,7 @@ impl Payments for StripePayments {
                 &format!("{key}-finalize"),
             )
             .await?;
-        let paid: stripe_shared::Invoice = self
+        let paid: stripe_shared::Invoice = match self
             .post(
                 &format!("/invoices/{id}/pay"),
                 &PayForm {
@@ -1078,7 +1099,25 @@ impl Payments for StripePayments {
                 },
                 &format!("{key}-pay"),
             )
-            .await?;
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                // Never leave an open invoice for money already received: it could be paid
+                // a second time from its page.
+                let voided: Result<stripe_shared::Invoice, _> = self
+                    .post(
+                        &format!("/invoices/{id}/void"),
+                        &NoForm {},
+                        &format!("{key}-void"),
+                    )
+                    .await;
+                if let Err(v) = voided {
+                    tracing::error!(invoice = %id, error = %v, "an open receipt invoice could not be voided");
+                }
+                return Err(e);
+            }
+        };
         Ok(InvoiceLink {
             id,
             hosted_invoice_url: paid.hosted_invoice_url.unwrap_or_default(),

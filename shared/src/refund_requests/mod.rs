@@ -411,6 +411,18 @@ impl RefundRequests {
             }
             review => review,
         };
+        // Where the request lives, first: a claim is never left that staff cannot find.
+        docs::update(
+            self.docs.as_ref(),
+            &request_sk(&id),
+            LINK_SK,
+            |cur: Option<RequestLink>| {
+                cur.is_none().then(|| RequestLink {
+                    workspace: workspace.clone(),
+                })
+            },
+        )
+        .await?;
         // Claim under the payment's version guard: concurrent requests cannot both pass.
         let claims_pk = charge_pk(&charge);
         let approve = matches!(verdict, Verdict::Approve(_));
@@ -509,28 +521,20 @@ impl RefundRequests {
             steps: Vec::new(),
         };
         request.step(now, RequestStatus::InReview, &by, None);
-        match &verdict {
-            Verdict::Approve(why) if claim.status == RequestStatus::Approved => {
-                request.attempt = claim.attempt;
-                request.step(now, RequestStatus::Approved, "tally", Some(why.clone()));
-            }
-            Verdict::Approve(why) | Verdict::Review(why) => {
-                if let Some(s) = request.steps.last_mut() {
-                    s.note = Some(why.clone());
-                }
-            }
+        // The claim is the decision (a retry keeps what the first attempt decided).
+        let why = match &verdict {
+            Verdict::Approve(why) | Verdict::Review(why) => why.clone(),
+        };
+        if claim.status == RequestStatus::Approved {
+            request.attempt = claim.attempt;
+            let why = match &verdict {
+                Verdict::Approve(_) => why,
+                Verdict::Review(_) => "verified from the records when first filed".into(),
+            };
+            request.step(now, RequestStatus::Approved, "tally", Some(why));
+        } else if let Some(s) = request.steps.last_mut() {
+            s.note = Some(why);
         }
-        docs::update(
-            self.docs.as_ref(),
-            &request_sk(&id),
-            LINK_SK,
-            |cur: Option<RequestLink>| {
-                cur.is_none().then(|| RequestLink {
-                    workspace: workspace.clone(),
-                })
-            },
-        )
-        .await?;
         let stored = docs::update(
             self.docs.as_ref(),
             &workspace_pk(workspace),
@@ -829,6 +833,12 @@ impl RefundRequests {
             ))),
         })
         .await?;
+        // Denied now, or before (then the request catches up with its claim if a crash
+        // left it behind).
+        let (claim, note) = match claim {
+            Some(c) => (Some(c), note),
+            None => (current(self.docs.as_ref(), &r.charge, id).await?, None),
+        };
         match claim {
             Some(c) => Ok(project(
                 self.docs.as_ref(),
@@ -839,7 +849,7 @@ impl RefundRequests {
                 note,
             )
             .await?
-            .ok_or_else(Problem::internal)?),
+            .unwrap_or(r)),
             None => Ok(r),
         }
     }
@@ -888,6 +898,17 @@ async fn transition<E: From<crate::store::StoreError>>(
         "the refund claims of {charge} kept changing"
     ))
     .into())
+}
+
+/// The claim of request `id` on `charge`, as stored.
+async fn current(
+    store: &dyn DocStore,
+    charge: &ChargeId,
+    id: &str,
+) -> Result<Option<Claim>, crate::store::StoreError> {
+    Ok(docs::get::<Claims>(store, &charge_pk(charge), CLAIMS_SK)
+        .await?
+        .and_then(|c| c.get(id).cloned()))
 }
 
 /// Brings the request document to the state of its claim (never backwards), with a step
@@ -973,6 +994,10 @@ pub async fn stripe_refund_status(
     })
     .await?;
     let Some(claim) = moved else {
+        // Nothing new; a request left behind by a crash catches up with its claim.
+        if let Some(c) = current(store, &r.charge, request).await? {
+            project(store, workspace, &c, at, "stripe", None).await?;
+        }
         return Ok(None);
     };
     let note = (next == RequestStatus::Failed)
@@ -1025,6 +1050,11 @@ pub async fn refused(
             )
             .await
         }
-        None => Ok(None),
+        None => {
+            if let Some(c) = current(store, &r.charge, &r.id).await? {
+                project(store, &r.workspace, &c, at, "stripe", None).await?;
+            }
+            Ok(None)
+        }
     }
 }
