@@ -664,6 +664,14 @@ async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuse
     assert_eq!(since, all);
     let before = history(&app, ws, &format!("&to={}", oldest.replace('+', "%2B")), 3).await;
     assert!(before.is_empty());
+    let reversed = history(
+        &app,
+        ws,
+        "&from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z",
+        3,
+    )
+    .await;
+    assert!(reversed.is_empty(), "an empty range is empty, not an error");
     // Invoices alone keep their own list, with a cursor too.
     let mut invoices = Vec::new();
     let mut path = "/v1/invoices?limit=1".to_owned();
@@ -696,7 +704,6 @@ async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuse
         "limit=0",
         "limit=101",
         "from=yesterday",
-        "from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z",
         "other=1",
     ] {
         app.get(&format!("/v1/billing/history?{bad}"), &owner(ws))

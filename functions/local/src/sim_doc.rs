@@ -112,7 +112,8 @@ pub fn sim_paths() -> Value {
             "parameters": id_param("Charge id"),
             "requestBody": {"required": true, "content": {"application/json": {"schema": {
                 "type": "object", "additionalProperties": false,
-                "properties": {"amount": {"type": ["integer", "null"],
+                "properties": {"amount": {"type": ["integer", "null"], "minimum": 1,
+                    "maximum": 100_000_000_000_i64,
                     "description": "Cents; all that is not yet refunded when absent"}}}}}},
             "responses": {"200": {"description": "The refund", "content": {"application/json": {
                     "schema": {"type": "object"}}}},

@@ -314,6 +314,11 @@ pub async fn page(
     workspace: &WorkspaceId,
     q: &HistoryQuery,
 ) -> Result<(Vec<Movement>, Option<String>), StoreError> {
+    if let (Some(f), Some(t)) = (q.from, q.to)
+        && f >= t
+    {
+        return Ok((Vec::new(), None));
+    }
     let pk = workspace_pk(workspace);
     // `to` is exclusive: start below the first key of that second.
     let upper =

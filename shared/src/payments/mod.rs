@@ -306,12 +306,18 @@ pub struct BillingDetails {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Address {
+    #[schema(schema_with = crate::http::text::text_schema)]
     pub line1: String,
+    #[schema(schema_with = crate::http::text::optional_text_schema)]
     pub line2: Option<String>,
+    #[schema(schema_with = crate::http::text::optional_text_schema)]
     pub city: Option<String>,
+    #[schema(schema_with = crate::http::text::optional_text_schema)]
     pub postal_code: Option<String>,
+    #[schema(schema_with = crate::http::text::optional_text_schema)]
     pub state: Option<String>,
     /// Two-letter country code (ISO 3166-1 alpha-2).
+    #[schema(pattern = "^[A-Z]{2}$")]
     pub country: String,
 }
 

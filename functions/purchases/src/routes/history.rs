@@ -27,7 +27,7 @@ pub struct HistoryParams {
     pub kind: Option<String>,
     /// Movements created at or after this time (RFC 3339).
     pub from: Option<DateTime<Utc>>,
-    /// Movements created before this time (RFC 3339).
+    /// Movements created before this time (RFC 3339); at or before `from`, nothing.
     pub to: Option<DateTime<Utc>>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^[0-9]{1,12}-[A-Za-z0-9_]{1,100}$")]
@@ -90,11 +90,6 @@ async fn read(
             })
             .collect::<Result<_, _>>()?,
     };
-    if let (Some(f), Some(t)) = (q.from, q.to)
-        && f >= t
-    {
-        return Err(Problem::validation("to", "must be after from"));
-    }
     let cursor = q
         .cursor
         .as_deref()

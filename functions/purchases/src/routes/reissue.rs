@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::billing::records::*;
 use tally::http::auth::Staff;
+use tally::http::text::MAX_TEXT_CHARS;
 use tally::http::{ApiJson, ApiPath, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::InvoiceId;
 use tally::payments::{Address, BillingDetails, Reissue};
@@ -22,7 +23,7 @@ pub struct ReissueBody {
     #[schema(schema_with = tally::http::text::optional_text_schema)]
     pub name: Option<String>,
     /// The billing email.
-    #[schema(pattern = "^[^@\\s]{1,64}@[^@\\s]{1,190}$", max_length = 254)]
+    #[schema(pattern = "^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63}){1,8}$")]
     pub email: Option<String>,
     pub address: Option<Address>,
 }
@@ -57,12 +58,20 @@ fn text(field: &str, value: &Option<String>, max: usize) -> ApiResult<Option<Str
 /// Checks what is printed on an invoice: one line of visible text each, a plausible email
 /// and a two-letter country.
 fn details(body: &ReissueBody) -> ApiResult<BillingDetails> {
-    let name = text("name", &body.name, 200)?;
-    let email = text("email", &body.email, 254)?;
+    let name = text("name", &body.name, MAX_TEXT_CHARS)?;
+    let email = body.email.clone();
     if let Some(e) = &email {
+        let label = |l: &str| {
+            (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
         let ok = e.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.contains('@')
-        }) && !e.contains(char::is_whitespace);
+            (1..=64).contains(&local.len())
+                && local
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._%+-".contains(&b))
+                && (2..=9).contains(&domain.split('.').count())
+                && domain.split('.').all(label)
+        });
         if !ok {
             return Err(Problem::validation("email", "must be an email address"));
         }
@@ -70,33 +79,25 @@ fn details(body: &ReissueBody) -> ApiResult<BillingDetails> {
     let address = match &body.address {
         None => None,
         Some(a) => {
-            let country = a.country.trim();
+            let country = a.country.as_str();
             if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
                 return Err(Problem::validation(
                     "address.country",
                     "must be a two-letter country code, such as DE",
                 ));
             }
-            let line1 = tally::http::text::one_line("address.line1", &a.line1, 200)?;
-            if line1.is_empty() {
-                return Err(Problem::validation("address.line1", "must not be empty"));
-            }
+            let line1 = tally::http::text::one_line("address.line1", &a.line1, MAX_TEXT_CHARS)?;
             Some(Address {
                 line1: line1.to_owned(),
-                line2: text("address.line2", &a.line2, 200)?,
-                city: text("address.city", &a.city, 100)?,
-                postal_code: text("address.postal_code", &a.postal_code, 20)?,
-                state: text("address.state", &a.state, 100)?,
+                line2: text("address.line2", &a.line2, MAX_TEXT_CHARS)?,
+                city: text("address.city", &a.city, MAX_TEXT_CHARS)?,
+                postal_code: text("address.postal_code", &a.postal_code, MAX_TEXT_CHARS)?,
+                state: text("address.state", &a.state, MAX_TEXT_CHARS)?,
                 country: country.to_owned(),
             })
         }
     };
-    if name.is_none() && email.is_none() && address.is_none() {
-        return Err(Problem::validation(
-            "name",
-            "give the corrected name, email or address",
-        ));
-    }
+    // Nothing to correct is a reissue of the same details (a lost or spoiled copy).
     Ok(BillingDetails {
         name,
         email,
@@ -214,8 +215,11 @@ mod tests {
             "address": {"line1": "Hauptstr. 1", "city": "Berlin", "country": "DE"}})))
         .unwrap();
         assert_eq!(ok.address.unwrap().country, "DE");
+        assert!(
+            details(&body(serde_json::json!({}))).is_ok(),
+            "a plain reissue"
+        );
         for bad in [
-            serde_json::json!({}),
             serde_json::json!({"name": "Acme\u{0000}"}),
             serde_json::json!({"email": "not-an-email"}),
             serde_json::json!({"email": "a b@c.de"}),
