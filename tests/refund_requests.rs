@@ -415,7 +415,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     let parked = tally::queue::local::LocalQueue::new("parked.fifo", true, 5);
     let requests = RefundRequests {
         docs: app.docs.clone(),
-        ledger: app.ledger.store.clone(),
+        ledger: app.ledger.clone(),
         queue: parked,
         duplicate_window: chrono::Duration::minutes(30),
     };
@@ -632,12 +632,98 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     ));
     let asked = silent.received_requests().await.unwrap().len();
     assert!(asked >= 1);
+    // A day later the worker looks for the refund instead of asking again: Stripe lists
+    // none for this approval, so it fails and staff may approve it again.
+    Mock::given(method("GET"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"}),
+        ))
+        .mount(&silent)
+        .await;
     app.clock.advance(chrono::Duration::hours(24));
     waiting.consume(&stuck(2)).await.unwrap();
-    assert_eq!(silent.received_requests().await.unwrap().len(), asked);
-    let r2 = requests.get(&workspace, &r2.id).await.unwrap().unwrap();
-    assert_eq!(r2.status, RequestStatus::Approved, "waits for a person");
-    assert!(r2.sent_at.is_some());
+    let after: Vec<(String, String)> = silent
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|q| (q.method.to_string(), q.url.path().to_owned()))
+        .collect();
+    assert_eq!(after.len(), asked + 1);
+    assert_eq!(after[asked], ("GET".to_owned(), "/v1/refunds".to_owned()));
+    assert!(
+        after[asked].0 == "GET",
+        "no refund is asked for after a day: {after:?}"
+    );
+    let failed = requests.get(&workspace, &r2.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, RequestStatus::Failed);
+    let again = requests
+        .approve(&r2.id, "staff1", None, None, app.clock.now())
+        .await
+        .unwrap();
+    assert_eq!((again.status, again.attempt), (RequestStatus::Approved, 3));
+    assert_eq!(again.sent_at, None, "a new approval is sent afresh");
+
+    // Found: the refund Stripe made for the approval is recorded, nothing is asked again.
+    let found = MockServer::start().await;
+    let mut made = stripe_refund("re_Found", &c2, 100);
+    made["metadata"] = json!({"org_id": ws, "refund_request": r2.id, "refund_attempt": "3"});
+    Mock::given(method("GET"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"object": "list", "data": [made], "has_more": false, "url": "/v1/refunds"}),
+        ))
+        .mount(&found)
+        .await;
+    let finder = RefundWorker {
+        payments: Arc::new(
+            tally::payments::stripe_api::StripePayments::new(
+                "sk_test_tally",
+                Some(&format!("{}/", found.uri())),
+            )
+            .unwrap(),
+        ),
+        ..waiting
+    };
+    // Sent once (its outcome lost), then a day passes.
+    tally::store::docs::update(
+        app.docs.as_ref(),
+        &format!("WORKSPACE#{ws}"),
+        &format!("REFUND_REQUEST#{}", r2.id),
+        |cur: Option<tally::refund_requests::RefundRequest>| {
+            let mut c = cur?;
+            c.sent_at = Some(app.clock.now());
+            Some(c)
+        },
+    )
+    .await
+    .unwrap();
+    app.clock.advance(chrono::Duration::hours(24));
+    let job4 = json!({"workspace": ws, "request": r2.id, "attempt": 3}).to_string();
+    finder
+        .consume(&Delivery {
+            message_id: "f1".into(),
+            body: job4,
+            group_id: None,
+            receive_count: 1,
+        })
+        .await
+        .unwrap();
+    let recorded = requests.get(&workspace, &r2.id).await.unwrap().unwrap();
+    assert_eq!(recorded.status, RequestStatus::Succeeded);
+    assert_eq!(
+        recorded.refund.as_ref().map(|r| r.as_str()),
+        Some("re_Found")
+    );
+    assert!(
+        found
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .all(|q| q.method.to_string() == "GET")
+    );
 }
 
 #[tokio::test]
@@ -799,7 +885,7 @@ async fn invoke_refunds(app: &TestApp, file: &str) -> (u16, Value) {
     let state = refunds::RefundsState {
         requests: RefundRequests {
             docs: app.docs.clone(),
-            ledger: app.ledger.store.clone(),
+            ledger: app.ledger.clone(),
             queue: app.local.refunds_queue.clone(),
             duplicate_window: chrono::Duration::minutes(30),
         },
@@ -869,7 +955,7 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
     let parked = tally::queue::local::LocalQueue::new("parked.fifo", true, 5);
     let requests = RefundRequests {
         docs: app.docs.clone(),
-        ledger: app.ledger.store.clone(),
+        ledger: app.ledger.clone(),
         queue: parked,
         duplicate_window: chrono::Duration::minutes(30),
     };
@@ -892,6 +978,16 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
         .approve(&r.id, "staff1", None, None, now)
         .await
         .unwrap();
+    // Approved: the credits the money bought go back at once, so they cannot be spent
+    // while the refund is on its way.
+    assert_eq!(app.available(ws).await, 0);
+    app.post(
+        "/v1/generations",
+        &member(ws, "u1"),
+        json!({"workflow": "image", "model": "flux-schnell", "count": 1}),
+    )
+    .await
+    .assert_problem(402, "insufficient_credits");
     // Stripe's events arrive before the worker recorded anything (it crashed after asking
     // Stripe, say): succeeded, then a late pending, then succeeded again.
     let refund: tally::ids::RefundId = "re_Early".parse().unwrap();

@@ -388,6 +388,7 @@ impl RefreshConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundsConfig {
     pub store: StoreConfig,
+    pub catalog_path: Option<PathBuf>,
     pub refunds_queue_url: HttpUrl,
     /// An SQS-compatible server instead of AWS (local and tests).
     pub sqs_endpoint: Option<HttpUrl>,
@@ -419,6 +420,7 @@ impl RefundsConfig {
         };
         Ok(Self {
             store: StoreConfig::from_vars(&v)?,
+            catalog_path: catalog_path(&v),
             refunds_queue_url: v.required_url(REFUNDS_QUEUE_URL)?,
             sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
             duplicate_charge_minutes,

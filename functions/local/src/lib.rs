@@ -171,7 +171,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let refunding = refunds::RefundsState {
         requests: tally::refund_requests::RefundRequests {
             docs: cfg.docs.clone(),
-            ledger: cfg.ledger.store.clone(),
+            ledger: cfg.ledger.clone(),
             queue: refunds_queue.clone(),
             duplicate_window: tally::refund_requests::rules::DEFAULT_DUPLICATE_WINDOW,
         },

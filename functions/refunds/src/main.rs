@@ -13,15 +13,17 @@ use tally::refund_requests::RefundRequests;
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
     let cfg = RefundsConfig::from_env()?;
+    let catalog = Arc::new(tally::catalog::Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
+    let ledger = tally::service::Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
     let queue = SqsQueue::new(
         SqsQueue::client(cfg.sqs_endpoint.as_ref()).await,
         cfg.refunds_queue_url.as_str(),
     );
     let state = RefundsState {
         requests: RefundRequests {
-            docs: store.clone(),
-            ledger: store,
+            docs: store,
+            ledger,
             queue: Arc::new(queue),
             duplicate_window: chrono::Duration::minutes(i64::from(cfg.duplicate_charge_minutes)),
         },

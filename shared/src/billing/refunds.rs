@@ -268,29 +268,9 @@ impl BillingEvents {
             for &(lot, credits) in &lots {
                 // The ledger keeps how much of the payment each lot has followed, so this
                 // is exact under retries, reordering and a concurrent follower.
-                let bought = Share {
-                    numerator: refunded,
-                    denominator: paid,
-                }
-                .of(credits);
-                let note = format!(
-                    "{refunded} of {paid} cents paid by {charge} refunded; that money bought {bought} credits of lot_{lot}"
-                );
+                let req = take_back_request(&workspace, charge, pi, lot, credits, refunded, paid);
                 let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
-                let outcome = self
-                    .follow(
-                        &workspace,
-                        &key,
-                        pi,
-                        charge,
-                        Operation::TakeBack {
-                            lot,
-                            refunded,
-                            paid,
-                            note,
-                        },
-                    )
-                    .await?;
+                let outcome = self.run(req).await?;
                 if let Some(o) = outcome {
                     let by = refund_reaching(&payment, refunded).map(|r| r.id.to_string());
                     self.taken_back_history(&workspace, &row, by.as_deref(), &key, o.clawed_back)
@@ -384,18 +364,14 @@ impl BillingEvents {
         charge: &ChargeId,
         op: Operation,
     ) -> Result<Option<crate::ledger::Outcome>, ConsumeError> {
-        let fingerprint = format!("{key}:{}", crate::service::fingerprint(&format!("{op:?}")));
-        let req = LedgerRequest {
-            workspace: workspace.clone(),
-            key: IdempotencyKey::derived(key.to_owned()),
-            fingerprint,
-            actor: Actor::new(ActorKind::Stripe, charge.to_string()),
-            refs: Refs {
-                charge: Some(pi.to_string()),
-                ..Refs::default()
-            },
-            op,
-        };
+        self.run(follow_request(workspace, key, pi, charge, op))
+            .await
+    }
+
+    async fn run(
+        &self,
+        req: LedgerRequest,
+    ) -> Result<Option<crate::ledger::Outcome>, ConsumeError> {
         match self.ledger.execute(req).await {
             Ok(o) => Ok(Some(o)),
             // The same key with a different share: the facts moved between two attempts.
@@ -503,6 +479,63 @@ impl BillingEvents {
         }
         Ok(())
     }
+}
+
+/// A ledger operation following a payment, keyed by its cause.
+fn follow_request(
+    workspace: &WorkspaceId,
+    key: &str,
+    pi: &PaymentIntentId,
+    charge: &ChargeId,
+    op: Operation,
+) -> LedgerRequest {
+    let fingerprint = format!("{key}:{}", crate::service::fingerprint(&format!("{op:?}")));
+    LedgerRequest {
+        workspace: workspace.clone(),
+        key: IdempotencyKey::derived(key.to_owned()),
+        fingerprint,
+        actor: Actor::new(ActorKind::Stripe, charge.to_string()),
+        refs: Refs {
+            charge: Some(pi.to_string()),
+            ..Refs::default()
+        },
+        op,
+    }
+}
+
+/// The take-back of what `refunded` of the `paid` cents of a payment bought of a lot of
+/// `credits`: the same request whether a refund request's approval runs it or Stripe's
+/// refund event does later (then it is a replay and takes nothing twice).
+pub fn take_back_request(
+    workspace: &WorkspaceId,
+    charge: &ChargeId,
+    pi: &PaymentIntentId,
+    lot: u64,
+    credits: Credits,
+    refunded: u64,
+    paid: u64,
+) -> LedgerRequest {
+    let bought = Share {
+        numerator: refunded,
+        denominator: paid,
+    }
+    .of(credits);
+    let note = format!(
+        "{refunded} of {paid} cents paid by {charge} refunded; that money bought {bought} credits of lot_{lot}"
+    );
+    let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
+    follow_request(
+        workspace,
+        &key,
+        pi,
+        charge,
+        Operation::TakeBack {
+            lot,
+            refunded,
+            paid,
+            note,
+        },
+    )
 }
 
 /// The refund that brought the payment's refunded total to `refunded` (refunds in the

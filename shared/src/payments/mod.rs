@@ -371,6 +371,15 @@ pub trait Payments: Send + Sync {
     /// Creates an invoice for money already received, marked paid out of band (no charge).
     async fn paid_invoice(&self, req: &PaidInvoice) -> Result<InvoiceLink, PaymentsError>;
 
+    /// The refund made on `charge` for an approval of a refund request (by its metadata),
+    /// if Stripe made one.
+    async fn find_refund(
+        &self,
+        charge: &ChargeId,
+        request: &str,
+        attempt: u32,
+    ) -> Result<Option<RefundMade>, PaymentsError>;
+
     /// Refunds part or all of a charge to the original payment method. Credits follow from
     /// Stripe's refund events.
     async fn refund(&self, order: &RefundOrder) -> Result<RefundMade, PaymentsError>;

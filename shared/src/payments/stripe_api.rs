@@ -1124,6 +1124,38 @@ impl Payments for StripePayments {
         })
     }
 
+    async fn find_refund(
+        &self,
+        charge: &ChargeId,
+        request: &str,
+        attempt: u32,
+    ) -> Result<Option<RefundMade>, PaymentsError> {
+        #[derive(miniserde::Deserialize)]
+        struct Refunds {
+            data: Vec<stripe_shared::Refund>,
+        }
+        // A charge has a handful of refunds at most; the first hundred are all of them.
+        let list: Refunds = self
+            .get(&format!("/refunds?charge={charge}&limit=100"))
+            .await?;
+        let attempt = attempt.to_string();
+        list.data
+            .into_iter()
+            .find(|r| {
+                r.metadata.as_ref().is_some_and(|m| {
+                    m.get("refund_request").map(String::as_str) == Some(request)
+                        && m.get("refund_attempt") == Some(&attempt)
+                })
+            })
+            .map(|r| {
+                Ok(RefundMade {
+                    id: returned(r.id.as_str())?,
+                    status: r.status.unwrap_or_else(|| "pending".into()),
+                })
+            })
+            .transpose()
+    }
+
     async fn refund(&self, order: &RefundOrder) -> Result<RefundMade, PaymentsError> {
         let attempt = order.attempt.to_string();
         let form = RefundForm {

@@ -235,8 +235,9 @@ pub struct NewRequest {
 #[derive(Clone)]
 pub struct RefundRequests {
     pub docs: Arc<dyn DocStore>,
-    /// The ledger's store: whether a payment's credits are still unused.
-    pub ledger: Arc<dyn crate::store::LedgerStore>,
+    /// The ledger: whether a payment's credits are still unused, and taking them back
+    /// when a refund is approved.
+    pub ledger: crate::service::Ledger,
     pub queue: Arc<dyn Queue>,
     pub duplicate_window: Duration,
 }
@@ -588,25 +589,8 @@ impl RefundRequests {
             }
         }
         // Every lot the payment bought, whole.
-        let mut lots = Vec::new();
-        if let Some(pi) = &entry.payment_intent
-            && let Some(l) =
-                docs::get::<PaymentLink>(self.docs.as_ref(), &payment_pk(pi), LINK_SK).await?
-            && let Some(lot) = l.lot
-        {
-            lots.push(lot);
-        }
-        if let Some(invoice) = &entry.invoice
-            && let Some(l) = docs::get::<crate::billing::refunds::InvoiceLots>(
-                self.docs.as_ref(),
-                &crate::billing::refunds::invoice_lots_pk(invoice),
-                LINK_SK,
-            )
-            .await?
-        {
-            lots.extend(l.lots.iter().map(|(_, seq, _)| *seq));
-        }
-        let state = self.ledger.load(workspace).await?;
+        let lots: Vec<u64> = self.lots_of(entry).await?.iter().map(|(l, _)| *l).collect();
+        let state = self.ledger.store.load(workspace).await?;
         let unused = !lots.is_empty()
             && lots.iter().all(|seq| {
                 state
@@ -626,7 +610,80 @@ impl RefundRequests {
         Ok(Verdict::Approve(why))
     }
 
+    /// The lots a payment bought, with the credits each started with.
+    async fn lots_of(&self, entry: &HistoryEntry) -> Result<Vec<(u64, Credits)>, Problem> {
+        let mut lots = Vec::new();
+        if let Some(pi) = &entry.payment_intent
+            && let Some(l) =
+                docs::get::<PaymentLink>(self.docs.as_ref(), &payment_pk(pi), LINK_SK).await?
+            && let Some(lot) = l.lot
+        {
+            lots.push((lot, l.credits));
+        }
+        if let Some(invoice) = &entry.invoice
+            && let Some(l) = docs::get::<crate::billing::refunds::InvoiceLots>(
+                self.docs.as_ref(),
+                &crate::billing::refunds::invoice_lots_pk(invoice),
+                LINK_SK,
+            )
+            .await?
+        {
+            for &(_, seq, credits) in &l.lots {
+                if !lots.iter().any(|(s, _)| *s == seq) {
+                    lots.push((seq, credits));
+                }
+            }
+        }
+        Ok(lots)
+    }
+
+    /// Takes back, as the approval is sent, what the approved money bought and is unspent:
+    /// the same ledger operation Stripe's refund event runs later (which then takes nothing
+    /// twice), so the credits cannot be spent while the refund is on its way.
+    async fn take_back_now(&self, r: &RefundRequest) -> Result<(), Problem> {
+        let Some(entry) =
+            crate::billing::history::get(self.docs.as_ref(), &r.workspace, &r.movement).await?
+        else {
+            return Ok(());
+        };
+        let Some(pi) = &entry.payment_intent else {
+            return Ok(());
+        };
+        let Some(payment) =
+            docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(&r.charge), PAYMENT_SK)
+                .await?
+        else {
+            return Ok(());
+        };
+        let paid = payment.amount.get();
+        if paid == 0 {
+            return Ok(());
+        }
+        let refunded = payment
+            .amount_refunded
+            .get()
+            .saturating_add(r.amount.get())
+            .min(paid);
+        for (lot, credits) in self.lots_of(&entry).await? {
+            let req = crate::billing::refunds::take_back_request(
+                &r.workspace,
+                &r.charge,
+                pi,
+                lot,
+                credits,
+                refunded,
+                paid,
+            );
+            match self.ledger.execute(req).await {
+                Ok(_) | Err(crate::service::ServiceError::KeyReused) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     async fn send(&self, r: &RefundRequest) -> Result<(), Problem> {
+        self.take_back_now(r).await?;
         let job = RefundJob {
             workspace: r.workspace.clone(),
             request: r.id.clone(),

@@ -90,9 +90,43 @@ impl Consumer for RefundWorker {
         // (Stripe's refund events, once they arrive, settle it).
         match r.sent_at {
             Some(t) if now - t > chrono::Duration::hours(23) => {
-                tracing::error!(request = %r.id, attempt = r.attempt, sent_at = %t,
-                    "refund outcome unknown for a day: check the charge's refunds in Stripe; not asking again");
-                return Ok(());
+                // Look for the refund instead: made, it is recorded; not made, the approval
+                // fails so staff may approve again (under a new key).
+                return match self.payments.find_refund(&r.charge, &r.id, r.attempt).await {
+                    Ok(Some(made)) => {
+                        stripe_refund_status(
+                            self.docs.as_ref(),
+                            &r.workspace,
+                            &r.id,
+                            r.attempt,
+                            &made.id,
+                            &made.status,
+                            now,
+                        )
+                        .await?;
+                        if !matches!(made.status.as_str(), "failed" | "canceled") {
+                            self.confirm(&r, &made.id).await;
+                        }
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        tracing::warn!(request = %r.id, attempt = r.attempt, sent_at = %t,
+                            "no refund made for this approval within a day; failing it");
+                        super::refused(
+                            self.docs.as_ref(),
+                            &r,
+                            "Stripe made no refund for this approval within a day; approve it again",
+                            now,
+                        )
+                        .await?;
+                        Ok(())
+                    }
+                    Err(e) if e.is_retryable() => Err(ConsumeError::retry(e)),
+                    Err(e) => {
+                        tracing::error!(request = %r.id, error = %e, "refund outcome unknown; check the charge's refunds in Stripe");
+                        Ok(())
+                    }
+                };
             }
             Some(_) => {}
             None => {

@@ -722,6 +722,32 @@ fn billed_invoice(inv: &Value) -> BilledInvoice {
 
 #[async_trait]
 impl Payments for Simulator {
+    async fn find_refund(
+        &self,
+        charge: &tally::ids::ChargeId,
+        request: &str,
+        attempt: u32,
+    ) -> Result<Option<tally::payments::RefundMade>, PaymentsError> {
+        let Some(c) = self.charge(charge.as_str()) else {
+            return Ok(None);
+        };
+        let attempt = attempt.to_string();
+        Ok(c["refunds"]["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| {
+                r["metadata"]["refund_request"] == request
+                    && r["metadata"]["refund_attempt"] == attempt.as_str()
+            })
+            .and_then(|r| {
+                Some(tally::payments::RefundMade {
+                    id: r["id"].as_str()?.parse().ok()?,
+                    status: r["status"].as_str().unwrap_or("pending").to_owned(),
+                })
+            }))
+    }
+
     async fn reissue_invoice(
         &self,
         req: &tally::payments::Reissue,
