@@ -722,7 +722,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
             .await
             .unwrap()
             .iter()
-            .all(|q| q.method.to_string() == "GET")
+            .all(|q| q.method.as_str() == "GET")
     );
 }
 
