@@ -28,6 +28,28 @@ async fn buy_packs(app: &TestApp, ws: &str, quantity: u32) -> String {
     charges.last().unwrap()["id"].as_str().unwrap().to_owned()
 }
 
+/// Refund requests over the app's documents and ledger whose approvals wait in a queue
+/// nobody consumes, so the worker under test is the only one that sees them.
+fn parked_requests(app: &TestApp) -> RefundRequests {
+    RefundRequests {
+        docs: app.docs.clone(),
+        ledger: app.ledger.clone(),
+        queue: tally::queue::local::LocalQueue::new("parked.fifo", true, 5),
+        duplicate_window: chrono::Duration::minutes(30),
+    }
+}
+
+/// The Stripe adapter pointed at a fake of Stripe's API.
+fn stripe_at(server: &MockServer) -> Arc<tally::payments::stripe_api::StripePayments> {
+    Arc::new(
+        tally::payments::stripe_api::StripePayments::new(
+            "sk_test_tally",
+            Some(&format!("{}/", server.uri())),
+        )
+        .unwrap(),
+    )
+}
+
 /// Waits until approved refunds are made and Stripe's events about them applied.
 async fn settle(app: &TestApp) {
     app.local.refunds_queue.until_idle().await;
@@ -410,15 +432,8 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     let ws = "org_rr4";
     let charge = buy_packs(&app, ws, 1).await;
     let workspace = WorkspaceId::parse(ws).unwrap();
-    // Requests filed directly, their approvals parked in a queue nobody consumes, so the
-    // worker under test is the only one that sees them.
-    let parked = tally::queue::local::LocalQueue::new("parked.fifo", true, 5);
-    let requests = RefundRequests {
-        docs: app.docs.clone(),
-        ledger: app.ledger.clone(),
-        queue: parked,
-        duplicate_window: chrono::Duration::minutes(30),
-    };
+    // Requests filed directly, their approvals parked.
+    let requests = parked_requests(&app);
     let now = app.clock.now();
     let r = requests
         .create(
@@ -459,13 +474,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
         .await;
     let worker = RefundWorker {
         docs: app.docs.clone(),
-        payments: Arc::new(
-            tally::payments::stripe_api::StripePayments::new(
-                "sk_test_tally",
-                Some(&format!("{}/", server.uri())),
-            )
-            .unwrap(),
-        ),
+        payments: stripe_at(&server),
         notifications: app.local.notifications_queue.clone(),
         clock: app.clock.clone(),
     };
@@ -545,13 +554,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
         .mount(&refusing)
         .await;
     let refused = RefundWorker {
-        payments: Arc::new(
-            tally::payments::stripe_api::StripePayments::new(
-                "sk_test_tally",
-                Some(&format!("{}/", refusing.uri())),
-            )
-            .unwrap(),
-        ),
+        payments: stripe_at(&refusing),
         ..worker
     };
     let job2 = json!({"workspace": ws, "request": r2.id, "attempt": 1}).to_string();
@@ -609,13 +612,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     // outcome never arrived is not sent again (it could make a second refund).
     let silent = MockServer::start().await;
     let waiting = RefundWorker {
-        payments: Arc::new(
-            tally::payments::stripe_api::StripePayments::new(
-                "sk_test_tally",
-                Some(&format!("{}/", silent.uri())),
-            )
-            .unwrap(),
-        ),
+        payments: stripe_at(&silent),
         ..refused
     };
     let job3 = json!({"workspace": ws, "request": r2.id, "attempt": 2}).to_string();
@@ -677,13 +674,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
         .mount(&found)
         .await;
     let finder = RefundWorker {
-        payments: Arc::new(
-            tally::payments::stripe_api::StripePayments::new(
-                "sk_test_tally",
-                Some(&format!("{}/", found.uri())),
-            )
-            .unwrap(),
-        ),
+        payments: stripe_at(&found),
         ..waiting
     };
     // Sent once (its outcome lost), then a day passes.
@@ -952,13 +943,7 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
     let ws = "org_rr8";
     let charge = buy_packs(&app, ws, 1).await;
     let workspace = WorkspaceId::parse(ws).unwrap();
-    let parked = tally::queue::local::LocalQueue::new("parked.fifo", true, 5);
-    let requests = RefundRequests {
-        docs: app.docs.clone(),
-        ledger: app.ledger.clone(),
-        queue: parked,
-        duplicate_window: chrono::Duration::minutes(30),
-    };
+    let requests = parked_requests(&app);
     let now = app.clock.now();
     let r = requests
         .create(
@@ -1021,13 +1006,7 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
     let server = MockServer::start().await;
     let worker = RefundWorker {
         docs: app.docs.clone(),
-        payments: Arc::new(
-            tally::payments::stripe_api::StripePayments::new(
-                "sk_test_tally",
-                Some(&format!("{}/", server.uri())),
-            )
-            .unwrap(),
-        ),
+        payments: stripe_at(&server),
         notifications: app.local.notifications_queue.clone(),
         clock: app.clock.clone(),
     };

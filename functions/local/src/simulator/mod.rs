@@ -34,7 +34,8 @@ use axum::http::{Request, header};
 use chrono::{DateTime, Utc};
 use objects::{
     Dunning, Line, SimItem, SimSubscription, SubStatus, card_of, charge_object, finalize, fixture,
-    invoice_object, invoice_payment, mark_failed, mark_paid, mark_void, new_id, new_stripe_id,
+    invoice_item_lines, invoice_object, invoice_payment, mark_failed, mark_paid, mark_void, new_id,
+    new_stripe_id,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -191,6 +192,23 @@ impl Simulator {
 
     fn declines(&self, customer: &CustomerId) -> bool {
         self.declining.lock().expect("sim lock").contains(customer)
+    }
+
+    /// The invoice an earlier request with this idempotency key made, if any.
+    fn invoice_by_key(&self, key: &str) -> Option<InvoiceId> {
+        self.invoices
+            .lock()
+            .expect("sim lock")
+            .iter()
+            .find(|(_, i)| i.key.as_deref() == Some(key))
+            .map(|(id, _)| id.clone())
+    }
+
+    fn invoice_link(&self, id: &InvoiceId) -> InvoiceLink {
+        InvoiceLink {
+            id: id.clone(),
+            hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
+        }
     }
 
     fn store_invoice(&self, object: &Value, key: Option<String>) {
@@ -385,11 +403,7 @@ impl Simulator {
                 let id: InvoiceId = new_stripe_id("in");
                 let mut inv =
                     invoice_object(&self.base_url, &id, &customer, now, "manual", &[line], None);
-                inv["lines"]["data"][0]["parent"] = json!({"type": "invoice_item_details",
-                    "subscription_item_details": null,
-                    "invoice_item_details": {"invoice_item": new_id("ii"), "proration": false,
-                        "proration_details": {"credited_items": null}, "subscription": null}});
-                inv["lines"]["data"][0]["subscription"] = Value::Null;
+                invoice_item_lines(&mut inv);
                 inv["metadata"] = json!(meta);
                 finalize(&mut inv, now);
                 let finalized = inv.clone();
@@ -858,18 +872,9 @@ impl Payments for Simulator {
         &self,
         req: &tally::payments::PaidInvoice,
     ) -> Result<InvoiceLink, PaymentsError> {
-        let link = |id: &InvoiceId| InvoiceLink {
-            id: id.clone(),
-            hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
-        };
-        if let Some((id, _)) = self
-            .invoices
-            .lock()
-            .expect("sim lock")
-            .iter()
-            .find(|(_, i)| i.key.as_deref() == Some(req.idempotency_key.as_str()))
-        {
-            return Ok(link(id));
+        let link = |id: &InvoiceId| self.invoice_link(id);
+        if let Some(id) = self.invoice_by_key(&req.idempotency_key) {
+            return Ok(link(&id));
         }
         let now = self.now();
         let id: InvoiceId = new_stripe_id("in");
@@ -903,13 +908,7 @@ impl Payments for Simulator {
             &lines,
             None,
         );
-        for line in inv["lines"]["data"].as_array_mut().into_iter().flatten() {
-            line["parent"] = json!({"type": "invoice_item_details",
-                "subscription_item_details": null,
-                "invoice_item_details": {"invoice_item": new_id("ii"), "proration": false,
-                    "proration_details": {"credited_items": null}, "subscription": null}});
-            line["subscription"] = Value::Null;
-        }
+        invoice_item_lines(&mut inv);
         let mut metadata = json!(req.metadata);
         metadata["org_id"] = json!(req.workspace.to_string());
         inv["metadata"] = metadata;
@@ -1013,18 +1012,9 @@ impl Payments for Simulator {
         &self,
         req: &CustomInvoice,
     ) -> Result<InvoiceLink, PaymentsError> {
-        let link = |id: &InvoiceId| InvoiceLink {
-            id: id.clone(),
-            hosted_invoice_url: format!("{}/sim/invoices/{id}", self.base_url),
-        };
-        if let Some((id, _)) = self
-            .invoices
-            .lock()
-            .expect("sim lock")
-            .iter()
-            .find(|(_, i)| i.key.as_deref() == Some(req.idempotency_key.as_str()))
-        {
-            return Ok(link(id));
+        let link = |id: &InvoiceId| self.invoice_link(id);
+        if let Some(id) = self.invoice_by_key(&req.idempotency_key) {
+            return Ok(link(&id));
         }
         self.customers
             .lock()
@@ -1059,12 +1049,8 @@ impl Payments for Simulator {
             &[line],
             None,
         );
-        inv["lines"]["data"][0]["parent"] = json!({"type": "invoice_item_details",
-            "subscription_item_details": null,
-            "invoice_item_details": {"invoice_item": new_id("ii"), "proration": false,
-                "proration_details": {"credited_items": null}, "subscription": null}});
+        invoice_item_lines(&mut inv);
         inv["lines"]["data"][0]["pricing"]["price_details"]["price"] = Value::Null;
-        inv["lines"]["data"][0]["subscription"] = Value::Null;
         inv["collection_method"] = json!("send_invoice");
         inv["description"] = json!(req.description);
         inv["due_date"] = json!(now + req.days_until_due as i64 * 86_400);

@@ -522,6 +522,17 @@ pub(super) fn invoice_object(
     inv
 }
 
+/// Marks every line of a one-off invoice as an invoice item (not a subscription item).
+pub(super) fn invoice_item_lines(inv: &mut Value) {
+    for line in inv["lines"]["data"].as_array_mut().into_iter().flatten() {
+        line["parent"] = json!({"type": "invoice_item_details",
+            "subscription_item_details": null,
+            "invoice_item_details": {"invoice_item": new_id("ii"), "proration": false,
+                "proration_details": {"credited_items": null}, "subscription": null}});
+        line["subscription"] = Value::Null;
+    }
+}
+
 pub(super) fn finalize(inv: &mut Value, now: i64) {
     inv["status"] = json!("open");
     inv["status_transitions"]["finalized_at"] = json!(now);
