@@ -953,7 +953,8 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
     original["id"] = json!("in_orig");
     original["status"] = json!("paid");
     original["number"] = json!("A-0001");
-    original["amount_paid"] = json!(4100);
+    // Paid with 328 cents of tax on top of its one line.
+    original["amount_paid"] = json!(4428);
     original["lines"]["data"][0]["amount"] = json!(4100);
     original["lines"]["data"][0]["description"] = json!("1 × 500 credits");
     let mut replacement = fixture("invoice");
@@ -1027,6 +1028,7 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
             ("GET".to_string(), "/v1/customers/cus_R"),
             ("POST".to_string(), "/v1/invoices"),
             ("POST".to_string(), "/v1/invoiceitems"),
+            ("POST".to_string(), "/v1/invoiceitems"),
             ("POST".to_string(), "/v1/invoices/in_new/finalize"),
             ("POST".to_string(), "/v1/invoices/in_new/pay"),
         ],
@@ -1047,13 +1049,16 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
     );
     let note = form(&reqs[3]);
     assert_eq!(note["invoice"], "in_orig");
-    assert_eq!(note["out_of_band_amount"], "4100");
+    assert_eq!(note["out_of_band_amount"], "4428");
     assert_eq!(note["lines[0][type]"], "custom_line_item");
-    assert_eq!(note["lines[0][unit_amount]"], "4100");
+    assert_eq!(note["lines[0][unit_amount]"], "4428");
     let inv = form(&reqs[5]);
     assert_eq!(inv["metadata[kind]"], "reissue");
     assert_eq!(inv["metadata[reissue_of]"], "in_orig");
     assert_eq!(inv["description"], "Corrected invoice replacing A-0001");
+    // The replacement totals what was paid: the line, then the tax.
     assert_eq!(form(&reqs[6])["amount"], "4100");
-    assert_eq!(form(&reqs[8]), expected(&[("paid_out_of_band", "true")]));
+    assert_eq!(form(&reqs[7])["amount"], "328");
+    assert_eq!(form(&reqs[7])["description"], "Tax and adjustments");
+    assert_eq!(form(&reqs[9]), expected(&[("paid_out_of_band", "true")]));
 }

@@ -368,6 +368,17 @@ struct SubscriptionForm<'a> {
     expand: Vec<&'static str>,
 }
 
+/// The lines of a replacement invoice: the original's, and one more for whatever else
+/// made up what was paid (tax, discounts, lines beyond the first page), so the replacement
+/// totals exactly what the original payment paid.
+pub fn same_total(mut lines: Vec<(String, i64)>, paid: i64) -> Vec<(String, i64)> {
+    let listed: i64 = lines.iter().map(|(_, a)| a).sum();
+    if listed != paid {
+        lines.push(("Tax and adjustments".to_owned(), paid - listed));
+    }
+    lines
+}
+
 fn interval_form(i: Interval) -> RecurringForm {
     RecurringForm {
         interval: match i {
@@ -999,12 +1010,15 @@ impl Payments for StripePayments {
                 &format!("{key}-credit-note"),
             )
             .await?;
-        let lines = original
-            .lines
-            .data
-            .iter()
-            .map(|l| (l.description.clone().unwrap_or_default(), l.amount))
-            .collect();
+        let lines = same_total(
+            original
+                .lines
+                .data
+                .iter()
+                .map(|l| (l.description.clone().unwrap_or_default(), l.amount))
+                .collect(),
+            original.amount_paid,
+        );
         let replacement = self
             .paid_invoice(&PaidInvoice {
                 workspace: req.workspace.clone(),

@@ -835,17 +835,20 @@ impl Payments for Simulator {
         note["memo"] = json!("Reissued with corrected billing details; replaced by a new invoice");
         note["refunds"] = json!([]);
         self.deliver("credit_note.created", note).await;
-        let lines = original["lines"]["data"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|l| {
-                (
-                    l["description"].as_str().unwrap_or_default().to_owned(),
-                    l["amount"].as_i64().unwrap_or_default(),
-                )
-            })
-            .collect();
+        let lines = tally::payments::stripe_api::same_total(
+            original["lines"]["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| {
+                    (
+                        l["description"].as_str().unwrap_or_default().to_owned(),
+                        l["amount"].as_i64().unwrap_or_default(),
+                    )
+                })
+                .collect(),
+            paid,
+        );
         let number = original["number"].as_str().unwrap_or(req.invoice.as_str());
         let replacement = self
             .paid_invoice(&tally::payments::PaidInvoice {
