@@ -1044,3 +1044,49 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
         .await;
     assert_eq!(again.unwrap_err().details().code, "not_refundable");
 }
+
+#[tokio::test]
+async fn credits_taken_back_at_approval_come_back_once_when_a_failed_refund_is_denied() {
+    let app = TestApp::new();
+    let ws = "org_rr9";
+    let charge = buy_packs(&app, ws, 1).await;
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let r = requests
+        .create(
+            &workspace,
+            NewRequest {
+                payment: charge,
+                reason: RefundReason::TechnicalIssue,
+                details: "x".into(),
+                requested_by: "u1".into(),
+                id: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let approved = requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(approved.credits_held.get(), 0, "recorded as it is sent");
+    let approved = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(approved.credits_held.get(), 500);
+    assert_eq!(app.available(ws).await, 0);
+    // Stripe refuses the refund; staff decide not to try again.
+    tally::refund_requests::refused(app.docs.as_ref(), &approved, "card closed", now)
+        .await
+        .unwrap();
+    assert_eq!(app.available(ws).await, 0, "held until staff decide");
+    let denied = requests
+        .deny(&r.id, "staff1", Some("customer agreed".into()), now)
+        .await
+        .unwrap();
+    assert_eq!(denied.status, RequestStatus::Denied);
+    assert_eq!(app.available(ws).await, 500);
+    // Again: nothing more.
+    requests.deny(&r.id, "staff1", None, now).await.unwrap();
+    assert_eq!(app.available(ws).await, 500);
+}

@@ -113,6 +113,10 @@ pub struct RefundRequest {
     /// When the worker first asked Stripe for this approval's refund.
     #[serde(default)]
     pub sent_at: Option<DateTime<Utc>>,
+    /// Credits taken back when the refund was approved (given back if the request ends
+    /// denied after its refund failed).
+    #[serde(default)]
+    pub credits_held: Credits,
     pub created: DateTime<Utc>,
     pub updated: DateTime<Utc>,
     pub steps: Vec<Step>,
@@ -517,6 +521,7 @@ impl RefundRequests {
             refund: None,
             refund_status: None,
             sent_at: None,
+            credits_held: Credits::ZERO,
             created: now,
             updated: now,
             steps: Vec::new(),
@@ -640,25 +645,26 @@ impl RefundRequests {
     /// Takes back, as the approval is sent, what the approved money bought and is unspent:
     /// the same ledger operation Stripe's refund event runs later (which then takes nothing
     /// twice), so the credits cannot be spent while the refund is on its way.
-    async fn take_back_now(&self, r: &RefundRequest) -> Result<(), Problem> {
+    async fn take_back_now(&self, r: &RefundRequest) -> Result<Credits, Problem> {
         let Some(entry) =
             crate::billing::history::get(self.docs.as_ref(), &r.workspace, &r.movement).await?
         else {
-            return Ok(());
+            return Ok(Credits::ZERO);
         };
         let Some(pi) = &entry.payment_intent else {
-            return Ok(());
+            return Ok(Credits::ZERO);
         };
         let Some(payment) =
             docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(&r.charge), PAYMENT_SK)
                 .await?
         else {
-            return Ok(());
+            return Ok(Credits::ZERO);
         };
         let paid = payment.amount.get();
         if paid == 0 {
-            return Ok(());
+            return Ok(Credits::ZERO);
         }
+        let mut held = Credits::ZERO;
         let refunded = payment
             .amount_refunded
             .get()
@@ -675,15 +681,66 @@ impl RefundRequests {
                 paid,
             );
             match self.ledger.execute(req).await {
-                Ok(_) | Err(crate::service::ServiceError::KeyReused) => {}
+                Ok(o) => held = held.checked_add(o.clawed_back).unwrap_or(held),
+                Err(crate::service::ServiceError::KeyReused) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(held)
+    }
+
+    /// Gives back the credits a denied request's approvals took back (its refunds failed).
+    async fn give_back_held(&self, r: &RefundRequest) -> Result<(), Problem> {
+        let Some(current) = self.get(&r.workspace, &r.id).await? else {
+            return Ok(());
+        };
+        if current.credits_held == Credits::ZERO {
+            return Ok(());
+        }
+        let key = format!("refund_request:{}:give_back", r.id);
+        let req = crate::service::LedgerRequest {
+            workspace: r.workspace.clone(),
+            key: crate::ids::IdempotencyKey::derived(key.clone()),
+            fingerprint: key,
+            actor: crate::ledger::Actor::new(crate::ledger::ActorKind::Admin, "refunds".to_owned()),
+            refs: crate::ledger::Refs {
+                charge: current.payment_intent.as_ref().map(ToString::to_string),
+                ..Default::default()
+            },
+            op: crate::ledger::Operation::Grant {
+                source: crate::ledger::LotSource::Reversal,
+                credits: current.credits_held,
+                expires_at: None,
+                note: Some(format!(
+                    "refund request {} denied after its refund failed: the credits taken back at approval are given back",
+                    r.id
+                )),
+            },
+        };
+        match self.ledger.execute(req).await {
+            Ok(_) | Err(crate::service::ServiceError::KeyReused) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn send(&self, r: &RefundRequest) -> Result<(), Problem> {
-        self.take_back_now(r).await?;
+        let held = self.take_back_now(r).await?;
+        if held > Credits::ZERO {
+            docs::update(
+                self.docs.as_ref(),
+                &workspace_pk(&r.workspace),
+                &request_sk(&r.id),
+                |cur: Option<RefundRequest>| {
+                    let mut cur = cur?;
+                    let total = cur.credits_held.max(held);
+                    (cur.attempt == r.attempt && total != cur.credits_held).then(|| {
+                        cur.credits_held = total;
+                        cur
+                    })
+                },
+            )
+            .await?;
+        }
         let job = RefundJob {
             workspace: r.workspace.clone(),
             request: r.id.clone(),
@@ -890,6 +947,11 @@ impl RefundRequests {
             ))),
         })
         .await?;
+        // Denied after its refund failed: the credits taken back at approval are given
+        // back, once (a denied request is never approved again).
+        if claim.is_some() || r.status == RequestStatus::Denied {
+            self.give_back_held(&r).await?;
+        }
         // Denied now, or before (then the request catches up with its claim if a crash
         // left it behind).
         let (claim, note) = match claim {
