@@ -1046,7 +1046,8 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
 }
 
 #[tokio::test]
-async fn credits_taken_back_at_approval_come_back_once_when_a_failed_refund_is_denied() {
+async fn credits_taken_back_at_approval_are_recorded_and_stay_taken_back_when_a_failed_refund_is_denied()
+ {
     let app = TestApp::new();
     let ws = "org_rr9";
     let charge = buy_packs(&app, ws, 1).await;
@@ -1085,8 +1086,13 @@ async fn credits_taken_back_at_approval_come_back_once_when_a_failed_refund_is_d
         .await
         .unwrap();
     assert_eq!(denied.status, RequestStatus::Denied);
-    assert_eq!(app.available(ws).await, 500);
+    assert_eq!(
+        denied.credits_held.get(),
+        500,
+        "on record for the adjustment"
+    );
+    assert_eq!(app.available(ws).await, 0);
     // Again: nothing more.
     requests.deny(&r.id, "staff1", None, now).await.unwrap();
-    assert_eq!(app.available(ws).await, 500);
+    assert_eq!(app.available(ws).await, 0);
 }

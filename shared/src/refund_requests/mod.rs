@@ -113,8 +113,9 @@ pub struct RefundRequest {
     /// When the worker first asked Stripe for this approval's refund.
     #[serde(default)]
     pub sent_at: Option<DateTime<Utc>>,
-    /// Credits taken back when the refund was approved (given back if the request ends
-    /// denied after its refund failed).
+    /// Credits taken back when the refund was approved (they stay taken back if the refund
+    /// fails: a new lot given back could never be taken again by a later refund of the same
+    /// payment, so giving them back is a person's decision, an adjustment).
     #[serde(default)]
     pub credits_held: Credits,
     pub created: DateTime<Utc>,
@@ -689,40 +690,6 @@ impl RefundRequests {
         Ok(held)
     }
 
-    /// Gives back the credits a denied request's approvals took back (its refunds failed).
-    async fn give_back_held(&self, r: &RefundRequest) -> Result<(), Problem> {
-        let Some(current) = self.get(&r.workspace, &r.id).await? else {
-            return Ok(());
-        };
-        if current.credits_held == Credits::ZERO {
-            return Ok(());
-        }
-        let key = format!("refund_request:{}:give_back", r.id);
-        let req = crate::service::LedgerRequest {
-            workspace: r.workspace.clone(),
-            key: crate::ids::IdempotencyKey::derived(key.clone()),
-            fingerprint: key,
-            actor: crate::ledger::Actor::new(crate::ledger::ActorKind::Admin, "refunds".to_owned()),
-            refs: crate::ledger::Refs {
-                charge: current.payment_intent.as_ref().map(ToString::to_string),
-                ..Default::default()
-            },
-            op: crate::ledger::Operation::Grant {
-                source: crate::ledger::LotSource::Reversal,
-                credits: current.credits_held,
-                expires_at: None,
-                note: Some(format!(
-                    "refund request {} denied after its refund failed: the credits taken back at approval are given back",
-                    r.id
-                )),
-            },
-        };
-        match self.ledger.execute(req).await {
-            Ok(_) | Err(crate::service::ServiceError::KeyReused) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     async fn send(&self, r: &RefundRequest) -> Result<(), Problem> {
         let held = self.take_back_now(r).await?;
         if held > Credits::ZERO {
@@ -947,11 +914,6 @@ impl RefundRequests {
             ))),
         })
         .await?;
-        // Denied after its refund failed: the credits taken back at approval are given
-        // back, once (a denied request is never approved again).
-        if claim.is_some() || r.status == RequestStatus::Denied {
-            self.give_back_held(&r).await?;
-        }
         // Denied now, or before (then the request catches up with its claim if a crash
         // left it behind).
         let (claim, note) = match claim {
