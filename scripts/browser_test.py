@@ -124,10 +124,12 @@ def main() -> None:
         wait_until("the pack's credits", credited)
         _, events = call("GET", f"{base}/sim/events")
         kinds = [e["type"] for e in events]
-        assert kinds == ["charge.succeeded", "checkout.session.completed"], kinds
+        # The charge, Checkout's invoice for the payment (it grants nothing), the session.
+        assert kinds == ["charge.succeeded", "invoice.finalized", "invoice.paid",
+                         "invoice_payment.paid", "checkout.session.completed"], kinds
         _, b = call("GET", f"{base}/v1/balance", token=owner)
         assert b["available"] == 500, b
-        print("browser test passed: Pay clicked in Chromium, 500 credits granted once")
+        print("browser test passed: Pay clicked in Chromium, 500 credits granted once, invoiced")
     finally:
         for p in procs:
             p.terminate()
