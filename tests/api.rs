@@ -834,8 +834,28 @@ async fn an_adjustment_to_a_workspace_that_does_not_exist_is_refused_and_links_i
     )
     .await;
     let id = g["id"].as_str().unwrap();
-    let linked = json!({"credits": 5, "reason": "slow job", "ticket": "T-9", "generation": id});
+    let ticket = app
+        .post(
+            "/v1/support/tickets",
+            &member("org_gen", "u1"),
+            json!({"category": "generation", "subject": "slow job", "message": "it took ages",
+                "generation_id": id}),
+        )
+        .await;
+    assert_eq!(ticket.status.as_u16(), 201, "{:#}", ticket.body);
+    let tkt = ticket.body["id"].as_str().unwrap();
+    let linked = json!({"credits": 5, "reason": "slow job", "ticket": tkt, "generation": id});
     adjust("org_new", linked.to_string(), "p3")
+        .await
+        .assert_problem(404, "not_found");
+    // Not a ticket id at all, or a ticket that does not exist: refused, nothing written.
+    let free_text = json!({"credits": 5, "reason": "slow job", "ticket": "T-9"});
+    adjust("org_gen", free_text.to_string(), "p5")
+        .await
+        .assert_problem(422, "validation_failed");
+    let unknown = json!({"credits": 5, "reason": "slow job",
+        "ticket": "tkt_01ARZ3NDEKTSV4RRFFQ69G5FAV"});
+    adjust("org_gen", unknown.to_string(), "p6")
         .await
         .assert_problem(404, "not_found");
     let r = adjust("org_gen", linked.to_string(), "p4").await;
@@ -844,6 +864,6 @@ async fn an_adjustment_to_a_workspace_that_does_not_exist_is_refused_and_links_i
         .get("/v1/ledger?limit=1", &member("org_gen", "u1"))
         .await
         .body["items"][0];
-    assert_eq!(entry["refs"]["ticket"], "T-9");
+    assert_eq!(entry["refs"]["ticket"], tkt);
     assert_eq!(entry["refs"]["generation"], id);
 }

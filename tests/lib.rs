@@ -162,6 +162,8 @@ impl TestApp {
             base_url: "http://tally.test".into(),
             stripe_secret_key: None,
             return_urls: Default::default(),
+            helpdesk_url: None,
+            helpdesk_secret: tally_local::DEFAULT_HELPDESK_SECRET.into(),
         })
         .expect("local system");
         Self {

@@ -40,6 +40,12 @@ pub const REFRESH_JOBS_QUEUE_URL: &str = "REFRESH_JOBS_QUEUE_URL";
 pub const DUE_SHARDS: &str = "TALLY_DUE_SHARDS";
 /// URL of the refunds FIFO queue (refunds).
 pub const REFUNDS_QUEUE_URL: &str = "REFUNDS_QUEUE_URL";
+/// The `support-tickets` FIFO queue: tickets to forward to the help desk.
+pub const SUPPORT_QUEUE_URL: &str = "SUPPORT_QUEUE_URL";
+/// Where the support forwarder delivers tickets (the help desk's webhook).
+pub const HELPDESK_WEBHOOK_URL: &str = "HELPDESK_WEBHOOK_URL";
+/// The secret the support forwarder signs deliveries with (HMAC-SHA256).
+pub const HELPDESK_WEBHOOK_SECRET: &str = "HELPDESK_WEBHOOK_SECRET";
 /// Minutes within which a second identical payment is a duplicate charge (refunds,
 /// optional; default 30, at most 10080).
 pub const DUPLICATE_CHARGE_MINUTES: &str = "TALLY_DUPLICATE_CHARGE_MINUTES";
@@ -456,8 +462,74 @@ impl RefundsWorkerConfig {
     }
 }
 
+/// support-intake: support tickets, their enrichment and automatic fixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupportConfig {
+    pub store: StoreConfig,
+    pub catalog_path: Option<PathBuf>,
+    pub support_queue_url: HttpUrl,
+    /// Refund requests a verified duplicate charge opens go here.
+    pub refunds_queue_url: HttpUrl,
+    /// An SQS-compatible server instead of AWS (local and tests).
+    pub sqs_endpoint: Option<HttpUrl>,
+    pub duplicate_charge_minutes: u32,
+}
+
+impl SupportConfig {
+    pub const REQUIRED: &[&str] = &[TABLE, SUPPORT_QUEUE_URL, REFUNDS_QUEUE_URL];
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(process_env)
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let refunds = RefundsConfig::from_lookup(&lookup)?;
+        let v = Vars::new(lookup);
+        Ok(Self {
+            store: refunds.store,
+            catalog_path: refunds.catalog_path,
+            support_queue_url: v.required_url(SUPPORT_QUEUE_URL)?,
+            refunds_queue_url: refunds.refunds_queue_url,
+            sqs_endpoint: refunds.sqs_endpoint,
+            duplicate_charge_minutes: refunds.duplicate_charge_minutes,
+        })
+    }
+}
+
+/// support-forwarder: delivers tickets to the help desk's webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwarderConfig {
+    pub store: StoreConfig,
+    pub helpdesk_webhook_url: HttpUrl,
+    pub helpdesk_webhook_secret: Secret,
+}
+
+impl ForwarderConfig {
+    pub const REQUIRED: &[&str] = &[TABLE, HELPDESK_WEBHOOK_URL, HELPDESK_WEBHOOK_SECRET];
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(process_env)
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let v = Vars::new(lookup);
+        let secret = v.required(HELPDESK_WEBHOOK_SECRET)?.trim().to_owned();
+        if secret.len() < 16 {
+            return Err(invalid(
+                HELPDESK_WEBHOOK_SECRET,
+                "must be at least 16 characters".to_owned(),
+            ));
+        }
+        Ok(Self {
+            store: StoreConfig::from_vars(&v)?,
+            helpdesk_webhook_url: v.required_url(HELPDESK_WEBHOOK_URL)?,
+            helpdesk_webhook_secret: Secret::new(&secret),
+        })
+    }
+}
+
 /// Every Lambda function by binary name, with the variables its deployment must set.
-pub const FUNCTIONS: [(&str, &[&str]); 7] = [
+pub const FUNCTIONS: [(&str, &[&str]); 9] = [
     ("credits-api", ApiConfig::REQUIRED),
     ("purchases", PurchasesConfig::REQUIRED),
     ("stripe-webhook", WebhookConfig::REQUIRED),
@@ -465,6 +537,8 @@ pub const FUNCTIONS: [(&str, &[&str]); 7] = [
     ("credit-refresh", RefreshConfig::REQUIRED),
     ("refunds", RefundsConfig::REQUIRED),
     ("refunds-worker", RefundsWorkerConfig::REQUIRED),
+    ("support-intake", SupportConfig::REQUIRED),
+    ("support-forwarder", ForwarderConfig::REQUIRED),
 ];
 
 /// The variables the deployment of the function built as `binary` must set.
@@ -501,6 +575,9 @@ mod tests {
             APP_URL => "https://studio.example",
             REFRESH_JOBS_QUEUE_URL => "https://sqs.eu-west-1.amazonaws.com/1/tally-refresh-jobs",
             REFUNDS_QUEUE_URL => "https://sqs.eu-west-1.amazonaws.com/1/tally-refunds.fifo",
+            SUPPORT_QUEUE_URL => "https://sqs.eu-west-1.amazonaws.com/1/tally-support-tickets.fifo",
+            HELPDESK_WEBHOOK_URL => "https://helpdesk.example/hooks/tally",
+            HELPDESK_WEBHOOK_SECRET => "hd_secret_0123456789abcdef",
             other => panic!("no sample value for {other}"),
         }
     }
@@ -514,6 +591,8 @@ mod tests {
             "credit-refresh" => RefreshConfig::from_lookup(lookup).map(drop),
             "refunds" => RefundsConfig::from_lookup(lookup).map(drop),
             "refunds-worker" => RefundsWorkerConfig::from_lookup(lookup).map(drop),
+            "support-intake" => SupportConfig::from_lookup(lookup).map(drop),
+            "support-forwarder" => ForwarderConfig::from_lookup(lookup).map(drop),
             other => panic!("unknown function {other}"),
         }
     }

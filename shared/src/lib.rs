@@ -6,6 +6,7 @@
 //! problem details) every HTTP function uses.
 
 pub mod alerts;
+pub mod audit;
 pub mod billing;
 pub mod catalog;
 pub mod clock;
@@ -19,7 +20,9 @@ pub mod payments;
 pub mod queue;
 pub mod refresh;
 pub mod refund_requests;
+pub mod reports;
 pub mod service;
 pub mod store;
 pub mod subscriptions;
+pub mod support;
 pub mod telemetry;

@@ -12,7 +12,9 @@ pub mod routes;
 
 use axum::Router;
 use axum::routing::{get, post};
-use routes::{adjustments, balance, catalog, entitlements, estimates, generations, ledger};
+use routes::{
+    adjustments, admin, balance, catalog, entitlements, estimates, generations, ledger, reports,
+};
 use tally::http::{AuthMode, BearerAuth, auth::authenticate, service_routes};
 use tally::service::Ledger;
 use utoipa::OpenApi;
@@ -41,6 +43,7 @@ pub fn protected_routes(state: AppState) -> Router {
             "/v1/generations",
             post(generations::start_generation).get(generations::list_generations),
         )
+        .route("/v1/generations/export", get(reports::export_generations))
         .route("/v1/generations/{id}", get(generations::get_generation))
         .route(
             "/v1/generations/{id}/complete",
@@ -55,10 +58,44 @@ pub fn protected_routes(state: AppState) -> Router {
             post(generations::reverse_generation),
         )
         .route("/v1/ledger", get(ledger::ledger))
+        .route("/v1/ledger/export", get(reports::export_ledger))
+        .route("/v1/usage", get(reports::usage_report))
         .route("/v1/entitlements", get(entitlements::entitlements))
         .route(
             "/v1/admin/workspaces/{workspace_id}/adjustments",
             post(adjustments::adjust),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/balance",
+            get(admin::balance),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/ledger",
+            get(admin::ledger),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/ledger/export",
+            get(admin::export_ledger),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/generations",
+            get(admin::generations),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/generations/export",
+            get(admin::export_generations),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/generations/{id}",
+            get(admin::generation),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/usage",
+            get(admin::usage),
+        )
+        .route(
+            "/v1/admin/workspaces/{workspace_id}/audit",
+            get(admin::audit),
         )
         .with_state(state)
 }
@@ -92,6 +129,17 @@ pub fn router(state: AppState, auth: AuthMode) -> Router {
         ledger::ledger,
         entitlements::entitlements,
         adjustments::adjust,
+        reports::usage_report,
+        reports::export_generations,
+        reports::export_ledger,
+        admin::balance,
+        admin::ledger,
+        admin::generations,
+        admin::generation,
+        admin::usage,
+        admin::export_generations,
+        admin::export_ledger,
+        admin::audit,
     ),
     modifiers(&BearerAuth),
     tags((name = "credits", description = "Spending and reading credits"), (name = "admin", description = "Support staff"))

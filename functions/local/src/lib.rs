@@ -34,6 +34,7 @@ pub fn openapi(catalog: &tally::catalog::Catalog, simulated: bool) -> serde_json
     let mut merged = credits_api::ApiDoc::openapi();
     merged.merge(purchases::ApiDoc::openapi());
     merged.merge(refunds::ApiDoc::openapi());
+    merged.merge(support_intake::ApiDoc::openapi());
     merged.merge(tally_stripe_webhook::ApiDoc::openapi());
     merged.info.title = "Tally (local)".into();
     merged.info.description =
@@ -41,6 +42,12 @@ pub fn openapi(catalog: &tally::catalog::Catalog, simulated: bool) -> serde_json
     let mut doc = tally::http::contract::document(merged);
     credits_api::contract::complete(&mut doc, catalog);
     purchases::contract::complete(&mut doc, catalog);
+    if let (Some(paths), serde_json::Value::Object(dev)) = (
+        doc.get_mut("paths").and_then(|p| p.as_object_mut()),
+        sim_doc::dev_paths(),
+    ) {
+        paths.extend(dev);
+    }
     if simulated
         && let (Some(paths), serde_json::Value::Object(sim)) = (
             doc.get_mut("paths").and_then(|p| p.as_object_mut()),
@@ -69,6 +76,11 @@ pub struct LocalConfig {
     pub stripe_secret_key: Option<String>,
     /// Return pages for Stripe other than the simulator's pages under `base_url`.
     pub return_urls: ReturnUrlOverrides,
+    /// The help desk's webhook; `None` keeps forwarded tickets in the outbox
+    /// (`GET /dev/outbox`).
+    pub helpdesk_url: Option<String>,
+    /// The secret forwarded tickets are signed with.
+    pub helpdesk_secret: String,
 }
 
 /// The running local system: one router, and the in-process queue behind the webhook.
@@ -79,6 +91,10 @@ pub struct Local {
     pub notifications_queue: Arc<LocalQueue>,
     /// Approved refunds, for the refunds worker.
     pub refunds_queue: Arc<LocalQueue>,
+    /// Ticket changes, for the support forwarder.
+    pub support_queue: Arc<LocalQueue>,
+    /// What the support forwarder delivered (when no help desk URL is set).
+    pub outbox: Arc<Outbox>,
     pub simulator: Option<Arc<Simulator>>,
 }
 
@@ -100,6 +116,33 @@ impl tally::queue::Consumer for NotificationLog {
             serde_json::from_str(&d.body).map_err(tally::queue::ConsumeError::poison)?;
         tracing::info!(notification = %v, "notification");
         self.0.lock().expect("log lock").push(v);
+        Ok(())
+    }
+}
+
+/// Stands in for the help desk: keeps each signed delivery, for `GET /dev/outbox`.
+#[derive(Default)]
+pub struct Outbox(std::sync::Mutex<Vec<serde_json::Value>>);
+
+impl Outbox {
+    pub fn all(&self) -> Vec<serde_json::Value> {
+        self.0.lock().expect("outbox lock").clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl tally::support::forward::Sink for Outbox {
+    async fn deliver(
+        &self,
+        d: &tally::support::forward::Signed,
+    ) -> Result<(), tally::support::forward::DeliveryError> {
+        let payload: serde_json::Value = serde_json::from_str(&d.body)
+            .map_err(|e| tally::support::forward::DeliveryError(Box::new(e)))?;
+        let mut all = self.0.lock().expect("outbox lock");
+        // The same change delivered again (a redelivery) is kept once, as a help desk would.
+        if !all.iter().any(|v| v["id"] == d.id) {
+            all.push(json!({"id": d.id, "signature": d.signature, "payload": payload}));
+        }
         Ok(())
     }
 }
@@ -177,6 +220,40 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         },
         clock: cfg.clock.clone(),
     };
+    let support_queue = LocalQueue::new(
+        tally::support::SUPPORT_QUEUE,
+        true,
+        tally::support::SUPPORT_MAX_RECEIVES,
+    );
+    let outbox = Arc::new(Outbox::default());
+    let tickets = tally::support::Tickets {
+        docs: cfg.docs.clone(),
+        queue: support_queue.clone(),
+    };
+    let sink: Arc<dyn tally::support::forward::Sink> = match &cfg.helpdesk_url {
+        Some(url) => Arc::new(
+            support_forwarder::WebhookSink::new(url)
+                .map_err(|e| anyhow::anyhow!("help desk URL {url:?}: {e}"))?,
+        ),
+        None => outbox.clone(),
+    };
+    support_queue.start(Arc::new(tally::support::forward::HelpDesk {
+        tickets: tickets.clone(),
+        sink,
+        secret: cfg.helpdesk_secret.as_bytes().to_vec(),
+        clock: cfg.clock.clone(),
+        attempts: 3,
+        backoff: std::time::Duration::from_millis(200),
+    }));
+    let supporting = support_intake::SupportState {
+        tickets,
+        context: tally::support::enrich::Context {
+            ledger: cfg.ledger.clone(),
+            docs: cfg.docs.clone(),
+            refunds: Some(refunding.requests.clone()),
+        },
+        clock: cfg.clock.clone(),
+    };
     let buying = purchases::PurchasesState {
         ledger: cfg.ledger.clone(),
         docs: cfg.docs.clone(),
@@ -186,14 +263,23 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let protected = credits_api::protected_routes(credits.clone())
         .merge(purchases::protected_routes(buying))
         .merge(refunds::protected_routes(refunding))
+        .merge(support_intake::protected_routes(supporting))
         .route_layer(axum::middleware::from_fn_with_state(
             AuthMode::dev(&cfg.dev_secret),
             authenticate,
         ));
     let doc = openapi(&cfg.ledger.catalog, simulator.is_some());
+    let shown = outbox.clone();
     let mut public = credits_api::public_routes(credits)
         .merge(webhook)
-        .merge(tally::http::service_routes(doc));
+        .merge(tally::http::service_routes(doc))
+        .route(
+            "/dev/outbox",
+            axum::routing::get(move || {
+                let shown = shown.clone();
+                async move { axum::Json(shown.all()) }
+            }),
+        );
     if let Some(sim) = &simulator {
         // Tally's own schedule (yearly allotments, lapsed lots, overdue holds) runs as the
         // simulated clock moves, as the credit-refresh function runs every 15 minutes.
@@ -216,6 +302,8 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         notifications,
         notifications_queue,
         refunds_queue,
+        support_queue,
+        outbox,
         simulator,
     })
 }
@@ -334,7 +422,12 @@ pub struct Settings {
     /// A catalog file replacing the shipped one.
     pub catalog_path: Option<std::path::PathBuf>,
     pub return_urls: ReturnUrlOverrides,
+    pub helpdesk_url: Option<String>,
+    pub helpdesk_secret: String,
 }
+
+/// Default local secret forwarded tickets are signed with.
+pub const DEFAULT_HELPDESK_SECRET: &str = "tally-dev-helpdesk-secret";
 
 impl Settings {
     pub fn from_env() -> anyhow::Result<Self> {
@@ -372,6 +465,13 @@ impl Settings {
                 .filter(|k| !k.is_empty()),
             catalog_path: vars.optional(config::CATALOG).map(Into::into),
             return_urls: ReturnUrlOverrides::from_vars(&vars)?,
+            helpdesk_url: vars
+                .optional(config::HELPDESK_WEBHOOK_URL)
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty()),
+            helpdesk_secret: vars
+                .optional(config::HELPDESK_WEBHOOK_SECRET)
+                .unwrap_or_else(|| DEFAULT_HELPDESK_SECRET.into()),
         })
     }
 }

@@ -23,6 +23,8 @@ async fn main() -> anyhow::Result<()> {
         base_url: format!("http://{addr}"),
         stripe_secret_key: settings.stripe_secret_key.clone(),
         return_urls: settings.return_urls.clone(),
+        helpdesk_url: settings.helpdesk_url.clone(),
+        helpdesk_secret: settings.helpdesk_secret.clone(),
     })?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr}: {e} (set PORT to use another port)")
@@ -43,6 +45,9 @@ async fn main() -> anyhow::Result<()> {
          Buy 500 credits (then open the returned url and press Pay{}):\n\
          curl -s http://{addr}/v1/checkout/sessions -H \"Authorization: Bearer $OWNER\" -H 'Content-Type: application/json' \\\n  \
          -d '{{\"kind\":\"pack\",\"pack\":\"pack_500\"}}'\n\
+         Open a support ticket (forwarded tickets show at /dev/outbox):\n\
+         curl -s http://{addr}/v1/support/tickets -H \"Authorization: Bearer $OWNER\" -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"category\":\"credits\",\"subject\":\"Balance seems low\",\"message\":\"Is someone else generating?\"}}'\n\
          API reference: http://{addr}/openapi.json\n",
         settings.data_dir.display(),
         tokens.owner,

@@ -176,3 +176,14 @@ pub fn sim_paths() -> Value {
                 "schema": {"type": "array", "items": {"type": "object"}}}}}}}},
     })
 }
+
+/// The local runner's own routes (with or without the simulator).
+pub fn dev_paths() -> serde_json::Value {
+    json!({
+        "/dev/outbox": {"get": {
+            "tags": ["local"], "operationId": "dev_outbox",
+            "summary": "What the support forwarder delivered to the help desk (signed as the help desk receives it), oldest first.",
+            "responses": {"200": {"description": "Deliveries", "content": {"application/json": {
+                "schema": {"type": "array", "items": {"type": "object"}}}}}}}},
+    })
+}

@@ -271,7 +271,7 @@ pub async fn get_one(
 /// Support staff: any refund request.
 pub async fn admin_get(
     State(st): State<RefundsState>,
-    Staff(_staff): Staff,
+    Staff(staff): Staff,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<RefundRequestView>> {
     let id = request_id(&id)?;
@@ -280,6 +280,15 @@ pub async fn admin_get(
         .find(id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no refund request {id}")))?;
+    tally::audit::record(
+        st.requests.docs.as_ref(),
+        st.clock.now(),
+        &tally::audit::Reader::from(&staff),
+        &r.workspace,
+        "GET /v1/admin/refund-requests/{id}",
+        id,
+    )
+    .await?;
     Ok(Json(view(&st, r).await?))
 }
 
@@ -300,11 +309,19 @@ pub async fn admin_list(
     State(st): State<RefundsState>,
     Staff(who): Staff,
     ApiPath(workspace_id): ApiPath<String>,
+    uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<RefundRequestPage>> {
-    let workspace = WorkspaceId::parse(&workspace_id)
-        .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
-    tracing::info!(workspace = %workspace, staff = %who.sub, "refund requests read by staff");
+    let workspace = tally::audit::staff_read(
+        st.requests.docs.as_ref(),
+        st.requests.ledger.store.as_ref(),
+        st.clock.now(),
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/refund-requests",
+        uri.query().unwrap_or(""),
+    )
+    .await?;
     page(&st, &workspace, q).await
 }
 

@@ -152,7 +152,7 @@ impl HistoryEntry {
 }
 
 /// A money movement as the billing history shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Movement {
     /// The Stripe object: an invoice (`in_`), a payment intent (`pi_`), a refund (`re_`)
     /// or a dispute (`du_`).

@@ -76,6 +76,54 @@ pub fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, 
     Ok(trimmed)
 }
 
+/// JSON Schema `pattern` of several lines of text: like [`ONE_LINE_PATTERN`], with line
+/// feeds and carriage returns allowed.
+pub const PARAGRAPHS_PATTERN: &str = concat!(
+    r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
+    r"\u0020\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000]",
+    r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
+);
+
+/// The schema of a required multi-line text field of at most `max` characters.
+pub fn paragraphs_schema(max: usize) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .max_length(Some(max))
+        .pattern(Some(PARAGRAPHS_PATTERN))
+        .description(Some("Visible text in lines: no control characters other than line breaks, no line separators or bidirectional overrides"))
+        .build()
+}
+
+/// Checks several lines of text of at most `max` characters: line breaks (`\n`, `\r\n`,
+/// `\r`) are kept as `\n`, every other forbidden character is refused. Returns it trimmed.
+pub fn paragraphs(field: &str, value: &str, max: usize) -> Result<String, Problem> {
+    if value.chars().count() > max {
+        return Err(Problem::validation(
+            field,
+            &format!("must be at most {max} characters"),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| *c != '\n' && *c != '\r' && is_forbidden(*c))
+    {
+        return Err(Problem::validation(
+            field,
+            &format!(
+                "must be visible text in lines; U+{:04X} is not allowed",
+                c as u32
+            ),
+        ));
+    }
+    let text = value.replace("\r\n", "\n").replace('\r', "\n");
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(Problem::validation(field, "must not be blank"));
+    }
+    Ok(trimmed.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +154,23 @@ mod tests {
                 "validation_failed",
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn paragraphs_keep_line_breaks_and_refuse_other_controls() {
+        assert_eq!(
+            paragraphs("m", " first\r\nsecond\rthird\n", 50).unwrap(),
+            "first\nsecond\nthird"
+        );
+        for bad in [
+            "a\u{0}b",
+            "tab\there",
+            "red \u{1b}[31m",
+            "evil\u{202e}x",
+            "\n \n",
+        ] {
+            assert!(paragraphs("m", bad, 50).is_err(), "{bad:?}");
         }
     }
 

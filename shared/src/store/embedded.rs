@@ -271,6 +271,9 @@ impl LedgerStore for EmbeddedStore {
             for item in range.rev() {
                 let (_, v) = item.map_err(backend)?;
                 let g: Generation = decode(v.value())?;
+                if query.past_range(&g) {
+                    break;
+                }
                 if matches_query(&g, &query) {
                     out.push(g);
                     if out.len() >= query.limit {

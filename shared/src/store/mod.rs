@@ -110,7 +110,36 @@ pub struct GenerationQuery {
     pub before: Option<GenerationId>,
     pub status: Option<GenerationStatus>,
     pub model: Option<String>,
+    /// Only generations started by this member (the token's subject).
+    pub started_by: Option<String>,
+    pub workflow: Option<crate::catalog::Workflow>,
+    /// Only generations created at or after this instant.
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only generations created before this instant.
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
     pub limit: usize,
+}
+
+/// How far out of creation order a generation's `created_at` may be (clocks of concurrent
+/// writers): a newest-first scan for generations from `from` on may stop at a generation
+/// older than `from` by this much.
+pub const CREATION_ORDER_SLACK: chrono::Duration = chrono::Duration::minutes(5);
+
+impl GenerationQuery {
+    /// Whether a newest-first scan can stop at `g`: everything after it is older than
+    /// the range.
+    pub fn past_range(&self, g: &Generation) -> bool {
+        self.from
+            .is_some_and(|from| g.created_at < from - CREATION_ORDER_SLACK)
+    }
+}
+
+/// What a scan does with an item it read.
+pub(crate) enum Scan<T> {
+    Keep(T),
+    Skip,
+    /// Nothing further can match.
+    Stop,
 }
 
 /// A page of journal entries, newest first.
@@ -177,4 +206,8 @@ fn type_name<T>() -> &'static str {
 pub(crate) fn matches_query(g: &Generation, q: &GenerationQuery) -> bool {
     q.status.is_none_or(|s| g.status == s)
         && q.model.as_ref().is_none_or(|m| &g.estimate.model == m)
+        && q.started_by.as_ref().is_none_or(|m| &g.started_by == m)
+        && q.workflow.is_none_or(|w| g.estimate.workflow == w)
+        && q.from.is_none_or(|from| g.created_at >= from)
+        && q.to.is_none_or(|to| g.created_at < to)
 }

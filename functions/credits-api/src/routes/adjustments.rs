@@ -25,9 +25,10 @@ pub struct AdjustmentRequest {
     pub credits: i64,
     #[schema(schema_with = tally::http::text::text_schema)]
     pub reason: String,
-    /// The support ticket this adjustment answers.
+    /// The support ticket this adjustment answers (`tkt_...`); it must be a ticket of the
+    /// workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(schema_with = tally::http::text::optional_text_schema)]
+    #[schema(pattern = "^tkt_[A-Za-z0-9]{26}$")]
     pub ticket: Option<String>,
     /// The generation it concerns, if any (it must belong to the workspace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,7 +104,16 @@ pub async fn adjust(
     let ticket = req
         .ticket
         .as_deref()
-        .map(|t| tally::http::text::one_line("ticket", t, MAX_REASON_CHARS).map(str::to_owned))
+        .map(|t| {
+            if tally::support::valid_id(t) {
+                Ok(t.to_owned())
+            } else {
+                Err(Problem::validation(
+                    "ticket",
+                    "must be a support ticket id (tkt_...)",
+                ))
+            }
+        })
         .transpose()?;
     let generation = req
         .generation
@@ -115,18 +125,26 @@ pub async fn adjust(
         .transpose()?;
     // A mistyped id must not create a workspace with credits nobody can reach: only a
     // workspace with a journal or a billing profile is adjusted.
-    let exists = app.ledger.store.load(&workspace).await?.is_some()
-        || tally::store::docs::get::<tally::billing::records::BillingProfile>(
-            app.docs.as_ref(),
-            &tally::billing::records::workspace_pk(&workspace),
-            tally::billing::records::PROFILE_SK,
-        )
-        .await?
-        .is_some();
+    let exists =
+        tally::audit::workspace_exists(app.ledger.store.as_ref(), app.docs.as_ref(), &workspace)
+            .await?;
     if !exists {
         return Err(Problem::not_found(format!(
             "workspace {workspace} has no journal and no billing profile; check the id"
         )));
+    }
+    if let Some(t) = &ticket {
+        let found: Option<tally::support::Ticket> = tally::store::docs::get(
+            app.docs.as_ref(),
+            &tally::support::ticket_pk(t),
+            tally::support::TICKET_SK,
+        )
+        .await?;
+        if found.is_none_or(|f| f.workspace != workspace) {
+            return Err(Problem::not_found(format!(
+                "ticket {t} does not belong to workspace {workspace}"
+            )));
+        }
     }
     if let Some(g) = generation {
         let owned = app.ledger.store.generation(&workspace, g).await?.is_some();

@@ -40,11 +40,19 @@ pub struct BalanceView {
 /// Available and held credits, and the lots behind them in burn order.
 pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Json<BalanceView>> {
     let workspace = who.member_workspace()?;
+    balance_of(&app, workspace).await.map(Json)
+}
+
+/// `workspace`'s balance and lots as of now.
+pub(crate) async fn balance_of(
+    app: &AppState,
+    workspace: &tally::ids::WorkspaceId,
+) -> ApiResult<BalanceView> {
     let state = app.ledger.workspace_now(workspace).await?;
     let b = state.balance();
     let mut lots: Vec<&Lot> = state.lots.iter().collect();
     lots.sort_by_key(|l| l.burn_key());
-    Ok(Json(BalanceView {
+    Ok(BalanceView {
         available: b.available,
         held: b.held,
         frozen: b.frozen,
@@ -61,5 +69,5 @@ pub async fn balance(State(app): State<AppState>, who: Identity) -> ApiResult<Js
                 expires_at: l.expires_at,
             })
             .collect(),
-    }))
+    })
 }

@@ -11,8 +11,9 @@ use crate::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tally::catalog::GenerationSpec;
+use tally::catalog::{GenerationSpec, Workflow};
 use tally::http::auth::{Settler, WorkspaceMember};
 use tally::http::{
     ApiBytes, ApiJson, ApiPath, ApiQuery, Identity, Problem, ProblemDetails, idempotency_key,
@@ -71,6 +72,16 @@ pub struct GenerationListQuery {
     pub status: Option<GenerationStatus>,
     /// Only generations of this model.
     pub model: Option<String>,
+    /// Only generations started by this member (their user id, the token's `sub`).
+    #[param(max_length = 200)]
+    pub started_by: Option<String>,
+    /// Only generations of this workflow.
+    #[param(inline)]
+    pub workflow: Option<Workflow>,
+    /// Only generations created at or after this instant (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Only generations created before this instant (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
     pub cursor: Option<String>,
@@ -326,8 +337,51 @@ pub async fn list_generations(
     ApiQuery(q): ApiQuery<GenerationListQuery>,
 ) -> ApiResult<Json<GenerationPage>> {
     let workspace = who.member_workspace()?;
+    generations_page(&app, workspace, q).await.map(Json)
+}
+
+/// The filters of a creation-history query, checked.
+pub(crate) fn filters(
+    model: Option<&str>,
+    started_by: Option<&str>,
+    workflow: Option<Workflow>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> ApiResult<GenerationQuery> {
+    let text = |field: &str, v: Option<&str>| {
+        v.map(|v| tally::http::text::one_line(field, v, 200).map(str::to_owned))
+            .transpose()
+    };
+    if let (Some(f), Some(t)) = (from, to)
+        && f >= t
+    {
+        return Err(Problem::validation("from", "must be before to"));
+    }
+    Ok(GenerationQuery {
+        model: text("model", model)?,
+        started_by: text("started_by", started_by)?,
+        workflow,
+        from,
+        to,
+        ..GenerationQuery::default()
+    })
+}
+
+/// A page of `workspace`'s creation history.
+pub(crate) async fn generations_page(
+    app: &AppState,
+    workspace: &WorkspaceId,
+    q: GenerationListQuery,
+) -> ApiResult<GenerationPage> {
     let limit = page_limit(q.limit, 20)?;
     let status = q.status;
+    let base = filters(
+        q.model.as_deref(),
+        q.started_by.as_deref(),
+        q.workflow,
+        q.from,
+        q.to,
+    )?;
     let before = q
         .cursor
         .as_deref()
@@ -353,8 +407,8 @@ pub async fn list_generations(
                 &GenerationQuery {
                     before: cursor,
                     status: stored_status,
-                    model: q.model.clone(),
                     limit: limit + 1,
+                    ..base.clone()
                 },
             )
             .await?;
@@ -379,7 +433,7 @@ pub async fn list_generations(
     } else {
         None
     };
-    Ok(Json(GenerationPage {
+    Ok(GenerationPage {
         items: items
             .into_iter()
             .map(|generation| GenerationView {
@@ -388,7 +442,31 @@ pub async fn list_generations(
             })
             .collect(),
         next_cursor,
-    }))
+    })
+}
+
+/// One generation of `workspace` with its journal entries.
+pub(crate) async fn generation_detail(
+    app: &AppState,
+    workspace: &WorkspaceId,
+    id: &str,
+) -> ApiResult<GenerationView> {
+    let id = parse_generation_id(id)?;
+    let g = app
+        .ledger
+        .store
+        .generation(workspace, id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?;
+    let entries = app
+        .ledger
+        .store
+        .entries_by_seq(workspace, &g.entries)
+        .await?;
+    Ok(GenerationView {
+        generation: as_of_now(g, app.ledger.clock.now()),
+        ledger_entries: Some(entries),
+    })
 }
 
 #[utoipa::path(get, path = "/v1/generations/{id}", tag = "credits", security(("bearer" = [])),
@@ -401,20 +479,5 @@ pub async fn get_generation(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<GenerationView>> {
     let workspace = who.member_workspace()?;
-    let id = parse_generation_id(&id)?;
-    let g = app
-        .ledger
-        .store
-        .generation(workspace, id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?;
-    let entries = app
-        .ledger
-        .store
-        .entries_by_seq(workspace, &g.entries)
-        .await?;
-    Ok(Json(GenerationView {
-        generation: as_of_now(g, app.ledger.clock.now()),
-        ledger_entries: Some(entries),
-    }))
+    generation_detail(&app, workspace, &id).await.map(Json)
 }

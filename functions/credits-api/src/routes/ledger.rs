@@ -38,6 +38,15 @@ pub async fn ledger(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<EntryPage>> {
     let workspace = who.member_workspace()?;
+    ledger_page(&app, workspace, q).await.map(Json)
+}
+
+/// A page of `workspace`'s journal.
+pub(crate) async fn ledger_page(
+    app: &AppState,
+    workspace: &tally::ids::WorkspaceId,
+    q: PageQuery,
+) -> ApiResult<EntryPage> {
     let limit = page_limit(q.limit, 50)?;
     let before = q
         .cursor
@@ -67,5 +76,5 @@ pub async fn ledger(
     } else {
         None
     };
-    Ok(Json(EntryPage { items, next_cursor }))
+    Ok(EntryPage { items, next_cursor })
 }

@@ -3,12 +3,14 @@
 //! live here.
 
 pub mod adjustments;
+pub mod admin;
 pub mod balance;
 pub mod catalog;
 pub mod entitlements;
 pub mod estimates;
 pub mod generations;
 pub mod ledger;
+pub mod reports;
 
 use tally::http::Problem;
 

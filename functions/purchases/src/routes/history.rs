@@ -66,11 +66,19 @@ pub async fn admin_history(
     State(st): State<PurchasesState>,
     Staff(who): Staff,
     ApiPath(workspace_id): ApiPath<String>,
+    uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<HistoryParams>,
 ) -> ApiResult<Json<HistoryPage>> {
-    let workspace = WorkspaceId::parse(&workspace_id)
-        .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
-    tracing::info!(workspace = %workspace, staff = %who.sub, "billing history read by staff");
+    let workspace = tally::audit::staff_read(
+        st.docs.as_ref(),
+        st.ledger.store.as_ref(),
+        st.ledger.clock.now(),
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/billing/history",
+        uri.query().unwrap_or(""),
+    )
+    .await?;
     read(&st, &workspace, q).await
 }
 

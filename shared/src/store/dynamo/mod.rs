@@ -237,7 +237,7 @@ impl DynamoStore {
         low: String,
         high: String,
         limit: usize,
-        mut keep: impl FnMut(T) -> Option<T>,
+        mut keep: impl FnMut(T) -> Scan<T>,
     ) -> Result<Vec<T>, StoreError>
     where
         T: serde::de::DeserializeOwned,
@@ -262,13 +262,24 @@ impl DynamoStore {
                 .send()
                 .await
                 .map_err(|e| classify("Query", e))?;
+            let mut stop = false;
             for item in page.items() {
-                if let Some(v) = keep(decode(body(item)?)?) {
-                    out.push(v);
-                    if out.len() >= limit {
+                match keep(decode(body(item)?)?) {
+                    Scan::Keep(v) => {
+                        out.push(v);
+                        if out.len() >= limit {
+                            break;
+                        }
+                    }
+                    Scan::Skip => {}
+                    Scan::Stop => {
+                        stop = true;
                         break;
                     }
                 }
+            }
+            if stop {
+                break;
             }
             match page.last_evaluated_key {
                 Some(k) if out.len() < limit => start = Some(k),
@@ -423,7 +434,15 @@ impl LedgerStore for DynamoStore {
             "GEN#".into(),
             high,
             query.limit,
-            |g: Generation| (Some(g.id) != before && matches_query(&g, query)).then_some(g),
+            |g: Generation| {
+                if query.past_range(&g) {
+                    Scan::Stop
+                } else if Some(g.id) != before && matches_query(&g, query) {
+                    Scan::Keep(g)
+                } else {
+                    Scan::Skip
+                }
+            },
         )
         .await
     }
@@ -438,7 +457,7 @@ impl LedgerStore for DynamoStore {
             Some(b) => entry_sk(b - 1),
             None => "ENTRY#~".into(),
         };
-        self.query_desc(workspace, "ENTRY#".into(), high, query.limit, Some)
+        self.query_desc(workspace, "ENTRY#".into(), high, query.limit, Scan::Keep)
             .await
     }
 

@@ -1,0 +1,268 @@
+//! `/v1/admin/workspaces/{workspace_id}/...`: support staff and finance (scope
+//! `credits:admin`) read any workspace: balance and lots, journal, creation history, usage,
+//! exports and the audit log. A workspace that does not exist is a 404, and every read is
+//! recorded in the audit log before it is answered.
+
+use super::ApiResult;
+use super::adjustments::WorkspacePath;
+use super::balance::BalanceView;
+use super::generations::{GenerationListQuery, GenerationPage, GenerationView};
+use super::ledger::{EntryPage, PageQuery};
+use super::reports::{GenerationExportQuery, LedgerExportQuery, UsageQuery};
+use crate::AppState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::Uri;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use tally::audit::AuditRecord;
+use tally::http::auth::Staff;
+use tally::http::{ApiPath, ApiQuery, Identity, Problem, ProblemDetails};
+use tally::ids::WorkspaceId;
+use tally::reports::usage::Usage;
+use utoipa::{IntoParams, ToSchema};
+
+async fn read(
+    app: &AppState,
+    who: &Identity,
+    workspace_id: &str,
+    action: &str,
+    uri: &Uri,
+) -> ApiResult<WorkspaceId> {
+    tally::audit::staff_read(
+        app.docs.as_ref(),
+        app.ledger.store.as_ref(),
+        app.ledger.clock.now(),
+        who,
+        workspace_id,
+        action,
+        uri.query().unwrap_or(""),
+    )
+    .await
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/balance", tag = "admin",
+    security(("bearer" = [])), params(WorkspacePath),
+    responses((status = 200, body = BalanceView), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff: a workspace's balance and lots.
+pub async fn balance(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
+    uri: Uri,
+) -> ApiResult<Json<BalanceView>> {
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/balance",
+        &uri,
+    )
+    .await?;
+    super::balance::balance_of(&app, &ws).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/ledger", tag = "admin",
+    security(("bearer" = [])), params(WorkspacePath, PageQuery),
+    responses((status = 200, body = EntryPage), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff: a workspace's journal, newest first.
+pub async fn ledger(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
+    uri: Uri,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<EntryPage>> {
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/ledger",
+        &uri,
+    )
+    .await?;
+    super::ledger::ledger_page(&app, &ws, q).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/generations", tag = "admin",
+    security(("bearer" = [])), params(WorkspacePath, GenerationListQuery),
+    responses((status = 200, body = GenerationPage), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff: a workspace's creation history, with the same filters as members have.
+pub async fn generations(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
+    uri: Uri,
+    ApiQuery(q): ApiQuery<GenerationListQuery>,
+) -> ApiResult<Json<GenerationPage>> {
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/generations",
+        &uri,
+    )
+    .await?;
+    super::generations::generations_page(&app, &ws, q)
+        .await
+        .map(Json)
+}
+
+/// The `{workspace_id}` and `{id}` of an admin generation route.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct WorkspaceGenerationPath {
+    #[param(pattern = "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+    pub workspace_id: String,
+    #[param(pattern = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
+    pub id: String,
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/generations/{id}", tag = "admin",
+    security(("bearer" = [])), params(WorkspaceGenerationPath),
+    responses((status = 200, body = GenerationView), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff: one generation of a workspace with its journal entries.
+pub async fn generation(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath((workspace_id, id)): ApiPath<(String, String)>,
+    uri: Uri,
+) -> ApiResult<Json<GenerationView>> {
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/generations/{id}",
+        &uri,
+    )
+    .await?;
+    super::generations::generation_detail(&app, &ws, &id)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/usage", tag = "admin",
+    security(("bearer" = [])), params(WorkspacePath, UsageQuery),
+    responses((status = 200, body = Usage), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff: a workspace's credits spent, grouped.
+pub async fn usage(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
+    uri: Uri,
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> ApiResult<Json<Usage>> {
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/usage",
+        &uri,
+    )
+    .await?;
+    super::reports::usage_of(&app, &ws, q).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/generations/export", tag = "admin",
+    security(("bearer" = [])), params(WorkspacePath, GenerationExportQuery),
+    responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
+        (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff and finance: a workspace's creation history as CSV.
+pub async fn export_generations(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
+    uri: Uri,
+    ApiQuery(q): ApiQuery<GenerationExportQuery>,
+) -> ApiResult<Response> {
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/generations/export",
+        &uri,
+    )
+    .await?;
+    super::reports::generations_export(&app, ws, q)
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/ledger/export", tag = "admin",
+    security(("bearer" = [])), params(WorkspacePath, LedgerExportQuery),
+    responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
+        (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff and finance: a workspace's journal as CSV.
+pub async fn export_ledger(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
+    uri: Uri,
+    ApiQuery(q): ApiQuery<LedgerExportQuery>,
+) -> ApiResult<Response> {
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/ledger/export",
+        &uri,
+    )
+    .await?;
+    super::reports::ledger_export(&app, ws, q)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[0-9]{13}#aud_[0-9A-HJKMNP-TV-Z]{26}$")]
+    pub cursor: Option<String>,
+    /// 1-100, default 50.
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditRecord>,
+    pub next_cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/audit", tag = "admin",
+    security(("bearer" = [])), params(WorkspacePath, AuditQuery),
+    responses((status = 200, body = AuditPage), (status = 403, body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Support staff: who read this workspace, when and what, newest first (this read
+/// included).
+pub async fn audit(
+    State(app): State<AppState>,
+    Staff(who): Staff,
+    ApiPath(workspace_id): ApiPath<String>,
+    uri: Uri,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Json<AuditPage>> {
+    let limit = super::page_limit(q.limit, 50)?;
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            tally::audit::cursor_sk(c)
+                .ok_or_else(|| Problem::validation("cursor", "unknown cursor"))
+        })
+        .transpose()?;
+    let ws = read(
+        &app,
+        &who,
+        &workspace_id,
+        "GET /v1/admin/workspaces/{workspace_id}/audit",
+        &uri,
+    )
+    .await?;
+    let (items, next_cursor) =
+        tally::audit::page(app.docs.as_ref(), &ws, before.as_deref(), limit).await?;
+    Ok(Json(AuditPage { items, next_cursor }))
+}

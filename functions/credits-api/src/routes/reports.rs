@@ -1,0 +1,205 @@
+//! `GET /v1/usage`: credits spent by member, model or day; `GET /v1/generations/export` and
+//! `GET /v1/ledger/export`: the creation history and the journal as CSV (RFC 4180),
+//! streamed page by page.
+
+use super::ApiResult;
+use crate::AppState;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Duration, Utc};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tally::catalog::Workflow;
+use tally::http::{ApiQuery, Identity, Problem, ProblemDetails};
+use tally::ids::WorkspaceId;
+use tally::reports::usage::{GroupBy, Usage, usage};
+use utoipa::IntoParams;
+
+/// The longest range one usage report covers.
+pub const MAX_USAGE_DAYS: i64 = 366;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// Start (inclusive, RFC 3339); default 30 days before `to`.
+    pub from: Option<DateTime<Utc>>,
+    /// End (exclusive, RFC 3339); default now.
+    pub to: Option<DateTime<Utc>>,
+    /// Default `member`.
+    #[param(inline)]
+    pub group_by: Option<GroupBy>,
+}
+
+pub(crate) async fn usage_of(
+    app: &AppState,
+    workspace: &WorkspaceId,
+    q: UsageQuery,
+) -> ApiResult<Usage> {
+    let to = q.to.unwrap_or_else(|| app.ledger.clock.now());
+    let from = q.from.unwrap_or(to - Duration::days(30));
+    if from >= to {
+        return Err(Problem::validation("from", "must be before to"));
+    }
+    if to - from > Duration::days(MAX_USAGE_DAYS) {
+        return Err(Problem::validation(
+            "from",
+            &format!("a report covers at most {MAX_USAGE_DAYS} days"),
+        ));
+    }
+    Ok(usage(
+        app.ledger.store.as_ref(),
+        workspace,
+        from,
+        to,
+        q.group_by.unwrap_or(GroupBy::Member),
+    )
+    .await?)
+}
+
+#[utoipa::path(get, path = "/v1/usage", tag = "credits", security(("bearer" = [])),
+    params(UsageQuery),
+    responses((status = 200, body = Usage), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// Credits spent in a time range, grouped by member, model or day; the totals are the
+/// journal's own sums over the range.
+pub async fn usage_report(
+    State(app): State<AppState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> ApiResult<Json<Usage>> {
+    let workspace = who.member_workspace()?;
+    usage_of(&app, workspace, q).await.map(Json)
+}
+
+/// The only export format.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    Csv,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationExportQuery {
+    #[param(inline)]
+    pub format: ExportFormat,
+    /// Created at or after (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Created before (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    #[param(max_length = 200)]
+    pub started_by: Option<String>,
+    pub model: Option<String>,
+    #[param(inline)]
+    pub workflow: Option<Workflow>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerExportQuery {
+    #[param(inline)]
+    pub format: ExportFormat,
+    /// Entries at or after (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Entries before (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+}
+
+fn csv_response(
+    name: &str,
+    chunks: impl futures_util::Stream<Item = Result<String, tally::store::StoreError>> + Send + 'static,
+) -> Response {
+    let body = Body::from_stream(chunks.map(|chunk| {
+        chunk.map_err(|e| {
+            // The status is already sent: cutting the stream short is the only way left
+            // to say the file is incomplete.
+            tracing::error!(error = %e, "export stopped");
+            std::io::Error::other(e)
+        })
+    }));
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}.csv\""),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+pub(crate) fn generations_export(
+    app: &AppState,
+    workspace: WorkspaceId,
+    q: GenerationExportQuery,
+) -> ApiResult<Response> {
+    let ExportFormat::Csv = q.format;
+    let query = super::generations::filters(
+        q.model.as_deref(),
+        q.started_by.as_deref(),
+        q.workflow,
+        q.from,
+        q.to,
+    )?;
+    let name = format!("generations-{workspace}");
+    Ok(csv_response(
+        &name,
+        tally::reports::export::generations_csv(app.ledger.store.clone(), workspace, query),
+    ))
+}
+
+pub(crate) fn ledger_export(
+    app: &AppState,
+    workspace: WorkspaceId,
+    q: LedgerExportQuery,
+) -> ApiResult<Response> {
+    let ExportFormat::Csv = q.format;
+    if let (Some(f), Some(t)) = (q.from, q.to)
+        && f >= t
+    {
+        return Err(Problem::validation("from", "must be before to"));
+    }
+    let name = format!("ledger-{workspace}");
+    Ok(csv_response(
+        &name,
+        tally::reports::export::ledger_csv(app.ledger.store.clone(), workspace, q.from, q.to),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/generations/export", tag = "credits", security(("bearer" = [])),
+    params(GenerationExportQuery),
+    responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
+        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// The creation history as CSV, streamed: id, times, member, workflow, model, status and
+/// credits held, charged, reversed and short.
+pub async fn export_generations(
+    State(app): State<AppState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<GenerationExportQuery>,
+) -> ApiResult<Response> {
+    let workspace = who.member_workspace()?.clone();
+    generations_export(&app, workspace, q)
+}
+
+#[utoipa::path(get, path = "/v1/ledger/export", tag = "credits", security(("bearer" = [])),
+    params(LedgerExportQuery),
+    responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
+        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+/// The journal as CSV, streamed: every entry with its reason, credit change, balance after,
+/// actor and references.
+pub async fn export_ledger(
+    State(app): State<AppState>,
+    who: Identity,
+    ApiQuery(q): ApiQuery<LedgerExportQuery>,
+) -> ApiResult<Response> {
+    let workspace = who.member_workspace()?.clone();
+    ledger_export(&app, workspace, q)
+}

@@ -1,0 +1,171 @@
+//! Credits spent in a time range, grouped by member, model or day, summed from the journal
+//! itself: the totals of a report are exactly the journal's sums over the range.
+//!
+//! A charge counts where its journal entry falls (`at`), a reversal where it was given
+//! back. Member and model come from the generation the entry names; an entry that names
+//! none (there are none today) is grouped under `unknown`.
+
+use crate::ids::{GenerationId, WorkspaceId};
+use crate::ledger::{Entry, Reason};
+use crate::money::Credits;
+use crate::store::{CREATION_ORDER_SLACK, EntryQuery, LedgerStore, StoreError};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use utoipa::ToSchema;
+
+/// How usage is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    /// The member who started the generation (token subject).
+    Member,
+    Model,
+    /// The UTC day of the journal entry (`YYYY-MM-DD`).
+    Day,
+}
+
+/// One group's totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UsageGroup {
+    pub key: String,
+    /// Credits charged for generations.
+    pub spent: Credits,
+    /// Credits given back by reversing charges.
+    pub reversed: Credits,
+    /// Generations charged.
+    pub charges: u64,
+}
+
+/// Credits spent in `[from, to)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub group_by: GroupBy,
+    /// Highest spend first.
+    pub groups: Vec<UsageGroup>,
+    /// The sum of the journal's `spent` totals over the range.
+    pub spent: Credits,
+    pub reversed: Credits,
+    pub charges: u64,
+}
+
+/// Journal entries with `at` in `[from, to)`, newest first, page by page: `each` gets every
+/// page in turn. Reads back from the newest entry and stops once entries are older than
+/// `from` (allowing for clocks of concurrent writers).
+pub async fn entries_between<F>(
+    store: &dyn LedgerStore,
+    workspace: &WorkspaceId,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    mut each: F,
+) -> Result<(), StoreError>
+where
+    F: FnMut(Vec<Entry>),
+{
+    let mut before = None;
+    loop {
+        let page = store
+            .entries(workspace, &EntryQuery { before, limit: 100 })
+            .await?;
+        let Some((last_seq, last_at)) = page.last().map(|e| (e.seq, e.at)) else {
+            return Ok(());
+        };
+        before = Some(last_seq);
+        let past = from.is_some_and(|f| last_at < f - CREATION_ORDER_SLACK);
+        let full = page.len() == 100;
+        let kept: Vec<Entry> = page
+            .into_iter()
+            .filter(|e| from.is_none_or(|f| e.at >= f) && to.is_none_or(|t| e.at < t))
+            .collect();
+        if !kept.is_empty() {
+            each(kept);
+        }
+        if past || !full || last_seq <= 1 {
+            return Ok(());
+        }
+    }
+}
+
+fn add(total: &mut Credits, more: Credits) -> Result<(), StoreError> {
+    *total = total
+        .checked_add(more)
+        .ok_or_else(|| StoreError::decode("usage total overflows"))?;
+    Ok(())
+}
+
+/// Totals credits spent in `[from, to)` grouped by `group_by`.
+pub async fn usage(
+    store: &dyn LedgerStore,
+    workspace: &WorkspaceId,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    group_by: GroupBy,
+) -> Result<Usage, StoreError> {
+    let mut entries = Vec::new();
+    entries_between(store, workspace, Some(from), Some(to), |page| {
+        entries.extend(
+            page.into_iter()
+                .filter(|e| matches!(e.reason, Reason::GenerationCharged | Reason::Reversal))
+                .map(|e| (e.at, e.reason, e.refs.generation, e.totals)),
+        )
+    })
+    .await?;
+    // Member and model of each generation named, read once each.
+    let mut who: HashMap<GenerationId, (String, String)> = HashMap::new();
+    if group_by != GroupBy::Day {
+        for (_, _, generation, _) in &entries {
+            if let Some(g) = generation
+                && !who.contains_key(g)
+                && let Some(found) = store.generation(workspace, *g).await?
+            {
+                who.insert(*g, (found.started_by, found.estimate.model));
+            }
+        }
+    }
+    let mut groups: BTreeMap<String, UsageGroup> = BTreeMap::new();
+    let (mut spent, mut reversed, mut charges) = (Credits::ZERO, Credits::ZERO, 0u64);
+    for (at, reason, generation, totals) in entries {
+        let key = match group_by {
+            GroupBy::Day => at.format("%Y-%m-%d").to_string(),
+            GroupBy::Member | GroupBy::Model => generation
+                .and_then(|g| who.get(&g))
+                .map(|(member, model)| {
+                    if group_by == GroupBy::Member {
+                        member.clone()
+                    } else {
+                        model.clone()
+                    }
+                })
+                .unwrap_or_else(|| "unknown".into()),
+        };
+        let group = groups.entry(key.clone()).or_insert_with(|| UsageGroup {
+            key,
+            ..UsageGroup::default()
+        });
+        match reason {
+            Reason::GenerationCharged => {
+                add(&mut group.spent, totals.spent)?;
+                add(&mut spent, totals.spent)?;
+                group.charges += 1;
+                charges += 1;
+            }
+            _ => {
+                add(&mut group.reversed, totals.issued)?;
+                add(&mut reversed, totals.issued)?;
+            }
+        }
+    }
+    let mut groups: Vec<UsageGroup> = groups.into_values().collect();
+    groups.sort_by(|a, b| b.spent.cmp(&a.spent).then_with(|| a.key.cmp(&b.key)));
+    Ok(Usage {
+        from,
+        to,
+        group_by,
+        groups,
+        spent,
+        reversed,
+        charges,
+    })
+}

@@ -1,0 +1,459 @@
+//! What Tally's own records say about a ticket, and what it fixes by itself.
+//!
+//! Findings come from the ledger (balance, holds, the generation named and its journal
+//! entries, spending by member over the last days), the billing history (recent payments,
+//! duplicate charges) and the refresh schedule (the next allotment or renewal).
+//!
+//! Fixed automatically, each at most once whatever the number of tickets, because every
+//! fix runs under a key derived from what it fixes:
+//! - a hold past its deadline that no operation released yet is released now (its credits
+//!   were never charged);
+//! - a charge journaled for a generation that failed or expired is given back with a
+//!   journal entry linked to the ticket and the generation (the ledger releases a failed
+//!   generation's hold without charge, so this is a safety net);
+//! - a duplicate charge the refund rules verify (the later of two identical payments, all
+//!   its credits unused) opens a refund request, when the ticket's author may ask for
+//!   refunds (owner or billing admin).
+//!
+//! A completed generation the customer says failed is not certain from the records: the
+//! ticket carries its charge and journal entries and staff reverse it if the output was
+//! faulty.
+
+use super::{Category, Priority, Remediation};
+use crate::billing::history::{self, HistoryEntry, HistoryQuery, Movement, MovementKind};
+use crate::http::Problem;
+use crate::ids::{GenerationId, IdempotencyKey, WorkspaceId};
+use crate::ledger::{Actor, Balance, Entry, Generation, GenerationStatus, Operation, Refs};
+use crate::money::{Cents, CreditDelta, Credits};
+use crate::refund_requests::{NewRequest, RefundReason, RefundRequests, RequestStatus, rules};
+use crate::reports::usage::{GroupBy, UsageGroup, usage};
+use crate::service::{Ledger, LedgerRequest};
+use crate::store::DocStore;
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+/// How far back spending by member looks.
+pub const SPENDING_DAYS: i64 = 7;
+/// Recent payments shown.
+pub const RECENT_PAYMENTS: usize = 10;
+/// How far back duplicate charges are looked for.
+pub const DUPLICATE_LOOKBACK_DAYS: i64 = 30;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GenerationFacts {
+    #[serde(flatten)]
+    pub generation: Generation,
+    /// The journal entries that moved its credits.
+    pub journal: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HoldFact {
+    #[schema(value_type = String)]
+    pub generation: GenerationId,
+    pub credits: Credits,
+    pub started_by: String,
+    pub model: String,
+    pub created_at: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+    /// Past its deadline: released without charge.
+    pub overdue: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DuplicateSuspicion {
+    /// The later payment (the duplicate).
+    pub payment: String,
+    /// The earlier, identical one.
+    pub duplicate_of: String,
+    pub amount: Cents,
+    pub currency: String,
+}
+
+/// Findings stored on a ticket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Enrichment {
+    pub balance: Balance,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// The plan's status (`active`, `past_due`, `paused`, `canceled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_status: Option<String>,
+    /// When credits next refresh: the next monthly allotment of a yearly plan, or the
+    /// renewal of a monthly one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationFacts>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_holds: Vec<HoldFact>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_payments: Vec<Movement>,
+    /// Credits spent by each member over the last seven days.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spending_by_member: Vec<UsageGroup>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub duplicate_charges: Vec<DuplicateSuspicion>,
+    /// The customer reports a negative balance.
+    #[serde(default)]
+    pub negative_balance_reported: bool,
+    /// What the records say, in words, for the customer and for staff.
+    pub findings: Vec<String>,
+}
+
+/// What enrichment needs.
+#[derive(Clone)]
+pub struct Context {
+    pub ledger: Ledger,
+    pub docs: Arc<dyn DocStore>,
+    /// Refund requests, to open one for a verified duplicate charge.
+    pub refunds: Option<RefundRequests>,
+}
+
+/// A ticket being filed.
+pub struct Subject<'a> {
+    pub ticket: &'a str,
+    pub workspace: &'a WorkspaceId,
+    pub user: &'a str,
+    pub can_manage_billing: bool,
+    pub category: Category,
+    pub generation: Option<GenerationId>,
+    pub payment: Option<&'a str>,
+    pub text: &'a str,
+    pub now: DateTime<Utc>,
+}
+
+/// What [`assess`] found and did.
+pub struct Assessment {
+    pub enrichment: Enrichment,
+    pub remediations: Vec<Remediation>,
+    /// Raised priority, if the findings call for it.
+    pub escalate_to: Option<Priority>,
+}
+
+fn mentions_negative_balance(text: &str) -> bool {
+    let t = text.to_lowercase();
+    (t.contains("negative") || t.contains("below zero") || t.contains("minus"))
+        && (t.contains("balance") || t.contains("credit"))
+}
+
+/// Reads what the records say about the ticket and fixes what is certain.
+pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Problem> {
+    let mut e = Enrichment::default();
+    let mut fixes = Vec::new();
+    let mut escalate_to = None;
+    let ledger = &ctx.ledger;
+    let stored = ledger.store.load(s.workspace).await?;
+    let view = ledger.workspace_now(s.workspace).await?;
+    e.balance = view.balance();
+    if let Some(p) = &view.plan {
+        e.plan = Some(p.plan.clone());
+        e.plan_status = serde_json::to_value(p.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned));
+    }
+    if let Some(doc) = crate::refresh::refresh_doc(ctx.docs.as_ref(), s.workspace).await? {
+        let next = crate::refresh::schedule::allotments(doc.period_start, doc.period_end)
+            .into_iter()
+            .find(|a| a.k >= doc.next_allotment && a.at > s.now)
+            .map(|a| a.at)
+            .unwrap_or(doc.period_end);
+        e.next_refresh = Some(next);
+    } else if let Some(p) = &view.plan {
+        e.next_refresh = Some(p.period_end);
+    }
+    if let Some(state) = &stored {
+        e.pending_holds = state
+            .holds
+            .iter()
+            .map(|h| HoldFact {
+                generation: h.generation,
+                credits: h.amount,
+                started_by: h.started_by.clone(),
+                model: h.estimate.model.clone(),
+                created_at: h.created_at,
+                deadline: h.deadline,
+                overdue: h.deadline <= s.now,
+            })
+            .collect();
+    }
+    if !e.pending_holds.is_empty() {
+        let held: u64 = e.pending_holds.iter().map(|h| h.credits.get()).sum();
+        e.findings.push(format!(
+            "{} generation(s) hold {held} credits until they finish; held credits are not spent",
+            e.pending_holds.len()
+        ));
+    }
+
+    if let Some(g) = s.generation {
+        generation_facts(ctx, s, g, &mut e, &mut fixes, &mut escalate_to).await?;
+    }
+
+    if matches!(s.category, Category::Billing | Category::Credits) || s.payment.is_some() {
+        let (payments, _) = history::page(
+            ctx.docs.as_ref(),
+            s.workspace,
+            &HistoryQuery {
+                limit: RECENT_PAYMENTS,
+                ..HistoryQuery::default()
+            },
+        )
+        .await?;
+        e.recent_payments = payments;
+        let spending = usage(
+            ledger.store.as_ref(),
+            s.workspace,
+            s.now - Duration::days(SPENDING_DAYS),
+            s.now + Duration::seconds(1),
+            GroupBy::Member,
+        )
+        .await?;
+        if spending.groups.len() > 1 {
+            e.findings.push(format!(
+                "{} members spent credits in the last {SPENDING_DAYS} days ({} credits in all)",
+                spending.groups.len(),
+                spending.spent.get()
+            ));
+        }
+        e.spending_by_member = spending.groups;
+        duplicates(ctx, s, &mut e, &mut fixes).await?;
+    }
+
+    if mentions_negative_balance(s.text) {
+        e.negative_balance_reported = true;
+        escalate_to = Some(Priority::Urgent);
+        e.findings.push(format!(
+            "a negative balance was reported; the ledger shows {} available and {} held",
+            e.balance.available.get(),
+            e.balance.held.get()
+        ));
+    }
+    Ok(Assessment {
+        enrichment: e,
+        remediations: fixes,
+        escalate_to,
+    })
+}
+
+async fn generation_facts(
+    ctx: &Context,
+    s: &Subject<'_>,
+    id: GenerationId,
+    e: &mut Enrichment,
+    fixes: &mut Vec<Remediation>,
+    escalate_to: &mut Option<Priority>,
+) -> Result<(), Problem> {
+    let ledger = &ctx.ledger;
+    let Some(mut g) = ledger.store.generation(s.workspace, id).await? else {
+        return Err(Problem::not_found(format!(
+            "no generation {id} in this workspace"
+        )));
+    };
+    let actor = Actor::new(crate::ledger::ActorKind::System, "support-intake");
+    let refs = Refs {
+        generation: Some(id),
+        ticket: Some(s.ticket.to_owned()),
+        ..Refs::default()
+    };
+    match g.status {
+        GenerationStatus::Held if g.deadline <= s.now => {
+            let out = ledger
+                .execute(LedgerRequest {
+                    workspace: s.workspace.clone(),
+                    key: IdempotencyKey::derived(format!("gen:{id}:support-settle")),
+                    fingerprint: "support-settle".into(),
+                    actor: actor.clone(),
+                    refs: refs.clone(),
+                    op: Operation::Settle,
+                })
+                .await?;
+            if let Some(now) = ledger.store.generation(s.workspace, id).await? {
+                g = now;
+            }
+            if g.status == GenerationStatus::Expired {
+                fixes.push(Remediation {
+                    action: "hold_released".into(),
+                    detail: format!(
+                        "generation {id} never finished; its hold of {} credits passed its deadline and was released without charge",
+                        g.held.get()
+                    ),
+                    credits: Some(g.held),
+                    entries: out.entries,
+                    refund_request: None,
+                });
+            }
+        }
+        GenerationStatus::Held => e.findings.push(format!(
+            "generation {id} is still running: {} credits are held (not spent) until {}",
+            g.held.get(),
+            g.deadline.to_rfc3339()
+        )),
+        GenerationStatus::Failed | GenerationStatus::Expired if g.charged > Credits::ZERO => {
+            let credits = g.charged.saturating_sub(g.reversed);
+            if credits > Credits::ZERO {
+                let out = ledger
+                    .execute(LedgerRequest {
+                        workspace: s.workspace.clone(),
+                        key: IdempotencyKey::derived(format!("gen:{id}:support-return")),
+                        fingerprint: "support-return".into(),
+                        actor: actor.clone(),
+                        refs: refs.clone(),
+                        op: Operation::Adjust {
+                            credits: CreditDelta::increase(credits),
+                            note: format!(
+                                "credits of {} generation {id} given back (ticket {})",
+                                g.status.as_str(),
+                                s.ticket
+                            ),
+                        },
+                    })
+                    .await?;
+                fixes.push(Remediation {
+                    action: "credits_returned".into(),
+                    detail: format!(
+                        "generation {id} {} but {} credits were charged; they were given back",
+                        g.status.as_str(),
+                        credits.get()
+                    ),
+                    credits: Some(credits),
+                    entries: out.entries,
+                    refund_request: None,
+                });
+            }
+        }
+        GenerationStatus::Failed | GenerationStatus::Expired => e.findings.push(format!(
+            "generation {id} {} and was not charged: its hold of {} credits was released",
+            g.status.as_str(),
+            g.held.get()
+        )),
+        GenerationStatus::Completed if g.reversed > Credits::ZERO => e.findings.push(format!(
+            "generation {id} was charged {} credits and {} were already given back",
+            g.charged.get(),
+            g.reversed.get()
+        )),
+        GenerationStatus::Completed => {
+            e.findings.push(format!(
+                "generation {id} completed and was charged {} credits (estimate {}); if its output was faulty, staff can reverse the charge",
+                g.charged.get(),
+                g.estimate.credits.get()
+            ));
+            if s.category == Category::Generation && g.charged > Credits::ZERO {
+                *escalate_to = (*escalate_to).max(Some(Priority::High));
+            }
+        }
+    }
+    let entries = ledger.store.entries_by_seq(s.workspace, &g.entries).await?;
+    e.generation = Some(GenerationFacts {
+        generation: g,
+        journal: entries,
+    });
+    Ok(())
+}
+
+async fn duplicates(
+    ctx: &Context,
+    s: &Subject<'_>,
+    e: &mut Enrichment,
+    fixes: &mut Vec<Remediation>,
+) -> Result<(), Problem> {
+    let window = ctx
+        .refunds
+        .as_ref()
+        .map_or(rules::DEFAULT_DUPLICATE_WINDOW, |r| r.duplicate_window);
+    let around: Vec<HistoryEntry> = history::around(
+        ctx.docs.as_ref(),
+        s.workspace,
+        s.now - Duration::days(DUPLICATE_LOOKBACK_DAYS),
+        s.now + Duration::seconds(1),
+    )
+    .await?;
+    let named = match (s.payment, &ctx.refunds) {
+        (Some(p), Some(r)) => r.movement(s.workspace, p).await?.map(|m| m.id),
+        _ => None,
+    };
+    for entry in &around {
+        if entry.charge.is_none()
+            || entry.amount == Cents::ZERO
+            || matches!(
+                entry.kind,
+                Some(MovementKind::Refund | MovementKind::Dispute) | None
+            )
+        {
+            continue;
+        }
+        let Some(twin) = rules::duplicate_of(entry, &around, window) else {
+            continue;
+        };
+        e.duplicate_charges.push(DuplicateSuspicion {
+            payment: entry.id.clone(),
+            duplicate_of: twin.id.clone(),
+            amount: entry.amount,
+            currency: entry.currency.clone().unwrap_or_default(),
+        });
+        e.findings.push(format!(
+            "payment {} looks like a duplicate of {} ({} cents)",
+            entry.id,
+            twin.id,
+            entry.amount.get()
+        ));
+        let Some(refunds) = &ctx.refunds else {
+            continue;
+        };
+        if named.as_ref().is_some_and(|n| n != &entry.id) {
+            continue;
+        }
+        if !s.can_manage_billing {
+            e.findings.push(format!(
+                "the workspace owner or a billing admin can ask for payment {} back",
+                entry.id
+            ));
+            continue;
+        }
+        let request = refunds
+            .create(
+                s.workspace,
+                NewRequest {
+                    payment: entry.id.clone(),
+                    reason: RefundReason::DuplicateCharge,
+                    details: format!("duplicate of {} (support ticket {})", twin.id, s.ticket),
+                    requested_by: s.user.to_owned(),
+                    id: Some(crate::refund_requests::id_for_key(
+                        s.workspace,
+                        &format!("ticket-duplicate:{}", entry.id),
+                    )),
+                },
+                s.now,
+            )
+            .await;
+        match request {
+            Ok(r) if r.status != RequestStatus::InReview => fixes.push(Remediation {
+                action: "refund_requested".into(),
+                detail: format!(
+                    "payment {} is a verified duplicate of {}; refund request {} is {} for {} cents",
+                    entry.id,
+                    twin.id,
+                    r.id,
+                    serde_json::to_value(r.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    r.amount.get()
+                ),
+                credits: None,
+                entries: Vec::new(),
+                refund_request: Some(r.id),
+            }),
+            Ok(r) => e.findings.push(format!(
+                "refund request {} for payment {} awaits staff review",
+                r.id, entry.id
+            )),
+            Err(p) => e.findings.push(format!(
+                "payment {} could not be refunded automatically: {}",
+                entry.id, p.detail
+            )),
+        }
+    }
+    Ok(())
+}

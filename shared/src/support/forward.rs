@@ -1,0 +1,177 @@
+//! Forwarding tickets to the help desk.
+//!
+//! The `support-tickets` FIFO queue carries one [`ForwardJob`] per change (a new ticket, a
+//! message, a status change), grouped by ticket so the help desk sees a ticket's changes
+//! in order. [`HelpDesk`] reads the ticket as it is now, builds the delivery and signs it:
+//! `Tally-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>" under the shared
+//! secret>`, with `Idempotency-Key: <job id>` so a redelivery is recognised. A failed
+//! delivery is tried again a few times with backoff, then left to the queue: SQS delivers
+//! it again after the visibility timeout and moves it to the dead-letter queue after
+//! [`super::SUPPORT_MAX_RECEIVES`] receives.
+
+use super::{ForwardJob, Ticket, TicketMessage, Tickets};
+use crate::error::BoxError;
+use crate::queue::{ConsumeError, Consumer, Delivery};
+use async_trait::async_trait;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::sync::Arc;
+
+/// The header carrying the signature.
+pub const SIGNATURE_HEADER: &str = "Tally-Signature";
+
+/// What the help desk receives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardPayload {
+    /// Unique per change: the same id is the same change, delivered again.
+    pub id: String,
+    /// `ticket.created`, `ticket.message` or `ticket.status`.
+    pub event: String,
+    pub ticket: Ticket,
+    /// The message the change added (`ticket.created` carries the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<TicketMessage>,
+}
+
+/// A signed delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Signed {
+    pub id: String,
+    pub body: String,
+    pub signature: String,
+}
+
+/// `t=<timestamp>,v1=<signature>` for `body` at `timestamp` under `secret`.
+pub fn sign(secret: &[u8], timestamp: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={timestamp},v1={hex}")
+}
+
+/// Whether `header` is a valid signature of `body` under `secret`, made within
+/// `tolerance_s` seconds of `now` (what a help desk checks).
+pub fn verify(secret: &[u8], header: &str, body: &str, now: i64, tolerance_s: i64) -> bool {
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1.push(v),
+            _ => {}
+        }
+    }
+    let Some(t) = t else { return false };
+    if (now - t).abs() > tolerance_s {
+        return false;
+    }
+    let expected = sign(secret, t, body);
+    let expected = expected.rsplit_once("v1=").map(|(_, h)| h).unwrap_or("");
+    v1.iter().any(|given| {
+        given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
+/// Why a delivery failed.
+#[derive(Debug, thiserror::Error)]
+#[error("help desk delivery failed: {0}")]
+pub struct DeliveryError(#[source] pub BoxError);
+
+/// Where signed deliveries go: the help desk's webhook, or the local outbox.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    async fn deliver(&self, delivery: &Signed) -> Result<(), DeliveryError>;
+}
+
+/// The forwarding consumer.
+pub struct HelpDesk {
+    pub tickets: Tickets,
+    pub sink: Arc<dyn Sink>,
+    pub secret: Vec<u8>,
+    pub clock: Arc<dyn crate::clock::Clock>,
+    /// Attempts within one receive before the message goes back to the queue.
+    pub attempts: u32,
+    /// First backoff between attempts, doubled each time.
+    pub backoff: std::time::Duration,
+}
+
+impl HelpDesk {
+    /// The delivery for a job: the ticket as it is now and the message the job names.
+    pub async fn payload(&self, job: &ForwardJob) -> Result<Option<ForwardPayload>, ConsumeError> {
+        let Some(ticket) = self
+            .tickets
+            .get(&job.ticket)
+            .await
+            .map_err(ConsumeError::retry)?
+        else {
+            // A job is queued only after its ticket was stored.
+            return Err(ConsumeError::retry(format!(
+                "ticket {} not found yet",
+                job.ticket
+            )));
+        };
+        let message = match job.event.as_str() {
+            "ticket.created" | "ticket.message" => self
+                .tickets
+                .messages(&job.ticket)
+                .await
+                .map_err(ConsumeError::retry)?
+                .into_iter()
+                .find(|m| m.seq == job.seq),
+            _ => None,
+        };
+        Ok(Some(ForwardPayload {
+            id: job.id.clone(),
+            event: job.event.clone(),
+            ticket,
+            message,
+        }))
+    }
+}
+
+#[async_trait]
+impl Consumer for HelpDesk {
+    async fn consume(&self, d: &Delivery) -> Result<(), ConsumeError> {
+        let job: ForwardJob = serde_json::from_str(&d.body).map_err(ConsumeError::poison)?;
+        let Some(payload) = self.payload(&job).await? else {
+            return Ok(());
+        };
+        let body = serde_json::to_string(&payload).map_err(ConsumeError::poison)?;
+        let mut wait = self.backoff;
+        let mut last = None;
+        for attempt in 0..self.attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(2);
+            }
+            let signed = Signed {
+                id: job.id.clone(),
+                signature: sign(&self.secret, self.clock.now().timestamp(), &body),
+                body: body.clone(),
+            };
+            match self.sink.deliver(&signed).await {
+                Ok(()) => {
+                    tracing::info!(ticket = %job.ticket, event = %job.event, "ticket forwarded");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(ticket = %job.ticket, attempt, error = %e, "help desk delivery failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(ConsumeError::retry(last.map_or_else(
+            || BoxError::from("no attempt made"),
+            |e| Box::new(e) as BoxError,
+        )))
+    }
+}

@@ -1,0 +1,535 @@
+//! Support tickets: what a customer asks, with what Tally already knows about it.
+//!
+//! A ticket is one document (`TICKET#<id>` / `TICKET`) that holds what the customer sent,
+//! what the system captured (time, user, workspace, plan and support level, request id,
+//! user agent), the findings of [`enrich`] and what [`enrich`] fixed by itself. Messages are
+//! separate documents (`TICKET#<id>` / `MSG#<seq>`), so no item grows with a conversation.
+//! Two summaries list tickets: one under the workspace (`WORKSPACE#<ws>` /
+//! `TICKET#<created>#<id>`) and one in the staff queue (`TICKETS` / `<created>#<id>`); both
+//! are rewritten from the ticket after every change, so a failed write is repaired by the
+//! next one.
+//!
+//! New tickets and messages go to the `support-tickets` queue; [`forward`] delivers them
+//! to the help desk.
+
+pub mod enrich;
+pub mod forward;
+pub mod limits;
+
+use crate::billing::records::workspace_pk;
+use crate::http::Problem;
+use crate::ids::{GenerationId, WorkspaceId};
+use crate::queue::{Message, Queue};
+use crate::store::{DocStore, StoreError, docs};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+/// Name (suffix, in AWS after the stack name) of the FIFO queue of tickets to forward.
+pub const SUPPORT_QUEUE: &str = "support-tickets.fifo";
+/// Deliveries of one forward before it moves to the dead-letter queue.
+pub const SUPPORT_MAX_RECEIVES: u32 = 8;
+
+pub const TICKET_SK: &str = "TICKET";
+pub const MESSAGE_PREFIX: &str = "MSG#";
+pub const QUEUE_PK: &str = "TICKETS";
+pub const WORKSPACE_TICKET_PREFIX: &str = "TICKET#";
+
+/// Longest subject, in characters.
+pub const MAX_SUBJECT_CHARS: usize = 200;
+/// Longest message, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 5000;
+/// Most messages on one ticket.
+pub const MAX_MESSAGES: u32 = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    Billing,
+    Credits,
+    Generation,
+    Account,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketStatus {
+    Open,
+    /// Waiting for the customer.
+    Waiting,
+    Solved,
+}
+
+/// Lowest to highest.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// No plan: community support.
+    Low,
+    /// The catalog's `standard` support level.
+    Normal,
+    /// `priority` and `dedicated` support levels.
+    High,
+    /// A negative balance reported, or a charge for a failed generation Tally could not
+    /// give back by itself.
+    Urgent,
+}
+
+impl Priority {
+    /// The priority a plan's support level earns (the catalog's `support` of the plan).
+    pub fn of_support_level(level: Option<&str>) -> Self {
+        match level {
+            None => Priority::Low,
+            Some("standard") => Priority::Normal,
+            Some(_) => Priority::High,
+        }
+    }
+}
+
+/// What the customer's browser told the frontend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClientInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ad_blocker: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpn: Option<bool>,
+}
+
+/// What the system captured when the ticket was filed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Captured {
+    pub at: DateTime<Utc>,
+    /// The token's subject.
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// The plan's support level from the catalog; absent without a plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub support_level: Option<String>,
+    pub request_id: String,
+    /// The `User-Agent` header of the request that filed the ticket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+}
+
+/// Something Tally fixed by itself, once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Remediation {
+    /// `credits_returned`, `hold_released` or `refund_requested`.
+    pub action: String,
+    pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<crate::money::Credits>,
+    /// The journal entries it wrote.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<u64>,
+    /// The refund request it opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_request: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Ticket {
+    pub id: String,
+    #[schema(value_type = String)]
+    pub workspace: WorkspaceId,
+    pub category: Category,
+    pub subject: String,
+    pub status: TicketStatus,
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub generation: Option<GenerationId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment: Option<String>,
+    /// The page or API route the customer was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    pub client: ClientInfo,
+    pub captured: Captured,
+    pub enrichment: enrich::Enrichment,
+    #[serde(default)]
+    pub remediations: Vec<Remediation>,
+    /// Messages so far (the first is the customer's message).
+    pub messages: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Whether every change so far was handed to the forwarding queue.
+    #[serde(default)]
+    pub forwarded: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Author {
+    Customer,
+    Staff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TicketMessage {
+    pub seq: u32,
+    pub at: DateTime<Utc>,
+    pub author: Author,
+    /// The author's token subject.
+    pub by: String,
+    /// Text as it was sent; never rendered as HTML.
+    pub body: String,
+}
+
+/// A line of a ticket list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TicketSummary {
+    pub id: String,
+    #[schema(value_type = String)]
+    pub workspace: WorkspaceId,
+    pub category: Category,
+    pub subject: String,
+    pub status: TicketStatus,
+    pub priority: Priority,
+    pub messages: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Ticket {
+    pub fn summary(&self) -> TicketSummary {
+        TicketSummary {
+            id: self.id.clone(),
+            workspace: self.workspace.clone(),
+            category: self.category,
+            subject: self.subject.clone(),
+            status: self.status,
+            priority: self.priority,
+            messages: self.messages,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+pub fn ticket_pk(id: &str) -> String {
+    format!("TICKET#{id}")
+}
+fn message_sk(seq: u32) -> String {
+    format!("{MESSAGE_PREFIX}{seq:06}")
+}
+fn list_key(t: &Ticket) -> String {
+    format!("{:013}#{}", t.created_at.timestamp_millis().max(0), t.id)
+}
+
+pub fn new_id() -> String {
+    format!("tkt_{}", ulid::Ulid::new())
+}
+
+/// The ticket id an idempotency key stands for, in one workspace for one user.
+pub fn id_for_key(workspace: &WorkspaceId, user: &str, key: &str) -> String {
+    let print = crate::service::fingerprint(&(workspace.as_str(), user, key));
+    format!("tkt_k{}", &print[..25].to_ascii_uppercase())
+}
+
+/// Whether `id` is shaped like a ticket id.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 30 && id.starts_with("tkt_") && id[4..].bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// What goes to the help desk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardJob {
+    /// `ticket.created`, `ticket.message` or `ticket.status`.
+    pub event: String,
+    pub ticket: String,
+    /// Which message (for `ticket.message`), or the number of messages so far.
+    pub seq: u32,
+    /// Unique per change: the help desk's idempotency key.
+    pub id: String,
+}
+
+/// Tickets over the document store, forwarding changes through `queue`.
+#[derive(Clone)]
+pub struct Tickets {
+    pub docs: Arc<dyn DocStore>,
+    pub queue: Arc<dyn Queue>,
+}
+
+impl Tickets {
+    pub async fn get(&self, id: &str) -> Result<Option<Ticket>, StoreError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        docs::get(self.docs.as_ref(), &ticket_pk(id), TICKET_SK).await
+    }
+
+    /// A ticket of `workspace`; another workspace's ticket is not found.
+    pub async fn get_in(&self, workspace: &WorkspaceId, id: &str) -> Result<Ticket, Problem> {
+        match self.get(id).await? {
+            Some(t) if &t.workspace == workspace => Ok(t),
+            _ => Err(Problem::not_found(format!(
+                "no ticket {id} in this workspace"
+            ))),
+        }
+    }
+
+    pub async fn messages(&self, id: &str) -> Result<Vec<TicketMessage>, StoreError> {
+        let mut all: Vec<TicketMessage> = docs::list(
+            self.docs.as_ref(),
+            &ticket_pk(id),
+            MESSAGE_PREFIX,
+            MAX_MESSAGES as usize + 1,
+        )
+        .await?;
+        all.reverse();
+        Ok(all)
+    }
+
+    /// Writes the two list summaries of `t` (idempotent).
+    async fn summaries(&self, t: &Ticket) -> Result<(), StoreError> {
+        let s = t.summary();
+        let key = list_key(t);
+        for (pk, sk) in [
+            (QUEUE_PK.to_owned(), key.clone()),
+            (
+                workspace_pk(&t.workspace),
+                format!("{WORKSPACE_TICKET_PREFIX}{key}"),
+            ),
+        ] {
+            let s = s.clone();
+            docs::update::<TicketSummary, _>(self.docs.as_ref(), &pk, &sk, move |cur| {
+                (cur.as_ref() != Some(&s)).then(|| s.clone())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Stores a new ticket with its first message (or finds it, when the id was used:
+    /// the same ticket). Then hands it to the forwarding queue.
+    pub async fn file(&self, ticket: Ticket, first: TicketMessage) -> Result<Ticket, Problem> {
+        let pk = ticket_pk(&ticket.id);
+        // The message first: a ticket never exists without it.
+        let body = crate::store::encode(&first)?;
+        self.docs
+            .put_doc(&pk, &message_sk(first.seq), &body, 0)
+            .await?;
+        let stored = docs::update::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
+            cur.is_none().then(|| ticket.clone())
+        })
+        .await?
+        .ok_or_else(Problem::internal)?;
+        self.summaries(&stored).await?;
+        self.forward(stored, "ticket.created", 1).await
+    }
+
+    /// Hands the latest change to the queue and marks the ticket forwarded. A failure
+    /// leaves `forwarded: false` and answers 503: the client's retry forwards it.
+    async fn forward(&self, t: Ticket, event: &str, seq: u32) -> Result<Ticket, Problem> {
+        let id = format!("{}:{event}:{seq}", t.id);
+        let job = ForwardJob {
+            event: event.to_owned(),
+            ticket: t.id.clone(),
+            seq,
+            id: id.clone(),
+        };
+        self.queue
+            .send(Message {
+                body: serde_json::to_string(&job).map_err(|_| Problem::internal())?,
+                group_id: Some(t.id.clone()),
+                dedup_id: Some(crate::service::fingerprint(&id)[..64].to_owned()),
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, ticket = %t.id, "could not queue the ticket for the help desk");
+                Problem::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the ticket is saved but could not be handed to support yet; retry with the same Idempotency-Key",
+                )
+            })?;
+        if t.forwarded {
+            return Ok(t);
+        }
+        let marked =
+            docs::update::<Ticket, _>(self.docs.as_ref(), &ticket_pk(&t.id), TICKET_SK, |cur| {
+                cur.filter(|c| !c.forwarded).map(|mut c| {
+                    c.forwarded = true;
+                    c
+                })
+            })
+            .await?;
+        Ok(marked.unwrap_or(t))
+    }
+
+    /// Adds a message (answers the stored one when `idempotent_seq` names a message that
+    /// exists with the same body). Staff messages set the ticket waiting for the customer;
+    /// a customer's reopens it.
+    pub async fn add_message(
+        &self,
+        ticket: &Ticket,
+        author: Author,
+        by: &str,
+        body: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(Ticket, TicketMessage), Problem> {
+        let pk = ticket_pk(&ticket.id);
+        for _ in 0..20 {
+            let current: Ticket = docs::get(self.docs.as_ref(), &pk, TICKET_SK)
+                .await?
+                .ok_or_else(|| Problem::not_found("no such ticket"))?;
+            if current.messages >= MAX_MESSAGES {
+                return Err(Problem::conflict(format!(
+                    "this ticket has {MAX_MESSAGES} messages; open a new ticket"
+                )));
+            }
+            let seq = current.messages + 1;
+            let msg = TicketMessage {
+                seq,
+                at: now,
+                author,
+                by: by.to_owned(),
+                body: body.to_owned(),
+            };
+            // Claiming the message slot decides who got `seq`.
+            if !self
+                .docs
+                .put_doc(&pk, &message_sk(seq), &crate::store::encode(&msg)?, 0)
+                .await?
+            {
+                continue;
+            }
+            let updated = docs::update::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
+                cur.map(|mut c| {
+                    c.messages = c.messages.max(seq);
+                    c.updated_at = c.updated_at.max(now);
+                    c.status = match author {
+                        Author::Staff => TicketStatus::Waiting,
+                        Author::Customer => TicketStatus::Open,
+                    };
+                    c.forwarded = false;
+                    c
+                })
+            })
+            .await?
+            .ok_or_else(Problem::internal)?;
+            self.summaries(&updated).await?;
+            let updated = self.forward(updated, "ticket.message", seq).await?;
+            return Ok((updated, msg));
+        }
+        Err(Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the ticket is changing right now; retry shortly",
+        ))
+    }
+
+    /// Sets the status (staff). Setting the status it has changes nothing.
+    pub async fn set_status(
+        &self,
+        ticket: &Ticket,
+        status: TicketStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Ticket, Problem> {
+        let pk = ticket_pk(&ticket.id);
+        let changed =
+            docs::update_changed::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
+                cur.filter(|c| c.status != status).map(|mut c| {
+                    c.status = status;
+                    c.updated_at = c.updated_at.max(now);
+                    c.forwarded = false;
+                    c
+                })
+            })
+            .await?;
+        let Some(t) = changed else {
+            let current: Ticket = docs::get(self.docs.as_ref(), &pk, TICKET_SK)
+                .await?
+                .ok_or_else(|| Problem::not_found("no such ticket"))?;
+            if !current.forwarded {
+                self.summaries(&current).await?;
+                let seq = current.messages;
+                return self.forward(current, "ticket.status", seq).await;
+            }
+            return Ok(current);
+        };
+        self.summaries(&t).await?;
+        let seq = t.messages;
+        self.forward(t, "ticket.status", seq).await
+    }
+
+    /// Finishes a filing interrupted after the ticket was stored (summaries, forwarding).
+    pub async fn finish(&self, t: Ticket) -> Result<Ticket, Problem> {
+        if t.forwarded {
+            return Ok(t);
+        }
+        self.summaries(&t).await?;
+        self.forward(t, "ticket.created", 1).await
+    }
+
+    /// A page of summaries, newest first: the workspace's (`Some`) or the staff queue's,
+    /// filtered by status and priority. Reads at most `limit * 10` summaries per call;
+    /// the cursor resumes where it stopped.
+    pub async fn list(
+        &self,
+        workspace: Option<&WorkspaceId>,
+        status: Option<TicketStatus>,
+        priority: Option<Priority>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<TicketSummary>, Option<String>), Problem> {
+        let (pk, prefix) = match workspace {
+            Some(w) => (workspace_pk(w), WORKSPACE_TICKET_PREFIX.to_owned()),
+            None => (QUEUE_PK.to_owned(), String::new()),
+        };
+        let mut before = match cursor {
+            Some(c) => {
+                let ok = c.len() == 44
+                    && c.as_bytes()[13] == b'#'
+                    && c[..13].bytes().all(|b| b.is_ascii_digit())
+                    && valid_id(&c[14..]);
+                if !ok {
+                    return Err(Problem::validation("cursor", "unknown cursor"));
+                }
+                Some(format!("{prefix}{c}"))
+            }
+            None => None,
+        };
+        let mut out = Vec::new();
+        let mut read = 0usize;
+        loop {
+            let page = docs::page::<TicketSummary>(
+                self.docs.as_ref(),
+                &pk,
+                &prefix,
+                before.as_deref(),
+                100,
+            )
+            .await?;
+            let full = page.len() == 100;
+            for (sk, s) in page {
+                read += 1;
+                before = Some(sk.clone());
+                if status.is_none_or(|x| s.status == x) && priority.is_none_or(|p| s.priority == p)
+                {
+                    out.push(s);
+                    if out.len() >= limit {
+                        // More may follow: hand out a cursor.
+                        return Ok((out, Some(sk[prefix.len()..].to_owned())));
+                    }
+                }
+                if read >= limit * 10 {
+                    return Ok((out, Some(sk[prefix.len()..].to_owned())));
+                }
+            }
+            if !full {
+                return Ok((out, None));
+            }
+        }
+    }
+}
