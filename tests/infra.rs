@@ -193,6 +193,10 @@ fn every_route_in_the_code_is_routed_by_the_api_and_only_public_ones_skip_the_au
             documented(tally_stripe_webhook::ApiDoc::openapi()),
         ),
         ("refunds", documented(refunds::ApiDoc::openapi())),
+        (
+            "support-intake",
+            documented(support_intake::ApiDoc::openapi()),
+        ),
     ] {
         if binary == "credits-api" {
             doc.insert(("GET".into(), "/health".into()));
@@ -238,6 +242,7 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
     for (binary, event, queue) in [
         ("billing-events", "Billing", "BillingEventsQueue"),
         ("refunds-worker", "Refunds", "RefundsQueue"),
+        ("support-forwarder", "Tickets", "SupportTicketsQueue"),
     ] {
         let (_, f) = function_for_binary(&t, binary);
         let sqs = &f["Properties"]["Events"][event];
@@ -265,7 +270,11 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
             "no error alarm for {fname}"
         );
     }
-    for dlq in ["BillingEventsDeadLetterQueue", "RefundsDeadLetterQueue"] {
+    for dlq in [
+        "BillingEventsDeadLetterQueue",
+        "RefundsDeadLetterQueue",
+        "SupportTicketsDeadLetterQueue",
+    ] {
         assert!(
             alarms.iter().any(|a| {
                 a["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"

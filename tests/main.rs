@@ -17,3 +17,4 @@ mod simulation;
 mod simulator;
 mod store_conformance;
 mod stripe_api;
+mod support;

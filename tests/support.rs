@@ -1,0 +1,1010 @@
+//! Support intake and the tools of support staff: tickets that capture and look up what
+//! happened, fixes made once, forwarding to the help desk (signatures, retries, dead
+//! letters), rate limits, cross-workspace refusals on every route, the staff audit log,
+//! usage totals against the journal and CSV exports read back by a CSV parser.
+
+use axum::http::Method;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tally::clock::Clock;
+use tally::queue::Queue;
+use tally::queue::local::LocalQueue;
+use tally::support::forward::{DeliveryError, HelpDesk, Signed, Sink, verify};
+use tally_tests::*;
+
+fn ticket_body(category: &str, subject: &str, message: &str) -> Value {
+    json!({"category": category, "subject": subject, "message": message})
+}
+
+async fn file(app: &TestApp, tok: &str, body: Value) -> Value {
+    let a = app.post("/v1/support/tickets", tok, body).await;
+    assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
+    a.body
+}
+
+async fn buy_pack(app: &TestApp, ws: &str) -> String {
+    let s = app
+        .post(
+            "/v1/checkout/sessions",
+            &owner(ws),
+            json!({"kind": "pack", "pack": "pack_500", "quantity": 1}),
+        )
+        .await;
+    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+    app.pay(s.body["url"].as_str().unwrap()).await;
+    app.settle_billing().await;
+    app.sim_events("charge.succeeded").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn start(app: &TestApp, tok: &str) -> String {
+    let g = app
+        .post(
+            "/v1/generations",
+            tok,
+            json!({"workflow": "image", "model": "flux-schnell", "count": 1}),
+        )
+        .await;
+    assert_eq!(g.status.as_u16(), 201, "{:#}", g.body);
+    g.body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_ticket_captures_who_where_and_when_and_what_the_records_say() {
+    let app = TestApp::new();
+    let ws = "org_s1";
+    buy_pack(&app, ws).await;
+    // Two members generate; one job is still running.
+    for who in ["u1", "u2"] {
+        let id = start(&app, &member(ws, who)).await;
+        app.post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({}),
+        )
+        .await;
+    }
+    let running = start(&app, &member(ws, "u2")).await;
+    let a = app
+        .send(
+            Method::POST,
+            "/v1/support/tickets",
+            Some(&owner(ws)),
+            Some(
+                &json!({"category": "credits", "subject": "Balance seems incorrect",
+                    "message": "It dropped overnight.\nIs someone else generating?",
+                    "route": "/app/billing",
+                    "client": {"user_agent": "Firefox/133", "ad_blocker": true, "vpn": false}})
+                .to_string(),
+            ),
+            &[
+                ("user-agent", "Mozilla/5.0 Firefox/133"),
+                ("x-request-id", "req-42"),
+            ],
+        )
+        .await;
+    assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
+    let t = &a.body;
+    assert!(t["id"].as_str().unwrap().starts_with("tkt_"));
+    assert_eq!(t["status"], "open");
+    assert_eq!(t["captured"]["user"], format!("{ws}-owner"));
+    assert_eq!(t["captured"]["request_id"], "req-42");
+    assert_eq!(t["captured"]["user_agent"], "Mozilla/5.0 Firefox/133");
+    assert_eq!(t["captured"]["at"], json!(app.clock.now()));
+    assert_eq!(t["client"]["ad_blocker"], true);
+    assert_eq!(t["route"], "/app/billing");
+    assert_eq!(
+        t["thread"][0]["body"],
+        "It dropped overnight.\nIs someone else generating?"
+    );
+    let e = &t["enrichment"];
+    let balance = app.get("/v1/balance", &owner(ws)).await.body;
+    assert_eq!(e["balance"]["available"], balance["available"]);
+    assert_eq!(e["balance"]["held"], balance["held"]);
+    assert_eq!(e["pending_holds"][0]["generation"], running.as_str());
+    assert_eq!(e["recent_payments"][0]["kind"], "pack");
+    // Spending by member equals the usage report over the same days.
+    let members: Vec<&str> = e["spending_by_member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(members.len(), 2, "{e:#}");
+    assert!(members.contains(&"u1") && members.contains(&"u2"));
+    assert!(
+        e["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains("2 members spent credits"))
+    );
+    // No plan: community support, low priority.
+    assert_eq!(t["priority"], "low");
+    assert!(t["captured"]["support_level"].is_null());
+}
+
+#[tokio::test]
+async fn priority_follows_the_plan_and_a_negative_balance_report_goes_to_the_top() {
+    let app = TestApp::new();
+    let ws = "org_s2";
+    app.subscribe(ws, "max", "monthly").await;
+    app.settle_billing().await;
+    let t = file(
+        &app,
+        &owner(ws),
+        ticket_body("account", "Change email", "Please help"),
+    )
+    .await;
+    assert_eq!(t["captured"]["plan"], "max");
+    assert_eq!(t["captured"]["support_level"], "priority");
+    assert_eq!(t["priority"], "high");
+    assert!(t["enrichment"]["next_refresh"].is_string());
+    let t = file(
+        &app,
+        &member(ws, "u9"),
+        ticket_body(
+            "credits",
+            "Balance shows negative",
+            "My balance is negative: -20",
+        ),
+    )
+    .await;
+    assert_eq!(t["priority"], "urgent");
+    assert_eq!(t["enrichment"]["negative_balance_reported"], true);
+}
+
+#[tokio::test]
+async fn an_overdue_hold_is_released_once_however_many_tickets_ask() {
+    let app = TestApp::new();
+    let ws = "org_s3";
+    grant(&app.ledger, ws, 100).await;
+    let gen_id = start(&app, &member(ws, "u1")).await;
+    let held = app.get("/v1/balance", &owner(ws)).await.body["held"]
+        .as_u64()
+        .unwrap();
+    assert!(held > 0);
+    app.clock.advance(chrono::Duration::hours(6));
+    let body = json!({"category": "generation", "subject": "job never finished",
+        "message": "it spun forever", "generation_id": gen_id});
+    let t = file(&app, &member(ws, "u1"), body.clone()).await;
+    assert_eq!(t["remediations"][0]["action"], "hold_released", "{t:#}");
+    assert_eq!(t["remediations"][0]["credits"], held);
+    assert_eq!(t["status"], "waiting");
+    assert_eq!(t["enrichment"]["generation"]["status"], "expired");
+    let entries = app.entry_count(ws).await;
+    // Again, and concurrently: nothing more is released or written.
+    let tok = member(ws, "u1");
+    let (a, b) = tokio::join!(
+        app.post("/v1/support/tickets", &tok, body.clone()),
+        app.post("/v1/support/tickets", &tok, body.clone()),
+    );
+    for r in [a, b] {
+        assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
+        assert_eq!(r.body["remediations"], json!([]), "{:#}", r.body);
+    }
+    assert_eq!(app.entry_count(ws).await, entries);
+    let b = app.get("/v1/balance", &owner(ws)).await.body;
+    assert_eq!(
+        (b["available"].as_u64(), b["held"].as_u64()),
+        (Some(100), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn a_completed_generation_is_explained_not_given_back() {
+    let app = TestApp::new();
+    let ws = "org_s4";
+    grant(&app.ledger, ws, 100).await;
+    let gen_id = start(&app, &member(ws, "u1")).await;
+    app.post(
+        &format!("/v1/generations/{gen_id}/complete"),
+        &service(),
+        json!({"credits": 3}),
+    )
+    .await;
+    let before = app.entry_count(ws).await;
+    let t = file(
+        &app,
+        &member(ws, "u1"),
+        json!({"category": "generation", "subject": "was I charged for a failed job?",
+            "message": "the output was blank", "generation_id": gen_id}),
+    )
+    .await;
+    assert_eq!(t["remediations"], json!([]));
+    let g = &t["enrichment"]["generation"];
+    assert_eq!(
+        (g["status"].as_str(), g["charged"].as_u64()),
+        (Some("completed"), Some(3))
+    );
+    assert_eq!(
+        g["journal"].as_array().unwrap().len(),
+        2,
+        "hold and charge: {g:#}"
+    );
+    assert_eq!(t["priority"], "high");
+    assert_eq!(app.entry_count(ws).await, before);
+    // Another workspace's generation is not found, and nothing is filed.
+    let other = file(
+        &app,
+        &member("org_s4b", "x"),
+        ticket_body("other", "hi", "hello"),
+    )
+    .await;
+    assert!(other["enrichment"]["generation"].is_null());
+    app.post(
+        "/v1/support/tickets",
+        &member("org_s4b", "x"),
+        json!({"category": "generation", "subject": "x", "message": "y", "generation_id": gen_id}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+}
+
+#[tokio::test]
+async fn a_verified_duplicate_charge_opens_one_refund_request() {
+    let app = TestApp::new();
+    let ws = "org_s5";
+    let _first = buy_pack(&app, ws).await;
+    let second = buy_pack(&app, ws).await;
+    let body = json!({"category": "billing", "subject": "Double charged",
+        "message": "I was charged twice", "payment": second});
+    let t = file(&app, &owner(ws), body.clone()).await;
+    let fix = &t["remediations"][0];
+    assert_eq!(fix["action"], "refund_requested", "{t:#}");
+    let rr = fix["refund_request"].as_str().unwrap().to_owned();
+    assert_eq!(
+        t["enrichment"]["duplicate_charges"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // A second ticket finds the same request, never a second one.
+    let again = file(&app, &owner(ws), body).await;
+    assert_eq!(again["remediations"][0]["refund_request"], rr.as_str());
+    let list = app.get("/v1/refund-requests", &owner(ws)).await.body;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list:#}");
+    // A member may not ask for money back: the ticket says who can.
+    let m = file(
+        &app,
+        &member(ws, "u3"),
+        json!({"category": "billing", "subject": "Double charged", "message": "twice"}),
+    )
+    .await;
+    assert_eq!(m["remediations"], json!([]), "{m:#}");
+    assert!(
+        m["enrichment"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains("owner or a billing admin"))
+    );
+    // Another workspace's payment is not found.
+    app.post(
+        "/v1/support/tickets",
+        &owner("org_s5b"),
+        json!({"category": "billing", "subject": "x", "message": "y", "payment": second}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+}
+
+/// A help desk that fails the first `fail` deliveries and keeps the rest.
+struct FlakyDesk {
+    fail: u32,
+    calls: AtomicU32,
+    got: std::sync::Mutex<Vec<Signed>>,
+}
+
+#[async_trait::async_trait]
+impl Sink for FlakyDesk {
+    async fn deliver(&self, d: &Signed) -> Result<(), DeliveryError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+            return Err(DeliveryError("503 from the help desk".into()));
+        }
+        self.got.lock().unwrap().push(d.clone());
+        Ok(())
+    }
+}
+
+fn desk(app: &TestApp, sink: Arc<dyn Sink>, attempts: u32) -> HelpDesk {
+    HelpDesk {
+        tickets: tally::support::Tickets {
+            docs: app.docs.clone(),
+            queue: LocalQueue::new("unused.fifo", true, 3),
+        },
+        sink,
+        secret: b"helpdesk-secret-for-tests".to_vec(),
+        clock: app.clock.clone(),
+        attempts,
+        backoff: std::time::Duration::from_millis(1),
+    }
+}
+
+#[tokio::test]
+async fn tickets_reach_the_help_desk_signed_in_order_and_retried_then_dead_lettered() {
+    let app = TestApp::new();
+    let ws = "org_s6";
+    let t = file(
+        &app,
+        &owner(ws),
+        ticket_body("other", "Hello", "First message"),
+    )
+    .await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    app.post(
+        &format!("/v1/support/tickets/{id}/messages"),
+        &support(),
+        json!({"message": "We are on it"}),
+    )
+    .await;
+    app.local.support_queue.until_idle().await;
+    // The local runner's outbox got both changes, signed with the local secret.
+    let out = app.get("/dev/outbox", &owner(ws)).await.body;
+    let mine: Vec<&Value> = out
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["payload"]["ticket"]["id"] == id.as_str())
+        .collect();
+    assert_eq!(mine.len(), 2, "{out:#}");
+    assert_eq!(mine[0]["payload"]["event"], "ticket.created");
+    assert_eq!(mine[1]["payload"]["event"], "ticket.message");
+    assert_eq!(mine[1]["payload"]["message"]["body"], "We are on it");
+    assert_eq!(mine[1]["payload"]["ticket"]["status"], "waiting");
+
+    // A flaky help desk: tried with backoff, redelivered by the queue, delivered once.
+    let flaky = Arc::new(FlakyDesk {
+        fail: 4,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    let q = LocalQueue::new(
+        "support-test.fifo",
+        true,
+        tally::support::SUPPORT_MAX_RECEIVES,
+    );
+    q.start(Arc::new(desk(&app, flaky.clone(), 3)));
+    let job = json!({"event": "ticket.created", "ticket": id, "seq": 1,
+        "id": format!("{id}:ticket.created:1")});
+    q.send(tally::queue::Message {
+        body: job.to_string(),
+        group_id: Some(id.clone()),
+        dedup_id: Some("d1".into()),
+    })
+    .await
+    .unwrap();
+    q.until_idle().await;
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), 5);
+    let got = flaky.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    let now = app.clock.now().timestamp();
+    assert!(verify(
+        b"helpdesk-secret-for-tests",
+        &got[0].signature,
+        &got[0].body,
+        now,
+        300
+    ));
+    assert!(!verify(
+        b"another-secret-entirely",
+        &got[0].signature,
+        &got[0].body,
+        now,
+        300
+    ));
+    assert!(!verify(
+        b"helpdesk-secret-for-tests",
+        &got[0].signature,
+        "tampered",
+        now,
+        300
+    ));
+    assert!(!verify(
+        b"helpdesk-secret-for-tests",
+        &got[0].signature,
+        &got[0].body,
+        now + 3600,
+        300
+    ));
+    assert!(q.dead_letters().is_empty());
+
+    // A help desk that never answers: dead-lettered after the receive limit.
+    let down = Arc::new(FlakyDesk {
+        fail: u32::MAX,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    let q = LocalQueue::new(
+        "support-down.fifo",
+        true,
+        tally::support::SUPPORT_MAX_RECEIVES,
+    );
+    q.start(Arc::new(desk(&app, down.clone(), 2)));
+    q.send(tally::queue::Message {
+        body: job.to_string(),
+        group_id: Some(id.clone()),
+        dedup_id: Some("d2".into()),
+    })
+    .await
+    .unwrap();
+    q.until_idle().await;
+    assert_eq!(q.dead_letters().len(), 1);
+    assert_eq!(
+        down.calls.load(Ordering::SeqCst),
+        2 * tally::support::SUPPORT_MAX_RECEIVES
+    );
+}
+
+#[tokio::test]
+async fn the_webhook_sink_posts_signed_json_and_treats_non_2xx_as_failure() {
+    use wiremock::matchers::{header_exists, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/ok"))
+        .and(header_exists("tally-signature"))
+        .and(header_exists("idempotency-key"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/down"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let body = r#"{"id":"x"}"#.to_owned();
+    let signed = Signed {
+        id: "tkt_x:ticket.created:1".into(),
+        signature: tally::support::forward::sign(b"k", 1_800_000_000, &body),
+        body: body.clone(),
+    };
+    let ok = support_forwarder::WebhookSink::new(&format!("{}/hooks/ok", server.uri())).unwrap();
+    ok.deliver(&signed).await.unwrap();
+    let down =
+        support_forwarder::WebhookSink::new(&format!("{}/hooks/down", server.uri())).unwrap();
+    assert!(down.deliver(&signed).await.is_err());
+    let got = &server.received_requests().await.unwrap()[0];
+    assert_eq!(got.body, body.as_bytes());
+    let sig = got
+        .headers
+        .get("tally-signature")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(verify(b"k", sig, &body, 1_800_000_000, 60));
+    assert_eq!(
+        got.headers.get("idempotency-key").unwrap(),
+        "tkt_x:ticket.created:1"
+    );
+}
+
+#[tokio::test]
+async fn tickets_and_messages_are_rate_limited_per_user_and_replays_are_free() {
+    let app = TestApp::new();
+    let ws = "org_s7";
+    let tok = member(ws, "busy");
+    for i in 0..tally::support::limits::TICKETS.per_window {
+        file(&app, &tok, ticket_body("other", &format!("t{i}"), "m")).await;
+    }
+    let r = app
+        .post(
+            "/v1/support/tickets",
+            &tok,
+            ticket_body("other", "one more", "m"),
+        )
+        .await;
+    r.assert_problem(429, "rate_limited");
+    assert!(r.body["facts"]["retry_after_seconds"].as_i64().unwrap() > 0);
+    // Someone else in the workspace is not limited by it; an hour later the user is not.
+    file(&app, &member(ws, "calm"), ticket_body("other", "x", "m")).await;
+    app.clock.advance(chrono::Duration::minutes(61));
+    let t = file(&app, &tok, ticket_body("other", "later", "m")).await;
+    // A retry with the same Idempotency-Key answers the same ticket without counting.
+    let keyed = || {
+        app.send(
+            Method::POST,
+            "/v1/support/tickets",
+            Some(&tok),
+            Some(r#"{"category":"other","subject":"k","message":"m"}"#),
+            &[("idempotency-key", "same")],
+        )
+    };
+    let a = keyed().await;
+    let b = keyed().await;
+    assert_eq!(a.body["id"], b.body["id"]);
+    assert_ne!(a.body["id"], t["id"]);
+    let tickets = app.get("/v1/support/tickets?limit=100", &tok).await.body;
+    assert_eq!(
+        tickets["items"].as_array().unwrap().len() as u32,
+        tally::support::limits::TICKETS.per_window + 3
+    );
+}
+
+#[tokio::test]
+async fn bad_text_is_refused_and_nothing_is_filed() {
+    let app = TestApp::new();
+    let tok = member("org_s8", "u1");
+    for (body, field) in [
+        (ticket_body("other", "a\u{0}b", "m"), "subject"),
+        (ticket_body("other", "ok", "x\u{1b}[31m"), "message"),
+        (ticket_body("other", "ok", "  \n "), "message"),
+        (ticket_body("other", &"s".repeat(201), "m"), "subject"),
+        (ticket_body("other", "ok", &"m".repeat(5001)), "message"),
+        (
+            json!({"category": "other", "subject": "ok", "message": "m", "payment": "card_1"}),
+            "payment",
+        ),
+        (
+            json!({"category": "other", "subject": "ok", "message": "m", "generation_id": "gen_x"}),
+            "generation_id",
+        ),
+    ] {
+        let r = app.post("/v1/support/tickets", &tok, body).await;
+        r.assert_problem(422, "validation_failed");
+        assert_eq!(r.body["field"], field);
+    }
+    let r = app
+        .post(
+            "/v1/support/tickets",
+            &tok,
+            json!({"category": "weird", "subject": "s", "message": "m"}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 422, "{:#}", r.body);
+    // HTML is stored as text, as sent.
+    let t = file(
+        &app,
+        &tok,
+        ticket_body("other", "<b>hi</b>", "<script>alert(1)</script>"),
+    )
+    .await;
+    assert_eq!(t["subject"], "<b>hi</b>");
+    assert_eq!(t["thread"][0]["body"], "<script>alert(1)</script>");
+    let list = app.get("/v1/support/tickets", &tok).await.body;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn no_route_crosses_workspaces_and_staff_reads_are_audited() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_a", 50).await;
+    grant(&app.ledger, "org_b", 50).await;
+    let t = file(
+        &app,
+        &member("org_a", "u1"),
+        ticket_body("other", "mine", "m"),
+    )
+    .await;
+    let id = t["id"].as_str().unwrap();
+    let b = member("org_b", "u2");
+    app.get(&format!("/v1/support/tickets/{id}"), &b)
+        .await
+        .assert_problem(404, "not_found");
+    app.post(
+        &format!("/v1/support/tickets/{id}/messages"),
+        &b,
+        json!({"message": "hi"}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    let theirs = app.get("/v1/support/tickets", &b).await.body;
+    assert_eq!(theirs["items"], json!([]));
+    // Members never reach staff routes.
+    for path in [
+        "/v1/admin/workspaces/org_a/balance".to_owned(),
+        "/v1/admin/workspaces/org_a/ledger".into(),
+        "/v1/admin/workspaces/org_a/generations".into(),
+        "/v1/admin/workspaces/org_a/usage".into(),
+        "/v1/admin/workspaces/org_a/audit".into(),
+        "/v1/admin/workspaces/org_a/billing/history".into(),
+        "/v1/admin/workspaces/org_a/support/tickets".into(),
+        "/v1/admin/workspaces/org_a/ledger/export?format=csv".into(),
+    ] {
+        app.get(&path, &b).await.assert_problem(403, "forbidden");
+    }
+    app.post(
+        &format!("/v1/admin/support/tickets/{id}/status"),
+        &b,
+        json!({"status": "solved"}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    // A staff member without the admin scope (the generation service) neither.
+    app.get("/v1/admin/workspaces/org_a/balance", &service())
+        .await
+        .assert_problem(403, "forbidden");
+
+    // Staff read org_a: every read is in its audit log, none in org_b's.
+    let staff = support();
+    for path in [
+        "/v1/admin/workspaces/org_a/balance",
+        "/v1/admin/workspaces/org_a/ledger?limit=5",
+        "/v1/admin/workspaces/org_a/generations",
+        "/v1/admin/workspaces/org_a/usage?group_by=day",
+        "/v1/admin/workspaces/org_a/billing/history",
+        "/v1/admin/workspaces/org_a/support/tickets",
+        &format!("/v1/support/tickets/{id}"),
+    ] {
+        let r = app.get(path, &staff).await;
+        assert_eq!(r.status.as_u16(), 200, "{path}: {:#}", r.body);
+    }
+    let log = app
+        .get("/v1/admin/workspaces/org_a/audit", &staff)
+        .await
+        .body;
+    let actions: Vec<&str> = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions.len(), 8, "{log:#}");
+    assert_eq!(actions[0], "GET /v1/admin/workspaces/{workspace_id}/audit");
+    assert!(actions.contains(&"GET /v1/support/tickets/{id}"));
+    assert_eq!(log["items"][1]["staff"], "support-1");
+    assert_eq!(log["items"][6]["detail"], "limit=5");
+    let other = app
+        .get("/v1/admin/workspaces/org_b/audit", &staff)
+        .await
+        .body;
+    assert_eq!(other["items"].as_array().unwrap().len(), 1);
+    // Staff change the status; the ticket shows it to its workspace.
+    let s = app
+        .post(
+            &format!("/v1/admin/support/tickets/{id}/status"),
+            &staff,
+            json!({"status": "solved"}),
+        )
+        .await;
+    assert_eq!(s.body["status"], "solved", "{:#}", s.body);
+    let mine = app
+        .get(&format!("/v1/support/tickets/{id}"), &member("org_a", "u1"))
+        .await;
+    assert_eq!(mine.body["status"], "solved");
+    let open = app
+        .get("/v1/support/tickets?status=solved", &staff)
+        .await
+        .body;
+    assert_eq!(open["items"][0]["id"], id);
+}
+
+#[tokio::test]
+async fn staff_reads_of_a_workspace_that_does_not_exist_are_refused_and_recorded_nowhere() {
+    let app = TestApp::new();
+    for path in [
+        "/v1/admin/workspaces/org_typo/balance",
+        "/v1/admin/workspaces/org_typo/ledger",
+        "/v1/admin/workspaces/org_typo/generations",
+        "/v1/admin/workspaces/org_typo/usage",
+        "/v1/admin/workspaces/org_typo/audit",
+        "/v1/admin/workspaces/org_typo/billing/history",
+        "/v1/admin/workspaces/org_typo/support/tickets",
+        "/v1/admin/workspaces/org_typo/generations/export?format=csv",
+    ] {
+        app.get(path, &support())
+            .await
+            .assert_problem(404, "not_found");
+    }
+    let docs = app
+        .docs
+        .list_docs("WORKSPACE#org_typo", "", 10)
+        .await
+        .unwrap();
+    assert!(docs.is_empty(), "{docs:?}");
+    assert!(
+        app.ledger
+            .store
+            .load(&workspace("org_typo"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Sets up a workspace with charges by three members over three days and a reversal.
+async fn busy_workspace(app: &TestApp, ws: &str) -> Vec<String> {
+    grant(&app.ledger, ws, 1000).await;
+    let mut ids = Vec::new();
+    for day in 0..3 {
+        for who in ["ana", "bo", "cy"] {
+            let id = start(app, &member(ws, who)).await;
+            app.post(
+                &format!("/v1/generations/{id}/complete"),
+                &service(),
+                json!({"credits": 2 + day}),
+            )
+            .await;
+            ids.push(id);
+        }
+        app.clock.advance(chrono::Duration::days(1));
+    }
+    // One failed, one reversed: a note with a comma, quotes and a formula.
+    let failed = start(app, &member(ws, "ana")).await;
+    app.post(
+        &format!("/v1/generations/{failed}/fail"),
+        &service(),
+        json!({"reason": "=HYPERLINK(\"x\"), out of memory"}),
+    )
+    .await;
+    app.post(
+        &format!("/v1/generations/{}/reverse", ids[0]),
+        &support(),
+        json!({"reason": "blank output, \"sorry\""}),
+    )
+    .await;
+    ids
+}
+
+#[tokio::test]
+async fn usage_totals_are_the_journals_sums_and_filters_narrow_the_history() {
+    let app = TestApp::new();
+    let ws = "org_u1";
+    let t0 = app.clock.now();
+    busy_workspace(&app, ws).await;
+    let to = app.clock.now() + chrono::Duration::seconds(1);
+    let from = t0 + chrono::Duration::days(1);
+    let q = |g: &str| {
+        format!(
+            "/v1/usage?group_by={g}&from={}&to={}",
+            urlencode(&from.to_rfc3339()),
+            urlencode(&to.to_rfc3339())
+        )
+    };
+    // The journal's own sums over the range.
+    let journal = app
+        .ledger
+        .store
+        .entries(
+            &workspace(ws),
+            &tally::store::EntryQuery {
+                before: None,
+                limit: 1000,
+            },
+        )
+        .await
+        .unwrap();
+    let in_range: Vec<_> = journal
+        .iter()
+        .filter(|e| e.at >= from && e.at < to)
+        .collect();
+    let spent: u64 = in_range.iter().map(|e| e.totals.spent.get()).sum();
+    assert_eq!(spent, 3 * 3 + 3 * 4);
+    for g in ["member", "model", "day"] {
+        let u = app.get(&q(g), &member(ws, "bo")).await;
+        assert_eq!(u.status.as_u16(), 200, "{:#}", u.body);
+        assert_eq!(u.body["spent"], spent, "{g}: {:#}", u.body);
+        let sum: u64 = u.body["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["spent"].as_u64().unwrap())
+            .sum();
+        assert_eq!(sum, spent, "{g}");
+    }
+    let by_member = app.get(&q("member"), &member(ws, "bo")).await.body;
+    assert_eq!(by_member["groups"].as_array().unwrap().len(), 3);
+    // Two days of charges, and the day of the reversal (of a charge before the range).
+    let by_day = app.get(&q("day"), &member(ws, "bo")).await.body;
+    assert_eq!(by_day["groups"].as_array().unwrap().len(), 3, "{by_day:#}");
+    assert_eq!(by_day["reversed"], 2);
+    // A report covers at most a year.
+    let all = app
+        .get(
+            "/v1/usage?group_by=member&from=2000-01-01T00:00:00Z",
+            &member(ws, "bo"),
+        )
+        .await;
+    all.assert_problem(422, "validation_failed");
+    // Filters: member, workflow, date range.
+    let mine = app
+        .get(
+            "/v1/generations?started_by=bo&limit=100",
+            &member(ws, "ana"),
+        )
+        .await
+        .body;
+    assert_eq!(mine["items"].as_array().unwrap().len(), 3);
+    assert!(
+        mine["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["started_by"] == "bo")
+    );
+    let ranged = app
+        .get(
+            &format!(
+                "/v1/generations?limit=100&from={}&to={}",
+                urlencode(&from.to_rfc3339()),
+                urlencode(&(t0 + chrono::Duration::days(2)).to_rfc3339())
+            ),
+            &member(ws, "ana"),
+        )
+        .await
+        .body;
+    assert_eq!(ranged["items"].as_array().unwrap().len(), 3, "{ranged:#}");
+    let video = app
+        .get("/v1/generations?workflow=video", &member(ws, "ana"))
+        .await
+        .body;
+    assert_eq!(video["items"], json!([]));
+    app.get("/v1/generations?from=2026-13-01", &member(ws, "ana"))
+        .await
+        .assert_problem(422, "validation_failed");
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+fn read_csv(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(text.as_bytes());
+    let header = r.headers().unwrap().iter().map(str::to_owned).collect();
+    let rows = r
+        .records()
+        .map(|rec| rec.unwrap().iter().map(str::to_owned).collect())
+        .collect();
+    (header, rows)
+}
+
+#[tokio::test]
+async fn csv_exports_parse_back_to_the_history_and_the_journal() {
+    let app = TestApp::new();
+    let ws = "org_x1";
+    busy_workspace(&app, ws).await;
+    // More than one page of journal.
+    for _ in 0..60 {
+        let id = start(&app, &member(ws, "dee")).await;
+        app.post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({"credits": 1}),
+        )
+        .await;
+    }
+    let tok = member(ws, "ana");
+    let a = app.get("/v1/ledger/export?format=csv", &tok).await;
+    assert_eq!(a.status.as_u16(), 200);
+    assert_eq!(a.content_type, "text/csv; charset=utf-8");
+    let text = a.body.as_str().unwrap();
+    assert!(text.contains("\r\n"));
+    let (header, rows) = read_csv(text);
+    assert_eq!(header, tally::reports::export::LEDGER_COLUMNS);
+    let count = app.entry_count(ws).await as usize;
+    assert_eq!(rows.len(), count);
+    // Newest first; every entry once; credits add up to the balance.
+    let seqs: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert_eq!(seqs, (1..=count as u64).rev().collect::<Vec<_>>());
+    let net: i64 = rows.iter().map(|r| r[4].parse::<i64>().unwrap()).sum();
+    let b = app.get("/v1/balance", &tok).await.body;
+    assert_eq!(
+        net,
+        b["available"].as_i64().unwrap() + b["held"].as_i64().unwrap()
+    );
+    let reversal = rows.iter().find(|r| r[3] == "reversal").unwrap();
+    assert_eq!(reversal[16], "blank output, \"sorry\"");
+
+    let g = app
+        .get("/v1/generations/export?format=csv&started_by=ana", &tok)
+        .await;
+    let (header, rows) = read_csv(g.body.as_str().unwrap());
+    assert_eq!(header, tally::reports::export::GENERATION_COLUMNS);
+    assert_eq!(rows.len(), 4);
+    let failed = rows.iter().find(|r| r[5] == "failed").unwrap();
+    // The formula someone typed is defused; the comma and quotes survive.
+    assert_eq!(failed[12], "'=HYPERLINK(\"x\"), out of memory");
+    let all = app.get("/v1/generations/export?format=csv", &tok).await;
+    assert_eq!(read_csv(all.body.as_str().unwrap()).1.len(), 10 + 60);
+    // Bad format or range: a problem, not a file.
+    app.get("/v1/ledger/export?format=xlsx", &tok)
+        .await
+        .assert_problem(422, "validation_failed");
+    app.get(
+        "/v1/ledger/export?format=csv&from=2026-12-02T00:00:00Z&to=2026-12-01T00:00:00Z",
+        &tok,
+    )
+    .await
+    .assert_problem(422, "validation_failed");
+    // Staff export the same file; the read is audited.
+    let s = app
+        .get(
+            &format!("/v1/admin/workspaces/{ws}/ledger/export?format=csv"),
+            &support(),
+        )
+        .await;
+    assert_eq!(read_csv(s.body.as_str().unwrap()).1.len(), count);
+    let log = app
+        .get(&format!("/v1/admin/workspaces/{ws}/audit"), &support())
+        .await
+        .body;
+    assert_eq!(
+        log["items"][1]["action"],
+        "GET /v1/admin/workspaces/{workspace_id}/ledger/export"
+    );
+}
+
+#[tokio::test]
+async fn the_sample_events_reach_support_intake_and_the_forwarder_as_lambda_delivers_them() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let app = TestApp::new();
+    let state = support_intake::SupportState {
+        tickets: tally::support::Tickets {
+            docs: app.docs.clone(),
+            queue: app.local.support_queue.clone(),
+        },
+        context: tally::support::enrich::Context {
+            ledger: app.ledger.clone(),
+            docs: app.docs.clone(),
+            refunds: None,
+        },
+        clock: app.clock.clone(),
+    };
+    let router = support_intake::router(state, tally::http::AuthMode::ApiGateway);
+    let invoke = |file: &'static str| {
+        let router = router.clone();
+        async move {
+            let path = format!(
+                "{}/../events/support-intake/{file}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let req =
+                lambda_http::request::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let res = router
+                .oneshot(req.map(|b| axum::body::Body::from(b.as_ref().to_vec())))
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, body) = invoke("post-ticket.json").await;
+    assert_eq!(status, 201, "{body:#}");
+    assert_eq!(body["captured"]["request_id"], "KmT3gYbIAMEYtQ=");
+    assert_eq!(body["captured"]["email"], "owner@acme.example");
+    assert_eq!(body["client"]["ad_blocker"], true);
+    let (status, again) = invoke("post-ticket.json").await;
+    assert_eq!((status, &again["id"]), (201, &body["id"]));
+    let (status, bad) = invoke("post-ticket-control-character.json").await;
+    assert_eq!((status, bad["field"].as_str()), (422, Some("message")));
+    let (status, list) = invoke("get-tickets-staff.json").await;
+    assert_eq!(status, 200, "{list:#}");
+    assert_eq!(list["items"][0]["id"], body["id"]);
+
+    let path = format!(
+        "{}/../events/support-forwarder/poison-and-job.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let event: aws_lambda_events::event::sqs::SqsEvent =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids: Vec<String> = event
+        .records
+        .iter()
+        .map(|r| r.message_id.clone().unwrap())
+        .collect();
+    let sink = Arc::new(FlakyDesk {
+        fail: 0,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    let answer = tally::queue::lambda::process_batch(&desk(&app, sink.clone(), 1), event).await;
+    let failed: Vec<String> = answer
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    // The unreadable one and the one for a ticket that does not exist fail, each alone.
+    assert_eq!(failed, ids);
+    assert_eq!(sink.calls.load(Ordering::SeqCst), 0);
+}
