@@ -275,14 +275,24 @@ async fn a_verified_duplicate_charge_opens_one_refund_request() {
         json!({"category": "billing", "subject": "Double charged", "message": "twice"}),
     )
     .await;
+    // It sees no payments (the billing history is the owner's and billing admins').
     assert_eq!(m["remediations"], json!([]), "{m:#}");
+    assert!(m["enrichment"]["recent_payments"].is_null(), "{m:#}");
+    assert!(m["enrichment"]["duplicate_charges"].is_null(), "{m:#}");
     assert!(
         m["enrichment"]["findings"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|f| f.as_str().unwrap().contains("owner or a billing admin"))
+            .any(|f| f.as_str().unwrap().contains("owner and billing admins"))
     );
+    app.post(
+        "/v1/support/tickets",
+        &member(ws, "u3"),
+        json!({"category": "billing", "subject": "x", "message": "y", "payment": second}),
+    )
+    .await
+    .assert_problem(403, "forbidden");
     // Another workspace's payment is not found.
     app.post(
         "/v1/support/tickets",
@@ -521,14 +531,15 @@ async fn tickets_and_messages_are_rate_limited_per_user_and_replays_are_free() {
     let tickets = app.get("/v1/support/tickets?limit=100", &tok).await.body;
     assert_eq!(
         tickets["items"].as_array().unwrap().len() as u32,
-        tally::support::limits::TICKETS.per_window + 3
+        tally::support::limits::TICKETS.per_window + 2,
+        "a member lists the tickets they filed"
     );
 }
 
 #[tokio::test]
 async fn bad_text_is_refused_and_nothing_is_filed() {
     let app = TestApp::new();
-    let tok = member("org_s8", "u1");
+    let tok = owner("org_s8");
     for (body, field) in [
         (ticket_body("other", "a\u{0}b", "m"), "subject"),
         (ticket_body("other", "ok", "x\u{1b}[31m"), "message"),
@@ -1007,4 +1018,152 @@ async fn the_sample_events_reach_support_intake_and_the_forwarder_as_lambda_deli
     // The unreadable one and the one for a ticket that does not exist fail, each alone.
     assert_eq!(failed, ids);
     assert_eq!(sink.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn members_see_their_own_tickets_owners_see_the_workspaces() {
+    let app = TestApp::new();
+    let ws = "org_v1";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "mine", "m")).await;
+    let id = t["id"].as_str().unwrap();
+    file(&app, &member(ws, "u2"), ticket_body("other", "theirs", "m")).await;
+    // Another member neither reads nor answers it, nor lists it.
+    app.get(&format!("/v1/support/tickets/{id}"), &member(ws, "u2"))
+        .await
+        .assert_problem(404, "not_found");
+    app.post(
+        &format!("/v1/support/tickets/{id}/messages"),
+        &member(ws, "u2"),
+        json!({"message": "me too"}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    let u2 = app.get("/v1/support/tickets", &member(ws, "u2")).await.body;
+    assert_eq!(u2["items"].as_array().unwrap().len(), 1);
+    assert_eq!(u2["items"][0]["subject"], "theirs");
+    // The owner sees both.
+    let all = app.get("/v1/support/tickets", &owner(ws)).await.body;
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    let r = app
+        .get(&format!("/v1/support/tickets/{id}"), &owner(ws))
+        .await;
+    assert_eq!(r.status.as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_message_retried_with_its_key_is_added_once() {
+    let app = TestApp::new();
+    let ws = "org_v2";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "m")).await;
+    let id = t["id"].as_str().unwrap();
+    let path = format!("/v1/support/tickets/{id}/messages");
+    let send = |body: &'static str| {
+        app.send(
+            Method::POST,
+            &path,
+            Some(Box::leak(member(ws, "u1").into_boxed_str())),
+            Some(body),
+            &[("idempotency-key", "msg-1")],
+        )
+    };
+    let a = send(r#"{"message": "any news?"}"#).await;
+    let b = send(r#"{"message": "any news?"}"#).await;
+    assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
+    assert_eq!(a.body["message"]["seq"], 2);
+    assert_eq!(b.body["message"]["seq"], 2);
+    send(r#"{"message": "something else"}"#)
+        .await
+        .assert_problem(409, "conflict");
+    let full = app
+        .get(&format!("/v1/support/tickets/{id}"), &member(ws, "u1"))
+        .await;
+    assert_eq!(full.body["thread"].as_array().unwrap().len(), 2);
+    assert_eq!(full.body["messages"], 2);
+}
+
+#[tokio::test]
+async fn dates_outside_any_sensible_range_are_refused_not_crashed_on() {
+    let app = TestApp::new();
+    let tok = member("org_v3", "u1");
+    for path in [
+        "/v1/usage?to=-262143-01-01T00:00:00Z",
+        "/v1/usage?from=%2B262142-01-01T00:00:00Z",
+        "/v1/generations?from=-262143-01-01T00:00:00Z",
+        "/v1/generations?to=1900-01-01T00:00:00Z",
+        "/v1/ledger/export?format=csv&from=-262143-01-01T00:00:00Z",
+        "/v1/generations/export?format=csv&from=1970-01-01T00:00:00Z",
+    ] {
+        let r = app.get(path, &tok).await;
+        assert_eq!(r.status.as_u16(), 422, "{path}: {:#}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn a_charge_recorded_for_a_failed_generation_is_given_back_once_through_the_reversal() {
+    use tally::store::Commit;
+    let app = TestApp::new();
+    let ws = "org_v4";
+    grant(&app.ledger, ws, 100).await;
+    let gen_id = start(&app, &member(ws, "u1")).await;
+    app.post(
+        &format!("/v1/generations/{gen_id}/fail"),
+        &service(),
+        json!({}),
+    )
+    .await;
+    // The ledger never charges a failed generation; a record that says otherwise (as a
+    // faulty generation service or an old release could have left) is written directly.
+    let store = &app.ledger.store;
+    let w = workspace(ws);
+    let gid = tally::ids::GenerationId::parse(&gen_id).unwrap();
+    let mut g = store.generation(&w, gid).await.unwrap().unwrap();
+    assert_eq!(g.status, tally::ledger::GenerationStatus::Failed);
+    g.charged = tally::money::Credits::new(4);
+    let mut state = store.load(&w).await.unwrap().unwrap();
+    state.version += 1;
+    let key = tally::ids::IdempotencyKey::derived(format!("gen:{gen_id}:fail"));
+    let mut idem = store.idempotency(&w, &key).await.unwrap().unwrap();
+    idem.key = tally::ids::IdempotencyKey::derived("test:faulty-record".to_owned());
+    store
+        .commit(Commit {
+            state,
+            entries: vec![],
+            idempotency: idem,
+            generations: vec![g],
+            new_generations: vec![],
+        })
+        .await
+        .unwrap();
+    let before = app.get("/v1/balance", &owner(ws)).await.body["available"]
+        .as_u64()
+        .unwrap();
+    let body = json!({"category": "generation", "subject": "charged for a failed job",
+        "message": "it failed", "generation_id": gen_id});
+    let t = file(&app, &member(ws, "u1"), body.clone()).await;
+    assert_eq!(t["remediations"][0]["action"], "credits_returned", "{t:#}");
+    assert_eq!(t["remediations"][0]["credits"], 4);
+    let after = app.get("/v1/balance", &owner(ws)).await.body["available"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(after, before + 4);
+    // A second ticket, and staff reversing it too, give nothing more.
+    let again = file(&app, &member(ws, "u1"), body).await;
+    assert_eq!(again["remediations"], json!([]), "{again:#}");
+    // Staff's reversal is the same operation: it answers what was done, once.
+    let staff = app
+        .post(
+            &format!("/v1/generations/{gen_id}/reverse"),
+            &support(),
+            json!({"reason": "customer asked"}),
+        )
+        .await;
+    assert_eq!(staff.status.as_u16(), 200, "{:#}", staff.body);
+    assert_eq!(staff.body["reversed"], 4);
+    assert_eq!(
+        app.get("/v1/balance", &owner(ws)).await.body["available"].as_u64(),
+        Some(before + 4)
+    );
+    let entry = &app.get("/v1/ledger?limit=1", &owner(ws)).await.body["items"][0];
+    assert_eq!(entry["reason"], "reversal");
+    assert_eq!(entry["refs"]["ticket"], t["id"]);
 }

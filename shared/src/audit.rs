@@ -32,6 +32,18 @@ pub struct AuditRecord {
     pub via: String,
 }
 
+/// A new record id: ULIDs in increasing order within this process, so records of the same
+/// millisecond still list in the order they were made.
+fn new_id() -> String {
+    static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
+    let mut g = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let id = g
+        .get_or_insert_with(ulid::Generator::new)
+        .generate()
+        .unwrap_or_else(|_| ulid::Ulid::new());
+    format!("aud_{id}")
+}
+
 fn audit_sk(at: DateTime<Utc>, id: &str) -> String {
     format!("{AUDIT_PREFIX}{:013}#{id}", at.timestamp_millis().max(0))
 }
@@ -63,7 +75,7 @@ pub async fn record(
     action: &str,
     detail: &str,
 ) -> Result<AuditRecord, StoreError> {
-    let id = format!("aud_{}", ulid::Ulid::new());
+    let id = new_id();
     let rec = AuditRecord {
         id: id.clone(),
         at,
@@ -82,6 +94,33 @@ pub async fn record(
         return Err(StoreError::backend("audit record id collided"));
     }
     Ok(rec)
+}
+
+/// Where reads across workspaces (the staff ticket queue) are recorded.
+pub const GLOBAL_PK: &str = "AUDIT";
+
+/// Records one read that spans workspaces (the staff ticket queue), in the global log.
+pub async fn record_global(
+    store: &dyn DocStore,
+    at: DateTime<Utc>,
+    reader: &Reader,
+    action: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    let id = new_id();
+    let rec = serde_json::json!({
+        "id": id, "at": at, "staff": reader.staff, "email": reader.email,
+        "action": action, "detail": detail.chars().take(1000).collect::<String>(),
+        "via": reader.via,
+    });
+    let body = crate::store::encode(&rec)?;
+    if !store
+        .put_doc(GLOBAL_PK, &audit_sk(at, &id), &body, 0)
+        .await?
+    {
+        return Err(StoreError::backend("audit record id collided"));
+    }
+    Ok(())
 }
 
 /// A workspace's audit log, newest first, from below the cursor `before` (a sort key this
@@ -172,7 +211,7 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_refuse_anything_else() {
         let at = DateTime::from_timestamp(1_764_000_000, 0).unwrap();
-        let id = format!("aud_{}", ulid::Ulid::new());
+        let id = new_id();
         let sk = audit_sk(at, &id);
         let cursor = sk.trim_start_matches(AUDIT_PREFIX);
         assert_eq!(cursor_sk(cursor).as_deref(), Some(sk.as_str()));

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioExecutor;
 use tally::support::forward::{DeliveryError, SIGNATURE_HEADER, Signed, Sink};
 
 /// How long one delivery may take.
-pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct WebhookSink {
     url: http::Uri,

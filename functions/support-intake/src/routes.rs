@@ -165,6 +165,11 @@ pub async fn create(
         })
         .transpose()?;
     let payment = body.payment.as_deref().map(str::trim).map(str::to_owned);
+    if payment.is_some() && !who.can_manage_billing() {
+        return Err(Problem::forbidden(
+            "only the workspace owner or a billing admin can ask about a payment",
+        ));
+    }
     if let Some(p) = &payment {
         let ok = p.len() <= 103
             && ["ch_", "pi_", "in_"].iter().any(|x| p.starts_with(x))
@@ -182,6 +187,7 @@ pub async fn create(
         None => support::new_id(),
     };
     let print = (&body, &who.sub);
+    let request = tally::service::fingerprint(&print);
     let view = idempotency::once(
         st.tickets.docs.as_ref(),
         &workspace,
@@ -191,7 +197,12 @@ pub async fn create(
         || async {
             if let Some(existing) = st.tickets.get(&id).await? {
                 // A retry of a filing that stopped after the ticket was stored.
-                let t = st.tickets.finish(existing).await?;
+                if existing.request != request {
+                    return Err(Problem::conflict(
+                        "this Idempotency-Key was already used for a different ticket",
+                    ));
+                }
+                let t = st.tickets.catch_up(existing).await?;
                 let thread = st.tickets.messages(&t.id).await?;
                 return Ok(TicketView { ticket: t, thread });
             }
@@ -264,7 +275,9 @@ pub async fn create(
                 messages: 1,
                 created_at: now,
                 updated_at: now,
+                changes: 1,
                 forwarded: false,
+                request: request.clone(),
             };
             let first = TicketMessage {
                 seq: 1,
@@ -272,6 +285,7 @@ pub async fn create(
                 author: Author::Customer,
                 by: who.sub.clone(),
                 body: message.clone(),
+                key: None,
             };
             let t = st.tickets.file(ticket, first).await?;
             let thread = st.tickets.messages(&t.id).await?;
@@ -318,23 +332,37 @@ fn limit_of(limit: Option<i64>) -> ApiResult<usize> {
 #[utoipa::path(get, path = "/v1/support/tickets", tag = "support", security(("bearer" = [])),
     params(ListQuery),
     responses((status = 200, body = TicketPage), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
-/// Tickets, newest first: a member sees their workspace's; support staff see every
-/// workspace's and filter by status and priority.
+/// Tickets, newest first: a member sees the tickets they filed, owners and billing admins
+/// the workspace's; support staff see every workspace's (the read is audited) and filter
+/// by status and priority.
 pub async fn list(
     State(st): State<SupportState>,
     who: Identity,
+    uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<TicketPage>> {
     let limit = limit_of(q.limit)?;
-    let workspace = if who.has_scope(tally::http::auth::SCOPE_ADMIN) {
+    let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
+    let workspace = if staff {
+        tally::audit::record_global(
+            st.tickets.docs.as_ref(),
+            st.clock.now(),
+            &tally::audit::Reader::from(&who),
+            "GET /v1/support/tickets",
+            uri.query().unwrap_or(""),
+        )
+        .await?;
         None
     } else {
         Some(who.member_workspace()?.clone())
     };
+    // Members see the tickets they filed; owners and billing admins, the workspace's.
+    let author = (!staff && !who.can_manage_billing()).then_some(who.sub.as_str());
     let (items, next_cursor) = st
         .tickets
         .list(
             workspace.as_ref(),
+            author,
             q.status,
             q.priority,
             q.cursor.as_deref(),
@@ -375,7 +403,14 @@ async fn visible(st: &SupportState, who: &Identity, id: &str, action: &str) -> A
         return Ok(t);
     }
     let workspace = who.member_workspace()?;
-    st.tickets.get_in(workspace, id).await
+    let t = st.tickets.get_in(workspace, id).await?;
+    // Members see the tickets they filed; owners and billing admins, the workspace's.
+    if !who.can_manage_billing() && t.captured.user != who.sub {
+        return Err(Problem::not_found(format!(
+            "no ticket {id} in this workspace"
+        )));
+    }
+    Ok(t)
 }
 
 #[utoipa::path(get, path = "/v1/support/tickets/{id}", tag = "support", security(("bearer" = [])),
@@ -389,8 +424,16 @@ pub async fn get_one(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<TicketView>> {
     let t = visible(&st, &who, &id, "GET /v1/support/tickets/{id}").await?;
+    let t = st.tickets.catch_up(t).await?;
     let thread = st.tickets.messages(&t.id).await?;
     Ok(Json(TicketView { ticket: t, thread }))
+}
+
+/// The ticket after a message was added, and the message.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MessageAdded {
+    pub ticket: Ticket,
+    pub message: TicketMessage,
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -404,7 +447,7 @@ pub struct MessageBody {
     params(TicketPath, ("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$",
         description = "The same key adds the message once")),
     request_body = MessageBody,
-    responses((status = 201, body = TicketView), (status = 403, body = ProblemDetails),
+    responses((status = 201, body = MessageAdded), (status = 403, body = ProblemDetails),
         (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails),
         (status = 422, body = ProblemDetails), (status = 429, body = ProblemDetails),
         (status = 503, body = ProblemDetails)))]
@@ -416,43 +459,52 @@ pub async fn add_message(
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<MessageBody>,
-) -> ApiResult<(StatusCode, Json<TicketView>)> {
+) -> ApiResult<(StatusCode, Json<MessageAdded>)> {
     let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
     let key = idempotency_key(&headers, "support-message")?;
     let text = paragraphs("message", &body.message, support::MAX_MESSAGE_CHARS)?;
     let t = visible(&st, &who, &id, "POST /v1/support/tickets/{id}/messages").await?;
     let now = st.clock.now();
-    let print = (&body, &who.sub, &t.id);
-    let view = idempotency::once(
-        st.tickets.docs.as_ref(),
-        &t.workspace,
-        key.as_ref(),
-        &print,
-        now,
-        || async {
-            limits::take(
-                st.tickets.docs.as_ref(),
-                "messages",
-                &who.sub,
-                limits::MESSAGES,
-                now,
-            )
-            .await?;
-            let author = if staff {
-                Author::Staff
-            } else {
-                Author::Customer
-            };
-            let (ticket, _) = st
-                .tickets
-                .add_message(&t, author, &who.sub, &text, now)
-                .await?;
-            let thread = st.tickets.messages(&ticket.id).await?;
-            Ok(TicketView { ticket, thread })
-        },
-    )
-    .await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    let fingerprint = key
+        .as_ref()
+        .map(|k| tally::service::fingerprint(&(&who.sub, k.as_str())));
+    // Only a new message counts against the limit; a retry of one already added does not.
+    let seen = match &fingerprint {
+        Some(f) => st
+            .tickets
+            .messages(&t.id)
+            .await?
+            .iter()
+            .any(|m| m.key.as_ref() == Some(f)),
+        None => false,
+    };
+    if !seen {
+        limits::take(
+            st.tickets.docs.as_ref(),
+            "messages",
+            &who.sub,
+            limits::MESSAGES,
+            now,
+        )
+        .await?;
+    }
+    let author = if staff {
+        Author::Staff
+    } else {
+        Author::Customer
+    };
+    let (ticket, message) = st
+        .tickets
+        .add_message(
+            &t,
+            author,
+            &who.sub,
+            &text,
+            key.as_ref().map(|k| k.as_str()),
+            now,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(MessageAdded { ticket, message })))
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -517,6 +569,7 @@ pub async fn admin_list(
         .tickets
         .list(
             Some(&workspace),
+            None,
             q.status,
             q.priority,
             q.cursor.as_deref(),

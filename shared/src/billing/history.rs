@@ -21,6 +21,41 @@ use super::records::workspace_pk;
 
 pub const HISTORY_PREFIX: &str = "HISTORY#";
 const POINTER_PREFIX: &str = "HISTID#";
+/// The day index of every workspace's movements (`MOVEMENTS#<YYYY-MM-DD>` /
+/// `<created>#<id>`), for finance's reconciliation across workspaces.
+pub const DAY_PREFIX: &str = "MOVEMENTS#";
+
+/// A movement filed in the day index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayEntry {
+    pub workspace: WorkspaceId,
+    pub id: String,
+}
+
+pub fn day_pk(day: chrono::NaiveDate) -> String {
+    format!("{DAY_PREFIX}{}", day.format("%Y-%m-%d"))
+}
+
+/// The movements filed on a UTC day, oldest first.
+pub async fn day(
+    store: &dyn DocStore,
+    day: chrono::NaiveDate,
+) -> Result<Vec<DayEntry>, StoreError> {
+    let pk = day_pk(day);
+    let mut out = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = docs::page::<DayEntry>(store, &pk, "", before.as_deref(), 500).await?;
+        let full = page.len() == 500;
+        before = page.last().map(|(sk, _)| sk.clone());
+        out.extend(page.into_iter().map(|(_, e)| e));
+        if !full {
+            break;
+        }
+    }
+    out.reverse();
+    Ok(out)
+}
 
 /// Where a movement is filed: by creation time, then id.
 pub fn history_sk(created: DateTime<Utc>, id: &str) -> String {
@@ -246,6 +281,26 @@ pub async fn record(
     )
     .await?
     .map_or(sk, |p| p.sk);
+    // Filed in the day index once (a second put of the same key writes nothing).
+    if let Some(at) = pointer
+        .strip_prefix(HISTORY_PREFIX)
+        .and_then(|rest| rest.split_once('#'))
+        .and_then(|(secs, _)| secs.parse::<i64>().ok())
+        .and_then(|secs| DateTime::from_timestamp(secs, 0))
+    {
+        let entry = DayEntry {
+            workspace: workspace.clone(),
+            id: id.to_owned(),
+        };
+        store
+            .put_doc(
+                &day_pk(at.date_naive()),
+                &pointer[HISTORY_PREFIX.len()..],
+                &crate::store::encode(&entry)?,
+                0,
+            )
+            .await?;
+    }
     docs::update(store, &pk, &pointer, |cur: Option<HistoryEntry>| {
         let mut e = cur.unwrap_or_else(|| HistoryEntry::new(id, created));
         edit(&mut e).then(|| {

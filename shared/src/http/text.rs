@@ -76,6 +76,23 @@ pub fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, 
     Ok(trimmed)
 }
 
+/// The earliest and latest instants a query may name: anything else is a typo, and
+/// arithmetic on it would overflow.
+pub fn instant(
+    field: &str,
+    t: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, Problem> {
+    let earliest = chrono::DateTime::from_timestamp(946_684_800, 0).expect("2000-01-01");
+    let latest = chrono::DateTime::from_timestamp(4_102_444_800, 0).expect("2100-01-01");
+    match t {
+        Some(t) if t < earliest || t > latest => Err(Problem::validation(
+            field,
+            "must be between 2000-01-01 and 2100-01-01",
+        )),
+        other => Ok(other),
+    }
+}
+
 /// JSON Schema `pattern` of several lines of text: like [`ONE_LINE_PATTERN`], with line
 /// feeds and carriage returns allowed.
 pub const PARAGRAPHS_PATTERN: &str = concat!(

@@ -12,6 +12,7 @@ use crate::ids::{
 use crate::ledger::Interval;
 use crate::money::{Cents, Credits};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -363,8 +364,41 @@ pub struct RefundMade {
     pub status: String,
 }
 
+/// A charge as Stripe lists it (for reconciliation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeFact {
+    pub id: ChargeId,
+    pub payment_intent: Option<PaymentIntentId>,
+    pub customer: Option<CustomerId>,
+    /// Integer cents.
+    pub amount: Cents,
+    pub amount_refunded: Cents,
+    pub currency: String,
+    /// Whether the money was collected (`paid` and `status: succeeded`).
+    pub succeeded: bool,
+    pub created: DateTime<Utc>,
+    /// The workspace the charge's metadata names, if any (`org_id`).
+    pub workspace: Option<WorkspaceId>,
+}
+
+/// A page of charges, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargePage {
+    pub charges: Vec<ChargeFact>,
+    pub has_more: bool,
+}
+
 #[async_trait]
 pub trait Payments: Send + Sync {
+    /// Charges created in `[from, to)`, newest first, a page at a time: the next page
+    /// starts after the last charge of the previous one.
+    async fn charges_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        starting_after: Option<&ChargeId>,
+    ) -> Result<ChargePage, PaymentsError>;
+
     /// Reissues a paid invoice with corrected billing details (see [`Reissue`]).
     async fn reissue_invoice(&self, req: &Reissue) -> Result<Reissued, PaymentsError>;
 

@@ -600,6 +600,73 @@ struct PaymentIntentForm<'a> {
 
 #[async_trait]
 impl Payments for StripePayments {
+    async fn charges_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        starting_after: Option<&ChargeId>,
+    ) -> Result<ChargePage, PaymentsError> {
+        #[derive(miniserde::Deserialize)]
+        struct Row {
+            id: String,
+            amount: i64,
+            amount_refunded: i64,
+            currency: String,
+            paid: bool,
+            status: String,
+            created: i64,
+            payment_intent: Option<String>,
+            customer: Option<String>,
+            metadata: Option<BTreeMap<String, String>>,
+        }
+        #[derive(miniserde::Deserialize)]
+        struct Charges {
+            data: Vec<Row>,
+            has_more: bool,
+        }
+        let mut path = format!(
+            "/charges?created%5Bgte%5D={}&created%5Blt%5D={}&limit=100",
+            from.timestamp(),
+            to.timestamp()
+        );
+        if let Some(after) = starting_after {
+            path.push_str(&format!("&starting_after={after}"));
+        }
+        let list: Charges = self.get(&path).await?;
+        let cents = |v: i64| {
+            u64::try_from(v)
+                .map(Cents::new)
+                .map_err(|_| PaymentsError::unavailable("Stripe answered a negative amount"))
+        };
+        let charges = list
+            .data
+            .into_iter()
+            .map(|r| {
+                Ok(ChargeFact {
+                    id: returned(&r.id)?,
+                    payment_intent: r.payment_intent.as_deref().map(returned).transpose()?,
+                    customer: r.customer.as_deref().map(returned).transpose()?,
+                    amount: cents(r.amount)?,
+                    amount_refunded: cents(r.amount_refunded)?,
+                    currency: r.currency,
+                    succeeded: r.paid && r.status == "succeeded",
+                    created: DateTime::from_timestamp(r.created, 0).ok_or_else(|| {
+                        PaymentsError::unavailable("Stripe answered a bad created time")
+                    })?,
+                    workspace: r
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.get("org_id"))
+                        .and_then(|w| WorkspaceId::parse(w).ok()),
+                })
+            })
+            .collect::<Result<Vec<_>, PaymentsError>>()?;
+        Ok(ChargePage {
+            charges,
+            has_more: list.has_more,
+        })
+    }
+
     async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
         let intent: stripe_shared::PaymentIntent = self
             .post(

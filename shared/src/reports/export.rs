@@ -5,7 +5,7 @@
 use super::csv::{Cell, header, write_row};
 use crate::ids::{GenerationId, WorkspaceId};
 use crate::ledger::{Entry, Generation};
-use crate::store::{CREATION_ORDER_SLACK, EntryQuery, GenerationQuery, LedgerStore, StoreError};
+use crate::store::{EntryQuery, GenerationQuery, LedgerStore, StoreError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::Stream;
 use std::sync::Arc;
@@ -200,7 +200,7 @@ pub fn ledger_csv(
 ) -> impl Stream<Item = Result<String, StoreError>> + Send {
     let start = Cursor::<Option<u64>> {
         header: Some(header(LEDGER_COLUMNS)),
-        next: Some(None),
+        next: None,
         done: false,
     };
     futures_util::stream::unfold(start, move |mut cur| {
@@ -209,6 +209,25 @@ pub fn ledger_csv(
         async move {
             if let Some(h) = cur.header.take() {
                 return Some((Ok(h), cur));
+            }
+            // Where the range ends: found by a binary search of the journal.
+            if cur.next.is_none() {
+                cur.next = Some(match to {
+                    Some(t) => match super::usage::first_seq_at_or_after(
+                        store.as_ref(),
+                        &workspace,
+                        super::usage::slack_after(t),
+                    )
+                    .await
+                    {
+                        Ok(seq) => Some(seq),
+                        Err(e) => {
+                            cur.done = true;
+                            return Some((Err(e), cur));
+                        }
+                    },
+                    None => None,
+                });
             }
             // Pages that hold no entry of the range (newer than `to`) are skipped here,
             // so the stream never yields an empty chunk but the last.
@@ -231,7 +250,7 @@ pub fn ledger_csv(
                 cur.next = Some(Some(last.seq));
                 cur.done = page.len() < 100
                     || last.seq <= 1
-                    || from.is_some_and(|f| last.at < f - CREATION_ORDER_SLACK);
+                    || from.is_some_and(|f| last.at < super::usage::slack_before(f));
                 let mut out = String::new();
                 for e in page
                     .iter()

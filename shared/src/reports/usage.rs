@@ -64,7 +64,10 @@ pub async fn entries_between<F>(
 where
     F: FnMut(Vec<Entry>),
 {
-    let mut before = None;
+    let mut before = match to {
+        Some(t) => Some(first_seq_at_or_after(store, workspace, slack_after(t)).await?),
+        None => None,
+    };
     loop {
         let page = store
             .entries(workspace, &EntryQuery { before, limit: 100 })
@@ -73,7 +76,7 @@ where
             return Ok(());
         };
         before = Some(last_seq);
-        let past = from.is_some_and(|f| last_at < f - CREATION_ORDER_SLACK);
+        let past = from.is_some_and(|f| last_at < slack_before(f));
         let full = page.len() == 100;
         let kept: Vec<Entry> = page
             .into_iter()
@@ -88,6 +91,47 @@ where
     }
 }
 
+/// `t` less the clock slack of concurrent writers (saturating at the earliest instant).
+pub fn slack_before(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.checked_sub_signed(CREATION_ORDER_SLACK)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// `t` plus the clock slack (saturating at the latest instant).
+pub fn slack_after(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.checked_add_signed(CREATION_ORDER_SLACK)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// The first sequence number whose entry is at or after `t` (one past the last entry when
+/// none is): a binary search over the journal, which is in time order, so a report of a
+/// range long ago reads a few dozen entries to find its start instead of everything since.
+pub async fn first_seq_at_or_after(
+    store: &dyn LedgerStore,
+    workspace: &WorkspaceId,
+    t: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    let Some(state) = store.load(workspace).await? else {
+        return Ok(1);
+    };
+    let (mut lo, mut hi) = (1u64, state.next_seq);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let at = store
+            .entries_by_seq(workspace, &[mid])
+            .await?
+            .first()
+            .map(|e| e.at)
+            .ok_or_else(|| StoreError::decode(format!("journal entry {mid} is missing")))?;
+        if at >= t {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
+}
+
 fn add(total: &mut Credits, more: Credits) -> Result<(), StoreError> {
     *total = total
         .checked_add(more)
@@ -95,14 +139,19 @@ fn add(total: &mut Credits, more: Credits) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Totals credits spent in `[from, to)` grouped by `group_by`.
+/// Most charges and reversals one report sums (each may need its generation read).
+pub const MAX_REPORT_ENTRIES: usize = 20_000;
+
+/// Totals credits spent in `[from, to)` grouped by `group_by`; `None` when the range holds
+/// more than `max_entries` charges and reversals (a narrower range answers).
 pub async fn usage(
     store: &dyn LedgerStore,
     workspace: &WorkspaceId,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     group_by: GroupBy,
-) -> Result<Usage, StoreError> {
+    max_entries: usize,
+) -> Result<Option<Usage>, StoreError> {
     let mut entries = Vec::new();
     entries_between(store, workspace, Some(from), Some(to), |page| {
         entries.extend(
@@ -112,6 +161,9 @@ pub async fn usage(
         )
     })
     .await?;
+    if entries.len() > max_entries {
+        return Ok(None);
+    }
     // Member and model of each generation named, read once each.
     let mut who: HashMap<GenerationId, (String, String)> = HashMap::new();
     if group_by != GroupBy::Day {
@@ -159,7 +211,7 @@ pub async fn usage(
     }
     let mut groups: Vec<UsageGroup> = groups.into_values().collect();
     groups.sort_by(|a, b| b.spent.cmp(&a.spent).then_with(|| a.key.cmp(&b.key)));
-    Ok(Usage {
+    Ok(Some(Usage {
         from,
         to,
         group_by,
@@ -167,5 +219,5 @@ pub async fn usage(
         spent,
         reversed,
         charges,
-    })
+    }))
 }

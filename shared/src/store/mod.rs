@@ -129,8 +129,10 @@ impl GenerationQuery {
     /// Whether a newest-first scan can stop at `g`: everything after it is older than
     /// the range.
     pub fn past_range(&self, g: &Generation) -> bool {
-        self.from
-            .is_some_and(|from| g.created_at < from - CREATION_ORDER_SLACK)
+        self.from.is_some_and(|from| {
+            from.checked_sub_signed(CREATION_ORDER_SLACK)
+                .is_some_and(|low| g.created_at < low)
+        })
     }
 }
 
@@ -203,7 +205,8 @@ fn type_name<T>() -> &'static str {
     base.rsplit("::").next().unwrap_or(base)
 }
 
-pub(crate) fn matches_query(g: &Generation, q: &GenerationQuery) -> bool {
+/// Whether a generation passes the filters of `q` (not its cursor or limit).
+pub fn matches_query(g: &Generation, q: &GenerationQuery) -> bool {
     q.status.is_none_or(|s| g.status == s)
         && q.model.as_ref().is_none_or(|m| &g.estimate.model == m)
         && q.started_by.as_ref().is_none_or(|m| &g.started_by == m)

@@ -8,9 +8,10 @@
 //! fix runs under a key derived from what it fixes:
 //! - a hold past its deadline that no operation released yet is released now (its credits
 //!   were never charged);
-//! - a charge journaled for a generation that failed or expired is given back with a
-//!   journal entry linked to the ticket and the generation (the ledger releases a failed
-//!   generation's hold without charge, so this is a safety net);
+//! - a charge recorded for a generation that failed or expired is given back through the
+//!   generation reversal, linked to the ticket (the ledger releases a failed generation's
+//!   hold without charge, so this is a safety net; the reversal's one key per generation
+//!   means staff reversing it too gives nothing more);
 //! - a duplicate charge the refund rules verify (the later of two identical payments, all
 //!   its credits unused) opens a refund request, when the ticket's author may ask for
 //!   refunds (owner or billing admin).
@@ -24,7 +25,7 @@ use crate::billing::history::{self, HistoryEntry, HistoryQuery, Movement, Moveme
 use crate::http::Problem;
 use crate::ids::{GenerationId, IdempotencyKey, WorkspaceId};
 use crate::ledger::{Actor, Balance, Entry, Generation, GenerationStatus, Operation, Refs};
-use crate::money::{Cents, CreditDelta, Credits};
+use crate::money::{Cents, Credits};
 use crate::refund_requests::{NewRequest, RefundReason, RefundRequests, RequestStatus, rules};
 use crate::reports::usage::{GroupBy, UsageGroup, usage};
 use crate::service::{Ledger, LedgerRequest};
@@ -38,6 +39,8 @@ use utoipa::ToSchema;
 pub const SPENDING_DAYS: i64 = 7;
 /// Recent payments shown.
 pub const RECENT_PAYMENTS: usize = 10;
+/// Most charges the spending summary of a ticket reads.
+pub const MAX_SPENDING_ENTRIES: usize = 2_000;
 /// How far back duplicate charges are looked for.
 pub const DUPLICATE_LOOKBACK_DAYS: i64 = 30;
 
@@ -191,7 +194,36 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
         generation_facts(ctx, s, g, &mut e, &mut fixes, &mut escalate_to).await?;
     }
 
-    if matches!(s.category, Category::Billing | Category::Credits) || s.payment.is_some() {
+    if matches!(s.category, Category::Billing | Category::Credits) {
+        let spending = usage(
+            ledger.store.as_ref(),
+            s.workspace,
+            s.now - Duration::days(SPENDING_DAYS),
+            s.now + Duration::seconds(1),
+            GroupBy::Member,
+            MAX_SPENDING_ENTRIES,
+        )
+        .await?;
+        match spending {
+            Some(spending) => {
+                if spending.groups.len() > 1 {
+                    e.findings.push(format!(
+                        "{} members spent credits in the last {SPENDING_DAYS} days ({} credits in all)",
+                        spending.groups.len(),
+                        spending.spent.get()
+                    ));
+                }
+                e.spending_by_member = spending.groups;
+            }
+            None => e.findings.push(format!(
+                "more than {MAX_SPENDING_ENTRIES} charges in the last {SPENDING_DAYS} days; see the usage report"
+            )),
+        }
+    }
+    // Payments are for those who may see the billing history: owners and billing admins.
+    if s.can_manage_billing
+        && (matches!(s.category, Category::Billing | Category::Credits) || s.payment.is_some())
+    {
         let (payments, _) = history::page(
             ctx.docs.as_ref(),
             s.workspace,
@@ -202,23 +234,11 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
         )
         .await?;
         e.recent_payments = payments;
-        let spending = usage(
-            ledger.store.as_ref(),
-            s.workspace,
-            s.now - Duration::days(SPENDING_DAYS),
-            s.now + Duration::seconds(1),
-            GroupBy::Member,
-        )
-        .await?;
-        if spending.groups.len() > 1 {
-            e.findings.push(format!(
-                "{} members spent credits in the last {SPENDING_DAYS} days ({} credits in all)",
-                spending.groups.len(),
-                spending.spent.get()
-            ));
-        }
-        e.spending_by_member = spending.groups;
         duplicates(ctx, s, &mut e, &mut fixes).await?;
+    } else if matches!(s.category, Category::Billing) {
+        e.findings.push(
+            "payments are shown to the workspace owner and billing admins; ask them to check Billing > History".into(),
+        );
     }
 
     if mentions_negative_balance(s.text) {
@@ -290,38 +310,50 @@ async fn generation_facts(
             g.held.get(),
             g.deadline.to_rfc3339()
         )),
-        GenerationStatus::Failed | GenerationStatus::Expired if g.charged > Credits::ZERO => {
+        GenerationStatus::Failed | GenerationStatus::Expired if g.charged > g.reversed => {
+            // Through the generation reversal, under its one key: staff reversing it too,
+            // or another ticket, gives nothing more.
             let credits = g.charged.saturating_sub(g.reversed);
-            if credits > Credits::ZERO {
-                let out = ledger
-                    .execute(LedgerRequest {
-                        workspace: s.workspace.clone(),
-                        key: IdempotencyKey::derived(format!("gen:{id}:support-return")),
-                        fingerprint: "support-return".into(),
-                        actor: actor.clone(),
-                        refs: refs.clone(),
-                        op: Operation::Adjust {
-                            credits: CreditDelta::increase(credits),
-                            note: format!(
-                                "credits of {} generation {id} given back (ticket {})",
-                                g.status.as_str(),
-                                s.ticket
-                            ),
-                        },
-                    })
-                    .await?;
-                fixes.push(Remediation {
-                    action: "credits_returned".into(),
-                    detail: format!(
-                        "generation {id} {} but {} credits were charged; they were given back",
-                        g.status.as_str(),
-                        credits.get()
-                    ),
-                    credits: Some(credits),
-                    entries: out.entries,
-                    refund_request: None,
-                });
+            match crate::service::reverse_generation(
+                ledger,
+                s.workspace.clone(),
+                id,
+                actor.clone(),
+                format!("{} but charged (ticket {})", g.status.as_str(), s.ticket),
+                Some(s.ticket.to_owned()),
+            )
+            .await
+            {
+                Ok(out) => {
+                    if let Some(now) = out.generation.clone() {
+                        g = now;
+                    }
+                    fixes.push(Remediation {
+                        action: "credits_returned".into(),
+                        detail: format!(
+                            "generation {id} {} but {} credits were charged; they were given back",
+                            g.status.as_str(),
+                            credits.get()
+                        ),
+                        credits: Some(credits),
+                        entries: out.entries,
+                        refund_request: None,
+                    });
+                }
+                Err(crate::service::ServiceError::Refused(
+                    crate::ledger::LedgerError::AlreadyReversed(_),
+                )) => e
+                    .findings
+                    .push(format!("generation {id}'s charge was already given back")),
+                Err(other) => return Err(other.into()),
             }
+        }
+        GenerationStatus::Failed | GenerationStatus::Expired if g.charged > Credits::ZERO => {
+            e.findings.push(format!(
+                "generation {id} {} and its charge of {} credits was already given back",
+                g.status.as_str(),
+                g.charged.get()
+            ))
         }
         GenerationStatus::Failed | GenerationStatus::Expired => e.findings.push(format!(
             "generation {id} {} and was not charged: its hold of {} credits was released",
@@ -402,13 +434,6 @@ async fn duplicates(
             continue;
         };
         if named.as_ref().is_some_and(|n| n != &entry.id) {
-            continue;
-        }
-        if !s.can_manage_billing {
-            e.findings.push(format!(
-                "the workspace owner or a billing admin can ask for payment {} back",
-                entry.id
-            ));
             continue;
         }
         let request = refunds

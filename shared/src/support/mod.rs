@@ -162,9 +162,16 @@ pub struct Ticket {
     pub messages: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Changes so far (filing, messages, status changes): each is forwarded as its own.
+    #[serde(default)]
+    pub changes: u32,
     /// Whether every change so far was handed to the forwarding queue.
     #[serde(default)]
     pub forwarded: bool,
+    /// Fingerprint of the request that filed it: the same Idempotency-Key with another
+    /// request is refused.
+    #[serde(default, skip_serializing)]
+    pub request: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -183,6 +190,10 @@ pub struct TicketMessage {
     pub by: String,
     /// Text as it was sent; never rendered as HTML.
     pub body: String,
+    /// Fingerprint of the Idempotency-Key it was sent with: a retry finds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub key: Option<String>,
 }
 
 /// A line of a ticket list.
@@ -196,6 +207,9 @@ pub struct TicketSummary {
     pub status: TicketStatus,
     pub priority: Priority,
     pub messages: u32,
+    /// Who filed it (token subject).
+    #[serde(default)]
+    pub user: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -210,6 +224,7 @@ impl Ticket {
             status: self.status,
             priority: self.priority,
             messages: self.messages,
+            user: self.captured.user.clone(),
             created_at: self.created_at,
             updated_at: self.updated_at,
         }
@@ -328,10 +343,26 @@ impl Tickets {
         self.forward(stored, "ticket.created", 1).await
     }
 
+    /// Forwards the latest change again if it never reached the queue (a crash or a queue
+    /// outage after it was stored); called on reads, so nothing stays unforwarded.
+    pub async fn catch_up(&self, t: Ticket) -> Result<Ticket, Problem> {
+        if t.forwarded {
+            return Ok(t);
+        }
+        self.summaries(&t).await?;
+        let (event, seq) = if t.changes <= 1 {
+            ("ticket.created", 1)
+        } else {
+            ("ticket.changed", t.messages)
+        };
+        self.forward(t, event, seq).await
+    }
+
     /// Hands the latest change to the queue and marks the ticket forwarded. A failure
-    /// leaves `forwarded: false` and answers 503: the client's retry forwards it.
+    /// leaves `forwarded: false` and answers 503: the client's retry, or the next read of
+    /// the ticket, forwards it.
     async fn forward(&self, t: Ticket, event: &str, seq: u32) -> Result<Ticket, Problem> {
-        let id = format!("{}:{event}:{seq}", t.id);
+        let id = format!("{}:{}:{event}", t.id, t.changes.max(1));
         let job = ForwardJob {
             event: event.to_owned(),
             ticket: t.id.clone(),
@@ -367,18 +398,39 @@ impl Tickets {
         Ok(marked.unwrap_or(t))
     }
 
-    /// Adds a message (answers the stored one when `idempotent_seq` names a message that
-    /// exists with the same body). Staff messages set the ticket waiting for the customer;
-    /// a customer's reopens it.
+    /// Adds a message. With a key, a retry finds the message it added before (and
+    /// forwards it if that did not happen). Staff messages set the ticket waiting for the
+    /// customer; a customer's reopens it.
     pub async fn add_message(
         &self,
         ticket: &Ticket,
         author: Author,
         by: &str,
         body: &str,
+        key: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<(Ticket, TicketMessage), Problem> {
         let pk = ticket_pk(&ticket.id);
+        let key = key.map(|k| crate::service::fingerprint(&(by, k)));
+        if let Some(k) = &key
+            && let Some(done) = self
+                .messages(&ticket.id)
+                .await?
+                .into_iter()
+                .find(|m| m.key.as_ref() == Some(k))
+        {
+            if done.body != body {
+                return Err(Problem::conflict(
+                    "this Idempotency-Key was already used for a different message",
+                ));
+            }
+            let current = self
+                .get(&ticket.id)
+                .await?
+                .ok_or_else(|| Problem::not_found("no such ticket"))?;
+            let current = self.catch_up(current).await?;
+            return Ok((current, done));
+        }
         for _ in 0..20 {
             let current: Ticket = docs::get(self.docs.as_ref(), &pk, TICKET_SK)
                 .await?
@@ -395,29 +447,34 @@ impl Tickets {
                 author,
                 by: by.to_owned(),
                 body: body.to_owned(),
+                key: key.clone(),
             };
-            // Claiming the message slot decides who got `seq`.
-            if !self
+            // Claiming the message slot decides who got `seq`. A slot taken by a writer
+            // that stopped before counting it is counted now, so the ticket moves on.
+            let claimed = self
                 .docs
                 .put_doc(&pk, &message_sk(seq), &crate::store::encode(&msg)?, 0)
-                .await?
-            {
-                continue;
-            }
+                .await?;
             let updated = docs::update::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
-                cur.map(|mut c| {
-                    c.messages = c.messages.max(seq);
+                cur.filter(|c| c.messages < seq).map(|mut c| {
+                    c.messages = seq;
+                    c.changes += 1;
                     c.updated_at = c.updated_at.max(now);
-                    c.status = match author {
-                        Author::Staff => TicketStatus::Waiting,
-                        Author::Customer => TicketStatus::Open,
-                    };
+                    if claimed {
+                        c.status = match author {
+                            Author::Staff => TicketStatus::Waiting,
+                            Author::Customer => TicketStatus::Open,
+                        };
+                    }
                     c.forwarded = false;
                     c
                 })
             })
             .await?
             .ok_or_else(Problem::internal)?;
+            if !claimed {
+                continue;
+            }
             self.summaries(&updated).await?;
             let updated = self.forward(updated, "ticket.message", seq).await?;
             return Ok((updated, msg));
@@ -451,25 +508,11 @@ impl Tickets {
             let current: Ticket = docs::get(self.docs.as_ref(), &pk, TICKET_SK)
                 .await?
                 .ok_or_else(|| Problem::not_found("no such ticket"))?;
-            if !current.forwarded {
-                self.summaries(&current).await?;
-                let seq = current.messages;
-                return self.forward(current, "ticket.status", seq).await;
-            }
-            return Ok(current);
+            return self.catch_up(current).await;
         };
         self.summaries(&t).await?;
         let seq = t.messages;
         self.forward(t, "ticket.status", seq).await
-    }
-
-    /// Finishes a filing interrupted after the ticket was stored (summaries, forwarding).
-    pub async fn finish(&self, t: Ticket) -> Result<Ticket, Problem> {
-        if t.forwarded {
-            return Ok(t);
-        }
-        self.summaries(&t).await?;
-        self.forward(t, "ticket.created", 1).await
     }
 
     /// A page of summaries, newest first: the workspace's (`Some`) or the staff queue's,
@@ -478,6 +521,7 @@ impl Tickets {
     pub async fn list(
         &self,
         workspace: Option<&WorkspaceId>,
+        author: Option<&str>,
         status: Option<TicketStatus>,
         priority: Option<Priority>,
         cursor: Option<&str>,
@@ -515,7 +559,9 @@ impl Tickets {
             for (sk, s) in page {
                 read += 1;
                 before = Some(sk.clone());
-                if status.is_none_or(|x| s.status == x) && priority.is_none_or(|p| s.priority == p)
+                if status.is_none_or(|x| s.status == x)
+                    && priority.is_none_or(|p| s.priority == p)
+                    && author.is_none_or(|a| s.user == a)
                 {
                     out.push(s);
                     if out.len() >= limit {

@@ -352,6 +352,8 @@ pub(crate) fn filters(
         v.map(|v| tally::http::text::one_line(field, v, 200).map(str::to_owned))
             .transpose()
     };
+    let from = tally::http::text::instant("from", from)?;
+    let to = tally::http::text::instant("to", to)?;
     if let (Some(f), Some(t)) = (from, to)
         && f >= t
     {
@@ -366,6 +368,9 @@ pub(crate) fn filters(
         ..GenerationQuery::default()
     })
 }
+
+/// Most generations one page reads while filtering.
+pub const MAX_SCANNED: usize = 1_000;
 
 /// A page of `workspace`'s creation history.
 pub(crate) async fn generations_page(
@@ -398,7 +403,17 @@ pub(crate) async fn generations_page(
     let now = app.ledger.clock.now();
     let mut items = Vec::new();
     let mut cursor = before;
+    // A filter that matches little must not read the whole history in one request: past
+    // this many generations read, the page ends (perhaps short) with a cursor to go on.
+    let mut scanned = 0usize;
+    let mut stopped = false;
+    let filter = GenerationQuery {
+        status: stored_status,
+        ..base.clone()
+    };
     loop {
+        // Raw pages, filtered here: every generation read is counted.
+        const RAW_PAGE: usize = 100;
         let page = app
             .ledger
             .store
@@ -406,15 +421,22 @@ pub(crate) async fn generations_page(
                 workspace,
                 &GenerationQuery {
                     before: cursor,
-                    status: stored_status,
-                    limit: limit + 1,
-                    ..base.clone()
+                    limit: RAW_PAGE,
+                    ..GenerationQuery::default()
                 },
             )
             .await?;
-        let exhausted = page.len() <= limit;
+        let mut exhausted = page.len() < RAW_PAGE;
         for g in page {
+            scanned += 1;
             cursor = Some(g.id);
+            if base.past_range(&g) {
+                exhausted = true;
+                break;
+            }
+            if !tally::store::matches_query(&g, &filter) {
+                continue;
+            }
             let g = as_of_now(g, now);
             if status.is_none_or(|s| g.status == s) {
                 items.push(g);
@@ -426,10 +448,16 @@ pub(crate) async fn generations_page(
         if items.len() > limit || exhausted {
             break;
         }
+        if scanned >= MAX_SCANNED {
+            stopped = true;
+            break;
+        }
     }
     let next_cursor = if items.len() > limit {
         items.truncate(limit);
         items.last().map(|g| g.id.to_string())
+    } else if stopped {
+        cursor.map(|c| c.to_string())
     } else {
         None
     };

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tally::catalog::Workflow;
 use tally::http::{ApiQuery, Identity, Problem, ProblemDetails};
 use tally::ids::WorkspaceId;
-use tally::reports::usage::{GroupBy, Usage, usage};
+use tally::reports::usage::{GroupBy, MAX_REPORT_ENTRIES, Usage, usage};
 use utoipa::IntoParams;
 
 /// The longest range one usage report covers.
@@ -39,8 +39,8 @@ pub(crate) async fn usage_of(
     workspace: &WorkspaceId,
     q: UsageQuery,
 ) -> ApiResult<Usage> {
-    let to = q.to.unwrap_or_else(|| app.ledger.clock.now());
-    let from = q.from.unwrap_or(to - Duration::days(30));
+    let to = tally::http::text::instant("to", q.to)?.unwrap_or_else(|| app.ledger.clock.now());
+    let from = tally::http::text::instant("from", q.from)?.unwrap_or(to - Duration::days(30));
     if from >= to {
         return Err(Problem::validation("from", "must be before to"));
     }
@@ -50,14 +50,24 @@ pub(crate) async fn usage_of(
             &format!("a report covers at most {MAX_USAGE_DAYS} days"),
         ));
     }
-    Ok(usage(
+    usage(
         app.ledger.store.as_ref(),
         workspace,
         from,
         to,
         q.group_by.unwrap_or(GroupBy::Member),
+        MAX_REPORT_ENTRIES,
     )
-    .await?)
+    .await?
+    .ok_or_else(|| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "range_too_large",
+            format!(
+                "the range holds more than {MAX_REPORT_ENTRIES} charges; ask for a shorter one"
+            ),
+        )
+    })
 }
 
 #[utoipa::path(get, path = "/v1/usage", tag = "credits", security(("bearer" = [])),
@@ -162,7 +172,9 @@ pub(crate) fn ledger_export(
     q: LedgerExportQuery,
 ) -> ApiResult<Response> {
     let ExportFormat::Csv = q.format;
-    if let (Some(f), Some(t)) = (q.from, q.to)
+    let from = tally::http::text::instant("from", q.from)?;
+    let to = tally::http::text::instant("to", q.to)?;
+    if let (Some(f), Some(t)) = (from, to)
         && f >= t
     {
         return Err(Problem::validation("from", "must be before to"));
@@ -170,7 +182,7 @@ pub(crate) fn ledger_export(
     let name = format!("ledger-{workspace}");
     Ok(csv_response(
         &name,
-        tally::reports::export::ledger_csv(app.ledger.store.clone(), workspace, q.from, q.to),
+        tally::reports::export::ledger_csv(app.ledger.store.clone(), workspace, from, to),
     ))
 }
 

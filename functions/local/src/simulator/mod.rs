@@ -736,6 +736,59 @@ fn billed_invoice(inv: &Value) -> BilledInvoice {
 
 #[async_trait]
 impl Payments for Simulator {
+    async fn charges_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        starting_after: Option<&tally::ids::ChargeId>,
+    ) -> Result<tally::payments::ChargePage, PaymentsError> {
+        let all: Vec<Value> = self
+            .charges
+            .lock()
+            .expect("sim lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut rows: Vec<(i64, String, Value)> = all
+            .into_iter()
+            .filter_map(|c| Some((c["created"].as_i64()?, c["id"].as_str()?.to_owned(), c)))
+            .filter(|(t, _, _)| *t >= from.timestamp() && *t < to.timestamp())
+            .collect();
+        // Stripe lists newest first.
+        rows.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+        if let Some(after) = starting_after {
+            match rows.iter().position(|(_, id, _)| id == after.as_str()) {
+                Some(i) => {
+                    rows.drain(..=i);
+                }
+                None => rows.clear(),
+            }
+        }
+        let has_more = rows.len() > 100;
+        rows.truncate(100);
+        let charges = rows
+            .into_iter()
+            .filter_map(|(created, _, c)| {
+                Some(tally::payments::ChargeFact {
+                    id: c["id"].as_str()?.parse().ok()?,
+                    payment_intent: c["payment_intent"].as_str().and_then(|p| p.parse().ok()),
+                    customer: c["customer"].as_str().and_then(|p| p.parse().ok()),
+                    amount: tally::money::Cents::new(c["amount"].as_u64()?),
+                    amount_refunded: tally::money::Cents::new(
+                        c["amount_refunded"].as_u64().unwrap_or(0),
+                    ),
+                    currency: c["currency"].as_str().unwrap_or("usd").to_owned(),
+                    succeeded: c["paid"] == true && c["status"] == "succeeded",
+                    created: DateTime::from_timestamp(created, 0)?,
+                    workspace: c["metadata"]["org_id"]
+                        .as_str()
+                        .and_then(|w| WorkspaceId::parse(w).ok()),
+                })
+            })
+            .collect();
+        Ok(tally::payments::ChargePage { charges, has_more })
+    }
+
     async fn find_refund(
         &self,
         charge: &tally::ids::ChargeId,
