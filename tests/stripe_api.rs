@@ -1062,3 +1062,59 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
     assert_eq!(form(&reqs[7])["description"], "Tax and adjustments");
     assert_eq!(form(&reqs[9]), expected(&[("paid_out_of_band", "true")]));
 }
+
+#[tokio::test]
+async fn charges_are_listed_by_creation_range_a_page_at_a_time() {
+    let server = MockServer::start().await;
+    let mut paid = fixture("charge");
+    paid["id"] = json!("ch_paid");
+    paid["payment_intent"] = json!("pi_paid");
+    paid["customer"] = json!("cus_paid");
+    paid["metadata"] = json!({"org_id": "acme"});
+    paid["amount"] = json!(1500);
+    paid["created"] = json!(1_795_000_100);
+    let mut failed = fixture("charge");
+    failed["id"] = json!("ch_failed");
+    failed["paid"] = json!(false);
+    failed["status"] = json!("failed");
+    failed["created"] = json!(1_795_000_000);
+    Mock::given(method("GET"))
+        .and(path("/v1/charges"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"object": "list", "url": "/v1/charges", "has_more": true, "data": [paid, failed]}),
+        ))
+        .mount(&server)
+        .await;
+    let from = chrono::DateTime::from_timestamp(1_795_000_000, 0).unwrap();
+    let to = chrono::DateTime::from_timestamp(1_795_086_400, 0).unwrap();
+    let after: tally::ids::ChargeId = "ch_prev".parse().unwrap();
+    let page = client(&server)
+        .await
+        .charges_between(from, to, Some(&after))
+        .await
+        .unwrap();
+    assert!(page.has_more);
+    assert_eq!(page.charges.len(), 2);
+    let c = &page.charges[0];
+    assert_eq!(c.id.as_str(), "ch_paid");
+    assert!(c.succeeded);
+    assert_eq!(c.amount, Cents::new(1500));
+    assert_eq!(
+        c.payment_intent.as_ref().map(|p| p.as_str()),
+        Some("pi_paid")
+    );
+    assert_eq!(c.workspace, Some(WorkspaceId::parse("acme").unwrap()));
+    assert!(!page.charges[1].succeeded);
+    let req = &server.received_requests().await.unwrap()[0];
+    let query: BTreeMap<String, String> = req.url.query_pairs().into_owned().collect();
+    assert_eq!(
+        query,
+        expected(&[
+            ("created[gte]", "1795000000"),
+            ("created[lt]", "1795086400"),
+            ("limit", "100"),
+            ("starting_after", "ch_prev"),
+        ])
+    );
+    assert_eq!(header(req, "authorization"), format!("Bearer {KEY}"));
+}

@@ -12,7 +12,8 @@ pub mod routes;
 use axum::Router;
 use axum::routing::{get, post};
 use routes::{
-    alerts, billing_portal, checkout, custom_payments, history, invoices, reissue, subscription,
+    alerts, billing_portal, checkout, custom_payments, history, invoices, reconciliation, reissue,
+    subscription,
 };
 use std::sync::Arc;
 use tally::config::{HttpUrl, ReturnUrlOverrides};
@@ -90,6 +91,10 @@ pub fn protected_routes(state: PurchasesState) -> Router {
             post(custom_payments::custom_payment),
         )
         .route("/v1/admin/invoices/{id}/reissue", post(reissue::reissue))
+        .route(
+            "/v1/admin/reconciliation",
+            get(reconciliation::reconciliation),
+        )
         .with_state(state)
 }
 
@@ -107,7 +112,8 @@ pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
     paths(checkout::create_checkout, subscription::subscription, billing_portal::billing_portal, invoices::invoices,
         history::history, history::admin_history,
         subscription::change, subscription::preview, subscription::addons, subscription::cancel, subscription::resume, subscription::pause,
-        custom_payments::custom_payment, reissue::reissue, alerts::put_alerts, alerts::get_alerts),
+        custom_payments::custom_payment, reissue::reissue, alerts::put_alerts, alerts::get_alerts,
+        reconciliation::reconciliation),
     // Its operations name the `bearer` scheme; the document served alone must define it.
     modifiers(&BearerAuth),
     tags((name = "billing", description = "Buying credits and managing the subscription"), (name = "admin", description = "Support staff"))

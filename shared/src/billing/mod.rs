@@ -12,6 +12,7 @@ pub mod history;
 pub mod linking;
 pub mod objects;
 pub mod periods;
+pub mod reconcile;
 pub mod records;
 pub mod refunds;
 

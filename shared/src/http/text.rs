@@ -76,22 +76,25 @@ pub fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, 
     Ok(trimmed)
 }
 
-/// The earliest and latest instants a query may name: anything else is a typo, and
-/// arithmetic on it would overflow.
+/// Instants a query may name: the years 2000 to 2099 (UTC). Anything else is a typo, and
+/// arithmetic on it could overflow. [`INSTANT_PATTERN`] says the same in the document.
 pub fn instant(
     field: &str,
     t: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, Problem> {
-    let earliest = chrono::DateTime::from_timestamp(946_684_800, 0).expect("2000-01-01");
-    let latest = chrono::DateTime::from_timestamp(4_102_444_800, 0).expect("2100-01-01");
+    use chrono::Datelike;
     match t {
-        Some(t) if t < earliest || t > latest => Err(Problem::validation(
+        // A year 20xx written with an offset may be 1999 or 2100 in UTC.
+        Some(t) if !(1999..=2100).contains(&t.year()) => Err(Problem::validation(
             field,
-            "must be between 2000-01-01 and 2100-01-01",
+            "must be in the years 2000 to 2099",
         )),
         other => Ok(other),
     }
 }
+
+/// JSON Schema `pattern` of an instant [`instant`] accepts (with `format: date-time`).
+pub const INSTANT_PATTERN: &str = "^20[0-9]{2}-";
 
 /// JSON Schema `pattern` of several lines of text: like [`ONE_LINE_PATTERN`], with line
 /// feeds and carriage returns allowed.

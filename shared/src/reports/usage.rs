@@ -153,6 +153,17 @@ pub async fn usage(
     max_entries: usize,
 ) -> Result<Option<Usage>, StoreError> {
     let mut entries = Vec::new();
+    if from >= to {
+        return Ok(Some(Usage {
+            from,
+            to,
+            group_by,
+            groups: Vec::new(),
+            spent: Credits::ZERO,
+            reversed: Credits::ZERO,
+            charges: 0,
+        }));
+    }
     entries_between(store, workspace, Some(from), Some(to), |page| {
         entries.extend(
             page.into_iter()

@@ -71,6 +71,7 @@ pub struct GenerationListQuery {
     #[param(inline)]
     pub status: Option<GenerationStatus>,
     /// Only generations of this model.
+    #[param(max_length = 200)]
     pub model: Option<String>,
     /// Only generations started by this member (their user id, the token's `sub`).
     #[param(max_length = 200)]
@@ -79,8 +80,10 @@ pub struct GenerationListQuery {
     #[param(inline)]
     pub workflow: Option<Workflow>,
     /// Only generations created at or after this instant (RFC 3339).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub from: Option<DateTime<Utc>>,
     /// Only generations created before this instant (RFC 3339).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub to: Option<DateTime<Utc>>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
@@ -348,17 +351,21 @@ pub(crate) fn filters(
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 ) -> ApiResult<GenerationQuery> {
+    // Text filters match exactly; they are only bounded (a filter matching nothing finds
+    // nothing).
     let text = |field: &str, v: Option<&str>| {
-        v.map(|v| tally::http::text::one_line(field, v, 200).map(str::to_owned))
-            .transpose()
+        v.map(|v| {
+            if v.chars().count() > 200 {
+                Err(Problem::validation(field, "must be at most 200 characters"))
+            } else {
+                Ok(v.to_owned())
+            }
+        })
+        .transpose()
     };
+    // A range that ends before it starts holds nothing.
     let from = tally::http::text::instant("from", from)?;
     let to = tally::http::text::instant("to", to)?;
-    if let (Some(f), Some(t)) = (from, to)
-        && f >= t
-    {
-        return Err(Problem::validation("from", "must be before to"));
-    }
     Ok(GenerationQuery {
         model: text("model", model)?,
         started_by: text("started_by", started_by)?,

@@ -25,9 +25,12 @@ pub const MAX_USAGE_DAYS: i64 = 366;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
-    /// Start (inclusive, RFC 3339); default 30 days before `to`.
+    /// Start (inclusive, RFC 3339); default 30 days before `to`; at most 366 days before
+    /// `to` (an earlier start is moved up: the answer's `from` says where it starts).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub from: Option<DateTime<Utc>>,
     /// End (exclusive, RFC 3339); default now.
+    #[param(pattern = "^20[0-9]{2}-")]
     pub to: Option<DateTime<Utc>>,
     /// Default `member`.
     #[param(inline)]
@@ -41,15 +44,9 @@ pub(crate) async fn usage_of(
 ) -> ApiResult<Usage> {
     let to = tally::http::text::instant("to", q.to)?.unwrap_or_else(|| app.ledger.clock.now());
     let from = tally::http::text::instant("from", q.from)?.unwrap_or(to - Duration::days(30));
-    if from >= to {
-        return Err(Problem::validation("from", "must be before to"));
-    }
-    if to - from > Duration::days(MAX_USAGE_DAYS) {
-        return Err(Problem::validation(
-            "from",
-            &format!("a report covers at most {MAX_USAGE_DAYS} days"),
-        ));
-    }
+    // At most a year, ending at `to`; the answer says which range it covers. A range that
+    // ends before it starts holds nothing.
+    let from = from.max(to - Duration::days(MAX_USAGE_DAYS)).min(to);
     usage(
         app.ledger.store.as_ref(),
         workspace,
@@ -98,11 +95,14 @@ pub struct GenerationExportQuery {
     #[param(inline)]
     pub format: ExportFormat,
     /// Created at or after (RFC 3339).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub from: Option<DateTime<Utc>>,
     /// Created before (RFC 3339).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub to: Option<DateTime<Utc>>,
     #[param(max_length = 200)]
     pub started_by: Option<String>,
+    #[param(max_length = 200)]
     pub model: Option<String>,
     #[param(inline)]
     pub workflow: Option<Workflow>,
@@ -115,8 +115,10 @@ pub struct LedgerExportQuery {
     #[param(inline)]
     pub format: ExportFormat,
     /// Entries at or after (RFC 3339).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub from: Option<DateTime<Utc>>,
     /// Entries before (RFC 3339).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub to: Option<DateTime<Utc>>,
 }
 
@@ -172,13 +174,9 @@ pub(crate) fn ledger_export(
     q: LedgerExportQuery,
 ) -> ApiResult<Response> {
     let ExportFormat::Csv = q.format;
+    // A range that ends before it starts holds nothing: the file has its header only.
     let from = tally::http::text::instant("from", q.from)?;
     let to = tally::http::text::instant("to", q.to)?;
-    if let (Some(f), Some(t)) = (from, to)
-        && f >= t
-    {
-        return Err(Problem::validation("from", "must be before to"));
-    }
     let name = format!("ledger-{workspace}");
     Ok(csv_response(
         &name,

@@ -9,6 +9,7 @@ pub mod checkout;
 pub mod custom_payments;
 pub mod history;
 pub mod invoices;
+pub mod reconciliation;
 pub mod reissue;
 pub mod subscription;
 
