@@ -321,14 +321,6 @@ pub struct TicketPage {
     pub next_cursor: Option<String>,
 }
 
-fn limit_of(limit: Option<i64>) -> ApiResult<usize> {
-    match limit {
-        None => Ok(20),
-        Some(n) if (1..=100).contains(&n) => Ok(n as usize),
-        Some(_) => Err(Problem::validation("limit", "must be between 1 and 100")),
-    }
-}
-
 #[utoipa::path(get, path = "/v1/support/tickets", tag = "support", security(("bearer" = [])),
     params(ListQuery),
     responses((status = 200, body = TicketPage), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
@@ -341,7 +333,7 @@ pub async fn list(
     uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<TicketPage>> {
-    let limit = limit_of(q.limit)?;
+    let limit = tally::http::page_limit(q.limit, 20)?;
     let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
     let workspace = if staff {
         tally::audit::record_global(
@@ -554,7 +546,7 @@ pub async fn admin_list(
     ApiPath(workspace_id): ApiPath<String>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<TicketPage>> {
-    let limit = limit_of(q.limit)?;
+    let limit = tally::http::page_limit(q.limit, 20)?;
     let workspace = tally::audit::staff_read(
         st.tickets.docs.as_ref(),
         st.context.ledger.store.as_ref(),

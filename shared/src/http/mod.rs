@@ -21,6 +21,15 @@ use crate::ids::IdempotencyKey;
 /// Largest request body accepted by any route.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// A page size from a `limit` query parameter: 1 to 100, `default` when absent.
+pub fn page_limit(limit: Option<i64>, default: usize) -> Result<usize, Problem> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=100).contains(&n) => Ok(n as usize),
+        Some(_) => Err(Problem::validation("limit", "must be between 1 and 100")),
+    }
+}
+
 /// The `Idempotency-Key` header as a route-scoped key, if the client sent one.
 pub fn idempotency_key(
     headers: &HeaderMap,

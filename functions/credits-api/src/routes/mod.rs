@@ -20,10 +20,4 @@ pub(crate) type ApiResult<T> = Result<T, Problem>;
 pub(crate) const MAX_REASON_CHARS: usize = tally::http::text::MAX_TEXT_CHARS;
 
 /// A page size from the `limit` query parameter: 1 to 100, `default` when absent.
-pub(crate) fn page_limit(limit: Option<i64>, default: usize) -> ApiResult<usize> {
-    match limit {
-        None => Ok(default),
-        Some(n) if (1..=100).contains(&n) => Ok(n as usize),
-        Some(_) => Err(Problem::validation("limit", "must be between 1 and 100")),
-    }
-}
+pub(crate) use tally::http::page_limit;
