@@ -151,7 +151,12 @@ impl Answer {
 
 impl TestApp {
     pub fn new() -> Self {
-        let store = Arc::new(EmbeddedStore::in_memory());
+        Self::over(Arc::new(EmbeddedStore::in_memory()), false)
+    }
+
+    /// The local system over `store`; with `durable`, its queues keep their messages there
+    /// too, as `make run` does.
+    pub fn over(store: Arc<EmbeddedStore>, durable: bool) -> Self {
         let (ledger, clock) = ledger_over(store.clone());
         let local = tally_local::build(tally_local::LocalConfig {
             ledger: ledger.clone(),
@@ -164,6 +169,7 @@ impl TestApp {
             return_urls: Default::default(),
             helpdesk_url: None,
             helpdesk_secret: tally_local::DEFAULT_HELPDESK_SECRET.into(),
+            queue_journal: durable.then(|| store.clone()),
         })
         .expect("local system");
         Self {
@@ -294,6 +300,13 @@ impl TestApp {
 
     /// Presses Pay on a simulated checkout page and waits for Stripe's events.
     pub async fn pay(&self, url: &str) -> u16 {
+        let status = self.pay_acknowledged(url).await;
+        self.settle_billing().await;
+        status
+    }
+
+    /// Pays a checkout: Stripe's events are delivered and acknowledged, not yet applied.
+    pub async fn pay_acknowledged(&self, url: &str) -> u16 {
         let path = url
             .strip_prefix("http://tally.test")
             .expect("local checkout url");
@@ -309,7 +322,6 @@ impl TestApp {
                 &[("content-type", "application/x-www-form-urlencoded")],
             )
             .await;
-        self.settle_billing().await;
         res.status.as_u16()
     }
 

@@ -152,3 +152,130 @@ async fn a_failed_message_is_reported_alone_and_holds_back_only_its_own_group() 
     assert_eq!(failed, vec!["2", "3"]);
     assert_eq!(*consumer.1.lock().unwrap(), vec!["ok-a", "bad", "ok-b"]);
 }
+
+/// Records every body it consumes; blocks for good on `stall_at` (a process that stops
+/// mid-delivery).
+struct Stalling {
+    seen: std::sync::Arc<Mutex<Vec<String>>>,
+    stall_at: Option<String>,
+}
+
+#[async_trait]
+impl Consumer for Stalling {
+    async fn consume(&self, d: &Delivery) -> Result<(), ConsumeError> {
+        if self.stall_at.as_deref() == Some(d.body.as_str()) {
+            std::future::pending::<()>().await;
+        }
+        self.seen.lock().unwrap().push(d.body.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_durable_local_queue_delivers_after_a_crash_what_it_had_acknowledged() {
+    use tally::queue::local::LocalQueue;
+    use tally::store::embedded::EmbeddedStore;
+    let dir = std::env::temp_dir().join(format!("tally-queue-{}", ulid::Ulid::new()));
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = std::sync::Arc::new(EmbeddedStore::open(&dir).unwrap());
+            let q = LocalQueue::durable("billing-events.fifo", true, 5, store).unwrap();
+            q.start(std::sync::Arc::new(Stalling {
+                seen: seen.clone(),
+                stall_at: Some("m5".into()),
+            }));
+            for i in 1..=10 {
+                q.send(msg(&format!("m{i}"), "g", &format!("d{i}")))
+                    .await
+                    .unwrap();
+            }
+            // Every send was acknowledged; the consumer is stuck on m5.
+            while seen.lock().unwrap().len() < 4 {
+                tokio::task::yield_now().await;
+            }
+        });
+        // The process dies: its tasks stop wherever they were (dropped at their next await,
+        // their writes so far committed or not at all, as after a kill).
+        drop(rt);
+    }
+    assert_eq!(seen.lock().unwrap().clone(), ["m1", "m2", "m3", "m4"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = std::sync::Arc::new(EmbeddedStore::open(&dir).unwrap());
+        assert_eq!(
+            store.queue_contents("billing-events.fifo").unwrap().len(),
+            6,
+            "m5 to m10 wait in the store"
+        );
+        let q = LocalQueue::durable("billing-events.fifo", true, 5, store.clone()).unwrap();
+        q.start(std::sync::Arc::new(Stalling {
+            seen: seen.clone(),
+            stall_at: None,
+        }));
+        q.until_idle().await;
+        // Nothing lost, in order, none of the consumed ones again; the store is empty.
+        let all = seen.lock().unwrap().clone();
+        let expected: Vec<String> = (1..=10).map(|i| format!("m{i}")).collect();
+        assert_eq!(all, expected);
+        assert!(
+            store
+                .queue_contents("billing-events.fifo")
+                .unwrap()
+                .is_empty()
+        );
+        // A new message after the restart takes a new place.
+        q.send(msg("m11", "g", "d11")).await.unwrap();
+        q.until_idle().await;
+        assert_eq!(seen.lock().unwrap().last().unwrap(), "m11");
+    });
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn purchases_acknowledged_before_the_local_runner_crashed_are_all_credited_after_it_restarts() {
+    use tally::store::embedded::EmbeddedStore;
+    use tally_tests::{TestApp, owner};
+    let dir = std::env::temp_dir().join(format!("tally-crash-{}", ulid::Ulid::new()));
+    // One store for both lives of the runner (the queue test above reopens the file; here
+    // the simulator's pages and the ledger's hooks hold the store, as a process does until
+    // it exits).
+    let store = std::sync::Arc::new(EmbeddedStore::open(&dir).unwrap());
+    let ws = "org_crash";
+    let packs = 12u64;
+    {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let app = TestApp::over(store.clone(), true);
+            for _ in 0..packs {
+                let s = app
+                    .post(
+                        "/v1/checkout/sessions",
+                        &owner(ws),
+                        serde_json::json!({"kind": "pack", "pack": "pack_500"}),
+                    )
+                    .await;
+                assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+                // Stripe's events were delivered and acknowledged (2xx): Stripe will not
+                // send them again.
+                app.pay_acknowledged(s.body["url"].as_str().unwrap()).await;
+            }
+        });
+        // Killed at once, whatever the billing worker was doing.
+        drop(rt);
+    }
+    let left = store
+        .queue_contents(tally::queue::BILLING_EVENTS_QUEUE)
+        .unwrap()
+        .len();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let app = TestApp::over(store.clone(), true);
+        app.settle_billing().await;
+        eprintln!("{left} Stripe events waited in the store at the crash");
+        assert_eq!(app.available(ws).await, packs * 500);
+        assert!(app.local.billing_queue.dead_letters().is_empty());
+    });
+    std::fs::remove_dir_all(&dir).ok();
+}

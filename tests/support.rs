@@ -1118,32 +1118,25 @@ async fn dates_outside_any_sensible_range_are_refused_not_crashed_on() {
     }
 }
 
-#[tokio::test]
-async fn a_charge_recorded_for_a_failed_generation_is_given_back_once_through_the_reversal() {
+/// Rewrites a generation's stored record as `edit` says (what a faulty generation service
+/// or an old release could have left), in a commit of its own.
+async fn rewrite_generation(
+    app: &TestApp,
+    ws: &str,
+    gen_id: &str,
+    edit: impl FnOnce(&mut tally::ledger::Generation),
+) {
     use tally::store::Commit;
-    let app = TestApp::new();
-    let ws = "org_v4";
-    grant(&app.ledger, ws, 100).await;
-    let gen_id = start(&app, &member(ws, "u1")).await;
-    app.post(
-        &format!("/v1/generations/{gen_id}/fail"),
-        &service(),
-        json!({}),
-    )
-    .await;
-    // The ledger never charges a failed generation; a record that says otherwise (as a
-    // faulty generation service or an old release could have left) is written directly.
     let store = &app.ledger.store;
     let w = workspace(ws);
-    let gid = tally::ids::GenerationId::parse(&gen_id).unwrap();
+    let gid = tally::ids::GenerationId::parse(gen_id).unwrap();
     let mut g = store.generation(&w, gid).await.unwrap().unwrap();
-    assert_eq!(g.status, tally::ledger::GenerationStatus::Failed);
-    g.charged = tally::money::Credits::new(4);
+    edit(&mut g);
     let mut state = store.load(&w).await.unwrap().unwrap();
     state.version += 1;
-    let key = tally::ids::IdempotencyKey::derived(format!("gen:{gen_id}:fail"));
+    let key = tally::ids::IdempotencyKey::derived(format!("gen:{gen_id}:hold"));
     let mut idem = store.idempotency(&w, &key).await.unwrap().unwrap();
-    idem.key = tally::ids::IdempotencyKey::derived("test:faulty-record".to_owned());
+    idem.key = tally::ids::IdempotencyKey::derived(format!("test:rewrite:{}", ulid::Ulid::new()));
     store
         .commit(Commit {
             state,
@@ -1154,38 +1147,83 @@ async fn a_charge_recorded_for_a_failed_generation_is_given_back_once_through_th
         })
         .await
         .unwrap();
-    let before = app.get("/v1/balance", &owner(ws)).await.body["available"]
+}
+
+async fn available_of(app: &TestApp, ws: &str) -> u64 {
+    app.get("/v1/balance", &owner(ws)).await.body["available"]
         .as_u64()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_charge_the_journal_took_for_a_failed_generation_is_given_back_once() {
+    let app = TestApp::new();
+    let ws = "org_v4";
+    grant(&app.ledger, ws, 100).await;
+    let gen_id = start(&app, &member(ws, "u1")).await;
+    app.post(
+        &format!("/v1/generations/{gen_id}/complete"),
+        &service(),
+        json!({"credits": 3}),
+    )
+    .await;
+    // Charged in the journal, but recorded as failed.
+    rewrite_generation(&app, ws, &gen_id, |g| {
+        g.status = tally::ledger::GenerationStatus::Failed;
+    })
+    .await;
+    let before = available_of(&app, ws).await;
     let body = json!({"category": "generation", "subject": "charged for a failed job",
         "message": "it failed", "generation_id": gen_id});
     let t = file(&app, &member(ws, "u1"), body.clone()).await;
     assert_eq!(t["remediations"][0]["action"], "credits_returned", "{t:#}");
-    assert_eq!(t["remediations"][0]["credits"], 4);
-    let after = app.get("/v1/balance", &owner(ws)).await.body["available"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(after, before + 4);
-    // A second ticket, and staff reversing it too, give nothing more.
+    assert_eq!(t["remediations"][0]["credits"], 3);
+    assert_eq!(available_of(&app, ws).await, before + 3);
+    let entry = &app.get("/v1/ledger?limit=1", &owner(ws)).await.body["items"][0];
+    assert_eq!(entry["refs"]["ticket"], t["id"]);
+    assert_eq!(entry["refs"]["generation"], gen_id.as_str());
+    // A second ticket, and staff reversing it, give nothing more.
     let again = file(&app, &member(ws, "u1"), body).await;
     assert_eq!(again["remediations"], json!([]), "{again:#}");
-    // Staff's reversal is the same operation: it answers what was done, once.
-    let staff = app
-        .post(
-            &format!("/v1/generations/{gen_id}/reverse"),
-            &support(),
-            json!({"reason": "customer asked"}),
-        )
-        .await;
-    assert_eq!(staff.status.as_u16(), 200, "{:#}", staff.body);
-    assert_eq!(staff.body["reversed"], 4);
-    assert_eq!(
-        app.get("/v1/balance", &owner(ws)).await.body["available"].as_u64(),
-        Some(before + 4)
-    );
-    let entry = &app.get("/v1/ledger?limit=1", &owner(ws)).await.body["items"][0];
-    assert_eq!(entry["reason"], "reversal");
-    assert_eq!(entry["refs"]["ticket"], t["id"]);
+    app.post(
+        &format!("/v1/generations/{gen_id}/reverse"),
+        &support(),
+        json!({"reason": "customer asked"}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    assert_eq!(available_of(&app, ws).await, before + 3);
+}
+
+#[tokio::test]
+async fn a_record_claiming_a_charge_its_journal_does_not_show_pays_nothing_and_goes_to_staff() {
+    let app = TestApp::new();
+    let ws = "org_v5";
+    grant(&app.ledger, ws, 100).await;
+    let gen_id = start(&app, &member(ws, "u1")).await;
+    app.post(
+        &format!("/v1/generations/{gen_id}/fail"),
+        &service(),
+        json!({}),
+    )
+    .await;
+    rewrite_generation(&app, ws, &gen_id, |g| {
+        g.charged = tally::money::Credits::new(4)
+    })
+    .await;
+    let before = available_of(&app, ws).await;
+    let entries = app.entry_count(ws).await;
+    let t = file(
+        &app,
+        &member(ws, "u1"),
+        json!({"category": "generation", "subject": "charged?", "message": "it failed",
+            "generation_id": gen_id}),
+    )
+    .await;
+    assert_eq!(t["remediations"], json!([]), "{t:#}");
+    assert_eq!(t["priority"], "urgent");
+    assert_eq!(available_of(&app, ws).await, before);
+    assert_eq!(app.entry_count(ws).await, entries);
 }
 
 fn range_query(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>) -> String {

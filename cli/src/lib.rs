@@ -118,6 +118,7 @@ fn iso(t: DateTime<Utc>) -> String {
 /// Path segments are ids the API checks; anything outside its alphabet is refused here.
 fn segment(id: &str) -> anyhow::Result<&str> {
     if id.is_empty()
+        || !id.as_bytes()[0].is_ascii_alphanumeric()
         || !id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
@@ -244,7 +245,12 @@ struct Staged {
 
 impl Staged {
     fn create(path: &Path) -> anyhow::Result<Self> {
-        let tmp = path.with_extension("partial");
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} is not a file name", path.display()))?;
+        let mut tmp_name = name.to_owned();
+        tmp_name.push(".partial");
+        let tmp = path.with_file_name(tmp_name);
         let file = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         Ok(Self {
@@ -255,8 +261,20 @@ impl Staged {
     }
     fn finish(mut self) -> anyhow::Result<()> {
         self.file.flush()?;
+        self.file.get_ref().sync_all()?;
         std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("cannot write {}", self.path.display()))
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    /// An unfinished file is removed: only a complete one is ever left at its name.
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -344,6 +362,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 // Each range's file starts with the header: kept once, for the first.
                 let mut skipping_header = true;
                 let mut pending: Vec<u8> = Vec::new();
+                let mut counter = RecordCounter::default();
                 api.get_stream(&path, |chunk| {
                     let mut chunk = chunk;
                     if skipping_header {
@@ -357,11 +376,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                         }
                         skipping_header = false;
                         let rest = pending.split_off(end + 2);
-                        rows += count_records(&rest);
+                        rows += counter.count(&rest);
                         file.file.write_all(&rest)?;
                         chunk = &[];
                     }
-                    rows += count_records(chunk);
+                    rows += counter.count(chunk);
                     file.file.write_all(chunk)?;
                     Ok(())
                 })
@@ -391,6 +410,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let pb = bar(days.len() as u64, "reconciling");
             let mut paid = Vec::new();
             let mut granted = Vec::new();
+            let mut mismatched = Vec::new();
             let (mut charges, mut matched) = (0u64, 0u64);
             for (lo, hi) in days {
                 let r = api
@@ -414,12 +434,14 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                         .cloned()
                         .unwrap_or_default(),
                 );
+                mismatched.extend(r["mismatched"].as_array().cloned().unwrap_or_default());
                 pb.inc(1);
             }
             pb.finish_and_clear();
             let report = json!({
                 "from": from, "to": to, "charges": charges, "matched": matched,
                 "paid_without_credits": paid, "credits_without_payment": granted,
+                "mismatched": mismatched,
             });
             if let Some(path) = output {
                 let mut file = Staged::create(&path)?;
@@ -428,9 +450,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             }
             writeln!(
                 out,
-                "{charges} charges, {matched} matched; {} paid without credits; {} credits without payment",
+                "{charges} charges, {matched} matched; {} paid without credits; {} credits without payment; {} mismatched",
                 paid.len(),
-                granted.len()
+                granted.len(),
+                mismatched.len()
             )?;
             for p in &paid {
                 writeln!(out, "paid without credits: {p}")?;
@@ -438,27 +461,34 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             for g in &granted {
                 writeln!(out, "credits without payment: {g}")?;
             }
+            for m in &mismatched {
+                writeln!(out, "mismatched: {m}")?;
+            }
         }
     }
     Ok(())
 }
 
-/// Records ended in `bytes` (CRLF outside quotes).
-fn count_records(bytes: &[u8]) -> u64 {
-    // A chunk from the API always ends at a record boundary; quoted fields may hold line
-    // breaks, so count only CRLFs outside quotes.
-    let mut quoted = false;
-    let mut n = 0;
-    let mut prev = 0u8;
-    for &b in bytes {
-        if b == b'"' {
-            quoted = !quoted;
-        } else if b == b'\n' && prev == b'\r' && !quoted {
-            n += 1;
+/// Counts CSV records (CRLFs outside quotes) across chunks that may end anywhere.
+#[derive(Default)]
+struct RecordCounter {
+    quoted: bool,
+    prev: u8,
+}
+
+impl RecordCounter {
+    fn count(&mut self, bytes: &[u8]) -> u64 {
+        let mut n = 0;
+        for &b in bytes {
+            if b == b'"' {
+                self.quoted = !self.quoted;
+            } else if b == b'\n' && self.prev == b'\r' && !self.quoted {
+                n += 1;
+            }
+            self.prev = b;
         }
-        prev = b;
+        n
     }
-    n
 }
 
 #[cfg(test)]
@@ -479,13 +509,23 @@ mod tests {
     #[test]
     fn ids_and_dates_are_checked_before_anything_is_asked() {
         assert!(segment("../x").is_err());
+        assert!(segment("..").is_err());
+        assert!(segment(".").is_err());
         assert!(segment("org_a").is_ok());
         assert!(parse_instant("2026-02-30").is_err());
         assert!(parse_instant("yesterday").is_err());
     }
 
     #[test]
-    fn records_are_counted_outside_quotes() {
-        assert_eq!(count_records(b"a,b\r\n\"x\r\ny\",z\r\n"), 2);
+    fn records_are_counted_outside_quotes_across_chunks() {
+        let text = b"a,b\r\n\"x\r\ny\",z\r\n";
+        for cut in 0..text.len() {
+            let mut c = RecordCounter::default();
+            assert_eq!(
+                c.count(&text[..cut]) + c.count(&text[cut..]),
+                2,
+                "cut at {cut}"
+            );
+        }
     }
 }

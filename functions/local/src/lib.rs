@@ -81,6 +81,9 @@ pub struct LocalConfig {
     pub helpdesk_url: Option<String>,
     /// The secret forwarded tickets are signed with.
     pub helpdesk_secret: String,
+    /// Where the queues keep their messages, so a crash loses none (`make run`); `None`
+    /// keeps them in memory only.
+    pub queue_journal: Option<Arc<tally::store::embedded::EmbeddedStore>>,
 }
 
 /// The running local system: one router, and the in-process queue behind the webhook.
@@ -154,11 +157,18 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     if !same_clock {
         anyhow::bail!("the ledger must run on the local system's clock");
     }
-    let billing_queue = LocalQueue::new(
+    let journal = cfg.queue_journal.clone();
+    let queue = |name: &str, fifo: bool, max_receives: u32| -> anyhow::Result<Arc<LocalQueue>> {
+        Ok(match &journal {
+            Some(j) => LocalQueue::durable(name, fifo, max_receives, j.clone())?,
+            None => LocalQueue::new(name, fifo, max_receives),
+        })
+    };
+    let billing_queue = queue(
         tally::queue::BILLING_EVENTS_QUEUE,
         true,
         tally::queue::BILLING_EVENTS_MAX_RECEIVES,
-    );
+    )?;
     let webhook = tally_stripe_webhook::routes(WebhookState {
         secrets: Arc::new(cfg.webhook_secrets.clone()),
         queue: billing_queue.clone(),
@@ -182,7 +192,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
                 (sim.clone(), Some(sim))
             }
         };
-    let notifications_queue = LocalQueue::new("notifications", false, 3);
+    let notifications_queue = queue("notifications", false, 3)?;
     let notifications = Arc::new(NotificationLog::default());
     notifications_queue.start(notifications.clone());
     cfg.ledger.observer = Some(Arc::new(tally::alerts::CreditAlerts {
@@ -200,11 +210,11 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         ledger: cfg.ledger.clone(),
         docs: cfg.docs.clone(),
     };
-    let refunds_queue = LocalQueue::new(
+    let refunds_queue = queue(
         tally::refund_requests::REFUNDS_QUEUE,
         true,
         tally::refund_requests::REFUNDS_MAX_RECEIVES,
-    );
+    )?;
     refunds_queue.start(Arc::new(tally::refund_requests::worker::RefundWorker {
         docs: cfg.docs.clone(),
         payments: payments.clone(),
@@ -220,11 +230,11 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         },
         clock: cfg.clock.clone(),
     };
-    let support_queue = LocalQueue::new(
+    let support_queue = queue(
         tally::support::SUPPORT_QUEUE,
         true,
         tally::support::SUPPORT_MAX_RECEIVES,
-    );
+    )?;
     let outbox = Arc::new(Outbox::default());
     let tickets = tally::support::Tickets {
         docs: cfg.docs.clone(),
@@ -489,8 +499,9 @@ pub fn stores(
     let ledger = Ledger::new(store.clone(), clock.clone(), catalog);
     Ok(Stores {
         ledger,
-        docs: store,
+        docs: store.clone(),
         clock,
+        embedded: store,
     })
 }
 
@@ -499,4 +510,6 @@ pub struct Stores {
     pub ledger: Ledger,
     pub docs: Arc<dyn DocStore>,
     pub clock: Arc<dyn AdvanceableClock>,
+    /// The same store, where the queues keep their messages.
+    pub embedded: Arc<tally::store::embedded::EmbeddedStore>,
 }

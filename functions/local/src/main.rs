@@ -10,6 +10,7 @@ async fn main() -> anyhow::Result<()> {
         ledger,
         docs,
         clock,
+        embedded,
     } = stores(&settings.data_dir, settings.catalog_path.as_deref())?;
     seed_demo(&ledger).await?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], settings.port));
@@ -25,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
         return_urls: settings.return_urls.clone(),
         helpdesk_url: settings.helpdesk_url.clone(),
         helpdesk_secret: settings.helpdesk_secret.clone(),
+        queue_journal: Some(embedded),
     })?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr}: {e} (set PORT to use another port)")

@@ -113,6 +113,15 @@ fn optional_line(field: &str, v: Option<&str>) -> ApiResult<Option<String>> {
         .transpose()
 }
 
+/// A ticket's messages as the API shows them (without the fingerprints of their keys).
+async fn shown_thread(st: &SupportState, id: &str) -> ApiResult<Vec<TicketMessage>> {
+    let mut all = st.tickets.messages(id).await?;
+    for m in &mut all {
+        m.key = None;
+    }
+    Ok(all)
+}
+
 fn ticket_id(id: &str) -> ApiResult<&str> {
     if support::valid_id(id) {
         Ok(id)
@@ -203,8 +212,11 @@ pub async fn create(
                     ));
                 }
                 let t = st.tickets.catch_up(existing).await?;
-                let thread = st.tickets.messages(&t.id).await?;
-                return Ok(TicketView { ticket: t, thread });
+                let thread = shown_thread(&st, &t.id).await?;
+                return Ok(TicketView {
+                    ticket: t.shown(),
+                    thread,
+                });
             }
             limits::take(
                 st.tickets.docs.as_ref(),
@@ -277,6 +289,8 @@ pub async fn create(
                 updated_at: now,
                 changes: 1,
                 forwarded: false,
+                last_event: "ticket.created".into(),
+                last_seq: 1,
                 request: request.clone(),
             };
             let first = TicketMessage {
@@ -288,8 +302,11 @@ pub async fn create(
                 key: None,
             };
             let t = st.tickets.file(ticket, first).await?;
-            let thread = st.tickets.messages(&t.id).await?;
-            Ok(TicketView { ticket: t, thread })
+            let thread = shown_thread(&st, &t.id).await?;
+            Ok(TicketView {
+                ticket: t.shown(),
+                thread,
+            })
         },
     )
     .await?;
@@ -417,8 +434,11 @@ pub async fn get_one(
 ) -> ApiResult<Json<TicketView>> {
     let t = visible(&st, &who, &id, "GET /v1/support/tickets/{id}").await?;
     let t = st.tickets.catch_up(t).await?;
-    let thread = st.tickets.messages(&t.id).await?;
-    Ok(Json(TicketView { ticket: t, thread }))
+    let thread = shown_thread(&st, &t.id).await?;
+    Ok(Json(TicketView {
+        ticket: t.shown(),
+        thread,
+    }))
 }
 
 /// The ticket after a message was added, and the message.
@@ -496,7 +516,17 @@ pub async fn add_message(
             now,
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(MessageAdded { ticket, message })))
+    let message = TicketMessage {
+        key: None,
+        ..message
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(MessageAdded {
+            ticket: ticket.shown(),
+            message,
+        }),
+    ))
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -522,8 +552,11 @@ pub async fn set_status(
         .tickets
         .set_status(&t, body.status, st.clock.now())
         .await?;
-    let thread = st.tickets.messages(&ticket.id).await?;
-    Ok(Json(TicketView { ticket, thread }))
+    let thread = shown_thread(&st, &ticket.id).await?;
+    Ok(Json(TicketView {
+        ticket: ticket.shown(),
+        thread,
+    }))
 }
 
 /// The `{workspace_id}` of an admin route.

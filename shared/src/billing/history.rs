@@ -36,11 +36,12 @@ pub fn day_pk(day: chrono::NaiveDate) -> String {
     format!("{DAY_PREFIX}{}", day.format("%Y-%m-%d"))
 }
 
-/// The movements filed on a UTC day, oldest first.
+/// The movements filed on a UTC day, oldest first, with where each is filed under its
+/// workspace (the history sort key).
 pub async fn day(
     store: &dyn DocStore,
     day: chrono::NaiveDate,
-) -> Result<Vec<DayEntry>, StoreError> {
+) -> Result<Vec<(String, DayEntry)>, StoreError> {
     let pk = day_pk(day);
     let mut out = Vec::new();
     let mut before: Option<String> = None;
@@ -48,7 +49,10 @@ pub async fn day(
         let page = docs::page::<DayEntry>(store, &pk, "", before.as_deref(), 500).await?;
         let full = page.len() == 500;
         before = page.last().map(|(sk, _)| sk.clone());
-        out.extend(page.into_iter().map(|(_, e)| e));
+        out.extend(
+            page.into_iter()
+                .map(|(sk, e)| (format!("{HISTORY_PREFIX}{sk}"), e)),
+        );
         if !full {
             break;
         }

@@ -861,13 +861,7 @@ impl Tx<'_> {
         let mut g = self
             .known_record(generation, record)
             .ok_or(LedgerError::GenerationNotFound(generation))?;
-        // A completed generation with a faulty output, or (should one ever be charged) a
-        // failed or expired one: whatever was charged comes back once.
-        let settled = matches!(
-            g.status,
-            GenerationStatus::Completed | GenerationStatus::Failed | GenerationStatus::Expired
-        );
-        if !settled || g.charged == Credits::ZERO {
+        if g.status != GenerationStatus::Completed || g.charged == Credits::ZERO {
             return Err(LedgerError::NotReversible {
                 id: generation,
                 status: if g.status == GenerationStatus::Completed {

@@ -399,6 +399,9 @@ pub trait Payments: Send + Sync {
         starting_after: Option<&ChargeId>,
     ) -> Result<ChargePage, PaymentsError>;
 
+    /// One charge, if Stripe has it.
+    async fn charge(&self, id: &ChargeId) -> Result<Option<ChargeFact>, PaymentsError>;
+
     /// Reissues a paid invoice with corrected billing details (see [`Reissue`]).
     async fn reissue_invoice(&self, req: &Reissue) -> Result<Reissued, PaymentsError>;
 

@@ -17,6 +17,47 @@ fn returned<T: FromStr<Err = IdError>>(id: &str) -> Result<T, PaymentsError> {
     })
 }
 
+/// The fields of a Stripe charge that reconciliation reads.
+#[derive(miniserde::Deserialize)]
+struct ChargeRow {
+    id: String,
+    amount: i64,
+    amount_refunded: i64,
+    currency: String,
+    paid: bool,
+    status: String,
+    created: i64,
+    payment_intent: Option<String>,
+    customer: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+impl ChargeRow {
+    fn fact(self) -> Result<ChargeFact, PaymentsError> {
+        let cents = |v: i64| {
+            u64::try_from(v)
+                .map(Cents::new)
+                .map_err(|_| PaymentsError::unavailable("Stripe answered a negative amount"))
+        };
+        Ok(ChargeFact {
+            id: returned(&self.id)?,
+            payment_intent: self.payment_intent.as_deref().map(returned).transpose()?,
+            customer: self.customer.as_deref().map(returned).transpose()?,
+            amount: cents(self.amount)?,
+            amount_refunded: cents(self.amount_refunded)?,
+            currency: self.currency,
+            succeeded: self.paid && self.status == "succeeded",
+            created: DateTime::from_timestamp(self.created, 0)
+                .ok_or_else(|| PaymentsError::unavailable("Stripe answered a bad created time"))?,
+            workspace: self
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get("org_id"))
+                .and_then(|w| WorkspaceId::parse(w).ok()),
+        })
+    }
+}
+
 pub struct StripePayments {
     client: Client,
 }
@@ -607,21 +648,8 @@ impl Payments for StripePayments {
         starting_after: Option<&ChargeId>,
     ) -> Result<ChargePage, PaymentsError> {
         #[derive(miniserde::Deserialize)]
-        struct Row {
-            id: String,
-            amount: i64,
-            amount_refunded: i64,
-            currency: String,
-            paid: bool,
-            status: String,
-            created: i64,
-            payment_intent: Option<String>,
-            customer: Option<String>,
-            metadata: Option<BTreeMap<String, String>>,
-        }
-        #[derive(miniserde::Deserialize)]
         struct Charges {
-            data: Vec<Row>,
+            data: Vec<ChargeRow>,
             has_more: bool,
         }
         let mut path = format!(
@@ -633,38 +661,24 @@ impl Payments for StripePayments {
             path.push_str(&format!("&starting_after={after}"));
         }
         let list: Charges = self.get(&path).await?;
-        let cents = |v: i64| {
-            u64::try_from(v)
-                .map(Cents::new)
-                .map_err(|_| PaymentsError::unavailable("Stripe answered a negative amount"))
-        };
         let charges = list
             .data
             .into_iter()
-            .map(|r| {
-                Ok(ChargeFact {
-                    id: returned(&r.id)?,
-                    payment_intent: r.payment_intent.as_deref().map(returned).transpose()?,
-                    customer: r.customer.as_deref().map(returned).transpose()?,
-                    amount: cents(r.amount)?,
-                    amount_refunded: cents(r.amount_refunded)?,
-                    currency: r.currency,
-                    succeeded: r.paid && r.status == "succeeded",
-                    created: DateTime::from_timestamp(r.created, 0).ok_or_else(|| {
-                        PaymentsError::unavailable("Stripe answered a bad created time")
-                    })?,
-                    workspace: r
-                        .metadata
-                        .as_ref()
-                        .and_then(|m| m.get("org_id"))
-                        .and_then(|w| WorkspaceId::parse(w).ok()),
-                })
-            })
+            .map(ChargeRow::fact)
             .collect::<Result<Vec<_>, PaymentsError>>()?;
         Ok(ChargePage {
             charges,
             has_more: list.has_more,
         })
+    }
+
+    async fn charge(&self, id: &ChargeId) -> Result<Option<ChargeFact>, PaymentsError> {
+        match self.get::<ChargeRow>(&format!("/charges/{id}")).await {
+            Ok(row) => row.fact().map(Some),
+            // Stripe answers a charge it does not have with a 404 `resource_missing`.
+            Err(PaymentsError::Refused { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {

@@ -2,8 +2,14 @@
 //! delivered again up to `max_receives` times, then moved to the dead-letter list; FIFO
 //! queues drop a repeated deduplication id seen in the last five minutes and deliver in
 //! order (one message at a time, a failing message retried before the next).
+//!
+//! A durable queue ([`LocalQueue::durable`]) keeps every message in the embedded store from
+//! before its send is acknowledged until it is consumed, so a crash loses nothing: the next
+//! start delivers what was left (at least once, as SQS does; consumers are idempotent).
 
 use super::{Consumer, Delivery, Message, Queue, QueueError};
+use crate::store::StoreError;
+use crate::store::embedded::EmbeddedStore;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,8 +24,9 @@ pub struct LocalQueue {
     fifo: bool,
     max_receives: u32,
     retry_delay: Duration,
-    tx: mpsc::UnboundedSender<(String, Message)>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<(String, Message)>>>,
+    tx: mpsc::UnboundedSender<(u64, Message)>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, Message)>>>,
+    journal: Option<Arc<EmbeddedStore>>,
     dedup: Mutex<HashMap<String, Instant>>,
     dead: Mutex<Vec<Delivery>>,
     pending: AtomicUsize,
@@ -37,12 +44,60 @@ impl LocalQueue {
             retry_delay: Duration::from_millis(20),
             tx,
             rx: Mutex::new(Some(rx)),
+            journal: None,
             dedup: Mutex::new(HashMap::new()),
             dead: Mutex::new(Vec::new()),
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
             next_id: AtomicUsize::new(1),
         })
+    }
+
+    /// A queue kept in `journal`: what it held when the process stopped is delivered again
+    /// once it starts (dead letters stay dead letters).
+    pub fn durable(
+        name: &str,
+        fifo: bool,
+        max_receives: u32,
+        journal: Arc<EmbeddedStore>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let left = journal.queue_contents(name)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut dead = Vec::new();
+        let mut next = 1u64;
+        let mut pending = 0usize;
+        for (seq, is_dead, json) in left {
+            next = next.max(seq + 1);
+            let message = decode_message(&json)?;
+            if is_dead {
+                dead.push(Delivery {
+                    message_id: format!("{name}-{seq}"),
+                    body: message.body,
+                    group_id: message.group_id,
+                    receive_count: max_receives.max(1),
+                });
+            } else {
+                pending += 1;
+                tx.send((seq, message)).expect("the receiver is held");
+            }
+        }
+        if pending > 0 {
+            tracing::info!(queue = %name, messages = pending, "delivering what was queued before the last stop");
+        }
+        Ok(Arc::new(Self {
+            name: name.to_owned(),
+            fifo,
+            max_receives: max_receives.max(1),
+            retry_delay: Duration::from_millis(20),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            journal: Some(journal),
+            dedup: Mutex::new(HashMap::new()),
+            dead: Mutex::new(dead),
+            pending: AtomicUsize::new(pending),
+            idle: Notify::new(),
+            next_id: AtomicUsize::new(next as usize),
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -59,8 +114,15 @@ impl LocalQueue {
             .expect("a local queue has one consumer");
         let queue = self.clone();
         tokio::spawn(async move {
-            while let Some((message_id, message)) = rx.recv().await {
-                queue.deliver(consumer.as_ref(), message_id, message).await;
+            while let Some((seq, message)) = rx.recv().await {
+                let message_id = format!("{}-{seq}", queue.name);
+                let dead = queue.deliver(consumer.as_ref(), message_id, message).await;
+                if let Some(journal) = &queue.journal
+                    && let Err(e) = journal.queue_settle(&queue.name, seq, dead).await
+                {
+                    // Kept: delivered again after a restart (consumers are idempotent).
+                    tracing::error!(queue = %queue.name, seq, error = %e, "could not mark a message consumed");
+                }
                 if queue.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
                     queue.idle.notify_waiters();
                 }
@@ -68,7 +130,8 @@ impl LocalQueue {
         });
     }
 
-    async fn deliver(&self, consumer: &dyn Consumer, message_id: String, message: Message) {
+    /// Delivers until consumed (`false`) or dead-lettered (`true`).
+    async fn deliver(&self, consumer: &dyn Consumer, message_id: String, message: Message) -> bool {
         for receive_count in 1..=self.max_receives {
             let delivery = Delivery {
                 message_id: message_id.clone(),
@@ -77,11 +140,12 @@ impl LocalQueue {
                 receive_count,
             };
             match consumer.consume(&delivery).await {
-                Ok(()) => return,
+                Ok(()) => return false,
                 Err(e) if receive_count == self.max_receives => {
                     tracing::error!(queue = %self.name, message_id = %message_id, error = %e,
                         "message moved to the dead-letter queue");
                     self.dead.lock().expect("queue lock").push(delivery);
+                    return true;
                 }
                 Err(e) => {
                     tracing::warn!(queue = %self.name, message_id = %message_id, receive_count,
@@ -90,6 +154,7 @@ impl LocalQueue {
                 }
             }
         }
+        true
     }
 
     /// Waits until every message sent so far has been consumed or dead-lettered.
@@ -124,16 +189,33 @@ impl Queue for LocalQueue {
             }
             seen.insert(dedup_id, now);
         }
-        let id = format!(
-            "{}-{}",
-            self.name,
-            self.next_id.fetch_add(1, Ordering::SeqCst)
-        );
+        let seq = self.next_id.fetch_add(1, Ordering::SeqCst) as u64;
+        // Kept before the send is acknowledged: an acknowledged message survives a crash.
+        if let Some(journal) = &self.journal {
+            journal
+                .queue_put(&self.name, seq, &encode_message(&message))
+                .await
+                .map_err(QueueError::unavailable)?;
+        }
         self.pending.fetch_add(1, Ordering::SeqCst);
         self.tx
-            .send((id, message))
+            .send((seq, message))
             .map_err(|_| QueueError::unavailable(format!("queue {} is closed", self.name)))
     }
+}
+
+fn encode_message(m: &Message) -> String {
+    serde_json::json!({"body": m.body, "group_id": m.group_id, "dedup_id": m.dedup_id}).to_string()
+}
+
+fn decode_message(json: &str) -> Result<Message, StoreError> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(StoreError::decode)?;
+    let text = |k: &str| v[k].as_str().map(str::to_owned);
+    Ok(Message {
+        body: text("body").ok_or_else(|| StoreError::decode("queued message without a body"))?,
+        group_id: text("group_id"),
+        dedup_id: text("dedup_id"),
+    })
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub struct Usage {
 }
 
 /// Journal entries with `at` in `[from, to)`, newest first, page by page: `each` gets every
-/// page in turn. Reads back from the newest entry and stops once entries are older than
+/// page in turn and answers whether to go on. Reads back from the newest entry and stops once entries are older than
 /// `from` (allowing for clocks of concurrent writers).
 pub async fn entries_between<F>(
     store: &dyn LedgerStore,
@@ -62,7 +62,7 @@ pub async fn entries_between<F>(
     mut each: F,
 ) -> Result<(), StoreError>
 where
-    F: FnMut(Vec<Entry>),
+    F: FnMut(Vec<Entry>) -> bool,
 {
     let mut before = match to {
         Some(t) => Some(first_seq_at_or_after(store, workspace, slack_after(t)).await?),
@@ -82,8 +82,8 @@ where
             .into_iter()
             .filter(|e| from.is_none_or(|f| e.at >= f) && to.is_none_or(|t| e.at < t))
             .collect();
-        if !kept.is_empty() {
-            each(kept);
+        if !kept.is_empty() && !each(kept) {
+            return Ok(());
         }
         if past || !full || last_seq <= 1 {
             return Ok(());
@@ -169,7 +169,9 @@ pub async fn usage(
             page.into_iter()
                 .filter(|e| matches!(e.reason, Reason::GenerationCharged | Reason::Reversal))
                 .map(|e| (e.at, e.reason, e.refs.generation, e.totals)),
-        )
+        );
+        // Past the cap, reading on is for nothing.
+        entries.len() <= max_entries
     })
     .await?;
     if entries.len() > max_entries {

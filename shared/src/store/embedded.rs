@@ -23,6 +23,9 @@ const DOCS: TableDefinition<(&str, &str), (u64, &str)> = TableDefinition::new("d
 const DUE: TableDefinition<(u32, i64, &str, &str), ()> = TableDefinition::new("due");
 /// Where each document is filed in the due index: pk, sk -> (shard, due time in ms).
 const DUE_OF: TableDefinition<(&str, &str), (u32, i64)> = TableDefinition::new("due_of");
+/// The local runner's queues: (queue, sequence) → (dead-lettered, message JSON). A message
+/// is written before its send is acknowledged and removed once consumed.
+const QUEUE: TableDefinition<(&str, u64), (bool, &str)> = TableDefinition::new("queue");
 
 /// The redb-backed store.
 #[derive(Clone)]
@@ -113,8 +116,59 @@ impl EmbeddedStore {
         tx.open_table(DOCS).map_err(backend)?;
         tx.open_table(DUE).map_err(backend)?;
         tx.open_table(DUE_OF).map_err(backend)?;
+        tx.open_table(QUEUE).map_err(backend)?;
         tx.commit().map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Keeps a queued message until [`queue_settle`](Self::queue_settle).
+    pub async fn queue_put(&self, queue: &str, seq: u64, message: &str) -> Result<(), StoreError> {
+        let (queue, message) = (queue.to_owned(), message.to_owned());
+        self.read(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            tx.open_table(QUEUE)
+                .map_err(backend)?
+                .insert((queue.as_str(), seq), (false, message.as_str()))
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A queued message was consumed (removed) or dead-lettered (kept, marked).
+    pub async fn queue_settle(&self, queue: &str, seq: u64, dead: bool) -> Result<(), StoreError> {
+        let queue = queue.to_owned();
+        self.read(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            {
+                let mut t = tx.open_table(QUEUE).map_err(backend)?;
+                let key = (queue.as_str(), seq);
+                let message = t
+                    .remove(key)
+                    .map_err(backend)?
+                    .map(|v| v.value().1.to_owned());
+                if let (true, Some(m)) = (dead, message) {
+                    t.insert(key, (true, m.as_str())).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// What a queue holds, in order: (sequence, dead-lettered, message JSON).
+    pub fn queue_contents(&self, queue: &str) -> Result<Vec<(u64, bool, String)>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let t = tx.open_table(QUEUE).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in t.range((queue, 0)..=(queue, u64::MAX)).map_err(backend)? {
+            let (k, v) = item.map_err(backend)?;
+            let (dead, m) = v.value();
+            out.push((k.value().1, dead, m.to_owned()));
+        }
+        Ok(out)
     }
 
     /// redb calls block; keep them off the async workers.

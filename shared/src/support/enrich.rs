@@ -8,10 +8,11 @@
 //! fix runs under a key derived from what it fixes:
 //! - a hold past its deadline that no operation released yet is released now (its credits
 //!   were never charged);
-//! - a charge recorded for a generation that failed or expired is given back through the
-//!   generation reversal, linked to the ticket (the ledger releases a failed generation's
-//!   hold without charge, so this is a safety net; the reversal's one key per generation
-//!   means staff reversing it too gives nothing more);
+//! - a charge the journal took for a generation that failed or expired is given back, once,
+//!   in an entry linked to the ticket and the generation, under the generation reversal's
+//!   own key (so a staff reversal is the same request). The ledger releases a failed
+//!   generation's hold without charge, so this is a safety net; a record that claims a
+//!   charge its journal entries do not show is reported to staff as urgent, never paid out;
 //! - a duplicate charge the refund rules verify (the later of two identical payments, all
 //!   its credits unused) opens a refund request, when the ticket's author may ask for
 //!   refunds (owner or billing admin).
@@ -310,25 +311,55 @@ async fn generation_facts(
             g.held.get(),
             g.deadline.to_rfc3339()
         )),
-        GenerationStatus::Failed | GenerationStatus::Expired if g.charged > g.reversed => {
-            // Through the generation reversal, under its one key: staff reversing it too,
-            // or another ticket, gives nothing more.
-            let credits = g.charged.saturating_sub(g.reversed);
-            match crate::service::reverse_generation(
-                ledger,
-                s.workspace.clone(),
-                id,
-                actor.clone(),
-                format!("{} but charged (ticket {})", g.status.as_str(), s.ticket),
-                Some(s.ticket.to_owned()),
-            )
-            .await
-            {
-                Ok(out) => {
-                    if let Some(now) = out.generation.clone() {
-                        g = now;
-                    }
-                    fixes.push(Remediation {
+        GenerationStatus::Failed | GenerationStatus::Expired if g.charged > Credits::ZERO => {
+            // What the journal itself took for it, less what came back: the record alone is
+            // not proof of a charge.
+            let journal = ledger.store.entries_by_seq(s.workspace, &g.entries).await?;
+            let taken: u64 = journal
+                .iter()
+                .filter(|e| e.reason == crate::ledger::Reason::GenerationCharged)
+                .map(|e| e.totals.spent.get())
+                .sum();
+            let given: u64 = journal
+                .iter()
+                .filter(|e| e.reason == crate::ledger::Reason::Reversal)
+                .map(|e| e.totals.issued.get())
+                .sum();
+            let credits = Credits::new(taken.saturating_sub(given));
+            let key = IdempotencyKey::derived(format!("gen:{id}:reverse"));
+            let done = ledger.store.idempotency(s.workspace, &key).await?.is_some();
+            if done {
+                e.findings
+                    .push(format!("generation {id}'s charge was already given back"));
+            } else if credits.is_zero() {
+                *escalate_to = Some(Priority::Urgent);
+                e.findings.push(format!(
+                    "generation {id} {} and its record shows a charge of {} credits that its journal entries do not: staff must check it",
+                    g.status.as_str(),
+                    g.charged.get()
+                ));
+            } else {
+                // Under the reversal's own key: a staff reversal (or another ticket) after
+                // this one is the same request, never a second credit.
+                let out = ledger
+                    .execute(LedgerRequest {
+                        workspace: s.workspace.clone(),
+                        key,
+                        fingerprint: "support-return".into(),
+                        actor: actor.clone(),
+                        refs: refs.clone(),
+                        op: Operation::Adjust {
+                            credits: crate::money::CreditDelta::increase(credits),
+                            note: format!(
+                                "charge of {} generation {id} given back (ticket {})",
+                                g.status.as_str(),
+                                s.ticket
+                            ),
+                        },
+                    })
+                    .await;
+                match out {
+                    Ok(out) => fixes.push(Remediation {
                         action: "credits_returned".into(),
                         detail: format!(
                             "generation {id} {} but {} credits were charged; they were given back",
@@ -338,22 +369,13 @@ async fn generation_facts(
                         credits: Some(credits),
                         entries: out.entries,
                         refund_request: None,
-                    });
+                    }),
+                    Err(crate::service::ServiceError::KeyReused) => e
+                        .findings
+                        .push(format!("generation {id}'s charge was already given back")),
+                    Err(other) => return Err(other.into()),
                 }
-                Err(crate::service::ServiceError::Refused(
-                    crate::ledger::LedgerError::AlreadyReversed(_),
-                )) => e
-                    .findings
-                    .push(format!("generation {id}'s charge was already given back")),
-                Err(other) => return Err(other.into()),
             }
-        }
-        GenerationStatus::Failed | GenerationStatus::Expired if g.charged > Credits::ZERO => {
-            e.findings.push(format!(
-                "generation {id} {} and its charge of {} credits was already given back",
-                g.status.as_str(),
-                g.charged.get()
-            ))
         }
         GenerationStatus::Failed | GenerationStatus::Expired => e.findings.push(format!(
             "generation {id} {} and was not charged: its hold of {} credits was released",

@@ -126,13 +126,14 @@ impl HelpDesk {
                 .await
                 .map_err(ConsumeError::retry)?
                 .into_iter()
-                .find(|m| m.seq == job.seq),
+                .find(|m| m.seq == job.seq)
+                .map(|m| TicketMessage { key: None, ..m }),
             _ => None,
         };
         Ok(Some(ForwardPayload {
             id: job.id.clone(),
             event: job.event.clone(),
-            ticket,
+            ticket: ticket.shown(),
             message,
         }))
     }

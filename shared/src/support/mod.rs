@@ -168,10 +168,36 @@ pub struct Ticket {
     /// Whether every change so far was handed to the forwarding queue.
     #[serde(default)]
     pub forwarded: bool,
+    /// The latest change (`ticket.created`, `ticket.message`, `ticket.status`) and its
+    /// message, forwarded again if it never reached the queue.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schema(ignore)]
+    pub last_event: String,
+    #[serde(default)]
+    #[schema(ignore)]
+    pub last_seq: u32,
     /// Fingerprint of the request that filed it: the same Idempotency-Key with another
-    /// request is refused.
-    #[serde(default, skip_serializing)]
+    /// request is refused. Kept in the store, not shown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schema(ignore)]
     pub request: String,
+}
+
+impl Ticket {
+    /// The ticket as the API shows it (without the bookkeeping of forwarding and keys).
+    pub fn shown(mut self) -> Self {
+        self.request.clear();
+        self.last_event.clear();
+        self
+    }
+
+    fn changed(&mut self, event: &str, seq: u32, now: DateTime<Utc>) {
+        self.changes += 1;
+        self.last_event = event.to_owned();
+        self.last_seq = seq;
+        self.updated_at = self.updated_at.max(now);
+        self.forwarded = false;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -254,6 +280,16 @@ pub fn id_for_key(workspace: &WorkspaceId, user: &str, key: &str) -> String {
 /// Whether `id` is shaped like a ticket id.
 pub fn valid_id(id: &str) -> bool {
     id.len() == 30 && id.starts_with("tkt_") && id[4..].bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// The claim of a message's Idempotency-Key (`TICKET#<id>` / `MSGKEY#<fingerprint>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MessageKey {
+    at: DateTime<Utc>,
+    /// The message it added, once added.
+    seq: Option<u32>,
+    /// Fingerprint of the message's text; empty when the attempt added nothing.
+    body: String,
 }
 
 /// What goes to the help desk.
@@ -340,7 +376,7 @@ impl Tickets {
         .await?
         .ok_or_else(Problem::internal)?;
         self.summaries(&stored).await?;
-        self.forward(stored, "ticket.created", 1).await
+        self.forward(stored).await
     }
 
     /// Forwards the latest change again if it never reached the queue (a crash or a queue
@@ -350,21 +386,22 @@ impl Tickets {
             return Ok(t);
         }
         self.summaries(&t).await?;
-        let (event, seq) = if t.changes <= 1 {
-            ("ticket.created", 1)
-        } else {
-            ("ticket.changed", t.messages)
-        };
-        self.forward(t, event, seq).await
+        self.forward(t).await
     }
 
     /// Hands the latest change to the queue and marks the ticket forwarded. A failure
     /// leaves `forwarded: false` and answers 503: the client's retry, or the next read of
     /// the ticket, forwards it.
-    async fn forward(&self, t: Ticket, event: &str, seq: u32) -> Result<Ticket, Problem> {
+    async fn forward(&self, t: Ticket) -> Result<Ticket, Problem> {
+        let event = if t.last_event.is_empty() {
+            "ticket.created".to_owned()
+        } else {
+            t.last_event.clone()
+        };
+        let seq = t.last_seq.max(1);
         let id = format!("{}:{}:{event}", t.id, t.changes.max(1));
         let job = ForwardJob {
-            event: event.to_owned(),
+            event: event.clone(),
             ticket: t.id.clone(),
             seq,
             id: id.clone(),
@@ -398,9 +435,10 @@ impl Tickets {
         Ok(marked.unwrap_or(t))
     }
 
-    /// Adds a message. With a key, a retry finds the message it added before (and
-    /// forwards it if that did not happen). Staff messages set the ticket waiting for the
-    /// customer; a customer's reopens it.
+    /// Adds a message. With a key, the message is added once: the key is claimed before
+    /// the message (a twin retry meanwhile is told to retry shortly) and a later retry
+    /// finds the message it added. Staff messages set the ticket waiting for the customer;
+    /// a customer's reopens it.
     pub async fn add_message(
         &self,
         ticket: &Ticket,
@@ -412,27 +450,104 @@ impl Tickets {
     ) -> Result<(Ticket, TicketMessage), Problem> {
         let pk = ticket_pk(&ticket.id);
         let key = key.map(|k| crate::service::fingerprint(&(by, k)));
-        if let Some(k) = &key
-            && let Some(done) = self
-                .messages(&ticket.id)
-                .await?
-                .into_iter()
-                .find(|m| m.key.as_ref() == Some(k))
-        {
-            if done.body != body {
-                return Err(Problem::conflict(
-                    "this Idempotency-Key was already used for a different message",
-                ));
+        if let Some(k) = &key {
+            let key_sk = format!("MSGKEY#{k}");
+            let claim = MessageKey {
+                at: now,
+                seq: None,
+                body: crate::service::fingerprint(&body),
+            };
+            let claimed = self
+                .docs
+                .put_doc(&pk, &key_sk, &crate::store::encode(&claim)?, 0)
+                .await?;
+            let seen: Option<MessageKey> = if claimed {
+                None
+            } else {
+                docs::get(self.docs.as_ref(), &pk, &key_sk).await?
+            };
+            // An attempt that added nothing, or one abandoned for a minute, is taken over.
+            let abandoned = seen.as_ref().is_some_and(|s| {
+                s.seq.is_none() && (s.body.is_empty() || now - s.at > chrono::Duration::seconds(60))
+            });
+            if abandoned {
+                let mine = claim.clone();
+                docs::update::<MessageKey, _>(self.docs.as_ref(), &pk, &key_sk, |cur| {
+                    cur.filter(|c| c.seq.is_none()).map(|_| mine.clone())
+                })
+                .await?;
+            } else if let Some(seen) = seen {
+                if seen.body != claim.body {
+                    return Err(Problem::conflict(
+                        "this Idempotency-Key was already used for a different message",
+                    ));
+                }
+                let Some(seq) = seen.seq else {
+                    return Err(Problem::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "in_progress",
+                        "this message is being added; retry shortly with the same Idempotency-Key",
+                    ));
+                };
+                let done = self
+                    .messages(&ticket.id)
+                    .await?
+                    .into_iter()
+                    .find(|m| m.seq == seq)
+                    .ok_or_else(Problem::internal)?;
+                let current = self
+                    .get(&ticket.id)
+                    .await?
+                    .ok_or_else(|| Problem::not_found("no such ticket"))?;
+                let current = self.catch_up(current).await?;
+                return Ok((current, done));
             }
-            let current = self
-                .get(&ticket.id)
-                .await?
-                .ok_or_else(|| Problem::not_found("no such ticket"))?;
-            let current = self.catch_up(current).await?;
-            return Ok((current, done));
         }
+        let added = self.append(&pk, author, by, body, key.clone(), now).await;
+        if let Some(k) = &key {
+            let key_sk = format!("MSGKEY#{k}");
+            match &added {
+                Ok((_, msg)) => {
+                    let seq = msg.seq;
+                    docs::update::<MessageKey, _>(self.docs.as_ref(), &pk, &key_sk, |cur| {
+                        cur.map(|mut c| {
+                            c.seq = Some(seq);
+                            c
+                        })
+                    })
+                    .await?;
+                }
+                // Nothing was added: the key is free for the retry.
+                Err(_) => {
+                    docs::update::<MessageKey, _>(self.docs.as_ref(), &pk, &key_sk, |cur| {
+                        cur.filter(|c| c.seq.is_none()).map(|mut c| {
+                            c.body = String::new();
+                            c
+                        })
+                    })
+                    .await
+                    .ok();
+                }
+            }
+        }
+        let (updated, msg) = added?;
+        self.summaries(&updated).await?;
+        let updated = self.forward(updated).await?;
+        Ok((updated, msg))
+    }
+
+    /// Claims the next message slot and counts it on the ticket.
+    async fn append(
+        &self,
+        pk: &str,
+        author: Author,
+        by: &str,
+        body: &str,
+        key: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<(Ticket, TicketMessage), Problem> {
         for _ in 0..20 {
-            let current: Ticket = docs::get(self.docs.as_ref(), &pk, TICKET_SK)
+            let current: Ticket = docs::get(self.docs.as_ref(), pk, TICKET_SK)
                 .await?
                 .ok_or_else(|| Problem::not_found("no such ticket"))?;
             if current.messages >= MAX_MESSAGES {
@@ -449,34 +564,36 @@ impl Tickets {
                 body: body.to_owned(),
                 key: key.clone(),
             };
-            // Claiming the message slot decides who got `seq`. A slot taken by a writer
-            // that stopped before counting it is counted now, so the ticket moves on.
+            // Claiming the message slot decides who got `seq`.
             let claimed = self
                 .docs
-                .put_doc(&pk, &message_sk(seq), &crate::store::encode(&msg)?, 0)
+                .put_doc(pk, &message_sk(seq), &crate::store::encode(&msg)?, 0)
                 .await?;
-            let updated = docs::update::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
-                cur.filter(|c| c.messages < seq).map(|mut c| {
-                    c.messages = seq;
-                    c.changes += 1;
-                    c.updated_at = c.updated_at.max(now);
-                    if claimed {
-                        c.status = match author {
-                            Author::Staff => TicketStatus::Waiting,
-                            Author::Customer => TicketStatus::Open,
-                        };
-                    }
-                    c.forwarded = false;
+            if !claimed {
+                // Taken by a writer that may have stopped before counting it: counted
+                // now (the count only), so the ticket moves on.
+                docs::update::<Ticket, _>(self.docs.as_ref(), pk, TICKET_SK, |cur| {
+                    cur.filter(|c| c.messages < seq).map(|mut c| {
+                        c.messages = seq;
+                        c
+                    })
+                })
+                .await?;
+                continue;
+            }
+            let updated = docs::update::<Ticket, _>(self.docs.as_ref(), pk, TICKET_SK, |cur| {
+                cur.map(|mut c| {
+                    c.messages = c.messages.max(seq);
+                    c.status = match author {
+                        Author::Staff => TicketStatus::Waiting,
+                        Author::Customer => TicketStatus::Open,
+                    };
+                    c.changed("ticket.message", seq, now);
                     c
                 })
             })
             .await?
             .ok_or_else(Problem::internal)?;
-            if !claimed {
-                continue;
-            }
-            self.summaries(&updated).await?;
-            let updated = self.forward(updated, "ticket.message", seq).await?;
             return Ok((updated, msg));
         }
         Err(Problem::new(
@@ -498,8 +615,8 @@ impl Tickets {
             docs::update_changed::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
                 cur.filter(|c| c.status != status).map(|mut c| {
                     c.status = status;
-                    c.updated_at = c.updated_at.max(now);
-                    c.forwarded = false;
+                    let seq = c.messages;
+                    c.changed("ticket.status", seq, now);
                     c
                 })
             })
@@ -511,8 +628,7 @@ impl Tickets {
             return self.catch_up(current).await;
         };
         self.summaries(&t).await?;
-        let seq = t.messages;
-        self.forward(t, "ticket.status", seq).await
+        self.forward(t).await
     }
 
     /// A page of summaries, newest first: the workspace's (`Some`) or the staff queue's,

@@ -734,6 +734,23 @@ fn billed_invoice(inv: &Value) -> BilledInvoice {
     }
 }
 
+/// A simulated charge as Stripe's list and retrieve answer it.
+fn charge_fact(c: &Value) -> Option<tally::payments::ChargeFact> {
+    Some(tally::payments::ChargeFact {
+        id: c["id"].as_str()?.parse().ok()?,
+        payment_intent: c["payment_intent"].as_str().and_then(|p| p.parse().ok()),
+        customer: c["customer"].as_str().and_then(|p| p.parse().ok()),
+        amount: tally::money::Cents::new(c["amount"].as_u64()?),
+        amount_refunded: tally::money::Cents::new(c["amount_refunded"].as_u64().unwrap_or(0)),
+        currency: c["currency"].as_str().unwrap_or("usd").to_owned(),
+        succeeded: c["paid"] == true && c["status"] == "succeeded",
+        created: DateTime::from_timestamp(c["created"].as_i64()?, 0)?,
+        workspace: c["metadata"]["org_id"]
+            .as_str()
+            .and_then(|w| WorkspaceId::parse(w).ok()),
+    })
+}
+
 #[async_trait]
 impl Payments for Simulator {
     async fn charges_between(
@@ -766,27 +783,15 @@ impl Payments for Simulator {
         }
         let has_more = rows.len() > 100;
         rows.truncate(100);
-        let charges = rows
-            .into_iter()
-            .filter_map(|(created, _, c)| {
-                Some(tally::payments::ChargeFact {
-                    id: c["id"].as_str()?.parse().ok()?,
-                    payment_intent: c["payment_intent"].as_str().and_then(|p| p.parse().ok()),
-                    customer: c["customer"].as_str().and_then(|p| p.parse().ok()),
-                    amount: tally::money::Cents::new(c["amount"].as_u64()?),
-                    amount_refunded: tally::money::Cents::new(
-                        c["amount_refunded"].as_u64().unwrap_or(0),
-                    ),
-                    currency: c["currency"].as_str().unwrap_or("usd").to_owned(),
-                    succeeded: c["paid"] == true && c["status"] == "succeeded",
-                    created: DateTime::from_timestamp(created, 0)?,
-                    workspace: c["metadata"]["org_id"]
-                        .as_str()
-                        .and_then(|w| WorkspaceId::parse(w).ok()),
-                })
-            })
-            .collect();
+        let charges = rows.iter().filter_map(|(_, _, c)| charge_fact(c)).collect();
         Ok(tally::payments::ChargePage { charges, has_more })
+    }
+
+    async fn charge(
+        &self,
+        id: &tally::ids::ChargeId,
+    ) -> Result<Option<tally::payments::ChargeFact>, PaymentsError> {
+        Ok(self.charge(id.as_str()).as_ref().and_then(charge_fact))
     }
 
     async fn find_refund(

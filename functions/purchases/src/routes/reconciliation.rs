@@ -38,8 +38,14 @@ pub async fn reconciliation(
     uri: Uri,
     ApiQuery(q): ApiQuery<RangeQuery>,
 ) -> ApiResult<Json<Report>> {
-    let from = tally::http::text::instant("from", Some(q.from))?.unwrap_or(q.from);
-    let to = tally::http::text::instant("to", Some(q.to))?.unwrap_or(q.to);
+    use chrono::SubsecRound;
+    // Whole seconds, as Stripe's times are.
+    let from = tally::http::text::instant("from", Some(q.from))?
+        .unwrap_or(q.from)
+        .trunc_subsecs(0);
+    let to = tally::http::text::instant("to", Some(q.to))?
+        .unwrap_or(q.to)
+        .trunc_subsecs(0);
     // At most 31 days from `from` (the answer's `to` says where it ends); a range that
     // ends before it starts holds nothing.
     let to = to.min(from + Duration::days(MAX_DAYS)).max(from);
