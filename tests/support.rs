@@ -105,6 +105,8 @@ async fn a_ticket_captures_who_where_and_when_and_what_the_records_say() {
     assert_eq!(e["balance"]["available"], balance["available"]);
     assert_eq!(e["balance"]["held"], balance["held"]);
     assert_eq!(e["pending_holds"][0]["generation"], running.as_str());
+    assert_eq!(e["pending_hold_count"], 1);
+    assert_eq!(e["pending_hold_credits"], balance["held"]);
     assert_eq!(e["recent_payments"][0]["kind"], "pack");
     // Spending by member equals the usage report over the same days.
     let members: Vec<&str> = e["spending_by_member"]

@@ -40,6 +40,8 @@ use utoipa::ToSchema;
 pub const SPENDING_DAYS: i64 = 7;
 /// Recent payments shown.
 pub const RECENT_PAYMENTS: usize = 10;
+/// Most holds a ticket lists (it counts them all).
+pub const MAX_HOLDS_SHOWN: usize = 50;
 /// Most charges the spending summary of a ticket reads.
 pub const MAX_SPENDING_ENTRIES: usize = 2_000;
 /// How far back duplicate charges are looked for.
@@ -91,8 +93,14 @@ pub struct Enrichment {
     pub next_refresh: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<GenerationFacts>,
+    /// The generations holding credits that end first (at most 50).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_holds: Vec<HoldFact>,
+    /// How many generations hold credits, and how many credits they hold in all.
+    #[serde(default)]
+    pub pending_hold_count: usize,
+    #[serde(default)]
+    pub pending_hold_credits: Credits,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_payments: Vec<Movement>,
     /// Credits spent by each member over the last seven days.
@@ -169,7 +177,7 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
         e.next_refresh = Some(p.period_end);
     }
     if let Some(state) = &stored {
-        e.pending_holds = state
+        let mut holds: Vec<HoldFact> = state
             .holds
             .iter()
             .map(|h| HoldFact {
@@ -182,12 +190,18 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
                 overdue: h.deadline <= s.now,
             })
             .collect();
+        // A ticket stays small: the holds that end first, and how many there are.
+        holds.sort_by_key(|h| h.deadline);
+        e.pending_hold_count = holds.len();
+        e.pending_hold_credits = Credits::new(holds.iter().map(|h| h.credits.get()).sum());
+        holds.truncate(MAX_HOLDS_SHOWN);
+        e.pending_holds = holds;
     }
-    if !e.pending_holds.is_empty() {
-        let held: u64 = e.pending_holds.iter().map(|h| h.credits.get()).sum();
+    if e.pending_hold_count > 0 {
         e.findings.push(format!(
-            "{} generation(s) hold {held} credits until they finish; held credits are not spent",
-            e.pending_holds.len()
+            "{} generation(s) hold {} credits until they finish; held credits are not spent",
+            e.pending_hold_count,
+            e.pending_hold_credits.get()
         ));
     }
 
