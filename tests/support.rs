@@ -366,7 +366,9 @@ async fn tickets_reach_the_help_desk_signed_in_order_and_retried_then_dead_lette
     assert_eq!(mine.len(), 2, "{out:#}");
     assert_eq!(mine[0]["payload"]["event"], "ticket.created");
     assert_eq!(mine[1]["payload"]["event"], "ticket.message");
-    assert_eq!(mine[1]["payload"]["message"]["body"], "We are on it");
+    assert_eq!(mine[0]["payload"]["messages"][0]["body"], "First message");
+    assert_eq!(mine[1]["payload"]["messages"][0]["body"], "We are on it");
+    assert_eq!(mine[1]["payload"]["messages"].as_array().unwrap().len(), 1);
     assert_eq!(mine[1]["payload"]["ticket"]["status"], "waiting");
 
     // A flaky help desk: tried with backoff, redelivered by the queue, delivered once.
@@ -381,7 +383,7 @@ async fn tickets_reach_the_help_desk_signed_in_order_and_retried_then_dead_lette
         tally::support::SUPPORT_MAX_RECEIVES,
     );
     q.start(Arc::new(desk(&app, flaky.clone(), 3)));
-    let job = json!({"event": "ticket.created", "ticket": id, "seq": 1,
+    let job = json!({"event": "ticket.created", "ticket": id, "seq": 1, "from_seq": 1,
         "id": format!("{id}:ticket.created:1")});
     q.send(tally::queue::Message {
         body: job.to_string(),
@@ -1434,4 +1436,99 @@ async fn the_command_line_tool_reads_exports_and_reconciles_through_the_api() {
     let e = r.unwrap_err().to_string();
     assert!(e.contains("404"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A queue that refuses the sends it is told to and keeps the others.
+#[derive(Default)]
+struct FlakyQueue {
+    refuse: std::sync::Mutex<bool>,
+    sent: std::sync::Mutex<Vec<tally::support::ForwardJob>>,
+}
+
+#[async_trait::async_trait]
+impl tally::queue::Queue for FlakyQueue {
+    async fn send(&self, m: tally::queue::Message) -> Result<(), tally::queue::QueueError> {
+        if *self.refuse.lock().unwrap() {
+            return Err(tally::queue::QueueError::unavailable("queue down"));
+        }
+        self.sent
+            .lock()
+            .unwrap()
+            .push(serde_json::from_str(&m.body).unwrap());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_message_whose_forward_failed_reaches_the_help_desk_with_the_next_change() {
+    use tally::support::{Author, Tickets};
+    let app = TestApp::new();
+    let ws = "org_f1";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+    let queue = Arc::new(FlakyQueue::default());
+    let tickets = Tickets {
+        docs: app.docs.clone(),
+        queue: queue.clone(),
+    };
+    let ticket = tickets
+        .get(t["id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let now = app.clock.now();
+    *queue.refuse.lock().unwrap() = true;
+    let failed = tickets
+        .add_message(&ticket, Author::Customer, "u1", "second", Some("k2"), now)
+        .await;
+    assert_eq!(failed.unwrap_err().status.as_u16(), 503);
+    *queue.refuse.lock().unwrap() = false;
+    // The retry with the same key finds the message (stored, not doubled) and forwards it.
+    let (_, again) = tickets
+        .add_message(&ticket, Author::Customer, "u1", "second", Some("k2"), now)
+        .await
+        .unwrap();
+    assert_eq!(again.seq, 2);
+    let (after, third) = tickets
+        .add_message(&ticket, Author::Staff, "agent", "third", None, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (third.seq, after.messages, after.status),
+        (3, 3, tally::support::TicketStatus::Waiting)
+    );
+    let sent = queue.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!((sent[0].from_seq, sent[0].seq), (2, 2));
+    assert_eq!((sent[1].from_seq, sent[1].seq), (3, 3));
+    // Had the retry never come, the next change would have carried message 2 along.
+    let queue2 = Arc::new(FlakyQueue::default());
+    let tickets2 = Tickets {
+        docs: app.docs.clone(),
+        queue: queue2.clone(),
+    };
+    *queue2.refuse.lock().unwrap() = true;
+    let _ = tickets2
+        .add_message(&ticket, Author::Customer, "u1", "fourth", None, now)
+        .await;
+    *queue2.refuse.lock().unwrap() = false;
+    tickets2
+        .add_message(&ticket, Author::Customer, "u1", "fifth", None, now)
+        .await
+        .unwrap();
+    let job = queue2.sent.lock().unwrap()[0].clone();
+    assert_eq!((job.from_seq, job.seq), (4, 5));
+    let d = desk(
+        &app,
+        Arc::new(FlakyDesk {
+            fail: 0,
+            calls: AtomicU32::new(0),
+            got: Default::default(),
+        }),
+        1,
+    );
+    let payload = d.payload(&job).await.unwrap().unwrap();
+    let bodies: Vec<&str> = payload.messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["fourth", "fifth"]);
+    let thread = tickets.messages(&ticket.id).await.unwrap();
+    assert_eq!(thread.len(), 5);
 }

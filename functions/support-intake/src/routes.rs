@@ -291,6 +291,8 @@ pub async fn create(
                 forwarded: false,
                 last_event: "ticket.created".into(),
                 last_seq: 1,
+                last_message: 1,
+                forwarded_messages: 0,
                 request: request.clone(),
             };
             let first = TicketMessage {

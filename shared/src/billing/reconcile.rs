@@ -71,12 +71,18 @@ fn granted(e: &HistoryEntry) -> Credits {
         .fold(Credits::ZERO, |a, c| a.checked_add(*c).unwrap_or(a))
 }
 
-/// Kinds of movement that buy credits.
-fn grants_credits(kind: Option<MovementKind>) -> bool {
-    matches!(
-        kind,
-        Some(MovementKind::Pack | MovementKind::TopUp | MovementKind::Subscription)
-    )
+/// Movements that always buy credits when paid: packs, top-ups, and the invoices that
+/// start or renew a subscription period. (A proration can round to nothing, and an
+/// interval switch can be worth less than the month it replaces.)
+fn grants_credits(e: &HistoryEntry) -> bool {
+    match e.kind {
+        Some(MovementKind::Pack | MovementKind::TopUp) => true,
+        Some(MovementKind::Subscription) => matches!(
+            e.billing_reason.as_deref(),
+            Some("subscription_create" | "subscription_cycle")
+        ),
+        _ => false,
+    }
 }
 
 /// Every charge Stripe created in `[from, to)`, oldest first.
@@ -224,7 +230,7 @@ pub async fn reconcile(
                 None,
                 "Stripe collected this charge and Tally has no record of it",
             )),
-            Some((_, e)) if grants_credits(e.kind) && granted(e).is_zero() && !fully_refunded => {
+            Some((_, e)) if grants_credits(e) && granted(e).is_zero() && !fully_refunded => {
                 report.paid_without_credits.push(line(
                     found.as_ref(),
                     "paid for credits that were never granted",
@@ -241,7 +247,11 @@ pub async fn reconcile(
     }
     for (ws, e) in entries.values() {
         let credits = granted(e);
-        if credits.is_zero() || !in_range(e.created) || e.amount == Cents::ZERO {
+        // An invoice that cost nothing (a 100% coupon) grants without a charge; a pack or
+        // top-up row takes its amount from its charge, so one with none is never skipped.
+        let free_invoice = e.amount == Cents::ZERO
+            && !matches!(e.kind, Some(MovementKind::Pack | MovementKind::TopUp));
+        if credits.is_zero() || !in_range(e.created) || free_invoice {
             continue;
         }
         let paid = match &e.charge {

@@ -675,8 +675,9 @@ impl Payments for StripePayments {
     async fn charge(&self, id: &ChargeId) -> Result<Option<ChargeFact>, PaymentsError> {
         match self.get::<ChargeRow>(&format!("/charges/{id}")).await {
             Ok(row) => row.fact().map(Some),
-            // Stripe answers a charge it does not have with a 404 `resource_missing`.
-            Err(PaymentsError::Refused { .. }) => Ok(None),
+            // Stripe answers a charge it does not have with a 404 `resource_missing`; any
+            // other refusal (a key without access) is an error, not an absence.
+            Err(PaymentsError::Refused { message, .. }) if message.starts_with("404:") => Ok(None),
             Err(e) => Err(e),
         }
     }

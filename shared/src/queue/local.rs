@@ -191,11 +191,16 @@ impl Queue for LocalQueue {
         }
         let seq = self.next_id.fetch_add(1, Ordering::SeqCst) as u64;
         // Kept before the send is acknowledged: an acknowledged message survives a crash.
-        if let Some(journal) = &self.journal {
-            journal
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal
                 .queue_put(&self.name, seq, &encode_message(&message))
                 .await
-                .map_err(QueueError::unavailable)?;
+        {
+            // Not sent: a retry with the same deduplication id must not be dropped.
+            if let Some(d) = &message.dedup_id {
+                self.dedup.lock().expect("queue lock").remove(d);
+            }
+            return Err(QueueError::unavailable(e));
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
         self.tx

@@ -328,7 +328,14 @@ async fn generation_facts(
         GenerationStatus::Failed | GenerationStatus::Expired if g.charged > Credits::ZERO => {
             // What the journal itself took for it, less what came back: the record alone is
             // not proof of a charge.
-            let journal = ledger.store.entries_by_seq(s.workspace, &g.entries).await?;
+            // Only entries that name this generation count, whatever the record lists.
+            let journal: Vec<Entry> = ledger
+                .store
+                .entries_by_seq(s.workspace, &g.entries)
+                .await?
+                .into_iter()
+                .filter(|e| e.refs.generation == Some(id))
+                .collect();
             let taken: u64 = journal
                 .iter()
                 .filter(|e| e.reason == crate::ledger::Reason::GenerationCharged)

@@ -29,9 +29,10 @@ pub struct ForwardPayload {
     /// `ticket.created`, `ticket.message` or `ticket.status`.
     pub event: String,
     pub ticket: Ticket,
-    /// The message the change added (`ticket.created` carries the first).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<TicketMessage>,
+    /// The messages the help desk has not had yet, oldest first (`ticket.created` carries
+    /// the first; a change after one whose forward failed carries that one's too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<TicketMessage>,
 }
 
 /// A signed delivery.
@@ -119,22 +120,29 @@ impl HelpDesk {
                 job.ticket
             )));
         };
-        let message = match job.event.as_str() {
-            "ticket.created" | "ticket.message" => self
-                .tickets
+        // Jobs queued before `from_seq` existed carry their own message only.
+        let from = if job.from_seq == 0 {
+            job.seq
+        } else {
+            job.from_seq
+        };
+        let messages = if from <= job.seq {
+            self.tickets
                 .messages(&job.ticket)
                 .await
                 .map_err(ConsumeError::retry)?
                 .into_iter()
-                .find(|m| m.seq == job.seq)
-                .map(|m| TicketMessage { key: None, ..m }),
-            _ => None,
+                .filter(|m| (from..=job.seq).contains(&m.seq))
+                .map(|m| TicketMessage { key: None, ..m })
+                .collect()
+        } else {
+            Vec::new()
         };
         Ok(Some(ForwardPayload {
             id: job.id.clone(),
             event: job.event.clone(),
             ticket: ticket.shown(),
-            message,
+            messages,
         }))
     }
 }

@@ -176,6 +176,14 @@ pub struct Ticket {
     #[serde(default)]
     #[schema(ignore)]
     pub last_seq: u32,
+    /// The highest message whose arrival was recorded as a change (status, forwarding).
+    #[serde(default)]
+    #[schema(ignore)]
+    pub last_message: u32,
+    /// The highest message handed to the forwarding queue.
+    #[serde(default)]
+    #[schema(ignore)]
+    pub forwarded_messages: u32,
     /// Fingerprint of the request that filed it: the same Idempotency-Key with another
     /// request is refused. Kept in the store, not shown.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -285,10 +293,9 @@ pub fn valid_id(id: &str) -> bool {
 /// The claim of a message's Idempotency-Key (`TICKET#<id>` / `MSGKEY#<fingerprint>`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct MessageKey {
+    /// When it was claimed: a claim a minute old whose message never appeared is taken over.
     at: DateTime<Utc>,
-    /// The message it added, once added.
-    seq: Option<u32>,
-    /// Fingerprint of the message's text; empty when the attempt added nothing.
+    /// Fingerprint of the message's text.
     body: String,
 }
 
@@ -298,8 +305,12 @@ pub struct ForwardJob {
     /// `ticket.created`, `ticket.message` or `ticket.status`.
     pub event: String,
     pub ticket: String,
-    /// Which message (for `ticket.message`), or the number of messages so far.
+    /// The latest message of the ticket at this change.
     pub seq: u32,
+    /// The first message the help desk has not been sent yet: the delivery carries every
+    /// message from here to `seq`, so a change whose own forward failed is not lost.
+    #[serde(default)]
+    pub from_seq: u32,
     /// Unique per change: the help desk's idempotency key.
     pub id: String,
 }
@@ -382,11 +393,7 @@ impl Tickets {
     /// Forwards the latest change again if it never reached the queue (a crash or a queue
     /// outage after it was stored); called on reads, so nothing stays unforwarded.
     pub async fn catch_up(&self, t: Ticket) -> Result<Ticket, Problem> {
-        if t.forwarded {
-            return Ok(t);
-        }
-        self.summaries(&t).await?;
-        self.forward(t).await
+        self.settle_forwarding(t).await
     }
 
     /// Hands the latest change to the queue and marks the ticket forwarded. A failure
@@ -398,12 +405,14 @@ impl Tickets {
         } else {
             t.last_event.clone()
         };
-        let seq = t.last_seq.max(1);
+        let seq = t.messages.max(1);
+        let from_seq = t.forwarded_messages + 1;
         let id = format!("{}:{}:{event}", t.id, t.changes.max(1));
         let job = ForwardJob {
             event: event.clone(),
             ticket: t.id.clone(),
             seq,
+            from_seq,
             id: id.clone(),
         };
         self.queue
@@ -421,24 +430,49 @@ impl Tickets {
                     "the ticket is saved but could not be handed to support yet; retry with the same Idempotency-Key",
                 )
             })?;
-        if t.forwarded {
-            return Ok(t);
-        }
+        // Marked only if no later change came meanwhile: that one is forwarded on its own
+        // (with every message since the last forwarded one).
+        let changes = t.changes;
         let marked =
             docs::update::<Ticket, _>(self.docs.as_ref(), &ticket_pk(&t.id), TICKET_SK, |cur| {
-                cur.filter(|c| !c.forwarded).map(|mut c| {
-                    c.forwarded = true;
-                    c
-                })
+                cur.filter(|c| c.changes == changes && (!c.forwarded || c.forwarded_messages < seq))
+                    .map(|mut c| {
+                        c.forwarded = true;
+                        c.forwarded_messages = c.forwarded_messages.max(seq);
+                        c
+                    })
             })
             .await?;
         Ok(marked.unwrap_or(t))
     }
 
-    /// Adds a message. With a key, the message is added once: the key is claimed before
-    /// the message (a twin retry meanwhile is told to retry shortly) and a later retry
-    /// finds the message it added. Staff messages set the ticket waiting for the customer;
-    /// a customer's reopens it.
+    /// Records the arrival of message `m` on the ticket (once): counted, the status it sets,
+    /// a change to forward. Answers the ticket as stored afterwards.
+    async fn count_message(&self, pk: &str, m: &TicketMessage) -> Result<Ticket, Problem> {
+        let seq = m.seq;
+        let author = m.author;
+        let at = m.at;
+        let updated = docs::update::<Ticket, _>(self.docs.as_ref(), pk, TICKET_SK, |cur| {
+            cur.filter(|c| c.last_message < seq).map(|mut c| {
+                c.messages = c.messages.max(seq);
+                c.last_message = seq;
+                c.status = match author {
+                    Author::Staff => TicketStatus::Waiting,
+                    Author::Customer => TicketStatus::Open,
+                };
+                c.changed("ticket.message", seq, at);
+                c
+            })
+        })
+        .await?
+        .ok_or_else(|| Problem::not_found("no such ticket"))?;
+        Ok(updated)
+    }
+
+    /// Adds a message. With a key, the message is added once: a retry finds the message
+    /// its key added (and finishes recording and forwarding it); the key is claimed,
+    /// conditionally, before a new message is written, so two retries at once add one.
+    /// Staff messages set the ticket waiting for the customer; a customer's reopens it.
     pub async fn add_message(
         &self,
         ticket: &Ticket,
@@ -451,92 +485,80 @@ impl Tickets {
         let pk = ticket_pk(&ticket.id);
         let key = key.map(|k| crate::service::fingerprint(&(by, k)));
         if let Some(k) = &key {
-            let key_sk = format!("MSGKEY#{k}");
-            let claim = MessageKey {
-                at: now,
-                seq: None,
-                body: crate::service::fingerprint(&body),
-            };
-            let claimed = self
-                .docs
-                .put_doc(&pk, &key_sk, &crate::store::encode(&claim)?, 0)
-                .await?;
-            let seen: Option<MessageKey> = if claimed {
-                None
-            } else {
-                docs::get(self.docs.as_ref(), &pk, &key_sk).await?
-            };
-            // An attempt that added nothing, or one abandoned for a minute, is taken over.
-            let abandoned = seen.as_ref().is_some_and(|s| {
-                s.seq.is_none() && (s.body.is_empty() || now - s.at > chrono::Duration::seconds(60))
-            });
-            if abandoned {
-                let mine = claim.clone();
-                docs::update::<MessageKey, _>(self.docs.as_ref(), &pk, &key_sk, |cur| {
-                    cur.filter(|c| c.seq.is_none()).map(|_| mine.clone())
-                })
-                .await?;
-            } else if let Some(seen) = seen {
-                if seen.body != claim.body {
+            // Added before (perhaps by an attempt that stopped half-way): finish it.
+            if let Some(done) = self
+                .messages(&ticket.id)
+                .await?
+                .into_iter()
+                .find(|m| m.key.as_ref() == Some(k))
+            {
+                if done.body != body {
                     return Err(Problem::conflict(
                         "this Idempotency-Key was already used for a different message",
                     ));
                 }
-                let Some(seq) = seen.seq else {
+                self.count_message(&pk, &done).await?;
+                let current = self
+                    .get(&ticket.id)
+                    .await?
+                    .ok_or_else(|| Problem::not_found("no such ticket"))?;
+                let current = self.settle_forwarding(current).await?;
+                return Ok((current, done));
+            }
+            // Claim the key: a claim made in the last minute by a twin is respected; an
+            // older one (an attempt that died before writing its message) is taken over,
+            // conditionally on the version seen, so only one taker writes.
+            let key_sk = format!("MSGKEY#{k}");
+            let claim = crate::store::encode(&MessageKey {
+                at: now,
+                body: crate::service::fingerprint(&body),
+            })?;
+            if !self.docs.put_doc(&pk, &key_sk, &claim, 0).await? {
+                let seen = self
+                    .docs
+                    .get_doc(&pk, &key_sk)
+                    .await?
+                    .ok_or_else(Problem::internal)?;
+                let held: MessageKey = crate::store::decode(&seen.body)?;
+                if held.body != crate::service::fingerprint(&body) {
+                    return Err(Problem::conflict(
+                        "this Idempotency-Key was already used for a different message",
+                    ));
+                }
+                let stale = now - held.at > chrono::Duration::seconds(60);
+                if !stale
+                    || !self
+                        .docs
+                        .put_doc(&pk, &key_sk, &claim, seen.version)
+                        .await?
+                {
                     return Err(Problem::new(
                         axum::http::StatusCode::CONFLICT,
                         "in_progress",
                         "this message is being added; retry shortly with the same Idempotency-Key",
                     ));
-                };
-                let done = self
-                    .messages(&ticket.id)
-                    .await?
-                    .into_iter()
-                    .find(|m| m.seq == seq)
-                    .ok_or_else(Problem::internal)?;
-                let current = self
-                    .get(&ticket.id)
-                    .await?
-                    .ok_or_else(|| Problem::not_found("no such ticket"))?;
-                let current = self.catch_up(current).await?;
-                return Ok((current, done));
-            }
-        }
-        let added = self.append(&pk, author, by, body, key.clone(), now).await;
-        if let Some(k) = &key {
-            let key_sk = format!("MSGKEY#{k}");
-            match &added {
-                Ok((_, msg)) => {
-                    let seq = msg.seq;
-                    docs::update::<MessageKey, _>(self.docs.as_ref(), &pk, &key_sk, |cur| {
-                        cur.map(|mut c| {
-                            c.seq = Some(seq);
-                            c
-                        })
-                    })
-                    .await?;
-                }
-                // Nothing was added: the key is free for the retry.
-                Err(_) => {
-                    docs::update::<MessageKey, _>(self.docs.as_ref(), &pk, &key_sk, |cur| {
-                        cur.filter(|c| c.seq.is_none()).map(|mut c| {
-                            c.body = String::new();
-                            c
-                        })
-                    })
-                    .await
-                    .ok();
                 }
             }
         }
-        let (updated, msg) = added?;
+        let msg = self.append(&pk, author, by, body, key.clone(), now).await?;
+        let updated = self.count_message(&pk, &msg).await?;
         self.summaries(&updated).await?;
         let updated = self.forward(updated).await?;
         Ok((updated, msg))
     }
 
-    /// Claims the next message slot and counts it on the ticket.
+    /// Forwards the ticket if any change or message was not handed to the queue yet.
+    async fn settle_forwarding(&self, t: Ticket) -> Result<Ticket, Problem> {
+        if t.forwarded && t.forwarded_messages >= t.messages {
+            return Ok(t);
+        }
+        self.summaries(&t).await?;
+        self.forward(t).await
+    }
+
+    /// Writes the message into the next free slot. A slot taken by a writer that stopped
+    /// before recording it is recorded now (from the message in it), so the ticket moves
+    /// on and that message is not lost.
     async fn append(
         &self,
         pk: &str,
@@ -545,7 +567,7 @@ impl Tickets {
         body: &str,
         key: Option<String>,
         now: DateTime<Utc>,
-    ) -> Result<(Ticket, TicketMessage), Problem> {
+    ) -> Result<TicketMessage, Problem> {
         for _ in 0..20 {
             let current: Ticket = docs::get(self.docs.as_ref(), pk, TICKET_SK)
                 .await?
@@ -564,37 +586,18 @@ impl Tickets {
                 body: body.to_owned(),
                 key: key.clone(),
             };
-            // Claiming the message slot decides who got `seq`.
-            let claimed = self
+            if self
                 .docs
                 .put_doc(pk, &message_sk(seq), &crate::store::encode(&msg)?, 0)
-                .await?;
-            if !claimed {
-                // Taken by a writer that may have stopped before counting it: counted
-                // now (the count only), so the ticket moves on.
-                docs::update::<Ticket, _>(self.docs.as_ref(), pk, TICKET_SK, |cur| {
-                    cur.filter(|c| c.messages < seq).map(|mut c| {
-                        c.messages = seq;
-                        c
-                    })
-                })
-                .await?;
-                continue;
+                .await?
+            {
+                return Ok(msg);
             }
-            let updated = docs::update::<Ticket, _>(self.docs.as_ref(), pk, TICKET_SK, |cur| {
-                cur.map(|mut c| {
-                    c.messages = c.messages.max(seq);
-                    c.status = match author {
-                        Author::Staff => TicketStatus::Waiting,
-                        Author::Customer => TicketStatus::Open,
-                    };
-                    c.changed("ticket.message", seq, now);
-                    c
-                })
-            })
-            .await?
-            .ok_or_else(Problem::internal)?;
-            return Ok((updated, msg));
+            if let Some(theirs) =
+                docs::get::<TicketMessage>(self.docs.as_ref(), pk, &message_sk(seq)).await?
+            {
+                self.count_message(pk, &theirs).await?;
+            }
         }
         Err(Problem::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
