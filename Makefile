@@ -53,9 +53,13 @@ lint:
 fmt:
 	cargo fmt --all
 
-## Criterion benchmarks of the ledger engine and the embedded store.
+## Criterion benchmarks: the ledger engine and the embedded store; webhook verification and
+## parsing beside stripe-node's constructEvent on the same delivery (needs node and npm).
 bench:
 	cargo bench --locked -p tally --features local --bench ledger
+	cargo bench --locked -p stripe-webhook --bench verify
+	npm install --silent --no-save --no-package-lock --prefix .tmp/node-bench stripe@23.2.0
+	STRIPE_NODE=$(CURDIR)/.tmp/node-bench/node_modules/stripe node scripts/bench_webhook_node.js
 
 clean:
 	cargo clean
