@@ -83,6 +83,44 @@ impl<'a> SignatureHeader<'a> {
     }
 }
 
+/// Whether one of `v1` is the HMAC-SHA256 of `"<t>.<payload>"` under `secret`, compared
+/// in constant time (Stripe's scheme: the whole `whsec_...` string is the key).
+pub fn signed_by(secret: &str, t: i64, payload: &str, v1: &[&str]) -> bool {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(payload.as_bytes());
+    let expected: [u8; 32] = mac.finalize().into_bytes().into();
+    v1.iter().filter_map(|sig| hex32(sig)).any(|given| {
+        given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    })
+}
+
+/// 64 hex digits as 32 bytes; anything else is not a SHA-256 signature.
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +132,41 @@ mod tests {
         assert_eq!(h.v1, vec!["ab", "cd"]);
         assert!(h.is_fresh(1_700_000_300));
         assert!(!h.is_fresh(1_700_000_301));
+    }
+
+    #[test]
+    fn a_signature_is_checked_against_the_exact_body_time_and_secret() {
+        // Stripe's documented scheme: HMAC-SHA256("<t>.<body>") under the secret, in hex.
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"whsec_x").unwrap();
+        mac.update(b"1700000000.{\"id\":1}");
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(signed_by(
+            "whsec_x",
+            1_700_000_000,
+            "{\"id\":1}",
+            &["zz", &hex]
+        ));
+        assert!(signed_by(
+            "whsec_x",
+            1_700_000_000,
+            "{\"id\":1}",
+            &[&hex.to_uppercase()]
+        ));
+        assert!(!signed_by("whsec_y", 1_700_000_000, "{\"id\":1}", &[&hex]));
+        assert!(!signed_by("whsec_x", 1_700_000_001, "{\"id\":1}", &[&hex]));
+        assert!(!signed_by("whsec_x", 1_700_000_000, "{\"id\":2}", &[&hex]));
+        assert!(!signed_by(
+            "whsec_x",
+            1_700_000_000,
+            "{\"id\":1}",
+            &[&hex[..62]]
+        ));
     }
 
     #[test]

@@ -43,7 +43,7 @@ fn event(id: &str) -> String {
 
 fn header(payload: &str, secret: &str, age_s: i64) -> String {
     let t = chrono_now() - age_s;
-    Webhook::generate_test_header(payload, secret, Some(t))
+    stripe_webhook::Webhook::generate_test_header(payload, secret, Some(t))
 }
 
 fn chrono_now() -> i64 {
