@@ -86,7 +86,8 @@ pub fn verify(payload: &str, header: &str, secrets: &[String], now: i64) -> Resu
 }
 
 /// What the webhook reads of an event: its id, its type and the Stripe customer it is
-/// about. Everything else is skipped unread; the body is queued as it came.
+/// about. Everything else is skipped unread; the body is queued as it came. (The strings
+/// are copied: serde borrows only fields typed exactly `Cow<str>`.)
 #[derive(Debug, serde::Deserialize)]
 struct EventHead<'a> {
     #[serde(borrow)]
@@ -120,27 +121,58 @@ enum CustomerRef {
     Other(serde::de::IgnoredAny),
 }
 
-/// The event id (`evt_...`), type and customer of a signed payload.
+/// The event id (`evt_...`), type and customer of a signed payload. The fields are read
+/// straight from the text; a body of an unusual shape (a field of another type than
+/// Stripe's) is read the slow way, as any JSON, so nothing genuine is refused for it.
 pub fn read_event(payload: &str) -> Result<(String, String, Option<String>), Problem> {
-    let head: EventHead<'_> = serde_json::from_str(payload)
-        .map_err(|e| Problem::malformed(format!("signed payload is not a Stripe event: {e}")))?;
-    let id = head
-        .id
+    if !payload.trim_start().starts_with('{') {
+        return Err(Problem::malformed("signed payload is not a JSON object"));
+    }
+    let (id, kind, customer) = match serde_json::from_str::<EventHead<'_>>(payload) {
+        Ok(head) => {
+            let customer = head.data.and_then(|d| d.object).and_then(|o| {
+                if o.object.as_deref() == Some("customer") {
+                    return o.id.map(|i| i.into_owned());
+                }
+                match o.customer {
+                    Some(CustomerRef::Id(s)) => Some(s),
+                    Some(CustomerRef::Expanded { id }) => Some(id),
+                    _ => None,
+                }
+            });
+            (
+                head.id.map(|i| i.into_owned()),
+                head.kind.map(|k| k.into_owned()),
+                customer,
+            )
+        }
+        Err(_) => {
+            let event: Value = serde_json::from_str(payload)
+                .map_err(|e| Problem::malformed(format!("signed payload is not JSON: {e}")))?;
+            (
+                event["id"].as_str().map(str::to_owned),
+                event["type"].as_str().map(str::to_owned),
+                customer_of(&event),
+            )
+        }
+    };
+    let id = id
         .filter(|id| id.starts_with("evt_"))
-        .ok_or_else(|| Problem::malformed("signed payload has no event id"))?
-        .into_owned();
-    let kind = head.kind.map(|k| k.into_owned()).unwrap_or_default();
-    let customer = head.data.and_then(|d| d.object).and_then(|o| {
-        if o.object.as_deref() == Some("customer") {
-            return o.id.map(|i| i.into_owned());
-        }
-        match o.customer {
-            Some(CustomerRef::Id(s)) => Some(s),
-            Some(CustomerRef::Expanded { id }) => Some(id),
-            _ => None,
-        }
-    });
-    Ok((id, kind, customer))
+        .ok_or_else(|| Problem::malformed("signed payload has no event id"))?;
+    Ok((id, kind.unwrap_or_default(), customer))
+}
+
+/// The Stripe customer an event read as any JSON is about.
+fn customer_of(event: &Value) -> Option<String> {
+    let object = &event["data"]["object"];
+    if object["object"] == "customer" {
+        return object["id"].as_str().map(str::to_owned);
+    }
+    match &object["customer"] {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("id").and_then(|v| v.as_str()).map(str::to_owned),
+        _ => None,
+    }
 }
 
 /// What the webhook answers a queued delivery.

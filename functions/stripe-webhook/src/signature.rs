@@ -92,14 +92,10 @@ pub fn signed_by(secret: &str, t: i64, payload: &str, v1: &[&str]) -> bool {
     mac.update(t.to_string().as_bytes());
     mac.update(b".");
     mac.update(payload.as_bytes());
-    let expected: [u8; 32] = mac.finalize().into_bytes().into();
-    v1.iter().filter_map(|sig| hex32(sig)).any(|given| {
-        given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-    })
+    // `verify_slice` compares in constant time (the `subtle` crate).
+    v1.iter()
+        .filter_map(|sig| hex32(sig))
+        .any(|given| mac.clone().verify_slice(&given).is_ok())
 }
 
 /// 64 hex digits as 32 bytes; anything else is not a SHA-256 signature.

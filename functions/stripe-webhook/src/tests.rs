@@ -263,3 +263,30 @@ mod lambda_events {
         }
     }
 }
+
+#[test]
+fn an_event_of_an_unusual_shape_is_read_as_any_json_and_the_customer_found_the_same_way() {
+    // `data.object.id` a number: not Stripe's shape, read the slow way.
+    let odd = r#"{"id":"evt_1","type":7,"data":{"object":{"id":5,"customer":"cus_1"}}}"#;
+    assert_eq!(
+        crate::read_event(odd).unwrap(),
+        ("evt_1".into(), String::new(), Some("cus_1".into()))
+    );
+    let expanded = r#"{"id":"evt_2","type":"x","data":{"object":{"customer":{"id":"cus_2"}}}}"#;
+    assert_eq!(
+        crate::read_event(expanded).unwrap().2.as_deref(),
+        Some("cus_2")
+    );
+    let customer = r#"{"id":"evt_3","type":"customer.updated","data":{"object":{"object":"customer","id":"cus_3"}}}"#;
+    assert_eq!(
+        crate::read_event(customer).unwrap().2.as_deref(),
+        Some("cus_3")
+    );
+    let escaped = r#"{"id":"evt_\u0034","type":"a","data":{"object":{"customer":"cus_\u0035"}}}"#;
+    assert_eq!(
+        crate::read_event(escaped).unwrap(),
+        ("evt_4".into(), "a".into(), Some("cus_5".into()))
+    );
+    assert!(crate::read_event(r#"["evt_1","x"]"#).is_err());
+    assert!(crate::read_event(r#"{"id":"ch_1"}"#).is_err());
+}
