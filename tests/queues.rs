@@ -181,7 +181,7 @@ fn a_durable_local_queue_delivers_after_a_crash_what_it_had_acknowledged() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let store = std::sync::Arc::new(EmbeddedStore::open(&dir).unwrap());
-            let q = LocalQueue::durable("billing-events.fifo", true, 5, store).unwrap();
+            let q = LocalQueue::durable("billing-events.fifo", true, 5, store.clone()).unwrap();
             q.start(std::sync::Arc::new(Stalling {
                 seen: seen.clone(),
                 stall_at: Some("m5".into()),
@@ -191,9 +191,13 @@ fn a_durable_local_queue_delivers_after_a_crash_what_it_had_acknowledged() {
                     .await
                     .unwrap();
             }
-            // Every send was acknowledged; the consumer is stuck on m5.
-            while seen.lock().unwrap().len() < 4 {
-                tokio::task::yield_now().await;
+            // Every send was acknowledged; the consumer is stuck on m5 once m1 to m4 are
+            // consumed and marked so (a message consumed but not yet marked when the
+            // process dies is delivered again: at least once).
+            while seen.lock().unwrap().len() < 4
+                || store.queue_contents("billing-events.fifo").unwrap().len() > 6
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         });
         // The process dies: its tasks stop wherever they were (dropped at their next await,
