@@ -86,8 +86,16 @@ pub struct GenerationId(ulid::Ulid);
 impl GenerationId {
     pub const PREFIX: &'static str = "gen_";
 
+    /// A new id; ids made by one process increase in the order they are made, even within
+    /// one millisecond, so the creation history lists them in that order.
     pub fn new() -> Self {
-        Self(ulid::Ulid::new())
+        static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
+        let mut g = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+        let id = g
+            .get_or_insert_with(ulid::Generator::new)
+            .generate()
+            .unwrap_or_else(|_| ulid::Ulid::new());
+        Self(id)
     }
     pub fn from_ulid(ulid: ulid::Ulid) -> Self {
         Self(ulid)
