@@ -64,7 +64,13 @@ async fn race(store: Arc<dyn LedgerStore>, holds: usize, balance: u64) {
         .unwrap();
     assert_eq!(state.balance().held.get(), covered * 9);
     assert_eq!(state.balance().available.get(), balance - covered * 9);
-    assert_eq!(state.holds.len() as u64, covered);
+    assert_eq!(state.open_holds, covered);
+    let items = ledger
+        .store
+        .open_holds(&workspace("org_race"), None, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(items.len() as u64, covered, "one hold item per open hold");
     state.check_invariants().unwrap();
 }
 

@@ -32,6 +32,12 @@ pub fn embedded_store() -> Arc<dyn LedgerStore> {
 /// A fresh table on the DynamoDB-compatible server named by `DYNAMODB_ENDPOINT`
 /// (`make test` starts one). Fails loudly when there is none.
 pub async fn dynamo_store() -> Arc<dyn LedgerStore> {
+    Arc::new(dynamo_table().await)
+}
+
+/// A fresh table on the DynamoDB-compatible server, as the concrete store (for tests that
+/// also read its raw items).
+pub async fn dynamo_table() -> DynamoStore {
     let endpoint = std::env::var("DYNAMODB_ENDPOINT").expect(
         "DYNAMODB_ENDPOINT is not set: run the suite with `make test`, which starts a local DynamoDB-compatible server",
     );
@@ -43,7 +49,7 @@ pub async fn dynamo_store() -> Arc<dyn LedgerStore> {
     DynamoStore::create_table(&client, &table)
         .await
         .expect("create test table");
-    Arc::new(DynamoStore::new(client, table))
+    DynamoStore::new(client, table)
 }
 
 pub fn embedded_docs() -> Arc<dyn tally::store::DocStore> {

@@ -41,6 +41,8 @@ fn prepare(state: &WorkspaceState, key: &str, op: Operation, minutes: i64) -> (C
             expires_at: Some(cmd.at + Duration::hours(72)),
         },
         generations: applied.generations.clone(),
+        placed: applied.placed.clone(),
+        closed: applied.closed.clone(),
         new_generations,
     };
     (commit, applied)
@@ -288,9 +290,15 @@ pub async fn journal_pages_run_newest_first_and_fetch_by_sequence(store: Arc<dyn
         .await
         .unwrap();
     all.reverse();
-    let mut rebuilt = WorkspaceState::from_journal(a.clone(), &all).unwrap();
-    rebuilt.version = s.version;
-    assert_eq!(rebuilt, store.load(&a).await.unwrap().unwrap());
+    let rebuilt = WorkspaceState::from_journal(a.clone(), &all).unwrap();
+    let stored = store.load(&a).await.unwrap().unwrap();
+    assert_eq!(stored.version, s.version);
+    assert_eq!(rebuilt.as_stored_like(&stored), stored);
+    // The hold items are exactly the open holds the journal shows.
+    let items = store.open_holds(&a, None, 1_000).await.unwrap();
+    let mut open: Vec<_> = rebuilt.known_holds().cloned().collect();
+    open.sort_by_key(|h| (h.deadline, h.generation));
+    assert_eq!(items, open);
 }
 
 pub async fn generations_list_newest_first_with_filters_and_cursor(store: Arc<dyn LedgerStore>) {
@@ -431,7 +439,7 @@ pub async fn a_generation_id_cannot_be_claimed_by_two_workspaces(store: Arc<dyn 
     let (twin, _) = prepare(&sb, "hb", hold(g, "imagen-3", 5), 1);
     assert!(matches!(
         store.commit(twin).await,
-        Err(CommitError::Conflict)
+        Err(CommitError::GenerationExists)
     ));
     assert_eq!(store.load(&b).await.unwrap().unwrap(), sb);
     assert_eq!(store.generation_owner(g).await.unwrap(), Some(a));

@@ -1135,6 +1135,7 @@ async fn rewrite_generation(
     let w = workspace(ws);
     let gid = tally::ids::GenerationId::parse(gen_id).unwrap();
     let mut g = store.generation(&w, gid).await.unwrap().unwrap();
+    let prior = g.status;
     edit(&mut g);
     let mut state = store.load(&w).await.unwrap().unwrap();
     state.version += 1;
@@ -1146,7 +1147,9 @@ async fn rewrite_generation(
             state,
             entries: vec![],
             idempotency: idem,
-            generations: vec![g],
+            generations: vec![(Some(prior), g)],
+            placed: vec![],
+            closed: vec![],
             new_generations: vec![],
         })
         .await

@@ -1,13 +1,14 @@
 //! Runs ledger operations exactly once over any [`LedgerStore`].
 //!
-//! Each attempt reads the idempotency record, then the workspace, runs the pure engine and
-//! commits everything in one transaction. A commit that finds the idempotency record
+//! Each attempt reads the idempotency record, the workspace and the generation it settles in
+//! one round trip, runs the pure engine and commits everything in one transaction. A commit that finds the idempotency record
 //! already written returns the first result; one that finds the workspace changed retries
 //! on fresh state with jittered backoff, a bounded number of times.
 
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::ids::{IdempotencyKey, WorkspaceId};
+use crate::ledger::engine::MAX_HOLDS_SETTLED_PER_OPERATION;
 use crate::ledger::{
     Actor, Balance, Command, LedgerError, Operation, Outcome, Refs, WorkspaceState, execute,
 };
@@ -20,6 +21,11 @@ use thiserror::Error;
 
 /// How long a client-supplied `Idempotency-Key` is remembered (at least; TTL deletes later).
 pub const CLIENT_KEY_RETENTION_HOURS: i64 = 72;
+
+/// Reads settle at most this many overdue holds in view; past that (a workspace whose
+/// holds have not been settled for a long time) the balance shows the rest as still held
+/// until the credit-refresh sweeper releases them.
+pub const MAX_OVERDUE_READ: usize = 10_000;
 
 #[derive(Debug, Error)]
 pub enum ServiceError {
@@ -112,23 +118,57 @@ impl Ledger {
     }
 
     /// Applies an operation at most once and returns its (first) outcome.
+    ///
+    /// The common path is one read round trip (state, idempotency record and the
+    /// generation it settles, together) and one transaction. Settling overdue holds reads
+    /// the holds that end first as well; a refusal re-reads the idempotency record.
     #[tracing::instrument(skip_all, fields(workspace = %req.workspace, key = %req.key))]
     pub async fn execute(&self, req: LedgerRequest) -> Result<Outcome, ServiceError> {
+        let target = match &req.op {
+            Operation::Complete { generation, .. }
+            | Operation::Fail { generation, .. }
+            | Operation::Reverse { generation, .. } => Some(*generation),
+            _ => None,
+        };
         let mut conflicts = 0u32;
+        let retry = |conflicts: &mut u32| {
+            *conflicts += 1;
+            if *conflicts >= self.retry.max_attempts {
+                tracing::warn!(conflicts = *conflicts, "giving up after repeated conflicts");
+                return Err(ServiceError::Contention);
+            }
+            Ok(())
+        };
         loop {
             if conflicts > 0 {
                 self.backoff(conflicts).await;
             }
-            if let Some(done) = self.replay(&req).await? {
-                return Ok(done);
+            let read = self.store.read_op(&req.workspace, &req.key, target).await?;
+            if let Some(record) = read.idempotency {
+                return replayed(&req, record);
             }
-            let state = self
-                .store
-                .load(&req.workspace)
-                .await?
+            let mut state = read
+                .state
                 .unwrap_or_else(|| WorkspaceState::new(req.workspace.clone()));
-            let op = self.with_records(&req).await?;
+            let mut op = req.op.clone();
+            let stored = read.generation;
+            if let Some(hold) = stored.as_ref().and_then(|g| g.hold.as_ref()) {
+                if hold.placed_seq >= state.next_seq {
+                    // The generation was read after a hold the state does not show yet
+                    // (the reads are not one snapshot): read again.
+                    retry(&mut conflicts)?;
+                    continue;
+                }
+                state.load_holds([hold.clone()]);
+            }
+            if let Operation::Complete { record, .. }
+            | Operation::Fail { record, .. }
+            | Operation::Reverse { record, .. } = &mut op
+            {
+                *record = stored.map(|g| g.record);
+            }
             let now = self.clock.now();
+            let due = self.load_due(&mut state, now).await?;
             let cmd = Command {
                 key: req.key.clone(),
                 at: now,
@@ -150,6 +190,9 @@ impl Ledger {
             };
             let mut new_state = applied.state;
             new_state.version = state.version + 1;
+            if let Some(horizon) = due {
+                new_state.next_due = earliest_deadline(&new_state, horizon);
+            }
             let new_generations = match &cmd.op {
                 Operation::Hold { generation, .. } => vec![*generation],
                 _ => Vec::new(),
@@ -170,6 +213,8 @@ impl Ledger {
                         .then(|| now + Duration::hours(CLIENT_KEY_RETENTION_HOURS)),
                 },
                 generations: applied.generations,
+                placed: applied.placed,
+                closed: applied.closed,
                 new_generations,
             };
             match self.store.commit(commit).await {
@@ -183,15 +228,20 @@ impl Ledger {
                     return Ok(applied.outcome);
                 }
                 Err(CommitError::Duplicate) => continue,
+                Err(CommitError::GenerationExists) => {
+                    if let Some(done) = self.replay(&req).await? {
+                        return Ok(done);
+                    }
+                    if let Operation::Hold { generation, .. } = &req.op {
+                        return Err(LedgerError::GenerationExists(*generation).into());
+                    }
+                    retry(&mut conflicts)?;
+                }
                 // A transient failure may or may not have committed: the next attempt
                 // re-reads the idempotency record first, so retrying cannot apply twice.
                 Err(CommitError::Conflict)
                 | Err(CommitError::Store(StoreError::Unavailable(_))) => {
-                    conflicts += 1;
-                    if conflicts >= self.retry.max_attempts {
-                        tracing::warn!(conflicts, "giving up after repeated conflicts");
-                        return Err(ServiceError::Contention);
-                    }
+                    retry(&mut conflicts)?;
                 }
                 Err(CommitError::Store(e)) => return Err(e.into()),
             }
@@ -200,36 +250,29 @@ impl Ledger {
 
     async fn replay(&self, req: &LedgerRequest) -> Result<Option<Outcome>, ServiceError> {
         match self.store.idempotency(&req.workspace, &req.key).await? {
-            Some(record) if record.fingerprint == req.fingerprint => Ok(Some(record.outcome)),
-            Some(_) => Err(ServiceError::KeyReused),
+            Some(record) => replayed(req, record).map(Some),
             None => Ok(None),
         }
     }
 
-    /// Settling operations need the stored generation when its hold is already gone; a new
-    /// hold must not reuse the id of any generation ever stored.
-    async fn with_records(&self, req: &LedgerRequest) -> Result<Operation, ServiceError> {
-        let mut op = req.op.clone();
-        match &mut op {
-            Operation::Hold { generation, .. }
-                if self.store.generation_owner(*generation).await?.is_some() =>
-            {
-                return Err(LedgerError::GenerationExists(*generation).into());
-            }
-            Operation::Complete {
-                generation, record, ..
-            }
-            | Operation::Fail {
-                generation, record, ..
-            }
-            | Operation::Reverse {
-                generation, record, ..
-            } => {
-                *record = self.store.generation(&req.workspace, *generation).await?;
-            }
-            _ => {}
+    /// When a hold may be overdue, reads the holds that end first (one transaction's worth
+    /// and one more) into `state`. Returns `None` when nothing was read, or the deadline
+    /// no unread hold ends before (`Some(None)`: every open hold was read).
+    async fn load_due(
+        &self,
+        state: &mut WorkspaceState,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Option<chrono::DateTime<chrono::Utc>>>, ServiceError> {
+        if !state.holds_due(now) {
+            return Ok(None);
         }
-        Ok(op)
+        let want = MAX_HOLDS_SETTLED_PER_OPERATION + 1;
+        let holds = self.store.open_holds(&state.workspace, None, want).await?;
+        let horizon = (holds.len() >= want)
+            .then(|| holds.last().map(|h| h.deadline))
+            .flatten();
+        state.load_holds(holds);
+        Ok(Some(horizon))
     }
 
     async fn backoff(&self, attempt: u32) {
@@ -251,14 +294,16 @@ impl Ledger {
         actor: Actor,
         op: Operation,
     ) -> Result<Result<Outcome, LedgerError>, ServiceError> {
-        let state = self
+        let mut state = self
             .store
             .load(workspace)
             .await?
             .unwrap_or_else(|| WorkspaceState::new(workspace.clone()));
+        let now = self.clock.now();
+        self.load_due(&mut state, now).await?;
         let cmd = Command {
             key: IdempotencyKey::derived("preview".into()),
-            at: self.clock.now(),
+            at: now,
             actor,
             refs: Refs::default(),
             op,
@@ -271,13 +316,48 @@ impl Ledger {
         &self,
         workspace: &WorkspaceId,
     ) -> Result<WorkspaceState, ServiceError> {
-        let state = self
+        let mut state = self
             .store
             .load(workspace)
             .await?
             .unwrap_or_else(|| WorkspaceState::new(workspace.clone()));
-        Ok(state.settled_at(self.clock.now())?)
+        let now = self.clock.now();
+        if state.holds_due(now) {
+            let overdue = self
+                .store
+                .open_holds(workspace, Some(now), MAX_OVERDUE_READ)
+                .await?;
+            state.load_holds(overdue);
+        }
+        Ok(state.settled_at(now)?)
     }
+}
+
+/// The answer remembered under the request's key, if it was this request.
+fn replayed(req: &LedgerRequest, record: IdempotencyRecord) -> Result<Outcome, ServiceError> {
+    if record.fingerprint == req.fingerprint {
+        Ok(record.outcome)
+    } else {
+        Err(ServiceError::KeyReused)
+    }
+}
+
+/// The earliest deadline of the open holds after a settlement read the holds that end
+/// first: the earliest of those still open, bounded by `horizon` (no hold it did not read
+/// ends before that).
+fn earliest_deadline(
+    state: &WorkspaceState,
+    horizon: Option<chrono::DateTime<chrono::Utc>>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    if state.open_holds == 0 {
+        return None;
+    }
+    state
+        .known_holds()
+        .map(|h| h.deadline)
+        .chain(horizon)
+        .min()
+        .or(state.next_due)
 }
 
 /// Gives back the charge of a completed generation whose output was faulty, once: every

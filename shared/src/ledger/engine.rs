@@ -11,8 +11,10 @@ use crate::money::{CreditDelta, Credits};
 use std::collections::BTreeMap;
 
 /// At most this many overdue holds are released by one operation, which keeps one
-/// operation inside a single store transaction. Unreleased overdue holds only make the
-/// balance look lower until the next operation, never negative.
+/// operation inside a single store transaction: each release writes a journal entry,
+/// its generation and the removal of its hold item (75 items), and the operation itself
+/// at most 8 more, within DynamoDB's 100. Unreleased overdue holds only make the balance
+/// look lower until the next operation, never negative, and reads settle them all in view.
 pub const MAX_HOLDS_SETTLED_PER_OPERATION: usize = 25;
 
 /// One ledger operation, with everything needed to make it exactly-once and auditable.
@@ -139,7 +141,13 @@ pub struct Outcome {
 pub struct Applied {
     pub state: WorkspaceState,
     pub entries: Vec<Entry>,
-    pub generations: Vec<Generation>,
+    /// Generation records to write, each with the status it had when read (`None` for a
+    /// new one), so the write only lands on the record the operation saw.
+    pub generations: Vec<(Option<GenerationStatus>, Generation)>,
+    /// Holds this operation placed (each gets an item of its own).
+    pub placed: Vec<Hold>,
+    /// Holds this operation closed (their items go).
+    pub closed: Vec<Hold>,
     pub outcome: Outcome,
 }
 
@@ -147,7 +155,9 @@ struct Tx<'a> {
     state: WorkspaceState,
     cmd: &'a Command,
     entries: Vec<Entry>,
-    generations: BTreeMap<GenerationId, Generation>,
+    generations: BTreeMap<GenerationId, (Option<GenerationStatus>, Generation)>,
+    placed: Vec<Hold>,
+    closed: Vec<Hold>,
     /// Overdue holds released so far by this operation (bounded by
     /// [`MAX_HOLDS_SETTLED_PER_OPERATION`] across both of its settlements).
     released: usize,
@@ -194,6 +204,8 @@ pub fn execute(
         cmd,
         entries: Vec::new(),
         generations: BTreeMap::new(),
+        placed: Vec::new(),
+        closed: Vec::new(),
         released: 0,
     };
     tx.settle()?;
@@ -216,6 +228,8 @@ pub fn execute(
         state: tx.state,
         entries: tx.entries,
         generations: tx.generations.into_values().collect(),
+        placed: tx.placed,
+        closed: tx.closed,
         outcome,
     })
 }
@@ -237,10 +251,12 @@ pub(super) fn settle_view(
         cmd: &cmd,
         entries: Vec::new(),
         generations: BTreeMap::new(),
+        placed: Vec::new(),
+        closed: Vec::new(),
         released: 0,
     };
     // Release every overdue hold, not just one transaction's worth.
-    while tx.state.holds.iter().any(|h| h.deadline <= now) {
+    while tx.state.known_holds().any(|h| h.deadline <= now) {
         tx.released = 0;
         tx.settle()?;
     }
@@ -260,6 +276,15 @@ impl Tx<'_> {
             refs.generation = d.generation;
         }
         refs.idempotency_key = Some(self.cmd.key.to_string());
+        match &d.hold {
+            Some(HoldChange::Placed { hold }) => self.placed.push(hold.clone()),
+            Some(HoldChange::Closed { generation }) => {
+                if let Some(h) = self.state.known_hold(*generation) {
+                    self.closed.push(h.clone());
+                }
+            }
+            None => {}
+        }
         let mut entry = Entry {
             seq,
             id: format!("{}/{}", self.cmd.key, self.entries.len()),
@@ -320,14 +345,14 @@ impl Tx<'_> {
 
     fn settle(&mut self) -> Result<(), LedgerError> {
         let now = self.now();
-        let overdue: Vec<Hold> = self
+        let mut overdue: Vec<Hold> = self
             .state
-            .holds
-            .iter()
+            .known_holds()
             .filter(|h| h.deadline <= now)
-            .take(MAX_HOLDS_SETTLED_PER_OPERATION.saturating_sub(self.released))
             .cloned()
             .collect();
+        overdue.sort_by_key(|h| (h.deadline, h.placed_seq));
+        overdue.truncate(MAX_HOLDS_SETTLED_PER_OPERATION.saturating_sub(self.released));
         self.released += overdue.len();
         for hold in overdue {
             let mut d = Draft::new(Reason::HoldExpired, Actor::system());
@@ -344,7 +369,7 @@ impl Tx<'_> {
             g.status = GenerationStatus::Expired;
             g.settled_at = Some(now);
             g.entries.push(seq);
-            self.generations.insert(g.id, g);
+            self.record(Some(GenerationStatus::Held), g);
         }
         let lapsed: Vec<(u64, Credits)> = self
             .state
@@ -619,7 +644,7 @@ impl Tx<'_> {
         deadline: DateTime<Utc>,
         actor: Actor,
     ) -> Result<Generation, LedgerError> {
-        if self.state.holds.iter().any(|h| h.generation == generation) {
+        if self.state.known_hold(generation).is_some() {
             return Err(LedgerError::GenerationExists(generation));
         }
         let training = estimate.workflow == crate::catalog::Workflow::Training;
@@ -679,15 +704,26 @@ impl Tx<'_> {
         d.custom_model_slot = training.then_some(true);
         self.push(d)?;
         let g = record_from_hold(&self.state.workspace, &hold);
-        self.generations.insert(generation, g.clone());
+        self.record(None, g.clone());
         Ok(g)
+    }
+
+    /// Files a generation record to write; the first status seen for it is what the
+    /// store must still hold when the write lands.
+    fn record(&mut self, prior: Option<GenerationStatus>, g: Generation) {
+        match self.generations.get_mut(&g.id) {
+            Some((_, stored)) => *stored = g,
+            None => {
+                self.generations.insert(g.id, (prior, g));
+            }
+        }
     }
 
     /// The generation as this transaction or the store last saw it.
     fn known_record(&self, id: GenerationId, record: Option<&Generation>) -> Option<Generation> {
         self.generations
             .get(&id)
-            .cloned()
+            .map(|(_, g)| g.clone())
             .or_else(|| record.cloned())
     }
 
@@ -699,13 +735,7 @@ impl Tx<'_> {
         actor: Actor,
     ) -> Result<Generation, LedgerError> {
         let now = self.now();
-        if let Some(hold) = self
-            .state
-            .holds
-            .iter()
-            .find(|h| h.generation == generation)
-            .cloned()
-        {
+        if let Some(hold) = self.state.known_hold(generation).cloned() {
             let cost = credits.unwrap_or(hold.amount);
             // Burn the hold's own allocations first (in burn order), release the rest,
             // then take any excess over the estimate from free credits.
@@ -750,7 +780,7 @@ impl Tx<'_> {
             g.shortfall = cost - charged;
             g.settled_at = Some(now);
             g.entries.push(seq);
-            self.generations.insert(generation, g.clone());
+            self.record(Some(GenerationStatus::Held), g.clone());
             return Ok(g);
         }
         let mut g = self
@@ -790,7 +820,7 @@ impl Tx<'_> {
                 g.shortfall = cost - charged;
                 g.settled_at = Some(now);
                 g.entries.push(seq);
-                self.generations.insert(generation, g.clone());
+                self.record(Some(GenerationStatus::Expired), g.clone());
                 Ok(g)
             }
         }
@@ -804,13 +834,7 @@ impl Tx<'_> {
         actor: Actor,
     ) -> Result<Generation, LedgerError> {
         let now = self.now();
-        if let Some(hold) = self
-            .state
-            .holds
-            .iter()
-            .find(|h| h.generation == generation)
-            .cloned()
-        {
+        if let Some(hold) = self.state.known_hold(generation).cloned() {
             let mut d = Draft::new(Reason::HoldReleased, actor);
             d.credits = CreditDelta::increase(hold.amount);
             d.lots = release(&hold);
@@ -824,7 +848,7 @@ impl Tx<'_> {
             g.failure_reason = Some(reason.to_owned());
             g.settled_at = Some(now);
             g.entries.push(seq);
-            self.generations.insert(generation, g.clone());
+            self.record(Some(GenerationStatus::Held), g.clone());
             return Ok(g);
         }
         let mut g = self
@@ -843,7 +867,7 @@ impl Tx<'_> {
                 // Already released without charge; record why it ended.
                 g.status = GenerationStatus::Failed;
                 g.failure_reason = Some(reason.to_owned());
-                self.generations.insert(generation, g.clone());
+                self.record(Some(GenerationStatus::Expired), g.clone());
                 Ok(g)
             }
         }
@@ -897,7 +921,7 @@ impl Tx<'_> {
         self.push(d)?;
         g.reversed = credits;
         g.entries.push(seq);
-        self.generations.insert(generation, g.clone());
+        self.record(Some(GenerationStatus::Completed), g.clone());
         Ok(g)
     }
 }

@@ -145,7 +145,22 @@ pub struct WorkspaceState {
     pub next_seq: u64,
     pub plan: Option<PlanState>,
     pub lots: Vec<Lot>,
+    /// Open holds kept inside the state item by releases before holds got items of their
+    /// own. Nothing adds to this list any more; it empties as those holds close.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holds: Vec<Hold>,
+    /// Open holds this operation has read from their own items (the store keeps each in
+    /// a hold item beside its generation), or, for a state rebuilt from the journal, every
+    /// open hold. Never part of the state item, so the item does not grow with holds.
+    #[serde(skip)]
+    pub loaded: Vec<Hold>,
+    /// How many holds are open, wherever they are kept.
+    #[serde(default)]
+    pub open_holds: u64,
+    /// No open hold has a deadline before this (a lower bound, exact after a settlement
+    /// has read the holds that end first); `None` when no hold is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_due: Option<DateTime<Utc>>,
     pub totals: Totals,
     /// Training generations (held or completed) occupying custom-model slots.
     pub custom_models: Vec<GenerationId>,
@@ -409,6 +424,9 @@ impl WorkspaceState {
             plan: None,
             lots: Vec::new(),
             holds: Vec::new(),
+            loaded: Vec::new(),
+            open_holds: 0,
+            next_due: None,
             totals: Totals::default(),
             custom_models: Vec::new(),
         }
@@ -471,12 +489,24 @@ impl WorkspaceState {
             }
         }
         match &e.hold {
-            Some(HoldChange::Placed { hold }) => self.holds.push(hold.clone()),
+            Some(HoldChange::Placed { hold }) => {
+                self.open_holds += 1;
+                self.next_due = Some(
+                    self.next_due
+                        .map_or(hold.deadline, |d| d.min(hold.deadline)),
+                );
+                self.loaded.push(hold.clone());
+            }
             Some(HoldChange::Closed { generation }) => {
-                let before = self.holds.len();
+                let before = self.holds.len() + self.loaded.len();
                 self.holds.retain(|h| h.generation != *generation);
-                if self.holds.len() == before {
+                self.loaded.retain(|h| h.generation != *generation);
+                if self.holds.len() + self.loaded.len() == before || self.open_holds == 0 {
                     return Err(LedgerError::Corrupt(format!("no hold for {generation}")));
+                }
+                self.open_holds -= 1;
+                if self.open_holds == 0 {
+                    self.next_due = None;
                 }
             }
             None => {}
@@ -501,7 +531,7 @@ impl WorkspaceState {
 
     /// Balance from the stored state, without settling anything.
     pub fn balance(&self) -> Balance {
-        let held: Credits = self.holds.iter().map(|h| h.amount).sum();
+        let held: Credits = self.lots.iter().map(|l| l.held).sum();
         let remaining: Credits = self.lots.iter().map(|l| l.remaining).sum();
         let frozen: Credits = self.lots.iter().map(|l| l.frozen).sum();
         Balance {
@@ -522,7 +552,7 @@ impl WorkspaceState {
     /// Whether settling at `now` would change anything: an overdue hold to release or a
     /// lapsed lot with free credits to expire.
     pub fn needs_settling(&self, now: DateTime<Utc>) -> bool {
-        self.holds.iter().any(|h| h.deadline <= now)
+        self.holds_due(now)
             || self
                 .lots
                 .iter()
@@ -533,13 +563,61 @@ impl WorkspaceState {
     /// deadline or the expiry of a lot that still has credits. (Credits held on a lot that
     /// has already lapsed expire when their hold ends, so the hold's deadline covers them.)
     pub fn next_settlement_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let holds = self.holds.iter().map(|h| h.deadline);
+        let holds = self.next_due.into_iter();
         let lots = self
             .lots
             .iter()
             .filter(|l| l.remaining > Credits::ZERO)
             .filter_map(|l| l.expires_at);
         holds.chain(lots).filter(|t| *t > now).min()
+    }
+
+    /// The open holds at hand: those still inside the state item, then those read for this
+    /// operation.
+    pub fn known_holds(&self) -> impl Iterator<Item = &Hold> {
+        self.holds.iter().chain(self.loaded.iter())
+    }
+
+    /// An open hold at hand, by generation.
+    pub fn known_hold(&self, generation: GenerationId) -> Option<&Hold> {
+        self.known_holds().find(|h| h.generation == generation)
+    }
+
+    /// Whether a hold may be past its deadline at `now`, so settling should read the holds
+    /// that end first.
+    pub fn holds_due(&self, now: DateTime<Utc>) -> bool {
+        self.open_holds > 0 && self.next_due.is_none_or(|d| d <= now)
+    }
+
+    /// Adds holds read from their items, skipping any already at hand and any placed after
+    /// this state was read (its lots do not carry those yet).
+    pub fn load_holds(&mut self, holds: impl IntoIterator<Item = Hold>) {
+        for h in holds {
+            if h.placed_seq < self.next_seq && self.known_hold(h.generation).is_none() {
+                self.loaded.push(h);
+            }
+        }
+    }
+
+    /// A state item written before holds had items of their own counts its inline holds.
+    pub fn normalized(mut self) -> Self {
+        if self.open_holds == 0 && !self.holds.is_empty() {
+            self.open_holds = self.holds.len() as u64;
+            self.next_due = self.holds.iter().map(|h| h.deadline).min();
+        }
+        self
+    }
+
+    /// The state as stored: without the holds read for an operation. A state rebuilt from
+    /// the journal compares equal to the stored one once both are in this form (and the
+    /// earliest deadline, which settling tightens from the hold items, is taken from
+    /// `stored`).
+    pub fn as_stored_like(&self, stored: &WorkspaceState) -> WorkspaceState {
+        let mut s = self.clone();
+        s.loaded.clear();
+        s.version = stored.version;
+        s.next_due = stored.next_due;
+        s
     }
 
     /// Checks every invariant the ledger promises; returns the first one broken.
@@ -553,12 +631,30 @@ impl WorkspaceState {
                 t.issued
             ));
         }
-        let lot_held: Credits = self.lots.iter().map(|l| l.held).sum();
-        let hold_sum: Credits = self.holds.iter().map(|h| h.amount).sum();
-        if lot_held != hold_sum {
-            return Err(format!("lots hold {lot_held} but holds total {hold_sum}"));
+        let known = (self.holds.len() + self.loaded.len()) as u64;
+        if known > self.open_holds {
+            return Err(format!(
+                "{known} holds known but {} counted open",
+                self.open_holds
+            ));
         }
-        for h in &self.holds {
+        // With every open hold at hand (a state rebuilt from the journal), the lots hold
+        // exactly what the holds add up to.
+        if known == self.open_holds {
+            let lot_held: Credits = self.lots.iter().map(|l| l.held).sum();
+            let hold_sum: Credits = self.known_holds().map(|h| h.amount).sum();
+            if lot_held != hold_sum {
+                return Err(format!("lots hold {lot_held} but holds total {hold_sum}"));
+            }
+        }
+        if let (Some(due), false) = (self.next_due, self.open_holds == 0) {
+            if self.known_holds().any(|h| h.deadline < due) {
+                return Err("a hold ends before the earliest deadline recorded".into());
+            }
+        } else if self.open_holds > 0 {
+            return Err("open holds without an earliest deadline".into());
+        }
+        for h in self.known_holds() {
             let alloc: Credits = h.allocations.iter().map(|a| a.amount).sum();
             if alloc != h.amount {
                 return Err(format!("hold {} allocations do not add up", h.generation));

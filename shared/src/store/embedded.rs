@@ -15,6 +15,8 @@ const ENTRIES: TableDefinition<(&str, u64), &str> = TableDefinition::new("entrie
 const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("idempotency");
 /// `workspace`, generation id -> generation JSON (ULID text sorts by time).
 const GENERATIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("generations");
+/// `workspace`, deadline (ms), generation id -> open hold JSON.
+const HOLDS: TableDefinition<(&str, i64, &str), &str> = TableDefinition::new("holds");
 /// generation id -> workspace.
 const GENERATION_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("generation_owners");
 /// pk, sk -> (version, body).
@@ -113,6 +115,7 @@ impl EmbeddedStore {
         tx.open_table(IDEMPOTENCY).map_err(backend)?;
         tx.open_table(GENERATIONS).map_err(backend)?;
         tx.open_table(GENERATION_OWNERS).map_err(backend)?;
+        tx.open_table(HOLDS).map_err(backend)?;
         tx.open_table(DOCS).map_err(backend)?;
         tx.open_table(DUE).map_err(backend)?;
         tx.open_table(DUE_OF).map_err(backend)?;
@@ -203,7 +206,91 @@ impl LedgerStore for EmbeddedStore {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(ACCOUNTS).map_err(backend)?;
             let v = t.get(workspace.as_str()).map_err(backend)?;
-            v.map(|v| decode(v.value())).transpose()
+            v.map(|v| decode::<WorkspaceState>(v.value()).map(WorkspaceState::normalized))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn read_op(
+        &self,
+        workspace: &WorkspaceId,
+        key: &IdempotencyKey,
+        generation: Option<GenerationId>,
+    ) -> Result<OpRead, StoreError> {
+        let (workspace, key) = (workspace.to_string(), key.to_string());
+        // One read transaction: a snapshot of all three.
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let accounts = tx.open_table(ACCOUNTS).map_err(backend)?;
+            let state = accounts
+                .get(workspace.as_str())
+                .map_err(backend)?
+                .map(|v| decode::<WorkspaceState>(v.value()).map(WorkspaceState::normalized))
+                .transpose()?;
+            let idem = tx.open_table(IDEMPOTENCY).map_err(backend)?;
+            let idempotency = idem
+                .get((workspace.as_str(), key.as_str()))
+                .map_err(backend)?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            let generation = match generation {
+                None => None,
+                Some(id) => {
+                    let id = id.to_string();
+                    let gens = tx.open_table(GENERATIONS).map_err(backend)?;
+                    let record: Option<Generation> = gens
+                        .get((workspace.as_str(), id.as_str()))
+                        .map_err(backend)?
+                        .map(|v| decode(v.value()))
+                        .transpose()?;
+                    match record {
+                        None => None,
+                        Some(record) => {
+                            let holds = tx.open_table(HOLDS).map_err(backend)?;
+                            let at = record.deadline.timestamp_millis();
+                            let hold = holds
+                                .get((workspace.as_str(), at, id.as_str()))
+                                .map_err(backend)?
+                                .map(|v| decode(v.value()))
+                                .transpose()?;
+                            Some(StoredGeneration { record, hold })
+                        }
+                    }
+                }
+            };
+            Ok(OpRead {
+                state,
+                idempotency,
+                generation,
+            })
+        })
+        .await
+    }
+
+    async fn open_holds(
+        &self,
+        workspace: &WorkspaceId,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<Hold>, StoreError> {
+        let workspace = workspace.to_string();
+        let until = until.map_or(i64::MAX, |t| t.timestamp_millis());
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let t = tx.open_table(HOLDS).map_err(backend)?;
+            let mut out = Vec::new();
+            for item in t
+                .range(
+                    (workspace.as_str(), i64::MIN, "")..=(workspace.as_str(), until, "\u{10FFFF}"),
+                )
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (_, v) = item.map_err(backend)?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
         })
         .await
     }
@@ -240,16 +327,52 @@ impl LedgerStore for EmbeddedStore {
                 idem.insert(key, encode(&c.idempotency)?.as_str())
                     .map_err(backend)?;
                 let mut gens = tx.open_table(GENERATIONS).map_err(backend)?;
-                for g in &c.generations {
+                for (prior, g) in &c.generations {
                     let id = g.id.to_string();
-                    gens.insert((workspace.as_str(), id.as_str()), encode(g)?.as_str())
+                    let key = (workspace.as_str(), id.as_str());
+                    let stored = gens
+                        .get(key)
+                        .map_err(backend)?
+                        .map(|v| decode::<Generation>(v.value()).map(|g| g.status))
+                        .transpose()?;
+                    if stored != *prior {
+                        return Err(if prior.is_none() {
+                            CommitError::GenerationExists
+                        } else {
+                            CommitError::Conflict
+                        });
+                    }
+                    gens.insert(key, encode(g)?.as_str()).map_err(backend)?;
+                }
+                let mut holds = tx.open_table(HOLDS).map_err(backend)?;
+                for h in &c.closed {
+                    let id = h.generation.to_string();
+                    holds
+                        .remove((
+                            workspace.as_str(),
+                            h.deadline.timestamp_millis(),
+                            id.as_str(),
+                        ))
+                        .map_err(backend)?;
+                }
+                for h in &c.placed {
+                    let id = h.generation.to_string();
+                    holds
+                        .insert(
+                            (
+                                workspace.as_str(),
+                                h.deadline.timestamp_millis(),
+                                id.as_str(),
+                            ),
+                            encode(h)?.as_str(),
+                        )
                         .map_err(backend)?;
                 }
                 let mut owners = tx.open_table(GENERATION_OWNERS).map_err(backend)?;
                 for id in &c.new_generations {
                     let id = id.to_string();
                     if owners.get(id.as_str()).map_err(backend)?.is_some() {
-                        return Err(CommitError::Conflict);
+                        return Err(CommitError::GenerationExists);
                     }
                     owners
                         .insert(id.as_str(), workspace.as_str())

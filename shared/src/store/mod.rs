@@ -2,9 +2,15 @@
 //! (behind the `local` feature, so the Lambda binaries carry neither it nor redb).
 //!
 //! A commit is all-or-nothing: the new workspace state (guarded by its version), the journal
-//! entries (each written only if absent), the idempotency record (written only if absent)
-//! and the generation records. A commit that loses a race reports which guard failed so the
+//! entries (each written only if absent), the idempotency record (written only if absent),
+//! the generation records (each guarded by the status it was read with), and the hold
+//! items placed and removed. A commit that loses a race reports which guard failed so the
 //! caller can tell "someone already did exactly this" from "try again on fresh state".
+//!
+//! Open holds are not part of the state item: each is an item of its own, filed by
+//! deadline, so the state item stays the size of the live lots however many generations
+//! run, and an operation reads only the holds it needs (its own generation's, and the
+//! ones that end first when some may be overdue).
 
 pub mod docs;
 pub mod dynamo;
@@ -15,7 +21,7 @@ pub use docs::{Doc, DocStore, DueDoc, DueMark};
 
 use crate::error::{BoxError, Context};
 use crate::ids::{GenerationId, IdempotencyKey, WorkspaceId};
-use crate::ledger::{Entry, Generation, GenerationStatus, Outcome, WorkspaceState};
+use crate::ledger::{Entry, Generation, GenerationStatus, Hold, Outcome, WorkspaceState};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -66,6 +72,9 @@ pub enum CommitError {
     /// The workspace changed since it was read: reload and retry.
     #[error("workspace changed concurrently")]
     Conflict,
+    /// A generation with the new hold's id exists already (in any workspace).
+    #[error("the generation exists already")]
+    GenerationExists,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -84,6 +93,9 @@ pub struct IdempotencyRecord {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// DynamoDB's limit on the items of one transaction.
+pub const MAX_COMMIT_ITEMS: usize = 100;
+
 /// Everything one ledger operation writes.
 #[derive(Debug, Clone)]
 pub struct Commit {
@@ -91,7 +103,13 @@ pub struct Commit {
     pub state: WorkspaceState,
     pub entries: Vec<Entry>,
     pub idempotency: IdempotencyRecord,
-    pub generations: Vec<Generation>,
+    /// Generation records, each with the status the stored record must still have (`None`:
+    /// it must not exist yet).
+    pub generations: Vec<(Option<GenerationStatus>, Generation)>,
+    /// Holds placed: each becomes an item of its own.
+    pub placed: Vec<Hold>,
+    /// Holds closed: their items are removed.
+    pub closed: Vec<Hold>,
     /// Generations created by this commit, indexed globally so the generation service can
     /// settle them by id alone.
     pub new_generations: Vec<GenerationId>,
@@ -101,6 +119,30 @@ impl Commit {
     pub fn expected_version(&self) -> u64 {
         self.state.version - 1
     }
+
+    /// How many items the commit writes or removes (one store transaction).
+    pub fn items(&self) -> usize {
+        2 + self.entries.len()
+            + self.generations.len()
+            + self.placed.len()
+            + self.closed.len()
+            + self.new_generations.len()
+    }
+}
+
+/// A generation as stored, with its open hold while it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredGeneration {
+    pub record: Generation,
+    pub hold: Option<Hold>,
+}
+
+/// What an operation reads before it runs, in one round trip.
+#[derive(Debug, Clone, Default)]
+pub struct OpRead {
+    pub state: Option<WorkspaceState>,
+    pub idempotency: Option<IdempotencyRecord>,
+    pub generation: Option<StoredGeneration>,
 }
 
 /// Filters for creation history, newest first.
@@ -156,6 +198,22 @@ pub struct EntryQuery {
 #[async_trait]
 pub trait LedgerStore: Send + Sync {
     async fn load(&self, workspace: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError>;
+    /// The state, the idempotency record of `key` and (when named) a generation with its
+    /// open hold, in one round trip (one consistent `BatchGetItem`).
+    async fn read_op(
+        &self,
+        workspace: &WorkspaceId,
+        key: &IdempotencyKey,
+        generation: Option<GenerationId>,
+    ) -> Result<OpRead, StoreError>;
+    /// Open holds in deadline order, those ending at or before `until` (every one when
+    /// `None`), at most `limit`.
+    async fn open_holds(
+        &self,
+        workspace: &WorkspaceId,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<Hold>, StoreError>;
     async fn commit(&self, commit: Commit) -> Result<(), CommitError>;
     async fn idempotency(
         &self,
@@ -185,6 +243,11 @@ pub trait LedgerStore: Send + Sync {
         workspace: &WorkspaceId,
         seqs: &[u64],
     ) -> Result<Vec<Entry>, StoreError>;
+}
+
+/// Milliseconds since the epoch, zero-padded so hold items sort by deadline as text.
+pub(crate) fn deadline_key(at: DateTime<Utc>) -> String {
+    format!("{:015}", at.timestamp_millis().max(0))
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {

@@ -177,8 +177,14 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
         e.next_refresh = Some(p.period_end);
     }
     if let Some(state) = &stored {
-        let mut holds: Vec<HoldFact> = state
-            .holds
+        // The holds that end first, from their own items, and those an older state item
+        // still keeps inside.
+        let mut open = ledger
+            .store
+            .open_holds(s.workspace, None, MAX_HOLDS_SHOWN)
+            .await?;
+        open.extend(state.holds.iter().cloned());
+        let mut holds: Vec<HoldFact> = open
             .iter()
             .map(|h| HoldFact {
                 generation: h.generation,
@@ -192,8 +198,8 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
             .collect();
         // A ticket stays small: the holds that end first, and how many there are.
         holds.sort_by_key(|h| h.deadline);
-        e.pending_hold_count = holds.len();
-        e.pending_hold_credits = Credits::new(holds.iter().map(|h| h.credits.get()).sum());
+        e.pending_hold_count = usize::try_from(state.open_holds).unwrap_or(usize::MAX);
+        e.pending_hold_credits = state.balance().held;
         holds.truncate(MAX_HOLDS_SHOWN);
         e.pending_holds = holds;
     }

@@ -66,6 +66,8 @@ const TRANSIENT_CANCELLATIONS: &[&str] = &[
 enum Cancellation {
     /// The idempotency record exists already: the operation happened before.
     Duplicate,
+    /// A new generation's record or owner exists already.
+    Exists,
     /// Another writer got there first (a failed version or absence condition) or holds an
     /// item in its own transaction: reload and retry.
     Conflict,
@@ -81,12 +83,21 @@ fn code(reason: &CancellationReason) -> &str {
     reason.code().unwrap_or("None")
 }
 
-fn cancellation(reasons: &[CancellationReason], idempotency: usize) -> Cancellation {
-    if reasons
-        .get(idempotency)
-        .is_some_and(|r| code(r) == "ConditionalCheckFailed")
-    {
+fn cancellation(
+    reasons: &[CancellationReason],
+    idempotency: usize,
+    exists: &[usize],
+) -> Cancellation {
+    let failed = |i: usize| {
+        reasons
+            .get(i)
+            .is_some_and(|r| code(r) == "ConditionalCheckFailed")
+    };
+    if failed(idempotency) {
         return Cancellation::Duplicate;
+    }
+    if exists.iter().any(|&i| failed(i)) {
+        return Cancellation::Exists;
     }
     let codes: Vec<&str> = reasons.iter().map(code).filter(|c| *c != "None").collect();
     let known = |c: &&str| {
@@ -109,12 +120,14 @@ fn cancellation(reasons: &[CancellationReason], idempotency: usize) -> Cancellat
 
 /// How a failed commit transaction is reported. `idempotency` is the index of the
 /// idempotency record's `Put` among the transaction's items: its failed
-/// `attribute_not_exists` condition means the operation was already applied, any other
-/// failed condition (the state's version, an entry or a generation that exists already)
-/// that the workspace moved on.
+/// `attribute_not_exists` condition means the operation was already applied; a failed
+/// condition at one of `exists` (a new generation's record or owner) that the generation
+/// exists already; any other failed condition (the state's version, an entry, a
+/// generation's status) that the workspace moved on.
 pub(super) fn classify_commit(
     err: SdkError<TransactWriteItemsError, HttpResponse>,
     idempotency: usize,
+    exists: &[usize],
 ) -> CommitError {
     const OP: &str = "TransactWriteItems";
     let SdkError::ServiceError(service) = &err else {
@@ -127,8 +140,9 @@ pub(super) fn classify_commit(
                 let codes: Vec<&str> = reasons.iter().map(code).collect();
                 format!("{OP} cancelled [{}]", codes.join(", "))
             };
-            match cancellation(reasons, idempotency) {
+            match cancellation(reasons, idempotency, exists) {
                 Cancellation::Duplicate => CommitError::Duplicate,
+                Cancellation::Exists => CommitError::GenerationExists,
                 Cancellation::Conflict => CommitError::Conflict,
                 Cancellation::Transient => {
                     CommitError::Store(StoreError::unavailable(Context::new(what(), err)))
@@ -214,7 +228,7 @@ mod tests {
             "ProvisionedThroughputExceeded",
             "RequestLimitExceeded",
         ] {
-            let e = classify_commit(cancelled(&["None", code, "None"]), IDEM);
+            let e = classify_commit(cancelled(&["None", code, "None"]), IDEM, &[]);
             assert!(
                 matches!(&e, CommitError::Store(StoreError::Unavailable(_))),
                 "{code}: {e:?}"
@@ -241,7 +255,11 @@ mod tests {
 
     #[test]
     fn a_transaction_conflict_is_a_conflict_even_when_no_condition_failed() {
-        let e = classify_commit(cancelled(&["None", "TransactionConflict", "None"]), IDEM);
+        let e = classify_commit(
+            cancelled(&["None", "TransactionConflict", "None"]),
+            IDEM,
+            &[],
+        );
         assert!(matches!(e, CommitError::Conflict), "{e:?}");
         let e = classify_commit(
             transact(
@@ -253,6 +271,7 @@ mod tests {
                 400,
             ),
             IDEM,
+            &[],
         );
         assert!(matches!(e, CommitError::Conflict), "{e:?}");
     }
@@ -265,7 +284,7 @@ mod tests {
             &["ConditionalCheckFailed", "ConditionalCheckFailed", "None"][..],
             &["ConditionalCheckFailed", "None", "ThrottlingError"][..],
         ] {
-            let e = classify_commit(cancelled(codes), IDEM);
+            let e = classify_commit(cancelled(codes), IDEM, &[]);
             assert!(matches!(e, CommitError::Duplicate), "{codes:?}: {e:?}");
         }
         // The state's version (or an entry, or a generation owner) moved on.
@@ -274,7 +293,7 @@ mod tests {
             &["None", "None", "ConditionalCheckFailed"][..],
             &["None", "ConditionalCheckFailed", "ThrottlingError"][..],
         ] {
-            let e = classify_commit(cancelled(codes), IDEM);
+            let e = classify_commit(cancelled(codes), IDEM, &[]);
             assert!(matches!(e, CommitError::Conflict), "{codes:?}: {e:?}");
         }
     }
@@ -289,7 +308,7 @@ mod tests {
             &["None", "None"][..],
             &[][..],
         ] {
-            let e = classify_commit(cancelled(codes), IDEM);
+            let e = classify_commit(cancelled(codes), IDEM, &[]);
             assert!(
                 matches!(&e, CommitError::Store(StoreError::Backend(_))),
                 "{codes:?}: {e:?}"
@@ -303,6 +322,7 @@ mod tests {
                 400,
             ),
             IDEM,
+            &[],
         );
         assert!(
             matches!(&e, CommitError::Store(StoreError::Backend(_))),
@@ -322,7 +342,7 @@ mod tests {
             ),
             400,
         );
-        let e = classify_commit(throttled, IDEM);
+        let e = classify_commit(throttled, IDEM, &[]);
         assert!(
             matches!(&e, CommitError::Store(StoreError::Unavailable(_))),
             "{e:?}"
@@ -338,6 +358,7 @@ mod tests {
             let e = classify_commit(
                 transact(TransactWriteItemsError::generic(meta(code)), status),
                 IDEM,
+                &[],
             );
             assert!(
                 matches!(&e, CommitError::Store(StoreError::Unavailable(_))),
@@ -350,6 +371,7 @@ mod tests {
                 400,
             ),
             IDEM,
+            &[],
         );
         assert!(
             matches!(&e, CommitError::Store(StoreError::Backend(_))),
@@ -432,6 +454,22 @@ mod tests {
         async fn load(&self, w: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
             self.inner.load(w).await
         }
+        async fn read_op(
+            &self,
+            w: &WorkspaceId,
+            k: &IdempotencyKey,
+            g: Option<GenerationId>,
+        ) -> Result<OpRead, StoreError> {
+            self.inner.read_op(w, k, g).await
+        }
+        async fn open_holds(
+            &self,
+            w: &WorkspaceId,
+            until: Option<DateTime<Utc>>,
+            limit: usize,
+        ) -> Result<Vec<Hold>, StoreError> {
+            self.inner.open_holds(w, until, limit).await
+        }
         async fn commit(&self, c: Commit) -> Result<(), CommitError> {
             use std::sync::atomic::Ordering;
             if self
@@ -442,6 +480,7 @@ mod tests {
                 return Err(classify_commit(
                     cancelled(&["None", "ThrottlingError"]),
                     IDEM,
+                    &[],
                 ));
             }
             self.inner.commit(c).await

@@ -5,7 +5,8 @@
 //! | `WORKSPACE#<id>` | `STATE` | workspace state JSON, `version` (optimistic concurrency) |
 //! | `WORKSPACE#<id>` | `ENTRY#<seq, 20 digits>` | journal entry JSON (append-only) |
 //! | `WORKSPACE#<id>` | `IDEM#<key>` | idempotency record JSON, optional `ttl` |
-//! | `WORKSPACE#<id>` | `GEN#<gen id>` | generation JSON, `status` and `model` for filtering |
+//! | `WORKSPACE#<id>` | `GEN#<gen id>` | generation JSON, `status` and `model` for filtering, `hold` (JSON) while it holds credits |
+//! | `WORKSPACE#<id>` | `HOLD#<deadline ms, 15 digits>#<gen id>` | an open hold JSON, in deadline order |
 //! | `GENERATION#<gen id>` | `OWNER` | `workspace`: which workspace a generation belongs to |
 //!
 //! Documents (`store::docs`) share the table. One filed in the due index also carries
@@ -24,9 +25,9 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, GlobalSecondaryIndex,
-    KeySchemaElement, KeyType, Projection, ProjectionType, Put, ScalarAttributeType,
-    TimeToLiveSpecification, TransactWriteItem,
+    AttributeDefinition, AttributeValue, BillingMode, CancellationReason, Delete,
+    GlobalSecondaryIndex, KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType,
+    Put, ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem,
 };
 use errors::{classify, classify_commit};
 use std::collections::HashMap;
@@ -62,8 +63,15 @@ fn workspace_pk(a: &WorkspaceId) -> String {
 fn entry_sk(seq: u64) -> String {
     format!("ENTRY#{seq:020}")
 }
+fn hold_sk(h: &Hold) -> String {
+    format!("HOLD#{}#{}", deadline_key(h.deadline), h.generation)
+}
 fn backend(e: impl Into<BoxError>) -> StoreError {
     StoreError::backend(e)
+}
+
+fn put(p: Put) -> TransactWriteItem {
+    TransactWriteItem::builder().put(p).build()
 }
 
 fn body(item: &HashMap<String, AttributeValue>) -> Result<&str, StoreError> {
@@ -83,6 +91,10 @@ impl DynamoStore {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
     }
 
     /// A client for a DynamoDB-compatible server on a local endpoint, with dummy credentials.
@@ -294,14 +306,135 @@ impl DynamoStore {
 impl LedgerStore for DynamoStore {
     async fn load(&self, workspace: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
         match self.get(workspace_pk(workspace), "STATE".into()).await? {
-            Some(item) => Ok(Some(decode(body(&item)?)?)),
+            Some(item) => Ok(Some(decode::<WorkspaceState>(body(&item)?)?.normalized())),
             None => Ok(None),
         }
     }
 
+    async fn read_op(
+        &self,
+        workspace: &WorkspaceId,
+        key: &IdempotencyKey,
+        generation: Option<GenerationId>,
+    ) -> Result<OpRead, StoreError> {
+        let pk = workspace_pk(workspace);
+        let key_of =
+            |sk: String| HashMap::from([(PK.to_string(), s(&pk)), (SK.to_string(), s(sk))]);
+        let idem_sk = format!("IDEM#{key}");
+        let gen_sk = generation.map(|g| format!("GEN#{g}"));
+        let mut keys = vec![key_of("STATE".into()), key_of(idem_sk.clone())];
+        if let Some(sk) = &gen_sk {
+            keys.push(key_of(sk.clone()));
+        }
+        let mut found: Vec<HashMap<String, AttributeValue>> = Vec::new();
+        let mut pending = Some(
+            KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .consistent_read(true)
+                .build()
+                .map_err(backend)?,
+        );
+        // DynamoDB may leave keys unprocessed under load; ask again for those.
+        let mut rounds = 0;
+        while let Some(request) = pending.take() {
+            rounds += 1;
+            if rounds > 10 {
+                return Err(StoreError::unavailable(
+                    "BatchGetItem left keys unprocessed",
+                ));
+            }
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(|e| classify("BatchGetItem", e))?;
+            if let Some(mut items) = out.responses {
+                found.extend(items.remove(&self.table).unwrap_or_default());
+            }
+            pending = out
+                .unprocessed_keys
+                .and_then(|mut u| u.remove(&self.table))
+                .filter(|k| !k.keys().is_empty());
+        }
+        let mut read = OpRead::default();
+        for item in &found {
+            let sk = item.get(SK).and_then(|v| v.as_s().ok()).map(String::as_str);
+            match sk {
+                Some("STATE") => {
+                    read.state = Some(decode::<WorkspaceState>(body(item)?)?.normalized());
+                }
+                Some(k) if k == idem_sk => read.idempotency = Some(decode(body(item)?)?),
+                Some(k) if Some(k) == gen_sk.as_deref() => {
+                    let hold = match item.get("hold").map(|v| v.as_s()) {
+                        Some(Ok(text)) => Some(decode(text)?),
+                        Some(Err(_)) => return Err(StoreError::decode("hold is not a string")),
+                        None => None,
+                    };
+                    read.generation = Some(StoredGeneration {
+                        record: decode(body(item)?)?,
+                        hold,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(read)
+    }
+
+    async fn open_holds(
+        &self,
+        workspace: &WorkspaceId,
+        until: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<Vec<Hold>, StoreError> {
+        let high = match until {
+            Some(t) => format!("HOLD#{}#~", deadline_key(t)),
+            None => "HOLD#~".into(),
+        };
+        let mut out = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        while out.len() < limit {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk AND #sk BETWEEN :lo AND :hi")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_values(":pk", s(workspace_pk(workspace)))
+                .expression_attribute_values(":lo", s("HOLD#"))
+                .expression_attribute_values(":hi", s(high.clone()))
+                .consistent_read(true)
+                .limit(((limit - out.len()) as i32).clamp(1, 1000))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("Query", e))?;
+            for item in page.items() {
+                out.push(decode(body(item)?)?);
+            }
+            match page.last_evaluated_key {
+                Some(k) if out.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
     async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        if c.items() > MAX_COMMIT_ITEMS {
+            return Err(CommitError::Store(StoreError::backend(format!(
+                "a commit of {} items exceeds one transaction",
+                c.items()
+            ))));
+        }
         let pk = workspace_pk(&c.state.workspace);
-        let mut items = Vec::new();
+        let mut items: Vec<TransactWriteItem> = Vec::new();
+        // Items whose failed condition means "that generation exists already".
+        let mut exists_at: Vec<usize> = Vec::new();
 
         let idem = &c.idempotency;
         let mut idem_item = HashMap::from([
@@ -313,7 +446,7 @@ impl LedgerStore for DynamoStore {
             idem_item.insert(TTL.into(), n(t.timestamp().max(0) as u64));
         }
         let idem_index = items.len();
-        items.push(self.put(idem_item, Some("attribute_not_exists(PK)")));
+        items.push(put(self.put(idem_item, Some("attribute_not_exists(PK)"))));
 
         let state_item = HashMap::from([
             (PK.to_string(), s(&pk)),
@@ -333,7 +466,7 @@ impl LedgerStore for DynamoStore {
                 .build()
                 .expect("table and item are set")
         };
-        items.push(state_put);
+        items.push(put(state_put));
 
         for e in &c.entries {
             let item = HashMap::from([
@@ -341,17 +474,54 @@ impl LedgerStore for DynamoStore {
                 (SK.to_string(), s(entry_sk(e.seq))),
                 ("body".to_string(), s(encode(e)?)),
             ]);
-            items.push(self.put(item, Some("attribute_not_exists(PK)")));
+            items.push(put(self.put(item, Some("attribute_not_exists(PK)"))));
         }
-        for g in &c.generations {
-            let item = HashMap::from([
+        for (prior, g) in &c.generations {
+            let mut item = HashMap::from([
                 (PK.to_string(), s(&pk)),
                 (SK.to_string(), s(format!("GEN#{}", g.id))),
                 ("status".to_string(), s(g.status.as_str())),
                 ("model".to_string(), s(&g.estimate.model)),
                 ("body".to_string(), s(encode(g)?)),
             ]);
-            items.push(self.put(item, None));
+            if let Some(h) = c.placed.iter().find(|h| h.generation == g.id) {
+                item.insert("hold".into(), s(encode(h)?));
+            }
+            // The record is written only over the one this operation read.
+            let p = match prior {
+                None => {
+                    exists_at.push(items.len());
+                    self.put(item, Some("attribute_not_exists(PK)"))
+                }
+                Some(status) => Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .condition_expression("#status = :prior")
+                    .expression_attribute_names("#status", "status")
+                    .expression_attribute_values(":prior", s(status.as_str()))
+                    .build()
+                    .expect("table and item are set"),
+            };
+            items.push(put(p));
+        }
+        for h in &c.placed {
+            let item = HashMap::from([
+                (PK.to_string(), s(&pk)),
+                (SK.to_string(), s(hold_sk(h))),
+                ("body".to_string(), s(encode(h)?)),
+            ]);
+            items.push(put(self.put(item, Some("attribute_not_exists(PK)"))));
+        }
+        // A hold kept inside an older state item has no item of its own: deleting a
+        // missing item is a no-op, and the generation's status guards the close.
+        for h in &c.closed {
+            let delete = Delete::builder()
+                .table_name(&self.table)
+                .key(PK, s(&pk))
+                .key(SK, s(hold_sk(h)))
+                .build()
+                .expect("table and key are set");
+            items.push(TransactWriteItem::builder().delete(delete).build());
         }
         for id in &c.new_generations {
             let item = HashMap::from([
@@ -359,23 +529,19 @@ impl LedgerStore for DynamoStore {
                 (SK.to_string(), s("OWNER")),
                 ("workspace".to_string(), s(c.state.workspace.as_str())),
             ]);
-            items.push(self.put(item, Some("attribute_not_exists(PK)")));
+            exists_at.push(items.len());
+            items.push(put(self.put(item, Some("attribute_not_exists(PK)"))));
         }
 
         let result = self
             .client
             .transact_write_items()
-            .set_transact_items(Some(
-                items
-                    .into_iter()
-                    .map(|p| TransactWriteItem::builder().put(p).build())
-                    .collect(),
-            ))
+            .set_transact_items(Some(items))
             .send()
             .await;
         result
             .map(|_| ())
-            .map_err(|e| classify_commit(e, idem_index))
+            .map_err(|e| classify_commit(e, idem_index, &exists_at))
     }
 
     async fn idempotency(
