@@ -508,6 +508,62 @@ async fn an_idempotency_key_replays_the_first_generation_and_refuses_a_different
 }
 
 #[tokio::test]
+async fn held_and_expired_filters_read_their_index_not_the_whole_history() {
+    let app = TestApp::new();
+    grant(&app.ledger, "org_idx", 100_000).await;
+    let m = member("org_idx", "m1");
+    let image = json!({"workflow": "image", "model": "imagen-3"});
+    // The oldest generation of the history is the one still running; one more expires.
+    let running = start(
+        &app,
+        &m,
+        json!({"workflow": "video", "model": "video-pro", "duration_s": 10}),
+    )
+    .await["id"]
+        .clone();
+    let lapsing = start(&app, &m, image.clone()).await["id"].clone();
+    // Far more finished generations after them than one page may read (1,000).
+    for _ in 0..1_100 {
+        let id = start(&app, &m, image.clone()).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let done = app
+            .post(
+                &format!("/v1/generations/{id}/complete"),
+                &service(),
+                json!({}),
+            )
+            .await;
+        assert_eq!(done.status.as_u16(), 200, "{:#}", done.body);
+    }
+    app.clock.advance(Duration::minutes(16));
+    let held = app.get("/v1/generations?status=held", &m).await.body;
+    let ids: Vec<&Value> = held["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| &g["id"])
+        .collect();
+    assert_eq!(ids, vec![&running], "{held:#}");
+    assert!(held["next_cursor"].is_null());
+    let expired = app.get("/v1/generations?status=expired", &m).await.body;
+    let ids: Vec<&Value> = expired["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| &g["id"])
+        .collect();
+    assert_eq!(ids, vec![&lapsing], "{expired:#}");
+    assert!(expired["next_cursor"].is_null());
+    // Settled by the next write, it is read from the expired index.
+    start(&app, &m, image.clone()).await;
+    let expired = app.get("/v1/generations?status=expired", &m).await.body;
+    assert_eq!(expired["items"][0]["id"], lapsing);
+    assert_eq!(expired["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn an_abandoned_hold_is_released_at_its_deadline_and_shown_as_expired() {
     let app = TestApp::new();
     grant(&app.ledger, "org_a", 40).await;

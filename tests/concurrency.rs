@@ -80,6 +80,11 @@ async fn sixty_four_concurrent_holds_through_dynamodb_never_overspend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_holds_through_dynamodb_local_never_overspend() {
+    race(tally_tests::dynamo_local_store().await, 64, 300).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_holds_through_the_embedded_store_never_overspend() {
     race(tally_tests::embedded_store(), 64, 300).await;
 }

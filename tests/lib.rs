@@ -38,9 +38,29 @@ pub async fn dynamo_store() -> Arc<dyn LedgerStore> {
 /// A fresh table on the DynamoDB-compatible server, as the concrete store (for tests that
 /// also read its raw items).
 pub async fn dynamo_table() -> DynamoStore {
-    let endpoint = std::env::var("DYNAMODB_ENDPOINT").expect(
-        "DYNAMODB_ENDPOINT is not set: run the suite with `make test`, which starts a local DynamoDB-compatible server",
-    );
+    table_at("DYNAMODB_ENDPOINT").await
+}
+
+/// A fresh table on AWS's own DynamoDB Local (`DYNAMODB_LOCAL_ENDPOINT`), the second server
+/// the store is held to. Its build allows at most 10 items in one transaction.
+pub async fn dynamo_local_table() -> DynamoStore {
+    table_at("DYNAMODB_LOCAL_ENDPOINT").await
+}
+
+pub async fn dynamo_local_store() -> Arc<dyn LedgerStore> {
+    Arc::new(dynamo_local_table().await)
+}
+
+pub async fn dynamo_local_docs() -> Arc<dyn tally::store::DocStore> {
+    Arc::new(dynamo_local_table().await)
+}
+
+async fn table_at(variable: &str) -> DynamoStore {
+    let endpoint = std::env::var(variable).unwrap_or_else(|_| {
+        panic!(
+            "{variable} is not set: run the suite with `make test`, which starts the local DynamoDB servers"
+        )
+    });
     let client = DynamoStore::local_client(&endpoint);
     let table = format!(
         "tally-test-{}",

@@ -12,6 +12,7 @@ mod refresh;
 mod refund_requests;
 mod refunds;
 mod rules;
+mod scale;
 mod service_properties;
 mod simulation;
 mod simulator;

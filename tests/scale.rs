@@ -1,6 +1,6 @@
-//! The ledger at scale on the DynamoDB-compatible server: the state item stays small with
-//! ten thousand open holds, a thousand overdue holds never make a transaction too large,
-//! and every operation costs one read round trip and one transaction.
+//! The ledger at scale: the state item stays small with ten thousand open holds (on AWS's
+//! DynamoDB Local), a thousand overdue holds never make a transaction too large and read
+//! right at once, and every operation costs one read round trip and one transaction.
 
 use chrono::Duration;
 use std::sync::Arc;
@@ -20,19 +20,33 @@ use tally::store::{
     Commit, CommitError, EntryQuery, GenerationQuery, IdempotencyRecord, LedgerStore,
     MAX_COMMIT_ITEMS, OpRead, StoreError,
 };
-use tally_tests::{dynamo_table, grant, ledger_over, t0, workspace};
+use tally_tests::{
+    dynamo_local_table, dynamo_table, embedded_store, grant, ledger_over, t0, workspace,
+};
 
-/// The real DynamoDB store, counting what the ledger asks of it.
+/// A real store, counting what the ledger asks of it.
 struct Counting {
-    inner: DynamoStore,
+    inner: Arc<dyn LedgerStore>,
+    /// The same store as DynamoDB, to read raw items.
+    raw: Option<DynamoStore>,
     reads: AtomicUsize,
     commits: Mutex<Vec<usize>>,
 }
 
 impl Counting {
-    fn new(inner: DynamoStore) -> Arc<Self> {
+    fn dynamo(inner: DynamoStore) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Arc::new(inner.clone()),
+            raw: Some(inner),
+            reads: AtomicUsize::new(0),
+            commits: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn over(inner: Arc<dyn LedgerStore>) -> Arc<Self> {
         Arc::new(Self {
             inner,
+            raw: None,
             reads: AtomicUsize::new(0),
             commits: Mutex::new(Vec::new()),
         })
@@ -51,11 +65,11 @@ impl Counting {
 
     /// The stored state item's size in bytes (its JSON body), read raw from the table.
     async fn state_bytes(&self, ws: &WorkspaceId) -> usize {
-        let item = self
-            .inner
+        let raw = self.raw.as_ref().expect("a DynamoDB store");
+        let item = raw
             .client()
             .get_item()
-            .table_name(self.inner.table())
+            .table_name(raw.table())
             .key(
                 "PK",
                 aws_sdk_dynamodb::types::AttributeValue::S(format!("WORKSPACE#{ws}")),
@@ -211,7 +225,7 @@ fn open_hold_count() -> usize {
 
 #[tokio::test]
 async fn ten_thousand_open_holds_keep_the_state_item_small_and_each_operation_one_round_trip() {
-    let store = Counting::new(dynamo_table().await);
+    let store = Counting::dynamo(dynamo_local_table().await);
     let (ledger, _clock) = ledger_over(store.clone());
     let ws = "org_scale";
     let count = open_hold_count();
@@ -313,8 +327,23 @@ async fn ten_thousand_open_holds_keep_the_state_item_small_and_each_operation_on
         granted - per * open - (per - 1)
     );
     state.check_invariants().unwrap();
-    // Reusing a generation id is refused by the transaction's own condition.
-    let refused = hold(&ledger, ws, ids[1], &est, deadline).await;
+    store.take();
+    // Reusing a generation id (under another key) is refused by the transaction's own
+    // condition.
+    let refused = ledger
+        .execute(LedgerRequest {
+            workspace: workspace(ws),
+            key: IdempotencyKey::client("generations", "retry-with-a-new-key").unwrap(),
+            fingerprint: "hold again".into(),
+            actor: Actor::new(ActorKind::Member, "m1"),
+            refs: Refs::default(),
+            op: Operation::Hold {
+                generation: ids[1],
+                estimate: est.clone(),
+                deadline,
+            },
+        })
+        .await;
     assert!(matches!(
         refused,
         Err(ServiceError::Refused(LedgerError::GenerationExists(_)))
@@ -329,12 +358,21 @@ async fn ten_thousand_open_holds_keep_the_state_item_small_and_each_operation_on
 
 #[tokio::test]
 async fn a_thousand_overdue_holds_settle_in_bounded_transactions_and_read_right_at_once() {
-    let store = Counting::new(dynamo_table().await);
+    overdue_holds(Counting::over(embedded_store()), 1_000).await;
+}
+
+/// The same on the DynamoDB-compatible server, whose transactions take 100 items (fewer
+/// holds: that server slows down as one workspace's items grow).
+#[tokio::test]
+async fn overdue_holds_settle_in_transactions_dynamodb_accepts() {
+    overdue_holds(Counting::dynamo(dynamo_table().await), 120).await;
+}
+
+async fn overdue_holds(store: Arc<Counting>, overdue: u64) {
     let (ledger, clock) = ledger_over(store.clone());
     let ws = "org_overdue";
     let est = estimate(&ledger);
     let per = est.credits.get();
-    let overdue = 1_000u64;
     let granted = per * overdue + 500;
     grant(&ledger, ws, granted).await;
     let mut ids = Vec::new();
@@ -360,45 +398,43 @@ async fn a_thousand_overdue_holds_settle_in_bounded_transactions_and_read_right_
     assert_eq!(view.balance().available.get(), granted - per);
     assert_eq!(view.open_holds, 1);
 
-    // Writes keep working: each releases a bounded batch within one transaction.
-    grant(&ledger, ws, 100).await;
-    let (_, commits) = store.take();
-    assert_eq!(commits.len(), 1);
-    assert!(commits[0] <= MAX_COMMIT_ITEMS, "{commits:?}");
+    // The credit-refresh sweeper settles a batch per transaction.
+    for round in 0..2 {
+        settle(&ledger, ws, format!("settle:{round}"), Operation::Settle).await;
+        let (_, commits) = store.take();
+        assert_eq!(commits.len(), 1);
+        assert!(commits[0] <= MAX_COMMIT_ITEMS, "{commits:?}");
+        let view = ledger.workspace_now(&workspace(ws)).await.unwrap();
+        assert_eq!(view.balance().available.get(), granted - per);
+    }
+    let state = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    assert_eq!(state.open_holds, overdue + 1 - 50);
+    // The next operation releases the rest first, a batch per transaction, so it sees
+    // every credit: a hold that needs nearly all of them is placed, with the exact balance.
     let g = GenerationId::new();
-    let placed = hold(&ledger, ws, g, &est, t0() + Duration::hours(3))
+    let mut big = est.clone();
+    big.credits = Credits::new(granted - 2 * per);
+    let placed = hold(&ledger, ws, g, &big, t0() + Duration::hours(3))
         .await
         .unwrap();
-    assert_eq!(placed.balance.available.get(), granted + 100 - 3 * per);
+    assert_eq!(placed.balance.available.get(), per);
     let (_, commits) = store.take();
+    let left = overdue - 50;
+    assert_eq!(
+        commits.len() as u64,
+        left.div_ceil(25),
+        "{left} overdue holds left, 25 per transaction, the last batch with the hold"
+    );
     assert!(
         commits.iter().all(|n| *n <= MAX_COMMIT_ITEMS),
         "{commits:?}"
     );
-    let view = ledger.workspace_now(&workspace(ws)).await.unwrap();
-    assert_eq!(view.balance().available.get(), granted + 100 - 2 * per);
-
-    // The sweeper's settlements release the rest, a batch each.
-    let mut rounds = 0;
-    loop {
-        let state = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
-        if !state.needs_settling(clock.now()) {
-            break;
-        }
-        rounds += 1;
-        assert!(rounds < 100, "settling does not converge");
-        settle(&ledger, ws, format!("settle:{rounds}"), Operation::Settle).await;
-        let (_, commits) = store.take();
-        assert!(
-            commits.iter().all(|n| *n <= MAX_COMMIT_ITEMS),
-            "{commits:?}"
-        );
-    }
-    assert_eq!(rounds, 38, "950 overdue holds left, 25 per operation");
+    let state = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    assert!(!state.needs_settling(clock.now()));
     let state = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
     assert_eq!(state.open_holds, 2);
     assert_eq!(state.next_due, Some(t0() + Duration::hours(3)));
-    assert_eq!(state.balance().available.get(), granted + 100 - 2 * per);
+    assert_eq!(state.balance().available.get(), per);
     let left = ledger
         .store
         .open_holds(&workspace(ws), None, 100)
@@ -453,4 +489,7 @@ async fn a_thousand_overdue_holds_settle_in_bounded_transactions_and_read_right_
     )
     .await;
     assert_eq!(outcome.generation.unwrap().charged, Credits::new(per));
+    let state = ledger.workspace_now(&workspace(ws)).await.unwrap();
+    state.check_invariants().unwrap();
+    assert_eq!(state.balance().available.get(), 0);
 }

@@ -574,3 +574,8 @@ conformance!(
     dynamo_store().await,
     tally_tests::dynamo_docs().await
 );
+conformance!(
+    dynamodb_local,
+    tally_tests::dynamo_local_store().await,
+    tally_tests::dynamo_local_docs().await
+);

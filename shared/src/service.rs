@@ -169,6 +169,14 @@ impl Ledger {
             }
             let now = self.clock.now();
             let due = self.load_due(&mut state, now).await?;
+            if due.flatten().is_some_and(|next| next <= now) && !matches!(req.op, Operation::Settle)
+            {
+                // More holds are overdue than one transaction releases (the generation
+                // service was down): release them a batch per transaction first, so this
+                // operation sees every credit they held.
+                self.settle_batch(&req.workspace, state.version).await?;
+                continue;
+            }
             let cmd = Command {
                 key: req.key.clone(),
                 at: now,
@@ -246,6 +254,24 @@ impl Ledger {
                 Err(CommitError::Store(e)) => return Err(e.into()),
             }
         }
+    }
+
+    /// Releases one transaction's worth of overdue holds, under a key naming the state
+    /// version it starts from (a concurrent twin doing the same is a replay).
+    async fn settle_batch(
+        &self,
+        workspace: &WorkspaceId,
+        version: u64,
+    ) -> Result<(), ServiceError> {
+        let settle = LedgerRequest {
+            workspace: workspace.clone(),
+            key: IdempotencyKey::derived(format!("settle:overdue:{version}")),
+            fingerprint: "settle".into(),
+            actor: Actor::system(),
+            refs: Refs::default(),
+            op: Operation::Settle,
+        };
+        Box::pin(self.execute(settle)).await.map(|_| ())
     }
 
     async fn replay(&self, req: &LedgerRequest) -> Result<Option<Outcome>, ServiceError> {

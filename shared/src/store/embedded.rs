@@ -17,6 +17,9 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("i
 const GENERATIONS: TableDefinition<(&str, &str), &str> = TableDefinition::new("generations");
 /// `workspace`, deadline (ms), generation id -> open hold JSON.
 const HOLDS: TableDefinition<(&str, i64, &str), &str> = TableDefinition::new("holds");
+/// `workspace`, status, generation id -> nothing: generations by status.
+const BY_STATUS: TableDefinition<(&str, &str, &str), ()> =
+    TableDefinition::new("generations_by_status");
 /// generation id -> workspace.
 const GENERATION_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("generation_owners");
 /// pk, sk -> (version, body).
@@ -116,6 +119,7 @@ impl EmbeddedStore {
         tx.open_table(GENERATIONS).map_err(backend)?;
         tx.open_table(GENERATION_OWNERS).map_err(backend)?;
         tx.open_table(HOLDS).map_err(backend)?;
+        tx.open_table(BY_STATUS).map_err(backend)?;
         tx.open_table(DOCS).map_err(backend)?;
         tx.open_table(DUE).map_err(backend)?;
         tx.open_table(DUE_OF).map_err(backend)?;
@@ -327,6 +331,7 @@ impl LedgerStore for EmbeddedStore {
                 idem.insert(key, encode(&c.idempotency)?.as_str())
                     .map_err(backend)?;
                 let mut gens = tx.open_table(GENERATIONS).map_err(backend)?;
+                let mut by_status = tx.open_table(BY_STATUS).map_err(backend)?;
                 for (prior, g) in &c.generations {
                     let id = g.id.to_string();
                     let key = (workspace.as_str(), id.as_str());
@@ -343,6 +348,14 @@ impl LedgerStore for EmbeddedStore {
                         });
                     }
                     gens.insert(key, encode(g)?.as_str()).map_err(backend)?;
+                    if let Some(p) = prior {
+                        by_status
+                            .remove((workspace.as_str(), p.as_str(), id.as_str()))
+                            .map_err(backend)?;
+                    }
+                    by_status
+                        .insert((workspace.as_str(), g.status.as_str(), id.as_str()), ())
+                        .map_err(backend)?;
                 }
                 let mut holds = tx.open_table(HOLDS).map_err(backend)?;
                 for h in &c.closed {
@@ -439,6 +452,35 @@ impl LedgerStore for EmbeddedStore {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(GENERATIONS).map_err(backend)?;
             let upper = query.before.map(|b| b.to_string());
+            // A status is read from its index: only generations with that status.
+            if let Some(status) = query.status {
+                let index = tx.open_table(BY_STATUS).map_err(backend)?;
+                let (ws, st) = (workspace.as_str(), status.as_str());
+                let range = match &upper {
+                    Some(b) => index.range((ws, st, "")..(ws, st, b.as_str())),
+                    None => index.range((ws, st, "")..=(ws, st, "\u{10FFFF}")),
+                }
+                .map_err(backend)?;
+                let mut out = Vec::new();
+                for item in range.rev() {
+                    let (k, _) = item.map_err(backend)?;
+                    let (_, _, id) = k.value();
+                    let Some(v) = t.get((ws, id)).map_err(backend)? else {
+                        continue;
+                    };
+                    let g: Generation = decode(v.value())?;
+                    if query.past_range(&g) {
+                        break;
+                    }
+                    if matches_query(&g, &query) {
+                        out.push(g);
+                        if out.len() >= query.limit {
+                            break;
+                        }
+                    }
+                }
+                return Ok(out);
+            }
             let range = match &upper {
                 Some(b) => t.range((workspace.as_str(), "")..(workspace.as_str(), b.as_str())),
                 None => t.range((workspace.as_str(), "")..=(workspace.as_str(), "\u{10FFFF}")),

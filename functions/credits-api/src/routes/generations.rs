@@ -402,10 +402,17 @@ pub(crate) async fn generations_page(
         })
         .transpose()?;
     // Overdue holds are still stored as held until the workspace is next written; they are
-    // shown (and filtered) as expired.
-    let stored_status = match status {
-        Some(GenerationStatus::Expired) | Some(GenerationStatus::Held) => None,
-        other => other,
+    // shown (and filtered) as expired. A status is read from the store's status index, so
+    // a filter reads only generations that had it, not the whole history.
+    let stored_statuses = match status {
+        None => vec![None],
+        Some(GenerationStatus::Expired) => {
+            vec![
+                Some(GenerationStatus::Expired),
+                Some(GenerationStatus::Held),
+            ]
+        }
+        Some(s) => vec![Some(s)],
     };
     let now = app.ledger.clock.now();
     let mut items = Vec::new();
@@ -414,26 +421,33 @@ pub(crate) async fn generations_page(
     // this many generations read, the page ends (perhaps short) with a cursor to go on.
     let mut scanned = 0usize;
     let mut stopped = false;
-    let filter = GenerationQuery {
-        status: stored_status,
-        ..base.clone()
-    };
+    let filter = base.clone();
     loop {
         // Raw pages, filtered here: every generation read is counted.
         const RAW_PAGE: usize = 100;
-        let page = app
-            .ledger
-            .store
-            .generations(
-                workspace,
-                &GenerationQuery {
-                    before: cursor,
-                    limit: RAW_PAGE,
-                    ..GenerationQuery::default()
-                },
-            )
-            .await?;
-        let mut exhausted = page.len() < RAW_PAGE;
+        let mut page = Vec::new();
+        let mut exhausted = true;
+        for stored in &stored_statuses {
+            let part = app
+                .ledger
+                .store
+                .generations(
+                    workspace,
+                    &GenerationQuery {
+                        before: cursor,
+                        status: *stored,
+                        limit: RAW_PAGE,
+                        ..GenerationQuery::default()
+                    },
+                )
+                .await?;
+            exhausted &= part.len() < RAW_PAGE;
+            page.extend(part);
+        }
+        // Two statuses merged newest first: what is past this page comes next time.
+        page.sort_by_key(|g| std::cmp::Reverse(g.id));
+        exhausted &= page.len() <= RAW_PAGE;
+        page.truncate(RAW_PAGE);
         for g in page {
             scanned += 1;
             cursor = Some(g.id);

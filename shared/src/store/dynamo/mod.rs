@@ -44,6 +44,14 @@ pub const DUE_INDEX: &str = "due";
 pub const DUE_SHARD: &str = "due_shard";
 /// The due index's sort key: when the document falls due, in epoch milliseconds.
 pub const DUE_AT: &str = "due_at";
+/// Generations by status (global secondary index): partition [`GEN_STATUS`], sort `SK`.
+pub const STATUS_INDEX: &str = "status";
+/// The status index's partition key on a generation item: `<workspace>#<status>`.
+pub const GEN_STATUS: &str = "gen_status";
+
+fn gen_status(workspace: &WorkspaceId, status: GenerationStatus) -> String {
+    format!("{workspace}#{}", status.as_str())
+}
 
 #[derive(Clone)]
 pub struct DynamoStore {
@@ -170,6 +178,38 @@ impl DynamoStore {
                         .build()
                         .map_err(backend)?,
                 )
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(GEN_STATUS)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(backend)?,
+                )
+                .global_secondary_indexes(
+                    GlobalSecondaryIndex::builder()
+                        .index_name(STATUS_INDEX)
+                        .key_schema(
+                            KeySchemaElement::builder()
+                                .attribute_name(GEN_STATUS)
+                                .key_type(KeyType::Hash)
+                                .build()
+                                .map_err(backend)?,
+                        )
+                        .key_schema(
+                            KeySchemaElement::builder()
+                                .attribute_name(SK)
+                                .key_type(KeyType::Range)
+                                .build()
+                                .map_err(backend)?,
+                        )
+                        .projection(
+                            Projection::builder()
+                                .projection_type(ProjectionType::All)
+                                .build(),
+                        )
+                        .build()
+                        .map_err(backend)?,
+                )
                 .global_secondary_indexes(
                     GlobalSecondaryIndex::builder()
                         .index_name(DUE_INDEX)
@@ -249,6 +289,24 @@ impl DynamoStore {
         low: String,
         high: String,
         limit: usize,
+        keep: impl FnMut(T) -> Scan<T>,
+    ) -> Result<Vec<T>, StoreError>
+    where
+        T: serde::de::DeserializeOwned,
+    {
+        self.query_desc_in(None, (PK, workspace_pk(workspace)), low, high, limit, keep)
+            .await
+    }
+
+    /// [`query_desc`](Self::query_desc) on the table (`index` `None`, consistent) or on a
+    /// secondary index, under the partition `(attribute, value)`.
+    async fn query_desc_in<T>(
+        &self,
+        index: Option<&str>,
+        partition: (&str, String),
+        low: String,
+        high: String,
+        limit: usize,
         mut keep: impl FnMut(T) -> Scan<T>,
     ) -> Result<Vec<T>, StoreError>
     where
@@ -261,14 +319,16 @@ impl DynamoStore {
                 .client
                 .query()
                 .table_name(&self.table)
+                .set_index_name(index.map(str::to_owned))
                 .key_condition_expression("#pk = :pk AND #sk BETWEEN :lo AND :hi")
-                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#pk", partition.0)
                 .expression_attribute_names("#sk", SK)
-                .expression_attribute_values(":pk", s(workspace_pk(workspace)))
+                .expression_attribute_values(":pk", s(partition.1.clone()))
                 .expression_attribute_values(":lo", s(low.clone()))
                 .expression_attribute_values(":hi", s(high.clone()))
                 .scan_index_forward(false)
-                .consistent_read(true)
+                // Secondary indexes are only eventually consistent.
+                .set_consistent_read(index.is_none().then_some(true))
                 .limit(((limit - out.len()) as i32).clamp(1, 100))
                 .set_exclusive_start_key(start.take())
                 .send()
@@ -481,6 +541,10 @@ impl LedgerStore for DynamoStore {
                 (PK.to_string(), s(&pk)),
                 (SK.to_string(), s(format!("GEN#{}", g.id))),
                 ("status".to_string(), s(g.status.as_str())),
+                (
+                    GEN_STATUS.to_string(),
+                    s(gen_status(&c.state.workspace, g.status)),
+                ),
                 ("model".to_string(), s(&g.estimate.model)),
                 ("body".to_string(), s(encode(g)?)),
             ]);
@@ -595,8 +659,17 @@ impl LedgerStore for DynamoStore {
             None => "GEN#~".into(),
         };
         let before = query.before;
-        self.query_desc(
-            workspace,
+        // A status is read from its index: only generations with that status.
+        let (index, partition) = match query.status {
+            Some(status) => (
+                Some(STATUS_INDEX),
+                (GEN_STATUS, gen_status(workspace, status)),
+            ),
+            None => (None, (PK, workspace_pk(workspace))),
+        };
+        self.query_desc_in(
+            index,
+            partition,
             "GEN#".into(),
             high,
             query.limit,
