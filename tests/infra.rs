@@ -8,7 +8,7 @@ use serde_yaml::Value;
 use std::collections::BTreeSet;
 use tally::queue::{BILLING_EVENTS_DLQ, BILLING_EVENTS_MAX_RECEIVES, BILLING_EVENTS_QUEUE};
 use tally::refresh::jobs::{REFRESH_JOBS_DLQ, REFRESH_JOBS_MAX_RECEIVES, REFRESH_JOBS_QUEUE};
-use tally::store::dynamo::{DUE_AT, DUE_INDEX, DUE_SHARD, PK, SK, TTL};
+use tally::store::dynamo::{DUE_AT, DUE_INDEX, DUE_SHARD, PK, SK, STATUS_INDEX, TTL};
 use utoipa::OpenApi;
 
 fn template() -> Value {
@@ -270,6 +270,28 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
             "no error alarm for {fname}"
         );
     }
+    // The ledger's own metrics: busy answers and the conflict rate, service-wide.
+    let busy = resource(&t, "LedgerBusyAlarm");
+    assert_eq!(busy["Properties"]["Namespace"], "Tally");
+    assert_eq!(busy["Properties"]["MetricName"], "Busy");
+    let rate = resource(&t, "LedgerConflictRateAlarm");
+    let metrics = rate["Properties"]["Metrics"].as_sequence().unwrap();
+    let names: Vec<String> = metrics
+        .iter()
+        .filter_map(|m| {
+            m["MetricStat"]["Metric"]["MetricName"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(names, vec!["Conflicts", "LedgerOperations"]);
+    for m in metrics.iter().filter(|m| m["MetricStat"].is_mapping()) {
+        assert_eq!(m["MetricStat"]["Metric"]["Namespace"], "Tally");
+        assert_eq!(
+            m["MetricStat"]["Metric"]["Dimensions"][0]["Value"],
+            tally::metrics::SERVICE
+        );
+    }
     for dlq in [
         "BillingEventsDeadLetterQueue",
         "RefundsDeadLetterQueue",
@@ -322,39 +344,49 @@ async fn the_table_the_code_creates_locally_matches_the_templates() {
         .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
         .collect();
     assert_eq!(keys, expected);
-    let index = described
-        .table()
-        .unwrap()
-        .global_secondary_indexes()
-        .iter()
-        .find(|i| i.index_name() == Some(DUE_INDEX))
-        .expect("the due index");
-    let index_keys: Vec<(String, String)> = index
-        .key_schema()
-        .iter()
-        .map(|k| {
-            (
-                k.attribute_name().to_owned(),
-                k.key_type().as_str().to_owned(),
-            )
-        })
-        .collect();
-    let gsi = &resource(&t, "Table")["Properties"]["GlobalSecondaryIndexes"][0];
-    assert_eq!(text(&gsi["IndexName"]), DUE_INDEX);
-    let expected: Vec<(String, String)> = gsi["KeySchema"]
+    // Every index of the template (the due index and the status index), as the code makes it.
+    let gsis = resource(&t, "Table")["Properties"]["GlobalSecondaryIndexes"]
         .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
-        .collect();
-    assert_eq!(index_keys, expected);
+        .unwrap();
+    let names: Vec<String> = gsis.iter().map(|g| text(&g["IndexName"])).collect();
+    assert_eq!(names, vec![DUE_INDEX.to_owned(), STATUS_INDEX.to_owned()]);
     assert_eq!(
-        index
-            .projection()
-            .and_then(|p| p.projection_type())
-            .map(|p| p.as_str()),
-        Some(text(&gsi["Projection"]["ProjectionType"]).as_str())
+        described.table().unwrap().global_secondary_indexes().len(),
+        gsis.len()
     );
+    for gsi in gsis {
+        let index = described
+            .table()
+            .unwrap()
+            .global_secondary_indexes()
+            .iter()
+            .find(|i| i.index_name() == Some(text(&gsi["IndexName"]).as_str()))
+            .expect("the index exists locally");
+        let index_keys: Vec<(String, String)> = index
+            .key_schema()
+            .iter()
+            .map(|k| {
+                (
+                    k.attribute_name().to_owned(),
+                    k.key_type().as_str().to_owned(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String)> = gsi["KeySchema"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|k| (text(&k["AttributeName"]), text(&k["KeyType"])))
+            .collect();
+        assert_eq!(index_keys, expected);
+        assert_eq!(
+            index
+                .projection()
+                .and_then(|p| p.projection_type())
+                .map(|p| p.as_str()),
+            Some(text(&gsi["Projection"]["ProjectionType"]).as_str())
+        );
+    }
     let ttl = client
         .describe_time_to_live()
         .table_name(&table)

@@ -493,3 +493,271 @@ async fn overdue_holds(store: Arc<Counting>, overdue: u64) {
     state.check_invariants().unwrap();
     assert_eq!(state.balance().available.get(), 0);
 }
+
+/// Every metric line the ledger wrote in this process (the sink is process-wide).
+fn metric_lines() -> &'static Mutex<Vec<serde_json::Value>> {
+    static LINES: std::sync::OnceLock<Mutex<Vec<serde_json::Value>>> = std::sync::OnceLock::new();
+    LINES.get_or_init(|| {
+        tally::metrics::set_sink("tests", |line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("one JSON object a line");
+            metric_lines().lock().unwrap().push(v);
+        });
+        Mutex::new(Vec::new())
+    })
+}
+
+fn records_of(ws: &str) -> Vec<serde_json::Value> {
+    metric_lines()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|v| v["workspace"] == ws)
+        .cloned()
+        .collect()
+}
+
+/// A store whose next `n` commits lose to a concurrent writer.
+struct Contended {
+    counting: Arc<Counting>,
+    losses: AtomicUsize,
+}
+
+impl Contended {
+    fn lose(&self, n: usize) {
+        self.losses.store(n, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl LedgerStore for Contended {
+    async fn load(&self, w: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
+        self.counting.load(w).await
+    }
+    async fn read_op(
+        &self,
+        w: &WorkspaceId,
+        k: &IdempotencyKey,
+        g: Option<GenerationId>,
+    ) -> Result<OpRead, StoreError> {
+        self.counting.read_op(w, k, g).await
+    }
+    async fn open_holds(
+        &self,
+        w: &WorkspaceId,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        limit: usize,
+    ) -> Result<Vec<Hold>, StoreError> {
+        self.counting.open_holds(w, until, limit).await
+    }
+    async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        if self
+            .losses
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(CommitError::Conflict);
+        }
+        self.counting.commit(c).await
+    }
+    async fn idempotency(
+        &self,
+        w: &WorkspaceId,
+        k: &IdempotencyKey,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.counting.idempotency(w, k).await
+    }
+    async fn generation(
+        &self,
+        w: &WorkspaceId,
+        id: GenerationId,
+    ) -> Result<Option<Generation>, StoreError> {
+        self.counting.generation(w, id).await
+    }
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError> {
+        self.counting.generation_owner(id).await
+    }
+    async fn generations(
+        &self,
+        w: &WorkspaceId,
+        q: &GenerationQuery,
+    ) -> Result<Vec<Generation>, StoreError> {
+        self.counting.generations(w, q).await
+    }
+    async fn entries(&self, w: &WorkspaceId, q: &EntryQuery) -> Result<Vec<Entry>, StoreError> {
+        self.counting.entries(w, q).await
+    }
+    async fn entries_by_seq(
+        &self,
+        w: &WorkspaceId,
+        seqs: &[u64],
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.counting.entries_by_seq(w, seqs).await
+    }
+}
+
+#[tokio::test]
+async fn every_ledger_operation_reports_its_metrics_in_embedded_metric_format() {
+    metric_lines();
+    let store = Arc::new(Contended {
+        counting: Counting::over(embedded_store()),
+        losses: AtomicUsize::new(0),
+    });
+    let (mut ledger, _clock) = ledger_over(store.clone());
+    ledger.retry.base_ms = 0;
+    ledger.retry.cap_ms = 1;
+    let ws = "org_metrics";
+    let est = estimate(&ledger);
+    let per = est.credits.get();
+    grant(&ledger, ws, 3 * per).await;
+    let g = GenerationId::new();
+    store.lose(2);
+    hold(&ledger, ws, g, &est, t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    hold(&ledger, ws, g, &est, t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    let mut big = est.clone();
+    big.credits = Credits::new(10 * per);
+    let refused = hold(
+        &ledger,
+        ws,
+        GenerationId::new(),
+        &big,
+        t0() + Duration::hours(1),
+    )
+    .await;
+    assert!(matches!(refused, Err(ServiceError::Refused(_))));
+    settle(
+        &ledger,
+        ws,
+        format!("gen:{g}:complete"),
+        Operation::Complete {
+            generation: g,
+            credits: Some(Credits::new(per - 1)),
+            record: None,
+        },
+    )
+    .await;
+    ledger.retry.max_attempts = 3;
+    store.lose(5);
+    let busy = hold(
+        &ledger,
+        ws,
+        GenerationId::new(),
+        &est,
+        t0() + Duration::hours(1),
+    )
+    .await;
+    assert!(matches!(busy, Err(ServiceError::Contention)));
+
+    let records = records_of(ws);
+    let summary: Vec<(String, String, f64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["Operation"].as_str().unwrap().to_owned(),
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["Conflicts"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let expect =
+        |op: &str, outcome: &str, conflicts: f64| (op.to_owned(), outcome.to_owned(), conflicts);
+    assert_eq!(
+        summary,
+        vec![
+            expect("grant", "applied", 0.0),
+            expect("hold", "applied", 2.0),
+            expect("hold", "replayed", 0.0),
+            expect("hold", "refused", 0.0),
+            expect("complete", "applied", 0.0),
+            expect("hold", "busy", 3.0),
+        ]
+    );
+    assert_eq!(records[0]["CreditsGranted"], (3 * per) as f64);
+    assert_eq!(records[3]["Refusals"], 1.0);
+    assert_eq!(records[2]["Replays"], 1.0);
+    assert_eq!(records[4]["CreditsSpent"], (per - 1) as f64);
+    assert_eq!(records[5]["Busy"], 1.0);
+    for r in &records {
+        assert_eq!(r["LedgerOperations"], 1.0);
+        let d = &r["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(d["Namespace"], "Tally");
+        for m in d["Metrics"].as_array().unwrap() {
+            let name = m["Name"].as_str().unwrap();
+            assert!(r[name].is_number(), "{name} has its value");
+        }
+    }
+}
+
+#[tokio::test]
+async fn queue_batches_report_their_failures() {
+    use tally::queue::{ConsumeError, Consumer, Delivery};
+    metric_lines();
+    struct FailsOdd;
+    #[async_trait::async_trait]
+    impl Consumer for FailsOdd {
+        async fn consume(&self, d: &Delivery) -> Result<(), ConsumeError> {
+            if d.body.parse::<u32>().unwrap() % 2 == 1 {
+                Err(ConsumeError::retry("odd"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+    let records: Vec<_> = (0..7)
+        .map(|i| {
+            let mut r = aws_lambda_events::event::sqs::SqsMessage::default();
+            r.message_id = Some(format!("m{i}"));
+            r.body = Some(i.to_string());
+            r
+        })
+        .collect();
+    let mut event = aws_lambda_events::event::sqs::SqsEvent::default();
+    event.records = records;
+    let response = tally::queue::lambda::process_batch(&FailsOdd, event).await;
+    assert_eq!(response.batch_item_failures.len(), 3);
+    let lines = metric_lines().lock().unwrap().clone();
+    assert!(
+        lines.iter().any(|r| r["Operation"] == "queue_batch"
+            && r["QueueMessages"] == 7.0
+            && r["BatchItemFailures"] == 3.0),
+        "no queue batch record"
+    );
+}
+
+#[tokio::test]
+async fn an_applied_stripe_event_reports_its_lag_from_stripe_to_the_ledger() {
+    metric_lines();
+    let app = tally_tests::TestApp::new();
+    let s = app
+        .post(
+            "/v1/checkout/sessions",
+            &tally_tests::owner("org_lag"),
+            serde_json::json!({"kind": "pack", "pack": "pack_500", "quantity": 1}),
+        )
+        .await;
+    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+    app.pay(s.body["url"].as_str().unwrap()).await;
+    let id = app
+        .local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .events()
+        .into_iter()
+        .rfind(|e| e.kind == "checkout.session.completed")
+        .unwrap()
+        .payload["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lines = metric_lines().lock().unwrap().clone();
+    let record = lines
+        .iter()
+        .find(|r| r["Operation"] == "stripe_event" && r["event"] == id.as_str())
+        .expect("a record for the applied event");
+    assert_eq!(record["type"], "checkout.session.completed");
+    assert!(record["WebhookToLedgerLag"].as_f64().unwrap() >= 0.0);
+}

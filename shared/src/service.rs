@@ -124,13 +124,23 @@ impl Ledger {
     /// the holds that end first as well; a refusal re-reads the idempotency record.
     #[tracing::instrument(skip_all, fields(workspace = %req.workspace, key = %req.key))]
     pub async fn execute(&self, req: LedgerRequest) -> Result<Outcome, ServiceError> {
+        let mut measure = Measure::default();
+        let result = self.run(&req, &mut measure).await;
+        measure.emit(&req, &result);
+        result
+    }
+
+    async fn run(
+        &self,
+        req: &LedgerRequest,
+        measure: &mut Measure,
+    ) -> Result<Outcome, ServiceError> {
         let target = match &req.op {
             Operation::Complete { generation, .. }
             | Operation::Fail { generation, .. }
             | Operation::Reverse { generation, .. } => Some(*generation),
             _ => None,
         };
-        let mut conflicts = 0u32;
         let retry = |conflicts: &mut u32| {
             *conflicts += 1;
             if *conflicts >= self.retry.max_attempts {
@@ -140,12 +150,12 @@ impl Ledger {
             Ok(())
         };
         loop {
-            if conflicts > 0 {
-                self.backoff(conflicts).await;
+            if measure.conflicts > 0 {
+                self.backoff(measure.conflicts).await;
             }
             let read = self.store.read_op(&req.workspace, &req.key, target).await?;
             if let Some(record) = read.idempotency {
-                return replayed(&req, record);
+                return replayed(req, record);
             }
             let mut state = read
                 .state
@@ -156,7 +166,7 @@ impl Ledger {
                 if hold.placed_seq >= state.next_seq {
                     // The generation was read after a hold the state does not show yet
                     // (the reads are not one snapshot): read again.
-                    retry(&mut conflicts)?;
+                    retry(&mut measure.conflicts)?;
                     continue;
                 }
                 state.load_holds([hold.clone()]);
@@ -189,7 +199,7 @@ impl Ledger {
                 Err(refusal) => {
                     // A concurrent twin of this request may have succeeded in between;
                     // its result, not this refusal, is the answer.
-                    if let Some(done) = self.replay(&req).await? {
+                    if let Some(done) = self.replay(req).await? {
                         return Ok(done);
                     }
                     tracing::info!(error = %refusal, "operation refused");
@@ -207,6 +217,7 @@ impl Ledger {
             };
             let before = state.balance();
             let after = new_state.clone();
+            let commit_entries = applied.entries.clone();
             let commit = Commit {
                 state: new_state,
                 entries: applied.entries,
@@ -228,6 +239,7 @@ impl Ledger {
             match self.store.commit(commit).await {
                 Ok(()) => {
                     tracing::info!(entries = ?applied.outcome.entries, "operation applied");
+                    measure.committed(&commit_entries);
                     if let Some(observer) = &self.observer {
                         observer
                             .committed(&req.workspace, before, &after, &applied.outcome)
@@ -237,19 +249,19 @@ impl Ledger {
                 }
                 Err(CommitError::Duplicate) => continue,
                 Err(CommitError::GenerationExists) => {
-                    if let Some(done) = self.replay(&req).await? {
+                    if let Some(done) = self.replay(req).await? {
                         return Ok(done);
                     }
                     if let Operation::Hold { generation, .. } = &req.op {
                         return Err(LedgerError::GenerationExists(*generation).into());
                     }
-                    retry(&mut conflicts)?;
+                    retry(&mut measure.conflicts)?;
                 }
                 // A transient failure may or may not have committed: the next attempt
                 // re-reads the idempotency record first, so retrying cannot apply twice.
                 Err(CommitError::Conflict)
                 | Err(CommitError::Store(StoreError::Unavailable(_))) => {
-                    retry(&mut conflicts)?;
+                    retry(&mut measure.conflicts)?;
                 }
                 Err(CommitError::Store(e)) => return Err(e.into()),
             }
@@ -356,6 +368,52 @@ impl Ledger {
             state.load_holds(overdue);
         }
         Ok(state.settled_at(now)?)
+    }
+}
+
+/// What one ledger request did, for the operational metrics.
+#[derive(Default)]
+struct Measure {
+    /// Attempts lost to a concurrent writer (or a transient store failure) and retried.
+    conflicts: u32,
+    committed: bool,
+    granted: u64,
+    spent: u64,
+    entries: u64,
+}
+
+impl Measure {
+    fn committed(&mut self, entries: &[crate::ledger::Entry]) {
+        self.committed = true;
+        self.entries = entries.len() as u64;
+        for e in entries {
+            self.granted += e.totals.issued.get();
+            self.spent += e.totals.spent.get();
+        }
+    }
+
+    fn emit(&self, req: &LedgerRequest, result: &Result<Outcome, ServiceError>) {
+        let outcome = match result {
+            Ok(_) if self.committed => "applied",
+            Ok(_) => "replayed",
+            Err(ServiceError::Refused(_)) => "refused",
+            Err(ServiceError::KeyReused) => "key_reused",
+            Err(ServiceError::Contention) => "busy",
+            Err(ServiceError::Store(_)) => "store_error",
+        };
+        crate::metrics::Record::new(req.op.kind())
+            .count("LedgerOperations", 1)
+            .count("Conflicts", u64::from(self.conflicts))
+            .count("Refusals", u64::from(outcome == "refused"))
+            .count("Busy", u64::from(outcome == "busy"))
+            .count("Replays", u64::from(outcome == "replayed"))
+            .count("CreditsGranted", self.granted)
+            .count("CreditsSpent", self.spent)
+            .count("JournalEntries", self.entries)
+            .property("outcome", outcome)
+            .property("workspace", req.workspace.as_str())
+            .property("key", req.key.to_string())
+            .emit();
     }
 }
 

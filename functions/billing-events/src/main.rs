@@ -14,6 +14,7 @@ use tally::service::Ledger;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tally::telemetry::init_lambda();
+    tally::metrics::init("billing-events");
     let cfg = WorkerConfig::from_env()?;
     let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);

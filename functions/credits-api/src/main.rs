@@ -12,6 +12,7 @@ use tally::service::Ledger;
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
+    tally::metrics::init("credits-api");
     let cfg = ApiConfig::from_env()?;
     let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);

@@ -14,6 +14,7 @@ use tally::refund_requests::worker::RefundWorker;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tally::telemetry::init_lambda();
+    tally::metrics::init("refunds-worker");
     let cfg = RefundsWorkerConfig::from_env()?;
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let notifications = SqsQueue::new(

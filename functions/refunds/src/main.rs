@@ -12,6 +12,7 @@ use tally::refund_requests::RefundRequests;
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
+    tally::metrics::init("refunds");
     let cfg = RefundsConfig::from_env()?;
     let catalog = Arc::new(tally::catalog::Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);

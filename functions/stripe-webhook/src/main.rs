@@ -8,6 +8,7 @@ use tally_stripe_webhook::{WebhookState, router};
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
+    tally::metrics::init("stripe-webhook");
     let cfg = WebhookConfig::from_env()?;
     let secrets = cfg
         .webhook_secrets

@@ -27,6 +27,7 @@ impl tally::queue::Queue for NoQueue {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tally::telemetry::init_lambda();
+    tally::metrics::init("support-forwarder");
     let cfg = ForwarderConfig::from_env()?;
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let desk = HelpDesk {

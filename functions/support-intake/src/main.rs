@@ -14,6 +14,7 @@ use tally::support::enrich::Context;
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     tally::telemetry::init_lambda();
+    tally::metrics::init("support-intake");
     let cfg = SupportConfig::from_env()?;
     let catalog = Arc::new(tally::catalog::Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);

@@ -115,7 +115,17 @@ impl Consumer for BillingEvents {
         let event: objects::Event = serde_json::from_str(&delivery.body)
             .map_err(|e| poison(format!("not a Stripe event: {e}")))?;
         let span = tracing::info_span!("stripe_event", event = %event.id, kind = %event.kind);
-        self.apply(&event).instrument(span).await
+        let result = self.apply(&event).instrument(span).await;
+        if result.is_ok() {
+            // From Stripe creating the event to the ledger having applied it.
+            let lag = self.ledger.clock.now().timestamp_millis() - event.created * 1000;
+            crate::metrics::Record::new("stripe_event")
+                .millis("WebhookToLedgerLag", lag)
+                .property("event", event.id.as_str())
+                .property("type", event.kind.as_str())
+                .emit();
+        }
+        result
     }
 }
 

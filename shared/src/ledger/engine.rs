@@ -101,6 +101,25 @@ pub enum Operation {
     },
 }
 
+impl Operation {
+    /// A stable name of the kind of operation (metrics, logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Operation::Grant { .. } => "grant",
+            Operation::Adjust { .. } => "adjust",
+            Operation::SetPlan { .. } => "set_plan",
+            Operation::Hold { .. } => "hold",
+            Operation::Complete { .. } => "complete",
+            Operation::Fail { .. } => "fail",
+            Operation::Settle => "settle",
+            Operation::TakeBack { .. } => "take_back",
+            Operation::Freeze { .. } => "freeze",
+            Operation::Unfreeze { .. } => "unfreeze",
+            Operation::Reverse { .. } => "reverse",
+        }
+    }
+}
+
 /// A fraction of a lot, from money: the refunded (or disputed) amount over the amount not
 /// yet refunded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use tracing::Instrument;
 pub async fn process_batch(consumer: &dyn Consumer, event: SqsEvent) -> SqsBatchResponse {
     let mut failures = Vec::new();
     let mut blocked_groups: HashSet<String> = HashSet::new();
+    let messages = event.records.len() as u64;
     for record in event.records {
         let message_id = record.message_id.clone().unwrap_or_default();
         let group_id = record.attributes.get("MessageGroupId").cloned();
@@ -39,6 +40,10 @@ pub async fn process_batch(consumer: &dyn Consumer, event: SqsEvent) -> SqsBatch
             failures.push(message_id);
         }
     }
+    crate::metrics::Record::new("queue_batch")
+        .count("QueueMessages", messages)
+        .count("BatchItemFailures", failures.len() as u64)
+        .emit();
     let mut response = SqsBatchResponse::default();
     response.batch_item_failures = failures
         .into_iter()
