@@ -761,3 +761,234 @@ async fn an_applied_stripe_event_reports_its_lag_from_stripe_to_the_ledger() {
     assert_eq!(record["type"], "checkout.session.completed");
     assert!(record["WebhookToLedgerLag"].as_f64().unwrap() >= 0.0);
 }
+
+/// A store whose next operation read returns the generation as an earlier read saw it
+/// (BatchGetItem is no snapshot: the generation may be read before a concurrent commit
+/// and the state after it).
+struct StaleGeneration {
+    inner: Arc<dyn LedgerStore>,
+    stale: Mutex<Option<tally::store::StoredGeneration>>,
+}
+
+#[async_trait::async_trait]
+impl LedgerStore for StaleGeneration {
+    async fn load(&self, w: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
+        self.inner.load(w).await
+    }
+    async fn read_op(
+        &self,
+        w: &WorkspaceId,
+        k: &IdempotencyKey,
+        g: Option<GenerationId>,
+    ) -> Result<OpRead, StoreError> {
+        let mut read = self.inner.read_op(w, k, g).await?;
+        if let Some(stale) = self.stale.lock().unwrap().take() {
+            read.generation = Some(stale);
+        }
+        Ok(read)
+    }
+    async fn open_holds(
+        &self,
+        w: &WorkspaceId,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        limit: usize,
+    ) -> Result<Vec<Hold>, StoreError> {
+        self.inner.open_holds(w, until, limit).await
+    }
+    async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        self.inner.commit(c).await
+    }
+    async fn idempotency(
+        &self,
+        w: &WorkspaceId,
+        k: &IdempotencyKey,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.idempotency(w, k).await
+    }
+    async fn generation(
+        &self,
+        w: &WorkspaceId,
+        id: GenerationId,
+    ) -> Result<Option<Generation>, StoreError> {
+        self.inner.generation(w, id).await
+    }
+    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError> {
+        self.inner.generation_owner(id).await
+    }
+    async fn generations(
+        &self,
+        w: &WorkspaceId,
+        q: &GenerationQuery,
+    ) -> Result<Vec<Generation>, StoreError> {
+        self.inner.generations(w, q).await
+    }
+    async fn entries(&self, w: &WorkspaceId, q: &EntryQuery) -> Result<Vec<Entry>, StoreError> {
+        self.inner.entries(w, q).await
+    }
+    async fn entries_by_seq(
+        &self,
+        w: &WorkspaceId,
+        seqs: &[u64],
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.inner.entries_by_seq(w, seqs).await
+    }
+}
+
+#[tokio::test]
+async fn a_generation_read_before_its_hold_closed_is_read_again_not_closed_twice() {
+    let store = Arc::new(StaleGeneration {
+        inner: embedded_store(),
+        stale: Mutex::new(None),
+    });
+    let (ledger, _clock) = ledger_over(store.clone());
+    let ws = "org_stale";
+    let est = estimate(&ledger);
+    grant(&ledger, ws, 10 * est.credits.get()).await;
+    let g = GenerationId::new();
+    hold(&ledger, ws, g, &est, t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    let before = store
+        .inner
+        .read_op(
+            &workspace(ws),
+            &IdempotencyKey::derived("x".into()),
+            Some(g),
+        )
+        .await
+        .unwrap()
+        .generation
+        .unwrap();
+    assert!(before.hold.is_some());
+    settle(
+        &ledger,
+        ws,
+        format!("gen:{g}:fail"),
+        Operation::Fail {
+            generation: g,
+            reason: "crashed".into(),
+            record: None,
+        },
+    )
+    .await;
+    // The completion reads the generation as it was before the failure closed its hold.
+    *store.stale.lock().unwrap() = Some(before);
+    let complete = ledger
+        .execute(LedgerRequest {
+            workspace: workspace(ws),
+            key: IdempotencyKey::derived(format!("gen:{g}:complete")),
+            fingerprint: "complete".into(),
+            actor: Actor::new(ActorKind::Service, "generation-service"),
+            refs: Refs::default(),
+            op: Operation::Complete {
+                generation: g,
+                credits: None,
+                record: None,
+            },
+        })
+        .await;
+    assert!(
+        matches!(
+            complete,
+            Err(ServiceError::Refused(LedgerError::AlreadySettled { .. }))
+        ),
+        "{complete:?}"
+    );
+    let state = ledger.workspace_now(&workspace(ws)).await.unwrap();
+    assert_eq!(state.balance().available.get(), 10 * est.credits.get());
+    state.check_invariants().unwrap();
+}
+
+/// Notifications the alerts send, kept.
+#[derive(Default)]
+struct Outbox(Mutex<Vec<serde_json::Value>>);
+
+#[async_trait::async_trait]
+impl tally::queue::Queue for Outbox {
+    async fn send(&self, m: tally::queue::Message) -> Result<(), tally::queue::QueueError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(serde_json::from_str(&m.body).unwrap());
+        Ok(())
+    }
+}
+
+async fn set_threshold(docs: &dyn tally::store::DocStore, ws: &str, below: u64) {
+    tally::store::docs::update(
+        docs,
+        &tally::billing::records::workspace_pk(&workspace(ws)),
+        tally::alerts::ALERTS_SK,
+        |_: Option<tally::alerts::AlertSettings>| {
+            Some(tally::alerts::AlertSettings {
+                below_credits: vec![Credits::new(below)],
+                auto_topup: None,
+                last_topup_at: None,
+            })
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Alert settings are read once per `settings_ttl`, not after every operation: a change
+/// made elsewhere counts once the time has passed (at once when it is zero).
+#[tokio::test]
+async fn alert_settings_are_reused_for_their_time_to_live() {
+    for ttl in [
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::ZERO,
+    ] {
+        let store = embedded_store();
+        let docs = tally_tests::embedded_docs();
+        let outbox = Arc::new(Outbox::default());
+        let (mut ledger, _clock) = ledger_over(store);
+        ledger.observer = Some(Arc::new(tally::alerts::CreditAlerts {
+            docs: docs.clone(),
+            notifications: outbox.clone(),
+            payments: None,
+            catalog: ledger.catalog.clone(),
+            settings_ttl: ttl,
+            cache: Default::default(),
+        }));
+        let ws = "org_alerts";
+        let est = estimate(&ledger);
+        let per = est.credits.get();
+        grant(&ledger, ws, 10 * per).await;
+        set_threshold(docs.as_ref(), ws, 9 * per + 1).await;
+        hold(
+            &ledger,
+            ws,
+            GenerationId::new(),
+            &est,
+            t0() + Duration::hours(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            outbox.0.lock().unwrap().len(),
+            1,
+            "9 x per crossed the first threshold"
+        );
+        // Changed elsewhere (the purchases function): the next crossing is of the new one.
+        set_threshold(docs.as_ref(), ws, 8 * per + 1).await;
+        hold(
+            &ledger,
+            ws,
+            GenerationId::new(),
+            &est,
+            t0() + Duration::hours(1),
+        )
+        .await
+        .unwrap();
+        let sent = outbox.0.lock().unwrap().len();
+        if ttl.is_zero() {
+            assert_eq!(sent, 2, "read again: the new threshold was crossed");
+        } else {
+            assert_eq!(
+                sent, 1,
+                "the settings read first are reused within their time"
+            );
+        }
+    }
+}

@@ -27,6 +27,11 @@ pub const CLIENT_KEY_RETENTION_HOURS: i64 = 72;
 /// until the credit-refresh sweeper releases them.
 pub const MAX_OVERDUE_READ: usize = 10_000;
 
+/// An operation refused for want of credits while more holds are overdue than one
+/// transaction releases settles at most this many batches of them first (1,000 holds),
+/// bounding its latency; the credit-refresh sweeper releases any rest.
+pub const MAX_CATCH_UP_BATCHES: usize = 40;
+
 #[derive(Debug, Error)]
 pub enum ServiceError {
     #[error(transparent)]
@@ -149,6 +154,7 @@ impl Ledger {
             }
             Ok(())
         };
+        let mut catch_up = 0usize;
         loop {
             if measure.conflicts > 0 {
                 self.backoff(measure.conflicts).await;
@@ -162,6 +168,7 @@ impl Ledger {
                 .unwrap_or_else(|| WorkspaceState::new(req.workspace.clone()));
             let mut op = req.op.clone();
             let stored = read.generation;
+            let own_hold = stored.as_ref().is_some_and(|g| g.hold.is_some());
             if let Some(hold) = stored.as_ref().and_then(|g| g.hold.as_ref()) {
                 if hold.placed_seq >= state.next_seq {
                     // The generation was read after a hold the state does not show yet
@@ -179,14 +186,9 @@ impl Ledger {
             }
             let now = self.clock.now();
             let due = self.load_due(&mut state, now).await?;
-            if due.flatten().is_some_and(|next| next <= now) && !matches!(req.op, Operation::Settle)
-            {
-                // More holds are overdue than one transaction releases (the generation
-                // service was down): release them a batch per transaction first, so this
-                // operation sees every credit they held.
-                self.settle_batch(&req.workspace, state.version).await?;
-                continue;
-            }
+            // More holds are overdue than this transaction releases (the generation service
+            // was down for a while).
+            let backlog = due.flatten().is_some_and(|next| next <= now);
             let cmd = Command {
                 key: req.key.clone(),
                 at: now,
@@ -196,6 +198,24 @@ impl Ledger {
             };
             let applied = match execute(&state, &cmd, &self.catalog) {
                 Ok(applied) => applied,
+                Err(LedgerError::Corrupt(m)) if own_hold => {
+                    // The generation (with its hold) was read before a concurrent operation
+                    // closed that hold, the state after it: the reads are not one snapshot,
+                    // so read again rather than close the hold twice.
+                    tracing::info!(error = %m, "generation read before its hold closed; reading again");
+                    retry(&mut measure.conflicts)?;
+                    continue;
+                }
+                Err(
+                    LedgerError::InsufficientCredits { .. } | LedgerError::NoCustomModelSlot { .. },
+                ) if backlog && catch_up < MAX_CATCH_UP_BATCHES => {
+                    // Credits (or a custom-model slot) may be waiting in overdue holds this
+                    // transaction cannot all release: release them a batch per transaction,
+                    // then try again, so the answer agrees with the balance a read shows.
+                    catch_up += 1;
+                    self.settle_batch(&req.workspace, state.version).await?;
+                    continue;
+                }
                 Err(refusal) => {
                     // A concurrent twin of this request may have succeeded in between;
                     // its result, not this refusal, is the answer.
@@ -306,9 +326,12 @@ impl Ledger {
         }
         let want = MAX_HOLDS_SETTLED_PER_OPERATION + 1;
         let holds = self.store.open_holds(&state.workspace, None, want).await?;
+        // Hold items sort by deadline to the millisecond: an unread hold may end earlier
+        // within the last one's millisecond, so the bound is that millisecond's start.
         let horizon = (holds.len() >= want)
             .then(|| holds.last().map(|h| h.deadline))
-            .flatten();
+            .flatten()
+            .map(|d| chrono::DateTime::from_timestamp_millis(d.timestamp_millis()).unwrap_or(d));
         state.load_holds(holds);
         Ok(Some(horizon))
     }
@@ -338,7 +361,15 @@ impl Ledger {
             .await?
             .unwrap_or_else(|| WorkspaceState::new(workspace.clone()));
         let now = self.clock.now();
-        self.load_due(&mut state, now).await?;
+        // As the real request would see it after releasing any backlog of overdue holds.
+        if state.holds_due(now) {
+            let overdue = self
+                .store
+                .open_holds(workspace, Some(now), MAX_OVERDUE_READ)
+                .await?;
+            state.load_holds(overdue);
+            state = state.settled_at(now)?;
+        }
         let cmd = Command {
             key: IdempotencyKey::derived("preview".into()),
             at: now,

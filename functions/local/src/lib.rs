@@ -200,6 +200,9 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         notifications: notifications_queue.clone(),
         payments: Some(payments.clone()),
         catalog: cfg.ledger.catalog.clone(),
+        // Locally every change to the settings counts at once.
+        settings_ttl: std::time::Duration::ZERO,
+        cache: Default::default(),
     }));
     // Started once the ledger has its observer; deliveries wait in the queue until then.
     billing_queue.start(Arc::new(BillingEvents::new(

@@ -14,7 +14,7 @@
 pub mod observer;
 pub mod topup;
 
-pub use observer::CreditAlerts;
+pub use observer::{CreditAlerts, SettingsCache};
 
 use crate::catalog::Catalog;
 use crate::money::Credits;
@@ -43,6 +43,10 @@ pub struct AlertSettings {
 
 /// Minimum time between two auto top-up charges of one workspace.
 pub const TOPUP_COOLDOWN_MINUTES: i64 = 10;
+
+/// How long a Lambda function reuses a workspace's alert settings before reading them
+/// again; a change takes effect within this long.
+pub const SETTINGS_TTL_SECONDS: u64 = 30;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AutoTopUp {
@@ -75,5 +79,7 @@ pub async fn from_config(
         )),
         payments,
         catalog,
+        settings_ttl: std::time::Duration::from_secs(SETTINGS_TTL_SECONDS),
+        cache: Default::default(),
     }))
 }

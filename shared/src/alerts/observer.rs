@@ -21,6 +21,43 @@ pub struct CreditAlerts {
     pub notifications: Arc<dyn Queue>,
     pub payments: Option<Arc<dyn Payments>>,
     pub catalog: Arc<Catalog>,
+    /// How long a workspace's settings, once read, are reused by this process (zero:
+    /// read after every operation that lowers the balance). A change made elsewhere takes
+    /// effect within this long; a top-up re-reads the settings before it charges.
+    pub settings_ttl: std::time::Duration,
+    pub cache: SettingsCache,
+}
+
+/// Alert settings recently read, per workspace (bounded: cleared when full).
+#[derive(Default)]
+pub struct SettingsCache(
+    std::sync::Mutex<
+        std::collections::HashMap<WorkspaceId, (std::time::Instant, Option<AlertSettings>)>,
+    >,
+);
+
+/// Workspaces whose settings one process keeps at most.
+const CACHED_WORKSPACES: usize = 10_000;
+
+impl SettingsCache {
+    fn get(
+        &self,
+        workspace: &WorkspaceId,
+        ttl: std::time::Duration,
+    ) -> Option<Option<AlertSettings>> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(workspace)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, s)| s.clone())
+    }
+
+    fn put(&self, workspace: &WorkspaceId, settings: Option<AlertSettings>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= CACHED_WORKSPACES {
+            map.clear();
+        }
+        map.insert(workspace.clone(), (std::time::Instant::now(), settings));
+    }
 }
 
 fn crossed(before: Credits, after: Credits, threshold: Credits) -> bool {
@@ -40,19 +77,30 @@ impl CommitObserver for CreditAlerts {
         if now >= before.available {
             return;
         }
-        let settings: AlertSettings = match docs::get(
-            self.docs.as_ref(),
-            &workspace_pk(workspace),
-            ALERTS_SK,
-        )
-        .await
-        {
-            Ok(Some(s)) => s,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(workspace = %workspace, error = %e, "could not read alert settings");
-                return;
+        let cached = if self.settings_ttl.is_zero() {
+            None
+        } else {
+            self.cache.get(workspace, self.settings_ttl)
+        };
+        let settings: Option<AlertSettings> = match cached {
+            Some(s) => s,
+            None => {
+                match docs::get(self.docs.as_ref(), &workspace_pk(workspace), ALERTS_SK).await {
+                    Ok(s) => {
+                        if !self.settings_ttl.is_zero() {
+                            self.cache.put(workspace, s.clone());
+                        }
+                        s
+                    }
+                    Err(e) => {
+                        tracing::error!(workspace = %workspace, error = %e, "could not read alert settings");
+                        return;
+                    }
+                }
             }
+        };
+        let Some(settings) = settings else {
+            return;
         };
         let entry = outcome.entries.last().copied().unwrap_or_default();
         for t in settings

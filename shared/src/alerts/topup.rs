@@ -70,6 +70,12 @@ impl CreditAlerts {
             ALERTS_SK,
             |cur: Option<AlertSettings>| {
                 let mut s = cur?;
+                // The settings as stored now, not as this process remembers them: a top-up
+                // turned off or changed since is not charged.
+                if s.auto_topup.as_ref() != Some(topup) {
+                    claimed = false;
+                    return None;
+                }
                 if s.last_topup_at
                     .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
                 {

@@ -146,8 +146,9 @@ pub struct WorkspaceState {
     pub plan: Option<PlanState>,
     pub lots: Vec<Lot>,
     /// Open holds kept inside the state item by releases before holds got items of their
-    /// own. Nothing adds to this list any more; it empties as those holds close.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// own. Nothing adds to this list any more; it empties as those holds close. Always
+    /// written (empty) so that the previous release can still read the item.
+    #[serde(default)]
     pub holds: Vec<Hold>,
     /// Open holds this operation has read from their own items (the store keeps each in
     /// a hold item beside its generation), or, for a state rebuilt from the journal, every

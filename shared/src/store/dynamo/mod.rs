@@ -403,6 +403,11 @@ impl LedgerStore for DynamoStore {
                     "BatchGetItem left keys unprocessed",
                 ));
             }
+            if rounds > 1 {
+                // Keys left unprocessed mean the table is throttled: wait a little.
+                let wait = fastrand::u64(0..=(5u64 << rounds.min(6)));
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
             let out = self
                 .client
                 .batch_get_item()

@@ -1,0 +1,290 @@
+//! One hot team account on AWS's DynamoDB Local: many clients doing hold + complete on one
+//! workspace, measured beside the ceiling the server itself sets for any design that writes
+//! one account item per operation (conditional writes to one item), in the same run.
+//!
+//! `DYNAMODB_LOCAL_ENDPOINT` names the server (`make bench` starts one);
+//! `TALLY_BENCH_CLIENTS` (64) and `TALLY_BENCH_SECONDS` (60) set the load. Each client has
+//! a ledger of its own, as separate Lambda instances would; they share nothing but the
+//! table.
+
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tally::catalog::{Catalog, GenerationSpec, Workflow};
+use tally::clock::SystemClock;
+use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
+use tally::ledger::{Actor, ActorKind, LotSource, Operation, Refs};
+use tally::money::Credits;
+use tally::service::{Ledger, LedgerRequest, ServiceError};
+use tally::store::LedgerStore;
+use tally::store::dynamo::DynamoStore;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+/// Runs `clients` loops of `write` until `seconds` pass; the writes per second that landed.
+async fn ceiling<F, Fut>(clients: u64, seconds: u64, write: F) -> f64
+where
+    F: Fn(u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let write = write.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    if write(c * 1_000_000_000 + n).await {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / seconds as f64
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let endpoint = std::env::var("DYNAMODB_LOCAL_ENDPOINT")
+        .expect("DYNAMODB_LOCAL_ENDPOINT names a DynamoDB Local server (make bench starts one)");
+    let clients = env("TALLY_BENCH_CLIENTS", 64);
+    let seconds = env("TALLY_BENCH_SECONDS", 60);
+    let client = DynamoStore::local_client(&endpoint);
+    let table = format!(
+        "tally-bench-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    DynamoStore::create_table(&client, &table).await.unwrap();
+    let store = DynamoStore::new(client.clone(), table.clone());
+
+    // The server's ceiling for one item: conditional updates, then two-item transactions.
+    client
+        .put_item()
+        .table_name(&table)
+        .item("PK", s("BENCH"))
+        .item("SK", s("COUNTER"))
+        .item("v", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .unwrap();
+    let ceiling_seconds = seconds.clamp(5, 20);
+    let (c, t) = (client.clone(), table.clone());
+    let updates = ceiling(clients, ceiling_seconds, move |_| {
+        let (c, t) = (c.clone(), t.clone());
+        async move {
+            c.update_item()
+                .table_name(&t)
+                .key("PK", s("BENCH"))
+                .key("SK", s("COUNTER"))
+                .update_expression("ADD v :one")
+                .condition_expression("attribute_exists(PK)")
+                .expression_attribute_values(":one", AttributeValue::N("1".into()))
+                .send()
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let (c, t) = (client.clone(), table.clone());
+    let transactions = ceiling(clients, ceiling_seconds, move |n| {
+        let (c, t) = (c.clone(), t.clone());
+        async move {
+            let update = Update::builder()
+                .table_name(&t)
+                .key("PK", s("BENCH"))
+                .key("SK", s("COUNTER"))
+                .update_expression("ADD v :one")
+                .condition_expression("attribute_exists(PK)")
+                .expression_attribute_values(":one", AttributeValue::N("1".into()))
+                .build()
+                .unwrap();
+            let put = Put::builder()
+                .table_name(&t)
+                .item("PK", s("BENCH"))
+                .item("SK", s(&format!("ROW#{n}")))
+                .condition_expression("attribute_not_exists(PK)")
+                .build()
+                .unwrap();
+            c.transact_write_items()
+                .transact_items(TransactWriteItem::builder().update(update).build())
+                .transact_items(TransactWriteItem::builder().put(put).build())
+                .send()
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+
+    // The hot account.
+    let catalog = Arc::new(Catalog::builtin());
+    let workspace = WorkspaceId::parse("org_hot").unwrap();
+    let store: Arc<dyn LedgerStore> = Arc::new(store);
+    let setup = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
+    let grants = 5u64;
+    for i in 0..grants {
+        setup
+            .execute(LedgerRequest {
+                workspace: workspace.clone(),
+                key: IdempotencyKey::derived(format!("bench:grant:{i}")),
+                fingerprint: "grant".into(),
+                actor: Actor::system(),
+                refs: Refs::default(),
+                op: Operation::Grant {
+                    source: LotSource::Pack,
+                    credits: Credits::new(tally::money::MAX_CREDITS_PER_REQUEST),
+                    expires_at: None,
+                    note: None,
+                },
+            })
+            .await
+            .unwrap();
+    }
+    let granted = grants * tally::money::MAX_CREDITS_PER_REQUEST;
+    let estimate = catalog
+        .estimate(&GenerationSpec {
+            workflow: Workflow::Image,
+            model: "imagen-3".into(),
+            resolution: None,
+            duration_s: None,
+            count: None,
+        })
+        .unwrap();
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let operations = Arc::new(AtomicU64::new(0));
+    {
+        let (conflicts, operations) = (conflicts.clone(), operations.clone());
+        tally::metrics::set_sink("bench", move |line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if v["LedgerOperations"].is_number() {
+                operations.fetch_add(1, Ordering::Relaxed);
+                conflicts.fetch_add(v["Conflicts"].as_f64().unwrap() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
+            ledger.retry.base_ms = env("TALLY_BENCH_BASE_MS", ledger.retry.base_ms);
+            ledger.retry.cap_ms = env("TALLY_BENCH_CAP_MS", ledger.retry.cap_ms);
+            let (workspace, estimate) = (workspace.clone(), estimate.clone());
+            tokio::spawn(async move {
+                let mut requests = Vec::new();
+                let mut pairs = Vec::new();
+                let mut failures = 0u64;
+                let mut spent = 0u64;
+                while Instant::now() < end {
+                    let generation = GenerationId::new();
+                    let started = Instant::now();
+                    let hold = ledger
+                        .execute(LedgerRequest {
+                            workspace: workspace.clone(),
+                            key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
+                            fingerprint: "hold".into(),
+                            actor: Actor::new(ActorKind::Member, format!("m{c}")),
+                            refs: Refs::default(),
+                            op: Operation::Hold {
+                                generation,
+                                estimate: estimate.clone(),
+                                deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+                            },
+                        })
+                        .await;
+                    requests.push(started.elapsed().as_secs_f64() * 1e3);
+                    if hold.is_err() {
+                        failures += 1;
+                        continue;
+                    }
+                    let second = Instant::now();
+                    let complete = ledger
+                        .execute(LedgerRequest {
+                            workspace: workspace.clone(),
+                            key: IdempotencyKey::derived(format!("gen:{generation}:complete")),
+                            fingerprint: "complete".into(),
+                            actor: Actor::new(ActorKind::Service, "generation-service"),
+                            refs: Refs::default(),
+                            op: Operation::Complete {
+                                generation,
+                                credits: None,
+                                record: None,
+                            },
+                        })
+                        .await;
+                    requests.push(second.elapsed().as_secs_f64() * 1e3);
+                    match complete {
+                        Ok(o) => {
+                            spent += o.generation.map_or(0, |g| g.charged.get());
+                            pairs.push(started.elapsed().as_secs_f64() * 1e3);
+                        }
+                        Err(ServiceError::Contention) | Err(_) => failures += 1,
+                    }
+                }
+                (requests, pairs, failures, spent)
+            })
+        })
+        .collect();
+    let mut requests = Vec::new();
+    let mut pairs = Vec::new();
+    let mut failures = 0;
+    let mut spent = 0;
+    for t in tasks {
+        let (r, p, f, s) = t.await.unwrap();
+        requests.extend(r);
+        pairs.extend(p);
+        failures += f;
+        spent += s;
+    }
+    requests.sort_by(f64::total_cmp);
+    pairs.sort_by(f64::total_cmp);
+    let state = setup.workspace_now(&workspace).await.unwrap();
+    state.check_invariants().unwrap();
+    let overspend = state.balance().available.get() + state.balance().held.get() + spent != granted;
+    let rate = pairs.len() as f64 / seconds as f64;
+    let ops = operations.load(Ordering::Relaxed).max(1);
+    println!("DynamoDB Local at {endpoint}, {clients} clients");
+    println!("ceiling, conditional UpdateItem on one item: {updates:.0} writes/s");
+    println!("ceiling, two-item TransactWriteItems on one item: {transactions:.0} transactions/s");
+    println!(
+        "hot account, hold + complete for {seconds} s: {rate:.1} pairs/s ({:.0}% of the {:.0} pairs/s the update ceiling allows)",
+        100.0 * rate / (updates / 2.0),
+        updates / 2.0
+    );
+    println!(
+        "per request: p50 {:.1} ms, p99 {:.1} ms; per pair: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&requests, 0.5),
+        percentile(&requests, 0.99),
+        percentile(&pairs, 0.5),
+        percentile(&pairs, 0.99)
+    );
+    println!(
+        "retries per operation: {:.2}; failed requests (busy or errors): {failures}; overspend: {}",
+        conflicts.load(Ordering::Relaxed) as f64 / ops as f64,
+        if overspend { "YES" } else { "none" }
+    );
+    assert!(!overspend, "credits do not add up");
+}
