@@ -41,9 +41,12 @@ deploy: tools
 	cd infra && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 sam build
 	cd infra && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 sam deploy --guided
 
-## Release binary sizes and cold start to the first runtime API poll (docs/performance.md).
+## Release binary sizes and cold start to the first runtime API poll of every function,
+## beside a probe that builds the same clients and nothing else (docs/performance.md).
 measure:
-	cargo build --release --locked -p credits-api -p purchases -p stripe-webhook -p billing-events
+	cargo build --release --locked -p credits-api -p purchases -p stripe-webhook -p billing-events \
+	  -p credit-refresh -p refunds -p refunds-worker -p support-intake -p support-forwarder
+	cargo build --release --locked -p tally --example coldstart_probe
 	$(PYTHON) scripts/coldstart.py target/release
 
 lint:
@@ -54,9 +57,11 @@ fmt:
 	cargo fmt --all
 
 ## Criterion benchmarks: the ledger engine and the embedded store; webhook verification and
-## parsing beside stripe-node's constructEvent on the same delivery (needs node and npm).
-bench:
+## parsing beside stripe-node's constructEvent on the same delivery (needs node and npm);
+## one hot team account on DynamoDB Local beside the server's own ceiling (needs Java).
+bench: tools
 	cargo bench --locked -p tally --features local --bench ledger
+	scripts/bench-hot-account.sh
 	cargo bench --locked -p stripe-webhook --bench verify
 	npm install --silent --no-save --no-package-lock --prefix .tmp/node-bench stripe@23.2.0
 	STRIPE_NODE=$(CURDIR)/.tmp/node-bench/node_modules/stripe node scripts/bench_webhook_node.js

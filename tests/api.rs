@@ -165,10 +165,35 @@ async fn a_generation_holds_its_estimate_then_charges_the_exact_cost_once() {
     )
     .await
     .assert_problem(409, "conflict");
+    // No amount means the estimate (24), which is not what was charged: a conflict too.
+    app.post(
+        &format!("/v1/generations/{id}/complete"),
+        &service(),
+        json!({}),
+    )
+    .await
+    .assert_problem(409, "conflict");
     app.post(&format!("/v1/generations/{id}/complete"), &m, json!({}))
         .await
         .assert_problem(403, "forbidden");
     assert_eq!(available(&app, &m).await, 82);
+    // Both spellings of a completion at the estimate are the same request, either way round.
+    for (first, second) in [
+        (json!({}), json!({"credits": 24})),
+        (json!({"credits": 24}), json!({})),
+    ] {
+        let g = start(&app, &m, video()).await;
+        let id = g["id"].as_str().unwrap();
+        let path = format!("/v1/generations/{id}/complete");
+        let a = app.post(&path, &service(), first).await;
+        assert_eq!(a.status.as_u16(), 200, "{:#}", a.body);
+        let b = app.post(&path, &service(), second).await;
+        assert_eq!(b.body, a.body, "the first result, not a conflict");
+        app.post(&path, &service(), json!({"credits": 23}))
+            .await
+            .assert_problem(409, "conflict");
+    }
+    assert_eq!(available(&app, &m).await, 82 - 48);
     app.post(
         &format!("/v1/generations/{id}/fail"),
         &service(),

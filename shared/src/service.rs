@@ -449,12 +449,20 @@ impl Measure {
 }
 
 /// The answer remembered under the request's key, if it was this request.
+/// A completion is the same request as the first when it asks for the same cost, whether it
+/// names the amount or leaves the estimate as the default: the cost it asks for is compared
+/// with the one the first recorded (charged plus shortfall).
 fn replayed(req: &LedgerRequest, record: IdempotencyRecord) -> Result<Outcome, ServiceError> {
     if record.fingerprint == req.fingerprint {
-        Ok(record.outcome)
-    } else {
-        Err(ServiceError::KeyReused)
+        return Ok(record.outcome);
     }
+    if let (Operation::Complete { credits, .. }, Some(g)) = (&req.op, &record.outcome.generation)
+        && g.status == crate::ledger::GenerationStatus::Completed
+        && g.charged.checked_add(g.shortfall) == Some(credits.unwrap_or(g.estimate.credits))
+    {
+        return Ok(record.outcome);
+    }
+    Err(ServiceError::KeyReused)
 }
 
 /// The earliest deadline of the open holds after a settlement read the holds that end

@@ -151,27 +151,19 @@ pub async fn start_generation(
 /// service (the [`Settler`] extractor): it alone knows whether the work succeeded and what
 /// it cost, so members (even the one who started it) cannot fail it while it runs or
 /// complete it at the estimate.
-async fn settle_target(
-    app: &AppState,
-    who: &Identity,
-    id: GenerationId,
-) -> ApiResult<(WorkspaceId, Generation)> {
-    let workspace = match &who.workspace {
-        Some(ws) => ws.clone(),
+///
+/// A token that names its workspace costs no read here: the ledger's own read finds the
+/// generation there or answers 404 (another workspace's generation is as missing).
+async fn settle_target(app: &AppState, who: &Identity, id: GenerationId) -> ApiResult<WorkspaceId> {
+    match &who.workspace {
+        Some(ws) => Ok(ws.clone()),
         None => app
             .ledger
             .store
             .generation_owner(id)
             .await?
-            .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?,
-    };
-    let record = app
-        .ledger
-        .store
-        .generation(&workspace, id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist")))?;
-    Ok((workspace, record))
+            .ok_or_else(|| Problem::not_found(format!("generation {id} does not exist"))),
+    }
 }
 
 #[utoipa::path(post, path = "/v1/generations/{id}/complete", tag = "credits", security(("bearer" = [])),
@@ -194,7 +186,7 @@ pub async fn complete_generation(
         .map(|c| Credits::parse_request_amount(c as i128))
         .transpose()
         .map_err(|m| Problem::validation("credits", &m))?;
-    let (workspace, record) = settle_target(&app, &who, id).await?;
+    let workspace = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("complete_generation", workspace = %workspace, generation = %id);
     let outcome = app
         .ledger
@@ -203,11 +195,9 @@ pub async fn complete_generation(
             key: IdempotencyKey::derived(format!("gen:{id}:complete")),
             // The amount is part of the request: a replay with another amount is a
             // conflict, not the first result. No amount means the estimate, so both
-            // spellings of the same completion are the same request.
-            fingerprint: fingerprint(&(
-                "complete",
-                credits.unwrap_or(record.estimate.credits).get(),
-            )),
+            // spellings of the same completion are the same request (the ledger compares
+            // the cost asked for with the one recorded).
+            fingerprint: fingerprint(&("complete", credits.map(Credits::get))),
             actor: who.actor(),
             refs: Refs::default(),
             op: Operation::Complete {
@@ -240,7 +230,7 @@ pub async fn fail_generation(
         Some(r) => tally::http::text::one_line("reason", r, MAX_REASON_CHARS)?.to_owned(),
         None => "failed".to_owned(),
     };
-    let (workspace, _) = settle_target(&app, &who, id).await?;
+    let workspace = settle_target(&app, &who, id).await?;
     let span = tracing::info_span!("fail_generation", workspace = %workspace, generation = %id);
     let outcome = app
         .ledger
@@ -300,7 +290,7 @@ pub async fn reverse_generation(
         .map(|t| tally::http::text::one_line("ticket", t, MAX_REASON_CHARS).map(str::to_owned))
         .transpose()?;
     // Staff act on any workspace: the generation says which.
-    let (workspace, _) = if staff {
+    let workspace = if staff {
         let mut anyone = who.clone();
         anyone.workspace = None;
         settle_target(&app, &anyone, id).await?
