@@ -992,3 +992,100 @@ async fn alert_settings_are_reused_for_their_time_to_live() {
         }
     }
 }
+
+/// A completion that arrives late takes free credits without being refused: with more
+/// overdue holds than one transaction releases, it releases them all first (a batch per
+/// transaction) and charges in full, never a shortfall the balance could have paid.
+#[tokio::test]
+async fn a_late_completion_behind_a_backlog_of_overdue_holds_charges_in_full() {
+    let store = Counting::over(embedded_store());
+    let (ledger, clock) = ledger_over(store.clone());
+    let ws = "org_late";
+    let est = estimate(&ledger);
+    let per = est.credits.get();
+    grant(&ledger, ws, 60 * per).await;
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        let g = GenerationId::new();
+        hold(&ledger, ws, g, &est, t0() + Duration::minutes(30))
+            .await
+            .unwrap();
+        ids.push(g);
+    }
+    clock.set(t0() + Duration::hours(1));
+    store.take();
+    // It reports more than its estimate: 40 holds' worth, which only the released backlog
+    // can pay.
+    let outcome = settle(
+        &ledger,
+        ws,
+        format!("gen:{}:complete", ids[0]),
+        Operation::Complete {
+            generation: ids[0],
+            credits: Some(Credits::new(40 * per)),
+            record: None,
+        },
+    )
+    .await;
+    let g = outcome.generation.unwrap();
+    assert_eq!(g.charged, Credits::new(40 * per));
+    assert_eq!(g.shortfall, Credits::ZERO);
+    let (_, commits) = store.take();
+    assert_eq!(
+        commits.len(),
+        3,
+        "two batches of 25, then the rest with the completion"
+    );
+    assert!(
+        commits.iter().all(|n| *n <= MAX_COMMIT_ITEMS),
+        "{commits:?}"
+    );
+    let state = ledger.workspace_now(&workspace(ws)).await.unwrap();
+    state.check_invariants().unwrap();
+    assert_eq!(state.open_holds, 0);
+    assert_eq!(state.balance().available.get(), 20 * per);
+}
+
+/// Holds kept inside the state item by an earlier release are read under either name and
+/// written under a new one, so the release before hold items cannot read a state item it
+/// would write back without its count of hold items.
+#[tokio::test]
+async fn inline_holds_of_an_earlier_release_read_and_written_under_a_new_name() {
+    let (ledger, _clock) = ledger_over(embedded_store());
+    let ws = "org_legacy";
+    let est = estimate(&ledger);
+    grant(&ledger, ws, 10 * est.credits.get()).await;
+    let g = GenerationId::new();
+    hold(&ledger, ws, g, &est, t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    let state = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    let now = serde_json::to_value(&state).unwrap();
+    assert!(
+        now.get("holds").is_none() && now.get("inline_holds").is_none(),
+        "{now}"
+    );
+    assert_eq!(now["open_holds"], 1);
+
+    // An item as the release with inline holds wrote it.
+    let holds = ledger
+        .store
+        .open_holds(&workspace(ws), None, 10)
+        .await
+        .unwrap();
+    let mut legacy = now.clone();
+    legacy["holds"] = serde_json::to_value(&holds).unwrap();
+    legacy["open_holds"] = 0.into();
+    legacy.as_object_mut().unwrap().remove("next_due");
+    let read: WorkspaceState = serde_json::from_value(legacy).unwrap();
+    let read = read.normalized();
+    assert_eq!(read.holds, holds);
+    assert_eq!(read.open_holds, 1);
+    assert_eq!(read.next_due, Some(t0() + Duration::hours(1)));
+    let written = serde_json::to_value(&read).unwrap();
+    assert!(written.get("holds").is_none(), "{written}");
+    assert_eq!(
+        written["inline_holds"],
+        serde_json::to_value(&holds).unwrap()
+    );
+}

@@ -155,6 +155,7 @@ impl Ledger {
             Ok(())
         };
         let mut catch_up = 0usize;
+        let mut rereads = 0u32;
         loop {
             if measure.conflicts > 0 {
                 self.backoff(measure.conflicts).await;
@@ -168,7 +169,9 @@ impl Ledger {
                 .unwrap_or_else(|| WorkspaceState::new(req.workspace.clone()));
             let mut op = req.op.clone();
             let stored = read.generation;
-            let own_hold = stored.as_ref().is_some_and(|g| g.hold.is_some());
+            let own_hold = stored
+                .as_ref()
+                .is_some_and(|g| g.record.status == crate::ledger::GenerationStatus::Held);
             if let Some(hold) = stored.as_ref().and_then(|g| g.hold.as_ref()) {
                 if hold.placed_seq >= state.next_seq {
                     // The generation was read after a hold the state does not show yet
@@ -189,6 +192,18 @@ impl Ledger {
             // More holds are overdue than this transaction releases (the generation service
             // was down for a while).
             let backlog = due.flatten().is_some_and(|next| next <= now);
+            if backlog && takes_free_credits(&req.op) {
+                // These take what is free without being refused (a late completion, a
+                // completion above its estimate, a refund's or dispute's share): with a
+                // backlog they would take too little, so it is released first.
+                if catch_up >= MAX_CATCH_UP_BATCHES {
+                    return Err(ServiceError::Contention);
+                }
+                catch_up += 1;
+                self.settle_batch(&req.workspace, state.version, measure)
+                    .await?;
+                continue;
+            }
             let cmd = Command {
                 key: req.key.clone(),
                 at: now,
@@ -198,11 +213,13 @@ impl Ledger {
             };
             let applied = match execute(&state, &cmd, &self.catalog) {
                 Ok(applied) => applied,
-                Err(LedgerError::Corrupt(m)) if own_hold => {
+                Err(LedgerError::Corrupt(m)) if own_hold && rereads < 3 => {
                     // The generation (with its hold) was read before a concurrent operation
                     // closed that hold, the state after it: the reads are not one snapshot,
-                    // so read again rather than close the hold twice.
+                    // so read again rather than close the hold twice. Real corruption stays
+                    // corrupt and is reported after a few reads.
                     tracing::info!(error = %m, "generation read before its hold closed; reading again");
+                    rereads += 1;
                     retry(&mut measure.conflicts)?;
                     continue;
                 }
@@ -213,7 +230,8 @@ impl Ledger {
                     // transaction cannot all release: release them a batch per transaction,
                     // then try again, so the answer agrees with the balance a read shows.
                     catch_up += 1;
-                    self.settle_batch(&req.workspace, state.version).await?;
+                    self.settle_batch(&req.workspace, state.version, measure)
+                        .await?;
                     continue;
                 }
                 Err(refusal) => {
@@ -294,6 +312,7 @@ impl Ledger {
         &self,
         workspace: &WorkspaceId,
         version: u64,
+        measure: &mut Measure,
     ) -> Result<(), ServiceError> {
         let settle = LedgerRequest {
             workspace: workspace.clone(),
@@ -303,7 +322,12 @@ impl Ledger {
             refs: Refs::default(),
             op: Operation::Settle,
         };
-        Box::pin(self.execute(settle)).await.map(|_| ())
+        // Part of the operation that needed it: its retries count there, not as an
+        // operation of its own.
+        let mut inner = Measure::default();
+        let result = Box::pin(self.run(&settle, &mut inner)).await.map(|_| ());
+        measure.conflicts += inner.conflicts;
+        result
     }
 
     async fn replay(&self, req: &LedgerRequest) -> Result<Option<Outcome>, ServiceError> {
@@ -361,11 +385,16 @@ impl Ledger {
             .await?
             .unwrap_or_else(|| WorkspaceState::new(workspace.clone()));
         let now = self.clock.now();
-        // As the real request would see it after releasing any backlog of overdue holds.
+        // As the real request would see it after releasing the backlog of overdue holds it
+        // would release first.
         if state.holds_due(now) {
             let overdue = self
                 .store
-                .open_holds(workspace, Some(now), MAX_OVERDUE_READ)
+                .open_holds(
+                    workspace,
+                    Some(now),
+                    (MAX_CATCH_UP_BATCHES + 1) * MAX_HOLDS_SETTLED_PER_OPERATION,
+                )
                 .await?;
             state.load_holds(overdue);
             state = state.settled_at(now)?;
@@ -400,6 +429,15 @@ impl Ledger {
         }
         Ok(state.settled_at(now)?)
     }
+}
+
+/// Operations that take free credits without being refused when there are too few, so a
+/// backlog of overdue holds would make them take too little.
+fn takes_free_credits(op: &Operation) -> bool {
+    matches!(
+        op,
+        Operation::Complete { .. } | Operation::TakeBack { .. } | Operation::Freeze { .. }
+    )
 }
 
 /// What one ledger request did, for the operational metrics.

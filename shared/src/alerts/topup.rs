@@ -11,6 +11,9 @@ use crate::store::docs;
 use crate::subscriptions::Entitlements;
 use serde_json::json;
 
+/// Why a top-up was not charged when the stored settings no longer ask for it.
+const SETTINGS_CHANGED: &str = "the auto top-up settings changed";
+
 impl CreditAlerts {
     pub(super) async fn top_up(
         &self,
@@ -20,6 +23,11 @@ impl CreditAlerts {
         entry: u64,
     ) {
         let outcome = self.try_top_up(workspace, state, topup, entry).await;
+        if outcome.as_ref().is_err_and(|why| why == SETTINGS_CHANGED) {
+            // Turned off or changed since this process read the settings: nothing to tell.
+            tracing::info!(workspace = %workspace, "auto top-up settings changed; not charged");
+            return;
+        }
         let body = match &outcome {
             Ok(payment) => {
                 json!({"type": "topup.charged", "workspace": workspace, "pack": topup.pack, "payment": payment, "entry": entry})
@@ -64,6 +72,7 @@ impl CreditAlerts {
         // Claim the charge with a versioned write: concurrent crossings race for one claim.
         let now = chrono::Utc::now();
         let mut claimed = false;
+        let mut changed = false;
         docs::update(
             self.docs.as_ref(),
             &workspace_pk(workspace),
@@ -73,6 +82,7 @@ impl CreditAlerts {
                 // The settings as stored now, not as this process remembers them: a top-up
                 // turned off or changed since is not charged.
                 if s.auto_topup.as_ref() != Some(topup) {
+                    changed = true;
                     claimed = false;
                     return None;
                 }
@@ -89,6 +99,9 @@ impl CreditAlerts {
         )
         .await
         .map_err(|e| e.to_string())?;
+        if changed {
+            return Err(SETTINGS_CHANGED.to_owned());
+        }
         if !claimed {
             return Err(format!(
                 "a top-up was charged less than {TOPUP_COOLDOWN_MINUTES} minutes ago"

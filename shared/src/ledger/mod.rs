@@ -146,9 +146,15 @@ pub struct WorkspaceState {
     pub plan: Option<PlanState>,
     pub lots: Vec<Lot>,
     /// Open holds kept inside the state item by releases before holds got items of their
-    /// own. Nothing adds to this list any more; it empties as those holds close. Always
-    /// written (empty) so that the previous release can still read the item.
-    #[serde(default)]
+    /// own. Nothing adds to this list any more; it empties as those holds close. Written
+    /// under a new name: the release before hold items must fail to read a state it would
+    /// write back without the hold count, rather than lose track of the hold items.
+    #[serde(
+        default,
+        rename = "inline_holds",
+        alias = "holds",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub holds: Vec<Hold>,
     /// Open holds this operation has read from their own items (the store keeps each in
     /// a hold item beside its generation), or, for a state rebuilt from the journal, every
