@@ -884,9 +884,11 @@ mod alerts {
     }
 
     /// A process that read the settings a while ago (they are reused for a time in Lambda)
-    /// charges nothing once auto top-up is turned off, and tells nobody of a failure.
+    /// follows the settings as stored when it claims the charge: a top-up turned off since
+    /// is neither charged nor reported, one whose threshold the balance is no longer below
+    /// is not charged, and one changed but still asking for it is charged as it stands.
     #[tokio::test]
-    async fn a_top_up_turned_off_since_the_settings_were_read_is_not_charged_or_reported() {
+    async fn a_top_up_follows_the_settings_as_stored_when_it_is_claimed() {
         use tally::catalog::{GenerationSpec, Workflow};
         use tally::clock::Clock;
         use tally::ids::{GenerationId, IdempotencyKey};
@@ -894,81 +896,103 @@ mod alerts {
         use tally::money::Credits;
         use tally::service::LedgerRequest;
 
-        let app = TestApp::new();
-        let o = owner("org_off");
-        let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
-        app.pay(s["url"].as_str().unwrap()).await;
-        app.send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[]).await;
-        let sim = app.local.simulator.clone().unwrap();
-        let paid = |sim: &tally_local::simulator::Simulator| {
-            sim.events()
-                .iter()
-                .filter(|e| e.kind == "payment_intent.succeeded")
-                .count()
-        };
-        let paid_before = paid(&sim);
-        // A second process whose settings live for an hour.
-        let mut ledger = app.ledger.clone();
-        ledger.observer = Some(std::sync::Arc::new(tally::alerts::CreditAlerts {
-            docs: app.docs.clone(),
-            notifications: app.local.notifications_queue.clone(),
-            payments: Some(sim.clone()),
-            catalog: ledger.catalog.clone(),
-            settings_ttl: std::time::Duration::from_secs(3600),
-            cache: Default::default(),
-        }));
-        let hold = |credits: u64| {
-            let mut estimate = ledger
-                .catalog
-                .estimate(&GenerationSpec {
-                    workflow: Workflow::Image,
-                    model: "imagen-3".into(),
-                    resolution: None,
-                    duration_s: None,
-                    count: None,
-                })
-                .unwrap();
-            estimate.credits = Credits::new(credits);
-            let generation = GenerationId::new();
-            LedgerRequest {
-                workspace: tally_tests::workspace("org_off"),
-                key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
-                fingerprint: "hold".into(),
-                actor: Actor::new(ActorKind::Member, "m1"),
-                refs: Refs::default(),
-                op: Operation::Hold {
-                    generation,
-                    estimate,
-                    deadline: app.clock.now() + chrono::Duration::hours(1),
-                },
+        let cases = [
+            ("org_off", Value::Null, false),
+            (
+                "org_lower",
+                json!({"pack": "pack_100", "below_credits": 10}),
+                false,
+            ),
+            (
+                "org_raise",
+                json!({"pack": "pack_100", "below_credits": 40}),
+                true,
+            ),
+        ];
+        for (ws, later, charged) in cases {
+            let app = TestApp::new();
+            let o = owner(ws);
+            let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
+            app.pay(s["url"].as_str().unwrap()).await;
+            app.send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[]).await;
+            let sim = app.local.simulator.clone().unwrap();
+            let paid = |sim: &tally_local::simulator::Simulator| {
+                sim.events()
+                    .iter()
+                    .filter(|e| e.kind == "payment_intent.succeeded")
+                    .count()
+            };
+            let paid_before = paid(&sim);
+            // A second process whose settings live for an hour.
+            let mut ledger = app.ledger.clone();
+            ledger.observer = Some(std::sync::Arc::new(tally::alerts::CreditAlerts {
+                docs: app.docs.clone(),
+                notifications: app.local.notifications_queue.clone(),
+                payments: Some(sim.clone()),
+                catalog: ledger.catalog.clone(),
+                settings_ttl: std::time::Duration::from_secs(3600),
+                cache: Default::default(),
+            }));
+            let hold = |credits: u64| {
+                let mut estimate = ledger
+                    .catalog
+                    .estimate(&GenerationSpec {
+                        workflow: Workflow::Image,
+                        model: "imagen-3".into(),
+                        resolution: None,
+                        duration_s: None,
+                        count: None,
+                    })
+                    .unwrap();
+                estimate.credits = Credits::new(credits);
+                let generation = GenerationId::new();
+                LedgerRequest {
+                    workspace: tally_tests::workspace(ws),
+                    key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
+                    fingerprint: "hold".into(),
+                    actor: Actor::new(ActorKind::Member, "m1"),
+                    refs: Refs::default(),
+                    op: Operation::Hold {
+                        generation,
+                        estimate,
+                        deadline: app.clock.now() + chrono::Duration::hours(1),
+                    },
+                }
+            };
+            // 100 -> 95: nothing crossed; the settings (top-up below 30) are now remembered.
+            ledger.execute(hold(5)).await.unwrap();
+            let set = app
+                .send(
+                    Method::PUT,
+                    "/v1/alerts",
+                    Some(&o),
+                    Some(&json!({"below_credits": [], "auto_topup": later}).to_string()),
+                    &[],
+                )
+                .await;
+            assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
+            // 95 -> 25: below the remembered threshold of 30.
+            ledger.execute(hold(70)).await.unwrap();
+            let topups: Vec<Value> = notifications(&app)
+                .await
+                .into_iter()
+                .filter(|n| n["type"].as_str().unwrap().starts_with("topup."))
+                .collect();
+            let last = app.get("/v1/alerts", &o).await.body["last_topup_at"].clone();
+            if charged {
+                assert_eq!(topups.len(), 1, "{ws}: {topups:#?}");
+                assert_eq!(topups[0]["type"], "topup.charged");
+                assert_eq!(topups[0]["pack"], "pack_100");
+                assert_eq!(paid(&sim), paid_before + 1, "{ws}: charged once");
+                assert_eq!(app.available(ws).await, 125);
+                assert!(last.is_string(), "{ws}: {last}");
+            } else {
+                assert!(topups.is_empty(), "{ws}: {topups:#?}");
+                assert_eq!(paid(&sim), paid_before, "{ws}: nothing charged");
+                assert_eq!(app.available(ws).await, 25);
+                assert_eq!(last, Value::Null, "{ws}");
             }
-        };
-        // 100 -> 95: nothing crossed; the settings (with auto top-up) are now remembered.
-        ledger.execute(hold(5)).await.unwrap();
-        let off = app
-            .send(
-                Method::PUT,
-                "/v1/alerts",
-                Some(&o),
-                Some(&json!({"below_credits": [], "auto_topup": null}).to_string()),
-                &[],
-            )
-            .await;
-        assert_eq!(off.status.as_u16(), 200, "{:#}", off.body);
-        // 95 -> 25: below the remembered top-up threshold, but it is off now.
-        ledger.execute(hold(70)).await.unwrap();
-        let all = notifications(&app).await;
-        assert!(
-            all.iter()
-                .all(|n| !n["type"].as_str().unwrap().starts_with("topup.")),
-            "{all:#?}"
-        );
-        assert_eq!(paid(&sim), paid_before, "nothing charged");
-        assert_eq!(app.available("org_off").await, 25);
-        assert_eq!(
-            app.get("/v1/alerts", &o).await.body["last_topup_at"],
-            Value::Null
-        );
+        }
     }
 
     #[tokio::test]

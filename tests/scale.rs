@@ -1089,3 +1089,53 @@ async fn inline_holds_of_an_earlier_release_read_and_written_under_a_new_name() 
         serde_json::to_value(&holds).unwrap()
     );
 }
+
+/// A completion its own (lapsed) hold pays for needs nothing else free: it is charged in
+/// one transaction with the hold's release, however long the backlog, so no other request
+/// can take those credits in between.
+#[tokio::test]
+async fn a_completion_its_own_lapsed_hold_pays_for_is_one_transaction_behind_any_backlog() {
+    let store = Counting::over(embedded_store());
+    let (ledger, clock) = ledger_over(store.clone());
+    let ws = "org_own";
+    let est = estimate(&ledger);
+    let per = est.credits.get();
+    grant(&ledger, ws, 60 * per).await;
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        let g = GenerationId::new();
+        hold(&ledger, ws, g, &est, t0() + Duration::minutes(30))
+            .await
+            .unwrap();
+        ids.push(g);
+    }
+    clock.set(t0() + Duration::hours(1));
+    store.take();
+    for (id, credits) in [(ids[59], None), (ids[30], Some(Credits::new(per - 1)))] {
+        let outcome = settle(
+            &ledger,
+            ws,
+            format!("gen:{id}:complete"),
+            Operation::Complete {
+                generation: id,
+                credits,
+                record: None,
+            },
+        )
+        .await;
+        let g = outcome.generation.unwrap();
+        assert_eq!(g.charged, credits.unwrap_or(est.credits));
+        assert_eq!(g.shortfall, Credits::ZERO);
+        let (reads, commits) = store.take();
+        assert_eq!(
+            (reads, commits.len()),
+            (2, 1),
+            "the operation's read, the earliest overdue holds, one transaction"
+        );
+        assert!(commits[0] <= MAX_COMMIT_ITEMS, "{commits:?}");
+    }
+    let state = ledger.workspace_now(&workspace(ws)).await.unwrap();
+    state.check_invariants().unwrap();
+    assert_eq!(state.open_holds, 0);
+    assert_eq!(state.balance().available.get(), 58 * per + 1);
+}

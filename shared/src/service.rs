@@ -12,7 +12,9 @@ use crate::ledger::engine::MAX_HOLDS_SETTLED_PER_OPERATION;
 use crate::ledger::{
     Actor, Balance, Command, LedgerError, Operation, Outcome, Refs, WorkspaceState, execute,
 };
-use crate::store::{Commit, CommitError, IdempotencyRecord, LedgerStore, StoreError};
+use crate::store::{
+    Commit, CommitError, IdempotencyRecord, LedgerStore, StoreError, StoredGeneration,
+};
 use chrono::Duration;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -172,6 +174,7 @@ impl Ledger {
             let own_hold = stored
                 .as_ref()
                 .is_some_and(|g| g.record.status == crate::ledger::GenerationStatus::Held);
+            let needs_free = needs_free_credits(&req.op, stored.as_ref());
             if let Some(hold) = stored.as_ref().and_then(|g| g.hold.as_ref()) {
                 if hold.placed_seq >= state.next_seq {
                     // The generation was read after a hold the state does not show yet
@@ -192,16 +195,16 @@ impl Ledger {
             // More holds are overdue than this transaction releases (the generation service
             // was down for a while).
             let backlog = due.flatten().is_some_and(|next| next <= now);
-            if backlog && takes_free_credits(&req.op) {
+            if backlog && needs_free {
                 // These take what is free without being refused (a late completion, a
                 // completion above its estimate, a refund's or dispute's share): with a
-                // backlog they would take too little, so it is released first.
+                // backlog they would take too little, so it is released first. A completion
+                // its own hold pays for is not split from its release: it runs at once.
                 if catch_up >= MAX_CATCH_UP_BATCHES {
                     return Err(ServiceError::Contention);
                 }
                 catch_up += 1;
-                self.settle_batch(&req.workspace, state.version, measure)
-                    .await?;
+                self.settle_batch(&req.workspace, state.version).await?;
                 continue;
             }
             let cmd = Command {
@@ -230,8 +233,7 @@ impl Ledger {
                     // transaction cannot all release: release them a batch per transaction,
                     // then try again, so the answer agrees with the balance a read shows.
                     catch_up += 1;
-                    self.settle_batch(&req.workspace, state.version, measure)
-                        .await?;
+                    self.settle_batch(&req.workspace, state.version).await?;
                     continue;
                 }
                 Err(refusal) => {
@@ -312,7 +314,6 @@ impl Ledger {
         &self,
         workspace: &WorkspaceId,
         version: u64,
-        measure: &mut Measure,
     ) -> Result<(), ServiceError> {
         let settle = LedgerRequest {
             workspace: workspace.clone(),
@@ -322,12 +323,8 @@ impl Ledger {
             refs: Refs::default(),
             op: Operation::Settle,
         };
-        // Part of the operation that needed it: its retries count there, not as an
-        // operation of its own.
-        let mut inner = Measure::default();
-        let result = Box::pin(self.run(&settle, &mut inner)).await.map(|_| ());
-        measure.conflicts += inner.conflicts;
-        result
+        // An operation of its own (its own retries and metrics): it commits on its own.
+        Box::pin(self.execute(settle)).await.map(|_| ())
     }
 
     async fn replay(&self, req: &LedgerRequest) -> Result<Option<Outcome>, ServiceError> {
@@ -431,13 +428,25 @@ impl Ledger {
     }
 }
 
-/// Operations that take free credits without being refused when there are too few, so a
-/// backlog of overdue holds would make them take too little.
-fn takes_free_credits(op: &Operation) -> bool {
-    matches!(
-        op,
-        Operation::Complete { .. } | Operation::TakeBack { .. } | Operation::Freeze { .. }
-    )
+/// Whether the operation takes free credits without being refused when there are too
+/// few, so that a backlog of overdue holds would make it take too little: a refund's or
+/// dispute's share, a completion whose hold has lapsed, and a completion above what its
+/// hold keeps. A completion within its own hold needs nothing free.
+fn needs_free_credits(op: &Operation, stored: Option<&StoredGeneration>) -> bool {
+    match op {
+        Operation::TakeBack { .. } | Operation::Freeze { .. } => true,
+        Operation::Complete { credits, .. } => match stored {
+            Some(g) => match (&g.record.status, &g.hold) {
+                (crate::ledger::GenerationStatus::Held, Some(hold)) => {
+                    credits.is_some_and(|c| c > hold.amount)
+                }
+                (crate::ledger::GenerationStatus::Expired, _) => true,
+                _ => false,
+            },
+            None => false,
+        },
+        _ => false,
+    }
 }
 
 /// What one ledger request did, for the operational metrics.
@@ -494,7 +503,15 @@ fn replayed(req: &LedgerRequest, record: IdempotencyRecord) -> Result<Outcome, S
     if record.fingerprint == req.fingerprint {
         return Ok(record.outcome);
     }
-    if let (Operation::Complete { credits, .. }, Some(g)) = (&req.op, &record.outcome.generation)
+    if let (
+        Operation::Complete {
+            generation,
+            credits,
+            ..
+        },
+        Some(g),
+    ) = (&req.op, &record.outcome.generation)
+        && g.id == *generation
         && g.status == crate::ledger::GenerationStatus::Completed
         && g.charged.checked_add(g.shortfall) == Some(credits.unwrap_or(g.estimate.credits))
     {

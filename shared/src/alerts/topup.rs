@@ -22,7 +22,9 @@ impl CreditAlerts {
         topup: &AutoTopUp,
         entry: u64,
     ) {
-        let outcome = self.try_top_up(workspace, state, topup, entry).await;
+        // The settings the charge follows: those stored when it is claimed.
+        let mut topup = topup.clone();
+        let outcome = self.try_top_up(workspace, state, &mut topup, entry).await;
         if outcome.as_ref().is_err_and(|why| why == SETTINGS_CHANGED) {
             // Turned off or changed since this process read the settings: nothing to tell.
             tracing::info!(workspace = %workspace, "auto top-up settings changed; not charged");
@@ -51,17 +53,13 @@ impl CreditAlerts {
         &self,
         workspace: &WorkspaceId,
         state: &WorkspaceState,
-        topup: &AutoTopUp,
+        topup: &mut AutoTopUp,
         entry: u64,
     ) -> Result<PaymentIntentId, String> {
         let payments = self
             .payments
             .as_ref()
             .ok_or("payments are not configured here")?;
-        let pack = self
-            .catalog
-            .pack(&topup.pack)
-            .ok_or("the pack no longer exists")?;
         let profile: BillingProfile =
             docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
                 .await
@@ -73,6 +71,8 @@ impl CreditAlerts {
         let now = chrono::Utc::now();
         let mut claimed = false;
         let mut changed = false;
+        let mut chosen: Option<AutoTopUp> = None;
+        let available = state.balance().available;
         docs::update(
             self.docs.as_ref(),
             &workspace_pk(workspace),
@@ -80,12 +80,19 @@ impl CreditAlerts {
             |cur: Option<AlertSettings>| {
                 let mut s = cur?;
                 // The settings as stored now, not as this process remembers them: a top-up
-                // turned off or changed since is not charged.
-                if s.auto_topup.as_ref() != Some(topup) {
-                    changed = true;
+                // turned off since is not charged; one changed since is charged as it stands
+                // now, if the balance is below its threshold.
+                chosen = None;
+                changed = match &s.auto_topup {
+                    Some(stored) if stored == &*topup => false,
+                    Some(stored) => available >= stored.below_credits,
+                    None => true,
+                };
+                if changed {
                     claimed = false;
                     return None;
                 }
+                chosen = s.auto_topup.clone();
                 if s.last_topup_at
                     .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
                 {
@@ -107,6 +114,13 @@ impl CreditAlerts {
                 "a top-up was charged less than {TOPUP_COOLDOWN_MINUTES} minutes ago"
             ));
         }
+        if let Some(stored) = chosen {
+            *topup = stored;
+        }
+        let pack = self
+            .catalog
+            .pack(&topup.pack)
+            .ok_or("the pack no longer exists")?;
         let discount = Entitlements::of(state.plan.as_ref(), &self.catalog).pack_discount_pct;
         let amount = pack.price_cents.discounted(discount);
         let key = format!("tally-topup-{workspace}-{entry}");
