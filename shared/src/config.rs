@@ -549,6 +549,16 @@ pub fn required_vars(binary: &str) -> Option<&'static [&'static str]> {
         .map(|(_, vars)| *vars)
 }
 
+/// The AWS SDK configuration (region, credentials) from the Lambda environment, loaded once
+/// per process and shared by every client built from it.
+pub async fn aws_sdk_config() -> &'static aws_config::SdkConfig {
+    static CONFIG: tokio::sync::OnceCell<aws_config::SdkConfig> =
+        tokio::sync::OnceCell::const_new();
+    CONFIG
+        .get_or_init(|| aws_config::load_defaults(aws_config::BehaviorVersion::latest()))
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

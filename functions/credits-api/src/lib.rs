@@ -104,11 +104,11 @@ pub fn protected_routes(state: AppState) -> Router {
 pub fn router(state: AppState, auth: AuthMode) -> Router {
     let protected = protected_routes(state.clone())
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
-    let doc = contract::openapi(&state.ledger.catalog);
+    let catalog = state.ledger.catalog.clone();
     tally::http::finish(
         public_routes(state)
             .merge(protected)
-            .merge(service_routes(doc)),
+            .merge(service_routes(move || contract::openapi(&catalog))),
     )
 }
 

@@ -285,7 +285,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let shown = outbox.clone();
     let mut public = credits_api::public_routes(credits)
         .merge(webhook)
-        .merge(tally::http::service_routes(doc))
+        .merge(tally::http::service_routes(move || doc.clone()))
         .route(
             "/dev/outbox",
             axum::routing::get(move || {

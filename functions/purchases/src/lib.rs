@@ -100,10 +100,12 @@ pub fn protected_routes(state: PurchasesState) -> Router {
 
 /// The function as Lambda serves it.
 pub fn router(state: PurchasesState, auth: AuthMode) -> Router {
-    let doc = contract::openapi(&state.ledger.catalog);
+    let catalog = state.ledger.catalog.clone();
     let protected = protected_routes(state)
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
-    tally::http::finish(protected.merge(tally::http::service_routes(doc)))
+    tally::http::finish(protected.merge(tally::http::service_routes(move || {
+        contract::openapi(&catalog)
+    })))
 }
 
 #[derive(OpenApi)]

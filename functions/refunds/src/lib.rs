@@ -44,10 +44,11 @@ pub fn protected_routes(state: RefundsState) -> Router {
 
 /// The function as Lambda serves it.
 pub fn router(state: RefundsState, auth: AuthMode) -> Router {
-    let doc = tally::http::contract::document(ApiDoc::openapi());
     let protected = protected_routes(state)
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
-    tally::http::finish(protected.merge(tally::http::service_routes(doc)))
+    tally::http::finish(protected.merge(tally::http::service_routes(|| {
+        tally::http::contract::document(ApiDoc::openapi())
+    })))
 }
 
 #[derive(OpenApi)]

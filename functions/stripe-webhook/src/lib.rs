@@ -50,7 +50,7 @@ pub fn routes(state: WebhookState) -> Router {
 
 /// The function as Lambda serves it.
 pub fn router(state: WebhookState) -> Router {
-    tally::http::finish(routes(state).merge(tally::http::service_routes(openapi())))
+    tally::http::finish(routes(state).merge(tally::http::service_routes(openapi)))
 }
 
 #[derive(OpenApi)]

@@ -48,10 +48,11 @@ pub fn protected_routes(state: SupportState) -> Router {
 
 /// The function as Lambda serves it.
 pub fn router(state: SupportState, auth: AuthMode) -> Router {
-    let doc = tally::http::contract::document(ApiDoc::openapi());
     let protected = protected_routes(state)
         .route_layer(axum::middleware::from_fn_with_state(auth, authenticate));
-    tally::http::finish(protected.merge(tally::http::service_routes(doc)))
+    tally::http::finish(protected.merge(tally::http::service_routes(|| {
+        tally::http::contract::document(ApiDoc::openapi())
+    })))
 }
 
 #[derive(OpenApi)]

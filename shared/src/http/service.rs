@@ -6,13 +6,15 @@
 
 use axum::Router;
 use axum::routing::get;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-/// `GET /health` and `GET /openapi.json` (serving `doc`, the document as
-/// [`super::contract::document`] completes it).
-pub fn service_routes(doc: serde_json::Value) -> Router {
+/// `GET /health` and `GET /openapi.json` (serving the document `doc` builds, as
+/// [`super::contract::document`] completes it). The document is built on its first request,
+/// not when the function starts: a cold start does not pay for it.
+pub fn service_routes(doc: impl Fn() -> serde_json::Value + Send + Sync + 'static) -> Router {
+    let built = Arc::new(OnceLock::new());
     let doc = Arc::new(doc);
     Router::new()
         .route(
@@ -22,8 +24,8 @@ pub fn service_routes(doc: serde_json::Value) -> Router {
         .route(
             "/openapi.json",
             get(move || {
-                let doc = doc.clone();
-                async move { axum::Json(doc.as_ref().clone()) }
+                let (built, doc) = (built.clone(), doc.clone());
+                async move { axum::Json(built.get_or_init(|| doc()).clone()) }
             }),
         )
 }

@@ -40,10 +40,7 @@ impl SqsQueue {
     pub async fn client(endpoint: Option<&HttpUrl>) -> aws_sdk_sqs::Client {
         match endpoint {
             Some(endpoint) => Self::local_client(endpoint.as_str()),
-            None => {
-                let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-                aws_sdk_sqs::Client::new(&config)
-            }
+            None => aws_sdk_sqs::Client::new(crate::config::aws_sdk_config().await),
         }
     }
 }

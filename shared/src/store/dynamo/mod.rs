@@ -725,10 +725,7 @@ impl LedgerStore for DynamoStore {
 pub async fn from_config(cfg: &StoreConfig) -> DynamoStore {
     let client = match &cfg.endpoint {
         Some(endpoint) => DynamoStore::local_client(endpoint.as_str()),
-        None => {
-            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            Client::new(&config)
-        }
+        None => Client::new(crate::config::aws_sdk_config().await),
     };
     DynamoStore::new(client, cfg.table.clone())
 }
