@@ -896,20 +896,27 @@ mod alerts {
         use tally::money::Credits;
         use tally::service::LedgerRequest;
 
+        // What the settings become, and what the crossing then does.
         let cases = [
-            ("org_off", Value::Null, false),
+            ("org_off", Value::Null, "nothing"),
             (
                 "org_lower",
                 json!({"pack": "pack_100", "below_credits": 10}),
-                false,
+                "nothing",
             ),
             (
                 "org_raise",
                 json!({"pack": "pack_100", "below_credits": 40}),
-                true,
+                "charged",
+            ),
+            // A pack withdrawn from the catalogue since (stored settings can name one).
+            (
+                "org_gone",
+                json!({"pack": "pack_gone", "below_credits": 40}),
+                "failed",
             ),
         ];
-        for (ws, later, charged) in cases {
+        for (ws, later, expect) in cases {
             let app = TestApp::new();
             let o = owner(ws);
             let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
@@ -961,16 +968,31 @@ mod alerts {
             };
             // 100 -> 95: nothing crossed; the settings (top-up below 30) are now remembered.
             ledger.execute(hold(5)).await.unwrap();
-            let set = app
-                .send(
-                    Method::PUT,
-                    "/v1/alerts",
-                    Some(&o),
-                    Some(&json!({"below_credits": [], "auto_topup": later}).to_string()),
-                    &[],
+            if later["pack"] == "pack_gone" {
+                tally::store::docs::update(
+                    app.docs.as_ref(),
+                    &tally::billing::records::workspace_pk(&tally_tests::workspace(ws)),
+                    tally::alerts::ALERTS_SK,
+                    |s: Option<tally::alerts::AlertSettings>| {
+                        let mut s = s?;
+                        s.auto_topup = serde_json::from_value(later.clone()).unwrap();
+                        Some(s)
+                    },
                 )
-                .await;
-            assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
+                .await
+                .unwrap();
+            } else {
+                let set = app
+                    .send(
+                        Method::PUT,
+                        "/v1/alerts",
+                        Some(&o),
+                        Some(&json!({"below_credits": [], "auto_topup": later}).to_string()),
+                        &[],
+                    )
+                    .await;
+                assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
+            }
             // 95 -> 25: below the remembered threshold of 30.
             ledger.execute(hold(70)).await.unwrap();
             let topups: Vec<Value> = notifications(&app)
@@ -979,13 +1001,20 @@ mod alerts {
                 .filter(|n| n["type"].as_str().unwrap().starts_with("topup."))
                 .collect();
             let last = app.get("/v1/alerts", &o).await.body["last_topup_at"].clone();
-            if charged {
+            if expect == "charged" {
                 assert_eq!(topups.len(), 1, "{ws}: {topups:#?}");
                 assert_eq!(topups[0]["type"], "topup.charged");
                 assert_eq!(topups[0]["pack"], "pack_100");
                 assert_eq!(paid(&sim), paid_before + 1, "{ws}: charged once");
                 assert_eq!(app.available(ws).await, 125);
                 assert!(last.is_string(), "{ws}: {last}");
+            } else if expect == "failed" {
+                assert_eq!(topups.len(), 1, "{ws}: {topups:#?}");
+                assert_eq!(topups[0]["type"], "topup.failed");
+                assert_eq!(topups[0]["reason"], "the pack no longer exists");
+                assert_eq!(topups[0]["pack"], "pack_gone");
+                assert_eq!(paid(&sim), paid_before, "{ws}: nothing charged");
+                assert_eq!(last, Value::Null, "{ws}: the cooldown is not taken");
             } else {
                 assert!(topups.is_empty(), "{ws}: {topups:#?}");
                 assert_eq!(paid(&sim), paid_before, "{ws}: nothing charged");

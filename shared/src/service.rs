@@ -174,7 +174,8 @@ impl Ledger {
             let own_hold = stored
                 .as_ref()
                 .is_some_and(|g| g.record.status == crate::ledger::GenerationStatus::Held);
-            let needs_free = needs_free_credits(&req.op, stored.as_ref());
+            let now = self.clock.now();
+            let needs_free = needs_free_credits(&req.op, stored.as_ref(), now);
             if let Some(hold) = stored.as_ref().and_then(|g| g.hold.as_ref()) {
                 if hold.placed_seq >= state.next_seq {
                     // The generation was read after a hold the state does not show yet
@@ -190,7 +191,6 @@ impl Ledger {
             {
                 *record = stored.map(|g| g.record);
             }
-            let now = self.clock.now();
             let due = self.load_due(&mut state, now).await?;
             // More holds are overdue than this transaction releases (the generation service
             // was down for a while).
@@ -430,16 +430,23 @@ impl Ledger {
 
 /// Whether the operation takes free credits without being refused when there are too
 /// few, so that a backlog of overdue holds would make it take too little: a refund's or
-/// dispute's share, a completion whose hold has lapsed, and a completion above what its
-/// hold keeps. A completion within its own hold needs nothing free.
-fn needs_free_credits(op: &Operation, stored: Option<&StoredGeneration>) -> bool {
+/// dispute's share, a completion whose hold has lapsed or is overdue (it is released
+/// before the completion charges), and a completion above what its hold keeps. A completion
+/// within its own hold, before its deadline, needs nothing free.
+fn needs_free_credits(
+    op: &Operation,
+    stored: Option<&StoredGeneration>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
     match op {
         Operation::TakeBack { .. } | Operation::Freeze { .. } => true,
         Operation::Complete { credits, .. } => match stored {
             Some(g) => match (&g.record.status, &g.hold) {
                 (crate::ledger::GenerationStatus::Held, Some(hold)) => {
-                    credits.is_some_and(|c| c > hold.amount)
+                    hold.deadline <= now || credits.is_some_and(|c| c > hold.amount)
                 }
+                // A hold kept inside the state item by an earlier release.
+                (crate::ledger::GenerationStatus::Held, None) => true,
                 (crate::ledger::GenerationStatus::Expired, _) => true,
                 _ => false,
             },

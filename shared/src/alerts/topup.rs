@@ -71,6 +71,7 @@ impl CreditAlerts {
         let now = chrono::Utc::now();
         let mut claimed = false;
         let mut changed = false;
+        let mut unknown = false;
         let mut chosen: Option<AutoTopUp> = None;
         let available = state.balance().available;
         docs::update(
@@ -78,25 +79,33 @@ impl CreditAlerts {
             &workspace_pk(workspace),
             ALERTS_SK,
             |cur: Option<AlertSettings>| {
+                // Run again when a concurrent write wins: nothing from an earlier run counts.
+                (claimed, changed, unknown, chosen) = (false, true, false, None);
                 let mut s = cur?;
                 // The settings as stored now, not as this process remembers them: a top-up
                 // turned off since is not charged; one changed since is charged as it stands
                 // now, if the balance is below its threshold.
-                chosen = None;
                 changed = match &s.auto_topup {
                     Some(stored) if stored == &*topup => false,
                     Some(stored) => available >= stored.below_credits,
                     None => true,
                 };
                 if changed {
-                    claimed = false;
                     return None;
                 }
                 chosen = s.auto_topup.clone();
+                // A pack that no longer exists is not claimed: the cooldown stays free for
+                // a charge once the settings name one that does.
+                if chosen
+                    .as_ref()
+                    .is_some_and(|t| self.catalog.pack(&t.pack).is_none())
+                {
+                    unknown = true;
+                    return None;
+                }
                 if s.last_topup_at
                     .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
                 {
-                    claimed = false;
                     return None;
                 }
                 s.last_topup_at = Some(now);
@@ -108,6 +117,12 @@ impl CreditAlerts {
         .map_err(|e| e.to_string())?;
         if changed {
             return Err(SETTINGS_CHANGED.to_owned());
+        }
+        if unknown {
+            if let Some(stored) = chosen {
+                *topup = stored;
+            }
+            return Err("the pack no longer exists".to_owned());
         }
         if !claimed {
             return Err(format!(
