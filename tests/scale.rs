@@ -24,32 +24,43 @@ use tally_tests::{
     dynamo_local_table, dynamo_table, embedded_store, grant, ledger_over, t0, workspace,
 };
 
-/// A real store, counting what the ledger asks of it.
+/// A real store, counting what the ledger asks of it; on request its next commits lose to
+/// a concurrent writer, or its next operation read returns a generation as an earlier read
+/// saw it (BatchGetItem is no snapshot: the generation may be read before a concurrent
+/// commit and the state after it).
 struct Counting {
     inner: Arc<dyn LedgerStore>,
     /// The same store as DynamoDB, to read raw items.
     raw: Option<DynamoStore>,
     reads: AtomicUsize,
     commits: Mutex<Vec<usize>>,
+    losses: AtomicUsize,
+    stale: Mutex<Option<tally::store::StoredGeneration>>,
 }
 
 impl Counting {
     fn dynamo(inner: DynamoStore) -> Arc<Self> {
-        Arc::new(Self {
-            inner: Arc::new(inner.clone()),
-            raw: Some(inner),
-            reads: AtomicUsize::new(0),
-            commits: Mutex::new(Vec::new()),
-        })
+        Self::with(Arc::new(inner.clone()), Some(inner))
     }
 
     fn over(inner: Arc<dyn LedgerStore>) -> Arc<Self> {
+        Self::with(inner, None)
+    }
+
+    fn with(inner: Arc<dyn LedgerStore>, raw: Option<DynamoStore>) -> Arc<Self> {
         Arc::new(Self {
             inner,
-            raw: None,
+            raw,
             reads: AtomicUsize::new(0),
             commits: Mutex::new(Vec::new()),
+            losses: AtomicUsize::new(0),
+            stale: Mutex::new(None),
         })
+    }
+
+    /// The next `n` commits lose to a concurrent writer.
+    fn lose(&self, n: usize) {
+        self.losses.store(n, Ordering::SeqCst);
     }
 
     /// Read round trips and the item counts of the commits since the last call.
@@ -108,7 +119,11 @@ impl LedgerStore for Counting {
         g: Option<GenerationId>,
     ) -> Result<OpRead, StoreError> {
         self.read();
-        self.inner.read_op(w, k, g).await
+        let mut read = self.inner.read_op(w, k, g).await?;
+        if let Some(stale) = self.stale.lock().unwrap().take() {
+            read.generation = Some(stale);
+        }
+        Ok(read)
     }
     async fn open_holds(
         &self,
@@ -120,6 +135,13 @@ impl LedgerStore for Counting {
         self.inner.open_holds(w, until, limit).await
     }
     async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        if self
+            .losses
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(CommitError::Conflict);
+        }
         self.commits.lock().unwrap().push(c.items());
         self.inner.commit(c).await
     }
@@ -516,92 +538,10 @@ fn records_of(ws: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A store whose next `n` commits lose to a concurrent writer.
-struct Contended {
-    counting: Arc<Counting>,
-    losses: AtomicUsize,
-}
-
-impl Contended {
-    fn lose(&self, n: usize) {
-        self.losses.store(n, Ordering::SeqCst);
-    }
-}
-
-#[async_trait::async_trait]
-impl LedgerStore for Contended {
-    async fn load(&self, w: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
-        self.counting.load(w).await
-    }
-    async fn read_op(
-        &self,
-        w: &WorkspaceId,
-        k: &IdempotencyKey,
-        g: Option<GenerationId>,
-    ) -> Result<OpRead, StoreError> {
-        self.counting.read_op(w, k, g).await
-    }
-    async fn open_holds(
-        &self,
-        w: &WorkspaceId,
-        until: Option<chrono::DateTime<chrono::Utc>>,
-        limit: usize,
-    ) -> Result<Vec<Hold>, StoreError> {
-        self.counting.open_holds(w, until, limit).await
-    }
-    async fn commit(&self, c: Commit) -> Result<(), CommitError> {
-        if self
-            .losses
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(CommitError::Conflict);
-        }
-        self.counting.commit(c).await
-    }
-    async fn idempotency(
-        &self,
-        w: &WorkspaceId,
-        k: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.counting.idempotency(w, k).await
-    }
-    async fn generation(
-        &self,
-        w: &WorkspaceId,
-        id: GenerationId,
-    ) -> Result<Option<Generation>, StoreError> {
-        self.counting.generation(w, id).await
-    }
-    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError> {
-        self.counting.generation_owner(id).await
-    }
-    async fn generations(
-        &self,
-        w: &WorkspaceId,
-        q: &GenerationQuery,
-    ) -> Result<Vec<Generation>, StoreError> {
-        self.counting.generations(w, q).await
-    }
-    async fn entries(&self, w: &WorkspaceId, q: &EntryQuery) -> Result<Vec<Entry>, StoreError> {
-        self.counting.entries(w, q).await
-    }
-    async fn entries_by_seq(
-        &self,
-        w: &WorkspaceId,
-        seqs: &[u64],
-    ) -> Result<Vec<Entry>, StoreError> {
-        self.counting.entries_by_seq(w, seqs).await
-    }
-}
-
 #[tokio::test]
 async fn every_ledger_operation_reports_its_metrics_in_embedded_metric_format() {
     metric_lines();
-    let store = Arc::new(Contended {
-        counting: Counting::over(embedded_store()),
-        losses: AtomicUsize::new(0),
-    });
+    let store = Counting::over(embedded_store());
     let (mut ledger, _clock) = ledger_over(store.clone());
     ledger.retry.base_ms = 0;
     ledger.retry.cap_ms = 1;
@@ -762,84 +702,9 @@ async fn an_applied_stripe_event_reports_its_lag_from_stripe_to_the_ledger() {
     assert!(record["WebhookToLedgerLag"].as_f64().unwrap() >= 0.0);
 }
 
-/// A store whose next operation read returns the generation as an earlier read saw it
-/// (BatchGetItem is no snapshot: the generation may be read before a concurrent commit
-/// and the state after it).
-struct StaleGeneration {
-    inner: Arc<dyn LedgerStore>,
-    stale: Mutex<Option<tally::store::StoredGeneration>>,
-}
-
-#[async_trait::async_trait]
-impl LedgerStore for StaleGeneration {
-    async fn load(&self, w: &WorkspaceId) -> Result<Option<WorkspaceState>, StoreError> {
-        self.inner.load(w).await
-    }
-    async fn read_op(
-        &self,
-        w: &WorkspaceId,
-        k: &IdempotencyKey,
-        g: Option<GenerationId>,
-    ) -> Result<OpRead, StoreError> {
-        let mut read = self.inner.read_op(w, k, g).await?;
-        if let Some(stale) = self.stale.lock().unwrap().take() {
-            read.generation = Some(stale);
-        }
-        Ok(read)
-    }
-    async fn open_holds(
-        &self,
-        w: &WorkspaceId,
-        until: Option<chrono::DateTime<chrono::Utc>>,
-        limit: usize,
-    ) -> Result<Vec<Hold>, StoreError> {
-        self.inner.open_holds(w, until, limit).await
-    }
-    async fn commit(&self, c: Commit) -> Result<(), CommitError> {
-        self.inner.commit(c).await
-    }
-    async fn idempotency(
-        &self,
-        w: &WorkspaceId,
-        k: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.idempotency(w, k).await
-    }
-    async fn generation(
-        &self,
-        w: &WorkspaceId,
-        id: GenerationId,
-    ) -> Result<Option<Generation>, StoreError> {
-        self.inner.generation(w, id).await
-    }
-    async fn generation_owner(&self, id: GenerationId) -> Result<Option<WorkspaceId>, StoreError> {
-        self.inner.generation_owner(id).await
-    }
-    async fn generations(
-        &self,
-        w: &WorkspaceId,
-        q: &GenerationQuery,
-    ) -> Result<Vec<Generation>, StoreError> {
-        self.inner.generations(w, q).await
-    }
-    async fn entries(&self, w: &WorkspaceId, q: &EntryQuery) -> Result<Vec<Entry>, StoreError> {
-        self.inner.entries(w, q).await
-    }
-    async fn entries_by_seq(
-        &self,
-        w: &WorkspaceId,
-        seqs: &[u64],
-    ) -> Result<Vec<Entry>, StoreError> {
-        self.inner.entries_by_seq(w, seqs).await
-    }
-}
-
 #[tokio::test]
 async fn a_generation_read_before_its_hold_closed_is_read_again_not_closed_twice() {
-    let store = Arc::new(StaleGeneration {
-        inner: embedded_store(),
-        stale: Mutex::new(None),
-    });
+    let store = Counting::over(embedded_store());
     let (ledger, _clock) = ledger_over(store.clone());
     let ws = "org_stale";
     let est = estimate(&ledger);
