@@ -858,17 +858,21 @@ async fn alert_settings_are_reused_for_their_time_to_live() {
     }
 }
 
-/// A completion that arrives late takes free credits without being refused: with more
-/// overdue holds than one transaction releases, it releases them all first (a batch per
-/// transaction) and charges in full, never a shortfall the balance could have paid.
-#[tokio::test]
-async fn a_late_completion_behind_a_backlog_of_overdue_holds_charges_in_full() {
+/// A workspace granted `granted` holds' worth of credits with sixty holds placed, all due
+/// half an hour after `t0`.
+async fn sixty_holds(
+    ws: &str,
+    granted: u64,
+) -> (
+    Arc<Counting>,
+    Ledger,
+    Arc<tally::clock::ManualClock>,
+    Vec<GenerationId>,
+) {
     let store = Counting::over(embedded_store());
     let (ledger, clock) = ledger_over(store.clone());
-    let ws = "org_late";
     let est = estimate(&ledger);
-    let per = est.credits.get();
-    grant(&ledger, ws, 60 * per).await;
+    grant(&ledger, ws, granted * est.credits.get()).await;
     let mut ids = Vec::new();
     for _ in 0..60 {
         let g = GenerationId::new();
@@ -877,6 +881,18 @@ async fn a_late_completion_behind_a_backlog_of_overdue_holds_charges_in_full() {
             .unwrap();
         ids.push(g);
     }
+    (store, ledger, clock, ids)
+}
+
+/// A completion that arrives late takes free credits without being refused: with more
+/// overdue holds than one transaction releases, it releases them all first (a batch per
+/// transaction) and charges in full, never a shortfall the balance could have paid.
+#[tokio::test]
+async fn a_late_completion_behind_a_backlog_of_overdue_holds_charges_in_full() {
+    let ws = "org_late";
+    let (store, ledger, clock, ids) = sixty_holds(ws, 60).await;
+    let est = estimate(&ledger);
+    let per = est.credits.get();
     clock.set(t0() + Duration::hours(1));
     store.take();
     // It reports more than its estimate: 40 holds' worth, which only the released backlog
@@ -961,20 +977,10 @@ async fn inline_holds_of_an_earlier_release_read_and_written_under_a_new_name() 
 /// then it charges from what is free, in full.
 #[tokio::test]
 async fn a_completion_within_its_hold_runs_at_once_and_a_late_one_after_the_backlog() {
-    let store = Counting::over(embedded_store());
-    let (ledger, clock) = ledger_over(store.clone());
     let ws = "org_own";
+    let (store, ledger, clock, ids) = sixty_holds(ws, 61).await;
     let est = estimate(&ledger);
     let per = est.credits.get();
-    grant(&ledger, ws, 61 * per).await;
-    let mut ids = Vec::new();
-    for _ in 0..60 {
-        let g = GenerationId::new();
-        hold(&ledger, ws, g, &est, t0() + Duration::minutes(30))
-            .await
-            .unwrap();
-        ids.push(g);
-    }
     let mine = GenerationId::new();
     hold(&ledger, ws, mine, &est, t0() + Duration::hours(5))
         .await
