@@ -1018,3 +1018,36 @@ async fn a_completion_within_its_hold_runs_at_once_and_a_late_one_after_the_back
     assert_eq!(state.open_holds, 0);
     assert_eq!(state.balance().available.get(), 59 * per + 1);
 }
+
+/// A busy workspace is answered `busy` once the retry budget has passed, however many
+/// attempts are left (the functions' budget is well inside their timeout), and nothing is
+/// written.
+#[tokio::test]
+async fn retries_end_with_busy_when_the_time_budget_is_spent() {
+    let store = Counting::over(embedded_store());
+    let (mut ledger, _clock) = ledger_over(store.clone());
+    let ws = "org_budget";
+    let est = estimate(&ledger);
+    grant(&ledger, ws, 10 * est.credits.get()).await;
+    let before = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    // Every commit loses, and the attempts never run out: only the budget ends it.
+    ledger.retry.max_attempts = u32::MAX;
+    ledger.retry.base_ms = 1;
+    ledger.retry.cap_ms = 2;
+    ledger.retry.budget = Some(std::time::Duration::from_millis(50));
+    store.lose(usize::MAX);
+    let busy = hold(
+        &ledger,
+        ws,
+        GenerationId::new(),
+        &est,
+        t0() + Duration::hours(1),
+    )
+    .await;
+    assert!(matches!(busy, Err(ServiceError::Contention)), "{busy:?}");
+    store.lose(0);
+    let after = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    assert_eq!(after, before);
+    assert_eq!(tally::service::RetryPolicy::default().budget, None);
+    assert!(tally::service::LAMBDA_RETRY_BUDGET < std::time::Duration::from_secs(10));
+}

@@ -59,6 +59,10 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     pub base_ms: u64,
     pub cap_ms: u64,
+    /// Stop retrying (503 `busy`) once this long has passed since the operation began,
+    /// whatever the attempts left: under heavy contention on one workspace 80 attempts can
+    /// take longer than a function may run.
+    pub budget: Option<std::time::Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -67,9 +71,14 @@ impl Default for RetryPolicy {
             max_attempts: 80,
             base_ms: 2,
             cap_ms: 120,
+            budget: None,
         }
     }
 }
+
+/// The retry budget of the Lambda functions: well inside the shortest function timeout
+/// (10 s), so a busy workspace is answered 503 `busy` instead of a timed-out invocation.
+pub const LAMBDA_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// A ledger operation as a caller asks for it.
 #[derive(Debug, Clone)]
@@ -148,9 +157,12 @@ impl Ledger {
             | Operation::Reverse { generation, .. } => Some(*generation),
             _ => None,
         };
+        let began = std::time::Instant::now();
         let retry = |conflicts: &mut u32| {
             *conflicts += 1;
-            if *conflicts >= self.retry.max_attempts {
+            if *conflicts >= self.retry.max_attempts
+                || self.retry.budget.is_some_and(|b| began.elapsed() >= b)
+            {
                 tracing::warn!(conflicts = *conflicts, "giving up after repeated conflicts");
                 return Err(ServiceError::Contention);
             }

@@ -19,6 +19,7 @@ async fn main() -> Result<(), Error> {
     let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
+    ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await?);
     let consumer = BillingEvents::new(ledger, store);
     let consumer = &consumer;

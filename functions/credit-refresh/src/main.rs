@@ -21,7 +21,8 @@ async fn main() -> Result<(), Error> {
     let cfg = RefreshConfig::from_env()?;
     let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
-    let ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     let mut refresher = Refresher::new(ledger, store);
     refresher.settings = Settings {
         shards: cfg.due_shards,

@@ -16,7 +16,8 @@ async fn main() -> Result<(), lambda_http::Error> {
     let cfg = RefundsConfig::from_env()?;
     let catalog = Arc::new(tally::catalog::Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
-    let ledger = tally::service::Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    let mut ledger = tally::service::Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     let queue = SqsQueue::new(
         SqsQueue::client(cfg.sqs_endpoint.as_ref()).await,
         cfg.refunds_queue_url.as_str(),
