@@ -88,4 +88,7 @@ echo "==> browser test of the simulated checkout page"
 scripts/install-browser.sh
 cargo build --locked -p tally-local
 "$VENV/bin/python" scripts/browser_test.py target/debug/tally-local
+
+echo "==> the local runner killed with SIGKILL mid-delivery loses no purchase"
+"$VENV/bin/python" scripts/crash_test.py target/debug/tally-local
 echo "==> all tests passed"
