@@ -196,6 +196,43 @@ async fn an_overdue_hold_is_released_once_however_many_tickets_ask() {
     );
 }
 
+/// Behind more overdue holds than one settlement releases, the ticket's own hold is still
+/// released and reported, and every other overdue hold with it.
+#[tokio::test]
+async fn an_overdue_hold_behind_a_backlog_is_released_for_the_ticket() {
+    let app = TestApp::new();
+    let ws = "org_s3b";
+    grant(&app.ledger, ws, 1_000).await;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(start(&app, &member(ws, "u1")).await);
+    }
+    app.clock.advance(chrono::Duration::hours(6));
+    // The last one started is released last.
+    let last = ids.last().unwrap();
+    let body = json!({"category": "generation", "subject": "job never finished",
+        "message": "it spun forever", "generation_id": last});
+    let t = file(&app, &member(ws, "u1"), body).await;
+    assert_eq!(t["remediations"][0]["action"], "hold_released", "{t:#}");
+    assert_eq!(t["enrichment"]["generation"]["status"], "expired");
+    let b = app.get("/v1/balance", &owner(ws)).await.body;
+    assert_eq!(
+        (b["available"].as_u64(), b["held"].as_u64()),
+        (Some(1_000), Some(0))
+    );
+    let state = app
+        .ledger
+        .store
+        .load(&tally_tests::workspace(ws))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        state.open_holds, 0,
+        "every overdue hold released in the ledger"
+    );
+}
+
 #[tokio::test]
 async fn a_completed_generation_is_explained_not_given_back() {
     let app = TestApp::new();

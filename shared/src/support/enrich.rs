@@ -278,6 +278,10 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
     })
 }
 
+/// Settlements a ticket runs at most to release its generation's overdue hold (each
+/// releases a batch of the earliest overdue holds).
+const SUPPORT_SETTLE_ROUNDS: usize = 40;
+
 async fn generation_facts(
     ctx: &Context,
     s: &Subject<'_>,
@@ -300,18 +304,38 @@ async fn generation_facts(
     };
     match g.status {
         GenerationStatus::Held if g.deadline <= s.now => {
-            let out = ledger
-                .execute(LedgerRequest {
-                    workspace: s.workspace.clone(),
-                    key: IdempotencyKey::derived(format!("gen:{id}:support-settle")),
-                    fingerprint: "support-settle".into(),
-                    actor: actor.clone(),
-                    refs: refs.clone(),
-                    op: Operation::Settle,
-                })
-                .await?;
-            if let Some(now) = ledger.store.generation(s.workspace, id).await? {
-                g = now;
+            // A settlement releases the earliest overdue holds, a batch at a time: behind a
+            // backlog this one comes later, so settle again (each round under a key of its
+            // own, so a retried ticket repeats none) until it is released.
+            let mut entries = Vec::new();
+            for round in 0..SUPPORT_SETTLE_ROUNDS {
+                let key = match round {
+                    0 => format!("gen:{id}:support-settle"),
+                    n => format!("gen:{id}:support-settle:{n}"),
+                };
+                let out = ledger
+                    .execute(LedgerRequest {
+                        workspace: s.workspace.clone(),
+                        key: IdempotencyKey::derived(key),
+                        fingerprint: "support-settle".into(),
+                        actor: actor.clone(),
+                        refs: refs.clone(),
+                        op: Operation::Settle,
+                    })
+                    .await?;
+                entries.extend(out.entries);
+                if let Some(now) = ledger.store.generation(s.workspace, id).await? {
+                    g = now;
+                }
+                if g.status != GenerationStatus::Held {
+                    break;
+                }
+            }
+            if g.status == GenerationStatus::Held {
+                e.findings.push(format!(
+                    "generation {id} passed its deadline; its hold of {} credits is released without charge with the other overdue holds shortly",
+                    g.held.get()
+                ));
             }
             if g.status == GenerationStatus::Expired {
                 fixes.push(Remediation {
@@ -321,7 +345,7 @@ async fn generation_facts(
                         g.held.get()
                     ),
                     credits: Some(g.held),
-                    entries: out.entries,
+                    entries,
                     refund_request: None,
                 });
             }
