@@ -215,6 +215,14 @@ async fn an_overdue_hold_behind_a_backlog_is_released_for_the_ticket() {
     let t = file(&app, &member(ws, "u1"), body).await;
     assert_eq!(t["remediations"][0]["action"], "hold_released", "{t:#}");
     assert_eq!(t["enrichment"]["generation"]["status"], "expired");
+    // The entry that released this hold, not those of the others released with it.
+    let own = t["enrichment"]["generation"]["entries"]
+        .as_array()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    assert_eq!(t["remediations"][0]["entries"], json!([own]), "{t:#}");
     let b = app.get("/v1/balance", &owner(ws)).await.body;
     assert_eq!(
         (b["available"].as_u64(), b["held"].as_u64()),

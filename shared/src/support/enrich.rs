@@ -282,6 +282,9 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
 /// releases a batch of the earliest overdue holds).
 const SUPPORT_SETTLE_ROUNDS: usize = 40;
 
+/// How long a ticket spends releasing at most (support-intake's timeout is 20 s).
+const SUPPORT_SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn generation_facts(
     ctx: &Context,
     s: &Subject<'_>,
@@ -307,13 +310,18 @@ async fn generation_facts(
             // A settlement releases the earliest overdue holds, a batch at a time: behind a
             // backlog this one comes later, so settle again (each round under a key of its
             // own, so a retried ticket repeats none) until it is released.
-            let mut entries = Vec::new();
+            // The ticket is filed whatever happens here: a busy workspace or a long backlog
+            // ends the rounds, and the ticket says the hold is still to be released.
+            let began = std::time::Instant::now();
             for round in 0..SUPPORT_SETTLE_ROUNDS {
+                if began.elapsed() >= SUPPORT_SETTLE_TIME {
+                    break;
+                }
                 let key = match round {
                     0 => format!("gen:{id}:support-settle"),
                     n => format!("gen:{id}:support-settle:{n}"),
                 };
-                let out = ledger
+                let out = match ledger
                     .execute(LedgerRequest {
                         workspace: s.workspace.clone(),
                         key: IdempotencyKey::derived(key),
@@ -322,12 +330,17 @@ async fn generation_facts(
                         refs: refs.clone(),
                         op: Operation::Settle,
                     })
-                    .await?;
-                entries.extend(out.entries);
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(crate::service::ServiceError::Contention) => break,
+                    Err(other) => return Err(other.into()),
+                };
                 if let Some(now) = ledger.store.generation(s.workspace, id).await? {
                     g = now;
                 }
-                if g.status != GenerationStatus::Held {
+                // Released, completed meanwhile, or nothing left to release.
+                if g.status != GenerationStatus::Held || out.entries.is_empty() {
                     break;
                 }
             }
@@ -345,7 +358,8 @@ async fn generation_facts(
                         g.held.get()
                     ),
                     credits: Some(g.held),
-                    entries,
+                    // The entry that released this hold (the record's last).
+                    entries: g.entries.last().copied().into_iter().collect(),
                     refund_request: None,
                 });
             }
