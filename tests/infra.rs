@@ -709,13 +709,13 @@ fn the_refresh_schedule_has_its_index_queue_redrive_alarm_and_least_privilege() 
         "ReportBatchItemFailures"
     );
 
-    // Least privilege: named resources only, no wildcard actions, no scans or deletes.
+    // Least privilege: named resources only, no wildcard actions, no scans. (It deletes
+    // only the items of the holds it releases; see the test of every function's calls.)
     let policies = serde_yaml::to_string(&f["Properties"]["Policies"]).unwrap();
     for forbidden in [
         "dynamodb:*",
         "sqs:*",
         "Scan",
-        "DeleteItem",
         "Resource: '*'",
         "Resource: \"*\"",
     ] {
@@ -724,4 +724,319 @@ fn the_refresh_schedule_has_its_index_queue_redrive_alarm_and_least_privilege() 
     assert!(policies.contains("/index/due"), "{policies}");
     assert!(policies.contains("RefreshJobsQueue"), "{policies}");
     assert!(!policies.contains("BillingEventsQueue") && !policies.contains("NotificationsQueue"));
+}
+
+/// The IAM actions (with the table or one of its indexes) that DynamoDB calls need, as AWS
+/// authorises them: a transaction's elements each as the single-item action they are
+/// (`Put` as `PutItem`, `Delete` as `DeleteItem`, ...), a query of an index on the index.
+#[derive(Debug, Clone, Default)]
+struct Calls(std::sync::Arc<std::sync::Mutex<BTreeSet<(String, String)>>>);
+
+impl Calls {
+    fn taken(&self) -> BTreeSet<(String, String)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl aws_sdk_dynamodb::config::Intercept for Calls {
+    fn name(&self) -> &'static str {
+        "iam-actions"
+    }
+
+    fn read_before_execution(
+        &self,
+        context: &aws_sdk_dynamodb::config::interceptors::BeforeSerializationInterceptorContextRef<
+            '_,
+        >,
+        _: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        use aws_sdk_dynamodb::operation::*;
+        let input = context.input();
+        let table = || "table".to_owned();
+        let mut calls = Vec::new();
+        if input.downcast_ref::<get_item::GetItemInput>().is_some() {
+            calls.push(("GetItem", table()));
+        } else if input.downcast_ref::<put_item::PutItemInput>().is_some() {
+            calls.push(("PutItem", table()));
+        } else if input
+            .downcast_ref::<update_item::UpdateItemInput>()
+            .is_some()
+        {
+            calls.push(("UpdateItem", table()));
+        } else if input
+            .downcast_ref::<delete_item::DeleteItemInput>()
+            .is_some()
+        {
+            calls.push(("DeleteItem", table()));
+        } else if input
+            .downcast_ref::<batch_get_item::BatchGetItemInput>()
+            .is_some()
+        {
+            calls.push(("BatchGetItem", table()));
+        } else if let Some(q) = input.downcast_ref::<query::QueryInput>() {
+            let on = q.index_name().map_or_else(table, |i| format!("index/{i}"));
+            calls.push(("Query", on));
+        } else if let Some(t) =
+            input.downcast_ref::<transact_write_items::TransactWriteItemsInput>()
+        {
+            for item in t.transact_items() {
+                if item.put().is_some() {
+                    calls.push(("PutItem", table()));
+                }
+                if item.update().is_some() {
+                    calls.push(("UpdateItem", table()));
+                }
+                if item.delete().is_some() {
+                    calls.push(("DeleteItem", table()));
+                }
+                if item.condition_check().is_some() {
+                    calls.push(("ConditionCheckItem", table()));
+                }
+            }
+        } else {
+            // Any other call is new to this list: it must be added here (and to the
+            // policies) rather than pass unnoticed.
+            calls.push(("a call this test does not know", format!("{input:?}")));
+        }
+        let mut taken = self.0.lock().unwrap();
+        for (action, on) in calls {
+            taken.insert((format!("dynamodb:{action}"), on));
+        }
+        Ok(())
+    }
+}
+
+/// What a function's policies allow on the table: `(action, "table" | "index/<name>")`.
+fn table_grants(f: &Value) -> BTreeSet<(String, String)> {
+    let mut grants = BTreeSet::new();
+    for policy in f["Properties"]["Policies"].as_sequence().unwrap() {
+        let Some(statements) = policy["Statement"].as_sequence() else {
+            continue;
+        };
+        for s in statements {
+            let on = text(&s["Resource"]);
+            let on = if on == "Table.Arn" {
+                "table".to_owned()
+            } else if let Some(index) = on.strip_prefix("${Table.Arn}/") {
+                index.to_owned()
+            } else {
+                continue;
+            };
+            assert_eq!(s["Effect"], "Allow");
+            for action in s["Action"].as_sequence().unwrap() {
+                grants.insert((text(action), on.clone()));
+            }
+        }
+    }
+    grants
+}
+
+/// Whether a function's own sources run ledger operations.
+fn runs_the_ledger(binary: &str) -> bool {
+    let dir = repo(&format!("functions/{binary}/src"));
+    let mut stack = vec![dir];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read_to_string(&p)
+                .unwrap()
+                .contains("Ledger::new(")
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Every call the store makes in AWS must be allowed by the policies of the functions that
+/// make it, or the function fails there with `AccessDenied` while every local test passes
+/// (neither emulator checks IAM). The calls are recorded from a real workload against the
+/// DynamoDB-compatible server: every ledger operation kind that writes (a hold closed by a
+/// completion, a failure and by running past its deadline deletes its hold item), every
+/// read of the ledger and every document call.
+#[tokio::test]
+async fn every_function_may_make_every_dynamodb_call_its_code_makes_and_no_other() {
+    use tally::clock::Clock;
+    use tally::ids::{GenerationId, IdempotencyKey};
+    use tally::ledger::{Actor, ActorKind, GenerationStatus, Operation, Refs};
+    use tally::service::LedgerRequest;
+    use tally::store::docs::{DocStore, DueMark};
+    use tally::store::{EntryQuery, GenerationQuery, LedgerStore};
+
+    let plain = tally_tests::dynamo_table().await;
+    let calls = Calls::default();
+    let config = plain
+        .client()
+        .config()
+        .to_builder()
+        .interceptor(calls.clone())
+        .build();
+    let store = std::sync::Arc::new(tally::store::dynamo::DynamoStore::new(
+        aws_sdk_dynamodb::Client::from_conf(config),
+        plain.table(),
+    ));
+    let (ledger, clock) = tally_tests::ledger_over(store.clone());
+    let ws = "org_iam";
+    tally_tests::grant(&ledger, ws, 1_000).await;
+    let estimate = ledger
+        .catalog
+        .estimate(&tally::catalog::GenerationSpec {
+            workflow: tally::catalog::Workflow::Image,
+            model: "imagen-3".into(),
+            resolution: None,
+            duration_s: None,
+            count: None,
+        })
+        .unwrap();
+    let hour = chrono::Duration::hours(1);
+    let settle = |key: &str, op: Operation| LedgerRequest {
+        workspace: tally_tests::workspace(ws),
+        key: IdempotencyKey::derived(key.into()),
+        fingerprint: key.into(),
+        actor: Actor::new(ActorKind::Service, "generation-service"),
+        refs: Refs::default(),
+        op,
+    };
+    let (done, failed, late) = (
+        GenerationId::new(),
+        GenerationId::new(),
+        GenerationId::new(),
+    );
+    for g in [done, failed, late] {
+        let hold = tally_tests::hold_request(ws, g, &estimate, clock.now() + hour);
+        ledger.execute(hold.clone()).await.unwrap();
+        ledger.execute(hold).await.unwrap(); // a replay
+    }
+    let complete = Operation::Complete {
+        generation: done,
+        credits: None,
+        record: None,
+    };
+    ledger.execute(settle("complete", complete)).await.unwrap();
+    let fail = Operation::Fail {
+        generation: failed,
+        reason: "worker crashed".into(),
+        record: None,
+    };
+    ledger.execute(settle("fail", fail)).await.unwrap();
+    clock.advance(hour * 2);
+    ledger
+        .execute(settle("settle", Operation::Settle))
+        .await
+        .unwrap();
+    let mut huge = estimate.clone();
+    huge.credits = tally::money::Credits::new(1_000_000);
+    let refused = tally_tests::hold_request(ws, GenerationId::new(), &huge, clock.now() + hour);
+    assert!(ledger.execute(refused).await.is_err());
+
+    let w = tally_tests::workspace(ws);
+    ledger.workspace_now(&w).await.unwrap();
+    assert!(store.generation(&w, late).await.unwrap().is_some());
+    assert!(store.generation_owner(late).await.unwrap().is_some());
+    let expired = GenerationQuery {
+        status: Some(GenerationStatus::Expired),
+        limit: 10,
+        ..GenerationQuery::default()
+    };
+    let all = GenerationQuery {
+        limit: 10,
+        ..GenerationQuery::default()
+    };
+    store.generations(&w, &expired).await.unwrap();
+    assert_eq!(store.generations(&w, &all).await.unwrap().len(), 3);
+    let entries = store
+        .entries(
+            &w,
+            &EntryQuery {
+                before: None,
+                limit: 5,
+            },
+        )
+        .await
+        .unwrap();
+    store.entries_by_seq(&w, &[entries[0].seq]).await.unwrap();
+    store.open_holds(&w, None, 10).await.unwrap();
+
+    let pk = format!("WORKSPACE#{ws}");
+    assert!(store.put_doc(&pk, "DOC#a", "{}", 0).await.unwrap());
+    assert!(store.get_doc(&pk, "DOC#a").await.unwrap().is_some());
+    store.list_docs(&pk, "DOC#", 10).await.unwrap();
+    let due = DueMark {
+        shard: 0,
+        at: clock.now(),
+    };
+    assert!(
+        store
+            .put_doc_due(&pk, "DOC#b", "{}", 0, Some(due))
+            .await
+            .unwrap()
+    );
+    store.due_docs(0, clock.now() + hour, 10).await.unwrap();
+
+    let taken = calls.taken();
+    assert!(
+        !taken.iter().any(|(a, _)| a.contains("does not know")),
+        "{taken:?}"
+    );
+    let on_table: BTreeSet<_> = taken
+        .iter()
+        .filter(|(_, on)| on == "table")
+        .cloned()
+        .collect();
+    // Without these the ledger cannot work in AWS at all: its read is a `BatchGetItem` and
+    // closing a hold deletes the hold's item.
+    for needed in ["dynamodb:BatchGetItem", "dynamodb:DeleteItem"] {
+        assert!(on_table.contains(&(needed.to_owned(), "table".to_owned())));
+    }
+
+    let t = template();
+    let mut ledger_functions = Vec::new();
+    for (name, f) in functions(&t) {
+        let binary = text(&f["Metadata"]["BuildProperties"]["Binary"]);
+        let grants = table_grants(f);
+        // Least privilege: nothing the code never asks for.
+        let unused: Vec<_> = grants.difference(&taken).collect();
+        assert!(
+            unused.is_empty(),
+            "{name} is allowed {unused:?}, which no code calls"
+        );
+        if runs_the_ledger(&binary) {
+            ledger_functions.push(binary.clone());
+            let missing: Vec<_> = on_table.difference(&grants).collect();
+            assert!(
+                missing.is_empty(),
+                "{name} runs ledger operations but may not call {missing:?}"
+            );
+        }
+        let index = |i: &str| (String::from("dynamodb:Query"), format!("index/{i}"));
+        // Only creation history filtered by status reads the status index; only the
+        // schedule reads the due index.
+        assert_eq!(
+            grants.contains(&index(STATUS_INDEX)),
+            binary == "credits-api",
+            "{name} and the status index"
+        );
+        assert_eq!(
+            grants.contains(&index(DUE_INDEX)),
+            binary == "credit-refresh",
+            "{name} and the due index"
+        );
+    }
+    assert!(taken.contains(&("dynamodb:Query".to_owned(), format!("index/{STATUS_INDEX}"))));
+    assert!(taken.contains(&("dynamodb:Query".to_owned(), format!("index/{DUE_INDEX}"))));
+    ledger_functions.sort();
+    assert_eq!(
+        ledger_functions,
+        [
+            "billing-events",
+            "credit-refresh",
+            "credits-api",
+            "purchases",
+            "refunds",
+            "support-intake"
+        ]
+    );
 }

@@ -9,9 +9,10 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tally::catalog::Catalog;
+use tally::catalog::Estimate;
 use tally::clock::ManualClock;
-use tally::ids::{IdempotencyKey, WorkspaceId};
-use tally::ledger::{Actor, LotSource, Operation, Refs};
+use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
+use tally::ledger::{Actor, ActorKind, LotSource, Operation, Refs};
 use tally::money::Credits;
 use tally::service::{Ledger, LedgerRequest};
 use tally::store::LedgerStore;
@@ -120,6 +121,27 @@ pub async fn grant(ledger: &Ledger, ws: &str, credits: u64) {
         })
         .await
         .expect("grant");
+}
+
+/// A member's hold of `estimate` for `generation`, keyed as the API keys it.
+pub fn hold_request(
+    ws: &str,
+    generation: GenerationId,
+    estimate: &Estimate,
+    deadline: DateTime<Utc>,
+) -> LedgerRequest {
+    LedgerRequest {
+        workspace: workspace(ws),
+        key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
+        fingerprint: "hold".into(),
+        actor: Actor::new(ActorKind::Member, "m1"),
+        refs: Refs::default(),
+        op: Operation::Hold {
+            generation,
+            estimate: estimate.clone(),
+            deadline,
+        },
+    }
 }
 
 pub fn token(claims: Value) -> String {

@@ -891,10 +891,8 @@ mod alerts {
     async fn a_top_up_follows_the_settings_as_stored_when_it_is_claimed() {
         use tally::catalog::{GenerationSpec, Workflow};
         use tally::clock::Clock;
-        use tally::ids::{GenerationId, IdempotencyKey};
-        use tally::ledger::{Actor, ActorKind, Operation, Refs};
+        use tally::ids::GenerationId;
         use tally::money::Credits;
-        use tally::service::LedgerRequest;
 
         // What the settings become, and what the crossing then does.
         let cases = [
@@ -952,19 +950,8 @@ mod alerts {
                     })
                     .unwrap();
                 estimate.credits = Credits::new(credits);
-                let generation = GenerationId::new();
-                LedgerRequest {
-                    workspace: tally_tests::workspace(ws),
-                    key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
-                    fingerprint: "hold".into(),
-                    actor: Actor::new(ActorKind::Member, "m1"),
-                    refs: Refs::default(),
-                    op: Operation::Hold {
-                        generation,
-                        estimate,
-                        deadline: app.clock.now() + chrono::Duration::hours(1),
-                    },
-                }
+                let deadline = app.clock.now() + chrono::Duration::hours(1);
+                tally_tests::hold_request(ws, GenerationId::new(), &estimate, deadline)
             };
             // 100 -> 95: nothing crossed; the settings (top-up below 30) are now remembered.
             ledger.execute(hold(5)).await.unwrap();

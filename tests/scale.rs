@@ -208,18 +208,9 @@ async fn hold(
     deadline: chrono::DateTime<chrono::Utc>,
 ) -> Result<tally::ledger::Outcome, ServiceError> {
     ledger
-        .execute(LedgerRequest {
-            workspace: workspace(ws),
-            key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
-            fingerprint: "hold".into(),
-            actor: Actor::new(ActorKind::Member, "m1"),
-            refs: Refs::default(),
-            op: Operation::Hold {
-                generation,
-                estimate: estimate.clone(),
-                deadline,
-            },
-        })
+        .execute(tally_tests::hold_request(
+            ws, generation, estimate, deadline,
+        ))
         .await
 }
 
