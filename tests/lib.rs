@@ -123,6 +123,20 @@ pub async fn grant(ledger: &Ledger, ws: &str, credits: u64) {
         .expect("grant");
 }
 
+/// The catalog's estimate of one imagen-3 image.
+pub fn image_estimate(ledger: &Ledger) -> Estimate {
+    ledger
+        .catalog
+        .estimate(&tally::catalog::GenerationSpec {
+            workflow: tally::catalog::Workflow::Image,
+            model: "imagen-3".into(),
+            resolution: None,
+            duration_s: None,
+            count: None,
+        })
+        .unwrap()
+}
+
 /// A member's hold of `estimate` for `generation`, keyed as the API keys it.
 pub fn hold_request(
     ws: &str,

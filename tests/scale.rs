@@ -6,7 +6,7 @@ use chrono::Duration;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tally::catalog::{Estimate, GenerationSpec, Workflow};
+use tally::catalog::Estimate;
 use tally::clock::Clock;
 use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
 use tally::ledger::{
@@ -21,7 +21,8 @@ use tally::store::{
     MAX_COMMIT_ITEMS, OpRead, StoreError,
 };
 use tally_tests::{
-    dynamo_local_table, dynamo_table, embedded_store, grant, ledger_over, t0, workspace,
+    dynamo_local_table, dynamo_table, embedded_store, grant, image_estimate, ledger_over, t0,
+    workspace,
 };
 
 /// A real store, counting what the ledger asks of it; on request its next commits lose to
@@ -187,19 +188,6 @@ impl LedgerStore for Counting {
     }
 }
 
-fn estimate(ledger: &Ledger) -> Estimate {
-    ledger
-        .catalog
-        .estimate(&GenerationSpec {
-            workflow: Workflow::Image,
-            model: "imagen-3".into(),
-            resolution: None,
-            duration_s: None,
-            count: None,
-        })
-        .unwrap()
-}
-
 async fn hold(
     ledger: &Ledger,
     ws: &str,
@@ -242,7 +230,7 @@ async fn ten_thousand_open_holds_keep_the_state_item_small_and_each_operation_on
     let (ledger, _clock) = ledger_over(store.clone());
     let ws = "org_scale";
     let count = open_hold_count();
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     let per = est.credits.get();
     let granted = per * count as u64 + 1_000;
     grant(&ledger, ws, granted).await;
@@ -384,7 +372,7 @@ async fn overdue_holds_settle_in_transactions_dynamodb_accepts() {
 async fn overdue_holds(store: Arc<Counting>, overdue: u64) {
     let (ledger, clock) = ledger_over(store.clone());
     let ws = "org_overdue";
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     let per = est.credits.get();
     let granted = per * overdue + 500;
     grant(&ledger, ws, granted).await;
@@ -537,7 +525,7 @@ async fn every_ledger_operation_reports_its_metrics_in_embedded_metric_format() 
     ledger.retry.base_ms = 0;
     ledger.retry.cap_ms = 1;
     let ws = "org_metrics";
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     let per = est.credits.get();
     grant(&ledger, ws, 3 * per).await;
     let g = GenerationId::new();
@@ -698,7 +686,7 @@ async fn a_generation_read_before_its_hold_closed_is_read_again_not_closed_twice
     let store = Counting::over(embedded_store());
     let (ledger, _clock) = ledger_over(store.clone());
     let ws = "org_stale";
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     grant(&ledger, ws, 10 * est.credits.get()).await;
     let g = GenerationId::new();
     hold(&ledger, ws, g, &est, t0() + Duration::hours(1))
@@ -808,7 +796,7 @@ async fn alert_settings_are_reused_for_their_time_to_live() {
             cache: Default::default(),
         }));
         let ws = "org_alerts";
-        let est = estimate(&ledger);
+        let est = image_estimate(&ledger);
         let per = est.credits.get();
         grant(&ledger, ws, 10 * per).await;
         set_threshold(docs.as_ref(), ws, 9 * per + 1).await;
@@ -862,7 +850,7 @@ async fn sixty_holds(
 ) {
     let store = Counting::over(embedded_store());
     let (ledger, clock) = ledger_over(store.clone());
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     grant(&ledger, ws, granted * est.credits.get()).await;
     let mut ids = Vec::new();
     for _ in 0..60 {
@@ -882,7 +870,7 @@ async fn sixty_holds(
 async fn a_late_completion_behind_a_backlog_of_overdue_holds_charges_in_full() {
     let ws = "org_late";
     let (store, ledger, clock, ids) = sixty_holds(ws, 60).await;
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     let per = est.credits.get();
     clock.set(t0() + Duration::hours(1));
     store.take();
@@ -925,7 +913,7 @@ async fn a_late_completion_behind_a_backlog_of_overdue_holds_charges_in_full() {
 async fn inline_holds_of_an_earlier_release_read_and_written_under_a_new_name() {
     let (ledger, _clock) = ledger_over(embedded_store());
     let ws = "org_legacy";
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     grant(&ledger, ws, 10 * est.credits.get()).await;
     let g = GenerationId::new();
     hold(&ledger, ws, g, &est, t0() + Duration::hours(1))
@@ -970,7 +958,7 @@ async fn inline_holds_of_an_earlier_release_read_and_written_under_a_new_name() 
 async fn a_completion_within_its_hold_runs_at_once_and_a_late_one_after_the_backlog() {
     let ws = "org_own";
     let (store, ledger, clock, ids) = sixty_holds(ws, 61).await;
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     let per = est.credits.get();
     let mine = GenerationId::new();
     hold(&ledger, ws, mine, &est, t0() + Duration::hours(5))
@@ -1018,7 +1006,7 @@ async fn retries_end_with_busy_when_the_time_budget_is_spent() {
     let store = Counting::over(embedded_store());
     let (mut ledger, _clock) = ledger_over(store.clone());
     let ws = "org_budget";
-    let est = estimate(&ledger);
+    let est = image_estimate(&ledger);
     grant(&ledger, ws, 10 * est.credits.get()).await;
     let before = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
     // Every commit loses, and the attempts never run out: only the budget ends it.
@@ -1041,4 +1029,144 @@ async fn retries_end_with_busy_when_the_time_budget_is_spent() {
     assert_eq!(after, before);
     assert_eq!(tally::service::RetryPolicy::default().budget, None);
     assert!(tally::service::LAMBDA_RETRY_BUDGET < std::time::Duration::from_secs(10));
+}
+
+/// Generation items written before the status index existed lack its key. The filters still
+/// list them (from the workspace's items) while each filtered read files the next page of
+/// them; once none is left the workspace reads the index, and finds them all there.
+#[tokio::test]
+async fn generations_written_before_the_status_index_are_listed_and_filed_into_it() {
+    use aws_sdk_dynamodb::types::AttributeValue::S;
+    let store = Arc::new(dynamo_table().await);
+    let (ledger, clock) = ledger_over(store.clone());
+    let ws = "org_backfill";
+    grant(&ledger, ws, 10_000).await;
+    let est = image_estimate(&ledger);
+    let (held, done, late) = (
+        GenerationId::new(),
+        GenerationId::new(),
+        GenerationId::new(),
+    );
+    hold(&ledger, ws, held, &est, t0() + Duration::hours(5))
+        .await
+        .unwrap();
+    hold(&ledger, ws, done, &est, t0() + Duration::hours(5))
+        .await
+        .unwrap();
+    hold(&ledger, ws, late, &est, t0() + Duration::minutes(10))
+        .await
+        .unwrap();
+    let complete = Operation::Complete {
+        generation: done,
+        credits: None,
+        record: None,
+    };
+    settle(&ledger, ws, "complete".into(), complete).await;
+    clock.advance(Duration::hours(1));
+    settle(&ledger, ws, "settle".into(), Operation::Settle).await;
+
+    // As the release before the index wrote them: the same items without `gen_status`,
+    // and 450 more expired ones.
+    let (client, table) = (store.client(), store.table());
+    let pk = format!("WORKSPACE#{ws}");
+    for g in [held, done, late] {
+        client
+            .update_item()
+            .table_name(table)
+            .key("PK", S(pk.clone()))
+            .key("SK", S(format!("GEN#{g}")))
+            .update_expression("REMOVE gen_status")
+            .send()
+            .await
+            .unwrap();
+    }
+    let expired = store
+        .generation(&workspace(ws), late)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut old_expired = vec![late];
+    for _ in 0..450 {
+        let g = Generation {
+            id: GenerationId::new(),
+            ..expired.clone()
+        };
+        client
+            .put_item()
+            .table_name(table)
+            .item("PK", S(pk.clone()))
+            .item("SK", S(format!("GEN#{}", g.id)))
+            .item("status", S("expired".into()))
+            .item("model", S(g.estimate.model.clone()))
+            .item("body", S(serde_json::to_string(&g).unwrap()))
+            .send()
+            .await
+            .unwrap();
+        old_expired.push(g.id);
+    }
+    let unfiled = || async {
+        client
+            .query()
+            .table_name(table)
+            .key_condition_expression("PK = :pk AND begins_with(SK, :gen)")
+            .filter_expression("attribute_not_exists(gen_status)")
+            .expression_attribute_values(":pk", S(pk.clone()))
+            .expression_attribute_values(":gen", S("GEN#".into()))
+            .send()
+            .await
+            .unwrap()
+            .count()
+    };
+    assert_eq!(unfiled().await, 453);
+
+    let listed = |status| {
+        let store = store.clone();
+        async move {
+            let q = GenerationQuery {
+                status: Some(status),
+                limit: 1_000,
+                ..GenerationQuery::default()
+            };
+            let mut ids: Vec<GenerationId> = store
+                .generations(&workspace(ws), &q)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|g| g.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    old_expired.sort();
+    // Each read files one page (200 items) and answers in full all the same.
+    assert_eq!(listed(GenerationStatus::Expired).await, old_expired);
+    assert_eq!(unfiled().await, 253);
+    assert_eq!(listed(GenerationStatus::Held).await, vec![held]);
+    assert_eq!(unfiled().await, 53);
+    assert_eq!(listed(GenerationStatus::Completed).await, vec![done]);
+    assert_eq!(unfiled().await, 0);
+    let marker = client
+        .get_item()
+        .table_name(table)
+        .key("PK", S(pk.clone()))
+        .key("SK", S(tally::store::dynamo::STATUS_MARKER.into()))
+        .send()
+        .await
+        .unwrap();
+    assert!(marker.item().unwrap().contains_key("done"));
+
+    // From now on the index answers: every generation is there under its status, and one
+    // written since is found there too.
+    assert_eq!(listed(GenerationStatus::Expired).await, old_expired);
+    assert_eq!(listed(GenerationStatus::Held).await, vec![held]);
+    let failed = Operation::Fail {
+        generation: held,
+        reason: "worker crashed".into(),
+        record: None,
+    };
+    settle(&ledger, ws, "fail".into(), failed).await;
+    assert!(listed(GenerationStatus::Held).await.is_empty());
+    assert_eq!(listed(GenerationStatus::Failed).await, vec![held]);
+    assert_eq!(listed(GenerationStatus::Completed).await, vec![done]);
 }

@@ -7,6 +7,7 @@
 //! | `WORKSPACE#<id>` | `IDEM#<key>` | idempotency record JSON, optional `ttl` |
 //! | `WORKSPACE#<id>` | `GEN#<gen id>` | generation JSON, `status` and `model` for filtering, `hold` (JSON) while it holds credits |
 //! | `WORKSPACE#<id>` | `HOLD#<deadline ms, 15 digits>#<gen id>` | an open hold JSON, in deadline order |
+//! | `WORKSPACE#<id>` | `STATUS_INDEX` | how far the workspace's generations written before the status index are filed in it |
 //! | `GENERATION#<gen id>` | `OWNER` | `workspace`: which workspace a generation belongs to |
 //!
 //! Documents (`store::docs`) share the table. One filed in the due index also carries
@@ -48,6 +49,14 @@ pub const DUE_AT: &str = "due_at";
 pub const STATUS_INDEX: &str = "status";
 /// The status index's partition key on a generation item: `<workspace>#<status>`.
 pub const GEN_STATUS: &str = "gen_status";
+
+/// A workspace's progress in filing generations written before the status index existed
+/// (`WORKSPACE#<id>` / `STATUS_INDEX`): a `cursor` (the last sort key looked at), or `done`.
+pub const STATUS_MARKER: &str = "STATUS_INDEX";
+/// Generation items looked at per filtered read while a workspace's are not all filed.
+pub const STATUS_BACKFILL_PAGE: i32 = 200;
+/// How many of those are filed at once.
+const STATUS_BACKFILL_CONCURRENCY: usize = 16;
 
 fn gen_status(workspace: &WorkspaceId, status: GenerationStatus) -> String {
     format!("{workspace}#{}", status.as_str())
@@ -279,6 +288,111 @@ impl DynamoStore {
             .await
             .map_err(|e| classify("GetItem", e))?;
         Ok(out.item)
+    }
+
+    /// Whether every generation item of the workspace is in the status index. Items
+    /// written before the index existed lack its key (`gen_status`); each call gives the
+    /// next [`STATUS_BACKFILL_PAGE`] items of the workspace that lack it their key and
+    /// records how far it got in the workspace's [`STATUS_MARKER`] item, which says `done`
+    /// once a pass finds none left. Every write of a generation sets the key, and this one
+    /// only adds it where it is still missing and the status is still the one it read, so
+    /// it never files a generation under a stale status.
+    async fn status_index_ready(&self, workspace: &WorkspaceId) -> Result<bool, StoreError> {
+        let pk = workspace_pk(workspace);
+        let marker = self.get(pk.clone(), STATUS_MARKER.into()).await?;
+        if marker.as_ref().is_some_and(|m| m.contains_key("done")) {
+            return Ok(true);
+        }
+        let start = marker
+            .as_ref()
+            .and_then(|m| m.get("cursor"))
+            .and_then(|c| c.as_s().ok())
+            .map(|c| HashMap::from([(PK.to_string(), s(&pk)), (SK.to_string(), s(c))]));
+        let page = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("#pk = :pk AND begins_with(#sk, :gen)")
+            .filter_expression("attribute_not_exists(#gs)")
+            .projection_expression("#sk, #status")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#sk", SK)
+            .expression_attribute_names("#gs", GEN_STATUS)
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":pk", s(&pk))
+            .expression_attribute_values(":gen", s("GEN#"))
+            .consistent_read(true)
+            .limit(STATUS_BACKFILL_PAGE)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| classify("Query", e))?;
+        let mut missing = Vec::with_capacity(page.items().len());
+        for item in page.items() {
+            let text = |name: &str| {
+                item.get(name)
+                    .and_then(|v| v.as_s().ok())
+                    .ok_or_else(|| StoreError::decode(format!("generation item without {name}")))
+            };
+            let (sk, seen) = (text(SK)?, text("status")?);
+            let status = [
+                GenerationStatus::Held,
+                GenerationStatus::Completed,
+                GenerationStatus::Failed,
+                GenerationStatus::Expired,
+            ]
+            .into_iter()
+            .find(|st| st.as_str() == seen)
+            .ok_or_else(|| StoreError::decode(format!("unknown generation status {seen:?}")))?;
+            missing.push((sk.clone(), status));
+        }
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        stream::iter(missing)
+            .map(|(sk, status)| {
+                let update = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key(PK, s(&pk))
+                    .key(SK, s(sk))
+                    .update_expression("SET #gs = :gs")
+                    .condition_expression("attribute_not_exists(#gs) AND #status = :seen")
+                    .expression_attribute_names("#gs", GEN_STATUS)
+                    .expression_attribute_names("#status", "status")
+                    .expression_attribute_values(":gs", s(gen_status(workspace, status)))
+                    .expression_attribute_values(":seen", s(status.as_str()));
+                async move {
+                    match update.send().await {
+                        // Written meanwhile, with its key.
+                        Err(SdkError::ServiceError(e))
+                            if e.err().is_conditional_check_failed_exception() =>
+                        {
+                            Ok(())
+                        }
+                        Err(e) => Err(classify("UpdateItem", e)),
+                        Ok(_) => Ok(()),
+                    }
+                }
+            })
+            .buffer_unordered(STATUS_BACKFILL_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let next = page
+            .last_evaluated_key()
+            .and_then(|k| k.get(SK))
+            .and_then(|v| v.as_s().ok());
+        let mut progress = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(PK, s(&pk))
+            .item(SK, s(STATUS_MARKER));
+        progress = match next {
+            Some(cursor) => progress.item("cursor", s(cursor)),
+            None => progress.item("done", AttributeValue::Bool(true)),
+        };
+        progress.send().await.map_err(|e| classify("PutItem", e))?;
+        Ok(next.is_none())
     }
 
     /// Queries one workspace's items with a sort-key range, newest first, page by page, until
@@ -664,13 +778,18 @@ impl LedgerStore for DynamoStore {
             None => "GEN#~".into(),
         };
         let before = query.before;
-        // A status is read from its index: only generations with that status.
+        // A status is read from its index (only generations with that status) once the
+        // workspace's generations are all in it; until then from the workspace's items.
+        let indexed = match query.status {
+            Some(_) => self.status_index_ready(workspace).await?,
+            None => false,
+        };
         let (index, partition) = match query.status {
-            Some(status) => (
+            Some(status) if indexed => (
                 Some(STATUS_INDEX),
                 (GEN_STATUS, gen_status(workspace, status)),
             ),
-            None => (None, (PK, workspace_pk(workspace))),
+            _ => (None, (PK, workspace_pk(workspace))),
         };
         self.query_desc_in(
             index,
