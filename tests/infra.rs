@@ -1074,3 +1074,78 @@ async fn every_function_may_make_every_dynamodb_call_its_code_makes_and_no_other
         ]
     );
 }
+
+/// What only a deployed stack shows: secrets read again when they change, queue workers
+/// given the time their batches can take, server errors of the API alarmed, and an origin
+/// CORS can match.
+#[test]
+fn secrets_worker_timeouts_server_errors_and_the_app_origin_are_deployable() {
+    let t = template();
+    // A dynamic reference to a secret is resolved only when its function is updated: the
+    // revision, a parameter every function's environment carries, updates them all.
+    let global = &t["Globals"]["Function"]["Environment"]["Variables"];
+    assert_eq!(text(&global["TALLY_SECRETS_REVISION"]), "SecretsRevision");
+    assert!(t["Parameters"]["SecretsRevision"].is_mapping());
+    let mut resolving = 0;
+    for (name, f) in functions(&t) {
+        let env = serde_yaml::to_string(&f["Properties"]["Environment"]).unwrap();
+        if env.contains("{{resolve:secretsmanager:") {
+            resolving += 1;
+            assert!(
+                f["Properties"]["Environment"]["Variables"]["TALLY_SECRETS_REVISION"].is_null(),
+                "{name} must take the revision from the globals"
+            );
+        }
+    }
+    assert_eq!(resolving, 6);
+
+    // A batch of the billing and refund workers fits in their timeout however each
+    // message goes: a ledger operation out of retries and a Stripe call timing out.
+    let per_message =
+        tally::service::LAMBDA_RETRY_BUDGET + tally::payments::stripe_api::STRIPE_ATTEMPT_TIMEOUT;
+    for (binary, queue) in [
+        ("billing-events", "BillingEventsQueue"),
+        ("refunds-worker", "RefundsQueue"),
+    ] {
+        let (name, f) = function_for_binary(&t, binary);
+        let timeout = f["Properties"]["Timeout"].as_u64().unwrap();
+        let trigger = f["Properties"]["Events"]
+            .as_mapping()
+            .unwrap()
+            .values()
+            .find(|e| e["Type"] == "SQS")
+            .unwrap();
+        assert!(text(&trigger["Properties"]["Queue"]).starts_with(queue));
+        let batch = trigger["Properties"]["BatchSize"].as_u64().unwrap();
+        assert!(
+            per_message.as_secs() * batch < timeout,
+            "{name}: {batch} messages may take {} s, more than its {timeout} s",
+            per_message.as_secs() * batch
+        );
+        let visibility = resource(&t, queue)["Properties"]["VisibilityTimeout"]
+            .as_u64()
+            .unwrap();
+        assert!(visibility >= 6 * timeout, "{queue} {visibility} s");
+    }
+
+    // Server errors of the API: an alarm on API Gateway's own count.
+    let alarm = resource(&t, "HttpApiServerErrorsAlarm");
+    assert_eq!(alarm["Properties"]["Namespace"], "AWS/ApiGateway");
+    assert_eq!(alarm["Properties"]["MetricName"], "5xx");
+    let dims = alarm["Properties"]["Dimensions"].as_sequence().unwrap();
+    assert!(
+        dims.iter()
+            .any(|d| d["Name"] == "ApiId" && text(&d["Value"]) == "HttpApi")
+    );
+    assert!(
+        dims.iter()
+            .any(|d| d["Name"] == "Stage" && d["Value"] == "$default")
+    );
+    assert_eq!(text(&alarm["Properties"]["AlarmActions"][0]), "AlarmTopic");
+
+    // The app's URL is the origin CORS allows: no path, no trailing slash.
+    assert_eq!(
+        text(&t["Parameters"]["AppUrl"]["AllowedPattern"]),
+        "^https?://[^/]+$"
+    );
+}

@@ -219,6 +219,15 @@ impl TestApp {
     /// The local system over `store`; with `durable`, its queues keep their messages there
     /// too, as `make run` does.
     pub fn over(store: Arc<EmbeddedStore>, durable: bool) -> Self {
+        Self::built(store, durable, None)
+    }
+
+    /// The local system answering exports of at most `limit` bytes, as Lambda does.
+    pub fn with_export_limit(limit: usize) -> Self {
+        Self::built(Arc::new(EmbeddedStore::in_memory()), false, Some(limit))
+    }
+
+    fn built(store: Arc<EmbeddedStore>, durable: bool, export_limit: Option<usize>) -> Self {
         let (ledger, clock) = ledger_over(store.clone());
         let local = tally_local::build(tally_local::LocalConfig {
             ledger: ledger.clone(),
@@ -232,6 +241,7 @@ impl TestApp {
             helpdesk_url: None,
             helpdesk_secret: tally_local::DEFAULT_HELPDESK_SECRET.into(),
             queue_journal: durable.then(|| store.clone()),
+            export_limit,
         })
         .expect("local system");
         Self {

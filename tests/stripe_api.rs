@@ -1118,3 +1118,34 @@ async fn charges_are_listed_by_creation_range_a_page_at_a_time() {
     );
     assert_eq!(header(req, "authorization"), format!("Bearer {KEY}"));
 }
+
+/// A Stripe that does not answer in time is a failure that may pass (retried under the same
+/// idempotency key), not a request that runs until the function's own timeout.
+#[tokio::test]
+async fn a_request_stripe_does_not_answer_in_time_fails_as_retryable() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(fixture("customer"))
+                .set_delay(std::time::Duration::from_secs(30)),
+        )
+        .mount(&server)
+        .await;
+    let slow = StripePayments::with_timeout(
+        KEY,
+        Some(&format!("{}/", server.uri())),
+        std::time::Duration::from_millis(200),
+    )
+    .unwrap();
+    let e = slow
+        .create_customer(
+            &WorkspaceId::parse("org_a").unwrap(),
+            None,
+            "tally-customer-slow",
+        )
+        .await
+        .unwrap_err();
+    assert!(e.is_retryable(), "{e:?}");
+}

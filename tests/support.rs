@@ -1580,3 +1580,71 @@ async fn a_message_whose_forward_failed_reaches_the_help_desk_with_the_next_chan
     let thread = tickets.messages(&ticket.id).await.unwrap();
     assert_eq!(thread.len(), 5);
 }
+
+/// Behind API Gateway an export is one answer of at most 6 MB. A range that makes more is
+/// refused before anything is sent (`export_too_large`), and the command line asks for it
+/// again in halves until each fits, so the file still holds every entry once, newest first.
+#[tokio::test]
+async fn an_export_too_large_for_one_answer_is_refused_and_the_command_line_splits_it() {
+    use tally_admin::{Cli, Command, ExportKind};
+    let app = TestApp::with_export_limit(3_000);
+    let ws = "org_big_export";
+    busy_workspace(&app, ws).await;
+    for _ in 0..20 {
+        let id = start(&app, &member(ws, "dee")).await;
+        app.post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({"credits": 1}),
+        )
+        .await;
+        app.clock.advance(chrono::Duration::hours(5));
+    }
+    let tok = member(ws, "ana");
+    app.get("/v1/ledger/export?format=csv", &tok)
+        .await
+        .assert_problem(422, "export_too_large");
+    // A short range still fits.
+    let from = (app.clock.now() - chrono::Duration::hours(6)).to_rfc3339();
+    let recent = app
+        .get(
+            &format!(
+                "/v1/ledger/export?format=csv&from={}",
+                from.replace('+', "%2B")
+            ),
+            &tok,
+        )
+        .await;
+    assert_eq!(recent.status.as_u16(), 200);
+    assert!(!read_csv(recent.body.as_str().unwrap()).1.is_empty());
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, app.router.clone()).into_future());
+    let dir = std::env::temp_dir().join(format!("tally-cli-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ledger.csv");
+    let mut out = Vec::new();
+    tally_admin::run(
+        Cli {
+            api,
+            token: support(),
+            command: Command::Export {
+                what: ExportKind::Ledger,
+                workspace: ws.into(),
+                from: (app.clock.now() - chrono::Duration::days(70)).to_rfc3339(),
+                to: Some((app.clock.now() + chrono::Duration::days(1)).to_rfc3339()),
+                output: file.clone(),
+            },
+        },
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let (header, rows) = read_csv(&std::fs::read_to_string(&file).unwrap());
+    assert_eq!(header, tally::reports::export::LEDGER_COLUMNS);
+    let count = app.entry_count(ws).await;
+    assert!(count > 40);
+    let seqs: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert_eq!(seqs, (1..=count).rev().collect::<Vec<_>>());
+}

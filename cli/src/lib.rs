@@ -168,11 +168,20 @@ impl Api {
         if !res.status().is_success() {
             let status = res.status();
             let body = res.into_body().collect().await?.to_bytes();
-            let detail = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v["detail"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            bail!("GET {path}: {status}: {detail}");
+            let problem = serde_json::from_slice::<Value>(&body).ok();
+            let text = |field: &str| {
+                problem
+                    .as_ref()
+                    .and_then(|v| v[field].as_str().map(str::to_owned))
+            };
+            return Err(Refused {
+                path: path.to_owned(),
+                status,
+                code: text("code"),
+                detail: text("detail")
+                    .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()),
+            }
+            .into());
         }
         Ok(res)
     }
@@ -205,6 +214,29 @@ impl Api {
         }
         Ok(n)
     }
+}
+
+/// An answer of the API other than a success, with the problem's code when it sent one.
+#[derive(Debug)]
+pub struct Refused {
+    pub path: String,
+    pub status: http::StatusCode,
+    pub code: Option<String>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GET {}: {}: {}", self.path, self.status, self.detail)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether an error is the API refusing an export range as too large for one answer.
+fn too_large(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>()
+        .is_some_and(|r| r.code.as_deref() == Some("export_too_large"))
 }
 
 /// Months from `from` to `to`, newest first (the first and last may be partial).
@@ -353,7 +385,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let pb = bar(ranges.len() as u64, &format!("exporting {kind}"));
             let mut file = Staged::create(&output)?;
             let (mut rows, mut header_written) = (0u64, false);
-            for (lo, hi) in ranges {
+            // Newest first; a range the API finds too large for one answer is asked for
+            // again in two halves (before any of it is written).
+            let mut todo: Vec<_> = ranges.into_iter().rev().collect();
+            while let Some((lo, hi)) = todo.pop() {
                 let path = format!(
                     "/v1/admin/workspaces/{ws}/{kind}/export?format=csv&from={}&to={}",
                     iso(lo),
@@ -363,28 +398,41 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 let mut skipping_header = true;
                 let mut pending: Vec<u8> = Vec::new();
                 let mut counter = RecordCounter::default();
-                api.get_stream(&path, |chunk| {
-                    let mut chunk = chunk;
-                    if skipping_header {
-                        pending.extend_from_slice(chunk);
-                        let Some(end) = pending.windows(2).position(|w| w == b"\r\n") else {
-                            return Ok(());
-                        };
-                        if !header_written {
-                            file.file.write_all(&pending[..end + 2])?;
-                            header_written = true;
+                let answer = api
+                    .get_stream(&path, |chunk| {
+                        let mut chunk = chunk;
+                        if skipping_header {
+                            pending.extend_from_slice(chunk);
+                            let Some(end) = pending.windows(2).position(|w| w == b"\r\n") else {
+                                return Ok(());
+                            };
+                            if !header_written {
+                                file.file.write_all(&pending[..end + 2])?;
+                                header_written = true;
+                            }
+                            skipping_header = false;
+                            let rest = pending.split_off(end + 2);
+                            rows += counter.count(&rest);
+                            file.file.write_all(&rest)?;
+                            chunk = &[];
                         }
-                        skipping_header = false;
-                        let rest = pending.split_off(end + 2);
-                        rows += counter.count(&rest);
-                        file.file.write_all(&rest)?;
-                        chunk = &[];
+                        rows += counter.count(chunk);
+                        file.file.write_all(chunk)?;
+                        Ok(())
+                    })
+                    .await;
+                match answer {
+                    Err(e) if too_large(&e) && hi - lo > Duration::seconds(1) => {
+                        let mid = lo + (hi - lo) / 2;
+                        todo.push((lo, mid));
+                        todo.push((mid, hi));
+                        pb.inc_length(1);
+                        continue;
                     }
-                    rows += counter.count(chunk);
-                    file.file.write_all(chunk)?;
-                    Ok(())
-                })
-                .await?;
+                    other => {
+                        other?;
+                    }
+                }
                 pb.inc(1);
             }
             pb.finish_and_clear();

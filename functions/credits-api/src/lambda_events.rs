@@ -41,6 +41,7 @@ async fn invoke(ledger: &Ledger, event: &str) -> (u16, Value) {
         AppState {
             ledger: ledger.clone(),
             docs: std::sync::Arc::new(EmbeddedStore::in_memory()),
+            export_limit: Some(crate::LAMBDA_EXPORT_LIMIT),
         },
         AuthMode::ApiGateway,
     );

@@ -25,7 +25,15 @@ pub struct AppState {
     pub ledger: Ledger,
     /// Billing documents: whether a workspace has a billing profile.
     pub docs: std::sync::Arc<dyn tally::store::DocStore>,
+    /// The largest CSV export answered, built whole before it is sent, or `None` to stream
+    /// exports of any size. Behind API Gateway a Lambda answer is one buffer of at most
+    /// 6 MB ([`LAMBDA_EXPORT_LIMIT`]).
+    pub export_limit: Option<usize>,
 }
+
+/// The largest export a Lambda function answers: API Gateway takes at most 6 MB, headers
+/// included. A larger range is refused with `export_too_large` (ask for a shorter one).
+pub const LAMBDA_EXPORT_LIMIT: usize = 5_000_000;
 
 /// Routes anyone may call.
 pub fn public_routes(state: AppState) -> Router {

@@ -20,5 +20,10 @@ async fn main() -> Result<(), lambda_http::Error> {
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await?);
     let docs = store.clone();
-    lambda_http::run(router(AppState { ledger, docs }, AuthMode::ApiGateway)).await
+    let state = AppState {
+        ledger,
+        docs,
+        export_limit: Some(credits_api::LAMBDA_EXPORT_LIMIT),
+    };
+    lambda_http::run(router(state, AuthMode::ApiGateway)).await
 }

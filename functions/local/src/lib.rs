@@ -84,6 +84,9 @@ pub struct LocalConfig {
     /// Where the queues keep their messages, so a crash loses none (`make run`); `None`
     /// keeps them in memory only.
     pub queue_journal: Option<Arc<tally::store::embedded::EmbeddedStore>>,
+    /// The largest CSV export answered, as in Lambda (`Some(LAMBDA_EXPORT_LIMIT)`), or
+    /// `None` to stream any size.
+    pub export_limit: Option<usize>,
 }
 
 /// The running local system: one router, and the in-process queue behind the webhook.
@@ -212,6 +215,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),
         docs: cfg.docs.clone(),
+        export_limit: cfg.export_limit,
     };
     let refunds_queue = queue(
         tally::refund_requests::REFUNDS_QUEUE,
@@ -499,7 +503,9 @@ pub fn stores(
     let catalog = Arc::new(tally::catalog::Catalog::load(catalog_path)?);
     let store = Arc::new(tally::store::embedded::EmbeddedStore::open(data_dir)?);
     let clock = Arc::new(OffsetClock::new());
-    let ledger = Ledger::new(store.clone(), clock.clone(), catalog);
+    let mut ledger = Ledger::new(store.clone(), clock.clone(), catalog);
+    // As in Lambda: a workspace too busy for 6 s answers 503 `busy`.
+    ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     Ok(Stores {
         ledger,
         docs: store.clone(),

@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
         helpdesk_url: settings.helpdesk_url.clone(),
         helpdesk_secret: settings.helpdesk_secret.clone(),
         queue_journal: Some(embedded),
+        export_limit: Some(credits_api::LAMBDA_EXPORT_LIMIT),
     })?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr}: {e} (set PORT to use another port)")

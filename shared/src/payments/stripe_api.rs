@@ -62,10 +62,26 @@ pub struct StripePayments {
     client: Client,
 }
 
+/// How long one request to Stripe may take before it counts as failed: well inside the HTTP
+/// functions' 10 s. Every request carries an idempotency key, so one that timed out after
+/// Stripe acted is answered with the same result when it is sent again.
+pub const STRIPE_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7);
+
 impl StripePayments {
     /// A client for Stripe's API, or for another base URL (tests point it at a fake).
     pub fn new(secret_key: &str, base_url: Option<&str>) -> Result<Self, PaymentsError> {
-        let mut builder = ClientBuilder::new(secret_key).app_info("tally", None, None);
+        Self::with_timeout(secret_key, base_url, STRIPE_ATTEMPT_TIMEOUT)
+    }
+
+    /// Like [`new`](Self::new), with another limit on each request.
+    pub fn with_timeout(
+        secret_key: &str,
+        base_url: Option<&str>,
+        timeout: std::time::Duration,
+    ) -> Result<Self, PaymentsError> {
+        let mut builder = ClientBuilder::new(secret_key)
+            .app_info("tally", None, None)
+            .timeout(timeout);
         if let Some(url) = base_url {
             builder = builder.url(url);
         }

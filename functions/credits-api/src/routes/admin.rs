@@ -171,7 +171,9 @@ pub async fn usage(
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/generations/export", tag = "admin",
     security(("bearer" = [])), params(WorkspacePath, GenerationExportQuery),
     responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
-        (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails),
+        (status = 422, description = "invalid filters, or (`export_too_large`) a range too large for one answer", body = ProblemDetails),
+        (status = 503, body = ProblemDetails)))]
 /// Support staff and finance: a workspace's creation history as CSV.
 pub async fn export_generations(
     State(app): State<AppState>,
@@ -188,13 +190,15 @@ pub async fn export_generations(
         &uri,
     )
     .await?;
-    super::reports::generations_export(&app, ws, q)
+    super::reports::generations_export(&app, ws, q).await
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/ledger/export", tag = "admin",
     security(("bearer" = [])), params(WorkspacePath, LedgerExportQuery),
     responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
-        (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails),
+        (status = 422, description = "invalid filters, or (`export_too_large`) a range too large for one answer", body = ProblemDetails),
+        (status = 503, body = ProblemDetails)))]
 /// Support staff and finance: a workspace's journal as CSV.
 pub async fn export_ledger(
     State(app): State<AppState>,
@@ -211,7 +215,7 @@ pub async fn export_ledger(
         &uri,
     )
     .await?;
-    super::reports::ledger_export(&app, ws, q)
+    super::reports::ledger_export(&app, ws, q).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

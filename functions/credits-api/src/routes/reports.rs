@@ -122,33 +122,58 @@ pub struct LedgerExportQuery {
     pub to: Option<DateTime<Utc>>,
 }
 
-fn csv_response(
+async fn csv_response(
+    limit: Option<usize>,
     name: &str,
     chunks: impl futures_util::Stream<Item = Result<String, tally::store::StoreError>> + Send + 'static,
-) -> Response {
-    let body = Body::from_stream(chunks.map(|chunk| {
-        chunk.map_err(|e| {
-            // The status is already sent: cutting the stream short is the only way left
-            // to say the file is incomplete.
-            tracing::error!(error = %e, "export stopped");
-            std::io::Error::other(e)
-        })
-    }));
-    (
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{name}.csv\""),
-            ),
-        ],
-        body,
-    )
-        .into_response()
+) -> ApiResult<Response> {
+    let headers = [
+        (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+        (
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}.csv\""),
+        ),
+    ];
+    let Some(limit) = limit else {
+        let body = Body::from_stream(chunks.map(|chunk| {
+            chunk.map_err(|e| {
+                // The status is already sent: cutting the stream short is the only way
+                // left to say the file is incomplete.
+                tracing::error!(error = %e, "export stopped");
+                std::io::Error::other(e)
+            })
+        }));
+        return Ok((StatusCode::OK, headers, body).into_response());
+    };
+    // Built whole before anything is sent: a failure is an error answer, never a file cut
+    // short, and a range too large for one answer is refused before the limit is reached.
+    let mut body = String::new();
+    let mut chunks = std::pin::pin!(chunks);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
+            tracing::error!(error = %e, "export failed");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the export could not be read; retry",
+            )
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "export_too_large",
+                format!(
+                    "this range makes more than {limit} bytes of CSV, more than one answer \
+                     carries: ask for shorter ranges with from and to"
+                ),
+            ));
+        }
+        body.push_str(&chunk);
+    }
+    Ok((StatusCode::OK, headers, body).into_response())
 }
 
-pub(crate) fn generations_export(
+pub(crate) async fn generations_export(
     app: &AppState,
     workspace: WorkspaceId,
     q: GenerationExportQuery,
@@ -162,13 +187,15 @@ pub(crate) fn generations_export(
         q.to,
     )?;
     let name = format!("generations-{workspace}");
-    Ok(csv_response(
+    csv_response(
+        app.export_limit,
         &name,
         tally::reports::export::generations_csv(app.ledger.store.clone(), workspace, query),
-    ))
+    )
+    .await
 }
 
-pub(crate) fn ledger_export(
+pub(crate) async fn ledger_export(
     app: &AppState,
     workspace: WorkspaceId,
     q: LedgerExportQuery,
@@ -178,16 +205,20 @@ pub(crate) fn ledger_export(
     let from = tally::http::text::instant("from", q.from)?;
     let to = tally::http::text::instant("to", q.to)?;
     let name = format!("ledger-{workspace}");
-    Ok(csv_response(
+    csv_response(
+        app.export_limit,
         &name,
         tally::reports::export::ledger_csv(app.ledger.store.clone(), workspace, from, to),
-    ))
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/generations/export", tag = "credits", security(("bearer" = [])),
     params(GenerationExportQuery),
     responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
-        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 403, body = ProblemDetails),
+        (status = 422, description = "invalid filters, or (`export_too_large`) a range too large for one answer", body = ProblemDetails),
+        (status = 503, body = ProblemDetails)))]
 /// The creation history as CSV, streamed: id, times, member, workflow, model, status and
 /// credits held, charged, reversed and short.
 pub async fn export_generations(
@@ -196,13 +227,15 @@ pub async fn export_generations(
     ApiQuery(q): ApiQuery<GenerationExportQuery>,
 ) -> ApiResult<Response> {
     let workspace = who.member_workspace()?.clone();
-    generations_export(&app, workspace, q)
+    generations_export(&app, workspace, q).await
 }
 
 #[utoipa::path(get, path = "/v1/ledger/export", tag = "credits", security(("bearer" = [])),
     params(LedgerExportQuery),
     responses((status = 200, description = "CSV (RFC 4180), newest first", content_type = "text/csv"),
-        (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 403, body = ProblemDetails),
+        (status = 422, description = "invalid filters, or (`export_too_large`) a range too large for one answer", body = ProblemDetails),
+        (status = 503, body = ProblemDetails)))]
 /// The journal as CSV, streamed: every entry with its reason, credit change, balance after,
 /// actor and references.
 pub async fn export_ledger(
@@ -211,5 +244,5 @@ pub async fn export_ledger(
     ApiQuery(q): ApiQuery<LedgerExportQuery>,
 ) -> ApiResult<Response> {
     let workspace = who.member_workspace()?.clone();
-    ledger_export(&app, workspace, q)
+    ledger_export(&app, workspace, q).await
 }
