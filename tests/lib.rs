@@ -222,12 +222,16 @@ impl TestApp {
         Self::built(store, durable, None)
     }
 
-    /// The local system answering exports of at most `limit` bytes, as Lambda does.
-    pub fn with_export_limit(limit: usize) -> Self {
+    /// The local system answering exports within `limit`, as Lambda does.
+    pub fn with_export_limit(limit: credits_api::ExportLimit) -> Self {
         Self::built(Arc::new(EmbeddedStore::in_memory()), false, Some(limit))
     }
 
-    fn built(store: Arc<EmbeddedStore>, durable: bool, export_limit: Option<usize>) -> Self {
+    fn built(
+        store: Arc<EmbeddedStore>,
+        durable: bool,
+        export_limit: Option<credits_api::ExportLimit>,
+    ) -> Self {
         let (ledger, clock) = ledger_over(store.clone());
         let local = tally_local::build(tally_local::LocalConfig {
             ledger: ledger.clone(),

@@ -1031,6 +1031,50 @@ async fn retries_end_with_busy_when_the_time_budget_is_spent() {
     assert!(tally::service::LAMBDA_RETRY_BUDGET < std::time::Duration::from_secs(10));
 }
 
+/// The waits between attempts double from 100 ms up to 3 s, and never run past what is
+/// left of the budget: the last attempt starts as the budget ends, not a full wait later
+/// (which could carry an operation in Lambda past its 10 s timeout).
+#[test]
+fn retry_waits_grow_to_their_cap_and_never_past_the_budget() {
+    use std::time::Duration as Std;
+    let policy = tally::service::RetryPolicy::default();
+    let ms = |d: Std| d.as_millis() as u64;
+    let mut longest = [0u64; 8];
+    for _ in 0..2_000 {
+        for (attempt, most) in longest.iter_mut().enumerate() {
+            let w = ms(policy.wait(attempt as u32 + 1, None));
+            assert!(
+                w <= (100u64 << attempt).min(3_000),
+                "attempt {attempt}: {w} ms"
+            );
+            *most = (*most).max(w);
+            let left = Std::from_millis(40);
+            assert!(policy.wait(attempt as u32 + 1, Some(left)) <= left);
+            assert_eq!(policy.wait(attempt as u32 + 1, Some(Std::ZERO)), Std::ZERO);
+        }
+    }
+    // Full jitter reaches near each ceiling: the first wait up to 100 ms, the sixth 3 s.
+    assert!(longest[0] >= 90, "{longest:?}");
+    assert!(longest[5] >= 2_700, "{longest:?}");
+}
+
+/// A generation item as the release before the status index wrote it: without its key.
+async fn written_before_the_index(store: &DynamoStore, ws: &str, g: &Generation) {
+    use aws_sdk_dynamodb::types::AttributeValue::S;
+    store
+        .client()
+        .put_item()
+        .table_name(store.table())
+        .item("PK", S(format!("WORKSPACE#{ws}")))
+        .item("SK", S(format!("GEN#{}", g.id)))
+        .item("status", S(g.status.as_str().into()))
+        .item("model", S(g.estimate.model.clone()))
+        .item("body", S(serde_json::to_string(g).unwrap()))
+        .send()
+        .await
+        .unwrap();
+}
+
 /// Generation items written before the status index existed lack its key. The filters still
 /// list them (from the workspace's items) while each filtered read files the next page of
 /// them; once none is left the workspace reads the index, and finds them all there.
@@ -1091,17 +1135,7 @@ async fn generations_written_before_the_status_index_are_listed_and_filed_into_i
             id: GenerationId::new(),
             ..expired.clone()
         };
-        client
-            .put_item()
-            .table_name(table)
-            .item("PK", S(pk.clone()))
-            .item("SK", S(format!("GEN#{}", g.id)))
-            .item("status", S("expired".into()))
-            .item("model", S(g.estimate.model.clone()))
-            .item("body", S(serde_json::to_string(&g).unwrap()))
-            .send()
-            .await
-            .unwrap();
+        written_before_the_index(&store, ws, &g).await;
         old_expired.push(g.id);
     }
     let unfiled = || async {
@@ -1119,54 +1153,116 @@ async fn generations_written_before_the_status_index_are_listed_and_filed_into_i
     };
     assert_eq!(unfiled().await, 453);
 
-    let listed = |status| {
-        let store = store.clone();
-        async move {
-            let q = GenerationQuery {
-                status: Some(status),
-                limit: 1_000,
-                ..GenerationQuery::default()
-            };
-            let mut ids: Vec<GenerationId> = store
-                .generations(&workspace(ws), &q)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|g| g.id)
-                .collect();
-            ids.sort();
-            ids
-        }
-    };
-    old_expired.sort();
-    // Each read files one page (200 items) and answers in full all the same.
-    assert_eq!(listed(GenerationStatus::Expired).await, old_expired);
-    assert_eq!(unfiled().await, 253);
-    assert_eq!(listed(GenerationStatus::Held).await, vec![held]);
-    assert_eq!(unfiled().await, 53);
-    assert_eq!(listed(GenerationStatus::Completed).await, vec![done]);
-    assert_eq!(unfiled().await, 0);
-    let marker = client
-        .get_item()
+    // The workspace as the release before the index left it: without a marker.
+    client
+        .delete_item()
         .table_name(table)
         .key("PK", S(pk.clone()))
         .key("SK", S(tally::store::dynamo::STATUS_MARKER.into()))
         .send()
         .await
         .unwrap();
-    assert!(marker.item().unwrap().contains_key("done"));
+    let marker = || async {
+        client
+            .get_item()
+            .table_name(table)
+            .key("PK", S(pk.clone()))
+            .key("SK", S(tally::store::dynamo::STATUS_MARKER.into()))
+            .send()
+            .await
+            .unwrap()
+            .item
+    };
+    let listed = |store: Arc<DynamoStore>, status| async move {
+        let q = GenerationQuery {
+            status: Some(status),
+            limit: 1_000,
+            ..GenerationQuery::default()
+        };
+        let mut ids: Vec<GenerationId> = store
+            .generations(&workspace(ws), &q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|g| g.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    old_expired.sort();
+
+    // While instances of the earlier release may still write (ten minutes after the first
+    // pass), complete passes are followed by more; every answer is complete meanwhile.
+    let settling = Arc::new((*store).clone());
+    for _ in 0..6 {
+        assert_eq!(
+            listed(settling.clone(), GenerationStatus::Expired).await,
+            old_expired
+        );
+        assert_eq!(
+            listed(settling.clone(), GenerationStatus::Held).await,
+            vec![held]
+        );
+    }
+    assert_eq!(unfiled().await, 0);
+    let m = marker().await.unwrap();
+    assert!(m.contains_key("first") && !m.contains_key("done"), "{m:?}");
+
+    // A generation the earlier release writes meanwhile, without the key, is filed by the
+    // next pass.
+    let late_write = Generation {
+        id: GenerationId::new(),
+        ..expired.clone()
+    };
+    written_before_the_index(&store, ws, &late_write).await;
+    old_expired.push(late_write.id);
+    old_expired.sort();
+
+    // Once the settling time has passed, the next complete pass is final: that read still
+    // answers from the items, the following ones from the index.
+    let settled = Arc::new((*store).clone().with_status_settling(Duration::zero()));
+    let mut reads = 0;
+    while !marker().await.unwrap().contains_key("done") {
+        assert_eq!(
+            listed(settled.clone(), GenerationStatus::Expired).await,
+            old_expired
+        );
+        reads += 1;
+        assert!(reads < 10, "the filing never ends");
+    }
+    assert_eq!(unfiled().await, 0);
+    assert_eq!(
+        listed(settled.clone(), GenerationStatus::Completed).await,
+        vec![done]
+    );
 
     // From now on the index answers: every generation is there under its status, and one
     // written since is found there too.
-    assert_eq!(listed(GenerationStatus::Expired).await, old_expired);
-    assert_eq!(listed(GenerationStatus::Held).await, vec![held]);
+    assert_eq!(
+        listed(settled.clone(), GenerationStatus::Expired).await,
+        old_expired
+    );
+    assert_eq!(
+        listed(settled.clone(), GenerationStatus::Held).await,
+        vec![held]
+    );
     let failed = Operation::Fail {
         generation: held,
         reason: "worker crashed".into(),
         record: None,
     };
     settle(&ledger, ws, "fail".into(), failed).await;
-    assert!(listed(GenerationStatus::Held).await.is_empty());
-    assert_eq!(listed(GenerationStatus::Failed).await, vec![held]);
-    assert_eq!(listed(GenerationStatus::Completed).await, vec![done]);
+    assert!(
+        listed(settled.clone(), GenerationStatus::Held)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        listed(settled.clone(), GenerationStatus::Failed).await,
+        vec![held]
+    );
+    assert_eq!(
+        listed(settled.clone(), GenerationStatus::Completed).await,
+        vec![done]
+    );
 }

@@ -1587,7 +1587,10 @@ async fn a_message_whose_forward_failed_reaches_the_help_desk_with_the_next_chan
 #[tokio::test]
 async fn an_export_too_large_for_one_answer_is_refused_and_the_command_line_splits_it() {
     use tally_admin::{Cli, Command, ExportKind};
-    let app = TestApp::with_export_limit(3_000);
+    let app = TestApp::with_export_limit(credits_api::ExportLimit {
+        bytes: 3_000,
+        time: std::time::Duration::from_secs(60),
+    });
     let ws = "org_big_export";
     busy_workspace(&app, ws).await;
     for _ in 0..20 {
@@ -1647,4 +1650,14 @@ async fn an_export_too_large_for_one_answer_is_refused_and_the_command_line_spli
     assert!(count > 40);
     let seqs: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
     assert_eq!(seqs, (1..=count).rev().collect::<Vec<_>>());
+
+    // Out of time is the same answer: the range is too much for one.
+    let slow = TestApp::with_export_limit(credits_api::ExportLimit {
+        bytes: 3_000,
+        time: std::time::Duration::ZERO,
+    });
+    grant(&slow.ledger, ws, 10).await;
+    slow.get("/v1/ledger/export?format=csv", &tok)
+        .await
+        .assert_problem(422, "export_too_large");
 }

@@ -81,6 +81,20 @@ impl Default for RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// How long to wait before attempt `attempt + 1`: full jitter under a ceiling that
+    /// doubles from `2 × base_ms` up to `cap_ms`, and never past what is `left` of the
+    /// budget (the last attempt then starts as the budget ends, not up to `cap_ms` later).
+    pub fn wait(&self, attempt: u32, left: Option<std::time::Duration>) -> std::time::Duration {
+        let ceiling = self
+            .base_ms
+            .saturating_mul(1u64 << attempt.min(16))
+            .min(self.cap_ms);
+        let wait = std::time::Duration::from_millis(fastrand::u64(0..=ceiling));
+        left.map_or(wait, |left| wait.min(left))
+    }
+}
+
 /// The retry budget of the Lambda functions: well inside the shortest function timeout
 /// (10 s), so a busy workspace is answered 503 `busy` instead of a timed-out invocation.
 pub const LAMBDA_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(6);
@@ -145,8 +159,19 @@ impl Ledger {
     /// the holds that end first as well; a refusal re-reads the idempotency record.
     #[tracing::instrument(skip_all, fields(workspace = %req.workspace, key = %req.key))]
     pub async fn execute(&self, req: LedgerRequest) -> Result<Outcome, ServiceError> {
+        let deadline = self.retry.budget.map(|b| std::time::Instant::now() + b);
+        self.execute_until(req, deadline).await
+    }
+
+    /// [`execute`](Self::execute) giving up with `busy` at `deadline`: the catch-up batches
+    /// an operation runs first share its deadline.
+    async fn execute_until(
+        &self,
+        req: LedgerRequest,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Outcome, ServiceError> {
         let mut measure = Measure::default();
-        let result = self.run(&req, &mut measure).await;
+        let result = self.run(&req, &mut measure, deadline).await;
         measure.emit(&req, &result);
         result
     }
@@ -155,6 +180,7 @@ impl Ledger {
         &self,
         req: &LedgerRequest,
         measure: &mut Measure,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Outcome, ServiceError> {
         let target = match &req.op {
             Operation::Complete { generation, .. }
@@ -162,12 +188,10 @@ impl Ledger {
             | Operation::Reverse { generation, .. } => Some(*generation),
             _ => None,
         };
-        let began = std::time::Instant::now();
+        let spent = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
         let retry = |conflicts: &mut u32| {
             *conflicts += 1;
-            if *conflicts >= self.retry.max_attempts
-                || self.retry.budget.is_some_and(|b| began.elapsed() >= b)
-            {
+            if *conflicts >= self.retry.max_attempts || spent() {
                 tracing::warn!(conflicts = *conflicts, "giving up after repeated conflicts");
                 return Err(ServiceError::Contention);
             }
@@ -177,7 +201,8 @@ impl Ledger {
         let mut rereads = 0u32;
         loop {
             if measure.conflicts > 0 {
-                self.backoff(measure.conflicts).await;
+                let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+                tokio::time::sleep(self.retry.wait(measure.conflicts, left)).await;
             }
             let read = self.store.read_op(&req.workspace, &req.key, target).await?;
             if let Some(record) = read.idempotency {
@@ -217,11 +242,12 @@ impl Ledger {
                 // completion above its estimate, a refund's or dispute's share): with a
                 // backlog they would take too little, so it is released first. A completion
                 // its own hold pays for is not split from its release: it runs at once.
-                if catch_up >= MAX_CATCH_UP_BATCHES {
+                if catch_up >= MAX_CATCH_UP_BATCHES || spent() {
                     return Err(ServiceError::Contention);
                 }
                 catch_up += 1;
-                self.settle_batch(&req.workspace, state.version).await?;
+                self.settle_batch(&req.workspace, state.version, deadline)
+                    .await?;
                 continue;
             }
             let cmd = Command {
@@ -245,12 +271,13 @@ impl Ledger {
                 }
                 Err(
                     LedgerError::InsufficientCredits { .. } | LedgerError::NoCustomModelSlot { .. },
-                ) if backlog && catch_up < MAX_CATCH_UP_BATCHES => {
+                ) if backlog && catch_up < MAX_CATCH_UP_BATCHES && !spent() => {
                     // Credits (or a custom-model slot) may be waiting in overdue holds this
                     // transaction cannot all release: release them a batch per transaction,
                     // then try again, so the answer agrees with the balance a read shows.
                     catch_up += 1;
-                    self.settle_batch(&req.workspace, state.version).await?;
+                    self.settle_batch(&req.workspace, state.version, deadline)
+                        .await?;
                     continue;
                 }
                 Err(refusal) => {
@@ -331,6 +358,7 @@ impl Ledger {
         &self,
         workspace: &WorkspaceId,
         version: u64,
+        deadline: Option<std::time::Instant>,
     ) -> Result<(), ServiceError> {
         let settle = LedgerRequest {
             workspace: workspace.clone(),
@@ -340,8 +368,11 @@ impl Ledger {
             refs: Refs::default(),
             op: Operation::Settle,
         };
-        // An operation of its own (its own retries and metrics): it commits on its own.
-        Box::pin(self.execute(settle)).await.map(|_| ())
+        // An operation of its own (its own retries and metrics, the caller's deadline): it
+        // commits on its own.
+        Box::pin(self.execute_until(settle, deadline))
+            .await
+            .map(|_| ())
     }
 
     async fn replay(&self, req: &LedgerRequest) -> Result<Option<Outcome>, ServiceError> {
@@ -372,16 +403,6 @@ impl Ledger {
             .map(|d| chrono::DateTime::from_timestamp_millis(d.timestamp_millis()).unwrap_or(d));
         state.load_holds(holds);
         Ok(Some(horizon))
-    }
-
-    async fn backoff(&self, attempt: u32) {
-        let ceiling = self
-            .retry
-            .base_ms
-            .saturating_mul(1u64 << attempt.min(16))
-            .min(self.retry.cap_ms);
-        let wait = fastrand::u64(0..=ceiling);
-        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
     }
 
     /// What an operation would do if it were asked now, without doing it: the refusal the

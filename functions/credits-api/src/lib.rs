@@ -25,15 +25,28 @@ pub struct AppState {
     pub ledger: Ledger,
     /// Billing documents: whether a workspace has a billing profile.
     pub docs: std::sync::Arc<dyn tally::store::DocStore>,
-    /// The largest CSV export answered, built whole before it is sent, or `None` to stream
-    /// exports of any size. Behind API Gateway a Lambda answer is one buffer of at most
-    /// 6 MB ([`LAMBDA_EXPORT_LIMIT`]).
-    pub export_limit: Option<usize>,
+    /// How large (and how long to build) a CSV export may be, built whole before it is
+    /// sent; `None` streams exports of any size. Behind API Gateway a Lambda answer is one
+    /// buffer of at most 6 MB ([`LAMBDA_EXPORT_LIMIT`]).
+    pub export_limit: Option<ExportLimit>,
 }
 
-/// The largest export a Lambda function answers: API Gateway takes at most 6 MB, headers
-/// included. A larger range is refused with `export_too_large` (ask for a shorter one).
-pub const LAMBDA_EXPORT_LIMIT: usize = 5_000_000;
+/// The limits of an export answered in one piece. A range past either is refused with
+/// `export_too_large` (ask for shorter ones) before anything is sent.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportLimit {
+    /// The answer's size as the Lambda response carries it: the CSV as a JSON string.
+    pub bytes: usize,
+    /// Time to read and write it, well inside the function's timeout.
+    pub time: std::time::Duration,
+}
+
+/// What a Lambda function answers: API Gateway takes at most 6 MB, headers included, and
+/// the function has 10 s.
+pub const LAMBDA_EXPORT_LIMIT: ExportLimit = ExportLimit {
+    bytes: 5_000_000,
+    time: std::time::Duration::from_secs(6),
+};
 
 /// Routes anyone may call.
 pub fn public_routes(state: AppState) -> Router {

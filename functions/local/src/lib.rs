@@ -84,9 +84,9 @@ pub struct LocalConfig {
     /// Where the queues keep their messages, so a crash loses none (`make run`); `None`
     /// keeps them in memory only.
     pub queue_journal: Option<Arc<tally::store::embedded::EmbeddedStore>>,
-    /// The largest CSV export answered, as in Lambda (`Some(LAMBDA_EXPORT_LIMIT)`), or
-    /// `None` to stream any size.
-    pub export_limit: Option<usize>,
+    /// The limits of a CSV export, as in Lambda (`Some(LAMBDA_EXPORT_LIMIT)`), or `None`
+    /// to stream any size.
+    pub export_limit: Option<credits_api::ExportLimit>,
 }
 
 /// The running local system: one router, and the in-process queue behind the webhook.

@@ -123,7 +123,7 @@ pub struct LedgerExportQuery {
 }
 
 async fn csv_response(
-    limit: Option<usize>,
+    limit: Option<crate::ExportLimit>,
     name: &str,
     chunks: impl futures_util::Stream<Item = Result<String, tally::store::StoreError>> + Send + 'static,
 ) -> ApiResult<Response> {
@@ -146,31 +146,52 @@ async fn csv_response(
         return Ok((StatusCode::OK, headers, body).into_response());
     };
     // Built whole before anything is sent: a failure is an error answer, never a file cut
-    // short, and a range too large for one answer is refused before the limit is reached.
-    let mut body = String::new();
+    // short, and a range too large for one answer is refused as soon as that shows.
+    let began = std::time::Instant::now();
+    let too_large = || {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "export_too_large",
+            "this range makes more CSV than one answer carries: ask for shorter ranges with \
+             from and to",
+        )
+    };
+    let (mut body, mut carried) = (String::new(), 0usize);
     let mut chunks = std::pin::pin!(chunks);
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| {
-            tracing::error!(error = %e, "export failed");
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the export could not be read; retry",
-            )
+            if e.is_transient() {
+                tracing::warn!(error = %e, "export interrupted");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the export could not be read just now; retry",
+                )
+            } else {
+                Problem::from(e)
+            }
         })?;
-        if body.len() + chunk.len() > limit {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "export_too_large",
-                format!(
-                    "this range makes more than {limit} bytes of CSV, more than one answer \
-                     carries: ask for shorter ranges with from and to"
-                ),
-            ));
+        carried += json_string_len(&chunk);
+        if carried > limit.bytes || began.elapsed() > limit.time {
+            return Err(too_large());
         }
         body.push_str(&chunk);
     }
     Ok((StatusCode::OK, headers, body).into_response())
+}
+
+/// The length of `text` as a JSON string, which is how a Lambda response carries it:
+/// quotes, backslashes and line ends take two bytes, other control characters six.
+fn json_string_len(text: &str) -> usize {
+    text.len()
+        + text
+            .bytes()
+            .map(|b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+                0..0x20 => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 pub(crate) async fn generations_export(
@@ -245,4 +266,19 @@ pub async fn export_ledger(
 ) -> ApiResult<Response> {
     let workspace = who.member_workspace()?.clone();
     ledger_export(&app, workspace, q).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_string_len;
+
+    #[test]
+    fn an_export_is_measured_as_the_json_string_lambda_sends() {
+        assert_eq!(json_string_len("abc"), 3);
+        // "a\"b\r\n" + U+0001 + é: quote and line ends escaped, the control character as
+        // \u0001, the two bytes of é as they are.
+        assert_eq!(json_string_len("a\"b\r\n\u{1}é"), 1 + 2 + 1 + 2 + 2 + 6 + 2);
+        let json = serde_json::to_string("x,\"y\"\r\n\t\u{7}\\").unwrap();
+        assert_eq!(json_string_len("x,\"y\"\r\n\t\u{7}\\"), json.len() - 2);
+    }
 }

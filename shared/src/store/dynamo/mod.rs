@@ -51,10 +51,16 @@ pub const STATUS_INDEX: &str = "status";
 pub const GEN_STATUS: &str = "gen_status";
 
 /// A workspace's progress in filing generations written before the status index existed
-/// (`WORKSPACE#<id>` / `STATUS_INDEX`): a `cursor` (the last sort key looked at), or `done`.
+/// (`WORKSPACE#<id>` / `STATUS_INDEX`): when the first pass began (`first`, epoch ms), the
+/// last sort key looked at (`cursor`), or `done`.
 pub const STATUS_MARKER: &str = "STATUS_INDEX";
-/// Generation items looked at per filtered read while a workspace's are not all filed.
+/// Generation items looked at per page while a workspace's are not all filed.
 pub const STATUS_BACKFILL_PAGE: i32 = 200;
+/// How long one filtered read files items before it answers.
+pub const STATUS_FILING_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long after its first pass a complete pass over a workspace's items counts as final:
+/// the instances of the release before the index finish within a function timeout (5 min).
+pub const STATUS_SETTLING: chrono::Duration = chrono::Duration::minutes(10);
 /// How many of those are filed at once.
 const STATUS_BACKFILL_CONCURRENCY: usize = 16;
 
@@ -62,10 +68,32 @@ fn gen_status(workspace: &WorkspaceId, status: GenerationStatus) -> String {
     format!("{workspace}#{}", status.as_str())
 }
 
+/// The `status` attribute of a generation item.
+fn status_of(item: &HashMap<String, AttributeValue>) -> Result<GenerationStatus, StoreError> {
+    let seen = item
+        .get("status")
+        .and_then(|v| v.as_s().ok())
+        .ok_or_else(|| StoreError::decode("generation item without a status"))?;
+    [
+        GenerationStatus::Held,
+        GenerationStatus::Completed,
+        GenerationStatus::Failed,
+        GenerationStatus::Expired,
+    ]
+    .into_iter()
+    .find(|st| st.as_str() == seen)
+    .ok_or_else(|| StoreError::decode(format!("unknown generation status {seen:?}")))
+}
+
 #[derive(Clone)]
 pub struct DynamoStore {
     client: Client,
     table: String,
+    /// Workspaces known to have every generation in the status index (a cache of their
+    /// `done` markers, so a filtered read costs no extra read once they are).
+    indexed: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<WorkspaceId>>>,
+    /// [`STATUS_SETTLING`], or another period (tests).
+    status_settling: chrono::Duration,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -103,7 +131,16 @@ impl DynamoStore {
         Self {
             client,
             table: table.into(),
+            indexed: Default::default(),
+            status_settling: STATUS_SETTLING,
         }
+    }
+
+    /// The same store, counting a pass over a workspace's generation items as final that
+    /// long after its first (instead of [`STATUS_SETTLING`]).
+    pub fn with_status_settling(mut self, settling: chrono::Duration) -> Self {
+        self.status_settling = settling;
+        self
     }
 
     pub fn client(&self) -> &Client {
@@ -290,109 +327,170 @@ impl DynamoStore {
         Ok(out.item)
     }
 
-    /// Whether every generation item of the workspace is in the status index. Items
-    /// written before the index existed lack its key (`gen_status`); each call gives the
-    /// next [`STATUS_BACKFILL_PAGE`] items of the workspace that lack it their key and
-    /// records how far it got in the workspace's [`STATUS_MARKER`] item, which says `done`
-    /// once a pass finds none left. Every write of a generation sets the key, and this one
-    /// only adds it where it is still missing and the status is still the one it read, so
-    /// it never files a generation under a stale status.
+    /// Whether every generation item of the workspace is in the status index, so a
+    /// filtered read may use it; when not, files the next items into it first.
+    ///
+    /// Items written before the index existed lack its key (`gen_status`). A filtered read
+    /// gives them their key for up to [`STATUS_FILING_TIME`], a page of
+    /// [`STATUS_BACKFILL_PAGE`] items at a time, and records how far it got in the
+    /// workspace's [`STATUS_MARKER`] item; until then the read answers from the workspace's
+    /// own items, complete either way. Instances of the release before the index, still
+    /// running during a deploy, may write items without the key for a while, so a pass
+    /// over all of them counts as final only once [`STATUS_SETTLING`] has passed since the
+    /// first; earlier passes are followed by another. The read that makes the marker
+    /// `done` still answers from the items (the index may not show yet what it filed).
     async fn status_index_ready(&self, workspace: &WorkspaceId) -> Result<bool, StoreError> {
+        if self.known_indexed(workspace) {
+            return Ok(true);
+        }
         let pk = workspace_pk(workspace);
         let marker = self.get(pk.clone(), STATUS_MARKER.into()).await?;
         if marker.as_ref().is_some_and(|m| m.contains_key("done")) {
+            self.remember_indexed(workspace);
             return Ok(true);
         }
-        let start = marker
+        let now = Utc::now().timestamp_millis();
+        let first = marker
+            .as_ref()
+            .and_then(|m| m.get("first"))
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(now);
+        let mut cursor = marker
             .as_ref()
             .and_then(|m| m.get("cursor"))
             .and_then(|c| c.as_s().ok())
-            .map(|c| HashMap::from([(PK.to_string(), s(&pk)), (SK.to_string(), s(c))]));
-        let page = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("#pk = :pk AND begins_with(#sk, :gen)")
-            .filter_expression("attribute_not_exists(#gs)")
-            .projection_expression("#sk, #status")
-            .expression_attribute_names("#pk", PK)
-            .expression_attribute_names("#sk", SK)
-            .expression_attribute_names("#gs", GEN_STATUS)
-            .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":pk", s(&pk))
-            .expression_attribute_values(":gen", s("GEN#"))
-            .consistent_read(true)
-            .limit(STATUS_BACKFILL_PAGE)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(|e| classify("Query", e))?;
-        let mut missing = Vec::with_capacity(page.items().len());
-        for item in page.items() {
-            let text = |name: &str| {
-                item.get(name)
+            .cloned();
+        let began = std::time::Instant::now();
+        loop {
+            let start = cursor
+                .as_ref()
+                .map(|c| HashMap::from([(PK.to_string(), s(&pk)), (SK.to_string(), s(c))]));
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk AND begins_with(#sk, :gen)")
+                .filter_expression("attribute_not_exists(#gs)")
+                .projection_expression("#sk, #status")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_names("#gs", GEN_STATUS)
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":pk", s(&pk))
+                .expression_attribute_values(":gen", s("GEN#"))
+                .consistent_read(true)
+                .limit(STATUS_BACKFILL_PAGE)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify("Query", e))?;
+            let mut missing = Vec::with_capacity(page.items().len());
+            for item in page.items() {
+                let sk = item
+                    .get(SK)
                     .and_then(|v| v.as_s().ok())
-                    .ok_or_else(|| StoreError::decode(format!("generation item without {name}")))
-            };
-            let (sk, seen) = (text(SK)?, text("status")?);
-            let status = [
-                GenerationStatus::Held,
-                GenerationStatus::Completed,
-                GenerationStatus::Failed,
-                GenerationStatus::Expired,
-            ]
-            .into_iter()
-            .find(|st| st.as_str() == seen)
-            .ok_or_else(|| StoreError::decode(format!("unknown generation status {seen:?}")))?;
-            missing.push((sk.clone(), status));
-        }
-        use futures_util::stream::{self, StreamExt, TryStreamExt};
-        stream::iter(missing)
-            .map(|(sk, status)| {
-                let update = self
+                    .ok_or_else(|| StoreError::decode("generation item without a sort key"))?;
+                missing.push((sk.clone(), status_of(item)?));
+            }
+            use futures_util::stream::{self, StreamExt, TryStreamExt};
+            let filed = stream::iter(missing)
+                .map(|(sk, status)| self.file_status(workspace, &pk, sk, status))
+                .buffer_unordered(STATUS_BACKFILL_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await;
+            match filed {
+                Ok(_) => {}
+                // Busy (a ledger write in the same moment): this read answers from the
+                // items, the next one goes on from the marker.
+                Err(e) if e.is_transient() => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            cursor = page
+                .last_evaluated_key()
+                .and_then(|k| k.get(SK))
+                .and_then(|v| v.as_s().ok())
+                .cloned();
+            let final_pass =
+                cursor.is_none() && now - first >= self.status_settling.num_milliseconds();
+            if cursor.is_none() || began.elapsed() >= STATUS_FILING_TIME {
+                let mut progress = self
                     .client
-                    .update_item()
+                    .put_item()
                     .table_name(&self.table)
-                    .key(PK, s(&pk))
-                    .key(SK, s(sk))
-                    .update_expression("SET #gs = :gs")
-                    .condition_expression("attribute_not_exists(#gs) AND #status = :seen")
-                    .expression_attribute_names("#gs", GEN_STATUS)
-                    .expression_attribute_names("#status", "status")
-                    .expression_attribute_values(":gs", s(gen_status(workspace, status)))
-                    .expression_attribute_values(":seen", s(status.as_str()));
-                async move {
-                    match update.send().await {
-                        // Written meanwhile, with its key.
-                        Err(SdkError::ServiceError(e))
-                            if e.err().is_conditional_check_failed_exception() =>
-                        {
-                            Ok(())
-                        }
-                        Err(e) => Err(classify("UpdateItem", e)),
-                        Ok(_) => Ok(()),
-                    }
+                    .item(PK, s(&pk))
+                    .item(SK, s(STATUS_MARKER))
+                    .item("first", AttributeValue::N(first.to_string()));
+                if final_pass {
+                    progress = progress.item("done", AttributeValue::Bool(true));
+                } else if let Some(c) = &cursor {
+                    progress = progress.item("cursor", s(c));
                 }
-            })
-            .buffer_unordered(STATUS_BACKFILL_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
-        let next = page
-            .last_evaluated_key()
-            .and_then(|k| k.get(SK))
-            .and_then(|v| v.as_s().ok());
-        let mut progress = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .item(PK, s(&pk))
-            .item(SK, s(STATUS_MARKER));
-        progress = match next {
-            Some(cursor) => progress.item("cursor", s(cursor)),
-            None => progress.item("done", AttributeValue::Bool(true)),
-        };
-        progress.send().await.map_err(|e| classify("PutItem", e))?;
-        Ok(next.is_none())
+                progress.send().await.map_err(|e| classify("PutItem", e))?;
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Gives one generation item the status index's key, under the status it has when
+    /// written: only where the key is still missing, and the item is read again when its
+    /// status changed since it was seen (an earlier release may still be writing it).
+    async fn file_status(
+        &self,
+        workspace: &WorkspaceId,
+        pk: &str,
+        sk: String,
+        mut status: GenerationStatus,
+    ) -> Result<(), StoreError> {
+        for _ in 0..3 {
+            let update = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key(PK, s(pk))
+                .key(SK, s(&sk))
+                .update_expression("SET #gs = :gs")
+                .condition_expression("attribute_not_exists(#gs) AND #status = :seen")
+                .expression_attribute_names("#gs", GEN_STATUS)
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":gs", s(gen_status(workspace, status)))
+                .expression_attribute_values(":seen", s(status.as_str()))
+                .send()
+                .await;
+            match update {
+                Ok(_) => return Ok(()),
+                Err(SdkError::ServiceError(e))
+                    if e.err().is_conditional_check_failed_exception() =>
+                {
+                    let Some(item) = self.get(pk.to_owned(), sk.clone()).await? else {
+                        return Ok(());
+                    };
+                    if item.contains_key(GEN_STATUS) {
+                        return Ok(());
+                    }
+                    status = status_of(&item)?;
+                }
+                Err(e) => return Err(classify("UpdateItem", e)),
+            }
+        }
+        Err(StoreError::unavailable(format!(
+            "generation item {sk} kept changing while it was filed"
+        )))
+    }
+
+    fn known_indexed(&self, workspace: &WorkspaceId) -> bool {
+        self.indexed
+            .lock()
+            .is_ok_and(|known| known.contains(workspace))
+    }
+
+    fn remember_indexed(&self, workspace: &WorkspaceId) {
+        if let Ok(mut known) = self.indexed.lock() {
+            if known.len() >= 100_000 {
+                known.clear();
+            }
+            known.insert(workspace.clone());
+        }
     }
 
     /// Queries one workspace's items with a sort-key range, newest first, page by page, until
@@ -604,7 +702,10 @@ impl LedgerStore for DynamoStore {
     }
 
     async fn commit(&self, c: Commit) -> Result<(), CommitError> {
-        if c.items() > MAX_COMMIT_ITEMS {
+        // A workspace's first commit also says its generations are all in the status
+        // index: every one will be written with its key.
+        let first = c.expected_version() == 0;
+        if c.items() + usize::from(first) > MAX_COMMIT_ITEMS {
             return Err(CommitError::Store(StoreError::backend(format!(
                 "a commit of {} items exceeds one transaction",
                 c.items()
@@ -714,6 +815,14 @@ impl LedgerStore for DynamoStore {
             ]);
             exists_at.push(items.len());
             items.push(put(self.put(item, Some("attribute_not_exists(PK)"))));
+        }
+        if first {
+            let marker = HashMap::from([
+                (PK.to_string(), s(&pk)),
+                (SK.to_string(), s(STATUS_MARKER)),
+                ("done".to_string(), AttributeValue::Bool(true)),
+            ]);
+            items.push(put(self.put(marker, None)));
         }
 
         let result = self
