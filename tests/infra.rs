@@ -806,6 +806,23 @@ impl aws_sdk_dynamodb::config::Intercept for Calls {
     }
 }
 
+/// The same table through a client that records its calls in `calls`.
+fn recorded(
+    plain: &tally::store::dynamo::DynamoStore,
+    calls: &Calls,
+) -> tally::store::dynamo::DynamoStore {
+    let config = plain
+        .client()
+        .config()
+        .to_builder()
+        .interceptor(calls.clone())
+        .build();
+    tally::store::dynamo::DynamoStore::new(
+        aws_sdk_dynamodb::Client::from_conf(config),
+        plain.table(),
+    )
+}
+
 /// What a function's policies allow on the table: `(action, "table" | "index/<name>")`.
 fn table_grants(f: &Value) -> BTreeSet<(String, String)> {
     let mut grants = BTreeSet::new();
@@ -868,16 +885,7 @@ async fn every_function_may_make_every_dynamodb_call_its_code_makes_and_no_other
 
     let plain = tally_tests::dynamo_table().await;
     let calls = Calls::default();
-    let config = plain
-        .client()
-        .config()
-        .to_builder()
-        .interceptor(calls.clone())
-        .build();
-    let store = std::sync::Arc::new(tally::store::dynamo::DynamoStore::new(
-        aws_sdk_dynamodb::Client::from_conf(config),
-        plain.table(),
-    ));
+    let store = std::sync::Arc::new(recorded(&plain, &calls));
     let (ledger, clock) = tally_tests::ledger_over(store.clone());
     let ws = "org_iam";
     tally_tests::grant(&ledger, ws, 1_000).await;
@@ -963,49 +971,9 @@ async fn every_function_may_make_every_dynamodb_call_its_code_makes_and_no_other
 
     // Creation history filtered by status (credits-api only), over a generation item as
     // the release before the status index wrote it, which the read files into the index.
-    plain
-        .client()
-        .update_item()
-        .table_name(plain.table())
-        .key(
-            PK,
-            aws_sdk_dynamodb::types::AttributeValue::S(format!("WORKSPACE#{ws}")),
-        )
-        .key(
-            SK,
-            aws_sdk_dynamodb::types::AttributeValue::S(format!("GEN#{late}")),
-        )
-        .update_expression("REMOVE gen_status")
-        .send()
-        .await
-        .unwrap();
+    tally_tests::as_before_the_status_index(&plain, ws, &[late]).await;
     let filtered = Calls::default();
-    let config = plain
-        .client()
-        .config()
-        .to_builder()
-        .interceptor(filtered.clone())
-        .build();
-    let history = tally::store::dynamo::DynamoStore::new(
-        aws_sdk_dynamodb::Client::from_conf(config),
-        plain.table(),
-    )
-    .with_status_settling(chrono::Duration::zero());
-    plain
-        .client()
-        .delete_item()
-        .table_name(plain.table())
-        .key(
-            PK,
-            aws_sdk_dynamodb::types::AttributeValue::S(format!("WORKSPACE#{ws}")),
-        )
-        .key(
-            SK,
-            aws_sdk_dynamodb::types::AttributeValue::S(tally::store::dynamo::STATUS_MARKER.into()),
-        )
-        .send()
-        .await
-        .unwrap();
+    let history = recorded(&plain, &filtered).with_status_settling(chrono::Duration::zero());
     let expired = GenerationQuery {
         status: Some(GenerationStatus::Expired),
         limit: 10,

@@ -137,6 +137,54 @@ pub fn image_estimate(ledger: &Ledger) -> Estimate {
         .unwrap()
 }
 
+/// Leaves a workspace as the release before the status index did: the generation items
+/// named lose their `gen_status`, and the workspace has no `STATUS_INDEX` marker.
+pub async fn as_before_the_status_index(
+    store: &DynamoStore,
+    ws: &str,
+    generations: &[GenerationId],
+) {
+    use aws_sdk_dynamodb::types::AttributeValue::S;
+    let (client, table, pk) = (store.client(), store.table(), format!("WORKSPACE#{ws}"));
+    for g in generations {
+        client
+            .update_item()
+            .table_name(table)
+            .key("PK", S(pk.clone()))
+            .key("SK", S(format!("GEN#{g}")))
+            .update_expression("REMOVE gen_status")
+            .send()
+            .await
+            .unwrap();
+    }
+    client
+        .delete_item()
+        .table_name(table)
+        .key("PK", S(pk))
+        .key("SK", S(tally::store::dynamo::STATUS_MARKER.into()))
+        .send()
+        .await
+        .unwrap();
+}
+
+/// The workspace's `STATUS_INDEX` marker item, if any.
+pub async fn status_marker(
+    store: &DynamoStore,
+    ws: &str,
+) -> Option<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+    use aws_sdk_dynamodb::types::AttributeValue::S;
+    store
+        .client()
+        .get_item()
+        .table_name(store.table())
+        .key("PK", S(format!("WORKSPACE#{ws}")))
+        .key("SK", S(tally::store::dynamo::STATUS_MARKER.into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+}
+
 /// A member's hold of `estimate` for `generation`, keyed as the API keys it.
 pub fn hold_request(
     ws: &str,

@@ -9,7 +9,6 @@ use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tally::billing::records::{SUBSCRIPTION_SK, SubscriptionRecord, workspace_pk};
-use tally::catalog::{GenerationSpec, Workflow};
 use tally::clock::{Clock, ManualClock};
 use tally::ids::{
     GenerationId, IdempotencyKey, InvoiceId, StripeEventId, SubscriptionId, WorkspaceId,
@@ -589,31 +588,15 @@ async fn lapsed_lots_and_200_overdue_holds_are_settled_in_bounded_operations(p: 
     .unwrap();
     tally_tests::grant(&p.ledger, ws, 2_000).await;
     invoice_grant(&p, ws, 400).await;
-    let spec = GenerationSpec {
-        workflow: Workflow::Image,
-        model: "imagen-3".into(),
-        resolution: None,
-        duration_s: None,
-        count: None,
-    };
-    let estimate = p.ledger.catalog.estimate(&spec).unwrap();
+    let estimate = tally_tests::image_estimate(&p.ledger);
     for _ in 0..200 {
-        let generation = GenerationId::new();
-        p.ledger
-            .execute(LedgerRequest {
-                workspace: workspace(ws),
-                key: IdempotencyKey::derived(format!("gen:{generation}:hold")),
-                fingerprint: "hold".into(),
-                actor: Actor::new(ActorKind::Member, "m1"),
-                refs: Refs::default(),
-                op: Operation::Hold {
-                    generation,
-                    estimate: estimate.clone(),
-                    deadline: start() + Duration::hours(1),
-                },
-            })
-            .await
-            .unwrap();
+        let hold = tally_tests::hold_request(
+            ws,
+            GenerationId::new(),
+            &estimate,
+            start() + Duration::hours(1),
+        );
+        p.ledger.execute(hold).await.unwrap();
     }
     let held = p.ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
     assert_eq!(held.open_holds, 200);

@@ -1113,17 +1113,7 @@ async fn generations_written_before_the_status_index_are_listed_and_filed_into_i
     // and 450 more expired ones.
     let (client, table) = (store.client(), store.table());
     let pk = format!("WORKSPACE#{ws}");
-    for g in [held, done, late] {
-        client
-            .update_item()
-            .table_name(table)
-            .key("PK", S(pk.clone()))
-            .key("SK", S(format!("GEN#{g}")))
-            .update_expression("REMOVE gen_status")
-            .send()
-            .await
-            .unwrap();
-    }
+    tally_tests::as_before_the_status_index(&store, ws, &[held, done, late]).await;
     let expired = store
         .generation(&workspace(ws), late)
         .await
@@ -1153,26 +1143,7 @@ async fn generations_written_before_the_status_index_are_listed_and_filed_into_i
     };
     assert_eq!(unfiled().await, 453);
 
-    // The workspace as the release before the index left it: without a marker.
-    client
-        .delete_item()
-        .table_name(table)
-        .key("PK", S(pk.clone()))
-        .key("SK", S(tally::store::dynamo::STATUS_MARKER.into()))
-        .send()
-        .await
-        .unwrap();
-    let marker = || async {
-        client
-            .get_item()
-            .table_name(table)
-            .key("PK", S(pk.clone()))
-            .key("SK", S(tally::store::dynamo::STATUS_MARKER.into()))
-            .send()
-            .await
-            .unwrap()
-            .item
-    };
+    let marker = || tally_tests::status_marker(&store, ws);
     let listed = |store: Arc<DynamoStore>, status| async move {
         let q = GenerationQuery {
             status: Some(status),

@@ -921,6 +921,20 @@ fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
 
+/// `n` generations by dee, each completed at one credit, `apart` from the next.
+async fn one_credit_generations(app: &TestApp, ws: &str, n: usize, apart: chrono::Duration) {
+    for _ in 0..n {
+        let id = start(app, &member(ws, "dee")).await;
+        app.post(
+            &format!("/v1/generations/{id}/complete"),
+            &service(),
+            json!({"credits": 1}),
+        )
+        .await;
+        app.clock.advance(apart);
+    }
+}
+
 fn read_csv(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let mut r = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -939,15 +953,7 @@ async fn csv_exports_parse_back_to_the_history_and_the_journal() {
     let ws = "org_x1";
     busy_workspace(&app, ws).await;
     // More than one page of journal.
-    for _ in 0..60 {
-        let id = start(&app, &member(ws, "dee")).await;
-        app.post(
-            &format!("/v1/generations/{id}/complete"),
-            &service(),
-            json!({"credits": 1}),
-        )
-        .await;
-    }
+    one_credit_generations(&app, ws, 60, chrono::Duration::zero()).await;
     let tok = member(ws, "ana");
     let a = app.get("/v1/ledger/export?format=csv", &tok).await;
     assert_eq!(a.status.as_u16(), 200);
@@ -1593,16 +1599,7 @@ async fn an_export_too_large_for_one_answer_is_refused_and_the_command_line_spli
     });
     let ws = "org_big_export";
     busy_workspace(&app, ws).await;
-    for _ in 0..20 {
-        let id = start(&app, &member(ws, "dee")).await;
-        app.post(
-            &format!("/v1/generations/{id}/complete"),
-            &service(),
-            json!({"credits": 1}),
-        )
-        .await;
-        app.clock.advance(chrono::Duration::hours(5));
-    }
+    one_credit_generations(&app, ws, 20, chrono::Duration::hours(5)).await;
     let tok = member(ws, "ana");
     app.get("/v1/ledger/export?format=csv", &tok)
         .await
