@@ -10,7 +10,12 @@
 //!   is never charged for a renewal;
 //! - the balance is never negative, conservation holds, the journal rebuilds the state;
 //! - credits taken back for refunds and lost disputes never exceed what the money given
-//!   back bought (the lot's credits times the share of its payment given back).
+//!   back bought (the lot's credits times the share of its payment given back);
+//! - every generation is charged once: a completed one exactly the cost asked (what the
+//!   balance could not pay recorded as its shortfall), a failed or expired one nothing,
+//!   and the generations' charges add up to the journal's credits spent. Some generations
+//!   are left running past their hold's deadline (the generation service down) and
+//!   completed or failed late, above or below their estimate.
 //!
 //! Crashes between the Stripe call and the ledger write are changes made at Stripe with no
 //! grant of their own: their credits come from the paid invoice's event alone.
@@ -51,6 +56,11 @@ enum Step {
     Declines(bool),
     Pack(u64),
     Generate(u64, bool),
+    /// Starts a generation the generation service does not settle for now.
+    Abandon(u64),
+    /// Settles one of the generations left running: completed at the given percentage of
+    /// its estimate, or failed.
+    Late(usize, Option<u64>),
     Redeliver(usize),
     /// A change whose request died after Stripe made it (before any grant of its own).
     Crash(usize),
@@ -71,7 +81,12 @@ fn random_step(rng: &mut fastrand::Rng) -> Step {
         39..=41 => Step::Resume,
         42..=44 => Step::Pause,
         45..=47 => Step::Unpause,
-        48..=67 => Step::Advance(rng.i64(1..=24 * 40)),
+        48..=61 => Step::Advance(rng.i64(1..=24 * 40)),
+        62..=64 => Step::Abandon(rng.u64(1..=60)),
+        65..=67 => Step::Late(
+            rng.usize(0..10_000),
+            rng.bool().then(|| [10, 50, 100, 150, 400][rng.usize(0..5)]),
+        ),
         68..=71 => Step::Declines(rng.u32(0..3) == 0),
         72..=76 => Step::Pack(rng.u64(1..=3)),
         77..=86 => Step::Generate(rng.u64(1..=60), rng.bool()),
@@ -91,6 +106,10 @@ struct Model {
     paused_since: Option<(String, i64)>,
     /// Subscriptions Stripe deleted, with when.
     ended: BTreeMap<String, i64>,
+    /// Generations started and not settled yet, with their estimate.
+    running: Vec<(String, u64)>,
+    /// The cost each completion asked for, by generation.
+    asked: BTreeMap<String, u64>,
 }
 
 async fn step(app: &TestApp, m: &mut Model, s: &Step) {
@@ -175,8 +194,49 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                 } else {
                     json!({"reason": "provider error"})
                 };
-                app.post(&format!("/v1/generations/{id}/{end}"), &service(), body)
+                let r = app
+                    .post(&format!("/v1/generations/{id}/{end}"), &service(), body)
                     .await;
+                if *ok && r.status.is_success() {
+                    let estimate = g.body["estimate"]["credits"].as_u64().unwrap();
+                    m.asked.insert(id.to_owned(), estimate);
+                }
+            }
+        }
+        Step::Abandon(seconds) => {
+            let g = app
+                .post(
+                    "/v1/generations",
+                    &o,
+                    json!({"workflow": "video", "model": "video-lite", "duration_s": seconds}),
+                )
+                .await;
+            if let (Some(id), Some(estimate)) = (
+                g.body["id"].as_str(),
+                g.body["estimate"]["credits"].as_u64(),
+            ) {
+                m.running.push((id.to_owned(), estimate));
+            }
+        }
+        Step::Late(n, pct) => {
+            if !m.running.is_empty() {
+                let (id, estimate) = m.running.remove(n % m.running.len());
+                let path = format!(
+                    "/v1/generations/{id}/{}",
+                    pct.map_or("fail", |_| "complete")
+                );
+                let body = match pct {
+                    Some(pct) => json!({"credits": (estimate * pct / 100).max(1)}),
+                    None => json!({"reason": "provider error"}),
+                };
+                let r = app.post(&path, &service(), body).await;
+                match pct {
+                    Some(pct) if r.status.is_success() => {
+                        m.asked.insert(id, (estimate * pct / 100).max(1));
+                    }
+                    _ if r.status.is_success() || r.status.as_u16() == 409 => {}
+                    _ => panic!("settling {id} late answered {}: {}", r.status, r.body),
+                }
             }
         }
         Step::Crash(p) => {
@@ -382,6 +442,55 @@ fn best_rate(item: &Item, catalog: &Catalog) -> (u64, u64) {
     (credits * 12, yearly.min(monthly_price * 12))
 }
 
+/// Every generation charged once, exactly what was asked (or nothing), and the charges
+/// adding up to the journal's credits spent.
+async fn check_generations(app: &TestApp, m: &Model, state: &WorkspaceState) -> Result<(), String> {
+    let all = app
+        .ledger
+        .store
+        .generations(
+            &workspace(&m.ws),
+            &tally::store::GenerationQuery {
+                limit: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut charged = 0u64;
+    for g in &all {
+        use tally::ledger::GenerationStatus::*;
+        let id = g.id.to_string();
+        match g.status {
+            Completed => {
+                let asked = m.asked.get(&id).copied();
+                let total = g.charged.get() + g.shortfall.get();
+                if asked.is_some_and(|a| a != total) {
+                    return Err(format!(
+                        "{id} asked {asked:?} and was charged {} short {}",
+                        g.charged, g.shortfall
+                    ));
+                }
+            }
+            Failed | Expired if g.charged.get() != 0 => {
+                return Err(format!(
+                    "{id} is {:?} but was charged {}",
+                    g.status, g.charged
+                ));
+            }
+            _ => {}
+        }
+        charged += g.charged.get();
+    }
+    if charged != state.totals.spent.get() {
+        return Err(format!(
+            "generations were charged {charged} but the journal spent {}",
+            state.totals.spent
+        ));
+    }
+    Ok(())
+}
+
 async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     let catalog = app.ledger.catalog.clone();
     let ws = workspace(&m.ws);
@@ -414,6 +523,7 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     }
 
     check_take_backs(app, &journal)?;
+    check_generations(app, m, &state).await?;
     // Subscription credits granted, per operation key.
     let mut granted: u128 = 0;
     let mut keys: BTreeMap<String, u32> = BTreeMap::new();
@@ -525,6 +635,8 @@ async fn run_seed(seed: u64, steps: u64) -> Result<(), String> {
         customer: None,
         paused_since: None,
         ended: BTreeMap::new(),
+        running: Vec::new(),
+        asked: BTreeMap::new(),
     };
     // Every seed starts subscribed, so most steps exercise a live subscription.
     step(
