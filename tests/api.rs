@@ -419,6 +419,35 @@ async fn bad_input_is_refused_with_problem_details_and_changes_nothing() {
             .await;
         a.assert_problem(status, code);
     }
+    // A value of the wrong type or range names its field.
+    for (body, field) in [
+        (
+            r#"{"workflow":"video","model":"video-pro","duration_s":-5}"#,
+            "duration_s",
+        ),
+        (
+            r#"{"workflow":"video","model":"video-pro","duration_s":"ten"}"#,
+            "duration_s",
+        ),
+        (
+            r#"{"workflow":"image","model":"imagen-3","count":-1}"#,
+            "count",
+        ),
+    ] {
+        let a = app
+            .send(Method::POST, "/v1/estimates", Some(&m), Some(body), &[])
+            .await;
+        a.assert_problem(422, "validation_failed");
+        assert_eq!(a.body["field"], field, "{}", a.body);
+        assert!(
+            a.body["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{field}: ")),
+            "{}",
+            a.body
+        );
+    }
     let no_type = app
         .send(Method::POST, "/v1/generations", Some(&m), None, &[])
         .await;

@@ -975,6 +975,21 @@ async fn csv_exports_parse_back_to_the_history_and_the_journal() {
     );
     let reversal = rows.iter().find(|r| r[3] == "reversal").unwrap();
     assert_eq!(reversal[16], "blank output, \"sorry\"");
+    // What each entry spent adds up to what the generations were charged.
+    let spent: u64 = rows.iter().map(|r| r[17].parse::<u64>().unwrap()).sum();
+    let charged: u64 = read_csv(
+        app.get("/v1/generations/export?format=csv", &tok)
+            .await
+            .body
+            .as_str()
+            .unwrap(),
+    )
+    .1
+    .iter()
+    .map(|r| r[8].parse::<u64>().unwrap())
+    .sum();
+    assert_eq!(spent, charged);
+    assert!(spent > 0);
 
     let g = app
         .get("/v1/generations/export?format=csv&started_by=ana", &tok)

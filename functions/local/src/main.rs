@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
     let tokens = demo_tokens(&settings.dev_secret, chrono::Utc::now());
     println!(
         "\nTally is running at http://{addr}  (data in {})\n\n\
-         Demo workspace \"demo\" (Max plan, 400 credits). Tokens, valid 30 days:\n\
+         Demo workspace \"demo\" (Max plan, 400 credits when first made). Tokens, valid 30 days:\n\
          export OWNER={}\n\
          export STUDIO={}   # owner of \"studio\", a workspace with no plan yet\n\
          export MEMBER={}\n\

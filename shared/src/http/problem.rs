@@ -238,12 +238,19 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     let mut value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| Problem::malformed(e.to_string()))?;
     integral_numbers(&mut value);
-    serde_json::from_value(value).map_err(|e| {
-        Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-            e.to_string(),
-        )
+    // The refusal names the field it is about (`duration_s`, `lines[2].amount`).
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let detail = e.inner().to_string();
+        if field == "." || field.is_empty() {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+                detail,
+            )
+        } else {
+            Problem::validation(&field, &detail)
+        }
     })
 }
 

@@ -44,6 +44,9 @@ pub const LEDGER_COLUMNS: &[&str] = &[
     "ticket",
     "stripe_event",
     "note",
+    // Credits the entry spent (a generation's charge): `credits` is the change to the
+    // available balance, which for a completion is the hold released less the charge.
+    "spent",
 ];
 
 fn time(t: DateTime<Utc>) -> String {
@@ -104,6 +107,7 @@ pub fn entry_row(out: &mut String, e: &Entry) {
         opt(e.refs.invoice.as_ref().map(|i| i.to_string())),
         opt(e.refs.refund.as_ref().map(|r| r.to_string())),
         opt(e.refs.stripe_event.as_ref().map(|s| s.to_string())),
+        e.totals.spent.get().to_string(),
     ];
     write_row(
         out,
@@ -125,6 +129,7 @@ pub fn entry_row(out: &mut String, e: &Entry) {
             Cell::Text(e.refs.ticket.as_deref().unwrap_or("")),
             Cell::Plain(&fields[11]),
             Cell::Text(e.note.as_deref().unwrap_or("")),
+            Cell::Plain(&fields[12]),
         ],
     );
 }
