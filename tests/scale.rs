@@ -863,6 +863,44 @@ async fn sixty_holds(
     (store, ledger, clock, ids)
 }
 
+/// A hold refused for credits that overdue holds still keep is answered `busy`, not
+/// refused, when the time to release them has run out: its retry goes on releasing them.
+#[tokio::test]
+async fn a_hold_behind_a_backlog_out_of_time_is_busy_not_refused() {
+    let ws = "org_backlog_busy";
+    let (_store, mut ledger, clock, _ids) = sixty_holds(ws, 60).await;
+    clock.advance(Duration::hours(1));
+    // More than one transaction's release (25 holds) frees.
+    let mut est = image_estimate(&ledger);
+    est.credits = Credits::new(30 * est.credits.get());
+    let before = ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+    ledger.retry.budget = Some(std::time::Duration::ZERO);
+    let late = hold(
+        &ledger,
+        ws,
+        GenerationId::new(),
+        &est,
+        clock.now() + Duration::hours(1),
+    )
+    .await;
+    assert!(matches!(late, Err(ServiceError::Contention)), "{late:?}");
+    assert_eq!(
+        ledger.store.load(&workspace(ws)).await.unwrap().unwrap(),
+        before
+    );
+    // With time, the backlog is released and the hold placed.
+    ledger.retry.budget = None;
+    hold(
+        &ledger,
+        ws,
+        GenerationId::new(),
+        &est,
+        clock.now() + Duration::hours(1),
+    )
+    .await
+    .unwrap();
+}
+
 /// A completion that arrives late takes free credits without being refused: with more
 /// overdue holds than one transaction releases, it releases them all first (a batch per
 /// transaction) and charges in full, never a shortfall the balance could have paid.

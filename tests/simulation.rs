@@ -442,9 +442,14 @@ fn best_rate(item: &Item, catalog: &Catalog) -> (u64, u64) {
     (credits * 12, yearly.min(monthly_price * 12))
 }
 
-/// Every generation charged once, exactly what was asked (or nothing), and the charges
-/// adding up to the journal's credits spent.
-async fn check_generations(app: &TestApp, m: &Model, state: &WorkspaceState) -> Result<(), String> {
+/// Every generation charged once, exactly what was asked (or nothing), by its own journal
+/// entries, and the charges adding up to the journal's credits spent.
+async fn check_generations(
+    app: &TestApp,
+    m: &Model,
+    state: &WorkspaceState,
+    journal: &[tally::ledger::Entry],
+) -> Result<(), String> {
     let all = app
         .ledger
         .store
@@ -463,22 +468,35 @@ async fn check_generations(app: &TestApp, m: &Model, state: &WorkspaceState) -> 
         let id = g.id.to_string();
         match g.status {
             Completed => {
+                // Every completion the simulation made answered with what it asked.
                 let asked = m.asked.get(&id).copied();
                 let total = g.charged.get() + g.shortfall.get();
-                if asked.is_some_and(|a| a != total) {
+                if asked != Some(total) {
                     return Err(format!(
                         "{id} asked {asked:?} and was charged {} short {}",
                         g.charged, g.shortfall
                     ));
                 }
             }
-            Failed | Expired if g.charged.get() != 0 => {
+            Failed | Expired if g.charged.get() != 0 || g.shortfall.get() != 0 => {
                 return Err(format!(
-                    "{id} is {:?} but was charged {}",
-                    g.status, g.charged
+                    "{id} is {:?} but was charged {} short {}",
+                    g.status, g.charged, g.shortfall
                 ));
             }
             _ => {}
+        }
+        let by_entries: u64 = g
+            .entries
+            .iter()
+            .filter_map(|seq| journal.iter().find(|e| e.seq == *seq))
+            .map(|e| e.totals.spent.get())
+            .sum();
+        if by_entries != g.charged.get() {
+            return Err(format!(
+                "{id} was charged {} but its entries spent {by_entries}",
+                g.charged
+            ));
         }
         charged += g.charged.get();
     }
@@ -523,7 +541,7 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     }
 
     check_take_backs(app, &journal)?;
-    check_generations(app, m, &state).await?;
+    check_generations(app, m, &state, &journal).await?;
     // Subscription credits granted, per operation key.
     let mut granted: u128 = 0;
     let mut keys: BTreeMap<String, u32> = BTreeMap::new();

@@ -242,14 +242,21 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         let detail = e.inner().to_string();
-        if field == "." || field.is_empty() {
+        // A path made of the caller's own keys (an unknown field, say) is not named as a
+        // field: only one that looks like the API's own.
+        let named = field != "."
+            && field.len() <= 64
+            && field
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.[]".contains(&b));
+        if named {
+            Problem::validation(&field, &detail)
+        } else {
             Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "validation_failed",
                 detail,
             )
-        } else {
-            Problem::validation(&field, &detail)
         }
     })
 }

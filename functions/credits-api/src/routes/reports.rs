@@ -158,7 +158,16 @@ async fn csv_response(
     };
     let (mut body, mut carried) = (String::new(), 0usize);
     let mut chunks = std::pin::pin!(chunks);
-    while let Some(chunk) = chunks.next().await {
+    loop {
+        // One chunk can take long (a page of rows behind many that do not match): the
+        // time limit holds while it is read, not only between chunks.
+        let left = limit.time.saturating_sub(began.elapsed());
+        let Ok(next) = tokio::time::timeout(left, chunks.next()).await else {
+            return Err(too_large());
+        };
+        let Some(chunk) = next else {
+            break;
+        };
         let chunk = chunk.map_err(|e| {
             if e.is_transient() {
                 tracing::warn!(error = %e, "export interrupted");

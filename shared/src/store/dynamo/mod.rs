@@ -52,7 +52,8 @@ pub const GEN_STATUS: &str = "gen_status";
 
 /// A workspace's progress in filing generations written before the status index existed
 /// (`WORKSPACE#<id>` / `STATUS_INDEX`): when the first pass began (`first`, epoch ms), the
-/// last sort key looked at (`cursor`), or `done`.
+/// pass under way (`pass`, when it began, and `cursor`, the last sort key it looked at), or
+/// `done`.
 pub const STATUS_MARKER: &str = "STATUS_INDEX";
 /// Generation items looked at per page while a workspace's are not all filed.
 pub const STATUS_BACKFILL_PAGE: i32 = 200;
@@ -336,7 +337,7 @@ impl DynamoStore {
     /// workspace's [`STATUS_MARKER`] item; until then the read answers from the workspace's
     /// own items, complete either way. Instances of the release before the index, still
     /// running during a deploy, may write items without the key for a while, so a pass
-    /// over all of them counts as final only once [`STATUS_SETTLING`] has passed since the
+    /// over all of them counts as final only if it began [`STATUS_SETTLING`] after the
     /// first; earlier passes are followed by another. The read that makes the marker
     /// `done` still answers from the items (the index may not show yet what it filed).
     async fn status_index_ready(&self, workspace: &WorkspaceId) -> Result<bool, StoreError> {
@@ -361,6 +362,15 @@ impl DynamoStore {
             .and_then(|m| m.get("cursor"))
             .and_then(|c| c.as_s().ok())
             .cloned();
+        // When the pass under way began: a pass is final only if it began after the
+        // settling time, so that no item it passed can be rewritten without the key.
+        let pass = marker
+            .as_ref()
+            .filter(|_| cursor.is_some())
+            .and_then(|m| m.get("pass"))
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(now);
         let began = std::time::Instant::now();
         loop {
             let start = cursor
@@ -384,7 +394,13 @@ impl DynamoStore {
                 .set_exclusive_start_key(start)
                 .send()
                 .await
-                .map_err(|e| classify("Query", e))?;
+                .map_err(|e| classify("Query", e));
+            let page = match page {
+                Ok(page) => page,
+                // The answer does not need the filing: it comes from the items this time.
+                Err(e) if e.is_transient() => return Ok(false),
+                Err(e) => return Err(e),
+            };
             let mut missing = Vec::with_capacity(page.items().len());
             for item in page.items() {
                 let sk = item
@@ -412,7 +428,7 @@ impl DynamoStore {
                 .and_then(|v| v.as_s().ok())
                 .cloned();
             let final_pass =
-                cursor.is_none() && now - first >= self.status_settling.num_milliseconds();
+                cursor.is_none() && pass - first >= self.status_settling.num_milliseconds();
             if cursor.is_none() || began.elapsed() >= STATUS_FILING_TIME {
                 let mut progress = self
                     .client
@@ -420,13 +436,28 @@ impl DynamoStore {
                     .table_name(&self.table)
                     .item(PK, s(&pk))
                     .item(SK, s(STATUS_MARKER))
-                    .item("first", AttributeValue::N(first.to_string()));
+                    .item("first", AttributeValue::N(first.to_string()))
+                    // A `done` written meanwhile (by another read or the workspace's first
+                    // commit) stays.
+                    .condition_expression("attribute_not_exists(done)");
                 if final_pass {
                     progress = progress.item("done", AttributeValue::Bool(true));
                 } else if let Some(c) = &cursor {
-                    progress = progress.item("cursor", s(c));
+                    progress = progress
+                        .item("cursor", s(c))
+                        .item("pass", AttributeValue::N(pass.to_string()));
                 }
-                progress.send().await.map_err(|e| classify("PutItem", e))?;
+                match progress.send().await {
+                    Ok(_) => {}
+                    Err(SdkError::ServiceError(e))
+                        if e.err().is_conditional_check_failed_exception() => {}
+                    Err(e) => {
+                        let e = classify("PutItem", e);
+                        if !e.is_transient() {
+                            return Err(e);
+                        }
+                    }
+                }
                 return Ok(false);
             }
         }
