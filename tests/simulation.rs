@@ -112,6 +112,16 @@ struct Model {
     asked: BTreeMap<String, u64>,
 }
 
+/// A video generation of `seconds` started by the owner.
+async fn start_video(app: &TestApp, owner: &str, seconds: u64) -> tally_tests::Answer {
+    app.post(
+        "/v1/generations",
+        owner,
+        json!({"workflow": "video", "model": "video-lite", "duration_s": seconds}),
+    )
+    .await
+}
+
 async fn step(app: &TestApp, m: &mut Model, s: &Step) {
     let o = owner(&m.ws);
     match s {
@@ -180,13 +190,7 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
             }
         }
         Step::Generate(seconds, ok) => {
-            let g = app
-                .post(
-                    "/v1/generations",
-                    &o,
-                    json!({"workflow": "video", "model": "video-lite", "duration_s": seconds}),
-                )
-                .await;
+            let g = start_video(app, &o, *seconds).await;
             if let Some(id) = g.body["id"].as_str() {
                 let end = if *ok { "complete" } else { "fail" };
                 let body = if *ok {
@@ -204,13 +208,7 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
             }
         }
         Step::Abandon(seconds) => {
-            let g = app
-                .post(
-                    "/v1/generations",
-                    &o,
-                    json!({"workflow": "video", "model": "video-lite", "duration_s": seconds}),
-                )
-                .await;
+            let g = start_video(app, &o, *seconds).await;
             if let (Some(id), Some(estimate)) = (
                 g.body["id"].as_str(),
                 g.body["estimate"]["credits"].as_u64(),
