@@ -112,9 +112,15 @@ impl LocalQueue {
             .expect("queue lock")
             .take()
             .expect("a local queue has one consumer");
-        let queue = self.clone();
+        // Held weakly: the queue owns the sender, so a task holding it strongly would keep
+        // both alive (with the consumer and all it holds) after the system is dropped. Once
+        // it is, the channel closes and the task ends.
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             while let Some((seq, message)) = rx.recv().await {
+                let Some(queue) = weak.upgrade() else {
+                    break;
+                };
                 let message_id = format!("{}-{seq}", queue.name);
                 let dead = queue.deliver(consumer.as_ref(), message_id, message).await;
                 if let Some(journal) = &queue.journal
@@ -253,6 +259,28 @@ mod tests {
             group_id: Some("g".into()),
             dedup_id: Some(dedup.into()),
         }
+    }
+
+    /// A dropped queue ends its delivery task and lets go of its consumer (and all it
+    /// holds), instead of both living on for the life of the process.
+    #[tokio::test]
+    async fn a_dropped_queue_lets_go_of_its_consumer() {
+        let q = LocalQueue::new("t", false, 3);
+        let c = Arc::new(Flaky {
+            seen: Mutex::new(Vec::new()),
+        });
+        q.start(c.clone());
+        q.send(msg("a", "1")).await.unwrap();
+        q.until_idle().await;
+        assert_eq!(Arc::strong_count(&c), 2);
+        drop(q);
+        for _ in 0..1_000 {
+            if Arc::strong_count(&c) == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(Arc::strong_count(&c), 1, "the delivery task still holds the consumer");
     }
 
     #[tokio::test]
