@@ -280,7 +280,11 @@ mod tests {
             }
             tokio::task::yield_now().await;
         }
-        assert_eq!(Arc::strong_count(&c), 1, "the delivery task still holds the consumer");
+        assert_eq!(
+            Arc::strong_count(&c),
+            1,
+            "the delivery task still holds the consumer"
+        );
     }
 
     #[tokio::test]
