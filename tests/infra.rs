@@ -111,6 +111,63 @@ fn the_billing_queue_is_fifo_with_the_redrive_the_consumers_expect() {
     assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
 }
 
+/// Auto top-ups: every function whose ledger operations can cross a threshold may send
+/// to the top-ups queue, and billing-events consumes it, with a redrive the consumer
+/// expects and a visibility timeout of at least six of its timeouts.
+#[test]
+fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events() {
+    let t = template();
+    let q = &resource(&t, "TopUpsQueue")["Properties"];
+    assert_eq!(q["FifoQueue"], true);
+    assert_eq!(q["ContentBasedDeduplication"], false, "dedup by crossing");
+    assert_eq!(
+        q["RedrivePolicy"]["maxReceiveCount"].as_u64(),
+        Some(tally::alerts::TOPUPS_MAX_RECEIVES as u64)
+    );
+    assert!(text(&q["RedrivePolicy"]["deadLetterTargetArn"]).starts_with("TopUpsDeadLetterQueue"));
+    for binary in ["credits-api", "purchases", "billing-events"] {
+        let (_, f) = function_for_binary(&t, binary);
+        let env = &f["Properties"]["Environment"]["Variables"];
+        assert!(
+            text(&env[tally::config::TOPUPS_QUEUE_URL]).starts_with("TopUpsQueue"),
+            "{binary}"
+        );
+        let sends = f["Properties"]["Policies"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["Statement"].as_sequence().into_iter().flatten())
+            .filter(|st| {
+                st["Action"]
+                    .as_sequence()
+                    .is_some_and(|a| a.iter().any(|a| a == "sqs:SendMessage"))
+            })
+            .flat_map(|st| match st["Resource"].as_sequence() {
+                Some(list) => list.iter().map(text).collect::<Vec<_>>(),
+                None => vec![text(&st["Resource"])],
+            })
+            .collect::<Vec<_>>();
+        assert!(
+            sends.iter().any(|r| r.starts_with("TopUpsQueue")),
+            "{binary} may not send to the top-ups queue: {sends:?}"
+        );
+    }
+    let (_, f) = function_for_binary(&t, "billing-events");
+    let timeout = f["Properties"]["Timeout"].as_u64().unwrap();
+    assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
+    let polls = f["Properties"]["Policies"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|p| p["SQSPollerPolicy"].is_mapping())
+        .map(|p| text(&p["SQSPollerPolicy"]["QueueName"]))
+        .collect::<Vec<_>>();
+    assert!(
+        polls.iter().any(|p| p.starts_with("TopUpsQueue")),
+        "{polls:?}"
+    );
+}
+
 #[test]
 fn every_function_is_one_binary_with_the_environment_it_reads() {
     let t = template();
@@ -241,6 +298,7 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
     let t = template();
     for (binary, event, queue) in [
         ("billing-events", "Billing", "BillingEventsQueue"),
+        ("billing-events", "TopUps", "TopUpsQueue"),
         ("refunds-worker", "Refunds", "RefundsQueue"),
         ("support-forwarder", "Tickets", "SupportTicketsQueue"),
     ] {
@@ -294,6 +352,7 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
     }
     for dlq in [
         "BillingEventsDeadLetterQueue",
+        "TopUpsDeadLetterQueue",
         "RefundsDeadLetterQueue",
         "SupportTicketsDeadLetterQueue",
     ] {
@@ -1081,15 +1140,17 @@ fn secrets_worker_timeouts_server_errors_and_the_app_origin_are_deployable() {
             );
         }
     }
-    assert_eq!(resolving, 6);
+    assert_eq!(resolving, 5);
 
     // A batch of the billing and refund workers fits in their timeout however each
-    // message goes: a ledger operation out of retries and a Stripe call timing out.
-    let per_message =
-        tally::service::LAMBDA_RETRY_BUDGET + tally::payments::stripe_api::STRIPE_ATTEMPT_TIMEOUT;
-    for (binary, queue) in [
-        ("billing-events", "BillingEventsQueue"),
-        ("refunds-worker", "RefundsQueue"),
+    // message goes: a ledger operation out of retries and a Stripe call timing out; for a
+    // top-up, its two Stripe calls timing out.
+    let stripe = tally::payments::stripe_api::STRIPE_ATTEMPT_TIMEOUT;
+    let ledger_and_stripe = tally::service::LAMBDA_RETRY_BUDGET + stripe;
+    for (binary, queue, per_message) in [
+        ("billing-events", "BillingEventsQueue", ledger_and_stripe),
+        ("billing-events", "TopUpsQueue", stripe * 2),
+        ("refunds-worker", "RefundsQueue", ledger_and_stripe),
     ] {
         let (name, f) = function_for_binary(&t, binary);
         let timeout = f["Properties"]["Timeout"].as_u64().unwrap();
@@ -1097,9 +1158,8 @@ fn secrets_worker_timeouts_server_errors_and_the_app_origin_are_deployable() {
             .as_mapping()
             .unwrap()
             .values()
-            .find(|e| e["Type"] == "SQS")
-            .unwrap();
-        assert!(text(&trigger["Properties"]["Queue"]).starts_with(queue));
+            .find(|e| e["Type"] == "SQS" && text(&e["Properties"]["Queue"]).starts_with(queue))
+            .unwrap_or_else(|| panic!("{name} consumes {queue}"));
         let batch = trigger["Properties"]["BatchSize"].as_u64().unwrap();
         assert!(
             per_message.as_secs() * batch < timeout,

@@ -731,6 +731,7 @@ mod alerts {
     }
 
     async fn notifications(app: &TestApp) -> Vec<Value> {
+        app.local.topups_queue.until_idle().await;
         app.local.notifications_queue.until_idle().await;
         app.settle_billing().await;
         app.local.notifications.all()
@@ -933,7 +934,7 @@ mod alerts {
             ledger.observer = Some(std::sync::Arc::new(tally::alerts::CreditAlerts {
                 docs: app.docs.clone(),
                 notifications: app.local.notifications_queue.clone(),
-                payments: Some(sim.clone()),
+                topups: Some(app.local.topups_queue.clone()),
                 catalog: ledger.catalog.clone(),
                 settings_ttl: std::time::Duration::from_secs(3600),
                 cache: Default::default(),
@@ -1009,6 +1010,126 @@ mod alerts {
                 assert_eq!(last, Value::Null, "{ws}");
             }
         }
+    }
+
+    fn paid_intents(sim: &tally_local::simulator::Simulator) -> usize {
+        sim.events()
+            .iter()
+            .filter(|e| e.kind == "payment_intent.succeeded")
+            .count()
+    }
+
+    /// Stripe made the payment but its answer was lost, and then the invoice's: the top-up
+    /// is delivered again until it is done, and the card is charged once. The request that
+    /// crossed the threshold waited for none of it.
+    #[tokio::test]
+    async fn a_top_up_whose_answers_were_lost_is_charged_once_when_delivered_again() {
+        let app = TestApp::new();
+        let o = owner("org_lost");
+        let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
+        app.pay(s["url"].as_str().unwrap()).await;
+        let set = app
+            .send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[])
+            .await;
+        assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
+        let sim = app.local.simulator.clone().unwrap();
+        let before = paid_intents(&sim);
+        // The payment's answer, then the invoice's.
+        sim.lose_answers(2);
+        let m = member("org_lost", "m1");
+        for _ in 0..3 {
+            let started = app.post("/v1/generations", &m, video()).await; // 100 -> 28
+            assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+        }
+        let topups: Vec<Value> = notifications(&app)
+            .await
+            .into_iter()
+            .filter(|n| n["type"].as_str().unwrap().starts_with("topup."))
+            .collect();
+        assert_eq!(topups.len(), 1, "{topups:#?}");
+        assert_eq!(topups[0]["type"], "topup.charged");
+        assert_eq!(paid_intents(&sim), before + 1, "charged once");
+        assert_eq!(app.available("org_lost").await, 128);
+        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");
+        assert!(history[0]["invoice"].is_string(), "{history:#}");
+        // The claim keeps the payment: a later delivery of the same crossing (a duplicate,
+        // or a redrive after Stripe has forgotten the key) does not charge again.
+        let claim = app.get("/v1/alerts", &o).await.body["topup_claim"].clone();
+        assert_eq!(claim["payment"], topups[0]["payment"], "{claim:#}");
+        let again = tally::alerts::TopUpRequest {
+            kind: "auto_topup".into(),
+            workspace: tally_tests::workspace("org_lost"),
+            entry: topups[0]["entry"].as_u64().unwrap(),
+            topup: tally::alerts::AutoTopUp {
+                pack: "pack_100".into(),
+                below_credits: tally::money::Credits::new(30),
+            },
+            available: tally::money::Credits::new(28),
+            discount_pct: 0,
+        };
+        let consumer = tally::alerts::TopUps {
+            docs: app.docs.clone(),
+            payments: Some(sim.clone()),
+            catalog: app.ledger.catalog.clone(),
+            notifications: app.local.notifications_queue.clone(),
+            clock: app.clock.clone(),
+        };
+        let delivery = tally::queue::Delivery {
+            message_id: "redrive-1".into(),
+            body: again.message().body,
+            group_id: None,
+            receive_count: 1,
+        };
+        tally::queue::Consumer::consume(&consumer, &delivery)
+            .await
+            .expect("done again without a charge");
+        app.settle_billing().await;
+        assert_eq!(paid_intents(&sim), before + 1, "no second charge");
+        assert_eq!(app.available("org_lost").await, 128);
+        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");
+    }
+
+    /// As Stripe does, the simulator answers a repeated idempotency key with the first
+    /// payment, and refuses the key for a different payment.
+    #[tokio::test]
+    async fn an_off_session_payment_is_made_once_per_idempotency_key() {
+        use tally::payments::{Payments, TopUp};
+        let app = TestApp::new();
+        let o = owner("org_key");
+        let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
+        app.pay(s["url"].as_str().unwrap()).await;
+        let profile: tally::billing::records::BillingProfile = tally::store::docs::get(
+            app.docs.as_ref(),
+            &tally::billing::records::workspace_pk(&tally_tests::workspace("org_key")),
+            tally::billing::records::PROFILE_SK,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let sim = app.local.simulator.clone().unwrap();
+        let before = paid_intents(&sim);
+        let topup = TopUp {
+            workspace: tally_tests::workspace("org_key"),
+            customer: profile.customer.unwrap(),
+            payment_method: profile.payment_method.unwrap(),
+            pack: "pack_100".into(),
+            amount: tally::money::Cents::new(1000),
+            idempotency_key: "tally-topup-org_key-7".into(),
+        };
+        let first = sim.charge_saved_method(&topup).await.unwrap();
+        assert_eq!(sim.charge_saved_method(&topup).await.unwrap(), first);
+        let other = TopUp {
+            amount: tally::money::Cents::new(900),
+            ..topup.clone()
+        };
+        assert!(matches!(
+            sim.charge_saved_method(&other).await,
+            Err(tally::payments::PaymentsError::Refused { .. })
+        ));
+        app.settle_billing().await;
+        assert_eq!(paid_intents(&sim), before + 1);
     }
 
     #[tokio::test]

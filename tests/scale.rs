@@ -766,8 +766,7 @@ async fn set_threshold(docs: &dyn tally::store::DocStore, ws: &str, below: u64) 
         |_: Option<tally::alerts::AlertSettings>| {
             Some(tally::alerts::AlertSettings {
                 below_credits: vec![Credits::new(below)],
-                auto_topup: None,
-                last_topup_at: None,
+                ..Default::default()
             })
         },
     )
@@ -790,7 +789,7 @@ async fn alert_settings_are_reused_for_their_time_to_live() {
         ledger.observer = Some(Arc::new(tally::alerts::CreditAlerts {
             docs: docs.clone(),
             notifications: outbox.clone(),
-            payments: None,
+            topups: None,
             catalog: ledger.catalog.clone(),
             settings_ttl: ttl,
             cache: Default::default(),

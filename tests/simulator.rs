@@ -941,3 +941,40 @@ async fn a_switch_to_a_shorter_interval_credits_the_unused_year_and_bills_the_ne
         "month"
     );
 }
+
+/// The local system's parts hold one another (the ledger's observer pays through the
+/// simulator, whose schedule runs the ledger; the support worker sends to its own queue):
+/// dropping it must still free them, or every test's system stays in memory to the end.
+#[tokio::test]
+async fn a_dropped_local_system_frees_its_store() {
+    let store = Arc::new(tally::store::embedded::EmbeddedStore::in_memory());
+    {
+        let app = TestApp::over(store.clone(), false);
+        app.subscribe("org_drop", "max", "monthly").await;
+        let ticket = app
+            .post(
+                "/v1/support/tickets",
+                &owner("org_drop"),
+                json!({"category": "credits", "subject": "Balance", "message": "Is it right?"}),
+            )
+            .await;
+        assert_eq!(ticket.status.as_u16(), 201, "{:#}", ticket.body);
+        app.local.support_queue.until_idle().await;
+        assert!(
+            Arc::strong_count(&store) > 1,
+            "the running system uses the store"
+        );
+    }
+    // The delivery tasks end on their own once their queues are closed.
+    let freed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while Arc::strong_count(&store) > 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        freed.is_ok(),
+        "{} holders of the store remain",
+        Arc::strong_count(&store) - 1
+    );
+}

@@ -32,6 +32,10 @@ pub const CHECKOUT_CANCEL_URL: &str = "TALLY_CHECKOUT_CANCEL_URL";
 pub const PORTAL_RETURN_URL: &str = "TALLY_PORTAL_RETURN_URL";
 /// URL of the notifications queue (credit alerts, top-up results).
 pub const NOTIFICATIONS_QUEUE_URL: &str = "NOTIFICATIONS_QUEUE_URL";
+/// URL of the top-ups FIFO queue: crossings of the auto top-up threshold (credits-api,
+/// purchases and billing-events send; billing-events charges). Without it auto top-up is
+/// off.
+pub const TOPUPS_QUEUE_URL: &str = "TOPUPS_QUEUE_URL";
 /// Path of a catalog JSON replacing the shipped one (all, optional).
 pub const CATALOG: &str = "TALLY_CATALOG";
 /// URL of the refresh jobs queue (credit-refresh).
@@ -189,8 +193,8 @@ pub struct AlertsConfig {
     pub notifications_queue_url: HttpUrl,
     /// An SQS-compatible server instead of AWS (local and tests).
     pub sqs_endpoint: Option<HttpUrl>,
-    /// Auto top-up charges saved cards through Stripe; without a key it stays off.
-    pub stripe_secret_key: Option<Secret>,
+    /// Where crossings of the auto top-up threshold go; without it auto top-up is off.
+    pub topups_queue_url: Option<HttpUrl>,
 }
 
 impl AlertsConfig {
@@ -198,10 +202,7 @@ impl AlertsConfig {
         Ok(Self {
             notifications_queue_url: v.required_url(NOTIFICATIONS_QUEUE_URL)?,
             sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
-            stripe_secret_key: v
-                .optional(STRIPE_SECRET_KEY)
-                .filter(|k| !k.trim().is_empty())
-                .map(|k| Secret::new(k.trim())),
+            topups_queue_url: v.optional_url(TOPUPS_QUEUE_URL)?,
         })
     }
 }
@@ -243,9 +244,9 @@ pub struct ApiConfig {
 }
 
 impl ApiConfig {
-    /// What the deployment sets. `STRIPE_SECRET_KEY` is among them for auto top-up, though
+    /// What the deployment sets. `TOPUPS_QUEUE_URL` is among them for auto top-up, though
     /// the function starts without it (top-ups then stay off).
-    pub const REQUIRED: &[&str] = &[TABLE, NOTIFICATIONS_QUEUE_URL, STRIPE_SECRET_KEY];
+    pub const REQUIRED: &[&str] = &[TABLE, NOTIFICATIONS_QUEUE_URL, TOPUPS_QUEUE_URL];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -274,7 +275,13 @@ pub struct PurchasesConfig {
 }
 
 impl PurchasesConfig {
-    pub const REQUIRED: &[&str] = &[TABLE, STRIPE_SECRET_KEY, APP_URL, NOTIFICATIONS_QUEUE_URL];
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        STRIPE_SECRET_KEY,
+        APP_URL,
+        NOTIFICATIONS_QUEUE_URL,
+        TOPUPS_QUEUE_URL,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -330,11 +337,20 @@ pub struct WorkerConfig {
     pub store: StoreConfig,
     pub catalog_path: Option<PathBuf>,
     pub alerts: AlertsConfig,
+    /// Charges the auto top-ups the top-ups queue asks for; without a key each is
+    /// reported as not charged.
+    pub stripe_secret_key: Option<Secret>,
 }
 
 impl WorkerConfig {
-    /// As for [`ApiConfig::REQUIRED`], `STRIPE_SECRET_KEY` is for auto top-up.
-    pub const REQUIRED: &[&str] = &[TABLE, NOTIFICATIONS_QUEUE_URL, STRIPE_SECRET_KEY];
+    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` and `STRIPE_SECRET_KEY` are for
+    /// auto top-up.
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        NOTIFICATIONS_QUEUE_URL,
+        TOPUPS_QUEUE_URL,
+        STRIPE_SECRET_KEY,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -346,6 +362,10 @@ impl WorkerConfig {
             store: StoreConfig::from_vars(&v)?,
             catalog_path: catalog_path(&v),
             alerts: AlertsConfig::from_vars(&v)?,
+            stripe_secret_key: v
+                .optional(STRIPE_SECRET_KEY)
+                .filter(|k| !k.trim().is_empty())
+                .map(|k| Secret::new(k.trim())),
         })
     }
 }
@@ -580,6 +600,7 @@ mod tests {
             BILLING_EVENTS_QUEUE_URL => {
                 "https://sqs.eu-west-1.amazonaws.com/1/tally-billing-events.fifo"
             }
+            TOPUPS_QUEUE_URL => "https://sqs.eu-west-1.amazonaws.com/1/tally-topups.fifo",
             STRIPE_SECRET_KEY => "sk_test_123",
             STRIPE_WEBHOOK_SECRET => "whsec_old, whsec_new",
             APP_URL => "https://studio.example",
@@ -617,9 +638,10 @@ mod tests {
                     all.iter().copied().filter(|(k, _)| k != missing).collect();
                 let result = parse(binary, env(&rest));
                 // Only auto top-up needs the Stripe key outside purchases and the refunds
-                // worker; it stays off.
-                if *missing == STRIPE_SECRET_KEY
-                    && !["purchases", "refunds-worker"].contains(&binary)
+                // worker, and the top-ups queue anywhere; without them it stays off.
+                if *missing == TOPUPS_QUEUE_URL
+                    || *missing == STRIPE_SECRET_KEY
+                        && !["purchases", "refunds-worker"].contains(&binary)
                 {
                     assert_eq!(result, Ok(()), "{binary} without {missing}");
                 } else {
@@ -655,10 +677,7 @@ mod tests {
         assert_eq!(cfg.alerts.sqs_endpoint, None, "empty means unset");
         assert_eq!(cfg.catalog_path, Some(PathBuf::from("/opt/catalog.json")));
         assert_eq!(cfg.stripe_secret_key.expose(), "sk_test_123");
-        assert_eq!(
-            cfg.alerts.stripe_secret_key.as_ref().map(Secret::expose),
-            Some("sk_test_123")
-        );
+        assert_eq!(cfg.alerts.topups_queue_url, None, "auto top-up off");
         assert_eq!(cfg.app_url.as_str(), "https://studio.example");
         assert_eq!(
             cfg.return_urls

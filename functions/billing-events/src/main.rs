@@ -1,14 +1,18 @@
-//! billing-events Lambda: applies the Stripe events of one SQS FIFO batch and reports the
-//! messages that failed, so only they are redelivered.
+//! billing-events Lambda: applies the Stripe events of one SQS FIFO batch, and charges the
+//! auto top-ups of the top-ups queue, reporting the messages that failed so only they are
+//! redelivered.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use std::sync::Arc;
-use tally::billing::BillingEvents;
+use tally::alerts::TopUps;
+use tally::billing::{BillingEvents, BillingWork};
 use tally::catalog::Catalog;
 use tally::clock::SystemClock;
 use tally::config::WorkerConfig;
+use tally::payments::Payments;
 use tally::queue::lambda::process_batch;
+use tally::queue::sqs::SqsQueue;
 use tally::service::Ledger;
 
 #[tokio::main]
@@ -20,8 +24,29 @@ async fn main() -> Result<(), Error> {
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
-    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await?);
-    let consumer = BillingEvents::new(ledger, store);
+    ledger.observer =
+        Some(tally::alerts::from_config(store.clone(), catalog.clone(), &cfg.alerts).await);
+    let payments: Option<Arc<dyn Payments>> = match &cfg.stripe_secret_key {
+        Some(key) => Some(Arc::new(tally::payments::stripe_api::StripePayments::new(
+            key.expose(),
+            None,
+        )?)),
+        None => None,
+    };
+    let notifications = SqsQueue::new(
+        SqsQueue::client(cfg.alerts.sqs_endpoint.as_ref()).await,
+        cfg.alerts.notifications_queue_url.as_str(),
+    );
+    let consumer = BillingWork {
+        events: BillingEvents::new(ledger, store.clone()),
+        topups: TopUps {
+            docs: store,
+            payments,
+            catalog,
+            notifications: Arc::new(notifications),
+            clock: Arc::new(SystemClock),
+        },
+    };
     let consumer = &consumer;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         Ok::<SqsBatchResponse, Error>(process_batch(consumer, event.payload).await)

@@ -95,6 +95,8 @@ pub struct Local {
     pub billing_queue: Arc<LocalQueue>,
     pub notifications: Arc<NotificationLog>,
     pub notifications_queue: Arc<LocalQueue>,
+    /// Auto top-ups asked for, charged as the billing-events function does in AWS.
+    pub topups_queue: Arc<LocalQueue>,
     /// Approved refunds, for the refunds worker.
     pub refunds_queue: Arc<LocalQueue>,
     /// Ticket changes, for the support forwarder.
@@ -102,6 +104,28 @@ pub struct Local {
     /// What the support forwarder delivered (when no help desk URL is set).
     pub outbox: Arc<Outbox>,
     pub simulator: Option<Arc<Simulator>>,
+}
+
+/// Ends the local system: its queues stop taking messages and their delivery tasks end
+/// once what was sent is delivered, and the simulator lets go of the schedule. The parts
+/// hold one another (the ledger's observer pays through the simulator, whose schedule runs
+/// the ledger; the support worker sends to its own queue), so without this nothing of a
+/// dropped system would be freed.
+impl Drop for Local {
+    fn drop(&mut self) {
+        for q in [
+            &self.billing_queue,
+            &self.notifications_queue,
+            &self.topups_queue,
+            &self.refunds_queue,
+            &self.support_queue,
+        ] {
+            q.close();
+        }
+        if let Some(sim) = &self.simulator {
+            sim.set_schedule(Arc::new(simulator::NoSchedule));
+        }
+    }
 }
 
 /// Stands in for the studio's notification service: keeps what Tally sent, for
@@ -198,10 +222,22 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let notifications_queue = queue("notifications", false, 3)?;
     let notifications = Arc::new(NotificationLog::default());
     notifications_queue.start(notifications.clone());
+    let topups_queue = queue(
+        tally::alerts::TOPUPS_QUEUE,
+        true,
+        tally::alerts::TOPUPS_MAX_RECEIVES,
+    )?;
+    topups_queue.start(Arc::new(tally::alerts::TopUps {
+        docs: cfg.docs.clone(),
+        payments: Some(payments.clone()),
+        catalog: cfg.ledger.catalog.clone(),
+        notifications: notifications_queue.clone(),
+        clock: cfg.clock.clone(),
+    }));
     cfg.ledger.observer = Some(Arc::new(tally::alerts::CreditAlerts {
         docs: cfg.docs.clone(),
         notifications: notifications_queue.clone(),
-        payments: Some(payments.clone()),
+        topups: Some(topups_queue.clone()),
         catalog: cfg.ledger.catalog.clone(),
         // Locally every change to the settings counts at once.
         settings_ttl: std::time::Duration::ZERO,
@@ -318,6 +354,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         billing_queue,
         notifications,
         notifications_queue,
+        topups_queue,
         refunds_queue,
         support_queue,
         outbox,

@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
             ""
         },
     );
-    axum::serve(listener, local.router)
+    axum::serve(listener, local.router.clone())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -19,7 +19,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
-    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await?);
+    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await);
     let payments = StripePayments::new(cfg.stripe_secret_key.expose(), None)?;
     let state = PurchasesState {
         ledger,

@@ -5,20 +5,24 @@
 //! After an operation commits, a fall of the available balance below a workspace's
 //! threshold emits one alert on the `notifications` queue per crossing (the balance must
 //! rise above the threshold again to re-arm it), and a crossing of the auto top-up
-//! threshold buys the chosen pack off-session with the saved card.
+//! threshold asks for the chosen pack to be bought off-session with the saved card: a
+//! request on the top-ups queue, which [`TopUps`] consumes (the billing-events function
+//! in AWS), so the operation that crossed never waits for Stripe.
 //!
 //! The top-up's Stripe idempotency key is derived from the journal entry that crossed the
-//! threshold, so a retried request cannot charge twice; the credits arrive like any other
-//! purchase, through the webhook (`payment_intent.succeeded`), once per payment.
+//! threshold, and the claim on the settings records that entry and then the payment, so
+//! neither a retried request nor a redelivered top-up can charge twice; the credits arrive
+//! like any other purchase, through the webhook (`payment_intent.succeeded`), once per
+//! payment.
 
 pub mod observer;
 pub mod topup;
 
 pub use observer::{CreditAlerts, SettingsCache};
+pub use topup::{TOPUPS_MAX_RECEIVES, TOPUPS_QUEUE, TopUpRequest, TopUps};
 
 use crate::catalog::Catalog;
 use crate::money::Credits;
-use crate::payments::Payments;
 use crate::service::CommitObserver;
 use crate::store::DocStore;
 use serde::{Deserialize, Serialize};
@@ -39,6 +43,21 @@ pub struct AlertSettings {
     /// so a burst of crossings before the first pack's credits arrive cannot stack charges.
     #[serde(default)]
     pub last_topup_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last top-up claimed: which crossing claimed it, and the payment once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topup_claim: Option<TopUpClaim>,
+}
+
+/// A top-up claimed by the crossing at journal entry `entry`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TopUpClaim {
+    /// The journal entry whose operation crossed the threshold.
+    pub entry: u64,
+    /// The pack being bought.
+    pub pack: String,
+    /// The payment intent, once charged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment: Option<String>,
 }
 
 /// Minimum time between two auto top-up charges of one workspace.
@@ -56,30 +75,29 @@ pub struct AutoTopUp {
     pub below_credits: Credits,
 }
 
-/// The observer for a Lambda function: alerts to the notifications queue, top-ups through
-/// Stripe when a Stripe key is configured.
+/// The observer for a Lambda function: alerts to the notifications queue, top-up requests
+/// to the top-ups queue when one is configured.
 pub async fn from_config(
     docs: Arc<dyn DocStore>,
     catalog: Arc<Catalog>,
     cfg: &crate::config::AlertsConfig,
-) -> Result<Arc<dyn CommitObserver>, crate::payments::PaymentsError> {
+) -> Arc<dyn CommitObserver> {
     let client = crate::queue::sqs::SqsQueue::client(cfg.sqs_endpoint.as_ref()).await;
-    let payments: Option<Arc<dyn Payments>> = match &cfg.stripe_secret_key {
-        Some(key) => Some(Arc::new(crate::payments::stripe_api::StripePayments::new(
-            key.expose(),
-            None,
-        )?)),
-        None => None,
-    };
-    Ok(Arc::new(CreditAlerts {
+    let topups: Option<Arc<dyn crate::queue::Queue>> = cfg.topups_queue_url.as_ref().map(|url| {
+        Arc::new(crate::queue::sqs::SqsQueue::new(
+            client.clone(),
+            url.as_str(),
+        )) as Arc<dyn crate::queue::Queue>
+    });
+    Arc::new(CreditAlerts {
         docs,
         notifications: Arc::new(crate::queue::sqs::SqsQueue::new(
             client,
             cfg.notifications_queue_url.as_str(),
         )),
-        payments,
+        topups,
         catalog,
         settings_ttl: std::time::Duration::from_secs(SETTINGS_TTL_SECONDS),
         cache: Default::default(),
-    }))
+    })
 }

@@ -1,17 +1,17 @@
 //! Watches committed ledger operations for threshold crossings.
 
 use super::ALERTS_SK;
-use super::AlertSettings;
+use super::{AlertSettings, AutoTopUp, TopUpRequest};
 use crate::billing::records::workspace_pk;
 use crate::catalog::Catalog;
 use crate::ids::WorkspaceId;
 use crate::ledger::{Balance, Outcome, WorkspaceState};
 use crate::money::Credits;
-use crate::payments::Payments;
 use crate::queue::{Message, Queue};
 use crate::service::CommitObserver;
 use crate::store::DocStore;
 use crate::store::docs;
+use crate::subscriptions::Entitlements;
 use async_trait::async_trait;
 use serde_json::json;
 use std::sync::Arc;
@@ -19,7 +19,9 @@ use std::sync::Arc;
 pub struct CreditAlerts {
     pub docs: Arc<dyn DocStore>,
     pub notifications: Arc<dyn Queue>,
-    pub payments: Option<Arc<dyn Payments>>,
+    /// Where crossings of the auto top-up threshold are sent ([`super::TopUps`] charges);
+    /// `None`: auto top-up is off here.
+    pub topups: Option<Arc<dyn Queue>>,
     pub catalog: Arc<Catalog>,
     /// How long a workspace's settings, once read, are reused by this process (zero:
     /// read after every operation that lowers the balance). A change made elsewhere takes
@@ -121,21 +123,52 @@ impl CommitObserver for CreditAlerts {
             .auto_topup
             .filter(|a| crossed(before.available, now, a.below_credits))
         {
-            self.top_up(workspace, after, &topup, entry).await;
+            self.request_top_up(workspace, after, topup, entry).await;
         }
     }
 }
 
 impl CreditAlerts {
-    pub(super) async fn notify(&self, body: serde_json::Value) {
-        let message = Message {
-            body: body.to_string(),
-            group_id: None,
-            dedup_id: None,
+    async fn notify(&self, body: serde_json::Value) {
+        notify(self.notifications.as_ref(), body).await
+    }
+
+    async fn request_top_up(
+        &self,
+        workspace: &WorkspaceId,
+        after: &WorkspaceState,
+        topup: AutoTopUp,
+        entry: u64,
+    ) {
+        let request = TopUpRequest {
+            kind: super::topup::TOPUP_REQUEST_KIND.to_owned(),
+            workspace: workspace.clone(),
+            entry,
+            topup,
+            available: after.balance().available,
+            discount_pct: Entitlements::of(after.plan.as_ref(), &self.catalog).pack_discount_pct,
         };
-        if let Err(e) = self.notifications.send(message).await {
-            tracing::error!(error = %e, notification = %body, "could not queue a notification");
+        let Some(queue) = &self.topups else {
+            self.notify(json!({"type": "topup.failed", "workspace": workspace, "pack": request.topup.pack, "reason": "auto top-up is not available here", "entry": entry}))
+                .await;
+            return;
+        };
+        if let Err(e) = queue.send(request.message()).await {
+            // The operation has committed; the next crossing asks again.
+            tracing::error!(workspace = %workspace, entry, error = %e, "could not ask for an auto top-up");
         }
+    }
+}
+
+/// Queues a notification for the studio; a failure is logged, never the caller's.
+pub(super) async fn notify(queue: &dyn Queue, body: serde_json::Value) {
+    let message = Message {
+        body: body.to_string(),
+        group_id: None,
+        dedup_id: None,
+    };
+    if let Err(e) = queue.send(message).await {
+        tracing::error!(error = %e, notification = %body, "could not queue a notification");
     }
 }
 

@@ -1,155 +1,186 @@
 //! Auto top-up: buys the chosen pack off-session with the workspace's saved card, at most
 //! once per cooldown, at the price the plan in effect gives.
+//!
+//! The commit observer only asks for it: a [`TopUpRequest`] on the top-ups queue, named by
+//! the journal entry that crossed the threshold. [`TopUps`] consumes the queue: it claims the
+//! charge on the workspace's settings (recording the entry), charges, records the payment,
+//! issues the invoice, and reports. Each step can be run again: a failure Stripe may get
+//! over (a timeout, a 5xx) or a store hiccup leaves the message to be delivered again, and
+//! the rerun continues the same claim, with the same Stripe idempotency key, without a
+//! second charge. The request that crossed the threshold never waits for Stripe.
 
-use super::observer::CreditAlerts;
-use super::{ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES};
+use super::observer::notify;
+use super::{ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES, TopUpClaim};
 use crate::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
+use crate::catalog::Catalog;
+use crate::clock::Clock;
 use crate::ids::{PaymentIntentId, WorkspaceId};
-use crate::ledger::WorkspaceState;
-use crate::payments::TopUp;
-use crate::store::docs;
-use crate::subscriptions::Entitlements;
+use crate::money::Credits;
+use crate::payments::{Payments, PaymentsError, TopUp};
+use crate::queue::{ConsumeError, Consumer, Delivery, Message, Queue};
+use crate::store::{DocStore, StoreError, docs};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::sync::Arc;
 
-/// Why a top-up was not charged when the stored settings no longer ask for it.
-const SETTINGS_CHANGED: &str = "the auto top-up settings changed";
+/// The local name of the top-ups queue.
+pub const TOPUPS_QUEUE: &str = "topups";
+/// Deliveries of one request before it moves to the dead-letter queue.
+pub const TOPUPS_MAX_RECEIVES: u32 = 5;
+/// What a top-up request's `kind` says, telling it apart from a Stripe event.
+pub const TOPUP_REQUEST_KIND: &str = "auto_topup";
 
-impl CreditAlerts {
-    pub(super) async fn top_up(
-        &self,
-        workspace: &WorkspaceId,
-        state: &WorkspaceState,
-        topup: &AutoTopUp,
-        entry: u64,
-    ) {
-        // The settings the charge follows: those stored when it is claimed.
-        let mut topup = topup.clone();
-        let outcome = self.try_top_up(workspace, state, &mut topup, entry).await;
-        if outcome.as_ref().is_err_and(|why| why == SETTINGS_CHANGED) {
-            // Turned off or changed since this process read the settings: nothing to tell.
-            tracing::info!(workspace = %workspace, "auto top-up settings changed; not charged");
-            return;
+/// A crossing of the auto top-up threshold, as the observer saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUpRequest {
+    /// Always [`TOPUP_REQUEST_KIND`].
+    pub kind: String,
+    pub workspace: WorkspaceId,
+    /// The journal entry that crossed: the charge's identity (its Stripe idempotency key).
+    pub entry: u64,
+    /// The settings the observer followed.
+    pub topup: AutoTopUp,
+    /// The available balance after the crossing.
+    pub available: Credits,
+    /// The pack discount of the plan in effect at the crossing.
+    pub discount_pct: u8,
+}
+
+impl TopUpRequest {
+    pub fn message(&self) -> Message {
+        Message {
+            body: serde_json::to_string(self).expect("a top-up request serialises"),
+            group_id: Some(format!("topup-{}", self.workspace)),
+            dedup_id: Some(format!("topup-{}-{}", self.workspace, self.entry)),
         }
-        let body = match &outcome {
-            Ok(payment) => {
-                json!({"type": "topup.charged", "workspace": workspace, "pack": topup.pack, "payment": payment, "entry": entry})
-            }
-            Err(why) => {
-                json!({"type": "topup.failed", "workspace": workspace, "pack": topup.pack, "reason": why, "entry": entry})
-            }
-        };
-        match &outcome {
-            Ok(payment) => {
-                tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged")
-            }
-            Err(why) => {
-                tracing::warn!(workspace = %workspace, reason = %why, "auto top-up not charged")
-            }
-        }
-        self.notify(body).await;
     }
 
-    async fn try_top_up(
-        &self,
-        workspace: &WorkspaceId,
-        state: &WorkspaceState,
-        topup: &mut AutoTopUp,
-        entry: u64,
-    ) -> Result<PaymentIntentId, String> {
-        let payments = self
-            .payments
-            .as_ref()
-            .ok_or("payments are not configured here")?;
+    /// Whether `body` is a top-up request (rather than a Stripe event).
+    pub fn is_request(body: &str) -> bool {
+        #[derive(Deserialize)]
+        struct Kind {
+            kind: Option<String>,
+        }
+        serde_json::from_str::<Kind>(body)
+            .is_ok_and(|k| k.kind.as_deref() == Some(TOPUP_REQUEST_KIND))
+    }
+}
+
+/// Consumes top-up requests: claims, charges and reports each once.
+pub struct TopUps {
+    pub docs: Arc<dyn DocStore>,
+    /// `None` where no Stripe key is configured: every request is reported as not charged.
+    pub payments: Option<Arc<dyn Payments>>,
+    pub catalog: Arc<Catalog>,
+    pub notifications: Arc<dyn Queue>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// How a request ended, when it ended.
+enum Ended {
+    Charged(PaymentIntentId),
+    /// Not charged, for a reason the workspace is told.
+    Failed(String),
+    /// Not charged because the settings no longer ask for it: nothing to tell.
+    Withdrawn,
+}
+
+fn retry_store(e: StoreError) -> ConsumeError {
+    ConsumeError::retry(e)
+}
+
+#[async_trait]
+impl Consumer for TopUps {
+    async fn consume(&self, delivery: &Delivery) -> Result<(), ConsumeError> {
+        let req: TopUpRequest = serde_json::from_str(&delivery.body)
+            .map_err(|e| ConsumeError::poison(format!("not a top-up request: {e}")))?;
+        if req.kind != TOPUP_REQUEST_KIND {
+            return Err(ConsumeError::poison(format!(
+                "not a top-up request: kind {:?}",
+                req.kind
+            )));
+        }
+        let mut pack = req.topup.pack.clone();
+        let ended = self.run(&req, &mut pack).await?;
+        let workspace = &req.workspace;
+        let body = match &ended {
+            Ended::Withdrawn => {
+                tracing::info!(workspace = %workspace, "auto top-up settings changed; not charged");
+                return Ok(());
+            }
+            Ended::Charged(payment) => {
+                tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged");
+                json!({"type": "topup.charged", "workspace": workspace, "pack": pack, "payment": payment, "entry": req.entry})
+            }
+            Ended::Failed(why) => {
+                tracing::warn!(workspace = %workspace, reason = %why, "auto top-up not charged");
+                json!({"type": "topup.failed", "workspace": workspace, "pack": pack, "reason": why, "entry": req.entry})
+            }
+        };
+        notify(self.notifications.as_ref(), body).await;
+        Ok(())
+    }
+}
+
+impl TopUps {
+    /// Claims, charges and invoices; `Err` when a step may succeed if run again.
+    async fn run(&self, req: &TopUpRequest, pack: &mut String) -> Result<Ended, ConsumeError> {
+        let Some(payments) = self.payments.as_ref() else {
+            return Ok(Ended::Failed("payments are not configured here".into()));
+        };
+        let workspace = &req.workspace;
         let profile: BillingProfile =
             docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(retry_store)?
                 .unwrap_or_default();
-        let customer = profile.customer.ok_or("the workspace has never paid")?;
-        let payment_method = profile.payment_method.ok_or("no saved card")?;
-        // Claim the charge with a versioned write: concurrent crossings race for one claim.
-        let now = chrono::Utc::now();
-        let mut claimed = false;
-        let mut changed = false;
-        let mut unknown = false;
-        let mut chosen: Option<AutoTopUp> = None;
-        let available = state.balance().available;
-        docs::update(
-            self.docs.as_ref(),
-            &workspace_pk(workspace),
-            ALERTS_SK,
-            |cur: Option<AlertSettings>| {
-                // Run again when a concurrent write wins: nothing from an earlier run counts.
-                (claimed, changed, unknown, chosen) = (false, true, false, None);
-                let mut s = cur?;
-                // The settings as stored now, not as this process remembers them: a top-up
-                // turned off since is not charged; one changed since is charged as it stands
-                // now, if the balance is below its threshold.
-                changed = match &s.auto_topup {
-                    Some(stored) if stored == &*topup => false,
-                    Some(stored) => available >= stored.below_credits,
-                    None => true,
+        let Some(customer) = profile.customer else {
+            return Ok(Ended::Failed("the workspace has never paid".into()));
+        };
+        let Some(payment_method) = profile.payment_method else {
+            return Ok(Ended::Failed("no saved card".into()));
+        };
+        let (claimed, stored) = self.claim(req).await.map_err(retry_store)?;
+        if let Some(stored) = stored {
+            // The settings as stored name the pack the report is about.
+            *pack = stored;
+        }
+        let claim = match claimed {
+            Ok(claim) => claim,
+            Err(ended) => return Ok(ended),
+        };
+        *pack = claim.pack.clone();
+        let Some(chosen) = self.catalog.pack(&claim.pack) else {
+            return Ok(Ended::Failed("the pack no longer exists".into()));
+        };
+        let amount = chosen.price_cents.discounted(req.discount_pct);
+        let key = format!("tally-topup-{workspace}-{}", req.entry);
+        let paid = match claim.payment.as_deref().map(PaymentIntentId::parse) {
+            // Charged by an earlier delivery of this request: never a second charge.
+            Some(Ok(paid)) => paid,
+            _ => {
+                let paid = match payments
+                    .charge_saved_method(&TopUp {
+                        workspace: workspace.clone(),
+                        customer: customer.clone(),
+                        payment_method,
+                        pack: chosen.id.clone(),
+                        amount,
+                        idempotency_key: key.clone(),
+                    })
+                    .await
+                {
+                    Ok(paid) => paid,
+                    Err(e @ PaymentsError::Unavailable { .. }) => {
+                        return Err(ConsumeError::retry(e));
+                    }
+                    Err(e) => return Ok(Ended::Failed(e.to_string())),
                 };
-                if changed {
-                    return None;
-                }
-                chosen = s.auto_topup.clone();
-                // A pack that no longer exists is not claimed: the cooldown stays free for
-                // a charge once the settings name one that does.
-                if chosen
-                    .as_ref()
-                    .is_some_and(|t| self.catalog.pack(&t.pack).is_none())
-                {
-                    unknown = true;
-                    return None;
-                }
-                if s.last_topup_at
-                    .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
-                {
-                    return None;
-                }
-                s.last_topup_at = Some(now);
-                claimed = true;
-                Some(s)
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        if changed {
-            return Err(SETTINGS_CHANGED.to_owned());
-        }
-        if unknown {
-            if let Some(stored) = chosen {
-                *topup = stored;
+                self.record_payment(req, &paid).await.map_err(retry_store)?;
+                paid
             }
-            return Err("the pack no longer exists".to_owned());
-        }
-        if !claimed {
-            return Err(format!(
-                "a top-up was charged less than {TOPUP_COOLDOWN_MINUTES} minutes ago"
-            ));
-        }
-        if let Some(stored) = chosen {
-            *topup = stored;
-        }
-        let pack = self
-            .catalog
-            .pack(&topup.pack)
-            .ok_or("the pack no longer exists")?;
-        let discount = Entitlements::of(state.plan.as_ref(), &self.catalog).pack_discount_pct;
-        let amount = pack.price_cents.discounted(discount);
-        let key = format!("tally-topup-{workspace}-{entry}");
-        let paid = payments
-            .charge_saved_method(&TopUp {
-                workspace: workspace.clone(),
-                customer: customer.clone(),
-                payment_method,
-                pack: pack.id.clone(),
-                amount,
-                idempotency_key: key.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        };
         // Its invoice, paid by the payment just made (never a second charge). Without one
         // the payment still stands; support can issue it (the help pages' "the transaction
         // exists but no invoice").
@@ -157,7 +188,7 @@ impl CreditAlerts {
             workspace: workspace.clone(),
             customer,
             lines: vec![(
-                format!("Auto top-up: {} ({} credits)", pack.id, pack.credits),
+                format!("Auto top-up: {} ({} credits)", chosen.id, chosen.credits),
                 amount.get() as i64,
             )],
             description: format!("Auto top-up, paid by {paid}"),
@@ -167,9 +198,100 @@ impl CreditAlerts {
             ]),
             idempotency_key: format!("{key}-receipt"),
         };
-        if let Err(e) = payments.paid_invoice(&invoice).await {
-            tracing::error!(workspace = %workspace, payment = %paid, error = %e, "auto top-up paid but its invoice was not created");
+        match payments.paid_invoice(&invoice).await {
+            Ok(_) => {}
+            Err(e @ PaymentsError::Unavailable { .. }) => return Err(ConsumeError::retry(e)),
+            Err(e) => {
+                tracing::error!(workspace = %workspace, payment = %paid, error = %e, "auto top-up paid but its invoice was not created");
+            }
         }
-        Ok(paid)
+        Ok(Ended::Charged(paid))
+    }
+
+    /// Claims the charge on the settings as stored now, with a versioned write: concurrent
+    /// crossings race for one claim. A request that claimed it before (a redelivery)
+    /// continues its own claim. `Err` says how the request ends without a charge; beside
+    /// it, the pack the stored settings name.
+    async fn claim(
+        &self,
+        req: &TopUpRequest,
+    ) -> Result<(Result<TopUpClaim, Ended>, Option<String>), StoreError> {
+        let now = self.clock.now();
+        let mut result: Result<TopUpClaim, Ended> = Err(Ended::Withdrawn);
+        let mut named: Option<String> = None;
+        docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(&req.workspace),
+            ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                // Run again when a concurrent write wins: nothing from an earlier run counts.
+                result = Err(Ended::Withdrawn);
+                named = None;
+                let mut s = cur?;
+                if let Some(claim) = s.topup_claim.as_ref().filter(|c| c.entry == req.entry) {
+                    result = Ok(claim.clone());
+                    return None;
+                }
+                // The settings as stored now, not as the observer read them: a top-up
+                // turned off since is not charged; one changed since is charged as it
+                // stands now, if the balance is below its threshold.
+                let stored = match &s.auto_topup {
+                    Some(stored) if stored == &req.topup => stored.clone(),
+                    Some(stored) if req.available < stored.below_credits => stored.clone(),
+                    _ => return None,
+                };
+                named = Some(stored.pack.clone());
+                // A pack that no longer exists is not claimed: the cooldown stays free for
+                // a charge once the settings name one that does.
+                if self.catalog.pack(&stored.pack).is_none() {
+                    result = Err(Ended::Failed("the pack no longer exists".into()));
+                    return None;
+                }
+                if s.last_topup_at
+                    .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
+                {
+                    result = Err(Ended::Failed(format!(
+                        "a top-up was charged less than {TOPUP_COOLDOWN_MINUTES} minutes ago"
+                    )));
+                    return None;
+                }
+                let claim = TopUpClaim {
+                    entry: req.entry,
+                    pack: stored.pack,
+                    payment: None,
+                };
+                s.last_topup_at = Some(now);
+                s.topup_claim = Some(claim.clone());
+                result = Ok(claim);
+                Some(s)
+            },
+        )
+        .await?;
+        Ok((result, named))
+    }
+
+    /// Keeps the payment on the claim, so a redelivery does not charge again even after
+    /// Stripe has forgotten the idempotency key.
+    async fn record_payment(
+        &self,
+        req: &TopUpRequest,
+        paid: &PaymentIntentId,
+    ) -> Result<(), StoreError> {
+        docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(&req.workspace),
+            ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                let mut s = cur?;
+                let claim = s.topup_claim.as_mut().filter(|c| c.entry == req.entry)?;
+                if claim.payment.is_some() {
+                    return None;
+                }
+                claim.payment = Some(paid.to_string());
+                Some(s)
+            },
+        )
+        .await
+        .map(|_| ())
     }
 }

@@ -109,6 +109,24 @@ fn paid_period(
     }
 }
 
+/// The billing-events function's two queues: Stripe's events, and the auto top-ups the
+/// ledger's observer asks for (told apart by their body).
+pub struct BillingWork {
+    pub events: BillingEvents,
+    pub topups: crate::alerts::TopUps,
+}
+
+#[async_trait]
+impl Consumer for BillingWork {
+    async fn consume(&self, delivery: &Delivery) -> Result<(), ConsumeError> {
+        if crate::alerts::TopUpRequest::is_request(&delivery.body) {
+            self.topups.consume(delivery).await
+        } else {
+            self.events.consume(delivery).await
+        }
+    }
+}
+
 #[async_trait]
 impl Consumer for BillingEvents {
     async fn consume(&self, delivery: &Delivery) -> Result<(), ConsumeError> {

@@ -24,7 +24,8 @@ pub struct LocalQueue {
     fifo: bool,
     max_receives: u32,
     retry_delay: Duration,
-    tx: mpsc::UnboundedSender<(u64, Message)>,
+    /// `None` once closed: the delivery task ends when what was sent before is delivered.
+    tx: Mutex<Option<mpsc::UnboundedSender<(u64, Message)>>>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, Message)>>>,
     journal: Option<Arc<EmbeddedStore>>,
     dedup: Mutex<HashMap<String, Instant>>,
@@ -42,7 +43,7 @@ impl LocalQueue {
             fifo,
             max_receives: max_receives.max(1),
             retry_delay: Duration::from_millis(20),
-            tx,
+            tx: Mutex::new(Some(tx)),
             rx: Mutex::new(Some(rx)),
             journal: None,
             dedup: Mutex::new(HashMap::new()),
@@ -89,7 +90,7 @@ impl LocalQueue {
             fifo,
             max_receives: max_receives.max(1),
             retry_delay: Duration::from_millis(20),
-            tx,
+            tx: Mutex::new(Some(tx)),
             rx: Mutex::new(Some(rx)),
             journal: Some(journal),
             dedup: Mutex::new(HashMap::new()),
@@ -174,6 +175,17 @@ impl LocalQueue {
         }
     }
 
+    /// Refuses further sends and lets the delivery task end once it has delivered what was
+    /// sent before. A consumer that holds its own queue (directly or through what it
+    /// calls) would otherwise keep the task, and itself, alive for good.
+    pub fn close(&self) {
+        self.tx.lock().expect("queue lock").take();
+    }
+
+    fn closed(&self) -> QueueError {
+        QueueError::unavailable(format!("queue {} is closed", self.name))
+    }
+
     pub fn dead_letters(&self) -> Vec<Delivery> {
         self.dead.lock().expect("queue lock").clone()
     }
@@ -182,6 +194,9 @@ impl LocalQueue {
 #[async_trait]
 impl Queue for LocalQueue {
     async fn send(&self, message: Message) -> Result<(), QueueError> {
+        if self.tx.lock().expect("queue lock").is_none() {
+            return Err(self.closed());
+        }
         if self.fifo {
             let dedup_id = message
                 .dedup_id
@@ -209,9 +224,16 @@ impl Queue for LocalQueue {
             return Err(QueueError::unavailable(e));
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
-        self.tx
-            .send((seq, message))
-            .map_err(|_| QueueError::unavailable(format!("queue {} is closed", self.name)))
+        let tx = self.tx.lock().expect("queue lock").clone();
+        match tx.map(|tx| tx.send((seq, message))) {
+            Some(Ok(())) => Ok(()),
+            _ => {
+                if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    self.idle.notify_waiters();
+                }
+                Err(self.closed())
+            }
+        }
     }
 }
 

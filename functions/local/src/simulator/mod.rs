@@ -84,6 +84,9 @@ type Events = Vec<(&'static str, Value)>;
 
 const DECLINED: &str = "Your card was declined.";
 
+/// An off-session payment as first asked for (its parameters), and Stripe's answer.
+type OffSession = (String, Result<PaymentIntentId, String>);
+
 pub struct Simulator {
     base_url: String,
     secret: String,
@@ -115,6 +118,11 @@ pub struct Simulator {
     customer_details: Mutex<HashMap<CustomerId, tally::payments::BillingDetails>>,
     /// Reissues made, by idempotency key; held while one is made.
     reissues: tokio::sync::Mutex<HashMap<String, tally::payments::Reissued>>,
+    /// Off-session payments by idempotency key: what was asked, and the answer (a payment
+    /// intent or a refusal), which the same key answers again; held while one is made.
+    off_session: tokio::sync::Mutex<HashMap<String, OffSession>>,
+    /// Answers still to be lost (see [`Simulator::lose_answers`]).
+    lost_answers: std::sync::atomic::AtomicU32,
 }
 
 impl Simulator {
@@ -148,6 +156,8 @@ impl Simulator {
             refunds: tokio::sync::Mutex::new(HashMap::new()),
             customer_details: Mutex::new(HashMap::new()),
             reissues: tokio::sync::Mutex::new(HashMap::new()),
+            off_session: tokio::sync::Mutex::new(HashMap::new()),
+            lost_answers: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -188,6 +198,26 @@ impl Simulator {
             declining.remove(&c);
         }
         true
+    }
+
+    /// The next `n` off-session payments and paid invoices are made, but their answers
+    /// never arrive: the caller sees a timeout (a network fault after Stripe acted).
+    pub fn lose_answers(&self, n: u32) {
+        self.lost_answers
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn answer<T>(&self, made: T) -> Result<T, PaymentsError> {
+        use std::sync::atomic::Ordering;
+        match self
+            .lost_answers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            Ok(_) => Err(PaymentsError::unavailable(
+                "timed out waiting for Stripe's answer",
+            )),
+            Err(_) => Ok(made),
+        }
     }
 
     fn declines(&self, customer: &CustomerId) -> bool {
@@ -993,7 +1023,7 @@ impl Payments for Simulator {
         self.store_invoice(&inv, Some(req.idempotency_key.clone()));
         self.deliver("invoice.finalized", finalized).await;
         self.deliver("invoice.paid", inv).await;
-        Ok(link(&id))
+        self.answer(link(&id))
     }
 
     async fn refund(
@@ -1039,11 +1069,36 @@ impl Payments for Simulator {
     }
 
     async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
+        // Stripe answers a repeated idempotency key with the first answer, and refuses it
+        // for different parameters.
+        let mut made = self.off_session.lock().await;
+        let asked = format!(
+            "{}|{}|{}|{}|{}",
+            req.workspace,
+            req.customer,
+            req.payment_method,
+            req.pack,
+            req.amount.get()
+        );
+        if let Some((first, answer)) = made.get(&req.idempotency_key) {
+            if *first != asked {
+                return Err(PaymentsError::refused(
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                ));
+            }
+            return answer.clone().map_err(PaymentsError::refused);
+        }
         if self.declines(&req.customer) {
+            made.insert(
+                req.idempotency_key.clone(),
+                (asked, Err(DECLINED.to_owned())),
+            );
             return Err(PaymentsError::refused(DECLINED));
         }
         let now = self.now();
         let id: PaymentIntentId = new_stripe_id("pi");
+        made.insert(req.idempotency_key.clone(), (asked, Ok(id.clone())));
+        drop(made);
         let metadata = json!({"org_id": req.workspace.to_string(), "kind": "pack", "pack": req.pack,
             "quantity": "1", "topup": "true"});
         let mut intent = fixture("payment_intent");
@@ -1066,7 +1121,7 @@ impl Payments for Simulator {
         charge["payment_intent"] = json!(id);
         self.deliver("payment_intent.succeeded", intent).await;
         self.deliver("charge.succeeded", charge).await;
-        Ok(id)
+        self.answer(id)
     }
 
     async fn create_custom_invoice(

@@ -100,6 +100,7 @@ pub async fn put_alerts(
                 below_credits: below.clone(),
                 auto_topup: auto_topup.clone(),
                 last_topup_at: cur.as_ref().and_then(|c| c.last_topup_at),
+                topup_claim: cur.as_ref().and_then(|c| c.topup_claim.clone()),
             };
             (cur.as_ref() != Some(&next)).then_some(next)
         },
