@@ -1144,12 +1144,14 @@ fn secrets_worker_timeouts_server_errors_and_the_app_origin_are_deployable() {
 
     // A batch of the billing and refund workers fits in their timeout however each
     // message goes: a ledger operation out of retries and a Stripe call timing out; for a
-    // top-up, its two Stripe calls timing out.
+    // top-up, each of its Stripe calls timing out.
     let stripe = tally::payments::stripe_api::STRIPE_ATTEMPT_TIMEOUT;
     let ledger_and_stripe = tally::service::LAMBDA_RETRY_BUDGET + stripe;
     for (binary, queue, per_message) in [
         ("billing-events", "BillingEventsQueue", ledger_and_stripe),
-        ("billing-events", "TopUpsQueue", stripe * 2),
+        // The charge, then the invoice: the customer, the invoice, its line, finalizing,
+        // paying and, when paying fails, voiding.
+        ("billing-events", "TopUpsQueue", stripe * 7),
         ("refunds-worker", "RefundsQueue", ledger_and_stripe),
     ] {
         let (name, f) = function_for_binary(&t, binary);

@@ -737,18 +737,40 @@ mod alerts {
         app.local.notifications.all()
     }
 
+    /// `ws` buys a 100-credit pack (which saves its card), then sets `alerts`; returns the
+    /// owner's token and the settings as stored.
+    async fn with_saved_card(app: &TestApp, ws: &str, alerts: Value) -> (String, Value) {
+        let o = owner(ws);
+        let s = checkout(app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
+        app.pay(s["url"].as_str().unwrap()).await;
+        let set = app
+            .send(
+                Method::PUT,
+                "/v1/alerts",
+                Some(&o),
+                Some(&alerts.to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
+        (o, set.body)
+    }
+
+    fn top_up_below_30() -> Value {
+        json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": 30}})
+    }
+
     #[tokio::test]
     async fn alerts_fire_once_per_crossing_and_auto_top_up_buys_the_pack_once() {
         let app = TestApp::new();
-        let o = owner("org_al");
-        let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
-        app.pay(s["url"].as_str().unwrap()).await;
-        let set = app
-            .send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [80, 50, 80], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[])
-            .await;
-        assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
-        assert_eq!(set.body["below_credits"], json!([50, 80]));
-        assert_eq!(app.get("/v1/alerts", &o).await.body, set.body);
+        let (o, set) = with_saved_card(
+            &app,
+            "org_al",
+            json!({"below_credits": [80, 50, 80], "auto_topup": {"pack": "pack_100", "below_credits": 30}}),
+        )
+        .await;
+        assert_eq!(set["below_credits"], json!([50, 80]));
+        assert_eq!(app.get("/v1/alerts", &o).await.body, set);
         let m = member("org_al", "m1");
         app.post("/v1/generations", &m, video()).await; // 100 -> 76: below 80
         assert_eq!(notifications(&app).await.len(), 1);
@@ -917,10 +939,7 @@ mod alerts {
         ];
         for (ws, later, expect) in cases {
             let app = TestApp::new();
-            let o = owner(ws);
-            let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
-            app.pay(s["url"].as_str().unwrap()).await;
-            app.send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[]).await;
+            let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
             let sim = app.local.simulator.clone().unwrap();
             let paid = |sim: &tally_local::simulator::Simulator| {
                 sim.events()
@@ -1019,23 +1038,17 @@ mod alerts {
             .count()
     }
 
-    /// Stripe made the payment but its answer was lost, and then the invoice's: the top-up
+    /// Stripe made the payment but its answer was lost, twice, and then the invoice's: the top-up
     /// is delivered again until it is done, and the card is charged once. The request that
     /// crossed the threshold waited for none of it.
     #[tokio::test]
     async fn a_top_up_whose_answers_were_lost_is_charged_once_when_delivered_again() {
         let app = TestApp::new();
-        let o = owner("org_lost");
-        let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
-        app.pay(s["url"].as_str().unwrap()).await;
-        let set = app
-            .send(Method::PUT, "/v1/alerts", Some(&o), Some(&json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": 30}}).to_string()), &[])
-            .await;
-        assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
+        let (o, _) = with_saved_card(&app, "org_lost", top_up_below_30()).await;
         let sim = app.local.simulator.clone().unwrap();
         let before = paid_intents(&sim);
-        // The payment's answer, then the invoice's.
-        sim.lose_answers(2);
+        // The payment's answer, its replay's, then the invoice's.
+        sim.lose_answers(3);
         let m = member("org_lost", "m1");
         for _ in 0..3 {
             let started = app.post("/v1/generations", &m, video()).await; // 100 -> 28
@@ -1053,14 +1066,32 @@ mod alerts {
         let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
         assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");
         assert!(history[0]["invoice"].is_string(), "{history:#}");
-        // The claim keeps the payment: a later delivery of the same crossing (a duplicate,
-        // or a redrive after Stripe has forgotten the key) does not charge again.
+        // The claim keeps the payment: a later delivery of the same crossing (a redrive,
+        // after Stripe has forgotten the key) does not charge again.
         let claim = app.get("/v1/alerts", &o).await.body["topup_claim"].clone();
         assert_eq!(claim["payment"], topups[0]["payment"], "{claim:#}");
+        sim.forget_idempotency_keys().await;
+        redeliver_top_up(&app, "org_lost", topups[0]["entry"].as_u64().unwrap())
+            .await
+            .expect("done again without a charge");
+        app.settle_billing().await;
+        assert_eq!(paid_intents(&sim), before + 1, "no second charge");
+        assert_eq!(app.available("org_lost").await, 128);
+        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");
+    }
+
+    /// Delivers the top-up request of `ws`'s crossing at `entry` once more, as a redrive of
+    /// the dead-letter queue does.
+    async fn redeliver_top_up(
+        app: &TestApp,
+        ws: &str,
+        entry: u64,
+    ) -> Result<(), tally::queue::ConsumeError> {
         let again = tally::alerts::TopUpRequest {
             kind: "auto_topup".into(),
-            workspace: tally_tests::workspace("org_lost"),
-            entry: topups[0]["entry"].as_u64().unwrap(),
+            workspace: tally_tests::workspace(ws),
+            entry,
             topup: tally::alerts::AutoTopUp {
                 pack: "pack_100".into(),
                 below_credits: tally::money::Credits::new(30),
@@ -1070,25 +1101,56 @@ mod alerts {
         };
         let consumer = tally::alerts::TopUps {
             docs: app.docs.clone(),
-            payments: Some(sim.clone()),
+            payments: Some(app.local.simulator.clone().unwrap()),
             catalog: app.ledger.catalog.clone(),
             notifications: app.local.notifications_queue.clone(),
             clock: app.clock.clone(),
         };
         let delivery = tally::queue::Delivery {
-            message_id: "redrive-1".into(),
+            message_id: format!("redrive-{entry}"),
             body: again.message().body,
             group_id: None,
             receive_count: 1,
         };
-        tally::queue::Consumer::consume(&consumer, &delivery)
-            .await
-            .expect("done again without a charge");
+        tally::queue::Consumer::consume(&consumer, &delivery).await
+    }
+
+    /// Every answer lost: the payment was made, but no delivery learnt of it, and the
+    /// request ends in the dead-letter queue with the cooldown taken. A redrive the next
+    /// day, when Stripe has forgotten the key, would charge again: it is left to a person.
+    #[tokio::test]
+    async fn a_top_up_never_confirmed_within_a_day_is_not_charged_again() {
+        let app = TestApp::new();
+        with_saved_card(&app, "org_unconfirmed", top_up_below_30()).await;
+        let sim = app.local.simulator.clone().unwrap();
+        let before = paid_intents(&sim);
+        sim.lose_answers(tally::alerts::TOPUPS_MAX_RECEIVES);
+        let m = member("org_unconfirmed", "m1");
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await; // 100 -> 28
+        }
+        let reports = notifications(&app).await;
+        assert!(
+            reports.iter().all(|n| n["type"] != "topup.charged"),
+            "{reports:#?}"
+        );
+        let dead = app.local.topups_queue.dead_letters();
+        assert_eq!(dead.len(), 1, "in the dead-letter queue");
+        assert_eq!(paid_intents(&sim), before + 1, "charged, unknown to Tally");
+        let claim =
+            app.get("/v1/alerts", &owner("org_unconfirmed")).await.body["topup_claim"].clone();
+        assert!(claim["payment"].is_null(), "{claim:#}");
+        let entry = claim["entry"].as_u64().unwrap();
+        // A day later it is refused, and stays for a person.
+        app.clock.advance(chrono::Duration::hours(24));
+        sim.forget_idempotency_keys().await;
+        let redrive_later = redeliver_top_up(&app, "org_unconfirmed", entry).await;
+        assert!(
+            matches!(redrive_later, Err(tally::queue::ConsumeError::Poison(_))),
+            "{redrive_later:?}"
+        );
         app.settle_billing().await;
         assert_eq!(paid_intents(&sim), before + 1, "no second charge");
-        assert_eq!(app.available("org_lost").await, 128);
-        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
-        assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");
     }
 
     /// As Stripe does, the simulator answers a repeated idempotency key with the first

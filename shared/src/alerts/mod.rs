@@ -55,6 +55,12 @@ pub struct TopUpClaim {
     pub entry: u64,
     /// The pack being bought.
     pub pack: String,
+    pub claimed_at: chrono::DateTime<chrono::Utc>,
+    /// The Stripe customer and saved card charged, and the amount: decided at the claim,
+    /// kept for every retry of the same charge.
+    pub customer: String,
+    pub payment_method: String,
+    pub amount_cents: u64,
     /// The payment intent, once charged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment: Option<String>,

@@ -14,8 +14,8 @@ use super::{ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES, TopUpCl
 use crate::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
 use crate::catalog::Catalog;
 use crate::clock::Clock;
-use crate::ids::{PaymentIntentId, WorkspaceId};
-use crate::money::Credits;
+use crate::ids::{CustomerId, PaymentIntentId, PaymentMethodId, WorkspaceId};
+use crate::money::{Cents, Credits};
 use crate::payments::{Payments, PaymentsError, TopUp};
 use crate::queue::{ConsumeError, Consumer, Delivery, Message, Queue};
 use crate::store::{DocStore, StoreError, docs};
@@ -28,6 +28,9 @@ use std::sync::Arc;
 pub const TOPUPS_QUEUE: &str = "topups";
 /// Deliveries of one request before it moves to the dead-letter queue.
 pub const TOPUPS_MAX_RECEIVES: u32 = 5;
+/// A claim never confirmed this long after it was made is left to a person: Stripe keeps
+/// an idempotency key for 24 hours, so charging again later could charge twice.
+pub const UNCONFIRMED_HOURS: i64 = 23;
 /// What a top-up request's `kind` says, telling it apart from a Stripe event.
 pub const TOPUP_REQUEST_KIND: &str = "auto_topup";
 
@@ -130,43 +133,73 @@ impl TopUps {
             return Ok(Ended::Failed("payments are not configured here".into()));
         };
         let workspace = &req.workspace;
-        let profile: BillingProfile =
-            docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
+        // A redelivery continues its own claim, with what was decided then (card, amount),
+        // whatever the profile, the catalog or the settings say now.
+        let settings: Option<AlertSettings> =
+            docs::get(self.docs.as_ref(), &workspace_pk(workspace), ALERTS_SK)
                 .await
-                .map_err(retry_store)?
-                .unwrap_or_default();
-        let Some(customer) = profile.customer else {
-            return Ok(Ended::Failed("the workspace has never paid".into()));
-        };
-        let Some(payment_method) = profile.payment_method else {
-            return Ok(Ended::Failed("no saved card".into()));
-        };
-        let (claimed, stored) = self.claim(req).await.map_err(retry_store)?;
-        if let Some(stored) = stored {
-            // The settings as stored name the pack the report is about.
-            *pack = stored;
-        }
-        let claim = match claimed {
-            Ok(claim) => claim,
-            Err(ended) => return Ok(ended),
+                .map_err(retry_store)?;
+        let earlier = settings.and_then(|s| s.topup_claim);
+        let claim = match earlier {
+            Some(c) if c.entry == req.entry => c,
+            Some(c) if c.entry > req.entry => {
+                // A later crossing has claimed since: this request is out of date.
+                tracing::warn!(workspace = %workspace, entry = req.entry, later = c.entry, "an auto top-up request older than the last claim; not charged");
+                return Ok(Ended::Withdrawn);
+            }
+            _ => {
+                let profile: BillingProfile =
+                    docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
+                        .await
+                        .map_err(retry_store)?
+                        .unwrap_or_default();
+                let Some(customer) = profile.customer else {
+                    return Ok(Ended::Failed("the workspace has never paid".into()));
+                };
+                let Some(payment_method) = profile.payment_method else {
+                    return Ok(Ended::Failed("no saved card".into()));
+                };
+                let (claimed, stored) = self
+                    .claim(req, &customer, &payment_method)
+                    .await
+                    .map_err(retry_store)?;
+                if let Some(stored) = stored {
+                    // The settings as stored name the pack the report is about.
+                    *pack = stored;
+                }
+                match claimed {
+                    Ok(claim) => claim,
+                    Err(ended) => return Ok(ended),
+                }
+            }
         };
         *pack = claim.pack.clone();
-        let Some(chosen) = self.catalog.pack(&claim.pack) else {
-            return Ok(Ended::Failed("the pack no longer exists".into()));
-        };
-        let amount = chosen.price_cents.discounted(req.discount_pct);
         let key = format!("tally-topup-{workspace}-{}", req.entry);
+        let customer = CustomerId::parse(&claim.customer)
+            .map_err(|e| ConsumeError::poison(format!("the claim's customer: {e}")))?;
         let paid = match claim.payment.as_deref().map(PaymentIntentId::parse) {
             // Charged by an earlier delivery of this request: never a second charge.
             Some(Ok(paid)) => paid,
             _ => {
+                if self.clock.now() - claim.claimed_at > chrono::Duration::hours(UNCONFIRMED_HOURS)
+                {
+                    // Stripe keeps an idempotency key for a day: past that, charging again
+                    // could charge twice. A person looks the payment up first.
+                    return Err(ConsumeError::poison(format!(
+                        "claimed at {} and never confirmed: look for a payment intent with \
+                         idempotency key {key} (metadata topup) in Stripe before anything else",
+                        claim.claimed_at
+                    )));
+                }
+                let payment_method = PaymentMethodId::parse(&claim.payment_method)
+                    .map_err(|e| ConsumeError::poison(format!("the claim's card: {e}")))?;
                 let paid = match payments
                     .charge_saved_method(&TopUp {
                         workspace: workspace.clone(),
                         customer: customer.clone(),
                         payment_method,
-                        pack: chosen.id.clone(),
-                        amount,
+                        pack: claim.pack.clone(),
+                        amount: Cents::new(claim.amount_cents),
                         idempotency_key: key.clone(),
                     })
                     .await
@@ -184,12 +217,17 @@ impl TopUps {
         // Its invoice, paid by the payment just made (never a second charge). Without one
         // the payment still stands; support can issue it (the help pages' "the transaction
         // exists but no invoice").
+        let credits = self
+            .catalog
+            .pack(&claim.pack)
+            .map(|p| format!(" ({} credits)", p.credits))
+            .unwrap_or_default();
         let invoice = crate::payments::PaidInvoice {
             workspace: workspace.clone(),
             customer,
             lines: vec![(
-                format!("Auto top-up: {} ({} credits)", chosen.id, chosen.credits),
-                amount.get() as i64,
+                format!("Auto top-up: {}{credits}", claim.pack),
+                claim.amount_cents as i64,
             )],
             description: format!("Auto top-up, paid by {paid}"),
             metadata: std::collections::BTreeMap::from([
@@ -215,6 +253,8 @@ impl TopUps {
     async fn claim(
         &self,
         req: &TopUpRequest,
+        customer: &CustomerId,
+        payment_method: &PaymentMethodId,
     ) -> Result<(Result<TopUpClaim, Ended>, Option<String>), StoreError> {
         let now = self.clock.now();
         let mut result: Result<TopUpClaim, Ended> = Err(Ended::Withdrawn);
@@ -228,9 +268,13 @@ impl TopUps {
                 result = Err(Ended::Withdrawn);
                 named = None;
                 let mut s = cur?;
-                if let Some(claim) = s.topup_claim.as_ref().filter(|c| c.entry == req.entry) {
-                    result = Ok(claim.clone());
-                    return None;
+                match s.topup_claim.as_ref() {
+                    Some(claim) if claim.entry == req.entry => {
+                        result = Ok(claim.clone());
+                        return None;
+                    }
+                    Some(claim) if claim.entry > req.entry => return None,
+                    _ => {}
                 }
                 // The settings as stored now, not as the observer read them: a top-up
                 // turned off since is not charged; one changed since is charged as it
@@ -243,21 +287,25 @@ impl TopUps {
                 named = Some(stored.pack.clone());
                 // A pack that no longer exists is not claimed: the cooldown stays free for
                 // a charge once the settings name one that does.
-                if self.catalog.pack(&stored.pack).is_none() {
+                let Some(chosen) = self.catalog.pack(&stored.pack) else {
                     result = Err(Ended::Failed("the pack no longer exists".into()));
                     return None;
-                }
+                };
                 if s.last_topup_at
                     .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
                 {
                     result = Err(Ended::Failed(format!(
-                        "a top-up was charged less than {TOPUP_COOLDOWN_MINUTES} minutes ago"
+                        "a top-up was tried less than {TOPUP_COOLDOWN_MINUTES} minutes ago"
                     )));
                     return None;
                 }
                 let claim = TopUpClaim {
                     entry: req.entry,
                     pack: stored.pack,
+                    claimed_at: now,
+                    customer: customer.to_string(),
+                    payment_method: payment_method.to_string(),
+                    amount_cents: chosen.price_cents.discounted(req.discount_pct).get(),
                     payment: None,
                 };
                 s.last_topup_at = Some(now);

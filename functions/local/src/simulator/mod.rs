@@ -207,6 +207,12 @@ impl Simulator {
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Forgets the idempotency keys of off-session payments, as Stripe does after 24 hours:
+    /// the same key then makes a new payment.
+    pub async fn forget_idempotency_keys(&self) {
+        self.off_session.lock().await.clear();
+    }
+
     fn answer<T>(&self, made: T) -> Result<T, PaymentsError> {
         use std::sync::atomic::Ordering;
         match self
@@ -965,7 +971,7 @@ impl Payments for Simulator {
     ) -> Result<InvoiceLink, PaymentsError> {
         let link = |id: &InvoiceId| self.invoice_link(id);
         if let Some(id) = self.invoice_by_key(&req.idempotency_key) {
-            return Ok(link(&id));
+            return self.answer(link(&id));
         }
         let now = self.now();
         let id: InvoiceId = new_stripe_id("in");
@@ -1086,7 +1092,8 @@ impl Payments for Simulator {
                     "Keys for idempotent requests can only be used with the same parameters they were first used with.",
                 ));
             }
-            return answer.clone().map_err(PaymentsError::refused);
+            let answer = answer.clone().map_err(PaymentsError::refused)?;
+            return self.answer(answer);
         }
         if self.declines(&req.customer) {
             made.insert(
