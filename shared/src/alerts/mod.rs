@@ -61,6 +61,8 @@ pub struct TopUpClaim {
     pub customer: String,
     pub payment_method: String,
     pub amount_cents: u64,
+    /// The pack's credits, as its invoice line says.
+    pub credits: u64,
     /// The payment intent, once charged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment: Option<String>,

@@ -143,9 +143,13 @@ impl TopUps {
         let claim = match earlier {
             Some(c) if c.entry == req.entry => c,
             Some(c) if c.entry > req.entry => {
-                // A later crossing has claimed since: this request is out of date.
-                tracing::warn!(workspace = %workspace, entry = req.entry, later = c.entry, "an auto top-up request older than the last claim; not charged");
-                return Ok(Ended::Withdrawn);
+                // A later crossing has claimed since (only a redrive delivers out of order):
+                // whether this one was charged is no longer on record here.
+                return Err(ConsumeError::poison(format!(
+                    "a later crossing (entry {}) has claimed since: look for a payment intent with \
+                     idempotency key tally-topup-{workspace}-{} in Stripe",
+                    c.entry, req.entry
+                )));
             }
             _ => {
                 let profile: BillingProfile =
@@ -177,20 +181,19 @@ impl TopUps {
         let key = format!("tally-topup-{workspace}-{}", req.entry);
         let customer = CustomerId::parse(&claim.customer)
             .map_err(|e| ConsumeError::poison(format!("the claim's customer: {e}")))?;
+        if self.clock.now() - claim.claimed_at > chrono::Duration::hours(UNCONFIRMED_HOURS) {
+            // Stripe keeps an idempotency key for a day: past that, charging or invoicing
+            // again could do it twice. A person looks the payment up first.
+            return Err(ConsumeError::poison(format!(
+                "claimed at {} and not finished: look for a payment intent with idempotency \
+                 key {key} (metadata topup) and its invoice in Stripe before anything else",
+                claim.claimed_at
+            )));
+        }
         let paid = match claim.payment.as_deref().map(PaymentIntentId::parse) {
             // Charged by an earlier delivery of this request: never a second charge.
             Some(Ok(paid)) => paid,
             _ => {
-                if self.clock.now() - claim.claimed_at > chrono::Duration::hours(UNCONFIRMED_HOURS)
-                {
-                    // Stripe keeps an idempotency key for a day: past that, charging again
-                    // could charge twice. A person looks the payment up first.
-                    return Err(ConsumeError::poison(format!(
-                        "claimed at {} and never confirmed: look for a payment intent with \
-                         idempotency key {key} (metadata topup) in Stripe before anything else",
-                        claim.claimed_at
-                    )));
-                }
                 let payment_method = PaymentMethodId::parse(&claim.payment_method)
                     .map_err(|e| ConsumeError::poison(format!("the claim's card: {e}")))?;
                 let paid = match payments
@@ -217,16 +220,11 @@ impl TopUps {
         // Its invoice, paid by the payment just made (never a second charge). Without one
         // the payment still stands; support can issue it (the help pages' "the transaction
         // exists but no invoice").
-        let credits = self
-            .catalog
-            .pack(&claim.pack)
-            .map(|p| format!(" ({} credits)", p.credits))
-            .unwrap_or_default();
         let invoice = crate::payments::PaidInvoice {
             workspace: workspace.clone(),
             customer,
             lines: vec![(
-                format!("Auto top-up: {}{credits}", claim.pack),
+                format!("Auto top-up: {} ({} credits)", claim.pack, claim.credits),
                 claim.amount_cents as i64,
             )],
             description: format!("Auto top-up, paid by {paid}"),
@@ -273,6 +271,7 @@ impl TopUps {
                         result = Ok(claim.clone());
                         return None;
                     }
+                    // A later crossing's claim: `run` has turned this request away already.
                     Some(claim) if claim.entry > req.entry => return None,
                     _ => {}
                 }
@@ -306,6 +305,7 @@ impl TopUps {
                     customer: customer.to_string(),
                     payment_method: payment_method.to_string(),
                     amount_cents: chosen.price_cents.discounted(req.discount_pct).get(),
+                    credits: chosen.credits.get(),
                     payment: None,
                 };
                 s.last_topup_at = Some(now);
