@@ -13,6 +13,15 @@ async fn checkout(app: &TestApp, tok: &str, body: Value) -> Value {
     a.body
 }
 
+/// The owner of `ws` buys one `pack` on the simulated page (which saves the card); returns
+/// the owner's token.
+async fn buy_pack(app: &TestApp, ws: &str, pack: &str) -> String {
+    let o = owner(ws);
+    let s = checkout(app, &o, json!({"kind": "pack", "pack": pack})).await;
+    app.pay(s["url"].as_str().unwrap()).await;
+    o
+}
+
 #[tokio::test]
 async fn buying_packs_credits_them_at_once_and_only_once() {
     let app = TestApp::new();
@@ -263,9 +272,7 @@ async fn only_owners_and_billing_admins_buy_and_bad_orders_are_refused() {
 #[tokio::test]
 async fn forged_and_stale_deliveries_to_the_local_webhook_change_nothing() {
     let app = TestApp::new();
-    let o = owner("org_f");
-    let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
-    app.pay(s["url"].as_str().unwrap()).await;
+    buy_pack(&app, "org_f", "pack_500").await;
     let sim = app.local.simulator.as_ref().unwrap();
     let completed = sim
         .events()
@@ -740,9 +747,7 @@ mod alerts {
     /// `ws` buys a 100-credit pack (which saves its card), then sets `alerts`; returns the
     /// owner's token and the settings as stored.
     async fn with_saved_card(app: &TestApp, ws: &str, alerts: Value) -> (String, Value) {
-        let o = owner(ws);
-        let s = checkout(app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
-        app.pay(s["url"].as_str().unwrap()).await;
+        let o = buy_pack(app, ws, "pack_100").await;
         let set = app
             .send(
                 Method::PUT,
@@ -1167,9 +1172,7 @@ mod alerts {
     async fn an_off_session_payment_is_made_once_per_idempotency_key() {
         use tally::payments::{Payments, TopUp};
         let app = TestApp::new();
-        let o = owner("org_key");
-        let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
-        app.pay(s["url"].as_str().unwrap()).await;
+        buy_pack(&app, "org_key", "pack_100").await;
         let profile: tally::billing::records::BillingProfile = tally::store::docs::get(
             app.docs.as_ref(),
             &tally::billing::records::workspace_pk(&tally_tests::workspace("org_key")),

@@ -32,6 +32,37 @@ fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
+/// A transaction element putting a new item `BENCH`/`sk` (refused if it exists).
+fn new_item(table: &str, sk: String) -> TransactWriteItem {
+    let put = Put::builder()
+        .table_name(table)
+        .item("PK", s("BENCH"))
+        .item("SK", s(&sk))
+        .condition_expression("attribute_not_exists(PK)")
+        .build()
+        .unwrap();
+    TransactWriteItem::builder().put(put).build()
+}
+
+/// Writes the item `BENCH`/`sk` with the number `value` in `attribute`.
+async fn seed(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    sk: &str,
+    attribute: &str,
+    value: &str,
+) {
+    client
+        .put_item()
+        .table_name(table)
+        .item("PK", s("BENCH"))
+        .item("SK", s(sk))
+        .item(attribute, AttributeValue::N(value.into()))
+        .send()
+        .await
+        .unwrap();
+}
+
 /// Runs `clients` loops of `write` until `seconds` pass; the writes per second that landed.
 async fn ceiling<F, Fut>(clients: u64, seconds: u64, write: F) -> f64
 where
@@ -84,15 +115,7 @@ async fn main() {
     let store = DynamoStore::new(client.clone(), table.clone());
 
     // The server's ceiling for one item: conditional updates, then two-item transactions.
-    client
-        .put_item()
-        .table_name(&table)
-        .item("PK", s("BENCH"))
-        .item("SK", s("COUNTER"))
-        .item("v", AttributeValue::N("0".into()))
-        .send()
-        .await
-        .unwrap();
+    seed(&client, &table, "COUNTER", "v", "0").await;
     let ceiling_seconds = seconds.clamp(5, 20);
     let (c, t) = (client.clone(), table.clone());
     let updates = ceiling(clients, ceiling_seconds, move |_| {
@@ -124,16 +147,9 @@ async fn main() {
                 .expression_attribute_values(":one", AttributeValue::N("1".into()))
                 .build()
                 .unwrap();
-            let put = Put::builder()
-                .table_name(&t)
-                .item("PK", s("BENCH"))
-                .item("SK", s(&format!("ROW#{n}")))
-                .condition_expression("attribute_not_exists(PK)")
-                .build()
-                .unwrap();
             c.transact_write_items()
                 .transact_items(TransactWriteItem::builder().update(update).build())
-                .transact_items(TransactWriteItem::builder().put(put).build())
+                .transact_items(new_item(&t, format!("ROW#{n}")))
                 .send()
                 .await
                 .is_ok()
@@ -145,15 +161,7 @@ async fn main() {
     // item, taken under a condition on the amount (`available >= :amount`, no version, so
     // concurrent holds do not collide), and the four items a hold writes beside it (its
     // hold, generation, journal entry and idempotency record) as new items.
-    client
-        .put_item()
-        .table_name(&table)
-        .item("PK", s("BENCH"))
-        .item("SK", s("BALANCE"))
-        .item("available", AttributeValue::N("100000000000000".into()))
-        .send()
-        .await
-        .unwrap();
+    seed(&client, &table, "BALANCE", "available", "100000000000000").await;
     let (c, t) = (client.clone(), table.clone());
     let read_free = ceiling(clients, ceiling_seconds, move |n| {
         let (c, t) = (c.clone(), t.clone());
@@ -172,15 +180,7 @@ async fn main() {
                 .transact_write_items()
                 .transact_items(TransactWriteItem::builder().update(take).build());
             for part in ["HOLD", "GEN", "ENTRY", "IDEM"] {
-                let put = Put::builder()
-                    .table_name(&t)
-                    .item("PK", s("BENCH"))
-                    .item("SK", s(&format!("{part}#{n}")))
-                    .item("amount", AttributeValue::N("20".into()))
-                    .condition_expression("attribute_not_exists(PK)")
-                    .build()
-                    .unwrap();
-                tx = tx.transact_items(TransactWriteItem::builder().put(put).build());
+                tx = tx.transact_items(new_item(&t, format!("{part}#{n}")));
             }
             tx.send().await.is_ok()
         }

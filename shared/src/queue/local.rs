@@ -275,6 +275,16 @@ mod tests {
         }
     }
 
+    /// A queue delivering to a new [`Flaky`] consumer.
+    fn started(name: &str, fifo: bool) -> (Arc<LocalQueue>, Arc<Flaky>) {
+        let q = LocalQueue::new(name, fifo, 3);
+        let c = Arc::new(Flaky {
+            seen: Mutex::new(Vec::new()),
+        });
+        q.start(c.clone());
+        (q, c)
+    }
+
     fn msg(body: &str, dedup: &str) -> Message {
         Message {
             body: body.into(),
@@ -287,11 +297,7 @@ mod tests {
     /// holds), instead of both living on for the life of the process.
     #[tokio::test]
     async fn a_dropped_queue_lets_go_of_its_consumer() {
-        let q = LocalQueue::new("t", false, 3);
-        let c = Arc::new(Flaky {
-            seen: Mutex::new(Vec::new()),
-        });
-        q.start(c.clone());
+        let (q, c) = started("t", false);
         q.send(msg("a", "1")).await.unwrap();
         q.until_idle().await;
         assert_eq!(Arc::strong_count(&c), 2);
@@ -311,11 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_redelivered_then_dead_lettered_and_duplicates_dropped_in_order() {
-        let q = LocalQueue::new("t.fifo", true, 3);
-        let c = Arc::new(Flaky {
-            seen: Mutex::new(Vec::new()),
-        });
-        q.start(c.clone());
+        let (q, c) = started("t.fifo", true);
         for (b, d) in [
             ("a", "1"),
             ("twice", "2"),
