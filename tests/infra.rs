@@ -111,8 +111,9 @@ fn the_billing_queue_is_fifo_with_the_redrive_the_consumers_expect() {
     assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
 }
 
-/// Auto top-ups: every function whose ledger operations can cross a threshold may send
-/// to the top-ups queue, and billing-events consumes it, with a redrive the consumer
+/// Alerts and auto top-ups: every function whose ledger operations can take the balance
+/// down across a threshold (spending, refunds and disputes, lots expiring on schedule) may
+/// send to the notifications and top-ups queues, and billing-events consumes it, with a redrive the consumer
 /// expects and a visibility timeout of at least six of its timeouts.
 #[test]
 fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events() {
@@ -125,9 +126,18 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
         Some(tally::alerts::TOPUPS_MAX_RECEIVES as u64)
     );
     assert!(text(&q["RedrivePolicy"]["deadLetterTargetArn"]).starts_with("TopUpsDeadLetterQueue"));
-    for binary in ["credits-api", "purchases", "billing-events"] {
+    for binary in [
+        "credits-api",
+        "purchases",
+        "billing-events",
+        "credit-refresh",
+    ] {
         let (_, f) = function_for_binary(&t, binary);
         let env = &f["Properties"]["Environment"]["Variables"];
+        assert!(
+            text(&env[tally::config::NOTIFICATIONS_QUEUE_URL]).starts_with("NotificationsQueue"),
+            "{binary}"
+        );
         assert!(
             text(&env[tally::config::TOPUPS_QUEUE_URL]).starts_with("TopUpsQueue"),
             "{binary}"
@@ -150,6 +160,10 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
         assert!(
             sends.iter().any(|r| r.starts_with("TopUpsQueue")),
             "{binary} may not send to the top-ups queue: {sends:?}"
+        );
+        assert!(
+            sends.iter().any(|r| r.starts_with("NotificationsQueue")),
+            "{binary} may not send credit alerts: {sends:?}"
         );
     }
     let (_, f) = function_for_binary(&t, "billing-events");
@@ -782,7 +796,9 @@ fn the_refresh_schedule_has_its_index_queue_redrive_alarm_and_least_privilege() 
     }
     assert!(policies.contains("/index/due"), "{policies}");
     assert!(policies.contains("RefreshJobsQueue"), "{policies}");
-    assert!(!policies.contains("BillingEventsQueue") && !policies.contains("NotificationsQueue"));
+    // Its jobs, and the alerts and top-up requests of the balances it moves; nothing else.
+    assert!(policies.contains("NotificationsQueue") && policies.contains("TopUpsQueue"));
+    assert!(!policies.contains("BillingEventsQueue") && !policies.contains("RefundsQueue"));
 }
 
 /// The IAM actions (with the table or one of its indexes) that DynamoDB calls need, as AWS

@@ -380,10 +380,19 @@ pub struct RefreshConfig {
     pub sqs_endpoint: Option<HttpUrl>,
     /// Shards of the due index, 1 to 1000.
     pub due_shards: u32,
+    /// Lots expiring and holds released on schedule move balances too: alerts and auto
+    /// top-up follow them as they follow every other ledger operation.
+    pub alerts: AlertsConfig,
 }
 
 impl RefreshConfig {
-    pub const REQUIRED: &[&str] = &[TABLE, REFRESH_JOBS_QUEUE_URL];
+    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` is for auto top-up.
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        REFRESH_JOBS_QUEUE_URL,
+        NOTIFICATIONS_QUEUE_URL,
+        TOPUPS_QUEUE_URL,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -406,6 +415,7 @@ impl RefreshConfig {
             jobs_queue_url: v.required_url(REFRESH_JOBS_QUEUE_URL)?,
             sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
             due_shards,
+            alerts: AlertsConfig::from_vars(&v)?,
         })
     }
 }
@@ -764,6 +774,7 @@ mod tests {
             RefreshConfig::from_lookup(env(&[
                 (TABLE, "tally-prod"),
                 (REFRESH_JOBS_QUEUE_URL, sample(REFRESH_JOBS_QUEUE_URL)),
+                (NOTIFICATIONS_QUEUE_URL, sample(NOTIFICATIONS_QUEUE_URL)),
                 (DUE_SHARDS, shards),
             ]))
         };

@@ -21,8 +21,9 @@ async fn main() -> Result<(), Error> {
     let cfg = RefreshConfig::from_env()?;
     let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
-    let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
+    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await);
     let mut refresher = Refresher::new(ledger, store);
     refresher.settings = Settings {
         shards: cfg.due_shards,
