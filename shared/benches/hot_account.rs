@@ -1,7 +1,9 @@
 //! One hot team account on AWS's DynamoDB Local: many clients doing hold + complete on one
 //! workspace, measured beside the ceiling the server itself sets for any design that writes
 //! one account item per operation (conditional writes to one item), in the same run, and
-//! beside the best a design without a read could do with the items a hold writes.
+//! beside the best a design without a read could do with the items a hold writes, and beside
+//! the counter design's operations at the server (with and without a read, with and
+//! without the generation's owner item).
 //!
 //! `DYNAMODB_LOCAL_ENDPOINT` names the server (`make bench` starts one);
 //! `TALLY_BENCH_CLIENTS` (64) and `TALLY_BENCH_SECONDS` (60) set the load. Each client has
@@ -90,6 +92,83 @@ where
         t.await.unwrap();
     }
     done.load(Ordering::Relaxed) as f64 / seconds as f64
+}
+
+fn key(sk: &str) -> std::collections::HashMap<String, AttributeValue> {
+    std::collections::HashMap::from([("PK".to_string(), s("BENCH")), ("SK".to_string(), s(sk))])
+}
+
+/// One hold and one completion of the counter design (see `main`), reading before each or
+/// not, putting the owner item or not; whether both landed.
+async fn counter_pair(
+    c: &aws_sdk_dynamodb::Client,
+    t: &str,
+    n: u64,
+    reads: bool,
+    owner: bool,
+) -> bool {
+    let read = |keys: Vec<std::collections::HashMap<String, AttributeValue>>| {
+        let wanted = aws_sdk_dynamodb::types::KeysAndAttributes::builder()
+            .set_keys(Some(keys))
+            .consistent_read(true)
+            .build()
+            .unwrap();
+        c.batch_get_item().request_items(t, wanted).send()
+    };
+    let amount = AttributeValue::N("20".into());
+    // Items of their own: the measurement before put `GEN#n`.
+    let generation = format!("COUNTER-GEN#{n}");
+    if reads && read(vec![key("POOL")]).await.is_err() {
+        return false;
+    }
+    let take = Update::builder()
+        .table_name(t)
+        .key("PK", s("BENCH"))
+        .key("SK", s("POOL"))
+        .update_expression("ADD budget :minus, held :amount")
+        .condition_expression("budget >= :amount")
+        .expression_attribute_values(":amount", amount.clone())
+        .expression_attribute_values(":minus", AttributeValue::N("-20".into()))
+        .build()
+        .unwrap();
+    let mut hold = c
+        .transact_write_items()
+        .transact_items(TransactWriteItem::builder().update(take).build())
+        .transact_items(new_item(t, generation.clone()));
+    if owner {
+        hold = hold.transact_items(new_item(t, format!("COUNTER-OWNER#{n}")));
+    }
+    let held = hold.send().await;
+    if held.is_err() || (reads && read(vec![key("POOL"), key(&generation)]).await.is_err()) {
+        return false;
+    }
+    let give = Update::builder()
+        .table_name(t)
+        .key("PK", s("BENCH"))
+        .key("SK", s("POOL"))
+        .update_expression("ADD budget :unused, held :minus, spent :charged")
+        .condition_expression("attribute_exists(PK)")
+        .expression_attribute_values(":unused", AttributeValue::N("2".into()))
+        .expression_attribute_values(":minus", AttributeValue::N("-20".into()))
+        .expression_attribute_values(":charged", AttributeValue::N("18".into()))
+        .build()
+        .unwrap();
+    let settle = Update::builder()
+        .table_name(t)
+        .key("PK", s("BENCH"))
+        .key("SK", s(&generation))
+        .update_expression("SET #status = :completed")
+        .condition_expression("attribute_not_exists(#status)")
+        .expression_attribute_names("#status", "status")
+        .expression_attribute_values(":completed", s("completed"))
+        .build()
+        .unwrap();
+    c.transact_write_items()
+        .transact_items(TransactWriteItem::builder().update(give).build())
+        .transact_items(TransactWriteItem::builder().update(settle).build())
+        .send()
+        .await
+        .is_ok()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -186,6 +265,30 @@ async fn main() {
         }
     })
     .await;
+
+    // The counter design at the server, in four variants: each operation reads first (the
+    // state, and the generation for a completion, in one consistent `BatchGetItem`) or not,
+    // and a hold puts the generation's owner item or not. Then one transaction: the hold
+    // takes its estimate from a budget counter on the state item under
+    // `budget >= :amount` and puts its generation; the completion gives the unused part
+    // back, counts the charge, and settles the generation under a condition on its status.
+    // No version: concurrent operations do not collide. None of them folds anything into
+    // the journal, so each is an upper bound for a design of that shape.
+    seed(&client, &table, "POOL", "budget", "100000000000000").await;
+    let mut counter = Vec::new();
+    for (i, (reads, owner)) in [(true, true), (true, false), (false, true), (false, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let (c, t) = (client.clone(), table.clone());
+        let base = i as u64 * 100_000_000_000_000;
+        let pairs = ceiling(clients, ceiling_seconds, move |n| {
+            let (c, t) = (c.clone(), t.clone());
+            async move { counter_pair(&c, &t, base + n, reads, owner).await }
+        })
+        .await;
+        counter.push((reads, owner, pairs));
+    }
 
     // The hot account.
     let catalog = Arc::new(Catalog::builtin());
@@ -321,6 +424,14 @@ async fn main() {
         read_free / 2.0,
         100.0 * read_free / updates
     );
+    for (reads, owner, pairs) in counter {
+        println!(
+            "counter design, {} a read before each operation, hold {} its owner item: {pairs:.0} pairs/s ({:.0}% of the update ceiling's pairs)",
+            if reads { "with" } else { "without" },
+            if owner { "with" } else { "without" },
+            100.0 * pairs / (updates / 2.0)
+        );
+    }
     println!(
         "hot account, hold + complete for {seconds} s: {rate:.1} pairs/s ({:.0}% of the {:.0} pairs/s the update ceiling allows)",
         100.0 * rate / (updates / 2.0),
