@@ -111,10 +111,11 @@ fn the_billing_queue_is_fifo_with_the_redrive_the_consumers_expect() {
     assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
 }
 
-/// Alerts and auto top-ups: every function whose ledger operations can take the balance
-/// down across a threshold (spending, refunds and disputes, lots expiring on schedule) may
-/// send to the notifications and top-ups queues, and billing-events consumes it, with a redrive the consumer
-/// expects and a visibility timeout of at least six of its timeouts.
+/// Alerts and auto top-ups: every function that runs ledger operations (any of which can
+/// take a balance down across a threshold: spending, refunds and disputes, lots expiring)
+/// tells the alerts observer and may send to the notifications and top-ups queues; and
+/// billing-events consumes the top-ups queue, with a redrive the consumer expects and a
+/// visibility timeout of at least six of its timeouts.
 #[test]
 fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events() {
     let t = template();
@@ -126,12 +127,20 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
         Some(tally::alerts::TOPUPS_MAX_RECEIVES as u64)
     );
     assert!(text(&q["RedrivePolicy"]["deadLetterTargetArn"]).starts_with("TopUpsDeadLetterQueue"));
-    for binary in [
-        "credits-api",
-        "purchases",
-        "billing-events",
-        "credit-refresh",
-    ] {
+    let observers: Vec<String> = functions(&t)
+        .into_iter()
+        .map(|(_, f)| text(&f["Metadata"]["BuildProperties"]["Binary"]))
+        .filter(|binary| runs_the_ledger(binary))
+        .collect();
+    assert_eq!(observers.len(), 6, "{observers:?}");
+    for binary in observers.iter().map(String::as_str) {
+        let main =
+            std::fs::read_to_string(repo(&format!("functions/{binary}/src/main.rs"))).unwrap();
+        let main: String = main.split_whitespace().collect();
+        assert!(
+            main.contains("ledger.observer=Some(tally::alerts::from_config("),
+            "{binary} runs the ledger without the alerts observer"
+        );
         let (_, f) = function_for_binary(&t, binary);
         let env = &f["Properties"]["Environment"]["Variables"];
         assert!(

@@ -429,10 +429,18 @@ pub struct RefundsConfig {
     /// An SQS-compatible server instead of AWS (local and tests).
     pub sqs_endpoint: Option<HttpUrl>,
     pub duplicate_charge_minutes: u32,
+    /// A refund taken back from a lot lowers the balance: alerts and auto top-up follow.
+    pub alerts: AlertsConfig,
 }
 
 impl RefundsConfig {
-    pub const REQUIRED: &[&str] = &[TABLE, REFUNDS_QUEUE_URL];
+    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` is for auto top-up.
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        REFUNDS_QUEUE_URL,
+        NOTIFICATIONS_QUEUE_URL,
+        TOPUPS_QUEUE_URL,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -460,6 +468,7 @@ impl RefundsConfig {
             refunds_queue_url: v.required_url(REFUNDS_QUEUE_URL)?,
             sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
             duplicate_charge_minutes,
+            alerts: AlertsConfig::from_vars(&v)?,
         })
     }
 }
@@ -503,10 +512,20 @@ pub struct SupportConfig {
     /// An SQS-compatible server instead of AWS (local and tests).
     pub sqs_endpoint: Option<HttpUrl>,
     pub duplicate_charge_minutes: u32,
+    /// Settling a workspace while enriching a ticket can expire lots: alerts and auto
+    /// top-up follow.
+    pub alerts: AlertsConfig,
 }
 
 impl SupportConfig {
-    pub const REQUIRED: &[&str] = &[TABLE, SUPPORT_QUEUE_URL, REFUNDS_QUEUE_URL];
+    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` is for auto top-up.
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        SUPPORT_QUEUE_URL,
+        REFUNDS_QUEUE_URL,
+        NOTIFICATIONS_QUEUE_URL,
+        TOPUPS_QUEUE_URL,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -522,6 +541,7 @@ impl SupportConfig {
             refunds_queue_url: refunds.refunds_queue_url,
             sqs_endpoint: refunds.sqs_endpoint,
             duplicate_charge_minutes: refunds.duplicate_charge_minutes,
+            alerts: refunds.alerts,
         })
     }
 }

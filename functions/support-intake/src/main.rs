@@ -18,8 +18,10 @@ async fn main() -> Result<(), lambda_http::Error> {
     let cfg = SupportConfig::from_env()?;
     let catalog = Arc::new(tally::catalog::Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
-    let mut ledger = tally::service::Ledger::new(store.clone(), Arc::new(SystemClock), catalog);
+    let mut ledger =
+        tally::service::Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
+    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await);
     let sqs = SqsQueue::client(cfg.sqs_endpoint.as_ref()).await;
     let tickets = SqsQueue::new(sqs.clone(), cfg.support_queue_url.as_str());
     let refunds = SqsQueue::new(sqs, cfg.refunds_queue_url.as_str());
