@@ -113,9 +113,10 @@ fn the_billing_queue_is_fifo_with_the_redrive_the_consumers_expect() {
 
 /// Alerts and auto top-ups: every function that runs ledger operations (any of which can
 /// take a balance down across a threshold: spending, refunds and disputes, lots expiring)
-/// tells the alerts observer and may send to the notifications and top-ups queues; and
-/// billing-events consumes the top-ups queue, with a redrive the consumer expects and a
-/// visibility timeout of at least six of its timeouts.
+/// tells the alerts observer and may send credit alerts. Only spending on generations
+/// buys a pack, so only the functions whose code holds or completes generations have the
+/// top-ups queue and may send to it; billing-events consumes it, with a redrive the
+/// consumer expects and a visibility timeout of at least six of its timeouts.
 #[test]
 fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events() {
     let t = template();
@@ -133,6 +134,11 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
         .filter(|binary| runs_the_ledger(binary))
         .collect();
     assert_eq!(observers.len(), 6, "{observers:?}");
+    let spenders: Vec<&String> = observers
+        .iter()
+        .filter(|b| source_contains(b, "Operation::Hold {"))
+        .collect();
+    assert_eq!(spenders, ["credits-api"]);
     for binary in observers.iter().map(String::as_str) {
         let main =
             std::fs::read_to_string(repo(&format!("functions/{binary}/src/main.rs"))).unwrap();
@@ -147,9 +153,12 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
             text(&env[tally::config::NOTIFICATIONS_QUEUE_URL]).starts_with("NotificationsQueue"),
             "{binary}"
         );
-        assert!(
+        let spends = source_contains(binary, "Operation::Hold {")
+            || source_contains(binary, "Operation::Complete {");
+        assert_eq!(
             text(&env[tally::config::TOPUPS_QUEUE_URL]).starts_with("TopUpsQueue"),
-            "{binary}"
+            spends,
+            "{binary} and the top-ups queue"
         );
         let sends = f["Properties"]["Policies"]
             .as_sequence()
@@ -166,9 +175,10 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
                 None => vec![text(&st["Resource"])],
             })
             .collect::<Vec<_>>();
-        assert!(
+        assert_eq!(
             sends.iter().any(|r| r.starts_with("TopUpsQueue")),
-            "{binary} may not send to the top-ups queue: {sends:?}"
+            spends,
+            "{binary} and sending to the top-ups queue: {sends:?}"
         );
         assert!(
             sends.iter().any(|r| r.starts_with("NotificationsQueue")),
@@ -805,9 +815,12 @@ fn the_refresh_schedule_has_its_index_queue_redrive_alarm_and_least_privilege() 
     }
     assert!(policies.contains("/index/due"), "{policies}");
     assert!(policies.contains("RefreshJobsQueue"), "{policies}");
-    // Its jobs, and the alerts and top-up requests of the balances it moves; nothing else.
-    assert!(policies.contains("NotificationsQueue") && policies.contains("TopUpsQueue"));
-    assert!(!policies.contains("BillingEventsQueue") && !policies.contains("RefundsQueue"));
+    // Its jobs and the credit alerts of the balances it lowers; nothing else (it never
+    // spends, so it never asks for a top-up).
+    assert!(policies.contains("NotificationsQueue"));
+    for other in ["TopUpsQueue", "BillingEventsQueue", "RefundsQueue"] {
+        assert!(!policies.contains(other), "{other}");
+    }
 }
 
 /// The IAM actions (with the table or one of its indexes) that DynamoDB calls need, as AWS
@@ -934,6 +947,11 @@ fn table_grants(f: &Value) -> BTreeSet<(String, String)> {
 
 /// Whether a function's own sources run ledger operations.
 fn runs_the_ledger(binary: &str) -> bool {
+    source_contains(binary, "Ledger::new(")
+}
+
+/// Whether a source file of the function's crate contains `text`.
+fn source_contains(binary: &str, text: &str) -> bool {
     let dir = repo(&format!("functions/{binary}/src"));
     let mut stack = vec![dir];
     while let Some(d) = stack.pop() {
@@ -941,10 +959,7 @@ fn runs_the_ledger(binary: &str) -> bool {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if std::fs::read_to_string(&p)
-                .unwrap()
-                .contains("Ledger::new(")
-            {
+            } else if std::fs::read_to_string(&p).unwrap().contains(text) {
                 return true;
             }
         }

@@ -1036,6 +1036,80 @@ mod alerts {
         }
     }
 
+    /// Credits taken back for a refund (here, of the very pack that saved the card) take
+    /// the balance below both thresholds: the alert says so, but no pack is bought, since
+    /// only spending on generations buys one. A generation's crossing afterwards does.
+    #[tokio::test]
+    async fn a_refund_taking_credits_back_alerts_but_buys_no_pack() {
+        let app = TestApp::new();
+        let ws = "org_refund_alert";
+        let (o, _) = with_saved_card(
+            &app,
+            ws,
+            json!({"below_credits": [50], "auto_topup": {"pack": "pack_100", "below_credits": 30}}),
+        )
+        .await;
+        assert_eq!(app.available(ws).await, 100);
+        let sim = app.local.simulator.as_ref().unwrap();
+        let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let asked = app
+            .post(
+                "/v1/refund-requests",
+                &o,
+                json!({"payment": charge, "reason": "other", "details": "not needed after all"}),
+            )
+            .await;
+        assert_eq!(asked.status.as_u16(), 201, "{:#}", asked.body);
+        let id = asked.body["id"].as_str().unwrap().to_owned();
+        let paid_before = paid_intents(sim);
+        let approved = app
+            .post(
+                &format!("/v1/admin/refund-requests/{id}/approve"),
+                &tally_tests::support(),
+                json!({"note": "refunded as asked"}),
+            )
+            .await;
+        assert_eq!(approved.status.as_u16(), 200, "{:#}", approved.body);
+        app.local.refunds_queue.until_idle().await;
+        let sent = notifications(&app).await;
+        assert_eq!(
+            app.available(ws).await,
+            0,
+            "the pack's credits are taken back"
+        );
+        let alerts: Vec<&Value> = sent
+            .iter()
+            .filter(|n| n["type"] == "credits.below_threshold")
+            .collect();
+        assert_eq!(alerts.len(), 1, "{sent:#?}");
+        assert_eq!(alerts[0]["threshold"], 50);
+        assert!(
+            !sent
+                .iter()
+                .any(|n| n["type"].as_str().is_some_and(|t| t.starts_with("topup."))),
+            "{sent:#?}"
+        );
+        assert_eq!(paid_intents(sim), paid_before, "no card charged");
+
+        // Spending still buys one: credits from a new pack, then a generation crossing 30.
+        buy_pack(&app, ws, "pack_100").await;
+        let paid_before = paid_intents(sim);
+        let m = member(ws, "m1");
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await;
+        }
+        let sent = notifications(&app).await;
+        assert_eq!(
+            sent.iter().filter(|n| n["type"] == "topup.charged").count(),
+            1,
+            "{sent:#?}"
+        );
+        assert_eq!(paid_intents(sim), paid_before + 1);
+    }
+
     fn paid_intents(sim: &tally_local::simulator::Simulator) -> usize {
         sim.events()
             .iter()

@@ -65,24 +65,29 @@ async fn seed(
         .unwrap();
 }
 
-/// Runs `clients` loops of `write` until `seconds` pass; the writes per second that landed.
-async fn ceiling<F, Fut>(clients: u64, seconds: u64, write: F) -> f64
+/// Runs `clients` loops of `write` until `seconds` pass; the writes per second that landed
+/// and how many did not.
+async fn ceiling<F, Fut>(clients: u64, seconds: u64, write: F) -> (f64, u64)
 where
     F: Fn(u64) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let write = write.clone();
-            let done = done.clone();
+            let (done, failed) = (done.clone(), failed.clone());
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while Instant::now() < end {
-                    if write(c * 1_000_000_000 + n).await {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let landed = if write(c * 1_000_000_000 + n).await {
+                        &done
+                    } else {
+                        &failed
+                    };
+                    landed.fetch_add(1, Ordering::Relaxed);
                     n += 1;
                 }
             })
@@ -91,7 +96,10 @@ where
     for t in tasks {
         t.await.unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / seconds as f64
+    (
+        done.load(Ordering::Relaxed) as f64 / seconds as f64,
+        failed.load(Ordering::Relaxed),
+    )
 }
 
 fn key(sk: &str) -> std::collections::HashMap<String, AttributeValue> {
@@ -134,7 +142,20 @@ async fn counter_pair(
     let mut hold = c
         .transact_write_items()
         .transact_items(TransactWriteItem::builder().update(take).build())
-        .transact_items(new_item(t, generation.clone()));
+        .transact_items(
+            TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(t)
+                        .item("PK", s("BENCH"))
+                        .item("SK", s(&generation))
+                        .item("held", amount.clone())
+                        .condition_expression("attribute_not_exists(PK)")
+                        .build()
+                        .unwrap(),
+                )
+                .build(),
+        );
     if owner {
         hold = hold.transact_items(new_item(t, format!("COUNTER-OWNER#{n}")));
     }
@@ -158,9 +179,10 @@ async fn counter_pair(
         .key("PK", s("BENCH"))
         .key("SK", s(&generation))
         .update_expression("SET #status = :completed")
-        .condition_expression("attribute_not_exists(#status)")
+        .condition_expression("attribute_not_exists(#status) AND held = :amount")
         .expression_attribute_names("#status", "status")
         .expression_attribute_values(":completed", s("completed"))
+        .expression_attribute_values(":amount", amount)
         .build()
         .unwrap();
     c.transact_write_items()
@@ -197,7 +219,7 @@ async fn main() {
     seed(&client, &table, "COUNTER", "v", "0").await;
     let ceiling_seconds = seconds.clamp(5, 20);
     let (c, t) = (client.clone(), table.clone());
-    let updates = ceiling(clients, ceiling_seconds, move |_| {
+    let (updates, updates_failed) = ceiling(clients, ceiling_seconds, move |_| {
         let (c, t) = (c.clone(), t.clone());
         async move {
             c.update_item()
@@ -214,7 +236,7 @@ async fn main() {
     })
     .await;
     let (c, t) = (client.clone(), table.clone());
-    let transactions = ceiling(clients, ceiling_seconds, move |n| {
+    let (transactions, transactions_failed) = ceiling(clients, ceiling_seconds, move |n| {
         let (c, t) = (c.clone(), t.clone());
         async move {
             let update = Update::builder()
@@ -242,7 +264,7 @@ async fn main() {
     // hold, generation, journal entry and idempotency record) as new items.
     seed(&client, &table, "BALANCE", "available", "100000000000000").await;
     let (c, t) = (client.clone(), table.clone());
-    let read_free = ceiling(clients, ceiling_seconds, move |n| {
+    let (read_free, read_free_failed) = ceiling(clients, ceiling_seconds, move |n| {
         let (c, t) = (c.clone(), t.clone());
         async move {
             let take = Update::builder()
@@ -282,12 +304,12 @@ async fn main() {
     {
         let (c, t) = (client.clone(), table.clone());
         let base = i as u64 * 100_000_000_000_000;
-        let pairs = ceiling(clients, ceiling_seconds, move |n| {
+        let (pairs, failed) = ceiling(clients, ceiling_seconds, move |n| {
             let (c, t) = (c.clone(), t.clone());
             async move { counter_pair(&c, &t, base + n, reads, owner).await }
         })
         .await;
-        counter.push((reads, owner, pairs));
+        counter.push((reads, owner, pairs, failed));
     }
 
     // The hot account.
@@ -424,14 +446,17 @@ async fn main() {
         read_free / 2.0,
         100.0 * read_free / updates
     );
-    for (reads, owner, pairs) in counter {
+    for (reads, owner, pairs, failed) in counter {
         println!(
-            "counter design, {} a read before each operation, hold {} its owner item: {pairs:.0} pairs/s ({:.0}% of the update ceiling's pairs)",
+            "counter design, {} a read before each operation, hold {} its owner item: {pairs:.0} pairs/s ({:.0}% of the update ceiling's pairs; {failed} pairs failed)",
             if reads { "with" } else { "without" },
             if owner { "with" } else { "without" },
             100.0 * pairs / (updates / 2.0)
         );
     }
+    println!(
+        "failed attempts in the measurements above: updates {updates_failed}, two-item transactions {transactions_failed}, read-free holds {read_free_failed}"
+    );
     println!(
         "hot account, hold + complete for {seconds} s: {rate:.1} pairs/s ({:.0}% of the {:.0} pairs/s the update ceiling allows)",
         100.0 * rate / (updates / 2.0),

@@ -275,13 +275,7 @@ pub struct PurchasesConfig {
 }
 
 impl PurchasesConfig {
-    pub const REQUIRED: &[&str] = &[
-        TABLE,
-        STRIPE_SECRET_KEY,
-        APP_URL,
-        NOTIFICATIONS_QUEUE_URL,
-        TOPUPS_QUEUE_URL,
-    ];
+    pub const REQUIRED: &[&str] = &[TABLE, STRIPE_SECRET_KEY, APP_URL, NOTIFICATIONS_QUEUE_URL];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -343,14 +337,9 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` and `STRIPE_SECRET_KEY` are for
-    /// auto top-up.
-    pub const REQUIRED: &[&str] = &[
-        TABLE,
-        NOTIFICATIONS_QUEUE_URL,
-        TOPUPS_QUEUE_URL,
-        STRIPE_SECRET_KEY,
-    ];
+    /// `STRIPE_SECRET_KEY` is for auto top-up: billing-events charges the top-ups credits-api
+    /// asks for.
+    pub const REQUIRED: &[&str] = &[TABLE, NOTIFICATIONS_QUEUE_URL, STRIPE_SECRET_KEY];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -380,19 +369,13 @@ pub struct RefreshConfig {
     pub sqs_endpoint: Option<HttpUrl>,
     /// Shards of the due index, 1 to 1000.
     pub due_shards: u32,
-    /// Lots expiring and holds released on schedule move balances too: alerts and auto
-    /// top-up follow them as they follow every other ledger operation.
+    /// Lots expiring on schedule lower balances too: credit alerts follow (a pack is only
+    /// bought when generations spend, which this function never runs).
     pub alerts: AlertsConfig,
 }
 
 impl RefreshConfig {
-    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` is for auto top-up.
-    pub const REQUIRED: &[&str] = &[
-        TABLE,
-        REFRESH_JOBS_QUEUE_URL,
-        NOTIFICATIONS_QUEUE_URL,
-        TOPUPS_QUEUE_URL,
-    ];
+    pub const REQUIRED: &[&str] = &[TABLE, REFRESH_JOBS_QUEUE_URL, NOTIFICATIONS_QUEUE_URL];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -429,18 +412,13 @@ pub struct RefundsConfig {
     /// An SQS-compatible server instead of AWS (local and tests).
     pub sqs_endpoint: Option<HttpUrl>,
     pub duplicate_charge_minutes: u32,
-    /// A refund taken back from a lot lowers the balance: alerts and auto top-up follow.
+    /// A refund taken back from a lot lowers the balance: credit alerts follow (no pack is
+    /// bought for it).
     pub alerts: AlertsConfig,
 }
 
 impl RefundsConfig {
-    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` is for auto top-up.
-    pub const REQUIRED: &[&str] = &[
-        TABLE,
-        REFUNDS_QUEUE_URL,
-        NOTIFICATIONS_QUEUE_URL,
-        TOPUPS_QUEUE_URL,
-    ];
+    pub const REQUIRED: &[&str] = &[TABLE, REFUNDS_QUEUE_URL, NOTIFICATIONS_QUEUE_URL];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -512,19 +490,17 @@ pub struct SupportConfig {
     /// An SQS-compatible server instead of AWS (local and tests).
     pub sqs_endpoint: Option<HttpUrl>,
     pub duplicate_charge_minutes: u32,
-    /// Settling a workspace while enriching a ticket can expire lots: alerts and auto
-    /// top-up follow.
+    /// Settling a workspace while enriching a ticket can expire lots, and a verified
+    /// duplicate charge takes its credits back: credit alerts follow (no pack is bought).
     pub alerts: AlertsConfig,
 }
 
 impl SupportConfig {
-    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` is for auto top-up.
     pub const REQUIRED: &[&str] = &[
         TABLE,
         SUPPORT_QUEUE_URL,
         REFUNDS_QUEUE_URL,
         NOTIFICATIONS_QUEUE_URL,
-        TOPUPS_QUEUE_URL,
     ];
 
     pub fn from_env() -> Result<Self, ConfigError> {

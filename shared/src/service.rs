@@ -124,6 +124,7 @@ pub trait CommitObserver: Send + Sync {
     async fn committed(
         &self,
         workspace: &WorkspaceId,
+        op: &Operation,
         before: Balance,
         after: &WorkspaceState,
         outcome: &Outcome,
@@ -331,7 +332,7 @@ impl Ledger {
                     measure.committed(&commit_entries);
                     if let Some(observer) = &self.observer {
                         observer
-                            .committed(&req.workspace, before, &after, &applied.outcome)
+                            .committed(&req.workspace, &req.op, before, &after, &applied.outcome)
                             .await;
                     }
                     return Ok(applied.outcome);

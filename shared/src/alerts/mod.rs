@@ -79,7 +79,8 @@ pub const SETTINGS_TTL_SECONDS: u64 = 30;
 pub struct AutoTopUp {
     /// Which pack to buy.
     pub pack: String,
-    /// Buy it when the available balance falls below this.
+    /// Buy it when a generation (its hold or its completion) takes the available balance
+    /// below this.
     pub below_credits: Credits,
 }
 

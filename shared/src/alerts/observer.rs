@@ -5,7 +5,7 @@ use super::{AlertSettings, AutoTopUp, TopUpRequest};
 use crate::billing::records::workspace_pk;
 use crate::catalog::Catalog;
 use crate::ids::WorkspaceId;
-use crate::ledger::{Balance, Outcome, WorkspaceState};
+use crate::ledger::{Balance, Operation, Outcome, WorkspaceState};
 use crate::money::Credits;
 use crate::queue::{Message, Queue};
 use crate::service::CommitObserver;
@@ -66,11 +66,19 @@ fn crossed(before: Credits, after: Credits, threshold: Credits) -> bool {
     before >= threshold && after < threshold
 }
 
+/// Whether the operation spends credits on generations: only such a crossing buys a pack.
+/// Every crossing is alerted, but credits taken back for a refund (perhaps of a top-up),
+/// frozen by a dispute, expired or corrected by staff are no reason to charge a card.
+pub fn spends(op: &Operation) -> bool {
+    matches!(op, Operation::Hold { .. } | Operation::Complete { .. })
+}
+
 #[async_trait]
 impl CommitObserver for CreditAlerts {
     async fn committed(
         &self,
         workspace: &WorkspaceId,
+        op: &Operation,
         before: Balance,
         after: &WorkspaceState,
         outcome: &Outcome,
@@ -121,7 +129,7 @@ impl CommitObserver for CreditAlerts {
         }
         if let Some(topup) = settings
             .auto_topup
-            .filter(|a| crossed(before.available, now, a.below_credits))
+            .filter(|a| spends(op) && crossed(before.available, now, a.below_credits))
         {
             self.request_top_up(workspace, after, topup, entry).await;
         }

@@ -43,7 +43,8 @@ fn thresholds_schema() -> utoipa::openapi::Array {
 pub struct AutoTopUpBody {
     /// Which pack to buy.
     pub pack: String,
-    /// Buy it when the available balance falls below this: 1 to 10,000,000 credits.
+    /// Buy it when a generation (its hold or its completion) takes the available balance
+    /// below this: 1 to 10,000,000 credits.
     #[schema(minimum = 1, maximum = 10_000_000)]
     pub below_credits: u64,
 }
