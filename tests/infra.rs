@@ -118,7 +118,7 @@ fn the_billing_queue_is_fifo_with_the_redrive_the_consumers_expect() {
 /// top-ups queue and may send to it; billing-events consumes it, with a redrive the
 /// consumer expects and a visibility timeout of at least six of its timeouts.
 #[test]
-fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events() {
+fn every_ledger_function_sends_alerts_and_only_spenders_send_top_ups_billing_events_consumes() {
     let t = template();
     let q = &resource(&t, "TopUpsQueue")["Properties"];
     assert_eq!(q["FifoQueue"], true);
@@ -134,10 +134,11 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
         .filter(|binary| runs_the_ledger(binary))
         .collect();
     assert_eq!(observers.len(), 6, "{observers:?}");
-    let spenders: Vec<&String> = observers
-        .iter()
-        .filter(|b| source_contains(b, "Operation::Hold {"))
-        .collect();
+    let spends = |binary: &str| {
+        source_contains(binary, "Operation::Hold {")
+            || source_contains(binary, "Operation::Complete {")
+    };
+    let spenders: Vec<&String> = observers.iter().filter(|b| spends(b)).collect();
     assert_eq!(spenders, ["credits-api"]);
     for binary in observers.iter().map(String::as_str) {
         let main =
@@ -153,8 +154,7 @@ fn the_top_ups_queue_is_sent_to_by_every_observer_and_consumed_by_billing_events
             text(&env[tally::config::NOTIFICATIONS_QUEUE_URL]).starts_with("NotificationsQueue"),
             "{binary}"
         );
-        let spends = source_contains(binary, "Operation::Hold {")
-            || source_contains(binary, "Operation::Complete {");
+        let spends = spends(binary);
         assert_eq!(
             text(&env[tally::config::TOPUPS_QUEUE_URL]).starts_with("TopUpsQueue"),
             spends,

@@ -187,7 +187,8 @@ impl StoreConfig {
     }
 }
 
-/// Credit alerts and auto top-up, which every function running ledger operations does.
+/// Credit alerts, which every function running ledger operations sends, and the top-ups
+/// queue, which only the function whose generations spend (credits-api) is given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertsConfig {
     pub notifications_queue_url: HttpUrl,

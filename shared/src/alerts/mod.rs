@@ -4,10 +4,13 @@
 //!
 //! After an operation commits, a fall of the available balance below a workspace's
 //! threshold emits one alert on the `notifications` queue per crossing (the balance must
-//! rise above the threshold again to re-arm it), and a crossing of the auto top-up
-//! threshold asks for the chosen pack to be bought off-session with the saved card: a
-//! request on the top-ups queue, which [`TopUps`] consumes (the billing-events function
-//! in AWS), so the operation that crossed never waits for Stripe.
+//! rise above the threshold again to re-arm it). A generation (its hold or completion)
+//! crossing the auto top-up threshold asks for the chosen pack to be bought off-session
+//! with the saved card: a request on the top-ups queue, which [`TopUps`] consumes (the
+//! billing-events function in AWS), so the operation that crossed never waits for Stripe.
+//! A crossing no generation caused (a refund's take-back, a dispute, expiry, a staff
+//! correction) buys nothing by itself: it arms the top-up on the settings, and the next
+//! generation that spends while the balance is still below asks for it.
 //!
 //! The top-up's Stripe idempotency key is derived from the journal entry that crossed the
 //! threshold, and the claim on the settings records that entry and then the payment, so
@@ -46,6 +49,20 @@ pub struct AlertSettings {
     /// The last top-up claimed: which crossing claimed it, and the payment once made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topup_claim: Option<TopUpClaim>,
+    /// A crossing of the auto top-up threshold that no generation caused (credits taken
+    /// back, frozen, expired or corrected), by journal entry, while no claim is newer: the
+    /// next generation that spends with the balance still below the threshold asks for
+    /// the top-up under this entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topup_armed: Option<u64>,
+}
+
+impl AlertSettings {
+    /// The armed crossing no top-up has been claimed for since.
+    pub fn armed_unclaimed(&self) -> Option<u64> {
+        self.topup_armed
+            .filter(|e| self.topup_claim.as_ref().is_none_or(|c| c.entry < *e))
+    }
 }
 
 /// A top-up claimed by the crossing at journal entry `entry`.

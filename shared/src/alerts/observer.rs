@@ -66,9 +66,11 @@ fn crossed(before: Credits, after: Credits, threshold: Credits) -> bool {
     before >= threshold && after < threshold
 }
 
-/// Whether the operation spends credits on generations: only such a crossing buys a pack.
-/// Every crossing is alerted, but credits taken back for a refund (perhaps of a top-up),
-/// frozen by a dispute, expired or corrected by staff are no reason to charge a card.
+/// Whether the operation spends credits on generations: only spending buys a pack. Every
+/// crossing is alerted, but credits taken back for a refund (perhaps of a top-up), frozen
+/// by a dispute, expired or corrected by staff are no reason to charge a card by
+/// themselves: they arm the top-up for the next generation that spends below the
+/// threshold.
 pub fn spends(op: &Operation) -> bool {
     matches!(op, Operation::Hold { .. } | Operation::Complete { .. })
 }
@@ -127,11 +129,22 @@ impl CommitObserver for CreditAlerts {
             }))
             .await;
         }
-        if let Some(topup) = settings
-            .auto_topup
-            .filter(|a| spends(op) && crossed(before.available, now, a.below_credits))
+        let Some(topup) = settings.auto_topup.clone() else {
+            return;
+        };
+        if crossed(before.available, now, topup.below_credits) {
+            if spends(op) {
+                self.request_top_up(workspace, after, topup, entry, false)
+                    .await;
+            } else {
+                self.arm(workspace, entry).await;
+            }
+        } else if spends(op)
+            && now < topup.below_credits
+            && let Some(armed) = settings.armed_unclaimed()
         {
-            self.request_top_up(workspace, after, topup, entry).await;
+            self.request_top_up(workspace, after, topup, armed, true)
+                .await;
         }
     }
 }
@@ -141,12 +154,47 @@ impl CreditAlerts {
         notify(self.notifications.as_ref(), body).await
     }
 
+    /// Records a crossing of the auto top-up threshold that no generation caused, unless
+    /// an earlier one is still waiting for its top-up.
+    async fn arm(&self, workspace: &WorkspaceId, entry: u64) {
+        let armed = docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(workspace),
+            ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                let mut s = cur?;
+                s.auto_topup.as_ref()?;
+                if s.armed_unclaimed().is_some()
+                    || s.topup_claim.as_ref().is_some_and(|c| c.entry >= entry)
+                {
+                    return None;
+                }
+                s.topup_armed = Some(entry);
+                Some(s)
+            },
+        )
+        .await;
+        match armed {
+            Ok(s) => {
+                // This process sees its own arming at once.
+                if !self.settings_ttl.is_zero() {
+                    self.cache.put(workspace, s);
+                }
+            }
+            // The crossing is only lost for auto top-up: the alert went out.
+            Err(e) => {
+                tracing::error!(workspace = %workspace, entry, error = %e, "could not arm the auto top-up")
+            }
+        }
+    }
+
     async fn request_top_up(
         &self,
         workspace: &WorkspaceId,
         after: &WorkspaceState,
         topup: AutoTopUp,
         entry: u64,
+        armed: bool,
     ) {
         let request = TopUpRequest {
             kind: super::topup::TOPUP_REQUEST_KIND.to_owned(),
@@ -155,6 +203,7 @@ impl CreditAlerts {
             topup,
             available: after.balance().available,
             discount_pct: Entitlements::of(after.plan.as_ref(), &self.catalog).pack_discount_pct,
+            armed,
         };
         let Some(queue) = &self.topups else {
             self.notify(json!({"type": "topup.failed", "workspace": workspace, "pack": request.topup.pack, "reason": "auto top-up is not available here", "entry": entry}))

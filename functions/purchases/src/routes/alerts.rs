@@ -102,6 +102,7 @@ pub async fn put_alerts(
                 auto_topup: auto_topup.clone(),
                 last_topup_at: cur.as_ref().and_then(|c| c.last_topup_at),
                 topup_claim: cur.as_ref().and_then(|c| c.topup_claim.clone()),
+                topup_armed: cur.as_ref().and_then(|c| c.topup_armed),
             };
             (cur.as_ref() != Some(&next)).then_some(next)
         },
