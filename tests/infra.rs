@@ -112,13 +112,14 @@ fn the_billing_queue_is_fifo_with_the_redrive_the_consumers_expect() {
 }
 
 /// Alerts and auto top-ups: every function that runs ledger operations (any of which can
-/// take a balance down across a threshold: spending, refunds and disputes, lots expiring)
-/// tells the alerts observer and may send credit alerts. Only spending on generations
-/// buys a pack, so only the functions whose code holds or completes generations have the
-/// top-ups queue and may send to it; billing-events consumes it, with a redrive the
-/// consumer expects and a visibility timeout of at least six of its timeouts.
+/// take a balance down across a threshold) tells the alerts observer and may send credit
+/// alerts. Those whose crossings may buy a pack (credits-api, purchases, billing-events)
+/// have the top-ups queue and may send to it; the others (refund requests, support's
+/// settlements, the scheduled sweep) wire an observer that only alerts, and have neither.
+/// billing-events consumes the queue, with a redrive the consumer expects and a visibility
+/// timeout of at least six of its timeouts.
 #[test]
-fn every_ledger_function_sends_alerts_and_only_spenders_send_top_ups_billing_events_consumes() {
+fn every_ledger_function_alerts_and_the_top_ups_queue_is_sent_to_and_consumed_as_expected() {
     let t = template();
     let q = &resource(&t, "TopUpsQueue")["Properties"];
     assert_eq!(q["FifoQueue"], true);
@@ -134,30 +135,29 @@ fn every_ledger_function_sends_alerts_and_only_spenders_send_top_ups_billing_eve
         .filter(|binary| runs_the_ledger(binary))
         .collect();
     assert_eq!(observers.len(), 6, "{observers:?}");
-    let spends = |binary: &str| {
-        source_contains(binary, "Operation::Hold {")
-            || source_contains(binary, "Operation::Complete {")
-    };
-    let spenders: Vec<&String> = observers.iter().filter(|b| spends(b)).collect();
-    assert_eq!(spenders, ["credits-api"]);
+    let mut buyers = Vec::new();
     for binary in observers.iter().map(String::as_str) {
         let main =
             std::fs::read_to_string(repo(&format!("functions/{binary}/src/main.rs"))).unwrap();
         let main: String = main.split_whitespace().collect();
+        let buys = main.contains("ledger.observer=Some(tally::alerts::from_config(");
+        let alerts_only = main.contains("ledger.observer=Some(tally::alerts::alerts_only(");
         assert!(
-            main.contains("ledger.observer=Some(tally::alerts::from_config("),
+            buys != alerts_only,
             "{binary} runs the ledger without the alerts observer"
         );
+        if buys {
+            buyers.push(binary);
+        }
         let (_, f) = function_for_binary(&t, binary);
         let env = &f["Properties"]["Environment"]["Variables"];
         assert!(
             text(&env[tally::config::NOTIFICATIONS_QUEUE_URL]).starts_with("NotificationsQueue"),
             "{binary}"
         );
-        let spends = spends(binary);
         assert_eq!(
             text(&env[tally::config::TOPUPS_QUEUE_URL]).starts_with("TopUpsQueue"),
-            spends,
+            buys,
             "{binary} and the top-ups queue"
         );
         let sends = f["Properties"]["Policies"]
@@ -177,7 +177,7 @@ fn every_ledger_function_sends_alerts_and_only_spenders_send_top_ups_billing_eve
             .collect::<Vec<_>>();
         assert_eq!(
             sends.iter().any(|r| r.starts_with("TopUpsQueue")),
-            spends,
+            buys,
             "{binary} and sending to the top-ups queue: {sends:?}"
         );
         assert!(
@@ -185,6 +185,8 @@ fn every_ledger_function_sends_alerts_and_only_spenders_send_top_ups_billing_eve
             "{binary} may not send credit alerts: {sends:?}"
         );
     }
+    buyers.sort();
+    assert_eq!(buyers, ["billing-events", "credits-api", "purchases"]);
     let (_, f) = function_for_binary(&t, "billing-events");
     let timeout = f["Properties"]["Timeout"].as_u64().unwrap();
     assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
@@ -815,8 +817,8 @@ fn the_refresh_schedule_has_its_index_queue_redrive_alarm_and_least_privilege() 
     }
     assert!(policies.contains("/index/due"), "{policies}");
     assert!(policies.contains("RefreshJobsQueue"), "{policies}");
-    // Its jobs and the credit alerts of the balances it lowers; nothing else (it never
-    // spends, so it never asks for a top-up).
+    // Its jobs and the credit alerts of the balances it lowers; nothing else (its
+    // crossings never buy a pack).
     assert!(policies.contains("NotificationsQueue"));
     for other in ["TopUpsQueue", "BillingEventsQueue", "RefundsQueue"] {
         assert!(!policies.contains(other), "{other}");

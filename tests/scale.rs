@@ -790,6 +790,7 @@ async fn alert_settings_are_reused_for_their_time_to_live() {
             docs: docs.clone(),
             notifications: outbox.clone(),
             topups: None,
+            asks_for_top_ups: true,
             catalog: ledger.catalog.clone(),
             settings_ttl: ttl,
             cache: Default::default(),

@@ -187,8 +187,8 @@ impl StoreConfig {
     }
 }
 
-/// Credit alerts, which every function running ledger operations sends, and the top-ups
-/// queue, which only the function whose generations spend (credits-api) is given.
+/// Credit alerts, which every function running ledger operations sends, and auto top-up,
+/// which credits-api, purchases and billing-events ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertsConfig {
     pub notifications_queue_url: HttpUrl,
@@ -276,7 +276,13 @@ pub struct PurchasesConfig {
 }
 
 impl PurchasesConfig {
-    pub const REQUIRED: &[&str] = &[TABLE, STRIPE_SECRET_KEY, APP_URL, NOTIFICATIONS_QUEUE_URL];
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        STRIPE_SECRET_KEY,
+        APP_URL,
+        NOTIFICATIONS_QUEUE_URL,
+        TOPUPS_QUEUE_URL,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -338,9 +344,14 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// `STRIPE_SECRET_KEY` is for auto top-up: billing-events charges the top-ups credits-api
-    /// asks for.
-    pub const REQUIRED: &[&str] = &[TABLE, NOTIFICATIONS_QUEUE_URL, STRIPE_SECRET_KEY];
+    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` and `STRIPE_SECRET_KEY` are for
+    /// auto top-up.
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        NOTIFICATIONS_QUEUE_URL,
+        TOPUPS_QUEUE_URL,
+        STRIPE_SECRET_KEY,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -370,8 +381,8 @@ pub struct RefreshConfig {
     pub sqs_endpoint: Option<HttpUrl>,
     /// Shards of the due index, 1 to 1000.
     pub due_shards: u32,
-    /// Lots expiring on schedule lower balances too: credit alerts follow (a pack is only
-    /// bought when generations spend, which this function never runs).
+    /// Lots expiring on schedule lower balances too: credit alerts follow, but no top-up
+    /// (credits expiring with nobody using them are no reason to charge a card).
     pub alerts: AlertsConfig,
 }
 
@@ -413,8 +424,8 @@ pub struct RefundsConfig {
     /// An SQS-compatible server instead of AWS (local and tests).
     pub sqs_endpoint: Option<HttpUrl>,
     pub duplicate_charge_minutes: u32,
-    /// A refund taken back from a lot lowers the balance: credit alerts follow (no pack is
-    /// bought for it).
+    /// A refund taken back from a lot lowers the balance: credit alerts follow, but no
+    /// top-up (a refund of a top-up must not buy it again).
     pub alerts: AlertsConfig,
 }
 
@@ -492,7 +503,7 @@ pub struct SupportConfig {
     pub sqs_endpoint: Option<HttpUrl>,
     pub duplicate_charge_minutes: u32,
     /// Settling a workspace while enriching a ticket can expire lots, and a verified
-    /// duplicate charge takes its credits back: credit alerts follow (no pack is bought).
+    /// duplicate charge takes its credits back: credit alerts follow, but no top-up.
     pub alerts: AlertsConfig,
 }
 

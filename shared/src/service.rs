@@ -124,7 +124,6 @@ pub trait CommitObserver: Send + Sync {
     async fn committed(
         &self,
         workspace: &WorkspaceId,
-        op: &Operation,
         before: Balance,
         after: &WorkspaceState,
         outcome: &Outcome,
@@ -332,7 +331,7 @@ impl Ledger {
                     measure.committed(&commit_entries);
                     if let Some(observer) = &self.observer {
                         observer
-                            .committed(&req.workspace, &req.op, before, &after, &applied.outcome)
+                            .committed(&req.workspace, before, &after, &applied.outcome)
                             .await;
                     }
                     return Ok(applied.outcome);

@@ -23,7 +23,7 @@ async fn main() -> Result<(), Error> {
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
-    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await);
+    ledger.observer = Some(tally::alerts::alerts_only(store.clone(), catalog, &cfg.alerts).await);
     let mut refresher = Refresher::new(ledger, store);
     refresher.settings = Settings {
         shards: cfg.due_shards,

@@ -234,15 +234,23 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         notifications: notifications_queue.clone(),
         clock: cfg.clock.clone(),
     }));
-    cfg.ledger.observer = Some(Arc::new(tally::alerts::CreditAlerts {
-        docs: cfg.docs.clone(),
-        notifications: notifications_queue.clone(),
-        topups: Some(topups_queue.clone()),
-        catalog: cfg.ledger.catalog.clone(),
-        // Locally every change to the settings counts at once.
-        settings_ttl: std::time::Duration::ZERO,
-        cache: Default::default(),
-    }));
+    let alerts = |asks_for_top_ups: bool| {
+        Arc::new(tally::alerts::CreditAlerts {
+            docs: cfg.docs.clone(),
+            notifications: notifications_queue.clone(),
+            topups: asks_for_top_ups.then(|| topups_queue.clone() as Arc<dyn tally::queue::Queue>),
+            asks_for_top_ups,
+            catalog: cfg.ledger.catalog.clone(),
+            // Locally every change to the settings counts at once.
+            settings_ttl: std::time::Duration::ZERO,
+            cache: Default::default(),
+        })
+    };
+    // Refund requests, support's settlements and the schedule only alert, as the refunds,
+    // support-intake and credit-refresh functions do in AWS.
+    let mut alerting = cfg.ledger.clone();
+    alerting.observer = Some(alerts(false));
+    cfg.ledger.observer = Some(alerts(true));
     // Started once the ledger has its observer; deliveries wait in the queue until then.
     billing_queue.start(Arc::new(BillingEvents::new(
         cfg.ledger.clone(),
@@ -267,7 +275,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let refunding = refunds::RefundsState {
         requests: tally::refund_requests::RefundRequests {
             docs: cfg.docs.clone(),
-            ledger: cfg.ledger.clone(),
+            ledger: alerting.clone(),
             queue: refunds_queue.clone(),
             duplicate_window: tally::refund_requests::rules::DEFAULT_DUPLICATE_WINDOW,
         },
@@ -301,7 +309,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     let supporting = support_intake::SupportState {
         tickets,
         context: tally::support::enrich::Context {
-            ledger: cfg.ledger.clone(),
+            ledger: alerting.clone(),
             docs: cfg.docs.clone(),
             refunds: Some(refunding.requests.clone()),
         },
@@ -337,7 +345,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         // Tally's own schedule (yearly allotments, lapsed lots, overdue holds) runs as the
         // simulated clock moves, as the credit-refresh function runs every 15 minutes.
         sim.set_schedule(Arc::new(CreditRefresh {
-            ledger: cfg.ledger.clone(),
+            ledger: alerting.clone(),
             docs: cfg.docs.clone(),
         }));
         let log = notifications.clone();

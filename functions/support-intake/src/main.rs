@@ -21,7 +21,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let mut ledger =
         tally::service::Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
-    ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await);
+    ledger.observer = Some(tally::alerts::alerts_only(store.clone(), catalog, &cfg.alerts).await);
     let sqs = SqsQueue::client(cfg.sqs_endpoint.as_ref()).await;
     let tickets = SqsQueue::new(sqs.clone(), cfg.support_queue_url.as_str());
     let refunds = SqsQueue::new(sqs, cfg.refunds_queue_url.as_str());

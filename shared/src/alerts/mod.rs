@@ -4,13 +4,10 @@
 //!
 //! After an operation commits, a fall of the available balance below a workspace's
 //! threshold emits one alert on the `notifications` queue per crossing (the balance must
-//! rise above the threshold again to re-arm it). A generation (its hold or completion)
-//! crossing the auto top-up threshold asks for the chosen pack to be bought off-session
-//! with the saved card: a request on the top-ups queue, which [`TopUps`] consumes (the
-//! billing-events function in AWS), so the operation that crossed never waits for Stripe.
-//! A crossing no generation caused (a refund's take-back, a dispute, expiry, a staff
-//! correction) buys nothing by itself: it arms the top-up on the settings, and the next
-//! generation that spends while the balance is still below asks for it.
+//! rise above the threshold again to re-arm it), and a crossing of the auto top-up
+//! threshold asks for the chosen pack to be bought off-session with the saved card: a
+//! request on the top-ups queue, which [`TopUps`] consumes (the billing-events function
+//! in AWS), so the operation that crossed never waits for Stripe.
 //!
 //! The top-up's Stripe idempotency key is derived from the journal entry that crossed the
 //! threshold, and the claim on the settings records that entry and then the payment, so
@@ -49,20 +46,6 @@ pub struct AlertSettings {
     /// The last top-up claimed: which crossing claimed it, and the payment once made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topup_claim: Option<TopUpClaim>,
-    /// A crossing of the auto top-up threshold that no generation caused (credits taken
-    /// back, frozen, expired or corrected), by journal entry, while no claim is newer: the
-    /// next generation that spends with the balance still below the threshold asks for
-    /// the top-up under this entry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topup_armed: Option<u64>,
-}
-
-impl AlertSettings {
-    /// The armed crossing no top-up has been claimed for since.
-    pub fn armed_unclaimed(&self) -> Option<u64> {
-        self.topup_armed
-            .filter(|e| self.topup_claim.as_ref().is_none_or(|c| c.entry < *e))
-    }
 }
 
 /// A top-up claimed by the crossing at journal entry `entry`.
@@ -96,8 +79,7 @@ pub const SETTINGS_TTL_SECONDS: u64 = 30;
 pub struct AutoTopUp {
     /// Which pack to buy.
     pub pack: String,
-    /// Buy it when a generation (its hold or its completion) takes the available balance
-    /// below this.
+    /// Buy it when the available balance falls below this.
     pub below_credits: Credits,
 }
 
@@ -108,6 +90,25 @@ pub async fn from_config(
     catalog: Arc<Catalog>,
     cfg: &crate::config::AlertsConfig,
 ) -> Arc<dyn CommitObserver> {
+    Arc::new(observer(docs, catalog, cfg, true).await)
+}
+
+/// The observer for a function that sends credit alerts but never asks for a top-up (see
+/// [`CreditAlerts::asks_for_top_ups`]).
+pub async fn alerts_only(
+    docs: Arc<dyn DocStore>,
+    catalog: Arc<Catalog>,
+    cfg: &crate::config::AlertsConfig,
+) -> Arc<dyn CommitObserver> {
+    Arc::new(observer(docs, catalog, cfg, false).await)
+}
+
+async fn observer(
+    docs: Arc<dyn DocStore>,
+    catalog: Arc<Catalog>,
+    cfg: &crate::config::AlertsConfig,
+    asks_for_top_ups: bool,
+) -> CreditAlerts {
     let client = crate::queue::sqs::SqsQueue::client(cfg.sqs_endpoint.as_ref()).await;
     let topups: Option<Arc<dyn crate::queue::Queue>> = cfg.topups_queue_url.as_ref().map(|url| {
         Arc::new(crate::queue::sqs::SqsQueue::new(
@@ -115,15 +116,16 @@ pub async fn from_config(
             url.as_str(),
         )) as Arc<dyn crate::queue::Queue>
     });
-    Arc::new(CreditAlerts {
+    CreditAlerts {
         docs,
         notifications: Arc::new(crate::queue::sqs::SqsQueue::new(
             client,
             cfg.notifications_queue_url.as_str(),
         )),
-        topups,
+        topups: topups.filter(|_| asks_for_top_ups),
+        asks_for_top_ups,
         catalog,
         settings_ttl: std::time::Duration::from_secs(SETTINGS_TTL_SECONDS),
         cache: Default::default(),
-    })
+    }
 }

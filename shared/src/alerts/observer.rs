@@ -5,7 +5,7 @@ use super::{AlertSettings, AutoTopUp, TopUpRequest};
 use crate::billing::records::workspace_pk;
 use crate::catalog::Catalog;
 use crate::ids::WorkspaceId;
-use crate::ledger::{Balance, Operation, Outcome, WorkspaceState};
+use crate::ledger::{Balance, Outcome, WorkspaceState};
 use crate::money::Credits;
 use crate::queue::{Message, Queue};
 use crate::service::CommitObserver;
@@ -22,6 +22,12 @@ pub struct CreditAlerts {
     /// Where crossings of the auto top-up threshold are sent ([`super::TopUps`] charges);
     /// `None`: auto top-up is off here.
     pub topups: Option<Arc<dyn Queue>>,
+    /// Whether crossings seen here ask for a top-up at all. Functions whose operations
+    /// only take credits back, freeze or expire them (refund requests, support's
+    /// settlements, the scheduled sweep) send alerts only: a refund of a top-up must not
+    /// buy it again, and credits expiring with nobody using them are no reason to charge a
+    /// card.
+    pub asks_for_top_ups: bool,
     pub catalog: Arc<Catalog>,
     /// How long a workspace's settings, once read, are reused by this process (zero:
     /// read after every operation that lowers the balance). A change made elsewhere takes
@@ -66,21 +72,11 @@ fn crossed(before: Credits, after: Credits, threshold: Credits) -> bool {
     before >= threshold && after < threshold
 }
 
-/// Whether the operation spends credits on generations: only spending buys a pack. Every
-/// crossing is alerted, but credits taken back for a refund (perhaps of a top-up), frozen
-/// by a dispute, expired or corrected by staff are no reason to charge a card by
-/// themselves: they arm the top-up for the next generation that spends below the
-/// threshold.
-pub fn spends(op: &Operation) -> bool {
-    matches!(op, Operation::Hold { .. } | Operation::Complete { .. })
-}
-
 #[async_trait]
 impl CommitObserver for CreditAlerts {
     async fn committed(
         &self,
         workspace: &WorkspaceId,
-        op: &Operation,
         before: Balance,
         after: &WorkspaceState,
         outcome: &Outcome,
@@ -129,22 +125,11 @@ impl CommitObserver for CreditAlerts {
             }))
             .await;
         }
-        let Some(topup) = settings.auto_topup.clone() else {
-            return;
-        };
-        if crossed(before.available, now, topup.below_credits) {
-            if spends(op) {
-                self.request_top_up(workspace, after, topup, entry, false)
-                    .await;
-            } else {
-                self.arm(workspace, entry).await;
-            }
-        } else if spends(op)
-            && now < topup.below_credits
-            && let Some(armed) = settings.armed_unclaimed()
+        if let Some(topup) = settings
+            .auto_topup
+            .filter(|a| self.asks_for_top_ups && crossed(before.available, now, a.below_credits))
         {
-            self.request_top_up(workspace, after, topup, armed, true)
-                .await;
+            self.request_top_up(workspace, after, topup, entry).await;
         }
     }
 }
@@ -154,47 +139,12 @@ impl CreditAlerts {
         notify(self.notifications.as_ref(), body).await
     }
 
-    /// Records a crossing of the auto top-up threshold that no generation caused, unless
-    /// an earlier one is still waiting for its top-up.
-    async fn arm(&self, workspace: &WorkspaceId, entry: u64) {
-        let armed = docs::update(
-            self.docs.as_ref(),
-            &workspace_pk(workspace),
-            ALERTS_SK,
-            |cur: Option<AlertSettings>| {
-                let mut s = cur?;
-                s.auto_topup.as_ref()?;
-                if s.armed_unclaimed().is_some()
-                    || s.topup_claim.as_ref().is_some_and(|c| c.entry >= entry)
-                {
-                    return None;
-                }
-                s.topup_armed = Some(entry);
-                Some(s)
-            },
-        )
-        .await;
-        match armed {
-            Ok(s) => {
-                // This process sees its own arming at once.
-                if !self.settings_ttl.is_zero() {
-                    self.cache.put(workspace, s);
-                }
-            }
-            // The crossing is only lost for auto top-up: the alert went out.
-            Err(e) => {
-                tracing::error!(workspace = %workspace, entry, error = %e, "could not arm the auto top-up")
-            }
-        }
-    }
-
     async fn request_top_up(
         &self,
         workspace: &WorkspaceId,
         after: &WorkspaceState,
         topup: AutoTopUp,
         entry: u64,
-        armed: bool,
     ) {
         let request = TopUpRequest {
             kind: super::topup::TOPUP_REQUEST_KIND.to_owned(),
@@ -203,7 +153,6 @@ impl CreditAlerts {
             topup,
             available: after.balance().available,
             discount_pct: Entitlements::of(after.plan.as_ref(), &self.catalog).pack_discount_pct,
-            armed,
         };
         let Some(queue) = &self.topups else {
             self.notify(json!({"type": "topup.failed", "workspace": workspace, "pack": request.topup.pack, "reason": "auto top-up is not available here", "entry": entry}))

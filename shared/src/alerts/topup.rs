@@ -48,12 +48,6 @@ pub struct TopUpRequest {
     pub available: Credits,
     /// The pack discount of the plan in effect at the crossing.
     pub discount_pct: u8,
-    /// Asked for an armed crossing (`entry` is the crossing no generation caused) by a
-    /// generation spending below the threshold later. Several instances may ask for the
-    /// same armed crossing from settings read a little earlier: one that a later claim has
-    /// overtaken is dropped, not left for a person.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub armed: bool,
 }
 
 impl TopUpRequest {
@@ -148,10 +142,6 @@ impl TopUps {
         let earlier = settings.and_then(|s| s.topup_claim);
         let claim = match earlier {
             Some(c) if c.entry == req.entry => c,
-            Some(c) if c.entry > req.entry && req.armed => {
-                tracing::info!(workspace = %workspace, armed = req.entry, claimed = c.entry, "armed crossing overtaken by a later claim; nothing to do");
-                return Ok(Ended::Withdrawn);
-            }
             Some(c) if c.entry > req.entry => {
                 // A later crossing has claimed since (only a redrive delivers out of order):
                 // whether this one was charged is no longer on record here.

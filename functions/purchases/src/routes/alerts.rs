@@ -43,8 +43,7 @@ fn thresholds_schema() -> utoipa::openapi::Array {
 pub struct AutoTopUpBody {
     /// Which pack to buy.
     pub pack: String,
-    /// Buy it when a generation (its hold or its completion) takes the available balance
-    /// below this: 1 to 10,000,000 credits.
+    /// Buy it when the available balance falls below this: 1 to 10,000,000 credits.
     #[schema(minimum = 1, maximum = 10_000_000)]
     pub below_credits: u64,
 }
@@ -102,7 +101,6 @@ pub async fn put_alerts(
                 auto_topup: auto_topup.clone(),
                 last_topup_at: cur.as_ref().and_then(|c| c.last_topup_at),
                 topup_claim: cur.as_ref().and_then(|c| c.topup_claim.clone()),
-                topup_armed: cur.as_ref().and_then(|c| c.topup_armed),
             };
             (cur.as_ref() != Some(&next)).then_some(next)
         },
