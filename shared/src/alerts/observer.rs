@@ -23,8 +23,8 @@ pub struct CreditAlerts {
     /// `None`: auto top-up is off here.
     pub topups: Option<Arc<dyn Queue>>,
     /// Whether crossings seen here ask for a top-up at all. Functions whose operations
-    /// only take credits back, freeze or expire them (refund requests, support's
-    /// settlements, the scheduled sweep) send alerts only: a refund of a top-up must not
+    /// only take credits back or expire them (refund requests, support's settlements, the
+    /// scheduled sweep) send alerts only: a refund of a top-up must not
     /// buy it again, and credits expiring with nobody using them are no reason to charge a
     /// card.
     pub asks_for_top_ups: bool,
