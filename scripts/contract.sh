@@ -35,11 +35,12 @@ curl -fsS -o /dev/null "$base/health"
 # The runner prints ready-made tokens as `export NAME=token` lines.
 token() { sed -n "s/^export $1=\([^ ]*\).*/\1/p" "$log_dir/contract-local.log" | head -n 1; }
 
-# `filter_too_much` is a check of the generator, not of the API: the date-time query
-# parameters (a pattern and a format together) sometimes make it discard too many of its own
-# cases for one operation and stop the run, though no request failed.
+# `filter_too_much` and `data_too_large` are checks of the generator, not of the API: the
+# date-time query parameters (a pattern and a format together) sometimes make it discard
+# too many of its own cases, or overrun its size budget, for one operation (seen on the
+# ledger export) and stop the run, though no request failed.
 common=(--max-examples "$MAX_EXAMPLES" --workers 1 --generation-database none --no-color
-  --suppress-health-check filter_too_much)
+  --suppress-health-check filter_too_much,data_too_large)
 if [ -n "$SEED" ]; then common+=(--seed "$SEED"); fi
 
 # Give "studio" a paid subscription through the simulator, so the subscription, invoice
