@@ -588,19 +588,86 @@ pub fn required_vars(binary: &str) -> Option<&'static [&'static str]> {
 }
 
 /// The AWS SDK configuration (region, credentials) from the Lambda environment, loaded once
-/// per process and shared by every client built from it.
+/// per process and shared by every client built from it, with [`aws_timeouts`].
 pub async fn aws_sdk_config() -> &'static aws_config::SdkConfig {
     static CONFIG: tokio::sync::OnceCell<aws_config::SdkConfig> =
         tokio::sync::OnceCell::const_new();
     CONFIG
-        .get_or_init(|| aws_config::load_defaults(aws_config::BehaviorVersion::latest()))
+        .get_or_init(|| {
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .timeout_config(aws_timeouts())
+                .load()
+        })
         .await
+}
+
+/// How long a call to DynamoDB or SQS may take. Without a bound a request that gets no
+/// answer waits until the function's own timeout (10 s for the API), so an answer already
+/// committed is lost with the rest of the invocation; with one it fails as a transient
+/// error (`StoreError::Unavailable`, `QueueError`), which every caller retries safely.
+/// One attempt gets 3 s, all of the SDK's attempts together 6 s.
+pub fn aws_timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .operation_attempt_timeout(std::time::Duration::from_secs(3))
+        .operation_timeout(std::time::Duration::from_secs(6))
+        .build()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[tokio::test]
+    async fn aws_clients_are_built_with_the_timeouts() {
+        assert_eq!(
+            aws_sdk_config().await.timeout_config(),
+            Some(&aws_timeouts())
+        );
+    }
+
+    /// A server that accepts connections and never answers: a call with the timeouts ends
+    /// with a transient error instead of waiting for ever.
+    #[tokio::test]
+    async fn a_call_that_gets_no_answer_fails_as_transient() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .endpoint_url(format!("http://{addr}"))
+            .timeout_config(aws_timeouts())
+            .build();
+        let queue = crate::queue::sqs::SqsQueue::new(
+            aws_sdk_sqs::Client::from_conf(config),
+            format!("http://{addr}/1/q"),
+        );
+        let sent = crate::queue::Queue::send(
+            &queue,
+            crate::queue::Message {
+                body: "{}".into(),
+                group_id: None,
+                dedup_id: None,
+            },
+        );
+        // Far beyond the 6 s bound: only a call that never ends reaches this.
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(120), sent)
+            .await
+            .expect("the call ended");
+        let err = outcome.expect_err("nothing answered");
+        assert!(format!("{err:?}").contains("TimeoutError"), "{err:?}");
+        held.abort();
+    }
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
         let map: HashMap<String, String> = pairs
