@@ -1108,3 +1108,149 @@ async fn credits_taken_back_at_approval_are_recorded_and_stay_taken_back_when_a_
     requests.deny(&r.id, "staff1", None, now).await.unwrap();
     assert_eq!(app.available(ws).await, 0);
 }
+
+/// A refund Stripe made for an approval whose status never reached the request (the worker
+/// stopped after Stripe answered): approving again sends it again, and its credits are
+/// taken back once, not a second share for the same money.
+#[tokio::test]
+async fn sending_an_approval_again_after_stripe_made_its_refund_takes_its_credits_once() {
+    let app = TestApp::new();
+    let ws = "org_rr_resend";
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let charge = buy_packs(&app, ws, 1).await;
+    app.settle_billing().await;
+    assert_eq!(app.available(ws).await, 500);
+    let price = charge_of(&app, &charge)["amount"].as_u64().unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let r = requests
+        .create(
+            &workspace,
+            NewRequest {
+                payment: charge.clone(),
+                reason: RefundReason::Other,
+                details: "half, as agreed".into(),
+                requested_by: "u1".into(),
+                id: None,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let half = tally::money::Cents::new(price / 2);
+    requests
+        .approve(&r.id, "staff1", None, Some(half), now)
+        .await
+        .unwrap();
+    assert_eq!(app.available(ws).await, 250, "half taken back at approval");
+    // Stripe made the refund: its charge says so, and the refund (named by its metadata)
+    // is on the payment, before its status has reached the request.
+    let charge_id = tally::ids::ChargeId::parse(&charge).unwrap();
+    tally::store::docs::update(
+        app.docs.as_ref(),
+        &tally::billing::records::charge_pk(&charge_id),
+        tally::billing::records::PAYMENT_SK,
+        |cur: Option<tally::billing::records::PaymentRecord>| {
+            let mut p = cur.expect("the payment is recorded");
+            p.amount_refunded = half;
+            p.refunds.push(tally::billing::records::RefundFact {
+                id: tally::ids::RefundId::parse("re_made_for_the_request").unwrap(),
+                amount: half,
+                status: Some("succeeded".into()),
+                reason: Some("requested_by_customer".into()),
+                created: now,
+                request: Some(r.id.clone()),
+                attempt: Some(1),
+            });
+            Some(p)
+        },
+    )
+    .await
+    .unwrap();
+    let again = requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(again.status, RequestStatus::Approved);
+    assert_eq!(
+        app.available(ws).await,
+        250,
+        "the same half of the money takes its credits once"
+    );
+}
+
+/// A dispute opened while a request waits for staff decides where the money goes: the
+/// approval is refused, and nothing is taken back or refunded.
+#[tokio::test]
+async fn a_request_whose_payment_is_disputed_after_filing_cannot_be_approved() {
+    let app = TestApp::new();
+    let ws = "org_rr_disputed_later";
+    let charge = buy_packs(&app, ws, 1).await;
+    app.settle_billing().await;
+    let filed = ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "not what I expected"}),
+        None,
+    )
+    .await;
+    assert_eq!(filed.status.as_u16(), 201, "{:#}", filed.body);
+    assert_eq!(filed.body["status"], "in_review");
+    let id = filed.body["id"].as_str().unwrap().to_owned();
+    let dispute = app
+        .send(
+            axum::http::Method::POST,
+            &format!("/sim/charges/{charge}/dispute"),
+            None,
+            None,
+            &[("content-length", "0")],
+        )
+        .await;
+    let dispute = dispute.body["id"].as_str().unwrap().to_owned();
+    app.settle_billing().await;
+    let frozen = app.available(ws).await;
+    let approval = app
+        .post(
+            &format!("/v1/admin/refund-requests/{id}/approve"),
+            &support(),
+            json!({}),
+        )
+        .await;
+    approval.assert_problem(409, "not_refundable");
+    assert!(
+        approval.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("disputed"),
+        "{:#}",
+        approval.body
+    );
+    settle(&app).await;
+    assert_eq!(charge_of(&app, &charge)["amount_refunded"], 0);
+    assert_eq!(app.available(ws).await, frozen);
+    let still = app
+        .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
+        .await;
+    assert_eq!(still.body["status"], "in_review", "{:#}", still.body);
+    // Won by the merchant, the dispute no longer decides: staff may approve.
+    let won = app
+        .send(
+            axum::http::Method::POST,
+            &format!("/sim/disputes/{dispute}/close"),
+            None,
+            Some(r#"{"outcome":"won"}"#),
+            &[("content-type", "application/json")],
+        )
+        .await;
+    assert_eq!(won.status.as_u16(), 200, "{:#}", won.body);
+    app.settle_billing().await;
+    let ok = app
+        .post(
+            &format!("/v1/admin/refund-requests/{id}/approve"),
+            &support(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(ok.status.as_u16(), 200, "{:#}", ok.body);
+    assert_eq!(ok.body["status"], "approved", "{:#}", ok.body);
+}

@@ -118,7 +118,8 @@ pub fn fingerprint(value: &impl Serialize) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Told about every committed ledger operation (not about replays).
+/// Told about every committed ledger operation, once (not about replays; a commit the store
+/// could not confirm is told when the retry finds that it landed).
 #[async_trait::async_trait]
 pub trait CommitObserver: Send + Sync {
     async fn committed(
@@ -199,6 +200,15 @@ impl Ledger {
         };
         let mut catch_up = 0usize;
         let mut rereads = 0u32;
+        // Commits whose outcome the store could not tell (a timeout, a 5xx): what each
+        // wrote, so that finding exactly one of those records later shows it landed (an
+        // earlier attempt may land after a later one was sent).
+        let mut unsure: Vec<(
+            IdempotencyRecord,
+            Balance,
+            WorkspaceState,
+            Vec<crate::ledger::Entry>,
+        )> = Vec::new();
         loop {
             if measure.conflicts > 0 {
                 let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
@@ -206,6 +216,19 @@ impl Ledger {
             }
             let read = self.store.read_op(&req.workspace, &req.key, target).await?;
             if let Some(record) = read.idempotency {
+                if let Some((_, before, after, entries)) =
+                    unsure.iter().find(|(attempted, ..)| *attempted == record)
+                {
+                    // This request's own commit landed although the store said it was
+                    // unsure: the observer has not been told yet (a crossing would
+                    // otherwise go unalerted for good).
+                    measure.committed(entries);
+                    if let Some(observer) = &self.observer {
+                        observer
+                            .committed(&req.workspace, *before, after, &record.outcome)
+                            .await;
+                    }
+                }
                 return replayed(req, record);
             }
             let mut state = read
@@ -307,19 +330,20 @@ impl Ledger {
             let before = state.balance();
             let after = new_state.clone();
             let commit_entries = applied.entries.clone();
+            let record = IdempotencyRecord {
+                key: req.key.clone(),
+                fingerprint: req.fingerprint.clone(),
+                outcome: applied.outcome.clone(),
+                created_at: now,
+                expires_at: req
+                    .key
+                    .is_client()
+                    .then(|| now + Duration::hours(CLIENT_KEY_RETENTION_HOURS)),
+            };
             let commit = Commit {
                 state: new_state,
                 entries: applied.entries,
-                idempotency: IdempotencyRecord {
-                    key: req.key.clone(),
-                    fingerprint: req.fingerprint.clone(),
-                    outcome: applied.outcome.clone(),
-                    created_at: now,
-                    expires_at: req
-                        .key
-                        .is_client()
-                        .then(|| now + Duration::hours(CLIENT_KEY_RETENTION_HOURS)),
-                },
+                idempotency: record.clone(),
                 generations: applied.generations,
                 placed: applied.placed,
                 closed: applied.closed,
@@ -348,8 +372,11 @@ impl Ledger {
                 }
                 // A transient failure may or may not have committed: the next attempt
                 // re-reads the idempotency record first, so retrying cannot apply twice.
-                Err(CommitError::Conflict)
-                | Err(CommitError::Store(StoreError::Unavailable(_))) => {
+                Err(CommitError::Store(StoreError::Unavailable(_))) => {
+                    unsure.push((record, before, after, commit_entries));
+                    retry(&mut measure.conflicts)?;
+                }
+                Err(CommitError::Conflict) => {
                     retry(&mut measure.conflicts)?;
                 }
                 Err(CommitError::Store(e)) => return Err(e.into()),

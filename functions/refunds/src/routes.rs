@@ -352,7 +352,7 @@ fn note(n: Option<&str>) -> ApiResult<Option<String>> {
 #[utoipa::path(post, path = "/v1/admin/refund-requests/{id}/approve", tag = "admin",
     security(("bearer" = [])), params(RequestPath), request_body = ApproveBody,
     responses((status = 200, body = RefundRequestView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 409, description = "Already decided", body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 409, description = "Already decided, or the payment is disputed", body = ProblemDetails),
         (status = 422, description = "More than is refundable", body = ProblemDetails), (status = 503, body = ProblemDetails)))]
 /// Support staff approve a request in review, or approve again one whose refund failed.
 /// The refund never exceeds what is left of the payment. Approving twice is harmless.

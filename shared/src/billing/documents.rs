@@ -285,6 +285,11 @@ impl BillingEvents {
                 status: r.status.clone(),
                 reason: r.reason.clone(),
                 created: ts(r.created),
+                request: r.metadata.get("refund_request").cloned(),
+                attempt: r
+                    .metadata
+                    .get("refund_attempt")
+                    .and_then(|a| a.parse().ok()),
             }],
             ..PaymentRecord::new(charge.clone())
         };
@@ -526,6 +531,11 @@ impl BillingEvents {
                             status: r.status.clone(),
                             reason: r.reason.clone(),
                             created: ts(r.created),
+                            request: r.metadata.get("refund_request").cloned(),
+                            attempt: r
+                                .metadata
+                                .get("refund_attempt")
+                                .and_then(|a| a.parse().ok()),
                         })
                     })
                     .collect::<Result<Vec<_>, ConsumeError>>()

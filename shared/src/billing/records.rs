@@ -113,6 +113,12 @@ pub struct RefundFact {
     pub status: Option<String>,
     pub reason: Option<String>,
     pub created: DateTime<Utc>,
+    /// The refund request that asked for it, and which of its approvals (the refund's
+    /// `refund_request` and `refund_attempt` metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 impl RefundFact {
@@ -202,8 +208,16 @@ impl PaymentRecord {
         merged.receipt_url = merged.receipt_url.or(incoming.receipt_url);
         for r in incoming.refunds {
             match merged.refunds.iter_mut().find(|x| x.id == r.id) {
-                Some(x) if r.rank() > x.rank() => *x = r,
-                Some(_) => {}
+                Some(x) if r.rank() > x.rank() => {
+                    let (request, attempt) = (x.request.take(), x.attempt.take());
+                    *x = r;
+                    x.request = x.request.take().or(request);
+                    x.attempt = x.attempt.take().or(attempt);
+                }
+                Some(x) => {
+                    x.request = x.request.take().or(r.request);
+                    x.attempt = x.attempt.take().or(r.attempt);
+                }
                 None => merged.refunds.push(r),
             }
         }

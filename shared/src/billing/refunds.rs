@@ -76,7 +76,7 @@ where
 }
 
 /// Dispute states in which the money is still contested.
-fn dispute_open(status: &str) -> bool {
+pub(crate) fn dispute_open(status: &str) -> bool {
     matches!(
         status,
         "needs_response" | "under_review" | "warning_needs_response" | "warning_under_review"

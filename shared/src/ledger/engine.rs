@@ -832,6 +832,13 @@ impl Tx<'_> {
                     .collect();
                 d.totals.spent = charged;
                 d.generation = Some(generation);
+                // A trained model occupies a custom-model slot again, as it did while held
+                // (the expiry gave the slot back): even when another training has taken
+                // it since, the model exists, so the plan's slots show as full until one
+                // is given back.
+                d.custom_model_slot = (g.estimate.workflow == crate::catalog::Workflow::Training
+                    && !self.state.custom_models.contains(&generation))
+                .then_some(true);
                 d.note = Some("completed after the hold had expired".into());
                 let seq = self.push(d)?;
                 g.status = GenerationStatus::Completed;

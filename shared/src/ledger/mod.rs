@@ -75,6 +75,16 @@ impl Lot {
     }
 }
 
+/// A field that is present, even as `null`: `Some(value)`; an absent one is `None` (by
+/// `#[serde(default)]`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 fn is_zero(c: &Credits) -> bool {
     *c == Credits::ZERO
 }
@@ -313,8 +323,13 @@ pub struct Entry {
     pub hold: Option<HoldChange>,
     #[serde(default, skip_serializing_if = "Totals::is_zero")]
     pub totals: Totals,
-    /// `Some(new plan)` when the entry changes the plan.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `Some(new plan)` when the entry changes the plan (`Some(None)`, stored as `null`,
+    /// removes it).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub plan: Option<Option<PlanState>>,
     /// A custom-model slot taken (`true`) or given back (`false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

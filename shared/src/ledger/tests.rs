@@ -426,6 +426,84 @@ fn training_needs_a_free_custom_model_slot() {
 }
 
 #[test]
+fn a_training_completed_after_its_hold_expired_takes_its_slot_again() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 5000, None);
+    w.run(Operation::SetPlan {
+        plan: Some(PlanState {
+            plan: "plus".into(),
+            interval: Interval::Monthly,
+            status: PlanStatus::Active,
+            period_start: w.now,
+            period_end: w.now + Duration::days(30),
+            cancel_at_period_end: false,
+        }),
+    })
+    .unwrap();
+    let estimate = Estimate {
+        workflow: Workflow::Training,
+        model: "custom-model".into(),
+        ..w.estimate(400)
+    };
+    let first = GenerationId::new();
+    w.run(Operation::Hold {
+        generation: first,
+        estimate: estimate.clone(),
+        deadline: w.now + Duration::hours(1),
+    })
+    .unwrap();
+    w.now += Duration::hours(2);
+    w.run(Operation::Settle).unwrap();
+    assert!(w.state.custom_models.is_empty(), "the expiry gave it back");
+    let expired = Generation {
+        status: GenerationStatus::Expired,
+        estimate: estimate.clone(),
+        ..record_for(&w, first, 400)
+    };
+    let done = w.complete(first, None, Some(expired));
+    assert_eq!(done.status, GenerationStatus::Completed);
+    assert_eq!(w.state.custom_models, vec![first]);
+    // The plan's one slot is taken by the model that exists.
+    assert_eq!(
+        w.run(Operation::Hold {
+            generation: GenerationId::new(),
+            estimate,
+            deadline: w.now + Duration::hours(1),
+        }),
+        Err(LedgerError::NoCustomModelSlot { slots: 1 })
+    );
+    // Rebuilt from the journal, the slot is still taken.
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.custom_models, vec![first]);
+}
+
+#[test]
+fn an_entry_that_removes_the_plan_removes_it_when_read_back() {
+    let mut w = World::new();
+    w.run(Operation::SetPlan {
+        plan: Some(PlanState {
+            plan: "plus".into(),
+            interval: Interval::Monthly,
+            status: PlanStatus::Active,
+            period_start: w.now,
+            period_end: w.now + Duration::days(30),
+            cancel_at_period_end: false,
+        }),
+    })
+    .unwrap();
+    w.run(Operation::SetPlan { plan: None }).unwrap();
+    assert_eq!(w.state.plan, None);
+    let stored: Vec<Entry> = w
+        .journal
+        .iter()
+        .map(|e| serde_json::from_str(&serde_json::to_string(e).unwrap()).unwrap())
+        .collect();
+    assert_eq!(stored, w.journal);
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &stored).unwrap();
+    assert_eq!(rebuilt.plan, None);
+}
+
+#[test]
 fn a_negative_adjustment_cannot_take_more_than_is_available() {
     let mut w = World::new();
     w.grant(LotSource::Pack, 10, None);

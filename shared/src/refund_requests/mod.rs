@@ -206,10 +206,16 @@ impl Claims {
                 .sum(),
         )
     }
-    fn ours(&self, refund: &RefundId) -> bool {
-        self.requests
-            .iter()
-            .any(|c| c.refund.as_ref() == Some(refund))
+    /// Whether a refund was made for one of these requests' current approvals: linked to
+    /// its claim, or named by its metadata (before Stripe's event about it has reached the
+    /// claim). A refund of an earlier approval is not the claim's, so it counts as refunded
+    /// elsewhere while it is live.
+    fn ours(&self, refund: &crate::billing::records::RefundFact) -> bool {
+        self.requests.iter().any(|c| {
+            c.refund.as_ref() == Some(&refund.id)
+                || (refund.request.as_ref() == Some(&c.request)
+                    && refund.attempt == Some(c.attempt))
+        })
     }
     fn get(&self, request: &str) -> Option<&Claim> {
         self.requests.iter().find(|c| c.request == request)
@@ -335,16 +341,24 @@ impl RefundRequests {
             p.refunds
                 .iter()
                 .filter(|r| r.rank() <= crate::billing::records::refund_rank(Some("succeeded")))
-                .filter(|r| !claims.ours(&r.id))
+                .filter(|r| !claims.ours(r))
                 .map(|r| r.amount.get())
                 .sum()
         })))
     }
 
+    /// Whether a dispute of the charge is open or was lost: the dispute decides where that
+    /// money goes. One won, or an inquiry closed, leaves the payment refundable.
     async fn open_dispute(&self, charge: &ChargeId) -> Result<bool, Problem> {
         let p =
             docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK).await?;
-        Ok(p.is_some_and(|p| !p.disputes.is_empty()))
+        Ok(p.is_some_and(|p| {
+            p.disputes.iter().any(|d| {
+                d.status
+                    .as_deref()
+                    .is_none_or(|s| crate::billing::refunds::dispute_open(s) || s == "lost")
+            })
+        }))
     }
 
     /// Files a request: checks the payment, decides from the records, claims the amount
@@ -666,10 +680,20 @@ impl RefundRequests {
             return Ok(Credits::ZERO);
         }
         let mut held = Credits::ZERO;
-        let refunded = payment
-            .amount_refunded
+        // The money back with the customer once this request's refund is made: refunds
+        // made outside requests, and every request's approved or made refund, this one's
+        // included. Stripe's `amount_refunded` may already count this very refund (sent
+        // again after Stripe made it) or one that failed afterwards, so adding the request
+        // to it would take the same money's credits twice.
+        let claims: Claims = docs::get(self.docs.as_ref(), &charge_pk(&r.charge), CLAIMS_SK)
+            .await?
+            .unwrap_or_default();
+        let elsewhere = self.refunded_elsewhere(&r.charge, &claims).await?;
+        let requested: u64 = claims.requests.iter().map(|c| c.holds().get()).sum();
+        let refunded = elsewhere
             .get()
-            .saturating_add(r.amount.get())
+            .saturating_add(requested)
+            .max(payment.amount_refunded.get())
             .min(paid);
         for (lot, credits) in self.lots_of(&entry).await? {
             let req = crate::billing::refunds::take_back_request(
@@ -834,6 +858,16 @@ impl RefundRequests {
                     )));
                     break;
                 }
+            }
+            // A dispute opened since the request was filed decides where the money goes,
+            // as it does for a new request: a refund now could pay the customer twice (an
+            // inquiry closed in our favour gives the frozen credits back) or take credits
+            // for money the bank then refuses to send.
+            if self.open_dispute(&r.charge).await? {
+                refusal = Some(not_refundable(
+                    "this payment is disputed with the bank; the dispute decides where the money goes",
+                ));
+                break;
             }
             let elsewhere = self.refunded_elsewhere(&r.charge, &claims).await?;
             let left = rules::refundable(&entry, elsewhere, claims.claimed_except(id));

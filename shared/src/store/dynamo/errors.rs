@@ -446,6 +446,8 @@ mod tests {
     struct Throttled {
         inner: super::super::embedded::EmbeddedStore,
         failures: std::sync::atomic::AtomicU32,
+        /// Commits that land but answer as a timeout would (the outcome unknown).
+        landed: std::sync::atomic::AtomicU32,
     }
 
     #[cfg(feature = "local")]
@@ -482,6 +484,16 @@ mod tests {
                     IDEM,
                     &[],
                 ));
+            }
+            if self
+                .landed
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                self.inner.commit(c).await?;
+                return Err(CommitError::Store(StoreError::unavailable(
+                    "TransactWriteItems: timed out",
+                )));
             }
             self.inner.commit(c).await
         }
@@ -532,6 +544,7 @@ mod tests {
         let store = std::sync::Arc::new(Throttled {
             inner: super::super::embedded::EmbeddedStore::in_memory(),
             failures: std::sync::atomic::AtomicU32::new(3),
+            landed: std::sync::atomic::AtomicU32::new(0),
         });
         let ledger = Ledger::new(
             store.clone(),
@@ -558,5 +571,65 @@ mod tests {
         assert_eq!(store.failures.load(std::sync::atomic::Ordering::SeqCst), 0);
         let state = store.load(&workspace).await.unwrap().expect("state");
         assert_eq!(state.version, 1);
+    }
+
+    /// Counts what the service tells its observer.
+    #[cfg(feature = "local")]
+    #[derive(Default)]
+    struct Told(std::sync::Mutex<Vec<crate::ledger::Outcome>>);
+
+    #[cfg(feature = "local")]
+    #[async_trait]
+    impl crate::service::CommitObserver for Told {
+        async fn committed(
+            &self,
+            _: &WorkspaceId,
+            _: crate::ledger::Balance,
+            _: &WorkspaceState,
+            outcome: &crate::ledger::Outcome,
+        ) {
+            self.0.lock().unwrap().push(outcome.clone());
+        }
+    }
+
+    #[cfg(feature = "local")]
+    #[tokio::test]
+    async fn a_commit_that_landed_while_the_store_was_unsure_is_observed_once() {
+        use crate::ledger::{Actor, LotSource, Operation, Refs};
+        use crate::service::{Ledger, LedgerRequest};
+        let store = std::sync::Arc::new(Throttled {
+            inner: super::super::embedded::EmbeddedStore::in_memory(),
+            failures: std::sync::atomic::AtomicU32::new(0),
+            landed: std::sync::atomic::AtomicU32::new(1),
+        });
+        let told = std::sync::Arc::new(Told::default());
+        let mut ledger = Ledger::new(
+            store.clone(),
+            std::sync::Arc::new(crate::clock::SystemClock),
+            std::sync::Arc::new(crate::catalog::Catalog::builtin()),
+        );
+        ledger.observer = Some(told.clone());
+        let workspace = WorkspaceId::parse("org_unsure").unwrap();
+        let grant = |key: &str| LedgerRequest {
+            workspace: workspace.clone(),
+            key: IdempotencyKey::derived(key.into()),
+            fingerprint: key.into(),
+            actor: Actor::system(),
+            refs: Refs::default(),
+            op: Operation::Grant {
+                source: LotSource::Pack,
+                credits: crate::money::Credits::new(100),
+                expires_at: None,
+                note: None,
+            },
+        };
+        let first = ledger.execute(grant("grant-1")).await.expect("landed");
+        assert_eq!(store.landed.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(*told.0.lock().unwrap(), vec![first.clone()], "told once");
+        // A later replay of the same request is not a commit: nobody is told again.
+        assert_eq!(ledger.execute(grant("grant-1")).await.unwrap(), first);
+        assert_eq!(told.0.lock().unwrap().len(), 1);
+        let state = store.load(&workspace).await.unwrap().expect("state");
+        assert_eq!(state.version, 1, "applied once");
     }
 }
