@@ -136,6 +136,22 @@ pub struct RefreshDoc {
     /// cents paid: the remaining allotments shrink by that share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_back: Option<(u64, u64)>,
+    /// The level in effect when the first allotment not granted yet fell due, kept when a
+    /// change paid after that date raised or lowered the level before the worker came:
+    /// allotments dated before the change follow it, not the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earlier: Option<EarlierLevel>,
+}
+
+/// A level that allotments dated before `until` follow (see [`RefreshDoc::earlier`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlierLevel {
+    pub plan: String,
+    pub addon_units: u32,
+    #[serde(default)]
+    pub addon_credits: Option<Credits>,
+    /// When the first change after the allotment's date was made.
+    pub until: DateTime<Utc>,
 }
 
 impl RefreshDoc {
@@ -157,6 +173,25 @@ impl RefreshDoc {
             renewal_retry_at: None,
             settle_at: None,
             given_back: None,
+            earlier: None,
+        }
+    }
+
+    /// The first allotment the worker has not dealt with yet, if the period owes one.
+    fn pending_allotment(&self) -> Option<schedule::Allotment> {
+        schedule::allotments(self.period_start, self.period_end)
+            .into_iter()
+            .find(|a| a.k >= self.next_allotment)
+    }
+
+    /// The worker dealt with the allotments before `next`: the earlier level goes once no
+    /// allotment left is dated before its change.
+    fn advance(&mut self, next: u32) {
+        self.next_allotment = self.next_allotment.max(next);
+        if let Some(e) = &self.earlier
+            && self.pending_allotment().is_none_or(|a| a.at >= e.until)
+        {
+            self.earlier = None;
         }
     }
 
@@ -184,6 +219,16 @@ impl RefreshDoc {
             return false;
         }
         self.level_rank = Some(rank);
+        // An allotment already due when the change was made, and not granted yet, is owed
+        // at the level of its date.
+        if self.earlier.is_none() && self.pending_allotment().is_some_and(|a| a.at <= at) {
+            self.earlier = Some(EarlierLevel {
+                plan: self.plan.clone(),
+                addon_units: self.addon_units,
+                addon_credits: self.addon_credits,
+                until: at,
+            });
+        }
         let before = (
             self.plan.clone(),
             self.addon_units,

@@ -46,12 +46,22 @@ pub struct AllotmentGrant {
     pub note: String,
 }
 
-/// The plan the remaining allotments follow (the level last paid for) and its add-on units.
-pub fn level<'c>(doc: &RefreshDoc, catalog: &'c Catalog) -> Result<(&'c Plan, u32), String> {
+/// The plan an allotment dated `at` follows (the level last paid for, or the earlier one
+/// for an allotment dated before a change the worker has not caught up with), its add-on
+/// units and what they are worth as billed.
+pub fn level<'c>(
+    doc: &RefreshDoc,
+    at: DateTime<Utc>,
+    catalog: &'c Catalog,
+) -> Result<(&'c Plan, u32, Option<Credits>), String> {
+    let (name, units, credits) = match &doc.earlier {
+        Some(e) if at < e.until => (&e.plan, e.addon_units, e.addon_credits),
+        _ => (&doc.plan, doc.addon_units, doc.addon_credits),
+    };
     let plan = catalog
-        .plan(&doc.plan)
-        .ok_or_else(|| format!("unknown plan {:?}", doc.plan))?;
-    Ok((plan, doc.addon_units))
+        .plan(name)
+        .ok_or_else(|| format!("unknown plan {name:?}"))?;
+    Ok((plan, units, credits))
 }
 
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
@@ -62,7 +72,7 @@ pub fn grants(
     a: &Allotment,
     catalog: &Catalog,
 ) -> Result<Vec<AllotmentGrant>, String> {
-    let (plan, units) = level(doc, catalog)?;
+    let (plan, units, addon_credits) = level(doc, a.at, catalog)?;
     let base = format!(
         "refresh:{}:{}:{}",
         doc.subscription,
@@ -79,7 +89,7 @@ pub fn grants(
     if units > 0 {
         // Units are worth what they were billed as; a level recorded without that value
         // counts them as the plan's add-on.
-        let credits = match doc.addon_credits {
+        let credits = match addon_credits {
             Some(c) => c,
             None => catalog
                 .addon(&plan.addon)
@@ -163,7 +173,61 @@ mod tests {
             renewal_retry_at: None,
             settle_at: None,
             given_back: None,
+            earlier: None,
         }
+    }
+
+    #[test]
+    fn an_allotment_due_before_a_change_the_worker_has_not_seen_keeps_its_dates_level() {
+        let catalog = Catalog::builtin();
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        d.plan = "generative".into();
+        d.addon_units = 0;
+        let a = allotments(d.period_start, d.period_end);
+        // Allotment 1 fell due on Feb 15 at 10:00; the upgrade to team is paid at 10:05,
+        // before the worker's next tick.
+        let change = a[0].at + Duration::minutes(5);
+        let team = crate::refresh::PaidPeriod {
+            workspace: d.workspace.clone(),
+            subscription: d.subscription.clone(),
+            invoice: InvoiceId::parse("in_change").unwrap(),
+            interval: Interval::Yearly,
+            plan: "team".into(),
+            addon_units: 0,
+            addon_credits: None,
+            period_start: d.period_start,
+            period_end: d.period_end,
+        };
+        assert!(d.set_level(&team, change, 1));
+        assert_eq!(d.plan, "team");
+        // Due before the change: at its date's level (the change grant covers the rest
+        // of that month). Due after: at the level paid for.
+        assert_eq!(
+            grants(&d, &a[0], &catalog).unwrap()[0].credits,
+            Credits::new(900)
+        );
+        assert_eq!(
+            grants(&d, &a[1], &catalog).unwrap()[0].credits,
+            Credits::new(6000)
+        );
+        // Once the worker has granted it, the earlier level is forgotten.
+        d.advance(2);
+        assert_eq!(d.earlier, None);
+        assert_eq!(
+            grants(&d, &a[1], &catalog).unwrap()[0].credits,
+            Credits::new(6000)
+        );
+        // A change made before the next allotment's date keeps nothing earlier.
+        let max = crate::refresh::PaidPeriod {
+            plan: "max".into(),
+            ..team
+        };
+        assert!(d.set_level(&max, a[1].at - Duration::days(3), 2));
+        assert_eq!(d.earlier, None);
+        assert_eq!(
+            grants(&d, &a[1], &catalog).unwrap()[0].credits,
+            Credits::new(400)
+        );
     }
 
     #[test]

@@ -240,7 +240,7 @@ impl Refresher {
                 let current = current?;
                 let mut next = current.clone();
                 if next.same_period(&doc.subscription, doc.period_start) {
-                    next.next_allotment = next.next_allotment.max(next_allotment);
+                    next.advance(next_allotment);
                     next.renewal_checked |= renewal_checked;
                     if !next.renewal_checked && renewal_retry_at.is_some() {
                         next.renewal_retry_at = renewal_retry_at;
