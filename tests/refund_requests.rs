@@ -1254,3 +1254,114 @@ async fn a_request_whose_payment_is_disputed_after_filing_cannot_be_approved() {
     assert_eq!(ok.status.as_u16(), 200, "{:#}", ok.body);
     assert_eq!(ok.body["status"], "approved", "{:#}", ok.body);
 }
+
+/// The app's documents, except that the first write of a refund request's own document
+/// fails as a store outage would.
+struct LosesFirstRequestWrite {
+    inner: Arc<dyn tally::store::DocStore>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tally::store::DocStore for LosesFirstRequestWrite {
+    async fn get_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+    ) -> Result<Option<tally::store::Doc>, tally::store::StoreError> {
+        self.inner.get_doc(pk, sk).await
+    }
+    async fn put_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+    ) -> Result<bool, tally::store::StoreError> {
+        if pk.starts_with("WORKSPACE#")
+            && sk.starts_with("REFUND_REQUEST#")
+            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(tally::store::StoreError::unavailable("PutItem: timed out"));
+        }
+        self.inner.put_doc(pk, sk, body, expected).await
+    }
+    async fn list_docs_before(
+        &self,
+        pk: &str,
+        prefix: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<tally::store::Doc>, tally::store::StoreError> {
+        self.inner.list_docs_before(pk, prefix, before, limit).await
+    }
+    async fn put_doc_due(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+        due: Option<tally::store::DueMark>,
+    ) -> Result<bool, tally::store::StoreError> {
+        self.inner.put_doc_due(pk, sk, body, expected, due).await
+    }
+    async fn due_docs(
+        &self,
+        shard: u32,
+        until: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<tally::store::DueDoc>, tally::store::StoreError> {
+        self.inner.due_docs(shard, until, limit).await
+    }
+}
+
+/// A request whose claim was written but whose own document was not (the store failed in
+/// between) is neither lost nor a block on the payment: the customer's next attempt,
+/// without the first one's key, takes it over, and staff can find and decide it.
+#[tokio::test]
+async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt() {
+    let app = TestApp::new();
+    let ws = "org_rr_orphan";
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let charge = buy_packs(&app, ws, 1).await;
+    app.settle_billing().await;
+    let requests = RefundRequests {
+        docs: Arc::new(LosesFirstRequestWrite {
+            inner: app.docs.clone(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }),
+        ..parked_requests(&app)
+    };
+    let ask_once = || NewRequest {
+        payment: charge.clone(),
+        reason: RefundReason::Other,
+        details: "not what I expected".into(),
+        requested_by: "u1".into(),
+        id: None,
+    };
+    let now = app.clock.now();
+    requests
+        .create(&workspace, ask_once(), now)
+        .await
+        .expect_err("the request's document was not written");
+    let second = requests
+        .create(&workspace, ask_once(), now)
+        .await
+        .expect("taken over, not refused as already requested");
+    assert_eq!(second.status, RequestStatus::InReview);
+    // Staff see it and can decide it; only one request exists for the payment.
+    let listed = app.get("/v1/refund-requests", &owner(ws)).await;
+    assert_eq!(
+        listed.body["items"].as_array().unwrap().len(),
+        1,
+        "{:#}",
+        listed.body
+    );
+    assert_eq!(listed.body["items"][0]["id"], second.id.as_str());
+    let approved = requests
+        .approve(&second.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(approved.status, RequestStatus::Approved);
+    assert_eq!(app.available(ws).await, 0, "its credits taken back once");
+}

@@ -370,7 +370,7 @@ impl RefundRequests {
         req: NewRequest,
         now: DateTime<Utc>,
     ) -> Result<RefundRequest, Problem> {
-        let id = req.id.clone().unwrap_or_else(new_id);
+        let mut id = req.id.clone().unwrap_or_else(new_id);
         if let Some(existing) = self.get(workspace, &id).await? {
             // A retry: finish what the first attempt may not have (the worker's message).
             if existing.status == RequestStatus::Approved {
@@ -459,6 +459,16 @@ impl RefundRequests {
                 break;
             }
             if let Some(open) = claims.requests.iter().find(|c| c.status.is_open()) {
+                // A request whose claim was written but whose own document was not (the
+                // attempt failed in between, and this one came without its key): nobody
+                // could see or decide it. This request takes it over, under its id.
+                if self.orphaned(workspace, &open.request).await? {
+                    tracing::warn!(workspace = %workspace, request = %open.request,
+                        "refund request claimed but never written; taken over by a new attempt");
+                    id = open.request.clone();
+                    claimed = Some(open.clone());
+                    break;
+                }
                 return Err(Problem::new(
                     StatusCode::CONFLICT,
                     "already_requested",
@@ -569,6 +579,16 @@ impl RefundRequests {
             self.send(&stored).await?;
         }
         Ok(stored)
+    }
+
+    /// Whether `request` of `workspace` has a claim but no document: filed by an attempt that
+    /// failed before writing it. (An attempt still running writes it within moments; taking
+    /// it over then is harmless, as the document is only written if absent.)
+    async fn orphaned(&self, workspace: &WorkspaceId, request: &str) -> Result<bool, Problem> {
+        let link =
+            docs::get::<RequestLink>(self.docs.as_ref(), &request_sk(request), LINK_SK).await?;
+        Ok(link.is_some_and(|l| &l.workspace == workspace)
+            && self.get(workspace, request).await?.is_none())
     }
 
     /// What the records say beyond the rule itself before money goes back without a person:
