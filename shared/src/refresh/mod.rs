@@ -152,6 +152,10 @@ pub struct EarlierLevel {
     pub addon_credits: Option<Credits>,
     /// When the first change after the allotment's date was made.
     pub until: DateTime<Utc>,
+    /// When this level was set (a change before the allotment's date that arrives late
+    /// replaces it if it is newer).
+    #[serde(default)]
+    pub as_of: Option<DateTime<Utc>>,
 }
 
 impl RefreshDoc {
@@ -189,7 +193,7 @@ impl RefreshDoc {
     fn advance(&mut self, next: u32) {
         self.next_allotment = self.next_allotment.max(next);
         if let Some(e) = &self.earlier
-            && self.pending_allotment().is_none_or(|a| a.at >= e.until)
+            && self.pending_allotment().is_none_or(|a| a.at > e.until)
         {
             self.earlier = None;
         }
@@ -216,6 +220,22 @@ impl RefreshDoc {
         if self.level_as_of.is_some_and(|t| t > at)
             || (self.level_as_of == Some(at) && self.level_rank.unwrap_or(0) >= rank)
         {
+            // Too old for the remaining allotments, but it may be the level an allotment
+            // waiting for the worker had on its date (a change before that date whose
+            // event arrived after a later change's).
+            let pending = self.pending_allotment();
+            if let (Some(e), Some(a)) = (&mut self.earlier, pending)
+                && at < a.at
+                && e.as_of.is_none_or(|t| t < at)
+            {
+                e.plan = p.plan.clone();
+                if p.addon_credits.is_some() || p.addon_units != e.addon_units {
+                    e.addon_credits = p.addon_credits;
+                }
+                e.addon_units = p.addon_units;
+                e.as_of = Some(at);
+                return true;
+            }
             return false;
         }
         self.level_rank = Some(rank);
@@ -227,6 +247,7 @@ impl RefreshDoc {
                 addon_units: self.addon_units,
                 addon_credits: self.addon_credits,
                 until: at,
+                as_of: self.level_as_of,
             });
         }
         let before = (

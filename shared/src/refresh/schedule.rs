@@ -46,22 +46,56 @@ pub struct AllotmentGrant {
     pub note: String,
 }
 
-/// The plan an allotment dated `at` follows (the level last paid for, or the earlier one
-/// for an allotment dated before a change the worker has not caught up with), its add-on
-/// units and what they are worth as billed.
+/// A level's plan, add-on units and what those units are worth a month (as billed, or
+/// as the plan's add-on when recorded without that value).
+fn valued<'c>(
+    plan: &str,
+    units: u32,
+    addon_credits: Option<Credits>,
+    catalog: &'c Catalog,
+) -> Result<(&'c Plan, u32, Credits), String> {
+    let plan = catalog
+        .plan(plan)
+        .ok_or_else(|| format!("unknown plan {plan:?}"))?;
+    let addon = match (units, addon_credits) {
+        (0, _) => Credits::ZERO,
+        (_, Some(c)) => c,
+        (_, None) => catalog
+            .addon(&plan.addon)
+            .ok_or("plan add-on missing from catalog")?
+            .credits_per_unit
+            .checked_mul(u64::from(units))
+            .ok_or("add-on credits overflow")?,
+    };
+    Ok((plan, units, addon))
+}
+
+/// The plan an allotment dated `at` follows, its add-on units and their credits: the level
+/// last paid for; for an allotment dated at or before a change the worker has not caught
+/// up with, the lower of that level and the one of its date, part by part. The change's
+/// own grant already paid a rise for the rest of that month, and a fall came back as
+/// money, so the allotment owes only what both levels give.
 pub fn level<'c>(
     doc: &RefreshDoc,
     at: DateTime<Utc>,
     catalog: &'c Catalog,
-) -> Result<(&'c Plan, u32, Option<Credits>), String> {
-    let (name, units, credits) = match &doc.earlier {
-        Some(e) if at < e.until => (&e.plan, e.addon_units, e.addon_credits),
-        _ => (&doc.plan, doc.addon_units, doc.addon_credits),
+) -> Result<(&'c Plan, u32, Credits), String> {
+    let now = valued(&doc.plan, doc.addon_units, doc.addon_credits, catalog)?;
+    let Some(e) = doc.earlier.as_ref().filter(|e| at <= e.until) else {
+        return Ok(now);
     };
-    let plan = catalog
-        .plan(name)
-        .ok_or_else(|| format!("unknown plan {name:?}"))?;
-    Ok((plan, units, credits))
+    let then = valued(&e.plan, e.addon_units, e.addon_credits, catalog)?;
+    let plan = if then.0.monthly_credits <= now.0.monthly_credits {
+        then.0
+    } else {
+        now.0
+    };
+    let (units, addon) = if then.2 <= now.2 {
+        (then.1, then.2)
+    } else {
+        (now.1, now.2)
+    };
+    Ok((plan, units, addon))
 }
 
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
@@ -86,22 +120,11 @@ pub fn grants(
         expires_at: a.month_end + Duration::days(i64::from(plan.rollover_days)),
         note: format!("{} plan credits, month {} of 12", plan.name, a.k + 1),
     }];
-    if units > 0 {
-        // Units are worth what they were billed as; a level recorded without that value
-        // counts them as the plan's add-on.
-        let credits = match addon_credits {
-            Some(c) => c,
-            None => catalog
-                .addon(&plan.addon)
-                .ok_or("plan add-on missing from catalog")?
-                .credits_per_unit
-                .checked_mul(u64::from(units))
-                .ok_or("add-on credits overflow")?,
-        };
+    if units > 0 && addon_credits > Credits::ZERO {
         out.push(AllotmentGrant {
             key: format!("{base}:addon"),
             source: LotSource::Addon,
-            credits,
+            credits: addon_credits,
             expires_at: a.month_end,
             note: format!("{units} add-on unit(s), month {} of 12", a.k + 1),
         });
@@ -227,6 +250,57 @@ mod tests {
         assert_eq!(
             grants(&d, &a[1], &catalog).unwrap()[0].credits,
             Credits::new(400)
+        );
+    }
+
+    #[test]
+    fn around_an_anniversary_the_waiting_allotment_owes_what_both_levels_give() {
+        let catalog = Catalog::builtin();
+        let fresh = || {
+            let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+            d.plan = "team".into();
+            d.addon_units = 0;
+            d
+        };
+        let a = allotments(t(2027, 1, 15), t(2028, 1, 15));
+        let at_plan = |d: &RefreshDoc, plan: &str| crate::refresh::PaidPeriod {
+            workspace: d.workspace.clone(),
+            subscription: d.subscription.clone(),
+            invoice: InvoiceId::parse("in_change").unwrap(),
+            interval: Interval::Yearly,
+            plan: plan.into(),
+            addon_units: 0,
+            addon_credits: None,
+            period_start: d.period_start,
+            period_end: d.period_end,
+        };
+        let plan_credits = |d: &RefreshDoc| grants(d, &a[0], &catalog).unwrap()[0].credits;
+        // A downgrade just after the anniversary: its difference came back as money and
+        // its grant is nothing, so the allotment is at the lower, new level.
+        let mut d = fresh();
+        let p = at_plan(&d, "generative");
+        assert!(d.set_level(&p, a[0].at + Duration::minutes(5), 1));
+        assert_eq!(plan_credits(&d), Credits::new(900));
+        // A change at the anniversary's very second: its grant pays the whole month.
+        let mut d = fresh();
+        d.plan = "generative".into();
+        let p = at_plan(&d, "team");
+        assert!(d.set_level(&p, a[0].at, 1));
+        assert_eq!(plan_credits(&d), Credits::new(900));
+        // Two upgrades, one before the anniversary and one after, whose events arrive
+        // the other way round: the allotment is at the level of its date.
+        let mut d = fresh();
+        d.plan = "plus".into();
+        let later = at_plan(&d, "team");
+        assert!(d.set_level(&later, a[0].at + Duration::minutes(5), 2));
+        assert_eq!(plan_credits(&d), Credits::new(150));
+        let before = at_plan(&d, "generative");
+        assert!(d.set_level(&before, a[0].at - Duration::minutes(10), 1));
+        assert_eq!(d.plan, "team", "the later change still sets the level");
+        assert_eq!(plan_credits(&d), Credits::new(900));
+        assert_eq!(
+            grants(&d, &a[1], &catalog).unwrap()[0].credits,
+            Credits::new(6000)
         );
     }
 
