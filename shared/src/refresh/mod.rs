@@ -152,10 +152,12 @@ pub struct EarlierLevel {
     pub addon_credits: Option<Credits>,
     /// When the first change after the allotment's date was made.
     pub until: DateTime<Utc>,
-    /// When this level was set (a change before the allotment's date that arrives late
-    /// replaces it if it is newer).
+    /// When this level was set, and its rank among changes of the same second (a change
+    /// before the allotment's date that arrives late replaces it if it is newer).
     #[serde(default)]
     pub as_of: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub rank: Option<u64>,
 }
 
 impl RefreshDoc {
@@ -226,7 +228,8 @@ impl RefreshDoc {
             let pending = self.pending_allotment();
             if let (Some(e), Some(a)) = (&mut self.earlier, pending)
                 && at < a.at
-                && e.as_of.is_none_or(|t| t < at)
+                && e.as_of
+                    .is_some_and(|t| t < at || (t == at && e.rank.unwrap_or(0) < rank))
             {
                 e.plan = p.plan.clone();
                 if p.addon_credits.is_some() || p.addon_units != e.addon_units {
@@ -234,6 +237,7 @@ impl RefreshDoc {
                 }
                 e.addon_units = p.addon_units;
                 e.as_of = Some(at);
+                e.rank = Some(rank);
                 return true;
             }
             return false;
@@ -248,6 +252,7 @@ impl RefreshDoc {
                 addon_credits: self.addon_credits,
                 until: at,
                 as_of: self.level_as_of,
+                rank: self.level_rank,
             });
         }
         let before = (

@@ -72,9 +72,9 @@ fn valued<'c>(
 
 /// The plan an allotment dated `at` follows, its add-on units and their credits: the level
 /// last paid for; for an allotment dated at or before a change the worker has not caught
-/// up with, the lower of that level and the one of its date, part by part. The change's
-/// own grant already paid a rise for the rest of that month, and a fall came back as
-/// money, so the allotment owes only what both levels give.
+/// up with, whichever of that level and the one of its date gives less in all. The change's
+/// own grant already paid a rise (plan and add-ons netted against each other) for the rest
+/// of that month, and a fall came back as money, so the allotment owes only the lower.
 pub fn level<'c>(
     doc: &RefreshDoc,
     at: DateTime<Utc>,
@@ -85,17 +85,12 @@ pub fn level<'c>(
         return Ok(now);
     };
     let then = valued(&e.plan, e.addon_units, e.addon_credits, catalog)?;
-    let plan = if then.0.monthly_credits <= now.0.monthly_credits {
-        then.0
+    let total = |l: &(&Plan, u32, Credits)| l.0.monthly_credits.checked_add(l.2);
+    Ok(if total(&then) <= total(&now) {
+        then
     } else {
-        now.0
-    };
-    let (units, addon) = if then.2 <= now.2 {
-        (then.1, then.2)
-    } else {
-        (now.1, now.2)
-    };
-    Ok((plan, units, addon))
+        now
+    })
 }
 
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
@@ -189,7 +184,7 @@ mod tests {
             period_start: start,
             period_end: add_months(start, interval.months()),
             addon_credits: None,
-            level_as_of: None,
+            level_as_of: Some(start),
             level_rank: None,
             next_allotment: 1,
             renewal_checked: false,
@@ -302,6 +297,16 @@ mod tests {
             grants(&d, &a[1], &catalog).unwrap()[0].credits,
             Credits::new(6000)
         );
+        // Plan up, add-ons down in one change: its grant nets the two, so the allotment
+        // is the earlier level whole (900 + 5 x 60), not the lower of each part.
+        let mut d = fresh();
+        d.plan = "generative".into();
+        d.addon_units = 5;
+        let team = at_plan(&d, "team");
+        assert!(d.set_level(&team, a[0].at + Duration::minutes(5), 1));
+        let g = grants(&d, &a[0], &catalog).unwrap();
+        let total: u64 = g.iter().map(|g| g.credits.get()).sum();
+        assert_eq!(total, 900 + 5 * 60, "{g:?}");
     }
 
     #[test]
