@@ -863,6 +863,45 @@ async fn sixty_holds(
     (store, ledger, clock, ids)
 }
 
+/// A hold that needs the credits of more overdue holds than one request releases (40
+/// batches of 25) is answered `busy`, not refused: its retry releases the rest and places it.
+#[tokio::test]
+async fn a_hold_behind_more_overdue_holds_than_one_request_releases_is_busy_then_placed() {
+    let ws = "org_backlog_deep";
+    let store = Counting::over(embedded_store());
+    let (ledger, clock) = ledger_over(store.clone());
+    let est = image_estimate(&ledger);
+    let n = 1_100u64;
+    grant(&ledger, ws, n * est.credits.get()).await;
+    for _ in 0..n {
+        hold(
+            &ledger,
+            ws,
+            GenerationId::new(),
+            &est,
+            t0() + Duration::minutes(30),
+        )
+        .await
+        .unwrap();
+    }
+    clock.advance(Duration::hours(1));
+    let mut everything = est.clone();
+    everything.credits = Credits::new(n * est.credits.get());
+    let deadline = t0() + Duration::hours(3);
+    let first = hold(&ledger, ws, GenerationId::new(), &everything, deadline).await;
+    assert!(
+        matches!(first, Err(ServiceError::Contention)),
+        "busy while holds are still overdue: {first:?}"
+    );
+    let placed = hold(&ledger, ws, GenerationId::new(), &everything, deadline)
+        .await
+        .expect("the retry releases the rest and places it");
+    assert_eq!(placed.balance.available, Credits::ZERO);
+    let state = ledger.workspace_now(&workspace(ws)).await.unwrap();
+    state.check_invariants().unwrap();
+    assert_eq!(state.open_holds, 1);
+}
+
 /// A hold refused for credits that overdue holds still keep is answered `busy`, not
 /// refused, when the time to release them has run out: its retry goes on releasing them.
 #[tokio::test]

@@ -294,13 +294,13 @@ impl Ledger {
                 }
                 Err(
                     LedgerError::InsufficientCredits { .. } | LedgerError::NoCustomModelSlot { .. },
-                ) if backlog && catch_up < MAX_CATCH_UP_BATCHES => {
+                ) if backlog => {
                     // Credits (or a custom-model slot) may be waiting in overdue holds this
                     // transaction cannot all release: release them a batch per transaction,
                     // then try again, so the answer agrees with the balance a read shows.
-                    // Out of time, the answer is `busy` (a retry goes on releasing them),
-                    // not a refusal the backlog may not deserve.
-                    if spent() {
+                    // Out of time or of batches, the answer is `busy` (a retry goes on
+                    // releasing them), not a refusal the backlog may not deserve.
+                    if catch_up >= MAX_CATCH_UP_BATCHES || spent() {
                         return Err(ServiceError::Contention);
                     }
                     catch_up += 1;
