@@ -858,3 +858,55 @@ async fn staff_reissue_a_paid_invoice_with_corrected_details_without_a_second_ch
         .await;
     unknown.assert_problem(404, "not_found");
 }
+
+/// A yearly plan upgraded mid-year whose upgrade is refunded: the rest of the year's
+/// allotments go back to the plan that is still paid for, and the month the upgrade's own
+/// grant bought is taken back.
+#[tokio::test]
+async fn a_refunded_yearly_upgrade_takes_the_rest_of_the_year_back_to_the_plan_still_paid() {
+    let app = TestApp::new();
+    let ws = "org_yup";
+    app.subscribe(ws, "plus", "yearly").await;
+    let advance = |days: i64| {
+        let app = &app;
+        async move {
+            let r = app
+                .send(
+                    Method::POST,
+                    "/sim/clock/advance",
+                    None,
+                    Some(&json!({"days": days}).to_string()),
+                    &[],
+                )
+                .await;
+            assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+            app.settle_billing().await;
+        }
+    };
+    advance(10).await;
+    let up = app.change_plan(ws, "max", "yearly").await;
+    assert!(up.status.is_success(), "{:#}", up.body);
+    app.settle_billing().await;
+    advance(25).await;
+    // Newest first: month 2 at max, the upgrade's rest of month 1, month 1 at plus.
+    let months = plan_allotments(&app, ws).await;
+    assert_eq!(months.first(), Some(&400), "upgraded: {months:?}");
+    // The upgrade's invoice refunded in full.
+    let charges = app.sim_events("charge.succeeded");
+    let charge = charges.last().unwrap()["id"].as_str().unwrap().to_owned();
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+    advance(62).await;
+    let months = plan_allotments(&app, ws).await;
+    assert_eq!(
+        &months[..2],
+        &[150, 150],
+        "back to plus once the upgrade's money is back: {months:?}"
+    );
+}

@@ -464,6 +464,9 @@ impl BillingEvents {
                 .await?;
                 periods::change(self.docs.as_ref(), workspace, sub, &invoice.id, level, *at)
                     .await?;
+                // A refund of this change's invoice that arrived first lowers the later
+                // months now that the change is recorded.
+                self.follow_invoice(&invoice.id).await?;
             }
         }
         self.subscription_from_invoice(

@@ -141,6 +141,36 @@ pub struct RefreshDoc {
     /// allotments dated before the change follow it, not the change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub earlier: Option<EarlierLevel>,
+    /// The period's paid changes of level, oldest first (at most [`MAX_CHANGES`]): what
+    /// each paid for, so money given back for its invoice lowers the allotments after it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<PaidChange>,
+}
+
+/// Paid changes of one period the document remembers (a busier period forgets its oldest:
+/// a refund of one of those no longer lowers the allotments).
+pub const MAX_CHANGES: usize = 24;
+
+/// A level: plan, add-on units, and what the units are worth as billed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LevelParts {
+    pub plan: String,
+    pub addon_units: u32,
+    #[serde(default)]
+    pub addon_credits: Option<Credits>,
+}
+
+/// A paid change of a period's level, by the invoice that paid it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaidChange {
+    pub invoice: InvoiceId,
+    pub at: DateTime<Utc>,
+    pub before: LevelParts,
+    pub after: LevelParts,
+    /// Cents of the change's invoice given back (refunded, or lost in a dispute), of the
+    /// cents paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub given_back: Option<(u64, u64)>,
 }
 
 /// A level that allotments dated before `until` follow (see [`RefreshDoc::earlier`]).
@@ -180,7 +210,35 @@ impl RefreshDoc {
             settle_at: None,
             given_back: None,
             earlier: None,
+            changes: Vec::new(),
         }
+    }
+
+    /// The level now, as parts.
+    fn parts(&self) -> LevelParts {
+        LevelParts {
+            plan: self.plan.clone(),
+            addon_units: self.addon_units,
+            addon_credits: self.addon_credits,
+        }
+    }
+
+    /// Money given back for `invoice` (`back` of `paid` cents): the period's own invoice
+    /// or one of its changes. Only ever grows; whether anything changed.
+    fn give_back(&mut self, invoice: &InvoiceId, back: u64, paid: u64) -> bool {
+        let given = (back.min(paid), paid);
+        let slot = if &self.invoice == invoice {
+            &mut self.given_back
+        } else if let Some(c) = self.changes.iter_mut().find(|c| &c.invoice == invoice) {
+            &mut c.given_back
+        } else {
+            return false;
+        };
+        if slot.is_some_and(|(b, _)| b >= given.0) {
+            return false;
+        }
+        *slot = Some(given);
+        true
     }
 
     /// The first allotment the worker has not dealt with yet, if the period owes one.
@@ -268,6 +326,22 @@ impl RefreshDoc {
         }
         self.addon_units = p.addon_units;
         self.level_as_of = Some(at);
+        if p.invoice != self.invoice && !self.changes.iter().any(|c| c.invoice == p.invoice) {
+            self.changes.push(PaidChange {
+                invoice: p.invoice.clone(),
+                at,
+                before: LevelParts {
+                    plan: before.0.clone(),
+                    addon_units: before.1,
+                    addon_credits: before.2,
+                },
+                after: self.parts(),
+                given_back: None,
+            });
+            if self.changes.len() > MAX_CHANGES {
+                self.changes.remove(0);
+            }
+        }
         before
             != (
                 self.plan.clone(),
@@ -320,7 +394,9 @@ pub async fn record_paid_period(
 }
 
 /// Money given back for `invoice` (`back` of `paid` cents): if it paid the current period,
-/// the period's remaining allotments shrink by that share. Only ever grows.
+/// the period's remaining allotments shrink by that share; if it paid a change of the
+/// period's level, the allotments after the change lose that share of what it added.
+/// Only ever grows.
 pub async fn record_given_back(
     docs: &dyn DocStore,
     workspace: &WorkspaceId,
@@ -335,10 +411,9 @@ pub async fn record_given_back(
         REFRESH_SK,
         |current: Option<RefreshDoc>| {
             let mut next = current?;
-            if &next.invoice != invoice || next.given_back.is_some_and(|(b, _)| b >= back) {
+            if !next.give_back(invoice, back, paid) {
                 return None;
             }
-            next.given_back = Some((back.min(paid), paid));
             let due = next.due_mark(settings.shards, settings.grace);
             Some((next, due))
         },

@@ -102,6 +102,24 @@ pub fn grants(
     catalog: &Catalog,
 ) -> Result<Vec<AllotmentGrant>, String> {
     let (plan, units, addon_credits) = level(doc, a.at, catalog)?;
+    // Money given back for a change before this allotment: the allotment loses that share
+    // of what the change added (rounded up), from the plan's credits first.
+    let mut less = 0u64;
+    for c in doc.changes.iter().filter(|c| c.at < a.at) {
+        let Some((back, paid)) = c.given_back.filter(|&(b, p)| b > 0 && p > 0) else {
+            continue;
+        };
+        let total = |l: &super::LevelParts| {
+            valued(&l.plan, l.addon_units, l.addon_credits, catalog)
+                .map(|(p, _, addon)| u128::from(p.monthly_credits.get()) + u128::from(addon.get()))
+        };
+        let added = total(&c.after)?.saturating_sub(total(&c.before)?);
+        let share = (added * u128::from(back.min(paid))).div_ceil(u128::from(paid));
+        less = less.saturating_add(u64::try_from(share).unwrap_or(u64::MAX));
+    }
+    let plan_credits = plan.monthly_credits.saturating_sub(Credits::new(less));
+    let less = Credits::new(less.saturating_sub(plan.monthly_credits.get()));
+    let addon_credits = addon_credits.saturating_sub(less);
     let base = format!(
         "refresh:{}:{}:{}",
         doc.subscription,
@@ -111,7 +129,7 @@ pub fn grants(
     let mut out = vec![AllotmentGrant {
         key: format!("{base}:plan"),
         source: LotSource::PlanPeriod,
-        credits: plan.monthly_credits,
+        credits: plan_credits,
         expires_at: a.month_end + Duration::days(i64::from(plan.rollover_days)),
         note: format!("{} plan credits, month {} of 12", plan.name, a.k + 1),
     }];
@@ -130,6 +148,7 @@ pub fn grants(
     if doc.given_back.is_some_and(|(back, paid)| back >= paid) {
         out.clear();
     }
+    out.retain(|g| g.credits > Credits::ZERO);
     Ok(out)
 }
 
@@ -192,6 +211,7 @@ mod tests {
             settle_at: None,
             given_back: None,
             earlier: None,
+            changes: Vec::new(),
         }
     }
 
@@ -307,6 +327,44 @@ mod tests {
         let g = grants(&d, &a[0], &catalog).unwrap();
         let total: u64 = g.iter().map(|g| g.credits.get()).sum();
         assert_eq!(total, 900 + 5 * 60, "{g:?}");
+    }
+
+    #[test]
+    fn money_given_back_for_a_change_lowers_the_allotments_after_it() {
+        let catalog = Catalog::builtin();
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        d.plan = "plus".into();
+        d.addon_units = 0;
+        let a = allotments(d.period_start, d.period_end);
+        let upgrade = crate::refresh::PaidPeriod {
+            workspace: d.workspace.clone(),
+            subscription: d.subscription.clone(),
+            invoice: InvoiceId::parse("in_upgrade").unwrap(),
+            interval: Interval::Yearly,
+            plan: "max".into(),
+            addon_units: 0,
+            addon_credits: None,
+            period_start: d.period_start,
+            period_end: d.period_end,
+        };
+        // Upgraded from plus (150) to max (400) between the first and second allotments.
+        assert!(d.set_level(&upgrade, a[0].at + Duration::days(10), 1));
+        d.advance(2);
+        let plan = |d: &RefreshDoc, k: usize| grants(d, &a[k], &catalog).unwrap()[0].credits;
+        assert_eq!(plan(&d, 1), Credits::new(400));
+        // Half of the upgrade's invoice refunded: half of what it added.
+        assert!(d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), 500, 1000));
+        assert!(!d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), 400, 1000));
+        assert_eq!(plan(&d, 1), Credits::new(275));
+        // All of it: back to plus for the rest of the year.
+        assert!(d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), 1000, 1000));
+        assert_eq!(plan(&d, 1), Credits::new(150));
+        assert_eq!(plan(&d, 10), Credits::new(150));
+        // An invoice the document does not know changes nothing.
+        assert!(!d.give_back(&InvoiceId::parse("in_other").unwrap(), 1000, 1000));
+        // The period's own invoice is followed as before.
+        assert!(d.give_back(&InvoiceId::parse("in_1").unwrap(), 1000, 1000));
+        assert!(grants(&d, &a[1], &catalog).unwrap().is_empty());
     }
 
     #[test]
