@@ -1,7 +1,8 @@
 //! stripe-webhook: `POST /webhooks/stripe`. Verifies the `Stripe-Signature` header on the
 //! raw body bytes (any of the configured secrets, so secrets can rotate; any `v1=`
 //! signature; 300 s tolerance; constant-time comparison), then queues the untouched body on
-//! the billing FIFO queue (group: the Stripe customer, deduplication: the event id) and
+//! the billing FIFO queue (group: the Stripe customer, or the payment for events that name
+//! none; deduplication: the event id) and
 //! answers at once. It writes nothing to the ledger.
 
 pub mod signature;
@@ -175,6 +176,28 @@ fn customer_of(event: &Value) -> Option<String> {
     }
 }
 
+/// The FIFO group of an event whose object names no customer (refunds, disputes, invoice
+/// payments): the payment it is about, so one such event that cannot be processed yet holds
+/// back only the events of its own payment, not every workspace's refunds and disputes.
+pub fn payment_group(payload: &str) -> String {
+    let event: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
+    let object = &event["data"]["object"];
+    let id_of = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("id").and_then(|v| v.as_str()).map(str::to_owned),
+        _ => None,
+    };
+    [
+        ("charge", &object["charge"]),
+        ("payment", &object["payment_intent"]),
+        ("invoice", &object["invoice"]),
+        ("object", &object["id"]),
+    ]
+    .into_iter()
+    .find_map(|(kind, v)| id_of(v).map(|id| format!("{kind}-{id}")))
+    .unwrap_or_else(|| "no-customer".into())
+}
+
 /// What the webhook answers a queued delivery.
 #[derive(Debug, utoipa::ToSchema)]
 #[allow(dead_code)] // documents the answer `receive` builds with `json!`
@@ -213,7 +236,7 @@ pub async fn receive(
         state.clock.now().timestamp(),
     )?;
     let (id, kind, customer) = read_event(payload)?;
-    let group = customer.unwrap_or_else(|| "no-customer".into());
+    let group = customer.unwrap_or_else(|| payment_group(payload));
     state
         .queue
         .send(Message {

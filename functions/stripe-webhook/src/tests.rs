@@ -290,3 +290,20 @@ fn an_event_of_an_unusual_shape_is_read_as_any_json_and_the_customer_found_the_s
     assert!(crate::read_event(r#"["evt_1","x"]"#).is_err());
     assert!(crate::read_event(r#"{"id":"ch_1"}"#).is_err());
 }
+
+#[test]
+fn events_that_name_no_customer_are_grouped_by_their_payment() {
+    let refund = r#"{"id":"evt_r","type":"refund.created","data":{"object":{"object":"refund","id":"re_1","charge":"ch_1","payment_intent":"pi_1"}}}"#;
+    assert_eq!(crate::read_event(refund).unwrap().2, None);
+    assert_eq!(crate::payment_group(refund), "charge-ch_1");
+    let dispute = r#"{"id":"evt_d","type":"charge.dispute.created","data":{"object":{"object":"dispute","id":"dp_1","charge":{"id":"ch_2"}}}}"#;
+    assert_eq!(crate::payment_group(dispute), "charge-ch_2");
+    let payment = r#"{"id":"evt_p","type":"invoice_payment.paid","data":{"object":{"object":"invoice_payment","id":"inpay_1","invoice":"in_1"}}}"#;
+    assert_eq!(crate::payment_group(payment), "invoice-in_1");
+    let bare = r#"{"id":"evt_b","type":"x","data":{"object":{"object":"thing","id":"th_1"}}}"#;
+    assert_eq!(crate::payment_group(bare), "object-th_1");
+    assert_eq!(
+        crate::payment_group(r#"{"id":"evt_n","type":"x"}"#),
+        "no-customer"
+    );
+}

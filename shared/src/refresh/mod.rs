@@ -214,6 +214,36 @@ impl RefreshDoc {
         }
     }
 
+    /// A paid change whose event arrived after a later change's: recorded before the first
+    /// later one, starting from the level that one started from, which now starts from it.
+    fn insert_late_change(&mut self, p: &PaidPeriod, at: DateTime<Utc>) {
+        if p.invoice == self.invoice || self.changes.iter().any(|c| c.invoice == p.invoice) {
+            return;
+        }
+        let Some(i) = self.changes.iter().position(|c| c.at > at) else {
+            return;
+        };
+        let after = LevelParts {
+            plan: p.plan.clone(),
+            addon_units: p.addon_units,
+            addon_credits: p.addon_credits,
+        };
+        let before = std::mem::replace(&mut self.changes[i].before, after.clone());
+        self.changes.insert(
+            i,
+            PaidChange {
+                invoice: p.invoice.clone(),
+                at,
+                before,
+                after,
+                given_back: None,
+            },
+        );
+        if self.changes.len() > MAX_CHANGES {
+            self.changes.remove(0);
+        }
+    }
+
     /// The level now, as parts.
     fn parts(&self) -> LevelParts {
         LevelParts {
@@ -280,9 +310,13 @@ impl RefreshDoc {
         if self.level_as_of.is_some_and(|t| t > at)
             || (self.level_as_of == Some(at) && self.level_rank.unwrap_or(0) >= rank)
         {
-            // Too old for the remaining allotments, but it may be the level an allotment
-            // waiting for the worker had on its date (a change before that date whose
-            // event arrived after a later change's).
+            let changes_before = self.changes.clone();
+            // Too old for the remaining allotments, but still a paid change of them: it
+            // goes in its place among the changes (the next one started from its level),
+            // so a refund of either takes back what each added.
+            self.insert_late_change(p, at);
+            // And it may be the level an allotment waiting for the worker had on its date
+            // (a change before that date whose event arrived after a later change's).
             let pending = self.pending_allotment();
             if let (Some(e), Some(a)) = (&mut self.earlier, pending)
                 && at < a.at
@@ -298,7 +332,7 @@ impl RefreshDoc {
                 e.rank = Some(rank);
                 return true;
             }
-            return false;
+            return changes_before != self.changes;
         }
         self.level_rank = Some(rank);
         // An allotment already due when the change was made, and not granted yet, is owed

@@ -103,20 +103,30 @@ pub fn grants(
 ) -> Result<Vec<AllotmentGrant>, String> {
     let (plan, units, addon_credits) = level(doc, a.at, catalog)?;
     // Money given back for a change before this allotment: the allotment loses that share
-    // of what the change added (rounded up), from the plan's credits first.
-    let mut less = 0u64;
+    // of what the change added (rounded up), never more than it gives above the level the
+    // change started from (a later downgrade may have given the rise back already), from
+    // the plan's credits first.
+    let total = |plan: &Plan, addon: Credits| {
+        u128::from(plan.monthly_credits.get()) + u128::from(addon.get())
+    };
+    let now = total(plan, addon_credits);
+    let mut less = 0u128;
     for c in doc.changes.iter().filter(|c| c.at < a.at) {
         let Some((back, paid)) = c.given_back.filter(|&(b, p)| b > 0 && p > 0) else {
             continue;
         };
-        let total = |l: &super::LevelParts| {
-            valued(&l.plan, l.addon_units, l.addon_credits, catalog)
-                .map(|(p, _, addon)| u128::from(p.monthly_credits.get()) + u128::from(addon.get()))
+        let valued_total = |l: &super::LevelParts| {
+            valued(&l.plan, l.addon_units, l.addon_credits, catalog).map(|(p, _, a)| total(p, a))
         };
-        let added = total(&c.after)?.saturating_sub(total(&c.before)?);
+        let (Ok(before), Ok(after)) = (valued_total(&c.before), valued_total(&c.after)) else {
+            // A level the catalog no longer knows: its refund cannot be valued here.
+            continue;
+        };
+        let added = after.saturating_sub(before);
         let share = (added * u128::from(back.min(paid))).div_ceil(u128::from(paid));
-        less = less.saturating_add(u64::try_from(share).unwrap_or(u64::MAX));
+        less += share.min(now.saturating_sub(before));
     }
+    let less = u64::try_from(less.min(now)).unwrap_or(u64::MAX);
     let plan_credits = plan.monthly_credits.saturating_sub(Credits::new(less));
     let less = Credits::new(less.saturating_sub(plan.monthly_credits.get()));
     let addon_credits = addon_credits.saturating_sub(less);
@@ -365,6 +375,43 @@ mod tests {
         // The period's own invoice is followed as before.
         assert!(d.give_back(&InvoiceId::parse("in_1").unwrap(), 1000, 1000));
         assert!(grants(&d, &a[1], &catalog).unwrap().is_empty());
+
+        let change = |invoice: &str, plan: &str| crate::refresh::PaidPeriod {
+            invoice: InvoiceId::parse(invoice).unwrap(),
+            plan: plan.into(),
+            ..upgrade.clone()
+        };
+        let back = |d: &mut RefreshDoc, invoice: &str| {
+            assert!(d.give_back(&InvoiceId::parse(invoice).unwrap(), 1000, 1000));
+        };
+        // Up to max, back down to plus, then the upgrade refunded: plus is still paid for.
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        d.plan = "plus".into();
+        d.addon_units = 0;
+        let up = change("in_up", "max");
+        assert!(d.set_level(&up, a[0].at + Duration::days(5), 1));
+        let down = change("in_down", "plus");
+        assert!(d.set_level(&down, a[0].at + Duration::days(9), 1));
+        back(&mut d, "in_up");
+        d.advance(2);
+        assert_eq!(plan(&d, 1), Credits::new(150));
+        // Two upgrades whose events arrive the other way round: each is recorded from the
+        // level the other left, so refunding the first takes back only what it added.
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        d.plan = "plus".into();
+        d.addon_units = 0;
+        let second = change("in_second", "team");
+        assert!(d.set_level(&second, a[0].at + Duration::days(9), 1));
+        let first = change("in_first", "max");
+        assert!(d.set_level(&first, a[0].at + Duration::days(5), 1));
+        assert_eq!(d.plan, "team");
+        let invoices: Vec<&str> = d.changes.iter().map(|c| c.invoice.as_str()).collect();
+        assert_eq!(invoices, ["in_first", "in_second"]);
+        back(&mut d, "in_first");
+        d.advance(2);
+        assert_eq!(plan(&d, 1), Credits::new(6000 - 250));
+        back(&mut d, "in_second");
+        assert_eq!(plan(&d, 1), Credits::new(150));
     }
 
     #[test]
