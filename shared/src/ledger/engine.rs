@@ -636,23 +636,56 @@ impl Tx<'_> {
             actor,
         );
         d.credits = CreditDelta::increase(credits);
-        d.lots = vec![LotChange::Created {
-            lot: Lot {
-                seq,
-                source,
-                original: credits,
-                remaining: credits,
-                held: Credits::ZERO,
-                frozen: Credits::ZERO,
-                refunded_cents: 0,
-                granted_at: self.now(),
-                expires_at,
-            },
-        }];
+        let (change, lot) = self.new_credits(seq, source, credits, expires_at);
+        d.lots = vec![change];
         d.totals.issued = credits;
         d.note = note;
         self.push(d)?;
-        Ok(format!("lot_{seq}"))
+        Ok(format!("lot_{lot}"))
+    }
+
+    /// The lot change that adds `credits` of `source`: a new lot, or, for credits that
+    /// never expire and were bought by no payment (reversals, staff grants), the lot of
+    /// earlier ones of the same kind, so the state does not grow with every such grant.
+    /// Payment lots stay apart: a refund or dispute follows the lot its payment bought.
+    fn new_credits(
+        &self,
+        seq: u64,
+        source: LotSource,
+        credits: Credits,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> (LotChange, u64) {
+        let shared =
+            expires_at.is_none() && matches!(source, LotSource::Reversal | LotSource::Adjustment);
+        if let Some(l) = self.state.lots.iter().rev().find(|l| {
+            shared
+                && l.source == source
+                && l.expires_at.is_none()
+                && l.frozen == Credits::ZERO
+                && l.refunded_cents == 0
+                && l.original.checked_add(credits).is_some()
+                && l.remaining.checked_add(credits).is_some()
+        }) {
+            return (
+                LotChange::ToppedUp {
+                    lot: l.seq,
+                    credits,
+                },
+                l.seq,
+            );
+        }
+        let lot = Lot {
+            seq,
+            source,
+            original: credits,
+            remaining: credits,
+            held: Credits::ZERO,
+            frozen: Credits::ZERO,
+            refunded_cents: 0,
+            granted_at: self.now(),
+            expires_at,
+        };
+        (LotChange::Created { lot }, seq)
     }
 
     fn hold(
@@ -928,19 +961,7 @@ impl Tx<'_> {
         let seq = self.state.next_seq;
         let mut d = Draft::new(Reason::Reversal, actor);
         d.credits = CreditDelta::increase(credits);
-        d.lots = vec![LotChange::Created {
-            lot: Lot {
-                seq,
-                source: LotSource::Reversal,
-                original: credits,
-                remaining: credits,
-                held: Credits::ZERO,
-                frozen: Credits::ZERO,
-                refunded_cents: 0,
-                granted_at: self.now(),
-                expires_at: None,
-            },
-        }];
+        d.lots = vec![self.new_credits(seq, LotSource::Reversal, credits, None).0];
         d.totals.issued = credits;
         d.generation = Some(generation);
         d.note = Some(reason.to_owned());

@@ -293,6 +293,13 @@ pub enum LotChange {
         lot: u64,
         cents: u64,
     },
+    /// More credits of the same kind added to a lot that bought nothing (a reversal or a
+    /// staff grant that never expires, on the lot of earlier ones): its `original` and
+    /// `remaining` both grow, so such grants keep one lot however many there are.
+    ToppedUp {
+        lot: u64,
+        credits: Credits,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -490,6 +497,12 @@ impl WorkspaceState {
                         .ok_or_else(corrupt)?;
                     l.held = l.held.checked_add_delta(*held).ok_or_else(corrupt)?;
                     backed(l)?;
+                }
+                LotChange::ToppedUp { lot, credits } => {
+                    let l = lot_mut(&mut self.lots, *lot)?;
+                    let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
+                    l.original = l.original.checked_add(*credits).ok_or_else(corrupt)?;
+                    l.remaining = l.remaining.checked_add(*credits).ok_or_else(corrupt)?;
                 }
                 LotChange::Refunded { lot, cents } => {
                     let l = lot_mut(&mut self.lots, *lot)?;

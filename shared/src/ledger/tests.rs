@@ -504,6 +504,61 @@ fn an_entry_that_removes_the_plan_removes_it_when_read_back() {
 }
 
 #[test]
+fn reversals_and_staff_grants_keep_one_lot_each_however_many_there_are() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 100_000, None);
+    let pack_lots = w.state.lots.len();
+    let mut first = None;
+    for i in 0..3_000u64 {
+        let out = w
+            .run(Operation::Adjust {
+                credits: CreditDelta::increase(Credits::new(1 + i % 7)),
+                note: "goodwill".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            *first.get_or_insert(out.lot.clone()),
+            out.lot,
+            "the same lot"
+        );
+    }
+    for _ in 0..300 {
+        let g = w.hold(20).unwrap();
+        let done = w.complete(g, Some(15), None);
+        w.run(Operation::Reverse {
+            generation: g,
+            record: Some(done),
+            reason: "faulty output".into(),
+        })
+        .unwrap();
+    }
+    assert_eq!(w.state.lots.len(), pack_lots + 2, "{:?}", w.state.lots);
+    let adjustment = w
+        .state
+        .lots
+        .iter()
+        .find(|l| l.source == LotSource::Adjustment)
+        .unwrap();
+    let granted: u64 = (0..3_000u64).map(|i| 1 + i % 7).sum();
+    assert_eq!(adjustment.original.get(), granted);
+    let reversal = w
+        .state
+        .lots
+        .iter()
+        .find(|l| l.source == LotSource::Reversal)
+        .unwrap();
+    assert_eq!(reversal.original.get(), 300 * 15);
+    // Expiring staff grants and payment lots stay apart.
+    w.grant(LotSource::Adjustment, 10, Some(24));
+    w.grant(LotSource::Pack, 10, None);
+    assert_eq!(w.state.lots.len(), pack_lots + 4);
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.lots, w.state.lots);
+    assert_eq!(rebuilt.totals, w.state.totals);
+    rebuilt.check_invariants().unwrap();
+}
+
+#[test]
 fn a_negative_adjustment_cannot_take_more_than_is_available() {
     let mut w = World::new();
     w.grant(LotSource::Pack, 10, None);
