@@ -28,6 +28,17 @@ async fn buy_packs(app: &TestApp, ws: &str, quantity: u32) -> String {
     charges.last().unwrap()["id"].as_str().unwrap().to_owned()
 }
 
+/// A customer's request (by `u1`) for `payment`, under a fresh id.
+fn request_for(payment: &str, reason: RefundReason) -> NewRequest {
+    NewRequest {
+        payment: payment.to_owned(),
+        reason,
+        details: "x".into(),
+        requested_by: "u1".into(),
+        id: None,
+    }
+}
+
 /// Refund requests over the app's documents and ledger whose approvals wait in a queue
 /// nobody consumes, so the worker under test is the only one that sees them.
 fn parked_requests(app: &TestApp) -> RefundRequests {
@@ -436,17 +447,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     let requests = parked_requests(&app);
     let now = app.clock.now();
     let r = requests
-        .create(
-            &workspace,
-            NewRequest {
-                payment: charge.clone(),
-                reason: RefundReason::Other,
-                details: "x".into(),
-                requested_by: "u1".into(),
-                id: None,
-            },
-            now,
-        )
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
         .await
         .unwrap();
     let r = requests
@@ -528,17 +529,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     // A refusal: the request fails, its claim is freed, and staff may approve it again.
     let c2 = buy_packs(&app, ws, 1).await;
     let r2 = requests
-        .create(
-            &workspace,
-            NewRequest {
-                payment: c2.clone(),
-                reason: RefundReason::Other,
-                details: "x".into(),
-                requested_by: "u1".into(),
-                id: None,
-            },
-            now,
-        )
+        .create(&workspace, request_for(&c2, RefundReason::Other), now)
         .await
         .unwrap();
     requests
@@ -960,13 +951,7 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
     let r = requests
         .create(
             &workspace,
-            NewRequest {
-                payment: charge.clone(),
-                reason: RefundReason::TechnicalIssue,
-                details: "x".into(),
-                requested_by: "u1".into(),
-                id: None,
-            },
+            request_for(&charge, RefundReason::TechnicalIssue),
             now,
         )
         .await
@@ -1042,17 +1027,7 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
     );
     // The payment is fully claimed by the refund: no further request.
     let again = requests
-        .create(
-            &workspace,
-            NewRequest {
-                payment: charge,
-                reason: RefundReason::Other,
-                details: "x".into(),
-                requested_by: "u1".into(),
-                id: None,
-            },
-            now,
-        )
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
         .await;
     assert_eq!(again.unwrap_err().details().code, "not_refundable");
 }
@@ -1069,13 +1044,7 @@ async fn credits_taken_back_at_approval_are_recorded_and_stay_taken_back_when_a_
     let r = requests
         .create(
             &workspace,
-            NewRequest {
-                payment: charge,
-                reason: RefundReason::TechnicalIssue,
-                details: "x".into(),
-                requested_by: "u1".into(),
-                id: None,
-            },
+            request_for(&charge, RefundReason::TechnicalIssue),
             now,
         )
         .await
@@ -1124,17 +1093,7 @@ async fn sending_an_approval_again_after_stripe_made_its_refund_takes_its_credit
     let requests = parked_requests(&app);
     let now = app.clock.now();
     let r = requests
-        .create(
-            &workspace,
-            NewRequest {
-                payment: charge.clone(),
-                reason: RefundReason::Other,
-                details: "half, as agreed".into(),
-                requested_by: "u1".into(),
-                id: None,
-            },
-            now,
-        )
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
         .await
         .unwrap();
     let half = tally::money::Cents::new(price / 2);
@@ -1332,13 +1291,7 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
         }),
         ..parked_requests(&app)
     };
-    let ask_once = || NewRequest {
-        payment: charge.clone(),
-        reason: RefundReason::Other,
-        details: "not what I expected".into(),
-        requested_by: "u1".into(),
-        id: None,
-    };
+    let ask_once = || request_for(&charge, RefundReason::Other);
     let now = app.clock.now();
     requests
         .create(&workspace, ask_once(), now)

@@ -408,23 +408,7 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
     app.subscribe("org_yr", "plus", "yearly").await;
     let month = app.available("org_yr").await;
     assert!(month > 0);
-    let advance = |days: i64| {
-        let app = &app;
-        async move {
-            let r = app
-                .send(
-                    Method::POST,
-                    "/sim/clock/advance",
-                    None,
-                    Some(&json!({"days": days}).to_string()),
-                    &[],
-                )
-                .await;
-            assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-            app.settle_billing().await;
-        }
-    };
-    advance(32).await;
+    advance_days(&app, 32).await;
     assert_eq!(
         plan_allotments(&app, "org_yr").await,
         vec![month as i64; 2],
@@ -449,7 +433,7 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
     assert_eq!(app.available("org_yr").await, before - month);
     assert_eq!(taken_back(&app, "org_yr").await, vec![month as i64 / 2; 2]);
     // Month 3 is granted and loses the refunded half at once: half the money, half a month.
-    advance(31).await;
+    advance_days(&app, 31).await;
     assert_eq!(plan_allotments(&app, "org_yr").await.len(), 3);
     let taken = taken_back(&app, "org_yr").await;
     assert_eq!(taken.len(), 3, "{taken:?}");
@@ -461,7 +445,7 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
         Some(json!({})),
     )
     .await;
-    advance(62).await;
+    advance_days(&app, 62).await;
     assert_eq!(
         plan_allotments(&app, "org_yr").await.len(),
         3,
@@ -479,6 +463,21 @@ async fn taken_back(app: &TestApp, ws: &str) -> Vec<i64> {
 }
 
 /// Plan credits granted so far (sign-up months and allotments), newest first.
+/// Moves the simulated clock `days` on and lets billing catch up.
+async fn advance_days(app: &TestApp, days: i64) {
+    let r = app
+        .send(
+            Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&json!({"days": days}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+}
+
 async fn plan_allotments(app: &TestApp, ws: &str) -> Vec<i64> {
     entries(app, ws, "plan_credits")
         .await
@@ -867,27 +866,11 @@ async fn a_refunded_yearly_upgrade_takes_the_rest_of_the_year_back_to_the_plan_s
     let app = TestApp::new();
     let ws = "org_yup";
     app.subscribe(ws, "plus", "yearly").await;
-    let advance = |days: i64| {
-        let app = &app;
-        async move {
-            let r = app
-                .send(
-                    Method::POST,
-                    "/sim/clock/advance",
-                    None,
-                    Some(&json!({"days": days}).to_string()),
-                    &[],
-                )
-                .await;
-            assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-            app.settle_billing().await;
-        }
-    };
-    advance(10).await;
+    advance_days(&app, 10).await;
     let up = app.change_plan(ws, "max", "yearly").await;
     assert!(up.status.is_success(), "{:#}", up.body);
     app.settle_billing().await;
-    advance(25).await;
+    advance_days(&app, 25).await;
     // Newest first: month 2 at max, the upgrade's rest of month 1, month 1 at plus.
     let months = plan_allotments(&app, ws).await;
     assert_eq!(months.first(), Some(&400), "upgraded: {months:?}");
@@ -902,7 +885,7 @@ async fn a_refunded_yearly_upgrade_takes_the_rest_of_the_year_back_to_the_plan_s
     .await;
     assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
     app.settle_billing().await;
-    advance(62).await;
+    advance_days(&app, 62).await;
     let months = plan_allotments(&app, ws).await;
     assert_eq!(
         &months[..2],

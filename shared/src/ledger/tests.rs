@@ -287,6 +287,18 @@ fn an_overdue_hold_is_released_by_the_next_operation_and_a_late_completion_still
     assert_eq!(w.available(), Credits::new(35));
 }
 
+/// An active monthly plus plan from `now`.
+fn plus_plan(now: DateTime<Utc>) -> PlanState {
+    PlanState {
+        plan: "plus".into(),
+        interval: Interval::Monthly,
+        status: PlanStatus::Active,
+        period_start: now,
+        period_end: now + Duration::days(30),
+        cancel_at_period_end: false,
+    }
+}
+
 fn record_for(w: &World, g: GenerationId, held: u64) -> Generation {
     Generation {
         id: g,
@@ -388,14 +400,7 @@ fn training_needs_a_free_custom_model_slot() {
         .unwrap_err();
     assert_eq!(err, LedgerError::NoCustomModelSlot { slots: 0 });
     w.run(Operation::SetPlan {
-        plan: Some(PlanState {
-            plan: "plus".into(),
-            interval: Interval::Monthly,
-            status: PlanStatus::Active,
-            period_start: w.now,
-            period_end: w.now + Duration::days(30),
-            cancel_at_period_end: false,
-        }),
+        plan: Some(plus_plan(w.now)),
     })
     .unwrap();
     let first = GenerationId::new();
@@ -430,14 +435,7 @@ fn a_training_completed_after_its_hold_expired_takes_its_slot_again() {
     let mut w = World::new();
     w.grant(LotSource::Pack, 5000, None);
     w.run(Operation::SetPlan {
-        plan: Some(PlanState {
-            plan: "plus".into(),
-            interval: Interval::Monthly,
-            status: PlanStatus::Active,
-            period_start: w.now,
-            period_end: w.now + Duration::days(30),
-            cancel_at_period_end: false,
-        }),
+        plan: Some(plus_plan(w.now)),
     })
     .unwrap();
     let estimate = Estimate {
@@ -481,14 +479,7 @@ fn a_training_completed_after_its_hold_expired_takes_its_slot_again() {
 fn an_entry_that_removes_the_plan_removes_it_when_read_back() {
     let mut w = World::new();
     w.run(Operation::SetPlan {
-        plan: Some(PlanState {
-            plan: "plus".into(),
-            interval: Interval::Monthly,
-            status: PlanStatus::Active,
-            period_start: w.now,
-            period_end: w.now + Duration::days(30),
-            cancel_at_period_end: false,
-        }),
+        plan: Some(plus_plan(w.now)),
     })
     .unwrap();
     w.run(Operation::SetPlan { plan: None }).unwrap();
