@@ -407,6 +407,7 @@ impl Tx<'_> {
                     lot,
                     remaining: CreditDelta::decrease(free),
                     held: CreditDelta::ZERO,
+                    original: CreditDelta::ZERO,
                 })
                 .collect();
             d.totals.expired = total;
@@ -464,6 +465,7 @@ impl Tx<'_> {
                         lot,
                         remaining: CreditDelta::decrease(t),
                         held: CreditDelta::ZERO,
+                        original: CreditDelta::ZERO,
                     })
                     .collect();
                 d.totals.adjusted_out = amount;
@@ -507,6 +509,7 @@ impl Tx<'_> {
                         lot: *lot,
                         remaining: CreditDelta::decrease(taken),
                         held: CreditDelta::ZERO,
+                        original: CreditDelta::ZERO,
                     });
                 }
                 d.totals.clawed_back = taken;
@@ -551,6 +554,7 @@ impl Tx<'_> {
                             lot: *lot,
                             remaining: CreditDelta::decrease(frozen),
                             held: CreditDelta::ZERO,
+                            original: CreditDelta::ZERO,
                         });
                         d.totals.clawed_back = frozen;
                     } else {
@@ -666,13 +670,14 @@ impl Tx<'_> {
                 && l.original.checked_add(credits).is_some()
                 && l.remaining.checked_add(credits).is_some()
         }) {
-            return (
-                LotChange::ToppedUp {
-                    lot: l.seq,
-                    credits,
-                },
-                l.seq,
-            );
+            let grown = CreditDelta::increase(credits);
+            let change = LotChange::Changed {
+                lot: l.seq,
+                remaining: grown,
+                held: CreditDelta::ZERO,
+                original: grown,
+            };
+            return (change, l.seq);
         }
         let lot = Lot {
             seq,
@@ -749,6 +754,7 @@ impl Tx<'_> {
                 lot: a.lot,
                 remaining: CreditDelta::ZERO,
                 held: CreditDelta::increase(a.amount),
+                original: CreditDelta::ZERO,
             })
             .collect();
         d.hold = Some(HoldChange::Placed { hold: hold.clone() });
@@ -820,6 +826,7 @@ impl Tx<'_> {
                     lot,
                     remaining: CreditDelta::decrease(burnt),
                     held: CreditDelta::decrease(released),
+                    original: CreditDelta::ZERO,
                 })
                 .collect();
             d.hold = Some(HoldChange::Closed { generation });
@@ -861,6 +868,7 @@ impl Tx<'_> {
                         lot,
                         remaining: CreditDelta::decrease(t),
                         held: CreditDelta::ZERO,
+                        original: CreditDelta::ZERO,
                     })
                     .collect();
                 d.totals.spent = charged;
@@ -980,6 +988,7 @@ fn release(hold: &Hold) -> Vec<LotChange> {
             lot: a.lot,
             remaining: CreditDelta::ZERO,
             held: CreditDelta::decrease(a.amount),
+            original: CreditDelta::ZERO,
         })
         .collect()
 }

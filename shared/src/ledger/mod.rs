@@ -89,6 +89,10 @@ fn is_zero(c: &Credits) -> bool {
     *c == Credits::ZERO
 }
 
+fn is_zero_delta(c: &CreditDelta) -> bool {
+    *c == CreditDelta::ZERO
+}
+
 fn is_zero_u64(c: &u64) -> bool {
     *c == 0
 }
@@ -282,6 +286,11 @@ pub enum LotChange {
         lot: u64,
         remaining: CreditDelta,
         held: CreditDelta,
+        /// More credits of the same kind added to a lot that bought nothing (a reversal or
+        /// a staff grant that never expires, on the lot of earlier ones): `original` grows
+        /// with `remaining`, so such grants keep one lot however many there are.
+        #[serde(default, skip_serializing_if = "is_zero_delta")]
+        original: CreditDelta,
     },
     /// Credits of the lot frozen (positive) or unfrozen (negative) by a dispute.
     Frozen {
@@ -292,13 +301,6 @@ pub enum LotChange {
     Refunded {
         lot: u64,
         cents: u64,
-    },
-    /// More credits of the same kind added to a lot that bought nothing (a reversal or a
-    /// staff grant that never expires, on the lot of earlier ones): its `original` and
-    /// `remaining` both grow, so such grants keep one lot however many there are.
-    ToppedUp {
-        lot: u64,
-        credits: Credits,
     },
 }
 
@@ -488,21 +490,20 @@ impl WorkspaceState {
                     lot,
                     remaining,
                     held,
+                    original,
                 } => {
                     let l = lot_mut(&mut self.lots, *lot)?;
                     let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
+                    l.original = l
+                        .original
+                        .checked_add_delta(*original)
+                        .ok_or_else(corrupt)?;
                     l.remaining = l
                         .remaining
                         .checked_add_delta(*remaining)
                         .ok_or_else(corrupt)?;
                     l.held = l.held.checked_add_delta(*held).ok_or_else(corrupt)?;
                     backed(l)?;
-                }
-                LotChange::ToppedUp { lot, credits } => {
-                    let l = lot_mut(&mut self.lots, *lot)?;
-                    let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
-                    l.original = l.original.checked_add(*credits).ok_or_else(corrupt)?;
-                    l.remaining = l.remaining.checked_add(*credits).ok_or_else(corrupt)?;
                 }
                 LotChange::Refunded { lot, cents } => {
                     let l = lot_mut(&mut self.lots, *lot)?;
