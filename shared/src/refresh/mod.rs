@@ -223,10 +223,16 @@ impl RefreshDoc {
         let Some(i) = self.changes.iter().position(|c| c.at > at) else {
             return;
         };
+        let next = &self.changes[i].before;
         let after = LevelParts {
             plan: p.plan.clone(),
             addon_units: p.addon_units,
-            addon_credits: p.addon_credits,
+            // A change that did not bill the add-on item left its value as it was.
+            addon_credits: p.addon_credits.or(if p.addon_units == next.addon_units {
+                next.addon_credits
+            } else {
+                None
+            }),
         };
         let before = std::mem::replace(&mut self.changes[i].before, after.clone());
         self.changes.insert(

@@ -118,10 +118,13 @@ pub fn grants(
         let valued_total = |l: &super::LevelParts| {
             valued(&l.plan, l.addon_units, l.addon_credits, catalog).map(|(p, _, a)| total(p, a))
         };
-        let (Ok(before), Ok(after)) = (valued_total(&c.before), valued_total(&c.after)) else {
-            // A level the catalog no longer knows: its refund cannot be valued here.
+        // A level the catalog no longer knows: a start that cannot be valued counts as
+        // nothing (the refund takes back all the change's level rather than too little);
+        // an end that cannot be valued leaves nothing to take back from.
+        let Ok(after) = valued_total(&c.after) else {
             continue;
         };
+        let before = valued_total(&c.before).unwrap_or(0);
         let added = after.saturating_sub(before);
         let share = (added * u128::from(back.min(paid))).div_ceil(u128::from(paid));
         less += share.min(now.saturating_sub(before));
