@@ -339,6 +339,19 @@ async fn who_may_call_a_route_is_decided_before_its_body_is_read() {
         ),
         (Method::POST, "/v1/estimates", support()),
         (Method::POST, "/v1/generations", service()),
+        (
+            Method::POST,
+            "/v1/generations/gen_01JD8X1Y2Z3A4B5C6D7E8F9G0H/reverse",
+            m.clone(),
+        ),
+        (Method::POST, "/v1/subscription/preview", m.clone()),
+        (Method::POST, "/v1/refund-requests", m.clone()),
+        (Method::POST, "/v1/support/tickets", service()),
+        (
+            Method::POST,
+            "/v1/support/tickets/tkt_01jd8x1y2z3a4b5c6d7e8f9g0h/messages",
+            service(),
+        ),
     ] {
         for headers in [JSON_TYPE, &[][..], &[("content-type", "text/plain")][..]] {
             let (status, ct, body) = raw(

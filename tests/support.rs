@@ -585,6 +585,34 @@ async fn tickets_and_messages_are_rate_limited_per_user_and_replays_are_free() {
     );
 }
 
+/// A ticket refused because it names another workspace's generation or payment files
+/// nothing, so it does not count against the user's limit either.
+#[tokio::test]
+async fn refused_tickets_do_not_count_against_the_limit() {
+    let app = TestApp::new();
+    let tok = owner("org_s7b");
+    let theirs = tally::ids::GenerationId::new();
+    for _ in 0..tally::support::limits::TICKETS.per_window + 3 {
+        app.post(
+            "/v1/support/tickets",
+            &tok,
+            json!({"category": "generation", "subject": "s", "message": "m",
+                "generation_id": theirs.to_string()}),
+        )
+        .await
+        .assert_problem(404, "not_found");
+        app.post(
+            "/v1/support/tickets",
+            &tok,
+            json!({"category": "billing", "subject": "s", "message": "m",
+                "payment": "ch_not_ours"}),
+        )
+        .await
+        .assert_problem(404, "not_found");
+    }
+    file(&app, &tok, ticket_body("other", "real", "m")).await;
+}
+
 #[tokio::test]
 async fn bad_text_is_refused_and_nothing_is_filed() {
     let app = TestApp::new();
@@ -687,7 +715,7 @@ async fn no_route_crosses_workspaces_and_staff_reads_are_audited() {
         "/v1/admin/workspaces/org_a/generations",
         "/v1/admin/workspaces/org_a/usage?group_by=day",
         "/v1/admin/workspaces/org_a/billing/history",
-        "/v1/admin/workspaces/org_a/support/tickets",
+        "/v1/admin/workspaces/org_a/support/tickets?status=open",
         &format!("/v1/support/tickets/{id}"),
     ] {
         let r = app.get(path, &staff).await;
@@ -708,6 +736,7 @@ async fn no_route_crosses_workspaces_and_staff_reads_are_audited() {
     assert!(actions.contains(&"GET /v1/support/tickets/{id}"));
     assert_eq!(log["items"][1]["staff"], "support-1");
     assert_eq!(log["items"][6]["detail"], "limit=5");
+    assert_eq!(log["items"][2]["detail"], "status=open", "{log:#}");
     let other = app
         .get("/v1/admin/workspaces/org_b/audit", &staff)
         .await

@@ -117,11 +117,10 @@ async fn view(st: &RefundsState, request: RefundRequest) -> ApiResult<RefundRequ
 /// support staff. Add-on charges are non-refundable.
 pub async fn create(
     State(st): State<RefundsState>,
-    who: Identity,
+    tally::http::auth::BillingManager { who, workspace }: tally::http::auth::BillingManager,
     headers: HeaderMap,
     ApiJson(body): ApiJson<RefundRequestBody>,
 ) -> ApiResult<(StatusCode, Json<RefundRequestView>)> {
-    let workspace = requester(&who)?;
     let key = idempotency_key(&headers, "refund-request")?;
     let details = tally::http::text::one_line("details", &body.details, MAX_TEXT_CHARS)?;
     let payment = body.payment.trim();

@@ -145,12 +145,11 @@ fn ticket_id(id: &str) -> ApiResult<&str> {
 /// generation, a verified duplicate charge); and forwards the ticket to the help desk.
 pub async fn create(
     State(st): State<SupportState>,
-    who: Identity,
+    tally::http::auth::WorkspaceMember { who, workspace }: tally::http::auth::WorkspaceMember,
     headers: HeaderMap,
     extensions: axum::http::Extensions,
     ApiJson(body): ApiJson<NewTicketBody>,
 ) -> ApiResult<(StatusCode, Json<TicketView>)> {
-    let workspace = who.member_workspace()?.clone();
     let req_id = request_id(&headers, &extensions);
     let key = idempotency_key(&headers, "support-ticket")?;
     let subject = one_line("subject", &body.subject, support::MAX_SUBJECT_CHARS)?.to_owned();
@@ -218,14 +217,8 @@ pub async fn create(
                     thread,
                 });
             }
-            limits::take(
-                st.tickets.docs.as_ref(),
-                "tickets",
-                &who.sub,
-                limits::TICKETS,
-                now,
-            )
-            .await?;
+            // What the ticket names must be this workspace's before it counts against the
+            // limit: a refused ticket files nothing.
             if let Some(p) = &payment
                 && let Some(r) = &st.context.refunds
                 && r.movement(&workspace, p).await?.is_none()
@@ -234,6 +227,27 @@ pub async fn create(
                     "no payment {p} in this workspace's billing history"
                 )));
             }
+            if let Some(g) = generation
+                && st
+                    .context
+                    .ledger
+                    .store
+                    .generation(&workspace, g)
+                    .await?
+                    .is_none()
+            {
+                return Err(Problem::not_found(format!(
+                    "no generation {g} in this workspace"
+                )));
+            }
+            limits::take(
+                st.tickets.docs.as_ref(),
+                "tickets",
+                &who.sub,
+                limits::TICKETS,
+                now,
+            )
+            .await?;
             let text = format!("{subject}\n{message}");
             let found = assess(
                 &st.context,
@@ -469,7 +483,7 @@ pub struct MessageBody {
 /// customer.
 pub async fn add_message(
     State(st): State<SupportState>,
-    who: Identity,
+    tally::http::auth::StaffOrMember(who): tally::http::auth::StaffOrMember,
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<MessageBody>,
@@ -578,6 +592,7 @@ pub struct WorkspacePath {
 pub async fn admin_list(
     State(st): State<SupportState>,
     Staff(who): Staff,
+    uri: axum::http::Uri,
     ApiPath(workspace_id): ApiPath<String>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<TicketPage>> {
@@ -589,7 +604,7 @@ pub async fn admin_list(
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/support/tickets",
-        "",
+        uri.query().unwrap_or(""),
     )
     .await?;
     let (items, next_cursor) = st

@@ -211,6 +211,65 @@ impl<S: Send + Sync> FromRequestParts<S> for Settler {
     }
 }
 
+/// Support staff (scope `credits:admin`) or the generation service (scope
+/// `credits:settle`), read before the body.
+#[derive(Debug, Clone)]
+pub struct StaffOrSettler(pub Identity);
+
+impl<S: Send + Sync> FromRequestParts<S> for StaffOrSettler {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let who = Identity::from_request_parts(parts, state).await?;
+        if !who.has_scope(SCOPE_ADMIN) && !who.has_scope(SCOPE_SETTLE) {
+            return Err(Problem::forbidden(
+                "only support staff (credits:admin) or the generation service (credits:settle) may do this",
+            ));
+        }
+        Ok(Self(who))
+    }
+}
+
+/// Support staff (scope `credits:admin`) or a member of a workspace, read before the
+/// body.
+#[derive(Debug, Clone)]
+pub struct StaffOrMember(pub Identity);
+
+impl<S: Send + Sync> FromRequestParts<S> for StaffOrMember {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let who = Identity::from_request_parts(parts, state).await?;
+        if !who.has_scope(SCOPE_ADMIN) {
+            who.member_workspace()?;
+        }
+        Ok(Self(who))
+    }
+}
+
+/// The owner or a billing admin of a workspace, read before the body: a member learns
+/// only that they may not, whatever they sent.
+#[derive(Debug, Clone)]
+pub struct BillingManager {
+    pub who: Identity,
+    pub workspace: WorkspaceId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for BillingManager {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let who = Identity::from_request_parts(parts, state).await?;
+        let workspace = who.member_workspace()?.clone();
+        if !who.can_manage_billing() {
+            return Err(Problem::forbidden(
+                "only the workspace owner or a billing admin can manage billing and refunds",
+            ));
+        }
+        Ok(Self { who, workspace })
+    }
+}
+
 /// Where identities come from.
 #[derive(Clone)]
 pub enum AuthMode {

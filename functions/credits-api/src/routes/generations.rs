@@ -272,16 +272,11 @@ pub struct ReverseRequest {
 /// faulty. Once per generation: a repeat answers with the first result.
 pub async fn reverse_generation(
     State(app): State<AppState>,
-    who: Identity,
+    tally::http::auth::StaffOrSettler(who): tally::http::auth::StaffOrSettler,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ReverseRequest>,
 ) -> ApiResult<Json<Generation>> {
     let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
-    if !staff && !who.has_scope(tally::http::auth::SCOPE_SETTLE) {
-        return Err(Problem::forbidden(
-            "only support staff (credits:admin) or the generation service (credits:settle) reverse a charge",
-        ));
-    }
     let id = parse_generation_id(&id)?;
     let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
     let ticket = req

@@ -166,10 +166,9 @@ pub async fn change(
 /// charge, and the credits granted now and per month. Nothing changes.
 pub async fn preview(
     State(st): State<PurchasesState>,
-    who: Identity,
+    Buyer { workspace, .. }: Buyer,
     ApiJson(body): ApiJson<PreviewBody>,
 ) -> ApiResult<Json<PreviewView>> {
-    let workspace = buyer(&who)?;
     if let Some(p) = &body.plan
         && st.ledger.catalog.plan(p).is_none()
     {
