@@ -118,13 +118,20 @@ pub fn grants(
         let valued_total = |l: &super::LevelParts| {
             valued(&l.plan, l.addon_units, l.addon_credits, catalog).map(|(p, _, a)| total(p, a))
         };
-        // A level the catalog no longer knows: a start that cannot be valued counts as
-        // nothing (the refund takes back all the change's level rather than too little);
+        // A level the catalog no longer knows fully: a start whose add-ons cannot be valued
+        // counts its plan alone, one whose plan is gone counts as nothing (the refund then
+        // takes back too much rather than leaving credits nobody paid for, and says so);
         // an end that cannot be valued leaves nothing to take back from.
         let Ok(after) = valued_total(&c.after) else {
             continue;
         };
-        let before = valued_total(&c.before).unwrap_or(0);
+        let before = valued_total(&c.before).unwrap_or_else(|_| {
+            let plan = catalog.plan(&c.before.plan);
+            tracing::error!(workspace = %doc.workspace, invoice = %c.invoice,
+                plan = %c.before.plan, known = plan.is_some(),
+                "the level a refunded change started from is not fully in the catalog");
+            plan.map_or(0, |p| u128::from(p.monthly_credits.get()))
+        });
         let added = after.saturating_sub(before);
         let share = (added * u128::from(back.min(paid))).div_ceil(u128::from(paid));
         less += share.min(now.saturating_sub(before));
@@ -415,6 +422,24 @@ mod tests {
         assert_eq!(plan(&d, 1), Credits::new(6000 - 250));
         back(&mut d, "in_second");
         assert_eq!(plan(&d, 1), Credits::new(150));
+        // A change recorded late that billed no add-ons keeps the add-on value its
+        // successor started from.
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        d.plan = "plus".into();
+        d.addon_units = 2;
+        d.addon_credits = Some(Credits::new(500));
+        let second = crate::refresh::PaidPeriod {
+            addon_units: 2,
+            ..change("in_second", "team")
+        };
+        assert!(d.set_level(&second, a[0].at + Duration::days(9), 1));
+        let first = crate::refresh::PaidPeriod {
+            addon_units: 2,
+            ..change("in_first", "max")
+        };
+        assert!(d.set_level(&first, a[0].at + Duration::days(5), 1));
+        assert_eq!(d.changes[0].after.addon_credits, Some(Credits::new(500)));
+        assert_eq!(d.changes[1].before, d.changes[0].after);
     }
 
     #[test]
