@@ -21,16 +21,8 @@ type ApiResult<T> = Result<T, Problem>;
 /// Largest amount staff may approve at once: $1,000,000.
 pub const MAX_REFUND_CENTS: u64 = 100_000_000;
 
-/// Owners and billing admins ask for refunds; members are refused.
-fn requester(who: &Identity) -> ApiResult<WorkspaceId> {
-    let workspace = who.member_workspace()?.clone();
-    if !who.can_manage_billing() {
-        return Err(Problem::forbidden(
-            "only the workspace owner or a billing admin can request refunds",
-        ));
-    }
-    Ok(workspace)
-}
+// Owners and billing admins ask for refunds; members are refused.
+use tally::http::auth::billing_workspace as requester;
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]

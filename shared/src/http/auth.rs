@@ -260,14 +260,21 @@ impl<S: Send + Sync> FromRequestParts<S> for BillingManager {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let who = Identity::from_request_parts(parts, state).await?;
-        let workspace = who.member_workspace()?.clone();
-        if !who.can_manage_billing() {
-            return Err(Problem::forbidden(
-                "only the workspace owner or a billing admin can manage billing and refunds",
-            ));
-        }
+        let workspace = billing_workspace(&who)?;
         Ok(Self { who, workspace })
     }
+}
+
+/// The workspace whose billing (purchases, refunds) `who` manages: owners and billing
+/// admins; members are refused.
+pub fn billing_workspace(who: &Identity) -> Result<WorkspaceId, Problem> {
+    let workspace = who.member_workspace()?.clone();
+    if !who.can_manage_billing() {
+        return Err(Problem::forbidden(
+            "only the workspace owner or a billing admin can manage billing and refunds",
+        ));
+    }
+    Ok(workspace)
 }
 
 /// Where identities come from.

@@ -276,6 +276,20 @@ pub fn valid_id(id: &str) -> bool {
         && id.len() > 3
 }
 
+/// Cents of a payment refunded outside refund requests (the dashboard, disputes): its
+/// refunds made or on their way that no claim made.
+fn elsewhere(payment: &PaymentRecord, claims: &Claims) -> Cents {
+    Cents::new(
+        payment
+            .refunds
+            .iter()
+            .filter(|r| r.rank() <= crate::billing::records::refund_rank(Some("succeeded")))
+            .filter(|r| !claims.ours(r))
+            .map(|r| r.amount.get())
+            .sum(),
+    )
+}
+
 fn not_refundable(detail: impl Into<String>) -> Problem {
     Problem::new(StatusCode::CONFLICT, "not_refundable", detail)
 }
@@ -337,14 +351,7 @@ impl RefundRequests {
     ) -> Result<Cents, Problem> {
         let p =
             docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK).await?;
-        Ok(Cents::new(p.map_or(0, |p| {
-            p.refunds
-                .iter()
-                .filter(|r| r.rank() <= crate::billing::records::refund_rank(Some("succeeded")))
-                .filter(|r| !claims.ours(r))
-                .map(|r| r.amount.get())
-                .sum()
-        })))
+        Ok(p.map_or(Cents::ZERO, |p| elsewhere(&p, claims)))
     }
 
     /// Whether a dispute of the charge is open or was lost: the dispute decides where that
@@ -708,9 +715,8 @@ impl RefundRequests {
         let claims: Claims = docs::get(self.docs.as_ref(), &charge_pk(&r.charge), CLAIMS_SK)
             .await?
             .unwrap_or_default();
-        let elsewhere = self.refunded_elsewhere(&r.charge, &claims).await?;
         let requested: u64 = claims.requests.iter().map(|c| c.holds().get()).sum();
-        let refunded = elsewhere
+        let refunded = elsewhere(&payment, &claims)
             .get()
             .saturating_add(requested)
             .max(payment.amount_refunded.get())

@@ -16,7 +16,7 @@ pub mod subscription;
 use crate::PurchasesState;
 use axum::http::StatusCode;
 use tally::billing::records::*;
-use tally::http::{Identity, Problem};
+use tally::http::Problem;
 use tally::ids::{CustomerId, WorkspaceId};
 use tally::payments::PaymentsError;
 use tally::store::docs;
@@ -33,37 +33,11 @@ pub(crate) fn page_limit(limit: Option<i64>) -> ApiResult<usize> {
 }
 
 /// Owners and billing admins buy; members are refused.
-pub(crate) fn buyer(who: &Identity) -> ApiResult<WorkspaceId> {
-    let workspace = who.member_workspace()?.clone();
-    if !who.can_manage_billing() {
-        return Err(Problem::forbidden(
-            "only the workspace owner or a billing admin can manage billing",
-        ));
-    }
-    Ok(workspace)
-}
+pub(crate) use tally::http::auth::billing_workspace as buyer;
 
 /// An owner or billing admin of a workspace, read before the body: a member learns only
 /// that they may not buy, whatever they sent.
-pub struct Buyer {
-    pub who: Identity,
-    pub workspace: WorkspaceId,
-}
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Buyer {
-    type Rejection = Problem;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        let who =
-            <Identity as axum::extract::FromRequestParts<S>>::from_request_parts(parts, state)
-                .await?;
-        let workspace = buyer(&who)?;
-        Ok(Self { who, workspace })
-    }
-}
+pub(crate) use tally::http::auth::BillingManager as Buyer;
 
 /// A payment-provider failure as the client sees it: a refusal is the provider's answer
 /// (502, logged as an error); unavailability is worth retrying with the same key (503).
