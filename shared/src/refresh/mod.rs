@@ -160,6 +160,23 @@ pub struct LevelParts {
     pub addon_credits: Option<Credits>,
 }
 
+impl LevelParts {
+    /// The level the paid change `p` leads to from this one: a change that did not bill
+    /// the add-on item leaves its value as it was.
+    fn changed_by(&self, p: &PaidPeriod) -> LevelParts {
+        let billed = p.addon_credits.is_some() || p.addon_units != self.addon_units;
+        LevelParts {
+            plan: p.plan.clone(),
+            addon_units: p.addon_units,
+            addon_credits: if billed {
+                p.addon_credits
+            } else {
+                self.addon_credits
+            },
+        }
+    }
+}
+
 /// A paid change of a period's level, by the invoice that paid it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaidChange {
@@ -176,10 +193,8 @@ pub struct PaidChange {
 /// A level that allotments dated before `until` follow (see [`RefreshDoc::earlier`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EarlierLevel {
-    pub plan: String,
-    pub addon_units: u32,
-    #[serde(default)]
-    pub addon_credits: Option<Credits>,
+    #[serde(flatten)]
+    pub level: LevelParts,
     /// When the first change after the allotment's date was made.
     pub until: DateTime<Utc>,
     /// When this level was set, and its rank among changes of the same second (a change
@@ -223,17 +238,7 @@ impl RefreshDoc {
         let Some(i) = self.changes.iter().position(|c| c.at > at) else {
             return;
         };
-        let next = &self.changes[i].before;
-        let after = LevelParts {
-            plan: p.plan.clone(),
-            addon_units: p.addon_units,
-            // A change that did not bill the add-on item left its value as it was.
-            addon_credits: p.addon_credits.or(if p.addon_units == next.addon_units {
-                next.addon_credits
-            } else {
-                None
-            }),
-        };
+        let after = self.changes[i].before.changed_by(p);
         let before = std::mem::replace(&mut self.changes[i].before, after.clone());
         self.changes.insert(
             i,
@@ -329,11 +334,7 @@ impl RefreshDoc {
                 && e.as_of
                     .is_some_and(|t| t < at || (t == at && e.rank.unwrap_or(0) < rank))
             {
-                e.plan = p.plan.clone();
-                if p.addon_credits.is_some() || p.addon_units != e.addon_units {
-                    e.addon_credits = p.addon_credits;
-                }
-                e.addon_units = p.addon_units;
+                e.level = e.level.changed_by(p);
                 e.as_of = Some(at);
                 e.rank = Some(rank);
                 return true;
@@ -345,50 +346,31 @@ impl RefreshDoc {
         // at the level of its date.
         if self.earlier.is_none() && self.pending_allotment().is_some_and(|a| a.at <= at) {
             self.earlier = Some(EarlierLevel {
-                plan: self.plan.clone(),
-                addon_units: self.addon_units,
-                addon_credits: self.addon_credits,
+                level: self.parts(),
                 until: at,
                 as_of: self.level_as_of,
                 rank: self.level_rank,
             });
         }
-        let before = (
-            self.plan.clone(),
-            self.addon_units,
-            self.addon_credits,
-            self.level_as_of,
-        );
-        self.plan = p.plan.clone();
-        // A change that did not bill the add-on item leaves its value as it was.
-        if p.addon_credits.is_some() || p.addon_units != self.addon_units {
-            self.addon_credits = p.addon_credits;
-        }
-        self.addon_units = p.addon_units;
+        let (before, was_as_of) = (self.parts(), self.level_as_of);
+        let after = before.changed_by(p);
+        self.plan = after.plan.clone();
+        self.addon_units = after.addon_units;
+        self.addon_credits = after.addon_credits;
         self.level_as_of = Some(at);
         if p.invoice != self.invoice && !self.changes.iter().any(|c| c.invoice == p.invoice) {
             self.changes.push(PaidChange {
                 invoice: p.invoice.clone(),
                 at,
-                before: LevelParts {
-                    plan: before.0.clone(),
-                    addon_units: before.1,
-                    addon_credits: before.2,
-                },
-                after: self.parts(),
+                before: before.clone(),
+                after: after.clone(),
                 given_back: None,
             });
             if self.changes.len() > MAX_CHANGES {
                 self.changes.remove(0);
             }
         }
-        before
-            != (
-                self.plan.clone(),
-                self.addon_units,
-                self.addon_credits,
-                self.level_as_of,
-            )
+        (before, was_as_of) != (after, self.level_as_of)
     }
 }
 

@@ -84,7 +84,12 @@ pub fn level<'c>(
     let Some(e) = doc.earlier.as_ref().filter(|e| at <= e.until) else {
         return Ok(now);
     };
-    let then = valued(&e.plan, e.addon_units, e.addon_credits, catalog)?;
+    let then = valued(
+        &e.level.plan,
+        e.level.addon_units,
+        e.level.addon_credits,
+        catalog,
+    )?;
     let total = |l: &(&Plan, u32, Credits)| l.0.monthly_credits.checked_add(l.2);
     Ok(if total(&then) <= total(&now) {
         then
