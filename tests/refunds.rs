@@ -893,3 +893,57 @@ async fn a_refunded_yearly_upgrade_takes_the_rest_of_the_year_back_to_the_plan_s
         "back to plus once the upgrade's money is back: {months:?}"
     );
 }
+
+/// An upgrade in the last hour of a yearly plan's month grants nothing of its own (the
+/// rest of that month is worth less than a credit), but it raises every later month. A
+/// refund of its invoice still takes the later months back to the plan still paid for.
+#[tokio::test]
+async fn a_refunded_upgrade_that_granted_nothing_of_its_own_still_lowers_the_later_months() {
+    let app = TestApp::new();
+    let ws = "org_yup0";
+    app.subscribe(ws, "plus", "yearly").await;
+    let start = app.ledger.clock.now();
+    let anniversary = start.checked_add_months(chrono::Months::new(1)).unwrap();
+    let r = app
+        .send(
+            Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&json!({"until": anniversary - chrono::Duration::minutes(30)}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+    let before = plan_allotments(&app, ws).await;
+    let up = app.change_plan(ws, "max", "yearly").await;
+    assert!(up.status.is_success(), "{:#}", up.body);
+    app.settle_billing().await;
+    assert_eq!(
+        plan_allotments(&app, ws).await,
+        before,
+        "the upgrade's own half hour is worth less than a credit"
+    );
+    advance_days(&app, 2).await;
+    assert_eq!(
+        plan_allotments(&app, ws).await.first(),
+        Some(&400),
+        "month 2 at max"
+    );
+    let charges = app.sim_events("charge.succeeded");
+    let charge = charges.last().unwrap()["id"].as_str().unwrap().to_owned();
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    advance_days(&app, 62).await;
+    let months = plan_allotments(&app, ws).await;
+    assert_eq!(
+        &months[..2],
+        &[150, 150],
+        "back to plus once the upgrade's money is back: {months:?}"
+    );
+}

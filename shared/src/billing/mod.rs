@@ -428,7 +428,7 @@ impl BillingEvents {
                 .await?;
                 // A refund of this invoice that arrived first shrinks the period's later
                 // months now that the period is recorded.
-                self.follow_invoice(&invoice.id).await?;
+                self.link_invoice(&invoice.id, workspace).await?;
             }
             if let Some((level, at)) = &credits.changes {
                 let lines = grants::paid_lines(invoice, self.catalog());
@@ -465,8 +465,9 @@ impl BillingEvents {
                 periods::change(self.docs.as_ref(), workspace, sub, &invoice.id, level, *at)
                     .await?;
                 // A refund of this change's invoice that arrived first lowers the later
-                // months now that the change is recorded.
-                self.follow_invoice(&invoice.id).await?;
+                // months now that the change is recorded (even when its own grant was
+                // nothing and made no lot).
+                self.link_invoice(&invoice.id, workspace).await?;
             }
         }
         self.subscription_from_invoice(

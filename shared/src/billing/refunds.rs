@@ -139,6 +139,27 @@ impl BillingEvents {
         self.follow_invoice(invoice).await
     }
 
+    /// Records whose invoice `invoice` is, lots or not, then follows its payment: a change
+    /// whose own grant was nothing still raised the later months its refund must lower.
+    pub(super) async fn link_invoice(
+        &self,
+        invoice: &InvoiceId,
+        workspace: &WorkspaceId,
+    ) -> Result<(), ConsumeError> {
+        link(
+            self.docs.as_ref(),
+            &invoice_lots_pk(invoice),
+            |l: &mut InvoiceLots| {
+                l.workspace.is_none() && {
+                    l.workspace = Some(workspace.clone());
+                    true
+                }
+            },
+        )
+        .await?;
+        self.follow_invoice(invoice).await
+    }
+
     /// Follows the payment of `invoice`, if it is known yet.
     pub(super) async fn follow_invoice(&self, invoice: &InvoiceId) -> Result<(), ConsumeError> {
         let pi = docs::get::<InvoiceLots>(self.docs.as_ref(), &invoice_lots_pk(invoice), LINK_SK)
@@ -237,9 +258,6 @@ impl BillingEvents {
             }
             _ => return Ok(()),
         };
-        if lots.is_empty() {
-            return Ok(());
-        }
         let Some(payment) =
             docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK).await?
         else {
