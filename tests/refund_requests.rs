@@ -1214,15 +1214,34 @@ async fn a_request_whose_payment_is_disputed_after_filing_cannot_be_approved() {
     assert_eq!(ok.body["status"], "approved", "{:#}", ok.body);
 }
 
+/// What runs just before the first write of a refund request's own document.
+type Hook = Box<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), tally::store::StoreError>> + Send>,
+        > + Send
+        + Sync,
+>;
+
 /// The app's documents, except that the first write of a refund request's own document
-/// fails as a store outage would.
-struct LosesFirstRequestWrite {
+/// runs `hook` first: a store outage (the hook fails), or something done at that moment.
+struct OnFirstRequestWrite {
     inner: Arc<dyn tally::store::DocStore>,
-    failed: std::sync::atomic::AtomicBool,
+    fired: std::sync::atomic::AtomicBool,
+    hook: Hook,
+}
+
+impl OnFirstRequestWrite {
+    fn new(inner: Arc<dyn tally::store::DocStore>, hook: Hook) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            fired: std::sync::atomic::AtomicBool::new(false),
+            hook,
+        })
+    }
 }
 
 #[async_trait::async_trait]
-impl tally::store::DocStore for LosesFirstRequestWrite {
+impl tally::store::DocStore for OnFirstRequestWrite {
     async fn get_doc(
         &self,
         pk: &str,
@@ -1239,9 +1258,9 @@ impl tally::store::DocStore for LosesFirstRequestWrite {
     ) -> Result<bool, tally::store::StoreError> {
         if pk.starts_with("WORKSPACE#")
             && sk.starts_with("REFUND_REQUEST#")
-            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+            && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
         {
-            return Err(tally::store::StoreError::unavailable("PutItem: timed out"));
+            (self.hook)().await?;
         }
         self.inner.put_doc(pk, sk, body, expected).await
     }
@@ -1285,10 +1304,12 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
     let charge = buy_packs(&app, ws, 1).await;
     app.settle_billing().await;
     let requests = RefundRequests {
-        docs: Arc::new(LosesFirstRequestWrite {
-            inner: app.docs.clone(),
-            failed: std::sync::atomic::AtomicBool::new(false),
-        }),
+        docs: OnFirstRequestWrite::new(
+            app.docs.clone(),
+            Box::new(|| {
+                Box::pin(async { Err(tally::store::StoreError::unavailable("PutItem: timed out")) })
+            }),
+        ),
         ..parked_requests(&app)
     };
     let ask_once = || request_for(&charge, RefundReason::Other);
@@ -1317,4 +1338,90 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
         .unwrap();
     assert_eq!(approved.status, RequestStatus::Approved);
     assert_eq!(app.available(ws).await, 0, "its credits taken back once");
+}
+
+/// A verified duplicate whose credits are used between the rules' look at them and the
+/// take-back (a generation at that very moment) is not refunded with those credits kept:
+/// the approval goes to support staff, nothing is sent, and only the credits still unused
+/// are taken back (as at any approval). Staff then decide knowing what was used.
+#[tokio::test]
+async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff() {
+    use tally::ledger::{Actor, Operation, Refs};
+    let app = TestApp::new();
+    let ws = "org_rr_race";
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let _first = buy_packs(&app, ws, 1).await;
+    let second = buy_packs(&app, ws, 1).await;
+    app.settle_billing().await;
+    let (ledger, w) = (app.ledger.clone(), workspace.clone());
+    let requests = RefundRequests {
+        docs: OnFirstRequestWrite::new(
+            app.docs.clone(),
+            Box::new(move || {
+                let (ledger, w) = (ledger.clone(), w.clone());
+                Box::pin(async move {
+                    // All of the first pack and some of the second, used meanwhile.
+                    ledger
+                        .execute(tally::service::LedgerRequest {
+                            workspace: w,
+                            key: tally::ids::IdempotencyKey::derived("used-meanwhile".into()),
+                            fingerprint: "used-meanwhile".into(),
+                            actor: Actor::system(),
+                            refs: Refs::default(),
+                            op: Operation::Adjust {
+                                credits: tally::money::CreditDelta::new(-600),
+                                note: "used meanwhile".into(),
+                            },
+                        })
+                        .await
+                        .unwrap();
+                    Ok(())
+                })
+            }),
+        ),
+        ..parked_requests(&app)
+    };
+    let now = app.clock.now();
+    let r = requests
+        .create(
+            &workspace,
+            request_for(&second, RefundReason::DuplicateCharge),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, RequestStatus::InReview, "{r:#?}");
+    assert!(
+        r.steps
+            .last()
+            .and_then(|s| s.note.as_deref())
+            .is_some_and(|n| n.contains("used while it was being approved")
+                && n.contains("the 400 credits still unused were taken back")),
+        "{r:#?}"
+    );
+    assert_eq!(r.credits_held.get(), 400);
+    assert_eq!(app.available(ws).await, 0, "the unused part taken back");
+    assert_eq!(charge_of(&app, &second)["amount_refunded"], 0);
+    // Asked again (the same request): still with staff, still nothing taken.
+    let again = requests
+        .create(
+            &workspace,
+            NewRequest {
+                id: Some(r.id.clone()),
+                ..request_for(&second, RefundReason::DuplicateCharge)
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status, RequestStatus::InReview);
+    assert_eq!(again.steps.len(), r.steps.len());
+    // Staff approve knowing: the refund is sent, nothing more is taken.
+    let approved = requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(approved.status, RequestStatus::Approved);
+    assert_eq!(app.available(ws).await, 0);
+    assert_eq!(approved.credits_held.get(), 400);
 }

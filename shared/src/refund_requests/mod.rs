@@ -124,6 +124,18 @@ pub struct RefundRequest {
 }
 
 impl RefundRequest {
+    /// Whether the current approval is the rules' (made because the credits the payment
+    /// bought were unused), not staff's, who decide knowing what was used.
+    fn approved_as_unused(&self) -> bool {
+        self.status == RequestStatus::Approved
+            && self
+                .steps
+                .iter()
+                .rev()
+                .find(|s| s.status == RequestStatus::Approved)
+                .is_some_and(|s| s.by == "tally")
+    }
+
     fn step(&mut self, at: DateTime<Utc>, status: RequestStatus, by: &str, note: Option<String>) {
         self.status = status;
         self.updated = self.updated.max(at);
@@ -179,6 +191,14 @@ impl RequestStatus {
             Self::Denied => 5,
         }
     }
+}
+
+/// What an approval takes credits back from (see `take_back_basis`).
+struct Basis {
+    lots: Vec<(u64, Credits)>,
+    pi: crate::ids::PaymentIntentId,
+    refunded: u64,
+    paid: u64,
 }
 
 impl Claim {
@@ -380,8 +400,10 @@ impl RefundRequests {
         let mut id = req.id.clone().unwrap_or_else(new_id);
         if let Some(existing) = self.get(workspace, &id).await? {
             // A retry: finish what the first attempt may not have (the worker's message).
-            if existing.status == RequestStatus::Approved {
-                self.send(&existing).await?;
+            if existing.status == RequestStatus::Approved
+                && let Some(demoted) = self.send(&existing, now).await?
+            {
+                return Ok(demoted);
             }
             return Ok(existing);
         }
@@ -582,8 +604,10 @@ impl RefundRequests {
         .await?
         .unwrap_or(request);
         tracing::info!(workspace = %workspace, request = %id, status = ?stored.status, "refund request filed");
-        if stored.status == RequestStatus::Approved {
-            self.send(&stored).await?;
+        if stored.status == RequestStatus::Approved
+            && let Some(demoted) = self.send(&stored, now).await?
+        {
+            return Ok(demoted);
         }
         Ok(stored)
     }
@@ -687,31 +711,32 @@ impl RefundRequests {
     /// Takes back, as the approval is sent, what the approved money bought and is unspent:
     /// the same ledger operation Stripe's refund event runs later (which then takes nothing
     /// twice), so the credits cannot be spent while the refund is on its way.
-    async fn take_back_now(&self, r: &RefundRequest) -> Result<Credits, Problem> {
+    /// What an approval takes back from: the payment's lots, its payment intent, and the
+    /// money back with the customer once this request's refund is made, of what was paid.
+    /// `None` when nothing was paid or the payment is not known yet.
+    async fn take_back_basis(&self, r: &RefundRequest) -> Result<Option<Basis>, Problem> {
         let Some(entry) =
             crate::billing::history::get(self.docs.as_ref(), &r.workspace, &r.movement).await?
         else {
-            return Ok(Credits::ZERO);
+            return Ok(None);
         };
-        let Some(pi) = &entry.payment_intent else {
-            return Ok(Credits::ZERO);
+        let Some(pi) = entry.payment_intent.clone() else {
+            return Ok(None);
         };
         let Some(payment) =
             docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(&r.charge), PAYMENT_SK)
                 .await?
         else {
-            return Ok(Credits::ZERO);
+            return Ok(None);
         };
         let paid = payment.amount.get();
         if paid == 0 {
-            return Ok(Credits::ZERO);
+            return Ok(None);
         }
-        let mut held = Credits::ZERO;
-        // The money back with the customer once this request's refund is made: refunds
-        // made outside requests, and every request's approved or made refund, this one's
-        // included. Stripe's `amount_refunded` may already count this very refund (sent
-        // again after Stripe made it) or one that failed afterwards, so adding the request
-        // to it would take the same money's credits twice.
+        // Refunds made outside requests, and every request's approved or made refund, this
+        // one's included. Stripe's `amount_refunded` may already count this very refund
+        // (sent again after Stripe made it) or one that failed afterwards, so adding the
+        // request to it would take the same money's credits twice.
         let claims: Claims = docs::get(self.docs.as_ref(), &charge_pk(&r.charge), CLAIMS_SK)
             .await?
             .unwrap_or_default();
@@ -721,15 +746,40 @@ impl RefundRequests {
             .saturating_add(requested)
             .max(payment.amount_refunded.get())
             .min(paid);
-        for (lot, credits) in self.lots_of(&entry).await? {
+        Ok(Some(Basis {
+            lots: self.lots_of(&entry).await?,
+            pi,
+            refunded,
+            paid,
+        }))
+    }
+
+    /// Takes back, as the approval is sent, what the approved money bought and is unspent:
+    /// the same ledger operation Stripe's refund event runs later (which then takes nothing
+    /// twice), so the credits cannot be spent while the refund is on its way.
+    /// Answers (taken, bought): the credits taken back, and what the money back bought of
+    /// the payment's lots (the two are equal when none of them was used).
+    async fn take_back_now(&self, r: &RefundRequest) -> Result<(Credits, Credits), Problem> {
+        let Some(b) = self.take_back_basis(r).await? else {
+            return Ok((Credits::ZERO, Credits::ZERO));
+        };
+        let mut held = Credits::ZERO;
+        let mut bought = Credits::ZERO;
+        for (lot, credits) in b.lots {
+            let share = crate::ledger::Share {
+                numerator: b.refunded,
+                denominator: b.paid,
+            }
+            .of(credits);
+            bought = bought.checked_add(share).unwrap_or(bought);
             let req = crate::billing::refunds::take_back_request(
                 &r.workspace,
                 &r.charge,
-                pi,
+                &b.pi,
                 lot,
                 credits,
-                refunded,
-                paid,
+                b.refunded,
+                b.paid,
             );
             match self.ledger.execute(req).await {
                 Ok(o) => held = held.checked_add(o.clawed_back).unwrap_or(held),
@@ -737,11 +787,84 @@ impl RefundRequests {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(held)
+        Ok((held, bought))
     }
 
-    async fn send(&self, r: &RefundRequest) -> Result<(), Problem> {
-        let held = self.take_back_now(r).await?;
+    /// An approval that rested on the credits being unused, whose credits were used before
+    /// they could be taken back (a generation started in between): support staff decide
+    /// instead, the request in review at the next attempt number. No refund was sent; the
+    /// credits still unused were taken back and stay so until staff decide (approved, they
+    /// are the refund's; denied, staff give them back as an adjustment).
+    async fn demote(
+        &self,
+        r: &RefundRequest,
+        taken: Credits,
+        now: DateTime<Utc>,
+    ) -> Result<RefundRequest, Problem> {
+        let claims_pk = charge_pk(&r.charge);
+        let mut claim = None;
+        for _ in 0..8 {
+            let doc = self.docs.get_doc(&claims_pk, CLAIMS_SK).await?;
+            let (claims, version): (Claims, u64) = match &doc {
+                Some(d) => (crate::store::decode(&d.body)?, d.version),
+                None => (Claims::default(), 0),
+            };
+            let Some(current) = claims.get(&r.id).cloned() else {
+                return Err(Problem::internal());
+            };
+            if current.status != RequestStatus::Approved
+                || current.attempt != r.attempt
+                || current.refund.is_some()
+            {
+                // Moved on already (demoted by a concurrent attempt).
+                claim = Some(current);
+                break;
+            }
+            let review = Claim {
+                attempt: current.attempt + 1,
+                status: RequestStatus::InReview,
+                ..current
+            };
+            let mut next = claims.clone();
+            next.requests.retain(|c| c.request != r.id);
+            next.requests.push(review.clone());
+            let body = serde_json::to_string(&next).map_err(|_| Problem::internal())?;
+            if self
+                .docs
+                .put_doc(&claims_pk, CLAIMS_SK, &body, version)
+                .await?
+            {
+                claim = Some(review);
+                break;
+            }
+        }
+        let claim = claim.ok_or_else(busy)?;
+        tracing::info!(workspace = %r.workspace, request = %r.id,
+            "credits used while the refund was approved; sent to support staff instead");
+        project(
+            self.docs.as_ref(),
+            &r.workspace,
+            &claim,
+            now,
+            "tally",
+            Some(format!(
+                "some of the credits it bought were used while it was being approved, so support \
+                 staff decide; the {taken} credits still unused were taken back"
+            )),
+        )
+        .await?
+        .ok_or_else(Problem::internal)
+    }
+
+    /// Takes the credits back and queues the refund. An approval the rules made because the
+    /// credits were unused is sent to support staff instead when they no longer are: the
+    /// request as it is then.
+    async fn send(
+        &self,
+        r: &RefundRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Option<RefundRequest>, Problem> {
+        let (held, bought) = self.take_back_now(r).await?;
         if held > Credits::ZERO {
             docs::update(
                 self.docs.as_ref(),
@@ -758,6 +881,9 @@ impl RefundRequests {
             )
             .await?;
         }
+        if r.approved_as_unused() && held < bought {
+            return self.demote(r, held, now).await.map(Some);
+        }
         let job = RefundJob {
             workspace: r.workspace.clone(),
             request: r.id.clone(),
@@ -770,6 +896,7 @@ impl RefundRequests {
                 dedup_id: Some(format!("{}-{}", r.id, r.attempt)),
             })
             .await
+            .map(|()| None)
             .map_err(|e| {
                 tracing::error!(error = %e, request = %r.id, "refund not queued");
                 Problem::new(
@@ -944,8 +1071,11 @@ impl RefundRequests {
         if mine {
             tracing::info!(request = %id, staff = %staff, cents = claim.cents.get(), "refund request approved");
         }
-        if updated.status == RequestStatus::Approved && updated.attempt == claim.attempt {
-            self.send(&updated).await?;
+        if updated.status == RequestStatus::Approved
+            && updated.attempt == claim.attempt
+            && let Some(demoted) = self.send(&updated, now).await?
+        {
+            return Ok(demoted);
         }
         Ok(updated)
     }
