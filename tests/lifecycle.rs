@@ -562,6 +562,86 @@ async fn a_switch_to_yearly_applies_a_pending_unit_reduction_with_the_new_period
     assert_eq!(full, vec![3], "the new year bills the reduced count");
 }
 
+/// Credit changes (reason `plan_changed`, credits taken) in the workspace's journal.
+async fn credited_back(app: &TestApp, ws: &str) -> Vec<i64> {
+    let j = app.get("/v1/ledger?limit=100", &owner(ws)).await.body;
+    j["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "plan_changed" && e["credits"] != 0)
+        .map(|e| e["credits"].as_i64().unwrap())
+        .collect()
+}
+
+/// A switch to yearly that applies a pending unit reduction credits the unused old month
+/// (ten units) and bills the new year's first month (three): the money credited back for
+/// seven units takes their credits back, so the month keeps what is paid for.
+#[tokio::test]
+async fn a_change_that_credits_more_than_it_bills_takes_the_difference_back() {
+    let app = TestApp::new();
+    let ws = "org_swcred";
+    app.subscribe(ws, "max", "monthly").await;
+    assert_eq!(app.set_units(ws, 10).await.body["effective"], "now");
+    assert_eq!(app.set_units(ws, 3).await.body["effective"], "at_renewal");
+    app.settle_billing().await;
+    let before = app.available(ws).await;
+    let y = app.change_plan(ws, "max", "yearly").await;
+    assert_eq!(y.body["effective"], "now", "{:#}", y.body);
+    app.settle_billing().await;
+    let catalog = app.ledger.catalog.clone();
+    let unit = catalog
+        .addon(&catalog.plan("max").unwrap().addon)
+        .unwrap()
+        .credits_per_unit
+        .get();
+    assert_eq!(app.available(ws).await, before - 7 * unit);
+    assert_eq!(credited_back(&app, ws).await, vec![-(7 * unit as i64)]);
+    // The invoice's event again: nothing twice.
+    let paid = app.sim_events("invoice.paid");
+    let last = paid.last().unwrap()["id"].as_str().unwrap().to_owned();
+    let event = app
+        .local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .events()
+        .into_iter()
+        .find(|e| e.kind == "invoice.paid" && e.payload["data"]["object"]["id"] == last.as_str())
+        .unwrap();
+    app.send(
+        axum::http::Method::POST,
+        &format!("/sim/events/{}/redeliver", event.id),
+        None,
+        None,
+        &[("content-length", "0")],
+    )
+    .await;
+    app.settle_billing().await;
+    assert_eq!(app.available(ws).await, before - 7 * unit);
+    assert_eq!(credited_back(&app, ws).await.len(), 1);
+}
+
+/// A downgrade made in the portal or dashboard and billed at once credits the richer
+/// plan's unused time: its credits follow that money out, as far as they are unspent.
+#[tokio::test]
+async fn a_downgrade_billed_at_once_elsewhere_takes_back_the_credits_of_the_time_credited() {
+    use tally::ledger::Interval;
+    let app = TestApp::new();
+    let ws = "org_portal_down";
+    app.subscribe(ws, "generative", "monthly").await;
+    let catalog = app.ledger.catalog.clone();
+    let credits = |p: &str| catalog.plan(p).unwrap().monthly_credits.get();
+    assert_eq!(app.available(ws).await, credits("generative"));
+    portal_change(&app, ws, "plus", Interval::Monthly).await;
+    // The whole month was credited (the change came at its start): plus's month is left.
+    assert_eq!(app.available(ws).await, credits("plus"));
+    assert_eq!(
+        credited_back(&app, ws).await,
+        vec![-((credits("generative") - credits("plus")) as i64)]
+    );
+}
+
 #[tokio::test]
 async fn going_back_to_the_current_plan_keeps_its_add_on_units() {
     let app = TestApp::new();

@@ -509,7 +509,9 @@ fn needs_free_credits(
     now: chrono::DateTime<chrono::Utc>,
 ) -> bool {
     match op {
-        Operation::TakeBack { .. } | Operation::Freeze { .. } => true,
+        Operation::TakeBack { .. }
+        | Operation::ChangeCredited { .. }
+        | Operation::Freeze { .. } => true,
         Operation::Complete { credits, .. } => match stored {
             Some(g) => match (&g.record.status, &g.hold) {
                 (crate::ledger::GenerationStatus::Held, Some(hold)) => {

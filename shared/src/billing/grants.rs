@@ -12,9 +12,9 @@ use crate::money::Credits;
 use crate::queue::ConsumeError;
 use crate::subscriptions::Terms;
 use crate::subscriptions::paid::{
-    Item, Level, PaidLine, billing_month, change_credits, change_value,
-    credit_value_unknown_period, first_month_credits, first_month_of_lines, interval_of_period,
-    level_after_change, net, new_period,
+    Item, Level, PaidLine, billing_month, change_value, credit_value_unknown_period,
+    first_month_credits, first_month_of_lines, interval_of_period, level_after_change, net,
+    new_period,
 };
 use chrono::{DateTime, Duration, Utc};
 
@@ -121,6 +121,9 @@ pub struct InvoiceCredits {
     pub grants: Vec<CreditGrant>,
     pub opens: Option<Level>,
     pub changes: Option<(Level, DateTime<Utc>)>,
+    /// Credits the invoice gave back as money: a change whose lines are worth less than
+    /// nothing (unused time at a richer level credited by Stripe), to be taken back.
+    pub credited: Credits,
 }
 
 /// Credits of a paid invoice. `known` are the subscription's paid periods (newest first);
@@ -180,7 +183,7 @@ pub fn invoice_grants(
         return Ok(InvoiceCredits {
             grants: first_month_grants(&i.id, &level, credits, catalog, &refs),
             opens: Some(level),
-            changes: None,
+            ..InvoiceCredits::default()
         });
     }
     line_grants(&i.id, reason.unwrap_or_default(), &lines, known, catalog)
@@ -224,7 +227,9 @@ pub fn line_grants(
             },
         };
         let (plan, addon) = first_month_of_lines(lines, &level, catalog);
-        let (plan, addon) = net(i128::from(plan.get()) + unused, i128::from(addon.get()));
+        let (plan, addon) = (i128::from(plan.get()) + unused, i128::from(addon.get()));
+        out.credited = credited(plan + addon);
+        let (plan, addon) = net(plan, addon);
         out.grants.extend(first_month_grants(
             id,
             &level,
@@ -256,7 +261,9 @@ pub fn line_grants(
         .filter(|l| l.end == period.period_end)
         .cloned()
         .collect();
-    let (plan_credits, addon_credits) = change_credits(&lines_of_period, &period, catalog);
+    let (plan_value, addon_value) = change_value(&lines_of_period, &period, catalog);
+    out.credited = credited(plan_value + addon_value);
+    let (plan_credits, addon_credits) = net(plan_value, addon_value);
     let (_, month_end) = billing_month(&period, first.start);
     let after = level_after_change(&lines_of_period, &period);
     let rollover = catalog.plan(&after.plan).map_or(0, |p| p.rollover_days);
@@ -282,6 +289,11 @@ pub fn line_grants(
     }
     out.changes = Some((after, first.start));
     Ok(out)
+}
+
+/// What a change worth `value` credits in total gave back: nothing unless it is negative.
+fn credited(value: i128) -> Credits {
+    Credits::new(u64::try_from(-value.min(0)).unwrap_or(u64::MAX))
 }
 
 /// The grants of a new period's first billing month.

@@ -394,6 +394,29 @@ impl BillingEvents {
         for grant in credits.grants {
             self.grant(event, workspace, grant).await?;
         }
+        if credits.credited > Credits::ZERO {
+            // Money back for unused time: its credits follow it out, as far as unspent.
+            let key = format!("stripe:invoice:{}:credited", invoice.id);
+            let req = LedgerRequest {
+                workspace: workspace.clone(),
+                key: IdempotencyKey::derived(key.clone()),
+                fingerprint: key,
+                actor: Actor::new(ActorKind::Stripe, event.id.clone()),
+                refs: crate::ledger::Refs {
+                    invoice: Some(invoice.id.clone()),
+                    stripe_event: Some(event.id.clone()),
+                    ..Default::default()
+                },
+                op: Operation::ChangeCredited {
+                    credits: credits.credited,
+                    note: format!(
+                        "invoice {} credited unused time worth more than the new time",
+                        invoice.id
+                    ),
+                },
+            };
+            self.ledger.execute(req).await?;
+        }
         if let Some(sub) = &sub {
             if let Some(level) = &credits.opens {
                 // The credit refresh grants a yearly period's later months from it.
@@ -452,8 +475,11 @@ impl BillingEvents {
                     .catalog()
                     .plan(&level.plan)
                     .map_or(0, |p| p.monthly_credits.get());
-                let rank = plan_credits.saturating_mul(1_000_000).saturating_add(
-                    addon_credits.map_or(u64::from(level.addon_units), |c| c.get()),
+                let rank = change_rank(
+                    invoice.number.as_deref(),
+                    plan_credits.saturating_mul(1_000_000).saturating_add(
+                        addon_credits.map_or(u64::from(level.addon_units), |c| c.get()),
+                    ),
                 );
                 crate::refresh::set_level(
                     self.docs.as_ref(),
@@ -533,5 +559,37 @@ impl BillingEvents {
             .ok_or_else(|| poison(format!("top-up {} names no workspace", pi.id)))?;
         let grant = grants::top_up_grant(&pi, self.catalog())?;
         self.grant(event, &workspace, grant).await
+    }
+}
+
+/// Orders paid changes made in the same second (their invoices' `created` is the same):
+/// Stripe numbers a customer's invoices in sequence (`PREFIX-0001`) as it finalizes them,
+/// so the higher number is the later change. Without a number, the richer level (`level`,
+/// plan credits then add-ons) counts as later, and any numbered invoice after it.
+pub(crate) fn change_rank(number: Option<&str>, level: u64) -> u64 {
+    const NUMBERED: u64 = 1 << 62;
+    number
+        .and_then(|n| n.rsplit_once('-'))
+        .and_then(|(_, seq)| seq.parse::<u64>().ok())
+        .filter(|seq| *seq < NUMBERED)
+        .map_or(level.min(NUMBERED - 1), |seq| NUMBERED | seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::change_rank;
+
+    #[test]
+    fn same_second_changes_are_ordered_by_stripes_invoice_numbers_then_by_level() {
+        // Stripe's numbering: the later invoice is the later change, whatever its level.
+        assert!(
+            change_rank(Some("A1B2C3D4-0012"), 6_000_000_000)
+                < change_rank(Some("A1B2C3D4-0013"), 150_000_000)
+        );
+        // Without numbers, the richer level; a numbered invoice counts as after them.
+        assert!(change_rank(None, 150_000_000) < change_rank(None, 900_000_000));
+        assert!(change_rank(None, u64::MAX) < change_rank(Some("X-0001"), 0));
+        assert!(change_rank(Some("no number"), 5) < change_rank(Some("X-0001"), 0));
+        assert_eq!(change_rank(Some("no number"), 5), change_rank(None, 5));
     }
 }

@@ -80,6 +80,14 @@ pub enum Operation {
         paid: u64,
         note: String,
     },
+    /// A paid change whose lines are worth less than nothing in credits: Stripe credited
+    /// the customer (to their balance) for unused time worth `credits` more than the new
+    /// time. Takes up to `credits` of the free plan and add-on credits back, soonest
+    /// expiring first; credits already spent or held stay so, and packs are never touched.
+    ChangeCredited {
+        credits: Credits,
+        note: String,
+    },
     /// A dispute opened: freezes `share` of the lot's free credits (rounded down).
     Freeze {
         lot: u64,
@@ -113,6 +121,7 @@ impl Operation {
             Operation::Fail { .. } => "fail",
             Operation::Settle => "settle",
             Operation::TakeBack { .. } => "take_back",
+            Operation::ChangeCredited { .. } => "change_credited",
             Operation::Freeze { .. } => "freeze",
             Operation::Unfreeze { .. } => "unfreeze",
             Operation::Reverse { .. } => "reverse",
@@ -516,6 +525,45 @@ impl Tx<'_> {
                 d.note = Some(note.clone());
                 self.push(d)?;
                 Ok((None, Some(format!("lot_{lot}"))))
+            }
+            Operation::ChangeCredited { credits, note } => {
+                if *credits == Credits::ZERO
+                    || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST
+                {
+                    return Err(LedgerError::Invalid(
+                        "credits credited back must be a non-zero number within limits".into(),
+                    ));
+                }
+                let mut left = *credits;
+                let mut d = Draft::new(Reason::PlanChanged, actor);
+                for (lot, free) in self.spendable() {
+                    let subscription = self.lot(lot).is_some_and(|l| {
+                        matches!(l.source, LotSource::PlanPeriod | LotSource::Addon)
+                    });
+                    if left == Credits::ZERO || !subscription || free == Credits::ZERO {
+                        continue;
+                    }
+                    let t = free.min(left);
+                    d.lots.push(LotChange::Changed {
+                        lot,
+                        remaining: CreditDelta::decrease(t),
+                        held: CreditDelta::ZERO,
+                        original: CreditDelta::ZERO,
+                    });
+                    left -= t;
+                }
+                let taken = *credits - left;
+                d.credits = CreditDelta::decrease(taken);
+                d.totals.clawed_back = taken;
+                d.note = Some(if left > Credits::ZERO {
+                    format!(
+                        "{note}: {taken} of {credits} credits taken back, {left} already spent or held"
+                    )
+                } else {
+                    format!("{note}: {taken} credits taken back")
+                });
+                self.push(d)?;
+                Ok((None, None))
             }
             Operation::Freeze { lot, share, note } => {
                 let frozen = self.lot(*lot).map_or(Credits::ZERO, |l| share.of(l.free()));

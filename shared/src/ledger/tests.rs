@@ -825,6 +825,37 @@ fn refunds_take_each_refunded_cent_once_whatever_order_and_however_often_they_ar
 }
 
 #[test]
+fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_the_rest() {
+    let credited = |credits: u64| Operation::ChangeCredited {
+        credits: Credits::new(credits),
+        note: "invoice credited unused time".into(),
+    };
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 500, None);
+    w.grant(LotSource::PlanPeriod, 300, Some(24 * 30));
+    w.grant(LotSource::Addon, 100, Some(24 * 20));
+    // 150 of the subscription credits held by a running generation (the add-on lot, which
+    // ends first, then the plan's).
+    let _g = w.hold(150).unwrap();
+    let o = w.run(credited(400)).unwrap();
+    // Free: 0 of the add-on lot, 250 of the plan's; the pack is never touched.
+    assert_eq!(o.clawed_back, Credits::new(250));
+    assert_eq!(w.available(), Credits::new(500));
+    let e = w.journal.last().unwrap();
+    assert_eq!(e.reason, Reason::PlanChanged);
+    assert!(
+        e.note
+            .as_deref()
+            .is_some_and(|n| n.contains("250 of 400") && n.contains("150 already spent or held")),
+        "{e:?}"
+    );
+    assert!(matches!(w.run(credited(0)), Err(LedgerError::Invalid(_))));
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.lots, w.state.lots);
+    assert_eq!(rebuilt.totals, w.state.totals);
+}
+
+#[test]
 fn a_dispute_freezes_free_credits_and_a_lost_one_takes_exactly_them_back() {
     let mut w = World::new();
     let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));

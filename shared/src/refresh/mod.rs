@@ -316,8 +316,8 @@ impl RefreshDoc {
     /// already set it. A paid change sets it both ways (an upgrade raises it; a prorated
     /// downgrade made elsewhere lowers it), so allotments follow what was last paid for.
     fn set_level(&mut self, p: &PaidPeriod, at: DateTime<Utc>, rank: u64) -> bool {
-        // Two changes in the same second: the higher level (changes billed at once only
-        // raise it; lowering waits for the renewal), whatever order they arrive in.
+        // Two changes in the same second: the later by rank (the invoice Stripe numbered
+        // later; see `billing::change_rank`), whatever order they arrive in.
         if self.level_as_of.is_some_and(|t| t > at)
             || (self.level_as_of == Some(at) && self.level_rank.unwrap_or(0) >= rank)
         {

@@ -116,6 +116,9 @@ pub struct Simulator {
     refunds: tokio::sync::Mutex<HashMap<String, Result<Value, String>>>,
     /// Billing details set on customers (printed on their later invoices).
     customer_details: Mutex<HashMap<CustomerId, tally::payments::BillingDetails>>,
+    /// Invoices finalized per customer: Stripe numbers a customer's invoices in sequence
+    /// (`<customer prefix>-0001`, ...) in the order it finalizes them.
+    invoice_numbers: Mutex<HashMap<CustomerId, u32>>,
     /// Reissues made, by idempotency key; held while one is made.
     reissues: tokio::sync::Mutex<HashMap<String, tally::payments::Reissued>>,
     /// Off-session payments by idempotency key: what was asked, and the answer (a payment
@@ -155,6 +158,7 @@ impl Simulator {
             disputes: Mutex::new(HashMap::new()),
             refunds: tokio::sync::Mutex::new(HashMap::new()),
             customer_details: Mutex::new(HashMap::new()),
+            invoice_numbers: Mutex::new(HashMap::new()),
             reissues: tokio::sync::Mutex::new(HashMap::new()),
             off_session: tokio::sync::Mutex::new(HashMap::new()),
             lost_answers: std::sync::atomic::AtomicU32::new(0),
@@ -327,6 +331,24 @@ impl Simulator {
     /// collection is paused, paid at once when nothing is due, else charged to the saved
     /// card (a decline leaves it open, the subscription past due, and retries scheduled).
     /// Returns the events from `invoice.created` on; the caller delivers them.
+    /// Finalizes a draft invoice: its number, the next of its customer's sequence.
+    fn finalize(&self, inv: &mut Value, now: i64) {
+        let customer: CustomerId = inv["customer"]
+            .as_str()
+            .and_then(|c| c.parse().ok())
+            .expect("a simulated invoice names its customer");
+        let seq = {
+            let mut numbers = self.invoice_numbers.lock().expect("sim lock");
+            let n = numbers.entry(customer.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let text = customer.as_str();
+        let prefix = text[text.len().saturating_sub(8)..].to_uppercase();
+        inv["number"] = json!(format!("{prefix}-{seq:04}"));
+        finalize(inv, now);
+    }
+
     fn collect(&self, sub: &mut SimSubscription, mut inv: Value, now: i64) -> Events {
         let mut out: Events = vec![("invoice.created", inv.clone())];
         let id: InvoiceId = inv["id"]
@@ -335,11 +357,11 @@ impl Simulator {
             .expect("simulated invoice id");
         sub.latest_invoice = Some(id.clone());
         if sub.paused {
-            finalize(&mut inv, now);
+            self.finalize(&mut inv, now);
             mark_void(&mut inv, now);
             out.push(("invoice.voided", inv.clone()));
         } else {
-            finalize(&mut inv, now);
+            self.finalize(&mut inv, now);
             out.push(("invoice.finalized", inv.clone()));
             let due = inv["amount_due"].as_i64().unwrap_or_default();
             let meta = json!({"org_id": sub.metadata.get("org_id")});
@@ -441,7 +463,7 @@ impl Simulator {
                     invoice_object(&self.base_url, &id, &customer, now, "manual", &[line], None);
                 invoice_item_lines(&mut inv);
                 inv["metadata"] = json!(meta);
-                finalize(&mut inv, now);
+                self.finalize(&mut inv, now);
                 let finalized = inv.clone();
                 mark_paid(&mut inv, now);
                 let paid_by = invoice_payment(&inv, &charge, now);
@@ -511,7 +533,7 @@ impl Simulator {
                 sub.latest_invoice = Some(id.clone());
                 // The card was just entered on the checkout page: the first invoice is paid.
                 let mut events: Events = vec![("invoice.created", inv.clone())];
-                finalize(&mut inv, now);
+                self.finalize(&mut inv, now);
                 events.push(("invoice.finalized", inv.clone()));
                 let amount = unit_amount.get() as i64;
                 let charge =
@@ -1021,7 +1043,7 @@ impl Payments for Simulator {
             inv["customer_email"] = json!(d.email);
             inv["customer_address"] = json!(d.address);
         }
-        finalize(&mut inv, now);
+        self.finalize(&mut inv, now);
         let finalized = inv.clone();
         // Paid out of band: marked paid, no charge.
         mark_paid(&mut inv, now);
@@ -1178,7 +1200,7 @@ impl Payments for Simulator {
         inv["description"] = json!(req.description);
         inv["due_date"] = json!(now + req.days_until_due as i64 * 86_400);
         inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
-        finalize(&mut inv, now);
+        self.finalize(&mut inv, now);
         self.store_invoice(&inv, Some(req.idempotency_key.clone()));
         self.deliver("invoice.finalized", inv).await;
         Ok(link(&id))

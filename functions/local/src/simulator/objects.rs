@@ -473,8 +473,8 @@ pub(super) fn invoice_object(
     inv["currency"] = json!("usd");
     inv["metadata"] = json!({});
     inv["account_name"] = json!("Tally (simulated)");
-    let text = id.as_str();
-    inv["number"] = json!(format!("SIM-{}", &text[text.len() - 8..].to_uppercase()));
+    // Drafts have no number; Stripe numbers an invoice as it finalizes it.
+    inv["number"] = Value::Null;
     inv["hosted_invoice_url"] = json!(format!("{base_url}/sim/invoices/{id}"));
     inv["invoice_pdf"] = json!(format!("{base_url}/sim/invoices/{id}.pdf"));
     inv["parent"] = match sub {
