@@ -1214,34 +1214,41 @@ async fn a_request_whose_payment_is_disputed_after_filing_cannot_be_approved() {
     assert_eq!(ok.body["status"], "approved", "{:#}", ok.body);
 }
 
-/// What runs just before the first write of a refund request's own document.
+/// What runs just before the `n`th write (from 0) of a refund request's own document.
 type Hook = Box<
-    dyn Fn() -> std::pin::Pin<
+    dyn Fn(
+            usize,
+        ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), tally::store::StoreError>> + Send>,
         > + Send
         + Sync,
 >;
 
-/// The app's documents, except that the first write of a refund request's own document
-/// runs `hook` first: a store outage (the hook fails), or something done at that moment.
-struct OnFirstRequestWrite {
+/// The app's documents, except that each write of a refund request's own document runs
+/// `hook` first: a store outage (the hook fails), or something done at that moment.
+struct OnRequestWrite {
     inner: Arc<dyn tally::store::DocStore>,
-    fired: std::sync::atomic::AtomicBool,
+    writes: std::sync::atomic::AtomicUsize,
     hook: Hook,
 }
 
-impl OnFirstRequestWrite {
+impl OnRequestWrite {
     fn new(inner: Arc<dyn tally::store::DocStore>, hook: Hook) -> Arc<Self> {
         Arc::new(Self {
             inner,
-            fired: std::sync::atomic::AtomicBool::new(false),
+            writes: std::sync::atomic::AtomicUsize::new(0),
             hook,
         })
     }
 }
 
+/// A store outage's error.
+fn timed_out() -> Result<(), tally::store::StoreError> {
+    Err(tally::store::StoreError::unavailable("PutItem: timed out"))
+}
+
 #[async_trait::async_trait]
-impl tally::store::DocStore for OnFirstRequestWrite {
+impl tally::store::DocStore for OnRequestWrite {
     async fn get_doc(
         &self,
         pk: &str,
@@ -1256,11 +1263,11 @@ impl tally::store::DocStore for OnFirstRequestWrite {
         body: &str,
         expected: u64,
     ) -> Result<bool, tally::store::StoreError> {
-        if pk.starts_with("WORKSPACE#")
-            && sk.starts_with("REFUND_REQUEST#")
-            && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            (self.hook)().await?;
+        if pk.starts_with("WORKSPACE#") && sk.starts_with("REFUND_REQUEST#") {
+            let n = self
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (self.hook)(n).await?;
         }
         self.inner.put_doc(pk, sk, body, expected).await
     }
@@ -1304,11 +1311,9 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
     let charge = buy_packs(&app, ws, 1).await;
     app.settle_billing().await;
     let requests = RefundRequests {
-        docs: OnFirstRequestWrite::new(
+        docs: OnRequestWrite::new(
             app.docs.clone(),
-            Box::new(|| {
-                Box::pin(async { Err(tally::store::StoreError::unavailable("PutItem: timed out")) })
-            }),
+            Box::new(|n| Box::pin(async move { if n == 0 { timed_out() } else { Ok(()) } })),
         ),
         ..parked_requests(&app)
     };
@@ -1340,47 +1345,63 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
     assert_eq!(app.available(ws).await, 0, "its credits taken back once");
 }
 
+/// Refund requests over the app's documents where 600 credits are used just as the first
+/// request's document is written (after the rules looked, before the take-back), and the
+/// `fail`th write of a request document fails as a store outage would.
+fn used_while_approved(
+    app: &TestApp,
+    workspace: &WorkspaceId,
+    fail: Option<usize>,
+) -> RefundRequests {
+    use tally::ledger::{Actor, Operation, Refs};
+    let (ledger, w) = (app.ledger.clone(), workspace.clone());
+    RefundRequests {
+        docs: OnRequestWrite::new(
+            app.docs.clone(),
+            Box::new(move |n| {
+                let (ledger, w) = (ledger.clone(), w.clone());
+                Box::pin(async move {
+                    if Some(n) == fail {
+                        return timed_out();
+                    }
+                    if n == 0 {
+                        // All of the first pack and some of the second, used meanwhile.
+                        ledger
+                            .execute(tally::service::LedgerRequest {
+                                workspace: w,
+                                key: tally::ids::IdempotencyKey::derived("used-meanwhile".into()),
+                                fingerprint: "used-meanwhile".into(),
+                                actor: Actor::system(),
+                                refs: Refs::default(),
+                                op: Operation::Adjust {
+                                    credits: tally::money::CreditDelta::new(-600),
+                                    note: "used meanwhile".into(),
+                                },
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    Ok(())
+                })
+            }),
+        ),
+        ..parked_requests(app)
+    }
+}
+
 /// A verified duplicate whose credits are used between the rules' look at them and the
 /// take-back (a generation at that very moment) is not refunded with those credits kept:
 /// the approval goes to support staff, nothing is sent, and only the credits still unused
 /// are taken back (as at any approval). Staff then decide knowing what was used.
 #[tokio::test]
 async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff() {
-    use tally::ledger::{Actor, Operation, Refs};
     let app = TestApp::new();
     let ws = "org_rr_race";
     let workspace = WorkspaceId::parse(ws).unwrap();
     let _first = buy_packs(&app, ws, 1).await;
     let second = buy_packs(&app, ws, 1).await;
     app.settle_billing().await;
-    let (ledger, w) = (app.ledger.clone(), workspace.clone());
-    let requests = RefundRequests {
-        docs: OnFirstRequestWrite::new(
-            app.docs.clone(),
-            Box::new(move || {
-                let (ledger, w) = (ledger.clone(), w.clone());
-                Box::pin(async move {
-                    // All of the first pack and some of the second, used meanwhile.
-                    ledger
-                        .execute(tally::service::LedgerRequest {
-                            workspace: w,
-                            key: tally::ids::IdempotencyKey::derived("used-meanwhile".into()),
-                            fingerprint: "used-meanwhile".into(),
-                            actor: Actor::system(),
-                            refs: Refs::default(),
-                            op: Operation::Adjust {
-                                credits: tally::money::CreditDelta::new(-600),
-                                note: "used meanwhile".into(),
-                            },
-                        })
-                        .await
-                        .unwrap();
-                    Ok(())
-                })
-            }),
-        ),
-        ..parked_requests(&app)
-    };
+    let requests = used_while_approved(&app, &workspace, None);
     let now = app.clock.now();
     let r = requests
         .create(
@@ -1424,4 +1445,55 @@ async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff()
     assert_eq!(approved.status, RequestStatus::Approved);
     assert_eq!(app.available(ws).await, 0);
     assert_eq!(approved.credits_held.get(), 400);
+}
+
+/// The same, with the store failing as the request's document is sent to staff (its claim
+/// already is): asked again, the request goes by its claim and is not refunded.
+#[tokio::test]
+async fn an_approval_sent_to_staff_is_not_refunded_when_its_document_lags_behind() {
+    let app = TestApp::new();
+    let ws = "org_rr_race2";
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let _first = buy_packs(&app, ws, 1).await;
+    let second = buy_packs(&app, ws, 1).await;
+    app.settle_billing().await;
+    // Writes of the request's document: 0 filed, 1 the credits taken back, 2 to staff.
+    let requests = used_while_approved(&app, &workspace, Some(2));
+    let now = app.clock.now();
+    let ask = NewRequest {
+        id: Some("rr_kduplicate2".into()),
+        ..request_for(&second, RefundReason::DuplicateCharge)
+    };
+    requests
+        .create(&workspace, ask.clone(), now)
+        .await
+        .expect_err("the store failed");
+    let lagging = requests
+        .get(&workspace, "rr_kduplicate2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lagging.status, RequestStatus::Approved, "the document lags");
+    let again = requests.create(&workspace, ask, now).await.unwrap();
+    assert_eq!(again.status, RequestStatus::InReview, "{again:#?}");
+    assert_eq!(charge_of(&app, &second)["amount_refunded"], 0);
+    // The worker, handed the lagging approval, does not make it either.
+    let server = MockServer::start().await;
+    let worker = RefundWorker {
+        docs: app.docs.clone(),
+        payments: stripe_at(&server),
+        notifications: app.local.notifications_queue.clone(),
+        clock: app.clock.clone(),
+    };
+    let job = json!({"workspace": ws, "request": "rr_kduplicate2", "attempt": 1});
+    worker
+        .consume(&Delivery {
+            message_id: "m1".into(),
+            body: job.to_string(),
+            group_id: Some("rr_kduplicate2".into()),
+            receive_count: 1,
+        })
+        .await
+        .unwrap();
+    assert!(server.received_requests().await.unwrap().is_empty());
 }

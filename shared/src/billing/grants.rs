@@ -213,22 +213,29 @@ pub fn line_grants(
             .filter(|l| l.end != level.period_end)
             .cloned()
             .collect();
-        let unused = match old.first() {
-            None => 0,
+        // (unused, valued exactly): estimates lean toward granting less, never toward
+        // taking back more.
+        let (unused, exact) = match old.first() {
+            None => (0, true),
             Some(first) => match known
                 .iter()
                 .find(|p| p.period_end == first.end && p.period_start <= first.start)
             {
                 Some(period) => {
                     let (plan, addon) = change_value(&old, period, catalog);
-                    plan.min(0) + addon.min(0)
+                    (plan.min(0) + addon.min(0), true)
                 }
-                None => credit_value_unknown_period(&old, &level.plan, catalog),
+                None => (
+                    credit_value_unknown_period(&old, &level.plan, catalog),
+                    false,
+                ),
             },
         };
         let (plan, addon) = first_month_of_lines(lines, &level, catalog);
         let (plan, addon) = (i128::from(plan.get()) + unused, i128::from(addon.get()));
-        out.credited = credited(plan + addon);
+        if exact && !has_other_items(lines) {
+            out.credited = credited(plan + addon);
+        }
         let (plan, addon) = net(plan, addon);
         out.grants.extend(first_month_grants(
             id,
@@ -262,7 +269,9 @@ pub fn line_grants(
         .cloned()
         .collect();
     let (plan_value, addon_value) = change_value(&lines_of_period, &period, catalog);
-    out.credited = credited(plan_value + addon_value);
+    if !has_other_items(&lines_of_period) {
+        out.credited = credited(plan_value + addon_value);
+    }
     let (plan_credits, addon_credits) = net(plan_value, addon_value);
     let (_, month_end) = billing_month(&period, first.start);
     let after = level_after_change(&lines_of_period, &period);
@@ -289,6 +298,12 @@ pub fn line_grants(
     }
     out.changes = Some((after, first.start));
     Ok(out)
+}
+
+/// Whether lines bill products that name no catalog item: their credit is valued as the
+/// plan in force (an estimate that keeps grants low), so it never decides a take-back.
+fn has_other_items(lines: &[PaidLine]) -> bool {
+    lines.iter().any(|l| matches!(l.item, Item::Other))
 }
 
 /// What a change worth `value` credits in total gave back: nothing unless it is negative.

@@ -394,29 +394,8 @@ impl BillingEvents {
         for grant in credits.grants {
             self.grant(event, workspace, grant).await?;
         }
-        if credits.credited > Credits::ZERO {
-            // Money back for unused time: its credits follow it out, as far as unspent.
-            let key = format!("stripe:invoice:{}:credited", invoice.id);
-            let req = LedgerRequest {
-                workspace: workspace.clone(),
-                key: IdempotencyKey::derived(key.clone()),
-                fingerprint: key,
-                actor: Actor::new(ActorKind::Stripe, event.id.clone()),
-                refs: crate::ledger::Refs {
-                    invoice: Some(invoice.id.clone()),
-                    stripe_event: Some(event.id.clone()),
-                    ..Default::default()
-                },
-                op: Operation::ChangeCredited {
-                    credits: credits.credited,
-                    note: format!(
-                        "invoice {} credited unused time worth more than the new time",
-                        invoice.id
-                    ),
-                },
-            };
-            self.ledger.execute(req).await?;
-        }
+
+        let mut allotment_follows = false;
         if let Some(sub) = &sub {
             if let Some(level) = &credits.opens {
                 // The credit refresh grants a yearly period's later months from it.
@@ -446,6 +425,7 @@ impl BillingEvents {
                         level: level.clone(),
                         invoice: invoice.id.clone(),
                         level_as_of: level.period_start,
+                        level_rank: None,
                     },
                 )
                 .await?;
@@ -488,13 +468,59 @@ impl BillingEvents {
                     rank,
                 )
                 .await?;
-                periods::change(self.docs.as_ref(), workspace, sub, &invoice.id, level, *at)
-                    .await?;
+                // A yearly month that fell due before the change and is not granted yet
+                // follows the lower of the two levels: a fall is already kept out of it.
+                allotment_follows = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
+                    .await?
+                    .is_some_and(|d| {
+                        &d.subscription == sub && d.earlier.is_some_and(|e| e.until <= *at)
+                    });
+                periods::change(
+                    self.docs.as_ref(),
+                    workspace,
+                    sub,
+                    &invoice.id,
+                    level,
+                    *at,
+                    rank,
+                )
+                .await?;
                 // A refund of this change's invoice that arrived first lowers the later
                 // months now that the change is recorded (even when its own grant was
                 // nothing and made no lot).
                 self.link_invoice(&invoice.id, workspace).await?;
             }
+        }
+        if credits.credited > Credits::ZERO {
+            // Money back for unused time: its credits follow it out, as far as unspent
+            // (recorded as nothing taken when the month's allotment already follows it).
+            let take = if allotment_follows {
+                Credits::ZERO
+            } else {
+                credits
+                    .credited
+                    .min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST))
+            };
+            let key = format!("stripe:invoice:{}:credited", invoice.id);
+            let req = LedgerRequest {
+                workspace: workspace.clone(),
+                key: IdempotencyKey::derived(key.clone()),
+                fingerprint: key,
+                actor: Actor::new(ActorKind::Stripe, event.id.clone()),
+                refs: crate::ledger::Refs {
+                    invoice: Some(invoice.id.clone()),
+                    stripe_event: Some(event.id.clone()),
+                    ..Default::default()
+                },
+                op: Operation::ChangeCredited {
+                    credits: take,
+                    note: format!(
+                        "invoice {} credited unused time worth {} credits more than the new time",
+                        invoice.id, credits.credited
+                    ),
+                },
+            };
+            self.ledger.execute(req).await?;
         }
         self.subscription_from_invoice(
             event,

@@ -21,6 +21,10 @@ pub struct PaidPeriod {
     /// When the level was last set (the period start, or the time of a paid change), so a
     /// late change never overwrites a newer one.
     pub level_as_of: DateTime<Utc>,
+    /// The order of the change that set it among changes of the same second
+    /// (`billing::change_rank`); none for the period's own level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_rank: Option<u64>,
 }
 
 /// The current paid period of a subscription and the one before it.
@@ -84,6 +88,7 @@ impl PaidPeriods {
         invoice: &InvoiceId,
         level: &Level,
         at: DateTime<Utc>,
+        rank: u64,
     ) -> Option<Self> {
         let Some(mut doc) = current else {
             return Some(Self {
@@ -92,6 +97,7 @@ impl PaidPeriods {
                     level: level.clone(),
                     invoice: invoice.clone(),
                     level_as_of: at,
+                    level_rank: Some(rank),
                 },
                 previous: None,
             });
@@ -99,11 +105,16 @@ impl PaidPeriods {
         for p in std::iter::once(&mut doc.current).chain(doc.previous.as_mut()) {
             if p.level.period_start == level.period_start && p.level.period_end == level.period_end
             {
-                if p.level_as_of > at || p.level == *level {
+                // Of two changes in the same second, the later by rank (an earlier one's
+                // event delivered again must not undo the later one).
+                let newer =
+                    p.level_as_of < at || (p.level_as_of == at && p.level_rank.unwrap_or(0) < rank);
+                if !newer || p.level == *level {
                     return None;
                 }
                 p.level = level.clone();
                 p.level_as_of = at;
+                p.level_rank = Some(rank);
                 return Some(doc);
             }
         }
@@ -144,9 +155,10 @@ pub async fn change(
     invoice: &InvoiceId,
     level: &Level,
     at: DateTime<Utc>,
+    rank: u64,
 ) -> Result<Option<PaidPeriods>, StoreError> {
     docs::update(docs, &workspace_pk(workspace), &sk(sub), |cur| {
-        PaidPeriods::change(cur, sub, invoice, level, at)
+        PaidPeriods::change(cur, sub, invoice, level, at, rank)
     })
     .await
 }
@@ -169,6 +181,7 @@ mod tests {
             },
             invoice: format!("in_{start_day}").parse().unwrap(),
             level_as_of: start,
+            level_rank: None,
         }
     }
 
@@ -210,14 +223,22 @@ mod tests {
             ..p.level.clone()
         };
         let inv = p.invoice.clone();
-        let later = PaidPeriods::change(Some(doc.clone()), &sub, &inv, &gen_, t2).unwrap();
+        let later = PaidPeriods::change(Some(doc.clone()), &sub, &inv, &gen_, t2, 1).unwrap();
         assert_eq!(
-            PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t1),
+            PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t1, 2),
             None
         );
         assert_eq!(later.current.level.plan, "generative");
+        // Two in the same second: the later by rank, whatever order they come in.
+        let second = PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t2, 2).unwrap();
+        assert_eq!(second.current.level.plan, "max");
+        assert_eq!(
+            PaidPeriods::change(Some(second.clone()), &sub, &inv, &gen_, t2, 1),
+            None,
+            "the first change delivered again does not undo the second"
+        );
         // A change applied before its period's own invoice records the period at the level.
-        let first = PaidPeriods::change(None, &sub, &inv, &max, t1).unwrap();
+        let first = PaidPeriods::change(None, &sub, &inv, &max, t1, 1).unwrap();
         assert_eq!(first.current.level.plan, "max");
         // The period's own invoice then finds it recorded and keeps the changed level.
         assert_eq!(PaidPeriods::open(Some(first), &sub, p.clone()), None);

@@ -82,8 +82,10 @@ pub enum Operation {
     },
     /// A paid change whose lines are worth less than nothing in credits: Stripe credited
     /// the customer (to their balance) for unused time worth `credits` more than the new
-    /// time. Takes up to `credits` of the free plan and add-on credits back, soonest
-    /// expiring first; credits already spent or held stay so, and packs are never touched.
+    /// time. Takes up to `credits` of the free plan and add-on credits back, latest
+    /// expiring first (the month the credited time belongs to, not an older month's
+    /// rollover, which a refund of its own invoice may still take); credits already spent
+    /// or held stay so, and packs are never touched. Zero records that nothing is taken.
     ChangeCredited {
         credits: Credits,
         note: String,
@@ -527,16 +529,14 @@ impl Tx<'_> {
                 Ok((None, Some(format!("lot_{lot}"))))
             }
             Operation::ChangeCredited { credits, note } => {
-                if *credits == Credits::ZERO
-                    || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST
-                {
+                if credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
                     return Err(LedgerError::Invalid(
-                        "credits credited back must be a non-zero number within limits".into(),
+                        "credits credited back must be within limits".into(),
                     ));
                 }
                 let mut left = *credits;
                 let mut d = Draft::new(Reason::PlanChanged, actor);
-                for (lot, free) in self.spendable() {
+                for (lot, free) in self.spendable().into_iter().rev() {
                     let subscription = self.lot(lot).is_some_and(|l| {
                         matches!(l.source, LotSource::PlanPeriod | LotSource::Addon)
                     });

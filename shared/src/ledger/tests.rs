@@ -832,24 +832,37 @@ fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_th
     };
     let mut w = World::new();
     w.grant(LotSource::Pack, 500, None);
+    let rollover = lot_seq(&w.grant(LotSource::PlanPeriod, 100, Some(24 * 5)));
     w.grant(LotSource::PlanPeriod, 300, Some(24 * 30));
     w.grant(LotSource::Addon, 100, Some(24 * 20));
-    // 150 of the subscription credits held by a running generation (the add-on lot, which
-    // ends first, then the plan's).
+    // 150 held by a running generation: the older month's rollover, then the add-on lot.
     let _g = w.hold(150).unwrap();
+    // The month's own lots go first, latest-expiring first: 300 of the plan's, then the
+    // 50 free of the add-on lot; the rollover is left for a refund of its own month, and
+    // the pack is never touched.
     let o = w.run(credited(400)).unwrap();
-    // Free: 0 of the add-on lot, 250 of the plan's; the pack is never touched.
-    assert_eq!(o.clawed_back, Credits::new(250));
+    assert_eq!(o.clawed_back, Credits::new(350));
     assert_eq!(w.available(), Credits::new(500));
     let e = w.journal.last().unwrap();
     assert_eq!(e.reason, Reason::PlanChanged);
     assert!(
         e.note
             .as_deref()
-            .is_some_and(|n| n.contains("250 of 400") && n.contains("150 already spent or held")),
+            .is_some_and(|n| n.contains("350 of 400") && n.contains("50 already spent or held")),
         "{e:?}"
     );
-    assert!(matches!(w.run(credited(0)), Err(LedgerError::Invalid(_))));
+    assert!(
+        !e.lots
+            .iter()
+            .any(|c| matches!(c, LotChange::Changed { lot, .. } if *lot == rollover))
+    );
+    // Nothing to take (the month follows the lower level): an entry that says so.
+    let o = w.run(credited(0)).unwrap();
+    assert_eq!(o.clawed_back, Credits::ZERO);
+    assert!(matches!(
+        w.run(credited(crate::money::MAX_CREDITS_PER_REQUEST + 1)),
+        Err(LedgerError::Invalid(_))
+    ));
     let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
     assert_eq!(rebuilt.lots, w.state.lots);
     assert_eq!(rebuilt.totals, w.state.totals);

@@ -193,6 +193,23 @@ impl RequestStatus {
     }
 }
 
+/// See [`RefundRequests::claim_moved_on`].
+pub(crate) async fn claim_moved_on(
+    store: &dyn DocStore,
+    r: &RefundRequest,
+) -> Result<Option<Claim>, crate::store::StoreError> {
+    let claims: Claims = docs::get(store, &charge_pk(&r.charge), CLAIMS_SK)
+        .await?
+        .unwrap_or_default();
+    Ok(claims.get(&r.id).cloned().filter(|c| {
+        c.attempt != r.attempt
+            || !matches!(
+                c.status,
+                RequestStatus::Approved | RequestStatus::Pending | RequestStatus::Succeeded
+            )
+    }))
+}
+
 /// What an approval takes credits back from (see `take_back_basis`).
 struct Basis {
     lots: Vec<(u64, Credits)>,
@@ -708,9 +725,14 @@ impl RefundRequests {
         Ok(lots)
     }
 
-    /// Takes back, as the approval is sent, what the approved money bought and is unspent:
-    /// the same ledger operation Stripe's refund event runs later (which then takes nothing
-    /// twice), so the credits cannot be spent while the refund is on its way.
+    /// The request's claim when it is no longer this approval, live (approved, being made
+    /// or made at the request's attempt): sent to staff or decided since.
+    pub(crate) async fn claim_moved_on(&self, r: &RefundRequest) -> Result<Option<Claim>, Problem> {
+        claim_moved_on(self.docs.as_ref(), r)
+            .await
+            .map_err(Problem::from)
+    }
+
     /// What an approval takes back from: the payment's lots, its payment intent, and the
     /// money back with the customer once this request's refund is made, of what was paid.
     /// `None` when nothing was paid or the payment is not known yet.
@@ -754,6 +776,9 @@ impl RefundRequests {
         }))
     }
 
+    /// Takes back, as the approval is sent, what the approved money bought and is unspent:
+    /// the same ledger operation Stripe's refund event runs later (which then takes nothing
+    /// twice), so the credits cannot be spent while the refund is on its way.
     /// Takes back, as the approval is sent, what the approved money bought and is unspent:
     /// the same ledger operation Stripe's refund event runs later (which then takes nothing
     /// twice), so the credits cannot be spent while the refund is on its way.
@@ -864,6 +889,15 @@ impl RefundRequests {
         r: &RefundRequest,
         now: DateTime<Utc>,
     ) -> Result<Option<RefundRequest>, Problem> {
+        // The claim decides, not the request document, which follows it a step later: an
+        // approval sent to staff since (its document not updated yet) is not sent.
+        if let Some(moved) = self.claim_moved_on(r).await? {
+            return Ok(Some(
+                project(self.docs.as_ref(), &r.workspace, &moved, now, "tally", None)
+                    .await?
+                    .unwrap_or_else(|| r.clone()),
+            ));
+        }
         let (held, bought) = self.take_back_now(r).await?;
         if held > Credits::ZERO {
             docs::update(
@@ -881,7 +915,11 @@ impl RefundRequests {
             )
             .await?;
         }
-        if r.approved_as_unused() && held < bought {
+        // A credit of rounding per lot: a lot an earlier refund took nothing from (rounded
+        // down) takes its share of what is left.
+        let lots = self.take_back_basis(r).await?.map_or(0, |b| b.lots.len());
+        let rounding = u64::try_from(lots).unwrap_or(u64::MAX);
+        if r.approved_as_unused() && held.get().saturating_add(rounding) < bought.get() {
             return self.demote(r, held, now).await.map(Some);
         }
         let job = RefundJob {

@@ -78,6 +78,16 @@ impl Consumer for RefundWorker {
         {
             return Ok(());
         }
+        // The claim decides (the document follows it a step later): an approval sent to
+        // staff since is not made.
+        if super::claim_moved_on(self.docs.as_ref(), &r)
+            .await?
+            .is_some()
+        {
+            tracing::info!(request = %r.id, attempt = r.attempt,
+                "approval no longer current by its claim; refund not made");
+            return Ok(());
+        }
         if let Some(refund) = &r.refund {
             // Made already (Stripe's event was here first, or this is a redelivery): never
             // ask Stripe again, whose idempotency keys expire; just confirm.
