@@ -756,7 +756,11 @@ async fn concurrent_requests_and_staff_decisions_never_claim_more_than_one_refun
     let done = app
         .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
         .await;
-    assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
+    assert_eq!(
+        done.body["status"], "succeeded",
+        "{:#} after {:#} {:#}",
+        done.body, x.body, y.body
+    );
     assert_eq!(done.body["attempt"], 1);
     let refunded = charge_of(&app, &charge)["amount_refunded"]
         .as_i64()
@@ -1345,6 +1349,14 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
     assert_eq!(app.available(ws).await, 0, "its credits taken back once");
 }
 
+/// Two packs of 500 bought by `ws`: its id, and the charge of the second.
+async fn charged_twice(app: &TestApp, ws: &str) -> (WorkspaceId, String) {
+    buy_packs(app, ws, 1).await;
+    let second = buy_packs(app, ws, 1).await;
+    app.settle_billing().await;
+    (WorkspaceId::parse(ws).unwrap(), second)
+}
+
 /// Refund requests over the app's documents where 600 credits are used just as the first
 /// request's document is written (after the rules looked, before the take-back), and the
 /// `fail`th write of a request document fails as a store outage would.
@@ -1397,10 +1409,7 @@ fn used_while_approved(
 async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff() {
     let app = TestApp::new();
     let ws = "org_rr_race";
-    let workspace = WorkspaceId::parse(ws).unwrap();
-    let _first = buy_packs(&app, ws, 1).await;
-    let second = buy_packs(&app, ws, 1).await;
-    app.settle_billing().await;
+    let (workspace, second) = charged_twice(&app, ws).await;
     let requests = used_while_approved(&app, &workspace, None);
     let now = app.clock.now();
     let r = requests
@@ -1453,10 +1462,7 @@ async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff()
 async fn an_approval_sent_to_staff_is_not_refunded_when_its_document_lags_behind() {
     let app = TestApp::new();
     let ws = "org_rr_race2";
-    let workspace = WorkspaceId::parse(ws).unwrap();
-    let _first = buy_packs(&app, ws, 1).await;
-    let second = buy_packs(&app, ws, 1).await;
-    app.settle_billing().await;
+    let (workspace, second) = charged_twice(&app, ws).await;
     // Writes of the request's document: 0 filed, 1 the credits taken back, 2 to staff.
     let requests = used_while_approved(&app, &workspace, Some(2));
     let now = app.clock.now();

@@ -478,6 +478,19 @@ async fn advance_days(app: &TestApp, days: i64) {
     app.settle_billing().await;
 }
 
+/// Refunds the newest charge in full through the simulated Stripe.
+async fn refund_last_charge(app: &TestApp) {
+    let charges = app.sim_events("charge.succeeded");
+    let charge = charges.last().unwrap()["id"].as_str().unwrap().to_owned();
+    let r = sim_post(
+        app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+}
+
 async fn plan_allotments(app: &TestApp, ws: &str) -> Vec<i64> {
     entries(app, ws, "plan_credits")
         .await
@@ -875,15 +888,7 @@ async fn a_refunded_yearly_upgrade_takes_the_rest_of_the_year_back_to_the_plan_s
     let months = plan_allotments(&app, ws).await;
     assert_eq!(months.first(), Some(&400), "upgraded: {months:?}");
     // The upgrade's invoice refunded in full.
-    let charges = app.sim_events("charge.succeeded");
-    let charge = charges.last().unwrap()["id"].as_str().unwrap().to_owned();
-    let r = sim_post(
-        &app,
-        &format!("/sim/charges/{charge}/refund"),
-        Some(json!({})),
-    )
-    .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    refund_last_charge(&app).await;
     app.settle_billing().await;
     advance_days(&app, 62).await;
     let months = plan_allotments(&app, ws).await;
@@ -930,15 +935,7 @@ async fn a_refunded_upgrade_that_granted_nothing_of_its_own_still_lowers_the_lat
         Some(&400),
         "month 2 at max"
     );
-    let charges = app.sim_events("charge.succeeded");
-    let charge = charges.last().unwrap()["id"].as_str().unwrap().to_owned();
-    let r = sim_post(
-        &app,
-        &format!("/sim/charges/{charge}/refund"),
-        Some(json!({})),
-    )
-    .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    refund_last_charge(&app).await;
     advance_days(&app, 62).await;
     let months = plan_allotments(&app, ws).await;
     assert_eq!(

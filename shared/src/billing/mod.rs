@@ -468,12 +468,15 @@ impl BillingEvents {
                     rank,
                 )
                 .await?;
-                // A yearly month that fell due before the change and is not granted yet
-                // follows the lower of the two levels: a fall is already kept out of it.
+                // A yearly month that fell due before this change and is not granted yet
+                // follows the lower of the level of its date and this one: this change's
+                // fall is already kept out of it. Only the change that found the month
+                // waiting (it set the earlier level): a fall after a rise that followed it
+                // took its own grant back, or changes back and forth would keep them.
                 allotment_follows = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                     .await?
                     .is_some_and(|d| {
-                        &d.subscription == sub && d.earlier.is_some_and(|e| e.until <= *at)
+                        &d.subscription == sub && d.earlier.is_some_and(|e| e.until == *at)
                     });
                 periods::change(
                     self.docs.as_ref(),
