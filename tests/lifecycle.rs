@@ -706,3 +706,65 @@ async fn a_change_scheduled_in_the_portal_is_not_dropped_by_an_api_change() {
             .contains("billing portal")
     );
 }
+
+/// A yearly month falls due, and before the credit refresh grants it the plan is lowered
+/// elsewhere (billed at once) and raised back through the API: the month is granted at the
+/// lowered level and the rise's own grant pays the rest of it at the raised one; the fall
+/// takes nothing back (the month already leaves it out), and nothing is granted twice.
+#[tokio::test]
+async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once() {
+    use tally::clock::Clock;
+    use tally::ledger::Interval;
+    let app = TestApp::new();
+    let ws = "org_fallrise";
+    let start = app.clock.now();
+    app.subscribe(ws, "generative", "yearly").await;
+    let sim = app.local.simulator.as_ref().unwrap();
+    sim.set_schedule(std::sync::Arc::new(tally_local::simulator::NoSchedule));
+    let month = tally::subscriptions::calendar::add_months(start, 1);
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&serde_json::json!({ "until": month + chrono::Duration::hours(1) }).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+    let before = app.available(ws).await;
+    portal_change(&app, ws, "plus", Interval::Yearly).await;
+    let up = app.change_plan(ws, "generative", "yearly").await;
+    assert_eq!(up.body["effective"], "now", "{:#}", up.body);
+    app.settle_billing().await;
+    assert!(credited_back(&app, ws).await.is_empty());
+    let rise = app.available(ws).await - before;
+    let catalog = app.ledger.catalog.clone();
+    let credits = |p: &str| catalog.plan(p).unwrap().monthly_credits.get();
+    assert!(
+        rise > 0 && rise <= credits("generative") - credits("plus"),
+        "the rise grants the rest of the month: {rise}"
+    );
+    tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
+        .await
+        .unwrap();
+    app.settle_billing().await;
+    let month_grants: Vec<u64> = plan_grants(&app, ws)
+        .await
+        .into_iter()
+        .filter(|(id, _)| id.starts_with("refresh:"))
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(month_grants, vec![credits("plus")]);
+    assert_eq!(
+        app.available(ws).await,
+        before + rise + credits("plus"),
+        "the month: plus, and the rise's grant for the rest of it"
+    );
+    // The refresh again: nothing twice.
+    tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(plan_grants(&app, ws).await.len(), 3);
+}

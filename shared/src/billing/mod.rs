@@ -395,7 +395,8 @@ impl BillingEvents {
             self.grant(event, workspace, grant).await?;
         }
 
-        let mut allotment_follows = false;
+        // The share of the credits this invoice credited back that the ledger takes back.
+        let mut credited_share = None;
         if let Some(sub) = &sub {
             if let Some(level) = &credits.opens {
                 // The credit refresh grants a yearly period's later months from it.
@@ -468,15 +469,16 @@ impl BillingEvents {
                     rank,
                 )
                 .await?;
-                // A yearly month that fell due before this change and is not granted yet
-                // follows the lower of the level of its date and this one: this change's
-                // fall is already kept out of it. Only the change that found the month
-                // waiting (it set the earlier level): a fall after a rise that followed it
-                // took its own grant back, or changes back and forth would keep them.
-                allotment_follows = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
+                // A yearly month that fell due before this change and was not granted yet
+                // when it was recorded follows the lowest level in effect from its date
+                // on: the part of this change's fall below the lowest before it is kept out
+                // of that month already, and is not taken back too. Recorded with the
+                // change, so a retry after the worker granted the month reads the same.
+                credited_share = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                     .await?
-                    .is_some_and(|d| {
-                        &d.subscription == sub && d.earlier.is_some_and(|e| e.until == *at)
+                    .filter(|d| &d.subscription == sub)
+                    .and_then(|d| {
+                        crate::refresh::schedule::credited_take(&d, &invoice.id, self.catalog())
                     });
                 periods::change(
                     self.docs.as_ref(),
@@ -496,14 +498,19 @@ impl BillingEvents {
         }
         if credits.credited > Credits::ZERO {
             // Money back for unused time: its credits follow it out, as far as unspent
-            // (recorded as nothing taken when the month's allotment already follows it).
-            let take = if allotment_follows {
-                Credits::ZERO
-            } else {
-                credits
-                    .credited
-                    .min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST))
-            };
+            // (less what a waiting month's allotment already leaves out; recorded as
+            // nothing taken when that is all of it).
+            let take = match credited_share {
+                Some((part, whole)) if whole > 0 => Credits::new(
+                    u64::try_from(
+                        u128::from(credits.credited.get()) * u128::from(part.min(whole))
+                            / u128::from(whole),
+                    )
+                    .unwrap_or(u64::MAX),
+                ),
+                _ => credits.credited,
+            }
+            .min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST));
             let key = format!("stripe:invoice:{}:credited", invoice.id);
             let req = LedgerRequest {
                 workspace: workspace.clone(),

@@ -188,6 +188,13 @@ pub struct PaidChange {
     /// cents paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_back: Option<(u64, u64)>,
+    /// The date of the latest allotment that had fallen due and was waiting for the worker
+    /// when the change was recorded. That allotment follows the lowest level in effect from
+    /// its date on, so the part of this change's fall below that lowest is already kept out
+    /// of it (see [`schedule::credited_take`]). Kept when the worker grants the allotment,
+    /// so a retried delivery of the change reads the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<DateTime<Utc>>,
 }
 
 /// A level that allotments dated before `until` follow (see [`RefreshDoc::earlier`]).
@@ -240,6 +247,7 @@ impl RefreshDoc {
         };
         let after = self.changes[i].before.changed_by(p);
         let before = std::mem::replace(&mut self.changes[i].before, after.clone());
+        let waiting = self.waiting_at(at);
         self.changes.insert(
             i,
             PaidChange {
@@ -248,6 +256,7 @@ impl RefreshDoc {
                 before,
                 after,
                 given_back: None,
+                waiting,
             },
         );
         if self.changes.len() > MAX_CHANGES {
@@ -287,6 +296,15 @@ impl RefreshDoc {
         schedule::allotments(self.period_start, self.period_end)
             .into_iter()
             .find(|a| a.k >= self.next_allotment)
+    }
+
+    /// The latest allotment dated at or before `at` that the worker has not dealt with yet.
+    fn waiting_at(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        schedule::allotments(self.period_start, self.period_end)
+            .into_iter()
+            .filter(|a| a.k >= self.next_allotment && a.at <= at)
+            .map(|a| a.at)
+            .next_back()
     }
 
     /// The worker dealt with the allotments before `next`: the earlier level goes once no
@@ -365,6 +383,7 @@ impl RefreshDoc {
                 before: before.clone(),
                 after: after.clone(),
                 given_back: None,
+                waiting: self.waiting_at(at),
             });
             if self.changes.len() > MAX_CHANGES {
                 self.changes.remove(0);

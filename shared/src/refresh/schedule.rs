@@ -72,30 +72,75 @@ fn valued<'c>(
 
 /// The plan an allotment dated `at` follows, its add-on units and their credits: the level
 /// last paid for; for an allotment dated at or before a change the worker has not caught
-/// up with, whichever of that level and the one of its date gives less in all. The change's
-/// own grant already paid a rise (plan and add-ons netted against each other) for the rest
-/// of that month, and a fall came back as money, so the allotment owes only the lower.
+/// up with, the lowest of the levels in effect from its date on (plan and add-ons valued
+/// together). A rise's own grant already paid the rise for the rest of that month, and a
+/// fall came back as money, so the allotment owes only the lowest: a fall and then a rise
+/// back gets the month at the fallen level plus the rise's grant, not the month at the
+/// risen level on top of it.
 pub fn level<'c>(
     doc: &RefreshDoc,
     at: DateTime<Utc>,
     catalog: &'c Catalog,
 ) -> Result<(&'c Plan, u32, Credits), String> {
-    let now = valued(&doc.plan, doc.addon_units, doc.addon_credits, catalog)?;
-    let Some(e) = doc.earlier.as_ref().filter(|e| at <= e.until) else {
-        return Ok(now);
-    };
-    let then = valued(
-        &e.level.plan,
-        e.level.addon_units,
-        e.level.addon_credits,
-        catalog,
-    )?;
     let total = |l: &(&Plan, u32, Credits)| l.0.monthly_credits.checked_add(l.2);
-    Ok(if total(&then) <= total(&now) {
-        then
-    } else {
-        now
-    })
+    let mut low = valued(&doc.plan, doc.addon_units, doc.addon_credits, catalog)?;
+    let earlier = doc
+        .earlier
+        .as_ref()
+        .filter(|e| at <= e.until)
+        .map(|e| &e.level);
+    // The levels of the changes made since the allotment's date: each one's start and end.
+    let since = doc
+        .changes
+        .iter()
+        .filter(|c| c.at >= at)
+        .flat_map(|c| [&c.before, &c.after]);
+    for l in earlier.into_iter().chain(since) {
+        // A level the catalog no longer knows cannot be compared: it is left out.
+        if let Ok(v) = valued(&l.plan, l.addon_units, l.addon_credits, catalog)
+            && total(&v) < total(&low)
+        {
+            low = v;
+        }
+    }
+    Ok(low)
+}
+
+/// What share of the credits a paid change credited back (Stripe's money for unused time
+/// at a richer level) the ledger takes back, as `(numerator, denominator)`.
+///
+/// All of them, unless an allotment had fallen due and was waiting for the worker when the
+/// change was recorded ([`super::PaidChange::waiting`]): that allotment follows the lowest
+/// level in effect from its date on ([`level`]), so the part of this change's fall below
+/// the lowest level before it is kept out of the allotment already, and only the part above
+/// is taken back (what rises since that date granted). `None` when the document does not
+/// know the change, or its levels cannot be valued: then all.
+pub fn credited_take(
+    doc: &RefreshDoc,
+    invoice: &crate::ids::InvoiceId,
+    catalog: &Catalog,
+) -> Option<(u64, u64)> {
+    let i = doc.changes.iter().position(|c| &c.invoice == invoice)?;
+    let change = &doc.changes[i];
+    let since = change.waiting?;
+    let worth = |l: &super::LevelParts| {
+        valued(&l.plan, l.addon_units, l.addon_credits, catalog)
+            .ok()
+            .and_then(|(p, _, a)| p.monthly_credits.checked_add(a))
+            .map(Credits::get)
+    };
+    let (from, to) = (worth(&change.before)?, worth(&change.after)?);
+    if to >= from {
+        return None;
+    }
+    // The lowest level in effect from the allotment's date until this change: where the
+    // first change since that date started, and where each one before this one led.
+    let window: Vec<_> = doc.changes[..=i].iter().filter(|c| c.at >= since).collect();
+    let mut lowest = worth(&window.first()?.before)?;
+    for c in &window[..window.len() - 1] {
+        lowest = lowest.min(worth(&c.after)?);
+    }
+    Some((from - to.max(lowest).min(from), from - to))
 }
 
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
@@ -334,7 +379,10 @@ mod tests {
         let later = at_plan(&d, "team");
         assert!(d.set_level(&later, a[0].at + Duration::minutes(5), 2));
         assert_eq!(plan_credits(&d), Credits::new(150));
-        let before = at_plan(&d, "generative");
+        let before = crate::refresh::PaidPeriod {
+            invoice: InvoiceId::parse("in_before").unwrap(),
+            ..at_plan(&d, "generative")
+        };
         assert!(d.set_level(&before, a[0].at - Duration::minutes(10), 1));
         assert_eq!(d.plan, "team", "the later change still sets the level");
         assert_eq!(plan_credits(&d), Credits::new(900));
@@ -352,6 +400,82 @@ mod tests {
         let g = grants(&d, &a[0], &catalog).unwrap();
         let total: u64 = g.iter().map(|g| g.credits.get()).sum();
         assert_eq!(total, 900 + 5 * 60, "{g:?}");
+    }
+
+    #[test]
+    fn a_waiting_allotment_follows_the_lowest_level_since_its_date_and_falls_take_back_only_above_it()
+     {
+        let catalog = Catalog::builtin();
+        let a = allotments(t(2027, 1, 15), t(2028, 1, 15));
+        let fresh = |plan: &str| {
+            let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+            d.plan = plan.into();
+            d.addon_units = 0;
+            d
+        };
+        let change = |d: &RefreshDoc, invoice: &str, plan: &str| crate::refresh::PaidPeriod {
+            workspace: d.workspace.clone(),
+            subscription: d.subscription.clone(),
+            invoice: InvoiceId::parse(invoice).unwrap(),
+            interval: Interval::Yearly,
+            plan: plan.into(),
+            addon_units: 0,
+            addon_credits: None,
+            period_start: d.period_start,
+            period_end: d.period_end,
+        };
+        let plan_credits = |d: &RefreshDoc| grants(d, &a[0], &catalog).unwrap()[0].credits;
+        let take = |d: &RefreshDoc, invoice: &str| {
+            credited_take(d, &InvoiceId::parse(invoice).unwrap(), &catalog)
+        };
+        let minutes = |m: i64| a[0].at + Duration::minutes(m);
+
+        // Down to plus, then back up to generative, both after the allotment fell due and
+        // before the worker came: the month at plus (the rise's own grant pays the rest
+        // of the month at generative), not at generative on top of the rise's grant.
+        let mut d = fresh("generative");
+        assert!(d.set_level(&change(&d, "in_down", "plus"), minutes(5), 1));
+        assert!(d.set_level(&change(&d, "in_up", "generative"), minutes(9), 2));
+        assert_eq!(d.plan, "generative");
+        assert_eq!(plan_credits(&d), Credits::new(150));
+        // The fall was the month's own: nothing of it is taken back.
+        assert_eq!(take(&d, "in_down"), Some((0, 750)));
+        assert_eq!(take(&d, "in_up"), None, "a rise takes nothing back");
+        // A second fall gives back what the rise granted: all of it is taken back.
+        assert!(d.set_level(&change(&d, "in_down2", "plus"), minutes(20), 3));
+        assert_eq!(plan_credits(&d), Credits::new(150));
+        assert_eq!(take(&d, "in_down2"), Some((750, 750)));
+
+        // Up, then down below where the month started: only the rise's part is taken back.
+        let mut d = fresh("max");
+        assert!(d.set_level(&change(&d, "in_up", "generative"), minutes(5), 1));
+        assert!(d.set_level(&change(&d, "in_down", "plus"), minutes(9), 2));
+        assert_eq!(plan_credits(&d), Credits::new(150));
+        assert_eq!(take(&d, "in_down"), Some((900 - 400, 900 - 150)));
+
+        // Two falls in a row: each is the month's own, nothing is taken twice.
+        let mut d = fresh("generative");
+        assert!(d.set_level(&change(&d, "in_a", "max"), minutes(5), 1));
+        assert!(d.set_level(&change(&d, "in_b", "plus"), minutes(9), 2));
+        assert_eq!(plan_credits(&d), Credits::new(150));
+        assert_eq!(take(&d, "in_a"), Some((0, 500)));
+        assert_eq!(take(&d, "in_b"), Some((0, 250)));
+
+        // The worker grants the month: the changes still say the same (a retried delivery
+        // of the fall takes nothing from the month granted at the fallen level).
+        d.advance(2);
+        assert_eq!(d.earlier, None);
+        assert_eq!(take(&d, "in_a"), Some((0, 500)));
+        // A fall with no month waiting takes back all it credited.
+        assert!(d.set_level(
+            &change(&d, "in_c", "generative"),
+            a[1].at - Duration::days(2),
+            3
+        ));
+        assert!(d.set_level(&change(&d, "in_d", "max"), a[1].at - Duration::days(1), 4));
+        assert_eq!(take(&d, "in_d"), None);
+        // So does one the document does not know.
+        assert_eq!(take(&d, "in_unknown"), None);
     }
 
     #[test]
