@@ -379,7 +379,22 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
     let mut originals: BTreeMap<u64, u64> = BTreeMap::new();
     // lot -> (credits taken back, take-backs, payment intent)
     let mut taken: BTreeMap<u64, (u64, u64, String)> = BTreeMap::new();
+    // Lots that owe held credits to a change credited back: what their releases take back
+    // cannot be told apart from a refund's.
+    let credited: BTreeSet<u64> = journal
+        .iter()
+        .filter(|e| e.reason == Reason::PlanChanged)
+        .flat_map(|e| &e.lots)
+        .filter_map(|c| match c {
+            LotChange::Owed { lot, take, .. } if take.get() > 0 => Some(*lot),
+            _ => None,
+        })
+        .collect();
     for e in journal {
+        let followed = matches!(
+            e.reason,
+            Reason::RefundTakeBack | Reason::DisputeLost | Reason::DisputeFreeze
+        );
         for change in &e.lots {
             match change {
                 LotChange::Created { lot } => {
@@ -393,8 +408,26 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
                     t.0 += remaining.unsigned_abs().get();
                     t.1 += 1;
                 }
+                LotChange::Refunded { lot, .. }
+                | LotChange::Owed { lot, .. }
+                | LotChange::Frozen { lot, .. }
+                    if followed =>
+                {
+                    let pi = e.refs.charge.clone().unwrap_or_default();
+                    taken.entry(*lot).or_insert((0, 0, pi));
+                }
                 _ => {}
             }
+        }
+        // Held credits released after their money went back: taken back as released.
+        for (lot, credits) in taken_on_release(e) {
+            if credited.contains(&lot) {
+                continue;
+            }
+            let t = taken
+                .get_mut(&lot)
+                .ok_or_else(|| format!("lot_{lot}: released credits taken back for no refund"))?;
+            t.0 += credits;
         }
     }
     let lost: BTreeMap<String, i64> = sim
@@ -430,6 +463,33 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Credits an entry took back as a hold released them (their money went back while the
+/// generation held them): (lot, credits).
+fn taken_on_release(e: &tally::ledger::Entry) -> Vec<(u64, u64)> {
+    let owing: BTreeSet<u64> = e
+        .lots
+        .iter()
+        .filter_map(|c| match c {
+            LotChange::Owed { lot, take, .. } if take.get() < 0 => Some(*lot),
+            _ => None,
+        })
+        .collect();
+    e.lots
+        .iter()
+        .filter_map(|c| match c {
+            LotChange::Changed {
+                lot,
+                remaining,
+                held,
+                ..
+            } if held.get() == 0 && remaining.get() < 0 && owing.contains(lot) => {
+                Some((*lot, remaining.unsigned_abs().get()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// What the paid subscription lines allow to have been granted by `now`, and the
@@ -785,7 +845,13 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
             }
             _ => None,
         })
-        .sum();
+        .sum::<u128>()
+        + journal
+            .iter()
+            .flat_map(taken_on_release)
+            .filter(|(lot, _)| subscription_lots.contains(lot))
+            .map(|(_, c)| u128::from(c))
+            .sum::<u128>();
     let kept = granted.saturating_sub(taken_back);
     let (mut allowed, tolerance, first_month) =
         paid_lines_allow(app, &catalog, app.ledger.clock.now());

@@ -299,7 +299,8 @@ impl Tx<'_> {
         self.cmd.at
     }
 
-    fn push(&mut self, d: Draft) -> Result<u64, LedgerError> {
+    fn push(&mut self, mut d: Draft) -> Result<u64, LedgerError> {
+        self.follow_owed(&mut d);
         let seq = self.state.next_seq;
         let mut refs = self.cmd.refs.clone();
         if d.generation.is_some() {
@@ -339,6 +340,83 @@ impl Tx<'_> {
 
     fn lot(&self, seq: u64) -> Option<&Lot> {
         self.state.lots.iter().find(|l| l.seq == seq)
+    }
+
+    /// Credits a draft releases from holds on lots that owe part of their held credits
+    /// ([`Lot::owed`], [`Lot::owed_frozen`]): taken back or frozen instead of becoming free
+    /// again, in the same entry. What stays held owes at most what it holds (what a hold
+    /// spends stays spent).
+    fn follow_owed(&self, d: &mut Draft) {
+        // Per lot: credits off `remaining` and off `held` (only releases lower `held`).
+        let mut moved: BTreeMap<u64, (Credits, Credits)> = BTreeMap::new();
+        for c in &d.lots {
+            if let LotChange::Changed {
+                lot,
+                remaining,
+                held,
+                ..
+            } = c
+                && held.get() < 0
+            {
+                let e = moved.entry(*lot).or_default();
+                if remaining.get() < 0 {
+                    e.0 += remaining.unsigned_abs();
+                }
+                e.1 += held.unsigned_abs();
+            }
+        }
+        let (mut first, mut last) = (Vec::new(), Vec::new());
+        let (mut taken, mut frozen) = (Credits::ZERO, Credits::ZERO);
+        for (seq, (burnt, unheld)) in moved {
+            let Some(l) = self.lot(seq) else { continue };
+            if l.owed == Credits::ZERO && l.owed_frozen == Credits::ZERO {
+                continue;
+            }
+            let released = unheld.saturating_sub(burnt);
+            let held_after = l.held.saturating_sub(unheld);
+            let take = l.owed.min(released);
+            let freeze = l.owed_frozen.min(released - take);
+            let owed = (l.owed - take).min(held_after);
+            let owed_frozen = (l.owed_frozen - freeze).min(held_after - owed);
+            first.push(LotChange::Owed {
+                lot: seq,
+                take: CreditDelta::net(owed, l.owed),
+                freeze: CreditDelta::net(owed_frozen, l.owed_frozen),
+            });
+            if take > Credits::ZERO {
+                last.push(LotChange::Changed {
+                    lot: seq,
+                    remaining: CreditDelta::decrease(take),
+                    held: CreditDelta::ZERO,
+                    original: CreditDelta::ZERO,
+                });
+            }
+            if freeze > Credits::ZERO {
+                last.push(LotChange::Frozen {
+                    lot: seq,
+                    frozen: CreditDelta::increase(freeze),
+                });
+            }
+            taken += take;
+            frozen += freeze;
+        }
+        if first.is_empty() {
+            return;
+        }
+        first.append(&mut d.lots);
+        first.append(&mut last);
+        d.lots = first;
+        d.credits = CreditDelta::new(d.credits.get() - CreditDelta::increase(taken + frozen).get());
+        d.totals.clawed_back += taken;
+        if taken + frozen > Credits::ZERO {
+            let what = format!(
+                "{taken} of the credits released taken back and {frozen} frozen: their money went back, or is disputed, since the generation held them"
+            );
+            d.note = Some(match d.note.take() {
+                Some(n) => format!("{n}; {what}"),
+                None => what,
+            });
+        }
     }
 
     /// Free credits on usable lots, in burn order.
@@ -504,11 +582,16 @@ impl Tx<'_> {
                 if refunded <= already {
                     return Ok((None, Some(format!("lot_{lot}"))));
                 }
-                let taken = Share {
+                // The share of the lot's unspent credits: the free ones now, those a running
+                // generation holds when it releases them (what it spends stays spent).
+                let (free, claimable) = (l.free(), l.claimable_held());
+                let wanted = Share {
                     numerator: refunded - already,
                     denominator: paid - already,
                 }
-                .of(l.free());
+                .of(free + claimable);
+                let taken = wanted.min(free);
+                let owed = (wanted - taken).min(claimable);
                 let mut d = Draft::new(Reason::RefundTakeBack, actor);
                 d.credits = CreditDelta::decrease(taken);
                 d.lots = vec![LotChange::Refunded {
@@ -523,8 +606,21 @@ impl Tx<'_> {
                         original: CreditDelta::ZERO,
                     });
                 }
+                if owed > Credits::ZERO {
+                    d.lots.push(LotChange::Owed {
+                        lot: *lot,
+                        take: CreditDelta::increase(owed),
+                        freeze: CreditDelta::ZERO,
+                    });
+                }
                 d.totals.clawed_back = taken;
-                d.note = Some(note.clone());
+                d.note = Some(if owed > Credits::ZERO {
+                    format!(
+                        "{note}; {owed} more held by running generations are taken back as they are released"
+                    )
+                } else {
+                    note.clone()
+                });
                 self.push(d)?;
                 Ok((None, Some(format!("lot_{lot}"))))
             }
@@ -553,20 +649,52 @@ impl Tx<'_> {
                     left -= t;
                 }
                 let taken = *credits - left;
+                // What running generations hold goes as they release it (latest expiring
+                // first again); what they spend stays spent.
+                let mut held: Vec<&Lot> = self
+                    .state
+                    .lots
+                    .iter()
+                    .filter(|l| matches!(l.source, LotSource::PlanPeriod | LotSource::Addon))
+                    .filter(|l| l.usable_at(self.cmd.at) && l.claimable_held() > Credits::ZERO)
+                    .collect();
+                held.sort_by_key(|l| std::cmp::Reverse(l.burn_key()));
+                let mut owed = Credits::ZERO;
+                for l in held {
+                    let o = l.claimable_held().min(left);
+                    if o == Credits::ZERO {
+                        break;
+                    }
+                    d.lots.push(LotChange::Owed {
+                        lot: l.seq,
+                        take: CreditDelta::increase(o),
+                        freeze: CreditDelta::ZERO,
+                    });
+                    left -= o;
+                    owed += o;
+                }
                 d.credits = CreditDelta::decrease(taken);
                 d.totals.clawed_back = taken;
-                d.note = Some(if left > Credits::ZERO {
-                    format!(
-                        "{note}: {taken} of {credits} credits taken back, {left} already spent or held"
-                    )
-                } else {
+                d.note = Some(if taken == *credits {
                     format!("{note}: {taken} credits taken back")
+                } else {
+                    format!(
+                        "{note}: {taken} of {credits} credits taken back, {owed} held by running generations taken back as they are released, {left} already spent"
+                    )
                 });
                 self.push(d)?;
                 Ok((None, None))
             }
             Operation::Freeze { lot, share, note } => {
-                let frozen = self.lot(*lot).map_or(Credits::ZERO, |l| share.of(l.free()));
+                // The share of the lot's unspent credits: the free ones now, those a running
+                // generation holds as it releases them.
+                let (free, claimable) =
+                    self.lot(*lot).map_or((Credits::ZERO, Credits::ZERO), |l| {
+                        (l.free(), l.claimable_held())
+                    });
+                let wanted = share.of(free + claimable);
+                let frozen = wanted.min(free);
+                let owed = (wanted - frozen).min(claimable);
                 let mut d = Draft::new(Reason::DisputeFreeze, actor);
                 d.credits = CreditDelta::decrease(frozen);
                 if frozen > Credits::ZERO {
@@ -575,7 +703,20 @@ impl Tx<'_> {
                         frozen: CreditDelta::increase(frozen),
                     }];
                 }
-                d.note = Some(note.clone());
+                if owed > Credits::ZERO {
+                    d.lots.push(LotChange::Owed {
+                        lot: *lot,
+                        take: CreditDelta::ZERO,
+                        freeze: CreditDelta::increase(owed),
+                    });
+                }
+                d.note = Some(if owed > Credits::ZERO {
+                    format!(
+                        "{note}; {owed} more held by running generations are frozen as they are released"
+                    )
+                } else {
+                    note.clone()
+                });
                 self.push(d)?;
                 Ok((None, Some(format!("lot_{lot}"))))
             }
@@ -584,7 +725,10 @@ impl Tx<'_> {
                 take_back,
                 note,
             } => {
-                let frozen = self.lot(*lot).map_or(Credits::ZERO, |l| l.frozen);
+                let (frozen, pending) =
+                    self.lot(*lot).map_or((Credits::ZERO, Credits::ZERO), |l| {
+                        (l.frozen, l.owed_frozen)
+                    });
                 let reason = if *take_back {
                     Reason::DisputeLost
                 } else {
@@ -608,6 +752,19 @@ impl Tx<'_> {
                     } else {
                         d.credits = CreditDelta::increase(frozen);
                     }
+                }
+                if pending > Credits::ZERO {
+                    // Held credits still to be frozen as released: lost, they are taken
+                    // back as released instead; won, they are free when released.
+                    d.lots.push(LotChange::Owed {
+                        lot: *lot,
+                        take: if *take_back {
+                            CreditDelta::increase(pending)
+                        } else {
+                            CreditDelta::ZERO
+                        },
+                        freeze: CreditDelta::decrease(pending),
+                    });
                 }
                 d.note = Some(note.clone());
                 self.push(d)?;
@@ -735,6 +892,8 @@ impl Tx<'_> {
             held: Credits::ZERO,
             frozen: Credits::ZERO,
             refunded_cents: 0,
+            owed: Credits::ZERO,
+            owed_frozen: Credits::ZERO,
             granted_at: self.now(),
             expires_at,
         };

@@ -53,6 +53,15 @@ pub struct Lot {
     /// (so each refunded cent takes its share once, whatever order refunds are seen in).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub refunded_cents: u64,
+    /// Part of `held` whose money went back while a generation held it (a refund, a lost
+    /// dispute, a change credited back): what the hold releases of it is taken back
+    /// instead of becoming free again; what the hold spends stays spent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub owed: Credits,
+    /// Part of `held` that a dispute of the lot's payment would have frozen: what the hold
+    /// releases of it is frozen instead of becoming free again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub owed_frozen: Credits,
     pub granted_at: DateTime<Utc>,
     /// `None` for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
@@ -65,6 +74,13 @@ impl Lot {
     pub fn free(&self) -> Credits {
         // `apply` refuses any entry that would leave `held + frozen` above `remaining`.
         self.remaining - self.held - self.frozen
+    }
+    /// Held credits not already owed (to a refund, a lost dispute or a credited change, or
+    /// to a dispute's freeze) when their hold releases them.
+    pub fn claimable_held(&self) -> Credits {
+        self.held
+            .saturating_sub(self.owed)
+            .saturating_sub(self.owed_frozen)
     }
     /// Burn order: earliest expiry first, never-expiring last, then oldest first.
     pub fn burn_key(&self) -> (bool, Option<DateTime<Utc>>, u64) {
@@ -302,6 +318,15 @@ pub enum LotChange {
         lot: u64,
         cents: u64,
     },
+    /// Held credits of the lot that go when their hold releases them: taken back (`take`)
+    /// or frozen (`freeze`), as [`Lot::owed`] and [`Lot::owed_frozen`] change.
+    Owed {
+        lot: u64,
+        #[serde(default, skip_serializing_if = "is_zero_delta")]
+        take: CreditDelta,
+        #[serde(default, skip_serializing_if = "is_zero_delta")]
+        freeze: CreditDelta,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -440,7 +465,9 @@ fn lot_mut(lots: &mut [Lot], lot: u64) -> Result<&mut Lot, LedgerError> {
 
 /// Holds and freezes are backed by the lot's remaining credits.
 fn backed(l: &Lot) -> Result<(), LedgerError> {
-    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
+    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining)
+        || l.owed.checked_add(l.owed_frozen).is_none_or(|o| o > l.held)
+    {
         return Err(LedgerError::Corrupt(format!("lot {} out of range", l.seq)));
     }
     Ok(())
@@ -520,6 +547,16 @@ impl WorkspaceState {
                         .frozen
                         .checked_add_delta(*frozen)
                         .ok_or_else(|| LedgerError::Corrupt(format!("lot {lot} out of range")))?;
+                    backed(l)?;
+                }
+                LotChange::Owed { lot, take, freeze } => {
+                    let l = lot_mut(&mut self.lots, *lot)?;
+                    let corrupt = || LedgerError::Corrupt(format!("lot {lot} out of range"));
+                    l.owed = l.owed.checked_add_delta(*take).ok_or_else(corrupt)?;
+                    l.owed_frozen = l
+                        .owed_frozen
+                        .checked_add_delta(*freeze)
+                        .ok_or_else(corrupt)?;
                     backed(l)?;
                 }
             }
@@ -702,6 +739,13 @@ impl WorkspaceState {
             .any(|l| l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining))
         {
             return Err("a lot holds or freezes more than it has".into());
+        }
+        if self
+            .lots
+            .iter()
+            .any(|l| l.owed.checked_add(l.owed_frozen).is_none_or(|o| o > l.held))
+        {
+            return Err("a lot owes more of its held credits than it holds".into());
         }
         Ok(())
     }

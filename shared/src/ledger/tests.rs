@@ -655,6 +655,22 @@ mod properties {
         Advance {
             hours: i64,
         },
+        /// Money of the `lot`-th live lot's payment given back or disputed.
+        Refund {
+            lot: usize,
+            refunded: u64,
+        },
+        Freeze {
+            lot: usize,
+            tenths: u64,
+        },
+        Unfreeze {
+            lot: usize,
+            lost: bool,
+        },
+        Credited {
+            credits: u64,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -678,6 +694,10 @@ mod properties {
                 .prop_filter("non-zero", |c| *c != 0)
                 .prop_map(|credits| Step::Adjust { credits }),
             (1i64..30).prop_map(|hours| Step::Advance { hours }),
+            (0usize..8, 0u64..=1000).prop_map(|(lot, refunded)| Step::Refund { lot, refunded }),
+            (0usize..8, 1u64..=10).prop_map(|(lot, tenths)| Step::Freeze { lot, tenths }),
+            (0usize..8, any::<bool>()).prop_map(|(lot, lost)| Step::Unfreeze { lot, lost }),
+            (0u64..300).prop_map(|credits| Step::Credited { credits }),
         ]
     }
 
@@ -717,6 +737,32 @@ mod properties {
                         w.now += Duration::hours(hours);
                         continue;
                     }
+                    Step::Refund { lot, refunded } => {
+                        let Some(l) = w.state.lots.get(lot % w.state.lots.len().max(1)) else {
+                            continue;
+                        };
+                        Operation::TakeBack { lot: l.seq, refunded, paid: 1000, note: "r".into() }
+                    }
+                    Step::Freeze { lot, tenths } => {
+                        let Some(l) = w.state.lots.get(lot % w.state.lots.len().max(1)) else {
+                            continue;
+                        };
+                        Operation::Freeze {
+                            lot: l.seq,
+                            share: Share { numerator: tenths, denominator: 10 },
+                            note: "d".into(),
+                        }
+                    }
+                    Step::Unfreeze { lot, lost } => {
+                        let Some(l) = w.state.lots.get(lot % w.state.lots.len().max(1)) else {
+                            continue;
+                        };
+                        Operation::Unfreeze { lot: l.seq, take_back: lost, note: "c".into() }
+                    }
+                    Step::Credited { credits } => Operation::ChangeCredited {
+                        credits: Credits::new(credits),
+                        note: "c".into(),
+                    },
                 };
                 let before = w.state.clone();
                 let cmd = Command {
@@ -846,9 +892,9 @@ fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_th
     let e = w.journal.last().unwrap();
     assert_eq!(e.reason, Reason::PlanChanged);
     assert!(
-        e.note
-            .as_deref()
-            .is_some_and(|n| n.contains("350 of 400") && n.contains("50 already spent or held")),
+        e.note.as_deref().is_some_and(|n| n.contains("350 of 400")
+            && n.contains("50 held by running generations")
+            && n.contains("0 already spent")),
         "{e:?}"
     );
     assert!(
@@ -856,6 +902,16 @@ fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_th
             .iter()
             .any(|c| matches!(c, LotChange::Changed { lot, .. } if *lot == rollover))
     );
+    // The generation fails: the 50 it held of the add-on lot go too; the rollover's 100
+    // are free again.
+    w.run(Operation::Fail {
+        generation: _g,
+        reason: "failed".into(),
+        record: None,
+    })
+    .unwrap();
+    assert_eq!(w.available(), Credits::new(600));
+    assert_eq!(w.state.totals.clawed_back, Credits::new(400));
     // Nothing to take (the month follows the lower level): an entry that says so.
     let o = w.run(credited(0)).unwrap();
     assert_eq!(o.clawed_back, Credits::ZERO);
@@ -866,6 +922,142 @@ fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_th
     let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
     assert_eq!(rebuilt.lots, w.state.lots);
     assert_eq!(rebuilt.totals, w.state.totals);
+}
+
+#[test]
+fn money_given_back_while_a_generation_holds_the_credits_takes_them_as_it_releases_them() {
+    let refund = |lot: u64, refunded: u64| Operation::TakeBack {
+        lot,
+        refunded,
+        paid: 1000,
+        note: "refund".into(),
+    };
+    let fail = |g: GenerationId| Operation::Fail {
+        generation: g,
+        reason: "failed".into(),
+        record: None,
+    };
+    let rebuilt = |w: &World| {
+        let r = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+        assert_eq!(r.lots, w.state.lots);
+        assert_eq!(r.totals, w.state.totals);
+    };
+    // All refunded while 600 are held: the 400 free go now, the 600 as the generation
+    // fails (never free in between: the release and the take-back are one entry).
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(600).unwrap();
+    let o = w.run(refund(lot, 1000)).unwrap();
+    assert_eq!(o.clawed_back, Credits::new(400));
+    assert_eq!(w.lot(&format!("lot_{lot}")).owed, Credits::new(600));
+    let o = w.run(fail(g)).unwrap();
+    assert_eq!(o.clawed_back, Credits::new(600));
+    assert_eq!(w.available(), Credits::ZERO);
+    assert_eq!(w.state.totals.clawed_back, Credits::new(1000));
+    let e = w.journal.last().unwrap();
+    assert_eq!(e.credits, CreditDelta::ZERO, "{e:?}");
+    assert!(
+        e.note
+            .as_deref()
+            .is_some_and(|n| n.contains("600 of the credits released taken back"))
+    );
+    rebuilt(&w);
+
+    // Half refunded while 600 are held: half of the 1,000 unspent (500) goes, the 400
+    // free now and 100 of what the generation releases; it spends 300 and releases 300.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(600).unwrap();
+    w.run(refund(lot, 500)).unwrap();
+    w.complete(g, Some(300), None);
+    assert_eq!(w.available(), Credits::new(200));
+    assert_eq!(w.state.totals.clawed_back, Credits::new(500));
+    assert_eq!(w.state.totals.spent, Credits::new(300));
+    rebuilt(&w);
+
+    // Spent in full: what was spent before the money went back stays spent.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(1000).unwrap();
+    w.run(refund(lot, 1000)).unwrap();
+    w.complete(g, None, None);
+    assert_eq!(w.state.totals.clawed_back, Credits::ZERO);
+    assert_eq!(w.state.totals.spent, Credits::new(1000));
+    assert!(w.state.lots.is_empty());
+    rebuilt(&w);
+
+    // Two generations: the one that completes spends its half, the one that expires gives
+    // its half back to the refund; a second refund of the same money takes nothing more.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let a = w.hold(500).unwrap();
+    let _b = w.hold(500).unwrap();
+    w.run(refund(lot, 1000)).unwrap();
+    w.complete(a, None, None);
+    assert_eq!(w.lot(&format!("lot_{lot}")).owed, Credits::new(500));
+    w.run(refund(lot, 1000)).unwrap();
+    assert_eq!(w.lot(&format!("lot_{lot}")).owed, Credits::new(500));
+    w.now += Duration::hours(2);
+    w.run(Operation::Settle).unwrap();
+    assert_eq!(w.available(), Credits::ZERO);
+    assert_eq!(w.state.totals.clawed_back, Credits::new(500));
+    assert!(w.state.lots.is_empty());
+    rebuilt(&w);
+}
+
+#[test]
+fn a_dispute_of_credits_a_generation_holds_freezes_them_as_it_releases_them() {
+    let freeze = |lot: u64| Operation::Freeze {
+        lot,
+        share: Share {
+            numerator: 1,
+            denominator: 1,
+        },
+        note: "disputed".into(),
+    };
+    let close = |lot: u64, lost: bool| Operation::Unfreeze {
+        lot,
+        take_back: lost,
+        note: "closed".into(),
+    };
+    let fail = |g: GenerationId| Operation::Fail {
+        generation: g,
+        reason: "failed".into(),
+        record: None,
+    };
+    // Released while disputed: frozen, then taken back with the rest when lost.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(300).unwrap();
+    w.run(freeze(lot)).unwrap();
+    assert_eq!(w.state.balance().frozen, Credits::new(700));
+    w.run(fail(g)).unwrap();
+    assert_eq!(w.state.balance().frozen, Credits::new(1000));
+    assert_eq!(w.available(), Credits::ZERO);
+    w.run(close(lot, true)).unwrap();
+    assert_eq!(w.state.totals.clawed_back, Credits::new(1000));
+    assert!(w.state.lots.is_empty());
+    // Lost while still held: taken back as released.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(300).unwrap();
+    w.run(freeze(lot)).unwrap();
+    w.run(close(lot, true)).unwrap();
+    assert_eq!(w.lot(&format!("lot_{lot}")).owed, Credits::new(300));
+    w.run(fail(g)).unwrap();
+    assert_eq!(w.state.totals.clawed_back, Credits::new(1000));
+    assert!(w.state.lots.is_empty());
+    // Won while still held: free as released.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(300).unwrap();
+    w.run(freeze(lot)).unwrap();
+    w.run(close(lot, false)).unwrap();
+    w.run(fail(g)).unwrap();
+    assert_eq!(w.available(), Credits::new(1000));
+    assert_eq!(w.state.totals.clawed_back, Credits::ZERO);
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.lots, w.state.lots);
 }
 
 #[test]
