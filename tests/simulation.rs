@@ -868,7 +868,19 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
                         .as_ref()
                         .is_some_and(|i| i.as_str() == invoice)
             })
-            .map(|e| e.totals.clawed_back.get())
+            // Taken at once, owed by running generations' holds (taken as released), or
+            // taken from the month's grants: none of it is excused as already spent.
+            .map(|e| {
+                let owed: u64 = e
+                    .lots
+                    .iter()
+                    .map(|c| match c {
+                        LotChange::Owed { take, .. } => take.get().max(0) as u64,
+                        _ => 0,
+                    })
+                    .sum();
+                e.totals.clawed_back.get() + owed + e.owed_by_grants.get().max(0) as u64
+            })
             .collect();
         if !taken.is_empty() {
             allowed += (-value - taken.iter().sum::<u64>() as f64).max(0.0);

@@ -395,8 +395,9 @@ impl BillingEvents {
             self.grant(event, workspace, grant).await?;
         }
 
-        // The share of the credits this invoice credited back that the ledger takes back.
-        let mut credited_share = None;
+        // The start of a yearly billing month the change fell in whose credits the credit
+        // refresh had not granted yet (its allotment was waiting when the change came).
+        let mut month_from = None;
         if let Some(sub) = &sub {
             if let Some(level) = &credits.opens {
                 // The credit refresh grants a yearly period's later months from it.
@@ -469,17 +470,14 @@ impl BillingEvents {
                     rank,
                 )
                 .await?;
-                // A yearly month that fell due before this change and was not granted yet
-                // when it was recorded follows the lowest level in effect from its date
-                // on: the part of this change's fall below the lowest before it is kept out
-                // of that month already, and is not taken back too. Recorded with the
-                // change, so a retry after the worker granted the month reads the same.
-                credited_share = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
+                // A yearly month that fell due before this change and was not granted yet:
+                // the credits credited back come from that month's (granted later, at the
+                // level of its date). Decided when the change is seen; a retry replays the
+                // ledger's first answer.
+                month_from = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                     .await?
-                    .filter(|d| &d.subscription == sub)
-                    .and_then(|d| {
-                        crate::refresh::schedule::credited_take(&d, &invoice.id, self.catalog())
-                    });
+                    .filter(|d| &d.subscription == sub && d.period_start <= *at)
+                    .and_then(|d| d.waiting_at(*at));
                 periods::change(
                     self.docs.as_ref(),
                     workspace,
@@ -497,20 +495,11 @@ impl BillingEvents {
             }
         }
         if credits.credited > Credits::ZERO {
-            // Money back for unused time: its credits follow it out, as far as unspent
-            // (less what a waiting month's allotment already leaves out; recorded as
-            // nothing taken when that is all of it).
-            let take = match credited_share {
-                Some((part, whole)) if whole > 0 => Credits::new(
-                    u64::try_from(
-                        u128::from(credits.credited.get()) * u128::from(part.min(whole))
-                            / u128::from(whole),
-                    )
-                    .unwrap_or(u64::MAX),
-                ),
-                _ => credits.credited,
-            }
-            .min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST));
+            // Money back for unused time: its credits follow it out, as far as unspent (of
+            // a month not granted yet, from its credits as they are granted).
+            let take = credits
+                .credited
+                .min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST));
             let key = format!("stripe:invoice:{}:credited", invoice.id);
             let req = LedgerRequest {
                 workspace: workspace.clone(),
@@ -524,6 +513,7 @@ impl BillingEvents {
                 },
                 op: Operation::ChangeCredited {
                     credits: take,
+                    month_from,
                     note: format!(
                         "invoice {} credited unused time worth {} credits more than the new time",
                         invoice.id, credits.credited

@@ -70,10 +70,11 @@ pub enum Operation {
     /// still released on time. With nothing due it produces no entry.
     Settle,
     /// A refund: `refunded` of the `paid` cents of the lot's payment are back with the
-    /// customer. The cents not yet taken back from this lot take their share of its free
-    /// credits (rounded down): `(refunded - already) / (paid - already)`. Nothing more when
-    /// the lot already followed that much; a lot spent out takes nothing (the entry still
-    /// records the refund).
+    /// customer. The cents not yet taken back from this lot take their share of its unspent
+    /// credits (rounded down): `(refunded - already) / (paid - already)`, the free ones at
+    /// once and those running generations hold as they release them ([`Lot::owed`]).
+    /// Nothing more when the lot already followed that much; a lot spent out takes nothing
+    /// (the entry still records the refund).
     TakeBack {
         lot: u64,
         refunded: u64,
@@ -84,13 +85,22 @@ pub enum Operation {
     /// the customer (to their balance) for unused time worth `credits` more than the new
     /// time. Takes up to `credits` of the free plan and add-on credits back, latest
     /// expiring first (the month the credited time belongs to, not an older month's
-    /// rollover, which a refund of its own invoice may still take); credits already spent
-    /// or held stay so, and packs are never touched. Zero records that nothing is taken.
+    /// rollover, which a refund of its own invoice may still take); what running
+    /// generations hold goes as they release it, credits already spent stay so, and packs
+    /// are never touched. Zero records that nothing is taken.
+    ///
+    /// `month_from`: the change fell in a yearly billing month that began then and whose
+    /// credits were not granted yet when the change was recorded. Only plan and add-on
+    /// credits granted since then are taken (the month's own, and a rise's made in it), and
+    /// the rest is taken from the next plan and add-on grants (the month's allotment), so
+    /// the month comes to what was paid for it whatever order the changes arrive in.
     ChangeCredited {
         credits: Credits,
         note: String,
+        month_from: Option<DateTime<Utc>>,
     },
-    /// A dispute opened: freezes `share` of the lot's free credits (rounded down).
+    /// A dispute opened: freezes `share` of the lot's unspent credits (rounded down), the
+    /// free ones at once and those running generations hold as they release them.
     Freeze {
         lot: u64,
         share: Share,
@@ -201,6 +211,7 @@ struct Draft {
     totals: Totals,
     plan: Option<Option<PlanState>>,
     custom_model_slot: Option<bool>,
+    owed_by_grants: CreditDelta,
     actor: Actor,
     generation: Option<GenerationId>,
     note: Option<String>,
@@ -216,6 +227,7 @@ impl Draft {
             totals: Totals::default(),
             plan: None,
             custom_model_slot: None,
+            owed_by_grants: CreditDelta::ZERO,
             actor,
             generation: None,
             note: None,
@@ -239,15 +251,18 @@ pub fn execute(
         released: 0,
     };
     tx.settle()?;
+    let first = tx.entries.len();
     let (generation, lot) = tx.operate(catalog)?;
+    let own = tx.entries.len();
     tx.settle()?;
     let outcome = Outcome {
         entries: tx.entries.iter().map(|e| e.seq).collect(),
         balance: tx.state.balance(),
         generation,
         lot,
-        clawed_back: tx
-            .entries
+        // The operation's own entries only: a settlement around it may take back credits
+        // other money went back for (held then, released now).
+        clawed_back: tx.entries[first..own]
             .iter()
             .try_fold(Credits::ZERO, |acc, e| {
                 acc.checked_add(e.totals.clawed_back)
@@ -327,6 +342,7 @@ impl Tx<'_> {
             totals: d.totals,
             plan: d.plan,
             custom_model_slot: d.custom_model_slot,
+            owed_by_grants: d.owed_by_grants,
             balance_after: Balance::default(),
             actor: d.actor,
             refs,
@@ -378,6 +394,9 @@ impl Tx<'_> {
             let freeze = l.owed_frozen.min(released - take);
             let owed = (l.owed - take).min(held_after);
             let owed_frozen = (l.owed_frozen - freeze).min(held_after - owed);
+            if (owed, owed_frozen) == (l.owed, l.owed_frozen) {
+                continue;
+            }
             first.push(LotChange::Owed {
                 lot: seq,
                 take: CreditDelta::net(owed, l.owed),
@@ -518,7 +537,7 @@ impl Tx<'_> {
                 note,
             } => {
                 let lot = self.grant(*source, *credits, *expires_at, note.clone(), actor)?;
-                Ok((None, Some(lot)))
+                Ok((None, lot))
             }
             Operation::Adjust { credits, note } => {
                 let credits = *credits;
@@ -536,7 +555,7 @@ impl Tx<'_> {
                         Some(note.clone()),
                         actor,
                     )?;
-                    return Ok((None, Some(lot)));
+                    return Ok((None, lot));
                 }
                 let available = self.available();
                 if available < amount {
@@ -584,7 +603,12 @@ impl Tx<'_> {
                 }
                 // The share of the lot's unspent credits: the free ones now, those a running
                 // generation holds when it releases them (what it spends stays spent).
-                let (free, claimable) = (l.free(), l.claimable_held());
+                let claimable = if l.usable_at(self.now()) {
+                    l.claimable_held()
+                } else {
+                    Credits::ZERO
+                };
+                let free = l.free();
                 let wanted = Share {
                     numerator: refunded - already,
                     denominator: paid - already,
@@ -624,19 +648,26 @@ impl Tx<'_> {
                 self.push(d)?;
                 Ok((None, Some(format!("lot_{lot}"))))
             }
-            Operation::ChangeCredited { credits, note } => {
+            Operation::ChangeCredited {
+                credits,
+                note,
+                month_from,
+            } => {
                 if credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
                     return Err(LedgerError::Invalid(
                         "credits credited back must be within limits".into(),
                     ));
                 }
+                // Plan and add-on credits; of a month not granted yet, only those granted
+                // since it began.
+                let of_change = |l: &Lot| {
+                    matches!(l.source, LotSource::PlanPeriod | LotSource::Addon)
+                        && month_from.is_none_or(|from| l.granted_at >= from)
+                };
                 let mut left = *credits;
                 let mut d = Draft::new(Reason::PlanChanged, actor);
                 for (lot, free) in self.spendable().into_iter().rev() {
-                    let subscription = self.lot(lot).is_some_and(|l| {
-                        matches!(l.source, LotSource::PlanPeriod | LotSource::Addon)
-                    });
-                    if left == Credits::ZERO || !subscription || free == Credits::ZERO {
+                    if left == Credits::ZERO || !self.lot(lot).is_some_and(of_change) {
                         continue;
                     }
                     let t = free.min(left);
@@ -655,7 +686,7 @@ impl Tx<'_> {
                     .state
                     .lots
                     .iter()
-                    .filter(|l| matches!(l.source, LotSource::PlanPeriod | LotSource::Addon))
+                    .filter(|l| of_change(l))
                     .filter(|l| l.usable_at(self.cmd.at) && l.claimable_held() > Credits::ZERO)
                     .collect();
                 held.sort_by_key(|l| std::cmp::Reverse(l.burn_key()));
@@ -673,10 +704,21 @@ impl Tx<'_> {
                     left -= o;
                     owed += o;
                 }
+                // The month's credits not granted yet: its grants pay the rest.
+                let later = if month_from.is_some() {
+                    std::mem::replace(&mut left, Credits::ZERO)
+                } else {
+                    Credits::ZERO
+                };
+                d.owed_by_grants = CreditDelta::increase(later);
                 d.credits = CreditDelta::decrease(taken);
                 d.totals.clawed_back = taken;
                 d.note = Some(if taken == *credits {
                     format!("{note}: {taken} credits taken back")
+                } else if month_from.is_some() {
+                    format!(
+                        "{note}: {taken} of {credits} credits taken back, {owed} held by running generations taken back as they are released, {later} from the month's credits when they are granted"
+                    )
                 } else {
                     format!(
                         "{note}: {taken} of {credits} credits taken back, {owed} held by running generations taken back as they are released, {left} already spent"
@@ -690,7 +732,15 @@ impl Tx<'_> {
                 // generation holds as it releases them.
                 let (free, claimable) =
                     self.lot(*lot).map_or((Credits::ZERO, Credits::ZERO), |l| {
-                        (l.free(), l.claimable_held())
+                        let usable = l.usable_at(self.cmd.at);
+                        (
+                            l.free(),
+                            if usable {
+                                l.claimable_held()
+                            } else {
+                                Credits::ZERO
+                            },
+                        )
                     });
                 let wanted = share.of(free + claimable);
                 let frozen = wanted.min(free);
@@ -821,7 +871,7 @@ impl Tx<'_> {
         expires_at: Option<DateTime<Utc>>,
         note: Option<String>,
         actor: Actor,
-    ) -> Result<String, LedgerError> {
+    ) -> Result<Option<String>, LedgerError> {
         if credits == Credits::ZERO || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
             return Err(LedgerError::Invalid(
                 "a grant must be a positive number of credits within limits".into(),
@@ -844,13 +894,31 @@ impl Tx<'_> {
             },
             actor,
         );
-        d.credits = CreditDelta::increase(credits);
-        let (change, lot) = self.new_credits(seq, source, credits, expires_at);
+        // Money credited back for a month granted only now: its credits come off first.
+        let withheld = if matches!(source, LotSource::PlanPeriod | LotSource::Addon) {
+            self.state.owed_by_grants.min(credits)
+        } else {
+            Credits::ZERO
+        };
+        let granted = credits - withheld;
+        d.credits = CreditDelta::increase(granted);
+        d.totals.issued = granted;
+        d.owed_by_grants = CreditDelta::decrease(withheld);
+        d.note = match (withheld > Credits::ZERO, note) {
+            (false, note) => note,
+            (true, note) => Some(format!(
+                "{}{credits} credits less {withheld} owed for unused time credited back before they were granted",
+                note.map(|n| format!("{n}; ")).unwrap_or_default()
+            )),
+        };
+        if granted == Credits::ZERO {
+            self.push(d)?;
+            return Ok(None);
+        }
+        let (change, lot) = self.new_credits(seq, source, granted, expires_at);
         d.lots = vec![change];
-        d.totals.issued = credits;
-        d.note = note;
         self.push(d)?;
-        Ok(format!("lot_{lot}"))
+        Ok(Some(format!("lot_{lot}")))
     }
 
     /// The lot change that adds `credits` of `source`: a new lot, or, for credits that

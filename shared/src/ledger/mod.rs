@@ -201,6 +201,11 @@ pub struct WorkspaceState {
     pub totals: Totals,
     /// Training generations (held or completed) occupying custom-model slots.
     pub custom_models: Vec<GenerationId>,
+    /// Credits the next plan and add-on grants pay back before they add anything: money
+    /// for unused time credited back by a change made in a yearly billing month whose
+    /// credits the credit refresh had not granted yet (there were none to take back).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub owed_by_grants: Credits,
 }
 
 /// What a workspace can spend right now.
@@ -368,6 +373,11 @@ pub struct Entry {
     /// A custom-model slot taken (`true`) or given back (`false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_model_slot: Option<bool>,
+    /// Credits to take back from the workspace's next plan and add-on grants: more owed
+    /// (positive: a change credited back for a month whose credits are not granted yet) or
+    /// withheld from a grant (negative). See [`WorkspaceState::owed_by_grants`].
+    #[serde(default, skip_serializing_if = "is_zero_delta")]
+    pub owed_by_grants: CreditDelta,
     pub balance_after: Balance,
     pub actor: Actor,
     #[serde(default)]
@@ -464,12 +474,16 @@ fn lot_mut(lots: &mut [Lot], lot: u64) -> Result<&mut Lot, LedgerError> {
 }
 
 /// Holds and freezes are backed by the lot's remaining credits.
-fn backed(l: &Lot) -> Result<(), LedgerError> {
-    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining)
-        || l.owed.checked_add(l.owed_frozen).is_none_or(|o| o > l.held)
-    {
+fn backed(l: &mut Lot) -> Result<(), LedgerError> {
+    if l.held.checked_add(l.frozen).is_none_or(|t| t > l.remaining) {
         return Err(LedgerError::Corrupt(format!("lot {} out of range", l.seq)));
     }
+    // What stays held owes at most what it holds. The engine lowers what is owed before a
+    // release; an entry written by an earlier release of the ledger, which did not know
+    // owed credits, releases them without doing so, and must still apply (rebuilding the
+    // journal).
+    l.owed = l.owed.min(l.held);
+    l.owed_frozen = l.owed_frozen.min(l.held - l.owed);
     Ok(())
 }
 
@@ -487,6 +501,7 @@ impl WorkspaceState {
             next_due: None,
             totals: Totals::default(),
             custom_models: Vec::new(),
+            owed_by_grants: Credits::ZERO,
         }
     }
 
@@ -557,7 +572,9 @@ impl WorkspaceState {
                         .owed_frozen
                         .checked_add_delta(*freeze)
                         .ok_or_else(corrupt)?;
-                    backed(l)?;
+                    if l.owed.checked_add(l.owed_frozen).is_none_or(|o| o > l.held) {
+                        return Err(corrupt());
+                    }
                 }
             }
         }
@@ -585,6 +602,10 @@ impl WorkspaceState {
             None => {}
         }
         self.totals.add(&e.totals)?;
+        self.owed_by_grants = self
+            .owed_by_grants
+            .checked_add_delta(e.owed_by_grants)
+            .ok_or_else(|| LedgerError::Corrupt("credits owed by grants out of range".into()))?;
         if let Some(plan) = &e.plan {
             self.plan = plan.clone();
         }

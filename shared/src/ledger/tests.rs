@@ -670,6 +670,7 @@ mod properties {
         },
         Credited {
             credits: u64,
+            month: bool,
         },
     }
 
@@ -697,7 +698,8 @@ mod properties {
             (0usize..8, 0u64..=1000).prop_map(|(lot, refunded)| Step::Refund { lot, refunded }),
             (0usize..8, 1u64..=10).prop_map(|(lot, tenths)| Step::Freeze { lot, tenths }),
             (0usize..8, any::<bool>()).prop_map(|(lot, lost)| Step::Unfreeze { lot, lost }),
-            (0u64..300).prop_map(|credits| Step::Credited { credits }),
+            (0u64..300, any::<bool>())
+                .prop_map(|(credits, month)| Step::Credited { credits, month }),
         ]
     }
 
@@ -759,9 +761,10 @@ mod properties {
                         };
                         Operation::Unfreeze { lot: l.seq, take_back: lost, note: "c".into() }
                     }
-                    Step::Credited { credits } => Operation::ChangeCredited {
+                    Step::Credited { credits, month } => Operation::ChangeCredited {
                         credits: Credits::new(credits),
                         note: "c".into(),
+                        month_from: month.then(|| w.now - Duration::hours(10)),
                     },
                 };
                 let before = w.state.clone();
@@ -875,6 +878,7 @@ fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_th
     let credited = |credits: u64| Operation::ChangeCredited {
         credits: Credits::new(credits),
         note: "invoice credited unused time".into(),
+        month_from: None,
     };
     let mut w = World::new();
     w.grant(LotSource::Pack, 500, None);
@@ -921,6 +925,60 @@ fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_th
     ));
     let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
     assert_eq!(rebuilt.lots, w.state.lots);
+    assert_eq!(rebuilt.totals, w.state.totals);
+}
+
+#[test]
+fn a_change_credited_back_in_a_month_not_granted_yet_takes_its_credits_from_the_months_grant() {
+    let mut w = World::new();
+    // Last month's rollover, still usable; the new month began half an hour ago and its
+    // allotment is not granted yet.
+    let rollover = w.grant(LotSource::PlanPeriod, 200, Some(24 * 20));
+    w.now += Duration::hours(1);
+    let month = w.now - Duration::minutes(30);
+    let credited = |credits: u64| Operation::ChangeCredited {
+        credits: Credits::new(credits),
+        note: "invoice credited unused time".into(),
+        month_from: Some(month),
+    };
+    // A fall: nothing of the month's to take yet, the rollover is not the month's: all of
+    // it from the month's grant.
+    let o = w.run(credited(300)).unwrap();
+    assert_eq!(o.clawed_back, Credits::ZERO);
+    assert_eq!(w.state.owed_by_grants, Credits::new(300));
+    assert_eq!(w.lot(&rollover).remaining, Credits::new(200));
+    // A rise back grants 250 for the rest of the month: it pays first, nothing is added.
+    let rise = w.run(Operation::Grant {
+        source: LotSource::PlanPeriod,
+        credits: Credits::new(250),
+        expires_at: Some(w.now + Duration::days(30)),
+        note: Some("plan change".into()),
+    });
+    assert_eq!(rise.unwrap().lot, None);
+    assert_eq!(w.state.owed_by_grants, Credits::new(50));
+    // A pack is bought with money of its own: it pays nothing back.
+    w.grant(LotSource::Pack, 100, None);
+    assert_eq!(w.state.owed_by_grants, Credits::new(50));
+    // The month's allotment pays the rest and grants what is left of it.
+    let month_lot = w.grant(LotSource::PlanPeriod, 900, Some(24 * 30));
+    assert_eq!(w.lot(&month_lot).original, Credits::new(850));
+    assert_eq!(w.state.owed_by_grants, Credits::ZERO);
+    let e = w.journal.last().unwrap();
+    assert_eq!(e.owed_by_grants, CreditDelta::new(-50));
+    assert!(
+        e.note
+            .as_deref()
+            .is_some_and(|n| n.contains("900 credits less 50"))
+    );
+    assert_eq!(w.available(), Credits::new(200 + 100 + 850));
+    // Once granted, a later change of the same month takes from the month's credits (not
+    // from the rollover), free ones first.
+    let o = w.run(credited(100)).unwrap();
+    assert_eq!(o.clawed_back, Credits::new(100));
+    assert_eq!(w.lot(&month_lot).remaining, Credits::new(750));
+    assert_eq!(w.lot(&rollover).remaining, Credits::new(200));
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.owed_by_grants, w.state.owed_by_grants);
     assert_eq!(rebuilt.totals, w.state.totals);
 }
 

@@ -188,13 +188,6 @@ pub struct PaidChange {
     /// cents paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_back: Option<(u64, u64)>,
-    /// The date of the latest allotment that had fallen due and was waiting for the worker
-    /// when the change was recorded. That allotment follows the lowest level in effect from
-    /// its date on, so the part of this change's fall below that lowest is already kept out
-    /// of it (see [`schedule::credited_take`]). Kept when the worker grants the allotment,
-    /// so a retried delivery of the change reads the same.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waiting: Option<DateTime<Utc>>,
 }
 
 /// A level that allotments dated before `until` follow (see [`RefreshDoc::earlier`]).
@@ -247,7 +240,6 @@ impl RefreshDoc {
         };
         let after = self.changes[i].before.changed_by(p);
         let before = std::mem::replace(&mut self.changes[i].before, after.clone());
-        let waiting = self.waiting_at(at);
         self.changes.insert(
             i,
             PaidChange {
@@ -256,7 +248,6 @@ impl RefreshDoc {
                 before,
                 after,
                 given_back: None,
-                waiting,
             },
         );
         if self.changes.len() > MAX_CHANGES {
@@ -298,8 +289,10 @@ impl RefreshDoc {
             .find(|a| a.k >= self.next_allotment)
     }
 
-    /// The latest allotment dated at or before `at` that the worker has not dealt with yet.
-    fn waiting_at(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    /// The date of the latest allotment dated at or before `at` that the worker has not
+    /// dealt with yet: a change made at `at` falls in that allotment's billing month, which
+    /// is still to be granted.
+    pub fn waiting_at(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
         schedule::allotments(self.period_start, self.period_end)
             .into_iter()
             .filter(|a| a.k >= self.next_allotment && a.at <= at)
@@ -383,7 +376,6 @@ impl RefreshDoc {
                 before: before.clone(),
                 after: after.clone(),
                 given_back: None,
-                waiting: self.waiting_at(at),
             });
             if self.changes.len() > MAX_CHANGES {
                 self.changes.remove(0);

@@ -71,76 +71,28 @@ fn valued<'c>(
 }
 
 /// The plan an allotment dated `at` follows, its add-on units and their credits: the level
-/// last paid for; for an allotment dated at or before a change the worker has not caught
-/// up with, the lowest of the levels in effect from its date on (plan and add-ons valued
-/// together). A rise's own grant already paid the rise for the rest of that month, and a
-/// fall came back as money, so the allotment owes only the lowest: a fall and then a rise
-/// back gets the month at the fallen level plus the rise's grant, not the month at the
-/// risen level on top of it.
+/// in effect on its date. That is the level last paid for, unless a change the worker has
+/// not caught up with was made at or after the date: then the level that change started
+/// from (the document keeps it as its earlier level, or a later change records it as where
+/// it started). A change's own invoice settles the rest of the month that change falls in:
+/// a rise's grant pays it, a fall's money back takes its credits back from that month
+/// (those of a month not granted yet from its allotment, see
+/// [`crate::ledger::Operation::ChangeCredited`]), so the allotment owes its date's level,
+/// whatever changes follow and whatever order their events arrive in.
 pub fn level<'c>(
     doc: &RefreshDoc,
     at: DateTime<Utc>,
     catalog: &'c Catalog,
 ) -> Result<(&'c Plan, u32, Credits), String> {
-    let total = |l: &(&Plan, u32, Credits)| l.0.monthly_credits.checked_add(l.2);
-    let mut low = valued(&doc.plan, doc.addon_units, doc.addon_credits, catalog)?;
-    let earlier = doc
-        .earlier
-        .as_ref()
-        .filter(|e| at <= e.until)
-        .map(|e| &e.level);
-    // The levels of the changes made since the allotment's date: each one's start and end.
-    let since = doc
-        .changes
-        .iter()
-        .filter(|c| c.at >= at)
-        .flat_map(|c| [&c.before, &c.after]);
-    for l in earlier.into_iter().chain(since) {
-        // A level the catalog no longer knows cannot be compared: it is left out.
-        if let Ok(v) = valued(&l.plan, l.addon_units, l.addon_credits, catalog)
-            && total(&v) < total(&low)
-        {
-            low = v;
-        }
-    }
-    Ok(low)
-}
-
-/// What share of the credits a paid change credited back (Stripe's money for unused time
-/// at a richer level) the ledger takes back, as `(numerator, denominator)`.
-///
-/// All of them, unless an allotment had fallen due and was waiting for the worker when the
-/// change was recorded ([`super::PaidChange::waiting`]): that allotment follows the lowest
-/// level in effect from its date on ([`level`]), so the part of this change's fall below
-/// the lowest level before it is kept out of the allotment already, and only the part above
-/// is taken back (what rises since that date granted). `None` when the document does not
-/// know the change, or its levels cannot be valued: then all.
-pub fn credited_take(
-    doc: &RefreshDoc,
-    invoice: &crate::ids::InvoiceId,
-    catalog: &Catalog,
-) -> Option<(u64, u64)> {
-    let i = doc.changes.iter().position(|c| &c.invoice == invoice)?;
-    let change = &doc.changes[i];
-    let since = change.waiting?;
-    let worth = |l: &super::LevelParts| {
-        valued(&l.plan, l.addon_units, l.addon_credits, catalog)
-            .ok()
-            .and_then(|(p, _, a)| p.monthly_credits.checked_add(a))
-            .map(Credits::get)
+    let then = match doc.earlier.as_ref().filter(|e| at <= e.until) {
+        Some(e) => e.level.clone(),
+        None => doc
+            .changes
+            .iter()
+            .find(|c| c.at >= at)
+            .map_or_else(|| doc.parts(), |c| c.before.clone()),
     };
-    let (from, to) = (worth(&change.before)?, worth(&change.after)?);
-    if to >= from {
-        return None;
-    }
-    // The lowest level in effect from the allotment's date until this change: where the
-    // first change since that date started, and where each one before this one led.
-    let window: Vec<_> = doc.changes[..=i].iter().filter(|c| c.at >= since).collect();
-    let mut lowest = worth(&window.first()?.before)?;
-    for c in &window[..window.len() - 1] {
-        lowest = lowest.min(worth(&c.after)?);
-    }
-    Some((from - to.max(lowest).min(from), from - to))
+    valued(&then.plan, then.addon_units, then.addon_credits, catalog)
 }
 
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
@@ -360,12 +312,12 @@ mod tests {
             period_end: d.period_end,
         };
         let plan_credits = |d: &RefreshDoc| grants(d, &a[0], &catalog).unwrap()[0].credits;
-        // A downgrade just after the anniversary: its difference came back as money and
-        // its grant is nothing, so the allotment is at the lower, new level.
+        // A downgrade just after the anniversary: the allotment is at the level of its
+        // date; the difference came back as money, and its credits go from this month.
         let mut d = fresh();
         let p = at_plan(&d, "generative");
         assert!(d.set_level(&p, a[0].at + Duration::minutes(5), 1));
-        assert_eq!(plan_credits(&d), Credits::new(900));
+        assert_eq!(plan_credits(&d), Credits::new(6000));
         // A change at the anniversary's very second: its grant pays the whole month.
         let mut d = fresh();
         d.plan = "generative".into();
@@ -403,8 +355,7 @@ mod tests {
     }
 
     #[test]
-    fn a_waiting_allotment_follows_the_lowest_level_since_its_date_and_falls_take_back_only_above_it()
-     {
+    fn a_waiting_allotment_owes_its_dates_level_whatever_changes_follow_in_any_order() {
         let catalog = Catalog::builtin();
         let a = allotments(t(2027, 1, 15), t(2028, 1, 15));
         let fresh = |plan: &str| {
@@ -424,58 +375,41 @@ mod tests {
             period_start: d.period_start,
             period_end: d.period_end,
         };
-        let plan_credits = |d: &RefreshDoc| grants(d, &a[0], &catalog).unwrap()[0].credits;
-        let take = |d: &RefreshDoc, invoice: &str| {
-            credited_take(d, &InvoiceId::parse(invoice).unwrap(), &catalog)
-        };
+        let plan_credits =
+            |d: &RefreshDoc, k: usize| grants(d, &a[k], &catalog).unwrap()[0].credits;
         let minutes = |m: i64| a[0].at + Duration::minutes(m);
 
-        // Down to plus, then back up to generative, both after the allotment fell due and
-        // before the worker came: the month at plus (the rise's own grant pays the rest
-        // of the month at generative), not at generative on top of the rise's grant.
+        // Down to plus, then back up to generative, after the allotment fell due and before
+        // the worker came: the month at generative, the level of its date (the fall's money
+        // back takes its credits from the month, the rise's grant pays the rest of it).
         let mut d = fresh("generative");
         assert!(d.set_level(&change(&d, "in_down", "plus"), minutes(5), 1));
         assert!(d.set_level(&change(&d, "in_up", "generative"), minutes(9), 2));
-        assert_eq!(d.plan, "generative");
-        assert_eq!(plan_credits(&d), Credits::new(150));
-        // The fall was the month's own: nothing of it is taken back.
-        assert_eq!(take(&d, "in_down"), Some((0, 750)));
-        assert_eq!(take(&d, "in_up"), None, "a rise takes nothing back");
-        // A second fall gives back what the rise granted: all of it is taken back.
-        assert!(d.set_level(&change(&d, "in_down2", "plus"), minutes(20), 3));
-        assert_eq!(plan_credits(&d), Credits::new(150));
-        assert_eq!(take(&d, "in_down2"), Some((750, 750)));
-
-        // Up, then down below where the month started: only the rise's part is taken back.
-        let mut d = fresh("max");
-        assert!(d.set_level(&change(&d, "in_up", "generative"), minutes(5), 1));
-        assert!(d.set_level(&change(&d, "in_down", "plus"), minutes(9), 2));
-        assert_eq!(plan_credits(&d), Credits::new(150));
-        assert_eq!(take(&d, "in_down"), Some((900 - 400, 900 - 150)));
-
-        // Two falls in a row: each is the month's own, nothing is taken twice.
+        assert_eq!(plan_credits(&d, 0), Credits::new(900));
+        // The same two changes seen the other way round: the same month.
         let mut d = fresh("generative");
-        assert!(d.set_level(&change(&d, "in_a", "max"), minutes(5), 1));
-        assert!(d.set_level(&change(&d, "in_b", "plus"), minutes(9), 2));
-        assert_eq!(plan_credits(&d), Credits::new(150));
-        assert_eq!(take(&d, "in_a"), Some((0, 500)));
-        assert_eq!(take(&d, "in_b"), Some((0, 250)));
+        assert!(d.set_level(&change(&d, "in_up", "generative"), minutes(9), 2));
+        assert!(d.set_level(&change(&d, "in_down", "plus"), minutes(5), 1));
+        assert_eq!(d.plan, "generative");
+        assert_eq!(plan_credits(&d, 0), Credits::new(900));
 
-        // The worker grants the month: the changes still say the same (a retried delivery
-        // of the fall takes nothing from the month granted at the fallen level).
-        d.advance(2);
-        assert_eq!(d.earlier, None);
-        assert_eq!(take(&d, "in_a"), Some((0, 500)));
-        // A fall with no month waiting takes back all it credited.
-        assert!(d.set_level(
-            &change(&d, "in_c", "generative"),
-            a[1].at - Duration::days(2),
-            3
-        ));
-        assert!(d.set_level(&change(&d, "in_d", "max"), a[1].at - Duration::days(1), 4));
-        assert_eq!(take(&d, "in_d"), None);
-        // So does one the document does not know.
-        assert_eq!(take(&d, "in_unknown"), None);
+        // A rise before the date whose event arrives after a fall made after it: the month
+        // at the risen level, the one in effect on its date.
+        let mut d = fresh("plus");
+        assert!(d.set_level(&change(&d, "in_down", "generative"), minutes(5), 2));
+        assert_eq!(plan_credits(&d, 0), Credits::new(150));
+        assert!(d.set_level(&change(&d, "in_up", "team"), minutes(-1), 1));
+        assert_eq!(d.plan, "generative");
+        assert_eq!(plan_credits(&d, 0), Credits::new(6000));
+
+        // The worker more than a month behind, a change in each month: each month at the
+        // level of its own date.
+        let mut d = fresh("plus");
+        assert!(d.set_level(&change(&d, "in_a", "max"), minutes(60), 1));
+        assert!(d.set_level(&change(&d, "in_b", "team"), a[1].at + Duration::hours(1), 2));
+        assert_eq!(plan_credits(&d, 0), Credits::new(150));
+        assert_eq!(plan_credits(&d, 1), Credits::new(400));
+        assert_eq!(plan_credits(&d, 2), Credits::new(6000));
     }
 
     #[test]
