@@ -709,9 +709,9 @@ async fn a_change_scheduled_in_the_portal_is_not_dropped_by_an_api_change() {
 
 /// A yearly month falls due, and before the credit refresh grants it the plan is lowered
 /// elsewhere (billed at once) and raised back through the API: the month comes to what was
-/// paid for it. The fall's money back is taken from the month's credits as they are granted
-/// (the rise's grant, then the allotment at the level of the month's date), never from
-/// last month's rollover, and nothing is granted twice.
+/// paid for it. The fall's money back is withheld from the month's allotment (granted at the
+/// level of the month's date), never taken from last month's rollover, and the rise's grant
+/// pays the rest of the month: nothing is granted twice.
 #[tokio::test]
 async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once() {
     use tally::clock::Clock;
@@ -756,12 +756,12 @@ async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once
     assert!(
         fall["note"]
             .as_str()
-            .is_some_and(|n| n.contains("from the month's credits when they are granted")),
+            .is_some_and(|n| n.contains("withheld from the month's allotment")),
         "{fall:#}"
     );
     let catalog = app.ledger.catalog.clone();
     let credits = |p: &str| catalog.plan(p).unwrap().monthly_credits.get();
-    // Last month's rollover is untouched; the rise's grant paid the fall back first.
+    // Last month's rollover is untouched; the rise's grant is a lot of its own.
     assert!(app.available(ws).await >= before);
     tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
         .await

@@ -56,7 +56,9 @@ enum Step {
     Resume,
     Pause,
     Unpause,
-    Advance(i64),
+    /// Moves the clock some hours; `true`: without the credit refresh running until the
+    /// next advance.
+    Advance(i64, bool),
     Declines(bool),
     Pack(u64),
     Generate(u64, bool),
@@ -85,7 +87,7 @@ fn random_step(rng: &mut fastrand::Rng) -> Step {
         39..=41 => Step::Resume,
         42..=44 => Step::Pause,
         45..=47 => Step::Unpause,
-        48..=61 => Step::Advance(rng.i64(1..=24 * 40)),
+        48..=61 => Step::Advance(rng.i64(1..=24 * 40), rng.u32(0..4) == 0),
         62..=64 => Step::Abandon(rng.u64(1..=60)),
         65..=67 => Step::Late(
             rng.usize(0..10_000),
@@ -114,6 +116,9 @@ struct Model {
     running: Vec<(String, u64)>,
     /// The cost each completion asked for, by generation.
     asked: BTreeMap<String, u64>,
+    /// Tally's schedule while the clock moves without it (the credit refresh late): what
+    /// happens meanwhile meets yearly months that fell due and are not granted yet.
+    late_schedule: Option<std::sync::Arc<dyn tally_local::simulator::ScheduleHook>>,
 }
 
 /// A video generation of `seconds` started by the owner.
@@ -157,7 +162,16 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
             };
             app.post(path, &o, json!({})).await;
         }
-        Step::Advance(hours) => {
+        Step::Advance(hours, late) => {
+            let sim = app.local.simulator.as_ref().unwrap();
+            if *late {
+                if m.late_schedule.is_none() {
+                    m.late_schedule = Some(sim.schedule());
+                    sim.set_schedule(std::sync::Arc::new(tally_local::simulator::NoSchedule));
+                }
+            } else if let Some(hook) = m.late_schedule.take() {
+                sim.set_schedule(hook);
+            }
             let r = app
                 .send(
                     Method::POST,
@@ -869,7 +883,7 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
                         .is_some_and(|i| i.as_str() == invoice)
             })
             // Taken at once, owed by running generations' holds (taken as released), or
-            // taken from the month's grants: none of it is excused as already spent.
+            // withheld from the month's allotment: none of it is excused as already spent.
             .map(|e| {
                 let owed: u64 = e
                     .lots
@@ -879,7 +893,8 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
                         _ => 0,
                     })
                     .sum();
-                e.totals.clawed_back.get() + owed + e.owed_by_grants.get().max(0) as u64
+                let withheld = e.month_owes.map_or(0, |o| o.credits.get().max(0) as u64);
+                e.totals.clawed_back.get() + owed + withheld
             })
             .collect();
         if !taken.is_empty() {
@@ -977,6 +992,7 @@ async fn run_seed(seed: u64, steps: u64) -> Result<(), String> {
         ended: BTreeMap::new(),
         running: Vec::new(),
         asked: BTreeMap::new(),
+        late_schedule: None,
     };
     // Every seed starts subscribed, so most steps exercise a live subscription.
     step(

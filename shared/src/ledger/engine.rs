@@ -36,6 +36,17 @@ pub enum Operation {
         expires_at: Option<DateTime<Utc>>,
         note: Option<String>,
     },
+    /// A yearly month's plan or add-on credits, granted by the credit refresh: what the
+    /// month owes back ([`WorkspaceState::owed_by_months`]) is withheld first, and what
+    /// earlier months still owed is dropped (their allotments were never granted).
+    Allotment {
+        source: LotSource,
+        credits: Credits,
+        expires_at: DateTime<Utc>,
+        note: String,
+        /// The month's start (the allotment's date).
+        month: DateTime<Utc>,
+    },
     /// Support staff's signed correction: positive grants a never-expiring lot, negative
     /// takes credits from available lots in burn order (never below zero).
     Adjust {
@@ -90,10 +101,11 @@ pub enum Operation {
     /// are never touched. Zero records that nothing is taken.
     ///
     /// `month_from`: the change fell in a yearly billing month that began then and whose
-    /// credits were not granted yet when the change was recorded. Only plan and add-on
-    /// credits granted since then are taken (the month's own, and a rise's made in it), and
-    /// the rest is taken from the next plan and add-on grants (the month's allotment), so
-    /// the month comes to what was paid for it whatever order the changes arrive in.
+    /// allotment had not been granted when the change was recorded. Only plan and add-on
+    /// credits granted since then are taken (the month's own, and a rise's made in it);
+    /// while the ledger has not granted the month's allotment, that allotment owes the rest
+    /// back ([`WorkspaceState::owed_by_months`]), so the month comes to what was paid for
+    /// it whatever order the changes arrive in.
     ChangeCredited {
         credits: Credits,
         note: String,
@@ -126,6 +138,7 @@ impl Operation {
     pub fn kind(&self) -> &'static str {
         match self {
             Operation::Grant { .. } => "grant",
+            Operation::Allotment { .. } => "allotment",
             Operation::Adjust { .. } => "adjust",
             Operation::SetPlan { .. } => "set_plan",
             Operation::Hold { .. } => "hold",
@@ -211,7 +224,8 @@ struct Draft {
     totals: Totals,
     plan: Option<Option<PlanState>>,
     custom_model_slot: Option<bool>,
-    owed_by_grants: CreditDelta,
+    month_owes: Option<MonthOwes>,
+    allotted: Option<DateTime<Utc>>,
     actor: Actor,
     generation: Option<GenerationId>,
     note: Option<String>,
@@ -227,7 +241,8 @@ impl Draft {
             totals: Totals::default(),
             plan: None,
             custom_model_slot: None,
-            owed_by_grants: CreditDelta::ZERO,
+            month_owes: None,
+            allotted: None,
             actor,
             generation: None,
             note: None,
@@ -342,7 +357,8 @@ impl Tx<'_> {
             totals: d.totals,
             plan: d.plan,
             custom_model_slot: d.custom_model_slot,
-            owed_by_grants: d.owed_by_grants,
+            month_owes: d.month_owes,
+            allotted: d.allotted,
             balance_after: Balance::default(),
             actor: d.actor,
             refs,
@@ -539,6 +555,16 @@ impl Tx<'_> {
                 let lot = self.grant(*source, *credits, *expires_at, note.clone(), actor)?;
                 Ok((None, lot))
             }
+            Operation::Allotment {
+                source,
+                credits,
+                expires_at,
+                note,
+                month,
+            } => {
+                let lot = self.allot(*source, *credits, *expires_at, note, *month, actor)?;
+                Ok((None, lot))
+            }
             Operation::Adjust { credits, note } => {
                 let credits = *credits;
                 let amount = credits.unsigned_abs();
@@ -704,20 +730,25 @@ impl Tx<'_> {
                     left -= o;
                     owed += o;
                 }
-                // The month's credits not granted yet: its grants pay the rest.
-                let later = if month_from.is_some() {
-                    std::mem::replace(&mut left, Credits::ZERO)
-                } else {
-                    Credits::ZERO
+                // The month's allotment not granted yet: it owes the rest back.
+                let waiting = month_from.filter(|m| self.state.allotted_through < Some(*m));
+                let later = match waiting {
+                    Some(_) => std::mem::replace(&mut left, Credits::ZERO),
+                    None => Credits::ZERO,
                 };
-                d.owed_by_grants = CreditDelta::increase(later);
+                if let (Some(month), true) = (waiting, later > Credits::ZERO) {
+                    d.month_owes = Some(MonthOwes {
+                        month,
+                        credits: CreditDelta::increase(later),
+                    });
+                }
                 d.credits = CreditDelta::decrease(taken);
                 d.totals.clawed_back = taken;
                 d.note = Some(if taken == *credits {
                     format!("{note}: {taken} credits taken back")
-                } else if month_from.is_some() {
+                } else if waiting.is_some() {
                     format!(
-                        "{note}: {taken} of {credits} credits taken back, {owed} held by running generations taken back as they are released, {later} from the month's credits when they are granted"
+                        "{note}: {taken} of {credits} credits taken back, {owed} held by running generations taken back as they are released, {later} withheld from the month's allotment when it is granted"
                     )
                 } else {
                     format!(
@@ -894,31 +925,72 @@ impl Tx<'_> {
             },
             actor,
         );
-        // Money credited back for a month granted only now: its credits come off first.
-        let withheld = if matches!(source, LotSource::PlanPeriod | LotSource::Addon) {
-            self.state.owed_by_grants.min(credits)
-        } else {
-            Credits::ZERO
-        };
-        let granted = credits - withheld;
-        d.credits = CreditDelta::increase(granted);
-        d.totals.issued = granted;
-        d.owed_by_grants = CreditDelta::decrease(withheld);
-        d.note = match (withheld > Credits::ZERO, note) {
-            (false, note) => note,
-            (true, note) => Some(format!(
-                "{}{credits} credits less {withheld} owed for unused time credited back before they were granted",
-                note.map(|n| format!("{n}; ")).unwrap_or_default()
-            )),
-        };
-        if granted == Credits::ZERO {
-            self.push(d)?;
-            return Ok(None);
-        }
-        let (change, lot) = self.new_credits(seq, source, granted, expires_at);
+        d.credits = CreditDelta::increase(credits);
+        d.totals.issued = credits;
+        d.note = note;
+        let (change, lot) = self.new_credits(seq, source, credits, expires_at);
         d.lots = vec![change];
         self.push(d)?;
         Ok(Some(format!("lot_{lot}")))
+    }
+
+    /// A yearly month's allotment: withholds what the month owes back, drops what earlier
+    /// months owed, grants the rest (no lot when nothing is left).
+    fn allot(
+        &mut self,
+        source: LotSource,
+        credits: Credits,
+        expires_at: DateTime<Utc>,
+        note: &str,
+        month: DateTime<Utc>,
+        actor: Actor,
+    ) -> Result<Option<String>, LedgerError> {
+        if !matches!(source, LotSource::PlanPeriod | LotSource::Addon) {
+            return Err(LedgerError::Invalid(
+                "an allotment grants plan or add-on credits".into(),
+            ));
+        }
+        if credits == Credits::ZERO || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
+            return Err(LedgerError::Invalid(
+                "a grant must be a positive number of credits within limits".into(),
+            ));
+        }
+        if expires_at <= self.now() {
+            return Err(LedgerError::Invalid(
+                "a grant cannot expire in the past".into(),
+            ));
+        }
+        let withheld = self.state.owed_by_month(month).min(credits);
+        let granted = credits - withheld;
+        let seq = self.state.next_seq;
+        let mut d = Draft::new(
+            match source {
+                LotSource::Addon => Reason::AddonCredits,
+                _ => Reason::PlanCredits,
+            },
+            actor,
+        );
+        d.credits = CreditDelta::increase(granted);
+        d.totals.issued = granted;
+        d.allotted = Some(month);
+        d.month_owes = (withheld > Credits::ZERO).then_some(MonthOwes {
+            month,
+            credits: CreditDelta::decrease(withheld),
+        });
+        d.note = Some(if withheld > Credits::ZERO {
+            format!(
+                "{note}; {credits} credits less {withheld} owed for unused time of the month credited back before they were granted"
+            )
+        } else {
+            note.to_owned()
+        });
+        let lot = (granted > Credits::ZERO).then(|| {
+            let (change, lot) = self.new_credits(seq, source, granted, Some(expires_at));
+            d.lots = vec![change];
+            format!("lot_{lot}")
+        });
+        self.push(d)?;
+        Ok(lot)
     }
 
     /// The lot change that adds `credits` of `source`: a new lot, or, for credits that

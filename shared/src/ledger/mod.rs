@@ -201,11 +201,34 @@ pub struct WorkspaceState {
     pub totals: Totals,
     /// Training generations (held or completed) occupying custom-model slots.
     pub custom_models: Vec<GenerationId>,
-    /// Credits the next plan and add-on grants pay back before they add anything: money
-    /// for unused time credited back by a change made in a yearly billing month whose
-    /// credits the credit refresh had not granted yet (there were none to take back).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub owed_by_grants: Credits,
+    /// Credits yearly months' allotments owe back before they grant anything: money for
+    /// unused time credited back by a change made in a month whose allotment the credit
+    /// refresh had not granted yet (there was nothing of that month to take back). One
+    /// per such month; an allotment's grant withholds its month's and drops those of
+    /// earlier months (never granted: nothing is owed for them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owed_by_months: Vec<MonthOwes>,
+    /// The latest yearly month whose allotment was granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allotted_through: Option<DateTime<Utc>>,
+}
+
+/// Credits a yearly month's allotment owes back (or, on an entry, the change to that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MonthOwes {
+    /// The month's start (its allotment's date).
+    pub month: DateTime<Utc>,
+    pub credits: CreditDelta,
+}
+
+impl WorkspaceState {
+    /// What the allotment of the month starting at `month` owes back.
+    pub fn owed_by_month(&self, month: DateTime<Utc>) -> Credits {
+        self.owed_by_months
+            .iter()
+            .find(|o| o.month == month)
+            .map_or(Credits::ZERO, |o| o.credits.unsigned_abs())
+    }
 }
 
 /// What a workspace can spend right now.
@@ -373,11 +396,14 @@ pub struct Entry {
     /// A custom-model slot taken (`true`) or given back (`false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_model_slot: Option<bool>,
-    /// Credits to take back from the workspace's next plan and add-on grants: more owed
-    /// (positive: a change credited back for a month whose credits are not granted yet) or
-    /// withheld from a grant (negative). See [`WorkspaceState::owed_by_grants`].
-    #[serde(default, skip_serializing_if = "is_zero_delta")]
-    pub owed_by_grants: CreditDelta,
+    /// Credits a yearly month's allotment owes back (see [`WorkspaceState::owed_by_months`]):
+    /// more (a change credited back in that month before its allotment was granted) or
+    /// fewer (withheld from the allotment's grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub month_owes: Option<MonthOwes>,
+    /// The yearly month (its start) whose allotment this entry grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allotted: Option<DateTime<Utc>>,
     pub balance_after: Balance,
     pub actor: Actor,
     #[serde(default)]
@@ -501,7 +527,8 @@ impl WorkspaceState {
             next_due: None,
             totals: Totals::default(),
             custom_models: Vec::new(),
-            owed_by_grants: Credits::ZERO,
+            owed_by_months: Vec::new(),
+            allotted_through: None,
         }
     }
 
@@ -602,10 +629,26 @@ impl WorkspaceState {
             None => {}
         }
         self.totals.add(&e.totals)?;
-        self.owed_by_grants = self
-            .owed_by_grants
-            .checked_add_delta(e.owed_by_grants)
-            .ok_or_else(|| LedgerError::Corrupt("credits owed by grants out of range".into()))?;
+        if let Some(change) = e.month_owes {
+            let owed = self
+                .owed_by_month(change.month)
+                .checked_add_delta(change.credits)
+                .ok_or_else(|| {
+                    LedgerError::Corrupt("credits owed by a month out of range".into())
+                })?;
+            self.owed_by_months.retain(|o| o.month != change.month);
+            if owed > Credits::ZERO {
+                self.owed_by_months.push(MonthOwes {
+                    month: change.month,
+                    credits: CreditDelta::increase(owed),
+                });
+                self.owed_by_months.sort_by_key(|o| o.month);
+            }
+        }
+        if let Some(month) = e.allotted {
+            self.allotted_through = self.allotted_through.max(Some(month));
+            self.owed_by_months.retain(|o| o.month >= month);
+        }
         if let Some(plan) = &e.plan {
             self.plan = plan.clone();
         }

@@ -672,6 +672,10 @@ mod properties {
             credits: u64,
             month: bool,
         },
+        Allot {
+            credits: u64,
+            addon: bool,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -700,6 +704,7 @@ mod properties {
             (0usize..8, any::<bool>()).prop_map(|(lot, lost)| Step::Unfreeze { lot, lost }),
             (0u64..300, any::<bool>())
                 .prop_map(|(credits, month)| Step::Credited { credits, month }),
+            (1u64..300, any::<bool>()).prop_map(|(credits, addon)| Step::Allot { credits, addon }),
         ]
     }
 
@@ -765,6 +770,13 @@ mod properties {
                         credits: Credits::new(credits),
                         note: "c".into(),
                         month_from: month.then(|| w.now - Duration::hours(10)),
+                    },
+                    Step::Allot { credits, addon } => Operation::Allotment {
+                        source: if addon { LotSource::Addon } else { LotSource::PlanPeriod },
+                        credits: Credits::new(credits),
+                        expires_at: w.now + Duration::hours(48),
+                        note: "a".into(),
+                        month: w.now - Duration::hours(10),
                     },
                 };
                 let before = w.state.clone();
@@ -929,7 +941,7 @@ fn a_change_credited_back_takes_free_plan_and_add_on_credits_only_and_records_th
 }
 
 #[test]
-fn a_change_credited_back_in_a_month_not_granted_yet_takes_its_credits_from_the_months_grant() {
+fn a_change_credited_back_in_a_month_not_granted_yet_is_withheld_from_that_months_allotment() {
     let mut w = World::new();
     // Last month's rollover, still usable; the new month began half an hour ago and its
     // allotment is not granted yet.
@@ -941,44 +953,115 @@ fn a_change_credited_back_in_a_month_not_granted_yet_takes_its_credits_from_the_
         note: "invoice credited unused time".into(),
         month_from: Some(month),
     };
-    // A fall: nothing of the month's to take yet, the rollover is not the month's: all of
-    // it from the month's grant.
+    let allot = |credits: u64, month: DateTime<Utc>| Operation::Allotment {
+        source: LotSource::PlanPeriod,
+        credits: Credits::new(credits),
+        expires_at: month + Duration::days(45),
+        note: "plan credits".into(),
+        month,
+    };
+    // A fall: nothing of the month's to take yet, and the rollover is not the month's:
+    // the month's allotment owes it all back.
     let o = w.run(credited(300)).unwrap();
     assert_eq!(o.clawed_back, Credits::ZERO);
-    assert_eq!(w.state.owed_by_grants, Credits::new(300));
+    assert_eq!(w.state.owed_by_month(month), Credits::new(300));
     assert_eq!(w.lot(&rollover).remaining, Credits::new(200));
-    // A rise back grants 250 for the rest of the month: it pays first, nothing is added.
-    let rise = w.run(Operation::Grant {
-        source: LotSource::PlanPeriod,
-        credits: Credits::new(250),
-        expires_at: Some(w.now + Duration::days(30)),
-        note: Some("plan change".into()),
-    });
-    assert_eq!(rise.unwrap().lot, None);
-    assert_eq!(w.state.owed_by_grants, Credits::new(50));
-    // A pack is bought with money of its own: it pays nothing back.
-    w.grant(LotSource::Pack, 100, None);
-    assert_eq!(w.state.owed_by_grants, Credits::new(50));
-    // The month's allotment pays the rest and grants what is left of it.
-    let month_lot = w.grant(LotSource::PlanPeriod, 900, Some(24 * 30));
-    assert_eq!(w.lot(&month_lot).original, Credits::new(850));
-    assert_eq!(w.state.owed_by_grants, Credits::ZERO);
+    // A rise back grants 250 for the rest of the month: a lot of its own (its invoice's
+    // refunds follow it), which the next fall of the month takes from.
+    let rise = w.grant(LotSource::PlanPeriod, 250, Some(24 * 30));
+    assert_eq!(w.state.owed_by_month(month), Credits::new(300));
+    let o = w.run(credited(100)).unwrap();
+    assert_eq!(o.clawed_back, Credits::new(100));
+    assert_eq!(w.lot(&rise).remaining, Credits::new(150));
+    // The month's allotment withholds what it owes and grants the rest.
+    let o = w.run(allot(900, month)).unwrap();
+    let month_lot = o.lot.unwrap();
+    assert_eq!(w.lot(&month_lot).original, Credits::new(600));
+    assert!(w.state.owed_by_months.is_empty());
     let e = w.journal.last().unwrap();
-    assert_eq!(e.owed_by_grants, CreditDelta::new(-50));
+    assert_eq!(e.allotted, Some(month));
     assert!(
         e.note
             .as_deref()
-            .is_some_and(|n| n.contains("900 credits less 50"))
+            .is_some_and(|n| n.contains("900 credits less 300"))
     );
-    assert_eq!(w.available(), Credits::new(200 + 100 + 850));
-    // Once granted, a later change of the same month takes from the month's credits (not
-    // from the rollover), free ones first.
-    let o = w.run(credited(100)).unwrap();
-    assert_eq!(o.clawed_back, Credits::new(100));
-    assert_eq!(w.lot(&month_lot).remaining, Credits::new(750));
+    assert_eq!(w.available(), Credits::new(200 + 150 + 600));
+    // Once it is granted, a later change of the month takes from the month's credits,
+    // never from the rollover, and owes nothing more.
+    let o = w.run(credited(700)).unwrap();
+    assert_eq!(o.clawed_back, Credits::new(700));
     assert_eq!(w.lot(&rollover).remaining, Credits::new(200));
+    assert!(w.state.owed_by_months.is_empty());
+    // A month whose allotment never came (forfeited): what it owed is dropped by the next
+    // month's allotment, never taken from it.
+    let next = month + Duration::days(31);
+    let later = month + Duration::days(62);
+    w.now = next + Duration::hours(1);
+    w.run(Operation::ChangeCredited {
+        credits: Credits::new(50),
+        note: "credited".into(),
+        month_from: Some(next),
+    })
+    .unwrap();
+    assert_eq!(w.state.owed_by_month(next), Credits::new(50));
+    w.now = later + Duration::hours(1);
+    let o = w.run(allot(400, later)).unwrap();
+    assert_eq!(w.lot(&o.lot.unwrap()).original, Credits::new(400));
+    assert!(w.state.owed_by_months.is_empty());
     let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
-    assert_eq!(rebuilt.owed_by_grants, w.state.owed_by_grants);
+    assert_eq!(rebuilt.owed_by_months, w.state.owed_by_months);
+    assert_eq!(rebuilt.allotted_through, w.state.allotted_through);
+    assert_eq!(rebuilt.totals, w.state.totals);
+    assert_eq!(rebuilt.lots, w.state.lots);
+}
+
+#[test]
+fn an_allotment_owed_back_in_full_grants_nothing_and_says_so() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 10, None);
+    let month = w.now;
+    w.now += Duration::hours(1);
+    w.run(Operation::ChangeCredited {
+        credits: Credits::new(500),
+        note: "credited".into(),
+        month_from: Some(month),
+    })
+    .unwrap();
+    let o = w
+        .run(Operation::Allotment {
+            source: LotSource::Addon,
+            credits: Credits::new(300),
+            expires_at: w.now + Duration::days(30),
+            note: "add-on credits".into(),
+            month,
+        })
+        .unwrap();
+    assert_eq!(o.lot, None);
+    assert_eq!(w.available(), Credits::new(10));
+    // The month's other grant pays the rest.
+    assert_eq!(w.state.owed_by_month(month), Credits::new(200));
+    let o = w
+        .run(Operation::Allotment {
+            source: LotSource::PlanPeriod,
+            credits: Credits::new(900),
+            expires_at: w.now + Duration::days(30),
+            note: "plan credits".into(),
+            month,
+        })
+        .unwrap();
+    assert_eq!(w.lot(&o.lot.unwrap()).original, Credits::new(700));
+    assert!(w.state.owed_by_months.is_empty());
+    // A change credited back in a month already granted owes nothing.
+    w.run(Operation::ChangeCredited {
+        credits: Credits::new(2000),
+        note: "credited".into(),
+        month_from: Some(month),
+    })
+    .unwrap();
+    assert!(w.state.owed_by_months.is_empty());
+    assert_eq!(w.available(), Credits::new(10));
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.owed_by_months, w.state.owed_by_months);
     assert_eq!(rebuilt.totals, w.state.totals);
 }
 

@@ -44,6 +44,8 @@ pub struct AllotmentGrant {
     pub credits: Credits,
     pub expires_at: DateTime<Utc>,
     pub note: String,
+    /// The allotment's date: the start of the month it grants.
+    pub month: DateTime<Utc>,
 }
 
 /// A level's plan, add-on units and what those units are worth a month (as billed, or
@@ -84,13 +86,16 @@ pub fn level<'c>(
     at: DateTime<Utc>,
     catalog: &'c Catalog,
 ) -> Result<(&'c Plan, u32, Credits), String> {
-    let then = match doc.earlier.as_ref().filter(|e| at <= e.until) {
-        Some(e) => e.level.clone(),
+    // Where the first change since the date started (late changes on either side of the
+    // date correct it as they are recorded), else the earlier level kept, else the level
+    // now.
+    let then = match doc.changes.iter().find(|c| c.at >= at) {
+        Some(c) => c.before.clone(),
         None => doc
-            .changes
-            .iter()
-            .find(|c| c.at >= at)
-            .map_or_else(|| doc.parts(), |c| c.before.clone()),
+            .earlier
+            .as_ref()
+            .filter(|e| at <= e.until)
+            .map_or_else(|| doc.parts(), |e| e.level.clone()),
     };
     valued(&then.plan, then.addon_units, then.addon_credits, catalog)
 }
@@ -154,6 +159,7 @@ pub fn grants(
         credits: plan_credits,
         expires_at: a.month_end + Duration::days(i64::from(plan.rollover_days)),
         note: format!("{} plan credits, month {} of 12", plan.name, a.k + 1),
+        month: a.at,
     }];
     if units > 0 && addon_credits > Credits::ZERO {
         out.push(AllotmentGrant {
@@ -162,6 +168,7 @@ pub fn grants(
             credits: addon_credits,
             expires_at: a.month_end,
             note: format!("{units} add-on unit(s), month {} of 12", a.k + 1),
+            month: a.at,
         });
     }
     // All the money of the period's invoice given back (refunded, or lost in a dispute):
@@ -407,6 +414,14 @@ mod tests {
         let mut d = fresh("plus");
         assert!(d.set_level(&change(&d, "in_a", "max"), minutes(60), 1));
         assert!(d.set_level(&change(&d, "in_b", "team"), a[1].at + Duration::hours(1), 2));
+        assert_eq!(plan_credits(&d, 0), Credits::new(150));
+        assert_eq!(plan_credits(&d, 1), Credits::new(400));
+        assert_eq!(plan_credits(&d, 2), Credits::new(6000));
+        // The same, their events the other way round: the same months.
+        let mut d = fresh("plus");
+        assert!(d.set_level(&change(&d, "in_b", "team"), a[1].at + Duration::hours(1), 2));
+        assert!(d.set_level(&change(&d, "in_a", "max"), minutes(60), 1));
+        assert_eq!(d.plan, "team");
         assert_eq!(plan_credits(&d, 0), Credits::new(150));
         assert_eq!(plan_credits(&d, 1), Credits::new(400));
         assert_eq!(plan_credits(&d, 2), Credits::new(6000));

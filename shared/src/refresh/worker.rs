@@ -285,11 +285,12 @@ impl Refresher {
                     invoice: Some(doc.invoice.clone()),
                     ..Refs::default()
                 },
-                op: Operation::Grant {
+                op: Operation::Allotment {
                     source: g.source,
                     credits: g.credits,
-                    expires_at: Some(g.expires_at),
-                    note: Some(g.note),
+                    expires_at: g.expires_at,
+                    note: g.note,
+                    month: g.month,
                 },
             })
             .await?;

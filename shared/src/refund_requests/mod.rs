@@ -779,9 +779,6 @@ impl RefundRequests {
     /// Takes back, as the approval is sent, what the approved money bought and is unspent:
     /// the same ledger operation Stripe's refund event runs later (which then takes nothing
     /// twice), so the credits cannot be spent while the refund is on its way.
-    /// Takes back, as the approval is sent, what the approved money bought and is unspent:
-    /// the same ledger operation Stripe's refund event runs later (which then takes nothing
-    /// twice), so the credits cannot be spent while the refund is on its way.
     /// Answers (taken, bought): the credits taken back, and what the money back bought of
     /// the payment's lots (the two are equal when none of them was used).
     async fn take_back_now(&self, r: &RefundRequest) -> Result<(Credits, Credits), Problem> {

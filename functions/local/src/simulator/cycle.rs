@@ -79,6 +79,11 @@ impl Simulator {
         *self.schedule.lock().expect("sim lock") = hook;
     }
 
+    /// Tally's schedule as it is run now (to put back after running without it for a while).
+    pub fn schedule(&self) -> Arc<dyn ScheduleHook> {
+        self.schedule.lock().expect("sim lock").clone()
+    }
+
     pub fn clock_view(&self) -> ClockView {
         ClockView {
             now: self.clock.now(),
