@@ -46,6 +46,10 @@ pub enum Operation {
         note: String,
         /// The month's start (the allotment's date).
         month: DateTime<Utc>,
+        /// The month's last grant (plan, then add-ons): after it the month counts as
+        /// granted, and a change credited back in it takes from its lots instead of
+        /// owing.
+        last: bool,
     },
     /// Support staff's signed correction: positive grants a never-expiring lot, negative
     /// takes credits from available lots in burn order (never below zero).
@@ -186,6 +190,9 @@ pub struct Outcome {
     /// Credits this operation took back (refunds, lost disputes).
     #[serde(default, skip_serializing_if = "Credits::is_zero")]
     pub clawed_back: Credits,
+    /// Credits a grant added (an allotment's, less what its month owed back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<Credits>,
 }
 
 /// The result of a command: new state, the entries to append, generation records to
@@ -275,6 +282,11 @@ pub fn execute(
         balance: tx.state.balance(),
         generation,
         lot,
+        granted: matches!(
+            cmd.op,
+            Operation::Grant { .. } | Operation::Allotment { .. }
+        )
+        .then(|| tx.entries[first..own].iter().map(|e| e.totals.issued).sum()),
         // The operation's own entries only: a settlement around it may take back credits
         // other money went back for (held then, released now).
         clawed_back: tx.entries[first..own]
@@ -561,8 +573,10 @@ impl Tx<'_> {
                 expires_at,
                 note,
                 month,
+                last,
             } => {
-                let lot = self.allot(*source, *credits, *expires_at, note, *month, actor)?;
+                let lot =
+                    self.allot(*source, *credits, *expires_at, note, (*month, *last), actor)?;
                 Ok((None, lot))
             }
             Operation::Adjust { credits, note } => {
@@ -688,7 +702,12 @@ impl Tx<'_> {
                 // since it began.
                 let of_change = |l: &Lot| {
                     matches!(l.source, LotSource::PlanPeriod | LotSource::Addon)
-                        && month_from.is_none_or(|from| l.granted_at >= from)
+                        && month_from.is_none_or(|from| match l.month {
+                            // The month's allotment; another month's, however late granted.
+                            Some(month) => month == from,
+                            // A change's grant made since the month began.
+                            None => l.granted_at >= from,
+                        })
                 };
                 let mut left = *credits;
                 let mut d = Draft::new(Reason::PlanChanged, actor);
@@ -903,16 +922,7 @@ impl Tx<'_> {
         note: Option<String>,
         actor: Actor,
     ) -> Result<Option<String>, LedgerError> {
-        if credits == Credits::ZERO || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
-            return Err(LedgerError::Invalid(
-                "a grant must be a positive number of credits within limits".into(),
-            ));
-        }
-        if expires_at.is_some_and(|t| t <= self.now()) {
-            return Err(LedgerError::Invalid(
-                "a grant cannot expire in the past".into(),
-            ));
-        }
+        self.check_grant(credits, expires_at)?;
         let seq = self.state.next_seq;
         let mut d = Draft::new(
             match source {
@@ -934,6 +944,25 @@ impl Tx<'_> {
         Ok(Some(format!("lot_{lot}")))
     }
 
+    /// A grant's amount and expiry within limits.
+    fn check_grant(
+        &self,
+        credits: Credits,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<(), LedgerError> {
+        if credits == Credits::ZERO || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
+            return Err(LedgerError::Invalid(
+                "a grant must be a positive number of credits within limits".into(),
+            ));
+        }
+        if expires_at.is_some_and(|t| t <= self.now()) {
+            return Err(LedgerError::Invalid(
+                "a grant cannot expire in the past".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// A yearly month's allotment: withholds what the month owes back, drops what earlier
     /// months owed, grants the rest (no lot when nothing is left).
     fn allot(
@@ -942,7 +971,7 @@ impl Tx<'_> {
         credits: Credits,
         expires_at: DateTime<Utc>,
         note: &str,
-        month: DateTime<Utc>,
+        (month, last): (DateTime<Utc>, bool),
         actor: Actor,
     ) -> Result<Option<String>, LedgerError> {
         if !matches!(source, LotSource::PlanPeriod | LotSource::Addon) {
@@ -950,16 +979,7 @@ impl Tx<'_> {
                 "an allotment grants plan or add-on credits".into(),
             ));
         }
-        if credits == Credits::ZERO || credits.get() > crate::money::MAX_CREDITS_PER_REQUEST {
-            return Err(LedgerError::Invalid(
-                "a grant must be a positive number of credits within limits".into(),
-            ));
-        }
-        if expires_at <= self.now() {
-            return Err(LedgerError::Invalid(
-                "a grant cannot expire in the past".into(),
-            ));
-        }
+        self.check_grant(credits, Some(expires_at))?;
         let withheld = self.state.owed_by_month(month).min(credits);
         let granted = credits - withheld;
         let seq = self.state.next_seq;
@@ -972,7 +992,7 @@ impl Tx<'_> {
         );
         d.credits = CreditDelta::increase(granted);
         d.totals.issued = granted;
-        d.allotted = Some(month);
+        d.allotted = last.then_some(month);
         d.month_owes = (withheld > Credits::ZERO).then_some(MonthOwes {
             month,
             credits: CreditDelta::decrease(withheld),
@@ -985,7 +1005,10 @@ impl Tx<'_> {
             note.to_owned()
         });
         let lot = (granted > Credits::ZERO).then(|| {
-            let (change, lot) = self.new_credits(seq, source, granted, Some(expires_at));
+            let (mut change, lot) = self.new_credits(seq, source, granted, Some(expires_at));
+            if let LotChange::Created { lot } = &mut change {
+                lot.month = Some(month);
+            }
             d.lots = vec![change];
             format!("lot_{lot}")
         });
@@ -1035,6 +1058,7 @@ impl Tx<'_> {
             owed: Credits::ZERO,
             owed_frozen: Credits::ZERO,
             granted_at: self.now(),
+            month: None,
             expires_at,
         };
         (LotChange::Created { lot }, seq)

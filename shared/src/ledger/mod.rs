@@ -63,6 +63,9 @@ pub struct Lot {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub owed_frozen: Credits,
     pub granted_at: DateTime<Utc>,
+    /// The yearly month (its start) whose allotment granted the lot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub month: Option<DateTime<Utc>>,
     /// `None` for credits that never expire while the workspace is active.
     pub expires_at: Option<DateTime<Utc>>,
 }

@@ -777,6 +777,7 @@ mod properties {
                         expires_at: w.now + Duration::hours(48),
                         note: "a".into(),
                         month: w.now - Duration::hours(10),
+                        last: !addon,
                     },
                 };
                 let before = w.state.clone();
@@ -959,6 +960,7 @@ fn a_change_credited_back_in_a_month_not_granted_yet_is_withheld_from_that_month
         expires_at: month + Duration::days(45),
         note: "plan credits".into(),
         month,
+        last: true,
     };
     // A fall: nothing of the month's to take yet, and the rollover is not the month's:
     // the month's allotment owes it all back.
@@ -1016,53 +1018,79 @@ fn a_change_credited_back_in_a_month_not_granted_yet_is_withheld_from_that_month
 }
 
 #[test]
-fn an_allotment_owed_back_in_full_grants_nothing_and_says_so() {
+fn a_month_counts_as_granted_only_after_its_last_grant() {
     let mut w = World::new();
     w.grant(LotSource::Pack, 10, None);
     let month = w.now;
     w.now += Duration::hours(1);
-    w.run(Operation::ChangeCredited {
-        credits: Credits::new(500),
+    let credited = |credits: u64| Operation::ChangeCredited {
+        credits: Credits::new(credits),
         note: "credited".into(),
         month_from: Some(month),
-    })
-    .unwrap();
-    let o = w
-        .run(Operation::Allotment {
-            source: LotSource::Addon,
-            credits: Credits::new(300),
-            expires_at: w.now + Duration::days(30),
-            note: "add-on credits".into(),
-            month,
-        })
-        .unwrap();
+    };
+    let allot = |source, credits: u64, last| Operation::Allotment {
+        source,
+        credits: Credits::new(credits),
+        expires_at: month + Duration::days(30),
+        note: "allotment".into(),
+        month,
+        last,
+    };
+    w.run(credited(900)).unwrap();
+    // The plan's grant, owed back in full: no lot, the entry says so.
+    let o = w.run(allot(LotSource::PlanPeriod, 900, false)).unwrap();
     assert_eq!(o.lot, None);
-    assert_eq!(w.available(), Credits::new(10));
-    // The month's other grant pays the rest.
-    assert_eq!(w.state.owed_by_month(month), Credits::new(200));
-    let o = w
-        .run(Operation::Allotment {
-            source: LotSource::PlanPeriod,
-            credits: Credits::new(900),
-            expires_at: w.now + Duration::days(30),
-            note: "plan credits".into(),
-            month,
-        })
-        .unwrap();
-    assert_eq!(w.lot(&o.lot.unwrap()).original, Credits::new(700));
+    assert_eq!(o.granted, Some(Credits::ZERO));
     assert!(w.state.owed_by_months.is_empty());
-    // A change credited back in a month already granted owes nothing.
-    w.run(Operation::ChangeCredited {
-        credits: Credits::new(2000),
-        note: "credited".into(),
-        month_from: Some(month),
-    })
-    .unwrap();
+    assert_eq!(w.state.allotted_through, None);
+    // A change credited back between the plan's grant and the add-ons': the month is
+    // still waiting, so its add-on grant owes it.
+    let o = w.run(credited(250)).unwrap();
+    assert_eq!(o.clawed_back, Credits::ZERO);
+    assert_eq!(w.state.owed_by_month(month), Credits::new(250));
+    let o = w.run(allot(LotSource::Addon, 300, true)).unwrap();
+    assert_eq!(o.granted, Some(Credits::new(50)));
+    assert_eq!(w.lot(&o.lot.unwrap()).month, Some(month));
+    assert_eq!(w.available(), Credits::new(10 + 50));
+    assert_eq!(w.state.allotted_through, Some(month));
+    // Now granted: a change credited back in it takes from its lots and owes nothing.
+    w.run(credited(2000)).unwrap();
     assert!(w.state.owed_by_months.is_empty());
     assert_eq!(w.available(), Credits::new(10));
     let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
     assert_eq!(rebuilt.owed_by_months, w.state.owed_by_months);
+    assert_eq!(rebuilt.allotted_through, w.state.allotted_through);
     assert_eq!(rebuilt.totals, w.state.totals);
+}
+
+#[test]
+fn a_change_in_a_waiting_month_takes_nothing_from_another_months_allotment_granted_late() {
+    let mut w = World::new();
+    let earlier = w.now;
+    w.now += Duration::days(31);
+    let month = w.now;
+    w.now += Duration::hours(1);
+    // Last month's allotment, granted late (after this month began).
+    let last_month = w
+        .run(Operation::Allotment {
+            source: LotSource::PlanPeriod,
+            credits: Credits::new(400),
+            expires_at: month + Duration::days(40),
+            note: "allotment".into(),
+            month: earlier,
+            last: true,
+        })
+        .unwrap()
+        .lot
+        .unwrap();
+    w.run(Operation::ChangeCredited {
+        credits: Credits::new(100),
+        note: "credited".into(),
+        month_from: Some(month),
+    })
+    .unwrap();
+    assert_eq!(w.lot(&last_month).remaining, Credits::new(400));
+    assert_eq!(w.state.owed_by_month(month), Credits::new(100));
 }
 
 #[test]
@@ -1166,11 +1194,16 @@ fn a_dispute_of_credits_a_generation_holds_freezes_them_as_it_releases_them() {
         reason: "failed".into(),
         record: None,
     };
+    // A pack of 1,000 disputed in full while a generation holds 300 of it.
+    let disputed_while_held = || {
+        let mut w = World::new();
+        let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+        let g = w.hold(300).unwrap();
+        w.run(freeze(lot)).unwrap();
+        (w, lot, g)
+    };
     // Released while disputed: frozen, then taken back with the rest when lost.
-    let mut w = World::new();
-    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
-    let g = w.hold(300).unwrap();
-    w.run(freeze(lot)).unwrap();
+    let (mut w, lot, g) = disputed_while_held();
     assert_eq!(w.state.balance().frozen, Credits::new(700));
     w.run(fail(g)).unwrap();
     assert_eq!(w.state.balance().frozen, Credits::new(1000));
@@ -1179,20 +1212,14 @@ fn a_dispute_of_credits_a_generation_holds_freezes_them_as_it_releases_them() {
     assert_eq!(w.state.totals.clawed_back, Credits::new(1000));
     assert!(w.state.lots.is_empty());
     // Lost while still held: taken back as released.
-    let mut w = World::new();
-    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
-    let g = w.hold(300).unwrap();
-    w.run(freeze(lot)).unwrap();
+    let (mut w, lot, g) = disputed_while_held();
     w.run(close(lot, true)).unwrap();
     assert_eq!(w.lot(&format!("lot_{lot}")).owed, Credits::new(300));
     w.run(fail(g)).unwrap();
     assert_eq!(w.state.totals.clawed_back, Credits::new(1000));
     assert!(w.state.lots.is_empty());
     // Won while still held: free as released.
-    let mut w = World::new();
-    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
-    let g = w.hold(300).unwrap();
-    w.run(freeze(lot)).unwrap();
+    let (mut w, lot, g) = disputed_while_held();
     w.run(close(lot, false)).unwrap();
     w.run(fail(g)).unwrap();
     assert_eq!(w.available(), Credits::new(1000));

@@ -89,13 +89,12 @@ pub fn level<'c>(
     // Where the first change since the date started (late changes on either side of the
     // date correct it as they are recorded), else the earlier level kept, else the level
     // now.
+    let earlier = doc.earlier.as_ref().filter(|e| at <= e.until);
     let then = match doc.changes.iter().find(|c| c.at >= at) {
-        Some(c) => c.before.clone(),
-        None => doc
-            .earlier
-            .as_ref()
-            .filter(|e| at <= e.until)
-            .map_or_else(|| doc.parts(), |e| e.level.clone()),
+        // Unless the document has forgotten the change that set the earlier level (more
+        // than it remembers since): then that level.
+        Some(c) if earlier.is_none_or(|e| c.at <= e.until) => c.before.clone(),
+        _ => earlier.map_or_else(|| doc.parts(), |e| e.level.clone()),
     };
     valued(&then.plan, then.addon_units, then.addon_credits, catalog)
 }
@@ -244,6 +243,21 @@ mod tests {
         }
     }
 
+    /// A paid change of `d`'s period to `plan` (no add-ons), paid by `invoice`.
+    fn paid(d: &RefreshDoc, invoice: &str, plan: &str) -> crate::refresh::PaidPeriod {
+        crate::refresh::PaidPeriod {
+            workspace: d.workspace.clone(),
+            subscription: d.subscription.clone(),
+            invoice: InvoiceId::parse(invoice).unwrap(),
+            interval: Interval::Yearly,
+            plan: plan.into(),
+            addon_units: 0,
+            addon_credits: None,
+            period_start: d.period_start,
+            period_end: d.period_end,
+        }
+    }
+
     #[test]
     fn an_allotment_due_before_a_change_the_worker_has_not_seen_keeps_its_dates_level() {
         let catalog = Catalog::builtin();
@@ -307,17 +321,7 @@ mod tests {
             d
         };
         let a = allotments(t(2027, 1, 15), t(2028, 1, 15));
-        let at_plan = |d: &RefreshDoc, plan: &str| crate::refresh::PaidPeriod {
-            workspace: d.workspace.clone(),
-            subscription: d.subscription.clone(),
-            invoice: InvoiceId::parse("in_change").unwrap(),
-            interval: Interval::Yearly,
-            plan: plan.into(),
-            addon_units: 0,
-            addon_credits: None,
-            period_start: d.period_start,
-            period_end: d.period_end,
-        };
+        let at_plan = |d: &RefreshDoc, plan: &str| paid(d, "in_change", plan);
         let plan_credits = |d: &RefreshDoc| grants(d, &a[0], &catalog).unwrap()[0].credits;
         // A downgrade just after the anniversary: the allotment is at the level of its
         // date; the difference came back as money, and its credits go from this month.
@@ -371,17 +375,7 @@ mod tests {
             d.addon_units = 0;
             d
         };
-        let change = |d: &RefreshDoc, invoice: &str, plan: &str| crate::refresh::PaidPeriod {
-            workspace: d.workspace.clone(),
-            subscription: d.subscription.clone(),
-            invoice: InvoiceId::parse(invoice).unwrap(),
-            interval: Interval::Yearly,
-            plan: plan.into(),
-            addon_units: 0,
-            addon_credits: None,
-            period_start: d.period_start,
-            period_end: d.period_end,
-        };
+        let change = paid;
         let plan_credits =
             |d: &RefreshDoc, k: usize| grants(d, &a[k], &catalog).unwrap()[0].credits;
         let minutes = |m: i64| a[0].at + Duration::minutes(m);

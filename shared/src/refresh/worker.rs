@@ -205,8 +205,16 @@ impl Refresher {
                             reason,
                         }
                     })?;
-                for g in grants {
-                    self.grant(&doc, g, now, &mut report).await?;
+                // A tick this late would grant credits that lapse at once.
+                let (grants, expired): (Vec<_>, Vec<_>) =
+                    grants.into_iter().partition(|g| g.expires_at > now);
+                for g in expired {
+                    tracing::warn!(key = %g.key, "allotment already expired; not granted");
+                    report.skipped_expired.push(g.key);
+                }
+                let count = grants.len();
+                for (i, g) in grants.into_iter().enumerate() {
+                    self.grant(&doc, g, i + 1 == count, &mut report).await?;
                 }
             } else {
                 tracing::info!(
@@ -263,15 +271,9 @@ impl Refresher {
         &self,
         doc: &RefreshDoc,
         g: AllotmentGrant,
-        now: DateTime<Utc>,
+        last: bool,
         report: &mut JobReport,
     ) -> Result<(), RefreshError> {
-        if g.expires_at <= now {
-            // A tick this late would grant credits that lapse at once.
-            tracing::warn!(key = %g.key, "allotment already expired; not granted");
-            report.skipped_expired.push(g.key);
-            return Ok(());
-        }
         let outcome = self
             .ledger
             .execute(LedgerRequest {
@@ -291,6 +293,7 @@ impl Refresher {
                     expires_at: g.expires_at,
                     note: g.note,
                     month: g.month,
+                    last,
                 },
             })
             .await?;
@@ -303,7 +306,14 @@ impl Refresher {
             .and_then(|s| s.parse().ok())
         {
             crate::billing::BillingEvents::new(self.ledger.clone(), self.docs.clone())
-                .link_invoice_lot(&doc.invoice, &doc.workspace, &g.key, seq, g.credits)
+                .link_invoice_lot(
+                    &doc.invoice,
+                    &doc.workspace,
+                    &g.key,
+                    seq,
+                    // What the lot got: the month may have owed some back.
+                    outcome.granted.unwrap_or(g.credits),
+                )
                 .await
                 .map_err(|e| RefreshError::Payment(e.to_string()))?;
         }
