@@ -113,6 +113,7 @@ pub async fn grant(ledger: &Ledger, ws: &str, credits: u64) {
             actor: Actor::system(),
             refs: Refs::default(),
             op: Operation::Grant {
+                month: None,
                 source: LotSource::Pack,
                 credits: Credits::new(credits),
                 expires_at: None,

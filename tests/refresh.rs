@@ -135,6 +135,7 @@ async fn invoice_grant(p: &Parts, ws: &str, credits: u64) {
             actor: Actor::new(ActorKind::Stripe, "evt_paid"),
             refs: Refs::default(),
             op: Operation::Grant {
+                month: None,
                 source: LotSource::PlanPeriod,
                 credits: Credits::new(credits),
                 expires_at: Some(add_months(start(), 1) + Duration::days(30)),

@@ -67,6 +67,7 @@ proptest! {
                 let key = IdempotencyKey::derived(format!("op{i}"));
                 let op = match s {
                     Step::Grant(c, e) => Operation::Grant {
+                        month: None,
                         source: if e.is_some() { LotSource::PlanPeriod } else { LotSource::Pack },
                         credits: Credits::new(c),
                         expires_at: e.map(|h| clock_now(&ledger) + Duration::hours(h)),

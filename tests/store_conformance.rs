@@ -50,6 +50,7 @@ fn prepare(state: &WorkspaceState, key: &str, op: Operation, minutes: i64) -> (C
 
 fn grant(credits: u64) -> Operation {
     Operation::Grant {
+        month: None,
         source: LotSource::Pack,
         credits: Credits::new(credits),
         expires_at: None,

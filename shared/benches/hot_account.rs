@@ -327,6 +327,7 @@ async fn main() {
                 actor: Actor::system(),
                 refs: Refs::default(),
                 op: Operation::Grant {
+                    month: None,
                     source: LotSource::Pack,
                     credits: Credits::new(tally::money::MAX_CREDITS_PER_REQUEST),
                     expires_at: None,

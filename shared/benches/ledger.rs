@@ -43,6 +43,7 @@ fn engine(c: &mut Criterion) {
             actor: Actor::system(),
             refs: Refs::default(),
             op: Operation::Grant {
+                month: None,
                 source,
                 credits: Credits::new(credits),
                 expires_at: days.map(|d| at + Duration::days(d)),
@@ -102,6 +103,7 @@ fn through_store(c: &mut Criterion, name: &str, store: Arc<dyn LedgerStore>) {
     rt.block_on(ledger.execute(request(
         "grant".into(),
         Operation::Grant {
+            month: None,
             source: LotSource::Pack,
             credits: Credits::new(9_000_000),
             expires_at: None,

@@ -63,6 +63,7 @@ async fn grant(ledger: &Ledger, credits: u64) {
             actor: Actor::system(),
             refs: Refs::default(),
             op: Operation::Grant {
+                month: None,
                 source: LotSource::Pack,
                 credits: Credits::new(credits),
                 expires_at: None,

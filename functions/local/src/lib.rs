@@ -428,6 +428,7 @@ pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
         .execute(seed(
             "plan-credits",
             Operation::Grant {
+                month: None,
                 source: LotSource::PlanPeriod,
                 credits: plan.monthly_credits,
                 expires_at: Some(period_end + Duration::days(plan.rollover_days as i64)),

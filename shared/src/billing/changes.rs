@@ -692,6 +692,7 @@ impl SubscriptionChanges {
                     ..Refs::default()
                 },
                 op: Operation::Grant {
+                    month: None,
                     source: g.source,
                     credits: g.credits,
                     expires_at: g.expires_at,

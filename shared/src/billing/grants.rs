@@ -24,6 +24,8 @@ pub const MAX_PACK_QUANTITY: u64 = 100;
 /// Credits one Stripe object paid for, under a key derived from that object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreditGrant {
+    /// The subscription billing month (its start) the credits are for.
+    pub month: Option<DateTime<Utc>>,
     pub key: String,
     pub source: LotSource,
     pub credits: Credits,
@@ -71,6 +73,7 @@ pub fn checkout_grant(
         .checked_mul(quantity)
         .ok_or_else(|| poison(format!("{quantity} x {} overflows the credits", pack.id)))?;
     Ok(Some(CreditGrant {
+        month: None,
         key: format!("stripe:checkout:{}", s.id),
         source: LotSource::Pack,
         credits,
@@ -158,6 +161,7 @@ pub fn invoice_grants(
         }
         return Ok(InvoiceCredits {
             grants: vec![CreditGrant {
+                month: None,
                 key: format!("stripe:invoice:{}:custom", i.id),
                 source: LotSource::Pack,
                 credits,
@@ -273,11 +277,12 @@ pub fn line_grants(
         out.credited = credited(plan_value + addon_value);
     }
     let (plan_credits, addon_credits) = net(plan_value, addon_value);
-    let (_, month_end) = billing_month(&period, first.start);
+    let (month_start, month_end) = billing_month(&period, first.start);
     let after = level_after_change(&lines_of_period, &period);
     let rollover = catalog.plan(&after.plan).map_or(0, |p| p.rollover_days);
     if plan_credits > Credits::ZERO {
         out.grants.push(CreditGrant {
+            month: Some(month_start),
             key: format!("stripe:invoice:{id}:change:plan"),
             source: LotSource::PlanPeriod,
             credits: plan_credits,
@@ -288,6 +293,7 @@ pub fn line_grants(
     }
     if addon_credits > Credits::ZERO {
         out.grants.push(CreditGrant {
+            month: Some(month_start),
             key: format!("stripe:invoice:{id}:change:addon"),
             source: LotSource::Addon,
             credits: addon_credits,
@@ -319,7 +325,7 @@ fn first_month_grants(
     catalog: &Catalog,
     refs: &Refs,
 ) -> Vec<CreditGrant> {
-    let (_, month_end) = billing_month(level, level.period_start);
+    let (month_start, month_end) = billing_month(level, level.period_start);
     let rollover = catalog.plan(&level.plan).map_or(0, |p| p.rollover_days);
     let name = catalog
         .plan(&level.plan)
@@ -327,6 +333,7 @@ fn first_month_grants(
     let mut grants = Vec::new();
     if plan_credits > Credits::ZERO {
         grants.push(CreditGrant {
+            month: Some(month_start),
             key: format!("stripe:invoice:{id}:plan"),
             source: LotSource::PlanPeriod,
             credits: plan_credits,
@@ -337,6 +344,7 @@ fn first_month_grants(
     }
     if addon_credits > Credits::ZERO {
         grants.push(CreditGrant {
+            month: Some(month_start),
             key: format!("stripe:invoice:{id}:addon"),
             source: LotSource::Addon,
             credits: addon_credits,
@@ -391,6 +399,7 @@ pub fn top_up_grant(pi: &PaymentIntent, catalog: &Catalog) -> Result<CreditGrant
         .pack(pack_id)
         .ok_or_else(|| poison(format!("unknown pack {pack_id:?}")))?;
     Ok(CreditGrant {
+        month: None,
         key: format!("stripe:payment_intent:{}", pi.id),
         source: LotSource::Pack,
         credits: pack.credits,

@@ -346,6 +346,7 @@ impl BillingEvents {
             actor: Actor::new(ActorKind::Stripe, event.id.clone()),
             refs,
             op: Operation::Grant {
+                month: g.month,
                 source: g.source,
                 credits: g.credits,
                 expires_at: g.expires_at,

@@ -35,6 +35,8 @@ pub enum Operation {
         credits: Credits,
         expires_at: Option<DateTime<Utc>>,
         note: Option<String>,
+        /// The subscription billing month (its start) the credits are for.
+        month: Option<DateTime<Utc>>,
     },
     /// A yearly month's plan or add-on credits, granted by the credit refresh: what the
     /// month owes back ([`WorkspaceState::owed_by_months`]) is withheld first, and what
@@ -563,8 +565,15 @@ impl Tx<'_> {
                 credits,
                 expires_at,
                 note,
+                month,
             } => {
-                let lot = self.grant(*source, *credits, *expires_at, note.clone(), actor)?;
+                let lot = self.grant(
+                    *source,
+                    *credits,
+                    (*expires_at, *month),
+                    note.clone(),
+                    actor,
+                )?;
                 Ok((None, lot))
             }
             Operation::Allotment {
@@ -591,7 +600,7 @@ impl Tx<'_> {
                     let lot = self.grant(
                         LotSource::Adjustment,
                         amount,
-                        None,
+                        (None, None),
                         Some(note.clone()),
                         actor,
                     )?;
@@ -703,9 +712,10 @@ impl Tx<'_> {
                 let of_change = |l: &Lot| {
                     matches!(l.source, LotSource::PlanPeriod | LotSource::Addon)
                         && month_from.is_none_or(|from| match l.month {
-                            // The month's allotment; another month's, however late granted.
+                            // The month's own (its allotment, a change's grant for the rest
+                            // of it); not another month's, however late granted.
                             Some(month) => month == from,
-                            // A change's grant made since the month began.
+                            // Granted before lots named their month: since it began.
                             None => l.granted_at >= from,
                         })
                 };
@@ -918,7 +928,7 @@ impl Tx<'_> {
         &mut self,
         source: LotSource,
         credits: Credits,
-        expires_at: Option<DateTime<Utc>>,
+        (expires_at, month): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
         note: Option<String>,
         actor: Actor,
     ) -> Result<Option<String>, LedgerError> {
@@ -938,7 +948,10 @@ impl Tx<'_> {
         d.credits = CreditDelta::increase(credits);
         d.totals.issued = credits;
         d.note = note;
-        let (change, lot) = self.new_credits(seq, source, credits, expires_at);
+        let (mut change, lot) = self.new_credits(seq, source, credits, expires_at);
+        if let LotChange::Created { lot } = &mut change {
+            lot.month = month;
+        }
         d.lots = vec![change];
         self.push(d)?;
         Ok(Some(format!("lot_{lot}")))

@@ -63,7 +63,8 @@ pub struct Lot {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub owed_frozen: Credits,
     pub granted_at: DateTime<Utc>,
-    /// The yearly month (its start) whose allotment granted the lot.
+    /// The subscription billing month (its start) the lot's credits are for: a yearly
+    /// month's allotment, an invoice's first month, a change's rest of the month.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub month: Option<DateTime<Utc>>,
     /// `None` for credits that never expire while the workspace is active.

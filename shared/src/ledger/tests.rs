@@ -56,6 +56,7 @@ impl World {
     fn grant(&mut self, source: LotSource, credits: u64, expires_in_h: Option<i64>) -> String {
         let expires_at = expires_in_h.map(|h| self.now + Duration::hours(h));
         self.run(Operation::Grant {
+            month: None,
             source,
             credits: Credits::new(credits),
             expires_at,
@@ -719,6 +720,7 @@ mod properties {
             for s in steps {
                 let op = match s {
                     Step::Grant { pack, credits, expires_in_h } => Operation::Grant {
+                        month: None,
                         source: if pack { LotSource::Pack } else { LotSource::PlanPeriod },
                         credits: Credits::new(credits),
                         expires_at: expires_in_h.map(|h| w.now + Duration::hours(h)),
@@ -1083,6 +1085,30 @@ fn a_change_in_a_waiting_month_takes_nothing_from_another_months_allotment_grant
         .unwrap()
         .lot
         .unwrap();
+    // And a rise made last month whose invoice's event came after this month began.
+    let late_rise = w
+        .run(Operation::Grant {
+            source: LotSource::PlanPeriod,
+            credits: Credits::new(250),
+            expires_at: Some(month + Duration::days(40)),
+            note: None,
+            month: Some(earlier),
+        })
+        .unwrap()
+        .lot
+        .unwrap();
+    // This month's own rise: taken from first.
+    let rise = w
+        .run(Operation::Grant {
+            source: LotSource::PlanPeriod,
+            credits: Credits::new(30),
+            expires_at: Some(month + Duration::days(70)),
+            note: None,
+            month: Some(month),
+        })
+        .unwrap()
+        .lot
+        .unwrap();
     w.run(Operation::ChangeCredited {
         credits: Credits::new(100),
         note: "credited".into(),
@@ -1090,7 +1116,11 @@ fn a_change_in_a_waiting_month_takes_nothing_from_another_months_allotment_grant
     })
     .unwrap();
     assert_eq!(w.lot(&last_month).remaining, Credits::new(400));
-    assert_eq!(w.state.owed_by_month(month), Credits::new(100));
+    assert_eq!(w.lot(&late_rise).remaining, Credits::new(250));
+    assert!(w.state.lots.iter().all(|l| l.id() != rise), "spent out");
+    assert_eq!(w.state.owed_by_month(month), Credits::new(70));
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.lots, w.state.lots);
 }
 
 #[test]

@@ -560,6 +560,7 @@ mod tests {
                 actor: Actor::system(),
                 refs: Refs::default(),
                 op: Operation::Grant {
+                    month: None,
                     source: LotSource::Pack,
                     credits: crate::money::Credits::new(100),
                     expires_at: None,
@@ -617,6 +618,7 @@ mod tests {
             actor: Actor::system(),
             refs: Refs::default(),
             op: Operation::Grant {
+                month: None,
                 source: LotSource::Pack,
                 credits: crate::money::Credits::new(100),
                 expires_at: None,
