@@ -763,6 +763,26 @@ async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once
     let credits = |p: &str| catalog.plan(p).unwrap().monthly_credits.get();
     // Last month's rollover is untouched; the rise's grant is a lot of its own.
     assert!(app.available(ws).await >= before);
+    // The rise's grant names the month it is for (whichever of the API's answer and the
+    // invoice's event made it).
+    let rise_month: Vec<chrono::DateTime<chrono::Utc>> = j["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(
+            app.get("/v1/ledger?limit=100", &owner(ws)).await.body["items"]
+                .as_array()
+                .unwrap(),
+        )
+        .filter(|e| {
+            e["refs"]["idempotency_key"]
+                .as_str()
+                .is_some_and(|k| k.ends_with(":change:plan"))
+        })
+        .filter_map(|e| e["lots"][0]["lot"]["month"].as_str())
+        .map(|m| m.parse().unwrap())
+        .collect();
+    assert!(!rise_month.is_empty() && rise_month.iter().all(|m| *m == month));
     tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
         .await
         .unwrap();

@@ -692,7 +692,7 @@ impl SubscriptionChanges {
                     ..Refs::default()
                 },
                 op: Operation::Grant {
-                    month: None,
+                    month: g.month,
                     source: g.source,
                     credits: g.credits,
                     expires_at: g.expires_at,
