@@ -574,7 +574,7 @@ impl Tx<'_> {
                     note.clone(),
                     actor,
                 )?;
-                Ok((None, lot))
+                Ok((None, Some(lot)))
             }
             Operation::Allotment {
                 source,
@@ -604,7 +604,7 @@ impl Tx<'_> {
                         Some(note.clone()),
                         actor,
                     )?;
-                    return Ok((None, lot));
+                    return Ok((None, Some(lot)));
                 }
                 let available = self.available();
                 if available < amount {
@@ -931,7 +931,7 @@ impl Tx<'_> {
         (expires_at, month): (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
         note: Option<String>,
         actor: Actor,
-    ) -> Result<Option<String>, LedgerError> {
+    ) -> Result<String, LedgerError> {
         self.check_grant(credits, expires_at)?;
         let seq = self.state.next_seq;
         let mut d = Draft::new(
@@ -954,7 +954,7 @@ impl Tx<'_> {
         }
         d.lots = vec![change];
         self.push(d)?;
-        Ok(Some(format!("lot_{lot}")))
+        Ok(format!("lot_{lot}"))
     }
 
     /// A grant's amount and expiry within limits.
