@@ -255,6 +255,93 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
     assert_eq!(o.subscription.unwrap().addon_units, 2);
 }
 
+/// Auto top-up charges a card off-session: only a card paid with is saved for it, not a
+/// bank debit or a wallet the customer paid with once.
+#[tokio::test]
+async fn only_a_card_a_payment_was_made_with_is_kept_for_auto_top_up() {
+    for (kind, pm, saved) in [
+        ("card", "pm_card_1", true),
+        ("sepa_debit", "pm_sepa_1", false),
+        ("us_bank_account", "pm_bank_1", false),
+    ] {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let (ledger, _) = ledger_over(store.clone());
+        let worker = BillingEvents::new(ledger, store.clone());
+        let mut c = charge("evt_charge_ok", "charge.succeeded", at(0), 0);
+        c["data"]["object"]["payment_method"] = json!(pm);
+        c["data"]["object"]["payment_method_details"] = json!({"type": kind, kind: {}});
+        for e in [subscription_checkout(), c] {
+            let d = Delivery {
+                message_id: "m".into(),
+                body: e.to_string(),
+                group_id: Some(CUS.into()),
+                receive_count: 1,
+            };
+            worker.consume(&d).await.unwrap();
+        }
+        let profile: Option<BillingProfile> =
+            docs::get(store.as_ref(), &workspace_pk(&workspace(WS)), PROFILE_SK)
+                .await
+                .unwrap();
+        let kept = profile
+            .and_then(|p| p.payment_method)
+            .map(|p| p.to_string());
+        assert_eq!(kept, saved.then(|| pm.to_string()), "{kind}");
+    }
+}
+
+/// A paid custom payment invoice of $50 for 700 credits, with the customer's Stripe balance
+/// before and after it.
+fn custom_invoice(starting_balance: i64, ending_balance: i64, amount_paid: i64) -> Value {
+    let mut i = fixture("invoice");
+    i["id"] = json!("in_custom");
+    i["customer"] = json!(CUS);
+    i["status"] = json!("paid");
+    i["billing_reason"] = json!("manual");
+    i["collection_method"] = json!("send_invoice");
+    i["created"] = json!(at(1));
+    i["total"] = json!(5000);
+    i["starting_balance"] = json!(starting_balance);
+    i["ending_balance"] = json!(ending_balance);
+    i["amount_due"] = json!(amount_paid);
+    i["amount_paid"] = json!(amount_paid);
+    i["amount_remaining"] = json!(0);
+    i["metadata"] = json!({"kind": "custom_payment", "credits": "700"});
+    i["parent"] = Value::Null;
+    i
+}
+
+/// A custom payment whose whole total the customer's Stripe balance covered (money Stripe
+/// held for them from credited time): Stripe marks it paid with `amount_paid` 0 and the
+/// balance moved by the total. It was paid, so it grants its credits, once. One that a
+/// credit note settled (nothing paid, the balance untouched) grants nothing.
+#[tokio::test]
+async fn a_custom_payment_paid_from_the_customers_balance_grants_its_credits() {
+    let paid = stripe_event(
+        "evt_custom_paid",
+        "invoice.paid",
+        at(1),
+        custom_invoice(-6000, -1000, 0),
+    );
+    let o = run(&[subscription_checkout(), paid.clone(), paid]).await;
+    assert_eq!(o.available, 700);
+    assert_eq!(o.lots, vec![("Pack".to_string(), 700, None)]);
+
+    let catalog = tally::catalog::Catalog::builtin();
+    let grants = |v: Value| {
+        let i: tally::billing::objects::Invoice = serde_json::from_value(v).unwrap();
+        tally::billing::grants::invoice_grants(&i, &catalog, &[])
+            .map(|c| c.grants.iter().map(|g| g.credits.get()).sum::<u64>())
+    };
+    assert_eq!(grants(custom_invoice(-6000, -1000, 0)).unwrap(), 700);
+    assert_eq!(grants(custom_invoice(0, 0, 5000)).unwrap(), 700);
+    assert!(
+        grants(custom_invoice(0, 0, 0)).is_err(),
+        "settled by a credit note: nothing paid"
+    );
+    assert!(grants(custom_invoice(-6000, -6000, 0)).is_err());
+}
+
 #[tokio::test]
 async fn an_invoice_arriving_before_the_checkout_still_credits_the_right_workspace() {
     let mut order = history();

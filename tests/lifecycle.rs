@@ -350,7 +350,7 @@ async fn a_yearly_plan_gets_twelve_monthly_allotments_as_the_clock_moves() {
 }
 
 #[tokio::test]
-async fn a_canceled_plan_does_not_renew_and_a_paused_yearly_plan_gets_no_allotments() {
+async fn a_canceled_plan_does_not_renew_and_a_paused_yearly_plan_keeps_its_paid_months_only() {
     let app = TestApp::new();
     app.subscribe("org_stop", "max", "monthly").await;
     let r = app
@@ -382,11 +382,29 @@ async fn a_canceled_plan_does_not_renew_and_a_paused_yearly_plan_gets_no_allotme
         )
         .await;
     assert_eq!(p.status.as_u16(), 200, "{:#}", p.body);
+    app.settle_billing().await;
+    let ent = app.get("/v1/entitlements", &owner("org_pause")).await.body;
+    assert_eq!(ent["plan"]["status"], "paused", "{ent:#}");
+    assert!(ent["pack_discount_pct"].as_u64().unwrap() > 0, "{ent:#}");
+    assert!(ent["custom_model_slots"].as_u64().unwrap() > 0, "{ent:#}");
+    // The year is paid: its months keep coming while collection is paused ("accessible
+    // until the period expires"), each once, at the paid level.
     advance_days(&app, 95).await;
-    assert_eq!(
-        plan_grants(&app, "org_pause").await.len(),
-        1,
-        "a paused subscription gets no allotments"
+    let grants = plan_grants(&app, "org_pause").await;
+    assert_eq!(grants.len(), 4, "{grants:#?}");
+    assert!(grants.iter().all(|(_, c)| *c == 400), "{grants:#?}");
+    // After the year nothing more: the renewal's invoice is voided, never paid.
+    advance_days(&app, 300).await;
+    assert_eq!(plan_grants(&app, "org_pause").await.len(), 12);
+    // Stripe moved on to a period it did not collect: the benefits end with the paid one.
+    let ent = app.get("/v1/entitlements", &owner("org_pause")).await.body;
+    assert_eq!(ent["plan"]["status"], "paused", "{ent:#}");
+    assert_eq!(ent["pack_discount_pct"], 0, "{ent:#}");
+    assert_eq!(ent["custom_model_slots"], 0, "{ent:#}");
+    assert!(
+        app.sim_events("invoice.paid")
+            .iter()
+            .all(|i| i["billing_reason"] != "subscription_cycle")
     );
 }
 

@@ -664,6 +664,7 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
         .assert_problem(422, "validation_failed");
     for bad in [
         json!({"amount_cents": 0, "credits": 1, "description": "x"}),
+        json!({"amount_cents": 49, "credits": 1, "description": "below Stripe's minimum"}),
         json!({"amount_cents": 100, "credits": 0, "description": "x"}),
         json!({"amount_cents": 100, "credits": 5, "description": " "}),
         json!({"amount_cents": 100, "credits": 5, "description": "x", "days_until_due": 365}),

@@ -345,7 +345,8 @@ fn job_for(ws: &str, due: DateTime<Utc>) -> Job {
 }
 
 #[tokio::test]
-async fn canceled_paused_and_past_due_subscriptions_get_nothing() {
+async fn canceled_and_replaced_subscriptions_get_nothing_paused_and_past_due_ones_their_paid_months()
+ {
     let p = embedded();
     for (ws, status) in [
         ("canceled", PlanStatus::Canceled),
@@ -376,20 +377,30 @@ async fn canceled_paused_and_past_due_subscriptions_get_nothing() {
         .await
         .unwrap();
     let reports = play_until(&p, start() + Duration::days(400)).await;
-    for ws in ["canceled", "paused", "pastdue", "replaced"] {
-        assert!(
-            journal(&p, ws).await.is_empty(),
-            "{ws}: no ledger entry at all"
-        );
-        let forfeited: Vec<u32> = reports
+    let forfeited = |ws: &str| -> Vec<u32> {
+        reports
             .iter()
             .flat_map(|r| &r.jobs)
             .filter(|j| j.workspace.as_ref() == Some(&workspace(ws)))
             .flat_map(|j| j.forfeited.clone())
-            .collect();
-        assert_eq!(forfeited, (1..12).collect::<Vec<_>>(), "{ws}");
+            .collect()
+    };
+    for ws in ["canceled", "replaced"] {
+        assert!(
+            journal(&p, ws).await.is_empty(),
+            "{ws}: no ledger entry at all"
+        );
+        assert_eq!(forfeited(ws), (1..12).collect::<Vec<_>>(), "{ws}");
     }
-    // Paused, then resumed: the months while paused stay forfeited, later ones come.
+    // The year's invoice paid months 2-12: a pause (collection of the next invoices
+    // stopped) or a retried payment keeps them, each once, at the paid level.
+    for ws in ["paused", "pastdue"] {
+        let granted = plan_grants(&p, ws).await;
+        assert_eq!(granted.len(), 11, "{ws}: {granted:?}");
+        assert!(granted.iter().all(|(_, c)| *c == 400), "{ws}: {granted:?}");
+        assert!(forfeited(ws).is_empty(), "{ws}");
+    }
+    // Paused, then resumed: every month of the paid period comes, each once.
     let ws = "resumed";
     set_subscription(&p, ws, PlanStatus::Paused, Interval::Yearly, start()).await;
     let mut resumed = period(ws, Interval::Yearly, "max", 0);
@@ -400,10 +411,15 @@ async fn canceled_paused_and_past_due_subscriptions_get_nothing() {
         .unwrap();
     let base = p.clock.now();
     play_until(&p, add_months(base, 2)).await;
+    assert_eq!(
+        plan_grants(&p, ws).await.len(),
+        2,
+        "months 2 and 3 while paused"
+    );
     set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
     play_until(&p, add_months(base, 4)).await;
     let granted = plan_grants(&p, ws).await;
-    assert_eq!(granted.len(), 2, "months 3 and 4 only: {granted:?}");
+    assert_eq!(granted.len(), 4, "months 2 to 5: {granted:?}");
 }
 
 #[tokio::test]

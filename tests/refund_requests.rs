@@ -380,6 +380,16 @@ async fn add_ons_disputed_payments_and_bad_input_are_refused_with_clear_reasons(
         "{:#}",
         a.body
     );
+    // Calling it a duplicate does not make it one: add-ons come back only with a charge
+    // the records confirm as a mistake (this one has no twin).
+    ask(
+        &app,
+        ws,
+        json!({"payment": addon["invoice"], "reason": "duplicate_charge", "details": "twice?"}),
+        None,
+    )
+    .await
+    .assert_problem(409, "not_refundable");
     // A disputed payment: the dispute decides.
     let charge = buy_packs(&app, ws, 1).await;
     app.send(
@@ -425,6 +435,50 @@ async fn add_ons_disputed_payments_and_bad_input_are_refused_with_clear_reasons(
     app.get("/v1/refund-requests/not-an-id", &owner(ws))
         .await
         .assert_problem(422, "validation_failed");
+}
+
+/// A keyed request whose first attempt stored the request and then failed (its key is
+/// free again for a retry): the same key for another payment or reason is a 409, not the
+/// first request's answer; the same payment and reason answer the request filed.
+#[tokio::test]
+async fn a_refund_key_reused_for_another_payment_is_a_conflict_even_after_a_failed_attempt() {
+    let app = TestApp::new();
+    let ws = "org_rrkey";
+    let first = buy_packs(&app, ws, 1).await;
+    let second = buy_packs(&app, ws, 1).await;
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let keyed = |payment: &str, details: &str| NewRequest {
+        id: Some("rr_kreused".into()),
+        details: details.into(),
+        ..request_for(payment, RefundReason::Other)
+    };
+    let filed = requests
+        .create(&workspace, keyed(&first, "x"), now)
+        .await
+        .unwrap();
+    let other_reason = NewRequest {
+        reason: RefundReason::TechnicalIssue,
+        ..keyed(&first, "x")
+    };
+    for other in [keyed(&second, "x"), other_reason] {
+        let e = requests.create(&workspace, other, now).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 409, "{e:?}");
+    }
+    // The same payment and reason in other words (another ticket's) is the same request.
+    for same in [keyed(&first, "x"), keyed(&first, "in other words")] {
+        let again = requests.create(&workspace, same, now).await.unwrap();
+        assert_eq!(again.id, filed.id);
+        assert_eq!(again.details, "x");
+    }
+    let list = app.get("/v1/refund-requests", &owner(ws)).await;
+    assert_eq!(
+        list.body["items"].as_array().unwrap().len(),
+        1,
+        "{:#}",
+        list.body
+    );
 }
 
 /// Stripe's refund of a request, as the fake answers it.

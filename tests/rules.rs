@@ -25,6 +25,7 @@ async fn set_plan(app: &TestApp, ws: &str, status: PlanStatus) {
                     period_start: now,
                     period_end: now + chrono::Duration::days(30),
                     cancel_at_period_end: false,
+                    paid_through: None,
                 }),
             },
         })

@@ -501,21 +501,23 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
     let server = MockServer::start().await;
     let mut pi = fixture("payment_intent");
     pi["id"] = json!("pi_topup");
+    pi["status"] = json!("succeeded");
     Mock::given(method("POST"))
         .and(path("/v1/payment_intents"))
         .respond_with(ResponseTemplate::new(200).set_body_json(pi))
         .mount(&server)
         .await;
+    let topup = |key: &str| TopUp {
+        workspace: WorkspaceId::parse("org_t").unwrap(),
+        customer: CustomerId::parse("cus_T").unwrap(),
+        payment_method: PaymentMethodId::parse("pm_card").unwrap(),
+        pack: "pack_100".into(),
+        amount: Cents::new(800),
+        idempotency_key: key.into(),
+    };
     let id = client(&server)
         .await
-        .charge_saved_method(&TopUp {
-            workspace: WorkspaceId::parse("org_t").unwrap(),
-            customer: CustomerId::parse("cus_T").unwrap(),
-            payment_method: PaymentMethodId::parse("pm_card").unwrap(),
-            pack: "pack_100".into(),
-            amount: Cents::new(800),
-            idempotency_key: "tally-topup-org_t-42".into(),
-        })
+        .charge_saved_method(&topup("tally-topup-org_t-42"))
         .await
         .unwrap();
     assert_eq!(id.as_str(), "pi_topup");
@@ -528,6 +530,7 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
             ("currency", "usd"),
             ("customer", "cus_T"),
             ("payment_method", "pm_card"),
+            ("payment_method_types[0]", "card"),
             ("off_session", "true"),
             ("confirm", "true"),
             ("description", "Auto top-up: pack_100"),
@@ -538,6 +541,49 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
             ("metadata[topup]", "true"),
         ])
     );
+
+    // A key longer than Stripe takes (255) goes as its digest: the same one every time.
+    let long = format!("tally-topup-{}", "k".repeat(300));
+    for _ in 0..2 {
+        client(&server)
+            .await
+            .charge_saved_method(&topup(&long))
+            .await
+            .unwrap();
+    }
+    let sent = server.received_requests().await.unwrap();
+    let (a, b) = (
+        header(&sent[1], "idempotency-key"),
+        header(&sent[2], "idempotency-key"),
+    );
+    assert_eq!(a, b);
+    assert!(a.len() <= 255 && a.starts_with("tally-sha256-"), "{a}");
+    assert_ne!(
+        a,
+        tally::payments::stripe_api::stripe_key(&format!("{long}x")),
+        "another key, another digest"
+    );
+
+    // A payment that did not go through at once is not the top-up's.
+    for status in ["processing", "requires_action", "requires_payment_method"] {
+        let server = MockServer::start().await;
+        let mut pi = fixture("payment_intent");
+        pi["status"] = json!(status);
+        Mock::given(method("POST"))
+            .and(path("/v1/payment_intents"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(pi))
+            .mount(&server)
+            .await;
+        let e = client(&server)
+            .await
+            .charge_saved_method(&topup("tally-topup-org_t-43"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, tally::payments::PaymentsError::Refused { .. }),
+            "{status}: {e}"
+        );
+    }
 }
 
 /// A subscription_update invoice as Stripe returns it expanded on the update: one credit

@@ -617,6 +617,9 @@ fn earliest_deadline(
         .or(state.next_due)
 }
 
+/// The fingerprint of every request under a generation's reversal key.
+pub const REVERSE_FINGERPRINT: &str = "reverse";
+
 /// Gives back the charge of a completed generation whose output was faulty, once: every
 /// caller (support staff, the generation service, support intake's remediation) uses the
 /// key derived from the generation alone, so a second request, whatever its reason,
@@ -633,7 +636,7 @@ pub async fn reverse_generation(
         .execute(LedgerRequest {
             workspace,
             key: IdempotencyKey::derived(format!("gen:{generation}:reverse")),
-            fingerprint: "reverse".into(),
+            fingerprint: REVERSE_FINGERPRINT.into(),
             actor,
             refs: Refs {
                 ticket,

@@ -420,6 +420,7 @@ pub async fn seed_demo(ledger: &Ledger) -> Result<(), ServiceError> {
                     period_start: now,
                     period_end,
                     cancel_at_period_end: false,
+                    paid_through: None,
                 }),
             },
         ))

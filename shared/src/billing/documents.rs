@@ -480,6 +480,15 @@ impl BillingEvents {
         )
         .await?
         .expect("a merge always leaves a document");
+        let mut plan = merged.plan_state();
+        if plan.status == PlanStatus::Paused {
+            // Paused: how far the paid invoices reach decides whether it still gives its
+            // benefits (the period Stripe moves on to while paused is never collected).
+            plan.paid_through = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
+                .await?
+                .filter(|d| d.subscription == merged.id)
+                .map(|d| d.period_end);
+        }
         let key = format!("stripe:{}:plan", event.id);
         self.ledger
             .execute(LedgerRequest {
@@ -491,9 +500,7 @@ impl BillingEvents {
                     stripe_event: Some(event.id.clone()),
                     ..Refs::default()
                 },
-                op: Operation::SetPlan {
-                    plan: Some(merged.plan_state()),
-                },
+                op: Operation::SetPlan { plan: Some(plan) },
             })
             .await?;
         Ok(())
@@ -558,11 +565,19 @@ impl BillingEvents {
             PaymentRecord::merge(cur, record.clone())
         })
         .await?;
-        // The card of the latest successful payment is the one auto top-up uses.
-        if let (Some(a), Some(pm), "charge.succeeded") = (
+        // The card of the latest successful payment is the one auto top-up uses. Only a
+        // card: auto top-up charges a card off-session, at once (a bank debit would stay
+        // `processing` for days, a wallet or a redirect method cannot be charged so).
+        let card = c
+            .payment_method_details
+            .as_ref()
+            .and_then(|d| d.kind.as_deref())
+            == Some("card");
+        if let (Some(a), Some(pm), "charge.succeeded", true) = (
             &record.workspace,
             c.payment_method.id(),
             event.kind.as_str(),
+            card,
         ) {
             docs::update(
                 self.docs.as_ref(),

@@ -152,8 +152,14 @@ pub fn invoice_grants(
             .and_then(|c| Credits::parse_request_amount(c).ok())
             .ok_or_else(|| poison("custom payment invoice without valid credits"))?;
         // An invoice finalized without its line (the item call failed after the draft
-        // was created) is paid at $0: nothing was paid for, so nothing is granted.
-        if i.amount_paid <= 0 {
+        // was created), or cancelled by a credit note, is paid at $0: nothing was paid
+        // for, so nothing is granted. One the customer's Stripe balance paid (money Stripe
+        // held for them, from credited time) was paid with that: `amount_paid` is 0, and
+        // the balance moved by the amount.
+        let from_balance = i
+            .ending_balance
+            .map_or(0, |end| end.saturating_sub(i.starting_balance));
+        if i.amount_paid <= 0 && from_balance <= 0 {
             return Err(poison(format!(
                 "custom payment invoice {} was paid nothing; no credits granted",
                 i.id

@@ -191,6 +191,12 @@ pub struct Invoice {
     pub amount_remaining: i64,
     #[serde(default)]
     pub total: i64,
+    /// The customer's Stripe balance before and after this invoice (negative: credit
+    /// Stripe holds for them). What moved between them paid part of the invoice.
+    #[serde(default)]
+    pub starting_balance: i64,
+    #[serde(default)]
+    pub ending_balance: Option<i64>,
     pub currency: Option<String>,
     pub hosted_invoice_url: Option<String>,
     pub invoice_pdf: Option<String>,
@@ -357,6 +363,15 @@ pub struct Charge {
     /// `succeeded`, `pending` or `failed`.
     #[serde(default)]
     pub status: Option<String>,
+    #[serde(default)]
+    pub payment_method_details: Option<PaymentMethodDetails>,
+}
+
+/// How a charge was paid: `type` is `card`, `link`, `sepa_debit`, `us_bank_account`...
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaymentMethodDetails {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
 }
 
 /// Which payment paid an invoice (`invoice_payment.paid`).

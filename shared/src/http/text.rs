@@ -82,10 +82,13 @@ pub fn instant(
     field: &str,
     t: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, Problem> {
-    use chrono::Datelike;
+    use chrono::{Duration, TimeZone, Utc};
+    // A year 20xx written with an offset (less than a day) may be the last day of 1999 or
+    // the first of 2100 in UTC; nothing further out.
+    let first = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap() - Duration::days(1);
+    let end = Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap() + Duration::days(1);
     match t {
-        // A year 20xx written with an offset may be 1999 or 2100 in UTC.
-        Some(t) if !(1999..=2100).contains(&t.year()) => Err(Problem::validation(
+        Some(t) if !(first..end).contains(&t) => Err(Problem::validation(
             field,
             "must be in the years 2000 to 2099",
         )),
@@ -147,6 +150,27 @@ pub fn paragraphs(field: &str, value: &str, max: usize) -> Result<String, Proble
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instants_are_the_years_2000_to_2099_give_or_take_an_offset() {
+        let t = |s: &str| Some(chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc());
+        for ok in [
+            "2000-01-01T00:00:00+05:00",
+            "2026-06-01T12:00:00Z",
+            "2099-12-31T23:59:59-05:00",
+        ] {
+            assert_eq!(instant("from", t(ok)).unwrap(), t(ok), "{ok}");
+        }
+        for bad in [
+            "1999-03-01T00:00:00Z",
+            "2100-06-01T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            assert!(instant("from", t(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(instant("from", None).unwrap(), None);
+    }
 
     #[test]
     fn visible_text_passes_trimmed() {

@@ -297,6 +297,7 @@ fn plus_plan(now: DateTime<Utc>) -> PlanState {
         period_start: now,
         period_end: now + Duration::days(30),
         cancel_at_period_end: false,
+        paid_through: None,
     }
 }
 

@@ -97,7 +97,7 @@ impl StripePayments {
         form: &F,
         key: &str,
     ) -> Result<T, PaymentsError> {
-        let key = IdempotencyKey::new(key)
+        let key = IdempotencyKey::new(stripe_key(key))
             .map_err(|e| PaymentsError::refused(format!("idempotency key: {e}")).caused_by(e))?;
         RequestBuilder::new(StripeMethod::Post, path)
             .form(form)
@@ -107,6 +107,21 @@ impl StripePayments {
             .await
             .map_err(classify)
     }
+}
+
+/// Stripe takes idempotency keys of at most 255 characters. Ours are derived from the
+/// workspace and the caller's own key (each up to a few hundred characters), plus a step
+/// suffix: a longer one is sent as its SHA-256, the same for the same key, so retries stay
+/// idempotent and no valid request is refused for its length.
+pub fn stripe_key(key: &str) -> String {
+    const STRIPE_MAX: usize = 255;
+    if key.len() <= STRIPE_MAX {
+        return key.to_owned();
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("tally-sha256-{hex}")
 }
 
 /// Client errors (4xx but 409 and 429) are refusals: the same request will be refused
@@ -649,6 +664,10 @@ struct PaymentIntentForm<'a> {
     currency: &'static str,
     customer: &'a str,
     payment_method: &'a str,
+    /// The saved card only: without it Stripe would offer every method enabled in the
+    /// dashboard, some of which need a redirect, and refuse to confirm without a
+    /// `return_url`; a card is charged (or refused) at once, never left `processing`.
+    payment_method_types: [&'static str; 1],
     off_session: bool,
     confirm: bool,
     description: String,
@@ -707,6 +726,7 @@ impl Payments for StripePayments {
                     currency: "usd",
                     customer: req.customer.as_str(),
                     payment_method: req.payment_method.as_str(),
+                    payment_method_types: ["card"],
                     off_session: true,
                     confirm: true,
                     description: format!("Auto top-up: {}", req.pack),
@@ -721,6 +741,15 @@ impl Payments for StripePayments {
                 &req.idempotency_key,
             )
             .await?;
+        // Only a payment that went through is the top-up's: anything else is neither
+        // receipted nor announced as charged (its credits follow Stripe's payment events).
+        if intent.status != stripe_shared::PaymentIntentStatus::Succeeded {
+            return Err(PaymentsError::refused(format!(
+                "payment intent {} is {} (not succeeded)",
+                intent.id.as_str(),
+                intent.status
+            )));
+        }
         returned(intent.id.as_str())
     }
 

@@ -12,7 +12,8 @@
 //! - grants each allotment whose anniversary has come, under a ledger key derived from the
 //!   subscription, the period start and the allotment number, so repeated, late or missed
 //!   ticks grant each exactly once (late ones skip what would already have expired), and
-//!   only while the subscription is active (canceled, paused or unpaid ones get nothing);
+//!   while the subscription has not ended (paused and past-due ones get the months their
+//!   invoice paid; canceled or replaced ones get nothing more);
 //! - for monthly and yearly periods alike, once the period has ended (plus a grace time),
 //!   checks that Stripe's renewal came with a paid period, and records a reconciliation
 //!   item if it did not (never granting);
@@ -121,7 +122,7 @@ pub struct RefreshDoc {
     #[serde(default)]
     pub level_rank: Option<u64>,
     /// The first allotment the worker has not dealt with yet (granted, or forfeited
-    /// because the subscription was not in effect when it came).
+    /// because the subscription had ended when it came).
     pub next_allotment: u32,
     /// Whether the renewal after this period has been checked.
     #[serde(default)]

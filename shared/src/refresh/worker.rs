@@ -62,7 +62,7 @@ pub struct JobReport {
     pub granted: Vec<String>,
     /// Grants not made because their credits would already have expired.
     pub skipped_expired: Vec<String>,
-    /// Allotments that came while the subscription was not in effect: never granted.
+    /// Allotments that came after the subscription ended (or was replaced): never granted.
     pub forfeited: Vec<u32>,
     /// Settle operations run (each at most one transaction).
     pub settle_operations: u32,
@@ -191,9 +191,13 @@ impl Refresher {
         let now = self.ledger.clock.now();
         let record: Option<SubscriptionRecord> =
             docs::get(self.docs.as_ref(), &workspace_pk(ws), SUBSCRIPTION_SK).await?;
+        // The period's invoice paid every month of it: a pause (which only stops collecting
+        // the next invoices) or a payment Stripe is retrying (a later change's invoice) does
+        // not take back months already paid for. Only a subscription that has ended, or was
+        // replaced, forfeits them.
         let in_effect = record
             .as_ref()
-            .is_some_and(|r| r.id == doc.subscription && r.status == PlanStatus::Active);
+            .is_some_and(|r| r.id == doc.subscription && r.status != PlanStatus::Canceled);
 
         let mut next_allotment = doc.next_allotment;
         for a in schedule::due_allotments(&doc, now) {

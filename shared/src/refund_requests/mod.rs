@@ -416,6 +416,14 @@ impl RefundRequests {
     ) -> Result<RefundRequest, Problem> {
         let mut id = req.id.clone().unwrap_or_else(new_id);
         if let Some(existing) = self.get(workspace, &id).await? {
+            // The same key for another payment or reason is refused, whatever became of the
+            // first. (Its details may differ: support intake files one request per payment
+            // for every ticket that finds the duplicate, each ticket in its own words.)
+            if (&existing.payment, existing.reason) != (&req.payment, req.reason) {
+                return Err(Problem::conflict(
+                    "this Idempotency-Key was already used for a different request",
+                ));
+            }
             // A retry: finish what the first attempt may not have (the worker's message).
             if existing.status == RequestStatus::Approved
                 && let Some(demoted) = self.send(&existing, now).await?
@@ -531,7 +539,10 @@ impl RefundRequests {
                 ));
             }
             let elsewhere = self.refunded_elsewhere(&charge, &claims).await?;
-            let amount = rules::refundable(&entry, elsewhere, claims.claimed_except(&id));
+            // Add-ons come back only with a charge the records show should not have been
+            // made (a verified duplicate, a charge after the cancellation took effect);
+            // otherwise staff decide, and may approve them by naming the amount.
+            let amount = rules::refundable(&entry, approve, elsewhere, claims.claimed_except(&id));
             if amount == Cents::ZERO {
                 return Err(
                     if entry.non_refundable > Cents::ZERO
@@ -1058,8 +1069,17 @@ impl RefundRequests {
                 break;
             }
             let elsewhere = self.refunded_elsewhere(&r.charge, &claims).await?;
-            let left = rules::refundable(&entry, elsewhere, claims.claimed_except(id));
-            let want = amount.unwrap_or(left);
+            // Staff confirming a duplicate or a charge after cancellation may refund its
+            // add-ons too, by naming the amount; without one, everything refundable
+            // without them.
+            let mistaken = matches!(
+                r.reason,
+                RefundReason::DuplicateCharge | RefundReason::ChargedAfterCancellation
+            );
+            let claimed = claims.claimed_except(id);
+            let left = rules::refundable(&entry, mistaken, elsewhere, claimed);
+            let want =
+                amount.unwrap_or_else(|| rules::refundable(&entry, false, elsewhere, claimed));
             if want == Cents::ZERO || want > left {
                 refusal = Some(
                     Problem::new(

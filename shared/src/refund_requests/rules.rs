@@ -181,12 +181,25 @@ pub fn decide(
 }
 
 /// How much of a payment may still be refunded: what was paid, less the non-refundable
-/// part (add-ons), less what was refunded outside requests and what requests claim.
-pub fn refundable(entry: &HistoryEntry, refunded_elsewhere: Cents, claimed: Cents) -> Cents {
+/// part (add-ons) unless `mistaken`, less what was refunded outside requests and what
+/// requests claim. Add-ons are non-refundable as a purchase, not as a mistake: a charge
+/// confirmed as a duplicate, or as made after the cancellation took effect, is refundable
+/// whole (the help pages).
+pub fn refundable(
+    entry: &HistoryEntry,
+    mistaken: bool,
+    refunded_elsewhere: Cents,
+    claimed: Cents,
+) -> Cents {
+    let non_refundable = if mistaken {
+        0
+    } else {
+        entry.non_refundable.get()
+    };
     let left = entry
         .amount
         .get()
-        .saturating_sub(entry.non_refundable.get())
+        .saturating_sub(non_refundable)
         .saturating_sub(refunded_elsewhere.get())
         .saturating_sub(claimed.get());
     // Never more than what Stripe still holds of the charge.
@@ -342,20 +355,38 @@ mod tests {
     #[test]
     fn never_more_than_was_paid_less_add_ons_refunds_and_claims() {
         let mut e = purchase("in_1", MovementKind::Subscription, 5000, 0);
-        assert_eq!(refundable(&e, Cents::ZERO, Cents::ZERO), Cents::new(5000));
-        e.non_refundable = Cents::new(1500);
-        assert_eq!(refundable(&e, Cents::ZERO, Cents::ZERO), Cents::new(3500));
         assert_eq!(
-            refundable(&e, Cents::new(1000), Cents::new(2000)),
+            refundable(&e, false, Cents::ZERO, Cents::ZERO),
+            Cents::new(5000)
+        );
+        e.non_refundable = Cents::new(1500);
+        assert_eq!(
+            refundable(&e, false, Cents::ZERO, Cents::ZERO),
+            Cents::new(3500)
+        );
+        assert_eq!(
+            refundable(&e, false, Cents::new(1000), Cents::new(2000)),
             Cents::new(500)
         );
         assert_eq!(
-            refundable(&e, Cents::new(4000), Cents::new(2000)),
+            refundable(&e, false, Cents::new(4000), Cents::new(2000)),
             Cents::ZERO
+        );
+        // A charge confirmed as a mistake is refundable add-ons and all.
+        assert_eq!(
+            refundable(&e, true, Cents::ZERO, Cents::ZERO),
+            Cents::new(5000)
+        );
+        assert_eq!(
+            refundable(&e, true, Cents::new(1000), Cents::new(2000)),
+            Cents::new(2000)
         );
         // Stripe's own refunded total bounds it too.
         e.non_refundable = Cents::ZERO;
         e.amount_refunded = Cents::new(4900);
-        assert_eq!(refundable(&e, Cents::ZERO, Cents::ZERO), Cents::new(100));
+        assert_eq!(
+            refundable(&e, true, Cents::ZERO, Cents::ZERO),
+            Cents::new(100)
+        );
     }
 }

@@ -45,7 +45,8 @@ pub enum PlanStatus {
 impl PlanStatus {
     /// Whether a plan in this status gives its benefits. Past due keeps them while Stripe
     /// retries the payment (as Stripe keeps the subscription running); a paused plan is not
-    /// charged, so it gives nothing; a canceled one has ended.
+    /// charged, so it gives nothing past its paid period ([`PlanState::in_effect`]); a
+    /// canceled one has ended.
     pub fn in_effect(self) -> bool {
         matches!(self, PlanStatus::Active | PlanStatus::PastDue)
     }
@@ -66,6 +67,22 @@ pub struct PlanState {
     pub period_end: DateTime<Utc>,
     #[serde(default)]
     pub cancel_at_period_end: bool,
+    /// A paused plan: the end of the last period an invoice paid. Pausing only stops
+    /// collecting the next invoices, so the plan gives its benefits while its current
+    /// period is one that was paid for, and not after Stripe moves on to an unpaid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_through: Option<DateTime<Utc>>,
+}
+
+impl PlanState {
+    /// Whether the plan gives its benefits: active or past due, or paused within a paid
+    /// period.
+    pub fn in_effect(&self) -> bool {
+        match self.status {
+            PlanStatus::Paused => self.paid_through.is_some_and(|t| t >= self.period_end),
+            s => s.in_effect(),
+        }
+    }
 }
 
 /// What the workspace's plan gives it right now. Without a plan in effect: nothing beyond
@@ -87,7 +104,7 @@ impl<'c> Entitlements<'c> {
     /// The one answer to "which plan is in effect, and what does it give".
     pub fn of(plan: Option<&PlanState>, catalog: &'c Catalog) -> Self {
         match plan
-            .filter(|p| p.status.in_effect())
+            .filter(|p| p.in_effect())
             .and_then(|p| catalog.plan(&p.plan))
         {
             Some(def) => Self {
@@ -122,6 +139,7 @@ mod tests {
             period_start: t,
             period_end: t + chrono::Duration::days(31),
             cancel_at_period_end: false,
+            paid_through: None,
         }
     }
 
@@ -153,6 +171,20 @@ mod tests {
             assert_eq!(e.rollover_days, 0);
             assert_eq!(e.support, FREE_SUPPORT);
         }
+    }
+
+    #[test]
+    fn a_paused_plan_gives_its_benefits_while_its_period_is_a_paid_one() {
+        let catalog = Catalog::builtin();
+        let mut p = plan(PlanStatus::Paused);
+        p.paid_through = Some(p.period_end);
+        let e = Entitlements::of(Some(&p), &catalog);
+        assert_eq!(e.plan.map(|p| p.id.as_str()), Some("max"));
+        assert!(e.custom_model_slots > 0 && e.pack_discount_pct > 0);
+        // Stripe moved on to a period whose invoice was voided, not paid.
+        p.period_start = p.period_end;
+        p.period_end += chrono::Duration::days(31);
+        assert!(Entitlements::of(Some(&p), &catalog).plan.is_none());
     }
 
     #[test]

@@ -88,6 +88,7 @@ impl SubscriptionRecord {
             period_start: self.period_start,
             period_end: self.period_end,
             cancel_at_period_end: self.cancel_at_period_end,
+            paid_through: None,
         }
     }
 }

@@ -410,7 +410,9 @@ async fn generation_facts(
                     .execute(LedgerRequest {
                         workspace: s.workspace.clone(),
                         key,
-                        fingerprint: "support-return".into(),
+                        // The reversal's own fingerprint: staff reversing it later get the
+                        // same answer, not a refusal of a key they never sent.
+                        fingerprint: crate::service::REVERSE_FINGERPRINT.into(),
                         actor: actor.clone(),
                         refs: refs.clone(),
                         op: Operation::Adjust {

@@ -295,7 +295,7 @@ pub async fn reverse_generation(
     let span = tracing::info_span!("reverse_generation", workspace = %workspace, generation = %id);
     let outcome = tally::service::reverse_generation(
         &app.ledger,
-        workspace,
+        workspace.clone(),
         id,
         who.actor(),
         reason.to_owned(),
@@ -303,7 +303,18 @@ pub async fn reverse_generation(
     )
     .instrument(span)
     .await?;
-    outcome.generation.map(Json).ok_or_else(Problem::internal)
+    match outcome.generation {
+        Some(g) => Ok(Json(g)),
+        // Support intake gave this charge back first, under the same key: the answer is
+        // the generation as that left it, and no second credit.
+        None => app
+            .ledger
+            .store
+            .generation(&workspace, id)
+            .await?
+            .map(|g| Json(as_of_now(g, app.ledger.clock.now())))
+            .ok_or_else(Problem::internal),
+    }
 }
 
 /// A stored generation as of now: a hold past its deadline is shown as expired even before

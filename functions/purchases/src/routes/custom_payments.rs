@@ -17,8 +17,9 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CustomPaymentBody {
-    /// The agreed amount, integer cents: 1 to 100,000,000.
-    #[schema(minimum = 1, maximum = 100_000_000)]
+    /// The agreed amount, integer cents: 50 (Stripe's smallest charge in USD) to
+    /// 100,000,000.
+    #[schema(minimum = 50, maximum = 100_000_000)]
     pub amount_cents: u64,
     /// Credits granted when the invoice is paid: 1 to 10,000,000.
     #[schema(minimum = 1, maximum = 10_000_000)]
@@ -49,6 +50,8 @@ pub struct CustomPaymentView {
 
 /// Largest custom payment: $1,000,000.
 pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 100_000_000;
+/// Stripe's minimum charge in USD.
+pub const MIN_CUSTOM_PAYMENT_CENTS: u64 = 50;
 
 #[utoipa::path(post, path = "/v1/admin/workspaces/{workspace_id}/custom-payments", tag = "admin",
     security(("bearer" = [])), params(WorkspacePath,
@@ -70,10 +73,12 @@ pub async fn custom_payment(
         .map_err(|e| Problem::validation("workspace_id", &e.to_string()))?;
     let key = idempotency_key(&headers, "custom-payment")?
         .ok_or_else(|| Problem::validation("Idempotency-Key", "required for custom payments"))?;
-    if body.amount_cents == 0 || body.amount_cents > MAX_CUSTOM_PAYMENT_CENTS {
+    // Below Stripe's smallest charge an invoice is not collected: Stripe carries the amount
+    // to the customer's next invoice, and the credits would come before the money.
+    if !(MIN_CUSTOM_PAYMENT_CENTS..=MAX_CUSTOM_PAYMENT_CENTS).contains(&body.amount_cents) {
         return Err(Problem::validation(
             "amount_cents",
-            &format!("must be between 1 and {MAX_CUSTOM_PAYMENT_CENTS}"),
+            &format!("must be between {MIN_CUSTOM_PAYMENT_CENTS} and {MAX_CUSTOM_PAYMENT_CENTS}"),
         ));
     }
     if body.credits == 0 || body.credits > tally::money::MAX_CREDITS_PER_REQUEST {

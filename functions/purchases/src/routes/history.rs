@@ -25,9 +25,12 @@ pub struct HistoryParams {
         pattern = "^(subscription|pack|top_up|custom_payment|invoice|refund|dispute)(,(subscription|pack|top_up|custom_payment|invoice|refund|dispute))*$"
     )]
     pub kind: Option<String>,
-    /// Movements created at or after this time (RFC 3339).
+    /// Movements created at or after this time (RFC 3339, years 2000 to 2099).
+    #[param(pattern = "^20[0-9]{2}-")]
     pub from: Option<DateTime<Utc>>,
-    /// Movements created before this time (RFC 3339); at or before `from`, nothing.
+    /// Movements created before this time (RFC 3339, years 2000 to 2099); at or before
+    /// `from`, nothing.
+    #[param(pattern = "^20[0-9]{2}-")]
     pub to: Option<DateTime<Utc>>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^[0-9]{1,12}-[A-Za-z0-9_]{1,100}$")]
@@ -111,8 +114,8 @@ async fn read(
         workspace,
         &HistoryQuery {
             kinds,
-            from: q.from,
-            to: q.to,
+            from: tally::http::text::instant("from", q.from)?,
+            to: tally::http::text::instant("to", q.to)?,
             cursor,
             limit,
         },
