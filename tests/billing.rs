@@ -255,6 +255,40 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
     assert_eq!(o.subscription.unwrap().addon_units, 2);
 }
 
+/// A pack grants the credits it was sold with (recorded on the payment at sale), even
+/// when the catalog changed or dropped the pack before a late payment came; a payment
+/// from before they were recorded grants the catalog's.
+#[tokio::test]
+async fn a_pack_grants_the_credits_it_was_sold_with_whatever_the_catalog_says_later() {
+    let sold = |pack: &str, credits: Option<&str>| {
+        let mut e = pack_checkout();
+        let m = &mut e["data"]["object"]["metadata"];
+        m["pack"] = json!(pack);
+        if let Some(c) = credits {
+            m["credits"] = json!(c);
+        }
+        e
+    };
+    for (event, granted) in [
+        (sold("pack_500", Some("450")), 900),
+        (sold("pack_retired", Some("777")), 1554),
+        (sold("pack_500", None), 1000),
+    ] {
+        let o = run(&[subscription_checkout(), event]).await;
+        assert_eq!(o.available, granted);
+    }
+    let catalog = tally::catalog::Catalog::builtin();
+    for bad in ["0", "-5", "lots", "100000000000"] {
+        let e = sold("pack_500", Some(bad));
+        let s: tally::billing::objects::CheckoutSession =
+            serde_json::from_value(e["data"]["object"].clone()).unwrap();
+        assert!(
+            tally::billing::grants::checkout_grant(&s, &catalog).is_err(),
+            "{bad}"
+        );
+    }
+}
+
 /// Auto top-up charges a card off-session: only a card paid with is saved for it, not a
 /// bank debit or a wallet the customer paid with once.
 #[tokio::test]

@@ -1261,11 +1261,15 @@ mod alerts {
         .unwrap();
         let sim = app.local.simulator.clone().unwrap();
         let before = paid_intents(&sim);
+        let available = app.available("org_key").await;
+        // Sold with other credits than the catalog's now (a catalog changed meanwhile):
+        // the payment grants what it was sold with.
         let topup = TopUp {
             workspace: tally_tests::workspace("org_key"),
             customer: profile.customer.unwrap(),
             payment_method: profile.payment_method.unwrap(),
             pack: "pack_100".into(),
+            credits: tally::money::Credits::new(137),
             amount: tally::money::Cents::new(1000),
             idempotency_key: "tally-topup-org_key-7".into(),
         };
@@ -1281,6 +1285,7 @@ mod alerts {
         ));
         app.settle_billing().await;
         assert_eq!(paid_intents(&sim), before + 1);
+        assert_eq!(app.available("org_key").await, available + 137);
     }
 
     #[tokio::test]

@@ -733,6 +733,7 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
         customer: customer.parse().unwrap(),
         payment_method: "pm_sim_lifecycle".parse().unwrap(),
         pack: "pack_100".into(),
+        credits: tally::money::Credits::new(100),
         amount: tally::money::Cents::new(900),
         idempotency_key: "topup-lifecycle".into(),
     })

@@ -129,12 +129,14 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
             ("metadata[org_id]", "org_a"),
             ("metadata[pack]", "pack_500"),
             ("metadata[quantity]", "2"),
+            ("metadata[credits]", "500"),
             ("automatic_tax[enabled]", "true"),
             ("customer_update[address]", "auto"),
             ("payment_intent_data[metadata][kind]", "pack"),
             ("payment_intent_data[metadata][org_id]", "org_a"),
             ("payment_intent_data[metadata][pack]", "pack_500"),
             ("payment_intent_data[metadata][quantity]", "2"),
+            ("payment_intent_data[metadata][credits]", "500"),
             ("payment_intent_data[setup_future_usage]", "off_session"),
             // Every purchase has an invoice with a PDF.
             ("invoice_creation[enabled]", "true"),
@@ -142,6 +144,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
             ("invoice_creation[invoice_data][metadata][org_id]", "org_a"),
             ("invoice_creation[invoice_data][metadata][pack]", "pack_500"),
             ("invoice_creation[invoice_data][metadata][quantity]", "2"),
+            ("invoice_creation[invoice_data][metadata][credits]", "500"),
         ])
     );
 }
@@ -512,6 +515,7 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
         customer: CustomerId::parse("cus_T").unwrap(),
         payment_method: PaymentMethodId::parse("pm_card").unwrap(),
         pack: "pack_100".into(),
+        credits: tally::money::Credits::new(100),
         amount: Cents::new(800),
         idempotency_key: key.into(),
     };
@@ -538,6 +542,7 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
             ("metadata[kind]", "pack"),
             ("metadata[pack]", "pack_100"),
             ("metadata[quantity]", "1"),
+            ("metadata[credits]", "100"),
             ("metadata[topup]", "true"),
         ])
     );

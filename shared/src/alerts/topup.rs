@@ -202,6 +202,7 @@ impl TopUps {
                         customer: customer.clone(),
                         payment_method,
                         pack: claim.pack.clone(),
+                        credits: Credits::new(claim.credits),
                         amount: Cents::new(claim.amount_cents),
                         idempotency_key: key.clone(),
                     })

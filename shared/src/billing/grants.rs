@@ -53,13 +53,7 @@ pub fn checkout_grant(
         tracing::info!(session = %s.id, "pack checkout not paid yet; waiting for async payment");
         return Ok(None);
     }
-    let pack_id = s
-        .metadata
-        .get("pack")
-        .ok_or_else(|| poison("pack checkout without pack"))?;
-    let pack = catalog
-        .pack(pack_id)
-        .ok_or_else(|| poison(format!("unknown pack {pack_id:?}")))?;
+    let (pack_id, per_pack) = sold_pack(&s.metadata, catalog)?;
     let quantity: u64 = s
         .metadata
         .get("quantity")
@@ -68,10 +62,9 @@ pub fn checkout_grant(
     if quantity == 0 || quantity > MAX_PACK_QUANTITY {
         return Err(poison(format!("pack quantity {quantity} out of range")));
     }
-    let credits = pack
-        .credits
+    let credits = per_pack
         .checked_mul(quantity)
-        .ok_or_else(|| poison(format!("{quantity} x {} overflows the credits", pack.id)))?;
+        .ok_or_else(|| poison(format!("{quantity} x {pack_id} overflows the credits")))?;
     Ok(Some(CreditGrant {
         month: None,
         key: format!("stripe:checkout:{}", s.id),
@@ -83,8 +76,34 @@ pub fn checkout_grant(
             charge: s.payment_intent.id().map(ToString::to_string),
             ..Refs::default()
         },
-        note: format!("{quantity} x {} ({} credits)", pack.id, pack.credits),
+        note: format!("{quantity} x {pack_id} ({per_pack} credits)"),
     }))
+}
+
+/// The pack a payment bought and the credits each was sold with: those recorded on the
+/// payment at sale (`credits`), so a catalog change between the sale and a late payment
+/// changes nothing; the catalog's for payments made before they were recorded.
+fn sold_pack<'m>(
+    metadata: &'m std::collections::HashMap<String, String>,
+    catalog: &Catalog,
+) -> Result<(&'m str, Credits), ConsumeError> {
+    let pack_id = metadata
+        .get("pack")
+        .ok_or_else(|| poison("pack payment without pack"))?;
+    let per_pack = match metadata.get("credits") {
+        Some(c) => c
+            .parse::<i128>()
+            .ok()
+            .and_then(|c| Credits::parse_request_amount(c).ok())
+            .ok_or_else(|| poison(format!("pack payment with invalid credits {c:?}")))?,
+        None => {
+            catalog
+                .pack(pack_id)
+                .ok_or_else(|| poison(format!("unknown pack {pack_id:?}")))?
+                .credits
+        }
+    };
+    Ok((pack_id, per_pack))
 }
 
 /// The lines of a paid invoice that bill Tally's catalog items; other lines are ignored.
@@ -397,23 +416,17 @@ pub fn is_top_up(pi: &PaymentIntent) -> bool {
 
 /// The pack an auto top-up paid for, once per payment intent.
 pub fn top_up_grant(pi: &PaymentIntent, catalog: &Catalog) -> Result<CreditGrant, ConsumeError> {
-    let pack_id = pi
-        .metadata
-        .get("pack")
-        .ok_or_else(|| poison("top-up without pack"))?;
-    let pack = catalog
-        .pack(pack_id)
-        .ok_or_else(|| poison(format!("unknown pack {pack_id:?}")))?;
+    let (pack_id, credits) = sold_pack(&pi.metadata, catalog)?;
     Ok(CreditGrant {
         month: None,
         key: format!("stripe:payment_intent:{}", pi.id),
         source: LotSource::Pack,
-        credits: pack.credits,
+        credits,
         expires_at: None,
         refs: Refs {
             charge: Some(pi.id.to_string()),
             ..Refs::default()
         },
-        note: format!("auto top-up: {} ({} credits)", pack.id, pack.credits),
+        note: format!("auto top-up: {pack_id} ({credits} credits)"),
     })
 }

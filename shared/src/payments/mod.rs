@@ -277,6 +277,8 @@ pub struct TopUp {
     pub customer: CustomerId,
     pub payment_method: PaymentMethodId,
     pub pack: String,
+    /// The credits the pack is sold with (recorded on the payment; its grant follows them).
+    pub credits: Credits,
     /// Integer cents, after the plan's pack discount.
     pub amount: Cents,
     pub idempotency_key: String,

@@ -247,10 +247,18 @@ pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String
                 .into(),
             );
         }
-        Purchase::Pack { pack, quantity, .. } => {
+        Purchase::Pack {
+            pack,
+            quantity,
+            credits,
+            ..
+        } => {
             m.insert("kind", "pack".into());
             m.insert("pack", pack.clone());
             m.insert("quantity", quantity.to_string());
+            // The credits sold with each pack: what the payment grants, whatever the
+            // catalog says by the time it is paid.
+            m.insert("credits", credits.to_string());
         }
     }
     m
@@ -735,6 +743,7 @@ impl Payments for StripePayments {
                         ("kind", "pack".to_string()),
                         ("pack", req.pack.clone()),
                         ("quantity", "1".to_string()),
+                        ("credits", req.credits.to_string()),
                         ("topup", "true".to_string()),
                     ]),
                 },

@@ -1101,11 +1101,12 @@ impl Payments for Simulator {
         // for different parameters.
         let mut made = self.off_session.lock().await;
         let asked = format!(
-            "{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}",
             req.workspace,
             req.customer,
             req.payment_method,
             req.pack,
+            req.credits,
             req.amount.get()
         );
         if let Some((first, answer)) = made.get(&req.idempotency_key) {
@@ -1129,7 +1130,7 @@ impl Payments for Simulator {
         made.insert(req.idempotency_key.clone(), (asked, Ok(id.clone())));
         drop(made);
         let metadata = json!({"org_id": req.workspace.to_string(), "kind": "pack", "pack": req.pack,
-            "quantity": "1", "topup": "true"});
+            "quantity": "1", "credits": req.credits.to_string(), "topup": "true"});
         let mut intent = fixture("payment_intent");
         intent["id"] = json!(id);
         intent["created"] = json!(now);
