@@ -979,3 +979,32 @@ async fn a_dropped_local_system_frees_its_store() {
         Arc::strong_count(&store) - 1
     );
 }
+
+/// As Stripe does, the simulator answers a repeated idempotency key with the customer it
+/// made, and refuses the key for other parameters.
+#[tokio::test]
+async fn a_customer_is_made_once_per_idempotency_key() {
+    use tally::payments::Payments;
+    let app = TestApp::new();
+    let sim = app.local.simulator.as_ref().unwrap();
+    let ws = tally_tests::workspace("org_cus");
+    let first = sim
+        .create_customer(&ws, Some("a@example.com"), "tally-customer-org_cus")
+        .await
+        .unwrap();
+    let again = sim
+        .create_customer(&ws, Some("a@example.com"), "tally-customer-org_cus")
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert!(matches!(
+        sim.create_customer(&ws, Some("b@example.com"), "tally-customer-org_cus")
+            .await,
+        Err(tally::payments::PaymentsError::Refused { .. })
+    ));
+    let other = sim
+        .create_customer(&ws, Some("b@example.com"), "tally-customer-other")
+        .await
+        .unwrap();
+    assert_ne!(other, first);
+}

@@ -101,6 +101,8 @@ pub struct Simulator {
     subscriptions: Mutex<HashMap<SubscriptionId, SimSubscription>>,
     invoices: Mutex<HashMap<InvoiceId, StoredInvoice>>,
     customers: Mutex<HashSet<CustomerId>>,
+    /// Customers made, by idempotency key, with the parameters they were made with.
+    customer_keys: Mutex<HashMap<String, (String, CustomerId)>>,
     declining: Mutex<HashSet<CustomerId>>,
     /// Idempotency keys of subscription updates already made.
     /// Answers of subscription updates by idempotency key (refusals too, as Stripe
@@ -150,6 +152,7 @@ impl Simulator {
             subscriptions: Mutex::new(HashMap::new()),
             invoices: Mutex::new(HashMap::new()),
             customers: Mutex::new(HashSet::new()),
+            customer_keys: Mutex::new(HashMap::new()),
             declining: Mutex::new(HashSet::new()),
             updates: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
@@ -215,6 +218,7 @@ impl Simulator {
     /// the same key then makes a new payment.
     pub async fn forget_idempotency_keys(&self) {
         self.off_session.lock().await.clear();
+        self.customer_keys.lock().expect("sim lock").clear();
     }
 
     fn answer<T>(&self, made: T) -> Result<T, PaymentsError> {
@@ -1338,11 +1342,24 @@ impl Payments for Simulator {
 
     async fn create_customer(
         &self,
-        _workspace: &WorkspaceId,
-        _email: Option<&str>,
-        _key: &str,
+        workspace: &WorkspaceId,
+        email: Option<&str>,
+        key: &str,
     ) -> Result<CustomerId, PaymentsError> {
+        // Stripe answers a repeated idempotency key with the customer it made, and refuses
+        // the key for different parameters.
+        let asked = format!("{workspace}|{}", email.unwrap_or_default());
+        let mut keys = self.customer_keys.lock().expect("sim lock");
+        if let Some((first, id)) = keys.get(key) {
+            if *first != asked {
+                return Err(PaymentsError::refused(
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                ));
+            }
+            return Ok(id.clone());
+        }
         let id: CustomerId = new_stripe_id("cus");
+        keys.insert(key.to_owned(), (asked, id.clone()));
         self.customers.lock().expect("sim lock").insert(id.clone());
         Ok(id)
     }
