@@ -721,6 +721,19 @@ async fn no_route_crosses_workspaces_and_staff_reads_are_audited() {
         let r = app.get(path, &staff).await;
         assert_eq!(r.status.as_u16(), 200, "{path}: {:#}", r.body);
     }
+    // A refused query reads nothing and records nothing.
+    for path in [
+        "/v1/admin/workspaces/org_a/ledger?limit=0",
+        "/v1/admin/workspaces/org_a/ledger?cursor=nope",
+        "/v1/admin/workspaces/org_a/generations?limit=101",
+        "/v1/admin/workspaces/org_a/billing/history?cursor=nope",
+        "/v1/admin/workspaces/org_a/billing/history?from=1999-03-01T00:00:00Z",
+        "/v1/admin/workspaces/org_a/refund-requests?limit=0",
+        "/v1/admin/workspaces/org_a/support/tickets?limit=0",
+    ] {
+        let r = app.get(path, &staff).await;
+        assert_eq!(r.status.as_u16(), 422, "{path}: {:#}", r.body);
+    }
     let log = app
         .get("/v1/admin/workspaces/org_a/audit", &staff)
         .await

@@ -174,8 +174,36 @@ pub async fn workspace_exists(
             .is_some())
 }
 
-/// The start of every staff read of a workspace: parses the id, refuses a workspace that
-/// does not exist (404), and records the read. The caller answers only after this.
+/// A staff read of a workspace that exists, not recorded yet: the caller reads (a refused
+/// query changes nothing, not even the audit log), then [`StaffRead::record`]s it and only
+/// then answers.
+#[must_use = "a staff read answers only once recorded"]
+pub struct StaffRead {
+    pub workspace: WorkspaceId,
+    reader: Reader,
+    at: DateTime<Utc>,
+    action: String,
+    detail: String,
+}
+
+impl StaffRead {
+    /// Records the read in the workspace's audit log.
+    pub async fn record(self, docs_store: &dyn DocStore) -> Result<WorkspaceId, StoreError> {
+        record(
+            docs_store,
+            self.at,
+            &self.reader,
+            &self.workspace,
+            &self.action,
+            &self.detail,
+        )
+        .await?;
+        Ok(self.workspace)
+    }
+}
+
+/// The start of every staff read of a workspace: parses the id and refuses a workspace that
+/// does not exist (404). The read is recorded once the answer is ready.
 pub async fn staff_read(
     docs_store: &dyn DocStore,
     ledger: &dyn LedgerStore,
@@ -184,7 +212,7 @@ pub async fn staff_read(
     workspace_id: &str,
     action: &str,
     detail: &str,
-) -> Result<WorkspaceId, crate::http::Problem> {
+) -> Result<StaffRead, crate::http::Problem> {
     let workspace = WorkspaceId::parse(workspace_id)
         .map_err(|e| crate::http::Problem::validation("workspace_id", &e.to_string()))?;
     if !workspace_exists(ledger, docs_store, &workspace).await? {
@@ -192,16 +220,13 @@ pub async fn staff_read(
             "workspace {workspace} has no journal and no billing profile; check the id"
         )));
     }
-    record(
-        docs_store,
+    Ok(StaffRead {
+        workspace,
+        reader: Reader::from(who),
         at,
-        &Reader::from(who),
-        &workspace,
-        action,
-        detail,
-    )
-    .await?;
-    Ok(workspace)
+        action: action.to_owned(),
+        detail: detail.to_owned(),
+    })
 }
 
 #[cfg(test)]

@@ -303,7 +303,7 @@ pub async fn admin_list(
     uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<RefundRequestPage>> {
-    let workspace = tally::audit::staff_read(
+    let staff = tally::audit::staff_read(
         st.requests.docs.as_ref(),
         st.requests.ledger.store.as_ref(),
         st.clock.now(),
@@ -313,7 +313,10 @@ pub async fn admin_list(
         uri.query().unwrap_or(""),
     )
     .await?;
-    page(&st, &workspace, q).await
+    // Recorded once the answer is ready: a refused query records nothing.
+    let answer = page(&st, &staff.workspace, q).await?;
+    staff.record(st.requests.docs.as_ref()).await?;
+    Ok(answer)
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]

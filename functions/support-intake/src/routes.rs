@@ -369,14 +369,6 @@ pub async fn list(
     let limit = tally::http::page_limit(q.limit, 20)?;
     let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
     let workspace = if staff {
-        tally::audit::record_global(
-            st.tickets.docs.as_ref(),
-            st.clock.now(),
-            &tally::audit::Reader::from(&who),
-            "GET /v1/support/tickets",
-            uri.query().unwrap_or(""),
-        )
-        .await?;
         None
     } else {
         Some(who.member_workspace()?.clone())
@@ -394,6 +386,17 @@ pub async fn list(
             limit,
         )
         .await?;
+    if staff {
+        // Recorded once the answer is ready: a refused query records nothing.
+        tally::audit::record_global(
+            st.tickets.docs.as_ref(),
+            st.clock.now(),
+            &tally::audit::Reader::from(&who),
+            "GET /v1/support/tickets",
+            uri.query().unwrap_or(""),
+        )
+        .await?;
+    }
     Ok(Json(TicketPage { items, next_cursor }))
 }
 
@@ -597,7 +600,7 @@ pub async fn admin_list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<TicketPage>> {
     let limit = tally::http::page_limit(q.limit, 20)?;
-    let workspace = tally::audit::staff_read(
+    let staff = tally::audit::staff_read(
         st.tickets.docs.as_ref(),
         st.context.ledger.store.as_ref(),
         st.clock.now(),
@@ -610,7 +613,7 @@ pub async fn admin_list(
     let (items, next_cursor) = st
         .tickets
         .list(
-            Some(&workspace),
+            Some(&staff.workspace),
             None,
             q.status,
             q.priority,
@@ -618,5 +621,7 @@ pub async fn admin_list(
             limit,
         )
         .await?;
+    // Recorded once the answer is ready: a refused query records nothing.
+    staff.record(st.tickets.docs.as_ref()).await?;
     Ok(Json(TicketPage { items, next_cursor }))
 }

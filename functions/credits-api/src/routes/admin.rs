@@ -22,14 +22,21 @@ use tally::ids::WorkspaceId;
 use tally::reports::usage::Usage;
 use utoipa::{IntoParams, ToSchema};
 
-async fn read(
+/// A staff read: the workspace must exist; `answer` reads; the read is recorded in the
+/// workspace's audit log once the answer is ready (a refused query records nothing).
+async fn read<T, F, Fut>(
     app: &AppState,
     who: &Identity,
     workspace_id: &str,
     action: &str,
     uri: &Uri,
-) -> ApiResult<WorkspaceId> {
-    tally::audit::staff_read(
+    answer: F,
+) -> ApiResult<T>
+where
+    F: FnOnce(WorkspaceId) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<T>>,
+{
+    let read = tally::audit::staff_read(
         app.docs.as_ref(),
         app.ledger.store.as_ref(),
         app.ledger.clock.now(),
@@ -38,7 +45,10 @@ async fn read(
         action,
         uri.query().unwrap_or(""),
     )
-    .await
+    .await?;
+    let out = answer(read.workspace.clone()).await?;
+    read.record(app.docs.as_ref()).await?;
+    Ok(out)
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/balance", tag = "admin",
@@ -52,15 +62,16 @@ pub async fn balance(
     ApiPath(workspace_id): ApiPath<String>,
     uri: Uri,
 ) -> ApiResult<Json<BalanceView>> {
-    let ws = read(
-        &app,
+    let app = &app;
+    read(
+        app,
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/balance",
         &uri,
+        |ws| async move { super::balance::balance_of(app, &ws).await.map(Json) },
     )
-    .await?;
-    super::balance::balance_of(&app, &ws).await.map(Json)
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/ledger", tag = "admin",
@@ -75,15 +86,16 @@ pub async fn ledger(
     uri: Uri,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<EntryPage>> {
-    let ws = read(
-        &app,
+    let app = &app;
+    read(
+        app,
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/ledger",
         &uri,
+        |ws| async move { super::ledger::ledger_page(app, &ws, q).await.map(Json) },
     )
-    .await?;
-    super::ledger::ledger_page(&app, &ws, q).await.map(Json)
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/generations", tag = "admin",
@@ -98,17 +110,20 @@ pub async fn generations(
     uri: Uri,
     ApiQuery(q): ApiQuery<GenerationListQuery>,
 ) -> ApiResult<Json<GenerationPage>> {
-    let ws = read(
-        &app,
+    let app = &app;
+    read(
+        app,
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/generations",
         &uri,
+        |ws| async move {
+            super::generations::generations_page(app, &ws, q)
+                .await
+                .map(Json)
+        },
     )
-    .await?;
-    super::generations::generations_page(&app, &ws, q)
-        .await
-        .map(Json)
+    .await
 }
 
 /// The `{workspace_id}` and `{id}` of an admin generation route.
@@ -132,17 +147,20 @@ pub async fn generation(
     ApiPath((workspace_id, id)): ApiPath<(String, String)>,
     uri: Uri,
 ) -> ApiResult<Json<GenerationView>> {
-    let ws = read(
-        &app,
+    let app = &app;
+    read(
+        app,
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/generations/{id}",
         &uri,
+        |ws| async move {
+            super::generations::generation_detail(app, &ws, &id)
+                .await
+                .map(Json)
+        },
     )
-    .await?;
-    super::generations::generation_detail(&app, &ws, &id)
-        .await
-        .map(Json)
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/usage", tag = "admin",
@@ -157,15 +175,16 @@ pub async fn usage(
     uri: Uri,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> ApiResult<Json<Usage>> {
-    let ws = read(
-        &app,
+    let app = &app;
+    read(
+        app,
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/usage",
         &uri,
+        |ws| async move { super::reports::usage_of(app, &ws, q).await.map(Json) },
     )
-    .await?;
-    super::reports::usage_of(&app, &ws, q).await.map(Json)
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/generations/export", tag = "admin",
@@ -182,15 +201,16 @@ pub async fn export_generations(
     uri: Uri,
     ApiQuery(q): ApiQuery<GenerationExportQuery>,
 ) -> ApiResult<Response> {
-    let ws = read(
-        &app,
+    let app = &app;
+    read(
+        app,
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/generations/export",
         &uri,
+        |ws| async move { super::reports::generations_export(app, ws, q).await },
     )
-    .await?;
-    super::reports::generations_export(&app, ws, q).await
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/ledger/export", tag = "admin",
@@ -207,15 +227,16 @@ pub async fn export_ledger(
     uri: Uri,
     ApiQuery(q): ApiQuery<LedgerExportQuery>,
 ) -> ApiResult<Response> {
-    let ws = read(
-        &app,
+    let app = &app;
+    read(
+        app,
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/ledger/export",
         &uri,
+        |ws| async move { super::reports::ledger_export(app, ws, q).await },
     )
-    .await?;
-    super::reports::ledger_export(&app, ws, q).await
+    .await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -258,13 +279,18 @@ pub async fn audit(
                 .ok_or_else(|| Problem::validation("cursor", "unknown cursor"))
         })
         .transpose()?;
-    let ws = read(
-        &app,
+    // This read is in its own answer: recorded first (the query is checked above).
+    let ws = tally::audit::staff_read(
+        app.docs.as_ref(),
+        app.ledger.store.as_ref(),
+        app.ledger.clock.now(),
         &who,
         &workspace_id,
         "GET /v1/admin/workspaces/{workspace_id}/audit",
-        &uri,
+        uri.query().unwrap_or(""),
     )
+    .await?
+    .record(app.docs.as_ref())
     .await?;
     let (items, next_cursor) =
         tally::audit::page(app.docs.as_ref(), &ws, before.as_deref(), limit).await?;

@@ -72,7 +72,7 @@ pub async fn admin_history(
     uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<HistoryParams>,
 ) -> ApiResult<Json<HistoryPage>> {
-    let workspace = tally::audit::staff_read(
+    let staff = tally::audit::staff_read(
         st.docs.as_ref(),
         st.ledger.store.as_ref(),
         st.ledger.clock.now(),
@@ -82,7 +82,10 @@ pub async fn admin_history(
         uri.query().unwrap_or(""),
     )
     .await?;
-    read(&st, &workspace, q).await
+    // Recorded once the answer is ready: a refused query records nothing.
+    let page = read(&st, &staff.workspace, q).await?;
+    staff.record(st.docs.as_ref()).await?;
+    Ok(page)
 }
 
 async fn read(
