@@ -706,6 +706,22 @@ async fn no_route_crosses_workspaces_and_staff_reads_are_audited() {
     app.get("/v1/admin/workspaces/org_a/balance", &service())
         .await
         .assert_problem(403, "forbidden");
+    // Who may ask is decided before what they asked: 403, whatever the query says.
+    app.get("/v1/refund-requests?limit=zero", &b)
+        .await
+        .assert_problem(403, "forbidden");
+    for path in [
+        "/v1/ledger?limit=zero",
+        "/v1/generations?limit=zero",
+        "/v1/usage?nonsense=1",
+        "/v1/ledger/export?format=pdf",
+        "/v1/generations/export?format=pdf",
+        "/v1/support/tickets?limit=zero",
+    ] {
+        app.get(path, &service())
+            .await
+            .assert_problem(403, "forbidden");
+    }
 
     // Staff read org_a: every read is in its audit log, none in org_b's.
     let staff = support();

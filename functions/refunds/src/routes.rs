@@ -211,11 +211,11 @@ async fn page(
 /// The workspace's refund requests, newest first.
 pub async fn list(
     State(st): State<RefundsState>,
-    who: Identity,
+    // Who may ask is decided before the query is read: a member gets 403 whatever it says.
+    manager: tally::http::auth::BillingManager,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<RefundRequestPage>> {
-    let workspace = requester(&who)?;
-    page(&st, &workspace, q).await
+    page(&st, &manager.workspace, q).await
 }
 
 /// The `{id}` of a refund request.

@@ -362,7 +362,8 @@ pub struct TicketPage {
 /// by status and priority.
 pub async fn list(
     State(st): State<SupportState>,
-    who: Identity,
+    // Who may ask is decided before the query is read.
+    tally::http::auth::StaffOrMember(who): tally::http::auth::StaffOrMember,
     uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<TicketPage>> {

@@ -332,10 +332,11 @@ fn as_of_now(mut g: Generation, now: chrono::DateTime<chrono::Utc>) -> Generatio
 /// Creation history, newest first.
 pub async fn list_generations(
     State(app): State<AppState>,
-    who: Identity,
+    // Who may ask is decided before the query is read.
+    member: WorkspaceMember,
     ApiQuery(q): ApiQuery<GenerationListQuery>,
 ) -> ApiResult<Json<GenerationPage>> {
-    let workspace = who.member_workspace()?;
+    let workspace = &member.workspace;
     generations_page(&app, workspace, q).await.map(Json)
 }
 

@@ -5,7 +5,8 @@ use crate::AppState;
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
-use tally::http::{ApiQuery, Identity, Problem, ProblemDetails};
+use tally::http::auth::WorkspaceMember;
+use tally::http::{ApiQuery, Problem, ProblemDetails};
 use tally::ledger::Entry;
 use tally::store::EntryQuery;
 use utoipa::{IntoParams, ToSchema};
@@ -34,10 +35,11 @@ pub struct EntryPage {
 /// Journal entries, newest first.
 pub async fn ledger(
     State(app): State<AppState>,
-    who: Identity,
+    // Who may ask is decided before the query is read.
+    member: WorkspaceMember,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<EntryPage>> {
-    let workspace = who.member_workspace()?;
+    let workspace = &member.workspace;
     ledger_page(&app, workspace, q).await.map(Json)
 }
 

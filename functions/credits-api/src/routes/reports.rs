@@ -13,7 +13,8 @@ use chrono::{DateTime, Duration, Utc};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tally::catalog::Workflow;
-use tally::http::{ApiQuery, Identity, Problem, ProblemDetails};
+use tally::http::auth::WorkspaceMember;
+use tally::http::{ApiQuery, Problem, ProblemDetails};
 use tally::ids::WorkspaceId;
 use tally::reports::usage::{GroupBy, MAX_REPORT_ENTRIES, Usage, usage};
 use utoipa::IntoParams;
@@ -74,10 +75,11 @@ pub(crate) async fn usage_of(
 /// journal's own sums over the range.
 pub async fn usage_report(
     State(app): State<AppState>,
-    who: Identity,
+    // Who may ask is decided before the query is read.
+    member: WorkspaceMember,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> ApiResult<Json<Usage>> {
-    let workspace = who.member_workspace()?;
+    let workspace = &member.workspace;
     usage_of(&app, workspace, q).await.map(Json)
 }
 
@@ -253,10 +255,11 @@ pub(crate) async fn ledger_export(
 /// credits held, charged, reversed and short.
 pub async fn export_generations(
     State(app): State<AppState>,
-    who: Identity,
+    // Who may ask is decided before the query is read.
+    member: WorkspaceMember,
     ApiQuery(q): ApiQuery<GenerationExportQuery>,
 ) -> ApiResult<Response> {
-    let workspace = who.member_workspace()?.clone();
+    let workspace = member.workspace;
     generations_export(&app, workspace, q).await
 }
 
@@ -270,10 +273,11 @@ pub async fn export_generations(
 /// actor and references.
 pub async fn export_ledger(
     State(app): State<AppState>,
-    who: Identity,
+    // Who may ask is decided before the query is read.
+    member: WorkspaceMember,
     ApiQuery(q): ApiQuery<LedgerExportQuery>,
 ) -> ApiResult<Response> {
-    let workspace = who.member_workspace()?.clone();
+    let workspace = member.workspace;
     ledger_export(&app, workspace, q).await
 }
 
