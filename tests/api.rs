@@ -775,15 +775,56 @@ async fn training_a_custom_model_needs_a_free_slot_on_the_plan() {
         ),
         (Some(3), Some(20), Some("priority"))
     );
+    let mut trainings = Vec::new();
     for _ in 0..3 {
-        start(&app, &d, train.clone()).await;
+        trainings.push(start(&app, &d, train.clone()).await["id"].clone());
     }
-    let fourth = app.post("/v1/generations", &d, train).await;
+    let fourth = app.post("/v1/generations", &d, train.clone()).await;
     fourth.assert_problem(403, "no_custom_model_slot");
-    assert_eq!(
-        app.get("/v1/entitlements", &d).await.body["custom_models_used"],
-        3
-    );
+    let ent = app.get("/v1/entitlements", &d).await.body;
+    assert_eq!(ent["custom_models_used"], 3);
+    assert_eq!(ent["custom_models"], json!(trainings));
+
+    // A finished model is retired by an owner or billing admin: its slot is free again.
+    let first = trainings[0].as_str().unwrap();
+    let retire = format!("/v1/models/{first}/retire");
+    app.post(&retire, &d, json!({}))
+        .await
+        .assert_problem(409, "conflict");
+    let done = app
+        .post(
+            &format!("/v1/generations/{first}/complete"),
+            &service(),
+            json!({"credits": 400}),
+        )
+        .await;
+    assert_eq!(done.status.as_u16(), 200, "{:#}", done.body);
+    app.post(&retire, &member("demo", "m2"), json!({}))
+        .await
+        .assert_problem(403, "forbidden");
+    let before = app.get("/v1/balance", &d).await.body["available"].clone();
+    for _ in 0..2 {
+        let r = app.post(&retire, &d, json!({})).await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        assert_eq!(r.body["custom_models_used"], 2, "{:#}", r.body);
+        assert_eq!(r.body["custom_models"], json!(trainings[1..]));
+    }
+    assert_eq!(app.get("/v1/balance", &d).await.body["available"], before);
+    let journal = app.get("/v1/ledger?limit=1", &d).await.body;
+    assert_eq!(journal["items"][0]["reason"], "model_retired");
+    // Another workspace's model, or no model at all, is not found.
+    for other in [
+        format!("/v1/models/{first}/retire"),
+        format!("/v1/models/{}/retire", trainings[1].as_str().unwrap()),
+    ] {
+        app.post(&other, &owner("org_a"), json!({}))
+            .await
+            .assert_problem(404, "not_found");
+    }
+    app.post("/v1/models/not-a-generation/retire", &d, json!({}))
+        .await
+        .assert_problem(422, "validation_failed");
+    start(&app, &d, train).await;
 }
 
 #[tokio::test]

@@ -186,7 +186,8 @@ impl Ledger {
         let target = match &req.op {
             Operation::Complete { generation, .. }
             | Operation::Fail { generation, .. }
-            | Operation::Reverse { generation, .. } => Some(*generation),
+            | Operation::Reverse { generation, .. }
+            | Operation::RetireModel { generation } => Some(*generation),
             _ => None,
         };
         let spent = || deadline.is_some_and(|d| std::time::Instant::now() >= d);

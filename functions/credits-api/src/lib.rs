@@ -78,6 +78,7 @@ pub fn protected_routes(state: AppState) -> Router {
             "/v1/generations/{id}/reverse",
             post(generations::reverse_generation),
         )
+        .route("/v1/models/{id}/retire", post(entitlements::retire_model))
         .route("/v1/ledger", get(ledger::ledger))
         .route("/v1/ledger/export", get(reports::export_ledger))
         .route("/v1/usage", get(reports::usage_report))
@@ -149,6 +150,7 @@ pub fn router(state: AppState, auth: AuthMode) -> Router {
         generations::reverse_generation,
         ledger::ledger,
         entitlements::entitlements,
+        entitlements::retire_model,
         adjustments::adjust,
         reports::usage_report,
         reports::export_generations,

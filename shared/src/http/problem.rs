@@ -128,8 +128,11 @@ impl From<LedgerError> for Problem {
                 Problem::new(StatusCode::FORBIDDEN, "no_custom_model_slot", e.to_string())
                     .with_facts(serde_json::json!({"slots": slots}))
             }
-            LedgerError::GenerationNotFound(_) => Problem::not_found(e.to_string()),
+            LedgerError::GenerationNotFound(_) | LedgerError::NotACustomModel(_) => {
+                Problem::not_found(e.to_string())
+            }
             LedgerError::GenerationExists(_)
+            | LedgerError::ModelInTraining(_)
             | LedgerError::AlreadySettled { .. }
             | LedgerError::AlreadyReversed(_)
             | LedgerError::NotReversible { .. } => Problem::conflict(e.to_string()),

@@ -137,6 +137,12 @@ pub enum Operation {
         record: Option<Generation>,
         reason: String,
     },
+    /// Retires a trained custom model: the custom-model slot its training took is free
+    /// again (the plan counts active models). Only a model whose training completed; the
+    /// journal records it, and no credits move.
+    RetireModel {
+        generation: GenerationId,
+    },
 }
 
 impl Operation {
@@ -156,6 +162,7 @@ impl Operation {
             Operation::Freeze { .. } => "freeze",
             Operation::Unfreeze { .. } => "unfreeze",
             Operation::Reverse { .. } => "reverse",
+            Operation::RetireModel { .. } => "retire_model",
         }
     }
 }
@@ -887,6 +894,22 @@ impl Tx<'_> {
             } => {
                 let g = self.reverse(*generation, record.as_ref(), reason, actor)?;
                 Ok((Some(g), None))
+            }
+            Operation::RetireModel { generation } => {
+                if self.state.known_hold(*generation).is_some() {
+                    return Err(LedgerError::ModelInTraining(*generation));
+                }
+                if !self.state.custom_models.contains(generation) {
+                    return Err(LedgerError::NotACustomModel(*generation));
+                }
+                let mut d = Draft::new(Reason::ModelRetired, actor);
+                d.custom_model_slot = Some(false);
+                d.generation = Some(*generation);
+                d.note = Some(format!(
+                    "custom model {generation} retired: its slot is free again"
+                ));
+                self.push(d)?;
+                Ok((None, None))
             }
             Operation::SetPlan { plan } => {
                 if &self.state.plan == plan {

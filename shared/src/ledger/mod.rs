@@ -270,6 +270,8 @@ pub enum Reason {
     DisputeWon,
     /// A dispute lost: the lot's frozen credits are taken back.
     DisputeLost,
+    /// A trained custom model retired: its custom-model slot is free again.
+    ModelRetired,
 }
 
 /// Who caused an entry.
@@ -476,6 +478,10 @@ pub enum LedgerError {
     GenerationNotFound(GenerationId),
     #[error("generation {0} already exists")]
     GenerationExists(GenerationId),
+    #[error("generation {0} is not an active custom model of this workspace")]
+    NotACustomModel(GenerationId),
+    #[error("generation {0} is still training; its model can be retired once it completes")]
+    ModelInTraining(GenerationId),
     #[error("generation {0} was already reversed")]
     AlreadyReversed(GenerationId),
     #[error(

@@ -433,6 +433,61 @@ fn training_needs_a_free_custom_model_slot() {
 }
 
 #[test]
+fn a_retired_model_frees_its_slot_once_and_only_after_its_training_completed() {
+    let mut w = World::new();
+    w.grant(LotSource::Pack, 5000, None);
+    w.run(Operation::SetPlan {
+        plan: Some(plus_plan(w.now)),
+    })
+    .unwrap();
+    let training = |w: &World| Estimate {
+        workflow: Workflow::Training,
+        model: "custom-model".into(),
+        ..w.estimate(400)
+    };
+    let hold = |w: &mut World, g: GenerationId| {
+        let estimate = training(w);
+        w.run(Operation::Hold {
+            generation: g,
+            estimate,
+            deadline: w.now + Duration::hours(1),
+        })
+    };
+    let first = GenerationId::new();
+    hold(&mut w, first).unwrap();
+    // Still training: it cannot be retired (its completion would find no slot).
+    assert_eq!(
+        w.run(Operation::RetireModel { generation: first }),
+        Err(LedgerError::ModelInTraining(first))
+    );
+    w.complete(first, None, None);
+    assert_eq!(
+        hold(&mut w, GenerationId::new()).unwrap_err(),
+        LedgerError::NoCustomModelSlot { slots: 1 }
+    );
+    let available = w.available();
+    w.run(Operation::RetireModel { generation: first }).unwrap();
+    assert!(w.state.custom_models.is_empty());
+    assert_eq!(w.available(), available, "no credits move");
+    let last = w.journal.last().unwrap();
+    assert_eq!(last.reason, Reason::ModelRetired);
+    assert_eq!(last.refs.generation, Some(first));
+    // Once: again, or a generation that is no model, is refused and changes nothing.
+    for g in [first, GenerationId::new()] {
+        assert_eq!(
+            w.run(Operation::RetireModel { generation: g }),
+            Err(LedgerError::NotACustomModel(g))
+        );
+    }
+    // The slot is free for another training; the journal rebuilds the same.
+    let second = GenerationId::new();
+    hold(&mut w, second).unwrap();
+    assert_eq!(w.state.custom_models, vec![second]);
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.custom_models, vec![second]);
+}
+
+#[test]
 fn a_training_completed_after_its_hold_expired_takes_its_slot_again() {
     let mut w = World::new();
     w.grant(LotSource::Pack, 5000, None);

@@ -6,8 +6,11 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tally::http::{Identity, ProblemDetails};
-use tally::ledger::{Interval, PlanStatus};
+use tally::http::auth::BillingManager;
+use tally::http::{ApiPath, Identity, ProblemDetails};
+use tally::ids::{GenerationId, IdempotencyKey, WorkspaceId};
+use tally::ledger::{Interval, Operation, PlanStatus, Refs};
+use tally::service::LedgerRequest;
 use tally::subscriptions::Entitlements;
 use utoipa::ToSchema;
 
@@ -27,6 +30,9 @@ pub struct EntitlementsView {
     pub plan: Option<PlanInEffect>,
     pub custom_model_slots: u32,
     pub custom_models_used: u32,
+    /// The active custom models (each named by the training that made it), oldest first;
+    /// an owner or billing admin retires one to free its slot.
+    pub custom_models: Vec<GenerationId>,
     pub support: String,
     pub pack_discount_pct: u8,
     pub rollover_days: u32,
@@ -40,12 +46,46 @@ pub async fn entitlements(
     who: Identity,
 ) -> ApiResult<Json<EntitlementsView>> {
     let workspace = who.member_workspace()?;
+    view(&app, workspace).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/models/{id}/retire", tag = "credits", security(("bearer" = [])),
+    params(super::generations::GenerationPath),
+    responses((status = 200, body = EntitlementsView), (status = 403, body = ProblemDetails),
+        (status = 404, description = "not an active custom model of this workspace", body = ProblemDetails),
+        (status = 409, description = "its training is still running", body = ProblemDetails),
+        (status = 422, body = ProblemDetails)))]
+/// Owners and billing admins retire a trained custom model (named by its training's
+/// generation id): its slot is free for another training. Once per model: a repeat
+/// answers the same. The journal records it; no credits move.
+pub async fn retire_model(
+    State(app): State<AppState>,
+    // Who may ask is decided before the id is read.
+    manager: BillingManager,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<EntitlementsView>> {
+    let id = super::generations::parse_generation_id(&id)?;
+    let key = format!("gen:{id}:retire");
+    app.ledger
+        .execute(LedgerRequest {
+            workspace: manager.workspace.clone(),
+            key: IdempotencyKey::derived(key.clone()),
+            fingerprint: key,
+            actor: manager.who.actor(),
+            refs: Refs::default(),
+            op: Operation::RetireModel { generation: id },
+        })
+        .await?;
+    view(&app, &manager.workspace).await.map(Json)
+}
+
+async fn view(app: &AppState, workspace: &WorkspaceId) -> ApiResult<EntitlementsView> {
     let state = app.ledger.workspace_now(workspace).await?;
     let catalog = &app.ledger.catalog;
     // The plan is shown whatever its status; what it gives comes from the one rule for
     // the plan in effect, so a paused or canceled plan shows no slots or discounts.
     let given = Entitlements::of(state.plan.as_ref(), catalog);
-    Ok(Json(EntitlementsView {
+    Ok(EntitlementsView {
         plan: state.plan.as_ref().map(|p| PlanInEffect {
             plan: p.plan.clone(),
             name: catalog
@@ -58,8 +98,9 @@ pub async fn entitlements(
         }),
         custom_model_slots: given.custom_model_slots,
         custom_models_used: state.custom_models.len() as u32,
+        custom_models: state.custom_models.clone(),
         support: given.support.to_owned(),
         pack_discount_pct: given.pack_discount_pct,
         rollover_days: given.rollover_days,
-    }))
+    })
 }

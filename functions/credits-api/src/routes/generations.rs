@@ -27,7 +27,7 @@ use tally::store::GenerationQuery;
 use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 
-fn parse_generation_id(raw: &str) -> ApiResult<GenerationId> {
+pub(crate) fn parse_generation_id(raw: &str) -> ApiResult<GenerationId> {
     GenerationId::parse(raw).map_err(|e| Problem::validation("id", &e.to_string()))
 }
 
