@@ -1244,6 +1244,62 @@ mod alerts {
         assert_eq!(paid_intents(&sim), before + 1, "no second charge");
     }
 
+    /// A top-up whose key Stripe already knows with other parameters (an attempt by an
+    /// earlier release, whose answer was lost): that attempt may have charged the card, so
+    /// the request is neither reported failed nor charged again; it is left to a person.
+    #[tokio::test]
+    async fn a_top_up_key_stripe_knows_with_other_parameters_is_left_to_a_person() {
+        use tally::payments::Payments;
+        let app = TestApp::new();
+        with_saved_card(&app, "org_keyed", top_up_below_30()).await;
+        let sim = app.local.simulator.clone().unwrap();
+        sim.lose_answers(tally::alerts::TOPUPS_MAX_RECEIVES);
+        let m = member("org_keyed", "m1");
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await; // 100 -> 28
+        }
+        // The top-ups queue runs (every answer lost, so it ends in the dead-letter queue).
+        notifications(&app).await;
+        assert_eq!(app.local.topups_queue.dead_letters().len(), 1);
+        let o = owner("org_keyed");
+        let claim = app.get("/v1/alerts", &o).await.body["topup_claim"].clone();
+        assert!(claim["payment"].is_null(), "{claim:#}");
+        let entry = claim["entry"].as_u64().unwrap();
+        // What Stripe remembers under the key: the same charge asked for differently.
+        sim.forget_idempotency_keys().await;
+        let profile: tally::billing::records::BillingProfile = tally::store::docs::get(
+            app.docs.as_ref(),
+            &tally::billing::records::workspace_pk(&tally_tests::workspace("org_keyed")),
+            tally::billing::records::PROFILE_SK,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        sim.charge_saved_method(&tally::payments::TopUp {
+            workspace: tally_tests::workspace("org_keyed"),
+            customer: profile.customer.unwrap(),
+            payment_method: profile.payment_method.unwrap(),
+            pack: "pack_100".into(),
+            credits: tally::money::Credits::new(99),
+            amount: tally::money::Cents::new(1),
+            idempotency_key: format!("tally-topup-org_keyed-{entry}"),
+        })
+        .await
+        .unwrap();
+        let before = paid_intents(&sim);
+        let again = redeliver_top_up(&app, "org_keyed", entry).await;
+        assert!(
+            matches!(&again, Err(tally::queue::ConsumeError::Poison(p)) if p.to_string().contains("idempotency key")),
+            "{again:?}"
+        );
+        assert_eq!(paid_intents(&sim), before, "no charge");
+        let reports = notifications(&app).await;
+        assert!(
+            reports.iter().all(|n| n["type"] != "topup.failed"),
+            "{reports:#?}"
+        );
+    }
+
     /// As Stripe does, the simulator answers a repeated idempotency key with the first
     /// payment, and refuses the key for a different payment.
     #[tokio::test]

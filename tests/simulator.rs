@@ -1008,3 +1008,55 @@ async fn a_customer_is_made_once_per_idempotency_key() {
         .unwrap();
     assert_ne!(other, first);
 }
+
+/// Opens a pack checkout for `ws`'s owner; answers the session's local path.
+async fn open_pack_checkout(app: &TestApp, ws: &str) -> String {
+    let s = app
+        .post(
+            "/v1/checkout/sessions",
+            &owner(ws),
+            json!({"kind": "pack", "pack": "pack_100"}),
+        )
+        .await;
+    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+    s.body["url"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("http://tally.test")
+        .unwrap()
+        .to_owned()
+}
+
+async fn pay_checkout(app: &TestApp, path: &str) -> tally_tests::Answer {
+    app.send(
+        Method::POST,
+        &format!("{path}/pay"),
+        None,
+        Some(""),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await
+}
+
+/// As with Stripe's default, a checkout session not paid within 24 hours expires: paying
+/// it then does nothing and grants nothing. One paid in time is paid.
+#[tokio::test]
+async fn a_checkout_session_expires_unpaid_after_a_day() {
+    let app = TestApp::new();
+    let late = open_pack_checkout(&app, "org_late").await;
+    let a = advance(&app, json!({"hours": 25})).await;
+    assert_eq!(a.status.as_u16(), 200, "{:#}", a.body);
+    assert_eq!(pay_checkout(&app, &late).await.status.as_u16(), 410);
+    app.settle_billing().await;
+    assert_eq!(
+        app.available("org_late").await,
+        0,
+        "nothing paid, nothing granted"
+    );
+    let in_time = open_pack_checkout(&app, "org_late").await;
+    advance(&app, json!({"hours": 23})).await;
+    let paid = pay_checkout(&app, &in_time).await;
+    assert!(paid.status.is_redirection(), "{:#}", paid.body);
+    app.settle_billing().await;
+    assert_eq!(app.available("org_late").await, 100);
+}

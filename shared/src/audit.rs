@@ -187,6 +187,24 @@ pub struct StaffRead {
 }
 
 impl StaffRead {
+    /// Records the read once its answer is known, and hands the answer on: a query refused
+    /// as invalid (`validation_failed`, checked before anything is read) is not recorded;
+    /// every other answer is, refusals made after reading included (a generation that is
+    /// not the workspace's, a range too large to answer, a failure midway).
+    pub async fn answered<T>(
+        self,
+        docs_store: &dyn DocStore,
+        answer: Result<T, crate::http::Problem>,
+    ) -> Result<T, crate::http::Problem> {
+        if let Err(p) = &answer
+            && p.code == "validation_failed"
+        {
+            return answer;
+        }
+        self.record(docs_store).await?;
+        answer
+    }
+
     /// Records the read in the workspace's audit log.
     pub async fn record(self, docs_store: &dyn DocStore) -> Result<WorkspaceId, StoreError> {
         record(

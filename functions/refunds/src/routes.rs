@@ -313,10 +313,9 @@ pub async fn admin_list(
         uri.query().unwrap_or(""),
     )
     .await?;
-    // Recorded once the answer is ready: a refused query records nothing.
-    let answer = page(&st, &staff.workspace, q).await?;
-    staff.record(st.requests.docs.as_ref()).await?;
-    Ok(answer)
+    // Recorded once the answer is ready: an invalid query records nothing.
+    let answer = page(&st, &staff.workspace, q).await;
+    staff.answered(st.requests.docs.as_ref(), answer).await
 }
 
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]

@@ -388,7 +388,7 @@ pub async fn list(
         )
         .await?;
     if staff {
-        // Recorded once the answer is ready: a refused query records nothing.
+        // Recorded once the answer is ready: an invalid query records nothing.
         tally::audit::record_global(
             st.tickets.docs.as_ref(),
             st.clock.now(),
@@ -611,7 +611,7 @@ pub async fn admin_list(
         uri.query().unwrap_or(""),
     )
     .await?;
-    let (items, next_cursor) = st
+    let page = st
         .tickets
         .list(
             Some(&staff.workspace),
@@ -621,8 +621,8 @@ pub async fn admin_list(
             q.cursor.as_deref(),
             limit,
         )
-        .await?;
-    // Recorded once the answer is ready: a refused query records nothing.
-    staff.record(st.tickets.docs.as_ref()).await?;
+        .await;
+    // Recorded once the answer is ready: an invalid query records nothing.
+    let (items, next_cursor) = staff.answered(st.tickets.docs.as_ref(), page).await?;
     Ok(Json(TicketPage { items, next_cursor }))
 }

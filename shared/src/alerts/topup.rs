@@ -212,6 +212,17 @@ impl TopUps {
                     Err(e @ PaymentsError::Unavailable { .. }) => {
                         return Err(ConsumeError::retry(e));
                     }
+                    // Stripe knows the key from an earlier attempt with other parameters
+                    // (one made by an earlier release): that attempt may have charged the
+                    // card. Neither "failed" nor a second charge: a person looks it up.
+                    Err(PaymentsError::Refused { message, .. })
+                        if message.contains("Keys for idempotent requests") =>
+                    {
+                        return Err(ConsumeError::poison(format!(
+                            "Stripe refused idempotency key {key} for other parameters: look for \
+                             its payment intent (metadata topup) before anything else ({message})"
+                        )));
+                    }
                     Err(e) => return Ok(Ended::Failed(e.to_string())),
                 };
                 self.record_payment(req, &paid).await.map_err(retry_store)?;

@@ -124,6 +124,17 @@ pub fn stripe_key(key: &str) -> String {
     format!("tally-sha256-{hex}")
 }
 
+/// A short digest of `s` (the first 16 hex digits of its SHA-256), for idempotency keys
+/// that must differ when a parameter does.
+pub fn short_digest(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Client errors (4xx but 409 and 429) are refusals: the same request will be refused
 /// again. Rate limits, a request with the same idempotency key still in progress (409),
 /// server errors and failures to reach Stripe or read its answer may pass.

@@ -23,7 +23,7 @@ use tally::reports::usage::Usage;
 use utoipa::{IntoParams, ToSchema};
 
 /// A staff read: the workspace must exist; `answer` reads; the read is recorded in the
-/// workspace's audit log once the answer is ready (a refused query records nothing).
+/// workspace's audit log once the answer is ready (an invalid query records nothing).
 async fn read<T, F, Fut>(
     app: &AppState,
     who: &Identity,
@@ -46,9 +46,8 @@ where
         uri.query().unwrap_or(""),
     )
     .await?;
-    let out = answer(read.workspace.clone()).await?;
-    read.record(app.docs.as_ref()).await?;
-    Ok(out)
+    let out = answer(read.workspace.clone()).await;
+    read.answered(app.docs.as_ref(), out).await
 }
 
 #[utoipa::path(get, path = "/v1/admin/workspaces/{workspace_id}/balance", tag = "admin",

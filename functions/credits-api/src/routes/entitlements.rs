@@ -30,8 +30,9 @@ pub struct EntitlementsView {
     pub plan: Option<PlanInEffect>,
     pub custom_model_slots: u32,
     pub custom_models_used: u32,
-    /// The active custom models (each named by the training that made it), oldest first;
-    /// an owner or billing admin retires one to free its slot.
+    /// The custom models that take a slot (each named by the training that made it, a
+    /// training still running included), oldest first; an owner or billing admin retires a
+    /// finished one to free its slot.
     pub custom_models: Vec<GenerationId>,
     pub support: String,
     pub pack_discount_pct: u8,

@@ -57,7 +57,12 @@ use tower::ServiceExt;
 struct SimSession {
     request: CheckoutRequest,
     paid: bool,
+    /// Stripe's default: a session not paid within 24 hours expires and cannot be paid.
+    expires_at: i64,
 }
+
+/// How long a checkout session stays open (Stripe's default; the adapter sets none).
+const CHECKOUT_LIFETIME_SECS: i64 = 24 * 3600;
 
 /// An invoice as Stripe shows it now, with the idempotency key of the request that made
 /// it (custom invoices).
@@ -400,18 +405,32 @@ impl Simulator {
         out
     }
 
-    /// Plays Stripe's side of a completed checkout. Paying twice delivers nothing new.
+    /// Whether a checkout session exists but can no longer be paid (expired unpaid).
+    pub fn expired(&self, session_id: &str) -> bool {
+        let now = self.now();
+        self.sessions
+            .lock()
+            .expect("sim lock")
+            .get(session_id)
+            .is_some_and(|s| !s.paid && now >= s.expires_at)
+    }
+
+    /// Plays Stripe's side of a completed checkout. Paying twice delivers nothing new; an
+    /// expired session cannot be paid (`None`, as for an unknown one).
     pub async fn complete(&self, session_id: &str) -> Option<String> {
+        let now = self.now();
         let request = {
             let mut sessions = self.sessions.lock().expect("sim lock");
             let s = sessions.get_mut(session_id)?;
             if s.paid {
                 return Some(s.request.success_url.clone());
             }
+            if now >= s.expires_at {
+                return None;
+            }
             s.paid = true;
             s.request.clone()
         };
-        let now = self.now();
         let ws = request.workspace.to_string();
         let customer = request.customer.clone();
         let meta = tally::payments::stripe_api::checkout_metadata(&request);
@@ -1370,11 +1389,17 @@ impl Payments for Simulator {
             .expect("sim lock")
             .insert(req.customer.clone());
         let mut sessions = self.sessions.lock().expect("sim lock");
-        // Same idempotency key, same session, as with Stripe.
-        if let Some((id, _)) = sessions
+        // Same idempotency key, same session, as with Stripe; the key with other
+        // parameters is refused.
+        if let Some((id, s)) = sessions
             .iter()
             .find(|(_, s)| s.request.idempotency_key == req.idempotency_key)
         {
+            if s.request != *req {
+                return Err(PaymentsError::refused(
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                ));
+            }
             return Ok(CheckoutLink {
                 id: id.clone(),
                 url: format!("{}/sim/checkout/{id}", self.base_url),
@@ -1386,6 +1411,7 @@ impl Payments for Simulator {
             SimSession {
                 request: req.clone(),
                 paid: false,
+                expires_at: self.now() + CHECKOUT_LIFETIME_SECS,
             },
         );
         Ok(CheckoutLink {

@@ -111,6 +111,13 @@ async fn page(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Resp
 }
 
 async fn pay(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    if sim.expired(&id) {
+        return (
+            StatusCode::GONE,
+            Html("<h1>This checkout session has expired</h1>".to_owned()),
+        )
+            .into_response();
+    }
     match sim.complete(&id).await {
         Some(success) => Redirect::to(&success).into_response(),
         None => (

@@ -82,10 +82,9 @@ pub async fn admin_history(
         uri.query().unwrap_or(""),
     )
     .await?;
-    // Recorded once the answer is ready: a refused query records nothing.
-    let page = read(&st, &staff.workspace, q).await?;
-    staff.record(st.docs.as_ref()).await?;
-    Ok(page)
+    // Recorded once the answer is ready: an invalid query records nothing.
+    let page = read(&st, &staff.workspace, q).await;
+    staff.answered(st.docs.as_ref(), page).await
 }
 
 async fn read(

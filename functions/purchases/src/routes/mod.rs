@@ -63,8 +63,10 @@ pub(crate) fn provider(e: PaymentsError) -> Problem {
     }
 }
 
-/// The workspace's Stripe customer, created on first purchase (exactly once: the Stripe
-/// idempotency key is the workspace, and the first stored id wins).
+/// The workspace's Stripe customer, created on first purchase (once per workspace and
+/// email: the Stripe idempotency key names both, as Stripe refuses a key sent again with
+/// another email; of two made at once, the first stored id wins and the other stays
+/// unused).
 async fn customer(
     st: &PurchasesState,
     workspace: &WorkspaceId,
@@ -79,7 +81,14 @@ async fn customer(
     }
     let created = st
         .payments
-        .create_customer(workspace, email, &format!("tally-customer-{workspace}"))
+        .create_customer(
+            workspace,
+            email,
+            &format!(
+                "tally-customer-{workspace}-{}",
+                tally::payments::stripe_api::short_digest(email.unwrap_or_default())
+            ),
+        )
         .await
         .map_err(provider)?;
     Ok(tally::billing::link_customer(st.docs.as_ref(), &created, workspace).await?)
