@@ -201,6 +201,36 @@ async fn a_scheduled_downgrade_keeps_todays_price_so_a_later_upgrade_credits_wha
     assert!(s["subscription"]["scheduled"].is_null(), "{s:#}");
 }
 
+/// Stripe keeps a schedule attached through its last phase (a billing interval after the
+/// change took effect) and releases it only then. A change made in that time is not
+/// mistaken for one waiting in the portal: an upgrade applies now, a downgrade waits.
+#[tokio::test]
+async fn after_a_scheduled_downgrade_takes_effect_the_plan_can_change_again_at_once() {
+    let app = TestApp::new();
+    let o = owner("org_after");
+    app.subscribe("org_after", "generative", "monthly").await;
+    let down = app.change_plan("org_after", "max", "monthly").await;
+    assert_eq!(down.body["effective"], "at_renewal", "{:#}", down.body);
+    advance_days(&app, 31).await;
+    let s = app.get("/v1/subscription", &o).await.body;
+    assert_eq!(s["subscription"]["plan"], "max", "{s:#}");
+    assert_eq!(items(&app)[0].0, "tally_plan_max");
+    // Another downgrade, then an upgrade, in the period the schedule's last phase runs.
+    let again = app.change_plan("org_after", "plus", "monthly").await;
+    assert_eq!(again.body["effective"], "at_renewal", "{:#}", again.body);
+    let up = app.change_plan("org_after", "team", "monthly").await;
+    assert_eq!(up.body["effective"], "now", "{:#}", up.body);
+    assert!(
+        up.body["credits_granted"].as_u64().unwrap() > 0,
+        "{:#}",
+        up.body
+    );
+    app.settle_billing().await;
+    let s = app.get("/v1/subscription", &o).await.body;
+    assert_eq!(s["subscription"]["plan"], "team", "{s:#}");
+    assert!(s["subscription"]["scheduled"].is_null(), "{s:#}");
+}
+
 #[tokio::test]
 async fn yearly_to_monthly_waits_for_the_renewal_and_monthly_to_yearly_restarts_the_period() {
     let app = TestApp::new();

@@ -404,6 +404,18 @@ impl SubscriptionChanges {
         })
     }
 
+    /// Whether the attached schedule is Tally's whose change has taken effect: Stripe keeps
+    /// a schedule attached through its last phase (a billing interval) and releases it
+    /// only then. Nothing waits in it any more; the next change releases it (or reuses it
+    /// for a change of its own) as for any schedule.
+    fn spent(now: &Now) -> bool {
+        now.live
+            .metadata
+            .get(crate::subscriptions::meta::SCHEDULED_FROM)
+            .and_then(|f| f.parse::<i64>().ok())
+            .is_some_and(|from| from <= now.live.period_start.timestamp())
+    }
+
     /// Units of `from`'s add-on kind expressed in `to`'s.
     fn units_for(&self, units: u32, from: &Plan, to: &Plan) -> u32 {
         if from.addon == to.addon {
@@ -472,7 +484,7 @@ impl SubscriptionChanges {
                 self.renewal(workspace, now, after, &then, key).map(Some)
             }
         };
-        if now.live.schedule.is_some() && self.pending(now).is_none() {
+        if now.live.schedule.is_some() && self.pending(now).is_none() && !Self::spent(now) {
             return Err(ChangeError::NotActive(
                 "a change made in the billing portal is waiting for the renewal; change or cancel it there first",
             ));

@@ -536,6 +536,7 @@ impl Simulator {
                     dunning: None,
                     latest_invoice: None,
                     schedule: None,
+                    last_phase: None,
                 };
                 sub.set_cycle(now, 0);
                 let id: InvoiceId = new_stripe_id("in");
@@ -615,7 +616,7 @@ impl Simulator {
                 "A canceled subscription can only update its cancellation_details and metadata.",
             ));
         }
-        if current.schedule.is_some() && change.cancel_at_period_end == Some(true) {
+        if current.schedule_id().is_some() && change.cancel_at_period_end == Some(true) {
             return Err(PaymentsError::refused(
                 "The subscription is managed by a subscription schedule; release it before cancelling.",
             ));
@@ -1314,11 +1315,9 @@ impl Payments for Simulator {
                 ));
             }
             let before = sub.object();
-            let id = sub
-                .schedule
-                .as_ref()
-                .map_or_else(|| new_id("sub_sched"), |(id, _)| id.clone());
+            let id = sub.schedule_id().unwrap_or_else(|| new_id("sub_sched"));
             sub.schedule = Some((id, change.clone()));
+            sub.last_phase = None;
             for (k, v) in &change.metadata {
                 if v.is_empty() {
                     sub.metadata.remove(k);
@@ -1347,7 +1346,8 @@ impl Payments for Simulator {
             let sub = subs.get_mut(subscription).ok_or_else(|| {
                 PaymentsError::refused(format!("No such subscription: '{subscription}'"))
             })?;
-            if sub.schedule.take().is_none() {
+            let attached = sub.schedule.take().is_some() | sub.last_phase.take().is_some();
+            if !attached {
                 return Ok(());
             }
             for k in tally::subscriptions::meta::SCHEDULED_KEYS {

@@ -194,6 +194,10 @@ pub(super) struct SimSubscription {
     pub(super) latest_invoice: Option<InvoiceId>,
     /// A subscription schedule's next phase: the change it applies at the renewal.
     pub(super) schedule: Option<(String, tally::payments::RenewalChange)>,
+    /// A schedule in its last phase: still attached (Stripe gives a last phase without an
+    /// end date one billing interval, and releases the schedule only when it ends), with
+    /// nothing left to apply.
+    pub(super) last_phase: Option<String>,
 }
 
 impl SimSubscription {
@@ -224,18 +228,30 @@ impl SimSubscription {
                     quantity: i.quantity,
                 })
                 .collect(),
-            schedule: self.schedule.as_ref().map(|(id, _)| id.clone()),
+            schedule: self.schedule_id(),
             metadata: self.metadata.clone(),
         }
     }
 
-    /// The schedule's next phase starts (at a renewal): its items and metadata from now
-    /// on, and the schedule is released (`end_behavior: release`). Returns whether the
-    /// interval changed (the billing cycle then restarts at the phase start).
+    /// The schedule attached to the subscription, if any (with a phase to come, or in its
+    /// last one).
+    pub(super) fn schedule_id(&self) -> Option<String> {
+        self.schedule
+            .as_ref()
+            .map(|(id, _)| id.clone())
+            .or_else(|| self.last_phase.clone())
+    }
+
+    /// At a renewal: the schedule's next phase starts (its items and metadata from now on,
+    /// the schedule staying attached for that phase), or a last phase ends and the schedule
+    /// is released (`end_behavior: release`). Returns whether the interval changed (the
+    /// billing cycle then restarts at the phase start).
     pub(super) fn enter_next_phase(&mut self, now: i64) -> bool {
-        let Some((_, next)) = self.schedule.take() else {
+        let Some((id, next)) = self.schedule.take() else {
+            self.last_phase = None;
             return false;
         };
+        self.last_phase = Some(id);
         let before = self.interval();
         let mut items = Vec::new();
         let plan_item = self.items.first().cloned();
@@ -260,9 +276,8 @@ impl SimSubscription {
             items.push(price_item(addon, *units, old));
         }
         self.items = items;
-        for k in tally::subscriptions::meta::SCHEDULED_KEYS {
-            self.metadata.remove(k);
-        }
+        // Stripe merges the phase's metadata into the subscription's: keys it does not
+        // name (the scheduled change's) stay.
         for (k, v) in &next.next_metadata {
             if !v.is_empty() {
                 self.metadata.insert(k.clone(), v.clone());
@@ -315,7 +330,7 @@ impl SimSubscription {
         };
         sub["metadata"] = json!(self.metadata);
         sub["latest_invoice"] = json!(self.latest_invoice);
-        sub["schedule"] = json!(self.schedule.as_ref().map(|(id, _)| id));
+        sub["schedule"] = json!(self.schedule_id());
         sub["test_clock"] = Value::Null;
         sub["items"]["url"] = json!(format!("/v1/subscription_items?subscription={}", self.id));
         sub["items"]["data"] = self
