@@ -41,6 +41,16 @@ impl SubscriptionRecord {
             // Another subscription only takes over once the current one has ended: a late
             // event about an old subscription must not bring it back.
             Some(c) if c.id != incoming.id && c.status != PlanStatus::Canceled => None,
+            // Stripe never brings a canceled subscription back: a later invoice of it
+            // (an open one paid from its page after dunning ended it, or a declined
+            // attempt) says nothing about its status.
+            Some(c)
+                if c.id == incoming.id
+                    && c.status == PlanStatus::Canceled
+                    && incoming.status != PlanStatus::Canceled =>
+            {
+                None
+            }
             Some(c) if c.order() >= incoming.order() => None,
             _ => Some(incoming),
         }
@@ -132,6 +142,26 @@ mod tests {
         // Once the current one has ended, a newer subscription takes over.
         let ended = record("sub_old", PlanStatus::Canceled, 10, false);
         let next = record("sub_new", PlanStatus::Active, 20, false);
+        assert_eq!(
+            SubscriptionRecord::merge(Some(ended), next.clone()),
+            Some(next)
+        );
+    }
+
+    #[test]
+    fn a_canceled_subscription_stays_canceled_whatever_comes_later() {
+        let ended = record("sub_a", PlanStatus::Canceled, 10, false);
+        // Its open invoice paid (or declined again) from the hosted page afterwards.
+        for status in [PlanStatus::Active, PlanStatus::PastDue, PlanStatus::Paused] {
+            let late = record("sub_a", status, 20, false);
+            assert_eq!(
+                SubscriptionRecord::merge_invoice_facts(Some(ended.clone()), late.clone()),
+                None
+            );
+            assert_eq!(SubscriptionRecord::merge(Some(ended.clone()), late), None);
+        }
+        // Another subscription still takes over.
+        let next = record("sub_b", PlanStatus::Active, 30, false);
         assert_eq!(
             SubscriptionRecord::merge(Some(ended), next.clone()),
             Some(next)
