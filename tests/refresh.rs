@@ -485,6 +485,73 @@ async fn a_changed_level_applies_to_later_allotments_only_and_the_latest_change_
     assert_eq!(addons, [120, 120]);
 }
 
+/// Stripe charges a renewal up to an hour after the period starts: an upgrade paid in that
+/// hour is applied before the period's own invoice. The period's invoice then becomes the
+/// period's (its refunds follow the allotments), the upgrade one of its changes (its
+/// refunds follow what it added), and the months come at the upgraded level.
+#[tokio::test]
+async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that_period() {
+    let p = embedded();
+    let ws = "early";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    let own = period(ws, Interval::Yearly, "max", 0);
+    let upgrade = PaidPeriod {
+        invoice: InvoiceId::parse("in_early_change").unwrap(),
+        plan: "generative".into(),
+        ..own.clone()
+    };
+    let at = start() + Duration::minutes(20);
+    refresh::set_level(p.docs.as_ref(), &upgrade, at, 1)
+        .await
+        .unwrap();
+    let opened = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(opened.invoice, upgrade.invoice, "opened by the change");
+    for _ in 0..2 {
+        refresh::record_paid_period(p.docs.as_ref(), &own, start())
+            .await
+            .unwrap();
+    }
+    let doc = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.invoice, own.invoice, "the period's own invoice");
+    assert_eq!(doc.plan, "generative");
+    assert_eq!(doc.changes.len(), 1, "{:?}", doc.changes);
+    assert_eq!(doc.changes[0].invoice, upgrade.invoice);
+    assert_eq!(
+        (
+            doc.changes[0].before.plan.as_str(),
+            doc.changes[0].after.plan.as_str()
+        ),
+        ("max", "generative")
+    );
+    assert!(doc.opened_by.is_none());
+    // Refunds are known by their invoices: the period's, and the change's.
+    refresh::record_given_back(p.docs.as_ref(), &workspace(ws), &own.invoice, 1, 100)
+        .await
+        .unwrap();
+    refresh::record_given_back(p.docs.as_ref(), &workspace(ws), &upgrade.invoice, 1, 100)
+        .await
+        .unwrap();
+    let doc = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.given_back, Some((1, 100)));
+    assert_eq!(doc.changes[0].given_back, Some((1, 100)));
+    play_until(&p, add_months(start(), 2) + Duration::days(1)).await;
+    let amounts: Vec<u64> = plan_grants(&p, ws).await.iter().map(|g| g.1).collect();
+    assert_eq!(amounts.len(), 2, "{amounts:?}");
+    assert!(
+        amounts.iter().all(|a| (850..900).contains(a)),
+        "{amounts:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_later_period_replaces_an_earlier_one_and_an_earlier_one_arriving_late_is_ignored() {
     let p = embedded();

@@ -80,8 +80,9 @@ impl PaidPeriods {
 
     /// Sets the level a paid change leads to, in the period it belongs to, unless a later
     /// change already set it.
-    /// With no document yet (the change's invoice applied before the period's own), the
-    /// period is recorded at the changed level, opened by `invoice`.
+    /// With no document yet, or none for a period later than those recorded (the change's
+    /// invoice applied before the period's own), the period is recorded at the changed
+    /// level, opened by `invoice`.
     pub fn change(
         current: Option<Self>,
         sub: &SubscriptionId,
@@ -117,6 +118,19 @@ impl PaidPeriods {
                 p.level_rank = Some(rank);
                 return Some(doc);
             }
+        }
+        // A change in a period whose own invoice is not applied yet (Stripe charges a
+        // renewal up to an hour after the period starts): the period is recorded at the
+        // changed level; its own invoice, when it comes, leaves that level as it is.
+        if level.period_start > doc.current.level.period_start {
+            let opened = PaidPeriod {
+                level: level.clone(),
+                invoice: invoice.clone(),
+                level_as_of: at,
+                level_rank: Some(rank),
+            };
+            doc.previous = Some(std::mem::replace(&mut doc.current, opened));
+            return Some(doc);
         }
         None
     }
@@ -242,5 +256,24 @@ mod tests {
         assert_eq!(first.current.level.plan, "max");
         // The period's own invoice then finds it recorded and keeps the changed level.
         assert_eq!(PaidPeriods::open(Some(first), &sub, p.clone()), None);
+    }
+
+    #[test]
+    fn a_change_before_a_renewal_is_charged_records_the_new_period_at_its_level() {
+        let sub: SubscriptionId = "sub_1".parse().unwrap();
+        let (old, renewal) = (period(1, "plus"), period(2, "plus"));
+        let doc = PaidPeriods::open(None, &sub, old.clone()).unwrap();
+        // An upgrade paid in the hour before Stripe charged the renewal.
+        let at = renewal.level.period_start + chrono::Duration::minutes(20);
+        let max = Level {
+            plan: "max".into(),
+            ..renewal.level.clone()
+        };
+        let inv: InvoiceId = "in_change".parse().unwrap();
+        let changed = PaidPeriods::change(Some(doc), &sub, &inv, &max, at, 1).unwrap();
+        assert_eq!(changed.current.level, max);
+        assert_eq!(changed.previous, Some(old));
+        // The renewal's own invoice keeps the changed level.
+        assert_eq!(PaidPeriods::open(Some(changed), &sub, renewal), None);
     }
 }

@@ -146,6 +146,21 @@ pub struct RefreshDoc {
     /// each paid for, so money given back for its invoice lowers the allotments after it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<PaidChange>,
+    /// The document was opened by a paid change whose invoice was applied before the
+    /// period's own (a change made while Stripe had not charged the renewal yet): that
+    /// change, so the period's own invoice, when it comes, takes its place as the period's
+    /// and the change becomes one of its changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_by: Option<OpeningChange>,
+}
+
+/// The paid change that opened a refresh document (see [`RefreshDoc::opened_by`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpeningChange {
+    pub at: DateTime<Utc>,
+    pub rank: u64,
+    /// The level it paid for.
+    pub level: LevelParts,
 }
 
 /// Paid changes of one period the document remembers (a busier period forgets its oldest:
@@ -227,7 +242,49 @@ impl RefreshDoc {
             given_back: None,
             earlier: None,
             changes: Vec::new(),
+            opened_by: None,
         }
+    }
+
+    /// The period's own invoice, for a document a change opened before it: the period at
+    /// the level its invoice opened it with, then the opening change and the later ones
+    /// again, in order, with what was given back for each (`None` for any other document).
+    fn reopened_by_own_invoice(&self, p: &PaidPeriod) -> Option<Self> {
+        let opening = self.opened_by.as_ref()?;
+        if p.invoice == self.invoice {
+            return None;
+        }
+        let mut fresh = Self::from_period(p);
+        fresh.next_allotment = self.next_allotment;
+        fresh.renewal_checked = self.renewal_checked;
+        fresh.renewal_retry_at = self.renewal_retry_at;
+        fresh.settle_at = self.settle_at;
+        let as_change = |invoice: &InvoiceId, level: &LevelParts| PaidPeriod {
+            invoice: invoice.clone(),
+            plan: level.plan.clone(),
+            addon_units: level.addon_units,
+            addon_credits: level.addon_credits,
+            ..p.clone()
+        };
+        fresh.set_level(
+            &as_change(&self.invoice, &opening.level),
+            opening.at,
+            opening.rank,
+        );
+        let mut later = self.changes.clone();
+        later.sort_by_key(|c| c.at);
+        for c in &later {
+            fresh.set_level(&as_change(&c.invoice, &c.after), c.at, 0);
+        }
+        if let Some((back, paid)) = self.given_back {
+            fresh.give_back(&self.invoice, back, paid);
+        }
+        for c in &later {
+            if let Some((back, paid)) = c.given_back {
+                fresh.give_back(&c.invoice, back, paid);
+            }
+        }
+        Some(fresh)
     }
 
     /// A paid change whose event arrived after a later change's: recorded before the first
@@ -401,6 +458,13 @@ pub async fn record_paid_period(
         REFRESH_SK,
         |current: Option<RefreshDoc>| {
             let next = match current {
+                // A change applied before the period's own invoice opened the document:
+                // the period's invoice takes its place, the change becomes one of its.
+                Some(c)
+                    if c.same_period(&p.subscription, p.period_start) && c.opened_by.is_some() =>
+                {
+                    c.reopened_by_own_invoice(p)?
+                }
                 // The period's own invoice again: its level is the one it opened with, or a
                 // paid change's since.
                 Some(c) if c.same_period(&p.subscription, p.period_start) => return None,
@@ -485,6 +549,11 @@ pub async fn set_level(
                     fresh.level_as_of = Some(at);
                     fresh.level_rank = Some(rank);
                     fresh.settle_at = current.and_then(|c| c.settle_at);
+                    fresh.opened_by = Some(OpeningChange {
+                        at,
+                        rank,
+                        level: fresh.parts(),
+                    });
                     fresh
                 }
             };

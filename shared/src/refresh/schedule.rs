@@ -240,6 +240,7 @@ mod tests {
             given_back: None,
             earlier: None,
             changes: Vec::new(),
+            opened_by: None,
         }
     }
 
