@@ -504,11 +504,24 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
     refresh::set_level(p.docs.as_ref(), &upgrade, at, 1)
         .await
         .unwrap();
+    // More add-on units in the same second (ranked after it), before the invoice too.
+    let units = PaidPeriod {
+        invoice: InvoiceId::parse("in_early_units").unwrap(),
+        plan: "generative".into(),
+        addon_units: 2,
+        ..own.clone()
+    };
+    refresh::set_level(p.docs.as_ref(), &units, at, 2)
+        .await
+        .unwrap();
     let opened = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(opened.invoice, upgrade.invoice, "opened by the change");
+    // The changes paid only their difference: the months wait for the period's invoice.
+    play_until(&p, add_months(start(), 1) + Duration::days(1)).await;
+    assert!(plan_grants(&p, ws).await.is_empty());
     for _ in 0..2 {
         refresh::record_paid_period(p.docs.as_ref(), &own, start())
             .await
@@ -519,8 +532,8 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
         .unwrap()
         .unwrap();
     assert_eq!(doc.invoice, own.invoice, "the period's own invoice");
-    assert_eq!(doc.plan, "generative");
-    assert_eq!(doc.changes.len(), 1, "{:?}", doc.changes);
+    assert_eq!((doc.plan.as_str(), doc.addon_units), ("generative", 2));
+    assert_eq!(doc.changes.len(), 2, "{:?}", doc.changes);
     assert_eq!(doc.changes[0].invoice, upgrade.invoice);
     assert_eq!(
         (
@@ -528,6 +541,14 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
             doc.changes[0].after.plan.as_str()
         ),
         ("max", "generative")
+    );
+    assert_eq!(doc.changes[1].invoice, units.invoice);
+    assert_eq!(
+        (
+            doc.changes[1].before.addon_units,
+            doc.changes[1].after.addon_units
+        ),
+        (0, 2)
     );
     assert!(doc.opened_by.is_none());
     // Refunds are known by their invoices: the period's, and the change's.

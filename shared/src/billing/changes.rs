@@ -405,15 +405,17 @@ impl SubscriptionChanges {
     }
 
     /// Whether the attached schedule is Tally's whose change has taken effect: Stripe keeps
-    /// a schedule attached through its last phase (a billing interval) and releases it
-    /// only then. Nothing waits in it any more; the next change releases it (or reuses it
-    /// for a change of its own) as for any schedule.
+    /// a schedule attached through its last phase (the period the change started, whose
+    /// start is the `scheduled_from` Tally recorded) and releases it only then. Nothing
+    /// waits in it any more; the next change releases it (or reuses it for a change of its
+    /// own) as for any schedule. In a later period the keys are stale (Stripe released
+    /// Tally's schedule without touching them): a schedule attached then is another's.
     fn spent(now: &Now) -> bool {
         now.live
             .metadata
             .get(crate::subscriptions::meta::SCHEDULED_FROM)
             .and_then(|f| f.parse::<i64>().ok())
-            .is_some_and(|from| from <= now.live.period_start.timestamp())
+            .is_some_and(|from| from == now.live.period_start.timestamp())
     }
 
     /// Units of `from`'s add-on kind expressed in `to`'s.

@@ -246,45 +246,35 @@ impl RefreshDoc {
         }
     }
 
-    /// The period's own invoice, for a document a change opened before it: the period at
-    /// the level its invoice opened it with, then the opening change and the later ones
-    /// again, in order, with what was given back for each (`None` for any other document).
+    /// The period's own invoice, for a document a change opened before it: the period's
+    /// invoice becomes the period's, the opening change the first of its changes (from the
+    /// level the invoice opened the period with), the later changes as they were, each
+    /// with what was given back for it; the level and the worker's progress stay (`None`
+    /// for any other document).
     fn reopened_by_own_invoice(&self, p: &PaidPeriod) -> Option<Self> {
         let opening = self.opened_by.as_ref()?;
         if p.invoice == self.invoice {
             return None;
         }
-        let mut fresh = Self::from_period(p);
-        fresh.next_allotment = self.next_allotment;
-        fresh.renewal_checked = self.renewal_checked;
-        fresh.renewal_retry_at = self.renewal_retry_at;
-        fresh.settle_at = self.settle_at;
-        let as_change = |invoice: &InvoiceId, level: &LevelParts| PaidPeriod {
-            invoice: invoice.clone(),
-            plan: level.plan.clone(),
-            addon_units: level.addon_units,
-            addon_credits: level.addon_credits,
-            ..p.clone()
-        };
-        fresh.set_level(
-            &as_change(&self.invoice, &opening.level),
-            opening.at,
-            opening.rank,
+        let mut doc = self.clone();
+        doc.invoice = p.invoice.clone();
+        doc.opened_by = None;
+        doc.given_back = None;
+        let own = Self::from_period(p).parts();
+        doc.changes.insert(
+            0,
+            PaidChange {
+                invoice: self.invoice.clone(),
+                at: opening.at,
+                before: own,
+                after: opening.level.clone(),
+                given_back: self.given_back,
+            },
         );
-        let mut later = self.changes.clone();
-        later.sort_by_key(|c| c.at);
-        for c in &later {
-            fresh.set_level(&as_change(&c.invoice, &c.after), c.at, 0);
+        if doc.changes.len() > MAX_CHANGES {
+            doc.changes.remove(0);
         }
-        if let Some((back, paid)) = self.given_back {
-            fresh.give_back(&self.invoice, back, paid);
-        }
-        for c in &later {
-            if let Some((back, paid)) = c.given_back {
-                fresh.give_back(&c.invoice, back, paid);
-            }
-        }
-        Some(fresh)
+        Some(doc)
     }
 
     /// A paid change whose event arrived after a later change's: recorded before the first

@@ -201,6 +201,15 @@ impl Refresher {
 
         let mut next_allotment = doc.next_allotment;
         for a in schedule::due_allotments(&doc, now) {
+            if in_effect && doc.opened_by.is_some() {
+                // Opened by a change paid before the period's own invoice: the change paid
+                // only its difference, so the months wait for the period's invoice.
+                tracing::info!(
+                    allotment = a.k,
+                    "the period's own invoice is not paid yet; allotment waits"
+                );
+                break;
+            }
             if in_effect {
                 let grants =
                     schedule::grants(&doc, &a, &self.ledger.catalog).map_err(|reason| {
