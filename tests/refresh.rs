@@ -173,6 +173,14 @@ async fn plan_grants(p: &Parts, ws: &str) -> Vec<((u32, u32), u64)> {
         .collect()
 }
 
+/// The workspace's refresh document, which the test expects to exist.
+async fn doc_of(p: &Parts, ws: &str) -> refresh::RefreshDoc {
+    refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
+        .await
+        .unwrap()
+        .expect("a refresh document")
+}
+
 /// Moves the clock through `until`, stopping at every due time the index names, and
 /// runs the schedule there (twice: a repeated tick must change nothing). Returns the
 /// reports of every pass.
@@ -514,10 +522,7 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
     refresh::set_level(p.docs.as_ref(), &units, at, 2)
         .await
         .unwrap();
-    let opened = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
-        .await
-        .unwrap()
-        .unwrap();
+    let opened = doc_of(&p, ws).await;
     assert_eq!(opened.invoice, upgrade.invoice, "opened by the change");
     // The changes paid only their difference: the months wait for the period's invoice.
     play_until(&p, add_months(start(), 1) + Duration::days(1)).await;
@@ -527,10 +532,7 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
             .await
             .unwrap();
     }
-    let doc = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
-        .await
-        .unwrap()
-        .unwrap();
+    let doc = doc_of(&p, ws).await;
     assert_eq!(doc.invoice, own.invoice, "the period's own invoice");
     assert_eq!((doc.plan.as_str(), doc.addon_units), ("generative", 2));
     assert_eq!(doc.changes.len(), 2, "{:?}", doc.changes);
@@ -558,10 +560,7 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
     refresh::record_given_back(p.docs.as_ref(), &workspace(ws), &upgrade.invoice, 1, 100)
         .await
         .unwrap();
-    let doc = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
-        .await
-        .unwrap()
-        .unwrap();
+    let doc = doc_of(&p, ws).await;
     assert_eq!(doc.given_back, Some((1, 100)));
     assert_eq!(doc.changes[0].given_back, Some((1, 100)));
     play_until(&p, add_months(start(), 2) + Duration::days(1)).await;
@@ -588,10 +587,7 @@ async fn a_later_period_replaces_an_earlier_one_and_an_earlier_one_arriving_late
     refresh::record_paid_period(p.docs.as_ref(), &first, start())
         .await
         .unwrap();
-    let doc = refresh::refresh_doc(p.docs.as_ref(), &workspace(ws))
-        .await
-        .unwrap()
-        .unwrap();
+    let doc = doc_of(&p, ws).await;
     assert_eq!(
         (doc.period_start, doc.plan.as_str()),
         (second.period_start, "plus")

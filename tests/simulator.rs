@@ -706,27 +706,8 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
     }
     let sim = app.local.simulator.as_ref().unwrap();
     // A pack bought at checkout and an off-session top-up with the saved card.
-    let pack = app
-        .post(
-            "/v1/checkout/sessions",
-            &o,
-            json!({"kind": "pack", "pack": "pack_100"}),
-        )
-        .await;
-    let path = pack.body["url"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("http://tally.test")
-        .unwrap()
-        .to_owned();
-    app.send(
-        Method::POST,
-        &format!("{path}/pay"),
-        None,
-        Some(""),
-        &[("content-type", "application/x-www-form-urlencoded")],
-    )
-    .await;
+    let path = open_pack_checkout(&app, ws).await;
+    pay_checkout(&app, &path).await;
     use tally::payments::Payments;
     sim.charge_saved_method(&tally::payments::TopUp {
         workspace: tally_tests::workspace(ws),
