@@ -467,6 +467,25 @@ impl TestApp {
     }
 
     /// Sets the add-on units as the owner.
+    /// Opens a checkout for one `pack` as `ws`'s owner; answers the session's local path
+    /// (its page on the simulated Stripe).
+    pub async fn open_pack_checkout(&self, ws: &str, pack: &str) -> String {
+        let s = self
+            .post(
+                "/v1/checkout/sessions",
+                &owner(ws),
+                json!({"kind": "pack", "pack": pack}),
+            )
+            .await;
+        assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+        s.body["url"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("http://tally.test")
+            .unwrap()
+            .to_owned()
+    }
+
     pub async fn set_units(&self, ws: &str, units: u32) -> Answer {
         self.send(
             Method::PUT,

@@ -35,20 +35,7 @@ async fn set_plan(app: &TestApp, ws: &str, status: PlanStatus) {
 
 /// The unit price a pack checkout shows on the (simulated) Stripe page.
 async fn pack_page(app: &TestApp, ws: &str) -> String {
-    let s = app
-        .post(
-            "/v1/checkout/sessions",
-            &owner(ws),
-            json!({"kind": "pack", "pack": "pack_100"}),
-        )
-        .await;
-    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
-    let path = s.body["url"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("http://tally.test")
-        .unwrap()
-        .to_owned();
+    let path = app.open_pack_checkout(ws, "pack_100").await;
     let page = app.send(Method::GET, &path, None, None, &[]).await;
     page.body.as_str().unwrap().to_owned()
 }

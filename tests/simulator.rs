@@ -706,7 +706,7 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
     }
     let sim = app.local.simulator.as_ref().unwrap();
     // A pack bought at checkout and an off-session top-up with the saved card.
-    let path = open_pack_checkout(&app, ws).await;
+    let path = app.open_pack_checkout(ws, "pack_100").await;
     pay_checkout(&app, &path).await;
     use tally::payments::Payments;
     sim.charge_saved_method(&tally::payments::TopUp {
@@ -990,24 +990,6 @@ async fn a_customer_is_made_once_per_idempotency_key() {
     assert_ne!(other, first);
 }
 
-/// Opens a pack checkout for `ws`'s owner; answers the session's local path.
-async fn open_pack_checkout(app: &TestApp, ws: &str) -> String {
-    let s = app
-        .post(
-            "/v1/checkout/sessions",
-            &owner(ws),
-            json!({"kind": "pack", "pack": "pack_100"}),
-        )
-        .await;
-    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
-    s.body["url"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("http://tally.test")
-        .unwrap()
-        .to_owned()
-}
-
 async fn pay_checkout(app: &TestApp, path: &str) -> tally_tests::Answer {
     app.send(
         Method::POST,
@@ -1024,7 +1006,7 @@ async fn pay_checkout(app: &TestApp, path: &str) -> tally_tests::Answer {
 #[tokio::test]
 async fn a_checkout_session_expires_unpaid_after_a_day() {
     let app = TestApp::new();
-    let late = open_pack_checkout(&app, "org_late").await;
+    let late = app.open_pack_checkout("org_late", "pack_100").await;
     let a = advance(&app, json!({"hours": 25})).await;
     assert_eq!(a.status.as_u16(), 200, "{:#}", a.body);
     assert_eq!(pay_checkout(&app, &late).await.status.as_u16(), 410);
@@ -1034,7 +1016,7 @@ async fn a_checkout_session_expires_unpaid_after_a_day() {
         0,
         "nothing paid, nothing granted"
     );
-    let in_time = open_pack_checkout(&app, "org_late").await;
+    let in_time = app.open_pack_checkout("org_late", "pack_100").await;
     advance(&app, json!({"hours": 23})).await;
     let paid = pay_checkout(&app, &in_time).await;
     assert!(paid.status.is_redirection(), "{:#}", paid.body);
