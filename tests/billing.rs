@@ -255,6 +255,36 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
     assert_eq!(o.subscription.unwrap().addon_units, 2);
 }
 
+/// A trial added in the dashboard bills its period at $0: nothing was paid, so nothing is
+/// granted (the first invoice that bills the plan grants its month). A 100% coupon bills
+/// the lines at their price and discounts them: that grants as paid.
+#[test]
+fn a_trial_period_billed_at_nothing_grants_nothing() {
+    let catalog = tally::catalog::Catalog::builtin();
+    let grants = |trial: bool| {
+        let mut e = invoice("evt_trial", "invoice.paid", at(0), "paid");
+        let i = &mut e["data"]["object"];
+        for l in i["lines"]["data"].as_array_mut().unwrap() {
+            if trial {
+                l["amount"] = json!(0);
+            }
+        }
+        i["total"] = json!(0);
+        i["amount_paid"] = json!(0);
+        i["amount_due"] = json!(0);
+        let inv: tally::billing::objects::Invoice =
+            serde_json::from_value(e["data"]["object"].clone()).unwrap();
+        tally::billing::grants::invoice_grants(&inv, &catalog, &[])
+            .unwrap()
+            .grants
+            .iter()
+            .map(|g| g.credits.get())
+            .sum::<u64>()
+    };
+    assert_eq!(grants(true), 0, "a trial");
+    assert!(grants(false) > 0, "a 100% coupon");
+}
+
 /// A pack grants the credits it was sold with (recorded on the payment at sale), even
 /// when the catalog changed or dropped the pack before a late payment came; a payment
 /// from before they were recorded grants the catalog's.

@@ -203,6 +203,16 @@ pub fn invoice_grants(
     ) {
         return Ok(InvoiceCredits::default());
     }
+    // A period Stripe billed nothing for (a trial added in the dashboard: its lines are
+    // $0) is not a paid period: its credits come with the first invoice that bills it. (A
+    // coupon bills the lines at their price and discounts them: that is paid for.)
+    if matches!(reason, Some("subscription_create" | "subscription_cycle"))
+        && !i.lines.data.is_empty()
+        && i.lines.data.iter().all(|l| l.amount == 0)
+    {
+        tracing::info!(invoice = %i.id, "a period billed nothing (a trial): no credits");
+        return Ok(InvoiceCredits::default());
+    }
     let lines = paid_lines(i, catalog);
     if new_period(&lines).is_none() && reason != Some("subscription_update") {
         // A subscription created before Tally named its products: its terms are in the
