@@ -524,6 +524,10 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
         .unwrap();
     let opened = doc_of(&p, ws).await;
     assert_eq!(opened.invoice, upgrade.invoice, "opened by the change");
+    // Not due for its months meanwhile (the period's invoice files it again), only for
+    // its renewal check.
+    let due = refresh::schedule::next_due(&opened, Duration::hours(6)).unwrap();
+    assert!(due >= opened.period_end, "{due}");
     // The changes paid only their difference: the months wait for the period's invoice.
     play_until(&p, add_months(start(), 1) + Duration::days(1)).await;
     assert!(plan_grants(&p, ws).await.is_empty());

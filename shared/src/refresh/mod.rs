@@ -261,13 +261,30 @@ impl RefreshDoc {
         doc.opened_by = None;
         doc.given_back = None;
         let own = Self::from_period(p).parts();
+        // What the change led to from the period's own level: a change that did not bill
+        // the add-on item leaves the value the period's invoice gave its units.
+        let after = own.changed_by(&PaidPeriod {
+            invoice: self.invoice.clone(),
+            plan: opening.level.plan.clone(),
+            addon_units: opening.level.addon_units,
+            addon_credits: opening.level.addon_credits,
+            ..p.clone()
+        });
+        match doc.changes.first_mut() {
+            Some(next) => next.before = after.clone(),
+            None => {
+                doc.plan = after.plan.clone();
+                doc.addon_units = after.addon_units;
+                doc.addon_credits = after.addon_credits;
+            }
+        }
         doc.changes.insert(
             0,
             PaidChange {
                 invoice: self.invoice.clone(),
                 at: opening.at,
                 before: own,
-                after: opening.level.clone(),
+                after,
                 given_back: self.given_back,
             },
         );

@@ -199,9 +199,10 @@ pub fn renewal_check_at(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Ut
 /// When the workspace next needs the worker: the next allotment, the renewal check, or
 /// the ledger's next settlement (as the worker last saw it), whichever comes first.
 pub fn next_due(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Utc>> {
+    // A period a change opened waits for its own invoice, whose arrival files it again.
     let allotment = allotments(doc.period_start, doc.period_end)
         .into_iter()
-        .find(|a| a.k >= doc.next_allotment)
+        .find(|a| a.k >= doc.next_allotment && doc.opened_by.is_none())
         .map(|a| a.at);
     [allotment, renewal_check_at(doc, grace), doc.settle_at]
         .into_iter()
