@@ -787,7 +787,7 @@ async fn training_a_custom_model_needs_a_free_slot_on_the_plan() {
 
     // A finished model is retired by an owner or billing admin: its slot is free again.
     let first = trainings[0].as_str().unwrap();
-    let retire = format!("/v1/models/{first}/retire");
+    let retire = format!("/v1/generations/{first}/retire-model");
     app.post(&retire, &d, json!({}))
         .await
         .assert_problem(409, "conflict");
@@ -814,16 +814,23 @@ async fn training_a_custom_model_needs_a_free_slot_on_the_plan() {
     assert_eq!(journal["items"][0]["reason"], "model_retired");
     // Another workspace's model, or no model at all, is not found.
     for other in [
-        format!("/v1/models/{first}/retire"),
-        format!("/v1/models/{}/retire", trainings[1].as_str().unwrap()),
+        format!("/v1/generations/{first}/retire-model"),
+        format!(
+            "/v1/generations/{}/retire-model",
+            trainings[1].as_str().unwrap()
+        ),
     ] {
         app.post(&other, &owner("org_a"), json!({}))
             .await
             .assert_problem(404, "not_found");
     }
-    app.post("/v1/models/not-a-generation/retire", &d, json!({}))
-        .await
-        .assert_problem(422, "validation_failed");
+    app.post(
+        "/v1/generations/not-a-generation/retire-model",
+        &d,
+        json!({}),
+    )
+    .await
+    .assert_problem(422, "validation_failed");
     start(&app, &d, train).await;
 }
 

@@ -78,7 +78,10 @@ pub fn protected_routes(state: AppState) -> Router {
             "/v1/generations/{id}/reverse",
             post(generations::reverse_generation),
         )
-        .route("/v1/models/{id}/retire", post(entitlements::retire_model))
+        .route(
+            "/v1/generations/{id}/retire-model",
+            post(entitlements::retire_model),
+        )
         .route("/v1/ledger", get(ledger::ledger))
         .route("/v1/ledger/export", get(reports::export_ledger))
         .route("/v1/usage", get(reports::usage_report))

@@ -50,7 +50,7 @@ pub async fn entitlements(
     view(&app, workspace).await.map(Json)
 }
 
-#[utoipa::path(post, path = "/v1/models/{id}/retire", tag = "credits", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/generations/{id}/retire-model", tag = "credits", security(("bearer" = [])),
     params(super::generations::GenerationPath),
     responses((status = 200, body = EntitlementsView), (status = 403, body = ProblemDetails),
         (status = 404, description = "not an active custom model of this workspace", body = ProblemDetails),
