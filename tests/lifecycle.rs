@@ -380,6 +380,43 @@ async fn a_yearly_plan_gets_twelve_monthly_allotments_as_the_clock_moves() {
 }
 
 #[tokio::test]
+async fn a_monthly_plan_anchored_on_the_31st_gets_one_grant_a_month() {
+    let app = TestApp::new();
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&serde_json::json!({"until": "2027-01-31T12:00:00Z"}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    let sub = app.subscribe("org_a31", "max", "monthly").await;
+    // Stripe's periods for this anchor: 31 Jan to 28 Feb, 28 Feb to 31 Mar, 31 Mar to
+    // 30 Apr. The one from 28 Feb is longer than a month of its start; its renewal
+    // invoice grants it, the credit refresh adds nothing on 28 Mar.
+    advance_days(&app, 29).await;
+    assert_eq!(plan_grants(&app, "org_a31").await.len(), 2);
+    // 30 Mar: still the sign-up's and the 28 Feb renewal's.
+    advance_days(&app, 29).await;
+    assert_eq!(plan_grants(&app, "org_a31").await.len(), 2);
+    advance_days(&app, 3).await;
+    let cycles: Vec<_> = app
+        .sim_events("invoice.paid")
+        .into_iter()
+        .filter(|i| {
+            i["billing_reason"] == "subscription_cycle"
+                && i["parent"]["subscription_details"]["subscription"] == sub.as_str()
+        })
+        .collect();
+    assert_eq!(cycles.len(), 2, "renewed on 28 Feb and 31 Mar");
+    let grants = plan_grants(&app, "org_a31").await;
+    assert_eq!(grants.len(), 3, "{grants:#?}");
+    assert!(grants.iter().all(|(_, c)| *c == 400), "{grants:#?}");
+}
+
+#[tokio::test]
 async fn a_canceled_plan_does_not_renew_and_a_paused_yearly_plan_keeps_its_paid_months_only() {
     let app = TestApp::new();
     app.subscribe("org_stop", "max", "monthly").await;

@@ -349,7 +349,7 @@ impl RefreshDoc {
 
     /// The first allotment the worker has not dealt with yet, if the period owes one.
     fn pending_allotment(&self) -> Option<schedule::Allotment> {
-        schedule::allotments(self.period_start, self.period_end)
+        schedule::of(self)
             .into_iter()
             .find(|a| a.k >= self.next_allotment)
     }
@@ -358,7 +358,7 @@ impl RefreshDoc {
     /// dealt with yet: a change made at `at` falls in that allotment's billing month, which
     /// is still to be granted.
     pub fn waiting_at(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        schedule::allotments(self.period_start, self.period_end)
+        schedule::of(self)
             .into_iter()
             .filter(|a| a.k >= self.next_allotment && a.at <= at)
             .map(|a| a.at)

@@ -35,6 +35,19 @@ pub fn allotments(start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<Allotment> {
         .collect()
 }
 
+/// The allotments the worker owes for the document's period. A monthly period owes none,
+/// whatever its length: Stripe ends it on the anchor's day, so one starting on the 28th of
+/// February for an anchor on the 31st ends on the 31st of March, more than a month of
+/// `add_months` later, and its renewal invoice grants that month.
+pub fn of(doc: &RefreshDoc) -> Vec<Allotment> {
+    match doc.interval {
+        crate::subscriptions::plan::Interval::Monthly => Vec::new(),
+        crate::subscriptions::plan::Interval::Yearly => {
+            allotments(doc.period_start, doc.period_end)
+        }
+    }
+}
+
 /// One ledger grant of an allotment, under a key derived from the subscription, the
 /// period start and the allotment number, so it is granted at most once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +195,7 @@ pub fn grants(
 
 /// The allotments whose time has come at `now` and that the worker has not dealt with yet.
 pub fn due_allotments(doc: &RefreshDoc, now: DateTime<Utc>) -> Vec<Allotment> {
-    allotments(doc.period_start, doc.period_end)
+    of(doc)
         .into_iter()
         .filter(|a| a.k >= doc.next_allotment && a.at <= now)
         .collect()
@@ -200,7 +213,7 @@ pub fn renewal_check_at(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Ut
 /// the ledger's next settlement (as the worker last saw it), whichever comes first.
 pub fn next_due(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Utc>> {
     // A period a change opened waits for its own invoice, whose arrival files it again.
-    let allotment = allotments(doc.period_start, doc.period_end)
+    let allotment = of(doc)
         .into_iter()
         .find(|a| a.k >= doc.next_allotment && doc.opened_by.is_none())
         .map(|a| a.at);
@@ -586,5 +599,32 @@ mod tests {
         let m = doc(t(2027, 1, 31), Interval::Monthly);
         assert!(due_allotments(&m, t(2027, 6, 1)).is_empty());
         assert_eq!(next_due(&m, grace), Some(t(2027, 2, 28) + grace));
+    }
+
+    #[test]
+    fn a_monthly_period_longer_than_a_month_of_its_start_owes_no_allotment() {
+        // Stripe's periods for an anchor on the 31st: 28 Feb to 31 Mar, 30 Apr to 31 May.
+        // `add_months` from the start falls inside them (28 Mar, 30 May); the renewal
+        // invoice grants each month, so the worker must not.
+        let grace = Duration::hours(6);
+        for (start, end) in [
+            (t(2027, 2, 28), t(2027, 3, 31)),
+            (t(2027, 4, 30), t(2027, 5, 31)),
+            (t(2028, 2, 29), t(2028, 3, 31)),
+        ] {
+            let mut m = doc(start, Interval::Monthly);
+            m.period_end = end;
+            assert!(
+                !allotments(start, end).is_empty(),
+                "the dates alone owe one"
+            );
+            assert!(of(&m).is_empty());
+            assert!(due_allotments(&m, end).is_empty());
+            assert_eq!(next_due(&m, grace), Some(end + grace));
+            assert_eq!(m.waiting_at(end), None);
+            // The same dates in a yearly document are months of its year.
+            m.interval = Interval::Yearly;
+            assert_eq!(of(&m).len(), 1);
+        }
     }
 }

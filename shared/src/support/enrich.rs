@@ -167,7 +167,7 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
             .and_then(|v| v.as_str().map(str::to_owned));
     }
     if let Some(doc) = crate::refresh::refresh_doc(ctx.docs.as_ref(), s.workspace).await? {
-        let next = crate::refresh::schedule::allotments(doc.period_start, doc.period_end)
+        let next = crate::refresh::schedule::of(&doc)
             .into_iter()
             .find(|a| a.k >= doc.next_allotment && a.at > s.now)
             .map(|a| a.at)
