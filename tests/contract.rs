@@ -295,6 +295,7 @@ async fn health_the_document_and_the_simulator_are_documented() {
         ("/sim/checkout/{id}/pay", "post"),
         ("/sim/invoices/{id}", "get"),
         ("/sim/invoices/{id}/pay", "post"),
+        ("/sim/invoices/{id}/credit-note", "post"),
         ("/sim/done", "get"),
         ("/sim/notifications", "get"),
     ] {

@@ -1565,3 +1565,178 @@ async fn an_approval_sent_to_staff_is_not_refunded_when_its_document_lags_behind
         .unwrap();
     assert!(server.received_requests().await.unwrap().is_empty());
 }
+
+/// Posts to the simulator (as staff in Stripe's dashboard) and lets billing catch up.
+async fn dashboard(app: &TestApp, path: &str, body: Value) -> tally_tests::Answer {
+    let a = app
+        .send(
+            axum::http::Method::POST,
+            path,
+            None,
+            Some(&body.to_string()),
+            &[],
+        )
+        .await;
+    settle(app).await;
+    a
+}
+
+#[tokio::test]
+async fn a_credit_note_that_gives_money_back_without_a_refund_takes_its_credits_back_once() {
+    let app = TestApp::new();
+    let ws = "org_cn";
+    app.subscribe(ws, "plus", "monthly").await;
+    let month = app.available(ws).await;
+    let invoice = app.sim_events("invoice.paid").last().unwrap().clone();
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    let paid = invoice["amount_paid"].as_u64().unwrap();
+    let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Staff credit a quarter of the invoice outside Stripe: a quarter of its credits go.
+    let note = dashboard(
+        &app,
+        &format!("/sim/invoices/{id}/credit-note"),
+        json!({"amount": paid / 4}),
+    )
+    .await;
+    assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
+    let quarter = month * (paid / 4) / paid;
+    assert_eq!(app.available(ws).await, month - quarter);
+    // More than is left to credit is refused by Stripe.
+    dashboard(
+        &app,
+        &format!("/sim/invoices/{id}/credit-note"),
+        json!({"amount": paid}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    // The event again, and once more signed as a new delivery: nothing more.
+    let created = app.sim_events("credit_note.created");
+    assert_eq!(created.len(), 1);
+    let event = app
+        .get("/sim/events", &owner(ws))
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "credit_note.created")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let again = dashboard(&app, &format!("/sim/events/{event}/redeliver"), json!({})).await;
+    assert!(again.status.is_success(), "{:#}", again.body);
+    assert_eq!(app.available(ws).await, month - quarter);
+    let line = app
+        .get("/v1/billing/history?limit=50", &owner(ws))
+        .await
+        .body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(line["amount_credited"], paid / 4, "{line:#}");
+    assert_eq!(line["amount_refunded"], 0, "{line:#}");
+    assert_eq!(line["credits_taken_back"], quarter, "{line:#}");
+
+    // What a refund request may still return excludes what the note gave back.
+    let r = ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "not what we expected"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["status"], "in_review", "{:#}", r.body);
+    let rid = r.body["id"].as_str().unwrap().to_owned();
+    app.post(
+        &format!("/v1/admin/refund-requests/{rid}/approve"),
+        &support(),
+        json!({"amount_cents": paid}),
+    )
+    .await
+    .assert_problem(422, "validation_failed");
+    assert_eq!(charge_of(&app, &charge)["amount_refunded"], 0);
+    let ok = app
+        .post(
+            &format!("/v1/admin/refund-requests/{rid}/approve"),
+            &support(),
+            json!({"amount_cents": paid - paid / 4}),
+        )
+        .await;
+    assert_eq!(ok.status.as_u16(), 200, "{:#}", ok.body);
+    settle(&app).await;
+    let done = app
+        .get(&format!("/v1/refund-requests/{rid}"), &owner(ws))
+        .await;
+    assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
+    // The refund and the note give back all that was paid: every credit it bought goes.
+    assert_eq!(app.available(ws).await, 0);
+    assert_eq!(
+        charge_of(&app, &charge)["amount_refunded"],
+        paid - paid / 4,
+        "never more than was paid comes back"
+    );
+
+    // Voiding the note later takes nothing further and gives nothing back by itself.
+    let mut voided = created[0].clone();
+    voided["status"] = json!("void");
+    let now = app.clock.now().timestamp();
+    voided["voided_at"] = json!(now);
+    let delivery = tally_tests::stripe_event("evt_cn_void", "credit_note.voided", now, voided);
+    assert_eq!(app.deliver_signed(&delivery).await, 200);
+    settle(&app).await;
+    assert_eq!(app.available(ws).await, 0);
+}
+
+#[tokio::test]
+async fn a_credit_note_with_a_refund_counts_the_refund_once_and_a_reissue_note_takes_nothing() {
+    let app = TestApp::new();
+    let ws = "org_cn2";
+    app.subscribe(ws, "plus", "monthly").await;
+    let month = app.available(ws).await;
+    let invoice = app.sim_events("invoice.paid").last().unwrap().clone();
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    let paid = invoice["amount_paid"].as_i64().unwrap();
+    let now = app.clock.now().timestamp();
+    // A note made in the dashboard: half to the customer's balance, a tenth refunded (the
+    // refund reaches the charge's `amount_refunded` by its own events, not here).
+    let mut note = fixture("credit_note");
+    note["id"] = json!("cn_balance_1");
+    note["invoice"] = json!(id);
+    note["type"] = json!("post_payment");
+    note["status"] = json!("issued");
+    note["total"] = json!(paid / 2 + paid / 10);
+    note["post_payment_amount"] = json!(paid / 2 + paid / 10);
+    note["pre_payment_amount"] = json!(0);
+    note["out_of_band_amount"] = Value::Null;
+    note["customer_balance_transaction"] = json!("cbtxn_1");
+    note["refunds"] = json!([{"amount_refunded": paid / 10, "refund": "re_cn_1"}]);
+    note["memo"] = Value::Null;
+    let delivery = tally_tests::stripe_event("evt_cn_bal", "credit_note.created", now, note);
+    assert_eq!(app.deliver_signed(&delivery).await, 200);
+    settle(&app).await;
+    let half = month * (paid as u64 / 2) / paid as u64;
+    assert_eq!(app.available(ws).await, month - half);
+
+    // A note with the reissue's memo is the reissue's own: nothing was given back.
+    let mut reissue = fixture("credit_note");
+    reissue["id"] = json!("cn_reissue_1");
+    reissue["invoice"] = json!(id);
+    reissue["type"] = json!("post_payment");
+    reissue["status"] = json!("issued");
+    reissue["post_payment_amount"] = json!(paid - paid / 2);
+    reissue["out_of_band_amount"] = json!(paid - paid / 2);
+    reissue["refunds"] = json!([]);
+    reissue["memo"] = json!(tally::payments::REISSUE_MEMO);
+    let delivery = tally_tests::stripe_event("evt_cn_re", "credit_note.created", now, reissue);
+    assert_eq!(app.deliver_signed(&delivery).await, 200);
+    settle(&app).await;
+    assert_eq!(app.available(ws).await, month - half);
+}

@@ -165,6 +165,22 @@ pub fn sim_paths() -> Value {
             "parameters": id_param("Invoice id"),
             "responses": {"303": redirect("the invoice page"), "200": html("The invoice page, when the redirect is followed"),
                 "404": html("No such invoice")}}},
+        "/sim/invoices/{id}/credit-note": {"post": {
+            "tags": ["simulator"], "operationId": "sim_invoice_credit_note",
+            "summary": "Credits part of a paid invoice outside Stripe, as staff would in the dashboard: a post-payment credit note with `out_of_band_amount`; `credit_note.created` is delivered and the credits that money bought are taken back.",
+            "parameters": id_param("Invoice id"),
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false, "required": ["amount"],
+                "properties": {"amount": {"type": "integer", "minimum": 1,
+                    "maximum": 100_000_000_000_i64, "description": "Cents"}}}}}},
+            "responses": {"200": {"description": "The credit note", "content": {"application/json": {
+                    "schema": {"type": "object"}}}},
+                "400": problem("Malformed JSON"),
+                "404": problem("No such invoice"),
+                "409": problem("Not paid, or more than is left to credit"),
+                "413": problem("Body too large"),
+                "415": problem("Not JSON"),
+                "422": problem("Not an integer")}}},
         "/sim/done": {"get": {
             "tags": ["simulator"], "operationId": "sim_done",
             "summary": "Where checkout and the portal return to locally.",

@@ -109,6 +109,10 @@ pub struct HistoryEntry {
     /// Of a purchase: how much of it was refunded so far.
     #[serde(default)]
     pub amount_refunded: Cents,
+    /// Of a purchase: how much credit notes gave back without a refund (to the customer's
+    /// Stripe balance, or outside Stripe).
+    #[serde(default)]
+    pub amount_credited: Cents,
     /// Of a purchase: the cents that are not refundable (add-on units).
     #[serde(default)]
     pub non_refundable: Cents,
@@ -149,6 +153,7 @@ impl HistoryEntry {
             description: None,
             amount: Cents::ZERO,
             amount_refunded: Cents::ZERO,
+            amount_credited: Cents::ZERO,
             non_refundable: Cents::ZERO,
             subscription: None,
             currency: None,
@@ -205,6 +210,9 @@ pub struct Movement {
     pub amount: Cents,
     /// Of a purchase: integer cents refunded so far.
     pub amount_refunded: Cents,
+    /// Of a purchase: integer cents credit notes gave back without a refund (to the
+    /// customer's Stripe balance, or outside Stripe).
+    pub amount_credited: Cents,
     pub currency: String,
     /// Integer cents of tax, where Stripe reported it.
     pub tax: Option<Cents>,
@@ -240,6 +248,7 @@ impl Movement {
             description: e.description,
             amount: e.amount,
             amount_refunded: e.amount_refunded,
+            amount_credited: e.amount_credited,
             currency: e.currency.unwrap_or_else(|| "usd".into()),
             tax: e.tax,
             invoice: e.invoice,

@@ -205,6 +205,9 @@ impl BillingEvents {
             "refund.created" | "refund.updated" | "refund.failed" => {
                 self.refund(parse(event)?).await
             }
+            "credit_note.created" | "credit_note.updated" | "credit_note.voided" => {
+                self.credit_note(parse(event)?).await
+            }
             "charge.dispute.created" | "charge.dispute.updated" | "charge.dispute.closed" => {
                 self.dispute(event, parse(event)?).await
             }

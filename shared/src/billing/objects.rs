@@ -415,6 +415,61 @@ pub struct Dispute {
     pub created: i64,
 }
 
+/// A credit note (`credit_note.created`, `.updated`, `.voided`). Of a paid invoice, its
+/// `post_payment_amount` is given back as refunds (`refunds`, which reach the charge's
+/// `amount_refunded`), as credit on the customer's Stripe balance, or outside Stripe
+/// (`out_of_band_amount`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreditNote {
+    pub id: String,
+    #[serde(default)]
+    pub invoice: Expandable<InvoiceId>,
+    /// `issued` or `void`.
+    pub status: Option<String>,
+    /// `pre_payment` or `post_payment`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub total: i64,
+    pub post_payment_amount: Option<i64>,
+    #[serde(default, deserialize_with = "nullable_vec")]
+    pub refunds: Vec<CreditNoteRefund>,
+    pub memo: Option<String>,
+    #[serde(default, deserialize_with = "nullable_map")]
+    pub metadata: HashMap<String, String>,
+    pub created: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreditNoteRefund {
+    #[serde(default)]
+    pub amount_refunded: i64,
+}
+
+fn nullable_vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl CreditNote {
+    /// Integer cents of a paid invoice given back other than by a refund: credit on the
+    /// customer's balance and credit outside Stripe (what the note gave, void or not).
+    pub fn given_back_without_refund(&self) -> i64 {
+        let post =
+            self.post_payment_amount
+                .unwrap_or(if self.kind.as_deref() == Some("post_payment") {
+                    self.total
+                } else {
+                    0
+                });
+        let refunded: i64 = self.refunds.iter().map(|r| r.amount_refunded).sum();
+        post.saturating_sub(refunded).max(0)
+    }
+
+    pub fn void(&self) -> bool {
+        self.status.as_deref() == Some("void")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use super::records::{PAYMENT_SK, PaymentRecord, charge_pk, refund_rank};
 use super::{BillingEvents, poison};
 use crate::ids::{ChargeId, IdempotencyKey, InvoiceId, PaymentIntentId, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Operation, Refs, Share};
-use crate::money::Credits;
+use crate::money::{Cents, Credits};
 use crate::queue::ConsumeError;
 use crate::service::LedgerRequest;
 use crate::store::docs;
@@ -47,6 +47,31 @@ pub struct InvoiceLots {
     /// (grant key, lot sequence number, credits granted)
     pub lots: Vec<(String, u64, Credits)>,
     pub payment_intent: Option<PaymentIntentId>,
+}
+
+/// The credit notes of a paid invoice that gave money back without a refund (to the
+/// customer's Stripe balance, or outside Stripe), by credit note id: (cents, voided).
+/// Staff make them in Stripe's dashboard, one at a time; a reissue's own note is not kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditNotes {
+    pub notes: std::collections::BTreeMap<String, (u64, bool)>,
+}
+
+impl CreditNotes {
+    /// Cents given back by the notes not voided.
+    pub fn credited(&self) -> u64 {
+        self.notes
+            .values()
+            .filter(|(_, void)| !void)
+            .fold(0u64, |a, (c, _)| a.saturating_add(*c))
+    }
+}
+
+/// More credit notes than this on one invoice go to a person (the document stays small).
+pub const MAX_CREDIT_NOTES: usize = 100;
+
+pub fn credit_notes_pk(invoice: &InvoiceId) -> String {
+    format!("CREDIT_NOTES#{invoice}")
 }
 
 pub fn invoice_lots_pk(invoice: &InvoiceId) -> String {
@@ -207,6 +232,67 @@ impl BillingEvents {
         self.follow_payment(pi).await
     }
 
+    /// `credit_note.created`, `.updated`, `.voided`: a note of a paid invoice that gave
+    /// money back without a refund takes back what that money bought, as a refund does.
+    /// A voided note gives nothing back from then on; credits it already took stay taken
+    /// (staff give them back with an adjustment), as after a refund that failed.
+    pub(super) async fn credit_note(
+        &self,
+        note: super::objects::CreditNote,
+    ) -> Result<(), ConsumeError> {
+        let Some(invoice) = note.invoice.id().cloned() else {
+            return Ok(());
+        };
+        if note.memo.as_deref() == Some(crate::payments::REISSUE_MEMO) {
+            // A reissue: the replacement is paid by the same money; nothing was given back.
+            return Ok(());
+        }
+        let cents = u64::try_from(note.given_back_without_refund()).unwrap_or(0);
+        let void = note.void();
+        let mut over = false;
+        docs::update(
+            self.docs.as_ref(),
+            &credit_notes_pk(&invoice),
+            LINK_SK,
+            |cur: Option<CreditNotes>| {
+                let mut d = cur.unwrap_or_default();
+                let before = d.notes.get(&note.id).copied();
+                // A note's amounts never change; a void is final.
+                let was_void = before.is_some_and(|(_, v)| v);
+                let next = (cents, void || was_void);
+                if before == Some(next) {
+                    return None;
+                }
+                if before.is_none() && d.notes.len() >= MAX_CREDIT_NOTES {
+                    over = true;
+                    return None;
+                }
+                d.notes.insert(note.id.clone(), next);
+                Some(d)
+            },
+        )
+        .await?;
+        if over {
+            return Err(poison(format!(
+                "invoice {invoice} has more than {MAX_CREDIT_NOTES} credit notes; credit note {} is left to a person",
+                note.id
+            )));
+        }
+        self.follow_invoice(&invoice).await
+    }
+
+    /// Cents the credit notes of `invoice` gave back without a refund.
+    pub(crate) async fn credited(&self, invoice: Option<&InvoiceId>) -> Result<u64, ConsumeError> {
+        let Some(invoice) = invoice else {
+            return Ok(0);
+        };
+        Ok(
+            docs::get::<CreditNotes>(self.docs.as_ref(), &credit_notes_pk(invoice), LINK_SK)
+                .await?
+                .map_or(0, |d| d.credited()),
+        )
+    }
+
     /// Records which charge paid `pi`, then follows the payment.
     pub(super) async fn link_charge(
         &self,
@@ -272,6 +358,14 @@ impl BillingEvents {
             .invoice
             .as_ref()
             .map_or_else(|| pi.to_string(), ToString::to_string);
+        // Money given back: refunds, and what credit notes gave back without one (to the
+        // customer's Stripe balance, or outside Stripe).
+        let credited = self.credited(link.invoice.as_ref()).await?;
+        let refunded = payment
+            .amount_refunded
+            .get()
+            .saturating_add(credited)
+            .min(paid);
         self.payment_history(
             &workspace,
             &row,
@@ -279,14 +373,16 @@ impl BillingEvents {
             charge,
             &payment,
             link.invoice.as_ref(),
+            credited,
         )
         .await?;
-        let refunded = payment.amount_refunded.get().min(paid);
         if refunded > 0 {
             for &(lot, credits) in &lots {
                 // The ledger keeps how much of the payment each lot has followed, so this
                 // is exact under retries, reordering and a concurrent follower.
-                let req = take_back_request(&workspace, charge, pi, lot, credits, refunded, paid);
+                let req = take_back_request(
+                    &workspace, charge, pi, lot, credits, refunded, paid, credited,
+                );
                 let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
                 let outcome = self.run(req).await?;
                 if let Some(o) = outcome {
@@ -401,6 +497,7 @@ impl BillingEvents {
 
     /// A payment's facts on the billing history: the purchase's line (`row`) gets the
     /// payment, its receipt and how much was refunded; each refund and dispute has a line.
+    #[allow(clippy::too_many_arguments)]
     async fn payment_history(
         &self,
         workspace: &WorkspaceId,
@@ -409,6 +506,7 @@ impl BillingEvents {
         charge: &ChargeId,
         payment: &PaymentRecord,
         invoice: Option<&InvoiceId>,
+        credited: u64,
     ) -> Result<(), ConsumeError> {
         let now = self.ledger.clock.now();
         let created = payment.created.unwrap_or(now);
@@ -422,6 +520,9 @@ impl BillingEvents {
                 e.amount = e.amount.max(payment.amount);
             }
             e.amount_refunded = e.amount_refunded.max(payment.amount_refunded);
+            // Never lowered: what may still be refunded is read from it, and a stale
+            // follower must not make more refundable than there is.
+            e.amount_credited = e.amount_credited.max(Cents::new(credited));
             *e != before
         })
         .await?;
@@ -524,6 +625,7 @@ fn follow_request(
 /// The take-back of what `refunded` of the `paid` cents of a payment bought of a lot of
 /// `credits`: the same request whether a refund request's approval runs it or Stripe's
 /// refund event does later (then it is a replay and takes nothing twice).
+#[allow(clippy::too_many_arguments)]
 pub fn take_back_request(
     workspace: &WorkspaceId,
     charge: &ChargeId,
@@ -532,15 +634,22 @@ pub fn take_back_request(
     credits: Credits,
     refunded: u64,
     paid: u64,
+    credited: u64,
 ) -> LedgerRequest {
     let bought = Share {
         numerator: refunded,
         denominator: paid,
     }
     .of(credits);
-    let note = format!(
-        "{refunded} of {paid} cents paid by {charge} refunded; that money bought {bought} credits of lot_{lot}"
-    );
+    let note = if credited == 0 {
+        format!(
+            "{refunded} of {paid} cents paid by {charge} refunded; that money bought {bought} credits of lot_{lot}"
+        )
+    } else {
+        format!(
+            "{refunded} of {paid} cents paid by {charge} given back ({credited} of them by credit notes, without a refund); that money bought {bought} credits of lot_{lot}"
+        )
+    };
     let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
     follow_request(
         workspace,

@@ -336,6 +336,10 @@ pub struct Reissue {
     pub idempotency_key: String,
 }
 
+/// The memo of the credit note a reissue settles its original with: how billing tells that
+/// note (no money given back) from one made in the dashboard.
+pub const REISSUE_MEMO: &str = "Reissued with corrected billing details; replaced by a new invoice";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reissued {
     pub replacement: InvoiceLink,

@@ -1139,7 +1139,7 @@ impl Payments for StripePayments {
             .number
             .clone()
             .unwrap_or_else(|| req.invoice.to_string());
-        let memo = "Reissued with corrected billing details; replaced by a new invoice";
+        let memo = super::REISSUE_MEMO;
         let note: Created = self
             .post(
                 "/credit_notes",

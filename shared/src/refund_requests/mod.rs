@@ -216,6 +216,7 @@ struct Basis {
     pi: crate::ids::PaymentIntentId,
     refunded: u64,
     paid: u64,
+    credited: u64,
 }
 
 impl Claim {
@@ -774,16 +775,21 @@ impl RefundRequests {
             .await?
             .unwrap_or_default();
         let requested: u64 = claims.requests.iter().map(|c| c.holds().get()).sum();
+        // Credit notes that gave money back without a refund count as given back, as
+        // when Stripe's refund event is followed.
+        let credited = entry.amount_credited.get();
         let refunded = elsewhere(&payment, &claims)
             .get()
             .saturating_add(requested)
             .max(payment.amount_refunded.get())
+            .saturating_add(credited)
             .min(paid);
         Ok(Some(Basis {
             lots: self.lots_of(&entry).await?,
             pi,
             refunded,
             paid,
+            credited,
         }))
     }
 
@@ -813,6 +819,7 @@ impl RefundRequests {
                 credits,
                 b.refunded,
                 b.paid,
+                b.credited,
             );
             match self.ledger.execute(req).await {
                 Ok(o) => held = held.checked_add(o.clawed_back).unwrap_or(held),

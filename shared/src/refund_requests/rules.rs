@@ -124,6 +124,7 @@ pub fn duplicate_of<'a>(
             && o.charge.is_some()
             && o.amount == entry.amount
             && o.amount_refunded == Cents::ZERO
+            && o.amount_credited == Cents::ZERO
             && o.description == entry.description
             && (entry.kind != Some(MovementKind::Subscription)
                 || (o.subscription == entry.subscription
@@ -201,14 +202,18 @@ pub fn refundable(
         .get()
         .saturating_sub(non_refundable)
         .saturating_sub(refunded_elsewhere.get())
-        .saturating_sub(claimed.get());
+        .saturating_sub(claimed.get())
+        // Money a credit note gave back to the customer's balance, or outside Stripe, is
+        // given back already.
+        .saturating_sub(entry.amount_credited.get());
     // Never more than what Stripe still holds of the charge.
     Cents::new(
         left.min(
             entry
                 .amount
                 .get()
-                .saturating_sub(entry.amount_refunded.get()),
+                .saturating_sub(entry.amount_refunded.get())
+                .saturating_sub(entry.amount_credited.get()),
         ),
     )
 }
@@ -388,5 +393,18 @@ mod tests {
             refundable(&e, true, Cents::ZERO, Cents::ZERO),
             Cents::new(100)
         );
+        // So does what credit notes gave back to the customer's balance or outside Stripe.
+        e.amount_refunded = Cents::ZERO;
+        e.amount_credited = Cents::new(3000);
+        assert_eq!(
+            refundable(&e, true, Cents::ZERO, Cents::ZERO),
+            Cents::new(2000)
+        );
+        assert_eq!(
+            refundable(&e, true, Cents::new(1500), Cents::ZERO),
+            Cents::new(500)
+        );
+        e.amount_refunded = Cents::new(2500);
+        assert_eq!(refundable(&e, true, Cents::ZERO, Cents::ZERO), Cents::ZERO);
     }
 }

@@ -4,7 +4,8 @@
 //! A refund updates the charge (`amount_refunded`, `refunded` once all of it is back) and
 //! delivers `charge.refunded` with the charge, then `refund.created` with the refund. A
 //! dispute delivers `charge.dispute.created` (status `needs_response`, for what was not
-//! refunded) and, when closed, `charge.dispute.closed` with `won` or `lost`.
+//! refunded) and, when closed, `charge.dispute.closed` with `won` or `lost`. A credit note
+//! made in the dashboard for part of a paid invoice delivers `credit_note.created`.
 
 use super::Simulator;
 use super::objects::{fixture, new_id};
@@ -136,6 +137,62 @@ impl Simulator {
         };
         self.deliver("charge.dispute.closed", closed.clone()).await;
         Ok(closed)
+    }
+
+    /// Staff credit part of a paid invoice outside Stripe in the dashboard: a post-payment
+    /// credit note with `out_of_band_amount` (no money moves in Stripe), as Stripe makes
+    /// it. The invoice's `post_payment_credit_notes_amount` grows; `credit_note.created`
+    /// is delivered.
+    pub async fn credit_note(&self, invoice: &str, amount: i64) -> Result<Value, MoneyBackError> {
+        let now = self.now();
+        let mut inv = self
+            .invoice(invoice)
+            .ok_or_else(|| MoneyBackError::NotFound(format!("no such invoice: {invoice}")))?;
+        if inv["status"] != "paid" {
+            return Err(MoneyBackError::Invalid(format!(
+                "invoice {invoice} is not paid; this simulator credits paid invoices only"
+            )));
+        }
+        let paid = inv["amount_paid"].as_i64().unwrap_or_default();
+        let credited = inv["post_payment_credit_notes_amount"]
+            .as_i64()
+            .unwrap_or_default();
+        if amount <= 0 || amount > paid - credited {
+            return Err(MoneyBackError::Invalid(format!(
+                "the credit note's amount ({amount}) must be between 1 and the {} cents of invoice {invoice} not yet credited",
+                paid - credited
+            )));
+        }
+        inv["post_payment_credit_notes_amount"] = json!(credited + amount);
+        self.store_invoice(&inv, None);
+        let mut note = fixture("credit_note");
+        note["id"] = json!(new_id("cn"));
+        note["invoice"] = json!(invoice);
+        note["customer"] = inv["customer"].clone();
+        note["currency"] = inv["currency"].clone();
+        note["created"] = json!(now);
+        note["effective_at"] = json!(now);
+        note["voided_at"] = Value::Null;
+        note["customer_balance_transaction"] = Value::Null;
+        for field in [
+            "amount",
+            "total",
+            "subtotal",
+            "subtotal_excluding_tax",
+            "post_payment_amount",
+            "out_of_band_amount",
+        ] {
+            note[field] = json!(amount);
+        }
+        note["pre_payment_amount"] = json!(0);
+        note["type"] = json!("post_payment");
+        note["status"] = json!("issued");
+        note["memo"] = json!("Service credit");
+        note["reason"] = json!("order_change");
+        note["refunds"] = json!([]);
+        note["lines"]["data"] = json!([]);
+        self.deliver("credit_note.created", note.clone()).await;
+        Ok(note)
     }
 
     /// A succeeded charge as it stands now.

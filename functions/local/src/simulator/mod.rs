@@ -972,7 +972,7 @@ impl Payments for Simulator {
         note["pre_payment_amount"] = json!(0);
         note["type"] = json!("post_payment");
         note["status"] = json!("issued");
-        note["memo"] = json!("Reissued with corrected billing details; replaced by a new invoice");
+        note["memo"] = json!(tally::payments::REISSUE_MEMO);
         note["refunds"] = json!([]);
         self.deliver("credit_note.created", note).await;
         let lines = tally::payments::stripe_api::same_total(

@@ -37,6 +37,7 @@ impl Simulator {
             .route("/sim/invoices/{id}", get(invoice_page))
             .route("/sim/receipts/{id}", get(receipt_page))
             .route("/sim/invoices/{id}/pay", post(pay_invoice))
+            .route("/sim/invoices/{id}/credit-note", post(credit_note))
             .route("/sim/done", get(done))
             .with_state(self.clone())
     }
@@ -243,6 +244,21 @@ async fn refund(
     ApiJson(body): ApiJson<RefundBody>,
 ) -> Response {
     money_back(sim.refund_charge(&id, body.amount).await)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditNoteBody {
+    /// Cents credited outside Stripe.
+    amount: i64,
+}
+
+async fn credit_note(
+    State(sim): State<Arc<Simulator>>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreditNoteBody>,
+) -> Response {
+    money_back(sim.credit_note(&id, body.amount).await)
 }
 
 async fn dispute(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
