@@ -352,16 +352,16 @@ async fn generation_facts(
             }
             if g.status == GenerationStatus::Expired {
                 fixes.push(Remediation {
-                    action: "hold_released".into(),
-                    detail: format!(
-                        "generation {id} never finished; its hold of {} credits passed its deadline and was released without charge",
-                        g.held.get()
-                    ),
-                    credits: Some(g.held),
-                    // The entry that released this hold (the record's last).
-                    entries: g.entries.last().copied().into_iter().collect(),
-                    refund_request: None,
-                });
+                        action: "hold_released".into(),
+                        detail: format!(
+                            "generation {id} never finished; its hold of {} credits passed its deadline and was released without charge",
+                            g.held.get()
+                        ),
+                        credits: Some(g.held),
+                        // The entry that released this hold (the record's last).
+                        entries: g.entries.last().copied().into_iter().collect(),
+                        refund_request: None,
+                    });
             }
         }
         GenerationStatus::Held => e.findings.push(format!(
@@ -399,10 +399,10 @@ async fn generation_facts(
             } else if credits.is_zero() {
                 *escalate_to = Some(Priority::Urgent);
                 e.findings.push(format!(
-                    "generation {id} {} and its record shows a charge of {} credits that its journal entries do not: staff must check it",
-                    g.status.as_str(),
-                    g.charged.get()
-                ));
+                        "generation {id} {} and its record shows a charge of {} credits that its journal entries do not: staff must check it",
+                        g.status.as_str(),
+                        g.charged.get()
+                    ));
             } else {
                 // Under the reversal's own key: a staff reversal (or another ticket) after
                 // this one is the same request, never a second credit.
@@ -456,10 +456,10 @@ async fn generation_facts(
         )),
         GenerationStatus::Completed => {
             e.findings.push(format!(
-                "generation {id} completed and was charged {} credits (estimate {}); if its output was faulty, staff can reverse the charge",
-                g.charged.get(),
-                g.estimate.credits.get()
-            ));
+                    "generation {id} completed and was charged {} credits (estimate {}); if its output was faulty, staff can reverse the charge",
+                    g.charged.get(),
+                    g.estimate.credits.get()
+                ));
             if s.category == Category::Generation && g.charged > Credits::ZERO {
                 *escalate_to = (*escalate_to).max(Some(Priority::High));
             }
@@ -504,6 +504,15 @@ async fn duplicates(
         {
             continue;
         }
+        // All of it given back already: nothing left to suspect.
+        if entry
+            .amount_refunded
+            .get()
+            .saturating_add(entry.amount_credited.get())
+            >= entry.amount.get()
+        {
+            continue;
+        }
         let Some(twin) = rules::duplicate_of(entry, &around, window) else {
             continue;
         };
@@ -541,27 +550,50 @@ async fn duplicates(
                 s.now,
             )
             .await;
+        // This ticket's own request, with the money on its way or back, fixed the ticket.
+        // One an earlier ticket made, or one denied or failed, is a finding for staff: it
+        // must not make this ticket look settled.
+        let this_ticket = |r: &crate::refund_requests::RefundRequest| {
+            r.details
+                .ends_with(&format!("(support ticket {})", s.ticket))
+        };
         match request {
-            Ok(r) if r.status != RequestStatus::InReview => fixes.push(Remediation {
-                action: "refund_requested".into(),
-                detail: format!(
-                    "payment {} is a verified duplicate of {}; refund request {} is {} for {} cents",
-                    entry.id,
-                    twin.id,
-                    r.id,
-                    serde_json::to_value(r.status)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    r.amount.get()
-                ),
-                credits: None,
-                entries: Vec::new(),
-                refund_request: Some(r.id),
-            }),
-            Ok(r) => e.findings.push(format!(
+            Ok(r)
+                if matches!(
+                    r.status,
+                    RequestStatus::Approved | RequestStatus::Pending | RequestStatus::Succeeded
+                ) && this_ticket(&r) =>
+            {
+                fixes.push(Remediation {
+                    action: "refund_requested".into(),
+                    detail: format!(
+                        "payment {} is a verified duplicate of {}; refund request {} is {} for {} cents",
+                        entry.id,
+                        twin.id,
+                        r.id,
+                        serde_json::to_value(r.status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        r.amount.get()
+                    ),
+                    credits: None,
+                    entries: Vec::new(),
+                    refund_request: Some(r.id),
+                });
+            }
+            Ok(r) if r.status == RequestStatus::InReview => e.findings.push(format!(
                 "refund request {} for payment {} awaits staff review",
                 r.id, entry.id
+            )),
+            Ok(r) => e.findings.push(format!(
+                "refund request {} for payment {} was made before and is {}",
+                r.id,
+                entry.id,
+                serde_json::to_value(r.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
             )),
             Err(p) => e.findings.push(format!(
                 "payment {} could not be refunded automatically: {}",
