@@ -113,6 +113,7 @@ async fn set_subscription(
         scheduled: None,
         as_of: period_start.timestamp(),
         as_of_event: StripeEventId::parse("evt_test").unwrap(),
+        ended_at: None,
     };
     let pk = workspace_pk(&workspace(ws));
     docs::update(
@@ -428,6 +429,55 @@ async fn canceled_and_replaced_subscriptions_get_nothing_paused_and_past_due_one
     play_until(&p, add_months(base, 4)).await;
     let granted = plan_grants(&p, ws).await;
     assert_eq!(granted.len(), 4, "months 2 to 5: {granted:?}");
+}
+
+#[tokio::test]
+async fn months_that_began_before_a_subscription_ended_are_granted_however_late_the_worker_comes() {
+    let p = embedded();
+    let ws = "ended";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Yearly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+    // Canceled at once a day after its third month began (29 Mar 2028 after 31 Jan),
+    // before the worker came to months 2 and 3.
+    let ended = add_months(start(), 2) + Duration::days(1);
+    let pk = workspace_pk(&workspace(ws));
+    docs::update(
+        p.docs.as_ref(),
+        &pk,
+        SUBSCRIPTION_SK,
+        |r: Option<SubscriptionRecord>| {
+            let mut r = r.unwrap();
+            r.status = PlanStatus::Canceled;
+            r.stripe_status = "canceled".into();
+            r.ended_at = Some(ended);
+            Some(r)
+        },
+    )
+    .await
+    .unwrap();
+    p.clock.set(ended + Duration::days(1));
+    let report = Refresher::new(p.ledger.clone(), p.docs.clone())
+        .run(&job_for(ws, p.clock.now()))
+        .await
+        .unwrap();
+    let granted = plan_grants(&p, ws).await;
+    assert_eq!(granted.len(), 2, "months 2 and 3 were owed: {granted:?}");
+    assert!(report.forfeited.is_empty(), "{report:?}");
+    // The months after the end never come.
+    let reports = play_until(&p, start() + Duration::days(400)).await;
+    assert_eq!(plan_grants(&p, ws).await.len(), 2);
+    let forfeited: Vec<u32> = reports
+        .iter()
+        .flat_map(|r| &r.jobs)
+        .flat_map(|j| j.forfeited.clone())
+        .collect();
+    assert_eq!(forfeited, (3..12).collect::<Vec<_>>());
 }
 
 #[tokio::test]

@@ -1739,4 +1739,93 @@ async fn a_credit_note_with_a_refund_counts_the_refund_once_and_a_reissue_note_t
     assert_eq!(app.deliver_signed(&delivery).await, 200);
     settle(&app).await;
     assert_eq!(app.available(ws).await, month - half);
+    assert!(app.local.billing_queue.dead_letters().is_empty());
+
+    // A note of an API version that names one `refund` without its amount cannot say what
+    // it gave back without it: a person decides, nothing is taken.
+    let mut old = fixture("credit_note");
+    old["id"] = json!("cn_old_1");
+    old["invoice"] = json!(id);
+    old["type"] = json!("post_payment");
+    old["status"] = json!("issued");
+    old["post_payment_amount"] = json!(paid / 10);
+    old.as_object_mut().unwrap().remove("refunds");
+    old["refund"] = json!("re_old_1");
+    old["memo"] = Value::Null;
+    let delivery = tally_tests::stripe_event("evt_cn_old", "credit_note.created", now, old);
+    assert_eq!(app.deliver_signed(&delivery).await, 200);
+    settle(&app).await;
+    assert_eq!(app.available(ws).await, month - half);
+    let dead = app.local.billing_queue.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].body.contains("evt_cn_old"));
+}
+
+#[tokio::test]
+async fn a_credit_note_waits_for_an_open_dispute_and_one_on_a_replacement_follows_the_original() {
+    let app = TestApp::new();
+    let ws = "org_cn3";
+    app.subscribe(ws, "plus", "monthly").await;
+    let month = app.available(ws).await;
+    let invoice = app.sim_events("invoice.paid").last().unwrap().clone();
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    let paid = invoice["amount_paid"].as_u64().unwrap();
+    let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A dispute freezes every credit; a note made meanwhile takes nothing yet.
+    let d = dashboard(&app, &format!("/sim/charges/{charge}/dispute"), json!({})).await;
+    assert_eq!(d.status.as_u16(), 200, "{:#}", d.body);
+    let dispute = d.body["id"].as_str().unwrap().to_owned();
+    let note = dashboard(
+        &app,
+        &format!("/sim/invoices/{id}/credit-note"),
+        json!({"amount": paid / 2}),
+    )
+    .await;
+    assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
+    assert_eq!(app.available(ws).await, 0, "all frozen");
+    // Won: the credits come back, less what the note's money bought.
+    let won = dashboard(
+        &app,
+        &format!("/sim/disputes/{dispute}/close"),
+        json!({"outcome": "won"}),
+    )
+    .await;
+    assert_eq!(won.status.as_u16(), 200, "{:#}", won.body);
+    let half = month * (paid / 2) / paid;
+    assert_eq!(app.available(ws).await, month - half);
+
+    // Reissued with corrected details, then a note on the replacement: the original's
+    // payment paid it, so its credits go back as for the original.
+    let ws = "org_cn4";
+    app.subscribe(ws, "plus", "monthly").await;
+    let month = app.available(ws).await;
+    let invoice = app.sim_events("invoice.paid").last().unwrap().clone();
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    let paid = invoice["amount_paid"].as_u64().unwrap();
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            &format!("/v1/admin/invoices/{id}/reissue"),
+            Some(&support()),
+            Some(&json!({"name": "Acme GmbH"}).to_string()),
+            &[("idempotency-key", "reissue-cn4")],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
+    settle(&app).await;
+    assert_eq!(app.available(ws).await, month, "a reissue moves no credits");
+    let replacement = r.body["replacement"].as_str().unwrap().to_owned();
+    let note = dashboard(
+        &app,
+        &format!("/sim/invoices/{replacement}/credit-note"),
+        json!({"amount": paid / 4}),
+    )
+    .await;
+    assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
+    let quarter = month * (paid / 4) / paid;
+    assert_eq!(app.available(ws).await, month - quarter);
+    assert!(app.local.billing_queue.dead_letters().is_empty());
 }

@@ -153,6 +153,19 @@ impl BillingEvents {
             .filter(|_| i.metadata.get("kind").map(String::as_str) == Some("reissue"))
             .and_then(|o| crate::ids::InvoiceId::parse(o).ok());
         if let Some(original) = &replaces {
+            // Credit notes on the replacement give back what the original's payment paid.
+            docs::update(
+                self.docs.as_ref(),
+                &super::refunds::reissue_pk(&i.id),
+                super::refunds::LINK_SK,
+                |cur: Option<super::refunds::ReissueLink>| {
+                    cur.is_none_or(|l| l.original.is_none())
+                        .then(|| super::refunds::ReissueLink {
+                            original: Some(original.clone()),
+                        })
+                },
+            )
+            .await?;
             // The original's line names its replacement.
             let now = self.ledger.clock.now();
             super::history::record(
@@ -369,6 +382,7 @@ impl BillingEvents {
             scheduled,
             as_of: event.created,
             as_of_event: event.id.clone(),
+            ended_at: None,
         };
         self.merge_subscription(
             event,
@@ -438,6 +452,10 @@ impl BillingEvents {
             scheduled,
             as_of: event.created,
             as_of_event: event.id.clone(),
+            ended_at: s
+                .ended_at
+                .filter(|_| status == PlanStatus::Canceled)
+                .map(ts),
         };
         if let Some(c) = s.customer.id() {
             self.link_customer(c, &workspace).await?;

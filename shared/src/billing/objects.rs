@@ -298,6 +298,8 @@ pub struct Subscription {
     /// The subscription schedule managing future phases (a change at renewal), if any.
     #[serde(default)]
     pub schedule: Option<serde_json::Value>,
+    /// When a canceled subscription ended.
+    pub ended_at: Option<i64>,
 }
 
 impl Subscription {
@@ -432,8 +434,10 @@ pub struct CreditNote {
     #[serde(default)]
     pub total: i64,
     pub post_payment_amount: Option<i64>,
-    #[serde(default, deserialize_with = "nullable_vec")]
-    pub refunds: Vec<CreditNoteRefund>,
+    /// The refunds the note made or linked (API versions from 2025-03-31; older ones
+    /// name a single `refund` without its amount).
+    #[serde(default)]
+    pub refunds: Option<Vec<CreditNoteRefund>>,
     pub memo: Option<String>,
     #[serde(default, deserialize_with = "nullable_map")]
     pub metadata: HashMap<String, String>,
@@ -446,14 +450,11 @@ pub struct CreditNoteRefund {
     pub amount_refunded: i64,
 }
 
-fn nullable_vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
-    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
-}
-
 impl CreditNote {
     /// Integer cents of a paid invoice given back other than by a refund: credit on the
     /// customer's balance and credit outside Stripe (what the note gave, void or not).
-    pub fn given_back_without_refund(&self) -> i64 {
+    /// `None` when the note does not say how much of it was refunded.
+    pub fn given_back_without_refund(&self) -> Option<i64> {
         let post =
             self.post_payment_amount
                 .unwrap_or(if self.kind.as_deref() == Some("post_payment") {
@@ -461,8 +462,16 @@ impl CreditNote {
                 } else {
                     0
                 });
-        let refunded: i64 = self.refunds.iter().map(|r| r.amount_refunded).sum();
-        post.saturating_sub(refunded).max(0)
+        if post <= 0 {
+            return Some(0);
+        }
+        let refunded: i64 = self
+            .refunds
+            .as_ref()?
+            .iter()
+            .map(|r| r.amount_refunded)
+            .sum();
+        Some(post.saturating_sub(refunded).max(0))
     }
 
     pub fn void(&self) -> bool {

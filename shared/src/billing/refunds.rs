@@ -52,19 +52,43 @@ pub struct InvoiceLots {
 /// The credit notes of a paid invoice that gave money back without a refund (to the
 /// customer's Stripe balance, or outside Stripe), by credit note id: (cents, voided).
 /// Staff make them in Stripe's dashboard, one at a time; a reissue's own note is not kept.
+/// Notes on a reissue's replacement are kept on the original, whose payment they follow.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditNotes {
     pub notes: std::collections::BTreeMap<String, (u64, bool)>,
 }
 
 impl CreditNotes {
-    /// Cents given back by the notes not voided.
+    /// Cents the notes gave back, voided ones included: credits a note took back stay
+    /// taken when it is voided (the ledger never gives back what it took for money given
+    /// back), so the money stays counted as given back with them.
     pub fn credited(&self) -> u64 {
         self.notes
             .values()
-            .filter(|(_, void)| !void)
             .fold(0u64, |a, (c, _)| a.saturating_add(*c))
     }
+}
+
+/// A reissue's replacement invoice names its original (`REISSUE#<replacement>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReissueLink {
+    pub original: Option<InvoiceId>,
+}
+
+pub fn reissue_pk(replacement: &InvoiceId) -> String {
+    format!("REISSUE#{replacement}")
+}
+
+/// The cents the credit notes of `invoice` gave back without a refund.
+pub async fn credited(
+    docs: &dyn docs::DocStore,
+    invoice: &InvoiceId,
+) -> Result<u64, crate::store::StoreError> {
+    Ok(
+        docs::get::<CreditNotes>(docs, &credit_notes_pk(invoice), LINK_SK)
+            .await?
+            .map_or(0, |d| d.credited()),
+    )
 }
 
 /// More credit notes than this on one invoice go to a person (the document stays small).
@@ -234,20 +258,37 @@ impl BillingEvents {
 
     /// `credit_note.created`, `.updated`, `.voided`: a note of a paid invoice that gave
     /// money back without a refund takes back what that money bought, as a refund does.
-    /// A voided note gives nothing back from then on; credits it already took stay taken
-    /// (staff give them back with an adjustment), as after a refund that failed.
+    /// A voided note still counts: the credits it took stay taken (staff give them back
+    /// with an adjustment), as after a refund that failed.
     pub(super) async fn credit_note(
         &self,
         note: super::objects::CreditNote,
     ) -> Result<(), ConsumeError> {
-        let Some(invoice) = note.invoice.id().cloned() else {
+        let Some(mut invoice) = note.invoice.id().cloned() else {
             return Ok(());
         };
         if note.memo.as_deref() == Some(crate::payments::REISSUE_MEMO) {
             // A reissue: the replacement is paid by the same money; nothing was given back.
             return Ok(());
         }
-        let cents = u64::try_from(note.given_back_without_refund()).unwrap_or(0);
+        let Some(given) = note.given_back_without_refund() else {
+            return Err(poison(format!(
+                "credit note {} does not list its refunds (an API version before 2025-03-31): how much it gave back without a refund is left to a person",
+                note.id
+            )));
+        };
+        let cents = u64::try_from(given).unwrap_or(0);
+        // A note on a corrected reissue's replacement gives back money the original's
+        // payment paid (a replacement of a replacement too).
+        for _ in 0..8 {
+            match docs::get::<ReissueLink>(self.docs.as_ref(), &reissue_pk(&invoice), LINK_SK)
+                .await?
+                .and_then(|l| l.original)
+            {
+                Some(original) => invoice = original,
+                None => break,
+            }
+        }
         let void = note.void();
         let mut over = false;
         docs::update(
@@ -257,6 +298,10 @@ impl BillingEvents {
             |cur: Option<CreditNotes>| {
                 let mut d = cur.unwrap_or_default();
                 let before = d.notes.get(&note.id).copied();
+                if before.is_none() && cents == 0 {
+                    // Nothing given back (a note on what was still due): nothing to keep.
+                    return None;
+                }
                 // A note's amounts never change; a void is final.
                 let was_void = before.is_some_and(|(_, v)| v);
                 let next = (cents, void || was_void);
@@ -283,14 +328,10 @@ impl BillingEvents {
 
     /// Cents the credit notes of `invoice` gave back without a refund.
     pub(crate) async fn credited(&self, invoice: Option<&InvoiceId>) -> Result<u64, ConsumeError> {
-        let Some(invoice) = invoice else {
-            return Ok(0);
-        };
-        Ok(
-            docs::get::<CreditNotes>(self.docs.as_ref(), &credit_notes_pk(invoice), LINK_SK)
-                .await?
-                .map_or(0, |d| d.credited()),
-        )
+        match invoice {
+            Some(i) => Ok(credited(self.docs.as_ref(), i).await?),
+            None => Ok(0),
+        }
     }
 
     /// Records which charge paid `pi`, then follows the payment.
@@ -360,12 +401,19 @@ impl BillingEvents {
             .map_or_else(|| pi.to_string(), ToString::to_string);
         // Money given back: refunds, and what credit notes gave back without one (to the
         // customer's Stripe balance, or outside Stripe).
-        let credited = self.credited(link.invoice.as_ref()).await?;
-        let refunded = payment
-            .amount_refunded
-            .get()
-            .saturating_add(credited)
-            .min(paid);
+        // While a dispute is open its freeze holds the credits: a note's share is taken once
+        // it closes (won), or goes with the rest (lost).
+        let disputed = payment
+            .disputes
+            .iter()
+            .any(|d| dispute_open(d.status.as_deref().unwrap_or("needs_response")));
+        let credited = if disputed {
+            0
+        } else {
+            self.credited(link.invoice.as_ref()).await?
+        };
+        let refunds = payment.amount_refunded.get().min(paid);
+        let refunded = refunds.saturating_add(credited).min(paid);
         self.payment_history(
             &workspace,
             &row,
@@ -376,21 +424,30 @@ impl BillingEvents {
             credited,
         )
         .await?;
-        if refunded > 0 {
+        // Takes back, from each lot, what `total` cents given back bought (the ledger keeps
+        // how much of the payment each lot has followed, so this is exact under retries,
+        // reordering and a concurrent follower).
+        let take_back = async |total: u64, credited: u64| -> Result<(), ConsumeError> {
             for &(lot, credits) in &lots {
-                // The ledger keeps how much of the payment each lot has followed, so this
-                // is exact under retries, reordering and a concurrent follower.
-                let req = take_back_request(
-                    &workspace, charge, pi, lot, credits, refunded, paid, credited,
-                );
-                let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
-                let outcome = self.run(req).await?;
-                if let Some(o) = outcome {
-                    let by = refund_reaching(&payment, refunded).map(|r| r.id.to_string());
+                let req =
+                    take_back_request(&workspace, charge, pi, lot, credits, total, paid, credited);
+                let key = format!("stripe:refund:{charge}:{total}:lot_{lot}");
+                if let Some(o) = self.run(req).await? {
+                    // The refund that reached the total; a credit note's share is on the
+                    // purchase's line only.
+                    let by = (credited == 0)
+                        .then(|| refund_reaching(&payment, total))
+                        .flatten()
+                        .map(|r| r.id.to_string());
                     self.taken_back_history(&workspace, &row, by.as_deref(), &key, o.clawed_back)
                         .await?;
                 }
             }
+            Ok(())
+        };
+        // Refunds first: a dispute's freeze is a share of what they left.
+        if refunds > 0 {
+            take_back(refunds, 0).await?;
         }
         // A yearly period's later months are paid by the same invoice.
         if let Some(invoice) = &link.invoice {
@@ -466,6 +523,11 @@ impl BillingEvents {
                     }
                 }
             }
+        }
+        // Credit notes last, once no dispute is open: a won dispute's credits are unfrozen
+        // above, so the note's share is taken from credits that are free again.
+        if refunded > refunds {
+            take_back(refunded, credited).await?;
         }
         Ok(())
     }

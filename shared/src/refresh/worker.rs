@@ -195,12 +195,18 @@ impl Refresher {
         // the next invoices) or a payment Stripe is retrying (a later change's invoice) does
         // not take back months already paid for. Only a subscription that has ended, or was
         // replaced, forfeits them.
-        let in_effect = record
-            .as_ref()
-            .is_some_and(|r| r.id == doc.subscription && r.status != PlanStatus::Canceled);
+        // A month that began before the subscription ended was paid and owed then, however
+        // late the worker comes to it.
+        let in_effect_at = |at: DateTime<Utc>| {
+            record.as_ref().is_some_and(|r| {
+                r.id == doc.subscription
+                    && (r.status != PlanStatus::Canceled || r.ended_at.is_some_and(|e| at < e))
+            })
+        };
 
         let mut next_allotment = doc.next_allotment;
         for a in schedule::due_allotments(&doc, now) {
+            let in_effect = in_effect_at(a.at);
             if in_effect && doc.opened_by.is_some() {
                 // Opened by a change paid before the period's own invoice: the change paid
                 // only its difference, so the months wait for the period's invoice.

@@ -776,8 +776,11 @@ impl RefundRequests {
             .unwrap_or_default();
         let requested: u64 = claims.requests.iter().map(|c| c.holds().get()).sum();
         // Credit notes that gave money back without a refund count as given back, as
-        // when Stripe's refund event is followed.
-        let credited = entry.amount_credited.get();
+        // when Stripe's refund event is followed (read where that reads them).
+        let credited = match &entry.invoice {
+            Some(invoice) => crate::billing::refunds::credited(self.docs.as_ref(), invoice).await?,
+            None => 0,
+        };
         let refunded = elsewhere(&payment, &claims)
             .get()
             .saturating_add(requested)

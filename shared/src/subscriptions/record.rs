@@ -26,6 +26,9 @@ pub struct SubscriptionRecord {
     /// Stripe `created` time of the event these facts came from, and its id.
     pub as_of: i64,
     pub as_of_event: StripeEventId,
+    /// When a canceled subscription ended (Stripe's `ended_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
 }
 
 impl SubscriptionRecord {
@@ -131,6 +134,7 @@ mod tests {
             scheduled: None,
             as_of,
             as_of_event: StripeEventId::parse(&format!("evt_{as_of}")).unwrap(),
+            ended_at: None,
         }
     }
 
