@@ -1829,3 +1829,53 @@ async fn a_credit_note_waits_for_an_open_dispute_and_one_on_a_replacement_follow
     assert_eq!(app.available(ws).await, month - quarter);
     assert!(app.local.billing_queue.dead_letters().is_empty());
 }
+
+#[tokio::test]
+async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_again() {
+    let app = TestApp::new();
+    let ws = "org_rrf";
+    let charge = buy_packs(&app, ws, 1).await;
+    let price = charge_of(&app, &charge)["amount"].as_i64().unwrap();
+    // Refunded in full from the dashboard: the credits go.
+    let made = dashboard(&app, &format!("/sim/charges/{charge}/refund"), json!({})).await;
+    assert_eq!(made.status.as_u16(), 200, "{:#}", made.body);
+    assert_eq!(app.available(ws).await, 0);
+    // Nothing is left to ask for.
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let refused = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::TechnicalIssue),
+            now,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status.as_u16(), 409, "{refused:?}");
+    // The bank returns the refund: Stripe reports it failed, its money back on the balance.
+    let mut failed = made.body.clone();
+    failed["status"] = json!("failed");
+    failed["failure_reason"] = json!("expired_or_canceled_card");
+    let e = tally_tests::stripe_event("evt_rf_failed", "refund.failed", now.timestamp(), failed);
+    assert_eq!(app.deliver_signed(&e).await, 200);
+    settle(&app).await;
+    // The customer can ask again, and staff can refund all of it.
+    let r = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::TechnicalIssue),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, RequestStatus::InReview);
+    let approved = requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(approved.status, RequestStatus::Approved);
+    assert_eq!(approved.amount.get(), price as u64);
+    // The credits the failed refund took stay taken; none are taken twice.
+    assert_eq!(app.available(ws).await, 0);
+}

@@ -328,6 +328,18 @@ fn elsewhere(payment: &PaymentRecord, claims: &Claims) -> Cents {
     )
 }
 
+/// Refunds that failed or were canceled: Stripe gave their money back to the balance.
+fn failed_refunds(payment: &PaymentRecord) -> Cents {
+    Cents::new(
+        payment
+            .refunds
+            .iter()
+            .filter(|r| r.rank() > crate::billing::records::refund_rank(Some("succeeded")))
+            .map(|r| r.amount.get())
+            .sum(),
+    )
+}
+
 fn not_refundable(detail: impl Into<String>) -> Problem {
     Problem::new(StatusCode::CONFLICT, "not_refundable", detail)
 }
@@ -382,14 +394,18 @@ impl RefundRequests {
     }
 
     /// Cents of the charge refunded outside refund requests (the dashboard, disputes).
+    /// Refunds made outside requests, and refunds that failed or were canceled (whose
+    /// money came back).
     async fn refunded_elsewhere(
         &self,
         charge: &ChargeId,
         claims: &Claims,
-    ) -> Result<Cents, Problem> {
+    ) -> Result<(Cents, Cents), Problem> {
         let p =
             docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK).await?;
-        Ok(p.map_or(Cents::ZERO, |p| elsewhere(&p, claims)))
+        Ok(p.map_or((Cents::ZERO, Cents::ZERO), |p| {
+            (elsewhere(&p, claims), failed_refunds(&p))
+        }))
     }
 
     /// Whether a dispute of the charge is open or was lost: the dispute decides where that
@@ -539,11 +555,17 @@ impl RefundRequests {
                     "this payment has had as many refund requests as one payment may; contact support",
                 ));
             }
-            let elsewhere = self.refunded_elsewhere(&charge, &claims).await?;
+            let (elsewhere, failed) = self.refunded_elsewhere(&charge, &claims).await?;
             // Add-ons come back only with a charge the records show should not have been
             // made (a verified duplicate, a charge after the cancellation took effect);
             // otherwise staff decide, and may approve them by naming the amount.
-            let amount = rules::refundable(&entry, approve, elsewhere, claims.claimed_except(&id));
+            let amount = rules::refundable(
+                &entry,
+                approve,
+                elsewhere,
+                claims.claimed_except(&id),
+                failed,
+            );
             if amount == Cents::ZERO {
                 return Err(
                     if entry.non_refundable > Cents::ZERO
@@ -1078,7 +1100,7 @@ impl RefundRequests {
                 ));
                 break;
             }
-            let elsewhere = self.refunded_elsewhere(&r.charge, &claims).await?;
+            let (elsewhere, failed) = self.refunded_elsewhere(&r.charge, &claims).await?;
             // Staff confirming a duplicate or a charge after cancellation may refund its
             // add-ons too, by naming the amount; without one, everything refundable
             // without them.
@@ -1087,9 +1109,9 @@ impl RefundRequests {
                 RefundReason::DuplicateCharge | RefundReason::ChargedAfterCancellation
             );
             let claimed = claims.claimed_except(id);
-            let left = rules::refundable(&entry, mistaken, elsewhere, claimed);
-            let want =
-                amount.unwrap_or_else(|| rules::refundable(&entry, false, elsewhere, claimed));
+            let left = rules::refundable(&entry, mistaken, elsewhere, claimed, failed);
+            let want = amount
+                .unwrap_or_else(|| rules::refundable(&entry, false, elsewhere, claimed, failed));
             if want == Cents::ZERO || want > left {
                 refusal = Some(
                     Problem::new(

@@ -183,7 +183,7 @@ pub fn decide(
 
 /// How much of a payment may still be refunded: what was paid, less the non-refundable
 /// part (add-ons) unless `mistaken`, less what was refunded outside requests and what
-/// requests claim. Add-ons are non-refundable as a purchase, not as a mistake: a charge
+/// requests claim (`failed`: refunds that failed or were canceled). Add-ons are non-refundable as a purchase, not as a mistake: a charge
 /// confirmed as a duplicate, or as made after the cancellation took effect, is refundable
 /// whole (the help pages).
 pub fn refundable(
@@ -191,6 +191,7 @@ pub fn refundable(
     mistaken: bool,
     refunded_elsewhere: Cents,
     claimed: Cents,
+    failed: Cents,
 ) -> Cents {
     let non_refundable = if mistaken {
         0
@@ -206,13 +207,14 @@ pub fn refundable(
         // Money a credit note gave back to the customer's balance, or outside Stripe, is
         // given back already.
         .saturating_sub(entry.amount_credited.get());
-    // Never more than what Stripe still holds of the charge.
+    // Never more than what Stripe still holds of the charge: its refunded total, less
+    // refunds that failed or were canceled after it counted them (their money came back).
     Cents::new(
         left.min(
             entry
                 .amount
                 .get()
-                .saturating_sub(entry.amount_refunded.get())
+                .saturating_sub(entry.amount_refunded.get().saturating_sub(failed.get()))
                 .saturating_sub(entry.amount_credited.get()),
         ),
     )
@@ -361,50 +363,64 @@ mod tests {
     fn never_more_than_was_paid_less_add_ons_refunds_and_claims() {
         let mut e = purchase("in_1", MovementKind::Subscription, 5000, 0);
         assert_eq!(
-            refundable(&e, false, Cents::ZERO, Cents::ZERO),
+            refundable(&e, false, Cents::ZERO, Cents::ZERO, Cents::ZERO),
             Cents::new(5000)
         );
         e.non_refundable = Cents::new(1500);
         assert_eq!(
-            refundable(&e, false, Cents::ZERO, Cents::ZERO),
+            refundable(&e, false, Cents::ZERO, Cents::ZERO, Cents::ZERO),
             Cents::new(3500)
         );
         assert_eq!(
-            refundable(&e, false, Cents::new(1000), Cents::new(2000)),
+            refundable(&e, false, Cents::new(1000), Cents::new(2000), Cents::ZERO),
             Cents::new(500)
         );
         assert_eq!(
-            refundable(&e, false, Cents::new(4000), Cents::new(2000)),
+            refundable(&e, false, Cents::new(4000), Cents::new(2000), Cents::ZERO),
             Cents::ZERO
         );
         // A charge confirmed as a mistake is refundable add-ons and all.
         assert_eq!(
-            refundable(&e, true, Cents::ZERO, Cents::ZERO),
+            refundable(&e, true, Cents::ZERO, Cents::ZERO, Cents::ZERO),
             Cents::new(5000)
         );
         assert_eq!(
-            refundable(&e, true, Cents::new(1000), Cents::new(2000)),
+            refundable(&e, true, Cents::new(1000), Cents::new(2000), Cents::ZERO),
             Cents::new(2000)
         );
         // Stripe's own refunded total bounds it too.
         e.non_refundable = Cents::ZERO;
         e.amount_refunded = Cents::new(4900);
         assert_eq!(
-            refundable(&e, true, Cents::ZERO, Cents::ZERO),
+            refundable(&e, true, Cents::ZERO, Cents::ZERO, Cents::ZERO),
             Cents::new(100)
         );
         // So does what credit notes gave back to the customer's balance or outside Stripe.
         e.amount_refunded = Cents::ZERO;
         e.amount_credited = Cents::new(3000);
         assert_eq!(
-            refundable(&e, true, Cents::ZERO, Cents::ZERO),
+            refundable(&e, true, Cents::ZERO, Cents::ZERO, Cents::ZERO),
             Cents::new(2000)
         );
         assert_eq!(
-            refundable(&e, true, Cents::new(1500), Cents::ZERO),
+            refundable(&e, true, Cents::new(1500), Cents::ZERO, Cents::ZERO),
             Cents::new(500)
         );
         e.amount_refunded = Cents::new(2500);
-        assert_eq!(refundable(&e, true, Cents::ZERO, Cents::ZERO), Cents::ZERO);
+        assert_eq!(
+            refundable(&e, true, Cents::ZERO, Cents::ZERO, Cents::ZERO),
+            Cents::ZERO
+        );
+        // A refund that failed after it was counted gave nothing back: refundable again.
+        e.amount_credited = Cents::ZERO;
+        e.amount_refunded = Cents::new(5000);
+        assert_eq!(
+            refundable(&e, true, Cents::ZERO, Cents::ZERO, Cents::ZERO),
+            Cents::ZERO
+        );
+        assert_eq!(
+            refundable(&e, true, Cents::ZERO, Cents::ZERO, Cents::new(5000)),
+            Cents::new(5000)
+        );
     }
 }
