@@ -519,6 +519,41 @@ pub async fn concurrent_document_updates_all_land(store: Arc<dyn DocStore>) {
     assert_eq!(all, (0..16).collect::<Vec<_>>());
 }
 
+pub async fn a_commit_over_one_transactions_items_is_refused_and_writes_nothing(
+    store: Arc<dyn LedgerStore>,
+) {
+    let a = workspace("org_big");
+    let state = apply(
+        store.as_ref(),
+        &WorkspaceState::new(a.clone()),
+        "g",
+        grant(10),
+    )
+    .await;
+    let (mut commit, _) = prepare(&state, "big", grant(5), 1);
+    // Entries padded to one item more than DynamoDB takes in a transaction.
+    let entry = commit.entries[0].clone();
+    while commit.items() <= tally::store::MAX_COMMIT_ITEMS {
+        let mut e = entry.clone();
+        e.seq = entry.seq + commit.entries.len() as u64;
+        commit.entries.push(e);
+    }
+    let err = store.commit(commit).await.unwrap_err();
+    assert!(
+        matches!(&err, CommitError::Store(e) if e.to_string().contains("exceeds one transaction")),
+        "{err:?}"
+    );
+    let stored = store.load(&a).await.unwrap().unwrap();
+    assert_eq!(stored.version, state.version);
+    assert!(
+        store
+            .idempotency(&a, &IdempotencyKey::derived("big".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
 macro_rules! conformance {
     ($adapter:ident, $make:expr, $docs:expr) => {
         mod $adapter {
@@ -556,6 +591,11 @@ macro_rules! conformance {
             #[tokio::test]
             async fn a_generation_id_cannot_be_claimed_by_two_workspaces() {
                 super::a_generation_id_cannot_be_claimed_by_two_workspaces($make).await;
+            }
+            #[tokio::test]
+            async fn a_commit_over_one_transactions_items_is_refused_and_writes_nothing() {
+                super::a_commit_over_one_transactions_items_is_refused_and_writes_nothing($make)
+                    .await;
             }
             #[tokio::test]
             async fn documents_are_versioned_and_list_by_prefix_newest_first() {

@@ -300,6 +300,7 @@ impl LedgerStore for EmbeddedStore {
     }
 
     async fn commit(&self, c: Commit) -> Result<(), CommitError> {
+        c.check_size()?;
         self.blocking(move |db| {
             let workspace = c.state.workspace.to_string();
             let tx = db.begin_write().map_err(backend)?;

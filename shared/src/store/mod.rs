@@ -128,6 +128,20 @@ impl Commit {
             + self.closed.len()
             + self.new_generations.len()
     }
+
+    /// Refuses, before anything is sent, a commit DynamoDB would refuse as one transaction
+    /// (a workspace's first commit also writes its status-index marker). Every store checks
+    /// it, so tests on the embedded store find a path that would fail in AWS.
+    pub fn check_size(&self) -> Result<(), CommitError> {
+        let first = self.expected_version() == 0;
+        if self.items() + usize::from(first) > MAX_COMMIT_ITEMS {
+            return Err(CommitError::Store(StoreError::backend(format!(
+                "a commit of {} items exceeds one transaction",
+                self.items()
+            ))));
+        }
+        Ok(())
+    }
 }
 
 /// A generation as stored, with its open hold while it has one.

@@ -736,12 +736,7 @@ impl LedgerStore for DynamoStore {
         // A workspace's first commit also says its generations are all in the status
         // index: every one will be written with its key.
         let first = c.expected_version() == 0;
-        if c.items() + usize::from(first) > MAX_COMMIT_ITEMS {
-            return Err(CommitError::Store(StoreError::backend(format!(
-                "a commit of {} items exceeds one transaction",
-                c.items()
-            ))));
-        }
+        c.check_size()?;
         let pk = workspace_pk(&c.state.workspace);
         let mut items: Vec<TransactWriteItem> = Vec::new();
         // Items whose failed condition means "that generation exists already".
