@@ -1879,3 +1879,89 @@ async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_a
     // The credits the failed refund took stay taken; none are taken twice.
     assert_eq!(app.available(ws).await, 0);
 }
+
+/// SQS out of service for the first `down` sends, then a queue nobody consumes.
+struct OutageQueue {
+    down: std::sync::atomic::AtomicU32,
+    sent: std::sync::Mutex<Vec<tally::queue::Message>>,
+}
+
+#[async_trait::async_trait]
+impl tally::queue::Queue for OutageQueue {
+    async fn send(&self, message: tally::queue::Message) -> Result<(), tally::queue::QueueError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .down
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
+            .is_ok()
+        {
+            return Err(tally::queue::QueueError::unavailable("SQS is down"));
+        }
+        self.sent.lock().unwrap().push(message);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_approval_the_queue_lost_is_queued_again_when_the_payment_is_asked_for_again() {
+    let app = TestApp::new();
+    let ws = "org_rrq";
+    let charge = buy_packs(&app, ws, 1).await;
+    let queue = Arc::new(OutageQueue {
+        down: std::sync::atomic::AtomicU32::new(1),
+        sent: std::sync::Mutex::new(Vec::new()),
+    });
+    let requests = RefundRequests {
+        queue: queue.clone(),
+        ..parked_requests(&app)
+    };
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let now = app.clock.now();
+    let r = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::TechnicalIssue),
+            now,
+        )
+        .await
+        .unwrap();
+    // Approved, but the worker's message is lost; the client gives up.
+    let lost = requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap_err();
+    assert_eq!(lost.status.as_u16(), 503, "{lost:?}");
+    let stuck = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(stuck.status, RequestStatus::Approved);
+    assert!(queue.sent.lock().unwrap().is_empty());
+    // Asking again at once: the approval may still be on its way; nothing is sent twice.
+    let again = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::TechnicalIssue),
+            now,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.status.as_u16(), 409, "{again:?}");
+    assert!(queue.sent.lock().unwrap().is_empty());
+    // Minutes later the request is found stuck and queued again, for this attempt.
+    let later = now + chrono::Duration::minutes(tally::refund_requests::STUCK_AFTER_MINUTES);
+    let again = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::TechnicalIssue),
+            later,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.status.as_u16(), 409, "{again:?}");
+    let sent = queue.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].dedup_id.as_deref(),
+        Some(format!("{}-{}", r.id, stuck.attempt).as_str())
+    );
+    // Taken back once, whatever was sent.
+    assert_eq!(app.available(ws).await, 0);
+}

@@ -291,6 +291,9 @@ pub struct RefundRequests {
     pub duplicate_window: Duration,
 }
 
+/// How long an approval may wait for the worker before asking again queues it again.
+pub const STUCK_AFTER_MINUTES: i64 = 5;
+
 fn request_sk(id: &str) -> String {
     format!("{REQUEST_PREFIX}{id}")
 }
@@ -540,6 +543,7 @@ impl RefundRequests {
                     claimed = Some(open.clone());
                     break;
                 }
+                self.resend_if_stuck(workspace, &open.request, now).await;
                 return Err(Problem::new(
                     StatusCode::CONFLICT,
                     "already_requested",
@@ -666,6 +670,28 @@ impl RefundRequests {
     /// Whether `request` of `workspace` has a claim but no document: filed by an attempt that
     /// failed before writing it. (An attempt still running writes it within moments; taking
     /// it over then is harmless, as the document is only written if absent.)
+    /// An approval whose refund was never queued (the queue failed, or the function
+    /// stopped, after the approval was written) and that the worker has not seen for
+    /// [`STUCK_AFTER_MINUTES`]: queued again, as asking again for the payment finds it.
+    /// The worker takes a job twice as once (the refund's key is the attempt's).
+    async fn resend_if_stuck(&self, workspace: &WorkspaceId, request: &str, now: DateTime<Utc>) {
+        let Ok(Some(r)) = self.get(workspace, request).await else {
+            return;
+        };
+        if r.status != RequestStatus::Approved
+            || r.sent_at.is_some()
+            || r.refund.is_some()
+            || now - r.updated < Duration::minutes(STUCK_AFTER_MINUTES)
+        {
+            return;
+        }
+        tracing::warn!(workspace = %workspace, request = %r.id, attempt = r.attempt,
+            "approved refund never reached the worker; queued again");
+        if let Err(p) = self.send(&r, now).await {
+            tracing::error!(request = %r.id, detail = %p.detail, "approved refund still not queued");
+        }
+    }
+
     async fn orphaned(&self, workspace: &WorkspaceId, request: &str) -> Result<bool, Problem> {
         let link =
             docs::get::<RequestLink>(self.docs.as_ref(), &request_sk(request), LINK_SK).await?;
