@@ -114,6 +114,7 @@ async fn set_subscription(
         as_of: period_start.timestamp(),
         as_of_event: StripeEventId::parse("evt_test").unwrap(),
         ended_at: None,
+        created: None,
     };
     let pk = workspace_pk(&workspace(ws));
     docs::update(

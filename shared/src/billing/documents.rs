@@ -383,6 +383,7 @@ impl BillingEvents {
             as_of: event.created,
             as_of_event: event.id.clone(),
             ended_at: None,
+            created: None,
         };
         self.merge_subscription(
             event,
@@ -456,6 +457,7 @@ impl BillingEvents {
                 .ended_at
                 .filter(|_| status == PlanStatus::Canceled)
                 .map(ts),
+            created: s.created.map(ts),
         };
         if let Some(c) = s.customer.id() {
             self.link_customer(c, &workspace).await?;

@@ -300,6 +300,8 @@ pub struct Subscription {
     pub schedule: Option<serde_json::Value>,
     /// When a canceled subscription ended.
     pub ended_at: Option<i64>,
+    /// When the subscription was created.
+    pub created: Option<i64>,
 }
 
 impl Subscription {

@@ -29,6 +29,9 @@ pub struct SubscriptionRecord {
     /// When a canceled subscription ended (Stripe's `ended_at`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<DateTime<Utc>>,
+    /// When the subscription was created (Stripe's `created`; unknown from an invoice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<DateTime<Utc>>,
 }
 
 impl SubscriptionRecord {
@@ -37,9 +40,31 @@ impl SubscriptionRecord {
         (self.as_of, terminal, self.as_of_event.as_str())
     }
 
-    /// The newer of two descriptions of the same subscription; a different (newer)
-    /// subscription id replaces the old one only when its facts are newer.
+    /// Whether `incoming`, a live subscription's own event, is about a subscription created
+    /// after the current one: the one that replaced it, whatever order their events came
+    /// in (the old one's deletion may arrive after the new one's first events).
+    fn replaces(current: &Self, incoming: &Self) -> bool {
+        incoming.status != PlanStatus::Canceled
+            && incoming
+                .created
+                .zip(current.created)
+                .is_some_and(|(new, old)| new > old)
+    }
+
+    /// The newer of two descriptions of the same subscription, from a subscription event.
+    /// A different subscription replaces the current one once that has ended and its facts
+    /// are newer, or when it was created after it (see [`replaces`](Self::replaces)).
     pub fn merge(current: Option<Self>, incoming: Self) -> Option<Self> {
+        if let Some(c) = &current
+            && c.id != incoming.id
+            && Self::replaces(c, &incoming)
+        {
+            return Some(incoming);
+        }
+        Self::merge_facts(current, incoming)
+    }
+
+    fn merge_facts(current: Option<Self>, incoming: Self) -> Option<Self> {
         match current {
             // Another subscription only takes over once the current one has ended: a late
             // event about an old subscription must not bring it back.
@@ -60,14 +85,17 @@ impl SubscriptionRecord {
     }
 
     /// Like [`merge`](Self::merge) for facts read off an invoice, which say nothing about
-    /// cancellation: the known `cancel_at_period_end` is kept.
+    /// cancellation or when the subscription was created: the known ones are kept, and an
+    /// invoice never makes another subscription replace the current one before it ended.
     pub fn merge_invoice_facts(current: Option<Self>, mut incoming: Self) -> Option<Self> {
         if let Some(c) = &current
             && c.id == incoming.id
         {
             incoming.cancel_at_period_end = c.cancel_at_period_end;
+            incoming.ended_at = incoming.ended_at.or(c.ended_at);
+            incoming.created = incoming.created.or(c.created);
         }
-        Self::merge(current, incoming)
+        Self::merge_facts(current, incoming)
     }
 
     /// The add-on units Stripe bills from the next renewal (a scheduled reduction already
@@ -135,6 +163,7 @@ mod tests {
             as_of,
             as_of_event: StripeEventId::parse(&format!("evt_{as_of}")).unwrap(),
             ended_at: None,
+            created: None,
         }
     }
 
@@ -170,6 +199,47 @@ mod tests {
             SubscriptionRecord::merge(Some(ended), next.clone()),
             Some(next)
         );
+    }
+
+    #[test]
+    fn a_subscription_created_after_the_current_one_replaces_it_whatever_the_order() {
+        let at = |s: i64| DateTime::from_timestamp(s, 0);
+        let mut old = record("sub_old", PlanStatus::Active, 10, false);
+        old.created = at(1);
+        let mut new = record("sub_new", PlanStatus::Active, 20, false);
+        new.created = at(15);
+        // The new one's first events before the old one's deletion.
+        let merged = SubscriptionRecord::merge(Some(old.clone()), new.clone()).unwrap();
+        assert_eq!(merged.id.as_str(), "sub_new");
+        // The old one's deletion, and any late event of it, change nothing then.
+        let mut deleted = record("sub_old", PlanStatus::Canceled, 30, false);
+        deleted.created = at(1);
+        assert_eq!(
+            SubscriptionRecord::merge(Some(merged.clone()), deleted.clone()),
+            None
+        );
+        assert_eq!(
+            SubscriptionRecord::merge(Some(merged.clone()), old.clone()),
+            None
+        );
+        // The new one's events created before the old one's deletion still land after it.
+        let mut earlier = new.clone();
+        earlier.as_of = 5;
+        assert_eq!(
+            SubscriptionRecord::merge(Some(deleted.clone()), earlier.clone()),
+            Some(earlier)
+        );
+        // An invoice never makes another subscription replace a live one.
+        let mut from_invoice = new.clone();
+        from_invoice.created = None;
+        assert_eq!(
+            SubscriptionRecord::merge_invoice_facts(Some(old.clone()), from_invoice),
+            None
+        );
+        // Nor does a newer subscription that is already canceled.
+        let mut gone = new;
+        gone.status = PlanStatus::Canceled;
+        assert_eq!(SubscriptionRecord::merge(Some(old), gone), None);
     }
 
     #[test]
