@@ -45,6 +45,20 @@ impl Cancellation {
         at: i64,
     ) -> Option<Self> {
         let now = DateTime::from_timestamp(at, 0).unwrap_or_default();
+        // A resumption delivered late: the subscription was resumed when it says, earlier
+        // than the later fact that first showed it resumed (a renewal's own event).
+        if let Some(c) = current.as_ref()
+            && &c.subscription == subscription
+            && !canceled
+            && !cancel_at_period_end
+            && c.requested_at <= now
+            && c.resumed_at.is_some_and(|r| now < r)
+        {
+            return Some(Self {
+                resumed_at: Some(now),
+                ..c.clone()
+            });
+        }
         // Older facts change nothing; of two in the same second, a resumption stands (a
         // refund must never rest on a cancellation that may have been undone).
         if current.as_ref().is_some_and(|c| {
@@ -349,6 +363,29 @@ mod tests {
             None
         );
         assert!(!after_cancellation(&renewal, Some(&resumed_first)));
+        // The resumption's own event delivered after the renewal's: the renewal's event
+        // first stood for it (minute 61), then the resumption's time (minute 25) is kept.
+        let by_renewal = Cancellation::merge(
+            Some(c.clone()),
+            &sub,
+            false,
+            false,
+            at(90),
+            at(61).timestamp(),
+        )
+        .unwrap();
+        assert!(after_cancellation(&renewal, Some(&by_renewal)));
+        let late = Cancellation::merge(
+            Some(by_renewal),
+            &sub,
+            false,
+            false,
+            at(30),
+            at(25).timestamp(),
+        )
+        .unwrap();
+        assert_eq!(late.resumed_at, Some(at(25)));
+        assert!(!after_cancellation(&renewal, Some(&late)));
         // Canceled outright at minute 40: effective then.
         let now =
             Cancellation::merge(Some(c), &sub, true, false, at(30), at(40).timestamp()).unwrap();
