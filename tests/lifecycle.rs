@@ -894,3 +894,76 @@ async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once
     assert_eq!(plan_grants(&app, ws).await, granted);
     assert_eq!(app.available(ws).await - before, gained);
 }
+
+#[tokio::test]
+async fn a_renewal_is_charged_an_hour_after_its_draft_and_an_upgrade_meanwhile_is_billed_apart() {
+    let app = TestApp::new();
+    let sub = app.subscribe("org_draft", "max", "monthly").await;
+    // The period runs Nov 1 12:00 -> Dec 1 12:00: at its end Stripe makes a draft.
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&serde_json::json!({"until": "2026-12-01T12:00:00Z"}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+    let draft = app
+        .sim_events("invoice.created")
+        .into_iter()
+        .rfind(|i| i["billing_reason"] == "subscription_cycle")
+        .unwrap();
+    assert_eq!(draft["status"], "draft");
+    let finalizes = draft["automatically_finalizes_at"].as_i64().unwrap();
+    assert_eq!(finalizes - draft["created"].as_i64().unwrap(), 3_600);
+    assert!(
+        app.sim_events("invoice.paid")
+            .iter()
+            .all(|i| i["billing_reason"] != "subscription_cycle"),
+        "nothing charged yet"
+    );
+    assert_eq!(plan_grants(&app, "org_draft").await.len(), 1);
+    // An upgrade in that hour is invoiced and paid on its own, at once.
+    let up = app.change_plan("org_draft", "team", "monthly").await;
+    assert_eq!(up.body["effective"], "now", "{:#}", up.body);
+    app.settle_billing().await;
+    let change = up.body["credits_granted"].as_u64().unwrap();
+    // Then the draft is finalized and charged, with the lines it was made with.
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            &format!("/sim/subscriptions/{sub}/renew"),
+            None,
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    app.settle_billing().await;
+    let paid: Vec<_> = app
+        .sim_events("invoice.paid")
+        .into_iter()
+        .filter(|i| i["billing_reason"] == "subscription_cycle")
+        .collect();
+    assert_eq!(paid.len(), 1, "{paid:#?}");
+    assert_eq!(paid[0]["id"], draft["id"]);
+    assert_eq!(
+        paid[0]["status_transitions"]["paid_at"].as_i64().unwrap(),
+        finalizes
+    );
+    // The month is the new plan's: the renewal's old-plan month and the change's
+    // difference, never a month of each.
+    let grants = plan_grants(&app, "org_draft").await;
+    assert_eq!(grants.len(), 3, "sign-up, change, renewal: {grants:#?}");
+    let renewal = grants
+        .iter()
+        .find(|(key, _)| key.contains(draft["id"].as_str().unwrap()))
+        .unwrap();
+    assert_eq!(renewal.1, 400, "the renewal grants what it billed");
+    let month = renewal.1 + change;
+    assert!((5_900..=6_000).contains(&month), "{month}");
+    assert!(app.local.billing_queue.dead_letters().is_empty());
+}

@@ -6,7 +6,7 @@ use axum::http::Method;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
-use tally_local::simulator::{RETRY_DAYS, ScheduleHook, SimEvent};
+use tally_local::simulator::{FINALIZE_AFTER_SECS, RETRY_DAYS, ScheduleHook, SimEvent};
 use tally_tests::{TestApp, owner};
 
 fn utc(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
@@ -106,12 +106,14 @@ async fn monthly_renewals_follow_the_calendar_from_jan_31_through_a_leap_februar
         ts(utc(2028, 3, 31, 10)),
         ts(utc(2028, 4, 30, 10)),
     );
+    // Each charged an hour after its period began, as Stripe finalizes a renewal's draft.
+    let h = FINALIZE_AFTER_SECS;
     assert_eq!(
         r,
         vec![
-            (feb29, (feb29, mar31)),
-            (mar31, (mar31, apr30)),
-            (apr30, (apr30, ts(utc(2028, 5, 31, 10)))),
+            (feb29 + h, (feb29, mar31)),
+            (mar31 + h, (mar31, apr30)),
+            (apr30 + h, (apr30, ts(utc(2028, 5, 31, 10)))),
         ]
     );
     let all = events(&app);
@@ -137,9 +139,10 @@ async fn yearly_plans_renew_on_their_anniversary_and_feb_29_falls_to_feb_28() {
     let (sub, _) = subscribe(&app, "org_yr", "max", "yearly").await;
     advance(&app, json!({"until": "2030-03-01T00:00:00Z"})).await;
     let (y1, y2) = (ts(utc(2029, 2, 28, 8)), ts(utc(2030, 2, 28, 8)));
+    let h = FINALIZE_AFTER_SECS;
     assert_eq!(
         renewals(&events(&app), &sub),
-        vec![(y1, (y1, y2)), (y2, (y2, ts(utc(2031, 2, 28, 8))))]
+        vec![(y1 + h, (y1, y2)), (y2 + h, (y2, ts(utc(2031, 2, 28, 8))))]
     );
     let all = events(&app);
     let first = of_subscription(&all, &sub)
@@ -253,7 +256,8 @@ async fn a_declining_card_fails_the_renewal_retries_on_schedule_then_cancels() {
     )
     .await
     .assert_problem(404, "not_found");
-    let renewal = utc(2026, 12, 1, 12);
+    // The renewal's draft is made at the period end, charged an hour later.
+    let renewal = utc(2026, 12, 1, 13);
     advance(&app, json!({"until": "2026-12-01T13:00:00Z"})).await;
     let plan = app.get("/v1/entitlements", &owner("org_dc")).await.body["plan"].clone();
     assert_eq!(plan["status"], "past_due", "{plan:#}");
@@ -304,7 +308,7 @@ async fn a_retry_that_succeeds_pays_the_invoice_and_reactivates_the_subscription
         .iter()
         .find(|e| e.kind == "invoice.paid" && object(e)["billing_reason"] == "subscription_cycle")
         .unwrap();
-    assert_eq!(paid.created, ts(utc(2026, 12, 4, 12)));
+    assert_eq!(paid.created, ts(utc(2026, 12, 4, 13)));
     assert_eq!(object(paid)["attempt_count"], 2);
     let last = mine
         .iter()
@@ -593,8 +597,8 @@ async fn the_clock_never_goes_backwards_and_plays_subscriptions_in_time_order() 
     assert_eq!(
         order,
         vec![
-            ("a".to_owned(), ts(utc(2026, 12, 1, 12))),
-            ("b".to_owned(), ts(utc(2026, 12, 11, 12))),
+            ("a".to_owned(), ts(utc(2026, 12, 1, 13))),
+            ("b".to_owned(), ts(utc(2026, 12, 11, 13))),
         ]
     );
     let runs = recorder.0.lock().unwrap()[runs_before..].to_vec();
@@ -608,7 +612,7 @@ async fn the_clock_never_goes_backwards_and_plays_subscriptions_in_time_order() 
             .all(|w| w[0] <= w[1] && w[1] - w[0] <= Duration::days(1))
     );
     assert_eq!(*runs.last().unwrap(), utc(2026, 12, 31, 12));
-    // Renewing by hand is advancing to the period end.
+    // Renewing by hand is advancing to the renewal's charge, an hour after the period end.
     let renewed = app
         .send(
             Method::POST,
@@ -619,7 +623,7 @@ async fn the_clock_never_goes_backwards_and_plays_subscriptions_in_time_order() 
         )
         .await;
     assert_eq!(renewed.status.as_u16(), 200, "{:#}", renewed.body);
-    assert_eq!(renewed.body["clock"]["now"], "2027-01-11T12:00:00Z");
+    assert_eq!(renewed.body["clock"]["now"], "2027-01-11T13:00:00Z");
 }
 
 /// Every payload the simulator delivered, read as async-stripe's type for its object.
@@ -845,7 +849,7 @@ async fn changes_at_renewal_invoice_nothing_now_and_bill_the_new_items_at_renewa
         object(&updated)["schedule"].is_string(),
         "a schedule holds the change"
     );
-    advance_days(&app, 30).await;
+    advance(&app, json!({"until": "2026-12-01T13:00:00Z"})).await;
     let renewal = of_subscription(&events(&app), &sub)
         .into_iter()
         .find(|e| e.kind == "invoice.paid" && object(e)["billing_reason"] == "subscription_cycle")

@@ -62,7 +62,7 @@ pub fn sim_paths() -> Value {
                 "404": problem("No such event")}}},
         "/sim/subscriptions/{id}/renew": {"post": {
             "tags": ["simulator"], "operationId": "sim_renew",
-            "summary": "Moves the clock to the subscription's period end, playing its renewal and everything due before.",
+            "summary": "Moves the clock to when the subscription's renewal is charged, an hour after its period end (as Stripe finalizes a renewal's draft invoice), playing the renewal and everything due before.",
             "parameters": id_param("Subscription id"),
             "responses": {
                 "200": {"description": "Renewed", "content": {"application/json": {"schema": {

@@ -2,9 +2,10 @@
 //! every subscription and each at its own instant, what Stripe does in that span.
 //!
 //! - **Renewal** at period end, on calendar anchors (`add_months`): the period moves on,
-//!   `customer.subscription.updated`, then the `subscription_cycle` invoice is created,
-//!   finalized and charged (`invoice.created`, `invoice.finalized`, `charge.succeeded`,
-//!   `invoice.paid`).
+//!   `customer.subscription.updated`, then the `subscription_cycle` invoice is created as a
+//!   draft (`invoice.created`); an hour later ([`FINALIZE_AFTER_SECS`]) Stripe finalizes and
+//!   charges it (`invoice.finalized`, `charge.succeeded`, `invoice.paid`,
+//!   `invoice_payment.paid`). A change made in that hour is invoiced on its own meanwhile.
 //! - **`cancel_at_period_end`**: no renewal; `customer.subscription.deleted` (status
 //!   `canceled`) at period end.
 //! - **`pause_collection` (`void`)**: the period still moves on and the subscription stays
@@ -29,6 +30,9 @@ use serde_json::json;
 use std::sync::Arc;
 use tally::ids::{InvoiceId, SubscriptionId};
 use thiserror::Error;
+
+/// How long Stripe leaves a renewal's invoice a draft before it finalizes and charges it.
+pub const FINALIZE_AFTER_SECS: i64 = 3_600;
 
 /// When a declined subscription invoice is tried again, in days after its first failure.
 /// After the last failed retry the subscription is canceled.
@@ -70,6 +74,7 @@ pub enum AdvanceError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Due {
     Retry,
+    Finalize,
     Renewal,
 }
 
@@ -114,9 +119,15 @@ impl Simulator {
                         .get(d.retries)
                         .map(|days| (d.first_failed + days * 86_400, Due::Retry, s.id.clone()))
                 });
-                retry
-                    .into_iter()
-                    .chain([(s.period_end, Due::Renewal, s.id.clone())])
+                let finalize = s
+                    .draft
+                    .as_ref()
+                    .map(|(_, at)| (*at, Due::Finalize, s.id.clone()));
+                retry.into_iter().chain(finalize).chain([(
+                    s.period_end,
+                    Due::Renewal,
+                    s.id.clone(),
+                )])
             })
             .filter(|(t, _, _)| *t <= until)
             .min()
@@ -154,16 +165,22 @@ impl Simulator {
         Ok(self.clock_view())
     }
 
-    /// Advances the clock to a subscription's period end (playing its renewal and anything
-    /// due before). `None` for an unknown subscription.
+    /// Advances the clock to when a subscription's renewal is charged, an hour after its
+    /// period end, or its waiting draft's (playing the renewal and anything due before).
+    /// `None` for an unknown subscription.
     pub async fn renew(&self, subscription: &str) -> Option<Result<ClockView, AdvanceError>> {
-        let end = self
+        // A renewal made already and waiting as a draft is the one to charge.
+        let charged = self
             .subscriptions
             .lock()
             .expect("sim lock")
             .get(subscription)
-            .map(|s| s.period_end)?;
-        Some(self.advance_to(at(end).max(self.clock.now())).await)
+            .map(|s| {
+                s.draft
+                    .as_ref()
+                    .map_or(s.period_end + FINALIZE_AFTER_SECS, |(_, at)| *at)
+            })?;
+        Some(self.advance_to(at(charged).max(self.clock.now())).await)
     }
 
     /// What Stripe does for one subscription at `now`; the events to deliver.
@@ -174,8 +191,27 @@ impl Simulator {
         };
         match due {
             Due::Renewal => self.renewal(sub, now),
+            Due::Finalize => self.finalize_draft(sub, now),
             Due::Retry => self.retry(sub, now),
         }
+    }
+
+    /// Stripe finalizes a renewal's draft an hour after creating it and charges it (voids
+    /// it while collection is paused).
+    fn finalize_draft(&self, sub: &mut SimSubscription, now: i64) -> Events {
+        let Some((id, _)) = sub.draft.take() else {
+            return Vec::new();
+        };
+        let Some(inv) = self.invoice(id.as_str()).filter(|i| i["status"] == "draft") else {
+            return Vec::new();
+        };
+        let before = sub.status;
+        let mut events = self.attempt(sub, inv, now);
+        if sub.status != before {
+            // A declined charge makes the subscription past due.
+            events.push(("customer.subscription.updated", sub.object()));
+        }
+        events
     }
 
     fn renewal(&self, sub: &mut SimSubscription, now: i64) -> Events {
@@ -197,7 +233,7 @@ impl Simulator {
             .map(|i| Line::full(i, (sub.period_start, sub.period_end)))
             .collect();
         let id: InvoiceId = super::new_stripe_id("in");
-        let inv = invoice_object(
+        let mut inv = invoice_object(
             &self.base_url,
             &id,
             &sub.customer,
@@ -206,7 +242,16 @@ impl Simulator {
             &lines,
             Some(sub),
         );
-        let mut events = self.collect(sub, inv, now);
+        let mut events = if sub.paused {
+            // Collection paused (`void`): voided as it is created.
+            self.collect(sub, inv, now)
+        } else {
+            inv["automatically_finalizes_at"] = json!(now + FINALIZE_AFTER_SECS);
+            self.store_invoice(&inv, None);
+            sub.latest_invoice = Some(id.clone());
+            sub.draft = Some((id, now + FINALIZE_AFTER_SECS));
+            vec![("invoice.created", inv)]
+        };
         events.insert(0, ("customer.subscription.updated", sub.object()));
         events
     }

@@ -24,7 +24,9 @@ mod objects;
 mod pages;
 mod pdf;
 
-pub use cycle::{AdvanceError, ClockView, NoSchedule, RETRY_DAYS, ScheduleHook};
+pub use cycle::{
+    AdvanceError, ClockView, FINALIZE_AFTER_SECS, NoSchedule, RETRY_DAYS, ScheduleHook,
+};
 pub use objects::{add_months, stripe_signature};
 
 use async_trait::async_trait;
@@ -358,13 +360,22 @@ impl Simulator {
         finalize(inv, now);
     }
 
-    fn collect(&self, sub: &mut SimSubscription, mut inv: Value, now: i64) -> Events {
+    fn collect(&self, sub: &mut SimSubscription, inv: Value, now: i64) -> Events {
         let mut out: Events = vec![("invoice.created", inv.clone())];
+        sub.latest_invoice = inv["id"].as_str().and_then(|s| s.parse().ok());
+        out.extend(self.attempt(sub, inv, now));
+        out
+    }
+
+    /// Finalizes a subscription's invoice and charges it (voids it while collection is
+    /// paused): what Stripe does at once for a change's invoice, and an hour after a
+    /// renewal's was created.
+    fn attempt(&self, sub: &mut SimSubscription, mut inv: Value, now: i64) -> Events {
+        let mut out: Events = Vec::new();
         let id: InvoiceId = inv["id"]
             .as_str()
             .and_then(|s| s.parse().ok())
             .expect("simulated invoice id");
-        sub.latest_invoice = Some(id.clone());
         if sub.paused {
             self.finalize(&mut inv, now);
             mark_void(&mut inv, now);
@@ -535,6 +546,7 @@ impl Simulator {
                     ended_at: None,
                     dunning: None,
                     latest_invoice: None,
+                    draft: None,
                     schedule: None,
                     last_phase: None,
                 };

@@ -192,6 +192,8 @@ pub(super) struct SimSubscription {
     pub(super) ended_at: Option<i64>,
     pub(super) dunning: Option<Dunning>,
     pub(super) latest_invoice: Option<InvoiceId>,
+    /// A renewal invoice created as a draft, and when Stripe finalizes and charges it.
+    pub(super) draft: Option<(InvoiceId, i64)>,
     /// A subscription schedule's next phase: the change it applies at the renewal.
     pub(super) schedule: Option<(String, tally::payments::RenewalChange)>,
     /// A schedule in its last phase: still attached (Stripe gives a last phase without an
