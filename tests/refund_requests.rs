@@ -1964,4 +1964,159 @@ async fn an_approval_the_queue_lost_is_queued_again_when_the_payment_is_asked_fo
     );
     // Taken back once, whatever was sent.
     assert_eq!(app.available(ws).await, 0);
+
+    // Stuck the same way, then refunded by staff in the dashboard meanwhile: never sent a
+    // second time; staff decide.
+    let ws = "org_rrq2";
+    let charge = buy_packs(&app, ws, 1).await;
+    queue.down.store(1, std::sync::atomic::Ordering::SeqCst);
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let r = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::TechnicalIssue),
+            now,
+        )
+        .await
+        .unwrap();
+    requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap_err();
+    let made = dashboard(&app, &format!("/sim/charges/{charge}/refund"), json!({})).await;
+    assert_eq!(made.status.as_u16(), 200, "{:#}", made.body);
+    let sent_before = queue.sent.lock().unwrap().len();
+    let again = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::TechnicalIssue),
+            later,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.status.as_u16(), 409, "{again:?}");
+    assert_eq!(
+        queue.sent.lock().unwrap().len(),
+        sent_before,
+        "not sent again"
+    );
+    let review = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(review.status, RequestStatus::InReview, "{review:#?}");
+    assert!(
+        review
+            .steps
+            .last()
+            .unwrap()
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("left to refund"),
+        "{review:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_credit_note_on_a_replacement_that_arrives_before_the_replacement_follows_the_original() {
+    let app = TestApp::new();
+    let ws = "org_cn5";
+    app.subscribe(ws, "plus", "monthly").await;
+    let month = app.available(ws).await;
+    let invoice = app.sim_events("invoice.paid").last().unwrap().clone();
+    let original = invoice["id"].as_str().unwrap().to_owned();
+    let paid = invoice["amount_paid"].as_u64().unwrap();
+    let now = app.clock.now().timestamp();
+    // The note on the replacement comes first: nothing says yet whose payment paid it.
+    let mut note = fixture("credit_note");
+    note["id"] = json!("cn_on_replacement");
+    note["invoice"] = json!("in_replacement_1");
+    note["customer"] = invoice["customer"].clone();
+    note["type"] = json!("post_payment");
+    note["status"] = json!("issued");
+    note["post_payment_amount"] = json!(paid / 2);
+    note["out_of_band_amount"] = json!(paid / 2);
+    note["refunds"] = json!([]);
+    note["memo"] = Value::Null;
+    let e = tally_tests::stripe_event("evt_cn_r1", "credit_note.created", now, note);
+    assert_eq!(app.deliver_signed(&e).await, 200);
+    settle(&app).await;
+    assert_eq!(app.available(ws).await, month);
+    // Then the replacement itself, naming the invoice it replaces.
+    let mut replacement = invoice.clone();
+    replacement["id"] = json!("in_replacement_1");
+    replacement["metadata"] = json!({"kind": "reissue", "reissue_of": original});
+    replacement["parent"] = Value::Null;
+    let e = tally_tests::stripe_event("evt_rep_1", "invoice.finalized", now, replacement);
+    assert_eq!(app.deliver_signed(&e).await, 200);
+    settle(&app).await;
+    let half = month * (paid / 2) / paid;
+    assert_eq!(app.available(ws).await, month - half);
+    assert!(app.local.billing_queue.dead_letters().is_empty());
+}
+
+#[tokio::test]
+async fn a_credit_note_and_a_lost_partial_dispute_take_back_what_each_gave_back_in_any_order() {
+    let app = TestApp::new();
+    for (ws, note_first) in [("org_cnd1", true), ("org_cnd2", false)] {
+        app.subscribe(ws, "plus", "monthly").await;
+        let month = app.available(ws).await;
+        let invoice = app.sim_events("invoice.paid").last().unwrap().clone();
+        let id = invoice["id"].as_str().unwrap().to_owned();
+        let paid = invoice["amount_paid"].as_u64().unwrap();
+        let charge = charge_of(
+            &app,
+            app.sim_events("charge.succeeded").last().unwrap()["id"]
+                .as_str()
+                .unwrap(),
+        );
+        let now = app.clock.now().timestamp();
+        // Half the charge disputed with the bank (Stripe's dispute object).
+        let mut dispute = fixture("dispute");
+        dispute["id"] = json!(format!("dp_{ws}"));
+        dispute["amount"] = json!(paid / 2);
+        dispute["charge"] = charge["id"].clone();
+        dispute["payment_intent"] = charge["payment_intent"].clone();
+        dispute["currency"] = json!("usd");
+        dispute["created"] = json!(now);
+        dispute["status"] = json!("needs_response");
+        let note = async || {
+            let n = dashboard(
+                &app,
+                &format!("/sim/invoices/{id}/credit-note"),
+                json!({"amount": paid / 4}),
+            )
+            .await;
+            assert_eq!(n.status.as_u16(), 200, "{:#}", n.body);
+        };
+        if note_first {
+            note().await;
+        }
+        let opened = tally_tests::stripe_event(
+            &format!("evt_{ws}_dp1"),
+            "charge.dispute.created",
+            now,
+            dispute.clone(),
+        );
+        assert_eq!(app.deliver_signed(&opened).await, 200);
+        settle(&app).await;
+        if !note_first {
+            note().await;
+        }
+        dispute["status"] = json!("lost");
+        let lost = tally_tests::stripe_event(
+            &format!("evt_{ws}_dp2"),
+            "charge.dispute.closed",
+            now + 60,
+            dispute,
+        );
+        assert_eq!(app.deliver_signed(&lost).await, 200);
+        settle(&app).await;
+        // Three quarters of the money went back (half by the bank, a quarter by the note):
+        // a quarter of the month's credits stays, give or take the rounding of two shares.
+        let left = app.available(ws).await;
+        assert!(
+            (month / 4..=month / 4 + 2).contains(&left),
+            "{ws}: {left} of {month}"
+        );
+        assert!(app.local.billing_queue.dead_letters().is_empty());
+    }
 }

@@ -312,17 +312,20 @@ async fn a_verified_duplicate_charge_opens_one_refund_request() {
     );
     assert_eq!(t["status"], "waiting", "{t:#}");
     // A second ticket makes no second request. The refund made for the first is no fix of
-    // this one: it stays open for staff, and the payment, all given back, is no longer a
-    // suspected duplicate.
+    // this one: it stays open for staff, who see what became of that request.
     app.local.refunds_queue.until_idle().await;
     app.settle_billing().await;
     let again = file(&app, &owner(ws), body).await;
     assert_eq!(again["remediations"], json!([]), "{again:#}");
     assert_eq!(again["status"], "open", "{again:#}");
     assert!(
-        again["enrichment"]["duplicate_charges"]
+        again["enrichment"]["findings"]
             .as_array()
-            .is_none_or(Vec::is_empty),
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|f| f.starts_with(&format!("refund request {rr} "))
+                && f.ends_with("was made before and is succeeded")),
         "{again:#}"
     );
     let list = app.get("/v1/refund-requests", &owner(ws)).await.body;

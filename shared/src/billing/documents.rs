@@ -166,6 +166,8 @@ impl BillingEvents {
                 },
             )
             .await?;
+            // Notes that came before this link belong to the original's payment.
+            self.move_credit_notes(&i.id, original).await?;
             // The original's line names its replacement.
             let now = self.ledger.clock.now();
             super::history::record(

@@ -326,6 +326,60 @@ impl BillingEvents {
         self.follow_invoice(&invoice).await
     }
 
+    /// Credit notes filed under a reissue's replacement before its link to the original was
+    /// known: moved to the original, whose payment they follow.
+    pub(super) async fn move_credit_notes(
+        &self,
+        replacement: &InvoiceId,
+        original: &InvoiceId,
+    ) -> Result<(), ConsumeError> {
+        let Some(moved) =
+            docs::get::<CreditNotes>(self.docs.as_ref(), &credit_notes_pk(replacement), LINK_SK)
+                .await?
+                .filter(|d| !d.notes.is_empty())
+        else {
+            return Ok(());
+        };
+        // The first invoice of a chain of reissues is the one that was paid.
+        let mut original = original.clone();
+        for _ in 0..8 {
+            match docs::get::<ReissueLink>(self.docs.as_ref(), &reissue_pk(&original), LINK_SK)
+                .await?
+                .and_then(|l| l.original)
+            {
+                Some(o) => original = o,
+                None => break,
+            }
+        }
+        let original = &original;
+        docs::update(
+            self.docs.as_ref(),
+            &credit_notes_pk(original),
+            LINK_SK,
+            |cur: Option<CreditNotes>| {
+                let mut d = cur.unwrap_or_default();
+                let before = d.clone();
+                for (id, &(cents, void)) in &moved.notes {
+                    let e = d.notes.entry(id.clone()).or_insert((cents, void));
+                    e.1 |= void;
+                }
+                (d != before).then_some(d)
+            },
+        )
+        .await?;
+        docs::update(
+            self.docs.as_ref(),
+            &credit_notes_pk(replacement),
+            LINK_SK,
+            |cur: Option<CreditNotes>| {
+                cur.filter(|d| !d.notes.is_empty())
+                    .map(|_| CreditNotes::default())
+            },
+        )
+        .await?;
+        self.follow_invoice(original).await
+    }
+
     /// Cents the credit notes of `invoice` gave back without a refund.
     pub(crate) async fn credited(&self, invoice: Option<&InvoiceId>) -> Result<u64, ConsumeError> {
         match invoice {
@@ -407,13 +461,17 @@ impl BillingEvents {
             .disputes
             .iter()
             .any(|d| dispute_open(d.status.as_deref().unwrap_or("needs_response")));
-        let credited = if disputed {
-            0
-        } else {
-            self.credited(link.invoice.as_ref()).await?
-        };
+        let credited_all = self.credited(link.invoice.as_ref()).await?;
+        let credited = if disputed { 0 } else { credited_all };
         let refunds = payment.amount_refunded.get().min(paid);
         let refunded = refunds.saturating_add(credited).min(paid);
+        // Money a lost dispute gave back: its credits went with it.
+        let lost: u64 = payment
+            .disputes
+            .iter()
+            .filter(|d| d.status.as_deref() == Some("lost"))
+            .map(|d| d.amount.get())
+            .sum();
         self.payment_history(
             &workspace,
             &row,
@@ -421,16 +479,16 @@ impl BillingEvents {
             charge,
             &payment,
             link.invoice.as_ref(),
-            credited,
+            credited_all,
         )
         .await?;
         // Takes back, from each lot, what `total` cents given back bought (the ledger keeps
         // how much of the payment each lot has followed, so this is exact under retries,
         // reordering and a concurrent follower).
-        let take_back = async |total: u64, credited: u64| -> Result<(), ConsumeError> {
+        let take_back = async |total: u64, base: u64, credited: u64| -> Result<(), ConsumeError> {
             for &(lot, credits) in &lots {
                 let req =
-                    take_back_request(&workspace, charge, pi, lot, credits, total, paid, credited);
+                    take_back_request(&workspace, charge, pi, lot, credits, total, base, credited);
                 let key = format!("stripe:refund:{charge}:{total}:lot_{lot}");
                 if let Some(o) = self.run(req).await? {
                     // The refund that reached the total; a credit note's share is on the
@@ -446,17 +504,13 @@ impl BillingEvents {
             Ok(())
         };
         // Refunds first: a dispute's freeze is a share of what they left.
+        // Of the money a lost dispute left (its credits went with it).
+        let base = paid.saturating_sub(lost);
         if refunds > 0 {
-            take_back(refunds, 0).await?;
+            take_back(refunds, base, 0).await?;
         }
         // A yearly period's later months are paid by the same invoice.
         if let Some(invoice) = &link.invoice {
-            let lost: u64 = payment
-                .disputes
-                .iter()
-                .filter(|d| d.status.as_deref() == Some("lost"))
-                .map(|d| d.amount.get())
-                .sum();
             let back = refunded.saturating_add(lost).min(paid);
             if back > 0 {
                 crate::refresh::record_given_back(
@@ -469,7 +523,9 @@ impl BillingEvents {
                 .await?;
             }
         }
-        let unrefunded = paid - refunded;
+        // A dispute's share is of the money not given back otherwise, credit notes included
+        // (their own take-back may be waiting for the dispute).
+        let unrefunded = paid - refunds.saturating_add(credited_all).min(paid);
         for d in &payment.disputes {
             let status = d.status.as_deref().unwrap_or("needs_response");
             for &(lot, _) in &lots {
@@ -527,7 +583,7 @@ impl BillingEvents {
         // Credit notes last, once no dispute is open: a won dispute's credits are unfrozen
         // above, so the note's share is taken from credits that are free again.
         if refunded > refunds {
-            take_back(refunded, credited).await?;
+            take_back(refunded, base, credited).await?;
         }
         Ok(())
     }

@@ -685,11 +685,53 @@ impl RefundRequests {
         {
             return;
         }
+        // Staff may have given the money back meanwhile (a refund or a credit note made in
+        // the dashboard): then it is theirs to decide, never sent a second time.
+        match self.still_refundable(&r).await {
+            Ok(left) if left >= r.amount => {}
+            Ok(left) => {
+                let why = format!(
+                    "its refund never reached Stripe, and only {} of its {} cents are left to \
+                     refund now; support staff decide",
+                    left.get(),
+                    r.amount.get()
+                );
+                if let Err(p) = self.demote(&r, why, now).await {
+                    tracing::error!(request = %r.id, detail = %p.detail, "stuck approval not sent to staff");
+                }
+                return;
+            }
+            Err(p) => {
+                tracing::error!(request = %r.id, detail = %p.detail, "stuck approval not checked");
+                return;
+            }
+        }
         tracing::warn!(workspace = %workspace, request = %r.id, attempt = r.attempt,
             "approved refund never reached the worker; queued again");
         if let Err(p) = self.send(&r, now).await {
             tracing::error!(request = %r.id, detail = %p.detail, "approved refund still not queued");
         }
+    }
+
+    /// What of an approved request's payment may still be refunded for it, from the
+    /// records as they stand now (refunds and credit notes made since included).
+    async fn still_refundable(&self, r: &RefundRequest) -> Result<Cents, Problem> {
+        let Some(entry) =
+            crate::billing::history::get(self.docs.as_ref(), &r.workspace, &r.movement).await?
+        else {
+            return Ok(Cents::ZERO);
+        };
+        let claims: Claims = docs::get(self.docs.as_ref(), &charge_pk(&r.charge), CLAIMS_SK)
+            .await?
+            .unwrap_or_default();
+        let (elsewhere, failed) = self.refunded_elsewhere(&r.charge, &claims).await?;
+        Ok(rules::refundable(
+            &entry,
+            true,
+            elsewhere,
+            claims.claimed_except(&r.id),
+            failed,
+        ))
     }
 
     async fn orphaned(&self, workspace: &WorkspaceId, request: &str) -> Result<bool, Problem> {
@@ -889,7 +931,7 @@ impl RefundRequests {
     async fn demote(
         &self,
         r: &RefundRequest,
-        taken: Credits,
+        why: String,
         now: DateTime<Utc>,
     ) -> Result<RefundRequest, Problem> {
         let claims_pk = charge_pk(&r.charge);
@@ -930,18 +972,15 @@ impl RefundRequests {
             }
         }
         let claim = claim.ok_or_else(busy)?;
-        tracing::info!(workspace = %r.workspace, request = %r.id,
-            "credits used while the refund was approved; sent to support staff instead");
+        tracing::info!(workspace = %r.workspace, request = %r.id, why = %why,
+            "approved refund sent to support staff instead");
         project(
             self.docs.as_ref(),
             &r.workspace,
             &claim,
             now,
             "tally",
-            Some(format!(
-                "some of the credits it bought were used while it was being approved, so support \
-                 staff decide; the {taken} credits still unused were taken back"
-            )),
+            Some(why),
         )
         .await?
         .ok_or_else(Problem::internal)
@@ -986,7 +1025,11 @@ impl RefundRequests {
         let lots = self.take_back_basis(r).await?.map_or(0, |b| b.lots.len());
         let rounding = u64::try_from(lots).unwrap_or(u64::MAX);
         if r.approved_as_unused() && held.get().saturating_add(rounding) < bought.get() {
-            return self.demote(r, held, now).await.map(Some);
+            let why = format!(
+                "some of the credits it bought were used while it was being approved, so support \
+                 staff decide; the {held} credits still unused were taken back"
+            );
+            return self.demote(r, why, now).await.map(Some);
         }
         let job = RefundJob {
             workspace: r.workspace.clone(),

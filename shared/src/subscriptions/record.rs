@@ -40,15 +40,21 @@ impl SubscriptionRecord {
         (self.as_of, terminal, self.as_of_event.as_str())
     }
 
-    /// Whether `incoming`, a live subscription's own event, is about a subscription created
-    /// after the current one: the one that replaced it, whatever order their events came
-    /// in (the old one's deletion may arrive after the new one's first events).
+    /// Whether `incoming`, an active subscription's own event, is about the subscription
+    /// that replaced the current one, whatever order their events came in (the old one's
+    /// deletion may arrive after the new one's first events): created after it, once the
+    /// current one was ended, set to end, or past its period. A trial, an incomplete first
+    /// payment, or a second subscription made while the current one runs replaces nothing.
     fn replaces(current: &Self, incoming: &Self) -> bool {
-        incoming.status != PlanStatus::Canceled
-            && incoming
-                .created
-                .zip(current.created)
-                .is_some_and(|(new, old)| new > old)
+        let Some((new, old)) = incoming.created.zip(current.created) else {
+            return false;
+        };
+        incoming.status == PlanStatus::Active
+            && incoming.stripe_status == "active"
+            && new > old
+            && (current.status == PlanStatus::Canceled
+                || current.cancel_at_period_end
+                || current.period_end <= new)
     }
 
     /// The newer of two descriptions of the same subscription, from a subscription event.
@@ -204,10 +210,36 @@ mod tests {
     #[test]
     fn a_subscription_created_after_the_current_one_replaces_it_whatever_the_order() {
         let at = |s: i64| DateTime::from_timestamp(s, 0);
-        let mut old = record("sub_old", PlanStatus::Active, 10, false);
+        // Set to end at its period end (100); the new one created before that.
+        let mut old = record("sub_old", PlanStatus::Active, 10, true);
         old.created = at(1);
         let mut new = record("sub_new", PlanStatus::Active, 20, false);
         new.created = at(15);
+        // A second subscription made while the old one runs on, or a trial, or one whose
+        // first payment is incomplete, replaces nothing.
+        let mut running = old.clone();
+        running.cancel_at_period_end = false;
+        assert_eq!(
+            SubscriptionRecord::merge(Some(running.clone()), new.clone()),
+            None
+        );
+        let mut trial = new.clone();
+        trial.stripe_status = "trialing".into();
+        assert_eq!(SubscriptionRecord::merge(Some(old.clone()), trial), None);
+        let mut incomplete = new.clone();
+        incomplete.status = PlanStatus::PastDue;
+        incomplete.stripe_status = "incomplete".into();
+        assert_eq!(
+            SubscriptionRecord::merge(Some(old.clone()), incomplete),
+            None
+        );
+        // Past the running one's period, it does.
+        let mut after = new.clone();
+        after.created = at(100);
+        assert_eq!(
+            SubscriptionRecord::merge(Some(running), after.clone()),
+            Some(after)
+        );
         // The new one's first events before the old one's deletion.
         let merged = SubscriptionRecord::merge(Some(old.clone()), new.clone()).unwrap();
         assert_eq!(merged.id.as_str(), "sub_new");

@@ -504,15 +504,6 @@ async fn duplicates(
         {
             continue;
         }
-        // All of it given back already: nothing left to suspect.
-        if entry
-            .amount_refunded
-            .get()
-            .saturating_add(entry.amount_credited.get())
-            >= entry.amount.get()
-        {
-            continue;
-        }
         let Some(twin) = rules::duplicate_of(entry, &around, window) else {
             continue;
         };
