@@ -728,6 +728,33 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
     let invoices = app.get("/v1/invoices", &owner("org_e")).await.body;
     assert_eq!(invoices["items"][0]["status"], "paid");
     assert_eq!(invoices["items"][0]["amount_paid"], 250000);
+    // Paid by card on the page: one charge, tied to the invoice, whose refunds credits follow.
+    let invoice = first.body["invoice"].as_str().unwrap();
+    let charges: Vec<Value> = app
+        .sim_events("charge.succeeded")
+        .into_iter()
+        .filter(|c| c["amount"] == 250000)
+        .collect();
+    assert_eq!(charges.len(), 1, "{charges:#?}");
+    let links = app.sim_events("invoice_payment.paid");
+    let link = links.iter().find(|l| l["invoice"] == invoice).unwrap();
+    assert_eq!(
+        link["payment"]["payment_intent"],
+        charges[0]["payment_intent"]
+    );
+    let charge = charges[0]["id"].as_str().unwrap();
+    let refund = app
+        .send(
+            Method::POST,
+            &format!("/sim/charges/{charge}/refund"),
+            None,
+            Some(&json!({"amount": 125000}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(refund.status.as_u16(), 200, "{:#}", refund.body);
+    app.settle_billing().await;
+    assert_eq!(app.available("org_e").await, 15000);
 }
 
 mod alerts {

@@ -599,6 +599,7 @@ impl Simulator {
 
     /// Pays an open custom-payment invoice (once; paying again delivers nothing new).
     pub async fn pay_invoice(&self, id: &str) -> bool {
+        let now = self.now();
         let invoice = {
             let mut invoices = self.invoices.lock().expect("sim lock");
             let Some(stored) = invoices.get_mut(id) else {
@@ -608,10 +609,27 @@ impl Simulator {
             if inv["status"] != "open" || inv["billing_reason"] != "manual" {
                 return true;
             }
-            mark_paid(inv, self.now());
+            mark_paid(inv, now);
             inv.clone()
         };
+        // Paid by card on the hosted page: a payment intent and its charge, as Stripe makes.
+        let due = invoice["amount_paid"].as_i64().unwrap_or_default();
+        let customer: Option<CustomerId> =
+            invoice["customer"].as_str().and_then(|c| c.parse().ok());
+        let paid_by = match customer {
+            Some(customer) if due > 0 => {
+                let card = card_of(&customer);
+                let charge = charge_object(&customer, due, now, json!({}), &card, false);
+                let link = invoice_payment(&invoice, &charge, now);
+                self.deliver("charge.succeeded", charge).await;
+                Some(link)
+            }
+            _ => None,
+        };
         self.deliver("invoice.paid", invoice).await;
+        if let Some(link) = paid_by {
+            self.deliver("invoice_payment.paid", link).await;
+        }
         true
     }
 
