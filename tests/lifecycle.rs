@@ -967,3 +967,46 @@ async fn a_renewal_is_charged_an_hour_after_its_draft_and_an_upgrade_meanwhile_i
     assert!((5_900..=6_000).contains(&month), "{month}");
     assert!(app.local.billing_queue.dead_letters().is_empty());
 }
+
+#[tokio::test]
+async fn a_renewal_drafted_before_a_pause_is_still_charged_and_grants_its_month() {
+    let app = TestApp::new();
+    app.subscribe("org_dp", "max", "monthly").await;
+    let r = app
+        .send(
+            axum::http::Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&serde_json::json!({"until": "2026-12-01T12:30:00Z"}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    let p = app
+        .post(
+            "/v1/subscription/pause",
+            &owner("org_dp"),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(p.status.as_u16(), 200, "{:#}", p.body);
+    advance_days(&app, 1).await;
+    // Stripe collects an invoice created before the pause; the pause voids later ones.
+    let cycle = |kind: &str| {
+        app.sim_events(kind)
+            .into_iter()
+            .filter(|i| i["billing_reason"] == "subscription_cycle")
+            .count()
+    };
+    assert_eq!(cycle("invoice.paid"), 1);
+    assert_eq!(cycle("invoice.voided"), 0);
+    assert_eq!(plan_grants(&app, "org_dp").await.len(), 2);
+    advance_days(&app, 31).await;
+    assert_eq!(cycle("invoice.paid"), 1);
+    assert_eq!(
+        cycle("invoice.voided"),
+        1,
+        "the next renewal, made while paused"
+    );
+    assert_eq!(plan_grants(&app, "org_dp").await.len(), 2);
+}

@@ -5,6 +5,7 @@
 
 use axum::http::Method;
 use serde_json::{Value, json};
+use tally::clock::Clock;
 use tally_tests::{TestApp, member, owner, service, support};
 
 /// Buys `quantity` × pack_500 for `ws`; returns the charge id that paid.
@@ -942,5 +943,53 @@ async fn a_refunded_upgrade_that_granted_nothing_of_its_own_still_lowers_the_lat
         &months[..2],
         &[150, 150],
         "back to plus once the upgrade's money is back: {months:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_yearly_month_granted_after_a_refund_and_a_lost_dispute_keeps_what_the_money_left_paid() {
+    let app = TestApp::new();
+    let ws = "org_yrd";
+    app.subscribe(ws, "plus", "yearly").await;
+    let month = app.available(ws).await;
+    let charge = app.sim_events("charge.succeeded")[0].clone();
+    let id = charge["id"].as_str().unwrap().to_owned();
+    let paid = charge["amount"].as_i64().unwrap();
+    // A fifth refunded, then two fifths disputed and lost.
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{id}/refund"),
+        Some(json!({"amount": paid / 5})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    let now = app.clock.now().timestamp();
+    let mut dispute = tally_tests::fixture("dispute");
+    dispute["id"] = json!("dp_yrd");
+    dispute["amount"] = json!(paid * 2 / 5);
+    dispute["charge"] = json!(id);
+    dispute["payment_intent"] = charge["payment_intent"].clone();
+    dispute["currency"] = json!("usd");
+    dispute["created"] = json!(now);
+    for (event, status) in [("evt_yrd_1", "needs_response"), ("evt_yrd_2", "lost")] {
+        dispute["status"] = json!(status);
+        let kind = if status == "lost" {
+            "charge.dispute.closed"
+        } else {
+            "charge.dispute.created"
+        };
+        let e = tally_tests::stripe_event(event, kind, now, dispute.clone());
+        assert_eq!(app.deliver_signed(&e).await, 200);
+        app.settle_billing().await;
+    }
+    // The next month meets the refund and the lost dispute at once: three fifths of the
+    // money went back, two fifths of each month's credits stay (the first month's too).
+    advance_days(&app, 32).await;
+    assert_eq!(plan_allotments(&app, ws).await.len(), 2);
+    let left = app.available(ws).await;
+    let expected = 2 * (month * 2 / 5);
+    assert!(
+        (expected.saturating_sub(2)..=expected + 2).contains(&left),
+        "{left}, expected about {expected}"
     );
 }

@@ -323,6 +323,15 @@ impl BillingEvents {
                 note.id
             )));
         }
+        // Filed under an invoice not known as a replacement: if its link was written
+        // meanwhile, the move that came with it may have missed this note.
+        if let Some(original) =
+            docs::get::<ReissueLink>(self.docs.as_ref(), &reissue_pk(&invoice), LINK_SK)
+                .await?
+                .and_then(|l| l.original)
+        {
+            return self.move_credit_notes(&invoice, &original).await;
+        }
         self.follow_invoice(&invoice).await
     }
 
@@ -367,13 +376,16 @@ impl BillingEvents {
             },
         )
         .await?;
+        // Only the notes moved leave: one filed meanwhile stays until the next move.
         docs::update(
             self.docs.as_ref(),
             &credit_notes_pk(replacement),
             LINK_SK,
             |cur: Option<CreditNotes>| {
-                cur.filter(|d| !d.notes.is_empty())
-                    .map(|_| CreditNotes::default())
+                let mut d = cur?;
+                let before = d.notes.len();
+                d.notes.retain(|id, _| !moved.notes.contains_key(id));
+                (d.notes.len() != before).then_some(d)
             },
         )
         .await?;
@@ -465,7 +477,7 @@ impl BillingEvents {
         let credited = if disputed { 0 } else { credited_all };
         let refunds = payment.amount_refunded.get().min(paid);
         let refunded = refunds.saturating_add(credited).min(paid);
-        // Money a lost dispute gave back: its credits went with it.
+        // Money a lost dispute gave back (for the yearly months).
         let lost: u64 = payment
             .disputes
             .iter()
@@ -485,10 +497,10 @@ impl BillingEvents {
         // Takes back, from each lot, what `total` cents given back bought (the ledger keeps
         // how much of the payment each lot has followed, so this is exact under retries,
         // reordering and a concurrent follower).
-        let take_back = async |total: u64, base: u64, credited: u64| -> Result<(), ConsumeError> {
+        let take_back = async |total: u64, credited: u64| -> Result<(), ConsumeError> {
             for &(lot, credits) in &lots {
                 let req =
-                    take_back_request(&workspace, charge, pi, lot, credits, total, base, credited);
+                    take_back_request(&workspace, charge, pi, lot, credits, total, paid, credited);
                 let key = format!("stripe:refund:{charge}:{total}:lot_{lot}");
                 if let Some(o) = self.run(req).await? {
                     // The refund that reached the total; a credit note's share is on the
@@ -504,10 +516,11 @@ impl BillingEvents {
             Ok(())
         };
         // Refunds first: a dispute's freeze is a share of what they left.
-        // Of the money a lost dispute left (its credits went with it).
-        let base = paid.saturating_sub(lost);
+        // Refunds and notes are shares of all that was paid, a dispute's a share of what
+        // they left: whatever order the facts came in, a lot meeting them all at once (a
+        // yearly plan's later month) loses what the money given back bought.
         if refunds > 0 {
-            take_back(refunds, base, 0).await?;
+            take_back(refunds, 0).await?;
         }
         // A yearly period's later months are paid by the same invoice.
         if let Some(invoice) = &link.invoice {
@@ -583,7 +596,7 @@ impl BillingEvents {
         // Credit notes last, once no dispute is open: a won dispute's credits are unfrozen
         // above, so the note's share is taken from credits that are free again.
         if refunded > refunds {
-            take_back(refunded, base, credited).await?;
+            take_back(refunded, credited).await?;
         }
         Ok(())
     }

@@ -725,9 +725,14 @@ impl RefundRequests {
             .await?
             .unwrap_or_default();
         let (elsewhere, failed) = self.refunded_elsewhere(&r.charge, &claims).await?;
+        // Under the rule it was approved by: add-ons only for a charge made by mistake.
+        let mistaken = matches!(
+            r.reason,
+            RefundReason::DuplicateCharge | RefundReason::ChargedAfterCancellation
+        );
         Ok(rules::refundable(
             &entry,
-            true,
+            mistaken,
             elsewhere,
             claims.claimed_except(&r.id),
             failed,

@@ -206,7 +206,8 @@ impl Simulator {
             return Vec::new();
         };
         let before = sub.status;
-        let mut events = self.attempt(sub, inv, now);
+        // Made before any pause: collected, as Stripe collects invoices created before it.
+        let mut events = self.attempt(sub, inv, now, false);
         if sub.status != before {
             // A declined charge makes the subscription past due.
             events.push(("customer.subscription.updated", sub.object()));

@@ -363,20 +363,27 @@ impl Simulator {
     fn collect(&self, sub: &mut SimSubscription, inv: Value, now: i64) -> Events {
         let mut out: Events = vec![("invoice.created", inv.clone())];
         sub.latest_invoice = inv["id"].as_str().and_then(|s| s.parse().ok());
-        out.extend(self.attempt(sub, inv, now));
+        out.extend(self.attempt(sub, inv, now, true));
         out
     }
 
-    /// Finalizes a subscription's invoice and charges it (voids it while collection is
-    /// paused): what Stripe does at once for a change's invoice, and an hour after a
-    /// renewal's was created.
-    fn attempt(&self, sub: &mut SimSubscription, mut inv: Value, now: i64) -> Events {
+    /// Finalizes a subscription's invoice and charges it: what Stripe does at once for a
+    /// change's invoice, and an hour after a renewal's was created. One created while
+    /// collection is paused (`void`) is voided instead; a draft made before the pause is
+    /// collected (`created_paused`: whether it was created while paused).
+    fn attempt(
+        &self,
+        sub: &mut SimSubscription,
+        mut inv: Value,
+        now: i64,
+        created_paused: bool,
+    ) -> Events {
         let mut out: Events = Vec::new();
         let id: InvoiceId = inv["id"]
             .as_str()
             .and_then(|s| s.parse().ok())
             .expect("simulated invoice id");
-        if sub.paused {
+        if created_paused && sub.paused {
             self.finalize(&mut inv, now);
             mark_void(&mut inv, now);
             out.push(("invoice.voided", inv.clone()));
