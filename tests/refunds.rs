@@ -993,3 +993,51 @@ async fn a_yearly_month_granted_after_a_refund_and_a_lost_dispute_keeps_what_the
         "{left}, expected about {expected}"
     );
 }
+
+#[tokio::test]
+async fn a_payment_refunded_to_close_an_inquiry_loses_its_credits_when_the_inquiry_closes() {
+    let app = TestApp::new();
+    let ws = "org_inq";
+    let charge = buy_packs(&app, ws, 1).await;
+    assert_eq!(app.available(ws).await, 500);
+    let sim = app.local.simulator.as_ref().unwrap();
+    let c = sim.charge(&charge).unwrap();
+    // The bank asks about the payment (an inquiry): its credits are frozen meanwhile.
+    let now = app.clock.now().timestamp();
+    let mut inquiry = tally_tests::fixture("dispute");
+    inquiry["id"] = json!("du_inq");
+    inquiry["amount"] = c["amount"].clone();
+    inquiry["charge"] = json!(charge);
+    inquiry["payment_intent"] = c["payment_intent"].clone();
+    inquiry["currency"] = json!("usd");
+    inquiry["created"] = json!(now);
+    inquiry["status"] = json!("warning_needs_response");
+    let e = tally_tests::stripe_event("evt_inq_1", "charge.dispute.created", now, inquiry.clone());
+    assert_eq!(app.deliver_signed(&e).await, 200);
+    app.settle_billing().await;
+    assert_eq!(app.available(ws).await, 0, "frozen");
+    // Refunded in full to settle it, then the inquiry closes: the money is back with the
+    // customer, and so the credits it bought go.
+    let r = sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    inquiry["status"] = json!("warning_closed");
+    let e = tally_tests::stripe_event("evt_inq_2", "charge.dispute.closed", now + 60, inquiry);
+    assert_eq!(app.deliver_signed(&e).await, 200);
+    app.settle_billing().await;
+    assert_eq!(app.available(ws).await, 0);
+    let b = balance(&app, ws).await;
+    assert_eq!(b["frozen"], 0, "{b:#}");
+    assert_eq!(
+        entries(&app, ws, "refund_take_back")
+            .await
+            .iter()
+            .map(|e| -e["credits"].as_i64().unwrap())
+            .sum::<i64>(),
+        500
+    );
+}

@@ -342,13 +342,13 @@ impl BillingEvents {
         replacement: &InvoiceId,
         original: &InvoiceId,
     ) -> Result<(), ConsumeError> {
-        let Some(moved) =
+        if replacement == original {
+            return Ok(());
+        }
+        let moved =
             docs::get::<CreditNotes>(self.docs.as_ref(), &credit_notes_pk(replacement), LINK_SK)
                 .await?
-                .filter(|d| !d.notes.is_empty())
-        else {
-            return Ok(());
-        };
+                .unwrap_or_default();
         // The first invoice of a chain of reissues is the one that was paid.
         let mut original = original.clone();
         for _ in 0..8 {
@@ -361,6 +361,10 @@ impl BillingEvents {
             }
         }
         let original = &original;
+        if original == replacement {
+            // A chain of reissues that leads back to itself: nothing to move to.
+            return Ok(());
+        }
         docs::update(
             self.docs.as_ref(),
             &credit_notes_pk(original),
@@ -467,14 +471,14 @@ impl BillingEvents {
             .map_or_else(|| pi.to_string(), ToString::to_string);
         // Money given back: refunds, and what credit notes gave back without one (to the
         // customer's Stripe balance, or outside Stripe).
-        // While a dispute is open its freeze holds the credits: a note's share is taken once
-        // it closes (won), or goes with the rest (lost).
+        // While a dispute (or an inquiry) is open its freeze holds the credits: what refunds
+        // and notes gave back meanwhile is taken once it closes, from credits a won one has
+        // unfrozen, or from what a lost one left.
         let disputed = payment
             .disputes
             .iter()
             .any(|d| dispute_open(d.status.as_deref().unwrap_or("needs_response")));
-        let credited_all = self.credited(link.invoice.as_ref()).await?;
-        let credited = if disputed { 0 } else { credited_all };
+        let credited = self.credited(link.invoice.as_ref()).await?;
         let refunds = payment.amount_refunded.get().min(paid);
         let refunded = refunds.saturating_add(credited).min(paid);
         // Money a lost dispute gave back (for the yearly months).
@@ -491,7 +495,7 @@ impl BillingEvents {
             charge,
             &payment,
             link.invoice.as_ref(),
-            credited_all,
+            credited,
         )
         .await?;
         // Takes back, from each lot, what `total` cents given back bought (the ledger keeps
@@ -517,11 +521,8 @@ impl BillingEvents {
         };
         // Refunds first: a dispute's freeze is a share of what they left.
         // Refunds and notes are shares of all that was paid, a dispute's a share of what
-        // they left: whatever order the facts came in, a lot meeting them all at once (a
-        // yearly plan's later month) loses what the money given back bought.
-        if refunds > 0 {
-            take_back(refunds, 0).await?;
-        }
+        // they left: a lot meeting them all at once (a yearly plan's later month) loses
+        // what the money given back bought. They are taken after the disputes are followed.
         // A yearly period's later months are paid by the same invoice.
         if let Some(invoice) = &link.invoice {
             let back = refunded.saturating_add(lost).min(paid);
@@ -538,7 +539,7 @@ impl BillingEvents {
         }
         // A dispute's share is of the money not given back otherwise, credit notes included
         // (their own take-back may be waiting for the dispute).
-        let unrefunded = paid - refunds.saturating_add(credited_all).min(paid);
+        let unrefunded = paid - refunded;
         for d in &payment.disputes {
             let status = d.status.as_deref().unwrap_or("needs_response");
             for &(lot, _) in &lots {
@@ -593,10 +594,15 @@ impl BillingEvents {
                 }
             }
         }
-        // Credit notes last, once no dispute is open: a won dispute's credits are unfrozen
-        // above, so the note's share is taken from credits that are free again.
-        if refunded > refunds {
-            take_back(refunded, credited).await?;
+        // Refunds, then credit notes, once no dispute is open: a won dispute's credits are
+        // unfrozen above, so their share is taken from credits that are free again.
+        if !disputed {
+            if refunds > 0 {
+                take_back(refunds, 0).await?;
+            }
+            if refunded > refunds {
+                take_back(refunded, credited).await?;
+            }
         }
         Ok(())
     }
