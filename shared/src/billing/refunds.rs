@@ -471,8 +471,8 @@ impl BillingEvents {
             .map_or_else(|| pi.to_string(), ToString::to_string);
         // Money given back: refunds, and what credit notes gave back without one (to the
         // customer's Stripe balance, or outside Stripe).
-        // While a dispute (or an inquiry) is open its freeze holds the credits: what refunds
-        // and notes gave back meanwhile is taken once it closes, from credits a won one has
+        // While a dispute (or an inquiry) is open its freeze holds the credits: what credit
+        // notes gave back meanwhile is taken once it closes, from credits a won one has
         // unfrozen, or from what a lost one left.
         let disputed = payment
             .disputes
@@ -522,7 +522,11 @@ impl BillingEvents {
         // Refunds first: a dispute's freeze is a share of what they left.
         // Refunds and notes are shares of all that was paid, a dispute's a share of what
         // they left: a lot meeting them all at once (a yearly plan's later month) loses
-        // what the money given back bought. They are taken after the disputes are followed.
+        // what the money given back bought. Refunds first (Stripe refuses them on a
+        // disputed charge, so they come before any dispute but an inquiry).
+        if refunds > 0 {
+            take_back(refunds, 0).await?;
+        }
         // A yearly period's later months are paid by the same invoice.
         if let Some(invoice) = &link.invoice {
             let back = refunded.saturating_add(lost).min(paid);
@@ -594,15 +598,10 @@ impl BillingEvents {
                 }
             }
         }
-        // Refunds, then credit notes, once no dispute is open: a won dispute's credits are
-        // unfrozen above, so their share is taken from credits that are free again.
-        if !disputed {
-            if refunds > 0 {
-                take_back(refunds, 0).await?;
-            }
-            if refunded > refunds {
-                take_back(refunded, credited).await?;
-            }
+        // Credit notes last, once no dispute is open: a won dispute's credits are unfrozen
+        // above, so the notes' share is taken from credits that are free again.
+        if !disputed && refunded > refunds {
+            take_back(refunded, credited).await?;
         }
         Ok(())
     }
