@@ -127,6 +127,19 @@ async fn set_subscription(
     .unwrap();
 }
 
+/// An active yearly subscription of `ws` whose period (from [`start`]) is paid at `plan`
+/// with `units` add-on units.
+async fn paid_yearly(p: &Parts, ws: &str, plan: &str, units: u32) {
+    set_subscription(p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Yearly, plan, units),
+        start(),
+    )
+    .await
+    .unwrap();
+}
+
 /// The invoice's own grant (allotment 0), as billing-events makes it.
 async fn invoice_grant(p: &Parts, ws: &str, credits: u64) {
     p.ledger
@@ -302,14 +315,7 @@ async fn daily_and_hourly_ticks_grant_each_allotment_exactly_once() {
 async fn a_late_tick_grants_every_missed_allotment_still_unexpired_and_nothing_twice() {
     let p = embedded();
     let ws = "late";
-    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
-    refresh::record_paid_period(
-        p.docs.as_ref(),
-        &period(ws, Interval::Yearly, "max", 1),
-        start(),
-    )
-    .await
-    .unwrap();
+    paid_yearly(&p, ws, "max", 1).await;
     // No tick at all from Jan 31 to May 5.
     p.clock
         .set(Utc.with_ymd_and_hms(2028, 5, 5, 0, 0, 0).unwrap());
@@ -436,14 +442,7 @@ async fn canceled_and_replaced_subscriptions_get_nothing_paused_and_past_due_one
 async fn months_that_began_before_a_subscription_ended_are_granted_however_late_the_worker_comes() {
     let p = embedded();
     let ws = "ended";
-    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
-    refresh::record_paid_period(
-        p.docs.as_ref(),
-        &period(ws, Interval::Yearly, "max", 0),
-        start(),
-    )
-    .await
-    .unwrap();
+    paid_yearly(&p, ws, "max", 0).await;
     // Canceled at once a day after its third month began (29 Mar 2028 after 31 Jan),
     // before the worker came to months 2 and 3.
     let ended = add_months(start(), 2) + Duration::days(1);
@@ -1009,14 +1008,7 @@ impl JobSink for Sent {
 async fn the_sqs_worker_handles_duplicates_and_reports_only_the_bad_message() {
     let p = embedded();
     let ws = "acme";
-    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
-    refresh::record_paid_period(
-        p.docs.as_ref(),
-        &period(ws, Interval::Yearly, "max", 0),
-        start(),
-    )
-    .await
-    .unwrap();
+    paid_yearly(&p, ws, "max", 0).await;
     let sample = |name: &str| -> serde_json::Value {
         let path = format!(
             "{}/../events/credit-refresh/{name}",

@@ -39,6 +39,22 @@ fn request_for(payment: &str, reason: RefundReason) -> NewRequest {
     }
 }
 
+/// Files a "technical issue" request for `charge` through `requests`.
+async fn file_technical(
+    requests: &RefundRequests,
+    workspace: &WorkspaceId,
+    charge: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<tally::refund_requests::RefundRequest, tally::http::problem::Problem> {
+    requests
+        .create(
+            workspace,
+            request_for(charge, RefundReason::TechnicalIssue),
+            now,
+        )
+        .await
+}
+
 /// Refund requests over the app's documents and ledger whose approvals wait in a queue
 /// nobody consumes, so the worker under test is the only one that sees them.
 fn parked_requests(app: &TestApp) -> RefundRequests {
@@ -1014,12 +1030,7 @@ async fn stripe_events_before_the_workers_record_and_in_any_order_settle_the_req
     let workspace = WorkspaceId::parse(ws).unwrap();
     let requests = parked_requests(&app);
     let now = app.clock.now();
-    let r = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            now,
-        )
+    let r = file_technical(&requests, &workspace, &charge, now)
         .await
         .unwrap();
     requests
@@ -1107,12 +1118,7 @@ async fn credits_taken_back_at_approval_are_recorded_and_stay_taken_back_when_a_
     let workspace = WorkspaceId::parse(ws).unwrap();
     let requests = parked_requests(&app);
     let now = app.clock.now();
-    let r = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            now,
-        )
+    let r = file_technical(&requests, &workspace, &charge, now)
         .await
         .unwrap();
     let approved = requests
@@ -1836,12 +1842,7 @@ async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_a
     let workspace = WorkspaceId::parse(ws).unwrap();
     let requests = parked_requests(&app);
     let now = app.clock.now();
-    let refused = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            now,
-        )
+    let refused = file_technical(&requests, &workspace, &charge, now)
         .await
         .unwrap_err();
     assert_eq!(refused.status.as_u16(), 409, "{refused:?}");
@@ -1851,12 +1852,7 @@ async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_a
     failed["failure_reason"] = json!("expired_or_canceled_card");
     deliver(&app, "evt_rf_failed", "refund.failed", failed).await;
     // The customer can ask again, and staff can refund all of it.
-    let r = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            now,
-        )
+    let r = file_technical(&requests, &workspace, &charge, now)
         .await
         .unwrap();
     assert_eq!(r.status, RequestStatus::InReview);
@@ -1907,12 +1903,7 @@ async fn an_approval_the_queue_lost_is_queued_again_when_the_payment_is_asked_fo
     };
     let workspace = WorkspaceId::parse(ws).unwrap();
     let now = app.clock.now();
-    let r = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            now,
-        )
+    let r = file_technical(&requests, &workspace, &charge, now)
         .await
         .unwrap();
     // Approved, but the worker's message is lost; the client gives up.
@@ -1925,24 +1916,14 @@ async fn an_approval_the_queue_lost_is_queued_again_when_the_payment_is_asked_fo
     assert_eq!(stuck.status, RequestStatus::Approved);
     assert!(queue.sent.lock().unwrap().is_empty());
     // Asking again at once: the approval may still be on its way; nothing is sent twice.
-    let again = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            now,
-        )
+    let again = file_technical(&requests, &workspace, &charge, now)
         .await
         .unwrap_err();
     assert_eq!(again.status.as_u16(), 409, "{again:?}");
     assert!(queue.sent.lock().unwrap().is_empty());
     // Minutes later the request is found stuck and queued again, for this attempt.
     let later = now + chrono::Duration::minutes(tally::refund_requests::STUCK_AFTER_MINUTES);
-    let again = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            later,
-        )
+    let again = file_technical(&requests, &workspace, &charge, later)
         .await
         .unwrap_err();
     assert_eq!(again.status.as_u16(), 409, "{again:?}");
@@ -1961,12 +1942,7 @@ async fn an_approval_the_queue_lost_is_queued_again_when_the_payment_is_asked_fo
     let charge = buy_packs(&app, ws, 1).await;
     queue.down.store(1, std::sync::atomic::Ordering::SeqCst);
     let workspace = WorkspaceId::parse(ws).unwrap();
-    let r = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            now,
-        )
+    let r = file_technical(&requests, &workspace, &charge, now)
         .await
         .unwrap();
     requests
@@ -1976,12 +1952,7 @@ async fn an_approval_the_queue_lost_is_queued_again_when_the_payment_is_asked_fo
     let made = dashboard(&app, &format!("/sim/charges/{charge}/refund"), json!({})).await;
     assert_eq!(made.status.as_u16(), 200, "{:#}", made.body);
     let sent_before = queue.sent.lock().unwrap().len();
-    let again = requests
-        .create(
-            &workspace,
-            request_for(&charge, RefundReason::TechnicalIssue),
-            later,
-        )
+    let again = file_technical(&requests, &workspace, &charge, later)
         .await
         .unwrap_err();
     assert_eq!(again.status.as_u16(), 409, "{again:?}");
