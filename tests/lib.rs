@@ -311,6 +311,38 @@ impl TestApp {
         self.local.billing_queue.until_idle().await;
     }
 
+    /// Moves the simulated clock (`{"days": n}`, `{"hours": n}` or `{"until": time}`) and
+    /// lets billing catch up.
+    pub async fn advance_clock(&self, body: Value) {
+        let r = self
+            .send(
+                Method::POST,
+                "/sim/clock/advance",
+                None,
+                Some(&body.to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 200, "{body}: {:#}", r.body);
+        self.settle_billing().await;
+    }
+
+    /// Advances the simulated clock to a subscription's renewal charge and lets billing
+    /// catch up.
+    pub async fn renew(&self, subscription: &str) {
+        let r = self
+            .send(
+                Method::POST,
+                &format!("/sim/subscriptions/{subscription}/renew"),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        self.settle_billing().await;
+    }
+
     pub async fn send(
         &self,
         method: Method,

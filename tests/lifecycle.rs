@@ -347,17 +347,7 @@ async fn plan_grants(app: &TestApp, ws: &str) -> Vec<(String, u64)> {
 }
 
 async fn advance_days(app: &TestApp, days: i64) {
-    let r = app
-        .send(
-            axum::http::Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&serde_json::json!({ "days": days }).to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-    app.settle_billing().await;
+    app.advance_clock(serde_json::json!({ "days": days })).await;
 }
 
 #[tokio::test]
@@ -382,16 +372,8 @@ async fn a_yearly_plan_gets_twelve_monthly_allotments_as_the_clock_moves() {
 #[tokio::test]
 async fn a_monthly_plan_anchored_on_the_31st_gets_one_grant_a_month() {
     let app = TestApp::new();
-    let r = app
-        .send(
-            axum::http::Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&serde_json::json!({"until": "2027-01-31T12:00:00Z"}).to_string()),
-            &[],
-        )
+    app.advance_clock(serde_json::json!({"until": "2027-01-31T12:00:00Z"}))
         .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
     let sub = app.subscribe("org_a31", "max", "monthly").await;
     // Stripe's periods for this anchor: 31 Jan to 28 Feb, 28 Feb to 31 Mar, 31 Mar to
     // 30 Apr. The one from 28 Feb is longer than a month of its start; its renewal
@@ -497,16 +479,8 @@ async fn add_on_units_an_hour_before_renewal_cost_and_grant_an_hour() {
     let app = TestApp::new();
     app.subscribe("org_hour", "max", "monthly").await;
     // The period runs Nov 1 12:00 -> Dec 1 12:00; stop an hour before its end.
-    let r = app
-        .send(
-            axum::http::Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&serde_json::json!({"until": "2026-12-01T11:00:00Z"}).to_string()),
-            &[],
-        )
+    app.advance_clock(serde_json::json!({"until": "2026-12-01T11:00:00Z"}))
         .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
     let more = app.set_units("org_hour", 100).await;
     assert_eq!(more.body["effective"], "now", "{:#}", more.body);
     let charged = more.body["charged_cents"].as_u64().unwrap();
@@ -808,17 +782,8 @@ async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once
     let sim = app.local.simulator.as_ref().unwrap();
     sim.set_schedule(std::sync::Arc::new(tally_local::simulator::NoSchedule));
     let month = tally::subscriptions::calendar::add_months(start, 1);
-    let r = app
-        .send(
-            axum::http::Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&serde_json::json!({ "until": month + chrono::Duration::hours(1) }).to_string()),
-            &[],
-        )
+    app.advance_clock(serde_json::json!({ "until": month + chrono::Duration::hours(1) }))
         .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-    app.settle_billing().await;
     let before = app.available(ws).await;
     portal_change(&app, ws, "plus", Interval::Yearly).await;
     let up = app.change_plan(ws, "generative", "yearly").await;
@@ -900,17 +865,8 @@ async fn a_renewal_is_charged_an_hour_after_its_draft_and_an_upgrade_meanwhile_i
     let app = TestApp::new();
     let sub = app.subscribe("org_draft", "max", "monthly").await;
     // The period runs Nov 1 12:00 -> Dec 1 12:00: at its end Stripe makes a draft.
-    let r = app
-        .send(
-            axum::http::Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&serde_json::json!({"until": "2026-12-01T12:00:00Z"}).to_string()),
-            &[],
-        )
+    app.advance_clock(serde_json::json!({"until": "2026-12-01T12:00:00Z"}))
         .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-    app.settle_billing().await;
     let draft = app
         .sim_events("invoice.created")
         .into_iter()
@@ -932,17 +888,7 @@ async fn a_renewal_is_charged_an_hour_after_its_draft_and_an_upgrade_meanwhile_i
     app.settle_billing().await;
     let change = up.body["credits_granted"].as_u64().unwrap();
     // Then the draft is finalized and charged, with the lines it was made with.
-    let r = app
-        .send(
-            axum::http::Method::POST,
-            &format!("/sim/subscriptions/{sub}/renew"),
-            None,
-            None,
-            &[],
-        )
-        .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-    app.settle_billing().await;
+    app.renew(&sub).await;
     let paid: Vec<_> = app
         .sim_events("invoice.paid")
         .into_iter()
@@ -972,16 +918,8 @@ async fn a_renewal_is_charged_an_hour_after_its_draft_and_an_upgrade_meanwhile_i
 async fn a_renewal_drafted_before_a_pause_is_still_charged_and_grants_its_month() {
     let app = TestApp::new();
     app.subscribe("org_dp", "max", "monthly").await;
-    let r = app
-        .send(
-            axum::http::Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&serde_json::json!({"until": "2026-12-01T12:30:00Z"}).to_string()),
-            &[],
-        )
+    app.advance_clock(serde_json::json!({"until": "2026-12-01T12:30:00Z"}))
         .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
     let p = app
         .post(
             "/v1/subscription/pause",

@@ -329,17 +329,7 @@ mod subscription {
     }
 
     async fn renew(app: &TestApp, sub: &str) {
-        let r = app
-            .send(
-                Method::POST,
-                &format!("/sim/subscriptions/{sub}/renew"),
-                None,
-                None,
-                &[],
-            )
-            .await;
-        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-        app.settle_billing().await;
+        app.renew(sub).await;
     }
 
     #[tokio::test]

@@ -466,17 +466,7 @@ async fn taken_back(app: &TestApp, ws: &str) -> Vec<i64> {
 /// Plan credits granted so far (sign-up months and allotments), newest first.
 /// Moves the simulated clock `days` on and lets billing catch up.
 async fn advance_days(app: &TestApp, days: i64) {
-    let r = app
-        .send(
-            Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&json!({"days": days}).to_string()),
-            &[],
-        )
-        .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-    app.settle_billing().await;
+    app.advance_clock(serde_json::json!({"days": days})).await;
 }
 
 /// Refunds the newest charge in full through the simulated Stripe.
@@ -910,17 +900,8 @@ async fn a_refunded_upgrade_that_granted_nothing_of_its_own_still_lowers_the_lat
     app.subscribe(ws, "plus", "yearly").await;
     let start = app.ledger.clock.now();
     let anniversary = start.checked_add_months(chrono::Months::new(1)).unwrap();
-    let r = app
-        .send(
-            Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&json!({"until": anniversary - chrono::Duration::minutes(30)}).to_string()),
-            &[],
-        )
+    app.advance_clock(serde_json::json!({"until": anniversary - chrono::Duration::minutes(30)}))
         .await;
-    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
-    app.settle_billing().await;
     let before = plan_allotments(&app, ws).await;
     let up = app.change_plan(ws, "max", "yearly").await;
     assert!(up.status.is_success(), "{:#}", up.body);
