@@ -361,6 +361,17 @@ async fn bad_input_is_refused_with_problem_details_and_changes_nothing() {
     let before = app.entry_count("org_a").await;
     let cases: Vec<(&str, u16, &str)> = vec![
         ("{not json", 400, "malformed_request"),
+        // A key named twice: readers disagree on which one counts.
+        (
+            r#"{"workflow":"image","model":"imagen-3","count":1,"count":4}"#,
+            400,
+            "malformed_request",
+        ),
+        (
+            r#"{"workflow":"image","model":"imagen-3","inputs":{"a":1,"a":2}}"#,
+            400,
+            "malformed_request",
+        ),
         (
             r#"{"workflow":"video","model":"video-pro","duration_s":"ten"}"#,
             422,

@@ -370,7 +370,8 @@ fn custom_invoice(starting_balance: i64, ending_balance: i64, amount_paid: i64) 
     i["amount_due"] = json!(amount_paid);
     i["amount_paid"] = json!(amount_paid);
     i["amount_remaining"] = json!(0);
-    i["metadata"] = json!({"kind": "custom_payment", "credits": "700"});
+    i["metadata"] = json!({"kind": "custom_payment", "credits": "700", "amount_cents": "5000"});
+    i["lines"]["data"][0]["amount"] = json!(5000);
     i["parent"] = Value::Null;
     i
 }
@@ -404,6 +405,18 @@ async fn a_custom_payment_paid_from_the_customers_balance_grants_its_credits() {
         "settled by a credit note: nothing paid"
     );
     assert!(grants(custom_invoice(-6000, -6000, 0)).is_err());
+    // Less collected than agreed (a discount, a credit note before payment): the same
+    // share of the credits, rounded down; part from the balance counts as paid.
+    assert_eq!(grants(custom_invoice(0, 0, 1000)).unwrap(), 140);
+    assert_eq!(grants(custom_invoice(-1000, 0, 1001)).unwrap(), 280);
+    assert!(
+        grants(custom_invoice(0, 0, 7)).is_err(),
+        "paid too little for one credit: to a person"
+    );
+    // An invoice made before the agreed amount was recorded: its line is the amount.
+    let mut older = custom_invoice(0, 0, 2500);
+    older["metadata"] = json!({"kind": "custom_payment", "credits": "700"});
+    assert_eq!(grants(older).unwrap(), 350);
 }
 
 #[tokio::test]

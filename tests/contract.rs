@@ -432,7 +432,11 @@ async fn a_missing_or_wrong_content_type_is_a_415_naming_json() {
         ("/v1/generations", m.as_str()),
         (complete.as_str(), &service()),
     ] {
-        for headers in [&[][..], &[("content-type", "text/plain")][..]] {
+        for headers in [
+            &[][..],
+            &[("content-type", "text/plain")][..],
+            &[("content-type", "application/problem+json")][..],
+        ] {
             let (status, ct, p) = raw(
                 &app,
                 Method::POST,
@@ -484,6 +488,10 @@ async fn text_that_lands_in_journals_and_invoices_is_one_line_of_visible_text() 
         "refund \u{202e}gnp.exe",
         "iso\u{2066}late",
         "   ",
+        "\u{200b}",
+        "good\u{200b}will",
+        "\u{feff}bom",
+        "\u{200d}\u{200c} ",
     ] {
         let a = app
             .send(

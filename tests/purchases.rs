@@ -659,6 +659,7 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
         json!({"amount_cents": 100, "credits": 5, "description": " "}),
         json!({"amount_cents": 100, "credits": 5, "description": "x", "days_until_due": 365}),
         json!({"amount_cents": -5, "credits": 5, "description": "x"}),
+        json!({"amount_cents": 100_000_000, "credits": 5, "description": "over Stripe's 8 digits"}),
     ] {
         app.send(
             Method::POST,

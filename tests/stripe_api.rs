@@ -474,6 +474,7 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
             ("metadata[org_id]", "org_e"),
             ("metadata[kind]", "custom_payment"),
             ("metadata[credits]", "30000"),
+            ("metadata[amount_cents]", "250000"),
         ])
     );
     assert_eq!(
@@ -495,6 +496,107 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
             "tally-custom-org_e-po-1-finalize",
             "tally-custom-org_e-po-1-send"
         ]
+    );
+}
+
+/// A custom payment whose `failing` step Stripe refuses, after the invoice was created.
+async fn custom_payment_refused_at(failing: &str) -> Vec<(String, String)> {
+    use tally::payments::CustomInvoice;
+    let server = MockServer::start().await;
+    let mut invoice = fixture("invoice");
+    invoice["id"] = json!("in_left");
+    let refusal = ResponseTemplate::new(400).set_body_json(json!({"error": {
+        "type": "invalid_request_error",
+        "message": "Customer cus_E has no email address; add one to send an invoice"}}));
+    for p in [
+        "/v1/invoices",
+        "/v1/invoiceitems",
+        "/v1/invoices/in_left/finalize",
+        "/v1/invoices/in_left/send",
+    ] {
+        let answer = if p == failing {
+            refusal.clone()
+        } else {
+            ResponseTemplate::new(200).set_body_json(invoice.clone())
+        };
+        Mock::given(method("POST"))
+            .and(path(p))
+            .respond_with(answer)
+            .mount(&server)
+            .await;
+    }
+    // Stripe voids only an open invoice; a draft is deleted.
+    let finalized = failing.ends_with("/send");
+    Mock::given(method("POST"))
+        .and(path("/v1/invoices/in_left/void"))
+        .respond_with(if finalized {
+            ResponseTemplate::new(200).set_body_json(invoice.clone())
+        } else {
+            ResponseTemplate::new(400).set_body_json(json!({"error": {
+                "type": "invalid_request_error",
+                "message": "You can only pass in open invoices. This invoice isn't open."}}))
+        })
+        .mount(&server)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(path("/v1/invoices/in_left"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "in_left", "object": "invoice", "deleted": true})),
+        )
+        .mount(&server)
+        .await;
+    let err = client(&server)
+        .await
+        .create_custom_invoice(&CustomInvoice {
+            workspace: WorkspaceId::parse("org_e").unwrap(),
+            customer: CustomerId::parse("cus_E").unwrap(),
+            amount: Cents::new(250000),
+            credits: Credits::new(30000),
+            description: "Enterprise credits".into(),
+            days_until_due: 30,
+            idempotency_key: "tally-custom-org_e-po-2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PaymentsError::Refused { .. }), "{err}");
+    server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.method.to_string(), r.url.path().to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_custom_payment_stripe_refuses_halfway_leaves_no_payable_invoice() {
+    let calls = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect()
+    };
+    // Finalized, then the sending refused: the open invoice is voided.
+    assert_eq!(
+        custom_payment_refused_at("/v1/invoices/in_left/send").await,
+        calls(&[
+            ("POST", "/v1/invoices"),
+            ("POST", "/v1/invoiceitems"),
+            ("POST", "/v1/invoices/in_left/finalize"),
+            ("POST", "/v1/invoices/in_left/send"),
+            ("POST", "/v1/invoices/in_left/void"),
+        ])
+    );
+    // The line refused: the draft (which Stripe would finalize an hour later) is deleted.
+    assert_eq!(
+        custom_payment_refused_at("/v1/invoiceitems").await,
+        calls(&[
+            ("POST", "/v1/invoices"),
+            ("POST", "/v1/invoiceitems"),
+            ("POST", "/v1/invoices/in_left/void"),
+            ("DELETE", "/v1/invoices/in_left"),
+        ])
     );
 }
 

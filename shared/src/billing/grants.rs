@@ -184,6 +184,14 @@ pub fn invoice_grants(
                 i.id
             )));
         }
+        let credits =
+            custom_payment_credits(i, credits, i.amount_paid.max(0) + from_balance.max(0));
+        if credits.is_zero() {
+            return Err(poison(format!(
+                "custom payment invoice {} was paid too little for a credit; no credits granted",
+                i.id
+            )));
+        }
         return Ok(InvoiceCredits {
             grants: vec![CreditGrant {
                 month: None,
@@ -226,6 +234,25 @@ pub fn invoice_grants(
         });
     }
     line_grants(&i.id, reason.unwrap_or_default(), &lines, known, catalog)
+}
+
+/// The credits a custom payment's invoice grants for what was `paid` (cents, from the card
+/// and the customer's Stripe balance): the agreed credits for the agreed amount, and the
+/// same share, rounded down, of them for less (a discount or a credit note before payment
+/// lowered what was collected). The agreed amount is the one recorded on the invoice
+/// (`amount_cents`), or for invoices made before it was recorded, the sum of its lines.
+fn custom_payment_credits(i: &Invoice, credits: Credits, paid: i64) -> Credits {
+    let agreed = i
+        .metadata
+        .get("amount_cents")
+        .and_then(|a| a.parse::<i64>().ok())
+        .filter(|a| *a > 0)
+        .unwrap_or_else(|| i.lines.data.iter().map(|l| l.amount.max(0)).sum());
+    if agreed <= 0 || paid >= agreed {
+        return credits;
+    }
+    let share = i128::from(credits.get()) * i128::from(paid) / i128::from(agreed);
+    Credits::new(u64::try_from(share).unwrap_or(0))
 }
 
 /// Credits of a paid subscription invoice's lines (see [`crate::subscriptions::paid`]):

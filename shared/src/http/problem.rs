@@ -178,8 +178,9 @@ impl From<crate::store::StoreError> for Problem {
 /// The one media type request bodies are read as.
 pub const JSON: &str = "application/json";
 
-/// Whether the request says its body is JSON (`application/json`, with parameters or not,
-/// or an `application/*+json` type).
+/// Whether the request says its body is JSON: `application/json`, with parameters
+/// (`; charset=utf-8`) or not. Other JSON-based types (`application/problem+json`) are
+/// not what the routes take.
 pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
     let Some(value) = headers
         .get(header::CONTENT_TYPE)
@@ -193,7 +194,7 @@ pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
-    essence == JSON || (essence.starts_with("application/") && essence.ends_with("+json"))
+    essence == JSON
 }
 
 /// 415 naming the accepted type.
@@ -238,7 +239,7 @@ where
 /// JSON from bytes: malformed is a 400, the wrong shape a 422. Numbers are read by value,
 /// as JSON Schema reads them: `2.0` is the integer 2.
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
-    let mut value: serde_json::Value =
+    let Unique(mut value) =
         serde_json::from_slice(body).map_err(|e| Problem::malformed(e.to_string()))?;
     integral_numbers(&mut value);
     // The refusal names the field it is about (`duration_s`, `lines[2].amount`).
@@ -262,6 +263,68 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
             )
         }
     })
+}
+
+/// A JSON value whose objects name each key once. `{"credits": 5, "credits": -9}` is
+/// malformed: readers disagree on which one counts (the last one would win here, what a
+/// log or a proxy shows may be the first).
+struct Unique(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Unique(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(items.into())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if fields.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {key:?}"
+                )));
+            }
+            let Unique(v) = map.next_value()?;
+            fields.insert(key, v);
+        }
+        Ok(fields.into())
+    }
 }
 
 /// Rewrites floats with no fractional part (and exactly representable) as integers.

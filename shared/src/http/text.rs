@@ -1,8 +1,10 @@
 //! Free text a client sends that ends up in journals, invoices and support tickets
 //! (adjustment reasons, failure reasons, custom payment descriptions): one line of visible
 //! text. Control characters (NUL, ANSI escapes, newlines, tabs), line and paragraph
-//! separators and bidirectional overrides are refused, so what staff read in a journal or
-//! on an invoice is what was sent, and a log line stays one line.
+//! separators, bidirectional overrides and invisible characters (zero-width space, word
+//! joiner, byte-order mark, soft hyphen) are refused, so what staff read in a journal or
+//! on an invoice is what was sent, and a log line stays one line. Zero-width joiners, which
+//! some scripts and emoji need, are allowed but are not visible text on their own.
 //!
 //! [`ONE_LINE_PATTERN`] says the same in the OpenAPI document.
 
@@ -10,20 +12,42 @@ use super::Problem;
 
 /// Characters refused anywhere in one line of text: C0 and C1 controls, the Arabic letter
 /// mark, left-to-right and right-to-left marks, line and paragraph separators, bidi
-/// embeddings, overrides and isolates.
+/// embeddings, overrides and isolates, and invisible characters that join or split
+/// nothing a script needs (soft hyphen, Mongolian vowel separator, zero-width space, word
+/// joiner and invisible operators, byte-order mark, interlinear annotations).
 pub fn is_forbidden(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
+/// Whether `text` has something to see: a character other than whitespace and the
+/// zero-width (non-)joiners.
+fn is_visible(text: &str) -> bool {
+    text.chars()
+        .any(|c| !c.is_whitespace() && !matches!(c, '\u{200C}' | '\u{200D}'))
 }
 
 /// JSON Schema `pattern` of one line of text: no forbidden character (the first class; the
 /// syntax is one ECMA-262 and Python agree on) and at least one that is not blank either
 /// (the second class adds the whitespace trimming removes).
 pub const ONE_LINE_PATTERN: &str = concat!(
-    r"^[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
-    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
-    r"\u0020\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000]",
-    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
+    r"^[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB",
+    r"\u0020\u00A0\u1680\u2000-\u200A\u200C\u200D\u202F\u205F\u3000]",
+    r"[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*$",
 );
 
 /// Longest free text (a reason, a description) accepted.
@@ -35,7 +59,7 @@ pub fn text_schema() -> utoipa::openapi::Object {
         .schema_type(utoipa::openapi::schema::Type::String)
         .max_length(Some(MAX_TEXT_CHARS))
         .pattern(Some(ONE_LINE_PATTERN))
-        .description(Some("One line of visible text: no control characters, line separators or bidirectional overrides"))
+        .description(Some("One line of visible text: no control characters, line separators, bidirectional overrides or invisible characters"))
         .build()
 }
 
@@ -48,7 +72,7 @@ pub fn optional_text_schema() -> utoipa::openapi::Object {
         ]))
         .max_length(Some(MAX_TEXT_CHARS))
         .pattern(Some(ONE_LINE_PATTERN))
-        .description(Some("One line of visible text: no control characters, line separators or bidirectional overrides"))
+        .description(Some("One line of visible text: no control characters, line separators, bidirectional overrides or invisible characters"))
         .build()
 }
 
@@ -70,7 +94,7 @@ pub fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, 
         ));
     }
     let trimmed = value.trim();
-    if trimmed.is_empty() {
+    if !is_visible(trimmed) {
         return Err(Problem::validation(field, "must not be blank"));
     }
     Ok(trimmed)
@@ -102,10 +126,10 @@ pub const INSTANT_PATTERN: &str = "^20[0-9]{2}-";
 /// JSON Schema `pattern` of several lines of text: like [`ONE_LINE_PATTERN`], with line
 /// feeds and carriage returns allowed.
 pub const PARAGRAPHS_PATTERN: &str = concat!(
-    r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
-    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
-    r"\u0020\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000]",
-    r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
+    r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB",
+    r"\u0020\u00A0\u1680\u2000-\u200A\u200C\u200D\u202F\u205F\u3000]",
+    r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*$",
 );
 
 /// The schema of a required multi-line text field of at most `max` characters.
@@ -114,7 +138,7 @@ pub fn paragraphs_schema(max: usize) -> utoipa::openapi::Object {
         .schema_type(utoipa::openapi::schema::Type::String)
         .max_length(Some(max))
         .pattern(Some(PARAGRAPHS_PATTERN))
-        .description(Some("Visible text in lines: no control characters other than line breaks, no line separators or bidirectional overrides"))
+        .description(Some("Visible text in lines: no control characters other than line breaks, no line separators, bidirectional overrides or invisible characters"))
         .build()
 }
 
@@ -141,7 +165,7 @@ pub fn paragraphs(field: &str, value: &str, max: usize) -> Result<String, Proble
     }
     let text = value.replace("\r\n", "\n").replace('\r', "\n");
     let trimmed = text.trim();
-    if trimmed.is_empty() {
+    if !is_visible(trimmed) {
         return Err(Problem::validation(field, "must not be blank"));
     }
     Ok(trimmed.to_owned())
@@ -150,6 +174,31 @@ pub fn paragraphs(field: &str, value: &str, max: usize) -> Result<String, Proble
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invisible_characters_are_refused_and_joiners_alone_are_blank() {
+        for bad in [
+            "\u{200b}",
+            "good\u{200b}will",
+            "\u{feff}x",
+            "a\u{ad}b",
+            "x\u{2060}",
+        ] {
+            assert!(one_line("reason", bad, 500).is_err(), "{bad:?}");
+            assert!(paragraphs("text", bad, 500).is_err(), "{bad:?}");
+        }
+        for blank in ["\u{200d}", " \u{200c}\u{200d} "] {
+            assert!(one_line("reason", blank, 500).is_err(), "{blank:?}");
+            assert!(paragraphs("text", blank, 500).is_err(), "{blank:?}");
+        }
+        // Joiners inside text (emoji sequences, Persian) are text.
+        for ok in [
+            "dev \u{1F469}\u{200D}\u{1F4BB}",
+            "\u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}\u{645}",
+        ] {
+            assert_eq!(one_line("reason", ok, 500).unwrap(), ok);
+        }
+    }
 
     #[test]
     fn instants_are_the_years_2000_to_2099_give_or_take_an_offset() {

@@ -286,6 +286,60 @@ impl StripePayments {
             .map_err(classify)
     }
 
+    /// Adds the custom payment's line to its draft invoice, finalizes it and sends it.
+    async fn issue_custom_invoice(
+        &self,
+        req: &CustomInvoice,
+        id: &InvoiceId,
+    ) -> Result<InvoiceLink, PaymentsError> {
+        let key = &req.idempotency_key;
+        #[derive(miniserde::Deserialize)]
+        struct Created {
+            #[allow(dead_code)]
+            id: String,
+        }
+        let _: Created = self
+            .post(
+                "/invoiceitems",
+                &InvoiceItemForm {
+                    customer: req.customer.as_str(),
+                    invoice: id.as_str(),
+                    amount: req.amount.get(),
+                    currency: "usd",
+                    description: &req.description,
+                },
+                &format!("{key}-item"),
+            )
+            .await?;
+        let _: stripe_shared::Invoice = self
+            .post(
+                &format!("/invoices/{id}/finalize"),
+                &NoForm {},
+                &format!("{key}-finalize"),
+            )
+            .await?;
+        let sent: stripe_shared::Invoice = self
+            .post(
+                &format!("/invoices/{id}/send"),
+                &NoForm {},
+                &format!("{key}-send"),
+            )
+            .await?;
+        Ok(InvoiceLink {
+            id: id.clone(),
+            hosted_invoice_url: sent.hosted_invoice_url.unwrap_or_default(),
+        })
+    }
+
+    /// A DELETE (of a draft): deleting twice is refused, never done twice.
+    async fn delete<T: miniserde::Deserialize>(&self, path: &str) -> Result<T, PaymentsError> {
+        RequestBuilder::new(StripeMethod::Delete, path)
+            .customize::<T>()
+            .send(&self.client)
+            .await
+            .map_err(classify)
+    }
+
     /// A POST that changes nothing (previews): no idempotency key needed.
     async fn post_unkeyed<F: Serialize, T: miniserde::Deserialize>(
         &self,
@@ -791,6 +845,7 @@ impl Payments for StripePayments {
                         ("org_id", req.workspace.to_string()),
                         ("kind", "custom_payment".to_string()),
                         ("credits", req.credits.to_string()),
+                        ("amount_cents", req.amount.get().to_string()),
                     ]),
                 },
                 &format!("{key}-invoice"),
@@ -803,42 +858,39 @@ impl Payments for StripePayments {
                 .ok_or_else(|| PaymentsError::unavailable("invoice without an id"))?
                 .as_str(),
         )?;
-        #[derive(miniserde::Deserialize)]
-        struct Created {
-            #[allow(dead_code)]
-            id: String,
+        match self.issue_custom_invoice(req, &id).await {
+            Ok(link) => Ok(link),
+            Err(e) => {
+                // An invoice left behind by a failed request could be paid from its page
+                // (or finalized by Stripe an hour later) beside the one a retry under a new
+                // key makes: it is voided, or deleted while still a draft.
+                #[derive(miniserde::Deserialize)]
+                struct Gone {
+                    #[allow(dead_code)]
+                    id: String,
+                }
+                let voided: Result<Gone, _> = self
+                    .post(
+                        &format!("/invoices/{id}/void"),
+                        &NoForm {},
+                        &format!("{key}-void"),
+                    )
+                    .await;
+                // Only an open invoice is voided; a draft (the line or the finalizing
+                // failed) is deleted.
+                let gone = match voided {
+                    Ok(_) => Ok(()),
+                    Err(_) => self
+                        .delete::<Gone>(&format!("/invoices/{id}"))
+                        .await
+                        .map(|_| ()),
+                };
+                if let Err(v) = gone {
+                    tracing::error!(invoice = %id, error = %v, "a custom payment invoice left by a failed request could not be voided or deleted");
+                }
+                Err(e)
+            }
         }
-        let _: Created = self
-            .post(
-                "/invoiceitems",
-                &InvoiceItemForm {
-                    customer: req.customer.as_str(),
-                    invoice: id.as_str(),
-                    amount: req.amount.get(),
-                    currency: "usd",
-                    description: &req.description,
-                },
-                &format!("{key}-item"),
-            )
-            .await?;
-        let _: stripe_shared::Invoice = self
-            .post(
-                &format!("/invoices/{id}/finalize"),
-                &NoForm {},
-                &format!("{key}-finalize"),
-            )
-            .await?;
-        let sent: stripe_shared::Invoice = self
-            .post(
-                &format!("/invoices/{id}/send"),
-                &NoForm {},
-                &format!("{key}-send"),
-            )
-            .await?;
-        Ok(InvoiceLink {
-            id,
-            hosted_invoice_url: sent.hosted_invoice_url.unwrap_or_default(),
-        })
     }
 
     async fn subscription(&self, id: &SubscriptionId) -> Result<LiveSubscription, PaymentsError> {

@@ -1261,7 +1261,7 @@ impl Payments for Simulator {
         inv["collection_method"] = json!("send_invoice");
         inv["description"] = json!(req.description);
         inv["due_date"] = json!(now + req.days_until_due as i64 * 86_400);
-        inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string()});
+        inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string(), "amount_cents": req.amount.get().to_string()});
         self.finalize(&mut inv, now);
         self.store_invoice(&inv, Some(req.idempotency_key.clone()));
         self.deliver("invoice.finalized", inv).await;

@@ -18,8 +18,8 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct CustomPaymentBody {
     /// The agreed amount, integer cents: 50 (Stripe's smallest charge in USD) to
-    /// 100,000,000.
-    #[schema(minimum = 50, maximum = 100_000_000)]
+    /// 99,999,999 (the most Stripe charges at once).
+    #[schema(minimum = 50, maximum = 99_999_999)]
     pub amount_cents: u64,
     /// Credits granted when the invoice is paid: 1 to 10,000,000.
     #[schema(minimum = 1, maximum = 10_000_000)]
@@ -48,8 +48,8 @@ pub struct CustomPaymentView {
     pub credits: u64,
 }
 
-/// Largest custom payment: $1,000,000.
-pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 100_000_000;
+/// Largest custom payment: $999,999.99, the most Stripe takes in one charge (eight digits).
+pub const MAX_CUSTOM_PAYMENT_CENTS: u64 = 99_999_999;
 /// Stripe's minimum charge in USD.
 pub const MIN_CUSTOM_PAYMENT_CENTS: u64 = 50;
 
