@@ -100,6 +100,76 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
     assert!(app.local.billing_queue.dead_letters().is_empty());
 }
 
+/// Every plan session paid is a subscription: two paid would be two subscriptions, each
+/// charged every period. A new plan checkout expires the older open ones, and one paid
+/// but not yet seen by the ledger stops the next.
+#[tokio::test]
+async fn only_the_latest_plan_checkout_can_be_paid_and_none_after_a_subscription() {
+    let app = TestApp::new();
+    let o = owner("org_two");
+    let plan = |plan: &str| json!({"kind": "plan", "plan": plan, "interval": "monthly"});
+    let first = checkout(&app, &o, plan("max")).await;
+    let pack = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
+    let second = checkout(&app, &o, plan("plus")).await;
+    let path = |s: &Value| {
+        s["url"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("http://tally.test")
+            .unwrap()
+            .to_owned()
+    };
+    // The older plan session (another tab) can no longer be paid; the pack's still can.
+    let stale = app
+        .send(
+            Method::POST,
+            &format!("{}/pay", path(&first)),
+            None,
+            Some(""),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    assert_eq!(stale.status.as_u16(), 410);
+    // Paid, its events acknowledged but not applied: the ledger knows no plan yet.
+    assert_eq!(
+        app.pay_acknowledged(second["url"].as_str().unwrap()).await,
+        303
+    );
+    let third = app.post("/v1/checkout/sessions", &o, plan("team")).await;
+    third.assert_problem(409, "conflict");
+    assert!(
+        third.body["detail"].as_str().unwrap().contains("sub_"),
+        "{}",
+        third.body
+    );
+    // A retry of the same request keeps its own session.
+    let app = &app;
+    let keyed = |key: &'static str| async move {
+        app.send(
+            Method::POST,
+            "/v1/checkout/sessions",
+            Some(&owner("org_solo")),
+            Some(&plan("max").to_string()),
+            &[("idempotency-key", key)],
+        )
+        .await
+    };
+    let a = keyed("tab-1").await;
+    assert_eq!(a.status.as_u16(), 201, "{}", a.body);
+    assert_eq!(keyed("tab-1").await.body["id"], a.body["id"]);
+    let b = keyed("tab-2").await;
+    assert_ne!(b.body["id"], a.body["id"]);
+    app.settle_billing().await;
+    assert_eq!(app.pay(pack["url"].as_str().unwrap()).await, 303);
+    assert_eq!(app.available("org_two").await, 150 + 100);
+    let subs = app
+        .sim_events("customer.subscription.created")
+        .into_iter()
+        .filter(|s| s["metadata"]["org_id"] == "org_two")
+        .count();
+    assert_eq!(subs, 1);
+}
+
 #[tokio::test]
 async fn subscribing_grants_the_plan_credits_records_the_invoice_and_discounts_packs() {
     let app = TestApp::new();

@@ -7,7 +7,7 @@ use tally::ids::{CustomerId, PaymentMethodId, SubscriptionId, WorkspaceId};
 use tally::ledger::Interval;
 use tally::money::{Cents, Credits};
 use tally::payments::stripe_api::StripePayments;
-use tally::payments::{CheckoutRequest, Payments, PaymentsError, Purchase};
+use tally::payments::{CheckoutRequest, Payments, PaymentsError, PlanCheckouts, Purchase};
 use tally_tests::fixture;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
@@ -199,6 +199,132 @@ async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interva
     assert_eq!(f["subscription_data[metadata][addon_units]"], "0");
     assert!(!f.contains_key("payment_intent_data[setup_future_usage]"));
     assert!(!f.contains_key("subscription_data[metadata][kind]"));
+    // The session names the request it was made for; the subscription does not.
+    assert_eq!(f["metadata[tally_request]"], "tally-checkout-org_a-k2");
+    assert!(!f.contains_key("subscription_data[metadata][tally_request]"));
+}
+
+fn session_row(id: &str, mode: &str, status: &str, request: &str) -> serde_json::Value {
+    let mut s = fixture("checkout.session");
+    s["id"] = json!(id);
+    s["mode"] = json!(mode);
+    s["status"] = json!(status);
+    s["metadata"] = json!({"org_id": "org_a", "tally_request": request});
+    s
+}
+
+/// Stripe's answers to making way for a plan checkout: the open sessions, the expiry of
+/// `cs_old` (refused when `paid`), and the customer's subscriptions not canceled.
+async fn clearing(paid: bool, subscriptions: serde_json::Value) -> (PlanCheckouts, Vec<String>) {
+    let server = MockServer::start().await;
+    let list = |data: serde_json::Value| json!({"object": "list", "data": data, "has_more": false, "url": "/v1/x"});
+    let open = list(json!([
+        session_row("cs_old", "subscription", "open", "tally-checkout-org_a-k1"),
+        session_row("cs_mine", "subscription", "open", "tally-checkout-org_a-k2"),
+        session_row("cs_pack", "payment", "open", "x"),
+    ]));
+    Mock::given(method("GET"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(move |_: &Request| {
+            // Once expired, a session is no longer open.
+            ResponseTemplate::new(200).set_body_json(open.clone())
+        })
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(list(json!([session_row(
+                "cs_mine",
+                "subscription",
+                "open",
+                "tally-checkout-org_a-k2"
+            )]))),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions/cs_old/expire"))
+        .respond_with(if paid {
+            ResponseTemplate::new(400).set_body_json(json!({"error": {
+                "type": "invalid_request_error",
+                "message": "Only Checkout Sessions with a status in [\"open\"] can be expired."}}))
+        } else {
+            ResponseTemplate::new(200).set_body_json(session_row(
+                "cs_old",
+                "subscription",
+                "expired",
+                "tally-checkout-org_a-k1",
+            ))
+        })
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/checkout/sessions/cs_old"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(session_row(
+            "cs_old",
+            "subscription",
+            "complete",
+            "tally-checkout-org_a-k1",
+        )))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(list(subscriptions)))
+        .mount(&server)
+        .await;
+    let answer = client(&server)
+        .await
+        .clear_plan_checkouts(
+            &CustomerId::parse("cus_A").unwrap(),
+            "tally-checkout-org_a-k2",
+        )
+        .await
+        .unwrap();
+    let calls = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let q = r.url.query().map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{} {}{q}", r.method, r.url.path())
+        })
+        .collect();
+    (answer, calls)
+}
+
+#[tokio::test]
+async fn making_way_for_a_plan_checkout_expires_the_other_open_plan_sessions() {
+    let mut ended = fixture("subscription");
+    ended["id"] = json!("sub_old");
+    ended["status"] = json!("incomplete_expired");
+    let (answer, calls) = clearing(false, json!([ended.clone()])).await;
+    assert_eq!(answer, PlanCheckouts::Clear);
+    assert_eq!(
+        calls,
+        vec![
+            "GET /v1/checkout/sessions?customer=cus_A&status=open&limit=100",
+            "POST /v1/checkout/sessions/cs_old/expire",
+            "GET /v1/checkout/sessions?customer=cus_A&status=open&limit=100",
+            "GET /v1/subscriptions?customer=cus_A&limit=100",
+        ]
+    );
+    // A subscription not ended, which the ledger may not show yet.
+    let mut live = fixture("subscription");
+    live["id"] = json!("sub_live");
+    live["status"] = json!("past_due");
+    let (answer, _) = clearing(false, json!([ended, live])).await;
+    assert_eq!(
+        answer,
+        PlanCheckouts::Subscribed(SubscriptionId::parse("sub_live").unwrap())
+    );
+    // Paid while being expired.
+    let (answer, calls) = clearing(true, json!([])).await;
+    assert_eq!(answer, PlanCheckouts::JustPaid("cs_old".parse().unwrap()));
+    assert_eq!(calls.last().unwrap(), "GET /v1/checkout/sessions/cs_old");
 }
 
 #[tokio::test]

@@ -112,6 +112,21 @@ pub struct CheckoutRequest {
     pub idempotency_key: String,
 }
 
+/// What stands in the way of a new plan checkout, once the open ones are expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanCheckouts {
+    /// No subscription that has not ended, and no other checkout that can be paid.
+    Clear,
+    /// Stripe has this subscription of the customer, not ended.
+    Subscribed(SubscriptionId),
+    /// This checkout was paid while it was being expired.
+    JustPaid(CheckoutSessionId),
+}
+
+/// The metadata key of a plan checkout session naming the idempotency key it was made
+/// under (so a retry of the same request keeps its own session).
+pub const CHECKOUT_REQUEST_KEY: &str = "tally_request";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckoutLink {
     pub id: CheckoutSessionId,
@@ -474,6 +489,17 @@ pub trait Payments: Send + Sync {
     ) -> Result<CustomerId, PaymentsError>;
 
     async fn create_checkout(&self, req: &CheckoutRequest) -> Result<CheckoutLink, PaymentsError>;
+
+    /// Makes way for a new plan checkout of `customer`: expires the customer's open
+    /// subscription checkouts (but the one made under `keep`, the Stripe idempotency key of
+    /// this very request), so no two can be paid, then says whether Stripe has a
+    /// subscription of the customer that has not ended (the ledger may not know it yet: a
+    /// checkout just paid).
+    async fn clear_plan_checkouts(
+        &self,
+        customer: &CustomerId,
+        keep: &str,
+    ) -> Result<PlanCheckouts, PaymentsError>;
 
     /// A customer-portal URL (plans, invoices, payment methods).
     async fn billing_portal(

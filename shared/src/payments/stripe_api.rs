@@ -1458,6 +1458,12 @@ impl Payments for StripePayments {
             ),
         };
         let subscription = mode == "subscription";
+        // A plan checkout names the request it was made for, so making way for another one
+        // keeps a retry's own session (see `clear_plan_checkouts`).
+        let mut session_metadata = metadata.clone();
+        if subscription {
+            session_metadata.insert(CHECKOUT_REQUEST_KEY, stripe_key(&req.idempotency_key));
+        }
         let form = CheckoutForm {
             mode,
             customer: req.customer.as_str(),
@@ -1465,7 +1471,7 @@ impl Payments for StripePayments {
             success_url: &req.success_url,
             cancel_url: &req.cancel_url,
             line_items: vec![line],
-            metadata: metadata.clone(),
+            metadata: session_metadata,
             automatic_tax: Enabled { enabled: true },
             customer_update: CustomerUpdate { address: "auto" },
             subscription_data: subscription.then(|| WithMetadata {
@@ -1500,6 +1506,87 @@ impl Payments for StripePayments {
             id: returned(session.id.as_str())?,
             url,
         })
+    }
+
+    async fn clear_plan_checkouts(
+        &self,
+        customer: &CustomerId,
+        keep: &str,
+    ) -> Result<PlanCheckouts, PaymentsError> {
+        #[derive(miniserde::Deserialize)]
+        struct SessionRow {
+            id: String,
+            mode: Option<String>,
+            status: Option<String>,
+            metadata: Option<BTreeMap<String, String>>,
+        }
+        #[derive(miniserde::Deserialize)]
+        struct Sessions {
+            data: Vec<SessionRow>,
+            has_more: bool,
+        }
+        #[derive(miniserde::Deserialize)]
+        struct SubscriptionRow {
+            id: String,
+            status: String,
+        }
+        #[derive(miniserde::Deserialize)]
+        struct Subscriptions {
+            data: Vec<SubscriptionRow>,
+        }
+        let keep = stripe_key(keep);
+        // An expired session leaves the list of open ones, so the list is read again until
+        // only the kept one (if any) is left; a few rounds cover hundreds of open sessions.
+        for _ in 0..10 {
+            let open: Sessions = self
+                .get(&format!(
+                    "/checkout/sessions?customer={customer}&status=open&limit=100"
+                ))
+                .await?;
+            let others: Vec<&SessionRow> = open
+                .data
+                .iter()
+                .filter(|s| s.mode.as_deref() == Some("subscription"))
+                .filter(|s| {
+                    s.metadata
+                        .as_ref()
+                        .and_then(|m| m.get(CHECKOUT_REQUEST_KEY))
+                        != Some(&keep)
+                })
+                .collect();
+            if others.is_empty() && !open.has_more {
+                break;
+            }
+            for s in others {
+                let expired: Result<SessionRow, _> = self
+                    .post(
+                        &format!("/checkout/sessions/{}/expire", s.id),
+                        &NoForm {},
+                        &format!("tally-expire-{}", s.id),
+                    )
+                    .await;
+                if let Err(e) = expired {
+                    // Stripe expires only an open session: one paid meanwhile is complete.
+                    let now: SessionRow = self.get(&format!("/checkout/sessions/{}", s.id)).await?;
+                    match now.status.as_deref() {
+                        Some("complete") => return Ok(PlanCheckouts::JustPaid(returned(&s.id)?)),
+                        Some("expired") => {}
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+        // Without a status, Stripe lists the subscriptions not canceled.
+        let subs: Subscriptions = self
+            .get(&format!("/subscriptions?customer={customer}&limit=100"))
+            .await?;
+        Ok(subs
+            .data
+            .into_iter()
+            .find(|s| s.status != "canceled" && s.status != "incomplete_expired")
+            .map(|s| returned(&s.id).map(PlanCheckouts::Subscribed))
+            .transpose()?
+            .unwrap_or(PlanCheckouts::Clear))
     }
 
     async fn billing_portal(

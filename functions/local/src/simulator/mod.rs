@@ -50,7 +50,7 @@ use tally::ids::{
 use tally::payments::stripe_api::product_id;
 use tally::payments::{
     BilledInvoice, CheckoutLink, CheckoutRequest, CustomInvoice, InvoiceLink, LiveSubscription,
-    Payments, PaymentsError, Purchase, RenewalChange, SubscriptionChange, TopUp,
+    Payments, PaymentsError, PlanCheckouts, Purchase, RenewalChange, SubscriptionChange, TopUp,
 };
 use tally::queue::local::LocalQueue;
 use tower::ServiceExt;
@@ -1455,6 +1455,35 @@ impl Payments for Simulator {
             url: format!("{}/sim/checkout/{id}", self.base_url),
             id,
         })
+    }
+
+    async fn clear_plan_checkouts(
+        &self,
+        customer: &CustomerId,
+        keep: &str,
+    ) -> Result<PlanCheckouts, PaymentsError> {
+        let now = self.now();
+        for s in self.sessions.lock().expect("sim lock").values_mut() {
+            let plan = matches!(s.request.purchase, tally::payments::Purchase::Plan { .. });
+            if plan
+                && s.request.customer == *customer
+                && !s.paid
+                && now < s.expires_at
+                && s.request.idempotency_key != keep
+            {
+                // Expired now: it can no longer be paid.
+                s.expires_at = now;
+            }
+        }
+        Ok(self
+            .subscriptions
+            .lock()
+            .expect("sim lock")
+            .iter()
+            .find(|(_, sub)| sub.customer == *customer && sub.status != SubStatus::Canceled)
+            .map_or(PlanCheckouts::Clear, |(id, _)| {
+                PlanCheckouts::Subscribed(id.clone())
+            }))
     }
 
     async fn billing_portal(

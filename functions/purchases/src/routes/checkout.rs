@@ -8,10 +8,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::billing::MAX_PACK_QUANTITY;
+use tally::billing::records::workspace_pk;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::{CheckoutSessionId, IdempotencyKey, WorkspaceId};
 use tally::ledger::Interval;
-use tally::payments::{CheckoutLink, CheckoutRequest, Purchase};
+use tally::payments::{CheckoutLink, CheckoutRequest, PlanCheckouts, Purchase};
+use tally::store::docs;
 use tally::subscriptions::Entitlements;
 use tally::subscriptions::change::plan_unit_price;
 use utoipa::ToSchema;
@@ -43,7 +45,9 @@ pub struct CheckoutLinkView {
     request_body = CheckoutBody,
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same body return the same session; another body under the same key is a 409")),
     responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
-        (status = 403, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 403, body = ProblemDetails),
+        (status = 409, description = "The workspace has a subscription (in Stripe too, or a plan checkout just paid), or another plan checkout is being made (`checkout_in_progress`)", body = ProblemDetails),
+        (status = 422, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
 pub async fn create_checkout(
@@ -118,21 +122,107 @@ async fn checkout(
         None => format!("tally-checkout-{workspace}-{}", ulid::Ulid::new()),
     };
     let customer = customer(st, workspace, who.email.as_deref()).await?;
-    let link: CheckoutLink = st
-        .payments
-        .create_checkout(&CheckoutRequest {
-            workspace: workspace.clone(),
-            customer,
-            purchase,
-            success_url: st.urls.success.clone(),
-            cancel_url: st.urls.cancel.clone(),
-            idempotency_key: stripe_key,
-        })
-        .await
-        .map_err(provider)?;
+    let request = CheckoutRequest {
+        workspace: workspace.clone(),
+        customer,
+        purchase,
+        success_url: st.urls.success.clone(),
+        cancel_url: st.urls.cancel.clone(),
+        idempotency_key: stripe_key,
+    };
+    let link: CheckoutLink = match request.purchase {
+        Purchase::Plan { .. } => plan_checkout(st, &request).await?,
+        Purchase::Pack { .. } => st
+            .payments
+            .create_checkout(&request)
+            .await
+            .map_err(provider)?,
+    };
     tracing::info!(workspace = %workspace, session = %link.id, "checkout session created");
     Ok(CheckoutLinkView {
         id: link.id,
         url: link.url,
     })
+}
+
+/// Who is making a plan checkout for a workspace, until when: one at a time, so two
+/// requests at once (two tabs, a double click) cannot both leave a session to pay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckoutLease {
+    key: String,
+    until: chrono::DateTime<chrono::Utc>,
+}
+
+const PLAN_CHECKOUT_SK: &str = "CHECKOUT#plan";
+/// Seconds a plan checkout holds its lease (Stripe's answers take well under this).
+const LEASE_SECS: i64 = 60;
+
+/// A plan checkout, only when no other can be paid and Stripe has no subscription of the
+/// customer that has not ended: every session paid is a subscription, so a second session
+/// (an older one left open, or one made at the same time) would be a second subscription,
+/// charged every period, that the API cannot reach. The older open sessions are expired
+/// first; one paid meanwhile, or a subscription the ledger does not show yet, is a 409.
+async fn plan_checkout(st: &PurchasesState, req: &CheckoutRequest) -> ApiResult<CheckoutLink> {
+    let pk = workspace_pk(&req.workspace);
+    let now = st.ledger.clock.now();
+    let mut busy = false;
+    docs::update(
+        st.docs.as_ref(),
+        &pk,
+        PLAN_CHECKOUT_SK,
+        |cur: Option<CheckoutLease>| {
+            busy = cur
+                .as_ref()
+                .is_some_and(|l| l.until > now && l.key != req.idempotency_key);
+            (!busy).then(|| CheckoutLease {
+                key: req.idempotency_key.clone(),
+                until: now + chrono::Duration::seconds(LEASE_SECS),
+            })
+        },
+    )
+    .await?;
+    if busy {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "checkout_in_progress",
+            "another plan checkout is being made for this workspace; use the one it answers",
+        ));
+    }
+    let made = async {
+        match st
+            .payments
+            .clear_plan_checkouts(&req.customer, &req.idempotency_key)
+            .await
+            .map_err(provider)?
+        {
+            PlanCheckouts::Clear => {}
+            PlanCheckouts::Subscribed(sub) => {
+                return Err(Problem::conflict(format!(
+                    "the workspace already has a subscription ({sub}); change it with POST /v1/subscription/change"
+                )));
+            }
+            PlanCheckouts::JustPaid(session) => {
+                return Err(Problem::conflict(format!(
+                    "a plan checkout ({session}) was just paid; its subscription shows shortly"
+                )));
+            }
+        }
+        st.payments.create_checkout(req).await.map_err(provider)
+    }
+    .await;
+    let released = docs::update(
+        st.docs.as_ref(),
+        &pk,
+        PLAN_CHECKOUT_SK,
+        |cur: Option<CheckoutLease>| {
+            cur.filter(|l| l.key == req.idempotency_key && l.until > now)
+                .map(|l| CheckoutLease { until: now, ..l })
+        },
+    )
+    .await;
+    if let Err(e) = released {
+        // The lease lapses on its own.
+        tracing::warn!(error = %e, workspace = %req.workspace, "plan checkout lease not released");
+    }
+    made
 }
