@@ -409,6 +409,9 @@ async fn a_custom_payment_paid_from_the_customers_balance_grants_its_credits() {
     // share of the credits, rounded down; part from the balance counts as paid.
     assert_eq!(grants(custom_invoice(0, 0, 1000)).unwrap(), 140);
     assert_eq!(grants(custom_invoice(-1000, 0, 1001)).unwrap(), 280);
+    // A debt of $3 the customer owed was collected with a discounted payment: it paid the
+    // debt, not the credits.
+    assert_eq!(grants(custom_invoice(300, 0, 4300)).unwrap(), 560);
     assert!(
         grants(custom_invoice(0, 0, 7)).is_err(),
         "paid too little for one credit: to a person"

@@ -457,6 +457,42 @@ async fn a_canceled_plan_does_not_renew_and_a_paused_yearly_plan_keeps_its_paid_
     );
 }
 
+/// Resuming collection does not pay the period Stripe moved on to while paused (its
+/// invoice was voided): the plan gives its benefits again once a renewal is paid.
+#[tokio::test]
+async fn a_plan_resumed_in_a_period_begun_while_paused_gives_nothing_until_paid() {
+    let app = TestApp::new();
+    let o = owner("org_resume");
+    app.subscribe("org_resume", "max", "monthly").await;
+    let benefits = || async {
+        let ent = app.get("/v1/entitlements", &o).await.body;
+        (
+            ent["plan"]["status"].as_str().unwrap().to_owned(),
+            ent["pack_discount_pct"].as_u64().unwrap(),
+            ent["custom_model_slots"].as_u64().unwrap(),
+        )
+    };
+    let (_, discount, slots) = benefits().await;
+    assert!(discount > 0 && slots > 0);
+    let paused = app
+        .post("/v1/subscription/pause", &o, serde_json::json!({}))
+        .await;
+    assert_eq!(paused.status.as_u16(), 200, "{:#}", paused.body);
+    // Past the renewal (voided while paused), then resumed in that period.
+    advance_days(&app, 35).await;
+    let resumed = app
+        .post("/v1/subscription/resume", &o, serde_json::json!({}))
+        .await;
+    assert_eq!(resumed.status.as_u16(), 200, "{:#}", resumed.body);
+    app.settle_billing().await;
+    assert_eq!(benefits().await, ("active".to_owned(), 0, 0));
+    assert_eq!(plan_grants(&app, "org_resume").await.len(), 1);
+    // The next renewal is collected: its month, and the benefits, come back.
+    advance_days(&app, 30).await;
+    assert_eq!(plan_grants(&app, "org_resume").await.len(), 2);
+    assert_eq!(benefits().await, ("active".to_owned(), discount, slots));
+}
+
 #[tokio::test]
 async fn an_upgrade_on_the_last_day_of_a_31_day_period_grants_a_day_not_a_month() {
     let app = TestApp::new();

@@ -9,7 +9,7 @@ use tally::money::{Cents, Credits};
 use tally::payments::stripe_api::StripePayments;
 use tally::payments::{CheckoutRequest, Payments, PaymentsError, PlanCheckouts, Purchase};
 use tally_tests::fixture;
-use wiremock::matchers::{method, path};
+use wiremock::matchers::{method, path, query_param, query_param_is_missing};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 const KEY: &str = "sk_test_tally";
@@ -218,30 +218,28 @@ fn session_row(id: &str, mode: &str, status: &str, request: &str) -> serde_json:
 async fn clearing(paid: bool, subscriptions: serde_json::Value) -> (PlanCheckouts, Vec<String>) {
     let server = MockServer::start().await;
     let list = |data: serde_json::Value| json!({"object": "list", "data": data, "has_more": false, "url": "/v1/x"});
-    let open = list(json!([
-        session_row("cs_old", "subscription", "open", "tally-checkout-org_a-k1"),
-        session_row("cs_mine", "subscription", "open", "tally-checkout-org_a-k2"),
+    // Newest first, a page at a time: the older plan session is on the second page.
+    let first = json!({"object": "list", "has_more": true, "url": "/v1/checkout/sessions", "data": [
         session_row("cs_pack", "payment", "open", "x"),
-    ]));
+        session_row("cs_mine", "subscription", "open", "tally-checkout-org_a-k2"),
+    ]});
     Mock::given(method("GET"))
         .and(path("/v1/checkout/sessions"))
-        .respond_with(move |_: &Request| {
-            // Once expired, a session is no longer open.
-            ResponseTemplate::new(200).set_body_json(open.clone())
-        })
-        .up_to_n_times(1)
+        .and(query_param("starting_after", "cs_mine"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(list(json!([session_row(
+                "cs_old",
+                "subscription",
+                "open",
+                "tally-checkout-org_a-k1"
+            )]))),
+        )
         .mount(&server)
         .await;
     Mock::given(method("GET"))
         .and(path("/v1/checkout/sessions"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(list(json!([session_row(
-                "cs_mine",
-                "subscription",
-                "open",
-                "tally-checkout-org_a-k2"
-            )]))),
-        )
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(first))
         .mount(&server)
         .await;
     Mock::given(method("POST"))
@@ -307,8 +305,8 @@ async fn making_way_for_a_plan_checkout_expires_the_other_open_plan_sessions() {
         calls,
         vec![
             "GET /v1/checkout/sessions?customer=cus_A&status=open&limit=100",
+            "GET /v1/checkout/sessions?customer=cus_A&status=open&limit=100&starting_after=cs_mine",
             "POST /v1/checkout/sessions/cs_old/expire",
-            "GET /v1/checkout/sessions?customer=cus_A&status=open&limit=100",
             "GET /v1/subscriptions?customer=cus_A&limit=100",
         ]
     );
@@ -625,15 +623,23 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
     );
 }
 
-/// A custom payment whose `failing` step Stripe refuses, after the invoice was created.
-async fn custom_payment_refused_at(failing: &str) -> Vec<(String, String)> {
+/// A custom payment whose `failing` step Stripe refuses (or, `down`, cannot answer),
+/// after the invoice was created: the requests made, with the last one's form.
+async fn custom_payment_refused_at(
+    failing: &str,
+    down: bool,
+) -> (Vec<(String, String)>, BTreeMap<String, String>) {
     use tally::payments::CustomInvoice;
     let server = MockServer::start().await;
     let mut invoice = fixture("invoice");
     invoice["id"] = json!("in_left");
-    let refusal = ResponseTemplate::new(400).set_body_json(json!({"error": {
-        "type": "invalid_request_error",
-        "message": "Customer cus_E has no email address; add one to send an invoice"}}));
+    let refusal = if down {
+        ResponseTemplate::new(503).set_body_string("upstream unavailable")
+    } else {
+        ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "type": "invalid_request_error",
+            "message": "Customer cus_E has no email address; add one to send an invoice"}}))
+    };
     for p in [
         "/v1/invoices",
         "/v1/invoiceitems",
@@ -664,12 +670,9 @@ async fn custom_payment_refused_at(failing: &str) -> Vec<(String, String)> {
         })
         .mount(&server)
         .await;
-    Mock::given(method("DELETE"))
+    Mock::given(method("POST"))
         .and(path("/v1/invoices/in_left"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"id": "in_left", "object": "invoice", "deleted": true})),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(invoice.clone()))
         .mount(&server)
         .await;
     let err = client(&server)
@@ -685,14 +688,14 @@ async fn custom_payment_refused_at(failing: &str) -> Vec<(String, String)> {
         })
         .await
         .unwrap_err();
-    assert!(matches!(err, PaymentsError::Refused { .. }), "{err}");
-    server
-        .received_requests()
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.method.to_string(), r.url.path().to_owned()))
-        .collect()
+    assert_eq!(matches!(err, PaymentsError::Refused { .. }), !down, "{err}");
+    let reqs = server.received_requests().await.unwrap();
+    (
+        reqs.iter()
+            .map(|r| (r.method.to_string(), r.url.path().to_owned()))
+            .collect(),
+        form(reqs.last().unwrap()),
+    )
 }
 
 #[tokio::test]
@@ -703,27 +706,34 @@ async fn a_custom_payment_stripe_refuses_halfway_leaves_no_payable_invoice() {
             .map(|(m, p)| (m.to_string(), p.to_string()))
             .collect()
     };
+    let sent = [
+        ("POST", "/v1/invoices"),
+        ("POST", "/v1/invoiceitems"),
+        ("POST", "/v1/invoices/in_left/finalize"),
+        ("POST", "/v1/invoices/in_left/send"),
+    ];
     // Finalized, then the sending refused: the open invoice is voided.
+    let (made, _) = custom_payment_refused_at("/v1/invoices/in_left/send", false).await;
+    let mut voided = sent.to_vec();
+    voided.push(("POST", "/v1/invoices/in_left/void"));
+    assert_eq!(made, calls(&voided));
+    // The line refused: the draft (which Stripe would finalize an hour later) is kept
+    // from finalizing.
+    let (made, hold) = custom_payment_refused_at("/v1/invoiceitems", false).await;
     assert_eq!(
-        custom_payment_refused_at("/v1/invoices/in_left/send").await,
-        calls(&[
-            ("POST", "/v1/invoices"),
-            ("POST", "/v1/invoiceitems"),
-            ("POST", "/v1/invoices/in_left/finalize"),
-            ("POST", "/v1/invoices/in_left/send"),
-            ("POST", "/v1/invoices/in_left/void"),
-        ])
-    );
-    // The line refused: the draft (which Stripe would finalize an hour later) is deleted.
-    assert_eq!(
-        custom_payment_refused_at("/v1/invoiceitems").await,
+        made,
         calls(&[
             ("POST", "/v1/invoices"),
             ("POST", "/v1/invoiceitems"),
             ("POST", "/v1/invoices/in_left/void"),
-            ("DELETE", "/v1/invoices/in_left"),
+            ("POST", "/v1/invoices/in_left"),
         ])
     );
+    assert_eq!(hold, expected(&[("auto_advance", "false")]));
+    // Stripe could not answer: a retry under the same key is answered as it was, so the
+    // invoice is left as it is.
+    let (made, _) = custom_payment_refused_at("/v1/invoices/in_left/send", true).await;
+    assert_eq!(made, calls(&sent));
 }
 
 #[tokio::test]

@@ -386,6 +386,7 @@ impl BillingEvents {
             as_of_event: event.id.clone(),
             ended_at: None,
             created: None,
+            paused_period: None,
         };
         self.merge_subscription(
             event,
@@ -460,6 +461,7 @@ impl BillingEvents {
                 .filter(|_| status == PlanStatus::Canceled)
                 .map(ts),
             created: s.created.map(ts),
+            paused_period: None,
         };
         if let Some(c) = s.customer.id() {
             self.link_customer(c, &workspace).await?;
@@ -503,9 +505,12 @@ impl BillingEvents {
         .await?
         .expect("a merge always leaves a document");
         let mut plan = merged.plan_state();
-        if plan.status == PlanStatus::Paused {
-            // Paused: how far the paid invoices reach decides whether it still gives its
-            // benefits (the period Stripe moves on to while paused is never collected).
+        let resumed_into_paused_period =
+            plan.status == PlanStatus::Active && merged.paused_period == Some(merged.period_start);
+        if plan.status == PlanStatus::Paused || resumed_into_paused_period {
+            // Paused, or resumed in a period Stripe moved on to while paused: how far the
+            // paid invoices reach decides whether it gives its benefits (a period begun
+            // while paused is never collected: its invoice was voided).
             plan.paid_through = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                 .await?
                 .filter(|d| d.subscription == merged.id)

@@ -178,14 +178,20 @@ pub fn invoice_grants(
         let from_balance = i
             .ending_balance
             .map_or(0, |end| end.saturating_sub(i.starting_balance));
+        // The balance moves both ways: a credit the customer had paid part of it
+        // (`from_balance` above 0); a debt they owed was collected with it (below 0: that
+        // money paid the debt, not the credits).
         if i.amount_paid <= 0 && from_balance <= 0 {
             return Err(poison(format!(
                 "custom payment invoice {} was paid nothing; no credits granted",
                 i.id
             )));
         }
-        let credits =
-            custom_payment_credits(i, credits, i.amount_paid.max(0) + from_balance.max(0));
+        let credits = custom_payment_credits(
+            i,
+            credits,
+            i.amount_paid.saturating_add(from_balance).max(0),
+        );
         if credits.is_zero() {
             return Err(poison(format!(
                 "custom payment invoice {} was paid too little for a credit; no credits granted",

@@ -124,6 +124,9 @@ pub fn stripe_key(key: &str) -> String {
     format!("tally-sha256-{hex}")
 }
 
+/// Pages of open checkout sessions read before a plan checkout (100 each).
+const MAX_SESSION_PAGES: usize = 20;
+
 /// A short digest of `s` (the first 16 hex digits of its SHA-256), for idempotency keys
 /// that must differ when a parameter does.
 pub fn short_digest(s: &str) -> String {
@@ -329,15 +332,6 @@ impl StripePayments {
             id: id.clone(),
             hosted_invoice_url: sent.hosted_invoice_url.unwrap_or_default(),
         })
-    }
-
-    /// A DELETE (of a draft): deleting twice is refused, never done twice.
-    async fn delete<T: miniserde::Deserialize>(&self, path: &str) -> Result<T, PaymentsError> {
-        RequestBuilder::new(StripeMethod::Delete, path)
-            .customize::<T>()
-            .send(&self.client)
-            .await
-            .map_err(classify)
     }
 
     /// A POST that changes nothing (previews): no idempotency key needed.
@@ -860,36 +854,49 @@ impl Payments for StripePayments {
         )?;
         match self.issue_custom_invoice(req, &id).await {
             Ok(link) => Ok(link),
-            Err(e) => {
-                // An invoice left behind by a failed request could be paid from its page
-                // (or finalized by Stripe an hour later) beside the one a retry under a new
-                // key makes: it is voided, or deleted while still a draft.
+            // Refused: the same request under the same key is refused again, so staff retry
+            // under a new key, and an invoice left behind could be paid from its page (or
+            // be finalized by Stripe an hour later) beside the new one. It is voided, or,
+            // still a draft, never finalized. (An outage is left to a retry under the same
+            // key, which Stripe answers as it did.)
+            Err(e @ PaymentsError::Refused { .. }) => {
                 #[derive(miniserde::Deserialize)]
-                struct Gone {
+                struct Left {
                     #[allow(dead_code)]
                     id: String,
                 }
-                let voided: Result<Gone, _> = self
+                #[derive(Serialize)]
+                struct AutoAdvance {
+                    auto_advance: bool,
+                }
+                let voided: Result<Left, _> = self
                     .post(
                         &format!("/invoices/{id}/void"),
                         &NoForm {},
                         &format!("{key}-void"),
                     )
                     .await;
-                // Only an open invoice is voided; a draft (the line or the finalizing
-                // failed) is deleted.
-                let gone = match voided {
+                // Stripe voids only an open invoice: a draft (its line or its finalizing
+                // refused) is kept from finalizing instead.
+                let left = match voided {
                     Ok(_) => Ok(()),
                     Err(_) => self
-                        .delete::<Gone>(&format!("/invoices/{id}"))
+                        .post::<_, Left>(
+                            &format!("/invoices/{id}"),
+                            &AutoAdvance {
+                                auto_advance: false,
+                            },
+                            &format!("{key}-hold"),
+                        )
                         .await
                         .map(|_| ()),
                 };
-                if let Err(v) = gone {
-                    tracing::error!(invoice = %id, error = %v, "a custom payment invoice left by a failed request could not be voided or deleted");
+                if let Err(v) = left {
+                    tracing::error!(invoice = %id, error = %v, "a custom payment invoice left by a refused request could not be voided or held as a draft");
                 }
                 Err(e)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -1535,44 +1542,53 @@ impl Payments for StripePayments {
             data: Vec<SubscriptionRow>,
         }
         let keep = stripe_key(keep);
-        // An expired session leaves the list of open ones, so the list is read again until
-        // only the kept one (if any) is left; a few rounds cover hundreds of open sessions.
-        for _ in 0..10 {
-            let open: Sessions = self
-                .get(&format!(
-                    "/checkout/sessions?customer={customer}&status=open&limit=100"
-                ))
-                .await?;
-            let others: Vec<&SessionRow> = open
-                .data
-                .iter()
-                .filter(|s| s.mode.as_deref() == Some("subscription"))
-                .filter(|s| {
-                    s.metadata
+        // Every open session first, page by page (newest first; pack checkouts too), then
+        // the plan ones expired: a plan session left open could be paid beside the new one,
+        // so a list that does not end is an error, never a clear way.
+        let mut plan_sessions = Vec::new();
+        let mut after: Option<String> = None;
+        for page in 0.. {
+            if page == MAX_SESSION_PAGES {
+                return Err(PaymentsError::unavailable(format!(
+                    "customer {customer} has more than {} open checkout sessions",
+                    MAX_SESSION_PAGES * 100
+                )));
+            }
+            let mut path = format!("/checkout/sessions?customer={customer}&status=open&limit=100");
+            if let Some(a) = &after {
+                path.push_str(&format!("&starting_after={a}"));
+            }
+            let open: Sessions = self.get(&path).await?;
+            after = open.data.last().map(|s| s.id.clone());
+            let more = open.has_more && after.is_some();
+            plan_sessions.extend(open.data.into_iter().filter(|s| {
+                s.mode.as_deref() == Some("subscription")
+                    && s.metadata
                         .as_ref()
                         .and_then(|m| m.get(CHECKOUT_REQUEST_KEY))
                         != Some(&keep)
-                })
-                .collect();
-            if others.is_empty() && !open.has_more {
+            }));
+            if !more {
                 break;
             }
-            for s in others {
-                let expired: Result<SessionRow, _> = self
-                    .post(
-                        &format!("/checkout/sessions/{}/expire", s.id),
-                        &NoForm {},
-                        &format!("tally-expire-{}", s.id),
-                    )
-                    .await;
-                if let Err(e) = expired {
-                    // Stripe expires only an open session: one paid meanwhile is complete.
-                    let now: SessionRow = self.get(&format!("/checkout/sessions/{}", s.id)).await?;
-                    match now.status.as_deref() {
-                        Some("complete") => return Ok(PlanCheckouts::JustPaid(returned(&s.id)?)),
-                        Some("expired") => {}
-                        _ => return Err(e),
-                    }
+        }
+        for s in plan_sessions {
+            // Keyed per request: a failure Stripe keeps for a key would answer every later
+            // request the same way.
+            let expired: Result<SessionRow, _> = self
+                .post(
+                    &format!("/checkout/sessions/{}/expire", s.id),
+                    &NoForm {},
+                    &format!("tally-expire-{}-{}", s.id, short_digest(&keep)),
+                )
+                .await;
+            if let Err(e) = expired {
+                // Stripe expires only an open session: one paid meanwhile is complete.
+                let now: SessionRow = self.get(&format!("/checkout/sessions/{}", s.id)).await?;
+                match now.status.as_deref() {
+                    Some("complete") => return Ok(PlanCheckouts::JustPaid(returned(&s.id)?)),
+                    Some("expired") => {}
+                    _ => return Err(e),
                 }
             }
         }

@@ -76,10 +76,12 @@ pub struct PlanState {
 
 impl PlanState {
     /// Whether the plan gives its benefits: active or past due, or paused within a paid
-    /// period.
+    /// period. An active plan resumed in a period begun while it was paused (its invoice
+    /// voided) carries how far the paid invoices reach, and gives its benefits only within.
     pub fn in_effect(&self) -> bool {
         match self.status {
             PlanStatus::Paused => self.paid_through.is_some_and(|t| t >= self.period_end),
+            PlanStatus::Active => self.paid_through.is_none_or(|t| t >= self.period_end),
             s => s.in_effect(),
         }
     }

@@ -32,6 +32,11 @@ pub struct SubscriptionRecord {
     /// When the subscription was created (Stripe's `created`; unknown from an invoice).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<DateTime<Utc>>,
+    /// The start of a period Stripe reported while collection was paused (its invoice
+    /// voided unless it was drafted before the pause): kept while the subscription stays in
+    /// that period, so a resumption does not make an unpaid period give benefits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_period: Option<DateTime<Utc>>,
 }
 
 impl SubscriptionRecord {
@@ -67,7 +72,39 @@ impl SubscriptionRecord {
         {
             return Some(incoming);
         }
-        Self::merge_facts(current, incoming)
+        let merged = Self::merge_facts(current.clone(), incoming.clone());
+        Self::mark_paused_period(current.as_ref(), &incoming, merged)
+    }
+
+    /// Marks the period that was paused on the merged document: a fact about the same
+    /// subscription and period saying it was paused marks it, newer or older than the
+    /// document, and the mark stays until the period changes.
+    fn mark_paused_period(
+        current: Option<&Self>,
+        incoming: &Self,
+        merged: Option<Self>,
+    ) -> Option<Self> {
+        let paused = (incoming.status == PlanStatus::Paused).then_some(incoming.period_start);
+        match merged {
+            Some(mut m) => {
+                let told = paused.filter(|p| m.id == incoming.id && *p == m.period_start);
+                let kept = current
+                    .filter(|c| c.id == m.id)
+                    .and_then(|c| c.paused_period)
+                    .filter(|p| *p == m.period_start);
+                m.paused_period = told.or(kept);
+                Some(m)
+            }
+            // An older fact still tells that the current period was paused.
+            None => current
+                .filter(|c| c.id == incoming.id && c.period_start == incoming.period_start)
+                .filter(|c| c.status != PlanStatus::Canceled)
+                .filter(|c| paused.is_some() && c.paused_period != paused)
+                .map(|c| Self {
+                    paused_period: paused,
+                    ..c.clone()
+                }),
+        }
     }
 
     fn merge_facts(current: Option<Self>, incoming: Self) -> Option<Self> {
@@ -101,7 +138,8 @@ impl SubscriptionRecord {
             incoming.ended_at = incoming.ended_at.or(c.ended_at);
             incoming.created = incoming.created.or(c.created);
         }
-        Self::merge_facts(current, incoming)
+        let merged = Self::merge_facts(current.clone(), incoming.clone());
+        Self::mark_paused_period(current.as_ref(), &incoming, merged)
     }
 
     /// The add-on units Stripe bills from the next renewal (a scheduled reduction already
@@ -170,7 +208,55 @@ mod tests {
             as_of_event: StripeEventId::parse(&format!("evt_{as_of}")).unwrap(),
             ended_at: None,
             created: None,
+            paused_period: None,
         }
+    }
+
+    #[test]
+    fn a_period_reported_paused_stays_marked_in_any_order_until_the_period_changes() {
+        let t = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
+        let in_period = |status, as_of, start: i64| SubscriptionRecord {
+            period_start: t(start),
+            period_end: t(start + 100),
+            ..record("sub_p", status, as_of, false)
+        };
+        // Renewed while paused (period 100), then resumed in it.
+        let paused = in_period(PlanStatus::Paused, 10, 100);
+        let resumed = in_period(PlanStatus::Active, 20, 100);
+        let stored = SubscriptionRecord::merge(None, paused.clone()).unwrap();
+        assert_eq!(stored.paused_period, Some(t(100)));
+        let a = SubscriptionRecord::merge(Some(stored), resumed.clone()).unwrap();
+        assert_eq!(
+            (a.status, a.paused_period),
+            (PlanStatus::Active, Some(t(100)))
+        );
+        // The resumption first, the pause's event late: the mark is learned all the same.
+        let b = SubscriptionRecord::merge(Some(resumed.clone()), paused.clone()).unwrap();
+        assert_eq!(
+            (b.status, b.paused_period),
+            (PlanStatus::Active, Some(t(100)))
+        );
+        assert_eq!(
+            SubscriptionRecord::merge(Some(b.clone()), paused.clone()),
+            None
+        );
+        // Paused in an earlier period only: the current one is not marked.
+        let earlier = in_period(PlanStatus::Paused, 5, 0);
+        assert_eq!(
+            SubscriptionRecord::merge(Some(resumed.clone()), earlier),
+            None
+        );
+        // The next renewal clears it.
+        let next =
+            SubscriptionRecord::merge(Some(a), in_period(PlanStatus::Active, 30, 200)).unwrap();
+        assert_eq!(next.paused_period, None);
+        // An invoice's facts about the same period keep it.
+        let inv = SubscriptionRecord::merge_invoice_facts(
+            Some(b),
+            in_period(PlanStatus::Active, 25, 100),
+        )
+        .unwrap();
+        assert_eq!(inv.paused_period, Some(t(100)));
     }
 
     #[test]
