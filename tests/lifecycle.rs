@@ -296,15 +296,18 @@ async fn a_preview_says_what_a_change_costs_and_grants_and_changes_nothing() {
     assert_eq!(down.body["effective"], "at_renewal");
     assert_eq!(down.body["total_cents"], 0);
     assert_eq!(down.body["credits_per_month"], 150 + 120);
-    for bad in [
-        serde_json::json!({"plan": "gold"}),
-        serde_json::json!({"addon_units": 101}),
-        serde_json::json!({"color": "red"}),
+    for (bad, field) in [
+        (serde_json::json!({"plan": "gold"}), Some("plan")),
+        (serde_json::json!({"addon_units": 101}), Some("addon_units")),
+        (serde_json::json!({"color": "red"}), None),
     ] {
         let r = app
             .post("/v1/subscription/preview", &owner("org_prev"), bad)
             .await;
         r.assert_problem(422, "validation_failed");
+        if let Some(field) = field {
+            assert_eq!(r.body["field"], field, "{}", r.body);
+        }
     }
 }
 

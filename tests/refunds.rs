@@ -310,11 +310,45 @@ async fn a_faulty_generation_is_reversed_once_by_staff_or_the_generation_service
     app.post(&path, &support(), json!({"reason": "blank\u{0007}"}))
         .await
         .assert_problem(422, "validation_failed");
+    // The ticket named for the audit trail is one of the generation's workspace.
+    let file = |ws: &str| {
+        let ws = ws.to_owned();
+        let app = &app;
+        async move {
+            let t = app
+                .post(
+                    "/v1/support/tickets",
+                    &member(&ws, "u1"),
+                    json!({"category": "generation", "subject": "blank output",
+                        "message": "the video came out blank"}),
+                )
+                .await;
+            assert_eq!(t.status.as_u16(), 201, "{:#}", t.body);
+            t.body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let mine = file("org_rv").await;
+    let theirs = file("org_other").await;
+    for (ticket, status) in [("T-9", 422), (theirs.as_str(), 404)] {
+        let r = app
+            .post(
+                &path,
+                &support(),
+                json!({"reason": "output was blank", "ticket": ticket}),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), status, "{:#}", r.body);
+    }
+    assert_eq!(
+        app.available("org_rv").await,
+        380,
+        "refused: nothing given back"
+    );
     let r = app
         .post(
             &path,
             &support(),
-            json!({"reason": "output was blank", "ticket": "tkt_1"}),
+            json!({"reason": "output was blank", "ticket": mine}),
         )
         .await;
     assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
@@ -330,7 +364,7 @@ async fn a_faulty_generation_is_reversed_once_by_staff_or_the_generation_service
     let rev = entries(&app, "org_rv", "reversal").await;
     assert_eq!(rev.len(), 1);
     assert_eq!(rev[0]["refs"]["generation"], id.as_str());
-    assert_eq!(rev[0]["refs"]["ticket"], "tkt_1");
+    assert_eq!(rev[0]["refs"]["ticket"], mine.as_str());
     assert_eq!(rev[0]["note"], "output was blank");
     // A generation still running or failed has nothing to give back.
     let g = app

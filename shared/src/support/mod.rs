@@ -290,6 +290,29 @@ pub fn valid_id(id: &str) -> bool {
     id.len() == 30 && id.starts_with("tkt_") && id[4..].bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
+/// A ticket id a staff action names (`field`) for its audit trail: shaped like one (else
+/// 422), and a ticket of `workspace` (else 404, as for a ticket that does not exist).
+pub async fn ticket_of(
+    docs_store: &dyn DocStore,
+    field: &str,
+    ticket: &str,
+    workspace: &WorkspaceId,
+) -> Result<String, Problem> {
+    if !valid_id(ticket) {
+        return Err(Problem::validation(
+            field,
+            "must be a support ticket id (tkt_...)",
+        ));
+    }
+    let found: Option<Ticket> = docs::get(docs_store, &ticket_pk(ticket), TICKET_SK).await?;
+    if found.is_none_or(|f| &f.workspace != workspace) {
+        return Err(Problem::not_found(format!(
+            "ticket {ticket} does not belong to workspace {workspace}"
+        )));
+    }
+    Ok(ticket.to_owned())
+}
+
 /// The claim of a message's Idempotency-Key (`TICKET#<id>` / `MSGKEY#<fingerprint>`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct MessageKey {

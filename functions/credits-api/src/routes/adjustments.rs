@@ -101,20 +101,14 @@ pub async fn adjust(
         ));
     }
     let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
-    let ticket = req
-        .ticket
-        .as_deref()
-        .map(|t| {
-            if tally::support::valid_id(t) {
-                Ok(t.to_owned())
-            } else {
-                Err(Problem::validation(
-                    "ticket",
-                    "must be a support ticket id (tkt_...)",
-                ))
-            }
-        })
-        .transpose()?;
+    if let Some(t) = req.ticket.as_deref()
+        && !tally::support::valid_id(t)
+    {
+        return Err(Problem::validation(
+            "ticket",
+            "must be a support ticket id (tkt_...)",
+        ));
+    }
     let generation = req
         .generation
         .as_deref()
@@ -133,19 +127,12 @@ pub async fn adjust(
             "workspace {workspace} has no journal and no billing profile; check the id"
         )));
     }
-    if let Some(t) = &ticket {
-        let found: Option<tally::support::Ticket> = tally::store::docs::get(
-            app.docs.as_ref(),
-            &tally::support::ticket_pk(t),
-            tally::support::TICKET_SK,
-        )
-        .await?;
-        if found.is_none_or(|f| f.workspace != workspace) {
-            return Err(Problem::not_found(format!(
-                "ticket {t} does not belong to workspace {workspace}"
-            )));
+    let ticket = match req.ticket.as_deref() {
+        Some(t) => {
+            Some(tally::support::ticket_of(app.docs.as_ref(), "ticket", t, &workspace).await?)
         }
-    }
+        None => None,
+    };
     if let Some(g) = generation {
         let owned = app.ledger.store.generation(&workspace, g).await?.is_some();
         if !owned {

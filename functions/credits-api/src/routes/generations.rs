@@ -257,8 +257,9 @@ pub struct ReverseRequest {
     /// Why the charge is given back (the faulty output), kept on the journal entry.
     #[schema(schema_with = tally::http::text::text_schema)]
     pub reason: String,
-    /// The support ticket that asked for it.
-    #[schema(schema_with = tally::http::text::optional_text_schema)]
+    /// The support ticket that asked for it (`tkt_...`, a ticket of the generation's
+    /// workspace).
+    #[schema(pattern = "^tkt_[A-Za-z0-9]{26}$")]
     pub ticket: Option<String>,
 }
 
@@ -279,11 +280,14 @@ pub async fn reverse_generation(
     let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
     let id = parse_generation_id(&id)?;
     let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
-    let ticket = req
-        .ticket
-        .as_deref()
-        .map(|t| tally::http::text::one_line("ticket", t, MAX_REASON_CHARS).map(str::to_owned))
-        .transpose()?;
+    if let Some(t) = req.ticket.as_deref()
+        && !tally::support::valid_id(t)
+    {
+        return Err(Problem::validation(
+            "ticket",
+            "must be a support ticket id (tkt_...)",
+        ));
+    }
     // Staff act on any workspace: the generation says which.
     let workspace = if staff {
         let mut anyone = who.clone();
@@ -291,6 +295,13 @@ pub async fn reverse_generation(
         settle_target(&app, &anyone, id).await?
     } else {
         settle_target(&app, &who, id).await?
+    };
+    // The ticket, for the audit trail: one of the generation's workspace.
+    let ticket = match req.ticket.as_deref() {
+        Some(t) => {
+            Some(tally::support::ticket_of(app.docs.as_ref(), "ticket", t, &workspace).await?)
+        }
+        None => None,
     };
     let span = tracing::info_span!("reverse_generation", workspace = %workspace, generation = %id);
     let outcome = tally::service::reverse_generation(

@@ -29,7 +29,9 @@ pub struct RangeQuery {
 #[utoipa::path(get, path = "/v1/admin/reconciliation", tag = "admin", security(("bearer" = [])),
     params(RangeQuery),
     responses((status = 200, body = Report), (status = 403, body = ProblemDetails),
-        (status = 422, body = ProblemDetails), (status = 503, body = ProblemDetails)))]
+        (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails),
+        (status = 503, body = ProblemDetails)))]
 /// Finance: what Stripe collected in the range that granted no credits, and what granted
 /// credits without a collected charge (the read is recorded in the global audit log).
 pub async fn reconciliation(

@@ -160,7 +160,8 @@ pub async fn change(
 #[utoipa::path(post, path = "/v1/subscription/preview", tag = "billing", security(("bearer" = [])),
     request_body = PreviewBody,
     responses((status = 200, body = PreviewView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails)))]
+        (status = 404, body = ProblemDetails), (status = 409, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// What a change of plan, interval or add-on units would charge now (Stripe's invoice
 /// preview: the upgrade and the credit for unused time, tax), what the renewal would
 /// charge, and the credits granted now and per month. Nothing changes.
@@ -175,7 +176,10 @@ pub async fn preview(
         return Err(Problem::validation("plan", &format!("unknown plan {p:?}")));
     }
     if body.addon_units.is_some_and(|u| u > MAX_ADDON_UNITS) {
-        return Err(refused(ChangeError::TooManyUnits));
+        return Err(Problem::validation(
+            "addon_units",
+            &format!("must be between 0 and {MAX_ADDON_UNITS}"),
+        ));
     }
     let view = changes(&st)
         .preview(
