@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tally::clock::Clock;
 use tally::ids::WorkspaceId;
+use tally::money::Cents;
 use tally::queue::{ConsumeError, Consumer, Delivery};
 use tally::refund_requests::worker::RefundWorker;
 use tally::refund_requests::{NewRequest, RefundReason, RefundRequests, RequestStatus};
@@ -303,14 +304,27 @@ async fn staff_decide_other_reasons_and_partial_refunds_never_add_up_to_more_tha
     .await;
     assert_eq!(r2.body["amount"], price - price / 4, "{:#}", r2.body);
     let id2 = r2.body["id"].as_str().unwrap();
-    let denied = app
-        .post(
-            &format!("/v1/admin/refund-requests/{id2}/deny"),
-            &support(),
-            json!({"note": "outside policy"}),
-        )
-        .await;
+    let deny = |note: &'static str| {
+        let path = format!("/v1/admin/refund-requests/{id2}/deny");
+        let app = &app;
+        async move {
+            app.send(
+                axum::http::Method::POST,
+                &path,
+                Some(&support()),
+                Some(&json!({ "note": note }).to_string()),
+                &[("idempotency-key", "deny-1")],
+            )
+            .await
+        }
+    };
+    let denied = deny("outside policy").await;
     assert_eq!(denied.body["status"], "denied");
+    // The same key: the first answer again; with another body, a 409.
+    assert_eq!(deny("outside policy").await.body, denied.body);
+    deny("changed my mind")
+        .await
+        .assert_problem(409, "conflict");
     let r3 = ask(
         &app,
         ws,
@@ -494,6 +508,45 @@ async fn a_refund_key_reused_for_another_payment_is_a_conflict_even_after_a_fail
         1,
         "{:#}",
         list.body
+    );
+}
+
+#[tokio::test]
+async fn approving_an_approved_request_again_is_harmless_and_for_another_amount_a_409() {
+    let app = TestApp::new();
+    let ws = "org_rr_again";
+    let charge = buy_packs(&app, ws, 1).await;
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    // The approval's refund waits in a queue nobody consumes: the request stays approved.
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let filed = requests
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
+        .await
+        .unwrap();
+    let approved = requests
+        .approve(&filed.id, "s1", None, Some(Cents::new(100)), now)
+        .await
+        .unwrap();
+    assert_eq!(approved.status, RequestStatus::Approved);
+    for again in [None, Some(Cents::new(100))] {
+        let same = requests
+            .approve(&filed.id, "s2", None, again, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            (same.status, same.amount),
+            (RequestStatus::Approved, approved.amount)
+        );
+    }
+    let other = requests
+        .approve(&filed.id, "s2", None, Some(Cents::new(200)), now)
+        .await
+        .unwrap_err();
+    assert_eq!(other.status.as_u16(), 409, "{other:?}");
+    assert!(
+        format!("{other:?}").contains("already approved for 100 cents"),
+        "{other:?}"
     );
 }
 
@@ -805,9 +858,9 @@ async fn concurrent_requests_and_staff_decisions_never_claim_more_than_one_refun
     let filed = if a.status.as_u16() == 201 { &a } else { &b };
     let id = filed.body["id"].as_str().unwrap().to_owned();
     // Two staff approve different amounts at once: one decision stands, and the refund
-    // made is exactly the amount on the request. The later approval is answered with the
-    // standing decision while the refund is being made, or refused once it is done (as
-    // any approval of a finished request is), depending on when it lands.
+    // made is exactly the amount on the request. The later approval, for another amount,
+    // is refused: as already approved for the standing amount, or once the refund is
+    // done, as any approval of a finished request is.
     let path = format!("/v1/admin/refund-requests/{id}/approve");
     let staff = support();
     let (x, y) = tokio::join!(
@@ -825,7 +878,9 @@ async fn concurrent_requests_and_staff_decisions_never_claim_more_than_one_refun
         assert!(
             answer.body["detail"]
                 .as_str()
-                .is_some_and(|d| d.contains("succeeded") || d.contains("pending")),
+                .is_some_and(|d| d.contains("succeeded")
+                    || d.contains("pending")
+                    || d.contains("already approved")),
             "{:#}",
             answer.body
         );

@@ -559,6 +559,13 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
         )
         .mount(&server)
         .await;
+    let mut open = invoice.clone();
+    open["status"] = json!("open");
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_custom"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(open))
+        .mount(&server)
+        .await;
     let link = client(&server)
         .await
         .create_custom_invoice(&CustomInvoice {
@@ -584,7 +591,8 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
             "/v1/invoices",
             "/v1/invoiceitems",
             "/v1/invoices/in_custom/finalize",
-            "/v1/invoices/in_custom/send"
+            "/v1/invoices/in_custom/send",
+            "/v1/invoices/in_custom"
         ]
     );
     assert_eq!(
@@ -618,17 +626,20 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
             "tally-custom-org_e-po-1-invoice",
             "tally-custom-org_e-po-1-item",
             "tally-custom-org_e-po-1-finalize",
-            "tally-custom-org_e-po-1-send"
+            "tally-custom-org_e-po-1-send",
+            ""
         ]
     );
 }
 
 /// A custom payment whose `failing` step Stripe refuses (or, `down`, cannot answer),
-/// after the invoice was created: the requests made, with the last one's form.
-async fn custom_payment_refused_at(
-    failing: &str,
+/// after the invoice was created, while Stripe shows the invoice as `status`: whether it
+/// was refused, and the requests made, with the last one's form.
+async fn custom_payment_failing_at(
+    failing: Option<&str>,
     down: bool,
-) -> (Vec<(String, String)>, BTreeMap<String, String>) {
+    status: &str,
+) -> (bool, Vec<(String, String)>, BTreeMap<String, String>) {
     use tally::payments::CustomInvoice;
     let server = MockServer::start().await;
     let mut invoice = fixture("invoice");
@@ -645,8 +656,10 @@ async fn custom_payment_refused_at(
         "/v1/invoiceitems",
         "/v1/invoices/in_left/finalize",
         "/v1/invoices/in_left/send",
+        "/v1/invoices/in_left/void",
+        "/v1/invoices/in_left",
     ] {
-        let answer = if p == failing {
+        let answer = if Some(p) == failing {
             refusal.clone()
         } else {
             ResponseTemplate::new(200).set_body_json(invoice.clone())
@@ -657,25 +670,14 @@ async fn custom_payment_refused_at(
             .mount(&server)
             .await;
     }
-    // Stripe voids only an open invoice; a draft is deleted.
-    let finalized = failing.ends_with("/send");
-    Mock::given(method("POST"))
-        .and(path("/v1/invoices/in_left/void"))
-        .respond_with(if finalized {
-            ResponseTemplate::new(200).set_body_json(invoice.clone())
-        } else {
-            ResponseTemplate::new(400).set_body_json(json!({"error": {
-                "type": "invalid_request_error",
-                "message": "You can only pass in open invoices. This invoice isn't open."}}))
-        })
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
+    let mut shown = invoice.clone();
+    shown["status"] = json!(status);
+    Mock::given(method("GET"))
         .and(path("/v1/invoices/in_left"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(invoice.clone()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(shown))
         .mount(&server)
         .await;
-    let err = client(&server)
+    let made = client(&server)
         .await
         .create_custom_invoice(&CustomInvoice {
             workspace: WorkspaceId::parse("org_e").unwrap(),
@@ -686,11 +688,12 @@ async fn custom_payment_refused_at(
             days_until_due: 30,
             idempotency_key: "tally-custom-org_e-po-2".into(),
         })
-        .await
-        .unwrap_err();
-    assert_eq!(matches!(err, PaymentsError::Refused { .. }), !down, "{err}");
+        .await;
+    let refused = matches!(made, Err(PaymentsError::Refused { .. }));
+    assert_eq!(made.is_err(), refused || down, "{made:?}");
     let reqs = server.received_requests().await.unwrap();
     (
+        refused,
         reqs.iter()
             .map(|r| (r.method.to_string(), r.url.path().to_owned()))
             .collect(),
@@ -699,7 +702,7 @@ async fn custom_payment_refused_at(
 }
 
 #[tokio::test]
-async fn a_custom_payment_stripe_refuses_halfway_leaves_no_payable_invoice() {
+async fn a_custom_payment_that_fails_halfway_leaves_no_payable_invoice() {
     let calls = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
         pairs
             .iter()
@@ -712,28 +715,49 @@ async fn a_custom_payment_stripe_refuses_halfway_leaves_no_payable_invoice() {
         ("POST", "/v1/invoices/in_left/finalize"),
         ("POST", "/v1/invoices/in_left/send"),
     ];
-    // Finalized, then the sending refused: the open invoice is voided.
-    let (made, _) = custom_payment_refused_at("/v1/invoices/in_left/send", false).await;
-    let mut voided = sent.to_vec();
-    voided.push(("POST", "/v1/invoices/in_left/void"));
-    assert_eq!(made, calls(&voided));
+    let then = |more: &[(&'static str, &'static str)]| {
+        let mut c = sent.to_vec();
+        c.extend_from_slice(more);
+        calls(&c)
+    };
+    // Finalized, then the sending refused, or Stripe out of reach: the open invoice is
+    // voided.
+    for down in [false, true] {
+        let (refused, made, _) =
+            custom_payment_failing_at(Some("/v1/invoices/in_left/send"), down, "open").await;
+        assert_eq!(refused, !down);
+        assert_eq!(
+            made,
+            then(&[
+                ("GET", "/v1/invoices/in_left"),
+                ("POST", "/v1/invoices/in_left/void")
+            ])
+        );
+    }
     // The line refused: the draft (which Stripe would finalize an hour later) is kept
     // from finalizing.
-    let (made, hold) = custom_payment_refused_at("/v1/invoiceitems", false).await;
+    let (_, made, hold) = custom_payment_failing_at(Some("/v1/invoiceitems"), false, "draft").await;
     assert_eq!(
         made,
         calls(&[
             ("POST", "/v1/invoices"),
             ("POST", "/v1/invoiceitems"),
-            ("POST", "/v1/invoices/in_left/void"),
+            ("GET", "/v1/invoices/in_left"),
             ("POST", "/v1/invoices/in_left"),
         ])
     );
     assert_eq!(hold, expected(&[("auto_advance", "false")]));
-    // Stripe could not answer: a retry under the same key is answered as it was, so the
-    // invoice is left as it is.
-    let (made, _) = custom_payment_refused_at("/v1/invoices/in_left/send", true).await;
-    assert_eq!(made, calls(&sent));
+    // A retry under the same key that Stripe answers from its records, for an invoice
+    // voided since: refused, not sent to the customer.
+    let (refused, made, _) = custom_payment_failing_at(None, false, "void").await;
+    assert!(refused);
+    assert_eq!(
+        made,
+        then(&[
+            ("GET", "/v1/invoices/in_left"),
+            ("GET", "/v1/invoices/in_left")
+        ])
+    );
 }
 
 #[tokio::test]

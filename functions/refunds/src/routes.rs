@@ -348,13 +348,16 @@ fn note(n: Option<&str>) -> ApiResult<Option<String>> {
         (status = 404, body = ProblemDetails), (status = 409, description = "Already decided, or the payment is disputed", body = ProblemDetails),
         (status = 422, description = "More than is refundable", body = ProblemDetails), (status = 503, body = ProblemDetails)))]
 /// Support staff approve a request in review, or approve again one whose refund failed.
-/// The refund never exceeds what is left of the payment. Approving twice is harmless.
+/// The refund never exceeds what is left of the payment. Approving twice is harmless;
+/// approving an approved request for another amount is a 409.
 pub async fn approve(
     State(st): State<RefundsState>,
     Staff(who): Staff,
     ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<ApproveBody>,
 ) -> ApiResult<Json<RefundRequestView>> {
+    let key = idempotency_key(&headers, "refund-approve")?;
     let id = request_id(&id)?;
     let note = note(body.note.as_deref())?;
     let amount = match body.amount_cents {
@@ -367,11 +370,31 @@ pub async fn approve(
             ));
         }
     };
-    let r = st
-        .requests
-        .approve(id, &who.sub, note, amount, st.clock.now())
-        .await?;
-    Ok(Json(view(&st, r).await?))
+    let workspace = decided_workspace(&st, id).await?;
+    let now = st.clock.now();
+    let answer = idempotency::once(
+        st.requests.docs.as_ref(),
+        &workspace,
+        key.as_ref(),
+        &(id, &body),
+        now,
+        || async {
+            let r = st.requests.approve(id, &who.sub, note, amount, now).await?;
+            view(&st, r).await
+        },
+    )
+    .await?;
+    Ok(Json(answer))
+}
+
+/// The workspace of the refund request a staff decision names (404 when there is none):
+/// decisions are remembered under their `Idempotency-Key` there.
+async fn decided_workspace(st: &RefundsState, id: &str) -> ApiResult<WorkspaceId> {
+    st.requests
+        .find(id)
+        .await?
+        .map(|r| r.workspace)
+        .ok_or_else(|| Problem::not_found(format!("no refund request {id}")))
 }
 
 #[utoipa::path(post, path = "/v1/admin/refund-requests/{id}/deny", tag = "admin",
@@ -384,10 +407,25 @@ pub async fn deny(
     State(st): State<RefundsState>,
     Staff(who): Staff,
     ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<DenyBody>,
 ) -> ApiResult<Json<RefundRequestView>> {
+    let key = idempotency_key(&headers, "refund-deny")?;
     let id = request_id(&id)?;
     let note = note(body.note.as_deref())?;
-    let r = st.requests.deny(id, &who.sub, note, st.clock.now()).await?;
-    Ok(Json(view(&st, r).await?))
+    let workspace = decided_workspace(&st, id).await?;
+    let now = st.clock.now();
+    let answer = idempotency::once(
+        st.requests.docs.as_ref(),
+        &workspace,
+        key.as_ref(),
+        &(id, &body),
+        now,
+        || async {
+            let r = st.requests.deny(id, &who.sub, note, now).await?;
+            view(&st, r).await
+        },
+    )
+    .await?;
+    Ok(Json(answer))
 }

@@ -511,10 +511,13 @@ impl BillingEvents {
             // Paused, or resumed in a period Stripe moved on to while paused: how far the
             // paid invoices reach decides whether it gives its benefits (a period begun
             // while paused is never collected: its invoice was voided).
-            plan.paid_through = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
+            // A period a change opened (its own invoice not paid) is not paid by the
+            // change; without a paid period on record, nothing is covered.
+            let paid = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                 .await?
-                .filter(|d| d.subscription == merged.id)
+                .filter(|d| d.subscription == merged.id && d.opened_by.is_none())
                 .map(|d| d.period_end);
+            plan.paid_through = paid.or(resumed_into_paused_period.then_some(merged.period_start));
         }
         let key = format!("stripe:{}:plan", event.id);
         self.ledger

@@ -328,10 +328,62 @@ impl StripePayments {
                 &format!("{key}-send"),
             )
             .await?;
+        // Stripe answers a retry with what it answered first: an invoice voided since,
+        // after a failure, is not one to send the customer to.
+        let now: stripe_shared::Invoice = self.get(&format!("/invoices/{id}")).await?;
+        if now.status == Some(stripe_shared::InvoiceStatus::Void) {
+            return Err(PaymentsError::refused(format!(
+                "invoice {id} was voided after an earlier attempt failed; retry with a new Idempotency-Key"
+            )));
+        }
         Ok(InvoiceLink {
             id: id.clone(),
             hosted_invoice_url: sent.hosted_invoice_url.unwrap_or_default(),
         })
+    }
+
+    /// Leaves a custom payment's invoice unpayable after a failed request: voided when
+    /// open, kept from finalizing while a draft. A failure here is logged for a person.
+    async fn leave_unpayable(&self, id: &InvoiceId, key: &str) {
+        #[derive(miniserde::Deserialize)]
+        struct Left {
+            #[allow(dead_code)]
+            id: String,
+        }
+        #[derive(Serialize)]
+        struct AutoAdvance {
+            auto_advance: bool,
+        }
+        let left = match self
+            .get::<stripe_shared::Invoice>(&format!("/invoices/{id}"))
+            .await
+        {
+            Ok(i) => match i.status {
+                Some(stripe_shared::InvoiceStatus::Open) => self
+                    .post::<_, Left>(
+                        &format!("/invoices/{id}/void"),
+                        &NoForm {},
+                        &format!("{key}-void"),
+                    )
+                    .await
+                    .map(|_| ()),
+                Some(stripe_shared::InvoiceStatus::Draft) => self
+                    .post::<_, Left>(
+                        &format!("/invoices/{id}"),
+                        &AutoAdvance {
+                            auto_advance: false,
+                        },
+                        &format!("{key}-hold"),
+                    )
+                    .await
+                    .map(|_| ()),
+                _ => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(v) = left {
+            tracing::error!(invoice = %id, error = %v, "a custom payment invoice left by a failed request may still be payable: void it in the dashboard");
+        }
     }
 
     /// A POST that changes nothing (previews): no idempotency key needed.
@@ -854,49 +906,16 @@ impl Payments for StripePayments {
         )?;
         match self.issue_custom_invoice(req, &id).await {
             Ok(link) => Ok(link),
-            // Refused: the same request under the same key is refused again, so staff retry
-            // under a new key, and an invoice left behind could be paid from its page (or
-            // be finalized by Stripe an hour later) beside the new one. It is voided, or,
-            // still a draft, never finalized. (An outage is left to a retry under the same
-            // key, which Stripe answers as it did.)
-            Err(e @ PaymentsError::Refused { .. }) => {
-                #[derive(miniserde::Deserialize)]
-                struct Left {
-                    #[allow(dead_code)]
-                    id: String,
-                }
-                #[derive(Serialize)]
-                struct AutoAdvance {
-                    auto_advance: bool,
-                }
-                let voided: Result<Left, _> = self
-                    .post(
-                        &format!("/invoices/{id}/void"),
-                        &NoForm {},
-                        &format!("{key}-void"),
-                    )
-                    .await;
-                // Stripe voids only an open invoice: a draft (its line or its finalizing
-                // refused) is kept from finalizing instead.
-                let left = match voided {
-                    Ok(_) => Ok(()),
-                    Err(_) => self
-                        .post::<_, Left>(
-                            &format!("/invoices/{id}"),
-                            &AutoAdvance {
-                                auto_advance: false,
-                            },
-                            &format!("{key}-hold"),
-                        )
-                        .await
-                        .map(|_| ()),
-                };
-                if let Err(v) = left {
-                    tracing::error!(invoice = %id, error = %v, "a custom payment invoice left by a refused request could not be voided or held as a draft");
-                }
+            // Whatever failed, the invoice left behind must not be payable beside the one
+            // a retry under a new key makes (or be finalized by Stripe an hour later): an
+            // open one is voided, a draft is kept from finalizing (a retry under the same
+            // key may still finalize it explicitly). A retry under the same key that Stripe
+            // answers from its records with the voided invoice is refused (see
+            // `issue_custom_invoice`).
+            Err(e) => {
+                self.leave_unpayable(&id, key).await;
                 Err(e)
             }
-            Err(e) => Err(e),
         }
     }
 

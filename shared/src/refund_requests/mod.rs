@@ -1149,6 +1149,15 @@ impl RefundRequests {
             });
             match current.status {
                 RequestStatus::InReview | RequestStatus::Failed => {}
+                // Approving again is harmless; for another amount it is a mistake to
+                // say so about.
+                RequestStatus::Approved if amount.is_some_and(|a| a != current.cents) => {
+                    refusal = Some(Problem::conflict(format!(
+                        "refund request {id} is already approved for {} cents",
+                        current.cents.get()
+                    )));
+                    break;
+                }
                 RequestStatus::Approved => {
                     outcome = Some((current, false));
                     break;

@@ -128,12 +128,18 @@ impl SubscriptionRecord {
     }
 
     /// Like [`merge`](Self::merge) for facts read off an invoice, which say nothing about
-    /// cancellation or when the subscription was created: the known ones are kept, and an
-    /// invoice never makes another subscription replace the current one before it ended.
+    /// cancellation or when the subscription was created: the known ones are kept, an
+    /// invoice of an earlier period changes nothing, and an invoice never makes another
+    /// subscription replace the current one before it ended.
     pub fn merge_invoice_facts(current: Option<Self>, mut incoming: Self) -> Option<Self> {
         if let Some(c) = &current
             && c.id == incoming.id
         {
+            // An invoice of an earlier period (retried, or paid late) says nothing about
+            // the period the subscription is in now.
+            if incoming.period_start < c.period_start {
+                return None;
+            }
             incoming.cancel_at_period_end = c.cancel_at_period_end;
             incoming.ended_at = incoming.ended_at.or(c.ended_at);
             incoming.created = incoming.created.or(c.created);
@@ -250,6 +256,12 @@ mod tests {
         let next =
             SubscriptionRecord::merge(Some(a), in_period(PlanStatus::Active, 30, 200)).unwrap();
         assert_eq!(next.paused_period, None);
+        // An invoice of an earlier period (a retry of an old one) changes nothing.
+        let old = SubscriptionRecord::merge_invoice_facts(
+            Some(b.clone()),
+            in_period(PlanStatus::PastDue, 40, 0),
+        );
+        assert_eq!(old, None);
         // An invoice's facts about the same period keep it.
         let inv = SubscriptionRecord::merge_invoice_facts(
             Some(b),
