@@ -1202,6 +1202,55 @@ mod alerts {
         assert_eq!(paid_intents(sim), paid_before + 1);
     }
 
+    /// Money going back outside refund requests, applied by the billing events: a refund
+    /// made in Stripe's dashboard, and a dispute. Their crossings alert but never charge
+    /// the card the money went back to (least of all one whose holder disputes a charge).
+    #[tokio::test]
+    async fn a_dispute_or_a_dashboard_refund_taking_credits_back_buys_no_pack() {
+        for (ws, action) in [("org_disputed", "dispute"), ("org_dash_refund", "refund")] {
+            let app = TestApp::new();
+            with_saved_card(
+                &app,
+                ws,
+                json!({"below_credits": [50], "auto_topup": {"pack": "pack_100", "below_credits": 30}}),
+            )
+            .await;
+            let sim = app.local.simulator.as_ref().unwrap();
+            let paid = app.sim_events("charge.succeeded").last().unwrap().clone();
+            let charge = paid["id"].as_str().unwrap().to_owned();
+            let paid_before = paid_intents(sim);
+            let body = if action == "refund" {
+                json!({"amount": paid["amount"]})
+            } else {
+                json!({})
+            };
+            let made = app
+                .send(
+                    Method::POST,
+                    &format!("/sim/charges/{charge}/{action}"),
+                    None,
+                    Some(&body.to_string()),
+                    &[],
+                )
+                .await;
+            assert_eq!(made.status.as_u16(), 200, "{action}: {:#}", made.body);
+            app.settle_billing().await;
+            let sent = notifications(&app).await;
+            assert_eq!(app.available(ws).await, 0, "{action}: taken back or frozen");
+            assert!(
+                sent.iter().any(|n| n["type"] == "credits.below_threshold"),
+                "{action}: {sent:#?}"
+            );
+            assert!(
+                !sent
+                    .iter()
+                    .any(|n| n["type"].as_str().is_some_and(|t| t.starts_with("topup."))),
+                "{action}: {sent:#?}"
+            );
+            assert_eq!(paid_intents(sim), paid_before, "{action}: no card charged");
+        }
+    }
+
     fn paid_intents(sim: &tally_local::simulator::Simulator) -> usize {
         sim.events()
             .iter()

@@ -26,6 +26,7 @@ async fn main() -> Result<(), Error> {
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     ledger.observer =
         Some(tally::alerts::from_config(store.clone(), catalog.clone(), &cfg.alerts).await);
+    let money_back = tally::alerts::alerts_only(store.clone(), catalog.clone(), &cfg.alerts).await;
     let payments: Option<Arc<dyn Payments>> = match &cfg.stripe_secret_key {
         Some(key) => Some(Arc::new(tally::payments::stripe_api::StripePayments::new(
             key.expose(),
@@ -38,7 +39,7 @@ async fn main() -> Result<(), Error> {
         cfg.alerts.notifications_queue_url.as_str(),
     );
     let consumer = BillingWork {
-        events: BillingEvents::new(ledger, store.clone()),
+        events: BillingEvents::new(ledger, store.clone()).with_money_back_observer(money_back),
         topups: TopUps {
             docs: store,
             payments,

@@ -50,6 +50,11 @@ struct Paid<'a> {
 pub struct BillingEvents {
     pub ledger: Ledger,
     pub docs: Arc<dyn DocStore>,
+    /// The ledger money going back runs on (refunds, disputes, credit notes): the same,
+    /// with an observer that only alerts where one is set
+    /// ([`with_money_back_observer`](Self::with_money_back_observer)). A crossing there
+    /// must not charge the card the money went back to, least of all one in a dispute.
+    money_back: Ledger,
 }
 
 impl From<StoreError> for ConsumeError {
@@ -149,7 +154,21 @@ impl Consumer for BillingEvents {
 
 impl BillingEvents {
     pub fn new(ledger: Ledger, docs: Arc<dyn DocStore>) -> Self {
-        Self { ledger, docs }
+        Self {
+            money_back: ledger.clone(),
+            ledger,
+            docs,
+        }
+    }
+
+    /// Money going back (refunds, disputes, credit notes) is observed by `observer`
+    /// (alerts only: no top-up is bought for credits taken back).
+    pub fn with_money_back_observer(
+        mut self,
+        observer: Arc<dyn crate::service::CommitObserver>,
+    ) -> Self {
+        self.money_back.observer = Some(observer);
+        self
     }
 
     fn catalog(&self) -> &Catalog {

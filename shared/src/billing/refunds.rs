@@ -622,7 +622,7 @@ impl BillingEvents {
         &self,
         req: LedgerRequest,
     ) -> Result<Option<crate::ledger::Outcome>, ConsumeError> {
-        match self.ledger.execute(req).await {
+        match self.money_back.execute(req).await {
             Ok(o) => Ok(Some(o)),
             // The same key with a different share: the facts moved between two attempts.
             // What was first applied stands.
