@@ -94,6 +94,18 @@ async fn a_ticket_captures_who_where_and_when_and_what_the_records_say() {
     assert_eq!(t["captured"]["request_id"], "req-42");
     assert_eq!(t["captured"]["user_agent"], "Mozilla/5.0 Firefox/133");
     assert_eq!(t["captured"]["at"], json!(app.clock.now()));
+    // Filed on Sunday 1 November: the first answer is due by the end of Monday (24
+    // weekday hours), and the staff list says so too.
+    assert_eq!(app.clock.now().format("%a").to_string(), "Sun");
+    assert_eq!(t["respond_by"], "2026-11-03T00:00:00Z");
+    let listed = app
+        .get(
+            &format!("/v1/admin/workspaces/{ws}/support/tickets"),
+            &tally_tests::support(),
+        )
+        .await;
+    assert_eq!(listed.status.as_u16(), 200, "{:#}", listed.body);
+    assert_eq!(listed.body["items"][0]["respond_by"], t["respond_by"]);
     assert_eq!(t["client"]["ad_blocker"], true);
     assert_eq!(t["route"], "/app/billing");
     assert_eq!(

@@ -301,6 +301,7 @@ pub async fn create(
                 messages: 1,
                 created_at: now,
                 updated_at: now,
+                respond_by: Some(tally::support::respond_by(now)),
                 changes: 1,
                 forwarded: false,
                 last_event: "ticket.created".into(),

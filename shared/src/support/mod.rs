@@ -162,6 +162,10 @@ pub struct Ticket {
     pub messages: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When a first answer is due (see [`respond_by`]); absent on tickets filed before
+    /// it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub respond_by: Option<DateTime<Utc>>,
     /// Changes so far (filing, messages, status changes): each is forwarded as its own.
     #[serde(default)]
     pub changes: u32,
@@ -246,6 +250,39 @@ pub struct TicketSummary {
     pub user: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub respond_by: Option<DateTime<Utc>>,
+}
+
+/// Business hours within which a ticket gets its first answer (the help centre: "under 24
+/// business hours").
+pub const RESPONSE_BUSINESS_HOURS: i64 = 24;
+
+/// When a ticket filed at `filed` is due a first answer: [`RESPONSE_BUSINESS_HOURS`]
+/// counted on weekdays only (UTC; Saturdays and Sundays do not count). Filed on a Friday
+/// at 15:00, it is due on Monday at 15:00; filed on a Saturday, on Tuesday at 00:00.
+pub fn respond_by(filed: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::{Datelike, Duration, Weekday};
+    let weekend = |t: DateTime<Utc>| matches!(t.weekday(), Weekday::Sat | Weekday::Sun);
+    let next_midnight = |t: DateTime<Utc>| {
+        (t.date_naive() + Duration::days(1))
+            .and_hms_opt(0, 0, 0)
+            .map_or(t + Duration::days(1), |m| m.and_utc())
+    };
+    let mut left = Duration::hours(RESPONSE_BUSINESS_HOURS);
+    let mut t = filed;
+    loop {
+        if weekend(t) {
+            t = next_midnight(t);
+            continue;
+        }
+        let day_end = next_midnight(t);
+        if t + left <= day_end {
+            return t + left;
+        }
+        left -= day_end - t;
+        t = day_end;
+    }
 }
 
 impl Ticket {
@@ -261,6 +298,7 @@ impl Ticket {
             user: self.captured.user.clone(),
             created_at: self.created_at,
             updated_at: self.updated_at,
+            respond_by: self.respond_by,
         }
     }
 }
@@ -718,6 +756,35 @@ impl Tickets {
             if !full {
                 return Ok((out, None));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::respond_by;
+    use chrono::{DateTime, Utc};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    #[test]
+    fn a_first_answer_is_due_24_weekday_hours_after_filing() {
+        for (filed, due) in [
+            // Wednesday: Thursday, same time.
+            ("2026-12-02T09:30:00Z", "2026-12-03T09:30:00Z"),
+            // Friday afternoon: the weekend does not count.
+            ("2026-12-04T15:00:00Z", "2026-12-07T15:00:00Z"),
+            // Saturday and Sunday: from Monday's start.
+            ("2026-12-05T10:00:00Z", "2026-12-08T00:00:00Z"),
+            ("2026-12-06T23:59:00Z", "2026-12-08T00:00:00Z"),
+            // The whole of Friday.
+            ("2026-12-04T00:00:00Z", "2026-12-05T00:00:00Z"),
+            // Across a month and a leap day.
+            ("2028-02-28T12:00:00Z", "2028-02-29T12:00:00Z"),
+        ] {
+            assert_eq!(respond_by(at(filed)), at(due), "{filed}");
         }
     }
 }
