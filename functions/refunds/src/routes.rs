@@ -343,7 +343,9 @@ fn note(n: Option<&str>) -> ApiResult<Option<String>> {
 }
 
 #[utoipa::path(post, path = "/v1/admin/refund-requests/{id}/approve", tag = "admin",
-    security(("bearer" = [])), params(RequestPath), request_body = ApproveBody,
+    security(("bearer" = [])), params(RequestPath,
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first answer; another body is a 409")),
+    request_body = ApproveBody,
     responses((status = 200, body = RefundRequestView), (status = 403, body = ProblemDetails),
         (status = 404, body = ProblemDetails), (status = 409, description = "Already decided, or the payment is disputed", body = ProblemDetails),
         (status = 422, description = "More than is refundable", body = ProblemDetails), (status = 503, body = ProblemDetails)))]
@@ -398,7 +400,9 @@ async fn decided_workspace(st: &RefundsState, id: &str) -> ApiResult<WorkspaceId
 }
 
 #[utoipa::path(post, path = "/v1/admin/refund-requests/{id}/deny", tag = "admin",
-    security(("bearer" = [])), params(RequestPath), request_body = DenyBody,
+    security(("bearer" = [])), params(RequestPath,
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first answer; another body is a 409")),
+    request_body = DenyBody,
     responses((status = 200, body = RefundRequestView), (status = 403, body = ProblemDetails),
         (status = 404, body = ProblemDetails), (status = 409, description = "Already approved", body = ProblemDetails),
         (status = 422, body = ProblemDetails)))]
