@@ -157,7 +157,7 @@ struct Outcome {
 async fn run(order: &[Value]) -> Outcome {
     let store = Arc::new(EmbeddedStore::in_memory());
     let (ledger, _) = ledger_over(store.clone());
-    let worker = BillingEvents::new(ledger.clone(), store.clone());
+    let worker = BillingEvents::new(ledger.clone(), store.clone(), None);
     // A delivery whose workspace is not known yet is redelivered, as SQS would.
     let mut pending: Vec<Value> = order.to_vec();
     for _round in 0..5 {
@@ -330,7 +330,7 @@ async fn only_a_card_a_payment_was_made_with_is_kept_for_auto_top_up() {
     ] {
         let store = Arc::new(EmbeddedStore::in_memory());
         let (ledger, _) = ledger_over(store.clone());
-        let worker = BillingEvents::new(ledger, store.clone());
+        let worker = BillingEvents::new(ledger, store.clone(), None);
         let mut c = charge("evt_charge_ok", "charge.succeeded", at(0), 0);
         c["data"]["object"]["payment_method"] = json!(pm);
         c["data"]["object"]["payment_method_details"] = json!({"type": kind, kind: {}});
@@ -472,7 +472,7 @@ async fn a_cancelled_subscription_leaves_the_plan_cancelled() {
 async fn events_that_name_no_known_workspace_or_unknown_things_are_refused_loudly() {
     let store = Arc::new(EmbeddedStore::in_memory());
     let (ledger, _) = ledger_over(store.clone());
-    let worker = BillingEvents::new(ledger, store);
+    let worker = BillingEvents::new(ledger, store, None);
     let deliver = |body: String| Delivery {
         message_id: "m".into(),
         body,
@@ -560,7 +560,7 @@ mod sqs_batches {
     async fn a_pack_checkout_batch_credits_the_workspace_once_even_when_redelivered() {
         let store = Arc::new(EmbeddedStore::in_memory());
         let (ledger, _) = ledger_over(store.clone());
-        let worker = BillingEvents::new(ledger.clone(), store);
+        let worker = BillingEvents::new(ledger.clone(), store, None);
         for _ in 0..2 {
             let r = process_batch(&worker, batch("pack-checkout.json")).await;
             assert!(r.batch_item_failures.is_empty());
@@ -573,7 +573,7 @@ mod sqs_batches {
     async fn a_poison_message_fails_alone_and_holds_back_only_its_customers_later_events() {
         let store = Arc::new(EmbeddedStore::in_memory());
         let (ledger, _) = ledger_over(store.clone());
-        let worker = BillingEvents::new(ledger.clone(), store);
+        let worker = BillingEvents::new(ledger.clone(), store, None);
         let r = process_batch(&worker, batch("poison-then-valid.json")).await;
         let failed: Vec<&str> = r
             .batch_item_failures

@@ -772,12 +772,36 @@ async fn a_downgrade_billed_at_once_elsewhere_takes_back_the_credits_of_the_time
     let catalog = app.ledger.catalog.clone();
     let credits = |p: &str| catalog.plan(p).unwrap().monthly_credits.get();
     assert_eq!(app.available(ws).await, credits("generative"));
+    // An auto top-up the take-back will cross: money that went back buys nothing.
+    let set = app
+        .send(
+            axum::http::Method::PUT,
+            "/v1/alerts",
+            Some(&owner(ws)),
+            Some(
+                &serde_json::json!({"below_credits": [],
+                    "auto_topup": {"pack": "pack_100", "below_credits": credits("plus") + 1}})
+                .to_string(),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
     portal_change(&app, ws, "plus", Interval::Monthly).await;
     // The whole month was credited (the change came at its start): plus's month is left.
     assert_eq!(app.available(ws).await, credits("plus"));
     assert_eq!(
         credited_back(&app, ws).await,
         vec![-((credits("generative") - credits("plus")) as i64)]
+    );
+    app.local.topups_queue.until_idle().await;
+    app.local.notifications_queue.until_idle().await;
+    let sent = app.local.notifications.all();
+    assert!(
+        !sent
+            .iter()
+            .any(|n| n["type"].as_str().is_some_and(|t| t.starts_with("topup."))),
+        "{sent:#?}"
     );
 }
 

@@ -366,6 +366,23 @@ async fn a_faulty_generation_is_reversed_once_by_staff_or_the_generation_service
     assert_eq!(rev[0]["refs"]["generation"], id.as_str());
     assert_eq!(rev[0]["refs"]["ticket"], mine.as_str());
     assert_eq!(rev[0]["note"], "output was blank");
+    // The generation service's own reference is not a ticket: the reversal is made, the
+    // reference left out of the audit trail.
+    let other = spend(&app, "org_rv", 20).await;
+    let by_service = app
+        .post(
+            &format!("/v1/generations/{other}/reverse"),
+            &service(),
+            json!({"reason": "render crashed", "ticket": "job-7781"}),
+        )
+        .await;
+    assert_eq!(by_service.status.as_u16(), 200, "{:#}", by_service.body);
+    let rev = entries(&app, "org_rv", "reversal").await;
+    let latest = rev
+        .iter()
+        .find(|e| e["refs"]["generation"] == other.as_str())
+        .unwrap();
+    assert!(latest["refs"]["ticket"].is_null(), "{latest:#}");
     // A generation still running or failed has nothing to give back.
     let g = app
         .post(

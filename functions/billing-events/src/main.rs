@@ -39,7 +39,7 @@ async fn main() -> Result<(), Error> {
         cfg.alerts.notifications_queue_url.as_str(),
     );
     let consumer = BillingWork {
-        events: BillingEvents::new(ledger, store.clone()).with_money_back_observer(money_back),
+        events: BillingEvents::new(ledger, store.clone(), Some(money_back)),
         topups: TopUps {
             docs: store,
             payments,

@@ -252,10 +252,11 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     alerting.observer = Some(alerts(false));
     cfg.ledger.observer = Some(alerts(true));
     // Started once the ledger has its observer; deliveries wait in the queue until then.
-    billing_queue.start(Arc::new(
-        BillingEvents::new(cfg.ledger.clone(), cfg.docs.clone())
-            .with_money_back_observer(alerts(false)),
-    ));
+    billing_queue.start(Arc::new(BillingEvents::new(
+        cfg.ledger.clone(),
+        cfg.docs.clone(),
+        Some(alerts(false)),
+    )));
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),
         docs: cfg.docs.clone(),

@@ -374,19 +374,35 @@ pub async fn approve(
     };
     let workspace = decided_workspace(&st, id).await?;
     let now = st.clock.now();
-    let answer = idempotency::once(
+    // The key makes the decision once; the answer is the request as it is now (a replay
+    // after its refund failed shows that, rather than the approval as it was).
+    idempotency::once(
         st.requests.docs.as_ref(),
         &workspace,
         key.as_ref(),
         &(id, &body),
         now,
         || async {
-            let r = st.requests.approve(id, &who.sub, note, amount, now).await?;
-            view(&st, r).await
+            // What is remembered: the request decided (never an empty answer).
+            Ok(st
+                .requests
+                .approve(id, &who.sub, note, amount, now)
+                .await?
+                .id)
         },
     )
     .await?;
-    Ok(Json(answer))
+    Ok(Json(current_view(&st, id).await?))
+}
+
+/// A refund request as it is now.
+async fn current_view(st: &RefundsState, id: &str) -> ApiResult<RefundRequestView> {
+    let r = st
+        .requests
+        .find(id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no refund request {id}")))?;
+    view(st, r).await
 }
 
 /// The workspace of the refund request a staff decision names (404 when there is none):
@@ -419,17 +435,14 @@ pub async fn deny(
     let note = note(body.note.as_deref())?;
     let workspace = decided_workspace(&st, id).await?;
     let now = st.clock.now();
-    let answer = idempotency::once(
+    idempotency::once(
         st.requests.docs.as_ref(),
         &workspace,
         key.as_ref(),
         &(id, &body),
         now,
-        || async {
-            let r = st.requests.deny(id, &who.sub, note, now).await?;
-            view(&st, r).await
-        },
+        || async { Ok(st.requests.deny(id, &who.sub, note, now).await?.id) },
     )
     .await?;
-    Ok(Json(answer))
+    Ok(Json(current_view(&st, id).await?))
 }

@@ -50,10 +50,10 @@ struct Paid<'a> {
 pub struct BillingEvents {
     pub ledger: Ledger,
     pub docs: Arc<dyn DocStore>,
-    /// The ledger money going back runs on (refunds, disputes, credit notes): the same,
-    /// with an observer that only alerts where one is set
-    /// ([`with_money_back_observer`](Self::with_money_back_observer)). A crossing there
-    /// must not charge the card the money went back to, least of all one in a dispute.
+    /// The ledger money going back runs on (refunds, disputes, credit notes, unused time
+    /// credited by a change): the same, observed by the observer given to
+    /// [`new`](Self::new), one that only alerts. A crossing there must not charge the card
+    /// the money went back to, least of all one in a dispute.
     money_back: Ledger,
 }
 
@@ -153,22 +153,20 @@ impl Consumer for BillingEvents {
 }
 
 impl BillingEvents {
-    pub fn new(ledger: Ledger, docs: Arc<dyn DocStore>) -> Self {
+    /// `money_back` observes the operations for money going back (see
+    /// [`alerts::alerts_only`](crate::alerts::alerts_only); `None`: nobody does).
+    pub fn new(
+        ledger: Ledger,
+        docs: Arc<dyn DocStore>,
+        money_back: Option<Arc<dyn crate::service::CommitObserver>>,
+    ) -> Self {
+        let mut back = ledger.clone();
+        back.observer = money_back;
         Self {
-            money_back: ledger.clone(),
+            money_back: back,
             ledger,
             docs,
         }
-    }
-
-    /// Money going back (refunds, disputes, credit notes) is observed by `observer`
-    /// (alerts only: no top-up is bought for credits taken back).
-    pub fn with_money_back_observer(
-        mut self,
-        observer: Arc<dyn crate::service::CommitObserver>,
-    ) -> Self {
-        self.money_back.observer = Some(observer);
-        self
     }
 
     fn catalog(&self) -> &Catalog {
@@ -543,7 +541,8 @@ impl BillingEvents {
                     ),
                 },
             };
-            self.ledger.execute(req).await?;
+            // Money that went back (to the customer's Stripe balance): no top-up for it.
+            self.money_back.execute(req).await?;
         }
         self.subscription_from_invoice(
             event,

@@ -75,7 +75,8 @@ fn stale(seen: &Answer, now: DateTime<Utc>) -> bool {
 
 /// Runs `work` once per `key` (when the client sent one) and remembers its answer.
 /// `request` is everything that identifies the request: the route's body and, where it
-/// matters, the caller.
+/// matters, the caller. The answer must not be JSON `null` (a unit answer would read as a
+/// claim still in progress): remember something, such as the id of what was decided.
 pub async fn once<T, F, Fut>(
     store: &dyn DocStore,
     workspace: &WorkspaceId,

@@ -296,6 +296,14 @@ impl StripePayments {
         id: &InvoiceId,
     ) -> Result<InvoiceLink, PaymentsError> {
         let key = &req.idempotency_key;
+        // Stripe answers a retry under the same key with what it answered first: an
+        // invoice voided since, after a failure, is not one to send the customer to.
+        let now: stripe_shared::Invoice = self.get(&format!("/invoices/{id}")).await?;
+        if now.status == Some(stripe_shared::InvoiceStatus::Void) {
+            return Err(PaymentsError::refused(format!(
+                "invoice {id} was voided after an earlier attempt failed; retry with a new Idempotency-Key"
+            )));
+        }
         #[derive(miniserde::Deserialize)]
         struct Created {
             #[allow(dead_code)]
@@ -328,14 +336,6 @@ impl StripePayments {
                 &format!("{key}-send"),
             )
             .await?;
-        // Stripe answers a retry with what it answered first: an invoice voided since,
-        // after a failure, is not one to send the customer to.
-        let now: stripe_shared::Invoice = self.get(&format!("/invoices/{id}")).await?;
-        if now.status == Some(stripe_shared::InvoiceStatus::Void) {
-            return Err(PaymentsError::refused(format!(
-                "invoice {id} was voided after an earlier attempt failed; retry with a new Idempotency-Key"
-            )));
-        }
         Ok(InvoiceLink {
             id: id.clone(),
             hosted_invoice_url: sent.hosted_invoice_url.unwrap_or_default(),

@@ -324,17 +324,22 @@ impl Refresher {
             .and_then(|l| l.strip_prefix("lot_"))
             .and_then(|s| s.parse().ok())
         {
-            crate::billing::BillingEvents::new(self.ledger.clone(), self.docs.clone())
-                .link_invoice_lot(
-                    &doc.invoice,
-                    &doc.workspace,
-                    &g.key,
-                    seq,
-                    // What the lot got: the month may have owed some back.
-                    outcome.granted.unwrap_or(g.credits),
-                )
-                .await
-                .map_err(|e| RefreshError::Payment(e.to_string()))?;
+            crate::billing::BillingEvents::new(
+                self.ledger.clone(),
+                self.docs.clone(),
+                // This function's observer only alerts.
+                self.ledger.observer.clone(),
+            )
+            .link_invoice_lot(
+                &doc.invoice,
+                &doc.workspace,
+                &g.key,
+                seq,
+                // What the lot got: the month may have owed some back.
+                outcome.granted.unwrap_or(g.credits),
+            )
+            .await
+            .map_err(|e| RefreshError::Payment(e.to_string()))?;
         }
         report.granted.push(g.key);
         Ok(())

@@ -258,8 +258,7 @@ pub struct ReverseRequest {
     #[schema(schema_with = tally::http::text::text_schema)]
     pub reason: String,
     /// The support ticket that asked for it (`tkt_...`, a ticket of the generation's
-    /// workspace).
-    #[schema(pattern = "^tkt_[A-Za-z0-9]{26}$")]
+    /// workspace; from the generation service, anything else is left out).
     pub ticket: Option<String>,
 }
 
@@ -280,7 +279,8 @@ pub async fn reverse_generation(
     let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
     let id = parse_generation_id(&id)?;
     let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
-    if let Some(t) = req.ticket.as_deref()
+    if staff
+        && let Some(t) = req.ticket.as_deref()
         && !tally::support::valid_id(t)
     {
         return Err(Problem::validation(
@@ -296,10 +296,21 @@ pub async fn reverse_generation(
     } else {
         settle_target(&app, &who, id).await?
     };
-    // The ticket, for the audit trail: one of the generation's workspace.
+    // The ticket, for the audit trail: one of the generation's workspace. Staff naming
+    // another are told; the generation service's own reference, if it is not such a
+    // ticket, is left out (a reversal of a faulty output never fails for it).
     let ticket = match req.ticket.as_deref() {
-        Some(t) => {
+        Some(t) if staff => {
             Some(tally::support::ticket_of(app.docs.as_ref(), "ticket", t, &workspace).await?)
+        }
+        Some(t) => {
+            match tally::support::ticket_of(app.docs.as_ref(), "ticket", t, &workspace).await {
+                Ok(t) => Some(t),
+                Err(_) => {
+                    tracing::warn!(generation = %id, "a reversal named no ticket of its workspace; not recorded");
+                    None
+                }
+            }
         }
         None => None,
     };
