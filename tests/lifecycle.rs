@@ -477,6 +477,20 @@ async fn a_plan_resumed_in_a_period_begun_while_paused_gives_nothing_until_paid(
     };
     let (_, discount, slots) = benefits().await;
     assert!(discount > 0 && slots > 0);
+    // Paused and resumed within the paid period: nothing changes.
+    for step in ["pause", "resume"] {
+        let r = app
+            .post(
+                &format!("/v1/subscription/{step}"),
+                &o,
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 200, "{step}: {:#}", r.body);
+        app.settle_billing().await;
+    }
+    advance_days(&app, 3).await;
+    assert_eq!(benefits().await, ("active".to_owned(), discount, slots));
     let paused = app
         .post("/v1/subscription/pause", &o, serde_json::json!({}))
         .await;

@@ -115,7 +115,7 @@ async fn set_subscription(
         as_of_event: StripeEventId::parse("evt_test").unwrap(),
         ended_at: None,
         created: None,
-        paused_period: None,
+        voided_period: None,
     };
     let pk = workspace_pk(&workspace(ws));
     docs::update(

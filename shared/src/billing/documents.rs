@@ -386,7 +386,7 @@ impl BillingEvents {
             as_of_event: event.id.clone(),
             ended_at: None,
             created: None,
-            paused_period: None,
+            voided_period: None,
         };
         self.merge_subscription(
             event,
@@ -461,7 +461,7 @@ impl BillingEvents {
                 .filter(|_| status == PlanStatus::Canceled)
                 .map(ts),
             created: s.created.map(ts),
-            paused_period: None,
+            voided_period: None,
         };
         if let Some(c) = s.customer.id() {
             self.link_customer(c, &workspace).await?;
@@ -488,6 +488,47 @@ impl BillingEvents {
             .await
     }
 
+    /// A renewal invoice Stripe voided (collection paused, or voided by staff): its period
+    /// was never paid, so the subscription document marks it and an active plan in it
+    /// gives no benefits until a paid period covers it (see `merge_subscription`).
+    pub(super) async fn voided_renewal(
+        &self,
+        event: &objects::Event,
+        workspace: &WorkspaceId,
+        i: &objects::Invoice,
+    ) -> Result<(), ConsumeError> {
+        if i.billing_reason.as_deref() != Some("subscription_cycle") {
+            return Ok(());
+        }
+        let Some(sub) = i
+            .subscription_details()
+            .and_then(|d| d.subscription.id().cloned())
+        else {
+            return Ok(());
+        };
+        let Some((start, _)) = i.service_period() else {
+            return Ok(());
+        };
+        let start = ts(start);
+        let Some(current) = docs::get::<SubscriptionRecord>(
+            self.docs.as_ref(),
+            &workspace_pk(workspace),
+            SUBSCRIPTION_SK,
+        )
+        .await?
+        else {
+            return Ok(());
+        };
+        let Some(marked) = current.with_voided_period(&sub, start) else {
+            return Ok(());
+        };
+        self.merge_subscription(event, workspace, marked, |cur, marked| {
+            let p = marked.voided_period?;
+            cur?.with_voided_period(&marked.id, p)
+        })
+        .await
+    }
+
     /// Merges facts into the subscription document, then makes the ledger's plan match it.
     async fn merge_subscription(
         &self,
@@ -505,19 +546,19 @@ impl BillingEvents {
         .await?
         .expect("a merge always leaves a document");
         let mut plan = merged.plan_state();
-        let resumed_into_paused_period =
-            plan.status == PlanStatus::Active && merged.paused_period == Some(merged.period_start);
-        if plan.status == PlanStatus::Paused || resumed_into_paused_period {
-            // Paused, or resumed in a period Stripe moved on to while paused: how far the
-            // paid invoices reach decides whether it gives its benefits (a period begun
-            // while paused is never collected: its invoice was voided).
+        let in_voided_period =
+            plan.status == PlanStatus::Active && merged.voided_period == Some(merged.period_start);
+        if plan.status == PlanStatus::Paused || in_voided_period {
+            // Paused, or active in a period whose renewal invoice Stripe voided (resumed
+            // after a pause): how far the paid invoices reach decides whether it gives its
+            // benefits.
             // A period a change opened (its own invoice not paid) is not paid by the
             // change; without a paid period on record, nothing is covered.
             let paid = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                 .await?
                 .filter(|d| d.subscription == merged.id && d.opened_by.is_none())
                 .map(|d| d.period_end);
-            plan.paid_through = paid.or(resumed_into_paused_period.then_some(merged.period_start));
+            plan.paid_through = paid.or(in_voided_period.then_some(merged.period_start));
         }
         let key = format!("stripe:{}:plan", event.id);
         self.ledger

@@ -199,10 +199,15 @@ impl BillingEvents {
                 )
                 .await
             }
+            "invoice.voided" => {
+                let invoice: objects::Invoice = parse(event)?;
+                let workspace = self.invoice_workspace(&invoice).await?;
+                self.record_invoice(event, &workspace, &invoice).await?;
+                self.voided_renewal(event, &workspace, &invoice).await
+            }
             "invoice.created"
             | "invoice.finalized"
             | "invoice.updated"
-            | "invoice.voided"
             | "invoice.marked_uncollectible"
             | "invoice.payment_succeeded" => {
                 let invoice: objects::Invoice = parse(event)?;

@@ -32,11 +32,11 @@ pub struct SubscriptionRecord {
     /// When the subscription was created (Stripe's `created`; unknown from an invoice).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<DateTime<Utc>>,
-    /// The start of a period Stripe reported while collection was paused (its invoice
-    /// voided unless it was drafted before the pause): kept while the subscription stays in
-    /// that period, so a resumption does not make an unpaid period give benefits.
+    /// The start of a period whose renewal invoice Stripe voided (collection paused, or
+    /// voided by staff): never paid, so an active plan in it gives no benefits. Kept until
+    /// the subscription moves past that period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub paused_period: Option<DateTime<Utc>>,
+    pub voided_period: Option<DateTime<Utc>>,
 }
 
 impl SubscriptionRecord {
@@ -72,39 +72,30 @@ impl SubscriptionRecord {
         {
             return Some(incoming);
         }
-        let merged = Self::merge_facts(current.clone(), incoming.clone());
-        Self::mark_paused_period(current.as_ref(), &incoming, merged)
+        let merged = Self::merge_facts(current.clone(), incoming);
+        Self::keep_voided_period(current.as_ref(), merged)
     }
 
-    /// Marks the period that was paused on the merged document: a fact about the same
-    /// subscription and period saying it was paused marks it, newer or older than the
-    /// document, and the mark stays until the period changes.
-    fn mark_paused_period(
-        current: Option<&Self>,
-        incoming: &Self,
-        merged: Option<Self>,
-    ) -> Option<Self> {
-        let paused = (incoming.status == PlanStatus::Paused).then_some(incoming.period_start);
-        match merged {
-            Some(mut m) => {
-                let told = paused.filter(|p| m.id == incoming.id && *p == m.period_start);
-                let kept = current
-                    .filter(|c| c.id == m.id)
-                    .and_then(|c| c.paused_period)
-                    .filter(|p| *p == m.period_start);
-                m.paused_period = told.or(kept);
-                Some(m)
-            }
-            // An older fact still tells that the current period was paused.
-            None => current
-                .filter(|c| c.id == incoming.id && c.period_start == incoming.period_start)
-                .filter(|c| c.status != PlanStatus::Canceled)
-                .filter(|c| paused.is_some() && c.paused_period != paused)
-                .map(|c| Self {
-                    paused_period: paused,
-                    ..c.clone()
-                }),
-        }
+    /// Carries the voided period over to the merged document while the subscription has
+    /// not moved past it.
+    fn keep_voided_period(current: Option<&Self>, merged: Option<Self>) -> Option<Self> {
+        let mut m = merged?;
+        m.voided_period = current
+            .filter(|c| c.id == m.id)
+            .and_then(|c| c.voided_period)
+            .filter(|p| m.period_start <= *p);
+        Some(m)
+    }
+
+    /// The document once Stripe voided the renewal invoice of the period from `start`:
+    /// `None` when it says nothing new (another subscription, a period already past).
+    pub fn with_voided_period(&self, sub: &SubscriptionId, start: DateTime<Utc>) -> Option<Self> {
+        (&self.id == sub && self.period_start <= start && self.voided_period != Some(start)).then(
+            || Self {
+                voided_period: Some(start),
+                ..self.clone()
+            },
+        )
     }
 
     fn merge_facts(current: Option<Self>, incoming: Self) -> Option<Self> {
@@ -144,8 +135,8 @@ impl SubscriptionRecord {
             incoming.ended_at = incoming.ended_at.or(c.ended_at);
             incoming.created = incoming.created.or(c.created);
         }
-        let merged = Self::merge_facts(current.clone(), incoming.clone());
-        Self::mark_paused_period(current.as_ref(), &incoming, merged)
+        let merged = Self::merge_facts(current.clone(), incoming);
+        Self::keep_voided_period(current.as_ref(), merged)
     }
 
     /// The add-on units Stripe bills from the next renewal (a scheduled reduction already
@@ -214,61 +205,51 @@ mod tests {
             as_of_event: StripeEventId::parse(&format!("evt_{as_of}")).unwrap(),
             ended_at: None,
             created: None,
-            paused_period: None,
+            voided_period: None,
         }
     }
 
     #[test]
-    fn a_period_reported_paused_stays_marked_in_any_order_until_the_period_changes() {
+    fn a_voided_renewal_marks_its_period_until_the_subscription_moves_past_it() {
         let t = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
         let in_period = |status, as_of, start: i64| SubscriptionRecord {
             period_start: t(start),
             period_end: t(start + 100),
             ..record("sub_p", status, as_of, false)
         };
-        // Renewed while paused (period 100), then resumed in it.
-        let paused = in_period(PlanStatus::Paused, 10, 100);
-        let resumed = in_period(PlanStatus::Active, 20, 100);
-        let stored = SubscriptionRecord::merge(None, paused.clone()).unwrap();
-        assert_eq!(stored.paused_period, Some(t(100)));
-        let a = SubscriptionRecord::merge(Some(stored), resumed.clone()).unwrap();
-        assert_eq!(
-            (a.status, a.paused_period),
-            (PlanStatus::Active, Some(t(100)))
-        );
-        // The resumption first, the pause's event late: the mark is learned all the same.
-        let b = SubscriptionRecord::merge(Some(resumed.clone()), paused.clone()).unwrap();
-        assert_eq!(
-            (b.status, b.paused_period),
-            (PlanStatus::Active, Some(t(100)))
-        );
-        assert_eq!(
-            SubscriptionRecord::merge(Some(b.clone()), paused.clone()),
-            None
-        );
-        // Paused in an earlier period only: the current one is not marked.
-        let earlier = in_period(PlanStatus::Paused, 5, 0);
-        assert_eq!(
-            SubscriptionRecord::merge(Some(resumed.clone()), earlier),
-            None
-        );
-        // The next renewal clears it.
-        let next =
-            SubscriptionRecord::merge(Some(a), in_period(PlanStatus::Active, 30, 200)).unwrap();
-        assert_eq!(next.paused_period, None);
+        let sub = SubscriptionId::parse("sub_p").unwrap();
+        // The renewal's invoice voided before the renewal's own event: kept for period 100.
+        let paused = in_period(PlanStatus::Paused, 10, 0);
+        let marked = paused.with_voided_period(&sub, t(100)).unwrap();
+        assert_eq!(marked.with_voided_period(&sub, t(100)), None, "said once");
+        let other = SubscriptionId::parse("sub_q").unwrap();
+        assert_eq!(marked.with_voided_period(&other, t(100)), None);
+        let renewed =
+            SubscriptionRecord::merge(Some(marked), in_period(PlanStatus::Paused, 20, 100))
+                .unwrap();
+        assert_eq!(renewed.voided_period, Some(t(100)));
+        // Resumed in it: still marked; an older period's void says nothing.
+        let resumed =
+            SubscriptionRecord::merge(Some(renewed), in_period(PlanStatus::Active, 30, 100))
+                .unwrap();
+        assert_eq!(resumed.voided_period, Some(t(100)));
+        assert_eq!(resumed.with_voided_period(&sub, t(0)), None);
         // An invoice of an earlier period (a retry of an old one) changes nothing.
         let old = SubscriptionRecord::merge_invoice_facts(
-            Some(b.clone()),
+            Some(resumed.clone()),
             in_period(PlanStatus::PastDue, 40, 0),
         );
         assert_eq!(old, None);
-        // An invoice's facts about the same period keep it.
-        let inv = SubscriptionRecord::merge_invoice_facts(
-            Some(b),
-            in_period(PlanStatus::Active, 25, 100),
+        let same = SubscriptionRecord::merge_invoice_facts(
+            Some(resumed.clone()),
+            in_period(PlanStatus::Active, 45, 100),
         )
         .unwrap();
-        assert_eq!(inv.paused_period, Some(t(100)));
+        assert_eq!(same.voided_period, Some(t(100)));
+        // The next renewal moves past it.
+        let next = SubscriptionRecord::merge(Some(resumed), in_period(PlanStatus::Active, 50, 200))
+            .unwrap();
+        assert_eq!(next.voided_period, None);
     }
 
     #[test]
