@@ -533,9 +533,33 @@ async fn cancel_and_pause_send_only_their_flags() {
     );
 }
 
+/// Staff bill $2,500 for 30,000 credits under `key`.
+fn enterprise_invoice(key: &str) -> tally::payments::CustomInvoice {
+    tally::payments::CustomInvoice {
+        workspace: WorkspaceId::parse("org_e").unwrap(),
+        customer: CustomerId::parse("cus_E").unwrap(),
+        amount: Cents::new(250000),
+        credits: Credits::new(30000),
+        description: "Enterprise credits".into(),
+        days_until_due: 30,
+        idempotency_key: key.into(),
+    }
+}
+
+/// Stripe shows `invoice` with `status` when it is read.
+async fn shows_invoice(server: &MockServer, invoice: &serde_json::Value, status: &str) {
+    let mut shown = invoice.clone();
+    shown["status"] = json!(status);
+    let id = invoice["id"].as_str().unwrap();
+    Mock::given(method("GET"))
+        .and(path(format!("/v1/invoices/{id}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(shown))
+        .mount(server)
+        .await;
+}
+
 #[tokio::test]
 async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_metadata() {
-    use tally::payments::CustomInvoice;
     let server = MockServer::start().await;
     let mut invoice = fixture("invoice");
     invoice["id"] = json!("in_custom");
@@ -559,24 +583,10 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
         )
         .mount(&server)
         .await;
-    let mut open = invoice.clone();
-    open["status"] = json!("open");
-    Mock::given(method("GET"))
-        .and(path("/v1/invoices/in_custom"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(open))
-        .mount(&server)
-        .await;
+    shows_invoice(&server, &invoice, "open").await;
     let link = client(&server)
         .await
-        .create_custom_invoice(&CustomInvoice {
-            workspace: WorkspaceId::parse("org_e").unwrap(),
-            customer: CustomerId::parse("cus_E").unwrap(),
-            amount: Cents::new(250000),
-            credits: Credits::new(30000),
-            description: "Enterprise credits".into(),
-            days_until_due: 30,
-            idempotency_key: "tally-custom-org_e-po-1".into(),
-        })
+        .create_custom_invoice(&enterprise_invoice("tally-custom-org_e-po-1"))
         .await
         .unwrap();
     assert_eq!(
@@ -640,7 +650,6 @@ async fn custom_payment_failing_at(
     down: bool,
     status: &str,
 ) -> (bool, Vec<(String, String)>, BTreeMap<String, String>) {
-    use tally::payments::CustomInvoice;
     let server = MockServer::start().await;
     let mut invoice = fixture("invoice");
     invoice["id"] = json!("in_left");
@@ -670,24 +679,10 @@ async fn custom_payment_failing_at(
             .mount(&server)
             .await;
     }
-    let mut shown = invoice.clone();
-    shown["status"] = json!(status);
-    Mock::given(method("GET"))
-        .and(path("/v1/invoices/in_left"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(shown))
-        .mount(&server)
-        .await;
+    shows_invoice(&server, &invoice, status).await;
     let made = client(&server)
         .await
-        .create_custom_invoice(&CustomInvoice {
-            workspace: WorkspaceId::parse("org_e").unwrap(),
-            customer: CustomerId::parse("cus_E").unwrap(),
-            amount: Cents::new(250000),
-            credits: Credits::new(30000),
-            description: "Enterprise credits".into(),
-            days_until_due: 30,
-            idempotency_key: "tally-custom-org_e-po-2".into(),
-        })
+        .create_custom_invoice(&enterprise_invoice("tally-custom-org_e-po-2"))
         .await;
     let refused = matches!(made, Err(PaymentsError::Refused { .. }));
     assert_eq!(made.is_err(), refused || down, "{made:?}");

@@ -372,46 +372,46 @@ pub async fn approve(
             ));
         }
     };
-    let workspace = decided_workspace(&st, id).await?;
     let now = st.clock.now();
-    // The key makes the decision once; the answer is the request as it is now (a replay
-    // after its refund failed shows that, rather than the approval as it was).
+    decide_once(&st, id, key, &body, || async {
+        st.requests.approve(id, &who.sub, note, amount, now).await
+    })
+    .await
+}
+
+/// A staff decision on refund request `id`, made once per `Idempotency-Key` (remembered
+/// in the request's workspace: the request decided, never an empty answer); the answer is
+/// the request as it is now (a replay after its refund failed shows that, rather than the
+/// decision as it was).
+async fn decide_once<F, Fut>(
+    st: &RefundsState,
+    id: &str,
+    key: Option<tally::ids::IdempotencyKey>,
+    body: &impl Serialize,
+    decide: F,
+) -> ApiResult<Json<RefundRequestView>>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<RefundRequest, Problem>>,
+{
+    let workspace = found(st, id).await?.workspace;
     idempotency::once(
         st.requests.docs.as_ref(),
         &workspace,
         key.as_ref(),
-        &(id, &body),
-        now,
-        || async {
-            // What is remembered: the request decided (never an empty answer).
-            Ok(st
-                .requests
-                .approve(id, &who.sub, note, amount, now)
-                .await?
-                .id)
-        },
+        &(id, body),
+        st.clock.now(),
+        || async { Ok(decide().await?.id) },
     )
     .await?;
-    Ok(Json(current_view(&st, id).await?))
+    Ok(Json(view(st, found(st, id).await?).await?))
 }
 
-/// A refund request as it is now.
-async fn current_view(st: &RefundsState, id: &str) -> ApiResult<RefundRequestView> {
-    let r = st
-        .requests
-        .find(id)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("no refund request {id}")))?;
-    view(st, r).await
-}
-
-/// The workspace of the refund request a staff decision names (404 when there is none):
-/// decisions are remembered under their `Idempotency-Key` there.
-async fn decided_workspace(st: &RefundsState, id: &str) -> ApiResult<WorkspaceId> {
+/// The refund request a staff decision names (404 when there is none).
+async fn found(st: &RefundsState, id: &str) -> ApiResult<RefundRequest> {
     st.requests
         .find(id)
         .await?
-        .map(|r| r.workspace)
         .ok_or_else(|| Problem::not_found(format!("no refund request {id}")))
 }
 
@@ -433,16 +433,9 @@ pub async fn deny(
     let key = idempotency_key(&headers, "refund-deny")?;
     let id = request_id(&id)?;
     let note = note(body.note.as_deref())?;
-    let workspace = decided_workspace(&st, id).await?;
     let now = st.clock.now();
-    idempotency::once(
-        st.requests.docs.as_ref(),
-        &workspace,
-        key.as_ref(),
-        &(id, &body),
-        now,
-        || async { Ok(st.requests.deny(id, &who.sub, note, now).await?.id) },
-    )
-    .await?;
-    Ok(Json(current_view(&st, id).await?))
+    decide_once(&st, id, key, &body, || async {
+        st.requests.deny(id, &who.sub, note, now).await
+    })
+    .await
 }

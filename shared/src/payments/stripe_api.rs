@@ -322,20 +322,8 @@ impl StripePayments {
                 &format!("{key}-item"),
             )
             .await?;
-        let _: stripe_shared::Invoice = self
-            .post(
-                &format!("/invoices/{id}/finalize"),
-                &NoForm {},
-                &format!("{key}-finalize"),
-            )
-            .await?;
-        let sent: stripe_shared::Invoice = self
-            .post(
-                &format!("/invoices/{id}/send"),
-                &NoForm {},
-                &format!("{key}-send"),
-            )
-            .await?;
+        let _: stripe_shared::Invoice = self.invoice_step(id, "finalize", key).await?;
+        let sent: stripe_shared::Invoice = self.invoice_step(id, "send", key).await?;
         Ok(InvoiceLink {
             id: id.clone(),
             hosted_invoice_url: sent.hosted_invoice_url.unwrap_or_default(),
@@ -359,14 +347,9 @@ impl StripePayments {
             .await
         {
             Ok(i) => match i.status {
-                Some(stripe_shared::InvoiceStatus::Open) => self
-                    .post::<_, Left>(
-                        &format!("/invoices/{id}/void"),
-                        &NoForm {},
-                        &format!("{key}-void"),
-                    )
-                    .await
-                    .map(|_| ()),
+                Some(stripe_shared::InvoiceStatus::Open) => {
+                    self.invoice_step::<Left>(id, "void", key).await.map(|_| ())
+                }
                 Some(stripe_shared::InvoiceStatus::Draft) => self
                     .post::<_, Left>(
                         &format!("/invoices/{id}"),
@@ -384,6 +367,22 @@ impl StripePayments {
         if let Err(v) = left {
             tracing::error!(invoice = %id, error = %v, "a custom payment invoice left by a failed request may still be payable: void it in the dashboard");
         }
+    }
+
+    /// One step of an invoice's life (`finalize`, `send`, `void`), under the request's key
+    /// with the step's name after it.
+    async fn invoice_step<T: miniserde::Deserialize>(
+        &self,
+        id: &InvoiceId,
+        step: &str,
+        key: &str,
+    ) -> Result<T, PaymentsError> {
+        self.post(
+            &format!("/invoices/{id}/{step}"),
+            &NoForm {},
+            &format!("{key}-{step}"),
+        )
+        .await
     }
 
     /// A POST that changes nothing (previews): no idempotency key needed.
@@ -1323,13 +1322,7 @@ impl Payments for StripePayments {
                 )
                 .await?;
         }
-        let _: stripe_shared::Invoice = self
-            .post(
-                &format!("/invoices/{id}/finalize"),
-                &NoForm {},
-                &format!("{key}-finalize"),
-            )
-            .await?;
+        let _: stripe_shared::Invoice = self.invoice_step(&id, "finalize", key).await?;
         let paid: stripe_shared::Invoice = match self
             .post(
                 &format!("/invoices/{id}/pay"),
@@ -1344,13 +1337,8 @@ impl Payments for StripePayments {
             Err(e) => {
                 // Never leave an open invoice for money already received: it could be paid
                 // a second time from its page.
-                let voided: Result<stripe_shared::Invoice, _> = self
-                    .post(
-                        &format!("/invoices/{id}/void"),
-                        &NoForm {},
-                        &format!("{key}-void"),
-                    )
-                    .await;
+                let voided: Result<stripe_shared::Invoice, _> =
+                    self.invoice_step(&id, "void", key).await;
                 if let Err(v) = voided {
                     tracing::error!(invoice = %id, error = %v, "an open receipt invoice could not be voided");
                 }
