@@ -327,6 +327,22 @@ impl TestApp {
         self.settle_billing().await;
     }
 
+    /// Does in the simulated Stripe what a person would in its dashboard (`path` under
+    /// `/sim`, with a JSON `body`), then lets billing catch up; the simulator's answer.
+    pub async fn dashboard(&self, path: &str, body: Value) -> Answer {
+        let a = self
+            .send(Method::POST, path, None, Some(&body.to_string()), &[])
+            .await;
+        self.settle_billing().await;
+        a
+    }
+
+    /// Whether any of `sent` (notifications) is about a top-up.
+    pub fn mentions_top_up(sent: &[Value]) -> bool {
+        sent.iter()
+            .any(|n| n["type"].as_str().is_some_and(|t| t.starts_with("topup.")))
+    }
+
     /// Advances the simulated clock to a subscription's renewal charge and lets billing
     /// catch up.
     pub async fn renew(&self, subscription: &str) {

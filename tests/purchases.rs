@@ -1178,12 +1178,7 @@ mod alerts {
             .collect();
         assert_eq!(alerts.len(), 1, "{sent:#?}");
         assert_eq!(alerts[0]["threshold"], 50);
-        assert!(
-            !sent
-                .iter()
-                .any(|n| n["type"].as_str().is_some_and(|t| t.starts_with("topup."))),
-            "{sent:#?}"
-        );
+        assert!(!TestApp::mentions_top_up(&sent), "{sent:#?}");
         assert_eq!(paid_intents(sim), paid_before, "no card charged");
 
         // A generation crossing the threshold still buys one.
@@ -1225,28 +1220,16 @@ mod alerts {
                 json!({})
             };
             let made = app
-                .send(
-                    Method::POST,
-                    &format!("/sim/charges/{charge}/{action}"),
-                    None,
-                    Some(&body.to_string()),
-                    &[],
-                )
+                .dashboard(&format!("/sim/charges/{charge}/{action}"), body)
                 .await;
             assert_eq!(made.status.as_u16(), 200, "{action}: {:#}", made.body);
-            app.settle_billing().await;
             let sent = notifications(&app).await;
             assert_eq!(app.available(ws).await, 0, "{action}: taken back or frozen");
             assert!(
                 sent.iter().any(|n| n["type"] == "credits.below_threshold"),
                 "{action}: {sent:#?}"
             );
-            assert!(
-                !sent
-                    .iter()
-                    .any(|n| n["type"].as_str().is_some_and(|t| t.starts_with("topup."))),
-                "{action}: {sent:#?}"
-            );
+            assert!(!TestApp::mentions_top_up(&sent), "{action}: {sent:#?}");
             assert_eq!(paid_intents(sim), paid_before, "{action}: no card charged");
         }
     }

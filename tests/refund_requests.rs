@@ -1627,21 +1627,6 @@ async fn an_approval_sent_to_staff_is_not_refunded_when_its_document_lags_behind
     assert!(server.received_requests().await.unwrap().is_empty());
 }
 
-/// Posts to the simulator (as staff in Stripe's dashboard) and lets billing catch up.
-async fn dashboard(app: &TestApp, path: &str, body: Value) -> tally_tests::Answer {
-    let a = app
-        .send(
-            axum::http::Method::POST,
-            path,
-            None,
-            Some(&body.to_string()),
-            &[],
-        )
-        .await;
-    settle(app).await;
-    a
-}
-
 /// Subscribes `ws` to Plus monthly: its month of credits, and the sign-up invoice as Stripe
 /// sent it with its id and the cents it was paid.
 async fn subscribed(app: &TestApp, ws: &str) -> (u64, Value, String, u64) {
@@ -1693,18 +1678,17 @@ async fn a_credit_note_that_gives_money_back_without_a_refund_takes_its_credits_
         .to_owned();
 
     // Staff credit a quarter of the invoice outside Stripe: a quarter of its credits go.
-    let note = dashboard(
-        &app,
-        &format!("/sim/invoices/{id}/credit-note"),
-        json!({"amount": paid / 4}),
-    )
-    .await;
+    let note = app
+        .dashboard(
+            &format!("/sim/invoices/{id}/credit-note"),
+            json!({"amount": paid / 4}),
+        )
+        .await;
     assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
     let quarter = month * (paid / 4) / paid;
     assert_eq!(app.available(ws).await, month - quarter);
     // More than is left to credit is refused by Stripe.
-    dashboard(
-        &app,
+    app.dashboard(
         &format!("/sim/invoices/{id}/credit-note"),
         json!({"amount": paid}),
     )
@@ -1725,7 +1709,9 @@ async fn a_credit_note_that_gives_money_back_without_a_refund_takes_its_credits_
         .as_str()
         .unwrap()
         .to_owned();
-    let again = dashboard(&app, &format!("/sim/events/{event}/redeliver"), json!({})).await;
+    let again = app
+        .dashboard(&format!("/sim/events/{event}/redeliver"), json!({}))
+        .await;
     assert!(again.status.is_success(), "{:#}", again.body);
     assert_eq!(app.available(ws).await, month - quarter);
     let line = app
@@ -1832,24 +1818,26 @@ async fn a_credit_note_waits_for_an_open_dispute_and_one_on_a_replacement_follow
         .unwrap()
         .to_owned();
     // A dispute freezes every credit; a note made meanwhile takes nothing yet.
-    let d = dashboard(&app, &format!("/sim/charges/{charge}/dispute"), json!({})).await;
+    let d = app
+        .dashboard(&format!("/sim/charges/{charge}/dispute"), json!({}))
+        .await;
     assert_eq!(d.status.as_u16(), 200, "{:#}", d.body);
     let dispute = d.body["id"].as_str().unwrap().to_owned();
-    let note = dashboard(
-        &app,
-        &format!("/sim/invoices/{id}/credit-note"),
-        json!({"amount": paid / 2}),
-    )
-    .await;
+    let note = app
+        .dashboard(
+            &format!("/sim/invoices/{id}/credit-note"),
+            json!({"amount": paid / 2}),
+        )
+        .await;
     assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
     assert_eq!(app.available(ws).await, 0, "all frozen");
     // Won: the credits come back, less what the note's money bought.
-    let won = dashboard(
-        &app,
-        &format!("/sim/disputes/{dispute}/close"),
-        json!({"outcome": "won"}),
-    )
-    .await;
+    let won = app
+        .dashboard(
+            &format!("/sim/disputes/{dispute}/close"),
+            json!({"outcome": "won"}),
+        )
+        .await;
     assert_eq!(won.status.as_u16(), 200, "{:#}", won.body);
     let half = month * (paid / 2) / paid;
     assert_eq!(app.available(ws).await, month - half);
@@ -1871,12 +1859,12 @@ async fn a_credit_note_waits_for_an_open_dispute_and_one_on_a_replacement_follow
     settle(&app).await;
     assert_eq!(app.available(ws).await, month, "a reissue moves no credits");
     let replacement = r.body["replacement"].as_str().unwrap().to_owned();
-    let note = dashboard(
-        &app,
-        &format!("/sim/invoices/{replacement}/credit-note"),
-        json!({"amount": paid / 4}),
-    )
-    .await;
+    let note = app
+        .dashboard(
+            &format!("/sim/invoices/{replacement}/credit-note"),
+            json!({"amount": paid / 4}),
+        )
+        .await;
     assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
     let quarter = month * (paid / 4) / paid;
     assert_eq!(app.available(ws).await, month - quarter);
@@ -1890,7 +1878,9 @@ async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_a
     let charge = buy_packs(&app, ws, 1).await;
     let price = charge_of(&app, &charge)["amount"].as_i64().unwrap();
     // Refunded in full from the dashboard: the credits go.
-    let made = dashboard(&app, &format!("/sim/charges/{charge}/refund"), json!({})).await;
+    let made = app
+        .dashboard(&format!("/sim/charges/{charge}/refund"), json!({}))
+        .await;
     assert_eq!(made.status.as_u16(), 200, "{:#}", made.body);
     assert_eq!(app.available(ws).await, 0);
     // Nothing is left to ask for.
@@ -2004,7 +1994,9 @@ async fn an_approval_the_queue_lost_is_queued_again_when_the_payment_is_asked_fo
         .approve(&r.id, "staff1", None, None, now)
         .await
         .unwrap_err();
-    let made = dashboard(&app, &format!("/sim/charges/{charge}/refund"), json!({})).await;
+    let made = app
+        .dashboard(&format!("/sim/charges/{charge}/refund"), json!({}))
+        .await;
     assert_eq!(made.status.as_u16(), 200, "{:#}", made.body);
     let sent_before = queue.sent.lock().unwrap().len();
     let again = file_technical(&requests, &workspace, &charge, later)
@@ -2074,12 +2066,12 @@ async fn a_credit_note_and_a_lost_partial_dispute_take_back_what_each_gave_back_
         dispute["created"] = json!(now);
         dispute["status"] = json!("needs_response");
         let note = async || {
-            let n = dashboard(
-                &app,
-                &format!("/sim/invoices/{id}/credit-note"),
-                json!({"amount": paid / 4}),
-            )
-            .await;
+            let n = app
+                .dashboard(
+                    &format!("/sim/invoices/{id}/credit-note"),
+                    json!({"amount": paid / 4}),
+                )
+                .await;
             assert_eq!(n.status.as_u16(), 200, "{:#}", n.body);
         };
         if note_first {
