@@ -40,6 +40,7 @@ use utoipa::ToSchema;
 /// The period has ended and Stripe's renewal has not happened yet: a change now would be
 /// prorated over nothing.
 const RENEWING: &str = "the subscription is renewing right now; retry in a minute";
+const UNPAID_PERIOD: &str = "the current period was never paid (its invoice was voided while collection was paused); changes wait for the next paid renewal";
 
 /// Most add-on units a workspace may hold.
 pub const MAX_ADDON_UNITS: u32 = 100;
@@ -374,7 +375,12 @@ impl SubscriptionChanges {
         })
     }
 
-    fn require_active(&self, now: &Now) -> Result<(), ChangeError> {
+    fn require_active(&self, now: &Now, record: &SubscriptionRecord) -> Result<(), ChangeError> {
+        // Stripe would credit the unused time of a period nobody paid for (its renewal
+        // invoice voided while collection was paused) against the change.
+        if record.voided_period == Some(record.period_start) {
+            return Err(ChangeError::NotActive(UNPAID_PERIOD));
+        }
         if now.live.status != "active" || now.live.paused {
             return Err(ChangeError::NotActive(
                 "the subscription is paused or past due; resume it or settle the open invoice first",
@@ -732,7 +738,7 @@ impl SubscriptionChanges {
         let target = self.plan(plan)?;
         self.exclusively(workspace, stripe_key, |record| async move {
             let now = self.now(&record.id).await?;
-            self.require_active(&now)?;
+            self.require_active(&now, &record)?;
             let (target, then) = self.plan_terms(&now, target, interval);
             let view = (target.plan.id.clone(), target.interval, target.units);
             let decision = self.decide(workspace, &now, target, then, stripe_key)?;
@@ -789,7 +795,7 @@ impl SubscriptionChanges {
                     "add-ons need an active subscription",
                 ));
             }
-            self.require_active(&now)?;
+            self.require_active(&now, &record)?;
             let (target, then) = self.unit_terms(&now, units);
             let view = (target.plan.id.clone(), target.interval, target.units);
             let decision = self.decide(workspace, &now, target, then, stripe_key)?;
@@ -841,7 +847,7 @@ impl SubscriptionChanges {
         }
         let record = self.live(workspace).await?;
         let now = self.now(&record.id).await?;
-        self.require_active(&now)?;
+        self.require_active(&now, &record)?;
         let (target, then) = match (plan, interval) {
             (None, None) => self.unit_terms(&now, units.unwrap_or(now.units)),
             _ => {

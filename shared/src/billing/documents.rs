@@ -497,7 +497,13 @@ impl BillingEvents {
         workspace: &WorkspaceId,
         i: &objects::Invoice,
     ) -> Result<(), ConsumeError> {
-        if i.billing_reason.as_deref() != Some("subscription_cycle") {
+        // Voided before any attempt to collect it, nothing paid: as pausing collection
+        // voids a renewal. (One staff void after failed attempts says nothing of the kind:
+        // the period may be settled another way.)
+        if i.billing_reason.as_deref() != Some("subscription_cycle")
+            || i.attempt_count > 0
+            || i.amount_paid > 0
+        {
             return Ok(());
         }
         let Some(sub) = i
@@ -519,8 +525,14 @@ impl BillingEvents {
         else {
             return Ok(());
         };
-        let Some(marked) = current.with_voided_period(&sub, start) else {
+        if current.id != sub || current.period_start > start {
             return Ok(());
+        }
+        // Merged (and the plan set) even when the mark is already there: a delivery again
+        // after a failure half way still sets the plan.
+        let marked = SubscriptionRecord {
+            voided_period: Some(start),
+            ..current
         };
         self.merge_subscription(event, workspace, marked, |cur, marked| {
             let p = marked.voided_period?;
@@ -546,8 +558,8 @@ impl BillingEvents {
         .await?
         .expect("a merge always leaves a document");
         let mut plan = merged.plan_state();
-        let in_voided_period =
-            plan.status == PlanStatus::Active && merged.voided_period == Some(merged.period_start);
+        let in_voided_period = matches!(plan.status, PlanStatus::Active | PlanStatus::PastDue)
+            && merged.voided_period == Some(merged.period_start);
         if plan.status == PlanStatus::Paused || in_voided_period {
             // Paused, or active in a period whose renewal invoice Stripe voided (resumed
             // after a pause): how far the paid invoices reach decides whether it gives its

@@ -191,6 +191,9 @@ pub struct Invoice {
     pub amount_remaining: i64,
     #[serde(default)]
     pub total: i64,
+    /// Attempts Stripe made to collect it.
+    #[serde(default)]
+    pub attempt_count: i64,
     /// The customer's Stripe balance before and after this invoice (negative: credit
     /// Stripe holds for them). What moved between them paid part of the invoice.
     #[serde(default)]

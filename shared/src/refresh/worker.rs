@@ -363,7 +363,9 @@ impl Refresher {
             return Ok((true, None));
         };
         if r.period_start > doc.period_start {
-            if r.status == PlanStatus::Active {
+            // A period whose renewal Stripe voided (collection paused) is unpaid by design,
+            // not a payment to reconcile.
+            if r.status == PlanStatus::Active && r.voided_period != Some(r.period_start) {
                 let sk = reconcile_sk(&r.id, r.period_start);
                 let item = Reconciliation {
                     workspace: doc.workspace.clone(),

@@ -76,12 +76,15 @@ pub struct PlanState {
 
 impl PlanState {
     /// Whether the plan gives its benefits: active or past due, or paused within a paid
-    /// period. An active plan resumed in a period begun while it was paused (its invoice
-    /// voided) carries how far the paid invoices reach, and gives its benefits only within.
+    /// period. An active or past-due plan in a period whose renewal invoice was voided
+    /// (collection paused) carries how far the paid invoices reach, and gives its benefits
+    /// only within.
     pub fn in_effect(&self) -> bool {
         match self.status {
             PlanStatus::Paused => self.paid_through.is_some_and(|t| t >= self.period_end),
-            PlanStatus::Active => self.paid_through.is_none_or(|t| t >= self.period_end),
+            PlanStatus::Active | PlanStatus::PastDue => {
+                self.paid_through.is_none_or(|t| t >= self.period_end)
+            }
             s => s.in_effect(),
         }
     }
@@ -187,6 +190,25 @@ mod tests {
         p.period_start = p.period_end;
         p.period_end += chrono::Duration::days(31);
         assert!(Entitlements::of(Some(&p), &catalog).plan.is_none());
+    }
+
+    #[test]
+    fn an_active_or_past_due_plan_in_a_voided_period_gives_only_what_was_paid() {
+        let catalog = Catalog::builtin();
+        for status in [PlanStatus::Active, PlanStatus::PastDue] {
+            let mut p = plan(status);
+            // Paid up to the period's start only (its renewal voided).
+            p.paid_through = Some(p.period_start);
+            assert!(
+                Entitlements::of(Some(&p), &catalog).plan.is_none(),
+                "{status:?}"
+            );
+            p.paid_through = Some(p.period_end);
+            assert!(
+                Entitlements::of(Some(&p), &catalog).plan.is_some(),
+                "{status:?}"
+            );
+        }
     }
 
     #[test]

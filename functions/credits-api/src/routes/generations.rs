@@ -306,10 +306,13 @@ pub async fn reverse_generation(
         Some(t) => {
             match tally::support::ticket_of(app.docs.as_ref(), "ticket", t, &workspace).await {
                 Ok(t) => Some(t),
-                Err(_) => {
+                // Not a ticket of the workspace; anything else (the store out of reach) is
+                // an error, retried with the same answer.
+                Err(p) if p.status.is_client_error() => {
                     tracing::warn!(generation = %id, "a reversal named no ticket of its workspace; not recorded");
                     None
                 }
+                Err(p) => return Err(p),
             }
         }
         None => None,
