@@ -376,15 +376,16 @@ impl SubscriptionChanges {
     }
 
     fn require_active(&self, now: &Now, record: &SubscriptionRecord) -> Result<(), ChangeError> {
-        // Stripe would credit the unused time of a period nobody paid for (its renewal
-        // invoice voided while collection was paused) against the change.
-        if record.voided_period == Some(record.period_start) {
-            return Err(ChangeError::NotActive(UNPAID_PERIOD));
-        }
         if now.live.status != "active" || now.live.paused {
             return Err(ChangeError::NotActive(
                 "the subscription is paused or past due; resume it or settle the open invoice first",
             ));
+        }
+        // Stripe would credit the unused time of a period nobody paid for (its renewal
+        // invoice voided while collection was paused) against the change. The period is
+        // Stripe's own (the document may lag behind it).
+        if record.id == now.live.id && record.voided_period == Some(now.live.period_start) {
+            return Err(ChangeError::NotActive(UNPAID_PERIOD));
         }
         if self.ledger.clock.now() >= now.live.period_end {
             return Err(ChangeError::NotActive(RENEWING));

@@ -90,12 +90,13 @@ impl SubscriptionRecord {
     /// The document once Stripe voided the renewal invoice of the period from `start`:
     /// `None` when it says nothing new (another subscription, a period already past).
     pub fn with_voided_period(&self, sub: &SubscriptionId, start: DateTime<Utc>) -> Option<Self> {
-        (&self.id == sub && self.period_start <= start && self.voided_period != Some(start)).then(
-            || Self {
-                voided_period: Some(start),
-                ..self.clone()
-            },
-        )
+        (&self.id == sub
+            && self.period_start <= start
+            && self.voided_period.is_none_or(|v| v < start))
+        .then(|| Self {
+            voided_period: Some(start),
+            ..self.clone()
+        })
     }
 
     fn merge_facts(current: Option<Self>, incoming: Self) -> Option<Self> {
@@ -222,6 +223,9 @@ mod tests {
         let paused = in_period(PlanStatus::Paused, 10, 0);
         let marked = paused.with_voided_period(&sub, t(100)).unwrap();
         assert_eq!(marked.with_voided_period(&sub, t(100)), None, "said once");
+        // A mark only moves forward: an older void delivered again leaves a later one.
+        let ahead = paused.with_voided_period(&sub, t(200)).unwrap();
+        assert_eq!(ahead.with_voided_period(&sub, t(100)), None);
         let other = SubscriptionId::parse("sub_q").unwrap();
         assert_eq!(marked.with_voided_period(&other, t(100)), None);
         let renewed =

@@ -197,7 +197,9 @@ pub async fn preview(
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     request_body = AddonsBody,
     responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 422, body = ProblemDetails),
+        (status = 404, body = ProblemDetails),
+        (status = 409, description = "Paused, past due, in a period never paid, or another change running", body = ProblemDetails),
+        (status = 422, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Sets the number of add-on credit units: more apply now (prorated charge, credits at
 /// once), fewer from the next renewal.
