@@ -99,6 +99,18 @@ async fn set_subscription(
     interval: Interval,
     period_start: DateTime<Utc>,
 ) {
+    set_subscription_voided(p, ws, status, interval, period_start, None).await;
+}
+
+/// Stripe's record of the subscription, with the period whose renewal it voided, if any.
+async fn set_subscription_voided(
+    p: &Parts,
+    ws: &str,
+    status: PlanStatus,
+    interval: Interval,
+    period_start: DateTime<Utc>,
+    voided_period: Option<DateTime<Utc>>,
+) {
     let record = SubscriptionRecord {
         id: sub(ws),
         customer: None,
@@ -115,7 +127,7 @@ async fn set_subscription(
         as_of_event: StripeEventId::parse("evt_test").unwrap(),
         ended_at: None,
         created: None,
-        voided_period: None,
+        voided_period,
     };
     let pk = workspace_pk(&workspace(ws));
     docs::update(
@@ -687,6 +699,62 @@ async fn monthly_renewals_without_a_paid_period_are_recorded_for_reconciliation(
             .len(),
         1
     );
+}
+
+/// A period whose renewal Stripe voided (collection paused) is unpaid by design: no
+/// reconciliation item, and the renewal after it is looked at once it is due; canceled in
+/// it, the subscription renews no more and nothing is looked at again.
+#[tokio::test]
+async fn a_voided_renewal_is_not_reconciled_and_a_cancellation_in_it_ends_the_checks() {
+    let p = embedded();
+    let ws = "voided";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Monthly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+    let renewed = add_months(start(), 1);
+    set_subscription_voided(
+        &p,
+        ws,
+        PlanStatus::Active,
+        Interval::Monthly,
+        renewed,
+        Some(renewed),
+    )
+    .await;
+    play_until(&p, renewed + Duration::days(3)).await;
+    let items = || async {
+        p.docs
+            .list_docs(&workspace_pk(&workspace(ws)), RECONCILE_PREFIX, 10)
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(items().await, 0);
+    let doc = doc_of(&p, ws).await;
+    assert!(!doc.renewal_checked);
+    assert!(
+        doc.renewal_retry_at
+            .is_some_and(|t| t >= add_months(renewed, 1)),
+        "{doc:?}"
+    );
+    // Canceled in the voided period: checked, never due again for it.
+    set_subscription_voided(
+        &p,
+        ws,
+        PlanStatus::Canceled,
+        Interval::Monthly,
+        renewed,
+        Some(renewed),
+    )
+    .await;
+    play_until(&p, add_months(renewed, 1) + Duration::days(3)).await;
+    assert_eq!(items().await, 0);
+    assert!(doc_of(&p, ws).await.renewal_checked);
 }
 
 #[tokio::test]

@@ -1,10 +1,10 @@
 //! Free text a client sends that ends up in journals, invoices and support tickets
 //! (adjustment reasons, failure reasons, custom payment descriptions): one line of visible
 //! text. Control characters (NUL, ANSI escapes, newlines, tabs), line and paragraph
-//! separators, bidirectional overrides and invisible characters (zero-width space, word
-//! joiner, byte-order mark, soft hyphen) are refused, so what staff read in a journal or
-//! on an invoice is what was sent, and a log line stays one line. Zero-width joiners, which
-//! some scripts and emoji need, are allowed but are not visible text on their own.
+//! separators and bidirectional overrides are refused, so what staff read in a journal or
+//! on an invoice is what was sent, and a log line stays one line. Invisible characters
+//! (zero-width space and joiners, word joiner, byte-order mark, soft hyphen) are kept, but
+//! a text of nothing else is blank.
 //!
 //! [`ONE_LINE_PATTERN`] says the same in the OpenAPI document.
 
@@ -12,42 +12,36 @@ use super::Problem;
 
 /// Characters refused anywhere in one line of text: C0 and C1 controls, the Arabic letter
 /// mark, left-to-right and right-to-left marks, line and paragraph separators, bidi
-/// embeddings, overrides and isolates, and invisible characters that join or split
-/// nothing a script needs (soft hyphen, Mongolian vowel separator, zero-width space, word
-/// joiner and invisible operators, byte-order mark, interlinear annotations).
+/// embeddings, overrides and isolates.
 pub fn is_forbidden(c: char) -> bool {
     c.is_control()
-        || matches!(
-            c,
-            '\u{00AD}'
-                | '\u{061C}'
-                | '\u{180E}'
-                | '\u{200B}'
-                | '\u{200E}'
-                | '\u{200F}'
-                | '\u{2028}'..='\u{202E}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{FEFF}'
-                | '\u{FFF9}'..='\u{FFFB}'
-        )
+        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Characters that show nothing on their own: kept inside text (text pasted from documents
+/// and web pages carries them, and some scripts and emoji need the joiners), but a text of
+/// nothing else is blank.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
+    )
 }
 
 /// Whether `text` has something to see: a character other than whitespace and the
-/// zero-width (non-)joiners.
+/// invisible ones.
 fn is_visible(text: &str) -> bool {
-    text.chars()
-        .any(|c| !c.is_whitespace() && !matches!(c, '\u{200C}' | '\u{200D}'))
+    text.chars().any(|c| !c.is_whitespace() && !is_invisible(c))
 }
 
 /// JSON Schema `pattern` of one line of text: no forbidden character (the first class; the
 /// syntax is one ECMA-262 and Python agree on) and at least one that is not blank either
 /// (the second class adds the whitespace trimming removes).
 pub const ONE_LINE_PATTERN: &str = concat!(
-    r"^[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*",
-    r"[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB",
-    r"\u0020\u00A0\u1680\u2000-\u200A\u200C\u200D\u202F\u205F\u3000]",
-    r"[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*$",
+    r"^[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
+    r"\u0020\u00A0\u00AD\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u3000\uFEFF]",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
 );
 
 /// Longest free text (a reason, a description) accepted.
@@ -59,7 +53,7 @@ pub fn text_schema() -> utoipa::openapi::Object {
         .schema_type(utoipa::openapi::schema::Type::String)
         .max_length(Some(MAX_TEXT_CHARS))
         .pattern(Some(ONE_LINE_PATTERN))
-        .description(Some("One line of visible text: no control characters, line separators, bidirectional overrides or invisible characters"))
+        .description(Some("One line of visible text: no control characters, line separators or bidirectional overrides"))
         .build()
 }
 
@@ -72,7 +66,7 @@ pub fn optional_text_schema() -> utoipa::openapi::Object {
         ]))
         .max_length(Some(MAX_TEXT_CHARS))
         .pattern(Some(ONE_LINE_PATTERN))
-        .description(Some("One line of visible text: no control characters, line separators, bidirectional overrides or invisible characters"))
+        .description(Some("One line of visible text: no control characters, line separators or bidirectional overrides"))
         .build()
 }
 
@@ -126,10 +120,10 @@ pub const INSTANT_PATTERN: &str = "^20[0-9]{2}-";
 /// JSON Schema `pattern` of several lines of text: like [`ONE_LINE_PATTERN`], with line
 /// feeds and carriage returns allowed.
 pub const PARAGRAPHS_PATTERN: &str = concat!(
-    r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*",
-    r"[^\u0000-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB",
-    r"\u0020\u00A0\u1680\u2000-\u200A\u200C\u200D\u202F\u205F\u3000]",
-    r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u00AD\u061C\u180E\u200B\u200E\u200F\u2028-\u202E\u2060-\u2064\u2066-\u2069\uFEFF\uFFF9-\uFFFB]*$",
+    r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
+    r"\u0020\u00A0\u00AD\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u3000\uFEFF]",
+    r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
 );
 
 /// The schema of a required multi-line text field of at most `max` characters.
@@ -138,7 +132,7 @@ pub fn paragraphs_schema(max: usize) -> utoipa::openapi::Object {
         .schema_type(utoipa::openapi::schema::Type::String)
         .max_length(Some(max))
         .pattern(Some(PARAGRAPHS_PATTERN))
-        .description(Some("Visible text in lines: no control characters other than line breaks, no line separators, bidirectional overrides or invisible characters"))
+        .description(Some("Visible text in lines: no control characters other than line breaks, no line separators or bidirectional overrides"))
         .build()
 }
 
@@ -176,23 +170,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn invisible_characters_are_refused_and_joiners_alone_are_blank() {
-        for bad in [
+    fn invisible_characters_alone_are_blank_and_kept_inside_text() {
+        for blank in [
             "\u{200b}",
-            "good\u{200b}will",
-            "\u{feff}x",
-            "a\u{ad}b",
-            "x\u{2060}",
+            " \u{200c}\u{200d} ",
+            "\u{feff}\u{ad}",
+            "\u{2060}",
         ] {
-            assert!(one_line("reason", bad, 500).is_err(), "{bad:?}");
-            assert!(paragraphs("text", bad, 500).is_err(), "{bad:?}");
-        }
-        for blank in ["\u{200d}", " \u{200c}\u{200d} "] {
             assert!(one_line("reason", blank, 500).is_err(), "{blank:?}");
             assert!(paragraphs("text", blank, 500).is_err(), "{blank:?}");
         }
-        // Joiners inside text (emoji sequences, Persian) are text.
+        // Pasted text carries them; emoji sequences and Persian need the joiners.
         for ok in [
+            "good\u{200b}will",
+            "\u{feff}pasted",
             "dev \u{1F469}\u{200D}\u{1F4BB}",
             "\u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}\u{645}",
         ] {

@@ -365,8 +365,9 @@ impl Refresher {
         if r.period_start > doc.period_start {
             // A period whose renewal Stripe voided (collection paused) is unpaid by design,
             // not a payment to reconcile: the renewal after it is looked at once it is due.
-            if r.voided_period == Some(r.period_start) {
-                return Ok((false, Some(r.period_end + self.settings.grace)));
+            if r.voided_period == Some(r.period_start) && r.status != PlanStatus::Canceled {
+                let again = (r.period_end + self.settings.grace).max(now + self.settings.recheck);
+                return Ok((false, Some(again)));
             }
             if r.status == PlanStatus::Active {
                 let sk = reconcile_sk(&r.id, r.period_start);

@@ -259,6 +259,7 @@ pub struct ReverseRequest {
     pub reason: String,
     /// The support ticket that asked for it (`tkt_...`, a ticket of the generation's
     /// workspace; from the generation service, anything else is left out).
+    #[schema(pattern = "^tkt_[A-Za-z0-9]{26}$")]
     pub ticket: Option<String>,
 }
 
