@@ -742,6 +742,11 @@ async fn a_voided_renewal_is_not_reconciled_and_a_cancellation_in_it_ends_the_ch
             .is_some_and(|t| t >= add_months(renewed, 1)),
         "{doc:?}"
     );
+    // Paused, its period's void not seen yet: no item, looked at again.
+    set_subscription_voided(&p, ws, PlanStatus::Paused, Interval::Monthly, renewed, None).await;
+    play_until(&p, add_months(renewed, 1) + Duration::days(1)).await;
+    assert_eq!(items().await, 0);
+    assert!(!doc_of(&p, ws).await.renewal_checked);
     // Canceled in the voided period: checked, never due again for it.
     set_subscription_voided(
         &p,
@@ -752,7 +757,7 @@ async fn a_voided_renewal_is_not_reconciled_and_a_cancellation_in_it_ends_the_ch
         Some(renewed),
     )
     .await;
-    play_until(&p, add_months(renewed, 1) + Duration::days(3)).await;
+    play_until(&p, add_months(renewed, 1) + Duration::days(4)).await;
     assert_eq!(items().await, 0);
     assert!(doc_of(&p, ws).await.renewal_checked);
 }

@@ -366,16 +366,19 @@ async fn a_faulty_generation_is_reversed_once_by_staff_or_the_generation_service
     assert_eq!(rev[0]["refs"]["generation"], id.as_str());
     assert_eq!(rev[0]["refs"]["ticket"], mine.as_str());
     assert_eq!(rev[0]["note"], "output was blank");
-    // The generation service's own reference is not a ticket: the reversal is made, the
-    // reference left out of the audit trail.
+    // The generation service naming a ticket that is not the workspace's: the reversal is
+    // made, the ticket left out of the audit trail. One not shaped as a ticket is refused.
     let other = spend(&app, "org_rv", 20).await;
-    let by_service = app
-        .post(
-            &format!("/v1/generations/{other}/reverse"),
-            &service(),
-            json!({"reason": "render crashed", "ticket": "job-7781"}),
-        )
-        .await;
+    let reverse = |ticket: &str| {
+        let path = format!("/v1/generations/{other}/reverse");
+        let body = json!({"reason": "render crashed", "ticket": ticket});
+        let app = &app;
+        async move { app.post(&path, &service(), body).await }
+    };
+    reverse("job-7781")
+        .await
+        .assert_problem(422, "validation_failed");
+    let by_service = reverse(&theirs).await;
     assert_eq!(by_service.status.as_u16(), 200, "{:#}", by_service.body);
     let rev = entries(&app, "org_rv", "reversal").await;
     let latest = rev

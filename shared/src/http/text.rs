@@ -12,10 +12,10 @@ use super::Problem;
 
 /// Characters refused anywhere in one line of text: C0 and C1 controls, the Arabic letter
 /// mark, left-to-right and right-to-left marks, line and paragraph separators, bidi
-/// embeddings, overrides and isolates.
+/// embeddings, overrides and isolates, and interlinear annotations (which hide text).
 pub fn is_forbidden(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 /// Characters that show nothing on their own: kept inside text (text pasted from documents
@@ -38,10 +38,10 @@ fn is_visible(text: &str) -> bool {
 /// syntax is one ECMA-262 and Python agree on) and at least one that is not blank either
 /// (the second class adds the whitespace trimming removes).
 pub const ONE_LINE_PATTERN: &str = concat!(
-    r"^[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
-    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
+    r"^[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB",
     r"\u0020\u00A0\u00AD\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u3000\uFEFF]",
-    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*$",
 );
 
 /// Longest free text (a reason, a description) accepted.
@@ -120,10 +120,10 @@ pub const INSTANT_PATTERN: &str = "^20[0-9]{2}-";
 /// JSON Schema `pattern` of several lines of text: like [`ONE_LINE_PATTERN`], with line
 /// feeds and carriage returns allowed.
 pub const PARAGRAPHS_PATTERN: &str = concat!(
-    r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*",
-    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069",
+    r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*",
+    r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB",
     r"\u0020\u00A0\u00AD\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u3000\uFEFF]",
-    r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069]*$",
+    r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*$",
 );
 
 /// The schema of a required multi-line text field of at most `max` characters.
@@ -171,6 +171,11 @@ mod tests {
 
     #[test]
     fn invisible_characters_alone_are_blank_and_kept_inside_text() {
+        // Interlinear annotations hide text: refused.
+        for bad in ["\u{fff9}", "a\u{fff9}shown\u{fffa}hidden\u{fffb}"] {
+            assert!(one_line("reason", bad, 500).is_err(), "{bad:?}");
+            assert!(paragraphs("text", bad, 500).is_err(), "{bad:?}");
+        }
         for blank in [
             "\u{200b}",
             " \u{200c}\u{200d} ",

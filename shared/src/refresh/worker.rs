@@ -369,6 +369,12 @@ impl Refresher {
                 let again = (r.period_end + self.settings.grace).max(now + self.settings.recheck);
                 return Ok((false, Some(again)));
             }
+            // Paused (a late event may not have marked the period yet): looked at again
+            // until collection resumes and the renewal after it is due.
+            if r.status == PlanStatus::Paused {
+                let again = (r.period_end + self.settings.grace).max(now + self.settings.recheck);
+                return Ok((false, Some(again)));
+            }
             if r.status == PlanStatus::Active {
                 let sk = reconcile_sk(&r.id, r.period_start);
                 let item = Reconciliation {
@@ -394,8 +400,9 @@ impl Refresher {
             }
             return Ok((true, None));
         }
-        if r.status.in_effect() {
-            // Stripe has not reported the renewal yet (it may still be retrying).
+        if r.status.in_effect() || r.status == PlanStatus::Paused {
+            // Stripe has not reported the renewal yet (it may still be retrying, or the
+            // subscription is paused and its events late).
             return Ok((false, Some(now + self.settings.recheck)));
         }
         Ok((true, None))

@@ -258,7 +258,7 @@ pub struct ReverseRequest {
     #[schema(schema_with = tally::http::text::text_schema)]
     pub reason: String,
     /// The support ticket that asked for it (`tkt_...`, a ticket of the generation's
-    /// workspace; from the generation service, anything else is left out).
+    /// workspace; from the generation service, another is left out).
     #[schema(pattern = "^tkt_[A-Za-z0-9]{26}$")]
     pub ticket: Option<String>,
 }
@@ -280,8 +280,7 @@ pub async fn reverse_generation(
     let staff = who.has_scope(tally::http::auth::SCOPE_ADMIN);
     let id = parse_generation_id(&id)?;
     let reason = tally::http::text::one_line("reason", &req.reason, MAX_REASON_CHARS)?;
-    if staff
-        && let Some(t) = req.ticket.as_deref()
+    if let Some(t) = req.ticket.as_deref()
         && !tally::support::valid_id(t)
     {
         return Err(Problem::validation(
@@ -298,8 +297,8 @@ pub async fn reverse_generation(
         settle_target(&app, &who, id).await?
     };
     // The ticket, for the audit trail: one of the generation's workspace. Staff naming
-    // another are told; the generation service's own reference, if it is not such a
-    // ticket, is left out (a reversal of a faulty output never fails for it).
+    // another are told; one the generation service names that is not the workspace's is
+    // left out (a reversal of a faulty output never fails for it).
     let ticket = match req.ticket.as_deref() {
         Some(t) if staff => {
             Some(tally::support::ticket_of(app.docs.as_ref(), "ticket", t, &workspace).await?)
