@@ -102,6 +102,18 @@ async fn set_subscription(
     set_subscription_voided(p, ws, status, interval, period_start, None).await;
 }
 
+/// `ws` subscribed to Max monthly, its first period paid (from the test's start).
+async fn monthly_max_paid(p: &Parts, ws: &str) {
+    set_subscription(p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(ws, Interval::Monthly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+}
+
 /// Stripe's record of the subscription, with the period whose renewal it voided, if any.
 async fn set_subscription_voided(
     p: &Parts,
@@ -663,15 +675,8 @@ async fn a_later_period_replaces_an_earlier_one_and_an_earlier_one_arriving_late
 
 async fn monthly_renewals_without_a_paid_period_are_recorded_for_reconciliation(p: Parts) {
     let ws = "monthly";
-    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
+    monthly_max_paid(&p, ws).await;
     invoice_grant(&p, ws, 400).await;
-    refresh::record_paid_period(
-        p.docs.as_ref(),
-        &period(ws, Interval::Monthly, "max", 0),
-        start(),
-    )
-    .await
-    .unwrap();
     let refresher = Refresher::new(p.ledger.clone(), p.docs.clone());
     // Stripe renews (its record moves on) but the renewal's paid period never arrives.
     let renewed = add_months(start(), 1);
@@ -708,14 +713,7 @@ async fn monthly_renewals_without_a_paid_period_are_recorded_for_reconciliation(
 async fn a_voided_renewal_is_not_reconciled_and_a_cancellation_in_it_ends_the_checks() {
     let p = embedded();
     let ws = "voided";
-    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
-    refresh::record_paid_period(
-        p.docs.as_ref(),
-        &period(ws, Interval::Monthly, "max", 0),
-        start(),
-    )
-    .await
-    .unwrap();
+    monthly_max_paid(&p, ws).await;
     let renewed = add_months(start(), 1);
     set_subscription_voided(
         &p,
@@ -807,14 +805,7 @@ async fn a_renewal_that_arrives_in_time_is_not_reconciled() {
 
 async fn lapsed_lots_and_200_overdue_holds_are_settled_in_bounded_operations(p: Parts) {
     let ws = "holds";
-    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, start()).await;
-    refresh::record_paid_period(
-        p.docs.as_ref(),
-        &period(ws, Interval::Monthly, "max", 0),
-        start(),
-    )
-    .await
-    .unwrap();
+    monthly_max_paid(&p, ws).await;
     tally_tests::grant(&p.ledger, ws, 2_000).await;
     invoice_grant(&p, ws, 400).await;
     let estimate = tally_tests::image_estimate(&p.ledger);
