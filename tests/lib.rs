@@ -314,17 +314,8 @@ impl TestApp {
     /// Moves the simulated clock (`{"days": n}`, `{"hours": n}` or `{"until": time}`) and
     /// lets billing catch up.
     pub async fn advance_clock(&self, body: Value) {
-        let r = self
-            .send(
-                Method::POST,
-                "/sim/clock/advance",
-                None,
-                Some(&body.to_string()),
-                &[],
-            )
-            .await;
+        let r = self.dashboard("/sim/clock/advance", body.clone()).await;
         assert_eq!(r.status.as_u16(), 200, "{body}: {:#}", r.body);
-        self.settle_billing().await;
     }
 
     /// Does in the simulated Stripe what a person would in its dashboard (`path` under

@@ -29,17 +29,7 @@ async fn subscribe(app: &TestApp, ws: &str, plan: &str, interval: &str) -> (Stri
 }
 
 async fn advance(app: &TestApp, body: Value) -> tally_tests::Answer {
-    let a = app
-        .send(
-            Method::POST,
-            "/sim/clock/advance",
-            None,
-            Some(&body.to_string()),
-            &[],
-        )
-        .await;
-    app.settle_billing().await;
-    a
+    app.dashboard("/sim/clock/advance", body).await
 }
 
 async fn advance_days(app: &TestApp, days: i64) {
