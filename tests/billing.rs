@@ -521,6 +521,76 @@ async fn events_that_name_no_known_workspace_or_unknown_things_are_refused_loudl
     );
 }
 
+#[tokio::test]
+async fn an_event_naming_another_workspaces_customer_reaches_nothing_of_it() {
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let (ledger, _) = ledger_over(store.clone());
+    let worker = BillingEvents::new(ledger, store.clone(), None);
+    let deliver = |e: &Value| Delivery {
+        message_id: "m".into(),
+        body: e.to_string(),
+        group_id: Some(CUS.into()),
+        receive_count: 1,
+    };
+    worker
+        .consume(&deliver(&subscription_checkout()))
+        .await
+        .unwrap();
+    // The same customer under another workspace's id (metadata edited in the dashboard):
+    // a subscription event and a checkout.
+    let other = workspace("globex");
+    let mut sub = subscription(
+        "evt_sub_other",
+        "customer.subscription.updated",
+        at(1),
+        "active",
+        false,
+    );
+    sub["data"]["object"]["metadata"]["org_id"] = json!("globex");
+    let mut pack = pack_checkout();
+    pack["data"]["object"]["metadata"]["org_id"] = json!("globex");
+    for e in [&sub, &pack] {
+        assert!(
+            matches!(
+                worker.consume(&deliver(e)).await,
+                Err(ConsumeError::Poison(_))
+            ),
+            "{e}"
+        );
+    }
+    let profile: Option<BillingProfile> =
+        docs::get(store.as_ref(), &workspace_pk(&other), PROFILE_SK)
+            .await
+            .unwrap();
+    assert_eq!(profile.and_then(|p| p.customer), None);
+    let subscription: Option<SubscriptionRecord> =
+        docs::get(store.as_ref(), &workspace_pk(&other), SUBSCRIPTION_SK)
+            .await
+            .unwrap();
+    assert!(subscription.is_none());
+    let state = worker.ledger.workspace_now(&other).await.unwrap();
+    assert_eq!(state.balance().available.get(), 0);
+    // The customer's own workspace keeps it.
+    let own: BillingProfile = docs::get(store.as_ref(), &workspace_pk(&workspace(WS)), PROFILE_SK)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(own.customer.map(|c| c.to_string()), Some(CUS.to_owned()));
+    // So does a direct claim: nothing is written for the claiming workspace.
+    let cus = tally::ids::CustomerId::parse(CUS).unwrap();
+    assert_eq!(
+        tally::billing::link_customer(store.as_ref(), &cus, &other)
+            .await
+            .unwrap(),
+        tally::billing::Linked::Elsewhere(workspace(WS))
+    );
+    let profile: Option<BillingProfile> =
+        docs::get(store.as_ref(), &workspace_pk(&other), PROFILE_SK)
+            .await
+            .unwrap();
+    assert_eq!(profile.and_then(|p| p.customer), None);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

@@ -11,15 +11,21 @@ use crate::store::docs::{self, DocStore};
 use std::collections::HashMap;
 
 impl BillingEvents {
-    /// Links a Stripe customer to a workspace (first link wins; a conflicting one is
-    /// refused loudly and left alone).
+    /// Links a Stripe customer to a workspace (first link wins). An event naming a
+    /// customer linked to another workspace is not applied: it goes to the dead letters,
+    /// so nothing of one workspace's customer reaches another's.
     pub(super) async fn link_customer(
         &self,
         customer: &CustomerId,
         workspace: &WorkspaceId,
     ) -> Result<(), ConsumeError> {
-        link_customer(self.docs.as_ref(), customer, workspace).await?;
-        Ok(())
+        match link_customer(self.docs.as_ref(), customer, workspace).await? {
+            Linked::Ours(_) => Ok(()),
+            Linked::Elsewhere(owner) => Err(poison(format!(
+                "Stripe customer {customer} belongs to workspace {owner}, not {workspace} as \
+                 the object's metadata says: fix the metadata in Stripe, then redrive"
+            ))),
+        }
     }
 
     pub(super) async fn customer_workspace(
@@ -62,14 +68,24 @@ impl BillingEvents {
     }
 }
 
+/// What [`link_customer`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Linked {
+    /// The customer the workspace's billing profile names afterwards.
+    Ours(CustomerId),
+    /// The customer belongs to this other workspace: nothing was written.
+    Elsewhere(WorkspaceId),
+}
+
 /// Links a Stripe customer to a workspace and records it on the workspace's billing
-/// profile. The first link wins; a conflicting later claim is refused loudly and left
-/// alone. Returns the customer the profile names afterwards.
+/// profile. The first link wins: a customer linked to another workspace is refused
+/// loudly and written nowhere, so the claiming workspace never reaches it (its portal,
+/// invoices, card or subscription).
 pub async fn link_customer(
     docs_store: &dyn DocStore,
     customer: &CustomerId,
     workspace: &WorkspaceId,
-) -> Result<CustomerId, StoreError> {
+) -> Result<Linked, StoreError> {
     let linked = docs::update(
         docs_store,
         &customer_pk(customer),
@@ -86,6 +102,7 @@ pub async fn link_customer(
     {
         tracing::error!(customer = %customer, linked = %l.workspace, claimed = %workspace,
             "Stripe customer already belongs to another workspace; ignoring the new claim");
+        return Ok(Linked::Elsewhere(l.workspace));
     }
     let profile = docs::update(
         docs_store,
@@ -101,7 +118,9 @@ pub async fn link_customer(
         },
     )
     .await?;
-    Ok(profile
-        .and_then(|p| p.customer)
-        .unwrap_or_else(|| customer.clone()))
+    Ok(Linked::Ours(
+        profile
+            .and_then(|p| p.customer)
+            .unwrap_or_else(|| customer.clone()),
+    ))
 }

@@ -17,7 +17,7 @@ pub mod records;
 pub mod refunds;
 
 pub use grants::{CreditGrant, MAX_PACK_QUANTITY};
-pub use linking::link_customer;
+pub use linking::{Linked, link_customer};
 
 use crate::catalog::Catalog;
 use crate::ids::{IdempotencyKey, WorkspaceId};

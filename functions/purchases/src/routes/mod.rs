@@ -91,5 +91,13 @@ async fn customer(
         )
         .await
         .map_err(provider)?;
-    Ok(tally::billing::link_customer(st.docs.as_ref(), &created, workspace).await?)
+    match tally::billing::link_customer(st.docs.as_ref(), &created, workspace).await? {
+        tally::billing::Linked::Ours(c) => Ok(c),
+        // Stripe answered with a customer of another workspace: never hand it out.
+        tally::billing::Linked::Elsewhere(owner) => {
+            tracing::error!(customer = %created, owner = %owner, workspace = %workspace,
+                "Stripe answered with another workspace's customer");
+            Err(Problem::internal())
+        }
+    }
 }
