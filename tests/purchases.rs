@@ -1234,6 +1234,66 @@ mod alerts {
         }
     }
 
+    /// Staff give a top-up's money back with a credit note on its receipt (paid out of
+    /// band, no charge of its own): the top-up's credits go, once, the history line says
+    /// so, and a refund request can no longer claim the same money.
+    #[tokio::test]
+    async fn a_credit_note_on_a_top_ups_receipt_takes_its_credits_back() {
+        let app = TestApp::new();
+        let ws = "org_topup_note";
+        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        let m = member(ws, "m1");
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await; // 100 -> 28: buys a pack
+        }
+        let sent = notifications(&app).await;
+        assert!(
+            sent.iter().any(|n| n["type"] == "topup.charged"),
+            "{sent:#?}"
+        );
+        assert_eq!(app.available(ws).await, 128);
+        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body;
+        let line = history["items"][0].clone();
+        let receipt = line["invoice"].as_str().unwrap().to_owned();
+        let pi = line["payment_intent"].as_str().unwrap().to_owned();
+        let amount = line["amount"].as_u64().unwrap();
+        let note = app
+            .dashboard(
+                &format!("/sim/invoices/{receipt}/credit-note"),
+                json!({"amount": amount}),
+            )
+            .await;
+        assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
+        app.settle_billing().await;
+        assert_eq!(app.available(ws).await, 28, "the top-up's 100 credits went");
+        // Delivered again: nothing more.
+        let event = app
+            .get("/sim/events", &o)
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == "credit_note.created")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        app.dashboard(&format!("/sim/events/{event}/redeliver"), json!({}))
+            .await;
+        app.settle_billing().await;
+        assert_eq!(app.available(ws).await, 28);
+        let line = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"][0].clone();
+        assert_eq!(line["amount_credited"], json!(amount), "{line:#}");
+        app.post(
+            "/v1/refund-requests",
+            &o,
+            json!({"payment": pi, "reason": "other", "details": "want the money back too"}),
+        )
+        .await
+        .assert_problem(409, "not_refundable");
+    }
+
     fn paid_intents(sim: &tally_local::simulator::Simulator) -> usize {
         sim.events()
             .iter()

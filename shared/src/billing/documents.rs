@@ -219,7 +219,8 @@ impl BillingEvents {
                 },
             )
             .await?;
-            return Ok(());
+            // Money a credit note of the receipt gives back is the payment's.
+            return self.link_receipt(&i.id, &pi).await;
         }
         super::history::record(
             self.docs.as_ref(),

@@ -37,6 +37,10 @@ pub struct PaymentLink {
     /// The invoice the payment intent paid (subscription sign-ups, renewals, changes).
     #[serde(default)]
     pub invoice: Option<InvoiceId>,
+    /// A paid invoice documenting the payment without being paid by it (an auto top-up's
+    /// receipt, paid out of band): its credit notes give back this payment's money.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<InvoiceId>,
 }
 
 /// The lots an invoice's grants created (a plan's month, add-on units, a change), at most
@@ -218,6 +222,38 @@ impl BillingEvents {
             Some(pi) => self.follow_payment(&pi).await,
             None => Ok(()),
         }
+    }
+
+    /// A paid receipt invoice of the payment `pi` (an auto top-up's, paid out of band):
+    /// credit notes on it are followed as the payment's, whichever arrives first.
+    pub(super) async fn link_receipt(
+        &self,
+        invoice: &InvoiceId,
+        pi: &PaymentIntentId,
+    ) -> Result<(), ConsumeError> {
+        link(
+            self.docs.as_ref(),
+            &payment_pk(pi),
+            |l: &mut PaymentLink| {
+                l.receipt.is_none() && {
+                    l.receipt = Some(invoice.clone());
+                    true
+                }
+            },
+        )
+        .await?;
+        link(
+            self.docs.as_ref(),
+            &invoice_lots_pk(invoice),
+            |l: &mut InvoiceLots| {
+                l.payment_intent.is_none() && {
+                    l.payment_intent = Some(pi.clone());
+                    true
+                }
+            },
+        )
+        .await?;
+        self.follow_payment(pi).await
     }
 
     /// `invoice_payment.paid`: which payment intent paid which invoice.
@@ -478,7 +514,9 @@ impl BillingEvents {
             .disputes
             .iter()
             .any(|d| dispute_open(d.status.as_deref().unwrap_or("needs_response")));
-        let credited = self.credited(link.invoice.as_ref()).await?;
+        let credited = self
+            .credited(link.invoice.as_ref().or(link.receipt.as_ref()))
+            .await?;
         let refunds = payment.amount_refunded.get().min(paid);
         let refunded = refunds.saturating_add(credited).min(paid);
         // Money a lost dispute gave back (for the yearly months).
