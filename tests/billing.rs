@@ -152,12 +152,31 @@ struct Outcome {
     invoices: Vec<InvoiceRecord>,
     payment: Option<PaymentRecord>,
     subscription: Option<SubscriptionRecord>,
+    /// The dispute that stopped auto top-up.
+    topup_stopped_by: Option<String>,
 }
 
 async fn run(order: &[Value]) -> Outcome {
     let store = Arc::new(EmbeddedStore::in_memory());
     let (ledger, _) = ledger_over(store.clone());
     let worker = BillingEvents::new(ledger.clone(), store.clone(), None);
+    // Auto top-up on: a dispute stops it, whichever of its events comes first.
+    docs::update(
+        store.as_ref(),
+        &workspace_pk(&workspace(WS)),
+        tally::alerts::ALERTS_SK,
+        |_: Option<tally::alerts::AlertSettings>| {
+            Some(tally::alerts::AlertSettings {
+                auto_topup: Some(tally::alerts::AutoTopUp {
+                    pack: "pack_100".into(),
+                    below_credits: tally::money::Credits::new(30),
+                }),
+                ..Default::default()
+            })
+        },
+    )
+    .await
+    .unwrap();
     // A delivery whose workspace is not known yet is redelivered, as SQS would.
     let mut pending: Vec<Value> = order.to_vec();
     for _round in 0..5 {
@@ -206,6 +225,14 @@ async fn run(order: &[Value]) -> Outcome {
         subscription: docs::get(store.as_ref(), &workspace_pk(&a), SUBSCRIPTION_SK)
             .await
             .unwrap(),
+        topup_stopped_by: docs::get::<tally::alerts::AlertSettings>(
+            store.as_ref(),
+            &workspace_pk(&a),
+            tally::alerts::ALERTS_SK,
+        )
+        .await
+        .unwrap()
+        .and_then(|s| s.stopped_by_dispute),
     }
 }
 
@@ -214,6 +241,7 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
     let o = run(&history()).await;
     // Max plan 400 + 2 add-on units of 60 + two 500-credit packs.
     assert_eq!(o.available, 400 + 120 + 1000);
+    assert_eq!(o.topup_stopped_by.as_deref(), Some("dp_1"));
     let period_end = t0() + Duration::days(30);
     assert_eq!(
         o.lots,

@@ -1294,6 +1294,175 @@ mod alerts {
         .assert_problem(409, "not_refundable");
     }
 
+    /// A staff debit (taking back credits whose money went back, or a correction) that
+    /// crosses the threshold alerts but never charges the customer's card; the next
+    /// generation crossing it again still buys a pack.
+    #[tokio::test]
+    async fn a_staff_debit_crossing_the_threshold_alerts_but_buys_no_pack() {
+        let app = TestApp::new();
+        let ws = "org_staff_debit";
+        with_saved_card(
+            &app,
+            ws,
+            json!({"below_credits": [50], "auto_topup": {"pack": "pack_100", "below_credits": 30}}),
+        )
+        .await;
+        let sim = app.local.simulator.clone().unwrap();
+        let before = paid_intents(&sim);
+        let debit = app
+            .send(
+                Method::POST,
+                &format!("/v1/admin/workspaces/{ws}/adjustments"),
+                Some(&tally_tests::support()),
+                Some(&json!({"credits": -80, "reason": "refunded outside Stripe"}).to_string()),
+                &[("idempotency-key", "debit-1")],
+            )
+            .await;
+        assert_eq!(debit.status.as_u16(), 201, "{:#}", debit.body);
+        let sent = notifications(&app).await;
+        assert!(
+            sent.iter().any(|n| n["type"] == "credits.below_threshold"),
+            "{sent:#?}"
+        );
+        assert!(!TestApp::mentions_top_up(&sent), "{sent:#?}");
+        assert_eq!(paid_intents(&sim), before, "no card charged");
+        assert_eq!(app.available(ws).await, 20);
+    }
+
+    /// Spends with videos until the balance is below 30 (the top-up threshold); the
+    /// top-up notifications sent by then.
+    async fn spend_below_30(app: &TestApp, ws: &str) -> Vec<Value> {
+        let m = member(ws, "m1");
+        while app.available(ws).await >= 30 {
+            let started = app.post("/v1/generations", &m, video()).await;
+            assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+        }
+        notifications(app)
+            .await
+            .into_iter()
+            .filter(|n| n["type"].as_str().unwrap().starts_with("topup."))
+            .collect()
+    }
+
+    /// A card Stripe declined at a top-up is not tried again at the next crossing (card
+    /// networks limit retries of declined cards); saving the settings tries it again.
+    #[tokio::test]
+    async fn a_declined_card_is_not_charged_again_at_every_crossing() {
+        let app = TestApp::new();
+        let ws = "org_declines";
+        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        let sim = app.local.simulator.clone().unwrap();
+        let customer = app.sim_events("charge.succeeded").last().unwrap()["customer"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(sim.set_card_declines(&customer, true));
+        let sent = spend_below_30(&app, ws).await;
+        assert_eq!(sent.len(), 1, "{sent:#?}");
+        assert_eq!(sent[0]["type"], "topup.failed");
+        let settings = app.get("/v1/alerts", &o).await.body;
+        let card = settings["topup_claim"]["payment_method"].clone();
+        assert!(card.is_string(), "{settings:#}");
+        assert_eq!(settings["refused_card"], card, "{settings:#}");
+        // Back above the threshold, past the cooldown, and below it again: refused without
+        // asking Stripe.
+        credit_back_above_30(&app, ws, "credit-1").await;
+        let sent = spend_below_30(&app, ws).await;
+        assert_eq!(sent.len(), 2, "{sent:#?}");
+        assert_eq!(sent[1]["type"], "topup.failed");
+        assert!(
+            sent[1]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("refused the saved card"),
+            "{sent:#?}"
+        );
+        // Saved again (the owner fixed the card with the bank): tried, and charged.
+        assert!(sim.set_card_declines(&customer, false));
+        let saved = app
+            .send(
+                Method::PUT,
+                "/v1/alerts",
+                Some(&o),
+                Some(&top_up_below_30().to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(saved.status.as_u16(), 200, "{:#}", saved.body);
+        assert!(saved.body.get("refused_card").is_none(), "{:#}", saved.body);
+        let before = paid_intents(&sim);
+        credit_back_above_30(&app, ws, "credit-2").await;
+        let sent = spend_below_30(&app, ws).await;
+        assert_eq!(sent.last().unwrap()["type"], "topup.charged", "{sent:#?}");
+        assert_eq!(paid_intents(&sim), before + 1);
+    }
+
+    async fn credit_back_above_30(app: &TestApp, ws: &str, key: &str) {
+        let credit = app
+            .send(
+                Method::POST,
+                &format!("/v1/admin/workspaces/{ws}/adjustments"),
+                Some(&tally_tests::support()),
+                Some(&json!({"credits": 100, "reason": "goodwill"}).to_string()),
+                &[("idempotency-key", key)],
+            )
+            .await;
+        assert_eq!(credit.status.as_u16(), 201, "{:#}", credit.body);
+        app.advance_clock(json!({"hours": 1})).await;
+    }
+
+    /// A dispute of any of the workspace's payments stops auto top-up: the card whose
+    /// holder disputes a charge is not charged off-session, even at a crossing a
+    /// generation makes; saving the settings again resumes it.
+    #[tokio::test]
+    async fn a_dispute_stops_auto_top_up_until_the_settings_are_saved_again() {
+        let app = TestApp::new();
+        let ws = "org_dispute_stop";
+        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        buy_pack(&app, ws, "pack_100").await;
+        assert_eq!(app.available(ws).await, 200);
+        let sim = app.local.simulator.clone().unwrap();
+        let first = app.sim_events("charge.succeeded")[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let disputed = app
+            .dashboard(&format!("/sim/charges/{first}/dispute"), json!({}))
+            .await;
+        assert_eq!(disputed.status.as_u16(), 200, "{:#}", disputed.body);
+        assert_eq!(
+            app.available(ws).await,
+            100,
+            "one pack frozen, nothing crossed"
+        );
+        let stopped = app.get("/v1/alerts", &o).await.body;
+        assert!(stopped["stopped_by_dispute"].is_string(), "{stopped:#}");
+        let before = paid_intents(&sim);
+        let sent = spend_below_30(&app, ws).await;
+        assert_eq!(sent.len(), 1, "{sent:#?}");
+        assert_eq!(sent[0]["type"], "topup.failed");
+        assert!(
+            sent[0]["reason"].as_str().unwrap().contains("disputed"),
+            "{sent:#?}"
+        );
+        assert_eq!(paid_intents(&sim), before, "no card charged");
+        // The owner saves the settings again: the next crossing buys a pack.
+        let saved = app
+            .send(
+                Method::PUT,
+                "/v1/alerts",
+                Some(&o),
+                Some(&top_up_below_30().to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(saved.status.as_u16(), 200, "{:#}", saved.body);
+        credit_back_above_30(&app, ws, "credit-1").await;
+        let sent = spend_below_30(&app, ws).await;
+        assert_eq!(sent.last().unwrap()["type"], "topup.charged", "{sent:#?}");
+        assert_eq!(paid_intents(&sim), before + 1);
+    }
+
     fn paid_intents(sim: &tally_local::simulator::Simulator) -> usize {
         sim.events()
             .iter()
@@ -1384,6 +1553,67 @@ mod alerts {
             receive_count: 1,
         };
         tally::queue::Consumer::consume(&consumer, &delivery).await
+    }
+
+    /// A claim made but not charged (Stripe out of reach), then auto top-up turned off: a
+    /// later delivery of the request does not charge; while it is still on, it does.
+    #[tokio::test]
+    async fn a_claim_not_charged_before_auto_top_up_was_turned_off_is_not_charged() {
+        use tally::alerts::{AlertSettings, AutoTopUp, TopUpClaim};
+        use tally::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
+        for turned_off in [true, false] {
+            let app = TestApp::new();
+            let ws = "org_off";
+            with_saved_card(&app, ws, top_up_below_30()).await;
+            let sim = app.local.simulator.clone().unwrap();
+            let before = paid_intents(&sim);
+            let pk = workspace_pk(&tally_tests::workspace(ws));
+            let profile: BillingProfile =
+                tally::store::docs::get(app.docs.as_ref(), &pk, PROFILE_SK)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            let now = tally::clock::Clock::now(app.clock.as_ref());
+            tally::store::docs::update(
+                app.docs.as_ref(),
+                &pk,
+                tally::alerts::ALERTS_SK,
+                |cur: Option<AlertSettings>| {
+                    let mut s = cur.unwrap();
+                    s.last_topup_at = Some(now);
+                    s.topup_claim = Some(TopUpClaim {
+                        entry: 40,
+                        pack: "pack_100".into(),
+                        claimed_at: now,
+                        customer: profile.customer.clone().unwrap().to_string(),
+                        payment_method: profile.payment_method.clone().unwrap().to_string(),
+                        amount_cents: 1000,
+                        credits: 100,
+                        payment: None,
+                    });
+                    if turned_off {
+                        s.auto_topup = None;
+                    } else {
+                        s.auto_topup = Some(AutoTopUp {
+                            pack: "pack_100".into(),
+                            below_credits: tally::money::Credits::new(30),
+                        });
+                    }
+                    Some(s)
+                },
+            )
+            .await
+            .unwrap();
+            redeliver_top_up(&app, ws, 40).await.unwrap();
+            app.settle_billing().await;
+            let charged = usize::from(!turned_off);
+            assert_eq!(
+                paid_intents(&sim),
+                before + charged,
+                "turned off: {turned_off}"
+            );
+            assert_eq!(app.available(ws).await, 100 + 100 * charged as u64);
+        }
     }
 
     /// Every answer lost: the payment was made, but no delivery learnt of it, and the

@@ -40,6 +40,7 @@ async fn invoke(ledger: &Ledger, event: &str) -> (u16, Value) {
     let app = router(
         AppState {
             ledger: ledger.clone(),
+            staff_ledger: ledger.clone(),
             docs: std::sync::Arc::new(EmbeddedStore::in_memory()),
             export_limit: Some(crate::LAMBDA_EXPORT_LIMIT),
         },

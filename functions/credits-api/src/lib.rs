@@ -23,6 +23,10 @@ use utoipa::OpenApi;
 #[derive(Clone)]
 pub struct AppState {
     pub ledger: Ledger,
+    /// The ledger staff corrections run on: the same store, with an observer that only
+    /// alerts. A staff debit (often taking back credits whose money went back) is no
+    /// reason to charge the customer's card.
+    pub staff_ledger: Ledger,
     /// Billing documents: whether a workspace has a billing profile.
     pub docs: std::sync::Arc<dyn tally::store::DocStore>,
     /// How large (and how long to build) a CSV export may be, built whole before it is

@@ -18,10 +18,14 @@ async fn main() -> Result<(), lambda_http::Error> {
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
+    let mut staff_ledger = ledger.clone();
+    staff_ledger.observer =
+        Some(tally::alerts::alerts_only(store.clone(), catalog.clone(), &cfg.alerts).await);
     ledger.observer = Some(tally::alerts::from_config(store.clone(), catalog, &cfg.alerts).await);
     let docs = store.clone();
     let state = AppState {
         ledger,
+        staff_ledger,
         docs,
         export_limit: Some(credits_api::LAMBDA_EXPORT_LIMIT),
     };

@@ -259,6 +259,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     )));
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),
+        staff_ledger: alerting.clone(),
         docs: cfg.docs.clone(),
         export_limit: cfg.export_limit,
     };

@@ -46,6 +46,40 @@ pub struct AlertSettings {
     /// The last top-up claimed: which crossing claimed it, and the payment once made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topup_claim: Option<TopUpClaim>,
+    /// The saved card (`pm_...`) Stripe refused at the last top-up (declined, expired):
+    /// it is not tried again, so a declining card is not charged at every crossing. A
+    /// card saved since (at a checkout) is tried; saving these settings tries this one
+    /// again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_card: Option<String>,
+    /// A dispute (`dp_...`) of one of the workspace's payments, seen while auto top-up was
+    /// on: no card is charged off-session until these settings are saved again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by_dispute: Option<String>,
+}
+
+/// A dispute of a payment of `workspace`: auto top-up, if on, stops until the owner saves
+/// the settings again (a card whose holder disputes a charge is not charged again).
+pub async fn stop_for_dispute(
+    docs: &dyn DocStore,
+    workspace: &crate::ids::WorkspaceId,
+    dispute: &str,
+) -> Result<(), crate::store::StoreError> {
+    crate::store::docs::update(
+        docs,
+        &crate::billing::records::workspace_pk(workspace),
+        ALERTS_SK,
+        |cur: Option<AlertSettings>| {
+            let mut s = cur?;
+            if s.auto_topup.is_none() || s.stopped_by_dispute.is_some() {
+                return None;
+            }
+            s.stopped_by_dispute = Some(dispute.to_owned());
+            Some(s)
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 /// A top-up claimed by the crossing at journal entry `entry`.

@@ -52,10 +52,11 @@ pub struct TopUpRequest {
 
 impl TopUpRequest {
     pub fn message(&self) -> Message {
+        let ws = queue_name(&self.workspace);
         Message {
             body: serde_json::to_string(self).expect("a top-up request serialises"),
-            group_id: Some(format!("topup-{}", self.workspace)),
-            dedup_id: Some(format!("topup-{}-{}", self.workspace, self.entry)),
+            group_id: Some(format!("topup-{ws}")),
+            dedup_id: Some(format!("topup-{ws}-{}", self.entry)),
         }
     }
 
@@ -67,6 +68,22 @@ impl TopUpRequest {
         }
         serde_json::from_str::<Kind>(body)
             .is_ok_and(|k| k.kind.as_deref() == Some(TOPUP_REQUEST_KIND))
+    }
+}
+
+/// The workspace as it names a top-up's message group and deduplication id, which SQS
+/// caps at 128 characters: the id itself up to 96 characters (a workspace id may have
+/// 128), else its first 64 and a digest of the whole.
+fn queue_name(workspace: &WorkspaceId) -> String {
+    let s = workspace.as_str();
+    if s.len() <= 96 {
+        s.to_owned()
+    } else {
+        format!(
+            "{}~{}",
+            &s[..64],
+            crate::payments::stripe_api::short_digest(s)
+        )
     }
 }
 
@@ -139,8 +156,18 @@ impl TopUps {
             docs::get(self.docs.as_ref(), &workspace_pk(workspace), ALERTS_SK)
                 .await
                 .map_err(retry_store)?;
+        let turned_off = settings.as_ref().is_none_or(|s| s.auto_topup.is_none());
         let earlier = settings.and_then(|s| s.topup_claim);
         let claim = match earlier {
+            // Claimed but not charged yet (Stripe was out of reach), and auto top-up turned
+            // off since: the owner no longer wants it. Should the earlier attempt have
+            // reached Stripe after all, its payment stands and its credits arrive through
+            // the webhook.
+            Some(c) if c.entry == req.entry && c.payment.is_none() && turned_off => {
+                tracing::warn!(workspace = %workspace, entry = req.entry,
+                    "auto top-up turned off before its claim was charged; not charged");
+                return Ok(Ended::Withdrawn);
+            }
             Some(c) if c.entry == req.entry => c,
             Some(c) if c.entry > req.entry => {
                 // A later crossing has claimed since (only a redrive delivers out of order):
@@ -223,7 +250,14 @@ impl TopUps {
                              its payment intent (metadata topup) before anything else ({message})"
                         )));
                     }
-                    Err(e) => return Ok(Ended::Failed(e.to_string())),
+                    Err(e) => {
+                        // Not tried again at the next crossing (card networks limit retries
+                        // of a declined card).
+                        self.record_refused(req, &claim.payment_method)
+                            .await
+                            .map_err(retry_store)?;
+                        return Ok(Ended::Failed(e.to_string()));
+                    }
                 };
                 self.record_payment(req, &paid).await.map_err(retry_store)?;
                 paid
@@ -302,6 +336,22 @@ impl TopUps {
                     result = Err(Ended::Failed("the pack no longer exists".into()));
                     return None;
                 };
+                if let Some(dispute) = &s.stopped_by_dispute {
+                    result = Err(Ended::Failed(format!(
+                        "a payment of the workspace is disputed ({dispute}): auto top-up is \
+                         stopped until the alert settings are saved again"
+                    )));
+                    return None;
+                }
+                if s.refused_card.as_deref() == Some(payment_method.as_str()) {
+                    result = Err(Ended::Failed(
+                        "Stripe refused the saved card at the last top-up: it is tried again \
+                         once the alert settings are saved again, or a new card is saved at \
+                         checkout"
+                            .into(),
+                    ));
+                    return None;
+                }
                 if s.last_topup_at
                     .is_some_and(|t| now - t < chrono::Duration::minutes(TOPUP_COOLDOWN_MINUTES))
                 {
@@ -330,6 +380,26 @@ impl TopUps {
         Ok((result, named))
     }
 
+    /// Keeps the card Stripe refused for this request's claim on the settings.
+    async fn record_refused(&self, req: &TopUpRequest, card: &str) -> Result<(), StoreError> {
+        docs::update(
+            self.docs.as_ref(),
+            &workspace_pk(&req.workspace),
+            ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                let mut s = cur?;
+                let ours = s.topup_claim.as_ref().is_some_and(|c| c.entry == req.entry);
+                if !ours || s.refused_card.as_deref() == Some(card) {
+                    return None;
+                }
+                s.refused_card = Some(card.to_owned());
+                Some(s)
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Keeps the payment on the claim, so a redelivery does not charge again even after
     /// Stripe has forgotten the idempotency key.
     async fn record_payment(
@@ -353,5 +423,44 @@ impl TopUps {
         )
         .await
         .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(workspace: &str, entry: u64) -> TopUpRequest {
+        TopUpRequest {
+            kind: TOPUP_REQUEST_KIND.into(),
+            workspace: WorkspaceId::parse(workspace).unwrap(),
+            entry,
+            topup: AutoTopUp {
+                pack: "pack_100".into(),
+                below_credits: Credits::new(30),
+            },
+            available: Credits::new(10),
+            discount_pct: 0,
+        }
+    }
+
+    #[test]
+    fn a_top_ups_message_ids_fit_sqs_for_every_workspace_id() {
+        let short = request("org_1", 7).message();
+        assert_eq!(short.group_id.as_deref(), Some("topup-org_1"));
+        assert_eq!(short.dedup_id.as_deref(), Some("topup-org_1-7"));
+        let a = format!("{}a", "x".repeat(127));
+        let b = format!("{}b", "x".repeat(127));
+        for ws in [&a, &b, &"y".repeat(96), &"z".repeat(97)] {
+            let m = request(ws, u64::MAX).message();
+            for id in [m.group_id.unwrap(), m.dedup_id.unwrap()] {
+                assert!(id.len() <= 128, "{} characters: {id}", id.len());
+            }
+        }
+        // Long ids sharing a prefix still name their own groups.
+        assert_ne!(
+            request(&a, 1).message().group_id,
+            request(&b, 1).message().group_id
+        );
     }
 }

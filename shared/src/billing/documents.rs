@@ -645,10 +645,26 @@ impl BillingEvents {
             disputes: Vec::new(),
             receipt_url: c.receipt_url.clone(),
         };
-        docs::update(self.docs.as_ref(), &charge_pk(&c.id), PAYMENT_SK, |cur| {
-            PaymentRecord::merge(cur, record.clone())
-        })
+        // A dispute recorded before the charge named its workspace (delivered out of
+        // order) stops auto top-up now.
+        let mut disputed_before: Option<String> = None;
+        docs::update(
+            self.docs.as_ref(),
+            &charge_pk(&c.id),
+            PAYMENT_SK,
+            |cur: Option<PaymentRecord>| {
+                disputed_before = cur
+                    .as_ref()
+                    .filter(|p| p.workspace.is_none())
+                    .and_then(|p| p.disputes.first())
+                    .map(|d| d.id.to_string());
+                PaymentRecord::merge(cur, record.clone())
+            },
+        )
         .await?;
+        if let (Some(ws), Some(dispute)) = (&record.workspace, &disputed_before) {
+            crate::alerts::stop_for_dispute(self.docs.as_ref(), ws, dispute).await?;
+        }
         // The card of the latest successful payment is the one auto top-up uses. Only a
         // card: auto top-up charges a card off-session, at once (a bank debit would stay
         // `processing` for days, a wallet or a redirect method cannot be charged so).
@@ -717,11 +733,18 @@ impl BillingEvents {
             }],
             ..PaymentRecord::new(charge.clone())
         };
-        docs::update(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK, |cur| {
+        let stored = docs::update(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK, |cur| {
             PaymentRecord::merge(cur, record.clone())
         })
         .await?;
         tracing::warn!(charge = %charge, dispute = %d.id, amount = d.amount, "dispute recorded");
+        // A card whose holder disputes a charge is not charged again off-session (when the
+        // charge's workspace is not known yet, its charge event does this).
+        if event.kind == "charge.dispute.created"
+            && let Some(ws) = stored.as_ref().and_then(|p| p.workspace.as_ref())
+        {
+            crate::alerts::stop_for_dispute(self.docs.as_ref(), ws, d.id.as_str()).await?;
+        }
         let pi = match d.payment_intent.id() {
             Some(pi) => Some(pi.clone()),
             None => docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK)

@@ -143,8 +143,9 @@ pub async fn adjust(
     }
     // Instrumented, not entered: the span is current only while this request's future runs.
     let span = tracing::info_span!("adjust", workspace = %workspace, admin = %who.sub);
+    // On the staff ledger: a debit's crossing alerts but buys no pack.
     let outcome = app
-        .ledger
+        .staff_ledger
         .execute(LedgerRequest {
             workspace: workspace.clone(),
             key,
