@@ -505,6 +505,39 @@ async fn months_that_began_before_a_subscription_ended_are_granted_however_late_
     assert_eq!(forfeited, (3..12).collect::<Vec<_>>());
 }
 
+/// The subscription document still names the one this yearly plan replaced: its deletion
+/// came after the new subscription's events, which could not replace it while it looked
+/// alive. Ended before the paid year began, it takes none of the year's months; one that
+/// ended inside the year says the year's own subscription may not be in effect.
+#[tokio::test]
+async fn a_predecessor_ended_before_the_paid_year_does_not_take_its_months() {
+    let p = embedded();
+    for (ws, ended, months) in [
+        ("stale", start() - Duration::days(1), 11),
+        ("overlapping", start() + Duration::days(10), 0),
+    ] {
+        paid_yearly(&p, ws, "max", 0).await;
+        docs::update(
+            p.docs.as_ref(),
+            &workspace_pk(&workspace(ws)),
+            SUBSCRIPTION_SK,
+            |r: Option<SubscriptionRecord>| {
+                let mut r = r.unwrap();
+                r.id = SubscriptionId::parse("sub_before").unwrap();
+                r.status = PlanStatus::Canceled;
+                r.stripe_status = "canceled".into();
+                r.ended_at = Some(ended);
+                Some(r)
+            },
+        )
+        .await
+        .unwrap();
+        play_until(&p, start() + Duration::days(400)).await;
+        let granted = plan_grants(&p, ws).await;
+        assert_eq!(granted.len(), months, "{ws}: {granted:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_changed_level_applies_to_later_allotments_only_and_the_latest_change_wins() {
     let p = embedded();

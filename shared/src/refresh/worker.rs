@@ -197,10 +197,20 @@ impl Refresher {
         // replaced, forfeits them.
         // A month that began before the subscription ended was paid and owed then, however
         // late the worker comes to it.
+        // The record may still name the subscription this one replaced, ended before this
+        // period began: the new one's events came before the old one's deletion, which
+        // they could not replace while it looked alive. The paid period is this
+        // subscription's, and nothing says it has ended.
+        let predecessor = |r: &SubscriptionRecord| {
+            r.id != doc.subscription
+                && r.status == PlanStatus::Canceled
+                && r.ended_at.is_some_and(|e| e <= doc.period_start)
+        };
         let in_effect_at = |at: DateTime<Utc>| {
             record.as_ref().is_some_and(|r| {
-                r.id == doc.subscription
-                    && (r.status != PlanStatus::Canceled || r.ended_at.is_some_and(|e| at < e))
+                (r.id == doc.subscription
+                    && (r.status != PlanStatus::Canceled || r.ended_at.is_some_and(|e| at < e)))
+                    || predecessor(r)
             })
         };
 
