@@ -577,7 +577,13 @@ async fn an_event_naming_another_workspaces_customer_reaches_nothing_of_it() {
     sub["data"]["object"]["metadata"]["org_id"] = json!("globex");
     let mut pack = pack_checkout();
     pack["data"]["object"]["metadata"]["org_id"] = json!("globex");
-    for e in [&sub, &pack] {
+    // Its renewal invoice and its charge, named for the other workspace too.
+    let mut paid = invoice("evt_inv_other", "invoice.paid", at(1), "paid");
+    paid["data"]["object"]["parent"]["subscription_details"]["metadata"]["org_id"] =
+        json!("globex");
+    let mut charged = charge("evt_charge_other", "charge.succeeded", at(1), 0);
+    charged["data"]["object"]["metadata"] = json!({"org_id": "globex"});
+    for e in [&sub, &pack, &paid, &charged] {
         assert!(
             matches!(
                 worker.consume(&deliver(e)).await,
@@ -598,6 +604,19 @@ async fn an_event_naming_another_workspaces_customer_reaches_nothing_of_it() {
     assert!(subscription.is_none());
     let state = worker.ledger.workspace_now(&other).await.unwrap();
     assert_eq!(state.balance().available.get(), 0);
+    let invoices: Vec<InvoiceRecord> =
+        docs::list(store.as_ref(), &workspace_pk(&other), INVOICE_PREFIX, 100)
+            .await
+            .unwrap();
+    assert!(invoices.is_empty(), "{invoices:?}");
+    let payment: Option<PaymentRecord> = docs::get(
+        store.as_ref(),
+        &charge_pk(&ChargeId::parse("ch_first").unwrap()),
+        PAYMENT_SK,
+    )
+    .await
+    .unwrap();
+    assert!(payment.is_none(), "{payment:?}");
     // The customer's own workspace keeps it.
     let own: BillingProfile = docs::get(store.as_ref(), &workspace_pk(&workspace(WS)), PROFILE_SK)
         .await

@@ -1295,8 +1295,7 @@ mod alerts {
     }
 
     /// A staff debit (taking back credits whose money went back, or a correction) that
-    /// crosses the threshold alerts but never charges the customer's card; the next
-    /// generation crossing it again still buys a pack.
+    /// crosses the threshold alerts but never charges the customer's card.
     #[tokio::test]
     async fn a_staff_debit_crossing_the_threshold_alerts_but_buys_no_pack() {
         let app = TestApp::new();
@@ -1457,6 +1456,19 @@ mod alerts {
             )
             .await;
         assert_eq!(saved.status.as_u16(), 200, "{:#}", saved.body);
+        // Later events of the same dispute (evidence submitted, a redrive) change nothing now.
+        let dispute = app.sim_events("charge.dispute.created")[0].clone();
+        for (id, kind) in [
+            ("evt_dp_again", "charge.dispute.created"),
+            ("evt_dp_updated", "charge.dispute.updated"),
+        ] {
+            let now = tally::clock::Clock::now(app.clock.as_ref()).timestamp();
+            let e = tally_tests::stripe_event(id, kind, now, dispute.clone());
+            assert_eq!(app.deliver_signed(&e).await, 200);
+        }
+        app.settle_billing().await;
+        let resumed = app.get("/v1/alerts", &o).await.body;
+        assert!(resumed.get("stopped_by_dispute").is_none(), "{resumed:#}");
         credit_back_above_30(&app, ws, "credit-1").await;
         let sent = spend_below_30(&app, ws).await;
         assert_eq!(sent.last().unwrap()["type"], "topup.charged", "{sent:#?}");
@@ -1555,13 +1567,14 @@ mod alerts {
         tally::queue::Consumer::consume(&consumer, &delivery).await
     }
 
-    /// A claim made but not charged (Stripe out of reach), then auto top-up turned off: a
-    /// later delivery of the request does not charge; while it is still on, it does.
+    /// A claim made but not charged (Stripe out of reach), then auto top-up turned off or
+    /// stopped by a dispute: a later delivery of the request does not charge; while it is
+    /// still on, it does.
     #[tokio::test]
     async fn a_claim_not_charged_before_auto_top_up_was_turned_off_is_not_charged() {
         use tally::alerts::{AlertSettings, AutoTopUp, TopUpClaim};
         use tally::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
-        for turned_off in [true, false] {
+        for (turned_off, disputed) in [(true, false), (false, true), (false, false)] {
             let app = TestApp::new();
             let ws = "org_off";
             with_saved_card(&app, ws, top_up_below_30()).await;
@@ -1591,6 +1604,9 @@ mod alerts {
                         credits: 100,
                         payment: None,
                     });
+                    if disputed {
+                        s.stopped_by_dispute = Some("dp_1".into());
+                    }
                     if turned_off {
                         s.auto_topup = None;
                     } else {
@@ -1606,11 +1622,18 @@ mod alerts {
             .unwrap();
             redeliver_top_up(&app, ws, 40).await.unwrap();
             app.settle_billing().await;
-            let charged = usize::from(!turned_off);
+            let charged = usize::from(!turned_off && !disputed);
             assert_eq!(
                 paid_intents(&sim),
                 before + charged,
-                "turned off: {turned_off}"
+                "turned off: {turned_off}, disputed: {disputed}"
+            );
+            let sent = notifications(&app).await;
+            assert_eq!(
+                sent.iter().any(|n| n["type"] == "topup.failed"
+                    && n["reason"].as_str().unwrap().contains("disputed")),
+                disputed,
+                "{sent:#?}"
             );
             assert_eq!(app.available(ws).await, 100 + 100 * charged as u64);
         }

@@ -87,6 +87,13 @@ fn queue_name(workspace: &WorkspaceId) -> String {
     }
 }
 
+fn disputed_reason(dispute: &str) -> String {
+    format!(
+        "a payment of the workspace is disputed ({dispute}): auto top-up is stopped until the \
+         alert settings are saved again"
+    )
+}
+
 /// Consumes top-up requests: claims, charges and reports each once.
 pub struct TopUps {
     pub docs: Arc<dyn DocStore>,
@@ -157,16 +164,22 @@ impl TopUps {
                 .await
                 .map_err(retry_store)?;
         let turned_off = settings.as_ref().is_none_or(|s| s.auto_topup.is_none());
+        let disputed = settings.as_ref().and_then(|s| s.stopped_by_dispute.clone());
         let earlier = settings.and_then(|s| s.topup_claim);
         let claim = match earlier {
             // Claimed but not charged yet (Stripe was out of reach), and auto top-up turned
-            // off since: the owner no longer wants it. Should the earlier attempt have
-            // reached Stripe after all, its payment stands and its credits arrive through
-            // the webhook.
+            // off or stopped by a dispute since: not charged now. Should the earlier attempt
+            // have reached Stripe after all, its payment stands and its credits arrive
+            // through the webhook.
             Some(c) if c.entry == req.entry && c.payment.is_none() && turned_off => {
                 tracing::warn!(workspace = %workspace, entry = req.entry,
                     "auto top-up turned off before its claim was charged; not charged");
                 return Ok(Ended::Withdrawn);
+            }
+            Some(c) if c.entry == req.entry && c.payment.is_none() && disputed.is_some() => {
+                return Ok(Ended::Failed(disputed_reason(
+                    disputed.as_deref().unwrap_or_default(),
+                )));
             }
             Some(c) if c.entry == req.entry => c,
             Some(c) if c.entry > req.entry => {
@@ -337,10 +350,7 @@ impl TopUps {
                     return None;
                 };
                 if let Some(dispute) = &s.stopped_by_dispute {
-                    result = Err(Ended::Failed(format!(
-                        "a payment of the workspace is disputed ({dispute}): auto top-up is \
-                         stopped until the alert settings are saved again"
-                    )));
+                    result = Err(Ended::Failed(disputed_reason(dispute)));
                     return None;
                 }
                 if s.refused_card.as_deref() == Some(payment_method.as_str()) {

@@ -220,7 +220,7 @@ impl BillingEvents {
             )
             .await?;
             // Money a credit note of the receipt gives back is the payment's.
-            return self.link_receipt(&i.id, &pi).await;
+            return self.link_receipt(&i.id, &pi, workspace).await;
         }
         super::history::record(
             self.docs.as_ref(),
@@ -596,7 +596,10 @@ impl BillingEvents {
         c: objects::Charge,
     ) -> Result<(), ConsumeError> {
         let workspace = match Self::metadata_workspace(&c.metadata)? {
-            Some(a) => Some(a),
+            Some(a) => Some(
+                self.named_workspace(a, c.customer.id(), &format!("charge {}", c.id))
+                    .await?,
+            ),
             None => match self.customer_workspace(c.customer.id()).await? {
                 Some(a) => Some(a),
                 // The checkout that links this customer may not have been applied yet.
@@ -733,18 +736,25 @@ impl BillingEvents {
             }],
             ..PaymentRecord::new(charge.clone())
         };
-        let stored = docs::update(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK, |cur| {
+        // A card whose holder disputes a charge is not charged again off-session: a dispute
+        // seen for the first time stops auto top-up (before it is recorded, so a retry
+        // after a failure stops it still; a redelivery later, once the owner has saved the
+        // settings again, does not). When the charge's workspace is not known yet, its
+        // charge event does this.
+        let before: Option<PaymentRecord> =
+            docs::get(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK).await?;
+        if let Some(ws) = before
+            .as_ref()
+            .filter(|p| !p.disputes.iter().any(|x| x.id == d.id))
+            .and_then(|p| p.workspace.as_ref())
+        {
+            crate::alerts::stop_for_dispute(self.docs.as_ref(), ws, d.id.as_str()).await?;
+        }
+        docs::update(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK, |cur| {
             PaymentRecord::merge(cur, record.clone())
         })
         .await?;
         tracing::warn!(charge = %charge, dispute = %d.id, amount = d.amount, "dispute recorded");
-        // A card whose holder disputes a charge is not charged again off-session (when the
-        // charge's workspace is not known yet, its charge event does this).
-        if event.kind == "charge.dispute.created"
-            && let Some(ws) = stored.as_ref().and_then(|p| p.workspace.as_ref())
-        {
-            crate::alerts::stop_for_dispute(self.docs.as_ref(), ws, d.id.as_str()).await?;
-        }
         let pi = match d.payment_intent.id() {
             Some(pi) => Some(pi.clone()),
             None => docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK)

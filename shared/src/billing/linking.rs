@@ -23,7 +23,8 @@ impl BillingEvents {
             Linked::Ours(_) => Ok(()),
             Linked::Elsewhere(owner) => Err(poison(format!(
                 "Stripe customer {customer} belongs to workspace {owner}, not {workspace} as \
-                 the object's metadata says: fix the metadata in Stripe, then redrive"
+                 the object's metadata says: not applied; grant or adjust by hand if it paid \
+                 for something, after fixing the metadata in Stripe"
             ))),
         }
     }
@@ -48,17 +49,41 @@ impl BillingEvents {
             .transpose()
     }
 
+    /// The workspace an object's metadata names, unless its Stripe customer belongs to
+    /// another workspace: then the object (metadata edited in the dashboard) goes to the
+    /// dead letters rather than filing one workspace's invoice, payment or card under
+    /// another, or granting its credits there.
+    pub(super) async fn named_workspace(
+        &self,
+        named: WorkspaceId,
+        customer: Option<&CustomerId>,
+        object: &str,
+    ) -> Result<WorkspaceId, ConsumeError> {
+        match self.customer_workspace(customer).await? {
+            Some(owner) if owner != named => Err(poison(format!(
+                "{object} names workspace {named}, but its Stripe customer belongs to {owner}: \
+                 not applied; grant or adjust by hand if it paid for something, after fixing \
+                 the metadata in Stripe"
+            ))),
+            _ => Ok(named),
+        }
+    }
+
     pub(super) async fn invoice_workspace(
         &self,
         invoice: &objects::Invoice,
     ) -> Result<WorkspaceId, ConsumeError> {
-        if let Some(a) = Self::metadata_workspace(&invoice.metadata)? {
-            return Ok(a);
-        }
-        if let Some(d) = invoice.subscription_details()
-            && let Some(a) = Self::metadata_workspace(&d.metadata)?
-        {
-            return Ok(a);
+        let named = match Self::metadata_workspace(&invoice.metadata)? {
+            Some(a) => Some(a),
+            None => match invoice.subscription_details() {
+                Some(d) => Self::metadata_workspace(&d.metadata)?,
+                None => None,
+            },
+        };
+        if let Some(a) = named {
+            return self
+                .named_workspace(a, invoice.customer.id(), &format!("invoice {}", invoice.id))
+                .await;
         }
         self.customer_workspace(invoice.customer.id())
             .await?

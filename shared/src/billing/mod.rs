@@ -608,8 +608,11 @@ impl BillingEvents {
         if !grants::is_top_up(&pi) {
             return Ok(());
         }
-        let workspace = Self::metadata_workspace(&pi.metadata)?
+        let named = Self::metadata_workspace(&pi.metadata)?
             .ok_or_else(|| poison(format!("top-up {} names no workspace", pi.id)))?;
+        let workspace = self
+            .named_workspace(named, pi.customer.id(), &format!("top-up {}", pi.id))
+            .await?;
         let grant = grants::top_up_grant(&pi, self.catalog())?;
         self.grant(event, &workspace, grant).await
     }

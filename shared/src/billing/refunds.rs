@@ -115,7 +115,7 @@ pub const LINK_SK: &str = "LINK";
 async fn link<T>(
     docs: &dyn docs::DocStore,
     pk: &str,
-    set: impl Fn(&mut T) -> bool,
+    mut set: impl FnMut(&mut T) -> bool,
 ) -> Result<(), ConsumeError>
 where
     T: Default + Clone + Serialize + serde::de::DeserializeOwned,
@@ -226,22 +226,32 @@ impl BillingEvents {
 
     /// A paid receipt invoice of the payment `pi` (an auto top-up's, paid out of band):
     /// credit notes on it are followed as the payment's, whichever arrives first.
+    /// A receipt of another workspace than the payment's (metadata copied by hand) is
+    /// not linked.
     pub(super) async fn link_receipt(
         &self,
         invoice: &InvoiceId,
         pi: &PaymentIntentId,
+        workspace: &WorkspaceId,
     ) -> Result<(), ConsumeError> {
+        let mut other = false;
         link(
             self.docs.as_ref(),
             &payment_pk(pi),
             |l: &mut PaymentLink| {
-                l.receipt.is_none() && {
+                other = l.workspace.as_ref().is_some_and(|w| w != workspace);
+                !other && l.receipt.is_none() && {
                     l.receipt = Some(invoice.clone());
                     true
                 }
             },
         )
         .await?;
+        if other {
+            tracing::error!(invoice = %invoice, payment = %pi, workspace = %workspace,
+                "a top-up receipt names another workspace's payment; not linked");
+            return Ok(());
+        }
         link(
             self.docs.as_ref(),
             &invoice_lots_pk(invoice),
