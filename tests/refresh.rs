@@ -538,6 +538,46 @@ async fn a_predecessor_ended_before_the_paid_year_does_not_take_its_months() {
     }
 }
 
+/// A new period of the same subscription recorded minutes after a yearly month fell due,
+/// before the worker came to it (a switch to monthly, a billing-cycle reset): the month
+/// is still granted, once, at its own level.
+#[tokio::test]
+async fn a_month_due_before_a_new_period_was_recorded_is_still_granted() {
+    let p = embedded();
+    let ws = "switched";
+    paid_yearly(&p, ws, "max", 0).await;
+    let due = add_months(start(), 1); // 29 Feb 2028
+    let switched = due + Duration::minutes(5);
+    p.clock.set(switched);
+    let mut monthly = period(ws, Interval::Monthly, "plus", 0);
+    monthly.invoice = InvoiceId::parse("in_switch").unwrap();
+    monthly.period_start = switched;
+    monthly.period_end = add_months(switched, 1);
+    refresh::record_paid_period(p.docs.as_ref(), &monthly, switched)
+        .await
+        .unwrap();
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, switched).await;
+    assert!(doc_of(&p, ws).await.previous.is_some());
+    play_until(&p, switched + Duration::days(3)).await;
+    assert_eq!(plan_grants(&p, ws).await, vec![((2, 29), 400)]);
+    assert!(doc_of(&p, ws).await.previous.is_none());
+    // Run again: nothing more.
+    Refresher::new(p.ledger.clone(), p.docs.clone())
+        .run(&job_for(ws, p.clock.now()))
+        .await
+        .unwrap();
+    assert_eq!(plan_grants(&p, ws).await.len(), 1);
+    // A period recorded with no month owed keeps no previous one.
+    let mut next = monthly.clone();
+    next.invoice = InvoiceId::parse("in_next").unwrap();
+    next.period_start = monthly.period_end;
+    next.period_end = add_months(monthly.period_end, 1);
+    refresh::record_paid_period(p.docs.as_ref(), &next, monthly.period_end)
+        .await
+        .unwrap();
+    assert!(doc_of(&p, ws).await.previous.is_none());
+}
+
 #[tokio::test]
 async fn a_changed_level_applies_to_later_allotments_only_and_the_latest_change_wins() {
     let p = embedded();

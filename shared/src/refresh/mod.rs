@@ -152,6 +152,12 @@ pub struct RefreshDoc {
     /// and the change becomes one of its changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opened_by: Option<OpeningChange>,
+    /// The period of the same subscription this one replaced, kept while months of it
+    /// that fell due before this period began are not granted yet (a new period recorded
+    /// before the worker came to them: a switch to monthly, a billing-cycle reset). Never
+    /// holds a previous period of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<RefreshDoc>>,
 }
 
 /// The paid change that opened a refresh document (see [`RefreshDoc::opened_by`]).
@@ -243,7 +249,24 @@ impl RefreshDoc {
             earlier: None,
             changes: Vec::new(),
             opened_by: None,
+            previous: None,
         }
+    }
+
+    /// This document, as the `previous` of the period `p` replacing it at `now`, if it has
+    /// months that fell due before `p` began and were not granted yet.
+    fn owed_before(&self, p: &PaidPeriod, now: DateTime<Utc>) -> Option<Box<Self>> {
+        let owed = self.subscription == p.subscription
+            && self.opened_by.is_none()
+            && schedule::due_allotments(self, now)
+                .iter()
+                .any(|a| a.at < p.period_start);
+        owed.then(|| {
+            Box::new(Self {
+                previous: None,
+                ..self.clone()
+            })
+        })
     }
 
     /// The period's own invoice, for a document a change opened before it: the period's
@@ -479,7 +502,9 @@ pub async fn record_paid_period(
                 current => {
                     let mut fresh = RefreshDoc::from_period(p);
                     // The ledger's next settlement does not depend on the period.
-                    fresh.settle_at = current.and_then(|c| c.settle_at);
+                    fresh.settle_at = current.as_ref().and_then(|c| c.settle_at);
+                    // Months of the replaced period already due are still owed.
+                    fresh.previous = current.and_then(|c| c.owed_before(p, now));
                     fresh
                 }
             };

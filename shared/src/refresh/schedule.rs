@@ -217,10 +217,17 @@ pub fn next_due(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Utc>> {
         .into_iter()
         .find(|a| a.k >= doc.next_allotment && doc.opened_by.is_none())
         .map(|a| a.at);
-    [allotment, renewal_check_at(doc, grace), doc.settle_at]
-        .into_iter()
-        .flatten()
-        .min()
+    // Months a replaced period still owes fell due already.
+    let previous = doc.previous.as_ref().map(|p| p.period_start);
+    [
+        allotment,
+        renewal_check_at(doc, grace),
+        doc.settle_at,
+        previous,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
 }
 
 #[cfg(test)]
@@ -255,6 +262,7 @@ mod tests {
             earlier: None,
             changes: Vec::new(),
             opened_by: None,
+            previous: None,
         }
     }
 

@@ -214,6 +214,27 @@ impl Refresher {
             })
         };
 
+        // Months the period this one replaced still owed: due before this period began,
+        // not granted when it was recorded. Same subscription, so in effect on their dates
+        // unless it had ended by then.
+        if let Some(prev) = &doc.previous {
+            for a in schedule::due_allotments(prev, now)
+                .into_iter()
+                .filter(|a| a.at < doc.period_start)
+            {
+                let in_effect = record.as_ref().is_some_and(|r| {
+                    r.id == prev.subscription
+                        && (r.status != PlanStatus::Canceled
+                            || r.ended_at.is_some_and(|e| a.at < e))
+                });
+                if in_effect {
+                    self.allot(prev, &a, now, &mut report).await?;
+                } else {
+                    report.forfeited.push(a.k);
+                }
+            }
+        }
+
         let mut next_allotment = doc.next_allotment;
         for a in schedule::due_allotments(&doc, now) {
             let in_effect = in_effect_at(a.at);
@@ -227,24 +248,7 @@ impl Refresher {
                 break;
             }
             if in_effect {
-                let grants =
-                    schedule::grants(&doc, &a, &self.ledger.catalog).map_err(|reason| {
-                        RefreshError::Invalid {
-                            workspace: ws.clone(),
-                            reason,
-                        }
-                    })?;
-                // A tick this late would grant credits that lapse at once.
-                let (grants, expired): (Vec<_>, Vec<_>) =
-                    grants.into_iter().partition(|g| g.expires_at > now);
-                for g in expired {
-                    tracing::warn!(key = %g.key, "allotment already expired; not granted");
-                    report.skipped_expired.push(g.key);
-                }
-                let count = grants.len();
-                for (i, g) in grants.into_iter().enumerate() {
-                    self.grant(&doc, g, i + 1 == count, &mut report).await?;
-                }
+                self.allot(&doc, &a, now, &mut report).await?;
             } else {
                 tracing::info!(
                     allotment = a.k,
@@ -284,6 +288,10 @@ impl Refresher {
                     }
                 }
                 next.settle_at = settle_at;
+                // The replaced period's months were dealt with above.
+                if next.previous.is_some() && next.previous == doc.previous {
+                    next.previous = None;
+                }
                 if next == current {
                     return None;
                 }
@@ -294,6 +302,34 @@ impl Refresher {
         .await?;
         report.next_due = stored.and_then(|d| schedule::next_due(&d, grace));
         Ok(report)
+    }
+
+    /// Grants the allotment `a` of `doc`'s period, as its level and money given back say.
+    async fn allot(
+        &self,
+        doc: &RefreshDoc,
+        a: &schedule::Allotment,
+        now: DateTime<Utc>,
+        report: &mut JobReport,
+    ) -> Result<(), RefreshError> {
+        let grants = schedule::grants(doc, a, &self.ledger.catalog).map_err(|reason| {
+            RefreshError::Invalid {
+                workspace: doc.workspace.clone(),
+                reason,
+            }
+        })?;
+        // A tick this late would grant credits that lapse at once.
+        let (grants, expired): (Vec<_>, Vec<_>) =
+            grants.into_iter().partition(|g| g.expires_at > now);
+        for g in expired {
+            tracing::warn!(key = %g.key, "allotment already expired; not granted");
+            report.skipped_expired.push(g.key);
+        }
+        let count = grants.len();
+        for (i, g) in grants.into_iter().enumerate() {
+            self.grant(doc, g, i + 1 == count, report).await?;
+        }
+        Ok(())
     }
 
     async fn grant(
