@@ -140,8 +140,15 @@ fn every_ledger_function_alerts_and_the_top_ups_queue_is_sent_to_and_consumed_as
         let main =
             std::fs::read_to_string(repo(&format!("functions/{binary}/src/main.rs"))).unwrap();
         let main: String = main.split_whitespace().collect();
-        let buys = main.contains("ledger.observer=Some(tally::alerts::from_config(");
-        let alerts_only = main.contains("ledger.observer=Some(tally::alerts::alerts_only(");
+        // The ledger itself (a staff ledger beside it, in credits-api, only alerts).
+        let buys = main.contains(";ledger.observer=Some(tally::alerts::from_config(");
+        let alerts_only = main.contains(";ledger.observer=Some(tally::alerts::alerts_only(");
+        if binary == "credits-api" {
+            assert!(
+                main.contains(";staff_ledger.observer=Some(tally::alerts::alerts_only("),
+                "staff corrections only alert"
+            );
+        }
         assert!(
             buys != alerts_only,
             "{binary} runs the ledger without the alerts observer"

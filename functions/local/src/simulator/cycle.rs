@@ -268,7 +268,8 @@ impl Simulator {
             return Vec::new();
         }
         let due = inv["amount_remaining"].as_i64().unwrap_or_default();
-        let meta = json!({"org_id": sub.metadata.get("org_id")});
+        // The invoice's payment carries no metadata of the subscription's.
+        let meta = json!({});
         let card = card_of(&sub.customer);
         let mut events: Events = Vec::new();
         if self.declines(&sub.customer) {

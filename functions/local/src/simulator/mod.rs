@@ -391,7 +391,9 @@ impl Simulator {
             self.finalize(&mut inv, now);
             out.push(("invoice.finalized", inv.clone()));
             let due = inv["amount_due"].as_i64().unwrap_or_default();
-            let meta = json!({"org_id": sub.metadata.get("org_id")});
+            // Stripe does not copy the subscription's metadata to the payment of its
+            // invoices: the charge names the customer only.
+            let meta = json!({});
             if due == 0 {
                 mark_paid(&mut inv, now);
                 out.push(("invoice.paid", inv.clone()));
@@ -579,8 +581,8 @@ impl Simulator {
                 self.finalize(&mut inv, now);
                 events.push(("invoice.finalized", inv.clone()));
                 let amount = unit_amount.get() as i64;
-                let charge =
-                    charge_object(&customer, amount, now, json!({"org_id": ws}), &card, false);
+                // The invoice's payment carries no metadata of the subscription's.
+                let charge = charge_object(&customer, amount, now, json!({}), &card, false);
                 let paid_by = invoice_payment(&inv, &charge, now);
                 events.push(("charge.succeeded", charge));
                 mark_paid(&mut inv, now);
