@@ -1761,3 +1761,53 @@ async fn an_export_too_large_for_one_answer_is_refused_and_the_command_line_spli
         .await
         .assert_problem(422, "export_too_large");
 }
+
+/// The generations export takes the list's `status` filter, and shows a hold past its
+/// deadline as expired, as the creation history does, before anything settles it.
+#[tokio::test]
+async fn the_generations_export_filters_by_status_as_the_creation_history_shows_it() {
+    let app = TestApp::new();
+    let ws = "org_export_status";
+    grant(&app.ledger, ws, 100).await;
+    let tok = member(ws, "ana");
+    let body = json!({"workflow": "video", "model": "video-pro", "duration_s": 10});
+    let started = app.post("/v1/generations", &tok, body).await;
+    assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+    let id = started.body["id"].as_str().unwrap().to_owned();
+    let deadline: chrono::DateTime<chrono::Utc> =
+        started.body["deadline"].as_str().unwrap().parse().unwrap();
+    let ids = |status: &str| {
+        let app = &app;
+        let tok = tok.clone();
+        let status = status.to_owned();
+        async move {
+            let a = app
+                .get(
+                    &format!("/v1/generations/export?format=csv&status={status}"),
+                    &tok,
+                )
+                .await;
+            assert_eq!(a.status.as_u16(), 200, "{status}: {:?}", a.body);
+            read_csv(a.body.as_str().unwrap())
+                .1
+                .iter()
+                .map(|r| (r[0].clone(), r[5].clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids("held").await, vec![(id.clone(), "held".to_owned())]);
+    assert!(ids("expired").await.is_empty());
+    // Past its deadline, nothing written since: expired in the list and the export alike.
+    app.clock.set(deadline + chrono::Duration::seconds(1));
+    let listed = app.get("/v1/generations?status=expired", &tok).await.body;
+    assert_eq!(listed["items"][0]["id"], json!(id), "{listed:#}");
+    assert_eq!(
+        ids("expired").await,
+        vec![(id.clone(), "expired".to_owned())]
+    );
+    assert!(ids("held").await.is_empty());
+    assert!(ids("failed").await.is_empty());
+    app.get("/v1/generations/export?format=csv&status=lost", &tok)
+        .await
+        .assert_problem(422, "validation_failed");
+}

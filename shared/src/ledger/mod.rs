@@ -467,6 +467,17 @@ pub struct Generation {
     pub reversed: Credits,
 }
 
+impl Generation {
+    /// The generation as of `now`: a hold past its deadline shows as expired even before
+    /// the next write on the workspace settles it.
+    pub fn as_of(mut self, now: DateTime<Utc>) -> Self {
+        if self.status == GenerationStatus::Held && self.deadline <= now {
+            self.status = GenerationStatus::Expired;
+        }
+        self
+    }
+}
+
 /// Ways an operation can be refused. Refusals change nothing.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LedgerError {

@@ -141,12 +141,20 @@ struct Cursor<C> {
 }
 
 /// The creation history matching `query` (its `before` and `limit` are ignored), newest
-/// first, as CSV chunks.
+/// first, as CSV chunks; each generation as of `now` (a hold past its deadline is
+/// expired), and with `query.status` in that sense, as the creation history shows it.
 pub fn generations_csv(
     store: Arc<dyn LedgerStore>,
     workspace: WorkspaceId,
     query: GenerationQuery,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> impl Stream<Item = Result<String, StoreError>> + Send {
+    let status = query.status;
+    // Expired ones may still be stored as held: those are read with every status.
+    let query = GenerationQuery {
+        status: status.filter(|s| *s != crate::ledger::GenerationStatus::Expired),
+        ..query
+    };
     let start = Cursor::<Option<GenerationId>> {
         header: Some(header(GENERATION_COLUMNS)),
         next: Some(None),
@@ -183,8 +191,10 @@ pub fn generations_csv(
                     cur.done = rows.len() < 100;
                     cur.next = Some(rows.last().map(|g| g.id));
                     let mut out = String::with_capacity(rows.len() * 160);
-                    for g in &rows {
-                        generation_row(&mut out, g);
+                    for g in rows.iter().map(|g| g.clone().as_of(now)) {
+                        if status.is_none_or(|s| g.status == s) {
+                            generation_row(&mut out, &g);
+                        }
                     }
                     if rows.is_empty() {
                         return None;

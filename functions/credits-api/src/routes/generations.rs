@@ -344,11 +344,8 @@ pub async fn reverse_generation(
 
 /// A stored generation as of now: a hold past its deadline is shown as expired even before
 /// the next write on the workspace settles it.
-fn as_of_now(mut g: Generation, now: chrono::DateTime<chrono::Utc>) -> Generation {
-    if g.status == GenerationStatus::Held && g.deadline <= now {
-        g.status = GenerationStatus::Expired;
-    }
-    g
+fn as_of_now(g: Generation, now: chrono::DateTime<chrono::Utc>) -> Generation {
+    g.as_of(now)
 }
 
 #[utoipa::path(get, path = "/v1/generations", tag = "credits", security(("bearer" = [])),

@@ -108,6 +108,10 @@ pub struct GenerationExportQuery {
     pub model: Option<String>,
     #[param(inline)]
     pub workflow: Option<Workflow>,
+    /// As the creation history shows it: `expired` includes holds past their deadline
+    /// not settled yet.
+    #[param(inline)]
+    pub status: Option<tally::ledger::GenerationStatus>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -218,11 +222,20 @@ pub(crate) async fn generations_export(
         q.from,
         q.to,
     )?;
+    let query = tally::store::GenerationQuery {
+        status: q.status,
+        ..query
+    };
     let name = format!("generations-{workspace}");
     csv_response(
         app.export_limit,
         &name,
-        tally::reports::export::generations_csv(app.ledger.store.clone(), workspace, query),
+        tally::reports::export::generations_csv(
+            app.ledger.store.clone(),
+            workspace,
+            query,
+            app.ledger.clock.now(),
+        ),
     )
     .await
 }
