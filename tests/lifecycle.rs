@@ -989,6 +989,61 @@ async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once
     assert_eq!(app.available(ws).await - before, gained);
 }
 
+/// A yearly month falls due, and before the credit refresh grants it the plan is switched
+/// to a cheaper monthly one (billed at once, its unused time credited to the customer's
+/// balance). The refresh still grants the month, but the credits of the time credited back
+/// are withheld from it: with the older credits spent, nothing comes that was not paid for.
+#[tokio::test]
+async fn a_switch_to_monthly_before_the_refresh_grants_a_waiting_month_withholds_its_credited_time()
+{
+    use tally::clock::Clock;
+    use tally::ledger::Interval;
+    let app = TestApp::new();
+    let ws = "org_switchwait";
+    let start = app.clock.now();
+    app.subscribe(ws, "generative", "yearly").await;
+    let sim = app.local.simulator.as_ref().unwrap();
+    sim.set_schedule(std::sync::Arc::new(tally_local::simulator::NoSchedule));
+    // The first month's credits are spent.
+    let spent = app.available(ws).await;
+    let debit = app
+        .send(
+            axum::http::Method::POST,
+            &format!("/v1/admin/workspaces/{ws}/adjustments"),
+            Some(&tally_tests::support()),
+            Some(&serde_json::json!({"credits": -(spent as i64), "reason": "spent"}).to_string()),
+            &[("idempotency-key", "spent")],
+        )
+        .await;
+    assert_eq!(debit.status.as_u16(), 201, "{:#}", debit.body);
+    let month = tally::subscriptions::calendar::add_months(start, 1);
+    app.advance_clock(serde_json::json!({ "until": month + chrono::Duration::hours(1) }))
+        .await;
+    assert_eq!(app.available(ws).await, 0, "month 2 waits for the refresh");
+    portal_change(&app, ws, "plus", Interval::Monthly).await;
+    tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
+        .await
+        .unwrap();
+    app.settle_billing().await;
+    let month_grants: Vec<(String, u64)> = plan_grants(&app, ws)
+        .await
+        .into_iter()
+        .filter(|(id, _)| id.starts_with("refresh:"))
+        .collect();
+    assert_eq!(month_grants.len(), 1, "{month_grants:?}");
+    // What stays: the hour of month 2 used at generative's level and plus's first month,
+    // not generative's whole month 2 (900) on top of the time credited to the balance.
+    let catalog = app.ledger.catalog.clone();
+    let plus = catalog.plan("plus").unwrap().monthly_credits.get();
+    let kept = app.available(ws).await;
+    assert!(kept <= plus + 5, "kept {kept}: {month_grants:?}");
+    // Again: nothing twice.
+    tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(app.available(ws).await, kept);
+}
+
 #[tokio::test]
 async fn a_renewal_is_charged_an_hour_after_its_draft_and_an_upgrade_meanwhile_is_billed_apart() {
     let app = TestApp::new();

@@ -511,12 +511,37 @@ async fn months_that_began_before_a_subscription_ended_are_granted_however_late_
 /// ended inside the year says the year's own subscription may not be in effect.
 #[tokio::test]
 async fn a_predecessor_ended_before_the_paid_year_does_not_take_its_months() {
-    let p = embedded();
-    for (ws, ended, months) in [
-        ("stale", start() - Duration::days(1), 11),
-        ("overlapping", start() + Duration::days(10), 0),
+    for (ws, ended, months, own_end) in [
+        ("stale", start() - Duration::days(1), 11, None),
+        ("overlapping", start() + Duration::days(10), 0, None),
+        // Its own cancellation (dropped from the record for the same reason) bounds it.
+        (
+            "stale_canceled",
+            start() - Duration::days(1),
+            3,
+            Some(start() + Duration::days(100)),
+        ),
     ] {
+        // Each on its own clock from the start.
+        let p = embedded();
         paid_yearly(&p, ws, "max", 0).await;
+        if let Some(end) = own_end {
+            let c = tally::refund_requests::Cancellation {
+                subscription: sub(ws),
+                requested_at: end,
+                effective_at: end,
+                resumed_at: None,
+                as_of: end.timestamp(),
+            };
+            docs::update(
+                p.docs.as_ref(),
+                &workspace_pk(&workspace(ws)),
+                tally::refund_requests::rules::CANCELLATION_SK,
+                |_: Option<tally::refund_requests::Cancellation>| Some(c.clone()),
+            )
+            .await
+            .unwrap();
+        }
         docs::update(
             p.docs.as_ref(),
             &workspace_pk(&workspace(ws)),
@@ -556,9 +581,22 @@ async fn a_month_due_before_a_new_period_was_recorded_is_still_granted() {
     refresh::record_paid_period(p.docs.as_ref(), &monthly, switched)
         .await
         .unwrap();
-    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, switched).await;
     assert!(doc_of(&p, ws).await.previous.is_some());
-    play_until(&p, switched + Duration::days(3)).await;
+    // And another new period (a billing-cycle reset) before the worker came: the month is
+    // still owed.
+    let reset = switched + Duration::minutes(2);
+    p.clock.set(reset);
+    let mut again = monthly.clone();
+    again.invoice = InvoiceId::parse("in_reset").unwrap();
+    again.period_start = reset;
+    again.period_end = add_months(reset, 1);
+    refresh::record_paid_period(p.docs.as_ref(), &again, reset)
+        .await
+        .unwrap();
+    let monthly = again;
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, reset).await;
+    assert!(doc_of(&p, ws).await.previous.is_some());
+    play_until(&p, reset + Duration::days(3)).await;
     assert_eq!(plan_grants(&p, ws).await, vec![((2, 29), 400)]);
     assert!(doc_of(&p, ws).await.previous.is_none());
     // Run again: nothing more.

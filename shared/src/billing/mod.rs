@@ -439,6 +439,21 @@ impl BillingEvents {
                 } else {
                     addon_credits
                 };
+                // A yearly month of the period this one replaces, due and not granted yet
+                // (the credit refresh grants it from the replaced period, kept as the new
+                // document's `previous`): unused time credited back comes from it. Read
+                // before the period is recorded; a retry finds it as `previous`.
+                month_from = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
+                    .await?
+                    .and_then(|d| {
+                        if &d.subscription == sub && d.period_start == level.period_start {
+                            d.previous.map(|p| *p)
+                        } else {
+                            Some(d)
+                        }
+                    })
+                    .filter(|d| &d.subscription == sub && d.period_start < level.period_start)
+                    .and_then(|d| d.waiting_at(level.period_start));
                 crate::refresh::record_paid_period(
                     self.docs.as_ref(),
                     &paid_period(workspace, sub, &invoice.id, level, Some(addon_credits)),

@@ -253,20 +253,25 @@ impl RefreshDoc {
         }
     }
 
-    /// This document, as the `previous` of the period `p` replacing it at `now`, if it has
-    /// months that fell due before `p` began and were not granted yet.
+    /// What the period `p` replacing this document at `now` keeps as its `previous`: this
+    /// document if months of it fell due before `p` began and were not granted yet, else
+    /// the `previous` this one kept, if it still owes such months (two new periods before
+    /// the worker came).
     fn owed_before(&self, p: &PaidPeriod, now: DateTime<Utc>) -> Option<Box<Self>> {
-        let owed = self.subscription == p.subscription
-            && self.opened_by.is_none()
-            && schedule::due_allotments(self, now)
-                .iter()
-                .any(|a| a.at < p.period_start);
-        owed.then(|| {
-            Box::new(Self {
+        let owes = |d: &Self| {
+            d.subscription == p.subscription
+                && d.opened_by.is_none()
+                && schedule::due_allotments(d, now)
+                    .iter()
+                    .any(|a| a.at < p.period_start)
+        };
+        if owes(self) {
+            return Some(Box::new(Self {
                 previous: None,
                 ..self.clone()
-            })
-        })
+            }));
+        }
+        self.previous.clone().filter(|prev| owes(prev))
     }
 
     /// The period's own invoice, for a document a change opened before it: the period's
@@ -541,7 +546,12 @@ pub async fn record_given_back(
         REFRESH_SK,
         |current: Option<RefreshDoc>| {
             let mut next = current?;
-            if !next.give_back(invoice, back, paid) {
+            // The replaced period's months still owed follow its money too.
+            let previous = next
+                .previous
+                .as_mut()
+                .is_some_and(|p| p.give_back(invoice, back, paid));
+            if !next.give_back(invoice, back, paid) && !previous {
                 return None;
             }
             let due = next.due_mark(settings.shards, settings.grace);
@@ -580,7 +590,9 @@ pub async fn set_level(
                     let mut fresh = RefreshDoc::from_period(p);
                     fresh.level_as_of = Some(at);
                     fresh.level_rank = Some(rank);
-                    fresh.settle_at = current.and_then(|c| c.settle_at);
+                    fresh.settle_at = current.as_ref().and_then(|c| c.settle_at);
+                    // Months of the replaced period already due are still owed.
+                    fresh.previous = current.and_then(|c| c.owed_before(p, at));
                     fresh.opened_by = Some(OpeningChange {
                         at,
                         rank,

@@ -201,16 +201,31 @@ impl Refresher {
         // period began: the new one's events came before the old one's deletion, which
         // they could not replace while it looked alive. The paid period is this
         // subscription's, and nothing says it has ended.
-        let predecessor = |r: &SubscriptionRecord| {
+        // Its own cancellation may have been dropped for the same reason (delivered while
+        // the record still named the old one): the cancellation document, which follows
+        // the latest subscription fact whatever the record says, bounds it then.
+        let predecessor = record.as_ref().is_some_and(|r| {
             r.id != doc.subscription
                 && r.status == PlanStatus::Canceled
                 && r.ended_at.is_some_and(|e| e <= doc.period_start)
+        });
+        let own_end = if predecessor {
+            docs::get::<crate::refund_requests::Cancellation>(
+                self.docs.as_ref(),
+                &workspace_pk(ws),
+                crate::refund_requests::rules::CANCELLATION_SK,
+            )
+            .await?
+            .filter(|c| c.subscription == doc.subscription && c.resumed_at.is_none())
+            .map(|c| c.effective_at)
+        } else {
+            None
         };
         let in_effect_at = |at: DateTime<Utc>| {
             record.as_ref().is_some_and(|r| {
                 (r.id == doc.subscription
                     && (r.status != PlanStatus::Canceled || r.ended_at.is_some_and(|e| at < e)))
-                    || predecessor(r)
+                    || (predecessor && own_end.is_none_or(|e| at < e))
             })
         };
 
