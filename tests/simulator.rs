@@ -916,6 +916,31 @@ async fn a_switch_to_a_shorter_interval_credits_the_unused_year_and_bills_the_ne
         s["items"]["data"][0]["price"]["recurring"]["interval"],
         "month"
     );
+    // The same key again: the first answer, nothing done twice; with other parameters,
+    // refused as Stripe refuses it.
+    let change = SubscriptionChange {
+        plan: Some(ItemPrice {
+            product: "tally_plan_max".into(),
+            product_name: "Max plan".into(),
+            unit_amount: tally::money::Cents::new(2900),
+            interval: tally::ledger::Interval::Monthly,
+        }),
+        prorate_now: true,
+        idempotency_key: "switch".into(),
+        ..SubscriptionChange::to(sub.parse().unwrap())
+    };
+    let count = events(&app).len();
+    sim.update_subscription(&change).await.unwrap();
+    assert_eq!(events(&app).len(), count);
+    let other = SubscriptionChange {
+        prorate_now: false,
+        ..change
+    };
+    assert!(matches!(
+        sim.update_subscription(&other).await,
+        Err(tally::payments::PaymentsError::Refused { message, .. })
+            if message.contains("same parameters")
+    ));
 }
 
 /// The local system's parts hold one another (the ledger's observer pays through the

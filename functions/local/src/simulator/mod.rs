@@ -91,8 +91,12 @@ type Events = Vec<(&'static str, Value)>;
 
 const DECLINED: &str = "Your card was declined.";
 
-/// An off-session payment as first asked for (its parameters), and Stripe's answer.
-type OffSession = (String, Result<PaymentIntentId, String>);
+/// What an idempotency key was first used with (the parameters, as a fingerprint) and
+/// Stripe's answer then.
+type Keyed<T> = (String, Result<T, String>);
+
+/// Stripe's answer to an idempotency key reused with other parameters.
+const IDEMPOTENCY_MISMATCH: &str = "Keys for idempotent requests can only be used with the same parameters they were first used with.";
 
 pub struct Simulator {
     base_url: String,
@@ -114,7 +118,8 @@ pub struct Simulator {
     /// Idempotency keys of subscription updates already made.
     /// Answers of subscription updates by idempotency key (refusals too, as Stripe
     /// replays a failed request's answer for the same key).
-    updates: Mutex<HashMap<String, Result<Option<BilledInvoice>, String>>>,
+    /// By idempotency key: the parameters it was first used with, and the answer.
+    updates: Mutex<HashMap<String, Keyed<Option<BilledInvoice>>>>,
     events: Mutex<Vec<SimEvent>>,
     event_ids: Mutex<ulid::Generator>,
     /// Succeeded charges as last delivered (refunds and disputes change them).
@@ -122,7 +127,8 @@ pub struct Simulator {
     disputes: Mutex<HashMap<String, Value>>,
     /// Refunds made through the API, by idempotency key (the same key answers the same
     /// refund, or the same refusal); held while a refund is made.
-    refunds: tokio::sync::Mutex<HashMap<String, Result<Value, String>>>,
+    /// By idempotency key: the parameters it was first used with, and the answer.
+    refunds: tokio::sync::Mutex<HashMap<String, Keyed<Value>>>,
     /// Billing details set on customers (printed on their later invoices).
     customer_details: Mutex<HashMap<CustomerId, tally::payments::BillingDetails>>,
     /// Invoices finalized per customer: Stripe numbers a customer's invoices in sequence
@@ -132,7 +138,7 @@ pub struct Simulator {
     reissues: tokio::sync::Mutex<HashMap<String, tally::payments::Reissued>>,
     /// Off-session payments by idempotency key: what was asked, and the answer (a payment
     /// intent or a refusal), which the same key answers again; held while one is made.
-    off_session: tokio::sync::Mutex<HashMap<String, OffSession>>,
+    off_session: tokio::sync::Mutex<HashMap<String, Keyed<PaymentIntentId>>>,
     /// Answers still to be lost (see [`Simulator::lose_answers`]).
     lost_answers: std::sync::atomic::AtomicU32,
 }
@@ -1129,8 +1135,12 @@ impl Payments for Simulator {
         order: &tally::payments::RefundOrder,
     ) -> Result<tally::payments::RefundMade, PaymentsError> {
         let mut made = self.refunds.lock().await;
+        let asked = format!("{order:?}");
         let answer = match made.get(&order.idempotency_key) {
-            Some(a) => a.clone(),
+            Some((first, _)) if *first != asked => {
+                return Err(PaymentsError::refused(IDEMPOTENCY_MISMATCH));
+            }
+            Some((_, a)) => a.clone(),
             None => {
                 let metadata = json!({"org_id": order.workspace.to_string(),
                     "refund_request": order.request, "refund_attempt": order.attempt.to_string()});
@@ -1151,7 +1161,7 @@ impl Payments for Simulator {
                         disputes::MoneyBackError::NotFound(m)
                         | disputes::MoneyBackError::Invalid(m) => m,
                     });
-                made.insert(order.idempotency_key.clone(), a.clone());
+                made.insert(order.idempotency_key.clone(), (asked, a.clone()));
                 a
             }
         };
@@ -1181,9 +1191,7 @@ impl Payments for Simulator {
         );
         if let Some((first, answer)) = made.get(&req.idempotency_key) {
             if *first != asked {
-                return Err(PaymentsError::refused(
-                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
-                ));
+                return Err(PaymentsError::refused(IDEMPOTENCY_MISMATCH));
             }
             let answer = answer.clone().map_err(PaymentsError::refused)?;
             return self.answer(answer);
@@ -1291,11 +1299,23 @@ impl Payments for Simulator {
         change: &SubscriptionChange,
     ) -> Result<Option<BilledInvoice>, PaymentsError> {
         let key = &change.idempotency_key;
-        // The same key answers as the first time, as Stripe does.
-        if let Some(first) = self.updates.lock().expect("sim lock").get(key).cloned()
+        // What Stripe is sent (the expected items are the adapter's own check).
+        let asked = format!(
+            "{:?}",
+            SubscriptionChange {
+                expect: None,
+                ..change.clone()
+            }
+        );
+        // The same key answers as the first time, as Stripe does, and is refused with
+        // other parameters.
+        if let Some((first, answer)) = self.updates.lock().expect("sim lock").get(key).cloned()
             && !key.is_empty()
         {
-            return first.map_err(PaymentsError::refused);
+            if first != asked {
+                return Err(PaymentsError::refused(IDEMPOTENCY_MISMATCH));
+            }
+            return answer.map_err(PaymentsError::refused);
         }
         let result = self.apply_update(change);
         if !key.is_empty()
@@ -1308,7 +1328,7 @@ impl Payments for Simulator {
             self.updates
                 .lock()
                 .expect("sim lock")
-                .insert(key.clone(), answer);
+                .insert(key.clone(), (asked, answer));
         }
         let (events, billed) = result?;
         self.deliver_all(events).await;
@@ -1417,9 +1437,7 @@ impl Payments for Simulator {
         let mut keys = self.customer_keys.lock().expect("sim lock");
         if let Some((first, id)) = keys.get(key) {
             if *first != asked {
-                return Err(PaymentsError::refused(
-                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
-                ));
+                return Err(PaymentsError::refused(IDEMPOTENCY_MISMATCH));
             }
             return Ok(id.clone());
         }
@@ -1442,9 +1460,7 @@ impl Payments for Simulator {
             .find(|(_, s)| s.request.idempotency_key == req.idempotency_key)
         {
             if s.request != *req {
-                return Err(PaymentsError::refused(
-                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
-                ));
+                return Err(PaymentsError::refused(IDEMPOTENCY_MISMATCH));
             }
             return Ok(CheckoutLink {
                 id: id.clone(),
