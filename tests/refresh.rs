@@ -563,6 +563,19 @@ async fn a_predecessor_ended_before_the_paid_year_does_not_take_its_months() {
     }
 }
 
+/// At `at`, a paid monthly Plus period of `ws` from `at`, billed by `invoice`, recorded.
+async fn monthly_from(p: &Parts, ws: &str, invoice: &str, at: DateTime<Utc>) -> PaidPeriod {
+    p.clock.set(at);
+    let mut monthly = period(ws, Interval::Monthly, "plus", 0);
+    monthly.invoice = InvoiceId::parse(invoice).unwrap();
+    monthly.period_start = at;
+    monthly.period_end = add_months(at, 1);
+    refresh::record_paid_period(p.docs.as_ref(), &monthly, at)
+        .await
+        .unwrap();
+    monthly
+}
+
 /// A new period of the same subscription recorded minutes after a yearly month fell due,
 /// before the worker came to it (a switch to monthly, a billing-cycle reset): the month
 /// is still granted, once, at its own level.
@@ -573,27 +586,12 @@ async fn a_month_due_before_a_new_period_was_recorded_is_still_granted() {
     paid_yearly(&p, ws, "max", 0).await;
     let due = add_months(start(), 1); // 29 Feb 2028
     let switched = due + Duration::minutes(5);
-    p.clock.set(switched);
-    let mut monthly = period(ws, Interval::Monthly, "plus", 0);
-    monthly.invoice = InvoiceId::parse("in_switch").unwrap();
-    monthly.period_start = switched;
-    monthly.period_end = add_months(switched, 1);
-    refresh::record_paid_period(p.docs.as_ref(), &monthly, switched)
-        .await
-        .unwrap();
+    monthly_from(&p, ws, "in_switch", switched).await;
     assert!(doc_of(&p, ws).await.previous.is_some());
     // And another new period (a billing-cycle reset) before the worker came: the month is
     // still owed.
     let reset = switched + Duration::minutes(2);
-    p.clock.set(reset);
-    let mut again = monthly.clone();
-    again.invoice = InvoiceId::parse("in_reset").unwrap();
-    again.period_start = reset;
-    again.period_end = add_months(reset, 1);
-    refresh::record_paid_period(p.docs.as_ref(), &again, reset)
-        .await
-        .unwrap();
-    let monthly = again;
+    let monthly = monthly_from(&p, ws, "in_reset", reset).await;
     set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, reset).await;
     assert!(doc_of(&p, ws).await.previous.is_some());
     play_until(&p, reset + Duration::days(3)).await;
@@ -606,14 +604,36 @@ async fn a_month_due_before_a_new_period_was_recorded_is_still_granted() {
         .unwrap();
     assert_eq!(plan_grants(&p, ws).await.len(), 1);
     // A period recorded with no month owed keeps no previous one.
-    let mut next = monthly.clone();
-    next.invoice = InvoiceId::parse("in_next").unwrap();
-    next.period_start = monthly.period_end;
-    next.period_end = add_months(monthly.period_end, 1);
-    refresh::record_paid_period(p.docs.as_ref(), &next, monthly.period_end)
-        .await
-        .unwrap();
+    monthly_from(&p, ws, "in_next", monthly.period_end).await;
     assert!(doc_of(&p, ws).await.previous.is_none());
+}
+
+/// The kept period ends where its replacement began: with the worker a month behind, a
+/// switch a day after a month's date and the new monthly period's renewal leave only that
+/// month owed, not the next one, which the monthly period paid.
+#[tokio::test]
+async fn a_kept_period_owes_only_the_months_before_its_replacement() {
+    let p = embedded();
+    let ws = "behind";
+    paid_yearly(&p, ws, "max", 0).await;
+    let due = add_months(start(), 1); // 29 Feb 2028
+    let switched = due + Duration::days(1);
+    let monthly = monthly_from(&p, ws, "in_switch", switched).await;
+    // Its renewal, a month on: the yearly period's 31 March falls before it.
+    let renewed = monthly.period_end;
+    assert!(add_months(start(), 2) < renewed);
+    monthly_from(&p, ws, "in_renewal", renewed).await;
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, renewed).await;
+    play_until(&p, renewed + Duration::days(3)).await;
+    // Granted late (1 April), once: the month of 29 February alone.
+    assert_eq!(plan_grants(&p, ws).await, vec![((4, 1), 400)]);
+    let notes: Vec<String> = journal(&p, ws)
+        .await
+        .iter()
+        .filter(|e| e.reason == Reason::PlanCredits)
+        .filter_map(|e| e.note.clone())
+        .collect();
+    assert!(notes[0].contains("month 2 of 12"), "{notes:?}");
 }
 
 #[tokio::test]

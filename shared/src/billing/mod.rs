@@ -443,17 +443,22 @@ impl BillingEvents {
                 // (the credit refresh grants it from the replaced period, kept as the new
                 // document's `previous`): unused time credited back comes from it. Read
                 // before the period is recorded; a retry finds it as `previous`.
+                // Only the period this one directly replaced: a `previous` carried from an
+                // earlier replacement is not this invoice's to credit.
+                let start = level.period_start;
                 month_from = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                     .await?
                     .and_then(|d| {
-                        if &d.subscription == sub && d.period_start == level.period_start {
-                            d.previous.map(|p| *p)
+                        if &d.subscription == sub && d.period_start == start {
+                            d.previous.map(|p| *p).filter(|p| p.period_end == start)
                         } else {
                             Some(d)
                         }
                     })
-                    .filter(|d| &d.subscription == sub && d.period_start < level.period_start)
-                    .and_then(|d| d.waiting_at(level.period_start));
+                    .filter(|d| &d.subscription == sub && d.period_start < start)
+                    .and_then(|d| d.waiting_at(start))
+                    // As the kept period: a month dated at the switch itself is not owed.
+                    .filter(|m| *m < start);
                 crate::refresh::record_paid_period(
                     self.docs.as_ref(),
                     &paid_period(workspace, sub, &invoice.id, level, Some(addon_credits)),

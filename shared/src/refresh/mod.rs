@@ -266,8 +266,10 @@ impl RefreshDoc {
                     .any(|a| a.at < p.period_start)
         };
         if owes(self) {
+            // It ended where `p` began: months from then on are `p`'s.
             return Some(Box::new(Self {
                 previous: None,
+                period_end: self.period_end.min(p.period_start),
                 ..self.clone()
             }));
         }

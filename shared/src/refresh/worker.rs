@@ -237,12 +237,8 @@ impl Refresher {
                 .into_iter()
                 .filter(|a| a.at < doc.period_start)
             {
-                let in_effect = record.as_ref().is_some_and(|r| {
-                    r.id == prev.subscription
-                        && (r.status != PlanStatus::Canceled
-                            || r.ended_at.is_some_and(|e| a.at < e))
-                });
-                if in_effect {
+                // The same subscription as the document's: the same test.
+                if in_effect_at(a.at) {
                     self.allot(prev, &a, now, &mut report).await?;
                 } else {
                     report.forfeited.push(a.k);
