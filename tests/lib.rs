@@ -537,6 +537,28 @@ impl TestApp {
     }
 
     /// Every event the simulator delivered of one type, oldest first.
+    /// Has the simulator deliver its first event of `kind` again, as Stripe's dashboard
+    /// resends an event, and lets billing catch up.
+    pub async fn redeliver_first(&self, kind: &str) {
+        let id = self
+            .local
+            .simulator
+            .as_ref()
+            .expect("the simulator")
+            .events()
+            .into_iter()
+            .find(|e| e.kind == kind)
+            .unwrap_or_else(|| panic!("no {kind} event"))
+            .id;
+        let again = self
+            .dashboard(
+                &format!("/sim/events/{id}/redeliver"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert!(again.status.is_success(), "{:#}", again.body);
+    }
+
     pub fn sim_events(&self, kind: &str) -> Vec<Value> {
         self.local
             .simulator

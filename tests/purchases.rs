@@ -837,17 +837,23 @@ mod alerts {
     /// owner's token and the settings as stored.
     async fn with_saved_card(app: &TestApp, ws: &str, alerts: Value) -> (String, Value) {
         let o = buy_pack(app, ws, "pack_100").await;
+        let set = save_alerts(app, &o, alerts).await;
+        (o, set.body)
+    }
+
+    /// The owner `o` saves `alerts`; the answer, a 200.
+    async fn save_alerts(app: &TestApp, o: &str, alerts: Value) -> tally_tests::Answer {
         let set = app
             .send(
                 Method::PUT,
                 "/v1/alerts",
-                Some(&o),
+                Some(o),
                 Some(&alerts.to_string()),
                 &[],
             )
             .await;
         assert_eq!(set.status.as_u16(), 200, "{:#}", set.body);
-        (o, set.body)
+        set
     }
 
     fn top_up_below_30() -> Value {
@@ -1267,20 +1273,7 @@ mod alerts {
         app.settle_billing().await;
         assert_eq!(app.available(ws).await, 28, "the top-up's 100 credits went");
         // Delivered again: nothing more.
-        let event = app
-            .get("/sim/events", &o)
-            .await
-            .body
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["type"] == "credit_note.created")
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        app.dashboard(&format!("/sim/events/{event}/redeliver"), json!({}))
-            .await;
+        app.redeliver_first("credit_note.created").await;
         app.settle_billing().await;
         assert_eq!(app.available(ws).await, 28);
         let line = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"][0].clone();
@@ -1378,16 +1371,7 @@ mod alerts {
         );
         // Saved again (the owner fixed the card with the bank): tried, and charged.
         assert!(sim.set_card_declines(&customer, false));
-        let saved = app
-            .send(
-                Method::PUT,
-                "/v1/alerts",
-                Some(&o),
-                Some(&top_up_below_30().to_string()),
-                &[],
-            )
-            .await;
-        assert_eq!(saved.status.as_u16(), 200, "{:#}", saved.body);
+        let saved = save_alerts(&app, &o, top_up_below_30()).await;
         assert!(saved.body.get("refused_card").is_none(), "{:#}", saved.body);
         let before = paid_intents(&sim);
         credit_back_above_30(&app, ws, "credit-2").await;
@@ -1446,16 +1430,7 @@ mod alerts {
         );
         assert_eq!(paid_intents(&sim), before, "no card charged");
         // The owner saves the settings again: the next crossing buys a pack.
-        let saved = app
-            .send(
-                Method::PUT,
-                "/v1/alerts",
-                Some(&o),
-                Some(&top_up_below_30().to_string()),
-                &[],
-            )
-            .await;
-        assert_eq!(saved.status.as_u16(), 200, "{:#}", saved.body);
+        save_alerts(&app, &o, top_up_below_30()).await;
         // Later events of the same dispute (evidence submitted, a redrive) change nothing now.
         let dispute = app.sim_events("charge.dispute.created")[0].clone();
         for (id, kind) in [

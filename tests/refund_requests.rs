@@ -1697,22 +1697,7 @@ async fn a_credit_note_that_gives_money_back_without_a_refund_takes_its_credits_
     // The event again, and once more signed as a new delivery: nothing more.
     let created = app.sim_events("credit_note.created");
     assert_eq!(created.len(), 1);
-    let event = app
-        .get("/sim/events", &owner(ws))
-        .await
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["type"] == "credit_note.created")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let again = app
-        .dashboard(&format!("/sim/events/{event}/redeliver"), json!({}))
-        .await;
-    assert!(again.status.is_success(), "{:#}", again.body);
+    app.redeliver_first("credit_note.created").await;
     assert_eq!(app.available(ws).await, month - quarter);
     let line = app
         .get("/v1/billing/history?limit=50", &owner(ws))

@@ -392,18 +392,29 @@ impl TopUps {
 
     /// Keeps the card Stripe refused for this request's claim on the settings.
     async fn record_refused(&self, req: &TopUpRequest, card: &str) -> Result<(), StoreError> {
+        self.change_settings(req, |s| {
+            let ours = s.topup_claim.as_ref().is_some_and(|c| c.entry == req.entry);
+            (ours && s.refused_card.as_deref() != Some(card)) && {
+                s.refused_card = Some(card.to_owned());
+                true
+            }
+        })
+        .await
+    }
+
+    /// Changes the workspace's stored settings where `change` says it did.
+    async fn change_settings(
+        &self,
+        req: &TopUpRequest,
+        mut change: impl FnMut(&mut AlertSettings) -> bool,
+    ) -> Result<(), StoreError> {
         docs::update(
             self.docs.as_ref(),
             &workspace_pk(&req.workspace),
             ALERTS_SK,
             |cur: Option<AlertSettings>| {
                 let mut s = cur?;
-                let ours = s.topup_claim.as_ref().is_some_and(|c| c.entry == req.entry);
-                if !ours || s.refused_card.as_deref() == Some(card) {
-                    return None;
-                }
-                s.refused_card = Some(card.to_owned());
-                Some(s)
+                change(&mut s).then_some(s)
             },
         )
         .await
@@ -417,22 +428,16 @@ impl TopUps {
         req: &TopUpRequest,
         paid: &PaymentIntentId,
     ) -> Result<(), StoreError> {
-        docs::update(
-            self.docs.as_ref(),
-            &workspace_pk(&req.workspace),
-            ALERTS_SK,
-            |cur: Option<AlertSettings>| {
-                let mut s = cur?;
-                let claim = s.topup_claim.as_mut().filter(|c| c.entry == req.entry)?;
-                if claim.payment.is_some() {
-                    return None;
+        self.change_settings(req, |s| {
+            match s.topup_claim.as_mut().filter(|c| c.entry == req.entry) {
+                Some(claim) if claim.payment.is_none() => {
+                    claim.payment = Some(paid.to_string());
+                    true
                 }
-                claim.payment = Some(paid.to_string());
-                Some(s)
-            },
-        )
+                _ => false,
+            }
+        })
         .await
-        .map(|_| ())
     }
 }
 

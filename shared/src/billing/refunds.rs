@@ -128,6 +128,21 @@ where
     Ok(())
 }
 
+/// Records that `pi` paid `invoice` (or, for a receipt, is the payment it documents).
+async fn paid_by(
+    docs: &dyn docs::DocStore,
+    invoice: &InvoiceId,
+    pi: &PaymentIntentId,
+) -> Result<(), ConsumeError> {
+    link(docs, &invoice_lots_pk(invoice), |l: &mut InvoiceLots| {
+        l.payment_intent.is_none() && {
+            l.payment_intent = Some(pi.clone());
+            true
+        }
+    })
+    .await
+}
+
 /// Dispute states in which the money is still contested.
 pub(crate) fn dispute_open(status: &str) -> bool {
     matches!(
@@ -252,17 +267,7 @@ impl BillingEvents {
                 "a top-up receipt names another workspace's payment; not linked");
             return Ok(());
         }
-        link(
-            self.docs.as_ref(),
-            &invoice_lots_pk(invoice),
-            |l: &mut InvoiceLots| {
-                l.payment_intent.is_none() && {
-                    l.payment_intent = Some(pi.clone());
-                    true
-                }
-            },
-        )
-        .await?;
+        paid_by(self.docs.as_ref(), invoice, pi).await?;
         self.follow_payment(pi).await
     }
 
@@ -277,17 +282,7 @@ impl BillingEvents {
         if p.status.as_deref() != Some("paid") {
             return Ok(());
         }
-        link(
-            self.docs.as_ref(),
-            &invoice_lots_pk(invoice),
-            |l: &mut InvoiceLots| {
-                l.payment_intent.is_none() && {
-                    l.payment_intent = Some(pi.clone());
-                    true
-                }
-            },
-        )
-        .await?;
+        paid_by(self.docs.as_ref(), invoice, pi).await?;
         link(
             self.docs.as_ref(),
             &payment_pk(pi),
