@@ -152,6 +152,28 @@ async fn set_subscription_voided(
     .unwrap();
 }
 
+/// The subscription document of `ws` canceled, ended at `ended` (naming `id` instead, when
+/// given).
+async fn end_subscription(p: &Parts, ws: &str, id: Option<&str>, ended: DateTime<Utc>) {
+    docs::update(
+        p.docs.as_ref(),
+        &workspace_pk(&workspace(ws)),
+        SUBSCRIPTION_SK,
+        |r: Option<SubscriptionRecord>| {
+            let mut r = r.unwrap();
+            if let Some(id) = id {
+                r.id = SubscriptionId::parse(id).unwrap();
+            }
+            r.status = PlanStatus::Canceled;
+            r.stripe_status = "canceled".into();
+            r.ended_at = Some(ended);
+            Some(r)
+        },
+    )
+    .await
+    .unwrap();
+}
+
 /// An active yearly subscription of `ws` whose period (from [`start`]) is paid at `plan`
 /// with `units` add-on units.
 async fn paid_yearly(p: &Parts, ws: &str, plan: &str, units: u32) {
@@ -471,21 +493,7 @@ async fn months_that_began_before_a_subscription_ended_are_granted_however_late_
     // Canceled at once a day after its third month began (29 Mar 2028 after 31 Jan),
     // before the worker came to months 2 and 3.
     let ended = add_months(start(), 2) + Duration::days(1);
-    let pk = workspace_pk(&workspace(ws));
-    docs::update(
-        p.docs.as_ref(),
-        &pk,
-        SUBSCRIPTION_SK,
-        |r: Option<SubscriptionRecord>| {
-            let mut r = r.unwrap();
-            r.status = PlanStatus::Canceled;
-            r.stripe_status = "canceled".into();
-            r.ended_at = Some(ended);
-            Some(r)
-        },
-    )
-    .await
-    .unwrap();
+    end_subscription(&p, ws, None, ended).await;
     p.clock.set(ended + Duration::days(1));
     let report = Refresher::new(p.ledger.clone(), p.docs.clone())
         .run(&job_for(ws, p.clock.now()))
@@ -542,21 +550,7 @@ async fn a_predecessor_ended_before_the_paid_year_does_not_take_its_months() {
             .await
             .unwrap();
         }
-        docs::update(
-            p.docs.as_ref(),
-            &workspace_pk(&workspace(ws)),
-            SUBSCRIPTION_SK,
-            |r: Option<SubscriptionRecord>| {
-                let mut r = r.unwrap();
-                r.id = SubscriptionId::parse("sub_before").unwrap();
-                r.status = PlanStatus::Canceled;
-                r.stripe_status = "canceled".into();
-                r.ended_at = Some(ended);
-                Some(r)
-            },
-        )
-        .await
-        .unwrap();
+        end_subscription(&p, ws, Some("sub_before"), ended).await;
         play_until(&p, start() + Duration::days(400)).await;
         let granted = plan_grants(&p, ws).await;
         assert_eq!(granted.len(), months, "{ws}: {granted:?}");
