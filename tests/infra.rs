@@ -355,6 +355,20 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
         let q = resource(&t, queue);
         assert_eq!(q["Properties"]["FifoQueue"], true, "{queue}");
     }
+    // The support forwarder's sweep: a schedule, handing tickets to the queue it consumes.
+    let (_, f) = function_for_binary(&t, "support-forwarder");
+    assert_eq!(f["Properties"]["Events"]["Sweep"]["Type"], "Schedule");
+    let sends = f["Properties"]["Policies"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["Statement"].as_sequence())
+        .flatten()
+        .any(|s| {
+            text(&s["Action"][0]) == "sqs:SendMessage"
+                && text(&s["Resource"]).starts_with("SupportTicketsQueue")
+        });
+    assert!(sends, "the sweep may not send to the support queue");
     let alarms: Vec<&Value> = t["Resources"]
         .as_mapping()
         .unwrap()
@@ -1139,7 +1153,8 @@ async fn every_function_may_make_every_dynamodb_call_its_code_makes_and_no_other
         }
         let index = |i: &str| (String::from("dynamodb:Query"), format!("index/{i}"));
         // Only creation history filtered by status reads the status index; only the
-        // schedule reads the due index.
+        // schedules (the credit refresh's, the support forwarder's sweep) read the due
+        // index.
         assert_eq!(
             grants.contains(&index(STATUS_INDEX)),
             binary == "credits-api",
@@ -1147,7 +1162,7 @@ async fn every_function_may_make_every_dynamodb_call_its_code_makes_and_no_other
         );
         assert_eq!(
             grants.contains(&index(DUE_INDEX)),
-            binary == "credit-refresh",
+            ["credit-refresh", "support-forwarder"].contains(&binary.as_str()),
             "{name} and the due index"
         );
     }

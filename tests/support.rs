@@ -1185,11 +1185,16 @@ async fn the_sample_events_reach_support_intake_and_the_forwarder_as_lambda_deli
         calls: AtomicU32::new(0),
         got: Default::default(),
     });
-    let answer = tally::queue::lambda::process_batch(&desk(&app, sink.clone(), 1), event).await;
-    let failed: Vec<String> = answer
-        .batch_item_failures
+    // Through the function's one entry point, as Lambda hands it the batch.
+    let answer = desk(&app, sink.clone(), 1)
+        .handle_event(serde_json::to_value(&event).unwrap())
+        .await
+        .unwrap();
+    let failed: Vec<String> = answer["batchItemFailures"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|f| f.item_identifier.clone())
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
         .collect();
     // The unreadable one and the one for a ticket that does not exist fail, each alone.
     assert_eq!(failed, ids);
@@ -1688,6 +1693,82 @@ async fn a_message_whose_forward_failed_reaches_the_help_desk_with_the_next_chan
     assert_eq!(bodies, ["fourth", "fifth"]);
     let thread = tickets.messages(&ticket.id).await.unwrap();
     assert_eq!(thread.len(), 5);
+}
+
+/// A change whose forward failed, on a ticket nobody opens again, is handed to the queue by
+/// the forwarder's scheduled sweep once the grace time has passed; a sweep that cannot
+/// hand it over leaves it for the next, and a forwarded ticket is swept no more.
+#[tokio::test]
+async fn a_ticket_whose_forward_failed_is_swept_to_the_queue_though_nobody_opens_it() {
+    use tally::support::{Author, FORWARD_GRACE, SweepReport, Tickets};
+    let app = TestApp::new();
+    let ws = "org_sweep";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let queue = Arc::new(FlakyQueue::default());
+    let tickets = Tickets {
+        docs: app.docs.clone(),
+        queue: queue.clone(),
+    };
+    // Filed and forwarded: nothing to sweep, however late.
+    let later = app.clock.now() + FORWARD_GRACE * 3;
+    assert_eq!(
+        tickets.sweep(later, 100).await.unwrap(),
+        SweepReport::default()
+    );
+    let ticket = tickets.get(&id).await.unwrap().unwrap();
+    let now = app.clock.now();
+    *queue.refuse.lock().unwrap() = true;
+    let failed = tickets
+        .add_message(&ticket, Author::Customer, "u1", "second", None, now)
+        .await;
+    assert_eq!(failed.unwrap_err().status.as_u16(), 503);
+    assert!(tickets.get(&id).await.unwrap().unwrap().unforwarded());
+    // Within the grace time the request's own retry is expected: no sweep yet.
+    let early = tickets
+        .sweep(now + FORWARD_GRACE - chrono::Duration::seconds(1), 100)
+        .await
+        .unwrap();
+    assert_eq!(early, SweepReport::default());
+    // The queue still down: the sweep fails it and it stays filed.
+    let due = now + FORWARD_GRACE;
+    let down = tickets.sweep(due, 100).await.unwrap();
+    assert_eq!((down.forwarded.len(), down.failed), (0, vec![id.clone()]));
+    assert!(queue.sent.lock().unwrap().is_empty());
+    // The queue back: the forwarder's scheduled tick hands it over, with the message the
+    // failed forward should have carried.
+    *queue.refuse.lock().unwrap() = false;
+    app.clock.set(due);
+    let sink = Arc::new(FlakyDesk {
+        fail: 0,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    let d = HelpDesk {
+        tickets: tickets.clone(),
+        ..desk(&app, sink, 1)
+    };
+    let path = format!(
+        "{}/../events/support-forwarder/scheduled-sweep.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let tick: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let answer = d.handle_event(tick.clone()).await.unwrap();
+    assert_eq!(answer["forwarded"], json!([id]), "{answer:#}");
+    let sent = queue.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (sent[0].ticket.as_str(), sent[0].from_seq, sent[0].seq),
+        (id.as_str(), 2, 2)
+    );
+    let payload = d.payload(&sent[0]).await.unwrap().unwrap();
+    let bodies: Vec<&str> = payload.messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["second"]);
+    assert!(!tickets.get(&id).await.unwrap().unwrap().unforwarded());
+    // Forwarded: out of the index, swept no more.
+    let again = d.handle_event(tick).await.unwrap();
+    assert_eq!(again, json!({"forwarded": [], "failed": []}));
+    assert_eq!(queue.sent.lock().unwrap().len(), 1);
 }
 
 /// Behind API Gateway an export is one answer of at most 6 MB. A range that makes more is

@@ -540,10 +540,19 @@ pub struct ForwarderConfig {
     pub store: StoreConfig,
     pub helpdesk_webhook_url: HttpUrl,
     pub helpdesk_webhook_secret: Secret,
+    /// Where the schedule's sweep hands tickets whose forward failed.
+    pub support_queue_url: HttpUrl,
+    /// An SQS-compatible server instead of AWS (local and tests).
+    pub sqs_endpoint: Option<HttpUrl>,
 }
 
 impl ForwarderConfig {
-    pub const REQUIRED: &[&str] = &[TABLE, HELPDESK_WEBHOOK_URL, HELPDESK_WEBHOOK_SECRET];
+    pub const REQUIRED: &[&str] = &[
+        TABLE,
+        HELPDESK_WEBHOOK_URL,
+        HELPDESK_WEBHOOK_SECRET,
+        SUPPORT_QUEUE_URL,
+    ];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -562,6 +571,8 @@ impl ForwarderConfig {
             store: StoreConfig::from_vars(&v)?,
             helpdesk_webhook_url: v.required_url(HELPDESK_WEBHOOK_URL)?,
             helpdesk_webhook_secret: Secret::new(&secret),
+            support_queue_url: v.required_url(SUPPORT_QUEUE_URL)?,
+            sqs_endpoint: v.optional_url(SQS_ENDPOINT)?,
         })
     }
 }

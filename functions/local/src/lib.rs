@@ -308,6 +308,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         attempts: 3,
         backoff: std::time::Duration::from_millis(200),
     }));
+    let sweeping = tickets.clone();
     let supporting = support_intake::SupportState {
         tickets,
         context: tally::support::enrich::Context {
@@ -349,6 +350,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         sim.set_schedule(Arc::new(CreditRefresh {
             ledger: alerting.clone(),
             docs: cfg.docs.clone(),
+            tickets: sweeping,
         }));
         let log = notifications.clone();
         public = public.merge(sim.routes()).route(
@@ -376,6 +378,8 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
 struct CreditRefresh {
     ledger: Ledger,
     docs: Arc<dyn DocStore>,
+    /// The support forwarder's sweep runs on the same clock.
+    tickets: tally::support::Tickets,
 }
 
 #[async_trait::async_trait]
@@ -388,6 +392,13 @@ impl simulator::ScheduleHook for CreditRefresh {
                 }
             }
             Err(e) => tracing::error!(error = %e, at = %now, "credit refresh failed"),
+        }
+        if let Err(e) = self
+            .tickets
+            .sweep(now, tally::support::forward::SWEEP_LIMIT)
+            .await
+        {
+            tracing::error!(error = %e, at = %now, "the sweep for unforwarded tickets failed");
         }
     }
 }

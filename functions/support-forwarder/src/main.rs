@@ -1,28 +1,16 @@
 //! support-forwarder Lambda: delivers one SQS FIFO batch of ticket changes to the help
 //! desk and reports the messages that failed, so only they are redelivered (and
-//! dead-lettered after repeated failure).
+//! dead-lettered after repeated failure). On its schedule it sweeps for tickets whose
+//! change never reached the queue and hands them to it.
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use std::sync::Arc;
 use support_forwarder::WebhookSink;
 use tally::clock::SystemClock;
 use tally::config::ForwarderConfig;
-use tally::queue::lambda::process_batch;
+use tally::queue::sqs::LazySqsQueue;
 use tally::support::Tickets;
 use tally::support::forward::HelpDesk;
-
-/// Forwarding never sends: the consumer only reads tickets.
-struct NoQueue;
-
-#[async_trait::async_trait]
-impl tally::queue::Queue for NoQueue {
-    async fn send(&self, _: tally::queue::Message) -> Result<(), tally::queue::QueueError> {
-        Err(tally::queue::QueueError::unavailable(
-            "the forwarder does not queue",
-        ))
-    }
-}
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -33,7 +21,11 @@ async fn main() -> Result<(), Error> {
     let desk = HelpDesk {
         tickets: Tickets {
             docs: store,
-            queue: Arc::new(NoQueue),
+            // Only the sweep sends: deliveries never wait for the queue's client.
+            queue: Arc::new(LazySqsQueue::new(
+                cfg.sqs_endpoint.clone(),
+                cfg.support_queue_url.as_str(),
+            )),
         },
         sink: Arc::new(WebhookSink::new(cfg.helpdesk_webhook_url.as_str())?),
         secret: cfg.helpdesk_webhook_secret.expose().as_bytes().to_vec(),
@@ -42,8 +34,10 @@ async fn main() -> Result<(), Error> {
         backoff: std::time::Duration::from_millis(200),
     };
     let desk = &desk;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<SqsBatchResponse, Error>(process_batch(desk, event.payload).await)
-    }))
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            desk.handle_event(event.payload).await
+        },
+    ))
     .await
 }

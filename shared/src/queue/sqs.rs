@@ -45,6 +45,37 @@ impl SqsQueue {
     }
 }
 
+/// An SQS queue whose client is built on the first send, for a function that sends only
+/// now and then (its other work should not wait for the client at start-up).
+pub struct LazySqsQueue {
+    endpoint: Option<HttpUrl>,
+    url: String,
+    queue: tokio::sync::OnceCell<SqsQueue>,
+}
+
+impl LazySqsQueue {
+    pub fn new(endpoint: Option<HttpUrl>, url: impl Into<String>) -> Self {
+        Self {
+            endpoint,
+            url: url.into(),
+            queue: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for LazySqsQueue {
+    async fn send(&self, message: Message) -> Result<(), QueueError> {
+        let queue = self
+            .queue
+            .get_or_init(|| async {
+                SqsQueue::new(SqsQueue::client(self.endpoint.as_ref()).await, &self.url)
+            })
+            .await;
+        queue.send(message).await
+    }
+}
+
 #[async_trait]
 impl Queue for SqsQueue {
     async fn send(&self, message: Message) -> Result<(), QueueError> {

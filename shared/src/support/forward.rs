@@ -8,6 +8,9 @@
 //! delivery is tried again a few times with backoff, then left to the queue: SQS delivers
 //! it again after the visibility timeout and moves it to the dead-letter queue after
 //! [`super::SUPPORT_MAX_RECEIVES`] receives.
+//!
+//! The same function also runs on a schedule: [`HelpDesk::handle_event`] then sweeps for
+//! tickets whose change never reached the queue ([`Tickets::sweep`]).
 
 use super::{ForwardJob, Ticket, TicketMessage, Tickets};
 use crate::error::BoxError;
@@ -144,6 +147,28 @@ impl HelpDesk {
             ticket: ticket.shown(),
             messages,
         }))
+    }
+}
+
+/// Tickets one sweep hands to the queue from each shard, at most.
+pub const SWEEP_LIMIT: usize = 100;
+
+impl HelpDesk {
+    /// The support-forwarder Lambda's one entry point for both of its triggers: an SQS
+    /// batch (it has `Records`) is delivered, and the messages that failed are answered for
+    /// redelivery; anything else is the schedule's tick, which hands to the queue the
+    /// tickets whose forward failed ([`Tickets::sweep`]).
+    pub async fn handle_event(
+        &self,
+        payload: serde_json::Value,
+    ) -> Result<serde_json::Value, BoxError> {
+        if payload.get("Records").is_some() {
+            let batch: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(payload)?;
+            let response = crate::queue::lambda::process_batch(self, batch).await;
+            return Ok(serde_json::to_value(response)?);
+        }
+        let report = self.tickets.sweep(self.clock.now(), SWEEP_LIMIT).await?;
+        Ok(serde_json::to_value(report)?)
     }
 }
 

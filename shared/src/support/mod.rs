@@ -10,7 +10,9 @@
 //! next one.
 //!
 //! New tickets and messages go to the `support-tickets` queue; [`forward`] delivers them
-//! to the help desk.
+//! to the help desk. A ticket with a change not yet handed to the queue is filed in the
+//! due index (shards from [`FORWARD_SHARD_BASE`]), written with the ticket itself, so
+//! [`Tickets::sweep`] hands it over even if nobody opens the ticket again.
 
 pub mod enrich;
 pub mod forward;
@@ -20,6 +22,7 @@ use crate::billing::records::workspace_pk;
 use crate::http::Problem;
 use crate::ids::{GenerationId, WorkspaceId};
 use crate::queue::{Message, Queue};
+use crate::store::docs::{DueMark, shard_of};
 use crate::store::{DocStore, StoreError, docs};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,6 +35,14 @@ pub const SUPPORT_QUEUE: &str = "support-tickets.fifo";
 pub const SUPPORT_MAX_RECEIVES: u32 = 8;
 
 pub const TICKET_SK: &str = "TICKET";
+/// The due index's shards for tickets waiting to be handed to the forwarding queue
+/// (`DUE#10000` to `DUE#10003`): apart from the credit refresh's (at most 1,000), so
+/// neither reads the other's.
+pub const FORWARD_SHARD_BASE: u32 = 10_000;
+pub const FORWARD_SHARDS: u32 = 4;
+/// How long after a change the sweep takes its forward for failed: the request that made
+/// the change hands it to the queue at once, or answers 503.
+pub const FORWARD_GRACE: chrono::Duration = chrono::Duration::minutes(5);
 pub const MESSAGE_PREFIX: &str = "MSG#";
 pub const QUEUE_PK: &str = "TICKETS";
 pub const WORKSPACE_TICKET_PREFIX: &str = "TICKET#";
@@ -286,6 +297,21 @@ pub fn respond_by(filed: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 impl Ticket {
+    /// Whether a change or message of the ticket has not been handed to the forwarding
+    /// queue yet.
+    pub fn unforwarded(&self) -> bool {
+        !(self.forwarded && self.forwarded_messages >= self.messages)
+    }
+
+    /// Where the ticket is filed in the due index: while a change is unforwarded, due for
+    /// the sweep [`FORWARD_GRACE`] after its last change.
+    pub fn forward_mark(&self) -> Option<DueMark> {
+        self.unforwarded().then(|| DueMark {
+            shard: FORWARD_SHARD_BASE + shard_of(&self.id, FORWARD_SHARDS),
+            at: self.updated_at + FORWARD_GRACE,
+        })
+    }
+
     pub fn summary(&self) -> TicketSummary {
         TicketSummary {
             id: self.id.clone(),
@@ -376,6 +402,14 @@ pub struct ForwardJob {
     pub id: String,
 }
 
+/// What one sweep for unforwarded tickets did: the tickets handed to the queue, and those
+/// that could not be (tried again by the next sweep).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    pub forwarded: Vec<String>,
+    pub failed: Vec<String>,
+}
+
 /// Tickets over the document store, forwarding changes through `queue`.
 #[derive(Clone)]
 pub struct Tickets {
@@ -413,6 +447,69 @@ impl Tickets {
         Ok(all)
     }
 
+    /// Read-modify-write of the ticket document (as [`docs::update`]), filed in the due
+    /// index while a change of it is unforwarded ([`Ticket::forward_mark`]). Every write
+    /// of a ticket goes through here: a plain write would drop the mark. Answers the
+    /// ticket as stored afterwards and whether this call wrote it.
+    async fn write_ticket(
+        &self,
+        pk: &str,
+        mut merge: impl FnMut(Option<Ticket>) -> Option<Ticket>,
+    ) -> Result<(Option<Ticket>, bool), StoreError> {
+        let mut wrote = false;
+        let stored = docs::update_due(self.docs.as_ref(), pk, TICKET_SK, |cur| {
+            let next = merge(cur);
+            wrote = next.is_some();
+            next.map(|t| {
+                let mark = t.forward_mark();
+                (t, mark)
+            })
+        })
+        .await?;
+        Ok((stored, wrote))
+    }
+
+    /// Hands to the forwarding queue every ticket whose change has waited longer than
+    /// [`FORWARD_GRACE`] (its forward failed and nobody has opened the ticket since), at
+    /// most `limit` from each shard; the rest wait for the next sweep. A ticket that still
+    /// cannot be handed over stays filed and is tried again by the next sweep.
+    pub async fn sweep(&self, now: DateTime<Utc>, limit: usize) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        for shard in FORWARD_SHARD_BASE..FORWARD_SHARD_BASE + FORWARD_SHARDS {
+            for d in self.docs.due_docs(shard, now, limit).await? {
+                let Some(id) = d.pk.strip_prefix("TICKET#").filter(|_| d.sk == TICKET_SK) else {
+                    tracing::warn!(pk = %d.pk, sk = %d.sk, "due item that is not a ticket; skipped");
+                    continue;
+                };
+                // The index may lag the ticket: the ticket as stored decides.
+                let ticket = match self.get(id).await {
+                    Ok(Some(t)) if t.unforwarded() => t,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, ticket = %id, "could not read a ticket to forward");
+                        report.failed.push(id.to_owned());
+                        continue;
+                    }
+                };
+                match self.settle_forwarding(ticket).await {
+                    Ok(_) => report.forwarded.push(id.to_owned()),
+                    Err(p) => {
+                        tracing::error!(ticket = %id, problem = %p.detail, "a swept ticket could not be handed to the queue");
+                        report.failed.push(id.to_owned());
+                    }
+                }
+            }
+        }
+        if !report.forwarded.is_empty() || !report.failed.is_empty() {
+            tracing::warn!(
+                forwarded = report.forwarded.len(),
+                failed = report.failed.len(),
+                "tickets whose forward had failed were handed to the queue again"
+            );
+        }
+        Ok(report)
+    }
+
     /// Writes the two list summaries of `t` (idempotent).
     async fn summaries(&self, t: &Ticket) -> Result<(), StoreError> {
         let s = t.summary();
@@ -442,11 +539,11 @@ impl Tickets {
         self.docs
             .put_doc(&pk, &message_sk(first.seq), &body, 0)
             .await?;
-        let stored = docs::update::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
-            cur.is_none().then(|| ticket.clone())
-        })
-        .await?
-        .ok_or_else(Problem::internal)?;
+        let stored = self
+            .write_ticket(&pk, |cur| cur.is_none().then(|| ticket.clone()))
+            .await?
+            .0
+            .ok_or_else(Problem::internal)?;
         self.summaries(&stored).await?;
         self.forward(stored).await
     }
@@ -458,8 +555,8 @@ impl Tickets {
     }
 
     /// Hands the latest change to the queue and marks the ticket forwarded. A failure
-    /// leaves `forwarded: false` and answers 503: the client's retry, or the next read of
-    /// the ticket, forwards it.
+    /// leaves `forwarded: false` (and the ticket in the due index) and answers 503: the
+    /// client's retry, the next read of the ticket or the forwarder's sweep forwards it.
     async fn forward(&self, t: Ticket) -> Result<Ticket, Problem> {
         let event = if t.last_event.is_empty() {
             "ticket.created".to_owned()
@@ -494,8 +591,8 @@ impl Tickets {
         // Marked only if no later change came meanwhile: that one is forwarded on its own
         // (with every message since the last forwarded one).
         let changes = t.changes;
-        let marked =
-            docs::update::<Ticket, _>(self.docs.as_ref(), &ticket_pk(&t.id), TICKET_SK, |cur| {
+        let (marked, _) = self
+            .write_ticket(&ticket_pk(&t.id), |cur| {
                 cur.filter(|c| c.changes == changes && (!c.forwarded || c.forwarded_messages < seq))
                     .map(|mut c| {
                         c.forwarded = true;
@@ -513,21 +610,21 @@ impl Tickets {
         let seq = m.seq;
         let author = m.author;
         let at = m.at;
-        let updated = docs::update::<Ticket, _>(self.docs.as_ref(), pk, TICKET_SK, |cur| {
-            cur.filter(|c| c.last_message < seq).map(|mut c| {
-                c.messages = c.messages.max(seq);
-                c.last_message = seq;
-                c.status = match author {
-                    Author::Staff => TicketStatus::Waiting,
-                    Author::Customer => TicketStatus::Open,
-                };
-                c.changed("ticket.message", seq, at);
-                c
+        let (updated, _) = self
+            .write_ticket(pk, |cur| {
+                cur.filter(|c| c.last_message < seq).map(|mut c| {
+                    c.messages = c.messages.max(seq);
+                    c.last_message = seq;
+                    c.status = match author {
+                        Author::Staff => TicketStatus::Waiting,
+                        Author::Customer => TicketStatus::Open,
+                    };
+                    c.changed("ticket.message", seq, at);
+                    c
+                })
             })
-        })
-        .await?
-        .ok_or_else(|| Problem::not_found("no such ticket"))?;
-        Ok(updated)
+            .await?;
+        updated.ok_or_else(|| Problem::not_found("no such ticket"))
     }
 
     /// Adds a message. With a key, the message is added once: a retry finds the message
@@ -675,8 +772,8 @@ impl Tickets {
         now: DateTime<Utc>,
     ) -> Result<Ticket, Problem> {
         let pk = ticket_pk(&ticket.id);
-        let changed =
-            docs::update_changed::<Ticket, _>(self.docs.as_ref(), &pk, TICKET_SK, |cur| {
+        let (stored, wrote) = self
+            .write_ticket(&pk, |cur| {
                 cur.filter(|c| c.status != status).map(|mut c| {
                     c.status = status;
                     let seq = c.messages;
@@ -685,6 +782,7 @@ impl Tickets {
                 })
             })
             .await?;
+        let changed = stored.filter(|_| wrote);
         let Some(t) = changed else {
             let current: Ticket = docs::get(self.docs.as_ref(), &pk, TICKET_SK)
                 .await?
