@@ -313,6 +313,69 @@ fn a_trial_period_billed_at_nothing_grants_nothing() {
     assert!(grants(false) > 0, "a 100% coupon");
 }
 
+/// A trial added to a running subscription bills its period at $0 beside the credit for
+/// the unused old time: nothing pays for the trial, so it grants nothing (before, a month
+/// of credits), the unused time's credits go with the money credited for them, and the
+/// trial replaces the old period as a month of its own, however long it runs, so a yearly
+/// plan's later months stop (its allotments would grant months nobody paid for).
+#[test]
+fn a_trial_added_to_a_running_subscription_grants_nothing_and_ends_the_old_year() {
+    use chrono::TimeZone;
+    use tally::subscriptions::paid::{Item, Level, PaidLine};
+    use tally::subscriptions::plan::Interval;
+    let catalog = tally::catalog::Catalog::builtin();
+    let t = |m: u32, d: u32| chrono::Utc.with_ymd_and_hms(2027, m, d, 12, 0, 0).unwrap();
+    let year = Level {
+        plan: "max".into(),
+        interval: Interval::Yearly,
+        addon_units: 0,
+        period_start: t(1, 15),
+        period_end: chrono::Utc.with_ymd_and_hms(2028, 1, 15, 12, 0, 0).unwrap(),
+    };
+    let at = t(3, 1);
+    let line = |amount: i64, start, end, proration| PaidLine {
+        item: Item::Plan("max".into()),
+        quantity: 1,
+        amount,
+        start,
+        end,
+        proration,
+    };
+    let id = tally::ids::InvoiceId::parse("in_trial").unwrap();
+    let invoice = |new_amount: i64, days: i64| {
+        let lines = [
+            line(-30_000, at, year.period_end, true),
+            line(new_amount, at, at + chrono::Duration::days(days), false),
+        ];
+        tally::billing::grants::line_grants(
+            &id,
+            "subscription_update",
+            &lines,
+            std::slice::from_ref(&year),
+            &catalog,
+        )
+        .unwrap()
+    };
+    let max = catalog.plan("max").unwrap().monthly_credits.get();
+    // The billing month of Mar 1 runs Feb 15 -> Mar 15: 14 of its 28 days were unused.
+    let unused = (max * 14).div_ceil(28);
+    for days in [14, 60] {
+        let trial = invoice(0, days);
+        assert!(trial.grants.is_empty(), "{:?}", trial.grants);
+        assert_eq!(trial.credited.get(), unused);
+        let opens = trial.opens.expect("the trial replaces the old period");
+        assert_eq!(
+            (opens.interval, opens.period_start, opens.plan.as_str()),
+            (Interval::Monthly, at, "max")
+        );
+    }
+    // The same switch billed (an interval switch to monthly) grants its month, less the
+    // unused rest of the old one.
+    let paid = invoice(9_900, 31);
+    let granted: u64 = paid.grants.iter().map(|g| g.credits.get()).sum();
+    assert_eq!(granted, max - unused);
+}
+
 /// A pack grants the credits it was sold with (recorded on the payment at sale), even
 /// when the catalog changed or dropped the pack before a late payment came; a payment
 /// from before they were recorded grants the catalog's.

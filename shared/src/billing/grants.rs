@@ -303,6 +303,23 @@ pub fn line_grants(
                 ),
             },
         };
+        // A new period Stripe billed nothing for (a trial added to a running subscription:
+        // its plan line is $0, beside the credit for the unused old time) is not a paid
+        // period: its credits come with the first invoice that bills the plan, and the
+        // unused old time's go with the money credited for it. It still takes the old
+        // period's place, so a yearly plan's later months stop there, as a month of its
+        // own: a trial is paid for by no year, however long it runs.
+        if lines.iter().filter(|l| !l.proration).all(|l| l.amount == 0) {
+            if exact && !has_other_items(lines) {
+                out.credited = credited(unused);
+            }
+            tracing::info!(invoice = %id, "a new period billed nothing (a trial): no credits");
+            out.opens = Some(Level {
+                interval: crate::subscriptions::plan::Interval::Monthly,
+                ..level
+            });
+            return Ok(out);
+        }
         let (plan, addon) = first_month_of_lines(lines, &level, catalog);
         let (plan, addon) = (i128::from(plan.get()) + unused, i128::from(addon.get()));
         if exact && !has_other_items(lines) {
