@@ -369,6 +369,16 @@ fn a_trial_added_to_a_running_subscription_grants_nothing_and_ends_the_old_year(
             (Interval::Monthly, at, "max")
         );
     }
+    // With the old period not recorded yet (its own invoice applied later), the unused
+    // time cannot be valued: the event waits for it rather than keep those credits.
+    let lines = [
+        line(-30_000, at, year.period_end, true),
+        line(0, at, at + chrono::Duration::days(14), false),
+    ];
+    assert!(
+        tally::billing::grants::line_grants(&id, "subscription_update", &lines, &[], &catalog)
+            .is_err()
+    );
     // The same switch billed (an interval switch to monthly) grants its month, less the
     // unused rest of the old one.
     let paid = invoice(9_900, 31);

@@ -540,6 +540,7 @@ async fn a_predecessor_ended_before_the_paid_year_does_not_take_its_months() {
                 effective_at: end,
                 resumed_at: None,
                 as_of: end.timestamp(),
+                never_cancelled: false,
             };
             docs::update(
                 p.docs.as_ref(),

@@ -1769,6 +1769,28 @@ async fn a_ticket_whose_forward_failed_is_swept_to_the_queue_though_nobody_opens
     let again = d.handle_event(tick).await.unwrap();
     assert_eq!(again, json!({"forwarded": [], "failed": []}));
     assert_eq!(queue.sent.lock().unwrap().len(), 1);
+    // A sweep (or a read's catch-up) holding an older read of the ticket than a change
+    // made meanwhile does not put the older summary back in the lists.
+    let mut stale = tickets.get(&id).await.unwrap().unwrap();
+    let later = app.clock.now() + chrono::Duration::minutes(1);
+    tickets
+        .add_message(&stale, Author::Staff, "agent", "third", None, later)
+        .await
+        .unwrap();
+    stale.forwarded = false;
+    tickets.catch_up(stale).await.unwrap();
+    let w = tally::ids::WorkspaceId::parse(ws).unwrap();
+    for list in [Some(&w), None] {
+        let (page, _) = tickets
+            .list(list, None, None, None, None, 10)
+            .await
+            .unwrap();
+        let s = page.iter().find(|s| s.id == id).unwrap();
+        assert_eq!(
+            (s.messages, s.status),
+            (3, tally::support::TicketStatus::Waiting)
+        );
+    }
 }
 
 /// Behind API Gateway an export is one answer of at most 6 MB. A range that makes more is

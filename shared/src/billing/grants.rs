@@ -310,7 +310,14 @@ pub fn line_grants(
         // period's place, so a yearly plan's later months stop there, as a month of its
         // own: a trial is paid for by no year, however long it runs.
         if lines.iter().filter(|l| !l.proration).all(|l| l.amount == 0) {
-            if exact && !has_other_items(lines) {
+            // Nothing to shrink an estimate from: the credit is valued exactly, against the
+            // old period once its own invoice is applied (as a change's is).
+            if !exact {
+                return Err(ConsumeError::retry(format!(
+                    "invoice {id} starts a trial after a period not recorded yet"
+                )));
+            }
+            if !has_other_items(lines) {
                 out.credited = credited(unused);
             }
             tracing::info!(invoice = %id, "a new period billed nothing (a trial): no credits");

@@ -29,6 +29,11 @@ pub struct Cancellation {
     pub resumed_at: Option<DateTime<Utc>>,
     /// Stripe's time of the latest fact.
     pub as_of: i64,
+    /// Kept for a fact that the subscription is not cancelling when nothing was cancelled
+    /// (so an older cancellation delivered later is known for older); a cancellation in
+    /// the same second as such a fact is not undone by it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub never_cancelled: bool,
 }
 
 pub const CANCELLATION_SK: &str = "CANCELLATION";
@@ -63,7 +68,10 @@ impl Cancellation {
         // refund must never rest on a cancellation that may have been undone).
         if current.as_ref().is_some_and(|c| {
             c.as_of > at
-                || (c.as_of == at && c.resumed_at.is_some() && (canceled || cancel_at_period_end))
+                || (c.as_of == at
+                    && c.resumed_at.is_some()
+                    && !c.never_cancelled
+                    && (canceled || cancel_at_period_end))
         }) {
             return None;
         }
@@ -77,6 +85,7 @@ impl Cancellation {
                 effective_at: same.map_or(now, |c| c.effective_at.min(now)),
                 resumed_at: None,
                 as_of: at,
+                never_cancelled: false,
             })
         } else if cancel_at_period_end {
             Some(Self {
@@ -85,13 +94,35 @@ impl Cancellation {
                 effective_at: period_end,
                 resumed_at: None,
                 as_of: at,
+                never_cancelled: false,
             })
-        } else {
-            same.map(|c| Self {
+        } else if let Some(c) = same {
+            Some(Self {
                 resumed_at: Some(now),
                 as_of: at,
                 ..c.clone()
             })
+        } else {
+            // Not cancelling, and nothing stored to resume (or resumed already): the fact is
+            // kept all the same, so an older cancellation delivered after it (Stripe retrying
+            // an earlier event) is known for older and cannot make a wanted renewal look
+            // charged after cancellation.
+            Some(
+                match current.as_ref().filter(|c| &c.subscription == subscription) {
+                    Some(c) => Self {
+                        as_of: at,
+                        ..c.clone()
+                    },
+                    None => Self {
+                        subscription: subscription.clone(),
+                        requested_at: now,
+                        effective_at: now,
+                        resumed_at: Some(now),
+                        as_of: at,
+                        never_cancelled: true,
+                    },
+                },
+            )
         };
         next.filter(|n| Some(n) != current.as_ref())
     }
@@ -386,6 +417,70 @@ mod tests {
         .unwrap();
         assert_eq!(late.resumed_at, Some(at(25)));
         assert!(!after_cancellation(&renewal, Some(&late)));
+        // The resumption processed before the cancellation it undid (Stripe delivering the
+        // older event late): the older cancellation changes nothing.
+        let first = Cancellation::merge(None, &sub, false, false, at(90), at(20).timestamp())
+            .expect("a resumption is kept even with nothing to resume");
+        assert!(!after_cancellation(&renewal, Some(&first)));
+        assert_eq!(
+            Cancellation::merge(
+                Some(first.clone()),
+                &sub,
+                false,
+                true,
+                at(30),
+                at(10).timestamp()
+            ),
+            None
+        );
+        // Nor after a later resumption of one already resumed, or over another
+        // subscription's cancellation.
+        let again = Cancellation::merge(
+            Some(resumed.clone()),
+            &sub,
+            false,
+            false,
+            at(90),
+            at(70).timestamp(),
+        )
+        .unwrap();
+        assert_eq!(
+            (again.resumed_at, again.as_of),
+            (Some(at(20)), at(70).timestamp())
+        );
+        assert_eq!(
+            Cancellation::merge(Some(again), &sub, false, true, at(30), at(65).timestamp()),
+            None
+        );
+        let over = Cancellation::merge(
+            Some(c2.clone()),
+            &sub,
+            false,
+            false,
+            at(90),
+            at(20).timestamp(),
+        )
+        .unwrap();
+        assert_eq!(
+            Cancellation::merge(Some(over), &sub, false, true, at(30), at(10).timestamp()),
+            None
+        );
+        // A cancellation in the same second as the first fact kept (nothing was cancelled
+        // before it) stands: only a real resumption wins a tie.
+        let tied = Cancellation::merge(
+            Some(first.clone()),
+            &sub,
+            false,
+            true,
+            at(30),
+            at(20).timestamp(),
+        )
+        .expect("a same-second cancellation after a mere resumption fact");
+        assert!(after_cancellation(&renewal, Some(&tied)));
+        // A later cancellation still counts.
+        let later = Cancellation::merge(Some(first), &sub, false, true, at(30), at(21).timestamp())
+            .unwrap();
+        assert!(after_cancellation(&renewal, Some(&later)));
         // Canceled outright at minute 40: effective then.
         let now =
             Cancellation::merge(Some(c), &sub, true, false, at(30), at(40).timestamp()).unwrap();

@@ -510,7 +510,8 @@ impl Tickets {
         Ok(report)
     }
 
-    /// Writes the two list summaries of `t` (idempotent).
+    /// Writes the two list summaries of `t` (idempotent), unless they show a later
+    /// version of the ticket already.
     async fn summaries(&self, t: &Ticket) -> Result<(), StoreError> {
         let s = t.summary();
         let key = list_key(t);
@@ -522,8 +523,14 @@ impl Tickets {
             ),
         ] {
             let s = s.clone();
+            // Never from an older read of the ticket than the summary's (a read's catch-up
+            // or the sweep racing the change that wrote it).
             docs::update::<TicketSummary, _>(self.docs.as_ref(), &pk, &sk, move |cur| {
-                (cur.as_ref() != Some(&s)).then(|| s.clone())
+                cur.as_ref()
+                    .is_none_or(|c| {
+                        c != &s && (c.updated_at, c.messages) <= (s.updated_at, s.messages)
+                    })
+                    .then(|| s.clone())
             })
             .await?;
         }
