@@ -386,6 +386,79 @@ fn a_trial_added_to_a_running_subscription_grants_nothing_and_ends_the_old_year(
     assert_eq!(granted, max - unused);
 }
 
+/// A yearly plan downgraded in the dashboard with its prorations left for the next invoice
+/// bills nothing until the renewal, so the credit refresh keeps granting the richer months.
+/// The renewal invoice then credits their money back (unused Max from the change to the
+/// year's end, less Plus for the same time): every month since the change is valued and
+/// taken back, not only the change's own month. A change billed at once still counts only
+/// the rest of its month.
+#[test]
+fn a_downgrade_billed_at_the_renewal_takes_back_every_richer_month_since_the_change() {
+    use chrono::TimeZone;
+    use tally::subscriptions::paid::{Item, Level, PaidLine};
+    use tally::subscriptions::plan::Interval;
+    let catalog = tally::catalog::Catalog::builtin();
+    let t = |y: i32, m: u32, d: u32| chrono::Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap();
+    let year = Level {
+        plan: "max".into(),
+        interval: Interval::Yearly,
+        addon_units: 0,
+        period_start: t(2027, 1, 15),
+        period_end: t(2028, 1, 15),
+    };
+    let line = |plan: &str, amount: i64, start, end, proration| PaidLine {
+        item: Item::Plan(plan.into()),
+        quantity: 1,
+        amount,
+        start,
+        end,
+        proration,
+    };
+    let (changed, renewal) = (t(2027, 3, 1), year.period_end);
+    let id = tally::ids::InvoiceId::parse("in_renewal").unwrap();
+    let lines = [
+        line("max", -20_000, changed, renewal, true),
+        line("plus", 8_000, changed, renewal, true),
+        line("plus", 10_440, renewal, t(2029, 1, 15), false),
+    ];
+    let out = tally::billing::grants::line_grants(
+        &id,
+        "subscription_cycle",
+        &lines,
+        std::slice::from_ref(&year),
+        &catalog,
+    )
+    .unwrap();
+    let (max, plus) = (
+        catalog.plan("max").unwrap().monthly_credits.get(),
+        catalog.plan("plus").unwrap().monthly_credits.get(),
+    );
+    let unused_max = (max * 14).div_ceil(28) as i64;
+    let (max, plus) = (max as i64, plus as i64);
+    // Mar 1 -> Mar 15: 14 of the 28 days of its month; then ten whole months.
+    let first = -unused_max + plus * 14 / 28;
+    let over = -(first + 10 * (plus - max));
+    assert!(out.grants.is_empty(), "{:?}", out.grants);
+    assert_eq!(out.credited.get() as i64, over - plus);
+    assert_eq!(out.opens.unwrap().period_start, renewal);
+    // Billed at once (the new period starts at the change): only the change's own month.
+    let at_once = [
+        line("max", -20_000, changed, renewal, true),
+        line("plus", 900, changed, t(2027, 4, 1), false),
+    ];
+    let switch = tally::billing::grants::line_grants(
+        &id,
+        "subscription_update",
+        &at_once,
+        std::slice::from_ref(&year),
+        &catalog,
+    )
+    .unwrap();
+    // Plus's month less the unused rest of Max's: below nothing, so the rest is taken.
+    assert!(switch.grants.is_empty(), "{:?}", switch.grants);
+    assert_eq!(switch.credited.get() as i64, unused_max - plus);
+}
+
 /// A pack grants the credits it was sold with (recorded on the payment at sale), even
 /// when the catalog changed or dropped the pack before a late payment came; a payment
 /// from before they were recorded grants the catalog's.

@@ -12,9 +12,9 @@ use crate::money::Credits;
 use crate::queue::ConsumeError;
 use crate::subscriptions::Terms;
 use crate::subscriptions::paid::{
-    Item, Level, PaidLine, billing_month, change_value, credit_value_unknown_period,
-    first_month_credits, first_month_of_lines, interval_of_period, level_after_change, net,
-    new_period,
+    Item, Level, PaidLine, billing_month, change_value, change_value_through,
+    credit_value_unknown_period, first_month_credits, first_month_of_lines, interval_of_period,
+    level_after_change, net, new_period,
 };
 use chrono::{DateTime, Duration, Utc};
 
@@ -294,7 +294,10 @@ pub fn line_grants(
                 .find(|p| p.period_end == first.end && p.period_start <= first.start)
             {
                 Some(period) => {
-                    let (plan, addon) = change_value(&old, period, catalog);
+                    // Through the months already granted: prorations left for this
+                    // invoice by a change that was not billed at once cover them all.
+                    let (plan, addon) =
+                        change_value_through(&old, period, Some(level.period_start), catalog);
                     (plan.min(0) + addon.min(0), true)
                 }
                 None => (

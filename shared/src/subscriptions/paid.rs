@@ -152,6 +152,22 @@ pub fn level_after_change(lines: &[PaidLine], current: &Level) -> Level {
 /// catalog product is valued as the period's plan (what was in force), so an old
 /// subscription's unused time is never left out.
 pub fn change_value(lines: &[PaidLine], period: &Level, catalog: &Catalog) -> (i128, i128) {
+    change_value_through(lines, period, None, catalog)
+}
+
+/// Like [`change_value`], over every billing month of `period` from the one a line starts
+/// in through the last one that began before `until` (when given): the months granted at
+/// the old level by the time the invoice billing the lines opened its new period.
+/// Prorations left for the next invoice (a change made in the dashboard without invoicing
+/// it) reach the renewal with every month since the change behind them; a change billed
+/// at once has only the rest of its own month. Each month is rounded on its own (charges
+/// down, credits to the customer up).
+pub fn change_value_through(
+    lines: &[PaidLine],
+    period: &Level,
+    until: Option<DateTime<Utc>>,
+    catalog: &Catalog,
+) -> (i128, i128) {
     let (mut plan, mut addon) = (0i128, 0i128);
     for l in lines
         .iter()
@@ -162,19 +178,31 @@ pub fn change_value(lines: &[PaidLine], period: &Level, catalog: &Catalog) -> (i
             (item, _) => item.clone(),
         };
         let per_month = i128::from(item.monthly_credits(catalog).get()) * i128::from(l.quantity);
-        let (m0, m1) = billing_month(period, l.start);
-        let month = (m1 - m0).num_seconds().max(1) as i128;
-        let from = l.start.max(m0);
-        let secs = (m1.min(l.end) - from).num_seconds().clamp(0, month as i64) as i128;
-        let worth = per_month * secs;
-        let signed = if l.amount >= 0 {
-            worth / month
-        } else {
-            -(worth + month - 1) / month
-        };
-        match item {
-            Item::Addon(_) => addon += signed,
-            _ => plan += signed,
+        let mut at = l.start;
+        let mut first = true;
+        loop {
+            let (m0, m1) = billing_month(period, at);
+            if !first && until.is_none_or(|u| m0 >= u) {
+                break;
+            }
+            let month = (m1 - m0).num_seconds().max(1) as i128;
+            let from = at.max(m0);
+            let secs = (m1.min(l.end) - from).num_seconds().clamp(0, month as i64) as i128;
+            let worth = per_month * secs;
+            let signed = if l.amount >= 0 {
+                worth / month
+            } else {
+                -(worth + month - 1) / month
+            };
+            match item {
+                Item::Addon(_) => addon += signed,
+                _ => plan += signed,
+            }
+            if m1 >= l.end || m1 <= at {
+                break;
+            }
+            first = false;
+            at = m1;
         }
     }
     (plan, addon)
