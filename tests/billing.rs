@@ -441,6 +441,53 @@ fn a_downgrade_billed_at_the_renewal_takes_back_every_richer_month_since_the_cha
     assert!(out.grants.is_empty(), "{:?}", out.grants);
     assert_eq!(out.credited.get() as i64, over - plus);
     assert_eq!(out.opens.unwrap().period_start, renewal);
+    // Down to Plus with add-on units up, left for the renewal: the units' months cost
+    // more than the plan's gave back, so nothing is taken and the new month is whole.
+    let addon = catalog.plan("plus").unwrap().addon.clone();
+    let per_unit = catalog.addon(&addon).unwrap().credits_per_unit.get();
+    let units = |amount: i64, start, end, proration| PaidLine {
+        item: Item::Addon(addon.clone()),
+        quantity: 5,
+        amount,
+        start,
+        end,
+        proration,
+    };
+    let mixed = [
+        line("max", -20_000, changed, renewal, true),
+        line("plus", 8_000, changed, renewal, true),
+        units(45_000, changed, renewal, true),
+        line("plus", 10_440, renewal, t(2029, 1, 15), false),
+        units(60_000, renewal, t(2029, 1, 15), false),
+    ];
+    let out = tally::billing::grants::line_grants(
+        &id,
+        "subscription_cycle",
+        &mixed,
+        std::slice::from_ref(&year),
+        &catalog,
+    )
+    .unwrap();
+    assert_eq!(out.credited, tally::money::Credits::ZERO);
+    let granted: u64 = out.grants.iter().map(|g| g.credits.get()).sum();
+    assert_eq!(granted, plus as u64 + 5 * per_unit);
+    // A change paid since moved the level the months were granted at (the period's level
+    // is Generative now, not the Max the lines credit): only the change's own month.
+    let moved = Level {
+        plan: "generative".into(),
+        ..year.clone()
+    };
+    let out = tally::billing::grants::line_grants(
+        &id,
+        "subscription_cycle",
+        &lines,
+        std::slice::from_ref(&moved),
+        &catalog,
+    )
+    .unwrap();
+    assert_eq!(out.credited, tally::money::Credits::ZERO);
+    let granted: i64 = out.grants.iter().map(|g| g.credits.get() as i64).sum();
+    assert_eq!(granted, plus + first);
     // Billed at once (the new period starts at the change): only the change's own month.
     let at_once = [
         line("max", -20_000, changed, renewal, true),

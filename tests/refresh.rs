@@ -1259,3 +1259,19 @@ fn the_sample_tick_is_an_eventbridge_scheduled_event() {
         "the handler tells the two triggers apart by Records"
     );
 }
+
+/// In the local system the schedule runs every due job in one pass: a workspace whose job
+/// fails every time (its plan gone from the catalog) does not hold up the others.
+#[tokio::test]
+async fn one_failing_refresh_job_does_not_hold_up_the_others() {
+    let p = embedded();
+    // "broken" is in due shard 0, "fine" in 13: the failing job is read first.
+    paid_yearly(&p, "broken", "gold", 0).await;
+    paid_yearly(&p, "fine", "max", 0).await;
+    p.clock.set(add_months(start(), 1) + Duration::minutes(1));
+    let failed = run_due(&p.ledger, &p.docs, p.clock.now()).await;
+    assert!(failed.is_err(), "the failure is still answered");
+    // The other workspace got its month all the same.
+    assert_eq!(plan_grants(&p, "fine").await.len(), 1);
+    assert!(plan_grants(&p, "broken").await.is_empty());
+}

@@ -23,13 +23,19 @@ pub struct Allotment {
 
 /// The allotments the worker owes for a period, in order: one on each monthly anniversary
 /// of `start` before `end`, counted from `start` itself so dates never drift. A monthly
-/// period owes none (its renewal invoice grants).
+/// period owes none (its renewal invoice grants). The twelfth month ends with the period,
+/// which may be a day after its anniversary: a year anchored on the 29th of February runs
+/// from the 28th in other years to the 29th in a leap year.
 pub fn allotments(start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<Allotment> {
     (1..12)
         .map(|k| Allotment {
             k,
             at: add_months(start, k),
-            month_end: add_months(start, k + 1),
+            month_end: if k == 11 {
+                add_months(start, k + 1).max(end)
+            } else {
+                add_months(start, k + 1)
+            },
         })
         .take_while(|a| a.at < end)
         .collect()
@@ -279,6 +285,19 @@ mod tests {
             period_start: d.period_start,
             period_end: d.period_end,
         }
+    }
+
+    #[test]
+    fn the_twelfth_month_of_a_year_into_a_leap_year_ends_with_the_period() {
+        // Anchored on Feb 29: Stripe bills Feb 28 2031 -> Feb 29 2032.
+        let (start, end) = (t(2031, 2, 28), t(2032, 2, 29));
+        let a = allotments(start, end);
+        assert_eq!(a.len(), 11);
+        assert_eq!((a[10].at, a[10].month_end), (t(2032, 1, 28), end));
+        assert_eq!(a[9].month_end, a[10].at, "the months before are unchanged");
+        // An ordinary year: the twelfth month ends on its anniversary, which is the end.
+        let ordinary = allotments(t(2027, 1, 15), t(2028, 1, 15));
+        assert_eq!(ordinary[10].month_end, t(2028, 1, 15));
     }
 
     #[test]

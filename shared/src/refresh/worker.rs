@@ -522,8 +522,20 @@ pub async fn run_due(
 ) -> Result<RunReport, RefreshError> {
     let refresher = Refresher::new(ledger.clone(), docs.clone());
     let mut report = RunReport::default();
+    let mut failed = None;
+    // One workspace whose job fails does not hold up the others (in AWS each job is its
+    // own message); the first failure is answered once every other job has run.
     for job in refresher.due_jobs(now).await? {
-        report.jobs.push(refresher.run(&job).await?);
+        match refresher.run(&job).await {
+            Ok(done) => report.jobs.push(done),
+            Err(e) => {
+                tracing::error!(workspace = %job.workspace, error = %e, "refresh job failed");
+                failed.get_or_insert(e);
+            }
+        }
     }
-    Ok(report)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
 }
