@@ -471,23 +471,35 @@ fn a_downgrade_billed_at_the_renewal_takes_back_every_richer_month_since_the_cha
     assert_eq!(out.credited, tally::money::Credits::ZERO);
     let granted: u64 = out.grants.iter().map(|g| g.credits.get()).sum();
     assert_eq!(granted, plus as u64 + 5 * per_unit);
-    // A change paid since moved the level the months were granted at (the period's level
-    // is Generative now, not the Max the lines credit): only the change's own month.
-    let moved = Level {
-        plan: "generative".into(),
+    // A Team year taken down twice without invoicing, to Max on Mar 1 and to Plus on
+    // Jul 1: each change valued from its own date, so every month since Mar 1 counts.
+    let team_year = Level {
+        plan: "team".into(),
         ..year.clone()
     };
+    let july = t(2027, 7, 1);
+    let chained = [
+        line("team", -60_000, changed, renewal, true),
+        line("max", 20_000, changed, renewal, true),
+        line("max", -14_000, july, renewal, true),
+        line("plus", 6_000, july, renewal, true),
+        line("plus", 10_440, renewal, t(2029, 1, 15), false),
+    ];
     let out = tally::billing::grants::line_grants(
         &id,
         "subscription_cycle",
-        &lines,
-        std::slice::from_ref(&moved),
+        &chained,
+        std::slice::from_ref(&team_year),
         &catalog,
     )
     .unwrap();
-    assert_eq!(out.credited, tally::money::Credits::ZERO);
-    let granted: i64 = out.grants.iter().map(|g| g.credits.get() as i64).sum();
-    assert_eq!(granted, plus + first);
+    let team = catalog.plan("team").unwrap().monthly_credits.get() as i64;
+    // Mar 1 -> Mar 15: 14 of 28 days, then ten whole months; Jul 1 -> Jul 15: 14 of the
+    // 30 days of Jun 15 -> Jul 15, then six whole months.
+    let to_max = -(team * 14 + 27) / 28 + max * 14 / 28 + 10 * (max - team);
+    let to_plus = -(max * 14 + 29) / 30 + plus * 14 / 30 + 6 * (plus - max);
+    assert!(out.grants.is_empty(), "{:?}", out.grants);
+    assert_eq!(out.credited.get() as i64, -(to_max + to_plus) - plus);
     // Billed at once (the new period starts at the change): only the change's own month.
     let at_once = [
         line("max", -20_000, changed, renewal, true),

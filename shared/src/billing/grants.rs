@@ -294,17 +294,12 @@ pub fn line_grants(
                 .find(|p| p.period_end == first.end && p.period_start <= first.start)
             {
                 Some(period) => {
-                    // Prorations left for this invoice by a change that was not billed at
-                    // once cover every month since the change, granted at the period's
-                    // level: valued through them all when what they credit is that level
-                    // (no paid change has moved it since), else the change's own month.
-                    let at_old_level = old.iter().filter(|l| l.amount < 0).all(|l| match &l.item {
-                        Item::Plan(p) => p == &period.plan,
-                        Item::Addon(_) => l.quantity == u64::from(period.addon_units),
-                        Item::Other => false,
-                    });
-                    let until = at_old_level.then_some(level.period_start);
-                    let (plan, addon) = change_value_through(&old, period, until, catalog);
+                    // Prorations left for this invoice by changes that were not billed at
+                    // once cover every month since each change, granted at the period's
+                    // level (a change billed at once takes such prorations into its own
+                    // invoice, so none is left behind one).
+                    let (plan, addon) =
+                        change_value_through(&old, period, Some(level.period_start), catalog);
                     // Plan and add-on lines net out: what the customer paid more for one
                     // part pays for the other's months.
                     ((plan + addon).min(0), true)

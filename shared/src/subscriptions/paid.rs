@@ -264,6 +264,18 @@ pub fn billing_month(period: &Level, at: DateTime<Utc>) -> (DateTime<Utc>, DateT
         return (period.period_start, period.period_end);
     }
     let (start, end) = calendar::month_containing(period.period_start, at);
+    // The twelfth month ends with the period, which may be a day after its anniversary
+    // (a year anchored on the 29th of February into a leap year), as the credit refresh's
+    // twelfth allotment does.
+    let twelfth = calendar::add_months(period.period_start, 12);
+    if start >= twelfth && start < period.period_end {
+        let (last, _) =
+            calendar::month_containing(period.period_start, start - Duration::seconds(1));
+        return (last, period.period_end);
+    }
+    if end == twelfth {
+        return (start, end.max(period.period_end));
+    }
     (start, end.min(period.period_end))
 }
 
@@ -388,6 +400,29 @@ mod tests {
         ];
         let (plan, _) = change_credits(&lines, &period, &c);
         assert_eq!(plan.get(), 400 * 2 / 31 - (150 * 2_u64).div_ceil(31));
+    }
+
+    #[test]
+    fn the_twelfth_billing_month_of_a_year_into_a_leap_year_ends_with_the_period() {
+        // Anchored on Feb 29: Stripe bills Feb 28 2031 -> Feb 29 2032.
+        let period = monthly("max", t(2031, 2, 28), t(2032, 2, 29));
+        let last = (t(2032, 1, 28), t(2032, 2, 29));
+        assert_eq!(billing_month(&period, t(2032, 2, 1)), last);
+        assert_eq!(
+            billing_month(&period, t(2032, 2, 28) + Duration::hours(6)),
+            last,
+            "the day after the anniversary is no month of its own"
+        );
+        assert_eq!(
+            billing_month(&period, t(2032, 1, 27)),
+            (t(2031, 12, 28), t(2032, 1, 28))
+        );
+        // An ordinary year is unchanged.
+        let year = monthly("max", t(2027, 1, 15), t(2028, 1, 15));
+        assert_eq!(
+            billing_month(&year, t(2028, 1, 10)),
+            (t(2027, 12, 15), t(2028, 1, 15))
+        );
     }
 
     #[test]
