@@ -685,6 +685,36 @@ async fn a_stale_subscription_update_does_not_undo_a_newer_one() {
     assert_eq!(o.plan.unwrap().status, PlanStatus::PastDue);
 }
 
+/// A subscription whose first payment has not gone through (`incomplete`: a bank debit
+/// still processing) gives no benefits (no pack discount, no custom-model slots) until it
+/// is paid and Stripe makes it active.
+#[tokio::test]
+async fn an_incomplete_subscription_gives_no_benefits_until_paid() {
+    let incomplete = subscription(
+        "evt_incomplete",
+        "customer.subscription.created",
+        at(0),
+        "incomplete",
+        false,
+    );
+    let o = run(&[subscription_checkout(), incomplete.clone()]).await;
+    let plan = o.plan.unwrap();
+    assert_eq!(plan.status, PlanStatus::PastDue);
+    assert!(!plan.in_effect(), "{plan:?}");
+    let catalog = tally::catalog::Catalog::builtin();
+    let e = tally::subscriptions::Entitlements::of(Some(&plan), &catalog);
+    assert_eq!((e.pack_discount_pct, e.custom_model_slots), (0, 0));
+    let active = subscription(
+        "evt_active",
+        "customer.subscription.updated",
+        at(1),
+        "active",
+        false,
+    );
+    let o = run(&[subscription_checkout(), incomplete, active]).await;
+    assert!(o.plan.unwrap().in_effect());
+}
+
 #[tokio::test]
 async fn a_cancelled_subscription_leaves_the_plan_cancelled() {
     let mut events = history();

@@ -559,6 +559,12 @@ impl BillingEvents {
         .await?
         .expect("a merge always leaves a document");
         let mut plan = merged.plan_state();
+        // A subscription whose first invoice is not paid yet (Stripe's `incomplete`: a
+        // card needing authentication, a bank debit still processing) has paid for none of
+        // its period: no benefits (the pack discount, custom-model slots) until it is.
+        if merged.stripe_status == "incomplete" {
+            plan.paid_through = Some(merged.period_start);
+        }
         let in_voided_period = matches!(plan.status, PlanStatus::Active | PlanStatus::PastDue)
             && merged.voided_period == Some(merged.period_start);
         if plan.status == PlanStatus::Paused || in_voided_period {
