@@ -685,11 +685,19 @@ async fn a_stale_subscription_update_does_not_undo_a_newer_one() {
     assert_eq!(o.plan.unwrap().status, PlanStatus::PastDue);
 }
 
-/// A subscription whose first payment has not gone through (`incomplete`: a bank debit
-/// still processing) gives no benefits (no pack discount, no custom-model slots) until it
-/// is paid and Stripe makes it active.
+/// A subscription none of whose invoices was ever paid (`incomplete`: a bank debit still
+/// processing, a card needing authentication; then past due when the first payment is
+/// declined) gives no benefits (no pack discount, no custom-model slots). Its first paid
+/// invoice brings them, whichever event comes first, even when an event stamped in the
+/// same second still says incomplete.
 #[tokio::test]
-async fn an_incomplete_subscription_gives_no_benefits_until_paid() {
+async fn a_subscription_never_paid_gives_no_benefits_until_an_invoice_is() {
+    let catalog = tally::catalog::Catalog::builtin();
+    let benefits = |o: &Outcome| {
+        let plan = o.plan.clone().unwrap();
+        let e = tally::subscriptions::Entitlements::of(Some(&plan), &catalog);
+        (plan.in_effect(), e.pack_discount_pct, e.custom_model_slots)
+    };
     let incomplete = subscription(
         "evt_incomplete",
         "customer.subscription.created",
@@ -698,21 +706,33 @@ async fn an_incomplete_subscription_gives_no_benefits_until_paid() {
         false,
     );
     let o = run(&[subscription_checkout(), incomplete.clone()]).await;
-    let plan = o.plan.unwrap();
-    assert_eq!(plan.status, PlanStatus::PastDue);
-    assert!(!plan.in_effect(), "{plan:?}");
-    let catalog = tally::catalog::Catalog::builtin();
-    let e = tally::subscriptions::Entitlements::of(Some(&plan), &catalog);
-    assert_eq!((e.pack_discount_pct, e.custom_model_slots), (0, 0));
-    let active = subscription(
-        "evt_active",
-        "customer.subscription.updated",
-        at(1),
-        "active",
-        false,
-    );
-    let o = run(&[subscription_checkout(), incomplete, active]).await;
-    assert!(o.plan.unwrap().in_effect());
+    assert_eq!(o.plan.as_ref().unwrap().status, PlanStatus::PastDue);
+    assert_eq!(benefits(&o), (false, 0, 0));
+    // Its first payment declined: still nothing paid.
+    let declined = invoice("evt_declined", "invoice.payment_failed", at(0), "open");
+    let o = run(&[
+        subscription_checkout(),
+        incomplete.clone(),
+        declined.clone(),
+    ])
+    .await;
+    assert_eq!(benefits(&o), (false, 0, 0));
+    // Paid: in either order, the same second as the incomplete event.
+    let paid = invoice("evt_paid", "invoice.paid", at(0), "paid");
+    for order in [
+        vec![subscription_checkout(), incomplete.clone(), paid.clone()],
+        vec![subscription_checkout(), paid.clone(), incomplete.clone()],
+        vec![
+            subscription_checkout(),
+            incomplete.clone(),
+            declined.clone(),
+            paid.clone(),
+        ],
+    ] {
+        let o = run(&order).await;
+        assert!(benefits(&o).0, "{:?}", o.plan);
+        assert!(benefits(&o).1 > 0);
+    }
 }
 
 #[tokio::test]

@@ -559,10 +559,17 @@ impl BillingEvents {
         .await?
         .expect("a merge always leaves a document");
         let mut plan = merged.plan_state();
-        // A subscription whose first invoice is not paid yet (Stripe's `incomplete`: a
-        // card needing authentication, a bank debit still processing) has paid for none of
-        // its period: no benefits (the pack discount, custom-model slots) until it is.
-        if merged.stripe_status == "incomplete" {
+        // Past due (or incomplete) with no invoice of the subscription ever paid (its
+        // first payment declined, a card needing authentication, a bank debit still
+        // processing): nothing is paid for, so no benefits (the pack discount,
+        // custom-model slots) until an invoice is. Read from the paid periods, which the
+        // paid invoice records before it merges here, so neither the order of the events
+        // nor which of two in the same second wins the status decides it.
+        if plan.status == PlanStatus::PastDue
+            && super::periods::get(self.docs.as_ref(), workspace, &merged.id)
+                .await?
+                .is_none()
+        {
             plan.paid_through = Some(merged.period_start);
         }
         let in_voided_period = matches!(plan.status, PlanStatus::Active | PlanStatus::PastDue)

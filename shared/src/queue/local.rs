@@ -29,6 +29,9 @@ pub struct LocalQueue {
     rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, Message)>>>,
     journal: Option<Arc<EmbeddedStore>>,
     dedup: Mutex<HashMap<String, Instant>>,
+    /// FIFO sends take turns: a twin of a send whose message is still being kept waits for
+    /// its outcome, so it never answers "sent" for a message the first then failed to keep.
+    sending: tokio::sync::Mutex<()>,
     dead: Mutex<Vec<Delivery>>,
     pending: AtomicUsize,
     idle: Notify,
@@ -47,6 +50,7 @@ impl LocalQueue {
             rx: Mutex::new(Some(rx)),
             journal: None,
             dedup: Mutex::new(HashMap::new()),
+            sending: tokio::sync::Mutex::new(()),
             dead: Mutex::new(Vec::new()),
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -94,6 +98,7 @@ impl LocalQueue {
             rx: Mutex::new(Some(rx)),
             journal: Some(journal),
             dedup: Mutex::new(HashMap::new()),
+            sending: tokio::sync::Mutex::new(()),
             dead: Mutex::new(dead),
             pending: AtomicUsize::new(pending),
             idle: Notify::new(),
@@ -197,6 +202,11 @@ impl Queue for LocalQueue {
         if self.tx.lock().expect("queue lock").is_none() {
             return Err(self.closed());
         }
+        let _turn = if self.fifo {
+            Some(self.sending.lock().await)
+        } else {
+            None
+        };
         if self.fifo {
             let dedup_id = message
                 .dedup_id
