@@ -313,6 +313,57 @@ fn a_trial_period_billed_at_nothing_grants_nothing() {
     assert!(grants(false) > 0, "a 100% coupon");
 }
 
+/// Noon on a day, for invoice lines.
+fn noon(y: i32, m: u32, d: u32) -> chrono::DateTime<chrono::Utc> {
+    use chrono::TimeZone;
+    chrono::Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap()
+}
+
+/// A yearly period of `plan` without add-on units, as its paid invoice recorded it.
+fn paid_year(
+    plan: &str,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+) -> tally::subscriptions::paid::Level {
+    tally::subscriptions::paid::Level {
+        plan: plan.into(),
+        interval: tally::subscriptions::plan::Interval::Yearly,
+        addon_units: 0,
+        period_start: start,
+        period_end: end,
+    }
+}
+
+/// An invoice line for one unit of `plan`.
+fn plan_line(
+    plan: &str,
+    amount: i64,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+    proration: bool,
+) -> tally::subscriptions::paid::PaidLine {
+    tally::subscriptions::paid::PaidLine {
+        item: tally::subscriptions::paid::Item::Plan(plan.into()),
+        quantity: 1,
+        amount,
+        start,
+        end,
+        proration,
+    }
+}
+
+/// What a paid subscription invoice (`reason`) with `lines` grants, its old lines valued
+/// against `known` paid periods.
+fn line_credits(
+    reason: &str,
+    lines: &[tally::subscriptions::paid::PaidLine],
+    known: &[tally::subscriptions::paid::Level],
+) -> Result<tally::billing::grants::InvoiceCredits, ConsumeError> {
+    let id = tally::ids::InvoiceId::parse("in_lines").unwrap();
+    let catalog = tally::catalog::Catalog::builtin();
+    tally::billing::grants::line_grants(&id, reason, lines, known, &catalog)
+}
+
 /// A trial added to a running subscription bills its period at $0 beside the credit for
 /// the unused old time: nothing pays for the trial, so it grants nothing (before, a month
 /// of credits), the unused time's credits go with the money credited for them, and the
@@ -320,39 +371,27 @@ fn a_trial_period_billed_at_nothing_grants_nothing() {
 /// plan's later months stop (its allotments would grant months nobody paid for).
 #[test]
 fn a_trial_added_to_a_running_subscription_grants_nothing_and_ends_the_old_year() {
-    use chrono::TimeZone;
-    use tally::subscriptions::paid::{Item, Level, PaidLine};
     use tally::subscriptions::plan::Interval;
     let catalog = tally::catalog::Catalog::builtin();
-    let t = |m: u32, d: u32| chrono::Utc.with_ymd_and_hms(2027, m, d, 12, 0, 0).unwrap();
-    let year = Level {
-        plan: "max".into(),
-        interval: Interval::Yearly,
-        addon_units: 0,
-        period_start: t(1, 15),
-        period_end: chrono::Utc.with_ymd_and_hms(2028, 1, 15, 12, 0, 0).unwrap(),
+    let year = paid_year("max", noon(2027, 1, 15), noon(2028, 1, 15));
+    let at = noon(2027, 3, 1);
+    let lines = |new_amount: i64, days: i64| {
+        [
+            plan_line("max", -30_000, at, year.period_end, true),
+            plan_line(
+                "max",
+                new_amount,
+                at,
+                at + chrono::Duration::days(days),
+                false,
+            ),
+        ]
     };
-    let at = t(3, 1);
-    let line = |amount: i64, start, end, proration| PaidLine {
-        item: Item::Plan("max".into()),
-        quantity: 1,
-        amount,
-        start,
-        end,
-        proration,
-    };
-    let id = tally::ids::InvoiceId::parse("in_trial").unwrap();
     let invoice = |new_amount: i64, days: i64| {
-        let lines = [
-            line(-30_000, at, year.period_end, true),
-            line(new_amount, at, at + chrono::Duration::days(days), false),
-        ];
-        tally::billing::grants::line_grants(
-            &id,
+        line_credits(
             "subscription_update",
-            &lines,
+            &lines(new_amount, days),
             std::slice::from_ref(&year),
-            &catalog,
         )
         .unwrap()
     };
@@ -371,14 +410,7 @@ fn a_trial_added_to_a_running_subscription_grants_nothing_and_ends_the_old_year(
     }
     // With the old period not recorded yet (its own invoice applied later), the unused
     // time cannot be valued: the event waits for it rather than keep those credits.
-    let lines = [
-        line(-30_000, at, year.period_end, true),
-        line(0, at, at + chrono::Duration::days(14), false),
-    ];
-    assert!(
-        tally::billing::grants::line_grants(&id, "subscription_update", &lines, &[], &catalog)
-            .is_err()
-    );
+    assert!(line_credits("subscription_update", &lines(0, 14), &[]).is_err());
     // The same switch billed (an interval switch to monthly) grants its month, less the
     // unused rest of the old one.
     let paid = invoice(9_900, 31);
@@ -394,41 +426,18 @@ fn a_trial_added_to_a_running_subscription_grants_nothing_and_ends_the_old_year(
 /// the rest of its month.
 #[test]
 fn a_downgrade_billed_at_the_renewal_takes_back_every_richer_month_since_the_change() {
-    use chrono::TimeZone;
-    use tally::subscriptions::paid::{Item, Level, PaidLine};
-    use tally::subscriptions::plan::Interval;
+    use tally::subscriptions::paid::{Item, PaidLine};
     let catalog = tally::catalog::Catalog::builtin();
-    let t = |y: i32, m: u32, d: u32| chrono::Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap();
-    let year = Level {
-        plan: "max".into(),
-        interval: Interval::Yearly,
-        addon_units: 0,
-        period_start: t(2027, 1, 15),
-        period_end: t(2028, 1, 15),
-    };
-    let line = |plan: &str, amount: i64, start, end, proration| PaidLine {
-        item: Item::Plan(plan.into()),
-        quantity: 1,
-        amount,
-        start,
-        end,
-        proration,
-    };
+    let t = noon;
+    let line = plan_line;
+    let year = paid_year("max", t(2027, 1, 15), t(2028, 1, 15));
     let (changed, renewal) = (t(2027, 3, 1), year.period_end);
-    let id = tally::ids::InvoiceId::parse("in_renewal").unwrap();
     let lines = [
         line("max", -20_000, changed, renewal, true),
         line("plus", 8_000, changed, renewal, true),
         line("plus", 10_440, renewal, t(2029, 1, 15), false),
     ];
-    let out = tally::billing::grants::line_grants(
-        &id,
-        "subscription_cycle",
-        &lines,
-        std::slice::from_ref(&year),
-        &catalog,
-    )
-    .unwrap();
+    let out = line_credits("subscription_cycle", &lines, std::slice::from_ref(&year)).unwrap();
     let (max, plus) = (
         catalog.plan("max").unwrap().monthly_credits.get(),
         catalog.plan("plus").unwrap().monthly_credits.get(),
@@ -460,23 +469,13 @@ fn a_downgrade_billed_at_the_renewal_takes_back_every_richer_month_since_the_cha
         line("plus", 10_440, renewal, t(2029, 1, 15), false),
         units(60_000, renewal, t(2029, 1, 15), false),
     ];
-    let out = tally::billing::grants::line_grants(
-        &id,
-        "subscription_cycle",
-        &mixed,
-        std::slice::from_ref(&year),
-        &catalog,
-    )
-    .unwrap();
+    let out = line_credits("subscription_cycle", &mixed, std::slice::from_ref(&year)).unwrap();
     assert_eq!(out.credited, tally::money::Credits::ZERO);
     let granted: u64 = out.grants.iter().map(|g| g.credits.get()).sum();
     assert_eq!(granted, plus as u64 + 5 * per_unit);
     // A Team year taken down twice without invoicing, to Max on Mar 1 and to Plus on
     // Jul 1: each change valued from its own date, so every month since Mar 1 counts.
-    let team_year = Level {
-        plan: "team".into(),
-        ..year.clone()
-    };
+    let team_year = paid_year("team", year.period_start, year.period_end);
     let july = t(2027, 7, 1);
     let chained = [
         line("team", -60_000, changed, renewal, true),
@@ -485,12 +484,10 @@ fn a_downgrade_billed_at_the_renewal_takes_back_every_richer_month_since_the_cha
         line("plus", 6_000, july, renewal, true),
         line("plus", 10_440, renewal, t(2029, 1, 15), false),
     ];
-    let out = tally::billing::grants::line_grants(
-        &id,
+    let out = line_credits(
         "subscription_cycle",
         &chained,
         std::slice::from_ref(&team_year),
-        &catalog,
     )
     .unwrap();
     let team = catalog.plan("team").unwrap().monthly_credits.get() as i64;
@@ -505,14 +502,8 @@ fn a_downgrade_billed_at_the_renewal_takes_back_every_richer_month_since_the_cha
         line("max", -20_000, changed, renewal, true),
         line("plus", 900, changed, t(2027, 4, 1), false),
     ];
-    let switch = tally::billing::grants::line_grants(
-        &id,
-        "subscription_update",
-        &at_once,
-        std::slice::from_ref(&year),
-        &catalog,
-    )
-    .unwrap();
+    let switch =
+        line_credits("subscription_update", &at_once, std::slice::from_ref(&year)).unwrap();
     // Plus's month less the unused rest of Max's: below nothing, so the rest is taken.
     assert!(switch.grants.is_empty(), "{:?}", switch.grants);
     assert_eq!(switch.credited.get() as i64, unused_max - plus);
