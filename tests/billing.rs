@@ -724,6 +724,22 @@ async fn a_subscription_never_paid_gives_no_benefits_until_an_invoice_is() {
         assert!(benefits(&o).0, "{:?}", o.plan);
         assert!(benefits(&o).1 > 0);
     }
+    // Paid before paid periods were recorded (only the invoice's record says so): past
+    // due in dunning, it keeps its benefits; a $0 invoice (a trial) paid nothing.
+    let past_due = subscription(
+        "evt_past_due",
+        "customer.subscription.updated",
+        at(1),
+        "past_due",
+        false,
+    );
+    for (amount, kept) in [(4900, true), (0, false)] {
+        let mut recorded = invoice("evt_recorded", "invoice.payment_succeeded", at(0), "paid");
+        recorded["data"]["object"]["amount_paid"] = json!(amount);
+        let o = run(&[subscription_checkout(), recorded, past_due.clone()]).await;
+        assert_eq!(o.plan.as_ref().unwrap().status, PlanStatus::PastDue);
+        assert_eq!(benefits(&o).0, kept, "{amount}: {:?}", o.plan);
+    }
 }
 
 #[tokio::test]
