@@ -46,10 +46,6 @@ fn items_terms(
     Some((plan, interval, u32::try_from(units).unwrap_or(u32::MAX)))
 }
 
-/// The latest invoices of a workspace looked through for a paid one of a subscription
-/// paid before its paid periods were recorded.
-const EVER_PAID_INVOICES: usize = 50;
-
 impl BillingEvents {
     pub(super) async fn record_invoice(
         &self,
@@ -376,10 +372,12 @@ impl BillingEvents {
             plan,
             interval,
             status,
-            stripe_status: if status == PlanStatus::Active {
-                "active"
-            } else {
-                "past_due"
+            // A sign-up invoice that failed leaves the subscription incomplete (Stripe's
+            // status while its first invoice is unpaid), not past due.
+            stripe_status: match (status, i.billing_reason.as_deref()) {
+                (PlanStatus::Active, _) => "active",
+                (_, Some("subscription_create")) => "incomplete",
+                _ => "past_due",
             }
             .into(),
             cancel_at_period_end: false,
@@ -546,34 +544,6 @@ impl BillingEvents {
         .await
     }
 
-    /// Whether any invoice of the subscription was paid: its paid periods, or for one paid
-    /// before those were recorded, a paid invoice among the workspace's latest invoices
-    /// (each invoice event records its invoice before anything else is done with it).
-    async fn ever_paid(
-        &self,
-        workspace: &WorkspaceId,
-        sub: &crate::ids::SubscriptionId,
-    ) -> Result<bool, ConsumeError> {
-        if super::periods::get(self.docs.as_ref(), workspace, sub)
-            .await?
-            .is_some()
-        {
-            return Ok(true);
-        }
-        let invoices: Vec<InvoiceRecord> = docs::list(
-            self.docs.as_ref(),
-            &workspace_pk(workspace),
-            INVOICE_PREFIX,
-            EVER_PAID_INVOICES,
-        )
-        .await?;
-        Ok(invoices.iter().any(|i| {
-            i.subscription.as_ref() == Some(sub)
-                && i.paid_at.is_some()
-                && i.amount_paid > Cents::ZERO
-        }))
-    }
-
     /// Merges facts into the subscription document, then makes the ledger's plan match it.
     async fn merge_subscription(
         &self,
@@ -591,13 +561,17 @@ impl BillingEvents {
         .await?
         .expect("a merge always leaves a document");
         let mut plan = merged.plan_state();
-        // Past due (or incomplete) with no invoice of the subscription ever paid (its
-        // first payment declined, a card needing authentication, a bank debit still
-        // processing): nothing is paid for, so no benefits (the pack discount,
-        // custom-model slots) until an invoice is. Read from the paid periods, which the
-        // paid invoice records before it merges here, so neither the order of the events
-        // nor which of two in the same second wins the status decides it.
-        if plan.status == PlanStatus::PastDue && !self.ever_paid(workspace, &merged.id).await? {
+        // Incomplete (its first invoice not paid: declined, a card needing
+        // authentication, a bank debit still processing), with no paid period of it on
+        // record: nothing is paid for, so no benefits (the pack discount, custom-model
+        // slots) until an invoice is. The paid invoice records its period before it
+        // merges here, so an incomplete fact winning a same-second tie against the paid
+        // invoice's facts does not take the benefits of a paid subscription.
+        if merged.stripe_status == "incomplete"
+            && super::periods::get(self.docs.as_ref(), workspace, &merged.id)
+                .await?
+                .is_none()
+        {
             plan.paid_through = Some(merged.period_start);
         }
         let in_voided_period = matches!(plan.status, PlanStatus::Active | PlanStatus::PastDue)
