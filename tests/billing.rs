@@ -723,16 +723,69 @@ async fn a_subscription_never_paid_gives_no_benefits_until_an_invoice_is() {
         assert!(benefits(&o).0, "{:?}", o.plan);
         assert!(benefits(&o).1 > 0);
     }
-    // Past due in dunning (a renewal failed) with no paid period on record (paid before
-    // those were recorded): it keeps its benefits.
-    let past_due = subscription(
-        "evt_past_due",
-        "customer.subscription.updated",
-        at(1),
-        "past_due",
-        false,
+    // Reported active while a bank debit processed, then declined: the failed sign-up
+    // invoice and the past-due update come in the same second, and whichever wins the
+    // status (their ids decide a tie), nothing was ever paid.
+    let created = |mut e: Value, at_: i64| {
+        e["data"]["object"]["created"] = json!(at_);
+        e
+    };
+    let active = created(
+        subscription(
+            "evt_created",
+            "customer.subscription.created",
+            at(0),
+            "active",
+            false,
+        ),
+        at(0),
     );
-    let o = run(&[subscription_checkout(), past_due]).await;
+    for (failed_id, update_id) in [
+        ("evt_a_failed", "evt_b_update"),
+        ("evt_b_failed", "evt_a_update"),
+    ] {
+        let failed = invoice(failed_id, "invoice.payment_failed", at(1), "open");
+        let update = created(
+            subscription(
+                update_id,
+                "customer.subscription.updated",
+                at(1),
+                "past_due",
+                false,
+            ),
+            at(0),
+        );
+        for order in [
+            vec![
+                subscription_checkout(),
+                active.clone(),
+                failed.clone(),
+                update.clone(),
+            ],
+            vec![subscription_checkout(), active.clone(), update, failed],
+        ] {
+            let o = run(&order).await;
+            assert_eq!(
+                benefits(&o),
+                (false, 0, 0),
+                "{failed_id} {update_id}: {:?}",
+                o.plan
+            );
+        }
+    }
+    // Past due in dunning after renewals (created two months before this period), with no
+    // paid period on record (paid before those were recorded): it keeps its benefits.
+    let renewal_failed = created(
+        subscription(
+            "evt_past_due",
+            "customer.subscription.updated",
+            at(1),
+            "past_due",
+            false,
+        ),
+        at(-60),
+    );
+    let o = run(&[subscription_checkout(), renewal_failed]).await;
     assert_eq!(o.plan.as_ref().unwrap().status, PlanStatus::PastDue);
     assert!(benefits(&o).0, "{:?}", o.plan);
 }

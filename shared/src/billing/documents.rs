@@ -561,13 +561,19 @@ impl BillingEvents {
         .await?
         .expect("a merge always leaves a document");
         let mut plan = merged.plan_state();
-        // Incomplete (its first invoice not paid: declined, a card needing
-        // authentication, a bank debit still processing), with no paid period of it on
-        // record: nothing is paid for, so no benefits (the pack discount, custom-model
-        // slots) until an invoice is. The paid invoice records its period before it
-        // merges here, so an incomplete fact winning a same-second tie against the paid
-        // invoice's facts does not take the benefits of a paid subscription.
-        if merged.stripe_status == "incomplete"
+        // Its first invoice not paid (declined, a card needing authentication, a bank
+        // debit still processing): incomplete, or past due still in the period it was
+        // created in (nothing has renewed it, so its only invoice is the sign-up's),
+        // with no paid period of it on record. Nothing is paid for, so no benefits (the
+        // pack discount, custom-model slots) until an invoice is. The paid invoice
+        // records its period before it merges here, so neither the order of the events
+        // nor which of two in the same second wins the status decides it. A renewal past
+        // due keeps them (paid before paid periods were recorded, it has none on record).
+        let first_period = merged
+            .created
+            .is_some_and(|c| merged.period_start <= c + chrono::Duration::days(1));
+        if plan.status == PlanStatus::PastDue
+            && (merged.stripe_status == "incomplete" || first_period)
             && super::periods::get(self.docs.as_ref(), workspace, &merged.id)
                 .await?
                 .is_none()
