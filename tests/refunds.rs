@@ -227,6 +227,80 @@ async fn a_dispute_freezes_the_credits_until_it_is_won() {
     assert_eq!(entries(&app, "org_dp1", "dispute_won").await.len(), 1);
 }
 
+/// Two fifths of a pack refunded, then the rest disputed: however the refund's and the
+/// dispute's events are ordered when they reach Tally (they travel in different queue
+/// groups), the credits end as what the money kept bought.
+#[tokio::test]
+async fn a_refund_followed_after_the_dispute_of_the_rest_takes_its_own_share() {
+    for outcome in ["lost", "won"] {
+        let app = TestApp::new();
+        let ws = "org_rfd";
+        let charge = buy_packs(&app, ws, 2).await;
+        let paid = app.sim_events("charge.succeeded")[0]["amount"]
+            .as_i64()
+            .unwrap();
+        let r = sim_post(
+            &app,
+            &format!("/sim/charges/{charge}/refund"),
+            Some(json!({"amount": paid * 2 / 5})),
+        )
+        .await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        assert_eq!(app.available(ws).await, 600);
+        let d = sim_post(&app, &format!("/sim/charges/{charge}/dispute"), None).await;
+        assert_eq!(d.status.as_u16(), 200, "{:#}", d.body);
+        assert_eq!(balance(&app, ws).await["frozen"], 600);
+        let id = d.body["id"].as_str().unwrap();
+        let closed = sim_post(
+            &app,
+            &format!("/sim/disputes/{id}/close"),
+            Some(json!({"outcome": outcome})),
+        )
+        .await;
+        assert_eq!(closed.status.as_u16(), 200, "{:#}", closed.body);
+        let kept = if outcome == "won" { 600 } else { 0 };
+        assert_eq!(app.available(ws).await, kept);
+
+        // The purchase first, then the dispute's events, then the charge's (refunded, and
+        // updated as disputed, both showing the refund), into fresh systems; the dispute
+        // may even have closed first.
+        let events = app.local.simulator.as_ref().unwrap().events();
+        let (disputes, rest): (Vec<_>, Vec<_>) = events
+            .iter()
+            .partition(|e| e.kind.starts_with("charge.dispute."));
+        let (refunds, purchase): (Vec<_>, Vec<_>) = rest.into_iter().partition(|e| {
+            ["charge.refunded", "charge.updated"].contains(&e.kind.as_str())
+                || e.kind.starts_with("refund.")
+        });
+        assert!(!refunds.is_empty() && !disputes.is_empty());
+        for dispute_order in [false, true] {
+            let fresh = TestApp::new();
+            for e in &purchase {
+                assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+            }
+            fresh.settle_billing().await;
+            assert_eq!(fresh.available(ws).await, 1000);
+            let mut late: Vec<_> = disputes.clone();
+            if dispute_order {
+                // The dispute's closing first, then its opening.
+                late.reverse();
+            }
+            late.extend(refunds.iter());
+            for e in late {
+                assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+                fresh.settle_billing().await;
+            }
+            assert!(fresh.local.billing_queue.dead_letters().is_empty());
+            let b = balance(&fresh, ws).await;
+            assert_eq!(
+                (b["available"].as_u64(), b["frozen"].as_u64()),
+                (Some(kept), Some(0)),
+                "{outcome}, closing first: {dispute_order}: {b:#}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_lost_dispute_takes_the_frozen_credits_back_even_when_events_arrive_out_of_order() {
     let app = TestApp::new();

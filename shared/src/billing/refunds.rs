@@ -584,21 +584,27 @@ impl BillingEvents {
                 .await?;
             }
         }
-        // A dispute's share is of the money not given back otherwise, credit notes included
-        // (their own take-back may be waiting for the dispute).
-        let unrefunded = paid - refunded;
+        // A dispute's share is of the money the lot has not followed back yet (refunds and
+        // credit notes taken back, other lost disputes): a credit note's take-back may be
+        // waiting for the dispute, and a refund made before the dispute may be followed
+        // after it (it then takes its share of the frozen credits).
         for d in &payment.disputes {
             let status = d.status.as_deref().unwrap_or("needs_response");
             for &(lot, _) in &lots {
                 let freeze = || {
                     let share = Share {
-                        numerator: d.amount.get().min(unrefunded),
-                        denominator: unrefunded,
+                        numerator: d.amount.get().min(paid),
+                        denominator: paid,
                     };
                     let note = format!("payment {charge} disputed ({})", d.id);
                     (
                         format!("stripe:dispute:{}:open:lot_{lot}", d.id),
-                        Operation::Freeze { lot, share, note },
+                        Operation::Freeze {
+                            lot,
+                            share,
+                            of_rest: true,
+                            note,
+                        },
                     )
                 };
                 let mut steps = Vec::new();
@@ -611,6 +617,7 @@ impl BillingEvents {
                             Operation::Unfreeze {
                                 lot,
                                 take_back: true,
+                                lost_cents: d.amount.get().min(paid),
                                 note: format!("dispute {} of payment {charge} lost", d.id),
                             },
                         ));
@@ -622,6 +629,7 @@ impl BillingEvents {
                         Operation::Unfreeze {
                             lot,
                             take_back: false,
+                            lost_cents: 0,
                             note: format!("dispute {} of payment {charge} closed ({status})", d.id),
                         },
                     )),

@@ -122,6 +122,10 @@ pub enum Operation {
     Freeze {
         lot: u64,
         share: Share,
+        /// The share is of all that was paid: what the lot has already followed of the
+        /// payment (refunded or credited and taken back, lost in a dispute) comes off both
+        /// sides, so a freeze followed before or after a refund is the same share.
+        of_rest: bool,
         note: String,
     },
     /// A dispute closed: the lot's frozen credits become spendable again (won) or are
@@ -129,6 +133,8 @@ pub enum Operation {
     Unfreeze {
         lot: u64,
         take_back: bool,
+        /// Lost: the cents the dispute took ([`Lot::lost_cents`]); won, zero.
+        lost_cents: u64,
         note: String,
     },
     /// Gives back the charge of a completed generation whose output was faulty, once.
@@ -658,42 +664,59 @@ impl Tx<'_> {
                     return Ok((None, Some(format!("lot_{lot}"))));
                 }
                 // The share of the lot's unspent credits: the free ones now, those a running
-                // generation holds when it releases them (what it spends stays spent).
-                let claimable = if l.usable_at(self.now()) {
-                    l.claimable_held()
+                // generation holds when it releases them (what it spends stays spent), and
+                // those a dispute froze: a refund made before the dispute may be followed
+                // after it, and what the dispute froze is its share of the rest.
+                let usable = l.usable_at(self.now());
+                let (claimable, pending) = if usable {
+                    (l.claimable_held(), l.owed_frozen)
                 } else {
-                    Credits::ZERO
+                    (Credits::ZERO, Credits::ZERO)
                 };
                 let free = l.free();
+                let numerator = refunded - already;
+                // What a lost dispute took was its share of the money not refunded then.
+                let rest = (*paid - already).saturating_sub(l.lost_cents);
                 let wanted = Share {
-                    numerator: refunded - already,
-                    denominator: paid - already,
+                    numerator,
+                    denominator: rest.max(numerator),
                 }
-                .of(free + claimable);
+                .of(free + l.frozen + claimable + pending);
+                // Free credits first: the frozen ones stand for the disputed money.
                 let taken = wanted.min(free);
-                let owed = (wanted - taken).min(claimable);
+                let unfrozen = (wanted - taken).min(l.frozen);
+                let owed = (wanted - taken - unfrozen).min(claimable);
+                let unpending = (wanted - taken - unfrozen - owed).min(pending);
                 let mut d = Draft::new(Reason::RefundTakeBack, actor);
                 d.credits = CreditDelta::decrease(taken);
                 d.lots = vec![LotChange::Refunded {
                     lot: *lot,
                     cents: refunded,
+                    lost: l.lost_cents,
                 }];
-                if taken > Credits::ZERO {
+                if unfrozen > Credits::ZERO {
+                    d.lots.push(LotChange::Frozen {
+                        lot: *lot,
+                        frozen: CreditDelta::decrease(unfrozen),
+                    });
+                }
+                if taken + unfrozen > Credits::ZERO {
                     d.lots.push(LotChange::Changed {
                         lot: *lot,
-                        remaining: CreditDelta::decrease(taken),
+                        remaining: CreditDelta::decrease(taken + unfrozen),
                         held: CreditDelta::ZERO,
                         original: CreditDelta::ZERO,
                     });
                 }
-                if owed > Credits::ZERO {
+                if owed + unpending > Credits::ZERO {
                     d.lots.push(LotChange::Owed {
                         lot: *lot,
-                        take: CreditDelta::increase(owed),
-                        freeze: CreditDelta::ZERO,
+                        take: CreditDelta::increase(owed + unpending),
+                        freeze: CreditDelta::decrease(unpending),
                     });
                 }
-                d.totals.clawed_back = taken;
+                let owed = owed + unpending;
+                d.totals.clawed_back = taken + unfrozen;
                 d.note = Some(if owed > Credits::ZERO {
                     format!(
                         "{note}; {owed} more held by running generations are taken back as they are released"
@@ -794,7 +817,25 @@ impl Tx<'_> {
                 self.push(d)?;
                 Ok((None, None))
             }
-            Operation::Freeze { lot, share, note } => {
+            Operation::Freeze {
+                lot,
+                share,
+                of_rest,
+                note,
+            } => {
+                let share = match self.lot(*lot) {
+                    Some(l) if *of_rest => {
+                        let rest = share
+                            .denominator
+                            .saturating_sub(l.refunded_cents)
+                            .saturating_sub(l.lost_cents);
+                        Share {
+                            numerator: share.numerator.min(rest),
+                            denominator: rest,
+                        }
+                    }
+                    _ => *share,
+                };
                 // The share of the lot's unspent credits: the free ones now, those a running
                 // generation holds as it releases them.
                 let (free, claimable) =
@@ -840,6 +881,7 @@ impl Tx<'_> {
             Operation::Unfreeze {
                 lot,
                 take_back,
+                lost_cents,
                 note,
             } => {
                 let (frozen, pending) =
@@ -852,6 +894,14 @@ impl Tx<'_> {
                     Reason::DisputeWon
                 };
                 let mut d = Draft::new(reason, actor);
+                if let Some(l) = self.lot(*lot).filter(|_| *take_back && *lost_cents > 0) {
+                    // A refund followed later takes its share of the rest of the payment.
+                    d.lots.push(LotChange::Refunded {
+                        lot: *lot,
+                        cents: l.refunded_cents,
+                        lost: l.lost_cents.saturating_add(*lost_cents),
+                    });
+                }
                 if frozen > Credits::ZERO {
                     // Unfreeze first so the lot never holds and freezes more than it has.
                     d.lots.push(LotChange::Frozen {
@@ -1071,6 +1121,7 @@ impl Tx<'_> {
                 && l.expires_at.is_none()
                 && l.frozen == Credits::ZERO
                 && l.refunded_cents == 0
+                && l.lost_cents == 0
                 && l.original.checked_add(credits).is_some()
                 && l.remaining.checked_add(credits).is_some()
         }) {
@@ -1091,6 +1142,7 @@ impl Tx<'_> {
             held: Credits::ZERO,
             frozen: Credits::ZERO,
             refunded_cents: 0,
+            lost_cents: 0,
             owed: Credits::ZERO,
             owed_frozen: Credits::ZERO,
             granted_at: self.now(),

@@ -53,6 +53,11 @@ pub struct Lot {
     /// (so each refunded cent takes its share once, whatever order refunds are seen in).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub refunded_cents: u64,
+    /// Cents of the payment that bought the lot that a lost dispute took, with its share of
+    /// the lot's credits: a refund followed after it takes its share of what the rest of
+    /// the payment bought.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub lost_cents: u64,
     /// Part of `held` whose money went back while a generation held it (a refund, a lost
     /// dispute, a change credited back): what the hold releases of it is taken back
     /// instead of becoming free again; what the hold spends stays spent.
@@ -347,10 +352,13 @@ pub enum LotChange {
         lot: u64,
         frozen: CreditDelta,
     },
-    /// How much of the lot's payment has been refunded and taken back from it (only grows).
+    /// How much of the lot's payment has been refunded and taken back from it (only grows),
+    /// and how much lost disputes took with their share (`lost`, only grows).
     Refunded {
         lot: u64,
         cents: u64,
+        #[serde(default, skip_serializing_if = "is_zero_u64")]
+        lost: u64,
     },
     /// Held credits of the lot that go when their hold releases them: taken back (`take`)
     /// or frozen (`freeze`), as [`Lot::owed`] and [`Lot::owed_frozen`] change.
@@ -595,14 +603,15 @@ impl WorkspaceState {
                     l.held = l.held.checked_add_delta(*held).ok_or_else(corrupt)?;
                     backed(l)?;
                 }
-                LotChange::Refunded { lot, cents } => {
+                LotChange::Refunded { lot, cents, lost } => {
                     let l = lot_mut(&mut self.lots, *lot)?;
-                    if *cents < l.refunded_cents {
+                    if *cents < l.refunded_cents || *lost < l.lost_cents {
                         return Err(LedgerError::Corrupt(format!(
                             "lot {lot} refunded cents would fall"
                         )));
                     }
                     l.refunded_cents = *cents;
+                    l.lost_cents = *lost;
                 }
                 LotChange::Frozen { lot, frozen } => {
                     let l = lot_mut(&mut self.lots, *lot)?;

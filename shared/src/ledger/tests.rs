@@ -815,6 +815,7 @@ mod properties {
                         Operation::Freeze {
                             lot: l.seq,
                             share: Share { numerator: tenths, denominator: 10 },
+                            of_rest: false,
                             note: "d".into(),
                         }
                     }
@@ -822,7 +823,12 @@ mod properties {
                         let Some(l) = w.state.lots.get(lot % w.state.lots.len().max(1)) else {
                             continue;
                         };
-                        Operation::Unfreeze { lot: l.seq, take_back: lost, note: "c".into() }
+                        Operation::Unfreeze {
+                            lot: l.seq,
+                            take_back: lost,
+                            lost_cents: if lost { 100 } else { 0 },
+                            note: "c".into(),
+                        }
                     }
                     Step::Credited { credits, month } => Operation::ChangeCredited {
                         credits: Credits::new(credits),
@@ -1268,11 +1274,13 @@ fn a_dispute_of_credits_a_generation_holds_freezes_them_as_it_releases_them() {
             numerator: 1,
             denominator: 1,
         },
+        of_rest: false,
         note: "disputed".into(),
     };
     let close = |lot: u64, lost: bool| Operation::Unfreeze {
         lot,
         take_back: lost,
+        lost_cents: if lost { 1000 } else { 0 },
         note: "closed".into(),
     };
     let fail = |g: GenerationId| Operation::Fail {
@@ -1325,6 +1333,7 @@ fn a_dispute_freezes_free_credits_and_a_lost_one_takes_exactly_them_back() {
             numerator: 1,
             denominator: 1,
         },
+        of_rest: false,
         note: "disputed".into(),
     })
     .unwrap();
@@ -1336,9 +1345,137 @@ fn a_dispute_freezes_free_credits_and_a_lost_one_takes_exactly_them_back() {
     w.run(Operation::Unfreeze {
         lot,
         take_back: true,
+        lost_cents: 1000,
         note: "lost".into(),
     })
     .unwrap();
     assert_eq!(w.state.balance(), Balance::default());
     assert_eq!(w.state.totals.clawed_back, Credits::new(700));
+}
+
+/// A refund of part of a payment and a dispute of the rest, followed in either order and
+/// however the dispute ends, leave the lot with what the money kept bought.
+#[test]
+fn a_refund_followed_after_a_dispute_of_the_rest_takes_its_own_share() {
+    let take_back = |lot: u64, refunded: u64| Operation::TakeBack {
+        lot,
+        refunded,
+        paid: 5000,
+        note: "refunded".into(),
+    };
+    // Stripe's order: 2,000 of 5,000 cents refunded, then the other 3,000 disputed; the
+    // dispute's freeze is 3,000 of the 5,000 not refunded when it was followed.
+    let freeze = |lot: u64, numerator: u64, denominator: u64| Operation::Freeze {
+        lot,
+        share: Share {
+            numerator,
+            denominator,
+        },
+        of_rest: false,
+        note: "disputed".into(),
+    };
+    let close = |lot: u64, lost: bool| Operation::Unfreeze {
+        lot,
+        take_back: lost,
+        lost_cents: if lost { 3000 } else { 0 },
+        note: "closed".into(),
+    };
+    for lost in [true, false] {
+        for refund_first in [true, false] {
+            let mut w = World::new();
+            let lot = lot_seq(&w.grant(LotSource::Pack, 5000, None));
+            if refund_first {
+                w.run(take_back(lot, 2000)).unwrap();
+                w.run(freeze(lot, 3000, 3000)).unwrap();
+            } else {
+                w.run(freeze(lot, 3000, 5000)).unwrap();
+                w.run(take_back(lot, 2000)).unwrap();
+            }
+            assert_eq!(w.available(), Credits::ZERO, "{refund_first}");
+            assert_eq!(w.state.balance().frozen, Credits::new(3000));
+            w.run(close(lot, lost)).unwrap();
+            let kept = if lost { 0 } else { 3000 };
+            assert_eq!(w.available(), Credits::new(kept), "{lost} {refund_first}");
+            assert_eq!(w.state.totals.clawed_back, Credits::new(5000 - kept));
+            let rebuilt =
+                WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+            assert_eq!(rebuilt.lots, w.state.lots);
+        }
+    }
+    // The dispute lost and followed before the refund made before it: the refund takes
+    // what is left, all of it paid by the refunded money.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 5000, None));
+    w.run(freeze(lot, 3000, 5000)).unwrap();
+    w.run(close(lot, true)).unwrap();
+    assert_eq!(w.available(), Credits::new(2000));
+    w.run(take_back(lot, 2000)).unwrap();
+    assert_eq!(w.available(), Credits::ZERO);
+    assert_eq!(w.state.totals.clawed_back, Credits::new(5000));
+    // Part of the lot spent first: the refund takes its share of what is unspent.
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 5000, None));
+    let g = w.hold(1000).unwrap();
+    w.complete(g, None, None);
+    w.run(freeze(lot, 3000, 5000)).unwrap();
+    w.run(take_back(lot, 2000)).unwrap();
+    // 2,000 of 5,000 cents bought 1,600 of the 4,000 unspent; the dispute froze 2,400.
+    assert_eq!(w.available(), Credits::ZERO);
+    assert_eq!(w.state.balance().frozen, Credits::new(2400));
+    w.run(close(lot, false)).unwrap();
+    assert_eq!(w.available(), Credits::new(2400));
+}
+
+/// A refund made while an inquiry freezes the whole payment takes its share from the
+/// frozen credits, and from those a running generation holds for the freeze.
+#[test]
+fn a_refund_during_an_inquiry_takes_its_share_of_the_frozen_credits() {
+    let mut w = World::new();
+    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+    let g = w.hold(300).unwrap();
+    w.run(Operation::Freeze {
+        lot,
+        share: Share {
+            numerator: 1,
+            denominator: 1,
+        },
+        of_rest: false,
+        note: "inquiry".into(),
+    })
+    .unwrap();
+    assert_eq!(w.state.balance().frozen, Credits::new(700));
+    // 900 of 1,000 cents refunded: 900 credits, 700 frozen and 200 of the 300 held.
+    w.run(Operation::TakeBack {
+        lot,
+        refunded: 900,
+        paid: 1000,
+        note: "refunded".into(),
+    })
+    .unwrap();
+    assert_eq!(w.state.balance().frozen, Credits::ZERO);
+    assert_eq!(w.state.totals.clawed_back, Credits::new(700));
+    let l = w.lot(&format!("lot_{lot}"));
+    assert_eq!(
+        (l.owed, l.owed_frozen),
+        (Credits::new(200), Credits::new(100))
+    );
+    w.run(Operation::Fail {
+        generation: g,
+        reason: "failed".into(),
+        record: None,
+    })
+    .unwrap();
+    assert_eq!(w.state.totals.clawed_back, Credits::new(900));
+    assert_eq!(w.state.balance().frozen, Credits::new(100));
+    // The inquiry closes without a dispute: the 100 cents kept bought 100 credits.
+    w.run(Operation::Unfreeze {
+        lot,
+        take_back: false,
+        lost_cents: 0,
+        note: "closed".into(),
+    })
+    .unwrap();
+    assert_eq!(w.available(), Credits::new(100));
+    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+    assert_eq!(rebuilt.lots, w.state.lots);
 }

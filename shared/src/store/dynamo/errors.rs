@@ -154,8 +154,14 @@ pub(super) fn classify_commit(
         }
         // The same client token is still being worked on: Tally sets none, but the SDK fills
         // one in per call and its own retries reuse it, so a retry can meet its earlier
-        // attempt. Reloading and trying again is right, as for a conflict.
-        TransactWriteItemsError::TransactionInProgressException(_) => CommitError::Conflict,
+        // attempt, which may yet land. As for a timeout: reload and try again, knowing that
+        // the write found then may be this call's own (its observer is still to be told).
+        TransactWriteItemsError::TransactionInProgressException(_) => {
+            CommitError::Store(StoreError::unavailable(Context::new(
+                format!("{OP}: an earlier attempt with the same token is in progress"),
+                err,
+            )))
+        }
         _ => CommitError::Store(classify(OP, err)),
     }
 }
@@ -273,7 +279,10 @@ mod tests {
             IDEM,
             &[],
         );
-        assert!(matches!(e, CommitError::Conflict), "{e:?}");
+        assert!(
+            matches!(e, CommitError::Store(StoreError::Unavailable(_))),
+            "{e:?}"
+        );
     }
 
     #[test]
