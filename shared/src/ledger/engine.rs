@@ -88,10 +88,13 @@ pub enum Operation {
     Settle,
     /// A refund: `refunded` of the `paid` cents of the lot's payment are back with the
     /// customer. The cents not yet taken back from this lot take their share of its unspent
-    /// credits (rounded down): `(refunded - already) / (paid - already)`, the free ones at
-    /// once and those running generations hold as they release them ([`Lot::owed`]).
-    /// Nothing more when the lot already followed that much; a lot spent out takes nothing
-    /// (the entry still records the refund).
+    /// credits, frozen ones included (rounded down):
+    /// `(refunded - already) / (paid - already - lost)`, where `lost` is what lost
+    /// disputes took ([`Lot::lost_cents`]); the free
+    /// ones at once, then frozen ones (a dispute's claim moving onto held ones), and those
+    /// running generations hold as they release them ([`Lot::owed`]). Nothing more when
+    /// the lot already followed that much; a lot spent out takes nothing (the entry still
+    /// records the refund).
     TakeBack {
         lot: u64,
         refunded: u64,
@@ -682,11 +685,15 @@ impl Tx<'_> {
                     denominator: rest.max(numerator),
                 }
                 .of(free + l.frozen + claimable + pending);
-                // Free credits first: the frozen ones stand for the disputed money.
+                // Free credits first. Then frozen ones, the dispute's claim moving onto
+                // credits a running generation holds (frozen as it releases them, spent if
+                // it spends them, as if the refund had been followed first); then held
+                // ones, owed.
                 let taken = wanted.min(free);
                 let unfrozen = (wanted - taken).min(l.frozen);
-                let owed = (wanted - taken - unfrozen).min(claimable);
-                let unpending = (wanted - taken - unfrozen - owed).min(pending);
+                let pledged = unfrozen.min(claimable);
+                let owed = (wanted - taken - unfrozen).min(claimable - pledged);
+                let unpending = (wanted - taken - unfrozen - owed).min(pending + pledged);
                 let mut d = Draft::new(Reason::RefundTakeBack, actor);
                 d.credits = CreditDelta::decrease(taken);
                 d.lots = vec![LotChange::Refunded {
@@ -706,6 +713,13 @@ impl Tx<'_> {
                         remaining: CreditDelta::decrease(taken + unfrozen),
                         held: CreditDelta::ZERO,
                         original: CreditDelta::ZERO,
+                    });
+                }
+                if pledged > Credits::ZERO {
+                    d.lots.push(LotChange::Owed {
+                        lot: *lot,
+                        take: CreditDelta::ZERO,
+                        freeze: CreditDelta::increase(pledged),
                     });
                 }
                 if owed + unpending > Credits::ZERO {

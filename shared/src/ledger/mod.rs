@@ -605,13 +605,15 @@ impl WorkspaceState {
                 }
                 LotChange::Refunded { lot, cents, lost } => {
                     let l = lot_mut(&mut self.lots, *lot)?;
-                    if *cents < l.refunded_cents || *lost < l.lost_cents {
+                    if *cents < l.refunded_cents {
                         return Err(LedgerError::Corrupt(format!(
                             "lot {lot} refunded cents would fall"
                         )));
                     }
                     l.refunded_cents = *cents;
-                    l.lost_cents = *lost;
+                    // An entry written by a release before lost disputes were counted
+                    // names none: it keeps what the lot counted.
+                    l.lost_cents = l.lost_cents.max(*lost);
                 }
                 LotChange::Frozen { lot, frozen } => {
                     let l = lot_mut(&mut self.lots, *lot)?;

@@ -1479,3 +1479,74 @@ fn a_refund_during_an_inquiry_takes_its_share_of_the_frozen_credits() {
     let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
     assert_eq!(rebuilt.lots, w.state.lots);
 }
+
+/// A refund made before a dispute of the rest but followed after it, while a generation
+/// holds part of the lot: whether the generation fails or spends its hold, and whether the
+/// dispute is won or lost, the lot ends as if the refund had been followed first.
+#[test]
+fn a_refund_followed_after_a_dispute_while_a_generation_holds_credits_ends_as_in_stripes_order() {
+    let end = |refund_first: bool, spends: bool, lost: bool| {
+        let mut w = World::new();
+        let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
+        let g = w.hold(500).unwrap();
+        let refund = Operation::TakeBack {
+            lot,
+            refunded: 2000,
+            paid: 5000,
+            note: "refunded".into(),
+        };
+        let freeze = Operation::Freeze {
+            lot,
+            share: Share {
+                numerator: 3000,
+                denominator: 5000,
+            },
+            of_rest: true,
+            note: "disputed".into(),
+        };
+        if refund_first {
+            w.run(refund).unwrap();
+            w.run(freeze).unwrap();
+        } else {
+            w.run(freeze).unwrap();
+            w.run(refund).unwrap();
+        }
+        if spends {
+            w.complete(g, None, None);
+        } else {
+            w.run(Operation::Fail {
+                generation: g,
+                reason: "failed".into(),
+                record: None,
+            })
+            .unwrap();
+        }
+        w.run(Operation::Unfreeze {
+            lot,
+            take_back: lost,
+            lost_cents: if lost { 3000 } else { 0 },
+            note: "closed".into(),
+        })
+        .unwrap();
+        let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
+        assert_eq!(rebuilt.lots, w.state.lots);
+        (w.available(), w.state.balance().frozen)
+    };
+    for spends in [false, true] {
+        for lost in [false, true] {
+            let stripe_order = end(true, spends, lost);
+            assert_eq!(
+                end(false, spends, lost),
+                stripe_order,
+                "spends {spends}, lost {lost}"
+            );
+            // The 3,000 cents kept bought 600 credits, less what the generation spent.
+            let kept = match (lost, spends) {
+                (true, _) => 0,
+                (false, false) => 600,
+                (false, true) => 100,
+            };
+            assert_eq!(stripe_order, (Credits::new(kept), Credits::ZERO));
+        }
+    }
+}
