@@ -662,6 +662,66 @@ mod subscription {
         assert_eq!(app.available("org_c").await, 400, "no credits moved");
     }
 
+    /// Stripe refuses any cancellation setting on a subscription a schedule manages: a
+    /// paused subscription with a downgrade waiting for the renewal still resumes, and a
+    /// subscription set to cancel takes no change until it is resumed.
+    #[tokio::test]
+    async fn a_paused_subscription_with_a_waiting_downgrade_resumes_and_a_canceling_one_takes_no_change()
+     {
+        let app = TestApp::new();
+        let ws = "org_pd";
+        app.subscribe(ws, "max", "monthly").await;
+        let o = owner(ws);
+        let r = app.change_plan(ws, "plus", "monthly").await;
+        assert_eq!(r.body["effective"], "at_renewal", "{:#}", r.body);
+        let p = app.post("/v1/subscription/pause", &o, json!({})).await;
+        assert_eq!(p.status.as_u16(), 200, "{:#}", p.body);
+        let r = app.post("/v1/subscription/resume", &o, json!({})).await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        assert_eq!(r.body["paused"], false);
+        app.settle_billing().await;
+        assert_eq!(plan_of(&app, ws).await["status"], "active");
+        let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
+        assert_eq!(
+            s["scheduled"]["plan"], "plus",
+            "the downgrade still waits: {s:#}"
+        );
+        // Resuming what is not paused or canceled asks nothing of Stripe.
+        let again = app.post("/v1/subscription/resume", &o, json!({})).await;
+        assert_eq!(again.status.as_u16(), 200, "{:#}", again.body);
+
+        // Canceled at the period end (the waiting downgrade goes with it): no change until
+        // resumed, neither one for the renewal nor one billed now.
+        let c = app.post("/v1/subscription/cancel", &o, json!({})).await;
+        assert_eq!(c.body["cancel_at_period_end"], true, "{:#}", c.body);
+        let before = app.available(ws).await;
+        for (plan, interval) in [("plus", "monthly"), ("max", "yearly")] {
+            app.change_plan(ws, plan, interval)
+                .await
+                .assert_problem(409, "conflict");
+        }
+        app.send(
+            Method::PUT,
+            "/v1/subscription/addons",
+            Some(&o),
+            Some(&json!({"units": 1}).to_string()),
+            &[],
+        )
+        .await
+        .assert_problem(409, "conflict");
+        app.settle_billing().await;
+        assert_eq!(
+            app.available(ws).await,
+            before,
+            "nothing charged or granted"
+        );
+        let r = app.post("/v1/subscription/resume", &o, json!({})).await;
+        assert_eq!(r.body["cancel_at_period_end"], false, "{:#}", r.body);
+        let r = app.change_plan(ws, "plus", "monthly").await;
+        assert_eq!(r.body["effective"], "at_renewal", "{:#}", r.body);
+        assert!(app.local.billing_queue.dead_letters().is_empty());
+    }
+
     #[tokio::test]
     async fn subscription_changes_need_a_subscription_and_billing_rights() {
         let app = TestApp::new();

@@ -381,6 +381,14 @@ impl SubscriptionChanges {
                 "the subscription is paused or past due; resume it or settle the open invoice first",
             ));
         }
+        // A change waiting for the renewal would take the cancellation over (Stripe's
+        // schedule decides how the subscription ends), and one billed now would charge for
+        // a period that ends with the subscription.
+        if now.live.cancel_at_period_end {
+            return Err(ChangeError::NotActive(
+                "the subscription is set to cancel at the end of the period; resume it first",
+            ));
+        }
         // Stripe would credit the unused time of a period nobody paid for (its renewal
         // invoice voided while collection was paused) against the change. The period is
         // Stripe's own (the document may lag behind it).
@@ -963,14 +971,21 @@ impl SubscriptionChanges {
                     .cancel_renewal_change(&now.live.id, &format!("{stripe_key}-release"))
                     .await?;
             }
-            self.payments
-                .update_subscription(&SubscriptionChange {
-                    cancel_at_period_end: cancel,
-                    pause,
-                    idempotency_key: stripe_key.to_owned(),
-                    ..SubscriptionChange::to(now.live.id.clone())
-                })
-                .await?;
+            // Only what changes is sent: Stripe refuses any cancellation setting, even
+            // `false`, on a subscription a schedule manages (a downgrade waiting for the
+            // renewal), so resuming a paused one must not name it.
+            let cancel = cancel.filter(|c| *c != now.live.cancel_at_period_end);
+            let pause = pause.filter(|p| *p != now.live.paused);
+            if cancel.is_some() || pause.is_some() {
+                self.payments
+                    .update_subscription(&SubscriptionChange {
+                        cancel_at_period_end: cancel,
+                        pause,
+                        idempotency_key: stripe_key.to_owned(),
+                        ..SubscriptionChange::to(now.live.id.clone())
+                    })
+                    .await?;
+            }
             Ok(StatusView {
                 cancel_at_period_end: cancel.unwrap_or(now.live.cancel_at_period_end),
                 paused: pause.unwrap_or(now.live.paused),

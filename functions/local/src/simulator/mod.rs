@@ -668,10 +668,12 @@ impl Simulator {
                 "A canceled subscription can only update its cancellation_details and metadata.",
             ));
         }
-        if current.schedule_id().is_some() && change.cancel_at_period_end == Some(true) {
-            return Err(PaymentsError::refused(
-                "The subscription is managed by a subscription schedule; release it before cancelling.",
-            ));
+        // Stripe refuses any cancellation setting, `false` included, on a subscription a
+        // schedule manages.
+        if let (Some(schedule), Some(_)) = (current.schedule_id(), change.cancel_at_period_end) {
+            return Err(PaymentsError::refused(format!(
+                "The subscription is managed by the subscription schedule `{schedule}`, and updating any cancelation behavior directly is not allowed. Please update the schedule instead."
+            )));
         }
         if let Some(expected) = &change.expect {
             let key = |i: &tally::payments::LiveItem| {
