@@ -640,22 +640,12 @@ mod subscription {
         app.settle_billing().await;
         assert_eq!(plan_of(&app, "org_c").await["status"], "paused");
         // No upgrade (and no upgrade credits) while nothing is being collected.
-        app.post(
-            "/v1/subscription/change",
-            &o,
-            json!({"plan": "team", "interval": "monthly"}),
-        )
-        .await
-        .assert_problem(409, "conflict");
-        app.send(
-            Method::PUT,
-            "/v1/subscription/addons",
-            Some(&o),
-            Some(&json!({"units": 1}).to_string()),
-            &[],
-        )
-        .await
-        .assert_problem(409, "conflict");
+        app.change_plan("org_c", "team", "monthly")
+            .await
+            .assert_problem(409, "conflict");
+        app.set_units("org_c", 1)
+            .await
+            .assert_problem(409, "conflict");
         app.post("/v1/subscription/resume", &o, json!({})).await;
         app.settle_billing().await;
         assert_eq!(plan_of(&app, "org_c").await["status"], "active");
@@ -700,15 +690,7 @@ mod subscription {
                 .await
                 .assert_problem(409, "conflict");
         }
-        app.send(
-            Method::PUT,
-            "/v1/subscription/addons",
-            Some(&o),
-            Some(&json!({"units": 1}).to_string()),
-            &[],
-        )
-        .await
-        .assert_problem(409, "conflict");
+        app.set_units(ws, 1).await.assert_problem(409, "conflict");
         app.settle_billing().await;
         assert_eq!(
             app.available(ws).await,

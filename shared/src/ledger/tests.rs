@@ -903,6 +903,40 @@ fn settling_releases_at_most_one_transaction_of_overdue_holds_and_does_nothing_w
     assert_eq!(w.state.next_settlement_after(w.now), None);
 }
 
+/// A dispute's freeze of `numerator / denominator` of the lot (of what it has not followed
+/// back yet, `of_rest`).
+fn freeze_op(lot: u64, numerator: u64, denominator: u64, of_rest: bool) -> Operation {
+    Operation::Freeze {
+        lot,
+        share: Share {
+            numerator,
+            denominator,
+        },
+        of_rest,
+        note: "disputed".into(),
+    }
+}
+
+/// A dispute closed: won (`None`) or lost, taking `Some(cents)`.
+fn close_op(lot: u64, lost: Option<u64>) -> Operation {
+    Operation::Unfreeze {
+        lot,
+        take_back: lost.is_some(),
+        lost_cents: lost.unwrap_or(0),
+        note: "closed".into(),
+    }
+}
+
+/// `refunded` of the `paid` cents of the lot's payment refunded.
+fn refund_op(lot: u64, refunded: u64, paid: u64) -> Operation {
+    Operation::TakeBack {
+        lot,
+        refunded,
+        paid,
+        note: "refunded".into(),
+    }
+}
+
 fn lot_seq(id: &str) -> u64 {
     id.strip_prefix("lot_").unwrap().parse().unwrap()
 }
@@ -1268,21 +1302,8 @@ fn money_given_back_while_a_generation_holds_the_credits_takes_them_as_it_releas
 
 #[test]
 fn a_dispute_of_credits_a_generation_holds_freezes_them_as_it_releases_them() {
-    let freeze = |lot: u64| Operation::Freeze {
-        lot,
-        share: Share {
-            numerator: 1,
-            denominator: 1,
-        },
-        of_rest: false,
-        note: "disputed".into(),
-    };
-    let close = |lot: u64, lost: bool| Operation::Unfreeze {
-        lot,
-        take_back: lost,
-        lost_cents: if lost { 1000 } else { 0 },
-        note: "closed".into(),
-    };
+    let freeze = |lot: u64| freeze_op(lot, 1, 1, false);
+    let close = |lot: u64, lost: bool| close_op(lot, lost.then_some(1000));
     let fail = |g: GenerationId| Operation::Fail {
         generation: g,
         reason: "failed".into(),
@@ -1327,28 +1348,13 @@ fn a_dispute_freezes_free_credits_and_a_lost_one_takes_exactly_them_back() {
     let mut w = World::new();
     let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
     let g = w.hold(300).unwrap();
-    w.run(Operation::Freeze {
-        lot,
-        share: Share {
-            numerator: 1,
-            denominator: 1,
-        },
-        of_rest: false,
-        note: "disputed".into(),
-    })
-    .unwrap();
+    w.run(freeze_op(lot, 1, 1, false)).unwrap();
     assert_eq!(w.state.balance().frozen, Credits::new(700));
     assert_eq!(w.available(), Credits::ZERO);
     // The running generation completes from its hold; frozen credits stay frozen.
     w.complete(g, None, None);
     assert_eq!(w.state.balance().frozen, Credits::new(700));
-    w.run(Operation::Unfreeze {
-        lot,
-        take_back: true,
-        lost_cents: 1000,
-        note: "lost".into(),
-    })
-    .unwrap();
+    w.run(close_op(lot, Some(1000))).unwrap();
     assert_eq!(w.state.balance(), Balance::default());
     assert_eq!(w.state.totals.clawed_back, Credits::new(700));
 }
@@ -1357,29 +1363,12 @@ fn a_dispute_freezes_free_credits_and_a_lost_one_takes_exactly_them_back() {
 /// however the dispute ends, leave the lot with what the money kept bought.
 #[test]
 fn a_refund_followed_after_a_dispute_of_the_rest_takes_its_own_share() {
-    let take_back = |lot: u64, refunded: u64| Operation::TakeBack {
-        lot,
-        refunded,
-        paid: 5000,
-        note: "refunded".into(),
-    };
     // Stripe's order: 2,000 of 5,000 cents refunded, then the other 3,000 disputed; the
     // dispute's freeze is 3,000 of the 5,000 not refunded when it was followed.
-    let freeze = |lot: u64, numerator: u64, denominator: u64| Operation::Freeze {
-        lot,
-        share: Share {
-            numerator,
-            denominator,
-        },
-        of_rest: false,
-        note: "disputed".into(),
-    };
-    let close = |lot: u64, lost: bool| Operation::Unfreeze {
-        lot,
-        take_back: lost,
-        lost_cents: if lost { 3000 } else { 0 },
-        note: "closed".into(),
-    };
+    let take_back = |lot: u64, refunded: u64| refund_op(lot, refunded, 5000);
+    let freeze =
+        |lot: u64, numerator: u64, denominator: u64| freeze_op(lot, numerator, denominator, false);
+    let close = |lot: u64, lost: bool| close_op(lot, lost.then_some(3000));
     for lost in [true, false] {
         for refund_first in [true, false] {
             let mut w = World::new();
@@ -1433,25 +1422,10 @@ fn a_refund_during_an_inquiry_takes_its_share_of_the_frozen_credits() {
     let mut w = World::new();
     let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
     let g = w.hold(300).unwrap();
-    w.run(Operation::Freeze {
-        lot,
-        share: Share {
-            numerator: 1,
-            denominator: 1,
-        },
-        of_rest: false,
-        note: "inquiry".into(),
-    })
-    .unwrap();
+    w.run(freeze_op(lot, 1, 1, false)).unwrap();
     assert_eq!(w.state.balance().frozen, Credits::new(700));
     // 900 of 1,000 cents refunded: 900 credits, 700 frozen and 200 of the 300 held.
-    w.run(Operation::TakeBack {
-        lot,
-        refunded: 900,
-        paid: 1000,
-        note: "refunded".into(),
-    })
-    .unwrap();
+    w.run(refund_op(lot, 900, 1000)).unwrap();
     assert_eq!(w.state.balance().frozen, Credits::ZERO);
     assert_eq!(w.state.totals.clawed_back, Credits::new(700));
     let l = w.lot(&format!("lot_{lot}"));
@@ -1468,13 +1442,7 @@ fn a_refund_during_an_inquiry_takes_its_share_of_the_frozen_credits() {
     assert_eq!(w.state.totals.clawed_back, Credits::new(900));
     assert_eq!(w.state.balance().frozen, Credits::new(100));
     // The inquiry closes without a dispute: the 100 cents kept bought 100 credits.
-    w.run(Operation::Unfreeze {
-        lot,
-        take_back: false,
-        lost_cents: 0,
-        note: "closed".into(),
-    })
-    .unwrap();
+    w.run(close_op(lot, None)).unwrap();
     assert_eq!(w.available(), Credits::new(100));
     let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
     assert_eq!(rebuilt.lots, w.state.lots);
@@ -1489,21 +1457,8 @@ fn a_refund_followed_after_a_dispute_while_a_generation_holds_credits_ends_as_in
         let mut w = World::new();
         let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
         let g = w.hold(500).unwrap();
-        let refund = Operation::TakeBack {
-            lot,
-            refunded: 2000,
-            paid: 5000,
-            note: "refunded".into(),
-        };
-        let freeze = Operation::Freeze {
-            lot,
-            share: Share {
-                numerator: 3000,
-                denominator: 5000,
-            },
-            of_rest: true,
-            note: "disputed".into(),
-        };
+        let refund = refund_op(lot, 2000, 5000);
+        let freeze = freeze_op(lot, 3000, 5000, true);
         if refund_first {
             w.run(refund).unwrap();
             w.run(freeze).unwrap();
@@ -1521,13 +1476,7 @@ fn a_refund_followed_after_a_dispute_while_a_generation_holds_credits_ends_as_in
             })
             .unwrap();
         }
-        w.run(Operation::Unfreeze {
-            lot,
-            take_back: lost,
-            lost_cents: if lost { 3000 } else { 0 },
-            note: "closed".into(),
-        })
-        .unwrap();
+        w.run(close_op(lot, lost.then_some(3000))).unwrap();
         let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
         assert_eq!(rebuilt.lots, w.state.lots);
         (w.available(), w.state.balance().frozen)

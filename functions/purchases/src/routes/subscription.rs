@@ -198,7 +198,7 @@ pub async fn preview(
     request_body = AddonsBody,
     responses((status = 200, body = ChangeView), (status = 403, body = ProblemDetails),
         (status = 404, body = ProblemDetails),
-        (status = 409, description = "Paused, past due, in a period never paid, or another change running", body = ProblemDetails),
+        (status = 409, description = "Paused, past due, set to cancel, in a period never paid, or another change running", body = ProblemDetails),
         (status = 422, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Sets the number of add-on credit units: more apply now (prorated charge, credits at
