@@ -1550,6 +1550,48 @@ mod alerts {
         assert_eq!(history.as_array().unwrap().len(), 1, "{history:#}");
     }
 
+    /// A crossing's request taken up after the balance rose above the threshold again (a
+    /// pack bought while the request waited behind a failing message in its queue) charges
+    /// nothing; taken up while the balance is still below, it charges once.
+    #[tokio::test]
+    async fn a_top_up_request_taken_up_after_the_balance_recovered_charges_nothing() {
+        let app = TestApp::new();
+        let ws = "org_recovered";
+        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        let sim = app.local.simulator.clone().unwrap();
+        let before = paid_intents(&sim);
+        // The request of a crossing the balance (100, above 30) has left behind.
+        assert_eq!(app.available(ws).await, 100);
+        redeliver_top_up(&app, ws, 900)
+            .await
+            .expect("ends without a charge");
+        assert_eq!(paid_intents(&sim), before, "not charged");
+        assert!(app.get("/v1/alerts", &o).await.body["topup_claim"].is_null());
+        // Below the threshold now: the same request charges, once.
+        let m = member(ws, "m1");
+        for _ in 0..3 {
+            let started = app.post("/v1/generations", &m, video()).await; // 100 -> 28
+            assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+        }
+        notifications(&app).await;
+        assert_eq!(paid_intents(&sim), before + 1, "the crossing's own top-up");
+        assert_eq!(app.available(ws).await, 128);
+        sim.forget_idempotency_keys().await;
+        app.clock.advance(chrono::Duration::hours(2));
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await; // 128 -> 56: above 30
+        }
+        redeliver_top_up(&app, ws, 901)
+            .await
+            .expect("ends without a charge");
+        notifications(&app).await;
+        assert_eq!(
+            paid_intents(&sim),
+            before + 1,
+            "no charge above the threshold"
+        );
+    }
+
     /// Delivers the top-up request of `ws`'s crossing at `entry` once more, as a redrive of
     /// the dead-letter queue does.
     async fn redeliver_top_up(
@@ -1570,6 +1612,11 @@ mod alerts {
         };
         let consumer = tally::alerts::TopUps {
             docs: app.docs.clone(),
+            balances: tally::service::Ledger::new(
+                app.ledger.store.clone(),
+                app.ledger.clock.clone(),
+                app.ledger.catalog.clone(),
+            ),
             payments: Some(app.local.simulator.clone().unwrap()),
             catalog: app.ledger.catalog.clone(),
             notifications: app.local.notifications_queue.clone(),

@@ -229,6 +229,11 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     )?;
     topups_queue.start(Arc::new(tally::alerts::TopUps {
         docs: cfg.docs.clone(),
+        balances: tally::service::Ledger::new(
+            cfg.ledger.store.clone(),
+            cfg.ledger.clock.clone(),
+            cfg.ledger.catalog.clone(),
+        ),
         payments: Some(payments.clone()),
         catalog: cfg.ledger.catalog.clone(),
         notifications: notifications_queue.clone(),

@@ -97,6 +97,8 @@ fn disputed_reason(dispute: &str) -> String {
 /// Consumes top-up requests: claims, charges and reports each once.
 pub struct TopUps {
     pub docs: Arc<dyn DocStore>,
+    /// Reads the balance as it is when a request is taken up (never writes).
+    pub balances: crate::service::Ledger,
     /// `None` where no Stripe key is configured: every request is reported as not charged.
     pub payments: Option<Arc<dyn Payments>>,
     pub catalog: Arc<Catalog>,
@@ -203,8 +205,16 @@ impl TopUps {
                 let Some(payment_method) = profile.payment_method else {
                     return Ok(Ended::Failed("no saved card".into()));
                 };
+                // The balance now, not at the crossing: a pack bought while the request
+                // waited in its queue may have lifted it above the threshold.
+                let available = self
+                    .balances
+                    .workspace_now(workspace)
+                    .await?
+                    .balance()
+                    .available;
                 let (claimed, stored) = self
-                    .claim(req, &customer, &payment_method)
+                    .claim(req, &customer, &payment_method, available)
                     .await
                     .map_err(retry_store)?;
                 if let Some(stored) = stored {
@@ -312,6 +322,7 @@ impl TopUps {
         req: &TopUpRequest,
         customer: &CustomerId,
         payment_method: &PaymentMethodId,
+        available: Credits,
     ) -> Result<(Result<TopUpClaim, Ended>, Option<String>), StoreError> {
         let now = self.clock.now();
         let mut result: Result<TopUpClaim, Ended> = Err(Ended::Withdrawn);
@@ -336,10 +347,9 @@ impl TopUps {
                 }
                 // The settings as stored now, not as the observer read them: a top-up
                 // turned off since is not charged; one changed since is charged as it
-                // stands now, if the balance is below its threshold.
+                // stands now. Either only while the balance is below its threshold now.
                 let stored = match &s.auto_topup {
-                    Some(stored) if stored == &req.topup => stored.clone(),
-                    Some(stored) if req.available < stored.below_credits => stored.clone(),
+                    Some(stored) if available < stored.below_credits => stored.clone(),
                     _ => return None,
                 };
                 named = Some(stored.pack.clone());
