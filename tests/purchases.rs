@@ -1567,7 +1567,7 @@ mod alerts {
             .expect("ends without a charge");
         assert_eq!(paid_intents(&sim), before, "not charged");
         assert!(app.get("/v1/alerts", &o).await.body["topup_claim"].is_null());
-        // Below the threshold now: the same request charges, once.
+        // Below the threshold now: the crossing's own request charges, once.
         let m = member(ws, "m1");
         for _ in 0..3 {
             let started = app.post("/v1/generations", &m, video()).await; // 100 -> 28
@@ -1578,8 +1578,9 @@ mod alerts {
         assert_eq!(app.available(ws).await, 128);
         sim.forget_idempotency_keys().await;
         app.clock.advance(chrono::Duration::hours(2));
+        // The first three holds are overdue now and released first: 200 -> 128 -> 56.
         for _ in 0..3 {
-            app.post("/v1/generations", &m, video()).await; // 128 -> 56: above 30
+            app.post("/v1/generations", &m, video()).await;
         }
         redeliver_top_up(&app, ws, 901)
             .await
@@ -1590,6 +1591,37 @@ mod alerts {
             before + 1,
             "no charge above the threshold"
         );
+    }
+
+    /// Holds past their deadline count as held when a request is taken up: their
+    /// generations may still complete and charge, and no later crossing would come.
+    #[tokio::test]
+    async fn a_top_up_request_counts_overdue_holds_as_still_held() {
+        let app = TestApp::new();
+        let ws = "org_overdue";
+        with_saved_card(&app, ws, top_up_below_30()).await;
+        let sim = app.local.simulator.clone().unwrap();
+        let m = member(ws, "m1");
+        // 100 -> 28: the crossing charges its top-up (128); four more holds -> 32.
+        for n in 0..7 {
+            let started = app.post("/v1/generations", &m, video()).await;
+            assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+            if n == 2 {
+                notifications(&app).await;
+            }
+        }
+        let before = paid_intents(&sim);
+        assert_eq!(app.available(ws).await, 32);
+        // One more -> 8: its crossing meets the ten-minute cooldown.
+        app.post("/v1/generations", &m, video()).await;
+        notifications(&app).await;
+        assert_eq!(paid_intents(&sim), before);
+        // Every hold overdue, none released yet (nothing has run on the workspace): a
+        // redriven request still sees 8, below 30, and charges.
+        app.clock.advance(chrono::Duration::hours(2));
+        redeliver_top_up(&app, ws, 900).await.expect("charged");
+        notifications(&app).await;
+        assert_eq!(paid_intents(&sim), before + 1);
     }
 
     /// Delivers the top-up request of `ws`'s crossing at `entry` once more, as a redrive of

@@ -111,7 +111,8 @@ enum Ended {
     Charged(PaymentIntentId),
     /// Not charged, for a reason the workspace is told.
     Failed(String),
-    /// Not charged because the settings no longer ask for it: nothing to tell.
+    /// Not charged because the settings no longer ask for it, or the balance is no longer
+    /// below their threshold: nothing to tell.
     Withdrawn,
 }
 
@@ -135,7 +136,8 @@ impl Consumer for TopUps {
         let workspace = &req.workspace;
         let body = match &ended {
             Ended::Withdrawn => {
-                tracing::info!(workspace = %workspace, "auto top-up settings changed; not charged");
+                tracing::info!(workspace = %workspace, entry = req.entry,
+                    "auto top-up not charged: turned off, or the balance is no longer below its threshold");
                 return Ok(());
             }
             Ended::Charged(payment) => {
@@ -206,11 +208,18 @@ impl TopUps {
                     return Ok(Ended::Failed("no saved card".into()));
                 };
                 // The balance now, not at the crossing: a pack bought while the request
-                // waited in its queue may have lifted it above the threshold.
+                // waited in its queue may have lifted it above the threshold. Lapsed lots
+                // count as expired, but overdue holds as still held: a generation may yet
+                // complete and charge one, and its completion would cross nothing again.
                 let available = self
                     .balances
-                    .workspace_now(workspace)
-                    .await?
+                    .store
+                    .load(workspace)
+                    .await
+                    .map_err(retry_store)?
+                    .unwrap_or_else(|| crate::ledger::WorkspaceState::new(workspace.clone()))
+                    .settled_at(self.clock.now())
+                    .map_err(|e| ConsumeError::poison(format!("the workspace's state: {e}")))?
                     .balance()
                     .available;
                 let (claimed, stored) = self

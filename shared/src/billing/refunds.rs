@@ -591,22 +591,7 @@ impl BillingEvents {
         for d in &payment.disputes {
             let status = d.status.as_deref().unwrap_or("needs_response");
             for &(lot, _) in &lots {
-                let freeze = || {
-                    let share = Share {
-                        numerator: d.amount.get().min(paid),
-                        denominator: paid,
-                    };
-                    let note = format!("payment {charge} disputed ({})", d.id);
-                    (
-                        format!("stripe:dispute:{}:open:lot_{lot}", d.id),
-                        Operation::Freeze {
-                            lot,
-                            share,
-                            of_rest: true,
-                            note,
-                        },
-                    )
-                };
+                let freeze = || dispute_freeze(&d.id, charge, lot, d.amount.get(), paid);
                 let mut steps = Vec::new();
                 match status {
                     s if dispute_open(s) => steps.push(freeze()),
@@ -623,16 +608,24 @@ impl BillingEvents {
                         ));
                     }
                     // won, warning_closed, prevented: the money stays; a freeze (if one
-                    // was made) is lifted.
-                    _ => steps.push((
-                        format!("stripe:dispute:{}:closed:lot_{lot}", d.id),
-                        Operation::Unfreeze {
-                            lot,
-                            take_back: false,
-                            lost_cents: 0,
-                            note: format!("dispute {} of payment {charge} closed ({status})", d.id),
-                        },
-                    )),
+                    // was made) is lifted. The freeze's key is taken first, as for a lost
+                    // one, so a run that read the dispute still open (the credit refresh
+                    // following a new month's lot) cannot freeze after the lifting.
+                    _ => {
+                        steps.push(freeze());
+                        steps.push((
+                            format!("stripe:dispute:{}:closed:lot_{lot}", d.id),
+                            Operation::Unfreeze {
+                                lot,
+                                take_back: false,
+                                lost_cents: 0,
+                                note: format!(
+                                    "dispute {} of payment {charge} closed ({status})",
+                                    d.id
+                                ),
+                            },
+                        ));
+                    }
                 }
                 for (key, op) in steps {
                     if let Some(o) = self.follow(&workspace, &key, pi, charge, op).await? {
@@ -788,7 +781,32 @@ impl BillingEvents {
 }
 
 /// A ledger operation following a payment, keyed by its cause.
-fn follow_request(
+/// The key and operation of the freeze a dispute of `amount` of the `paid` cents makes on a
+/// lot the payment bought.
+pub fn dispute_freeze(
+    dispute: &impl std::fmt::Display,
+    charge: &ChargeId,
+    lot: u64,
+    amount: u64,
+    paid: u64,
+) -> (String, Operation) {
+    let share = Share {
+        numerator: amount.min(paid),
+        denominator: paid,
+    };
+    (
+        format!("stripe:dispute:{dispute}:open:lot_{lot}"),
+        Operation::Freeze {
+            lot,
+            share,
+            of_rest: true,
+            note: format!("payment {charge} disputed ({dispute})"),
+        },
+    )
+}
+
+/// The ledger request that follows a payment's fact (`op`, under `key`) on a lot.
+pub fn follow_request(
     workspace: &WorkspaceId,
     key: &str,
     pi: &PaymentIntentId,
