@@ -612,7 +612,7 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
             ("collection_method", "send_invoice"),
             ("days_until_due", "30"),
             ("description", "Enterprise credits"),
-            ("auto_advance", "true"),
+            ("auto_advance", "false"),
             ("metadata[org_id]", "org_e"),
             ("metadata[kind]", "custom_payment"),
             ("metadata[credits]", "30000"),
@@ -629,6 +629,8 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
             ("description", "Enterprise credits")
         ])
     );
+    // Payable only once this request finalizes it, with Stripe's collection from then on.
+    assert_eq!(form(&reqs[3]), expected(&[("auto_advance", "true")]));
     let keys: Vec<&str> = reqs.iter().map(|r| header(r, "idempotency-key")).collect();
     assert_eq!(
         keys,

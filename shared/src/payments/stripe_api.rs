@@ -322,7 +322,14 @@ impl StripePayments {
                 &format!("{key}-item"),
             )
             .await?;
-        let _: stripe_shared::Invoice = self.invoice_step(id, "finalize", key).await?;
+        // Finalized explicitly, with Stripe's collection (reminders, due date) from then on.
+        let _: stripe_shared::Invoice = self
+            .post(
+                &format!("/invoices/{id}/finalize"),
+                &AutoAdvance { auto_advance: true },
+                &format!("{key}-finalize"),
+            )
+            .await?;
         let sent: stripe_shared::Invoice = self.invoice_step(id, "send", key).await?;
         Ok(InvoiceLink {
             id: id.clone(),
@@ -337,10 +344,6 @@ impl StripePayments {
         struct Left {
             #[allow(dead_code)]
             id: String,
-        }
-        #[derive(Serialize)]
-        struct AutoAdvance {
-            auto_advance: bool,
         }
         let left = match self
             .get::<stripe_shared::Invoice>(&format!("/invoices/{id}"))
@@ -726,6 +729,11 @@ struct InvoiceItemForm<'a> {
 struct NoForm {}
 
 #[derive(Serialize)]
+struct AutoAdvance {
+    auto_advance: bool,
+}
+
+#[derive(Serialize)]
 struct PaidInvoiceForm<'a> {
     customer: &'a str,
     collection_method: &'static str,
@@ -885,7 +893,10 @@ impl Payments for StripePayments {
                     collection_method: "send_invoice",
                     days_until_due: req.days_until_due,
                     description: &req.description,
-                    auto_advance: true,
+                    // A draft left behind by a request stopped before it finished (the
+                    // function's timeout) is never finalized and sent by Stripe on its
+                    // own: only this request's explicit finalize makes it payable.
+                    auto_advance: false,
                     metadata: BTreeMap::from([
                         ("org_id", req.workspace.to_string()),
                         ("kind", "custom_payment".to_string()),
@@ -906,9 +917,9 @@ impl Payments for StripePayments {
         match self.issue_custom_invoice(req, &id).await {
             Ok(link) => Ok(link),
             // Whatever failed, the invoice left behind must not be payable beside the one
-            // a retry under a new key makes (or be finalized by Stripe an hour later): an
-            // open one is voided, a draft is kept from finalizing (a retry under the same
-            // key may still finalize it explicitly). A retry under the same key that Stripe
+            // a retry under a new key makes: an open one is voided, a draft is kept from
+            // finalizing (one an earlier release made with `auto_advance`; a retry under
+            // the same key may still finalize it explicitly). A retry under the same key that Stripe
             // answers from its records with the voided invoice is refused (see
             // `issue_custom_invoice`).
             Err(e) => {
