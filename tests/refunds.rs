@@ -927,6 +927,93 @@ async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuse
 
 // ---------------------------------------------------------------- corrected reissue
 
+/// A correction's replacement is open only until it is marked paid by the original's
+/// payment (or for good, after a reissue stopped between the two): it is never listed
+/// with a page to pay it.
+#[tokio::test]
+async fn an_open_replacement_is_never_offered_for_payment() {
+    let app = TestApp::new();
+    let ws = "org_ri2";
+    buy_packs(&app, ws, 1).await;
+    let original = history(&app, ws, "", 20).await[0]["invoice"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = app
+        .send(
+            Method::POST,
+            &format!("/v1/admin/invoices/{original}/reissue"),
+            Some(&support()),
+            Some(&json!({"name": "Acme GmbH"}).to_string()),
+            &[("idempotency-key", "ri2")],
+        )
+        .await;
+    assert_eq!(done.status.as_u16(), 201, "{:#}", done.body);
+    let replacement = done.body["replacement"].as_str().unwrap().to_owned();
+    // A system that saw the replacement finalized but not yet paid.
+    let fresh = TestApp::new();
+    let events = app.local.simulator.as_ref().unwrap().events();
+    let (paid, rest): (Vec<_>, Vec<_>) = events.iter().partition(|e| {
+        e.kind == "invoice.paid" && e.payload["data"]["object"]["id"] == replacement.as_str()
+    });
+    assert_eq!(paid.len(), 1);
+    for e in &rest {
+        assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+    }
+    fresh.settle_billing().await;
+    let listed = async |app: &TestApp| {
+        let items = app.get("/v1/invoices", &owner(ws)).await.body["items"].clone();
+        let find = |id: &str| {
+            items
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["id"] == id)
+                .cloned()
+                .unwrap()
+        };
+        (find(&replacement), find(&original))
+    };
+    let (open, first) = listed(&fresh).await;
+    assert_eq!(open["status"], "open");
+    assert!(open["hosted_invoice_url"].is_null(), "{open:#}");
+    assert!(first["hosted_invoice_url"].is_string(), "{first:#}");
+    // Marked paid: its page (a receipt now) is listed.
+    assert_eq!(fresh.deliver_signed(&paid[0].payload).await, 200);
+    fresh.settle_billing().await;
+    let (settled, _) = listed(&fresh).await;
+    assert_eq!(settled["status"], "paid");
+    assert!(settled["hosted_invoice_url"].is_string(), "{settled:#}");
+}
+
+/// A replacement is marked paid with all the original was paid: an invoice whose money
+/// partly went back (a refund, a dispute) is not reissued.
+#[tokio::test]
+async fn a_refunded_or_disputed_invoice_is_not_reissued() {
+    for (ws, how) in [("org_ri3", "refund"), ("org_ri4", "dispute")] {
+        let app = TestApp::new();
+        let charge = buy_packs(&app, ws, 1).await;
+        let original = history(&app, ws, "", 20).await[0]["invoice"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let body = (how == "refund").then(|| json!({"amount": 100}));
+        let r = sim_post(&app, &format!("/sim/charges/{charge}/{how}"), body).await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        let a = app
+            .send(
+                Method::POST,
+                &format!("/v1/admin/invoices/{original}/reissue"),
+                Some(&support()),
+                Some(&json!({"name": "Acme GmbH"}).to_string()),
+                &[("idempotency-key", "ri3")],
+            )
+            .await;
+        a.assert_problem(409, "not_reissuable");
+        assert!(app.sim_events("credit_note.created").is_empty(), "{how}");
+    }
+}
+
 #[tokio::test]
 async fn staff_reissue_a_paid_invoice_with_corrected_details_without_a_second_charge() {
     let app = TestApp::new();

@@ -63,7 +63,13 @@ impl BillingEvents {
             amount_remaining: cents(i.amount_remaining, "amount_remaining", &i.id)?,
             total: SignedCents::new(i.total),
             currency: i.currency.clone().unwrap_or_else(|| "usd".into()),
-            hosted_invoice_url: i.hosted_invoice_url.clone(),
+            // A correction's replacement is paid by the original's payment, out of band:
+            // open only between its finalizing and its marking as paid (or after a reissue
+            // stopped between the two), it is never offered as a page to pay.
+            hosted_invoice_url: i.hosted_invoice_url.clone().filter(|_| {
+                !(i.metadata.get("kind").map(String::as_str) == Some("reissue")
+                    && i.status.as_deref() == Some("open"))
+            }),
             invoice_pdf: i.invoice_pdf.clone(),
             created: ts(i.created),
             paid_at: i

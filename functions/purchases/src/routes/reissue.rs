@@ -110,7 +110,7 @@ fn details(body: &ReissueBody) -> ApiResult<BillingDetails> {
         ("Idempotency-Key" = String, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Required: one reissue per key")),
     request_body = ReissueBody,
     responses((status = 201, body = ReissueView), (status = 403, body = ProblemDetails),
-        (status = 404, body = ProblemDetails), (status = 409, description = "Not a paid invoice", body = ProblemDetails),
+        (status = 404, body = ProblemDetails), (status = 409, description = "Not a paid invoice, already reissued, or refunded, credited or disputed", body = ProblemDetails),
         (status = 422, body = ProblemDetails), (status = 502, body = ProblemDetails), (status = 503, body = ProblemDetails)))]
 /// Support staff reissue a paid invoice with corrected billing details: the customer's
 /// details are corrected, the original gets a credit note settled outside Stripe (no money
@@ -166,15 +166,37 @@ pub async fn reissue(
         now,
         || async {
             // A repeat of this very reissue answered above; another one is refused.
-            if let Some(by) =
+            let entry =
                 tally::billing::history::get(st.docs.as_ref(), &workspace, invoice.as_str())
-                    .await?
-                    .and_then(|e| e.replaced_by)
-            {
+                    .await?;
+            if let Some(by) = entry.as_ref().and_then(|e| e.replaced_by.clone()) {
                 return Err(Problem::new(
                     StatusCode::CONFLICT,
                     "not_reissuable",
                     format!("invoice {invoice} was already reissued as {by}; reissue {by} instead"),
+                ));
+            }
+            // The replacement is marked paid with all the original was paid: money that
+            // went back (refunded, credited, or contested in a dispute) would show as paid.
+            let refunded = entry.as_ref().is_some_and(|e| {
+                e.amount_refunded.get() > 0 || e.amount_credited.get() > 0
+            });
+            let disputed = match entry.as_ref().and_then(|e| e.charge.clone()) {
+                Some(charge) => {
+                    docs::get::<PaymentRecord>(st.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK)
+                        .await?
+                        .is_some_and(|p| !p.disputes.is_empty())
+                }
+                None => false,
+            };
+            if refunded || disputed {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "not_reissuable",
+                    format!(
+                        "invoice {invoice} was {}: its replacement would show money that went back as paid; correct it by hand",
+                        if disputed { "disputed" } else { "refunded or credited" }
+                    ),
                 ));
             }
             let made = st
