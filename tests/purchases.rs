@@ -806,6 +806,12 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
         again.body["invoice"], first.body["invoice"],
         "one invoice per key"
     );
+    // Who billed it, on the invoice itself.
+    let sim = app.local.simulator.as_ref().unwrap();
+    let issued = sim
+        .invoice(first.body["invoice"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(issued["metadata"]["issued_by"], "support-1");
     app.settle_billing().await;
     let invoices = app.get("/v1/invoices", &owner("org_e")).await.body;
     assert_eq!(invoices["items"][0]["status"], "open");

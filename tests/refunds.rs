@@ -1093,6 +1093,8 @@ async fn staff_reissue_a_paid_invoice_with_corrected_details_without_a_second_ch
     let sim = app.local.simulator.as_ref().unwrap();
     let inv = sim.invoice(&replacement).unwrap();
     assert_eq!(inv["customer_name"], "Acme GmbH");
+    // Who asked for it, on the replacement itself.
+    assert_eq!(inv["metadata"]["reissued_by"], "support-1");
     assert_eq!(inv["customer_address"]["country"], "DE");
     assert_eq!(
         inv["amount_paid"],

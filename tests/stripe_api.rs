@@ -542,6 +542,7 @@ fn enterprise_invoice(key: &str) -> tally::payments::CustomInvoice {
         credits: Credits::new(30000),
         description: "Enterprise credits".into(),
         days_until_due: 30,
+        staff: "staff_1".into(),
         idempotency_key: key.into(),
     }
 }
@@ -615,6 +616,7 @@ async fn a_custom_payment_is_an_invoice_sent_for_payment_with_its_credits_in_met
             ("auto_advance", "false"),
             ("metadata[org_id]", "org_e"),
             ("metadata[kind]", "custom_payment"),
+            ("metadata[issued_by]", "staff_1"),
             ("metadata[credits]", "30000"),
             ("metadata[amount_cents]", "250000"),
         ])
@@ -1311,6 +1313,7 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
             workspace: WorkspaceId::parse("org_r").unwrap(),
             customer: CustomerId::parse("cus_R").unwrap(),
             invoice: "in_orig".parse().unwrap(),
+            staff: "staff_1".into(),
             details: BillingDetails {
                 name: Some("Acme GmbH".into()),
                 email: None,
@@ -1368,6 +1371,7 @@ async fn a_reissue_corrects_the_customer_credit_notes_the_original_out_of_band_a
     let inv = form(&reqs[5]);
     assert_eq!(inv["metadata[kind]"], "reissue");
     assert_eq!(inv["metadata[reissue_of]"], "in_orig");
+    assert_eq!(inv["metadata[reissued_by]"], "staff_1");
     assert_eq!(inv["description"], "Corrected invoice replacing A-0001");
     // The replacement totals what was paid: the line, then the tax.
     assert_eq!(form(&reqs[6])["amount"], "4100");

@@ -276,6 +276,9 @@ pub struct CustomInvoice {
     pub credits: Credits,
     pub description: String,
     pub days_until_due: u32,
+    /// The staff member who billed it (token subject), kept on the invoice's metadata
+    /// (`issued_by`) as its audit trail.
+    pub staff: String,
     pub idempotency_key: String,
 }
 
@@ -348,6 +351,9 @@ pub struct Reissue {
     pub customer: CustomerId,
     pub invoice: InvoiceId,
     pub details: BillingDetails,
+    /// The staff member who asked for it (token subject), kept on the replacement's
+    /// metadata (`reissued_by`) as its audit trail.
+    pub staff: String,
     pub idempotency_key: String,
 }
 

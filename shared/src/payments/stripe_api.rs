@@ -900,6 +900,7 @@ impl Payments for StripePayments {
                     metadata: BTreeMap::from([
                         ("org_id", req.workspace.to_string()),
                         ("kind", "custom_payment".to_string()),
+                        ("issued_by", req.staff.clone()),
                         ("credits", req.credits.to_string()),
                         ("amount_cents", req.amount.get().to_string()),
                     ]),
@@ -1263,6 +1264,7 @@ impl Payments for StripePayments {
                 metadata: std::collections::BTreeMap::from([
                     ("kind".to_owned(), "reissue".to_owned()),
                     ("reissue_of".to_owned(), req.invoice.to_string()),
+                    ("reissued_by".to_owned(), req.staff.clone()),
                 ]),
                 idempotency_key: format!("{key}-replacement"),
             })

@@ -1053,6 +1053,7 @@ impl Payments for Simulator {
                 metadata: std::collections::BTreeMap::from([
                     ("kind".to_owned(), "reissue".to_owned()),
                     ("reissue_of".to_owned(), req.invoice.to_string()),
+                    ("reissued_by".to_owned(), req.staff.clone()),
                 ]),
                 idempotency_key: format!("{}-replacement", req.idempotency_key),
             })
@@ -1280,7 +1281,7 @@ impl Payments for Simulator {
         inv["collection_method"] = json!("send_invoice");
         inv["description"] = json!(req.description);
         inv["due_date"] = json!(now + req.days_until_due as i64 * 86_400);
-        inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "credits": req.credits.to_string(), "amount_cents": req.amount.get().to_string()});
+        inv["metadata"] = json!({"org_id": req.workspace.to_string(), "kind": "custom_payment", "issued_by": req.staff, "credits": req.credits.to_string(), "amount_cents": req.amount.get().to_string()});
         self.finalize(&mut inv, now);
         self.store_invoice(&inv, Some(req.idempotency_key.clone()));
         self.deliver("invoice.finalized", inv).await;

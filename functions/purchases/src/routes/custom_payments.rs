@@ -105,6 +105,7 @@ pub async fn custom_payment(
         let link = st
             .payments
             .create_custom_invoice(&tally::payments::CustomInvoice {
+                staff: who.sub.clone(),
                 workspace: workspace.clone(),
                 customer,
                 amount: Cents::new(body.amount_cents),

@@ -202,6 +202,7 @@ pub async fn reissue(
             let made = st
                 .payments
                 .reissue_invoice(&Reissue {
+                    staff: who.sub.clone(),
                     workspace: workspace.clone(),
                     customer,
                     invoice: invoice.clone(),
