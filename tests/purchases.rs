@@ -1630,6 +1630,43 @@ mod alerts {
         assert_eq!(paid_intents(&sim), before + 1);
     }
 
+    /// A top-up's receipt documents its payment: once that payment is partly refunded, the
+    /// receipt is not reissued as paid in full.
+    #[tokio::test]
+    async fn a_refunded_top_ups_receipt_is_not_reissued() {
+        let app = TestApp::new();
+        let ws = "org_receipt";
+        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        let m = member(ws, "m1");
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await; // 100 -> 28: topped up
+        }
+        notifications(&app).await;
+        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        let receipt = history[0]["invoice"].as_str().unwrap().to_owned();
+        let charge = history[0]["charge"].as_str().unwrap().to_owned();
+        let refund = app
+            .send(
+                Method::POST,
+                &format!("/sim/charges/{charge}/refund"),
+                None,
+                Some(&json!({"amount": 100}).to_string()),
+                &[],
+            )
+            .await;
+        assert_eq!(refund.status.as_u16(), 200, "{:#}", refund.body);
+        app.settle_billing().await;
+        app.send(
+            Method::POST,
+            &format!("/v1/admin/invoices/{receipt}/reissue"),
+            Some(&tally_tests::support()),
+            Some(&json!({"name": "Acme GmbH"}).to_string()),
+            &[("idempotency-key", "receipt-1")],
+        )
+        .await
+        .assert_problem(409, "not_reissuable");
+    }
+
     /// Delivers the top-up request of `ws`'s crossing at `entry` once more, as a redrive of
     /// the dead-letter queue does.
     async fn redeliver_top_up(

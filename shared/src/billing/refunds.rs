@@ -73,6 +73,54 @@ impl CreditNotes {
     }
 }
 
+/// Why money paid for `invoice` (or for the original a replacement stands for) partly went
+/// back, if it did: refunded, credited by a note, or contested in a dispute still open or
+/// lost. The payment is the one recorded as paying the invoice (a top-up receipt's, the
+/// payment it documents).
+pub async fn money_gone_back(
+    docs: &dyn docs::DocStore,
+    invoice: &InvoiceId,
+) -> Result<Option<&'static str>, crate::store::StoreError> {
+    // A replacement's payment facts are on its original (reissued at most a few times).
+    let mut invoice = invoice.clone();
+    for _ in 0..20 {
+        match docs::get::<ReissueLink>(docs, &reissue_pk(&invoice), LINK_SK)
+            .await?
+            .and_then(|l| l.original)
+        {
+            Some(original) => invoice = original,
+            None => break,
+        }
+    }
+    if credited(docs, &invoice).await? > 0 {
+        return Ok(Some("credited by a credit note"));
+    }
+    let Some(pi) = docs::get::<InvoiceLots>(docs, &invoice_lots_pk(&invoice), LINK_SK)
+        .await?
+        .and_then(|l| l.payment_intent)
+    else {
+        return Ok(None);
+    };
+    let Some(charge) = docs::get::<PaymentLink>(docs, &payment_pk(&pi), LINK_SK)
+        .await?
+        .and_then(|l| l.charge)
+    else {
+        return Ok(None);
+    };
+    let Some(payment) = docs::get::<PaymentRecord>(docs, &charge_pk(&charge), PAYMENT_SK).await?
+    else {
+        return Ok(None);
+    };
+    if payment.amount_refunded.get() > 0 {
+        return Ok(Some("refunded"));
+    }
+    let contested = payment.disputes.iter().any(|d| {
+        let status = d.status.as_deref().unwrap_or("needs_response");
+        dispute_open(status) || status == "lost"
+    });
+    Ok(contested.then_some("disputed"))
+}
+
 /// A reissue's replacement invoice names its original (`REISSUE#<replacement>`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReissueLink {
@@ -608,11 +656,8 @@ impl BillingEvents {
                         ));
                     }
                     // won, warning_closed, prevented: the money stays; a freeze (if one
-                    // was made) is lifted. The freeze's key is taken first, as for a lost
-                    // one, so a run that read the dispute still open (the credit refresh
-                    // following a new month's lot) cannot freeze after the lifting.
+                    // was made) is lifted.
                     _ => {
-                        steps.push(freeze());
                         steps.push((
                             format!("stripe:dispute:{}:closed:lot_{lot}", d.id),
                             Operation::Unfreeze {

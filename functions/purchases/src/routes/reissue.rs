@@ -178,24 +178,14 @@ pub async fn reissue(
             }
             // The replacement is marked paid with all the original was paid: money that
             // went back (refunded, credited, or contested in a dispute) would show as paid.
-            let refunded = entry.as_ref().is_some_and(|e| {
-                e.amount_refunded.get() > 0 || e.amount_credited.get() > 0
-            });
-            let disputed = match entry.as_ref().and_then(|e| e.charge.clone()) {
-                Some(charge) => {
-                    docs::get::<PaymentRecord>(st.docs.as_ref(), &charge_pk(&charge), PAYMENT_SK)
-                        .await?
-                        .is_some_and(|p| !p.disputes.is_empty())
-                }
-                None => false,
-            };
-            if refunded || disputed {
+            if let Some(why) =
+                tally::billing::refunds::money_gone_back(st.docs.as_ref(), &invoice).await?
+            {
                 return Err(Problem::new(
                     StatusCode::CONFLICT,
                     "not_reissuable",
                     format!(
-                        "invoice {invoice} was {}: its replacement would show money that went back as paid; correct it by hand",
-                        if disputed { "disputed" } else { "refunded or credited" }
+                        "the payment of invoice {invoice} was partly {why}: its replacement would show that money as paid; correct it by hand"
                     ),
                 ));
             }
