@@ -1667,6 +1667,40 @@ mod alerts {
         .assert_problem(409, "not_reissuable");
     }
 
+    /// A top-up's receipt is paid out of band by the top-up's payment: seen open (before its
+    /// marking as paid arrives) it is listed without a page to pay it again.
+    #[tokio::test]
+    async fn an_open_top_up_receipt_is_never_offered_for_payment() {
+        let app = TestApp::new();
+        let ws = "org_open_receipt";
+        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        let m = member(ws, "m1");
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await; // 100 -> 28: topped up
+        }
+        notifications(&app).await;
+        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        let receipt = history[0]["invoice"].as_str().unwrap().to_owned();
+        let fresh = TestApp::new();
+        let events = app.local.simulator.as_ref().unwrap().events();
+        for e in events.iter().filter(|e| {
+            !(e.kind == "invoice.paid" && e.payload["data"]["object"]["id"] == receipt.as_str())
+        }) {
+            assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+        }
+        fresh.settle_billing().await;
+        let items = fresh.get("/v1/invoices", &o).await.body["items"].clone();
+        let listed = items
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == receipt.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{items:#}"));
+        assert_eq!(listed["status"], "open");
+        assert!(listed["hosted_invoice_url"].is_null(), "{listed:#}");
+    }
+
     /// Delivers the top-up request of `ws`'s crossing at `entry` once more, as a redrive of
     /// the dead-letter queue does.
     async fn redeliver_top_up(

@@ -63,12 +63,15 @@ impl BillingEvents {
             amount_remaining: cents(i.amount_remaining, "amount_remaining", &i.id)?,
             total: SignedCents::new(i.total),
             currency: i.currency.clone().unwrap_or_else(|| "usd".into()),
-            // A correction's replacement is paid by the original's payment, out of band:
-            // open only between its finalizing and its marking as paid (or after a reissue
-            // stopped between the two), it is never offered as a page to pay.
+            // A correction's replacement and a top-up's receipt are paid by a payment
+            // already made, out of band: open only between their finalizing and their
+            // marking as paid (or after a request stopped between the two), they are never
+            // offered as a page to pay.
             hosted_invoice_url: i.hosted_invoice_url.clone().filter(|_| {
-                !(i.metadata.get("kind").map(String::as_str) == Some("reissue")
-                    && i.status.as_deref() == Some("open"))
+                !(matches!(
+                    i.metadata.get("kind").map(String::as_str),
+                    Some("reissue" | "top_up")
+                ) && i.status.as_deref() == Some("open"))
             }),
             invoice_pdf: i.invoice_pdf.clone(),
             created: ts(i.created),
