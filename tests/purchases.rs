@@ -1630,21 +1630,29 @@ mod alerts {
         assert_eq!(paid_intents(&sim), before + 1);
     }
 
+    /// `ws` buys a pack, asks for auto top-up below 30 and spends below it: topped up once.
+    /// The owner's token and the top-up's line in the billing history.
+    async fn topped_up(app: &TestApp, ws: &str) -> (String, Value) {
+        let (o, _) = with_saved_card(app, ws, top_up_below_30()).await;
+        let m = member(ws, "m1");
+        for _ in 0..3 {
+            app.post("/v1/generations", &m, video()).await; // 100 -> 28: topped up
+        }
+        notifications(app).await;
+        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        assert_eq!(history.as_array().map(Vec::len), Some(1), "{history:#}");
+        (o, history[0].clone())
+    }
+
     /// A top-up's receipt documents its payment: once that payment is partly refunded, the
     /// receipt is not reissued as paid in full.
     #[tokio::test]
     async fn a_refunded_top_ups_receipt_is_not_reissued() {
         let app = TestApp::new();
         let ws = "org_receipt";
-        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
-        let m = member(ws, "m1");
-        for _ in 0..3 {
-            app.post("/v1/generations", &m, video()).await; // 100 -> 28: topped up
-        }
-        notifications(&app).await;
-        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
-        let receipt = history[0]["invoice"].as_str().unwrap().to_owned();
-        let charge = history[0]["charge"].as_str().unwrap().to_owned();
+        let (_, topped_up) = topped_up(&app, ws).await;
+        let receipt = topped_up["invoice"].as_str().unwrap().to_owned();
+        let charge = topped_up["charge"].as_str().unwrap().to_owned();
         let refund = app
             .send(
                 Method::POST,
@@ -1673,14 +1681,8 @@ mod alerts {
     async fn an_open_top_up_receipt_is_never_offered_for_payment() {
         let app = TestApp::new();
         let ws = "org_open_receipt";
-        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
-        let m = member(ws, "m1");
-        for _ in 0..3 {
-            app.post("/v1/generations", &m, video()).await; // 100 -> 28: topped up
-        }
-        notifications(&app).await;
-        let history = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
-        let receipt = history[0]["invoice"].as_str().unwrap().to_owned();
+        let (o, topped_up) = topped_up(&app, ws).await;
+        let receipt = topped_up["invoice"].as_str().unwrap().to_owned();
         let fresh = TestApp::new();
         let events = app.local.simulator.as_ref().unwrap().events();
         for e in events.iter().filter(|e| {
