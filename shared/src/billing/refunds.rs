@@ -828,7 +828,7 @@ impl BillingEvents {
 /// A ledger operation following a payment, keyed by its cause.
 /// The key and operation of the freeze a dispute of `amount` of the `paid` cents makes on a
 /// lot the payment bought.
-pub fn dispute_freeze(
+fn dispute_freeze(
     dispute: &impl std::fmt::Display,
     charge: &ChargeId,
     lot: u64,
@@ -851,7 +851,7 @@ pub fn dispute_freeze(
 }
 
 /// The ledger request that follows a payment's fact (`op`, under `key`) on a lot.
-pub fn follow_request(
+fn follow_request(
     workspace: &WorkspaceId,
     key: &str,
     pi: &PaymentIntentId,

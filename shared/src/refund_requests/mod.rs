@@ -5,7 +5,7 @@
 //!
 //! Documents (all small and bounded):
 //! - the request, under its workspace (`REFUND_REQUEST#<id>`, ids sort by creation time),
-//!   with its steps (at most [`MAX_STEPS`]);
+//!   with its steps (at most [`MAX_STEPS`], and a denial after them);
 //! - where a request lives (`REFUND_REQUEST#<id>` / `LINK`), for staff routes by id;
 //! - the payment's claims (`CHARGE#<charge>` / `REFUND_CLAIMS`): the requests made for it
 //!   (at most [`MAX_REQUESTS_PER_PAYMENT`]) and the cents each claims, written under a
@@ -139,7 +139,14 @@ impl RefundRequest {
     fn step(&mut self, at: DateTime<Utc>, status: RequestStatus, by: &str, note: Option<String>) {
         self.status = status;
         self.updated = self.updated.max(at);
-        if self.steps.len() < MAX_STEPS {
+        // A denial ends the request: who denied it and why are kept even when retries
+        // have used up the steps (one step more, once).
+        let room = if status == RequestStatus::Denied {
+            MAX_STEPS + 1
+        } else {
+            MAX_STEPS
+        };
+        if self.steps.len() < room {
             self.steps.push(Step {
                 at,
                 status,
@@ -1497,5 +1504,47 @@ pub async fn refused(
             }
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request whose retries used up its steps still records who denied it and why.
+    #[test]
+    fn a_denial_is_recorded_after_the_steps_are_used_up() {
+        let at = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 1, 0, 0, 0).unwrap();
+        let mut r: RefundRequest = serde_json::from_value(serde_json::json!({
+            "id": "rr_1", "workspace": "org_1", "payment": "ch_1", "movement": "pi_1",
+            "kind": "pack", "charge": "ch_1", "payment_intent": null, "invoice": null,
+            "reason": "other", "details": "x", "requested_by": "u1", "status": "in_review",
+            "amount": 100, "currency": "usd", "attempt": 0, "refund": null,
+            "refund_status": null, "sent_at": null, "created": at, "updated": at,
+            "steps": [],
+        }))
+        .unwrap();
+        for n in 0..MAX_STEPS + 3 {
+            let status = if n % 2 == 0 {
+                RequestStatus::Approved
+            } else {
+                RequestStatus::Failed
+            };
+            r.step(at, status, "staff:s1", None);
+        }
+        assert_eq!(r.steps.len(), MAX_STEPS, "other steps stay bounded");
+        r.step(
+            at,
+            RequestStatus::Denied,
+            "staff:s2",
+            Some("duplicate".into()),
+        );
+        let last = r.steps.last().unwrap();
+        assert_eq!(
+            (last.status, last.by.as_str(), last.note.as_deref()),
+            (RequestStatus::Denied, "staff:s2", Some("duplicate"))
+        );
+        r.step(at, RequestStatus::Denied, "staff:s3", None);
+        assert_eq!(r.steps.len(), MAX_STEPS + 1, "one step more, once");
     }
 }
