@@ -864,6 +864,18 @@ async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuse
 
 // ---------------------------------------------------------------- corrected reissue
 
+/// Support staff reissue `invoice` with a corrected name, under `key`.
+async fn reissue(app: &TestApp, invoice: &str, key: &str) -> tally_tests::Answer {
+    app.send(
+        Method::POST,
+        &format!("/v1/admin/invoices/{invoice}/reissue"),
+        Some(&support()),
+        Some(&json!({"name": "Acme GmbH"}).to_string()),
+        &[("idempotency-key", key)],
+    )
+    .await
+}
+
 /// A correction's replacement is open only until it is marked paid by the original's
 /// payment (or for good, after a reissue stopped between the two): it is never listed
 /// with a page to pay it.
@@ -876,15 +888,7 @@ async fn an_open_replacement_is_never_offered_for_payment() {
         .as_str()
         .unwrap()
         .to_owned();
-    let done = app
-        .send(
-            Method::POST,
-            &format!("/v1/admin/invoices/{original}/reissue"),
-            Some(&support()),
-            Some(&json!({"name": "Acme GmbH"}).to_string()),
-            &[("idempotency-key", "ri2")],
-        )
-        .await;
+    let done = reissue(&app, &original, "ri2").await;
     assert_eq!(done.status.as_u16(), 201, "{:#}", done.body);
     let replacement = done.body["replacement"].as_str().unwrap().to_owned();
     // A system that saw the replacement finalized but not yet paid.
@@ -928,16 +932,6 @@ async fn an_open_replacement_is_never_offered_for_payment() {
 /// before the money went back.
 #[tokio::test]
 async fn a_refunded_or_disputed_invoice_is_not_reissued() {
-    let reissue = async |app: &TestApp, invoice: &str, key: &str| {
-        app.send(
-            Method::POST,
-            &format!("/v1/admin/invoices/{invoice}/reissue"),
-            Some(&support()),
-            Some(&json!({"name": "Acme GmbH"}).to_string()),
-            &[("idempotency-key", key)],
-        )
-        .await
-    };
     for (ws, how, replaced_first) in [
         ("org_ri3", "refund", false),
         ("org_ri4", "dispute", false),
