@@ -1723,11 +1723,7 @@ mod alerts {
         };
         let consumer = tally::alerts::TopUps {
             docs: app.docs.clone(),
-            balances: tally::service::Ledger::new(
-                app.ledger.store.clone(),
-                app.ledger.clock.clone(),
-                app.ledger.catalog.clone(),
-            ),
+            states: app.ledger.store.clone(),
             payments: Some(app.local.simulator.clone().unwrap()),
             catalog: app.ledger.catalog.clone(),
             notifications: app.local.notifications_queue.clone(),

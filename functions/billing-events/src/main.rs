@@ -41,7 +41,7 @@ async fn main() -> Result<(), Error> {
     let consumer = BillingWork {
         events: BillingEvents::new(ledger, store.clone(), Some(money_back)),
         topups: TopUps {
-            balances: Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone()),
+            states: store.clone(),
             docs: store,
             payments,
             catalog,

@@ -229,11 +229,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     )?;
     topups_queue.start(Arc::new(tally::alerts::TopUps {
         docs: cfg.docs.clone(),
-        balances: tally::service::Ledger::new(
-            cfg.ledger.store.clone(),
-            cfg.ledger.clock.clone(),
-            cfg.ledger.catalog.clone(),
-        ),
+        states: cfg.ledger.store.clone(),
         payments: Some(payments.clone()),
         catalog: cfg.ledger.catalog.clone(),
         notifications: notifications_queue.clone(),

@@ -97,8 +97,8 @@ fn disputed_reason(dispute: &str) -> String {
 /// Consumes top-up requests: claims, charges and reports each once.
 pub struct TopUps {
     pub docs: Arc<dyn DocStore>,
-    /// Reads the balance as it is when a request is taken up (never writes).
-    pub balances: crate::service::Ledger,
+    /// The ledger's states, read for the balance when a request is taken up (never written).
+    pub states: Arc<dyn crate::store::LedgerStore>,
     /// `None` where no Stripe key is configured: every request is reported as not charged.
     pub payments: Option<Arc<dyn Payments>>,
     pub catalog: Arc<Catalog>,
@@ -212,8 +212,7 @@ impl TopUps {
                 // count as expired, but overdue holds as still held: a generation may yet
                 // complete and charge one, and its completion would cross nothing again.
                 let available = self
-                    .balances
-                    .store
+                    .states
                     .load(workspace)
                     .await
                     .map_err(retry_store)?
