@@ -2,7 +2,7 @@
 //! credits without payment (or took a payment without credits) is a named test here,
 //! driven through the API and the simulated Stripe.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tally_tests::{TestApp, owner};
 
 /// The paid `subscription_update` invoices, oldest first.
@@ -1131,4 +1131,54 @@ async fn a_renewal_drafted_before_a_pause_is_still_charged_and_grants_its_month(
         "the next renewal, made while paused"
     );
     assert_eq!(plan_grants(&app, "org_dp").await.len(), 2);
+}
+
+/// A change's paid invoice sent again two renewals later (resent by hand from Stripe's
+/// dashboard, or a dead letter redriven a month on) bills a period no longer kept. One
+/// applied before is acknowledged and changes nothing; one never applied goes to the
+/// dead-letter queue for a person, and grants nothing.
+#[tokio::test]
+async fn a_change_invoice_sent_again_after_two_renewals_is_a_duplicate_or_goes_to_a_person() {
+    let app = TestApp::new();
+    let sub = app.subscribe("org_resent", "plus", "monthly").await;
+    let up = app.change_plan("org_resent", "max", "monthly").await;
+    assert_eq!(up.body["effective"], "now", "{:#}", up.body);
+    app.settle_billing().await;
+    app.renew(&sub).await;
+    app.renew(&sub).await;
+    let change = app
+        .local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .events()
+        .into_iter()
+        .find(|e| {
+            e.kind == "invoice.paid"
+                && e.payload["data"]["object"]["billing_reason"] == "subscription_update"
+        })
+        .expect("the change's paid invoice");
+    let available = app.available("org_resent").await;
+    let entries = app.entry_count("org_resent").await;
+
+    let again = app
+        .dashboard(&format!("/sim/events/{}/redeliver", change.id), json!({}))
+        .await;
+    assert!(again.status.is_success(), "{:#}", again.body);
+    app.settle_billing().await;
+    assert!(app.local.billing_queue.dead_letters().is_empty());
+    assert_eq!(app.available("org_resent").await, available);
+    assert_eq!(app.entry_count("org_resent").await, entries);
+
+    // The same invoice under an id Tally never saw: never applied.
+    let mut never = change.payload.clone();
+    never["id"] = json!("evt_never_applied_change");
+    never["data"]["object"]["id"] = json!("in_never_applied_change");
+    assert_eq!(app.deliver_signed(&never).await, 200);
+    app.settle_billing().await;
+    let dead = app.local.billing_queue.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].body.contains("in_never_applied_change"));
+    assert_eq!(app.available("org_resent").await, available);
+    assert_eq!(app.entry_count("org_resent").await, entries);
 }

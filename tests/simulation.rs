@@ -1108,8 +1108,16 @@ async fn run_seed(seed: u64, steps: u64) -> Result<(), String> {
             .await
             .map_err(|e| format!("step {n} ({s:?}): {e}"))?;
     }
-    if !app.local.billing_queue.dead_letters().is_empty() {
-        return Err("Stripe events were dead-lettered".into());
+    let dead = app.local.billing_queue.dead_letters();
+    if !dead.is_empty() {
+        let events: Vec<String> = dead
+            .iter()
+            .map(|d| {
+                let e: Value = serde_json::from_str(&d.body).unwrap_or_default();
+                format!("{} {}", e["type"], e["id"])
+            })
+            .collect();
+        return Err(format!("Stripe events were dead-lettered: {events:?}"));
     }
     Ok(())
 }

@@ -186,10 +186,12 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     }
     let journal = cfg.queue_journal.clone();
     let queue = |name: &str, fifo: bool, max_receives: u32| -> anyhow::Result<Arc<LocalQueue>> {
-        Ok(match &journal {
+        let q = match &journal {
             Some(j) => LocalQueue::durable(name, fifo, max_receives, j.clone())?,
             None => LocalQueue::new(name, fifo, max_receives),
-        })
+        };
+        q.keep_time_by(cfg.clock.clone());
+        Ok(q)
     };
     let billing_queue = queue(
         tally::queue::BILLING_EVENTS_QUEUE,

@@ -77,6 +77,20 @@ fn poison(what: impl Into<String>) -> ConsumeError {
     ConsumeError::poison(Into::<String>::into(what))
 }
 
+/// Whether every line of a paid invoice ends by the start of the oldest period kept: it
+/// bills no period Tally still knows or will learn of.
+fn outdated(
+    invoice: &objects::Invoice,
+    known: &[crate::subscriptions::paid::Level],
+    catalog: &Catalog,
+) -> bool {
+    let Some(oldest) = known.iter().map(|l| l.period_start).min() else {
+        return false;
+    };
+    let lines = grants::paid_lines(invoice, catalog);
+    !lines.is_empty() && lines.iter().all(|l| l.end <= oldest)
+}
+
 fn ts(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(secs, 0).unwrap_or_default()
 }
@@ -416,7 +430,12 @@ impl BillingEvents {
                 });
             }
         }
-        let credits = grants::invoice_grants(invoice, self.catalog(), &known)?;
+        let credits = match grants::invoice_grants(invoice, self.catalog(), &known) {
+            Err(ConsumeError::Retry(why)) if outdated(invoice, &known, self.catalog()) => {
+                return self.outdated_invoice(invoice, workspace, why).await;
+            }
+            other => other?,
+        };
         for grant in credits.grants {
             self.grant(event, workspace, grant).await?;
         }
@@ -577,6 +596,35 @@ impl BillingEvents {
             PlanStatus::Active,
         )
         .await
+    }
+
+    /// A paid invoice billing only periods older than every one kept (a change of a period
+    /// two renewals back: Stripe resent by hand, or a dead letter redriven a month on).
+    /// Waiting cannot bring its period back. Applied before (its lots or its change were
+    /// linked to this workspace): a duplicate, acknowledged. Never applied: a person
+    /// decides its credits, from the dead-letter queue.
+    async fn outdated_invoice(
+        &self,
+        invoice: &objects::Invoice,
+        workspace: &WorkspaceId,
+        why: crate::error::BoxError,
+    ) -> Result<(), ConsumeError> {
+        let applied = docs::get::<refunds::InvoiceLots>(
+            self.docs.as_ref(),
+            &refunds::invoice_lots_pk(&invoice.id),
+            refunds::LINK_SK,
+        )
+        .await?
+        .is_some_and(|l| l.workspace.as_ref() == Some(workspace));
+        if applied {
+            tracing::info!(invoice = %invoice.id, "an invoice applied before, delivered again after its period left the ones kept");
+            return Ok(());
+        }
+        Err(poison(format!(
+            "invoice {} bills only periods older than the ones kept for its subscription and was \
+             never applied ({why}); its credits are for a person to decide",
+            invoice.id
+        )))
     }
 
     async fn checkout(

@@ -8,16 +8,17 @@
 //! start delivers what was left (at least once, as SQS does; consumers are idempotent).
 
 use super::{Consumer, Delivery, Message, Queue, QueueError};
+use crate::clock::{Clock, SystemClock};
 use crate::store::StoreError;
 use crate::store::embedded::EmbeddedStore;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
-const DEDUP_WINDOW: Duration = Duration::from_secs(300);
+const DEDUP_WINDOW_SECS: i64 = 300;
 
 pub struct LocalQueue {
     name: String,
@@ -28,7 +29,11 @@ pub struct LocalQueue {
     tx: Mutex<Option<mpsc::UnboundedSender<(u64, Message)>>>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, Message)>>>,
     journal: Option<Arc<EmbeddedStore>>,
-    dedup: Mutex<HashMap<String, Instant>>,
+    dedup: Mutex<HashMap<String, chrono::DateTime<chrono::Utc>>>,
+    /// What the deduplication window is measured by: the local system's one clock, so a
+    /// delivery repeated after the clock moved past the window reaches the consumer, as a
+    /// Stripe redelivery minutes or hours later reaches it in AWS.
+    clock: Mutex<Arc<dyn Clock>>,
     /// FIFO sends take turns: a twin of a send whose message is still being kept waits for
     /// its outcome, so it never answers "sent" for a message the first then failed to keep.
     sending: tokio::sync::Mutex<()>,
@@ -50,6 +55,7 @@ impl LocalQueue {
             rx: Mutex::new(Some(rx)),
             journal: None,
             dedup: Mutex::new(HashMap::new()),
+            clock: Mutex::new(Arc::new(SystemClock)),
             sending: tokio::sync::Mutex::new(()),
             dead: Mutex::new(Vec::new()),
             pending: AtomicUsize::new(0),
@@ -98,6 +104,7 @@ impl LocalQueue {
             rx: Mutex::new(Some(rx)),
             journal: Some(journal),
             dedup: Mutex::new(HashMap::new()),
+            clock: Mutex::new(Arc::new(SystemClock)),
             sending: tokio::sync::Mutex::new(()),
             dead: Mutex::new(dead),
             pending: AtomicUsize::new(pending),
@@ -191,6 +198,17 @@ impl LocalQueue {
         QueueError::unavailable(format!("queue {} is closed", self.name))
     }
 
+    /// Measures the deduplication window by `clock` (the wall clock until then).
+    pub fn keep_time_by(&self, clock: Arc<dyn Clock>) {
+        *self.clock.lock().expect("queue lock") = clock;
+    }
+
+    /// Forgets that a deduplication id was seen, as SQS does once its five minutes pass:
+    /// for a resend that stands for one made later (the simulator's redelivery).
+    pub fn forget_dedup(&self, dedup_id: &str) {
+        self.dedup.lock().expect("queue lock").remove(dedup_id);
+    }
+
     pub fn dead_letters(&self) -> Vec<Delivery> {
         self.dead.lock().expect("queue lock").clone()
     }
@@ -212,9 +230,9 @@ impl Queue for LocalQueue {
                 .dedup_id
                 .clone()
                 .ok_or_else(|| QueueError::unavailable("FIFO messages need a deduplication id"))?;
+            let now = self.clock.lock().expect("queue lock").now();
             let mut seen = self.dedup.lock().expect("queue lock");
-            let now = Instant::now();
-            seen.retain(|_, at| now.duration_since(*at) < DEDUP_WINDOW);
+            seen.retain(|_, at| (now - *at).num_seconds() < DEDUP_WINDOW_SECS);
             if seen.contains_key(&dedup_id) {
                 return Ok(());
             }
@@ -358,5 +376,33 @@ mod tests {
             (dead[0].body.as_str(), dead[0].receive_count),
             ("poison", 3)
         );
+    }
+
+    /// The deduplication window is five minutes of the local system's clock: a repeat
+    /// within it is dropped, one after it (a redelivery hours later) is delivered.
+    #[tokio::test]
+    async fn the_deduplication_window_follows_the_local_clock() {
+        let (q, c) = started("t.fifo", true);
+        let clock = Arc::new(crate::clock::ManualClock::new(
+            chrono::DateTime::parse_from_rfc3339("2028-02-29T23:58:00Z")
+                .unwrap()
+                .into(),
+        ));
+        q.keep_time_by(clock.clone());
+        q.send(msg("a", "1")).await.unwrap();
+        clock.advance(chrono::Duration::seconds(299));
+        q.send(msg("a-within", "1")).await.unwrap();
+        clock.advance(chrono::Duration::seconds(1));
+        q.send(msg("a-after", "1")).await.unwrap();
+        q.send(msg("a-after-twice", "1")).await.unwrap();
+        q.until_idle().await;
+        let seen: Vec<String> = c
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(b, _)| b.clone())
+            .collect();
+        assert_eq!(seen, ["a", "a-after"]);
     }
 }

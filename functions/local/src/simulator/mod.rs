@@ -5,7 +5,8 @@
 //! webhook secret exactly as Stripe does, and delivers them to `POST /webhooks/stripe`, so
 //! they take the same path as real deliveries: signature check, billing queue, worker.
 //! `GET /sim/events` lists every delivered event; `POST /sim/events/{id}/redeliver` sends
-//! one again (with a fresh signature) to see duplicates handled.
+//! one again (with a fresh signature) as Stripe resends one later, past the billing queue's
+//! five-minute deduplication window, to see duplicates handled by the billing worker.
 //!
 //! Time is the local system's one clock, shared with the ledger and the webhook: like a
 //! Stripe test clock, `POST /sim/clock/advance` moves it forward and plays, in time order,

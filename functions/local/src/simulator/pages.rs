@@ -137,6 +137,11 @@ async fn redeliver(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) ->
     let event = sim.events().into_iter().find(|e| e.id == id);
     match event {
         Some(e) => {
+            // Stripe resends minutes to days later: past the queue's five-minute
+            // deduplication window, so the billing worker sees the duplicate.
+            if let Some(q) = &sim.billing_queue {
+                q.forget_dedup(&e.id);
+            }
             let status = sim.post_signed(&e.payload).await;
             axum::Json(json!({"id": id, "delivered_status": status})).into_response()
         }
