@@ -388,6 +388,31 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
     let busy = resource(&t, "LedgerBusyAlarm");
     assert_eq!(busy["Properties"]["Namespace"], "Tally");
     assert_eq!(busy["Properties"]["MetricName"], "Busy");
+    // A broken invariant pages at once, whichever function met it.
+    let corrupt = resource(&t, "LedgerCorruptAlarm");
+    assert_eq!(corrupt["Properties"]["Namespace"], "Tally");
+    assert_eq!(corrupt["Properties"]["MetricName"], "Corrupt");
+    assert_eq!(corrupt["Properties"]["Threshold"].as_u64(), Some(0));
+    assert_eq!(
+        text(&corrupt["Properties"]["AlarmActions"][0]),
+        "AlarmTopic"
+    );
+    // Queues holding money events outlive the stack (a delete or a replacement).
+    for q in [
+        "BillingEventsQueue",
+        "BillingEventsDeadLetterQueue",
+        "TopUpsQueue",
+        "TopUpsDeadLetterQueue",
+        "RefundsQueue",
+        "RefundsDeadLetterQueue",
+    ] {
+        let r = resource(&t, q);
+        assert_eq!(r["DeletionPolicy"], "Retain", "{q}");
+        assert_eq!(r["UpdateReplacePolicy"], "Retain", "{q}");
+    }
+    // Purchases' chains of Stripe calls get the longest the HTTP API waits.
+    let purchases = resource(&t, "PurchasesFunction");
+    assert_eq!(purchases["Properties"]["Timeout"].as_u64(), Some(29));
     let rate = resource(&t, "LedgerConflictRateAlarm");
     let metrics = rate["Properties"]["Metrics"].as_sequence().unwrap();
     let names: Vec<String> = metrics

@@ -37,6 +37,8 @@ struct Counting {
     commits: Mutex<Vec<usize>>,
     losses: AtomicUsize,
     stale: Mutex<Option<tally::store::StoredGeneration>>,
+    /// A generation every read returns from now on (a broken item, not a stale read).
+    broken: Mutex<Option<tally::store::StoredGeneration>>,
 }
 
 impl Counting {
@@ -56,6 +58,7 @@ impl Counting {
             commits: Mutex::new(Vec::new()),
             losses: AtomicUsize::new(0),
             stale: Mutex::new(None),
+            broken: Mutex::new(None),
         })
     }
 
@@ -123,6 +126,8 @@ impl LedgerStore for Counting {
         let mut read = self.inner.read_op(w, k, g).await?;
         if let Some(stale) = self.stale.lock().unwrap().take() {
             read.generation = Some(stale);
+        } else if let Some(broken) = self.broken.lock().unwrap().clone() {
+            read.generation = Some(broken);
         }
         Ok(read)
     }
@@ -569,6 +574,49 @@ async fn every_ledger_operation_reports_its_metrics_in_embedded_metric_format() 
     )
     .await;
     assert!(matches!(busy, Err(ServiceError::Contention)));
+    // A hold read with credits of a lot the state does not have: the ledger refuses to
+    // write, and says so.
+    ledger.retry.max_attempts = 80;
+    let broken = GenerationId::new();
+    hold(&ledger, ws, broken, &est, t0() + Duration::hours(1))
+        .await
+        .unwrap();
+    let mut read = store
+        .inner
+        .read_op(
+            &workspace(ws),
+            &IdempotencyKey::derived("x".into()),
+            Some(broken),
+        )
+        .await
+        .unwrap()
+        .generation
+        .unwrap();
+    read.hold.as_mut().unwrap().allocations[0].lot = 999;
+    *store.broken.lock().unwrap() = Some(read);
+    let corrupt = ledger
+        .execute(LedgerRequest {
+            workspace: workspace(ws),
+            key: IdempotencyKey::derived(format!("gen:{broken}:complete")),
+            fingerprint: "complete".into(),
+            actor: Actor::new(ActorKind::Service, "generation-service"),
+            refs: Refs::default(),
+            op: Operation::Complete {
+                generation: broken,
+                credits: None,
+                record: None,
+            },
+        })
+        .await;
+    assert!(
+        matches!(
+            corrupt,
+            Err(ServiceError::Refused(tally::ledger::LedgerError::Corrupt(
+                _
+            )))
+        ),
+        "{corrupt:?}"
+    );
 
     let records = records_of(ws);
     let summary: Vec<(String, String, f64)> = records
@@ -592,8 +640,15 @@ async fn every_ledger_operation_reports_its_metrics_in_embedded_metric_format() 
             expect("hold", "refused", 0.0),
             expect("complete", "applied", 0.0),
             expect("hold", "busy", 3.0),
+            // The two losses the busy hold left.
+            expect("hold", "applied", 2.0),
+            // Read again three times, as a stale read would be, then reported.
+            expect("complete", "corrupt", 3.0),
         ]
     );
+    assert_eq!(records[7]["Corrupt"], 1.0);
+    assert_eq!(records[7]["Refusals"], 0.0);
+    assert_eq!(records[3]["Corrupt"], 0.0);
     assert_eq!(records[0]["CreditsGranted"], (3 * per) as f64);
     assert_eq!(records[3]["Refusals"], 1.0);
     assert_eq!(records[2]["Replays"], 1.0);

@@ -551,9 +551,14 @@ impl Measure {
     }
 
     fn emit(&self, req: &LedgerRequest, result: &Result<Outcome, ServiceError>) {
+        if let Err(ServiceError::Refused(e @ LedgerError::Corrupt(_))) = result {
+            // Whoever asked (an API route, a queue worker, the refresh), someone is paged.
+            tracing::error!(workspace = %req.workspace, key = %req.key, error = %e, "ledger invariant broken");
+        }
         let outcome = match result {
             Ok(_) if self.committed => "applied",
             Ok(_) => "replayed",
+            Err(ServiceError::Refused(LedgerError::Corrupt(_))) => "corrupt",
             Err(ServiceError::Refused(_)) => "refused",
             Err(ServiceError::KeyReused) => "key_reused",
             Err(ServiceError::Contention) => "busy",
@@ -563,6 +568,7 @@ impl Measure {
             .count("LedgerOperations", 1)
             .count("Conflicts", u64::from(self.conflicts))
             .count("Refusals", u64::from(outcome == "refused"))
+            .count("Corrupt", u64::from(outcome == "corrupt"))
             .count("Busy", u64::from(outcome == "busy"))
             .count("Replays", u64::from(outcome == "replayed"))
             .count("CreditsGranted", self.granted)
