@@ -3,6 +3,7 @@
 use axum::http::Method;
 use chrono::Duration;
 use serde_json::{Value, json};
+use tally::clock::Clock;
 use tally_tests::{TestApp, grant, member, owner, service, support, token};
 
 fn video() -> Value {
@@ -1035,4 +1036,49 @@ async fn an_adjustment_to_a_workspace_that_does_not_exist_is_refused_and_links_i
         .body["items"][0];
     assert_eq!(entry["refs"]["ticket"], tkt);
     assert_eq!(entry["refs"]["generation"], id);
+}
+
+/// A range in the past starts below everything made after it: the generations of an old
+/// month come in the first page even behind more newer ones than a page may read.
+#[tokio::test]
+async fn an_old_range_of_the_history_reads_none_of_what_came_after_it() {
+    let app = TestApp::new();
+    let ws = "org_oldrange";
+    grant(&app.ledger, ws, 100_000).await;
+    let est = tally_tests::image_estimate(&app.ledger);
+    let deadline = |app: &TestApp| app.clock.now() + Duration::hours(1);
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        let g = tally::ids::GenerationId::at(app.clock.now());
+        app.ledger
+            .execute(tally_tests::hold_request(ws, g, &est, deadline(&app)))
+            .await
+            .unwrap();
+        old.push(g.to_string());
+    }
+    let to = app.clock.now() + Duration::hours(1);
+    app.clock.advance(Duration::days(40));
+    // More newer generations than one page reads while filtering.
+    for _ in 0..credits_api::routes::generations::MAX_SCANNED + 20 {
+        let g = tally::ids::GenerationId::at(app.clock.now());
+        app.ledger
+            .execute(tally_tests::hold_request(ws, g, &est, deadline(&app)))
+            .await
+            .unwrap();
+    }
+    let m = member(ws, "m1");
+    let to = to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let page = app
+        .get(&format!("/v1/generations?limit=100&to={to}"), &m)
+        .await;
+    assert_eq!(page.status.as_u16(), 200, "{:#}", page.body);
+    let mut ids: Vec<String> = page.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.reverse();
+    assert_eq!(ids, old, "{:#}", page.body["next_cursor"]);
+    assert!(page.body["next_cursor"].is_null());
 }

@@ -390,6 +390,34 @@ async fn forged_and_stale_deliveries_to_the_local_webhook_change_nothing() {
     assert_eq!(app.available("org_f").await, 500);
 }
 
+/// Billing movements are dated to the second, as Stripe dates them: a range bound within a
+/// second counts the movement of that second as before it (`to` includes it, `from` does
+/// not), not as at it.
+#[tokio::test]
+async fn billing_history_ranges_bounded_within_a_second_place_its_movements_right() {
+    let app = TestApp::new();
+    let ws = "org_subsecond";
+    let url = app.open_pack_checkout(ws, "pack_100").await;
+    app.pay(&format!("http://tally.test{url}")).await;
+    let at = tally::clock::Clock::now(app.clock.as_ref());
+    let half = (at + chrono::Duration::milliseconds(500))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let count = |q: String| {
+        let app = &app;
+        async move {
+            let r = app
+                .get(&format!("/v1/billing/history?{q}"), &owner(ws))
+                .await;
+            assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+            r.body["items"].as_array().unwrap().len()
+        }
+    };
+    let all = count(String::new()).await;
+    assert!(all > 0);
+    assert_eq!(count(format!("to={half}")).await, all);
+    assert_eq!(count(format!("from={half}")).await, 0);
+}
+
 mod subscription {
     //! Plan changes, add-on units, cancel, resume and pause, through the simulator.
     use super::*;

@@ -1914,3 +1914,59 @@ async fn the_generations_export_filters_by_status_as_the_creation_history_shows_
         .await
         .assert_problem(422, "validation_failed");
 }
+
+/// In Lambda a usage report has the export's time: one too long to sum in it is refused
+/// as a range too large (a shorter range answers), never cut off by the function's timeout.
+#[tokio::test]
+async fn a_usage_report_too_long_to_sum_in_one_answer_is_refused_not_cut_off() {
+    let app = TestApp::with_export_limit(credits_api::ExportLimit {
+        bytes: 5_000_000,
+        time: std::time::Duration::ZERO,
+    });
+    let ws = "org_slow_usage";
+    busy_workspace(&app, ws).await;
+    let tok = member(ws, "ana");
+    app.get("/v1/usage", &tok)
+        .await
+        .assert_problem(422, "range_too_large");
+    let roomy = TestApp::with_export_limit(credits_api::LAMBDA_EXPORT_LIMIT);
+    busy_workspace(&roomy, ws).await;
+    let usage = roomy.get("/v1/usage", &tok).await;
+    assert_eq!(usage.status.as_u16(), 200, "{:#}", usage.body);
+    assert_eq!(usage.body["groups"].as_array().unwrap().len(), 3);
+}
+
+/// A list of tickets that ends exactly at a page's end has no cursor to an empty page; one
+/// ticket more has, and the next page holds just it.
+#[tokio::test]
+async fn the_ticket_list_hands_out_a_cursor_only_when_more_follow() {
+    let app = TestApp::new();
+    let ws = "org_ticket_pages";
+    grant(&app.ledger, ws, 10).await;
+    for n in 0..3 {
+        file(
+            &app,
+            &member(ws, &format!("u{n}")),
+            ticket_body("other", &format!("t{n}"), "m"),
+        )
+        .await;
+    }
+    let admin = support();
+    let path = format!("/v1/admin/workspaces/{ws}/support/tickets");
+    let all = app.get(&format!("{path}?limit=3"), &admin).await.body;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(3), "{all:#}");
+    assert!(all["next_cursor"].is_null(), "{all:#}");
+    let first = app.get(&format!("{path}?limit=2"), &admin).await.body;
+    assert_eq!(first["items"].as_array().unwrap().len(), 2);
+    let cursor = first["next_cursor"].as_str().expect("a cursor");
+    let rest = app
+        .get(
+            &format!("{path}?limit=2&cursor={}", cursor.replace('#', "%23")),
+            &admin,
+        )
+        .await
+        .body;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 1, "{rest:#}");
+    assert!(rest["next_cursor"].is_null());
+    assert_eq!(rest["items"][0]["subject"], "t0");
+}

@@ -86,16 +86,51 @@ pub struct GenerationId(ulid::Ulid);
 impl GenerationId {
     pub const PREFIX: &'static str = "gen_";
 
-    /// A new id; ids made by one process increase in the order they are made, even within
-    /// one millisecond, so the creation history lists them in that order.
+    /// A new id made now by the wall clock (see [`GenerationId::at`]).
     pub fn new() -> Self {
-        static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
-        let mut g = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
-        let id = g
-            .get_or_insert_with(ulid::Generator::new)
-            .generate()
-            .unwrap_or_else(|_| ulid::Ulid::new());
+        Self::at(chrono::Utc::now())
+    }
+
+    /// A new id made at `now`, the system's one clock: its time is when the generation
+    /// started, so a range of creation times is a range of ids (a generation's `created_at`
+    /// is never earlier than its id's time). Ids made by one process at the same
+    /// millisecond increase in the order they are made, so the creation history lists them
+    /// in that order, whatever other instants ids are made at meanwhile.
+    pub fn at(now: chrono::DateTime<chrono::Utc>) -> Self {
+        /// The last id made at each of the most recent milliseconds ids were made at.
+        static LAST: std::sync::Mutex<std::collections::VecDeque<ulid::Ulid>> =
+            std::sync::Mutex::new(std::collections::VecDeque::new());
+        const KEPT: usize = 256;
+        let ms = u64::try_from(now.timestamp_millis()).unwrap_or(0);
+        let fresh = || {
+            ulid::Ulid::from_datetime(
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+        };
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        let id = match last.iter().position(|u| u.timestamp_ms() == ms) {
+            Some(i) => {
+                let next = last[i].increment().unwrap_or_else(fresh);
+                last[i] = next;
+                next
+            }
+            None => {
+                let next = fresh();
+                last.push_back(next);
+                if last.len() > KEPT {
+                    last.pop_front();
+                }
+                next
+            }
+        };
         Self(id)
+    }
+
+    /// Above every id made at or before `t`, below every one made after: an exclusive
+    /// upper bound for the ids of a range of creation times ending at `t`.
+    pub fn after_all_made_by(t: chrono::DateTime<chrono::Utc>) -> Self {
+        let ms = u64::try_from(t.timestamp_millis()).unwrap_or(0);
+        Self(ulid::Ulid::from_parts(ms.saturating_add(1), 0))
     }
     pub fn from_ulid(ulid: ulid::Ulid) -> Self {
         Self(ulid)
@@ -384,6 +419,27 @@ mod tests {
             WorkspaceId::parse("org#1"),
             Err(IdError::BadCharacter { .. })
         ));
+    }
+
+    #[test]
+    fn generation_ids_follow_the_clock_and_the_order_they_are_made_in() {
+        use chrono::TimeZone;
+        let t = chrono::Utc
+            .with_ymd_and_hms(2028, 2, 29, 23, 59, 59)
+            .unwrap();
+        let later = t + chrono::Duration::days(400);
+        // Made at one instant, interleaved with ids of another: still in order.
+        let a = GenerationId::at(t);
+        let x = GenerationId::at(later);
+        let b = GenerationId::at(t);
+        let y = GenerationId::at(later);
+        let c = GenerationId::at(t);
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert!(x < y && c < x);
+        assert_eq!(a.0.timestamp_ms() as i64, t.timestamp_millis());
+        let bound = GenerationId::after_all_made_by(t);
+        assert!(c < bound && bound < x);
+        assert!(GenerationId::after_all_made_by(t - chrono::Duration::milliseconds(1)) <= a);
     }
 
     #[test]

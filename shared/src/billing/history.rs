@@ -388,16 +388,17 @@ pub async fn page(
         return Ok((Vec::new(), None));
     }
     let pk = workspace_pk(workspace);
-    // `to` is exclusive: start below the first key of that second.
-    let upper =
-        q.to.map(|t| format!("{HISTORY_PREFIX}{:012}", t.timestamp().max(0)));
+    // Movements are dated to the second (as Stripe dates its objects): an instant within a
+    // second bounds the range as the next whole second does. `to` is exclusive: start below
+    // the first key of that second.
+    let second =
+        |t: DateTime<Utc>| (t.timestamp() + i64::from(t.timestamp_subsec_nanos() > 0)).max(0);
+    let upper = q.to.map(|t| format!("{HISTORY_PREFIX}{:012}", second(t)));
     let mut before = match (&q.cursor, upper) {
         (Some(c), Some(u)) => Some(c.clone().min(u)),
         (c, u) => c.clone().or(u),
     };
-    let lower = q
-        .from
-        .map(|f| format!("{HISTORY_PREFIX}{:012}", f.timestamp().max(0)));
+    let lower = q.from.map(|f| format!("{HISTORY_PREFIX}{:012}", second(f)));
     let mut out = Vec::new();
     let mut last_sk = None;
     let mut read = 0;

@@ -139,11 +139,14 @@ fn add(total: &mut Credits, more: Credits) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Most charges and reversals one report sums (each may need its generation read).
+/// Most charges one report sums (each may need its generation read).
 pub const MAX_REPORT_ENTRIES: usize = 20_000;
 
+/// Generations read at once for a report's groups.
+const CONCURRENT_READS: usize = 16;
+
 /// Totals credits spent in `[from, to)` grouped by `group_by`; `None` when the range holds
-/// more than `max_entries` charges and reversals (a narrower range answers).
+/// more than `max_entries` charges, or as many reversals (a narrower range answers).
 pub async fn usage(
     store: &dyn LedgerStore,
     workspace: &WorkspaceId,
@@ -164,29 +167,36 @@ pub async fn usage(
             charges: 0,
         }));
     }
+    let (mut charged, mut reversals) = (0usize, 0usize);
     entries_between(store, workspace, Some(from), Some(to), |page| {
-        entries.extend(
-            page.into_iter()
-                .filter(|e| matches!(e.reason, Reason::GenerationCharged | Reason::Reversal))
-                .map(|e| (e.at, e.reason, e.refs.generation, e.totals)),
-        );
+        for e in page {
+            match e.reason {
+                Reason::GenerationCharged => charged += 1,
+                Reason::Reversal => reversals += 1,
+                _ => continue,
+            }
+            entries.push((e.at, e.reason, e.refs.generation, e.totals));
+        }
         // Past the cap, reading on is for nothing.
-        entries.len() <= max_entries
+        charged <= max_entries && reversals <= max_entries
     })
     .await?;
-    if entries.len() > max_entries {
+    if charged > max_entries || reversals > max_entries {
         return Ok(None);
     }
-    // Member and model of each generation named, read once each.
+    // Member and model of each generation named, read once each, several at a time.
     let mut who: HashMap<GenerationId, (String, String)> = HashMap::new();
     if group_by != GroupBy::Day {
-        for (_, _, generation, _) in &entries {
-            if let Some(g) = generation
-                && !who.contains_key(g)
-                && let Some(found) = store.generation(workspace, *g).await?
-            {
-                who.insert(*g, (found.started_by, found.estimate.model));
-            }
+        use futures_util::{StreamExt, TryStreamExt};
+        let named: std::collections::BTreeSet<GenerationId> =
+            entries.iter().filter_map(|(_, _, g, _)| *g).collect();
+        let found: Vec<_> = futures_util::stream::iter(named)
+            .map(|g| async move { store.generation(workspace, g).await })
+            .buffer_unordered(CONCURRENT_READS)
+            .try_collect()
+            .await?;
+        for g in found.into_iter().flatten() {
+            who.insert(g.id, (g.started_by, g.estimate.model));
         }
     }
     let mut groups: BTreeMap<String, UsageGroup> = BTreeMap::new();

@@ -452,7 +452,7 @@ impl LedgerStore for EmbeddedStore {
         self.read(move |db| {
             let tx = db.begin_read().map_err(backend)?;
             let t = tx.open_table(GENERATIONS).map_err(backend)?;
-            let upper = query.before.map(|b| b.to_string());
+            let upper = query.upper().map(|b| b.to_string());
             // A status is read from its index: only generations with that status.
             if let Some(status) = query.status {
                 let index = tx.open_table(BY_STATUS).map_err(backend)?;

@@ -182,6 +182,20 @@ pub struct GenerationQuery {
 pub const CREATION_ORDER_SLACK: chrono::Duration = chrono::Duration::minutes(5);
 
 impl GenerationQuery {
+    /// Where a newest-first read starts (exclusive): below the cursor, and below every
+    /// generation made after `to` (a generation's id is never later than its creation,
+    /// beyond the clocks' slack), so a range in the past reads none of what came since.
+    pub fn upper(&self) -> Option<GenerationId> {
+        let to = self
+            .to
+            .and_then(|to| to.checked_add_signed(CREATION_ORDER_SLACK))
+            .map(GenerationId::after_all_made_by);
+        match (self.before, to) {
+            (Some(b), Some(t)) => Some(b.min(t)),
+            (b, t) => b.or(t),
+        }
+    }
+
     /// Whether a newest-first scan can stop at `g`: everything after it is older than
     /// the range.
     pub fn past_range(&self, g: &Generation) -> bool {

@@ -829,7 +829,9 @@ impl Tickets {
             }
             None => None,
         };
-        let mut out = Vec::new();
+        // (sort key, ticket): one more than asked for tells whether a next page exists.
+        let mut out: Vec<(String, TicketSummary)> = Vec::new();
+        let tickets = |out: Vec<(String, TicketSummary)>| out.into_iter().map(|(_, s)| s).collect();
         let mut read = 0usize;
         loop {
             let page = docs::page::<TicketSummary>(
@@ -848,18 +850,20 @@ impl Tickets {
                     && priority.is_none_or(|p| s.priority == p)
                     && author.is_none_or(|a| s.user == a)
                 {
-                    out.push(s);
-                    if out.len() >= limit {
-                        // More may follow: hand out a cursor.
-                        return Ok((out, Some(sk[prefix.len()..].to_owned())));
+                    out.push((sk.clone(), s));
+                    if out.len() > limit {
+                        // More follow: the cursor is the last ticket handed out.
+                        out.pop();
+                        let cursor = out.last().map(|(k, _)| k[prefix.len()..].to_owned());
+                        return Ok((tickets(out), cursor));
                     }
                 }
                 if read >= limit * 10 {
-                    return Ok((out, Some(sk[prefix.len()..].to_owned())));
+                    return Ok((tickets(out), Some(sk[prefix.len()..].to_owned())));
                 }
             }
             if !full {
-                return Ok((out, None));
+                return Ok((tickets(out), None));
             }
         }
     }

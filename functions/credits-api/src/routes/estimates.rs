@@ -57,7 +57,7 @@ pub async fn estimate(
             workspace,
             who.actor(),
             Operation::Hold {
-                generation: GenerationId::new(),
+                generation: GenerationId::at(app.ledger.clock.now()),
                 estimate: estimate.clone(),
                 deadline,
             },

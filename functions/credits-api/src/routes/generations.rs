@@ -119,7 +119,7 @@ pub async fn start_generation(
         .catalog
         .estimate(&spec)
         .map_err(|e| Problem::validation(e.field, &e.message))?;
-    let generation = GenerationId::new();
+    let generation = GenerationId::at(app.ledger.clock.now());
     let key = match idempotency_key(&headers, "generations")? {
         Some(k) => k,
         None => IdempotencyKey::derived(format!("gen:{generation}:hold")),
@@ -435,7 +435,13 @@ pub(crate) async fn generations_page(
     };
     let now = app.ledger.clock.now();
     let mut items = Vec::new();
-    let mut cursor = before;
+    // A range in the past starts below everything made after it.
+    let mut cursor = GenerationQuery {
+        before,
+        to: q.to,
+        ..GenerationQuery::default()
+    }
+    .upper();
     // A filter that matches little must not read the whole history in one request: past
     // this many generations read, the page ends (perhaps short) with a cursor to go on.
     let mut scanned = 0usize;

@@ -48,21 +48,29 @@ pub(crate) async fn usage_of(
     // At most a year, ending at `to`; the answer says which range it covers. A range that
     // ends before it starts holds nothing.
     let from = from.max(to - Duration::days(MAX_USAGE_DAYS)).min(to);
-    usage(
+    let report = usage(
         app.ledger.store.as_ref(),
         workspace,
         from,
         to,
         q.group_by.unwrap_or(GroupBy::Member),
         MAX_REPORT_ENTRIES,
-    )
-    .await?
-    .ok_or_else(|| {
+    );
+    // In Lambda the report has the export's time, well inside the function's timeout: a
+    // range too long to sum in it is refused as one with too many charges, not cut off.
+    let summed = match app.export_limit {
+        Some(limit) => tokio::time::timeout(limit.time, report)
+            .await
+            .unwrap_or(Ok(None))?,
+        None => report.await?,
+    };
+    summed.ok_or_else(|| {
         Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "range_too_large",
             format!(
-                "the range holds more than {MAX_REPORT_ENTRIES} charges; ask for a shorter one"
+                "the range holds more than {MAX_REPORT_ENTRIES} charges, or more than can be \
+                 summed in one answer; ask for a shorter one"
             ),
         )
     })

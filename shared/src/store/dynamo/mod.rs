@@ -557,7 +557,13 @@ impl DynamoStore {
     {
         let mut out = Vec::new();
         let mut start: Option<HashMap<String, AttributeValue>> = None;
+        let mut pages = 0usize;
         while out.len() < limit {
+            // DynamoDB's `Limit` counts items read, before `keep` filters them: the first
+            // page asks for what is wanted, and a page after one that did not fill it (a
+            // filter at work) for a full hundred, never one item per round trip.
+            let want = if pages == 0 { limit - out.len() } else { 100 };
+            pages += 1;
             let page = self
                 .client
                 .query()
@@ -572,7 +578,7 @@ impl DynamoStore {
                 .scan_index_forward(false)
                 // Secondary indexes are only eventually consistent.
                 .set_consistent_read(index.is_none().then_some(true))
-                .limit(((limit - out.len()) as i32).clamp(1, 100))
+                .limit(want.clamp(1, 100) as i32)
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
@@ -908,7 +914,7 @@ impl LedgerStore for DynamoStore {
         workspace: &WorkspaceId,
         query: &GenerationQuery,
     ) -> Result<Vec<Generation>, StoreError> {
-        let high = match query.before {
+        let high = match query.upper() {
             Some(b) => format!("GEN#{b}"),
             None => "GEN#~".into(),
         };
