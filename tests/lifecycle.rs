@@ -1135,8 +1135,8 @@ async fn a_renewal_drafted_before_a_pause_is_still_charged_and_grants_its_month(
 
 /// A change's paid invoice sent again two renewals later (resent by hand from Stripe's
 /// dashboard, or a dead letter redriven a month on) bills a period no longer kept. One
-/// applied before is acknowledged and changes nothing; one never applied goes to the
-/// dead-letter queue for a person, and grants nothing.
+/// applied before is acknowledged and changes nothing; one never applied, or stopped half
+/// way, goes to the dead-letter queue for a person, and grants nothing.
 #[tokio::test]
 async fn a_change_invoice_sent_again_after_two_renewals_is_a_duplicate_or_goes_to_a_person() {
     let app = TestApp::new();
@@ -1170,6 +1170,31 @@ async fn a_change_invoice_sent_again_after_two_renewals_is_a_duplicate_or_goes_t
     assert_eq!(app.available("org_resent").await, available);
     assert_eq!(app.entry_count("org_resent").await, entries);
 
+    // One that stopped half way (its steps not all done): for a person too.
+    let invoice: tally::ids::InvoiceId = change.payload["data"]["object"]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    tally::store::docs::update(
+        app.docs.as_ref(),
+        &tally::billing::refunds::invoice_lots_pk(&invoice),
+        tally::billing::refunds::LINK_SK,
+        |l: Option<tally::billing::refunds::InvoiceLots>| {
+            let mut l = l.expect("the change's invoice is linked");
+            assert!(l.applied);
+            l.applied = false;
+            Some(l)
+        },
+    )
+    .await
+    .unwrap();
+    app.dashboard(&format!("/sim/events/{}/redeliver", change.id), json!({}))
+        .await;
+    app.settle_billing().await;
+    let dead = app.local.billing_queue.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+
     // The same invoice under an id Tally never saw: never applied.
     let mut never = change.payload.clone();
     never["id"] = json!("evt_never_applied_change");
@@ -1177,8 +1202,8 @@ async fn a_change_invoice_sent_again_after_two_renewals_is_a_duplicate_or_goes_t
     assert_eq!(app.deliver_signed(&never).await, 200);
     app.settle_billing().await;
     let dead = app.local.billing_queue.dead_letters();
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert!(dead[0].body.contains("in_never_applied_change"));
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead[1].body.contains("in_never_applied_change"));
     assert_eq!(app.available("org_resent").await, available);
     assert_eq!(app.entry_count("org_resent").await, entries);
 }

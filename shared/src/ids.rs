@@ -126,6 +126,11 @@ impl GenerationId {
         Self(id)
     }
 
+    /// The id just below this one: an inclusive bound for what lies below it.
+    pub fn just_below(self) -> Self {
+        Self(ulid::Ulid(self.0.0.saturating_sub(1)))
+    }
+
     /// Above every id made at or before `t`, below every one made after: an exclusive
     /// upper bound for the ids of a range of creation times ending at `t`.
     pub fn after_all_made_by(t: chrono::DateTime<chrono::Utc>) -> Self {
@@ -440,6 +445,7 @@ mod tests {
         let bound = GenerationId::after_all_made_by(t);
         assert!(c < bound && bound < x);
         assert!(GenerationId::after_all_made_by(t - chrono::Duration::milliseconds(1)) <= a);
+        assert!(b.just_below() < b && a <= b.just_below());
     }
 
     #[test]

@@ -77,8 +77,9 @@ fn poison(what: impl Into<String>) -> ConsumeError {
     ConsumeError::poison(Into::<String>::into(what))
 }
 
-/// Whether every line of a paid invoice ends by the start of the oldest period kept: it
-/// bills no period Tally still knows or will learn of.
+/// Whether every line of a paid invoice starts before the oldest period kept: it bills
+/// time (a change's, or a period cut short by an interval switch) in periods Tally no
+/// longer keeps and will not learn of again.
 fn outdated(
     invoice: &objects::Invoice,
     known: &[crate::subscriptions::paid::Level],
@@ -88,7 +89,7 @@ fn outdated(
         return false;
     };
     let lines = grants::paid_lines(invoice, catalog);
-    !lines.is_empty() && lines.iter().all(|l| l.end <= oldest)
+    !lines.is_empty() && lines.iter().all(|l| l.start < oldest)
 }
 
 fn ts(secs: i64) -> DateTime<Utc> {
@@ -595,14 +596,19 @@ impl BillingEvents {
             credits.opens.as_ref(),
             PlanStatus::Active,
         )
-        .await
+        .await?;
+        if sub.is_some() {
+            // What tells a late duplicate from an invoice that stopped half way.
+            self.mark_applied(&invoice.id, workspace).await?;
+        }
+        Ok(())
     }
 
     /// A paid invoice billing only periods older than every one kept (a change of a period
     /// two renewals back: Stripe resent by hand, or a dead letter redriven a month on).
-    /// Waiting cannot bring its period back. Applied before (its lots or its change were
-    /// linked to this workspace): a duplicate, acknowledged. Never applied: a person
-    /// decides its credits, from the dead-letter queue.
+    /// Waiting cannot bring its period back. Applied before, every step of it: a duplicate,
+    /// acknowledged. Never applied, or stopped half way (its grants made, its take-back of
+    /// money credited back not): a person decides, from the dead-letter queue.
     async fn outdated_invoice(
         &self,
         invoice: &objects::Invoice,
@@ -615,14 +621,14 @@ impl BillingEvents {
             refunds::LINK_SK,
         )
         .await?
-        .is_some_and(|l| l.workspace.as_ref() == Some(workspace));
+        .is_some_and(|l| l.applied && l.workspace.as_ref() == Some(workspace));
         if applied {
             tracing::info!(invoice = %invoice.id, "an invoice applied before, delivered again after its period left the ones kept");
             return Ok(());
         }
         Err(poison(format!(
             "invoice {} bills only periods older than the ones kept for its subscription and was \
-             never applied ({why}); its credits are for a person to decide",
+             not applied in full ({why}); its credits are for a person to decide",
             invoice.id
         )))
     }

@@ -51,6 +51,10 @@ pub struct InvoiceLots {
     /// (grant key, lot sequence number, credits granted)
     pub lots: Vec<(String, u64, Credits)>,
     pub payment_intent: Option<PaymentIntentId>,
+    /// Every step of the paid subscription invoice done: its grants, the period or change
+    /// it records, and the take-back of money credited back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub applied: bool,
 }
 
 /// The credit notes of a paid invoice that gave money back without a refund (to the
@@ -274,6 +278,26 @@ impl BillingEvents {
         )
         .await?;
         self.follow_invoice(invoice).await
+    }
+
+    /// Records that every step of the paid subscription invoice `invoice` is done.
+    pub(super) async fn mark_applied(
+        &self,
+        invoice: &InvoiceId,
+        workspace: &WorkspaceId,
+    ) -> Result<(), ConsumeError> {
+        link(
+            self.docs.as_ref(),
+            &invoice_lots_pk(invoice),
+            |l: &mut InvoiceLots| {
+                !l.applied && {
+                    l.workspace.get_or_insert_with(|| workspace.clone());
+                    l.applied = true;
+                    true
+                }
+            },
+        )
+        .await
     }
 
     /// Follows the payment of `invoice`, if it is known yet.

@@ -62,8 +62,8 @@ pub struct StripePayments {
     client: Client,
 }
 
-/// How long one request to Stripe may take before it counts as failed: well inside the HTTP
-/// functions' 10 s. Every request carries an idempotency key, so one that timed out after
+/// How long one request to Stripe may take before it counts as failed: inside the HTTP
+/// functions' 10 s (purchases, which chains several, has 29 s). Every request carries an idempotency key, so one that timed out after
 /// Stripe acted is answered with the same result when it is sent again.
 pub const STRIPE_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7);
 

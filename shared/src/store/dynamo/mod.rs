@@ -914,8 +914,10 @@ impl LedgerStore for DynamoStore {
         workspace: &WorkspaceId,
         query: &GenerationQuery,
     ) -> Result<Vec<Generation>, StoreError> {
+        // `BETWEEN` includes its ends: start just below the (exclusive) bound, so a page
+        // after a cursor does not read the cursor's own generation again.
         let high = match query.upper() {
-            Some(b) => format!("GEN#{b}"),
+            Some(b) => format!("GEN#{}", b.just_below()),
             None => "GEN#~".into(),
         };
         let before = query.before;
