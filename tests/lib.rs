@@ -559,6 +559,22 @@ impl TestApp {
         assert!(again.status.is_success(), "{:#}", again.body);
     }
 
+    /// The first simulated event of `kind` whose object matches `wanted`.
+    pub fn sim_event(
+        &self,
+        kind: &str,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> tally_local::simulator::SimEvent {
+        self.local
+            .simulator
+            .as_ref()
+            .expect("the simulator")
+            .events()
+            .into_iter()
+            .find(|e| e.kind == kind && wanted(&e.payload["data"]["object"]))
+            .unwrap_or_else(|| panic!("no such {kind} event"))
+    }
+
     pub fn sim_events(&self, kind: &str) -> Vec<Value> {
         self.local
             .simulator

@@ -769,15 +769,7 @@ async fn a_change_that_credits_more_than_it_bills_takes_the_difference_back() {
     // The invoice's event again: nothing twice.
     let paid = app.sim_events("invoice.paid");
     let last = paid.last().unwrap()["id"].as_str().unwrap().to_owned();
-    let event = app
-        .local
-        .simulator
-        .as_ref()
-        .unwrap()
-        .events()
-        .into_iter()
-        .find(|e| e.kind == "invoice.paid" && e.payload["data"]["object"]["id"] == last.as_str())
-        .unwrap();
+    let event = app.sim_event("invoice.paid", |i| i["id"] == last.as_str());
     app.send(
         axum::http::Method::POST,
         &format!("/sim/events/{}/redeliver", event.id),
@@ -1146,18 +1138,9 @@ async fn a_change_invoice_sent_again_after_two_renewals_is_a_duplicate_or_goes_t
     app.settle_billing().await;
     app.renew(&sub).await;
     app.renew(&sub).await;
-    let change = app
-        .local
-        .simulator
-        .as_ref()
-        .unwrap()
-        .events()
-        .into_iter()
-        .find(|e| {
-            e.kind == "invoice.paid"
-                && e.payload["data"]["object"]["billing_reason"] == "subscription_update"
-        })
-        .expect("the change's paid invoice");
+    let change = app.sim_event("invoice.paid", |i| {
+        i["billing_reason"] == "subscription_update"
+    });
     let available = app.available("org_resent").await;
     let entries = app.entry_count("org_resent").await;
 
