@@ -1,8 +1,12 @@
 //! A seeded lifecycle simulation: random workspaces through months of plan changes, add-on
 //! changes, interval switches, cancels, resumes, pauses, renewals, declined cards, pack
 //! purchases, generations, refunds, disputes, staff credit notes and duplicated or
-//! reordered webhooks, with the invariants of "credits follow paid money" checked after
-//! every step:
+//! reordered webhooks (a step's events held back and delivered shuffled; a redelivery
+//! reaches the worker, as Stripe's resend past the queue's deduplication window does).
+//! Half the seeds start on an edge of the calendar (the first or last days of a month,
+//! February of a leap year, at midnight or a second before it), and the clock moves by
+//! hours, by minutes onto holds' deadlines, and exactly onto lots' expiries. The
+//! invariants of "credits follow paid money" are checked after every step:
 //!
 //! - subscription credits kept by now (granted, less taken back) never exceed what the
 //!   paid invoice lines allow by now: each line's credits
@@ -10,16 +14,20 @@
 //!   the share of the invoice's money given back (refunded, credited, lost in a dispute)
 //!   before it began (see `paid_lines_allow`);
 //! - every paid period's first month is granted exactly once, every allotment at most once;
+//! - pack credits are exactly what the paid pack checkouts sold: one lot per checkout;
+//! - the credit refresh never fails;
 //! - a canceled subscription is never charged again and never granted again, a paused one
 //!   is never charged for a renewal;
-//! - the balance is never negative, conservation holds, the journal rebuilds the state;
+//! - the balance is never negative, conservation holds, the journal rebuilds the state,
+//!   and every open hold in it has its item (its allocations within its lots);
 //! - credits taken back for refunds, credit notes and lost disputes never exceed what the
 //!   money given back bought (the lot's credits times the share of its payment given back);
 //! - every generation is charged once: a completed one exactly the cost asked (what the
 //!   balance could not pay recorded as its shortfall), a failed or expired one nothing,
 //!   and the generations' charges add up to the journal's credits spent. Some generations
 //!   are left running past their hold's deadline (the generation service down) and
-//!   completed or failed late, above or below their estimate.
+//!   completed or failed late, above or below their estimate. A shortfall is recorded
+//!   only when the charge left nothing available.
 //!
 //! Crashes between the Stripe call and the ledger write are changes made at Stripe with no
 //! grant of their own: their credits come from the paid invoice's event alone. They go to
@@ -81,10 +89,20 @@ enum Step {
     /// Staff credit a percentage of what is left of one of the paid invoices outside
     /// Stripe (a credit note made in the dashboard).
     CreditNote(usize, i64),
+    /// Moves the clock some minutes (onto a hold's deadline, an hour after it started).
+    AdvanceMinutes(i64),
+    /// Spends the balance down with the longest videos until one is refused, so that what
+    /// follows meets an empty balance (refusals, shortfalls).
+    Burn,
+    /// Moves the clock exactly onto one of the lots' expiry (or a second before or after).
+    ToExpiry(usize, i64),
+    /// A step whose Stripe events are delivered after it, in a shuffled order (of the
+    /// seed given): Stripe promises no order, and retries a failed delivery later.
+    Reordered(Box<Step>, u64),
 }
 
 fn random_step(rng: &mut fastrand::Rng) -> Step {
-    match rng.u32(0..100) {
+    match rng.u32(0..112) {
         0..=9 => Step::Subscribe(rng.usize(0..PLANS.len()), rng.bool()),
         10..=24 => Step::Change(rng.usize(0..PLANS.len()), rng.u32(0..4) == 0),
         25..=34 => Step::Units(rng.u32(0..12)),
@@ -106,7 +124,22 @@ fn random_step(rng: &mut fastrand::Rng) -> Step {
         94 => Step::Dispute(rng.usize(0..10_000)),
         95 => Step::CloseDispute(rng.usize(0..10_000), rng.bool()),
         96 => Step::CreditNote(rng.usize(0..10_000), [25, 50, 100][rng.usize(0..3)]),
-        _ => Step::Redeliver(rng.usize(0..10_000)),
+        97..=99 => Step::Redeliver(rng.usize(0..10_000)),
+        100..=103 => Step::AdvanceMinutes([1, 30, 59, 60, 61, 119, 120][rng.usize(0..7)]),
+        104..=105 => Step::ToExpiry(rng.usize(0..10_000), rng.i64(-1..=1)),
+        106 => Step::Burn,
+        _ => {
+            let inner = loop {
+                match random_step(rng) {
+                    Step::Advance(..)
+                    | Step::AdvanceMinutes(_)
+                    | Step::ToExpiry(..)
+                    | Step::Burn => {}
+                    inner => break inner,
+                }
+            };
+            Step::Reordered(Box::new(inner), rng.u64(..))
+        }
     }
 }
 
@@ -387,6 +420,67 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                 let _ = sim.close_dispute(&open[n % open.len()], *won).await;
             }
         }
+        Step::AdvanceMinutes(minutes) => {
+            let until = app.ledger.clock.now() + chrono::Duration::minutes(*minutes);
+            advance_until(app, until).await;
+        }
+        Step::ToExpiry(n, offset) => {
+            let now = app.ledger.clock.now();
+            let expiries: Vec<_> = app
+                .ledger
+                .store
+                .load(&workspace(&m.ws))
+                .await
+                .unwrap()
+                .map(|state| {
+                    state
+                        .lots
+                        .iter()
+                        .filter_map(|l| l.expires_at)
+                        .map(|at| at + chrono::Duration::seconds(*offset))
+                        .filter(|at| *at >= now && *at - now <= chrono::Duration::days(400))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !expiries.is_empty() {
+                advance_until(app, expiries[n % expiries.len()]).await;
+            }
+        }
+        Step::Burn => {
+            for _ in 0..500 {
+                let g = app
+                    .post(
+                        "/v1/generations",
+                        &o,
+                        json!({"workflow": "video", "model": "video-pro",
+                            "duration_s": 60, "resolution": "2k"}),
+                    )
+                    .await;
+                let (Some(id), Some(estimate)) = (
+                    g.body["id"].as_str(),
+                    g.body["estimate"]["credits"].as_u64(),
+                ) else {
+                    break;
+                };
+                let r = app
+                    .post(
+                        &format!("/v1/generations/{id}/complete"),
+                        &service(),
+                        json!({}),
+                    )
+                    .await;
+                if r.status.is_success() {
+                    m.asked.insert(id.to_owned(), estimate);
+                }
+            }
+        }
+        Step::Reordered(inner, seed) => {
+            let sim = app.local.simulator.as_ref().unwrap();
+            sim.hold_deliveries();
+            Box::pin(step(app, m, inner)).await;
+            let mut rng = fastrand::Rng::with_seed(*seed);
+            sim.release_deliveries(|events| rng.shuffle(events)).await;
+        }
         Step::Redeliver(n) => {
             let events = app.local.simulator.as_ref().unwrap().events();
             if !events.is_empty() {
@@ -413,7 +507,12 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
     if m.paused_since.as_ref().is_some_and(|(s, _)| *s != id) {
         m.paused_since = None;
     }
-    match s {
+    // A reordered step's pause or resume is seen once its events are delivered (here).
+    let done = match s {
+        Step::Reordered(inner, _) => inner.as_ref(),
+        s => s,
+    };
+    match done {
         Step::Pause if paused && m.paused_since.is_none() => {
             m.paused_since = Some((id, app.ledger.clock.now().timestamp()));
         }
@@ -429,6 +528,65 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
             m.ended.entry(id).or_insert(e.created);
         }
     }
+}
+
+/// Pack credits follow paid checkouts exactly: one lot per paid pack checkout, of the
+/// credits sold with it times the quantity paid for, and no other pack lot.
+fn check_packs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(), String> {
+    let mut paid: u128 = 0;
+    let mut sessions = 0usize;
+    for e in app.local.simulator.as_ref().unwrap().events() {
+        let session = &e.payload["data"]["object"];
+        if e.kind != "checkout.session.completed"
+            || session["mode"] != "payment"
+            || session["payment_status"] != "paid"
+            || session["amount_total"].as_i64().unwrap_or(0) <= 0
+        {
+            continue;
+        }
+        let meta = &session["metadata"];
+        let per_pack: u128 = meta["credits"]
+            .as_str()
+            .and_then(|c| c.parse().ok())
+            .ok_or("a pack checkout without its credits")?;
+        let quantity: u128 = meta["quantity"]
+            .as_str()
+            .and_then(|q| q.parse().ok())
+            .ok_or("a pack checkout without its quantity")?;
+        paid += per_pack * quantity;
+        sessions += 1;
+    }
+    let lots: Vec<u64> = journal
+        .iter()
+        .flat_map(|e| &e.lots)
+        .filter_map(|c| match c {
+            LotChange::Created { lot } if lot.source == LotSource::Pack => Some(lot.original.get()),
+            _ => None,
+        })
+        .collect();
+    let granted: u128 = lots.iter().map(|c| u128::from(*c)).sum();
+    if granted != paid || lots.len() != sessions {
+        return Err(format!(
+            "{} pack lots of {granted} credits where {sessions} paid checkouts bought {paid}",
+            lots.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Moves the clock to `until` through the simulator (which plays Stripe's schedule on the
+/// way), the credit refresh running or not as the last `Advance` left it.
+async fn advance_until(app: &TestApp, until: chrono::DateTime<chrono::Utc>) {
+    let r = app
+        .send(
+            Method::POST,
+            "/sim/clock/advance",
+            None,
+            Some(&json!({"until": until}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
 }
 
 /// Ids of every charge that succeeded so far, oldest first.
@@ -707,6 +865,26 @@ fn paid_lines_allow(
             }
         }
     }
+    // The invoices that paid for an item's time in a period, by (subscription, period end,
+    // product): the period's own, and changes' remaining-time lines.
+    let mut bought: BTreeMap<(String, i64, String), Vec<String>> = BTreeMap::new();
+    for (id, inv) in &paid {
+        for l in inv["lines"]["data"].as_array().into_iter().flatten() {
+            if l["amount"].as_i64().unwrap_or(0) > 0 {
+                bought
+                    .entry((
+                        l["subscription"].as_str().unwrap_or_default().to_owned(),
+                        l["period"]["end"].as_i64().unwrap_or(0),
+                        l["pricing"]["price_details"]["product"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ))
+                    .or_default()
+                    .push(id.clone());
+            }
+        }
+    }
     let (mut allowed, mut tolerance) = (0.0f64, 0.0f64);
     let mut first_month: BTreeMap<String, f64> = BTreeMap::new();
     for (id, inv) in &paid {
@@ -743,20 +921,45 @@ fn paid_lines_allow(
                 || at(end).checked_sub_months(Months::new(months)).unwrap(),
                 |(start, _)| at(*start),
             );
-            // A credit for unused time gives back money the period's own invoice paid: a
-            // refund of that invoice already gave it back (Stripe lets both happen; the
-            // credits cannot be taken twice). A refund of its own invoice undoes it.
-            let back = |when: DateTime<Utc>| match period {
-                Some((_, invoice)) if amount < 0 => {
-                    given_back(id, when).max(given_back(invoice, when))
+            // A credit for unused time gives back money the invoices that bought that time
+            // paid (the period's own, or a change's): a refund of one of them already gave
+            // it back (Stripe lets both happen; the credits cannot be taken twice). A refund
+            // of its own invoice undoes it.
+            let payers: Vec<&String> = bought
+                .get(&(
+                    l["subscription"].as_str().unwrap_or_default().to_owned(),
+                    end,
+                    l["pricing"]["price_details"]["product"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                ))
+                .into_iter()
+                .flatten()
+                .chain(period.map(|(_, invoice)| invoice))
+                .collect();
+            let back = |when: DateTime<Utc>| {
+                let own = given_back(id, when);
+                if amount < 0 {
+                    payers
+                        .iter()
+                        .map(|p| given_back(p, when))
+                        .fold(own, f64::max)
+                } else {
+                    own
                 }
-                _ => given_back(id, when),
             };
             // The billing months the line covers: (when it begins for the line, weight).
             let mut slices = Vec::new();
             for k in 0..months {
                 let from = anchor.checked_add_months(Months::new(k)).unwrap();
-                let to = anchor.checked_add_months(Months::new(k + 1)).unwrap();
+                // The last month ends with the period: a month from a period begun on the
+                // 30th of September ends on the 31st of October when the anchor is the 31st.
+                let to = if k + 1 == months {
+                    at(end).max(from)
+                } else {
+                    anchor.checked_add_months(Months::new(k + 1)).unwrap()
+                };
                 let (a, b) = (from.max(at(start)), to.min(at(end)));
                 if a < b {
                     let w = (b - a).num_seconds() as f64 / (to - from).num_seconds() as f64;
@@ -841,6 +1044,21 @@ async fn check_generations(
             }
             _ => {}
         }
+        // A shortfall only when the balance could pay no more: after the charge, nothing
+        // was left available (else a debit was lost).
+        if g.shortfall.get() > 0
+            && let Some(charge) = g
+                .entries
+                .iter()
+                .filter_map(|seq| journal.iter().find(|e| e.seq == *seq))
+                .find(|e| e.reason == tally::ledger::Reason::GenerationCharged)
+            && charge.balance_after.available.get() > 0
+        {
+            return Err(format!(
+                "{id} was recorded {} short with {} credits still available",
+                g.shortfall, charge.balance_after.available
+            ));
+        }
         let by_entries: u64 = g
             .entries
             .iter()
@@ -894,9 +1112,36 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     if rebuilt.as_stored_like(&state) != state {
         return Err("the journal does not rebuild the state".into());
     }
+    // With its holds in view (the stored state keeps them as items of their own): every
+    // open hold has its item and nothing else has one, and the invariants that hold
+    // allocations must meet.
+    let mut open: Vec<_> = rebuilt.known_holds().cloned().collect();
+    open.sort_by_key(|h| (h.deadline, h.generation));
+    let items = app
+        .ledger
+        .store
+        .open_holds(&ws, None, 100_000)
+        .await
+        .map_err(|e| e.to_string())?;
+    if items != open {
+        return Err(format!(
+            "{} hold items where the journal has {} open holds",
+            items.len(),
+            open.len()
+        ));
+    }
+    rebuilt.check_invariants()?;
 
+    let failures = app
+        .local
+        .refresh_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if failures > 0 {
+        return Err(format!("the credit refresh failed {failures} times"));
+    }
     check_take_backs(app, &journal)?;
     check_generations(app, m, &state, &journal).await?;
+    check_packs(app, &journal)?;
     // Subscription credits granted, per operation key.
     let mut granted: u128 = 0;
     let mut keys: BTreeMap<String, u32> = BTreeMap::new();
@@ -953,7 +1198,15 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
             .filter(|(lot, _)| subscription_lots.contains(lot))
             .map(|(_, c)| u128::from(c))
             .sum::<u128>();
-    let kept = granted.saturating_sub(taken_back);
+    // Credits pledged to a take-back while a running generation holds them (owed) are on
+    // their way out: taken as the hold is released, or spent by it.
+    let owed_now: u128 = state
+        .lots
+        .iter()
+        .filter(|l| subscription_lots.contains(&l.seq))
+        .map(|l| u128::from(l.owed.get()))
+        .sum();
+    let kept = granted.saturating_sub(taken_back + owed_now);
     let (mut allowed, tolerance, first_month) =
         paid_lines_allow(app, &catalog, app.ledger.clock.now());
     // A change credited back takes back only what is unspent of its month: what was spent
@@ -990,7 +1243,8 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     }
     if kept as f64 > allowed + tolerance {
         return Err(format!(
-            "kept {kept} subscription credits ({granted} granted, {taken_back} taken back) where \
+            "kept {kept} subscription credits ({granted} granted, {taken_back} taken back, \
+             {owed_now} owed) where \
              the paid invoice lines allow {allowed:.1} (tolerance {tolerance:.1}) by now"
         ));
     }
@@ -1070,9 +1324,38 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     Ok(())
 }
 
+/// Where a seed's clock starts: half the seeds at the suite's usual instant, the others on
+/// an edge of the calendar (the first or the last days of a month, February of a leap
+/// year included, at midnight, noon or a second before midnight).
+fn start_of(rng: &mut fastrand::Rng) -> Option<chrono::DateTime<chrono::Utc>> {
+    use chrono::{Datelike, TimeZone};
+    if rng.bool() {
+        return None;
+    }
+    let year = [2027, 2028][rng.usize(0..2)];
+    let month = rng.u32(1..=12);
+    let next = if month == 12 {
+        chrono::NaiveDate::from_ymd_opt(year + 1, 1, 1)
+    } else {
+        chrono::NaiveDate::from_ymd_opt(year, month + 1, 1)
+    }
+    .unwrap();
+    let last = next.pred_opt().unwrap().day();
+    let day = [1, 28, 29, 30, 31][rng.usize(0..5)].min(last);
+    let (h, mi, sec) = [(0, 0, 0), (12, 0, 0), (23, 59, 59)][rng.usize(0..3)];
+    Some(
+        chrono::Utc
+            .with_ymd_and_hms(year, month, day, h, mi, sec)
+            .unwrap(),
+    )
+}
+
 async fn run_seed(seed: u64, steps: u64) -> Result<(), String> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let app = TestApp::new();
+    if let Some(start) = start_of(&mut rng) {
+        app.clock.set(start);
+    }
     let mut m = Model {
         ws: format!("org_sim{seed}"),
         customer: None,

@@ -104,6 +104,9 @@ pub struct Local {
     /// What the support forwarder delivered (when no help desk URL is set).
     pub outbox: Arc<Outbox>,
     pub simulator: Option<Arc<Simulator>>,
+    /// Passes of the credit refresh that failed (logged, and tried again as the clock
+    /// moves, as the function's next run would).
+    pub refresh_failures: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Ends the local system: its queues stop taking messages and their delivery tasks end
@@ -347,12 +350,14 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
                 async move { axum::Json(shown.all()) }
             }),
         );
+    let refresh_failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if let Some(sim) = &simulator {
         // Tally's own schedule (yearly allotments, lapsed lots, overdue holds) runs as the
         // simulated clock moves, as the credit-refresh function runs every 15 minutes.
         sim.set_schedule(Arc::new(CreditRefresh {
             ledger: alerting.clone(),
             docs: cfg.docs.clone(),
+            failures: refresh_failures.clone(),
             tickets: sweeping,
         }));
         let log = notifications.clone();
@@ -374,6 +379,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         support_queue,
         outbox,
         simulator,
+        refresh_failures,
     })
 }
 
@@ -381,6 +387,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
 struct CreditRefresh {
     ledger: Ledger,
     docs: Arc<dyn DocStore>,
+    failures: Arc<std::sync::atomic::AtomicUsize>,
     /// The support forwarder's sweep runs on the same clock.
     tickets: tally::support::Tickets,
 }
@@ -394,7 +401,11 @@ impl simulator::ScheduleHook for CreditRefresh {
                     tracing::info!(at = %now, granted = report.granted(), "credit refresh ran");
                 }
             }
-            Err(e) => tracing::error!(error = %e, at = %now, "credit refresh failed"),
+            Err(e) => {
+                self.failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e, at = %now, "credit refresh failed");
+            }
         }
         if let Err(e) = self
             .tickets

@@ -142,6 +142,8 @@ pub struct Simulator {
     off_session: tokio::sync::Mutex<HashMap<String, Keyed<PaymentIntentId>>>,
     /// Answers still to be lost (see [`Simulator::lose_answers`]).
     lost_answers: std::sync::atomic::AtomicU32,
+    /// Events made while deliveries are held back (see [`Simulator::hold_deliveries`]).
+    held: Mutex<Option<Vec<Value>>>,
 }
 
 impl Simulator {
@@ -179,6 +181,7 @@ impl Simulator {
             reissues: tokio::sync::Mutex::new(HashMap::new()),
             off_session: tokio::sync::Mutex::new(HashMap::new()),
             lost_answers: std::sync::atomic::AtomicU32::new(0),
+            held: Mutex::new(None),
         })
     }
 
@@ -320,7 +323,14 @@ impl Simulator {
         e["created"] = json!(created);
         e["livemode"] = json!(false);
         e["data"] = json!({"object": object});
-        let status = self.post_signed(&e).await;
+        let held = match self.held.lock().expect("sim lock").as_mut() {
+            Some(held) => {
+                held.push(e.clone());
+                true
+            }
+            None => false,
+        };
+        let status = if held { 0 } else { self.post_signed(&e).await };
         let event = SimEvent {
             id: e["id"].as_str().unwrap_or_default().to_owned(),
             kind: kind.to_owned(),
@@ -330,6 +340,38 @@ impl Simulator {
         };
         self.events.lock().expect("sim lock").push(event.clone());
         event
+    }
+
+    /// Holds back every event made from now on, until [`Simulator::release_deliveries`]:
+    /// Stripe promises no order between events, and retries a failed delivery hours
+    /// later, after events made since.
+    pub fn hold_deliveries(&self) {
+        self.held
+            .lock()
+            .expect("sim lock")
+            .get_or_insert_with(Vec::new);
+    }
+
+    /// Delivers the events held back, in the order `order` leaves them in (signed now),
+    /// and stops holding back. Returns how many were delivered.
+    pub async fn release_deliveries(&self, order: impl FnOnce(&mut Vec<Value>)) -> usize {
+        let Some(mut held) = self.held.lock().expect("sim lock").take() else {
+            return 0;
+        };
+        order(&mut held);
+        for e in &held {
+            let status = self.post_signed(e).await;
+            if let Some(recorded) = self
+                .events
+                .lock()
+                .expect("sim lock")
+                .iter_mut()
+                .find(|r| r.payload["id"] == e["id"])
+            {
+                recorded.delivered_status = status;
+            }
+        }
+        held.len()
     }
 
     async fn deliver_all(&self, events: Events) {
