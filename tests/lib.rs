@@ -536,20 +536,10 @@ impl TestApp {
         .await
     }
 
-    /// Every event the simulator delivered of one type, oldest first.
     /// Has the simulator deliver its first event of `kind` again, as Stripe's dashboard
     /// resends an event, and lets billing catch up.
     pub async fn redeliver_first(&self, kind: &str) {
-        let id = self
-            .local
-            .simulator
-            .as_ref()
-            .expect("the simulator")
-            .events()
-            .into_iter()
-            .find(|e| e.kind == kind)
-            .unwrap_or_else(|| panic!("no {kind} event"))
-            .id;
+        let id = self.sim_event(kind, |_| true).id;
         let again = self
             .dashboard(
                 &format!("/sim/events/{id}/redeliver"),
@@ -565,26 +555,28 @@ impl TestApp {
         kind: &str,
         wanted: impl Fn(&Value) -> bool,
     ) -> tally_local::simulator::SimEvent {
-        self.local
-            .simulator
-            .as_ref()
-            .expect("the simulator")
-            .events()
+        self.sim_all()
             .into_iter()
             .find(|e| e.kind == kind && wanted(&e.payload["data"]["object"]))
             .unwrap_or_else(|| panic!("no such {kind} event"))
     }
 
+    /// The objects of every event the simulator delivered of one type, oldest first.
     pub fn sim_events(&self, kind: &str) -> Vec<Value> {
+        self.sim_all()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.payload["data"]["object"].clone())
+            .collect()
+    }
+
+    /// Every event the simulator delivered, oldest first.
+    fn sim_all(&self) -> Vec<tally_local::simulator::SimEvent> {
         self.local
             .simulator
             .as_ref()
             .expect("the simulator")
             .events()
-            .into_iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| e.payload["data"]["object"].clone())
-            .collect()
     }
 }
 
