@@ -1183,6 +1183,58 @@ async fn the_scheduler_finds_due_workspaces_across_shards_and_sends_them_in_batc
     }
 }
 
+/// `DueShards` lowered after documents were filed in a higher shard: the scheduler still
+/// finds them, and the worker files each one it runs under the new count.
+#[tokio::test]
+async fn lowering_the_shard_count_strands_no_document() {
+    let p = embedded();
+    let ws = (0..)
+        .map(|i| format!("wide{i}"))
+        .find(|w| shard_of(w, 64) >= 16)
+        .unwrap();
+    set_subscription(&p, &ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    refresh::record_paid_period(
+        p.docs.as_ref(),
+        &period(&ws, Interval::Yearly, "max", 0),
+        start(),
+    )
+    .await
+    .unwrap();
+    let mut wide = Refresher::new(p.ledger.clone(), p.docs.clone());
+    wide.settings.shards = 64;
+    p.clock.set(add_months(start(), 1));
+    wide.run(&job_for(&ws, p.clock.now())).await.unwrap();
+    let high = shard_of(&ws, 64);
+    let filed = p
+        .docs
+        .due_docs(high, DateTime::<Utc>::MAX_UTC, 10)
+        .await
+        .unwrap();
+    assert_eq!(filed.len(), 1, "filed under 64 shards");
+
+    // A new process with the default 16 shards.
+    let narrow = Refresher::new(p.ledger.clone(), p.docs.clone());
+    assert_eq!(narrow.shards_in_use().await.unwrap(), 64);
+    p.clock.set(add_months(start(), 2));
+    let jobs = narrow.due_jobs(p.clock.now()).await.unwrap();
+    assert_eq!(jobs.len(), 1, "the document in shard {high} is found");
+    narrow.run(&jobs[0]).await.unwrap();
+    assert_eq!(plan_grants(&p, &ws).await.len(), 2);
+    assert!(
+        p.docs
+            .due_docs(high, DateTime::<Utc>::MAX_UTC, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let low = p
+        .docs
+        .due_docs(shard_of(&ws, 16), DateTime::<Utc>::MAX_UTC, 10)
+        .await
+        .unwrap();
+    assert_eq!(low.len(), 1, "filed again under 16 shards");
+}
+
 /// A sink that keeps what it was sent.
 #[derive(Default)]
 struct Sent(std::sync::Mutex<Vec<Job>>);

@@ -14,8 +14,9 @@ use crate::store::StoreError;
 use crate::store::docs::{self, DocStore};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use thiserror::Error;
 
 /// Settle operations one job runs at most (each releases up to 25 overdue holds); what is
@@ -85,12 +86,25 @@ impl RunReport {
     }
 }
 
+/// Where the highest shard count the worker ever filed under is kept (see
+/// [`Refresher::shards_in_use`]).
+pub const SHARDS_PK: &str = "SCHEDULE";
+pub const SHARDS_SK: &str = "DUE_SHARDS";
+
+/// The highest shard count documents were ever filed under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ShardsFiled {
+    highest: u32,
+}
+
 /// The credit-refresh scheduler and worker.
 #[derive(Clone)]
 pub struct Refresher {
     pub ledger: Ledger,
     pub docs: Arc<dyn DocStore>,
     pub settings: Settings,
+    /// The highest shard count this process knows to be recorded (0: none yet).
+    recorded_shards: Arc<AtomicU32>,
 }
 
 impl Refresher {
@@ -99,14 +113,46 @@ impl Refresher {
             ledger,
             docs,
             settings: Settings::default(),
+            recorded_shards: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// The shards the scheduler has to read: the configured ones, the default ones (see
+    /// [`Settings::shards_to_read`]), and every shard count the worker ever filed documents
+    /// under. The highest is recorded (once per process, before the first filing or tick
+    /// under it), so lowering `DueShards` strands nothing filed in a higher shard: the
+    /// scheduler keeps reading those shards, and the worker files each document it runs
+    /// under the new count.
+    pub async fn shards_in_use(&self) -> Result<u32, RefreshError> {
+        let n = self.settings.shards;
+        let stored = docs::update(
+            self.docs.as_ref(),
+            SHARDS_PK,
+            SHARDS_SK,
+            |current: Option<ShardsFiled>| match current {
+                Some(c) if c.highest >= n => None,
+                _ => Some(ShardsFiled { highest: n }),
+            },
+        )
+        .await?;
+        let highest = stored.map_or(n, |s| s.highest);
+        self.recorded_shards.fetch_max(n, Ordering::Relaxed);
+        Ok(highest.max(self.settings.shards_to_read()))
+    }
+
+    /// Records the configured shard count before the worker first files under it.
+    async fn record_shards(&self) -> Result<(), RefreshError> {
+        if self.recorded_shards.load(Ordering::Relaxed) < self.settings.shards {
+            self.shards_in_use().await?;
+        }
+        Ok(())
     }
 
     /// The workspaces due at `now`, shard by shard (at most
     /// [`Settings::max_jobs_per_shard`] from each; the rest wait for the next tick).
     pub async fn due_jobs(&self, now: DateTime<Utc>) -> Result<Vec<Job>, RefreshError> {
         let mut jobs = Vec::new();
-        for shard in 0..self.settings.shards_to_read() {
+        for shard in 0..self.shards_in_use().await? {
             for d in self
                 .docs
                 .due_docs(shard, now, self.settings.max_jobs_per_shard)
@@ -135,7 +181,7 @@ impl Refresher {
     /// jump before the schedule has something to do.
     pub async fn earliest_due(&self) -> Result<Option<DateTime<Utc>>, RefreshError> {
         let mut earliest = None;
-        for shard in 0..self.settings.shards_to_read() {
+        for shard in 0..self.shards_in_use().await? {
             if let Some(d) = self
                 .docs
                 .due_docs(shard, DateTime::<Utc>::MAX_UTC, 1)
@@ -283,6 +329,7 @@ impl Refresher {
             state.next_settlement_after(settled_at)
         };
 
+        self.record_shards().await?;
         let (shards, grace) = (self.settings.shards, self.settings.grace);
         let stored = docs::update_due(
             self.docs.as_ref(),
