@@ -487,6 +487,33 @@ pub async fn documents_are_versioned_and_list_by_prefix_newest_first(store: Arc<
     );
 }
 
+/// A listing larger than one of DynamoDB's 1 MB query pages still answers `limit`
+/// documents, and the next page starts where it ended.
+pub async fn large_documents_list_in_full(store: Arc<dyn DocStore>) {
+    let pk = "WORKSPACE#org_large_docs";
+    let body = |i: usize| format!("{{\"n\":{i},\"text\":\"{}\"}}", "x".repeat(150_000));
+    for i in 0..12 {
+        assert!(
+            store
+                .put_doc(pk, &format!("MSG#{i:04}"), &body(i), 0)
+                .await
+                .unwrap()
+        );
+    }
+    let first = store.list_docs(pk, "MSG#", 9).await.unwrap();
+    let sks: Vec<&str> = first.iter().map(|d| d.sk.as_str()).collect();
+    assert_eq!(sks.len(), 9, "a listing over 1 MB is not cut short");
+    assert_eq!(sks.first(), Some(&"MSG#0011"));
+    assert_eq!(sks.last(), Some(&"MSG#0003"));
+    assert_eq!(first[0].body, body(11));
+    let rest = store
+        .list_docs_before(pk, "MSG#", Some("MSG#0003"), 100)
+        .await
+        .unwrap();
+    let sks: Vec<&str> = rest.iter().map(|d| d.sk.as_str()).collect();
+    assert_eq!(sks, ["MSG#0002", "MSG#0001", "MSG#0000"]);
+}
+
 pub async fn concurrent_document_updates_all_land(store: Arc<dyn DocStore>) {
     let tasks: Vec<_> = (0..16u64)
         .map(|i| {
@@ -600,6 +627,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn documents_are_versioned_and_list_by_prefix_newest_first() {
                 super::documents_are_versioned_and_list_by_prefix_newest_first($docs).await;
+            }
+            #[tokio::test]
+            async fn large_documents_list_in_full() {
+                super::large_documents_list_in_full($docs).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn concurrent_document_updates_all_land() {

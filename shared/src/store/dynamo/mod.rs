@@ -1122,29 +1122,30 @@ impl DocStore for DynamoStore {
         limit: usize,
     ) -> Result<Vec<Doc>, StoreError> {
         // The next page starts below `before`: DynamoDB's own pagination from that key.
-        let start = before.map(|b| {
-            std::collections::HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), s(b))])
-        });
-        let out = self
-            .client
-            .query()
-            .set_exclusive_start_key(start)
-            .table_name(&self.table)
-            .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
-            .expression_attribute_names("#pk", PK)
-            .expression_attribute_names("#sk", SK)
-            .expression_attribute_values(":pk", s(pk))
-            .expression_attribute_values(":prefix", s(prefix))
-            .scan_index_forward(false)
-            .consistent_read(true)
-            .limit(limit.clamp(1, 1000) as i32)
-            .send()
-            .await
-            .map_err(|e| classify("Query", e))?;
-        out.items()
-            .iter()
-            .map(|item| {
-                Ok(Doc {
+        // DynamoDB ends a page at 1 MB whatever the limit: pages are followed until
+        // `limit` documents are read or none are left, as the embedded store answers.
+        let mut start =
+            before.map(|b| HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), s(b))]));
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let page = self
+                .client
+                .query()
+                .set_exclusive_start_key(start.take())
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk AND begins_with(#sk, :prefix)")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_values(":pk", s(pk))
+                .expression_attribute_values(":prefix", s(prefix))
+                .scan_index_forward(false)
+                .consistent_read(true)
+                .limit(((limit - out.len()) as i32).clamp(1, 1000))
+                .send()
+                .await
+                .map_err(|e| classify("Query", e))?;
+            for item in page.items() {
+                out.push(Doc {
                     pk: pk.to_owned(),
                     sk: item
                         .get(SK)
@@ -1157,8 +1158,14 @@ impl DocStore for DynamoStore {
                         .and_then(|v| v.as_n().ok())
                         .and_then(|n| n.parse().ok())
                         .unwrap_or(0),
-                })
-            })
-            .collect()
+                });
+            }
+            match page.last_evaluated_key {
+                Some(k) if out.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
     }
 }
