@@ -78,7 +78,7 @@ impl Problem {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            "something went wrong on our side; nothing was changed",
+            "something went wrong on our side; retrying with the same Idempotency-Key is safe",
         )
     }
     pub fn with_facts(mut self, facts: serde_json::Value) -> Self {
@@ -161,6 +161,17 @@ impl From<ServiceError> for Problem {
                 "busy",
                 "the workspace is busy; retry with the same Idempotency-Key",
             ),
+            // Throttling or a timeout: a write may or may not have landed, and a retry
+            // finds out (the idempotency record answers it if it did).
+            ServiceError::Store(s @ crate::store::StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %s, "store unavailable");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "storage is briefly unavailable and whether a write took effect is not \
+                     known; retry with the same Idempotency-Key",
+                )
+            }
             ServiceError::Store(s) => {
                 tracing::error!(error = %s, "store failure");
                 Problem::internal()
@@ -422,5 +433,27 @@ where
             .await
             .map(|p| ApiPath(p.0))
             .map_err(|e| Problem::malformed(e.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_store_that_is_briefly_unavailable_is_a_503_and_a_broken_one_a_500() {
+        let p = Problem::from(StoreError::unavailable("throttled"));
+        assert_eq!(
+            (p.status, p.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+        let p = Problem::from(StoreError::backend("item too large"));
+        assert_eq!(
+            (p.status, p.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+        let p = Problem::from(StoreError::decode("bad json"));
+        assert_eq!(p.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }
