@@ -52,6 +52,52 @@ async fn start(app: &TestApp, tok: &str) -> String {
     g.body["id"].as_str().unwrap().to_owned()
 }
 
+/// A large team's spending summary lists its biggest spenders and counts the rest, so the
+/// ticket stays a small item.
+#[tokio::test]
+async fn a_large_teams_spending_summary_lists_the_biggest_spenders() {
+    use tally::support::enrich::MAX_MEMBERS_SHOWN;
+    let app = TestApp::new();
+    let ws = "org_s_team";
+    tally_tests::grant(&app.ledger, ws, 100_000).await;
+    let members = MAX_MEMBERS_SHOWN + 3;
+    for i in 0..members {
+        // Member m0 spends most, then m1, ...: one credit less each.
+        let id = start(&app, &member(ws, &format!("m{i}"))).await;
+        let c = app
+            .post(
+                &format!("/v1/generations/{id}/complete"),
+                &service(),
+                json!({"credits": 200 - i}),
+            )
+            .await;
+        assert_eq!(c.status.as_u16(), 200, "{:#}", c.body);
+    }
+    let a = app
+        .post(
+            "/v1/support/tickets",
+            &owner(ws),
+            json!({"category": "credits", "subject": "Who spent it all?", "message": "Please check."}),
+        )
+        .await;
+    assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
+    let e = &a.body["enrichment"];
+    let shown: Vec<&str> = e["spending_by_member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["key"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..MAX_MEMBERS_SHOWN).map(|i| format!("m{i}")).collect();
+    assert_eq!(shown, want);
+    let rest: u64 = (MAX_MEMBERS_SHOWN..members).map(|i| 200 - i as u64).sum();
+    let findings = e["findings"].to_string();
+    assert!(
+        findings.contains(&format!("3 more members spent {rest} credits")),
+        "{findings}"
+    );
+}
+
 #[tokio::test]
 async fn a_ticket_captures_who_where_and_when_and_what_the_records_say() {
     let app = TestApp::new();

@@ -42,6 +42,9 @@ pub const SPENDING_DAYS: i64 = 7;
 pub const RECENT_PAYMENTS: usize = 10;
 /// Most holds a ticket lists (it counts them all).
 pub const MAX_HOLDS_SHOWN: usize = 50;
+/// Most members the spending summary of a ticket lists (the biggest spenders; the rest
+/// are counted in a finding), so the ticket stays a small item however large the team.
+pub const MAX_MEMBERS_SHOWN: usize = 50;
 /// Most charges the spending summary of a ticket reads.
 pub const MAX_SPENDING_ENTRIES: usize = 2_000;
 /// How far back duplicate charges are looked for.
@@ -103,7 +106,8 @@ pub struct Enrichment {
     pub pending_hold_credits: Credits,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_payments: Vec<Movement>,
-    /// Credits spent by each member over the last seven days.
+    /// Credits spent by each member over the last seven days (the biggest
+    /// [`MAX_MEMBERS_SHOWN`] spenders).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spending_by_member: Vec<UsageGroup>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -234,7 +238,17 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
                         spending.spent.get()
                     ));
                 }
-                e.spending_by_member = spending.groups;
+                let mut groups = spending.groups;
+                if groups.len() > MAX_MEMBERS_SHOWN {
+                    groups.sort_by(|a, b| b.spent.cmp(&a.spent).then_with(|| a.key.cmp(&b.key)));
+                    let rest = groups.split_off(MAX_MEMBERS_SHOWN);
+                    let credits: u64 = rest.iter().map(|g| g.spent.get()).sum();
+                    e.findings.push(format!(
+                        "{} more members spent {credits} credits; see the usage report",
+                        rest.len()
+                    ));
+                }
+                e.spending_by_member = groups;
             }
             None => e.findings.push(format!(
                 "more than {MAX_SPENDING_ENTRIES} charges in the last {SPENDING_DAYS} days; see the usage report"
