@@ -1183,6 +1183,49 @@ async fn the_scheduler_finds_due_workspaces_across_shards_and_sends_them_in_batc
     }
 }
 
+/// A switch from monthly to yearly in the very second the monthly period began: two paid
+/// periods with the same start. The later invoice's year is the period in force, in
+/// whichever order the two invoices arrive, and its months are granted.
+#[tokio::test]
+async fn a_year_switched_to_in_the_second_its_month_began_is_granted_its_months() {
+    for yearly_first in [false, true] {
+        let p = embedded();
+        let ws = if yearly_first { "sw_rev" } else { "sw" };
+        set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+        let monthly = PaidPeriod {
+            invoice: InvoiceId::parse(&format!("in_{ws}_m")).unwrap(),
+            ..period(ws, Interval::Monthly, "plus", 0)
+        };
+        let yearly = PaidPeriod {
+            invoice: InvoiceId::parse(&format!("in_{ws}_y")).unwrap(),
+            ..period(ws, Interval::Yearly, "max", 0)
+        };
+        let ranked = [
+            (monthly, refresh::invoice_rank(Some("ABC-0001"))),
+            (yearly, refresh::invoice_rank(Some("ABC-0002"))),
+        ];
+        let order: Vec<_> = if yearly_first {
+            ranked.iter().rev().collect()
+        } else {
+            ranked.iter().collect()
+        };
+        for (period, rank) in order.iter().chain(order.iter()) {
+            refresh::record_ranked_period(p.docs.as_ref(), period, *rank, start())
+                .await
+                .unwrap();
+        }
+        let doc = doc_of(&p, ws).await;
+        assert_eq!(
+            (doc.interval, doc.plan.as_str(), doc.invoice.as_str()),
+            (Interval::Yearly, "max", format!("in_{ws}_y").as_str()),
+            "yearly first: {yearly_first}"
+        );
+        p.clock.set(add_months(start(), 2));
+        run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+        assert_eq!(plan_grants(&p, ws).await.len(), 2, "months 2 and 3");
+    }
+}
+
 /// `DueShards` lowered after documents were filed in a higher shard: the scheduler still
 /// finds them, and the worker files each one it runs under the new count.
 #[tokio::test]

@@ -15,8 +15,8 @@
 //!   before it began (see `paid_lines_allow`);
 //! - every paid period's first month is granted exactly once, every allotment at most once,
 //!   and every month of a paid year that has begun at least once (unless the subscription
-//!   ended or a later period replaced it first, the year's money all went back, or the
-//!   schedule was late when it began);
+//!   ended or a later period replaced it first, the year's money had all gone back, or
+//!   the month ended while the schedule was late);
 //! - pack credits are exactly what the paid pack checkouts sold: one lot per checkout;
 //! - the credit refresh never fails;
 //! - a canceled subscription is never charged again and never granted again, a paused one
@@ -766,7 +766,7 @@ fn paid_lines_allow(
     app: &TestApp,
     catalog: &Catalog,
     now: chrono::DateTime<chrono::Utc>,
-) -> (f64, f64, BTreeMap<String, f64>, BTreeSet<String>) {
+) -> (f64, f64, BTreeMap<String, f64>, BTreeMap<String, i64>) {
     use chrono::{DateTime, Months, Utc};
     let at = |s: i64| DateTime::<Utc>::from_timestamp(s, 0).unwrap();
     let events = app.local.simulator.as_ref().unwrap().events();
@@ -1007,11 +1007,22 @@ fn paid_lines_allow(
             tolerance += 1.0;
         }
     }
-    // Invoices whose money all went back: their later months grant nothing.
+    // Invoices whose money all went back, and from when: their later months grant nothing.
+    let mut times: Vec<i64> = back
+        .iter()
+        .chain(&lost)
+        .chain(&noted)
+        .map(|(_, t, _)| *t)
+        .collect();
+    times.sort_unstable();
     let all_back = paid
         .keys()
-        .filter(|i| given_back(i, now + chrono::Duration::seconds(1)) >= 0.999)
-        .cloned()
+        .filter_map(|i| {
+            times
+                .iter()
+                .find(|t| given_back(i, at(**t + 1)) >= 0.999)
+                .map(|t| (i.clone(), *t))
+        })
         .collect();
     (allowed, tolerance, first_month, all_back)
 }
@@ -1344,28 +1355,36 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
 /// Every month of a paid yearly period that has begun is granted, at least once (the
 /// checks above say at most once): a paid year's months are owed until the subscription
 /// ends or a later paid period replaces this one, whatever happens meanwhile (changes,
-/// pauses, refunds, which take their share back after the grant). Months that began while
-/// the schedule was late are left out: their credits may have lapsed before it came back.
+/// pauses, partial refunds, which take their share back after the grant), or all of the
+/// period's money has gone back. Months that ended while the schedule was late are left
+/// out: their credits may have lapsed before it came back. Of two periods that begin in
+/// the same second (an interval switch then), the later invoice's is in force.
 async fn check_allotments(
     app: &TestApp,
     m: &Model,
     catalog: &Catalog,
     paid: &BTreeMap<String, Value>,
-    all_back: &BTreeSet<String>,
+    all_back: &BTreeMap<String, i64>,
     journal: &[tally::ledger::Entry],
 ) -> Result<(), String> {
     use chrono::{DateTime, Months, Utc};
     let at = |t: i64| DateTime::<Utc>::from_timestamp(t, 0).unwrap();
     let now = app.ledger.clock.now();
-    // Each paid full period of a plan: (subscription, start, end).
-    let mut periods: Vec<(String, i64, i64)> = Vec::new();
-    // Periods whose invoice's money all went back: their later months grant nothing.
-    let mut refunded: BTreeSet<(String, i64, i64)> = BTreeSet::new();
+    // Each paid full period of a plan: (subscription, start, end, its invoice's number,
+    // when all its money had gone back).
+    let mut periods: Vec<(String, i64, i64, u64, Option<i64>)> = Vec::new();
     for inv in paid.values() {
-        let back = all_back.contains(inv["id"].as_str().unwrap_or_default());
         let sub = inv["parent"]["subscription_details"]["subscription"]
             .as_str()
             .unwrap_or_default();
+        let number = inv["number"]
+            .as_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or(0);
+        let back = all_back
+            .get(inv["id"].as_str().unwrap_or_default())
+            .copied();
         for l in inv["lines"]["data"].as_array().into_iter().flatten() {
             let plan = l["pricing"]["price_details"]["product"]
                 .as_str()
@@ -1376,10 +1395,7 @@ async fn check_allotments(
                     l["period"]["start"].as_i64().unwrap(),
                     l["period"]["end"].as_i64().unwrap(),
                 );
-                periods.push((sub.to_owned(), start, end));
-                if back {
-                    refunded.insert((sub.to_owned(), start, end));
-                }
+                periods.push((sub.to_owned(), start, end, number, back));
             }
         }
     }
@@ -1387,42 +1403,52 @@ async fn check_allotments(
         .iter()
         .map(|e| e.id.rsplit_once('/').map_or(e.id.as_str(), |(k, _)| k))
         .collect();
-    for (sub, start, end) in &periods {
-        // A period switched to in the very second another began (possible here, where the
-        // clock stands still between steps) is not told apart from that one by the credit
-        // refresh, which knows a period by its start: a known limit.
-        let same_second = periods
-            .iter()
-            .any(|(s, b, e)| s == sub && b == start && e != end);
-        if end - start < 40 * 86_400
-            || same_second
-            || refunded.contains(&(sub.clone(), *start, *end))
-        {
+    for (sub, start, end, number, back) in &periods {
+        if end - start < 40 * 86_400 {
             continue;
         }
-        // A later paid period of the subscription (a renewal, or an interval switch).
+        // A later paid period of the subscription: a renewal, or an interval switch (one
+        // made in the very second this one began, by a later invoice, ends it at once).
         let replaced = periods
             .iter()
-            .filter(|(s, b, _)| s == sub && b > start)
-            .map(|(_, b, _)| *b)
+            .filter(|(s, b, e, n, _)| {
+                s == sub && (b > start || (b == start && e != end && n > number))
+            })
+            .map(|(_, b, ..)| *b)
             .min();
         for k in 1..12u32 {
             let month = at(*start).checked_add_months(Months::new(k)).unwrap();
             let t = month.timestamp();
-            let late = m
+            // Credits of a month that ended while the schedule was late may have lapsed
+            // before it came back (a plan's last longer); a month still running when it
+            // came back is granted.
+            let month_end = at(*start)
+                .checked_add_months(Months::new(k + 1))
+                .unwrap()
+                .timestamp()
+                .min(*end);
+            let late = m.late.iter().any(|(from, until)| {
+                *from <= month_end && until.is_none_or(|u| t <= u && month_end <= u)
+            });
+            // When the schedule came to the month: at its start, or when it came back.
+            let came = m
                 .late
                 .iter()
-                .any(|(from, until)| *from <= t && until.is_none_or(|u| t <= u));
+                .find(|(from, until)| *from <= t && until.is_none_or(|u| t <= u))
+                .map_or(t, |(_, until)| until.unwrap_or(i64::MAX));
             if month > now
                 || t >= *end
                 || late
+                || back.is_some_and(|b| b <= came)
                 || replaced.is_some_and(|r| r <= t)
                 || m.ended.get(sub).is_some_and(|e| *e <= t)
             {
                 continue;
             }
-            let key = format!("refresh:{sub}:{start}:{k}:plan");
-            if !keys.contains(key.as_str()) {
+            // Its plan credits, or only its add-on's (money given back for a raise of the
+            // add-on units comes out of the plan's credits first).
+            let prefix = format!("refresh:{sub}:{start}:{k}:");
+            if !keys.iter().any(|key| key.starts_with(&prefix)) {
                 let granted: Vec<&&str> = keys
                     .iter()
                     .filter(|k| k.starts_with(&format!("refresh:{sub}:")))

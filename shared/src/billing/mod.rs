@@ -479,9 +479,10 @@ impl BillingEvents {
                     .and_then(|d| d.waiting_at(start))
                     // As the kept period: a month dated at the switch itself is not owed.
                     .filter(|m| *m < start);
-                crate::refresh::record_paid_period(
+                crate::refresh::record_ranked_period(
                     self.docs.as_ref(),
                     &paid_period(workspace, sub, &invoice.id, level, Some(addon_credits)),
+                    crate::refresh::invoice_rank(invoice.number.as_deref()),
                     self.ledger.clock.now(),
                 )
                 .await?;
@@ -698,11 +699,7 @@ impl BillingEvents {
 /// plan credits then add-ons) counts as later, and any numbered invoice after it.
 pub(crate) fn change_rank(number: Option<&str>, level: u64) -> u64 {
     const NUMBERED: u64 = 1 << 62;
-    number
-        .and_then(|n| n.rsplit_once('-'))
-        .and_then(|(_, seq)| seq.parse::<u64>().ok())
-        .filter(|seq| *seq < NUMBERED)
-        .map_or(level.min(NUMBERED - 1), |seq| NUMBERED | seq)
+    crate::refresh::invoice_rank(number).unwrap_or(level.min(NUMBERED - 1))
 }
 
 #[cfg(test)]

@@ -158,6 +158,24 @@ pub struct RefreshDoc {
     /// holds a previous period of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<RefreshDoc>>,
+    /// The place of the period's own invoice among the customer's invoices (Stripe's
+    /// number; see [`invoice_rank`]), once known: of two periods of a subscription that
+    /// begin in the same second (an interval switch in a period's first second), the
+    /// later invoice's is the period in force, whatever order their events arrive in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_rank: Option<u64>,
+}
+
+/// An invoice's place among the customer's invoices, from the number Stripe gives it as it
+/// finalizes it (`PREFIX-0001`); the same scale as a numbered change's rank
+/// (`billing::change_rank`). `None` for an invoice without a number.
+pub fn invoice_rank(number: Option<&str>) -> Option<u64> {
+    const NUMBERED: u64 = 1 << 62;
+    number
+        .and_then(|n| n.rsplit_once('-'))
+        .and_then(|(_, seq)| seq.parse::<u64>().ok())
+        .filter(|seq| *seq < NUMBERED)
+        .map(|seq| NUMBERED | seq)
 }
 
 /// The paid change that opened a refresh document (see [`RefreshDoc::opened_by`]).
@@ -250,6 +268,7 @@ impl RefreshDoc {
             changes: Vec::new(),
             opened_by: None,
             previous: None,
+            period_rank: None,
         }
     }
 
@@ -406,8 +425,26 @@ impl RefreshDoc {
         }
     }
 
-    fn same_period(&self, subscription: &SubscriptionId, start: DateTime<Utc>) -> bool {
-        &self.subscription == subscription && self.period_start == start
+    /// Whether the period of `subscription` from `start` to `end` is this document's. Two
+    /// periods that begin in the same second are told apart by their end once the
+    /// document knows its invoice's place (`period_rank`); a document from before that
+    /// knows its period by its start alone.
+    pub fn same_period(
+        &self,
+        subscription: &SubscriptionId,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> bool {
+        &self.subscription == subscription
+            && self.period_start == start
+            && (self.period_end == end || self.period_rank.is_none())
+    }
+
+    /// Whether a period from `start`, of an invoice ranked `rank`, comes after this
+    /// document's (which it is not): it begins later, or in the same second with a later
+    /// invoice.
+    fn followed_by(&self, start: DateTime<Utc>, rank: Option<u64>) -> bool {
+        self.period_start < start || (self.period_start == start && rank > self.period_rank)
     }
 
     /// Where the document is filed in the due index, if anything is due.
@@ -488,6 +525,18 @@ pub async fn record_paid_period(
     p: &PaidPeriod,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    record_ranked_period(docs, p, None, now).await
+}
+
+/// [`record_paid_period`] for a period whose invoice's place among the customer's invoices
+/// is known ([`invoice_rank`]): a period beginning in the same second as the recorded one
+/// replaces it when its invoice came later.
+pub async fn record_ranked_period(
+    docs: &dyn DocStore,
+    p: &PaidPeriod,
+    rank: Option<u64>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
     let settings = Settings::default();
     docs::update_due(
         docs,
@@ -498,16 +547,22 @@ pub async fn record_paid_period(
                 // A change applied before the period's own invoice opened the document:
                 // the period's invoice takes its place, the change becomes one of its.
                 Some(c)
-                    if c.same_period(&p.subscription, p.period_start) && c.opened_by.is_some() =>
+                    if c.same_period(&p.subscription, p.period_start, p.period_end)
+                        && c.opened_by.is_some() =>
                 {
-                    c.reopened_by_own_invoice(p)?
+                    let mut doc = c.reopened_by_own_invoice(p)?;
+                    doc.period_rank = doc.period_rank.or(rank);
+                    doc
                 }
                 // The period's own invoice again: its level is the one it opened with, or a
                 // paid change's since.
-                Some(c) if c.same_period(&p.subscription, p.period_start) => return None,
-                Some(c) if c.period_start >= p.period_start => return None,
+                Some(c) if c.same_period(&p.subscription, p.period_start, p.period_end) => {
+                    return None;
+                }
+                Some(c) if !c.followed_by(p.period_start, rank) => return None,
                 current => {
                     let mut fresh = RefreshDoc::from_period(p);
+                    fresh.period_rank = rank;
                     // The ledger's next settlement does not depend on the period.
                     fresh.settle_at = current.as_ref().and_then(|c| c.settle_at);
                     // Months of the replaced period already due are still owed.
@@ -581,13 +636,15 @@ pub async fn set_level(
         REFRESH_SK,
         |current: Option<RefreshDoc>| {
             let doc = match current {
-                Some(mut c) if c.same_period(&p.subscription, p.period_start) => {
+                Some(mut c) if c.same_period(&p.subscription, p.period_start, p.period_end) => {
                     if !c.set_level(p, at, rank) {
                         return None;
                     }
                     c
                 }
-                Some(c) if c.period_start > p.period_start => return None,
+                // A change of a period the document's replaced (in the same second, by a
+                // later invoice), or of an older one.
+                Some(c) if !c.followed_by(p.period_start, Some(rank)) => return None,
                 current => {
                     let mut fresh = RefreshDoc::from_period(p);
                     fresh.level_as_of = Some(at);

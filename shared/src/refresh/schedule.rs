@@ -269,6 +269,7 @@ mod tests {
             changes: Vec::new(),
             opened_by: None,
             previous: None,
+            period_rank: None,
         }
     }
 

@@ -90,6 +90,8 @@ impl RunReport {
 /// [`Refresher::shards_in_use`]).
 pub const SHARDS_PK: &str = "SCHEDULE";
 pub const SHARDS_SK: &str = "DUE_SHARDS";
+/// Most shards of the due index (the template's `DueShards` maximum).
+pub const MAX_DUE_SHARDS: u32 = 1000;
 
 /// The highest shard count documents were ever filed under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,7 +137,16 @@ impl Refresher {
             },
         )
         .await?;
+        // No more than the deployment allows (the template's `DueShards` maximum): a
+        // mistyped record must not make every tick read thousands of shards.
         let highest = stored.map_or(n, |s| s.highest);
+        if highest > MAX_DUE_SHARDS {
+            tracing::warn!(
+                highest,
+                "recorded due shard count above the maximum; reading {MAX_DUE_SHARDS}"
+            );
+        }
+        let highest = highest.min(MAX_DUE_SHARDS);
         self.recorded_shards.fetch_max(n, Ordering::Relaxed);
         Ok(highest.max(self.settings.shards_to_read()))
     }
@@ -338,7 +349,7 @@ impl Refresher {
             |current: Option<RefreshDoc>| {
                 let current = current?;
                 let mut next = current.clone();
-                if next.same_period(&doc.subscription, doc.period_start) {
+                if next.same_period(&doc.subscription, doc.period_start, doc.period_end) {
                     next.advance(next_allotment);
                     next.renewal_checked |= renewal_checked;
                     if !next.renewal_checked && renewal_retry_at.is_some() {
