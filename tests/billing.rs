@@ -806,6 +806,54 @@ async fn a_cancelled_subscription_leaves_the_plan_cancelled() {
     assert_eq!(o.available, 1520);
 }
 
+/// An event from Stripe's other mode (a test endpoint's signing secret configured beside
+/// the live one) is never applied: it goes to a person, and nothing is granted.
+#[tokio::test]
+async fn an_event_from_the_other_stripe_mode_is_never_applied() {
+    assert_eq!(
+        tally::payments::stripe_api::key_livemode("sk_live_abc"),
+        Some(true)
+    );
+    assert_eq!(
+        tally::payments::stripe_api::key_livemode("rk_test_abc"),
+        Some(false)
+    );
+    assert_eq!(tally::payments::stripe_api::key_livemode("sk_local"), None);
+    let deliver = |body: String| Delivery {
+        message_id: "m".into(),
+        body,
+        group_id: None,
+        receive_count: 1,
+    };
+    let mut test_mode = pack_checkout();
+    test_mode["livemode"] = json!(false);
+    for (ours, applied) in [(Some(true), false), (Some(false), true), (None, true)] {
+        let store = Arc::new(EmbeddedStore::in_memory());
+        let (ledger, _) = ledger_over(store.clone());
+        let mut worker = BillingEvents::new(ledger.clone(), store, None);
+        worker.livemode = ours;
+        let answer = worker.consume(&deliver(test_mode.to_string())).await;
+        let balance = ledger
+            .store
+            .load(&workspace(WS))
+            .await
+            .unwrap()
+            .map_or(0, |s| s.balance().available.get());
+        if applied {
+            assert!(answer.is_ok(), "{ours:?}: {answer:?}");
+            assert!(balance > 0);
+        } else {
+            match answer {
+                Err(ConsumeError::Poison(p)) => {
+                    assert!(p.to_string().contains("test mode"), "{p}")
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(balance, 0);
+        }
+    }
+}
+
 #[tokio::test]
 async fn events_that_name_no_known_workspace_or_unknown_things_are_refused_loudly() {
     let store = Arc::new(EmbeddedStore::in_memory());

@@ -43,11 +43,13 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
     assert_eq!(app.available("org_p").await, 1000);
     let sim = app.local.simulator.as_ref().unwrap();
     let kinds: Vec<String> = sim.events().iter().map(|e| e.kind.clone()).collect();
-    // Checkout's post-payment invoice documents the purchase; it grants nothing itself.
+    // Checkout's post-payment invoice documents the purchase; it grants nothing itself, nor
+    // does the payment intent (only a top-up's grants).
     assert_eq!(
         kinds,
         vec![
             "charge.succeeded",
+            "payment_intent.succeeded",
             "invoice.finalized",
             "invoice.paid",
             "invoice_payment.paid",
@@ -72,9 +74,9 @@ async fn buying_packs_credits_them_at_once_and_only_once() {
     app.settle_billing().await;
     assert_eq!(app.available("org_p").await, 1000);
     let listed = app.send(Method::GET, "/sim/events", None, None, &[]).await;
-    assert_eq!(listed.body.as_array().unwrap().len(), 5);
+    assert_eq!(listed.body.as_array().unwrap().len(), 6);
     assert_eq!(
-        listed.body[4]["payload"]["data"]["object"]["metadata"]["pack"],
+        listed.body[5]["payload"]["data"]["object"]["metadata"]["pack"],
         "pack_500"
     );
     // The purchase has a paid invoice with a PDF that resolves locally.
@@ -999,6 +1001,8 @@ mod alerts {
             sim.events()
                 .iter()
                 .filter(|e| e.kind == "payment_intent.succeeded")
+                // Top-ups' (a pack checkout's payment intent succeeds too).
+                .filter(|e| e.payload["data"]["object"]["metadata"]["topup"] == "true")
                 .count(),
             1
         );
@@ -1077,6 +1081,8 @@ mod alerts {
             sim.events()
                 .iter()
                 .filter(|e| e.kind == "payment_intent.succeeded")
+                // Top-ups' (a pack checkout's payment intent succeeds too).
+                .filter(|e| e.payload["data"]["object"]["metadata"]["topup"] == "true")
                 .count(),
             1
         );
@@ -1121,6 +1127,8 @@ mod alerts {
                 sim.events()
                     .iter()
                     .filter(|e| e.kind == "payment_intent.succeeded")
+                    // Top-ups' (a pack checkout's payment intent succeeds too).
+                    .filter(|e| e.payload["data"]["object"]["metadata"]["topup"] == "true")
                     .count()
             };
             let paid_before = paid(&sim);
@@ -1530,6 +1538,8 @@ mod alerts {
         sim.events()
             .iter()
             .filter(|e| e.kind == "payment_intent.succeeded")
+            // Top-ups' (a pack checkout's payment intent succeeds too).
+            .filter(|e| e.payload["data"]["object"]["metadata"]["topup"] == "true")
             .count()
     }
 

@@ -38,8 +38,13 @@ async fn main() -> Result<(), Error> {
         SqsQueue::client(cfg.alerts.sqs_endpoint.as_ref()).await,
         cfg.alerts.notifications_queue_url.as_str(),
     );
+    let mut events = BillingEvents::new(ledger, store.clone(), Some(money_back));
+    events.livemode = cfg
+        .stripe_secret_key
+        .as_ref()
+        .and_then(|k| tally::payments::stripe_api::key_livemode(k.expose()));
     let consumer = BillingWork {
-        events: BillingEvents::new(ledger, store.clone(), Some(money_back)),
+        events,
         topups: TopUps {
             states: store.clone(),
             docs: store,

@@ -55,6 +55,11 @@ pub struct BillingEvents {
     /// [`new`](Self::new), one that only alerts. A crossing there must not charge the card
     /// the money went back to, least of all one in a dispute.
     money_back: Ledger,
+    /// The Stripe mode this deployment is in (`Some(true)`: live), from its secret key
+    /// ([`key_livemode`](crate::payments::stripe_api::key_livemode)): an event from the
+    /// other mode (a test endpoint's signing secret among the live ones) is never applied.
+    /// `None` checks nothing.
+    pub livemode: Option<bool>,
 }
 
 impl From<StoreError> for ConsumeError {
@@ -181,6 +186,7 @@ impl BillingEvents {
             money_back: back,
             ledger,
             docs,
+            livemode: None,
         }
     }
 
@@ -190,6 +196,18 @@ impl BillingEvents {
 
     /// Applies one event. Unknown event types are acknowledged and ignored.
     pub async fn apply(&self, event: &objects::Event) -> Result<(), ConsumeError> {
+        if let (Some(ours), Some(theirs)) = (self.livemode, event.livemode)
+            && ours != theirs
+        {
+            let mode = |live: bool| if live { "live" } else { "test" };
+            return Err(ConsumeError::poison(format!(
+                "event {} comes from Stripe's {} mode and this deployment is in {} mode; \
+                 not applied (is a signing secret of the other mode configured?)",
+                event.id,
+                mode(theirs),
+                mode(ours)
+            )));
+        }
         match event.kind.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
                 self.checkout(event, parse(event)?).await

@@ -52,6 +52,9 @@ pub struct Event {
     #[serde(rename = "type")]
     pub kind: String,
     pub created: i64,
+    /// Whether the event comes from Stripe's live mode (`false`: test mode).
+    #[serde(default)]
+    pub livemode: Option<bool>,
     pub data: EventData,
 }
 

@@ -244,6 +244,17 @@ struct InvoiceData<'a> {
     metadata: BTreeMap<&'a str, String>,
 }
 
+/// The Stripe mode a secret or restricted key belongs to: `Some(true)` for live
+/// (`sk_live_`, `rk_live_`), `Some(false)` for test (`sk_test_`, `rk_test_`), `None` for
+/// anything else (a local stand-in).
+pub fn key_livemode(key: &str) -> Option<bool> {
+    match key.get(..8) {
+        Some("sk_live_" | "rk_live_") => Some(true),
+        Some("sk_test_" | "rk_test_") => Some(false),
+        _ => None,
+    }
+}
+
 /// The metadata every checkout carries so Stripe's events name the workspace and the
 /// purchase without any lookup.
 pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String> {

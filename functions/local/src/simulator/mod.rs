@@ -534,10 +534,20 @@ impl Simulator {
                 session["amount_total"] = json!(amount);
                 session["amount_subtotal"] = json!(amount);
                 session["subscription"] = Value::Null;
-                let charge =
-                    charge_object(&customer, amount, now, json!({"org_id": ws}), &card, false);
+                // The payment intent carries `payment_intent_data.metadata` (the session's),
+                // and its charge a copy of it, as Stripe makes them.
+                let charge = charge_object(&customer, amount, now, json!(meta), &card, false);
                 // The session's payment intent is the one its charge paid.
                 session["payment_intent"] = charge["payment_intent"].clone();
+                let mut intent = fixture("payment_intent");
+                intent["id"] = charge["payment_intent"].clone();
+                intent["created"] = json!(now);
+                intent["amount"] = json!(amount);
+                intent["amount_received"] = json!(amount);
+                intent["customer"] = json!(customer);
+                intent["payment_method"] = json!(card);
+                intent["status"] = json!("succeeded");
+                intent["metadata"] = json!(meta);
                 // Checkout's post-payment invoice (`invoice_creation`), paid by the charge.
                 let item = SimItem {
                     id: new_id("ii"),
@@ -569,6 +579,7 @@ impl Simulator {
                 self.store_invoice(&inv, None);
                 session["invoice"] = json!(id);
                 self.deliver("charge.succeeded", charge).await;
+                self.deliver("payment_intent.succeeded", intent).await;
                 self.deliver("invoice.finalized", finalized).await;
                 self.deliver("invoice.paid", inv).await;
                 self.deliver("invoice_payment.paid", paid_by).await;
