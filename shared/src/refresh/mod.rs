@@ -188,8 +188,22 @@ pub struct OpeningChange {
 }
 
 /// Paid changes of one period the document remembers (a busier period forgets its oldest:
-/// a refund of one of those no longer lowers the allotments).
-pub const MAX_CHANGES: usize = 24;
+/// a refund of one of those no longer lowers the allotments, and a warning says which).
+/// A change is about 250 bytes: the document stays far below DynamoDB's item limit with
+/// its previous period's changes too.
+pub const MAX_CHANGES: usize = 100;
+
+/// Keeps at most [`MAX_CHANGES`] changes, forgetting the oldest.
+fn forget_oldest(changes: &mut Vec<PaidChange>) {
+    while changes.len() > MAX_CHANGES {
+        let gone = changes.remove(0);
+        tracing::warn!(
+            invoice = %gone.invoice,
+            at = %gone.at,
+            "the period's oldest paid change is forgotten: a refund of its invoice will not lower the later months"
+        );
+    }
+}
 
 /// A level: plan, add-on units, and what the units are worth as billed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,9 +351,7 @@ impl RefreshDoc {
                 given_back: self.given_back,
             },
         );
-        if doc.changes.len() > MAX_CHANGES {
-            doc.changes.remove(0);
-        }
+        forget_oldest(&mut doc.changes);
         Some(doc)
     }
 
@@ -364,9 +376,7 @@ impl RefreshDoc {
                 given_back: None,
             },
         );
-        if self.changes.len() > MAX_CHANGES {
-            self.changes.remove(0);
-        }
+        forget_oldest(&mut self.changes);
     }
 
     /// The level now, as parts.
@@ -509,9 +519,7 @@ impl RefreshDoc {
                 after: after.clone(),
                 given_back: None,
             });
-            if self.changes.len() > MAX_CHANGES {
-                self.changes.remove(0);
-            }
+            forget_oldest(&mut self.changes);
         }
         (before, was_as_of) != (after, self.level_as_of)
     }

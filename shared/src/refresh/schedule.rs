@@ -302,6 +302,36 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_period_remembers_its_last_hundred_changes() {
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        let n = crate::refresh::MAX_CHANGES + 5;
+        for i in 0..n {
+            let units = u32::try_from(i % 2).unwrap() + 1;
+            let change = crate::refresh::PaidPeriod {
+                workspace: d.workspace.clone(),
+                subscription: d.subscription.clone(),
+                invoice: InvoiceId::parse(&format!("in_c{i}")).unwrap(),
+                interval: Interval::Yearly,
+                plan: d.plan.clone(),
+                addon_units: units,
+                addon_credits: None,
+                period_start: d.period_start,
+                period_end: d.period_end,
+            };
+            let at = d.period_start + Duration::hours(i64::try_from(i).unwrap() + 1);
+            assert!(d.set_level(&change, at, 1), "change {i}");
+        }
+        assert_eq!(d.changes.len(), crate::refresh::MAX_CHANGES);
+        assert_eq!(d.changes[0].invoice.as_str(), "in_c5");
+        // A refund of a change still remembered lowers the months after it; one of a
+        // forgotten change is not known.
+        let last = format!("in_c{}", n - 1);
+        assert!(d.give_back(&InvoiceId::parse(&last).unwrap(), 100, 100));
+        assert!(!d.give_back(&InvoiceId::parse("in_c0").unwrap(), 100, 100));
+        assert!(serde_json::to_string(&d).unwrap().len() < 60_000);
+    }
+
+    #[test]
     fn an_allotment_due_before_a_change_the_worker_has_not_seen_keeps_its_dates_level() {
         let catalog = Catalog::builtin();
         let mut d = doc(t(2027, 1, 15), Interval::Yearly);
