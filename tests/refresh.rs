@@ -1183,46 +1183,88 @@ async fn the_scheduler_finds_due_workspaces_across_shards_and_sends_them_in_batc
     }
 }
 
-/// A switch from monthly to yearly in the very second the monthly period began: two paid
-/// periods with the same start. The later invoice's year is the period in force, in
-/// whichever order the two invoices arrive, and its months are granted.
+/// An interval switch in the very second a period began: two paid periods with the same
+/// start. The switch's period is in force, in whichever order the two invoices arrive, and
+/// whatever their numbers say (Stripe numbers a renewal's invoice as it finalizes it, up to
+/// an hour after a switch made in its second was numbered): a year switched to is granted
+/// its months, a year switched away from is not.
 #[tokio::test]
-async fn a_year_switched_to_in_the_second_its_month_began_is_granted_its_months() {
-    for yearly_first in [false, true] {
-        let p = embedded();
-        let ws = if yearly_first { "sw_rev" } else { "sw" };
-        set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
-        let monthly = PaidPeriod {
-            invoice: InvoiceId::parse(&format!("in_{ws}_m")).unwrap(),
-            ..period(ws, Interval::Monthly, "plus", 0)
-        };
-        let yearly = PaidPeriod {
-            invoice: InvoiceId::parse(&format!("in_{ws}_y")).unwrap(),
-            ..period(ws, Interval::Yearly, "max", 0)
-        };
-        let ranked = [
-            (monthly, refresh::invoice_rank(Some("ABC-0001"))),
-            (yearly, refresh::invoice_rank(Some("ABC-0002"))),
-        ];
-        let order: Vec<_> = if yearly_first {
-            ranked.iter().rev().collect()
-        } else {
-            ranked.iter().collect()
-        };
-        for (period, rank) in order.iter().chain(order.iter()) {
-            refresh::record_ranked_period(p.docs.as_ref(), period, *rank, start())
-                .await
-                .unwrap();
+async fn a_switch_in_the_second_a_period_began_is_the_period_in_force() {
+    // (name, the period's own invoice: reason and number, the switch's number, the
+    // switch goes to a year)
+    let cases = [
+        (
+            "signup",
+            "subscription_create",
+            "ABC-0001",
+            "ABC-0002",
+            true,
+        ),
+        (
+            "renewal",
+            "subscription_cycle",
+            "ABC-0003",
+            "ABC-0002",
+            true,
+        ),
+        (
+            "to_monthly",
+            "subscription_cycle",
+            "ABC-0003",
+            "ABC-0002",
+            false,
+        ),
+    ];
+    for (name, reason, number, switch_number, to_yearly) in cases {
+        for switch_first in [false, true] {
+            let p = embedded();
+            let ws = format!("sw_{name}_{switch_first}");
+            let (from, to) = if to_yearly {
+                (Interval::Monthly, Interval::Yearly)
+            } else {
+                (Interval::Yearly, Interval::Monthly)
+            };
+            set_subscription(&p, &ws, PlanStatus::Active, to, start()).await;
+            let own = PaidPeriod {
+                invoice: InvoiceId::parse(&format!("in_{ws}_own")).unwrap(),
+                ..period(&ws, from, "plus", 0)
+            };
+            let switch = PaidPeriod {
+                invoice: InvoiceId::parse(&format!("in_{ws}_switch")).unwrap(),
+                ..period(&ws, to, "max", 0)
+            };
+            let ranked = [
+                (own, refresh::period_rank(Some(reason), Some(number))),
+                (
+                    switch,
+                    refresh::period_rank(Some("subscription_update"), Some(switch_number)),
+                ),
+            ];
+            let order: Vec<_> = if switch_first {
+                ranked.iter().rev().collect()
+            } else {
+                ranked.iter().collect()
+            };
+            for (period, rank) in order.iter().chain(order.iter()) {
+                refresh::record_ranked_period(p.docs.as_ref(), period, *rank, start())
+                    .await
+                    .unwrap();
+            }
+            let doc = doc_of(&p, &ws).await;
+            assert_eq!(
+                (doc.interval, doc.plan.as_str(), doc.invoice.as_str()),
+                (to, "max", format!("in_{ws}_switch").as_str()),
+                "{name}, switch first: {switch_first}"
+            );
+            p.clock.set(add_months(start(), 2));
+            run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+            let months = if to_yearly { 2 } else { 0 };
+            assert_eq!(
+                plan_grants(&p, &ws).await.len(),
+                months,
+                "{name}, switch first: {switch_first}"
+            );
         }
-        let doc = doc_of(&p, ws).await;
-        assert_eq!(
-            (doc.interval, doc.plan.as_str(), doc.invoice.as_str()),
-            (Interval::Yearly, "max", format!("in_{ws}_y").as_str()),
-            "yearly first: {yearly_first}"
-        );
-        p.clock.set(add_months(start(), 2));
-        run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
-        assert_eq!(plan_grants(&p, ws).await.len(), 2, "months 2 and 3");
     }
 }
 

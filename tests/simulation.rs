@@ -1352,6 +1352,10 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     Ok(())
 }
 
+/// A paid period in `check_allotments`: (subscription, start, end, (a switch's, its
+/// invoice's number), when all its money had gone back).
+type YearPeriod = (String, i64, i64, (bool, u64), Option<i64>);
+
 /// Every month of a paid yearly period that has begun is granted, at least once (the
 /// checks above say at most once): a paid year's months are owed until the subscription
 /// ends or a later paid period replaces this one, whatever happens meanwhile (changes,
@@ -1370,9 +1374,12 @@ async fn check_allotments(
     use chrono::{DateTime, Months, Utc};
     let at = |t: i64| DateTime::<Utc>::from_timestamp(t, 0).unwrap();
     let now = app.ledger.clock.now();
-    // Each paid full period of a plan: (subscription, start, end, its invoice's number,
-    // when all its money had gone back).
-    let mut periods: Vec<(String, i64, i64, u64, Option<i64>)> = Vec::new();
+    // Each paid full period of a plan: (subscription, start, end, its place among the
+    // periods beginning in its second, when all its money had gone back). A sign-up or
+    // renewal opens a period once; any other period from that second is a switch made
+    // after it, and switches follow their invoices' numbers (a renewal's is numbered
+    // when Stripe finalizes it, up to an hour later).
+    let mut periods: Vec<YearPeriod> = Vec::new();
     for inv in paid.values() {
         let sub = inv["parent"]["subscription_details"]["subscription"]
             .as_str()
@@ -1382,6 +1389,7 @@ async fn check_allotments(
             .and_then(|n| n.rsplit_once('-'))
             .and_then(|(_, n)| n.parse().ok())
             .unwrap_or(0);
+        let number = (inv["billing_reason"] == "subscription_update", number);
         let back = all_back
             .get(inv["id"].as_str().unwrap_or_default())
             .copied();
@@ -1408,7 +1416,7 @@ async fn check_allotments(
             continue;
         }
         // A later paid period of the subscription: a renewal, or an interval switch (one
-        // made in the very second this one began, by a later invoice, ends it at once).
+        // made in the very second this one began ends it at once).
         let replaced = periods
             .iter()
             .filter(|(s, b, e, n, _)| {

@@ -52,6 +52,16 @@ async fn start(app: &TestApp, tok: &str) -> String {
     g.body["id"].as_str().unwrap().to_owned()
 }
 
+/// The members a ticket's enrichment lists in its spending summary, in its order.
+fn spenders(enrichment: &Value) -> Vec<&str> {
+    enrichment["spending_by_member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["key"].as_str().unwrap())
+        .collect()
+}
+
 /// A large team's spending summary lists its biggest spenders and counts the rest, so the
 /// ticket stays a small item.
 #[tokio::test]
@@ -82,12 +92,7 @@ async fn a_large_teams_spending_summary_lists_the_biggest_spenders() {
         .await;
     assert_eq!(a.status.as_u16(), 201, "{:#}", a.body);
     let e = &a.body["enrichment"];
-    let shown: Vec<&str> = e["spending_by_member"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["key"].as_str().unwrap())
-        .collect();
+    let shown = spenders(e);
     let want: Vec<String> = (0..MAX_MEMBERS_SHOWN).map(|i| format!("m{i}")).collect();
     assert_eq!(shown, want);
     let rest: u64 = (MAX_MEMBERS_SHOWN..members).map(|i| 200 - i as u64).sum();
@@ -167,12 +172,7 @@ async fn a_ticket_captures_who_where_and_when_and_what_the_records_say() {
     assert_eq!(e["pending_hold_credits"], balance["held"]);
     assert_eq!(e["recent_payments"][0]["kind"], "pack");
     // Spending by member equals the usage report over the same days.
-    let members: Vec<&str> = e["spending_by_member"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["key"].as_str().unwrap())
-        .collect();
+    let members = spenders(e);
     assert_eq!(members.len(), 2, "{e:#}");
     assert!(members.contains(&"u1") && members.contains(&"u2"));
     assert!(

@@ -500,7 +500,10 @@ impl BillingEvents {
                 crate::refresh::record_ranked_period(
                     self.docs.as_ref(),
                     &paid_period(workspace, sub, &invoice.id, level, Some(addon_credits)),
-                    crate::refresh::invoice_rank(invoice.number.as_deref()),
+                    crate::refresh::period_rank(
+                        invoice.billing_reason.as_deref(),
+                        invoice.number.as_deref(),
+                    ),
                     self.ledger.clock.now(),
                 )
                 .await?;
@@ -513,6 +516,10 @@ impl BillingEvents {
                         invoice: invoice.id.clone(),
                         level_as_of: level.period_start,
                         level_rank: None,
+                        rank: crate::refresh::period_rank(
+                            invoice.billing_reason.as_deref(),
+                            invoice.number.as_deref(),
+                        ),
                     },
                 )
                 .await?;

@@ -25,6 +25,19 @@ pub struct PaidPeriod {
     /// (`billing::change_rank`); none for the period's own level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level_rank: Option<u64>,
+    /// Its place among the subscription's periods that begin in the same second
+    /// ([`period_rank`](crate::refresh::period_rank)), when its own invoice opened it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u64>,
+}
+
+impl PaidPeriod {
+    /// Its place among periods from the same second: its invoice's, or for one a paid
+    /// change opened, the change's as a switch's (as the credit refresh orders them).
+    fn order(&self) -> Option<u64> {
+        self.rank
+            .or(self.level_rank.map(|r| crate::refresh::SWITCH | r))
+    }
 }
 
 /// The current paid period of a subscription and the one before it.
@@ -45,8 +58,10 @@ impl PaidPeriods {
             .collect()
     }
 
-    /// Merges a newly paid period: a later start becomes current (the old current becomes
-    /// previous); the same start is a replay; an earlier one is kept only as previous.
+    /// Merges a newly paid period: a later one becomes current (the old current becomes
+    /// previous); the same period is a replay; an earlier one is kept only as previous.
+    /// Periods from the same second are told apart by their end and ordered by
+    /// [`PaidPeriod::order`] once both are known; until then the same start is a replay.
     pub fn open(current: Option<Self>, sub: &SubscriptionId, period: PaidPeriod) -> Option<Self> {
         let Some(mut doc) = current else {
             return Some(Self {
@@ -56,21 +71,19 @@ impl PaidPeriods {
             });
         };
         let start = period.level.period_start;
-        if start == doc.current.level.period_start
-            || doc
-                .previous
-                .as_ref()
-                .is_some_and(|p| p.level.period_start == start)
-        {
+        let same = |p: &PaidPeriod| {
+            p.level.period_start == start
+                && (p.level.period_end == period.level.period_end
+                    || p.order().is_none()
+                    || period.order().is_none())
+        };
+        if same(&doc.current) || doc.previous.as_ref().is_some_and(same) {
             return None;
         }
-        if start > doc.current.level.period_start {
+        let later = |p: &PaidPeriod| (start, period.order()) > (p.level.period_start, p.order());
+        if later(&doc.current) {
             doc.previous = Some(std::mem::replace(&mut doc.current, period));
-        } else if doc
-            .previous
-            .as_ref()
-            .is_none_or(|p| p.level.period_start < start)
-        {
+        } else if doc.previous.as_ref().is_none_or(later) {
             doc.previous = Some(period);
         } else {
             return None;
@@ -99,6 +112,7 @@ impl PaidPeriods {
                     invoice: invoice.clone(),
                     level_as_of: at,
                     level_rank: Some(rank),
+                    rank: None,
                 },
                 previous: None,
             });
@@ -128,6 +142,7 @@ impl PaidPeriods {
                 invoice: invoice.clone(),
                 level_as_of: at,
                 level_rank: Some(rank),
+                rank: None,
             };
             doc.previous = Some(std::mem::replace(&mut doc.current, opened));
             return Some(doc);
@@ -196,6 +211,7 @@ mod tests {
             invoice: format!("in_{start_day}").parse().unwrap(),
             level_as_of: start,
             level_rank: None,
+            rank: None,
         }
     }
 
@@ -219,6 +235,42 @@ mod tests {
             assert_eq!(doc.current, c);
             assert_eq!(doc.previous, Some(b.clone()));
         }
+    }
+
+    #[test]
+    fn a_switch_in_the_second_a_period_began_becomes_current_in_any_order() {
+        let sub: SubscriptionId = "sub_1".parse().unwrap();
+        // The renewal's invoice is numbered after the switch's (finalized an hour later).
+        let renewal = PaidPeriod {
+            rank: crate::refresh::period_rank(Some("subscription_cycle"), Some("A-0003")),
+            ..period(1, "plus")
+        };
+        let mut switch = period(1, "max");
+        switch.invoice = "in_switch".parse().unwrap();
+        switch.level.interval = Interval::Yearly;
+        switch.level.period_end = switch.level.period_start + chrono::Duration::days(365);
+        switch.rank = crate::refresh::period_rank(Some("subscription_update"), Some("A-0002"));
+        for order in [
+            [renewal.clone(), switch.clone()],
+            [switch.clone(), renewal.clone()],
+        ] {
+            let mut doc = None;
+            for p in order.iter().chain(order.iter()) {
+                if let Some(d) = PaidPeriods::open(doc.clone(), &sub, p.clone()) {
+                    doc = Some(d);
+                }
+            }
+            let doc = doc.unwrap();
+            assert_eq!(doc.current, switch);
+            assert_eq!(doc.previous, Some(renewal.clone()));
+        }
+        // Without ranks (documents from before), the same start is a replay.
+        let old = PaidPeriods::open(None, &sub, period(1, "plus")).unwrap();
+        let unranked = PaidPeriod {
+            rank: None,
+            ..switch.clone()
+        };
+        assert!(PaidPeriods::open(Some(old), &sub, unranked).is_none());
     }
 
     #[test]

@@ -78,7 +78,10 @@ fn describe(status: u16) -> &'static str {
         415 => "The body must be sent as application/json",
         422 => "Well-formed but invalid: the field named in the problem",
         502 => "The payment provider refused the request",
-        503 => "Busy; retry with the same Idempotency-Key",
+        503 => {
+            "Busy, or the store briefly unavailable (`busy`, `unavailable`); retry, with the same \
+             Idempotency-Key for a write"
+        }
         _ => "Error",
     }
 }
@@ -134,7 +137,9 @@ pub fn errors_as_problems(doc: &mut Value) {
             {
                 statuses.push(409);
             }
-            if secured && matches!(method, "post" | "put") {
+            // Writes may find the workspace busy; any route reading the store may find it
+            // briefly unavailable (throttled, timed out).
+            if secured {
                 statuses.push(503);
             }
             let responses = op

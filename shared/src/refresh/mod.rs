@@ -158,10 +158,10 @@ pub struct RefreshDoc {
     /// holds a previous period of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<RefreshDoc>>,
-    /// The place of the period's own invoice among the customer's invoices (Stripe's
-    /// number; see [`invoice_rank`]), once known: of two periods of a subscription that
-    /// begin in the same second (an interval switch in a period's first second), the
-    /// later invoice's is the period in force, whatever order their events arrive in.
+    /// The place of the period's own invoice among the periods of the subscription that
+    /// begin in the same second ([`period_rank`]), once known: of two (an interval switch
+    /// in a period's first second), the later is the period in force, whatever order their
+    /// events arrive in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period_rank: Option<u64>,
 }
@@ -176,6 +176,25 @@ pub fn invoice_rank(number: Option<&str>) -> Option<u64> {
         .and_then(|(_, seq)| seq.parse::<u64>().ok())
         .filter(|seq| *seq < NUMBERED)
         .map(|seq| NUMBERED | seq)
+}
+
+/// Above every invoice's and change's rank: the periods an interval switch opens.
+pub(crate) const SWITCH: u64 = 1 << 63;
+
+/// The order of a period among the periods of its subscription that begin in the same
+/// second. A subscription's period is opened once by its sign-up or renewal
+/// (`subscription_create`, `subscription_cycle`); any other period from that second is an
+/// interval switch made after it (`subscription_update`). The number does not say so:
+/// Stripe numbers a renewal's invoice as it finalizes it, up to an hour after a switch
+/// made in the renewal's second was numbered. Switches, finalized at once, follow their
+/// numbers.
+pub fn period_rank(billing_reason: Option<&str>, number: Option<&str>) -> Option<u64> {
+    let rank = invoice_rank(number);
+    if billing_reason == Some("subscription_update") {
+        Some(SWITCH | rank.unwrap_or(0))
+    } else {
+        rank
+    }
 }
 
 /// The paid change that opened a refresh document (see [`RefreshDoc::opened_by`]).
@@ -447,14 +466,21 @@ impl RefreshDoc {
     ) -> bool {
         &self.subscription == subscription
             && self.period_start == start
-            && (self.period_end == end || self.period_rank.is_none())
+            && (self.period_end == end || self.known_rank().is_none())
     }
 
-    /// Whether a period from `start`, of an invoice ranked `rank`, comes after this
-    /// document's (which it is not): it begins later, or in the same second with a later
-    /// invoice.
+    /// The document's [`period_rank`]; for one a paid change opened, the change's, as a
+    /// switch's: a period other than the sign-up's or renewal's from the same second is a
+    /// switch's.
+    fn known_rank(&self) -> Option<u64> {
+        self.period_rank
+            .or(self.opened_by.as_ref().map(|o| SWITCH | o.rank))
+    }
+
+    /// Whether a period from `start`, ranked `rank` ([`period_rank`]), comes after this
+    /// document's (which it is not): it begins later, or in the same second and later.
     fn followed_by(&self, start: DateTime<Utc>, rank: Option<u64>) -> bool {
-        self.period_start < start || (self.period_start == start && rank > self.period_rank)
+        self.period_start < start || (self.period_start == start && rank > self.known_rank())
     }
 
     /// Where the document is filed in the due index, if anything is due.
@@ -536,9 +562,8 @@ pub async fn record_paid_period(
     record_ranked_period(docs, p, None, now).await
 }
 
-/// [`record_paid_period`] for a period whose invoice's place among the customer's invoices
-/// is known ([`invoice_rank`]): a period beginning in the same second as the recorded one
-/// replaces it when its invoice came later.
+/// [`record_paid_period`] for a period whose place is known ([`period_rank`]): a period
+/// beginning in the same second as the recorded one replaces it when it came later.
 pub async fn record_ranked_period(
     docs: &dyn DocStore,
     p: &PaidPeriod,
@@ -651,8 +676,9 @@ pub async fn set_level(
                     c
                 }
                 // A change of a period the document's replaced (in the same second, by a
-                // later invoice), or of an older one.
-                Some(c) if !c.followed_by(p.period_start, Some(rank)) => return None,
+                // switch), or of an older one. A change of another period from the same
+                // second is ranked as a switch's (see `known_rank`).
+                Some(c) if !c.followed_by(p.period_start, Some(SWITCH | rank)) => return None,
                 current => {
                     let mut fresh = RefreshDoc::from_period(p);
                     fresh.level_as_of = Some(at);
