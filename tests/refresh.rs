@@ -1245,17 +1245,20 @@ async fn a_switch_in_the_second_a_period_began_is_the_period_in_force() {
             } else {
                 ranked.iter().collect()
             };
-            for (period, rank) in order.iter().chain(order.iter()) {
-                refresh::record_ranked_period(p.docs.as_ref(), period, *rank, start())
-                    .await
-                    .unwrap();
+            // Once each, then both again (duplicates change nothing).
+            for pass in 0..2 {
+                for (period, rank) in &order {
+                    refresh::record_ranked_period(p.docs.as_ref(), period, *rank, start())
+                        .await
+                        .unwrap();
+                }
+                let doc = doc_of(&p, &ws).await;
+                assert_eq!(
+                    (doc.interval, doc.plan.as_str(), doc.invoice.as_str()),
+                    (to, "max", format!("in_{ws}_switch").as_str()),
+                    "{name}, switch first: {switch_first}, pass {pass}"
+                );
             }
-            let doc = doc_of(&p, &ws).await;
-            assert_eq!(
-                (doc.interval, doc.plan.as_str(), doc.invoice.as_str()),
-                (to, "max", format!("in_{ws}_switch").as_str()),
-                "{name}, switch first: {switch_first}"
-            );
             p.clock.set(add_months(start(), 2));
             run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
             let months = if to_yearly { 2 } else { 0 };
@@ -1263,6 +1266,65 @@ async fn a_switch_in_the_second_a_period_began_is_the_period_in_force() {
                 plan_grants(&p, &ws).await.len(),
                 months,
                 "{name}, switch first: {switch_first}"
+            );
+        }
+    }
+}
+
+/// Two switches in the renewal's second (yearly, to monthly, back to yearly): the third
+/// period has the first one's start and end, and is still not taken for it. In every
+/// arrival order the last switch's year is in force and granted its months.
+#[tokio::test]
+async fn two_switches_in_one_second_leave_the_last_in_force() {
+    let orders = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    for (i, order) in orders.iter().enumerate() {
+        let p = embedded();
+        let ws = format!("two_sw{i}");
+        set_subscription(&p, &ws, PlanStatus::Active, Interval::Yearly, start()).await;
+        let invoice = |n: &str| InvoiceId::parse(&format!("in_{ws}_{n}")).unwrap();
+        let periods = [
+            (
+                PaidPeriod {
+                    invoice: invoice("renewal"),
+                    ..period(&ws, Interval::Yearly, "plus", 0)
+                },
+                refresh::period_rank(Some("subscription_cycle"), Some("ABC-0006")),
+            ),
+            (
+                PaidPeriod {
+                    invoice: invoice("to_monthly"),
+                    ..period(&ws, Interval::Monthly, "max", 0)
+                },
+                refresh::period_rank(Some("subscription_update"), Some("ABC-0002")),
+            ),
+            (
+                PaidPeriod {
+                    invoice: invoice("to_yearly"),
+                    ..period(&ws, Interval::Yearly, "team", 0)
+                },
+                refresh::period_rank(Some("subscription_update"), Some("ABC-0003")),
+            ),
+        ];
+        // Once each, then all again (duplicates change nothing).
+        for pass in 0..2 {
+            for k in order {
+                let (period, rank) = &periods[*k];
+                refresh::record_ranked_period(p.docs.as_ref(), period, *rank, start())
+                    .await
+                    .unwrap();
+            }
+            let doc = doc_of(&p, &ws).await;
+            assert_eq!(
+                (doc.plan.as_str(), doc.invoice.clone()),
+                ("team", invoice("to_yearly")),
+                "order {order:?}, pass {pass}"
             );
         }
     }

@@ -72,10 +72,11 @@ impl PaidPeriods {
         };
         let start = period.level.period_start;
         let same = |p: &PaidPeriod| {
+            let distinct = matches!((p.rank, period.rank), (Some(a), Some(b)) if a != b);
             p.level.period_start == start
-                && (p.level.period_end == period.level.period_end
-                    || p.order().is_none()
-                    || period.order().is_none())
+                && (p.order().is_none()
+                    || period.order().is_none()
+                    || (p.level.period_end == period.level.period_end && !distinct))
         };
         if same(&doc.current) || doc.previous.as_ref().is_some_and(same) {
             return None;
@@ -136,7 +137,11 @@ impl PaidPeriods {
         // A change in a period whose own invoice is not applied yet (Stripe charges a
         // renewal up to an hour after the period starts): the period is recorded at the
         // changed level; its own invoice, when it comes, leaves that level as it is.
-        if level.period_start > doc.current.level.period_start {
+        // One from the same second as the current period is a switch's (see
+        // `PaidPeriod::order`), later than the current one if its change is.
+        let current = &doc.current;
+        let switch = Some(crate::refresh::SWITCH | rank);
+        if (level.period_start, switch) > (current.level.period_start, current.order()) {
             let opened = PaidPeriod {
                 level: level.clone(),
                 invoice: invoice.clone(),
@@ -271,6 +276,55 @@ mod tests {
             ..switch.clone()
         };
         assert!(PaidPeriods::open(Some(old), &sub, unranked).is_none());
+    }
+
+    #[test]
+    fn a_change_in_a_switch_before_its_invoice_opens_the_switch_period() {
+        let sub: SubscriptionId = "sub_1".parse().unwrap();
+        let renewal = PaidPeriod {
+            rank: crate::refresh::period_rank(Some("subscription_cycle"), Some("A-0006")),
+            ..period(1, "plus")
+        };
+        let mut switch = period(1, "max");
+        switch.invoice = "in_switch".parse().unwrap();
+        switch.level.interval = Interval::Yearly;
+        switch.level.period_end = switch.level.period_start + chrono::Duration::days(365);
+        switch.rank = crate::refresh::period_rank(Some("subscription_update"), Some("A-0002"));
+        let doc = PaidPeriods::open(None, &sub, renewal.clone()).unwrap();
+        // A change of the switch's year, numbered after the switch, arrives first.
+        let mut changed = switch.level.clone();
+        changed.plan = "team".into();
+        let rank = crate::billing::change_rank(Some("A-0003"), 0);
+        let at = switch.level.period_start;
+        let doc = PaidPeriods::change(
+            Some(doc),
+            &sub,
+            &"in_change".parse().unwrap(),
+            &changed,
+            at,
+            rank,
+        )
+        .unwrap();
+        assert_eq!(doc.current.level, changed);
+        assert_eq!(
+            doc.previous.as_ref().map(|p| &p.level),
+            Some(&renewal.level)
+        );
+        // The switch's own invoice leaves the changed level as it is.
+        assert!(PaidPeriods::open(Some(doc.clone()), &sub, switch.clone()).is_none());
+        // A change of the renewal's month from before the switch changes nothing now.
+        let mut old = renewal.level.clone();
+        old.plan = "generative".into();
+        let early = crate::billing::change_rank(Some("A-0001"), 0);
+        let after = PaidPeriods::change(
+            Some(doc.clone()),
+            &sub,
+            &"in_early".parse().unwrap(),
+            &old,
+            at,
+            early,
+        );
+        assert!(after.is_none_or(|d| d.current.level == changed));
     }
 
     #[test]

@@ -454,19 +454,26 @@ impl RefreshDoc {
         }
     }
 
-    /// Whether the period of `subscription` from `start` to `end` is this document's. Two
-    /// periods that begin in the same second are told apart by their end once the
-    /// document knows its invoice's place (`period_rank`); a document from before that
-    /// knows its period by its start alone.
+    /// Whether the period of `subscription` from `start` to `end` (opened by an invoice
+    /// ranked `rank`, when known) is this document's. Two periods that begin in the same
+    /// second are told apart by their end and, once both are known, their rank (two
+    /// switches in one second can make a third period with an earlier one's start and end);
+    /// a document from before ranks were kept knows its period by its start alone.
     pub fn same_period(
         &self,
         subscription: &SubscriptionId,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
+        rank: Option<u64>,
     ) -> bool {
-        &self.subscription == subscription
-            && self.period_start == start
-            && (self.period_end == end || self.known_rank().is_none())
+        if &self.subscription != subscription || self.period_start != start {
+            return false;
+        }
+        if self.known_rank().is_none() {
+            return true;
+        }
+        let distinct = matches!((self.period_rank, rank), (Some(a), Some(b)) if a != b);
+        self.period_end == end && !distinct
     }
 
     /// The document's [`period_rank`]; for one a paid change opened, the change's, as a
@@ -580,7 +587,7 @@ pub async fn record_ranked_period(
                 // A change applied before the period's own invoice opened the document:
                 // the period's invoice takes its place, the change becomes one of its.
                 Some(c)
-                    if c.same_period(&p.subscription, p.period_start, p.period_end)
+                    if c.same_period(&p.subscription, p.period_start, p.period_end, rank)
                         && c.opened_by.is_some() =>
                 {
                     let mut doc = c.reopened_by_own_invoice(p)?;
@@ -589,7 +596,7 @@ pub async fn record_ranked_period(
                 }
                 // The period's own invoice again: its level is the one it opened with, or a
                 // paid change's since.
-                Some(c) if c.same_period(&p.subscription, p.period_start, p.period_end) => {
+                Some(c) if c.same_period(&p.subscription, p.period_start, p.period_end, rank) => {
                     return None;
                 }
                 Some(c) if !c.followed_by(p.period_start, rank) => return None,
@@ -669,7 +676,9 @@ pub async fn set_level(
         REFRESH_SK,
         |current: Option<RefreshDoc>| {
             let doc = match current {
-                Some(mut c) if c.same_period(&p.subscription, p.period_start, p.period_end) => {
+                Some(mut c)
+                    if c.same_period(&p.subscription, p.period_start, p.period_end, None) =>
+                {
                     if !c.set_level(p, at, rank) {
                         return None;
                     }

@@ -349,7 +349,12 @@ impl Refresher {
             |current: Option<RefreshDoc>| {
                 let current = current?;
                 let mut next = current.clone();
-                if next.same_period(&doc.subscription, doc.period_start, doc.period_end) {
+                if next.same_period(
+                    &doc.subscription,
+                    doc.period_start,
+                    doc.period_end,
+                    doc.period_rank,
+                ) {
                     next.advance(next_allotment);
                     next.renewal_checked |= renewal_checked;
                     if !next.renewal_checked && renewal_retry_at.is_some() {
