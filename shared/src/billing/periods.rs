@@ -242,12 +242,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_switch_in_the_second_a_period_began_becomes_current_in_any_order() {
-        let sub: SubscriptionId = "sub_1".parse().unwrap();
-        // The renewal's invoice is numbered after the switch's (finalized an hour later).
+    /// A monthly renewal and a switch to a year made in its second. The renewal's invoice
+    /// is numbered after the switch's (Stripe finalizes a renewal's up to an hour later).
+    fn renewal_and_switch() -> (PaidPeriod, PaidPeriod) {
         let renewal = PaidPeriod {
-            rank: crate::refresh::period_rank(Some("subscription_cycle"), Some("A-0003")),
+            rank: crate::refresh::period_rank(Some("subscription_cycle"), Some("A-0006")),
             ..period(1, "plus")
         };
         let mut switch = period(1, "max");
@@ -255,6 +254,13 @@ mod tests {
         switch.level.interval = Interval::Yearly;
         switch.level.period_end = switch.level.period_start + chrono::Duration::days(365);
         switch.rank = crate::refresh::period_rank(Some("subscription_update"), Some("A-0002"));
+        (renewal, switch)
+    }
+
+    #[test]
+    fn a_switch_in_the_second_a_period_began_becomes_current_in_any_order() {
+        let sub: SubscriptionId = "sub_1".parse().unwrap();
+        let (renewal, switch) = renewal_and_switch();
         for order in [
             [renewal.clone(), switch.clone()],
             [switch.clone(), renewal.clone()],
@@ -281,15 +287,7 @@ mod tests {
     #[test]
     fn a_change_in_a_switch_before_its_invoice_opens_the_switch_period() {
         let sub: SubscriptionId = "sub_1".parse().unwrap();
-        let renewal = PaidPeriod {
-            rank: crate::refresh::period_rank(Some("subscription_cycle"), Some("A-0006")),
-            ..period(1, "plus")
-        };
-        let mut switch = period(1, "max");
-        switch.invoice = "in_switch".parse().unwrap();
-        switch.level.interval = Interval::Yearly;
-        switch.level.period_end = switch.level.period_start + chrono::Duration::days(365);
-        switch.rank = crate::refresh::period_rank(Some("subscription_update"), Some("A-0002"));
+        let (renewal, switch) = renewal_and_switch();
         let doc = PaidPeriods::open(None, &sub, renewal.clone()).unwrap();
         // A change of the switch's year, numbered after the switch, arrives first.
         let mut changed = switch.level.clone();
