@@ -124,9 +124,11 @@ def main() -> None:
         wait_until("the pack's credits", credited)
         _, events = call("GET", f"{base}/sim/events")
         kinds = [e["type"] for e in events]
-        # The charge, Checkout's invoice for the payment (it grants nothing), the session.
-        assert kinds == ["charge.succeeded", "invoice.finalized", "invoice.paid",
-                         "invoice_payment.paid", "checkout.session.completed"], kinds
+        # The charge and its payment intent, Checkout's invoice for the payment (neither
+        # grants anything), the session.
+        assert kinds == ["charge.succeeded", "payment_intent.succeeded", "invoice.finalized",
+                         "invoice.paid", "invoice_payment.paid",
+                         "checkout.session.completed"], kinds
         _, b = call("GET", f"{base}/v1/balance", token=owner)
         assert b["available"] == 500, b
         print("browser test passed: Pay clicked in Chromium, 500 credits granted once, invoiced")
