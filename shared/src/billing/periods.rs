@@ -220,6 +220,17 @@ mod tests {
         }
     }
 
+    /// The document after opening each period in `order`, then each again (duplicates).
+    fn opened_twice(sub: &SubscriptionId, order: &[PaidPeriod]) -> PaidPeriods {
+        let mut doc = None;
+        for p in order.iter().chain(order) {
+            if let Some(d) = PaidPeriods::open(doc.clone(), sub, p.clone()) {
+                doc = Some(d);
+            }
+        }
+        doc.unwrap()
+    }
+
     #[test]
     fn periods_merge_in_any_order_and_keep_two() {
         let sub: SubscriptionId = "sub_1".parse().unwrap();
@@ -230,13 +241,7 @@ mod tests {
             [b.clone(), c.clone(), a.clone()],
         ];
         for order in orders {
-            let mut doc = None;
-            for p in order.iter().chain(order.iter()) {
-                if let Some(d) = PaidPeriods::open(doc.clone(), &sub, p.clone()) {
-                    doc = Some(d);
-                }
-            }
-            let doc = doc.unwrap();
+            let doc = opened_twice(&sub, &order);
             assert_eq!(doc.current, c);
             assert_eq!(doc.previous, Some(b.clone()));
         }
@@ -265,13 +270,7 @@ mod tests {
             [renewal.clone(), switch.clone()],
             [switch.clone(), renewal.clone()],
         ] {
-            let mut doc = None;
-            for p in order.iter().chain(order.iter()) {
-                if let Some(d) = PaidPeriods::open(doc.clone(), &sub, p.clone()) {
-                    doc = Some(d);
-                }
-            }
-            let doc = doc.unwrap();
+            let doc = opened_twice(&sub, &order);
             assert_eq!(doc.current, switch);
             assert_eq!(doc.previous, Some(renewal.clone()));
         }
