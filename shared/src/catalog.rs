@@ -3,8 +3,10 @@
 //! validated once at start-up so a bad edit stops the process with a clear message.
 //!
 //! Costs are integer arithmetic. Per-second prices are in thousandths of a credit
-//! (`per_second_milli`); the product of rate, seconds and resolution multiplier is rounded
-//! **up** to a whole credit per item, then multiplied by the item count.
+//! (`per_second_milli`); rate times seconds is rounded **up** to a whole credit, then
+//! multiplied by the resolution multiplier and by the item count, so a higher resolution
+//! costs exactly its multiple of the 1080p price (2K twice, 4K three times), as the help
+//! centre promises.
 
 use crate::money::{Cents, Credits};
 use serde::{Deserialize, Serialize};
@@ -427,11 +429,11 @@ impl Catalog {
                         format!("must be between 1 and {max} seconds for {}", model.id),
                     ));
                 }
-                let milli = milli
+                let at_1080p = milli
                     .checked_mul(seconds as u64)
-                    .and_then(|m| m.checked_mul(multiplier))
-                    .ok_or_else(too_large)?;
-                Credits::new(milli.div_ceil(1000))
+                    .ok_or_else(too_large)?
+                    .div_ceil(1000);
+                Credits::new(at_1080p.checked_mul(multiplier).ok_or_else(too_large)?)
             }
             Pricing::Flat(credits) => {
                 if spec.duration_s.is_some() {
@@ -546,6 +548,41 @@ mod tests {
         assert_eq!(cost("video-lite"), 8);
         assert_eq!(cost("video-pro"), 12);
         assert_eq!(cost("video-ultra"), 20);
+    }
+
+    #[test]
+    fn higher_resolutions_cost_exactly_their_multiple_of_1080p() {
+        // The help centre: "Higher resolutions cost more (2K = 2x, 4K = 3x)".
+        let c = Catalog::builtin();
+        for model in &c.models {
+            if model.workflow == Workflow::Training {
+                continue;
+            }
+            let durations: Vec<Option<u32>> = match model.pricing {
+                Pricing::PerSecondMilli(_) => (1..=model.max_duration_s.unwrap_or(600))
+                    .map(Some)
+                    .collect(),
+                _ => vec![None],
+            };
+            for duration_s in durations {
+                for count in [1, 3, MAX_COUNT] {
+                    let cost = |resolution| {
+                        let s = GenerationSpec {
+                            workflow: model.workflow,
+                            model: model.id.clone(),
+                            resolution: Some(resolution),
+                            duration_s,
+                            count: Some(count),
+                        };
+                        c.estimate(&s).unwrap().credits.get()
+                    };
+                    let base = cost(Resolution::P1080);
+                    let at = format!("{} {duration_s:?}s x{count}", model.id);
+                    assert_eq!(cost(Resolution::K2), 2 * base, "{at}");
+                    assert_eq!(cost(Resolution::K4), 3 * base, "{at}");
+                }
+            }
+        }
     }
 
     #[test]
