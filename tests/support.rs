@@ -1309,6 +1309,41 @@ async fn a_message_retried_with_its_key_is_added_once() {
 }
 
 #[tokio::test]
+async fn a_full_ticket_refuses_a_keyed_message_and_keeps_no_claim_of_its_key() {
+    use tally::support::{MAX_MESSAGES, TICKET_SK, Ticket, ticket_pk};
+    let app = TestApp::new();
+    let ws = "org_full";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "m")).await;
+    let id = t["id"].as_str().unwrap();
+    let pk = ticket_pk(id);
+    // As if 200 messages had come (the rate limit lets one user add 30 an hour).
+    tally::store::docs::update(app.docs.as_ref(), &pk, TICKET_SK, |t: Option<Ticket>| {
+        t.map(|mut t| {
+            t.messages = MAX_MESSAGES;
+            t.last_message = MAX_MESSAGES;
+            t.forwarded_messages = MAX_MESSAGES;
+            t
+        })
+    })
+    .await
+    .unwrap();
+    for n in 0..3 {
+        let key = format!("full-{n}");
+        app.send(
+            Method::POST,
+            &format!("/v1/support/tickets/{id}/messages"),
+            Some(&member(ws, "u1")),
+            Some(r#"{"message": "one more"}"#),
+            &[("idempotency-key", key.as_str())],
+        )
+        .await
+        .assert_problem(409, "conflict");
+    }
+    let claims = app.docs.list_docs(&pk, "MSGKEY#", 10).await.unwrap();
+    assert!(claims.is_empty(), "{} claims left behind", claims.len());
+}
+
+#[tokio::test]
 async fn dates_outside_any_sensible_range_are_refused_not_crashed_on() {
     let app = TestApp::new();
     let tok = member("org_v3", "u1");

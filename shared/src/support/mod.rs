@@ -332,6 +332,13 @@ impl Ticket {
 pub fn ticket_pk(id: &str) -> String {
     format!("TICKET#{id}")
 }
+/// The answer to a message for a ticket that has [`MAX_MESSAGES`] already.
+fn full_ticket() -> Problem {
+    Problem::conflict(format!(
+        "this ticket has {MAX_MESSAGES} messages; open a new ticket"
+    ))
+}
+
 fn message_sk(seq: u32) -> String {
     format!("{MESSAGE_PREFIX}{seq:06}")
 }
@@ -670,6 +677,11 @@ impl Tickets {
                 let current = self.settle_forwarding(current).await?;
                 return Ok((current, done));
             }
+            // A full ticket takes no new message: refused before the key is claimed, so
+            // refused requests leave no claim items behind.
+            if ticket.messages >= MAX_MESSAGES {
+                return Err(full_ticket());
+            }
             // Claim the key: a claim made in the last minute by a twin is respected; an
             // older one (an attempt that died before writing its message) is taken over,
             // conditionally on the version seen, so only one taker writes.
@@ -738,9 +750,7 @@ impl Tickets {
                 .await?
                 .ok_or_else(|| Problem::not_found("no such ticket"))?;
             if current.messages >= MAX_MESSAGES {
-                return Err(Problem::conflict(format!(
-                    "this ticket has {MAX_MESSAGES} messages; open a new ticket"
-                )));
+                return Err(full_ticket());
             }
             let seq = current.messages + 1;
             let msg = TicketMessage {
