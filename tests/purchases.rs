@@ -1216,6 +1216,65 @@ mod alerts {
         }
     }
 
+    /// More overdue holds than one operation releases: each operation compares the balance
+    /// after its own releases with the balance it leaves, so the holds it does not release
+    /// never look like a drop.
+    #[tokio::test]
+    async fn a_backlog_of_overdue_holds_sends_no_alert_for_what_operations_leave_held() {
+        let app = TestApp::new();
+        let ws = "org_backlog_alert";
+        with_saved_card(&app, ws, json!({"below_credits": [91]})).await;
+        let m = member(ws, "m1");
+        let image = json!({"workflow": "image", "model": "flux-schnell"});
+        for _ in 0..30 {
+            let r = app.post("/v1/generations", &m, image.clone()).await;
+            assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
+        }
+        // 100 -> 40 in two-credit holds: 91 crossed once.
+        let first = notifications(&app).await;
+        assert_eq!(
+            first
+                .iter()
+                .filter(|n| n["type"] == "credits.below_threshold")
+                .count(),
+            1,
+            "{first:#?}"
+        );
+        // Every hold overdue: reads show the credits back; one operation releases 25.
+        app.clock.advance(chrono::Duration::minutes(16));
+        assert_eq!(app.available(ws).await, 100);
+        for _ in 0..3 {
+            let r = app.post("/v1/generations", &m, image.clone()).await;
+            assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
+        }
+        let after = notifications(&app).await;
+        assert_eq!(after.len(), first.len(), "{after:#?}");
+    }
+
+    /// A hold gone overdue re-arms the alert as reads show its credits back; the next
+    /// charge that takes the balance below again alerts again.
+    #[tokio::test]
+    async fn a_crossing_after_an_overdue_hold_alerts_again_although_the_stored_balance_did_not_move()
+     {
+        let app = TestApp::new();
+        let ws = "org_overdue_alert";
+        let (_, _) = with_saved_card(&app, ws, json!({"below_credits": [80]})).await;
+        let m = member(ws, "m1");
+        let first = app.post("/v1/generations", &m, video()).await; // 100 -> 76: below 80
+        assert_eq!(first.status.as_u16(), 201, "{:#}", first.body);
+        assert_eq!(notifications(&app).await.len(), 1);
+        // The generation service never settles it. Once its hold is overdue reads show the
+        // credits back (the alert re-arms), before any operation has released it.
+        app.clock.advance(chrono::Duration::minutes(61));
+        assert_eq!(app.available(ws).await, 100);
+        let second = app.post("/v1/generations", &m, video()).await; // 100 -> 76 again
+        assert_eq!(second.status.as_u16(), 201, "{:#}", second.body);
+        assert_eq!(app.available(ws).await, 76);
+        let sent = notifications(&app).await;
+        let thresholds: Vec<_> = sent.iter().map(|n| n["threshold"].clone()).collect();
+        assert_eq!(thresholds, vec![json!(80), json!(80)], "{sent:#?}");
+    }
+
     /// Credits taken back for a refund request (here, of the very pack that saved the card)
     /// take the balance below both thresholds: the alert says so, but no pack is bought, as
     /// the refunds function's observer only alerts (a refund of a top-up must not buy it

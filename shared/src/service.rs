@@ -118,6 +118,22 @@ pub fn fingerprint(value: &impl Serialize) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The balance an operation starts from, for the observer: the stored one, or the one
+/// after the operation's own settlement if that is higher (holds past their deadline count
+/// as held in the stored state until an operation releases them, while reads show them
+/// released). A threshold either was at or above is crossed when the operation leaves the
+/// balance below it: one the stored balance was already below but reads were not (an
+/// overdue hold's release re-armed it), and one a lapsed lot crossed that no operation has
+/// recorded yet. Only the holds the operation itself releases count, so a backlog of
+/// overdue holds beyond one operation's share never shows a drop that is not there.
+fn balance_before(stored: Balance, settled: Balance) -> Balance {
+    if settled.available > stored.available {
+        settled
+    } else {
+        stored
+    }
+}
+
 /// Told about every committed ledger operation, once (not about replays; a commit the store
 /// could not confirm is told when the retry finds that it landed).
 #[async_trait::async_trait]
@@ -328,7 +344,7 @@ impl Ledger {
                 Operation::Hold { generation, .. } => vec![*generation],
                 _ => Vec::new(),
             };
-            let before = state.balance();
+            let before = balance_before(state.balance(), applied.settled);
             let after = new_state.clone();
             let commit_entries = applied.entries.clone();
             let record = IdempotencyRecord {

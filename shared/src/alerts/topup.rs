@@ -210,7 +210,7 @@ impl TopUps {
                 // The balance now, not at the crossing: a pack bought while the request
                 // waited in its queue may have lifted it above the threshold. Lapsed lots
                 // count as expired, but overdue holds as still held: a generation may yet
-                // complete and charge one, and its completion would cross nothing again.
+                // complete and charge one.
                 let available = self
                     .states
                     .load(workspace)

@@ -227,6 +227,10 @@ pub struct Applied {
     /// Holds this operation closed (their items go).
     pub closed: Vec<Hold>,
     pub outcome: Outcome,
+    /// The balance once the operation's own settlement ran (overdue holds released, at
+    /// most [`MAX_HOLDS_SETTLED_PER_OPERATION`], lapsed lots expired), before the
+    /// operation itself.
+    pub settled: Balance,
 }
 
 struct Tx<'a> {
@@ -291,6 +295,7 @@ pub fn execute(
         released: 0,
     };
     tx.settle()?;
+    let settled = tx.state.balance();
     let first = tx.entries.len();
     let (generation, lot) = tx.operate(catalog)?;
     let own = tx.entries.len();
@@ -321,6 +326,7 @@ pub fn execute(
         placed: tx.placed,
         closed: tx.closed,
         outcome,
+        settled,
     })
 }
 
