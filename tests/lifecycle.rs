@@ -353,6 +353,63 @@ async fn advance_days(app: &TestApp, days: i64) {
     app.advance_clock(serde_json::json!({ "days": days })).await;
 }
 
+/// Units added, then an upgrade whose invoice bills no add-on lines; the units change's
+/// events delivered after the upgrade's (a failed delivery Stripe retried later): the
+/// year's later months carry both, the new plan and the units.
+#[tokio::test]
+async fn changes_of_different_parts_applied_out_of_order_both_reach_the_later_months() {
+    let app = TestApp::new();
+    let ws = "org_parts";
+    app.subscribe(ws, "plus", "yearly").await;
+    let sim = app.local.simulator.as_ref().unwrap();
+    sim.hold_deliveries();
+    let before = sim.events().len();
+    let units = app.set_units(ws, 5).await;
+    assert!(units.status.is_success(), "{:#}", units.body);
+    let of_units = sim.events().len() - before;
+    assert!(of_units > 0);
+    advance_days(&app, 1).await;
+    let up = app.change_plan(ws, "max", "yearly").await;
+    assert!(up.status.is_success(), "{:#}", up.body);
+    // The upgrade's events first, then the units change's.
+    sim.release_deliveries(|events| events.rotate_left(of_units))
+        .await;
+    app.settle_billing().await;
+    let doc = tally::refresh::refresh_doc(app.docs.as_ref(), &tally_tests::workspace(ws))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((doc.plan.as_str(), doc.addon_units), ("max", 5), "{doc:#?}");
+    // Month 2 comes at both: Max's 400 and the 5 units' 300.
+    advance_days(&app, 31).await;
+    let month = |source| {
+        let app = &app;
+        async move {
+            grants_of(app, ws, source)
+                .await
+                .into_iter()
+                .filter(|(key, _)| key.starts_with("refresh:"))
+                .map(|(_, credits)| credits)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(month(tally::ledger::LotSource::PlanPeriod).await, [400]);
+    assert_eq!(month(tally::ledger::LotSource::Addon).await, [300]);
+    // The paid periods document (what later changes are valued against) has the units too.
+    let sub = tally::ids::SubscriptionId::parse(doc.subscription.as_str()).unwrap();
+    let paid = tally::billing::periods::get(app.docs.as_ref(), &tally_tests::workspace(ws), &sub)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            paid.current.level.plan.as_str(),
+            paid.current.level.addon_units
+        ),
+        ("max", 5)
+    );
+}
+
 #[tokio::test]
 async fn a_yearly_plan_gets_twelve_monthly_allotments_as_the_clock_moves() {
     let app = TestApp::new();
@@ -1088,6 +1145,19 @@ async fn a_renewal_is_charged_an_hour_after_its_draft_and_an_upgrade_meanwhile_i
     let month = renewal.1 + change;
     assert!((5_900..=6_000).contains(&month), "{month}");
     assert!(app.local.billing_queue.dead_letters().is_empty());
+    // The renewal's lines were made before the upgrade: paid after it, they do not put the
+    // subscription (and the benefits the plan gives) back on the old plan.
+    let o = tally_tests::owner("org_draft");
+    let shown = app.get("/v1/subscription", &o).await.body;
+    assert_eq!(shown["subscription"]["plan"], "team", "{shown:#}");
+    assert_eq!(shown["subscription"]["status"], "active", "{shown:#}");
+    let state = app
+        .ledger
+        .workspace_now(&tally_tests::workspace("org_draft"))
+        .await
+        .unwrap();
+    let plan = state.plan.expect("the ledger knows the plan");
+    assert_eq!(plan.plan, "team", "{plan:?}");
 }
 
 #[tokio::test]

@@ -69,6 +69,12 @@ async fn dynamo() -> Parts {
 }
 
 /// Jan 31 of a leap year: the anniversaries clamp to Feb 29, Apr 30, ...
+/// A change billing the plan and the add-on.
+const BOTH: refresh::Billed = refresh::Billed {
+    plan: true,
+    addon: true,
+};
+
 fn start() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2028, 1, 31, 10, 0, 0).unwrap()
 }
@@ -140,6 +146,7 @@ async fn set_subscription_voided(
         ended_at: None,
         created: None,
         voided_period,
+        level_as_of: None,
     };
     let pk = workspace_pk(&workspace(ws));
     docs::update(
@@ -648,7 +655,7 @@ async fn a_changed_level_applies_to_later_allotments_only_and_the_latest_change_
         addon_units: 2,
         ..paid.clone()
     };
-    refresh::set_level(p.docs.as_ref(), &upgraded, at, 2)
+    refresh::set_level(p.docs.as_ref(), &upgraded, at, 2, BOTH)
         .await
         .unwrap();
     // A change older than the one applied, or of another period, changes nothing.
@@ -657,11 +664,11 @@ async fn a_changed_level_applies_to_later_allotments_only_and_the_latest_change_
         addon_units: 1,
         ..paid.clone()
     };
-    refresh::set_level(p.docs.as_ref(), &older, at - Duration::hours(1), 9)
+    refresh::set_level(p.docs.as_ref(), &older, at - Duration::hours(1), 9, BOTH)
         .await
         .unwrap();
     // At the same instant, the lower of two levels does not replace the higher.
-    refresh::set_level(p.docs.as_ref(), &older, at, 1)
+    refresh::set_level(p.docs.as_ref(), &older, at, 1, BOTH)
         .await
         .unwrap();
     let earlier_period = PaidPeriod {
@@ -671,7 +678,7 @@ async fn a_changed_level_applies_to_later_allotments_only_and_the_latest_change_
         period_end: start(),
         ..paid.clone()
     };
-    refresh::set_level(p.docs.as_ref(), &earlier_period, at, 9)
+    refresh::set_level(p.docs.as_ref(), &earlier_period, at, 9, BOTH)
         .await
         .unwrap();
     // A redelivered paid period of the same period keeps the changed level.
@@ -710,7 +717,7 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
         ..own.clone()
     };
     let at = start() + Duration::minutes(20);
-    refresh::set_level(p.docs.as_ref(), &upgrade, at, 1)
+    refresh::set_level(p.docs.as_ref(), &upgrade, at, 1, BOTH)
         .await
         .unwrap();
     // More add-on units in the same second (ranked after it), before the invoice too.
@@ -720,7 +727,7 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
         addon_units: 2,
         ..own.clone()
     };
-    refresh::set_level(p.docs.as_ref(), &units, at, 2)
+    refresh::set_level(p.docs.as_ref(), &units, at, 2, BOTH)
         .await
         .unwrap();
     let opened = doc_of(&p, ws).await;

@@ -399,13 +399,28 @@ impl BillingEvents {
             ended_at: None,
             created: None,
             voided_period: None,
+            level_as_of: None,
         };
-        self.merge_subscription(
-            event,
-            workspace,
-            record,
-            SubscriptionRecord::merge_invoice_facts,
-        )
+        // Lines are made with the invoice; the subscription's metadata (the terms of a
+        // subscription older than Tally's products) is copied when it is finalized.
+        let from_lines = opens.is_some()
+            && crate::subscriptions::paid::new_period(&super::grants::paid_lines(
+                i,
+                self.catalog(),
+            ))
+            .is_some();
+        let switch = i.billing_reason.as_deref() == Some("subscription_update");
+        let lines_as_of = if from_lines {
+            i.created
+        } else {
+            i.status_transitions
+                .as_ref()
+                .and_then(|t| t.finalized_at)
+                .unwrap_or(i.created)
+        };
+        self.merge_subscription(event, workspace, record, move |cur, incoming| {
+            SubscriptionRecord::merge_invoice_facts(cur, incoming, lines_as_of, switch)
+        })
         .await
     }
 
@@ -474,6 +489,7 @@ impl BillingEvents {
                 .map(ts),
             created: s.created.map(ts),
             voided_period: None,
+            level_as_of: None,
         };
         if let Some(c) = s.customer.id() {
             self.link_customer(c, &workspace).await?;
@@ -559,7 +575,7 @@ impl BillingEvents {
         event: &objects::Event,
         workspace: &WorkspaceId,
         record: SubscriptionRecord,
-        merge: fn(Option<SubscriptionRecord>, SubscriptionRecord) -> Option<SubscriptionRecord>,
+        merge: impl Fn(Option<SubscriptionRecord>, SubscriptionRecord) -> Option<SubscriptionRecord>,
     ) -> Result<(), ConsumeError> {
         let merged = docs::update(
             self.docs.as_ref(),

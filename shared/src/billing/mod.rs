@@ -520,6 +520,7 @@ impl BillingEvents {
                             invoice.billing_reason.as_deref(),
                             invoice.number.as_deref(),
                         ),
+                        parts: Some(crate::refresh::PartsSet::default()),
                     },
                 )
                 .await?;
@@ -532,6 +533,14 @@ impl BillingEvents {
                 let billed_addons = lines.iter().any(|l| {
                     l.proration && matches!(l.item, crate::subscriptions::paid::Item::Addon(_))
                 });
+                let billed = crate::refresh::Billed {
+                    plan: lines.iter().any(|l| {
+                        l.proration
+                            && l.amount > 0
+                            && matches!(l.item, crate::subscriptions::paid::Item::Plan(_))
+                    }),
+                    addon: billed_addons,
+                };
                 let addon_credits = billed_addons.then(|| {
                     lines
                         .iter()
@@ -560,6 +569,7 @@ impl BillingEvents {
                     &paid_period(workspace, sub, &invoice.id, level, addon_credits),
                     *at,
                     rank,
+                    billed,
                 )
                 .await?;
                 // A yearly month that fell due before this change and was not granted yet:
@@ -576,8 +586,8 @@ impl BillingEvents {
                     sub,
                     &invoice.id,
                     level,
-                    *at,
-                    rank,
+                    (*at, rank),
+                    billed,
                 )
                 .await?;
                 // A refund of this change's invoice that arrived first lowers the later

@@ -175,6 +175,8 @@ pub struct List<T> {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct StatusTransitions {
     pub paid_at: Option<i64>,
+    #[serde(default)]
+    pub finalized_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -6,6 +6,7 @@
 
 use super::records::workspace_pk;
 use crate::ids::{InvoiceId, SubscriptionId, WorkspaceId};
+use crate::refresh::{Billed, PartsSet};
 use crate::store::StoreError;
 use crate::store::docs::{self, DocStore};
 use crate::subscriptions::paid::Level;
@@ -29,6 +30,10 @@ pub struct PaidPeriod {
     /// ([`period_rank`](crate::refresh::period_rank)), when its own invoice opened it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank: Option<u64>,
+    /// Which change last set each part of the level; `None` for a period recorded before
+    /// they were kept (a change older than its level then changes nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<PartsSet>,
 }
 
 impl PaidPeriod {
@@ -97,6 +102,8 @@ impl PaidPeriods {
     /// With no document yet, or none for a period later than those recorded (the change's
     /// invoice applied before the period's own), the period is recorded at the changed
     /// level, opened by `invoice`.
+    /// A change older than the level still sets the parts it billed that no later change
+    /// billed (units added, then an upgrade billing no add-on lines, applied first).
     pub fn change(
         current: Option<Self>,
         sub: &SubscriptionId,
@@ -104,17 +111,24 @@ impl PaidPeriods {
         level: &Level,
         at: DateTime<Utc>,
         rank: u64,
+        billed: Billed,
     ) -> Option<Self> {
+        let opened = || {
+            let mut parts = PartsSet::default();
+            parts.set_by(billed, at, rank);
+            PaidPeriod {
+                level: level.clone(),
+                invoice: invoice.clone(),
+                level_as_of: at,
+                level_rank: Some(rank),
+                rank: None,
+                parts: Some(parts),
+            }
+        };
         let Some(mut doc) = current else {
             return Some(Self {
                 subscription: sub.clone(),
-                current: PaidPeriod {
-                    level: level.clone(),
-                    invoice: invoice.clone(),
-                    level_as_of: at,
-                    level_rank: Some(rank),
-                    rank: None,
-                },
+                current: opened(),
                 previous: None,
             });
         };
@@ -125,12 +139,35 @@ impl PaidPeriods {
                 // event delivered again must not undo the later one).
                 let newer =
                     p.level_as_of < at || (p.level_as_of == at && p.level_rank.unwrap_or(0) < rank);
-                if !newer || p.level == *level {
+                if !newer {
+                    let Some(parts) = &mut p.parts else {
+                        return None;
+                    };
+                    let sets = parts.newer_than_set(billed, at, rank);
+                    let mut next = p.level.clone();
+                    if sets.plan {
+                        next.plan = level.plan.clone();
+                    }
+                    if sets.addon {
+                        next.addon_units = level.addon_units;
+                    }
+                    let before = parts.clone();
+                    parts.set_by(sets, at, rank);
+                    if next == p.level && *parts == before {
+                        return None;
+                    }
+                    p.level = next;
+                    return Some(doc);
+                }
+                if p.level == *level && p.parts.is_none() {
                     return None;
                 }
                 p.level = level.clone();
                 p.level_as_of = at;
                 p.level_rank = Some(rank);
+                if let Some(parts) = &mut p.parts {
+                    parts.set_by(billed, at, rank);
+                }
                 return Some(doc);
             }
         }
@@ -142,14 +179,7 @@ impl PaidPeriods {
         let current = &doc.current;
         let switch = Some(crate::refresh::SWITCH | rank);
         if (level.period_start, switch) > (current.level.period_start, current.order()) {
-            let opened = PaidPeriod {
-                level: level.clone(),
-                invoice: invoice.clone(),
-                level_as_of: at,
-                level_rank: Some(rank),
-                rank: None,
-            };
-            doc.previous = Some(std::mem::replace(&mut doc.current, opened));
+            doc.previous = Some(std::mem::replace(&mut doc.current, opened()));
             return Some(doc);
         }
         None
@@ -188,11 +218,11 @@ pub async fn change(
     sub: &SubscriptionId,
     invoice: &InvoiceId,
     level: &Level,
-    at: DateTime<Utc>,
-    rank: u64,
+    (at, rank): (DateTime<Utc>, u64),
+    billed: Billed,
 ) -> Result<Option<PaidPeriods>, StoreError> {
     docs::update(docs, &workspace_pk(workspace), &sk(sub), |cur| {
-        PaidPeriods::change(cur, sub, invoice, level, at, rank)
+        PaidPeriods::change(cur, sub, invoice, level, at, rank, billed)
     })
     .await
 }
@@ -217,8 +247,15 @@ mod tests {
             level_as_of: start,
             level_rank: None,
             rank: None,
+            parts: Some(PartsSet::default()),
         }
     }
+
+    /// A change billing the plan alone.
+    const PLAN: Billed = Billed {
+        plan: true,
+        addon: false,
+    };
 
     /// The document after opening each period in `order`, then each again (duplicates).
     fn opened_twice(sub: &SubscriptionId, order: &[PaidPeriod]) -> PaidPeriods {
@@ -300,6 +337,7 @@ mod tests {
             &changed,
             at,
             rank,
+            PLAN,
         )
         .unwrap();
         assert_eq!(doc.current.level, changed);
@@ -320,8 +358,74 @@ mod tests {
             &old,
             at,
             early,
+            PLAN,
         );
         assert!(after.is_none_or(|d| d.current.level == changed));
+    }
+
+    #[test]
+    fn a_late_change_sets_the_parts_no_later_change_billed() {
+        let sub: SubscriptionId = "sub_1".parse().unwrap();
+        let p = period(1, "plus");
+        let doc = PaidPeriods::open(None, &sub, p.clone()).unwrap();
+        let t1 = p.level_as_of + chrono::Duration::days(3);
+        let t2 = t1 + chrono::Duration::days(1);
+        let units = Billed {
+            plan: false,
+            addon: true,
+        };
+        let inv = p.invoice.clone();
+        // An upgrade billing no add-on lines, then the units added before it.
+        let max = Level {
+            plan: "max".into(),
+            ..p.level.clone()
+        };
+        let up = PaidPeriods::change(Some(doc.clone()), &sub, &inv, &max, t2, 1, PLAN).unwrap();
+        let five = Level {
+            addon_units: 5,
+            ..max.clone()
+        };
+        let both = PaidPeriods::change(Some(up.clone()), &sub, &inv, &five, t1, 1, units).unwrap();
+        assert_eq!(
+            (
+                both.current.level.plan.as_str(),
+                both.current.level.addon_units
+            ),
+            ("max", 5)
+        );
+        assert_eq!(both.current.level_as_of, t2);
+        // Delivered again: nothing more.
+        assert_eq!(
+            PaidPeriods::change(Some(both.clone()), &sub, &inv, &five, t1, 1, units),
+            None
+        );
+        // An even older plan change: the upgrade billed the plan after it.
+        let generative = Level {
+            plan: "generative".into(),
+            ..both.current.level.clone()
+        };
+        let t0 = t1 - chrono::Duration::days(1);
+        assert_eq!(
+            PaidPeriods::change(Some(both), &sub, &inv, &generative, t0, 1, PLAN),
+            None
+        );
+        // Units removed (a level equal to the one known), then the units added before it:
+        // the removal is the later of the two, so none stay.
+        let none =
+            PaidPeriods::change(Some(doc.clone()), &sub, &inv, &p.level, t2, 1, units).unwrap();
+        let five_plus = Level {
+            addon_units: 5,
+            ..p.level.clone()
+        };
+        let after = PaidPeriods::change(Some(none.clone()), &sub, &inv, &five_plus, t1, 1, units);
+        assert!(after.is_none_or(|d| d.current.level.addon_units == 0));
+        // A period recorded before the parts were kept: a late change changes nothing.
+        let mut legacy = up;
+        legacy.current.parts = None;
+        assert_eq!(
+            PaidPeriods::change(Some(legacy), &sub, &inv, &five, t1, 1, units),
+            None
+        );
     }
 
     #[test]
@@ -340,22 +444,23 @@ mod tests {
             ..p.level.clone()
         };
         let inv = p.invoice.clone();
-        let later = PaidPeriods::change(Some(doc.clone()), &sub, &inv, &gen_, t2, 1).unwrap();
+        let later = PaidPeriods::change(Some(doc.clone()), &sub, &inv, &gen_, t2, 1, PLAN).unwrap();
         assert_eq!(
-            PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t1, 2),
+            PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t1, 2, PLAN),
             None
         );
         assert_eq!(later.current.level.plan, "generative");
         // Two in the same second: the later by rank, whatever order they come in.
-        let second = PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t2, 2).unwrap();
+        let second =
+            PaidPeriods::change(Some(later.clone()), &sub, &inv, &max, t2, 2, PLAN).unwrap();
         assert_eq!(second.current.level.plan, "max");
         assert_eq!(
-            PaidPeriods::change(Some(second.clone()), &sub, &inv, &gen_, t2, 1),
+            PaidPeriods::change(Some(second.clone()), &sub, &inv, &gen_, t2, 1, PLAN),
             None,
             "the first change delivered again does not undo the second"
         );
         // A change applied before its period's own invoice records the period at the level.
-        let first = PaidPeriods::change(None, &sub, &inv, &max, t1, 1).unwrap();
+        let first = PaidPeriods::change(None, &sub, &inv, &max, t1, 1, PLAN).unwrap();
         assert_eq!(first.current.level.plan, "max");
         // The period's own invoice then finds it recorded and keeps the changed level.
         assert_eq!(PaidPeriods::open(Some(first), &sub, p.clone()), None);
@@ -373,7 +478,7 @@ mod tests {
             ..renewal.level.clone()
         };
         let inv: InvoiceId = "in_change".parse().unwrap();
-        let changed = PaidPeriods::change(Some(doc), &sub, &inv, &max, at, 1).unwrap();
+        let changed = PaidPeriods::change(Some(doc), &sub, &inv, &max, at, 1, PLAN).unwrap();
         assert_eq!(changed.current.level, max);
         assert_eq!(changed.previous, Some(old));
         // The renewal's own invoice keeps the changed level.

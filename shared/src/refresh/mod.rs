@@ -164,6 +164,12 @@ pub struct RefreshDoc {
     /// events arrive in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period_rank: Option<u64>,
+    /// Which change last billed each part of the level, the opening change's included:
+    /// a change older than the level still sets a part no later change billed. `None` for
+    /// a document recorded before they were kept (a late change then only takes its place
+    /// among the changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<PartsSet>,
 }
 
 /// An invoice's place among the customer's invoices, from the number Stripe gives it as it
@@ -204,6 +210,9 @@ pub struct OpeningChange {
     pub rank: u64,
     /// The level it paid for.
     pub level: LevelParts,
+    /// The parts it billed (unknown for a document opened before they were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billed: Option<Billed>,
 }
 
 /// Paid changes of one period the document remembers (a busier period forgets its oldest:
@@ -233,7 +242,68 @@ pub struct LevelParts {
     pub addon_credits: Option<Credits>,
 }
 
+/// The parts of a level a paid change billed: its positive proration lines name the plan,
+/// or its proration lines (either sign) name the add-on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Billed {
+    pub plan: bool,
+    pub addon: bool,
+}
+
+/// The change (its time and rank) that last billed the plan, and the add-on, of a period's
+/// level; `None`: no change since the period's own invoice set it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartsSet {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<(DateTime<Utc>, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addon: Option<(DateTime<Utc>, u64)>,
+}
+
+impl PartsSet {
+    /// The parts a change at `at`, ranked `rank`, billing `billed`, sets from here.
+    pub(crate) fn set_by(&mut self, billed: Billed, at: DateTime<Utc>, rank: u64) {
+        if billed.plan {
+            self.plan = self.plan.max(Some((at, rank)));
+        }
+        if billed.addon {
+            self.addon = self.addon.max(Some((at, rank)));
+        }
+    }
+
+    /// The parts of `billed` no later change than (`at`, `rank`) billed.
+    pub(crate) fn newer_than_set(&self, billed: Billed, at: DateTime<Utc>, rank: u64) -> Billed {
+        let newer = |set: Option<(DateTime<Utc>, u64)>| set.is_none_or(|s| s < (at, rank));
+        Billed {
+            plan: billed.plan && newer(self.plan),
+            addon: billed.addon && newer(self.addon),
+        }
+    }
+}
+
 impl LevelParts {
+    /// The level a change billing the parts `billed`, to the values of `p`, leads to from
+    /// this one: the parts it did not bill stay as they were.
+    fn with_billed(&self, p: &PaidPeriod, billed: Billed) -> LevelParts {
+        LevelParts {
+            plan: if billed.plan {
+                p.plan.clone()
+            } else {
+                self.plan.clone()
+            },
+            addon_units: if billed.addon {
+                p.addon_units
+            } else {
+                self.addon_units
+            },
+            addon_credits: if billed.addon {
+                p.addon_credits
+            } else {
+                self.addon_credits
+            },
+        }
+    }
+
     /// The level the paid change `p` leads to from this one: a change that did not bill
     /// the add-on item leaves its value as it was.
     fn changed_by(&self, p: &PaidPeriod) -> LevelParts {
@@ -261,6 +331,20 @@ pub struct PaidChange {
     /// cents paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_back: Option<(u64, u64)>,
+    /// The parts it billed (unknown for changes recorded before they were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billed: Option<Billed>,
+    /// Its order among changes of the same second (`billing::change_rank`); unknown for
+    /// changes recorded before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u64>,
+}
+
+impl PaidChange {
+    /// Whether it was made after a change at `at` ranked `rank`.
+    fn after(&self, at: DateTime<Utc>, rank: u64) -> bool {
+        self.at > at || (self.at == at && self.rank.is_some_and(|r| r > rank))
+    }
 }
 
 /// A level that allotments dated before `until` follow (see [`RefreshDoc::earlier`]).
@@ -302,6 +386,7 @@ impl RefreshDoc {
             opened_by: None,
             previous: None,
             period_rank: None,
+            parts: Some(PartsSet::default()),
         }
     }
 
@@ -345,13 +430,28 @@ impl RefreshDoc {
         let own = Self::from_period(p).parts();
         // What the change led to from the period's own level: a change that did not bill
         // the add-on item leaves the value the period's invoice gave its units.
-        let after = own.changed_by(&PaidPeriod {
+        let mut after = own.changed_by(&PaidPeriod {
             invoice: self.invoice.clone(),
             plan: opening.level.plan.clone(),
             addon_units: opening.level.addon_units,
             addon_credits: opening.level.addon_credits,
             ..p.clone()
         });
+        // A part the change did not bill that a change made before it set (its event
+        // applied late, after this document opened): that change's value, which the level
+        // holds as no change since billed it.
+        if let (Some(parts), Some(billed)) = (&self.parts, opening.billed) {
+            let before_opening = |set: Option<(DateTime<Utc>, u64)>| {
+                set.is_some_and(|s| s < (opening.at, opening.rank))
+            };
+            if !billed.plan && before_opening(parts.plan) {
+                after.plan = self.plan.clone();
+            }
+            if !billed.addon && before_opening(parts.addon) {
+                after.addon_units = self.addon_units;
+                after.addon_credits = self.addon_credits;
+            }
+        }
         match doc.changes.first_mut() {
             Some(next) => next.before = after.clone(),
             None => {
@@ -368,6 +468,8 @@ impl RefreshDoc {
                 before: own,
                 after,
                 given_back: self.given_back,
+                billed: opening.billed,
+                rank: Some(opening.rank),
             },
         );
         forget_oldest(&mut doc.changes);
@@ -375,26 +477,78 @@ impl RefreshDoc {
     }
 
     /// A paid change whose event arrived after a later change's: recorded before the first
-    /// later one, starting from the level that one started from, which now starts from it.
-    fn insert_late_change(&mut self, p: &PaidPeriod, at: DateTime<Utc>) {
+    /// later one, from the level that one started from, which now starts from it. A part it billed that no later
+    /// change billed (by the document's [`PartsSet`], which knows the opening change and
+    /// forgotten ones too) carries through the later changes into the level: units added,
+    /// then an upgrade whose invoice bills no add-on lines, the upgrade's event applied
+    /// first, leave the new plan with the units.
+    fn insert_late_change(&mut self, p: &PaidPeriod, at: DateTime<Utc>, rank: u64, billed: Billed) {
         if p.invoice == self.invoice || self.changes.iter().any(|c| c.invoice == p.invoice) {
             return;
         }
-        let Some(i) = self.changes.iter().position(|c| c.at > at) else {
+        let carry = match &mut self.parts {
+            Some(parts) => {
+                let carry = parts.newer_than_set(billed, at, rank);
+                parts.set_by(carry, at, rank);
+                carry
+            }
+            None => Billed::default(),
+        };
+        let Some(i) = self.changes.iter().position(|c| c.after(at, rank)) else {
+            // No later change remembered (the one that opened the document, or one in
+            // the same second recorded before ranks were kept): the level alone.
+            let level = self.parts().with_billed(p, carry);
+            (self.plan, self.addon_units, self.addon_credits) =
+                (level.plan, level.addon_units, level.addon_credits);
             return;
         };
-        let after = self.changes[i].before.changed_by(p);
-        let before = std::mem::replace(&mut self.changes[i].before, after.clone());
+        let before = self.changes[i].before.clone();
+        let after = before.with_billed(p, billed);
         self.changes.insert(
             i,
             PaidChange {
                 invoice: p.invoice.clone(),
                 at,
                 before,
-                after,
+                after: after.clone(),
                 given_back: None,
+                billed: Some(billed),
+                rank: Some(rank),
             },
         );
+        // Changes the list does not hold may lie between this one and the first it holds
+        // after it (the one that opened the document, those forgotten): those start from
+        // what they left, so only the parts no later change billed go on.
+        let unlisted_between = i == 0
+            && (self.changes.len() > MAX_CHANGES
+                || self
+                    .opened_by
+                    .as_ref()
+                    .is_some_and(|o| (o.at, o.rank) > (at, rank)));
+        let walk = if unlisted_between { carry } else { billed };
+        // Each later change started from this one's parts until one billed the part again
+        // (that one started from it too); one recorded before billed parts were kept is
+        // taken as billing everything.
+        let mut going = walk;
+        for c in &mut self.changes[i + 1..] {
+            if !going.plan && !going.addon {
+                break;
+            }
+            c.before = c.before.with_billed(p, going);
+            let theirs = c.billed.unwrap_or(Billed {
+                plan: true,
+                addon: true,
+            });
+            let through = Billed {
+                plan: going.plan && !theirs.plan,
+                addon: going.addon && !theirs.addon,
+            };
+            c.after = c.after.with_billed(p, through);
+            going = through;
+        }
+        let level = self.parts().with_billed(p, carry);
+        (self.plan, self.addon_units, self.addon_credits) =
+            (level.plan, level.addon_units, level.addon_credits);
         forget_oldest(&mut self.changes);
     }
 
@@ -501,17 +655,19 @@ impl RefreshDoc {
     /// Sets the level the remaining allotments follow, as of `at`, unless a later change
     /// already set it. A paid change sets it both ways (an upgrade raises it; a prorated
     /// downgrade made elsewhere lowers it), so allotments follow what was last paid for.
-    fn set_level(&mut self, p: &PaidPeriod, at: DateTime<Utc>, rank: u64) -> bool {
+    fn set_level(&mut self, p: &PaidPeriod, at: DateTime<Utc>, rank: u64, billed: Billed) -> bool {
         // Two changes in the same second: the later by rank (the invoice Stripe numbered
         // later; see `billing::change_rank`), whatever order they arrive in.
         if self.level_as_of.is_some_and(|t| t > at)
             || (self.level_as_of == Some(at) && self.level_rank.unwrap_or(0) >= rank)
         {
-            let changes_before = self.changes.clone();
-            // Too old for the remaining allotments, but still a paid change of them: it
-            // goes in its place among the changes (the next one started from its level),
-            // so a refund of either takes back what each added.
-            self.insert_late_change(p, at);
+            let (changes_before, level_before, parts_before) =
+                (self.changes.clone(), self.parts(), self.parts.clone());
+            // Older than the level, but still a paid change of the period: it goes in its
+            // place among the changes (the next one started from its level), so a refund
+            // of either takes back what each added, and the parts no later change billed
+            // are the level's.
+            self.insert_late_change(p, at, rank, billed);
             // And it may be the level an allotment waiting for the worker had on its date
             // (a change before that date whose event arrived after a later change's).
             let pending = self.pending_allotment();
@@ -520,12 +676,14 @@ impl RefreshDoc {
                 && e.as_of
                     .is_some_and(|t| t < at || (t == at && e.rank.unwrap_or(0) < rank))
             {
-                e.level = e.level.changed_by(p);
+                e.level = e.level.with_billed(p, billed);
                 e.as_of = Some(at);
                 e.rank = Some(rank);
                 return true;
             }
-            return changes_before != self.changes;
+            return changes_before != self.changes
+                || level_before != self.parts()
+                || parts_before != self.parts;
         }
         self.level_rank = Some(rank);
         // An allotment already due when the change was made, and not granted yet, is owed
@@ -539,7 +697,10 @@ impl RefreshDoc {
             });
         }
         let (before, was_as_of) = (self.parts(), self.level_as_of);
-        let after = before.changed_by(p);
+        let after = before.with_billed(p, billed);
+        if let Some(parts) = &mut self.parts {
+            parts.set_by(billed, at, rank);
+        }
         self.plan = after.plan.clone();
         self.addon_units = after.addon_units;
         self.addon_credits = after.addon_credits;
@@ -551,6 +712,8 @@ impl RefreshDoc {
                 before: before.clone(),
                 after: after.clone(),
                 given_back: None,
+                billed: Some(billed),
+                rank: Some(rank),
             });
             forget_oldest(&mut self.changes);
         }
@@ -668,6 +831,7 @@ pub async fn set_level(
     p: &PaidPeriod,
     at: DateTime<Utc>,
     rank: u64,
+    billed: Billed,
 ) -> Result<(), StoreError> {
     let settings = Settings::default();
     docs::update_due(
@@ -679,7 +843,7 @@ pub async fn set_level(
                 Some(mut c)
                     if c.same_period(&p.subscription, p.period_start, p.period_end, None) =>
                 {
-                    if !c.set_level(p, at, rank) {
+                    if !c.set_level(p, at, rank, billed) {
                         return None;
                     }
                     c
@@ -699,7 +863,11 @@ pub async fn set_level(
                         at,
                         rank,
                         level: fresh.parts(),
+                        billed: Some(billed),
                     });
+                    if let Some(parts) = &mut fresh.parts {
+                        parts.set_by(billed, at, rank);
+                    }
                     fresh
                 }
             };

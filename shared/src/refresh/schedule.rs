@@ -238,6 +238,50 @@ pub fn next_due(doc: &RefreshDoc, grace: Duration) -> Option<DateTime<Utc>> {
 
 #[cfg(test)]
 mod tests {
+    /// A change billing the plan alone.
+    const PLAN_ONLY: crate::refresh::Billed = crate::refresh::Billed {
+        plan: true,
+        addon: false,
+    };
+    /// A change billing the add-on alone.
+    const UNITS_ONLY: crate::refresh::Billed = crate::refresh::Billed {
+        plan: false,
+        addon: true,
+    };
+
+    /// The parts a test's change bills: the plan it names (its invoice has a line for it,
+    /// whatever level the document shows when it arrives), and the add-on when its units
+    /// differ from the document's or are valued.
+    fn moved(d: &RefreshDoc, p: &crate::refresh::PaidPeriod) -> crate::refresh::Billed {
+        crate::refresh::Billed {
+            plan: true,
+            addon: p.addon_units != d.addon_units || p.addon_credits.is_some(),
+        }
+    }
+
+    /// [`apply`] for a change to `plan` paid by `invoice`.
+    fn apply_paid(
+        d: &mut RefreshDoc,
+        invoice: &str,
+        plan: &str,
+        at: DateTime<Utc>,
+        rank: u64,
+    ) -> bool {
+        let p = paid(d, invoice, plan);
+        apply(d, &p, at, rank)
+    }
+
+    /// Sets the level a test's change leads to, as billing would (see [`moved`]).
+    fn apply(
+        d: &mut RefreshDoc,
+        p: &crate::refresh::PaidPeriod,
+        at: DateTime<Utc>,
+        rank: u64,
+    ) -> bool {
+        let billed = moved(d, p);
+        d.set_level(p, at, rank, billed)
+    }
+
     use super::*;
     use crate::ids::{InvoiceId, SubscriptionId, WorkspaceId};
     use crate::subscriptions::Interval;
@@ -270,6 +314,7 @@ mod tests {
             opened_by: None,
             previous: None,
             period_rank: None,
+            parts: Some(crate::refresh::PartsSet::default()),
         }
     }
 
@@ -302,6 +347,196 @@ mod tests {
     }
 
     #[test]
+    fn a_late_change_of_another_part_carries_through_the_later_changes() {
+        let catalog = Catalog::builtin();
+        let a = allotments(t(2027, 1, 15), t(2028, 1, 15));
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        d.plan = "plus".into();
+        d.addon_units = 0;
+        d.addon_credits = None;
+        let (t1, t2) = (a[0].at - Duration::days(20), a[0].at - Duration::days(19));
+        // The upgrade (no add-on lines) applied first, at the level known then.
+        assert!(d.set_level(&paid(&d, "in_up", "max"), t2, 1, PLAN_ONLY));
+        // The units added the day before: valued against the level known now (Max).
+        let units = crate::refresh::PaidPeriod {
+            addon_units: 5,
+            addon_credits: Some(Credits::new(300)),
+            ..paid(&d, "in_units", "max")
+        };
+        assert!(d.set_level(&units, t1, 1, UNITS_ONLY));
+        assert_eq!((d.plan.as_str(), d.addon_units), ("max", 5));
+        let g = grants(&d, &a[0], &catalog).unwrap();
+        let total: u64 = g.iter().map(|g| g.credits.get()).sum();
+        assert_eq!(total, 400 + 300, "{g:?}");
+        // Each change as it was: the units from Plus, then the upgrade from Plus with them.
+        let steps: Vec<_> = d
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    c.invoice.as_str(),
+                    (c.before.plan.as_str(), c.before.addon_units),
+                    (c.after.plan.as_str(), c.after.addon_units),
+                )
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("in_units", ("plus", 0), ("plus", 5)),
+                ("in_up", ("plus", 5), ("max", 5)),
+            ]
+        );
+        // Delivered again: nothing changes.
+        assert!(!d.set_level(&units, t1, 1, UNITS_ONLY));
+    }
+
+    #[test]
+    fn a_late_change_never_overrides_a_later_change_of_the_same_part() {
+        let units = |d: &RefreshDoc, invoice: &str, n: u32| crate::refresh::PaidPeriod {
+            addon_units: n,
+            addon_credits: Some(Credits::new(60 * u64::from(n))),
+            ..paid(d, invoice, &d.plan)
+        };
+        let start = t(2027, 1, 15);
+        let at = start + Duration::days(3);
+        // Two plan changes in one second (team ranked first, max after it), then units an
+        // hour later; team's event comes last.
+        let mut d = doc(start, Interval::Yearly);
+        d.plan = "plus".into();
+        assert!(d.set_level(&paid(&d, "in_max", "max"), at, 2, PLAN_ONLY));
+        let more = units(&d, "in_units", 3);
+        assert!(d.set_level(&more, at + Duration::hours(1), 1, UNITS_ONLY));
+        assert!(d.set_level(&paid(&d, "in_team", "team"), at, 1, PLAN_ONLY));
+        assert_eq!((d.plan.as_str(), d.addon_units), ("max", 3));
+        let order: Vec<_> = d.changes.iter().map(|c| c.invoice.as_str()).collect();
+        assert_eq!(order, ["in_team", "in_max", "in_units"]);
+
+        // A document a change opened (Max, at day 3), units since; a plan change from the
+        // day before arrives: Max stays, the change opened the document after it.
+        let mut d = doc(start, Interval::Yearly);
+        d.plan = "max".into();
+        d.addon_units = 0;
+        if let Some(parts) = &mut d.parts {
+            parts.set_by(PLAN_ONLY, at, 1);
+        }
+        let more = units(&d, "in_units", 5);
+        assert!(d.set_level(&more, at + Duration::days(1), 1, UNITS_ONLY));
+        let earlier = paid(&d, "in_team", "team");
+        d.set_level(&earlier, at - Duration::days(1), 1, PLAN_ONLY);
+        assert_eq!((d.plan.as_str(), d.addon_units), ("max", 5));
+
+        // Over a hundred changes since two plan changes: the first delivered again (it is
+        // forgotten) changes nothing.
+        let mut d = doc(start, Interval::Yearly);
+        d.plan = "plus".into();
+        assert!(d.set_level(&paid(&d, "in_x", "max"), at, 1, PLAN_ONLY));
+        assert!(d.set_level(
+            &paid(&d, "in_y", "team"),
+            at + Duration::hours(1),
+            1,
+            PLAN_ONLY
+        ));
+        for i in 0..crate::refresh::MAX_CHANGES {
+            let n = u32::try_from(i % 3).unwrap() + 1;
+            let c = units(&d, &format!("in_u{i}"), n);
+            let when = at + Duration::hours(2 + i64::try_from(i).unwrap());
+            assert!(d.set_level(&c, when, 1, UNITS_ONLY));
+        }
+        let level = (d.plan.clone(), d.addon_units);
+        d.set_level(&paid(&d, "in_x", "max"), at, 1, PLAN_ONLY);
+        assert_eq!((d.plan.clone(), d.addon_units), level);
+        assert_eq!(d.plan, "team");
+        assert!(d.changes.iter().all(|c| c.after.plan == "team"));
+    }
+
+    #[test]
+    fn a_late_change_starts_every_change_after_it_until_one_bills_the_same_part() {
+        let units = |d: &RefreshDoc, invoice: &str, n: u32| crate::refresh::PaidPeriod {
+            addon_units: n,
+            addon_credits: Some(Credits::new(60 * u64::from(n))),
+            ..paid(d, invoice, &d.plan)
+        };
+        let start = t(2027, 1, 15);
+        let day = |n: i64| start + Duration::days(n);
+        let mut d = doc(start, Interval::Yearly);
+        d.plan = "plus".into();
+        d.addon_units = 0;
+        // Units to 3 (day 3), the upgrade (day 2) late, the first units (5, day 1) later.
+        assert!(d.set_level(&units(&d, "in_b", 3), day(3), 1, UNITS_ONLY));
+        assert!(d.set_level(&paid(&d, "in_u", "max"), day(2), 1, PLAN_ONLY));
+        assert!(d.set_level(&units(&d, "in_a", 5), day(1), 1, UNITS_ONLY));
+        let steps: Vec<_> = d
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    c.invoice.as_str(),
+                    (c.before.plan.as_str(), c.before.addon_units),
+                    (c.after.plan.as_str(), c.after.addon_units),
+                )
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("in_a", ("plus", 0), ("plus", 5)),
+                ("in_u", ("plus", 5), ("max", 5)),
+                ("in_b", ("max", 5), ("max", 3)),
+            ]
+        );
+        assert_eq!((d.plan.as_str(), d.addon_units), ("max", 3));
+        // An allotment dated between the upgrade and the last units change: Max with 5.
+        let catalog = Catalog::builtin();
+        let (plan, n, _) = level(&d, day(2) + Duration::hours(1), &catalog).unwrap();
+        assert_eq!((plan.id.as_str(), n), ("max", 5));
+    }
+
+    #[test]
+    fn units_set_before_the_change_that_opened_the_document_stay_when_its_period_comes() {
+        let start = t(2027, 1, 15);
+        let own = crate::refresh::PaidPeriod {
+            plan: "plus".into(),
+            ..paid(&doc(start, Interval::Yearly), "in_own", "plus")
+        };
+        // The upgrade (day 2, plan alone) opened the document before the period's own
+        // invoice; the subscription then showed no units.
+        let mut d = doc(start, Interval::Yearly);
+        d.invoice = InvoiceId::parse("in_up").unwrap();
+        d.plan = "max".into();
+        d.addon_units = 0;
+        let opened_at = start + Duration::days(2);
+        d.opened_by = Some(crate::refresh::OpeningChange {
+            at: opened_at,
+            rank: 1,
+            level: d.parts(),
+            billed: Some(PLAN_ONLY),
+        });
+        if let Some(parts) = &mut d.parts {
+            parts.set_by(PLAN_ONLY, opened_at, 1);
+        }
+        // Units added the day before, applied now: the level has them.
+        let five = crate::refresh::PaidPeriod {
+            addon_units: 5,
+            addon_credits: Some(Credits::new(300)),
+            ..paid(&d, "in_units", "max")
+        };
+        assert!(d.set_level(&five, start + Duration::days(1), 1, UNITS_ONLY));
+        assert_eq!((d.plan.as_str(), d.addon_units), ("max", 5));
+        // Delivered again: nothing to write.
+        assert!(!d.set_level(&five, start + Duration::days(1), 1, UNITS_ONLY));
+        // The period's own invoice: the upgrade becomes its first change, the units stay.
+        let reopened = d.reopened_by_own_invoice(&own).unwrap();
+        assert_eq!((reopened.plan.as_str(), reopened.addon_units), ("max", 5));
+        let first = &reopened.changes[0];
+        assert_eq!(first.invoice.as_str(), "in_up");
+        assert_eq!(
+            (first.after.plan.as_str(), first.after.addon_units),
+            ("max", 5)
+        );
+    }
+
+    #[test]
     fn a_busy_period_remembers_its_last_hundred_changes() {
         let mut d = doc(t(2027, 1, 15), Interval::Yearly);
         let n = crate::refresh::MAX_CHANGES + 5;
@@ -319,7 +554,7 @@ mod tests {
                 period_end: d.period_end,
             };
             let at = d.period_start + Duration::hours(i64::try_from(i).unwrap() + 1);
-            assert!(d.set_level(&change, at, 1), "change {i}");
+            assert!(apply(&mut d, &change, at, 1), "change {i}");
         }
         assert_eq!(d.changes.len(), crate::refresh::MAX_CHANGES);
         assert_eq!(d.changes[0].invoice.as_str(), "in_c5");
@@ -352,7 +587,7 @@ mod tests {
             period_start: d.period_start,
             period_end: d.period_end,
         };
-        assert!(d.set_level(&team, change, 1));
+        assert!(apply(&mut d, &team, change, 1));
         assert_eq!(d.plan, "team");
         // Due before the change: at its date's level (the change grant covers the rest
         // of that month). Due after: at the level paid for.
@@ -376,7 +611,7 @@ mod tests {
             plan: "max".into(),
             ..team
         };
-        assert!(d.set_level(&max, a[1].at - Duration::days(3), 2));
+        assert!(apply(&mut d, &max, a[1].at - Duration::days(3), 2));
         assert_eq!(d.earlier, None);
         assert_eq!(
             grants(&d, &a[1], &catalog).unwrap()[0].credits,
@@ -400,26 +635,26 @@ mod tests {
         // date; the difference came back as money, and its credits go from this month.
         let mut d = fresh();
         let p = at_plan(&d, "generative");
-        assert!(d.set_level(&p, a[0].at + Duration::minutes(5), 1));
+        assert!(apply(&mut d, &p, a[0].at + Duration::minutes(5), 1));
         assert_eq!(plan_credits(&d), Credits::new(6000));
         // A change at the anniversary's very second: its grant pays the whole month.
         let mut d = fresh();
         d.plan = "generative".into();
         let p = at_plan(&d, "team");
-        assert!(d.set_level(&p, a[0].at, 1));
+        assert!(apply(&mut d, &p, a[0].at, 1));
         assert_eq!(plan_credits(&d), Credits::new(900));
         // Two upgrades, one before the anniversary and one after, whose events arrive
         // the other way round: the allotment is at the level of its date.
         let mut d = fresh();
         d.plan = "plus".into();
         let later = at_plan(&d, "team");
-        assert!(d.set_level(&later, a[0].at + Duration::minutes(5), 2));
+        assert!(apply(&mut d, &later, a[0].at + Duration::minutes(5), 2));
         assert_eq!(plan_credits(&d), Credits::new(150));
         let before = crate::refresh::PaidPeriod {
             invoice: InvoiceId::parse("in_before").unwrap(),
             ..at_plan(&d, "generative")
         };
-        assert!(d.set_level(&before, a[0].at - Duration::minutes(10), 1));
+        assert!(apply(&mut d, &before, a[0].at - Duration::minutes(10), 1));
         assert_eq!(d.plan, "team", "the later change still sets the level");
         assert_eq!(plan_credits(&d), Credits::new(900));
         assert_eq!(
@@ -432,7 +667,7 @@ mod tests {
         d.plan = "generative".into();
         d.addon_units = 5;
         let team = at_plan(&d, "team");
-        assert!(d.set_level(&team, a[0].at + Duration::minutes(5), 1));
+        assert!(apply(&mut d, &team, a[0].at + Duration::minutes(5), 1));
         let g = grants(&d, &a[0], &catalog).unwrap();
         let total: u64 = g.iter().map(|g| g.credits.get()).sum();
         assert_eq!(total, 900 + 5 * 60, "{g:?}");
@@ -448,7 +683,6 @@ mod tests {
             d.addon_units = 0;
             d
         };
-        let change = paid;
         let plan_credits =
             |d: &RefreshDoc, k: usize| grants(d, &a[k], &catalog).unwrap()[0].credits;
         let minutes = |m: i64| a[0].at + Duration::minutes(m);
@@ -457,37 +691,49 @@ mod tests {
         // the worker came: the month at generative, the level of its date (the fall's money
         // back takes its credits from the month, the rise's grant pays the rest of it).
         let mut d = fresh("generative");
-        assert!(d.set_level(&change(&d, "in_down", "plus"), minutes(5), 1));
-        assert!(d.set_level(&change(&d, "in_up", "generative"), minutes(9), 2));
+        assert!(apply_paid(&mut d, "in_down", "plus", minutes(5), 1));
+        assert!(apply_paid(&mut d, "in_up", "generative", minutes(9), 2));
         assert_eq!(plan_credits(&d, 0), Credits::new(900));
         // The same two changes seen the other way round: the same month.
         let mut d = fresh("generative");
-        assert!(d.set_level(&change(&d, "in_up", "generative"), minutes(9), 2));
-        assert!(d.set_level(&change(&d, "in_down", "plus"), minutes(5), 1));
+        assert!(apply_paid(&mut d, "in_up", "generative", minutes(9), 2));
+        assert!(apply_paid(&mut d, "in_down", "plus", minutes(5), 1));
         assert_eq!(d.plan, "generative");
         assert_eq!(plan_credits(&d, 0), Credits::new(900));
 
         // A rise before the date whose event arrives after a fall made after it: the month
         // at the risen level, the one in effect on its date.
         let mut d = fresh("plus");
-        assert!(d.set_level(&change(&d, "in_down", "generative"), minutes(5), 2));
+        assert!(apply_paid(&mut d, "in_down", "generative", minutes(5), 2));
         assert_eq!(plan_credits(&d, 0), Credits::new(150));
-        assert!(d.set_level(&change(&d, "in_up", "team"), minutes(-1), 1));
+        assert!(apply_paid(&mut d, "in_up", "team", minutes(-1), 1));
         assert_eq!(d.plan, "generative");
         assert_eq!(plan_credits(&d, 0), Credits::new(6000));
 
         // The worker more than a month behind, a change in each month: each month at the
         // level of its own date.
         let mut d = fresh("plus");
-        assert!(d.set_level(&change(&d, "in_a", "max"), minutes(60), 1));
-        assert!(d.set_level(&change(&d, "in_b", "team"), a[1].at + Duration::hours(1), 2));
+        assert!(apply_paid(&mut d, "in_a", "max", minutes(60), 1));
+        assert!(apply_paid(
+            &mut d,
+            "in_b",
+            "team",
+            a[1].at + Duration::hours(1),
+            2
+        ));
         assert_eq!(plan_credits(&d, 0), Credits::new(150));
         assert_eq!(plan_credits(&d, 1), Credits::new(400));
         assert_eq!(plan_credits(&d, 2), Credits::new(6000));
         // The same, their events the other way round: the same months.
         let mut d = fresh("plus");
-        assert!(d.set_level(&change(&d, "in_b", "team"), a[1].at + Duration::hours(1), 2));
-        assert!(d.set_level(&change(&d, "in_a", "max"), minutes(60), 1));
+        assert!(apply_paid(
+            &mut d,
+            "in_b",
+            "team",
+            a[1].at + Duration::hours(1),
+            2
+        ));
+        assert!(apply_paid(&mut d, "in_a", "max", minutes(60), 1));
         assert_eq!(d.plan, "team");
         assert_eq!(plan_credits(&d, 0), Credits::new(150));
         assert_eq!(plan_credits(&d, 1), Credits::new(400));
@@ -513,7 +759,7 @@ mod tests {
             period_end: d.period_end,
         };
         // Upgraded from plus (150) to max (400) between the first and second allotments.
-        assert!(d.set_level(&upgrade, a[0].at + Duration::days(10), 1));
+        assert!(apply(&mut d, &upgrade, a[0].at + Duration::days(10), 1));
         d.advance(2);
         let plan = |d: &RefreshDoc, k: usize| grants(d, &a[k], &catalog).unwrap()[0].credits;
         assert_eq!(plan(&d, 1), Credits::new(400));
@@ -544,9 +790,9 @@ mod tests {
         d.plan = "plus".into();
         d.addon_units = 0;
         let up = change("in_up", "max");
-        assert!(d.set_level(&up, a[0].at + Duration::days(5), 1));
+        assert!(apply(&mut d, &up, a[0].at + Duration::days(5), 1));
         let down = change("in_down", "plus");
-        assert!(d.set_level(&down, a[0].at + Duration::days(9), 1));
+        assert!(apply(&mut d, &down, a[0].at + Duration::days(9), 1));
         back(&mut d, "in_up");
         d.advance(2);
         assert_eq!(plan(&d, 1), Credits::new(150));
@@ -556,9 +802,9 @@ mod tests {
         d.plan = "plus".into();
         d.addon_units = 0;
         let second = change("in_second", "team");
-        assert!(d.set_level(&second, a[0].at + Duration::days(9), 1));
+        assert!(apply(&mut d, &second, a[0].at + Duration::days(9), 1));
         let first = change("in_first", "max");
-        assert!(d.set_level(&first, a[0].at + Duration::days(5), 1));
+        assert!(apply(&mut d, &first, a[0].at + Duration::days(5), 1));
         assert_eq!(d.plan, "team");
         let invoices: Vec<&str> = d.changes.iter().map(|c| c.invoice.as_str()).collect();
         assert_eq!(invoices, ["in_first", "in_second"]);
@@ -577,12 +823,12 @@ mod tests {
             addon_units: 2,
             ..change("in_second", "team")
         };
-        assert!(d.set_level(&second, a[0].at + Duration::days(9), 1));
+        assert!(apply(&mut d, &second, a[0].at + Duration::days(9), 1));
         let first = crate::refresh::PaidPeriod {
             addon_units: 2,
             ..change("in_first", "max")
         };
-        assert!(d.set_level(&first, a[0].at + Duration::days(5), 1));
+        assert!(apply(&mut d, &first, a[0].at + Duration::days(5), 1));
         assert_eq!(d.changes[0].after.addon_credits, Some(Credits::new(500)));
         assert_eq!(d.changes[1].before, d.changes[0].after);
     }

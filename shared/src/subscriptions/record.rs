@@ -37,12 +37,43 @@ pub struct SubscriptionRecord {
     /// the subscription moves past that period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub voided_period: Option<DateTime<Utc>>,
+    /// When the level shown (plan, interval, units, scheduled change) was the
+    /// subscription's, if before `as_of`: facts read off an invoice show the level the
+    /// invoice was made with. A subscription event newer than that brings its level even
+    /// when the status here is newer (see [`merge`](Self::merge)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_as_of: Option<i64>,
 }
 
 impl SubscriptionRecord {
     fn order(&self) -> (i64, u8, &str) {
         let terminal = u8::from(self.status == PlanStatus::Canceled);
         (self.as_of, terminal, self.as_of_event.as_str())
+    }
+
+    /// When the level shown was the subscription's.
+    fn level_time(&self) -> i64 {
+        self.level_as_of.unwrap_or(self.as_of).min(self.as_of)
+    }
+
+    /// The document with the level of `incoming`, a subscription event older than the
+    /// document's facts but newer than the level they show, in the same period: a change
+    /// made while a renewal's draft waited to be charged, whose event came after the
+    /// renewal's payment. The status stays the document's.
+    fn with_newer_level(current: &Self, incoming: &Self) -> Option<Self> {
+        (current.id == incoming.id
+            && current.period_start == incoming.period_start
+            && current.period_end == incoming.period_end
+            && current.order() >= incoming.order()
+            && incoming.as_of > current.level_time())
+        .then(|| Self {
+            plan: incoming.plan.clone(),
+            interval: incoming.interval,
+            addon_units: incoming.addon_units,
+            scheduled: incoming.scheduled.clone(),
+            level_as_of: Some(incoming.as_of),
+            ..current.clone()
+        })
     }
 
     /// Whether `incoming`, an active subscription's own event, is about the subscription
@@ -71,6 +102,11 @@ impl SubscriptionRecord {
             && Self::replaces(c, &incoming)
         {
             return Some(incoming);
+        }
+        if let Some(c) = &current
+            && let Some(leveled) = Self::with_newer_level(c, &incoming)
+        {
+            return Some(leveled);
         }
         let merged = Self::merge_facts(current.clone(), incoming);
         Self::keep_voided_period(current.as_ref(), merged)
@@ -123,7 +159,27 @@ impl SubscriptionRecord {
     /// cancellation or when the subscription was created: the known ones are kept, an
     /// invoice of an earlier period changes nothing, and an invoice never makes another
     /// subscription replace the current one before it ended.
-    pub fn merge_invoice_facts(current: Option<Self>, mut incoming: Self) -> Option<Self> {
+    ///
+    /// `lines_as_of`: when the invoice was made (Stripe's `created`). Its lines show the
+    /// subscription's level then; facts of the same period from then on (a change made
+    /// while a renewal's draft waited to be charged, up to an hour or, for a bank debit,
+    /// days) keep their level, and the invoice brings only its status. Facts of the very
+    /// second the draft was made are the period's start (the level the draft was made
+    /// with) or a change made after it. The same period is the same start and end: an
+    /// interval switch in a period's first second starts a period of its own.
+    ///
+    /// `switch`: the invoice is an interval switch's (`subscription_update`). A sign-up's or
+    /// renewal's invoice for another period from the same second as the one known, made
+    /// no later than the facts known, is of the period a switch in that second replaced
+    /// (Stripe charges a renewal's draft up to an hour after it made it): it says nothing
+    /// about the subscription now.
+    pub fn merge_invoice_facts(
+        current: Option<Self>,
+        mut incoming: Self,
+        lines_as_of: i64,
+        switch: bool,
+    ) -> Option<Self> {
+        incoming.level_as_of = Some(lines_as_of);
         if let Some(c) = &current
             && c.id == incoming.id
         {
@@ -131,6 +187,23 @@ impl SubscriptionRecord {
             // the period the subscription is in now.
             if incoming.period_start < c.period_start {
                 return None;
+            }
+            if !switch
+                && incoming.period_start == c.period_start
+                && incoming.period_end != c.period_end
+                && c.level_time() >= lines_as_of
+            {
+                return None;
+            }
+            if incoming.period_start == c.period_start
+                && incoming.period_end == c.period_end
+                && c.level_time() >= lines_as_of
+            {
+                incoming.plan = c.plan.clone();
+                incoming.interval = c.interval;
+                incoming.addon_units = c.addon_units;
+                incoming.scheduled = c.scheduled.clone();
+                incoming.level_as_of = Some(c.level_time());
             }
             incoming.cancel_at_period_end = c.cancel_at_period_end;
             incoming.ended_at = incoming.ended_at.or(c.ended_at);
@@ -207,6 +280,7 @@ mod tests {
             ended_at: None,
             created: None,
             voided_period: None,
+            level_as_of: None,
         }
     }
 
@@ -239,12 +313,9 @@ mod tests {
         assert_eq!(resumed.voided_period, Some(t(100)));
         assert_eq!(resumed.with_voided_period(&sub, t(0)), None);
         // An invoice of an earlier period (a retry of an old one) changes nothing.
-        let old = SubscriptionRecord::merge_invoice_facts(
-            Some(resumed.clone()),
-            in_period(PlanStatus::PastDue, 40, 0),
-        );
+        let old = invoice_facts(Some(resumed.clone()), in_period(PlanStatus::PastDue, 40, 0));
         assert_eq!(old, None);
-        let same = SubscriptionRecord::merge_invoice_facts(
+        let same = invoice_facts(
             Some(resumed.clone()),
             in_period(PlanStatus::Active, 45, 100),
         )
@@ -276,10 +347,7 @@ mod tests {
         // Its open invoice paid (or declined again) from the hosted page afterwards.
         for status in [PlanStatus::Active, PlanStatus::PastDue, PlanStatus::Paused] {
             let late = record("sub_a", status, 20, false);
-            assert_eq!(
-                SubscriptionRecord::merge_invoice_facts(Some(ended.clone()), late.clone()),
-                None
-            );
+            assert_eq!(invoice_facts(Some(ended.clone()), late.clone()), None);
             assert_eq!(SubscriptionRecord::merge(Some(ended.clone()), late), None);
         }
         // Another subscription still takes over.
@@ -347,22 +415,114 @@ mod tests {
         // An invoice never makes another subscription replace a live one.
         let mut from_invoice = new.clone();
         from_invoice.created = None;
-        assert_eq!(
-            SubscriptionRecord::merge_invoice_facts(Some(old.clone()), from_invoice),
-            None
-        );
+        assert_eq!(invoice_facts(Some(old.clone()), from_invoice), None);
         // Nor does a newer subscription that is already canceled.
         let mut gone = new;
         gone.status = PlanStatus::Canceled;
         assert_eq!(SubscriptionRecord::merge(Some(old), gone), None);
     }
 
+    /// Facts of an invoice made when its event was sent.
+    fn invoice_facts(
+        current: Option<SubscriptionRecord>,
+        incoming: SubscriptionRecord,
+    ) -> Option<SubscriptionRecord> {
+        let made = incoming.as_of;
+        SubscriptionRecord::merge_invoice_facts(current, incoming, made, false)
+    }
+
+    #[test]
+    fn a_renewal_paid_after_a_change_keeps_the_change_and_brings_its_status() {
+        // A past-due renewal's draft made at 10 with the old level; an upgrade at 15; the
+        // draft paid at 20.
+        let mut upgraded = record("sub_a", PlanStatus::PastDue, 15, false);
+        upgraded.plan = "team".into();
+        upgraded.addon_units = 4;
+        let mut renewal = record("sub_a", PlanStatus::Active, 20, false);
+        renewal.plan = "max".into();
+        let merged = SubscriptionRecord::merge_invoice_facts(
+            Some(upgraded.clone()),
+            renewal.clone(),
+            10,
+            false,
+        )
+        .unwrap();
+        assert_eq!((merged.plan.as_str(), merged.addon_units), ("team", 4));
+        assert_eq!((merged.status, merged.as_of), (PlanStatus::Active, 20));
+        // Lines made after the facts known: the invoice's level.
+        let merged = SubscriptionRecord::merge_invoice_facts(
+            Some(upgraded.clone()),
+            renewal.clone(),
+            16,
+            false,
+        )
+        .unwrap();
+        assert_eq!((merged.plan.as_str(), merged.addon_units), ("max", 0));
+        // The upgrade's own event delivered after the renewal's payment: older than the
+        // status, newer than the renewal's lines, so its level comes in and the status
+        // stays.
+        let mut period_start = record("sub_a", PlanStatus::PastDue, 10, false);
+        period_start.plan = "max".into();
+        let paid = SubscriptionRecord::merge_invoice_facts(
+            Some(period_start.clone()),
+            renewal.clone(),
+            10,
+            false,
+        )
+        .unwrap();
+        assert_eq!((paid.plan.as_str(), paid.level_as_of), ("max", Some(10)));
+        let late = SubscriptionRecord::merge(Some(paid.clone()), upgraded.clone()).unwrap();
+        assert_eq!((late.plan.as_str(), late.addon_units), ("team", 4));
+        assert_eq!((late.status, late.as_of), (PlanStatus::Active, 20));
+        assert_eq!(late.level_as_of, Some(15));
+        // Delivered again, or an event older than the lines: nothing changes.
+        assert_eq!(
+            SubscriptionRecord::merge(Some(late), upgraded.clone()),
+            None
+        );
+        let mut stale = record("sub_a", PlanStatus::Active, 9, false);
+        stale.plan = "plus".into();
+        assert_eq!(SubscriptionRecord::merge(Some(paid), stale), None);
+        // An interval switch in the period's first second starts a period of its own
+        // (same start, another end): its invoice's level, made in that second, comes in.
+        let mut switch = renewal.clone();
+        switch.plan = "team".into();
+        switch.interval = Interval::Yearly;
+        switch.period_end = DateTime::from_timestamp(1000, 0).unwrap();
+        let stale = switch.clone();
+        let switched =
+            SubscriptionRecord::merge_invoice_facts(Some(upgraded.clone()), switch, 10, true)
+                .unwrap();
+        assert_eq!(
+            (switched.plan.as_str(), switched.interval),
+            ("team", Interval::Yearly)
+        );
+        // The renewal whose draft that second made (the old period, monthly), charged an
+        // hour later: the switched period stays.
+        let mut drafted = stale;
+        drafted.plan = "max".into();
+        drafted.interval = Interval::Monthly;
+        drafted.period_end = DateTime::from_timestamp(100, 0).unwrap();
+        drafted.as_of = 80;
+        assert_eq!(
+            SubscriptionRecord::merge_invoice_facts(Some(switched), drafted, 10, false),
+            None
+        );
+        // Facts of an earlier period give way to the invoice's new one.
+        let mut earlier = upgraded;
+        earlier.period_start -= chrono::Duration::days(30);
+        let mut next = renewal;
+        next.period_start = earlier.period_start + chrono::Duration::days(30);
+        let merged =
+            SubscriptionRecord::merge_invoice_facts(Some(earlier), next, 10, false).unwrap();
+        assert_eq!(merged.plan, "max");
+    }
+
     #[test]
     fn invoice_facts_keep_a_known_cancellation() {
         let cancelling = record("sub_a", PlanStatus::Active, 10, true);
         let from_invoice = record("sub_a", PlanStatus::Active, 20, false);
-        let merged =
-            SubscriptionRecord::merge_invoice_facts(Some(cancelling), from_invoice).unwrap();
+        let merged = invoice_facts(Some(cancelling), from_invoice).unwrap();
         assert!(merged.cancel_at_period_end);
         assert_eq!(merged.as_of, 20);
     }
