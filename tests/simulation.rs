@@ -1,8 +1,11 @@
 //! A seeded lifecycle simulation: random workspaces through months of plan changes, add-on
 //! changes, interval switches, cancels, resumes, pauses, renewals, declined cards, pack
 //! purchases, generations, refunds, disputes, staff credit notes and duplicated or
-//! reordered webhooks (a step's events held back and delivered shuffled; a redelivery
-//! reaches the worker, as Stripe's resend past the queue's deduplication window does).
+//! reordered webhooks (a step's events held back and delivered shuffled; the webhook
+//! endpoint down for a few steps while the clock moves up to about three days, then every
+//! event delivered shuffled and what waited in vain redriven from the dead letters; a
+//! redelivery reaches the worker, as Stripe's resend past the queue's deduplication window
+//! does).
 //! Half the seeds start on an edge of the calendar (the first or last days of a month,
 //! February of a leap year, at midnight or a second before it), and the clock moves by
 //! hours, by minutes onto holds' deadlines, and exactly onto lots' expiries. The
@@ -19,6 +22,7 @@
 //!   the month ended while the schedule was late);
 //! - pack credits are exactly what the paid pack checkouts sold: one lot per checkout;
 //! - the credit refresh never fails;
+//! - Tally's subscription shows the plan, interval and add-on units Stripe has;
 //! - a canceled subscription is never charged again and never granted again, a paused one
 //!   is never charged for a renewal;
 //! - the balance is never negative, conservation holds, the journal rebuilds the state,
@@ -102,10 +106,16 @@ enum Step {
     /// A step whose Stripe events are delivered after it, in a shuffled order (of the
     /// seed given): Stripe promises no order, and retries a failed delivery later.
     Reordered(Box<Step>, u64),
+    /// Tally's webhook endpoint is down for a few steps, with the clock moving about three
+    /// days at most (how long Stripe retries a failed delivery): the events of every step
+    /// are delivered after the last, in a shuffled order (of the seed given), while the
+    /// credit refresh, the API and the generation service go on meanwhile; what waited in
+    /// vain for an event behind it is redriven from the dead letters afterwards.
+    Outage(Vec<Step>, u64),
 }
 
 fn random_step(rng: &mut fastrand::Rng) -> Step {
-    match rng.u32(0..112) {
+    match rng.u32(0..116) {
         0..=9 => Step::Subscribe(rng.usize(0..PLANS.len()), rng.bool()),
         10..=24 => Step::Change(rng.usize(0..PLANS.len()), rng.u32(0..4) == 0),
         25..=34 => Step::Units(rng.u32(0..12)),
@@ -131,13 +141,40 @@ fn random_step(rng: &mut fastrand::Rng) -> Step {
         100..=103 => Step::AdvanceMinutes([1, 30, 59, 60, 61, 119, 120][rng.usize(0..7)]),
         104..=105 => Step::ToExpiry(rng.usize(0..10_000), rng.i64(-1..=1)),
         106 => Step::Burn,
+        112.. => {
+            // Stripe retries a failed delivery for up to three days.
+            let mut hours_left = 72;
+            let mut inner = Vec::new();
+            let steps = rng.usize(2..=4);
+            while inner.len() < steps {
+                match random_step(rng) {
+                    Step::Advance(_, late) => {
+                        let hours = rng.i64(1..=36).min(hours_left);
+                        if hours > 0 {
+                            hours_left -= hours;
+                            inner.push(Step::Advance(hours, late));
+                        }
+                    }
+                    // Nothing that releases the held deliveries or jumps the clock past
+                    // Stripe's retries; a crash's simulated change reads Stripe's
+                    // subscription as Tally last saw it, which is stale meanwhile.
+                    Step::Reordered(..)
+                    | Step::Outage(..)
+                    | Step::ToExpiry(..)
+                    | Step::Crash(_) => {}
+                    s => inner.push(s),
+                }
+            }
+            Step::Outage(inner, rng.u64(..))
+        }
         _ => {
             let inner = loop {
                 match random_step(rng) {
                     Step::Advance(..)
                     | Step::AdvanceMinutes(_)
                     | Step::ToExpiry(..)
-                    | Step::Burn => {}
+                    | Step::Burn
+                    | Step::Outage(..) => {}
                     inner => break inner,
                 }
             };
@@ -491,6 +528,25 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
             let mut rng = fastrand::Rng::with_seed(*seed);
             sim.release_deliveries(|events| rng.shuffle(events)).await;
         }
+        Step::Outage(inner, seed) => {
+            let sim = app.local.simulator.as_ref().unwrap();
+            sim.hold_deliveries();
+            for s in inner {
+                Box::pin(step(app, m, s)).await;
+            }
+            let mut rng = fastrand::Rng::with_seed(*seed);
+            sim.release_deliveries(|events| rng.shuffle(events)).await;
+            // A change's invoice that came before every event of the period it bills waited
+            // in vain (the queue's retries are over in seconds here, half an hour in AWS)
+            // and went to the dead letters: once the rest has been applied, the operator
+            // redrives them, as the runbook says.
+            app.settle_billing().await;
+            app.local
+                .billing_queue
+                .redrive()
+                .await
+                .expect("the billing queue takes the redriven events");
+        }
         Step::Redeliver(n) => {
             let events = app.local.simulator.as_ref().unwrap().events();
             if !events.is_empty() {
@@ -519,15 +575,22 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
     }
     // A reordered step's pause or resume is seen once its events are delivered (here).
     let done = match s {
-        Step::Reordered(inner, _) => inner.as_ref(),
-        s => s,
+        Step::Reordered(inner, _) => std::slice::from_ref(inner.as_ref()),
+        Step::Outage(inner, _) => inner.as_slice(),
+        s => std::slice::from_ref(s),
     };
-    match done {
-        Step::Pause if paused && m.paused_since.is_none() => {
+    // Seen only as the state after the last of them: a pause after a resume among them is
+    // dated now (the latest it can have been).
+    let resumed = done
+        .iter()
+        .any(|s| matches!(s, Step::Unpause | Step::Resume));
+    let pause = done.iter().any(|s| matches!(s, Step::Pause));
+    if paused {
+        if pause && (m.paused_since.is_none() || resumed) {
             m.paused_since = Some((id, app.ledger.clock.now().timestamp()));
         }
-        Step::Unpause | Step::Resume if !paused => m.paused_since = None,
-        _ => {}
+    } else if resumed {
+        m.paused_since = None;
     }
     for e in app.local.simulator.as_ref().unwrap().events() {
         if e.kind == "customer.subscription.deleted" {
@@ -1109,7 +1172,50 @@ async fn check_generations(
     Ok(())
 }
 
+/// Tally's subscription document shows the level Stripe has: its plan, interval and add-on
+/// units, once every event has been applied.
+async fn check_level(app: &TestApp, m: &Model) -> Result<(), String> {
+    use tally::payments::Payments;
+    let shown = app.get("/v1/subscription", &owner(&m.ws)).await.body;
+    let doc = &shown["subscription"];
+    let Some(id) = doc["id"].as_str() else {
+        return Ok(());
+    };
+    if doc["status"] == "canceled" {
+        return Ok(());
+    }
+    let sim = app.local.simulator.as_ref().unwrap();
+    let live = sim
+        .subscription(&id.parse().map_err(|e| format!("{e:?}"))?)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    if live.status == "canceled" || live.status == "incomplete_expired" {
+        return Ok(());
+    }
+    let Some(plan) = live.item("plan") else {
+        return Ok(());
+    };
+    let want = (
+        plan.product.trim_start_matches("tally_plan_").to_owned(),
+        format!("{:?}", plan.interval).to_lowercase(),
+        live.item("addon").map_or(0, |a| a.quantity),
+    );
+    let got = (
+        doc["plan"].as_str().unwrap_or_default().to_owned(),
+        doc["interval"].as_str().unwrap_or_default().to_owned(),
+        doc["addon_units"].as_u64().unwrap_or_default(),
+    );
+    if want != got {
+        return Err(format!(
+            "Stripe's subscription {id} is at {want:?}, Tally shows {got:?} ({})",
+            live.status
+        ));
+    }
+    Ok(())
+}
+
 async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
+    check_level(app, m).await?;
     let catalog = app.ledger.catalog.clone();
     let ws = workspace(&m.ws);
     let Some(state) = app

@@ -212,6 +212,22 @@ impl LocalQueue {
     pub fn dead_letters(&self) -> Vec<Delivery> {
         self.dead.lock().expect("queue lock").clone()
     }
+
+    /// Moves the dead letters back to the queue, in the order they died, as SQS's DLQ
+    /// redrive does. Returns how many.
+    pub async fn redrive(&self) -> Result<usize, QueueError> {
+        let dead = std::mem::take(&mut *self.dead.lock().expect("queue lock"));
+        let n = dead.len();
+        for d in dead {
+            self.send(Message {
+                body: d.body,
+                group_id: d.group_id,
+                dedup_id: Some(format!("redrive-{}", d.message_id)),
+            })
+            .await?;
+        }
+        Ok(n)
+    }
 }
 
 #[async_trait]
