@@ -734,6 +734,80 @@ mod subscription {
         assert!(app.local.billing_queue.dead_letters().is_empty());
     }
 
+    /// A pack checkout is priced with the plan's pack discount when it is made, and a
+    /// session can be paid for 24 hours: one left open when the plan stops giving the
+    /// discount is expired, so the discount is not paid for after the plan that gave it.
+    #[tokio::test]
+    async fn a_pack_checkout_priced_with_the_plan_discount_cannot_be_paid_after_the_plan_ends() {
+        let app = TestApp::new();
+        let ws = "org_pk";
+        app.subscribe(ws, "max", "monthly").await;
+        let o = owner(ws);
+        let sim = app.local.simulator.clone().expect("simulated Stripe");
+        let c = app.post("/v1/subscription/cancel", &o, json!({})).await;
+        assert_eq!(c.body["cancel_at_period_end"], true, "{:#}", c.body);
+        let end: chrono::DateTime<chrono::Utc> = plan_of(&app, ws).await["period_end"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // An hour before the plan ends: still 20% off (4,100 cents less 20%).
+        app.advance_clock(json!({"until": end - chrono::Duration::hours(1)}))
+            .await;
+        let discounted = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
+        let paid = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
+        let page = |url: &Value| {
+            url.as_str()
+                .unwrap()
+                .strip_prefix("http://tally.test")
+                .unwrap()
+                .to_owned()
+        };
+        let shown = app
+            .send(Method::GET, &page(&discounted["url"]), None, None, &[])
+            .await;
+        assert!(
+            shown.body.as_str().unwrap().contains("$32.80"),
+            "{}",
+            shown.body
+        );
+        let before = app.available(ws).await;
+        // One of them is paid while the plan still gives the discount: it is credited.
+        app.pay(paid["url"].as_str().unwrap()).await;
+        assert_eq!(app.available(ws).await, before + 100);
+        // The plan ends an hour later, well inside the sessions' 24 hours.
+        app.advance_clock(json!({"hours": 2})).await;
+        assert_eq!(plan_of(&app, ws).await["status"], "canceled");
+        assert!(
+            sim.expired(discounted["id"].as_str().unwrap()),
+            "the discounted session can no longer be paid"
+        );
+        let gone = app
+            .send(
+                Method::POST,
+                &format!("{}/pay", page(&discounted["url"])),
+                None,
+                Some(""),
+                &[("content-type", "application/x-www-form-urlencoded")],
+            )
+            .await;
+        assert_eq!(gone.status.as_u16(), 410, "{}", gone.body);
+        // A new checkout is at the full price, and can be paid.
+        let full = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
+        let shown = app
+            .send(Method::GET, &page(&full["url"]), None, None, &[])
+            .await;
+        assert!(
+            shown.body.as_str().unwrap().contains("$41.00"),
+            "{}",
+            shown.body
+        );
+        let before = app.available(ws).await;
+        app.pay(full["url"].as_str().unwrap()).await;
+        assert_eq!(app.available(ws).await, before + 500);
+        assert!(app.local.billing_queue.dead_letters().is_empty());
+    }
+
     #[tokio::test]
     async fn subscription_changes_need_a_subscription_and_billing_rights() {
         let app = TestApp::new();

@@ -99,6 +99,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
                 quantity: 2,
                 unit_amount: Cents::new(3280),
                 credits: Credits::new(500),
+                discount_pct: 20,
             },
             success_url: "https://studio.example/billing?done=1".into(),
             cancel_url: "https://studio.example/billing".into(),
@@ -130,6 +131,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
             ("metadata[pack]", "pack_500"),
             ("metadata[quantity]", "2"),
             ("metadata[credits]", "500"),
+            ("metadata[pack_discount_pct]", "20"),
             ("automatic_tax[enabled]", "true"),
             ("customer_update[address]", "auto"),
             ("payment_intent_data[metadata][kind]", "pack"),
@@ -137,6 +139,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
             ("payment_intent_data[metadata][pack]", "pack_500"),
             ("payment_intent_data[metadata][quantity]", "2"),
             ("payment_intent_data[metadata][credits]", "500"),
+            ("payment_intent_data[metadata][pack_discount_pct]", "20"),
             ("payment_intent_data[setup_future_usage]", "off_session"),
             // Every purchase has an invoice with a PDF.
             ("invoice_creation[enabled]", "true"),
@@ -145,6 +148,10 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
             ("invoice_creation[invoice_data][metadata][pack]", "pack_500"),
             ("invoice_creation[invoice_data][metadata][quantity]", "2"),
             ("invoice_creation[invoice_data][metadata][credits]", "500"),
+            (
+                "invoice_creation[invoice_data][metadata][pack_discount_pct]",
+                "20"
+            ),
         ])
     );
 }
@@ -323,6 +330,129 @@ async fn making_way_for_a_plan_checkout_expires_the_other_open_plan_sessions() {
     let (answer, calls) = clearing(true, json!([])).await;
     assert_eq!(answer, PlanCheckouts::JustPaid("cs_old".parse().unwrap()));
     assert_eq!(calls.last().unwrap(), "GET /v1/checkout/sessions/cs_old");
+}
+
+fn pack_row(id: &str, discount: Option<&str>) -> serde_json::Value {
+    let mut s = session_row(id, "payment", "open", "x");
+    s["metadata"] = json!({"org_id": "org_a", "kind": "pack", "pack": "pack_500"});
+    if let Some(d) = discount {
+        s["metadata"]["pack_discount_pct"] = json!(d);
+    }
+    s
+}
+
+#[tokio::test]
+async fn a_plan_that_stops_giving_its_discount_expires_the_pack_sessions_priced_with_it() {
+    let server = MockServer::start().await;
+    let page = |data: serde_json::Value, more: bool| json!({"object": "list", "data": data, "has_more": more, "url": "/v1/checkout/sessions"});
+    // Newest first: a pack at 20% and one without a discount, then on the next page a
+    // pack at 10%, a plan session and a pack at 20% paid while it is being expired.
+    Mock::given(method("GET"))
+        .and(path("/v1/checkout/sessions"))
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(
+            json!([pack_row("cs_20", Some("20")), pack_row("cs_full", None)]),
+            true,
+        )))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/checkout/sessions"))
+        .and(query_param("starting_after", "cs_full"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(
+            json!([
+                pack_row("cs_10", Some("10")),
+                session_row("cs_plan", "subscription", "open", "tally-checkout-org_a-k1"),
+                pack_row("cs_paid", Some("20")),
+            ]),
+            false,
+        )))
+        .mount(&server)
+        .await;
+    for id in ["cs_20", "cs_10"] {
+        Mock::given(method("POST"))
+            .and(path(format!("/v1/checkout/sessions/{id}/expire")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(pack_row(id, Some("20"))))
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions/cs_paid/expire"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+            "type": "invalid_request_error",
+            "message": "Only Checkout Sessions with a status in [\"open\"] can be expired."}})))
+        .mount(&server)
+        .await;
+    let mut paid = pack_row("cs_paid", Some("20"));
+    paid["status"] = json!("complete");
+    Mock::given(method("GET"))
+        .and(path("/v1/checkout/sessions/cs_paid"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(paid))
+        .mount(&server)
+        .await;
+    let stripe = client(&server).await;
+    let customer = CustomerId::parse("cus_A").unwrap();
+    let calls = || async {
+        server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.method.as_str() == "POST")
+            .map(|r| {
+                (
+                    r.url.path().to_owned(),
+                    header(r, "idempotency-key").to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // No plan discount any more: every discounted pack session goes, the one paid stays
+    // paid, the full-price one and the plan session are left open.
+    assert_eq!(stripe.expire_pack_checkouts(&customer, 0).await.unwrap(), 2);
+    assert_eq!(
+        calls().await,
+        vec![
+            (
+                "/v1/checkout/sessions/cs_20/expire".to_owned(),
+                "tally-expire-cs_20-discount-0".to_owned()
+            ),
+            (
+                "/v1/checkout/sessions/cs_10/expire".to_owned(),
+                "tally-expire-cs_10-discount-0".to_owned()
+            ),
+            (
+                "/v1/checkout/sessions/cs_paid/expire".to_owned(),
+                "tally-expire-cs_paid-discount-0".to_owned()
+            ),
+        ]
+    );
+    // A plan still giving 10%: only sessions priced above it.
+    server.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(
+            json!([pack_row("cs_20", Some("20")), pack_row("cs_10", Some("10"))]),
+            false,
+        )))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions/cs_20/expire"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(pack_row("cs_20", Some("20"))))
+        .mount(&server)
+        .await;
+    assert_eq!(
+        stripe.expire_pack_checkouts(&customer, 10).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        calls().await,
+        vec![(
+            "/v1/checkout/sessions/cs_20/expire".to_owned(),
+            "tally-expire-cs_20-discount-10".to_owned()
+        )]
+    );
 }
 
 #[tokio::test]

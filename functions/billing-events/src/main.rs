@@ -39,6 +39,7 @@ async fn main() -> Result<(), Error> {
         cfg.alerts.notifications_queue_url.as_str(),
     );
     let mut events = BillingEvents::new(ledger, store.clone(), Some(money_back));
+    events.checkouts = payments.clone();
     events.livemode = cfg
         .stripe_secret_key
         .as_ref()

@@ -258,11 +258,9 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     alerting.observer = Some(alerts(false));
     cfg.ledger.observer = Some(alerts(true));
     // Started once the ledger has its observer; deliveries wait in the queue until then.
-    billing_queue.start(Arc::new(BillingEvents::new(
-        cfg.ledger.clone(),
-        cfg.docs.clone(),
-        Some(alerts(false)),
-    )));
+    let mut billing = BillingEvents::new(cfg.ledger.clone(), cfg.docs.clone(), Some(alerts(false)));
+    billing.checkouts = Some(payments.clone());
+    billing_queue.start(Arc::new(billing));
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),
         staff_ledger: alerting.clone(),

@@ -630,9 +630,57 @@ impl BillingEvents {
                     stripe_event: Some(event.id.clone()),
                     ..Refs::default()
                 },
-                op: Operation::SetPlan { plan: Some(plan) },
+                op: Operation::SetPlan {
+                    plan: Some(plan.clone()),
+                },
             })
             .await?;
+        self.expire_discounted_checkouts(merged.customer.as_ref(), &plan)
+            .await
+    }
+
+    /// After the plan is set: the customer's open pack checkouts priced with more discount
+    /// than the plan gives now are expired. Asked on every subscription event whose plan
+    /// gives less than the catalog's best discount (a redelivery after a failure half way
+    /// asks again; expiring is idempotent), never for the plan giving the most.
+    async fn expire_discounted_checkouts(
+        &self,
+        customer: Option<&crate::ids::CustomerId>,
+        plan: &crate::subscriptions::PlanState,
+    ) -> Result<(), ConsumeError> {
+        let (Some(stripe), Some(customer)) = (&self.checkouts, customer) else {
+            return Ok(());
+        };
+        let catalog = self.catalog();
+        let now = crate::subscriptions::Entitlements::of(Some(plan), catalog).pack_discount_pct;
+        let best = catalog
+            .plans
+            .iter()
+            .map(|p| p.pack_discount_pct)
+            .max()
+            .unwrap_or(0);
+        if now >= best {
+            return Ok(());
+        }
+        let expired = match stripe.expire_pack_checkouts(customer, now).await {
+            Ok(n) => n,
+            // Asked again with the event (the plan is set already; nothing repeats).
+            Err(e) if e.is_retryable() => {
+                return Err(ConsumeError::retry(format!(
+                    "expiring discounted pack checkouts of {customer}: {e}"
+                )));
+            }
+            // Stripe will answer the same again (a deleted customer): logged, not retried.
+            Err(e) => {
+                tracing::error!(%customer, error = %e,
+                    "could not expire pack checkouts priced with a discount the plan no longer gives");
+                return Ok(());
+            }
+        };
+        if expired > 0 {
+            tracing::info!(%customer, expired, discount_pct = now,
+                "pack checkouts priced with a discount the plan no longer gives were expired");
+        }
         Ok(())
     }
 

@@ -60,6 +60,10 @@ pub struct BillingEvents {
     /// other mode (a test endpoint's signing secret among the live ones) is never applied.
     /// `None` checks nothing.
     pub livemode: Option<bool>,
+    /// Stripe, to expire the pack checkouts priced with a discount the plan stopped giving
+    /// (canceled, paused, downgraded): otherwise such a session could be paid at the
+    /// discount for the rest of its 24 hours. `None` expires nothing.
+    pub checkouts: Option<Arc<dyn crate::payments::Payments>>,
 }
 
 impl From<StoreError> for ConsumeError {
@@ -187,6 +191,7 @@ impl BillingEvents {
             ledger,
             docs,
             livemode: None,
+            checkouts: None,
         }
     }
 

@@ -98,6 +98,10 @@ pub enum Purchase {
         /// Price per pack after the plan's pack discount, integer cents.
         unit_amount: Cents,
         credits: Credits,
+        /// The plan's pack discount priced in, percent (0 without one). The session
+        /// carries it, so it can be expired when the plan stops giving it.
+        #[serde(default)]
+        discount_pct: u8,
     },
 }
 
@@ -506,6 +510,16 @@ pub trait Payments: Send + Sync {
         customer: &CustomerId,
         keep: &str,
     ) -> Result<PlanCheckouts, PaymentsError>;
+
+    /// Expires the customer's open pack checkouts priced with a pack discount above
+    /// `above_pct` (the discount the customer's plan gives now), so a discount the plan no
+    /// longer gives cannot be paid for in the session's remaining hours. A session paid or
+    /// expired meanwhile is left as it is. Answers how many it expired.
+    async fn expire_pack_checkouts(
+        &self,
+        customer: &CustomerId,
+        above_pct: u8,
+    ) -> Result<u32, PaymentsError>;
 
     /// A customer-portal URL (plans, invoices, payment methods).
     async fn billing_portal(

@@ -257,6 +257,10 @@ pub fn key_livemode(key: &str) -> Option<bool> {
 
 /// The metadata every checkout carries so Stripe's events name the workspace and the
 /// purchase without any lookup.
+/// Session metadata: the plan's pack discount a pack checkout is priced with, in percent
+/// (absent without one).
+pub const PACK_DISCOUNT_KEY: &str = "pack_discount_pct";
+
 pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String> {
     let mut m = BTreeMap::from([("org_id", req.workspace.to_string())]);
     match &req.purchase {
@@ -276,6 +280,7 @@ pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String
             pack,
             quantity,
             credits,
+            discount_pct,
             ..
         } => {
             m.insert("kind", "pack".into());
@@ -284,6 +289,10 @@ pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String
             // The credits sold with each pack: what the payment grants, whatever the
             // catalog says by the time it is paid.
             m.insert("credits", credits.to_string());
+            if *discount_pct > 0 {
+                // What the session is priced at: it is expired if the plan stops giving it.
+                m.insert(PACK_DISCOUNT_KEY, discount_pct.to_string());
+            }
         }
     }
     m
@@ -291,7 +300,73 @@ pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String
 
 pub use crate::subscriptions::paid::product_id;
 
+/// An open checkout session as listed.
+#[derive(miniserde::Deserialize)]
+struct SessionRow {
+    id: String,
+    mode: Option<String>,
+    status: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// How a session asked to expire ended.
+#[derive(Debug, PartialEq, Eq)]
+enum SessionEnd {
+    Expired,
+    Paid,
+}
+
 impl StripePayments {
+    /// Every open checkout session of `customer`, page by page (newest first). More than
+    /// [`MAX_SESSION_PAGES`] pages is an error: a caller must not take a partial list for
+    /// all of them.
+    async fn open_sessions(&self, customer: &CustomerId) -> Result<Vec<SessionRow>, PaymentsError> {
+        #[derive(miniserde::Deserialize)]
+        struct Sessions {
+            data: Vec<SessionRow>,
+            has_more: bool,
+        }
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for page in 0.. {
+            if page == MAX_SESSION_PAGES {
+                return Err(PaymentsError::unavailable(format!(
+                    "customer {customer} has more than {} open checkout sessions",
+                    MAX_SESSION_PAGES * 100
+                )));
+            }
+            let mut path = format!("/checkout/sessions?customer={customer}&status=open&limit=100");
+            if let Some(a) = &after {
+                path.push_str(&format!("&starting_after={a}"));
+            }
+            let open: Sessions = self.get(&path).await?;
+            after = open.data.last().map(|s| s.id.clone());
+            let more = open.has_more && after.is_some();
+            all.extend(open.data);
+            if !more {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// Expires an open session. Stripe expires only an open one: one paid meanwhile is
+    /// complete, one expired meanwhile stays so.
+    async fn expire_session(&self, id: &str, key: &str) -> Result<SessionEnd, PaymentsError> {
+        let asked: Result<SessionRow, _> = self
+            .post(&format!("/checkout/sessions/{id}/expire"), &NoForm {}, key)
+            .await;
+        let Err(e) = asked else {
+            return Ok(SessionEnd::Expired);
+        };
+        let now: SessionRow = self.get(&format!("/checkout/sessions/{id}")).await?;
+        match now.status.as_deref() {
+            Some("complete") => Ok(SessionEnd::Paid),
+            Some("expired") => Ok(SessionEnd::Expired),
+            _ => Err(e),
+        }
+    }
+
     async fn get<T: miniserde::Deserialize>(&self, path: &str) -> Result<T, PaymentsError> {
         RequestBuilder::new(StripeMethod::Get, path)
             .customize::<T>()
@@ -1552,18 +1627,6 @@ impl Payments for StripePayments {
         keep: &str,
     ) -> Result<PlanCheckouts, PaymentsError> {
         #[derive(miniserde::Deserialize)]
-        struct SessionRow {
-            id: String,
-            mode: Option<String>,
-            status: Option<String>,
-            metadata: Option<BTreeMap<String, String>>,
-        }
-        #[derive(miniserde::Deserialize)]
-        struct Sessions {
-            data: Vec<SessionRow>,
-            has_more: bool,
-        }
-        #[derive(miniserde::Deserialize)]
         struct SubscriptionRow {
             id: String,
             status: String,
@@ -1573,54 +1636,22 @@ impl Payments for StripePayments {
             data: Vec<SubscriptionRow>,
         }
         let keep = stripe_key(keep);
-        // Every open session first, page by page (newest first; pack checkouts too), then
-        // the plan ones expired: a plan session left open could be paid beside the new one,
-        // so a list that does not end is an error, never a clear way.
-        let mut plan_sessions = Vec::new();
-        let mut after: Option<String> = None;
-        for page in 0.. {
-            if page == MAX_SESSION_PAGES {
-                return Err(PaymentsError::unavailable(format!(
-                    "customer {customer} has more than {} open checkout sessions",
-                    MAX_SESSION_PAGES * 100
-                )));
-            }
-            let mut path = format!("/checkout/sessions?customer={customer}&status=open&limit=100");
-            if let Some(a) = &after {
-                path.push_str(&format!("&starting_after={a}"));
-            }
-            let open: Sessions = self.get(&path).await?;
-            after = open.data.last().map(|s| s.id.clone());
-            let more = open.has_more && after.is_some();
-            plan_sessions.extend(open.data.into_iter().filter(|s| {
-                s.mode.as_deref() == Some("subscription")
-                    && s.metadata
-                        .as_ref()
-                        .and_then(|m| m.get(CHECKOUT_REQUEST_KEY))
-                        != Some(&keep)
-            }));
-            if !more {
-                break;
-            }
-        }
+        // Every open session first (pack checkouts too), then the plan ones expired: a plan
+        // session left open could be paid beside the new one, so a list that does not end
+        // is an error, never a clear way.
+        let plan_sessions = self.open_sessions(customer).await?.into_iter().filter(|s| {
+            s.mode.as_deref() == Some("subscription")
+                && s.metadata
+                    .as_ref()
+                    .and_then(|m| m.get(CHECKOUT_REQUEST_KEY))
+                    != Some(&keep)
+        });
         for s in plan_sessions {
             // Keyed per request: a failure Stripe keeps for a key would answer every later
             // request the same way.
-            let expired: Result<SessionRow, _> = self
-                .post(
-                    &format!("/checkout/sessions/{}/expire", s.id),
-                    &NoForm {},
-                    &format!("tally-expire-{}-{}", s.id, short_digest(&keep)),
-                )
-                .await;
-            if let Err(e) = expired {
-                // Stripe expires only an open session: one paid meanwhile is complete.
-                let now: SessionRow = self.get(&format!("/checkout/sessions/{}", s.id)).await?;
-                match now.status.as_deref() {
-                    Some("complete") => return Ok(PlanCheckouts::JustPaid(returned(&s.id)?)),
-                    Some("expired") => {}
-                    _ => return Err(e),
-                }
+            let key = format!("tally-expire-{}-{}", s.id, short_digest(&keep));
+            if self.expire_session(&s.id, &key).await? == SessionEnd::Paid {
+                return Ok(PlanCheckouts::JustPaid(returned(&s.id)?));
             }
         }
         // Without a status, Stripe lists the subscriptions not canceled.
@@ -1634,6 +1665,33 @@ impl Payments for StripePayments {
             .map(|s| returned(&s.id).map(PlanCheckouts::Subscribed))
             .transpose()?
             .unwrap_or(PlanCheckouts::Clear))
+    }
+
+    async fn expire_pack_checkouts(
+        &self,
+        customer: &CustomerId,
+        above_pct: u8,
+    ) -> Result<u32, PaymentsError> {
+        let priced_above = |s: &SessionRow| {
+            s.mode.as_deref() == Some("payment")
+                && s.metadata.as_ref().is_some_and(|m| {
+                    m.get("kind").map(String::as_str) == Some("pack")
+                        && m.get(PACK_DISCOUNT_KEY)
+                            .and_then(|p| p.parse::<u8>().ok())
+                            .is_some_and(|p| p > above_pct)
+                })
+        };
+        let mut expired = 0;
+        for s in self.open_sessions(customer).await? {
+            if priced_above(&s) {
+                // One key per session and discount: expiring it again is the same request.
+                let key = format!("tally-expire-{}-discount-{above_pct}", s.id);
+                if self.expire_session(&s.id, &key).await? == SessionEnd::Expired {
+                    expired += 1;
+                }
+            }
+        }
+        Ok(expired)
     }
 
     async fn billing_portal(

@@ -1568,6 +1568,28 @@ impl Payments for Simulator {
             }))
     }
 
+    async fn expire_pack_checkouts(
+        &self,
+        customer: &CustomerId,
+        above_pct: u8,
+    ) -> Result<u32, PaymentsError> {
+        // Stripe is asked by the discount the session's metadata names; here the request
+        // it was made from says the same.
+        let now = self.now();
+        let mut expired = 0;
+        for s in self.sessions.lock().expect("sim lock").values_mut() {
+            let priced_above = match &s.request.purchase {
+                tally::payments::Purchase::Pack { discount_pct, .. } => *discount_pct > above_pct,
+                tally::payments::Purchase::Plan { .. } => false,
+            };
+            if priced_above && s.request.customer == *customer && !s.paid && now < s.expires_at {
+                s.expires_at = now;
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
     async fn billing_portal(
         &self,
         customer: &CustomerId,

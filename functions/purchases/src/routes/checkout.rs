@@ -46,7 +46,7 @@ pub struct CheckoutLinkView {
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same body return the same session; another body under the same key is a 409")),
     responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
         (status = 403, body = ProblemDetails),
-        (status = 409, description = "The workspace has a subscription (in Stripe too, or a plan checkout just paid), or another plan checkout is being made (`checkout_in_progress`)", body = ProblemDetails),
+        (status = 409, description = "The workspace has a subscription (in Stripe too, or a plan checkout just paid), another plan checkout is being made (`checkout_in_progress`), or the plan's pack discount ended while a pack checkout was made (`plan_changed`: start a new one)", body = ProblemDetails),
         (status = 422, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
@@ -114,6 +114,7 @@ async fn checkout(
                 quantity,
                 unit_amount: def.price_cents.discounted(discount),
                 credits: def.credits,
+                discount_pct: discount,
             }
         }
     };
@@ -132,17 +133,50 @@ async fn checkout(
     };
     let link: CheckoutLink = match request.purchase {
         Purchase::Plan { .. } => plan_checkout(st, &request).await?,
-        Purchase::Pack { .. } => st
-            .payments
-            .create_checkout(&request)
-            .await
-            .map_err(provider)?,
+        Purchase::Pack { discount_pct, .. } => {
+            let link = st
+                .payments
+                .create_checkout(&request)
+                .await
+                .map_err(provider)?;
+            if discount_pct > 0 {
+                discount_still_given(st, &request, discount_pct).await?;
+            }
+            link
+        }
     };
     tracing::info!(workspace = %workspace, session = %link.id, "checkout session created");
     Ok(CheckoutLinkView {
         id: link.id,
         url: link.url,
     })
+}
+
+/// A discounted pack session is made from the plan read before it. If the plan stopped
+/// giving that discount meanwhile (canceled, paused), the billing worker's expiry of
+/// discounted sessions may have run before the session existed, so the plan is read again
+/// now that it does: a session priced above what the plan gives is expired, and the request
+/// is refused. Either this read or the worker's listing sees the other's write.
+async fn discount_still_given(
+    st: &PurchasesState,
+    req: &CheckoutRequest,
+    priced_pct: u8,
+) -> ApiResult<()> {
+    let state = st.ledger.workspace_now(&req.workspace).await?;
+    let now_pct = Entitlements::of(state.plan.as_ref(), &st.ledger.catalog).pack_discount_pct;
+    if now_pct >= priced_pct {
+        return Ok(());
+    }
+    st.payments
+        .expire_pack_checkouts(&req.customer, now_pct)
+        .await
+        .map_err(provider)?;
+    Err(Problem::new(
+        StatusCode::CONFLICT,
+        "plan_changed",
+        "the plan's pack discount ended while the checkout was made; start a new checkout \
+         (with a new Idempotency-Key) at the price without it",
+    ))
 }
 
 /// Who is making a plan checkout for a workspace, until when: one at a time, so two
