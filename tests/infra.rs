@@ -1284,3 +1284,17 @@ fn secrets_worker_timeouts_server_errors_and_the_app_origin_are_deployable() {
         "^https?://[a-z0-9.-]+(:[0-9]+)?$"
     );
 }
+
+/// The help centre promises that the billing portal returns to the pricing page; checkout
+/// returns to billing, where the purchase shows.
+#[test]
+fn the_billing_portal_returns_to_the_pricing_page() {
+    let t = template();
+    let (_, f) = function_for_binary(&t, "purchases");
+    let env = &f["Properties"]["Environment"]["Variables"];
+    assert_eq!(
+        text(&env[tally::config::PORTAL_RETURN_URL]),
+        "${AppUrl}/pricing"
+    );
+    assert_eq!(text(&env["TALLY_CHECKOUT_CANCEL_URL"]), "${AppUrl}/billing");
+}

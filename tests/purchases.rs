@@ -808,6 +808,62 @@ mod subscription {
         assert!(app.local.billing_queue.dead_letters().is_empty());
     }
 
+    /// A session expired with its discount is not handed out: when the first answer was
+    /// lost (Stripe made the session, the request failed), a retry under the same key once
+    /// the discount is given again is Stripe's answer for that key, the expired session,
+    /// and answers 409 `checkout_expired`; a new key gets a new session.
+    #[tokio::test]
+    async fn a_checkout_retried_under_the_key_of_an_expired_session_is_refused() {
+        let app = TestApp::new();
+        let ws = "org_px";
+        app.subscribe(ws, "max", "monthly").await;
+        let o = owner(ws);
+        let sim = app.local.simulator.clone().expect("simulated Stripe");
+        let body = json!({"kind": "pack", "pack": "pack_500"}).to_string();
+        let ask = |key: &'static str| {
+            let (app, o, body) = (&app, o.clone(), body.clone());
+            async move {
+                app.send(
+                    Method::POST,
+                    "/v1/checkout/sessions",
+                    Some(&o),
+                    Some(&body),
+                    &[("idempotency-key", key)],
+                )
+                .await
+            }
+        };
+        let discount = || async {
+            app.get("/v1/entitlements", &o).await.body["pack_discount_pct"]
+                .as_u64()
+                .unwrap()
+        };
+        sim.lose_answers(1);
+        let lost = ask("buy-1").await;
+        assert_eq!(lost.status.as_u16(), 503, "{:#}", lost.body);
+        // Paused, then renewed: the plan gives no discount past its paid period, and the
+        // session made for the lost answer is expired.
+        app.post("/v1/subscription/pause", &o, json!({})).await;
+        let sub = app.get("/v1/subscription", &o).await.body["subscription"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        app.renew(&sub).await;
+        assert_eq!(discount().await, 0);
+        let made = sim.events().len();
+        assert!(made > 0);
+        // Resumed and renewed (paid): the discount is given again, so the same key and
+        // body are the same Stripe request as the lost one.
+        let r = app.post("/v1/subscription/resume", &o, json!({})).await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+        app.renew(&sub).await;
+        assert_eq!(discount().await, 20);
+        ask("buy-1").await.assert_problem(409, "checkout_expired");
+        let again = ask("buy-2").await;
+        assert_eq!(again.status.as_u16(), 201, "{:#}", again.body);
+        assert!(!sim.expired(again.body["id"].as_str().unwrap()));
+    }
+
     #[tokio::test]
     async fn subscription_changes_need_a_subscription_and_billing_rights() {
         let app = TestApp::new();

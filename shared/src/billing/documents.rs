@@ -635,53 +635,38 @@ impl BillingEvents {
                 },
             })
             .await?;
-        self.expire_discounted_checkouts(merged.customer.as_ref(), &plan)
-            .await
+        self.withdraw_discount(workspace, &plan).await;
+        Ok(())
     }
 
-    /// After the plan is set: the customer's open pack checkouts priced with more discount
-    /// than the plan gives now are expired. Asked on every subscription event whose plan
-    /// gives less than the catalog's best discount (a redelivery after a failure half way
-    /// asks again; expiring is idempotent), never for the plan giving the most.
-    async fn expire_discounted_checkouts(
+    /// After the plan is set: a pack checkout priced with more discount than the plan gives
+    /// now is expired (see [`super::checkouts`]). Stripe is asked only when such a session
+    /// may be open. A failure is logged and does not hold the event up (the plan is set;
+    /// an invoice's other steps follow): the next subscription event asks again, and a
+    /// session not expired lapses within its 24 hours.
+    async fn withdraw_discount(
         &self,
-        customer: Option<&crate::ids::CustomerId>,
+        workspace: &WorkspaceId,
         plan: &crate::subscriptions::PlanState,
-    ) -> Result<(), ConsumeError> {
-        let (Some(stripe), Some(customer)) = (&self.checkouts, customer) else {
-            return Ok(());
+    ) {
+        let Some(stripe) = &self.checkouts else {
+            return;
         };
-        let catalog = self.catalog();
-        let now = crate::subscriptions::Entitlements::of(Some(plan), catalog).pack_discount_pct;
-        let best = catalog
-            .plans
-            .iter()
-            .map(|p| p.pack_discount_pct)
-            .max()
-            .unwrap_or(0);
-        if now >= best {
-            return Ok(());
+        let now =
+            crate::subscriptions::Entitlements::of(Some(plan), self.catalog()).pack_discount_pct;
+        match super::checkouts::withdraw(self.docs.as_ref(), stripe.as_ref(), workspace, now).await
+        {
+            Ok(super::checkouts::Withdrawn::Expired(n)) => tracing::info!(
+                %workspace, expired = n, discount_pct = now,
+                "pack checkouts priced with a discount the plan no longer gives were expired"
+            ),
+            Ok(super::checkouts::Withdrawn::Nothing) => {}
+            Err(e) => tracing::error!(
+                %workspace, error = %e, discount_pct = now,
+                "could not expire pack checkouts priced with a discount the plan no longer gives; \
+                 the next subscription event tries again"
+            ),
         }
-        let expired = match stripe.expire_pack_checkouts(customer, now).await {
-            Ok(n) => n,
-            // Asked again with the event (the plan is set already; nothing repeats).
-            Err(e) if e.is_retryable() => {
-                return Err(ConsumeError::retry(format!(
-                    "expiring discounted pack checkouts of {customer}: {e}"
-                )));
-            }
-            // Stripe will answer the same again (a deleted customer): logged, not retried.
-            Err(e) => {
-                tracing::error!(%customer, error = %e,
-                    "could not expire pack checkouts priced with a discount the plan no longer gives");
-                return Ok(());
-            }
-        };
-        if expired > 0 {
-            tracing::info!(%customer, expired, discount_pct = now,
-                "pack checkouts priced with a discount the plan no longer gives were expired");
-        }
-        Ok(())
     }
 
     pub(super) async fn charge(

@@ -6,6 +6,7 @@
 //! and the ledger's plan is re-derived from the merged subscription document each time.
 
 pub mod changes;
+pub mod checkouts;
 pub mod documents;
 pub mod grants;
 pub mod history;

@@ -135,6 +135,10 @@ pub const CHECKOUT_REQUEST_KEY: &str = "tally_request";
 pub struct CheckoutLink {
     pub id: CheckoutSessionId,
     pub url: String,
+    /// Stripe answered a session made earlier under the same key that can no longer be
+    /// paid (expired): its URL is of no use.
+    #[serde(default)]
+    pub expired: bool,
 }
 
 /// A recurring price for a subscription item, on a product Tally owns (`tally_<id>`).

@@ -1618,6 +1618,10 @@ impl Payments for StripePayments {
         Ok(CheckoutLink {
             id: returned(session.id.as_str())?,
             url,
+            expired: matches!(
+                session.status,
+                Some(stripe_shared::CheckoutSessionStatus::Expired)
+            ),
         })
     }
 
@@ -1684,8 +1688,9 @@ impl Payments for StripePayments {
         let mut expired = 0;
         for s in self.open_sessions(customer).await? {
             if priced_above(&s) {
-                // One key per session and discount: expiring it again is the same request.
-                let key = format!("tally-expire-{}-discount-{above_pct}", s.id);
+                // A key per attempt: Stripe keeps a failure under its key, and expiring
+                // again is harmless (an expired session is reported as such).
+                let key = format!("tally-expire-{}-{}", s.id, ulid::Ulid::new());
                 if self.expire_session(&s.id, &key).await? == SessionEnd::Expired {
                     expired += 1;
                 }

@@ -224,8 +224,8 @@ impl Simulator {
         true
     }
 
-    /// The next `n` off-session payments and paid invoices are made, but their answers
-    /// never arrive: the caller sees a timeout (a network fault after Stripe acted).
+    /// The next `n` off-session payments, paid invoices and new checkout sessions are made,
+    /// but their answers never arrive: the caller sees a timeout (a network fault after Stripe acted).
     pub fn lose_answers(&self, n: u32) {
         self.lost_answers
             .store(n, std::sync::atomic::Ordering::SeqCst);
@@ -1522,6 +1522,7 @@ impl Payments for Simulator {
             return Ok(CheckoutLink {
                 id: id.clone(),
                 url: format!("{}/sim/checkout/{id}", self.base_url),
+                expired: !s.paid && self.now() >= s.expires_at,
             });
         }
         let id: CheckoutSessionId = new_stripe_id("cs");
@@ -1533,9 +1534,10 @@ impl Payments for Simulator {
                 expires_at: self.now() + CHECKOUT_LIFETIME_SECS,
             },
         );
-        Ok(CheckoutLink {
+        self.answer(CheckoutLink {
             url: format!("{}/sim/checkout/{id}", self.base_url),
             id,
+            expired: false,
         })
     }
 

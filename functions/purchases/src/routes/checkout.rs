@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::billing::MAX_PACK_QUANTITY;
+use tally::billing::checkouts;
 use tally::billing::records::workspace_pk;
 use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::{CheckoutSessionId, IdempotencyKey, WorkspaceId};
@@ -46,7 +47,7 @@ pub struct CheckoutLinkView {
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same body return the same session; another body under the same key is a 409")),
     responses((status = 201, description = "Checkout session", body = inline(CheckoutLinkView)),
         (status = 403, body = ProblemDetails),
-        (status = 409, description = "The workspace has a subscription (in Stripe too, or a plan checkout just paid), another plan checkout is being made (`checkout_in_progress`), or the plan's pack discount ended while a pack checkout was made (`plan_changed`: start a new one)", body = ProblemDetails),
+        (status = 409, description = "The workspace has a subscription (in Stripe too, or a plan checkout just paid), another plan checkout is being made (`checkout_in_progress`), the plan's pack discount ended while a pack checkout was made (`discount_ended`), or the session made under this key has expired (`checkout_expired`): start a new one under a new key", body = ProblemDetails),
         (status = 422, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Starts a Stripe Checkout for a plan (subscription) or credit packs (one-off payment).
@@ -134,6 +135,10 @@ async fn checkout(
     let link: CheckoutLink = match request.purchase {
         Purchase::Plan { .. } => plan_checkout(st, &request).await?,
         Purchase::Pack { discount_pct, .. } => {
+            if discount_pct > 0 {
+                checkouts::offering(st.docs.as_ref(), workspace, &request.customer, discount_pct)
+                    .await?;
+            }
             let link = st
                 .payments
                 .create_checkout(&request)
@@ -145,6 +150,16 @@ async fn checkout(
             link
         }
     };
+    if link.expired {
+        // Stripe answered the session first made under this key, which can no longer be
+        // paid (expired with the discount it was priced at).
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "checkout_expired",
+            "the checkout made under this Idempotency-Key has expired; start a new one under \
+             a new key",
+        ));
+    }
     tracing::info!(workspace = %workspace, session = %link.id, "checkout session created");
     Ok(CheckoutLinkView {
         id: link.id,
@@ -156,7 +171,8 @@ async fn checkout(
 /// giving that discount meanwhile (canceled, paused), the billing worker's expiry of
 /// discounted sessions may have run before the session existed, so the plan is read again
 /// now that it does: a session priced above what the plan gives is expired, and the request
-/// is refused. Either this read or the worker's listing sees the other's write.
+/// is refused (its URL is never handed out). Either this read or the worker's listing,
+/// which follows its setting of the plan, sees the other's write.
 async fn discount_still_given(
     st: &PurchasesState,
     req: &CheckoutRequest,
@@ -167,13 +183,20 @@ async fn discount_still_given(
     if now_pct >= priced_pct {
         return Ok(());
     }
-    st.payments
+    if let Err(e) = st
+        .payments
         .expire_pack_checkouts(&req.customer, now_pct)
         .await
-        .map_err(provider)?;
+    {
+        // Left for the billing worker's next subscription event (the session lapses within
+        // its 24 hours in any case); its URL is not handed out.
+        tracing::error!(workspace = %req.workspace, error = %e,
+            "could not expire a pack checkout priced with a discount the plan no longer gives");
+        checkouts::offering(st.docs.as_ref(), &req.workspace, &req.customer, priced_pct).await?;
+    }
     Err(Problem::new(
         StatusCode::CONFLICT,
-        "plan_changed",
+        "discount_ended",
         "the plan's pack discount ended while the checkout was made; start a new checkout \
          (with a new Idempotency-Key) at the price without it",
     ))
