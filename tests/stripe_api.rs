@@ -77,6 +77,8 @@ fn session_response(id: &str) -> serde_json::Value {
     let mut s = fixture("checkout.session");
     s["id"] = json!(id);
     s["url"] = json!(format!("https://checkout.stripe.com/c/pay/{id}"));
+    // Made by this request.
+    s["created"] = json!(chrono::Utc::now().timestamp());
     s
 }
 
@@ -210,6 +212,51 @@ async fn a_plan_checkout_is_a_subscription_whose_metadata_names_plan_and_interva
     // The session names the request it was made for; the subscription does not.
     assert_eq!(f["metadata[tally_request]"], "tally-checkout-org_a-k2");
     assert!(!f.contains_key("subscription_data[metadata][tally_request]"));
+}
+
+/// Stripe answers a key used before with the body it saved then: a session made long ago
+/// reads `open` there, so its state now is read, and one expired since is reported so.
+#[tokio::test]
+async fn a_checkout_answered_with_an_older_session_reads_whether_it_has_expired() {
+    for (now, expired) in [("open", false), ("expired", true)] {
+        let server = MockServer::start().await;
+        let mut saved = session_response("cs_old");
+        saved["created"] = json!(chrono::Utc::now().timestamp() - 3600);
+        saved["status"] = json!("open");
+        Mock::given(method("POST"))
+            .and(path("/v1/checkout/sessions"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(saved.clone()))
+            .mount(&server)
+            .await;
+        let mut current = saved;
+        current["status"] = json!(now);
+        Mock::given(method("GET"))
+            .and(path("/v1/checkout/sessions/cs_old"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(current))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let link = client(&server)
+            .await
+            .create_checkout(&CheckoutRequest {
+                workspace: WorkspaceId::parse("org_a").unwrap(),
+                customer: CustomerId::parse("cus_A").unwrap(),
+                purchase: Purchase::Pack {
+                    pack: "pack_500".into(),
+                    name: "500 credits".into(),
+                    quantity: 1,
+                    unit_amount: Cents::new(3280),
+                    credits: Credits::new(500),
+                    discount_pct: 20,
+                },
+                success_url: "https://studio.example/billing?done=1".into(),
+                cancel_url: "https://studio.example/billing".into(),
+                idempotency_key: "tally-checkout-org_a-k1".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!((link.id.as_str(), link.expired), ("cs_old", expired));
+    }
 }
 
 fn session_row(id: &str, mode: &str, status: &str, request: &str) -> serde_json::Value {

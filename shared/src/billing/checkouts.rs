@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 /// Sort key of the document, under the workspace's partition.
 pub const OFFERED_SK: &str = "CHECKOUT#pack_discount";
 
+/// The longest the billing worker spends expiring a customer's sessions for one event
+/// (its batch shares the function's 60 s with other customers' events); what is left is
+/// expired by a later event.
+pub const WITHDRAW_BUDGET: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The highest pack discount an open pack session of the workspace may be priced with, and
 /// the Stripe customer the sessions were made for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -635,38 +635,46 @@ impl BillingEvents {
                 },
             })
             .await?;
-        self.withdraw_discount(workspace, &plan).await;
-        Ok(())
+        self.withdraw_discount(workspace, &plan).await
     }
 
     /// After the plan is set: a pack checkout priced with more discount than the plan gives
     /// now is expired (see [`super::checkouts`]). Stripe is asked only when such a session
-    /// may be open. A failure is logged and does not hold the event up (the plan is set;
-    /// an invoice's other steps follow): the next subscription event asks again, and a
-    /// session not expired lapses within its 24 hours.
+    /// may be open, for at most [`WITHDRAW_BUDGET`](super::checkouts::WITHDRAW_BUDGET). A store error retries the event (every
+    /// step before is idempotent); Stripe failing or taking longer is logged and holds
+    /// nothing up (an invoice's other steps follow): the record keeps its discount, so a
+    /// later subscription event asks again, and a session not expired lapses within its 24
+    /// hours.
     async fn withdraw_discount(
         &self,
         workspace: &WorkspaceId,
         plan: &crate::subscriptions::PlanState,
-    ) {
+    ) -> Result<(), ConsumeError> {
+        use super::checkouts::{WITHDRAW_BUDGET, WithdrawError, Withdrawn, withdraw};
         let Some(stripe) = &self.checkouts else {
-            return;
+            return Ok(());
         };
         let now =
             crate::subscriptions::Entitlements::of(Some(plan), self.catalog()).pack_discount_pct;
-        match super::checkouts::withdraw(self.docs.as_ref(), stripe.as_ref(), workspace, now).await
-        {
-            Ok(super::checkouts::Withdrawn::Expired(n)) => tracing::info!(
+        let asked = withdraw(self.docs.as_ref(), stripe.as_ref(), workspace, now);
+        match tokio::time::timeout(WITHDRAW_BUDGET, asked).await {
+            Ok(Ok(Withdrawn::Expired(n))) => tracing::info!(
                 %workspace, expired = n, discount_pct = now,
                 "pack checkouts priced with a discount the plan no longer gives were expired"
             ),
-            Ok(super::checkouts::Withdrawn::Nothing) => {}
-            Err(e) => tracing::error!(
+            Ok(Ok(Withdrawn::Nothing)) => {}
+            Ok(Err(WithdrawError::Store(e))) => return Err(e.into()),
+            Ok(Err(WithdrawError::Stripe(e))) => tracing::error!(
                 %workspace, error = %e, discount_pct = now,
-                "could not expire pack checkouts priced with a discount the plan no longer gives; \
-                 the next subscription event tries again"
+                "could not expire pack checkouts priced with a discount the plan no longer gives"
+            ),
+            Err(_) => tracing::error!(
+                %workspace, discount_pct = now,
+                "could not expire pack checkouts priced with a discount the plan no longer gives \
+                 in time; a later subscription event goes on"
             ),
         }
+        Ok(())
     }
 
     pub(super) async fn charge(

@@ -255,12 +255,17 @@ pub fn key_livemode(key: &str) -> Option<bool> {
     }
 }
 
-/// The metadata every checkout carries so Stripe's events name the workspace and the
-/// purchase without any lookup.
 /// Session metadata: the plan's pack discount a pack checkout is priced with, in percent
 /// (absent without one).
 pub const PACK_DISCOUNT_KEY: &str = "pack_discount_pct";
 
+/// A session Stripe answers that was made this long before the request is the answer
+/// Stripe saved for the idempotency key (its body as it was then, `open`): its state now
+/// is read.
+const REPLAYED_AFTER_SECS: i64 = 60;
+
+/// The metadata every checkout carries so Stripe's events name the workspace and the
+/// purchase without any lookup.
 pub fn checkout_metadata(req: &CheckoutRequest) -> BTreeMap<&'static str, String> {
     let mut m = BTreeMap::from([("org_id", req.workspace.to_string())]);
     match &req.purchase {
@@ -313,6 +318,8 @@ struct SessionRow {
 #[derive(Debug, PartialEq, Eq)]
 enum SessionEnd {
     Expired,
+    /// Expired before this request (by Stripe, or by an earlier request).
+    WasExpired,
     Paid,
 }
 
@@ -362,7 +369,7 @@ impl StripePayments {
         let now: SessionRow = self.get(&format!("/checkout/sessions/{id}")).await?;
         match now.status.as_deref() {
             Some("complete") => Ok(SessionEnd::Paid),
-            Some("expired") => Ok(SessionEnd::Expired),
+            Some("expired") => Ok(SessionEnd::WasExpired),
             _ => Err(e),
         }
     }
@@ -1615,13 +1622,25 @@ impl Payments for StripePayments {
         let url = session
             .url
             .ok_or_else(|| PaymentsError::unavailable("checkout session without a URL"))?;
+        // Stripe replays the body it saved for the key, so a session expired since (with
+        // the discount it was priced at) would still read `open`: an older one is read
+        // again.
+        let replayed = session.created < chrono::Utc::now().timestamp() - REPLAYED_AFTER_SECS;
+        let expired = if replayed {
+            let now: SessionRow = self
+                .get(&format!("/checkout/sessions/{}", session.id))
+                .await?;
+            now.status.as_deref() == Some("expired")
+        } else {
+            matches!(
+                session.status,
+                Some(stripe_shared::CheckoutSessionStatus::Expired)
+            )
+        };
         Ok(CheckoutLink {
             id: returned(session.id.as_str())?,
             url,
-            expired: matches!(
-                session.status,
-                Some(stripe_shared::CheckoutSessionStatus::Expired)
-            ),
+            expired,
         })
     }
 

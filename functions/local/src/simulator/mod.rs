@@ -224,8 +224,8 @@ impl Simulator {
         true
     }
 
-    /// The next `n` off-session payments, paid invoices and new checkout sessions are made,
-    /// but their answers never arrive: the caller sees a timeout (a network fault after Stripe acted).
+    /// The next `n` off-session payments, paid invoices, new checkout sessions and
+    /// checkout expiries are made, but their answers never arrive: the caller sees a timeout (a network fault after Stripe acted).
     pub fn lose_answers(&self, n: u32) {
         self.lost_answers
             .store(n, std::sync::atomic::Ordering::SeqCst);
@@ -1589,7 +1589,7 @@ impl Payments for Simulator {
                 expired += 1;
             }
         }
-        Ok(expired)
+        self.answer(expired)
     }
 
     async fn billing_portal(

@@ -173,6 +173,10 @@ async fn checkout(
 /// now that it does: a session priced above what the plan gives is expired, and the request
 /// is refused (its URL is never handed out). Either this read or the worker's listing,
 /// which follows its setting of the plan, sees the other's write.
+/// The longest a checkout spends expiring sessions priced with a discount that just
+/// ended (within the function's 29 s).
+const EXPIRE_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn discount_still_given(
     st: &PurchasesState,
     req: &CheckoutRequest,
@@ -183,13 +187,15 @@ async fn discount_still_given(
     if now_pct >= priced_pct {
         return Ok(());
     }
-    if let Err(e) = st
-        .payments
-        .expire_pack_checkouts(&req.customer, now_pct)
-        .await
-    {
-        // Left for the billing worker's next subscription event (the session lapses within
-        // its 24 hours in any case); its URL is not handed out.
+    let expiring = st.payments.expire_pack_checkouts(&req.customer, now_pct);
+    let failed = match tokio::time::timeout(EXPIRE_BUDGET, expiring).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("timed out".to_owned()),
+    };
+    if let Some(e) = failed {
+        // Left for a later subscription event (the session lapses within its 24 hours in
+        // any case); its URL is not handed out.
         tracing::error!(workspace = %req.workspace, error = %e,
             "could not expire a pack checkout priced with a discount the plan no longer gives");
         checkouts::offering(st.docs.as_ref(), &req.workspace, &req.customer, priced_pct).await?;
