@@ -248,6 +248,8 @@ pub struct Answer {
     pub status: StatusCode,
     pub content_type: String,
     pub body: Value,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<String>,
 }
 
 impl Answer {
@@ -377,6 +379,10 @@ impl TestApp {
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
+        let retry_after = res
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         let body = if bytes.is_empty() {
             Value::Null
@@ -388,6 +394,7 @@ impl TestApp {
             status,
             content_type,
             body,
+            retry_after,
         }
     }
 

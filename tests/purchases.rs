@@ -898,6 +898,7 @@ mod subscription {
         sim.lose_answers(1);
         let lost = ask("buy-1").await;
         assert_eq!(lost.status.as_u16(), 503, "{:#}", lost.body);
+        assert_eq!(lost.retry_after.as_deref(), Some("2"));
         // Paused, then renewed: the plan gives no discount past its paid period, and the
         // session made for the lost answer is expired.
         app.post("/v1/subscription/pause", &o, json!({})).await;

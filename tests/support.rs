@@ -633,6 +633,11 @@ async fn tickets_and_messages_are_rate_limited_per_user_and_replays_are_free() {
         .await;
     r.assert_problem(429, "rate_limited");
     assert!(r.body["facts"]["retry_after_seconds"].as_i64().unwrap() > 0);
+    // The same as a header, for clients that back off by it.
+    assert_eq!(
+        r.retry_after.as_deref(),
+        Some(r.body["facts"]["retry_after_seconds"].to_string().as_str())
+    );
     // Someone else in the workspace is not limited by it; an hour later the user is not.
     file(&app, &member(ws, "calm"), ticket_body("other", "x", "m")).await;
     app.clock.advance(chrono::Duration::minutes(61));

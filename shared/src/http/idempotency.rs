@@ -61,12 +61,21 @@ fn judge<T: DeserializeOwned>(
             .map(Seen::Replay)
             .map_err(|_| Problem::internal()),
         None if stale(seen, now) => Ok(Seen::Free),
-        None => Err(Problem::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            "a request with this Idempotency-Key is still in progress; retry shortly",
+        None => Err(in_progress(
+            CLAIM_SECONDS - (now - seen.at).num_seconds().clamp(0, CLAIM_SECONDS),
         )),
     }
+}
+
+/// A twin request holds the key: `Retry-After` says when its claim goes stale at the
+/// latest (it is answered, or released, as soon as it ends).
+fn in_progress(secs: i64) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "a request with this Idempotency-Key is still in progress; retry shortly",
+    )
+    .with_retry_after(secs.unsigned_abs())
 }
 
 fn stale(seen: &Answer, now: DateTime<Utc>) -> bool {
@@ -116,11 +125,7 @@ where
         return match judge(&after, &print, now)? {
             Seen::Replay(t) => Ok(t),
             // Free again already (a twin released it between our read and write).
-            Seen::Free => Err(Problem::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                "a request with this Idempotency-Key is still in progress; retry shortly",
-            )),
+            Seen::Free => Err(in_progress(1)),
         };
     }
     let outcome = work().await;
@@ -206,7 +211,13 @@ mod tests {
                     panic!("no work while the key is claimed")
                 })
                 .await;
-            assert_eq!(twin.unwrap_err().code, "conflict");
+            let twin = twin.unwrap_err();
+            assert_eq!(twin.code, "conflict");
+            // The same request may retry once the dead claim, made at 0, goes stale; one
+            // with another body never may.
+            let stale_in = (CLAIM_SECONDS - 10) as u64;
+            let expected = (body == "body").then_some(stale_in);
+            assert_eq!(twin.retry_after, expected, "{body}");
         }
         let later = once(
             &store,

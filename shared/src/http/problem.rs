@@ -19,6 +19,9 @@ pub struct Problem {
     pub detail: String,
     pub field: Option<String>,
     pub facts: Option<Box<serde_json::Value>>,
+    /// Seconds after which a retry may succeed, sent as `Retry-After` (busy, unavailable,
+    /// rate limited, a twin request still in progress).
+    pub retry_after: Option<u64>,
 }
 
 /// The problem+json body (RFC 9457) every error answer carries.
@@ -48,6 +51,7 @@ impl Problem {
             detail: detail.into(),
             field: None,
             facts: None,
+            retry_after: None,
         }
     }
     pub fn validation(field: &str, detail: &str) -> Self {
@@ -85,6 +89,11 @@ impl Problem {
         self.facts = Some(Box::new(facts));
         self
     }
+    /// Says when a retry may succeed (`Retry-After`, at least one second).
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
 
     pub fn details(&self) -> ProblemDetails {
         ProblemDetails {
@@ -106,12 +115,17 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.details()).unwrap_or_default();
-        (
+        let mut r = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+        }
+        r
     }
 }
 
@@ -160,7 +174,8 @@ impl From<ServiceError> for Problem {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
                 "the workspace is busy; retry with the same Idempotency-Key",
-            ),
+            )
+            .with_retry_after(1),
             // Throttling or a timeout: a write may or may not have landed, and a retry
             // finds out (the idempotency record answers it if it did).
             ServiceError::Store(s @ crate::store::StoreError::Unavailable(_)) => {
@@ -171,6 +186,7 @@ impl From<ServiceError> for Problem {
                     "storage is briefly unavailable and whether a write took effect is not \
                      known; retry with the same Idempotency-Key",
                 )
+                .with_retry_after(1)
             }
             ServiceError::Store(s) => {
                 tracing::error!(error = %s, "store failure");
@@ -440,6 +456,28 @@ where
 mod tests {
     use super::*;
     use crate::store::StoreError;
+
+    #[test]
+    fn answers_a_retry_may_follow_say_when_in_retry_after_and_others_do_not() {
+        let header = |p: Problem| {
+            p.into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(header(ServiceError::Contention.into()), Some("1".into()));
+        assert_eq!(
+            header(StoreError::unavailable("throttled").into()),
+            Some("1".into())
+        );
+        assert_eq!(header(StoreError::backend("item too large").into()), None);
+        assert_eq!(header(Problem::conflict("no")), None);
+        assert_eq!(
+            header(Problem::conflict("wait").with_retry_after(0)),
+            Some("1".into()),
+            "never zero"
+        );
+    }
 
     #[test]
     fn a_store_that_is_briefly_unavailable_is_a_503_and_a_broken_one_a_500() {

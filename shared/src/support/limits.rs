@@ -76,7 +76,8 @@ pub async fn take(
                     limit.window.num_minutes()
                 ),
             )
-            .with_facts(serde_json::json!({ "retry_after_seconds": secs })))
+            .with_facts(serde_json::json!({ "retry_after_seconds": secs }))
+            .with_retry_after(secs.unsigned_abs()))
         }
     }
 }

@@ -54,6 +54,7 @@ pub(crate) fn provider(e: PaymentsError) -> Problem {
                 "busy",
                 "the payment provider is unavailable; retry with the same Idempotency-Key",
             )
+            .with_retry_after(2)
         }
         PaymentsError::Changed { message: m } => Problem::new(
             StatusCode::CONFLICT,
