@@ -734,6 +734,23 @@ mod subscription {
         assert!(app.local.billing_queue.dead_letters().is_empty());
     }
 
+    /// `ws` on Max monthly, set to cancel at the period end, with the clock an hour before
+    /// it; the owner's token.
+    async fn max_ending_in_an_hour(app: &TestApp, ws: &str) -> String {
+        app.subscribe(ws, "max", "monthly").await;
+        let o = owner(ws);
+        let c = app.post("/v1/subscription/cancel", &o, json!({})).await;
+        assert_eq!(c.body["cancel_at_period_end"], true, "{:#}", c.body);
+        let end: chrono::DateTime<chrono::Utc> = plan_of(app, ws).await["period_end"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        app.advance_clock(json!({"until": end - chrono::Duration::hours(1)}))
+            .await;
+        o
+    }
+
     /// A pack checkout is priced with the plan's pack discount when it is made, and a
     /// session can be paid for 24 hours: one left open when the plan stops giving the
     /// discount is expired, so the discount is not paid for after the plan that gave it.
@@ -741,19 +758,9 @@ mod subscription {
     async fn a_pack_checkout_priced_with_the_plan_discount_cannot_be_paid_after_the_plan_ends() {
         let app = TestApp::new();
         let ws = "org_pk";
-        app.subscribe(ws, "max", "monthly").await;
-        let o = owner(ws);
         let sim = app.local.simulator.clone().expect("simulated Stripe");
-        let c = app.post("/v1/subscription/cancel", &o, json!({})).await;
-        assert_eq!(c.body["cancel_at_period_end"], true, "{:#}", c.body);
-        let end: chrono::DateTime<chrono::Utc> = plan_of(&app, ws).await["period_end"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
         // An hour before the plan ends: still 20% off (4,100 cents less 20%).
-        app.advance_clock(json!({"until": end - chrono::Duration::hours(1)}))
-            .await;
+        let o = max_ending_in_an_hour(&app, ws).await;
         let discounted = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
         let paid = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_100"})).await;
         let page = |url: &Value| {
@@ -817,8 +824,6 @@ mod subscription {
         use tally::billing::checkouts::{DiscountOffered, OFFERED_SK};
         let app = TestApp::new();
         let ws = "org_pf";
-        app.subscribe(ws, "max", "monthly").await;
-        let o = owner(ws);
         let sim = app.local.simulator.clone().expect("simulated Stripe");
         let record = || async {
             tally::store::docs::get::<DiscountOffered>(
@@ -831,15 +836,8 @@ mod subscription {
             .await
             .unwrap()
         };
+        let o = max_ending_in_an_hour(&app, ws).await;
         assert_eq!(record().await, None, "no discounted checkout yet");
-        app.post("/v1/subscription/cancel", &o, json!({})).await;
-        let end: chrono::DateTime<chrono::Utc> = plan_of(&app, ws).await["period_end"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        app.advance_clock(json!({"until": end - chrono::Duration::hours(1)}))
-            .await;
         let s = checkout(&app, &o, json!({"kind": "pack", "pack": "pack_500"})).await;
         assert_eq!(record().await.map(|r| r.pct), Some(20));
         // The plan ends; Stripe's answer to the expiry is lost.

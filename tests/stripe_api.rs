@@ -82,6 +82,25 @@ fn session_response(id: &str) -> serde_json::Value {
     s
 }
 
+/// `quantity` packs of 500 credits at Max's 20% off, for org_a under key `k1`.
+fn pack_checkout(quantity: u64) -> CheckoutRequest {
+    CheckoutRequest {
+        workspace: WorkspaceId::parse("org_a").unwrap(),
+        customer: CustomerId::parse("cus_A").unwrap(),
+        purchase: Purchase::Pack {
+            pack: "pack_500".into(),
+            name: "500 credits".into(),
+            quantity,
+            unit_amount: Cents::new(3280),
+            credits: Credits::new(500),
+            discount_pct: 20,
+        },
+        success_url: "https://studio.example/billing?done=1".into(),
+        cancel_url: "https://studio.example/billing".into(),
+        idempotency_key: "tally-checkout-org_a-k1".into(),
+    }
+}
+
 #[tokio::test]
 async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card() {
     let server = MockServer::start().await;
@@ -92,21 +111,7 @@ async fn a_pack_checkout_is_a_one_off_payment_with_tax_metadata_and_a_saved_card
         .await;
     let link = client(&server)
         .await
-        .create_checkout(&CheckoutRequest {
-            workspace: WorkspaceId::parse("org_a").unwrap(),
-            customer: CustomerId::parse("cus_A").unwrap(),
-            purchase: Purchase::Pack {
-                pack: "pack_500".into(),
-                name: "500 credits".into(),
-                quantity: 2,
-                unit_amount: Cents::new(3280),
-                credits: Credits::new(500),
-                discount_pct: 20,
-            },
-            success_url: "https://studio.example/billing?done=1".into(),
-            cancel_url: "https://studio.example/billing".into(),
-            idempotency_key: "tally-checkout-org_a-k1".into(),
-        })
+        .create_checkout(&pack_checkout(2))
         .await
         .unwrap();
     assert_eq!(link.id.as_str(), "cs_pack");
@@ -238,21 +243,7 @@ async fn a_checkout_answered_with_an_older_session_reads_whether_it_has_expired(
             .await;
         let link = client(&server)
             .await
-            .create_checkout(&CheckoutRequest {
-                workspace: WorkspaceId::parse("org_a").unwrap(),
-                customer: CustomerId::parse("cus_A").unwrap(),
-                purchase: Purchase::Pack {
-                    pack: "pack_500".into(),
-                    name: "500 credits".into(),
-                    quantity: 1,
-                    unit_amount: Cents::new(3280),
-                    credits: Credits::new(500),
-                    discount_pct: 20,
-                },
-                success_url: "https://studio.example/billing?done=1".into(),
-                cancel_url: "https://studio.example/billing".into(),
-                idempotency_key: "tally-checkout-org_a-k1".into(),
-            })
+            .create_checkout(&pack_checkout(1))
             .await
             .unwrap();
         assert_eq!((link.id.as_str(), link.expired), ("cs_old", expired));
