@@ -76,8 +76,8 @@ pub enum Withdrawn {
 }
 
 /// After the plan is set: if a pack session priced above `now_pct` (the discount the plan
-/// gives now) may be open, asks Stripe to expire every such session, then records that
-/// none is. A failure leaves the record as it was, so the next call asks again. A session
+/// gives now) may be open, asks Stripe (for at most `budget`) to expire every such session,
+/// then records that none is. A failure leaves the record as it was, so the next call asks again. A session
 /// made after the listing is the checkout's own to expire: it reads the plan again once its
 /// session exists.
 pub async fn withdraw(
@@ -85,6 +85,7 @@ pub async fn withdraw(
     stripe: &dyn Payments,
     workspace: &WorkspaceId,
     now_pct: u8,
+    budget: std::time::Duration,
 ) -> Result<Withdrawn, WithdrawError> {
     let pk = workspace_pk(workspace);
     let Some(offered) = docs::get::<DiscountOffered>(docs, &pk, OFFERED_SK).await? else {
@@ -93,10 +94,11 @@ pub async fn withdraw(
     if offered.pct <= now_pct {
         return Ok(Withdrawn::Nothing);
     }
-    let expired = stripe
-        .expire_pack_checkouts(&offered.customer, now_pct)
-        .await
-        .map_err(WithdrawError::Stripe)?;
+    let expiring = stripe.expire_pack_checkouts(&offered.customer, now_pct);
+    let expired = match tokio::time::timeout(budget, expiring).await {
+        Ok(answer) => answer.map_err(WithdrawError::Stripe)?,
+        Err(_) => return Err(WithdrawError::TooSlow(budget)),
+    };
     // Lowered only if no checkout raised it meanwhile (its session may not be listed yet;
     // the checkout withdraws it itself if the plan no longer gives its discount).
     docs::update(docs, &pk, OFFERED_SK, |cur: Option<DiscountOffered>| {
@@ -115,4 +117,7 @@ pub enum WithdrawError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Stripe(crate::payments::PaymentsError),
+    /// Stripe took longer than the budget (some sessions may be expired already).
+    #[error("the payment provider took longer than {0:?}")]
+    TooSlow(std::time::Duration),
 }

@@ -656,22 +656,25 @@ impl BillingEvents {
         };
         let now =
             crate::subscriptions::Entitlements::of(Some(plan), self.catalog()).pack_discount_pct;
-        let asked = withdraw(self.docs.as_ref(), stripe.as_ref(), workspace, now);
-        match tokio::time::timeout(WITHDRAW_BUDGET, asked).await {
-            Ok(Ok(Withdrawn::Expired(n))) => tracing::info!(
+        match withdraw(
+            self.docs.as_ref(),
+            stripe.as_ref(),
+            workspace,
+            now,
+            WITHDRAW_BUDGET,
+        )
+        .await
+        {
+            Ok(Withdrawn::Expired(n)) => tracing::info!(
                 %workspace, expired = n, discount_pct = now,
                 "pack checkouts priced with a discount the plan no longer gives were expired"
             ),
-            Ok(Ok(Withdrawn::Nothing)) => {}
-            Ok(Err(WithdrawError::Store(e))) => return Err(e.into()),
-            Ok(Err(WithdrawError::Stripe(e))) => tracing::error!(
+            Ok(Withdrawn::Nothing) => {}
+            Err(WithdrawError::Store(e)) => return Err(e.into()),
+            Err(e @ (WithdrawError::Stripe(_) | WithdrawError::TooSlow(_))) => tracing::error!(
                 %workspace, error = %e, discount_pct = now,
-                "could not expire pack checkouts priced with a discount the plan no longer gives"
-            ),
-            Err(_) => tracing::error!(
-                %workspace, discount_pct = now,
-                "could not expire pack checkouts priced with a discount the plan no longer gives \
-                 in time; a later subscription event goes on"
+                "could not expire pack checkouts priced with a discount the plan no longer gives; \
+                 a later subscription event asks again"
             ),
         }
         Ok(())

@@ -61,21 +61,19 @@ fn judge<T: DeserializeOwned>(
             .map(Seen::Replay)
             .map_err(|_| Problem::internal()),
         None if stale(seen, now) => Ok(Seen::Free),
-        None => Err(in_progress(
-            CLAIM_SECONDS - (now - seen.at).num_seconds().clamp(0, CLAIM_SECONDS),
-        )),
+        None => Err(in_progress()),
     }
 }
 
-/// A twin request holds the key: `Retry-After` says when its claim goes stale at the
-/// latest (it is answered, or released, as soon as it ends).
-fn in_progress(secs: i64) -> Problem {
+/// A twin request holds the key. It is answered, or its claim released, as soon as it
+/// ends (usually within a second), so a retry a second later is worth it.
+fn in_progress() -> Problem {
     Problem::new(
         StatusCode::CONFLICT,
         "conflict",
         "a request with this Idempotency-Key is still in progress; retry shortly",
     )
-    .with_retry_after(secs.unsigned_abs())
+    .with_retry_after(1)
 }
 
 fn stale(seen: &Answer, now: DateTime<Utc>) -> bool {
@@ -125,7 +123,7 @@ where
         return match judge(&after, &print, now)? {
             Seen::Replay(t) => Ok(t),
             // Free again already (a twin released it between our read and write).
-            Seen::Free => Err(in_progress(1)),
+            Seen::Free => Err(in_progress()),
         };
     }
     let outcome = work().await;
@@ -213,10 +211,8 @@ mod tests {
                 .await;
             let twin = twin.unwrap_err();
             assert_eq!(twin.code, "conflict");
-            // The same request may retry once the dead claim, made at 0, goes stale; one
-            // with another body never may.
-            let stale_in = (CLAIM_SECONDS - 10) as u64;
-            let expected = (body == "body").then_some(stale_in);
+            // The same request may retry shortly; one with another body never may.
+            let expected = (body == "body").then_some(1);
             assert_eq!(twin.retry_after, expected, "{body}");
         }
         let later = once(

@@ -121,7 +121,11 @@ impl IntoResponse for Problem {
             body,
         )
             .into_response();
-        if let Some(secs) = self.retry_after {
+        // Every 503 is worth retrying soon.
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        if let Some(secs) = retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
         }
@@ -472,6 +476,14 @@ mod tests {
         );
         assert_eq!(header(StoreError::backend("item too large").into()), None);
         assert_eq!(header(Problem::conflict("no")), None);
+        assert_eq!(
+            header(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "any 503"
+            )),
+            Some("1".into())
+        );
         assert_eq!(
             header(Problem::conflict("wait").with_retry_after(0)),
             Some("1".into()),

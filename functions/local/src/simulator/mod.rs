@@ -142,6 +142,9 @@ pub struct Simulator {
     off_session: tokio::sync::Mutex<HashMap<String, Keyed<PaymentIntentId>>>,
     /// Answers still to be lost (see [`Simulator::lose_answers`]).
     lost_answers: std::sync::atomic::AtomicU32,
+    /// Checkout expiries still to find Stripe unreachable (see
+    /// [`Simulator::unreachable_for_expiries`]).
+    unreachable_expiries: std::sync::atomic::AtomicU32,
     /// Events made while deliveries are held back (see [`Simulator::hold_deliveries`]).
     held: Mutex<Option<Vec<Value>>>,
 }
@@ -181,6 +184,7 @@ impl Simulator {
             reissues: tokio::sync::Mutex::new(HashMap::new()),
             off_session: tokio::sync::Mutex::new(HashMap::new()),
             lost_answers: std::sync::atomic::AtomicU32::new(0),
+            unreachable_expiries: std::sync::atomic::AtomicU32::new(0),
             held: Mutex::new(None),
         })
     }
@@ -224,10 +228,17 @@ impl Simulator {
         true
     }
 
-    /// The next `n` off-session payments, paid invoices, new checkout sessions and
-    /// checkout expiries are made, but their answers never arrive: the caller sees a timeout (a network fault after Stripe acted).
+    /// The next `n` off-session payments, paid invoices and new checkout sessions are made,
+    /// but their answers never arrive: the caller sees a timeout (a network fault after Stripe acted).
     pub fn lose_answers(&self, n: u32) {
         self.lost_answers
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next `n` requests to expire a customer's discounted pack checkouts find Stripe
+    /// unreachable: nothing is listed or expired, and the caller sees an outage.
+    pub fn unreachable_for_expiries(&self, n: u32) {
+        self.unreachable_expiries
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -1575,6 +1586,14 @@ impl Payments for Simulator {
         customer: &CustomerId,
         above_pct: u8,
     ) -> Result<u32, PaymentsError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .unreachable_expiries
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(PaymentsError::unavailable("could not connect to Stripe"));
+        }
         // Stripe is asked by the discount the session's metadata names; here the request
         // it was made from says the same.
         let now = self.now();
@@ -1589,7 +1608,7 @@ impl Payments for Simulator {
                 expired += 1;
             }
         }
-        self.answer(expired)
+        Ok(expired)
     }
 
     async fn billing_portal(

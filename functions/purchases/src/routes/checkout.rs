@@ -167,16 +167,16 @@ async fn checkout(
     })
 }
 
+/// The longest a checkout spends expiring sessions priced with a discount that just
+/// ended (within the function's 29 s).
+const EXPIRE_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A discounted pack session is made from the plan read before it. If the plan stopped
 /// giving that discount meanwhile (canceled, paused), the billing worker's expiry of
 /// discounted sessions may have run before the session existed, so the plan is read again
 /// now that it does: a session priced above what the plan gives is expired, and the request
 /// is refused (its URL is never handed out). Either this read or the worker's listing,
 /// which follows its setting of the plan, sees the other's write.
-/// The longest a checkout spends expiring sessions priced with a discount that just
-/// ended (within the function's 29 s).
-const EXPIRE_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
-
 async fn discount_still_given(
     st: &PurchasesState,
     req: &CheckoutRequest,
