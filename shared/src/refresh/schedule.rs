@@ -369,8 +369,23 @@ mod tests {
         let total: u64 = g.iter().map(|g| g.credits.get()).sum();
         assert_eq!(total, 400 + 300, "{g:?}");
         // Each change as it was: the units from Plus, then the upgrade from Plus with them.
-        let steps: Vec<_> = d
-            .changes
+        assert_eq!(
+            steps(&d),
+            [
+                ("in_units", ("plus", 0), ("plus", 5)),
+                ("in_up", ("plus", 5), ("max", 5)),
+            ]
+        );
+        // Delivered again: nothing changes.
+        assert!(!d.set_level(&units, t1, 1, UNITS_ONLY));
+    }
+
+    /// A level as (plan, add-on units).
+    type Level<'a> = (&'a str, u32);
+
+    /// Each recorded change as (invoice, level before, level after).
+    fn steps(d: &RefreshDoc) -> Vec<(&str, Level<'_>, Level<'_>)> {
+        d.changes
             .iter()
             .map(|c| {
                 (
@@ -379,16 +394,7 @@ mod tests {
                     (c.after.plan.as_str(), c.after.addon_units),
                 )
             })
-            .collect();
-        assert_eq!(
-            steps,
-            [
-                ("in_units", ("plus", 0), ("plus", 5)),
-                ("in_up", ("plus", 5), ("max", 5)),
-            ]
-        );
-        // Delivered again: nothing changes.
-        assert!(!d.set_level(&units, t1, 1, UNITS_ONLY));
+            .collect()
     }
 
     #[test]
@@ -466,19 +472,8 @@ mod tests {
         assert!(d.set_level(&units(&d, "in_b", 3), day(3), 1, UNITS_ONLY));
         assert!(d.set_level(&paid(&d, "in_u", "max"), day(2), 1, PLAN_ONLY));
         assert!(d.set_level(&units(&d, "in_a", 5), day(1), 1, UNITS_ONLY));
-        let steps: Vec<_> = d
-            .changes
-            .iter()
-            .map(|c| {
-                (
-                    c.invoice.as_str(),
-                    (c.before.plan.as_str(), c.before.addon_units),
-                    (c.after.plan.as_str(), c.after.addon_units),
-                )
-            })
-            .collect();
         assert_eq!(
-            steps,
+            steps(&d),
             [
                 ("in_a", ("plus", 0), ("plus", 5)),
                 ("in_u", ("plus", 5), ("max", 5)),
