@@ -1045,10 +1045,23 @@ async fn a_fall_and_a_rise_before_the_refresh_grants_a_waiting_month_pay_it_once
 #[tokio::test]
 async fn a_switch_to_monthly_before_the_refresh_grants_a_waiting_month_withholds_its_credited_time()
 {
+    switch_to_monthly_with_a_month_waiting("org_switchwait", chrono::Duration::hours(1)).await;
+}
+
+/// The same switch in the very second the month falls due: Stripe credits the whole month
+/// as unused, and the month is still granted (and withheld by that credit), so the
+/// customer keeps the new plan's month, as a second later, never less.
+#[tokio::test]
+async fn a_switch_in_the_second_a_yearly_month_falls_due_loses_no_month() {
+    switch_to_monthly_with_a_month_waiting("org_switchsecond", chrono::Duration::zero()).await;
+}
+
+/// A Generative yearly plan whose first month is spent, switched in the portal to Plus
+/// monthly `after` its second month fell due, before the credit refresh came.
+async fn switch_to_monthly_with_a_month_waiting(ws: &str, after: chrono::Duration) {
     use tally::clock::Clock;
     use tally::ledger::Interval;
     let app = TestApp::new();
-    let ws = "org_switchwait";
     let start = app.clock.now();
     app.subscribe(ws, "generative", "yearly").await;
     let sim = app.local.simulator.as_ref().unwrap();
@@ -1066,7 +1079,7 @@ async fn a_switch_to_monthly_before_the_refresh_grants_a_waiting_month_withholds
         .await;
     assert_eq!(debit.status.as_u16(), 201, "{:#}", debit.body);
     let month = tally::subscriptions::calendar::add_months(start, 1);
-    app.advance_clock(serde_json::json!({ "until": month + chrono::Duration::hours(1) }))
+    app.advance_clock(serde_json::json!({ "until": month + after }))
         .await;
     assert_eq!(app.available(ws).await, 0, "month 2 waits for the refresh");
     portal_change(&app, ws, "plus", Interval::Monthly).await;
@@ -1086,6 +1099,8 @@ async fn a_switch_to_monthly_before_the_refresh_grants_a_waiting_month_withholds
     let plus = catalog.plan("plus").unwrap().monthly_credits.get();
     let kept = app.available(ws).await;
     assert!(kept <= plus + 5, "kept {kept}: {month_grants:?}");
+    // And never less than the new plan's month, to a credit of rounding on each line.
+    assert!(kept + 5 >= plus, "kept {kept}: {month_grants:?}");
     // Again: nothing twice.
     tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
         .await

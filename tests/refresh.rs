@@ -610,6 +610,24 @@ async fn a_month_due_before_a_new_period_was_recorded_is_still_granted() {
     assert!(doc_of(&p, ws).await.previous.is_none());
 }
 
+/// A new period recorded in the very second a yearly month fell due, before the worker
+/// came to it: that month is still the replaced period's (Stripe credits it as unused
+/// from that second), granted once at its level; the next month is the new period's.
+#[tokio::test]
+async fn a_month_due_in_the_second_its_period_is_replaced_is_still_granted() {
+    let p = embedded();
+    let ws = "switchedatonce";
+    paid_yearly(&p, ws, "max", 0).await;
+    let due = add_months(start(), 1); // 29 Feb 2028
+    let monthly = monthly_from(&p, ws, "in_switch", due).await;
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, due).await;
+    let kept = doc_of(&p, ws).await.previous.expect("the month is owed");
+    assert!(refresh::kept_until(&kept, due));
+    play_until(&p, monthly.period_end + Duration::days(3)).await;
+    assert_eq!(plan_grants(&p, ws).await, vec![((2, 29), 400)]);
+    assert!(doc_of(&p, ws).await.previous.is_none());
+}
+
 /// The kept period ends where its replacement began: with the worker a month behind, a
 /// switch a day after a month's date and the new monthly period's renewal leave only that
 /// month owed, not the next one, which the monthly period paid.

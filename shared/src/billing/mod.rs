@@ -488,21 +488,23 @@ impl BillingEvents {
                 // document's `previous`): unused time credited back comes from it. Read
                 // before the period is recorded; a retry finds it as `previous`.
                 // Only the period this one directly replaced: a `previous` carried from an
-                // earlier replacement is not this invoice's to credit.
+                // earlier replacement is not this invoice's to credit. A month dated at the
+                // switch itself is the replaced period's, as the kept period's (Stripe
+                // credits it as unused).
                 let start = level.period_start;
                 month_from = crate::refresh::refresh_doc(self.docs.as_ref(), workspace)
                     .await?
                     .and_then(|d| {
                         if &d.subscription == sub && d.period_start == start {
-                            d.previous.map(|p| *p).filter(|p| p.period_end == start)
+                            d.previous
+                                .map(|p| *p)
+                                .filter(|p| crate::refresh::kept_until(p, start))
                         } else {
                             Some(d)
                         }
                     })
                     .filter(|d| &d.subscription == sub && d.period_start < start)
-                    .and_then(|d| d.waiting_at(start))
-                    // As the kept period: a month dated at the switch itself is not owed.
-                    .filter(|m| *m < start);
+                    .and_then(|d| d.waiting_at(start));
                 crate::refresh::record_ranked_period(
                     self.docs.as_ref(),
                     &paid_period(workspace, sub, &invoice.id, level, Some(addon_credits)),

@@ -172,6 +172,13 @@ pub struct RefreshDoc {
     pub parts: Option<PartsSet>,
 }
 
+/// Whether `kept` is a period kept as `previous` by the period that began at `start` (it
+/// ends there, or a second later when a month of it is dated `start`; one kept before
+/// such months were owed ends at `start`).
+pub fn kept_until(kept: &RefreshDoc, start: DateTime<Utc>) -> bool {
+    kept.period_end == start || kept.period_end == start + Duration::seconds(1)
+}
+
 /// An invoice's place among the customer's invoices, from the number Stripe gives it as it
 /// finalizes it (`PREFIX-0001`); the same scale as a numbered change's rank
 /// (`billing::change_rank`). `None` for an invoice without a number.
@@ -390,23 +397,36 @@ impl RefreshDoc {
         }
     }
 
+    /// The end a period replaced by one beginning at `start` is kept with (see
+    /// [`Self::owed_before`]): its own end if sooner, else the second after `start`, so
+    /// the month dated `start` is still its own.
+    fn kept_end(&self, start: DateTime<Utc>) -> DateTime<Utc> {
+        self.period_end.min(start + Duration::seconds(1))
+    }
+
     /// What the period `p` replacing this document at `now` keeps as its `previous`: this
-    /// document if months of it fell due before `p` began and were not granted yet, else
-    /// the `previous` this one kept, if it still owes such months (two new periods before
-    /// the worker came).
+    /// document if months of it fell due by the time `p` began (in that very second
+    /// included) and were not granted yet, else the `previous` this one kept, if it still
+    /// owes such months (two new periods before the worker came).
+    ///
+    /// A month dated the second `p` began is this period's: Stripe credits the unused
+    /// time of the old period from that second, and the new period's first grant is
+    /// lowered by the old month's unused rest as if that month had been granted (see
+    /// `billing::grants::line_grants`), as it is a second later.
     fn owed_before(&self, p: &PaidPeriod, now: DateTime<Utc>) -> Option<Box<Self>> {
         let owes = |d: &Self| {
             d.subscription == p.subscription
                 && d.opened_by.is_none()
                 && schedule::due_allotments(d, now)
                     .iter()
-                    .any(|a| a.at < p.period_start)
+                    .any(|a| a.at <= p.period_start)
         };
         if owes(self) {
-            // It ended where `p` began: months from then on are `p`'s.
+            // It ended just after `p` began: the month dated that second is still its
+            // own, months after it are `p`'s.
             return Some(Box::new(Self {
                 previous: None,
-                period_end: self.period_end.min(p.period_start),
+                period_end: self.kept_end(p.period_start),
                 ..self.clone()
             }));
         }

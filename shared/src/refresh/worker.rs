@@ -286,13 +286,13 @@ impl Refresher {
             })
         };
 
-        // Months the period this one replaced still owed: due before this period began,
-        // not granted when it was recorded. Same subscription, so in effect on their dates
-        // unless it had ended by then.
+        // Months the period this one replaced still owed: due by the time this period
+        // began (in its first second included), not granted when it was recorded. Same
+        // subscription, so in effect on their dates unless it had ended by then.
         if let Some(prev) = &doc.previous {
             for a in schedule::due_allotments(prev, now)
                 .into_iter()
-                .filter(|a| a.at < doc.period_start)
+                .filter(|a| a.at <= doc.period_start)
             {
                 // The same subscription as the document's: the same test.
                 if in_effect_at(a.at) {
