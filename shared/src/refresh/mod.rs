@@ -404,7 +404,7 @@ impl RefreshDoc {
         self.period_end.min(start + Duration::seconds(1))
     }
 
-    /// What the period `p` replacing this document at `now` keeps as its `previous`: this
+    /// What the period `p` replacing this document keeps as its `previous`: this
     /// document if months of it fell due by the time `p` began (in that very second
     /// included) and were not granted yet, else the `previous` this one kept, if it still
     /// owes such months (two new periods before the worker came).
@@ -413,13 +413,14 @@ impl RefreshDoc {
     /// time of the old period from that second, and the new period's first grant is
     /// lowered by the old month's unused rest as if that month had been granted (see
     /// `billing::grants::line_grants`), as it is a second later.
-    fn owed_before(&self, p: &PaidPeriod, now: DateTime<Utc>) -> Option<Box<Self>> {
+    fn owed_before(&self, p: &PaidPeriod) -> Option<Box<Self>> {
+        // Due by the time `p` began, whatever the clock says when it is recorded: a clock
+        // a moment behind Stripe's must not drop the month dated `p`'s first second
+        // (billing-events withholds the credited time from it all the same).
         let owes = |d: &Self| {
             d.subscription == p.subscription
                 && d.opened_by.is_none()
-                && schedule::due_allotments(d, now)
-                    .iter()
-                    .any(|a| a.at <= p.period_start)
+                && !schedule::due_allotments(d, p.period_start).is_empty()
         };
         if owes(self) {
             // It ended just after `p` began: the month dated that second is still its
@@ -789,7 +790,7 @@ pub async fn record_ranked_period(
                     // The ledger's next settlement does not depend on the period.
                     fresh.settle_at = current.as_ref().and_then(|c| c.settle_at);
                     // Months of the replaced period already due are still owed.
-                    fresh.previous = current.and_then(|c| c.owed_before(p, now));
+                    fresh.previous = current.and_then(|c| c.owed_before(p));
                     fresh
                 }
             };
@@ -878,7 +879,7 @@ pub async fn set_level(
                     fresh.level_rank = Some(rank);
                     fresh.settle_at = current.as_ref().and_then(|c| c.settle_at);
                     // Months of the replaced period already due are still owed.
-                    fresh.previous = current.and_then(|c| c.owed_before(p, at));
+                    fresh.previous = current.and_then(|c| c.owed_before(p));
                     fresh.opened_by = Some(OpeningChange {
                         at,
                         rank,
