@@ -193,7 +193,7 @@ fn every_ledger_function_alerts_and_the_top_ups_queue_is_sent_to_and_consumed_as
         );
     }
     buyers.sort();
-    assert_eq!(buyers, ["billing-events", "credits-api", "purchases"]);
+    assert_eq!(buyers, ["credits-api"], "only generations ask for top-ups");
     let (_, f) = function_for_binary(&t, "billing-events");
     let timeout = f["Properties"]["Timeout"].as_u64().unwrap();
     assert!(q["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);

@@ -1273,6 +1273,57 @@ mod alerts {
         );
     }
 
+    /// Credits expiring in an operation of Stripe's events (an add-on unit's credits, as the
+    /// renewal's subscription update sets the plan, an hour before the renewal is charged)
+    /// cross the threshold: that alerts, but buys nothing. Auto top-up is for credits
+    /// spent, not for credits nobody used.
+    #[tokio::test]
+    async fn credits_expiring_as_stripes_events_are_applied_alert_but_buy_no_top_up() {
+        let app = TestApp::new();
+        let ws = "org_lapse";
+        let (o, _) = with_saved_card(&app, ws, json!({"below_credits": []})).await;
+        app.subscribe(ws, "plus", "monthly").await;
+        let units = app.set_units(ws, 1).await;
+        assert_eq!(units.status.as_u16(), 200, "{:#}", units.body);
+        app.settle_billing().await;
+        let lots = app.get("/v1/balance", &o).await.body["lots"].clone();
+        let addon: u64 = lots
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["source"] == "addon")
+            .map(|l| l["remaining"].as_u64().unwrap())
+            .sum();
+        assert!(addon > 2, "{lots:#}");
+        // Below the balance by less than the add-on credits: their expiry crosses it.
+        let threshold = app.available(ws).await - addon / 2;
+        save_alerts(
+            &app,
+            &o,
+            json!({"below_credits": [threshold], "auto_topup": {"pack": "pack_100", "below_credits": threshold}}),
+        )
+        .await;
+        let before = notifications(&app).await.len();
+        // Past the period's end and its renewal charge an hour later.
+        app.advance_clock(json!({"days": 32})).await;
+        let sent = notifications(&app).await;
+        let sent = &sent[before..];
+        assert!(
+            sent.iter().any(|n| n["type"] == "credits.below_threshold"
+                && n["threshold"].as_u64() == Some(threshold)),
+            "the crossing alerts: {sent:#?}"
+        );
+        assert!(!TestApp::mentions_top_up(sent), "{sent:#?}");
+        let sim = app.local.simulator.as_ref().unwrap();
+        assert!(
+            sim.events()
+                .iter()
+                .filter(|e| e.kind == "payment_intent.created")
+                .all(|e| e.payload["data"]["object"]["metadata"]["topup"] != "true"),
+            "no top-up was charged"
+        );
+    }
+
     /// A process that read the settings a while ago (they are reused for a time in Lambda)
     /// follows the settings as stored when it claims the charge: a top-up turned off since
     /// is neither charged nor reported, one whose threshold the balance is no longer below

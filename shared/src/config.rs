@@ -32,8 +32,8 @@ pub const CHECKOUT_CANCEL_URL: &str = "TALLY_CHECKOUT_CANCEL_URL";
 pub const PORTAL_RETURN_URL: &str = "TALLY_PORTAL_RETURN_URL";
 /// URL of the notifications queue (credit alerts, top-up results).
 pub const NOTIFICATIONS_QUEUE_URL: &str = "NOTIFICATIONS_QUEUE_URL";
-/// URL of the top-ups FIFO queue: crossings of the auto top-up threshold (credits-api,
-/// purchases and billing-events send; billing-events charges). Without it auto top-up is
+/// URL of the top-ups FIFO queue: crossings of the auto top-up threshold (credits-api
+/// sends; billing-events charges). Without it auto top-up is
 /// off.
 pub const TOPUPS_QUEUE_URL: &str = "TOPUPS_QUEUE_URL";
 /// Path of a catalog JSON replacing the shipped one (all, optional).
@@ -188,7 +188,8 @@ impl StoreConfig {
 }
 
 /// Credit alerts, which every function running ledger operations sends, and auto top-up,
-/// which credits-api, purchases and billing-events ask for.
+/// which credits-api asks for (its generations spend; everywhere else a crossing is
+/// credits expiring or money going back, which only alert).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertsConfig {
     pub notifications_queue_url: HttpUrl,
@@ -276,13 +277,8 @@ pub struct PurchasesConfig {
 }
 
 impl PurchasesConfig {
-    pub const REQUIRED: &[&str] = &[
-        TABLE,
-        STRIPE_SECRET_KEY,
-        APP_URL,
-        NOTIFICATIONS_QUEUE_URL,
-        TOPUPS_QUEUE_URL,
-    ];
+    /// Its operations only grant: its credit alerts never ask for a top-up.
+    pub const REQUIRED: &[&str] = &[TABLE, STRIPE_SECRET_KEY, APP_URL, NOTIFICATIONS_QUEUE_URL];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)
@@ -344,14 +340,9 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// As for [`ApiConfig::REQUIRED`], `TOPUPS_QUEUE_URL` and `STRIPE_SECRET_KEY` are for
-    /// auto top-up.
-    pub const REQUIRED: &[&str] = &[
-        TABLE,
-        NOTIFICATIONS_QUEUE_URL,
-        TOPUPS_QUEUE_URL,
-        STRIPE_SECRET_KEY,
-    ];
+    /// `STRIPE_SECRET_KEY` is for auto top-up (the top-ups queue is its event source; its
+    /// own credit alerts never ask for one) and for expiring discounted pack checkouts.
+    pub const REQUIRED: &[&str] = &[TABLE, NOTIFICATIONS_QUEUE_URL, STRIPE_SECRET_KEY];
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(process_env)

@@ -23,9 +23,12 @@ async fn main() -> Result<(), Error> {
     let catalog = Arc::new(Catalog::load(cfg.catalog_path.as_deref())?);
     let store = Arc::new(tally::store::dynamo::from_config(&cfg.store).await);
     let mut ledger = Ledger::new(store.clone(), Arc::new(SystemClock), catalog.clone());
+    // Stripe's events grant, set plans and take money's credits back: a crossing here is
+    // credits expiring or money going back, which only alert; auto top-ups are asked for
+    // by generations (credits-api) and charged here, from the top-ups queue.
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     ledger.observer =
-        Some(tally::alerts::from_config(store.clone(), catalog.clone(), &cfg.alerts).await);
+        Some(tally::alerts::alerts_only(store.clone(), catalog.clone(), &cfg.alerts).await);
     let money_back = tally::alerts::alerts_only(store.clone(), catalog.clone(), &cfg.alerts).await;
     let payments: Option<Arc<dyn Payments>> = match &cfg.stripe_secret_key {
         Some(key) => Some(Arc::new(tally::payments::stripe_api::StripePayments::new(

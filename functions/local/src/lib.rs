@@ -252,13 +252,14 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
             cache: Default::default(),
         })
     };
-    // Refund requests, support's settlements and the schedule only alert, as the refunds,
-    // support-intake and credit-refresh functions do in AWS.
+    // Only generations ask for auto top-ups, as credits-api does in AWS: billing events and
+    // purchases only grant (their crossings are credits expiring), refund requests take
+    // money's credits back, support's settlements and the schedule expire them.
     let mut alerting = cfg.ledger.clone();
     alerting.observer = Some(alerts(false));
     cfg.ledger.observer = Some(alerts(true));
     // Started once the ledger has its observer; deliveries wait in the queue until then.
-    let mut billing = BillingEvents::new(cfg.ledger.clone(), cfg.docs.clone(), Some(alerts(false)));
+    let mut billing = BillingEvents::new(alerting.clone(), cfg.docs.clone(), Some(alerts(false)));
     billing.checkouts = Some(payments.clone());
     billing_queue.start(Arc::new(billing));
     let credits = credits_api::AppState {
@@ -323,7 +324,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         clock: cfg.clock.clone(),
     };
     let buying = purchases::PurchasesState {
-        ledger: cfg.ledger.clone(),
+        ledger: alerting.clone(),
         docs: cfg.docs.clone(),
         payments,
         urls: purchases::ReturnUrls::new(&cfg.base_url, &cfg.return_urls),

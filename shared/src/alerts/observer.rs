@@ -160,7 +160,8 @@ impl CreditAlerts {
             return;
         };
         if let Err(e) = queue.send(request.message()).await {
-            // The operation has committed; the next crossing asks again.
+            // The operation has committed: no top-up is asked for until the balance rises to
+            // the threshold and is crossed again (the log names the workspace).
             tracing::error!(workspace = %workspace, entry, error = %e, "could not ask for an auto top-up");
         }
     }
