@@ -542,6 +542,35 @@ async fn stripe_refusals_and_outages_are_told_apart() {
         .await
         .unwrap_err();
     assert!(matches!(down, PaymentsError::Unavailable { .. }), "{down}");
+    // A declined card is refused; a key Stripe does not take, or a service it depends on
+    // failing, is not the request's fault: it may pass once mended.
+    for (status, kind, refused) in [
+        (402, "card_error", true),
+        (401, "invalid_request_error", false),
+        (403, "invalid_request_error", false),
+        (424, "api_error", false),
+        (429, "invalid_request_error", false),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v1/customers"))
+            .respond_with(
+                ResponseTemplate::new(status).set_body_json(json!({"error": {
+                "type": kind, "message": format!("answered {status}")}})),
+            )
+            .mount(&server)
+            .await;
+        let e = client(&server)
+            .await
+            .create_customer(&WorkspaceId::parse("org_a").unwrap(), None, "k3")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            matches!(e, PaymentsError::Refused { .. }),
+            refused,
+            "{status}: {e}"
+        );
+    }
 }
 
 #[tokio::test]

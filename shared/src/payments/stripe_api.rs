@@ -138,12 +138,17 @@ pub fn short_digest(s: &str) -> String {
         .collect()
 }
 
-/// Client errors (4xx but 409 and 429) are refusals: the same request will be refused
-/// again. Rate limits, a request with the same idempotency key still in progress (409),
-/// server errors and failures to reach Stripe or read its answer may pass.
+/// Client errors are refusals: the same request will be refused again (a declined card,
+/// an invalid parameter). What may pass is not: rate limits (429), a request with the same
+/// idempotency key still in progress (409), a service Stripe depends on failing (424),
+/// server errors, failures to reach Stripe or read its answer, and a key Stripe does not
+/// take (401: revoked or rolled; 403: a restricted key without the permission), which is
+/// the deployment's to mend, never the customer's card's fault.
 fn classify(e: StripeError) -> PaymentsError {
     match &e {
-        StripeError::Stripe(err, status) if *status < 500 && *status != 429 && *status != 409 => {
+        StripeError::Stripe(err, status)
+            if *status < 500 && !matches!(status, 401 | 403 | 409 | 424 | 429) =>
+        {
             let message = format!("{status}: {}", err.message.as_deref().unwrap_or_default());
             PaymentsError::refused(message).caused_by(e)
         }
