@@ -919,6 +919,43 @@ mod subscription {
         assert!(!sim.expired(again.body["id"].as_str().unwrap()));
     }
 
+    /// A checkout whose answer was lost (Stripe made the session), asked again under the
+    /// same `Idempotency-Key` with another body: Stripe refuses the key for the other
+    /// parameters, and the client hears a 409 naming the key, not a provider error; the
+    /// same body under that key still gets the session Stripe made.
+    #[tokio::test]
+    async fn a_key_reused_for_another_checkout_after_a_lost_answer_is_a_conflict() {
+        let app = TestApp::new();
+        let ws = "org_reuse";
+        let o = owner(ws);
+        let sim = app.local.simulator.clone().expect("simulated Stripe");
+        let ask = |pack: &'static str| {
+            let (app, o) = (&app, o.clone());
+            async move {
+                app.send(
+                    Method::POST,
+                    "/v1/checkout/sessions",
+                    Some(&o),
+                    Some(&json!({"kind": "pack", "pack": pack}).to_string()),
+                    &[("idempotency-key", "buy-once")],
+                )
+                .await
+            }
+        };
+        sim.lose_answers(1);
+        let lost = ask("pack_100").await;
+        assert_eq!(lost.status.as_u16(), 503, "{:#}", lost.body);
+        let other = ask("pack_500").await;
+        other.assert_problem(409, "conflict");
+        assert!(
+            other.body["detail"].as_str().unwrap().contains("new key"),
+            "{:#}",
+            other.body
+        );
+        let same = ask("pack_100").await;
+        assert_eq!(same.status.as_u16(), 201, "{:#}", same.body);
+    }
+
     #[tokio::test]
     async fn subscription_changes_need_a_subscription_and_billing_rights() {
         let app = TestApp::new();

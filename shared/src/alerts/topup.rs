@@ -273,9 +273,8 @@ impl TopUps {
                     // Stripe knows the key from an earlier attempt with other parameters
                     // (one made by an earlier release): that attempt may have charged the
                     // card. Neither "failed" nor a second charge: a person looks it up.
-                    Err(PaymentsError::Refused { message, .. })
-                        if message.contains("Keys for idempotent requests") =>
-                    {
+                    Err(e @ PaymentsError::Refused { .. }) if e.is_key_reused() => {
+                        let message = e.message();
                         return Err(ConsumeError::poison(format!(
                             "Stripe refused idempotency key {key} for other parameters: look for \
                              its payment intent (metadata topup) before anything else ({message})"

@@ -40,6 +40,9 @@ pub enum PaymentsError {
     Changed { message: String },
 }
 
+/// How Stripe's answer to an idempotency key reused with other parameters begins.
+pub const KEY_REUSED: &str = "Keys for idempotent requests";
+
 impl PaymentsError {
     pub fn refused(message: impl Into<String>) -> Self {
         Self::Refused {
@@ -63,6 +66,13 @@ impl PaymentsError {
             Self::Unavailable { message, .. } => Self::Unavailable { message, source },
             changed @ Self::Changed { .. } => changed,
         }
+    }
+
+    /// Stripe refused an idempotency key it saw first with other parameters (its
+    /// `idempotency_error`, told by its message): the request was not made, and an earlier
+    /// one under the same key may have been.
+    pub fn is_key_reused(&self) -> bool {
+        matches!(self, Self::Refused { message, .. } if message.contains(KEY_REUSED))
     }
 
     /// What happened, in words.

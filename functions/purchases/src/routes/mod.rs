@@ -40,8 +40,18 @@ pub(crate) use tally::http::auth::billing_workspace as buyer;
 pub(crate) use tally::http::auth::BillingManager as Buyer;
 
 /// A payment-provider failure as the client sees it: a refusal is the provider's answer
-/// (502, logged as an error); unavailability is worth retrying with the same key (503).
+/// (502, logged as an error); unavailability is worth retrying with the same key (503). An
+/// `Idempotency-Key` Stripe saw with other parameters (the same key sent again with another
+/// body after a failure, or across a release that sends Stripe more) is the client's 409.
 pub(crate) fn provider(e: PaymentsError) -> Problem {
+    if e.is_key_reused() {
+        tracing::warn!(error = %e.message(), "an idempotency key reused with other parameters");
+        return Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this Idempotency-Key was first used for another request; nothing was done: use a new key",
+        );
+    }
     match e {
         PaymentsError::Refused { message: m, .. } => {
             tracing::error!(error = %m, "payment provider refused a request");
