@@ -1361,6 +1361,65 @@ mod alerts {
         );
     }
 
+    /// Credits that lapsed before a generation started, recorded by that generation's hold
+    /// (nothing else had touched the ledger since): their drop through the threshold only
+    /// alerts, as it would had the schedule recorded it first. A generation's own drop from
+    /// what was left still buys.
+    #[tokio::test]
+    async fn credits_lapsed_before_a_generation_only_alert_and_its_own_spending_buys() {
+        use tally::clock::Clock;
+        for (ws, topup_below, buys) in [("org_lapsed", 150, false), ("org_spent", 90, true)] {
+            let app = TestApp::new();
+            // 100 pack credits that never expire, and 60 that lapse in an hour.
+            let (o, _) = with_saved_card(&app, ws, json!({"below_credits": []})).await;
+            app.ledger
+                .execute(tally::service::LedgerRequest {
+                    workspace: tally_tests::workspace(ws),
+                    key: tally::ids::IdempotencyKey::derived(format!("{ws}:lapsing")),
+                    fingerprint: "lapsing".into(),
+                    actor: tally::ledger::Actor::system(),
+                    refs: tally::ledger::Refs::default(),
+                    op: tally::ledger::Operation::Grant {
+                        month: None,
+                        source: tally::ledger::LotSource::Addon,
+                        credits: tally::money::Credits::new(60),
+                        expires_at: Some(app.clock.now() + chrono::Duration::hours(1)),
+                        note: None,
+                    },
+                })
+                .await
+                .unwrap();
+            assert_eq!(app.available(ws).await, 160);
+            save_alerts(
+                &app,
+                &o,
+                json!({"below_credits": [150], "auto_topup": {"pack": "pack_100", "below_credits": topup_below}}),
+            )
+            .await;
+            app.advance_clock(json!({"hours": 2})).await;
+            assert_eq!(app.available(ws).await, 100, "reads show the lapse at once");
+            let before = notifications(&app).await.len();
+            // The hold (24 credits) is the first operation since the lapse: 160 stored, 76
+            // after it.
+            let started = app
+                .post("/v1/generations", &member(ws, "m1"), video())
+                .await;
+            assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+            let sent = notifications(&app).await;
+            let kinds: Vec<&str> = sent[before..]
+                .iter()
+                .map(|n| n["type"].as_str().unwrap())
+                .collect();
+            if buys {
+                // 100 -> 76 crosses 90: the generation's own spending.
+                assert_eq!(kinds, ["credits.below_threshold", "topup.charged"], "{ws}");
+            } else {
+                // 160 -> 100 crossed 150 as the credits lapsed: an alert, no top-up.
+                assert_eq!(kinds, ["credits.below_threshold"], "{ws}");
+            }
+        }
+    }
+
     /// A process that read the settings a while ago (they are reused for a time in Lambda)
     /// follows the settings as stored when it claims the charge: a top-up turned off since
     /// is neither charged nor reported, one whose threshold the balance is no longer below

@@ -126,12 +126,28 @@ pub fn fingerprint(value: &impl Serialize) -> String {
 /// overdue hold's release re-armed it), and one a lapsed lot crossed that no operation has
 /// recorded yet. Only the holds the operation itself releases count, so a backlog of
 /// overdue holds beyond one operation's share never shows a drop that is not there.
-fn balance_before(stored: Balance, settled: Balance) -> Balance {
-    if settled.available > stored.available {
-        settled
-    } else {
-        stored
+fn balance_before(stored: Balance, settled: Balance) -> Before {
+    Before {
+        balance: if settled.available > stored.available {
+            settled
+        } else {
+            stored
+        },
+        settled,
     }
+}
+
+/// The balances a committed operation started from, for its observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Before {
+    /// What credit alerts compare with (see `balance_before`): a drop through a threshold
+    /// from here alerts, lapsed lots the operation expired included.
+    pub balance: Balance,
+    /// The balance once the operation's own settlement ran (overdue holds released, lapsed
+    /// lots expired), before the operation itself: a drop from here is the operation's own
+    /// doing (a generation's hold or charge), not credits expiring, whichever operation
+    /// happens to record their lapse first.
+    pub settled: Balance,
 }
 
 /// Told about every committed ledger operation, once (not about replays; a commit the store
@@ -141,7 +157,7 @@ pub trait CommitObserver: Send + Sync {
     async fn committed(
         &self,
         workspace: &WorkspaceId,
-        before: Balance,
+        before: Before,
         after: &WorkspaceState,
         outcome: &Outcome,
     );
@@ -222,7 +238,7 @@ impl Ledger {
         // earlier attempt may land after a later one was sent).
         let mut unsure: Vec<(
             IdempotencyRecord,
-            Balance,
+            Before,
             WorkspaceState,
             Vec<crate::ledger::Entry>,
         )> = Vec::new();

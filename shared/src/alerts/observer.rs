@@ -5,10 +5,10 @@ use super::{AlertSettings, AutoTopUp, TopUpRequest};
 use crate::billing::records::workspace_pk;
 use crate::catalog::Catalog;
 use crate::ids::WorkspaceId;
-use crate::ledger::{Balance, Outcome, WorkspaceState};
+use crate::ledger::{Outcome, WorkspaceState};
 use crate::money::Credits;
 use crate::queue::{Message, Queue};
-use crate::service::CommitObserver;
+use crate::service::{Before, CommitObserver};
 use crate::store::DocStore;
 use crate::store::docs;
 use crate::subscriptions::Entitlements;
@@ -22,11 +22,12 @@ pub struct CreditAlerts {
     /// Where crossings of the auto top-up threshold are sent ([`super::TopUps`] charges);
     /// `None`: auto top-up is off here.
     pub topups: Option<Arc<dyn Queue>>,
-    /// Whether crossings seen here ask for a top-up at all. Functions whose operations
-    /// only take credits back or expire them (refund requests, support's settlements, the
-    /// scheduled sweep) send alerts only: a refund of a top-up must not
-    /// buy it again, and credits expiring with nobody using them are no reason to charge a
-    /// card.
+    /// Whether crossings seen here ask for a top-up at all: only generations' (credits-api)
+    /// do. Functions whose operations grant, take credits back or expire them (billing
+    /// events, purchases, refund requests, support's settlements, the scheduled sweep) send
+    /// alerts only: a refund of a top-up must not buy it again, and credits expiring with
+    /// nobody using them are no reason to charge a card. Even here only the operation's own
+    /// drop buys (see [`Before::settled`]).
     pub asks_for_top_ups: bool,
     pub catalog: Arc<Catalog>,
     /// How long a workspace's settings, once read, are reused by this process (zero:
@@ -77,12 +78,12 @@ impl CommitObserver for CreditAlerts {
     async fn committed(
         &self,
         workspace: &WorkspaceId,
-        before: Balance,
+        before: Before,
         after: &WorkspaceState,
         outcome: &Outcome,
     ) {
         let now = outcome.balance.available;
-        if now >= before.available {
+        if now >= before.balance.available {
             return;
         }
         let cached = if self.settings_ttl.is_zero() {
@@ -114,7 +115,7 @@ impl CommitObserver for CreditAlerts {
         for t in settings
             .below_credits
             .iter()
-            .filter(|t| crossed(before.available, now, **t))
+            .filter(|t| crossed(before.balance.available, now, **t))
         {
             self.notify(json!({
                 "type": "credits.below_threshold",
@@ -125,10 +126,11 @@ impl CommitObserver for CreditAlerts {
             }))
             .await;
         }
-        if let Some(topup) = settings
-            .auto_topup
-            .filter(|a| self.asks_for_top_ups && crossed(before.available, now, a.below_credits))
-        {
+        // Only a drop the operation itself made buys: credits that lapsed before it (which
+        // it merely records) only alert, whichever operation records them first.
+        if let Some(topup) = settings.auto_topup.filter(|a| {
+            self.asks_for_top_ups && crossed(before.settled.available, now, a.below_credits)
+        }) {
             self.request_top_up(workspace, after, topup, entry).await;
         }
     }

@@ -594,7 +594,7 @@ mod tests {
         async fn committed(
             &self,
             _: &WorkspaceId,
-            _: crate::ledger::Balance,
+            _: crate::service::Before,
             _: &WorkspaceState,
             outcome: &crate::ledger::Outcome,
         ) {
