@@ -1265,6 +1265,78 @@ async fn sending_an_approval_again_after_stripe_made_its_refund_takes_its_credit
     );
 }
 
+/// A dispute (an inquiry, which Stripe does not stop refunds of) opened after staff
+/// approved a request but before the refunds worker made its refund: the worker makes no
+/// refund, the approval fails with the dispute as its reason, and the customer is told.
+#[tokio::test]
+async fn an_approval_whose_payment_is_disputed_before_its_refund_is_made_fails_without_one() {
+    let app = TestApp::new();
+    let ws = "org_rr_disputed_before_sent";
+    let charge = buy_packs(&app, ws, 1).await;
+    app.settle_billing().await;
+    let filed = ask(
+        &app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "not what I expected"}),
+        None,
+    )
+    .await;
+    assert_eq!(filed.body["status"], "in_review", "{:#}", filed.body);
+    let id = filed.body["id"].as_str().unwrap().to_owned();
+    // Approved, its refund job waiting in a queue no worker reads yet.
+    let waiting = tally::queue::local::LocalQueue::new("refunds-waiting.fifo", true, 5);
+    let requests = RefundRequests {
+        docs: app.docs.clone(),
+        ledger: app.ledger.clone(),
+        queue: waiting.clone(),
+        duplicate_window: chrono::Duration::minutes(30),
+    };
+    let approved = requests
+        .approve(&id, "staff_1", None, None, app.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(approved.status, RequestStatus::Approved);
+    let inquiry = app
+        .send(
+            axum::http::Method::POST,
+            &format!("/sim/charges/{charge}/inquiry"),
+            None,
+            None,
+            &[("content-length", "0")],
+        )
+        .await;
+    assert_eq!(inquiry.status.as_u16(), 200, "{:#}", inquiry.body);
+    assert_eq!(inquiry.body["is_charge_refundable"], true);
+    app.settle_billing().await;
+    let payments: Arc<dyn tally::payments::Payments> = app.local.simulator.clone().unwrap();
+    waiting.start(Arc::new(RefundWorker {
+        docs: app.docs.clone(),
+        payments,
+        notifications: app.local.notifications_queue.clone(),
+        clock: app.clock.clone(),
+    }));
+    waiting.until_idle().await;
+    settle(&app).await;
+    assert_eq!(charge_of(&app, &charge)["amount_refunded"], 0);
+    let failed = app
+        .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
+        .await;
+    assert_eq!(failed.body["status"], "failed", "{:#}", failed.body);
+    assert!(
+        failed.body.to_string().contains("disputed"),
+        "{:#}",
+        failed.body
+    );
+    assert!(
+        app.local
+            .notifications
+            .all()
+            .iter()
+            .any(|n| n["type"] == "refund.failed" && n["request"] == id.as_str()),
+        "the customer is told"
+    );
+}
+
 /// A dispute opened while a request waits for staff decides where the money goes: the
 /// approval is refused, and nothing is taken back or refunded.
 #[tokio::test]

@@ -131,9 +131,17 @@ pub fn sim_paths() -> Value {
                     "schema": {"type": "object"}}}},
                 "404": problem("No such charge"),
                 "409": problem("Already disputed or fully refunded")}}},
+        "/sim/charges/{id}/inquiry": {"post": {
+            "tags": ["simulator"], "operationId": "sim_charge_inquiry",
+            "summary": "The cardholder's bank asks about a succeeded charge (an inquiry: `warning_needs_response`): `charge.dispute.created` is delivered and the credits it bought are frozen; the charge can still be refunded, as in Stripe.",
+            "parameters": id_param("Charge id"),
+            "responses": {"200": {"description": "The inquiry", "content": {"application/json": {
+                    "schema": {"type": "object"}}}},
+                "404": problem("No such charge"),
+                "409": problem("Already inquired about, disputed or fully refunded")}}},
         "/sim/disputes/{id}/close": {"post": {
             "tags": ["simulator"], "operationId": "sim_dispute_close",
-            "summary": "The card network decides a dispute: `charge.dispute.closed` with `won` (credits unfrozen) or `lost` (credits taken back).",
+            "summary": "The card network decides a dispute: `charge.dispute.closed` with `won` (credits unfrozen) or `lost` (credits taken back); an inquiry closes with `won` only (`warning_closed`).",
             "parameters": id_param("Dispute id"),
             "requestBody": {"required": true, "content": {"application/json": {"schema": {
                 "type": "object", "additionalProperties": false, "required": ["outcome"],
@@ -142,7 +150,7 @@ pub fn sim_paths() -> Value {
                     "schema": {"type": "object"}}}},
                 "400": problem("Malformed JSON"),
                 "404": problem("No such dispute"),
-                "409": problem("Already closed"),
+                "409": problem("Already closed, or an inquiry said to be lost"),
                 "413": problem("Body too large"),
                 "415": problem("Not JSON"),
                 "422": problem("Not won or lost")}}},

@@ -421,15 +421,7 @@ impl RefundRequests {
     /// Whether a dispute of the charge is open or was lost: the dispute decides where that
     /// money goes. One won, or an inquiry closed, leaves the payment refundable.
     async fn open_dispute(&self, charge: &ChargeId) -> Result<bool, Problem> {
-        let p =
-            docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK).await?;
-        Ok(p.is_some_and(|p| {
-            p.disputes.iter().any(|d| {
-                d.status
-                    .as_deref()
-                    .is_none_or(|s| crate::billing::refunds::dispute_open(s) || s == "lost")
-            })
-        }))
+        Ok(disputed(self.docs.as_ref(), charge).await?)
     }
 
     /// Files a request: checks the payment, decides from the records, claims the amount
@@ -480,9 +472,7 @@ impl RefundRequests {
             not_refundable("this payment has not been collected: nothing to refund")
         })?;
         if self.open_dispute(&charge).await? {
-            return Err(not_refundable(
-                "this payment is disputed with the bank; the dispute decides where the money goes",
-            ));
+            return Err(not_refundable(DISPUTED));
         }
         // The other payments around it, for duplicate charges.
         let around = crate::billing::history::around(
@@ -1185,9 +1175,7 @@ impl RefundRequests {
             // inquiry closed in our favour gives the frozen credits back) or take credits
             // for money the bank then refuses to send.
             if self.open_dispute(&r.charge).await? {
-                refusal = Some(not_refundable(
-                    "this payment is disputed with the bank; the dispute decides where the money goes",
-                ));
+                refusal = Some(not_refundable(DISPUTED));
                 break;
             }
             let (elsewhere, failed) = self.refunded_elsewhere(&r.charge, &claims).await?;
@@ -1470,6 +1458,26 @@ pub async fn stripe_refund_status(
 
 /// The worker's record that Stripe refused an approval's refund: the request fails and its
 /// cents are free again. Answers the request if this call failed it.
+/// Why an approval is refused, or fails before its refund is made, while its payment is
+/// disputed.
+pub const DISPUTED: &str =
+    "this payment is disputed with the bank; the dispute decides where the money goes";
+
+/// Whether the records show a dispute of `charge` open (an inquiry or a chargeback) or lost.
+pub async fn disputed(
+    store: &dyn DocStore,
+    charge: &ChargeId,
+) -> Result<bool, crate::store::StoreError> {
+    let p = docs::get::<PaymentRecord>(store, &charge_pk(charge), PAYMENT_SK).await?;
+    Ok(p.is_some_and(|p| {
+        p.disputes.iter().any(|d| {
+            d.status
+                .as_deref()
+                .is_none_or(|s| crate::billing::refunds::dispute_open(s) || s == "lost")
+        })
+    }))
+}
+
 pub async fn refused(
     store: &dyn DocStore,
     r: &RefundRequest,

@@ -20,6 +20,31 @@ pub struct RefundWorker {
 }
 
 impl RefundWorker {
+    /// The approval fails without a refund (staff may approve again, under a new key), and
+    /// the customer is told.
+    async fn fail(
+        &self,
+        r: &super::RefundRequest,
+        why: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), ConsumeError> {
+        if super::refused(self.docs.as_ref(), r, why, now)
+            .await?
+            .is_some()
+        {
+            self.notify(json!({
+                "type": "refund.failed",
+                "id": format!("refund.failed:{}:{}", r.id, r.attempt),
+                "workspace": r.workspace,
+                "user": r.requested_by,
+                "request": r.id,
+                "reason": why,
+            }))
+            .await;
+        }
+        Ok(())
+    }
+
     /// The confirmation to the customer; `id` lets the notification service drop a repeat.
     async fn confirm(&self, r: &super::RefundRequest, refund: &crate::ids::RefundId) {
         self.notify(json!({
@@ -140,6 +165,15 @@ impl Consumer for RefundWorker {
             }
             Some(_) => {}
             None => {
+                // A dispute opened since the approval (an inquiry: Stripe refuses refunds
+                // only of a chargeback) decides where the money goes, as it does for an
+                // approval: a refund now could pay the customer twice. Asked only before
+                // the first send; once sent, the same key tells what Stripe made.
+                if super::disputed(self.docs.as_ref(), &r.charge).await? {
+                    tracing::warn!(request = %r.id, charge = %r.charge,
+                        "payment disputed since the approval; refund not made");
+                    return self.fail(&r, super::DISPUTED, now).await;
+                }
                 docs::update(
                     self.docs.as_ref(),
                     &workspace_pk(&r.workspace),
@@ -188,19 +222,7 @@ impl Consumer for RefundWorker {
             Err(e) => {
                 let why = e.message().to_owned();
                 tracing::warn!(request = %r.id, error = %why, "refund refused by Stripe");
-                let failed = super::refused(self.docs.as_ref(), &r, &why, now).await?;
-                if failed.is_some() {
-                    self.notify(json!({
-                        "type": "refund.failed",
-                        "id": format!("refund.failed:{}:{}", r.id, r.attempt),
-                        "workspace": r.workspace,
-                        "user": r.requested_by,
-                        "request": r.id,
-                        "reason": why,
-                    }))
-                    .await;
-                }
-                Ok(())
+                self.fail(&r, &why, now).await
             }
         }
     }

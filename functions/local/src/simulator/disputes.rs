@@ -83,6 +83,16 @@ impl Simulator {
 
     /// The cardholder disputes a succeeded charge (for what was not refunded).
     pub async fn dispute_charge(&self, charge: &str) -> Result<Value, MoneyBackError> {
+        self.dispute_with(charge, false).await
+    }
+
+    /// The cardholder's bank asks about a succeeded charge (an inquiry, Stripe's
+    /// `warning_needs_response`): no money is taken, and the charge can still be refunded.
+    pub async fn inquire_charge(&self, charge: &str) -> Result<Value, MoneyBackError> {
+        self.dispute_with(charge, true).await
+    }
+
+    async fn dispute_with(&self, charge: &str, inquiry: bool) -> Result<Value, MoneyBackError> {
         let now = self.now();
         let (charge_obj, dispute) = {
             let mut charges = self.charges.lock().expect("sim lock");
@@ -91,12 +101,17 @@ impl Simulator {
                 .ok_or_else(|| MoneyBackError::NotFound(format!("no such charge: {charge}")))?;
             let left = c["amount"].as_i64().unwrap_or_default()
                 - c["amount_refunded"].as_i64().unwrap_or_default();
-            if c["disputed"].as_bool() == Some(true) || left <= 0 {
+            let asked = if inquiry { "inquired" } else { "disputed" };
+            if c["disputed"].as_bool() == Some(true)
+                || c[asked].as_bool() == Some(true)
+                || left <= 0
+            {
                 return Err(MoneyBackError::Invalid(format!(
                     "charge {charge} is already disputed or fully refunded"
                 )));
             }
-            c["disputed"] = json!(true);
+            // An inquiry leaves the charge refundable; a chargeback does not.
+            c[asked] = json!(true);
             let mut d = fixture("dispute");
             d["id"] = json!(new_id("dp"));
             d["amount"] = json!(left);
@@ -104,9 +119,13 @@ impl Simulator {
             d["payment_intent"] = c["payment_intent"].clone();
             d["currency"] = c["currency"].clone();
             d["created"] = json!(now);
-            d["reason"] = json!("fraudulent");
-            d["status"] = json!("needs_response");
-            d["is_charge_refundable"] = json!(false);
+            d["reason"] = json!(if inquiry { "general" } else { "fraudulent" });
+            d["status"] = json!(if inquiry {
+                "warning_needs_response"
+            } else {
+                "needs_response"
+            });
+            d["is_charge_refundable"] = json!(inquiry);
             (c.clone(), d)
         };
         self.disputes.lock().expect("sim lock").insert(
@@ -127,12 +146,27 @@ impl Simulator {
             let d = disputes
                 .get_mut(dispute)
                 .ok_or_else(|| MoneyBackError::NotFound(format!("no such dispute: {dispute}")))?;
-            if matches!(d["status"].as_str(), Some("won" | "lost")) {
+            if matches!(
+                d["status"].as_str(),
+                Some("won" | "lost" | "warning_closed")
+            ) {
                 return Err(MoneyBackError::Invalid(format!(
                     "dispute {dispute} is already closed"
                 )));
             }
-            d["status"] = json!(if won { "won" } else { "lost" });
+            let inquiry = d["status"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("warning_"));
+            d["status"] = json!(match (inquiry, won) {
+                (true, true) => "warning_closed",
+                (true, false) => {
+                    return Err(MoneyBackError::Invalid(format!(
+                        "dispute {dispute} is an inquiry: it closes (won), or the cardholder files a chargeback (dispute the charge)"
+                    )));
+                }
+                (false, true) => "won",
+                (false, false) => "lost",
+            });
             d.clone()
         };
         self.deliver("charge.dispute.closed", closed.clone()).await;

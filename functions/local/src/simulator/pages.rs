@@ -33,6 +33,7 @@ impl Simulator {
             .route("/sim/customers/{id}/card", post(card))
             .route("/sim/charges/{id}/refund", post(refund))
             .route("/sim/charges/{id}/dispute", post(dispute))
+            .route("/sim/charges/{id}/inquiry", post(inquiry))
             .route("/sim/disputes/{id}/close", post(close_dispute))
             .route("/sim/invoices/{id}", get(invoice_page))
             .route("/sim/receipts/{id}", get(receipt_page))
@@ -268,6 +269,10 @@ async fn credit_note(
 
 async fn dispute(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
     money_back(sim.dispute_charge(&id).await)
+}
+
+async fn inquiry(State(sim): State<Arc<Simulator>>, Path(id): Path<String>) -> Response {
+    money_back(sim.inquire_charge(&id).await)
 }
 
 #[derive(Debug, Deserialize)]
