@@ -424,6 +424,41 @@ async fn a_verified_duplicate_charge_opens_one_refund_request() {
     .assert_problem(404, "not_found");
 }
 
+/// The refunds queue refuses the approval's job (asked twice): the verified duplicate's
+/// request is approved with its credits taken back, but no refund is on its way, so the
+/// ticket is no fix: its finding names the request and tells staff to approve it again.
+#[tokio::test]
+async fn a_duplicates_refund_that_could_not_be_sent_is_a_finding_for_staff() {
+    let app = TestApp::new();
+    let ws = "org_s5q";
+    let _first = buy_pack(&app, ws).await;
+    let second = buy_pack(&app, ws).await;
+    app.local.refunds_queue.close();
+    let t = file(
+        &app,
+        &owner(ws),
+        json!({"category": "billing", "subject": "Double charged",
+            "message": "I was charged twice", "payment": second}),
+    )
+    .await;
+    assert_eq!(t["remediations"], json!([]), "{t:#}");
+    let list = app.get("/v1/refund-requests", &owner(ws)).await.body;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list:#}");
+    let rr = list["items"][0]["id"].as_str().unwrap();
+    assert_eq!(list["items"][0]["status"], "approved", "{list:#}");
+    assert!(
+        t["enrichment"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|f| f.contains(&format!("refund request {rr} "))
+                && f.ends_with("approve it again to send it")),
+        "{t:#}"
+    );
+    assert_eq!(t["status"], "open", "{t:#}");
+}
+
 /// A help desk that fails the first `fail` deliveries and keeps the rest.
 struct FlakyDesk {
     fail: u32,

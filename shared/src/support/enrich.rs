@@ -31,6 +31,7 @@ use crate::refund_requests::{NewRequest, RefundReason, RefundRequests, RequestSt
 use crate::reports::usage::{GroupBy, UsageGroup, usage};
 use crate::service::{Ledger, LedgerRequest};
 use crate::store::DocStore;
+use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -539,22 +540,26 @@ async fn duplicates(
         if named.as_ref().is_some_and(|n| n != &entry.id) {
             continue;
         }
-        let request = refunds
-            .create(
-                s.workspace,
-                NewRequest {
-                    payment: entry.id.clone(),
-                    reason: RefundReason::DuplicateCharge,
-                    details: format!("duplicate of {} (support ticket {})", twin.id, s.ticket),
-                    requested_by: s.user.to_owned(),
-                    id: Some(crate::refund_requests::id_for_key(
-                        s.workspace,
-                        &format!("ticket-duplicate:{}", entry.id),
-                    )),
-                },
-                s.now,
-            )
-            .await;
+        let id = crate::refund_requests::id_for_key(
+            s.workspace,
+            &format!("ticket-duplicate:{}", entry.id),
+        );
+        let new = || NewRequest {
+            payment: entry.id.clone(),
+            reason: RefundReason::DuplicateCharge,
+            details: format!("duplicate of {} (support ticket {})", twin.id, s.ticket),
+            requested_by: s.user.to_owned(),
+            id: Some(id.clone()),
+        };
+        let mut request = refunds.create(s.workspace, new(), s.now).await;
+        // Unavailable (the refunds queue refused the approval's job, or the store was busy):
+        // asked once more under the same id, which sends an approval made meanwhile again.
+        if request
+            .as_ref()
+            .is_err_and(|p| p.status == StatusCode::SERVICE_UNAVAILABLE)
+        {
+            request = refunds.create(s.workspace, new(), s.now).await;
+        }
         // This ticket's own request, with the money on its way or back, fixed the ticket.
         // One an earlier ticket made, or one denied or failed, is a finding for staff: it
         // must not make this ticket look settled.
@@ -599,6 +604,13 @@ async fn duplicates(
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default()
+            )),
+            // An approval whose job could not be queued keeps its credits taken back and
+            // waits: approving it again sends it.
+            Err(p) if p.status == StatusCode::SERVICE_UNAVAILABLE => e.findings.push(format!(
+                "payment {} is a verified duplicate of {}; refund request {id} may be approved \
+                 without its refund sent ({}): approve it again to send it",
+                entry.id, twin.id, p.detail
             )),
             Err(p) => e.findings.push(format!(
                 "payment {} could not be refunded automatically: {}",
