@@ -222,15 +222,36 @@ async fn staff_decide_other_reasons_and_partial_refunds_never_add_up_to_more_tha
     .await;
     assert_eq!(r.body["status"], "in_review", "{:#}", r.body);
     let id = r.body["id"].as_str().unwrap().to_owned();
-    // One open request per payment.
+    // One open request per payment; the refused one writes nothing, not even where it
+    // would have lived.
     ask(
         &app,
         ws,
         json!({"payment": charge, "reason": "other", "details": "x"}),
-        None,
+        Some("second-ask"),
     )
     .await
     .assert_problem(409, "already_requested");
+    let refused = tally::refund_requests::id_for_key(
+        &WorkspaceId::parse(ws).unwrap(),
+        "client:refund-request:second-ask",
+    );
+    let link: Option<Value> = tally::store::docs::get(
+        app.docs.as_ref(),
+        &format!("REFUND_REQUEST#{refused}"),
+        "LINK",
+    )
+    .await
+    .unwrap();
+    assert!(link.is_none(), "{link:?}");
+    let filed: Option<Value> =
+        tally::store::docs::get(app.docs.as_ref(), &format!("REFUND_REQUEST#{id}"), "LINK")
+            .await
+            .unwrap();
+    assert!(
+        filed.is_some(),
+        "a filed request's link is where the test looks"
+    );
     // Members cannot ask; another workspace cannot name this payment; a customer cannot
     // approve their own request.
     app.post(

@@ -495,6 +495,10 @@ impl RefundRequests {
             cancellation.as_ref(),
             self.duplicate_window,
         );
+        // The records confirm the charge as a mistake (a duplicate, a charge after the
+        // cancellation took effect), whether or not it is approved at once (its credits used,
+        // its twin disputed: staff decide): its add-ons are refundable with it.
+        let mistaken = matches!(verdict, Verdict::Approve(_));
         let verdict = match verdict {
             Verdict::Approve(why) => {
                 self.confirm_approval(workspace, &entry, &around, req.reason, why)
@@ -502,18 +506,6 @@ impl RefundRequests {
             }
             review => review,
         };
-        // Where the request lives, first: a claim is never left that staff cannot find.
-        docs::update(
-            self.docs.as_ref(),
-            &request_sk(&id),
-            LINK_SK,
-            |cur: Option<RequestLink>| {
-                cur.is_none().then(|| RequestLink {
-                    workspace: workspace.clone(),
-                })
-            },
-        )
-        .await?;
         // Claim under the payment's version guard: concurrent requests cannot both pass.
         let claims_pk = charge_pk(&charge);
         let approve = matches!(verdict, Verdict::Approve(_));
@@ -562,7 +554,7 @@ impl RefundRequests {
             // otherwise staff decide, and may approve them by naming the amount.
             let amount = rules::refundable(
                 &entry,
-                approve,
+                mistaken,
                 elsewhere,
                 claims.claimed_except(&id),
                 failed,
@@ -596,6 +588,20 @@ impl RefundRequests {
             let mut next = claims.clone();
             next.requests.push(claim.clone());
             let body = serde_json::to_string(&next).map_err(|_| Problem::internal())?;
+            // Where the request lives, before its claim (a claim is never left that staff
+            // cannot find), and only once the request passed every check: a refused one
+            // writes nothing.
+            docs::update(
+                self.docs.as_ref(),
+                &request_sk(&id),
+                LINK_SK,
+                |cur: Option<RequestLink>| {
+                    cur.is_none().then(|| RequestLink {
+                        workspace: workspace.clone(),
+                    })
+                },
+            )
+            .await?;
             if self
                 .docs
                 .put_doc(&claims_pk, CLAIMS_SK, &body, version)
