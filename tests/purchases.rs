@@ -22,6 +22,17 @@ async fn buy_pack(app: &TestApp, ws: &str, pack: &str) -> String {
     o
 }
 
+/// The add-on credits on the balance of the workspace owned by `o`.
+async fn addon_credits(app: &TestApp, o: &str) -> u64 {
+    let lots = app.get("/v1/balance", o).await.body["lots"].clone();
+    lots.as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["source"] == "addon")
+        .map(|l| l["remaining"].as_u64().unwrap())
+        .sum()
+}
+
 #[tokio::test]
 async fn buying_packs_credits_them_at_once_and_only_once() {
     let app = TestApp::new();
@@ -619,14 +630,7 @@ mod subscription {
         app.settle_billing().await;
         renew(&app, &sub).await;
         // Next period: 400 plan credits and one unit (60); the old add-on credits lapsed at period end.
-        let lots = app.get("/v1/balance", &o).await.body["lots"].clone();
-        let addon_now: u64 = lots
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|l| l["source"] == "addon")
-            .map(|l| l["remaining"].as_u64().unwrap())
-            .sum();
+        let addon_now = addon_credits(&app, &o).await;
         assert_eq!(
             addon_now, 60,
             "renewing moves the clock to the period end, where the old period's units lapse"
@@ -1323,15 +1327,8 @@ mod alerts {
         let units = app.set_units(ws, 1).await;
         assert_eq!(units.status.as_u16(), 200, "{:#}", units.body);
         app.settle_billing().await;
-        let lots = app.get("/v1/balance", &o).await.body["lots"].clone();
-        let addon: u64 = lots
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|l| l["source"] == "addon")
-            .map(|l| l["remaining"].as_u64().unwrap())
-            .sum();
-        assert!(addon > 2, "{lots:#}");
+        let addon = addon_credits(&app, &o).await;
+        assert!(addon > 2, "{addon}");
         // Below the balance by less than the add-on credits: their expiry crosses it.
         let threshold = app.available(ws).await - addon / 2;
         save_alerts(

@@ -1286,6 +1286,24 @@ async fn sending_an_approval_again_after_stripe_made_its_refund_takes_its_credit
     );
 }
 
+/// `ws` buys a pack and asks for it back for a reason staff decide: the charge and the
+/// request's id (in review).
+async fn in_review(app: &TestApp, ws: &str) -> (String, String) {
+    let charge = buy_packs(app, ws, 1).await;
+    app.settle_billing().await;
+    let filed = ask(
+        app,
+        ws,
+        json!({"payment": charge, "reason": "other", "details": "not what I expected"}),
+        None,
+    )
+    .await;
+    assert_eq!(filed.status.as_u16(), 201, "{:#}", filed.body);
+    assert_eq!(filed.body["status"], "in_review", "{:#}", filed.body);
+    let id = filed.body["id"].as_str().unwrap().to_owned();
+    (charge, id)
+}
+
 /// A dispute (an inquiry, which Stripe does not stop refunds of) opened after staff
 /// approved a request but before the refunds worker made its refund: the worker makes no
 /// refund, the approval fails with the dispute as its reason, and the customer is told.
@@ -1293,17 +1311,7 @@ async fn sending_an_approval_again_after_stripe_made_its_refund_takes_its_credit
 async fn an_approval_whose_payment_is_disputed_before_its_refund_is_made_fails_without_one() {
     let app = TestApp::new();
     let ws = "org_rr_disputed_before_sent";
-    let charge = buy_packs(&app, ws, 1).await;
-    app.settle_billing().await;
-    let filed = ask(
-        &app,
-        ws,
-        json!({"payment": charge, "reason": "other", "details": "not what I expected"}),
-        None,
-    )
-    .await;
-    assert_eq!(filed.body["status"], "in_review", "{:#}", filed.body);
-    let id = filed.body["id"].as_str().unwrap().to_owned();
+    let (charge, id) = in_review(&app, ws).await;
     // Approved, its refund job waiting in a queue no worker reads yet.
     let waiting = tally::queue::local::LocalQueue::new("refunds-waiting.fifo", true, 5);
     let requests = RefundRequests {
@@ -1364,18 +1372,7 @@ async fn an_approval_whose_payment_is_disputed_before_its_refund_is_made_fails_w
 async fn a_request_whose_payment_is_disputed_after_filing_cannot_be_approved() {
     let app = TestApp::new();
     let ws = "org_rr_disputed_later";
-    let charge = buy_packs(&app, ws, 1).await;
-    app.settle_billing().await;
-    let filed = ask(
-        &app,
-        ws,
-        json!({"payment": charge, "reason": "other", "details": "not what I expected"}),
-        None,
-    )
-    .await;
-    assert_eq!(filed.status.as_u16(), 201, "{:#}", filed.body);
-    assert_eq!(filed.body["status"], "in_review");
-    let id = filed.body["id"].as_str().unwrap().to_owned();
+    let (charge, id) = in_review(&app, ws).await;
     let dispute = app
         .send(
             axum::http::Method::POST,

@@ -452,7 +452,7 @@ async fn a_duplicates_refund_that_could_not_be_sent_is_a_finding_for_staff() {
             .unwrap()
             .iter()
             .filter_map(Value::as_str)
-            .any(|f| f.contains(&format!("refund request {rr} "))
+            .any(|f| f.contains(&format!("refund request {rr},"))
                 && f.ends_with("approve it again to send it")),
         "{t:#}"
     );

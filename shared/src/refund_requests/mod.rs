@@ -1462,8 +1462,6 @@ pub async fn stripe_refund_status(
     Ok(updated)
 }
 
-/// The worker's record that Stripe refused an approval's refund: the request fails and its
-/// cents are free again. Answers the request if this call failed it.
 /// Why an approval is refused, or fails before its refund is made, while its payment is
 /// disputed.
 pub const DISPUTED: &str =
@@ -1484,6 +1482,9 @@ pub async fn disputed(
     }))
 }
 
+/// The worker's record that an approval's refund was refused (by Stripe, or for a dispute
+/// opened since): the request fails and its cents are free again. Answers the request if
+/// this call failed it.
 pub async fn refused(
     store: &dyn DocStore,
     r: &RefundRequest,

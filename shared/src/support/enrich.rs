@@ -608,8 +608,8 @@ async fn duplicates(
             // An approval whose job could not be queued keeps its credits taken back and
             // waits: approving it again sends it.
             Err(p) if p.status == StatusCode::SERVICE_UNAVAILABLE => e.findings.push(format!(
-                "payment {} is a verified duplicate of {}; refund request {id} may be approved \
-                 without its refund sent ({}): approve it again to send it",
+                "payment {} is a verified duplicate of {}; refund request {id}, if it exists, \
+                 may be approved without its refund sent ({}): approve it again to send it",
                 entry.id, twin.id, p.detail
             )),
             Err(p) => e.findings.push(format!(
