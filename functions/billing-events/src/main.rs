@@ -29,7 +29,8 @@ async fn main() -> Result<(), Error> {
     ledger.retry.budget = Some(tally::service::LAMBDA_RETRY_BUDGET);
     ledger.observer =
         Some(tally::alerts::alerts_only(store.clone(), catalog.clone(), &cfg.alerts).await);
-    let money_back = tally::alerts::alerts_only(store.clone(), catalog.clone(), &cfg.alerts).await;
+    // Money going back alerts the same way: one observer for both.
+    let money_back = ledger.observer.clone();
     let payments: Option<Arc<dyn Payments>> = match &cfg.stripe_secret_key {
         Some(key) => Some(Arc::new(tally::payments::stripe_api::StripePayments::new(
             key.expose(),
@@ -41,7 +42,7 @@ async fn main() -> Result<(), Error> {
         SqsQueue::client(cfg.alerts.sqs_endpoint.as_ref()).await,
         cfg.alerts.notifications_queue_url.as_str(),
     );
-    let mut events = BillingEvents::new(ledger, store.clone(), Some(money_back));
+    let mut events = BillingEvents::new(ledger, store.clone(), money_back);
     events.checkouts = payments.clone();
     events.livemode = cfg
         .stripe_secret_key

@@ -259,7 +259,11 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
     alerting.observer = Some(alerts(false));
     cfg.ledger.observer = Some(alerts(true));
     // Started once the ledger has its observer; deliveries wait in the queue until then.
-    let mut billing = BillingEvents::new(alerting.clone(), cfg.docs.clone(), Some(alerts(false)));
+    let mut billing = BillingEvents::new(
+        alerting.clone(),
+        cfg.docs.clone(),
+        alerting.observer.clone(),
+    );
     billing.checkouts = Some(payments.clone());
     billing_queue.start(Arc::new(billing));
     let credits = credits_api::AppState {

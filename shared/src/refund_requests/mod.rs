@@ -418,12 +418,6 @@ impl RefundRequests {
         }))
     }
 
-    /// Whether a dispute of the charge is open or was lost: the dispute decides where that
-    /// money goes. One won, or an inquiry closed, leaves the payment refundable.
-    async fn open_dispute(&self, charge: &ChargeId) -> Result<bool, Problem> {
-        Ok(disputed(self.docs.as_ref(), charge).await?)
-    }
-
     /// Files a request: checks the payment, decides from the records, claims the amount
     /// (if verified) and sends the approval to the worker. The same id answers the same
     /// request.
@@ -471,7 +465,7 @@ impl RefundRequests {
         let charge = entry.charge.clone().ok_or_else(|| {
             not_refundable("this payment has not been collected: nothing to refund")
         })?;
-        if self.open_dispute(&charge).await? {
+        if disputed(self.docs.as_ref(), &charge).await? {
             return Err(not_refundable(DISPUTED));
         }
         // The other payments around it, for duplicate charges.
@@ -770,11 +764,11 @@ impl RefundRequests {
             && let Some(first) = rules::duplicate_of(entry, around, self.duplicate_window)
             && let Some(first_charge) = &first.charge
         {
-            let disputed = self.open_dispute(first_charge).await?;
+            let twin_disputed = disputed(self.docs.as_ref(), first_charge).await?;
             let claims: Claims = docs::get(self.docs.as_ref(), &charge_pk(first_charge), CLAIMS_SK)
                 .await?
                 .unwrap_or_default();
-            if disputed
+            if twin_disputed
                 || claims
                     .requests
                     .iter()
@@ -1180,7 +1174,7 @@ impl RefundRequests {
             // as it does for a new request: a refund now could pay the customer twice (an
             // inquiry closed in our favour gives the frozen credits back) or take credits
             // for money the bank then refuses to send.
-            if self.open_dispute(&r.charge).await? {
+            if disputed(self.docs.as_ref(), &r.charge).await? {
                 refusal = Some(not_refundable(DISPUTED));
                 break;
             }
@@ -1467,7 +1461,9 @@ pub async fn stripe_refund_status(
 pub const DISPUTED: &str =
     "this payment is disputed with the bank; the dispute decides where the money goes";
 
-/// Whether the records show a dispute of `charge` open (an inquiry or a chargeback) or lost.
+/// Whether the records show a dispute of `charge` open (an inquiry or a chargeback) or lost:
+/// the dispute decides where that money goes. One won, or an inquiry closed, leaves the
+/// payment refundable.
 pub async fn disputed(
     store: &dyn DocStore,
     charge: &ChargeId,
