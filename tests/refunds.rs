@@ -334,6 +334,90 @@ async fn a_lost_dispute_takes_the_frozen_credits_back_even_when_events_arrive_ou
     assert_eq!(b["frozen"], 0, "{b:#}");
 }
 
+/// An inquiry the bank turns into a chargeback: Stripe makes the chargeback a dispute of
+/// its own, opened while the inquiry has every credit of the payment frozen, so the
+/// chargeback freezes none itself. The credits stay frozen until the chargeback closes,
+/// whether the inquiry is closed first or left open: won, they are spendable again; lost,
+/// they are taken back. Delivered in any order, each event twice, the end is the same.
+#[tokio::test]
+async fn an_inquiry_turned_into_a_chargeback_keeps_the_credits_frozen_until_the_chargeback_closes()
+{
+    for (close_inquiry, outcome) in [
+        (true, "lost"),
+        (true, "won"),
+        (false, "lost"),
+        (false, "won"),
+    ] {
+        let case = format!("inquiry closed first: {close_inquiry}, chargeback {outcome}");
+        let app = TestApp::new();
+        let ws = "org_esc";
+        let charge = buy_packs(&app, ws, 2).await;
+        spend(&app, ws, 200).await;
+        let inquiry = sim_post(&app, &format!("/sim/charges/{charge}/inquiry"), None).await;
+        assert_eq!(inquiry.status.as_u16(), 200, "{:#}", inquiry.body);
+        assert_eq!(balance(&app, ws).await["frozen"], 800);
+        let chargeback = sim_post(&app, &format!("/sim/charges/{charge}/dispute"), None).await;
+        assert_eq!(chargeback.status.as_u16(), 200, "{:#}", chargeback.body);
+        if close_inquiry {
+            let id = inquiry.body["id"].as_str().unwrap();
+            let closed = sim_post(
+                &app,
+                &format!("/sim/disputes/{id}/close"),
+                Some(json!({"outcome": "won"})),
+            )
+            .await;
+            assert_eq!(closed.status.as_u16(), 200, "{:#}", closed.body);
+            assert_eq!(closed.body["status"], "warning_closed");
+        }
+        let b = balance(&app, ws).await;
+        assert_eq!(
+            (b["available"].as_u64(), b["frozen"].as_u64()),
+            (Some(0), Some(800)),
+            "{case}: {b:#}"
+        );
+        let id = chargeback.body["id"].as_str().unwrap();
+        let closed = sim_post(
+            &app,
+            &format!("/sim/disputes/{id}/close"),
+            Some(json!({"outcome": outcome})),
+        )
+        .await;
+        assert_eq!(closed.status.as_u16(), 200, "{:#}", closed.body);
+        let kept = if outcome == "won" { 800 } else { 0 };
+        let b = balance(&app, ws).await;
+        assert_eq!(
+            (b["available"].as_u64(), b["frozen"].as_u64()),
+            (Some(kept), Some(0)),
+            "{case}: {b:#}"
+        );
+        let lost = entries(&app, ws, "dispute_lost").await.len();
+        assert_eq!(lost, usize::from(outcome == "lost"), "{case}");
+
+        // The same events into fresh systems, in Stripe's order and newest first, each
+        // twice. The fresh systems never saw the generation: all 1,000 credits are at stake.
+        for newest_first in [false, true] {
+            let fresh = TestApp::new();
+            let mut events = app.local.simulator.as_ref().unwrap().events();
+            if newest_first {
+                events.reverse();
+            }
+            for e in &events {
+                assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+                assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+            }
+            fresh.settle_billing().await;
+            assert!(fresh.local.billing_queue.dead_letters().is_empty());
+            let b = balance(&fresh, ws).await;
+            let kept = if outcome == "won" { 1000 } else { 0 };
+            assert_eq!(
+                (b["available"].as_u64(), b["frozen"].as_u64()),
+                (Some(kept), Some(0)),
+                "{case}, newest first: {newest_first}: {b:#}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_refund_before_the_purchase_is_applied_still_takes_the_credits_back() {
     let app = TestApp::new();

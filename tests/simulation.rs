@@ -1,6 +1,6 @@
 //! A seeded lifecycle simulation: random workspaces through months of plan changes, add-on
 //! changes, interval switches, cancels, resumes, pauses, renewals, declined cards, pack
-//! purchases, generations, refunds, disputes, staff credit notes and duplicated or
+//! purchases, generations, refunds, disputes and inquiries, staff credit notes and duplicated or
 //! reordered webhooks (a step's events held back and delivered shuffled; the webhook
 //! endpoint down for a few steps while the clock moves up to about three days, then every
 //! event delivered shuffled and what waited in vain redriven from the dead letters; a
@@ -29,6 +29,9 @@
 //!   and every open hold in it has its item (its allocations within its lots);
 //! - credits taken back for refunds, credit notes and lost disputes never exceed what the
 //!   money given back bought (the lot's credits times the share of its payment given back);
+//! - while a payment is disputed (a chargeback, or an inquiry, which the bank may turn
+//!   into a chargeback of its own), no unspent credit it bought is free to spend, and
+//!   once its dispute is lost none is left at all;
 //! - every generation is charged once: a completed one exactly the cost asked (what the
 //!   balance could not pay recorded as its shortfall), a failed or expired one nothing,
 //!   and the generations' charges add up to the journal's credits spent. Some generations
@@ -89,8 +92,10 @@ enum Step {
     Crash(usize),
     /// Refunds a percentage of what is left of one of the charges so far.
     Refund(usize, i64),
-    /// Disputes one of the charges so far.
-    Dispute(usize),
+    /// Disputes one of the charges so far: a chargeback, or an inquiry (which the
+    /// cardholder's bank may turn into a chargeback, a dispute of its own, at once or
+    /// later).
+    Dispute(usize, bool),
     /// Closes one of the open disputes, won or lost.
     CloseDispute(usize, bool),
     /// Staff credit a percentage of what is left of one of the paid invoices outside
@@ -134,7 +139,7 @@ fn random_step(rng: &mut fastrand::Rng) -> Step {
         77..=86 => Step::Generate(rng.u64(1..=60), rng.bool()),
         87..=90 => Step::Crash(rng.usize(0..PLANS.len())),
         91..=93 => Step::Refund(rng.usize(0..10_000), [25, 50, 100][rng.usize(0..3)]),
-        94 => Step::Dispute(rng.usize(0..10_000)),
+        94 => Step::Dispute(rng.usize(0..10_000), rng.u32(0..3) == 0),
         95 => Step::CloseDispute(rng.usize(0..10_000), rng.bool()),
         96 => Step::CreditNote(rng.usize(0..10_000), [25, 50, 100][rng.usize(0..3)]),
         97..=99 => Step::Redeliver(rng.usize(0..10_000)),
@@ -415,7 +420,8 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                 let disputed = succeeded_charges(app)
                     .into_iter()
                     .filter_map(|c| sim.charge(&c))
-                    .any(|c| Some(&c["payment_intent"]) == pi.as_ref() && c["disputed"] == true);
+                    .filter(|c| Some(&c["payment_intent"]) == pi.as_ref())
+                    .any(|c| c["disputed"] == true || !open_disputes(app, &c["id"]).is_empty());
                 if disputed {
                     return;
                 }
@@ -427,11 +433,23 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                 let _ = sim.credit_note(&id, (left * pct / 100).max(1)).await;
             }
         }
-        Step::Dispute(n) => {
+        Step::Dispute(n, inquiry) => {
             let sim = app.local.simulator.as_ref().unwrap();
             let charges = succeeded_charges(app);
+            // Half the chargebacks go to a payment under inquiry, if there is one: the bank
+            // turning the inquiry into a chargeback.
+            let inquired: Vec<String> = charges
+                .iter()
+                .filter(|c| !open_disputes(app, &json!(c)).is_empty())
+                .cloned()
+                .collect();
+            let charges = if !*inquiry && !inquired.is_empty() && n % 2 == 0 {
+                inquired
+            } else {
+                charges
+            };
             if !charges.is_empty() {
-                let charge = &charges[n % charges.len()];
+                let charge = &charges[n / 2 % charges.len()];
                 // Not one whose invoice has a credit note: while the dispute is open the
                 // note's share waits for it, which the model here does not follow (the
                 // examples in the refund tests do).
@@ -445,8 +463,19 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                             .iter()
                             .any(|n| n["invoice"] == p["invoice"])
                     });
-                if !noted {
+                if !noted && !*inquiry {
                     let _ = sim.dispute_charge(charge).await;
+                } else if !noted {
+                    // An inquiry; a third of them the bank turns into a chargeback at once,
+                    // and a third also closes the inquiry then.
+                    if let Ok(d) = sim.inquire_charge(charge).await {
+                        if n % 3 >= 1 {
+                            let _ = sim.dispute_charge(charge).await;
+                        }
+                        if n % 3 == 2 {
+                            let _ = sim.close_dispute(d["id"].as_str().unwrap(), true).await;
+                        }
+                    }
                 }
             }
         }
@@ -660,6 +689,120 @@ async fn advance_until(app: &TestApp, until: chrono::DateTime<chrono::Utc>) {
         )
         .await;
     assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+}
+
+/// The disputes of `charge` (a chargeback or an inquiry) open now, by their latest status
+/// at Stripe, with their amounts and whether they are chargebacks. An inquiry followed by a
+/// chargeback is not counted: the chargeback decides.
+fn disputes_of(app: &TestApp, charge: &Value) -> Vec<(String, String, i64)> {
+    let mut last: BTreeMap<String, (String, i64, i64)> = BTreeMap::new();
+    for e in app.local.simulator.as_ref().unwrap().events() {
+        let d = &e.payload["data"]["object"];
+        if e.kind.starts_with("charge.dispute.") && &d["charge"] == charge {
+            last.insert(
+                d["id"].as_str().unwrap().to_owned(),
+                (
+                    d["status"].as_str().unwrap_or("").to_owned(),
+                    d["created"].as_i64().unwrap(),
+                    d["amount"].as_i64().unwrap(),
+                ),
+            );
+        }
+    }
+    let chargebacks: Vec<i64> = last
+        .values()
+        .filter(|(s, ..)| !s.starts_with("warning_"))
+        .map(|&(_, created, _)| created)
+        .collect();
+    last.into_iter()
+        .map(|(id, (status, created, amount))| {
+            let escalated =
+                status.starts_with("warning_") && chargebacks.iter().any(|&c| c >= created);
+            let status = if escalated {
+                "warning_closed".to_owned()
+            } else {
+                status
+            };
+            (id, status, amount)
+        })
+        .collect()
+}
+
+/// The disputes of `charge` open now (see [`disputes_of`]).
+fn open_disputes(app: &TestApp, charge: &Value) -> Vec<String> {
+    disputes_of(app, charge)
+        .into_iter()
+        .filter(|(_, s, _)| !["won", "lost", "warning_closed"].contains(&s.as_str()))
+        .map(|(id, ..)| id)
+        .collect()
+}
+
+/// While a payment is disputed (a chargeback or an inquiry open at Stripe), none of the
+/// unspent credits it bought can be spent: every lot it bought that has not lapsed keeps
+/// no credit free (held ones are frozen as their generations release them).
+async fn check_disputed_frozen(app: &TestApp, state: &WorkspaceState) -> Result<(), String> {
+    use tally::billing::refunds::{InvoiceLots, LINK_SK, PaymentLink, invoice_lots_pk, payment_pk};
+    use tally::store::docs;
+    let sim = app.local.simulator.as_ref().unwrap();
+    let now = app.ledger.clock.now();
+    for id in succeeded_charges(app) {
+        let charge = sim.charge(&id).unwrap();
+        let open = open_disputes(app, &charge["id"]);
+        // Every dispute here is of all the money not refunded when it opened (and a
+        // chargeback refuses later refunds): once one is lost, nothing the payment bought
+        // may be left unspent, frozen or not.
+        let lost = disputes_of(app, &charge["id"])
+            .iter()
+            .any(|(_, s, _)| s == "lost");
+        let Some(pi) = charge["payment_intent"].as_str() else {
+            continue;
+        };
+        if open.is_empty() && !lost {
+            continue;
+        }
+        let err = |e: tally::store::StoreError| e.to_string();
+        let Some(link) = docs::get::<PaymentLink>(
+            app.docs.as_ref(),
+            &payment_pk(&pi.parse().unwrap()),
+            LINK_SK,
+        )
+        .await
+        .map_err(err)?
+        else {
+            continue;
+        };
+        let mut lots: Vec<u64> = link.lot.into_iter().collect();
+        if let Some(invoice) = &link.invoice
+            && let Some(doc) =
+                docs::get::<InvoiceLots>(app.docs.as_ref(), &invoice_lots_pk(invoice), LINK_SK)
+                    .await
+                    .map_err(err)?
+        {
+            lots.extend(doc.lots.iter().map(|&(_, l, _)| l));
+        }
+        for seq in lots {
+            let Some(l) = state.lots.iter().find(|l| l.seq == seq) else {
+                continue;
+            };
+            if !l.usable_at(now) {
+                continue;
+            }
+            if lost && l.free() + l.frozen > tally::money::Credits::ZERO {
+                return Err(format!(
+                    "lot_{seq} keeps {} credits unspent ({} frozen) after a dispute of its payment {id} was lost",
+                    l.free() + l.frozen,
+                    l.frozen
+                ));
+            }
+            if l.free() > tally::money::Credits::ZERO {
+                return Err(format!(
+                    "lot_{seq} keeps {} credits free while its payment {id} is disputed ({open:?})",
+                    l.free()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Ids of every charge that succeeded so far, oldest first.
@@ -1273,6 +1416,7 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
         return Err(format!("the credit refresh failed {failures} times"));
     }
     check_take_backs(app, &journal)?;
+    check_disputed_frozen(app, &state).await?;
     check_generations(app, m, &state, &journal).await?;
     check_packs(app, &journal)?;
     // Subscription credits granted, per operation key.

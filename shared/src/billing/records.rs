@@ -149,6 +149,11 @@ pub struct DisputeFact {
 }
 
 impl DisputeFact {
+    /// Its status; a dispute whose event carried none is taken as open.
+    pub fn status_or_open(&self) -> &str {
+        self.status.as_deref().unwrap_or("needs_response")
+    }
+
     /// A closed dispute never reopens, so its outcome wins over any open state, even one
     /// delivered later or stamped the same second.
     pub fn order(&self) -> (bool, i64, Option<&str>) {
@@ -177,6 +182,22 @@ pub struct PaymentRecord {
 }
 
 impl PaymentRecord {
+    /// A dispute's status as the credits follow it. An inquiry still open when a
+    /// chargeback of the payment was opened at or after it was escalated: the chargeback
+    /// decides, so the inquiry counts as closed (`warning_closed`), whether or not Stripe
+    /// has closed it yet.
+    pub fn dispute_status<'a>(&'a self, d: &'a DisputeFact) -> &'a str {
+        let status = d.status_or_open();
+        let inquiry_open = status.starts_with("warning_") && status != "warning_closed";
+        let escalated = inquiry_open
+            && self.disputes.iter().any(|o| {
+                o.id != d.id
+                    && !o.status_or_open().starts_with("warning_")
+                    && o.created >= d.created
+            });
+        if escalated { "warning_closed" } else { status }
+    }
+
     /// A payment known so far only by its charge; other facts merge in as they arrive.
     pub fn new(charge: ChargeId) -> Self {
         Self {

@@ -119,7 +119,7 @@ pub async fn money_gone_back(
         return Ok(Some("refunded"));
     }
     let contested = payment.disputes.iter().any(|d| {
-        let status = d.status.as_deref().unwrap_or("needs_response");
+        let status = payment.dispute_status(d);
         dispute_open(status) || status == "lost"
     });
     Ok(contested.then_some("disputed"))
@@ -590,7 +590,7 @@ impl BillingEvents {
         let disputed = payment
             .disputes
             .iter()
-            .any(|d| dispute_open(d.status.as_deref().unwrap_or("needs_response")));
+            .any(|d| dispute_open(payment.dispute_status(d)));
         let credited = self
             .credited(link.invoice.as_ref().or(link.receipt.as_ref()))
             .await?;
@@ -660,8 +660,41 @@ impl BillingEvents {
         // credit notes taken back, other lost disputes): a credit note's take-back may be
         // waiting for the dispute, and a refund made before the dispute may be followed
         // after it (it then takes its share of the frozen credits).
-        for d in &payment.disputes {
-            let status = d.status.as_deref().unwrap_or("needs_response");
+        //
+        // A payment's disputes share its lots' frozen credits: an inquiry the bank turned
+        // into a chargeback is a second dispute of the same money, and the one opened last
+        // may have found every credit already frozen by the first. So a lost dispute takes
+        // back what is frozen before any closing lifts it (only its own share when another
+        // dispute of the payment may hold the freeze), and a dispute closed without loss
+        // (won, an inquiry closed) lifts the freeze only once no other dispute of the
+        // payment is open: until then the freeze stays for the dispute still open. Its
+        // lifting runs again after each later loss, for what that loss left frozen. An
+        // inquiry followed by a chargeback counts as closed (see `dispute_status`), so
+        // the chargeback's outcome lifts or takes the freeze even if Stripe leaves the
+        // inquiry open.
+        let mut disputes: Vec<_> = payment.disputes.iter().collect();
+        disputes.sort_by_key(|d| match payment.dispute_status(d) {
+            "lost" => 0,
+            s if dispute_open(s) => 2,
+            _ => 1,
+        });
+        for d in disputes {
+            let status = payment.dispute_status(d);
+            let other_open = payment
+                .disputes
+                .iter()
+                .any(|o| o.id != d.id && dispute_open(payment.dispute_status(o)));
+            let lifted = !dispute_open(status) && status != "lost";
+            if lifted && other_open {
+                continue;
+            }
+            let others_lost: Vec<&str> = payment
+                .disputes
+                .iter()
+                .filter(|o| o.id != d.id && payment.dispute_status(o) == "lost")
+                .map(|o| o.id.as_str())
+                .collect();
+            let shared = payment.disputes.len() > 1 + others_lost.len();
             for &(lot, _) in &lots {
                 let freeze = || dispute_freeze(&d.id, charge, lot, d.amount.get(), paid);
                 let mut steps = Vec::new();
@@ -675,6 +708,10 @@ impl BillingEvents {
                                 lot,
                                 take_back: true,
                                 lost_cents: d.amount.get().min(paid),
+                                share: shared.then_some(Share {
+                                    numerator: d.amount.get().min(paid),
+                                    denominator: paid,
+                                }),
                                 note: format!("dispute {} of payment {charge} lost", d.id),
                             },
                         ));
@@ -682,12 +719,23 @@ impl BillingEvents {
                     // won, warning_closed, prevented: the money stays; a freeze (if one
                     // was made) is lifted.
                     _ => {
+                        let after = if others_lost.is_empty() {
+                            String::new()
+                        } else {
+                            let mut ids = others_lost.clone();
+                            ids.sort_unstable();
+                            format!(
+                                ":after_{}",
+                                crate::payments::stripe_api::short_digest(&ids.join(","))
+                            )
+                        };
                         steps.push((
-                            format!("stripe:dispute:{}:closed:lot_{lot}", d.id),
+                            format!("stripe:dispute:{}:closed{after}:lot_{lot}", d.id),
                             Operation::Unfreeze {
                                 lot,
                                 take_back: false,
                                 lost_cents: 0,
+                                share: None,
                                 note: format!(
                                     "dispute {} of payment {charge} closed ({status})",
                                     d.id
@@ -799,7 +847,7 @@ impl BillingEvents {
             .await?;
         }
         for d in &payment.disputes {
-            let status = d.status.as_deref().unwrap_or("needs_response");
+            let status = d.status_or_open();
             let (closed, as_of, _) = d.order();
             history::record(
                 self.docs.as_ref(),

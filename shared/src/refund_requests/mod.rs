@@ -1462,8 +1462,8 @@ pub const DISPUTED: &str =
     "this payment is disputed with the bank; the dispute decides where the money goes";
 
 /// Whether the records show a dispute of `charge` open (an inquiry or a chargeback) or lost:
-/// the dispute decides where that money goes. One won, or an inquiry closed, leaves the
-/// payment refundable.
+/// the dispute decides where that money goes. One won, or an inquiry closed (or followed
+/// by a chargeback, which then decides), leaves the payment refundable.
 pub async fn disputed(
     store: &dyn DocStore,
     charge: &ChargeId,
@@ -1471,9 +1471,8 @@ pub async fn disputed(
     let p = docs::get::<PaymentRecord>(store, &charge_pk(charge), PAYMENT_SK).await?;
     Ok(p.is_some_and(|p| {
         p.disputes.iter().any(|d| {
-            d.status
-                .as_deref()
-                .is_none_or(|s| crate::billing::refunds::dispute_open(s) || s == "lost")
+            let s = p.dispute_status(d);
+            crate::billing::refunds::dispute_open(s) || s == "lost"
         })
     }))
 }
