@@ -82,7 +82,8 @@ impl Problem {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            "something went wrong on our side; retrying with the same Idempotency-Key is safe",
+            "something went wrong on our side; retrying with the same Idempotency-Key is safe \
+             (a request sent without one may have taken effect: check before sending it again)",
         )
     }
     pub fn with_facts(mut self, facts: serde_json::Value) -> Self {
@@ -177,7 +178,8 @@ impl From<ServiceError> for Problem {
             ServiceError::Contention => Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
-                "the workspace is busy; retry with the same Idempotency-Key",
+                "the workspace is busy; retry with the same Idempotency-Key (a request sent \
+                 without one may have taken effect: check before sending it again)",
             )
             .with_retry_after(1),
             // Throttling or a timeout: a write may or may not have landed, and a retry
@@ -188,7 +190,8 @@ impl From<ServiceError> for Problem {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "storage is briefly unavailable and whether a write took effect is not \
-                     known; retry with the same Idempotency-Key",
+                     known; retry with the same Idempotency-Key (a request sent without one \
+                     may have taken effect: check before sending it again)",
                 )
                 .with_retry_after(1)
             }
