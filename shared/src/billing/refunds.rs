@@ -664,11 +664,9 @@ impl BillingEvents {
         // A payment's disputes share its lots' frozen credits: an inquiry the bank turned
         // into a chargeback is a second dispute of the same money, and the one opened last
         // may have found every credit already frozen by the first. So a lost dispute takes
-        // back what is frozen before any closing lifts it (only its own share when another
-        // dispute of the payment may hold the freeze), and a dispute closed without loss
-        // (won, an inquiry closed) lifts the freeze only once no other dispute of the
-        // payment is open: until then the freeze stays for the dispute still open. Its
-        // lifting runs again after each later loss, for what that loss left frozen. An
+        // back all that is frozen before any closing lifts it, and a dispute closed without
+        // loss (won, an inquiry closed) lifts the freeze only once no other dispute of the
+        // payment is open: until then the freeze stays for the dispute still open. An
         // inquiry followed by a chargeback counts as closed (see `dispute_status`), so
         // the chargeback's outcome lifts or takes the freeze even if Stripe leaves the
         // inquiry open.
@@ -688,13 +686,6 @@ impl BillingEvents {
             if lifted && other_open {
                 continue;
             }
-            let others_lost: Vec<&str> = payment
-                .disputes
-                .iter()
-                .filter(|o| o.id != d.id && payment.dispute_status(o) == "lost")
-                .map(|o| o.id.as_str())
-                .collect();
-            let shared = payment.disputes.len() > 1 + others_lost.len();
             for &(lot, _) in &lots {
                 let freeze = || dispute_freeze(&d.id, charge, lot, d.amount.get(), paid);
                 let mut steps = Vec::new();
@@ -708,10 +699,6 @@ impl BillingEvents {
                                 lot,
                                 take_back: true,
                                 lost_cents: d.amount.get().min(paid),
-                                share: shared.then_some(Share {
-                                    numerator: d.amount.get().min(paid),
-                                    denominator: paid,
-                                }),
                                 note: format!("dispute {} of payment {charge} lost", d.id),
                             },
                         ));
@@ -719,23 +706,16 @@ impl BillingEvents {
                     // won, warning_closed, prevented: the money stays; a freeze (if one
                     // was made) is lifted.
                     _ => {
-                        let after = if others_lost.is_empty() {
-                            String::new()
-                        } else {
-                            let mut ids = others_lost.clone();
-                            ids.sort_unstable();
-                            format!(
-                                ":after_{}",
-                                crate::payments::stripe_api::short_digest(&ids.join(","))
-                            )
-                        };
+                        // The dispute's own freeze first (a replay when it was followed
+                        // open): its key used, a follower that read the dispute still open
+                        // cannot freeze the lot again after the lifting.
+                        steps.push(freeze());
                         steps.push((
-                            format!("stripe:dispute:{}:closed{after}:lot_{lot}", d.id),
+                            format!("stripe:dispute:{}:closed:lot_{lot}", d.id),
                             Operation::Unfreeze {
                                 lot,
                                 take_back: false,
                                 lost_cents: 0,
-                                share: None,
                                 note: format!(
                                     "dispute {} of payment {charge} closed ({status})",
                                     d.id

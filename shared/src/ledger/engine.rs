@@ -138,11 +138,6 @@ pub enum Operation {
         take_back: bool,
         /// Lost: the cents the dispute took ([`Lot::lost_cents`]); won, zero.
         lost_cents: u64,
-        /// Lost while another dispute of the payment still holds the lot's freeze: only
-        /// this share (of all that was paid, as [`Operation::Freeze`] with `of_rest`) of
-        /// the lot's unspent credits is taken back, from the frozen ones first, and the
-        /// rest stays frozen for the other dispute to lift or take. `None`: all of them.
-        share: Option<Share>,
         note: String,
     },
     /// Gives back the charge of a completed generation whose output was faulty, once.
@@ -907,35 +902,12 @@ impl Tx<'_> {
                 lot,
                 take_back,
                 lost_cents,
-                share,
                 note,
             } => {
-                let (mut frozen, mut pending) =
+                let (frozen, pending) =
                     self.lot(*lot).map_or((Credits::ZERO, Credits::ZERO), |l| {
                         (l.frozen, l.owed_frozen)
                     });
-                if let (true, Some(share), Some(l)) = (*take_back, share, self.lot(*lot)) {
-                    // This dispute's share of the money the lot has not followed back yet,
-                    // of its unspent credits: frozen ones first, then those still to be
-                    // frozen as running generations release them.
-                    let rest = share
-                        .denominator
-                        .saturating_sub(l.refunded_cents)
-                        .saturating_sub(l.lost_cents);
-                    let claimable = if l.usable_at(self.cmd.at) {
-                        l.claimable_held()
-                    } else {
-                        Credits::ZERO
-                    };
-                    let wanted = Share {
-                        numerator: share.numerator.min(rest),
-                        denominator: rest,
-                    }
-                    .of(l.free() + l.frozen + claimable + l.owed_frozen);
-                    let taken = wanted.min(frozen);
-                    pending = (wanted - taken).min(pending);
-                    frozen = taken;
-                }
                 let reason = if *take_back {
                     Reason::DisputeLost
                 } else {

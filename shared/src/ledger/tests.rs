@@ -827,7 +827,6 @@ mod properties {
                             lot: l.seq,
                             take_back: lost,
                             lost_cents: if lost { 100 } else { 0 },
-                            share: None,
                             note: "c".into(),
                         }
                     }
@@ -924,7 +923,6 @@ fn close_op(lot: u64, lost: Option<u64>) -> Operation {
         lot,
         take_back: lost.is_some(),
         lost_cents: lost.unwrap_or(0),
-        share: None,
         note: "closed".into(),
     }
 }
@@ -1359,58 +1357,6 @@ fn a_dispute_freezes_free_credits_and_a_lost_one_takes_exactly_them_back() {
     w.run(close_op(lot, Some(1000))).unwrap();
     assert_eq!(w.state.balance(), Balance::default());
     assert_eq!(w.state.totals.clawed_back, Credits::new(700));
-}
-
-/// Two disputes of one payment: an inquiry of all of it froze every unspent credit (those
-/// a generation holds as it releases them), then the bank made a chargeback of half of it,
-/// which found nothing free to freeze. Lost, the chargeback takes back only its half of
-/// the unspent credits; the rest stays frozen until the inquiry's close lifts it.
-#[test]
-fn a_partial_chargeback_lost_beside_an_inquiry_takes_only_its_share() {
-    let mut w = World::new();
-    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
-    let g = w.hold(200).unwrap();
-    w.run(freeze_op(lot, 1, 1, false)).unwrap();
-    w.run(freeze_op(lot, 500, 1000, true)).unwrap();
-    assert_eq!(w.state.balance().frozen, Credits::new(800));
-    let lost = |share| Operation::Unfreeze {
-        lot,
-        take_back: true,
-        lost_cents: 500,
-        share,
-        note: "chargeback lost".into(),
-    };
-    // Taking all that is frozen would take 800 for half of the money.
-    w.run(lost(Some(Share {
-        numerator: 500,
-        denominator: 1000,
-    })))
-    .unwrap();
-    assert_eq!(w.state.totals.clawed_back, Credits::new(500));
-    assert_eq!(w.state.balance().frozen, Credits::new(300));
-    assert_eq!(w.available(), Credits::ZERO);
-    // The generation fails: what it held is frozen for the inquiry as it is released.
-    w.run(Operation::Fail {
-        generation: g,
-        reason: "failed".into(),
-        record: None,
-    })
-    .unwrap();
-    assert_eq!(w.state.balance().frozen, Credits::new(500));
-    // The inquiry closes: the half the money kept bought is spendable.
-    w.run(close_op(lot, None)).unwrap();
-    assert_eq!(w.available(), Credits::new(500));
-    assert_eq!(w.state.balance().frozen, Credits::ZERO);
-    let rebuilt = WorkspaceState::from_journal(w.state.workspace.clone(), &w.journal).unwrap();
-    assert_eq!(rebuilt.lots, w.state.lots);
-
-    // Alone (no other dispute holding the freeze), a lost dispute takes all it froze.
-    let mut w = World::new();
-    let lot = lot_seq(&w.grant(LotSource::Pack, 1000, None));
-    w.run(freeze_op(lot, 500, 1000, true)).unwrap();
-    w.run(close_op(lot, Some(500))).unwrap();
-    assert_eq!(w.state.totals.clawed_back, Credits::new(500));
-    assert_eq!(w.available(), Credits::new(500));
 }
 
 /// A refund of part of a payment and a dispute of the rest, followed in either order and
