@@ -1318,6 +1318,92 @@ mod alerts {
     /// renewal's subscription update sets the plan, an hour before the renewal is charged)
     /// cross the threshold: that alerts, but buys nothing. Auto top-up is for credits
     /// spent, not for credits nobody used.
+    /// A top-up charged whose credits are late (its payment's event waiting, as behind a
+    /// failing event of the same customer): the balance rises above the threshold without
+    /// them (a generation fails) and a later generation crosses it again. That is the same
+    /// drop: no second pack. Once the credits arrive, a new crossing buys again.
+    #[tokio::test]
+    async fn a_crossing_while_the_last_top_ups_credits_are_on_their_way_buys_nothing() {
+        let app = TestApp::new();
+        let ws = "org_late_topup";
+        let (_, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        let m = member(ws, "m1");
+        let topups = |app: &TestApp| {
+            app.local
+                .simulator
+                .as_ref()
+                .unwrap()
+                .events()
+                .iter()
+                .filter(|e| e.kind == "payment_intent.succeeded")
+                .filter(|e| e.payload["data"]["object"]["metadata"]["topup"] == "true")
+                .count()
+        };
+        let video_done = async |app: &TestApp| {
+            let g = app.post("/v1/generations", &m, video()).await;
+            assert_eq!(g.status.as_u16(), 201, "{:#}", g.body);
+            g.body["id"].as_str().unwrap().to_owned()
+        };
+        let sim = app.local.simulator.as_ref().unwrap();
+        sim.hold_deliveries();
+        for _ in 0..2 {
+            let g = video_done(&app).await;
+            let done = app
+                .post(
+                    &format!("/v1/generations/{g}/complete"),
+                    &tally_tests::service(),
+                    json!({}),
+                )
+                .await;
+            assert_eq!(done.status.as_u16(), 200, "{:#}", done.body);
+        }
+        let crossing = video_done(&app).await; // 52 -> 28: below 30, a pack is charged
+        let sent = notifications(&app).await;
+        assert_eq!(topups(&app), 1, "{sent:#?} {}", app.available(ws).await);
+        assert_eq!(app.available(ws).await, 28, "its credits are on their way");
+        let failed = app
+            .post(
+                &format!("/v1/generations/{crossing}/fail"),
+                &tally_tests::service(),
+                json!({"reason": "provider error"}),
+            )
+            .await;
+        assert_eq!(failed.status.as_u16(), 200, "{:#}", failed.body);
+        assert_eq!(app.available(ws).await, 52);
+        let later = app.ledger.clock.now() + chrono::Duration::minutes(11);
+        app.advance_clock(json!({"until": later})).await;
+        let again = video_done(&app).await; // 52 -> 28 again
+        let sent = notifications(&app).await;
+        assert_eq!(topups(&app), 1, "no second pack for the same drop");
+        let last = sent.last().unwrap();
+        assert_eq!(last["type"], "topup.failed", "{sent:#?}");
+        assert!(
+            last["reason"]
+                .as_str()
+                .unwrap()
+                .contains("have not arrived yet"),
+            "{last:#}"
+        );
+
+        // The credits arrive; the next crossing, ten minutes on, buys.
+        sim.release_deliveries(|_| {}).await;
+        app.settle_billing().await;
+        assert_eq!(app.available(ws).await, 128);
+        app.post(
+            &format!("/v1/generations/{again}/fail"),
+            &tally_tests::service(),
+            json!({"reason": "x"}),
+        )
+        .await;
+        let later = app.ledger.clock.now() + chrono::Duration::minutes(11);
+        app.advance_clock(json!({"until": later})).await;
+        while app.available(ws).await >= 30 {
+            video_done(&app).await;
+        }
+        notifications(&app).await;
+        assert_eq!(topups(&app), 2);
+    }
+
     #[tokio::test]
     async fn credits_expiring_as_stripes_events_are_applied_alert_but_buy_no_top_up() {
         let app = TestApp::new();

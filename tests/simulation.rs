@@ -1,11 +1,11 @@
 //! A seeded lifecycle simulation: random workspaces through months of plan changes, add-on
 //! changes, interval switches, cancels, resumes, pauses, renewals, declined cards, pack
-//! purchases, generations, refunds, disputes and inquiries, staff credit notes and duplicated or
-//! reordered webhooks (a step's events held back and delivered shuffled; the webhook
-//! endpoint down for a few steps while the clock moves up to about three days, then every
-//! event delivered shuffled and what waited in vain redriven from the dead letters; a
-//! redelivery reaches the worker, as Stripe's resend past the queue's deduplication window
-//! does).
+//! purchases, auto top-ups, generations, refunds, disputes and inquiries, staff credit
+//! notes and duplicated or reordered webhooks (a step's events held back and delivered
+//! shuffled; the webhook endpoint down for a few steps while the clock moves up to about
+//! three days, then every event delivered shuffled and what waited in vain redriven from
+//! the dead letters; a redelivery reaches the worker, as Stripe's resend past the queue's
+//! deduplication window does).
 //! Half the seeds start on an edge of the calendar (the first or last days of a month,
 //! February of a leap year, at midnight or a second before it), and the clock moves by
 //! hours, by minutes onto holds' deadlines, and exactly onto lots' expiries. The
@@ -20,7 +20,9 @@
 //!   and every month of a paid year that has begun at least once (unless the subscription
 //!   ended or a later period replaced it first, the year's money had all gone back, or
 //!   the month ended while the schedule was late);
-//! - pack credits are exactly what the paid pack checkouts sold: one lot per checkout;
+//! - pack credits are exactly what the paid pack checkouts and auto top-ups sold: one lot
+//!   per checkout or top-up; auto top-up charges only while it is on, at most once every
+//!   ten minutes;
 //! - the credit refresh never fails;
 //! - Tally's subscription shows the plan, interval and add-on units Stripe has;
 //! - a canceled subscription is never charged again and never granted again, a paused one
@@ -101,6 +103,9 @@ enum Step {
     /// Staff credit a percentage of what is left of one of the paid invoices outside
     /// Stripe (a credit note made in the dashboard).
     CreditNote(usize, i64),
+    /// The owner turns auto top-up on (buy a 100-credit pack below this percentage of the
+    /// balance now, so that the next generations cross it) or off.
+    AutoTopUp(Option<u64>),
     /// Moves the clock some minutes (onto a hold's deadline, an hour after it started).
     AdvanceMinutes(i64),
     /// Spends the balance down with the longest videos until one is refused, so that what
@@ -146,6 +151,7 @@ fn random_step(rng: &mut fastrand::Rng) -> Step {
         100..=103 => Step::AdvanceMinutes([1, 30, 59, 60, 61, 119, 120][rng.usize(0..7)]),
         104..=105 => Step::ToExpiry(rng.usize(0..10_000), rng.i64(-1..=1)),
         106 => Step::Burn,
+        107..=108 => Step::AutoTopUp(rng.bool().then(|| [50, 90, 99, 100, 120][rng.usize(0..5)])),
         112.. => {
             // Stripe retries a failed delivery for up to three days.
             let mut hours_left = 72;
@@ -203,6 +209,8 @@ struct Model {
     /// Tally's schedule while the clock moves without it (the credit refresh late): what
     /// happens meanwhile meets yearly months that fell due and are not granted yet.
     late_schedule: Option<std::sync::Arc<dyn tally_local::simulator::ScheduleHook>>,
+    /// Auto top-up turned off, with how many top-ups had been charged by then.
+    topups_off: Option<usize>,
     /// When the schedule was late (from, until; `None` while it still is): a yearly month
     /// that began then may have lapsed before the schedule came back, and is not granted.
     late: Vec<(i64, Option<i64>)>,
@@ -210,12 +218,27 @@ struct Model {
 
 /// A video generation of `seconds` started by the owner.
 async fn start_video(app: &TestApp, owner: &str, seconds: u64) -> tally_tests::Answer {
-    app.post(
+    generation_call(
+        app,
         "/v1/generations",
         owner,
         json!({"workflow": "video", "model": "video-lite", "duration_s": seconds}),
     )
     .await
+}
+
+/// A call to the generations API, then whatever auto top-up it asked for, charged and
+/// granted before the next step (so a seed replays the same way).
+async fn generation_call(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    body: Value,
+) -> tally_tests::Answer {
+    let a = app.post(path, token, body).await;
+    app.local.topups_queue.until_idle().await;
+    app.settle_billing().await;
+    a
 }
 
 async fn step(app: &TestApp, m: &mut Model, s: &Step) {
@@ -307,9 +330,13 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                 } else {
                     json!({"reason": "provider error"})
                 };
-                let r = app
-                    .post(&format!("/v1/generations/{id}/{end}"), &service(), body)
-                    .await;
+                let r = generation_call(
+                    app,
+                    &format!("/v1/generations/{id}/{end}"),
+                    &service(),
+                    body,
+                )
+                .await;
                 if *ok && r.status.is_success() {
                     let estimate = g.body["estimate"]["credits"].as_u64().unwrap();
                     m.asked.insert(id.to_owned(), estimate);
@@ -336,7 +363,7 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                     Some(pct) => json!({"credits": (estimate * pct / 100).max(1)}),
                     None => json!({"reason": "provider error"}),
                 };
-                let r = app.post(&path, &service(), body).await;
+                let r = generation_call(app, &path, &service(), body).await;
                 match pct {
                     Some(pct) if r.status.is_success() => {
                         m.asked.insert(id, (estimate * pct / 100).max(1));
@@ -496,6 +523,27 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
                 let _ = sim.close_dispute(&open[n % open.len()], *won).await;
             }
         }
+        Step::AutoTopUp(pct) => {
+            let available = app.available(&m.ws).await;
+            let settings = match pct {
+                Some(p) => json!({"below_credits": [],
+                    "auto_topup": {"pack": "pack_100",
+                        "below_credits": (available * p / 100).clamp(1, 10_000_000)}}),
+                None => json!({"below_credits": []}),
+            };
+            let r = app
+                .send(
+                    Method::PUT,
+                    "/v1/alerts",
+                    Some(&o),
+                    Some(&settings.to_string()),
+                    &[],
+                )
+                .await;
+            assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+            // From now on, no more top-ups than were charged so far.
+            m.topups_off = pct.is_none().then(|| top_up_charges(app).len());
+        }
         Step::AdvanceMinutes(minutes) => {
             let until = app.ledger.clock.now() + chrono::Duration::minutes(*minutes);
             advance_until(app, until).await;
@@ -524,27 +572,27 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
         }
         Step::Burn => {
             for _ in 0..500 {
-                let g = app
-                    .post(
-                        "/v1/generations",
-                        &o,
-                        json!({"workflow": "video", "model": "video-pro",
-                            "duration_s": 60, "resolution": "2k"}),
-                    )
-                    .await;
+                let g = generation_call(
+                    app,
+                    "/v1/generations",
+                    &o,
+                    json!({"workflow": "video", "model": "video-pro",
+                        "duration_s": 60, "resolution": "2k"}),
+                )
+                .await;
                 let (Some(id), Some(estimate)) = (
                     g.body["id"].as_str(),
                     g.body["estimate"]["credits"].as_u64(),
                 ) else {
                     break;
                 };
-                let r = app
-                    .post(
-                        &format!("/v1/generations/{id}/complete"),
-                        &service(),
-                        json!({}),
-                    )
-                    .await;
+                let r = generation_call(
+                    app,
+                    &format!("/v1/generations/{id}/complete"),
+                    &service(),
+                    json!({}),
+                )
+                .await;
                 if r.status.is_success() {
                     m.asked.insert(id.to_owned(), estimate);
                 }
@@ -632,11 +680,62 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
     }
 }
 
-/// Pack credits follow paid checkouts exactly: one lot per paid pack checkout, of the
-/// credits sold with it times the quantity paid for, and no other pack lot.
+/// The auto top-ups Stripe charged (their payment intents succeeded), oldest first: when,
+/// and the credits each bought.
+fn top_up_charges(app: &TestApp) -> Vec<(i64, u128)> {
+    app.local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .events()
+        .iter()
+        .filter(|e| e.kind == "payment_intent.succeeded")
+        .map(|e| &e.payload["data"]["object"])
+        .filter(|pi| pi["metadata"]["topup"] == "true")
+        .map(|pi| {
+            (
+                pi["created"].as_i64().unwrap(),
+                pi["metadata"]["credits"]
+                    .as_str()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Auto top-up charges only while it is on, at most one pack every ten minutes.
+fn check_top_ups(app: &TestApp, m: &Model) -> Result<(), String> {
+    let charges = top_up_charges(app);
+    if let Some(n) = m.topups_off
+        && charges.len() > n
+    {
+        return Err(format!(
+            "{} top-ups charged after auto top-up was turned off",
+            charges.len() - n
+        ));
+    }
+    for pair in charges.windows(2) {
+        if pair[1].0 - pair[0].0 < 600 {
+            return Err(format!(
+                "two top-ups charged {} seconds apart",
+                pair[1].0 - pair[0].0
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Pack credits follow paid checkouts and auto top-ups exactly: one lot per paid pack
+/// checkout, of the credits sold with it times the quantity paid for, one per top-up
+/// charged, of its pack's credits, and no other pack lot.
 fn check_packs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(), String> {
     let mut paid: u128 = 0;
     let mut sessions = 0usize;
+    for (_, credits) in top_up_charges(app) {
+        paid += credits;
+        sessions += 1;
+    }
     for e in app.local.simulator.as_ref().unwrap().events() {
         let session = &e.payload["data"]["object"];
         if e.kind != "checkout.session.completed"
@@ -669,7 +768,7 @@ fn check_packs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(), St
     let granted: u128 = lots.iter().map(|c| u128::from(*c)).sum();
     if granted != paid || lots.len() != sessions {
         return Err(format!(
-            "{} pack lots of {granted} credits where {sessions} paid checkouts bought {paid}",
+            "{} pack lots of {granted} credits where {sessions} paid checkouts and top-ups bought {paid}",
             lots.len()
         ));
     }
@@ -1419,6 +1518,7 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     check_disputed_frozen(app, &state).await?;
     check_generations(app, m, &state, &journal).await?;
     check_packs(app, &journal)?;
+    check_top_ups(app, m)?;
     // Subscription credits granted, per operation key.
     let mut granted: u128 = 0;
     let mut keys: BTreeMap<String, u32> = BTreeMap::new();
@@ -1770,6 +1870,7 @@ async fn run_seed(seed: u64, steps: u64) -> Result<(), String> {
         asked: BTreeMap::new(),
         late_schedule: None,
         late: Vec::new(),
+        topups_off: None,
     };
     // Every seed starts subscribed, so most steps exercise a live subscription.
     step(

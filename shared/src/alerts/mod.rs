@@ -105,6 +105,10 @@ pub struct TopUpClaim {
 /// Minimum time between two auto top-up charges of one workspace.
 pub const TOPUP_COOLDOWN_MINUTES: i64 = 10;
 
+/// How long a top-up's credits may take to arrive before a later crossing buys again
+/// anyway (their event stuck, for a person to redrive).
+pub const TOPUP_CREDITS_WAIT_HOURS: i64 = 24;
+
 /// How long a Lambda function reuses a workspace's alert settings before reading them
 /// again; a change takes effect within this long.
 pub const SETTINGS_TTL_SECONDS: u64 = 30;

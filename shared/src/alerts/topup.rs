@@ -10,7 +10,10 @@
 //! second charge. The request that crossed the threshold never waits for Stripe.
 
 use super::observer::notify;
-use super::{ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES, TopUpClaim};
+use super::{
+    ALERTS_SK, AlertSettings, AutoTopUp, TOPUP_COOLDOWN_MINUTES, TOPUP_CREDITS_WAIT_HOURS,
+    TopUpClaim,
+};
 use crate::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
 use crate::catalog::Catalog;
 use crate::clock::Clock;
@@ -170,6 +173,12 @@ impl TopUps {
         let turned_off = settings.as_ref().is_none_or(|s| s.auto_topup.is_none());
         let disputed = settings.as_ref().and_then(|s| s.stopped_by_dispute.clone());
         let earlier = settings.and_then(|s| s.topup_claim);
+        // The last top-up charged, when another crossing's: its credits may not have
+        // arrived yet.
+        let last_charged = earlier
+            .as_ref()
+            .filter(|c| c.entry != req.entry)
+            .and_then(|c| Some((c.payment.clone()?, c.claimed_at)));
         let claim = match earlier {
             // Claimed but not charged yet (Stripe was out of reach), and auto top-up turned
             // off or stopped by a dispute since: not charged now. Should the earlier attempt
@@ -196,6 +205,17 @@ impl TopUps {
                 )));
             }
             _ => {
+                // A crossing while the last top-up's credits are still on their way (its
+                // payment's event waiting in its queue) is the same drop: no second pack.
+                if let Some((payment, at)) = &last_charged
+                    && self.clock.now() - *at < chrono::Duration::hours(TOPUP_CREDITS_WAIT_HOURS)
+                    && !self.granted(payment).await.map_err(retry_store)?
+                {
+                    return Ok(Ended::Failed(format!(
+                        "the last top-up ({payment}) was charged and its credits have not \
+                         arrived yet; no second pack is bought for the same drop"
+                    )));
+                }
                 let profile: BillingProfile =
                     docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
                         .await
@@ -318,6 +338,20 @@ impl TopUps {
             }
         }
         Ok(Ended::Charged(paid))
+    }
+
+    /// Whether the credits a top-up's payment bought were granted (its lot is recorded).
+    async fn granted(&self, payment: &str) -> Result<bool, StoreError> {
+        let Ok(pi) = PaymentIntentId::parse(payment) else {
+            return Ok(true);
+        };
+        let link: Option<crate::billing::refunds::PaymentLink> = docs::get(
+            self.docs.as_ref(),
+            &crate::billing::refunds::payment_pk(&pi),
+            crate::billing::refunds::LINK_SK,
+        )
+        .await?;
+        Ok(link.is_some_and(|l| l.lot.is_some()))
     }
 
     /// Claims the charge on the settings as stored now, with a versioned write: concurrent
