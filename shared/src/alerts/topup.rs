@@ -171,6 +171,10 @@ impl TopUps {
                 .await
                 .map_err(retry_store)?;
         let turned_off = settings.as_ref().is_none_or(|s| s.auto_topup.is_none());
+        let below = settings
+            .as_ref()
+            .and_then(|s| s.auto_topup.as_ref())
+            .map(|a| a.below_credits);
         let disputed = settings.as_ref().and_then(|s| s.stopped_by_dispute.clone());
         let earlier = settings.and_then(|s| s.topup_claim);
         // The last top-up charged, when another crossing's: its credits may not have
@@ -205,17 +209,6 @@ impl TopUps {
                 )));
             }
             _ => {
-                // A crossing while the last top-up's credits are still on their way (its
-                // payment's event waiting in its queue) is the same drop: no second pack.
-                if let Some((payment, at)) = &last_charged
-                    && self.clock.now() - *at < chrono::Duration::hours(TOPUP_CREDITS_WAIT_HOURS)
-                    && !self.granted(payment).await.map_err(retry_store)?
-                {
-                    return Ok(Ended::Failed(format!(
-                        "the last top-up ({payment}) was charged and its credits have not \
-                         arrived yet; no second pack is bought for the same drop"
-                    )));
-                }
                 let profile: BillingProfile =
                     docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
                         .await
@@ -241,6 +234,22 @@ impl TopUps {
                     .map_err(|e| ConsumeError::poison(format!("the workspace's state: {e}")))?
                     .balance()
                     .available;
+                // A crossing while the last top-up's credits are still on their way (its
+                // payment's event waiting in its queue) is the same drop: no second pack.
+                // (Turned off, disputed or no longer below the threshold, the claim ends
+                // the request silently, as before.)
+                if let Some((payment, at)) = &last_charged
+                    && !turned_off
+                    && disputed.is_none()
+                    && below.is_some_and(|b| available < b)
+                    && self.clock.now() - *at < chrono::Duration::hours(TOPUP_CREDITS_WAIT_HOURS)
+                    && !self.granted(payment).await.map_err(retry_store)?
+                {
+                    return Ok(Ended::Failed(format!(
+                        "the last top-up ({payment}) was charged and its credits are not \
+                         recorded yet; no second pack is bought for the same drop"
+                    )));
+                }
                 let (claimed, stored) = self
                     .claim(req, &customer, &payment_method, available)
                     .await
