@@ -577,6 +577,14 @@ impl TestApp {
             .collect()
     }
 
+    /// The payment intents of the auto top-ups Stripe charged (succeeded), oldest first.
+    pub fn top_ups_charged(&self) -> Vec<Value> {
+        self.sim_events("payment_intent.succeeded")
+            .into_iter()
+            .filter(|pi| pi["metadata"]["topup"] == "true")
+            .collect()
+    }
+
     /// Every event the simulator delivered, oldest first.
     fn sim_all(&self) -> Vec<tally_local::simulator::SimEvent> {
         self.local

@@ -1324,17 +1324,7 @@ mod alerts {
         let ws = "org_late_topup";
         let (_, _) = with_saved_card(&app, ws, top_up_below_30()).await;
         let m = member(ws, "m1");
-        let topups = |app: &TestApp| {
-            app.local
-                .simulator
-                .as_ref()
-                .unwrap()
-                .events()
-                .iter()
-                .filter(|e| e.kind == "payment_intent.succeeded")
-                .filter(|e| e.payload["data"]["object"]["metadata"]["topup"] == "true")
-                .count()
-        };
+        let topups = |app: &TestApp| app.top_ups_charged().len();
         let video_done = async |app: &TestApp| {
             let g = app.post("/v1/generations", &m, video()).await;
             assert_eq!(g.status.as_u16(), 201, "{:#}", g.body);

@@ -65,6 +65,18 @@ async fn sim_post(app: &TestApp, path: &str, body: Option<Value>) -> tally_tests
     a
 }
 
+/// Closes a dispute in the simulated Stripe (`won` or `lost`; an inquiry closes as won).
+async fn close_dispute(app: &TestApp, id: &str, outcome: &str) -> Value {
+    let closed = sim_post(
+        app,
+        &format!("/sim/disputes/{id}/close"),
+        Some(json!({"outcome": outcome})),
+    )
+    .await;
+    assert_eq!(closed.status.as_u16(), 200, "{:#}", closed.body);
+    closed.body
+}
+
 async fn balance(app: &TestApp, ws: &str) -> Value {
     app.get("/v1/balance", &owner(ws)).await.body
 }
@@ -250,14 +262,7 @@ async fn a_refund_followed_after_the_dispute_of_the_rest_takes_its_own_share() {
         let d = sim_post(&app, &format!("/sim/charges/{charge}/dispute"), None).await;
         assert_eq!(d.status.as_u16(), 200, "{:#}", d.body);
         assert_eq!(balance(&app, ws).await["frozen"], 600);
-        let id = d.body["id"].as_str().unwrap();
-        let closed = sim_post(
-            &app,
-            &format!("/sim/disputes/{id}/close"),
-            Some(json!({"outcome": outcome})),
-        )
-        .await;
-        assert_eq!(closed.status.as_u16(), 200, "{:#}", closed.body);
+        close_dispute(&app, d.body["id"].as_str().unwrap(), outcome).await;
         let kept = if outcome == "won" { 600 } else { 0 };
         assert_eq!(app.available(ws).await, kept);
 
@@ -359,15 +364,8 @@ async fn an_inquiry_turned_into_a_chargeback_keeps_the_credits_frozen_until_the_
         let chargeback = sim_post(&app, &format!("/sim/charges/{charge}/dispute"), None).await;
         assert_eq!(chargeback.status.as_u16(), 200, "{:#}", chargeback.body);
         if close_inquiry {
-            let id = inquiry.body["id"].as_str().unwrap();
-            let closed = sim_post(
-                &app,
-                &format!("/sim/disputes/{id}/close"),
-                Some(json!({"outcome": "won"})),
-            )
-            .await;
-            assert_eq!(closed.status.as_u16(), 200, "{:#}", closed.body);
-            assert_eq!(closed.body["status"], "warning_closed");
+            let closed = close_dispute(&app, inquiry.body["id"].as_str().unwrap(), "won").await;
+            assert_eq!(closed["status"], "warning_closed");
         }
         let b = balance(&app, ws).await;
         assert_eq!(
@@ -375,14 +373,7 @@ async fn an_inquiry_turned_into_a_chargeback_keeps_the_credits_frozen_until_the_
             (Some(0), Some(800)),
             "{case}: {b:#}"
         );
-        let id = chargeback.body["id"].as_str().unwrap();
-        let closed = sim_post(
-            &app,
-            &format!("/sim/disputes/{id}/close"),
-            Some(json!({"outcome": outcome})),
-        )
-        .await;
-        assert_eq!(closed.status.as_u16(), 200, "{:#}", closed.body);
+        close_dispute(&app, chargeback.body["id"].as_str().unwrap(), outcome).await;
         let kept = if outcome == "won" { 800 } else { 0 };
         let b = balance(&app, ws).await;
         assert_eq!(

@@ -686,15 +686,8 @@ async fn step(app: &TestApp, m: &mut Model, s: &Step) {
 /// The auto top-ups Stripe charged (their payment intents succeeded), oldest first: when,
 /// and the credits each bought.
 fn top_up_charges(app: &TestApp) -> Vec<(i64, u128)> {
-    app.local
-        .simulator
-        .as_ref()
-        .unwrap()
-        .events()
+    app.top_ups_charged()
         .iter()
-        .filter(|e| e.kind == "payment_intent.succeeded")
-        .map(|e| &e.payload["data"]["object"])
-        .filter(|pi| pi["metadata"]["topup"] == "true")
         .map(|pi| {
             (
                 pi["created"].as_i64().unwrap(),
