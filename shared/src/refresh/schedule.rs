@@ -25,8 +25,7 @@ pub struct Allotment {
 /// of `start` before `end`, counted from `start` itself so dates never drift. A monthly
 /// period owes none (its renewal invoice grants). The twelfth month ends with the period,
 /// which may be a day after its anniversary: a year anchored on the 29th of February runs
-/// from the 28th in other years to the 29th in a leap year. A shorter period's last month
-/// ends with the period.
+/// from the 28th in other years to the 29th in a leap year.
 pub fn allotments(start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<Allotment> {
     (1..12)
         .map(|k| Allotment {
@@ -35,9 +34,7 @@ pub fn allotments(start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<Allotment> {
             month_end: if k == 11 {
                 add_months(start, k + 1).max(end)
             } else {
-                // A period shorter than a year (a billing date set when the subscription
-                // was made) ends its last month with it, as the renewal grants the next.
-                add_months(start, k + 1).min(end)
+                add_months(start, k + 1)
             },
         })
         .take_while(|a| a.at < end)
@@ -347,16 +344,6 @@ mod tests {
         // An ordinary year: the twelfth month ends on its anniversary, which is the end.
         let ordinary = allotments(t(2027, 1, 15), t(2028, 1, 15));
         assert_eq!(ordinary[10].month_end, t(2028, 1, 15));
-    }
-
-    #[test]
-    fn the_last_month_of_a_yearly_period_shorter_than_a_year_ends_with_the_period() {
-        // Made on Mar 10 with its billing date set to Jan 1: the first period is short.
-        let (start, end) = (t(2027, 3, 10), t(2028, 1, 1));
-        let a = allotments(start, end);
-        assert_eq!(a.len(), 9, "Apr 10 .. Dec 10");
-        assert_eq!((a[8].at, a[8].month_end), (t(2027, 12, 10), end));
-        assert_eq!(a[7].month_end, a[8].at, "the months before are whole");
     }
 
     #[test]
