@@ -446,6 +446,77 @@ pub async fn a_generation_id_cannot_be_claimed_by_two_workspaces(store: Arc<dyn 
     assert_eq!(store.generation_owner(g).await.unwrap(), Some(a));
 }
 
+/// The generation record's status is the commit's own guard against settling one hold
+/// twice: the state and the generation are not read as one snapshot, so an operation may
+/// read the state after a completion and the generation from before it. Releasing that
+/// hold again would free another running generation's credits.
+pub async fn a_generation_settled_since_it_was_read_is_a_conflict_and_writes_nothing(
+    store: Arc<dyn LedgerStore>,
+) {
+    let a = workspace("org_settled");
+    let s1 = apply(
+        store.as_ref(),
+        &WorkspaceState::new(a.clone()),
+        "grant",
+        grant(200),
+    )
+    .await;
+    let g1 = GenerationId::new();
+    let (commit, held) = prepare(&s1, "h1", hold(g1, "imagen-3", 100), 0);
+    let s2 = commit.state.clone();
+    store.commit(commit).await.expect("hold");
+    let (hold1, record1) = (held.placed[0].clone(), held.generations[0].1.clone());
+    assert_eq!(record1.status, GenerationStatus::Held);
+    let _ = apply(
+        store.as_ref(),
+        &s2,
+        "h2",
+        hold(GenerationId::new(), "imagen-3", 100),
+    )
+    .await;
+
+    // The completion, as the service makes it: the stored state and the generation's hold.
+    let mut state = store.load(&a).await.unwrap().unwrap();
+    state.load_holds([hold1.clone()]);
+    let complete = Operation::Complete {
+        generation: g1,
+        credits: None,
+        record: Some(record1.clone()),
+    };
+    let (done, _) = prepare(&state, "c1", complete, 2);
+    store.commit(done).await.expect("completion");
+    let completed = store.load(&a).await.unwrap().unwrap();
+    assert_eq!(completed.balance().available, Credits::ZERO);
+
+    // A failure that read the state after the completion and the generation before it.
+    let mut state = completed.clone();
+    state.load_holds([hold1]);
+    let fail = Operation::Fail {
+        generation: g1,
+        reason: "stale read".into(),
+        record: Some(record1),
+    };
+    let (stale, applied) = prepare(&state, "f1", fail, 3);
+    // The engine alone cannot tell: the other hold's credits cover the release.
+    assert_eq!(applied.state.balance().available, Credits::new(100));
+    assert!(matches!(
+        store.commit(stale).await,
+        Err(CommitError::Conflict)
+    ));
+    assert_eq!(store.load(&a).await.unwrap().unwrap(), completed);
+    assert!(
+        store
+            .idempotency(&a, &IdempotencyKey::derived("f1".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.generation(&a, g1).await.unwrap().unwrap().status,
+        GenerationStatus::Completed
+    );
+}
+
 pub async fn documents_are_versioned_and_list_by_prefix_newest_first(store: Arc<dyn DocStore>) {
     let pk = "WORKSPACE#org_docs";
     assert!(store.get_doc(pk, "BILLING").await.unwrap().is_none());
@@ -618,6 +689,13 @@ macro_rules! conformance {
             #[tokio::test]
             async fn a_generation_id_cannot_be_claimed_by_two_workspaces() {
                 super::a_generation_id_cannot_be_claimed_by_two_workspaces($make).await;
+            }
+            #[tokio::test]
+            async fn a_generation_settled_since_it_was_read_is_a_conflict_and_writes_nothing() {
+                super::a_generation_settled_since_it_was_read_is_a_conflict_and_writes_nothing(
+                    $make,
+                )
+                .await;
             }
             #[tokio::test]
             async fn a_commit_over_one_transactions_items_is_refused_and_writes_nothing() {
