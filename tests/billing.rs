@@ -157,9 +157,15 @@ struct Outcome {
 }
 
 async fn run(order: &[Value]) -> Outcome {
+    run_with(order, None).await
+}
+
+/// [`run`], with Stripe's API at hand (to read what events do not carry).
+async fn run_with(order: &[Value], stripe: Option<Arc<dyn tally::payments::Payments>>) -> Outcome {
     let store = Arc::new(EmbeddedStore::in_memory());
     let (ledger, _) = ledger_over(store.clone());
-    let worker = BillingEvents::new(ledger.clone(), store.clone(), None);
+    let mut worker = BillingEvents::new(ledger.clone(), store.clone(), None);
+    worker.stripe = stripe;
     // Auto top-up on: a dispute stops it, whichever of its events comes first.
     docs::update(
         store.as_ref(),
@@ -281,6 +287,144 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
     assert_eq!(payment.disputes.len(), 1);
     assert_eq!(payment.disputes[0].reason.as_deref(), Some("duplicate"));
     assert_eq!(o.subscription.unwrap().addon_units, 2);
+}
+
+/// The first invoice of [`history`], billing Max with three add-on units (the
+/// subscription's metadata still says two) after ten one-off items of no credits: twelve
+/// lines, each as Stripe shows it.
+fn twelve_lines() -> Vec<Value> {
+    let template = fixture("invoice")["lines"]["data"][0].clone();
+    let line = |n: usize, product: Option<&str>, quantity: u64, amount: i64| {
+        let mut l = template.clone();
+        l["id"] = json!(format!("il_{n:02}"));
+        l["invoice"] = json!("in_first");
+        l["amount"] = json!(amount);
+        l["quantity"] = json!(quantity);
+        l["period"] = json!({"start": at(0), "end": at(30)});
+        match product {
+            Some(product) => {
+                l["pricing"] = json!({"type": "price_details",
+                    "price_details": {"price": format!("price_{product}"), "product": product},
+                    "unit_amount_decimal": (amount / quantity as i64).to_string()});
+                l["parent"] = json!({"type": "subscription_item_details",
+                    "invoice_item_details": null,
+                    "subscription_item_details": {"invoice_item": null, "proration": false,
+                        "proration_details": {"credited_items": null},
+                        "subscription": SUB, "subscription_item": format!("si_{n}")}});
+            }
+            None => {
+                l["description"] = json!(format!("Onboarding note {n}"));
+                l["pricing"] = json!({"type": "price_details", "price_details": null,
+                    "unit_amount_decimal": "0"});
+                l["parent"] = json!({"type": "invoice_item_details",
+                    "subscription_item_details": null,
+                    "invoice_item_details": {"invoice_item": format!("ii_{n}"),
+                        "proration": false, "proration_details": {"credited_items": null},
+                        "subscription": null}});
+            }
+        }
+        l
+    };
+    let mut lines: Vec<Value> = (0..10).map(|n| line(n, None, 1, 0)).collect();
+    lines.push(line(10, Some("tally_plan_max"), 1, 2900));
+    lines.push(line(11, Some("tally_addon_individual"), 3, 3000));
+    lines
+}
+
+/// Stripe's invoice objects carry the first ten lines (`has_more` says there are more):
+/// the rest are read from Stripe before the invoice is valued. Valued on the ten alone,
+/// the paid invoice granted nothing.
+#[tokio::test]
+async fn an_invoice_with_more_lines_than_its_event_carries_is_valued_on_all_of_them() {
+    use wiremock::matchers::{method, path, query_param, query_param_is_missing};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let lines = twelve_lines();
+    let with_lines = |e: &mut Value, shown: &[Value], more: bool| {
+        let i = &mut e["data"]["object"];
+        i["lines"]["data"] = json!(shown);
+        i["lines"]["has_more"] = json!(more);
+        i["lines"]["url"] = json!("/v1/invoices/in_first/lines");
+        i["total"] = json!(5900);
+        i["amount_paid"] = json!(5900);
+        i["amount_due"] = json!(5900);
+    };
+    let events = |shown: &[Value], more: bool| {
+        let mut order = history();
+        for e in order.iter_mut() {
+            if e["data"]["object"]["object"] == "invoice" {
+                with_lines(e, shown, more);
+            }
+        }
+        order
+    };
+    // Every line in the event: what the invoice is worth.
+    let whole = run(&events(&lines, false)).await;
+    assert_eq!(
+        whole.lots.iter().find(|l| l.0 == "Addon").map(|l| l.1),
+        Some(3 * 60)
+    );
+
+    // Stripe's line list, in two pages.
+    let server = MockServer::start().await;
+    let page = |data: &[Value], more: bool| {
+        ResponseTemplate::new(200).set_body_json(json!({"object": "list", "data": data,
+            "has_more": more, "url": "/v1/invoices/in_first/lines"}))
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_first/lines"))
+        .and(query_param("limit", "100"))
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(page(&lines[..7], true))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_first/lines"))
+        .and(query_param("limit", "100"))
+        .and(query_param("starting_after", "il_06"))
+        .respond_with(page(&lines[7..], false))
+        .mount(&server)
+        .await;
+    let stripe: Arc<dyn tally::payments::Payments> = Arc::new(
+        tally::payments::stripe_api::StripePayments::new(
+            "sk_test_tally",
+            Some(&format!("{}/", server.uri())),
+        )
+        .unwrap(),
+    );
+    let carried = events(&lines[..10], true);
+    assert_eq!(run_with(&carried, Some(stripe)).await, whole);
+
+    // Without Stripe to read the rest from, the paid invoice waits: nothing is granted.
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let (ledger, _) = ledger_over(store.clone());
+    let worker = BillingEvents::new(ledger.clone(), store.clone(), None);
+    let mut retried = 0;
+    for e in &carried {
+        let d = Delivery {
+            message_id: "m".into(),
+            body: e.to_string(),
+            group_id: Some(CUS.into()),
+            receive_count: 1,
+        };
+        if let Err(ConsumeError::Retry(_)) = worker.consume(&d).await
+            && e["data"]["object"]["object"] == "invoice"
+        {
+            retried += 1;
+        }
+    }
+    assert_eq!(
+        retried, 1,
+        "invoice.paid waits (invoice.finalized only records the invoice)"
+    );
+    let state = ledger.workspace_now(&workspace(WS)).await.unwrap();
+    assert!(
+        state
+            .lots
+            .iter()
+            .all(|l| l.source == tally::ledger::LotSource::Pack),
+        "{:?}",
+        state.lots
+    );
 }
 
 /// A trial added in the dashboard bills its period at $0: nothing was paid, so nothing is

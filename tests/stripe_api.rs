@@ -1169,6 +1169,98 @@ async fn an_update_returns_the_invoice_stripe_created_for_it() {
     );
 }
 
+/// Stripe's invoice objects carry the first lines only (`has_more`): the change's invoice
+/// is the whole line list, read a page at a time after the last line's id.
+#[tokio::test]
+async fn an_updates_invoice_with_more_lines_than_it_carries_is_read_whole() {
+    use tally::payments::SubscriptionChange;
+    let server = MockServer::start().await;
+    let mut before = subscription_response();
+    before["latest_invoice"] = json!("in_old");
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(before))
+        .mount(&server)
+        .await;
+    let whole = change_invoice("in_change");
+    let mut lines = whole["lines"]["data"].as_array().unwrap().clone();
+    lines[0]["id"] = json!("il_unused");
+    lines[1]["id"] = json!("il_remaining");
+    let mut carried = whole.clone();
+    carried["lines"]["data"] = json!([lines[0].clone()]);
+    carried["lines"]["has_more"] = json!(true);
+    let mut after = subscription_response();
+    after["latest_invoice"] = carried;
+    Mock::given(method("POST"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(after))
+        .mount(&server)
+        .await;
+    let page = |data: serde_json::Value, more: bool| {
+        ResponseTemplate::new(200).set_body_json(json!({"object": "list", "data": data,
+            "has_more": more, "url": "/v1/invoices/in_change/lines"}))
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_change/lines"))
+        .and(query_param("limit", "100"))
+        .and(query_param_is_missing("starting_after"))
+        .respond_with(page(json!([lines[0].clone()]), true))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_change/lines"))
+        .and(query_param("limit", "100"))
+        .and(query_param("starting_after", "il_unused"))
+        .respond_with(page(json!([lines[1].clone()]), false))
+        .mount(&server)
+        .await;
+    let billed = client(&server)
+        .await
+        .update_subscription(&SubscriptionChange {
+            prorate_now: true,
+            idempotency_key: "k".into(),
+            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
+        })
+        .await
+        .unwrap()
+        .expect("the change's invoice");
+    let read: Vec<(String, i64)> = billed
+        .lines
+        .iter()
+        .map(|l| (l.product.clone(), l.amount))
+        .collect();
+    assert_eq!(
+        read,
+        vec![
+            ("tally_plan_plus".into(), -600),
+            ("tally_plan_generative".into(), 2950)
+        ]
+    );
+    // The same list through the port, as Stripe's JSON; an invoice Stripe does not have
+    // is none.
+    let stripe = client(&server).await;
+    let listed = stripe
+        .invoice_lines(&tally::ids::InvoiceId::parse("in_change").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listed, lines);
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_gone/lines"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({"error": {
+            "type": "invalid_request_error", "code": "resource_missing",
+            "message": "No such invoice: 'in_gone'"}})))
+        .mount(&server)
+        .await;
+    assert_eq!(
+        stripe
+            .invoice_lines(&tally::ids::InvoiceId::parse("in_gone").unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 #[tokio::test]
 async fn a_change_at_renewal_is_a_two_phase_schedule_and_cancelling_it_releases_it() {
     use tally::payments::{ItemPrice, RenewalChange};

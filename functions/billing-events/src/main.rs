@@ -43,7 +43,7 @@ async fn main() -> Result<(), Error> {
         cfg.alerts.notifications_queue_url.as_str(),
     );
     let mut events = BillingEvents::new(ledger, store.clone(), money_back);
-    events.checkouts = payments.clone();
+    events.stripe = payments.clone();
     events.livemode = cfg
         .stripe_secret_key
         .as_ref()

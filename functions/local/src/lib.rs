@@ -264,7 +264,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         cfg.docs.clone(),
         alerting.observer.clone(),
     );
-    billing.checkouts = Some(payments.clone());
+    billing.stripe = Some(payments.clone());
     billing_queue.start(Arc::new(billing));
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),

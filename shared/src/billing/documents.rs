@@ -651,7 +651,7 @@ impl BillingEvents {
         plan: &crate::subscriptions::PlanState,
     ) -> Result<(), ConsumeError> {
         use super::checkouts::{WITHDRAW_BUDGET, WithdrawError, Withdrawn, withdraw};
-        let Some(stripe) = &self.checkouts else {
+        let Some(stripe) = &self.stripe else {
             return Ok(());
         };
         let now =

@@ -61,10 +61,12 @@ pub struct BillingEvents {
     /// other mode (a test endpoint's signing secret among the live ones) is never applied.
     /// `None` checks nothing.
     pub livemode: Option<bool>,
-    /// Stripe, to expire the pack checkouts priced with a discount the plan stopped giving
-    /// (canceled, paused, downgraded): otherwise such a session could be paid at the
-    /// discount for the rest of its 24 hours. `None` expires nothing.
-    pub checkouts: Option<Arc<dyn crate::payments::Payments>>,
+    /// Stripe: to read the lines an invoice event does not carry (its invoice object has
+    /// the first ten), and to expire the pack checkouts priced with a discount the plan
+    /// stopped giving (canceled, paused, downgraded): otherwise such a session could be
+    /// paid at the discount for the rest of its 24 hours. `None` expires nothing, and an
+    /// invoice with more lines waits (is retried) until Stripe is configured.
+    pub stripe: Option<Arc<dyn crate::payments::Payments>>,
 }
 
 impl From<StoreError> for ConsumeError {
@@ -192,7 +194,7 @@ impl BillingEvents {
             ledger,
             docs,
             livemode: None,
-            checkouts: None,
+            stripe: None,
         }
     }
 
@@ -219,13 +221,13 @@ impl BillingEvents {
                 self.checkout(event, parse(event)?).await
             }
             "invoice.paid" => {
-                let invoice: objects::Invoice = parse(event)?;
+                let invoice = self.whole_invoice(event).await?;
                 let workspace = self.invoice_workspace(&invoice).await?;
                 self.record_invoice(event, &workspace, &invoice).await?;
                 self.invoice_paid(event, &workspace, &invoice).await
             }
             "invoice.payment_failed" => {
-                let invoice: objects::Invoice = parse(event)?;
+                let invoice = self.whole_invoice(event).await?;
                 let workspace = self.invoice_workspace(&invoice).await?;
                 self.record_invoice(event, &workspace, &invoice).await?;
                 let opens = grants::opened_period(&invoice, self.catalog());
@@ -239,7 +241,7 @@ impl BillingEvents {
                 .await
             }
             "invoice.voided" => {
-                let invoice: objects::Invoice = parse(event)?;
+                let invoice = self.whole_invoice(event).await?;
                 let workspace = self.invoice_workspace(&invoice).await?;
                 self.record_invoice(event, &workspace, &invoice).await?;
                 self.voided_renewal(event, &workspace, &invoice).await
@@ -418,6 +420,42 @@ impl BillingEvents {
             },
         };
         Ok(Some(self.ledger.execute(req).await?))
+    }
+
+    /// An invoice event's invoice with every line. Stripe's invoice objects carry the first
+    /// ten lines and say when there are more; those are read from Stripe (a finalized
+    /// invoice's lines never change). Valuing part of an invoice's lines as all of them
+    /// would grant for a change without its credit for unused time, or miss the period a
+    /// renewal opens.
+    async fn whole_invoice(
+        &self,
+        event: &objects::Event,
+    ) -> Result<objects::Invoice, ConsumeError> {
+        let mut invoice: objects::Invoice = parse(event)?;
+        if !invoice.lines.has_more {
+            return Ok(invoice);
+        }
+        let id = &invoice.id;
+        let Some(stripe) = &self.stripe else {
+            return Err(ConsumeError::retry(format!(
+                "invoice {id} has more lines than event {} carries, and no Stripe key is \
+                 configured to read them",
+                event.id
+            )));
+        };
+        let lines = match stripe.invoice_lines(id).await {
+            Ok(Some(lines)) => lines,
+            Ok(None) => return Err(poison(format!("Stripe has no invoice {id}"))),
+            Err(e) if e.is_retryable() => return Err(ConsumeError::retry(e)),
+            Err(e) => return Err(poison(format!("lines of invoice {id}: {e}"))),
+        };
+        invoice.lines.data = lines
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| poison(format!("a line of invoice {id}: {e}")))?;
+        invoice.lines.has_more = false;
+        Ok(invoice)
     }
 
     /// A paid invoice: its credits (valued against the paid periods it bills), then the

@@ -170,6 +170,10 @@ impl InvoiceLine {
 pub struct List<T> {
     #[serde(default = "Vec::new")]
     pub data: Vec<T>,
+    /// Whether Stripe has more than `data` holds (an invoice object carries the first ten
+    /// of its lines).
+    #[serde(default)]
+    pub has_more: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -476,6 +476,15 @@ pub trait Payments: Send + Sync {
         req: &CustomInvoice,
     ) -> Result<InvoiceLink, PaymentsError>;
 
+    /// Every line of an invoice, in Stripe's order, each as Stripe returns it. Stripe's
+    /// invoice objects (in events, and expanded in other answers) carry only the first ten
+    /// lines and say `has_more`; the rest are read from the invoice's line list, a page at a
+    /// time. `Ok(None)`: Stripe has no such invoice.
+    async fn invoice_lines(
+        &self,
+        invoice: &InvoiceId,
+    ) -> Result<Option<Vec<serde_json::Value>>, PaymentsError>;
+
     /// The subscription as Stripe has it now.
     async fn subscription(&self, id: &SubscriptionId) -> Result<LiveSubscription, PaymentsError>;
 

@@ -124,6 +124,9 @@ pub fn stripe_key(key: &str) -> String {
     format!("tally-sha256-{hex}")
 }
 
+/// Pages of an invoice's lines read (100 each).
+const MAX_LINE_PAGES: usize = 10;
+
 /// Pages of open checkout sessions read before a plan checkout (100 each).
 const MAX_SESSION_PAGES: usize = 20;
 
@@ -329,6 +332,81 @@ enum SessionEnd {
 }
 
 impl StripePayments {
+    /// Every line of `invoice`, page by page, each as Stripe's JSON (see
+    /// [`Payments::invoice_lines`]); `None`: Stripe has no such invoice. More than
+    /// [`MAX_LINE_PAGES`] pages is an error: a caller must not value part of an invoice as
+    /// all of it.
+    async fn all_lines(&self, invoice: &str) -> Result<Option<Vec<String>>, PaymentsError> {
+        use miniserde::json::Value;
+        #[derive(miniserde::Deserialize)]
+        struct Lines {
+            data: Vec<Value>,
+            has_more: bool,
+        }
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for page in 0.. {
+            if page == MAX_LINE_PAGES {
+                return Err(PaymentsError::unavailable(format!(
+                    "invoice {invoice} has more than {} lines",
+                    MAX_LINE_PAGES * 100
+                )));
+            }
+            let mut path = format!("/invoices/{invoice}/lines?limit=100");
+            if let Some(a) = &after {
+                path.push_str(&format!("&starting_after={a}"));
+            }
+            let lines: Lines = match self.get(&path).await {
+                Ok(l) => l,
+                Err(PaymentsError::Refused { message, .. }) if message.starts_with("404:") => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            after = match lines.data.last() {
+                Some(Value::Object(line)) => match line.get("id") {
+                    Some(Value::String(id)) => Some(id.clone()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let more = lines.has_more && after.is_some();
+            all.extend(lines.data.iter().map(miniserde::json::to_string));
+            if !more {
+                break;
+            }
+        }
+        Ok(Some(all))
+    }
+
+    /// `inv`'s lines, all of them: those it carries, or, when it says there are more, the
+    /// invoice's whole line list.
+    async fn whole_lines(
+        &self,
+        inv: &stripe_shared::Invoice,
+    ) -> Result<Vec<stripe_shared::InvoiceLineItem>, PaymentsError> {
+        if !inv.lines.has_more {
+            return Ok(inv.lines.data.clone());
+        }
+        let id = inv.id.as_ref().ok_or_else(|| {
+            PaymentsError::unavailable("Stripe answered an invoice without an id")
+        })?;
+        self.all_lines(id.as_str())
+            .await?
+            .ok_or_else(|| {
+                PaymentsError::unavailable(format!("Stripe has no lines of invoice {id}"))
+            })?
+            .iter()
+            .map(|l| {
+                miniserde::json::from_str(l).map_err(|_| {
+                    PaymentsError::unavailable(format!(
+                        "Stripe answered an unreadable line of invoice {id}"
+                    ))
+                })
+            })
+            .collect()
+    }
+
     /// Every open checkout session of `customer`, page by page (newest first). More than
     /// [`MAX_SESSION_PAGES`] pages is an error: a caller must not take a partial list for
     /// all of them.
@@ -763,10 +841,11 @@ fn live(sub: &stripe_shared::Subscription) -> Result<LiveSubscription, PaymentsE
 }
 
 /// An invoice as the port describes it.
-fn billed(inv: &stripe_shared::Invoice) -> Result<BilledInvoice, PaymentsError> {
-    let lines = inv
-        .lines
-        .data
+fn billed(
+    inv: &stripe_shared::Invoice,
+    lines: &[stripe_shared::InvoiceLineItem],
+) -> Result<BilledInvoice, PaymentsError> {
+    let lines = lines
         .iter()
         .filter_map(|l| {
             let product = l.pricing.as_ref()?.price_details.as_ref()?.product.clone();
@@ -929,6 +1008,26 @@ impl Payments for StripePayments {
             charges,
             has_more: list.has_more,
         })
+    }
+
+    async fn invoice_lines(
+        &self,
+        invoice: &InvoiceId,
+    ) -> Result<Option<Vec<serde_json::Value>>, PaymentsError> {
+        let Some(lines) = self.all_lines(invoice.as_str()).await? else {
+            return Ok(None);
+        };
+        lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l).map_err(|_| {
+                    PaymentsError::unavailable(format!(
+                        "Stripe answered an unreadable line of invoice {invoice}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     async fn charge(&self, id: &ChargeId) -> Result<Option<ChargeFact>, PaymentsError> {
@@ -1105,7 +1204,7 @@ impl Payments for StripePayments {
                     && inv.billing_reason.as_ref().map(|r| r.as_str())
                         == Some("subscription_update") =>
             {
-                Some(billed(inv)?)
+                Some(billed(inv, &self.whole_lines(inv).await?)?)
             }
             _ => None,
         };
@@ -1150,7 +1249,8 @@ impl Payments for StripePayments {
                 },
             )
             .await?;
-        billed(&preview)
+        // A preview has no id to read more lines by: it shows the first ten.
+        billed(&preview, &preview.lines.data)
     }
 
     async fn schedule_renewal_change(&self, change: &RenewalChange) -> Result<(), PaymentsError> {
@@ -1345,9 +1445,8 @@ impl Payments for StripePayments {
             )
             .await?;
         let lines = same_total(
-            original
-                .lines
-                .data
+            self.whole_lines(&original)
+                .await?
                 .iter()
                 .map(|l| (l.description.clone().unwrap_or_default(), l.amount))
                 .collect(),

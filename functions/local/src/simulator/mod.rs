@@ -64,6 +64,9 @@ struct SimSession {
     expires_at: i64,
 }
 
+/// How many of its lines an invoice object carries (Stripe's default).
+const INVOICE_LINES_CARRIED: usize = 10;
+
 /// How long a checkout session stays open (Stripe's default; the adapter sets none).
 const CHECKOUT_LIFETIME_SECS: i64 = 24 * 3600;
 
@@ -122,6 +125,9 @@ pub struct Simulator {
     /// By idempotency key: the parameters it was first used with, and the answer.
     updates: Mutex<HashMap<String, Keyed<Option<BilledInvoice>>>>,
     events: Mutex<Vec<SimEvent>>,
+    /// Every line of each invoice an event was made of, as last delivered (the events
+    /// carry the first ten, as Stripe's do).
+    invoice_lines: Mutex<HashMap<String, Value>>,
     event_ids: Mutex<ulid::Generator>,
     /// Succeeded charges as last delivered (refunds and disputes change them).
     charges: Mutex<HashMap<String, Value>>,
@@ -175,6 +181,7 @@ impl Simulator {
             declining: Mutex::new(HashSet::new()),
             updates: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
+            invoice_lines: Mutex::new(HashMap::new()),
             event_ids: Mutex::new(ulid::Generator::new()),
             charges: Mutex::new(HashMap::new()),
             disputes: Mutex::new(HashMap::new()),
@@ -326,6 +333,21 @@ impl Simulator {
             && let Some(c) = object.as_object_mut()
         {
             c.remove("refunds");
+        }
+        // An invoice object carries the first ten of its lines and says whether there are
+        // more (`GET /v1/invoices/{id}/lines` lists them all).
+        if object["object"] == "invoice"
+            && let Some(id) = object["id"].as_str().map(str::to_owned)
+        {
+            let lines = object["lines"]["data"].clone();
+            if let Some(all) = lines.as_array() {
+                object["lines"]["has_more"] = json!(all.len() > INVOICE_LINES_CARRIED);
+                object["lines"]["data"] = json!(all[..all.len().min(INVOICE_LINES_CARRIED)]);
+            }
+            self.invoice_lines
+                .lock()
+                .expect("sim lock")
+                .insert(id, lines);
         }
         let created = self.now();
         let mut e = fixture("event");
@@ -986,6 +1008,18 @@ impl Payments for Simulator {
         rows.truncate(100);
         let charges = rows.iter().filter_map(|(_, _, c)| charge_fact(c)).collect();
         Ok(tally::payments::ChargePage { charges, has_more })
+    }
+
+    async fn invoice_lines(
+        &self,
+        invoice: &InvoiceId,
+    ) -> Result<Option<Vec<Value>>, PaymentsError> {
+        Ok(self
+            .invoice_lines
+            .lock()
+            .expect("sim lock")
+            .get(invoice.as_str())
+            .and_then(|l| l.as_array().cloned()))
     }
 
     async fn charge(
