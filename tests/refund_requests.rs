@@ -1667,6 +1667,27 @@ async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff()
         .unwrap();
     assert_eq!(again.status, RequestStatus::InReview);
     assert_eq!(again.steps.len(), r.steps.len());
+    // Less than the amount whose credits were taken back would leave the customer
+    // without the credits of the difference: refused, nothing changes.
+    let less = requests
+        .approve(
+            &r.id,
+            "staff1",
+            None,
+            Some(Cents::new(r.amount.get() / 2)),
+            now,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(less.status.as_u16(), 409, "{less:?}");
+    assert!(
+        less.detail.contains("approve at least that much"),
+        "{less:?}"
+    );
+    let unchanged = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(unchanged.status, RequestStatus::InReview);
+    assert_eq!(unchanged.steps.len(), r.steps.len());
+    assert_eq!(charge_of(&app, &second)["amount_refunded"], 0);
     // Staff approve knowing: the refund is sent, nothing more is taken.
     let approved = requests
         .approve(&r.id, "staff1", None, None, now)

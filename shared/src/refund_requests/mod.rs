@@ -1188,8 +1188,34 @@ impl RefundRequests {
             );
             let claimed = claims.claimed_except(id);
             let left = rules::refundable(&entry, mistaken, elsewhere, claimed, failed);
-            let want = amount
-                .unwrap_or_else(|| rules::refundable(&entry, false, elsewhere, claimed, failed));
+            // An earlier approval of this request (sent to staff since, or whose refund
+            // failed) took back the credits its amount bought, and the ledger has followed
+            // that much money back: a smaller refund would leave the customer without the
+            // credits of the difference, which nothing gives back.
+            let taken_for = if r.credits_held > Credits::ZERO {
+                current.cents
+            } else {
+                Cents::ZERO
+            };
+            if let Some(a) = amount
+                && a < taken_for
+            {
+                refusal = Some(
+                    Problem::conflict(format!(
+                        "amount: the credits of {} cents were taken back when refund request \
+                         {id} was approved before; approve at least that much, or deny it and \
+                         give the credits back with an adjustment",
+                        taken_for.get()
+                    ))
+                    .with_facts(serde_json::json!({"taken_back_for": taken_for.get()})),
+                );
+                break;
+            }
+            let want = amount.unwrap_or_else(|| {
+                rules::refundable(&entry, false, elsewhere, claimed, failed)
+                    .max(taken_for)
+                    .min(left)
+            });
             if want == Cents::ZERO || want > left {
                 refusal = Some(
                     Problem::new(
