@@ -3,8 +3,8 @@
 //! text. Control characters (NUL, ANSI escapes, newlines, tabs), line and paragraph
 //! separators and bidirectional overrides are refused, so what staff read in a journal or
 //! on an invoice is what was sent, and a log line stays one line. Invisible characters
-//! (zero-width space and joiners, word joiner, byte-order mark, soft hyphen) are kept, but
-//! a text of nothing else is blank.
+//! (zero-width space and joiners, word joiner, byte-order mark, soft hyphen, Hangul
+//! fillers, variation selectors) are kept, but a text of nothing else is blank.
 //!
 //! [`ONE_LINE_PATTERN`] says the same in the OpenAPI document.
 
@@ -18,13 +18,24 @@ pub fn is_forbidden(c: char) -> bool {
         || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
-/// Characters that show nothing on their own: kept inside text (text pasted from documents
-/// and web pages carries them, and some scripts and emoji need the joiners), but a text of
+/// Characters that show nothing on their own (format characters, Hangul fillers,
+/// variation selectors): kept inside text (text pasted from documents and web pages
+/// carries them, and some scripts and emoji need the joiners and selectors), but a text of
 /// nothing else is blank.
 fn is_invisible(c: char) -> bool {
     matches!(
         c,
-        '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
+        '\u{00AD}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200D}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{206A}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
     )
 }
 
@@ -40,7 +51,8 @@ fn is_visible(text: &str) -> bool {
 pub const ONE_LINE_PATTERN: &str = concat!(
     r"^[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*",
     r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB",
-    r"\u0020\u00A0\u00AD\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u3000\uFEFF]",
+    r"\u0020\u00A0\u00AD\u115F\u1160\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u206A-\u206F",
+    r"\u3000\u3164\uFE00-\uFE0F\uFEFF\uFFA0]",
     r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*$",
 );
 
@@ -122,7 +134,8 @@ pub const INSTANT_PATTERN: &str = "^20[0-9]{2}-";
 pub const PARAGRAPHS_PATTERN: &str = concat!(
     r"^[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*",
     r"[^\u0000-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB",
-    r"\u0020\u00A0\u00AD\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u3000\uFEFF]",
+    r"\u0020\u00A0\u00AD\u115F\u1160\u1680\u180E\u2000-\u200D\u202F\u205F-\u2064\u206A-\u206F",
+    r"\u3000\u3164\uFE00-\uFE0F\uFEFF\uFFA0]",
     r"[^\u0000-\u0009\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u2028-\u202E\u2066-\u2069\uFFF9-\uFFFB]*$",
 );
 
@@ -181,6 +194,9 @@ mod tests {
             " \u{200c}\u{200d} ",
             "\u{feff}\u{ad}",
             "\u{2060}",
+            "\u{3164}",
+            "\u{115f}\u{1160}\u{ffa0}",
+            "\u{fe0f}\u{206a}",
         ] {
             assert!(one_line("reason", blank, 500).is_err(), "{blank:?}");
             assert!(paragraphs("text", blank, 500).is_err(), "{blank:?}");
@@ -190,6 +206,7 @@ mod tests {
             "good\u{200b}will",
             "\u{feff}pasted",
             "dev \u{1F469}\u{200D}\u{1F4BB}",
+            "love \u{2764}\u{FE0F}",
             "\u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}\u{645}",
         ] {
             assert_eq!(one_line("reason", ok, 500).unwrap(), ok);
