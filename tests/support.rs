@@ -699,6 +699,33 @@ async fn tickets_and_messages_are_rate_limited_per_user_and_replays_are_free() {
     );
 }
 
+/// The message limit protects the help desk from a customer's flood; support staff answer
+/// as often as they need to.
+#[tokio::test]
+async fn support_staff_replies_are_not_rate_limited() {
+    let app = TestApp::new();
+    let tok = member("org_s7c", "asker");
+    let t = file(&app, &tok, ticket_body("other", "help", "m")).await;
+    let path = format!("/v1/support/tickets/{}/messages", t["id"].as_str().unwrap());
+    let limit = tally::support::limits::MESSAGES.per_window;
+    for i in 0..=limit {
+        let r = app
+            .post(&path, &support(), json!({"message": format!("reply {i}")}))
+            .await;
+        assert_eq!(r.status.as_u16(), 201, "reply {i}: {:#}", r.body);
+    }
+    // The customer's own messages still count.
+    for i in 0..limit {
+        let r = app
+            .post(&path, &tok, json!({"message": format!("more {i}")}))
+            .await;
+        assert_eq!(r.status.as_u16(), 201, "message {i}: {:#}", r.body);
+    }
+    app.post(&path, &tok, json!({"message": "one more"}))
+        .await
+        .assert_problem(429, "rate_limited");
+}
+
 /// A ticket refused because it names another workspace's generation or payment files
 /// nothing, so it does not count against the user's limit either.
 #[tokio::test]
