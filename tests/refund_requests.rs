@@ -1210,6 +1210,22 @@ async fn credits_taken_back_at_approval_are_recorded_and_stay_taken_back_when_a_
         .await
         .unwrap();
     assert_eq!(app.available(ws).await, 0, "held until staff decide");
+    // Approving again for less than the credits taken back are worth would lose the rest.
+    let paid = approved.amount.get();
+    let less = requests
+        .approve(&r.id, "staff1", None, Some(Cents::new(paid / 2)), now)
+        .await
+        .unwrap_err();
+    assert_eq!(less.status.as_u16(), 409, "{less:?}");
+    assert_eq!(
+        requests
+            .get(&workspace, &r.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        RequestStatus::Failed
+    );
     let denied = requests
         .deny(&r.id, "staff1", Some("customer agreed".into()), now)
         .await
@@ -1667,16 +1683,11 @@ async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff()
         .unwrap();
     assert_eq!(again.status, RequestStatus::InReview);
     assert_eq!(again.steps.len(), r.steps.len());
-    // Less than the amount whose credits were taken back would leave the customer
-    // without the credits of the difference: refused, nothing changes.
+    // A refund worth less than the 400 credits taken back would leave the customer without
+    // the credits of the difference: refused, nothing changes.
+    let worth = (400 * r.amount.get()).div_ceil(500);
     let less = requests
-        .approve(
-            &r.id,
-            "staff1",
-            None,
-            Some(Cents::new(r.amount.get() / 2)),
-            now,
-        )
+        .approve(&r.id, "staff1", None, Some(Cents::new(worth - 1)), now)
         .await
         .unwrap_err();
     assert_eq!(less.status.as_u16(), 409, "{less:?}");
@@ -1688,12 +1699,14 @@ async fn a_duplicate_whose_credits_are_used_while_it_is_approved_goes_to_staff()
     assert_eq!(unchanged.status, RequestStatus::InReview);
     assert_eq!(unchanged.steps.len(), r.steps.len());
     assert_eq!(charge_of(&app, &second)["amount_refunded"], 0);
-    // Staff approve knowing: the refund is sent, nothing more is taken.
+    // Staff approve knowing, for what the unused credits are worth: the refund is sent,
+    // nothing more is taken.
     let approved = requests
-        .approve(&r.id, "staff1", None, None, now)
+        .approve(&r.id, "staff1", None, Some(Cents::new(worth)), now)
         .await
         .unwrap();
     assert_eq!(approved.status, RequestStatus::Approved);
+    assert_eq!(approved.amount.get(), worth);
     assert_eq!(app.available(ws).await, 0);
     assert_eq!(approved.credits_held.get(), 400);
 }

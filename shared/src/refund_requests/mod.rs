@@ -888,6 +888,25 @@ impl RefundRequests {
         }))
     }
 
+    /// What the credits earlier approvals of `r` took back (`credits_held`) are worth in
+    /// its payment's money, rounded up: approving it again refunds at least that much.
+    async fn taken_back_worth(&self, r: &RefundRequest) -> Result<Cents, Problem> {
+        if r.credits_held == Credits::ZERO {
+            return Ok(Cents::ZERO);
+        }
+        let Some(b) = self.take_back_basis(r).await? else {
+            return Ok(Cents::ZERO);
+        };
+        let bought: u128 = b.lots.iter().map(|(_, c)| u128::from(c.get())).sum();
+        if bought == 0 {
+            return Ok(Cents::ZERO);
+        }
+        let worth = (u128::from(r.credits_held.get()) * u128::from(b.paid)).div_ceil(bought);
+        Ok(Cents::new(
+            u64::try_from(worth).unwrap_or(u64::MAX).min(b.paid),
+        ))
+    }
+
     /// Takes back, as the approval is sent, what the approved money bought and is unspent:
     /// the same ledger operation Stripe's refund event runs later (which then takes nothing
     /// twice), so the credits cannot be spent while the refund is on its way.
@@ -1128,6 +1147,7 @@ impl RefundRequests {
             .await?
             .ok_or_else(Problem::internal)?;
         let mut refusal: Option<Problem> = None;
+        let taken_worth = self.taken_back_worth(&r).await?;
         // The transition, under the payment's version guard.
         let claims_pk = charge_pk(&r.charge);
         let mut outcome = None;
@@ -1189,32 +1209,28 @@ impl RefundRequests {
             let claimed = claims.claimed_except(id);
             let left = rules::refundable(&entry, mistaken, elsewhere, claimed, failed);
             // An earlier approval of this request (sent to staff since, or whose refund
-            // failed) took back the credits its amount bought, and the ledger has followed
-            // that much money back: a smaller refund would leave the customer without the
-            // credits of the difference, which nothing gives back.
-            let taken_for = if r.credits_held > Credits::ZERO {
-                current.cents
-            } else {
-                Cents::ZERO
-            };
+            // failed) took credits back, and the ledger has followed its money back: a
+            // refund worth less than those credits would leave the customer without the
+            // difference, which nothing gives back. (Less than that earlier amount is
+            // fine: refunding what the unused credits are worth is the usual decision.)
+            let floor = taken_worth.min(left);
             if let Some(a) = amount
-                && a < taken_for
+                && a < floor
             {
                 refusal = Some(
                     Problem::conflict(format!(
-                        "amount: the credits of {} cents were taken back when refund request \
-                         {id} was approved before; approve at least that much, or deny it and \
-                         give the credits back with an adjustment",
-                        taken_for.get()
+                        "amount: the {} credits taken back when refund request {id} was \
+                         approved before are worth {} cents; approve at least that much, or \
+                         deny it and give the credits back with an adjustment",
+                        r.credits_held.get(),
+                        floor.get()
                     ))
-                    .with_facts(serde_json::json!({"taken_back_for": taken_for.get()})),
+                    .with_facts(serde_json::json!({"taken_back_worth": floor.get()})),
                 );
                 break;
             }
             let want = amount.unwrap_or_else(|| {
-                rules::refundable(&entry, false, elsewhere, claimed, failed)
-                    .max(taken_for)
-                    .min(left)
+                rules::refundable(&entry, false, elsewhere, claimed, failed).max(floor)
             });
             if want == Cents::ZERO || want > left {
                 refusal = Some(
