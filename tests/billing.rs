@@ -412,10 +412,7 @@ async fn an_invoice_with_more_lines_than_its_event_carries_is_valued_on_all_of_t
             retried += 1;
         }
     }
-    assert_eq!(
-        retried, 1,
-        "invoice.paid waits (invoice.finalized only records the invoice)"
-    );
+    assert_eq!(retried, 2, "invoice.finalized and invoice.paid wait");
     let state = ledger.workspace_now(&workspace(WS)).await.unwrap();
     assert!(
         state
@@ -425,6 +422,68 @@ async fn an_invoice_with_more_lines_than_its_event_carries_is_valued_on_all_of_t
         "{:?}",
         state.lots
     );
+}
+
+/// A change billed at once takes into its invoice the prorations an earlier change left
+/// for the next invoice (units added in the dashboard without invoicing them): Stripe
+/// lists them newest first. Each change is valued over its months since it was made (the
+/// yearly months between were granted at the old level), the grant is this month's, and
+/// the level is where the changes lead one after the other: before, both changes' units
+/// were added up (5 -> 8 -> 10 became 18) and the older change counted its own month only.
+#[test]
+fn a_change_billed_with_an_earlier_changes_prorations_is_valued_change_by_change() {
+    use tally::subscriptions::paid::{Item, PaidLine, addon_credits_after_changes};
+    let catalog = tally::catalog::Catalog::builtin();
+    let t = noon;
+    let year = tally::subscriptions::paid::Level {
+        addon_units: 5,
+        ..paid_year("max", t(2027, 1, 15), t(2028, 1, 15))
+    };
+    let (earlier, now, end) = (t(2027, 3, 15), t(2027, 6, 20), year.period_end);
+    let addon = catalog.plan("max").unwrap().addon.clone();
+    let per_unit = catalog.addon(&addon).unwrap().credits_per_unit.get();
+    let units = |quantity: u64, amount: i64, start| PaidLine {
+        item: Item::Addon(addon.clone()),
+        quantity,
+        amount,
+        start,
+        end,
+        proration: true,
+    };
+    let lines = [
+        units(8, -8_000, now),
+        units(10, 10_000, now),
+        units(5, -6_000, earlier),
+        units(8, 9_600, earlier),
+    ];
+    let out = line_credits("subscription_update", &lines, std::slice::from_ref(&year)).unwrap();
+    let (level, at) = out.changes.clone().unwrap();
+    assert_eq!((level.addon_units, at), (10, now));
+    assert_eq!(
+        addon_credits_after_changes(&lines, &catalog),
+        Some(tally::money::Credits::new(10 * per_unit))
+    );
+    // One grant, of the month the change was made in (Jun 15 -> Jul 15).
+    assert_eq!(out.grants.len(), 1, "{:?}", out.grants);
+    let grant = &out.grants[0];
+    assert_eq!(grant.month, Some(t(2027, 6, 15)));
+    assert_eq!(grant.expires_at, Some(t(2027, 7, 15)));
+    // Three more units for the four whole months Mar 15 -> Jul 15, and two more for the
+    // 25 of the 30 days left of June's month (rounded down).
+    let expected = 3 * per_unit * 4 + 2 * per_unit * 25 / 30;
+    assert_eq!(grant.credits.get(), expected);
+
+    // Plans the same way: Team -> Max left for the next invoice, then Max -> Generative
+    // billed at once.
+    let team = paid_year("team", year.period_start, year.period_end);
+    let plans = [
+        plan_line("max", -2_000, now, end, true),
+        plan_line("generative", 4_000, now, end, true),
+        plan_line("team", -30_000, earlier, end, true),
+        plan_line("max", 3_000, earlier, end, true),
+    ];
+    let out = line_credits("subscription_update", &plans, std::slice::from_ref(&team)).unwrap();
+    assert_eq!(out.changes.unwrap().0.plan, "generative");
 }
 
 /// A trial added in the dashboard bills its period at $0: nothing was paid, so nothing is

@@ -1261,6 +1261,69 @@ async fn an_updates_invoice_with_more_lines_than_it_carries_is_read_whole() {
     );
 }
 
+/// A change Stripe made and charged is answered as made even when the rest of its
+/// invoice's lines cannot be read (nothing is valued on the first ones alone: the
+/// invoice's event grants); a line list that says it goes on after a line without an id is
+/// an error, never taken for all of the lines.
+#[tokio::test]
+async fn an_updates_invoice_whose_lines_cannot_be_read_is_marked_incomplete() {
+    use tally::payments::SubscriptionChange;
+    let server = MockServer::start().await;
+    let mut before = subscription_response();
+    before["latest_invoice"] = json!("in_old");
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(before))
+        .mount(&server)
+        .await;
+    let mut carried = change_invoice("in_change");
+    carried["status"] = json!("paid");
+    let first = carried["lines"]["data"][0].clone();
+    carried["lines"]["data"] = json!([first.clone()]);
+    carried["lines"]["has_more"] = json!(true);
+    let mut after = subscription_response();
+    after["latest_invoice"] = carried;
+    Mock::given(method("POST"))
+        .and(path("/v1/subscriptions/sub_A"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(after))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_change/lines"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error": {
+            "type": "api_error", "message": "An unknown error occurred"}})))
+        .mount(&server)
+        .await;
+    let stripe = client(&server).await;
+    let billed = stripe
+        .update_subscription(&SubscriptionChange {
+            prorate_now: true,
+            idempotency_key: "k".into(),
+            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
+        })
+        .await
+        .unwrap()
+        .expect("the change's invoice");
+    assert!(billed.paid);
+    assert!(!billed.lines_complete);
+    assert_eq!(billed.lines.len(), 1);
+
+    let mut no_id = first;
+    no_id.as_object_mut().unwrap().remove("id");
+    Mock::given(method("GET"))
+        .and(path("/v1/invoices/in_odd/lines"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "list",
+            "data": [no_id], "has_more": true, "url": "/v1/invoices/in_odd/lines"})),
+        )
+        .mount(&server)
+        .await;
+    let odd = stripe
+        .invoice_lines(&tally::ids::InvoiceId::parse("in_odd").unwrap())
+        .await;
+    assert!(matches!(odd, Err(ref e) if e.is_retryable()), "{odd:?}");
+}
+
 #[tokio::test]
 async fn a_change_at_renewal_is_a_two_phase_schedule_and_cancelling_it_releases_it() {
     use tally::payments::{ItemPrice, RenewalChange};

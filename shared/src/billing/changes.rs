@@ -669,9 +669,9 @@ impl SubscriptionChanges {
         now: &Now,
         invoice: &BilledInvoice,
     ) -> Result<Credits, ChangeError> {
-        let (Some(id), true) = (&invoice.id, invoice.paid) else {
+        let (Some(id), true, true) = (&invoice.id, invoice.paid, invoice.lines_complete) else {
             // Not collected yet (a bank debit still processing): the invoice's paid event
-            // grants when the money arrives.
+            // grants when the money arrives. Some lines not read: the event grants on all.
             return Ok(Credits::ZERO);
         };
         let period = now.level();

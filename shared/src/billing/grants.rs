@@ -12,9 +12,9 @@ use crate::money::Credits;
 use crate::queue::ConsumeError;
 use crate::subscriptions::Terms;
 use crate::subscriptions::paid::{
-    Item, Level, PaidLine, billing_month, change_value, change_value_through,
-    credit_value_unknown_period, first_month_credits, first_month_of_lines, interval_of_period,
-    level_after_change, net, new_period,
+    Item, Level, PaidLine, billing_month, change_value_through, credit_value_unknown_period,
+    first_month_credits, first_month_of_lines, interval_of_period, level_after_changes, net,
+    new_period,
 };
 use chrono::{DateTime, Duration, Utc};
 
@@ -353,17 +353,19 @@ pub fn line_grants(
     if reason != "subscription_update" {
         return Ok(out);
     }
-    let Some(first) = prorations.first() else {
+    // The change this invoice was made for is its latest; prorations an earlier change
+    // left for the next invoice (made in the dashboard without invoicing it) come with it.
+    let Some(last) = prorations.iter().max_by_key(|l| l.start) else {
         return Ok(out);
     };
     let period = known
         .iter()
-        .find(|p| p.period_end == first.end && p.period_start <= first.start)
+        .find(|p| p.period_end == last.end && p.period_start <= last.start)
         .cloned()
         .ok_or_else(|| {
             ConsumeError::retry(format!(
                 "invoice {id} bills a change in a period not recorded yet (ending {})",
-                first.end
+                last.end
             ))
         })?;
     let lines_of_period: Vec<PaidLine> = prorations
@@ -371,13 +373,21 @@ pub fn line_grants(
         .filter(|l| l.end == period.period_end)
         .cloned()
         .collect();
-    let (plan_value, addon_value) = change_value(&lines_of_period, &period, catalog);
+    // Each change is worth its months from the one it was made in through this one: the
+    // months between were granted at the level before it (a change billed at once has
+    // only the rest of its own month).
+    let (plan_value, addon_value) = change_value_through(
+        &lines_of_period,
+        &period,
+        Some(last.start + Duration::seconds(1)),
+        catalog,
+    );
     if !has_other_items(&lines_of_period) {
         out.credited = credited(plan_value + addon_value);
     }
     let (plan_credits, addon_credits) = net(plan_value, addon_value);
-    let (month_start, month_end) = billing_month(&period, first.start);
-    let after = level_after_change(&lines_of_period, &period);
+    let (month_start, month_end) = billing_month(&period, last.start);
+    let after = level_after_changes(&lines_of_period, &period);
     let rollover = catalog.plan(&after.plan).map_or(0, |p| p.rollover_days);
     if plan_credits > Credits::ZERO {
         out.grants.push(CreditGrant {
@@ -401,7 +411,7 @@ pub fn line_grants(
             note: "add-on units, rest of the billing month".into(),
         });
     }
-    out.changes = Some((after, first.start));
+    out.changes = Some((after, last.start));
     Ok(out)
 }
 

@@ -251,7 +251,9 @@ impl BillingEvents {
             | "invoice.updated"
             | "invoice.marked_uncollectible"
             | "invoice.payment_succeeded" => {
-                let invoice: objects::Invoice = parse(event)?;
+                // Recorded with every line too: the history's non-refundable add-on money
+                // comes from them.
+                let invoice = self.whole_invoice(event).await?;
                 let workspace = self.invoice_workspace(&invoice).await?;
                 self.record_invoice(event, &workspace, &invoice).await
             }
@@ -423,10 +425,11 @@ impl BillingEvents {
     }
 
     /// An invoice event's invoice with every line. Stripe's invoice objects carry the first
-    /// ten lines and say when there are more; those are read from Stripe (a finalized
-    /// invoice's lines never change). Valuing part of an invoice's lines as all of them
-    /// would grant for a change without its credit for unused time, or miss the period a
-    /// renewal opens.
+    /// ten lines and say when there are more; those are read from Stripe (as they are now:
+    /// a paid invoice's lines never change, a draft's may). Valuing part of an invoice's
+    /// lines as all of them would grant for a change without its credit for unused time,
+    /// miss the period a renewal opens, or leave add-on money out of what is
+    /// non-refundable.
     async fn whole_invoice(
         &self,
         event: &objects::Event,
@@ -587,19 +590,8 @@ impl BillingEvents {
                     }),
                     addon: billed_addons,
                 };
-                let addon_credits = billed_addons.then(|| {
-                    lines
-                        .iter()
-                        .filter(|l| l.proration && l.amount > 0)
-                        .filter(|l| matches!(l.item, crate::subscriptions::paid::Item::Addon(_)))
-                        .fold(Credits::ZERO, |acc, l| {
-                            l.item
-                                .monthly_credits(self.catalog())
-                                .checked_mul(l.quantity)
-                                .and_then(|c| acc.checked_add(c))
-                                .unwrap_or(acc)
-                        })
-                });
+                let addon_credits =
+                    crate::subscriptions::paid::addon_credits_after_changes(&lines, self.catalog());
                 let plan_credits = self
                     .catalog()
                     .plan(&level.plan)

@@ -265,6 +265,10 @@ pub struct BilledInvoice {
     pub amount_paid: Cents,
     /// Stripe collected it (`status: paid`); a debit still processing is not paid yet.
     pub paid: bool,
+    /// `lines` are all of the invoice's (false when Stripe's answer carried the first ones
+    /// and the rest could not be read: nothing is valued on them, the invoice's event
+    /// grants).
+    pub lines_complete: bool,
 }
 
 /// The items a subscription has from its next renewal on, kept in a subscription schedule

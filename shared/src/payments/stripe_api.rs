@@ -370,9 +370,15 @@ impl StripePayments {
                 },
                 _ => None,
             };
-            let more = lines.has_more && after.is_some();
+            if lines.has_more && after.is_none() {
+                // A page to go on from without a line to go on after: never take part of
+                // the lines for all of them.
+                return Err(PaymentsError::unavailable(format!(
+                    "Stripe listed more lines of invoice {invoice} after a page without a line id"
+                )));
+            }
             all.extend(lines.data.iter().map(miniserde::json::to_string));
-            if !more {
+            if !lines.has_more {
                 break;
             }
         }
@@ -844,6 +850,7 @@ fn live(sub: &stripe_shared::Subscription) -> Result<LiveSubscription, PaymentsE
 fn billed(
     inv: &stripe_shared::Invoice,
     lines: &[stripe_shared::InvoiceLineItem],
+    lines_complete: bool,
 ) -> Result<BilledInvoice, PaymentsError> {
     let lines = lines
         .iter()
@@ -880,6 +887,7 @@ fn billed(
         amount_paid: Cents::try_from(inv.amount_paid)
             .map_err(|_| PaymentsError::unavailable("Stripe answered with a negative payment"))?,
         paid: inv.status.as_ref().map(|s| s.as_str()) == Some("paid"),
+        lines_complete,
     })
 }
 
@@ -1204,7 +1212,17 @@ impl Payments for StripePayments {
                     && inv.billing_reason.as_ref().map(|r| r.as_str())
                         == Some("subscription_update") =>
             {
-                Some(billed(inv, &self.whole_lines(inv).await?)?)
+                // The change is made and paid: lines that cannot be read now are no reason
+                // to answer an error (the request would undo what it kept for the renewal).
+                // Its invoice's event grants on all of them instead.
+                match self.whole_lines(inv).await {
+                    Ok(lines) => Some(billed(inv, &lines, true)?),
+                    Err(e) => {
+                        tracing::warn!(error = %e, invoice = ?inv.id.as_ref().map(|i| i.as_str()),
+                            "lines of a change's invoice not read; its event grants");
+                        Some(billed(inv, &inv.lines.data, false)?)
+                    }
+                }
             }
             _ => None,
         };
@@ -1250,7 +1268,7 @@ impl Payments for StripePayments {
             )
             .await?;
         // A preview has no id to read more lines by: it shows the first ten.
-        billed(&preview, &preview.lines.data)
+        billed(&preview, &preview.lines.data, !preview.lines.has_more)
     }
 
     async fn schedule_renewal_change(&self, change: &RenewalChange) -> Result<(), PaymentsError> {

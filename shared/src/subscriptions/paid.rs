@@ -147,6 +147,49 @@ pub fn level_after_change(lines: &[PaidLine], current: &Level) -> Level {
     level
 }
 
+/// The level the changes an invoice bills lead to, one after the other by the moment each
+/// was made (its lines' start): a change billed at once takes into its invoice the
+/// prorations an earlier change left for the next invoice (one made in the dashboard
+/// without invoicing it), so one invoice may carry several changes.
+pub fn level_after_changes(lines: &[PaidLine], current: &Level) -> Level {
+    let mut starts: Vec<DateTime<Utc>> = lines
+        .iter()
+        .filter(|l| l.proration)
+        .map(|l| l.start)
+        .collect();
+    starts.sort();
+    starts.dedup();
+    starts.iter().fold(current.clone(), |level, start| {
+        let change: Vec<PaidLine> = lines
+            .iter()
+            .filter(|l| l.proration && l.start == *start)
+            .cloned()
+            .collect();
+        level_after_change(&change, &level)
+    })
+}
+
+/// The monthly credits of the add-on units the changes an invoice bills lead to (those of
+/// the last change that billed the add-on, by its lines' start), when one did; zero when
+/// that change removed the add-on.
+pub fn addon_credits_after_changes(lines: &[PaidLine], catalog: &Catalog) -> Option<Credits> {
+    let addon = |l: &&PaidLine| l.proration && matches!(l.item, Item::Addon(_));
+    let last = lines.iter().filter(addon).map(|l| l.start).max()?;
+    Some(
+        lines
+            .iter()
+            .filter(addon)
+            .filter(|l| l.start == last && l.amount > 0)
+            .fold(Credits::ZERO, |acc, l| {
+                l.item
+                    .monthly_credits(catalog)
+                    .checked_mul(l.quantity)
+                    .and_then(|c| acc.checked_add(c))
+                    .unwrap_or(acc)
+            }),
+    )
+}
+
 /// What a change's proration lines are worth in credits in the current billing month of
 /// `period`, signed, as (plan, add-on) parts. A credit line for an item that names no
 /// catalog product is valued as the period's plan (what was in force), so an old
