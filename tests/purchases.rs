@@ -1020,6 +1020,36 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
     app.send(Method::POST, path, Some(&support), Some(&body), &[])
         .await
         .assert_problem(422, "validation_failed");
+    // A workspace without a Stripe customer (a mistyped id, or no checkout yet) is not
+    // billed, and nothing is made for it.
+    app.send(
+        Method::POST,
+        path,
+        Some(&support),
+        Some(&body),
+        &[("idempotency-key", "po-1")],
+    )
+    .await
+    .assert_problem(404, "not_found");
+    let profile: Option<tally::billing::records::BillingProfile> = tally::store::docs::get(
+        app.docs.as_ref(),
+        &tally::billing::records::workspace_pk(&tally_tests::workspace("org_e")),
+        tally::billing::records::PROFILE_SK,
+    )
+    .await
+    .unwrap();
+    assert!(profile.is_none(), "{profile:?}");
+    // The owner opens a checkout: Stripe has a customer with an email to send invoices to.
+    let with_email = tally_tests::token(json!({"sub": "org_e-owner", "org_id": "org_e",
+        "role": "owner", "email": "owner@org-e.example"}));
+    let session = app
+        .post(
+            "/v1/checkout/sessions",
+            &with_email,
+            json!({"kind": "pack", "pack": "pack_100", "quantity": 1}),
+        )
+        .await;
+    assert_eq!(session.status.as_u16(), 201, "{:#}", session.body);
     for bad in [
         json!({"amount_cents": 0, "credits": 1, "description": "x"}),
         json!({"amount_cents": 49, "credits": 1, "description": "below Stripe's minimum"}),

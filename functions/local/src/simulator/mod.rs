@@ -116,6 +116,8 @@ pub struct Simulator {
     subscriptions: Mutex<HashMap<SubscriptionId, SimSubscription>>,
     invoices: Mutex<HashMap<InvoiceId, StoredInvoice>>,
     customers: Mutex<HashSet<CustomerId>>,
+    /// Customers made without an email: Stripe makes no invoice it would have to send them.
+    emailless: Mutex<HashSet<CustomerId>>,
     /// Customers made, by idempotency key, with the parameters they were made with.
     customer_keys: Mutex<HashMap<String, (String, CustomerId)>>,
     declining: Mutex<HashSet<CustomerId>>,
@@ -177,6 +179,7 @@ impl Simulator {
             subscriptions: Mutex::new(HashMap::new()),
             invoices: Mutex::new(HashMap::new()),
             customers: Mutex::new(HashSet::new()),
+            emailless: Mutex::new(HashSet::new()),
             customer_keys: Mutex::new(HashMap::new()),
             declining: Mutex::new(HashSet::new()),
             updates: Mutex::new(HashMap::new()),
@@ -1344,6 +1347,19 @@ impl Payments for Simulator {
         if let Some(id) = self.invoice_by_key(&req.idempotency_key) {
             return Ok(link(&id));
         }
+        // Sent for payment (`collection_method=send_invoice`): Stripe refuses to make it for
+        // a customer without an email.
+        if self
+            .emailless
+            .lock()
+            .expect("sim lock")
+            .contains(&req.customer)
+        {
+            return Err(PaymentsError::refused(
+                "Missing email. In order to create invoices that are sent to the customer, \
+                 the customer must have a valid email.",
+            ));
+        }
         self.customers
             .lock()
             .expect("sim lock")
@@ -1548,6 +1564,9 @@ impl Payments for Simulator {
         let id: CustomerId = new_stripe_id("cus");
         keys.insert(key.to_owned(), (asked, id.clone()));
         self.customers.lock().expect("sim lock").insert(id.clone());
+        if email.is_none_or(str::is_empty) {
+            self.emailless.lock().expect("sim lock").insert(id.clone());
+        }
         Ok(id)
     }
 

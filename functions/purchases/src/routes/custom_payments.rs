@@ -1,7 +1,7 @@
 //! `POST /v1/admin/workspaces/{workspace_id}/custom-payments`: support staff bill an
 //! agreed amount for agreed credits.
 
-use super::{ApiResult, customer, provider};
+use super::{ApiResult, provider};
 use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
@@ -57,7 +57,9 @@ pub const MIN_CUSTOM_PAYMENT_CENTS: u64 = 50;
     security(("bearer" = [])), params(WorkspacePath,
         ("Idempotency-Key" = String, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Required: one invoice per key")),
     request_body = CustomPaymentBody,
-    responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails), (status = 422, body = ProblemDetails),
+    responses((status = 201, body = CustomPaymentView), (status = 403, body = ProblemDetails),
+        (status = 404, description = "The workspace has no Stripe customer (a mistyped id, or no checkout yet)", body = ProblemDetails),
+        (status = 422, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
 /// Support staff bill an agreed amount for agreed credits: Stripe sends the invoice, and the
 /// credits are granted when it is paid.
@@ -99,9 +101,26 @@ pub async fn custom_payment(
             "must be between 1 and 90",
         ));
     }
+    // The Stripe customer its owner's checkout made: Stripe sends an invoice only to a
+    // customer with an email, and a mistyped id must not make a customer (or a billing
+    // profile) of its own.
+    let customer = tally::store::docs::get::<tally::billing::records::BillingProfile>(
+        st.docs.as_ref(),
+        &tally::billing::records::workspace_pk(&workspace),
+        tally::billing::records::PROFILE_SK,
+    )
+    .await?
+    .and_then(|p| p.customer)
+    .ok_or_else(|| {
+        Problem::not_found(format!(
+            "workspace {workspace} has no Stripe customer: check the id (a workspace is billed \
+             once its owner has opened a checkout, which gives Stripe the email to send the \
+             invoice to)"
+        ))
+    })?;
     let now = st.ledger.clock.now();
     let view = idempotency::once(st.docs.as_ref(), &workspace, Some(&key), &body, now, || async {
-        let customer = customer(&st, &workspace, None).await?;
+        let customer = customer.clone();
         let link = st
             .payments
             .create_custom_invoice(&tally::payments::CustomInvoice {
