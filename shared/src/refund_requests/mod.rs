@@ -1213,10 +1213,12 @@ impl RefundRequests {
             // refund worth less than those credits would leave the customer without the
             // difference, which nothing gives back. (Less than that earlier amount is
             // fine: refunding what the unused credits are worth is the usual decision.)
-            let floor = taken_worth.min(left);
-            if let Some(a) = amount
-                && a < floor
-            {
+            // Never above the earlier approval's own amount (rounding), nor above what is
+            // refundable now.
+            let floor = taken_worth.min(r.amount).min(left);
+            let want = amount
+                .unwrap_or_else(|| rules::refundable(&entry, false, elsewhere, claimed, failed));
+            if want < floor {
                 refusal = Some(
                     Problem::conflict(format!(
                         "amount: the {} credits taken back when refund request {id} was \
@@ -1229,9 +1231,6 @@ impl RefundRequests {
                 );
                 break;
             }
-            let want = amount.unwrap_or_else(|| {
-                rules::refundable(&entry, false, elsewhere, claimed, failed).max(floor)
-            });
             if want == Cents::ZERO || want > left {
                 refusal = Some(
                     Problem::new(
