@@ -1125,34 +1125,43 @@ async fn the_live_subscription_is_read_from_stripes_items() {
     assert_eq!(live.status, "active");
 }
 
-#[tokio::test]
-async fn an_update_returns_the_invoice_stripe_created_for_it() {
-    use tally::payments::SubscriptionChange;
-    let server = MockServer::start().await;
+/// Stripe's answers to a change billed now: the subscription before it (its latest
+/// invoice an older one), and after it, with `invoice` expanded as its latest.
+async fn mount_update(server: &MockServer, invoice: serde_json::Value) {
     let mut before = subscription_response();
     before["latest_invoice"] = json!("in_old");
     Mock::given(method("GET"))
         .and(path("/v1/subscriptions/sub_A"))
         .respond_with(ResponseTemplate::new(200).set_body_json(before))
-        .mount(&server)
+        .mount(server)
         .await;
     let mut after = subscription_response();
-    after["latest_invoice"] = change_invoice("in_change");
+    after["latest_invoice"] = invoice;
     Mock::given(method("POST"))
         .and(path("/v1/subscriptions/sub_A"))
         .respond_with(ResponseTemplate::new(200).set_body_json(after))
-        .mount(&server)
+        .mount(server)
         .await;
-    let billed = client(&server)
-        .await
-        .update_subscription(&SubscriptionChange {
+}
+
+/// A change billed now, answered with the invoice Stripe made for it.
+async fn prorated_update(stripe: &StripePayments) -> tally::payments::BilledInvoice {
+    stripe
+        .update_subscription(&tally::payments::SubscriptionChange {
             prorate_now: true,
             idempotency_key: "k".into(),
-            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
+            ..tally::payments::SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
         })
         .await
         .unwrap()
-        .expect("the change's invoice");
+        .expect("the change's invoice")
+}
+
+#[tokio::test]
+async fn an_update_returns_the_invoice_stripe_created_for_it() {
+    let server = MockServer::start().await;
+    mount_update(&server, change_invoice("in_change")).await;
+    let billed = prorated_update(&client(&server).await).await;
     assert_eq!(billed.id.unwrap().as_str(), "in_change");
     assert_eq!(billed.amount_paid, Cents::new(2350));
     let lines: Vec<(String, i64, bool)> = billed
@@ -1173,15 +1182,7 @@ async fn an_update_returns_the_invoice_stripe_created_for_it() {
 /// is the whole line list, read a page at a time after the last line's id.
 #[tokio::test]
 async fn an_updates_invoice_with_more_lines_than_it_carries_is_read_whole() {
-    use tally::payments::SubscriptionChange;
     let server = MockServer::start().await;
-    let mut before = subscription_response();
-    before["latest_invoice"] = json!("in_old");
-    Mock::given(method("GET"))
-        .and(path("/v1/subscriptions/sub_A"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(before))
-        .mount(&server)
-        .await;
     let whole = change_invoice("in_change");
     let mut lines = whole["lines"]["data"].as_array().unwrap().clone();
     lines[0]["id"] = json!("il_unused");
@@ -1189,13 +1190,7 @@ async fn an_updates_invoice_with_more_lines_than_it_carries_is_read_whole() {
     let mut carried = whole.clone();
     carried["lines"]["data"] = json!([lines[0].clone()]);
     carried["lines"]["has_more"] = json!(true);
-    let mut after = subscription_response();
-    after["latest_invoice"] = carried;
-    Mock::given(method("POST"))
-        .and(path("/v1/subscriptions/sub_A"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(after))
-        .mount(&server)
-        .await;
+    mount_update(&server, carried).await;
     let page = |data: serde_json::Value, more: bool| {
         ResponseTemplate::new(200).set_body_json(json!({"object": "list", "data": data,
             "has_more": more, "url": "/v1/invoices/in_change/lines"}))
@@ -1214,16 +1209,7 @@ async fn an_updates_invoice_with_more_lines_than_it_carries_is_read_whole() {
         .respond_with(page(json!([lines[1].clone()]), false))
         .mount(&server)
         .await;
-    let billed = client(&server)
-        .await
-        .update_subscription(&SubscriptionChange {
-            prorate_now: true,
-            idempotency_key: "k".into(),
-            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
-        })
-        .await
-        .unwrap()
-        .expect("the change's invoice");
+    let billed = prorated_update(&client(&server).await).await;
     let read: Vec<(String, i64)> = billed
         .lines
         .iter()
@@ -1267,27 +1253,13 @@ async fn an_updates_invoice_with_more_lines_than_it_carries_is_read_whole() {
 /// an error, never taken for all of the lines.
 #[tokio::test]
 async fn an_updates_invoice_whose_lines_cannot_be_read_is_marked_incomplete() {
-    use tally::payments::SubscriptionChange;
     let server = MockServer::start().await;
-    let mut before = subscription_response();
-    before["latest_invoice"] = json!("in_old");
-    Mock::given(method("GET"))
-        .and(path("/v1/subscriptions/sub_A"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(before))
-        .mount(&server)
-        .await;
     let mut carried = change_invoice("in_change");
     carried["status"] = json!("paid");
     let first = carried["lines"]["data"][0].clone();
     carried["lines"]["data"] = json!([first.clone()]);
     carried["lines"]["has_more"] = json!(true);
-    let mut after = subscription_response();
-    after["latest_invoice"] = carried;
-    Mock::given(method("POST"))
-        .and(path("/v1/subscriptions/sub_A"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(after))
-        .mount(&server)
-        .await;
+    mount_update(&server, carried).await;
     Mock::given(method("GET"))
         .and(path("/v1/invoices/in_change/lines"))
         .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error": {
@@ -1295,15 +1267,7 @@ async fn an_updates_invoice_whose_lines_cannot_be_read_is_marked_incomplete() {
         .mount(&server)
         .await;
     let stripe = client(&server).await;
-    let billed = stripe
-        .update_subscription(&SubscriptionChange {
-            prorate_now: true,
-            idempotency_key: "k".into(),
-            ..SubscriptionChange::to(SubscriptionId::parse("sub_A").unwrap())
-        })
-        .await
-        .unwrap()
-        .expect("the change's invoice");
+    let billed = prorated_update(&stripe).await;
     assert!(billed.paid);
     assert!(!billed.lines_complete);
     assert_eq!(billed.lines.len(), 1);
