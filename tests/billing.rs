@@ -1240,7 +1240,12 @@ mod sqs_batches {
         let (ledger, _) = ledger_over(store.clone());
         let worker = BillingEvents::new(ledger.clone(), store, None);
         for _ in 0..2 {
-            let r = process_batch(&worker, batch("pack-checkout.json")).await;
+            let r = process_batch(
+                &worker,
+                batch("pack-checkout.json"),
+                tally::queue::BILLING_EVENTS_MAX_RECEIVES,
+            )
+            .await;
             assert!(r.batch_item_failures.is_empty());
         }
         let state = ledger.workspace_now(&workspace("acme")).await.unwrap();
@@ -1252,7 +1257,12 @@ mod sqs_batches {
         let store = Arc::new(EmbeddedStore::in_memory());
         let (ledger, _) = ledger_over(store.clone());
         let worker = BillingEvents::new(ledger.clone(), store, None);
-        let r = process_batch(&worker, batch("poison-then-valid.json")).await;
+        let r = process_batch(
+            &worker,
+            batch("poison-then-valid.json"),
+            tally::queue::BILLING_EVENTS_MAX_RECEIVES,
+        )
+        .await;
         let failed: Vec<&str> = r
             .batch_item_failures
             .iter()

@@ -388,6 +388,13 @@ fn the_queue_workers_report_partial_batch_failures_and_everything_has_an_alarm()
     let busy = resource(&t, "LedgerBusyAlarm");
     assert_eq!(busy["Properties"]["Namespace"], "Tally");
     assert_eq!(busy["Properties"]["MetricName"], "Busy");
+    // Every message moved to a dead-letter queue alarms, even while others wait there
+    // (the queues' depth alarms stay in alarm and tell only the first).
+    let dead = resource(&t, "DeadLetteredAlarm");
+    assert_eq!(dead["Properties"]["Namespace"], "Tally");
+    assert_eq!(dead["Properties"]["MetricName"], "DeadLettered");
+    assert_eq!(dead["Properties"]["Threshold"].as_u64(), Some(0));
+    assert_eq!(text(&dead["Properties"]["AlarmActions"][0]), "AlarmTopic");
     // A broken invariant pages at once, whichever function met it.
     let corrupt = resource(&t, "LedgerCorruptAlarm");
     assert_eq!(corrupt["Properties"]["Namespace"], "Tally");

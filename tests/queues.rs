@@ -143,7 +143,7 @@ async fn a_failed_message_is_reported_alone_and_holds_back_only_its_own_group() 
         record("3", "after-bad", "cus_a"),
         record("4", "ok-b", "cus_b"),
     ];
-    let response = process_batch(&consumer, event).await;
+    let response = process_batch(&consumer, event, tally::queue::BILLING_EVENTS_MAX_RECEIVES).await;
     let failed: Vec<&str> = response
         .batch_item_failures
         .iter()

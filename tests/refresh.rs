@@ -1463,7 +1463,12 @@ async fn the_sqs_worker_handles_duplicates_and_reports_only_the_bad_message() {
         .collect();
     assert_eq!(failed, [batch.records[1].message_id.clone().unwrap()]);
     // And the whole batch redelivered: still one grant.
-    process_batch(&refresher, batch).await;
+    process_batch(
+        &refresher,
+        batch,
+        tally::refresh::jobs::REFRESH_JOBS_MAX_RECEIVES,
+    )
+    .await;
     assert_eq!(plan_grants(&p, ws).await, [((2, 29), 400)]);
 }
 

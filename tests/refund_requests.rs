@@ -1089,7 +1089,12 @@ async fn the_sample_events_reach_the_refunds_function_and_worker_as_lambda_deliv
         notifications: app.local.notifications_queue.clone(),
         clock: app.clock.clone(),
     };
-    let answer = tally::queue::lambda::process_batch(&worker, event).await;
+    let answer = tally::queue::lambda::process_batch(
+        &worker,
+        event,
+        tally::refund_requests::REFUNDS_MAX_RECEIVES,
+    )
+    .await;
     let failed: Vec<String> = answer
         .batch_item_failures
         .iter()

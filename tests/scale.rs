@@ -680,23 +680,31 @@ async fn queue_batches_report_their_failures() {
             }
         }
     }
+    // Messages 0-6; 5 and 6 on their fifth receive, the last before the dead-letter queue.
     let records: Vec<_> = (0..7)
         .map(|i| {
             let mut r = aws_lambda_events::event::sqs::SqsMessage::default();
             r.message_id = Some(format!("m{i}"));
             r.body = Some(i.to_string());
+            r.attributes.insert(
+                "ApproximateReceiveCount".into(),
+                if i >= 5 { "5" } else { "1" }.into(),
+            );
             r
         })
         .collect();
     let mut event = aws_lambda_events::event::sqs::SqsEvent::default();
     event.records = records;
-    let response = tally::queue::lambda::process_batch(&FailsOdd, event).await;
+    let response = tally::queue::lambda::process_batch(&FailsOdd, event, 5).await;
     assert_eq!(response.batch_item_failures.len(), 3);
     let lines = metric_lines().lock().unwrap().clone();
+    // Each message that failed on its last receive counts once: every one the queue moves
+    // to its dead-letter queue is told, not only the first one waiting there.
     assert!(
         lines.iter().any(|r| r["Operation"] == "queue_batch"
             && r["QueueMessages"] == 7.0
-            && r["BatchItemFailures"] == 3.0),
+            && r["BatchItemFailures"] == 3.0
+            && r["DeadLettered"] == 1.0),
         "no queue batch record"
     );
 }

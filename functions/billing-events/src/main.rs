@@ -61,7 +61,14 @@ async fn main() -> Result<(), Error> {
     };
     let consumer = &consumer;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<SqsBatchResponse, Error>(process_batch(consumer, event.payload).await)
+        Ok::<SqsBatchResponse, Error>(
+            process_batch(
+                consumer,
+                event.payload,
+                tally::queue::BILLING_EVENTS_MAX_RECEIVES,
+            )
+            .await,
+        )
     }))
     .await
 }

@@ -29,7 +29,14 @@ async fn main() -> Result<(), Error> {
     };
     let worker = &worker;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<SqsBatchResponse, Error>(process_batch(worker, event.payload).await)
+        Ok::<SqsBatchResponse, Error>(
+            process_batch(
+                worker,
+                event.payload,
+                tally::refund_requests::REFUNDS_MAX_RECEIVES,
+            )
+            .await,
+        )
     }))
     .await
 }

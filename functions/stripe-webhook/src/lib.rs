@@ -240,7 +240,7 @@ pub async fn receive(
     state
         .queue
         .send(Message {
-            body: payload.to_owned(),
+            body: queueable(payload),
             group_id: Some(group.clone()),
             dedup_id: Some(id.clone()),
         })
@@ -255,6 +255,19 @@ pub async fn receive(
         })?;
     tracing::info!(event = %id, kind = %kind, customer = %group, "Stripe event queued");
     Ok(axum::Json(json!({"received": true, "id": id})))
+}
+
+/// The event as SQS takes it: SQS refuses a message containing U+FFFE or U+FFFF (the only
+/// characters outside its set that UTF-8 JSON can hold, and only inside strings), so those
+/// are written as JSON escapes, which read back as the same event. Anything else is queued
+/// byte for byte (the consumer does not check the signature again).
+fn queueable(payload: &str) -> String {
+    if !payload.contains(['\u{FFFE}', '\u{FFFF}']) {
+        return payload.to_owned();
+    }
+    payload
+        .replace('\u{FFFE}', "\\ufffe")
+        .replace('\u{FFFF}', "\\uffff")
 }
 
 #[cfg(test)]

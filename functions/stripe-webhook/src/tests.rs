@@ -108,6 +108,24 @@ async fn a_signed_delivery_is_queued_byte_for_byte_by_customer_and_event_id() {
     assert_eq!(got[0].group_id.as_deref(), Some("cus_T4lly"));
 }
 
+/// SQS refuses a message with U+FFFE or U+FFFF in it (a cardholder's name could carry
+/// one): such an event is queued with those characters as JSON escapes, the same event.
+#[tokio::test]
+async fn characters_sqs_refuses_are_queued_as_json_escapes_of_the_same_event() {
+    let s = setup();
+    let mut e: Value = serde_json::from_str(&event("evt_ffff")).unwrap();
+    e["data"]["object"]["customer_details"]["name"] = "Ann\u{FFFF}Lee\u{FFFE}".into();
+    let body = serde_json::to_string(&e).unwrap();
+    assert!(body.contains('\u{FFFF}'), "serde_json writes it as it is");
+    let (status, _) = deliver(&s, &body, Some(&header(&body, SECRET, 0))).await;
+    assert_eq!(status, 200);
+    s.queue.until_idle().await;
+    let got = s.received.0.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert!(!got[0].body.contains(['\u{FFFE}', '\u{FFFF}']));
+    assert_eq!(serde_json::from_str::<Value>(&got[0].body).unwrap(), e);
+}
+
 #[tokio::test]
 async fn a_repeated_delivery_is_acknowledged_but_queued_once() {
     let s = setup();

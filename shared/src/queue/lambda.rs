@@ -7,8 +7,14 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use std::collections::HashSet;
 use tracing::Instrument;
 
-pub async fn process_batch(consumer: &dyn Consumer, event: SqsEvent) -> SqsBatchResponse {
+pub async fn process_batch(
+    consumer: &dyn Consumer,
+    event: SqsEvent,
+    max_receives: u32,
+) -> SqsBatchResponse {
     let mut failures = Vec::new();
+    // Failed on their last receive: the queue moves them to its dead-letter queue.
+    let mut dead_lettered = 0u64;
     let mut blocked_groups: HashSet<String> = HashSet::new();
     let messages = event.records.len() as u64;
     for record in event.records {
@@ -24,9 +30,11 @@ pub async fn process_batch(consumer: &dyn Consumer, event: SqsEvent) -> SqsBatch
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(1),
         };
+        let last = delivery.receive_count >= max_receives;
         if let Some(g) = &group_id
             && blocked_groups.contains(g)
         {
+            dead_lettered += u64::from(last);
             failures.push(message_id);
             continue;
         }
@@ -37,12 +45,18 @@ pub async fn process_batch(consumer: &dyn Consumer, event: SqsEvent) -> SqsBatch
             if let Some(g) = group_id {
                 blocked_groups.insert(g);
             }
+            if last {
+                tracing::error!(message_id = %message_id, receive_count = delivery.receive_count,
+                    "message failed on its last receive; it goes to the dead-letter queue");
+                dead_lettered += 1;
+            }
             failures.push(message_id);
         }
     }
     crate::metrics::Record::new("queue_batch")
         .count("QueueMessages", messages)
         .count("BatchItemFailures", failures.len() as u64)
+        .count("DeadLettered", dead_lettered)
         .emit();
     let mut response = SqsBatchResponse::default();
     response.batch_item_failures = failures

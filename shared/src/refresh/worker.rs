@@ -227,7 +227,12 @@ impl Refresher {
         if payload.get("Records").is_some() {
             let batch: aws_lambda_events::event::sqs::SqsEvent =
                 serde_json::from_value(payload).map_err(unreadable)?;
-            let response = crate::queue::lambda::process_batch(self, batch).await;
+            let response = crate::queue::lambda::process_batch(
+                self,
+                batch,
+                super::jobs::REFRESH_JOBS_MAX_RECEIVES,
+            )
+            .await;
             return serde_json::to_value(response).map_err(unreadable);
         }
         let sent = self.schedule(sink).await?;

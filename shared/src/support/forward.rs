@@ -164,7 +164,8 @@ impl HelpDesk {
     ) -> Result<serde_json::Value, BoxError> {
         if payload.get("Records").is_some() {
             let batch: aws_lambda_events::event::sqs::SqsEvent = serde_json::from_value(payload)?;
-            let response = crate::queue::lambda::process_batch(self, batch).await;
+            let response =
+                crate::queue::lambda::process_batch(self, batch, super::SUPPORT_MAX_RECEIVES).await;
             return Ok(serde_json::to_value(response)?);
         }
         let report = self.tickets.sweep(self.clock.now(), SWEEP_LIMIT).await?;
