@@ -924,9 +924,9 @@ mod subscription {
     }
 
     /// A checkout whose answer was lost (Stripe made the session), asked again under the
-    /// same `Idempotency-Key` with another body: Stripe refuses the key for the other
-    /// parameters, and the client hears a 409 naming the key, not a provider error; the
-    /// same body under that key still gets the session Stripe made.
+    /// same `Idempotency-Key` with another body: the key stays its first request's (whose
+    /// work may be done), and the client hears a 409 naming the key, not a provider error;
+    /// the same body under that key still gets the session Stripe made.
     #[tokio::test]
     async fn a_key_reused_for_another_checkout_after_a_lost_answer_is_a_conflict() {
         let app = TestApp::new();

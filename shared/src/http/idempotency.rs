@@ -10,7 +10,9 @@
 //! The answer is kept only once the work succeeded; a failure releases the claim, so a
 //! retry does the work again, with the same Stripe idempotency key (derived from the
 //! client's key). A claim left by a process that died is taken over after
-//! [`CLAIM_SECONDS`].
+//! [`CLAIM_SECONDS`] by the same request only: that process may have done its work (a
+//! change made at Stripe whose answer was lost), so another body under the key is a 409
+//! whether the key's first request succeeded, failed or died.
 
 use super::Problem;
 use crate::billing::records::workspace_pk;
@@ -51,9 +53,11 @@ fn judge<T: DeserializeOwned>(
     print: &str,
     now: DateTime<Utc>,
 ) -> Result<Seen<T>, Problem> {
-    if seen.fingerprint != print && (seen.answer.is_some() || !stale(seen, now)) {
+    // Never another body under a key once used: a claim whose request died may have done
+    // its work (a change made at Stripe, its answer lost), so its key stays its own.
+    if seen.fingerprint != print {
         return Err(Problem::conflict(
-            "this Idempotency-Key was already used for a different request",
+            "this Idempotency-Key was already used for a different request; send this one under a new key",
         ));
     }
     match &seen.answer {
@@ -114,7 +118,9 @@ where
     // another body; the versioned write makes one of two racing claims win.
     let after = docs::update(store, &pk, &sk, |cur: Option<Answer>| match &cur {
         None => Some(mine.clone()),
-        Some(seen) if seen.answer.is_none() && stale(seen, now) => Some(mine.clone()),
+        Some(seen) if seen.answer.is_none() && stale(seen, now) && seen.fingerprint == print => {
+            Some(mine.clone())
+        }
         Some(_) => None,
     })
     .await?
@@ -168,6 +174,12 @@ mod tests {
         })
         .await;
         assert!(failed.is_err());
+        // A failed request's key is not free for another body either.
+        let other: Result<u32, Problem> = once(&store, &ws, Some(&key), &"other", t(1), || async {
+            panic!("another body does no work")
+        })
+        .await;
+        assert_eq!(other.unwrap_err().code, "conflict");
         let first = once(&store, &ws, Some(&key), &"body", t(1), || async {
             Ok(7u32)
         })
@@ -215,6 +227,19 @@ mod tests {
             let expected = (body == "body").then_some(1);
             assert_eq!(twin.retry_after, expected, "{body}");
         }
+        // Stale, the claim is still its request's: the dead process may have done its
+        // work, so another body under the key never runs.
+        let other: Result<u32, Problem> = once(
+            &store,
+            &ws,
+            Some(&key),
+            &"other",
+            t(CLAIM_SECONDS + 1),
+            || async { panic!("another body does no work") },
+        )
+        .await;
+        let other = other.unwrap_err();
+        assert_eq!((other.code, other.retry_after), ("conflict", None));
         let later = once(
             &store,
             &ws,
