@@ -571,6 +571,39 @@ mod subscription {
         assert!(app.local.billing_queue.dead_letters().is_empty());
     }
 
+    /// An upgrade Stripe made and charged whose answer was lost (a timeout) while fewer
+    /// units waited for the renewal: the waiting change is not put back on top of it, which
+    /// would take the paid plan back at the renewal. (The waiting unit reduction goes with
+    /// the lost answer: the owner asks for it again.)
+    #[tokio::test]
+    async fn an_upgrade_made_but_unanswered_is_not_undone_at_the_renewal() {
+        let app = TestApp::new();
+        let ws = "org_lost_change";
+        let o = owner(ws);
+        app.subscribe(ws, "max", "monthly").await;
+        let more = app.set_units(ws, 10).await;
+        assert_eq!(more.status.as_u16(), 200, "{:#}", more.body);
+        let fewer = app.set_units(ws, 4).await;
+        assert_eq!(fewer.status.as_u16(), 200, "{:#}", fewer.body);
+        app.settle_billing().await;
+        let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
+        assert_eq!(s["scheduled"]["addon_units"], 4, "{s:#}");
+        let sim = app.local.simulator.clone().expect("simulated Stripe");
+        sim.lose_answers(1);
+        let up = app.change_plan(ws, "generative", "monthly").await;
+        assert_eq!(up.status.as_u16(), 503, "{:#}", up.body);
+        app.settle_billing().await;
+        let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
+        assert_eq!(s["plan"], "generative", "{s:#}");
+        assert!(
+            s["scheduled"].is_null() || s["scheduled"]["plan"] != "max",
+            "the paid upgrade would be taken back at the renewal: {s:#}"
+        );
+        let sub = s["id"].as_str().unwrap().to_owned();
+        renew(&app, &sub).await;
+        assert_eq!(plan_of(&app, ws).await["plan"], "generative");
+    }
+
     #[tokio::test]
     async fn more_add_on_units_credit_now_fewer_wait_for_renewal_and_back_again_costs_nothing() {
         let app = TestApp::new();

@@ -564,6 +564,38 @@ impl SubscriptionChanges {
         ))
     }
 
+    /// Whether a change billed now that answered `e` was certainly not made: Stripe refused
+    /// it, or after a timeout or an outage (Stripe may have made and charged it, its answer
+    /// lost) the subscription's items are still the ones it was decided against. Only then
+    /// is the change that waited for the renewal put back: put back after the change was
+    /// made, it would take the paid change back at the renewal.
+    async fn not_made(&self, now: &Now, e: &PaymentsError) -> bool {
+        if !e.is_retryable() {
+            return true;
+        }
+        let key = |i: &crate::payments::LiveItem| {
+            (
+                i.product.clone(),
+                i.quantity,
+                i.unit_amount,
+                i.interval.as_str(),
+            )
+        };
+        let sorted = |items: &[crate::payments::LiveItem]| {
+            let mut v: Vec<_> = items.iter().map(key).collect();
+            v.sort();
+            v
+        };
+        match self.payments.subscription(&now.live.id).await {
+            Ok(live) => sorted(&live.items) == sorted(&now.live.items),
+            Err(read) => {
+                tracing::error!(error = %read, subscription = %now.live.id,
+                    "a change billed now may have been made; the change waiting for the renewal was not put back");
+                false
+            }
+        }
+    }
+
     /// Applies a decision: Stripe first, then the credits its paid invoice carries, then
     /// the change that still waits for the renewal.
     async fn apply(
@@ -610,6 +642,7 @@ impl SubscriptionChanges {
                     Ok(i) => i,
                     Err(e) => {
                         if now.live.schedule.is_some()
+                            && self.not_made(now, &e).await
                             && let Some(p) = self.pending(now)
                             && let Ok(back) = self.renewal(
                                 workspace,

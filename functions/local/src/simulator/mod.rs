@@ -238,8 +238,9 @@ impl Simulator {
         true
     }
 
-    /// The next `n` off-session payments, paid invoices and new checkout sessions are made,
-    /// but their answers never arrive: the caller sees a timeout (a network fault after Stripe acted).
+    /// The next `n` off-session payments, paid invoices, new checkout sessions and
+    /// subscription updates are made, but their answers never arrive: the caller sees a
+    /// timeout (a network fault after Stripe acted).
     pub fn lose_answers(&self, n: u32) {
         self.lost_answers
             .store(n, std::sync::atomic::Ordering::SeqCst);
@@ -1452,7 +1453,7 @@ impl Payments for Simulator {
         }
         let (events, billed) = result?;
         self.deliver_all(events).await;
-        Ok(billed)
+        self.answer(billed)
     }
 
     async fn preview_change(
