@@ -572,36 +572,46 @@ mod subscription {
     }
 
     /// An upgrade Stripe made and charged whose answer was lost (a timeout) while fewer
-    /// units waited for the renewal: the waiting change is not put back on top of it, which
-    /// would take the paid plan back at the renewal. (The waiting unit reduction goes with
-    /// the lost answer: the owner asks for it again.)
+    /// units waited for the renewal: asked again under the same key, Stripe answers what it
+    /// did, and the reduction waits on top of the upgrade. When that answer is lost too,
+    /// nothing is put back: the old waiting change (Max) would take the paid upgrade back
+    /// at the renewal.
     #[tokio::test]
     async fn an_upgrade_made_but_unanswered_is_not_undone_at_the_renewal() {
         let app = TestApp::new();
-        let ws = "org_lost_change";
-        let o = owner(ws);
-        app.subscribe(ws, "max", "monthly").await;
-        let more = app.set_units(ws, 10).await;
-        assert_eq!(more.status.as_u16(), 200, "{:#}", more.body);
-        let fewer = app.set_units(ws, 4).await;
-        assert_eq!(fewer.status.as_u16(), 200, "{:#}", fewer.body);
-        app.settle_billing().await;
-        let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
-        assert_eq!(s["scheduled"]["addon_units"], 4, "{s:#}");
         let sim = app.local.simulator.clone().expect("simulated Stripe");
-        sim.lose_answers(1);
-        let up = app.change_plan(ws, "generative", "monthly").await;
-        assert_eq!(up.status.as_u16(), 503, "{:#}", up.body);
-        app.settle_billing().await;
-        let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
-        assert_eq!(s["plan"], "generative", "{s:#}");
-        assert!(
-            s["scheduled"].is_null() || s["scheduled"]["plan"] != "max",
-            "the paid upgrade would be taken back at the renewal: {s:#}"
-        );
-        let sub = s["id"].as_str().unwrap().to_owned();
-        renew(&app, &sub).await;
-        assert_eq!(plan_of(&app, ws).await["plan"], "generative");
+        for (ws, lost) in [("org_lost_once", 1), ("org_lost_twice", 2)] {
+            let o = owner(ws);
+            app.subscribe(ws, "max", "monthly").await;
+            let more = app.set_units(ws, 10).await;
+            assert_eq!(more.status.as_u16(), 200, "{:#}", more.body);
+            let fewer = app.set_units(ws, 4).await;
+            assert_eq!(fewer.status.as_u16(), 200, "{:#}", fewer.body);
+            app.settle_billing().await;
+            let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
+            assert_eq!(s["scheduled"]["addon_units"], 4, "{s:#}");
+            sim.lose_answers(lost);
+            let up = app.change_plan(ws, "generative", "monthly").await;
+            app.settle_billing().await;
+            let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
+            assert_eq!(s["plan"], "generative", "{s:#}");
+            if lost == 1 {
+                assert_eq!(up.status.as_u16(), 200, "{:#}", up.body);
+                assert_eq!(
+                    (&s["scheduled"]["plan"], &s["scheduled"]["addon_units"]),
+                    (&json!("generative"), &json!(4)),
+                    "{s:#}"
+                );
+            } else {
+                assert_eq!(up.status.as_u16(), 503, "{:#}", up.body);
+                assert!(
+                    s["scheduled"].is_null() || s["scheduled"]["plan"] != "max",
+                    "the paid upgrade would be taken back at the renewal: {s:#}"
+                );
+            }
+            renew(&app, s["id"].as_str().unwrap()).await;
+            assert_eq!(plan_of(&app, ws).await["plan"], "generative");
+        }
     }
 
     #[tokio::test]

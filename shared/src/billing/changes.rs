@@ -564,38 +564,6 @@ impl SubscriptionChanges {
         ))
     }
 
-    /// Whether a change billed now that answered `e` was certainly not made: Stripe refused
-    /// it, or after a timeout or an outage (Stripe may have made and charged it, its answer
-    /// lost) the subscription's items are still the ones it was decided against. Only then
-    /// is the change that waited for the renewal put back: put back after the change was
-    /// made, it would take the paid change back at the renewal.
-    async fn not_made(&self, now: &Now, e: &PaymentsError) -> bool {
-        if !e.is_retryable() {
-            return true;
-        }
-        let key = |i: &crate::payments::LiveItem| {
-            (
-                i.product.clone(),
-                i.quantity,
-                i.unit_amount,
-                i.interval.as_str(),
-            )
-        };
-        let sorted = |items: &[crate::payments::LiveItem]| {
-            let mut v: Vec<_> = items.iter().map(key).collect();
-            v.sort();
-            v
-        };
-        match self.payments.subscription(&now.live.id).await {
-            Ok(live) => sorted(&live.items) == sorted(&now.live.items),
-            Err(read) => {
-                tracing::error!(error = %read, subscription = %now.live.id,
-                    "a change billed now may have been made; the change waiting for the renewal was not put back");
-                false
-            }
-        }
-    }
-
     /// Applies a decision: Stripe first, then the credits its paid invoice carries, then
     /// the change that still waits for the renewal.
     async fn apply(
@@ -640,9 +608,33 @@ impl SubscriptionChanges {
                 }
                 let invoice = match self.payments.update_subscription(&change).await {
                     Ok(i) => i,
+                    // No answer (a timeout, an outage): Stripe may have made and charged
+                    // it. Asked again under the same key, Stripe answers what it did, or
+                    // makes it now; either way what waits for the renewal is installed
+                    // after it below. The items are not compared again: made, the change
+                    // itself changed them (they were compared a moment ago). Still no
+                    // answer: nothing is put back (on top of a change that was made, the
+                    // waiting change would take it back at the renewal).
+                    Err(e) if e.is_retryable() => {
+                        let again = SubscriptionChange {
+                            expect: None,
+                            ..(*change).clone()
+                        };
+                        match self.payments.update_subscription(&again).await {
+                            Ok(i) => i,
+                            Err(again) => {
+                                tracing::error!(error = %again, subscription = %now.live.id,
+                                    "a change billed now got no answer; the change waiting for the renewal was not put back");
+                                return Err(e.into());
+                            }
+                        }
+                    }
                     Err(e) => {
-                        if now.live.schedule.is_some()
-                            && self.not_made(now, &e).await
+                        // Refused (a declined card): nothing was made, and what waited for
+                        // the renewal is put back. Items changed meanwhile (the portal):
+                        // nothing is put back on top of someone else's change.
+                        if matches!(e, PaymentsError::Refused { .. })
+                            && now.live.schedule.is_some()
                             && let Some(p) = self.pending(now)
                             && let Ok(back) = self.renewal(
                                 workspace,

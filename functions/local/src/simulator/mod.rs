@@ -546,6 +546,8 @@ impl Simulator {
         };
         let ws = request.workspace.to_string();
         let customer = request.customer.clone();
+        // Checkout asks a customer without an email for one and sets it on the customer.
+        self.emailless.lock().expect("sim lock").remove(&customer);
         let meta = tally::payments::stripe_api::checkout_metadata(&request);
         let mut session = fixture("checkout.session");
         session["id"] = json!(session_id);
@@ -1436,7 +1438,10 @@ impl Payments for Simulator {
             if first != asked {
                 return Err(PaymentsError::refused(IDEMPOTENCY_MISMATCH));
             }
-            return answer.map_err(PaymentsError::refused);
+            // A replayed answer can be lost on its way too.
+            return answer
+                .map_err(PaymentsError::refused)
+                .and_then(|a| self.answer(a));
         }
         let result = self.apply_update(change);
         if !key.is_empty()

@@ -49,7 +49,9 @@ pub(crate) fn provider(e: PaymentsError) -> Problem {
         return Problem::new(
             StatusCode::CONFLICT,
             "conflict",
-            "this Idempotency-Key was first used for another request; nothing was done: use a new key",
+            "this Idempotency-Key was first used at the payment provider for another request, \
+             which may have been carried out (look for it before sending this one again); this \
+             one was not: send it under a new key",
         );
     }
     match e {
