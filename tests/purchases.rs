@@ -614,6 +614,38 @@ mod subscription {
         }
     }
 
+    /// A change billed now that first finds Stripe unreachable is sent again, and the card
+    /// is declined then: nothing was made, so the change that waited for the renewal is
+    /// put back, as after a decline at the first try.
+    #[tokio::test]
+    async fn a_resent_change_that_is_declined_puts_the_waiting_change_back() {
+        let app = TestApp::new();
+        let ws = "org_resent_declined";
+        let o = owner(ws);
+        app.subscribe(ws, "max", "monthly").await;
+        assert_eq!(app.set_units(ws, 10).await.status.as_u16(), 200);
+        assert_eq!(app.set_units(ws, 4).await.status.as_u16(), 200);
+        app.settle_billing().await;
+        let sim = app.local.simulator.clone().expect("simulated Stripe");
+        let customer = app.get("/v1/subscription", &o).await.body["subscription"]["customer"]
+            .as_str()
+            .expect("the subscription's customer")
+            .to_owned();
+        assert!(sim.set_card_declines(&customer, true));
+        sim.unreachable_for_updates(1);
+        app.change_plan(ws, "generative", "monthly")
+            .await
+            .assert_problem(502, "payment_provider_error");
+        app.settle_billing().await;
+        let s = app.get("/v1/subscription", &o).await.body["subscription"].clone();
+        assert_eq!(s["plan"], "max", "{s:#}");
+        assert_eq!(
+            (&s["scheduled"]["plan"], &s["scheduled"]["addon_units"]),
+            (&json!("max"), &json!(4)),
+            "{s:#}"
+        );
+    }
+
     #[tokio::test]
     async fn more_add_on_units_credit_now_fewer_wait_for_renewal_and_back_again_costs_nothing() {
         let app = TestApp::new();

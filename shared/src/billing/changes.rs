@@ -606,34 +606,46 @@ impl SubscriptionChanges {
                         .cancel_renewal_change(&now.live.id, &release)
                         .await?;
                 }
-                let invoice = match self.payments.update_subscription(&change).await {
-                    Ok(i) => i,
+                let outcome = match self.payments.update_subscription(&change).await {
                     // No answer (a timeout, an outage): Stripe may have made and charged
                     // it. Asked again under the same key, Stripe answers what it did, or
                     // makes it now; either way what waits for the renewal is installed
                     // after it below. The items are not compared again: made, the change
-                    // itself changed them (they were compared a moment ago). Still no
-                    // answer: nothing is put back (on top of a change that was made, the
-                    // waiting change would take it back at the renewal).
+                    // itself changed them.
                     Err(e) if e.is_retryable() => {
                         let again = SubscriptionChange {
                             expect: None,
                             ..(*change).clone()
                         };
                         match self.payments.update_subscription(&again).await {
-                            Ok(i) => i,
-                            Err(again) => {
-                                tracing::error!(error = %again, subscription = %now.live.id,
+                            // Stripe ran the first one: the form sent again is built from
+                            // the items it changed (an add-on item made or removed), so
+                            // the key names another request. Made; its invoice's event
+                            // grants.
+                            Err(r) if r.is_key_reused() => Ok(None),
+                            // Still no answer: nothing is put back (on top of a change that
+                            // was made, the waiting change would take it back at the
+                            // renewal).
+                            Err(r) if r.is_retryable() => {
+                                tracing::error!(error = %r, subscription = %now.live.id,
                                     "a change billed now got no answer; the change waiting for the renewal was not put back");
                                 return Err(e.into());
                             }
+                            // Refused (the first never reached Stripe): as below.
+                            other => other,
                         }
                     }
+                    other => other,
+                };
+                let invoice = match outcome {
+                    Ok(i) => i,
                     Err(e) => {
                         // Refused (a declined card): nothing was made, and what waited for
-                        // the renewal is put back. Items changed meanwhile (the portal):
-                        // nothing is put back on top of someone else's change.
+                        // the renewal is put back. Not after a key Stripe saw with another
+                        // request, nor when the items changed meanwhile (the portal):
+                        // nothing is put back on top of a change that may have been made.
                         if matches!(e, PaymentsError::Refused { .. })
+                            && !e.is_key_reused()
                             && now.live.schedule.is_some()
                             && let Some(p) = self.pending(now)
                             && let Ok(back) = self.renewal(

@@ -153,6 +153,9 @@ pub struct Simulator {
     /// Checkout expiries still to find Stripe unreachable (see
     /// [`Simulator::unreachable_for_expiries`]).
     unreachable_expiries: std::sync::atomic::AtomicU32,
+    /// Subscription updates still to find Stripe unreachable (see
+    /// [`Simulator::unreachable_for_updates`]).
+    unreachable_updates: std::sync::atomic::AtomicU32,
     /// Events made while deliveries are held back (see [`Simulator::hold_deliveries`]).
     held: Mutex<Option<Vec<Value>>>,
 }
@@ -195,6 +198,7 @@ impl Simulator {
             off_session: tokio::sync::Mutex::new(HashMap::new()),
             lost_answers: std::sync::atomic::AtomicU32::new(0),
             unreachable_expiries: std::sync::atomic::AtomicU32::new(0),
+            unreachable_updates: std::sync::atomic::AtomicU32::new(0),
             held: Mutex::new(None),
         })
     }
@@ -250,6 +254,13 @@ impl Simulator {
     /// unreachable: nothing is listed or expired, and the caller sees an outage.
     pub fn unreachable_for_expiries(&self, n: u32) {
         self.unreachable_expiries
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next `n` subscription updates find Stripe unreachable: nothing is sent or made,
+    /// and the caller sees an outage.
+    pub fn unreachable_for_updates(&self, n: u32) {
+        self.unreachable_updates
             .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -1421,6 +1432,17 @@ impl Payments for Simulator {
         &self,
         change: &SubscriptionChange,
     ) -> Result<Option<BilledInvoice>, PaymentsError> {
+        if self
+            .unreachable_updates
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(PaymentsError::unavailable("could not connect to Stripe"));
+        }
         let key = &change.idempotency_key;
         // What Stripe is sent (the expected items are the adapter's own check).
         let asked = format!(
