@@ -1419,6 +1419,54 @@ mod alerts {
         );
     }
 
+    /// A plan's pack discount applies to the packs auto top-up buys (the help centre's
+    /// "20% off every credit pack"): a Max workspace's 100-credit pack is charged $8, on
+    /// the card its subscription was paid with, and brings its 100 credits.
+    #[tokio::test]
+    async fn auto_top_up_buys_the_pack_at_the_plans_discount() {
+        let app = TestApp::new();
+        let ws = "org_topup_discount";
+        app.subscribe(ws, "max", "monthly").await;
+        let o = owner(ws);
+        assert_eq!(
+            app.get("/v1/entitlements", &o).await.body["pack_discount_pct"],
+            20
+        );
+        let start = app.available(ws).await;
+        save_alerts(
+            &app,
+            &o,
+            json!({"below_credits": [], "auto_topup": {"pack": "pack_100", "below_credits": start - 10}}),
+        )
+        .await;
+        let m = member(ws, "m1");
+        let held = app.post("/v1/generations", &m, video()).await; // 24 credits: crosses
+        assert_eq!(held.status.as_u16(), 201, "{:#}", held.body);
+        let kinds: Vec<String> = notifications(&app)
+            .await
+            .iter()
+            .map(|n| n["type"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(kinds, vec!["topup.charged".to_string()]);
+        let sim = app.local.simulator.as_ref().unwrap();
+        let amounts: Vec<i64> = sim
+            .events()
+            .iter()
+            .filter(|e| e.kind == "payment_intent.succeeded")
+            .filter(|e| e.payload["data"]["object"]["metadata"]["topup"] == "true")
+            .map(|e| e.payload["data"]["object"]["amount"].as_i64().unwrap())
+            .collect();
+        assert_eq!(amounts, vec![800], "the 100-credit pack's $10 less 20%");
+        assert_eq!(app.available(ws).await, start - 24 + 100);
+        let topups = app.get("/v1/billing/history?kind=top_up", &o).await.body["items"].clone();
+        assert_eq!(topups.as_array().unwrap().len(), 1, "{topups:#}");
+        assert_eq!(
+            (&topups[0]["amount"], &topups[0]["credits_granted"]),
+            (&json!(800), &json!(100)),
+            "{topups:#}"
+        );
+    }
+
     /// A top-up charged whose credits are late (its payment's event waiting, as behind a
     /// failing event of the same customer): the balance rises above the threshold without
     /// them (a generation fails) and a later generation crosses it again. That is the same
