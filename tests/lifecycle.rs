@@ -517,6 +517,57 @@ async fn a_canceled_plan_does_not_renew_and_a_paused_yearly_plan_keeps_its_paid_
     );
 }
 
+/// Add-on units are items of the plan's subscription: cancelled at the period's end, a
+/// monthly plan's units bring no credits past it, and a yearly plan's units come monthly
+/// through the paid year and then stop with it; the last month's unit credits lapse at
+/// that month's end like the others.
+#[tokio::test]
+async fn add_on_credits_end_with_a_cancelled_plan() {
+    let app = TestApp::new();
+    for (ws, interval) in [("org_units_m", "monthly"), ("org_units_y", "yearly")] {
+        app.subscribe(ws, "max", interval).await;
+        let units = app.set_units(ws, 2).await;
+        assert_eq!(units.status.as_u16(), 200, "{:#}", units.body);
+        app.settle_billing().await;
+        let cancel = app
+            .post("/v1/subscription/cancel", &owner(ws), serde_json::json!({}))
+            .await;
+        assert_eq!(cancel.status.as_u16(), 200, "{:#}", cancel.body);
+    }
+    // The year's paid invoice recorded the terms Max was sold at, which its later months
+    // follow.
+    let doc =
+        tally::refresh::refresh_doc(app.docs.as_ref(), &tally_tests::workspace("org_units_y"))
+            .await
+            .unwrap()
+            .expect("a yearly period recorded");
+    assert_eq!(
+        doc.plan_terms.get("max").map(|t| t.monthly_credits.get()),
+        Some(400),
+        "{doc:#?}"
+    );
+    advance_days(&app, 430).await;
+    for (ws, months) in [("org_units_m", 1), ("org_units_y", 12)] {
+        let s = app.get("/v1/subscription", &owner(ws)).await.body["subscription"].clone();
+        assert_eq!(s["status"], "canceled", "{ws}: {s:#}");
+        assert_eq!(plan_grants(&app, ws).await.len(), months, "{ws}");
+        let addon = grants_of(&app, ws, tally::ledger::LotSource::Addon).await;
+        assert_eq!(addon.len(), months, "{ws}: {addon:#?}");
+        assert!(
+            addon.iter().all(|(_, c)| *c > 0 && *c <= 120),
+            "{ws}: {addon:#?}"
+        );
+        let lots = app.get("/v1/balance", &owner(ws)).await.body["lots"].clone();
+        assert!(
+            lots.as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["source"] != "addon"),
+            "{ws}: no add-on credits left a year on: {lots:#}"
+        );
+    }
+}
+
 /// Resuming collection does not pay the period Stripe moved on to while paused (its
 /// invoice was voided): the plan gives its benefits again once a renewal is paid.
 #[tokio::test]
@@ -1274,4 +1325,130 @@ async fn a_change_invoice_sent_again_after_two_renewals_is_a_duplicate_or_goes_t
     assert!(dead[1].body.contains("in_never_applied_change"));
     assert_eq!(app.available("org_resent").await, available);
     assert_eq!(app.entry_count("org_resent").await, entries);
+}
+
+/// The app's documents, except that the first write of an invoice's lot links fails (a
+/// store outage, or the function stopped there).
+struct LotLinkFailsOnce {
+    inner: std::sync::Arc<dyn tally::store::DocStore>,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tally::store::DocStore for LotLinkFailsOnce {
+    async fn get_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+    ) -> Result<Option<tally::store::Doc>, tally::store::StoreError> {
+        self.inner.get_doc(pk, sk).await
+    }
+    async fn put_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+    ) -> Result<bool, tally::store::StoreError> {
+        if pk.starts_with("INVOICE_LOTS#")
+            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(tally::store::StoreError::unavailable("PutItem: timed out"));
+        }
+        self.inner.put_doc(pk, sk, body, expected).await
+    }
+    async fn list_docs_before(
+        &self,
+        pk: &str,
+        prefix: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<tally::store::Doc>, tally::store::StoreError> {
+        self.inner.list_docs_before(pk, prefix, before, limit).await
+    }
+    async fn put_doc_due(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+        due: Option<tally::store::DueMark>,
+    ) -> Result<bool, tally::store::StoreError> {
+        self.inner.put_doc_due(pk, sk, body, expected, due).await
+    }
+    async fn due_docs(
+        &self,
+        shard: u32,
+        until: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<tally::store::DueDoc>, tally::store::StoreError> {
+        self.inner.due_docs(shard, until, limit).await
+    }
+}
+
+/// A yearly month the credit refresh granted but could not link to the year's invoice
+/// (the job failed in between), and the year refunded in full before the job ran again:
+/// the retry grants nothing (nothing is paid for any more) but links the month it
+/// granted, so the refund takes those credits back too.
+#[tokio::test]
+async fn a_month_granted_but_not_linked_is_taken_back_by_a_refund_before_the_retry() {
+    use tally::clock::Clock;
+    let app = TestApp::new();
+    let ws = "org_unlinked";
+    let start = app.clock.now();
+    app.subscribe(ws, "max", "yearly").await;
+    let sim = app.local.simulator.as_ref().unwrap();
+    sim.set_schedule(std::sync::Arc::new(tally_local::simulator::NoSchedule));
+    let month = tally::subscriptions::calendar::add_months(start, 1);
+    app.advance_clock(json!({ "until": month + chrono::Duration::hours(1) }))
+        .await;
+    assert_eq!(
+        app.available(ws).await,
+        400,
+        "month 2 waits for the refresh"
+    );
+    let failing: std::sync::Arc<dyn tally::store::DocStore> =
+        std::sync::Arc::new(LotLinkFailsOnce {
+            inner: app.docs.clone(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        });
+    assert!(
+        tally::refresh::run_due(&app.ledger, &failing, app.clock.now())
+            .await
+            .is_err()
+    );
+    assert_eq!(app.available(ws).await, 800, "month 2 granted, not linked");
+    // The year's payment refunded in full.
+    let charge = app
+        .sim_events("charge.succeeded")
+        .iter()
+        .find(|c| c["amount"].as_i64().is_some_and(|a| a > 0))
+        .and_then(|c| c["id"].as_str().map(str::to_owned))
+        .expect("the year's charge");
+    let refund = app
+        .dashboard(&format!("/sim/charges/{charge}/refund"), json!({}))
+        .await;
+    assert_eq!(refund.status.as_u16(), 200, "{:#}", refund.body);
+    tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
+        .await
+        .unwrap();
+    app.settle_billing().await;
+    assert_eq!(
+        app.available(ws).await,
+        0,
+        "every credit the refunded year bought is taken back"
+    );
+    // Nothing granted or taken twice when the refresh runs again.
+    tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(app.available(ws).await, 0);
+    assert_eq!(
+        plan_grants(&app, ws)
+            .await
+            .iter()
+            .filter(|(id, _)| id.starts_with("refresh:"))
+            .count(),
+        1
+    );
 }

@@ -38,12 +38,16 @@ struct Parts {
 }
 
 fn parts_over(store: Arc<dyn LedgerStore>, docs: Arc<dyn DocStore>) -> Parts {
+    parts_with_catalog(store, docs, tally::catalog::Catalog::builtin())
+}
+
+fn parts_with_catalog(
+    store: Arc<dyn LedgerStore>,
+    docs: Arc<dyn DocStore>,
+    catalog: tally::catalog::Catalog,
+) -> Parts {
     let clock = Arc::new(ManualClock::new(start()));
-    let ledger = Ledger::new(
-        store,
-        clock.clone(),
-        Arc::new(tally::catalog::Catalog::builtin()),
-    );
+    let ledger = Ledger::new(store, clock.clone(), Arc::new(catalog));
     Parts {
         ledger,
         docs,
@@ -92,6 +96,7 @@ fn period(ws: &str, interval: Interval, plan: &str, units: u32) -> PaidPeriod {
         plan: plan.into(),
         addon_units: units,
         addon_credits: None,
+        plan_terms: None,
         period_start: start(),
         period_end: add_months(start(), interval.months()),
     }
@@ -330,6 +335,85 @@ async fn a_max_yearly_workspace_gets_twelve_allotments_at_the_clamped_anniversar
     );
     assert_eq!(state.totals.issued, Credits::new(12 * 400 + 11 * 60));
     assert_eq!(state.totals.expired, state.totals.issued);
+}
+
+/// A yearly plan's later months are granted at the terms its year was paid for: the
+/// catalog edited after the payment (Max raised to 500 credits a month rolling over 10
+/// days) gives them to years paid from then on, not to this one. A period recorded before
+/// terms were kept follows the catalog of the day.
+#[tokio::test]
+async fn a_yearly_plans_months_keep_the_terms_its_year_was_paid_at() {
+    let sold = tally::catalog::Catalog::builtin();
+    let mut edited = sold.clone();
+    let max = edited.plans.iter_mut().find(|p| p.id == "max").unwrap();
+    assert_eq!(max.monthly_credits, Credits::new(400));
+    max.monthly_credits = Credits::new(500);
+    let (days_sold, days_edited) = (i64::from(max.rollover_days), 10);
+    max.rollover_days = 10;
+    let team = edited.plans.iter_mut().find(|p| p.id == "team").unwrap();
+    assert_eq!(team.monthly_credits, Credits::new(6000));
+    team.monthly_credits = Credits::new(7000);
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let p = parts_with_catalog(store.clone(), store, edited);
+    for (ws, terms) in [
+        ("paid_at_400", refresh::PlanTerms::of("max", &sold)),
+        ("recorded_before_terms", None),
+    ] {
+        set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+        let paid = PaidPeriod {
+            plan_terms: terms,
+            ..period(ws, Interval::Yearly, "max", 0)
+        };
+        refresh::record_paid_period(p.docs.as_ref(), &paid, start())
+            .await
+            .unwrap();
+        // Delivered again: nothing changes.
+        refresh::record_paid_period(p.docs.as_ref(), &paid, start())
+            .await
+            .unwrap();
+    }
+    // A third year paid at Max, upgraded to Team ten days in (the change paid then, at
+    // Team's terms of the day): its later months are Team's as sold.
+    let ws = "upgraded";
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Yearly, start()).await;
+    let own = PaidPeriod {
+        plan_terms: refresh::PlanTerms::of("max", &sold),
+        ..period(ws, Interval::Yearly, "max", 0)
+    };
+    refresh::record_paid_period(p.docs.as_ref(), &own, start())
+        .await
+        .unwrap();
+    let up = PaidPeriod {
+        invoice: InvoiceId::parse("in_upgraded_team").unwrap(),
+        plan: "team".into(),
+        plan_terms: refresh::PlanTerms::of("team", &sold),
+        ..own.clone()
+    };
+    refresh::set_level(p.docs.as_ref(), &up, start() + Duration::days(10), 1, BOTH)
+        .await
+        .unwrap();
+    play_until(&p, add_months(start(), 2) + Duration::hours(1)).await;
+    for (ws, credits, rollover) in [
+        ("paid_at_400", 400, days_sold),
+        ("recorded_before_terms", 500, days_edited),
+        ("upgraded", 6000, days_sold),
+    ] {
+        assert_eq!(
+            plan_grants(&p, ws).await,
+            vec![((2, 29), credits), ((3, 31), credits)],
+            "{ws}"
+        );
+        let state = p.ledger.store.load(&workspace(ws)).await.unwrap().unwrap();
+        let expiries: Vec<_> = state.lots.iter().map(|l| l.expires_at).collect();
+        assert_eq!(
+            expiries,
+            vec![
+                Some(add_months(start(), 2) + Duration::days(rollover)),
+                Some(add_months(start(), 3) + Duration::days(rollover)),
+            ],
+            "{ws}"
+        );
+    }
 }
 
 #[tokio::test]

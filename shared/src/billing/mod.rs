@@ -127,8 +127,10 @@ fn paid_period(
     invoice: &crate::ids::InvoiceId,
     level: &crate::subscriptions::paid::Level,
     addon_credits: Option<Credits>,
+    catalog: &crate::catalog::Catalog,
 ) -> crate::refresh::PaidPeriod {
     crate::refresh::PaidPeriod {
+        plan_terms: crate::refresh::PlanTerms::of(&level.plan, catalog),
         workspace: workspace.clone(),
         subscription: sub.clone(),
         invoice: invoice.clone(),
@@ -548,7 +550,14 @@ impl BillingEvents {
                     .and_then(|d| d.waiting_at(start));
                 crate::refresh::record_ranked_period(
                     self.docs.as_ref(),
-                    &paid_period(workspace, sub, &invoice.id, level, Some(addon_credits)),
+                    &paid_period(
+                        workspace,
+                        sub,
+                        &invoice.id,
+                        level,
+                        Some(addon_credits),
+                        self.catalog(),
+                    ),
                     crate::refresh::period_rank(
                         invoice.billing_reason.as_deref(),
                         invoice.number.as_deref(),
@@ -604,7 +613,14 @@ impl BillingEvents {
                 );
                 crate::refresh::set_level(
                     self.docs.as_ref(),
-                    &paid_period(workspace, sub, &invoice.id, level, addon_credits),
+                    &paid_period(
+                        workspace,
+                        sub,
+                        &invoice.id,
+                        level,
+                        addon_credits,
+                        self.catalog(),
+                    ),
                     *at,
                     rank,
                     billed,

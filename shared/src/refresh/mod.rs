@@ -39,6 +39,7 @@ use crate::store::docs::{self, DocStore, DueMark, shard_of};
 use crate::subscriptions::Interval;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Sort key of a workspace's refresh document (beside its other documents).
 pub const REFRESH_SK: &str = "REFRESH";
@@ -81,6 +82,25 @@ impl Settings {
     }
 }
 
+/// What a plan's month was sold as when it was paid for: its credits and how long they
+/// roll over past the month's end. A yearly plan's later months are granted from these,
+/// not from the catalog of the day they fall due, which staff may have edited since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanTerms {
+    pub monthly_credits: Credits,
+    pub rollover_days: u32,
+}
+
+impl PlanTerms {
+    /// The catalog's terms for `plan`, if it knows the plan.
+    pub fn of(plan: &str, catalog: &crate::catalog::Catalog) -> Option<Self> {
+        catalog.plan(plan).map(|p| Self {
+            monthly_credits: p.monthly_credits,
+            rollover_days: p.rollover_days,
+        })
+    }
+}
+
 /// A subscription period Stripe reports paid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaidPeriod {
@@ -94,6 +114,9 @@ pub struct PaidPeriod {
     /// as (`None`: as the plan's add-on).
     #[serde(default)]
     pub addon_credits: Option<Credits>,
+    /// The plan's terms in the catalog when the invoice was paid (`None`: unknown then).
+    #[serde(default)]
+    pub plan_terms: Option<PlanTerms>,
     pub period_start: DateTime<Utc>,
     pub period_end: DateTime<Utc>,
 }
@@ -170,6 +193,11 @@ pub struct RefreshDoc {
     /// among the changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parts: Option<PartsSet>,
+    /// The terms each plan of the period was paid for at, by plan id: the first recorded
+    /// for it in the period (at most one per plan of the catalog). A plan missing here (a
+    /// document recorded before terms were kept) follows the catalog.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plan_terms: BTreeMap<String, PlanTerms>,
 }
 
 /// Whether `kept` is a period kept as `previous` by the period that began at `start` (it
@@ -394,6 +422,22 @@ impl RefreshDoc {
             previous: None,
             period_rank: None,
             parts: Some(PartsSet::default()),
+            plan_terms: p
+                .plan_terms
+                .map(|t| BTreeMap::from([(p.plan.clone(), t)]))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Keeps the terms `p`'s plan was paid for at, unless the period already has that
+    /// plan's; whether they were new.
+    fn remember_terms(&mut self, p: &PaidPeriod) -> bool {
+        match p.plan_terms {
+            Some(t) if !self.plan_terms.contains_key(&p.plan) => {
+                self.plan_terms.insert(p.plan.clone(), t);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -776,12 +820,18 @@ pub async fn record_ranked_period(
                 {
                     let mut doc = c.reopened_by_own_invoice(p)?;
                     doc.period_rank = doc.period_rank.or(rank);
+                    doc.remember_terms(p);
                     doc
                 }
                 // The period's own invoice again: its level is the one it opened with, or a
-                // paid change's since.
-                Some(c) if c.same_period(&p.subscription, p.period_start, p.period_end, rank) => {
-                    return None;
+                // paid change's since (the terms of its plan are kept if they were not).
+                Some(mut c)
+                    if c.same_period(&p.subscription, p.period_start, p.period_end, rank) =>
+                {
+                    if !c.remember_terms(p) {
+                        return None;
+                    }
+                    c
                 }
                 Some(c) if !c.followed_by(p.period_start, rank) => return None,
                 current => {
@@ -864,7 +914,8 @@ pub async fn set_level(
                 Some(mut c)
                     if c.same_period(&p.subscription, p.period_start, p.period_end, None) =>
                 {
-                    if !c.set_level(p, at, rank, billed) {
+                    let learned = c.remember_terms(p);
+                    if !c.set_level(p, at, rank, billed) && !learned {
                         return None;
                     }
                     c

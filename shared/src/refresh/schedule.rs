@@ -2,8 +2,8 @@
 //! each grants, and when the workspace next needs the worker. No I/O, no clock: every
 //! function takes the time it reasons about.
 
-use super::RefreshDoc;
-use crate::catalog::{Catalog, Plan};
+use super::{PlanTerms, RefreshDoc};
+use crate::catalog::Catalog;
 use crate::ledger::LotSource;
 use crate::money::Credits;
 use crate::subscriptions::calendar::add_months;
@@ -67,28 +67,58 @@ pub struct AllotmentGrant {
     pub month: DateTime<Utc>,
 }
 
+/// A level as an allotment grants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Valued {
+    /// The plan's id.
+    pub plan: String,
+    /// The plan's name (its id when the catalog no longer has it).
+    pub name: String,
+    /// The plan's monthly credits and rollover, as paid for.
+    pub terms: PlanTerms,
+    pub units: u32,
+    /// What the add-on units are worth a month.
+    pub addon: Credits,
+}
+
 /// A level's plan, add-on units and what those units are worth a month (as billed, or
-/// as the plan's add-on when recorded without that value).
-fn valued<'c>(
+/// as the plan's add-on when recorded without that value). The plan's credits and
+/// rollover are those it was paid for at (`doc.plan_terms`), else the catalog's.
+fn valued(
+    doc: &RefreshDoc,
     plan: &str,
     units: u32,
     addon_credits: Option<Credits>,
-    catalog: &'c Catalog,
-) -> Result<(&'c Plan, u32, Credits), String> {
-    let plan = catalog
-        .plan(plan)
+    catalog: &Catalog,
+) -> Result<Valued, String> {
+    let listed = catalog.plan(plan);
+    let terms = doc
+        .plan_terms
+        .get(plan)
+        .copied()
+        .or_else(|| PlanTerms::of(plan, catalog))
         .ok_or_else(|| format!("unknown plan {plan:?}"))?;
     let addon = match (units, addon_credits) {
         (0, _) => Credits::ZERO,
         (_, Some(c)) => c,
         (_, None) => catalog
-            .addon(&plan.addon)
+            .addon(
+                &listed
+                    .ok_or_else(|| format!("unknown plan {plan:?}"))?
+                    .addon,
+            )
             .ok_or("plan add-on missing from catalog")?
             .credits_per_unit
             .checked_mul(u64::from(units))
             .ok_or("add-on credits overflow")?,
     };
-    Ok((plan, units, addon))
+    Ok(Valued {
+        plan: plan.to_owned(),
+        name: listed.map_or_else(|| plan.to_owned(), |p| p.name.clone()),
+        terms,
+        units,
+        addon,
+    })
 }
 
 /// The plan an allotment dated `at` follows, its add-on units and their credits: the level
@@ -100,11 +130,7 @@ fn valued<'c>(
 /// (those of a month not granted yet from its allotment, see
 /// [`crate::ledger::Operation::ChangeCredited`]), so the allotment owes its date's level,
 /// whatever changes follow and whatever order their events arrive in.
-pub fn level<'c>(
-    doc: &RefreshDoc,
-    at: DateTime<Utc>,
-    catalog: &'c Catalog,
-) -> Result<(&'c Plan, u32, Credits), String> {
+pub fn level(doc: &RefreshDoc, at: DateTime<Utc>, catalog: &Catalog) -> Result<Valued, String> {
     // Where the first change since the date started (late changes on either side of the
     // date correct it as they are recorded), else the earlier level kept, else the level
     // now.
@@ -115,7 +141,13 @@ pub fn level<'c>(
         Some(c) if earlier.is_none_or(|e| c.at <= e.until) => c.before.clone(),
         _ => earlier.map_or_else(|| doc.parts(), |e| e.level.clone()),
     };
-    valued(&then.plan, then.addon_units, then.addon_credits, catalog)
+    valued(
+        doc,
+        &then.plan,
+        then.addon_units,
+        then.addon_credits,
+        catalog,
+    )
 }
 
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
@@ -126,22 +158,26 @@ pub fn grants(
     a: &Allotment,
     catalog: &Catalog,
 ) -> Result<Vec<AllotmentGrant>, String> {
-    let (plan, units, addon_credits) = level(doc, a.at, catalog)?;
+    let Valued {
+        name,
+        terms,
+        plan: _,
+        units,
+        addon: addon_credits,
+    } = level(doc, a.at, catalog)?;
     // Money given back for a change before this allotment: the allotment loses that share
     // of what the change added (rounded up), never more than it gives above the level the
     // change started from (a later downgrade may have given the rise back already), from
     // the plan's credits first.
-    let total = |plan: &Plan, addon: Credits| {
-        u128::from(plan.monthly_credits.get()) + u128::from(addon.get())
-    };
-    let now = total(plan, addon_credits);
+    let total = |v: &Valued| u128::from(v.terms.monthly_credits.get()) + u128::from(v.addon.get());
+    let now = u128::from(terms.monthly_credits.get()) + u128::from(addon_credits.get());
     let mut less = 0u128;
     for c in doc.changes.iter().filter(|c| c.at < a.at) {
         let Some((back, paid)) = c.given_back.filter(|&(b, p)| b > 0 && p > 0) else {
             continue;
         };
         let valued_total = |l: &super::LevelParts| {
-            valued(&l.plan, l.addon_units, l.addon_credits, catalog).map(|(p, _, a)| total(p, a))
+            valued(doc, &l.plan, l.addon_units, l.addon_credits, catalog).map(|v| total(&v))
         };
         // A level the catalog no longer knows fully: a start whose add-ons cannot be valued
         // counts its plan alone, one whose plan is gone counts as nothing (the refund then
@@ -151,19 +187,23 @@ pub fn grants(
             continue;
         };
         let before = valued_total(&c.before).unwrap_or_else(|_| {
-            let plan = catalog.plan(&c.before.plan);
+            let terms = doc
+                .plan_terms
+                .get(&c.before.plan)
+                .copied()
+                .or_else(|| PlanTerms::of(&c.before.plan, catalog));
             tracing::error!(workspace = %doc.workspace, invoice = %c.invoice,
-                plan = %c.before.plan, known = plan.is_some(),
+                plan = %c.before.plan, known = terms.is_some(),
                 "the level a refunded change started from is not fully in the catalog");
-            plan.map_or(0, |p| u128::from(p.monthly_credits.get()))
+            terms.map_or(0, |t| u128::from(t.monthly_credits.get()))
         });
         let added = after.saturating_sub(before);
         let share = (added * u128::from(back.min(paid))).div_ceil(u128::from(paid));
         less += share.min(now.saturating_sub(before));
     }
     let less = u64::try_from(less.min(now)).unwrap_or(u64::MAX);
-    let plan_credits = plan.monthly_credits.saturating_sub(Credits::new(less));
-    let less = Credits::new(less.saturating_sub(plan.monthly_credits.get()));
+    let plan_credits = terms.monthly_credits.saturating_sub(Credits::new(less));
+    let less = Credits::new(less.saturating_sub(terms.monthly_credits.get()));
     let addon_credits = addon_credits.saturating_sub(less);
     let base = format!(
         "refresh:{}:{}:{}",
@@ -175,8 +215,8 @@ pub fn grants(
         key: format!("{base}:plan"),
         source: LotSource::PlanPeriod,
         credits: plan_credits,
-        expires_at: a.month_end + Duration::days(i64::from(plan.rollover_days)),
-        note: format!("{} plan credits, month {} of 12", plan.name, a.k + 1),
+        expires_at: a.month_end + Duration::days(i64::from(terms.rollover_days)),
+        note: format!("{name} plan credits, month {} of 12", a.k + 1),
         month: a.at,
     }];
     if units > 0 && addon_credits > Credits::ZERO {
@@ -315,6 +355,7 @@ mod tests {
             previous: None,
             period_rank: None,
             parts: Some(crate::refresh::PartsSet::default()),
+            plan_terms: Default::default(),
         }
     }
 
@@ -328,6 +369,7 @@ mod tests {
             plan: plan.into(),
             addon_units: 0,
             addon_credits: None,
+            plan_terms: None,
             period_start: d.period_start,
             period_end: d.period_end,
         }
@@ -483,8 +525,8 @@ mod tests {
         assert_eq!((d.plan.as_str(), d.addon_units), ("max", 3));
         // An allotment dated between the upgrade and the last units change: Max with 5.
         let catalog = Catalog::builtin();
-        let (plan, n, _) = level(&d, day(2) + Duration::hours(1), &catalog).unwrap();
-        assert_eq!((plan.id.as_str(), n), ("max", 5));
+        let v = level(&d, day(2) + Duration::hours(1), &catalog).unwrap();
+        assert_eq!((v.plan.as_str(), v.units), ("max", 5));
     }
 
     #[test]
@@ -545,6 +587,7 @@ mod tests {
                 plan: d.plan.clone(),
                 addon_units: units,
                 addon_credits: None,
+                plan_terms: None,
                 period_start: d.period_start,
                 period_end: d.period_end,
             };
@@ -579,6 +622,7 @@ mod tests {
             plan: "team".into(),
             addon_units: 0,
             addon_credits: None,
+            plan_terms: None,
             period_start: d.period_start,
             period_end: d.period_end,
         };
@@ -750,6 +794,7 @@ mod tests {
             plan: "max".into(),
             addon_units: 0,
             addon_credits: None,
+            plan_terms: None,
             period_start: d.period_start,
             period_end: d.period_end,
         };

@@ -303,6 +303,7 @@ impl Refresher {
                 if in_effect_at(a.at) {
                     self.allot(prev, &a, now, &mut report).await?;
                 } else {
+                    self.relink(prev, &a, &[]).await?;
                     report.forfeited.push(a.k);
                 }
             }
@@ -323,6 +324,7 @@ impl Refresher {
             if in_effect {
                 self.allot(&doc, &a, now, &mut report).await?;
             } else {
+                self.relink(&doc, &a, &[]).await?;
                 tracing::info!(
                     allotment = a.k,
                     "subscription not in effect; allotment not granted"
@@ -404,11 +406,84 @@ impl Refresher {
             tracing::warn!(key = %g.key, "allotment already expired; not granted");
             report.skipped_expired.push(g.key);
         }
+        let granting: Vec<String> = grants.iter().map(|g| g.key.clone()).collect();
+        self.relink(doc, a, &granting).await?;
         let count = grants.len();
         for (i, g) in grants.into_iter().enumerate() {
             self.grant(doc, g, i + 1 == count, report).await?;
         }
         Ok(())
+    }
+
+    /// Links to the period's invoice the grants of allotment `a` that an earlier attempt
+    /// made and this one does not make again (`granting` are the keys it grants), in case
+    /// that attempt stopped before linking them: the year's invoice refunded in full, or
+    /// the subscription replaced, before the job was retried. Without the link, its
+    /// refunds and disputes would not find those credits. The keys are the allotment's
+    /// at its level with no money given back (which only lowers what it grants); each is
+    /// looked up only when this attempt does not grant it.
+    async fn relink(
+        &self,
+        doc: &RefreshDoc,
+        a: &schedule::Allotment,
+        granting: &[String],
+    ) -> Result<(), RefreshError> {
+        let mut whole = doc.clone();
+        whole.given_back = None;
+        for c in &mut whole.changes {
+            c.given_back = None;
+        }
+        // A level the catalog cannot value was never granted.
+        let Ok(keys) = schedule::grants(&whole, a, &self.ledger.catalog) else {
+            return Ok(());
+        };
+        for key in keys
+            .into_iter()
+            .map(|g| g.key)
+            .filter(|k| !granting.contains(k))
+        {
+            let Some(record) = self
+                .ledger
+                .store
+                .idempotency(&doc.workspace, &IdempotencyKey::derived(key.clone()))
+                .await?
+            else {
+                continue;
+            };
+            self.link(doc, &key, &record.outcome, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Links the lot a grant under `key` made (`outcome`) to the period's invoice.
+    async fn link(
+        &self,
+        doc: &RefreshDoc,
+        key: &str,
+        outcome: &crate::ledger::Outcome,
+        credits: Option<crate::money::Credits>,
+    ) -> Result<(), RefreshError> {
+        let Some(seq) = outcome
+            .lot
+            .as_deref()
+            .and_then(|l| l.strip_prefix("lot_"))
+            .and_then(|s| s.parse().ok())
+        else {
+            return Ok(());
+        };
+        // What the lot got: the month may have owed some back.
+        let Some(got) = outcome.granted.or(credits) else {
+            return Ok(());
+        };
+        crate::billing::BillingEvents::new(
+            self.ledger.clone(),
+            self.docs.clone(),
+            // This function's observer only alerts.
+            self.ledger.observer.clone(),
+        )
+        .link_invoice_lot(&doc.invoice, &doc.workspace, key, seq, got)
+        .await
+        .map_err(|e| RefreshError::Payment(e.to_string()))
     }
 
     async fn grant(
@@ -443,29 +518,7 @@ impl Refresher {
             .await?;
         // The allotment was bought by the period's invoice: its refunds and disputes
         // follow this lot too.
-        if let Some(seq) = outcome
-            .lot
-            .as_deref()
-            .and_then(|l| l.strip_prefix("lot_"))
-            .and_then(|s| s.parse().ok())
-        {
-            crate::billing::BillingEvents::new(
-                self.ledger.clone(),
-                self.docs.clone(),
-                // This function's observer only alerts.
-                self.ledger.observer.clone(),
-            )
-            .link_invoice_lot(
-                &doc.invoice,
-                &doc.workspace,
-                &g.key,
-                seq,
-                // What the lot got: the month may have owed some back.
-                outcome.granted.unwrap_or(g.credits),
-            )
-            .await
-            .map_err(|e| RefreshError::Payment(e.to_string()))?;
-        }
+        self.link(doc, &g.key, &outcome, Some(g.credits)).await?;
         report.granted.push(g.key);
         Ok(())
     }
