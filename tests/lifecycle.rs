@@ -1452,3 +1452,78 @@ async fn a_month_granted_but_not_linked_is_taken_back_by_a_refund_before_the_ret
         1
     );
 }
+
+/// A Team year changed to Generative in the dashboard an hour in, its prorations left for
+/// the next invoice, while the credit refresh granted the next month at Team's level; two
+/// and a half months on (the refresh late with January's month) the owner goes back to
+/// Team, billed at once with the waiting prorations. The Team credits of the months the
+/// dashboard change credited back (November, December) are taken back as far as unspent,
+/// not only withheld from January's month; January's month comes to what was paid for it.
+#[tokio::test]
+async fn an_earlier_changes_credit_for_granted_months_is_taken_when_the_month_waits() {
+    use tally::clock::Clock;
+    use tally::ledger::Interval;
+    use tally::payments::{ItemPrice, SubscriptionChange};
+    let app = TestApp::new();
+    let ws = "org_deferred";
+    let start = app.clock.now();
+    app.subscribe(ws, "team", "yearly").await;
+    app.advance_clock(json!({"hours": 1})).await;
+    let catalog = app.ledger.catalog.clone();
+    let generative = catalog.plan("generative").unwrap();
+    let sim = app.local.simulator.as_ref().unwrap();
+    let sub = app.get("/v1/subscription", &owner(ws)).await.body["subscription"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sim.change_without_invoicing(&SubscriptionChange {
+        plan: Some(ItemPrice {
+            product: tally::payments::stripe_api::product_id("plan", "generative"),
+            product_name: format!("{} plan", generative.name),
+            unit_amount: tally::subscriptions::change::plan_unit_price(
+                &catalog,
+                generative,
+                Interval::Yearly,
+            ),
+            interval: Interval::Yearly,
+        }),
+        ..SubscriptionChange::to(sub.parse().unwrap())
+    })
+    .await
+    .unwrap();
+    app.settle_billing().await;
+    let add = tally::subscriptions::calendar::add_months;
+    app.advance_clock(json!({"until": add(start, 1) + chrono::Duration::hours(2)}))
+        .await;
+    // Nothing paid for the change yet: December came at Team's level.
+    assert_eq!(app.available(ws).await, 12_000);
+    let schedule = sim.schedule();
+    sim.set_schedule(std::sync::Arc::new(tally_local::simulator::NoSchedule));
+    let back = add(start, 2) + chrono::Duration::days(16);
+    app.advance_clock(json!({ "until": back })).await;
+    // November's lot has lapsed; December's is unspent.
+    assert_eq!(app.available(ws).await, 6_000);
+    let up = app.change_plan(ws, "team", "yearly").await;
+    assert_eq!(up.status.as_u16(), 200, "{:#}", up.body);
+    app.settle_billing().await;
+    assert_eq!(
+        app.available(ws).await,
+        0,
+        "December's Team credits were credited back as money"
+    );
+    sim.set_schedule(schedule);
+    tally::refresh::run_due(&app.ledger, &app.docs, app.clock.now())
+        .await
+        .unwrap();
+    app.settle_billing().await;
+    // January: Generative to the 17th, Team from then on (each to a credit or so).
+    let (jan, feb) = (add(start, 2), add(start, 3));
+    let month = (feb - jan).num_seconds() as f64;
+    let team_part = (feb - back).num_seconds() as f64 / month;
+    let paid = 900.0 * (1.0 - team_part) + 6000.0 * team_part;
+    let kept = app.available(ws).await as f64;
+    assert!(
+        (kept - paid).abs() <= 3.0,
+        "January kept {kept}, paid for {paid}"
+    );
+}

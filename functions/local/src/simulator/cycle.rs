@@ -228,11 +228,13 @@ impl Simulator {
         } else {
             sub.set_cycle(sub.anchor, sub.cycle + 1);
         }
-        let lines: Vec<Line> = sub
+        // The new period's lines, then the prorations waiting for an invoice.
+        let mut lines: Vec<Line> = sub
             .items
             .iter()
             .map(|i| Line::full(i, (sub.period_start, sub.period_end)))
             .collect();
+        lines.append(&mut sub.pending);
         let id: InvoiceId = super::new_stripe_id("in");
         let mut inv = invoice_object(
             &self.base_url,

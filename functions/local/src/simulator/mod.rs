@@ -220,6 +220,45 @@ impl Simulator {
         self.clock.now().timestamp()
     }
 
+    /// A change made in the dashboard that creates prorations without invoicing them
+    /// (Stripe's `proration_behavior=create_prorations`, the dashboard's default): the
+    /// items change at once and the prorated difference waits for the subscription's next
+    /// invoice, its renewal or a change billed at once. A switch of interval is refused
+    /// here (Stripe bills a new interval's period at once).
+    pub async fn change_without_invoicing(
+        &self,
+        change: &SubscriptionChange,
+    ) -> Result<(), PaymentsError> {
+        let now = self.now();
+        let events = {
+            let mut subs = self.subscriptions.lock().expect("sim lock");
+            let current = subs.get(&change.subscription).ok_or_else(|| {
+                PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
+            })?;
+            let prorated = SubscriptionChange {
+                prorate_now: true,
+                ..change.clone()
+            };
+            let (mut next, mut lines) = self.plan_update(current, &prorated, now)?;
+            if next.interval() != current.interval() {
+                return Err(PaymentsError::refused(
+                    "a switch of interval is billed at once",
+                ));
+            }
+            lines.append(&mut next.pending);
+            next.pending = lines;
+            let (before, after) = (current.object(), next.object());
+            subs.insert(next.id.clone(), next);
+            if before == after {
+                Vec::new()
+            } else {
+                vec![("customer.subscription.updated", after)]
+            }
+        };
+        self.deliver_all(events).await;
+        Ok(())
+    }
+
     /// Makes every later charge of a customer's saved card decline (`true`) or succeed.
     /// Returns `false` for a customer the simulator does not know.
     pub fn set_card_declines(&self, customer: &str, declines: bool) -> bool {
@@ -675,6 +714,7 @@ impl Simulator {
                     draft: None,
                     schedule: None,
                     last_phase: None,
+                    pending: Vec::new(),
                 };
                 sub.set_cycle(now, 0);
                 let id: InvoiceId = new_stripe_id("in");
@@ -907,10 +947,13 @@ impl Simulator {
         let current = subs.get(&change.subscription).ok_or_else(|| {
             PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
         })?;
-        let (mut next, lines) = self.plan_update(current, change, now)?;
+        let (mut next, mut lines) = self.plan_update(current, change, now)?;
         let mut events: Events = Vec::new();
         let mut billed = None;
         if !lines.is_empty() {
+            // An invoice made now bills the prorations waiting for one too (listed after
+            // the change's own, newest first).
+            lines.append(&mut next.pending);
             let total: i64 = lines.iter().map(|l| l.amount).sum();
             let strict = change.prorate_now; // payment_behavior=error_if_incomplete
             if strict && total > 0 && !next.paused && self.declines(&next.customer) {
@@ -1497,7 +1540,10 @@ impl Payments for Simulator {
             .ok_or_else(|| {
                 PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
             })?;
-        let (_, lines) = self.plan_update(&current, change, now)?;
+        let (_, mut lines) = self.plan_update(&current, change, now)?;
+        if !lines.is_empty() {
+            lines.extend(current.pending.iter().cloned());
+        }
         let total: i64 = lines.iter().map(|l| l.amount).sum();
         let id: InvoiceId = new_stripe_id("in");
         let mut preview = billed_invoice(&invoice_object(

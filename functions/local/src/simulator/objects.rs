@@ -200,6 +200,10 @@ pub(super) struct SimSubscription {
     /// end date one billing interval, and releases the schedule only when it ends), with
     /// nothing left to apply.
     pub(super) last_phase: Option<String>,
+    /// Prorations of changes made without invoicing them (`create_prorations`, the
+    /// dashboard's default), newest first: the subscription's next invoice bills them (its
+    /// renewal, or a change billed at once).
+    pub(super) pending: Vec<Line>,
 }
 
 impl SimSubscription {
