@@ -150,6 +150,17 @@ pub fn level(doc: &RefreshDoc, at: DateTime<Utc>, catalog: &Catalog) -> Result<V
     )
 }
 
+/// The ledger keys of allotment `a`'s grants: its plan credits', its add-on credits'.
+pub fn grant_keys(doc: &RefreshDoc, a: &Allotment) -> [String; 2] {
+    let base = format!(
+        "refresh:{}:{}:{}",
+        doc.subscription,
+        doc.period_start.timestamp(),
+        a.k
+    );
+    [format!("{base}:plan"), format!("{base}:addon")]
+}
+
 /// What allotment `a` of the period grants: the plan's monthly credits, rolling over
 /// `rollover_days` past the month's end, and the add-on units' credits, expiring at the
 /// month's end (as the invoice's own first month does).
@@ -205,14 +216,9 @@ pub fn grants(
     let plan_credits = terms.monthly_credits.saturating_sub(Credits::new(less));
     let less = Credits::new(less.saturating_sub(terms.monthly_credits.get()));
     let addon_credits = addon_credits.saturating_sub(less);
-    let base = format!(
-        "refresh:{}:{}:{}",
-        doc.subscription,
-        doc.period_start.timestamp(),
-        a.k
-    );
+    let [plan_key, addon_key] = grant_keys(doc, a);
     let mut out = vec![AllotmentGrant {
-        key: format!("{base}:plan"),
+        key: plan_key,
         source: LotSource::PlanPeriod,
         credits: plan_credits,
         expires_at: a.month_end + Duration::days(i64::from(terms.rollover_days)),
@@ -221,7 +227,7 @@ pub fn grants(
     }];
     if units > 0 && addon_credits > Credits::ZERO {
         out.push(AllotmentGrant {
-            key: format!("{base}:addon"),
+            key: addon_key,
             source: LotSource::Addon,
             credits: addon_credits,
             expires_at: a.month_end,

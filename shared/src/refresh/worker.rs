@@ -418,28 +418,18 @@ impl Refresher {
     /// Links to the period's invoice the grants of allotment `a` that an earlier attempt
     /// made and this one does not make again (`granting` are the keys it grants), in case
     /// that attempt stopped before linking them: the year's invoice refunded in full, or
-    /// the subscription replaced, before the job was retried. Without the link, its
-    /// refunds and disputes would not find those credits. The keys are the allotment's
-    /// at its level with no money given back (which only lowers what it grants); each is
-    /// looked up only when this attempt does not grant it.
+    /// the month forfeited, before the job was retried. Without the link, its refunds and
+    /// disputes would not find those credits. Each of the allotment's two keys (plan,
+    /// add-on) is looked up when this attempt does not grant it, whatever the level says
+    /// now (a late change may have moved it since).
     async fn relink(
         &self,
         doc: &RefreshDoc,
         a: &schedule::Allotment,
         granting: &[String],
     ) -> Result<(), RefreshError> {
-        let mut whole = doc.clone();
-        whole.given_back = None;
-        for c in &mut whole.changes {
-            c.given_back = None;
-        }
-        // A level the catalog cannot value was never granted.
-        let Ok(keys) = schedule::grants(&whole, a, &self.ledger.catalog) else {
-            return Ok(());
-        };
-        for key in keys
+        for key in schedule::grant_keys(doc, a)
             .into_iter()
-            .map(|g| g.key)
             .filter(|k| !granting.contains(k))
         {
             let Some(record) = self
