@@ -1030,3 +1030,120 @@ async fn a_checkout_session_expires_unpaid_after_a_day() {
     app.settle_billing().await;
     assert_eq!(app.available("org_late").await, 100);
 }
+
+/// A change made in the dashboard without invoicing it (`create_prorations`) leaves its
+/// proration lines for the subscription's next invoice: a change billed at once bills them
+/// after its own (newest first), and otherwise the renewal bills them after the new
+/// period; a subscription set to cancel refuses it here.
+#[tokio::test]
+async fn prorations_left_for_the_next_invoice_are_billed_by_it() {
+    use tally::ledger::Interval;
+    use tally::payments::{ItemPrice, SubscriptionChange};
+    let app = TestApp::new();
+    let ws = "org_pending";
+    let (sub, _) = subscribe(&app, ws, "max", "monthly").await;
+    let sim = app.local.simulator.as_ref().unwrap();
+    let catalog = app.ledger.catalog.clone();
+    let dashboard = |plan: &str| {
+        let p = catalog.plan(plan).unwrap();
+        SubscriptionChange {
+            plan: Some(ItemPrice {
+                product: tally::payments::stripe_api::product_id("plan", plan),
+                product_name: format!("{} plan", p.name),
+                unit_amount: tally::subscriptions::change::plan_unit_price(
+                    &catalog,
+                    p,
+                    Interval::Monthly,
+                ),
+                interval: Interval::Monthly,
+            }),
+            ..SubscriptionChange::to(sub.parse().unwrap())
+        }
+    };
+    let invoices = |app: &TestApp| {
+        events(app)
+            .into_iter()
+            .filter(|e| e.kind == "invoice.created" || e.kind == "invoice.paid")
+            .count()
+    };
+    advance_days(&app, 10).await;
+    let before = invoices(&app);
+    sim.change_without_invoicing(&dashboard("generative"))
+        .await
+        .unwrap();
+    app.settle_billing().await;
+    assert_eq!(invoices(&app), before, "nothing invoiced now");
+    let s = app.get("/v1/subscription", &owner(ws)).await.body["subscription"].clone();
+    assert_eq!(s["plan"], "generative", "{s:#}");
+    advance_days(&app, 5).await;
+    let up = app.change_plan(ws, "team", "monthly").await;
+    assert_eq!(up.status.as_u16(), 200, "{:#}", up.body);
+    let (start, end) = (ts(utc(2026, 11, 1, 12)), ts(utc(2026, 12, 1, 12)));
+    let (first, second) = (ts(utc(2026, 11, 11, 12)), ts(utc(2026, 11, 16, 12)));
+    let all = events(&app);
+    let change = of_subscription(&all, &sub)
+        .into_iter()
+        .rfind(|e| e.kind == "invoice.paid" && object(e)["billing_reason"] == "subscription_update")
+        .unwrap();
+    let got = lines(object(change));
+    let described: Vec<(&str, (i64, i64))> = got
+        .iter()
+        .map(|l| (l.0.split(" after").next().unwrap(), l.3))
+        .collect();
+    assert_eq!(
+        described,
+        vec![
+            ("Unused time on Generative plan", (second, end)),
+            ("Remaining time on 1 × Team plan", (second, end)),
+            ("Unused time on Max plan", (first, end)),
+            ("Remaining time on 1 × Generative plan", (first, end)),
+        ]
+    );
+    assert_eq!(got[2].1, -prorated(2900, end - first, end - start));
+    assert_eq!(got[3].1, prorated(5900, end - first, end - start));
+    assert_eq!(
+        object(change)["total"],
+        got.iter().map(|l| l.1).sum::<i64>()
+    );
+    // Left for the renewal instead: billed after the new period's line.
+    advance_days(&app, 5).await;
+    sim.change_without_invoicing(&dashboard("plus"))
+        .await
+        .unwrap();
+    app.settle_billing().await;
+    advance(&app, json!({"until": "2026-12-01T12:00:00Z"})).await;
+    let all = events(&app);
+    let renewal = of_subscription(&all, &sub)
+        .into_iter()
+        .rfind(|e| {
+            e.kind == "invoice.created" && object(e)["billing_reason"] == "subscription_cycle"
+        })
+        .unwrap();
+    let got = lines(object(renewal));
+    let third = ts(utc(2026, 11, 21, 12));
+    let described: Vec<(&str, bool, (i64, i64))> = got
+        .iter()
+        .map(|l| (l.0.split(" after").next().unwrap(), l.2, l.3))
+        .collect();
+    assert_eq!(
+        described,
+        vec![
+            (
+                "1 × Plus plan (at $12.00 / month)",
+                false,
+                (end, ts(utc(2027, 1, 1, 12)))
+            ),
+            ("Unused time on Team plan", true, (third, end)),
+            ("Remaining time on 1 × Plus plan", true, (third, end)),
+        ]
+    );
+    let cancel = app
+        .post("/v1/subscription/cancel", &owner(ws), json!({}))
+        .await;
+    assert_eq!(cancel.status.as_u16(), 200, "{:#}", cancel.body);
+    assert!(
+        sim.change_without_invoicing(&dashboard("max"))
+            .await
+            .is_err()
+    );
+}

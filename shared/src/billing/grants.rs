@@ -146,27 +146,6 @@ pub struct InvoiceCredits {
     /// Credits the invoice gave back as money: a change whose lines are worth less than
     /// nothing (unused time at a richer level credited by Stripe), to be taken back.
     pub credited: Credits,
-    /// A change's proration lines and the period they bill, as valued: what
-    /// [`credited_before`] splits by month.
-    pub change_lines: Option<(Vec<PaidLine>, Level)>,
-}
-
-/// Of a change invoice's credit (`lines`, billing `period`), what falls in the billing
-/// months before `month`: the months an earlier change left its prorations for since (made
-/// in the dashboard without invoicing them), granted at the level before it. Nothing when
-/// lines bill products outside the catalog (their credit is an estimate).
-pub fn credited_before(
-    lines: &[PaidLine],
-    period: &Level,
-    month: DateTime<Utc>,
-    catalog: &Catalog,
-) -> Credits {
-    if has_other_items(lines) {
-        return Credits::ZERO;
-    }
-    let earlier: Vec<PaidLine> = lines.iter().filter(|l| l.start < month).cloned().collect();
-    let (plan, addon) = change_value_through(&earlier, period, Some(month), catalog);
-    credited(plan + addon)
 }
 
 /// Credits of a paid invoice. `known` are the subscription's paid periods (newest first);
@@ -406,7 +385,6 @@ pub fn line_grants(
     if !has_other_items(&lines_of_period) {
         out.credited = credited(plan_value + addon_value);
     }
-    out.change_lines = Some((lines_of_period.clone(), period.clone()));
     let (plan_credits, addon_credits) = net(plan_value, addon_value);
     let (month_start, month_end) = billing_month(&period, last.start);
     let after = level_after_changes(&lines_of_period, &period);

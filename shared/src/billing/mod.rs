@@ -650,57 +650,12 @@ impl BillingEvents {
                 self.link_invoice(&invoice.id, workspace).await?;
             }
         }
-        // Of a month not granted yet: what falls in the months before it (an earlier
-        // change's prorations this invoice bills, left since a month already granted at
-        // the level before) comes from any plan and add-on credits, as for a change in a
-        // granted month; only the rest waits for that month's credits.
-        let mut earlier = match (month_from, &credits.change_lines) {
-            (Some(m), Some((lines, period))) => {
-                grants::credited_before(lines, period, m, self.catalog()).min(credits.credited)
-            }
-            _ => Credits::ZERO,
-        };
-        // An invoice applied before the months were told apart withheld all of it from
-        // the month: the same again, never a second take.
-        if earlier > Credits::ZERO {
-            let applied = |suffix: &str| {
-                let key =
-                    IdempotencyKey::derived(format!("stripe:invoice:{}:{suffix}", invoice.id));
-                async move { self.ledger.store.idempotency(workspace, &key).await }
-            };
-            if applied("credited").await?.is_some() && applied("credited:earlier").await?.is_none()
-            {
-                earlier = Credits::ZERO;
-            }
-        }
-        if earlier > Credits::ZERO {
-            let key = format!("stripe:invoice:{}:credited:earlier", invoice.id);
-            let req = LedgerRequest {
-                workspace: workspace.clone(),
-                key: IdempotencyKey::derived(key.clone()),
-                fingerprint: key,
-                actor: Actor::new(ActorKind::Stripe, event.id.clone()),
-                refs: crate::ledger::Refs {
-                    invoice: Some(invoice.id.clone()),
-                    stripe_event: Some(event.id.clone()),
-                    ..Default::default()
-                },
-                op: Operation::ChangeCredited {
-                    credits: earlier.min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST)),
-                    month_from: None,
-                    note: format!(
-                        "invoice {} credited unused time of earlier months worth {earlier} credits more than the new time",
-                        invoice.id
-                    ),
-                },
-            };
-            self.money_back.execute(req).await?;
-        }
-        let rest = credits.credited.saturating_sub(earlier);
-        if rest > Credits::ZERO {
+        if credits.credited > Credits::ZERO {
             // Money back for unused time: its credits follow it out, as far as unspent (of
             // a month not granted yet, from its credits as they are granted).
-            let take = rest.min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST));
+            let take = credits
+                .credited
+                .min(Credits::new(crate::money::MAX_CREDITS_PER_REQUEST));
             let key = format!("stripe:invoice:{}:credited", invoice.id);
             let req = LedgerRequest {
                 workspace: workspace.clone(),

@@ -235,6 +235,13 @@ impl Simulator {
             let current = subs.get(&change.subscription).ok_or_else(|| {
                 PaymentsError::refused(format!("No such subscription: '{}'", change.subscription))
             })?;
+            // Stripe collects such prorations at the end of a period set to cancel (a final
+            // invoice), which is not modelled here.
+            if current.cancel_at_period_end {
+                return Err(PaymentsError::refused(
+                    "prorations left for the next invoice of a subscription set to cancel are not simulated",
+                ));
+            }
             let prorated = SubscriptionChange {
                 prorate_now: true,
                 ..change.clone()
