@@ -150,6 +150,17 @@ impl SubscriptionRecord {
             {
                 None
             }
+            // Stripe never makes a subscription incomplete again: it is incomplete only
+            // until its first invoice is paid. Checkout sends its creation (incomplete) and
+            // its activation in the same second, in no order, with ids that do not follow
+            // time: the creation says nothing new once another status is known.
+            Some(c)
+                if c.id == incoming.id
+                    && incoming.stripe_status == "incomplete"
+                    && c.stripe_status != "incomplete" =>
+            {
+                None
+            }
             Some(c) if c.order() >= incoming.order() => None,
             _ => Some(incoming),
         }

@@ -758,7 +758,12 @@ impl Simulator {
                 session["invoice"] = json!(id);
                 session["amount_total"] = json!(amount);
                 session["amount_subtotal"] = json!(amount);
-                events.insert(0, ("customer.subscription.created", sub.object()));
+                // Checkout makes the subscription incomplete and activates it once its first
+                // invoice is paid: created incomplete, then updated active.
+                let mut created = sub.object();
+                created["status"] = json!("incomplete");
+                events.insert(0, ("customer.subscription.created", created));
+                events.push(("customer.subscription.updated", sub.object()));
                 events.push(("checkout.session.completed", session));
                 self.subscriptions
                     .lock()
