@@ -965,7 +965,15 @@ async fn a_subscription_never_paid_gives_no_benefits_until_an_invoice_is() {
                 failed.clone(),
                 update.clone(),
             ],
-            vec![subscription_checkout(), active.clone(), update, failed],
+            vec![
+                subscription_checkout(),
+                active.clone(),
+                update,
+                failed.clone(),
+            ],
+            // No past-due update at all (an invoice sent for payment): the failed sign-up
+            // invoice alone says so.
+            vec![subscription_checkout(), active.clone(), failed],
         ] {
             let o = run(&order).await;
             assert_eq!(

@@ -619,3 +619,99 @@ impl TestApp {
         .as_u16()
     }
 }
+
+/// What runs just before the `n`th (from 0) write of a document an [`OnWrite`] watches.
+pub type WriteHook = Box<
+    dyn Fn(
+            usize,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), tally::store::StoreError>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// Which documents (by partition and sort key) an [`OnWrite`] watches.
+type Watched = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// Documents over `inner`, except that each write of a document `watched` picks (by its
+/// keys) runs `hook` first: a store outage (the hook fails), or something done at that
+/// moment.
+pub struct OnWrite {
+    inner: Arc<dyn tally::store::DocStore>,
+    watched: Watched,
+    writes: std::sync::atomic::AtomicUsize,
+    hook: WriteHook,
+}
+
+impl OnWrite {
+    pub fn new(
+        inner: Arc<dyn tally::store::DocStore>,
+        watched: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
+        hook: WriteHook,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            watched: Box::new(watched),
+            writes: std::sync::atomic::AtomicUsize::new(0),
+            hook,
+        })
+    }
+}
+
+/// A store outage's error.
+pub fn timed_out() -> Result<(), tally::store::StoreError> {
+    Err(tally::store::StoreError::unavailable("PutItem: timed out"))
+}
+
+#[async_trait::async_trait]
+impl tally::store::DocStore for OnWrite {
+    async fn get_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+    ) -> Result<Option<tally::store::Doc>, tally::store::StoreError> {
+        self.inner.get_doc(pk, sk).await
+    }
+    async fn put_doc(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+    ) -> Result<bool, tally::store::StoreError> {
+        if (self.watched)(pk, sk) {
+            let n = self
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (self.hook)(n).await?;
+        }
+        self.inner.put_doc(pk, sk, body, expected).await
+    }
+    async fn list_docs_before(
+        &self,
+        pk: &str,
+        prefix: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<tally::store::Doc>, tally::store::StoreError> {
+        self.inner.list_docs_before(pk, prefix, before, limit).await
+    }
+    async fn put_doc_due(
+        &self,
+        pk: &str,
+        sk: &str,
+        body: &str,
+        expected: u64,
+        due: Option<tally::store::DueMark>,
+    ) -> Result<bool, tally::store::StoreError> {
+        self.inner.put_doc_due(pk, sk, body, expected, due).await
+    }
+    async fn due_docs(
+        &self,
+        shard: u32,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<tally::store::DueDoc>, tally::store::StoreError> {
+        self.inner.due_docs(shard, until, limit).await
+    }
+}

@@ -1327,65 +1327,6 @@ async fn a_change_invoice_sent_again_after_two_renewals_is_a_duplicate_or_goes_t
     assert_eq!(app.entry_count("org_resent").await, entries);
 }
 
-/// The app's documents, except that the first write of an invoice's lot links fails (a
-/// store outage, or the function stopped there).
-struct LotLinkFailsOnce {
-    inner: std::sync::Arc<dyn tally::store::DocStore>,
-    failed: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl tally::store::DocStore for LotLinkFailsOnce {
-    async fn get_doc(
-        &self,
-        pk: &str,
-        sk: &str,
-    ) -> Result<Option<tally::store::Doc>, tally::store::StoreError> {
-        self.inner.get_doc(pk, sk).await
-    }
-    async fn put_doc(
-        &self,
-        pk: &str,
-        sk: &str,
-        body: &str,
-        expected: u64,
-    ) -> Result<bool, tally::store::StoreError> {
-        if pk.starts_with("INVOICE_LOTS#")
-            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            return Err(tally::store::StoreError::unavailable("PutItem: timed out"));
-        }
-        self.inner.put_doc(pk, sk, body, expected).await
-    }
-    async fn list_docs_before(
-        &self,
-        pk: &str,
-        prefix: &str,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<tally::store::Doc>, tally::store::StoreError> {
-        self.inner.list_docs_before(pk, prefix, before, limit).await
-    }
-    async fn put_doc_due(
-        &self,
-        pk: &str,
-        sk: &str,
-        body: &str,
-        expected: u64,
-        due: Option<tally::store::DueMark>,
-    ) -> Result<bool, tally::store::StoreError> {
-        self.inner.put_doc_due(pk, sk, body, expected, due).await
-    }
-    async fn due_docs(
-        &self,
-        shard: u32,
-        until: chrono::DateTime<chrono::Utc>,
-        limit: usize,
-    ) -> Result<Vec<tally::store::DueDoc>, tally::store::StoreError> {
-        self.inner.due_docs(shard, until, limit).await
-    }
-}
-
 /// A yearly month the credit refresh granted but could not link to the year's invoice
 /// (the job failed in between), and the year refunded in full before the job ran again:
 /// the retry grants nothing (nothing is paid for any more) but links the month it
@@ -1407,11 +1348,20 @@ async fn a_month_granted_but_not_linked_is_taken_back_by_a_refund_before_the_ret
         400,
         "month 2 waits for the refresh"
     );
-    let failing: std::sync::Arc<dyn tally::store::DocStore> =
-        std::sync::Arc::new(LotLinkFailsOnce {
-            inner: app.docs.clone(),
-            failed: std::sync::atomic::AtomicBool::new(false),
-        });
+    // The first write of the year's lot links fails.
+    let failing: std::sync::Arc<dyn tally::store::DocStore> = tally_tests::OnWrite::new(
+        app.docs.clone(),
+        |pk, _| pk.starts_with("INVOICE_LOTS#"),
+        Box::new(|n| {
+            Box::pin(async move {
+                if n == 0 {
+                    tally_tests::timed_out()
+                } else {
+                    Ok(())
+                }
+            })
+        }),
+    );
     assert!(
         tally::refresh::run_due(&app.ledger, &failing, app.clock.now())
             .await

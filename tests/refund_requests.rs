@@ -1460,92 +1460,6 @@ async fn a_request_whose_payment_is_disputed_after_filing_cannot_be_approved() {
     assert!(approved, "{:#}", ok.body);
 }
 
-/// What runs just before the `n`th write (from 0) of a refund request's own document.
-type Hook = Box<
-    dyn Fn(
-            usize,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(), tally::store::StoreError>> + Send>,
-        > + Send
-        + Sync,
->;
-
-/// The app's documents, except that each write of a refund request's own document runs
-/// `hook` first: a store outage (the hook fails), or something done at that moment.
-struct OnRequestWrite {
-    inner: Arc<dyn tally::store::DocStore>,
-    writes: std::sync::atomic::AtomicUsize,
-    hook: Hook,
-}
-
-impl OnRequestWrite {
-    fn new(inner: Arc<dyn tally::store::DocStore>, hook: Hook) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            writes: std::sync::atomic::AtomicUsize::new(0),
-            hook,
-        })
-    }
-}
-
-/// A store outage's error.
-fn timed_out() -> Result<(), tally::store::StoreError> {
-    Err(tally::store::StoreError::unavailable("PutItem: timed out"))
-}
-
-#[async_trait::async_trait]
-impl tally::store::DocStore for OnRequestWrite {
-    async fn get_doc(
-        &self,
-        pk: &str,
-        sk: &str,
-    ) -> Result<Option<tally::store::Doc>, tally::store::StoreError> {
-        self.inner.get_doc(pk, sk).await
-    }
-    async fn put_doc(
-        &self,
-        pk: &str,
-        sk: &str,
-        body: &str,
-        expected: u64,
-    ) -> Result<bool, tally::store::StoreError> {
-        if pk.starts_with("WORKSPACE#") && sk.starts_with("REFUND_REQUEST#") {
-            let n = self
-                .writes
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            (self.hook)(n).await?;
-        }
-        self.inner.put_doc(pk, sk, body, expected).await
-    }
-    async fn list_docs_before(
-        &self,
-        pk: &str,
-        prefix: &str,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<tally::store::Doc>, tally::store::StoreError> {
-        self.inner.list_docs_before(pk, prefix, before, limit).await
-    }
-    async fn put_doc_due(
-        &self,
-        pk: &str,
-        sk: &str,
-        body: &str,
-        expected: u64,
-        due: Option<tally::store::DueMark>,
-    ) -> Result<bool, tally::store::StoreError> {
-        self.inner.put_doc_due(pk, sk, body, expected, due).await
-    }
-    async fn due_docs(
-        &self,
-        shard: u32,
-        until: chrono::DateTime<chrono::Utc>,
-        limit: usize,
-    ) -> Result<Vec<tally::store::DueDoc>, tally::store::StoreError> {
-        self.inner.due_docs(shard, until, limit).await
-    }
-}
-
 /// A request whose claim was written but whose own document was not (the store failed in
 /// between) is neither lost nor a block on the payment: the customer's next attempt,
 /// without the first one's key, takes it over, and staff can find and decide it.
@@ -1557,9 +1471,18 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
     let charge = buy_packs(&app, ws, 1).await;
     app.settle_billing().await;
     let requests = RefundRequests {
-        docs: OnRequestWrite::new(
+        docs: tally_tests::OnWrite::new(
             app.docs.clone(),
-            Box::new(|n| Box::pin(async move { if n == 0 { timed_out() } else { Ok(()) } })),
+            |pk, sk| pk.starts_with("WORKSPACE#") && sk.starts_with("REFUND_REQUEST#"),
+            Box::new(|n| {
+                Box::pin(async move {
+                    if n == 0 {
+                        tally_tests::timed_out()
+                    } else {
+                        Ok(())
+                    }
+                })
+            }),
         ),
         ..parked_requests(&app)
     };
@@ -1610,13 +1533,14 @@ fn used_while_approved(
     use tally::ledger::{Actor, Operation, Refs};
     let (ledger, w) = (app.ledger.clone(), workspace.clone());
     RefundRequests {
-        docs: OnRequestWrite::new(
+        docs: tally_tests::OnWrite::new(
             app.docs.clone(),
+            |pk, sk| pk.starts_with("WORKSPACE#") && sk.starts_with("REFUND_REQUEST#"),
             Box::new(move |n| {
                 let (ledger, w) = (ledger.clone(), w.clone());
                 Box::pin(async move {
                     if Some(n) == fail {
-                        return timed_out();
+                        return tally_tests::timed_out();
                     }
                     if n == 0 {
                         // All of the first pack and some of the second, used meanwhile.

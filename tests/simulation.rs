@@ -1709,6 +1709,16 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
     // the new month first, which may net to nothing.
     let mut netted = BTreeSet::new();
     for (id, inv) in &paid {
+        let credit: i64 = inv["lines"]["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["parent"]["subscription_item_details"]["proration"] == true)
+            .map(|l| l["amount"].as_i64().unwrap_or(0))
+            .sum();
+        if credit < 0 {
+            netted.insert(id.clone());
+        }
         for l in inv["lines"]["data"].as_array().into_iter().flatten() {
             let Some(item) = l["pricing"]["price_details"]["product"]
                 .as_str()
@@ -1717,9 +1727,6 @@ async fn check(app: &TestApp, m: &Model) -> Result<(), String> {
                 continue;
             };
             let full = l["parent"]["subscription_item_details"]["proration"] == false;
-            if !full {
-                netted.insert(id.clone());
-            }
             // A sign-up or renewal grants its first month; an interval switch grants it less
             // the unused old month, which may net to nothing.
             if full

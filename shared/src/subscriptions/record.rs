@@ -97,6 +97,27 @@ impl SubscriptionRecord {
     /// A different subscription replaces the current one once that has ended and its facts
     /// are newer, or when it was created after it (see [`replaces`](Self::replaces)).
     pub fn merge(current: Option<Self>, incoming: Self) -> Option<Self> {
+        // Stripe never makes a subscription incomplete again: it is incomplete only until
+        // its first invoice is paid. Checkout sends its creation (incomplete) and its
+        // activation in the same second, in no order, with ids that do not follow time:
+        // the creation says nothing once another status of the subscription is known, and
+        // another status from the same second on replaces it. (Only Stripe's own status:
+        // an invoice's facts label a failed first invoice incomplete whatever Stripe said.)
+        if let Some(c) = &current
+            && c.id == incoming.id
+            && c.status != PlanStatus::Canceled
+        {
+            let (was, now) = (
+                c.stripe_status == "incomplete",
+                incoming.stripe_status == "incomplete",
+            );
+            if now && !was {
+                return None;
+            }
+            if was && !now && incoming.as_of >= c.as_of {
+                return Self::keep_voided_period(current.as_ref(), Some(incoming));
+            }
+        }
         if let Some(c) = &current
             && c.id != incoming.id
             && Self::replaces(c, &incoming)
@@ -147,17 +168,6 @@ impl SubscriptionRecord {
                 if c.id == incoming.id
                     && c.status == PlanStatus::Canceled
                     && incoming.status != PlanStatus::Canceled =>
-            {
-                None
-            }
-            // Stripe never makes a subscription incomplete again: it is incomplete only
-            // until its first invoice is paid. Checkout sends its creation (incomplete) and
-            // its activation in the same second, in no order, with ids that do not follow
-            // time: the creation says nothing new once another status is known.
-            Some(c)
-                if c.id == incoming.id
-                    && incoming.stripe_status == "incomplete"
-                    && c.stripe_status != "incomplete" =>
             {
                 None
             }

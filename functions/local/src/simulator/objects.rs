@@ -202,7 +202,8 @@ pub(super) struct SimSubscription {
     pub(super) last_phase: Option<String>,
     /// Prorations of changes made without invoicing them (`create_prorations`, the
     /// dashboard's default), newest first: the subscription's next invoice bills them (its
-    /// renewal, or a change billed at once).
+    /// renewal, or a change billed at once). Not simulated: Stripe bills them on a final
+    /// invoice when a subscription set to cancel ends; here they end with it.
     pub(super) pending: Vec<Line>,
 }
 
