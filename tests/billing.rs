@@ -972,8 +972,24 @@ async fn a_subscription_never_paid_gives_no_benefits_until_an_invoice_is() {
                 failed.clone(),
             ],
             // No past-due update at all (an invoice sent for payment): the failed sign-up
-            // invoice alone says so.
-            vec![subscription_checkout(), active.clone(), failed],
+            // invoice alone says so, even against an update in its second still saying
+            // active.
+            vec![subscription_checkout(), active.clone(), failed.clone()],
+            vec![
+                subscription_checkout(),
+                active.clone(),
+                failed,
+                created(
+                    subscription(
+                        "evt_0_active",
+                        "customer.subscription.updated",
+                        at(1),
+                        "active",
+                        false,
+                    ),
+                    at(0),
+                ),
+            ],
         ] {
             let o = run(&order).await;
             assert_eq!(

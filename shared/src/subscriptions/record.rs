@@ -100,21 +100,28 @@ impl SubscriptionRecord {
         // Stripe never makes a subscription incomplete again: it is incomplete only until
         // its first invoice is paid. Checkout sends its creation (incomplete) and its
         // activation in the same second, in no order, with ids that do not follow time:
-        // the creation says nothing once another status of the subscription is known, and
-        // another status from the same second on replaces it. (Only Stripe's own status:
-        // an invoice's facts label a failed first invoice incomplete whatever Stripe said.)
+        // the creation says nothing once another status of the subscription is known (but
+        // when it was made, if that is not known yet), and another status from the same
+        // second on replaces it. Only Stripe's own incomplete: one an invoice's facts set
+        // (a failed first invoice, whatever Stripe said) carries the time of its lines
+        // (`level_as_of`), which nothing sets on an incomplete subscription otherwise
+        // (Stripe changes nothing but metadata of one), and goes by time as before.
         if let Some(c) = &current
             && c.id == incoming.id
             && c.status != PlanStatus::Canceled
+            && incoming.status != PlanStatus::Canceled
         {
             let (was, now) = (
                 c.stripe_status == "incomplete",
                 incoming.stripe_status == "incomplete",
             );
             if now && !was {
-                return None;
+                return (c.created.is_none() && incoming.created.is_some()).then(|| Self {
+                    created: incoming.created,
+                    ..c.clone()
+                });
             }
-            if was && !now && incoming.as_of >= c.as_of {
+            if was && !now && c.level_as_of.is_none() && incoming.as_of >= c.as_of {
                 return Self::keep_voided_period(current.as_ref(), Some(incoming));
             }
         }
