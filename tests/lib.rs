@@ -663,6 +663,11 @@ pub fn timed_out() -> Result<(), tally::store::StoreError> {
     Err(tally::store::StoreError::unavailable("PutItem: timed out"))
 }
 
+/// An [`OnWrite`] hook: the first watched write meets a store outage, the rest succeed.
+pub fn fails_first_write() -> WriteHook {
+    Box::new(|n| Box::pin(async move { if n == 0 { timed_out() } else { Ok(()) } }))
+}
+
 #[async_trait::async_trait]
 impl tally::store::DocStore for OnWrite {
     async fn get_doc(

@@ -1352,15 +1352,7 @@ async fn a_month_granted_but_not_linked_is_taken_back_by_a_refund_before_the_ret
     let failing: std::sync::Arc<dyn tally::store::DocStore> = tally_tests::OnWrite::new(
         app.docs.clone(),
         |pk, _| pk.starts_with("INVOICE_LOTS#"),
-        Box::new(|n| {
-            Box::pin(async move {
-                if n == 0 {
-                    tally_tests::timed_out()
-                } else {
-                    Ok(())
-                }
-            })
-        }),
+        tally_tests::fails_first_write(),
     );
     assert!(
         tally::refresh::run_due(&app.ledger, &failing, app.clock.now())

@@ -1474,15 +1474,7 @@ async fn a_request_claimed_but_never_written_is_taken_over_by_the_next_attempt()
         docs: tally_tests::OnWrite::new(
             app.docs.clone(),
             |pk, sk| pk.starts_with("WORKSPACE#") && sk.starts_with("REFUND_REQUEST#"),
-            Box::new(|n| {
-                Box::pin(async move {
-                    if n == 0 {
-                        tally_tests::timed_out()
-                    } else {
-                        Ok(())
-                    }
-                })
-            }),
+            tally_tests::fails_first_write(),
         ),
         ..parked_requests(&app)
     };

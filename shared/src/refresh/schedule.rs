@@ -67,6 +67,14 @@ pub struct AllotmentGrant {
     pub month: DateTime<Utc>,
 }
 
+/// The terms `plan` was paid for at in the period, else the catalog's.
+fn terms_of(doc: &RefreshDoc, plan: &str, catalog: &Catalog) -> Option<PlanTerms> {
+    doc.plan_terms
+        .get(plan)
+        .copied()
+        .or_else(|| PlanTerms::of(plan, catalog))
+}
+
 /// A level as an allotment grants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Valued {
@@ -92,12 +100,7 @@ fn valued(
     catalog: &Catalog,
 ) -> Result<Valued, String> {
     let listed = catalog.plan(plan);
-    let terms = doc
-        .plan_terms
-        .get(plan)
-        .copied()
-        .or_else(|| PlanTerms::of(plan, catalog))
-        .ok_or_else(|| format!("unknown plan {plan:?}"))?;
+    let terms = terms_of(doc, plan, catalog).ok_or_else(|| format!("unknown plan {plan:?}"))?;
     let addon = match (units, addon_credits) {
         (0, _) => Credits::ZERO,
         (_, Some(c)) => c,
@@ -198,11 +201,7 @@ pub fn grants(
             continue;
         };
         let before = valued_total(&c.before).unwrap_or_else(|_| {
-            let terms = doc
-                .plan_terms
-                .get(&c.before.plan)
-                .copied()
-                .or_else(|| PlanTerms::of(&c.before.plan, catalog));
+            let terms = terms_of(doc, &c.before.plan, catalog);
             tracing::error!(workspace = %doc.workspace, invoice = %c.invoice,
                 plan = %c.before.plan, known = terms.is_some(),
                 "the level a refunded change started from is not fully in the catalog");

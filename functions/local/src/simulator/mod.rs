@@ -256,11 +256,7 @@ impl Simulator {
             next.pending = lines;
             let (before, after) = (current.object(), next.object());
             subs.insert(next.id.clone(), next);
-            if before == after {
-                Vec::new()
-            } else {
-                vec![("customer.subscription.updated", after)]
-            }
+            updated(before, after)
         };
         self.deliver_all(events).await;
         Ok(())
@@ -998,6 +994,15 @@ impl Simulator {
     }
 }
 
+/// `customer.subscription.updated` when the subscription's object changed, else nothing.
+fn updated(before: Value, after: Value) -> Events {
+    if before == after {
+        Vec::new()
+    } else {
+        vec![("customer.subscription.updated", after)]
+    }
+}
+
 /// An invoice object as the payments port describes it.
 fn billed_invoice(inv: &Value) -> BilledInvoice {
     let lines = inv["lines"]["data"]
@@ -1597,12 +1602,7 @@ impl Payments for Simulator {
                     sub.metadata.insert(k.clone(), v.clone());
                 }
             }
-            let after = sub.object();
-            if before == after {
-                Vec::new()
-            } else {
-                vec![("customer.subscription.updated", after)]
-            }
+            updated(before, sub.object())
         };
         self.deliver_all(events).await;
         Ok(())
