@@ -658,6 +658,19 @@ impl OnWrite {
     }
 }
 
+impl OnWrite {
+    /// Runs the hook before a write of a watched document, counting it.
+    async fn before_write(&self, pk: &str, sk: &str) -> Result<(), tally::store::StoreError> {
+        if (self.watched)(pk, sk) {
+            let n = self
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (self.hook)(n).await?;
+        }
+        Ok(())
+    }
+}
+
 /// A store outage's error.
 pub fn timed_out() -> Result<(), tally::store::StoreError> {
     Err(tally::store::StoreError::unavailable("PutItem: timed out"))
@@ -684,12 +697,7 @@ impl tally::store::DocStore for OnWrite {
         body: &str,
         expected: u64,
     ) -> Result<bool, tally::store::StoreError> {
-        if (self.watched)(pk, sk) {
-            let n = self
-                .writes
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            (self.hook)(n).await?;
-        }
+        self.before_write(pk, sk).await?;
         self.inner.put_doc(pk, sk, body, expected).await
     }
     async fn list_docs_before(
@@ -709,6 +717,7 @@ impl tally::store::DocStore for OnWrite {
         expected: u64,
         due: Option<tally::store::DueMark>,
     ) -> Result<bool, tally::store::StoreError> {
+        self.before_write(pk, sk).await?;
         self.inner.put_doc_due(pk, sk, body, expected, due).await
     }
     async fn due_docs(

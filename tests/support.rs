@@ -215,6 +215,50 @@ async fn priority_follows_the_plan_and_a_negative_balance_report_goes_to_the_top
     .await;
     assert_eq!(t["priority"], "urgent");
     assert_eq!(t["enrichment"]["negative_balance_reported"], true);
+    // A figure with a minus sign says the same; a hyphen or a range does not.
+    for (subject, urgent) in [
+        ("Balance shows -40 credits", true),
+        ("credits: - 15 after the render", true),
+        ("Pay-as-you-go credits, 4-5 packs", false),
+    ] {
+        let t = file(
+            &app,
+            &member(ws, "u9"),
+            ticket_body("credits", subject, "see subject"),
+        )
+        .await;
+        assert_eq!(t["priority"] == "urgent", urgent, "{subject}: {t:#}");
+    }
+}
+
+/// A yearly plan's month that fell due minutes ago and that the credit refresh (every 15
+/// minutes) has not granted yet is the refresh the ticket names, not next month's.
+#[tokio::test]
+async fn a_ticket_names_the_monthly_refresh_that_is_due_but_not_granted_yet() {
+    let app = TestApp::new();
+    let ws = "org_due";
+    app.subscribe(ws, "max", "yearly").await;
+    app.settle_billing().await;
+    let w = tally::ids::WorkspaceId::parse(ws).unwrap();
+    let doc = tally::refresh::refresh_doc(app.docs.as_ref(), &w)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = tally::refresh::schedule::of(&doc)
+        .into_iter()
+        .find(|a| a.k >= doc.next_allotment)
+        .unwrap()
+        .at;
+    let t = file(&app, &owner(ws), ticket_body("credits", "s", "m")).await;
+    assert_eq!(t["enrichment"]["next_refresh"], json!(second));
+    app.clock.set(second + chrono::Duration::minutes(10));
+    let t = file(
+        &app,
+        &owner(ws),
+        ticket_body("credits", "My credits did not refresh", "m"),
+    )
+    .await;
+    assert_eq!(t["enrichment"]["next_refresh"], json!(second), "{t:#}");
 }
 
 #[tokio::test]
@@ -1376,7 +1420,7 @@ async fn a_message_retried_with_its_key_is_added_once() {
 }
 
 #[tokio::test]
-async fn a_full_ticket_refuses_a_keyed_message_and_keeps_no_claim_of_its_key() {
+async fn a_full_ticket_refuses_messages_without_counting_them_or_keeping_claims_of_their_keys() {
     use tally::support::{MAX_MESSAGES, TICKET_SK, Ticket, ticket_pk};
     let app = TestApp::new();
     let ws = "org_full";
@@ -1394,20 +1438,34 @@ async fn a_full_ticket_refuses_a_keyed_message_and_keeps_no_claim_of_its_key() {
     })
     .await
     .unwrap();
-    for n in 0..3 {
+    // More refusals than the hourly message limit, keyed and not: none counts against it.
+    for n in 0..tally::support::limits::MESSAGES.per_window + 3 {
         let key = format!("full-{n}");
+        let keyed = [("idempotency-key", key.as_str())];
         app.send(
             Method::POST,
             &format!("/v1/support/tickets/{id}/messages"),
             Some(&member(ws, "u1")),
             Some(r#"{"message": "one more"}"#),
-            &[("idempotency-key", key.as_str())],
+            if n % 2 == 0 { &keyed[..] } else { &[] },
         )
         .await
         .assert_problem(409, "conflict");
     }
     let claims = app.docs.list_docs(&pk, "MSGKEY#", 10).await.unwrap();
     assert!(claims.is_empty(), "{} claims left behind", claims.len());
+    let other = file(&app, &member(ws, "u1"), ticket_body("other", "s2", "m")).await;
+    let r = app
+        .post(
+            &format!(
+                "/v1/support/tickets/{}/messages",
+                other["id"].as_str().unwrap()
+            ),
+            &member(ws, "u1"),
+            json!({"message": "still heard"}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
 }
 
 #[tokio::test]
@@ -1926,7 +1984,7 @@ async fn a_ticket_whose_forward_failed_is_swept_to_the_queue_though_nobody_opens
         .await
         .unwrap();
     stale.forwarded = false;
-    tickets.catch_up(stale).await.unwrap();
+    tickets.catch_up(stale, later).await.unwrap();
     let w = tally::ids::WorkspaceId::parse(ws).unwrap();
     for list in [Some(&w), None] {
         let (page, _) = tickets
@@ -2117,4 +2175,130 @@ async fn the_ticket_list_hands_out_a_cursor_only_when_more_follow() {
     assert_eq!(rest["items"].as_array().unwrap().len(), 1, "{rest:#}");
     assert!(rest["next_cursor"].is_null());
     assert_eq!(rest["items"][0]["subject"], "t0");
+}
+
+/// A message stored by a writer whose write of the ticket then failed (or that stopped in
+/// between) is not lost: the ticket was filed for the sweep before the message was
+/// stored, so a read of the ticket, or the sweep after the grace time, counts it, reopens
+/// the ticket and hands it to the help desk. An announced slot whose message was never
+/// stored is dropped by the sweep, and nothing is sent for it.
+#[tokio::test]
+async fn a_message_stored_but_not_counted_is_counted_and_forwarded_by_a_read_or_the_sweep() {
+    use tally::support::{Author, FORWARD_GRACE, SweepReport, TicketStatus, Tickets};
+    let app = TestApp::new();
+    let ws = "org_stray";
+    let ticket_with = |watched_sk: &'static str, fail_at: usize, id: &str| {
+        let pk = tally::support::ticket_pk(id);
+        tally_tests::OnWrite::new(
+            app.docs.clone(),
+            move |p, s| p == pk && s == watched_sk,
+            Box::new(move |n| {
+                Box::pin(async move {
+                    if n == fail_at {
+                        tally_tests::timed_out()
+                    } else {
+                        Ok(())
+                    }
+                })
+            }),
+        )
+    };
+    for by_read in [false, true] {
+        let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+        let id = t["id"].as_str().unwrap().to_owned();
+        // Staff answered: the ticket waits for the customer.
+        let plain = Tickets {
+            docs: app.docs.clone(),
+            queue: Arc::new(FlakyQueue::default()),
+        };
+        let ticket = plain.get(&id).await.unwrap().unwrap();
+        let now = app.clock.now();
+        plain
+            .add_message(&ticket, Author::Staff, "agent", "answer", None, now)
+            .await
+            .unwrap();
+        // The customer's message is stored; the write that counts it (the ticket's second
+        // write in the request, after the announcement) fails.
+        let queue = Arc::new(FlakyQueue::default());
+        let failing = Tickets {
+            docs: ticket_with(tally::support::TICKET_SK, 1, &id),
+            queue: queue.clone(),
+        };
+        let ticket = plain.get(&id).await.unwrap().unwrap();
+        let failed = failing
+            .add_message(&ticket, Author::Customer, "u1", "third", None, now)
+            .await;
+        assert_eq!(failed.unwrap_err().status.as_u16(), 503);
+        assert_eq!(plain.messages(&id).await.unwrap().len(), 3);
+        let stuck = plain.get(&id).await.unwrap().unwrap();
+        assert_eq!((stuck.messages, stuck.status), (2, TicketStatus::Waiting));
+        let tickets = Tickets {
+            docs: app.docs.clone(),
+            queue: queue.clone(),
+        };
+        let settled = if by_read {
+            // The customer opens the ticket to check: the message is counted at once.
+            tickets.catch_up(stuck, now).await.unwrap()
+        } else {
+            let early = now + FORWARD_GRACE - chrono::Duration::seconds(1);
+            assert_eq!(
+                tickets.sweep(early, 100).await.unwrap(),
+                SweepReport::default()
+            );
+            let report = tickets.sweep(now + FORWARD_GRACE, 100).await.unwrap();
+            assert_eq!(report.forwarded, vec![id.clone()]);
+            tickets.get(&id).await.unwrap().unwrap()
+        };
+        assert_eq!((settled.messages, settled.status), (3, TicketStatus::Open));
+        assert!(!settled.unforwarded());
+        let sent = queue.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!((sent[0].from_seq, sent[0].seq), (3, 3));
+        // Nothing left to sweep.
+        let later = now + FORWARD_GRACE * 3;
+        assert_eq!(
+            tickets.sweep(later, 100).await.unwrap(),
+            SweepReport::default()
+        );
+    }
+    // A writer that announced its slot and then could not store the message: the sweep
+    // finds nothing stored, drops the announcement and sends nothing.
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let queue = Arc::new(FlakyQueue::default());
+    let failing = Tickets {
+        docs: ticket_with("MSG#000002", 0, &id),
+        queue: queue.clone(),
+    };
+    let ticket = failing.get(&id).await.unwrap().unwrap();
+    let now = app.clock.now();
+    let failed = failing
+        .add_message(&ticket, Author::Customer, "u1", "second", None, now)
+        .await;
+    assert_eq!(failed.unwrap_err().status.as_u16(), 503);
+    let tickets = Tickets {
+        docs: app.docs.clone(),
+        queue: queue.clone(),
+    };
+    assert!(
+        tickets
+            .get(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .adding_uncounted()
+            .is_some()
+    );
+    let due = now + FORWARD_GRACE;
+    assert_eq!(
+        tickets.sweep(due, 100).await.unwrap(),
+        SweepReport::default()
+    );
+    let after = tickets.get(&id).await.unwrap().unwrap();
+    assert_eq!((after.messages, after.adding_uncounted()), (1, None));
+    assert!(queue.sent.lock().unwrap().is_empty());
+    assert_eq!(
+        tickets.sweep(due + FORWARD_GRACE, 100).await.unwrap(),
+        SweepReport::default()
+    );
 }

@@ -210,7 +210,7 @@ pub async fn create(
                         "this Idempotency-Key was already used for a different ticket",
                     ));
                 }
-                let t = st.tickets.catch_up(existing).await?;
+                let t = st.tickets.catch_up(existing, st.clock.now()).await?;
                 let thread = shown_thread(&st, &t.id).await?;
                 return Ok(TicketView {
                     ticket: t.shown(),
@@ -309,6 +309,7 @@ pub async fn create(
                 last_message: 1,
                 forwarded_messages: 0,
                 request: request.clone(),
+                adding: None,
             };
             let first = TicketMessage {
                 seq: 1,
@@ -454,7 +455,7 @@ pub async fn get_one(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<TicketView>> {
     let t = visible(&st, &who, &id, "GET /v1/support/tickets/{id}").await?;
-    let t = st.tickets.catch_up(t).await?;
+    let t = st.tickets.catch_up(t, st.clock.now()).await?;
     let thread = shown_thread(&st, &t.id).await?;
     Ok(Json(TicketView {
         ticket: t.shown(),
@@ -528,7 +529,7 @@ pub async fn add_message(
     } else {
         Author::Customer
     };
-    let (ticket, message) = st
+    let added = st
         .tickets
         .add_message(
             &t,
@@ -538,7 +539,24 @@ pub async fn add_message(
             key.as_ref().map(|k| k.as_str()),
             now,
         )
-        .await?;
+        .await;
+    let (ticket, message) = match added {
+        Ok(added) => added,
+        // Refused (a full ticket, a key used for another message or still being used):
+        // nothing was added, so nothing counts.
+        Err(p) if !free && p.status == StatusCode::CONFLICT => {
+            limits::give_back(
+                st.tickets.docs.as_ref(),
+                "messages",
+                &who.sub,
+                limits::MESSAGES,
+                now,
+            )
+            .await?;
+            return Err(p);
+        }
+        Err(p) => return Err(p),
+    };
     let message = TicketMessage {
         key: None,
         ..message

@@ -152,7 +152,18 @@ pub struct Assessment {
 
 fn mentions_negative_balance(text: &str) -> bool {
     let t = text.to_lowercase();
-    (t.contains("negative") || t.contains("below zero") || t.contains("minus"))
+    // A figure written with a minus sign ("-40", "- 40", "−40"), not a hyphen inside a word
+    // or a range ("4-5").
+    let chars: Vec<char> = t.chars().collect();
+    let signed_figure = chars.iter().enumerate().any(|(i, &c)| {
+        matches!(c, '-' | '\u{2212}')
+            && (i == 0 || !chars[i - 1].is_alphanumeric())
+            && chars[i + 1..]
+                .iter()
+                .find(|c| **c != ' ')
+                .is_some_and(char::is_ascii_digit)
+    });
+    (t.contains("negative") || t.contains("below zero") || t.contains("minus") || signed_figure)
         && (t.contains("balance") || t.contains("credit"))
 }
 
@@ -174,7 +185,9 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
     if let Some(doc) = crate::refresh::refresh_doc(ctx.docs.as_ref(), s.workspace).await? {
         let next = crate::refresh::schedule::of(&doc)
             .into_iter()
-            .find(|a| a.k >= doc.next_allotment && a.at > s.now)
+            // The first allotment not granted yet, even when it fell due minutes ago and
+            // the refresh (every 15 minutes) has not run: that is the one asked about.
+            .find(|a| a.k >= doc.next_allotment)
             .map(|a| a.at)
             .unwrap_or(doc.period_end);
         e.next_refresh = Some(next);

@@ -81,3 +81,25 @@ pub async fn take(
         }
     }
 }
+
+/// Gives back one `action` that [`take`] counted at `taken_at` and that was then refused
+/// (a refusal changes nothing, so it does not count either); nothing when the window
+/// `taken_at` fell in has ended meanwhile.
+pub async fn give_back(
+    store: &dyn DocStore,
+    action: &str,
+    user: &str,
+    limit: Limit,
+    taken_at: DateTime<Utc>,
+) -> Result<(), Problem> {
+    let pk = format!("RATE#{action}#{}", crate::service::fingerprint(&user));
+    docs::update::<Window, _>(store, &pk, "WINDOW", |cur| {
+        cur.filter(|w| taken_at >= w.start && taken_at < w.start + limit.window && w.count > 0)
+            .map(|w| Window {
+                start: w.start,
+                count: w.count - 1,
+            })
+    })
+    .await?;
+    Ok(())
+}

@@ -204,6 +204,19 @@ pub struct Ticket {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schema(ignore)]
     pub request: String,
+    /// The latest message slot a writer is about to fill, and when it said so: until that
+    /// message is counted the ticket stays filed in the due index, so a message stored by
+    /// a writer that stopped before counting it is found by the sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub adding: Option<Adding>,
+}
+
+/// A message slot a writer announced before filling it ([`Ticket::adding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adding {
+    pub seq: u32,
+    pub at: DateTime<Utc>,
 }
 
 impl Ticket {
@@ -211,7 +224,14 @@ impl Ticket {
     pub fn shown(mut self) -> Self {
         self.request.clear();
         self.last_event.clear();
+        self.adding = None;
         self
+    }
+
+    /// A message slot announced and not counted yet: a writer is filling it, or stopped
+    /// with the message stored and not counted, or before storing it.
+    pub fn adding_uncounted(&self) -> Option<Adding> {
+        self.adding.filter(|a| a.seq > self.messages)
     }
 
     fn changed(&mut self, event: &str, seq: u32, now: DateTime<Utc>) {
@@ -306,9 +326,15 @@ impl Ticket {
     /// Where the ticket is filed in the due index: while a change is unforwarded, due for
     /// the sweep [`FORWARD_GRACE`] after its last change.
     pub fn forward_mark(&self) -> Option<DueMark> {
-        self.unforwarded().then(|| DueMark {
+        let change = self.unforwarded().then_some(self.updated_at);
+        let adding = self.adding_uncounted().map(|a| a.at);
+        let since = match (change, adding) {
+            (Some(c), Some(a)) => Some(c.min(a)),
+            (c, a) => c.or(a),
+        }?;
+        Some(DueMark {
             shard: FORWARD_SHARD_BASE + shard_of(&self.id, FORWARD_SHARDS),
-            at: self.updated_at + FORWARD_GRACE,
+            at: since + FORWARD_GRACE,
         })
     }
 
@@ -490,7 +516,7 @@ impl Tickets {
                 };
                 // The index may lag the ticket: the ticket as stored decides.
                 let ticket = match self.get(id).await {
-                    Ok(Some(t)) if t.unforwarded() => t,
+                    Ok(Some(t)) if t.unforwarded() || t.adding_uncounted().is_some() => t,
                     Ok(_) => continue,
                     Err(e) => {
                         tracing::error!(error = %e, ticket = %id, "could not read a ticket to forward");
@@ -498,7 +524,13 @@ impl Tickets {
                         continue;
                     }
                 };
-                match self.settle_forwarding(ticket).await {
+                let settled = match self.count_stored(ticket, now).await {
+                    // Only an announcement, of a message never stored: dropped.
+                    Ok(t) if !t.unforwarded() => continue,
+                    Ok(t) => self.settle_forwarding(t).await,
+                    Err(p) => Err(p),
+                };
+                match settled {
                     Ok(_) => report.forwarded.push(id.to_owned()),
                     Err(p) => {
                         tracing::error!(ticket = %id, problem = %p.detail, "a swept ticket could not be handed to the queue");
@@ -564,8 +596,41 @@ impl Tickets {
 
     /// Forwards the latest change again if it never reached the queue (a crash or a queue
     /// outage after it was stored); called on reads, so nothing stays unforwarded.
-    pub async fn catch_up(&self, t: Ticket) -> Result<Ticket, Problem> {
+    pub async fn catch_up(&self, t: Ticket, now: DateTime<Utc>) -> Result<Ticket, Problem> {
+        let t = self.count_stored(t, now).await?;
         self.settle_forwarding(t).await
+    }
+
+    /// Counts the messages stored past the ticket's count when a writer announced a slot
+    /// ([`Ticket::adding`]) and did not count it (it stopped, or its write of the ticket
+    /// failed, after storing the message). An announcement older than [`FORWARD_GRACE`]
+    /// with nothing stored is one whose writer stopped before storing: it is dropped.
+    async fn count_stored(&self, t: Ticket, now: DateTime<Utc>) -> Result<Ticket, Problem> {
+        let Some(adding) = t.adding_uncounted() else {
+            return Ok(t);
+        };
+        let pk = ticket_pk(&t.id);
+        let mut t = t;
+        while t.messages < MAX_MESSAGES {
+            let next = t.messages + 1;
+            match docs::get::<TicketMessage>(self.docs.as_ref(), &pk, &message_sk(next)).await? {
+                Some(m) => t = self.count_message(&pk, &m).await?,
+                None => break,
+            }
+        }
+        if t.adding_uncounted().is_some() && now - adding.at >= FORWARD_GRACE {
+            let (stored, _) = self
+                .write_ticket(&pk, |cur| {
+                    cur.filter(|c| c.adding == Some(adding) && c.adding_uncounted().is_some())
+                        .map(|mut c| {
+                            c.adding = None;
+                            c
+                        })
+                })
+                .await?;
+            t = stored.ok_or_else(|| Problem::not_found("no such ticket"))?;
+        }
+        Ok(t)
     }
 
     /// Hands the latest change to the queue and marks the ticket forwarded. A failure
@@ -753,6 +818,19 @@ impl Tickets {
                 return Err(full_ticket());
             }
             let seq = current.messages + 1;
+            // Announced first: were this writer to stop after storing the message and
+            // before counting it, the announcement files the ticket for the sweep.
+            self.write_ticket(pk, |cur| {
+                cur.filter(|c| {
+                    c.adding
+                        .is_none_or(|a| a.seq < seq || (a.seq == seq && a.at < now))
+                })
+                .map(|mut c| {
+                    c.adding = Some(Adding { seq, at: now });
+                    c
+                })
+            })
+            .await?;
             let msg = TicketMessage {
                 seq,
                 at: now,
@@ -804,7 +882,7 @@ impl Tickets {
             let current: Ticket = docs::get(self.docs.as_ref(), &pk, TICKET_SK)
                 .await?
                 .ok_or_else(|| Problem::not_found("no such ticket"))?;
-            return self.catch_up(current).await;
+            return self.catch_up(current, now).await;
         };
         self.summaries(&t).await?;
         self.forward(t).await
