@@ -2134,3 +2134,73 @@ async fn a_credit_note_and_a_lost_partial_dispute_take_back_what_each_gave_back_
         assert!(app.local.billing_queue.dead_letters().is_empty());
     }
 }
+
+/// Money given back for the payment between an approval and its refund (a credit note to
+/// the customer's balance made in the dashboard, which Stripe does not count against the
+/// charge's refunds) leaves less to refund than was approved: the worker makes no refund
+/// and sends the request to staff, so the same money does not go back twice.
+#[tokio::test]
+async fn a_credit_note_made_after_the_approval_stops_the_refund_and_sends_it_to_staff() {
+    let app = TestApp::new();
+    let ws = "org_cn_race";
+    let (_, _, invoice, paid) = subscribed(&app, ws).await;
+    let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let r = requests
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
+        .await
+        .unwrap();
+    let r = requests
+        .approve(&r.id, "staff1", None, Some(Cents::new(paid / 2)), now)
+        .await
+        .unwrap();
+    assert_eq!(r.status, RequestStatus::Approved);
+    // Another member of staff credits most of the invoice to the customer's balance.
+    let note = app
+        .dashboard(
+            &format!("/sim/invoices/{invoice}/credit-note"),
+            json!({"amount": paid - paid / 4}),
+        )
+        .await;
+    assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
+    let stripe = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(stripe_refund(
+            "re_Twice",
+            &charge,
+            (paid / 2) as i64,
+        )))
+        .expect(0)
+        .mount(&stripe)
+        .await;
+    let worker = RefundWorker {
+        docs: app.docs.clone(),
+        payments: stripe_at(&stripe),
+        notifications: app.local.notifications_queue.clone(),
+        clock: app.clock.clone(),
+    };
+    let job = json!({"workspace": ws, "request": r.id, "attempt": r.attempt}).to_string();
+    for n in 1..=2 {
+        worker
+            .consume(&Delivery {
+                message_id: format!("m{n}"),
+                body: job.clone(),
+                group_id: Some(r.id.clone()),
+                receive_count: n,
+            })
+            .await
+            .unwrap();
+    }
+    let after = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(after.status, RequestStatus::InReview, "{after:#?}");
+    assert!(after.refund.is_none());
+    let why = after.steps.last().unwrap().note.clone().unwrap_or_default();
+    assert!(why.contains("left to refund"), "{why}");
+    stripe.verify().await;
+}

@@ -445,6 +445,41 @@ async fn a_refund_before_the_purchase_is_applied_still_takes_the_credits_back() 
     );
 }
 
+/// A refund made in the dashboard is followed from its own event: the charge's event
+/// (`charge.refunded`, with the charge's refunded total) travels in the customer's queue
+/// group and may wait behind an event being retried, and the credits would stay spendable
+/// meanwhile. When it comes it takes nothing twice.
+#[tokio::test]
+async fn a_refund_takes_its_credits_back_from_its_own_event_before_the_charges() {
+    let app = TestApp::new();
+    let charge = buy_packs(&app, "org_rf5", 1).await;
+    sim_post(
+        &app,
+        &format!("/sim/charges/{charge}/refund"),
+        Some(json!({})),
+    )
+    .await;
+    let events = app.local.simulator.as_ref().unwrap().events();
+    let fresh = TestApp::new();
+    for kind in ["charge.succeeded", "checkout.session.completed"] {
+        for e in events.iter().filter(|e| e.kind == kind) {
+            assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+        }
+    }
+    fresh.settle_billing().await;
+    assert_eq!(fresh.available("org_rf5").await, 500);
+    for kind in ["refund.created", "charge.refunded"] {
+        for e in events.iter().filter(|e| e.kind == kind) {
+            assert_eq!(fresh.deliver_signed(&e.payload).await, 200);
+        }
+        fresh.settle_billing().await;
+        assert_eq!(fresh.available("org_rf5").await, 0, "after {kind}");
+    }
+    assert!(fresh.local.billing_queue.dead_letters().is_empty());
+    let taken = entries(&fresh, "org_rf5", "refund_take_back").await;
+    assert_eq!(taken.len(), 1, "{taken:#?}");
+}
+
 #[tokio::test]
 async fn a_faulty_generation_is_reversed_once_by_staff_or_the_generation_service() {
     let app = TestApp::new();

@@ -594,7 +594,15 @@ impl BillingEvents {
         let credited = self
             .credited(link.invoice.as_ref().or(link.receipt.as_ref()))
             .await?;
-        let refunds = payment.amount_refunded.get().min(paid);
+        // Stripe's refunds as known here count too: a refund's own event may come long
+        // before the charge's (`amount_refunded`), which waits in the customer's queue
+        // group behind an event being retried. Failed and canceled ones gave nothing back.
+        let known: u64 = payment
+            .refunds
+            .iter()
+            .filter(|r| r.rank() <= refund_rank(Some("succeeded")))
+            .fold(0, |sum, r| sum.saturating_add(r.amount.get()));
+        let refunds = payment.amount_refunded.get().max(known).min(paid);
         let refunded = refunds.saturating_add(credited).min(paid);
         // Money a lost dispute gave back (for the yearly months).
         let lost: u64 = payment

@@ -411,11 +411,7 @@ impl RefundRequests {
         charge: &ChargeId,
         claims: &Claims,
     ) -> Result<(Cents, Cents), Problem> {
-        let p =
-            docs::get::<PaymentRecord>(self.docs.as_ref(), &charge_pk(charge), PAYMENT_SK).await?;
-        Ok(p.map_or((Cents::ZERO, Cents::ZERO), |p| {
-            (elsewhere(&p, claims), failed_refunds(&p))
-        }))
+        refunded_elsewhere(self.docs.as_ref(), charge, claims).await
     }
 
     /// Files a request: checks the payment, decides from the records, claims the amount
@@ -713,27 +709,7 @@ impl RefundRequests {
     /// What of an approved request's payment may still be refunded for it, from the
     /// records as they stand now (refunds and credit notes made since included).
     async fn still_refundable(&self, r: &RefundRequest) -> Result<Cents, Problem> {
-        let Some(entry) =
-            crate::billing::history::get(self.docs.as_ref(), &r.workspace, &r.movement).await?
-        else {
-            return Ok(Cents::ZERO);
-        };
-        let claims: Claims = docs::get(self.docs.as_ref(), &charge_pk(&r.charge), CLAIMS_SK)
-            .await?
-            .unwrap_or_default();
-        let (elsewhere, failed) = self.refunded_elsewhere(&r.charge, &claims).await?;
-        // Under the rule it was approved by: add-ons only for a charge made by mistake.
-        let mistaken = matches!(
-            r.reason,
-            RefundReason::DuplicateCharge | RefundReason::ChargedAfterCancellation
-        );
-        Ok(rules::refundable(
-            &entry,
-            mistaken,
-            elsewhere,
-            claims.claimed_except(&r.id),
-            failed,
-        ))
+        still_refundable(self.docs.as_ref(), r).await
     }
 
     async fn orphaned(&self, workspace: &WorkspaceId, request: &str) -> Result<bool, Problem> {
@@ -955,56 +931,7 @@ impl RefundRequests {
         why: String,
         now: DateTime<Utc>,
     ) -> Result<RefundRequest, Problem> {
-        let claims_pk = charge_pk(&r.charge);
-        let mut claim = None;
-        for _ in 0..8 {
-            let doc = self.docs.get_doc(&claims_pk, CLAIMS_SK).await?;
-            let (claims, version): (Claims, u64) = match &doc {
-                Some(d) => (crate::store::decode(&d.body)?, d.version),
-                None => (Claims::default(), 0),
-            };
-            let Some(current) = claims.get(&r.id).cloned() else {
-                return Err(Problem::internal());
-            };
-            if current.status != RequestStatus::Approved
-                || current.attempt != r.attempt
-                || current.refund.is_some()
-            {
-                // Moved on already (demoted by a concurrent attempt).
-                claim = Some(current);
-                break;
-            }
-            let review = Claim {
-                attempt: current.attempt + 1,
-                status: RequestStatus::InReview,
-                ..current
-            };
-            let mut next = claims.clone();
-            next.requests.retain(|c| c.request != r.id);
-            next.requests.push(review.clone());
-            let body = serde_json::to_string(&next).map_err(|_| Problem::internal())?;
-            if self
-                .docs
-                .put_doc(&claims_pk, CLAIMS_SK, &body, version)
-                .await?
-            {
-                claim = Some(review);
-                break;
-            }
-        }
-        let claim = claim.ok_or_else(busy)?;
-        tracing::info!(workspace = %r.workspace, request = %r.id, why = %why,
-            "approved refund sent to support staff instead");
-        project(
-            self.docs.as_ref(),
-            &r.workspace,
-            &claim,
-            now,
-            "tally",
-            Some(why),
-        )
-        .await?
-        .ok_or_else(Problem::internal)
+        demote(self.docs.as_ref(), r, why, now).await
     }
 
     /// Takes the credits back and queues the refund. An approval the rules made because the
@@ -1598,4 +1525,95 @@ mod tests {
         r.step(at, RequestStatus::Denied, "staff:s3", None);
         assert_eq!(r.steps.len(), MAX_STEPS + 1, "one step more, once");
     }
+}
+
+/// Cents of the charge refunded outside refund requests (the dashboard, disputes), and
+/// refunds that failed or were canceled (whose money came back).
+async fn refunded_elsewhere(
+    docs_store: &dyn DocStore,
+    charge: &ChargeId,
+    claims: &Claims,
+) -> Result<(Cents, Cents), Problem> {
+    let p = docs::get::<PaymentRecord>(docs_store, &charge_pk(charge), PAYMENT_SK).await?;
+    Ok(p.map_or((Cents::ZERO, Cents::ZERO), |p| {
+        (elsewhere(&p, claims), failed_refunds(&p))
+    }))
+}
+
+/// What of an approved request's payment may still be refunded for it, from the records as
+/// they stand now (refunds and credit notes made since included).
+pub(crate) async fn still_refundable(
+    docs_store: &dyn DocStore,
+    r: &RefundRequest,
+) -> Result<Cents, Problem> {
+    let Some(entry) = crate::billing::history::get(docs_store, &r.workspace, &r.movement).await?
+    else {
+        return Ok(Cents::ZERO);
+    };
+    let claims: Claims = docs::get(docs_store, &charge_pk(&r.charge), CLAIMS_SK)
+        .await?
+        .unwrap_or_default();
+    let (elsewhere, failed) = refunded_elsewhere(docs_store, &r.charge, &claims).await?;
+    // Under the rule it was approved by: add-ons only for a charge made by mistake.
+    let mistaken = matches!(
+        r.reason,
+        RefundReason::DuplicateCharge | RefundReason::ChargedAfterCancellation
+    );
+    Ok(rules::refundable(
+        &entry,
+        mistaken,
+        elsewhere,
+        claims.claimed_except(&r.id),
+        failed,
+    ))
+}
+
+pub(crate) async fn demote(
+    docs_store: &dyn DocStore,
+    r: &RefundRequest,
+    why: String,
+    now: DateTime<Utc>,
+) -> Result<RefundRequest, Problem> {
+    let claims_pk = charge_pk(&r.charge);
+    let mut claim = None;
+    for _ in 0..8 {
+        let doc = docs_store.get_doc(&claims_pk, CLAIMS_SK).await?;
+        let (claims, version): (Claims, u64) = match &doc {
+            Some(d) => (crate::store::decode(&d.body)?, d.version),
+            None => (Claims::default(), 0),
+        };
+        let Some(current) = claims.get(&r.id).cloned() else {
+            return Err(Problem::internal());
+        };
+        if current.status != RequestStatus::Approved
+            || current.attempt != r.attempt
+            || current.refund.is_some()
+        {
+            // Moved on already (demoted by a concurrent attempt).
+            claim = Some(current);
+            break;
+        }
+        let review = Claim {
+            attempt: current.attempt + 1,
+            status: RequestStatus::InReview,
+            ..current
+        };
+        let mut next = claims.clone();
+        next.requests.retain(|c| c.request != r.id);
+        next.requests.push(review.clone());
+        let body = serde_json::to_string(&next).map_err(|_| Problem::internal())?;
+        if docs_store
+            .put_doc(&claims_pk, CLAIMS_SK, &body, version)
+            .await?
+        {
+            claim = Some(review);
+            break;
+        }
+    }
+    let claim = claim.ok_or_else(busy)?;
+    tracing::info!(workspace = %r.workspace, request = %r.id, why = %why,
+        "approved refund sent to support staff instead");
+    project(docs_store, &r.workspace, &claim, now, "tally", Some(why))
+        .await?
+        .ok_or_else(Problem::internal)
 }

@@ -174,6 +174,27 @@ impl Consumer for RefundWorker {
                         "payment disputed since the approval; refund not made");
                     return self.fail(&r, super::DISPUTED, now).await;
                 }
+                // Money given back for the payment since the approval (a refund or a credit
+                // note made in the dashboard; Stripe refuses a refund past the charge, not
+                // one beside a note to the customer's balance): staff decide, never a
+                // second return of the same money.
+                let left = super::still_refundable(self.docs.as_ref(), &r)
+                    .await
+                    .map_err(|p| ConsumeError::retry(p.detail))?;
+                if left < r.amount {
+                    let why = format!(
+                        "money was given back for this payment since the approval: only {} of \
+                         its {} cents are left to refund; support staff decide",
+                        left.get(),
+                        r.amount.get()
+                    );
+                    tracing::warn!(request = %r.id, charge = %r.charge, left = left.get(),
+                        amount = r.amount.get(), "refund not made: less is left to refund than approved");
+                    super::demote(self.docs.as_ref(), &r, why, now)
+                        .await
+                        .map_err(|p| ConsumeError::retry(p.detail))?;
+                    return Ok(());
+                }
                 docs::update(
                     self.docs.as_ref(),
                     &workspace_pk(&r.workspace),
