@@ -216,15 +216,21 @@ async fn priority_follows_the_plan_and_a_negative_balance_report_goes_to_the_top
     assert_eq!(t["priority"], "urgent");
     assert_eq!(t["enrichment"]["negative_balance_reported"], true);
     // A figure with a minus sign says the same; a hyphen or a range does not.
-    for (subject, urgent) in [
-        ("Balance shows -40 credits", true),
-        ("credits: - 15 after the render", true),
-        ("Pay-as-you-go credits, 4-5 packs", false),
+    for (subject, message, urgent) in [
+        ("Balance shows -40 credits", "see subject", true),
+        ("credits: - 15 after the render", "see subject", true),
+        ("Pay-as-you-go credits, 4-5 packs", "see subject", false),
+        ("Credits missing", "bought 4 - 5 packs", false),
+        (
+            "Credits not returned",
+            "Renders:\n- 2 failed\n- 3 blank",
+            false,
+        ),
     ] {
         let t = file(
             &app,
             &member(ws, "u9"),
-            ticket_body("credits", subject, "see subject"),
+            ticket_body("credits", subject, message),
         )
         .await;
         assert_eq!(t["priority"] == "urgent", urgent, "{subject}: {t:#}");

@@ -1317,7 +1317,7 @@ async fn current(
 
 /// Brings the request document to the state of its claim (never backwards), with a step
 /// for people. Answers the request as stored.
-async fn project(
+pub(crate) async fn project(
     store: &dyn DocStore,
     workspace: &WorkspaceId,
     claim: &Claim,
@@ -1485,48 +1485,6 @@ pub async fn refused(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A request whose retries used up its steps still records who denied it and why.
-    #[test]
-    fn a_denial_is_recorded_after_the_steps_are_used_up() {
-        let at = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 1, 0, 0, 0).unwrap();
-        let mut r: RefundRequest = serde_json::from_value(serde_json::json!({
-            "id": "rr_1", "workspace": "org_1", "payment": "ch_1", "movement": "pi_1",
-            "kind": "pack", "charge": "ch_1", "payment_intent": null, "invoice": null,
-            "reason": "other", "details": "x", "requested_by": "u1", "status": "in_review",
-            "amount": 100, "currency": "usd", "attempt": 0, "refund": null,
-            "refund_status": null, "sent_at": null, "created": at, "updated": at,
-            "steps": [],
-        }))
-        .unwrap();
-        for n in 0..MAX_STEPS + 3 {
-            let status = if n % 2 == 0 {
-                RequestStatus::Approved
-            } else {
-                RequestStatus::Failed
-            };
-            r.step(at, status, "staff:s1", None);
-        }
-        assert_eq!(r.steps.len(), MAX_STEPS, "other steps stay bounded");
-        r.step(
-            at,
-            RequestStatus::Denied,
-            "staff:s2",
-            Some("duplicate".into()),
-        );
-        let last = r.steps.last().unwrap();
-        assert_eq!(
-            (last.status, last.by.as_str(), last.note.as_deref()),
-            (RequestStatus::Denied, "staff:s2", Some("duplicate"))
-        );
-        r.step(at, RequestStatus::Denied, "staff:s3", None);
-        assert_eq!(r.steps.len(), MAX_STEPS + 1, "one step more, once");
-    }
-}
-
 /// Cents of the charge refunded outside refund requests (the dashboard, disputes), and
 /// refunds that failed or were canceled (whose money came back).
 async fn refunded_elsewhere(
@@ -1616,4 +1574,46 @@ pub(crate) async fn demote(
     project(docs_store, &r.workspace, &claim, now, "tally", Some(why))
         .await?
         .ok_or_else(Problem::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request whose retries used up its steps still records who denied it and why.
+    #[test]
+    fn a_denial_is_recorded_after_the_steps_are_used_up() {
+        let at = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 12, 1, 0, 0, 0).unwrap();
+        let mut r: RefundRequest = serde_json::from_value(serde_json::json!({
+            "id": "rr_1", "workspace": "org_1", "payment": "ch_1", "movement": "pi_1",
+            "kind": "pack", "charge": "ch_1", "payment_intent": null, "invoice": null,
+            "reason": "other", "details": "x", "requested_by": "u1", "status": "in_review",
+            "amount": 100, "currency": "usd", "attempt": 0, "refund": null,
+            "refund_status": null, "sent_at": null, "created": at, "updated": at,
+            "steps": [],
+        }))
+        .unwrap();
+        for n in 0..MAX_STEPS + 3 {
+            let status = if n % 2 == 0 {
+                RequestStatus::Approved
+            } else {
+                RequestStatus::Failed
+            };
+            r.step(at, status, "staff:s1", None);
+        }
+        assert_eq!(r.steps.len(), MAX_STEPS, "other steps stay bounded");
+        r.step(
+            at,
+            RequestStatus::Denied,
+            "staff:s2",
+            Some("duplicate".into()),
+        );
+        let last = r.steps.last().unwrap();
+        assert_eq!(
+            (last.status, last.by.as_str(), last.note.as_deref()),
+            (RequestStatus::Denied, "staff:s2", Some("duplicate"))
+        );
+        r.step(at, RequestStatus::Denied, "staff:s3", None);
+        assert_eq!(r.steps.len(), MAX_STEPS + 1, "one step more, once");
+    }
 }

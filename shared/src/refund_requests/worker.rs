@@ -105,12 +105,23 @@ impl Consumer for RefundWorker {
         }
         // The claim decides (the document follows it a step later): an approval sent to
         // staff since is not made.
-        if super::claim_moved_on(self.docs.as_ref(), &r)
-            .await?
-            .is_some()
-        {
+        if let Some(moved) = super::claim_moved_on(self.docs.as_ref(), &r).await? {
             tracing::info!(request = %r.id, attempt = r.attempt,
                 "approval no longer current by its claim; refund not made");
+            // The document follows its claim (an earlier delivery may have stopped
+            // between the two writes of sending it to staff).
+            super::project(
+                self.docs.as_ref(),
+                &r.workspace,
+                &moved,
+                self.clock.now(),
+                "tally",
+                (moved.status == RequestStatus::InReview).then(|| {
+                    "sent to support staff before its refund was made; support staff decide"
+                        .to_owned()
+                }),
+            )
+            .await?;
             return Ok(());
         }
         if let Some(refund) = &r.refund {

@@ -156,8 +156,14 @@ fn mentions_negative_balance(text: &str) -> bool {
     // or a range ("4-5").
     let chars: Vec<char> = t.chars().collect();
     let signed_figure = chars.iter().enumerate().any(|(i, &c)| {
+        let before = chars[..i].iter().rev().find(|c| **c != ' ');
+        let spaced = chars.get(i + 1) == Some(&' ');
         matches!(c, '-' | '\u{2212}')
+            // Not a hyphen ("pay-as-you-go") nor a range ("4-5", "4 - 5").
             && (i == 0 || !chars[i - 1].is_alphanumeric())
+            && !before.is_some_and(char::is_ascii_digit)
+            // Not a list's bullet ("- 2 renders failed" opening a line).
+            && !(spaced && before.is_none_or(|b| *b == '\n'))
             && chars[i + 1..]
                 .iter()
                 .find(|c| **c != ' ')
