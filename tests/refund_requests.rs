@@ -610,6 +610,14 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
         .up_to_n_times(1)
         .mount(&server)
         .await;
+    // A delivery after a failed call looks for the refund first: none made yet.
+    Mock::given(method("GET"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"}),
+        ))
+        .mount(&server)
+        .await;
     Mock::given(method("POST"))
         .and(path("/v1/refunds"))
         .respond_with(
@@ -639,7 +647,13 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     }
     outcome.expect("made on a retry");
     // Every attempt carried the same idempotency key, so Stripe made one refund.
-    let sent = server.received_requests().await.unwrap();
+    let sent: Vec<_> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|q| q.method.as_str() == "POST")
+        .collect();
     let keys: std::collections::BTreeSet<String> = sent
         .iter()
         .map(|q| {
@@ -666,7 +680,7 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     assert_eq!(made.status, RequestStatus::Succeeded);
     assert_eq!(made.refund.as_ref().map(|r| r.as_str()), Some("re_Made"));
     // A redelivery of the same job asks Stripe nothing more.
-    let calls = sent.len();
+    let calls = server.received_requests().await.unwrap().len();
     worker.consume(&delivery(9)).await.unwrap();
     assert_eq!(server.received_requests().await.unwrap().len(), calls);
 
@@ -2210,4 +2224,91 @@ async fn a_credit_note_made_after_the_approval_stops_the_refund_and_sends_it_to_
     let why = after.steps.last().unwrap().note.clone().unwrap_or_default();
     assert!(why.contains("support staff decide"), "{why}");
     stripe.verify().await;
+}
+
+/// The same when the worker's first call to Stripe failed (Stripe down) and the credit note
+/// came before the queue delivered the approval again: the worker looks for its refund,
+/// finds none, and sends the request to staff instead of asking again.
+#[tokio::test]
+async fn a_credit_note_made_between_a_failed_refund_call_and_its_retry_stops_the_retry() {
+    let app = TestApp::new();
+    let ws = "org_cn_retry";
+    let (_, _, invoice, paid) = subscribed(&app, ws).await;
+    let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let r = requests
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
+        .await
+        .unwrap();
+    let r = requests
+        .approve(&r.id, "staff1", None, Some(Cents::new(paid / 2)), now)
+        .await
+        .unwrap();
+    let job = json!({"workspace": ws, "request": r.id, "attempt": r.attempt}).to_string();
+    let delivery = |n| Delivery {
+        message_id: format!("m{n}"),
+        body: job.clone(),
+        group_id: Some(r.id.clone()),
+        receive_count: n,
+    };
+    let down = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(
+            ResponseTemplate::new(500)
+                .set_body_json(json!({"error": {"type": "api_error", "message": "down"}})),
+        )
+        .mount(&down)
+        .await;
+    let worker = RefundWorker {
+        docs: app.docs.clone(),
+        payments: stripe_at(&down),
+        notifications: app.local.notifications_queue.clone(),
+        clock: app.clock.clone(),
+    };
+    let first = worker.consume(&delivery(1)).await;
+    assert!(matches!(first, Err(ConsumeError::Retry(_))), "{first:?}");
+    let sent = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert!(sent.sent_at.is_some() && sent.refund.is_none(), "{sent:#?}");
+    // Another member of staff credits most of the invoice to the customer's balance.
+    let note = app
+        .dashboard(
+            &format!("/sim/invoices/{invoice}/credit-note"),
+            json!({"amount": paid - paid / 4}),
+        )
+        .await;
+    assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
+    let up = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"object": "list", "data": [], "has_more": false, "url": "/v1/refunds"}),
+        ))
+        .expect(1)
+        .mount(&up)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(stripe_refund(
+            "re_Twice",
+            &charge,
+            (paid / 2) as i64,
+        )))
+        .expect(0)
+        .mount(&up)
+        .await;
+    let worker = RefundWorker {
+        payments: stripe_at(&up),
+        ..worker
+    };
+    worker.consume(&delivery(2)).await.unwrap();
+    let after = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(after.status, RequestStatus::InReview, "{after:#?}");
+    assert!(after.refund.is_none());
+    up.verify().await;
 }

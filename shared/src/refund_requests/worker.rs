@@ -61,6 +61,35 @@ impl RefundWorker {
         .await;
     }
 
+    /// Money given back for the payment since the approval (a refund or a credit note made
+    /// in the dashboard; Stripe refuses a refund past the charge, not one beside a note to
+    /// the customer's balance) that leaves less to refund than approved: the request goes
+    /// to staff (`Some`), never a second return of the same money.
+    async fn less_left(
+        &self,
+        r: &super::RefundRequest,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<()>, ConsumeError> {
+        let left = super::still_refundable(self.docs.as_ref(), r)
+            .await
+            .map_err(|p| ConsumeError::retry(p.detail))?;
+        if left >= r.amount {
+            return Ok(None);
+        }
+        let why = format!(
+            "money was given back for this payment since the approval: only {} of its {} \
+             cents are left to refund; support staff decide",
+            left.get(),
+            r.amount.get()
+        );
+        tracing::warn!(request = %r.id, charge = %r.charge, left = left.get(),
+            amount = r.amount.get(), "refund not made: less is left to refund than approved");
+        super::demote(self.docs.as_ref(), r, why, now)
+            .await
+            .map_err(|p| ConsumeError::retry(p.detail))?;
+        Ok(Some(()))
+    }
+
     async fn notify(&self, body: serde_json::Value) {
         // Best effort: a lost message does not undo the refund; it is logged.
         if let Err(e) = self
@@ -174,7 +203,26 @@ impl Consumer for RefundWorker {
                     }
                 };
             }
-            Some(_) => {}
+            Some(t) => {
+                // Sent before, with no outcome recorded: the call failed (Stripe
+                // unreachable, a 5xx), or its answer was lost. Not made, money given back
+                // since (a credit note to the customer's balance) is checked as before the
+                // first send; made, the same key below answers the same refund.
+                match self.payments.find_refund(&r.charge, &r.id, r.attempt).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        if let Some(done) = self.less_left(&r, now).await? {
+                            return Ok(done);
+                        }
+                    }
+                    Err(e) if e.is_retryable() => return Err(ConsumeError::retry(e)),
+                    // The lookup refused: the same key still makes one refund at most.
+                    Err(e) => {
+                        tracing::warn!(request = %r.id, sent_at = %t, error = %e,
+                            "could not look the refund up before asking again");
+                    }
+                }
+            }
             None => {
                 // A dispute opened since the approval (an inquiry: Stripe refuses refunds
                 // only of a chargeback) decides where the money goes, as it does for an
@@ -189,22 +237,8 @@ impl Consumer for RefundWorker {
                 // note made in the dashboard; Stripe refuses a refund past the charge, not
                 // one beside a note to the customer's balance): staff decide, never a
                 // second return of the same money.
-                let left = super::still_refundable(self.docs.as_ref(), &r)
-                    .await
-                    .map_err(|p| ConsumeError::retry(p.detail))?;
-                if left < r.amount {
-                    let why = format!(
-                        "money was given back for this payment since the approval: only {} of \
-                         its {} cents are left to refund; support staff decide",
-                        left.get(),
-                        r.amount.get()
-                    );
-                    tracing::warn!(request = %r.id, charge = %r.charge, left = left.get(),
-                        amount = r.amount.get(), "refund not made: less is left to refund than approved");
-                    super::demote(self.docs.as_ref(), &r, why, now)
-                        .await
-                        .map_err(|p| ConsumeError::retry(p.detail))?;
-                    return Ok(());
+                if let Some(done) = self.less_left(&r, now).await? {
+                    return Ok(done);
                 }
                 docs::update(
                     self.docs.as_ref(),
