@@ -2312,3 +2312,124 @@ async fn a_credit_note_made_between_a_failed_refund_call_and_its_retry_stops_the
     assert!(after.refund.is_none());
     up.verify().await;
 }
+
+/// The lots an invoice's payment bought, as the ledger has them now: (source, original,
+/// unspent).
+async fn invoice_lots(app: &TestApp, ws: &str, invoice: &str) -> Vec<(String, u64, u64)> {
+    use tally::billing::refunds::{InvoiceLots, LINK_SK, invoice_lots_pk};
+    let doc: InvoiceLots = tally::store::docs::get(
+        app.docs.as_ref(),
+        &invoice_lots_pk(&invoice.parse().unwrap()),
+        LINK_SK,
+    )
+    .await
+    .unwrap()
+    .expect("the invoice's lots");
+    let state = app
+        .ledger
+        .workspace_now(&WorkspaceId::parse(ws).unwrap())
+        .await
+        .unwrap();
+    doc.lots
+        .iter()
+        .map(|(key, seq, credits)| {
+            let unspent = state
+                .lots
+                .iter()
+                .find(|l| l.seq == *seq)
+                .map_or(0, |l| l.free().get() + l.frozen.get());
+            (
+                key.rsplit(':').next().unwrap().to_owned(),
+                credits.get(),
+                unspent,
+            )
+        })
+        .collect()
+}
+
+/// Add-on units are not refundable: a refund of a renewal's plan money (approved without an
+/// amount, so all but the add-on units) takes back the plan's credits, all of them, and
+/// leaves the add-on units' credits alone; Stripe's refund event then takes nothing more.
+/// A chargeback of what is left takes the add-on units' credits.
+#[tokio::test]
+async fn a_refund_of_a_plans_money_takes_the_plans_credits_and_leaves_the_add_ons() {
+    let app = TestApp::new();
+    let ws = "org_rr_addon";
+    let sub = app.subscribe(ws, "team", "monthly").await;
+    let units = app.set_units(ws, 1).await;
+    assert!(units.status.is_success(), "{:#}", units.body);
+    app.settle_billing().await;
+    app.renew(&sub).await;
+    let renewal = app.sim_events("invoice.paid").last().unwrap().clone();
+    let invoice = renewal["id"].as_str().unwrap().to_owned();
+    let paid = renewal["amount_paid"].as_u64().unwrap();
+    let lots = invoice_lots(&app, ws, &invoice).await;
+    let plan = lots.iter().find(|l| l.0 == "plan").unwrap().1;
+    let addon = lots.iter().find(|l| l.0 == "addon").unwrap().1;
+    assert!(plan > 0 && addon > 0, "{lots:?}");
+    let r = ask(
+        &app,
+        ws,
+        json!({"payment": invoice, "reason": "technical_issue", "details": "renders failed"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["status"], "in_review", "{:#}", r.body);
+    let rid = r.body["id"].as_str().unwrap().to_owned();
+    let ok = app
+        .post(
+            &format!("/v1/admin/refund-requests/{rid}/approve"),
+            &support(),
+            json!({}),
+        )
+        .await;
+    assert_eq!(ok.status.as_u16(), 200, "{:#}", ok.body);
+    assert_eq!(ok.body["credits_held"], plan, "{:#}", ok.body);
+    let mut expected = vec![
+        ("plan".to_owned(), plan, 0),
+        ("addon".to_owned(), addon, addon),
+    ];
+    expected.sort();
+    let mut now = invoice_lots(&app, ws, &invoice).await;
+    now.sort();
+    assert_eq!(now, expected, "right after the approval");
+    settle(&app).await;
+    let done = app
+        .get(&format!("/v1/refund-requests/{rid}"), &owner(ws))
+        .await;
+    assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
+    let charge = app.sim_events("charge.refunded").last().unwrap().clone();
+    let refunded = charge["amount_refunded"].as_u64().unwrap();
+    assert!(0 < refunded && refunded < paid, "{charge:#}");
+    let mut now = invoice_lots(&app, ws, &invoice).await;
+    now.sort();
+    assert_eq!(now, expected, "after Stripe's refund event");
+    // The bank takes the rest back: the add-on units' credits go too.
+    let charge_id = charge["id"].as_str().unwrap().to_owned();
+    app.send(
+        axum::http::Method::POST,
+        &format!("/sim/charges/{charge_id}/dispute"),
+        None,
+        None,
+        &[("content-length", "0")],
+    )
+    .await;
+    app.settle_billing().await;
+    let mut now = invoice_lots(&app, ws, &invoice).await;
+    now.sort();
+    let frozen: Vec<_> = now.iter().map(|l| (l.0.clone(), l.2)).collect();
+    assert!(
+        frozen.contains(&("addon".to_owned(), addon)),
+        "the add-on credits are frozen, not free: {now:?}"
+    );
+    let state = app
+        .ledger
+        .workspace_now(&WorkspaceId::parse(ws).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        state.balance().frozen.get() >= addon,
+        "{:?}",
+        state.balance()
+    );
+}

@@ -990,6 +990,8 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
     use tally::ledger::Reason;
     let sim = app.local.simulator.as_ref().unwrap();
     let mut originals: BTreeMap<u64, u64> = BTreeMap::new();
+    // Lots of add-on units: their money goes back last (see `Pools`).
+    let mut addons: BTreeSet<u64> = BTreeSet::new();
     // lot -> (credits taken back, take-backs, payment intent)
     let mut taken: BTreeMap<u64, (u64, u64, String)> = BTreeMap::new();
     // Lots that owe held credits to a change credited back: what their releases take back
@@ -1012,6 +1014,9 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
             match change {
                 LotChange::Created { lot } => {
                     originals.insert(lot.seq, lot.original.get());
+                    if lot.source == LotSource::Addon {
+                        addons.insert(lot.seq);
+                    }
                 }
                 LotChange::Changed { lot, remaining, .. }
                     if matches!(e.reason, Reason::RefundTakeBack | Reason::DisputeLost) =>
@@ -1066,6 +1071,12 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
             pi_of_invoice.insert(i.to_owned(), pi.to_owned());
         }
     }
+    // Paid invoices as Stripe sent them, by id.
+    let invoices: BTreeMap<String, Value> = app
+        .sim_events("invoice.paid")
+        .into_iter()
+        .filter_map(|i| Some((i["id"].as_str()?.to_owned(), i)))
+        .collect();
     let mut noted: BTreeMap<String, i64> = BTreeMap::new();
     for n in app.sim_events("credit_note.created") {
         if let Some(pi) = n["invoice"].as_str().and_then(|i| pi_of_invoice.get(i)) {
@@ -1078,18 +1089,52 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
             .filter_map(|id| sim.charge(&id))
             .find(|c| c["payment_intent"] == pi.as_str())
             .ok_or_else(|| format!("lot_{lot} taken back for an unknown payment {pi}"))?;
-        let paid = charge["amount"].as_i64().unwrap() as u128;
-        let back = (charge["amount_refunded"].as_i64().unwrap()
-            + noted.get(&pi).copied().unwrap_or(0)
-            + lost
-                .get(charge["id"].as_str().unwrap())
-                .copied()
-                .unwrap_or(0)) as u128;
-        let back = back.min(paid);
-        let bought = u128::from(originals[&lot]) * back / paid.max(1);
+        let paid = charge["amount"].as_i64().unwrap() as u64;
+        let given = (charge["amount_refunded"].as_i64().unwrap()
+            + noted.get(&pi).copied().unwrap_or(0)) as u64;
+        let lost = lost
+            .get(charge["id"].as_str().unwrap())
+            .copied()
+            .unwrap_or(0) as u64;
+        // An invoice's add-on units are not refundable: its money is the rest, then the
+        // add-on units' (its charged add-on lines, as Stripe's invoice shows them). Money
+        // given back is the rest's first, a lost dispute the add-on units' first; an add-on
+        // lot follows their part, any other lot the rest.
+        let non_refundable: u64 = pi_of_invoice
+            .iter()
+            .find(|(_, p)| p.as_str() == pi)
+            .and_then(|(i, _)| invoices.get(i))
+            .map_or(0, |invoice| {
+                let addons: i64 = invoice["lines"]["data"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|l| l["amount"].as_i64().unwrap_or(0) > 0)
+                    .filter(|l| {
+                        l["pricing"]["price_details"]["product"]
+                            .as_str()
+                            .is_some_and(|p| p.starts_with("tally_addon_"))
+                    })
+                    .map(|l| l["amount"].as_i64().unwrap_or(0))
+                    .sum();
+                addons.clamp(0, invoice["amount_paid"].as_i64().unwrap_or(0)) as u64
+            });
+        let (lo, hi) = match (
+            non_refundable > 0 && non_refundable < paid,
+            addons.contains(&lot),
+        ) {
+            (true, true) => (paid - non_refundable, paid),
+            (true, false) => (0, paid - non_refundable),
+            (false, _) => (0, paid),
+        };
+        let given_part = given.min(hi).saturating_sub(lo);
+        let lost_part = hi.saturating_sub(paid.saturating_sub(lost).max(lo));
+        let part = u128::from((given_part + lost_part).min(hi - lo));
+        let bought = (u128::from(originals[&lot]) * part).div_ceil(u128::from((hi - lo).max(1)));
         if u128::from(credits) > bought + u128::from(takes) {
             return Err(format!(
-                "lot_{lot}: {credits} credits taken back, but the {back} of {paid} cents given back bought {bought}"
+                "lot_{lot}: {credits} credits taken back, but the {given} cents given back and {lost} lost of {paid} ({part} of its part's {}) bought {bought}",
+                hi - lo
             ));
         }
     }

@@ -550,7 +550,7 @@ impl BillingEvents {
         };
         // The lots the payment bought: a pack's one, or those of the invoice it paid.
         let (workspace, lots) = match (&link.workspace, link.lot, &link.invoice) {
-            (Some(w), Some(lot), _) => (w.clone(), vec![(lot, link.credits)]),
+            (Some(w), Some(lot), _) => (w.clone(), vec![(lot, link.credits, false)]),
             (_, _, Some(invoice)) => {
                 let Some(doc) = docs::get::<InvoiceLots>(
                     self.docs.as_ref(),
@@ -564,7 +564,13 @@ impl BillingEvents {
                 let Some(w) = doc.workspace else {
                     return Ok(());
                 };
-                (w, doc.lots.iter().map(|&(_, l, c)| (l, c)).collect())
+                (
+                    w,
+                    doc.lots
+                        .iter()
+                        .map(|(key, l, c)| (*l, *c, is_addon_grant(key)))
+                        .collect::<Vec<_>>(),
+                )
             }
             _ => return Ok(()),
         };
@@ -621,13 +627,23 @@ impl BillingEvents {
             credited,
         )
         .await?;
+        // The add-on units an invoice charged are not refundable: money given back comes off
+        // the rest first, and a dispute off the add-ons first (see [`Pools`]).
+        let non_refundable = match &link.invoice {
+            Some(_) => history::get(self.docs.as_ref(), &workspace, &row)
+                .await?
+                .map_or(0, |e| e.non_refundable.get()),
+            None => 0,
+        };
+        let pools = Pools::new(paid, non_refundable);
         // Takes back, from each lot, what `total` cents given back bought (the ledger keeps
         // how much of the payment each lot has followed, so this is exact under retries,
         // reordering and a concurrent follower).
         let take_back = async |total: u64, credited: u64| -> Result<(), ConsumeError> {
-            for &(lot, credits) in &lots {
-                let req =
-                    take_back_request(&workspace, charge, pi, lot, credits, total, paid, credited);
+            for &(lot, credits, addon) in &lots {
+                let req = take_back_request(
+                    &workspace, charge, pi, lot, credits, addon, pools, total, credited,
+                );
                 let key = format!("stripe:refund:{charge}:{total}:lot_{lot}");
                 if let Some(o) = self.run(req).await? {
                     // The refund that reached the total; a credit note's share is on the
@@ -694,8 +710,10 @@ impl BillingEvents {
             if lifted && other_open {
                 continue;
             }
-            for &(lot, _) in &lots {
-                let freeze = || dispute_freeze(&d.id, charge, lot, d.amount.get(), paid);
+            for &(lot, _, addon) in &lots {
+                // The lot's part of the disputed money, on the payment's scale.
+                let disputed = pools.disputed(addon, d.amount.get());
+                let freeze = || dispute_freeze(&d.id, charge, lot, disputed, paid);
                 let mut steps = Vec::new();
                 match status {
                     s if dispute_open(s) => steps.push(freeze()),
@@ -706,7 +724,7 @@ impl BillingEvents {
                             Operation::Unfreeze {
                                 lot,
                                 take_back: true,
-                                lost_cents: d.amount.get().min(paid),
+                                lost_cents: disputed,
                                 note: format!("dispute {} of payment {charge} lost", d.id),
                             },
                         ));
@@ -885,6 +903,93 @@ impl BillingEvents {
     }
 }
 
+/// Which money of a payment each of its lots follows. An invoice's add-on units are not
+/// refundable (the help pages), so its money is two parts: the rest first, `paid -
+/// non_refundable` cents, then the add-on units' `non_refundable` cents. Money given back
+/// (refunds, credit notes) is counted from the bottom, so it is the rest's until that is
+/// all given back; a dispute is of the money on top, the add-on units' first. Each fact's
+/// part is fixed by its own amount, so the order the facts are followed in does not matter
+/// (refunds and disputes together never pass what was paid). A lot of the add-on units
+/// (its grant key ends `:addon`) follows their part, every other lot the rest, each
+/// scaled onto the whole payment (`part × paid / part's size`), so the ledger's arithmetic
+/// per lot (shares of `paid`) is the same as for a payment of one part: a pack, a top-up,
+/// an invoice without add-ons, or one of add-ons only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pools {
+    pub paid: u64,
+    pub non_refundable: u64,
+}
+
+impl Pools {
+    pub fn new(paid: u64, non_refundable: u64) -> Self {
+        Self {
+            paid,
+            non_refundable: non_refundable.min(paid),
+        }
+    }
+
+    /// Where the add-on units' part starts, when the payment has two parts.
+    fn split(self) -> Option<u64> {
+        (self.non_refundable > 0 && self.non_refundable < self.paid)
+            .then(|| self.paid - self.non_refundable)
+    }
+
+    /// The cents `[lo, hi)` of the payment a lot follows.
+    fn range(self, addon: bool) -> (u64, u64) {
+        match self.split() {
+            Some(s) if addon => (s, self.paid),
+            Some(s) => (0, s),
+            None => (0, self.paid),
+        }
+    }
+
+    /// How much of the cents `[from, to)` fall in the lot's part.
+    fn overlap(self, addon: bool, from: u64, to: u64) -> u64 {
+        let (lo, hi) = self.range(addon);
+        to.min(hi).saturating_sub(from.max(lo))
+    }
+
+    /// `cents` of the lot's part on the whole payment's scale (rounded down; all of the
+    /// part is all of the payment).
+    fn scaled(self, addon: bool, cents: u64) -> u64 {
+        let (lo, hi) = self.range(addon);
+        let size = hi - lo;
+        if size == 0 {
+            return 0;
+        }
+        let v = u128::from(cents.min(size)) * u128::from(self.paid) / u128::from(size);
+        u64::try_from(v).unwrap_or(u64::MAX)
+    }
+
+    /// Of `given` cents given back in all (refunds and credit notes), the lot's part:
+    /// (cents, size of the part), when the payment has two parts.
+    pub fn part(self, addon: bool, given: u64) -> Option<(u64, u64)> {
+        self.split()?;
+        let (lo, hi) = self.range(addon);
+        Some((self.overlap(addon, 0, given), hi - lo))
+    }
+
+    /// Of `given` cents given back in all, what the lot follows, on the payment's scale.
+    pub fn given_back(self, addon: bool, given: u64) -> u64 {
+        self.scaled(addon, self.overlap(addon, 0, given))
+    }
+
+    /// Of a dispute of `amount` cents, what the lot follows, on the payment's scale: the
+    /// points of its range mapped, not its length, so that money given back and a dispute
+    /// that together make the whole payment make all of it on every lot (each rounded down
+    /// alone would leave a credit).
+    pub fn disputed(self, addon: bool, amount: u64) -> u64 {
+        let from = self.paid.saturating_sub(amount);
+        self.paid - self.given_back(addon, from)
+    }
+}
+
+/// Whether a lot, by the key of its grant, is of add-on units (an invoice's, a change's, or
+/// a yearly month's).
+pub fn is_addon_grant(key: &str) -> bool {
+    key.ends_with(":addon")
+}
+
 /// A ledger operation following a payment, keyed by its cause.
 /// The key and operation of the freeze a dispute of `amount` of the `paid` cents makes on a
 /// lot the payment bought.
@@ -942,24 +1047,32 @@ pub fn take_back_request(
     pi: &PaymentIntentId,
     lot: u64,
     credits: Credits,
+    addon: bool,
+    pools: Pools,
     refunded: u64,
-    paid: u64,
     credited: u64,
 ) -> LedgerRequest {
+    let paid = pools.paid;
+    // The lot's part of the money given back, on the payment's scale.
+    let followed = pools.given_back(addon, refunded);
     let bought = Share {
-        numerator: refunded,
+        numerator: followed,
         denominator: paid,
     }
     .of(credits);
-    let note = if credited == 0 {
-        format!(
-            "{refunded} of {paid} cents paid by {charge} refunded; that money bought {bought} credits of lot_{lot}"
-        )
+    let given = if credited == 0 {
+        format!("{refunded} of {paid} cents paid by {charge} refunded")
     } else {
         format!(
-            "{refunded} of {paid} cents paid by {charge} given back ({credited} of them by credit notes, without a refund); that money bought {bought} credits of lot_{lot}"
+            "{refunded} of {paid} cents paid by {charge} given back ({credited} of them by credit notes, without a refund)"
         )
     };
+    let part = match pools.part(addon, refunded) {
+        Some((back, of)) if addon => format!(" ({back} of the {of} cents of add-on units)"),
+        Some((back, of)) => format!(" ({back} of the {of} cents besides add-on units)"),
+        None => String::new(),
+    };
+    let note = format!("{given}{part}; that money bought {bought} credits of lot_{lot}");
     let key = format!("stripe:refund:{charge}:{refunded}:lot_{lot}");
     follow_request(
         workspace,
@@ -968,7 +1081,7 @@ pub fn take_back_request(
         charge,
         Operation::TakeBack {
             lot,
-            refunded,
+            refunded: followed,
             paid,
             note,
         },
@@ -998,4 +1111,83 @@ pub(super) fn lot_seq(lot: &str) -> Result<u64, ConsumeError> {
     lot.strip_prefix("lot_")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| poison(format!("grant answered with an unknown lot id {lot:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pools;
+
+    /// Team at 29,900 cents with one add-on unit at 3,000.
+    const TEAM: Pools = Pools {
+        paid: 32_900,
+        non_refundable: 3_000,
+    };
+
+    #[test]
+    fn money_given_back_is_the_rests_first_and_a_dispute_the_add_ons_first() {
+        // The plan's money refunded: all of the plan lots, none of the add-on lot.
+        assert_eq!(TEAM.given_back(false, 29_900), 32_900);
+        assert_eq!(TEAM.given_back(true, 29_900), 0);
+        // Part of it: that share of the plan lots, on the payment's scale.
+        assert_eq!(TEAM.given_back(false, 10_000), 10_000 * 32_900 / 29_900);
+        // More than the plan's money: the add-on units' share of the rest.
+        assert_eq!(TEAM.given_back(false, 31_000), 32_900);
+        assert_eq!(TEAM.given_back(true, 31_000), 1_100 * 32_900 / 3_000);
+        assert_eq!(TEAM.given_back(true, 32_900), 32_900);
+        // A chargeback of what was left after the plan's refund: the add-on units'.
+        assert_eq!(TEAM.disputed(true, 3_000), 32_900);
+        assert_eq!(TEAM.disputed(false, 3_000), 0);
+        // A part of the payment disputed: the add-on units' money first, then the rest's.
+        assert_eq!(TEAM.disputed(true, 5_000), 32_900);
+        assert_eq!(
+            TEAM.disputed(false, 5_000),
+            (2_000u64 * 32_900).div_ceil(29_900)
+        );
+        // A refund and a dispute that make the whole payment take every credit, rounding
+        // included.
+        for refund in [10_000, 27_900, 29_899, 29_900, 30_001] {
+            for addon in [false, true] {
+                let dispute = 32_900 - refund;
+                assert_eq!(
+                    TEAM.given_back(addon, refund) + TEAM.disputed(addon, dispute),
+                    32_900,
+                    "{refund} {addon}"
+                );
+            }
+        }
+        // All of it: everything, whichever lot.
+        assert_eq!(TEAM.disputed(false, 32_900), 32_900);
+        assert_eq!(TEAM.disputed(true, 32_900), 32_900);
+        assert_eq!(TEAM.part(true, 31_000), Some((1_100, 3_000)));
+        assert_eq!(TEAM.part(false, 31_000), Some((29_900, 29_900)));
+    }
+
+    #[test]
+    fn a_payment_of_one_part_is_followed_as_a_whole() {
+        // A pack, an invoice without add-ons, and one of add-ons only.
+        for pools in [
+            Pools::new(5_000, 0),
+            Pools::new(5_000, 5_000),
+            Pools::new(5_000, 9_000),
+        ] {
+            for addon in [false, true] {
+                for cents in [0, 1, 2_500, 5_000, 7_000] {
+                    assert_eq!(pools.given_back(addon, cents), cents.min(5_000));
+                    assert_eq!(pools.disputed(addon, cents), cents.min(5_000));
+                }
+                assert_eq!(pools.part(addon, 100), None);
+            }
+        }
+    }
+
+    #[test]
+    fn each_lots_part_only_grows_with_the_money_given_back() {
+        let mut last = (0, 0);
+        for given in (0..=32_900).step_by(7) {
+            let now = (TEAM.given_back(false, given), TEAM.given_back(true, given));
+            assert!(now.0 >= last.0 && now.1 >= last.1, "{given}");
+            last = now;
+        }
+        assert_eq!(last, (32_900, 32_900));
+    }
 }

@@ -219,11 +219,14 @@ pub(crate) async fn claim_moved_on(
 
 /// What an approval takes credits back from (see `take_back_basis`).
 struct Basis {
-    lots: Vec<(u64, Credits)>,
+    /// (lot, credits it started with, whether it is of add-on units)
+    lots: Vec<(u64, Credits, bool)>,
     pi: crate::ids::PaymentIntentId,
     refunded: u64,
     paid: u64,
     credited: u64,
+    /// Which money of the payment each lot follows.
+    pools: crate::billing::refunds::Pools,
 }
 
 impl Claim {
@@ -757,7 +760,12 @@ impl RefundRequests {
             }
         }
         // Every lot the payment bought, whole.
-        let lots: Vec<u64> = self.lots_of(entry).await?.iter().map(|(l, _)| *l).collect();
+        let lots: Vec<u64> = self
+            .lots_of(entry)
+            .await?
+            .iter()
+            .map(|(l, _, _)| *l)
+            .collect();
         let state = self.ledger.store.load(workspace).await?;
         let unused = !lots.is_empty()
             && lots.iter().all(|seq| {
@@ -778,15 +786,16 @@ impl RefundRequests {
         Ok(Verdict::Approve(why))
     }
 
-    /// The lots a payment bought, with the credits each started with.
-    async fn lots_of(&self, entry: &HistoryEntry) -> Result<Vec<(u64, Credits)>, Problem> {
+    /// The lots a payment bought, with the credits each started with and whether it is of
+    /// add-on units.
+    async fn lots_of(&self, entry: &HistoryEntry) -> Result<Vec<(u64, Credits, bool)>, Problem> {
         let mut lots = Vec::new();
         if let Some(pi) = &entry.payment_intent
             && let Some(l) =
                 docs::get::<PaymentLink>(self.docs.as_ref(), &payment_pk(pi), LINK_SK).await?
             && let Some(lot) = l.lot
         {
-            lots.push((lot, l.credits));
+            lots.push((lot, l.credits, false));
         }
         if let Some(invoice) = &entry.invoice
             && let Some(l) = docs::get::<crate::billing::refunds::InvoiceLots>(
@@ -796,9 +805,9 @@ impl RefundRequests {
             )
             .await?
         {
-            for &(_, seq, credits) in &l.lots {
-                if !lots.iter().any(|(s, _)| *s == seq) {
-                    lots.push((seq, credits));
+            for (key, seq, credits) in &l.lots {
+                if !lots.iter().any(|(s, _, _)| s == seq) {
+                    lots.push((*seq, *credits, crate::billing::refunds::is_addon_grant(key)));
                 }
             }
         }
@@ -855,12 +864,19 @@ impl RefundRequests {
             .max(payment.amount_refunded.get())
             .saturating_add(credited)
             .min(paid);
+        // As Stripe's events are followed: the invoice's add-on units go back last.
+        let non_refundable = if entry.invoice.is_some() {
+            entry.non_refundable.get()
+        } else {
+            0
+        };
         Ok(Some(Basis {
             lots: self.lots_of(&entry).await?,
             pi,
             refunded,
             paid,
             credited,
+            pools: crate::billing::refunds::Pools::new(paid, non_refundable),
         }))
     }
 
@@ -873,14 +889,34 @@ impl RefundRequests {
         let Some(b) = self.take_back_basis(r).await? else {
             return Ok(Cents::ZERO);
         };
-        let bought: u128 = b.lots.iter().map(|(_, c)| u128::from(c.get())).sum();
-        if bought == 0 {
-            return Ok(Cents::ZERO);
+        // The least money given back whose take-back is at least those credits: the
+        // take-back grows with the money, its add-on units' part last (see `Pools`).
+        let bought_by = |money: u64| -> u128 {
+            b.lots
+                .iter()
+                .map(|&(_, credits, addon)| {
+                    let share = crate::ledger::Share {
+                        numerator: b.pools.given_back(addon, money),
+                        denominator: b.paid,
+                    };
+                    u128::from(share.of(credits).get())
+                })
+                .sum()
+        };
+        let wanted = u128::from(r.credits_held.get());
+        if bought_by(b.paid) < wanted {
+            return Ok(Cents::new(b.paid));
         }
-        let worth = (u128::from(r.credits_held.get()) * u128::from(b.paid)).div_ceil(bought);
-        Ok(Cents::new(
-            u64::try_from(worth).unwrap_or(u64::MAX).min(b.paid),
-        ))
+        let (mut low, mut high) = (0u64, b.paid);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if bought_by(mid) >= wanted {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+        Ok(Cents::new(low))
     }
 
     /// Takes back, as the approval is sent, what the approved money bought and is unspent:
@@ -894,9 +930,9 @@ impl RefundRequests {
         };
         let mut held = Credits::ZERO;
         let mut bought = Credits::ZERO;
-        for (lot, credits) in b.lots {
+        for (lot, credits, addon) in b.lots {
             let share = crate::ledger::Share {
-                numerator: b.refunded,
+                numerator: b.pools.given_back(addon, b.refunded),
                 denominator: b.paid,
             }
             .of(credits);
@@ -907,8 +943,9 @@ impl RefundRequests {
                 &b.pi,
                 lot,
                 credits,
+                addon,
+                b.pools,
                 b.refunded,
-                b.paid,
                 b.credited,
             );
             match self.ledger.execute(req).await {
