@@ -29,6 +29,19 @@ async fn buy_packs(app: &TestApp, ws: &str, quantity: u32) -> String {
     charges.last().unwrap()["id"].as_str().unwrap().to_owned()
 }
 
+/// The cardholder's bank disputes the charge (all of it not refunded), and billing follows.
+async fn dispute(app: &TestApp, charge: &str) {
+    app.send(
+        axum::http::Method::POST,
+        &format!("/sim/charges/{charge}/dispute"),
+        None,
+        None,
+        &[("content-length", "0")],
+    )
+    .await;
+    app.settle_billing().await;
+}
+
 /// A customer's request (by `u1`) for `payment`, under a fresh id.
 fn request_for(payment: &str, reason: RefundReason) -> NewRequest {
     NewRequest {
@@ -443,15 +456,7 @@ async fn add_ons_disputed_payments_and_bad_input_are_refused_with_clear_reasons(
     .assert_problem(409, "not_refundable");
     // A disputed payment: the dispute decides.
     let charge = buy_packs(&app, ws, 1).await;
-    app.send(
-        axum::http::Method::POST,
-        &format!("/sim/charges/{charge}/dispute"),
-        None,
-        None,
-        &[("content-length", "0")],
-    )
-    .await;
-    app.settle_billing().await;
+    dispute(&app, &charge).await;
     let d = ask(
         &app,
         ws,
@@ -1024,15 +1029,7 @@ async fn a_duplicate_whose_credits_were_used_or_whose_twin_is_disputed_waits_for
     let ws = "org_rr7";
     let first = buy_packs(&app, ws, 1).await;
     let second = buy_packs(&app, ws, 1).await;
-    app.send(
-        axum::http::Method::POST,
-        &format!("/sim/charges/{first}/dispute"),
-        None,
-        None,
-        &[("content-length", "0")],
-    )
-    .await;
-    app.settle_billing().await;
+    dispute(&app, &first).await;
     let r = ask(
         &app,
         ws,
@@ -2149,22 +2146,25 @@ async fn a_credit_note_and_a_lost_partial_dispute_take_back_what_each_gave_back_
     }
 }
 
-/// Money given back for the payment between an approval and its refund (a credit note to
-/// the customer's balance made in the dashboard, which Stripe does not count against the
-/// charge's refunds) leaves less to refund than was approved: the worker makes no refund
-/// and sends the request to staff, so the same money does not go back twice, even when it
-/// stopped half-way through that the first time.
-#[tokio::test]
-async fn a_credit_note_made_after_the_approval_stops_the_refund_and_sends_it_to_staff() {
-    let app = TestApp::new();
-    let ws = "org_cn_race";
-    let (_, _, invoice, paid) = subscribed(&app, ws).await;
+/// A subscription's first invoice, a request for its payment approved for half of it by
+/// staff, its refund not made yet (the approval parked): (requests, the request, charge,
+/// cents paid).
+async fn approved_for_half(
+    app: &TestApp,
+    ws: &str,
+) -> (
+    RefundRequests,
+    tally::refund_requests::RefundRequest,
+    String,
+    u64,
+) {
+    let (_, _, _, paid) = subscribed(app, ws).await;
     let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
     let workspace = WorkspaceId::parse(ws).unwrap();
-    let requests = parked_requests(&app);
+    let requests = parked_requests(app);
     let now = app.clock.now();
     let r = requests
         .create(&workspace, request_for(&charge, RefundReason::Other), now)
@@ -2175,25 +2175,54 @@ async fn a_credit_note_made_after_the_approval_stops_the_refund_and_sends_it_to_
         .await
         .unwrap();
     assert_eq!(r.status, RequestStatus::Approved);
-    // Another member of staff credits most of the invoice to the customer's balance.
+    (requests, r, charge, paid)
+}
+
+/// Another member of staff credits three quarters of the latest paid invoice to the
+/// customer's Stripe balance, in the dashboard.
+async fn credit_most_of_it(app: &TestApp) {
+    let invoice = app.sim_events("invoice.paid").last().unwrap().clone();
+    let paid = invoice["amount_paid"].as_u64().unwrap();
     let note = app
         .dashboard(
-            &format!("/sim/invoices/{invoice}/credit-note"),
+            &format!(
+                "/sim/invoices/{}/credit-note",
+                invoice["id"].as_str().unwrap()
+            ),
             json!({"amount": paid - paid / 4}),
         )
         .await;
     assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
-    let stripe = MockServer::start().await;
+}
+
+/// The fake of Stripe answers a refund, and expects to be asked for none.
+async fn no_refund_asked(stripe: &MockServer, charge: &str, amount: u64) {
     Mock::given(method("POST"))
         .and(path("/v1/refunds"))
         .respond_with(ResponseTemplate::new(200).set_body_json(stripe_refund(
             "re_Twice",
-            &charge,
-            (paid / 2) as i64,
+            charge,
+            amount as i64,
         )))
         .expect(0)
-        .mount(&stripe)
+        .mount(stripe)
         .await;
+}
+
+/// Money given back for the payment between an approval and its refund (a credit note to
+/// the customer's balance made in the dashboard, which Stripe does not count against the
+/// charge's refunds) leaves less to refund than was approved: the worker makes no refund
+/// and sends the request to staff, so the same money does not go back twice, even when it
+/// stopped half-way through that the first time.
+#[tokio::test]
+async fn a_credit_note_made_after_the_approval_stops_the_refund_and_sends_it_to_staff() {
+    let app = TestApp::new();
+    let ws = "org_cn_race";
+    let (requests, r, charge, paid) = approved_for_half(&app, ws).await;
+    let workspace = r.workspace.clone();
+    credit_most_of_it(&app).await;
+    let stripe = MockServer::start().await;
+    no_refund_asked(&stripe, &charge, paid / 2).await;
     // The first delivery stops between sending the claim to staff and writing the request
     // document; the next one brings the document in line.
     let worker = RefundWorker {
@@ -2233,22 +2262,8 @@ async fn a_credit_note_made_after_the_approval_stops_the_refund_and_sends_it_to_
 async fn a_credit_note_made_between_a_failed_refund_call_and_its_retry_stops_the_retry() {
     let app = TestApp::new();
     let ws = "org_cn_retry";
-    let (_, _, invoice, paid) = subscribed(&app, ws).await;
-    let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let workspace = WorkspaceId::parse(ws).unwrap();
-    let requests = parked_requests(&app);
-    let now = app.clock.now();
-    let r = requests
-        .create(&workspace, request_for(&charge, RefundReason::Other), now)
-        .await
-        .unwrap();
-    let r = requests
-        .approve(&r.id, "staff1", None, Some(Cents::new(paid / 2)), now)
-        .await
-        .unwrap();
+    let (requests, r, charge, paid) = approved_for_half(&app, ws).await;
+    let workspace = r.workspace.clone();
     let job = json!({"workspace": ws, "request": r.id, "attempt": r.attempt}).to_string();
     let delivery = |n| Delivery {
         message_id: format!("m{n}"),
@@ -2275,14 +2290,7 @@ async fn a_credit_note_made_between_a_failed_refund_call_and_its_retry_stops_the
     assert!(matches!(first, Err(ConsumeError::Retry(_))), "{first:?}");
     let sent = requests.get(&workspace, &r.id).await.unwrap().unwrap();
     assert!(sent.sent_at.is_some() && sent.refund.is_none(), "{sent:#?}");
-    // Another member of staff credits most of the invoice to the customer's balance.
-    let note = app
-        .dashboard(
-            &format!("/sim/invoices/{invoice}/credit-note"),
-            json!({"amount": paid - paid / 4}),
-        )
-        .await;
-    assert_eq!(note.status.as_u16(), 200, "{:#}", note.body);
+    credit_most_of_it(&app).await;
     let up = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/v1/refunds"))
@@ -2292,16 +2300,7 @@ async fn a_credit_note_made_between_a_failed_refund_call_and_its_retry_stops_the
         .expect(1)
         .mount(&up)
         .await;
-    Mock::given(method("POST"))
-        .and(path("/v1/refunds"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(stripe_refund(
-            "re_Twice",
-            &charge,
-            (paid / 2) as i64,
-        )))
-        .expect(0)
-        .mount(&up)
-        .await;
+    no_refund_asked(&up, &charge, paid / 2).await;
     let worker = RefundWorker {
         payments: stripe_at(&up),
         ..worker
@@ -2406,15 +2405,7 @@ async fn a_refund_of_a_plans_money_takes_the_plans_credits_and_leaves_the_add_on
     assert_eq!(now, expected, "after Stripe's refund event");
     // The bank takes the rest back: the add-on units' credits go too.
     let charge_id = charge["id"].as_str().unwrap().to_owned();
-    app.send(
-        axum::http::Method::POST,
-        &format!("/sim/charges/{charge_id}/dispute"),
-        None,
-        None,
-        &[("content-length", "0")],
-    )
-    .await;
-    app.settle_billing().await;
+    dispute(&app, &charge_id).await;
     let mut now = invoice_lots(&app, ws, &invoice).await;
     now.sort();
     let frozen: Vec<_> = now.iter().map(|l| (l.0.clone(), l.2)).collect();
