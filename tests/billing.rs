@@ -154,6 +154,8 @@ struct Outcome {
     subscription: Option<SubscriptionRecord>,
     /// The dispute that stopped auto top-up.
     topup_stopped_by: Option<String>,
+    /// The non-refundable cents (add-on units) of the first invoice's history line.
+    non_refundable: Option<u64>,
 }
 
 async fn run(order: &[Value]) -> Outcome {
@@ -216,7 +218,12 @@ async fn run_with(order: &[Value], stripe: Option<Arc<dyn tally::payments::Payme
         docs::list(store.as_ref(), &workspace_pk(&a), INVOICE_PREFIX, 100)
             .await
             .unwrap();
+    let non_refundable = tally::billing::history::get(store.as_ref(), &a, "in_first")
+        .await
+        .unwrap()
+        .map(|e| e.non_refundable.get());
     Outcome {
+        non_refundable,
         available: state.balance().available.get(),
         lots,
         plan: state.plan.clone(),
@@ -329,6 +336,41 @@ fn twelve_lines() -> Vec<Value> {
     lines.push(line(10, Some("tally_plan_max"), 1, 2900));
     lines.push(line(11, Some("tally_addon_individual"), 3, 3000));
     lines
+}
+
+/// Add-on units are not refundable: their share of what the invoice was paid, their lines
+/// net of all lines net, so a coupon or the customer's balance paying part of it weighs on
+/// both parts alike, and add-on time credited back comes off the add-on units' part.
+#[tokio::test]
+async fn the_non_refundable_part_is_the_add_on_units_share_of_what_was_paid() {
+    let plan_and_units = twelve_lines();
+    let mut credited_back = plan_and_units.clone();
+    let mut unused = credited_back[11].clone();
+    unused["id"] = json!("il_12");
+    unused["amount"] = json!(-3500);
+    credited_back.push(unused);
+    for (lines, paid, expected) in [
+        // Max at 2,900 and three units at 3,000, paid in full.
+        (&plan_and_units, 5900, 3000),
+        // Half paid by a coupon or the customer's balance: half of each part.
+        (&plan_and_units, 2950, 1500),
+        // More add-on time credited back than charged: none of it is add-on money.
+        (&credited_back, 2400, 0),
+    ] {
+        let mut order = history();
+        for e in order.iter_mut() {
+            let i = &mut e["data"]["object"];
+            if i["object"] == "invoice" {
+                i["lines"]["data"] = json!(lines);
+                i["lines"]["has_more"] = json!(false);
+                i["total"] = json!(paid);
+                i["amount_paid"] = json!(paid);
+                i["amount_due"] = json!(paid);
+            }
+        }
+        let o = run(&order).await;
+        assert_eq!(o.non_refundable, Some(expected), "paid {paid}");
+    }
 }
 
 /// Stripe's invoice objects carry the first ten lines (`has_more` says there are more):

@@ -1071,12 +1071,6 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
             pi_of_invoice.insert(i.to_owned(), pi.to_owned());
         }
     }
-    // Paid invoices as Stripe sent them, by id.
-    let invoices: BTreeMap<String, Value> = app
-        .sim_events("invoice.paid")
-        .into_iter()
-        .filter_map(|i| Some((i["id"].as_str()?.to_owned(), i)))
-        .collect();
     let mut noted: BTreeMap<String, i64> = BTreeMap::new();
     for n in app.sim_events("credit_note.created") {
         if let Some(pi) = n["invoice"].as_str().and_then(|i| pi_of_invoice.get(i)) {
@@ -1097,27 +1091,37 @@ fn check_take_backs(app: &TestApp, journal: &[tally::ledger::Entry]) -> Result<(
             .copied()
             .unwrap_or(0) as u64;
         // An invoice's add-on units are not refundable: its money is the rest, then the
-        // add-on units' (its charged add-on lines, as Stripe's invoice shows them). Money
-        // given back is the rest's first, a lost dispute the add-on units' first; an add-on
-        // lot follows their part, any other lot the rest.
+        // add-on units' share of what was paid (their lines net, of all lines net, as
+        // Stripe's invoice shows them, every line). Money given back is the rest's first, a
+        // lost dispute the add-on units' first; an add-on lot follows their part, any other
+        // lot the rest.
         let non_refundable: u64 = pi_of_invoice
             .iter()
             .find(|(_, p)| p.as_str() == pi)
-            .and_then(|(i, _)| invoices.get(i))
+            .and_then(|(i, _)| sim.invoice(i))
             .map_or(0, |invoice| {
-                let addons: i64 = invoice["lines"]["data"]
+                let lines: Vec<&Value> = invoice["lines"]["data"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter(|l| l["amount"].as_i64().unwrap_or(0) > 0)
+                    .collect();
+                let amount = |l: &&Value| i128::from(l["amount"].as_i64().unwrap_or(0));
+                let all: i128 = lines.iter().map(amount).sum();
+                let addons: i128 = lines
+                    .iter()
                     .filter(|l| {
                         l["pricing"]["price_details"]["product"]
                             .as_str()
                             .is_some_and(|p| p.starts_with("tally_addon_"))
                     })
-                    .map(|l| l["amount"].as_i64().unwrap_or(0))
+                    .map(amount)
                     .sum();
-                addons.clamp(0, invoice["amount_paid"].as_i64().unwrap_or(0)) as u64
+                let paid = i128::from(invoice["amount_paid"].as_i64().unwrap_or(0).max(0));
+                if all > 0 && addons > 0 {
+                    (paid * addons.min(all) / all) as u64
+                } else {
+                    0
+                }
             });
         let (lo, hi) = match (
             non_refundable > 0 && non_refundable < paid,

@@ -133,20 +133,31 @@ impl BillingEvents {
             .clone()
             .or_else(|| i.lines.data.iter().find_map(|l| l.description.clone()));
         let tax = i.tax_amount().map(|t| cents(t, "tax", &i.id)).transpose()?;
-        // Add-on units are non-refundable (the help pages): their charged lines.
-        let addons: i64 = i
+        // Add-on units are non-refundable (the help pages): their share of the money paid.
+        // Their lines net of the time they credited back, as a share of all lines net, of
+        // what was paid: a coupon, the customer's Stripe balance or tax then weigh on both
+        // parts alike, and a change that credits more add-on time than it charges has none.
+        let is_addon = |l: &&super::objects::InvoiceLine| {
+            l.product()
+                .and_then(|p| Item::of_product(p, self.catalog()))
+                .is_some_and(|it| matches!(it, Item::Addon(_)))
+        };
+        let lines: i128 = i.lines.data.iter().map(|l| i128::from(l.amount)).sum();
+        let addons: i128 = i
             .lines
             .data
             .iter()
-            .filter(|l| l.amount > 0)
-            .filter(|l| {
-                l.product()
-                    .and_then(|p| Item::of_product(p, self.catalog()))
-                    .is_some_and(|it| matches!(it, Item::Addon(_)))
-            })
-            .map(|l| l.amount)
+            .filter(is_addon)
+            .map(|l| i128::from(l.amount))
             .sum();
-        let non_refundable = Cents::try_from(addons.min(i.amount_paid.max(0))).unwrap_or_default();
+        let paid = i128::from(i.amount_paid.max(0));
+        let non_refundable = if lines > 0 && addons > 0 {
+            paid * addons.min(lines) / lines
+        } else {
+            0
+        };
+        let non_refundable =
+            Cents::try_from(i64::try_from(non_refundable).unwrap_or(0)).unwrap_or_default();
         let subscription = i
             .subscription_details()
             .and_then(|d| d.subscription.id().cloned());

@@ -659,7 +659,8 @@ impl BillingEvents {
             Ok(())
         };
         // Refunds first: a dispute's freeze is a share of what they left.
-        // Refunds and notes are shares of all that was paid, a dispute's a share of what
+        // Refunds and notes are shares of the lot's part of what was paid (see `Pools`), a
+        // dispute's a share of what
         // they left: a lot meeting them all at once (a yearly plan's later month) loses
         // what the money given back bought. Refunds first (Stripe refuses them on a
         // disputed charge, so they come before any dispute but an inquiry).
@@ -909,7 +910,9 @@ impl BillingEvents {
 /// (refunds, credit notes) is counted from the bottom, so it is the rest's until that is
 /// all given back; a dispute is of the money on top, the add-on units' first. Each fact's
 /// part is fixed by its own amount, so the order the facts are followed in does not matter
-/// (refunds and disputes together never pass what was paid). A lot of the add-on units
+/// (money given back and disputed do not pass what was paid, but for a refund made during
+/// an inquiry, whose part the ledger then takes from the frozen credits, as for a payment
+/// of one part). A lot of the add-on units
 /// (its grant key ends `:addon`) follows their part, every other lot the rest, each
 /// scaled onto the whole payment (`part × paid / part's size`), so the ledger's arithmetic
 /// per lot (shares of `paid`) is the same as for a payment of one part: a pack, a top-up,
@@ -977,7 +980,8 @@ impl Pools {
     /// Of a dispute of `amount` cents, what the lot follows, on the payment's scale: the
     /// points of its range mapped, not its length, so that money given back and a dispute
     /// that together make the whole payment make all of it on every lot (each rounded down
-    /// alone would leave a credit).
+    /// alone would leave a credit). A part of a lot's part is so rounded up, by less than
+    /// one cent of the payment.
     pub fn disputed(self, addon: bool, amount: u64) -> u64 {
         let from = self.paid.saturating_sub(amount);
         self.paid - self.given_back(addon, from)
@@ -990,9 +994,9 @@ pub fn is_addon_grant(key: &str) -> bool {
     key.ends_with(":addon")
 }
 
-/// A ledger operation following a payment, keyed by its cause.
-/// The key and operation of the freeze a dispute of `amount` of the `paid` cents makes on a
-/// lot the payment bought.
+/// The key and operation of the freeze a dispute makes on a lot the payment bought: `amount`
+/// is the lot's part of the disputed money on the payment's scale (see [`Pools`]), of the
+/// `paid` cents.
 fn dispute_freeze(
     dispute: &impl std::fmt::Display,
     charge: &ChargeId,

@@ -903,14 +903,19 @@ impl RefundRequests {
                 })
                 .sum()
         };
+        // This request's money comes after what was given back besides it: its credits are
+        // those that money bought (the add-on units' when the rest went back before).
+        let base = b.refunded.saturating_sub(r.amount.get());
+        let before = bought_by(base);
         let wanted = u128::from(r.credits_held.get());
-        if bought_by(b.paid) < wanted {
-            return Ok(Cents::new(b.paid));
+        let room = b.paid - base.min(b.paid);
+        if bought_by(b.paid) - before < wanted {
+            return Ok(Cents::new(room));
         }
-        let (mut low, mut high) = (0u64, b.paid);
+        let (mut low, mut high) = (0u64, room);
         while low < high {
             let mid = low + (high - low) / 2;
-            if bought_by(mid) >= wanted {
+            if bought_by(base + mid) - before >= wanted {
                 high = mid;
             } else {
                 low = mid + 1;
