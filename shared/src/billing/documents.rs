@@ -263,10 +263,11 @@ impl BillingEvents {
                         .clone()
                         .or(e.hosted_invoice_url.take());
                     e.invoice_pdf = record.invoice_pdf.clone().or(e.invoice_pdf.take());
+                    // From the latest record: a draft's or an open one's is nothing yet.
+                    e.non_refundable = non_refundable;
                 }
                 e.invoice = Some(i.id.clone());
                 HistoryEntry::fill(&mut e.replaces, replaces.as_ref());
-                e.non_refundable = e.non_refundable.max(non_refundable);
                 HistoryEntry::fill(&mut e.subscription, subscription.as_ref());
                 HistoryEntry::fill(&mut e.currency, Some(&record.currency));
                 HistoryEntry::fill(&mut e.description, description.as_ref());

@@ -660,9 +660,8 @@ impl BillingEvents {
         };
         // Refunds first: a dispute's freeze is a share of what they left.
         // Refunds and notes are shares of the lot's part of what was paid (see `Pools`), a
-        // dispute's a share of what
-        // they left: a lot meeting them all at once (a yearly plan's later month) loses
-        // what the money given back bought. Refunds first (Stripe refuses them on a
+        // dispute's a share of what they left: a lot meeting them all at once (a yearly
+        // plan's later month) loses what the money given back bought. Refunds first (Stripe refuses them on a
         // disputed charge, so they come before any dispute but an inquiry).
         if refunds > 0 {
             take_back(refunds, 0).await?;

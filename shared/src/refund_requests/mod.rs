@@ -903,9 +903,10 @@ impl RefundRequests {
                 })
                 .sum()
         };
-        // This request's money comes after what was given back besides it: its credits are
-        // those that money bought (the add-on units' when the rest went back before).
-        let base = b.refunded.saturating_sub(r.amount.get());
+        // This request's money comes after what was given back besides it (an approval
+        // sent to staff or failed claims nothing, so the basis is the others'): its credits
+        // are those that money bought (the add-on units' when the rest went back before).
+        let base = b.refunded;
         let before = bought_by(base);
         let wanted = u128::from(r.credits_held.get());
         let room = b.paid - base.min(b.paid);
