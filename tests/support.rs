@@ -2308,3 +2308,119 @@ async fn a_message_stored_but_not_counted_is_counted_and_forwarded_by_a_read_or_
         SweepReport::default()
     );
 }
+
+/// A queue that, on its first send, first runs `before_first` (another writer's change
+/// landing between this writer's write of the ticket and its send), then keeps the message.
+#[derive(Default)]
+struct InterleavingQueue {
+    before_first:
+        std::sync::Mutex<Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
+    sent: std::sync::Mutex<Vec<tally::queue::Message>>,
+}
+
+#[async_trait::async_trait]
+impl tally::queue::Queue for InterleavingQueue {
+    async fn send(&self, m: tally::queue::Message) -> Result<(), tally::queue::QueueError> {
+        let first = self.before_first.lock().unwrap().take();
+        if let Some(other) = first {
+            other.await;
+        }
+        self.sent.lock().unwrap().push(m);
+        Ok(())
+    }
+}
+
+/// A customer's message and a staff status change made at once: both writers' jobs carry
+/// the message (neither saw the other's forward), and the status change reaches the queue
+/// first. The help desk gets the message once, and the message's job, arriving after the
+/// later change was delivered, is not delivered at all (nor is a redelivery of either).
+#[tokio::test]
+async fn a_message_and_a_status_change_at_once_reach_the_help_desk_with_the_message_once() {
+    use tally::queue::Consumer;
+    use tally::support::{Author, TicketStatus, Tickets};
+    let app = TestApp::new();
+    let ws = "org_twice";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let queue = Arc::new(InterleavingQueue::default());
+    let tickets = Tickets {
+        docs: app.docs.clone(),
+        queue: queue.clone(),
+    };
+    let ticket = tickets.get(&id).await.unwrap().unwrap();
+    let now = app.clock.now();
+    let staff = tickets.clone();
+    let seen = ticket.clone();
+    *queue.before_first.lock().unwrap() = Some(Box::pin(async move {
+        staff
+            .set_status(&seen, TicketStatus::Solved, now)
+            .await
+            .unwrap();
+    }));
+    tickets
+        .add_message(&ticket, Author::Customer, "u1", "second", None, now)
+        .await
+        .unwrap();
+    let sent = queue.sent.lock().unwrap().clone();
+    let jobs: Vec<tally::support::ForwardJob> = sent
+        .iter()
+        .map(|m| serde_json::from_str(&m.body).unwrap())
+        .collect();
+    let shape: Vec<(&str, u32, u32)> = jobs
+        .iter()
+        .map(|j| (j.event.as_str(), j.from_seq, j.seq))
+        .collect();
+    assert_eq!(
+        shape,
+        [("ticket.status", 2, 2), ("ticket.message", 2, 2)],
+        "the race this test is about did not happen: {jobs:?}"
+    );
+    let sink = Arc::new(FlakyDesk {
+        fail: 0,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    let d = desk(&app, sink.clone(), 1);
+    // In queue order, each twice (SQS delivers at least once).
+    for (n, m) in sent.iter().chain(sent.iter()).enumerate() {
+        d.consume(&tally::queue::Delivery {
+            message_id: format!("m{n}"),
+            body: m.body.clone(),
+            group_id: m.group_id.clone(),
+            receive_count: 1,
+        })
+        .await
+        .unwrap();
+    }
+    let got = sink.got.lock().unwrap().clone();
+    let payloads: Vec<Value> = got
+        .iter()
+        .map(|s| serde_json::from_str(&s.body).unwrap())
+        .collect();
+    let bodies: Vec<Value> = payloads
+        .iter()
+        .flat_map(|p| p["messages"].as_array().cloned().unwrap_or_default())
+        .map(|m| m["body"].clone())
+        .collect();
+    assert_eq!(bodies, ["second"], "{payloads:#?}");
+    assert_eq!(got.len(), 1, "{payloads:#?}");
+    assert_eq!(payloads[0]["event"], "ticket.status");
+    assert_eq!(payloads[0]["ticket"]["status"], "solved");
+    // The next change carries only what is new.
+    let (_, third) = tickets
+        .add_message(&ticket, Author::Customer, "u1", "third", None, now)
+        .await
+        .unwrap();
+    let next = queue.sent.lock().unwrap().last().unwrap().clone();
+    d.consume(&tally::queue::Delivery {
+        message_id: "m-next".into(),
+        body: next.body,
+        group_id: next.group_id,
+        receive_count: 1,
+    })
+    .await
+    .unwrap();
+    let last: Value = serde_json::from_str(&sink.got.lock().unwrap().last().unwrap().body).unwrap();
+    assert_eq!(last["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(last["messages"][0]["seq"], third.seq);
+}

@@ -109,8 +109,22 @@ pub struct HelpDesk {
 }
 
 impl HelpDesk {
-    /// The delivery for a job: the ticket as it is now and the message the job names.
+    /// The delivery for a job: the ticket as it is now and the messages the job names that
+    /// the help desk was not sent yet. `None` when this change was delivered already (a
+    /// redelivery after the help desk took it) or a later one was: two writers' jobs can
+    /// reach the queue in the other order, and the later change's delivery carried the
+    /// ticket as it was then and every message of this one.
     pub async fn payload(&self, job: &ForwardJob) -> Result<Option<ForwardPayload>, ConsumeError> {
+        let delivered = self
+            .tickets
+            .delivered(&job.ticket)
+            .await
+            .map_err(ConsumeError::retry)?;
+        let change = job.change_number();
+        if change > 0 && change <= delivered.change {
+            tracing::info!(ticket = %job.ticket, change, delivered = delivered.change, "this change or a later one was delivered already; not sent again");
+            return Ok(None);
+        }
         let Some(ticket) = self
             .tickets
             .get(&job.ticket)
@@ -129,6 +143,8 @@ impl HelpDesk {
         } else {
             job.from_seq
         };
+        // What an earlier delivery carried is not sent twice.
+        let from = from.max(delivered.messages + 1);
         let messages = if from <= job.seq {
             self.tickets
                 .messages(&job.ticket)
@@ -196,6 +212,11 @@ impl Consumer for HelpDesk {
             match self.sink.deliver(&signed).await {
                 Ok(()) => {
                     tracing::info!(ticket = %job.ticket, event = %job.event, "ticket forwarded");
+                    let messages = payload.messages.iter().map(|m| m.seq).max().unwrap_or(0);
+                    self.tickets
+                        .record_delivered(&job.ticket, job.change_number(), messages)
+                        .await
+                        .map_err(ConsumeError::retry)?;
                     return Ok(());
                 }
                 Err(e) => {

@@ -433,7 +433,38 @@ pub struct ForwardJob {
     pub from_seq: u32,
     /// Unique per change: the help desk's idempotency key.
     pub id: String,
+    /// The ticket's change count at this change (its place in the ticket's history): a job
+    /// reaching the forwarder after a later change was delivered is not delivered again.
+    /// Jobs queued before it existed carry it in their `id` only.
+    #[serde(default)]
+    pub change: u32,
 }
+
+impl ForwardJob {
+    /// [`Self::change`], or for an older job the count in its id (`<ticket>:<n>:<event>`).
+    pub fn change_number(&self) -> u32 {
+        if self.change > 0 {
+            return self.change;
+        }
+        self.id
+            .rsplit(':')
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// What the help desk was sent of a ticket (`TICKET#<id>` / [`DELIVERED_SK`]), written by
+/// the forwarder after each delivery: the latest change delivered and the highest message.
+/// Two writers each forward their own change, and either may reach the queue first, both
+/// carrying the same message; this record makes the second deliver only what is new.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub change: u32,
+    pub messages: u32,
+}
+
+pub const DELIVERED_SK: &str = "DELIVERED";
 
 /// What one sweep for unforwarded tickets did: the tickets handed to the queue, and those
 /// that could not be (tried again by the next sweep).
@@ -451,6 +482,33 @@ pub struct Tickets {
 }
 
 impl Tickets {
+    /// What the help desk was sent of ticket `id` so far ([`Delivered`]).
+    pub async fn delivered(&self, id: &str) -> Result<Delivered, StoreError> {
+        Ok(docs::get(self.docs.as_ref(), &ticket_pk(id), DELIVERED_SK)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Records that change `change`, with messages up to `messages`, reached the help
+    /// desk. Never moves back: a record of a later change stays.
+    pub async fn record_delivered(
+        &self,
+        id: &str,
+        change: u32,
+        messages: u32,
+    ) -> Result<(), StoreError> {
+        docs::update::<Delivered, _>(self.docs.as_ref(), &ticket_pk(id), DELIVERED_SK, |cur| {
+            let cur = cur.unwrap_or_default();
+            let next = Delivered {
+                change: cur.change.max(change),
+                messages: cur.messages.max(messages),
+            };
+            (next != cur).then_some(next)
+        })
+        .await?;
+        Ok(())
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<Ticket>, StoreError> {
         if !valid_id(id) {
             return Ok(None);
@@ -651,6 +709,7 @@ impl Tickets {
             seq,
             from_seq,
             id: id.clone(),
+            change: t.changes.max(1),
         };
         self.queue
             .send(Message {
