@@ -1082,3 +1082,38 @@ async fn an_old_range_of_the_history_reads_none_of_what_came_after_it() {
     assert_eq!(ids, old, "{:#}", page.body["next_cursor"]);
     assert!(page.body["next_cursor"].is_null());
 }
+
+/// Every range a query names is in the years 2000 to 2099 as written, as the document's
+/// pattern says: the last hours of 1999 in UTC are refused, though they are 2000 somewhere
+/// east; and 2000 written with an offset is taken, though it is 1999 in UTC.
+#[tokio::test]
+async fn range_dates_are_the_years_2000_to_2099_as_written() {
+    let app = TestApp::new();
+    let ws = "org_years";
+    let in_2000 = "2000-01-01T00%3A00%3A00%2B05%3A00";
+    let end = "2026-06-01T00%3A00%3A00Z";
+    let routes = [
+        ("/v1/generations?", owner(ws)),
+        ("/v1/usage?", owner(ws)),
+        ("/v1/generations/export?format=csv&", owner(ws)),
+        ("/v1/ledger/export?format=csv&", owner(ws)),
+        ("/v1/billing/history?", owner(ws)),
+        ("/v1/admin/reconciliation?", support()),
+    ];
+    for (path, tok) in &routes {
+        let ok = app
+            .get(&format!("{path}from={in_2000}&to={end}"), tok)
+            .await;
+        assert_eq!(ok.status.as_u16(), 200, "{path}: {:#}", ok.body);
+        for bad in ["1999-12-31T19%3A00%3A00Z", "1999-12-31T12%3A00%3A00Z"] {
+            let r = app.get(&format!("{path}from={bad}&to={end}"), tok).await;
+            assert_eq!(r.status.as_u16(), 422, "{path} {bad}: {:#}", r.body);
+            assert_eq!(r.body["field"], "from", "{path}: {:#}", r.body);
+        }
+        let late = "2100-01-01T04%3A59%3A59Z";
+        let r = app
+            .get(&format!("{path}from={in_2000}&to={late}"), tok)
+            .await;
+        assert_eq!(r.status.as_u16(), 422, "{path}: {:#}", r.body);
+    }
+}

@@ -11,7 +11,7 @@ use crate::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 use tally::catalog::{GenerationSpec, Workflow};
 use tally::http::auth::{Settler, WorkspaceMember};
@@ -81,10 +81,10 @@ pub struct GenerationListQuery {
     pub workflow: Option<Workflow>,
     /// Only generations created at or after this instant (RFC 3339).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub from: Option<DateTime<Utc>>,
+    pub from: Option<DateTime<FixedOffset>>,
     /// Only generations created before this instant (RFC 3339).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub to: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<FixedOffset>>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^gen_[0-7][0-9A-HJKMNP-TV-Z]{25}$")]
     pub cursor: Option<String>,
@@ -367,8 +367,8 @@ pub(crate) fn filters(
     model: Option<&str>,
     started_by: Option<&str>,
     workflow: Option<Workflow>,
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
+    from: Option<DateTime<FixedOffset>>,
+    to: Option<DateTime<FixedOffset>>,
 ) -> ApiResult<GenerationQuery> {
     // Text filters match exactly; they are only bounded (a filter matching nothing finds
     // nothing).
@@ -413,6 +413,7 @@ pub(crate) async fn generations_page(
         q.from,
         q.to,
     )?;
+    let to = base.to;
     let before = q
         .cursor
         .as_deref()
@@ -438,7 +439,7 @@ pub(crate) async fn generations_page(
     // A range in the past starts below everything made after it.
     let mut cursor = GenerationQuery {
         before,
-        to: q.to,
+        to,
         ..GenerationQuery::default()
     }
     .upper();

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, FixedOffset};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tally::catalog::Workflow;
@@ -29,10 +29,10 @@ pub struct UsageQuery {
     /// Start (inclusive, RFC 3339); default 30 days before `to`; at most 366 days before
     /// `to` (an earlier start is moved up: the answer's `from` says where it starts).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub from: Option<DateTime<Utc>>,
+    pub from: Option<DateTime<FixedOffset>>,
     /// End (exclusive, RFC 3339); default now.
     #[param(pattern = "^20[0-9]{2}-")]
-    pub to: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<FixedOffset>>,
     /// Default `member`.
     #[param(inline)]
     pub group_by: Option<GroupBy>,
@@ -106,10 +106,10 @@ pub struct GenerationExportQuery {
     pub format: ExportFormat,
     /// Created at or after (RFC 3339).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub from: Option<DateTime<Utc>>,
+    pub from: Option<DateTime<FixedOffset>>,
     /// Created before (RFC 3339).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub to: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<FixedOffset>>,
     #[param(max_length = 200)]
     pub started_by: Option<String>,
     #[param(max_length = 200)]
@@ -130,10 +130,10 @@ pub struct LedgerExportQuery {
     pub format: ExportFormat,
     /// Entries at or after (RFC 3339).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub from: Option<DateTime<Utc>>,
+    pub from: Option<DateTime<FixedOffset>>,
     /// Entries before (RFC 3339).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub to: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<FixedOffset>>,
 }
 
 async fn csv_response(

@@ -7,7 +7,7 @@ use super::{Buyer, page_limit};
 use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 use tally::billing::history::{self, HISTORY_PREFIX, HistoryQuery, Movement, MovementKind};
 use tally::http::auth::Staff;
@@ -27,11 +27,11 @@ pub struct HistoryParams {
     pub kind: Option<String>,
     /// Movements created at or after this time (RFC 3339, years 2000 to 2099).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub from: Option<DateTime<Utc>>,
+    pub from: Option<DateTime<FixedOffset>>,
     /// Movements created before this time (RFC 3339, years 2000 to 2099); at or before
     /// `from`, nothing.
     #[param(pattern = "^20[0-9]{2}-")]
-    pub to: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<FixedOffset>>,
     /// `next_cursor` of the previous page.
     #[param(pattern = "^[0-9]{1,12}-[A-Za-z0-9_]{1,100}$")]
     pub cursor: Option<String>,

@@ -6,7 +6,7 @@ use crate::PurchasesState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::Uri;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, FixedOffset};
 use serde::Deserialize;
 use tally::billing::reconcile::{MAX_DAYS, ReconcileError, Report, reconcile};
 use tally::http::auth::Staff;
@@ -19,11 +19,11 @@ use utoipa::IntoParams;
 pub struct RangeQuery {
     /// Start (inclusive, RFC 3339).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub from: DateTime<Utc>,
+    pub from: DateTime<FixedOffset>,
     /// End (exclusive, RFC 3339); at most 31 days after `from` (a later end is moved back:
     /// the answer's `to` says where it ends).
     #[param(pattern = "^20[0-9]{2}-")]
-    pub to: DateTime<Utc>,
+    pub to: DateTime<FixedOffset>,
 }
 
 #[utoipa::path(get, path = "/v1/admin/reconciliation", tag = "admin", security(("bearer" = [])),
@@ -43,10 +43,10 @@ pub async fn reconciliation(
     use chrono::SubsecRound;
     // Whole seconds, as Stripe's times are.
     let from = tally::http::text::instant("from", Some(q.from))?
-        .unwrap_or(q.from)
+        .unwrap_or_else(|| q.from.to_utc())
         .trunc_subsecs(0);
     let to = tally::http::text::instant("to", Some(q.to))?
-        .unwrap_or(q.to)
+        .unwrap_or_else(|| q.to.to_utc())
         .trunc_subsecs(0);
     // At most 31 days from `from` (the answer's `to` says where it ends); a range that
     // ends before it starts holds nothing.
