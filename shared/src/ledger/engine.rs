@@ -258,6 +258,11 @@ struct Draft {
     actor: Actor,
     generation: Option<GenerationId>,
     note: Option<String>,
+    /// Written by the settling every operation does first (an overdue hold released, lapsed
+    /// credits expired), not by the operation: it carries none of the operation's
+    /// references (its payment, invoice, event, ticket), only its own generation and the
+    /// key of the transaction that wrote it.
+    settlement: bool,
 }
 
 impl Draft {
@@ -275,6 +280,7 @@ impl Draft {
             actor,
             generation: None,
             note: None,
+            settlement: false,
         }
     }
 }
@@ -368,7 +374,11 @@ impl Tx<'_> {
     fn push(&mut self, mut d: Draft) -> Result<u64, LedgerError> {
         self.follow_owed(&mut d);
         let seq = self.state.next_seq;
-        let mut refs = self.cmd.refs.clone();
+        let mut refs = if d.settlement {
+            Refs::default()
+        } else {
+            self.cmd.refs.clone()
+        };
         if d.generation.is_some() {
             refs.generation = d.generation;
         }
@@ -543,6 +553,7 @@ impl Tx<'_> {
             d.generation = Some(hold.generation);
             d.custom_model_slot = is_training(&hold).then_some(false);
             d.note = Some("hold passed its deadline without completing".into());
+            d.settlement = true;
             let seq = self.push(d)?;
             let mut g = record_from_hold(&self.state.workspace, &hold);
             g.status = GenerationStatus::Expired;
@@ -571,6 +582,7 @@ impl Tx<'_> {
                 })
                 .collect();
             d.totals.expired = total;
+            d.settlement = true;
             self.push(d)?;
         }
         Ok(())

@@ -1499,3 +1499,67 @@ fn a_refund_followed_after_a_dispute_while_a_generation_holds_credits_ends_as_in
         }
     }
 }
+
+/// The settling an operation does first writes entries of its own: they carry none of
+/// the operation's references (a renewal's invoice, payment and event did not expire the
+/// hold or the lapsed lot), only their own generation.
+#[test]
+fn settlement_entries_carry_their_own_references_not_the_operations() {
+    let mut w = World::new();
+    w.grant(LotSource::Addon, 30, Some(1));
+    w.grant(LotSource::Pack, 50, None);
+    let g = w.hold(20).unwrap();
+    w.now += Duration::hours(2);
+    let refs = Refs {
+        stripe_event: Some(StripeEventId::parse("evt_renewal").unwrap()),
+        invoice: Some(InvoiceId::parse("in_renewal").unwrap()),
+        charge: Some("ch_renewal".into()),
+        ticket: Some("tkt_1".into()),
+        generation: Some(GenerationId::new()),
+        ..Refs::default()
+    };
+    let cmd = Command {
+        key: IdempotencyKey::derived("renewal".into()),
+        at: w.now,
+        actor: Actor::system(),
+        refs: refs.clone(),
+        op: Operation::Grant {
+            source: LotSource::PlanPeriod,
+            credits: Credits::new(100),
+            expires_at: Some(w.now + Duration::days(30)),
+            note: None,
+            month: None,
+        },
+    };
+    let applied = execute(&w.state, &cmd, &w.catalog).unwrap();
+    let by_reason = |r: Reason| {
+        applied
+            .entries
+            .iter()
+            .find(|e| e.reason == r)
+            .unwrap_or_else(|| panic!("no {r:?} entry in {:#?}", applied.entries))
+    };
+    let key = Some(cmd.key.to_string());
+    let expired_hold = by_reason(Reason::HoldExpired);
+    assert_eq!(
+        expired_hold.refs,
+        Refs {
+            generation: Some(g),
+            idempotency_key: key.clone(),
+            ..Refs::default()
+        }
+    );
+    let lapsed = by_reason(Reason::LotsExpired);
+    assert_eq!(
+        lapsed.refs,
+        Refs {
+            idempotency_key: key.clone(),
+            ..Refs::default()
+        }
+    );
+    let grant = applied.entries.last().unwrap();
+    assert_eq!(grant.refs.invoice, refs.invoice);
+    assert_eq!(grant.refs.stripe_event, refs.stripe_event);
+    assert_eq!(grant.refs.charge, refs.charge);
+    assert_eq!(grant.refs.idempotency_key, key);
+}
