@@ -2428,3 +2428,109 @@ async fn a_refund_of_a_plans_money_takes_the_plans_credits_and_leaves_the_add_on
     let lot = state.lots.iter().find(|l| l.seq == addon_lot).unwrap();
     assert_eq!((lot.free().get(), lot.frozen.get()), (0, addon));
 }
+
+/// What credits an earlier approval took back are worth is priced from where its money
+/// starts: after the money given back besides it. Here the plan's money went back from the
+/// dashboard first, so a request confirmed by staff as a mistake and approved for the add-on
+/// units' money took the add-on units' credits; its refund failed. Approving it again must
+/// refund all of that money: those credits are the add-on units', and priced as if the
+/// money started at nothing (at the plan's rate) they would look cheaper.
+#[tokio::test]
+async fn approving_again_is_priced_after_the_money_given_back_besides_the_request() {
+    let app = TestApp::new();
+    let ws = "org_rr_floor";
+    let sub = app.subscribe(ws, "team", "monthly").await;
+    let units = app.set_units(ws, 1).await;
+    assert!(units.status.is_success(), "{:#}", units.body);
+    app.settle_billing().await;
+    app.renew(&sub).await;
+    let renewal = app.sim_events("invoice.paid").last().unwrap().clone();
+    let invoice = renewal["id"].as_str().unwrap().to_owned();
+    let paid = renewal["amount_paid"].as_u64().unwrap();
+    let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lots = invoice_lots(&app, ws, &invoice).await;
+    let plan = lots.iter().find(|l| l.0 == "plan").unwrap().1;
+    let addon = lots.iter().find(|l| l.0 == "addon").unwrap().1;
+    let addon_money = renewal["lines"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["description"].as_str().unwrap().contains("add-on"))
+        .map(|l| l["amount"].as_u64().unwrap())
+        .sum::<u64>();
+    assert!(0 < addon_money && addon_money < paid, "{renewal:#}");
+    // At the plan's rate the add-on units' credits would be worth clearly less.
+    let at_plan_rate = (addon * (paid - addon_money)).div_ceil(plan);
+    assert!(
+        at_plan_rate < addon_money - 10,
+        "{at_plan_rate} {addon_money}"
+    );
+    // Filed while the plan's money is refundable; staff look at it later.
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let r = requests
+        .create(
+            &workspace,
+            request_for(&charge, RefundReason::ChargedAfterCancellation),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, RequestStatus::InReview, "{r:#?}");
+    let made = app
+        .dashboard(
+            &format!("/sim/charges/{charge}/refund"),
+            json!({"amount": paid - addon_money}),
+        )
+        .await;
+    assert_eq!(made.status.as_u16(), 200, "{:#}", made.body);
+    settle(&app).await;
+    let mut expected = vec![
+        ("addon".to_owned(), addon, addon),
+        ("plan".to_owned(), plan, 0),
+    ];
+    let mut now_lots = invoice_lots(&app, ws, &invoice).await;
+    now_lots.sort();
+    assert_eq!(
+        now_lots, expected,
+        "the dashboard refund took the plan's credits"
+    );
+    requests
+        .approve(&r.id, "staff1", None, Some(Cents::new(addon_money)), now)
+        .await
+        .unwrap();
+    let approved = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(approved.credits_held.get(), addon, "{approved:#?}");
+    expected[0].2 = 0;
+    let mut now_lots = invoice_lots(&app, ws, &invoice).await;
+    now_lots.sort();
+    assert_eq!(now_lots, expected);
+    tally::refund_requests::refused(app.docs.as_ref(), &approved, "card closed", now)
+        .await
+        .unwrap();
+    let less = requests
+        .approve(
+            &r.id,
+            "staff1",
+            None,
+            Some(Cents::new(addon_money - 1)),
+            now,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(less.status.as_u16(), 409, "{less:?}");
+    assert_eq!(
+        less.facts.as_ref().unwrap()["taken_back_worth"],
+        addon_money,
+        "{less:?}"
+    );
+    let again = requests
+        .approve(&r.id, "staff1", None, Some(Cents::new(addon_money)), now)
+        .await
+        .unwrap();
+    assert_eq!(again.status, RequestStatus::Approved, "{again:#?}");
+}
