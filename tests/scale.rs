@@ -1377,3 +1377,94 @@ async fn generations_written_before_the_status_index_are_listed_and_filed_into_i
         vec![done]
     );
 }
+
+/// Retiring a custom model whose training was completing at the same moment: the read of
+/// the state saw the completion, the read of the generation (BatchGetItem is no snapshot)
+/// the training still held. The retire reads again rather than answer that the model is
+/// still training; a model genuinely in training is still refused.
+#[tokio::test]
+async fn a_model_retired_as_its_training_completes_is_read_again_not_refused() {
+    let store = Counting::over(embedded_store());
+    let (ledger, clock) = ledger_over(store.clone());
+    let ws = "org_retire";
+    grant(&ledger, ws, 5000).await;
+    let now = clock.now();
+    settle(
+        &ledger,
+        ws,
+        "plan".into(),
+        Operation::SetPlan {
+            plan: Some(tally::ledger::PlanState {
+                plan: "plus".into(),
+                interval: tally::ledger::Interval::Monthly,
+                status: tally::ledger::PlanStatus::Active,
+                period_start: now,
+                period_end: now + Duration::days(30),
+                cancel_at_period_end: false,
+                paid_through: None,
+            }),
+        },
+    )
+    .await;
+    let est = ledger
+        .catalog
+        .estimate(&tally::catalog::GenerationSpec {
+            workflow: tally::catalog::Workflow::Training,
+            model: "custom-model".into(),
+            resolution: None,
+            duration_s: None,
+            count: None,
+        })
+        .unwrap();
+    let retire = |g: GenerationId| {
+        ledger.execute(LedgerRequest {
+            workspace: workspace(ws),
+            key: IdempotencyKey::derived(format!("gen:{g}:retire")),
+            fingerprint: "retire".into(),
+            actor: Actor::new(ActorKind::Member, "u1"),
+            refs: Refs::default(),
+            op: Operation::RetireModel { generation: g },
+        })
+    };
+    let g = GenerationId::new();
+    hold(&ledger, ws, g, &est, now + Duration::hours(1))
+        .await
+        .unwrap();
+    // Still training: refused, after reading again.
+    let early = retire(g).await;
+    assert!(
+        matches!(
+            early,
+            Err(ServiceError::Refused(LedgerError::ModelInTraining(x))) if x == g
+        ),
+        "{early:?}"
+    );
+    let before = store
+        .inner
+        .read_op(
+            &workspace(ws),
+            &IdempotencyKey::derived("x".into()),
+            Some(g),
+        )
+        .await
+        .unwrap()
+        .generation
+        .unwrap();
+    assert!(before.hold.is_some());
+    settle(
+        &ledger,
+        ws,
+        format!("gen:{g}:complete"),
+        Operation::Complete {
+            generation: g,
+            credits: None,
+            record: None,
+        },
+    )
+    .await;
+    *store.stale.lock().unwrap() = Some(before);
+    retire(g).await.unwrap();
+    let state = ledger.workspace_now(&workspace(ws)).await.unwrap();
+    assert!(state.custom_models.is_empty(), "{:?}", state.custom_models);
+    state.check_invariants().unwrap();
+}

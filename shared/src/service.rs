@@ -325,6 +325,16 @@ impl Ledger {
                     retry(&mut measure.conflicts)?;
                     continue;
                 }
+                Err(LedgerError::ModelInTraining(g)) if own_hold && rereads == 0 => {
+                    // The same torn read: the state after the training's completion, its
+                    // generation before it (still held). Read again once: a read that starts
+                    // after the completion was seen sees the generation completed; a model
+                    // still training is refused by the next read as well.
+                    tracing::info!(generation = %g, "training read before it completed; reading again");
+                    rereads += 1;
+                    retry(&mut measure.conflicts)?;
+                    continue;
+                }
                 Err(
                     LedgerError::InsufficientCredits { .. } | LedgerError::NoCustomModelSlot { .. },
                 ) if backlog => {
