@@ -1117,3 +1117,148 @@ async fn range_dates_are_the_years_2000_to_2099_as_written() {
         assert_eq!(r.status.as_u16(), 422, "{path}: {:#}", r.body);
     }
 }
+
+/// The ledger's store, except that reads by status can be interleaved: `between` runs
+/// after the first read by status returns (a write landing between the two reads of an
+/// `expired` filter), and `lagging` is returned beside what a read of held generations
+/// finds (an eventually consistent index still showing a generation's old entry).
+struct StatusReads {
+    inner: std::sync::Arc<tally::store::embedded::EmbeddedStore>,
+    between:
+        std::sync::Mutex<Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>,
+    lagging: std::sync::Mutex<Vec<tally::ledger::Generation>>,
+}
+
+#[async_trait::async_trait]
+impl tally::store::LedgerStore for StatusReads {
+    async fn load(
+        &self,
+        w: &tally::ids::WorkspaceId,
+    ) -> Result<Option<tally::ledger::WorkspaceState>, tally::store::StoreError> {
+        self.inner.load(w).await
+    }
+    async fn read_op(
+        &self,
+        w: &tally::ids::WorkspaceId,
+        k: &tally::ids::IdempotencyKey,
+        g: Option<tally::ids::GenerationId>,
+    ) -> Result<tally::store::OpRead, tally::store::StoreError> {
+        self.inner.read_op(w, k, g).await
+    }
+    async fn open_holds(
+        &self,
+        w: &tally::ids::WorkspaceId,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        limit: usize,
+    ) -> Result<Vec<tally::ledger::Hold>, tally::store::StoreError> {
+        self.inner.open_holds(w, until, limit).await
+    }
+    async fn commit(&self, c: tally::store::Commit) -> Result<(), tally::store::CommitError> {
+        self.inner.commit(c).await
+    }
+    async fn idempotency(
+        &self,
+        w: &tally::ids::WorkspaceId,
+        k: &tally::ids::IdempotencyKey,
+    ) -> Result<Option<tally::store::IdempotencyRecord>, tally::store::StoreError> {
+        self.inner.idempotency(w, k).await
+    }
+    async fn generation(
+        &self,
+        w: &tally::ids::WorkspaceId,
+        id: tally::ids::GenerationId,
+    ) -> Result<Option<tally::ledger::Generation>, tally::store::StoreError> {
+        self.inner.generation(w, id).await
+    }
+    async fn generation_owner(
+        &self,
+        id: tally::ids::GenerationId,
+    ) -> Result<Option<tally::ids::WorkspaceId>, tally::store::StoreError> {
+        self.inner.generation_owner(id).await
+    }
+    async fn generations(
+        &self,
+        w: &tally::ids::WorkspaceId,
+        q: &tally::store::GenerationQuery,
+    ) -> Result<Vec<tally::ledger::Generation>, tally::store::StoreError> {
+        let mut found = self.inner.generations(w, q).await?;
+        if q.status == Some(tally::ledger::GenerationStatus::Held) {
+            found.extend(self.lagging.lock().unwrap().iter().cloned());
+            found.sort_by_key(|g| std::cmp::Reverse(g.id));
+        }
+        if q.status.is_some() {
+            let between = self.between.lock().unwrap().take();
+            if let Some(write) = between {
+                write.await;
+            }
+        }
+        Ok(found)
+    }
+    async fn entries(
+        &self,
+        w: &tally::ids::WorkspaceId,
+        q: &tally::store::EntryQuery,
+    ) -> Result<Vec<tally::ledger::Entry>, tally::store::StoreError> {
+        self.inner.entries(w, q).await
+    }
+    async fn entries_by_seq(
+        &self,
+        w: &tally::ids::WorkspaceId,
+        seqs: &[u64],
+    ) -> Result<Vec<tally::ledger::Entry>, tally::store::StoreError> {
+        self.inner.entries_by_seq(w, seqs).await
+    }
+}
+
+/// An overdue hold settled by a write landing between the two reads of an `expired`
+/// filter is listed once, not missed; and a generation an index still shows under its old
+/// status beside its new one is listed once, not twice.
+#[tokio::test]
+async fn an_expired_filter_lists_a_generation_settled_while_it_reads_once() {
+    use tally::store::LedgerStore;
+    let inner = std::sync::Arc::new(tally::store::embedded::EmbeddedStore::in_memory());
+    let store = std::sync::Arc::new(StatusReads {
+        inner: inner.clone(),
+        between: Default::default(),
+        lagging: Default::default(),
+    });
+    let app = TestApp::with_ledger_store(inner.clone(), store.clone());
+    let ws = "org_between";
+    grant(&app.ledger, ws, 1000).await;
+    let m = member(ws, "m1");
+    let lapsing = start(&app, &m, json!({"workflow": "image", "model": "imagen-3"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id: tally::ids::GenerationId = lapsing.parse().unwrap();
+    let workspace = tally::ids::WorkspaceId::parse(ws).unwrap();
+    let held = inner.generation(&workspace, id).await.unwrap().unwrap();
+    assert_eq!(held.status, tally::ledger::GenerationStatus::Held);
+    app.clock.advance(Duration::minutes(16));
+    // Another request's write settles the overdue hold while the list reads.
+    let (other, clock) = tally_tests::ledger_over(inner.clone());
+    clock.set(app.clock.now());
+    *store.between.lock().unwrap() = Some(Box::pin(async move {
+        grant(&other, "org_between", 1).await;
+    }));
+    let ids = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let page = app.get("/v1/generations?status=expired", &m).await.body;
+    assert!(store.between.lock().unwrap().is_none(), "the write ran");
+    let settled = inner.generation(&workspace, id).await.unwrap().unwrap();
+    assert_eq!(settled.status, tally::ledger::GenerationStatus::Expired);
+    assert_eq!(ids(&page), vec![lapsing.clone()], "{page:#}");
+    // The held index entry lags behind the settled generation.
+    *store.lagging.lock().unwrap() = vec![held];
+    let page = app.get("/v1/generations?status=expired", &m).await.body;
+    assert_eq!(ids(&page), vec![lapsing.clone()], "{page:#}");
+    assert_eq!(page["items"][0]["status"], "expired");
+    let all = app.get("/v1/generations", &m).await.body;
+    assert_eq!(ids(&all), [lapsing], "{all:#}");
+}

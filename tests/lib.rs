@@ -270,20 +270,35 @@ impl TestApp {
     /// The local system over `store`; with `durable`, its queues keep their messages there
     /// too, as `make run` does.
     pub fn over(store: Arc<EmbeddedStore>, durable: bool) -> Self {
-        Self::built(store, durable, None)
+        Self::built(store, durable, None, None)
+    }
+
+    /// The local system with its ledger over `ledger_store` (a wrapper of `store` that
+    /// does something at a chosen moment), its documents and queues over `store`.
+    pub fn with_ledger_store(
+        store: Arc<EmbeddedStore>,
+        ledger_store: Arc<dyn LedgerStore>,
+    ) -> Self {
+        Self::built(store, false, None, Some(ledger_store))
     }
 
     /// The local system answering exports within `limit`, as Lambda does.
     pub fn with_export_limit(limit: credits_api::ExportLimit) -> Self {
-        Self::built(Arc::new(EmbeddedStore::in_memory()), false, Some(limit))
+        Self::built(
+            Arc::new(EmbeddedStore::in_memory()),
+            false,
+            Some(limit),
+            None,
+        )
     }
 
     fn built(
         store: Arc<EmbeddedStore>,
         durable: bool,
         export_limit: Option<credits_api::ExportLimit>,
+        ledger_store: Option<Arc<dyn LedgerStore>>,
     ) -> Self {
-        let (ledger, clock) = ledger_over(store.clone());
+        let (ledger, clock) = ledger_over(ledger_store.unwrap_or_else(|| store.clone()));
         let local = tally_local::build(tally_local::LocalConfig {
             ledger: ledger.clone(),
             clock: clock.clone(),

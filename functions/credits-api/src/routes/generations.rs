@@ -423,13 +423,15 @@ pub(crate) async fn generations_page(
         .transpose()?;
     // Overdue holds are still stored as held until the workspace is next written; they are
     // shown (and filtered) as expired. A status is read from the store's status index, so
-    // a filter reads only generations that had it, not the whole history.
+    // a filter reads only generations that had it, not the whole history. Held is read
+    // first: a generation settled between the two reads is then found by both (and listed
+    // once), never by neither, since nothing goes back to held.
     let stored_statuses = match status {
         None => vec![None],
         Some(GenerationStatus::Expired) => {
             vec![
-                Some(GenerationStatus::Expired),
                 Some(GenerationStatus::Held),
+                Some(GenerationStatus::Expired),
             ]
         }
         Some(s) => vec![Some(s)],
@@ -470,8 +472,11 @@ pub(crate) async fn generations_page(
             exhausted &= part.len() < RAW_PAGE;
             page.extend(part);
         }
-        // Two statuses merged newest first: what is past this page comes next time.
-        page.sort_by_key(|g| std::cmp::Reverse(g.id));
+        // Two statuses merged newest first: what is past this page comes next time. A
+        // generation both found (settled between the reads, or an index still showing its
+        // old entry beside the new) is listed once, as settled.
+        page.sort_by_key(|g| (std::cmp::Reverse(g.id), g.status == GenerationStatus::Held));
+        page.dedup_by_key(|g| g.id);
         exhausted &= page.len() <= RAW_PAGE;
         page.truncate(RAW_PAGE);
         for g in page {
