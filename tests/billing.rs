@@ -339,8 +339,9 @@ fn twelve_lines() -> Vec<Value> {
 }
 
 /// Add-on units are not refundable: their share of what the invoice was paid, their lines
-/// net of all lines net, so a coupon or the customer's balance paying part of it weighs on
-/// both parts alike, and add-on time credited back comes off the add-on units' part.
+/// net of all lines net, so the customer's balance paying part of it weighs on both parts
+/// alike, a coupon or a tax for one product on that product's part, and add-on time
+/// credited back comes off the add-on units' part.
 #[tokio::test]
 async fn the_non_refundable_part_is_the_add_on_units_share_of_what_was_paid() {
     let plan_and_units = twelve_lines();
@@ -349,6 +350,15 @@ async fn the_non_refundable_part_is_the_add_on_units_share_of_what_was_paid() {
     unused["id"] = json!("il_12");
     unused["amount"] = json!(-3500);
     credited_back.push(unused);
+    // A coupon for the plan only: half off the plan's line.
+    let mut plan_coupon = plan_and_units.clone();
+    plan_coupon[10]["discount_amounts"] = json!([{"amount": 1450, "discount": "di_plan"}]);
+    // A tax on top of the add-on units only, and one included in the plan's price.
+    let mut addon_tax = plan_and_units.clone();
+    addon_tax[11]["taxes"] = json!([{"amount": 300, "tax_behavior": "exclusive",
+        "taxability_reason": "standard_rated", "taxable_amount": 3000, "type": "tax_rate_details"}]);
+    addon_tax[10]["taxes"] = json!([{"amount": 200, "tax_behavior": "inclusive",
+        "taxability_reason": "standard_rated", "taxable_amount": 2700, "type": "tax_rate_details"}]);
     for (lines, paid, expected) in [
         // Max at 2,900 and three units at 3,000, paid in full.
         (&plan_and_units, 5900, 3000),
@@ -356,6 +366,12 @@ async fn the_non_refundable_part_is_the_add_on_units_share_of_what_was_paid() {
         (&plan_and_units, 2950, 1500),
         // More add-on time credited back than charged: none of it is add-on money.
         (&credited_back, 2400, 0),
+        // The plan's coupon leaves the add-on units' money whole.
+        (&plan_coupon, 4450, 3000),
+        // The add-on units' tax is theirs; the plan's is in its price.
+        (&addon_tax, 6200, 3300),
+        // And a quarter of that paid from the customer's balance: a quarter off each.
+        (&addon_tax, 4650, 2475),
     ] {
         let mut order = history();
         for e in order.iter_mut() {

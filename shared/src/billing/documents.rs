@@ -135,20 +135,22 @@ impl BillingEvents {
         let tax = i.tax_amount().map(|t| cents(t, "tax", &i.id)).transpose()?;
         // Add-on units are non-refundable (the help pages): their share of the money paid.
         // Their lines net of the time they credited back, as a share of all lines net, of
-        // what was paid: a coupon, the customer's Stripe balance or tax then weigh on both
-        // parts alike, and a change that credits more add-on time than it charges has none.
+        // what was paid, each line net of its discounts and with the tax charged on top of
+        // it: a coupon for one product only, or another tax rate, weighs on its own part,
+        // the customer's Stripe balance on both alike; and a change that credits more
+        // add-on time than it charges has none.
         let is_addon = |l: &&super::objects::InvoiceLine| {
             l.product()
                 .and_then(|p| Item::of_product(p, self.catalog()))
                 .is_some_and(|it| matches!(it, Item::Addon(_)))
         };
-        let lines: i128 = i.lines.data.iter().map(|l| i128::from(l.amount)).sum();
+        let lines: i128 = i.lines.data.iter().map(|l| i128::from(l.net())).sum();
         let addons: i128 = i
             .lines
             .data
             .iter()
             .filter(is_addon)
-            .map(|l| i128::from(l.amount))
+            .map(|l| i128::from(l.net()))
             .sum();
         let paid = i128::from(i.amount_paid.max(0));
         let non_refundable = if lines > 0 && addons > 0 {

@@ -135,9 +135,43 @@ pub struct InvoiceLine {
     pub quantity: Option<u64>,
     pub pricing: Option<LinePricing>,
     pub parent: Option<LineParent>,
+    /// What discounts (the invoice's coupons, allocated by Stripe, and the line's own)
+    /// took off the line.
+    #[serde(default)]
+    pub discount_amounts: Option<Vec<TaxAmount>>,
+    /// The line's taxes; those `exclusive` come on top of `amount`.
+    #[serde(default)]
+    pub taxes: Option<Vec<LineTax>>,
+}
+
+/// A tax on one invoice line.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct LineTax {
+    #[serde(default)]
+    pub amount: i64,
+    pub tax_behavior: Option<String>,
 }
 
 impl InvoiceLine {
+    /// What the line adds to the invoice's total: its amount, less its discounts, plus the
+    /// taxes charged on top of it (inclusive taxes are part of the amount already).
+    pub fn net(&self) -> i64 {
+        let discounts: i64 = self
+            .discount_amounts
+            .iter()
+            .flatten()
+            .map(|d| d.amount)
+            .sum();
+        let taxes: i64 = self
+            .taxes
+            .iter()
+            .flatten()
+            .filter(|t| t.tax_behavior.as_deref() == Some("exclusive"))
+            .map(|t| t.amount)
+            .sum();
+        self.amount.saturating_sub(discounts).saturating_add(taxes)
+    }
+
     /// The product the line bills, whether Stripe sent the id or expanded the product.
     pub fn product(&self) -> Option<&str> {
         self.pricing
