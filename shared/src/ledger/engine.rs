@@ -261,7 +261,7 @@ struct Draft {
     /// Written by the settling every operation does first (an overdue hold released, lapsed
     /// credits expired), not by the operation: it carries none of the operation's
     /// references (its payment, invoice, event, ticket), only its own generation and the
-    /// key of the transaction that wrote it.
+    /// key of the transaction that wrote it; unless the operation is a settlement itself.
     settlement: bool,
 }
 
@@ -374,12 +374,15 @@ impl Tx<'_> {
     fn push(&mut self, mut d: Draft) -> Result<u64, LedgerError> {
         self.follow_owed(&mut d);
         let seq = self.state.next_seq;
-        let mut refs = if d.settlement {
+        // A settlement asked for (support settling a ticket's generation) is the
+        // operation's own doing: it keeps the operation's references, the ticket among
+        // them. Each names its own generation only.
+        let mut refs = if d.settlement && !matches!(self.cmd.op, Operation::Settle) {
             Refs::default()
         } else {
             self.cmd.refs.clone()
         };
-        if d.generation.is_some() {
+        if d.settlement || d.generation.is_some() {
             refs.generation = d.generation;
         }
         refs.idempotency_key = Some(self.cmd.key.to_string());

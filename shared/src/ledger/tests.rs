@@ -1562,4 +1562,37 @@ fn settlement_entries_carry_their_own_references_not_the_operations() {
     assert_eq!(grant.refs.stripe_event, refs.stripe_event);
     assert_eq!(grant.refs.charge, refs.charge);
     assert_eq!(grant.refs.idempotency_key, key);
+    // Support settling a ticket's generation: the ticket caused it, and stays named.
+    let settle = Command {
+        key: IdempotencyKey::derived("support-settle".into()),
+        op: Operation::Settle,
+        refs: Refs {
+            ticket: Some("tkt_2".into()),
+            generation: Some(GenerationId::new()),
+            ..Refs::default()
+        },
+        ..cmd
+    };
+    let applied = execute(&w.state, &settle, &w.catalog).unwrap();
+    let expired_hold = applied
+        .entries
+        .iter()
+        .find(|e| e.reason == Reason::HoldExpired)
+        .unwrap();
+    assert_eq!(
+        (
+            expired_hold.refs.ticket.as_deref(),
+            expired_hold.refs.generation
+        ),
+        (Some("tkt_2"), Some(g))
+    );
+    let lapsed = applied
+        .entries
+        .iter()
+        .find(|e| e.reason == Reason::LotsExpired)
+        .unwrap();
+    assert_eq!(
+        (lapsed.refs.ticket.as_deref(), lapsed.refs.generation),
+        (Some("tkt_2"), None)
+    );
 }
