@@ -2424,3 +2424,71 @@ async fn a_message_and_a_status_change_at_once_reach_the_help_desk_with_the_mess
     assert_eq!(last["messages"].as_array().unwrap().len(), 1);
     assert_eq!(last["messages"][0]["seq"], third.seq);
 }
+
+/// A change whose delivery went to the dead-letter queue (the help desk refused it for a
+/// while), redriven after later changes were delivered, still brings the message only it
+/// carried; once delivered, a redelivery of it sends nothing again.
+#[tokio::test]
+async fn a_change_redriven_after_later_ones_were_delivered_still_brings_its_message() {
+    use tally::queue::Consumer;
+    use tally::support::{Author, Tickets};
+    let app = TestApp::new();
+    let ws = "org_redrive";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let queue = Arc::new(InterleavingQueue::default());
+    let tickets = Tickets {
+        docs: app.docs.clone(),
+        queue: queue.clone(),
+    };
+    let ticket = tickets.get(&id).await.unwrap().unwrap();
+    let now = app.clock.now();
+    for body in ["second", "third"] {
+        tickets
+            .add_message(&ticket, Author::Customer, "u1", body, None, now)
+            .await
+            .unwrap();
+    }
+    let sent = queue.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    let sink = Arc::new(FlakyDesk {
+        fail: 0,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    let d = desk(&app, sink.clone(), 1);
+    let deliver = |n: usize| tally::queue::Delivery {
+        message_id: format!("m{n}"),
+        body: sent[n].body.clone(),
+        group_id: sent[n].group_id.clone(),
+        receive_count: 1,
+    };
+    // The second message's job is dead-lettered; the third's is delivered; then the
+    // second's is redriven, twice.
+    d.consume(&deliver(1)).await.unwrap();
+    d.consume(&deliver(0)).await.unwrap();
+    d.consume(&deliver(0)).await.unwrap();
+    let got: Vec<Value> = sink
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::from_str(&s.body).unwrap())
+        .collect();
+    let bodies: Vec<Vec<Value>> = got
+        .iter()
+        .map(|p| {
+            p["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["body"].clone())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        [vec![json!("third")], vec![json!("second")]],
+        "{got:#?}"
+    );
+}

@@ -110,21 +110,16 @@ pub struct HelpDesk {
 
 impl HelpDesk {
     /// The delivery for a job: the ticket as it is now and the messages the job names that
-    /// the help desk was not sent yet. `None` when this change was delivered already (a
-    /// redelivery after the help desk took it) or a later one was: two writers' jobs can
-    /// reach the queue in the other order, and the later change's delivery carried the
-    /// ticket as it was then and every message of this one.
+    /// the help desk was not sent yet. `None` when it has nothing new: every message of it
+    /// was sent, and this change or a later one was delivered already (a redelivery after
+    /// the help desk took it, or two writers' jobs reaching the queue in the other order:
+    /// the later change's delivery carried the ticket as it was then).
     pub async fn payload(&self, job: &ForwardJob) -> Result<Option<ForwardPayload>, ConsumeError> {
         let delivered = self
             .tickets
             .delivered(&job.ticket)
             .await
             .map_err(ConsumeError::retry)?;
-        let change = job.change_number();
-        if change > 0 && change <= delivered.change {
-            tracing::info!(ticket = %job.ticket, change, delivered = delivered.change, "this change or a later one was delivered already; not sent again");
-            return Ok(None);
-        }
         let Some(ticket) = self
             .tickets
             .get(&job.ticket)
@@ -144,19 +139,23 @@ impl HelpDesk {
             job.from_seq
         };
         // What an earlier delivery carried is not sent twice.
-        let from = from.max(delivered.messages + 1);
-        let messages = if from <= job.seq {
+        let messages: Vec<TicketMessage> = if from <= job.seq {
             self.tickets
                 .messages(&job.ticket)
                 .await
                 .map_err(ConsumeError::retry)?
                 .into_iter()
-                .filter(|m| (from..=job.seq).contains(&m.seq))
+                .filter(|m| (from..=job.seq).contains(&m.seq) && !delivered.has(m.seq))
                 .map(|m| TicketMessage { key: None, ..m })
                 .collect()
         } else {
             Vec::new()
         };
+        if messages.is_empty() && job.number().is_some_and(|c| c <= delivered.change) {
+            tracing::info!(ticket = %job.ticket, change = ?job.change, delivered = delivered.change,
+                "this change or a later one was delivered already; not sent again");
+            return Ok(None);
+        }
         Ok(Some(ForwardPayload {
             id: job.id.clone(),
             event: job.event.clone(),
@@ -212,9 +211,9 @@ impl Consumer for HelpDesk {
             match self.sink.deliver(&signed).await {
                 Ok(()) => {
                     tracing::info!(ticket = %job.ticket, event = %job.event, "ticket forwarded");
-                    let messages = payload.messages.iter().map(|m| m.seq).max().unwrap_or(0);
+                    let sent: Vec<u32> = payload.messages.iter().map(|m| m.seq).collect();
                     self.tickets
-                        .record_delivered(&job.ticket, job.change_number(), messages)
+                        .record_delivered(&job.ticket, job.number(), &sent)
                         .await
                         .map_err(ConsumeError::retry)?;
                     return Ok(());

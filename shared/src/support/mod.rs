@@ -434,34 +434,58 @@ pub struct ForwardJob {
     /// Unique per change: the help desk's idempotency key.
     pub id: String,
     /// The ticket's change count at this change (its place in the ticket's history): a job
-    /// reaching the forwarder after a later change was delivered is not delivered again.
-    /// Jobs queued before it existed carry it in their `id` only.
-    #[serde(default)]
-    pub change: u32,
+    /// reaching the forwarder after a later change was delivered, with no message the help
+    /// desk has not had, is not delivered. `None` for a job queued before it existed, and
+    /// 0 for a ticket that counted no change yet (filed before changes were counted): such
+    /// a job is never skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<u32>,
 }
 
 impl ForwardJob {
-    /// [`Self::change`], or for an older job the count in its id (`<ticket>:<n>:<event>`).
-    pub fn change_number(&self) -> u32 {
-        if self.change > 0 {
-            return self.change;
-        }
-        self.id
-            .rsplit(':')
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+    /// The change's number, if it has one.
+    pub fn number(&self) -> Option<u32> {
+        self.change.filter(|&c| c > 0)
     }
 }
 
 /// What the help desk was sent of a ticket (`TICKET#<id>` / [`DELIVERED_SK`]), written by
-/// the forwarder after each delivery: the latest change delivered and the highest message.
-/// Two writers each forward their own change, and either may reach the queue first, both
-/// carrying the same message; this record makes the second deliver only what is new.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// the forwarder after each delivery: the latest change delivered and which messages. Two
+/// writers each forward their own change, and either may reach the queue first, both
+/// carrying the same message; this record makes the second deliver only what is new. A
+/// job redriven from the dead-letter queue after later ones were delivered still brings
+/// the messages only it carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivered {
     pub change: u32,
-    pub messages: u32,
+    /// Every message up to this one was sent.
+    pub through: u32,
+    /// Messages sent above `through`, in order (at most [`MAX_MESSAGES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub above: Vec<u32>,
+}
+
+impl Delivered {
+    pub fn has(&self, seq: u32) -> bool {
+        seq <= self.through || self.above.binary_search(&seq).is_ok()
+    }
+
+    /// With change `change` (if numbered) and messages `seqs` sent as well.
+    pub fn with(&self, change: Option<u32>, seqs: &[u32]) -> Self {
+        let mut next = self.clone();
+        next.change = next.change.max(change.unwrap_or(0));
+        for &seq in seqs {
+            if !next.has(seq) && seq <= MAX_MESSAGES {
+                let at = next.above.partition_point(|&s| s < seq);
+                next.above.insert(at, seq);
+            }
+        }
+        while next.above.first() == Some(&(next.through + 1)) {
+            next.through += 1;
+            next.above.remove(0);
+        }
+        next
+    }
 }
 
 pub const DELIVERED_SK: &str = "DELIVERED";
@@ -489,20 +513,17 @@ impl Tickets {
             .unwrap_or_default())
     }
 
-    /// Records that change `change`, with messages up to `messages`, reached the help
+    /// Records that change `change` (if numbered), with messages `seqs`, reached the help
     /// desk. Never moves back: a record of a later change stays.
     pub async fn record_delivered(
         &self,
         id: &str,
-        change: u32,
-        messages: u32,
+        change: Option<u32>,
+        seqs: &[u32],
     ) -> Result<(), StoreError> {
         docs::update::<Delivered, _>(self.docs.as_ref(), &ticket_pk(id), DELIVERED_SK, |cur| {
             let cur = cur.unwrap_or_default();
-            let next = Delivered {
-                change: cur.change.max(change),
-                messages: cur.messages.max(messages),
-            };
+            let next = cur.with(change, seqs);
             (next != cur).then_some(next)
         })
         .await?;
@@ -709,7 +730,7 @@ impl Tickets {
             seq,
             from_seq,
             id: id.clone(),
-            change: t.changes.max(1),
+            change: Some(t.changes),
         };
         self.queue
             .send(Message {
@@ -1042,5 +1063,18 @@ mod tests {
         ] {
             assert_eq!(respond_by(at(filed)), at(due), "{filed}");
         }
+    }
+
+    #[test]
+    fn delivered_messages_close_their_gaps_and_the_change_never_moves_back() {
+        use super::{Delivered, MAX_MESSAGES};
+        let d = Delivered::default().with(Some(3), &[1, 3, 4]);
+        assert_eq!((d.change, d.through, d.above.clone()), (3, 1, vec![3, 4]));
+        assert!(d.has(1) && !d.has(2) && d.has(3) && d.has(4) && !d.has(5));
+        // The gap's message redriven: all four sent.
+        let d = d.with(Some(2), &[2]);
+        assert_eq!((d.change, d.through, d.above.clone()), (3, 4, vec![]));
+        // Again, and out of range: nothing changes.
+        assert_eq!(d.with(None, &[2, 4, MAX_MESSAGES + 1]), d);
     }
 }
