@@ -2492,3 +2492,80 @@ async fn a_change_redriven_after_later_ones_were_delivered_still_brings_its_mess
         "{got:#?}"
     );
 }
+
+/// A ticket filed before changes were counted (`changes` 0, never marked forwarded): the
+/// read that catches it up forwards it unnumbered, so its first counted change, a status
+/// change with no message, is not taken for one already delivered.
+#[tokio::test]
+async fn a_ticket_from_before_changes_were_counted_has_its_first_change_delivered() {
+    use tally::queue::Consumer;
+    use tally::support::{Ticket, TicketStatus, Tickets};
+    let app = TestApp::new();
+    let ws = "org_old_ticket";
+    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    tally::store::docs::update::<Ticket, _>(
+        app.docs.as_ref(),
+        &tally::support::ticket_pk(&id),
+        tally::support::TICKET_SK,
+        |cur| {
+            cur.map(|mut t| {
+                t.changes = 0;
+                t.forwarded = false;
+                t.forwarded_messages = 0;
+                t.last_event.clear();
+                t
+            })
+        },
+    )
+    .await
+    .unwrap();
+    // Nothing on record of what the help desk was sent, as before the record existed.
+    app.local.support_queue.until_idle().await;
+    tally::store::docs::update::<tally::support::Delivered, _>(
+        app.docs.as_ref(),
+        &tally::support::ticket_pk(&id),
+        tally::support::DELIVERED_SK,
+        |_| Some(tally::support::Delivered::default()),
+    )
+    .await
+    .unwrap();
+    let queue = Arc::new(InterleavingQueue::default());
+    let tickets = Tickets {
+        docs: app.docs.clone(),
+        queue: queue.clone(),
+    };
+    let now = app.clock.now();
+    let old = tickets.get(&id).await.unwrap().unwrap();
+    let old = tickets.catch_up(old, now).await.unwrap();
+    tickets
+        .set_status(&old, TicketStatus::Solved, now)
+        .await
+        .unwrap();
+    let sent = queue.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let sink = Arc::new(FlakyDesk {
+        fail: 0,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    let d = desk(&app, sink.clone(), 1);
+    for (n, m) in sent.iter().enumerate() {
+        d.consume(&tally::queue::Delivery {
+            message_id: format!("m{n}"),
+            body: m.body.clone(),
+            group_id: m.group_id.clone(),
+            receive_count: 1,
+        })
+        .await
+        .unwrap();
+    }
+    let events: Vec<Value> = sink
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::from_str::<Value>(&s.body).unwrap()["event"].clone())
+        .collect();
+    assert_eq!(events, [json!("ticket.created"), json!("ticket.status")]);
+}
