@@ -868,12 +868,17 @@ async fn an_upgrade_paid_before_its_renewal_was_charged_becomes_a_change_of_that
     );
     assert!(doc.opened_by.is_none());
     // Refunds are known by their invoices: the period's, and the change's.
-    refresh::record_given_back(p.docs.as_ref(), &workspace(ws), &own.invoice, 1, 100)
+    refresh::record_given_back(p.docs.as_ref(), &workspace(ws), &own.invoice, one_of_100())
         .await
         .unwrap();
-    refresh::record_given_back(p.docs.as_ref(), &workspace(ws), &upgrade.invoice, 1, 100)
-        .await
-        .unwrap();
+    refresh::record_given_back(
+        p.docs.as_ref(),
+        &workspace(ws),
+        &upgrade.invoice,
+        one_of_100(),
+    )
+    .await
+    .unwrap();
     let doc = doc_of(&p, ws).await;
     assert_eq!(doc.given_back, Some((1, 100)));
     assert_eq!(doc.changes[0].given_back, Some((1, 100)));
@@ -1587,4 +1592,13 @@ async fn one_failing_refresh_job_does_not_hold_up_the_others() {
     // The other workspace got its month all the same.
     assert_eq!(plan_grants(&p, "fine").await.len(), 1);
     assert!(plan_grants(&p, "broken").await.is_empty());
+}
+
+/// One cent of a hundred given back, of an invoice of one part.
+fn one_of_100() -> refresh::GivenBack {
+    refresh::GivenBack {
+        back: 1,
+        paid: 100,
+        parts: None,
+    }
 }

@@ -670,12 +670,21 @@ impl BillingEvents {
         if let Some(invoice) = &link.invoice {
             let back = refunded.saturating_add(lost).min(paid);
             if back > 0 {
+                // Of an invoice with add-on units and more, what each part gave back (on
+                // the payment's scale): a change's later months lose that share of what
+                // the change added to each.
+                let lost_each: Vec<u64> = payment
+                    .disputes
+                    .iter()
+                    .filter(|d| d.status.as_deref() == Some("lost"))
+                    .map(|d| d.amount.get())
+                    .collect();
+                let parts = pools.parts_back(refunded, &lost_each);
                 crate::refresh::record_given_back(
                     self.docs.as_ref(),
                     &workspace,
                     invoice,
-                    back,
-                    paid,
+                    crate::refresh::GivenBack { back, paid, parts },
                 )
                 .await?;
             }
@@ -930,6 +939,11 @@ impl Pools {
         }
     }
 
+    /// Whether the payment has two parts (add-on units and more).
+    pub fn two_parts(self) -> bool {
+        self.split().is_some()
+    }
+
     /// Where the add-on units' part starts, when the payment has two parts.
     fn split(self) -> Option<u64> {
         (self.non_refundable > 0 && self.non_refundable < self.paid)
@@ -974,6 +988,21 @@ impl Pools {
     /// Of `given` cents given back in all, what the lot follows, on the payment's scale.
     pub fn given_back(self, addon: bool, given: u64) -> u64 {
         self.scaled(addon, self.overlap(addon, 0, given))
+    }
+
+    /// Of a payment of two parts, what each part (the rest's, the add-on units') gave back,
+    /// on the payment's scale: `given` cents given back (refunds, credit notes) and the
+    /// disputes lost, of those amounts.
+    pub fn parts_back(self, given: u64, lost: &[u64]) -> Option<(u64, u64)> {
+        self.split()?;
+        let part = |addon: bool| {
+            lost.iter()
+                .fold(self.given_back(addon, given), |sum, &l| {
+                    sum.saturating_add(self.disputed(addon, l))
+                })
+                .min(self.paid)
+        };
+        Some((part(false), part(true)))
     }
 
     /// Of a dispute of `amount` cents, what the lot follows, on the payment's scale: the
@@ -1163,6 +1192,22 @@ mod tests {
         assert_eq!(TEAM.disputed(true, 32_900), 32_900);
         assert_eq!(TEAM.part(true, 31_000), Some((1_100, 3_000)));
         assert_eq!(TEAM.part(false, 31_000), Some((29_900, 29_900)));
+    }
+
+    #[test]
+    fn each_part_gives_back_its_share_of_the_money_back_and_the_disputes_lost() {
+        // The plan's money refunded: the rest's all, the add-on units' none.
+        assert_eq!(TEAM.parts_back(29_900, &[]), Some((32_900, 0)));
+        // Half the plan's money refunded, the add-on units' lost in a dispute.
+        assert_eq!(TEAM.parts_back(14_950, &[3_000]), Some((16_450, 32_900)));
+        // Two disputes lost beside a refund: never more than all of a part.
+        assert_eq!(
+            TEAM.parts_back(29_900, &[3_000, 3_000]),
+            Some((32_900, 32_900))
+        );
+        // A payment of one part: none (the whole share stands for both).
+        assert_eq!(Pools::new(5_000, 0).parts_back(100, &[]), None);
+        assert_eq!(Pools::new(3_000, 3_000).parts_back(100, &[]), None);
     }
 
     #[test]

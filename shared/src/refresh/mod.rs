@@ -160,6 +160,10 @@ pub struct RefreshDoc {
     /// cents paid: the remaining allotments shrink by that share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_back: Option<(u64, u64)>,
+    /// Each part's share of it, as [`PaidChange::given_back_parts`] (kept for when the
+    /// document's invoice turns out to be a change's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub given_back_parts: Option<(u64, u64)>,
     /// The level in effect when the first allotment not granted yet fell due, kept when a
     /// change paid after that date raised or lowered the level before the worker came:
     /// allotments dated before the change follow it, not the change.
@@ -366,6 +370,12 @@ pub struct PaidChange {
     /// cents paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_back: Option<(u64, u64)>,
+    /// Of an invoice with add-on units and more, what each part gave back, on the
+    /// payment's scale (of the cents paid): the rest's (the plan's), then the add-on
+    /// units' (see `billing::refunds::Pools`). Unknown for money given back before it was
+    /// kept, and for an invoice of one part: `given_back` then counts for both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub given_back_parts: Option<(u64, u64)>,
     /// The parts it billed (unknown for changes recorded before they were kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billed: Option<Billed>,
@@ -416,6 +426,7 @@ impl RefreshDoc {
             renewal_retry_at: None,
             settle_at: None,
             given_back: None,
+            given_back_parts: None,
             earlier: None,
             changes: Vec::new(),
             opened_by: None,
@@ -492,6 +503,7 @@ impl RefreshDoc {
         doc.invoice = p.invoice.clone();
         doc.opened_by = None;
         doc.given_back = None;
+        doc.given_back_parts = None;
         let own = Self::from_period(p).parts();
         // What the change led to from the period's own level: a change that did not bill
         // the add-on item leaves the value the period's invoice gave its units.
@@ -533,6 +545,7 @@ impl RefreshDoc {
                 before: own,
                 after,
                 given_back: self.given_back,
+                given_back_parts: self.given_back_parts,
                 billed: opening.billed,
                 rank: Some(opening.rank),
             },
@@ -577,6 +590,7 @@ impl RefreshDoc {
                 before,
                 after: after.clone(),
                 given_back: None,
+                given_back_parts: None,
                 billed: Some(billed),
                 rank: Some(rank),
             },
@@ -626,22 +640,34 @@ impl RefreshDoc {
         }
     }
 
-    /// Money given back for `invoice` (`back` of `paid` cents): the period's own invoice
-    /// or one of its changes. Only ever grows; whether anything changed.
-    fn give_back(&mut self, invoice: &InvoiceId, back: u64, paid: u64) -> bool {
-        let given = (back.min(paid), paid);
-        let slot = if &self.invoice == invoice {
-            &mut self.given_back
+    /// Money given back for `invoice`: the period's own invoice or one of its changes.
+    /// Only ever grows; whether anything changed.
+    fn give_back(&mut self, invoice: &InvoiceId, g: GivenBack) -> bool {
+        let given = (g.back.min(g.paid), g.paid);
+        let (slot, parts) = if &self.invoice == invoice {
+            (&mut self.given_back, &mut self.given_back_parts)
         } else if let Some(c) = self.changes.iter_mut().find(|c| &c.invoice == invoice) {
-            &mut c.given_back
+            (&mut c.given_back, &mut c.given_back_parts)
         } else {
             return false;
         };
-        if slot.is_some_and(|(b, _)| b >= given.0) {
-            return false;
+        let mut changed = false;
+        if slot.is_none_or(|(b, _)| b < given.0) {
+            *slot = Some(given);
+            changed = true;
         }
-        *slot = Some(given);
-        true
+        if let Some((plan, addon)) = g.parts {
+            let next = match *parts {
+                Some((p, a)) => (p.max(plan), a.max(addon)),
+                None => (plan, addon),
+            };
+            let next = (next.0.min(g.paid), next.1.min(g.paid));
+            if *parts != Some(next) {
+                *parts = Some(next);
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// The first allotment the worker has not dealt with yet, if the period owes one.
@@ -777,6 +803,7 @@ impl RefreshDoc {
                 before: before.clone(),
                 after: after.clone(),
                 given_back: None,
+                given_back_parts: None,
                 billed: Some(billed),
                 rank: Some(rank),
             });
@@ -859,16 +886,25 @@ pub async fn record_ranked_period(
     Ok(())
 }
 
-/// Money given back for `invoice` (`back` of `paid` cents): if it paid the current period,
-/// the period's remaining allotments shrink by that share; if it paid a change of the
-/// period's level, the allotments after the change lose that share of what it added.
-/// Only ever grows.
+/// Money given back for an invoice: `back` of the `paid` cents, and of an invoice with add-on
+/// units and more, each part's share (the rest's, the add-on units', on the payment's scale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GivenBack {
+    pub back: u64,
+    pub paid: u64,
+    pub parts: Option<(u64, u64)>,
+}
+
+/// Money given back for `invoice`: if it paid the current period, the period's remaining
+/// allotments shrink by that share; if it paid a change of the period's level, the
+/// allotments after the change lose that share of what it added (each part's share of
+/// what it added to that part, when the invoice had add-on units and more). Only ever
+/// grows.
 pub async fn record_given_back(
     docs: &dyn DocStore,
     workspace: &WorkspaceId,
     invoice: &InvoiceId,
-    back: u64,
-    paid: u64,
+    given: GivenBack,
 ) -> Result<(), StoreError> {
     let settings = Settings::default();
     docs::update_due(
@@ -881,8 +917,8 @@ pub async fn record_given_back(
             let previous = next
                 .previous
                 .as_mut()
-                .is_some_and(|p| p.give_back(invoice, back, paid));
-            if !next.give_back(invoice, back, paid) && !previous {
+                .is_some_and(|p| p.give_back(invoice, given));
+            if !next.give_back(invoice, given) && !previous {
                 return None;
             }
             let due = next.due_mark(settings.shards, settings.grace);

@@ -181,40 +181,74 @@ pub fn grants(
     } = level(doc, a.at, catalog)?;
     // Money given back for a change before this allotment: the allotment loses that share
     // of what the change added (rounded up), never more than it gives above the level the
-    // change started from (a later downgrade may have given the rise back already), from
+    // change started from (a later downgrade may have given the rise back already). Of an
+    // invoice with add-on units and more, each part's share of what the change added to
+    // it, from that part's credits first (money given back is the plan's before the add-on
+    // units': see `billing::refunds::Pools`); otherwise the share of all it added, from
     // the plan's credits first.
-    let total = |v: &Valued| u128::from(v.terms.monthly_credits.get()) + u128::from(v.addon.get());
-    let now = u128::from(terms.monthly_credits.get()) + u128::from(addon_credits.get());
-    let mut less = 0u128;
+    let parts = |v: &Valued| {
+        (
+            u128::from(v.terms.monthly_credits.get()),
+            u128::from(v.addon.get()),
+        )
+    };
+    let now = (
+        u128::from(terms.monthly_credits.get()),
+        u128::from(addon_credits.get()),
+    );
+    let share = |added: u128, back: u64, paid: u64| {
+        (added * u128::from(back.min(paid))).div_ceil(u128::from(paid))
+    };
+    // (from the plan first, from the add-on units first)
+    let mut less = (0u128, 0u128);
     for c in doc.changes.iter().filter(|c| c.at < a.at) {
         let Some((back, paid)) = c.given_back.filter(|&(b, p)| b > 0 && p > 0) else {
             continue;
         };
-        let valued_total = |l: &super::LevelParts| {
-            valued(doc, &l.plan, l.addon_units, l.addon_credits, catalog).map(|v| total(&v))
+        let valued_parts = |l: &super::LevelParts| {
+            valued(doc, &l.plan, l.addon_units, l.addon_credits, catalog).map(|v| parts(&v))
         };
         // A level the catalog no longer knows fully: a start whose add-ons cannot be valued
         // counts its plan alone, one whose plan is gone counts as nothing (the refund then
         // takes back too much rather than leaving credits nobody paid for, and says so);
         // an end that cannot be valued leaves nothing to take back from.
-        let Ok(after) = valued_total(&c.after) else {
+        let Ok(after) = valued_parts(&c.after) else {
             continue;
         };
-        let before = valued_total(&c.before).unwrap_or_else(|_| {
+        let before = valued_parts(&c.before).unwrap_or_else(|_| {
             let terms = terms_of(doc, &c.before.plan, catalog);
             tracing::error!(workspace = %doc.workspace, invoice = %c.invoice,
                 plan = %c.before.plan, known = terms.is_some(),
                 "the level a refunded change started from is not fully in the catalog");
-            terms.map_or(0, |t| u128::from(t.monthly_credits.get()))
+            (terms.map_or(0, |t| u128::from(t.monthly_credits.get())), 0)
         });
-        let added = after.saturating_sub(before);
-        let share = (added * u128::from(back.min(paid))).div_ceil(u128::from(paid));
-        less += share.min(now.saturating_sub(before));
+        let cap = (now.0 + now.1).saturating_sub(before.0 + before.1);
+        match c.given_back_parts {
+            Some((plan_back, addon_back)) => {
+                let plan = share(after.0.saturating_sub(before.0), plan_back, paid).min(cap);
+                let addon =
+                    share(after.1.saturating_sub(before.1), addon_back, paid).min(cap - plan);
+                less.0 += plan;
+                less.1 += addon;
+            }
+            None => {
+                let added = (after.0 + after.1).saturating_sub(before.0 + before.1);
+                less.0 += share(added, back, paid).min(cap);
+            }
+        }
     }
-    let less = u64::try_from(less.min(now)).unwrap_or(u64::MAX);
-    let plan_credits = terms.monthly_credits.saturating_sub(Credits::new(less));
-    let less = Credits::new(less.saturating_sub(terms.monthly_credits.get()));
-    let addon_credits = addon_credits.saturating_sub(less);
+    let mut left = now;
+    let take = |from: &mut u128, n: u128| {
+        let t = n.min(*from);
+        *from -= t;
+        n - t
+    };
+    let rest = take(&mut left.0, less.0);
+    take(&mut left.1, rest);
+    let rest = take(&mut left.1, less.1);
+    take(&mut left.0, rest);
+    let plan_credits = Credits::new(u64::try_from(left.0).unwrap_or(u64::MAX));
+    let addon_credits = Credits::new(u64::try_from(left.1).unwrap_or(u64::MAX));
     let [plan_key, addon_key] = grant_keys(doc, a);
     let mut out = vec![AllotmentGrant {
         key: plan_key,
@@ -317,6 +351,15 @@ mod tests {
     }
 
     /// Sets the level a test's change leads to, as billing would (see [`moved`]).
+    /// `back` of `paid` cents given back, of an invoice of one part.
+    fn back_of(back: u64, paid: u64) -> crate::refresh::GivenBack {
+        crate::refresh::GivenBack {
+            back,
+            paid,
+            parts: None,
+        }
+    }
+
     fn apply(
         d: &mut RefreshDoc,
         p: &crate::refresh::PaidPeriod,
@@ -354,6 +397,7 @@ mod tests {
             renewal_retry_at: None,
             settle_at: None,
             given_back: None,
+            given_back_parts: None,
             earlier: None,
             changes: Vec::new(),
             opened_by: None,
@@ -604,8 +648,8 @@ mod tests {
         // A refund of a change still remembered lowers the months after it; one of a
         // forgotten change is not known.
         let last = format!("in_c{}", n - 1);
-        assert!(d.give_back(&InvoiceId::parse(&last).unwrap(), 100, 100));
-        assert!(!d.give_back(&InvoiceId::parse("in_c0").unwrap(), 100, 100));
+        assert!(d.give_back(&InvoiceId::parse(&last).unwrap(), back_of(100, 100)));
+        assert!(!d.give_back(&InvoiceId::parse("in_c0").unwrap(), back_of(100, 100)));
         assert!(serde_json::to_string(&d).unwrap().len() < 60_000);
     }
 
@@ -785,6 +829,63 @@ mod tests {
     }
 
     #[test]
+    fn money_given_back_for_a_change_with_add_on_units_takes_the_plans_rise_first() {
+        let catalog = Catalog::builtin();
+        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
+        d.plan = "plus".into();
+        d.addon_units = 0;
+        let a = allotments(d.period_start, d.period_end);
+        let upgrade = crate::refresh::PaidPeriod {
+            workspace: d.workspace.clone(),
+            subscription: d.subscription.clone(),
+            invoice: InvoiceId::parse("in_upgrade").unwrap(),
+            interval: Interval::Yearly,
+            plan: "max".into(),
+            addon_units: 2,
+            addon_credits: None,
+            plan_terms: None,
+            period_start: d.period_start,
+            period_end: d.period_end,
+        };
+        // Up from plus (150) to max (400) with two add-on units, in one invoice.
+        assert!(apply(&mut d, &upgrade, a[0].at + Duration::days(10), 1));
+        d.advance(2);
+        let month = |d: &RefreshDoc| {
+            let g = grants(d, &a[1], &catalog).unwrap();
+            (g[0].credits.get(), g.get(1).map_or(0, |g| g.credits.get()))
+        };
+        let (plan, units) = month(&d);
+        assert_eq!(plan, 400);
+        assert!(units > 0);
+        // The plan's money given back, all of it (of 1,000 cents, 600 the add-on units'):
+        // the plan's rise goes, the add-on units' credits stay.
+        let invoice = InvoiceId::parse("in_upgrade").unwrap();
+        let given = |back, plan, addon| crate::refresh::GivenBack {
+            back,
+            paid: 1000,
+            parts: Some((plan, addon)),
+        };
+        assert!(d.give_back(&invoice, given(400, 1000, 0)));
+        assert!(!d.give_back(&invoice, given(400, 1000, 0)));
+        assert_eq!(month(&d), (150, units));
+        // Half the add-on units' money lost in a dispute besides: half their credits.
+        assert!(d.give_back(&invoice, given(700, 1000, 500)));
+        assert_eq!(month(&d), (150, units - units / 2));
+        // Facts known only as a whole (recorded before the parts were kept) take the
+        // share of all it added, from the plan first, as before.
+        let mut whole = d.clone();
+        for c in &mut whole.changes {
+            c.given_back_parts = None;
+        }
+        let added = 250 + units;
+        let less = (added * 700).div_ceil(1000);
+        assert_eq!(
+            month(&whole),
+            (400 - less.min(400), units - less.saturating_sub(400))
+        );
+    }
+
+    #[test]
     fn money_given_back_for_a_change_lowers_the_allotments_after_it() {
         let catalog = Catalog::builtin();
         let mut d = doc(t(2027, 1, 15), Interval::Yearly);
@@ -809,17 +910,20 @@ mod tests {
         let plan = |d: &RefreshDoc, k: usize| grants(d, &a[k], &catalog).unwrap()[0].credits;
         assert_eq!(plan(&d, 1), Credits::new(400));
         // Half of the upgrade's invoice refunded: half of what it added.
-        assert!(d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), 500, 1000));
-        assert!(!d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), 400, 1000));
+        assert!(d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), back_of(500, 1000)));
+        assert!(!d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), back_of(400, 1000)));
         assert_eq!(plan(&d, 1), Credits::new(275));
         // All of it: back to plus for the rest of the year.
-        assert!(d.give_back(&InvoiceId::parse("in_upgrade").unwrap(), 1000, 1000));
+        assert!(d.give_back(
+            &InvoiceId::parse("in_upgrade").unwrap(),
+            back_of(1000, 1000)
+        ));
         assert_eq!(plan(&d, 1), Credits::new(150));
         assert_eq!(plan(&d, 10), Credits::new(150));
         // An invoice the document does not know changes nothing.
-        assert!(!d.give_back(&InvoiceId::parse("in_other").unwrap(), 1000, 1000));
+        assert!(!d.give_back(&InvoiceId::parse("in_other").unwrap(), back_of(1000, 1000)));
         // The period's own invoice is followed as before.
-        assert!(d.give_back(&InvoiceId::parse("in_1").unwrap(), 1000, 1000));
+        assert!(d.give_back(&InvoiceId::parse("in_1").unwrap(), back_of(1000, 1000)));
         assert!(grants(&d, &a[1], &catalog).unwrap().is_empty());
 
         let change = |invoice: &str, plan: &str| crate::refresh::PaidPeriod {
@@ -828,7 +932,7 @@ mod tests {
             ..upgrade.clone()
         };
         let back = |d: &mut RefreshDoc, invoice: &str| {
-            assert!(d.give_back(&InvoiceId::parse(invoice).unwrap(), 1000, 1000));
+            assert!(d.give_back(&InvoiceId::parse(invoice).unwrap(), back_of(1000, 1000)));
         };
         // Up to max, back down to plus, then the upgrade refunded: plus is still paid for.
         let mut d = doc(t(2027, 1, 15), Interval::Yearly);
