@@ -2240,13 +2240,12 @@ mod alerts {
         redeliver_top_up(&app, "org_lost", entry)
             .await
             .expect("done again without a charge");
-        // An earlier crossing's request, redriven after this claim replaced its own: its
-        // outcome is no longer on record, so it is left to a person, not charged.
-        let older = redeliver_top_up(&app, "org_lost", entry - 1).await;
-        assert!(
-            matches!(older, Err(tally::queue::ConsumeError::Poison(_))),
-            "{older:?}"
-        );
+        // An earlier crossing's request that never claimed, delivered after this claim:
+        // it ends, not charged (one that had claimed is left to a person: see
+        // `a_crossings_request_after_a_later_claim_ends_unless_it_claimed_itself`).
+        redeliver_top_up(&app, "org_lost", entry - 1)
+            .await
+            .expect("ends without a charge");
         app.settle_billing().await;
         assert_eq!(paid_intents(&sim), before + 1, "no second charge");
         assert_eq!(app.available("org_lost").await, 128);
@@ -2399,6 +2398,46 @@ mod alerts {
             .unwrap_or_else(|| panic!("{items:#}"));
         assert_eq!(listed["status"], "open");
         assert!(listed["hosted_invoice_url"].is_null(), "{listed:#}");
+    }
+
+    /// Two operations crossing the threshold one after the other, whose top-up requests
+    /// reach the queue in the other order: the later crossing claims and charges, and the
+    /// earlier one's request, which never claimed, ends without a charge (before, it was
+    /// refused as needing a person and held its queue group for half an hour). A crossing
+    /// that did claim, redriven after a later claim, still goes to a person.
+    #[tokio::test]
+    async fn a_crossings_request_after_a_later_claim_ends_unless_it_claimed_itself() {
+        let app = TestApp::new();
+        let ws = "org_late_request";
+        let (o, _) = topped_up(&app, ws).await;
+        let first = app.get("/v1/alerts", &o).await.body["topup_claim"]["entry"]
+            .as_u64()
+            .unwrap();
+        let sim = app.local.simulator.clone().unwrap();
+        let before = paid_intents(&sim);
+        redeliver_top_up(&app, ws, first - 1)
+            .await
+            .expect("ends without a charge");
+        assert_eq!(paid_intents(&sim), before, "not charged");
+        // Past the cooldown, another crossing claims and charges.
+        app.clock.advance(chrono::Duration::minutes(11));
+        let m = member(ws, "m1");
+        while app.available(ws).await >= 30 {
+            let started = app.post("/v1/generations", &m, video()).await;
+            assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+        }
+        notifications(&app).await;
+        assert_eq!(paid_intents(&sim), before + 1);
+        let second = app.get("/v1/alerts", &o).await.body["topup_claim"]["entry"]
+            .as_u64()
+            .unwrap();
+        assert!(second > first);
+        let redriven = redeliver_top_up(&app, ws, first).await;
+        assert!(
+            matches!(redriven, Err(tally::queue::ConsumeError::Poison(_))),
+            "{redriven:?}"
+        );
+        assert_eq!(paid_intents(&sim), before + 1);
     }
 
     /// Delivers the top-up request of `ws`'s crossing at `entry` once more, as a redrive of

@@ -33,6 +33,10 @@ pub const ALERTS_SK: &str = "ALERTS";
 /// Most thresholds a workspace may set.
 pub const MAX_THRESHOLDS: usize = 10;
 
+/// Crossings [`AlertSettings::topup_claims`] keeps (a top-up claims at most one per
+/// cooldown; a request waits in its queue at most about half an hour).
+pub const RECENT_TOPUP_CLAIMS: usize = 16;
+
 /// A workspace's alert settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AlertSettings {
@@ -46,6 +50,12 @@ pub struct AlertSettings {
     /// The last top-up claimed: which crossing claimed it, and the payment once made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topup_claim: Option<TopUpClaim>,
+    /// The crossings (journal entries) that claimed a top-up lately, oldest first, at most
+    /// [`RECENT_TOPUP_CLAIMS`]: a crossing's request reaching the queue after a later one
+    /// claimed is known never to have claimed (and ends), or to have claimed (and needs a
+    /// person). Unknown for settings from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topup_claims: Option<Vec<u64>>,
     /// The saved card (`pm_...`) Stripe refused at the last top-up (declined, expired):
     /// it is not tried again, so a declining card is not charged at every crossing. A
     /// card saved since (at a checkout) is tried; saving these settings tries this one

@@ -176,6 +176,7 @@ impl TopUps {
             .and_then(|s| s.auto_topup.as_ref())
             .map(|a| a.below_credits);
         let disputed = settings.as_ref().and_then(|s| s.stopped_by_dispute.clone());
+        let recent = settings.as_ref().and_then(|s| s.topup_claims.clone());
         let earlier = settings.and_then(|s| s.topup_claim);
         // The last top-up charged, when another crossing's: its credits may not have
         // arrived yet.
@@ -199,9 +200,19 @@ impl TopUps {
                 )));
             }
             Some(c) if c.entry == req.entry => c,
+            // A later crossing claimed first (two operations' requests reach the queue in
+            // the other order) and this one never did: that claim dealt with the drop.
+            Some(c)
+                if c.entry > req.entry
+                    && recent.as_ref().is_some_and(|r| !r.contains(&req.entry)) =>
+            {
+                tracing::info!(workspace = %workspace, entry = req.entry, later = c.entry,
+                    "a later crossing claimed the top-up first; this one never claimed");
+                return Ok(Ended::Withdrawn);
+            }
             Some(c) if c.entry > req.entry => {
-                // A later crossing has claimed since (only a redrive delivers out of order):
-                // whether this one was charged is no longer on record here.
+                // A later crossing has claimed since this one did (a redrive): whether this
+                // one was charged is no longer on record here.
                 return Err(ConsumeError::poison(format!(
                     "a later crossing (entry {}) has claimed since: look for a payment intent with \
                      idempotency key tally-topup-{workspace}-{} in Stripe",
@@ -442,6 +453,10 @@ impl TopUps {
                 };
                 s.last_topup_at = Some(now);
                 s.topup_claim = Some(claim.clone());
+                let recent = s.topup_claims.get_or_insert_with(Vec::new);
+                recent.push(req.entry);
+                let over = recent.len().saturating_sub(super::RECENT_TOPUP_CLAIMS);
+                recent.drain(..over);
                 result = Ok(claim);
                 Some(s)
             },

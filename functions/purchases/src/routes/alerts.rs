@@ -101,6 +101,7 @@ pub async fn put_alerts(
                 auto_topup: auto_topup.clone(),
                 last_topup_at: cur.as_ref().and_then(|c| c.last_topup_at),
                 topup_claim: cur.as_ref().and_then(|c| c.topup_claim.clone()),
+                topup_claims: cur.as_ref().and_then(|c| c.topup_claims.clone()),
                 // Saved again by the owner: a refused card is tried again, and a top-up
                 // stopped by a dispute resumes.
                 refused_card: None,
