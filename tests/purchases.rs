@@ -321,6 +321,30 @@ async fn the_same_idempotency_key_returns_the_same_checkout_session() {
         )
         .await;
     assert_ne!(a.body["id"], c.body["id"]);
+    // A refused order leaves its key free for the corrected one; once that is answered,
+    // the key is its own.
+    let send = |body: Value| {
+        let app = &app;
+        let o = o.clone();
+        async move {
+            app.send(
+                Method::POST,
+                "/v1/checkout/sessions",
+                Some(&o),
+                Some(&body.to_string()),
+                &[("idempotency-key", "buy-3")],
+            )
+            .await
+        }
+    };
+    send(json!({"kind": "pack", "pack": "pack_999"}))
+        .await
+        .assert_problem(422, "validation_failed");
+    let corrected = send(json!({"kind": "pack", "pack": "pack_100"})).await;
+    assert_eq!(corrected.status.as_u16(), 201, "{:#}", corrected.body);
+    send(json!({"kind": "pack", "pack": "pack_500"}))
+        .await
+        .assert_problem(409, "conflict");
 }
 
 #[tokio::test]

@@ -12,7 +12,8 @@
 //! client's key). A claim left by a process that died is taken over after
 //! [`CLAIM_SECONDS`] by the same request only: that process may have done its work (a
 //! change made at Stripe whose answer was lost), so another body under the key is a 409
-//! whether the key's first request succeeded, failed or died.
+//! whether the key's first request succeeded, failed or died; unless it was refused (a
+//! 4xx answer), which leaves the key free for the corrected request.
 
 use super::Problem;
 use crate::billing::records::workspace_pk;
@@ -41,6 +42,10 @@ struct Answer {
     at: DateTime<Utc>,
     /// Tells this request's claim from a twin's.
     claim: String,
+    /// Released after the work refused the request (a 4xx: bad input, a state that does
+    /// not allow it): the key is free for a corrected request, another body included.
+    #[serde(default)]
+    refused: bool,
 }
 
 enum Seen<T> {
@@ -54,8 +59,9 @@ fn judge<T: DeserializeOwned>(
     now: DateTime<Utc>,
 ) -> Result<Seen<T>, Problem> {
     // Never another body under a key once used: a claim whose request died may have done
-    // its work (a change made at Stripe, its answer lost), so its key stays its own.
-    if seen.fingerprint != print {
+    // its work (a change made at Stripe, its answer lost), so its key stays its own. A
+    // request refused (4xx) is the exception: the client corrects it under the same key.
+    if seen.fingerprint != print && !reusable(seen, now) {
         return Err(Problem::conflict(
             "this Idempotency-Key was already used for a different request; send this one under a new key",
         ));
@@ -82,6 +88,13 @@ fn in_progress() -> Problem {
 
 fn stale(seen: &Answer, now: DateTime<Utc>) -> bool {
     seen.answer.is_none() && now - seen.at >= Duration::seconds(CLAIM_SECONDS)
+}
+
+/// Released after a refusal: free for any body. (What the refused work may have asked of
+/// Stripe was under the Stripe key derived from this one: Stripe refuses that key for
+/// other parameters, so a corrected request can never make a second change there.)
+fn reusable(seen: &Answer, now: DateTime<Utc>) -> bool {
+    seen.refused && stale(seen, now)
 }
 
 /// Runs `work` once per `key` (when the client sent one) and remembers its answer.
@@ -113,12 +126,13 @@ where
         answer: None,
         at: now,
         claim: claim.clone(),
+        refused: false,
     };
     // Claim the key, unless it is answered, taken by another live request, or used for
     // another body; the versioned write makes one of two racing claims win.
     let after = docs::update(store, &pk, &sk, |cur: Option<Answer>| match &cur {
         None => Some(mine.clone()),
-        Some(seen) if seen.answer.is_none() && stale(seen, now) && seen.fingerprint == print => {
+        Some(seen) if stale(seen, now) && (seen.fingerprint == print || reusable(seen, now)) => {
             Some(mine.clone())
         }
         Some(_) => None,
@@ -137,6 +151,7 @@ where
         Ok(out) => Some(serde_json::to_value(out).map_err(|_| Problem::internal())?),
         Err(_) => None,
     };
+    let refused = matches!(&outcome, Err(p) if p.status.is_client_error());
     // Keep the answer, or release the claim (dated in the past, so it is stale at once).
     docs::update(store, &pk, &sk, |cur: Option<Answer>| {
         let cur = cur?;
@@ -147,6 +162,7 @@ where
             } else {
                 cur.at - Duration::seconds(CLAIM_SECONDS)
             },
+            refused: value.is_none() && refused,
             ..cur
         })
     })
@@ -162,6 +178,37 @@ mod tests {
 
     fn t(s: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap() + Duration::seconds(s)
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_leaves_its_key_free_for_the_corrected_one() {
+        let store = EmbeddedStore::in_memory();
+        let ws = WorkspaceId::parse("acme").unwrap();
+        let key = IdempotencyKey::client("test", "k1").unwrap();
+        let refused: Result<u32, Problem> =
+            once(&store, &ws, Some(&key), &"pack_999", t(0), || async {
+                Err(Problem::validation("pack", "unknown pack"))
+            })
+            .await;
+        assert_eq!(refused.unwrap_err().status.as_u16(), 422);
+        let corrected = once(&store, &ws, Some(&key), &"pack_100", t(1), || async {
+            Ok(5u32)
+        })
+        .await;
+        assert_eq!(corrected.unwrap(), 5);
+        // Answered: the key is the corrected request's now.
+        let other: Result<u32, Problem> =
+            once(&store, &ws, Some(&key), &"pack_999", t(2), || async {
+                panic!("another body does no work")
+            })
+            .await;
+        assert_eq!(other.unwrap_err().code, "conflict");
+        let again: Result<u32, Problem> =
+            once(&store, &ws, Some(&key), &"pack_100", t(3), || async {
+                panic!("a replay does no work")
+            })
+            .await;
+        assert_eq!(again.unwrap(), 5);
     }
 
     #[tokio::test]
@@ -211,6 +258,7 @@ mod tests {
                 answer: None,
                 at: t(0),
                 claim: "dead".into(),
+                refused: false,
             })
         })
         .await
