@@ -803,6 +803,10 @@ async fn training_a_custom_model_needs_a_free_slot_on_the_plan() {
     app.post(&retire, &d, json!({}))
         .await
         .assert_problem(409, "conflict");
+    // It takes no body: one that says something is refused before anything is read.
+    app.post(&retire, &d, json!({"model": "x"}))
+        .await
+        .assert_problem(422, "validation_failed");
     let done = app
         .post(
             &format!("/v1/generations/{first}/complete"),

@@ -804,6 +804,44 @@ mod subscription {
         let app = TestApp::new();
         app.subscribe("org_c", "max", "monthly").await;
         let o = owner("org_c");
+        // These routes take no body: one that is not JSON, malformed, or names a field is
+        // refused and changes nothing (a request meant for another route is not taken).
+        for (path, body, status) in [
+            ("/v1/subscription/cancel", "{", 400),
+            (
+                "/v1/subscription/cancel",
+                r#"{"cancel_at_period_end":false}"#,
+                422,
+            ),
+            ("/v1/subscription/pause", "[]", 422),
+            ("/v1/subscription/resume", r#"{"x":1}"#, 422),
+            ("/v1/billing-portal", "{", 400),
+        ] {
+            let a = app
+                .send(
+                    Method::POST,
+                    path,
+                    Some(&o),
+                    Some(body),
+                    &[("content-type", "application/json")],
+                )
+                .await;
+            assert_eq!(a.status.as_u16(), status, "{path} {body}: {:#}", a.body);
+            assert_eq!(a.content_type, "application/problem+json");
+        }
+        let plain = app
+            .send(
+                Method::POST,
+                "/v1/subscription/cancel",
+                Some(&o),
+                Some("x"),
+                &[("content-type", "text/plain")],
+            )
+            .await;
+        assert_eq!(plain.status.as_u16(), 415, "{:#}", plain.body);
+        app.settle_billing().await;
+        let p = plan_of(&app, "org_c").await;
+        assert_eq!(p["cancel_at_period_end"].as_bool(), Some(false), "{p:#}");
         let c = app.post("/v1/subscription/cancel", &o, json!({})).await;
         assert_eq!(c.body["cancel_at_period_end"], true);
         app.settle_billing().await;

@@ -10,7 +10,9 @@ pub mod service;
 pub mod text;
 
 pub use auth::{AuthMode, Identity, Role};
-pub use problem::{ApiBytes, ApiJson, ApiPath, ApiQuery, Problem, ProblemDetails, optional_json};
+pub use problem::{
+    ApiBytes, ApiJson, ApiPath, ApiQuery, NoBody, Problem, ProblemDetails, no_body, optional_json,
+};
 pub use service::{BearerAuth, service_routes};
 
 use axum::Router;

@@ -437,6 +437,26 @@ pub fn optional_json<T: DeserializeOwned + Default>(
     parse_json(body)
 }
 
+/// The body of a route that takes none: empty, or an empty JSON object. Anything else
+/// (malformed JSON, a field the route does not know) is refused as [`optional_json`]
+/// refuses it, so a request meant for another route changes nothing.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoBody {}
+
+/// Checks that a route taking no body was sent none ([`NoBody`]).
+pub fn no_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), Problem> {
+    match optional_json::<Option<serde_json::Value>>(headers, body)? {
+        None => Ok(()),
+        Some(serde_json::Value::Object(fields)) if fields.is_empty() => Ok(()),
+        Some(_) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "this request takes no body: send none, or {}",
+        )),
+    }
+}
+
 /// `Path<T>` whose refusals (a segment that is not valid UTF-8 once decoded, say) are 400
 /// problem details.
 pub struct ApiPath<T>(pub T);

@@ -52,6 +52,7 @@ pub async fn entitlements(
 
 #[utoipa::path(post, path = "/v1/generations/{id}/retire-model", tag = "credits", security(("bearer" = [])),
     params(super::generations::GenerationPath),
+    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
     responses((status = 200, body = EntitlementsView), (status = 403, body = ProblemDetails),
         (status = 404, description = "not an active custom model of this workspace", body = ProblemDetails),
         (status = 409, description = "its training is still running", body = ProblemDetails),
@@ -64,8 +65,11 @@ pub async fn retire_model(
     // Who may ask is decided before the id is read.
     manager: BillingManager,
     ApiPath(id): ApiPath<String>,
+    headers: axum::http::HeaderMap,
+    tally::http::ApiBytes(body): tally::http::ApiBytes,
 ) -> ApiResult<Json<EntitlementsView>> {
     let id = super::generations::parse_generation_id(&id)?;
+    tally::http::no_body(&headers, &body)?;
     let key = format!("gen:{id}:retire");
     app.ledger
         .execute(LedgerRequest {

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use tally::billing::records::*;
-use tally::http::{Problem, ProblemDetails, idempotency, idempotency_key};
+use tally::http::{ApiBytes, Problem, ProblemDetails, idempotency, idempotency_key};
 use tally::ids::{IdempotencyKey, WorkspaceId};
 use tally::store::docs;
 use utoipa::ToSchema;
@@ -18,6 +18,7 @@ pub struct PortalView {
 }
 
 #[utoipa::path(post, path = "/v1/billing-portal", tag = "billing", security(("bearer" = [])),
+    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key return the same session")),
     responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
@@ -26,7 +27,9 @@ pub async fn billing_portal(
     State(st): State<PurchasesState>,
     Buyer { workspace, .. }: Buyer,
     headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<(StatusCode, Json<PortalView>)> {
+    tally::http::no_body(&headers, &body)?;
     let key = idempotency_key(&headers, "billing-portal")?;
     let now = st.ledger.clock.now();
     let view = idempotency::once(st.docs.as_ref(), &workspace, key.as_ref(), &(), now, || {

@@ -13,7 +13,9 @@ use tally::billing::changes::{
     ChangeError, ChangeView, MAX_ADDON_UNITS, PreviewView, StatusView, SubscriptionChanges,
 };
 use tally::billing::records::*;
-use tally::http::{ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key};
+use tally::http::{
+    ApiBytes, ApiJson, Identity, Problem, ProblemDetails, idempotency, idempotency_key,
+};
 use tally::ids::{CustomerId, IdempotencyKey, WorkspaceId};
 use tally::ledger::Interval;
 use tally::store::docs;
@@ -270,6 +272,7 @@ async fn set_status(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/cancel", tag = "billing", security(("bearer" = [])),
+    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
@@ -279,11 +282,14 @@ pub async fn cancel(
     State(st): State<PurchasesState>,
     who: Identity,
     headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Json<StatusView>> {
+    tally::http::no_body(&headers, &body)?;
     set_status(&st, &who, &headers, "cancel", Some(true), None).await
 }
 
 #[utoipa::path(post, path = "/v1/subscription/resume", tag = "billing", security(("bearer" = [])),
+    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
@@ -292,11 +298,14 @@ pub async fn resume(
     State(st): State<PurchasesState>,
     who: Identity,
     headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Json<StatusView>> {
+    tally::http::no_body(&headers, &body)?;
     set_status(&st, &who, &headers, "resume", Some(false), Some(false)).await
 }
 
 #[utoipa::path(post, path = "/v1/subscription/pause", tag = "billing", security(("bearer" = [])),
+    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
@@ -305,6 +314,8 @@ pub async fn pause(
     State(st): State<PurchasesState>,
     who: Identity,
     headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Json<StatusView>> {
+    tally::http::no_body(&headers, &body)?;
     set_status(&st, &who, &headers, "pause", None, Some(true)).await
 }
