@@ -2500,6 +2500,48 @@ mod alerts {
             "{redriven:?}"
         );
         assert_eq!(paid_intents(&sim), before + 1);
+        // Settings from before the crossings were kept: the list begins with the claim
+        // it replaced, and a crossing before that one is unknown (a person looks).
+        let app = TestApp::new();
+        let ws = "org_late_legacy";
+        let (o, _) = topped_up(&app, ws).await;
+        let first = app.get("/v1/alerts", &o).await.body["topup_claim"]["entry"]
+            .as_u64()
+            .unwrap();
+        tally::store::docs::update::<tally::alerts::AlertSettings, _>(
+            app.docs.as_ref(),
+            &tally::billing::records::workspace_pk(&tally_tests::workspace(ws)),
+            tally::alerts::ALERTS_SK,
+            |cur| {
+                cur.map(|mut s| {
+                    s.topup_claims = None;
+                    s
+                })
+            },
+        )
+        .await
+        .unwrap();
+        app.clock.advance(chrono::Duration::minutes(11));
+        let m = member(ws, "m1");
+        while app.available(ws).await >= 30 {
+            app.post("/v1/generations", &m, video()).await;
+        }
+        notifications(&app).await;
+        let settings = app.get("/v1/alerts", &o).await.body;
+        let second = settings["topup_claim"]["entry"].as_u64().unwrap();
+        assert_eq!(
+            settings["topup_claims"],
+            json!([first, second]),
+            "{settings:#}"
+        );
+        let unknown = redeliver_top_up(&app, ws, first - 1).await;
+        assert!(
+            matches!(unknown, Err(tally::queue::ConsumeError::Poison(_))),
+            "{unknown:?}"
+        );
+        redeliver_top_up(&app, ws, first + 1)
+            .await
+            .expect("between two known claims: never claimed");
     }
 
     /// Delivers the top-up request of `ws`'s crossing at `entry` once more, as a redrive of

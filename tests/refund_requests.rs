@@ -2346,6 +2346,22 @@ async fn invoice_lots(app: &TestApp, ws: &str, invoice: &str) -> Vec<(String, u6
         .collect()
 }
 
+/// A Team plan with one add-on unit, renewed: the renewal's `invoice.paid` object, and the
+/// credits of its plan lot and add-on lot.
+async fn team_renewal_with_a_unit(app: &TestApp, ws: &str) -> (Value, u64, u64) {
+    let sub = app.subscribe(ws, "team", "monthly").await;
+    let units = app.set_units(ws, 1).await;
+    assert!(units.status.is_success(), "{:#}", units.body);
+    app.settle_billing().await;
+    app.renew(&sub).await;
+    let renewal = app.sim_events("invoice.paid").last().unwrap().clone();
+    let lots = invoice_lots(app, ws, renewal["id"].as_str().unwrap()).await;
+    let plan = lots.iter().find(|l| l.0 == "plan").unwrap().1;
+    let addon = lots.iter().find(|l| l.0 == "addon").unwrap().1;
+    assert!(plan > 0 && addon > 0, "{lots:?}");
+    (renewal, plan, addon)
+}
+
 /// Add-on units are not refundable: a refund of a renewal's plan money (approved without an
 /// amount, so all but the add-on units) takes back the plan's credits, all of them, and
 /// leaves the add-on units' credits alone; Stripe's refund event then takes nothing more.
@@ -2354,18 +2370,9 @@ async fn invoice_lots(app: &TestApp, ws: &str, invoice: &str) -> Vec<(String, u6
 async fn a_refund_of_a_plans_money_takes_the_plans_credits_and_leaves_the_add_ons() {
     let app = TestApp::new();
     let ws = "org_rr_addon";
-    let sub = app.subscribe(ws, "team", "monthly").await;
-    let units = app.set_units(ws, 1).await;
-    assert!(units.status.is_success(), "{:#}", units.body);
-    app.settle_billing().await;
-    app.renew(&sub).await;
-    let renewal = app.sim_events("invoice.paid").last().unwrap().clone();
+    let (renewal, plan, addon) = team_renewal_with_a_unit(&app, ws).await;
     let invoice = renewal["id"].as_str().unwrap().to_owned();
     let paid = renewal["amount_paid"].as_u64().unwrap();
-    let lots = invoice_lots(&app, ws, &invoice).await;
-    let plan = lots.iter().find(|l| l.0 == "plan").unwrap().1;
-    let addon = lots.iter().find(|l| l.0 == "addon").unwrap().1;
-    assert!(plan > 0 && addon > 0, "{lots:?}");
     let r = ask(
         &app,
         ws,
@@ -2439,21 +2446,13 @@ async fn a_refund_of_a_plans_money_takes_the_plans_credits_and_leaves_the_add_on
 async fn approving_again_is_priced_after_the_money_given_back_besides_the_request() {
     let app = TestApp::new();
     let ws = "org_rr_floor";
-    let sub = app.subscribe(ws, "team", "monthly").await;
-    let units = app.set_units(ws, 1).await;
-    assert!(units.status.is_success(), "{:#}", units.body);
-    app.settle_billing().await;
-    app.renew(&sub).await;
-    let renewal = app.sim_events("invoice.paid").last().unwrap().clone();
+    let (renewal, plan, addon) = team_renewal_with_a_unit(&app, ws).await;
     let invoice = renewal["id"].as_str().unwrap().to_owned();
     let paid = renewal["amount_paid"].as_u64().unwrap();
     let charge = app.sim_events("charge.succeeded").last().unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let lots = invoice_lots(&app, ws, &invoice).await;
-    let plan = lots.iter().find(|l| l.0 == "plan").unwrap().1;
-    let addon = lots.iter().find(|l| l.0 == "addon").unwrap().1;
     let addon_money = renewal["lines"]["data"]
         .as_array()
         .unwrap()

@@ -744,6 +744,27 @@ async fn an_applied_stripe_event_reports_its_lag_from_stripe_to_the_ledger() {
     assert!(record["WebhookToLedgerLag"].as_f64().unwrap() >= 0.0);
 }
 
+/// Generation `g` of `ws` as an operation's read sees it now, while its hold is open.
+async fn held_as_read(
+    store: &Counting,
+    ws: &str,
+    g: GenerationId,
+) -> tally::store::StoredGeneration {
+    let read = store
+        .inner
+        .read_op(
+            &workspace(ws),
+            &IdempotencyKey::derived("x".into()),
+            Some(g),
+        )
+        .await
+        .unwrap()
+        .generation
+        .unwrap();
+    assert!(read.hold.is_some());
+    read
+}
+
 #[tokio::test]
 async fn a_generation_read_before_its_hold_closed_is_read_again_not_closed_twice() {
     let store = Counting::over(embedded_store());
@@ -755,18 +776,7 @@ async fn a_generation_read_before_its_hold_closed_is_read_again_not_closed_twice
     hold(&ledger, ws, g, &est, t0() + Duration::hours(1))
         .await
         .unwrap();
-    let before = store
-        .inner
-        .read_op(
-            &workspace(ws),
-            &IdempotencyKey::derived("x".into()),
-            Some(g),
-        )
-        .await
-        .unwrap()
-        .generation
-        .unwrap();
-    assert!(before.hold.is_some());
+    let before = held_as_read(&store, ws, g).await;
     settle(
         &ledger,
         ws,
@@ -1439,18 +1449,7 @@ async fn a_model_retired_as_its_training_completes_is_read_again_not_refused() {
         ),
         "{early:?}"
     );
-    let before = store
-        .inner
-        .read_op(
-            &workspace(ws),
-            &IdempotencyKey::derived("x".into()),
-            Some(g),
-        )
-        .await
-        .unwrap()
-        .generation
-        .unwrap();
-    assert!(before.hold.is_some());
+    let before = held_as_read(&store, ws, g).await;
     settle(
         &ledger,
         ws,

@@ -2330,24 +2330,92 @@ impl tally::queue::Queue for InterleavingQueue {
     }
 }
 
+/// A ticket filed by `u1` of `ws`, and tickets over the app's store forwarding through an
+/// [`InterleavingQueue`].
+async fn ticket_with_queue(
+    app: &TestApp,
+    ws: &str,
+) -> (
+    tally::support::Ticket,
+    tally::support::Tickets,
+    Arc<InterleavingQueue>,
+) {
+    let t = file(app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
+    let queue = Arc::new(InterleavingQueue::default());
+    let tickets = tally::support::Tickets {
+        docs: app.docs.clone(),
+        queue: queue.clone(),
+    };
+    let ticket = tickets
+        .get(t["id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    (ticket, tickets, queue)
+}
+
+/// A help desk that takes every delivery, and the forwarder delivering to it.
+fn taking_desk(app: &TestApp) -> (HelpDesk, Arc<FlakyDesk>) {
+    let sink = Arc::new(FlakyDesk {
+        fail: 0,
+        calls: AtomicU32::new(0),
+        got: Default::default(),
+    });
+    (desk(app, sink.clone(), 1), sink)
+}
+
+/// The forwarder takes each of `sent` from the queue, in order.
+async fn forward_each(d: &HelpDesk, sent: &[tally::queue::Message]) {
+    for (n, m) in sent.iter().enumerate() {
+        tally::queue::Consumer::consume(
+            d,
+            &tally::queue::Delivery {
+                message_id: format!("m{n}"),
+                body: m.body.clone(),
+                group_id: m.group_id.clone(),
+                receive_count: 1,
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// What the help desk got: each delivery's payload.
+fn payloads(sink: &FlakyDesk) -> Vec<Value> {
+    sink.got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::from_str(&s.body).unwrap())
+        .collect()
+}
+
+/// The bodies of the messages each payload carried.
+fn bodies(payloads: &[Value]) -> Vec<Vec<Value>> {
+    payloads
+        .iter()
+        .map(|p| {
+            p["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|m| m["body"].clone())
+                .collect()
+        })
+        .collect()
+}
+
 /// A customer's message and a staff status change made at once: both writers' jobs carry
 /// the message (neither saw the other's forward), and the status change reaches the queue
 /// first. The help desk gets the message once, and the message's job, arriving after the
 /// later change was delivered, is not delivered at all (nor is a redelivery of either).
 #[tokio::test]
 async fn a_message_and_a_status_change_at_once_reach_the_help_desk_with_the_message_once() {
-    use tally::queue::Consumer;
-    use tally::support::{Author, TicketStatus, Tickets};
+    use tally::support::{Author, TicketStatus};
     let app = TestApp::new();
-    let ws = "org_twice";
-    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
-    let id = t["id"].as_str().unwrap().to_owned();
-    let queue = Arc::new(InterleavingQueue::default());
-    let tickets = Tickets {
-        docs: app.docs.clone(),
-        queue: queue.clone(),
-    };
-    let ticket = tickets.get(&id).await.unwrap().unwrap();
+    let (ticket, tickets, queue) = ticket_with_queue(&app, "org_twice").await;
     let now = app.clock.now();
     let staff = tickets.clone();
     let seen = ticket.clone();
@@ -2375,52 +2443,21 @@ async fn a_message_and_a_status_change_at_once_reach_the_help_desk_with_the_mess
         [("ticket.status", 2, 2), ("ticket.message", 2, 2)],
         "the race this test is about did not happen: {jobs:?}"
     );
-    let sink = Arc::new(FlakyDesk {
-        fail: 0,
-        calls: AtomicU32::new(0),
-        got: Default::default(),
-    });
-    let d = desk(&app, sink.clone(), 1);
+    let (d, sink) = taking_desk(&app);
     // In queue order, each twice (SQS delivers at least once).
-    for (n, m) in sent.iter().chain(sent.iter()).enumerate() {
-        d.consume(&tally::queue::Delivery {
-            message_id: format!("m{n}"),
-            body: m.body.clone(),
-            group_id: m.group_id.clone(),
-            receive_count: 1,
-        })
-        .await
-        .unwrap();
-    }
-    let got = sink.got.lock().unwrap().clone();
-    let payloads: Vec<Value> = got
-        .iter()
-        .map(|s| serde_json::from_str(&s.body).unwrap())
-        .collect();
-    let bodies: Vec<Value> = payloads
-        .iter()
-        .flat_map(|p| p["messages"].as_array().cloned().unwrap_or_default())
-        .map(|m| m["body"].clone())
-        .collect();
-    assert_eq!(bodies, ["second"], "{payloads:#?}");
-    assert_eq!(got.len(), 1, "{payloads:#?}");
-    assert_eq!(payloads[0]["event"], "ticket.status");
-    assert_eq!(payloads[0]["ticket"]["status"], "solved");
+    forward_each(&d, &[sent.clone(), sent].concat()).await;
+    let got = payloads(&sink);
+    assert_eq!(bodies(&got), [vec![json!("second")]], "{got:#?}");
+    assert_eq!(got[0]["event"], "ticket.status");
+    assert_eq!(got[0]["ticket"]["status"], "solved");
     // The next change carries only what is new.
     let (_, third) = tickets
         .add_message(&ticket, Author::Customer, "u1", "third", None, now)
         .await
         .unwrap();
     let next = queue.sent.lock().unwrap().last().unwrap().clone();
-    d.consume(&tally::queue::Delivery {
-        message_id: "m-next".into(),
-        body: next.body,
-        group_id: next.group_id,
-        receive_count: 1,
-    })
-    .await
-    .unwrap();
-    let last: Value = serde_json::from_str(&sink.got.lock().unwrap().last().unwrap().body).unwrap();
+    forward_each(&d, &[next]).await;
+    let last = payloads(&sink).pop().unwrap();
     assert_eq!(last["messages"].as_array().unwrap().len(), 1);
     assert_eq!(last["messages"][0]["seq"], third.seq);
 }
@@ -2430,18 +2467,9 @@ async fn a_message_and_a_status_change_at_once_reach_the_help_desk_with_the_mess
 /// carried; once delivered, a redelivery of it sends nothing again.
 #[tokio::test]
 async fn a_change_redriven_after_later_ones_were_delivered_still_brings_its_message() {
-    use tally::queue::Consumer;
-    use tally::support::{Author, Tickets};
+    use tally::support::Author;
     let app = TestApp::new();
-    let ws = "org_redrive";
-    let t = file(&app, &member(ws, "u1"), ticket_body("other", "s", "first")).await;
-    let id = t["id"].as_str().unwrap().to_owned();
-    let queue = Arc::new(InterleavingQueue::default());
-    let tickets = Tickets {
-        docs: app.docs.clone(),
-        queue: queue.clone(),
-    };
-    let ticket = tickets.get(&id).await.unwrap().unwrap();
+    let (ticket, tickets, queue) = ticket_with_queue(&app, "org_redrive").await;
     let now = app.clock.now();
     for body in ["second", "third"] {
         tickets
@@ -2451,43 +2479,13 @@ async fn a_change_redriven_after_later_ones_were_delivered_still_brings_its_mess
     }
     let sent = queue.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 2);
-    let sink = Arc::new(FlakyDesk {
-        fail: 0,
-        calls: AtomicU32::new(0),
-        got: Default::default(),
-    });
-    let d = desk(&app, sink.clone(), 1);
-    let deliver = |n: usize| tally::queue::Delivery {
-        message_id: format!("m{n}"),
-        body: sent[n].body.clone(),
-        group_id: sent[n].group_id.clone(),
-        receive_count: 1,
-    };
+    let (d, sink) = taking_desk(&app);
     // The second message's job is dead-lettered; the third's is delivered; then the
     // second's is redriven, twice.
-    d.consume(&deliver(1)).await.unwrap();
-    d.consume(&deliver(0)).await.unwrap();
-    d.consume(&deliver(0)).await.unwrap();
-    let got: Vec<Value> = sink
-        .got
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| serde_json::from_str(&s.body).unwrap())
-        .collect();
-    let bodies: Vec<Vec<Value>> = got
-        .iter()
-        .map(|p| {
-            p["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["body"].clone())
-                .collect()
-        })
-        .collect();
+    forward_each(&d, &[sent[1].clone(), sent[0].clone(), sent[0].clone()]).await;
+    let got = payloads(&sink);
     assert_eq!(
-        bodies,
+        bodies(&got),
         [vec![json!("third")], vec![json!("second")]],
         "{got:#?}"
     );
@@ -2498,7 +2496,6 @@ async fn a_change_redriven_after_later_ones_were_delivered_still_brings_its_mess
 /// change with no message, is not taken for one already delivered.
 #[tokio::test]
 async fn a_ticket_from_before_changes_were_counted_has_its_first_change_delivered() {
-    use tally::queue::Consumer;
     use tally::support::{Ticket, TicketStatus, Tickets};
     let app = TestApp::new();
     let ws = "org_old_ticket";
@@ -2544,28 +2541,8 @@ async fn a_ticket_from_before_changes_were_counted_has_its_first_change_delivere
         .unwrap();
     let sent = queue.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 2, "{sent:?}");
-    let sink = Arc::new(FlakyDesk {
-        fail: 0,
-        calls: AtomicU32::new(0),
-        got: Default::default(),
-    });
-    let d = desk(&app, sink.clone(), 1);
-    for (n, m) in sent.iter().enumerate() {
-        d.consume(&tally::queue::Delivery {
-            message_id: format!("m{n}"),
-            body: m.body.clone(),
-            group_id: m.group_id.clone(),
-            receive_count: 1,
-        })
-        .await
-        .unwrap();
-    }
-    let events: Vec<Value> = sink
-        .got
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| serde_json::from_str::<Value>(&s.body).unwrap()["event"].clone())
-        .collect();
+    let (d, sink) = taking_desk(&app);
+    forward_each(&d, &sent).await;
+    let events: Vec<Value> = payloads(&sink).iter().map(|p| p["event"].clone()).collect();
     assert_eq!(events, [json!("ticket.created"), json!("ticket.status")]);
 }

@@ -51,9 +51,11 @@ pub struct AlertSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topup_claim: Option<TopUpClaim>,
     /// The crossings (journal entries) that claimed a top-up lately, oldest first, at most
-    /// [`RECENT_TOPUP_CLAIMS`]: a crossing's request reaching the queue after a later one
-    /// claimed is known never to have claimed (and ends), or to have claimed (and needs a
-    /// person). Unknown for settings from before it was kept.
+    /// [`RECENT_TOPUP_CLAIMS`]; begun with the claim made before the list was kept, or 0
+    /// when there was none. A crossing's request reaching the queue after a later one
+    /// claimed, and newer than the first here, is known never to have claimed (and ends)
+    /// or to have claimed (and needs a person); an older one, or one when there is no
+    /// list, is unknown (a person).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topup_claims: Option<Vec<u64>>,
     /// The saved card (`pm_...`) Stripe refused at the last top-up (declined, expired):

@@ -202,9 +202,14 @@ impl TopUps {
             Some(c) if c.entry == req.entry => c,
             // A later crossing claimed first (two operations' requests reach the queue in
             // the other order) and this one never did: that claim dealt with the drop.
+            // (The list keeps the latest claims only: a crossing before its first is
+            // unknown, as is one when there is no list.)
             Some(c)
                 if c.entry > req.entry
-                    && recent.as_ref().is_some_and(|r| !r.contains(&req.entry)) =>
+                    && recent.as_ref().is_some_and(|r| {
+                        r.first().is_some_and(|&oldest| oldest < req.entry)
+                            && !r.contains(&req.entry)
+                    }) =>
             {
                 tracing::info!(workspace = %workspace, entry = req.entry, later = c.entry,
                     "a later crossing claimed the top-up first; this one never claimed");
@@ -452,8 +457,10 @@ impl TopUps {
                     payment: None,
                 };
                 s.last_topup_at = Some(now);
-                s.topup_claim = Some(claim.clone());
-                let recent = s.topup_claims.get_or_insert_with(Vec::new);
+                // A list begun now starts with the claim it replaces (made before the
+                // list was kept), or 0 when there was none: the list then knows every claim.
+                let replaced = s.topup_claim.replace(claim.clone()).map_or(0, |c| c.entry);
+                let recent = s.topup_claims.get_or_insert_with(|| vec![replaced]);
                 recent.push(req.entry);
                 let over = recent.len().saturating_sub(super::RECENT_TOPUP_CLAIMS);
                 recent.drain(..over);

@@ -42,10 +42,15 @@ struct Answer {
     at: DateTime<Utc>,
     /// Tells this request's claim from a twin's.
     claim: String,
-    /// Released after the work refused the request (a 4xx: bad input, a state that does
-    /// not allow it): the key is free for a corrected request, another body included.
+    /// Released after the work refused the request (a 4xx but a 409: bad input, a missing
+    /// resource, a limit), and never after a failure: the key is free for a corrected
+    /// request, another body included.
     #[serde(default)]
     refused: bool,
+    /// Released after a failure (a 5xx, a 409: the work may have been done, at Stripe or
+    /// here): the key stays this body's for good.
+    #[serde(default)]
+    failed: bool,
 }
 
 enum Seen<T> {
@@ -127,13 +132,18 @@ where
         at: now,
         claim: claim.clone(),
         refused: false,
+        failed: false,
     };
     // Claim the key, unless it is answered, taken by another live request, or used for
     // another body; the versioned write makes one of two racing claims win.
     let after = docs::update(store, &pk, &sk, |cur: Option<Answer>| match &cur {
         None => Some(mine.clone()),
+        // Taken over, it keeps whether the key's work ever failed.
         Some(seen) if stale(seen, now) && (seen.fingerprint == print || reusable(seen, now)) => {
-            Some(mine.clone())
+            Some(Answer {
+                failed: seen.failed,
+                ..mine.clone()
+            })
         }
         Some(_) => None,
     })
@@ -151,7 +161,10 @@ where
         Ok(out) => Some(serde_json::to_value(out).map_err(|_| Problem::internal())?),
         Err(_) => None,
     };
-    let refused = matches!(&outcome, Err(p) if p.status.is_client_error());
+    // A 409 may say the work was done before (Stripe knows the key from an earlier
+    // attempt; a claim written before a failure): not a refusal that frees the key.
+    let refused = matches!(&outcome, Err(p)
+        if p.status.is_client_error() && p.status != StatusCode::CONFLICT);
     // Keep the answer, or release the claim (dated in the past, so it is stale at once).
     docs::update(store, &pk, &sk, |cur: Option<Answer>| {
         let cur = cur?;
@@ -162,7 +175,8 @@ where
             } else {
                 cur.at - Duration::seconds(CLAIM_SECONDS)
             },
-            refused: value.is_none() && refused,
+            refused: value.is_none() && refused && !cur.failed,
+            failed: cur.failed || (value.is_none() && !refused),
             ..cur
         })
     })
@@ -209,6 +223,40 @@ mod tests {
             })
             .await;
         assert_eq!(again.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_key_whose_work_failed_or_conflicted_stays_its_bodys_though_refused_later() {
+        let store = EmbeddedStore::in_memory();
+        let ws = WorkspaceId::parse("acme").unwrap();
+        for (n, first) in [
+            Problem::internal(),
+            Problem::conflict("Stripe knows the key"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let key = IdempotencyKey::client("test", &format!("k{n}")).unwrap();
+            let failed: Result<u32, Problem> =
+                once(&store, &ws, Some(&key), &"body", t(0), || async {
+                    Err(first)
+                })
+                .await;
+            assert!(failed.is_err());
+            // The same body, refused this time: the key is still not free for another.
+            let refused: Result<u32, Problem> =
+                once(&store, &ws, Some(&key), &"body", t(1), || async {
+                    Err(Problem::not_found("gone"))
+                })
+                .await;
+            assert_eq!(refused.unwrap_err().status.as_u16(), 404);
+            let other: Result<u32, Problem> =
+                once(&store, &ws, Some(&key), &"other", t(2), || async {
+                    panic!("another body does no work")
+                })
+                .await;
+            assert_eq!(other.unwrap_err().code, "conflict");
+        }
     }
 
     #[tokio::test]
@@ -259,6 +307,7 @@ mod tests {
                 at: t(0),
                 claim: "dead".into(),
                 refused: false,
+                failed: false,
             })
         })
         .await

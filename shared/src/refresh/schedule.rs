@@ -224,10 +224,15 @@ pub fn grants(
         });
         let cap = (now.0 + now.1).saturating_sub(before.0 + before.1);
         match c.given_back_parts {
+            // Each part never more than it gives above its level before the change (a
+            // later change may have given that part's rise back already).
             Some((plan_back, addon_back)) => {
-                let plan = share(after.0.saturating_sub(before.0), plan_back, paid).min(cap);
-                let addon =
-                    share(after.1.saturating_sub(before.1), addon_back, paid).min(cap - plan);
+                let plan = share(after.0.saturating_sub(before.0), plan_back, paid)
+                    .min(now.0.saturating_sub(before.0))
+                    .min(cap);
+                let addon = share(after.1.saturating_sub(before.1), addon_back, paid)
+                    .min(now.1.saturating_sub(before.1))
+                    .min(cap - plan);
                 less.0 += plan;
                 less.1 += addon;
             }
@@ -828,9 +833,11 @@ mod tests {
         assert_eq!(plan_credits(&d, 2), Credits::new(6000));
     }
 
-    #[test]
-    fn money_given_back_for_a_change_with_add_on_units_takes_the_plans_rise_first() {
-        let catalog = Catalog::builtin();
+    /// A yearly plus plan without add-ons, its allotments, and an upgrade to max with
+    /// `units` add-on units (invoice `in_upgrade`).
+    fn plus_yearly_and_upgrade(
+        units: u32,
+    ) -> (RefreshDoc, Vec<Allotment>, crate::refresh::PaidPeriod) {
         let mut d = doc(t(2027, 1, 15), Interval::Yearly);
         d.plan = "plus".into();
         d.addon_units = 0;
@@ -841,12 +848,19 @@ mod tests {
             invoice: InvoiceId::parse("in_upgrade").unwrap(),
             interval: Interval::Yearly,
             plan: "max".into(),
-            addon_units: 2,
+            addon_units: units,
             addon_credits: None,
             plan_terms: None,
             period_start: d.period_start,
             period_end: d.period_end,
         };
+        (d, a, upgrade)
+    }
+
+    #[test]
+    fn money_given_back_for_a_change_with_add_on_units_takes_the_plans_rise_first() {
+        let catalog = Catalog::builtin();
+        let (mut d, a, upgrade) = plus_yearly_and_upgrade(2);
         // Up from plus (150) to max (400) with two add-on units, in one invoice.
         assert!(apply(&mut d, &upgrade, a[0].at + Duration::days(10), 1));
         d.advance(2);
@@ -883,27 +897,30 @@ mod tests {
             month(&whole),
             (400 - less.min(400), units - less.saturating_sub(400))
         );
+
+        // Back down to plus later, keeping the units; then the upgrade's plan money given
+        // back: the plan's rise was given back already, and the units stay paid for.
+        let (mut d, _, upgrade) = plus_yearly_and_upgrade(2);
+        assert!(apply(&mut d, &upgrade, a[0].at + Duration::days(5), 1));
+        let down = crate::refresh::PaidPeriod {
+            invoice: InvoiceId::parse("in_down").unwrap(),
+            plan: "plus".into(),
+            ..upgrade.clone()
+        };
+        assert!(apply(&mut d, &down, a[0].at + Duration::days(9), 1));
+        d.advance(2);
+        assert!(d.give_back(&invoice, given(400, 1000, 0)));
+        let (plan, kept) = month(&d);
+        assert_eq!(plan, 150);
+        assert!(kept > 0);
+        assert!(d.give_back(&invoice, given(1000, 1000, 1000)));
+        assert_eq!(month(&d), (150, 0));
     }
 
     #[test]
     fn money_given_back_for_a_change_lowers_the_allotments_after_it() {
         let catalog = Catalog::builtin();
-        let mut d = doc(t(2027, 1, 15), Interval::Yearly);
-        d.plan = "plus".into();
-        d.addon_units = 0;
-        let a = allotments(d.period_start, d.period_end);
-        let upgrade = crate::refresh::PaidPeriod {
-            workspace: d.workspace.clone(),
-            subscription: d.subscription.clone(),
-            invoice: InvoiceId::parse("in_upgrade").unwrap(),
-            interval: Interval::Yearly,
-            plan: "max".into(),
-            addon_units: 0,
-            addon_credits: None,
-            plan_terms: None,
-            period_start: d.period_start,
-            period_end: d.period_end,
-        };
+        let (mut d, a, upgrade) = plus_yearly_and_upgrade(0);
         // Upgraded from plus (150) to max (400) between the first and second allotments.
         assert!(apply(&mut d, &upgrade, a[0].at + Duration::days(10), 1));
         d.advance(2);

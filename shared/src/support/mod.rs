@@ -457,8 +457,11 @@ impl ForwardJob {
 /// the messages only it carried.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivered {
+    #[serde(default)]
     pub change: u32,
-    /// Every message up to this one was sent.
+    /// Every message up to this one was sent. (`messages`, the highest message sent, in a
+    /// record of the release before: the same for a ticket without gaps.)
+    #[serde(default, alias = "messages")]
     pub through: u32,
     /// Messages sent above `through`, in order (at most [`MAX_MESSAGES`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1076,5 +1079,8 @@ mod tests {
         assert_eq!((d.change, d.through, d.above.clone()), (3, 4, vec![]));
         // Again, and out of range: nothing changes.
         assert_eq!(d.with(None, &[2, 4, MAX_MESSAGES + 1]), d);
+        // A record written by the release before reads as sent through its highest.
+        let old: Delivered = serde_json::from_str(r#"{"change":3,"messages":2}"#).unwrap();
+        assert_eq!((old.change, old.through, old.above), (3, 2, vec![]));
     }
 }
