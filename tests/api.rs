@@ -931,6 +931,41 @@ async fn support_adjustments_need_the_admin_scope_and_an_idempotency_key() {
     .await
     .assert_problem(422, "validation_failed");
     assert_eq!(available(&app, &m).await, 35);
+    // The refused debit's key is free for the corrected one.
+    let fixed = app
+        .send(
+            Method::POST,
+            path,
+            Some(&support()),
+            Some(&json!({"credits": -5, "reason": "correction"}).to_string()),
+            &[("idempotency-key", "a2")],
+        )
+        .await;
+    assert_eq!(fixed.status.as_u16(), 201, "{:#}", fixed.body);
+    assert_eq!(available(&app, &m).await, 30);
+    // A key names one request, whatever workspace: sent for another workspace, a 409, and
+    // nothing is granted there.
+    grant(&app.ledger, "org_b", 10).await;
+    app.send(
+        Method::POST,
+        "/v1/admin/workspaces/org_b/adjustments",
+        Some(&support()),
+        Some(&body),
+        &[("idempotency-key", "a1")],
+    )
+    .await
+    .assert_problem(409, "conflict");
+    assert_eq!(available(&app, &member("org_b", "m1")).await, 10);
+    let replay = app
+        .send(
+            Method::POST,
+            path,
+            Some(&support()),
+            Some(&body),
+            &[("idempotency-key", "a1")],
+        )
+        .await;
+    assert_eq!(replay.body, first.body);
 }
 
 #[tokio::test]

@@ -184,6 +184,91 @@ where
     outcome
 }
 
+/// Partition of the keys staff send to admin routes that act on a workspace they name.
+pub const STAFF_KEYS_PK: &str = "STAFF_KEYS";
+
+/// What a staff key was first used for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StaffKey {
+    fingerprint: String,
+    at: DateTime<Utc>,
+    /// Its request was refused (a 4xx but a 409): free for any request again.
+    #[serde(default)]
+    released: bool,
+}
+
+/// Staff keys name one request whatever workspace it names: the same key sent for another
+/// workspace (or another request) is a 409, as for a customer's key, though each
+/// workspace keeps its own records of what was done. Claimed (`STAFF_KEYS` /
+/// `<scope>#<key>`) with the request's fingerprint, the workspace included, before
+/// anything is done; the same request again passes (its route replays it).
+pub async fn staff_key(
+    store: &dyn DocStore,
+    scope: &str,
+    key: &IdempotencyKey,
+    request: &impl Serialize,
+    now: DateTime<Utc>,
+) -> Result<(), Problem> {
+    let print = fingerprint(request);
+    let stored = docs::update(
+        store,
+        STAFF_KEYS_PK,
+        &format!("{scope}#{key}"),
+        |cur: Option<StaffKey>| {
+            cur.is_none_or(|c| c.released).then(|| StaffKey {
+                fingerprint: print.clone(),
+                at: now,
+                released: false,
+            })
+        },
+    )
+    .await?
+    .ok_or_else(Problem::internal)?;
+    if stored.fingerprint != print {
+        return Err(Problem::conflict(
+            "this Idempotency-Key was already used for a different request (perhaps for another workspace); send this one under a new key",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `work` under a staff key claimed with [`staff_key`]; a refusal (a 4xx but a 409:
+/// nothing was done) frees the key for a corrected request, as a ledger refusal does.
+pub async fn under_staff_key<T, Fut>(
+    store: &dyn DocStore,
+    scope: &str,
+    key: &IdempotencyKey,
+    request: &impl Serialize,
+    now: DateTime<Utc>,
+    work: Fut,
+) -> Result<T, Problem>
+where
+    Fut: std::future::Future<Output = Result<T, Problem>>,
+{
+    staff_key(store, scope, key, request, now).await?;
+    let outcome = work.await;
+    if let Err(p) = &outcome
+        && p.status.is_client_error()
+        && p.status != StatusCode::CONFLICT
+    {
+        let print = fingerprint(request);
+        docs::update(
+            store,
+            STAFF_KEYS_PK,
+            &format!("{scope}#{key}"),
+            |cur: Option<StaffKey>| {
+                cur.filter(|c| c.fingerprint == print && !c.released)
+                    .map(|c| StaffKey {
+                        released: true,
+                        ..c
+                    })
+            },
+        )
+        .await?;
+    }
+    outcome
+}
+
 #[cfg(all(test, feature = "local"))]
 mod tests {
     use super::*;

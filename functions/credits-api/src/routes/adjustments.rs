@@ -141,15 +141,16 @@ pub async fn adjust(
             )));
         }
     }
+    let print = fingerprint(&(&workspace, &req));
     // Instrumented, not entered: the span is current only while this request's future runs.
     let span = tracing::info_span!("adjust", workspace = %workspace, admin = %who.sub);
     // On the staff ledger: a debit's crossing alerts but buys no pack.
-    let outcome = app
+    let run = app
         .staff_ledger
         .execute(LedgerRequest {
             workspace: workspace.clone(),
-            key,
-            fingerprint: fingerprint(&(&workspace, &req)),
+            key: key.clone(),
+            fingerprint: print.clone(),
             actor: who.actor(),
             refs: Refs {
                 ticket,
@@ -161,8 +162,17 @@ pub async fn adjust(
                 note: reason.to_owned(),
             },
         })
-        .instrument(span)
-        .await?;
+        .instrument(span);
+    // The key names this request whatever workspace it names.
+    let outcome = tally::http::idempotency::under_staff_key(
+        app.docs.as_ref(),
+        "adjust",
+        &key,
+        &print,
+        app.ledger.clock.now(),
+        async { run.await.map_err(Problem::from) },
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(AdjustmentView {

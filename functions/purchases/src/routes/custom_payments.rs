@@ -119,29 +119,45 @@ pub async fn custom_payment(
         ))
     })?;
     let now = st.ledger.clock.now();
-    let view = idempotency::once(st.docs.as_ref(), &workspace, Some(&key), &body, now, || async {
-        let customer = customer.clone();
-        let link = st
-            .payments
-            .create_custom_invoice(&tally::payments::CustomInvoice {
-                staff: who.sub.clone(),
-                workspace: workspace.clone(),
-                customer,
-                amount: Cents::new(body.amount_cents),
-                credits: Credits::new(body.credits),
-                description: description.to_owned(),
-                days_until_due: days,
-                idempotency_key: format!("tally-custom-{workspace}-{}", key.as_str()),
+    let once = idempotency::once(
+        st.docs.as_ref(),
+        &workspace,
+        Some(&key),
+        &body,
+        now,
+        || async {
+            let customer = customer.clone();
+            let link = st
+                .payments
+                .create_custom_invoice(&tally::payments::CustomInvoice {
+                    staff: who.sub.clone(),
+                    workspace: workspace.clone(),
+                    customer,
+                    amount: Cents::new(body.amount_cents),
+                    credits: Credits::new(body.credits),
+                    description: description.to_owned(),
+                    days_until_due: days,
+                    idempotency_key: format!("tally-custom-{workspace}-{}", key.as_str()),
+                })
+                .await
+                .map_err(provider)?;
+            tracing::info!(workspace = %workspace, invoice = %link.id, admin = %who.sub, "custom payment invoice sent");
+            Ok(CustomPaymentView {
+                invoice: link.id,
+                hosted_invoice_url: link.hosted_invoice_url,
+                credits: body.credits,
             })
-            .await
-            .map_err(provider)?;
-        tracing::info!(workspace = %workspace, invoice = %link.id, admin = %who.sub, "custom payment invoice sent");
-        Ok(CustomPaymentView {
-            invoice: link.id,
-            hosted_invoice_url: link.hosted_invoice_url,
-            credits: body.credits,
-        })
-    })
+        },
+    );
+    // The key names this request whatever workspace it names.
+    let view = idempotency::under_staff_key(
+        st.docs.as_ref(),
+        "custom-payment",
+        &key,
+        &(&workspace, &body),
+        now,
+        once,
+    )
     .await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
