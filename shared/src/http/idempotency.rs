@@ -141,7 +141,8 @@ where
         // Taken over, it keeps whether the key's work ever failed.
         Some(seen) if stale(seen, now) && (seen.fingerprint == print || reusable(seen, now)) => {
             Some(Answer {
-                failed: seen.failed,
+                // A claim never released (its process died) may have done its work.
+                failed: seen.failed || !seen.refused,
                 ..mine.clone()
             })
         }
@@ -187,12 +188,21 @@ where
 /// Partition of the keys staff send to admin routes that act on a workspace they name.
 pub const STAFF_KEYS_PK: &str = "STAFF_KEYS";
 
-/// What a staff key was first used for.
+/// What a staff key was first used for, and who holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct StaffKey {
     fingerprint: String,
+    /// When the claim was made (dated in the past once its request failed: then it is
+    /// stale at once, and the same request takes it over).
     at: DateTime<Utc>,
-    /// Its request was refused (a 4xx but a 409): free for any request again.
+    /// Tells this claim from a twin's.
+    #[serde(default)]
+    claim: String,
+    /// Its request was done: the same request again replays it, any other is a 409.
+    #[serde(default)]
+    answered: bool,
+    /// Its request was refused (a 4xx, a 409 included: nothing was done under this
+    /// claim): free for any request again.
     #[serde(default)]
     released: bool,
 }
@@ -201,39 +211,56 @@ struct StaffKey {
 /// workspace (or another request) is a 409, as for a customer's key, though each
 /// workspace keeps its own records of what was done. Claimed (`STAFF_KEYS` /
 /// `<scope>#<key>`) with the request's fingerprint, the workspace included, before
-/// anything is done; the same request again passes (its route replays it).
-pub async fn staff_key(
+/// anything is done: the same request again, once done, passes (its route replays it);
+/// while a twin runs it waits; another request is a 409. Answers the claim this request
+/// holds, if it made one, and whether it is the key's first (not one taken over from a
+/// failed attempt, whose work may have been done).
+async fn staff_key(
     store: &dyn DocStore,
-    scope: &str,
-    key: &IdempotencyKey,
-    request: &impl Serialize,
+    sk: &str,
+    print: &str,
     now: DateTime<Utc>,
-) -> Result<(), Problem> {
-    let print = fingerprint(request);
-    let stored = docs::update(
-        store,
-        STAFF_KEYS_PK,
-        &format!("{scope}#{key}"),
-        |cur: Option<StaffKey>| {
-            cur.is_none_or(|c| c.released).then(|| StaffKey {
-                fingerprint: print.clone(),
-                at: now,
-                released: false,
-            })
-        },
-    )
+) -> Result<Option<(String, bool)>, Problem> {
+    let mut first = false;
+    let claim = ulid::Ulid::new().to_string();
+    let mine = StaffKey {
+        fingerprint: print.to_owned(),
+        at: now,
+        claim: claim.clone(),
+        answered: false,
+        released: false,
+    };
+    let live = |c: &StaffKey| !c.answered && now - c.at < Duration::seconds(CLAIM_SECONDS);
+    let stored = docs::update(store, STAFF_KEYS_PK, sk, |cur: Option<StaffKey>| {
+        first = cur.as_ref().is_none_or(|c| c.released);
+        match &cur {
+            None => Some(mine.clone()),
+            Some(c) if c.released => Some(mine.clone()),
+            // A claim whose request failed or died: the same request takes it over.
+            Some(c) if c.fingerprint == print && !c.answered && !live(c) => Some(mine.clone()),
+            Some(_) => None,
+        }
+    })
     .await?
     .ok_or_else(Problem::internal)?;
+    if stored.claim == claim {
+        return Ok(Some((claim, first)));
+    }
     if stored.fingerprint != print {
         return Err(Problem::conflict(
             "this Idempotency-Key was already used for a different request (perhaps for another workspace); send this one under a new key",
         ));
     }
-    Ok(())
+    if live(&stored) {
+        return Err(in_progress());
+    }
+    Ok(None)
 }
 
-/// Runs `work` under a staff key claimed with [`staff_key`]; a refusal (a 4xx but a 409:
-/// nothing was done) frees the key for a corrected request, as a ledger refusal does.
+/// Runs `work` under a staff key ([`staff_key`]): done, the key is the request's for good;
+/// refused (a 4xx: nothing was done) at its first claim, it is free for a corrected
+/// request, as a ledger refusal leaves its key; failed otherwise (or refused after an
+/// attempt that failed, whose work may have been done), the same request may take it over.
 pub async fn under_staff_key<T, Fut>(
     store: &dyn DocStore,
     scope: &str,
@@ -245,25 +272,25 @@ pub async fn under_staff_key<T, Fut>(
 where
     Fut: std::future::Future<Output = Result<T, Problem>>,
 {
-    staff_key(store, scope, key, request, now).await?;
+    let sk = format!("{scope}#{key}");
+    let print = fingerprint(request);
+    let held = staff_key(store, &sk, &print, now).await?;
     let outcome = work.await;
-    if let Err(p) = &outcome
-        && p.status.is_client_error()
-        && p.status != StatusCode::CONFLICT
-    {
-        let print = fingerprint(request);
-        docs::update(
-            store,
-            STAFF_KEYS_PK,
-            &format!("{scope}#{key}"),
-            |cur: Option<StaffKey>| {
-                cur.filter(|c| c.fingerprint == print && !c.released)
-                    .map(|c| StaffKey {
-                        released: true,
-                        ..c
-                    })
-            },
-        )
+    if let Some((claim, first)) = held {
+        let refused = first && matches!(&outcome, Err(p) if p.status.is_client_error());
+        let done = outcome.is_ok();
+        docs::update(store, STAFF_KEYS_PK, &sk, |cur: Option<StaffKey>| {
+            cur.filter(|c| c.claim == claim).map(|c| StaffKey {
+                answered: done,
+                released: refused,
+                at: if done || refused {
+                    c.at
+                } else {
+                    c.at - Duration::seconds(CLAIM_SECONDS)
+                },
+                ..c
+            })
+        })
         .await?;
     }
     outcome
@@ -342,6 +369,50 @@ mod tests {
                 .await;
             assert_eq!(other.unwrap_err().code, "conflict");
         }
+    }
+
+    #[tokio::test]
+    async fn a_staff_key_names_one_request_and_a_twin_waits_for_it() {
+        let store = EmbeddedStore::in_memory();
+        let key = IdempotencyKey::client("test", "t1").unwrap();
+        let run = |body: &'static str, at: i64, result: Result<u32, Problem>| {
+            let store = &store;
+            let key = key.clone();
+            async move { under_staff_key(store, "s", &key, &body, t(at), async { result }).await }
+        };
+        // Refused at its first claim: free for the corrected request.
+        let refused = run("x", 0, Err(Problem::validation("credits", "too many"))).await;
+        assert_eq!(refused.unwrap_err().status.as_u16(), 422);
+        assert_eq!(run("y", 1, Ok(1)).await.unwrap(), 1);
+        // Done: the same request passes (its route replays it); another is a 409.
+        assert_eq!(run("y", 2, Ok(1)).await.unwrap(), 1);
+        assert_eq!(run("x", 3, Ok(2)).await.unwrap_err().code, "conflict");
+        // A twin while the first runs waits (a 409 to retry shortly).
+        let other = IdempotencyKey::client("test", "t2").unwrap();
+        let sk = format!("s#{other}");
+        let held = staff_key(&store, &sk, &fingerprint(&"z"), t(10))
+            .await
+            .unwrap();
+        assert!(held.is_some_and(|(_, first)| first));
+        let twin = staff_key(&store, &sk, &fingerprint(&"z"), t(11)).await;
+        assert_eq!(twin.unwrap_err().retry_after, Some(1));
+        // Failed (a 5xx), then refused: the work may have been done, the key stays.
+        let key3 = IdempotencyKey::client("test", "t3").unwrap();
+        let failed: Result<u32, Problem> =
+            under_staff_key(&store, "s", &key3, &"w", t(20), async {
+                Err(Problem::internal())
+            })
+            .await;
+        assert!(failed.is_err());
+        let refused: Result<u32, Problem> =
+            under_staff_key(&store, "s", &key3, &"w", t(21), async {
+                Err(Problem::conflict("Stripe knows the key"))
+            })
+            .await;
+        assert!(refused.is_err());
+        let other_body: Result<u32, Problem> =
+            under_staff_key(&store, "s", &key3, &"v", t(22), async { Ok(3) }).await;
+        assert_eq!(other_body.unwrap_err().code, "conflict");
     }
 
     #[tokio::test]
