@@ -905,3 +905,32 @@ proptest! {
         let _ = tally_stripe_webhook::verify(&payload, &header, &[WEBHOOK_SECRET.to_owned()], now);
     }
 }
+
+/// The routes that take no body say so: a body is optional (none, `null` or `{}`), and an
+/// object with anything in it is outside the schema, as the routes refuse it.
+#[tokio::test]
+async fn routes_without_a_body_document_an_optional_empty_object() {
+    let app = tally_tests::TestApp::new();
+    let doc = app
+        .send(Method::GET, "/openapi.json", None, None, &[])
+        .await
+        .body;
+    for path in [
+        "/v1/subscription/cancel",
+        "/v1/subscription/resume",
+        "/v1/subscription/pause",
+        "/v1/billing-portal",
+        "/v1/generations/{id}/retire-model",
+    ] {
+        let body = &doc["paths"][path]["post"]["requestBody"];
+        assert_ne!(body["required"], true, "{path}: {body:#}");
+        assert!(
+            body.to_string().contains("#/components/schemas/NoBody"),
+            "{path}: {body:#}"
+        );
+    }
+    assert_eq!(
+        doc["components"]["schemas"]["NoBody"]["additionalProperties"],
+        false
+    );
+}

@@ -52,7 +52,7 @@ pub async fn entitlements(
 
 #[utoipa::path(post, path = "/v1/generations/{id}/retire-model", tag = "credits", security(("bearer" = [])),
     params(super::generations::GenerationPath),
-    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
+    request_body(content = Option<tally::http::NoBody>, description = "Optional: none, or an empty object"),
     responses((status = 200, body = EntitlementsView), (status = 403, body = ProblemDetails),
         (status = 404, description = "not an active custom model of this workspace", body = ProblemDetails),
         (status = 409, description = "its training is still running", body = ProblemDetails),

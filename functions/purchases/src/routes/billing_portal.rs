@@ -18,7 +18,7 @@ pub struct PortalView {
 }
 
 #[utoipa::path(post, path = "/v1/billing-portal", tag = "billing", security(("bearer" = [])),
-    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
+    request_body(content = Option<tally::http::NoBody>, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key return the same session")),
     responses((status = 201, body = PortalView), (status = 403, body = ProblemDetails), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]

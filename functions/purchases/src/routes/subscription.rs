@@ -272,7 +272,7 @@ async fn set_status(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/cancel", tag = "billing", security(("bearer" = [])),
-    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
+    request_body(content = Option<tally::http::NoBody>, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
@@ -289,7 +289,7 @@ pub async fn cancel(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/resume", tag = "billing", security(("bearer" = [])),
-    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
+    request_body(content = Option<tally::http::NoBody>, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
@@ -305,7 +305,7 @@ pub async fn resume(
 }
 
 #[utoipa::path(post, path = "/v1/subscription/pause", tag = "billing", security(("bearer" = [])),
-    request_body(content = tally::http::NoBody, description = "Optional: none, or an empty object"),
+    request_body(content = Option<tally::http::NoBody>, description = "Optional: none, or an empty object"),
     params(("Idempotency-Key" = Option<String>, Header, pattern = "^[A-Za-z0-9_.:-]{1,200}$", description = "Retries with the same key (and body) return the first result; another body is a 409")),
     responses((status = 200, body = StatusView), (status = 404, body = ProblemDetails),
         (status = 502, description = "The payment provider refused the request", body = ProblemDetails)))]
