@@ -2615,6 +2615,7 @@ mod alerts {
                         amount_cents: 1000,
                         credits: 100,
                         payment: None,
+                        processing: false,
                     });
                     if disputed {
                         s.stopped_by_dispute = Some("dp_1".into());
@@ -2648,6 +2649,120 @@ mod alerts {
                 "{sent:#?}"
             );
             assert_eq!(app.available(ws).await, 100 + 100 * charged as u64);
+        }
+    }
+
+    /// Stripe answers a top-up's payment as still being collected (`processing`): reported
+    /// as such, not as failed; the card is not marked refused; the payment is kept on the
+    /// claim, so a later crossing waits for its credits; and no receipt says paid what may
+    /// yet fail. A redelivery neither charges again nor receipts it.
+    #[tokio::test]
+    async fn a_top_up_stripe_is_still_collecting_is_neither_refused_nor_receipted() {
+        use tally::alerts::{AlertSettings, TopUpClaim};
+        use tally::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let app = TestApp::new();
+        let ws = "org_slow";
+        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+        let pk = workspace_pk(&tally_tests::workspace(ws));
+        let profile: BillingProfile = tally::store::docs::get(app.docs.as_ref(), &pk, PROFILE_SK)
+            .await
+            .unwrap()
+            .unwrap();
+        let card = profile.payment_method.clone().unwrap().to_string();
+        let now = tally::clock::Clock::now(app.clock.as_ref());
+        tally::store::docs::update(
+            app.docs.as_ref(),
+            &pk,
+            tally::alerts::ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                let mut s = cur.unwrap();
+                s.last_topup_at = Some(now);
+                s.topup_claim = Some(TopUpClaim {
+                    entry: 40,
+                    pack: "pack_100".into(),
+                    claimed_at: now,
+                    customer: profile.customer.clone().unwrap().to_string(),
+                    payment_method: card.clone(),
+                    amount_cents: 1000,
+                    credits: 100,
+                    payment: None,
+                    processing: false,
+                });
+                Some(s)
+            },
+        )
+        .await
+        .unwrap();
+        let stripe = MockServer::start().await;
+        let mut pi = tally_tests::fixture("payment_intent");
+        pi["id"] = json!("pi_slow");
+        pi["status"] = json!("processing");
+        Mock::given(method("POST"))
+            .and(path("/v1/payment_intents"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(pi))
+            .mount(&stripe)
+            .await;
+        let payments = tally::payments::stripe_api::StripePayments::new(
+            "sk_test_tally",
+            Some(&format!("{}/", stripe.uri())),
+        )
+        .unwrap();
+        let consumer = tally::alerts::TopUps {
+            docs: app.docs.clone(),
+            states: app.ledger.store.clone(),
+            payments: Some(std::sync::Arc::new(payments)),
+            catalog: app.ledger.catalog.clone(),
+            notifications: app.local.notifications_queue.clone(),
+            clock: app.clock.clone(),
+        };
+        let request = tally::alerts::TopUpRequest {
+            kind: "auto_topup".into(),
+            workspace: tally_tests::workspace(ws),
+            entry: 40,
+            topup: tally::alerts::AutoTopUp {
+                pack: "pack_100".into(),
+                below_credits: tally::money::Credits::new(30),
+            },
+            available: tally::money::Credits::new(28),
+            discount_pct: 0,
+        };
+        for attempt in 1..=2 {
+            let delivery = tally::queue::Delivery {
+                message_id: format!("slow-{attempt}"),
+                body: request.message().body,
+                group_id: None,
+                receive_count: attempt,
+            };
+            tally::queue::Consumer::consume(&consumer, &delivery)
+                .await
+                .unwrap();
+            let sent = notifications(&app).await;
+            let last = sent.last().unwrap();
+            assert_eq!(last["type"], "topup.processing", "{sent:#?}");
+            assert_eq!(last["payment"], "pi_slow");
+            assert!(
+                sent.iter().all(|n| n["type"] != "topup.failed"),
+                "{sent:#?}"
+            );
+            let requests = stripe.received_requests().await.unwrap();
+            let asked: Vec<_> = requests
+                .iter()
+                .map(|r| (r.method.to_string(), r.url.path().to_owned()))
+                .collect();
+            assert_eq!(
+                asked,
+                [("POST".to_string(), "/v1/payment_intents".to_string())],
+                "charged once, no receipt invoice (attempt {attempt})"
+            );
+            let settings = app.get("/v1/alerts", &o).await.body;
+            assert_eq!(
+                settings["topup_claim"]["payment"], "pi_slow",
+                "{settings:#}"
+            );
+            assert_eq!(settings["topup_claim"]["processing"], true, "{settings:#}");
+            assert!(settings["refused_card"].is_null(), "{settings:#}");
         }
     }
 

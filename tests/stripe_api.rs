@@ -996,12 +996,15 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
         amount: Cents::new(800),
         idempotency_key: key.into(),
     };
-    let id = client(&server)
+    let paid = client(&server)
         .await
         .charge_saved_method(&topup("tally-topup-org_t-42"))
         .await
         .unwrap();
-    assert_eq!(id.as_str(), "pi_topup");
+    assert_eq!(
+        paid,
+        tally::payments::TopUpPayment::Succeeded("pi_topup".parse().unwrap())
+    );
     let req = &server.received_requests().await.unwrap()[0];
     assert_eq!(header(req, "idempotency-key"), "tally-topup-org_t-42");
     assert_eq!(
@@ -1046,8 +1049,32 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
         "another key, another digest"
     );
 
-    // A payment that did not go through at once is not the top-up's.
-    for status in ["processing", "requires_action", "requires_payment_method"] {
+    // A payment Stripe is still collecting is the top-up's, told apart from a taken one.
+    let server = MockServer::start().await;
+    let mut pi = fixture("payment_intent");
+    pi["id"] = json!("pi_slow");
+    pi["status"] = json!("processing");
+    Mock::given(method("POST"))
+        .and(path("/v1/payment_intents"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(pi))
+        .mount(&server)
+        .await;
+    assert_eq!(
+        client(&server)
+            .await
+            .charge_saved_method(&topup("tally-topup-org_t-44"))
+            .await
+            .unwrap(),
+        tally::payments::TopUpPayment::Processing("pi_slow".parse().unwrap())
+    );
+
+    // One that needs the customer, or another method, was not paid: refused.
+    for status in [
+        "requires_action",
+        "requires_payment_method",
+        "requires_confirmation",
+        "canceled",
+    ] {
         let server = MockServer::start().await;
         let mut pi = fixture("payment_intent");
         pi["status"] = json!(status);

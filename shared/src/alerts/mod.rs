@@ -112,6 +112,10 @@ pub struct TopUpClaim {
     /// The payment intent, once charged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment: Option<String>,
+    /// Stripe answered the payment as still being collected (`processing`): no receipt is
+    /// made for it, and its credits come when Stripe reports it paid.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub processing: bool,
 }
 
 /// Minimum time between two auto top-up charges of one workspace.

@@ -19,7 +19,7 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::ids::{CustomerId, PaymentIntentId, PaymentMethodId, WorkspaceId};
 use crate::money::{Cents, Credits};
-use crate::payments::{Payments, PaymentsError, TopUp};
+use crate::payments::{Payments, PaymentsError, TopUp, TopUpPayment};
 use crate::queue::{ConsumeError, Consumer, Delivery, Message, Queue};
 use crate::store::{DocStore, StoreError, docs};
 use async_trait::async_trait;
@@ -112,6 +112,8 @@ pub struct TopUps {
 /// How a request ended, when it ended.
 enum Ended {
     Charged(PaymentIntentId),
+    /// Charged, but Stripe is still collecting the payment: not refused, not receipted.
+    Processing(PaymentIntentId),
     /// Not charged, for a reason the workspace is told.
     Failed(String),
     /// Not charged because the settings no longer ask for it, or the balance is no longer
@@ -146,6 +148,10 @@ impl Consumer for TopUps {
             Ended::Charged(payment) => {
                 tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged");
                 json!({"type": "topup.charged", "workspace": workspace, "pack": pack, "payment": payment, "entry": req.entry})
+            }
+            Ended::Processing(payment) => {
+                tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged, its payment still processing");
+                json!({"type": "topup.processing", "workspace": workspace, "pack": pack, "payment": payment, "entry": req.entry})
             }
             Ended::Failed(why) => {
                 tracing::warn!(workspace = %workspace, reason = %why, "auto top-up not charged");
@@ -294,7 +300,9 @@ impl TopUps {
             )));
         }
         let paid = match claim.payment.as_deref().map(PaymentIntentId::parse) {
-            // Charged by an earlier delivery of this request: never a second charge.
+            // Charged by an earlier delivery of this request: never a second charge, nor
+            // a receipt for a payment Stripe was still collecting.
+            Some(Ok(paid)) if claim.processing => return Ok(Ended::Processing(paid)),
             Some(Ok(paid)) => paid,
             _ => {
                 let payment_method = PaymentMethodId::parse(&claim.payment_method)
@@ -335,7 +343,12 @@ impl TopUps {
                     }
                 };
                 self.record_payment(req, &paid).await.map_err(retry_store)?;
-                paid
+                match paid {
+                    TopUpPayment::Succeeded(paid) => paid,
+                    // Not taken yet: its receipt would say paid what may yet fail. Its
+                    // credits come with `payment_intent.succeeded`.
+                    TopUpPayment::Processing(paid) => return Ok(Ended::Processing(paid)),
+                }
             }
         };
         // Its invoice, paid by the payment just made (never a second charge). Without one
@@ -455,6 +468,7 @@ impl TopUps {
                     amount_cents: chosen.price_cents.discounted(req.discount_pct).get(),
                     credits: chosen.credits.get(),
                     payment: None,
+                    processing: false,
                 };
                 s.last_topup_at = Some(now);
                 // A list begun now starts with the claim it replaces (made before the
@@ -508,12 +522,13 @@ impl TopUps {
     async fn record_payment(
         &self,
         req: &TopUpRequest,
-        paid: &PaymentIntentId,
+        paid: &TopUpPayment,
     ) -> Result<(), StoreError> {
         self.change_settings(req, |s| {
             match s.topup_claim.as_mut().filter(|c| c.entry == req.entry) {
                 Some(claim) if claim.payment.is_none() => {
-                    claim.payment = Some(paid.to_string());
+                    claim.payment = Some(paid.intent().to_string());
+                    claim.processing = matches!(paid, TopUpPayment::Processing(_));
                     true
                 }
                 _ => false,

@@ -324,6 +324,25 @@ pub struct TopUp {
     pub idempotency_key: String,
 }
 
+/// How Stripe answered a top-up's payment intent that it did not refuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopUpPayment {
+    /// `succeeded`: the money is taken.
+    Succeeded(PaymentIntentId),
+    /// `processing`: Stripe is still collecting it (rare for a card, but Stripe may answer
+    /// so). It ends in `payment_intent.succeeded`, which brings the credits, or in
+    /// `payment_intent.payment_failed`; either way the card was not refused.
+    Processing(PaymentIntentId),
+}
+
+impl TopUpPayment {
+    pub fn intent(&self) -> &PaymentIntentId {
+        match self {
+            Self::Succeeded(id) | Self::Processing(id) => id,
+        }
+    }
+}
+
 /// An invoice documenting money already received (an auto top-up's payment): created,
 /// finalized and marked paid out of band, so it never charges anyone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -470,9 +489,9 @@ pub trait Payments: Send + Sync {
     /// Stripe's refund events.
     async fn refund(&self, order: &RefundOrder) -> Result<RefundMade, PaymentsError>;
 
-    /// Charges a saved card off-session; returns the payment intent id. Credits follow from
-    /// its `payment_intent.succeeded` event.
-    async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError>;
+    /// Charges a saved card off-session; returns the payment intent, taken or still being
+    /// collected. Credits follow from its `payment_intent.succeeded` event.
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<TopUpPayment, PaymentsError>;
 
     /// Creates, finalizes and sends a custom-payment invoice.
     async fn create_custom_invoice(

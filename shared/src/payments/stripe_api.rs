@@ -1048,7 +1048,7 @@ impl Payments for StripePayments {
         }
     }
 
-    async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
+    async fn charge_saved_method(&self, req: &TopUp) -> Result<TopUpPayment, PaymentsError> {
         let intent: stripe_shared::PaymentIntent = self
             .post(
                 "/payment_intents",
@@ -1073,16 +1073,18 @@ impl Payments for StripePayments {
                 &req.idempotency_key,
             )
             .await?;
-        // Only a payment that went through is the top-up's: anything else is neither
-        // receipted nor announced as charged (its credits follow Stripe's payment events).
-        if intent.status != stripe_shared::PaymentIntentStatus::Succeeded {
-            return Err(PaymentsError::refused(format!(
-                "payment intent {} is {} (not succeeded)",
+        // Taken, or still being collected (its card not refused; its credits follow
+        // Stripe's payment events). Anything else (an authentication asked for, a method
+        // to replace) was not paid: the top-up is refused.
+        use stripe_shared::PaymentIntentStatus as Status;
+        match intent.status {
+            Status::Succeeded => returned(intent.id.as_str()).map(TopUpPayment::Succeeded),
+            Status::Processing => returned(intent.id.as_str()).map(TopUpPayment::Processing),
+            status => Err(PaymentsError::refused(format!(
+                "payment intent {} is {status} (not succeeded)",
                 intent.id.as_str(),
-                intent.status
-            )));
+            ))),
         }
-        returned(intent.id.as_str())
     }
 
     async fn create_custom_invoice(

@@ -1357,7 +1357,10 @@ impl Payments for Simulator {
         })
     }
 
-    async fn charge_saved_method(&self, req: &TopUp) -> Result<PaymentIntentId, PaymentsError> {
+    async fn charge_saved_method(
+        &self,
+        req: &TopUp,
+    ) -> Result<tally::payments::TopUpPayment, PaymentsError> {
         // Stripe answers a repeated idempotency key with the first answer, and refuses it
         // for different parameters.
         let mut made = self.off_session.lock().await;
@@ -1375,7 +1378,7 @@ impl Payments for Simulator {
                 return Err(PaymentsError::refused(IDEMPOTENCY_MISMATCH));
             }
             let answer = answer.clone().map_err(PaymentsError::refused)?;
-            return self.answer(answer);
+            return self.answer(tally::payments::TopUpPayment::Succeeded(answer));
         }
         if self.declines(&req.customer) {
             made.insert(
@@ -1410,7 +1413,7 @@ impl Payments for Simulator {
         charge["payment_intent"] = json!(id);
         self.deliver("payment_intent.succeeded", intent).await;
         self.deliver("charge.succeeded", charge).await;
-        self.answer(id)
+        self.answer(tally::payments::TopUpPayment::Succeeded(id))
     }
 
     async fn create_custom_invoice(
