@@ -2616,6 +2616,7 @@ mod alerts {
                         credits: 100,
                         payment: None,
                         processing: false,
+                        declined: false,
                     });
                     if disputed {
                         s.stopped_by_dispute = Some("dp_1".into());
@@ -2652,117 +2653,309 @@ mod alerts {
         }
     }
 
-    /// Stripe answers a top-up's payment as still being collected (`processing`): reported
-    /// as such, not as failed; the card is not marked refused; the payment is kept on the
-    /// claim, so a later crossing waits for its credits; and no receipt says paid what may
-    /// yet fail. A redelivery neither charges again nor receipts it.
+    /// A custom payment paid on its hosted invoice page with a card entered there: Stripe
+    /// keeps that card for no one, so it does not replace the saved card auto top-up
+    /// charges (which Stripe would refuse off-session); the next top-up charges the saved
+    /// card.
     #[tokio::test]
-    async fn a_top_up_stripe_is_still_collecting_is_neither_refused_nor_receipted() {
+    async fn a_card_entered_on_a_custom_payment_page_does_not_become_the_top_up_card() {
+        use tally::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
+        let app = TestApp::new();
+        let ws = "org_page_card";
+        with_saved_card(&app, ws, top_up_below_30()).await;
+        let pk = workspace_pk(&tally_tests::workspace(ws));
+        let saved = || async {
+            let p: BillingProfile = tally::store::docs::get(app.docs.as_ref(), &pk, PROFILE_SK)
+                .await
+                .unwrap()
+                .unwrap();
+            p.payment_method.unwrap().to_string()
+        };
+        let card = saved().await;
+        let issued = app
+            .send(
+                Method::POST,
+                &format!("/v1/admin/workspaces/{ws}/custom-payments"),
+                Some(&tally_tests::support()),
+                Some(
+                    &json!({"amount_cents": 5000, "credits": 500, "description": "Extra"})
+                        .to_string(),
+                ),
+                &[("idempotency-key", "page-card")],
+            )
+            .await;
+        assert_eq!(issued.status.as_u16(), 201, "{:#}", issued.body);
+        let page = issued.body["hosted_invoice_url"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("http://tally.test")
+            .unwrap()
+            .to_owned();
+        app.send(
+            Method::POST,
+            &format!("{page}/pay"),
+            None,
+            Some(""),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+        app.settle_billing().await;
+        assert_eq!(
+            app.available(ws).await,
+            600,
+            "the payment's credits arrived"
+        );
+        let paid_with = app
+            .sim_events("charge.succeeded")
+            .into_iter()
+            .find(|c| c["amount"] == 5000)
+            .unwrap()["payment_method"]
+            .clone();
+        assert_ne!(paid_with, json!(card), "entered on the page");
+        assert_eq!(saved().await, card, "the saved card stays");
+        // The next top-up charges the saved card.
+        let m = member(ws, "m1");
+        while app.available(ws).await >= 30 {
+            let started = app.post("/v1/generations", &m, video()).await;
+            assert_eq!(started.status.as_u16(), 201, "{:#}", started.body);
+        }
+        let sent = notifications(&app).await;
+        assert!(
+            sent.iter().any(|n| n["type"] == "topup.charged"),
+            "{sent:#?}"
+        );
+        let topup = app
+            .sim_events("payment_intent.succeeded")
+            .into_iter()
+            .filter(|pi| pi["metadata"]["topup"] == "true")
+            .collect::<Vec<_>>();
+        assert_eq!(topup.len(), 1);
+        assert_eq!(topup[0]["payment_method"], json!(card));
+    }
+
+    /// Stripe answers a top-up's payment as still being collected (`processing`). It is
+    /// not a refusal: the card is not marked refused, the payment is kept on the claim (no
+    /// second charge), nothing is reported and no receipt says paid what may yet fail; the
+    /// request is delivered again and asks Stripe where the payment stands. Taken: the
+    /// receipt and `topup.charged`. Failed: `topup.failed`, the card refused, and a later
+    /// crossing does not wait for credits that will never come.
+    #[tokio::test]
+    async fn a_top_up_stripe_is_still_collecting_is_settled_when_stripe_has_decided() {
         use tally::alerts::{AlertSettings, TopUpClaim};
         use tally::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
+        use tally::queue::ConsumeError;
         use wiremock::matchers::{method, path};
         use wiremock::{Mock, MockServer, ResponseTemplate};
-        let app = TestApp::new();
-        let ws = "org_slow";
-        let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
-        let pk = workspace_pk(&tally_tests::workspace(ws));
-        let profile: BillingProfile = tally::store::docs::get(app.docs.as_ref(), &pk, PROFILE_SK)
+        for taken in [true, false] {
+            let app = TestApp::new();
+            let ws = "org_slow";
+            // (The claim below names the pack's grant, journal entry 1, as its crossing: a
+            // later crossing's entry is above it.)
+            let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
+            let pk = workspace_pk(&tally_tests::workspace(ws));
+            let profile: BillingProfile =
+                tally::store::docs::get(app.docs.as_ref(), &pk, PROFILE_SK)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            let card = profile.payment_method.clone().unwrap().to_string();
+            let now = tally::clock::Clock::now(app.clock.as_ref());
+            tally::store::docs::update(
+                app.docs.as_ref(),
+                &pk,
+                tally::alerts::ALERTS_SK,
+                |cur: Option<AlertSettings>| {
+                    let mut s = cur.unwrap();
+                    s.last_topup_at = Some(now);
+                    s.topup_claim = Some(TopUpClaim {
+                        entry: 1,
+                        pack: "pack_100".into(),
+                        claimed_at: now,
+                        customer: profile.customer.clone().unwrap().to_string(),
+                        payment_method: card.clone(),
+                        amount_cents: 1000,
+                        credits: 100,
+                        payment: None,
+                        processing: false,
+                        declined: false,
+                    });
+                    Some(s)
+                },
+            )
             .await
-            .unwrap()
             .unwrap();
-        let card = profile.payment_method.clone().unwrap().to_string();
-        let now = tally::clock::Clock::now(app.clock.as_ref());
-        tally::store::docs::update(
-            app.docs.as_ref(),
-            &pk,
-            tally::alerts::ALERTS_SK,
-            |cur: Option<AlertSettings>| {
-                let mut s = cur.unwrap();
-                s.last_topup_at = Some(now);
-                s.topup_claim = Some(TopUpClaim {
-                    entry: 40,
-                    pack: "pack_100".into(),
-                    claimed_at: now,
-                    customer: profile.customer.clone().unwrap().to_string(),
-                    payment_method: card.clone(),
-                    amount_cents: 1000,
-                    credits: 100,
-                    payment: None,
-                    processing: false,
-                });
-                Some(s)
-            },
-        )
-        .await
-        .unwrap();
-        let stripe = MockServer::start().await;
-        let mut pi = tally_tests::fixture("payment_intent");
-        pi["id"] = json!("pi_slow");
-        pi["status"] = json!("processing");
-        Mock::given(method("POST"))
-            .and(path("/v1/payment_intents"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(pi))
-            .mount(&stripe)
-            .await;
-        let payments = tally::payments::stripe_api::StripePayments::new(
-            "sk_test_tally",
-            Some(&format!("{}/", stripe.uri())),
-        )
-        .unwrap();
-        let consumer = tally::alerts::TopUps {
-            docs: app.docs.clone(),
-            states: app.ledger.store.clone(),
-            payments: Some(std::sync::Arc::new(payments)),
-            catalog: app.ledger.catalog.clone(),
-            notifications: app.local.notifications_queue.clone(),
-            clock: app.clock.clone(),
-        };
-        let request = tally::alerts::TopUpRequest {
-            kind: "auto_topup".into(),
-            workspace: tally_tests::workspace(ws),
-            entry: 40,
-            topup: tally::alerts::AutoTopUp {
-                pack: "pack_100".into(),
-                below_credits: tally::money::Credits::new(30),
-            },
-            available: tally::money::Credits::new(28),
-            discount_pct: 0,
-        };
-        for attempt in 1..=2 {
-            let delivery = tally::queue::Delivery {
-                message_id: format!("slow-{attempt}"),
-                body: request.message().body,
-                group_id: None,
-                receive_count: attempt,
+            let stripe = MockServer::start().await;
+            let intent = |status: &str| {
+                let mut pi = tally_tests::fixture("payment_intent");
+                pi["id"] = json!("pi_slow");
+                pi["status"] = json!(status);
+                if status == "requires_payment_method" {
+                    pi["last_payment_error"] =
+                        json!({"type": "card_error", "message": "Your card was declined."});
+                }
+                ResponseTemplate::new(200).set_body_json(pi)
             };
-            tally::queue::Consumer::consume(&consumer, &delivery)
-                .await
-                .unwrap();
+            Mock::given(method("POST"))
+                .and(path("/v1/payment_intents"))
+                .respond_with(intent("processing"))
+                .mount(&stripe)
+                .await;
+            // Still processing when first asked, then decided.
+            Mock::given(method("GET"))
+                .and(path("/v1/payment_intents/pi_slow"))
+                .respond_with(intent("processing"))
+                .up_to_n_times(1)
+                .mount(&stripe)
+                .await;
+            Mock::given(method("GET"))
+                .and(path("/v1/payment_intents/pi_slow"))
+                .respond_with(intent(if taken {
+                    "succeeded"
+                } else {
+                    "requires_payment_method"
+                }))
+                .mount(&stripe)
+                .await;
+            // The receipt (which first reads the customer's balance): Stripe refuses it
+            // here, which leaves the payment standing.
+            Mock::given(method("GET"))
+                .and(wiremock::matchers::path_regex("^/v1/customers/"))
+                .respond_with(ResponseTemplate::new(400).set_body_json(
+                    json!({"error": {"type": "invalid_request_error", "code": "parameter_invalid_empty", "message": "Not a receipt here", "param": "customer"}}),
+                ))
+                .mount(&stripe)
+                .await;
+            let payments = tally::payments::stripe_api::StripePayments::new(
+                "sk_test_tally",
+                Some(&format!("{}/", stripe.uri())),
+            )
+            .unwrap();
+            let consumer = tally::alerts::TopUps {
+                docs: app.docs.clone(),
+                states: app.ledger.store.clone(),
+                payments: Some(std::sync::Arc::new(payments)),
+                catalog: app.ledger.catalog.clone(),
+                notifications: app.local.notifications_queue.clone(),
+                clock: app.clock.clone(),
+            };
+            let request = tally::alerts::TopUpRequest {
+                kind: "auto_topup".into(),
+                workspace: tally_tests::workspace(ws),
+                entry: 1,
+                topup: tally::alerts::AutoTopUp {
+                    pack: "pack_100".into(),
+                    below_credits: tally::money::Credits::new(30),
+                },
+                available: tally::money::Credits::new(28),
+                discount_pct: 0,
+            };
+            let deliver = |attempt: u32| {
+                let consumer = &consumer;
+                let delivery = tally::queue::Delivery {
+                    message_id: format!("slow-{attempt}"),
+                    body: request.message().body,
+                    group_id: None,
+                    receive_count: attempt,
+                };
+                async move { tally::queue::Consumer::consume(consumer, &delivery).await }
+            };
+            let asked = || async {
+                stripe
+                    .received_requests()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| format!("{} {}", r.method, r.url.path()))
+                    .collect::<Vec<_>>()
+            };
+            // Charged, still processing; then asked again, still processing.
+            for attempt in 1..=2 {
+                let outcome = deliver(attempt).await;
+                assert!(
+                    matches!(outcome, Err(ConsumeError::Retry(_))),
+                    "{outcome:?}"
+                );
+                let sent = notifications(&app).await;
+                assert!(
+                    sent.iter()
+                        .all(|n| !n["type"].as_str().unwrap().starts_with("topup.")),
+                    "nothing reported yet: {sent:#?}"
+                );
+                let settings = app.get("/v1/alerts", &o).await.body;
+                assert_eq!(
+                    settings["topup_claim"]["payment"], "pi_slow",
+                    "{settings:#}"
+                );
+                assert_eq!(settings["topup_claim"]["processing"], true, "{settings:#}");
+                assert!(settings["refused_card"].is_null(), "{settings:#}");
+            }
+            assert_eq!(
+                asked().await,
+                [
+                    "POST /v1/payment_intents",
+                    "GET /v1/payment_intents/pi_slow"
+                ],
+                "charged once"
+            );
+            // Decided.
+            deliver(3).await.unwrap();
             let sent = notifications(&app).await;
             let last = sent.last().unwrap();
-            assert_eq!(last["type"], "topup.processing", "{sent:#?}");
-            assert_eq!(last["payment"], "pi_slow");
-            assert!(
-                sent.iter().all(|n| n["type"] != "topup.failed"),
-                "{sent:#?}"
-            );
-            let requests = stripe.received_requests().await.unwrap();
-            let asked: Vec<_> = requests
-                .iter()
-                .map(|r| (r.method.to_string(), r.url.path().to_owned()))
-                .collect();
-            assert_eq!(
-                asked,
-                [("POST".to_string(), "/v1/payment_intents".to_string())],
-                "charged once, no receipt invoice (attempt {attempt})"
-            );
             let settings = app.get("/v1/alerts", &o).await.body;
             assert_eq!(
                 settings["topup_claim"]["payment"], "pi_slow",
                 "{settings:#}"
             );
-            assert_eq!(settings["topup_claim"]["processing"], true, "{settings:#}");
-            assert!(settings["refused_card"].is_null(), "{settings:#}");
+            assert!(
+                settings["topup_claim"]["processing"].is_null(),
+                "{settings:#}"
+            );
+            let mut expected = vec![
+                "POST /v1/payment_intents".to_string(),
+                "GET /v1/payment_intents/pi_slow".to_string(),
+                "GET /v1/payment_intents/pi_slow".to_string(),
+            ];
+            if taken {
+                assert_eq!(last["type"], "topup.charged", "{sent:#?}");
+                assert_eq!(last["payment"], "pi_slow");
+                assert!(settings["refused_card"].is_null(), "{settings:#}");
+                expected.push(format!(
+                    "GET /v1/customers/{}",
+                    profile.customer.clone().unwrap()
+                ));
+            } else {
+                assert_eq!(last["type"], "topup.failed", "{sent:#?}");
+                assert!(
+                    last["reason"].as_str().unwrap().contains("declined"),
+                    "{last:#}"
+                );
+                assert_eq!(settings["refused_card"], json!(card), "{settings:#}");
+                assert_eq!(settings["topup_claim"]["declined"], true, "{settings:#}");
+            }
+            assert_eq!(asked().await, expected, "taken: {taken}");
+            // Delivered once more: decided already, nothing asked of Stripe.
+            deliver(4).await.unwrap();
+            assert_eq!(asked().await.len(), expected.len() + usize::from(taken));
+            if !taken {
+                // A later crossing is not told to wait for credits that never come; the
+                // refused card is not charged.
+                let sim = app.local.simulator.clone().unwrap();
+                let before = paid_intents(&sim);
+                app.clock.advance(chrono::Duration::minutes(11));
+                let m = member(ws, "m1");
+                while app.available(ws).await >= 30 {
+                    app.post("/v1/generations", &m, video()).await;
+                }
+                let sent = notifications(&app).await;
+                let last = sent.last().unwrap();
+                assert_eq!(last["type"], "topup.failed", "{sent:#?}");
+                assert_ne!(last["entry"], 1, "{sent:#?}");
+                assert!(
+                    last["reason"].as_str().unwrap().contains("refused"),
+                    "{last:#}"
+                );
+                assert_eq!(paid_intents(&sim), before);
+            }
         }
     }
 

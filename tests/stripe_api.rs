@@ -1095,6 +1095,52 @@ async fn an_auto_top_up_is_a_confirmed_off_session_payment_flagged_as_top_up() {
     }
 }
 
+#[tokio::test]
+async fn a_card_is_saved_for_a_customer_only_when_stripe_has_it_attached_to_that_customer() {
+    let server = MockServer::start().await;
+    for (id, customer, status) in [
+        ("pm_kept", json!("cus_T"), 200),
+        ("pm_other", json!("cus_U"), 200),
+        ("pm_page", serde_json::Value::Null, 200),
+        ("pm_gone", serde_json::Value::Null, 404),
+        ("pm_down", serde_json::Value::Null, 503),
+    ] {
+        let body = if status == 404 {
+            json!({"error": {"type": "invalid_request_error", "code": "resource_missing",
+                "message": format!("No such PaymentMethod: '{id}'")}})
+        } else if status == 503 {
+            json!({"error": {"type": "api_error", "message": "unavailable"}})
+        } else {
+            json!({"id": id, "object": "payment_method", "type": "card", "customer": customer,
+                "card": {"brand": "visa", "last4": "4242"}})
+        };
+        Mock::given(method("GET"))
+            .and(path(format!("/v1/payment_methods/{id}")))
+            .respond_with(ResponseTemplate::new(status).set_body_json(body))
+            .mount(&server)
+            .await;
+    }
+    let stripe = client(&server).await;
+    let customer = CustomerId::parse("cus_T").unwrap();
+    let saved = |id: &str| {
+        let stripe = &stripe;
+        let customer = &customer;
+        let id = PaymentMethodId::parse(id).unwrap();
+        async move { stripe.card_saved_for(&id, customer).await }
+    };
+    assert!(saved("pm_kept").await.unwrap());
+    assert!(!saved("pm_other").await.unwrap(), "another customer's");
+    assert!(!saved("pm_page").await.unwrap(), "kept for no one");
+    assert!(!saved("pm_gone").await.unwrap(), "unknown to Stripe");
+    assert!(
+        matches!(
+            saved("pm_down").await,
+            Err(PaymentsError::Unavailable { .. })
+        ),
+        "an outage is not an answer"
+    );
+}
+
 /// A subscription_update invoice as Stripe returns it expanded on the update: one credit
 /// line for the old plan, one charge for the new.
 fn change_invoice(id: &str) -> serde_json::Value {

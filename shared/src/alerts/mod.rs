@@ -112,10 +112,14 @@ pub struct TopUpClaim {
     /// The payment intent, once charged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment: Option<String>,
-    /// Stripe answered the payment as still being collected (`processing`): no receipt is
-    /// made for it, and its credits come when Stripe reports it paid.
+    /// Stripe answered the payment as still being collected (`processing`): the request
+    /// asks Stripe again at each delivery, and makes the receipt once it is taken.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub processing: bool,
+    /// The payment Stripe was collecting failed: nothing was taken, and the card counts
+    /// as refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub declined: bool,
 }
 
 /// Minimum time between two auto top-up charges of one workspace.

@@ -19,7 +19,7 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::ids::{CustomerId, PaymentIntentId, PaymentMethodId, WorkspaceId};
 use crate::money::{Cents, Credits};
-use crate::payments::{Payments, PaymentsError, TopUp, TopUpPayment};
+use crate::payments::{Collection, Payments, PaymentsError, TopUp, TopUpPayment};
 use crate::queue::{ConsumeError, Consumer, Delivery, Message, Queue};
 use crate::store::{DocStore, StoreError, docs};
 use async_trait::async_trait;
@@ -112,8 +112,6 @@ pub struct TopUps {
 /// How a request ended, when it ended.
 enum Ended {
     Charged(PaymentIntentId),
-    /// Charged, but Stripe is still collecting the payment: not refused, not receipted.
-    Processing(PaymentIntentId),
     /// Not charged, for a reason the workspace is told.
     Failed(String),
     /// Not charged because the settings no longer ask for it, or the balance is no longer
@@ -123,6 +121,12 @@ enum Ended {
 
 fn retry_store(e: StoreError) -> ConsumeError {
     ConsumeError::retry(e)
+}
+
+/// A payment Stripe is still collecting: the request is delivered again to ask once more
+/// (the queue's visibility timeout apart, up to its last delivery).
+fn still_processing(paid: &PaymentIntentId) -> ConsumeError {
+    ConsumeError::retry(format!("top-up payment {paid} is still processing"))
 }
 
 #[async_trait]
@@ -148,10 +152,6 @@ impl Consumer for TopUps {
             Ended::Charged(payment) => {
                 tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged");
                 json!({"type": "topup.charged", "workspace": workspace, "pack": pack, "payment": payment, "entry": req.entry})
-            }
-            Ended::Processing(payment) => {
-                tracing::info!(workspace = %workspace, payment = %payment, "auto top-up charged, its payment still processing");
-                json!({"type": "topup.processing", "workspace": workspace, "pack": pack, "payment": payment, "entry": req.entry})
             }
             Ended::Failed(why) => {
                 tracing::warn!(workspace = %workspace, reason = %why, "auto top-up not charged");
@@ -185,10 +185,10 @@ impl TopUps {
         let recent = settings.as_ref().and_then(|s| s.topup_claims.clone());
         let earlier = settings.and_then(|s| s.topup_claim);
         // The last top-up charged, when another crossing's: its credits may not have
-        // arrived yet.
+        // arrived yet (unless its payment failed).
         let last_charged = earlier
             .as_ref()
-            .filter(|c| c.entry != req.entry)
+            .filter(|c| c.entry != req.entry && !c.declined)
             .and_then(|c| Some((c.payment.clone()?, c.claimed_at)));
         let claim = match earlier {
             // Claimed but not charged yet (Stripe was out of reach), and auto top-up turned
@@ -300,9 +300,33 @@ impl TopUps {
             )));
         }
         let paid = match claim.payment.as_deref().map(PaymentIntentId::parse) {
-            // Charged by an earlier delivery of this request: never a second charge, nor
-            // a receipt for a payment Stripe was still collecting.
-            Some(Ok(paid)) if claim.processing => return Ok(Ended::Processing(paid)),
+            // Charged by an earlier delivery of this request: never a second charge.
+            Some(Ok(paid)) if claim.declined => {
+                return Ok(Ended::Failed(format!("the payment {paid} failed")));
+            }
+            // Stripe was still collecting it: no receipt before the money is taken.
+            Some(Ok(paid)) if claim.processing => match payments.collection(&paid).await {
+                Ok(Collection::Taken) => {
+                    self.record_collected(req, None)
+                        .await
+                        .map_err(retry_store)?;
+                    paid
+                }
+                Ok(Collection::Processing) => return Err(still_processing(&paid)),
+                Ok(Collection::Failed(why)) => {
+                    self.record_collected(req, Some(&claim.payment_method))
+                        .await
+                        .map_err(retry_store)?;
+                    return Ok(Ended::Failed(format!("the payment {paid} failed: {why}")));
+                }
+                Err(e @ PaymentsError::Unavailable { .. }) => return Err(ConsumeError::retry(e)),
+                Err(e) => {
+                    return Err(ConsumeError::poison(format!(
+                        "could not read top-up payment {paid}, still processing when last \
+                         seen: look it up in Stripe ({e})"
+                    )));
+                }
+            },
             Some(Ok(paid)) => paid,
             _ => {
                 let payment_method = PaymentMethodId::parse(&claim.payment_method)
@@ -345,9 +369,9 @@ impl TopUps {
                 self.record_payment(req, &paid).await.map_err(retry_store)?;
                 match paid {
                     TopUpPayment::Succeeded(paid) => paid,
-                    // Not taken yet: its receipt would say paid what may yet fail. Its
-                    // credits come with `payment_intent.succeeded`.
-                    TopUpPayment::Processing(paid) => return Ok(Ended::Processing(paid)),
+                    // Not taken yet: a receipt would say paid what may yet fail. Delivered
+                    // again, the request asks Stripe where it stands.
+                    TopUpPayment::Processing(paid) => return Err(still_processing(&paid)),
                 }
             }
         };
@@ -469,6 +493,7 @@ impl TopUps {
                     credits: chosen.credits.get(),
                     payment: None,
                     processing: false,
+                    declined: false,
                 };
                 s.last_topup_at = Some(now);
                 // A list begun now starts with the claim it replaces (made before the
@@ -494,6 +519,31 @@ impl TopUps {
                 s.refused_card = Some(card.to_owned());
                 true
             }
+        })
+        .await
+    }
+
+    /// Records where the payment Stripe was collecting for this request's claim ended:
+    /// taken (`None`), or failed with `card` (which then counts as refused).
+    async fn record_collected(
+        &self,
+        req: &TopUpRequest,
+        failed_card: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.change_settings(req, |s| {
+            let Some(claim) = s
+                .topup_claim
+                .as_mut()
+                .filter(|c| c.entry == req.entry && c.processing)
+            else {
+                return false;
+            };
+            claim.processing = false;
+            if let Some(card) = failed_card {
+                claim.declined = true;
+                s.refused_card = Some(card.to_owned());
+            }
+            true
         })
         .await
     }

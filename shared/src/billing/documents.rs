@@ -5,9 +5,10 @@
 use super::objects;
 use super::records::*;
 use super::{BillingEvents, poison, read_terms, ts};
-use crate::ids::{IdempotencyKey, WorkspaceId};
+use crate::ids::{CustomerId, IdempotencyKey, PaymentMethodId, WorkspaceId};
 use crate::ledger::{Actor, ActorKind, Operation, PlanStatus, Refs};
 use crate::money::{Cents, SignedCents};
+use crate::payments::PaymentsError;
 use crate::queue::ConsumeError;
 use crate::service::LedgerRequest;
 use crate::store::docs;
@@ -772,34 +773,6 @@ impl BillingEvents {
         if let (Some(ws), Some(dispute)) = (&record.workspace, &disputed_before) {
             crate::alerts::stop_for_dispute(self.docs.as_ref(), ws, dispute).await?;
         }
-        // The card of the latest successful payment is the one auto top-up uses. Only a
-        // card: auto top-up charges a card off-session, at once (a bank debit would stay
-        // `processing` for days, a wallet or a redirect method cannot be charged so).
-        let card = c
-            .payment_method_details
-            .as_ref()
-            .and_then(|d| d.kind.as_deref())
-            == Some("card");
-        if let (Some(a), Some(pm), "charge.succeeded", true) = (
-            &record.workspace,
-            c.payment_method.id(),
-            event.kind.as_str(),
-            card,
-        ) {
-            docs::update(
-                self.docs.as_ref(),
-                &workspace_pk(a),
-                PROFILE_SK,
-                |cur: Option<BillingProfile>| {
-                    let mut p = cur.unwrap_or_default();
-                    (p.payment_method.as_ref() != Some(pm)).then(|| {
-                        p.payment_method = Some(pm.clone());
-                        p
-                    })
-                },
-            )
-            .await?;
-        }
         // Refunds refund requests asked for: their status on the request (as with
         // `refund.*` events, whichever arrives first).
         for r in c.refunds.as_ref().map_or(&[][..], |l| &l.data[..]) {
@@ -815,7 +788,78 @@ impl BillingEvents {
         ) {
             self.link_charge(pi, &c.id).await?;
         }
+        // The card of the latest successful payment is the one auto top-up uses. Only a
+        // card: auto top-up charges a card off-session, at once (a bank debit would stay
+        // `processing` for days, a wallet or a redirect method cannot be charged so).
+        // Last, since it may ask Stripe: a retry after an outage finds the rest done.
+        let card = c
+            .payment_method_details
+            .as_ref()
+            .and_then(|d| d.kind.as_deref())
+            == Some("card");
+        if let (Some(a), Some(pm), "charge.succeeded", true) = (
+            &record.workspace,
+            c.payment_method.id(),
+            event.kind.as_str(),
+            card,
+        ) && self.saved_for_top_ups(a, pm, c.customer.id()).await?
+        {
+            docs::update(
+                self.docs.as_ref(),
+                &workspace_pk(a),
+                PROFILE_SK,
+                |cur: Option<BillingProfile>| {
+                    let mut p = cur.unwrap_or_default();
+                    (p.payment_method.as_ref() != Some(pm)).then(|| {
+                        p.payment_method = Some(pm.clone());
+                        p
+                    })
+                },
+            )
+            .await?;
+        }
         Ok(())
+    }
+
+    /// Whether `card`, just paid with by `workspace`, is one auto top-up can charge: the
+    /// workspace's saved card already, or a card Stripe keeps for its customer (attached).
+    /// A card entered once on a hosted invoice page (a custom payment) is not kept, and
+    /// charging it off-session would be refused. Without Stripe configured nothing is
+    /// charged off-session anyway, and the card is taken as it comes.
+    async fn saved_for_top_ups(
+        &self,
+        workspace: &WorkspaceId,
+        card: &PaymentMethodId,
+        paid_by: Option<&CustomerId>,
+    ) -> Result<bool, ConsumeError> {
+        let Some(stripe) = &self.stripe else {
+            return Ok(true);
+        };
+        let profile: BillingProfile =
+            docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
+                .await?
+                .unwrap_or_default();
+        if profile.payment_method.as_ref() == Some(card) {
+            return Ok(false);
+        }
+        // The customer top-ups charge: the workspace's, else the payment's.
+        let Some(customer) = profile.customer.as_ref().or(paid_by) else {
+            return Ok(false);
+        };
+        match stripe.card_saved_for(card, customer).await {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                tracing::info!(workspace = %workspace, card = %card, customer = %customer,
+                    "a card not saved for the customer paid; auto top-up keeps the saved one");
+                Ok(false)
+            }
+            Err(e @ PaymentsError::Unavailable { .. }) => Err(ConsumeError::retry(e)),
+            Err(e) => {
+                tracing::warn!(workspace = %workspace, card = %card, error = %e,
+                    "could not read whether the card is saved; auto top-up keeps the saved one");
+                Ok(false)
+            }
+        }
     }
 
     pub(super) async fn dispute(

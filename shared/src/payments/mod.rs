@@ -330,9 +330,21 @@ pub enum TopUpPayment {
     /// `succeeded`: the money is taken.
     Succeeded(PaymentIntentId),
     /// `processing`: Stripe is still collecting it (rare for a card, but Stripe may answer
-    /// so). It ends in `payment_intent.succeeded`, which brings the credits, or in
-    /// `payment_intent.payment_failed`; either way the card was not refused.
+    /// so). It ends taken (`payment_intent.succeeded`, which brings the credits) or failed
+    /// ([`Collection::Failed`]).
     Processing(PaymentIntentId),
+}
+
+/// Where a payment intent Stripe was collecting stands now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collection {
+    /// `succeeded`.
+    Taken,
+    /// Still `processing`.
+    Processing,
+    /// Not paid (`requires_payment_method` after a decline, `canceled`...): why, as Stripe
+    /// says it.
+    Failed(String),
 }
 
 impl TopUpPayment {
@@ -492,6 +504,18 @@ pub trait Payments: Send + Sync {
     /// Charges a saved card off-session; returns the payment intent, taken or still being
     /// collected. Credits follow from its `payment_intent.succeeded` event.
     async fn charge_saved_method(&self, req: &TopUp) -> Result<TopUpPayment, PaymentsError>;
+
+    /// Where a payment intent that was `processing` stands now.
+    async fn collection(&self, intent: &PaymentIntentId) -> Result<Collection, PaymentsError>;
+
+    /// Whether Stripe keeps `card` for `customer` (attached to it), so that it can be
+    /// charged off-session. A card entered once on a hosted invoice page is not kept; one
+    /// Stripe does not know is not either.
+    async fn card_saved_for(
+        &self,
+        card: &PaymentMethodId,
+        customer: &CustomerId,
+    ) -> Result<bool, PaymentsError>;
 
     /// Creates, finalizes and sends a custom-payment invoice.
     async fn create_custom_invoice(

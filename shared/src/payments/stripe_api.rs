@@ -1087,6 +1087,48 @@ impl Payments for StripePayments {
         }
     }
 
+    async fn collection(&self, intent: &PaymentIntentId) -> Result<Collection, PaymentsError> {
+        #[derive(miniserde::Deserialize)]
+        struct Intent {
+            status: String,
+            last_payment_error: Option<LastError>,
+        }
+        #[derive(miniserde::Deserialize)]
+        struct LastError {
+            message: Option<String>,
+        }
+        let pi: Intent = self.get(&format!("/payment_intents/{intent}")).await?;
+        Ok(match pi.status.as_str() {
+            "succeeded" => Collection::Taken,
+            "processing" => Collection::Processing,
+            status => Collection::Failed(
+                pi.last_payment_error
+                    .and_then(|e| e.message)
+                    .unwrap_or_else(|| format!("payment intent {intent} is {status}")),
+            ),
+        })
+    }
+
+    async fn card_saved_for(
+        &self,
+        card: &PaymentMethodId,
+        customer: &CustomerId,
+    ) -> Result<bool, PaymentsError> {
+        #[derive(miniserde::Deserialize)]
+        struct Attached {
+            customer: Option<String>,
+        }
+        match self
+            .get::<Attached>(&format!("/payment_methods/{card}"))
+            .await
+        {
+            Ok(pm) => Ok(pm.customer.as_deref() == Some(customer.as_str())),
+            // A payment method Stripe does not have (deleted) is not kept for anyone.
+            Err(PaymentsError::Refused { message, .. }) if message.starts_with("404:") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn create_custom_invoice(
         &self,
         req: &CustomInvoice,

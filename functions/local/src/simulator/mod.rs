@@ -46,7 +46,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tally::clock::AdvanceableClock;
 use tally::ids::{
-    CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, SubscriptionId, WorkspaceId,
+    CheckoutSessionId, CustomerId, InvoiceId, PaymentIntentId, PaymentMethodId, SubscriptionId,
+    WorkspaceId,
 };
 use tally::payments::stripe_api::product_id;
 use tally::payments::{
@@ -93,6 +94,8 @@ pub struct SimEvent {
 /// Events to deliver, in order.
 type Events = Vec<(&'static str, Value)>;
 
+/// Stripe's refusal of a payment method attached to no customer, used once already.
+const NOT_ATTACHED: &str = "The provided PaymentMethod was previously used with a PaymentIntent without Customer attachment, shared with a connected account without Customer attachment, or was detached from a Customer. It may not be used again. To use a PaymentMethod multiple times, you must attach it to a Customer first.";
 const DECLINED: &str = "Your card was declined.";
 
 /// What an idempotency key was first used with (the parameters, as a fingerprint) and
@@ -787,12 +790,13 @@ impl Simulator {
             inv.clone()
         };
         // Paid by card on the hosted page: a payment intent and its charge, as Stripe makes.
+        // The card is entered there, and Stripe keeps it for no one (not the saved card).
         let due = invoice["amount_paid"].as_i64().unwrap_or_default();
         let customer: Option<CustomerId> =
             invoice["customer"].as_str().and_then(|c| c.parse().ok());
         let paid_by = match customer {
             Some(customer) if due > 0 => {
-                let card = card_of(&customer);
+                let card = new_id("pm");
                 let charge = charge_object(&customer, due, now, json!({}), &card, false);
                 let link = invoice_payment(&invoice, &charge, now);
                 self.deliver("charge.succeeded", charge).await;
@@ -1380,6 +1384,15 @@ impl Payments for Simulator {
             let answer = answer.clone().map_err(PaymentsError::refused)?;
             return self.answer(tally::payments::TopUpPayment::Succeeded(answer));
         }
+        // A card Stripe keeps for no one (entered once on a hosted invoice page) cannot be
+        // charged again.
+        if req.payment_method.as_str() != card_of(&req.customer) {
+            made.insert(
+                req.idempotency_key.clone(),
+                (asked, Err(NOT_ATTACHED.to_owned())),
+            );
+            return Err(PaymentsError::refused(NOT_ATTACHED));
+        }
         if self.declines(&req.customer) {
             made.insert(
                 req.idempotency_key.clone(),
@@ -1414,6 +1427,33 @@ impl Payments for Simulator {
         self.deliver("payment_intent.succeeded", intent).await;
         self.deliver("charge.succeeded", charge).await;
         self.answer(tally::payments::TopUpPayment::Succeeded(id))
+    }
+
+    async fn collection(
+        &self,
+        intent: &PaymentIntentId,
+    ) -> Result<tally::payments::Collection, PaymentsError> {
+        // Its off-session payments are taken at once.
+        let made = self.off_session.lock().await;
+        if made
+            .values()
+            .any(|(_, answer)| answer.as_ref().is_ok_and(|id| id == intent))
+        {
+            return self.answer(tally::payments::Collection::Taken);
+        }
+        Err(PaymentsError::refused(format!(
+            "404: No such payment_intent: '{intent}'"
+        )))
+    }
+
+    async fn card_saved_for(
+        &self,
+        card: &PaymentMethodId,
+        customer: &CustomerId,
+    ) -> Result<bool, PaymentsError> {
+        // One saved card per customer; a card entered on a hosted invoice page is kept
+        // for no one.
+        self.answer(card.as_str() == card_of(customer))
     }
 
     async fn create_custom_invoice(
