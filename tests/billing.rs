@@ -442,6 +442,14 @@ async fn an_invoice_with_more_lines_than_its_event_carries_is_valued_on_all_of_t
         .respond_with(page(&lines[7..], false))
         .mount(&server)
         .await;
+    // The card the payment names, kept for the customer (it becomes the saved card).
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex("^/v1/payment_methods/"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"id": "pm_1", "object": "payment_method", "type": "card", "customer": CUS}),
+        ))
+        .mount(&server)
+        .await;
     let stripe: Arc<dyn tally::payments::Payments> = Arc::new(
         tally::payments::stripe_api::StripePayments::new(
             "sk_test_tally",
@@ -1378,4 +1386,96 @@ mod sqs_batches {
             500
         );
     }
+}
+
+/// The card auto top-up charges follows the latest card payment, whatever order their
+/// events arrive in, and only a card Stripe keeps for the customer (not one entered once
+/// on a hosted invoice page). A key that may not read payment methods keeps the saved card
+/// and does not hold the event back; an outage does (the event is tried again).
+#[tokio::test]
+async fn the_saved_card_is_the_latest_card_stripe_keeps_whatever_order_payments_arrive() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    for (pm, status, customer) in [
+        ("pm_old", 200, json!(CUS)),
+        ("pm_new", 200, json!(CUS)),
+        ("pm_page", 200, Value::Null),
+        ("pm_denied", 403, Value::Null),
+        ("pm_down", 503, Value::Null),
+        ("pm_later", 200, json!(CUS)),
+    ] {
+        let body = match status {
+            200 => {
+                json!({"id": pm, "object": "payment_method", "type": "card", "customer": customer})
+            }
+            403 => json!({"error": {"type": "invalid_request_error",
+                "message": "The provided key does not have the required permissions"}}),
+            _ => json!({"error": {"type": "api_error", "message": "unavailable"}}),
+        };
+        Mock::given(method("GET"))
+            .and(path(format!("/v1/payment_methods/{pm}")))
+            .respond_with(ResponseTemplate::new(status).set_body_json(body))
+            .mount(&server)
+            .await;
+    }
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let (ledger, _) = ledger_over(store.clone());
+    let mut worker = BillingEvents::new(ledger.clone(), store.clone(), None);
+    worker.stripe = Some(Arc::new(
+        tally::payments::stripe_api::StripePayments::new(
+            "sk_test_tally",
+            Some(&format!("{}/", server.uri())),
+        )
+        .unwrap(),
+    ));
+    let deliver = |e: Value| {
+        let worker = &worker;
+        async move {
+            let d = Delivery {
+                message_id: "m".into(),
+                body: e.to_string(),
+                group_id: Some(CUS.into()),
+                receive_count: 1,
+            };
+            worker.consume(&d).await
+        }
+    };
+    let paid_with = |pm: &str, day: i64| {
+        let mut c = fixture("charge");
+        c["id"] = json!(format!("ch_{pm}"));
+        c["customer"] = json!(CUS);
+        c["payment_method"] = json!(pm);
+        c["created"] = json!(at(day));
+        c["metadata"] = json!({});
+        c["refunds"] = json!({"object": "list", "data": [], "has_more": false,
+            "url": format!("/v1/charges/ch_{pm}/refunds")});
+        stripe_event(&format!("evt_{pm}"), "charge.succeeded", at(day), c)
+    };
+    let saved = || async {
+        let p: BillingProfile =
+            docs::get(store.as_ref(), &workspace_pk(&workspace(WS)), PROFILE_SK)
+                .await
+                .unwrap()
+                .unwrap();
+        (p.payment_method.map(|m| m.to_string()), p.payment_method_at)
+    };
+    deliver(subscription_checkout()).await.unwrap();
+    // The newer payment's event first, then the older one's: the newer card stays.
+    deliver(paid_with("pm_new", 2)).await.unwrap();
+    deliver(paid_with("pm_old", 1)).await.unwrap();
+    assert_eq!(saved().await, (Some("pm_new".into()), Some(at(2))));
+    // A card kept for no one, and one the key may not read: the saved card stays, and
+    // both events are done with.
+    deliver(paid_with("pm_page", 3)).await.unwrap();
+    deliver(paid_with("pm_denied", 4)).await.unwrap();
+    assert_eq!(saved().await, (Some("pm_new".into()), Some(at(2))));
+    // Stripe out of reach: tried again.
+    assert!(matches!(
+        deliver(paid_with("pm_down", 5)).await,
+        Err(ConsumeError::Retry(_))
+    ));
+    // A later payment with a kept card replaces it.
+    deliver(paid_with("pm_later", 6)).await.unwrap();
+    assert_eq!(saved().await, (Some("pm_later".into()), Some(at(6))));
 }

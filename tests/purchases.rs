@@ -2551,6 +2551,18 @@ mod alerts {
         ws: &str,
         entry: u64,
     ) -> Result<(), tally::queue::ConsumeError> {
+        deliver_top_up(app, app.local.simulator.clone().unwrap(), ws, entry, 1).await
+    }
+
+    /// Delivers the top-up request of `ws`'s crossing at `entry` (its `attempt`-th
+    /// delivery) to a consumer charging through `payments`.
+    async fn deliver_top_up(
+        app: &TestApp,
+        payments: std::sync::Arc<dyn tally::payments::Payments>,
+        ws: &str,
+        entry: u64,
+        attempt: u32,
+    ) -> Result<(), tally::queue::ConsumeError> {
         let again = tally::alerts::TopUpRequest {
             kind: "auto_topup".into(),
             workspace: tally_tests::workspace(ws),
@@ -2565,18 +2577,87 @@ mod alerts {
         let consumer = tally::alerts::TopUps {
             docs: app.docs.clone(),
             states: app.ledger.store.clone(),
-            payments: Some(app.local.simulator.clone().unwrap()),
+            payments: Some(payments),
             catalog: app.ledger.catalog.clone(),
             notifications: app.local.notifications_queue.clone(),
             clock: app.clock.clone(),
         };
         let delivery = tally::queue::Delivery {
-            message_id: format!("redrive-{entry}"),
+            message_id: format!("redrive-{entry}-{attempt}"),
             body: again.message().body,
             group_id: None,
-            receive_count: 1,
+            receive_count: attempt,
         };
         tally::queue::Consumer::consume(&consumer, &delivery).await
+    }
+
+    /// Stores a top-up claim of `ws`'s saved card (as `claim` shapes it), made now, with
+    /// the cooldown taken; returns the card.
+    async fn set_claim(
+        app: &TestApp,
+        ws: &str,
+        claim: impl FnOnce(&mut tally::alerts::TopUpClaim),
+    ) -> String {
+        use tally::alerts::{AlertSettings, TopUpClaim};
+        use tally::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
+        let pk = workspace_pk(&tally_tests::workspace(ws));
+        let profile: BillingProfile = tally::store::docs::get(app.docs.as_ref(), &pk, PROFILE_SK)
+            .await
+            .unwrap()
+            .unwrap();
+        let card = profile.payment_method.clone().unwrap().to_string();
+        let now = tally::clock::Clock::now(app.clock.as_ref());
+        let mut made = TopUpClaim {
+            entry: 1,
+            pack: "pack_100".into(),
+            claimed_at: now,
+            customer: profile.customer.clone().unwrap().to_string(),
+            payment_method: card.clone(),
+            amount_cents: 1000,
+            credits: 100,
+            payment: None,
+            processing: false,
+            declined: false,
+        };
+        claim(&mut made);
+        tally::store::docs::update(
+            app.docs.as_ref(),
+            &pk,
+            tally::alerts::ALERTS_SK,
+            |cur: Option<AlertSettings>| {
+                let mut s = cur.unwrap();
+                s.last_topup_at = Some(made.claimed_at);
+                s.topup_claim = Some(made.clone());
+                Some(s)
+            },
+        )
+        .await
+        .unwrap();
+        card
+    }
+
+    /// Stripe's answer with payment intent `pi_slow` in `status` (declined, if it asks for
+    /// another method).
+    fn slow_intent(status: &str) -> wiremock::ResponseTemplate {
+        let mut pi = tally_tests::fixture("payment_intent");
+        pi["id"] = json!("pi_slow");
+        pi["status"] = json!(status);
+        if status == "requires_payment_method" {
+            pi["last_payment_error"] =
+                json!({"type": "card_error", "message": "Your card was declined."});
+        }
+        wiremock::ResponseTemplate::new(200).set_body_json(pi)
+    }
+
+    /// The Stripe adapter against `server`.
+    fn stripe_at(server: &wiremock::MockServer) -> std::sync::Arc<dyn tally::payments::Payments> {
+        std::sync::Arc::new(
+            tally::payments::stripe_api::StripePayments::new(
+                "sk_test_tally",
+                Some(&format!("{}/", server.uri())),
+            )
+            .unwrap(),
+        )
     }
 
     /// A claim made but not charged (Stripe out of reach), then auto top-up turned off or
@@ -2741,75 +2822,32 @@ mod alerts {
     /// crossing does not wait for credits that will never come.
     #[tokio::test]
     async fn a_top_up_stripe_is_still_collecting_is_settled_when_stripe_has_decided() {
-        use tally::alerts::{AlertSettings, TopUpClaim};
-        use tally::billing::records::{BillingProfile, PROFILE_SK, workspace_pk};
         use tally::queue::ConsumeError;
         use wiremock::matchers::{method, path};
         use wiremock::{Mock, MockServer, ResponseTemplate};
         for taken in [true, false] {
             let app = TestApp::new();
             let ws = "org_slow";
-            // (The claim below names the pack's grant, journal entry 1, as its crossing: a
-            // later crossing's entry is above it.)
+            // (The claim names the pack's grant, journal entry 1, as its crossing: a later
+            // crossing's entry is above it.)
             let (o, _) = with_saved_card(&app, ws, top_up_below_30()).await;
-            let pk = workspace_pk(&tally_tests::workspace(ws));
-            let profile: BillingProfile =
-                tally::store::docs::get(app.docs.as_ref(), &pk, PROFILE_SK)
-                    .await
-                    .unwrap()
-                    .unwrap();
-            let card = profile.payment_method.clone().unwrap().to_string();
-            let now = tally::clock::Clock::now(app.clock.as_ref());
-            tally::store::docs::update(
-                app.docs.as_ref(),
-                &pk,
-                tally::alerts::ALERTS_SK,
-                |cur: Option<AlertSettings>| {
-                    let mut s = cur.unwrap();
-                    s.last_topup_at = Some(now);
-                    s.topup_claim = Some(TopUpClaim {
-                        entry: 1,
-                        pack: "pack_100".into(),
-                        claimed_at: now,
-                        customer: profile.customer.clone().unwrap().to_string(),
-                        payment_method: card.clone(),
-                        amount_cents: 1000,
-                        credits: 100,
-                        payment: None,
-                        processing: false,
-                        declined: false,
-                    });
-                    Some(s)
-                },
-            )
-            .await
-            .unwrap();
+            let card = set_claim(&app, ws, |_| {}).await;
             let stripe = MockServer::start().await;
-            let intent = |status: &str| {
-                let mut pi = tally_tests::fixture("payment_intent");
-                pi["id"] = json!("pi_slow");
-                pi["status"] = json!(status);
-                if status == "requires_payment_method" {
-                    pi["last_payment_error"] =
-                        json!({"type": "card_error", "message": "Your card was declined."});
-                }
-                ResponseTemplate::new(200).set_body_json(pi)
-            };
             Mock::given(method("POST"))
                 .and(path("/v1/payment_intents"))
-                .respond_with(intent("processing"))
+                .respond_with(slow_intent("processing"))
                 .mount(&stripe)
                 .await;
             // Still processing when first asked, then decided.
             Mock::given(method("GET"))
                 .and(path("/v1/payment_intents/pi_slow"))
-                .respond_with(intent("processing"))
+                .respond_with(slow_intent("processing"))
                 .up_to_n_times(1)
                 .mount(&stripe)
                 .await;
             Mock::given(method("GET"))
                 .and(path("/v1/payment_intents/pi_slow"))
-                .respond_with(intent(if taken {
+                .respond_with(slow_intent(if taken {
                     "succeeded"
                 } else {
                     "requires_payment_method"
@@ -2825,40 +2863,8 @@ mod alerts {
                 ))
                 .mount(&stripe)
                 .await;
-            let payments = tally::payments::stripe_api::StripePayments::new(
-                "sk_test_tally",
-                Some(&format!("{}/", stripe.uri())),
-            )
-            .unwrap();
-            let consumer = tally::alerts::TopUps {
-                docs: app.docs.clone(),
-                states: app.ledger.store.clone(),
-                payments: Some(std::sync::Arc::new(payments)),
-                catalog: app.ledger.catalog.clone(),
-                notifications: app.local.notifications_queue.clone(),
-                clock: app.clock.clone(),
-            };
-            let request = tally::alerts::TopUpRequest {
-                kind: "auto_topup".into(),
-                workspace: tally_tests::workspace(ws),
-                entry: 1,
-                topup: tally::alerts::AutoTopUp {
-                    pack: "pack_100".into(),
-                    below_credits: tally::money::Credits::new(30),
-                },
-                available: tally::money::Credits::new(28),
-                discount_pct: 0,
-            };
-            let deliver = |attempt: u32| {
-                let consumer = &consumer;
-                let delivery = tally::queue::Delivery {
-                    message_id: format!("slow-{attempt}"),
-                    body: request.message().body,
-                    group_id: None,
-                    receive_count: attempt,
-                };
-                async move { tally::queue::Consumer::consume(consumer, &delivery).await }
-            };
+            let payments = stripe_at(&stripe);
+            let deliver = |attempt: u32| deliver_top_up(&app, payments.clone(), ws, 1, attempt);
             let asked = || async {
                 stripe
                     .received_requests()
@@ -2897,7 +2903,9 @@ mod alerts {
                 ],
                 "charged once"
             );
-            // Decided.
+            // Decided, and delivered a day after the claim (a redrive from the dead-letter
+            // queue): asking Stripe is a read, safe at any age.
+            app.clock.advance(chrono::Duration::hours(24));
             deliver(3).await.unwrap();
             let sent = notifications(&app).await;
             let last = sent.last().unwrap();
@@ -2921,7 +2929,7 @@ mod alerts {
                 assert!(settings["refused_card"].is_null(), "{settings:#}");
                 expected.push(format!(
                     "GET /v1/customers/{}",
-                    profile.customer.clone().unwrap()
+                    settings["topup_claim"]["customer"].as_str().unwrap()
                 ));
             } else {
                 assert_eq!(last["type"], "topup.failed", "{sent:#?}");
@@ -2933,29 +2941,75 @@ mod alerts {
                 assert_eq!(settings["topup_claim"]["declined"], true, "{settings:#}");
             }
             assert_eq!(asked().await, expected, "taken: {taken}");
-            // Delivered once more: decided already, nothing asked of Stripe.
-            deliver(4).await.unwrap();
-            assert_eq!(asked().await.len(), expected.len() + usize::from(taken));
-            if !taken {
-                // A later crossing is not told to wait for credits that never come; the
-                // refused card is not charged.
-                let sim = app.local.simulator.clone().unwrap();
-                let before = paid_intents(&sim);
-                app.clock.advance(chrono::Duration::minutes(11));
-                let m = member(ws, "m1");
-                while app.available(ws).await >= 30 {
-                    app.post("/v1/generations", &m, video()).await;
-                }
+            // Delivered once more: decided already, nothing asked of Stripe. (Taken, the
+            // receipt's key is older than Stripe keeps keys: left to a person.)
+            let again = deliver(4).await;
+            if taken {
+                assert!(matches!(again, Err(ConsumeError::Poison(_))), "{again:?}");
+            } else {
+                again.unwrap();
+            }
+            assert_eq!(asked().await, expected, "taken: {taken}");
+        }
+    }
+
+    /// A top-up whose request gave up while Stripe was still collecting its payment (left
+    /// in the dead-letter queue): a later crossing asks Stripe about it rather than waiting
+    /// for its credits. Failed, the card counts as refused and the claim as declined; a
+    /// crossing after that does not wait either. Still processing, the crossing waits.
+    #[tokio::test]
+    async fn a_later_crossing_asks_stripe_about_a_top_up_left_processing() {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer};
+        for failed in [true, false] {
+            let app = TestApp::new();
+            let ws = "org_left";
+            // No auto top-up while the balance drops below 30; then it is turned on.
+            let (o, _) = with_saved_card(&app, ws, json!({"below_credits": []})).await;
+            let m = member(ws, "m1");
+            while app.available(ws).await >= 30 {
+                app.post("/v1/generations", &m, video()).await;
+            }
+            save_alerts(&app, &o, top_up_below_30()).await;
+            let card = set_claim(&app, ws, |c| {
+                c.payment = Some("pi_slow".into());
+                c.processing = true;
+                c.claimed_at -= chrono::Duration::hours(1);
+            })
+            .await;
+            let stripe = MockServer::start().await;
+            Mock::given(method("GET"))
+                .and(path("/v1/payment_intents/pi_slow"))
+                .respond_with(slow_intent(if failed {
+                    "requires_payment_method"
+                } else {
+                    "processing"
+                }))
+                .mount(&stripe)
+                .await;
+            let payments = stripe_at(&stripe);
+            for entry in [100, 101] {
+                deliver_top_up(&app, payments.clone(), ws, entry, 1)
+                    .await
+                    .unwrap();
                 let sent = notifications(&app).await;
                 let last = sent.last().unwrap();
                 assert_eq!(last["type"], "topup.failed", "{sent:#?}");
-                assert_ne!(last["entry"], 1, "{sent:#?}");
-                assert!(
-                    last["reason"].as_str().unwrap().contains("refused"),
-                    "{last:#}"
-                );
-                assert_eq!(paid_intents(&sim), before);
+                assert_eq!(last["entry"], entry, "{sent:#?}");
+                let reason = last["reason"].as_str().unwrap();
+                assert_eq!(reason.contains("not recorded yet"), !failed, "{reason}");
+                assert_eq!(reason.contains("refused"), failed, "{reason}");
             }
+            let settings = app.get("/v1/alerts", &o).await.body;
+            assert_eq!(settings["topup_claim"]["entry"], 1, "{settings:#}");
+            assert_eq!(settings["topup_claim"]["declined"] == true, failed);
+            assert_eq!(settings["topup_claim"]["processing"] == true, !failed);
+            assert_eq!(settings["refused_card"] == json!(card), failed);
+            // Asked once when it failed (then known), at each crossing while processing;
+            // never charged.
+            let asked = stripe.received_requests().await.unwrap();
+            assert_eq!(asked.len(), if failed { 1 } else { 2 });
+            assert!(asked.iter().all(|r| r.method.as_str() == "GET"));
         }
     }
 

@@ -706,7 +706,7 @@ async fn every_payload_of_a_full_lifecycle_is_a_stripe_object() {
     sim.charge_saved_method(&tally::payments::TopUp {
         workspace: tally_tests::workspace(ws),
         customer: customer.parse().unwrap(),
-        payment_method: "pm_sim_lifecycle".parse().unwrap(),
+        payment_method: saved_card(&app, ws).await.parse().unwrap(),
         pack: "pack_100".into(),
         credits: tally::money::Credits::new(100),
         amount: tally::money::Cents::new(900),
@@ -1146,4 +1146,17 @@ async fn prorations_left_for_the_next_invoice_are_billed_by_it() {
             .await
             .is_err()
     );
+}
+
+/// The card `ws` saved at checkout (what auto top-up charges).
+async fn saved_card(app: &TestApp, ws: &str) -> String {
+    let profile: tally::billing::records::BillingProfile = tally::store::docs::get(
+        app.docs.as_ref(),
+        &tally::billing::records::workspace_pk(&tally_tests::workspace(ws)),
+        tally::billing::records::PROFILE_SK,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    profile.payment_method.unwrap().to_string()
 }

@@ -188,8 +188,8 @@ impl TopUps {
         // arrived yet (unless its payment failed).
         let last_charged = earlier
             .as_ref()
-            .filter(|c| c.entry != req.entry && !c.declined)
-            .and_then(|c| Some((c.payment.clone()?, c.claimed_at)));
+            .filter(|c| c.entry != req.entry && !c.declined && c.payment.is_some())
+            .cloned();
         let claim = match earlier {
             // Claimed but not charged yet (Stripe was out of reach), and auto top-up turned
             // off or stopped by a dispute since: not charged now. Should the earlier attempt
@@ -260,12 +260,22 @@ impl TopUps {
                 // payment's event waiting in its queue) is the same drop: no second pack.
                 // (Turned off, disputed or no longer below the threshold, the claim ends
                 // the request silently, as before.)
-                if let Some((payment, at)) = &last_charged
+                if let Some(last) = &last_charged
                     && !turned_off
                     && disputed.is_none()
                     && below.is_some_and(|b| available < b)
-                    && self.clock.now() - *at < chrono::Duration::hours(TOPUP_CREDITS_WAIT_HOURS)
+                    && self.clock.now() - last.claimed_at
+                        < chrono::Duration::hours(TOPUP_CREDITS_WAIT_HOURS)
+                    && let Some(payment) = &last.payment
                     && !self.granted(payment).await.map_err(retry_store)?
+                    // One Stripe was still collecting when its request gave up (left in
+                    // the dead-letter queue): asked now, so a failed one does not hold
+                    // the top-up back (its card then counts as refused).
+                    && !(last.processing
+                        && matches!(
+                            self.collect(payments.as_ref(), req, last).await?,
+                            Collection::Failed(_)
+                        ))
                 {
                     return Ok(Ended::Failed(format!(
                         "the last top-up ({payment}) was charged and its credits are not \
@@ -290,7 +300,28 @@ impl TopUps {
         let key = format!("tally-topup-{workspace}-{}", req.entry);
         let customer = CustomerId::parse(&claim.customer)
             .map_err(|e| ConsumeError::poison(format!("the claim's customer: {e}")))?;
-        if self.clock.now() - claim.claimed_at > chrono::Duration::hours(UNCONFIRMED_HOURS) {
+        // A payment Stripe was collecting that failed: decided, at any age.
+        if let (true, Some(paid)) = (claim.declined, &claim.payment) {
+            return Ok(Ended::Failed(format!("the payment {paid} failed")));
+        }
+        // One it was still collecting is asked about first: a read, never a second
+        // charge, so safe at any age; its receipt waits until the money is taken, and is
+        // safe at any age then too (its key was never used before).
+        let mut just_taken = false;
+        if claim.processing
+            && let Some(Ok(paid)) = claim.payment.as_deref().map(PaymentIntentId::parse)
+        {
+            match self.collect(payments.as_ref(), req, &claim).await? {
+                Collection::Taken => just_taken = true,
+                Collection::Processing => return Err(still_processing(&paid)),
+                Collection::Failed(why) => {
+                    return Ok(Ended::Failed(format!("the payment {paid} failed: {why}")));
+                }
+            }
+        }
+        if !just_taken
+            && self.clock.now() - claim.claimed_at > chrono::Duration::hours(UNCONFIRMED_HOURS)
+        {
             // Stripe keeps an idempotency key for a day: past that, charging or invoicing
             // again could do it twice. A person looks the payment up first.
             return Err(ConsumeError::poison(format!(
@@ -301,32 +332,6 @@ impl TopUps {
         }
         let paid = match claim.payment.as_deref().map(PaymentIntentId::parse) {
             // Charged by an earlier delivery of this request: never a second charge.
-            Some(Ok(paid)) if claim.declined => {
-                return Ok(Ended::Failed(format!("the payment {paid} failed")));
-            }
-            // Stripe was still collecting it: no receipt before the money is taken.
-            Some(Ok(paid)) if claim.processing => match payments.collection(&paid).await {
-                Ok(Collection::Taken) => {
-                    self.record_collected(req, None)
-                        .await
-                        .map_err(retry_store)?;
-                    paid
-                }
-                Ok(Collection::Processing) => return Err(still_processing(&paid)),
-                Ok(Collection::Failed(why)) => {
-                    self.record_collected(req, Some(&claim.payment_method))
-                        .await
-                        .map_err(retry_store)?;
-                    return Ok(Ended::Failed(format!("the payment {paid} failed: {why}")));
-                }
-                Err(e @ PaymentsError::Unavailable { .. }) => return Err(ConsumeError::retry(e)),
-                Err(e) => {
-                    return Err(ConsumeError::poison(format!(
-                        "could not read top-up payment {paid}, still processing when last \
-                         seen: look it up in Stripe ({e})"
-                    )));
-                }
-            },
             Some(Ok(paid)) => paid,
             _ => {
                 let payment_method = PaymentMethodId::parse(&claim.payment_method)
@@ -523,29 +528,55 @@ impl TopUps {
         .await
     }
 
-    /// Records where the payment Stripe was collecting for this request's claim ended:
-    /// taken (`None`), or failed with `card` (which then counts as refused).
-    async fn record_collected(
+    /// Asks Stripe where the payment it was collecting for `claim` (this request's or the
+    /// last one's) stands, and records it once decided: taken, or failed (the claim
+    /// declined, its card refused).
+    async fn collect(
         &self,
+        payments: &dyn Payments,
         req: &TopUpRequest,
-        failed_card: Option<&str>,
-    ) -> Result<(), StoreError> {
+        claim: &TopUpClaim,
+    ) -> Result<Collection, ConsumeError> {
+        let paid = claim
+            .payment
+            .as_deref()
+            .map(PaymentIntentId::parse)
+            .and_then(Result::ok)
+            .ok_or_else(|| ConsumeError::poison("a processing claim without its payment"))?;
+        let collection = match payments.collection(&paid).await {
+            Ok(c) => c,
+            Err(e @ PaymentsError::Unavailable { .. }) => return Err(ConsumeError::retry(e)),
+            Err(e) => {
+                return Err(ConsumeError::poison(format!(
+                    "could not read top-up payment {paid}, still processing when last seen \
+                     (crossing {}): look it up in Stripe ({e})",
+                    claim.entry
+                )));
+            }
+        };
+        let failed = match &collection {
+            Collection::Processing => return Ok(collection),
+            Collection::Taken => false,
+            Collection::Failed(_) => true,
+        };
         self.change_settings(req, |s| {
-            let Some(claim) = s
+            let Some(stored) = s
                 .topup_claim
                 .as_mut()
-                .filter(|c| c.entry == req.entry && c.processing)
+                .filter(|c| c.entry == claim.entry && c.processing)
             else {
                 return false;
             };
-            claim.processing = false;
-            if let Some(card) = failed_card {
-                claim.declined = true;
-                s.refused_card = Some(card.to_owned());
+            stored.processing = false;
+            if failed {
+                stored.declined = true;
+                s.refused_card = Some(claim.payment_method.clone());
             }
             true
         })
         .await
+        .map_err(retry_store)?;
+        Ok(collection)
     }
 
     /// Changes the workspace's stored settings where `change` says it did.

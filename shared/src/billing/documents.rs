@@ -802,7 +802,9 @@ impl BillingEvents {
             c.payment_method.id(),
             event.kind.as_str(),
             card,
-        ) && self.saved_for_top_ups(a, pm, c.customer.id()).await?
+        ) && self
+            .saved_for_top_ups(a, pm, c.customer.id(), c.created)
+            .await?
         {
             docs::update(
                 self.docs.as_ref(),
@@ -810,8 +812,11 @@ impl BillingEvents {
                 PROFILE_SK,
                 |cur: Option<BillingProfile>| {
                     let mut p = cur.unwrap_or_default();
-                    (p.payment_method.as_ref() != Some(pm)).then(|| {
+                    (p.payment_method.as_ref() != Some(pm)
+                        && p.payment_method_at.is_none_or(|at| at <= c.created))
+                    .then(|| {
                         p.payment_method = Some(pm.clone());
+                        p.payment_method_at = Some(c.created);
                         p
                     })
                 },
@@ -821,27 +826,31 @@ impl BillingEvents {
         Ok(())
     }
 
-    /// Whether `card`, just paid with by `workspace`, is one auto top-up can charge: the
-    /// workspace's saved card already, or a card Stripe keeps for its customer (attached).
-    /// A card entered once on a hosted invoice page (a custom payment) is not kept, and
-    /// charging it off-session would be refused. Without Stripe configured nothing is
-    /// charged off-session anyway, and the card is taken as it comes.
+    /// Whether `card`, paid with by `workspace` at `paid_at`, is to be the card auto top-up
+    /// charges: another than the saved one, paid with no earlier than it, and kept by
+    /// Stripe for the customer (attached). A card entered once on a hosted invoice page (a
+    /// custom payment) is usually not kept (unless the account's invoice settings save
+    /// it), and charging it off-session would be refused. Without Stripe configured
+    /// nothing is charged off-session anyway, and the card is taken as it comes.
     async fn saved_for_top_ups(
         &self,
         workspace: &WorkspaceId,
         card: &PaymentMethodId,
         paid_by: Option<&CustomerId>,
+        paid_at: i64,
     ) -> Result<bool, ConsumeError> {
-        let Some(stripe) = &self.stripe else {
-            return Ok(true);
-        };
         let profile: BillingProfile =
             docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
                 .await?
                 .unwrap_or_default();
-        if profile.payment_method.as_ref() == Some(card) {
+        if profile.payment_method.as_ref() == Some(card)
+            || profile.payment_method_at.is_some_and(|at| at > paid_at)
+        {
             return Ok(false);
         }
+        let Some(stripe) = &self.stripe else {
+            return Ok(true);
+        };
         // The customer top-ups charge: the workspace's, else the payment's.
         let Some(customer) = profile.customer.as_ref().or(paid_by) else {
             return Ok(false);
@@ -851,6 +860,13 @@ impl BillingEvents {
             Ok(false) => {
                 tracing::info!(workspace = %workspace, card = %card, customer = %customer,
                     "a card not saved for the customer paid; auto top-up keeps the saved one");
+                Ok(false)
+            }
+            // A key that may not read payment methods: retrying would hold the customer's
+            // later events back, and only mending the key helps.
+            Err(e) if e.is_key_denied() => {
+                tracing::error!(workspace = %workspace, card = %card, error = %e,
+                    "the Stripe key may not read payment methods; auto top-up keeps the saved card");
                 Ok(false)
             }
             Err(e @ PaymentsError::Unavailable { .. }) => Err(ConsumeError::retry(e)),

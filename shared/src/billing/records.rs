@@ -53,6 +53,10 @@ pub struct BillingProfile {
     /// The card saved by the last checkout, for auto top-up.
     #[serde(default)]
     pub payment_method: Option<PaymentMethodId>,
+    /// When the payment that made it the saved card was made (Unix seconds, Stripe's
+    /// `created`): an older payment delivered later does not replace it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_method_at: Option<i64>,
 }
 
 /// Which workspace a Stripe customer (or charge) belongs to. Written once; never moved.

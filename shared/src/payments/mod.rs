@@ -75,6 +75,14 @@ impl PaymentsError {
         matches!(self, Self::Refused { message, .. } if message.contains(KEY_REUSED))
     }
 
+    /// Stripe turned the key away (401: revoked or rolled; 403: a restricted key without
+    /// the permission): retried like an outage, since someone may mend the key, but
+    /// nothing a retry alone gets over.
+    pub fn is_key_denied(&self) -> bool {
+        matches!(self, Self::Unavailable { message, .. }
+            if message.starts_with("401:") || message.starts_with("403:"))
+    }
+
     /// What happened, in words.
     pub fn message(&self) -> &str {
         match self {

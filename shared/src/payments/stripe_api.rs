@@ -155,6 +155,10 @@ fn classify(e: StripeError) -> PaymentsError {
             let message = format!("{status}: {}", err.message.as_deref().unwrap_or_default());
             PaymentsError::refused(message).caused_by(e)
         }
+        StripeError::Stripe(err, status) if matches!(status, 401 | 403) => {
+            let message = format!("{status}: {}", err.message.as_deref().unwrap_or_default());
+            PaymentsError::unavailable(message).caused_by(e)
+        }
         other => PaymentsError::unavailable(other.to_string()).caused_by(e),
     }
 }
