@@ -809,6 +809,18 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     );
     let failed = requests.get(&workspace, &r2.id).await.unwrap().unwrap();
     assert_eq!(failed.status, RequestStatus::Failed);
+    // The customer is told, as for any failed refund.
+    app.local.notifications_queue.until_idle().await;
+    let told = format!("refund.failed:{}:2", r2.id);
+    assert_eq!(
+        app.local
+            .notifications
+            .all()
+            .iter()
+            .filter(|n| n["id"] == told.as_str())
+            .count(),
+        1
+    );
     let again = requests
         .approve(&r2.id, "staff1", None, None, app.clock.now())
         .await
@@ -1958,6 +1970,73 @@ async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_a
     assert_eq!(approved.amount.get(), price as u64);
     // The credits the failed refund took stay taken; none are taken twice.
     assert_eq!(app.available(ws).await, 0);
+}
+
+/// A refund made for a request that Stripe later reports failed (the bank returned it):
+/// the customer, told it was on its way, is told it failed, once however often the
+/// event comes; the request is failed.
+#[tokio::test]
+async fn a_requests_refund_that_fails_after_it_was_made_is_reported_to_the_customer_once() {
+    let app = TestApp::new();
+    let ws = "org_rfb";
+    buy_packs(&app, ws, 1).await;
+    let second = buy_packs(&app, ws, 1).await;
+    let r = ask(
+        &app,
+        ws,
+        json!({"payment": second, "reason": "duplicate_charge", "details": "charged twice"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 201, "{:#}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let done = app
+        .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
+        .await;
+    assert_eq!(done.body["status"], "succeeded", "{:#}", done.body);
+    let refund = app
+        .sim_events("refund.created")
+        .into_iter()
+        .find(|f| f["metadata"]["refund_request"] == id.as_str())
+        .unwrap();
+    let notices = |kind: &str| {
+        app.local
+            .notifications
+            .all()
+            .into_iter()
+            .filter(|n| n["type"] == kind && n["request"] == id.as_str())
+            .count()
+    };
+    assert_eq!(notices("refund.confirmed"), 1);
+    assert_eq!(notices("refund.failed"), 0);
+    let mut failed = refund.clone();
+    failed["status"] = json!("failed");
+    failed["failure_reason"] = json!("expired_or_canceled_card");
+    deliver(&app, "evt_rfb_failed", "refund.failed", failed.clone()).await;
+    deliver(&app, "evt_rfb_updated", "refund.updated", failed).await;
+    let after = app
+        .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
+        .await;
+    assert_eq!(after.body["status"], "failed", "{:#}", after.body);
+    assert_eq!(
+        notices("refund.failed"),
+        1,
+        "{:#?}",
+        app.local.notifications.all()
+    );
+    let notice = app
+        .local
+        .notifications
+        .all()
+        .into_iter()
+        .find(|n| n["type"] == "refund.failed")
+        .unwrap();
+    assert_eq!(notice["workspace"], ws);
+    assert_eq!(notice["id"], format!("refund.failed:{id}:1"));
+    assert!(
+        notice["reason"].as_str().unwrap().contains("failed"),
+        "{notice:#}"
+    );
 }
 
 /// SQS out of service for the first `down` sends, then a queue nobody consumes.

@@ -42,8 +42,10 @@ async fn main() -> Result<(), Error> {
         SqsQueue::client(cfg.alerts.sqs_endpoint.as_ref()).await,
         cfg.alerts.notifications_queue_url.as_str(),
     );
+    let notifications: Arc<dyn tally::queue::Queue> = Arc::new(notifications);
     let mut events = BillingEvents::new(ledger, store.clone(), money_back);
     events.stripe = payments.clone();
+    events.notifications = Some(notifications.clone());
     events.livemode = cfg
         .stripe_secret_key
         .as_ref()
@@ -55,7 +57,7 @@ async fn main() -> Result<(), Error> {
             docs: store,
             payments,
             catalog,
-            notifications: Arc::new(notifications),
+            notifications,
             clock: Arc::new(SystemClock),
         },
     };

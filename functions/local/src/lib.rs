@@ -265,6 +265,7 @@ pub fn build(mut cfg: LocalConfig) -> anyhow::Result<Local> {
         alerting.observer.clone(),
     );
     billing.stripe = Some(payments.clone());
+    billing.notifications = Some(notifications_queue.clone());
     billing_queue.start(Arc::new(billing));
     let credits = credits_api::AppState {
         ledger: cfg.ledger.clone(),

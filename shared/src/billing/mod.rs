@@ -67,6 +67,9 @@ pub struct BillingEvents {
     /// paid at the discount for the rest of its 24 hours. `None` expires nothing, and an
     /// invoice with more lines waits (is retried) until Stripe is configured.
     pub stripe: Option<Arc<dyn crate::payments::Payments>>,
+    /// Where customers are told what Stripe's events decided for them (a refund of a
+    /// refund request that failed after it was made). `None` tells no one.
+    pub notifications: Option<Arc<dyn crate::queue::Queue>>,
 }
 
 impl From<StoreError> for ConsumeError {
@@ -197,6 +200,7 @@ impl BillingEvents {
             docs,
             livemode: None,
             stripe: None,
+            notifications: None,
         }
     }
 

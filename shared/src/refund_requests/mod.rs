@@ -1467,6 +1467,19 @@ pub async fn stripe_refund_status(
     Ok(updated)
 }
 
+/// The notice telling the customer that the refund of `r`'s current approval failed
+/// (`id` lets the notification service drop a repeat).
+pub fn failed_notice(r: &RefundRequest, why: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "refund.failed",
+        "id": format!("refund.failed:{}:{}", r.id, r.attempt),
+        "workspace": r.workspace,
+        "user": r.requested_by,
+        "request": r.id,
+        "reason": why,
+    })
+}
+
 /// Why an approval is refused, or fails before its refund is made, while its payment is
 /// disputed.
 pub const DISPUTED: &str =

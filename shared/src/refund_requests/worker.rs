@@ -32,17 +32,39 @@ impl RefundWorker {
             .await?
             .is_some()
         {
-            self.notify(json!({
-                "type": "refund.failed",
-                "id": format!("refund.failed:{}:{}", r.id, r.attempt),
-                "workspace": r.workspace,
-                "user": r.requested_by,
-                "request": r.id,
-                "reason": why,
-            }))
-            .await;
+            self.notify(super::failed_notice(r, why)).await;
         }
         Ok(())
+    }
+
+    /// Stripe's status of the refund made for `r`, recorded; a refund Stripe reports
+    /// failed or canceled fails the request, and the customer is told (once: only the
+    /// call that moves the request does). Answers whether the refund stands.
+    async fn record_status(
+        &self,
+        r: &super::RefundRequest,
+        made: &crate::payments::RefundMade,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, ConsumeError> {
+        let updated = stripe_refund_status(
+            self.docs.as_ref(),
+            &r.workspace,
+            &r.id,
+            r.attempt,
+            &made.id,
+            &made.status,
+            now,
+        )
+        .await?;
+        if let Some(u) = updated
+            .as_ref()
+            .filter(|u| u.status == RequestStatus::Failed)
+        {
+            let why = format!("Stripe reported refund {} {}", made.id, made.status);
+            self.notify(super::failed_notice(u, &why)).await;
+        }
+        Ok(!(updated.is_some_and(|u| u.status == RequestStatus::Failed)
+            || matches!(made.status.as_str(), "failed" | "canceled")))
     }
 
     /// The confirmation to the customer; `id` lets the notification service drop a repeat.
@@ -169,17 +191,7 @@ impl Consumer for RefundWorker {
                 // fails so staff may approve again (under a new key).
                 return match self.payments.find_refund(&r.charge, &r.id, r.attempt).await {
                     Ok(Some(made)) => {
-                        stripe_refund_status(
-                            self.docs.as_ref(),
-                            &r.workspace,
-                            &r.id,
-                            r.attempt,
-                            &made.id,
-                            &made.status,
-                            now,
-                        )
-                        .await?;
-                        if !matches!(made.status.as_str(), "failed" | "canceled") {
+                        if self.record_status(&r, &made, now).await? {
                             self.confirm(&r, &made.id).await;
                         }
                         Ok(())
@@ -187,14 +199,12 @@ impl Consumer for RefundWorker {
                     Ok(None) => {
                         tracing::warn!(request = %r.id, attempt = r.attempt, sent_at = %t,
                             "no refund made for this approval within a day; failing it");
-                        super::refused(
-                            self.docs.as_ref(),
+                        self.fail(
                             &r,
                             "Stripe made no refund for this approval within a day; approve it again",
                             now,
                         )
-                        .await?;
-                        Ok(())
+                        .await
                     }
                     Err(e) if e.is_retryable() => Err(ConsumeError::retry(e)),
                     Err(e) => {
@@ -266,20 +276,8 @@ impl Consumer for RefundWorker {
         };
         match self.payments.refund(&order).await {
             Ok(made) => {
-                let updated = stripe_refund_status(
-                    self.docs.as_ref(),
-                    &r.workspace,
-                    &r.id,
-                    r.attempt,
-                    &made.id,
-                    &made.status,
-                    now,
-                )
-                .await?;
                 tracing::info!(request = %r.id, refund = %made.id, status = %made.status, "refund made");
-                let failed = updated.is_some_and(|u| u.status == RequestStatus::Failed)
-                    || matches!(made.status.as_str(), "failed" | "canceled");
-                if !failed {
+                if self.record_status(&r, &made, now).await? {
                     self.confirm(&r, &made.id).await;
                 }
                 Ok(())
