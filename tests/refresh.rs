@@ -712,6 +712,25 @@ async fn a_month_due_in_the_second_its_period_is_replaced_is_still_granted() {
     assert!(doc_of(&p, ws).await.previous.is_none());
 }
 
+/// The same, with the worker's clock a little behind Stripe's: the replaced period's month
+/// is owed whatever the worker's clock says, and granted once, not dropped.
+#[tokio::test]
+async fn a_month_owed_by_a_replaced_period_is_granted_by_a_worker_whose_clock_is_behind() {
+    let p = embedded();
+    let ws = "behindclock";
+    paid_yearly(&p, ws, "max", 0).await;
+    let due = add_months(start(), 1); // 29 Feb 2028
+    let monthly = monthly_from(&p, ws, "in_switch", due).await;
+    set_subscription(&p, ws, PlanStatus::Active, Interval::Monthly, due).await;
+    assert!(doc_of(&p, ws).await.previous.is_some(), "the month is owed");
+    p.clock.set(due - Duration::seconds(30));
+    run_due(&p.ledger, &p.docs, p.clock.now()).await.unwrap();
+    assert_eq!(plan_grants(&p, ws).await, vec![((2, 29), 400)]);
+    assert!(doc_of(&p, ws).await.previous.is_none());
+    play_until(&p, monthly.period_end + Duration::days(3)).await;
+    assert_eq!(plan_grants(&p, ws).await, vec![((2, 29), 400)], "once");
+}
+
 /// The kept period ends where its replacement began: with the worker a month behind, a
 /// switch a day after a month's date and the new monthly period's renewal leave only that
 /// month owed, not the next one, which the monthly period paid.

@@ -293,12 +293,11 @@ impl Refresher {
 
         // Months the period this one replaced still owed: due by the time this period
         // began (in its first second included), not granted when it was recorded. Same
-        // subscription, so in effect on their dates unless it had ended by then.
+        // subscription, so in effect on their dates unless it had ended by then. Owed
+        // whatever this clock says (one a little behind Stripe's would see the last of
+        // them as not due yet, and `previous` is cleared below).
         if let Some(prev) = &doc.previous {
-            for a in schedule::due_allotments(prev, now)
-                .into_iter()
-                .filter(|a| a.at <= doc.period_start)
-            {
+            for a in schedule::due_allotments(prev, doc.period_start) {
                 // The same subscription as the document's: the same test.
                 if in_effect_at(a.at) {
                     self.allot(prev, &a, now, &mut report).await?;
