@@ -1972,6 +1972,78 @@ async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_a
     assert_eq!(app.available(ws).await, 0);
 }
 
+/// Stripe answers the refund as failed at once: the request fails, and the customer is
+/// told so, once, and never that it is on its way.
+#[tokio::test]
+async fn a_refund_stripe_answers_failed_fails_the_request_and_tells_the_customer_once() {
+    let app = TestApp::new();
+    let ws = "org_rraf";
+    let charge = buy_packs(&app, ws, 1).await;
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(&app);
+    let now = app.clock.now();
+    let r = requests
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
+        .await
+        .unwrap();
+    requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    let server = MockServer::start().await;
+    let mut failed = stripe_refund("re_Bad", &charge, 1);
+    failed["status"] = json!("failed");
+    failed["failure_reason"] = json!("lost_or_stolen_card");
+    Mock::given(method("POST"))
+        .and(path("/v1/refunds"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(failed))
+        .mount(&server)
+        .await;
+    // The notifications queue refuses the first send: the notice goes with the next
+    // delivery, once.
+    let queue = Arc::new(OutageQueue {
+        down: std::sync::atomic::AtomicU32::new(1),
+        sent: std::sync::Mutex::new(Vec::new()),
+    });
+    let worker = RefundWorker {
+        docs: app.docs.clone(),
+        payments: stripe_at(&server),
+        notifications: queue.clone(),
+        clock: app.clock.clone(),
+    };
+    let job = json!({"workspace": ws, "request": r.id, "attempt": 1}).to_string();
+    let delivery = |n| Delivery {
+        message_id: format!("m{n}"),
+        body: job.clone(),
+        group_id: None,
+        receive_count: n,
+    };
+    assert!(matches!(
+        worker.consume(&delivery(1)).await,
+        Err(ConsumeError::Retry(_))
+    ));
+    let after = requests.get(&workspace, &r.id).await.unwrap().unwrap();
+    assert_eq!(after.status, RequestStatus::Failed);
+    for n in 2..=3 {
+        worker.consume(&delivery(n)).await.unwrap();
+    }
+    let told: Vec<Value> = queue
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::from_str(&m.body).unwrap())
+        .collect();
+    assert_eq!(told.len(), 1, "{told:#?}");
+    assert_eq!(told[0]["type"], "refund.failed");
+    assert_eq!(told[0]["id"], format!("refund.failed:{}:1", r.id));
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        1,
+        "one refund call"
+    );
+}
+
 /// A refund made for a request that Stripe later reports failed (the bank returned it):
 /// the customer, told it was on its way, is told it failed, once however often the
 /// event comes; the request is failed.

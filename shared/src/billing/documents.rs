@@ -295,7 +295,7 @@ impl BillingEvents {
                 .get("refund_attempt")
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(1);
-            let updated = crate::refund_requests::stripe_refund_status(
+            crate::refund_requests::stripe_refund_status(
                 self.docs.as_ref(),
                 &workspace,
                 request,
@@ -306,23 +306,16 @@ impl BillingEvents {
             )
             .await?;
             // Failed after it was made (the bank returned it): the customer was told it
-            // is on its way, and is told now that it is not. Once: only the event that
-            // moves the request does.
-            if let (Some(u), Some(queue)) = (&updated, &self.notifications)
-                && u.status == crate::refund_requests::RequestStatus::Failed
-            {
-                let why = format!("Stripe reported refund {} {status}", r.id);
-                let notice = crate::refund_requests::failed_notice(u, &why);
-                if let Err(e) = queue
-                    .send(crate::queue::Message {
-                        body: notice.to_string(),
-                        group_id: None,
-                        dedup_id: None,
-                    })
-                    .await
-                {
-                    tracing::warn!(request = %u.id, error = %e, "refund notification not sent");
-                }
+            // is on its way, and is told now that it is not (once, whichever step failed
+            // it; a notice lost before goes now).
+            if let Some(queue) = &self.notifications {
+                crate::refund_requests::tell_failure(
+                    self.docs.as_ref(),
+                    queue.as_ref(),
+                    &workspace,
+                    request,
+                )
+                .await?;
             }
         }
         Ok(())

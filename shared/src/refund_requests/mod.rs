@@ -118,6 +118,10 @@ pub struct RefundRequest {
     /// payment, so giving them back is a person's decision, an adjustment).
     #[serde(default)]
     pub credits_held: Credits,
+    /// The last approval whose failure the customer was told of (`refund.failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub failure_told: Option<u32>,
     pub created: DateTime<Utc>,
     pub updated: DateTime<Utc>,
     pub steps: Vec<Step>,
@@ -627,6 +631,7 @@ impl RefundRequests {
             refund_status: None,
             sent_at: None,
             credits_held: Credits::ZERO,
+            failure_told: None,
             created: now,
             updated: now,
             steps: Vec::new(),
@@ -1465,6 +1470,58 @@ pub async fn stripe_refund_status(
     )
     .await?;
     Ok(updated)
+}
+
+/// Tells the customer that the current approval of request `id` failed, once: when the
+/// request is failed and no notice for its approval is on record. Every step that may
+/// fail a request runs it (its redeliveries too), so a notice lost to a crash between the
+/// failure and the send, or to a send that failed, goes with the next one; the notice's
+/// stable id lets the notification service drop a repeat. Answers the request as it
+/// stands.
+pub async fn tell_failure(
+    store: &dyn DocStore,
+    queue: &dyn crate::queue::Queue,
+    workspace: &WorkspaceId,
+    id: &str,
+) -> Result<Option<RefundRequest>, crate::queue::ConsumeError> {
+    let Some(r) =
+        docs::get::<RefundRequest>(store, &workspace_pk(workspace), &request_sk(id)).await?
+    else {
+        return Ok(None);
+    };
+    if r.status != RequestStatus::Failed || r.failure_told.is_some_and(|a| a >= r.attempt) {
+        return Ok(Some(r));
+    }
+    let why = r
+        .steps
+        .iter()
+        .rev()
+        .find(|s| s.status == RequestStatus::Failed)
+        .and_then(|s| s.note.clone())
+        .unwrap_or_else(|| "the refund failed".to_owned());
+    queue
+        .send(crate::queue::Message {
+            body: failed_notice(&r, &why).to_string(),
+            group_id: None,
+            dedup_id: None,
+        })
+        .await
+        .map_err(crate::queue::ConsumeError::retry)?;
+    let attempt = r.attempt;
+    docs::update(
+        store,
+        &workspace_pk(workspace),
+        &request_sk(id),
+        |cur: Option<RefundRequest>| {
+            let mut cur = cur?;
+            (cur.attempt == attempt && cur.failure_told.is_none_or(|a| a < attempt)).then(|| {
+                cur.failure_told = Some(attempt);
+                cur
+            })
+        },
+    )
+    .await?;
+    Ok(Some(r))
 }
 
 /// The notice telling the customer that the refund of `r`'s current approval failed

@@ -28,25 +28,36 @@ impl RefundWorker {
         why: &str,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), ConsumeError> {
-        if super::refused(self.docs.as_ref(), r, why, now)
-            .await?
-            .is_some()
-        {
-            self.notify(super::failed_notice(r, why)).await;
-        }
-        Ok(())
+        super::refused(self.docs.as_ref(), r, why, now).await?;
+        self.tell_failure(r).await.map(|_| ())
+    }
+
+    /// Tells the customer, once, if `r`'s current approval has failed
+    /// ([`tell_failure`](super::tell_failure)); answers the request as it stands.
+    async fn tell_failure(
+        &self,
+        r: &super::RefundRequest,
+    ) -> Result<Option<super::RefundRequest>, ConsumeError> {
+        super::tell_failure(
+            self.docs.as_ref(),
+            self.notifications.as_ref(),
+            &r.workspace,
+            &r.id,
+        )
+        .await
     }
 
     /// Stripe's status of the refund made for `r`, recorded; a refund Stripe reports
-    /// failed or canceled fails the request, and the customer is told (once: only the
-    /// call that moves the request does). Answers whether the refund stands.
+    /// failed or canceled fails the request, and the customer is told (once). Answers
+    /// whether the refund stands: the request as it is now (Stripe's events may have
+    /// failed it meanwhile), not only as Stripe answered this call.
     async fn record_status(
         &self,
         r: &super::RefundRequest,
         made: &crate::payments::RefundMade,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool, ConsumeError> {
-        let updated = stripe_refund_status(
+        stripe_refund_status(
             self.docs.as_ref(),
             &r.workspace,
             &r.id,
@@ -56,15 +67,12 @@ impl RefundWorker {
             now,
         )
         .await?;
-        if let Some(u) = updated
-            .as_ref()
-            .filter(|u| u.status == RequestStatus::Failed)
-        {
-            let why = format!("Stripe reported refund {} {}", made.id, made.status);
-            self.notify(super::failed_notice(u, &why)).await;
-        }
-        Ok(!(updated.is_some_and(|u| u.status == RequestStatus::Failed)
-            || matches!(made.status.as_str(), "failed" | "canceled")))
+        let now_r = self.tell_failure(r).await?;
+        Ok(!matches!(made.status.as_str(), "failed" | "canceled")
+            && now_r.is_some_and(|n| {
+                n.attempt == r.attempt
+                    && matches!(n.status, RequestStatus::Pending | RequestStatus::Succeeded)
+            }))
     }
 
     /// The confirmation to the customer; `id` lets the notification service drop a repeat.
@@ -145,6 +153,11 @@ impl Consumer for RefundWorker {
                 job.request
             )));
         };
+        // Failed by an earlier delivery or by Stripe's event: the customer is told, if
+        // that was lost.
+        if r.attempt == job.attempt && r.status == RequestStatus::Failed {
+            return self.tell_failure(&r).await.map(|_| ());
+        }
         // Another approval, or one that failed or was decided otherwise: nothing to do.
         if r.attempt != job.attempt
             || !matches!(
