@@ -1183,6 +1183,23 @@ mod subscription {
     }
 }
 
+/// Pays an invoice on its hosted page (`url`, as Tally answered it), by card.
+async fn pay_invoice_page(app: &TestApp, url: &Value) {
+    let page = url
+        .as_str()
+        .unwrap()
+        .strip_prefix("http://tally.test")
+        .unwrap();
+    app.send(
+        Method::POST,
+        &format!("{page}/pay"),
+        None,
+        Some(""),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
     let app = TestApp::new();
@@ -1285,21 +1302,8 @@ async fn a_custom_payment_grants_its_credits_once_when_the_invoice_is_paid() {
     let invoices = app.get("/v1/invoices", &owner("org_e")).await.body;
     assert_eq!(invoices["items"][0]["status"], "open");
     assert_eq!(app.available("org_e").await, 0, "nothing before payment");
-    let page = first.body["hosted_invoice_url"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("http://tally.test")
-        .unwrap()
-        .to_owned();
     for _ in 0..2 {
-        app.send(
-            Method::POST,
-            &format!("{page}/pay"),
-            None,
-            Some(""),
-            &[("content-type", "application/x-www-form-urlencoded")],
-        )
-        .await;
+        pay_invoice_page(&app, &first.body["hosted_invoice_url"]).await;
     }
     app.settle_billing().await;
     assert_eq!(app.available("org_e").await, 30000);
@@ -2766,20 +2770,7 @@ mod alerts {
             )
             .await;
         assert_eq!(issued.status.as_u16(), 201, "{:#}", issued.body);
-        let page = issued.body["hosted_invoice_url"]
-            .as_str()
-            .unwrap()
-            .strip_prefix("http://tally.test")
-            .unwrap()
-            .to_owned();
-        app.send(
-            Method::POST,
-            &format!("{page}/pay"),
-            None,
-            Some(""),
-            &[("content-type", "application/x-www-form-urlencoded")],
-        )
-        .await;
+        pay_invoice_page(&app, &issued.body["hosted_invoice_url"]).await;
         app.settle_billing().await;
         assert_eq!(
             app.available(ws).await,

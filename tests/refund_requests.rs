@@ -71,6 +71,33 @@ async fn file_technical(
 
 /// Refund requests over the app's documents and ledger whose approvals wait in a queue
 /// nobody consumes, so the worker under test is the only one that sees them.
+/// A pack bought by `ws` and a request to refund it, filed directly and approved by
+/// staff, its refund parked: the requests, the workspace, the charge and the request.
+async fn approved_parked(
+    app: &TestApp,
+    ws: &str,
+) -> (
+    RefundRequests,
+    WorkspaceId,
+    String,
+    tally::refund_requests::RefundRequest,
+) {
+    let charge = buy_packs(app, ws, 1).await;
+    let workspace = WorkspaceId::parse(ws).unwrap();
+    let requests = parked_requests(app);
+    let now = app.clock.now();
+    let r = requests
+        .create(&workspace, request_for(&charge, RefundReason::Other), now)
+        .await
+        .unwrap();
+    let r = requests
+        .approve(&r.id, "staff1", None, None, now)
+        .await
+        .unwrap();
+    assert_eq!(r.status, RequestStatus::Approved);
+    (requests, workspace, charge, r)
+}
+
 fn parked_requests(app: &TestApp) -> RefundRequests {
     RefundRequests {
         docs: app.docs.clone(),
@@ -590,20 +617,8 @@ fn stripe_refund(id: &str, charge: &str, amount: i64) -> Value {
 async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_request_for_staff() {
     let app = TestApp::new();
     let ws = "org_rr4";
-    let charge = buy_packs(&app, ws, 1).await;
-    let workspace = WorkspaceId::parse(ws).unwrap();
-    // Requests filed directly, their approvals parked.
-    let requests = parked_requests(&app);
+    let (requests, workspace, charge, r) = approved_parked(&app, ws).await;
     let now = app.clock.now();
-    let r = requests
-        .create(&workspace, request_for(&charge, RefundReason::Other), now)
-        .await
-        .unwrap();
-    let r = requests
-        .approve(&r.id, "staff1", None, None, now)
-        .await
-        .unwrap();
-    assert_eq!(r.status, RequestStatus::Approved);
 
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -1978,18 +1993,7 @@ async fn a_refund_that_failed_after_it_succeeded_leaves_the_payment_refundable_a
 async fn a_refund_stripe_answers_failed_fails_the_request_and_tells_the_customer_once() {
     let app = TestApp::new();
     let ws = "org_rraf";
-    let charge = buy_packs(&app, ws, 1).await;
-    let workspace = WorkspaceId::parse(ws).unwrap();
-    let requests = parked_requests(&app);
-    let now = app.clock.now();
-    let r = requests
-        .create(&workspace, request_for(&charge, RefundReason::Other), now)
-        .await
-        .unwrap();
-    requests
-        .approve(&r.id, "staff1", None, None, now)
-        .await
-        .unwrap();
+    let (requests, workspace, charge, r) = approved_parked(&app, ws).await;
     let server = MockServer::start().await;
     let mut failed = stripe_refund("re_Bad", &charge, 1);
     failed["status"] = json!("failed");

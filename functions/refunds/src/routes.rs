@@ -51,7 +51,9 @@ pub struct RefundRequestView {
     pub credits_already_spent: Option<Credits>,
 }
 
-async fn view(st: &RefundsState, request: RefundRequest) -> ApiResult<RefundRequestView> {
+async fn view(st: &RefundsState, mut request: RefundRequest) -> ApiResult<RefundRequestView> {
+    // Bookkeeping of the notices, not the customer's.
+    request.failure_told = None;
     let credits_taken_back = match &request.refund {
         Some(r) => history::get(st.requests.docs.as_ref(), &request.workspace, r.as_str())
             .await?

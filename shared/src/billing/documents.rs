@@ -305,18 +305,6 @@ impl BillingEvents {
                 self.ledger.clock.now(),
             )
             .await?;
-            // Failed after it was made (the bank returned it): the customer was told it
-            // is on its way, and is told now that it is not (once, whichever step failed
-            // it; a notice lost before goes now).
-            if let Some(queue) = &self.notifications {
-                crate::refund_requests::tell_failure(
-                    self.docs.as_ref(),
-                    queue.as_ref(),
-                    &workspace,
-                    request,
-                )
-                .await?;
-            }
         }
         Ok(())
     }
@@ -353,10 +341,37 @@ impl BillingEvents {
         let pi = merged
             .and_then(|p| p.payment_intent)
             .or_else(|| r.payment_intent.id().cloned());
-        match pi {
-            Some(pi) => self.follow_payment(&pi).await,
-            None => Ok(()),
+        if let Some(pi) = pi {
+            self.follow_payment(&pi).await?;
         }
+        self.tell_refund_failed(&r).await?;
+        Ok(())
+    }
+
+    /// A refund of a refund request that failed after it was made (the bank returned it):
+    /// the customer was told it is on its way, and is told now that it is not (once,
+    /// whichever step failed it; a notice lost before goes now). Last, after everything
+    /// else the event brings: a notifications outage only logs (the next step that sees
+    /// the request sends it), never holding the customer's later events back.
+    async fn tell_refund_failed(&self, r: &objects::Refund) -> Result<(), ConsumeError> {
+        let (Some(queue), Some(request), Some(workspace)) = (
+            &self.notifications,
+            r.metadata.get("refund_request"),
+            Self::metadata_workspace(&r.metadata)?,
+        ) else {
+            return Ok(());
+        };
+        if let Err(e) = crate::refund_requests::tell_failure(
+            self.docs.as_ref(),
+            queue.as_ref(),
+            &workspace,
+            request,
+        )
+        .await
+        {
+            tracing::warn!(request = %request, error = %e, "refund failure not told yet");
+        }
+        Ok(())
     }
 
     /// The subscription facts a paid (or failed) sign-up or renewal invoice carries: the
@@ -834,6 +849,9 @@ impl BillingEvents {
                 },
             )
             .await?;
+        }
+        for r in c.refunds.as_ref().map_or(&[][..], |l| &l.data[..]) {
+            self.tell_refund_failed(r).await?;
         }
         Ok(())
     }

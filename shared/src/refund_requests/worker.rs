@@ -186,6 +186,11 @@ impl Consumer for RefundWorker {
                 }),
             )
             .await?;
+            // Failed by an earlier delivery that stopped before the document followed:
+            // the customer is told now.
+            if moved.attempt == job.attempt && moved.status == RequestStatus::Failed {
+                self.tell_failure(&r).await?;
+            }
             return Ok(());
         }
         if let Some(refund) = &r.refund {
