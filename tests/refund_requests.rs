@@ -2094,6 +2094,7 @@ async fn a_requests_refund_that_fails_after_it_was_made_is_reported_to_the_custo
         .get(&format!("/v1/refund-requests/{id}"), &owner(ws))
         .await;
     assert_eq!(after.body["status"], "failed", "{:#}", after.body);
+    assert!(after.body.get("failure_told").is_none(), "{:#}", after.body);
     assert_eq!(
         notices("refund.failed"),
         1,
