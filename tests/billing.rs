@@ -1443,14 +1443,14 @@ async fn the_saved_card_is_the_latest_card_stripe_keeps_whatever_order_payments_
     };
     let paid_with = |pm: &str, day: i64| {
         let mut c = fixture("charge");
-        c["id"] = json!(format!("ch_{pm}"));
+        c["id"] = json!(format!("ch_{pm}_{day}"));
         c["customer"] = json!(CUS);
         c["payment_method"] = json!(pm);
         c["created"] = json!(at(day));
         c["metadata"] = json!({});
         c["refunds"] = json!({"object": "list", "data": [], "has_more": false,
-            "url": format!("/v1/charges/ch_{pm}/refunds")});
-        stripe_event(&format!("evt_{pm}"), "charge.succeeded", at(day), c)
+            "url": format!("/v1/charges/ch_{pm}_{day}/refunds")});
+        stripe_event(&format!("evt_{pm}_{day}"), "charge.succeeded", at(day), c)
     };
     let saved = || async {
         let p: BillingProfile =
@@ -1478,4 +1478,9 @@ async fn the_saved_card_is_the_latest_card_stripe_keeps_whatever_order_payments_
     // A later payment with a kept card replaces it.
     deliver(paid_with("pm_later", 6)).await.unwrap();
     assert_eq!(saved().await, (Some("pm_later".into()), Some(at(6))));
+    // The saved card paid again (its event first), then another card earlier: the saved
+    // card made the latest payment and stays.
+    deliver(paid_with("pm_later", 8)).await.unwrap();
+    deliver(paid_with("pm_new", 7)).await.unwrap();
+    assert_eq!(saved().await, (Some("pm_later".into()), Some(at(8))));
 }

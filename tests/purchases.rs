@@ -2951,8 +2951,9 @@ mod alerts {
     #[tokio::test]
     async fn a_later_crossing_asks_stripe_about_a_top_up_left_processing() {
         use wiremock::matchers::{method, path};
-        use wiremock::{Mock, MockServer};
-        for failed in [true, false] {
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        for status in ["requires_payment_method", "processing", "succeeded"] {
+            let failed = status == "requires_payment_method";
             let app = TestApp::new();
             let ws = "org_left";
             // No auto top-up while the balance drops below 30; then it is turned on.
@@ -2971,11 +2972,7 @@ mod alerts {
             let stripe = MockServer::start().await;
             Mock::given(method("GET"))
                 .and(path("/v1/payment_intents/pi_slow"))
-                .respond_with(slow_intent(if failed {
-                    "requires_payment_method"
-                } else {
-                    "processing"
-                }))
+                .respond_with(slow_intent(status))
                 .mount(&stripe)
                 .await;
             let payments = stripe_at(&stripe);
@@ -2994,13 +2991,43 @@ mod alerts {
             let settings = app.get("/v1/alerts", &o).await.body;
             assert_eq!(settings["topup_claim"]["entry"], 1, "{settings:#}");
             assert_eq!(settings["topup_claim"]["declined"] == true, failed);
+            // Taken, it stays processing for its own request, which makes its receipt.
             assert_eq!(settings["topup_claim"]["processing"] == true, !failed);
             assert_eq!(settings["refused_card"] == json!(card), failed);
-            // Asked once when it failed (then known), at each crossing while processing;
-            // never charged.
+            // Asked once when it failed (then known), at each crossing otherwise; never
+            // charged.
             let asked = stripe.received_requests().await.unwrap();
             assert_eq!(asked.len(), if failed { 1 } else { 2 });
             assert!(asked.iter().all(|r| r.method.as_str() == "GET"));
+            if status == "succeeded" {
+                // Its own request, redriven two days after its claim, makes its receipt
+                // (which first reads the customer's balance; refused here) and reports it.
+                Mock::given(method("GET"))
+                    .and(wiremock::matchers::path_regex("^/v1/customers/"))
+                    .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {
+                        "type": "invalid_request_error", "code": "parameter_invalid_empty",
+                        "message": "Not a receipt here", "param": "customer"}})))
+                    .mount(&stripe)
+                    .await;
+                app.clock.advance(chrono::Duration::hours(48));
+                deliver_top_up(&app, payments.clone(), ws, 1, 1)
+                    .await
+                    .unwrap();
+                let sent = notifications(&app).await;
+                let last = sent.last().unwrap();
+                assert_eq!(last["type"], "topup.charged", "{sent:#?}");
+                assert_eq!(last["payment"], "pi_slow");
+                let asked = stripe.received_requests().await.unwrap();
+                assert!(
+                    asked
+                        .last()
+                        .unwrap()
+                        .url
+                        .path()
+                        .starts_with("/v1/customers/"),
+                    "the receipt was made"
+                );
+            }
         }
     }
 

@@ -69,8 +69,6 @@ async fn file_technical(
         .await
 }
 
-/// Refund requests over the app's documents and ledger whose approvals wait in a queue
-/// nobody consumes, so the worker under test is the only one that sees them.
 /// A pack bought by `ws` and a request to refund it, filed directly and approved by
 /// staff, its refund parked: the requests, the workspace, the charge and the request.
 async fn approved_parked(
@@ -98,6 +96,8 @@ async fn approved_parked(
     (requests, workspace, charge, r)
 }
 
+/// Refund requests over the app's documents and ledger whose approvals wait in a queue
+/// nobody consumes, so the worker under test is the only one that sees them.
 fn parked_requests(app: &TestApp) -> RefundRequests {
     RefundRequests {
         docs: app.docs.clone(),
@@ -827,14 +827,17 @@ async fn a_stripe_outage_is_retried_with_the_same_key_and_a_refusal_fails_the_re
     // The customer is told, as for any failed refund.
     app.local.notifications_queue.until_idle().await;
     let told = format!("refund.failed:{}:2", r2.id);
+    let notices: Vec<Value> = app
+        .local
+        .notifications
+        .all()
+        .into_iter()
+        .filter(|n| n["id"] == told.as_str())
+        .collect();
+    assert_eq!(notices.len(), 1);
     assert_eq!(
-        app.local
-            .notifications
-            .all()
-            .iter()
-            .filter(|n| n["id"] == told.as_str())
-            .count(),
-        1
+        notices[0]["reason"],
+        "Stripe made no refund for this approval within a day"
     );
     let again = requests
         .approve(&r2.id, "staff1", None, None, app.clock.now())

@@ -556,6 +556,9 @@ impl TopUps {
         };
         let failed = match &collection {
             Collection::Processing => return Ok(collection),
+            // Another crossing's claim stays processing: a redrive of its own request (at
+            // any age) then still makes its receipt.
+            Collection::Taken if claim.entry != req.entry => return Ok(collection),
             Collection::Taken => false,
             Collection::Failed(_) => true,
         };

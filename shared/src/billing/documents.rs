@@ -351,8 +351,8 @@ impl BillingEvents {
     /// A refund of a refund request that failed after it was made (the bank returned it):
     /// the customer was told it is on its way, and is told now that it is not (once,
     /// whichever step failed it; a notice lost before goes now). Last, after everything
-    /// else the event brings: a notifications outage only logs (the next step that sees
-    /// the request sends it), never holding the customer's later events back.
+    /// else the event brings: a notifications outage retries the event, which finds the
+    /// rest done.
     async fn tell_refund_failed(&self, r: &objects::Refund) -> Result<(), ConsumeError> {
         let (Some(queue), Some(request), Some(workspace)) = (
             &self.notifications,
@@ -361,17 +361,14 @@ impl BillingEvents {
         ) else {
             return Ok(());
         };
-        if let Err(e) = crate::refund_requests::tell_failure(
+        crate::refund_requests::tell_failure(
             self.docs.as_ref(),
             queue.as_ref(),
             &workspace,
             request,
         )
         .await
-        {
-            tracing::warn!(request = %request, error = %e, "refund failure not told yet");
-        }
-        Ok(())
+        .map(|_| ())
     }
 
     /// The subscription facts a paid (or failed) sign-up or renewal invoice carries: the
@@ -839,8 +836,11 @@ impl BillingEvents {
                 PROFILE_SK,
                 |cur: Option<BillingProfile>| {
                     let mut p = cur.unwrap_or_default();
-                    (p.payment_method.as_ref() != Some(pm)
-                        && p.payment_method_at.is_none_or(|at| at <= c.created))
+                    // Not older than the saved card's payment, and something new: the
+                    // card, or a later payment with it.
+                    (p.payment_method_at.is_none_or(|at| at <= c.created)
+                        && (p.payment_method.as_ref() != Some(pm)
+                            || p.payment_method_at != Some(c.created)))
                     .then(|| {
                         p.payment_method = Some(pm.clone());
                         p.payment_method_at = Some(c.created);
@@ -873,10 +873,12 @@ impl BillingEvents {
             docs::get(self.docs.as_ref(), &workspace_pk(workspace), PROFILE_SK)
                 .await?
                 .unwrap_or_default();
-        if profile.payment_method.as_ref() == Some(card)
-            || profile.payment_method_at.is_some_and(|at| at > paid_at)
-        {
+        if profile.payment_method_at.is_some_and(|at| at > paid_at) {
             return Ok(false);
+        }
+        // The saved card paid again: only its date moves on.
+        if profile.payment_method.as_ref() == Some(card) {
+            return Ok(true);
         }
         let Some(stripe) = &self.stripe else {
             return Ok(true);

@@ -50,7 +50,8 @@ pub fn invoice_sk(created: i64, id: &InvoiceId) -> String {
 pub struct BillingProfile {
     pub customer: Option<CustomerId>,
     pub subscription: Option<SubscriptionId>,
-    /// The card saved by the last checkout, for auto top-up.
+    /// The card auto top-up charges: that of the latest card payment whose card Stripe
+    /// keeps for the customer.
     #[serde(default)]
     pub payment_method: Option<PaymentMethodId>,
     /// When the payment that made it the saved card was made (Unix seconds, Stripe's

@@ -1492,12 +1492,14 @@ pub async fn tell_failure(
     if r.status != RequestStatus::Failed || r.failure_told.is_some_and(|a| a >= r.attempt) {
         return Ok(Some(r));
     }
+    // The failure's note, without the prefix staff read it with.
     let why = r
         .steps
         .iter()
         .rev()
         .find(|s| s.status == RequestStatus::Failed)
-        .and_then(|s| s.note.clone())
+        .and_then(|s| s.note.as_deref())
+        .map(|n| n.strip_prefix(REFUSED_NOTE).unwrap_or(n).to_owned())
         .unwrap_or_else(|| "the refund failed".to_owned());
     queue
         .send(crate::queue::Message {
@@ -1523,6 +1525,9 @@ pub async fn tell_failure(
     .await?;
     Ok(Some(r))
 }
+
+/// How the step of a refund refused begins.
+const REFUSED_NOTE: &str = "refund refused: ";
 
 /// The notice telling the customer that the refund of `r`'s current approval failed
 /// (`id` lets the notification service drop a repeat).
@@ -1585,7 +1590,7 @@ pub async fn refused(
                 &claim,
                 at,
                 "stripe",
-                Some(format!("refund refused: {why}")),
+                Some(format!("{REFUSED_NOTE}{why}")),
             )
             .await
         }

@@ -219,7 +219,7 @@ impl Consumer for RefundWorker {
                             "no refund made for this approval within a day; failing it");
                         self.fail(
                             &r,
-                            "Stripe made no refund for this approval within a day; approve it again",
+                            "Stripe made no refund for this approval within a day",
                             now,
                         )
                         .await
