@@ -514,28 +514,81 @@ impl RefreshDoc {
             addon_credits: opening.level.addon_credits,
             ..p.clone()
         });
-        // A part the change did not bill that a change made before it set (its event
-        // applied late, after this document opened): that change's value, which the level
-        // holds as no change since billed it.
+        // A part the change did not bill: what a change made before it set (its event
+        // applied late, after this document opened), which the level holds as no change
+        // since billed it; else the period's own. Never the opening level's: that came
+        // from the subscription as Stripe showed it when the change was applied, which may
+        // already hold a later change (its invoice applied after this one).
         if let (Some(parts), Some(billed)) = (&self.parts, opening.billed) {
             let before_opening = |set: Option<(DateTime<Utc>, u64)>| {
                 set.is_some_and(|s| s < (opening.at, opening.rank))
             };
-            if !billed.plan && before_opening(parts.plan) {
-                after.plan = self.plan.clone();
+            if !billed.plan {
+                after.plan = if before_opening(parts.plan) {
+                    self.plan.clone()
+                } else {
+                    own.plan.clone()
+                };
             }
-            if !billed.addon && before_opening(parts.addon) {
-                after.addon_units = self.addon_units;
-                after.addon_credits = self.addon_credits;
+            if !billed.addon {
+                let from = if before_opening(parts.addon) {
+                    (self.addon_units, self.addon_credits)
+                } else {
+                    (own.addon_units, own.addon_credits)
+                };
+                (after.addon_units, after.addon_credits) = from;
             }
         }
-        match doc.changes.first_mut() {
-            Some(next) => next.before = after.clone(),
-            None => {
-                doc.plan = after.plan.clone();
-                doc.addon_units = after.addon_units;
-                doc.addon_credits = after.addon_credits;
+        // The changes after it started from the level it left. A part it did not bill
+        // stays as it left it through every later change that did not bill that part
+        // either (they took it from the opening level too), and into the document's level
+        // when none did.
+        // (Not when changes may have been forgotten: one of those may have billed it.)
+        let unbilled = opening
+            .billed
+            .filter(|_| doc.changes.len() < MAX_CHANGES)
+            .map_or(Billed::default(), |b| Billed {
+                plan: !b.plan,
+                addon: !b.addon,
+            });
+        let (mut plan, mut addon) = (true, true);
+        for next in &mut doc.changes {
+            next.before = LevelParts {
+                plan: if plan {
+                    after.plan.clone()
+                } else {
+                    next.before.plan.clone()
+                },
+                ..if addon {
+                    after.clone()
+                } else {
+                    next.before.clone()
+                }
+            };
+            let billed = next.billed.unwrap_or(Billed {
+                plan: true,
+                addon: true,
+            });
+            // Only what the opening change did not bill goes on past the first change.
+            plan &= unbilled.plan && !billed.plan;
+            addon &= unbilled.addon && !billed.addon;
+            if plan {
+                next.after.plan = after.plan.clone();
             }
+            if addon {
+                (next.after.addon_units, next.after.addon_credits) =
+                    (after.addon_units, after.addon_credits);
+            }
+            if !plan && !addon {
+                break;
+            }
+        }
+        if plan {
+            doc.plan = after.plan.clone();
+        }
+        if addon {
+            doc.addon_units = after.addon_units;
+            doc.addon_credits = after.addon_credits;
         }
         doc.changes.insert(
             0,

@@ -628,6 +628,122 @@ mod tests {
     }
 
     #[test]
+    fn a_change_that_opened_the_document_keeps_the_parts_it_did_not_bill_from_the_period() {
+        let start = t(2027, 1, 15);
+        let own = crate::refresh::PaidPeriod {
+            addon_units: 0,
+            ..paid(&doc(start, Interval::Yearly), "in_own", "max")
+        };
+        // Units (5) paid in the renewal's first hour, applied while the subscription already
+        // showed the upgrade paid after them (Generative): the document opens at that level.
+        let units_at = start + Duration::minutes(5);
+        let mut d = doc(start, Interval::Yearly);
+        d.invoice = InvoiceId::parse("in_units").unwrap();
+        d.plan = "generative".into();
+        d.addon_units = 5;
+        d.addon_credits = Some(Credits::new(300));
+        d.opened_by = Some(crate::refresh::OpeningChange {
+            at: units_at,
+            rank: 1,
+            level: d.parts(),
+            billed: Some(UNITS_ONLY),
+        });
+        if let Some(parts) = &mut d.parts {
+            parts.set_by(UNITS_ONLY, units_at, 1);
+        }
+        // The upgrade's own invoice, then the period's.
+        let upgrade = crate::refresh::PaidPeriod {
+            addon_units: 5,
+            ..paid(&d, "in_up", "generative")
+        };
+        d.set_level(&upgrade, start + Duration::minutes(10), 1, PLAN_ONLY);
+        let mut d = d.reopened_by_own_invoice(&own).unwrap();
+        // Each change from the level the one before it left: the units on Max, then the
+        // upgrade.
+        assert_eq!(
+            steps(&d),
+            [
+                ("in_units", ("max", 0), ("max", 5)),
+                ("in_up", ("max", 5), ("generative", 5)),
+            ]
+        );
+        assert_eq!((d.plan.as_str(), d.addon_units), ("generative", 5));
+        // Refunded in full, the upgrade takes back the plan's rise, the units' invoice the
+        // units' worth: the later months are Max's with the units, or Generative's worth.
+        let catalog = Catalog::builtin();
+        let a = due_allotments(&d, start + Duration::days(400));
+        let month = |d: &RefreshDoc| -> Vec<u64> {
+            grants(d, &a[0], &catalog)
+                .unwrap()
+                .iter()
+                .map(|g| g.credits.get())
+                .collect()
+        };
+        assert_eq!(month(&d), [900, 300]);
+        let mut units_back = d.clone();
+        assert!(d.give_back(&InvoiceId::parse("in_up").unwrap(), back_of(1000, 1000)));
+        assert_eq!(month(&d), [400, 300]);
+        assert!(units_back.give_back(&InvoiceId::parse("in_units").unwrap(), back_of(1000, 1000)));
+        // (An invoice of one part: what it added, from the plan's credits first.)
+        assert_eq!(month(&units_back).iter().sum::<u64>(), 900);
+    }
+
+    #[test]
+    fn a_part_the_opening_change_did_not_bill_goes_on_through_later_changes_that_did_not() {
+        let start = t(2027, 1, 15);
+        let own = crate::refresh::PaidPeriod {
+            addon_units: 0,
+            ..paid(&doc(start, Interval::Yearly), "in_own", "max")
+        };
+        let units = |d: &RefreshDoc, invoice: &str, n: u32| crate::refresh::PaidPeriod {
+            addon_units: n,
+            addon_credits: Some(Credits::new(60 * u64::from(n))),
+            ..paid(d, invoice, "generative")
+        };
+        // Units to 5 open the document at the level the subscription showed (the upgrade
+        // to Generative, paid later, already in it); units to 7 follow, valued the same way.
+        let opened_at = start + Duration::minutes(5);
+        let mut d = doc(start, Interval::Yearly);
+        d.invoice = InvoiceId::parse("in_five").unwrap();
+        (d.plan, d.addon_units, d.addon_credits) =
+            ("generative".into(), 5, Some(Credits::new(300)));
+        d.opened_by = Some(crate::refresh::OpeningChange {
+            at: opened_at,
+            rank: 1,
+            level: d.parts(),
+            billed: Some(UNITS_ONLY),
+        });
+        if let Some(parts) = &mut d.parts {
+            parts.set_by(UNITS_ONLY, opened_at, 1);
+        }
+        let seven = units(&d, "in_seven", 7);
+        assert!(d.set_level(&seven, start + Duration::minutes(8), 1, UNITS_ONLY));
+        let upgrade = units(&d, "in_up", 7);
+        let upgrade_at = start + Duration::minutes(10);
+
+        // The upgrade's invoice before the period's own: Max until the upgrade.
+        let mut both = d.clone();
+        assert!(both.set_level(&upgrade, upgrade_at, 1, PLAN_ONLY));
+        let both = both.reopened_by_own_invoice(&own).unwrap();
+        assert_eq!(
+            steps(&both),
+            [
+                ("in_five", ("max", 0), ("max", 5)),
+                ("in_seven", ("max", 5), ("max", 7)),
+                ("in_up", ("max", 7), ("generative", 7)),
+            ]
+        );
+        assert_eq!((both.plan.as_str(), both.addon_units), ("generative", 7));
+
+        // The period's own invoice before the upgrade's: Max, until the upgrade is paid.
+        let mut d = d.reopened_by_own_invoice(&own).unwrap();
+        assert_eq!((d.plan.as_str(), d.addon_units), ("max", 7));
+        assert!(d.set_level(&upgrade, upgrade_at, 1, PLAN_ONLY));
+        assert_eq!(steps(&d), steps(&both));
+        assert_eq!((d.plan.as_str(), d.addon_units), ("generative", 7));
+    }
+
+    #[test]
     fn a_busy_period_remembers_its_last_hundred_changes() {
         let mut d = doc(t(2027, 1, 15), Interval::Yearly);
         let n = crate::refresh::MAX_CHANGES + 5;
