@@ -690,6 +690,17 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
         3,
         "nothing paid for, nothing granted"
     );
+    // The year's line in the billing history counts every month it paid for, and what its
+    // refunds took back from them.
+    let history = app
+        .get("/v1/billing/history?kind=subscription", &owner("org_yr"))
+        .await
+        .body;
+    let line = &history["items"][0];
+    let granted: i64 = plan_allotments(&app, "org_yr").await.iter().sum();
+    let taken: i64 = taken_back(&app, "org_yr").await.iter().sum();
+    assert_eq!(line["credits_granted"].as_i64(), Some(granted), "{line:#}");
+    assert_eq!(line["credits_taken_back"].as_i64(), Some(taken), "{line:#}");
 }
 
 /// Credits taken back for refunds, newest first.

@@ -472,7 +472,25 @@ impl Refresher {
         )
         .link_invoice_lot(&doc.invoice, &doc.workspace, key, seq, got)
         .await
-        .map_err(|e| RefreshError::Payment(e.to_string()))
+        .map_err(|e| RefreshError::Payment(e.to_string()))?;
+        // The billing history's line of the invoice that paid for the month counts its
+        // credits too, beside the first month's (and the take-backs a refund of it makes
+        // from every month). A line not recorded is left to the invoice's own events.
+        let history =
+            crate::billing::history::get(self.docs.as_ref(), &doc.workspace, doc.invoice.as_str())
+                .await?;
+        if let Some(line) = history.filter(|l| l.granted.get(key) != Some(&got)) {
+            crate::billing::history::record(
+                self.docs.as_ref(),
+                &doc.workspace,
+                doc.invoice.as_str(),
+                line.created,
+                self.ledger.clock.now(),
+                |e| e.granted.insert(key.to_owned(), got) != Some(got),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn grant(
