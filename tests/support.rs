@@ -278,6 +278,21 @@ async fn an_overdue_hold_is_released_once_however_many_tickets_ask() {
         .unwrap();
     assert!(held > 0);
     app.clock.advance(chrono::Duration::hours(6));
+    // A ticket about something else releases nothing, and tells the hold past its
+    // deadline as holding nothing, as the balance does.
+    let other = file(&app, &member(ws, "u1"), ticket_body("other", "hi", "hello")).await;
+    let e = &other["enrichment"];
+    assert_eq!(other["remediations"], json!([]), "{other:#}");
+    assert_eq!(e["balance"]["held"], 0, "{other:#}");
+    assert_eq!(e["pending_hold_count"], 0, "{other:#}");
+    assert_eq!(e["pending_holds"][0]["generation"], gen_id.as_str());
+    assert_eq!(e["pending_holds"][0]["overdue"], true);
+    let findings = e["findings"].to_string();
+    assert!(!findings.contains("until they finish"), "{other:#}");
+    assert!(
+        findings.contains("1 generation(s) passed their deadline"),
+        "{other:#}"
+    );
     let body = json!({"category": "generation", "subject": "job never finished",
         "message": "it spun forever", "generation_id": gen_id});
     let t = file(&app, &member(ws, "u1"), body.clone()).await;
@@ -285,6 +300,23 @@ async fn an_overdue_hold_is_released_once_however_many_tickets_ask() {
     assert_eq!(t["remediations"][0]["credits"], held);
     assert_eq!(t["status"], "waiting");
     assert_eq!(t["enrichment"]["generation"]["status"], "expired");
+    // The ticket tells the balance and the holds as its fix left them.
+    let e = &t["enrichment"];
+    assert_eq!(
+        (
+            e["balance"]["available"].as_u64(),
+            e["balance"]["held"].as_u64()
+        ),
+        (Some(100), Some(0)),
+        "{t:#}"
+    );
+    assert_eq!(e["pending_hold_count"], 0, "{t:#}");
+    assert_eq!(e["pending_hold_credits"], 0, "{t:#}");
+    assert!(e["pending_holds"].is_null(), "{t:#}");
+    assert!(
+        !e["findings"].to_string().contains("until they finish"),
+        "{t:#}"
+    );
     let entries = app.entry_count(ws).await;
     // Again, and concurrently: nothing more is released or written.
     let tok = member(ws, "u1");
@@ -474,6 +506,95 @@ async fn a_verified_duplicate_charge_opens_one_refund_request() {
     .assert_problem(404, "not_found");
 }
 
+/// Two identical packs bought minutes apart may both be meant: a ticket about something
+/// else reports the suspicion and asks no money back; one that names the payment and says
+/// it was charged twice does.
+#[tokio::test]
+async fn only_a_ticket_that_says_it_was_charged_twice_asks_for_a_duplicates_money_back() {
+    let app = TestApp::new();
+    let ws = "org_s5n";
+    let _first = buy_pack(&app, ws).await;
+    let second = buy_pack(&app, ws).await;
+    let before = app.get("/v1/balance", &owner(ws)).await.body["available"].clone();
+    for body in [
+        json!({"category": "credits", "subject": "How does rollover work?", "message": "?"}),
+        json!({"category": "billing", "subject": "VAT number",
+            "message": "Please add it to this invoice", "payment": second}),
+    ] {
+        let t = file(&app, &owner(ws), body).await;
+        assert_eq!(t["remediations"], json!([]), "{t:#}");
+        let suspected = t["enrichment"]["duplicate_charges"][0]["payment"]
+            .as_str()
+            .unwrap();
+        assert!(
+            t["enrichment"]["findings"]
+                .to_string()
+                .contains(&format!("no refund was asked for payment {suspected}")),
+            "{t:#}"
+        );
+    }
+    let list = app.get("/v1/refund-requests", &owner(ws)).await.body;
+    assert_eq!(list["items"], json!([]), "{list:#}");
+    assert_eq!(
+        app.get("/v1/balance", &owner(ws)).await.body["available"],
+        before
+    );
+    // Saying so without naming the payment moves no money either.
+    let said = json!({"category": "billing", "subject": "Pack bought two times",
+        "message": "I only wanted one"});
+    let t = file(&app, &owner(ws), said.clone()).await;
+    assert_eq!(t["remediations"], json!([]), "{t:#}");
+    let mut named = said;
+    named["payment"] = json!(second);
+    let t = file(&app, &owner(ws), named).await;
+    assert_eq!(t["remediations"][0]["action"], "refund_requested", "{t:#}");
+    let rr = t["remediations"][0]["refund_request"].as_str().unwrap();
+    // A later ticket about anything else is told of the request.
+    let later = file(
+        &app,
+        &owner(ws),
+        json!({"category": "billing", "subject": "Refund status", "message": "When?"}),
+    )
+    .await;
+    assert_eq!(later["remediations"], json!([]), "{later:#}");
+    assert!(
+        later["enrichment"]["findings"]
+            .to_string()
+            .contains(&format!("refund request {rr} for payment")),
+        "{later:#}"
+    );
+}
+
+/// A canceled plan gives no support level and no credits to come: the ticket is filed as
+/// one without a plan, whatever plan the workspace had.
+#[tokio::test]
+async fn a_canceled_plan_gives_a_ticket_no_support_level_and_no_refresh() {
+    let app = TestApp::new();
+    let ws = "org_s2c";
+    app.subscribe(ws, "team", "monthly").await;
+    app.settle_billing().await;
+    let cancel = app
+        .post("/v1/subscription/cancel", &owner(ws), json!({}))
+        .await;
+    assert_eq!(cancel.status.as_u16(), 200, "{:#}", cancel.body);
+    app.settle_billing().await;
+    // Set to cancel, the plan still gives its support until the period ends, but no
+    // renewal is coming.
+    let t = file(&app, &owner(ws), ticket_body("account", "Email", "Help")).await;
+    assert_eq!(t["captured"]["support_level"], "dedicated", "{t:#}");
+    assert_eq!(t["priority"], "high");
+    assert!(t["enrichment"]["next_refresh"].is_null(), "{t:#}");
+    app.advance_clock(json!({"days": 40})).await;
+    let s = app.get("/v1/subscription", &owner(ws)).await.body["subscription"].clone();
+    assert_eq!(s["status"], "canceled", "{s:#}");
+    let t = file(&app, &owner(ws), ticket_body("account", "Email", "Help")).await;
+    assert_eq!(t["captured"]["plan"], "team", "{t:#}");
+    assert_eq!(t["enrichment"]["plan_status"], "canceled", "{t:#}");
+    assert!(t["captured"]["support_level"].is_null(), "{t:#}");
+    assert_eq!(t["priority"], "low", "{t:#}");
+    assert!(t["enrichment"]["next_refresh"].is_null(), "{t:#}");
+}
+
 /// The refunds queue refuses the approval's job (asked twice): the verified duplicate's
 /// request is approved with its credits taken back, but no refund is on its way, so the
 /// ticket is no fix: its finding names the request and tells staff to approve it again.
@@ -492,6 +613,13 @@ async fn a_duplicates_refund_that_could_not_be_sent_is_a_finding_for_staff() {
     )
     .await;
     assert_eq!(t["remediations"], json!([]), "{t:#}");
+    // The ticket's balance is the one its request left (its credits taken back).
+    let balance = app.get("/v1/balance", &owner(ws)).await.body;
+    assert_eq!(
+        t["enrichment"]["balance"]["available"],
+        balance["available"]
+    );
+    assert_eq!(balance["available"], 500, "{balance:#}");
     let list = app.get("/v1/refund-requests", &owner(ws)).await.body;
     assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list:#}");
     let rr = list["items"][0]["id"].as_str().unwrap();

@@ -265,10 +265,7 @@ pub async fn create(
             )
             .await?;
             let plan = found.enrichment.plan.clone();
-            let support_level = plan
-                .as_deref()
-                .and_then(|p| st.context.ledger.catalog.plan(p))
-                .map(|p| p.support.clone());
+            let support_level = found.support_level.clone();
             let priority = Priority::of_support_level(support_level.as_deref())
                 .max(found.escalate_to.unwrap_or(Priority::Low));
             let ticket = Ticket {

@@ -31,6 +31,7 @@ use crate::refund_requests::{NewRequest, RefundReason, RefundRequests, RequestSt
 use crate::reports::usage::{GroupBy, UsageGroup, usage};
 use crate::service::{Ledger, LedgerRequest};
 use crate::store::DocStore;
+use crate::subscriptions::Entitlements;
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -148,6 +149,8 @@ pub struct Assessment {
     pub remediations: Vec<Remediation>,
     /// Raised priority, if the findings call for it.
     pub escalate_to: Option<Priority>,
+    /// The support level of the plan in effect (none without one).
+    pub support_level: Option<String>,
 }
 
 fn mentions_negative_balance(text: &str) -> bool {
@@ -173,68 +176,81 @@ fn mentions_negative_balance(text: &str) -> bool {
         && (t.contains("balance") || t.contains("credit"))
 }
 
+/// Whether the ticket says a payment was taken more than once ("charged twice", "double
+/// charge", "a duplicate", "two charges", "more than once"), as whole words and not denied
+/// ("not a duplicate", "don't charge me twice"; "double-check" is no such saying).
+fn mentions_double_charge(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let denied = |i: usize| {
+        words[i.saturating_sub(5)..i].iter().any(|w| {
+            matches!(
+                *w,
+                "not"
+                    | "no"
+                    | "never"
+                    | "don't"
+                    | "dont"
+                    | "didn't"
+                    | "isn't"
+                    | "wasn't"
+                    | "won't"
+                    | "without"
+            )
+        })
+    };
+    let next = |i: usize| words.get(i + 1).copied().unwrap_or_default();
+    (0..words.len()).any(|i| {
+        let said = match words[i] {
+            "twice" | "duplicate" | "duplicated" | "duplicates" | "2x" => true,
+            "double" | "doubled" => !next(i).starts_with("check"),
+            "two" | "2" => matches!(next(i), "charges" | "payments" | "times"),
+            "more" => next(i) == "than" && words.get(i + 2) == Some(&"once"),
+            "multiple" => matches!(next(i), "charges" | "payments"),
+            _ => false,
+        };
+        said && !denied(i)
+    })
+}
+
 /// Reads what the records say about the ticket and fixes what is certain.
 pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Problem> {
     let mut e = Enrichment::default();
     let mut fixes = Vec::new();
     let mut escalate_to = None;
+    let mut asked_refund = false;
     let ledger = &ctx.ledger;
-    let stored = ledger.store.load(s.workspace).await?;
     let view = ledger.workspace_now(s.workspace).await?;
-    e.balance = view.balance();
     if let Some(p) = &view.plan {
         e.plan = Some(p.plan.clone());
         e.plan_status = serde_json::to_value(p.status)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned));
     }
-    if let Some(doc) = crate::refresh::refresh_doc(ctx.docs.as_ref(), s.workspace).await? {
-        let next = crate::refresh::schedule::of(&doc)
-            .into_iter()
-            // The first allotment not granted yet, even when it fell due minutes ago and
-            // the refresh (every 15 minutes) has not run: that is the one asked about.
-            .find(|a| a.k >= doc.next_allotment)
-            .map(|a| a.at)
-            .unwrap_or(doc.period_end);
-        e.next_refresh = Some(next);
-    } else if let Some(p) = &view.plan {
-        e.next_refresh = Some(p.period_end);
+    // What the plan gives is what is in effect (a canceled plan, or a paused one past
+    // its paid time, gives nothing): its support level, and credits that will come.
+    let in_effect = view.plan.as_ref().filter(|p| p.in_effect());
+    let support_level = Entitlements::of(view.plan.as_ref(), &ledger.catalog)
+        .plan
+        .map(|p| p.support.clone());
+    if let Some(p) = in_effect {
+        // Renewed at the period's end unless set to cancel then.
+        let renewal = (!p.cancel_at_period_end).then_some(p.period_end);
+        e.next_refresh = match crate::refresh::refresh_doc(ctx.docs.as_ref(), s.workspace).await? {
+            Some(doc) => crate::refresh::schedule::of(&doc)
+                .into_iter()
+                // The first allotment not granted yet, even when it fell due minutes ago
+                // and the refresh (every 15 minutes) has not run: that is the one asked
+                // about.
+                .find(|a| a.k >= doc.next_allotment)
+                .map(|a| a.at)
+                .or_else(|| (!p.cancel_at_period_end).then_some(doc.period_end)),
+            None => renewal,
+        };
     }
-    if let Some(state) = &stored {
-        // The holds that end first, from their own items, and those an older state item
-        // still keeps inside.
-        let mut open = ledger
-            .store
-            .open_holds(s.workspace, None, MAX_HOLDS_SHOWN)
-            .await?;
-        open.extend(state.holds.iter().cloned());
-        let mut holds: Vec<HoldFact> = open
-            .iter()
-            .map(|h| HoldFact {
-                generation: h.generation,
-                credits: h.amount,
-                started_by: h.started_by.clone(),
-                model: h.estimate.model.clone(),
-                created_at: h.created_at,
-                deadline: h.deadline,
-                overdue: h.deadline <= s.now,
-            })
-            .collect();
-        // A ticket stays small: the holds that end first, and how many there are.
-        holds.sort_by_key(|h| h.deadline);
-        e.pending_hold_count = usize::try_from(state.open_holds).unwrap_or(usize::MAX);
-        e.pending_hold_credits = state.balance().held;
-        holds.truncate(MAX_HOLDS_SHOWN);
-        e.pending_holds = holds;
-    }
-    if e.pending_hold_count > 0 {
-        e.findings.push(format!(
-            "{} generation(s) hold {} credits until they finish; held credits are not spent",
-            e.pending_hold_count,
-            e.pending_hold_credits.get()
-        ));
-    }
-
     if let Some(g) = s.generation {
         generation_facts(ctx, s, g, &mut e, &mut fixes, &mut escalate_to).await?;
     }
@@ -289,12 +305,61 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
         )
         .await?;
         e.recent_payments = payments;
-        duplicates(ctx, s, &mut e, &mut fixes).await?;
+        duplicates(ctx, s, &mut e, &mut fixes, &mut asked_refund).await?;
     } else if matches!(s.category, Category::Billing) {
         e.findings.push(
             "payments are shown to the workspace owner and billing admins; ask them to check Billing > History".into(),
         );
     }
+
+    // The balance and the holds as the ticket's own fixes left them (a hold it released, a
+    // charge it gave back), settled as of now: a hold past its deadline holds nothing.
+    let view = if fixes.is_empty() && !asked_refund {
+        view
+    } else {
+        ledger.workspace_now(s.workspace).await?
+    };
+    e.balance = view.balance();
+    // The holds that end first, from their own items, and those an older state item still
+    // keeps inside.
+    let mut open = ledger
+        .store
+        .open_holds(s.workspace, None, MAX_HOLDS_SHOWN)
+        .await?;
+    open.extend(view.holds.iter().cloned());
+    let mut holds: Vec<HoldFact> = open
+        .iter()
+        .map(|h| HoldFact {
+            generation: h.generation,
+            credits: h.amount,
+            started_by: h.started_by.clone(),
+            model: h.estimate.model.clone(),
+            created_at: h.created_at,
+            deadline: h.deadline,
+            overdue: h.deadline <= s.now,
+        })
+        .collect();
+    // A ticket stays small: the holds that end first, and how many there are.
+    holds.sort_by_key(|h| h.deadline);
+    holds.truncate(MAX_HOLDS_SHOWN);
+    e.pending_hold_count = usize::try_from(view.open_holds).unwrap_or(usize::MAX);
+    e.pending_hold_credits = e.balance.held;
+    let overdue = holds.iter().filter(|h| h.overdue).count();
+    e.pending_holds = holds;
+    let mut said = Vec::new();
+    if e.pending_hold_count > 0 {
+        said.push(format!(
+            "{} generation(s) hold {} credits until they finish; held credits are not spent",
+            e.pending_hold_count,
+            e.pending_hold_credits.get()
+        ));
+    }
+    if overdue > 0 {
+        said.push(format!(
+            "{overdue} generation(s) passed their deadline unfinished: their credits are no longer held and show as available"
+        ));
+    }
+    e.findings.splice(0..0, said);
 
     if mentions_negative_balance(s.text) {
         e.negative_balance_reported = true;
@@ -309,6 +374,7 @@ pub async fn assess(ctx: &Context, s: &Subject<'_>) -> Result<Assessment, Proble
         enrichment: e,
         remediations: fixes,
         escalate_to,
+        support_level,
     })
 }
 
@@ -507,11 +573,15 @@ async fn generation_facts(
     Ok(())
 }
 
+/// Suspected duplicate charges, and a refund request for the one the ticket names and says
+/// was taken twice (`asked_refund` set when one was asked for: its credits may be taken
+/// back even when the ticket does not count it as fixed).
 async fn duplicates(
     ctx: &Context,
     s: &Subject<'_>,
     e: &mut Enrichment,
     fixes: &mut Vec<Remediation>,
+    asked_refund: &mut bool,
 ) -> Result<(), Problem> {
     let window = ctx
         .refunds
@@ -563,6 +633,32 @@ async fn duplicates(
             s.workspace,
             &format!("ticket-duplicate:{}", entry.id),
         );
+        // Two identical purchases may both be meant: money goes back only for the payment
+        // the ticket names and says was taken twice. A request an earlier ticket made is
+        // told whatever this one says.
+        let asked = named.as_ref() == Some(&entry.id) && mentions_double_charge(s.text);
+        if !asked {
+            match refunds.get(s.workspace, &id).await? {
+                Some(r) => e.findings.push(format!(
+                    "refund request {} for payment {} was made before and is {}",
+                    r.id,
+                    entry.id,
+                    serde_json::to_value(r.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                )),
+                // Given back already (in the dashboard): nothing to ask for.
+                None if entry.amount_refunded.get() + entry.amount_credited.get()
+                    >= entry.amount.get() => {}
+                None => e.findings.push(format!(
+                    "no refund was asked for payment {}: a refund is asked for by naming the payment on a ticket that says it was charged twice, or from Billing > History",
+                    entry.id
+                )),
+            }
+            continue;
+        }
+        *asked_refund = true;
         let new = || NewRequest {
             payment: entry.id.clone(),
             reason: RefundReason::DuplicateCharge,
@@ -638,4 +734,38 @@ async fn duplicates(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mentions_double_charge;
+
+    #[test]
+    fn a_double_charge_is_said_in_whole_words_and_not_denied() {
+        for said in [
+            "Double charged\nI was charged twice",
+            "Pack bought two times",
+            "two charges for one pack",
+            "a duplicate payment",
+            "It was duplicated!",
+            "charged more than once",
+            "multiple charges on my card",
+            "2x the price",
+            "my card was double-charged",
+        ] {
+            assert!(mentions_double_charge(said), "{said}");
+        }
+        for not_said in [
+            "How does rollover work?\n?",
+            "Please double-check my invoice",
+            "I bought two packs on purpose, not a duplicate, but the credits did not arrive",
+            "I don't want to be charged twice when I upgrade",
+            "Will I be charged again next month?",
+            "Can I use the same payment method?",
+            "twofold redoubled duplicity",
+            "two packs, three times the fun",
+        ] {
+            assert!(!mentions_double_charge(not_said), "{not_said}");
+        }
+    }
 }

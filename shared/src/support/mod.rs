@@ -122,7 +122,8 @@ pub struct Captured {
     pub email: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
-    /// The plan's support level from the catalog; absent without a plan.
+    /// The support level of the plan in effect, from the catalog; absent without one (a
+    /// canceled plan, or a paused one past its paid time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub support_level: Option<String>,
     pub request_id: String,
