@@ -845,6 +845,68 @@ async fn the_billing_history_shows_a_pack_its_partial_refund_and_the_credits_eac
     assert_eq!(again[0]["credits_taken_back"], 250);
 }
 
+/// Two refunds of one payment, the second's own event delivered after the charge's event
+/// that counts it: the credits its take-back took are on its line only once its own event
+/// says it reached that total, never on the first refund's line too.
+#[tokio::test]
+async fn each_refund_line_shows_only_what_its_own_refund_took_back_whatever_the_order() {
+    let app = TestApp::new();
+    let ws = "org_hi3";
+    let charge = buy_packs(&app, ws, 2).await;
+    let paid = app
+        .local
+        .simulator
+        .as_ref()
+        .unwrap()
+        .charge(&charge)
+        .unwrap()["amount"]
+        .as_i64()
+        .unwrap();
+    for _ in 0..2 {
+        let r = sim_post(
+            &app,
+            &format!("/sim/charges/{charge}/refund"),
+            Some(json!({"amount": paid / 4})),
+        )
+        .await;
+        assert_eq!(r.status.as_u16(), 200, "{:#}", r.body);
+    }
+    let lines = |items: &[Value]| -> (Value, Vec<i64>) {
+        let pack = items.iter().find(|m| m["kind"] == "pack").unwrap().clone();
+        let refunds = items
+            .iter()
+            .filter(|m| m["kind"] == "refund")
+            .map(|m| m["credits_taken_back"].as_i64().unwrap())
+            .collect();
+        (pack, refunds)
+    };
+    let (pack, refunds) = lines(&history(&app, ws, "", 20).await);
+    assert_eq!(pack["credits_taken_back"], 500);
+    assert_eq!(refunds, [250, 250]);
+
+    // Into a fresh system, the second refund's own event last.
+    let fresh = TestApp::new();
+    let events = app.local.simulator.as_ref().unwrap().events();
+    let refunds_created: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == "refund.created")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(refunds_created.len(), 2);
+    let last = refunds_created[1];
+    let mut order: Vec<usize> = (0..events.len()).filter(|i| *i != last).collect();
+    order.push(last);
+    for i in order {
+        fresh.deliver_signed(&events[i].payload).await;
+        fresh.settle_billing().await;
+    }
+    assert!(fresh.local.billing_queue.dead_letters().is_empty());
+    let (pack, refunds) = lines(&history(&fresh, ws, "", 20).await);
+    assert_eq!(pack["credits_taken_back"], 500);
+    assert_eq!(refunds, [250, 250], "{pack:#}");
+}
+
 #[tokio::test]
 async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuses_bad_input() {
     let app = TestApp::new();

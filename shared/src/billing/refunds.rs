@@ -1121,21 +1121,19 @@ pub fn take_back_request(
 }
 
 /// The refund that brought the payment's refunded total to `refunded` (refunds in the
-/// order Stripe made them; failed and canceled ones gave nothing back), else the latest.
+/// order Stripe made them; failed and canceled ones gave nothing back). None while the
+/// refunds known do not reach it (the charge's event counted one whose own event has not
+/// come yet): the take-back goes on that refund's line when its event comes and replays it.
 fn refund_reaching(payment: &PaymentRecord, refunded: u64) -> Option<&super::records::RefundFact> {
     let mut total = 0u64;
-    let live: Vec<_> = payment
+    payment
         .refunds
         .iter()
         .filter(|r| r.rank() <= refund_rank(Some("succeeded")))
-        .collect();
-    for r in &live {
-        total = total.saturating_add(r.amount.get());
-        if total >= refunded {
-            return Some(r);
-        }
-    }
-    live.last().copied()
+        .find(|r| {
+            total = total.saturating_add(r.amount.get());
+            total >= refunded
+        })
 }
 
 /// The lot id `lot_<seq>` a grant answers with, as its sequence number.
