@@ -156,6 +156,8 @@ struct Outcome {
     topup_stopped_by: Option<String>,
     /// The non-refundable cents (add-on units) of the first invoice's history line.
     non_refundable: Option<u64>,
+    /// The workspace's billing history over its first year.
+    history: Vec<tally::billing::history::HistoryEntry>,
 }
 
 async fn run(order: &[Value]) -> Outcome {
@@ -222,7 +224,16 @@ async fn run_with(order: &[Value], stripe: Option<Arc<dyn tally::payments::Payme
         .await
         .unwrap()
         .map(|e| e.non_refundable.get());
+    let history = tally::billing::history::around(
+        store.as_ref(),
+        &a,
+        t0() - Duration::days(1),
+        t0() + Duration::days(365),
+    )
+    .await
+    .unwrap();
     Outcome {
+        history,
         non_refundable,
         available: state.balance().available.get(),
         lots,
@@ -294,6 +305,60 @@ async fn a_subscription_and_a_pack_grant_their_credits_once_and_record_billing_h
     assert_eq!(payment.disputes.len(), 1);
     assert_eq!(payment.disputes[0].reason.as_deref(), Some("duplicate"));
     assert_eq!(o.subscription.unwrap().addon_units, 2);
+}
+
+/// A one-off invoice staff made in Stripe's dashboard (no Tally metadata, no
+/// subscription) grants nothing, and its refund still shows in the billing history: on the
+/// invoice's line and as a line of its own.
+#[tokio::test]
+async fn a_refund_of_an_invoice_that_granted_nothing_shows_in_the_billing_history() {
+    let mut paid = invoice("evt_other_paid", "invoice.paid", at(1), "paid");
+    let i = &mut paid["data"]["object"];
+    i["billing_reason"] = json!("manual");
+    i["parent"] = Value::Null;
+    i["lines"]["data"][0]["parent"] = Value::Null;
+    let mut pay = fixture("invoice_payment");
+    pay["id"] = json!("inpay_1");
+    pay["invoice"] = json!("in_first");
+    pay["payment"] = json!({"type": "payment_intent", "payment_intent": "pi_first"});
+    pay["status"] = json!("paid");
+    pay["amount_paid"] = json!(4900);
+    pay["created"] = json!(at(1));
+    let with_intent = |mut e: Value| {
+        e["data"]["object"]["payment_intent"] = json!("pi_first");
+        e
+    };
+    let mut refund = fixture("refund");
+    refund["id"] = json!("re_1");
+    refund["charge"] = json!("ch_first");
+    refund["payment_intent"] = json!("pi_first");
+    refund["amount"] = json!(1500);
+    refund["status"] = json!("succeeded");
+    refund["created"] = json!(at(3));
+    let o = run(&[
+        subscription_checkout(),
+        paid,
+        stripe_event("evt_inpay", "invoice_payment.paid", at(1), pay),
+        with_intent(charge("evt_charge_ok", "charge.succeeded", at(1), 0)),
+        stripe_event("evt_refund", "refund.created", at(3), refund),
+        with_intent(charge(
+            "evt_charge_refunded",
+            "charge.refunded",
+            at(3),
+            1500,
+        )),
+    ])
+    .await;
+    assert_eq!(o.available, 0, "the invoice granted nothing");
+    let line = o.history.iter().find(|e| e.id == "in_first").unwrap();
+    assert_eq!(
+        (line.amount.get(), line.amount_refunded.get()),
+        (4900, 1500),
+        "{line:#?}"
+    );
+    let refunds: Vec<_> = o.history.iter().filter(|e| e.id == "re_1").collect();
+    assert_eq!(refunds.len(), 1, "{:#?}", o.history);
+    assert_eq!(refunds[0].amount.get(), 1500);
 }
 
 /// The first invoice of [`history`], billing Max with three add-on units (the

@@ -694,6 +694,11 @@ impl BillingEvents {
         if sub.is_some() {
             // What tells a late duplicate from an invoice that stopped half way.
             self.mark_applied(&invoice.id, workspace).await?;
+        } else {
+            // Any other invoice (one staff made in the dashboard grants nothing, so no lot
+            // ties it to the workspace): its refunds and disputes still show on the
+            // billing history, which follows the payment through the invoice's workspace.
+            self.link_invoice(&invoice.id, workspace).await?;
         }
         Ok(())
     }
