@@ -907,6 +907,46 @@ async fn each_refund_line_shows_only_what_its_own_refund_took_back_whatever_the_
     assert_eq!(refunds, [250, 250], "{pack:#}");
 }
 
+/// A pack is in the billing history as of when it was paid, not when its checkout page was
+/// opened (Stripe dates the session then).
+#[tokio::test]
+async fn a_packs_line_is_dated_when_it_was_paid() {
+    let app = TestApp::new();
+    let ws = "org_hi4";
+    let s = app
+        .post(
+            "/v1/checkout/sessions",
+            &owner(ws),
+            json!({"kind": "pack", "pack": "pack_500", "quantity": 1}),
+        )
+        .await;
+    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+    app.clock.advance(chrono::Duration::hours(3));
+    let paid_at = app.clock.now();
+    app.pay(s.body["url"].as_str().unwrap()).await;
+    app.settle_billing().await;
+    let session = &app.sim_events("checkout.session.completed")[0];
+    assert_eq!(
+        session["created"].as_i64(),
+        Some((paid_at - chrono::Duration::hours(3)).timestamp()),
+        "Stripe dates the session when it was made"
+    );
+    let dated = |items: Vec<Value>| -> chrono::DateTime<chrono::Utc> {
+        let pack = items.iter().find(|m| m["kind"] == "pack").unwrap();
+        pack["created"].as_str().unwrap().parse().unwrap()
+    };
+    assert!(dated(history(&app, ws, "", 20).await) >= paid_at - chrono::Duration::seconds(1));
+    // The checkout's event first (Stripe keeps no order), into a fresh system: the same.
+    let fresh = TestApp::new();
+    let mut events = app.local.simulator.as_ref().unwrap().events();
+    events.sort_by_key(|e| e.kind != "checkout.session.completed");
+    for e in &events {
+        fresh.deliver_signed(&e.payload).await;
+        fresh.settle_billing().await;
+    }
+    assert!(dated(history(&fresh, ws, "", 20).await) >= paid_at - chrono::Duration::seconds(1));
+}
+
 #[tokio::test]
 async fn the_billing_history_pages_and_filters_every_kind_of_movement_and_refuses_bad_input() {
     let app = TestApp::new();

@@ -363,12 +363,17 @@ impl BillingEvents {
             crate::ledger::LotSource::Pack => Some(MovementKind::TopUp),
             _ => None,
         };
-        let created = event
-            .data
-            .object
-            .get("created")
-            .and_then(serde_json::Value::as_i64)
-            .map_or(self.ledger.clock.now(), ts);
+        // Dated when it was paid: a checkout session's own `created` is when its page was
+        // opened (up to a day before), its completion is the event's.
+        let object = &event.data.object;
+        let created = if object.get("object").and_then(serde_json::Value::as_str)
+            == Some("checkout.session")
+        {
+            Some(event.created)
+        } else {
+            object.get("created").and_then(serde_json::Value::as_i64)
+        }
+        .map_or(self.ledger.clock.now(), ts);
         history::record(
             self.docs.as_ref(),
             workspace,

@@ -598,8 +598,9 @@ impl Simulator {
                 return None;
             }
             s.paid = true;
-            s.request.clone()
+            (s.request.clone(), s.expires_at)
         };
+        let (request, expires_at) = request;
         let ws = request.workspace.to_string();
         let customer = request.customer.clone();
         // Checkout asks a customer without an email for one and sets it on the customer.
@@ -607,7 +608,9 @@ impl Simulator {
         let meta = tally::payments::stripe_api::checkout_metadata(&request);
         let mut session = fixture("checkout.session");
         session["id"] = json!(session_id);
-        session["created"] = json!(now);
+        // Made when its page was asked for; paid now.
+        session["created"] = json!(expires_at - CHECKOUT_LIFETIME_SECS);
+        session["expires_at"] = json!(expires_at);
         session["customer"] = json!(customer);
         session["client_reference_id"] = json!(ws);
         session["status"] = json!("complete");
