@@ -9,6 +9,12 @@ use tally::clock::Clock;
 use tally_tests::{TestApp, member, owner, service, support};
 
 /// Buys `quantity` × pack_500 for `ws`; returns the charge id that paid.
+/// What Stripe charged for `charge`, in cents.
+fn paid_amount(app: &TestApp, charge: &str) -> i64 {
+    let sim = app.local.simulator.as_ref().unwrap();
+    sim.charge(charge).unwrap()["amount"].as_i64().unwrap()
+}
+
 async fn buy_packs(app: &TestApp, ws: &str, quantity: u32) -> String {
     let s = app
         .post(
@@ -140,15 +146,7 @@ async fn a_half_spent_pack_refunded_in_full_loses_only_its_unspent_credits() {
 async fn partial_refunds_add_up_to_everything_unspent_and_no_more() {
     let app = TestApp::new();
     let charge = buy_packs(&app, "org_rf2", 2).await;
-    let paid = app
-        .local
-        .simulator
-        .as_ref()
-        .unwrap()
-        .charge(&charge)
-        .unwrap()["amount"]
-        .as_i64()
-        .unwrap();
+    let paid = paid_amount(&app, &charge);
     let quarter = paid / 4;
     let r = sim_post(
         &app,
@@ -658,8 +656,7 @@ async fn a_refunded_yearly_plan_gets_smaller_allotments_for_the_rest_of_its_year
         .as_str()
         .unwrap()
         .to_owned();
-    let sim = app.local.simulator.as_ref().unwrap();
-    let paid = sim.charge(&charge).unwrap()["amount"].as_i64().unwrap();
+    let paid = paid_amount(&app, &charge);
     let r = sim_post(
         &app,
         &format!("/sim/charges/{charge}/refund"),
@@ -768,15 +765,7 @@ async fn the_billing_history_shows_a_pack_its_partial_refund_and_the_credits_eac
     let charge = buy_packs(&app, "org_hi1", 2).await;
     spend(&app, "org_hi1", 200).await;
     // A quarter of the money back: a quarter of the 800 unspent credits go with it.
-    let paid = app
-        .local
-        .simulator
-        .as_ref()
-        .unwrap()
-        .charge(&charge)
-        .unwrap()["amount"]
-        .as_i64()
-        .unwrap();
+    let paid = paid_amount(&app, &charge);
     sim_post(
         &app,
         &format!("/sim/charges/{charge}/refund"),
@@ -853,15 +842,7 @@ async fn each_refund_line_shows_only_what_its_own_refund_took_back_whatever_the_
     let app = TestApp::new();
     let ws = "org_hi3";
     let charge = buy_packs(&app, ws, 2).await;
-    let paid = app
-        .local
-        .simulator
-        .as_ref()
-        .unwrap()
-        .charge(&charge)
-        .unwrap()["amount"]
-        .as_i64()
-        .unwrap();
+    let paid = paid_amount(&app, &charge);
     for _ in 0..2 {
         let r = sim_post(
             &app,

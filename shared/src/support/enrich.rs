@@ -573,6 +573,18 @@ async fn generation_facts(
     Ok(())
 }
 
+/// The finding for a refund request an earlier ticket (or step) made for `payment`.
+fn made_before(r: &crate::refund_requests::RefundRequest, payment: &str) -> String {
+    format!(
+        "refund request {} for payment {payment} was made before and is {}",
+        r.id,
+        serde_json::to_value(r.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    )
+}
+
 /// Suspected duplicate charges, and a refund request for the one the ticket names and says
 /// was taken twice (`asked_refund` set when one was asked for: its credits may be taken
 /// back even when the ticket does not count it as fixed).
@@ -639,15 +651,7 @@ async fn duplicates(
         let asked = named.as_ref() == Some(&entry.id) && mentions_double_charge(s.text);
         if !asked {
             match refunds.get(s.workspace, &id).await? {
-                Some(r) => e.findings.push(format!(
-                    "refund request {} for payment {} was made before and is {}",
-                    r.id,
-                    entry.id,
-                    serde_json::to_value(r.status)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default()
-                )),
+                Some(r) => e.findings.push(made_before(&r, &entry.id)),
                 // Given back already (in the dashboard): nothing to ask for.
                 None if entry.amount_refunded.get() + entry.amount_credited.get()
                     >= entry.amount.get() => {}
@@ -711,15 +715,7 @@ async fn duplicates(
                 "refund request {} for payment {} awaits staff review",
                 r.id, entry.id
             )),
-            Ok(r) => e.findings.push(format!(
-                "refund request {} for payment {} was made before and is {}",
-                r.id,
-                entry.id,
-                serde_json::to_value(r.status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            )),
+            Ok(r) => e.findings.push(made_before(&r, &entry.id)),
             // An approval whose job could not be queued keeps its credits taken back and
             // waits: approving it again sends it.
             Err(p) if p.status == StatusCode::SERVICE_UNAVAILABLE => e.findings.push(format!(
