@@ -484,6 +484,20 @@ impl TestApp {
             .to_owned()
     }
 
+    /// Opens a checkout for `quantity` packs of 500 as the workspace's owner; returns the
+    /// page's url (not paid yet).
+    pub async fn pack_checkout(&self, ws: &str, quantity: u32) -> String {
+        let s = self
+            .post(
+                "/v1/checkout/sessions",
+                &owner(ws),
+                json!({"kind": "pack", "pack": "pack_500", "quantity": quantity}),
+            )
+            .await;
+        assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+        s.body["url"].as_str().expect("a checkout url").to_owned()
+    }
+
     /// Presses Pay on a simulated checkout page and waits for Stripe's events.
     pub async fn pay(&self, url: &str) -> u16 {
         let status = self.pay_acknowledged(url).await;

@@ -16,15 +16,7 @@ fn paid_amount(app: &TestApp, charge: &str) -> i64 {
 }
 
 async fn buy_packs(app: &TestApp, ws: &str, quantity: u32) -> String {
-    let s = app
-        .post(
-            "/v1/checkout/sessions",
-            &owner(ws),
-            json!({"kind": "pack", "pack": "pack_500", "quantity": quantity}),
-        )
-        .await;
-    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
-    app.pay(s.body["url"].as_str().unwrap()).await;
+    app.pay(&app.pack_checkout(ws, quantity).await).await;
     let charges = app.sim_events("charge.succeeded");
     charges.last().unwrap()["id"].as_str().unwrap().to_owned()
 }
@@ -894,17 +886,10 @@ async fn each_refund_line_shows_only_what_its_own_refund_took_back_whatever_the_
 async fn a_packs_line_is_dated_when_it_was_paid() {
     let app = TestApp::new();
     let ws = "org_hi4";
-    let s = app
-        .post(
-            "/v1/checkout/sessions",
-            &owner(ws),
-            json!({"kind": "pack", "pack": "pack_500", "quantity": 1}),
-        )
-        .await;
-    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
+    let url = app.pack_checkout(ws, 1).await;
     app.clock.advance(chrono::Duration::hours(3));
     let paid_at = app.clock.now();
-    app.pay(s.body["url"].as_str().unwrap()).await;
+    app.pay(&url).await;
     app.settle_billing().await;
     let session = &app.sim_events("checkout.session.completed")[0];
     assert_eq!(

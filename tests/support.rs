@@ -24,15 +24,7 @@ async fn file(app: &TestApp, tok: &str, body: Value) -> Value {
 }
 
 async fn buy_pack(app: &TestApp, ws: &str) -> String {
-    let s = app
-        .post(
-            "/v1/checkout/sessions",
-            &owner(ws),
-            json!({"kind": "pack", "pack": "pack_500", "quantity": 1}),
-        )
-        .await;
-    assert_eq!(s.status.as_u16(), 201, "{:#}", s.body);
-    app.pay(s.body["url"].as_str().unwrap()).await;
+    app.pay(&app.pack_checkout(ws, 1).await).await;
     app.settle_billing().await;
     app.sim_events("charge.succeeded").last().unwrap()["id"]
         .as_str()
